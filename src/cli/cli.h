@@ -1,0 +1,34 @@
+/* cli.h: the subcommands of the pdserve program and the option parser they share.
+ * Each command is `int cmd_NAME(int argc, char **argv)` with argv[0] the command's
+ * name; it returns the process exit status. Options are GNU long options
+ * (--name value or --name=value); unknown options are an error naming them. */
+#ifndef PD_CLI_H
+#define PD_CLI_H
+
+#include <stdbool.h>
+
+typedef enum opt_kind { OPT_STRING, OPT_INT, OPT_DOUBLE, OPT_FLAG, OPT_SIZE } opt_kind;
+
+typedef struct cli_opt {
+    const char *name;      /* without the leading dashes */
+    opt_kind kind;
+    void *dst;             /* const char **, int *, double *, bool *, or size_t * (OPT_SIZE accepts 4GiB, 512MB ...) */
+    const char *help;
+    const char *metavar;
+} cli_opt;
+
+/* Parses argv[1..] against opts; positional arguments are collected into pos (up to
+ * max_pos). --help prints usage (summary + every option) and sets *help.
+ * Returns 0, or -1 after printing an error naming the option. */
+int cli_parse(int argc, char **argv, const cli_opt *opts, int n_opts, const char *usage,
+              const char **pos, int max_pos, int *n_pos, bool *help);
+void cli_print_help(const char *usage, const cli_opt *opts, int n_opts);
+/* Parses "512MiB", "4GiB", "1e9", "100000" into bytes; -1 on error. */
+long long cli_parse_size(const char *s);
+
+int cmd_generate(int argc, char **argv);
+int cmd_tokenize(int argc, char **argv);
+int cmd_make_model(int argc, char **argv);
+int cmd_serve(int argc, char **argv);
+
+#endif

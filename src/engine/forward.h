@@ -1,0 +1,84 @@
+/* forward.h: a model's weights on a backend, its paged KV cache, and one batched
+ * forward pass over a step that mixes prefill chunks and decode tokens.
+ *
+ * The forward pass is written once over the backend table (backend.h) and
+ * allocates nothing: every buffer is sized at model_load / fwd_ctx_create for the
+ * largest step (max_tokens rows) and logged. */
+#ifndef PD_FORWARD_H
+#define PD_FORWARD_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend/backend.h"
+#include "model/model.h"
+
+typedef struct layer_weights {
+    void *attn_norm;   /* [C] */
+    void *wqkv;        /* [(H+2K)*D, C]: q, k, v projections stacked (one matmul) */
+    void *bqkv;        /* [(H+2K)*D] or NULL (attention_bias) */
+    void *q_norm;      /* [D] or NULL (qk_norm) */
+    void *k_norm;      /* [D] or NULL (qk_norm) */
+    void *wo;          /* [C, H*D] */
+    void *mlp_norm;    /* [C] */
+    void *w_gate_up;   /* [2F, C]: gate rows then up rows (one matmul) */
+    void *w_down;      /* [C, F] */
+} layer_weights;
+
+typedef struct model {
+    model_config cfg;
+    backend *be;         /* not owned */
+    void *embed;         /* [V, C] */
+    layer_weights *layers; /* [L] */
+    void *final_norm;    /* [C] */
+    void *lm_head;       /* [V, C]; == embed when tied (not freed twice) */
+    size_t weight_bytes;
+} model;
+
+/* Loads weights onto the backend: from files->weights (converted to the backend's
+ * weight type) or, when files->weights is NULL, random normal(0, 0.02) from `seed`
+ * (norm weights 1). Returns NULL with err on failure (bad tensors). */
+model *model_load(backend *be, const model_files *files, uint64_t seed, char *err, size_t errlen);
+void model_free(model *m);
+
+/* The paged KV cache: per layer, k and v of [num_blocks, block_size, K, D]. */
+typedef struct kv_cache {
+    int n_layers, num_blocks, block_size, n_kv_heads, head_dim;
+    dtype type;
+    void **k;            /* [L] */
+    void **v;            /* [L] */
+    size_t block_bytes;  /* bytes of one block of one layer of k (same for v) */
+    size_t total_bytes;
+} kv_cache;
+
+/* Sizes the cache to `bytes` (rounded down to whole blocks); NULL with err when not
+ * even one block fits. */
+kv_cache *kv_cache_create(backend *be, const model_config *c, int block_size, size_t bytes,
+                          char *err, size_t errlen);
+void kv_cache_free(backend *be, kv_cache *kv);
+
+/* One step of work, made by the scheduler (engine.h), host memory. Rows are the
+ * concatenation of each sequence's q_len tokens, in seqs order. */
+typedef struct fwd_batch {
+    int T;                 /* rows */
+    int B;                 /* sequences */
+    const int32_t *tokens;    /* [T] */
+    const int32_t *positions; /* [T] */
+    const int32_t *slots;     /* [T]: block * block_size + offset of each row's KV */
+    const attn_seq *seqs;     /* [B] */
+    const int32_t *logit_rows; /* [n_logits]: rows whose next-token logits are wanted */
+    int n_logits;
+} fwd_batch;
+
+/* Scratch for forward passes of up to max_tokens rows and max_seqs sequences. */
+typedef struct fwd_ctx fwd_ctx;
+fwd_ctx *fwd_ctx_create(model *m, int max_tokens, int max_seqs);
+void fwd_ctx_free(fwd_ctx *f);
+size_t fwd_ctx_bytes(const fwd_ctx *f);
+
+/* Runs the step: writes each row's K and V into kv at its slot and, for each of
+ * n_logits rows, V logits as f32 into logits (host, [n_logits, V]). */
+void model_forward(fwd_ctx *f, kv_cache *kv, const fwd_batch *batch, float *logits);
+
+#endif

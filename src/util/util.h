@@ -1,0 +1,89 @@
+/* util.h: the small things every layer uses: checked allocation, invariants that
+ * abort with file and line, logging to standard error, monotonic time, a seeded
+ * random generator, 16-bit float conversion, whole-file reads.
+ *
+ * Nothing here allocates on its own except the x*alloc family and util_read_file. */
+#ifndef PD_UTIL_H
+#define PD_UTIL_H
+
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---- invariants ---------------------------------------------------------------
+ * PD_ASSERT stays on in every build: a broken invariant is a bug in pdserve, and
+ * continuing would corrupt results silently. Failures that come from outside (bad
+ * files, bad requests, dead peers) are returned as values, never asserted. */
+#define PD_ASSERT(cond)                                                              \
+    do {                                                                             \
+        if (!(cond)) pd_assert_fail(#cond, __FILE__, __LINE__);                      \
+    } while (0)
+_Noreturn void pd_assert_fail(const char *what, const char *file, int line);
+_Noreturn void pd_die(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* ---- allocation: abort on failure (start-up sizing, never per token) ------------ */
+void *xmalloc(size_t n);
+void *xcalloc(size_t count, size_t size);
+void *xrealloc(void *p, size_t n);
+char *xstrdup(const char *s);
+char *xstrndup(const char *s, size_t n);
+
+/* ---- logging: everything goes to standard error --------------------------------
+ * Level from PDSERVE_LOG (error, warn, info, debug) or log_set_level(). */
+typedef enum log_level { LOG_LEVEL_ERROR, LOG_LEVEL_WARN, LOG_LEVEL_INFO, LOG_LEVEL_DEBUG } log_level;
+void log_set_level(log_level level);
+log_level log_get_level(void);
+void log_msg(log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+#define log_error(...) log_msg(LOG_LEVEL_ERROR, __VA_ARGS__)
+#define log_warn(...) log_msg(LOG_LEVEL_WARN, __VA_ARGS__)
+#define log_info(...) log_msg(LOG_LEVEL_INFO, __VA_ARGS__)
+#define log_debug(...) log_msg(LOG_LEVEL_DEBUG, __VA_ARGS__)
+
+/* ---- errors passed up as values --------------------------------------------------
+ * Functions that can fail from outside input take (char *err, size_t errlen) and
+ * write one human sentence there, naming the file and the field where there is one. */
+void pd_errorf(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* ---- time ---------------------------------------------------------------------- */
+uint64_t time_now_ns(void);  /* CLOCK_MONOTONIC */
+double time_now_s(void);     /* CLOCK_MONOTONIC in seconds */
+double time_wall_s(void);    /* CLOCK_REALTIME in seconds since the epoch */
+
+/* ---- random: xoshiro256** seeded through splitmix64 --------------------------------- */
+typedef struct pd_rng { uint64_t s[4]; } pd_rng;
+void rng_seed(pd_rng *r, uint64_t seed);
+uint64_t rng_next(pd_rng *r);
+double rng_uniform(pd_rng *r);       /* [0, 1) */
+float rng_normal(pd_rng *r);          /* standard normal (Box-Muller) */
+uint64_t hash_u64(uint64_t x);        /* splitmix64 finaliser */
+uint64_t hash_bytes(const void *p, size_t n, uint64_t seed); /* FNV-1a 64 mixed */
+
+/* ---- 16-bit floats -------------------------------------------------------------- */
+float bf16_to_f32(uint16_t h);
+uint16_t f32_to_bf16(float f);  /* round to nearest even, NaN kept */
+float f16_to_f32(uint16_t h);
+uint16_t f32_to_f16(float f);
+
+/* ---- files ---------------------------------------------------------------------- */
+/* Reads a whole file into a NUL-terminated buffer the caller frees. Returns NULL and
+ * writes a sentence to err when it cannot (naming the path). */
+char *util_read_file(const char *path, size_t *len, char *err, size_t errlen);
+/* Writes buf to path atomically (temporary file + rename). 0 on success. */
+int util_write_file(const char *path, const void *buf, size_t len, char *err, size_t errlen);
+bool util_file_exists(const char *path);
+bool util_is_dir(const char *path);
+/* path_join(out, cap, a, b): "a/b" into out; returns out. */
+char *path_join(char *out, size_t cap, const char *a, const char *b);
+
+/* ---- UTF-8 -------------------------------------------------------------------- */
+/* Length of the longest prefix of s[0..n) that ends on a complete UTF-8 character
+ * (used so that streamed text never splits a character). */
+size_t utf8_complete_prefix(const char *s, size_t n);
+bool utf8_valid(const char *s, size_t n);
+
+#define PD_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define PD_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define PD_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+
+#endif
