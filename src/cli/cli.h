@@ -6,6 +6,7 @@
 #define PD_CLI_H
 
 #include <stdbool.h>
+#include <stddef.h>
 
 typedef enum opt_kind { OPT_STRING, OPT_INT, OPT_DOUBLE, OPT_FLAG, OPT_SIZE } opt_kind;
 
@@ -26,9 +27,14 @@ void cli_print_help(const char *usage, const cli_opt *opts, int n_opts);
 /* Parses "512MiB", "4GiB", "1e9", "100000" into bytes; -1 on error. */
 long long cli_parse_size(const char *s);
 
+struct tokenizer;
+/* The tokenizer of --model DIR, or of --tokenizer DIR when given; NULL with err. */
+struct tokenizer *cli_load_tokenizer(const char *model, const char *tok_dir, char *err, size_t errlen);
+
 int cmd_generate(int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);
 int cmd_make_model(int argc, char **argv);
 int cmd_serve(int argc, char **argv);
+int cmd_bench(int argc, char **argv);
 
 #endif

@@ -15,6 +15,7 @@ static const command COMMANDS[] = {
     {"tokenize", cmd_tokenize, "print the token ids of a text"},
     {"make-model", cmd_make_model, "write a small random model (config, weights, tokenizer)"},
     {"serve", cmd_serve, "serve the OpenAI API from one instance"},
+    {"bench", cmd_bench, "load generator against any OpenAI-compatible endpoint"},
 };
 
 static void usage(FILE *f) {
