@@ -112,4 +112,11 @@ backend *backend_cpu_create(int threads);
 backend *backend_cuda_create(int device, char *err, size_t errlen);
 void backend_destroy(backend *b);
 
+/* The RoPE parameters of a config (theta, scaling type and its factors). */
+rope_params rope_params_from_config(const model_config *c);
+/* inv_freq[D/2] of the rotary embedding, computed in float64 as transformers'
+ * _compute_*_parameters do (default, linear, llama3) and cast to float; shared by
+ * every backend so that all of them rotate by the same angles. */
+void rope_inv_freq(const rope_params *rp, int D, float *inv_freq);
+
 #endif

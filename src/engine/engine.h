@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "engine/forward.h"
+#include "util/util.h"
 
 /* ---- KV block pool --------------------------------------------------------------- *
  * Fixed number of blocks of block_size tokens, sized once. Blocks have reference
@@ -64,13 +65,139 @@ typedef struct sampling_params {
 
 void sampling_params_default(sampling_params *sp);
 
+typedef struct token_logprob { int32_t id; float logprob; } token_logprob;
+
+/* ---- sampler (sampler.c) ------------------------------------------------------------ *
+ * CPU sampling over one f32 logits row, vLLM V1's order: logprobs of the raw model
+ * distribution, then min_tokens suppression of eos/stop ids, repetition / frequency /
+ * presence penalties, then greedy argmax (lowest id on ties) or temperature, min-p,
+ * top-k, top-p and one draw from the request's own generator (so a seeded request
+ * gets the same tokens whatever else is in the batch). */
+typedef struct sampler sampler; /* scratch sized for one vocabulary; one thread */
+
+typedef struct sample_result {
+    int32_t token;
+    float logprob;                        /* raw log-softmax of the chosen token */
+    token_logprob top[SAMPLING_MAX_LOGPROBS]; /* best first, lowest id on ties */
+    int n_top;
+} sample_result;
+
+/* What the penalties and min_tokens look at: the request's tokens so far. */
+typedef struct sample_context {
+    const int32_t *prompt; int n_prompt;
+    const int32_t *output; int n_output;
+    const int32_t *eos_ids; int n_eos;    /* the model's eos ids (ignored if ignore_eos) */
+} sample_context;
+
+sampler *sampler_create(int vocab_size);
+void sampler_free(sampler *s);
+/* Picks the next token from logits[V] (modified in place: penalties, temperature).
+ * rng is the request's generator (used only when temperature > 0: one draw per
+ * token). Logprobs are filled when sp->logprobs >= 0. Returns the token. */
+int32_t sampler_sample(sampler *s, float *logits, const sampling_params *sp,
+                       const sample_context *ctx, pd_rng *rng, sample_result *out);
+
+/* ---- scheduler (sched.c) -------------------------------------------------------------- *
+ * PURE: no I/O, no clock reads, no locks; memory grows only when requests are added
+ * (amortised), never per step. The engine feeds it wall time, the simulator virtual
+ * time. vLLM V1's policy: every step, running sequences first in admission order (1
+ * token each when decoding; their next prefill chunk otherwise), then waiting
+ * sequences FCFS with chunks under the token budget; blocks are allocated for the
+ * tokens scheduled; when a running sequence cannot get a block, the newest running
+ * sequence is preempted (blocks freed, back to the front of waiting, recomputed later
+ * from prompt + output so far). No admission in a step that preempted. */
+typedef enum sched_status { SCHED_WAITING, SCHED_RUNNING } sched_status;
+
+typedef struct sched_seq {
+    uint64_t id;
+    int32_t *tokens;        /* [cap_tokens] prompt then output (owned) */
+    int n_prompt;
+    int n_tokens;           /* prompt + output so far */
+    int cap_tokens;         /* n_prompt + max_tokens */
+    int n_computed;         /* tokens whose KV is (or, once the planned step runs, will be) cached */
+    int32_t *block_table;   /* [cap_blocks] (owned) */
+    int n_blocks;
+    int cap_blocks;
+    sched_status status;
+    bool awaiting_token;    /* planned with logits; sched_on_tokens not yet called */
+    int n_preemptions;
+    double arrival;
+    double first_scheduled; /* -1 until first planned */
+    void *user;             /* the driver's per-request data (not owned) */
+} sched_seq;
+
+typedef struct sched_config {
+    int num_blocks, block_size;
+    int max_num_seqs;
+    int max_num_batched_tokens;
+    bool enable_chunked_prefill;
+} sched_config;
+
+/* One sequence's share of a step. */
+typedef struct sched_item {
+    sched_seq *seq;
+    int start;              /* first token index computed (== its position) */
+    int n;                  /* tokens computed this step */
+    bool logits;            /* the chunk reaches the end: sample a token */
+    int logit_index;        /* its row in the step's logits, or -1 */
+    bool prefill;           /* start < n_prompt, or recomputing after preemption */
+} sched_item;
+
+/* A step's plan. Arrays are the scheduler's (valid until the next sched_step);
+ * batch points into them, ready for model_forward. */
+typedef struct sched_plan {
+    sched_item *items;      /* [n_items], running first then newly admitted */
+    int n_items;
+    int n_logits;
+    int n_prefill_tokens, n_decode_tokens;
+    int n_preempted;        /* preemptions made by this step */
+    double now;
+    fwd_batch batch;
+} sched_plan;
+
+typedef struct sched {
+    sched_config cfg;
+    kv_pool pool;
+    sched_seq **waiting;    /* ring buffer [waiting_cap] (power of two) */
+    int waiting_head, n_waiting, waiting_cap;
+    sched_seq **running;    /* [max_num_seqs], oldest admission first */
+    int n_running;
+    uint64_t n_preemptions; /* total */
+    uint64_t n_steps;
+    /* plan storage, sized at init */
+    sched_item *items;      /* [max_num_seqs] */
+    int32_t *tokens, *positions, *slots; /* [max_num_batched_tokens] */
+    attn_seq *attn;         /* [max_num_seqs] */
+    int32_t *logit_rows;    /* [max_num_seqs] */
+} sched;
+
+void sched_init(sched *s, const sched_config *cfg);
+void sched_destroy(sched *s);  /* frees every sequence still held */
+/* Adds a request at the back of waiting. prompt is copied; max_tokens >= 1 bounds the
+ * output. Returns the sequence (owned by s), or NULL with err when it could never
+ * run: prompt + max_tokens needs more blocks than the whole pool. */
+sched_seq *sched_add(sched *s, uint64_t id, const int32_t *prompt, int n_prompt, int max_tokens,
+                     double arrival, void *user, char *err, size_t errlen);
+/* Plans the next step at time `now` into *out. A step with nothing to do has
+ * n_items == 0. Every sequence planned with logits must get its token through
+ * sched_on_tokens before the next sched_step. */
+void sched_step(sched *s, double now, sched_plan *out);
+/* Appends tokens[i] to the sequence of the i-th logits item of plan, in order. */
+void sched_on_tokens(sched *s, const sched_plan *plan, const int32_t *tokens);
+/* Removes a sequence (finished, or aborted), releases its blocks and frees it. */
+void sched_finish(sched *s, sched_seq *seq);
+void sched_abort(sched *s, sched_seq *seq);
+sched_seq *sched_find(const sched *s, uint64_t id); /* NULL if unknown */
+bool sched_has_work(const sched *s);
+/* Checks every invariant: pool consistent, every block owned once, blocks owned ==
+ * pool used, waiting sequences own none, running ones own just enough. Aborts. */
+void sched_check(const sched *s);
+
 /* ---- requests and events ------------------------------------------------------------ */
 typedef enum finish_reason {
     FINISH_NONE, FINISH_LENGTH, FINISH_STOP, FINISH_ABORT, FINISH_ERROR
 } finish_reason;
 const char *finish_reason_name(finish_reason r); /* "length", "stop", "abort", "error" */
-
-typedef struct token_logprob { int32_t id; float logprob; } token_logprob;
 
 /* Per-request timestamps, seconds on the engine's monotonic clock (time_now_s). */
 typedef struct request_times {
@@ -130,6 +257,10 @@ typedef struct engine_stats {
     uint64_t requests_finished, requests_aborted;
     uint64_t steps;
     double busy_seconds;        /* time spent inside steps */
+    double sched_seconds;       /* of which planning (sched_step + bookkeeping) */
+    double forward_seconds;     /* of which model_forward */
+    double sample_seconds;      /* of which sampling and events */
+    uint64_t batched_tokens;    /* rows computed over all steps */
 } engine_stats;
 
 typedef struct engine engine;

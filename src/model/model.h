@@ -14,8 +14,8 @@
 #include <stdint.h>
 
 typedef enum dtype { DTYPE_F32, DTYPE_F16, DTYPE_BF16, DTYPE_I32, DTYPE_COUNT } dtype;
-size_t dtype_size(dtype t);
-const char *dtype_name(dtype t);
+size_t dtype_size(dtype t);   /* bytes per element; 0 for an out-of-range value */
+const char *dtype_name(dtype t); /* safetensors spelling: "F32", "F16", "BF16", "I32" */
 
 typedef enum model_family {
     MODEL_FAMILY_LLAMA,   /* Llama 2, 3, 3.1, 3.2 (LlamaForCausalLM) */
@@ -25,6 +25,9 @@ typedef enum model_family {
 } model_family;
 
 typedef enum rope_type { ROPE_TYPE_DEFAULT, ROPE_TYPE_LINEAR, ROPE_TYPE_LLAMA3 } rope_type;
+
+const char *model_family_name(model_family f); /* "llama", "mistral", "qwen2", "qwen3" */
+const char *rope_type_name(rope_type t);       /* "default", "linear", "llama3" */
 
 #define MODEL_MAX_EOS 8
 
@@ -89,7 +92,11 @@ typedef struct st_tensor {
     int64_t shape[ST_MAX_DIMS];
     uint64_t offset;        /* byte offset within the file's data section */
     uint64_t nbytes;
-    const void *data;       /* points into the mapping (NULL while only parsed) */
+    const void *data;       /* points into the mapping (NULL while only parsed). Aligned to
+                             * the element size in files that Hugging Face or st_write_file
+                             * wrote (header padded to 8, data sorted by element size);
+                             * other writers may leave it unaligned, so read it through
+                             * st_convert_* (byte-wise loads) unless you checked. */
     int file_index;         /* which shard */
 } st_tensor;
 
@@ -108,6 +115,29 @@ void st_tensors_free(st_tensor *t, int n);
  * named by model.safetensors.index.json. */
 typedef struct st_set st_set;
 int st_open_dir(const char *dir, st_set **out, char *err, size_t errlen);
+/* One safetensors file at `path`, as a set of one. */
+int st_open_file(const char *path, st_set **out, char *err, size_t errlen);
+/* File name (no directory) of shard i of the set, for messages. */
+const char *st_file_name(const st_set *s, int file_index);
+int st_file_count(const st_set *s);
+/* What to name in messages about the set as a whole: "model.safetensors.index.json"
+ * for a sharded checkpoint, else the one file's name. */
+const char *st_source_name(const st_set *s);
+
+/* model.safetensors.index.json, parsed: which shard holds each tensor. */
+typedef struct st_index {
+    char **shards;      /* unique shard file names, in first-seen order (owned) */
+    int n_shards;
+    char **tensors;     /* tensor names (owned) */
+    int *shard_of;      /* [n_tensors] index into shards */
+    int n_tensors;
+} st_index;
+/* Parses the text of an index file. Shard names must be plain file names (no '/',
+ * not "." or ".."). Returns 0 or -1 with err naming the file and the field; on
+ * failure *out holds nothing to free. Never crashes on any input (fuzzed). */
+int st_index_parse(const char *json, size_t len, const char *filename, st_index *out, char *err,
+                   size_t errlen);
+void st_index_free(st_index *ix);
 const st_tensor *st_find(const st_set *s, const char *name);
 int st_count(const st_set *s);
 const st_tensor *st_get(const st_set *s, int i);

@@ -41,8 +41,9 @@ int32_t tokenizer_token_to_id(const tokenizer *t, const char *token); /* -1 when
 /* Encodes len bytes of text. With add_special, the post-processor's special tokens
  * are added (as Hugging Face `tokenizer(text)`); without, the raw encoding.
  * On success *ids is a malloc'd array of *n ids the caller frees; returns 0.
- * Returns -1 with err on failure (invalid UTF-8 is encoded as its bytes, as HF does
- * with lossy input; it is not an error here: the server rejects it before). */
+ * Returns -1 with err on failure. Invalid UTF-8 is not an error here (the server
+ * rejects it before): each invalid sequence is read as U+FFFD first, as Rust's
+ * String::from_utf8_lossy would hand it to Hugging Face. */
 int tokenizer_encode(const tokenizer *t, const char *text, size_t len, bool add_special,
                      int32_t **ids, int *n, char *err, size_t errlen);
 
@@ -59,6 +60,8 @@ typedef struct detok_stream {
     int32_t *ids;          /* every id pushed so far (owned) */
     int n, cap;
     size_t emitted;        /* bytes of the full decode already given out */
+    int prefix;            /* ids[0..prefix) are final: their text never changes */
+    size_t prefix_bytes;   /* length of the full decode of ids[0..prefix) */
 } detok_stream;
 void detok_init(detok_stream *s, const tokenizer *t, bool skip_special);
 /* Pushes one id; appends newly complete text to *out (malloc'd, may be NULL with
@@ -67,6 +70,19 @@ void detok_push(detok_stream *s, int32_t id, char **out, size_t *out_len);
 /* Whatever is left at the end (an incomplete character is emitted as U+FFFD). */
 void detok_finish(detok_stream *s, char **out, size_t *out_len);
 void detok_free(detok_stream *s);
+
+/* ---- training --------------------------------------------------------------------- */
+/* Learns byte-level BPE merges from corpus[0..len) (greedy most-frequent pair,
+ * deterministic) until the vocabulary has vocab_size entries including five Llama 3
+ * special tokens (<|begin_of_text|>, <|end_of_text|>, <|start_header_id|>,
+ * <|end_header_id|>, <|eot_id|>, added at the end), and writes a Llama-3-style
+ * tokenizer.json and a tokenizer_config.json (bos, eos <|eot_id|>, Llama 3 chat
+ * template) as malloc'd strings the caller frees. Both load back through
+ * tokenizer_load_text. Returns 0, or -1 with err (vocab_size out of range). */
+int tokenizer_train_bytelevel(const char *corpus, size_t len, int vocab_size, char **tokenizer_json,
+                              char **tokenizer_config_json, char *err, size_t errlen);
+/* A few KB of plain English (tokenizer_corpus.c) for training the demo tokenizer. */
+extern const char TOKENIZER_CORPUS[];
 
 /* ---- chat templates ------------------------------------------------------------- */
 typedef enum chat_format { CHAT_FORMAT_NONE, CHAT_FORMAT_LLAMA3, CHAT_FORMAT_CHATML,

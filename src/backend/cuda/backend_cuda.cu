@@ -1,0 +1,340 @@
+/* backend_cuda.cu: the CUDA backend's op table (backend.h) on one GPU: bf16 weights,
+ * activations and KV cache, fp32 accumulation. This file holds the backend's life
+ * cycle, memory, host<->device transfers and the matmul (cuBLAS); the kernels live
+ * in kernels.cu and attention.cu.
+ *
+ * One stream per backend: every op is queued on it and returns at once; only
+ * download_f32, copy_d2h and sync wait. Host->device copies go through a ring of
+ * pinned staging slots (cuda_common.h), so the caller may reuse its host memory as
+ * soon as an op returns. Tuned for a serving loop: nothing here allocates device
+ * memory per token (scratch buffers grow on first use and then stay). */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/cuda/backend_cuda.h"
+#include "backend/cuda/cuda_common.h"
+
+[[noreturn]] void cuda_check_fail(const char *stmt, const char *what, const char *file, int line) {
+    fprintf(stderr, "pdserve: CUDA error: %s: '%s' failed at %s:%d\n", what, stmt, file, line);
+    fflush(stderr);
+    abort();
+}
+
+/* ---- staging ring ---------------------------------------------------------------- */
+
+/* Returns the next pinned slot, waiting until the copy that last used it is done. */
+static uint8_t *stage_take(cuda_backend *cb, int *slot) {
+    int s = cb->stage_next;
+    cb->stage_next = (s + 1) % CUDA_STAGE_SLOTS;
+    CUDA_CHECK(cudaEventSynchronize(cb->stage_done[s]));
+    *slot = s;
+    return cb->stage[s];
+}
+
+static void stage_send(cuda_backend *cb, int slot, void *dst, size_t bytes) {
+    CUDA_CHECK(cudaMemcpyAsync(dst, cb->stage[slot], bytes, cudaMemcpyHostToDevice, cb->stream));
+    CUDA_CHECK(cudaEventRecord(cb->stage_done[slot], cb->stream));
+}
+
+void cuda_stage_h2d(cuda_backend *cb, void *dst, const void *src, size_t bytes) {
+    for (size_t done = 0; done < bytes;) {
+        size_t n = PD_MIN(bytes - done, CUDA_STAGE_SLOT_BYTES);
+        int slot;
+        uint8_t *p = stage_take(cb, &slot);
+        memcpy(p, (const uint8_t *)src + done, n);
+        stage_send(cb, slot, (uint8_t *)dst + done, n);
+        done += n;
+    }
+}
+
+void cuda_grow_i32(cuda_backend *cb, int32_t **buf, size_t *cap, size_t n) {
+    if (n <= *cap) return;
+    size_t want = PD_MAX(n, *cap * 2);
+    want = PD_MAX(want, (size_t)1024);
+    CUDA_CHECK(cudaStreamSynchronize(cb->stream));
+    if (*buf) CUDA_CHECK(cudaFree(*buf));
+    CUDA_CHECK(cudaMalloc((void **)buf, want * sizeof(int32_t)));
+    *cap = want;
+}
+
+/* ---- memory ---------------------------------------------------------------------- */
+
+static void *cu_alloc(backend *b, size_t bytes) {
+    cuda_backend *cb = cuda_of(b);
+    void *p = NULL;
+    size_t n = bytes ? bytes : 16;
+    cudaError_t e = cudaMalloc(&p, n);
+    if (e != cudaSuccess) {
+        size_t fr = 0, total = 0;
+        cudaMemGetInfo(&fr, &total);
+        pd_die("CUDA device %d: cannot allocate %zu bytes (%zu free of %zu): %s", cb->device, n, fr,
+               total, cudaGetErrorString(e));
+    }
+    CUDA_CHECK(cudaMemsetAsync(p, 0, n, cb->stream));
+    CUDA_CHECK(cudaStreamSynchronize(cb->stream));
+    return p;
+}
+
+static void cu_free(backend *b, void *p) {
+    if (!p) return;
+    /* queued work may still read p: let it finish first */
+    CUDA_CHECK(cudaStreamSynchronize(cuda_of(b)->stream));
+    CUDA_CHECK(cudaFree(p));
+}
+
+static size_t cu_mem_free(backend *b) {
+    size_t fr = 0, total = 0;
+    CUDA_CHECK(cudaMemGetInfo(&fr, &total));
+    return fr;
+}
+
+/* ---- host <-> device with conversion ------------------------------------------------ */
+
+static bool is_float_type(dtype t) { return t == DTYPE_F32 || t == DTYPE_F16 || t == DTYPE_BF16; }
+
+static float host_to_f32(const void *src, dtype t, size_t i) {
+    switch (t) {
+    case DTYPE_F32: return ((const float *)src)[i];
+    case DTYPE_F16: return f16_to_f32(((const uint16_t *)src)[i]);
+    case DTYPE_BF16: return bf16_to_f32(((const uint16_t *)src)[i]);
+    case DTYPE_I32: return (float)((const int32_t *)src)[i];
+    default: PD_ASSERT(!"bad dtype");
+    }
+    return 0;
+}
+
+/* Converts n elements src[i0..] (src_type) to dst (dst_type), host side. */
+static void host_convert(void *dst, dtype dst_type, const void *src, dtype src_type, size_t i0,
+                         size_t n) {
+    if (dst_type == src_type) {
+        size_t es = dtype_size(src_type);
+        memcpy(dst, (const uint8_t *)src + i0 * es, n * es);
+        return;
+    }
+    PD_ASSERT(is_float_type(dst_type) && (is_float_type(src_type) || src_type == DTYPE_I32));
+    for (size_t i = 0; i < n; i++) {
+        float v = host_to_f32(src, src_type, i0 + i);
+        switch (dst_type) {
+        case DTYPE_F32: ((float *)dst)[i] = v; break;
+        case DTYPE_F16: ((uint16_t *)dst)[i] = f32_to_f16(v); break;
+        default: ((uint16_t *)dst)[i] = f32_to_bf16(v); break;
+        }
+    }
+}
+
+/* host src (src_type) -> device dst (dst_type) at dst_offset elements. Converts on
+ * the host into pinned slots; each slot's copy overlaps the next slot's conversion. */
+static void cu_upload(backend *b, void *dst, dtype dst_type, size_t dst_offset, const void *src,
+                      dtype src_type, size_t n) {
+    cuda_backend *cb = cuda_of(b);
+    size_t des = dtype_size(dst_type);
+    PD_ASSERT(des > 0 && dtype_size(src_type) > 0);
+    PD_ASSERT(dst_type != DTYPE_I32 || src_type == DTYPE_I32);
+    uint8_t *d = (uint8_t *)dst + dst_offset * des;
+    size_t per = CUDA_STAGE_SLOT_BYTES / PD_MAX(des, dtype_size(src_type));
+    for (size_t i = 0; i < n;) {
+        size_t m = PD_MIN(n - i, per);
+        int slot;
+        uint8_t *p = stage_take(cb, &slot);
+        host_convert(p, dst_type, src, src_type, i, m);
+        stage_send(cb, slot, d + i * des, m * des);
+        i += m;
+    }
+}
+
+/* device src (src_type) -> host f32. Waits for all queued work. */
+static void cu_download_f32(backend *b, float *dst, const void *src, dtype src_type, size_t n) {
+    cuda_backend *cb = cuda_of(b);
+    size_t es = dtype_size(src_type);
+    PD_ASSERT(es > 0);
+    size_t per = CUDA_STAGE_SLOT_BYTES / es;
+    for (size_t i = 0; i < n;) {
+        size_t m = PD_MIN(n - i, per);
+        int slot;
+        uint8_t *p = stage_take(cb, &slot);
+        CUDA_CHECK(cudaMemcpyAsync(p, (const uint8_t *)src + i * es, m * es, cudaMemcpyDeviceToHost,
+                                   cb->stream));
+        CUDA_CHECK(cudaEventRecord(cb->stage_done[slot], cb->stream));
+        CUDA_CHECK(cudaEventSynchronize(cb->stage_done[slot]));
+        host_convert(dst + i, DTYPE_F32, p, src_type, 0, m);
+        i += m;
+    }
+}
+
+static void cu_copy_h2d(backend *b, void *dst, const void *src, size_t bytes) {
+    cuda_stage_h2d(cuda_of(b), dst, src, bytes);
+}
+
+static void cu_copy_d2h(backend *b, void *dst, const void *src, size_t bytes) {
+    cuda_backend *cb = cuda_of(b);
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cb->stream));
+    CUDA_CHECK(cudaStreamSynchronize(cb->stream));
+}
+
+static void cu_copy_d2d(backend *b, void *dst, const void *src, size_t bytes) {
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cuda_of(b)->stream));
+}
+
+static void cu_sync(backend *b) { CUDA_CHECK(cudaStreamSynchronize(cuda_of(b)->stream)); }
+
+/* ---- matmul ------------------------------------------------------------------------ */
+
+/* out[T,N] = x[T,Kd] @ w[N,Kd]^T (+ bias[N]); bf16 in and out, fp32 accumulation.
+ * cuBLAS is column-major: a row-major [R,C] matrix is a column-major [C,R] one. So
+ * out^T [N,T] = (w as col-major [Kd,N])^T * (x as col-major [Kd,T]): op(A) = T on
+ * w with lda = Kd, op(B) = N on x with ldb = Kd, ldc = N. The bias is broadcast into
+ * out first and added by the GEMM with beta = 1 (one rounding, in fp32). */
+static void cu_matmul(backend *b, void *out, const void *x, const void *w, const void *bias, int T,
+                      int Kd, int N) {
+    cuda_backend *cb = cuda_of(b);
+    PD_ASSERT(T > 0 && Kd > 0 && N > 0);
+    float alpha = 1.0f, beta = 0.0f;
+    if (bias) {
+        cuda_bias_rows(cb, (__nv_bfloat16 *)out, (const __nv_bfloat16 *)bias, T, N);
+        beta = 1.0f;
+    }
+    CUDA_CHECK(cublasGemmEx(cb->cublas, CUBLAS_OP_T, CUBLAS_OP_N, N, T, Kd, &alpha, w, CUDA_R_16BF,
+                            Kd, x, CUDA_R_16BF, Kd, &beta, out, CUDA_R_16BF, N,
+                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+/* ---- life cycle -------------------------------------------------------------------- */
+
+static void cu_destroy(backend *b);
+
+static const backend_ops cuda_ops = {
+    "cuda",
+    DTYPE_BF16,
+    DTYPE_BF16,
+    DTYPE_BF16,
+    cu_alloc,
+    cu_free,
+    cu_mem_free,
+    cu_upload,
+    cu_download_f32,
+    cu_copy_h2d,
+    cu_copy_d2h,
+    cu_copy_d2d,
+    cuda_fill_random,
+    cuda_fill,
+    cu_sync,
+    cuda_embedding,
+    cuda_rmsnorm,
+    cuda_add_rmsnorm,
+    cu_matmul,
+    cuda_head_rmsnorm,
+    cuda_rope,
+    cuda_kv_store,
+    cuda_attention,
+    cuda_swiglu,
+    cuda_gather_rows,
+    cu_destroy,
+};
+
+static void cu_destroy(backend *b) {
+    if (!b) return;
+    cuda_backend *cb = cuda_of(b);
+    CUDA_CHECK(cudaSetDevice(cb->device));
+    CUDA_CHECK(cudaStreamSynchronize(cb->stream));
+    for (int i = 0; i < CUDA_STAGE_SLOTS; i++) {
+        CUDA_CHECK(cudaFreeHost(cb->stage[i]));
+        CUDA_CHECK(cudaEventDestroy(cb->stage_done[i]));
+    }
+    CUDA_CHECK(cudaEventDestroy(cb->timer_start));
+    CUDA_CHECK(cudaEventDestroy(cb->timer_stop));
+    CUDA_CHECK(cublasDestroy(cb->cublas));
+    CUDA_CHECK(cudaFree(cb->cublas_ws));
+    if (cb->attn_meta) CUDA_CHECK(cudaFree(cb->attn_meta));
+    if (cb->rows) CUDA_CHECK(cudaFree(cb->rows));
+    CUDA_CHECK(cudaFree(cb->inv_freq));
+    CUDA_CHECK(cudaStreamDestroy(cb->stream));
+    free(cb->attn_meta_host);
+    free(cb->attn_meta_tmp);
+    free(cb);
+    free(b);
+}
+
+/* Returns NULL with a sentence in err when there is no usable GPU `device` (the only
+ * failure that comes from outside); every later CUDA failure aborts. */
+extern "C" backend *backend_cuda_create(int device, char *err, size_t errlen) {
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n == 0) {
+        pd_errorf(err, errlen, "no CUDA GPU available (%s)",
+                  e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
+        return NULL;
+    }
+    if (device < 0 || device >= n) {
+        pd_errorf(err, errlen, "CUDA device %d does not exist (%d present)", device, n);
+        return NULL;
+    }
+    cudaDeviceProp prop;
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    if (prop.major < 8) {
+        pd_errorf(err, errlen, "CUDA device %d (%s) has compute capability %d.%d; bf16 needs 8.0+",
+                  device, prop.name, prop.major, prop.minor);
+        return NULL;
+    }
+    CUDA_CHECK(cudaSetDevice(device));
+    cuda_backend *cb = (cuda_backend *)xcalloc(1, sizeof *cb);
+    cb->device = device;
+    cb->sm_count = prop.multiProcessorCount;
+    CUDA_CHECK(cudaStreamCreateWithFlags(&cb->stream, cudaStreamNonBlocking));
+    CUDA_CHECK(cublasCreate(&cb->cublas));
+    CUDA_CHECK(cublasSetStream(cb->cublas, cb->stream));
+    cb->cublas_ws_bytes = (size_t)32 << 20;
+    CUDA_CHECK(cudaMalloc(&cb->cublas_ws, cb->cublas_ws_bytes));
+    CUDA_CHECK(cublasSetWorkspace(cb->cublas, cb->cublas_ws, cb->cublas_ws_bytes));
+    CUDA_CHECK(cublasSetMathMode(cb->cublas, CUBLAS_DEFAULT_MATH));
+    for (int i = 0; i < CUDA_STAGE_SLOTS; i++) {
+        CUDA_CHECK(cudaHostAlloc((void **)&cb->stage[i], CUDA_STAGE_SLOT_BYTES, cudaHostAllocDefault));
+        CUDA_CHECK(cudaEventCreateWithFlags(&cb->stage_done[i], cudaEventDisableTiming));
+        CUDA_CHECK(cudaEventRecord(cb->stage_done[i], cb->stream));
+    }
+    CUDA_CHECK(cudaEventCreate(&cb->timer_start));
+    CUDA_CHECK(cudaEventCreate(&cb->timer_stop));
+    CUDA_CHECK(cudaMalloc((void **)&cb->inv_freq, ROPE_MAX_HALF * sizeof(float)));
+    backend *b = (backend *)xcalloc(1, sizeof *b);
+    b->ops = &cuda_ops;
+    b->impl = cb;
+    b->threads = 0;
+    log_info("cuda backend: device %d %s, %d SMs, %.1f GiB", device, prop.name,
+             prop.multiProcessorCount, (double)prop.totalGlobalMem / (1 << 30));
+    return b;
+}
+
+/* ---- extras (backend_cuda.h) -------------------------------------------------------- */
+
+extern "C" void backend_cuda_info_get(backend *b, backend_cuda_info *info) {
+    cuda_backend *cb = cuda_of(b);
+    cudaDeviceProp prop;
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, cb->device));
+    memset(info, 0, sizeof *info);
+    snprintf(info->name, sizeof info->name, "%s", prop.name);
+    CUDA_CHECK(cudaDriverGetVersion(&info->driver_version));
+    CUDA_CHECK(cudaRuntimeGetVersion(&info->runtime_version));
+    info->cc_major = prop.major;
+    info->cc_minor = prop.minor;
+    info->sm_count = prop.multiProcessorCount;
+    info->mem_total = prop.totalGlobalMem;
+    info->l2_bytes = (size_t)prop.l2CacheSize;
+    CUDA_CHECK(cudaDeviceGetAttribute(&info->clock_khz, cudaDevAttrClockRate, cb->device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&info->mem_clock_khz, cudaDevAttrMemoryClockRate, cb->device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&info->mem_bus_bits, cudaDevAttrGlobalMemoryBusWidth,
+                                      cb->device));
+}
+
+extern "C" void backend_cuda_timer_start(backend *b) {
+    cuda_backend *cb = cuda_of(b);
+    CUDA_CHECK(cudaEventRecord(cb->timer_start, cb->stream));
+}
+
+extern "C" float backend_cuda_timer_stop_ms(backend *b) {
+    cuda_backend *cb = cuda_of(b);
+    float ms = 0;
+    CUDA_CHECK(cudaEventRecord(cb->timer_stop, cb->stream));
+    CUDA_CHECK(cudaEventSynchronize(cb->timer_stop));
+    CUDA_CHECK(cudaEventElapsedTime(&ms, cb->timer_start, cb->timer_stop));
+    return ms;
+}

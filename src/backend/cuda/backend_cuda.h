@@ -1,0 +1,45 @@
+/* backend_cuda.h: what the CUDA backend offers beyond the op table (backend.h), for
+ * benchmarks and diagnostics: a description of the card, and event timing on the
+ * backend's own stream. C linkage; defined only in builds with PDSERVE_HAVE_CUDA. */
+#ifndef PD_BACKEND_CUDA_H
+#define PD_BACKEND_CUDA_H
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+#include "backend/backend.h"
+#ifdef __cplusplus
+}
+#endif
+
+typedef struct backend_cuda_info {
+    char name[256];          /* e.g. "NVIDIA H100 80GB HBM3" */
+    int driver_version;      /* cudaDriverGetVersion: 13000 = 13.0 */
+    int runtime_version;     /* cudaRuntimeGetVersion */
+    int cc_major, cc_minor;  /* compute capability */
+    int sm_count;
+    size_t mem_total;        /* bytes */
+    size_t l2_bytes;
+    int clock_khz;           /* SM clock now (as found; never changed here) */
+    int mem_clock_khz;
+    int mem_bus_bits;
+} backend_cuda_info;
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Fills *info for the backend's device. b must be a CUDA backend. */
+void backend_cuda_info_get(backend *b, backend_cuda_info *info);
+/* Records a start event on the backend's stream. */
+void backend_cuda_timer_start(backend *b);
+/* Records a stop event, waits for it and returns the milliseconds since the start. */
+float backend_cuda_timer_stop_ms(backend *b);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

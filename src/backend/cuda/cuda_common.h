@@ -1,0 +1,126 @@
+/* cuda_common.h: what the CUDA backend's .cu files share (C++ only, never included
+ * by the C side): the one checking macro for every CUDA and cuBLAS call, the
+ * backend's private state, the pinned staging ring and the launchers each .cu file
+ * provides to backend_cuda.cu's op table.
+ *
+ * Tuned for: one process per GPU, one stream per backend, every op asynchronous on
+ * that stream; only download_f32, copy_d2h and sync wait for the GPU. */
+#ifndef PD_CUDA_COMMON_H
+#define PD_CUDA_COMMON_H
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* util.h spells its no-return functions with C11's _Noreturn, which C++ lacks. */
+#define _Noreturn [[noreturn]]
+extern "C" {
+#include "backend/backend.h"
+#include "util/util.h"
+}
+#undef _Noreturn
+
+/* ---- checking: every CUDA runtime and cuBLAS call goes through CUDA_CHECK ---------
+ * A failing call is a broken invariant here (bad pointer, launch error, device
+ * lost): print the statement, the error, file and line, then abort. The overloads
+ * pick the error-string function by the call's return type. */
+[[noreturn]] void cuda_check_fail(const char *stmt, const char *what, const char *file, int line);
+static inline void cuda_check(cudaError_t e, const char *stmt, const char *file, int line) {
+    if (e != cudaSuccess) cuda_check_fail(stmt, cudaGetErrorString(e), file, line);
+}
+static inline void cuda_check(cublasStatus_t e, const char *stmt, const char *file, int line) {
+    if (e != CUBLAS_STATUS_SUCCESS) cuda_check_fail(stmt, cublasGetStatusString(e), file, line);
+}
+#define CUDA_CHECK(stmt) cuda_check((stmt), #stmt, __FILE__, __LINE__)
+/* After each kernel launch: launch-configuration errors show up here. */
+#define CUDA_CHECK_LAUNCH() CUDA_CHECK(cudaGetLastError())
+
+/* ---- pinned staging ring ------------------------------------------------------------
+ * Host->device copies go through CUDA_STAGE_SLOTS pinned slots: the host writes (or
+ * converts) into a slot, queues an async copy on the stream and records the slot's
+ * event; the slot is reused once that event has passed. So the caller's host memory
+ * is free again when the op returns, and the host never waits for the GPU unless it
+ * runs more than CUDA_STAGE_SLOTS copies ahead. */
+#define CUDA_STAGE_SLOTS 4
+#define CUDA_STAGE_SLOT_BYTES ((size_t)8 << 20)
+
+/* Private state of one CUDA backend (backend.impl). Owns every pointer here. */
+typedef struct cuda_backend {
+    int device;
+    cudaStream_t stream;
+    cublasHandle_t cublas;
+    void *cublas_ws;            /* device: cuBLAS workspace (fixed: graph-capture safe) */
+    size_t cublas_ws_bytes;
+    int sm_count;
+
+    uint8_t *stage[CUDA_STAGE_SLOTS];   /* pinned host */
+    cudaEvent_t stage_done[CUDA_STAGE_SLOTS];
+    int stage_next;
+
+    /* attention metadata: device scratch, grown on demand (never in steady state),
+     * and the host copy of what it holds now, so that the 2nd..Lth layer of a step
+     * skip the upload. */
+    int32_t *attn_meta;         /* device */
+    size_t attn_meta_cap;       /* int32 elements */
+    int32_t *attn_meta_host;    /* host (malloc): last uploaded content */
+    int32_t *attn_meta_tmp;     /* host (malloc): the call's content, being built */
+    size_t attn_meta_host_cap;  /* int32 elements of each host buffer */
+    size_t attn_meta_len;       /* int32 elements valid in attn_meta and attn_meta_host */
+
+    int32_t *rows;              /* device: gather_rows indices, grown on demand */
+    size_t rows_cap;
+
+    /* rope: inverse frequencies [D/2] f32 of the last rope_params seen */
+    float *inv_freq;            /* device, capacity ROPE_MAX_HALF */
+    rope_params inv_freq_rp;
+    int inv_freq_D;             /* 0: nothing cached */
+
+    cudaEvent_t timer_start, timer_stop; /* backend_cuda_timer_* */
+} cuda_backend;
+
+#define ROPE_MAX_HALF 512
+
+/* The backend's state, with its device made current (cheap when it already is;
+ * needed when one process drives several GPUs from one thread). */
+static inline cuda_backend *cuda_of(backend *b) {
+    cuda_backend *cb = (cuda_backend *)b->impl;
+    CUDA_CHECK(cudaSetDevice(cb->device));
+    return cb;
+}
+
+/* Copies `bytes` host bytes to device `dst` through the staging ring, in stream order. */
+void cuda_stage_h2d(cuda_backend *cb, void *dst, const void *src, size_t bytes);
+/* Grows a device int32 scratch buffer to at least n elements (synchronizes first,
+ * so pending work never reads a freed buffer). Start-up or rare. */
+void cuda_grow_i32(cuda_backend *cb, int32_t **buf, size_t *cap, size_t n);
+
+static inline unsigned cuda_blocks(size_t n, unsigned threads) {
+    size_t g = (n + threads - 1) / threads;
+    return (unsigned)(g < 1 ? 1 : g);
+}
+
+/* ---- launchers (kernels.cu, attention.cu): assert shapes, launch, check ---------- */
+void cuda_embedding(backend *b, void *out, const void *table, const int32_t *ids, int T, int C);
+void cuda_rmsnorm(backend *b, void *out, const void *x, const void *w, int T, int C, float eps);
+void cuda_add_rmsnorm(backend *b, void *residual, void *out, const void *x, const void *w, int T,
+                      int C, float eps);
+void cuda_head_rmsnorm(backend *b, void *x, const void *w, int T, int row_stride, int head_offset,
+                       int n_heads, int D, float eps);
+void cuda_rope(backend *b, void *qkv, const int32_t *pos, const rope_params *rp, int T, int H, int K,
+               int D);
+void cuda_kv_store(backend *b, void *kcache, void *vcache, const void *qkv, const int32_t *slots,
+                   int T, int H, int K, int D);
+void cuda_swiglu(backend *b, void *out, const void *gu, int T, int F);
+void cuda_gather_rows(backend *b, void *out, const void *x, const int32_t *rows, int n, int C);
+/* out[T,N] = bias[N] on every row (the matmul then adds x @ w^T with beta = 1) */
+void cuda_bias_rows(cuda_backend *cb, __nv_bfloat16 *out, const __nv_bfloat16 *bias, int T, int N);
+void cuda_fill_random(backend *b, void *dst, dtype t, size_t n, uint64_t seed, float scale);
+void cuda_fill(backend *b, void *dst, dtype t, size_t n, float value);
+void cuda_attention(backend *b, void *out, const void *qkv, const void *kcache, const void *vcache,
+                    const attn_seq *seqs, int B, int T, int H, int K, int D, int block_size,
+                    float scale);
+
+#endif

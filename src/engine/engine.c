@@ -1,0 +1,523 @@
+/* engine.c: one instance's serving loop (what vLLM V1's engine core does): a single
+ * engine thread takes submissions and aborts from a mutex-protected inbox, plans a
+ * step with the pure scheduler, runs model_forward on the plan, samples on the CPU,
+ * appends tokens and emits TOKEN / FINISHED events. Sleeps on a condition variable
+ * when there is nothing to do.
+ *
+ * Tuned for steady serving: everything per step is preallocated (plan arrays in the
+ * scheduler, logits [max_num_seqs, V], sampler scratch); a request allocates its own
+ * record, token buffer and timestamp array once, at submission. */
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/engine.h"
+#include "util/util.h"
+
+typedef struct req {
+    uint64_t id;
+    sampling_params sp;
+    engine_event_fn on_event;
+    void *user;
+    int32_t *prompt;        /* [n_prompt] until admitted into the scheduler, then NULL */
+    int n_prompt;
+    int max_tokens;         /* resolved (>= 1) */
+    pd_rng rng;
+    request_times times;    /* token_times [max_tokens] owned */
+    sched_seq *seq;         /* once admitted */
+    int n_output;
+} req;
+
+struct engine {
+    model *m;               /* not owned */
+    backend *be;            /* not owned (the model's) */
+    engine_config cfg;
+    int max_model_len;
+    kv_cache *kv;           /* owned */
+    fwd_ctx *fwd;           /* owned */
+    sched sc;               /* engine thread only */
+    sampler *smp;           /* engine thread only */
+    float *logits;          /* [max_num_seqs, V] */
+    int32_t *step_tokens;   /* [max_num_seqs] */
+    sample_result *results; /* [max_num_seqs] */
+    pd_rng seed_rng;        /* seeds for requests without one (under mu) */
+
+    pthread_t thread;
+    bool started, stopping;
+    pthread_mutex_t mu;     /* guards everything below */
+    pthread_cond_t cv;
+    /* Double buffers: submitters fill inbox / aborts; the engine thread swaps them with
+     * the *_work ones and reads those outside the lock (only the live ones grow). */
+    req **inbox, **inbox_work;
+    int n_inbox, inbox_cap, inbox_work_cap;
+    uint64_t *aborts, *aborts_work;
+    int n_aborts, aborts_cap, aborts_work_cap;
+    uint64_t next_id;
+    int sched_waiting;      /* mirror of sc.n_waiting for submit's queue check */
+    engine_stats stats;
+};
+
+/* ---- small things ------------------------------------------------------------------ */
+
+void engine_config_default(engine_config *c) {
+    memset(c, 0, sizeof(*c));
+    c->block_size = 16;
+    c->gpu_memory_utilization = 0.9;
+    c->max_num_seqs = 256;
+    c->max_num_batched_tokens = 2048;
+    c->enable_chunked_prefill = true;
+}
+
+const char *finish_reason_name(finish_reason r) {
+    switch (r) {
+    case FINISH_LENGTH: return "length";
+    case FINISH_STOP: return "stop";
+    case FINISH_ABORT: return "abort";
+    case FINISH_ERROR: return "error";
+    default: return "none";
+    }
+}
+
+const model_config *engine_model_config(const engine *e) { return &e->m->cfg; }
+int engine_max_model_len(const engine *e) { return e->max_model_len; }
+
+static void req_free(req *r) {
+    if (!r) return;
+    free(r->prompt);
+    free(r->times.token_times);
+    free(r);
+}
+
+/* ---- creation: sizing the KV pool ----------------------------------------------------- */
+
+static bool backend_is_cpu(const backend *be) { return strcmp(be->ops->name, "cpu") == 0; }
+
+/* Bytes for the KV cache when the user gave none. CPU: enough for max_num_seqs full
+ * sequences, capped at a quarter of the memory still free. GPU: vLLM's rule, what
+ * gpu_memory_utilization of the card leaves once weights and activations are in. */
+static size_t kv_bytes_default(const engine *e, size_t bytes_per_token) {
+    backend *be = e->be;
+    size_t free_now = be->ops->mem_free ? be->ops->mem_free(be) : 0;
+    if (backend_is_cpu(be)) {
+        double want = (double)e->cfg.max_num_seqs * e->max_model_len * (double)bytes_per_token;
+        double cap = free_now ? 0.25 * (double)free_now : 1024.0 * 1024 * 1024;
+        return (size_t)PD_MIN(want, cap);
+    }
+    double total = (double)free_now + (double)e->m->weight_bytes + (double)fwd_ctx_bytes(e->fwd);
+    double keep = (1.0 - e->cfg.gpu_memory_utilization) * total;
+    double kv = (double)free_now - keep - 64.0 * 1024 * 1024; /* leave room for the logits & co */
+    return kv > 0 ? (size_t)kv : 0;
+}
+
+static int engine_size_kv(engine *e, bool explicit_len, char *err, size_t errlen) {
+    size_t bpt = model_kv_bytes_per_token(&e->m->cfg, dtype_size(e->be->ops->kv_type));
+    size_t bytes = e->cfg.kv_cache_memory ? e->cfg.kv_cache_memory : kv_bytes_default(e, bpt);
+    e->kv = kv_cache_create(e->be, &e->m->cfg, e->cfg.block_size, bytes, err, errlen);
+    if (!e->kv) return -1;
+    int cap_tokens = e->kv->num_blocks * e->cfg.block_size;
+    log_info("engine: KV cache %.1f MiB%s: %d blocks of %d tokens = %d tokens (%zu bytes/token)",
+             (double)e->kv->total_bytes / (1024.0 * 1024), e->cfg.kv_cache_memory ? "" : " (derived)",
+             e->kv->num_blocks, e->cfg.block_size, cap_tokens, bpt);
+    if (cap_tokens < e->max_model_len) {
+        if (explicit_len) {
+            pd_errorf(err, errlen,
+                      "The model's max seq len (%d) is larger than the maximum number of tokens "
+                      "that can be stored in KV cache (%d). Try increasing the KV cache memory or "
+                      "decreasing max_model_len.",
+                      e->max_model_len, cap_tokens);
+            return -1;
+        }
+        log_warn("engine: max_model_len lowered from %d to %d, what the KV cache holds",
+                 e->max_model_len, cap_tokens);
+        e->max_model_len = cap_tokens;
+    }
+    return 0;
+}
+
+engine *engine_create(model *m, const engine_config *cfg_in, char *err, size_t errlen) {
+    engine_config cfg = *cfg_in;
+    if (cfg.block_size <= 0) cfg.block_size = 16;
+    if (cfg.max_num_seqs <= 0) cfg.max_num_seqs = 256;
+    if (cfg.max_num_batched_tokens <= 0) cfg.max_num_batched_tokens = 2048;
+    int max_pos = m->cfg.max_position_embeddings;
+    if (cfg.max_model_len > max_pos) {
+        pd_errorf(err, errlen, "max_model_len %d is larger than the model's max_position_embeddings %d",
+                  cfg.max_model_len, max_pos);
+        return NULL;
+    }
+    engine *e = xcalloc(1, sizeof(*e));
+    e->m = m;
+    e->be = m->be;
+    e->max_model_len = cfg.max_model_len > 0 ? cfg.max_model_len : max_pos;
+    if (!cfg.enable_chunked_prefill && cfg.max_num_batched_tokens < e->max_model_len) {
+        /* vLLM's rule: without chunking a whole prompt must fit one step */
+        cfg.max_num_batched_tokens = e->max_model_len;
+    }
+    e->cfg = cfg;
+    e->fwd = fwd_ctx_create(m, cfg.max_num_batched_tokens, cfg.max_num_seqs);
+    if (!e->fwd) {
+        pd_errorf(err, errlen, "cannot allocate forward scratch for %d tokens", cfg.max_num_batched_tokens);
+        engine_free(e);
+        return NULL;
+    }
+    if (engine_size_kv(e, cfg_in->max_model_len > 0, err, errlen) != 0) {
+        engine_free(e);
+        return NULL;
+    }
+    sched_config sc = {.num_blocks = e->kv->num_blocks, .block_size = cfg.block_size,
+                       .max_num_seqs = cfg.max_num_seqs,
+                       .max_num_batched_tokens = cfg.max_num_batched_tokens,
+                       .enable_chunked_prefill = cfg.enable_chunked_prefill};
+    sched_init(&e->sc, &sc);
+    int V = m->cfg.vocab_size;
+    e->smp = sampler_create(V);
+    e->logits = xmalloc((size_t)cfg.max_num_seqs * V * sizeof(float));
+    e->step_tokens = xmalloc((size_t)cfg.max_num_seqs * sizeof(int32_t));
+    e->results = xmalloc((size_t)cfg.max_num_seqs * sizeof(sample_result));
+    rng_seed(&e->seed_rng, time_now_ns() ^ (uint64_t)(uintptr_t)e);
+    pthread_mutex_init(&e->mu, NULL);
+    pthread_cond_init(&e->cv, NULL);
+    e->inbox_cap = e->aborts_cap = e->inbox_work_cap = e->aborts_work_cap = 64;
+    e->inbox = xmalloc((size_t)e->inbox_cap * sizeof(req *));
+    e->inbox_work = xmalloc((size_t)e->inbox_cap * sizeof(req *));
+    e->aborts = xmalloc((size_t)e->aborts_cap * sizeof(uint64_t));
+    e->aborts_work = xmalloc((size_t)e->aborts_cap * sizeof(uint64_t));
+    e->next_id = 1;
+    e->stats.kv_blocks_total = e->kv->num_blocks;
+    log_info("engine: max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d, chunked "
+             "prefill %s; forward scratch %.1f MiB, logits %.1f MiB",
+             e->max_model_len, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+             cfg.enable_chunked_prefill ? "on" : "off", (double)fwd_ctx_bytes(e->fwd) / 1048576.0,
+             (double)cfg.max_num_seqs * V * 4 / 1048576.0);
+    return e;
+}
+
+/* ---- events ------------------------------------------------------------------------ */
+
+static void publish_stats(engine *e) {
+    pthread_mutex_lock(&e->mu);
+    e->stats.running = e->sc.n_running;
+    e->sched_waiting = e->sc.n_waiting;
+    e->stats.kv_blocks_used = kv_pool_used(&e->sc.pool);
+    e->stats.preemptions = e->sc.n_preemptions;
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* Ends a request: releases its blocks, emits FINISHED, frees it. */
+static void req_finish(engine *e, req *r, finish_reason why, int32_t stop_token, const char *error) {
+    r->times.finished = time_now_s();
+    if (r->seq) {
+        r->times.n_preemptions = r->seq->n_preemptions;
+        if (why == FINISH_ABORT) sched_abort(&e->sc, r->seq);
+        else sched_finish(&e->sc, r->seq);
+        r->seq = NULL;
+    }
+    pthread_mutex_lock(&e->mu);
+    if (why == FINISH_ABORT) e->stats.requests_aborted++;
+    else e->stats.requests_finished++;
+    pthread_mutex_unlock(&e->mu);
+    publish_stats(e); /* blocks are back before the client hears of the end */
+    engine_event ev = {.kind = ENGINE_EVENT_FINISHED, .request_id = r->id, .finish = why,
+                       .stop_token = stop_token, .error = error, .n_prompt = r->n_prompt,
+                       .n_output = r->n_output, .n_cached = 0, .times = &r->times};
+    r->on_event(r->user, &ev);
+    req_free(r);
+}
+
+static bool id_in(int32_t t, const int32_t *ids, int n) {
+    for (int i = 0; i < n; i++) if (ids[i] == t) return true;
+    return false;
+}
+
+/* vLLM's check_stop, after token t became output number r->n_output. */
+static finish_reason req_check_stop(const engine *e, const req *r, int32_t t, int32_t *stop_token) {
+    const model_config *mc = &e->m->cfg;
+    *stop_token = -1;
+    if (r->n_output < r->sp.min_tokens) return FINISH_NONE;
+    if ((!r->sp.ignore_eos && id_in(t, mc->eos_token_ids, mc->n_eos)) ||
+        id_in(t, r->sp.stop_token_ids, r->sp.n_stop_token_ids)) {
+        *stop_token = t;
+        return FINISH_STOP;
+    }
+    if (r->n_output >= r->max_tokens || r->n_prompt + r->n_output >= e->max_model_len)
+        return FINISH_LENGTH;
+    return FINISH_NONE;
+}
+
+/* ---- the step ---------------------------------------------------------------------- */
+
+static void engine_sample(engine *e, const sched_plan *p) {
+    const model_config *mc = &e->m->cfg;
+    int V = mc->vocab_size;
+    for (int i = 0; i < p->n_items; i++) {
+        const sched_item *it = &p->items[i];
+        if (!it->logits) continue;
+        const sched_seq *q = it->seq;
+        req *r = q->user;
+        sample_context c = {.prompt = q->tokens, .n_prompt = q->n_prompt,
+                            .output = q->tokens + q->n_prompt, .n_output = q->n_tokens - q->n_prompt,
+                            .eos_ids = mc->eos_token_ids, .n_eos = mc->n_eos};
+        float *row = e->logits + (size_t)it->logit_index * V;
+        e->step_tokens[it->logit_index] =
+            sampler_sample(e->smp, row, &r->sp, &c, &r->rng, &e->results[it->logit_index]);
+    }
+}
+
+/* Emits the step's tokens and ends the requests that are done. */
+static void engine_emit(engine *e, const sched_plan *p, double t) {
+    /* counters first, so that whoever hears of an end sees them up to date */
+    uint64_t prompt_tokens = 0;
+    for (int i = 0; i < p->n_items; i++) {
+        const sched_item *it = &p->items[i];
+        if (it->logits && ((req *)it->seq->user)->n_output == 0) prompt_tokens += (uint64_t)it->seq->n_prompt;
+    }
+    pthread_mutex_lock(&e->mu);
+    e->stats.prompt_tokens += prompt_tokens;
+    e->stats.generation_tokens += (uint64_t)p->n_logits;
+    pthread_mutex_unlock(&e->mu);
+    for (int i = 0; i < p->n_items; i++) {
+        const sched_item *it = &p->items[i];
+        if (!it->logits) continue;
+        req *r = it->seq->user;
+        const sample_result *sr = &e->results[it->logit_index];
+        int32_t tok = e->step_tokens[it->logit_index];
+        if (r->n_output == 0) r->times.first_token = t;
+        r->times.token_times[r->n_output] = t;
+        int index = r->n_output++;
+        engine_event ev = {.kind = ENGINE_EVENT_TOKEN, .request_id = r->id, .token = tok,
+                           .index = index, .logprob = sr->logprob, .top = sr->top,
+                           .n_top = sr->n_top, .stop_token = -1, .times = &r->times};
+        r->on_event(r->user, &ev);
+        int32_t stop_token;
+        finish_reason why = req_check_stop(e, r, tok, &stop_token);
+        if (why != FINISH_NONE) req_finish(e, r, why, stop_token, NULL);
+    }
+}
+
+static void engine_step(engine *e) {
+    double t0 = time_now_s();
+    sched_plan p;
+    sched_step(&e->sc, t0, &p);
+    PD_ASSERT(p.n_items > 0 || p.n_preempted > 0); /* work pending never stalls */
+    for (int i = 0; i < p.n_items; i++) {
+        req *r = p.items[i].seq->user;
+        if (r->times.first_scheduled < 0) r->times.first_scheduled = t0;
+    }
+    double t1 = time_now_s();
+    if (p.batch.T > 0) model_forward(e->fwd, e->kv, &p.batch, e->logits);
+    double t2 = time_now_s();
+    engine_sample(e, &p);
+    sched_on_tokens(&e->sc, &p, e->step_tokens);
+    double t3 = time_now_s();
+    engine_emit(e, &p, t3);
+    double t4 = time_now_s();
+    pthread_mutex_lock(&e->mu);
+    e->stats.steps++;
+    e->stats.batched_tokens += (uint64_t)p.batch.T;
+    e->stats.busy_seconds += t4 - t0;
+    e->stats.sched_seconds += t1 - t0;
+    e->stats.forward_seconds += t2 - t1;
+    e->stats.sample_seconds += t4 - t2;
+    pthread_mutex_unlock(&e->mu);
+    publish_stats(e);
+}
+
+/* ---- the engine thread --------------------------------------------------------------- */
+
+static void admit(engine *e, req *r) {
+    char err[256];
+    r->seq = sched_add(&e->sc, r->id, r->prompt, r->n_prompt, r->max_tokens, r->times.arrival, r,
+                       err, sizeof err);
+    free(r->prompt);
+    r->prompt = NULL;
+    if (!r->seq) req_finish(e, r, FINISH_ERROR, -1, err);
+}
+
+static void abort_all(engine *e) {
+    while (e->sc.n_running) req_finish(e, e->sc.running[e->sc.n_running - 1]->user, FINISH_ABORT, -1, NULL);
+    while (e->sc.n_waiting) {
+        sched_seq *q = e->sc.waiting[e->sc.waiting_head & (e->sc.waiting_cap - 1)];
+        req_finish(e, q->user, FINISH_ABORT, -1, NULL);
+    }
+}
+
+static void *engine_main(void *arg) {
+    engine *e = arg;
+    for (;;) {
+        pthread_mutex_lock(&e->mu);
+        while (!e->stopping && e->n_inbox == 0 && e->n_aborts == 0 && !sched_has_work(&e->sc))
+            pthread_cond_wait(&e->cv, &e->mu);
+        bool stopping = e->stopping;
+        req **in = e->inbox;
+        int n_in = e->n_inbox, cap = e->inbox_cap;
+        e->inbox = e->inbox_work;
+        e->inbox_cap = e->inbox_work_cap;
+        e->inbox_work = in;
+        e->inbox_work_cap = cap;
+        e->n_inbox = 0;
+        uint64_t *ab = e->aborts;
+        int n_ab = e->n_aborts;
+        cap = e->aborts_cap;
+        e->aborts = e->aborts_work;
+        e->aborts_cap = e->aborts_work_cap;
+        e->aborts_work = ab;
+        e->aborts_work_cap = cap;
+        e->n_aborts = 0;
+        pthread_mutex_unlock(&e->mu);
+
+        for (int i = 0; i < n_in; i++) admit(e, in[i]);
+        for (int i = 0; i < n_ab; i++) {
+            sched_seq *q = sched_find(&e->sc, ab[i]);
+            if (q) req_finish(e, q->user, FINISH_ABORT, -1, NULL);
+        }
+        if (stopping) break;
+        if (n_in || n_ab) publish_stats(e);
+        if (sched_has_work(&e->sc)) engine_step(e);
+    }
+    abort_all(e);
+    return NULL;
+}
+
+void engine_start(engine *e) {
+    PD_ASSERT(!e->started);
+    e->started = true;
+    if (pthread_create(&e->thread, NULL, engine_main, e) != 0) pd_die("engine: cannot start thread");
+}
+
+void engine_stop(engine *e) {
+    if (!e || !e->started) return;
+    pthread_mutex_lock(&e->mu);
+    bool was = e->stopping;
+    e->stopping = true;
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+    if (!was) pthread_join(e->thread, NULL);
+}
+
+void engine_free(engine *e) {
+    if (!e) return;
+    if (e->smp) { /* fully created */
+        engine_stop(e);
+        /* requests still queued (never started, or submitted during the stop) */
+        for (int i = 0; i < e->n_inbox; i++) req_free(e->inbox[i]);
+        abort_all(e);
+        sched_destroy(&e->sc);
+        pthread_mutex_destroy(&e->mu);
+        pthread_cond_destroy(&e->cv);
+    }
+    sampler_free(e->smp);
+    free(e->logits);
+    free(e->step_tokens);
+    free(e->results);
+    free(e->inbox);
+    free(e->inbox_work);
+    free(e->aborts);
+    free(e->aborts_work);
+    if (e->kv) kv_cache_free(e->be, e->kv);
+    fwd_ctx_free(e->fwd);
+    free(e);
+}
+
+/* ---- submission --------------------------------------------------------------------- */
+
+static int validate(const engine *e, const engine_request *q, int *max_tokens, char *err, size_t errlen) {
+    const sampling_params *sp = &q->sp;
+    int V = e->m->cfg.vocab_size;
+    if (q->n_prompt <= 0 || !q->prompt) return pd_errorf(err, errlen, "The prompt is empty."), -1;
+    for (int i = 0; i < q->n_prompt; i++)
+        if (q->prompt[i] < 0 || q->prompt[i] >= V)
+            return pd_errorf(err, errlen, "Token id %d at prompt position %d is out of vocabulary (size %d).",
+                             (int)q->prompt[i], i, V), -1;
+    int mt = sp->max_tokens > 0 ? sp->max_tokens : e->max_model_len - q->n_prompt;
+    if (q->n_prompt + PD_MAX(mt, 1) > e->max_model_len)
+        return pd_errorf(err, errlen,
+                         "This model's maximum context length is %d tokens. However, you requested "
+                         "%d tokens (%d in the messages, %d in the completion). Please reduce the "
+                         "length of the messages or completion.",
+                         e->max_model_len, q->n_prompt + PD_MAX(mt, 1), q->n_prompt, PD_MAX(mt, 1)), -1;
+    if (!(sp->temperature >= 0) || !isfinite(sp->temperature))
+        return pd_errorf(err, errlen, "temperature must be non-negative, got %g.", sp->temperature), -1;
+    if (!(sp->top_p > 0 && sp->top_p <= 1))
+        return pd_errorf(err, errlen, "top_p must be in (0, 1], got %g.", sp->top_p), -1;
+    if (sp->top_k < -1) return pd_errorf(err, errlen, "top_k must be -1 (disable), or at least 1, got %d.", sp->top_k), -1;
+    if (!(sp->min_p >= 0 && sp->min_p <= 1))
+        return pd_errorf(err, errlen, "min_p must be in [0, 1], got %g.", sp->min_p), -1;
+    if (!(sp->presence_penalty >= -2 && sp->presence_penalty <= 2))
+        return pd_errorf(err, errlen, "presence_penalty must be in [-2, 2], got %g.", sp->presence_penalty), -1;
+    if (!(sp->frequency_penalty >= -2 && sp->frequency_penalty <= 2))
+        return pd_errorf(err, errlen, "frequency_penalty must be in [-2, 2], got %g.", sp->frequency_penalty), -1;
+    if (!(sp->repetition_penalty > 0) || !isfinite(sp->repetition_penalty))
+        return pd_errorf(err, errlen, "repetition_penalty must be greater than zero, got %g.", sp->repetition_penalty), -1;
+    if (sp->min_tokens < 0 || sp->min_tokens > mt)
+        return pd_errorf(err, errlen, "min_tokens must be in [0, max_tokens=%d], got %d.", mt, sp->min_tokens), -1;
+    if (sp->logprobs > SAMPLING_MAX_LOGPROBS)
+        return pd_errorf(err, errlen, "logprobs must be at most %d, got %d.", SAMPLING_MAX_LOGPROBS, sp->logprobs), -1;
+    if (sp->n_stop_token_ids < 0 || sp->n_stop_token_ids > SAMPLING_MAX_STOP_IDS)
+        return pd_errorf(err, errlen, "at most %d stop token ids.", SAMPLING_MAX_STOP_IDS), -1;
+    if (!q->on_event) return pd_errorf(err, errlen, "request without an event callback."), -1;
+    *max_tokens = mt;
+    return 0;
+}
+
+uint64_t engine_submit(engine *e, const engine_request *q, char *err, size_t errlen) {
+    int max_tokens;
+    if (validate(e, q, &max_tokens, err, errlen) != 0) return 0;
+    req *r = xcalloc(1, sizeof(*r));
+    r->sp = q->sp;
+    r->on_event = q->on_event;
+    r->user = q->user;
+    r->n_prompt = q->n_prompt;
+    r->prompt = xmalloc((size_t)q->n_prompt * sizeof(int32_t));
+    memcpy(r->prompt, q->prompt, (size_t)q->n_prompt * sizeof(int32_t));
+    r->max_tokens = max_tokens;
+    r->times.token_times = xmalloc((size_t)max_tokens * sizeof(double));
+    r->times.first_scheduled = r->times.first_token = r->times.finished = -1;
+    r->times.arrival = time_now_s();
+
+    pthread_mutex_lock(&e->mu);
+    const char *refuse = NULL;
+    if (e->stopping) refuse = "The engine is shutting down.";
+    else if (e->cfg.max_waiting_requests > 0 &&
+             e->n_inbox + e->sched_waiting >= e->cfg.max_waiting_requests)
+        refuse = "full";
+    if (refuse) {
+        int limit = e->cfg.max_waiting_requests;
+        pthread_mutex_unlock(&e->mu);
+        if (strcmp(refuse, "full") == 0)
+            pd_errorf(err, errlen, "Too many requests waiting (the limit is %d); try again later.", limit);
+        else
+            pd_errorf(err, errlen, "%s", refuse);
+        req_free(r);
+        return 0;
+    }
+    r->id = e->next_id++;
+    rng_seed(&r->rng, r->sp.has_seed ? r->sp.seed : rng_next(&e->seed_rng));
+    if (e->n_inbox == e->inbox_cap) {
+        e->inbox_cap *= 2;
+        e->inbox = xrealloc(e->inbox, (size_t)e->inbox_cap * sizeof(req *));
+    }
+    e->inbox[e->n_inbox++] = r;
+    uint64_t id = r->id;
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+    return id;
+}
+
+void engine_abort(engine *e, uint64_t id) {
+    pthread_mutex_lock(&e->mu);
+    if (e->n_aborts == e->aborts_cap) {
+        e->aborts_cap *= 2;
+        e->aborts = xrealloc(e->aborts, (size_t)e->aborts_cap * sizeof(uint64_t));
+    }
+    e->aborts[e->n_aborts++] = id;
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+}
+
+void engine_get_stats(engine *e, engine_stats *out) {
+    pthread_mutex_lock(&e->mu);
+    *out = e->stats;
+    out->waiting = e->sched_waiting + e->n_inbox;
+    pthread_mutex_unlock(&e->mu);
+}

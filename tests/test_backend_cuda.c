@@ -1,0 +1,565 @@
+/* test_backend_cuda.c: every op of the CUDA backend against the CPU backend (the
+ * oracle), on fresh random inputs each run.
+ *
+ * Inputs are drawn on the host, rounded to bf16 and uploaded to both backends, so
+ * both compute on identical values; the CUDA result (bf16) is downloaded as f32 and
+ * must satisfy |cuda - cpu| <= RTOL * (|cpu| + rms(cpu)) everywhere: relative error
+ * under 1e-2, with a floor scaled to the output's magnitude for elements near zero.
+ * Every CUDA output is poisoned with NaN before the op, and no NaN may remain: each
+ * element must have been written.
+ *
+ * Exits 77 (skipped) when there is no GPU or no CUDA build: it never passes without
+ * having run on a GPU. */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/backend.h"
+#include "test.h"
+#include "util/util.h"
+
+#define RTOL 1e-2
+
+static backend *gpu, *cpu;
+static pd_rng rng;
+
+/* ---- helpers ----------------------------------------------------------------------- */
+
+/* n host floats ~ normal(mean, scale), each exactly representable in bf16. */
+static float *rand_bf16(size_t n, float mean, float scale) {
+    float *h = xmalloc(n * sizeof(float));
+    for (size_t i = 0; i < n; i++) h[i] = bf16_to_f32(f32_to_bf16(mean + scale * rng_normal(&rng)));
+    return h;
+}
+
+/* The same host values on both backends, in each one's type `kind` (0 act, 1 weight,
+ * 2 kv). */
+typedef struct pair {
+    void *g, *c;
+    size_t n;
+} pair;
+
+static dtype type_of(backend *b, int kind) {
+    return kind == 0 ? b->ops->act_type : kind == 1 ? b->ops->weight_type : b->ops->kv_type;
+}
+
+static pair pair_new(const float *h, size_t n, int kind) {
+    pair p = {NULL, NULL, n};
+    p.g = gpu->ops->alloc(gpu, n * dtype_size(type_of(gpu, kind)));
+    p.c = cpu->ops->alloc(cpu, n * dtype_size(type_of(cpu, kind)));
+    if (h) {
+        gpu->ops->upload(gpu, p.g, type_of(gpu, kind), 0, h, DTYPE_F32, n);
+        cpu->ops->upload(cpu, p.c, type_of(cpu, kind), 0, h, DTYPE_F32, n);
+    }
+    return p;
+}
+
+static pair pair_rand(size_t n, float mean, float scale, int kind) {
+    float *h = rand_bf16(n, mean, scale);
+    pair p = pair_new(h, n, kind);
+    free(h);
+    return p;
+}
+
+static void pair_free(pair *p) {
+    gpu->ops->free(gpu, p->g);
+    cpu->ops->free(cpu, p->c);
+}
+
+/* int32 array on both backends. */
+static pair pair_i32(const int32_t *h, size_t n) {
+    pair p = {NULL, NULL, n};
+    p.g = gpu->ops->alloc(gpu, n * 4);
+    p.c = cpu->ops->alloc(cpu, n * 4);
+    gpu->ops->copy_h2d(gpu, p.g, h, n * 4);
+    cpu->ops->copy_h2d(cpu, p.c, h, n * 4);
+    return p;
+}
+
+static void poison(pair *p, int kind) {
+    gpu->ops->fill(gpu, p->g, type_of(gpu, kind), p->n, NAN);
+}
+
+/* Downloads both sides of p and compares them. Returns the number of bad elements. */
+static int compare_range(const char *what, pair *p, int kind, size_t off, size_t n) {
+    float *a = xmalloc(p->n * sizeof(float)), *r = xmalloc(p->n * sizeof(float));
+    gpu->ops->download_f32(gpu, a, p->g, type_of(gpu, kind), p->n);
+    cpu->ops->download_f32(cpu, r, p->c, type_of(cpu, kind), p->n);
+    double ss = 0, num = 0, den = 0;
+    for (size_t i = off; i < off + n; i++) ss += (double)r[i] * r[i];
+    double rms = sqrt(ss / (double)(n ? n : 1));
+    int bad = 0, nan = 0;
+    size_t worst = off;
+    double worst_ratio = 0;
+    for (size_t i = off; i < off + n; i++) {
+        if (isnan(a[i]) || isinf(a[i])) {
+            nan++;
+            continue;
+        }
+        double d = fabs((double)a[i] - r[i]), tol = RTOL * (fabs(r[i]) + rms);
+        num += d * d;
+        den += (double)r[i] * r[i];
+        if (d > tol) bad++;
+        if (tol > 0 && d / tol > worst_ratio) worst_ratio = d / tol, worst = i;
+    }
+    double rel = den > 0 ? sqrt(num / den) : sqrt(num);
+    fprintf(stderr, "  %-34s n=%-8zu rel_l2=%.2e worst=%.2f of tol (cuda %g cpu %g) nan=%d\n",
+            what, n, rel, worst_ratio, a[worst], r[worst], nan);
+    CHECKF(nan == 0, "%s: %d elements not written (NaN) or not finite", what, nan);
+    CHECKF(bad == 0, "%s: %d of %zu elements beyond tolerance (worst %zu: cuda %g cpu %g)", what,
+           bad, n, worst, a[worst], r[worst]);
+    CHECKF(rel < RTOL, "%s: relative L2 error %.3e", what, rel);
+    free(a);
+    free(r);
+    return bad + nan;
+}
+
+static int compare(const char *what, pair *p, int kind) { return compare_range(what, p, kind, 0, p->n); }
+
+static int rand_int(int n) { return (int)(rng_next(&rng) % (uint64_t)n); }
+
+static void shuffle(int32_t *a, int n) {
+    for (int i = n - 1; i > 0; i--) {
+        int j = rand_int(i + 1);
+        int32_t t = a[i];
+        a[i] = a[j];
+        a[j] = t;
+    }
+}
+
+/* ---- memory and transfers -------------------------------------------------------------- */
+
+static void test_alloc_zeroed_and_mem_free(void) {
+    size_t before = gpu->ops->mem_free(gpu);
+    CHECK(before > 0);
+    size_t n = (size_t)64 << 20; /* 128 MiB of bf16 */
+    void *p = gpu->ops->alloc(gpu, n * 2);
+    size_t after = gpu->ops->mem_free(gpu);
+    CHECKF(after + n * 2 <= before + ((size_t)8 << 20), "mem_free %zu -> %zu", before, after);
+    float *h = xmalloc(n * sizeof(float));
+    gpu->ops->download_f32(gpu, h, p, DTYPE_BF16, n);
+    size_t nz = 0;
+    for (size_t i = 0; i < n; i++) nz += h[i] != 0.0f;
+    CHECKF(nz == 0, "%zu non-zero elements in a fresh allocation", nz);
+    free(h);
+    gpu->ops->free(gpu, p);
+    gpu->ops->free(gpu, NULL);
+}
+
+/* upload converts f32/f16/bf16 to bf16 exactly like the host functions do, at an
+ * offset, across several staging slots; download_f32 gives them back. */
+static void test_upload_download(void) {
+    size_t n = 5000003, off = 3;
+    float *f = rand_bf16(n, 0, 3.0f);
+    for (size_t i = 0; i < n; i++) f[i] += 1e-3f * rng_normal(&rng); /* not bf16-exact */
+    uint16_t *h16 = xmalloc(n * 2), *b16 = xmalloc(n * 2);
+    for (size_t i = 0; i < n; i++) h16[i] = f32_to_f16(f[i]), b16[i] = f32_to_bf16(f[i] * 0.5f);
+    void *d = gpu->ops->alloc(gpu, (n + off) * 2);
+    float *back = xmalloc((n + off) * sizeof(float));
+    for (int src = 0; src < 3; src++) {
+        dtype st = src == 0 ? DTYPE_F32 : src == 1 ? DTYPE_F16 : DTYPE_BF16;
+        const void *s = src == 0 ? (const void *)f : src == 1 ? (const void *)h16 : (const void *)b16;
+        gpu->ops->fill(gpu, d, DTYPE_BF16, n + off, NAN);
+        gpu->ops->upload(gpu, d, DTYPE_BF16, off, s, st, n);
+        gpu->ops->download_f32(gpu, back, d, DTYPE_BF16, n + off);
+        size_t bad = 0;
+        for (size_t i = 0; i < off; i++) bad += !isnan(back[i]);
+        for (size_t i = 0; i < n; i++) {
+            float src_f = src == 0 ? f[i] : src == 1 ? f16_to_f32(h16[i]) : bf16_to_f32(b16[i]);
+            float want = bf16_to_f32(f32_to_bf16(src_f));
+            bad += memcmp(&want, &back[off + i], 4) != 0;
+        }
+        CHECKF(bad == 0, "upload from %s: %zu elements differ", dtype_name(st), bad);
+    }
+    /* f32 on the device, and i32 raw */
+    void *d32 = gpu->ops->alloc(gpu, n * 4);
+    gpu->ops->upload(gpu, d32, DTYPE_F32, 0, f, DTYPE_F32, n);
+    gpu->ops->download_f32(gpu, back, d32, DTYPE_F32, n);
+    CHECK(memcmp(back, f, n * 4) == 0);
+    int32_t ids[5] = {7, -3, 0, 123456, 2};
+    gpu->ops->upload(gpu, d32, DTYPE_I32, 0, ids, DTYPE_I32, 5);
+    gpu->ops->download_f32(gpu, back, d32, DTYPE_I32, 5);
+    for (int i = 0; i < 5; i++) CHECK(back[i] == (float)ids[i]);
+    gpu->ops->free(gpu, d32);
+    gpu->ops->free(gpu, d);
+    free(back);
+    free(f);
+    free(h16);
+    free(b16);
+}
+
+/* Raw copies both ways, from one byte to several staging slots; the caller's host
+ * buffer is free again as soon as copy_h2d returns. */
+static void test_copies(void) {
+    size_t sizes[] = {1, 13, 4096, ((size_t)20 << 20) + 5};
+    for (size_t k = 0; k < PD_ARRAY_LEN(sizes); k++) {
+        size_t n = sizes[k];
+        uint8_t *h = xmalloc(n), *orig = xmalloc(n), *back = xmalloc(n);
+        for (size_t i = 0; i < n; i++) h[i] = (uint8_t)rng_next(&rng);
+        memcpy(orig, h, n);
+        void *a = gpu->ops->alloc(gpu, n), *b = gpu->ops->alloc(gpu, n);
+        gpu->ops->copy_h2d(gpu, a, h, n);
+        memset(h, 0xA5, n);
+        gpu->ops->copy_d2d(gpu, b, a, n);
+        gpu->ops->copy_d2h(gpu, back, b, n);
+        CHECKF(memcmp(back, orig, n) == 0, "copy of %zu bytes", n);
+        free(h);
+        free(orig);
+        free(back);
+        gpu->ops->free(gpu, a);
+        gpu->ops->free(gpu, b);
+    }
+}
+
+static void test_fill_and_fill_random(void) {
+    size_t n = 1 << 20;
+    void *d = gpu->ops->alloc(gpu, n * 4);
+    float *h = xmalloc(n * sizeof(float)), *h2 = xmalloc(n * sizeof(float));
+    dtype types[3] = {DTYPE_BF16, DTYPE_F32, DTYPE_F16};
+    for (int k = 0; k < 3; k++) {
+        gpu->ops->fill(gpu, d, types[k], n, 1.5f);
+        gpu->ops->download_f32(gpu, h, d, types[k], n);
+        size_t bad = 0;
+        for (size_t i = 0; i < n; i++) bad += h[i] != 1.5f;
+        CHECKF(bad == 0, "fill %s: %zu wrong", dtype_name(types[k]), bad);
+
+        gpu->ops->fill_random(gpu, d, types[k], n, 42, 0.02f);
+        gpu->ops->download_f32(gpu, h, d, types[k], n);
+        double s = 0, ss = 0;
+        size_t big = 0;
+        for (size_t i = 0; i < n; i++) s += h[i], ss += (double)h[i] * h[i], big += fabsf(h[i]) > 0.06f;
+        double mean = s / n, sd = sqrt(ss / n - mean * mean);
+        CHECKF(fabs(mean) < 1e-4 && fabs(sd - 0.02) < 4e-4, "fill_random %s: mean %g sd %g",
+               dtype_name(types[k]), mean, sd);
+        /* P(|z| > 3) = 0.27% */
+        CHECKF(big > n / 1000 && big < n / 200, "fill_random %s: %zu beyond 3 sd", dtype_name(types[k]), big);
+        gpu->ops->fill_random(gpu, d, types[k], n, 42, 0.02f);
+        gpu->ops->download_f32(gpu, h2, d, types[k], n);
+        CHECK(memcmp(h, h2, n * 4) == 0);
+        gpu->ops->fill_random(gpu, d, types[k], n, 43, 0.02f);
+        gpu->ops->download_f32(gpu, h2, d, types[k], n);
+        size_t same = 0;
+        for (size_t i = 0; i < n; i++) same += h[i] == h2[i];
+        CHECKF(same < n / 50, "seeds 42 and 43 agree on %zu of %zu", same, n);
+    }
+    free(h);
+    free(h2);
+    gpu->ops->free(gpu, d);
+}
+
+/* ---- ops ------------------------------------------------------------------------------- */
+
+static void test_embedding(void) {
+    int shapes[2][2] = {{1000, 256}, {50, 36}}; /* V, C: 8-wide and scalar paths */
+    for (int k = 0; k < 2; k++) {
+        int V = shapes[k][0], C = shapes[k][1], T = 37;
+        pair table = pair_rand((size_t)V * C, 0, 1, 1), out = pair_new(NULL, (size_t)T * C, 0);
+        int32_t ids[37];
+        for (int t = 0; t < T; t++) ids[t] = rand_int(V);
+        ids[0] = V - 1;
+        pair id = pair_i32(ids, T);
+        poison(&out, 0);
+        gpu->ops->embedding(gpu, out.g, table.g, id.g, T, C);
+        cpu->ops->embedding(cpu, out.c, table.c, id.c, T, C);
+        compare("embedding", &out, 0);
+        pair_free(&table);
+        pair_free(&out);
+        pair_free(&id);
+    }
+}
+
+static void test_rmsnorm(void) {
+    int Cs[3] = {4096, 100, 8192};
+    for (int k = 0; k < 3; k++) {
+        int T = 17, C = Cs[k];
+        pair x = pair_rand((size_t)T * C, 0.3f, 2, 0), w = pair_rand(C, 1, 0.2f, 1);
+        pair out = pair_new(NULL, (size_t)T * C, 0);
+        poison(&out, 0);
+        gpu->ops->rmsnorm(gpu, out.g, x.g, w.g, T, C, 1e-5f);
+        cpu->ops->rmsnorm(cpu, out.c, x.c, w.c, T, C, 1e-5f);
+        compare("rmsnorm", &out, 0);
+        pair_free(&x);
+        pair_free(&w);
+        pair_free(&out);
+    }
+}
+
+static void test_add_rmsnorm(void) {
+    int Cs[2] = {4096, 100};
+    for (int k = 0; k < 2; k++) {
+        int T = 9, C = Cs[k];
+        pair res = pair_rand((size_t)T * C, 0, 1, 0), x = pair_rand((size_t)T * C, 0, 1, 0);
+        pair w = pair_rand(C, 1, 0.2f, 1), out = pair_new(NULL, (size_t)T * C, 0);
+        poison(&out, 0);
+        gpu->ops->add_rmsnorm(gpu, res.g, out.g, x.g, w.g, T, C, 1e-6f);
+        cpu->ops->add_rmsnorm(cpu, res.c, out.c, x.c, w.c, T, C, 1e-6f);
+        compare("add_rmsnorm residual", &res, 0);
+        compare("add_rmsnorm out", &out, 0);
+        pair_free(&res);
+        pair_free(&x);
+        pair_free(&w);
+        pair_free(&out);
+    }
+}
+
+static void test_matmul(void) {
+    int shapes[][3] = {{1, 256, 512}, {7, 512, 130}, {64, 4096, 1024}, {100, 384, 768}, {3, 4096, 14336}};
+    for (size_t k = 0; k < PD_ARRAY_LEN(shapes); k++) {
+        int T = shapes[k][0], Kd = shapes[k][1], N = shapes[k][2];
+        pair x = pair_rand((size_t)T * Kd, 0, 1, 0);
+        pair w = pair_rand((size_t)N * Kd, 0, 1.0f / sqrtf((float)Kd), 1);
+        pair bias = pair_rand(N, 0, 0.5f, 1), out = pair_new(NULL, (size_t)T * N, 0);
+        for (int with_bias = 0; with_bias < 2; with_bias++) {
+            poison(&out, 0);
+            gpu->ops->matmul(gpu, out.g, x.g, w.g, with_bias ? bias.g : NULL, T, Kd, N);
+            cpu->ops->matmul(cpu, out.c, x.c, w.c, with_bias ? bias.c : NULL, T, Kd, N);
+            char name[64];
+            snprintf(name, sizeof name, "matmul %dx%dx%d%s", T, Kd, N, with_bias ? " +bias" : "");
+            compare(name, &out, 0);
+        }
+        pair_free(&x);
+        pair_free(&w);
+        pair_free(&bias);
+        pair_free(&out);
+    }
+}
+
+static void test_head_rmsnorm(void) {
+    int T = 9, H = 4, K = 2, D = 64, stride = (H + 2 * K) * D;
+    pair qkv = pair_rand((size_t)T * stride, 0.1f, 1, 0);
+    pair qn = pair_rand(D, 1, 0.2f, 1), kn = pair_rand(D, 1, 0.2f, 1);
+    gpu->ops->head_rmsnorm(gpu, qkv.g, qn.g, T, stride, 0, H, D, 1e-6f);
+    cpu->ops->head_rmsnorm(cpu, qkv.c, qn.c, T, stride, 0, H, D, 1e-6f);
+    gpu->ops->head_rmsnorm(gpu, qkv.g, kn.g, T, stride, H * D, K, D, 1e-6f);
+    cpu->ops->head_rmsnorm(cpu, qkv.c, kn.c, T, stride, H * D, K, D, 1e-6f);
+    compare("head_rmsnorm", &qkv, 0);
+    pair_free(&qkv);
+    pair_free(&qn);
+    pair_free(&kn);
+}
+
+static void test_rope(void) {
+    rope_params rps[3] = {
+        {ROPE_TYPE_DEFAULT, 10000.0f, 1, 0, 0, 0},
+        {ROPE_TYPE_LINEAR, 1000000.0f, 4.0f, 0, 0, 0},
+        {ROPE_TYPE_LLAMA3, 500000.0f, 8.0f, 1.0f, 4.0f, 8192},
+    };
+    int Ds[3] = {128, 64, 20}; /* 20: the scalar path (D/2 not a multiple of 8) */
+    for (int k = 0; k < 3; k++) {
+        for (int di = 0; di < 3; di++) {
+            int T = 23, H = 4, K = 2, D = Ds[di], stride = (H + 2 * K) * D;
+            pair qkv = pair_rand((size_t)T * stride, 0, 1, 0);
+            int32_t pos[23];
+            for (int t = 0; t < T; t++) pos[t] = t < 4 ? t : rand_int(20000);
+            pair p = pair_i32(pos, T);
+            gpu->ops->rope(gpu, qkv.g, p.g, &rps[k], T, H, K, D);
+            cpu->ops->rope(cpu, qkv.c, p.c, &rps[k], T, H, K, D);
+            char name[64];
+            snprintf(name, sizeof name, "rope %s D=%d", rope_type_name(rps[k].type), D);
+            compare(name, &qkv, 0);
+            pair_free(&qkv);
+            pair_free(&p);
+        }
+    }
+}
+
+static void test_kv_store(void) {
+    int nb = 16, bs = 16, H = 4, K = 2, D = 64, T = 20, KD = K * D;
+    size_t cache_n = (size_t)nb * bs * KD;
+    pair kc = pair_new(NULL, cache_n, 2), vc = pair_new(NULL, cache_n, 2);
+    pair qkv = pair_rand((size_t)T * (H + 2 * K) * D, 0, 1, 0);
+    int32_t all[256], slots[20];
+    for (int i = 0; i < nb * bs; i++) all[i] = i;
+    shuffle(all, nb * bs);
+    memcpy(slots, all, sizeof slots);
+    pair sl = pair_i32(slots, T);
+    gpu->ops->fill(gpu, kc.g, DTYPE_BF16, cache_n, NAN);
+    gpu->ops->fill(gpu, vc.g, DTYPE_BF16, cache_n, NAN);
+    gpu->ops->kv_store(gpu, kc.g, vc.g, qkv.g, sl.g, T, H, K, D);
+    cpu->ops->kv_store(cpu, kc.c, vc.c, qkv.c, sl.c, T, H, K, D);
+    for (int t = 0; t < T; t++) {
+        compare_range("kv_store k slot", &kc, 2, (size_t)slots[t] * KD, KD);
+        compare_range("kv_store v slot", &vc, 2, (size_t)slots[t] * KD, KD);
+    }
+    /* nothing written outside the slots */
+    float *h = xmalloc(cache_n * sizeof(float));
+    for (int which = 0; which < 2; which++) {
+        gpu->ops->download_f32(gpu, h, which ? vc.g : kc.g, DTYPE_BF16, cache_n);
+        size_t written = 0;
+        for (size_t i = 0; i < cache_n; i++) written += !isnan(h[i]);
+        CHECKF(written == (size_t)T * KD, "kv_store wrote %zu elements, expected %d", written, T * KD);
+    }
+    free(h);
+    pair_free(&kc);
+    pair_free(&vc);
+    pair_free(&qkv);
+    pair_free(&sl);
+}
+
+static void test_swiglu(void) {
+    int Fs[2] = {1000, 37};
+    for (int k = 0; k < 2; k++) {
+        int T = 13, F = Fs[k];
+        pair gu = pair_rand((size_t)T * 2 * F, 0, 2, 0), out = pair_new(NULL, (size_t)T * F, 0);
+        poison(&out, 0);
+        gpu->ops->swiglu(gpu, out.g, gu.g, T, F);
+        cpu->ops->swiglu(cpu, out.c, gu.c, T, F);
+        compare("swiglu", &out, 0);
+        pair_free(&gu);
+        pair_free(&out);
+    }
+}
+
+static void test_gather_rows(void) {
+    int C = 256, R = 20;
+    int32_t rows[5] = {3, 0, 19, 3, 7};
+    pair x = pair_rand((size_t)R * C, 0, 1, 0), out = pair_new(NULL, 5 * (size_t)C, 0);
+    poison(&out, 0);
+    gpu->ops->gather_rows(gpu, out.g, x.g, rows, 5, C);
+    cpu->ops->gather_rows(cpu, out.c, x.c, rows, 5, C);
+    compare("gather_rows", &out, 0);
+    int32_t one = 19;
+    poison(&out, 0);
+    gpu->ops->gather_rows(gpu, out.g, x.g, &one, 1, C);
+    cpu->ops->gather_rows(cpu, out.c, x.c, &one, 1, C);
+    compare_range("gather_rows (1)", &out, 0, 0, C);
+    pair_free(&x);
+    pair_free(&out);
+}
+
+/* ---- attention -------------------------------------------------------------------------- */
+
+typedef struct attn_case {
+    int H, K, D, bs;
+} attn_case;
+
+/* A step mixing fresh prefills, a prefill chunk over a cached prefix, and decode
+ * rows, with every sequence's blocks drawn from one shuffled pool. */
+static void attention_step(const attn_case *ac, const int (*qc)[2], int B) {
+    int H = ac->H, K = ac->K, D = ac->D, bs = ac->bs, T = 0, nb = 0;
+    for (int b = 0; b < B; b++) T += qc[b][0], nb += (qc[b][1] + bs - 1) / bs;
+    nb += 5; /* spare blocks nobody uses */
+    int32_t *pool = xmalloc((size_t)nb * 4);
+    for (int i = 0; i < nb; i++) pool[i] = i;
+    shuffle(pool, nb);
+    attn_seq *seqs = xcalloc((size_t)B, sizeof *seqs);
+    int row = 0, used = 0;
+    for (int b = 0; b < B; b++) {
+        seqs[b].q_start = row;
+        seqs[b].q_len = qc[b][0];
+        seqs[b].ctx_len = qc[b][1];
+        seqs[b].n_blocks = (qc[b][1] + bs - 1) / bs;
+        seqs[b].block_table = pool + used;
+        used += seqs[b].n_blocks;
+        row += qc[b][0];
+    }
+    size_t cache_n = (size_t)nb * bs * K * D;
+    pair kc = pair_rand(cache_n, 0, 1, 2), vc = pair_rand(cache_n, 0, 1, 2);
+    pair qkv = pair_rand((size_t)T * (H + 2 * K) * D, 0, 1, 0);
+    pair out = pair_new(NULL, (size_t)T * H * D, 0);
+    float scale = 1.0f / sqrtf((float)D);
+    char name[96];
+    snprintf(name, sizeof name, "attention H%d K%d D%d bs%d B%d T%d", H, K, D, bs, B, T);
+    cpu->ops->attention(cpu, out.c, qkv.c, kc.c, vc.c, seqs, B, T, H, K, D, bs, scale);
+    for (int rep = 0; rep < 2; rep++) { /* the 2nd call reuses the uploaded metadata */
+        poison(&out, 0);
+        gpu->ops->attention(gpu, out.g, qkv.g, kc.g, vc.g, seqs, B, T, H, K, D, bs, scale);
+        compare(name, &out, 0);
+    }
+    pair_free(&kc);
+    pair_free(&vc);
+    pair_free(&qkv);
+    pair_free(&out);
+    free(seqs);
+    free(pool);
+}
+
+static void test_attention(void) {
+    attn_case cases[] = {
+        {8, 2, 64, 16}, {32, 8, 128, 16}, {28, 4, 128, 7}, {16, 1, 96, 32}, {4, 4, 128, 1},
+    };
+    /* {q_len, ctx_len}: fresh prefill, chunk over a cached prefix, decodes (ctx 1, across
+     * tiles of 128 keys, long), a small chunk after 256 cached tokens */
+    static const int mixed[][2] = {{37, 37}, {20, 75}, {1, 130}, {1, 1}, {1, 300}, {5, 261}, {1, 129}};
+    static const int decode[][2] = {{1, 17}, {1, 2048}, {1, 128}, {1, 129}};
+    static const int prefill[][2] = {{300, 300}};
+    for (size_t k = 0; k < PD_ARRAY_LEN(cases); k++) {
+        attention_step(&cases[k], mixed, PD_ARRAY_LEN(mixed));
+        attention_step(&cases[k], decode, PD_ARRAY_LEN(decode));
+    }
+    attention_step(&cases[1], prefill, 1);
+    attention_step(&cases[1], mixed, PD_ARRAY_LEN(mixed)); /* metadata changes again */
+}
+
+/* One transformer-layer's worth of ops chained on both backends: kv_store then
+ * attention reading the rows just stored, the way forward.c uses them. */
+static void test_store_then_attend(void) {
+    int H = 8, K = 2, D = 128, bs = 16, nb = 12;
+    static const int qc[3][2] = {{9, 9}, {1, 40}, {3, 20}};
+    int T = 13, B = 3;
+    size_t cache_n = (size_t)nb * bs * K * D;
+    pair kc = pair_rand(cache_n, 0, 1, 2), vc = pair_rand(cache_n, 0, 1, 2);
+    pair qkv = pair_rand((size_t)T * (H + 2 * K) * D, 0, 1, 0);
+    pair out = pair_new(NULL, (size_t)T * H * D, 0);
+    int32_t pool[12];
+    for (int i = 0; i < nb; i++) pool[i] = i;
+    shuffle(pool, nb);
+    attn_seq seqs[3];
+    int32_t slots[13];
+    int row = 0, used = 0;
+    for (int b = 0; b < B; b++) {
+        seqs[b] = (attn_seq){row, qc[b][0], qc[b][1], pool + used, (qc[b][1] + bs - 1) / bs};
+        for (int i = 0; i < qc[b][0]; i++) {
+            int p = qc[b][1] - qc[b][0] + i;
+            slots[row + i] = seqs[b].block_table[p / bs] * bs + p % bs;
+        }
+        used += seqs[b].n_blocks;
+        row += qc[b][0];
+    }
+    pair sl = pair_i32(slots, T);
+    gpu->ops->kv_store(gpu, kc.g, vc.g, qkv.g, sl.g, T, H, K, D);
+    cpu->ops->kv_store(cpu, kc.c, vc.c, qkv.c, sl.c, T, H, K, D);
+    poison(&out, 0);
+    gpu->ops->attention(gpu, out.g, qkv.g, kc.g, vc.g, seqs, B, T, H, K, D, bs, 0.088f);
+    cpu->ops->attention(cpu, out.c, qkv.c, kc.c, vc.c, seqs, B, T, H, K, D, bs, 0.088f);
+    compare("kv_store + attention", &out, 0);
+    pair_free(&kc);
+    pair_free(&vc);
+    pair_free(&qkv);
+    pair_free(&out);
+    pair_free(&sl);
+}
+
+int main(void) {
+    char err[256] = "";
+    gpu = backend_cuda_create(0, err, sizeof err);
+    if (!gpu) TEST_SKIP(err);
+    cpu = backend_cpu_create(0);
+    if (!cpu) {
+        fprintf(stderr, "no CPU backend\n");
+        return 1;
+    }
+    uint64_t seed = time_now_ns();
+    rng_seed(&rng, seed);
+    fprintf(stderr, "seed %llu (fresh inputs each run)\n", (unsigned long long)seed);
+    TEST_RUN(test_alloc_zeroed_and_mem_free);
+    TEST_RUN(test_upload_download);
+    TEST_RUN(test_copies);
+    TEST_RUN(test_fill_and_fill_random);
+    TEST_RUN(test_embedding);
+    TEST_RUN(test_rmsnorm);
+    TEST_RUN(test_add_rmsnorm);
+    TEST_RUN(test_matmul);
+    TEST_RUN(test_head_rmsnorm);
+    TEST_RUN(test_rope);
+    TEST_RUN(test_kv_store);
+    TEST_RUN(test_swiglu);
+    TEST_RUN(test_gather_rows);
+    TEST_RUN(test_attention);
+    TEST_RUN(test_store_then_attend);
+    backend_destroy(cpu);
+    backend_destroy(gpu);
+    return TEST_END();
+}
