@@ -1,0 +1,146 @@
+/* metrics.c: Prometheus text for GET /metrics, named like vLLM's (vllm:X becomes
+ * pdserve_X): engine gauges and counters read from engine_get_stats at scrape time,
+ * and histograms of TTFT, inter-token latency and end-to-end latency fed once per
+ * finished request from the engine's own timestamps (so they measure the engine's
+ * clock, not the HTTP threads' scheduling). One mutex; observations are a few adds. */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "server/server.h"
+#include "util/util.h"
+
+/* vLLM's buckets, with finer ones at the bottom for small models on CPU and GPU. */
+static const double TTFT_BOUNDS[] = {0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
+                                     0.75,  1.0,   2.5,  5.0,  7.5,  10.0, 20.0, 40.0, 80.0, 160.0,
+                                     640.0, 2560.0};
+static const double ITL_BOUNDS[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2,
+                                    0.3,   0.4,    0.5,   0.75, 1.0,   2.5,  5.0,   7.5, 10.0, 20.0,
+                                    40.0,  80.0};
+static const double E2E_BOUNDS[] = {0.01, 0.025, 0.05, 0.1,  0.3,  0.5,  0.8,   1.0,   1.5,  2.0,
+                                    2.5,  5.0,   10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                                    240.0, 480.0, 960.0, 1920.0, 7680.0};
+
+static const char *const REASON_NAMES[METRICS_REASON_COUNT] = {"stop", "length", "abort", "error"};
+
+struct server_metrics {
+    pthread_mutex_t mu;
+    histogram ttft, itl, e2e;
+    uint64_t finished[METRICS_REASON_COUNT];
+};
+
+void histogram_init(histogram *h, const double *bounds, int n_bounds) {
+    PD_ASSERT(n_bounds + 1 <= METRICS_MAX_BUCKETS);
+    memset(h, 0, sizeof *h);
+    h->bounds = bounds;
+    h->n_bounds = n_bounds;
+}
+
+void histogram_observe(histogram *h, double v) {
+    int i = 0;
+    while (i < h->n_bounds && v > h->bounds[i]) i++;
+    h->counts[i]++;
+    h->sum += v;
+    h->count++;
+}
+
+server_metrics *metrics_create(void) {
+    server_metrics *m = xcalloc(1, sizeof *m);
+    pthread_mutex_init(&m->mu, NULL);
+    histogram_init(&m->ttft, TTFT_BOUNDS, (int)PD_ARRAY_LEN(TTFT_BOUNDS));
+    histogram_init(&m->itl, ITL_BOUNDS, (int)PD_ARRAY_LEN(ITL_BOUNDS));
+    histogram_init(&m->e2e, E2E_BOUNDS, (int)PD_ARRAY_LEN(E2E_BOUNDS));
+    return m;
+}
+
+void metrics_free(server_metrics *m) {
+    if (!m) return;
+    pthread_mutex_destroy(&m->mu);
+    free(m);
+}
+
+void metrics_observe_request(server_metrics *m, const request_times *t, int n_output,
+                             metrics_reason reason) {
+    PD_ASSERT(reason >= 0 && reason < METRICS_REASON_COUNT);
+    pthread_mutex_lock(&m->mu);
+    m->finished[reason]++;
+    if (t && n_output > 0 && t->first_token > 0 && t->arrival > 0) {
+        histogram_observe(&m->ttft, t->first_token - t->arrival);
+        if (t->token_times)
+            for (int i = 1; i < n_output; i++)
+                histogram_observe(&m->itl, t->token_times[i] - t->token_times[i - 1]);
+    }
+    if (t && t->finished > 0 && t->arrival > 0) histogram_observe(&m->e2e, t->finished - t->arrival);
+    pthread_mutex_unlock(&m->mu);
+}
+
+static void render_histogram(sbuf *out, const char *name, const char *help, const histogram *h,
+                             const char *label) {
+    sbuf_printf(out, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+    uint64_t cum = 0;
+    for (int i = 0; i <= h->n_bounds; i++) {
+        cum += h->counts[i];
+        if (i < h->n_bounds)
+            sbuf_printf(out, "%s_bucket{%s,le=\"%g\"} %llu\n", name, label, h->bounds[i],
+                        (unsigned long long)cum);
+        else
+            sbuf_printf(out, "%s_bucket{%s,le=\"+Inf\"} %llu\n", name, label, (unsigned long long)cum);
+    }
+    sbuf_printf(out, "%s_sum{%s} %.9g\n%s_count{%s} %llu\n", name, label, h->sum, name, label,
+                (unsigned long long)h->count);
+}
+
+static void gauge(sbuf *out, const char *name, const char *type, const char *help,
+                  const char *label, double v) {
+    sbuf_printf(out, "# HELP %s %s\n# TYPE %s %s\n%s{%s} %.9g\n", name, help, name, type, name,
+                label, v);
+}
+
+void metrics_render(server_metrics *m, const engine_stats *st, const char *model_name, sbuf *out) {
+    char label[256];
+    /* Label values: escape backslash, quote and newline (Prometheus text format). */
+    size_t k = 0;
+    k += (size_t)snprintf(label, sizeof label, "model_name=\"");
+    for (const char *p = model_name; *p && k + 4 < sizeof label; p++) {
+        if (*p == '\\' || *p == '"') label[k++] = '\\', label[k++] = *p;
+        else if (*p == '\n') label[k++] = '\\', label[k++] = 'n';
+        else label[k++] = *p;
+    }
+    label[k++] = '"';
+    label[k] = 0;
+
+    gauge(out, "pdserve_num_requests_running", "gauge", "Requests in the running batch.", label,
+          st->running);
+    gauge(out, "pdserve_num_requests_waiting", "gauge", "Requests waiting to be scheduled.", label,
+          st->waiting);
+    gauge(out, "pdserve_kv_cache_blocks_used", "gauge", "KV cache blocks in use.", label,
+          st->kv_blocks_used);
+    gauge(out, "pdserve_kv_cache_blocks_total", "gauge", "KV cache blocks in the pool.", label,
+          st->kv_blocks_total);
+    gauge(out, "pdserve_kv_cache_usage_perc", "gauge", "Fraction of KV cache blocks in use (0 to 1).",
+          label, st->kv_blocks_total ? (double)st->kv_blocks_used / st->kv_blocks_total : 0.0);
+    gauge(out, "pdserve_num_preemptions_total", "counter", "Preemptions by the scheduler.", label,
+          (double)st->preemptions);
+    gauge(out, "pdserve_prompt_tokens_total", "counter", "Prompt tokens computed (prefill).",
+          label, (double)st->prompt_tokens);
+    gauge(out, "pdserve_generation_tokens_total", "counter", "Tokens generated.", label,
+          (double)st->generation_tokens);
+    gauge(out, "pdserve_engine_steps_total", "counter", "Engine steps run.", label, (double)st->steps);
+    gauge(out, "pdserve_engine_busy_seconds_total", "counter", "Seconds spent inside engine steps.",
+          label, st->busy_seconds);
+
+    pthread_mutex_lock(&m->mu);
+    sbuf_puts(out, "# HELP pdserve_request_success_total Finished requests by finish reason.\n"
+                   "# TYPE pdserve_request_success_total counter\n");
+    for (int r = 0; r < METRICS_REASON_COUNT; r++)
+        sbuf_printf(out, "pdserve_request_success_total{%s,finished_reason=\"%s\"} %llu\n", label,
+                    REASON_NAMES[r], (unsigned long long)m->finished[r]);
+    render_histogram(out, "pdserve_time_to_first_token_seconds",
+                     "Time from arrival to the first output token.", &m->ttft, label);
+    render_histogram(out, "pdserve_inter_token_latency_seconds",
+                     "Time between consecutive output tokens.", &m->itl, label);
+    render_histogram(out, "pdserve_e2e_request_latency_seconds",
+                     "Time from arrival to the end of the request.", &m->e2e, label);
+    pthread_mutex_unlock(&m->mu);
+}

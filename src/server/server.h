@@ -1,0 +1,235 @@
+/* server.h: the OpenAI-compatible HTTP server of one colocated instance.
+ *
+ * Four parts, each in its own file, so that the ones fed by outside bytes can be
+ * tested and fuzzed without a socket, an engine or a tokenizer:
+ *   api_request.c   request body (JSON bytes) -> api_request with every field
+ *                   validated, or an api_error (status + OpenAI-style message). Pure.
+ *   api_response.c  api_* -> JSON bodies and server-sent events ("data: {...}\n\n"),
+ *                   written by hand into a string builder (the per-token hot path).
+ *   output.c        stop strings over streamed text: the text a client may see now,
+ *                   the text held back because it could begin a stop string. Pure.
+ *   metrics.c       Prometheus text: engine gauges and counters, TTFT / inter-token
+ *                   latency histograms, finished requests by reason.
+ *   http.c          libmicrohttpd glue: routes, auth, body cap, the engine bridge
+ *                   (events -> per-request queue -> resume the suspended connection),
+ *                   disconnect -> engine_abort, graceful shutdown.
+ *
+ * Load this is tuned for: many concurrent streams (hundreds) each receiving one small
+ * event per engine step; the engine thread only enqueues token ids, detokenisation
+ * and JSON happen on the HTTP worker threads. */
+#ifndef PD_SERVER_H
+#define PD_SERVER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine/engine.h"
+#include "model/tokenizer.h"
+
+/* ---- string builder (api_response.c) ------------------------------------------------ *
+ * Growable byte buffer, always NUL-terminated after sbuf_* calls. Owns p. */
+typedef struct sbuf {
+    char *p;
+    size_t len, cap;
+} sbuf;
+
+void sbuf_init(sbuf *b);
+void sbuf_free(sbuf *b);
+void sbuf_reset(sbuf *b);                         /* len = 0, keeps the memory */
+void sbuf_reserve(sbuf *b, size_t extra);
+void sbuf_append(sbuf *b, const void *p, size_t n);
+void sbuf_puts(sbuf *b, const char *s);
+void sbuf_printf(sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Appends s[0..n) as a quoted JSON string. Control characters are escaped; invalid
+ * UTF-8 becomes U+FFFD, so the output is always valid JSON. */
+void sbuf_json_str(sbuf *b, const char *s, size_t n);
+/* A JSON number for a float: finite values as %.9g, -inf/NaN as -9999.0 (vLLM). */
+void sbuf_json_float(sbuf *b, double v);
+
+/* ---- errors ------------------------------------------------------------------------- */
+typedef struct api_error {
+    int status;             /* HTTP status: 400, 401, 404, 405, 413, 500, 503 */
+    const char *type;       /* static: "invalid_request_error", "authentication_error", ... */
+    const char *code;       /* static or NULL: "model_not_found", "invalid_api_key", ... */
+    char param[64];         /* the offending field, "" when none */
+    char message[512];
+} api_error;
+
+void api_error_set(api_error *e, int status, const char *type, const char *param,
+                   const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+/* {"error":{"message":...,"type":...,"param":...|null,"code":...|null}} */
+void api_error_json(sbuf *out, const api_error *e);
+
+/* ---- requests (api_request.c) ------------------------------------------------------- */
+typedef enum api_endpoint {
+    API_ENDPOINT_COMPLETIONS,   /* POST /v1/completions */
+    API_ENDPOINT_CHAT,          /* POST /v1/chat/completions */
+    API_ENDPOINT_TOKENIZE,      /* POST /tokenize */
+    API_ENDPOINT_DETOKENIZE,    /* POST /detokenize */
+} api_endpoint;
+
+#define API_MAX_STOP 16         /* stop strings per request */
+#define API_MAX_STOP_LEN 256    /* bytes per stop string */
+#define API_MAX_MESSAGES 4096
+#define API_MAX_TOKENS_CAP (1 << 24) /* any max_tokens above this is absurd whatever the model */
+
+/* What the parser checks numbers against (the serving instance's facts). */
+typedef struct api_limits {
+    int vocab_size;             /* token ids must be in [0, vocab_size) */
+    int max_model_len;          /* max_tokens above it is rejected outright */
+} api_limits;
+
+/* A validated request. Every pointer is owned (api_request_free). Exactly one of
+ * prompt / prompt_ids / messages is set for completions, chat and tokenize;
+ * detokenize sets prompt_ids. */
+typedef struct api_request {
+    api_endpoint endpoint;
+    char *model;                /* NULL when not given */
+    char *prompt;               /* text prompt (not empty), NUL-terminated */
+    size_t prompt_len;
+    int32_t *prompt_ids;        /* token ids (not empty for completions) */
+    int n_prompt_ids;
+    bool has_prompt_ids;
+    chat_message *messages;     /* [n_messages]; role and content owned */
+    int n_messages;
+    bool add_special_tokens;    /* completions/tokenize-prompt: true; chat/messages: false */
+    bool add_generation_prompt; /* chat and tokenize-messages: true */
+    bool stream;
+    bool include_usage;         /* stream_options.include_usage */
+    bool has_max_tokens;        /* else the server fills max_model_len - prompt */
+    sampling_params sp;         /* sp.logprobs >= 0 when logprobs are asked for */
+    char *stop[API_MAX_STOP];   /* stop strings, each 1..API_MAX_STOP_LEN bytes */
+    size_t stop_len[API_MAX_STOP];
+    int n_stop;
+} api_request;
+
+/* Parses and validates one request body of `len` bytes (need not be NUL-terminated).
+ * Returns 0 with *out filled (free with api_request_free), or -1 with *err filled
+ * (status 400 with the field named in param) and *out holding nothing to free.
+ * Never allocates more than a constant times len; never crashes (fuzzed:
+ * fuzz/fuzz_api_request.c). */
+int api_request_parse(api_endpoint ep, const char *body, size_t len, const api_limits *lim,
+                      api_request *out, api_error *err);
+void api_request_free(api_request *r);
+
+/* ---- responses (api_response.c) ----------------------------------------------------- */
+typedef struct api_usage {
+    int prompt_tokens, completion_tokens, cached_tokens;
+} api_usage;
+
+/* One output token's logprobs, as the engine gave them. */
+typedef struct api_lp_item {
+    int32_t id;
+    float logprob;
+    int n_top;
+    token_logprob top[SAMPLING_MAX_LOGPROBS];
+} api_lp_item;
+
+/* Text of one token for logprobs output: malloc'd (caller frees), length in *len. */
+typedef char *(*api_token_text_fn)(void *user, int32_t id, size_t *len);
+
+/* What every response of one request shares. */
+typedef struct api_out_ctx {
+    bool chat;
+    const char *id;             /* "cmpl-..." or "chatcmpl-..." */
+    const char *model;
+    int64_t created;            /* unix seconds */
+    api_token_text_fn token_text;
+    void *token_text_user;
+} api_out_ctx;
+
+/* Appends one SSE event with a streaming chunk: text (may be empty), the logprobs of
+ * the tokens it covers (NULL/0 when not asked), finish ("stop"/"length") or NULL.
+ * text_offset: bytes of output text before this chunk (completions logprobs).
+ * For chat, role_only emits the opening {"role":"assistant","content":""} delta. */
+void api_sse_chunk(sbuf *out, const api_out_ctx *c, const char *text, size_t len,
+                   const api_lp_item *lps, int n_lps, size_t text_offset, const char *finish,
+                   bool role_only);
+/* The closing usage chunk (stream_options.include_usage): "choices":[] + usage. */
+void api_sse_usage(sbuf *out, const api_out_ctx *c, const api_usage *u);
+/* data: {"error":{...}} */
+void api_sse_error(sbuf *out, const api_error *e);
+void api_sse_done(sbuf *out);   /* data: [DONE] */
+/* The whole non-streaming response body. */
+void api_response_full(sbuf *out, const api_out_ctx *c, const char *text, size_t len,
+                       const api_lp_item *lps, int n_lps, const char *finish, const api_usage *u);
+void api_usage_json(sbuf *out, const api_usage *u);
+
+/* ---- stop strings (output.c) --------------------------------------------------------- *
+ * Keeps the whole output text of one request; text becomes visible to the client only
+ * when no stop string could still begin inside it. Pure: no tokenizer, no I/O. */
+typedef struct stop_filter {
+    char *const *stop;          /* not owned (the api_request's) */
+    const size_t *stop_len;
+    int n_stop;
+    size_t max_stop_len;
+    sbuf text;                  /* all text so far, cut at the stop string once found */
+    size_t emitted;             /* bytes of text already handed out */
+    bool stopped;               /* a stop string was found; nothing more is accepted */
+} stop_filter;
+
+void stop_filter_init(stop_filter *f, char *const *stop, const size_t *stop_len, int n_stop);
+void stop_filter_free(stop_filter *f);
+/* Appends newly decoded text (complete UTF-8). *emit and *emit_len get the text that can
+ * be shown now (a view into f->text, valid until the next call). Returns true when a
+ * stop string completed: the text is cut before it and f->stopped is set. With
+ * final (no more text will come), nothing is held back. */
+bool stop_filter_push(stop_filter *f, const char *s, size_t n, bool final, const char **emit,
+                      size_t *emit_len);
+
+/* ---- metrics (metrics.c) ------------------------------------------------------------- */
+#define METRICS_MAX_BUCKETS 32
+
+typedef struct histogram {
+    const double *bounds;       /* upper bounds (le), ascending; +Inf implied */
+    int n_bounds;
+    uint64_t counts[METRICS_MAX_BUCKETS]; /* non-cumulative, [n_bounds + 1] */
+    double sum;
+    uint64_t count;
+} histogram;
+
+void histogram_init(histogram *h, const double *bounds, int n_bounds);
+void histogram_observe(histogram *h, double v);
+
+typedef enum metrics_reason {
+    METRICS_REASON_STOP, METRICS_REASON_LENGTH, METRICS_REASON_ABORT, METRICS_REASON_ERROR,
+    METRICS_REASON_COUNT
+} metrics_reason;
+
+typedef struct server_metrics server_metrics; /* opaque: has its own lock */
+
+server_metrics *metrics_create(void);
+void metrics_free(server_metrics *m);
+/* Called once per finished request (any thread): TTFT, inter-token latencies and e2e
+ * latency from the engine's timestamps (times may be NULL: then only the reason). */
+void metrics_observe_request(server_metrics *m, const request_times *t, int n_output,
+                             metrics_reason reason);
+/* Prometheus text exposition (version 0.0.4) of everything. */
+void metrics_render(server_metrics *m, const engine_stats *st, const char *model_name, sbuf *out);
+
+/* ---- the server (http.c) -------------------------------------------------------------- */
+typedef struct server_config {
+    const char *host;           /* "127.0.0.1" */
+    int port;                   /* 0: any free port (see server_port) */
+    const char *served_model_name;
+    const char *api_key;        /* NULL: no auth */
+    size_t max_body_bytes;      /* 0: 4 MiB */
+    int http_threads;           /* 0: 2 */
+    int max_waiting_requests;   /* the engine's limit, for 503 before submit (0: none) */
+} server_config;
+
+typedef struct server server;
+
+/* Starts listening and serving with the given engine (started, not owned) and
+ * tokenizer (not owned). NULL with err (port taken, bad host ...). */
+server *server_start(const server_config *cfg, engine *e, const tokenizer *t, char *err,
+                     size_t errlen);
+int server_port(const server *s);
+/* Graceful stop: no new connections, every running request aborted (streams end with
+ * an error event), waits up to timeout_s for them to drain, stops the HTTP threads.
+ * The engine is left to the caller (engine_stop after this). */
+void server_shutdown(server *s, double timeout_s);
+void server_free(server *s);    /* after server_shutdown; NULL is a no-op */
+
+#endif
