@@ -20,6 +20,7 @@ BUILD_PKGS=(
 TEST_PKGS=(
   clang llvm libclang-rt-14-dev   # libFuzzer + sanitizers
   python3 curl iproute2 sqlite3
+  chromium                        # report page test (headless)
 )
 
 want=("${BUILD_PKGS[@]}")

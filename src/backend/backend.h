@@ -98,6 +98,21 @@ typedef struct backend_ops {
     void (*gather_rows)(backend *b, void *out, const void *x, const int32_t *rows, int n, int C);
 
     void (*destroy)(backend *b);
+
+    /* optional (NULL: the caller downloads the rows and takes the argmax on the host):
+     * out[n] (backend memory, int32) = the index of the largest of each row of
+     * x[n, V] (act_type), the lowest index on ties, as the CPU sampler's greedy. */
+    void (*argmax_rows)(backend *b, int32_t *out, const void *x, int n, int V);
+
+    /* optional (NULL: this backend has no shared KV memory): KV memory that another
+     * process on this host can map, for disaggregated serving's peer copy (src/kv/).
+     * alloc_shared creates the POSIX shared-memory segment `name` ("/pdkv-...";
+     * exclusively: an existing name is an error) of `bytes`, zero-filled, and maps
+     * it; NULL with err on failure. free_shared unmaps it and removes the name (peers
+     * keep their own mappings until they unmap). Kept last so that tables written
+     * positionally before them leave them NULL. */
+    void *(*alloc_shared)(backend *b, size_t bytes, const char *name, char *err, size_t errlen);
+    void (*free_shared)(backend *b, void *p, size_t bytes, const char *name);
 } backend_ops;
 
 struct backend {

@@ -36,5 +36,9 @@ int cmd_tokenize(int argc, char **argv);
 int cmd_make_model(int argc, char **argv);
 int cmd_serve(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
+int cmd_sweep(int argc, char **argv);
+int cmd_report(int argc, char **argv);
+int cmd_profile(int argc, char **argv);
+int cmd_sim(int argc, char **argv);
 
 #endif

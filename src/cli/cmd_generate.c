@@ -58,7 +58,8 @@ static void on_event(void *user, const engine_event *ev) {
 int cmd_generate(int argc, char **argv) {
     const char *model_arg = NULL, *tok_dir = NULL, *prompt = NULL, *load_format = "auto";
     int max_tokens = 16, top_k = 0, seed = -1, threads = 0, max_model_len = 0, budget = 0;
-    double temperature = 0.0, top_p = 1.0, min_p = 0.0;
+    int device = -1;
+    double temperature = 0.0, top_p = 1.0, min_p = 0.0, gpu_util = 0.9;
     bool ignore_eos = false, chat = false;
     size_t kv_mem = 0;
     cli_opt opts[] = {
@@ -74,8 +75,12 @@ int cmd_generate(int argc, char **argv) {
         {"min-p", OPT_DOUBLE, &min_p, "drop tokens below min-p x the top probability (default 0)", "P"},
         {"seed", OPT_INT, &seed, "sampling seed (also seeds dummy weights; default 0 for weights)", "S"},
         {"ignore-eos", OPT_FLAG, &ignore_eos, "keep generating past end-of-sequence tokens", NULL},
+        {"device", OPT_INT, &device, "-1: the CPU (default); N: CUDA GPU N", "N"},
+        {"gpu-memory-utilization", OPT_DOUBLE, &gpu_util,
+         "GPU: fraction of the card for weights, activations and KV cache (default 0.9)", "F"},
         {"threads", OPT_INT, &threads, "CPU threads (default: all cores)", "N"},
-        {"kv-cache-memory", OPT_SIZE, &kv_mem, "bytes of KV cache (default: enough for the request)", "BYTES"},
+        {"kv-cache-memory", OPT_SIZE, &kv_mem,
+         "bytes of KV cache (default: CPU enough for the request; GPU what is left)", "BYTES"},
         {"max-model-len", OPT_INT, &max_model_len, "context limit (default: the model's)", "N"},
         {"max-num-batched-tokens", OPT_INT, &budget, "prefill chunk budget per step (default 2048)", "N"},
     };
@@ -83,7 +88,8 @@ int cmd_generate(int argc, char **argv) {
         "usage: pdserve generate --model DIR|preset:NAME --prompt TEXT [--max-tokens N]\n"
         "                        [--temperature T] [--ignore-eos] [--seed S] [options]\n\n"
         "Runs one prompt through the engine (paged KV cache, chunked prefill, sampler) on the\n"
-        "CPU and prints only the completion text on standard output; timings go to stderr.";
+        "CPU (or CUDA GPU N with --device N) and prints only the completion text on standard\n"
+        "output; timings go to stderr.";
     const char *pos[1];
     int n_pos;
     bool help;
@@ -95,6 +101,11 @@ int cmd_generate(int argc, char **argv) {
     }
     if (max_tokens < 1) {
         fprintf(stderr, "pdserve generate: --max-tokens must be at least 1\n");
+        return 2;
+    }
+    if (device < -1 || !(gpu_util > 0.0 && gpu_util <= 1.0)) {
+        fprintf(stderr, "pdserve generate: --device must be -1 or a GPU index, and "
+                        "--gpu-memory-utilization in (0, 1]\n");
         return 2;
     }
     char err[1024];
@@ -125,7 +136,11 @@ int cmd_generate(int argc, char **argv) {
         goto out_files;
     }
 
-    backend *be = backend_cpu_create(threads);
+    backend *be = device >= 0 ? backend_cuda_create(device, err, sizeof err) : backend_cpu_create(threads);
+    if (!be) {
+        fprintf(stderr, "pdserve generate: --device %d: %s\n", device, err);
+        goto out_files;
+    }
     model *m = model_load(be, &files, seed >= 0 ? (uint64_t)seed : 0, err, sizeof err);
     if (!m) {
         fprintf(stderr, "pdserve generate: %s\n", err);
@@ -136,10 +151,14 @@ int cmd_generate(int argc, char **argv) {
     if (max_model_len > 0) ec.max_model_len = max_model_len;
     if (budget > 0) ec.max_num_batched_tokens = budget;
     ec.max_num_seqs = 1;
+    ec.gpu_memory_utilization = gpu_util;
     int need = n_ids + max_tokens;
-    ec.kv_cache_memory = kv_mem ? kv_mem
-                                : model_kv_bytes_per_token(&files.config, dtype_size(be->ops->kv_type)) *
-                                      (size_t)(need + 2 * ec.block_size);
+    /* CPU: just enough for this request; GPU: 0 lets the engine take what the card has
+     * left under gpu_memory_utilization (and log the budget) */
+    ec.kv_cache_memory = kv_mem      ? kv_mem
+                         : device >= 0 ? 0
+                                       : model_kv_bytes_per_token(&files.config, dtype_size(be->ops->kv_type)) *
+                                             (size_t)(need + 2 * ec.block_size);
     engine *e = engine_create(m, &ec, err, sizeof err);
     if (!e) {
         fprintf(stderr, "pdserve generate: %s\n", err);

@@ -8,10 +8,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "backend/backend.h"
 #include "cli/cli.h"
 #include "engine/engine.h"
+#include "kv/kv.h"
 #include "model/model.h"
 #include "model/tokenizer.h"
 #include "server/server.h"
@@ -22,14 +24,26 @@ static const char *USAGE =
     "Serves one model over HTTP with the OpenAI API (POST /v1/completions,\n"
     "/v1/chat/completions, GET /v1/models) plus vLLM's /tokenize, /detokenize, /health,\n"
     "/metrics. Listens on loopback unless --host says otherwise; --port 0 takes any free\n"
-    "port (the log line 'listening on http://HOST:PORT' names it).";
+    "port (the log line 'listening on http://HOST:PORT' names it).\n\n"
+    "Disaggregated serving (docs/disaggregation.md): --role prefill|decode runs an\n"
+    "instance that also serves the router's /internal/... endpoints and moves KV over\n"
+    "--kv-medium; --role router needs no model and proxies to --instances (colocated\n"
+    "load balancer) or to --prefill and --decode instances.";
 
 typedef struct serve_opts {
     const char *model, *tokenizer, *host, *served_name, *api_key, *load_format, *device;
     int port, max_model_len, max_num_seqs, max_num_batched_tokens, block_size, seed, threads;
     int max_waiting, http_threads;
+    bool enable_prefix_caching;
     size_t kv_cache_memory, max_body_bytes;
     double gpu_memory_utilization;
+    /* disaggregated serving */
+    const char *role, *prefill, *decode, *instances, *policy, *kv_medium, *kv_mode, *kv_name;
+    const char *kv_store, *kv_host, *internal_secret;
+    int kv_port, debug_stall_ms;
+    bool kv_create_store, kv_disk_buffered;
+    size_t kv_store_capacity;
+    double kv_timeout;
 } serve_opts;
 
 /* Everything start-up built, freed in reverse order by serve_teardown. */
@@ -41,17 +55,62 @@ typedef struct serve_state {
     model *m;
     engine *eng;
     server *srv;
+    server_role role;
+    kv_connector *kv;
+    router *rt;
 } serve_state;
 
 static void serve_teardown(serve_state *st) {
+    if (st->rt) router_shutdown(st->rt, 10.0);
+    router_free(st->rt);
     if (st->srv) server_shutdown(st->srv, 10.0);
     if (st->eng) engine_stop(st->eng);
     server_free(st->srv);
+    kv_connector_free(st->kv); /* before the KV cache it points into */
     if (st->eng) engine_free(st->eng);
     if (st->m) model_free(st->m);
     if (st->be) backend_destroy(st->be);
     if (st->files_open) model_files_close(&st->files);
     if (st->tok) tokenizer_free(st->tok);
+}
+
+/* The decode side's allocator: the engine's pool, thread-safe. */
+static int alloc_blocks(void *user, int n, int32_t *out) { return engine_kv_alloc(user, n, out); }
+static void release_blocks(void *user, const int32_t *blocks, int n) { engine_kv_release(user, blocks, n); }
+
+/* The KV connector's configuration from the --kv-* options. */
+static int kv_options(const serve_opts *o, server_role role, kv_config *kc, char *err, size_t errlen) {
+    kv_config_default(kc);
+    kc->role = role == SERVER_ROLE_PREFILL ? KV_ROLE_PREFILL : KV_ROLE_DECODE;
+    if (kv_medium_parse(o->kv_medium, &kc->medium)) {
+        pd_errorf(err, errlen, "--kv-medium must be gpu, cpu, disk, tcp or nccl, got '%s'", o->kv_medium);
+        return -1;
+    }
+    if (kc->medium == KV_MEDIUM_NCCL && !kv_have_gpu_mediums()) {
+        pd_errorf(err, errlen, "--kv-medium nccl needs a build with CUDA and NCCL; this one has neither "
+                               "(use gpu, cpu, disk or tcp)");
+        return -1;
+    }
+    if (kv_transfer_mode_parse(o->kv_mode, &kc->mode)) {
+        pd_errorf(err, errlen, "--kv-transfer-mode must be whole or layerwise, got '%s'", o->kv_mode);
+        return -1;
+    }
+    snprintf(kc->name, sizeof kc->name, "%s", o->kv_name ? o->kv_name : "");
+    if (!kc->name[0]) snprintf(kc->name, sizeof kc->name, "i%d", (int)getpid());
+    if (kc->medium == KV_MEDIUM_CPU && o->kv_store) snprintf(kc->name, sizeof kc->name, "%s", o->kv_store);
+    if (kc->medium == KV_MEDIUM_DISK) {
+        if (!o->kv_store) {
+            pd_errorf(err, errlen, "--kv-medium disk needs --kv-store DIR");
+            return -1;
+        }
+        snprintf(kc->dir, sizeof kc->dir, "%s", o->kv_store);
+    }
+    snprintf(kc->host, sizeof kc->host, "%s", o->kv_host ? o->kv_host : o->host);
+    kc->port = o->kv_port;
+    if (o->kv_store_capacity) kc->capacity_bytes = o->kv_store_capacity;
+    kc->create_store = o->kv_create_store;
+    kc->disk_no_direct = o->kv_disk_buffered;
+    return 0;
 }
 
 static int serve_setup(const serve_opts *o, serve_state *st, char *err, size_t errlen) {
@@ -98,21 +157,102 @@ static int serve_setup(const serve_opts *o, serve_state *st, char *err, size_t e
     if (o->max_num_batched_tokens > 0) ec.max_num_batched_tokens = o->max_num_batched_tokens;
     if (o->max_model_len > 0) ec.max_model_len = o->max_model_len;
     ec.max_waiting_requests = o->max_waiting;
+    char shm_name[96];
+    kv_config kc;
+    if (st->role == SERVER_ROLE_PREFILL || st->role == SERVER_ROLE_DECODE) {
+        if (kv_options(o, st->role, &kc, err, errlen)) return -1;
+        if (st->role == SERVER_ROLE_DECODE && kc.medium == KV_MEDIUM_GPU && !strcmp(st->be->ops->name, "cpu")) {
+            /* the prefill process writes straight into this cache: shared memory */
+            snprintf(shm_name, sizeof shm_name, "/" KV_SHM_PREFIX "%s-kv", kc.name);
+            ec.kv_shm_name = shm_name;
+        }
+    }
+    ec.enable_prefix_caching = o->enable_prefix_caching;
     st->eng = engine_create(st->m, &ec, err, errlen);
     if (!st->eng) return -1;
+    if (st->role == SERVER_ROLE_PREFILL || st->role == SERVER_ROLE_DECODE) {
+        kv_block_allocator alloc = {.alloc = alloc_blocks, .release = release_blocks, .user = st->eng};
+        st->kv = kv_connector_create(&kc, engine_kv_cache(st->eng),
+                                     st->role == SERVER_ROLE_DECODE ? &alloc : NULL, err, errlen);
+        if (!st->kv) return -1;
+        log_info("serve: %s instance, KV medium %s (%s transfer), address %s", server_role_name(st->role),
+                 kv_medium_name(kc.medium), kv_transfer_mode_name(kc.mode), kv_connector_address(st->kv));
+    }
     engine_start(st->eng);
 
     server_config sc = {.host = o->host, .port = o->port,
                         .served_model_name = o->served_name ? o->served_name : o->model,
                         .api_key = o->api_key, .max_body_bytes = o->max_body_bytes,
-                        .http_threads = o->http_threads, .max_waiting_requests = o->max_waiting};
+                        .http_threads = o->http_threads, .max_waiting_requests = o->max_waiting,
+                        .role = st->role, .kv = st->kv, .internal_secret = o->internal_secret,
+                        .kv_timeout_s = o->kv_timeout, .debug_stall_transfer_ms = o->debug_stall_ms};
     st->srv = server_start(&sc, st->eng, st->tok, err, errlen);
     return st->srv ? 0 : -1;
 }
 
+/* Splits "a,b,c" into out[] (pointers into buf, which is modified); returns the count. */
+static int split_list(char *buf, const char **out, int cap) {
+    int n = 0;
+    for (char *save = NULL, *t = buf ? strtok_r(buf, ",", &save) : NULL; t && n < cap;
+         t = strtok_r(NULL, ",", &save))
+        if (*t) out[n++] = t;
+    return n;
+}
+
+/* --role router: no model, no engine; proxies to the instances until a signal. */
+static int serve_router(const serve_opts *o) {
+    char *pbuf = o->prefill ? xstrdup(o->prefill) : NULL, *dbuf = o->decode ? xstrdup(o->decode) : NULL;
+    char *ibuf = o->instances ? xstrdup(o->instances) : NULL;
+    const char *pre[64], *dec[64], *ins[64];
+    router_config rc = {.host = o->host, .port = o->port,
+                        .served_model_name = o->served_name ? o->served_name : o->model,
+                        .api_key = o->api_key, .internal_secret = o->internal_secret,
+                        .kv_timeout_s = o->kv_timeout, .max_body_bytes = o->max_body_bytes,
+                        .http_threads = o->http_threads};
+    rc.n_prefill = split_list(pbuf, pre, 64);
+    rc.n_decode = split_list(dbuf, dec, 64);
+    rc.n_instances = split_list(ibuf, ins, 64);
+    rc.prefill = pre;
+    rc.decode = dec;
+    rc.instances = ins;
+    int status = 0;
+    if (router_policy_parse(o->policy, &rc.policy)) {
+        fprintf(stderr, "pdserve serve: --policy must be round-robin or least-loaded, got '%s'\n", o->policy);
+        status = 2;
+    }
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    char err[512] = "";
+    router *rt = status ? NULL : router_start(&rc, err, sizeof err);
+    if (!rt && !status) {
+        fprintf(stderr, "pdserve serve: %s\n", err);
+        status = 1;
+    }
+    if (rt) {
+        fprintf(stderr, "pdserve serve: listening on http://%s:%d (router over %d instance(s))\n", o->host,
+                router_port(rt), rc.n_prefill + rc.n_decode + rc.n_instances);
+        fflush(stderr);
+        int sig = 0;
+        sigwait(&sigs, &sig);
+        fprintf(stderr, "pdserve serve: %s: shutting down\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
+        router_shutdown(rt, 10.0);
+        router_free(rt);
+        fprintf(stderr, "pdserve serve: stopped\n");
+    }
+    free(pbuf);
+    free(dbuf);
+    free(ibuf);
+    return status;
+}
+
 int cmd_serve(int argc, char **argv) {
     serve_opts o = {.host = "127.0.0.1", .port = 8000, .load_format = "auto",
-                    .device = "cpu", .threads = 0, .seed = 0};
+                    .device = "cpu", .threads = 0, .seed = 0, .role = "colocated",
+                    .policy = "least-loaded", .kv_medium = "gpu", .kv_mode = "whole", .kv_timeout = 30.0};
     const cli_opt opts[] = {
         {"model", OPT_STRING, &o.model, "model directory (config.json, safetensors, tokenizer) or preset:NAME", "DIR"},
         {"tokenizer", OPT_STRING, &o.tokenizer, "tokenizer directory (default: the model directory)", "DIR"},
@@ -130,15 +270,40 @@ int cmd_serve(int argc, char **argv) {
         {"block-size", OPT_INT, &o.block_size, "KV cache block size in tokens (default 16)", NULL},
         {"kv-cache-memory", OPT_SIZE, &o.kv_cache_memory, "bytes for the KV cache (e.g. 512MiB)", NULL},
         {"gpu-memory-utilization", OPT_DOUBLE, &o.gpu_memory_utilization, "GPU: fraction of memory to use", NULL},
+        {"enable-prefix-caching", OPT_FLAG, &o.enable_prefix_caching, "reuse the KV of shared prompt prefixes (hash-chained full blocks, LRU)", NULL},
         {"max-waiting-requests", OPT_INT, &o.max_waiting, "queue limit; beyond it 503 (default 0: none)", NULL},
         {"max-body-bytes", OPT_SIZE, &o.max_body_bytes, "largest request body (default 8MiB; beyond it 413)", NULL},
         {"http-threads", OPT_INT, &o.http_threads, "HTTP worker threads (default 2)", NULL},
+        {"role", OPT_STRING, &o.role, "colocated (default), prefill, decode or router", "ROLE"},
+        {"instances", OPT_STRING, &o.instances, "router: colocated instances to balance", "URL,..."},
+        {"prefill", OPT_STRING, &o.prefill, "router: prefill instances", "URL,..."},
+        {"decode", OPT_STRING, &o.decode, "router: decode instances", "URL,..."},
+        {"policy", OPT_STRING, &o.policy, "router: least-loaded (default) or round-robin", "P"},
+        {"kv-medium", OPT_STRING, &o.kv_medium, "prefill/decode: gpu (default), cpu, disk, tcp or nccl", "M"},
+        {"kv-transfer-mode", OPT_STRING, &o.kv_mode, "prefill: whole (default) or layerwise", "MODE"},
+        {"kv-transfer-timeout", OPT_DOUBLE, &o.kv_timeout, "deadline of a reservation + prefill + transfer, s (default 30)", NULL},
+        {"kv-name", OPT_STRING, &o.kv_name, "decode, gpu medium: this instance's name (its shm segments)", "NAME"},
+        {"kv-store", OPT_STRING, &o.kv_store, "cpu: the store's name; disk: the store's directory", "S"},
+        {"kv-store-capacity", OPT_SIZE, &o.kv_store_capacity, "cpu/disk store: capacity (default 1GiB)", NULL},
+        {"kv-create-store", OPT_FLAG, &o.kv_create_store, "cpu/disk: create the store (and remove it at exit)", NULL},
+        {"kv-disk-buffered", OPT_FLAG, &o.kv_disk_buffered, "disk: page-cache I/O (file systems without O_DIRECT)", NULL},
+        {"kv-host", OPT_STRING, &o.kv_host, "decode, tcp medium: address to listen on (default --host)", "ADDR"},
+        {"kv-port", OPT_INT, &o.kv_port, "decode, tcp medium: port to listen on (default 0: any)", NULL},
+        {"internal-secret", OPT_STRING, &o.internal_secret, "shared secret of /internal/... (or $PDSERVE_INTERNAL_SECRET)", "S"},
+        {"debug-stall-transfer-ms", OPT_INT, &o.debug_stall_ms, "prefill, fault tests: stall each KV transfer this long", NULL},
     };
     const char *pos[1];
     int n_pos;
     bool help;
     if (cli_parse(argc, argv, opts, (int)PD_ARRAY_LEN(opts), USAGE, pos, 0, &n_pos, &help)) return 2;
     if (help) return 0;
+    if (!o.internal_secret) o.internal_secret = getenv("PDSERVE_INTERNAL_SECRET");
+    serve_state st = {0};
+    if (server_role_parse(o.role, &st.role)) {
+        fprintf(stderr, "pdserve serve: --role must be colocated, prefill, decode or router, got '%s'\n", o.role);
+        return 2;
+    }
+    if (st.role == SERVER_ROLE_ROUTER) return serve_router(&o);
     if (!o.model) {
         fprintf(stderr, "pdserve serve: --model is required (see --help)\n");
         return 2;
@@ -152,7 +317,6 @@ int cmd_serve(int argc, char **argv) {
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
     signal(SIGPIPE, SIG_IGN);
 
-    serve_state st = {0};
     char err[512] = "";
     if (serve_setup(&o, &st, err, sizeof err)) {
         fprintf(stderr, "pdserve serve: %s\n", err);

@@ -16,6 +16,10 @@ static const command COMMANDS[] = {
     {"make-model", cmd_make_model, "write a small random model (config, weights, tokenizer)"},
     {"serve", cmd_serve, "serve the OpenAI API from one instance"},
     {"bench", cmd_bench, "load generator against any OpenAI-compatible endpoint"},
+    {"sweep", cmd_sweep, "run a study plan (setups x loads x clocks) into a results database"},
+    {"report", cmd_report, "Pareto frontiers, tables, plots and HTML from a results database"},
+    {"profile", cmd_profile, "measure step costs on the real backend for the simulator"},
+    {"sim", cmd_sim, "simulate a plan with the real scheduler on a calibrated cost model"},
 };
 
 static void usage(FILE *f) {

@@ -27,6 +27,13 @@ typedef struct req {
     request_times times;    /* token_times [max_tokens] owned */
     sched_seq *seq;         /* once admitted */
     int n_output;
+    /* disaggregated serving */
+    bool prefill_only;      /* finish after the first token; the prompt's blocks are handed over */
+    bool prefilled;         /* engine_submit_prefilled: prompt KV in pre_blocks, first token given */
+    int32_t *pre_blocks;    /* [n_pre_blocks] until it joins the running batch (owned ids) */
+    int n_pre_blocks;
+    engine_first_token first;
+    uint64_t cache_salt;    /* the request's prefix cache salt (0: none) */
 } req;
 
 struct engine {
@@ -36,7 +43,13 @@ struct engine {
     int max_model_len;
     kv_cache *kv;           /* owned */
     fwd_ctx *fwd;           /* owned */
-    sched sc;               /* engine thread only */
+    sched sc;               /* engine thread only; its pool also under pool_mu */
+    pthread_mutex_t pool_mu;/* the block pool: the engine thread's steps and finishes vs
+                             * engine_kv_alloc / engine_kv_release from other threads.
+                             * Lock order: pool_mu, then mu. */
+    int n_external;         /* blocks held outside the scheduler (under pool_mu) */
+    req **pending;          /* prefilled requests waiting for a seat in the running batch */
+    int n_pending, cap_pending; /* (engine thread only) */
     sampler *smp;           /* engine thread only */
     float *logits;          /* [max_num_seqs, V] */
     int32_t *step_tokens;   /* [max_num_seqs] */
@@ -45,6 +58,7 @@ struct engine {
 
     pthread_t thread;
     bool started, stopping;
+    bool reset_prefix_cache; /* engine_reset_prefix_cache asked; done before the next step */
     pthread_mutex_t mu;     /* guards everything below */
     pthread_cond_t cv;
     /* Double buffers: submitters fill inbox / aborts; the engine thread swaps them with
@@ -86,6 +100,7 @@ static void req_free(req *r) {
     if (!r) return;
     free(r->prompt);
     free(r->times.token_times);
+    free(r->pre_blocks);
     free(r);
 }
 
@@ -113,8 +128,22 @@ static size_t kv_bytes_default(const engine *e, size_t bytes_per_token) {
 static int engine_size_kv(engine *e, bool explicit_len, char *err, size_t errlen) {
     size_t bpt = model_kv_bytes_per_token(&e->m->cfg, dtype_size(e->be->ops->kv_type));
     size_t bytes = e->cfg.kv_cache_memory ? e->cfg.kv_cache_memory : kv_bytes_default(e, bpt);
-    e->kv = kv_cache_create(e->be, &e->m->cfg, e->cfg.block_size, bytes, err, errlen);
+    e->kv = e->cfg.kv_shm_name
+                ? kv_cache_create_shared(e->be, &e->m->cfg, e->cfg.block_size, bytes,
+                                         e->cfg.kv_shm_name, err, errlen)
+                : kv_cache_create(e->be, &e->m->cfg, e->cfg.block_size, bytes, err, errlen);
     if (!e->kv) return -1;
+    if (!backend_is_cpu(e->be)) {
+        /* the start-up memory budget of a GPU instance, as vLLM logs it */
+        const double G = 1024.0 * 1024 * 1024;
+        size_t left = e->be->ops->mem_free(e->be);
+        double w = (double)e->m->weight_bytes, a = (double)fwd_ctx_bytes(e->fwd);
+        double k = (double)e->kv->total_bytes;
+        log_info("engine: %s memory budget: weights %.2f GiB + activations %.2f GiB + KV cache "
+                 "%.2f GiB = %.2f GiB; gpu_memory_utilization %.2f of %.2f GiB seen; %.2f GiB "
+                 "left free", e->be->ops->name, w / G, a / G, k / G, (w + a + k) / G,
+                 e->cfg.gpu_memory_utilization, (w + a + k + (double)left) / G, (double)left / G);
+    }
     int cap_tokens = e->kv->num_blocks * e->cfg.block_size;
     log_info("engine: KV cache %.1f MiB%s: %d blocks of %d tokens = %d tokens (%zu bytes/token)",
              (double)e->kv->total_bytes / (1024.0 * 1024), e->cfg.kv_cache_memory ? "" : " (derived)",
@@ -133,6 +162,18 @@ static int engine_size_kv(engine *e, bool explicit_len, char *err, size_t errlen
         e->max_model_len = cap_tokens;
     }
     return 0;
+}
+
+/* The prefix cache salt of a model when the driver gives none: its shape, so that two
+ * models of different shapes never share a key (same-shape checkpoints need the
+ * driver's salt, e.g. a hash of the weights' path and revision). */
+static uint64_t model_cache_salt(const model_config *c) {
+    int64_t f[] = {c->family, c->n_layers, c->dim, c->ffn_dim, c->n_heads, c->n_kv_heads,
+                   c->head_dim, c->vocab_size, c->rope_type, c->tie_word_embeddings,
+                   c->attention_bias, c->qk_norm, (int64_t)(c->rope_theta * 1000.0f),
+                   (int64_t)(c->norm_eps * 1e9f)};
+    uint64_t h = hash_bytes(c->architecture, strnlen(c->architecture, sizeof c->architecture), 0x70726566);
+    return hash_bytes(f, sizeof f, h);
 }
 
 engine *engine_create(model *m, const engine_config *cfg_in, char *err, size_t errlen) {
@@ -170,6 +211,9 @@ engine *engine_create(model *m, const engine_config *cfg_in, char *err, size_t e
                        .max_num_batched_tokens = cfg.max_num_batched_tokens,
                        .enable_chunked_prefill = cfg.enable_chunked_prefill};
     sched_init(&e->sc, &sc);
+    if (cfg.enable_prefix_caching)
+        sched_enable_prefix_caching(&e->sc, cfg.prefix_cache_salt ? cfg.prefix_cache_salt
+                                                                  : model_cache_salt(&m->cfg));
     int V = m->cfg.vocab_size;
     e->smp = sampler_create(V);
     e->logits = xmalloc((size_t)cfg.max_num_seqs * V * sizeof(float));
@@ -177,6 +221,7 @@ engine *engine_create(model *m, const engine_config *cfg_in, char *err, size_t e
     e->results = xmalloc((size_t)cfg.max_num_seqs * sizeof(sample_result));
     rng_seed(&e->seed_rng, time_now_ns() ^ (uint64_t)(uintptr_t)e);
     pthread_mutex_init(&e->mu, NULL);
+    pthread_mutex_init(&e->pool_mu, NULL);
     pthread_cond_init(&e->cv, NULL);
     e->inbox_cap = e->aborts_cap = e->inbox_work_cap = e->aborts_work_cap = 64;
     e->inbox = xmalloc((size_t)e->inbox_cap * sizeof(req *));
@@ -185,6 +230,14 @@ engine *engine_create(model *m, const engine_config *cfg_in, char *err, size_t e
     e->aborts_work = xmalloc((size_t)e->aborts_cap * sizeof(uint64_t));
     e->next_id = 1;
     e->stats.kv_blocks_total = e->kv->num_blocks;
+    e->stats.prefix_caching = cfg.enable_prefix_caching;
+    if (cfg.enable_prefix_caching) {
+        const prefix_cache *pc = e->sc.pool.pc;
+        size_t bytes = (size_t)pc->num_blocks * (25 + 4 * (size_t)pc->block_size) +
+                       (size_t)pc->table_cap * 4;
+        log_info("engine: prefix caching on: %d blocks, key table of %d slots, %.1f MiB host",
+                 pc->num_blocks, pc->table_cap, (double)bytes / 1048576.0);
+    }
     log_info("engine: max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d, chunked "
              "prefill %s; forward scratch %.1f MiB, logits %.1f MiB",
              e->max_model_len, cfg.max_num_seqs, cfg.max_num_batched_tokens,
@@ -196,21 +249,47 @@ engine *engine_create(model *m, const engine_config *cfg_in, char *err, size_t e
 /* ---- events ------------------------------------------------------------------------ */
 
 static void publish_stats(engine *e) {
+    pthread_mutex_lock(&e->pool_mu);
+    int used = kv_pool_used(&e->sc.pool);
+    const prefix_cache *pc = e->sc.pool.pc; /* evictions may come from engine_kv_alloc */
+    prefix_cache pcs = pc ? *pc : (prefix_cache){0};
+    pthread_mutex_unlock(&e->pool_mu);
     pthread_mutex_lock(&e->mu);
     e->stats.running = e->sc.n_running;
     e->sched_waiting = e->sc.n_waiting;
-    e->stats.kv_blocks_used = kv_pool_used(&e->sc.pool);
+    e->stats.kv_blocks_used = used;
     e->stats.preemptions = e->sc.n_preemptions;
+    if (pc) {
+        e->stats.prefix_cache_queries = pcs.queries;
+        e->stats.prefix_cache_hits = pcs.hits;
+        e->stats.prefix_cache_hit_rate = pcs.queries ? (double)pcs.hits / (double)pcs.queries : 0.0;
+        e->stats.prefix_cache_evictions = pcs.evictions;
+        e->stats.prefix_cache_blocks = pcs.n_cached;
+    }
     pthread_mutex_unlock(&e->mu);
 }
 
 /* Ends a request: releases its blocks, emits FINISHED, frees it. */
 static void req_finish(engine *e, req *r, finish_reason why, int32_t stop_token, const char *error) {
     r->times.finished = time_now_s();
+    int n_cached = 0;
+    int32_t *held = NULL;
+    int n_held = 0;
     if (r->seq) {
+        n_cached = PD_MAX(r->seq->n_cached, 0);
         r->times.n_preemptions = r->seq->n_preemptions;
+        pthread_mutex_lock(&e->pool_mu);
+        if (r->prefill_only && why == FINISH_LENGTH) {
+            /* the prompt's blocks outlive the request: the event hands them over */
+            held = xmalloc(sizeof(int32_t) * (size_t)PD_MAX(r->seq->n_blocks, 1));
+            n_held = r->seq->n_blocks;
+            memcpy(held, r->seq->block_table, sizeof(int32_t) * (size_t)n_held);
+            r->seq->n_blocks = 0;
+            e->n_external += n_held;
+        }
         if (why == FINISH_ABORT) sched_abort(&e->sc, r->seq);
         else sched_finish(&e->sc, r->seq);
+        pthread_mutex_unlock(&e->pool_mu);
         r->seq = NULL;
     }
     pthread_mutex_lock(&e->mu);
@@ -220,8 +299,10 @@ static void req_finish(engine *e, req *r, finish_reason why, int32_t stop_token,
     publish_stats(e); /* blocks are back before the client hears of the end */
     engine_event ev = {.kind = ENGINE_EVENT_FINISHED, .request_id = r->id, .finish = why,
                        .stop_token = stop_token, .error = error, .n_prompt = r->n_prompt,
-                       .n_output = r->n_output, .n_cached = 0, .times = &r->times};
+                       .n_output = r->n_output, .n_cached = n_cached, .times = &r->times,
+                       .kv_blocks = held, .n_kv_blocks = n_held};
     r->on_event(r->user, &ev);
+    free(held);
     req_free(r);
 }
 
@@ -291,23 +372,66 @@ static void engine_emit(engine *e, const sched_plan *p, double t) {
         r->on_event(r->user, &ev);
         int32_t stop_token;
         finish_reason why = req_check_stop(e, r, tok, &stop_token);
+        if (r->prefill_only) why = FINISH_LENGTH, stop_token = -1; /* the decode side decides */
         if (why != FINISH_NONE) req_finish(e, r, why, stop_token, NULL);
     }
+}
+
+/* Whether every token of the step is a plain greedy argmax (no logprobs, penalties
+ * or min_tokens suppression), so that a backend with argmax_rows can pick them on the
+ * device and the logits rows never come back to the host. */
+static bool plan_is_greedy(const engine *e, const sched_plan *p) {
+    if (!e->be->ops->argmax_rows || p->n_logits == 0) return false;
+    for (int i = 0; i < p->n_items; i++) {
+        const sched_item *it = &p->items[i];
+        if (!it->logits) continue;
+        const req *r = it->seq->user;
+        const sampling_params *sp = &r->sp;
+        if (sp->temperature >= 1e-5f || sp->logprobs >= 0 || sp->repetition_penalty != 1.0f ||
+            sp->presence_penalty != 0.0f || sp->frequency_penalty != 0.0f ||
+            r->n_output < sp->min_tokens)
+            return false;
+    }
+    return true;
 }
 
 static void engine_step(engine *e) {
     double t0 = time_now_s();
     sched_plan p;
+    pthread_mutex_lock(&e->pool_mu);
     sched_step(&e->sc, t0, &p);
-    PD_ASSERT(p.n_items > 0 || p.n_preempted > 0); /* work pending never stalls */
+    int external = e->n_external;
+    pthread_mutex_unlock(&e->pool_mu);
+    if (p.n_items == 0 && p.n_preempted == 0) {
+        /* Work pending never stalls, unless blocks held outside the scheduler (KV
+         * reservations, blocks being shipped) are what it waits for: until they come
+         * back (engine_kv_release signals cv) or 10 ms pass. */
+        PD_ASSERT(external > 0);
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 10 * 1000 * 1000;
+        if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
+        pthread_mutex_lock(&e->mu);
+        pthread_cond_timedwait(&e->cv, &e->mu, &ts);
+        pthread_mutex_unlock(&e->mu);
+        return;
+    }
     for (int i = 0; i < p.n_items; i++) {
         req *r = p.items[i].seq->user;
         if (r->times.first_scheduled < 0) r->times.first_scheduled = t0;
     }
     double t1 = time_now_s();
-    if (p.batch.T > 0) model_forward(e->fwd, e->kv, &p.batch, e->logits);
+    bool greedy = p.batch.T > 0 && plan_is_greedy(e, &p);
+    if (greedy) {
+        /* row i of the step's logits is logit_index i: tokens land where sampling puts them */
+        model_forward_greedy(e->fwd, e->kv, &p.batch, e->step_tokens);
+        for (int i = 0; i < p.n_logits; i++)
+            e->results[i] = (sample_result){.token = e->step_tokens[i]};
+    } else if (p.batch.T > 0) {
+        model_forward(e->fwd, e->kv, &p.batch, e->logits);
+    }
     double t2 = time_now_s();
-    engine_sample(e, &p);
+    if (!greedy) engine_sample(e, &p);
     sched_on_tokens(&e->sc, &p, e->step_tokens);
     double t3 = time_now_s();
     engine_emit(e, &p, t3);
@@ -325,16 +449,104 @@ static void engine_step(engine *e) {
 
 /* ---- the engine thread --------------------------------------------------------------- */
 
+/* A prefilled request joins the running batch directly (its prompt KV is in its blocks,
+ * its first token known): sched_add queues it at the back of waiting, from where it is
+ * moved to the end of running with the scheduler's invariants (n_blocks covers
+ * n_computed = n_prompt; n_tokens = n_prompt + 1, the next step decodes). Then its first
+ * token is emitted as output 0. Returns false, changing nothing, while the batch is
+ * full (it stays pending). */
+static bool admit_prefilled(engine *e, req *r) {
+    sched *s = &e->sc;
+    if (s->n_running >= s->cfg.max_num_seqs) return false;
+    char err[256];
+    sched_seq *q = sched_add(s, r->id, r->prompt, r->n_prompt, r->max_tokens, r->times.arrival, r,
+                             err, sizeof err);
+    free(r->prompt);
+    r->prompt = NULL;
+    pthread_mutex_lock(&e->pool_mu);
+    e->n_external -= r->n_pre_blocks;
+    if (!q) kv_pool_release(&s->pool, r->pre_blocks, r->n_pre_blocks);
+    pthread_mutex_unlock(&e->pool_mu);
+    if (!q) {
+        req_finish(e, r, FINISH_ERROR, -1, err);
+        return true;
+    }
+    PD_ASSERT(s->n_waiting > 0 && s->waiting[(s->waiting_head + s->n_waiting - 1) & (s->waiting_cap - 1)] == q);
+    PD_ASSERT(r->n_pre_blocks == (r->n_prompt + s->cfg.block_size - 1) / s->cfg.block_size);
+    PD_ASSERT(r->n_pre_blocks <= q->cap_blocks && q->n_tokens < q->cap_tokens);
+    if (r->cache_salt) q->salt = hash_u64(q->salt ^ hash_u64(r->cache_salt));
+    s->n_waiting--;
+    q->status = SCHED_RUNNING;
+    s->running[s->n_running++] = q;
+    memcpy(q->block_table, r->pre_blocks, sizeof(int32_t) * (size_t)r->n_pre_blocks);
+    q->n_blocks = r->n_pre_blocks;
+    q->n_computed = r->n_prompt;
+    q->tokens[q->n_tokens++] = r->first.token;
+    q->n_cached = 0;
+    r->seq = q;
+    free(r->pre_blocks);
+    r->pre_blocks = NULL;
+    r->n_pre_blocks = 0;
+
+    double t = time_now_s();
+    q->first_scheduled = r->times.first_scheduled = r->times.first_token = t;
+    r->times.token_times[0] = t;
+    r->n_output = 1;
+    engine_event ev = {.kind = ENGINE_EVENT_TOKEN, .request_id = r->id, .token = r->first.token,
+                       .index = 0, .logprob = r->first.logprob, .top = r->first.top,
+                       .n_top = r->first.n_top, .stop_token = -1, .times = &r->times};
+    r->on_event(r->user, &ev);
+    int32_t stop_token;
+    finish_reason why = req_check_stop(e, r, r->first.token, &stop_token);
+    if (why != FINISH_NONE) req_finish(e, r, why, stop_token, NULL);
+    return true;
+}
+
+/* Seats pending prefilled requests, oldest first, while the batch has room. */
+static void admit_pending(engine *e) {
+    int k = 0;
+    while (k < e->n_pending && admit_prefilled(e, e->pending[k])) k++;
+    memmove(e->pending, e->pending + k, sizeof(req *) * (size_t)(e->n_pending - k));
+    e->n_pending -= k;
+}
+
+/* Ends pending prefilled requests: the one of this id (or every one when id is 0). */
+static void abort_pending(engine *e, uint64_t id) {
+    for (int i = 0; i < e->n_pending;) {
+        req *r = e->pending[i];
+        if (id && r->id != id) { i++; continue; }
+        memmove(e->pending + i, e->pending + i + 1, sizeof(req *) * (size_t)(e->n_pending - i - 1));
+        e->n_pending--;
+        pthread_mutex_lock(&e->pool_mu);
+        e->n_external -= r->n_pre_blocks;
+        kv_pool_release(&e->sc.pool, r->pre_blocks, r->n_pre_blocks);
+        pthread_mutex_unlock(&e->pool_mu);
+        r->n_pre_blocks = 0;
+        req_finish(e, r, FINISH_ABORT, -1, NULL);
+    }
+}
+
 static void admit(engine *e, req *r) {
     char err[256];
-    r->seq = sched_add(&e->sc, r->id, r->prompt, r->n_prompt, r->max_tokens, r->times.arrival, r,
-                       err, sizeof err);
+    if (r->prefilled) {
+        if (e->n_pending == e->cap_pending) {
+            e->cap_pending = e->cap_pending ? 2 * e->cap_pending : 16;
+            e->pending = xrealloc(e->pending, sizeof(req *) * (size_t)e->cap_pending);
+        }
+        e->pending[e->n_pending++] = r;
+        admit_pending(e);
+        return;
+    }
+    r->seq = sched_add(&e->sc, r->id, r->prompt, r->n_prompt, r->prefill_only ? 1 : r->max_tokens,
+                       r->times.arrival, r, err, sizeof err);
     free(r->prompt);
     r->prompt = NULL;
     if (!r->seq) req_finish(e, r, FINISH_ERROR, -1, err);
+    else if (r->cache_salt) r->seq->salt = hash_u64(r->seq->salt ^ hash_u64(r->cache_salt));
 }
 
 static void abort_all(engine *e) {
+    abort_pending(e, 0);
     while (e->sc.n_running) req_finish(e, e->sc.running[e->sc.n_running - 1]->user, FINISH_ABORT, -1, NULL);
     while (e->sc.n_waiting) {
         sched_seq *q = e->sc.waiting[e->sc.waiting_head & (e->sc.waiting_cap - 1)];
@@ -346,7 +558,8 @@ static void *engine_main(void *arg) {
     engine *e = arg;
     for (;;) {
         pthread_mutex_lock(&e->mu);
-        while (!e->stopping && e->n_inbox == 0 && e->n_aborts == 0 && !sched_has_work(&e->sc))
+        while (!e->stopping && e->n_inbox == 0 && e->n_aborts == 0 && !e->reset_prefix_cache &&
+               !sched_has_work(&e->sc))
             pthread_cond_wait(&e->cv, &e->mu);
         bool stopping = e->stopping;
         req **in = e->inbox;
@@ -364,15 +577,25 @@ static void *engine_main(void *arg) {
         e->aborts_work = ab;
         e->aborts_work_cap = cap;
         e->n_aborts = 0;
+        bool reset_pc = e->reset_prefix_cache;
+        e->reset_prefix_cache = false;
         pthread_mutex_unlock(&e->mu);
 
         for (int i = 0; i < n_in; i++) admit(e, in[i]);
         for (int i = 0; i < n_ab; i++) {
             sched_seq *q = sched_find(&e->sc, ab[i]);
             if (q) req_finish(e, q->user, FINISH_ABORT, -1, NULL);
+            else abort_pending(e, ab[i]);
         }
         if (stopping) break;
-        if (n_in || n_ab) publish_stats(e);
+        if (reset_pc) {
+            pthread_mutex_lock(&e->pool_mu);
+            int dropped = sched_reset_prefix_cache(&e->sc);
+            pthread_mutex_unlock(&e->pool_mu);
+            log_info("engine: prefix cache reset: %d blocks forgotten", dropped);
+        }
+        if (n_in || n_ab || reset_pc) publish_stats(e);
+        if (e->n_pending) admit_pending(e);
         if (sched_has_work(&e->sc)) engine_step(e);
     }
     abort_all(e);
@@ -414,6 +637,7 @@ void engine_free(engine *e) {
     free(e->inbox_work);
     free(e->aborts);
     free(e->aborts_work);
+    free(e->pending);
     if (e->kv) kv_cache_free(e->be, e->kv);
     fwd_ctx_free(e->fwd);
     free(e);
@@ -460,6 +684,8 @@ static int validate(const engine *e, const engine_request *q, int *max_tokens, c
     return 0;
 }
 
+static uint64_t inbox_push(engine *e, req *r, char *err, size_t errlen);
+
 uint64_t engine_submit(engine *e, const engine_request *q, char *err, size_t errlen) {
     int max_tokens;
     if (validate(e, q, &max_tokens, err, errlen) != 0) return 0;
@@ -471,10 +697,16 @@ uint64_t engine_submit(engine *e, const engine_request *q, char *err, size_t err
     r->prompt = xmalloc((size_t)q->n_prompt * sizeof(int32_t));
     memcpy(r->prompt, q->prompt, (size_t)q->n_prompt * sizeof(int32_t));
     r->max_tokens = max_tokens;
+    r->cache_salt = q->cache_salt;
     r->times.token_times = xmalloc((size_t)max_tokens * sizeof(double));
     r->times.first_scheduled = r->times.first_token = r->times.finished = -1;
     r->times.arrival = time_now_s();
+    r->prefill_only = q->prefill_only;
+    return inbox_push(e, r, err, errlen);
+}
 
+/* Gives the new request r (owned) to the engine thread: its id, or 0 with err (r freed). */
+static uint64_t inbox_push(engine *e, req *r, char *err, size_t errlen) {
     pthread_mutex_lock(&e->mu);
     const char *refuse = NULL;
     if (e->stopping) refuse = "The engine is shutting down.";
@@ -493,6 +725,8 @@ uint64_t engine_submit(engine *e, const engine_request *q, char *err, size_t err
     }
     r->id = e->next_id++;
     rng_seed(&r->rng, r->sp.has_seed ? r->sp.seed : rng_next(&e->seed_rng));
+    /* the first token's draw was made by the prefill side's generator, seeded alike */
+    if (r->prefilled && r->sp.temperature >= 1e-5f) rng_next(&r->rng);
     if (e->n_inbox == e->inbox_cap) {
         e->inbox_cap *= 2;
         e->inbox = xrealloc(e->inbox, (size_t)e->inbox_cap * sizeof(req *));
@@ -515,9 +749,87 @@ void engine_abort(engine *e, uint64_t id) {
     pthread_mutex_unlock(&e->mu);
 }
 
+void engine_reset_prefix_cache(engine *e) {
+    pthread_mutex_lock(&e->mu);
+    if (e->cfg.enable_prefix_caching) {
+        e->reset_prefix_cache = true;
+        pthread_cond_signal(&e->cv);
+    }
+    pthread_mutex_unlock(&e->mu);
+}
+
 void engine_get_stats(engine *e, engine_stats *out) {
     pthread_mutex_lock(&e->mu);
     *out = e->stats;
     out->waiting = e->sched_waiting + e->n_inbox;
     pthread_mutex_unlock(&e->mu);
+}
+
+/* ---- disaggregated serving ------------------------------------------------------------ */
+
+kv_cache *engine_kv_cache(engine *e) { return e->kv; }
+
+int engine_kv_alloc(engine *e, int n, int32_t *out) {
+    pthread_mutex_lock(&e->pool_mu);
+    int rc = kv_pool_alloc(&e->sc.pool, n, out);
+    if (rc == 0) e->n_external += n;
+    pthread_mutex_unlock(&e->pool_mu);
+    return rc;
+}
+
+void engine_kv_release(engine *e, const int32_t *blocks, int n) {
+    if (n <= 0) return;
+    pthread_mutex_lock(&e->pool_mu);
+    kv_pool_release(&e->sc.pool, blocks, n);
+    e->n_external -= n;
+    PD_ASSERT(e->n_external >= 0);
+    int used = kv_pool_used(&e->sc.pool);
+    pthread_mutex_unlock(&e->pool_mu);
+    pthread_mutex_lock(&e->mu);
+    e->stats.kv_blocks_used = used;
+    pthread_cond_signal(&e->cv); /* a step may be waiting for blocks */
+    pthread_mutex_unlock(&e->mu);
+}
+
+uint64_t engine_submit_prefilled(engine *e, const engine_request *q, const int32_t *blocks,
+                                 int n_blocks, const engine_first_token *first, char *err,
+                                 size_t errlen) {
+    int max_tokens;
+    int bs = e->cfg.block_size;
+    bool ok = validate(e, q, &max_tokens, err, errlen) == 0;
+    if (ok && (n_blocks != (q->n_prompt + bs - 1) / bs || first->token < 0 ||
+               first->token >= e->m->cfg.vocab_size)) {
+        pd_errorf(err, errlen, "prefilled request: %d blocks for %d prompt tokens, first token %d",
+                  n_blocks, q->n_prompt, (int)first->token);
+        ok = false;
+    }
+    if (!ok) {
+        engine_kv_release(e, blocks, n_blocks);
+        return 0;
+    }
+    req *r = xcalloc(1, sizeof(*r));
+    r->sp = q->sp;
+    r->on_event = q->on_event;
+    r->user = q->user;
+    r->n_prompt = q->n_prompt;
+    r->prompt = xmalloc((size_t)q->n_prompt * sizeof(int32_t));
+    memcpy(r->prompt, q->prompt, (size_t)q->n_prompt * sizeof(int32_t));
+    r->max_tokens = max_tokens;
+    r->cache_salt = q->cache_salt;
+    r->times.token_times = xmalloc((size_t)max_tokens * sizeof(double));
+    r->times.first_scheduled = r->times.first_token = r->times.finished = -1;
+    r->times.arrival = time_now_s();
+    r->prefilled = true;
+    r->first = *first;
+    r->first.n_top = PD_MAX(0, PD_MIN(first->n_top, SAMPLING_MAX_LOGPROBS));
+    r->pre_blocks = xmalloc(sizeof(int32_t) * (size_t)n_blocks);
+    memcpy(r->pre_blocks, blocks, sizeof(int32_t) * (size_t)n_blocks);
+    r->n_pre_blocks = n_blocks;
+    /* inbox_push frees r on refusal; the blocks go back first */
+    int32_t *copy = xmalloc(sizeof(int32_t) * (size_t)n_blocks);
+    memcpy(copy, blocks, sizeof(int32_t) * (size_t)n_blocks);
+    uint64_t id = inbox_push(e, r, err, errlen);
+    if (id == 0) engine_kv_release(e, copy, n_blocks);
+    free(copy);
+    return id;
 }

@@ -17,29 +17,115 @@
 #include "engine/forward.h"
 #include "util/util.h"
 
+/* ---- prefix cache hooks for lower tiers (declared, not yet used) ------------------ *
+ * The GPU prefix cache (below) is the first tier of KV reuse. A CPU / disk store (a
+ * kv/ connector of the "store" kind) will plug in through these two hooks:
+ *
+ * kv_evict_fn: called when a cached block at refcount 0 is evicted to be reused, with
+ *   its block id and content key, from inside kv_pool_alloc (inside sched_step on the
+ *   engine thread, or engine_kv_alloc under the pool lock). The block's KV is intact
+ *   until whoever took the block writes it (the next model_forward, or a connector):
+ *   the callee copies it (or enqueues a copy ordered before that write) to its store
+ *   under `key`, asynchronously, and must not call back into the pool.
+ * kv_lower_lookup_fn: consulted on a GPU miss at admission with the keys of the
+ *   request's next full blocks (keys[0] follows the last GPU hit); returns how many of
+ *   the leading keys the lower tier holds (0..n_keys), so the scheduler can allocate
+ *   blocks and have them loaded instead of recomputed. Must not block. */
+typedef void (*kv_evict_fn)(void *user, int32_t block, uint64_t key);
+typedef int (*kv_lower_lookup_fn)(void *user, const uint64_t *keys, int n_keys);
+
+typedef struct prefix_cache_hooks {
+    kv_evict_fn on_evict;           /* NULL: evicted blocks are simply forgotten */
+    void *evict_user;
+    kv_lower_lookup_fn lower_lookup;/* NULL: a GPU miss is recomputed */
+    void *lookup_user;
+} prefix_cache_hooks;
+
+/* ---- prefix cache (prefix_cache.c) -------------------------------------------------- *
+ * vLLM V1's automatic prefix caching over the KV pool. A full block is named by a key
+ * chained over the token prefix: key(i) = H(key(i-1), the block_size ids of block i),
+ * key(-1) = the sequence's salt (model / adapter / tenant). A block whose tokens are
+ * all computed is registered under its key; a new request shares its longest run of
+ * registered leading blocks (taking references). A cached block at refcount 0 stays
+ * cached, on an LRU list of evictable blocks, until an allocation finds no free
+ * uncached block and evicts it (dropping its key). A hit is verified against the
+ * parent key and the block's own token ids, so a hash collision cannot serve wrong
+ * KV. Sized once: O(num_blocks * block_size) ids, a table of 2..4 x num_blocks. */
+typedef struct prefix_cache {
+    int num_blocks, block_size;
+    uint8_t *cached;        /* [num_blocks] 1: registered under block_key */
+    uint64_t *block_key;    /* [num_blocks] */
+    uint64_t *parent_key;   /* [num_blocks] key of the previous block (or the salt) */
+    int32_t *block_tokens;  /* [num_blocks * block_size] the ids the key was made of */
+    int32_t *table;         /* [table_cap] block ids by key, open addressing; -1 empty */
+    int table_cap;          /* power of two >= 2 * num_blocks */
+    int n_cached;           /* registered blocks (in use or evictable) */
+    /* evictable blocks (cached, refcount 0), doubly linked, least recently used first */
+    int32_t *lru_prev, *lru_next; /* [num_blocks], -1 ends */
+    int32_t lru_head, lru_tail;
+    int n_evictable;
+    /* counters (tokens for queries and hits, blocks for evictions) */
+    uint64_t queries, hits, evictions;
+    prefix_cache_hooks hooks;
+} prefix_cache;
+
+/* Key of the block that follows `parent` and holds ids[block_size]. */
+uint64_t prefix_cache_key(uint64_t parent, const int32_t *ids, int block_size);
+
 /* ---- KV block pool --------------------------------------------------------------- *
  * Fixed number of blocks of block_size tokens, sized once. Blocks have reference
- * counts (shared prefix blocks later); a block is free at refcount 0. Pure data
- * structure: no I/O, no locks (the engine thread owns it). */
+ * counts (shared prefix blocks); a block is free at refcount 0. With a prefix cache
+ * (pc != NULL), a block at refcount 0 is either free (uncached, on free_list) or
+ * evictable (cached, on pc's LRU list); both count as not used. Pure data structure:
+ * no I/O, no locks (the engine thread owns it). */
 typedef struct kv_pool {
     int num_blocks;
     int block_size;
     int32_t *refcount;   /* [num_blocks] */
-    int32_t *free_list;  /* [num_blocks] stack of free block ids */
+    int32_t *free_list;  /* [num_blocks] stack of free uncached block ids */
     int n_free;
+    prefix_cache *pc;    /* owned; NULL: prefix caching off */
 } kv_pool;
 
 void kv_pool_init(kv_pool *p, int num_blocks, int block_size);
 void kv_pool_destroy(kv_pool *p);
-/* Takes n blocks into out (refcount 1 each). Returns 0, or -1 taking none when fewer
- * than n are free. */
+/* Turns prefix caching on (before any allocation). */
+void kv_pool_enable_prefix_cache(kv_pool *p);
+/* Takes n blocks into out (refcount 1 each): free uncached blocks first, then the
+ * least recently used evictable cached ones (their keys are dropped, the evict hook
+ * is called). Returns 0, or -1 taking none when fewer than n are available. */
 int kv_pool_alloc(kv_pool *p, int n, int32_t *out);
+/* Adds a reference. A block at refcount 0 may gain one only if it is cached (a prefix
+ * hit): it leaves the evictable list. */
 void kv_pool_ref(kv_pool *p, int32_t block);
-/* Drops one reference per block; blocks reaching 0 return to the free list. */
+/* Drops one reference per block; blocks reaching 0 return to the free list, or, when
+ * cached, to the tail of the evictable list. With a prefix cache the blocks are taken
+ * last to first, so that a prefix's tail is evicted before its head. */
 void kv_pool_release(kv_pool *p, const int32_t *blocks, int n);
-int kv_pool_used(const kv_pool *p);
-/* Checks every invariant (free list matches refcounts, no duplicates); aborts. */
+int kv_pool_used(const kv_pool *p);       /* blocks with refcount > 0 */
+int kv_pool_available(const kv_pool *p);  /* free + evictable */
+/* Checks every invariant (free list matches refcounts, no duplicates, and with a
+ * prefix cache: table <-> cached blocks, LRU list <-> cached blocks at 0); aborts. */
 void kv_pool_check(const kv_pool *p);
+
+/* Prefix cache operations on a pool with pc != NULL (prefix_cache.c). */
+/* Registers `block` (refcount > 0, all block_size tokens computed) under key; ids are
+ * its tokens. Returns false, leaving it uncached, when the key is already registered
+ * (to another block: two requests computed the same prefix) or the block already is. */
+bool prefix_cache_insert(kv_pool *p, int32_t block, uint64_t key, uint64_t parent,
+                         const int32_t *ids);
+/* The block registered under key with this parent and these ids, or -1. */
+int32_t prefix_cache_find(const kv_pool *p, uint64_t key, uint64_t parent, const int32_t *ids);
+/* Forgets every key: evictable blocks become free, blocks in use become uncached (and
+ * free once released). Returns the number of keys dropped. */
+int prefix_cache_reset(kv_pool *p);
+/* Internal to the pool (kv_pool.c): the LRU list and eviction. */
+void prefix_cache_lru_push(prefix_cache *pc, int32_t block);   /* at the tail */
+void prefix_cache_lru_remove(prefix_cache *pc, int32_t block);
+int32_t prefix_cache_evict(kv_pool *p);   /* LRU head: unregistered, returned */
+prefix_cache *prefix_cache_create(int num_blocks, int block_size);
+void prefix_cache_free(prefix_cache *pc);
+void prefix_cache_check(const kv_pool *p);
 
 /* ---- sampling parameters --------------------------------------------------------- */
 #define SAMPLING_MAX_STOP_IDS 16
@@ -105,7 +191,16 @@ int32_t sampler_sample(sampler *s, float *logits, const sampling_params *sp,
  * sequences FCFS with chunks under the token budget; blocks are allocated for the
  * tokens scheduled; when a running sequence cannot get a block, the newest running
  * sequence is preempted (blocks freed, back to the front of waiting, recomputed later
- * from prompt + output so far). No admission in a step that preempted. */
+ * from prompt + output so far). No admission in a step that preempted.
+ *
+ * With prefix caching (sched_enable_prefix_caching): a sequence admitted with nothing
+ * computed (new, or preempted) first takes its longest run of cached leading full
+ * blocks (never all of its tokens: the last one is always computed, for logits) and
+ * computes from there; it is admitted only if the rest of its chunk's blocks are
+ * available too, so a waiting sequence never holds blocks. Full blocks are registered
+ * once computed: at the start of the step after the one that computed them (so no one
+ * reads a block the same forward pass writes), and at sched_finish (not at
+ * sched_abort, whose last planned step may never have run). */
 typedef enum sched_status { SCHED_WAITING, SCHED_RUNNING } sched_status;
 
 typedef struct sched_seq {
@@ -124,6 +219,13 @@ typedef struct sched_seq {
     double arrival;
     double first_scheduled; /* -1 until first planned */
     void *user;             /* the driver's per-request data (not owned) */
+    /* prefix caching (unused when off) */
+    uint64_t salt;          /* key(-1) of the chain: the scheduler's salt; a driver may mix in
+                             * a per-request salt right after sched_add */
+    uint64_t *block_keys;   /* [cap_blocks] keys of the full blocks so far (owned) */
+    int n_keys;             /* keys computed (lazily, as tokens and blocks fill) */
+    int n_registered;       /* leading blocks already registered (or found cached) */
+    int n_cached;           /* tokens taken from the cache at first admission, -1 before */
 } sched_seq;
 
 typedef struct sched_config {
@@ -164,6 +266,7 @@ typedef struct sched {
     int n_running;
     uint64_t n_preemptions; /* total */
     uint64_t n_steps;
+    uint64_t prefix_cache_salt; /* key(-1) of every chain (model / adapter identity) */
     /* plan storage, sized at init */
     sched_item *items;      /* [max_num_seqs] */
     int32_t *tokens, *positions, *slots; /* [max_num_batched_tokens] */
@@ -172,6 +275,9 @@ typedef struct sched {
 } sched;
 
 void sched_init(sched *s, const sched_config *cfg);
+/* Turns prefix caching on, right after sched_init (before any sched_add); salt is
+ * key(-1) of every sequence's chain: the model's (and adapter's) identity. */
+void sched_enable_prefix_caching(sched *s, uint64_t salt);
 void sched_destroy(sched *s);  /* frees every sequence still held */
 /* Adds a request at the back of waiting. prompt is copied; max_tokens >= 1 bounds the
  * output. Returns the sequence (owned by s), or NULL with err when it could never
@@ -189,9 +295,13 @@ void sched_finish(sched *s, sched_seq *seq);
 void sched_abort(sched *s, sched_seq *seq);
 sched_seq *sched_find(const sched *s, uint64_t id); /* NULL if unknown */
 bool sched_has_work(const sched *s);
-/* Checks every invariant: pool consistent, every block owned once, blocks owned ==
- * pool used, waiting sequences own none, running ones own just enough. Aborts. */
+/* Checks every invariant: pool consistent, each block's refcount == the number of
+ * block tables holding it (at most 1 without prefix caching), never twice in one
+ * table, blocks held == pool used, waiting sequences own none, running ones own just
+ * enough, registered leading blocks cached under the sequence's own keys. Aborts. */
 void sched_check(const sched *s);
+/* Drops every cached key (prefix_cache_reset); 0 when prefix caching is off. */
+int sched_reset_prefix_cache(sched *s);
 
 /* ---- requests and events ------------------------------------------------------------ */
 typedef enum finish_reason {
@@ -223,6 +333,11 @@ typedef struct engine_event {
     const char *error;          /* FINISH_ERROR: a sentence */
     int n_prompt, n_output, n_cached;
     const request_times *times;
+    /* FINISHED of a prefill_only request that got its token: the prompt's KV blocks
+     * [n_kv_blocks] (token order), kept allocated and now the receiver's, who gives
+     * them back with engine_kv_release once they are shipped (valid during the call). */
+    const int32_t *kv_blocks;
+    int n_kv_blocks;
 } engine_event;
 
 typedef void (*engine_event_fn)(void *user, const engine_event *ev);
@@ -233,7 +348,21 @@ typedef struct engine_request {
     sampling_params sp;
     engine_event_fn on_event;
     void *user;
+    uint64_t cache_salt;        /* 0: none; else only requests with the same salt share
+                                 * cached prefix blocks (vLLM's cache_salt) */
+    bool prefill_only;          /* disaggregated prefill: compute the prompt, sample the
+                                 * first token, finish (FINISH_LENGTH) and hand the prompt's
+                                 * KV blocks over in the FINISHED event */
 } engine_request;
+
+/* The first output token of a request prefilled on another instance, as its sampler
+ * gave it (logprob and top only when the request asks for logprobs). */
+typedef struct engine_first_token {
+    int32_t token;
+    float logprob;
+    int n_top;
+    token_logprob top[SAMPLING_MAX_LOGPROBS];
+} engine_first_token;
 
 /* ---- the engine --------------------------------------------------------------------- */
 typedef struct engine_config {
@@ -245,6 +374,11 @@ typedef struct engine_config {
     int max_model_len;          /* 0: model's max_position_embeddings */
     int max_waiting_requests;   /* 0: unlimited; else submit fails beyond it */
     bool enable_chunked_prefill;/* true */
+    bool enable_prefix_caching; /* false for now (vLLM V1: true) */
+    const char *kv_shm_name;    /* non-NULL: the KV cache is the POSIX shm segment of this
+                                 * name (kv_cache_create_shared), for the gpu KV medium */
+    uint64_t prefix_cache_salt; /* 0: derived from the model's shape; a driver that knows
+                                 * the weights (path, revision, adapter) passes their hash */
 } engine_config;
 
 void engine_config_default(engine_config *c);
@@ -261,6 +395,13 @@ typedef struct engine_stats {
     double forward_seconds;     /* of which model_forward */
     double sample_seconds;      /* of which sampling and events */
     uint64_t batched_tokens;    /* rows computed over all steps */
+    /* prefix caching (zeros when off); queries and hits count tokens over every
+     * admission lookup, a preempted request's re-admission included */
+    bool prefix_caching;
+    uint64_t prefix_cache_queries, prefix_cache_hits;
+    double prefix_cache_hit_rate;   /* hits / queries, 0 before any query */
+    uint64_t prefix_cache_evictions;/* cached blocks evicted for reuse */
+    int prefix_cache_blocks;        /* blocks registered now (in use or evictable) */
 } engine_stats;
 
 typedef struct engine engine;
@@ -279,7 +420,29 @@ uint64_t engine_submit(engine *e, const engine_request *r, char *err, size_t err
  * FINISH_ABORT follows. Unknown or finished ids are ignored. Thread-safe. */
 void engine_abort(engine *e, uint64_t request_id);
 void engine_get_stats(engine *e, engine_stats *out);
+/* Drops every cached prefix block before the next step (vLLM's reset_prefix_cache);
+ * blocks in use stay with their requests, uncached. Thread-safe; no-op when off. */
+void engine_reset_prefix_cache(engine *e);
 const model_config *engine_model_config(const engine *e);
 int engine_max_model_len(const engine *e);
+
+/* ---- disaggregated serving (src/kv/ moves the blocks, src/server/internal.c drives) ---- *
+ * Blocks taken outside the scheduler (a decode side's reservations, a prefill side's
+ * blocks waiting to be shipped) come from the same pool and count as used; the pool is
+ * shared with the engine thread under a lock, so these are thread-safe. */
+kv_cache *engine_kv_cache(engine *e);
+/* Takes n blocks (refcount 1) into out: 0, or -1 taking none when fewer are available. */
+int engine_kv_alloc(engine *e, int n, int32_t *out);
+/* Gives back blocks from engine_kv_alloc or a prefill_only FINISHED event. */
+void engine_kv_release(engine *e, const int32_t *blocks, int n);
+/* Queues a request whose prompt KV is already in blocks[n_blocks] (ceil(n_prompt /
+ * block_size) blocks, from engine_kv_alloc, filled by a connector) and whose first
+ * token was sampled elsewhere: it joins the running batch as if this engine had
+ * prefilled it (the first token is emitted as output 0, then decoding goes on), so
+ * greedy output is the colocated one. The blocks become the engine's at once, also on
+ * failure (released). Returns the id, or 0 with err (as engine_submit). Thread-safe. */
+uint64_t engine_submit_prefilled(engine *e, const engine_request *r, const int32_t *blocks,
+                                 int n_blocks, const engine_first_token *first, char *err,
+                                 size_t errlen);
 
 #endif

@@ -180,8 +180,10 @@ void model_free(model *m) {
 
 /* ---- KV cache ----------------------------------------------------------------------- */
 
-kv_cache *kv_cache_create(backend *be, const model_config *c, int block_size, size_t bytes,
-                          char *err, size_t errlen) {
+/* The cache's geometry for `bytes`, without its memory; NULL with err when not one
+ * block fits. */
+static kv_cache *kv_cache_shape(backend *be, const model_config *c, int block_size, size_t bytes,
+                                char *err, size_t errlen) {
     PD_ASSERT(block_size > 0);
     dtype t = be->ops->kv_type;
     size_t block_bytes = (size_t)block_size * c->n_kv_heads * c->head_dim * dtype_size(t);
@@ -205,18 +207,69 @@ kv_cache *kv_cache_create(backend *be, const model_config *c, int block_size, si
     kv->total_bytes = n * per_block;
     kv->k = xcalloc((size_t)c->n_layers, sizeof(void *));
     kv->v = xcalloc((size_t)c->n_layers, sizeof(void *));
+    return kv;
+}
+
+static void kv_cache_log(const kv_cache *kv) {
+    log_info("kv cache: %d blocks of %d tokens, %.1f MiB (%s, %zu bytes per token)%s%s",
+             kv->num_blocks, kv->block_size, (double)kv->total_bytes / (1 << 20),
+             dtype_name(kv->type), kv->total_bytes / (size_t)kv->num_blocks / (size_t)kv->block_size,
+             kv->shm_base ? " in shared memory " : "", kv->shm_name);
+}
+
+kv_cache *kv_cache_create(backend *be, const model_config *c, int block_size, size_t bytes,
+                          char *err, size_t errlen) {
+    kv_cache *kv = kv_cache_shape(be, c, block_size, bytes, err, errlen);
+    if (!kv) return NULL;
+    size_t part = (size_t)kv->num_blocks * kv->block_bytes;
     for (int l = 0; l < c->n_layers; l++) {
-        kv->k[l] = be->ops->alloc(be, n * block_bytes);
-        kv->v[l] = be->ops->alloc(be, n * block_bytes);
+        kv->k[l] = be->ops->alloc(be, part);
+        kv->v[l] = be->ops->alloc(be, part);
     }
-    log_info("kv cache: %d blocks of %d tokens, %.1f MiB (%s, %zu bytes per token)",
-             kv->num_blocks, block_size, (double)kv->total_bytes / (1 << 20), dtype_name(t),
-             per_block / (size_t)block_size);
+    kv_cache_log(kv);
+    return kv;
+}
+
+kv_cache *kv_cache_create_shared(backend *be, const model_config *c, int block_size, size_t bytes,
+                                 const char *shm_name, char *err, size_t errlen) {
+    if (!be->ops->alloc_shared || !be->ops->free_shared) {
+        pd_errorf(err, errlen, "kv cache: the %s backend has no shared KV memory", be->ops->name);
+        return NULL;
+    }
+    if (strlen(shm_name) >= sizeof ((kv_cache *)0)->shm_name) {
+        pd_errorf(err, errlen, "kv cache: shared memory name %s is too long", shm_name);
+        return NULL;
+    }
+    kv_cache *kv = kv_cache_shape(be, c, block_size, bytes, err, errlen);
+    if (!kv) return NULL;
+    uint8_t *base = be->ops->alloc_shared(be, kv->total_bytes, shm_name, err, errlen);
+    if (!base) {
+        free(kv->k);
+        free(kv->v);
+        free(kv);
+        return NULL;
+    }
+    size_t part = (size_t)kv->num_blocks * kv->block_bytes;
+    for (int l = 0; l < c->n_layers; l++) {
+        kv->k[l] = base + (size_t)(2 * l) * part;
+        kv->v[l] = base + (size_t)(2 * l + 1) * part;
+    }
+    kv->shm_base = base;
+    kv->shm_bytes = kv->total_bytes;
+    snprintf(kv->shm_name, sizeof kv->shm_name, "%s", shm_name);
+    kv_cache_log(kv);
     return kv;
 }
 
 void kv_cache_free(backend *be, kv_cache *kv) {
     if (!kv) return;
+    if (kv->shm_base) {
+        be->ops->free_shared(be, kv->shm_base, kv->shm_bytes, kv->shm_name);
+        free(kv->k);
+        free(kv->v);
+        free(kv);
+        return;
+    }
     for (int l = 0; l < kv->n_layers; l++) {
         be->ops->free(be, kv->k[l]);
         be->ops->free(be, kv->v[l]);
@@ -245,6 +298,8 @@ struct fwd_ctx {
     void *xl;             /* [logit_chunk, C] rows whose logits are wanted */
     void *lg;             /* [logit_chunk, V] */
     int32_t *ids, *pos, *slots; /* [T] int32 */
+    int32_t *amax;        /* [logit_chunk] int32: greedy tokens (model_forward_greedy) */
+    float *host_lg;       /* host [logit_chunk, V]: greedy without argmax_rows; lazily */
     size_t bytes;
 };
 
@@ -278,6 +333,7 @@ fwd_ctx *fwd_ctx_create(model *m, int max_tokens, int max_seqs) {
     f->ids = ctx_alloc(f, T * sizeof(int32_t));
     f->pos = ctx_alloc(f, T * sizeof(int32_t));
     f->slots = ctx_alloc(f, T * sizeof(int32_t));
+    f->amax = ctx_alloc(f, (size_t)f->logit_chunk * sizeof(int32_t));
     log_info("forward scratch: %.1f MiB for %d rows, %d sequences (qkv %.1f, mlp %.1f, "
              "logits %.1f MiB)",
              (double)f->bytes / (1 << 20), max_tokens, max_seqs,
@@ -290,8 +346,9 @@ void fwd_ctx_free(fwd_ctx *f) {
     if (!f) return;
     backend *be = f->m->be;
     void *ps[] = {f->x, f->xn, f->qkv, f->attn, f->gu, f->act, f->proj,
-                  f->xl, f->lg, f->ids, f->pos, f->slots};
+                  f->xl, f->lg, f->ids, f->pos, f->slots, f->amax};
     for (size_t i = 0; i < PD_ARRAY_LEN(ps); i++) be->ops->free(be, ps[i]);
+    free(f->host_lg);
     free(f);
 }
 
@@ -332,7 +389,9 @@ static void mlp_block(fwd_ctx *f, int T, int l) {
     o->matmul(be, f->proj, f->act, w->w_down, NULL, T, c->ffn_dim, c->dim);
 }
 
-void model_forward(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt, float *logits) {
+/* Every layer of the step: afterwards f->xn holds the final-normed hidden states of
+ * every row. Returns false (nothing done) for an empty step. */
+static bool forward_layers(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt) {
     model *m = f->m;
     const model_config *c = &m->cfg;
     backend *be = m->be;
@@ -341,7 +400,7 @@ void model_forward(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt, float *logits)
     PD_ASSERT(T >= 0 && T <= f->max_tokens && bt->B >= 0 && bt->B <= f->max_seqs);
     PD_ASSERT(bt->n_logits >= 0 && bt->n_logits <= T);
     PD_ASSERT(kv->n_layers == L && kv->n_kv_heads == c->n_kv_heads && kv->head_dim == c->head_dim);
-    if (T == 0) return;
+    if (T == 0) return false;
     for (int t = 0; t < T; t++)
         PD_ASSERT(bt->tokens[t] >= 0 && bt->tokens[t] < V && bt->slots[t] >= 0 &&
                   bt->slots[t] < kv->num_blocks * kv->block_size);
@@ -359,12 +418,52 @@ void model_forward(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt, float *logits)
         const void *next_norm = l + 1 < L ? m->layers[l + 1].attn_norm : m->final_norm;
         o->add_rmsnorm(be, f->x, f->xn, f->proj, next_norm, T, C, c->norm_eps);
     }
+    return true;
+}
+
+void model_forward(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt, float *logits) {
+    model *m = f->m;
+    backend *be = m->be;
+    const backend_ops *o = be->ops;
+    int C = m->cfg.dim, V = m->cfg.vocab_size;
+    if (!forward_layers(f, kv, bt)) return;
     /* xn now holds the final-normed hidden states of every row. */
     for (int i = 0; i < bt->n_logits; i += f->logit_chunk) {
         int n = PD_MIN(f->logit_chunk, bt->n_logits - i);
         o->gather_rows(be, f->xl, f->xn, bt->logit_rows + i, n, C);
         o->matmul(be, f->lg, f->xl, m->lm_head, NULL, n, C, V);
         o->download_f32(be, logits + (size_t)i * V, f->lg, o->act_type, (size_t)n * V);
+    }
+    o->sync(be);
+}
+
+/* Host argmax, lowest index on ties (the sampler's greedy rule). */
+static int32_t host_argmax(const float *x, int V) {
+    int32_t best = 0;
+    for (int i = 1; i < V; i++)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
+void model_forward_greedy(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt, int32_t *tokens) {
+    model *m = f->m;
+    backend *be = m->be;
+    const backend_ops *o = be->ops;
+    int C = m->cfg.dim, V = m->cfg.vocab_size;
+    if (!forward_layers(f, kv, bt)) return;
+    if (!o->argmax_rows && !f->host_lg)
+        f->host_lg = xmalloc((size_t)f->logit_chunk * V * sizeof(float));
+    for (int i = 0; i < bt->n_logits; i += f->logit_chunk) {
+        int n = PD_MIN(f->logit_chunk, bt->n_logits - i);
+        o->gather_rows(be, f->xl, f->xn, bt->logit_rows + i, n, C);
+        o->matmul(be, f->lg, f->xl, m->lm_head, NULL, n, C, V);
+        if (o->argmax_rows) {
+            o->argmax_rows(be, f->amax, f->lg, n, V);
+            o->copy_d2h(be, tokens + i, f->amax, (size_t)n * sizeof(int32_t));
+        } else {
+            o->download_f32(be, f->host_lg, f->lg, o->act_type, (size_t)n * V);
+            for (int r = 0; r < n; r++) tokens[i + r] = host_argmax(f->host_lg + (size_t)r * V, V);
+        }
     }
     o->sync(be);
 }

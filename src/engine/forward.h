@@ -50,12 +50,25 @@ typedef struct kv_cache {
     void **v;            /* [L] */
     size_t block_bytes;  /* bytes of one block of one layer of k (same for v) */
     size_t total_bytes;
+    /* kv_cache_create_shared only (else NULL / 0 / ""): the one segment that holds
+     * every k[l] and v[l], owned by the cache (unmapped and unlinked by kv_cache_free). */
+    void *shm_base;
+    size_t shm_bytes;
+    char shm_name[64];
 } kv_cache;
 
 /* Sizes the cache to `bytes` (rounded down to whole blocks); NULL with err when not
  * even one block fits. */
 kv_cache *kv_cache_create(backend *be, const model_config *c, int block_size, size_t bytes,
                           char *err, size_t errlen);
+/* The same cache in one POSIX shared-memory segment `shm_name` (backend op
+ * alloc_shared), so that a prefill process on this host can write blocks straight
+ * into it (src/kv/ gpu medium on the CPU backend). Segment layout, every part
+ * [num_blocks, block_size, K, D]: k[0], v[0], k[1], v[1], ..., i.e. k[l] at byte
+ * 2*l*num_blocks*block_bytes and v[l] one part further. NULL with err when the
+ * backend has no shared memory, the name exists, or not one block fits. */
+kv_cache *kv_cache_create_shared(backend *be, const model_config *c, int block_size, size_t bytes,
+                                 const char *shm_name, char *err, size_t errlen);
 void kv_cache_free(backend *be, kv_cache *kv);
 
 /* One step of work, made by the scheduler (engine.h), host memory. Rows are the
@@ -80,5 +93,11 @@ size_t fwd_ctx_bytes(const fwd_ctx *f);
 /* Runs the step: writes each row's K and V into kv at its slot and, for each of
  * n_logits rows, V logits as f32 into logits (host, [n_logits, V]). */
 void model_forward(fwd_ctx *f, kv_cache *kv, const fwd_batch *batch, float *logits);
+/* The same step, but for each of the n_logits rows only the greedy next token (argmax
+ * of its logits, lowest id on ties) into tokens (host, [n_logits]). On a backend
+ * with argmax_rows the logits never leave the device (4 bytes per row come back
+ * instead of V * 2); elsewhere the rows are downloaded into a host buffer that the
+ * first such call allocates. */
+void model_forward_greedy(fwd_ctx *f, kv_cache *kv, const fwd_batch *batch, int32_t *tokens);
 
 #endif

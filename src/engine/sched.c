@@ -1,6 +1,7 @@
 /* sched.c: the pure scheduler of one instance: continuous batching with chunked
  * prefill under a token budget over a paged KV block pool, with preemption by
- * recomputation (vLLM V1's default policy). No I/O, no clock, no locks; memory is
+ * recomputation (vLLM V1's default policy), and optional automatic prefix caching
+ * over the pool's prefix cache (prefix_cache.c). No I/O, no clock, no locks; memory is
  * sized at init and grows only when requests are added. Tuned for a few hundred
  * running sequences and thousands waiting: a step is O(running + admitted + rows). */
 #include <stdlib.h>
@@ -84,9 +85,16 @@ void sched_init(sched *s, const sched_config *cfg) {
     s->slots = xmalloc((size_t)cfg->max_num_batched_tokens * sizeof(int32_t));
 }
 
+void sched_enable_prefix_caching(sched *s, uint64_t salt) {
+    PD_ASSERT(s->n_waiting == 0 && s->n_running == 0);
+    kv_pool_enable_prefix_cache(&s->pool);
+    s->prefix_cache_salt = salt;
+}
+
 static void seq_free(sched_seq *q) {
     free(q->tokens);
     free(q->block_table);
+    free(q->block_keys);
     free(q);
 }
 
@@ -130,6 +138,9 @@ sched_seq *sched_add(sched *s, uint64_t id, const int32_t *prompt, int n_prompt,
     q->arrival = arrival;
     q->first_scheduled = -1;
     q->user = user;
+    q->salt = s->prefix_cache_salt;
+    q->n_cached = -1;
+    if (s->pool.pc) q->block_keys = xmalloc((size_t)need * sizeof(uint64_t));
     waiting_push_back(s, q);
     return q;
 }
@@ -137,16 +148,86 @@ sched_seq *sched_add(sched *s, uint64_t id, const int32_t *prompt, int n_prompt,
 static void seq_release_blocks(sched *s, sched_seq *q) {
     kv_pool_release(&s->pool, q->block_table, q->n_blocks);
     q->n_blocks = 0;
+    q->n_registered = 0;
 }
 
-void sched_finish(sched *s, sched_seq *q) {
+/* ---- prefix caching ------------------------------------------------------------------ */
+
+/* Makes q's keys known for its first nb full blocks (their tokens must exist). */
+static void seq_keys_upto(const sched *s, sched_seq *q, int nb) {
+    int bs = s->cfg.block_size;
+    PD_ASSERT(nb <= q->cap_blocks && nb * bs <= q->n_tokens);
+    for (; q->n_keys < nb; q->n_keys++) {
+        int j = q->n_keys;
+        uint64_t parent = j ? q->block_keys[j - 1] : q->salt;
+        q->block_keys[j] = prefix_cache_key(parent, q->tokens + (size_t)j * bs, bs);
+    }
+}
+
+/* Registers q's full blocks whose tokens are all computed (by a step that has run). */
+static void seq_register(sched *s, sched_seq *q) {
+    int bs = s->cfg.block_size;
+    int nb = PD_MIN(q->n_computed / bs, q->n_blocks);
+    if (nb <= q->n_registered) return;
+    seq_keys_upto(s, q, nb);
+    for (int j = q->n_registered; j < nb; j++) {
+        uint64_t parent = j ? q->block_keys[j - 1] : q->salt;
+        prefix_cache_insert(&s->pool, q->block_table[j], q->block_keys[j], parent,
+                            q->tokens + (size_t)j * bs);
+    }
+    q->n_registered = nb;
+}
+
+/* Finds q's longest run of cached leading full blocks, leaving at least its last token
+ * to compute, into q->block_table[0..hits) without taking references (q owns none
+ * yet). *n_evictable counts those at refcount 0: taking them shrinks what is left to
+ * allocate. Returns the number of blocks. */
+static int seq_lookup(sched *s, sched_seq *q, int *n_evictable) {
+    int bs = s->cfg.block_size;
+    int max = PD_MIN((q->n_tokens - 1) / bs, q->cap_blocks);
+    seq_keys_upto(s, q, max);
+    *n_evictable = 0;
+    int j = 0;
+    for (; j < max; j++) {
+        uint64_t parent = j ? q->block_keys[j - 1] : q->salt;
+        const int32_t *ids = q->tokens + (size_t)j * bs;
+        int32_t b = prefix_cache_find(&s->pool, q->block_keys[j], parent, ids);
+        if (b < 0) break; /* a GPU miss: the lower tiers' hooks.lower_lookup goes here */
+        q->block_table[j] = b;
+        if (s->pool.refcount[b] == 0) (*n_evictable)++;
+    }
+    return j;
+}
+
+/* Takes references on the hits blocks seq_lookup found: they are computed. */
+static void seq_take_hits(sched *s, sched_seq *q, int hits) {
+    PD_ASSERT(q->n_blocks == 0 && q->n_computed == 0);
+    for (int j = 0; j < hits; j++) kv_pool_ref(&s->pool, q->block_table[j]);
+    q->n_blocks = q->n_registered = hits;
+    q->n_computed = hits * s->cfg.block_size;
+    s->pool.pc->queries += (uint64_t)q->n_tokens;
+    s->pool.pc->hits += (uint64_t)q->n_computed;
+    if (q->n_cached < 0) q->n_cached = q->n_computed;
+}
+
+int sched_reset_prefix_cache(sched *s) { return prefix_cache_reset(&s->pool); }
+
+/* ---- removal ------------------------------------------------------------------------- */
+
+static void seq_remove(sched *s, sched_seq *q) {
     if (q->status == SCHED_RUNNING) running_remove(s, q);
     else waiting_remove(s, q);
     seq_release_blocks(s, q);
     seq_free(q);
 }
 
-void sched_abort(sched *s, sched_seq *q) { sched_finish(s, q); }
+void sched_finish(sched *s, sched_seq *q) {
+    /* its last planned step has run: its full blocks are computed and worth keeping */
+    if (s->pool.pc && q->status == SCHED_RUNNING) seq_register(s, q);
+    seq_remove(s, q);
+}
+
+void sched_abort(sched *s, sched_seq *q) { seq_remove(s, q); }
 
 sched_seq *sched_find(const sched *s, uint64_t id) {
     for (int i = 0; i < s->n_running; i++)
@@ -180,13 +261,18 @@ static void seq_preempt(sched *s, sched_seq *q) {
     waiting_push_front(s, q);
 }
 
-/* How many of q's pending tokens to compute now under `budget`; 0 to skip. */
-static int seq_chunk(const sched *s, const sched_seq *q, int budget) {
-    int pending = q->n_tokens - q->n_computed;
+/* How many of q's pending tokens, past `computed`, to compute now under `budget`; 0
+ * to skip. */
+static int seq_chunk_from(const sched *s, const sched_seq *q, int computed, int budget) {
+    int pending = q->n_tokens - computed;
     PD_ASSERT(pending > 0);
     int n = PD_MIN(pending, budget);
     if (n < pending && !s->cfg.enable_chunked_prefill) return 0;
     return n;
+}
+
+static int seq_chunk(const sched *s, const sched_seq *q, int budget) {
+    return seq_chunk_from(s, q, q->n_computed, budget);
 }
 
 /* Appends q's rows [n_computed, n_computed + n) to the plan and advances n_computed. */
@@ -229,6 +315,11 @@ void sched_step(sched *s, double now, sched_plan *p) {
     p->now = now;
     int budget = s->cfg.max_num_batched_tokens;
     int T = 0;
+    int bs = s->cfg.block_size;
+
+    /* What the previous step computed is in the cache now: register its full blocks. */
+    if (s->pool.pc)
+        for (int i = 0; i < s->n_running; i++) seq_register(s, s->running[i]);
 
     /* Running sequences, oldest admission first. Preemption takes from the end, so a
      * preempted sequence was never planned in this step. */
@@ -254,9 +345,25 @@ void sched_step(sched *s, double now, sched_plan *p) {
     while (p->n_preempted == 0 && budget > 0 && s->n_waiting > 0 &&
            s->n_running < s->cfg.max_num_seqs) {
         sched_seq *q = *waiting_at(s, 0);
-        int n = seq_chunk(s, q, budget);
+        int hits = 0, hits_evictable = 0;
+        if (s->pool.pc) hits = seq_lookup(s, q, &hits_evictable);
+        int n = seq_chunk_from(s, q, hits * bs, budget);
         if (n == 0) break;
-        if (seq_reserve(s, q, q->n_computed + n) != 0) break;
+        if (hits == 0) {
+            if (seq_reserve(s, q, q->n_computed + n) != 0) break;
+        } else {
+            /* admit only if the chunk's new blocks fit beside the hits: no side effects
+             * on failure, and a waiting sequence never holds blocks */
+            int need = blocks_for(hits * bs + n, bs) - hits;
+            if (need > kv_pool_available(&s->pool) - hits_evictable) break;
+            seq_take_hits(s, q, hits);
+            int rc = seq_reserve(s, q, q->n_computed + n);
+            PD_ASSERT(rc == 0);
+        }
+        if (s->pool.pc && hits == 0) {
+            s->pool.pc->queries += (uint64_t)q->n_tokens;
+            if (q->n_cached < 0) q->n_cached = 0;
+        }
         waiting_pop_front(s);
         q->status = SCHED_RUNNING;
         s->running[s->n_running++] = q;
@@ -293,34 +400,50 @@ void sched_on_tokens(sched *s, const sched_plan *p, const int32_t *tokens) {
 
 /* ---- invariants -------------------------------------------------------------------- */
 
-static void check_seq_blocks(const sched *s, const sched_seq *q, int32_t *owner) {
+/* Counts q's blocks into owner[] (stamp[] marks them with q's index + 1, to find a
+ * block twice in one table) and checks its cached blocks carry its own keys. */
+static void check_seq_blocks(const sched *s, const sched_seq *q, int idx, int32_t *owner,
+                             int32_t *stamp) {
+    const prefix_cache *pc = s->pool.pc;
+    PD_ASSERT(q->n_registered <= q->n_blocks);
+    PD_ASSERT(q->n_keys <= q->cap_blocks && q->n_keys * s->cfg.block_size <= q->n_tokens);
     for (int b = 0; b < q->n_blocks; b++) {
         int32_t id = q->block_table[b];
         PD_ASSERT(id >= 0 && id < s->pool.num_blocks);
-        PD_ASSERT(owner[id] == 0); /* owned twice */
-        owner[id] = 1;
-        PD_ASSERT(s->pool.refcount[id] == 1);
+        PD_ASSERT(stamp[id] != idx + 1); /* twice in one table */
+        stamp[id] = idx + 1;
+        owner[id]++;
+        PD_ASSERT(pc || owner[id] == 1); /* shared only through the prefix cache */
+        if (pc && pc->cached[id]) PD_ASSERT(b < q->n_keys && pc->block_key[id] == q->block_keys[b]);
     }
 }
 
 void sched_check(const sched *s) {
     kv_pool_check(&s->pool);
     PD_ASSERT(s->n_running <= s->cfg.max_num_seqs);
-    int32_t *owner = xcalloc((size_t)s->pool.num_blocks, sizeof(int32_t));
-    int owned = 0;
+    int nb = s->pool.num_blocks;
+    int32_t *owner = xcalloc((size_t)nb, sizeof(int32_t));
+    int32_t *stamp = xcalloc((size_t)nb, sizeof(int32_t));
     for (int i = 0; i < s->n_running; i++) {
         const sched_seq *q = s->running[i];
         PD_ASSERT(q->status == SCHED_RUNNING);
         PD_ASSERT(q->n_computed <= q->n_tokens && q->n_tokens <= q->cap_tokens);
         PD_ASSERT(q->n_blocks == blocks_for(q->n_computed, s->cfg.block_size));
-        check_seq_blocks(s, q, owner);
-        owned += q->n_blocks;
+        check_seq_blocks(s, q, i, owner, stamp);
     }
     for (int i = 0; i < s->n_waiting; i++) {
         const sched_seq *q = *waiting_at(s, i);
         PD_ASSERT(q->status == SCHED_WAITING);
         PD_ASSERT(q->n_blocks == 0 && q->n_computed == 0 && !q->awaiting_token);
+        PD_ASSERT(q->n_registered == 0);
     }
-    PD_ASSERT(owned == kv_pool_used(&s->pool));
+    /* every reference is a block table's: refcount == tables holding the block */
+    int held = 0;
+    for (int b = 0; b < nb; b++) {
+        PD_ASSERT(s->pool.refcount[b] == owner[b]);
+        held += owner[b] > 0;
+    }
+    PD_ASSERT(held == kv_pool_used(&s->pool));
     free(owner);
+    free(stamp);
 }

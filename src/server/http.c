@@ -44,7 +44,8 @@
 
 typedef enum route_id {
     ROUTE_HEALTH, ROUTE_METRICS, ROUTE_MODELS, ROUTE_VERSION, ROUTE_COMPLETIONS, ROUTE_CHAT,
-    ROUTE_TOKENIZE, ROUTE_DETOKENIZE
+    ROUTE_TOKENIZE, ROUTE_DETOKENIZE, ROUTE_LOAD, ROUTE_INT_RESERVE, ROUTE_INT_PREFILL,
+    ROUTE_INT_DECODE, ROUTE_INT_RELEASE
 } route_id;
 
 typedef struct route {
@@ -52,17 +53,34 @@ typedef struct route {
     const char *method;
     route_id id;
     bool auth;              /* under --api-key (vLLM: every /v1 path) */
+    int internal;           /* 0, or the role (server_role) that serves it: under --internal-secret */
 } route;
 
 static const route ROUTES[] = {
-    {"/health", "GET", ROUTE_HEALTH, false},
-    {"/metrics", "GET", ROUTE_METRICS, false},
-    {"/version", "GET", ROUTE_VERSION, false},
-    {"/v1/models", "GET", ROUTE_MODELS, true},
-    {"/v1/completions", "POST", ROUTE_COMPLETIONS, true},
-    {"/v1/chat/completions", "POST", ROUTE_CHAT, true},
-    {"/tokenize", "POST", ROUTE_TOKENIZE, false},
-    {"/detokenize", "POST", ROUTE_DETOKENIZE, false},
+    {"/health", "GET", ROUTE_HEALTH, false, 0},
+    {"/metrics", "GET", ROUTE_METRICS, false, 0},
+    {"/version", "GET", ROUTE_VERSION, false, 0},
+    {"/v1/models", "GET", ROUTE_MODELS, true, 0},
+    {"/v1/completions", "POST", ROUTE_COMPLETIONS, true, 0},
+    {"/v1/chat/completions", "POST", ROUTE_CHAT, true, 0},
+    {"/tokenize", "POST", ROUTE_TOKENIZE, false, 0},
+    {"/detokenize", "POST", ROUTE_DETOKENIZE, false, 0},
+    {"/load", "GET", ROUTE_LOAD, false, 0},
+    /* disaggregated serving: called by the router only (internal.c) */
+    {"/internal/reserve", "POST", ROUTE_INT_RESERVE, false, SERVER_ROLE_DECODE},
+    {"/internal/decode", "POST", ROUTE_INT_DECODE, false, SERVER_ROLE_DECODE},
+    {"/internal/release", "POST", ROUTE_INT_RELEASE, false, SERVER_ROLE_DECODE},
+    {"/internal/prefill", "POST", ROUTE_INT_PREFILL, false, SERVER_ROLE_PREFILL},
+};
+
+/* A deferred answer (internal.c answers /internal/prefill when the KV is shipped). */
+struct server_reply {
+    pthread_mutex_t mu;
+    int refs;                    /* the HTTP side's and the sender's */
+    bool done, suspended, gone;
+    int status;
+    sbuf body;
+    struct MHD_Connection *conn;
 };
 
 /* One engine event as queued for the HTTP side (top copied only when asked for). */
@@ -105,6 +123,9 @@ struct server {
     pthread_t watcher;
     bool watcher_started;
     bool stopped;
+    server_role role;
+    internal_ctx *in;            /* prefill / decode: owned */
+    char *secret;                /* --internal-secret, or NULL */
 };
 
 struct gen_req {
@@ -151,6 +172,8 @@ typedef struct conn_ctx {
     bool too_big;
     sbuf body;
     gen_req *g;
+    server_reply *reply;         /* /internal/prefill */
+    internal_prefill_job *pjob;
 } conn_ctx;
 
 /* ---- small helpers -------------------------------------------------------------------- */
@@ -648,17 +671,24 @@ static void set_overloaded(api_error *e, const char *why) {
     e->code = "server_overloaded";
 }
 
-static enum MHD_Result handle_generate(server *s, struct MHD_Connection *conn, conn_ctx *c) {
-    api_endpoint ep = c->rt->id == ROUTE_CHAT ? API_ENDPOINT_CHAT : API_ENDPOINT_COMPLETIONS;
+/* The endpoint of a request: its route's, or for /internal/... the X-PD-Endpoint header's
+ * (the client's original route, whose body is forwarded verbatim). */
+static api_endpoint route_endpoint(struct MHD_Connection *conn, const conn_ctx *c) {
+    if (c->rt->id == ROUTE_CHAT) return API_ENDPOINT_CHAT;
+    if (c->rt->id == ROUTE_COMPLETIONS) return API_ENDPOINT_COMPLETIONS;
+    const char *h = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Endpoint");
+    return h && !strcmp(h, "chat") ? API_ENDPOINT_CHAT : API_ENDPOINT_COMPLETIONS;
+}
+
+/* Parses, validates and tokenizes a generation request: 0 with *req (free with
+ * api_request_free) and ids[n] (free), or -1 with e and nothing to free. */
+static int gen_prepare(server *s, api_endpoint ep, const sbuf *body, api_request *req,
+                       int32_t **ids_out, int *n_out, api_error *e_out) {
     api_error e;
-    gen_req *g = xcalloc(1, sizeof *g);
-    if (api_request_parse(ep, c->body.p, c->body.len, &s->lim_gen, &g->req, &e)) {
-        free(g);
-        return respond_error(conn, &e);
-    }
+    if (api_request_parse(ep, body->p, body->len, &s->lim_gen, req, e_out)) return -1;
     int32_t *ids = NULL;
     int n = 0;
-    bool ok = check_model(s, &g->req, &e) && prompt_ids(s, &g->req, &ids, &n, &e) == 0;
+    bool ok = check_model(s, req, &e) && prompt_ids(s, req, &ids, &n, &e) == 0;
     if (ok && n == 0) {
         api_error_set(&e, 400, "invalid_request_error", "prompt", "The prompt cannot be empty");
         ok = false;
@@ -671,7 +701,7 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *conn, c
             ok = false;
         }
     }
-    if (ok && check_length(s, &g->req, n, &e)) ok = false;
+    if (ok && check_length(s, req, n, &e)) ok = false;
     if (ok && atomic_load(&s->shutting_down)) {
         api_error_set(&e, 503, "server_error", NULL, "the server is shutting down");
         ok = false;
@@ -686,8 +716,24 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *conn, c
     }
     if (!ok) {
         free(ids);
-        api_request_free(&g->req);
+        api_request_free(req);
+        *e_out = e;
+        return -1;
+    }
+    *ids_out = ids;
+    *n_out = n;
+    return 0;
+}
+
+static enum MHD_Result handle_generate(server *s, struct MHD_Connection *conn, conn_ctx *c) {
+    api_endpoint ep = route_endpoint(conn, c);
+    api_error e;
+    gen_req *g = xcalloc(1, sizeof *g);
+    int32_t *ids = NULL;
+    int n = 0;
+    if (gen_prepare(s, ep, &c->body, &g->req, &ids, &n, &e)) {
         free(g);
+        if (c->rt->id == ROUTE_INT_DECODE) internal_release(s->in, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Ticket"));
         return respond_error_h(conn, &e, e.status == 503 ? "Retry-After" : NULL, "1");
     }
 
@@ -711,11 +757,19 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *conn, c
     char err[256] = "";
     /* Events may arrive before submit returns: they only queue (nothing reads
      * engine_id before this thread sets it below). */
-    uint64_t id = engine_submit(s->eng, &er, err, sizeof err);
+    bool prefilled = c->rt->id == ROUTE_INT_DECODE;
+    uint64_t id = prefilled
+        ? internal_decode_submit(s->in, &er, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Ticket"),
+                                 MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-First"), &e)
+        : engine_submit(s->eng, &er, err, sizeof err);
     pthread_mutex_lock(&g->mu);
     g->engine_id = id;
     pthread_mutex_unlock(&g->mu);
     free(ids);
+    if (id == 0 && prefilled) {
+        gen_free(g);
+        return respond_error_h(conn, &e, e.status == 503 ? "Retry-After" : NULL, "1");
+    }
     if (id == 0) {
         if (strstr(err, "queue") || strstr(err, "full") || strstr(err, "waiting")) set_overloaded(&e, err);
         else api_error_set(&e, 400, "invalid_request_error", NULL, "%s", err[0] ? err : "rejected by the engine");
@@ -734,6 +788,109 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *conn, c
     MHD_add_response_header(resp, "Cache-Control", "no-cache");
     enum MHD_Result ret = MHD_queue_response(conn, 200, resp);
     MHD_destroy_response(resp);
+    return ret;
+}
+
+/* ---- internal endpoints (disaggregated serving; the router is the only caller) ------------------ */
+void server_reply_send(server_reply *r, int status, const sbuf *json) {
+    pthread_mutex_lock(&r->mu);
+    PD_ASSERT(!r->done);
+    r->done = true;
+    r->status = status;
+    sbuf_append(&r->body, json->p ? json->p : "", json->len);
+    if (r->suspended && !r->gone) {
+        r->suspended = false;
+        MHD_resume_connection(r->conn);
+    }
+    bool last = --r->refs == 0;
+    pthread_mutex_unlock(&r->mu);
+    if (last) {
+        pthread_mutex_destroy(&r->mu);
+        sbuf_free(&r->body);
+        free(r);
+    }
+}
+
+/* Answers a deferred reply once it is done; suspends the connection until then. */
+static enum MHD_Result reply_continue(struct MHD_Connection *conn, server_reply *r) {
+    pthread_mutex_lock(&r->mu);
+    if (!r->done) {
+        r->suspended = true;
+        MHD_suspend_connection(conn);
+        pthread_mutex_unlock(&r->mu);
+        return MHD_YES;
+    }
+    pthread_mutex_unlock(&r->mu);
+    return respond(conn, r->status, "application/json", r->body.p ? r->body.p : "", r->body.len, NULL, NULL);
+}
+
+static double header_ms(struct MHD_Connection *conn, const char *name) {
+    const char *h = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, name);
+    return h ? strtod(h, NULL) / 1000.0 : 0.0;
+}
+
+static enum MHD_Result handle_reserve(server *s, struct MHD_Connection *conn, conn_ctx *c) {
+    api_request req;
+    api_error e;
+    int32_t *ids = NULL;
+    int n = 0;
+    if (gen_prepare(s, route_endpoint(conn, c), &c->body, &req, &ids, &n, &e))
+        return respond_error_h(conn, &e, e.status == 503 ? "Retry-After" : NULL, "1");
+    sbuf b;
+    sbuf_init(&b);
+    enum MHD_Result ret;
+    if (internal_reserve(s->in, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Request-Id"),
+                         ids, n, header_ms(conn, "X-PD-Timeout-Ms"), &b, &e))
+        ret = respond_error_h(conn, &e, e.status == 503 ? "Retry-After" : NULL, "1");
+    else
+        ret = respond_json(conn, 200, &b);
+    sbuf_free(&b);
+    free(ids);
+    api_request_free(&req);
+    return ret;
+}
+
+static enum MHD_Result handle_prefill(server *s, struct MHD_Connection *conn, conn_ctx *c) {
+    api_request req;
+    api_error e;
+    int32_t *ids = NULL;
+    int n = 0;
+    if (gen_prepare(s, route_endpoint(conn, c), &c->body, &req, &ids, &n, &e))
+        return respond_error_h(conn, &e, e.status == 503 ? "Retry-After" : NULL, "1");
+    server_reply *r = xcalloc(1, sizeof *r);
+    pthread_mutex_init(&r->mu, NULL);
+    r->refs = 2;
+    r->conn = conn;
+    sbuf_init(&r->body);
+    engine_request er = {.prompt = ids, .n_prompt = n, .sp = req.sp};
+    uint64_t id = 0;
+    internal_prefill_job *j = internal_prefill_start(
+        s->in, &er, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Ticket"), r, &id, &e);
+    free(ids);
+    api_request_free(&req);
+    if (!j) {
+        pthread_mutex_destroy(&r->mu);
+        sbuf_free(&r->body);
+        free(r);
+        return respond_error_h(conn, &e, e.status == 503 ? "Retry-After" : NULL, "1");
+    }
+    c->reply = r;
+    c->pjob = j;
+    watch_connection(s, conn, id); /* the router hangs up: abort the prefill */
+    return reply_continue(conn, r);
+}
+
+static enum MHD_Result handle_load(server *s, struct MHD_Connection *conn) {
+    engine_stats st;
+    engine_get_stats(s->eng, &st);
+    sbuf b;
+    sbuf_init(&b);
+    sbuf_printf(&b, "{\"role\":\"%s\",\"running\":%d,\"waiting\":%d,\"kv_blocks_used\":%d,"
+                    "\"kv_blocks_total\":%d,\"kv_active\":%d}",
+                server_role_name(s->role), st.running, st.waiting, st.kv_blocks_used,
+                st.kv_blocks_total, s->in ? internal_active(s->in) : 0);
+    enum MHD_Result ret = respond_json(conn, 200, &b);
+    sbuf_free(&b);
     return ret;
 }
 
@@ -773,6 +930,21 @@ static void first_call(server *s, struct MHD_Connection *conn, const char *url, 
         return;
     }
     c->rt = rt;
+    if (rt->internal && (int)s->role != rt->internal) {
+        api_error_set(e, 404, "invalid_request_error", NULL, "%s is served by %s instances; this one is %s",
+                      url, server_role_name((server_role)rt->internal), server_role_name(s->role));
+        e->code = "not_found";
+        return;
+    }
+    if (rt->internal && s->secret) {
+        const char *h = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Internal-Secret");
+        if (!h || !str_eq_ct(h, s->secret)) {
+            api_error_set(e, 401, "invalid_request_error", NULL,
+                          "internal endpoints need the deployment's secret in X-PD-Internal-Secret");
+            e->code = "invalid_internal_secret";
+            return;
+        }
+    }
     if (rt->auth && s->api_key) {
         const char *h = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
         if (!h || strncmp(h, "Bearer ", 7) || !str_eq_ct(h + 7, s->api_key)) {
@@ -822,6 +994,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     }
     if (c->rejected) return respond_error_h(conn, &c->reject, c->reject_hname, c->reject_hval);
     if (c->g) return full_continue(conn, c->g); /* resumed non-streaming generation */
+    if (c->reply) return reply_continue(conn, c->reply);
     if (c->too_big) {
         api_error e;
         api_error_set(&e, 413, "invalid_request_error", NULL,
@@ -843,7 +1016,14 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     case ROUTE_TOKENIZE: return handle_tokenize(s, conn, &c->body);
     case ROUTE_DETOKENIZE: return handle_detokenize(s, conn, &c->body);
     case ROUTE_COMPLETIONS:
-    case ROUTE_CHAT: return handle_generate(s, conn, c);
+    case ROUTE_CHAT:
+    case ROUTE_INT_DECODE: return handle_generate(s, conn, c);
+    case ROUTE_LOAD: return handle_load(s, conn);
+    case ROUTE_INT_RESERVE: return handle_reserve(s, conn, c);
+    case ROUTE_INT_PREFILL: return handle_prefill(s, conn, c);
+    case ROUTE_INT_RELEASE:
+        internal_release(s->in, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Ticket"));
+        return respond(conn, 200, "application/json", "{}", 2, NULL, NULL);
     }
     return MHD_NO;
 }
@@ -870,6 +1050,19 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
             engine_abort(s->eng, id);
         }
         if (last) gen_free(g);
+    }
+    if (c->reply) {
+        server_reply *r = c->reply;
+        pthread_mutex_lock(&r->mu);
+        r->gone = true;
+        bool last = --r->refs == 0;
+        pthread_mutex_unlock(&r->mu);
+        if (last) {
+            pthread_mutex_destroy(&r->mu);
+            sbuf_free(&r->body);
+            free(r);
+        }
+        internal_prefill_detach(c->pjob);
     }
     sbuf_free(&c->body);
     free(c);
@@ -924,6 +1117,21 @@ server *server_start(const server_config *cfg, engine *e, const tokenizer *t, ch
     for (int i = 0; i < s->n_eos; i++) have |= s->eos[i] == te;
     if (te >= 0 && !have) s->eos[s->n_eos++] = te;
     s->metrics = metrics_create();
+    s->role = cfg->role;
+    s->secret = cfg->internal_secret && *cfg->internal_secret ? xstrdup(cfg->internal_secret) : NULL;
+    if (s->role == SERVER_ROLE_PREFILL || s->role == SERVER_ROLE_DECODE) {
+        if (!cfg->kv) {
+            pd_errorf(err, errlen, "a %s instance needs a KV connector", server_role_name(s->role));
+            free(s->secret);
+            metrics_free(s->metrics);
+            free(s->host);
+            free(s->served_name);
+            free(s->api_key);
+            free(s);
+            return NULL;
+        }
+        s->in = internal_create(e, cfg->kv, s->role, cfg->kv_timeout_s, cfg->debug_stall_transfer_ms);
+    }
     atomic_init(&s->shutting_down, false);
     atomic_init(&s->n_ids, 1);
     s->id_salt = hash_u64((uint64_t)time_now_ns() ^ (uint64_t)getpid());
@@ -1017,6 +1225,8 @@ void server_free(server *s) {
     if (s->epfd >= 0) close(s->epfd);
     if (s->wake_fd >= 0) close(s->wake_fd);
     metrics_free(s->metrics);
+    internal_free(s->in);
+    free(s->secret);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->drained);
     free(s->host);

@@ -129,6 +129,19 @@ void metrics_render(server_metrics *m, const engine_stats *st, const char *model
     gauge(out, "pdserve_engine_steps_total", "counter", "Engine steps run.", label, (double)st->steps);
     gauge(out, "pdserve_engine_busy_seconds_total", "counter", "Seconds spent inside engine steps.",
           label, st->busy_seconds);
+    if (st->prefix_caching) {
+        gauge(out, "pdserve_prefix_cache_queries_total", "counter",
+              "Prompt tokens looked up in the prefix cache.", label, (double)st->prefix_cache_queries);
+        gauge(out, "pdserve_prefix_cache_hits_total", "counter",
+              "Prompt tokens found in the prefix cache (prefill tokens saved).", label,
+              (double)st->prefix_cache_hits);
+        gauge(out, "pdserve_prefix_cache_hit_rate", "gauge", "Hits / queries, in tokens.", label,
+              st->prefix_cache_hit_rate);
+        gauge(out, "pdserve_prefix_cache_evictions_total", "counter", "Cached blocks evicted.", label,
+              (double)st->prefix_cache_evictions);
+        gauge(out, "pdserve_prefix_cache_blocks", "gauge", "Blocks holding cached prefixes.", label,
+              (double)st->prefix_cache_blocks);
+    }
 
     pthread_mutex_lock(&m->mu);
     sbuf_puts(out, "# HELP pdserve_request_success_total Finished requests by finish reason.\n"

@@ -208,6 +208,18 @@ void metrics_observe_request(server_metrics *m, const request_times *t, int n_ou
 /* Prometheus text exposition (version 0.0.4) of everything. */
 void metrics_render(server_metrics *m, const engine_stats *st, const char *model_name, sbuf *out);
 
+/* ---- roles of an instance ------------------------------------------------------------------ */
+typedef enum server_role {
+    SERVER_ROLE_COLOCATED,      /* prefill and decode here (the default) */
+    SERVER_ROLE_PREFILL,        /* + POST /internal/prefill */
+    SERVER_ROLE_DECODE,         /* + POST /internal/reserve, /internal/decode, /internal/release */
+    SERVER_ROLE_ROUTER,         /* no engine: router.c */
+} server_role;
+const char *server_role_name(server_role r);
+int server_role_parse(const char *s, server_role *out); /* 0, or -1 */
+
+struct kv_connector;
+
 /* ---- the server (http.c) -------------------------------------------------------------- */
 typedef struct server_config {
     const char *host;           /* "127.0.0.1" */
@@ -217,6 +229,11 @@ typedef struct server_config {
     size_t max_body_bytes;      /* 0: 4 MiB */
     int http_threads;           /* 0: 2 */
     int max_waiting_requests;   /* the engine's limit, for 503 before submit (0: none) */
+    server_role role;           /* colocated (0), prefill or decode */
+    struct kv_connector *kv;    /* prefill / decode: the KV medium (not owned) */
+    const char *internal_secret;/* non-NULL: /internal/... needs X-PD-Internal-Secret */
+    double kv_timeout_s;        /* default deadline of reservations (0: 30 s) */
+    int debug_stall_transfer_ms;/* prefill: wait this long before shipping KV (fault tests) */
 } server_config;
 
 typedef struct server server;
@@ -231,5 +248,77 @@ int server_port(const server *s);
  * The engine is left to the caller (engine_stop after this). */
 void server_shutdown(server *s, double timeout_s);
 void server_free(server *s);    /* after server_shutdown; NULL is a no-op */
+
+/* ---- internal endpoints of prefill and decode instances (internal.c) ------------------------ *
+ * What http.c calls for /internal/...; the router (router.c) is the only caller of those.
+ * Tickets travel as kv_ticket_format text in the X-PD-Ticket header; the first token as
+ * "TOKEN[;LOGPROB[;ID:LP,ID:LP...]]" in X-PD-First; the client's body is sent verbatim. */
+typedef struct internal_ctx internal_ctx;
+/* A deferred answer of http.c: the internal side sends it once, from any thread. */
+typedef struct server_reply server_reply;
+void server_reply_send(server_reply *r, int status, const sbuf *json);
+
+internal_ctx *internal_create(engine *e, struct kv_connector *kv, server_role role,
+                              double timeout_s, int stall_ms);
+/* Stops the threads; fails what is queued (its blocks go back). Engine still alive. */
+void internal_free(internal_ctx *in);
+/* Active reservations and transfers (for /load). */
+int internal_active(internal_ctx *in);
+/* Decode: reserves blocks for the prompt ids[n] and writes {"ticket":...} to out.
+ * -1 with e (503 when the pool is full). */
+int internal_reserve(internal_ctx *in, const char *rid, const int32_t *ids, int n,
+                     double timeout_s, sbuf *out, api_error *e);
+/* Decode: gives up a reservation (unknown or ended ones are ignored). */
+void internal_release(internal_ctx *in, const char *ticket_text);
+/* Decode: waits (bounded by the ticket's deadline) for the ticket's KV, takes its
+ * blocks and submits r as a prefilled request with the given first token. Returns the
+ * engine id, or 0 with e (the reservation is given up). */
+uint64_t internal_decode_submit(internal_ctx *in, const engine_request *r, const char *ticket_text,
+                                const char *first_text, api_error *e);
+/* Prefill: runs the prompt of r (its callback is replaced), ships the KV per the ticket
+ * and answers reply with {"first":...}; or an error answer. Returns a handle for
+ * internal_prefill_detach (the HTTP side is done with it) and the engine id in *id, or
+ * NULL with e (reply untouched). */
+typedef struct internal_prefill_job internal_prefill_job;
+internal_prefill_job *internal_prefill_start(internal_ctx *in, const engine_request *r,
+                                             const char *ticket_text, server_reply *reply,
+                                             uint64_t *id, api_error *e);
+void internal_prefill_detach(internal_prefill_job *j);
+
+/* ---- the router (router.c) ----------------------------------------------------------------- *
+ * The public endpoint of a deployment: the same OpenAI API, served by proxying to
+ * instances over HTTP (libcurl multi, one thread) and streaming their answers back
+ * through libmicrohttpd. Over colocated instances (`instances`) it is a load balancer;
+ * over prefill and decode instances it drives the disaggregated request (DESIGN.md):
+ * reserve on a decode instance, prefill with the ticket on a prefill instance, then
+ * stream the decode instance's answer. Instances are polled (GET /load) every
+ * poll_interval_s: running + waiting for least-loaded, reachability for health. */
+typedef enum router_policy { ROUTER_POLICY_ROUND_ROBIN, ROUTER_POLICY_LEAST_LOADED } router_policy;
+int router_policy_parse(const char *s, router_policy *out); /* 0, or -1 */
+
+typedef struct router_config {
+    const char *host;           /* "127.0.0.1" */
+    int port;                   /* 0: any free port */
+    const char *served_model_name;
+    const char *api_key;        /* NULL: no auth on /v1 */
+    const char *const *instances; int n_instances; /* colocated backends: "http://H:P" */
+    const char *const *prefill; int n_prefill;     /* disaggregated: both lists given */
+    const char *const *decode; int n_decode;
+    router_policy policy;
+    double kv_timeout_s;        /* deadline of a disaggregated request's reservation +
+                                 * prefill + transfer (0: 30 s) */
+    const char *internal_secret;/* sent as X-PD-Internal-Secret (NULL: none) */
+    double poll_interval_s;     /* 0: 0.1 s */
+    size_t max_body_bytes;      /* 0: 8 MiB */
+    int http_threads;           /* 0: 2 */
+} router_config;
+
+typedef struct router router;
+router *router_start(const router_config *cfg, char *err, size_t errlen);
+int router_port(const router *r);
+/* Stops accepting, fails requests in flight (streams end with an error event), waits
+ * up to timeout_s, stops both threads. */
+void router_shutdown(router *r, double timeout_s);
+void router_free(router *r);    /* NULL is a no-op */
 
 #endif

@@ -6,7 +6,11 @@
  * sizes maps fresh zero pages without touching them (a KV cache of many GiB costs
  * nothing until it is used). */
 #include <cblas.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -127,6 +131,34 @@ static void cpu_fill(backend *b, void *dst, dtype t, size_t n, float value) {
 
 static void cpu_sync(backend *b) {}
 
+/* Shared KV memory: a POSIX shm segment (tmpfs pages: like calloc, nothing is paid
+ * until touched). Not counted in impl->allocated: free_shared is told its size. */
+static void *cpu_alloc_shared(backend *b, size_t bytes, const char *name, char *err,
+                              size_t errlen) {
+    int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600);
+    if (fd < 0) {
+        pd_errorf(err, errlen, "shared memory %s: %s", name, strerror(errno));
+        return NULL;
+    }
+    void *p = MAP_FAILED;
+    if (ftruncate(fd, (off_t)bytes) == 0)
+        p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    int e = errno;
+    close(fd);
+    if (p == MAP_FAILED) {
+        shm_unlink(name);
+        pd_errorf(err, errlen, "shared memory %s (%zu bytes): %s", name, bytes, strerror(e));
+        return NULL;
+    }
+    return p;
+}
+
+static void cpu_free_shared(backend *b, void *p, size_t bytes, const char *name) {
+    if (!p) return;
+    munmap(p, bytes);
+    shm_unlink(name);
+}
+
 static void cpu_destroy(backend *b) {
     cpu_impl *impl = b->impl;
     if (impl->allocated) log_debug("cpu backend: %zu bytes still allocated at exit", impl->allocated);
@@ -162,6 +194,8 @@ static const backend_ops CPU_OPS = {
     .swiglu = cpu_swiglu,
     .gather_rows = cpu_gather_rows,
     .destroy = cpu_destroy,
+    .alloc_shared = cpu_alloc_shared,
+    .free_shared = cpu_free_shared,
 };
 
 backend *backend_cpu_create(int threads) {

@@ -55,14 +55,18 @@ __device__ __forceinline__ void unpack8(uint4 u, float *f) {
 }
 
 /* DT: head dim fixed at compile time (64, 128), or 0 for any multiple of 8 up to 256. */
-template <int DT>
+/* SPLIT: grid z = (q-head group) * nsplit + split; the block takes only its split's
+ * share of the keys (whole tiles) and writes its unnormalised partial sums and (m, l)
+ * to ws_o / ws_ml for attn_split_reduce_kernel; otherwise it writes the output. */
+template <int DT, bool SPLIT>
 __global__ void __launch_bounds__(ATT_THREADS)
 attention_kernel(bf16 *out, const bf16 *qkv, const bf16 *kc, const bf16 *vc, const int32_t *rows,
                  const int32_t *seqs, const int32_t *tables, int H, int K, int D_, int bs,
-                 float scale) {
+                 float scale, int nsplit, float *ws_o, float *ws_ml) {
     const int D = DT ? DT : D_;
     const int row = blockIdx.x, kvh = blockIdx.y;
-    const int G = H / K, g0 = blockIdx.z * ATT_MAXG, gc = min(ATT_MAXG, G - g0);
+    const int gz = SPLIT ? blockIdx.z / nsplit : blockIdx.z, split = SPLIT ? blockIdx.z % nsplit : 0;
+    const int G = H / K, g0 = gz * ATT_MAXG, gc = min(ATT_MAXG, G - g0);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int KD = K * D, ndc = D / 8, lanes = ATT_THREADS / ndc;
     const int kl = tid / ndc, dc = tid % ndc; /* PV phase: key lane, 8-wide d chunk */
@@ -76,11 +80,19 @@ attention_kernel(bf16 *out, const bf16 *qkv, const bf16 *kc, const bf16 *vc, con
 
     const int seq = rows[2 * row];
     bf16 *orow = out + (size_t)row * H * D + (size_t)(kvh * G + g0) * D;
-    if (seq < 0) { /* a row no sequence claims: defined output */
-        for (int i = tid; i < gc * D; i += ATT_THREADS) orow[i] = __float2bfloat16(0.0f);
+    if (seq <= -2) return; /* a prefill row: attention_prefill.cu writes it */
+    if (seq < 0) { /* a row no sequence claims: defined output (SPLIT: the reduce's) */
+        if (!SPLIT)
+            for (int i = tid; i < gc * D; i += ATT_THREADS) orow[i] = __float2bfloat16(0.0f);
         return;
     }
     const int nkeys = rows[2 * row + 1] + 1; /* causal: keys 0..pos */
+    int kbeg = 0, kend = nkeys;
+    if (SPLIT) { /* whole tiles per split; a split past the end leaves an empty partial */
+        int chunk = ((nkeys + nsplit - 1) / nsplit + ATT_TILE - 1) / ATT_TILE * ATT_TILE;
+        kbeg = min(nkeys, split * chunk);
+        kend = min(nkeys, kbeg + chunk);
+    }
     const int32_t *table = tables + seqs[2 * seq + 1];
     const bf16 *qrow = qkv + (size_t)row * (H + 2 * K) * D + (size_t)(kvh * G + g0) * D;
     for (int i = tid; i < gc * D; i += ATT_THREADS)
@@ -96,8 +108,8 @@ attention_kernel(bf16 *out, const bf16 *qkv, const bf16 *kc, const bf16 *vc, con
         for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
     __syncthreads();
 
-    for (int kb = 0; kb < nkeys; kb += ATT_TILE) {
-        const int tn = min(ATT_TILE, nkeys - kb);
+    for (int kb = kbeg; kb < kend; kb += ATT_TILE) {
+        const int tn = min(ATT_TILE, kend - kb);
         /* scores: thread tid takes key kb + tid */
         {
             float s[ATT_MAXG];
@@ -194,16 +206,73 @@ attention_kernel(bf16 *out, const bf16 *qkv, const bf16 *kc, const bf16 *vc, con
         int g = i / D, d = i % D;
         float s = 0.0f;
         for (int l = 0; l < lanes; l++) s += buf[(l * ATT_MAXG + g) * D + d];
-        orow[i] = __float2bfloat16(s / l_s[g]);
+        if (SPLIT) {
+            size_t w = ((size_t)row * H + kvh * G + g0 + g) * nsplit + split;
+            ws_o[w * D + d] = s;
+            if (d == 0) {
+                ws_ml[2 * w] = m_s[g];
+                ws_ml[2 * w + 1] = l_s[g];
+            }
+        } else {
+            orow[i] = __float2bfloat16(s / l_s[g]);
+        }
     }
 }
 
-/* Flattens seqs into the metadata layout above (host), in cb->attn_meta_tmp.
- * Returns the number of int32 elements. Asserts the step is consistent. */
-static size_t attn_meta_build(cuda_backend *cb, const attn_seq *seqs, int B, int T,
-                              int block_size) {
+/* Merges the nsplit partials of each (row, q head): out = sum_s e^(m_s - M) acc_s /
+ * sum_s e^(m_s - M) l_s with M the largest m_s. One block per (row, head). */
+__global__ void attn_split_reduce_kernel(bf16 *out, const int32_t *rows, const float *ws_o,
+                                         const float *ws_ml, int H, int D, int nsplit) {
+    const int row = blockIdx.x, h = blockIdx.y, seq = rows[2 * row];
+    bf16 *orow = out + ((size_t)row * H + h) * D;
+    if (seq <= -2) return;
+    if (seq < 0) {
+        for (int d = threadIdx.x; d < D; d += blockDim.x) orow[d] = __float2bfloat16(0.0f);
+        return;
+    }
+    const size_t w0 = ((size_t)row * H + h) * nsplit;
+    float M = -INFINITY;
+    for (int s = 0; s < nsplit; s++) M = fmaxf(M, ws_ml[2 * (w0 + s)]);
+    float L = 0.0f;
+    for (int s = 0; s < nsplit; s++) {
+        float l = ws_ml[2 * (w0 + s) + 1];
+        if (l > 0.0f) L += expf(ws_ml[2 * (w0 + s)] - M) * l;
+    }
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s < nsplit; s++) {
+            float l = ws_ml[2 * (w0 + s) + 1];
+            if (l > 0.0f) acc += expf(ws_ml[2 * (w0 + s)] - M) * ws_o[(w0 + s) * D + d];
+        }
+        orow[d] = __float2bfloat16(acc / L);
+    }
+}
+
+/* Sequences with at least this many rows in the step go to the tensor-core prefill
+ * kernel (when it supports D); shorter chunks and decode rows to attention_kernel. */
+#define ATT_FA_MIN_Q 16
+#define ATT_FA_M 128 /* q rows per prefill tile (attention_prefill.cu's FA_M) */
+
+typedef struct attn_plan {
+    size_t n;           /* int32 elements of metadata */
+    int n_tiles;        /* prefill tiles, after the tables */
+    int n_basic_rows;   /* rows attention_kernel computes */
+    int max_basic_keys; /* the longest context among them */
+    int n_claimed;      /* rows some sequence computes (the others get zeros) */
+} attn_plan;
+
+/* Flattens seqs into the metadata layout above (host), in cb->attn_meta_tmp, with the
+ * prefill tiles [n_tiles][4] after the tables and their rows marked -2. Asserts the
+ * step is consistent. */
+static attn_plan attn_meta_build(cuda_backend *cb, const attn_seq *seqs, int B, int T,
+                                 int block_size, bool fa) {
+    attn_plan pl = {0, 0, 0, 0, 0};
     size_t n = 2 * (size_t)T + 2 * (size_t)B;
-    for (int b = 0; b < B; b++) n += (size_t)PD_MAX(seqs[b].n_blocks, 0);
+    for (int b = 0; b < B; b++) {
+        n += (size_t)PD_MAX(seqs[b].n_blocks, 0);
+        if (fa && seqs[b].q_len >= ATT_FA_MIN_Q)
+            n += 4 * (size_t)((seqs[b].q_len + ATT_FA_M - 1) / ATT_FA_M);
+    }
     if (n > cb->attn_meta_host_cap) {
         size_t cap = PD_MAX(n, 2 * cb->attn_meta_host_cap);
         cb->attn_meta_host = (int32_t *)xrealloc(cb->attn_meta_host, cap * sizeof(int32_t));
@@ -231,7 +300,70 @@ static size_t attn_meta_build(cuda_backend *cb, const attn_seq *seqs, int B, int
         memcpy(tab + off, s->block_table, (size_t)s->n_blocks * sizeof(int32_t));
         off += s->n_blocks;
     }
-    return n;
+    int32_t *tiles = tab + off;
+    for (int b = 0; b < B; b++) {
+        const attn_seq *s = &seqs[b];
+        pl.n_claimed += s->q_len;
+        if (fa && s->q_len >= ATT_FA_MIN_Q) {
+            for (int i = 0; i < s->q_len; i++) rows[2 * (s->q_start + i)] = -2;
+            for (int i = 0; i < s->q_len; i += ATT_FA_M) {
+                int32_t *t = tiles + 4 * pl.n_tiles++;
+                t[0] = s->q_start + i;
+                t[1] = PD_MIN(ATT_FA_M, s->q_len - i);
+                t[2] = s->ctx_len - s->q_len + i;
+                t[3] = b;
+            }
+        } else if (s->q_len > 0) {
+            pl.n_basic_rows += s->q_len;
+            pl.max_basic_keys = PD_MAX(pl.max_basic_keys, s->ctx_len);
+        }
+    }
+    pl.n = n;
+    return pl;
+}
+
+/* Splits per row so that a decode step of few rows still fills the GPU: about two
+ * blocks per SM, at least one tile of keys per split, at most 32. */
+static int attn_nsplit(const cuda_backend *cb, const attn_plan *pl, int K, int gz) {
+    if (cb->attn_basic || pl->n_basic_rows == 0) return 1;
+    long blocks = (long)pl->n_basic_rows * K * gz, want = 2L * cb->sm_count;
+    if (blocks >= want) return 1;
+    int by_keys = (pl->max_basic_keys + ATT_TILE - 1) / ATT_TILE;
+    int ns = (int)((want + blocks - 1) / blocks);
+    return PD_MAX(1, PD_MIN(PD_MIN(ns, by_keys), 32));
+}
+
+/* Grows the split-K scratch to n floats (synchronises first; start-up or rare). */
+static void attn_ws_grow(cuda_backend *cb, size_t n) {
+    if (n <= cb->attn_ws_cap) return;
+    size_t want = PD_MAX(n, 2 * cb->attn_ws_cap);
+    CUDA_CHECK(cudaStreamSynchronize(cb->stream));
+    if (cb->attn_ws) CUDA_CHECK(cudaFree(cb->attn_ws));
+    CUDA_CHECK(cudaMalloc((void **)&cb->attn_ws, want * sizeof(float)));
+    cb->attn_ws_cap = want;
+}
+
+template <int DT, bool SPLIT>
+static void attn_launch(cuda_backend *cb, dim3 grid, bf16 *o, const bf16 *q, const bf16 *kc,
+                        const bf16 *vc, const int32_t *rows, const int32_t *sq, const int32_t *tab,
+                        int H, int K, int D, int bs, float scale, int nsplit, float *wo,
+                        float *wml) {
+    attention_kernel<DT, SPLIT><<<grid, ATT_THREADS, 0, cb->stream>>>(
+        o, q, kc, vc, rows, sq, tab, H, K, D, bs, scale, nsplit, wo, wml);
+    CUDA_CHECK_LAUNCH();
+}
+
+template <bool SPLIT>
+static void attn_launch_d(cuda_backend *cb, dim3 grid, bf16 *o, const bf16 *q, const bf16 *kc,
+                          const bf16 *vc, const int32_t *rows, const int32_t *sq,
+                          const int32_t *tab, int H, int K, int D, int bs, float scale, int nsplit,
+                          float *wo, float *wml) {
+    if (D == 128)
+        attn_launch<128, SPLIT>(cb, grid, o, q, kc, vc, rows, sq, tab, H, K, D, bs, scale, nsplit, wo, wml);
+    else if (D == 64)
+        attn_launch<64, SPLIT>(cb, grid, o, q, kc, vc, rows, sq, tab, H, K, D, bs, scale, nsplit, wo, wml);
+    else
+        attn_launch<0, SPLIT>(cb, grid, o, q, kc, vc, rows, sq, tab, H, K, D, bs, scale, nsplit, wo, wml);
 }
 
 void cuda_attention(backend *b, void *out, const void *qkv, const void *kcache, const void *vcache,
@@ -243,7 +375,9 @@ void cuda_attention(backend *b, void *out, const void *qkv, const void *kcache, 
     PD_ASSERT(((uintptr_t)qkv & 15) == 0 && ((uintptr_t)kcache & 15) == 0 &&
               ((uintptr_t)vcache & 15) == 0);
     if (T == 0) return;
-    size_t n = attn_meta_build(cb, seqs, B, T, block_size);
+    bool fa = !cb->attn_basic && cuda_attention_prefill_supports(D);
+    attn_plan pl = attn_meta_build(cb, seqs, B, T, block_size, fa);
+    size_t n = pl.n;
     if (n != cb->attn_meta_len ||
         memcmp(cb->attn_meta_tmp, cb->attn_meta_host, n * sizeof(int32_t)) != 0) {
         cuda_grow_i32(cb, &cb->attn_meta, &cb->attn_meta_cap, n);
@@ -254,18 +388,28 @@ void cuda_attention(backend *b, void *out, const void *qkv, const void *kcache, 
         cb->attn_meta_len = n;
     }
     const int32_t *rows = cb->attn_meta, *sq = rows + 2 * T, *tab = sq + 2 * B;
-    int G = H / K;
-    dim3 grid((unsigned)T, (unsigned)K, (unsigned)((G + ATT_MAXG - 1) / ATT_MAXG));
+    const int32_t *tiles = cb->attn_meta + n - 4 * (size_t)pl.n_tiles;
     const bf16 *q = (const bf16 *)qkv, *kc = (const bf16 *)kcache, *vc = (const bf16 *)vcache;
     bf16 *o = (bf16 *)out;
-    if (D == 128)
-        attention_kernel<128><<<grid, ATT_THREADS, 0, cb->stream>>>(o, q, kc, vc, rows, sq, tab, H,
-                                                                    K, D, block_size, scale);
-    else if (D == 64)
-        attention_kernel<64><<<grid, ATT_THREADS, 0, cb->stream>>>(o, q, kc, vc, rows, sq, tab, H, K,
-                                                                   D, block_size, scale);
-    else
-        attention_kernel<0><<<grid, ATT_THREADS, 0, cb->stream>>>(o, q, kc, vc, rows, sq, tab, H, K,
-                                                                  D, block_size, scale);
+    if (pl.n_tiles > 0)
+        cuda_attention_prefill(cb, o, q, kc, vc, tiles, pl.n_tiles, sq, tab, H, K, D, block_size,
+                               scale);
+    if (pl.n_basic_rows == 0 && pl.n_claimed == T) return; /* every row was a prefill row */
+    int G = H / K, gz = (G + ATT_MAXG - 1) / ATT_MAXG;
+    int nsplit = attn_nsplit(cb, &pl, K, gz);
+    if (nsplit == 1) {
+        dim3 grid((unsigned)T, (unsigned)K, (unsigned)gz);
+        attn_launch_d<false>(cb, grid, o, q, kc, vc, rows, sq, tab, H, K, D, block_size, scale, 1,
+                             NULL, NULL);
+        return;
+    }
+    size_t parts = (size_t)T * H * nsplit;
+    attn_ws_grow(cb, parts * (D + 2));
+    float *wo = cb->attn_ws, *wml = cb->attn_ws + parts * D;
+    dim3 grid((unsigned)T, (unsigned)K, (unsigned)(gz * nsplit));
+    attn_launch_d<true>(cb, grid, o, q, kc, vc, rows, sq, tab, H, K, D, block_size, scale, nsplit,
+                        wo, wml);
+    attn_split_reduce_kernel<<<dim3((unsigned)T, (unsigned)H), 128, 0, cb->stream>>>(
+        o, rows, wo, wml, H, D, nsplit);
     CUDA_CHECK_LAUNCH();
 }

@@ -230,6 +230,7 @@ static const backend_ops cuda_ops = {
     cuda_swiglu,
     cuda_gather_rows,
     cu_destroy,
+    cuda_argmax_rows,
 };
 
 static void cu_destroy(backend *b) {
@@ -247,6 +248,7 @@ static void cu_destroy(backend *b) {
     CUDA_CHECK(cudaFree(cb->cublas_ws));
     if (cb->attn_meta) CUDA_CHECK(cudaFree(cb->attn_meta));
     if (cb->rows) CUDA_CHECK(cudaFree(cb->rows));
+    if (cb->attn_ws) CUDA_CHECK(cudaFree(cb->attn_ws));
     CUDA_CHECK(cudaFree(cb->inv_freq));
     CUDA_CHECK(cudaStreamDestroy(cb->stream));
     free(cb->attn_meta_host);
@@ -295,6 +297,8 @@ extern "C" backend *backend_cuda_create(int device, char *err, size_t errlen) {
     CUDA_CHECK(cudaEventCreate(&cb->timer_start));
     CUDA_CHECK(cudaEventCreate(&cb->timer_stop));
     CUDA_CHECK(cudaMalloc((void **)&cb->inv_freq, ROPE_MAX_HALF * sizeof(float)));
+    const char *attn = getenv("PDSERVE_CUDA_ATTN");
+    cb->attn_basic = attn && strcmp(attn, "basic") == 0;
     backend *b = (backend *)xcalloc(1, sizeof *b);
     b->ops = &cuda_ops;
     b->impl = cb;

@@ -78,6 +78,12 @@ typedef struct cuda_backend {
     rope_params inv_freq_rp;
     int inv_freq_D;             /* 0: nothing cached */
 
+    /* split-K decode attention: partial (acc [D], m, l) per (row, q head, split), fp32;
+     * device scratch grown on demand (floats) */
+    float *attn_ws;
+    size_t attn_ws_cap;
+    bool attn_basic;            /* PDSERVE_CUDA_ATTN=basic: first kernel only (A/B runs) */
+
     cudaEvent_t timer_start, timer_stop; /* backend_cuda_timer_* */
 } cuda_backend;
 
@@ -119,6 +125,13 @@ void cuda_gather_rows(backend *b, void *out, const void *x, const int32_t *rows,
 void cuda_bias_rows(cuda_backend *cb, __nv_bfloat16 *out, const __nv_bfloat16 *bias, int T, int N);
 void cuda_fill_random(backend *b, void *dst, dtype t, size_t n, uint64_t seed, float scale);
 void cuda_fill(backend *b, void *dst, dtype t, size_t n, float value);
+void cuda_argmax_rows(backend *b, int32_t *out, const void *x, int n, int V);
+/* attention_prefill.cu: tensor-core causal attention for prefill chunks (D 64, 128) */
+bool cuda_attention_prefill_supports(int D);
+void cuda_attention_prefill(cuda_backend *cb, __nv_bfloat16 *out, const __nv_bfloat16 *qkv,
+                            const __nv_bfloat16 *kc, const __nv_bfloat16 *vc, const int32_t *tiles,
+                            int n_tiles, const int32_t *seqs, const int32_t *tables, int H, int K,
+                            int D, int bs, float scale);
 void cuda_attention(backend *b, void *out, const void *qkv, const void *kcache, const void *vcache,
                     const attn_seq *seqs, int B, int T, int H, int K, int D, int block_size,
                     float scale);

@@ -448,3 +448,64 @@ void cuda_fill(backend *b, void *dst, dtype t, size_t n, float value) {
     fill_kernel<<<fill_grid(cb, n), 256, 0, cb->stream>>>(dst, t, n, value);
     CUDA_CHECK_LAUNCH();
 }
+
+/* ---- greedy argmax over logits rows: one block per row ----------------------------------
+ * Each thread keeps the best (value, index) of a strided slice (16-byte loads when V
+ * is a multiple of 8), then the block reduces: larger value wins, the lower index on
+ * equal values (the CPU sampler's rule). A NaN never wins (comparisons are false). */
+
+__device__ __forceinline__ void amax_take(float &bv, int &bi, float v, int i) {
+    if (v > bv || (v == bv && i < bi)) {
+        bv = v;
+        bi = i;
+    }
+}
+
+template <int VEC>
+__global__ void __launch_bounds__(1024) argmax_rows_kernel(int32_t *out, const bf16 *x, int V) {
+    const bf16 *row = x + (size_t)blockIdx.x * V;
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x * VEC; i < V; i += blockDim.x * VEC) {
+        float f[VEC];
+        load_f<VEC>(row + i, f);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) amax_take(bv, bi, f[k], i + k);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        amax_take(bv, bi, ov, oi);
+    }
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+    if (lane == 0) {
+        sv[warp] = bv;
+        si[warp] = bi;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        bv = lane < nw ? sv[lane] : -INFINITY;
+        bi = lane < nw ? si[lane] : 0x7fffffff;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            amax_take(bv, bi, ov, oi);
+        }
+        if (lane == 0) out[blockIdx.x] = bi == 0x7fffffff ? 0 : bi; /* all NaN: token 0 */
+    }
+}
+
+void cuda_argmax_rows(backend *b, int32_t *out, const void *x, int n, int V) {
+    cuda_backend *cb = cuda_of(b);
+    PD_ASSERT(n >= 0 && V > 0);
+    if (n == 0) return;
+    if (vec8_ok(V, x, NULL, NULL))
+        argmax_rows_kernel<8><<<n, 1024, 0, cb->stream>>>(out, (const bf16 *)x, V);
+    else
+        argmax_rows_kernel<1><<<n, 1024, 0, cb->stream>>>(out, (const bf16 *)x, V);
+    CUDA_CHECK_LAUNCH();
+}

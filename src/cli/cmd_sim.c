@@ -1,0 +1,356 @@
+/* cmd_sim.c: `pdserve sim PLAN.json --profile P [--db results.db] [--json out.json]`:
+ * every point of a sim plan (setups x loads x clocks) through the simulator
+ * (src/sim/): the engine's real scheduler in virtual time, priced by a measured
+ * profile. Requests come from src/bench with the plan's seed, so a point simulates
+ * exactly the requests `pdserve bench` / `pdserve sweep` would send. Results go to the
+ * results database (runs marked simulated) and/or a JSON file of summaries. */
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bench/bench.h"
+#include "cli/cli.h"
+#include "sim/sim.h"
+#include "study/study.h"
+#include "util/util.h"
+
+static const char USAGE[] =
+    "usage: pdserve sim PLAN.json [--profile PROFILE.json] [--db results.db] [--json out.json]\n\n"
+    "Simulates every point of a plan (setups x loads x clocks) with the engine's own scheduler\n"
+    "in virtual time, each step priced by a profile from `pdserve profile`. Setups: co-1gpu,\n"
+    "co-2gpus, co-N, dis-MEDIUM (1P1D), xPyD[-MEDIUM]; loads: batch (rate inf), Poisson rate,\n"
+    "or a trace's timestamps. Plan format: docs/simulator.md. Points are recorded in the\n"
+    "results database marked simulated, and/or as summaries in a JSON file.";
+
+typedef struct sim_point_out {
+    char label[160];
+    sim_stats st;
+    bench_summary sum;
+    double j_per_token;
+} sim_point_out;
+
+/* Energy as bench_energy series (one per stage), which the results database stores,
+ * and the matching idle figures. */
+static void fill_energy(bench_result *r, study_idle *idle, const sim_stats *st, const sim_config *cfg,
+                        const sim_profile *p) {
+    memset(&r->energy, 0, sizeof r->energy);
+    memset(idle, 0, sizeof *idle);
+    if (st->energy_j < 0) return;
+    int n_p = cfg->n_colocated > 0 ? cfg->n_colocated : cfg->n_prefill;
+    struct { const char *role; double j; int n; } parts[3] = {
+        {cfg->n_colocated > 0 ? "colocated" : "prefill", st->energy_prefill_j, n_p},
+        {"decode", st->energy_decode_j, cfg->n_decode},
+        {"transfer", st->energy_transfer_j, 0},
+    };
+    for (int k = 0; k < 3; k++) {
+        if (parts[k].j <= 0 && parts[k].n == 0) continue;
+        bench_energy_series *s = &r->energy.s[r->energy.n];
+        bench_energy_series *is = &idle->e.s[idle->e.n];
+        snprintf(s->key, sizeof s->key, "pdserve_%s_energy_joules{device=\"sim-%s-x%d\",role=\"%s\"}",
+                 k == 2 ? "kv" : "gpu", parts[k].role, parts[k].n, parts[k].role);
+        snprintf(s->role, sizeof s->role, "%s", parts[k].role);
+        s->before = 0;
+        s->after = parts[k].j;
+        s->has_before = s->has_after = true;
+        *is = *s;
+        is->after = p->power.idle_w * parts[k].n; /* over idle->seconds = 1 */
+        r->energy.n++;
+        idle->e.n++;
+    }
+    idle->seconds = 1.0;
+}
+
+static void load_label(const sim_load *l, char *out, size_t cap) {
+    if (l->batch) snprintf(out, cap, "b%d", l->num_prompts);
+    else if (l->trace_times) snprintf(out, cap, "trace%s", l->num_prompts ? "" : "-all");
+    else snprintf(out, cap, "r%g", l->rate);
+}
+
+/* Builds the requests of one load: the dataset with the plan's seed, and the arrivals. */
+static int make_requests(const sim_plan *pl, const sim_load *l, bench_dataset *d, sim_request **reqs,
+                         double *mean_rate, char *err, size_t errlen) {
+    bench_dataset_opts o = pl->dataset;
+    o.num_prompts = l->num_prompts;
+    o.path = pl->dataset_path[0] ? pl->dataset_path : NULL;
+    o.trace_time_scale = l->trace_time_scale;
+    if (bench_dataset_load(&o, NULL, d, err, errlen) != 0) return -1;
+    if (d->n == 0) {
+        pd_errorf(err, errlen, "the dataset has no requests");
+        return -1;
+    }
+    double *arr = xmalloc(sizeof(double) * (size_t)d->n);
+    if (l->trace_times) {
+        if (!d->has_timestamps) {
+            free(arr);
+            pd_errorf(err, errlen, "load \"trace\" needs a dataset with timestamps (azure, mooncake)");
+            return -1;
+        }
+        for (int i = 0; i < d->n; i++) arr[i] = PD_MAX(d->reqs[i].arrival_s, 0);
+        *mean_rate = arr[d->n - 1] > 0 ? (d->n - 1) / arr[d->n - 1] : INFINITY;
+    } else {
+        bench_arrivals(l->batch ? INFINITY : l->rate, l->burstiness, d->n, pl->seed, arr);
+        *mean_rate = l->batch ? INFINITY : l->rate;
+    }
+    *reqs = xmalloc(sizeof(sim_request) * (size_t)d->n);
+    sim_requests_from_dataset(d, arr, *reqs);
+    free(arr);
+    return 0;
+}
+
+static void print_header(void) {
+    printf("| %-22s | %-8s | %-11s | %9s | %9s | %8s | %8s | %8s | %10s | %9s | %7s | %6s |\n", "setup", "load",
+           "clocks", "TTFT med", "TTFT p99", "TPOT med", "TPOT p99", "ITL med", "out tok/s", "J/token",
+           "preempt", "sim s");
+    printf("|%.24s|%.10s|%.13s|%.11s|%.11s|%.10s|%.10s|%.10s|%.12s|%.11s|%.9s|%.8s|\n",
+           "-------------------------", "-----------", "--------------", "------------", "------------",
+           "-----------", "-----------", "-----------", "-------------", "------------", "----------",
+           "---------");
+}
+
+static double pct(const bench_stat *s, const bench_config *bc, double p) {
+    for (int i = 0; i < bc->n_percentiles; i++)
+        if (bc->percentiles[i] == p) return s->pct[i];
+    return NAN;
+}
+
+static cJSON *point_json(const char *setup, const char *load, const double clk[2], const bench_config *bc,
+                         const bench_summary *s, const sim_stats *st) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "setup", setup);
+    cJSON_AddStringToObject(o, "load", load);
+    cJSON_AddNumberToObject(o, "prefill_mhz", clk[0]);
+    cJSON_AddNumberToObject(o, "decode_mhz", clk[1]);
+    cJSON_AddBoolToObject(o, "simulated", true);
+    cJSON_AddNumberToObject(o, "completed", s->completed);
+    cJSON_AddNumberToObject(o, "duration_s", s->duration_s);
+    cJSON_AddNumberToObject(o, "total_input_tokens", (double)s->total_input);
+    cJSON_AddNumberToObject(o, "total_output_tokens", (double)s->total_output);
+    cJSON_AddNumberToObject(o, "request_throughput", s->request_throughput);
+    cJSON_AddNumberToObject(o, "output_throughput", s->output_throughput);
+    cJSON_AddNumberToObject(o, "total_token_throughput", s->total_token_throughput);
+    const struct { const char *n; const bench_stat *s; } m[] = {
+        {"ttft", &s->ttft}, {"tpot", &s->tpot}, {"itl", &s->itl}, {"e2el", &s->e2el}};
+    for (size_t k = 0; k < PD_ARRAY_LEN(m); k++) {
+        char key[48];
+        snprintf(key, sizeof key, "mean_%s_ms", m[k].n);
+        cJSON_AddNumberToObject(o, key, m[k].s->mean);
+        snprintf(key, sizeof key, "median_%s_ms", m[k].n);
+        cJSON_AddNumberToObject(o, key, m[k].s->median);
+        snprintf(key, sizeof key, "p99_%s_ms", m[k].n);
+        double v = pct(m[k].s, bc, 99);
+        if (isfinite(v)) cJSON_AddNumberToObject(o, key, v);
+        else cJSON_AddNullToObject(o, key);
+    }
+    if (st->energy_j >= 0) {
+        cJSON_AddNumberToObject(o, "energy_j", st->energy_j);
+        cJSON_AddNumberToObject(o, "energy_prefill_j", st->energy_prefill_j);
+        cJSON_AddNumberToObject(o, "energy_decode_j", st->energy_decode_j);
+        cJSON_AddNumberToObject(o, "energy_transfer_j", st->energy_transfer_j);
+        double tok = (double)(s->total_input + s->total_output);
+        cJSON_AddNumberToObject(o, "j_per_token", tok > 0 ? st->energy_j / tok : 0);
+    } else {
+        cJSON_AddNullToObject(o, "energy_j");
+        cJSON_AddNullToObject(o, "j_per_token");
+    }
+    cJSON_AddNumberToObject(o, "steps", (double)st->steps);
+    cJSON_AddNumberToObject(o, "preemptions", (double)st->preemptions);
+    cJSON_AddNumberToObject(o, "kv_bytes", st->kv_bytes);
+    cJSON_AddNumberToObject(o, "sim_wall_s", st->wall_s);
+    return o;
+}
+
+typedef struct sim_cli {
+    const sim_plan *pl;
+    const sim_profile *prof;
+    study_db *db;
+    study_hw hw;
+    cJSON *points;
+    int index;
+    bool quiet;
+} sim_cli;
+
+static int record_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, const double clk[2],
+                        const sim_config *cfg, double mean_rate, bench_config *bc, bench_result *r,
+                        const sim_stats *st, double t_start, char *err, size_t errlen) {
+    char ll[48];
+    load_label(l, ll, sizeof ll);
+    study_kv opts[2] = {{"medium", (char *)(su->medium[0] && cfg->n_colocated == 0 ? su->medium : "none")},
+                        {"router", (char *)(cfg->router == SIM_ROUTER_LEAST_LOADED ? "least-loaded" : "round-robin")}};
+    study_setup ss = {.label = (char *)su->label, .name = (char *)su->label, .opts = opts, .n_opts = 2};
+    study_point pt;
+    memset(&pt, 0, sizeof pt);
+    pt.index = c->index;
+    pt.setup = &ss;
+    pt.load.kind = l->batch ? STUDY_LOAD_BATCH : STUDY_LOAD_RATE;
+    pt.load.batch_size = l->batch ? l->num_prompts : 0;
+    pt.load.rate = mean_rate;
+    pt.load.burstiness = l->burstiness;
+    pt.load.num_prompts = r->n;
+    pt.clock.prefill_mhz = (int)clk[0];
+    pt.clock.decode_mhz = (int)clk[1];
+    snprintf(pt.key, sizeof pt.key, "sim|%.60s|%.60s|%s|%g/%g|seed%llu|%.60s", c->pl->name, su->label, ll, clk[0], clk[1],
+             (unsigned long long)c->pl->seed, c->prof->device);
+    snprintf(pt.label, sizeof pt.label, "sim %s %s", su->label, ll);
+    bc->request_rate = mean_rate;
+    study_idle idle;
+    fill_energy(r, &idle, st, cfg, c->prof);
+    study_run_info ri = {.plan_name = c->pl->name, .model = c->prof->model, .base_url = "sim", .hw = &c->hw,
+                         .started_unix = t_start, .ended_unix = time_wall_s(), .status = STUDY_STATUS_OK,
+                         .simulated = true, .dataset = bench_dataset_kind_name(c->pl->dataset.kind),
+                         .input_len = c->pl->dataset.random_input_len,
+                         .output_len = c->pl->dataset.random_output_len,
+                         .range_ratio = c->pl->dataset.random_range_ratio, .seed = c->pl->seed};
+    return study_db_record(c->db, &pt, &ri, bc, r, idle.seconds > 0 ? &idle : NULL, err, errlen) < 0 ? -1 : 0;
+}
+
+static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, const double clk[2], char *err,
+                     size_t errlen) {
+    const sim_plan *pl = c->pl;
+    const sim_profile *prof = c->prof;
+    bench_dataset d = {0};
+    sim_request *reqs = NULL;
+    double mean_rate;
+    double t_start = time_wall_s();
+    if (make_requests(pl, l, &d, &reqs, &mean_rate, err, errlen) != 0) {
+        bench_dataset_free(&d);
+        return -1;
+    }
+    sim_medium mstore;
+    sim_config cfg = {.n_colocated = su->n_colocated, .n_prefill = su->n_prefill, .n_decode = su->n_decode,
+                      .router = pl->router, .prefill_mhz = clk[0], .decode_mhz = clk[1],
+                      .record_tokens = pl->record_tokens};
+    if (su->n_prefill > 0) {
+        cfg.medium = sim_medium_find(prof, su->medium, &mstore);
+        if (!cfg.medium) {
+            pd_errorf(err, errlen, "setup %s: unknown medium '%s' (not in the profile and no default)", su->label,
+                      su->medium);
+            free(reqs);
+            bench_dataset_free(&d);
+            return -1;
+        }
+    }
+    long long kv_tokens = pl->kv_cache_tokens ? pl->kv_cache_tokens
+                          : prof->kv_cache_tokens ? prof->kv_cache_tokens : 1000000;
+    cfg.sched = (sched_config){.num_blocks = (int)PD_MAX(kv_tokens / pl->block_size, 1), .block_size = pl->block_size,
+                               .max_num_seqs = pl->max_num_seqs, .max_num_batched_tokens = pl->max_num_batched_tokens,
+                               .enable_chunked_prefill = pl->enable_chunked_prefill};
+    bench_config bc;
+    bench_config_default(&bc);
+    bc.seed = pl->seed;
+    bc.burstiness = l->burstiness;
+    bc.request_rate = mean_rate;
+    bench_result *r = NULL;
+    sim_stats st;
+    int rc = sim_run(&cfg, prof, reqs, d.n, &bc, &r, &st, err, errlen);
+    char ll[48], ck[48];
+    load_label(l, ll, sizeof ll);
+    if (clk[0] > 0 || clk[1] > 0) snprintf(ck, sizeof ck, "%g/%g", clk[0], clk[1]);
+    else snprintf(ck, sizeof ck, "profiled");
+    if (rc == 0) {
+        const bench_summary *s = &r->sum;
+        double tok = (double)(s->total_input + s->total_output);
+        char jt[32];
+        if (st.energy_j >= 0) snprintf(jt, sizeof jt, "%.4g", st.energy_j / PD_MAX(tok, 1));
+        else snprintf(jt, sizeof jt, "n/m");
+        printf("| %-22s | %-8s | %-11s | %9.2f | %9.2f | %8.3f | %8.3f | %8.3f | %10.1f | %9s | %7llu | %6.2f |\n",
+               su->label, ll, ck, s->ttft.median, pct(&s->ttft, &bc, 99), s->tpot.median, pct(&s->tpot, &bc, 99),
+               s->itl.median, s->output_throughput, jt, (unsigned long long)st.preemptions, st.wall_s);
+        fflush(stdout);
+        cJSON_AddItemToArray(c->points, point_json(su->label, ll, clk, &bc, s, &st));
+        if (c->db) rc = record_point(c, su, l, clk, &cfg, mean_rate, &bc, r, &st, t_start, err, errlen);
+    }
+    c->index++;
+    bench_result_free(r);
+    free(reqs);
+    bench_dataset_free(&d);
+    return rc;
+}
+
+int cmd_sim(int argc, char **argv) {
+    const char *profile_path = NULL, *db_path = NULL, *json_path = NULL, *router = NULL;
+    int seed = -1;
+    bool quiet = false;
+    cli_opt opts[] = {
+        {"profile", OPT_STRING, &profile_path, "cost profile from `pdserve profile` (default: the plan's)", "FILE"},
+        {"db", OPT_STRING, &db_path, "results database to record the points in (marked simulated)", "FILE"},
+        {"json", OPT_STRING, &json_path, "write the points' summaries as a JSON array", "FILE"},
+        {"router", OPT_STRING, &router, "round-robin or least-loaded (default: the plan's)", "POLICY"},
+        {"seed", OPT_INT, &seed, "override the plan's seed", "S"},
+        {"quiet", OPT_FLAG, &quiet, "no log lines", NULL},
+    };
+    const char *pos[1];
+    int n_pos;
+    bool help;
+    if (cli_parse(argc, argv, opts, (int)PD_ARRAY_LEN(opts), USAGE, pos, 1, &n_pos, &help) != 0) return 2;
+    if (help) return 0;
+    if (n_pos != 1) {
+        fprintf(stderr, "pdserve sim: needs a plan file (see --help)\n");
+        return 2;
+    }
+    char err[1024];
+    sim_plan pl;
+    if (sim_plan_load(pos[0], &pl, err, sizeof err) != 0) {
+        fprintf(stderr, "pdserve sim: %s\n", err);
+        return 1;
+    }
+    if (seed >= 0) pl.seed = pl.dataset.seed = (uint64_t)seed;
+    if (router && sim_router_parse(router, &pl.router) != 0) {
+        fprintf(stderr, "pdserve sim: --router must be round-robin or least-loaded\n");
+        sim_plan_free(&pl);
+        return 2;
+    }
+    const char *pp = profile_path ? profile_path : pl.profile[0] ? pl.profile : NULL;
+    if (!pp) {
+        fprintf(stderr, "pdserve sim: no profile: pass --profile or set \"profile\" in the plan\n");
+        sim_plan_free(&pl);
+        return 2;
+    }
+    sim_profile prof;
+    if (sim_profile_load(pp, &prof, err, sizeof err) != 0) {
+        fprintf(stderr, "pdserve sim: %s\n", err);
+        sim_plan_free(&pl);
+        return 1;
+    }
+    if (!quiet)
+        log_info("sim: plan %s: %d setups x %d loads x %d clocks; profile %s on %s (%s)", pl.name, pl.n_setups,
+                 pl.n_loads, pl.n_clocks, prof.model, prof.device, prof.date);
+    for (int k = 0; k < pl.n_clocks; k++)
+        if ((pl.clocks[k][0] > 0 || pl.clocks[k][1] > 0) && !(prof.clock.base_mhz > 0))
+            log_warn("sim: the profile has no base clock (clock.base_mhz): clocks %g/%g are simulated as profiled",
+                     pl.clocks[k][0], pl.clocks[k][1]);
+    sim_cli c = {.pl = &pl, .prof = &prof, .points = cJSON_CreateArray(), .quiet = quiet};
+    int rc = 0;
+    if (db_path) {
+        study_hw_probe(&c.hw);
+        if (study_db_open(db_path, &c.db, err, sizeof err) != 0) {
+            fprintf(stderr, "pdserve sim: %s\n", err);
+            rc = 1;
+            goto out;
+        }
+        study_db_set_meta(c.db, "sim_plan", pl.json, err, sizeof err);
+    }
+    print_header();
+    for (int s = 0; s < pl.n_setups && rc == 0; s++)
+        for (int l = 0; l < pl.n_loads && rc == 0; l++)
+            for (int k = 0; k < pl.n_clocks && rc == 0; k++)
+                if (run_point(&c, &pl.setups[s], &pl.loads[l], pl.clocks[k], err, sizeof err) != 0) {
+                    fprintf(stderr, "pdserve sim: %s\n", err);
+                    rc = 1;
+                }
+    if (rc == 0 && json_path) {
+        char *txt = cJSON_Print(c.points);
+        if (util_write_file(json_path, txt, strlen(txt), err, sizeof err) != 0) {
+            fprintf(stderr, "pdserve sim: %s\n", err);
+            rc = 1;
+        }
+        cJSON_free(txt);
+    }
+out:
+    study_db_close(c.db);
+    cJSON_Delete(c.points);
+    sim_profile_free(&prof);
+    sim_plan_free(&pl);
+    return rc;
+}

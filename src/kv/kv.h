@@ -1,0 +1,278 @@
+/* kv.h: moving one request's KV blocks from a prefill instance to a decode instance
+ * (separate processes, maybe separate hosts). One interface, one file per medium:
+ *
+ *   gpu   kv_gpu.c   point-to-point into the decode side's reserved blocks. On the CPU
+ *                    backend: the decode instance's KV cache is one POSIX shm segment
+ *                    (kv_cache_create_shared) that the prefill process maps; copies are
+ *                    batched over coalesced runs of contiguous blocks. (CUDA: IPC
+ *                    handles + cudaMemcpyPeerAsync, declared below, not built yet.)
+ *   cpu   kv_cpu.c   a host-memory store: one shm segment with an index; entries keyed
+ *                    by a content hash chained over the token prefix; bounded, LRU
+ *                    eviction of unreferenced entries, per-entry checksum.
+ *   disk  kv_disk.c  a store of one file per block in a directory, O_DIRECT through
+ *                    io_uring (pread/pwrite fallback), capacity cap, per-layer checksum.
+ *   tcp   kv_tcp.c   point-to-point over a socket stream of framed messages (kv_msg_*);
+ *                    the decode side's receiver thread writes blocks into reserved blocks.
+ *   nccl  kv_nccl.c  declared, not built (needs the GPU build): returns KV_ERR_UNSUPPORTED.
+ *
+ * The flow of a disaggregated request (DESIGN.md):
+ *   decode:  kv_reserve(tokens, timeout)  -> blocks taken from its pool + a kv_ticket
+ *   router:  kv_ticket_format -> text -> kv_ticket_parse  (carried to the prefill side)
+ *   prefill: s = kv_send_begin(ticket, its own block ids)
+ *            layerwise: kv_send_layer(s, l) as each layer's KV exists; whole: nothing
+ *            kv_send_finish(s)  ships what is left and the completion notice
+ *   decode:  kv_ticket_poll / kv_ticket_wait -> KV_OK once every layer of every block
+ *            has arrived; kv_ticket_take hands the blocks to the engine.
+ *
+ * Failures are values (kv_status + one sentence in err), never hangs or aborts: a
+ * dead peer, a stalled transfer past its deadline, a full store, a truncated or
+ * corrupt message. Whatever fails, the decode side's reserved blocks go back through
+ * the allocator exactly once and no shm segment or store file outlives its owner.
+ * A failed ticket's blocks are released at once unless a sender is inside a copy into
+ * them (gpu: shared memory written by another process; tcp: a frame being received):
+ * then the request fails at once and the blocks return when that copy ends or the
+ * sender is found dead (kv_connector_tick / any poll).
+ *
+ * Threads: every function may be called from any thread; a connector serialises its
+ * own state. Load it is tuned for: a few to a few hundred concurrent requests of up to
+ * ~100k tokens each; per-request costs are O(blocks), nothing per token. */
+#ifndef PD_KV_H
+#define PD_KV_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine/engine.h"
+
+/* ---- results ------------------------------------------------------------------- */
+typedef enum kv_status {
+    KV_OK = 0,
+    KV_PENDING,             /* not yet: poll again */
+    KV_ERR_DEADLINE,        /* the reservation or transfer passed its deadline */
+    KV_ERR_PEER,            /* the other side died or closed the connection */
+    KV_ERR_FULL,            /* no free blocks / store at capacity (nothing evictable) */
+    KV_ERR_NOSPACE,         /* the file system is full (ENOSPC) */
+    KV_ERR_CORRUPT,         /* checksum mismatch: the data was never served */
+    KV_ERR_PROTOCOL,        /* a malformed, truncated or inconsistent message */
+    KV_ERR_IO,              /* another system error */
+    KV_ERR_ABORTED,         /* the sender or the decode side gave up on the request */
+    KV_ERR_UNKNOWN_TICKET,  /* no such reservation (never made, or already ended) */
+    KV_ERR_UNSUPPORTED,     /* medium not built here / not for this backend */
+    KV_ERR_ARG,             /* a caller error: bad configuration or argument */
+} kv_status;
+const char *kv_status_name(kv_status s); /* "ok", "pending", "deadline", ... */
+
+typedef enum kv_medium {
+    KV_MEDIUM_GPU, KV_MEDIUM_CPU, KV_MEDIUM_DISK, KV_MEDIUM_TCP, KV_MEDIUM_NCCL, KV_MEDIUM_COUNT
+} kv_medium;
+const char *kv_medium_name(kv_medium m);          /* "gpu", "cpu", "disk", "tcp", "nccl" */
+int kv_medium_parse(const char *s, kv_medium *out); /* 0, or -1 for an unknown name */
+
+/* --kv-transfer-mode: layerwise ships each layer as soon as kv_send_layer says it
+ * exists (overlapping transfer with the rest of prefill); whole ships everything at
+ * kv_send_finish. */
+typedef enum kv_transfer_mode { KV_TRANSFER_WHOLE, KV_TRANSFER_LAYERWISE } kv_transfer_mode;
+const char *kv_transfer_mode_name(kv_transfer_mode m);
+int kv_transfer_mode_parse(const char *s, kv_transfer_mode *out);
+
+typedef enum kv_role { KV_ROLE_PREFILL, KV_ROLE_DECODE } kv_role;
+
+/* ---- the decode side's block allocator ---------------------------------------------
+ * The connector takes blocks at kv_reserve and gives them back on every failure, from
+ * whatever thread notices it: both functions must be thread-safe. kv_pool_allocator
+ * wraps an engine kv_pool behind a mutex (for tests, benchmarks and simple callers). */
+typedef struct kv_block_allocator {
+    int (*alloc)(void *user, int n, int32_t *out);            /* 0, or -1 taking none */
+    void (*release)(void *user, const int32_t *blocks, int n);
+    void *user;
+} kv_block_allocator;
+
+typedef struct kv_pool_allocator kv_pool_allocator;
+/* A thread-safe allocator over *pool (not owned; it must outlive the allocator). */
+kv_pool_allocator *kv_pool_allocator_create(kv_pool *pool);
+void kv_pool_allocator_free(kv_pool_allocator *a);
+kv_block_allocator kv_pool_allocator_get(kv_pool_allocator *a);
+int kv_pool_allocator_used(kv_pool_allocator *a); /* blocks held, under the lock */
+
+/* ---- configuration ------------------------------------------------------------------ */
+#define KV_NAME_MAX 48      /* instance / store names: [A-Za-z0-9_.-] */
+#define KV_ADDRESS_MAX 160
+#define KV_SHM_PREFIX "pdkv-" /* every shm segment of this folder: /dev/shm/pdkv-* */
+
+typedef struct kv_config {
+    kv_medium medium;
+    kv_role role;
+    kv_transfer_mode mode;       /* prefill side: --kv-transfer-mode */
+    char name[KV_NAME_MAX];      /* gpu: this decode instance's name (its shm segments);
+                                    cpu: the store's name (segment /pdkv-store-NAME) */
+    char dir[KV_ADDRESS_MAX];    /* disk: the store's directory */
+    char host[64];               /* tcp decode: address to listen on (127.0.0.1) */
+    int port;                    /* tcp decode: port to listen on, 0: any free one */
+    size_t capacity_bytes;       /* cpu/disk store: capacity (the creator's figure counts) */
+    bool create_store;           /* cpu/disk: this connector creates the store and removes
+                                    it (segment, or its files) when freed */
+    bool disk_force_pread;       /* disk: never use io_uring */
+    bool disk_no_direct;         /* disk: buffered I/O (file systems without O_DIRECT) */
+    int max_tickets;             /* decode: concurrent reservations (64) */
+    int io_depth;                /* disk: io_uring queue depth (32) */
+} kv_config;
+
+/* Fills defaults: gpu, decode, layerwise, 127.0.0.1, capacity 1 GiB, 64 tickets. */
+void kv_config_default(kv_config *c);
+
+typedef struct kv_connector kv_connector;
+
+/* Opens the medium for one instance whose KV cache is `kv` (not owned; it must outlive
+ * the connector). Decode side: `alloc` gives and takes its blocks (copied; required);
+ * the gpu medium needs kv from kv_cache_create_shared; tcp starts a receiver thread.
+ * Prefill side: alloc is NULL; peers are reached per ticket address. Stores are
+ * created (create_store) or opened. NULL with err on failure. */
+kv_connector *kv_connector_create(const kv_config *cfg, kv_cache *kv,
+                                  const kv_block_allocator *alloc, char *err, size_t errlen);
+/* Fails every reservation still held (its blocks released), stops threads, unmaps,
+ * removes what it created. NULL is a no-op. */
+void kv_connector_free(kv_connector *c);
+/* Where a prefill side reaches this decode side (what tickets carry): gpu: its control
+ * segment's name; tcp: "host:port"; cpu: the store's name; disk: the directory. */
+const char *kv_connector_address(const kv_connector *c);
+const kv_config *kv_connector_config(const kv_connector *c);
+/* Expires overdue reservations, reclaims blocks of failed ones whose copy has ended
+ * and (stores) entries of writers that died. Cheap; call it every engine step. */
+void kv_connector_tick(kv_connector *c);
+/* Reservations held (pending, done-not-taken, or failed waiting for a copy to end). */
+int kv_connector_active(kv_connector *c);
+
+/* ---- tickets ------------------------------------------------------------------------ */
+typedef struct kv_ticket {
+    uint64_t request_id;
+    uint64_t id;                 /* decode side's reservation: slot | generation << 32 */
+    kv_medium medium;
+    int n_tokens, n_blocks, block_size;
+    int64_t deadline_ms;         /* CLOCK_REALTIME, ms since the epoch */
+    char address[KV_ADDRESS_MAX];
+} kv_ticket;
+
+#define KV_TICKET_TEXT_MAX (KV_ADDRESS_MAX + 160)
+/* One line, no spaces: "pdkv1;MEDIUM;REQ;ID;TOKENS;BLOCKS;BLOCKSIZE;DEADLINE;ADDRESS".
+ * Returns the length, or -1 when cap is too small. */
+int kv_ticket_format(const kv_ticket *t, char *buf, size_t cap);
+/* Parses what kv_ticket_format wrote; -1 with err on anything else (outside input). */
+int kv_ticket_parse(const char *s, kv_ticket *out, char *err, size_t errlen);
+
+/* ---- decode side ---------------------------------------------------------------------- */
+/* Reserves ceil(n_tokens / block_size) blocks for request_id, valid for timeout_s, and
+ * fills *out. tokens (copied) are needed by the stores (content keys) and may be NULL
+ * for gpu and tcp. KV_ERR_FULL when the allocator or the ticket table is out. */
+kv_status kv_reserve(kv_connector *c, uint64_t request_id, const int32_t *tokens, int n_tokens,
+                     double timeout_s, kv_ticket *out, char *err, size_t errlen);
+/* Progress without blocking: KV_PENDING, KV_OK (every layer of every block has
+ * arrived: take the blocks), or the error that ended it (blocks already released;
+ * the error is reported until the ticket's slot is reused). */
+kv_status kv_ticket_poll(kv_connector *c, const kv_ticket *t, char *err, size_t errlen);
+/* Polls until not pending, the ticket's deadline, or timeout_s (then KV_PENDING). */
+kv_status kv_ticket_wait(kv_connector *c, const kv_ticket *t, double timeout_s, char *err,
+                         size_t errlen);
+/* Layers that have fully arrived so far (0..L); the decode side may start on a layer
+ * once it is here. */
+int kv_ticket_layers_ready(kv_connector *c, const kv_ticket *t);
+/* After KV_OK: copies the block ids (in token order) to blocks[cap] and hands them to
+ * the caller, who now owns them; the reservation ends. Returns the count, or -1 when
+ * the ticket is not done (nothing changes). */
+int kv_ticket_take(kv_connector *c, const kv_ticket *t, int32_t *blocks, int cap);
+/* Gives up on a reservation (client gone): its blocks are released (or, mid-copy, as
+ * soon as the copy ends). Unknown or ended tickets are ignored. */
+void kv_ticket_cancel(kv_connector *c, const kv_ticket *t);
+
+/* ---- prefill side --------------------------------------------------------------------- */
+typedef struct kv_send kv_send;
+/* Starts shipping request t->request_id from this instance's blocks[n_blocks] (token
+ * order; n_blocks must equal t->n_blocks). tokens (the prompt, n_tokens ==
+ * t->n_tokens) are needed by the stores; may be NULL otherwise. NULL with *st and err
+ * on failure (unreachable peer, unknown ticket, full store...). */
+kv_send *kv_send_begin(kv_connector *c, const kv_ticket *t, const int32_t *blocks, int n_blocks,
+                       const int32_t *tokens, int n_tokens, kv_status *st, char *err,
+                       size_t errlen);
+/* Layer `layer` of every block is computed. Layerwise: ships it now; whole: notes
+ * it. Each layer once. On error the transfer is over: call kv_send_abort. */
+kv_status kv_send_layer(kv_send *s, int layer, char *err, size_t errlen);
+/* Ships every layer not yet shipped and the completion notice; frees s whatever
+ * the result. */
+kv_status kv_send_finish(kv_send *s, char *err, size_t errlen);
+/* Tells the receiver the request is abandoned (where the medium can) and frees s.
+ * NULL is a no-op. */
+void kv_send_abort(kv_send *s);
+
+/* ---- stores as prefix caches ------------------------------------------------------------- */
+/* Block keys of a prompt: key[i] = hash(key[i-1], tokens of block i) over
+ * ceil(n_tokens / block_size) blocks (the last may be partial: its length is hashed
+ * too), seeded by the cache geometry so that models never share keys. */
+void kv_block_keys(const kv_cache *kv, const int32_t *tokens, int n_tokens, uint64_t *keys);
+/* How many leading blocks of `tokens` a store holds (cpu, disk; 0 for the links). */
+int kv_store_match(kv_connector *c, const int32_t *tokens, int n_tokens);
+
+typedef struct kv_store_stats {
+    uint64_t entries, capacity_entries, bytes, capacity_bytes;
+    uint64_t puts, hits, misses, evictions, corrupt, reclaimed;
+} kv_store_stats;
+/* Zeroes *out for the links. */
+void kv_store_get_stats(kv_connector *c, kv_store_stats *out);
+
+/* ---- framing (kv_msg.c): the tcp medium's messages ---------------------------------------
+ * A frame is a 64-byte little-endian header and payload_bytes of payload.
+ *   HELLO  geometry check: layer = n_layers, n_blocks = block_size, payload_bytes = 0,
+ *          request_id = block_bytes; ticket = 0
+ *   DATA   layer `layer`, blocks [first_block, first_block + n_blocks) of the ticket's
+ *          list; payload = their k blocks then their v blocks; checksum over it
+ *   DONE   every layer sent (n_blocks = ticket's blocks, layer = n_layers)
+ *   ABORT  the sender gives up on the request
+ * The parser is pure: no allocation, every size capped, and it reports consumed /
+ * need more / error so that a bad frame fails one request or one connection only. */
+#define KV_MSG_MAGIC 0x564b4450u /* "PDKV" read as little-endian bytes */
+#define KV_MSG_VERSION 1
+#define KV_MSG_HEADER_BYTES 64
+#define KV_MSG_MAX_LAYERS 1024
+#define KV_MSG_MAX_BLOCKS (1 << 20)
+#define KV_MSG_MAX_PAYLOAD ((uint64_t)1 << 32) /* 4 GiB per frame */
+
+typedef enum kv_msg_type {
+    KV_MSG_HELLO = 1, KV_MSG_DATA = 2, KV_MSG_DONE = 3, KV_MSG_ABORT = 4
+} kv_msg_type;
+
+typedef struct kv_msg_header {
+    uint16_t type;            /* kv_msg_type */
+    uint64_t request_id;
+    uint64_t ticket;
+    uint32_t layer;
+    uint32_t first_block;
+    uint32_t n_blocks;
+    uint64_t payload_bytes;
+    uint64_t checksum;        /* kv_checksum_blocks of the payload; 0 without payload */
+} kv_msg_header;
+
+/* Writes the 64-byte header (magic, version, fields, header checksum). */
+void kv_msg_encode(const kv_msg_header *h, uint8_t out[KV_MSG_HEADER_BYTES]);
+/* Parses a header from buf[len]: KV_MSG_HEADER_BYTES when one was read (*h filled),
+ * 0 when more bytes are needed, -1 with err when the bytes are not a valid header
+ * (bad magic, version, type, header checksum, or a field past its cap). */
+int kv_msg_parse(const uint8_t *buf, size_t len, kv_msg_header *h, char *err, size_t errlen);
+
+/* A fast 64-bit checksum (4 lanes of multiply-rotate; not cryptographic) and its
+ * form over a list of equal blocks, the one frames and stores use: block checksums
+ * folded in order, so sender and receiver may hold the blocks anywhere. */
+uint64_t kv_checksum(const void *p, size_t n, uint64_t seed);
+uint64_t kv_checksum_fold(uint64_t acc, uint64_t block_sum);
+
+/* ---- GPU mediums: what the CUDA side needs (not built yet; docs/kv-connectors.md) ----
+ * gpu on CUDA: at start-up the decode instance exports, per layer, k and v of its
+ * cache as cudaIpcMemHandle_t (64 bytes each) into its control segment; the prefill
+ * process opens them once (cudaIpcOpenMemHandle) and copies coalesced block runs with
+ * cudaMemcpyPeerAsync on a transfer stream, one batch per layer, then a host-visible
+ * event; the slot protocol of kv_gpu.c is unchanged.
+ * nccl: one communicator per (prefill, decode) pair made from an ncclUniqueId that the
+ * decode side publishes (its address carries it hex-encoded); each layer's blocks go as
+ * grouped ncclSend/ncclRecv of the coalesced runs. */
+/* 1 when this build can move KV between GPUs (PDSERVE_HAVE_CUDA and kv_cuda.cu). */
+int kv_have_gpu_mediums(void);
+
+#endif

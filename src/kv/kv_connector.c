@@ -1,0 +1,580 @@
+/* kv_connector.c: what every medium shares: names, configuration, the decode side's
+ * reservation table (tickets, deadlines, releasing blocks exactly once), the prefill
+ * side's transfer bookkeeping (which layers are computed and shipped), content keys,
+ * and the dispatch into the medium's table (kv_internal.h).
+ *
+ * Load: a few hundred reservations at most; every operation is O(slots + blocks of the
+ * request) under one mutex, nothing per token. */
+#include <errno.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kv/kv_internal.h"
+
+/* ---- names ---------------------------------------------------------------------------- */
+static const char *const STATUS_NAMES[] = {
+    "ok", "pending", "deadline", "peer", "full", "nospace", "corrupt", "protocol", "io",
+    "aborted", "unknown-ticket", "unsupported", "arg",
+};
+const char *kv_status_name(kv_status s) {
+    return (unsigned)s < PD_ARRAY_LEN(STATUS_NAMES) ? STATUS_NAMES[s] : "?";
+}
+
+static const char *const MEDIUM_NAMES[] = {"gpu", "cpu", "disk", "tcp", "nccl"};
+const char *kv_medium_name(kv_medium m) {
+    return (unsigned)m < PD_ARRAY_LEN(MEDIUM_NAMES) ? MEDIUM_NAMES[m] : "?";
+}
+int kv_medium_parse(const char *s, kv_medium *out) {
+    for (int i = 0; i < KV_MEDIUM_COUNT; i++)
+        if (strcmp(s, MEDIUM_NAMES[i]) == 0) {
+            *out = (kv_medium)i;
+            return 0;
+        }
+    return -1;
+}
+const char *kv_transfer_mode_name(kv_transfer_mode m) {
+    return m == KV_TRANSFER_LAYERWISE ? "layerwise" : "whole";
+}
+int kv_transfer_mode_parse(const char *s, kv_transfer_mode *out) {
+    if (strcmp(s, "layerwise") == 0) *out = KV_TRANSFER_LAYERWISE;
+    else if (strcmp(s, "whole") == 0) *out = KV_TRANSFER_WHOLE;
+    else return -1;
+    return 0;
+}
+
+void kv_config_default(kv_config *c) {
+    memset(c, 0, sizeof *c);
+    c->medium = KV_MEDIUM_GPU;
+    c->role = KV_ROLE_DECODE;
+    c->mode = KV_TRANSFER_LAYERWISE;
+    snprintf(c->host, sizeof c->host, "127.0.0.1");
+    c->capacity_bytes = (size_t)1 << 30;
+    c->max_tickets = 64;
+    c->io_depth = 32;
+}
+
+int kv_have_gpu_mediums(void) { return 0; }
+
+/* ---- small helpers ------------------------------------------------------------------------ */
+uint64_t kv_geometry_hash(const kv_cache *kv) {
+    uint64_t g[6] = {(uint64_t)kv->n_layers, (uint64_t)kv->n_kv_heads, (uint64_t)kv->head_dim,
+                     (uint64_t)kv->block_size, (uint64_t)kv->type, (uint64_t)kv->block_bytes};
+    return hash_bytes(g, sizeof g, 0x6b76676571ull);
+}
+
+void kv_block_keys(const kv_cache *kv, const int32_t *tokens, int n_tokens, uint64_t *keys) {
+    uint64_t prev = kv_geometry_hash(kv);
+    int bs = kv->block_size;
+    for (int i = 0; i * bs < n_tokens; i++) {
+        int n = PD_MIN(bs, n_tokens - i * bs);
+        uint64_t h = hash_bytes(tokens + (size_t)i * bs, (size_t)n * sizeof(int32_t), prev);
+        prev = keys[i] = hash_u64(h ^ (uint64_t)n);
+    }
+}
+
+bool kv_pid_alive(int pid) {
+    if (pid <= 0) return false;
+    if (kill(pid, 0) != 0 && errno == ESRCH) return false;
+    /* A zombie still answers kill(): read its state from /proc. */
+    char path[64], buf[256];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return true; /* no /proc: trust kill() */
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    const char *rp = strrchr(buf, ')');
+    return !(rp && rp[1] == ' ' && (rp[2] == 'Z' || rp[2] == 'X'));
+}
+
+double kv_deadline_local(int64_t deadline_ms) {
+    return time_now_s() + ((double)deadline_ms / 1e3 - time_wall_s());
+}
+
+int kv_run_length(const int32_t *a, const int32_t *b, int i, int n) {
+    int r = 1;
+    while (i + r < n && a[i + r] == a[i] + r && (!b || b[i + r] == b[i] + r)) r++;
+    return r;
+}
+
+bool kv_name_valid(const char *s) {
+    size_t n = strlen(s);
+    if (n == 0 || n >= KV_NAME_MAX) return false;
+    for (size_t i = 0; i < n; i++) {
+        char ch = s[i];
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+              ch == '_' || ch == '.' || ch == '-'))
+            return false;
+    }
+    return s[0] != '.';
+}
+
+/* ---- a thread-safe allocator over a kv_pool ------------------------------------------------- */
+struct kv_pool_allocator {
+    pthread_mutex_t mu;
+    kv_pool *pool;
+};
+
+static int pool_alloc(void *user, int n, int32_t *out) {
+    kv_pool_allocator *a = user;
+    pthread_mutex_lock(&a->mu);
+    int rc = kv_pool_alloc(a->pool, n, out);
+    pthread_mutex_unlock(&a->mu);
+    return rc;
+}
+static void pool_release(void *user, const int32_t *blocks, int n) {
+    kv_pool_allocator *a = user;
+    pthread_mutex_lock(&a->mu);
+    kv_pool_release(a->pool, blocks, n);
+    pthread_mutex_unlock(&a->mu);
+}
+kv_pool_allocator *kv_pool_allocator_create(kv_pool *pool) {
+    kv_pool_allocator *a = xcalloc(1, sizeof *a);
+    pthread_mutex_init(&a->mu, NULL);
+    a->pool = pool;
+    return a;
+}
+void kv_pool_allocator_free(kv_pool_allocator *a) {
+    if (!a) return;
+    pthread_mutex_destroy(&a->mu);
+    free(a);
+}
+kv_block_allocator kv_pool_allocator_get(kv_pool_allocator *a) {
+    return (kv_block_allocator){pool_alloc, pool_release, a};
+}
+int kv_pool_allocator_used(kv_pool_allocator *a) {
+    pthread_mutex_lock(&a->mu);
+    int n = kv_pool_used(a->pool);
+    pthread_mutex_unlock(&a->mu);
+    return n;
+}
+
+/* ---- connector ------------------------------------------------------------------------------ */
+static const kv_medium_ops *medium_ops(kv_medium m) {
+    switch (m) {
+    case KV_MEDIUM_GPU: return &kv_gpu_ops;
+    case KV_MEDIUM_CPU: return &kv_cpu_ops;
+    case KV_MEDIUM_DISK: return &kv_disk_ops;
+    case KV_MEDIUM_TCP: return &kv_tcp_ops;
+    case KV_MEDIUM_NCCL: return &kv_nccl_ops;
+    default: return NULL;
+    }
+}
+
+kv_connector *kv_connector_create(const kv_config *cfg, kv_cache *kv,
+                                  const kv_block_allocator *alloc, char *err, size_t errlen) {
+    const kv_medium_ops *ops = medium_ops(cfg->medium);
+    if (!ops) {
+        pd_errorf(err, errlen, "kv connector: unknown medium %d", (int)cfg->medium);
+        return NULL;
+    }
+    if (cfg->role == KV_ROLE_DECODE && (!alloc || !alloc->alloc || !alloc->release)) {
+        pd_errorf(err, errlen, "kv connector: the decode side needs a block allocator");
+        return NULL;
+    }
+    if (kv->n_layers > KV_MSG_MAX_LAYERS) {
+        pd_errorf(err, errlen, "kv connector: %d layers, at most %d", kv->n_layers,
+                  KV_MSG_MAX_LAYERS);
+        return NULL;
+    }
+    kv_connector *c = xcalloc(1, sizeof *c);
+    c->cfg = *cfg;
+    if (c->cfg.max_tickets <= 0) c->cfg.max_tickets = 64;
+    if (c->cfg.io_depth <= 0) c->cfg.io_depth = 32;
+    c->ops = ops;
+    c->kv = kv;
+    if (alloc) c->alloc = *alloc;
+    pthread_mutex_init(&c->mu, NULL);
+    if (cfg->role == KV_ROLE_DECODE) {
+        c->n_slots = c->cfg.max_tickets;
+        c->slots = xcalloc((size_t)c->n_slots, sizeof *c->slots);
+        for (int i = 0; i < c->n_slots; i++) {
+            c->slots[i].last = KV_ERR_UNKNOWN_TICKET;
+            c->slots[i].conn = -1;
+        }
+    }
+    if (ops->open(c, err, errlen) != 0) {
+        pthread_mutex_destroy(&c->mu);
+        free(c->slots);
+        free(c);
+        return NULL;
+    }
+    log_info("kv connector: %s medium, %s side, %s transfers, address %s", ops->name,
+             cfg->role == KV_ROLE_DECODE ? "decode" : "prefill", kv_transfer_mode_name(cfg->mode),
+             c->address[0] ? c->address : "-");
+    return c;
+}
+
+static void slot_clear(kv_slot *s) {
+    free(s->blocks);
+    free(s->keys);
+    free(s->got);
+    free(s->layer_blocks);
+    s->blocks = NULL;
+    s->keys = NULL;
+    s->got = NULL;
+    s->layer_blocks = NULL;
+    s->n_blocks = s->n_got = s->layers_ready = s->busy = 0;
+    s->conn = -1;
+    s->state = KV_SLOT_FREE;
+}
+
+/* Releases the blocks of slot idx and frees it (under mu). */
+static void slot_end(kv_connector *c, int idx, bool release) {
+    kv_slot *s = &c->slots[idx];
+    if (release && s->n_blocks) c->alloc.release(c->alloc.user, s->blocks, s->n_blocks);
+    if (c->ops->end) c->ops->end(c, idx);
+    slot_clear(s);
+}
+
+void kv_slot_fail(kv_connector *c, int idx, kv_status st, const char *fmt, ...) {
+    kv_slot *s = &c->slots[idx];
+    if (s->state != KV_SLOT_PENDING && s->state != KV_SLOT_DONE) return;
+    s->last = st;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(s->last_err, sizeof s->last_err, fmt, ap);
+    va_end(ap);
+    log_debug("kv %s: request %llu: %s", c->ops->name, (unsigned long long)s->request_id,
+              s->last_err);
+    if (s->busy == 0 && (!c->ops->quiesce || c->ops->quiesce(c, idx))) slot_end(c, idx, true);
+    else s->state = KV_SLOT_DRAINING;
+}
+
+void kv_slot_drain(kv_connector *c, int idx) {
+    if (c->slots[idx].state == KV_SLOT_DRAINING) slot_end(c, idx, true);
+}
+
+int kv_slot_find(kv_connector *c, uint64_t ticket_id, uint64_t request_id) {
+    uint64_t idx = ticket_id & 0xffffffffu;
+    if (!c->slots || idx >= (uint64_t)c->n_slots) return -1;
+    kv_slot *s = &c->slots[idx];
+    if (s->gen != (uint32_t)(ticket_id >> 32) || s->request_id != request_id) return -1;
+    return (int)idx;
+}
+
+void kv_connector_free(kv_connector *c) {
+    if (!c) return;
+    /* The medium first: its threads stop, so nothing writes into blocks after this. */
+    c->ops->close(c);
+    for (int i = 0; i < c->n_slots; i++) {
+        kv_slot *s = &c->slots[i];
+        if (s->state != KV_SLOT_FREE && s->n_blocks)
+            c->alloc.release(c->alloc.user, s->blocks, s->n_blocks);
+        slot_clear(s);
+    }
+    free(c->slots);
+    pthread_mutex_destroy(&c->mu);
+    free(c);
+}
+
+const char *kv_connector_address(const kv_connector *c) { return c->address; }
+const kv_config *kv_connector_config(const kv_connector *c) { return &c->cfg; }
+
+/* Advances slot idx (under mu): deadline, then the medium. */
+static void slot_advance(kv_connector *c, int idx) {
+    kv_slot *s = &c->slots[idx];
+    if (s->state == KV_SLOT_DRAINING) {
+        if (s->busy == 0 && (!c->ops->quiesce || c->ops->quiesce(c, idx))) slot_end(c, idx, true);
+        return;
+    }
+    if (s->state != KV_SLOT_PENDING) return;
+    char err[200] = "";
+    kv_status st = c->ops->poll ? c->ops->poll(c, idx, err, sizeof err) : KV_PENDING;
+    if (st == KV_OK) {
+        s->state = KV_SLOT_DONE;
+        s->layers_ready = c->kv->n_layers;
+    } else if (st != KV_PENDING) {
+        kv_slot_fail(c, idx, st, "%s", err);
+    } else if (time_now_s() > s->deadline) {
+        kv_slot_fail(c, idx, KV_ERR_DEADLINE,
+                     "kv %s: request %llu: not all KV arrived before its deadline "
+                     "(%d of %d layers)", c->ops->name, (unsigned long long)s->request_id,
+                     s->layers_ready, c->kv->n_layers);
+    }
+}
+
+void kv_connector_tick(kv_connector *c) {
+    if (c->ops->tick) c->ops->tick(c);
+    pthread_mutex_lock(&c->mu);
+    for (int i = 0; i < c->n_slots; i++) slot_advance(c, i);
+    pthread_mutex_unlock(&c->mu);
+}
+
+int kv_connector_active(kv_connector *c) {
+    int n = 0;
+    pthread_mutex_lock(&c->mu);
+    for (int i = 0; i < c->n_slots; i++) n += c->slots[i].state != KV_SLOT_FREE;
+    pthread_mutex_unlock(&c->mu);
+    return n;
+}
+
+/* ---- decode side ----------------------------------------------------------------------------- */
+kv_status kv_reserve(kv_connector *c, uint64_t request_id, const int32_t *tokens, int n_tokens,
+                     double timeout_s, kv_ticket *out, char *err, size_t errlen) {
+    if (c->cfg.role != KV_ROLE_DECODE || n_tokens < 1 || timeout_s <= 0) {
+        pd_errorf(err, errlen, "kv reserve: needs the decode side, tokens and a timeout");
+        return KV_ERR_ARG;
+    }
+    bool store = c->cfg.medium == KV_MEDIUM_CPU || c->cfg.medium == KV_MEDIUM_DISK;
+    if (store && !tokens) {
+        pd_errorf(err, errlen, "kv reserve: the %s store needs the prompt's tokens",
+                  c->ops->name);
+        return KV_ERR_ARG;
+    }
+    int bs = c->kv->block_size, nb = (n_tokens + bs - 1) / bs;
+    pthread_mutex_lock(&c->mu);
+    int idx = -1;
+    for (int i = 0; i < c->n_slots && idx < 0; i++)
+        if (c->slots[i].state == KV_SLOT_FREE) idx = i;
+    if (idx < 0) {
+        pthread_mutex_unlock(&c->mu);
+        pd_errorf(err, errlen, "kv reserve: all %d reservations are in use", c->n_slots);
+        return KV_ERR_FULL;
+    }
+    kv_slot *s = &c->slots[idx];
+    s->blocks = xmalloc((size_t)nb * sizeof(int32_t));
+    if (c->alloc.alloc(c->alloc.user, nb, s->blocks) != 0) {
+        free(s->blocks);
+        s->blocks = NULL;
+        pthread_mutex_unlock(&c->mu);
+        pd_errorf(err, errlen, "kv reserve: %d free KV blocks needed for %d tokens, not there",
+                  nb, n_tokens);
+        return KV_ERR_FULL;
+    }
+    s->gen++;
+    s->request_id = request_id;
+    s->n_tokens = n_tokens;
+    s->n_blocks = nb;
+    s->deadline = time_now_s() + timeout_s;
+    s->deadline_ms = (int64_t)((time_wall_s() + timeout_s) * 1e3);
+    s->state = KV_SLOT_PENDING;
+    s->last = KV_PENDING;
+    s->last_err[0] = 0;
+    if (store) {
+        s->keys = xmalloc((size_t)nb * sizeof(uint64_t));
+        kv_block_keys(c->kv, tokens, n_tokens, s->keys);
+        s->got = xcalloc((size_t)nb, 1);
+    }
+    kv_status st = c->ops->reserve ? c->ops->reserve(c, idx, err, errlen) : KV_OK;
+    if (st != KV_OK) {
+        slot_end(c, idx, true);
+        c->slots[idx].last = KV_ERR_UNKNOWN_TICKET;
+        pthread_mutex_unlock(&c->mu);
+        return st;
+    }
+    memset(out, 0, sizeof *out);
+    out->request_id = request_id;
+    out->id = (uint64_t)idx | (uint64_t)s->gen << 32;
+    out->medium = c->cfg.medium;
+    out->n_tokens = n_tokens;
+    out->n_blocks = nb;
+    out->block_size = bs;
+    out->deadline_ms = s->deadline_ms;
+    snprintf(out->address, sizeof out->address, "%s", c->address);
+    pthread_mutex_unlock(&c->mu);
+    return KV_OK;
+}
+
+kv_status kv_ticket_poll(kv_connector *c, const kv_ticket *t, char *err, size_t errlen) {
+    pthread_mutex_lock(&c->mu);
+    int idx = kv_slot_find(c, t->id, t->request_id);
+    kv_status st;
+    if (idx < 0) {
+        st = KV_ERR_UNKNOWN_TICKET;
+        pd_errorf(err, errlen, "kv: no reservation %llu for request %llu",
+                  (unsigned long long)t->id, (unsigned long long)t->request_id);
+    } else {
+        slot_advance(c, idx);
+        kv_slot *s = &c->slots[idx];
+        if (s->state == KV_SLOT_PENDING) st = KV_PENDING;
+        else if (s->state == KV_SLOT_DONE) st = KV_OK;
+        else {
+            st = s->last;
+            pd_errorf(err, errlen, "%s", s->last_err);
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
+    return st;
+}
+
+kv_status kv_ticket_wait(kv_connector *c, const kv_ticket *t, double timeout_s, char *err,
+                         size_t errlen) {
+    double end = time_now_s() + timeout_s;
+    long sleep_us = 20;
+    for (;;) {
+        kv_status st = kv_ticket_poll(c, t, err, errlen);
+        if (st != KV_PENDING) return st;
+        if (time_now_s() > end) {
+            pd_errorf(err, errlen, "kv: request %llu still pending after %.3f s",
+                      (unsigned long long)t->request_id, timeout_s);
+            return KV_PENDING;
+        }
+        struct timespec ts = {0, sleep_us * 1000};
+        nanosleep(&ts, NULL);
+        if (sleep_us < 1000) sleep_us *= 2;
+    }
+}
+
+int kv_ticket_layers_ready(kv_connector *c, const kv_ticket *t) {
+    pthread_mutex_lock(&c->mu);
+    int idx = kv_slot_find(c, t->id, t->request_id), n = 0;
+    if (idx >= 0 && c->slots[idx].state != KV_SLOT_FREE) n = c->slots[idx].layers_ready;
+    pthread_mutex_unlock(&c->mu);
+    return n;
+}
+
+int kv_ticket_take(kv_connector *c, const kv_ticket *t, int32_t *blocks, int cap) {
+    pthread_mutex_lock(&c->mu);
+    int idx = kv_slot_find(c, t->id, t->request_id), n = -1;
+    if (idx >= 0 && c->slots[idx].state == KV_SLOT_DONE && c->slots[idx].n_blocks <= cap) {
+        kv_slot *s = &c->slots[idx];
+        n = s->n_blocks;
+        memcpy(blocks, s->blocks, (size_t)n * sizeof(int32_t));
+        slot_end(c, idx, false);
+        c->slots[idx].last = KV_ERR_UNKNOWN_TICKET;
+        snprintf(c->slots[idx].last_err, sizeof c->slots[idx].last_err,
+                 "kv: reservation already taken");
+    }
+    pthread_mutex_unlock(&c->mu);
+    return n;
+}
+
+void kv_ticket_cancel(kv_connector *c, const kv_ticket *t) {
+    pthread_mutex_lock(&c->mu);
+    int idx = kv_slot_find(c, t->id, t->request_id);
+    if (idx >= 0)
+        kv_slot_fail(c, idx, KV_ERR_ABORTED, "kv: request %llu cancelled by the decode side",
+                     (unsigned long long)t->request_id);
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* ---- prefill side ----------------------------------------------------------------------------- */
+kv_send *kv_send_begin(kv_connector *c, const kv_ticket *t, const int32_t *blocks, int n_blocks,
+                       const int32_t *tokens, int n_tokens, kv_status *st, char *err,
+                       size_t errlen) {
+    kv_status dummy;
+    if (!st) st = &dummy;
+    *st = KV_ERR_ARG;
+    if (c->cfg.role != KV_ROLE_PREFILL || t->medium != c->cfg.medium) {
+        pd_errorf(err, errlen, "kv send: needs a prefill-side %s connector for a %s ticket",
+                  c->ops->name, kv_medium_name(t->medium));
+        return NULL;
+    }
+    if (n_blocks != t->n_blocks || t->block_size != c->kv->block_size) {
+        pd_errorf(err, errlen, "kv send: %d blocks of %d tokens given, the ticket wants %d of %d",
+                  n_blocks, c->kv->block_size, t->n_blocks, t->block_size);
+        return NULL;
+    }
+    for (int i = 0; i < n_blocks; i++)
+        if (blocks[i] < 0 || blocks[i] >= c->kv->num_blocks) {
+            pd_errorf(err, errlen, "kv send: block id %d out of range", blocks[i]);
+            return NULL;
+        }
+    bool store = c->cfg.medium == KV_MEDIUM_CPU || c->cfg.medium == KV_MEDIUM_DISK;
+    if (store && (!tokens || n_tokens != t->n_tokens)) {
+        pd_errorf(err, errlen, "kv send: the %s store needs the prompt's %d tokens", c->ops->name,
+                  t->n_tokens);
+        return NULL;
+    }
+    kv_send *x = xcalloc(1, sizeof *x);
+    x->c = c;
+    x->t = *t;
+    x->n_blocks = n_blocks;
+    x->blocks = xmalloc((size_t)n_blocks * sizeof(int32_t));
+    memcpy(x->blocks, blocks, (size_t)n_blocks * sizeof(int32_t));
+    if (store) {
+        x->keys = xmalloc((size_t)n_blocks * sizeof(uint64_t));
+        kv_block_keys(c->kv, tokens, n_tokens, x->keys);
+    }
+    x->computed = xcalloc((size_t)c->kv->n_layers, 1);
+    x->shipped = xcalloc((size_t)c->kv->n_layers, 1);
+    x->deadline = kv_deadline_local(t->deadline_ms);
+    if (time_now_s() > x->deadline) {
+        *st = KV_ERR_DEADLINE;
+        pd_errorf(err, errlen, "kv send: request %llu is past its deadline before it started",
+                  (unsigned long long)t->request_id);
+    } else {
+        *st = c->ops->send_begin(x, err, errlen);
+    }
+    if (*st != KV_OK) {
+        free(x->blocks);
+        free(x->keys);
+        free(x->computed);
+        free(x->shipped);
+        free(x);
+        return NULL;
+    }
+    return x;
+}
+
+static void send_free(kv_send *x) {
+    free(x->blocks);
+    free(x->keys);
+    free(x->computed);
+    free(x->shipped);
+    free(x);
+}
+
+kv_status kv_send_layer(kv_send *x, int layer, char *err, size_t errlen) {
+    int L = x->c->kv->n_layers;
+    if (layer < 0 || layer >= L || x->computed[layer]) {
+        pd_errorf(err, errlen, "kv send: layer %d is out of range or was already given", layer);
+        return KV_ERR_ARG;
+    }
+    x->computed[layer] = 1;
+    if (x->c->cfg.mode != KV_TRANSFER_LAYERWISE) return KV_OK;
+    if (time_now_s() > x->deadline) {
+        pd_errorf(err, errlen, "kv send: request %llu passed its deadline at layer %d",
+                  (unsigned long long)x->t.request_id, layer);
+        return KV_ERR_DEADLINE;
+    }
+    kv_status st = x->c->ops->send_layers(x, &layer, 1, err, errlen);
+    if (st == KV_OK) x->shipped[layer] = 1;
+    return st;
+}
+
+kv_status kv_send_finish(kv_send *x, char *err, size_t errlen) {
+    int L = x->c->kv->n_layers, n = 0;
+    int *todo = xmalloc((size_t)L * sizeof(int));
+    for (int l = 0; l < L; l++)
+        if (!x->shipped[l]) todo[n++] = l;
+    kv_status st = KV_OK;
+    if (time_now_s() > x->deadline) {
+        pd_errorf(err, errlen, "kv send: request %llu passed its deadline",
+                  (unsigned long long)x->t.request_id);
+        st = KV_ERR_DEADLINE;
+    }
+    if (st == KV_OK && n > 0) st = x->c->ops->send_layers(x, todo, n, err, errlen);
+    free(todo);
+    if (st == KV_OK) st = x->c->ops->send_finish(x, err, errlen);
+    if (st != KV_OK) x->c->ops->send_abort(x);
+    send_free(x);
+    return st;
+}
+
+void kv_send_abort(kv_send *x) {
+    if (!x) return;
+    x->c->ops->send_abort(x);
+    send_free(x);
+}
+
+/* ---- stores ----------------------------------------------------------------------------------- */
+int kv_store_match(kv_connector *c, const int32_t *tokens, int n_tokens) {
+    if (!c->ops->match || n_tokens < 1) return 0;
+    int nb = (n_tokens + c->kv->block_size - 1) / c->kv->block_size;
+    uint64_t *keys = xmalloc((size_t)nb * sizeof(uint64_t));
+    kv_block_keys(c->kv, tokens, n_tokens, keys);
+    int n = c->ops->match(c, keys, nb);
+    free(keys);
+    return n;
+}
+
+void kv_store_get_stats(kv_connector *c, kv_store_stats *out) {
+    memset(out, 0, sizeof *out);
+    if (c->ops->stats) c->ops->stats(c, out);
+}

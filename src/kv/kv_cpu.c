@@ -1,0 +1,506 @@
+/* kv_cpu.c: the "cpu" medium, a host-memory KV store shared by the instances of one
+ * host: one POSIX shm segment "/pdkv-store-NAME" holding an index and fixed-size
+ * entries. An entry is one block of every layer ([L][k, v][block_bytes]) under its
+ * content key (kv_block_keys: chained over the token prefix, so a prompt's leading
+ * blocks are found by any request that shares the prefix: the store is also a prefix
+ * cache tier).
+ *
+ * Index: a chained hash table of entries, a free list, and an LRU list of READY
+ * entries; one robust process-shared mutex guards it (a holder that dies is recovered
+ * from). Data moves outside the lock: a writer owns its WRITING entries; a reader pins
+ * a READY entry (refs) while it copies. Eviction takes the least recently used READY
+ * entry that nobody reads; a put that would need more than free + evictable (+ entries
+ * of writers that died) is refused whole, before anything is evicted. Each entry
+ * carries the checksum of its bytes, checked on every read; a mismatch is never
+ * served (the entry is dropped and the request fails as corrupt).
+ *
+ * Tuned for: entries of 64 KiB to 4 MiB, thousands to a few hundred thousand of them,
+ * a few writers and readers at once. */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "kv/kv_internal.h"
+
+#define STORE_MAGIC 0x65726f7473766b70ull /* "pkvstore" */
+#define STORE_VERSION 1
+
+enum { ENTRY_FREE, ENTRY_WRITING, ENTRY_READY };
+
+typedef struct store_header {
+    uint64_t magic;               /* written last: the segment is ready */
+    uint32_t version;
+    int32_t creator_pid;
+    pthread_mutex_t mu;           /* robust, process-shared */
+    uint64_t geometry, entry_bytes, layer_bytes;
+    int32_t n_layers, n_entries, n_buckets;
+    int32_t free_head, lru_head, lru_tail, n_used;
+    uint64_t entries_off, buckets_off, data_off, total_bytes;
+    uint64_t puts, hits, misses, evictions, corrupt, reclaimed;
+} store_header;
+
+typedef struct store_entry {
+    uint64_t key, checksum;
+    int32_t state, refs, writer_pid;
+    int32_t next;                 /* bucket chain, or free list */
+    int32_t lru_prev, lru_next;   /* READY entries: head most recent */
+} store_entry;
+
+typedef struct cpu_impl {
+    uint8_t *base;
+    size_t bytes;
+    char shm_name[KV_ADDRESS_MAX];
+    bool creator;
+} cpu_impl;
+
+typedef struct cpu_send {
+    int32_t *entries;             /* [n_blocks] entries we write, -1: already in the store */
+} cpu_send;
+
+static store_header *hdr(cpu_impl *s) { return (store_header *)s->base; }
+static store_entry *ent(cpu_impl *s, int i) {
+    return (store_entry *)(s->base + hdr(s)->entries_off) + i;
+}
+static int32_t *buckets(cpu_impl *s) { return (int32_t *)(s->base + hdr(s)->buckets_off); }
+static uint8_t *data(cpu_impl *s, int i) {
+    return s->base + hdr(s)->data_off + (size_t)i * hdr(s)->entry_bytes;
+}
+
+static void store_lock(cpu_impl *s) {
+    int rc = pthread_mutex_lock(&hdr(s)->mu);
+    if (rc == EOWNERDEAD) {
+        /* A process died holding the lock: index updates are a few stores each and every
+         * entry it was writing is reclaimed as its writer is dead; go on. */
+        log_warn("kv cpu store: recovered the lock of a process that died");
+        pthread_mutex_consistent(&hdr(s)->mu);
+    } else {
+        PD_ASSERT(rc == 0);
+    }
+}
+static void store_unlock(cpu_impl *s) { pthread_mutex_unlock(&hdr(s)->mu); }
+
+/* ---- the index (under the lock) ------------------------------------------------------------ */
+static int find(cpu_impl *s, uint64_t key) {
+    for (int i = buckets(s)[key % (uint64_t)hdr(s)->n_buckets]; i >= 0; i = ent(s, i)->next)
+        if (ent(s, i)->key == key) return i;
+    return -1;
+}
+
+static void lru_remove(cpu_impl *s, int i) {
+    store_header *h = hdr(s);
+    store_entry *e = ent(s, i);
+    if (e->lru_prev >= 0) ent(s, e->lru_prev)->lru_next = e->lru_next;
+    else h->lru_head = e->lru_next;
+    if (e->lru_next >= 0) ent(s, e->lru_next)->lru_prev = e->lru_prev;
+    else h->lru_tail = e->lru_prev;
+    e->lru_prev = e->lru_next = -1;
+}
+
+static void lru_push(cpu_impl *s, int i) {
+    store_header *h = hdr(s);
+    store_entry *e = ent(s, i);
+    e->lru_prev = -1;
+    e->lru_next = h->lru_head;
+    if (h->lru_head >= 0) ent(s, h->lru_head)->lru_prev = i;
+    h->lru_head = i;
+    if (h->lru_tail < 0) h->lru_tail = i;
+}
+
+static void touch(cpu_impl *s, int i) {
+    lru_remove(s, i);
+    lru_push(s, i);
+}
+
+/* Takes entry i out of the index (any state) onto the free list. */
+static void drop(cpu_impl *s, int i) {
+    store_entry *e = ent(s, i);
+    int32_t *b = &buckets(s)[e->key % (uint64_t)hdr(s)->n_buckets];
+    while (*b != i) b = &ent(s, *b)->next;
+    *b = e->next;
+    if (e->state == ENTRY_READY) lru_remove(s, i);
+    e->state = ENTRY_FREE;
+    e->refs = 0;
+    e->next = hdr(s)->free_head;
+    hdr(s)->free_head = i;
+    hdr(s)->n_used--;
+}
+
+/* Drops the WRITING entries of writers that died; returns how many. */
+static int reclaim_dead(cpu_impl *s) {
+    int n = 0;
+    for (int i = 0; i < hdr(s)->n_entries; i++) {
+        store_entry *e = ent(s, i);
+        if (e->state == ENTRY_WRITING && !kv_pid_alive(e->writer_pid)) {
+            drop(s, i);
+            n++;
+        }
+    }
+    hdr(s)->reclaimed += (uint64_t)n;
+    return n;
+}
+
+/* Entries a put could have without touching anything in use. */
+static int available(cpu_impl *s) {
+    int n = hdr(s)->n_entries - hdr(s)->n_used;
+    for (int i = hdr(s)->lru_tail; i >= 0; i = ent(s, i)->lru_prev) n += ent(s, i)->refs == 0;
+    return n;
+}
+
+/* A free entry, evicting the least recently used unread READY one when needed. */
+static int take_entry(cpu_impl *s) {
+    store_header *h = hdr(s);
+    if (h->free_head < 0) {
+        int i = h->lru_tail;
+        while (i >= 0 && ent(s, i)->refs > 0) i = ent(s, i)->lru_prev;
+        if (i < 0) return -1;
+        drop(s, i);
+        h->evictions++;
+    }
+    int i = h->free_head;
+    h->free_head = ent(s, i)->next;
+    h->n_used++;
+    return i;
+}
+
+static void insert(cpu_impl *s, int i, uint64_t key) {
+    store_entry *e = ent(s, i);
+    int32_t *b = &buckets(s)[key % (uint64_t)hdr(s)->n_buckets];
+    e->key = key;
+    e->next = *b;
+    *b = i;
+}
+
+/* ---- open / close ---------------------------------------------------------------------------- */
+static int store_create(kv_connector *c, cpu_impl *s, char *err, size_t errlen) {
+    const kv_cache *kv = c->kv;
+    uint64_t layer_bytes = 2 * (uint64_t)kv->block_bytes;
+    uint64_t entry_bytes = ((uint64_t)kv->n_layers * layer_bytes + 63) & ~(uint64_t)63;
+    uint64_t n = c->cfg.capacity_bytes / entry_bytes;
+    if (n < 1 || n > INT32_MAX / 2) {
+        pd_errorf(err, errlen, "kv cpu store: capacity %zu bytes holds %llu entries of %llu bytes",
+                  c->cfg.capacity_bytes, (unsigned long long)n, (unsigned long long)entry_bytes);
+        return -1;
+    }
+    uint64_t nb = n * 2, eo = (sizeof(store_header) + 63) & ~(uint64_t)63;
+    uint64_t bo = eo + n * sizeof(store_entry), dof = (bo + nb * 4 + 4095) & ~(uint64_t)4095;
+    s->bytes = dof + n * entry_bytes;
+    int fd = shm_open(s->shm_name, O_RDWR | O_CREAT | O_EXCL, 0600);
+    if (fd < 0) {
+        pd_errorf(err, errlen, "kv cpu store: %s: %s", s->shm_name, strerror(errno));
+        return -1;
+    }
+    void *p = MAP_FAILED;
+    if (ftruncate(fd, (off_t)s->bytes) == 0)
+        p = mmap(NULL, s->bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    int e = errno;
+    close(fd);
+    if (p == MAP_FAILED) {
+        shm_unlink(s->shm_name);
+        pd_errorf(err, errlen, "kv cpu store: %s (%zu bytes): %s", s->shm_name, s->bytes,
+                  strerror(e));
+        return -1;
+    }
+    s->base = p;
+    s->creator = true;
+    store_header *h = hdr(s);
+    h->version = STORE_VERSION;
+    h->creator_pid = (int32_t)getpid();
+    pthread_mutexattr_t a;
+    pthread_mutexattr_init(&a);
+    pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+    pthread_mutex_init(&h->mu, &a);
+    pthread_mutexattr_destroy(&a);
+    h->geometry = kv_geometry_hash(kv);
+    h->entry_bytes = entry_bytes;
+    h->layer_bytes = layer_bytes;
+    h->n_layers = kv->n_layers;
+    h->n_entries = (int32_t)n;
+    h->n_buckets = (int32_t)nb;
+    h->entries_off = eo;
+    h->buckets_off = bo;
+    h->data_off = dof;
+    h->total_bytes = s->bytes;
+    h->lru_head = h->lru_tail = -1;
+    for (int i = 0; i < (int)nb; i++) buckets(s)[i] = -1;
+    for (int i = 0; i < (int)n; i++) {
+        *ent(s, i) = (store_entry){.next = i + 1 < (int)n ? i + 1 : -1, .lru_prev = -1,
+                                   .lru_next = -1};
+    }
+    h->free_head = 0;
+    __atomic_store_n(&h->magic, STORE_MAGIC, __ATOMIC_RELEASE);
+    log_info("kv cpu store %s: %d entries of %.2f MiB (%.1f MiB)", s->shm_name, (int)n,
+             (double)entry_bytes / (1 << 20), (double)s->bytes / (1 << 20));
+    return 0;
+}
+
+static int store_attach(kv_connector *c, cpu_impl *s, char *err, size_t errlen) {
+    int fd = shm_open(s->shm_name, O_RDWR, 0);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0 || st.st_size < (off_t)sizeof(store_header)) {
+        pd_errorf(err, errlen, "kv cpu store: %s: %s", s->shm_name,
+                  fd < 0 ? strerror(errno) : "too small");
+        if (fd >= 0) close(fd);
+        return -1;
+    }
+    s->bytes = (size_t)st.st_size;
+    void *p = mmap(NULL, s->bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (p == MAP_FAILED) {
+        pd_errorf(err, errlen, "kv cpu store: %s: %s", s->shm_name, strerror(errno));
+        return -1;
+    }
+    s->base = p;
+    store_header *h = hdr(s);
+    if (__atomic_load_n(&h->magic, __ATOMIC_ACQUIRE) != STORE_MAGIC ||
+        h->version != STORE_VERSION || h->total_bytes != s->bytes) {
+        pd_errorf(err, errlen, "kv cpu store: %s is not a ready pdserve store", s->shm_name);
+        return -1;
+    }
+    if (h->geometry != kv_geometry_hash(c->kv)) {
+        pd_errorf(err, errlen, "kv cpu store: %s holds another model's KV geometry", s->shm_name);
+        return -1;
+    }
+    return 0;
+}
+
+static int cpu_open(kv_connector *c, char *err, size_t errlen) {
+    if (!kv_name_valid(c->cfg.name)) {
+        pd_errorf(err, errlen, "kv cpu store: name \"%s\" is not [A-Za-z0-9_.-]+", c->cfg.name);
+        return -1;
+    }
+    cpu_impl *s = xcalloc(1, sizeof *s);
+    snprintf(s->shm_name, sizeof s->shm_name, "/" KV_SHM_PREFIX "store-%s", c->cfg.name);
+    snprintf(c->address, sizeof c->address, "%s", c->cfg.name);
+    int rc = c->cfg.create_store ? store_create(c, s, err, errlen) : store_attach(c, s, err, errlen);
+    if (rc != 0) {
+        if (s->base) munmap(s->base, s->bytes);
+        free(s);
+        return -1;
+    }
+    c->impl = s;
+    return 0;
+}
+
+static void cpu_close(kv_connector *c) {
+    cpu_impl *s = c->impl;
+    if (!s) return;
+    munmap(s->base, s->bytes);
+    if (s->creator) shm_unlink(s->shm_name);
+    free(s);
+}
+
+/* ---- prefill side: put ------------------------------------------------------------------------- */
+static kv_status cpu_send_begin(kv_send *x, char *err, size_t errlen) {
+    cpu_impl *s = x->c->impl;
+    if (strcmp(x->t.address, x->c->address) != 0) {
+        pd_errorf(err, errlen, "kv cpu store: the ticket names store %s, this instance uses %s",
+                  x->t.address, x->c->address);
+        return KV_ERR_ARG;
+    }
+    cpu_send *cs = xcalloc(1, sizeof *cs);
+    cs->entries = xmalloc((size_t)x->n_blocks * sizeof(int32_t));
+    store_lock(s);
+    int need = 0;
+    for (int i = 0; i < x->n_blocks; i++) need += find(s, x->keys[i]) < 0;
+    if (need > available(s) && reclaim_dead(s) >= 0 && need > available(s)) {
+        int avail = available(s);
+        store_unlock(s);
+        free(cs->entries);
+        free(cs);
+        pd_errorf(err, errlen, "kv cpu store: request %llu needs %d entries, only %d of %d are "
+                  "free or evictable (the rest are being written or read)",
+                  (unsigned long long)x->t.request_id, need, avail, hdr(s)->n_entries);
+        return KV_ERR_FULL;
+    }
+    for (int i = 0; i < x->n_blocks; i++) {
+        int e = find(s, x->keys[i]);
+        if (e >= 0) { /* already there (a shared prefix) or being written by another */
+            if (ent(s, e)->state == ENTRY_READY) touch(s, e);
+            cs->entries[i] = -1;
+            continue;
+        }
+        e = take_entry(s);
+        PD_ASSERT(e >= 0); /* counted above */
+        store_entry *en = ent(s, e);
+        en->state = ENTRY_WRITING;
+        en->refs = 0;
+        en->writer_pid = (int32_t)getpid();
+        insert(s, e, x->keys[i]);
+        cs->entries[i] = e;
+    }
+    store_unlock(s);
+    x->priv = cs;
+    return KV_OK;
+}
+
+static kv_status cpu_send_layers(kv_send *x, const int *layers, int n, char *err, size_t errlen) {
+    cpu_impl *s = x->c->impl;
+    cpu_send *cs = x->priv;
+    const kv_cache *kv = x->c->kv;
+    size_t bb = kv->block_bytes, lb = hdr(s)->layer_bytes;
+    for (int i = 0; i < x->n_blocks; i++) {
+        if (cs->entries[i] < 0) continue;
+        uint8_t *d = data(s, cs->entries[i]);
+        for (int j = 0; j < n; j++) {
+            int l = layers[j];
+            memcpy(d + (size_t)l * lb, kv_block_ptr(kv, l, 0, x->blocks[i]), bb);
+            memcpy(d + (size_t)l * lb + bb, kv_block_ptr(kv, l, 1, x->blocks[i]), bb);
+        }
+    }
+    return KV_OK;
+}
+
+static kv_status cpu_send_finish(kv_send *x, char *err, size_t errlen) {
+    cpu_impl *s = x->c->impl;
+    cpu_send *cs = x->priv;
+    size_t eb = (size_t)hdr(s)->n_layers * hdr(s)->layer_bytes;
+    for (int i = 0; i < x->n_blocks; i++)
+        if (cs->entries[i] >= 0) ent(s, cs->entries[i])->checksum = kv_checksum(data(s, cs->entries[i]), eb, 0);
+    store_lock(s);
+    for (int i = 0; i < x->n_blocks; i++) {
+        int e = cs->entries[i];
+        if (e < 0) continue;
+        store_entry *en = ent(s, e);
+        if (en->state == ENTRY_WRITING && en->writer_pid == (int32_t)getpid()) {
+            en->state = ENTRY_READY;
+            lru_push(s, e);
+            hdr(s)->puts++;
+        }
+    }
+    store_unlock(s);
+    free(cs->entries);
+    free(cs);
+    x->priv = NULL;
+    return KV_OK;
+}
+
+static void cpu_send_abort(kv_send *x) {
+    cpu_impl *s = x->c->impl;
+    cpu_send *cs = x->priv;
+    if (!cs) return;
+    store_lock(s);
+    for (int i = 0; i < x->n_blocks; i++) {
+        int e = cs->entries[i];
+        if (e >= 0 && ent(s, e)->state == ENTRY_WRITING && ent(s, e)->writer_pid == (int32_t)getpid())
+            drop(s, e);
+    }
+    store_unlock(s);
+    free(cs->entries);
+    free(cs);
+    x->priv = NULL;
+}
+
+/* ---- decode side: get ----------------------------------------------------------------------------- */
+/* Copies entry e into the slot's block i after checking its checksum (e pinned). */
+static bool copy_out(kv_connector *c, int e, int32_t block) {
+    cpu_impl *s = c->impl;
+    const kv_cache *kv = c->kv;
+    size_t bb = kv->block_bytes, lb = hdr(s)->layer_bytes;
+    const uint8_t *d = data(s, e);
+    if (kv_checksum(d, (size_t)kv->n_layers * lb, 0) != ent(s, e)->checksum) return false;
+    for (int l = 0; l < kv->n_layers; l++) {
+        memcpy(kv_block_ptr(kv, l, 0, block), d + (size_t)l * lb, bb);
+        memcpy(kv_block_ptr(kv, l, 1, block), d + (size_t)l * lb + bb, bb);
+    }
+    return true;
+}
+
+static kv_status cpu_poll(kv_connector *c, int idx, char *err, size_t errlen) {
+    cpu_impl *s = c->impl;
+    kv_slot *sl = &c->slots[idx];
+    for (int i = 0; i < sl->n_blocks; i++) {
+        if (sl->got[i]) continue;
+        store_lock(s);
+        int e = find(s, sl->keys[i]);
+        if (e >= 0 && ent(s, e)->state == ENTRY_WRITING && !kv_pid_alive(ent(s, e)->writer_pid)) {
+            int pid = ent(s, e)->writer_pid;
+            reclaim_dead(s);
+            store_unlock(s);
+            pd_errorf(err, errlen, "kv cpu store: the prefill process %d died while writing "
+                      "request %llu", pid, (unsigned long long)sl->request_id);
+            return KV_ERR_PEER;
+        }
+        if (e < 0 || ent(s, e)->state != ENTRY_READY) {
+            store_unlock(s);
+            return KV_PENDING; /* in order: the next blocks come after this one */
+        }
+        ent(s, e)->refs++;
+        touch(s, e);
+        hdr(s)->hits++;
+        store_unlock(s);
+        bool ok = copy_out(c, e, sl->blocks[i]);
+        store_lock(s);
+        ent(s, e)->refs--;
+        if (!ok) {
+            hdr(s)->corrupt++;
+            if (ent(s, e)->refs == 0) drop(s, e);
+        }
+        store_unlock(s);
+        if (!ok) {
+            pd_errorf(err, errlen, "kv cpu store: block %d of request %llu failed its checksum "
+                      "(not served)", i, (unsigned long long)sl->request_id);
+            return KV_ERR_CORRUPT;
+        }
+        sl->got[i] = 1;
+        sl->n_got++;
+    }
+    return KV_OK;
+}
+
+static int cpu_match(kv_connector *c, const uint64_t *keys, int n) {
+    cpu_impl *s = c->impl;
+    store_lock(s);
+    int i = 0;
+    for (; i < n; i++) {
+        int e = find(s, keys[i]);
+        if (e < 0 || ent(s, e)->state != ENTRY_READY) break;
+        touch(s, e);
+    }
+    hdr(s)->misses += i < n;
+    store_unlock(s);
+    return i;
+}
+
+static void cpu_tick(kv_connector *c) {
+    cpu_impl *s = c->impl;
+    store_lock(s);
+    reclaim_dead(s);
+    store_unlock(s);
+}
+
+static void cpu_stats(kv_connector *c, kv_store_stats *o) {
+    cpu_impl *s = c->impl;
+    store_lock(s);
+    store_header *h = hdr(s);
+    o->entries = (uint64_t)h->n_used;
+    o->capacity_entries = (uint64_t)h->n_entries;
+    o->bytes = (uint64_t)h->n_used * h->entry_bytes;
+    o->capacity_bytes = (uint64_t)h->n_entries * h->entry_bytes;
+    o->puts = h->puts;
+    o->hits = h->hits;
+    o->misses = h->misses;
+    o->evictions = h->evictions;
+    o->corrupt = h->corrupt;
+    o->reclaimed = h->reclaimed;
+    store_unlock(s);
+}
+
+const kv_medium_ops kv_cpu_ops = {
+    .name = "cpu",
+    .open = cpu_open,
+    .close = cpu_close,
+    .poll = cpu_poll,
+    .tick = cpu_tick,
+    .send_begin = cpu_send_begin,
+    .send_layers = cpu_send_layers,
+    .send_finish = cpu_send_finish,
+    .send_abort = cpu_send_abort,
+    .match = cpu_match,
+    .stats = cpu_stats,
+};

@@ -1,0 +1,492 @@
+/* kv_disk.c: the "disk" medium, a KV store of files in one directory: one file per
+ * block under its content key ("<key>.kvb", kv_block_keys), written to "<key>.<pid>.tmp"
+ * and renamed when complete, so a reader never sees half a file. I/O bypasses the page
+ * cache (O_DIRECT, aligned buffers, as the study's dis-disk setup) and goes through
+ * io_uring in batches of io_depth requests; where io_uring is unavailable (old kernel,
+ * seccomp) or disk_force_pread is set, plain pread/pwrite do the same batches.
+ *
+ * File layout (every part 4 KiB aligned, for O_DIRECT):
+ *   [0, 4096)                  header: magic, version, key, geometry, layers, sizes,
+ *                              one checksum per layer, the header's own checksum
+ *   4096 + l * stride          layer l: k block then v block (2 * block_bytes), padded
+ *                              to stride = round_up(2 * block_bytes, 4096)
+ * A file whose header or any layer fails its checksum is never served: the read reports
+ * it corrupt and deletes it, so the key is a miss afterwards. The store is capped at
+ * capacity_bytes (files of the directory counted when a put begins); a put past it is
+ * refused (KV_ERR_FULL) and ENOSPC from the file system is KV_ERR_NOSPACE. No eviction
+ * in this version: the creator removes the files when it closes.
+ *
+ * Tuned for: NVMe, files of 64 KiB to 4 MiB, a request's blocks written and read in
+ * batches of tens. */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <liburing.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "kv/kv_internal.h"
+
+#define DISK_MAGIC 0x6b7369646b76706eull /* "npvkdisk" */
+#define DISK_VERSION 1
+#define DISK_ALIGN 4096
+#define DISK_MAX_LAYERS 480 /* checksums fit the 4 KiB header */
+#define DISK_STAGING_BYTES ((size_t)16 << 20)
+
+typedef struct disk_header {
+    uint64_t magic;
+    uint32_t version, n_layers;
+    uint64_t key, geometry, layer_bytes, stride, file_bytes;
+    uint64_t header_sum;             /* of this struct with header_sum = 0 and the sums */
+    uint64_t layer_sum[];            /* [n_layers] */
+} disk_header;
+
+typedef struct disk_impl {
+    char dir[KV_ADDRESS_MAX];
+    bool creator, made_dir, direct, uring;
+    struct io_uring ring;
+    pthread_mutex_t ring_mu;         /* one batch at a time on the ring */
+    size_t layer_bytes, stride, file_bytes;
+    uint64_t puts, hits, misses, corrupt;
+} disk_impl;
+
+typedef struct disk_op {
+    int fd;
+    void *buf;
+    size_t len;
+    off_t off;
+    bool write;
+    ssize_t res;           /* bytes moved, or -errno */
+} disk_op;
+
+static size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
+static void *aligned(size_t n) {
+    void *p = NULL;
+    if (posix_memalign(&p, DISK_ALIGN, round_up(n, DISK_ALIGN)) != 0) pd_die("kv disk: out of memory");
+    return p;
+}
+
+/* Runs the ops; 0, or the first error as -errno (a short transfer is -EIO). */
+static int run_batch(disk_impl *d, disk_op *ops, int n, int depth) {
+    int first = 0;
+    if (!d->uring) {
+        for (int i = 0; i < n && !first; i++) {
+            ssize_t r = ops[i].write ? pwrite(ops[i].fd, ops[i].buf, ops[i].len, ops[i].off)
+                                     : pread(ops[i].fd, ops[i].buf, ops[i].len, ops[i].off);
+            ops[i].res = r < 0 ? -errno : r;
+            if (r < 0) first = -errno;
+            else if ((size_t)r != ops[i].len) first = -EIO;
+        }
+        return first;
+    }
+    pthread_mutex_lock(&d->ring_mu);
+    for (int done = 0; done < n;) {
+        int m = PD_MIN(depth, n - done);
+        for (int i = 0; i < m; i++) {
+            struct io_uring_sqe *sqe = io_uring_get_sqe(&d->ring);
+            PD_ASSERT(sqe);
+            disk_op *o = &ops[done + i];
+            if (o->write) io_uring_prep_write(sqe, o->fd, o->buf, (unsigned)o->len, (uint64_t)o->off);
+            else io_uring_prep_read(sqe, o->fd, o->buf, (unsigned)o->len, (uint64_t)o->off);
+            io_uring_sqe_set_data(sqe, o);
+        }
+        int rc = io_uring_submit_and_wait(&d->ring, (unsigned)m);
+        if (rc < 0 && !first) first = rc;
+        for (int i = 0; i < m; i++) {
+            struct io_uring_cqe *cqe;
+            if (io_uring_wait_cqe(&d->ring, &cqe) != 0) {
+                if (!first) first = -EIO;
+                break;
+            }
+            disk_op *o = io_uring_cqe_get_data(cqe);
+            o->res = cqe->res;
+            if (cqe->res < 0 && !first) first = cqe->res;
+            else if (cqe->res >= 0 && (size_t)cqe->res != o->len && !first) first = -EIO;
+            io_uring_cqe_seen(&d->ring, cqe);
+        }
+        done += m;
+    }
+    pthread_mutex_unlock(&d->ring_mu);
+    return first;
+}
+
+static void key_path(const disk_impl *d, uint64_t key, char *out, size_t cap) {
+    snprintf(out, cap, "%s/%016" PRIx64 ".kvb", d->dir, key);
+}
+static void tmp_path(const disk_impl *d, uint64_t key, char *out, size_t cap) {
+    snprintf(out, cap, "%s/%016" PRIx64 ".%d.tmp", d->dir, key, (int)getpid());
+}
+
+static int open_file(disk_impl *d, const char *path, int flags) {
+    int fd = open(path, flags | (d->direct ? O_DIRECT : 0) | O_CLOEXEC, 0600);
+    if (fd < 0 && errno == EINVAL && d->direct) {
+        log_warn("kv disk: %s does not take O_DIRECT; buffered I/O from now on", d->dir);
+        d->direct = false;
+        fd = open(path, flags | O_CLOEXEC, 0600);
+    }
+    return fd;
+}
+
+static bool store_file_name(const char *n, bool with_tmp) {
+    size_t len = strlen(n);
+    return (len == 20 && strcmp(n + 16, ".kvb") == 0) ||
+           (with_tmp && len > 21 && strcmp(n + len - 4, ".tmp") == 0 && n[16] == '.');
+}
+
+/* Bytes of the store's files; with remove, deletes them (tmp files of dead writers only,
+ * unless all). */
+static uint64_t scan(disk_impl *d, bool remove, bool all) {
+    DIR *dir = opendir(d->dir);
+    uint64_t total = 0;
+    if (!dir) return 0;
+    struct dirent *e;
+    char path[KV_ADDRESS_MAX + 300];
+    while ((e = readdir(dir))) {
+        if (!store_file_name(e->d_name, true)) continue;
+        snprintf(path, sizeof path, "%s/%s", d->dir, e->d_name);
+        bool tmp = strcmp(e->d_name + strlen(e->d_name) - 4, ".tmp") == 0;
+        if (remove && (all || (tmp && !kv_pid_alive(atoi(e->d_name + 17))))) {
+            unlink(path);
+            continue;
+        }
+        struct stat st;
+        if (stat(path, &st) == 0) total += (uint64_t)st.st_size;
+    }
+    closedir(dir);
+    return total;
+}
+
+/* ---- open / close ------------------------------------------------------------------------- */
+static int disk_open(kv_connector *c, char *err, size_t errlen) {
+    const kv_cache *kv = c->kv;
+    if (!c->cfg.dir[0]) {
+        pd_errorf(err, errlen, "kv disk: no store directory given");
+        return -1;
+    }
+    if (kv->n_layers > DISK_MAX_LAYERS) {
+        pd_errorf(err, errlen, "kv disk: %d layers, at most %d", kv->n_layers, DISK_MAX_LAYERS);
+        return -1;
+    }
+    disk_impl *d = xcalloc(1, sizeof *d);
+    snprintf(d->dir, sizeof d->dir, "%s", c->cfg.dir);
+    if (c->cfg.create_store && mkdir(d->dir, 0700) == 0) d->made_dir = true;
+    if (!util_is_dir(d->dir)) {
+        pd_errorf(err, errlen, "kv disk: %s is not a directory", d->dir);
+        free(d);
+        return -1;
+    }
+    d->creator = c->cfg.create_store;
+    d->direct = !c->cfg.disk_no_direct;
+    d->layer_bytes = 2 * kv->block_bytes;
+    d->stride = round_up(d->layer_bytes, DISK_ALIGN);
+    d->file_bytes = DISK_ALIGN + (size_t)kv->n_layers * d->stride;
+    pthread_mutex_init(&d->ring_mu, NULL);
+    if (!c->cfg.disk_force_pread) {
+        int rc = io_uring_queue_init((unsigned)c->cfg.io_depth, &d->ring, 0);
+        d->uring = rc == 0;
+        if (rc != 0)
+            log_info("kv disk: io_uring unavailable (%s); pread/pwrite instead", strerror(-rc));
+    }
+    if (d->creator) scan(d, true, false); /* tmp files of writers that died */
+    snprintf(c->address, sizeof c->address, "%s", d->dir);
+    c->impl = d;
+    log_info("kv disk: store %s, files of %.2f MiB, %s, %s", d->dir,
+             (double)d->file_bytes / (1 << 20), d->uring ? "io_uring" : "pread/pwrite",
+             d->direct ? "O_DIRECT" : "buffered");
+    return 0;
+}
+
+static void disk_close(kv_connector *c) {
+    disk_impl *d = c->impl;
+    if (!d) return;
+    if (d->creator) {
+        scan(d, true, true);
+        if (d->made_dir) rmdir(d->dir);
+    }
+    if (d->uring) io_uring_queue_exit(&d->ring);
+    pthread_mutex_destroy(&d->ring_mu);
+    free(d);
+}
+
+/* ---- prefill side: put ----------------------------------------------------------------------- */
+typedef struct disk_send {
+    int *fds;              /* [n_blocks] tmp files being written, -1: block already stored */
+    uint64_t *sums;        /* [n_blocks][L] */
+    uint8_t *staging;      /* chunk * stride, aligned */
+    int chunk;             /* blocks per batch */
+    disk_op *ops;          /* [chunk] */
+} disk_send;
+
+static kv_status io_status(int rc, const char *what, const char *dir, char *err, size_t errlen) {
+    pd_errorf(err, errlen, "kv disk: %s in %s: %s", what, dir, strerror(-rc));
+    return rc == -ENOSPC || rc == -EDQUOT ? KV_ERR_NOSPACE : KV_ERR_IO;
+}
+
+static void send_cleanup(kv_send *x, bool unlink_tmp) {
+    disk_impl *d = x->c->impl;
+    disk_send *ds = x->priv;
+    if (!ds) return;
+    char path[KV_ADDRESS_MAX + 64];
+    for (int i = 0; i < x->n_blocks; i++) {
+        if (ds->fds[i] < 0) continue;
+        close(ds->fds[i]);
+        if (unlink_tmp) {
+            tmp_path(d, x->keys[i], path, sizeof path);
+            unlink(path);
+        }
+    }
+    free(ds->fds);
+    free(ds->sums);
+    free(ds->staging);
+    free(ds->ops);
+    free(ds);
+    x->priv = NULL;
+}
+
+static kv_status disk_send_begin(kv_send *x, char *err, size_t errlen) {
+    disk_impl *d = x->c->impl;
+    if (strcmp(x->t.address, d->dir) != 0) {
+        pd_errorf(err, errlen, "kv disk: the ticket names store %s, this instance uses %s",
+                  x->t.address, d->dir);
+        return KV_ERR_ARG;
+    }
+    disk_send *ds = xcalloc(1, sizeof *ds);
+    x->priv = ds;
+    ds->fds = xmalloc((size_t)x->n_blocks * sizeof(int));
+    ds->sums = xcalloc((size_t)x->n_blocks * (size_t)x->c->kv->n_layers, sizeof(uint64_t));
+    char path[KV_ADDRESS_MAX + 64];
+    int need = 0;
+    for (int i = 0; i < x->n_blocks; i++) {
+        key_path(d, x->keys[i], path, sizeof path);
+        ds->fds[i] = access(path, F_OK) == 0 ? -1 : -2; /* -2: to write */
+        need += ds->fds[i] == -2;
+    }
+    uint64_t used = scan(d, false, false), want = (uint64_t)need * d->file_bytes;
+    if (used + want > x->c->cfg.capacity_bytes) {
+        for (int i = 0; i < x->n_blocks; i++) ds->fds[i] = -1;
+        send_cleanup(x, false);
+        pd_errorf(err, errlen, "kv disk: store %s is full: %llu of %zu bytes used, request %llu "
+                  "needs %llu more", d->dir, (unsigned long long)used, x->c->cfg.capacity_bytes,
+                  (unsigned long long)x->t.request_id, (unsigned long long)want);
+        return KV_ERR_FULL;
+    }
+    for (int i = 0; i < x->n_blocks; i++) {
+        if (ds->fds[i] != -2) continue;
+        tmp_path(d, x->keys[i], path, sizeof path);
+        ds->fds[i] = open_file(d, path, O_WRONLY | O_CREAT | O_TRUNC);
+        if (ds->fds[i] < 0) {
+            int e = errno;
+            for (int j = i; j < x->n_blocks; j++) ds->fds[j] = -1;
+            send_cleanup(x, true);
+            return io_status(-e, "creating a block file", d->dir, err, errlen);
+        }
+    }
+    ds->chunk = (int)PD_MAX((size_t)1, PD_MIN(DISK_STAGING_BYTES / d->stride, (size_t)x->n_blocks));
+    ds->staging = aligned((size_t)ds->chunk * d->stride);
+    memset(ds->staging, 0, (size_t)ds->chunk * d->stride);
+    ds->ops = xmalloc((size_t)ds->chunk * sizeof(disk_op));
+    return KV_OK;
+}
+
+static kv_status disk_send_layers(kv_send *x, const int *layers, int n, char *err, size_t errlen) {
+    disk_impl *d = x->c->impl;
+    disk_send *ds = x->priv;
+    const kv_cache *kv = x->c->kv;
+    size_t bb = kv->block_bytes;
+    int L = kv->n_layers;
+    for (int j = 0; j < n; j++) {
+        int l = layers[j];
+        for (int i = 0; i < x->n_blocks;) {
+            int m = 0;
+            for (; i < x->n_blocks && m < ds->chunk; i++) {
+                if (ds->fds[i] < 0) continue;
+                uint8_t *b = ds->staging + (size_t)m * d->stride;
+                memcpy(b, kv_block_ptr(kv, l, 0, x->blocks[i]), bb);
+                memcpy(b + bb, kv_block_ptr(kv, l, 1, x->blocks[i]), bb);
+                ds->sums[(size_t)i * L + l] = kv_checksum(b, d->layer_bytes, 0);
+                ds->ops[m++] = (disk_op){ds->fds[i], b, d->stride,
+                                         (off_t)(DISK_ALIGN + (size_t)l * d->stride), true, 0};
+            }
+            int rc = run_batch(d, ds->ops, m, x->c->cfg.io_depth);
+            if (rc != 0) return io_status(rc, "writing KV", d->dir, err, errlen);
+        }
+    }
+    return KV_OK;
+}
+
+static void fill_header(const disk_impl *d, const kv_cache *kv, uint64_t key, const uint64_t *sums,
+                        uint8_t *page) {
+    memset(page, 0, DISK_ALIGN);
+    disk_header *h = (disk_header *)page;
+    h->magic = DISK_MAGIC;
+    h->version = DISK_VERSION;
+    h->n_layers = (uint32_t)kv->n_layers;
+    h->key = key;
+    h->geometry = kv_geometry_hash(kv);
+    h->layer_bytes = d->layer_bytes;
+    h->stride = d->stride;
+    h->file_bytes = d->file_bytes;
+    memcpy(h->layer_sum, sums, (size_t)kv->n_layers * sizeof(uint64_t));
+    h->header_sum = kv_checksum(page, DISK_ALIGN, DISK_MAGIC);
+}
+
+static kv_status disk_send_finish(kv_send *x, char *err, size_t errlen) {
+    disk_impl *d = x->c->impl;
+    disk_send *ds = x->priv;
+    const kv_cache *kv = x->c->kv;
+    /* headers go through the staging buffer, one page each */
+    size_t per = d->stride / DISK_ALIGN * (size_t)ds->chunk;
+    for (int i = 0; i < x->n_blocks;) {
+        int m = 0;
+        for (; i < x->n_blocks && (size_t)m < per; i++) {
+            if (ds->fds[i] < 0) continue;
+            uint8_t *page = ds->staging + (size_t)m * DISK_ALIGN;
+            fill_header(d, kv, x->keys[i], ds->sums + (size_t)i * kv->n_layers, page);
+            ds->ops[m % ds->chunk] = (disk_op){ds->fds[i], page, DISK_ALIGN, 0, true, 0};
+            if (++m % ds->chunk == 0) {
+                int rc = run_batch(d, ds->ops, ds->chunk, x->c->cfg.io_depth);
+                if (rc != 0) return io_status(rc, "writing a header", d->dir, err, errlen);
+            }
+        }
+        int rc = run_batch(d, ds->ops, m % ds->chunk, x->c->cfg.io_depth);
+        if (rc != 0) return io_status(rc, "writing a header", d->dir, err, errlen);
+    }
+    char from[KV_ADDRESS_MAX + 64], to[KV_ADDRESS_MAX + 64];
+    for (int i = 0; i < x->n_blocks; i++) {
+        if (ds->fds[i] < 0) continue;
+        close(ds->fds[i]);
+        ds->fds[i] = -1;
+        tmp_path(d, x->keys[i], from, sizeof from);
+        key_path(d, x->keys[i], to, sizeof to);
+        if (rename(from, to) != 0) {
+            int e = errno;
+            unlink(from);
+            for (int j = i + 1; j < x->n_blocks; j++)
+                if (ds->fds[j] >= 0) close(ds->fds[j]), tmp_path(d, x->keys[j], from, sizeof from), unlink(from), ds->fds[j] = -1;
+            return io_status(-e, "publishing a block file", d->dir, err, errlen);
+        }
+        __atomic_fetch_add(&d->puts, 1, __ATOMIC_RELAXED);
+    }
+    send_cleanup(x, false);
+    return KV_OK;
+}
+
+static void disk_send_abort(kv_send *x) { send_cleanup(x, true); }
+
+/* ---- decode side: get ------------------------------------------------------------------------- */
+/* Checks a file image read for key; true when it may be served. */
+static bool file_ok(const disk_impl *d, const kv_cache *kv, uint64_t key, uint8_t *img) {
+    disk_header *h = (disk_header *)img;
+    if (h->magic != DISK_MAGIC || h->version != DISK_VERSION || h->key != key ||
+        h->n_layers != (uint32_t)kv->n_layers || h->geometry != kv_geometry_hash(kv) ||
+        h->stride != d->stride || h->file_bytes != d->file_bytes)
+        return false;
+    uint64_t want = h->header_sum;
+    h->header_sum = 0;
+    bool ok = kv_checksum(img, DISK_ALIGN, DISK_MAGIC) == want;
+    h->header_sum = want;
+    for (int l = 0; ok && l < kv->n_layers; l++)
+        ok = kv_checksum(img + DISK_ALIGN + (size_t)l * d->stride, d->layer_bytes, 0) == h->layer_sum[l];
+    return ok;
+}
+
+static kv_status disk_poll(kv_connector *c, int idx, char *err, size_t errlen) {
+    disk_impl *d = c->impl;
+    kv_slot *s = &c->slots[idx];
+    const kv_cache *kv = c->kv;
+    size_t bb = kv->block_bytes;
+    int chunk = (int)PD_MAX((size_t)1, PD_MIN(DISK_STAGING_BYTES / d->file_bytes, (size_t)s->n_blocks));
+    uint8_t *buf = NULL;
+    disk_op *ops = xmalloc((size_t)chunk * sizeof *ops);
+    int *which = xmalloc((size_t)chunk * sizeof(int));
+    char path[KV_ADDRESS_MAX + 64];
+    kv_status st = KV_OK;
+    for (int i = 0; i < s->n_blocks && st == KV_OK;) {
+        int m = 0;
+        for (; i < s->n_blocks && m < chunk; i++) {
+            if (s->got[i]) continue;
+            key_path(d, s->keys[i], path, sizeof path);
+            int fd = open_file(d, path, O_RDONLY);
+            if (fd < 0) {
+                st = KV_PENDING; /* blocks arrive in order: stop at the first missing */
+                break;
+            }
+            if (!buf) buf = aligned((size_t)chunk * d->file_bytes);
+            ops[m] = (disk_op){fd, buf + (size_t)m * d->file_bytes, d->file_bytes, 0, false, 0};
+            which[m++] = i;
+        }
+        run_batch(d, ops, m, c->cfg.io_depth); /* per-op results below */
+        for (int j = 0; j < m; j++) close(ops[j].fd);
+        for (int j = 0; j < m && (st == KV_OK || st == KV_PENDING); j++) {
+            int b = which[j];
+            uint8_t *img = ops[j].buf;
+            if (ops[j].res < 0) {
+                st = io_status((int)ops[j].res, "reading KV", d->dir, err, errlen);
+                break;
+            }
+            if ((size_t)ops[j].res != d->file_bytes || !file_ok(d, kv, s->keys[b], img)) {
+                key_path(d, s->keys[b], path, sizeof path);
+                unlink(path); /* never served; a miss from now on */
+                __atomic_fetch_add(&d->corrupt, 1, __ATOMIC_RELAXED);
+                pd_errorf(err, errlen, "kv disk: block file %s of request %llu is corrupt or "
+                          "truncated (not served, removed)", path, (unsigned long long)s->request_id);
+                st = KV_ERR_CORRUPT;
+                break;
+            }
+            for (int l = 0; l < kv->n_layers; l++) {
+                const uint8_t *src = img + DISK_ALIGN + (size_t)l * d->stride;
+                memcpy(kv_block_ptr(kv, l, 0, s->blocks[b]), src, bb);
+                memcpy(kv_block_ptr(kv, l, 1, s->blocks[b]), src + bb, bb);
+            }
+            s->got[b] = 1;
+            s->n_got++;
+            __atomic_fetch_add(&d->hits, 1, __ATOMIC_RELAXED);
+        }
+    }
+    free(buf);
+    free(ops);
+    free(which);
+    return st;
+}
+
+static int disk_match(kv_connector *c, const uint64_t *keys, int n) {
+    disk_impl *d = c->impl;
+    char path[KV_ADDRESS_MAX + 64];
+    int i = 0;
+    for (; i < n; i++) {
+        key_path(d, keys[i], path, sizeof path);
+        if (access(path, F_OK) != 0) break;
+    }
+    if (i < n) __atomic_fetch_add(&d->misses, 1, __ATOMIC_RELAXED);
+    return i;
+}
+
+static void disk_stats(kv_connector *c, kv_store_stats *o) {
+    disk_impl *d = c->impl;
+    o->bytes = scan(d, false, false);
+    o->entries = o->bytes / d->file_bytes;
+    o->capacity_bytes = c->cfg.capacity_bytes;
+    o->capacity_entries = c->cfg.capacity_bytes / d->file_bytes;
+    o->puts = d->puts;
+    o->hits = d->hits;
+    o->misses = d->misses;
+    o->corrupt = d->corrupt;
+}
+
+const kv_medium_ops kv_disk_ops = {
+    .name = "disk",
+    .open = disk_open,
+    .close = disk_close,
+    .poll = disk_poll,
+    .send_begin = disk_send_begin,
+    .send_layers = disk_send_layers,
+    .send_finish = disk_send_finish,
+    .send_abort = disk_send_abort,
+    .match = disk_match,
+    .stats = disk_stats,
+};

@@ -1,0 +1,443 @@
+/* kv_gpu.c: the point-to-point "gpu" medium: the prefill process writes straight into
+ * the blocks that the decode process reserved. On the CPU backend the decode side's
+ * KV cache is one POSIX shm segment (kv_cache_create_shared) that the prefill process
+ * maps at its first ticket for that peer; every layer batch is one memcpy per run of
+ * contiguous blocks (k and v), never one call per block. The CUDA twin (IPC handles,
+ * cudaMemcpyPeerAsync) keeps this file's control protocol: see kv.h.
+ *
+ * Control segment "/pdkv-NAME-ctl", created by the decode side: a header (geometry,
+ * the KV segment's name, the decode pid) and one slot per reservation: an atomic word
+ * (generation << 32 | state), the request id, the destination block ids, layers done,
+ * and the sender's pid. States and who moves them:
+ *   FREE -> OPEN                      decode, at kv_reserve
+ *   OPEN -> COPYING -> OPEN           prefill, around each batch of layers
+ *   OPEN -> DONE | ABORTED            prefill, at finish / abort
+ *   OPEN -> CLOSED                    decode, when the reservation fails (deadline,
+ *                                     dead sender, cancel): no copy may start
+ *   COPYING -> CLOSING -> CLOSED      decode asks mid-copy; the sender closes it when its
+ *                                     copy ends; the blocks return only then (or when
+ *                                     the sender is found dead)
+ *   any -> FREE                       decode, when the reservation ends
+ * The generation in the same word makes every compare-and-swap fail on a reused slot.
+ * Tuned for: a handful of peers, tens of concurrent requests, copies of MiBs to GiBs. */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "kv/kv_internal.h"
+
+#define GPU_MAGIC 0x6c7463766b647070ull /* "ppdkvctl" */
+#define GPU_VERSION 1
+#define GPU_MAX_PEERS 32
+
+enum { GPU_FREE, GPU_OPEN, GPU_COPYING, GPU_DONE, GPU_ABORTED, GPU_CLOSED, GPU_CLOSING };
+
+typedef struct gpu_ctl_header {
+    uint64_t magic;
+    uint32_t version;
+    int32_t pid;              /* the decode process */
+    int32_t n_layers, num_blocks, n_slots, pad;
+    uint64_t block_bytes, part_bytes, kv_bytes, geometry, slot_stride, slots_offset;
+    char kv_name[64];         /* the KV segment (kv_cache's shm_name) */
+} gpu_ctl_header;
+
+typedef struct gpu_ctl_slot {
+    uint64_t word;            /* atomic: gen << 32 | state */
+    uint64_t request_id;
+    int32_t n_blocks;
+    int32_t layers_done;      /* atomic */
+    int32_t sender_pid;       /* atomic */
+    int32_t pad;
+    int32_t blocks[];         /* [n_blocks] destination block ids */
+} gpu_ctl_slot;
+
+typedef struct gpu_peer {    /* prefill side: one mapped decode instance */
+    char ctl_name[KV_ADDRESS_MAX];
+    uint8_t *ctl;
+    size_t ctl_bytes;
+    uint8_t *kv;
+    size_t kv_bytes;
+} gpu_peer;
+
+typedef struct gpu_impl {
+    /* decode side */
+    uint8_t *ctl;
+    size_t ctl_bytes;
+    /* prefill side */
+    gpu_peer peers[GPU_MAX_PEERS];
+    int n_peers;
+} gpu_impl;
+
+static gpu_ctl_slot *ctl_slot(uint8_t *ctl, int idx) {
+    const gpu_ctl_header *h = (const gpu_ctl_header *)ctl;
+    return (gpu_ctl_slot *)(ctl + h->slots_offset + (size_t)idx * h->slot_stride);
+}
+static uint64_t word_of(uint32_t gen, int state) { return (uint64_t)gen << 32 | (uint32_t)state; }
+static uint64_t load_word(gpu_ctl_slot *s) { return __atomic_load_n(&s->word, __ATOMIC_ACQUIRE); }
+static bool cas_word(gpu_ctl_slot *s, uint64_t from, uint64_t to) {
+    return __atomic_compare_exchange_n(&s->word, &from, to, false, __ATOMIC_ACQ_REL,
+                                       __ATOMIC_ACQUIRE);
+}
+
+/* Maps shm `name` read-write; its size into *bytes. NULL with errno set. */
+static uint8_t *map_existing(const char *name, size_t *bytes) {
+    int fd = shm_open(name, O_RDWR, 0);
+    if (fd < 0) return NULL;
+    struct stat st;
+    uint8_t *p = MAP_FAILED;
+    if (fstat(fd, &st) == 0 && st.st_size > 0)
+        p = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    else errno = EINVAL;
+    int e = errno;
+    close(fd);
+    errno = e;
+    if (p == MAP_FAILED) return NULL;
+    *bytes = (size_t)st.st_size;
+    return p;
+}
+
+/* ---- decode side ------------------------------------------------------------------------ */
+static int gpu_open_decode(kv_connector *c, gpu_impl *g, char *err, size_t errlen) {
+    kv_cache *kv = c->kv;
+    if (!kv->shm_base) {
+        pd_errorf(err, errlen, "kv gpu: on this backend the decode side's KV cache must be in "
+                               "shared memory (kv_cache_create_shared)");
+        return -1;
+    }
+    if (!kv_name_valid(c->cfg.name)) {
+        pd_errorf(err, errlen, "kv gpu: instance name \"%s\" is not [A-Za-z0-9_.-]+",
+                  c->cfg.name);
+        return -1;
+    }
+    snprintf(c->address, sizeof c->address, "/" KV_SHM_PREFIX "%s-ctl", c->cfg.name);
+    size_t stride = (sizeof(gpu_ctl_slot) + (size_t)kv->num_blocks * 4 + 63) & ~(size_t)63;
+    size_t off = (sizeof(gpu_ctl_header) + 63) & ~(size_t)63;
+    g->ctl_bytes = off + stride * (size_t)c->n_slots;
+    int fd = shm_open(c->address, O_RDWR | O_CREAT | O_EXCL, 0600);
+    if (fd < 0 && errno == EEXIST) {
+        /* Left behind by a decode process that died? Take it over only then. */
+        size_t n;
+        uint8_t *old = map_existing(c->address, &n);
+        bool stale = old && n >= sizeof(gpu_ctl_header) &&
+                     !kv_pid_alive(((gpu_ctl_header *)old)->pid);
+        if (old) munmap(old, n);
+        if (stale) {
+            shm_unlink(c->address);
+            fd = shm_open(c->address, O_RDWR | O_CREAT | O_EXCL, 0600);
+        } else {
+            errno = EEXIST;
+        }
+    }
+    if (fd < 0) {
+        pd_errorf(err, errlen, "kv gpu: control segment %s: %s", c->address, strerror(errno));
+        return -1;
+    }
+    uint8_t *p = MAP_FAILED;
+    if (ftruncate(fd, (off_t)g->ctl_bytes) == 0)
+        p = mmap(NULL, g->ctl_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    int e = errno;
+    close(fd);
+    if (p == MAP_FAILED) {
+        shm_unlink(c->address);
+        pd_errorf(err, errlen, "kv gpu: control segment %s: %s", c->address, strerror(e));
+        return -1;
+    }
+    gpu_ctl_header *h = (gpu_ctl_header *)p;
+    h->version = GPU_VERSION;
+    h->pid = (int32_t)getpid();
+    h->n_layers = kv->n_layers;
+    h->num_blocks = kv->num_blocks;
+    h->n_slots = c->n_slots;
+    h->block_bytes = kv->block_bytes;
+    h->part_bytes = (uint64_t)kv->num_blocks * kv->block_bytes;
+    h->kv_bytes = kv->shm_bytes;
+    h->geometry = kv_geometry_hash(kv);
+    h->slot_stride = stride;
+    h->slots_offset = off;
+    snprintf(h->kv_name, sizeof h->kv_name, "%s", kv->shm_name);
+    __atomic_store_n(&h->magic, GPU_MAGIC, __ATOMIC_RELEASE);
+    g->ctl = p;
+    return 0;
+}
+
+static kv_status gpu_reserve(kv_connector *c, int idx, char *err, size_t errlen) {
+    gpu_impl *g = c->impl;
+    kv_slot *s = &c->slots[idx];
+    gpu_ctl_slot *cs = ctl_slot(g->ctl, idx);
+    cs->request_id = s->request_id;
+    cs->n_blocks = s->n_blocks;
+    memcpy(cs->blocks, s->blocks, (size_t)s->n_blocks * sizeof(int32_t));
+    __atomic_store_n(&cs->layers_done, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&cs->sender_pid, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&cs->word, word_of(s->gen, GPU_OPEN), __ATOMIC_RELEASE);
+    return KV_OK;
+}
+
+static kv_status gpu_poll(kv_connector *c, int idx, char *err, size_t errlen) {
+    gpu_impl *g = c->impl;
+    kv_slot *s = &c->slots[idx];
+    gpu_ctl_slot *cs = ctl_slot(g->ctl, idx);
+    uint64_t w = load_word(cs);
+    int state = (int)(uint32_t)w;
+    if ((uint32_t)(w >> 32) != s->gen) return KV_PENDING; /* cannot happen: we own the slot */
+    s->layers_ready = __atomic_load_n(&cs->layers_done, __ATOMIC_ACQUIRE);
+    if (state == GPU_DONE) return KV_OK;
+    if (state == GPU_ABORTED) {
+        pd_errorf(err, errlen, "kv gpu: the prefill side aborted request %llu",
+                  (unsigned long long)s->request_id);
+        return KV_ERR_ABORTED;
+    }
+    int pid = __atomic_load_n(&cs->sender_pid, __ATOMIC_ACQUIRE);
+    if (pid > 0 && !kv_pid_alive(pid)) {
+        pd_errorf(err, errlen, "kv gpu: the prefill process %d died during request %llu "
+                               "(%d layers arrived)", pid, (unsigned long long)s->request_id,
+                  s->layers_ready);
+        return KV_ERR_PEER;
+    }
+    return KV_PENDING;
+}
+
+static bool gpu_quiesce(kv_connector *c, int idx) {
+    gpu_impl *g = c->impl;
+    uint32_t gen = c->slots[idx].gen;
+    gpu_ctl_slot *cs = ctl_slot(g->ctl, idx);
+    for (;;) {
+        uint64_t w = load_word(cs);
+        int state = (int)(uint32_t)w;
+        if (state == GPU_OPEN) {
+            if (cas_word(cs, w, word_of(gen, GPU_CLOSED))) return true;
+        } else if (state == GPU_COPYING) {
+            if (cas_word(cs, w, word_of(gen, GPU_CLOSING)))
+                return !kv_pid_alive(__atomic_load_n(&cs->sender_pid, __ATOMIC_ACQUIRE));
+        } else if (state == GPU_CLOSING) {
+            return !kv_pid_alive(__atomic_load_n(&cs->sender_pid, __ATOMIC_ACQUIRE));
+        } else {
+            return true;
+        }
+    }
+}
+
+static void gpu_end(kv_connector *c, int idx) {
+    gpu_impl *g = c->impl;
+    __atomic_store_n(&ctl_slot(g->ctl, idx)->word, word_of(c->slots[idx].gen, GPU_FREE),
+                     __ATOMIC_RELEASE);
+}
+
+/* ---- prefill side ------------------------------------------------------------------------ */
+static void peer_unmap(gpu_peer *p) {
+    if (p->ctl) munmap(p->ctl, p->ctl_bytes);
+    if (p->kv) munmap(p->kv, p->kv_bytes);
+    memset(p, 0, sizeof *p);
+}
+
+/* The mapped peer at ctl segment `name`, mapping it on first use (under c->mu). */
+static gpu_peer *peer_get(kv_connector *c, const char *name, kv_status *st, char *err,
+                          size_t errlen) {
+    gpu_impl *g = c->impl;
+    for (int i = 0; i < g->n_peers; i++)
+        if (strcmp(g->peers[i].ctl_name, name) == 0) {
+            gpu_ctl_header *h = (gpu_ctl_header *)g->peers[i].ctl;
+            if (kv_pid_alive(h->pid)) return &g->peers[i];
+            peer_unmap(&g->peers[i]); /* a dead decode instance; maybe restarted */
+            g->peers[i] = g->peers[--g->n_peers];
+            break;
+        }
+    if (g->n_peers == GPU_MAX_PEERS) {
+        *st = KV_ERR_FULL;
+        pd_errorf(err, errlen, "kv gpu: more than %d decode peers", GPU_MAX_PEERS);
+        return NULL;
+    }
+    gpu_peer p = {0};
+    snprintf(p.ctl_name, sizeof p.ctl_name, "%s", name);
+    *st = KV_ERR_PEER;
+    if (name[0] != '/' || !(p.ctl = map_existing(name, &p.ctl_bytes))) {
+        pd_errorf(err, errlen, "kv gpu: decode peer %s: %s", name, strerror(errno));
+        return NULL;
+    }
+    gpu_ctl_header *h = (gpu_ctl_header *)p.ctl;
+    const kv_cache *kv = c->kv;
+    if (p.ctl_bytes < sizeof *h || __atomic_load_n(&h->magic, __ATOMIC_ACQUIRE) != GPU_MAGIC ||
+        h->version != GPU_VERSION ||
+        p.ctl_bytes < h->slots_offset + h->slot_stride * (uint64_t)h->n_slots) {
+        pd_errorf(err, errlen, "kv gpu: %s is not a pdserve control segment (or not ready)", name);
+        goto fail;
+    }
+    if (h->geometry != kv_geometry_hash(kv) || h->block_bytes != kv->block_bytes) {
+        *st = KV_ERR_ARG;
+        pd_errorf(err, errlen, "kv gpu: decode peer %s has another KV geometry (model, block "
+                               "size or dtype)", name);
+        goto fail;
+    }
+    char kvname[64];
+    memcpy(kvname, h->kv_name, sizeof kvname);
+    kvname[63] = 0;
+    if (!(p.kv = map_existing(kvname, &p.kv_bytes)) || p.kv_bytes < h->kv_bytes ||
+        h->kv_bytes < 2 * (uint64_t)h->n_layers * h->part_bytes) {
+        pd_errorf(err, errlen, "kv gpu: decode peer's KV segment %s: %s", kvname,
+                  p.kv ? "too small" : strerror(errno));
+        goto fail;
+    }
+    g->peers[g->n_peers] = p;
+    return &g->peers[g->n_peers++];
+fail:
+    peer_unmap(&p);
+    return NULL;
+}
+
+typedef struct gpu_send {
+    gpu_peer *peer;
+    gpu_ctl_slot *slot;
+    uint32_t gen;
+} gpu_send;
+
+static kv_status gpu_send_begin(kv_send *x, char *err, size_t errlen) {
+    kv_connector *c = x->c;
+    kv_status st = KV_OK;
+    pthread_mutex_lock(&c->mu);
+    gpu_peer *peer = peer_get(c, x->t.address, &st, err, errlen);
+    pthread_mutex_unlock(&c->mu);
+    if (!peer) return st;
+    gpu_ctl_header *h = (gpu_ctl_header *)peer->ctl;
+    uint64_t idx = x->t.id & 0xffffffffu;
+    uint32_t gen = (uint32_t)(x->t.id >> 32);
+    if (idx >= (uint64_t)h->n_slots) goto unknown;
+    gpu_ctl_slot *cs = ctl_slot(peer->ctl, (int)idx);
+    if (load_word(cs) != word_of(gen, GPU_OPEN) || cs->request_id != x->t.request_id ||
+        cs->n_blocks != x->n_blocks)
+        goto unknown;
+    for (int i = 0; i < x->n_blocks; i++)
+        if (cs->blocks[i] < 0 || cs->blocks[i] >= h->num_blocks) goto unknown;
+    int32_t zero = 0;
+    if (!__atomic_compare_exchange_n(&cs->sender_pid, &zero, (int32_t)getpid(), false,
+                                     __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        pd_errorf(err, errlen, "kv gpu: request %llu already has a sender (pid %d)",
+                  (unsigned long long)x->t.request_id, zero);
+        return KV_ERR_ARG;
+    }
+    gpu_send *gs = xcalloc(1, sizeof *gs);
+    gs->peer = peer;
+    gs->slot = cs;
+    gs->gen = gen;
+    x->priv = gs;
+    return KV_OK;
+unknown:
+    pd_errorf(err, errlen, "kv gpu: decode peer %s has no open reservation %llu for request "
+                           "%llu (expired or cancelled?)", x->t.address,
+              (unsigned long long)x->t.id, (unsigned long long)x->t.request_id);
+    return KV_ERR_UNKNOWN_TICKET;
+}
+
+/* Why the slot left OPEN, as a status and a sentence. */
+static kv_status closed_status(kv_send *x, uint64_t w, char *err, size_t errlen) {
+    gpu_send *gs = x->priv;
+    if ((uint32_t)(w >> 32) != gs->gen || (int)(uint32_t)w == GPU_FREE ||
+        (int)(uint32_t)w == GPU_CLOSED || (int)(uint32_t)w == GPU_CLOSING) {
+        pd_errorf(err, errlen, "kv gpu: the decode side closed request %llu's reservation "
+                               "(deadline passed or cancelled)",
+                  (unsigned long long)x->t.request_id);
+        return KV_ERR_DEADLINE;
+    }
+    pd_errorf(err, errlen, "kv gpu: request %llu's reservation is in state %d",
+              (unsigned long long)x->t.request_id, (int)(uint32_t)w);
+    return KV_ERR_PROTOCOL;
+}
+
+static kv_status gpu_send_layers(kv_send *x, const int *layers, int n, char *err, size_t errlen) {
+    gpu_send *gs = x->priv;
+    gpu_ctl_header *h = (gpu_ctl_header *)gs->peer->ctl;
+    if (!kv_pid_alive(h->pid)) {
+        pd_errorf(err, errlen, "kv gpu: the decode process %d is gone", h->pid);
+        return KV_ERR_PEER;
+    }
+    if (!cas_word(gs->slot, word_of(gs->gen, GPU_OPEN), word_of(gs->gen, GPU_COPYING)))
+        return closed_status(x, load_word(gs->slot), err, errlen);
+    const kv_cache *kv = x->c->kv;
+    size_t bb = kv->block_bytes;
+    const int32_t *dst = gs->slot->blocks;
+    for (int j = 0; j < n; j++) {
+        int l = layers[j];
+        for (int part = 0; part < 2; part++) {
+            uint8_t *base = gs->peer->kv + (size_t)(2 * l + part) * h->part_bytes;
+            for (int i = 0; i < x->n_blocks;) {
+                int r = kv_run_length(x->blocks, dst, i, x->n_blocks);
+                memcpy(base + (size_t)dst[i] * bb, kv_block_ptr(kv, l, part, x->blocks[i]),
+                       (size_t)r * bb);
+                i += r;
+            }
+        }
+    }
+    __atomic_fetch_add(&gs->slot->layers_done, n, __ATOMIC_RELEASE);
+    if (!cas_word(gs->slot, word_of(gs->gen, GPU_COPYING), word_of(gs->gen, GPU_OPEN))) {
+        uint64_t w = load_word(gs->slot);
+        cas_word(gs->slot, word_of(gs->gen, GPU_CLOSING), word_of(gs->gen, GPU_CLOSED));
+        return closed_status(x, w, err, errlen);
+    }
+    return KV_OK;
+}
+
+static kv_status gpu_send_finish(kv_send *x, char *err, size_t errlen) {
+    gpu_send *gs = x->priv;
+    if (!cas_word(gs->slot, word_of(gs->gen, GPU_OPEN), word_of(gs->gen, GPU_DONE)))
+        return closed_status(x, load_word(gs->slot), err, errlen);
+    return KV_OK;
+}
+
+static void gpu_send_abort(kv_send *x) {
+    gpu_send *gs = x->priv;
+    if (!gs) return;
+    cas_word(gs->slot, word_of(gs->gen, GPU_OPEN), word_of(gs->gen, GPU_ABORTED));
+    free(gs);
+    x->priv = NULL;
+}
+
+/* ---- open / close -------------------------------------------------------------------------- */
+static int gpu_open(kv_connector *c, char *err, size_t errlen) {
+    gpu_impl *g = xcalloc(1, sizeof *g);
+    c->impl = g;
+    if (c->cfg.role == KV_ROLE_DECODE && gpu_open_decode(c, g, err, errlen) != 0) {
+        free(g);
+        c->impl = NULL;
+        return -1;
+    }
+    return 0;
+}
+
+static void gpu_close(kv_connector *c) {
+    gpu_impl *g = c->impl;
+    if (!g) return;
+    if (g->ctl) {
+        munmap(g->ctl, g->ctl_bytes);
+        shm_unlink(c->address);
+    }
+    for (int i = 0; i < g->n_peers; i++) peer_unmap(&g->peers[i]);
+    free(g);
+}
+
+/* Frees the per-transfer state after finish (kv_connector.c frees x itself). */
+static kv_status gpu_send_finish_and_free(kv_send *x, char *err, size_t errlen) {
+    kv_status st = gpu_send_finish(x, err, errlen);
+    if (st == KV_OK) {
+        free(x->priv);
+        x->priv = NULL;
+    }
+    return st;
+}
+
+const kv_medium_ops kv_gpu_ops = {
+    .name = "gpu",
+    .open = gpu_open,
+    .close = gpu_close,
+    .reserve = gpu_reserve,
+    .poll = gpu_poll,
+    .quiesce = gpu_quiesce,
+    .end = gpu_end,
+    .send_begin = gpu_send_begin,
+    .send_layers = gpu_send_layers,
+    .send_finish = gpu_send_finish_and_free,
+    .send_abort = gpu_send_abort,
+};

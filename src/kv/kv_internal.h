@@ -1,0 +1,117 @@
+/* kv_internal.h: what the files of src/kv/ share and nobody else sees: the connector
+ * and transfer structs, the decode side's reservation slots, and the table of
+ * function pointers that each medium file fills (kv_connector.c dispatches).
+ *
+ * Locking: c->mu guards c->slots and every medium hook called "under mu". Hooks
+ * never block on a peer while holding it (long copies happen in threads that marked
+ * the slot busy, or in stores' polls, which take no other lock than their store's). */
+#ifndef PD_KV_INTERNAL_H
+#define PD_KV_INTERNAL_H
+
+#include <pthread.h>
+
+#include "kv/kv.h"
+#include "util/util.h"
+
+typedef enum kv_slot_state {
+    KV_SLOT_FREE,      /* unused; `last` holds how its previous reservation ended */
+    KV_SLOT_PENDING,   /* reserved, blocks held, waiting for data */
+    KV_SLOT_DONE,      /* every layer arrived; blocks held until taken */
+    KV_SLOT_DRAINING,  /* failed while a sender was inside a copy: blocks held until quiet */
+} kv_slot_state;
+
+typedef struct kv_slot {
+    kv_slot_state state;
+    uint32_t gen;            /* bumped per reservation: ticket id = index | gen << 32 */
+    uint64_t request_id;
+    int n_tokens, n_blocks;
+    int32_t *blocks;         /* [n_blocks] owned (held from the allocator while not FREE) */
+    uint64_t *keys;          /* [n_blocks] stores: content keys (owned) */
+    uint8_t *got;            /* [n_blocks] stores: block copied in */
+    int n_got;
+    uint32_t *layer_blocks;  /* [L] tcp: blocks arrived per layer */
+    int layers_ready;
+    double deadline;         /* time_now_s() clock */
+    int64_t deadline_ms;     /* wall clock, as in the ticket */
+    int busy;                /* tcp: frames being written into the blocks right now */
+    int conn;                /* tcp: connection that wrote into it, -1 none */
+    kv_status last;          /* outcome of the last reservation (when FREE or DRAINING) */
+    char last_err[200];
+} kv_slot;
+
+struct kv_connector;
+
+typedef struct kv_medium_ops {
+    const char *name;
+    int (*open)(struct kv_connector *c, char *err, size_t errlen);
+    void (*close)(struct kv_connector *c);
+    /* decode side, under mu */
+    kv_status (*reserve)(struct kv_connector *c, int idx, char *err, size_t errlen);
+    /* advances a PENDING slot: KV_PENDING, KV_OK (all arrived) or an error */
+    kv_status (*poll)(struct kv_connector *c, int idx, char *err, size_t errlen);
+    /* after a failure: true when no sender can write into the blocks any more */
+    bool (*quiesce)(struct kv_connector *c, int idx);
+    void (*end)(struct kv_connector *c, int idx); /* the reservation is over (any outcome) */
+    void (*tick)(struct kv_connector *c);          /* not under mu */
+    /* prefill side (one thread per kv_send at a time) */
+    kv_status (*send_begin)(struct kv_send *x, char *err, size_t errlen);
+    kv_status (*send_layers)(struct kv_send *x, const int *layers, int n, char *err, size_t errlen);
+    kv_status (*send_finish)(struct kv_send *x, char *err, size_t errlen);
+    void (*send_abort)(struct kv_send *x);
+    /* stores */
+    int (*match)(struct kv_connector *c, const uint64_t *keys, int n);
+    void (*stats)(struct kv_connector *c, kv_store_stats *out);
+} kv_medium_ops;
+
+struct kv_connector {
+    kv_config cfg;
+    const kv_medium_ops *ops;
+    kv_cache *kv;                 /* not owned */
+    kv_block_allocator alloc;     /* decode side */
+    pthread_mutex_t mu;
+    kv_slot *slots;               /* [n_slots] decode side */
+    int n_slots;
+    char address[KV_ADDRESS_MAX];
+    void *impl;                   /* the medium's state (owned by it) */
+};
+
+struct kv_send {
+    kv_connector *c;
+    kv_ticket t;
+    int32_t *blocks;              /* [n_blocks] this instance's blocks (copied) */
+    int n_blocks;
+    uint64_t *keys;               /* [n_blocks] stores */
+    uint8_t *computed;            /* [L] kv_send_layer was called */
+    uint8_t *shipped;             /* [L] */
+    double deadline;              /* time_now_s() clock */
+    void *priv;                   /* the medium's per-transfer state */
+};
+
+extern const kv_medium_ops kv_gpu_ops, kv_cpu_ops, kv_disk_ops, kv_tcp_ops, kv_nccl_ops;
+
+/* Fails slot idx (under mu): records the outcome, releases its blocks now, or marks
+ * it DRAINING when the medium says a copy into them is still running. */
+void kv_slot_fail(kv_connector *c, int idx, kv_status st, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+/* DRAINING slot idx whose copy has ended: releases and frees it (under mu). */
+void kv_slot_drain(kv_connector *c, int idx);
+/* Slot index of a ticket id whose generation and request match, or -1. Under mu. */
+int kv_slot_find(kv_connector *c, uint64_t ticket_id, uint64_t request_id);
+
+/* Geometry seed of a cache (layers, kv heads, head dim, block size, dtype). */
+uint64_t kv_geometry_hash(const kv_cache *kv);
+/* Whether process pid is running (not gone, not a zombie). */
+bool kv_pid_alive(int pid);
+/* Wall-clock deadline (ms) as seconds on the time_now_s() clock. */
+double kv_deadline_local(int64_t deadline_ms);
+/* Byte address of block b of layer l, k (part 0) or v (part 1), of a cache. */
+static inline uint8_t *kv_block_ptr(const kv_cache *kv, int l, int part, int32_t b) {
+    return (uint8_t *)(part ? kv->v[l] : kv->k[l]) + (size_t)b * kv->block_bytes;
+}
+/* Length of the run of consecutive ids starting at a[i] (and b[i] when b != NULL):
+ * blocks that one copy can move. */
+int kv_run_length(const int32_t *a, const int32_t *b, int i, int n);
+/* A valid name for shm segments: [A-Za-z0-9_.-], 1..KV_NAME_MAX-1 characters. */
+bool kv_name_valid(const char *s);
+
+#endif

@@ -1,0 +1,537 @@
+/* internal.c: the instance side of a disaggregated request (DESIGN.md), behind the
+ * /internal/... endpoints that only the router calls (http.c routes them here).
+ *
+ *   decode   /internal/reserve  kv_reserve: blocks from the engine's pool + a ticket
+ *            /internal/decode   kv_ticket_wait until the KV is here, kv_ticket_take, then
+ *                               engine_submit_prefilled with the first token: from then
+ *                               on it is an ordinary generation of http.c
+ *            /internal/release  kv_ticket_cancel
+ *   prefill  /internal/prefill  a prefill_only engine request; at its end the engine
+ *                               hands over the prompt's blocks, a transfer worker ships
+ *                               them (kv_send_begin .. kv_send_finish), gives them back
+ *                               and answers with the first token
+ *
+ * Threads: the engine thread only records events and queues work; a transfer worker
+ * does the (blocking) shipping; a ticker thread enforces deadlines (aborting prefills
+ * that outlive their ticket) and calls kv_connector_tick, which expires reservations
+ * nobody claimed. Whatever fails, every block goes back exactly once: the connector's
+ * on the decode side, ours (engine_kv_release) on the prefill side.
+ *
+ * Layer-wise transfer: the forward pass has no per-layer hook yet, so the blocks are
+ * shipped once the whole prompt is computed; --kv-transfer-mode layerwise then sends
+ * them layer by layer (kv_send_layer) without overlapping compute. */
+#include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kv/kv.h"
+#include "server/server.h"
+#include "util/util.h"
+
+#define INTERNAL_TICK_MS 20
+
+typedef enum pj_stage { PJ_PREFILL, PJ_TRANSFER, PJ_DONE } pj_stage;
+
+struct internal_prefill_job {
+    internal_ctx *in;
+    pthread_mutex_t mu;
+    int refs;                   /* the pipeline's and the HTTP side's */
+    kv_ticket ticket;
+    int32_t *prompt;            /* [n_prompt] (owned) */
+    int n_prompt;
+    int logprobs;               /* the request's: how much of the first token to report */
+    server_reply *reply;        /* answered once by the pipeline */
+    uint64_t engine_id;
+    pj_stage stage;             /* under in->mu */
+    bool aborted_deadline;      /* under in->mu: the ticker aborted it */
+    bool http_gone;             /* under mu */
+    engine_first_token first;   /* engine thread, before FINISHED */
+    bool got_token;
+    int32_t *blocks;            /* [n_blocks] handed over by the engine (owned ids) */
+    int n_blocks;
+    double t_start, t_prefilled;
+    internal_prefill_job *next_q;           /* transfer queue (in->mu) */
+    internal_prefill_job *prev_a, *next_a;  /* active list (in->mu) */
+};
+
+struct internal_ctx {
+    engine *eng;                /* not owned */
+    kv_connector *kv;           /* not owned */
+    server_role role;
+    double timeout_s;
+    int stall_ms;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    internal_prefill_job *q_head, *q_tail;  /* waiting for the transfer worker */
+    internal_prefill_job *active;           /* every job not yet answered */
+    int n_active;
+    bool stop;
+    pthread_t worker, ticker;
+    bool worker_started, ticker_started;
+};
+
+static int64_t wall_ms(void) { return (int64_t)(time_wall_s() * 1000.0); }
+
+/* ---- prefill side ------------------------------------------------------------------------ */
+static void pj_unref(internal_prefill_job *j) {
+    pthread_mutex_lock(&j->mu);
+    bool last = --j->refs == 0;
+    pthread_mutex_unlock(&j->mu);
+    if (!last) return;
+    PD_ASSERT(!j->blocks);
+    pthread_mutex_destroy(&j->mu);
+    free(j->prompt);
+    free(j);
+}
+
+/* Takes j off the active list and answers; drops the pipeline's reference. */
+static void pj_answer(internal_prefill_job *j, int status, const sbuf *body) {
+    internal_ctx *in = j->in;
+    pthread_mutex_lock(&in->mu);
+    j->stage = PJ_DONE;
+    if (j->prev_a) j->prev_a->next_a = j->next_a;
+    else in->active = j->next_a;
+    if (j->next_a) j->next_a->prev_a = j->prev_a;
+    j->prev_a = j->next_a = NULL;
+    in->n_active--;
+    pthread_mutex_unlock(&in->mu);
+    server_reply_send(j->reply, status, body);
+    j->reply = NULL;
+    pj_unref(j);
+}
+
+static void pj_fail(internal_prefill_job *j, int status, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void pj_fail(internal_prefill_job *j, int status, const char *code, const char *fmt, ...) {
+    api_error e;
+    api_error_set(&e, status, "server_error", NULL, "%s", "");
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e.message, sizeof e.message, fmt, ap);
+    va_end(ap);
+    e.code = code;
+    log_info("prefill: request %llu failed: %s", (unsigned long long)j->ticket.request_id, e.message);
+    if (j->blocks) {
+        engine_kv_release(j->in->eng, j->blocks, j->n_blocks);
+        free(j->blocks);
+        j->blocks = NULL;
+    }
+    sbuf b;
+    sbuf_init(&b);
+    api_error_json(&b, &e);
+    pj_answer(j, status, &b);
+    sbuf_free(&b);
+}
+
+/* The first token as X-PD-First text: "TOKEN[;LOGPROB[;ID:LP,...]]". */
+static void first_format(const internal_prefill_job *j, sbuf *out) {
+    const engine_first_token *f = &j->first;
+    sbuf_printf(out, "%d", (int)f->token);
+    if (j->logprobs < 0) return;
+    sbuf_printf(out, ";%.9g;", (double)f->logprob);
+    for (int i = 0; i < f->n_top; i++)
+        sbuf_printf(out, i ? ",%d:%.9g" : "%d:%.9g", (int)f->top[i].id, (double)f->top[i].logprob);
+}
+
+/* Engine thread: record, and hand the blocks to the transfer worker. Never blocks. */
+static void pj_on_event(void *user, const engine_event *ev) {
+    internal_prefill_job *j = user;
+    internal_ctx *in = j->in;
+    if (ev->kind == ENGINE_EVENT_TOKEN) {
+        j->first.token = ev->token;
+        j->first.logprob = ev->logprob;
+        j->first.n_top = ev->top ? PD_MIN(ev->n_top, SAMPLING_MAX_LOGPROBS) : 0;
+        if (j->first.n_top) memcpy(j->first.top, ev->top, sizeof(token_logprob) * (size_t)j->first.n_top);
+        j->got_token = true;
+        return;
+    }
+    if (ev->n_kv_blocks > 0) {
+        j->blocks = xmalloc(sizeof(int32_t) * (size_t)ev->n_kv_blocks);
+        memcpy(j->blocks, ev->kv_blocks, sizeof(int32_t) * (size_t)ev->n_kv_blocks);
+        j->n_blocks = ev->n_kv_blocks;
+    }
+    if (ev->finish == FINISH_LENGTH && j->got_token && j->blocks) {
+        j->t_prefilled = time_now_s();
+        pthread_mutex_lock(&in->mu);
+        j->stage = PJ_TRANSFER;
+        if (in->q_tail) in->q_tail->next_q = j;
+        else in->q_head = j;
+        in->q_tail = j;
+        pthread_cond_broadcast(&in->cv);
+        pthread_mutex_unlock(&in->mu);
+        return;
+    }
+    pthread_mutex_lock(&in->mu);
+    bool deadline = j->aborted_deadline;
+    pthread_mutex_unlock(&in->mu);
+    if (deadline)
+        pj_fail(j, 504, "kv_transfer_timeout", "the prefill did not finish before the request's deadline");
+    else if (ev->finish == FINISH_ABORT)
+        pj_fail(j, 503, "prefill_aborted", "the prefill was aborted (shutdown or the router went away)");
+    else
+        pj_fail(j, 500, "prefill_failed", "the prefill failed: %s", ev->error ? ev->error : "unknown error");
+}
+
+static int kv_status_http(kv_status st) {
+    switch (st) {
+    case KV_ERR_DEADLINE: return 504;
+    case KV_ERR_FULL:
+    case KV_ERR_NOSPACE: return 507;
+    default: return 502;
+    }
+}
+
+/* Transfer worker: sleeps (debug stall) then ships one job's blocks. */
+static void pj_transfer(internal_ctx *in, internal_prefill_job *j) {
+    char err[256] = "";
+    if (in->stall_ms > 0) {
+        int64_t until = wall_ms() + in->stall_ms;
+        log_warn("prefill: --debug-stall-transfer-ms: stalling the transfer of request %llu for %d ms",
+                 (unsigned long long)j->ticket.request_id, in->stall_ms);
+        while (wall_ms() < until && wall_ms() < j->ticket.deadline_ms) usleep(5000);
+    }
+    pthread_mutex_lock(&j->mu);
+    bool gone = j->http_gone;
+    pthread_mutex_unlock(&j->mu);
+    if (gone) {
+        pj_fail(j, 499, "client_gone", "the router went away before the KV transfer");
+        return;
+    }
+    if (wall_ms() >= j->ticket.deadline_ms) {
+        pj_fail(j, 504, "kv_transfer_timeout", "the KV transfer did not start before the request's deadline");
+        return;
+    }
+    kv_status st = KV_OK;
+    double t0 = time_now_s();
+    kv_send *s = kv_send_begin(in->kv, &j->ticket, j->blocks, j->n_blocks, j->prompt, j->n_prompt,
+                               &st, err, sizeof err);
+    if (!s) {
+        pj_fail(j, kv_status_http(st), "kv_transfer_failed", "the KV transfer could not start (%s): %s",
+                kv_status_name(st), err);
+        return;
+    }
+    const kv_config *kc = kv_connector_config(in->kv);
+    if (kc->mode == KV_TRANSFER_LAYERWISE) {
+        int L = engine_kv_cache(in->eng)->n_layers;
+        for (int l = 0; l < L && st == KV_OK; l++) st = kv_send_layer(s, l, err, sizeof err);
+        if (st != KV_OK) {
+            kv_send_abort(s);
+            pj_fail(j, kv_status_http(st), "kv_transfer_failed", "the KV transfer failed (%s): %s",
+                    kv_status_name(st), err);
+            return;
+        }
+    }
+    st = kv_send_finish(s, err, sizeof err);
+    if (st != KV_OK) {
+        pj_fail(j, kv_status_http(st), "kv_transfer_failed", "the KV transfer failed (%s): %s",
+                kv_status_name(st), err);
+        return;
+    }
+    double t1 = time_now_s();
+    engine_kv_release(in->eng, j->blocks, j->n_blocks);
+    free(j->blocks);
+    j->blocks = NULL;
+    sbuf b, f;
+    sbuf_init(&b);
+    sbuf_init(&f);
+    first_format(j, &f);
+    sbuf_puts(&b, "{\"first\":");
+    sbuf_json_str(&b, f.p, f.len);
+    sbuf_printf(&b, ",\"n_prompt\":%d,\"prefill_s\":%.6f,\"kv_transfer_s\":%.6f,\"medium\":\"%s\"}",
+                j->n_prompt, j->t_prefilled - j->t_start, t1 - t0, kv_medium_name(j->ticket.medium));
+    pj_answer(j, 200, &b);
+    sbuf_free(&b);
+    sbuf_free(&f);
+}
+
+static void *worker_main(void *arg) {
+    internal_ctx *in = arg;
+    for (;;) {
+        pthread_mutex_lock(&in->mu);
+        while (!in->stop && !in->q_head) pthread_cond_wait(&in->cv, &in->mu);
+        internal_prefill_job *j = in->q_head;
+        if (j) {
+            in->q_head = j->next_q;
+            if (!in->q_head) in->q_tail = NULL;
+            j->next_q = NULL;
+        }
+        bool stop = in->stop;
+        pthread_mutex_unlock(&in->mu);
+        if (!j) break;
+        if (stop) pj_fail(j, 503, "shutting_down", "the prefill instance is shutting down");
+        else pj_transfer(in, j);
+    }
+    return NULL;
+}
+
+/* Ticker: prefills past their deadline are aborted (their FINISHED event answers);
+ * the connector expires reservations and reclaims what dead peers left. */
+static void *ticker_main(void *arg) {
+    internal_ctx *in = arg;
+    for (;;) {
+        pthread_mutex_lock(&in->mu);
+        if (in->stop) {
+            pthread_mutex_unlock(&in->mu);
+            break;
+        }
+        int64_t now = wall_ms();
+        uint64_t late[64];
+        int n_late = 0;
+        for (internal_prefill_job *j = in->active; j && n_late < 64; j = j->next_a)
+            if (j->stage == PJ_PREFILL && !j->aborted_deadline && now >= j->ticket.deadline_ms) {
+                j->aborted_deadline = true;
+                late[n_late++] = j->engine_id;
+            }
+        pthread_mutex_unlock(&in->mu);
+        for (int i = 0; i < n_late; i++) engine_abort(in->eng, late[i]);
+        if (in->kv) kv_connector_tick(in->kv);
+        usleep(INTERNAL_TICK_MS * 1000);
+    }
+    return NULL;
+}
+
+internal_prefill_job *internal_prefill_start(internal_ctx *in, const engine_request *r,
+                                             const char *ticket_text, server_reply *reply,
+                                             uint64_t *id, api_error *e) {
+    char err[256] = "";
+    internal_prefill_job *j = xcalloc(1, sizeof *j);
+    if (!ticket_text || kv_ticket_parse(ticket_text, &j->ticket, err, sizeof err)) {
+        api_error_set(e, 400, "invalid_request_error", NULL, "bad or missing X-PD-Ticket: %s", err);
+        free(j);
+        return NULL;
+    }
+    int bs = engine_kv_cache(in->eng)->block_size;
+    if (j->ticket.n_tokens != r->n_prompt || j->ticket.block_size != bs ||
+        j->ticket.n_blocks != (r->n_prompt + bs - 1) / bs) {
+        api_error_set(e, 400, "invalid_request_error", NULL,
+                      "the ticket is for %d tokens in %d blocks of %d, but the prompt has %d tokens "
+                      "and blocks here hold %d (different tokenizers or block sizes?)",
+                      j->ticket.n_tokens, j->ticket.n_blocks, j->ticket.block_size, r->n_prompt, bs);
+        free(j);
+        return NULL;
+    }
+    j->in = in;
+    pthread_mutex_init(&j->mu, NULL);
+    j->refs = 2;
+    j->prompt = xmalloc(sizeof(int32_t) * (size_t)r->n_prompt);
+    memcpy(j->prompt, r->prompt, sizeof(int32_t) * (size_t)r->n_prompt);
+    j->n_prompt = r->n_prompt;
+    j->logprobs = r->sp.logprobs;
+    j->reply = reply;
+    j->t_start = time_now_s();
+    j->stage = PJ_PREFILL;
+    pthread_mutex_lock(&in->mu);
+    j->next_a = in->active;
+    if (in->active) in->active->prev_a = j;
+    in->active = j;
+    in->n_active++;
+    pthread_mutex_unlock(&in->mu);
+
+    engine_request er = *r;
+    er.on_event = pj_on_event;
+    er.user = j;
+    er.prefill_only = true;
+    /* Events may come before submit returns; the ticker reads engine_id under in->mu. */
+    pthread_mutex_lock(&in->mu);
+    uint64_t eid = engine_submit(in->eng, &er, err, sizeof err);
+    j->engine_id = eid;
+    pthread_mutex_unlock(&in->mu);
+    if (eid == 0) {
+        pthread_mutex_lock(&in->mu);
+        if (j->prev_a) j->prev_a->next_a = j->next_a;
+        else in->active = j->next_a;
+        if (j->next_a) j->next_a->prev_a = j->prev_a;
+        in->n_active--;
+        pthread_mutex_unlock(&in->mu);
+        api_error_set(e, strstr(err, "waiting") ? 503 : 400, strstr(err, "waiting") ? "server_error"
+                      : "invalid_request_error", NULL, "%s", err);
+        pthread_mutex_destroy(&j->mu);
+        free(j->prompt);
+        free(j);
+        return NULL;
+    }
+    *id = eid;
+    return j;
+}
+
+void internal_prefill_detach(internal_prefill_job *j) {
+    if (!j) return;
+    pthread_mutex_lock(&j->mu);
+    j->http_gone = true;
+    pthread_mutex_unlock(&j->mu);
+    pj_unref(j);
+}
+
+/* ---- decode side ------------------------------------------------------------------------- */
+int internal_reserve(internal_ctx *in, const char *rid, const int32_t *ids, int n,
+                     double timeout_s, sbuf *out, api_error *e) {
+    char err[256] = "";
+    kv_ticket t;
+    uint64_t req_id = hash_bytes(rid ? rid : "", rid ? strlen(rid) : 0, 0x70647276ull);
+    if (timeout_s <= 0) timeout_s = in->timeout_s;
+    kv_status st = kv_reserve(in->kv, req_id, ids, n, timeout_s, &t, err, sizeof err);
+    if (st != KV_OK) {
+        if (st == KV_ERR_FULL) {
+            api_error_set(e, 503, "server_error", NULL,
+                          "the decode instance has no room for the KV of %d prompt tokens now: %s", n, err);
+            e->code = "kv_cache_full";
+        } else {
+            api_error_set(e, 500, "server_error", NULL, "KV reservation failed (%s): %s",
+                          kv_status_name(st), err);
+        }
+        return -1;
+    }
+    char text[KV_TICKET_TEXT_MAX];
+    if (kv_ticket_format(&t, text, sizeof text) < 0) {
+        kv_ticket_cancel(in->kv, &t);
+        api_error_set(e, 500, "server_error", NULL, "the KV ticket does not fit its text form");
+        return -1;
+    }
+    sbuf_puts(out, "{\"ticket\":");
+    sbuf_json_str(out, text, strlen(text));
+    sbuf_printf(out, ",\"n_prompt\":%d,\"blocks\":%d}", n, t.n_blocks);
+    return 0;
+}
+
+void internal_release(internal_ctx *in, const char *ticket_text) {
+    kv_ticket t;
+    char err[128];
+    if (!ticket_text || kv_ticket_parse(ticket_text, &t, err, sizeof err)) return;
+    kv_ticket_cancel(in->kv, &t);
+}
+
+/* Parses X-PD-First; -1 on anything malformed. */
+static int first_parse(const char *s, int logprobs, engine_first_token *f) {
+    memset(f, 0, sizeof *f);
+    char *end;
+    long tok = strtol(s, &end, 10);
+    if (end == s || tok < 0 || tok > INT32_MAX) return -1;
+    f->token = (int32_t)tok;
+    if (*end == 0) return logprobs >= 0 ? -1 : 0;
+    if (*end != ';') return -1;
+    s = end + 1;
+    f->logprob = strtof(s, &end);
+    if (end == s || *end != ';') return -1;
+    s = end + 1;
+    while (*s && f->n_top < SAMPLING_MAX_LOGPROBS) {
+        long id = strtol(s, &end, 10);
+        if (end == s || *end != ':' || id < 0 || id > INT32_MAX) return -1;
+        s = end + 1;
+        float lp = strtof(s, &end);
+        if (end == s) return -1;
+        f->top[f->n_top].id = (int32_t)id;
+        f->top[f->n_top].logprob = lp;
+        f->n_top++;
+        s = end;
+        if (*s == ',') s++;
+        else if (*s) return -1;
+    }
+    return *s ? -1 : 0;
+}
+
+uint64_t internal_decode_submit(internal_ctx *in, const engine_request *r, const char *ticket_text,
+                                const char *first_text, api_error *e) {
+    char err[256] = "";
+    kv_ticket t;
+    engine_first_token first;
+    if (!ticket_text || kv_ticket_parse(ticket_text, &t, err, sizeof err)) {
+        api_error_set(e, 400, "invalid_request_error", NULL, "bad or missing X-PD-Ticket: %s", err);
+        return 0;
+    }
+    if (!first_text || first_parse(first_text, r->sp.logprobs, &first)) {
+        kv_ticket_cancel(in->kv, &t);
+        api_error_set(e, 400, "invalid_request_error", NULL, "bad or missing X-PD-First");
+        return 0;
+    }
+    if (t.n_tokens != r->n_prompt) {
+        kv_ticket_cancel(in->kv, &t);
+        api_error_set(e, 400, "invalid_request_error", NULL,
+                      "the ticket is for %d prompt tokens but the request has %d", t.n_tokens, r->n_prompt);
+        return 0;
+    }
+    double left = (double)(t.deadline_ms - wall_ms()) / 1000.0;
+    kv_status st = kv_ticket_wait(in->kv, &t, PD_MAX(left, 0.0) + 0.05, err, sizeof err);
+    if (st != KV_OK) {
+        kv_ticket_cancel(in->kv, &t);
+        api_error_set(e, st == KV_ERR_DEADLINE || st == KV_PENDING ? 504 : 502, "server_error", NULL,
+                      "the prompt's KV did not arrive (%s)%s%s", kv_status_name(st), err[0] ? ": " : "", err);
+        e->code = st == KV_ERR_DEADLINE || st == KV_PENDING ? "kv_transfer_timeout" : "kv_transfer_failed";
+        return 0;
+    }
+    int32_t *blocks = xmalloc(sizeof(int32_t) * (size_t)PD_MAX(t.n_blocks, 1));
+    int n = kv_ticket_take(in->kv, &t, blocks, t.n_blocks);
+    if (n < 0) {
+        free(blocks);
+        kv_ticket_cancel(in->kv, &t);
+        api_error_set(e, 500, "server_error", NULL, "the KV reservation ended before it could be taken");
+        return 0;
+    }
+    uint64_t id = engine_submit_prefilled(in->eng, r, blocks, n, &first, err, sizeof err);
+    free(blocks);
+    if (id == 0) {
+        bool busy = strstr(err, "waiting") != NULL;
+        api_error_set(e, busy ? 503 : 400, busy ? "server_error" : "invalid_request_error", NULL, "%s", err);
+    }
+    return id;
+}
+
+/* ---- roles ------------------------------------------------------------------------------------ */
+const char *server_role_name(server_role r) {
+    switch (r) {
+    case SERVER_ROLE_PREFILL: return "prefill";
+    case SERVER_ROLE_DECODE: return "decode";
+    case SERVER_ROLE_ROUTER: return "router";
+    default: return "colocated";
+    }
+}
+
+int server_role_parse(const char *s, server_role *out) {
+    if (!strcmp(s, "colocated")) *out = SERVER_ROLE_COLOCATED;
+    else if (!strcmp(s, "prefill")) *out = SERVER_ROLE_PREFILL;
+    else if (!strcmp(s, "decode")) *out = SERVER_ROLE_DECODE;
+    else if (!strcmp(s, "router")) *out = SERVER_ROLE_ROUTER;
+    else return -1;
+    return 0;
+}
+
+/* ---- life cycle ---------------------------------------------------------------------------- */
+internal_ctx *internal_create(engine *e, kv_connector *kv, server_role role, double timeout_s,
+                              int stall_ms) {
+    internal_ctx *in = xcalloc(1, sizeof *in);
+    in->eng = e;
+    in->kv = kv;
+    in->role = role;
+    in->timeout_s = timeout_s > 0 ? timeout_s : 30.0;
+    in->stall_ms = stall_ms;
+    pthread_mutex_init(&in->mu, NULL);
+    pthread_cond_init(&in->cv, NULL);
+    if (role == SERVER_ROLE_PREFILL && pthread_create(&in->worker, NULL, worker_main, in) == 0)
+        in->worker_started = true;
+    if (pthread_create(&in->ticker, NULL, ticker_main, in) == 0) in->ticker_started = true;
+    return in;
+}
+
+int internal_active(internal_ctx *in) {
+    pthread_mutex_lock(&in->mu);
+    int n = in->n_active;
+    pthread_mutex_unlock(&in->mu);
+    return n + (in->kv ? kv_connector_active(in->kv) : 0);
+}
+
+void internal_free(internal_ctx *in) {
+    if (!in) return;
+    pthread_mutex_lock(&in->mu);
+    in->stop = true;
+    pthread_cond_broadcast(&in->cv);
+    pthread_mutex_unlock(&in->mu);
+    if (in->worker_started) pthread_join(in->worker, NULL);
+    if (in->ticker_started) pthread_join(in->ticker, NULL);
+    pthread_mutex_destroy(&in->mu);
+    pthread_cond_destroy(&in->cv);
+    free(in);
+}

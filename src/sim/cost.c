@@ -1,0 +1,154 @@
+/* cost.c: the simulator's cost model. Prices one planned step from the profile's grids
+ * (interpolated), one KV transfer from a medium's curve, and the energy of both, at a
+ * given SM clock through the clock model. Pure arithmetic: called once per simulated
+ * step, so it stays O(1) per step (the caller accumulates the step's work). */
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "sim/sim.h"
+#include "util/util.h"
+
+/* Smallest time a non-empty part may cost: keeps virtual time moving when a grid is
+ * extrapolated far below its measured points. */
+#define SIM_MIN_PART_S 1e-7
+
+void sim_cost_init(sim_cost *c, const sim_profile *p, double mhz) {
+    memset(c, 0, sizeof *c);
+    c->p = p;
+    c->mhz = mhz;
+    c->prefill_scale = c->decode_scale = 1.0;
+    const sim_clock_model *cm = &p->clock;
+    double f0 = cm->base_mhz;
+    double fr = 1.0; /* f / f0 */
+    if (mhz > 0 && f0 > 0 && fabs(mhz - f0) > 0.5) {
+        const sim_clock_point *hit = NULL;
+        for (int i = 0; i < cm->n_points; i++)
+            if (fabs(cm->points[i].mhz - mhz) < 0.5) hit = &cm->points[i];
+        fr = mhz / f0;
+        if (hit) {
+            c->prefill_scale = hit->prefill_scale;
+            c->decode_scale = hit->decode_scale;
+        } else {
+            c->prefill_scale = cm->prefill_compute_frac / fr + 1.0 - cm->prefill_compute_frac;
+            c->decode_scale = cm->decode_compute_frac / fr + 1.0 - cm->decode_compute_frac;
+        }
+    }
+    if (p->power.measured) {
+        c->has_power = true;
+        double dyn = pow(fr, cm->dyn_exp);
+        c->idle_w = p->power.idle_w;
+        c->prefill_w = p->power.idle_w + PD_MAX(p->power.prefill_w - p->power.idle_w, 0) * dyn;
+        c->decode_w = p->power.idle_w + PD_MAX(p->power.decode_w - p->power.idle_w, 0) * dyn;
+    }
+}
+
+static bool has_linear(const sim_profile *p) { return p->linear.nx > 0; }
+
+static double linear_s(const sim_profile *p, double rows) {
+    return rows > 0 ? PD_MAX(sim_grid_eval(&p->linear, rows, 1), SIM_MIN_PART_S) : 0;
+}
+
+void sim_work_begin(sim_work *w, const sim_profile *p) {
+    memset(w, 0, sizeof *w);
+    w->p = p;
+}
+
+void sim_work_add_chunk(sim_work *w, int n, int start) {
+    w->prefill_tokens += n;
+    w->prefill_chunks++;
+    w->prefill_pairs += (double)n * ((double)start + (double)(n + 1) / 2.0);
+    if (w->p && has_linear(w->p)) {
+        double a = sim_grid_eval(&w->p->prefill, n, start) - linear_s(w->p, n);
+        w->prefill_attn_s += PD_MAX(a, 0);
+    }
+}
+
+/* Without a linear curve: the grid at (rows, equivalent cached prefix). */
+static double prefill_part_eq(const sim_profile *p, const sim_work *w) {
+    if (w->prefill_tokens <= 0) return 0;
+    double T = w->prefill_tokens;
+    double c_eq = w->prefill_pairs / T - (T + 1) / 2.0;
+    double v = sim_grid_eval(&p->prefill, T, c_eq);
+    double floor_ = 0.3 * sim_grid_eval(&p->prefill, T, 0);
+    return PD_MAX(PD_MAX(v, floor_), SIM_MIN_PART_S);
+}
+
+static double decode_part(const sim_profile *p, const sim_work *w) {
+    if (w->decode_seqs <= 0) return 0;
+    double B = w->decode_seqs;
+    return PD_MAX(sim_grid_eval(&p->decode, B, w->decode_ctx / B), SIM_MIN_PART_S);
+}
+
+/* The forward's time split into its prefill and decode shares. */
+static void forward_parts(const sim_profile *p, const sim_work *w, double *tp, double *td) {
+    *tp = *td = 0;
+    if (has_linear(p)) {
+        double Tp = w->prefill_tokens, B = w->decode_seqs, lin = linear_s(p, Tp + B);
+        if (Tp > 0) *tp = lin * Tp / (Tp + B) + w->prefill_attn_s;
+        if (B > 0) *td = lin * B / (Tp + B) + PD_MAX(decode_part(p, w) - linear_s(p, B), 0);
+        return;
+    }
+    *tp = prefill_part_eq(p, w);
+    *td = decode_part(p, w);
+    if (*tp > 0 && *td > 0) {
+        /* one forward does both: its fixed part (weights pass, launches) is paid once */
+        double shared = PD_MIN(p->mixed_overhead_s, 0.5 * PD_MIN(*tp, *td));
+        double sum = *tp + *td;
+        *tp -= shared * *tp / sum;
+        *td -= shared * *td / sum;
+    }
+}
+
+void sim_cost_step(const sim_cost *c, const sim_work *w, sim_step_cost *out) {
+    const sim_profile *p = c->p;
+    double tp, td;
+    forward_parts(p, w, &tp, &td);
+    tp *= c->prefill_scale;
+    td *= c->decode_scale;
+    double host = p->sample_s_per_row * w->n_logits + p->step_overhead_s;
+    out->prefill_s = tp;
+    out->decode_s = td;
+    out->seconds = tp + td + host;
+    out->energy_j = c->has_power ? tp * c->prefill_w + td * c->decode_w + host * c->idle_w : 0;
+}
+
+double sim_cost_transfer(const sim_medium *m, double bytes) {
+    if (!m || bytes <= 0) return 0;
+    return m->latency_s + bytes / m->bandwidth;
+}
+
+void sim_clock_fit(sim_clock_model *cm, double idle_w) {
+    double f0 = cm->base_mhz;
+    if (!(f0 > 0) || cm->n_points < 1) return;
+    /* scale - 1 = a (f0/f - 1): least squares through the origin, a clamped to [0, 1] */
+    double sp = 0, sd = 0, sr = 0;
+    for (int i = 0; i < cm->n_points; i++) {
+        const sim_clock_point *q = &cm->points[i];
+        if (!(q->mhz > 0)) continue;
+        double r = f0 / q->mhz - 1.0;
+        sp += (q->prefill_scale - 1.0) * r;
+        sd += (q->decode_scale - 1.0) * r;
+        sr += r * r;
+    }
+    if (sr <= 0) return;
+    cm->prefill_compute_frac = PD_MIN(PD_MAX(sp / sr, 0.0), 1.0);
+    cm->decode_compute_frac = PD_MIN(PD_MAX(sd / sr, 0.0), 1.0);
+    /* dynamic power ~ (f/f0)^g: log-log least squares against the base point's */
+    double d0 = -1;
+    for (int i = 0; i < cm->n_points; i++)
+        if (fabs(cm->points[i].mhz - f0) < 0.5 && cm->points[i].busy_w > idle_w) d0 = cm->points[i].busy_w - idle_w;
+    if (d0 > 0) {
+        double sxy = 0, sxx = 0;
+        for (int i = 0; i < cm->n_points; i++) {
+            const sim_clock_point *q = &cm->points[i];
+            if (!(q->busy_w > idle_w) || fabs(q->mhz - f0) < 0.5) continue;
+            double x = log(q->mhz / f0), y = log((q->busy_w - idle_w) / d0);
+            sxy += x * y;
+            sxx += x * x;
+        }
+        if (sxx > 0) cm->dyn_exp = sxy / sxx;
+    }
+    cm->fitted = true;
+    snprintf(cm->source, sizeof cm->source, "fitted to %d profiled clock points", cm->n_points);
+}

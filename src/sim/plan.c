@@ -1,0 +1,236 @@
+/* plan.c: the simulator's plan file: setups x loads x clocks over one dataset, in JSON
+ * (format in docs/simulator.md). Setup names are the study's (co-1gpu, co-2gpus,
+ * dis-gpu, dis-cpu, dis-disk ...) plus "co-N" and "xPyD[-medium]" for what one machine
+ * cannot run. Read once; a bad field fails with its name. */
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sim/sim.h"
+#include "util/util.h"
+
+int sim_setup_parse(const char *name, sim_plan_setup *s) {
+    memset(s, 0, sizeof *s);
+    snprintf(s->label, sizeof s->label, "%s", name);
+    int a, b, n = 0;
+    if (!strcmp(name, "co-1gpu")) s->n_colocated = 1;
+    else if (!strcmp(name, "co-2gpus")) s->n_colocated = 2;
+    else if (sscanf(name, "co-%d%n", &a, &n) == 1 && a > 0 && (name[n] == 0 || !strcmp(name + n, "gpus")))
+        s->n_colocated = a;
+    else if (!strncmp(name, "dis-", 4) && name[4]) {
+        s->n_prefill = s->n_decode = 1;
+        snprintf(s->medium, sizeof s->medium, "%s", name + 4);
+    } else if (sscanf(name, "%dP%dD%n", &a, &b, &n) == 2 && a > 0 && b > 0) {
+        s->n_prefill = a;
+        s->n_decode = b;
+        snprintf(s->medium, sizeof s->medium, "%s", name[n] == '-' ? name + n + 1 : "gpu");
+        if (name[n] && name[n] != '-') return -1;
+    } else
+        return -1;
+    return 0;
+}
+
+static double num(const cJSON *o, const char *key, double dflt) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    return cJSON_IsNumber(v) ? v->valuedouble : dflt;
+}
+
+static const char *str(const cJSON *o, const char *key) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    return cJSON_IsString(v) ? v->valuestring : NULL;
+}
+
+static int parse_setup(const cJSON *it, int i, sim_plan_setup *s, const char *name, char *err, size_t errlen) {
+    if (cJSON_IsString(it)) {
+        if (sim_setup_parse(it->valuestring, s) == 0) return 0;
+        pd_errorf(err, errlen, "%s: setups[%d] '%s' is not a setup (co-1gpu, co-2gpus, co-N, dis-MEDIUM, "
+                               "xPyD[-MEDIUM])", name, i, it->valuestring);
+        return -1;
+    }
+    if (!cJSON_IsObject(it)) {
+        pd_errorf(err, errlen, "%s: setups[%d] must be a name or an object", name, i);
+        return -1;
+    }
+    const char *nm = str(it, "name");
+    if (nm) {
+        if (sim_setup_parse(nm, s) != 0) {
+            pd_errorf(err, errlen, "%s: setups[%d].name '%s' is not a setup", name, i, nm);
+            return -1;
+        }
+    } else {
+        memset(s, 0, sizeof *s);
+        s->n_colocated = (int)num(it, "colocated", 0);
+        s->n_prefill = (int)num(it, "prefill", 0);
+        s->n_decode = (int)num(it, "decode", 0);
+        if (s->n_colocated > 0) snprintf(s->label, sizeof s->label, "co-%d", s->n_colocated);
+        else snprintf(s->label, sizeof s->label, "%dP%dD", s->n_prefill, s->n_decode);
+        snprintf(s->medium, sizeof s->medium, "gpu");
+    }
+    const char *md = str(it, "medium"), *lb = str(it, "label");
+    if (md) snprintf(s->medium, sizeof s->medium, "%s", md);
+    if (lb) snprintf(s->label, sizeof s->label, "%s", lb);
+    bool co = s->n_colocated > 0, dis = s->n_prefill > 0 && s->n_decode > 0;
+    if (co == dis) {
+        pd_errorf(err, errlen, "%s: setups[%d] needs \"colocated\": N or both \"prefill\" and \"decode\"", name, i);
+        return -1;
+    }
+    return 0;
+}
+
+static int parse_load(const cJSON *it, int i, sim_load *l, const char *name, char *err, size_t errlen) {
+    memset(l, 0, sizeof *l);
+    l->burstiness = num(it, "burstiness", 1.0);
+    l->trace_time_scale = num(it, "time_scale", 1.0);
+    const char *kind = str(it, "kind");
+    double batch = num(it, "batch", num(it, "batch_size", 0));
+    if (batch > 0 || (kind && !strcmp(kind, "batch"))) {
+        l->batch = true;
+        l->num_prompts = (int)batch;
+        l->rate = INFINITY;
+    } else if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(it, "trace")) || (kind && !strcmp(kind, "trace"))) {
+        l->trace_times = true;
+        l->num_prompts = (int)num(it, "num_prompts", 0);
+    } else {
+        l->rate = num(it, "rate", 0);
+        l->num_prompts = (int)num(it, "num_prompts", 0);
+        if (!(l->rate > 0) || l->num_prompts < 1) {
+            pd_errorf(err, errlen, "%s: loads[%d] needs \"batch\": N, or \"rate\": R with \"num_prompts\": N, "
+                                   "or \"trace\": true", name, i);
+            return -1;
+        }
+    }
+    if (l->batch && l->num_prompts < 1) {
+        pd_errorf(err, errlen, "%s: loads[%d].batch must be at least 1", name, i);
+        return -1;
+    }
+    if (!(l->burstiness > 0)) {
+        pd_errorf(err, errlen, "%s: loads[%d].burstiness must be positive", name, i);
+        return -1;
+    }
+    return 0;
+}
+
+static int parse_engine(const cJSON *o, sim_plan *p, const char *name, char *err, size_t errlen) {
+    const cJSON *e = cJSON_GetObjectItemCaseSensitive(o, "engine");
+    if (!e) e = o; /* the keys may also sit at the top level */
+    p->max_num_seqs = (int)num(e, "max_num_seqs", 256);
+    p->max_num_batched_tokens = (int)num(e, "max_num_batched_tokens", 2048);
+    p->block_size = (int)num(e, "block_size", 16);
+    p->kv_cache_tokens = (long long)num(e, "kv_cache_tokens", 0);
+    const cJSON *ch = cJSON_GetObjectItemCaseSensitive(e, "enable_chunked_prefill");
+    p->enable_chunked_prefill = ch ? cJSON_IsTrue(ch) : true;
+    if (p->max_num_seqs < 1 || p->max_num_batched_tokens < 1 || p->block_size < 1 || p->kv_cache_tokens < 0) {
+        pd_errorf(err, errlen, "%s: engine: max_num_seqs, max_num_batched_tokens and block_size must be >= 1", name);
+        return -1;
+    }
+    return 0;
+}
+
+static int parse_dataset(const cJSON *o, sim_plan *p, const char *name, char *err, size_t errlen) {
+    bench_dataset_opts *d = &p->dataset;
+    bench_dataset_opts_default(d);
+    const cJSON *ds = cJSON_GetObjectItemCaseSensitive(o, "dataset");
+    const cJSON *src = cJSON_IsObject(ds) ? ds : o;
+    const char *kind = cJSON_IsString(ds) ? ds->valuestring : str(src, "name");
+    if (!kind) kind = "random";
+    int k = bench_dataset_kind_parse(kind);
+    if (k < 0) {
+        pd_errorf(err, errlen, "%s: unknown dataset '%s'", name, kind);
+        return -1;
+    }
+    d->kind = (bench_dataset_kind)k;
+    d->random_input_len = (int)num(src, "input_len", 1024);
+    d->random_output_len = (int)num(src, "output_len", 128);
+    d->random_range_ratio = num(src, "range_ratio", 0);
+    d->random_vocab_size = (int)num(src, "vocab_size", d->random_vocab_size);
+    const char *path = str(src, "path");
+    if (!path) path = str(o, "dataset_path");
+    if (path) snprintf(p->dataset_path, sizeof p->dataset_path, "%s", path);
+    p->seed = (uint64_t)num(o, "seed", num(src, "seed", 0));
+    d->seed = p->seed;
+    if (d->random_input_len < 1 || d->random_output_len < 1) {
+        pd_errorf(err, errlen, "%s: input_len and output_len must be at least 1", name);
+        return -1;
+    }
+    return 0;
+}
+
+static int parse_clocks(const cJSON *o, sim_plan *p, const char *name, char *err, size_t errlen) {
+    const cJSON *cl = cJSON_GetObjectItemCaseSensitive(o, "clocks");
+    int n = cJSON_IsArray(cl) ? cJSON_GetArraySize(cl) : 0;
+    p->clocks = xcalloc((size_t)(n ? n : 1), sizeof *p->clocks);
+    p->n_clocks = n ? n : 1;
+    for (int i = 0; i < n; i++) {
+        const cJSON *c = cJSON_GetArrayItem(cl, i);
+        double both = cJSON_IsNumber(c) ? c->valuedouble : num(c, "mhz", 0);
+        p->clocks[i][0] = num(c, "prefill_mhz", both);
+        p->clocks[i][1] = num(c, "decode_mhz", both);
+        if (p->clocks[i][0] < 0 || p->clocks[i][1] < 0) {
+            pd_errorf(err, errlen, "%s: clocks[%d] must be non-negative MHz", name, i);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+int sim_plan_parse(const char *text, size_t len, const char *name, sim_plan *p, char *err, size_t errlen) {
+    memset(p, 0, sizeof *p);
+    cJSON *o = cJSON_ParseWithLength(text, len);
+    if (!cJSON_IsObject(o)) {
+        pd_errorf(err, errlen, "%s: not a JSON object", name);
+        cJSON_Delete(o);
+        return -1;
+    }
+    int rc = -1;
+    p->json = xstrndup(text, len);
+    const char *nm = str(o, "name"), *prof = str(o, "profile"), *router = str(o, "router");
+    snprintf(p->name, sizeof p->name, "%s", nm ? nm : "sim");
+    if (prof) snprintf(p->profile, sizeof p->profile, "%s", prof);
+    if (router && sim_router_parse(router, &p->router) != 0) {
+        pd_errorf(err, errlen, "%s: router must be \"round-robin\" or \"least-loaded\"", name);
+        goto out;
+    }
+    const cJSON *rt = cJSON_GetObjectItemCaseSensitive(o, "record_tokens");
+    p->record_tokens = rt ? cJSON_IsTrue(rt) : true;
+    const cJSON *su = cJSON_GetObjectItemCaseSensitive(o, "setups"), *lo = cJSON_GetObjectItemCaseSensitive(o, "loads");
+    if (!cJSON_IsArray(su) || cJSON_GetArraySize(su) < 1 || !cJSON_IsArray(lo) || cJSON_GetArraySize(lo) < 1) {
+        pd_errorf(err, errlen, "%s: needs non-empty \"setups\" and \"loads\" arrays", name);
+        goto out;
+    }
+    p->n_setups = cJSON_GetArraySize(su);
+    p->setups = xcalloc((size_t)p->n_setups, sizeof *p->setups);
+    for (int i = 0; i < p->n_setups; i++)
+        if (parse_setup(cJSON_GetArrayItem(su, i), i, &p->setups[i], name, err, errlen)) goto out;
+    p->n_loads = cJSON_GetArraySize(lo);
+    p->loads = xcalloc((size_t)p->n_loads, sizeof *p->loads);
+    for (int i = 0; i < p->n_loads; i++)
+        if (parse_load(cJSON_GetArrayItem(lo, i), i, &p->loads[i], name, err, errlen)) goto out;
+    if (parse_engine(o, p, name, err, errlen) || parse_dataset(o, p, name, err, errlen) ||
+        parse_clocks(o, p, name, err, errlen))
+        goto out;
+    rc = 0;
+out:
+    cJSON_Delete(o);
+    if (rc) sim_plan_free(p);
+    return rc;
+}
+
+int sim_plan_load(const char *path, sim_plan *p, char *err, size_t errlen) {
+    size_t len;
+    char *text = util_read_file(path, &len, err, errlen);
+    if (!text) return -1;
+    int rc = sim_plan_parse(text, len, path, p, err, errlen);
+    free(text);
+    return rc;
+}
+
+void sim_plan_free(sim_plan *p) {
+    if (!p) return;
+    free(p->setups);
+    free(p->loads);
+    free(p->clocks);
+    free(p->json);
+    memset(p, 0, sizeof *p);
+}

@@ -1,0 +1,555 @@
+/* profile.c: the simulator's cost profile as data: grids and their interpolation, the
+ * JSON file format (docs/simulator.md), KV medium curves with their published
+ * defaults, and a roofline profile for hardware that is not at hand. Nothing here
+ * measures; profiler.c does. Tuned for: profiles of a few hundred points, read once. */
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "sim/sim.h"
+#include "util/util.h"
+
+#define PROFILE_FORMAT "pdserve-profile/1"
+
+/* ---- grids ----------------------------------------------------------------------------- */
+
+void sim_grid_init(sim_grid *g, int nx, const double *x, int ny, const double *y) {
+    PD_ASSERT(nx > 0 && ny > 0);
+    g->nx = nx;
+    g->ny = ny;
+    g->x = xmalloc(sizeof(double) * (size_t)nx);
+    g->y = xmalloc(sizeof(double) * (size_t)ny);
+    g->v = xcalloc((size_t)nx * (size_t)ny, sizeof(double));
+    memcpy(g->x, x, sizeof(double) * (size_t)nx);
+    memcpy(g->y, y, sizeof(double) * (size_t)ny);
+}
+
+void sim_grid_free(sim_grid *g) {
+    if (!g) return;
+    free(g->x);
+    free(g->y);
+    free(g->v);
+    memset(g, 0, sizeof *g);
+}
+
+/* The segment [a[i], a[i+1]] to interpolate x in (the edge segment beyond the ends)
+ * and x's weight towards a[i+1] (< 0 or > 1 when extrapolating). */
+static int axis_locate(const double *a, int n, double x, double *w) {
+    if (n == 1) {
+        *w = 0;
+        return 0;
+    }
+    int lo = 0, hi = n - 2;
+    while (lo < hi) { /* last i with a[i] <= x, within [0, n-2] */
+        int mid = (lo + hi + 1) / 2;
+        if (a[mid] <= x) lo = mid;
+        else hi = mid - 1;
+    }
+    *w = (x - a[lo]) / (a[lo + 1] - a[lo]);
+    return lo;
+}
+
+double sim_grid_eval(const sim_grid *g, double x, double y) {
+    PD_ASSERT(g->nx > 0 && g->ny > 0);
+    double wx, wy;
+    int i = axis_locate(g->x, g->nx, x, &wx);
+    int j = axis_locate(g->y, g->ny, y, &wy);
+    int i1 = g->nx > 1 ? i + 1 : i, j1 = g->ny > 1 ? j + 1 : j;
+    double v00 = g->v[i * g->ny + j], v01 = g->v[i * g->ny + j1];
+    double v10 = g->v[i1 * g->ny + j], v11 = g->v[i1 * g->ny + j1];
+    double a = v00 + wy * (v01 - v00), b = v10 + wy * (v11 - v10);
+    return a + wx * (b - a);
+}
+
+/* ---- profile life cycle ------------------------------------------------------------------ */
+
+void sim_profile_init(sim_profile *p) {
+    memset(p, 0, sizeof *p);
+    p->block_size = 16;
+    p->repeats = 1;
+    snprintf(p->power.source, sizeof p->power.source, "not measured");
+    sim_clock_model *c = &p->clock;
+    /* defaults: see docs/simulator.md, "Clock model", for where each comes from */
+    c->prefill_compute_frac = 0.85;
+    c->decode_compute_frac = 0.25;
+    c->dyn_exp = 1.8;
+    snprintf(c->source, sizeof c->source,
+             "defaults (docs/simulator.md: compute-bound prefill ~1/f, memory-bound decode "
+             "nearly flat; dynamic power ~f^1.8 with voltage)");
+}
+
+void sim_profile_free(sim_profile *p) {
+    if (!p) return;
+    sim_grid_free(&p->prefill);
+    sim_grid_free(&p->decode);
+    sim_grid_free(&p->linear);
+}
+
+/* ---- mediums -------------------------------------------------------------------------- */
+
+typedef struct medium_default {
+    const char *name;
+    double latency_s, bandwidth;
+    const char *source;
+} medium_default;
+
+/* Effective (not nominal) figures; where each comes from is in docs/simulator.md. */
+static const medium_default MEDIUM_DEFAULTS[] = {
+    {"gpu", 30e-6, 10e9, "PCIe Gen3 x16 peer copy, ~10 GB/s effective of 15.75 nominal (PAPER.md setup)"},
+    {"pcie4", 20e-6, 22e9, "PCIe Gen4 x16, ~22 GB/s effective of 31.5 nominal"},
+    {"nvlink", 10e-6, 300e9, "H100 NVLink 4, ~300 GB/s effective per direction of 450 nominal"},
+    {"nccl", 50e-6, 250e9, "NCCL over NVLink 4 on one H100 node (nccl-tests bus bandwidth class)"},
+    {"cpu", 50e-6, 6e9, "through pinned host DRAM: two PCIe Gen3 hops in series (~12 GB/s each)"},
+    {"disk", 200e-6, 1.5e9, "NVMe O_DIRECT write then read in series (~3 GB/s each way)"},
+    {"tcp", 100e-6, 1.1e9, "10 GbE TCP, ~1.1 GB/s payload"},
+    {"rdma", 20e-6, 142e9, "Mooncake: 142 GB/s peak over multi-NIC RDMA (PAPER.md)"},
+};
+
+int sim_medium_default(const char *name, sim_medium *out) {
+    for (size_t i = 0; i < PD_ARRAY_LEN(MEDIUM_DEFAULTS); i++) {
+        const medium_default *d = &MEDIUM_DEFAULTS[i];
+        if (strcmp(d->name, name) != 0) continue;
+        memset(out, 0, sizeof *out);
+        snprintf(out->name, sizeof out->name, "%s", d->name);
+        out->latency_s = d->latency_s;
+        out->bandwidth = d->bandwidth;
+        snprintf(out->source, sizeof out->source, "default: %s", d->source);
+        return 0;
+    }
+    return -1;
+}
+
+const sim_medium *sim_medium_find(const sim_profile *p, const char *name, sim_medium *out) {
+    for (int i = 0; p && i < p->n_mediums; i++)
+        if (!strcmp(p->mediums[i].name, name)) return &p->mediums[i];
+    return sim_medium_default(name, out) == 0 ? out : NULL;
+}
+
+void sim_medium_fit(sim_medium *m) {
+    int n = m->n_points;
+    if (n < 2) return;
+    double sx = 0, sy = 0, sxx = 0, sxy = 0;
+    for (int i = 0; i < n; i++) {
+        sx += m->bytes[i];
+        sy += m->seconds[i];
+        sxx += m->bytes[i] * m->bytes[i];
+        sxy += m->bytes[i] * m->seconds[i];
+    }
+    double den = n * sxx - sx * sx;
+    if (den <= 0) return;
+    double slope = (n * sxy - sx * sy) / den, icpt = (sy - slope * sx) / n;
+    if (slope > 0) m->bandwidth = 1.0 / slope;
+    m->latency_s = icpt > 0 ? icpt : 0;
+}
+
+/* ---- roofline profile ------------------------------------------------------------------- */
+
+void sim_roofline_h100(sim_roofline *r) {
+    /* NVIDIA H100 SXM5 datasheet: 989 TFLOP/s dense BF16, 3.35 TB/s HBM3, 700 W TDP,
+     * 1980 MHz max SM clock. mfu/mbu: typical of vLLM-class kernels (ML.ENERGY and
+     * vendor reports put large-GEMM efficiency at 50-70%, decode HBM use at 60-80%).
+     * Idle ~75 W (NVML reading of an idle SXM card; varies 60-120 W with the board). */
+    memset(r, 0, sizeof *r);
+    r->name = "H100-SXM (roofline)";
+    r->peak_flops = 989e12;
+    r->mem_bw = 3.35e12;
+    r->mfu = 0.6;
+    r->mbu = 0.7;
+    r->step_overhead_s = 4e-3;
+    r->idle_w = 75;
+    r->prefill_w = 650;
+    r->decode_w = 420;
+    r->base_mhz = 1980;
+    r->max_mhz = 1980;
+    r->min_mhz = 345;
+    r->kv_cache_tokens = 0;
+}
+
+/* Roofline seconds of one forward over T rows with `pairs` attention pairs and n_logits
+ * logits rows, for config c with 2-byte weights and KV. */
+static double roofline_step(const model_config *c, const sim_roofline *r, double T, double pairs,
+                            double ctx_read, double n_logits) {
+    double L = c->n_layers, C = c->dim, F = c->ffn_dim;
+    double H = c->n_heads, K = c->n_kv_heads, D = c->head_dim, V = c->vocab_size;
+    double layer_params = C * (H + 2 * K) * D + H * D * C + 3.0 * C * F;
+    double flops = 2.0 * T * L * layer_params + 4.0 * pairs * L * H * D + 2.0 * n_logits * C * V;
+    double bytes = 2.0 * (L * layer_params + V * C) + 2.0 * ctx_read * L * 2.0 * K * D +
+                   2.0 * T * L * 2.0 * K * D;
+    double t = fmax(flops / (r->peak_flops * r->mfu), bytes / (r->mem_bw * r->mbu));
+    return t + r->step_overhead_s;
+}
+
+void sim_profile_roofline(const model_config *c, const sim_roofline *r, sim_profile *out) {
+    sim_profile_init(out);
+    snprintf(out->model, sizeof out->model, "%s-like (L%d C%d)", c->model_type, c->n_layers, c->dim);
+    snprintf(out->device, sizeof out->device, "%s", r->name);
+    snprintf(out->backend, sizeof out->backend, "roofline");
+    snprintf(out->host, sizeof out->host, "none");
+    snprintf(out->date, sizeof out->date, "computed");
+    out->kv_bytes_per_token = model_kv_bytes_per_token(c, 2);
+    out->kv_cache_tokens = r->kv_cache_tokens;
+    static const double pt[] = {16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384};
+    static const double pc[] = {0, 1024, 4096, 16384, 65536};
+    static const double db[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512};
+    static const double dc[] = {128, 512, 2048, 8192, 32768};
+    sim_grid_init(&out->prefill, PD_ARRAY_LEN(pt), pt, PD_ARRAY_LEN(pc), pc);
+    sim_grid_init(&out->decode, PD_ARRAY_LEN(db), db, PD_ARRAY_LEN(dc), dc);
+    for (int i = 0; i < out->prefill.nx; i++)
+        for (int j = 0; j < out->prefill.ny; j++) {
+            double T = pt[i], C0 = pc[j];
+            out->prefill.v[i * out->prefill.ny + j] =
+                roofline_step(c, r, T, T * (C0 + (T + 1) / 2), C0 + T, 1);
+        }
+    for (int i = 0; i < out->decode.nx; i++)
+        for (int j = 0; j < out->decode.ny; j++) {
+            double B = db[i], L = dc[j];
+            out->decode.v[i * out->decode.ny + j] = roofline_step(c, r, B, B * L, B * L, B);
+        }
+    static const double one = 1;
+    double lx[32];
+    int nl = 0;
+    for (double t = 1; t <= 16384 * 2; t *= 2) lx[nl++] = t;
+    sim_grid_init(&out->linear, nl, lx, 1, &one);
+    for (int i = 0; i < nl; i++) out->linear.v[i] = roofline_step(c, r, lx[i], lx[i], lx[i], 1);
+    out->mixed_overhead_s = r->step_overhead_s;
+    out->power.measured = true;
+    out->power.idle_w = r->idle_w;
+    out->power.prefill_w = r->prefill_w;
+    out->power.decode_w = r->decode_w;
+    snprintf(out->power.source, sizeof out->power.source,
+             "roofline defaults for %s (docs/simulator.md)", r->name);
+    out->clock.base_mhz = r->base_mhz;
+    out->clock.max_mhz = r->max_mhz;
+    out->clock.min_mhz = r->min_mhz;
+    snprintf(out->mediums_note, sizeof out->mediums_note, "roofline profile: mediums use defaults");
+}
+
+/* ---- JSON -------------------------------------------------------------------------------- */
+
+static cJSON *nums(const double *v, int n) {
+    cJSON *a = cJSON_CreateArray();
+    for (int i = 0; i < n; i++) cJSON_AddItemToArray(a, cJSON_CreateNumber(v[i]));
+    return a;
+}
+
+static cJSON *grid_json(const sim_grid *g, const char *xname, const char *yname) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddItemToObject(o, xname, nums(g->x, g->nx));
+    cJSON_AddItemToObject(o, yname, nums(g->y, g->ny));
+    cJSON *rows = cJSON_CreateArray();
+    for (int i = 0; i < g->nx; i++) cJSON_AddItemToArray(rows, nums(g->v + (size_t)i * g->ny, g->ny));
+    cJSON_AddItemToObject(o, "seconds", rows);
+    return o;
+}
+
+char *sim_profile_to_json(const sim_profile *p) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "format", PROFILE_FORMAT);
+    cJSON_AddStringToObject(o, "model", p->model);
+    cJSON_AddStringToObject(o, "device", p->device);
+    cJSON_AddStringToObject(o, "backend", p->backend);
+    cJSON_AddStringToObject(o, "host", p->host);
+    cJSON_AddStringToObject(o, "date", p->date);
+    cJSON_AddNumberToObject(o, "block_size", p->block_size);
+    cJSON_AddNumberToObject(o, "kv_bytes_per_token", (double)p->kv_bytes_per_token);
+    cJSON_AddNumberToObject(o, "kv_cache_tokens", (double)p->kv_cache_tokens);
+    cJSON_AddNumberToObject(o, "repeats", p->repeats);
+    cJSON_AddItemToObject(o, "prefill", grid_json(&p->prefill, "tokens", "context"));
+    cJSON_AddItemToObject(o, "decode", grid_json(&p->decode, "batch", "context"));
+    if (p->linear.nx > 0) {
+        cJSON *lo = cJSON_AddObjectToObject(o, "linear");
+        cJSON_AddItemToObject(lo, "tokens", nums(p->linear.x, p->linear.nx));
+        cJSON_AddItemToObject(lo, "seconds", nums(p->linear.v, p->linear.nx));
+    }
+    cJSON_AddNumberToObject(o, "mixed_overhead_s", p->mixed_overhead_s);
+    cJSON *e = cJSON_AddObjectToObject(o, "engine");
+    cJSON_AddNumberToObject(e, "sample_s_per_row", p->sample_s_per_row);
+    cJSON_AddNumberToObject(e, "step_overhead_s", p->step_overhead_s);
+    cJSON *ms = cJSON_AddArrayToObject(o, "mediums");
+    for (int i = 0; i < p->n_mediums; i++) {
+        const sim_medium *m = &p->mediums[i];
+        cJSON *mo = cJSON_CreateObject();
+        cJSON_AddStringToObject(mo, "name", m->name);
+        cJSON_AddNumberToObject(mo, "latency_s", m->latency_s);
+        cJSON_AddNumberToObject(mo, "bandwidth_bytes_per_s", m->bandwidth);
+        cJSON_AddNumberToObject(mo, "power_w", m->power_w);
+        cJSON *pts = cJSON_AddArrayToObject(mo, "points");
+        for (int k = 0; k < m->n_points; k++) {
+            double pair[2] = {m->bytes[k], m->seconds[k]};
+            cJSON_AddItemToArray(pts, nums(pair, 2));
+        }
+        cJSON_AddStringToObject(mo, "source", m->source);
+        cJSON_AddItemToArray(ms, mo);
+    }
+    cJSON_AddStringToObject(o, "mediums_note", p->mediums_note);
+    cJSON *pw = cJSON_AddObjectToObject(o, "power");
+    cJSON_AddBoolToObject(pw, "measured", p->power.measured);
+    if (p->power.measured) {
+        cJSON_AddNumberToObject(pw, "idle_w", p->power.idle_w);
+        cJSON_AddNumberToObject(pw, "prefill_w", p->power.prefill_w);
+        cJSON_AddNumberToObject(pw, "decode_w", p->power.decode_w);
+    }
+    cJSON_AddStringToObject(pw, "source", p->power.source);
+    const sim_clock_model *c = &p->clock;
+    cJSON *co = cJSON_AddObjectToObject(o, "clock");
+    cJSON_AddNumberToObject(co, "base_mhz", c->base_mhz);
+    cJSON_AddNumberToObject(co, "min_mhz", c->min_mhz);
+    cJSON_AddNumberToObject(co, "max_mhz", c->max_mhz);
+    cJSON_AddNumberToObject(co, "prefill_compute_fraction", c->prefill_compute_frac);
+    cJSON_AddNumberToObject(co, "decode_compute_fraction", c->decode_compute_frac);
+    cJSON_AddNumberToObject(co, "dynamic_power_exponent", c->dyn_exp);
+    cJSON_AddBoolToObject(co, "fitted", c->fitted);
+    cJSON_AddStringToObject(co, "source", c->source);
+    cJSON *cp = cJSON_AddArrayToObject(co, "points");
+    for (int i = 0; i < c->n_points; i++) {
+        cJSON *q = cJSON_CreateObject();
+        cJSON_AddNumberToObject(q, "mhz", c->points[i].mhz);
+        cJSON_AddNumberToObject(q, "prefill_scale", c->points[i].prefill_scale);
+        cJSON_AddNumberToObject(q, "decode_scale", c->points[i].decode_scale);
+        cJSON_AddNumberToObject(q, "busy_w", c->points[i].busy_w);
+        cJSON_AddItemToArray(cp, q);
+    }
+    char *s = cJSON_Print(o);
+    cJSON_Delete(o);
+    char *out = xstrdup(s);
+    cJSON_free(s);
+    return out;
+}
+
+int sim_profile_save(const sim_profile *p, const char *path, char *err, size_t errlen) {
+    char *s = sim_profile_to_json(p);
+    size_t n = strlen(s);
+    s = xrealloc(s, n + 2);
+    s[n] = '\n';
+    s[n + 1] = 0;
+    int rc = util_write_file(path, s, n + 1, err, errlen);
+    free(s);
+    return rc;
+}
+
+/* ---- parsing ---------------------------------------------------------------------------- */
+
+static void get_str(const cJSON *o, const char *key, char *dst, size_t cap) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    if (cJSON_IsString(v)) snprintf(dst, cap, "%s", v->valuestring);
+}
+
+static double get_num(const cJSON *o, const char *key, double dflt) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    return cJSON_IsNumber(v) ? v->valuedouble : dflt;
+}
+
+/* Reads a strictly increasing number array of 1..4096 entries into *out (malloc'd). */
+static int read_axis(const cJSON *a, double **out, int *n, const char *what, const char *name, char *err,
+                     size_t errlen) {
+    int k = cJSON_IsArray(a) ? cJSON_GetArraySize(a) : 0;
+    if (k < 1 || k > 4096) {
+        pd_errorf(err, errlen, "%s: %s must be an array of 1 to 4096 numbers", name, what);
+        return -1;
+    }
+    double *v = xmalloc(sizeof(double) * (size_t)k);
+    for (int i = 0; i < k; i++) {
+        const cJSON *x = cJSON_GetArrayItem(a, i);
+        if (!cJSON_IsNumber(x) || !isfinite(x->valuedouble) || (i && x->valuedouble <= v[i - 1])) {
+            pd_errorf(err, errlen, "%s: %s[%d] must be a number larger than the one before", name, what, i);
+            free(v);
+            return -1;
+        }
+        v[i] = x->valuedouble;
+    }
+    *out = v;
+    *n = k;
+    return 0;
+}
+
+static int read_grid(const cJSON *o, const char *key, const char *xname, const char *yname, sim_grid *g,
+                     const char *name, char *err, size_t errlen) {
+    const cJSON *go = cJSON_GetObjectItemCaseSensitive(o, key);
+    char what[96];
+    if (!cJSON_IsObject(go)) {
+        pd_errorf(err, errlen, "%s: missing object '%s'", name, key);
+        return -1;
+    }
+    double *x = NULL, *y = NULL;
+    int nx, ny;
+    snprintf(what, sizeof what, "%s.%s", key, xname);
+    if (read_axis(cJSON_GetObjectItemCaseSensitive(go, xname), &x, &nx, what, name, err, errlen)) return -1;
+    snprintf(what, sizeof what, "%s.%s", key, yname);
+    if (read_axis(cJSON_GetObjectItemCaseSensitive(go, yname), &y, &ny, what, name, err, errlen)) {
+        free(x);
+        return -1;
+    }
+    sim_grid_init(g, nx, x, ny, y);
+    free(x);
+    free(y);
+    const cJSON *rows = cJSON_GetObjectItemCaseSensitive(go, "seconds");
+    if (!cJSON_IsArray(rows) || cJSON_GetArraySize(rows) != nx) {
+        pd_errorf(err, errlen, "%s: %s.seconds must have one row per %s (%d)", name, key, xname, nx);
+        return -1;
+    }
+    for (int i = 0; i < nx; i++) {
+        const cJSON *r = cJSON_GetArrayItem(rows, i);
+        if (!cJSON_IsArray(r) || cJSON_GetArraySize(r) != ny) {
+            pd_errorf(err, errlen, "%s: %s.seconds[%d] must have %d numbers (one per %s)", name, key, i, ny, yname);
+            return -1;
+        }
+        for (int j = 0; j < ny; j++) {
+            const cJSON *v = cJSON_GetArrayItem(r, j);
+            if (!cJSON_IsNumber(v) || !(v->valuedouble >= 0) || !isfinite(v->valuedouble)) {
+                pd_errorf(err, errlen, "%s: %s.seconds[%d][%d] must be a non-negative number", name, key, i, j);
+                return -1;
+            }
+            g->v[i * ny + j] = v->valuedouble;
+        }
+    }
+    return 0;
+}
+
+/* The optional 1-D curve "linear": {"tokens": [...], "seconds": [...]}. */
+static int read_linear(const cJSON *o, sim_profile *p, const char *name, char *err, size_t errlen) {
+    const cJSON *lo = cJSON_GetObjectItemCaseSensitive(o, "linear");
+    if (!lo) return 0;
+    double *x = NULL;
+    int nx;
+    if (read_axis(cJSON_GetObjectItemCaseSensitive(lo, "tokens"), &x, &nx, "linear.tokens", name, err, errlen))
+        return -1;
+    static const double one = 1;
+    sim_grid_init(&p->linear, nx, x, 1, &one);
+    free(x);
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(lo, "seconds");
+    if (!cJSON_IsArray(v) || cJSON_GetArraySize(v) != nx) {
+        pd_errorf(err, errlen, "%s: linear.seconds must have one number per token count (%d)", name, nx);
+        return -1;
+    }
+    for (int i = 0; i < nx; i++) {
+        const cJSON *x1 = cJSON_GetArrayItem(v, i);
+        if (!cJSON_IsNumber(x1) || !(x1->valuedouble >= 0) || !isfinite(x1->valuedouble)) {
+            pd_errorf(err, errlen, "%s: linear.seconds[%d] must be a non-negative number", name, i);
+            return -1;
+        }
+        p->linear.v[i] = x1->valuedouble;
+    }
+    return 0;
+}
+
+static int read_mediums(const cJSON *o, sim_profile *p, const char *name, char *err, size_t errlen) {
+    const cJSON *ms = cJSON_GetObjectItemCaseSensitive(o, "mediums");
+    if (!ms) return 0;
+    if (!cJSON_IsArray(ms) || cJSON_GetArraySize(ms) > SIM_MAX_MEDIUMS) {
+        pd_errorf(err, errlen, "%s: mediums must be an array of at most %d objects", name, SIM_MAX_MEDIUMS);
+        return -1;
+    }
+    const cJSON *mo;
+    cJSON_ArrayForEach(mo, ms) {
+        sim_medium *m = &p->mediums[p->n_mediums];
+        memset(m, 0, sizeof *m);
+        get_str(mo, "name", m->name, sizeof m->name);
+        get_str(mo, "source", m->source, sizeof m->source);
+        m->latency_s = get_num(mo, "latency_s", 0);
+        m->bandwidth = get_num(mo, "bandwidth_bytes_per_s", 0);
+        m->power_w = get_num(mo, "power_w", 0);
+        const cJSON *pts = cJSON_GetObjectItemCaseSensitive(mo, "points"), *pt;
+        cJSON_ArrayForEach(pt, pts) {
+            if (m->n_points >= SIM_MAX_POINTS || !cJSON_IsArray(pt) || cJSON_GetArraySize(pt) != 2) break;
+            m->bytes[m->n_points] = cJSON_GetArrayItem(pt, 0)->valuedouble;
+            m->seconds[m->n_points++] = cJSON_GetArrayItem(pt, 1)->valuedouble;
+        }
+        if (!(m->bandwidth > 0)) sim_medium_fit(m);
+        if (!m->name[0] || !(m->bandwidth > 0) || m->latency_s < 0) {
+            pd_errorf(err, errlen, "%s: mediums[%d] needs a name and a positive bandwidth_bytes_per_s (or points)",
+                      name, p->n_mediums);
+            return -1;
+        }
+        p->n_mediums++;
+    }
+    return 0;
+}
+
+static void read_clock(const cJSON *o, sim_profile *p) {
+    const cJSON *co = cJSON_GetObjectItemCaseSensitive(o, "clock");
+    if (!cJSON_IsObject(co)) return;
+    sim_clock_model *c = &p->clock;
+    c->base_mhz = get_num(co, "base_mhz", 0);
+    c->min_mhz = get_num(co, "min_mhz", 0);
+    c->max_mhz = get_num(co, "max_mhz", 0);
+    c->prefill_compute_frac = get_num(co, "prefill_compute_fraction", c->prefill_compute_frac);
+    c->decode_compute_frac = get_num(co, "decode_compute_fraction", c->decode_compute_frac);
+    c->dyn_exp = get_num(co, "dynamic_power_exponent", c->dyn_exp);
+    get_str(co, "source", c->source, sizeof c->source);
+    const cJSON *pts = cJSON_GetObjectItemCaseSensitive(co, "points"), *q;
+    cJSON_ArrayForEach(q, pts) {
+        if (c->n_points >= SIM_MAX_CLOCKS) break;
+        sim_clock_point *cp = &c->points[c->n_points++];
+        cp->mhz = get_num(q, "mhz", 0);
+        cp->prefill_scale = get_num(q, "prefill_scale", 1);
+        cp->decode_scale = get_num(q, "decode_scale", 1);
+        cp->busy_w = get_num(q, "busy_w", 0);
+    }
+    if (c->n_points >= 2 && c->base_mhz > 0) sim_clock_fit(c, p->power.measured ? p->power.idle_w : 0);
+}
+
+int sim_profile_parse(const char *text, size_t len, const char *name, sim_profile *p, char *err,
+                      size_t errlen) {
+    sim_profile_init(p);
+    cJSON *o = cJSON_ParseWithLength(text, len);
+    if (!o || !cJSON_IsObject(o)) {
+        pd_errorf(err, errlen, "%s: not a JSON object", name);
+        cJSON_Delete(o);
+        return -1;
+    }
+    int rc = -1;
+    const cJSON *f = cJSON_GetObjectItemCaseSensitive(o, "format");
+    if (!cJSON_IsString(f) || strcmp(f->valuestring, PROFILE_FORMAT) != 0) {
+        pd_errorf(err, errlen, "%s: \"format\" must be \"%s\" (a file written by pdserve profile)", name,
+                  PROFILE_FORMAT);
+        goto out;
+    }
+    get_str(o, "model", p->model, sizeof p->model);
+    get_str(o, "device", p->device, sizeof p->device);
+    get_str(o, "backend", p->backend, sizeof p->backend);
+    get_str(o, "host", p->host, sizeof p->host);
+    get_str(o, "date", p->date, sizeof p->date);
+    p->block_size = (int)get_num(o, "block_size", 16);
+    p->kv_bytes_per_token = (size_t)get_num(o, "kv_bytes_per_token", 0);
+    p->kv_cache_tokens = (long long)get_num(o, "kv_cache_tokens", 0);
+    p->repeats = (int)get_num(o, "repeats", 1);
+    if (p->block_size < 1) {
+        pd_errorf(err, errlen, "%s: block_size must be at least 1", name);
+        goto out;
+    }
+    if (read_grid(o, "prefill", "tokens", "context", &p->prefill, name, err, errlen)) goto out;
+    if (read_grid(o, "decode", "batch", "context", &p->decode, name, err, errlen)) goto out;
+    if (read_linear(o, p, name, err, errlen)) goto out;
+    p->mixed_overhead_s = get_num(o, "mixed_overhead_s", 0);
+    const cJSON *e = cJSON_GetObjectItemCaseSensitive(o, "engine");
+    p->sample_s_per_row = get_num(e, "sample_s_per_row", 0);
+    p->step_overhead_s = get_num(e, "step_overhead_s", 0);
+    if (read_mediums(o, p, name, err, errlen)) goto out;
+    get_str(o, "mediums_note", p->mediums_note, sizeof p->mediums_note);
+    const cJSON *pw = cJSON_GetObjectItemCaseSensitive(o, "power");
+    if (cJSON_IsObject(pw)) {
+        p->power.measured = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(pw, "measured"));
+        p->power.idle_w = get_num(pw, "idle_w", 0);
+        p->power.prefill_w = get_num(pw, "prefill_w", 0);
+        p->power.decode_w = get_num(pw, "decode_w", 0);
+        get_str(pw, "source", p->power.source, sizeof p->power.source);
+    }
+    read_clock(o, p);
+    rc = 0;
+out:
+    cJSON_Delete(o);
+    if (rc) sim_profile_free(p);
+    return rc;
+}
+
+int sim_profile_load(const char *path, sim_profile *p, char *err, size_t errlen) {
+    size_t len;
+    char *text = util_read_file(path, &len, err, errlen);
+    if (!text) return -1;
+    int rc = sim_profile_parse(text, len, path, p, err, errlen);
+    free(text);
+    return rc;
+}

@@ -1,0 +1,468 @@
+/* profiler.c: measures a simulator profile on the real backend. Each grid point is one
+ * fwd_batch built here over the engine's paged KV layout (block tables, slots) and run
+ * through model_forward exactly as the engine runs a step: prefill chunks of T tokens
+ * after C cached tokens, decode batches of B sequences of context L, and a few mixed
+ * steps to fit the overhead a mixed step shares. Each point is timed over a few repeats
+ * after one warm-up and the median kept. The engine's own per-step and per-row costs
+ * (planning, sampling, events) come from a short real engine run. Power is read
+ * through src/power (NVML / RAPL) around each phase where a meter exists.
+ *
+ * Tuned for: the CPU grid of small-llama in well under a minute on two cores; the GPU
+ * grid in a few minutes. Allocates the KV cache and scratch once for the largest point. */
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "power/power.h"
+#include "sim/sim.h"
+#include "util/util.h"
+
+static const int CPU_PT[] = {16, 64, 256, 1024, 2048};
+static const int CPU_PC[] = {0, 256, 1024};
+static const int CPU_DB[] = {1, 2, 4, 8, 16, 32, 64};
+static const int CPU_DC[] = {64, 256, 1024};
+static const int GPU_PT[] = {16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384};
+static const int GPU_PC[] = {0, 2048, 8192, 16384};
+static const int GPU_DB[] = {1, 2, 4, 8, 16, 32, 64, 128, 256};
+static const int GPU_DC[] = {128, 1024, 4096, 16384};
+
+void sim_profile_opts_default(sim_profile_opts *o, bool cpu) {
+    memset(o, 0, sizeof *o);
+#define SET(field, arr) (o->field = arr, o->n_##field = (int)PD_ARRAY_LEN(arr))
+    if (cpu) {
+        SET(prefill_tokens, CPU_PT);
+        SET(prefill_context, CPU_PC);
+        SET(decode_batch, CPU_DB);
+        SET(decode_context, CPU_DC);
+    } else {
+        SET(prefill_tokens, GPU_PT);
+        SET(prefill_context, GPU_PC);
+        SET(decode_batch, GPU_DB);
+        SET(decode_context, GPU_DC);
+    }
+#undef SET
+    o->repeats = 3;
+    o->block_size = 16;
+    o->measure_power = true;
+}
+
+/* Everything one measurement needs, sized for the largest point. */
+typedef struct prof {
+    model *m;
+    backend *be;
+    kv_cache *kv;
+    fwd_ctx *f;
+    int bs;
+    int32_t *tokens, *positions, *slots, *logit_rows, *out_tokens, *blocks;
+    attn_seq *seqs;
+    float *logits;
+    int max_rows, max_seqs;
+    pd_rng rng;
+} prof;
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Runs batch b once + repeats times; returns the median seconds of the timed runs. */
+static double time_batch(prof *P, const fwd_batch *b, int repeats) {
+    double t[64];
+    repeats = PD_MIN(PD_MAX(repeats, 1), 64);
+    for (int r = -1; r < repeats; r++) {
+        double t0 = time_now_s();
+        if (P->be->ops->argmax_rows) model_forward_greedy(P->f, P->kv, b, P->out_tokens);
+        else model_forward(P->f, P->kv, b, P->logits);
+        if (P->be->ops->sync) P->be->ops->sync(P->be);
+        if (r >= 0) t[r] = time_now_s() - t0;
+    }
+    qsort(t, (size_t)repeats, sizeof(double), cmp_double);
+    return repeats % 2 ? t[repeats / 2] : 0.5 * (t[repeats / 2 - 1] + t[repeats / 2]);
+}
+
+/* Appends one sequence computing rows [start, start + n) into a batch under
+ * construction; its blocks are `first_block`, first_block + 1, ... */
+static void add_seq(prof *P, fwd_batch *b, int first_block, int start, int n) {
+    int V = P->m->cfg.vocab_size;
+    attn_seq *a = &P->seqs[b->B];
+    a->q_start = b->T;
+    a->q_len = n;
+    a->ctx_len = start + n;
+    a->n_blocks = (a->ctx_len + P->bs - 1) / P->bs;
+    a->block_table = P->blocks + first_block;
+    for (int i = 0; i < n; i++) {
+        int pos = start + i;
+        P->tokens[b->T + i] = (int32_t)(rng_next(&P->rng) % (uint64_t)V);
+        P->positions[b->T + i] = pos;
+        P->slots[b->T + i] = (first_block + pos / P->bs) * P->bs + pos % P->bs;
+    }
+    b->T += n;
+    P->logit_rows[b->n_logits++] = b->T - 1;
+    b->B++;
+}
+
+static void batch_begin(prof *P, fwd_batch *b) {
+    memset(b, 0, sizeof *b);
+    b->tokens = P->tokens;
+    b->positions = P->positions;
+    b->slots = P->slots;
+    b->seqs = P->seqs;
+    b->logit_rows = P->logit_rows;
+}
+
+static int blocks_for(int tokens, int bs) { return (tokens + bs - 1) / bs; }
+
+static double measure_prefill(prof *P, int T, int C, int repeats) {
+    fwd_batch b;
+    batch_begin(P, &b);
+    add_seq(P, &b, 0, C, T);
+    return time_batch(P, &b, repeats);
+}
+
+/* B sequences whose context is L once this step's token is written. */
+static double measure_decode(prof *P, int B, int L, int repeats, int prefill_T) {
+    fwd_batch b;
+    batch_begin(P, &b);
+    int per = blocks_for(L, P->bs);
+    if (prefill_T > 0) add_seq(P, &b, B * per, 0, prefill_T);
+    for (int i = 0; i < B; i++) add_seq(P, &b, i * per, L - 1, 1);
+    return time_batch(P, &b, repeats);
+}
+
+/* Everything but attention: T rows as chunks of LIN_CHUNK tokens from position 0, so
+ * that each row attends to at most LIN_CHUNK keys (about LIN_CHUNK / 2 on average). */
+#define LIN_CHUNK 32
+static double measure_linear(prof *P, int T, int repeats) {
+    fwd_batch b;
+    batch_begin(P, &b);
+    int per = blocks_for(LIN_CHUNK, P->bs);
+    for (int i = 0, k = 0; i < T; i += LIN_CHUNK, k++) add_seq(P, &b, k * per, 0, PD_MIN(LIN_CHUNK, T - i));
+    b.logit_rows = P->logit_rows + b.n_logits - 1; /* one logits row, as a prefill chunk has */
+    b.n_logits = 1;
+    return time_batch(P, &b, repeats);
+}
+
+static int cmp_int(const void *a, const void *b) {
+    int x = *(const int *)a, y = *(const int *)b;
+    return (x > y) - (x < y);
+}
+
+/* The sorted union of {1}, the prefill chunk sizes and the decode batch sizes. */
+static int linear_axis(const sim_profile_opts *o, int *out) {
+    int n = 0;
+    out[n++] = 1;
+    for (int i = 0; i < o->n_prefill_tokens; i++) out[n++] = o->prefill_tokens[i];
+    for (int i = 0; i < o->n_decode_batch; i++) out[n++] = o->decode_batch[i];
+    qsort(out, (size_t)n, sizeof(int), cmp_int);
+    int m = 0;
+    for (int i = 0; i < n; i++)
+        if (!m || out[i] != out[m - 1]) out[m++] = out[i];
+    return m;
+}
+
+/* ---- the engine's own costs ----------------------------------------------------------- */
+
+static double measure_sample_row(int V) {
+    sampler *s = sampler_create(V);
+    float *logits = xmalloc(sizeof(float) * (size_t)V);
+    pd_rng r;
+    rng_seed(&r, 3);
+    sampling_params sp;
+    sampling_params_default(&sp);
+    sp.temperature = 0;
+    sp.ignore_eos = true;
+    sample_context c = {0};
+    sample_result res;
+    int n = 64;
+    double t0 = 0, total = 0;
+    for (int k = -4; k < n; k++) {
+        for (int i = 0; i < V; i++) logits[i] = rng_normal(&r);
+        t0 = time_now_s();
+        sampler_sample(s, logits, &sp, &c, &r, &res);
+        if (k >= 0) total += time_now_s() - t0;
+    }
+    free(logits);
+    sampler_free(s);
+    return total / n;
+}
+
+typedef struct eng_wait {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int done;
+} eng_wait;
+
+static void eng_on_event(void *user, const engine_event *ev) {
+    eng_wait *w = user;
+    if (ev->kind != ENGINE_EVENT_FINISHED) return;
+    pthread_mutex_lock(&w->mu);
+    w->done++;
+    pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+}
+
+/* Per-step engine overhead beyond the forward and sampling, from a short real run:
+ * (busy - forward - rows * sample_row) / steps. */
+static double measure_step_overhead(model *m, int bs, double sample_row) {
+    engine_config ec;
+    engine_config_default(&ec);
+    ec.block_size = bs;
+    ec.max_num_seqs = 16;
+    ec.max_model_len = 128;
+    ec.kv_cache_memory = model_kv_bytes_per_token(&m->cfg, dtype_size(m->be->ops->kv_type)) * 16 * 128;
+    char err[256];
+    engine *e = engine_create(m, &ec, err, sizeof err);
+    if (!e) return 0;
+    engine_start(e);
+    eng_wait w = {.done = 0};
+    pthread_mutex_init(&w.mu, NULL);
+    pthread_cond_init(&w.cv, NULL);
+    int32_t prompt[32];
+    for (int i = 0; i < 32; i++) prompt[i] = (int32_t)(i % m->cfg.vocab_size);
+    int n = 8;
+    for (int i = 0; i < n; i++) {
+        engine_request q = {.prompt = prompt, .n_prompt = 32, .on_event = eng_on_event, .user = &w};
+        sampling_params_default(&q.sp);
+        q.sp.temperature = 0;
+        q.sp.max_tokens = 24;
+        q.sp.ignore_eos = true;
+        if (!engine_submit(e, &q, err, sizeof err)) n = i;
+    }
+    pthread_mutex_lock(&w.mu);
+    while (w.done < n) pthread_cond_wait(&w.cv, &w.mu);
+    pthread_mutex_unlock(&w.mu);
+    engine_stats st;
+    engine_get_stats(e, &st);
+    engine_free(e);
+    pthread_mutex_destroy(&w.mu);
+    pthread_cond_destroy(&w.cv);
+    if (!st.steps) return 0;
+    double rows = (double)st.generation_tokens;
+    double o = (st.busy_seconds - st.forward_seconds - rows * sample_row) / (double)st.steps;
+    return o > 0 ? o : 0;
+}
+
+/* ---- power ------------------------------------------------------------------------------ */
+
+typedef struct power_phase {
+    power_session *s;
+    bool on;
+} power_phase;
+
+static void phase_begin(power_phase *ph, const sim_profile_opts *o, bool cpu, int device) {
+    memset(ph, 0, sizeof *ph);
+    if (!o->measure_power) return;
+    power_config pc = {0};
+    pc.idle_window_s = -1;
+    pc.no_nvml = cpu;
+    if (!cpu) {
+        pc.n_gpus = 1;
+        pc.gpus[0] = device;
+    }
+    char err[256];
+    ph->s = power_session_open(&pc, err, sizeof err);
+    if (ph->s && power_session_start(ph->s, err, sizeof err) == 0) ph->on = true;
+}
+
+/* Mean watts of the phase (GPU when measured, else CPU package + DRAM), or -1. */
+static double phase_end(power_phase *ph, char *why, size_t cap) {
+    double w = -1;
+    if (ph->on) {
+        power_result r;
+        memset(&r, 0, sizeof r);
+        power_session_stop(ph->s, 0, 0, 0, &r);
+        if (r.gpu_j.measured && r.duration_s > 0) w = r.gpu_j.value / r.duration_s;
+        else if (r.component_j[POWER_COMP_CPU].measured && r.duration_s > 0) {
+            double j = r.component_j[POWER_COMP_CPU].value;
+            if (r.component_j[POWER_COMP_DRAM].measured) j += r.component_j[POWER_COMP_DRAM].value;
+            w = j / r.duration_s;
+        } else if (why) {
+            snprintf(why, cap, "no meter: %s; %s", r.n_gpus ? "GPU energy unread" : r.gpu_reason, r.rapl_reason);
+        }
+    }
+    power_session_free(ph->s);
+    ph->s = NULL;
+    return w;
+}
+
+/* ---- the profile --------------------------------------------------------------------------- */
+
+static int max_of(const int *v, int n) {
+    int m = 0;
+    for (int i = 0; i < n; i++) m = PD_MAX(m, v[i]);
+    return m;
+}
+
+static void fill_axis(double *dst, const int *src, int n) {
+    for (int i = 0; i < n; i++) dst[i] = src[i];
+}
+
+static int check_axis(const int *v, int n, int lo, const char *what, char *err, size_t errlen) {
+    if (n < 1 || n > 256) return pd_errorf(err, errlen, "profile: %s needs 1 to 256 values", what), -1;
+    for (int i = 0; i < n; i++)
+        if (v[i] < lo || (i && v[i] <= v[i - 1]))
+            return pd_errorf(err, errlen, "profile: %s must increase and be at least %d", what, lo), -1;
+    return 0;
+}
+
+static void meta(const sim_profile_opts *o, model *m, prof *P, sim_profile *out) {
+    snprintf(out->model, sizeof out->model, "%s", o->model_name ? o->model_name : m->cfg.model_type);
+    snprintf(out->backend, sizeof out->backend, "%s", m->be->ops->name);
+    if (o->device_name) snprintf(out->device, sizeof out->device, "%s", o->device_name);
+    else snprintf(out->device, sizeof out->device, "%s (%d threads)", m->be->ops->name, m->be->threads);
+    if (gethostname(out->host, sizeof out->host) != 0) snprintf(out->host, sizeof out->host, "unknown");
+    out->host[sizeof out->host - 1] = 0;
+    time_t now = time(NULL);
+    struct tm tmv;
+    gmtime_r(&now, &tmv);
+    strftime(out->date, sizeof out->date, "%Y-%m-%dT%H:%M:%SZ", &tmv);
+    out->block_size = P->bs;
+    out->kv_bytes_per_token = model_kv_bytes_per_token(&m->cfg, dtype_size(m->be->ops->kv_type));
+    out->repeats = o->repeats;
+    out->clock.base_mhz = o->clock_mhz;
+}
+
+int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, char *err, size_t errlen) {
+    sim_profile_init(out);
+    if (check_axis(o->prefill_tokens, o->n_prefill_tokens, 1, "prefill tokens", err, errlen) ||
+        check_axis(o->prefill_context, o->n_prefill_context, 0, "prefill context", err, errlen) ||
+        check_axis(o->decode_batch, o->n_decode_batch, 1, "decode batch", err, errlen) ||
+        check_axis(o->decode_context, o->n_decode_context, 1, "decode context", err, errlen))
+        return -1;
+    bool cpu = !strcmp(m->be->ops->name, "cpu");
+    prof P = {.m = m, .be = m->be, .bs = o->block_size > 0 ? o->block_size : 16};
+    rng_seed(&P.rng, 12345);
+    int maxT = max_of(o->prefill_tokens, o->n_prefill_tokens), maxC = max_of(o->prefill_context, o->n_prefill_context);
+    int maxB = max_of(o->decode_batch, o->n_decode_batch), maxL = max_of(o->decode_context, o->n_decode_context);
+    int mixT = PD_MIN(maxT, 256);
+    int mixB = PD_MIN(maxB, 16);
+    int blocks = PD_MAX(blocks_for(maxT + maxC, P.bs), maxB * blocks_for(maxL, P.bs) + blocks_for(mixT, P.bs));
+    P.max_rows = PD_MAX(maxT, maxB + mixT);
+    P.max_seqs = PD_MAX(maxB + 1, (maxT + LIN_CHUNK - 1) / LIN_CHUNK);
+    size_t bpt = model_kv_bytes_per_token(&m->cfg, dtype_size(m->be->ops->kv_type));
+    P.kv = kv_cache_create(m->be, &m->cfg, P.bs, (size_t)blocks * P.bs * bpt, err, errlen);
+    if (!P.kv) return -1;
+    P.f = fwd_ctx_create(m, P.max_rows, P.max_seqs);
+    if (!P.f) {
+        pd_errorf(err, errlen, "profile: cannot allocate forward scratch for %d rows", P.max_rows);
+        kv_cache_free(m->be, P.kv);
+        return -1;
+    }
+    P.tokens = xmalloc(sizeof(int32_t) * (size_t)P.max_rows);
+    P.positions = xmalloc(sizeof(int32_t) * (size_t)P.max_rows);
+    P.slots = xmalloc(sizeof(int32_t) * (size_t)P.max_rows);
+    P.logit_rows = xmalloc(sizeof(int32_t) * (size_t)P.max_seqs);
+    P.out_tokens = xmalloc(sizeof(int32_t) * (size_t)P.max_seqs);
+    P.seqs = xcalloc((size_t)P.max_seqs, sizeof(attn_seq));
+    P.logits = xmalloc(sizeof(float) * (size_t)(maxB + 1) * (size_t)m->cfg.vocab_size);
+    P.blocks = xmalloc(sizeof(int32_t) * (size_t)P.kv->num_blocks);
+    for (int i = 0; i < P.kv->num_blocks; i++) P.blocks[i] = i;
+    meta(o, m, &P, out);
+    double t_start = time_now_s();
+
+    double *ax = xmalloc(sizeof(double) * 4096), *ay = xmalloc(sizeof(double) * 4096);
+    fill_axis(ax, o->prefill_tokens, o->n_prefill_tokens);
+    fill_axis(ay, o->prefill_context, o->n_prefill_context);
+    sim_grid_init(&out->prefill, o->n_prefill_tokens, ax, o->n_prefill_context, ay);
+    fill_axis(ax, o->decode_batch, o->n_decode_batch);
+    fill_axis(ay, o->decode_context, o->n_decode_context);
+    sim_grid_init(&out->decode, o->n_decode_batch, ax, o->n_decode_context, ay);
+    free(ax);
+    free(ay);
+
+    /* idle power first, while nothing runs */
+    char why[POWER_REASON_LEN * 2 + 32] = "";
+    power_phase ph;
+    phase_begin(&ph, o, cpu, 0);
+    if (ph.on) usleep(1000 * 1000);
+    double idle_w = phase_end(&ph, why, sizeof why);
+
+    phase_begin(&ph, o, cpu, 0);
+    for (int i = 0; i < o->n_prefill_tokens; i++)
+        for (int j = 0; j < o->n_prefill_context; j++) {
+            double t = measure_prefill(&P, o->prefill_tokens[i], o->prefill_context[j], o->repeats);
+            out->prefill.v[i * out->prefill.ny + j] = t;
+            if (o->verbose)
+                log_info("profile: prefill T=%d C=%d: %.3f ms", o->prefill_tokens[i], o->prefill_context[j], t * 1e3);
+        }
+    double prefill_w = phase_end(&ph, NULL, 0);
+    phase_begin(&ph, o, cpu, 0);
+    for (int i = 0; i < o->n_decode_batch; i++)
+        for (int j = 0; j < o->n_decode_context; j++) {
+            double t = measure_decode(&P, o->decode_batch[i], o->decode_context[j], o->repeats, 0);
+            out->decode.v[i * out->decode.ny + j] = t;
+            if (o->verbose)
+                log_info("profile: decode B=%d L=%d: %.3f ms", o->decode_batch[i], o->decode_context[j], t * 1e3);
+        }
+    double decode_w = phase_end(&ph, NULL, 0);
+
+    int lin[2 * 256 + 1];
+    int n_lin = linear_axis(o, lin);
+    double *lx = xmalloc(sizeof(double) * (size_t)n_lin);
+    fill_axis(lx, lin, n_lin);
+    static const double one = 1;
+    sim_grid_init(&out->linear, n_lin, lx, 1, &one);
+    free(lx);
+    for (int i = 0; i < n_lin; i++) {
+        out->linear.v[i] = measure_linear(&P, lin[i], o->repeats);
+        if (o->verbose) log_info("profile: linear T=%d: %.3f ms", lin[i], out->linear.v[i] * 1e3);
+    }
+
+    /* mixed steps: the overhead prefill and decode share, as the median of tp + td - tmix */
+    double ov[4];
+    int n_ov = 0;
+    int mix_L = o->decode_context[0];
+    for (int k = 0; k < 4; k++) {
+        int T = PD_MAX(1, mixT >> (2 * (k / 2))), B = PD_MAX(1, mixB >> (2 * (k % 2)));
+        double tm = measure_decode(&P, B, mix_L, o->repeats, T);
+        double tp = sim_grid_eval(&out->prefill, T, 0), td = sim_grid_eval(&out->decode, B, mix_L);
+        ov[n_ov++] = tp + td - tm;
+        sim_work w;
+        sim_work_begin(&w, out);
+        sim_work_add_chunk(&w, T, 0);
+        for (int b = 0; b < B; b++) sim_work_add_decode(&w, mix_L);
+        sim_cost c;
+        sim_cost_init(&c, out, 0);
+        sim_step_cost sc;
+        sim_cost_step(&c, &w, &sc);
+        log_info("profile: mixed step T=%d + B=%d at L=%d: %.3f ms measured, %.3f ms modelled (%+.1f%%)", T, B,
+                 mix_L, tm * 1e3, sc.seconds * 1e3, 100.0 * (sc.seconds / tm - 1));
+    }
+    qsort(ov, (size_t)n_ov, sizeof(double), cmp_double);
+    out->mixed_overhead_s = PD_MAX(0.5 * (ov[1] + ov[2]), 0);
+
+    out->sample_s_per_row = P.be->ops->argmax_rows ? 0 : measure_sample_row(m->cfg.vocab_size);
+    out->step_overhead_s = measure_step_overhead(m, P.bs, out->sample_s_per_row);
+
+    if (idle_w > 0 && prefill_w > 0 && decode_w > 0) {
+        out->power.measured = true;
+        out->power.idle_w = idle_w;
+        out->power.prefill_w = prefill_w;
+        out->power.decode_w = decode_w;
+        snprintf(out->power.source, sizeof out->power.source, "measured: %s over each phase",
+                 cpu ? "RAPL package + DRAM" : "NVML energy counter");
+    } else {
+        snprintf(out->power.source, sizeof out->power.source, "not measured (%s)",
+                 o->measure_power ? (why[0] ? why : "no meter readable") : "--no-power");
+    }
+    snprintf(out->mediums_note, sizeof out->mediums_note,
+             "not profiled: src/kv/ has no benchmark API yet; sim uses the documented defaults");
+    log_info("profile: %d prefill + %d decode points in %.1f s", o->n_prefill_tokens * o->n_prefill_context,
+             o->n_decode_batch * o->n_decode_context, time_now_s() - t_start);
+
+    free(P.tokens);
+    free(P.positions);
+    free(P.slots);
+    free(P.logit_rows);
+    free(P.out_tokens);
+    free(P.seqs);
+    free(P.logits);
+    free(P.blocks);
+    fwd_ctx_free(P.f);
+    kv_cache_free(m->be, P.kv);
+    return 0;
+}

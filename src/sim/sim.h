@@ -1,0 +1,305 @@
+/* sim.h: the simulator: the engine's own scheduler and KV block pool (engine/sched.c,
+ * linked in unchanged) driven in virtual time, each planned step priced by a cost model
+ * calibrated on the real backend. One public header for src/sim/:
+ *
+ *   profile   a measured cost grid of one model on one device (prefill chunks by tokens
+ *             x cached prefix, decode batches by batch size x context), the engine's own
+ *             per-step and per-row costs, KV medium curves, power, and a clock model;
+ *             JSON on disk (format in docs/simulator.md).
+ *   profiler  measures a profile by running model_forward on fwd_batches built here
+ *             over the same paged KV layout the engine uses.
+ *   cost      prices one step (interpolation over the grid), one KV transfer (latency
+ *             + bytes / bandwidth) and the energy of both; scales to other SM clocks.
+ *   sim       the discrete-event loop: colocated N instances or xPyD with a medium,
+ *             round-robin or least-loaded routing, per-request timestamps, the same
+ *             summaries as `pdserve bench` (a bench_result).
+ *   replay    the same requests through the real engine in-process (validation).
+ *
+ * Tuned for: 100,000 requests over 128 instances in well under a minute on one core:
+ * one binary heap of instance wake-ups and transfer arrivals; the scheduler is per
+ * instance; nothing is allocated per step (a request allocates its record once). */
+#ifndef PD_SIM_H
+#define PD_SIM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "bench/bench.h"
+#include "engine/engine.h"
+
+/* ---- profile ----------------------------------------------------------------------- */
+
+/* v[i * ny + j] is the value at (x[i], y[j]); x and y strictly increasing. */
+typedef struct sim_grid {
+    int nx, ny;
+    double *x, *y, *v;      /* owned */
+} sim_grid;
+
+#define SIM_MAX_MEDIUMS 8
+#define SIM_MAX_POINTS 32
+#define SIM_MAX_CLOCKS 16
+
+/* One KV transfer medium: seconds = latency_s + bytes / bandwidth (fitted to points). */
+typedef struct sim_medium {
+    char name[32];          /* "gpu", "cpu", "disk", "nccl", "tcp", "nvlink" ... */
+    double latency_s;
+    double bandwidth;       /* bytes per second */
+    double power_w;         /* extra power while a transfer runs (0: not modelled) */
+    int n_points;
+    double bytes[SIM_MAX_POINTS], seconds[SIM_MAX_POINTS]; /* measured (n_points may be 0) */
+    char source[160];       /* "measured" or where the default comes from */
+} sim_medium;
+
+/* Whole-device power while idle, prefilling and decoding (at the profiled clock). */
+typedef struct sim_power {
+    bool measured;
+    double idle_w, prefill_w, decode_w;
+    char source[192];       /* how it was measured, or why not */
+} sim_power;
+
+/* One profiled clock: step time and busy power relative to the base clock. */
+typedef struct sim_clock_point {
+    double mhz, prefill_scale, decode_scale, busy_w;
+} sim_clock_point;
+
+/* Clocks not profiled: time(f) = time(f0) * (a * f0 / f + 1 - a) per part, where a is
+ * the share of the part that is compute-bound (scales with 1/f); power(f) = static +
+ * dynamic(f0) * (f / f0)^dyn_exp (voltage rises with f, so dyn_exp > 1). */
+typedef struct sim_clock_model {
+    double base_mhz;        /* the clock the grid was measured at; 0: unknown (no scaling) */
+    double min_mhz, max_mhz;
+    double prefill_compute_frac, decode_compute_frac;
+    double dyn_exp;
+    bool fitted;            /* from points (else defaults) */
+    char source[256];
+    sim_clock_point points[SIM_MAX_CLOCKS];
+    int n_points;
+} sim_clock_model;
+
+typedef struct sim_profile {
+    char model[160], device[160], backend[32], host[128], date[32];
+    int block_size;
+    size_t kv_bytes_per_token;
+    long long kv_cache_tokens;  /* the engine's KV pool on this device (0: unknown) */
+    int repeats;
+    sim_grid prefill;           /* x chunk tokens, y cached prefix tokens: seconds */
+    sim_grid decode;            /* x batch size, y context per sequence: seconds */
+    sim_grid linear;            /* x rows, y {1}: a step of that many 1-token sequences at
+                                   context 1, i.e. everything but attention (nx 0: absent) */
+    double mixed_overhead_s;    /* without a linear curve: fixed cost counted once in a mixed step */
+    double sample_s_per_row;    /* engine: sampling one logits row on the host */
+    double step_overhead_s;     /* engine: planning and bookkeeping per step */
+    sim_medium mediums[SIM_MAX_MEDIUMS];
+    int n_mediums;
+    char mediums_note[256];
+    sim_power power;
+    sim_clock_model clock;
+} sim_profile;
+
+void sim_grid_init(sim_grid *g, int nx, const double *x, int ny, const double *y);
+void sim_grid_free(sim_grid *g);
+/* Bilinear interpolation, linear extrapolation beyond the edges. */
+double sim_grid_eval(const sim_grid *g, double x, double y);
+
+void sim_profile_init(sim_profile *p);  /* empty, defaults for the clock model */
+void sim_profile_free(sim_profile *p);
+/* JSON. 0, or -1 with err naming the field. */
+int sim_profile_load(const char *path, sim_profile *p, char *err, size_t errlen);
+int sim_profile_parse(const char *text, size_t len, const char *name, sim_profile *p, char *err,
+                      size_t errlen);
+int sim_profile_save(const sim_profile *p, const char *path, char *err, size_t errlen);
+char *sim_profile_to_json(const sim_profile *p); /* malloc'd text */
+
+/* A profile computed from a roofline instead of measured: per step time =
+ * max(flops / (peak_flops * mfu), bytes / (mem_bw * mbu)) + launch overhead, for model
+ * config c with 2-byte weights and KV. For what-if studies of hardware not at hand
+ * and for the scale benchmark; its device string says "roofline". */
+typedef struct sim_roofline {
+    const char *name;           /* "H100-SXM" */
+    double peak_flops;          /* dense bf16 FLOP/s */
+    double mem_bw;              /* bytes/s */
+    double mfu, mbu;            /* achievable fractions */
+    double step_overhead_s;     /* launch + host overhead per step */
+    double idle_w, prefill_w, decode_w;
+    double base_mhz, max_mhz, min_mhz;
+    long long kv_cache_tokens;
+} sim_roofline;
+void sim_roofline_h100(sim_roofline *r);  /* published H100 SXM figures, see the docs */
+void sim_profile_roofline(const model_config *c, const sim_roofline *r, sim_profile *out);
+
+/* The default curve of a medium name ("gpu", "nvlink", "cpu", "disk", "tcp", "nccl",
+ * "rdma"), with its source; -1 when unknown. */
+int sim_medium_default(const char *name, sim_medium *out);
+/* The profile's medium of that name, else the default; NULL when neither exists
+ * (out is used as storage for the default). */
+const sim_medium *sim_medium_find(const sim_profile *p, const char *name, sim_medium *out);
+/* Least-squares latency and bandwidth from m's points (at least 2). */
+void sim_medium_fit(sim_medium *m);
+
+/* ---- profiler ---------------------------------------------------------------------- */
+typedef struct sim_profile_opts {
+    const int *prefill_tokens; int n_prefill_tokens;
+    const int *prefill_context; int n_prefill_context;
+    const int *decode_batch; int n_decode_batch;
+    const int *decode_context; int n_decode_context;
+    int repeats;                /* timed runs per point (median); >= 1 */
+    int block_size;
+    bool measure_power;         /* try the power session (NVML / RAPL) */
+    double clock_mhz;           /* the SM clock the device runs at (0: unknown) */
+    const char *model_name, *device_name;
+    bool verbose;
+} sim_profile_opts;
+
+/* The default grid for a backend ("cpu": small, under a minute for small-llama on two
+ * cores; otherwise a GPU grid up to 16k tokens and batch 256). */
+void sim_profile_opts_default(sim_profile_opts *o, bool cpu);
+/* Measures m on its backend into out (initialised here). 0, or -1 with err. */
+int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, char *err, size_t errlen);
+
+/* ---- cost model -------------------------------------------------------------------- */
+
+/* The work of one step, as the cost model sees it: sim_work_begin, then one add per
+ * planned item. */
+typedef struct sim_work {
+    const sim_profile *p;       /* not owned */
+    int prefill_tokens;         /* rows of prefill chunks */
+    int prefill_chunks;
+    double prefill_pairs;       /* attention (query, key) pairs of those rows */
+    double prefill_attn_s;      /* sum over chunks of prefill(n, start) - linear(n), >= 0 each */
+    int decode_seqs;            /* rows of decode (one per sequence) */
+    double decode_ctx;          /* sum of their context lengths */
+    int n_logits;
+} sim_work;
+
+void sim_work_begin(sim_work *w, const sim_profile *p);
+/* A prefill chunk of n rows after start cached tokens. */
+void sim_work_add_chunk(sim_work *w, int n, int start);
+/* A decode row whose sequence holds ctx_len tokens once it is written. */
+static inline void sim_work_add_decode(sim_work *w, int ctx_len) {
+    w->decode_seqs++;
+    w->decode_ctx += ctx_len;
+}
+
+/* The cost model of one instance at one SM clock. */
+typedef struct sim_cost {
+    const sim_profile *p;       /* not owned */
+    double mhz;                 /* 0: as profiled */
+    double prefill_scale, decode_scale; /* time multipliers from the clock model */
+    double idle_w, prefill_w, decode_w; /* power at this clock (0 when not measured) */
+    bool has_power;
+} sim_cost;
+
+typedef struct sim_step_cost {
+    double seconds;             /* the whole step */
+    double prefill_s, decode_s; /* the forward's parts (after the shared overhead) */
+    double energy_j;            /* at busy power (static included); 0 when no power */
+} sim_step_cost;
+
+/* Sets up c for profile p at clock mhz (0: as profiled). */
+void sim_cost_init(sim_cost *c, const sim_profile *p, double mhz);
+/* Prices one step: linear(all rows) + per prefill chunk (prefill(n, start) - linear(n))
+ * + (decode(B, mean context) - linear(B)): the non-attention work is paid once for the
+ * whole step (so a mixed step is the sum of its parts minus the shared fixed cost
+ * linear(Tp) + linear(B) - linear(Tp + B)), attention per chunk and per decode batch;
+ * plus the engine's per-row sampling and per-step overhead; parts scaled by the clock
+ * model. A profile without a linear curve prices the prefill part at (rows, the cached
+ * prefix that gives one chunk the step's attention pairs) and subtracts
+ * mixed_overhead_s from a mixed step. */
+void sim_cost_step(const sim_cost *c, const sim_work *w, sim_step_cost *out);
+/* Seconds to move bytes over m (0 for m NULL). */
+double sim_cost_transfer(const sim_medium *m, double bytes);
+/* Fits the clock model's compute fractions and dynamic exponent from its points. */
+void sim_clock_fit(sim_clock_model *cm, double idle_w);
+
+/* ---- the simulator ----------------------------------------------------------------- */
+typedef enum sim_router { SIM_ROUTER_ROUND_ROBIN, SIM_ROUTER_LEAST_LOADED } sim_router;
+int sim_router_parse(const char *s, sim_router *out); /* "round-robin", "least-loaded" */
+
+typedef struct sim_config {
+    int n_colocated;            /* > 0: N colocated instances (and n_prefill = n_decode = 0) */
+    int n_prefill, n_decode;    /* xPyD */
+    const sim_medium *medium;   /* xPyD: the KV path (NULL: instantaneous) */
+    sim_router router;
+    sched_config sched;         /* each instance's scheduler (num_blocks: its KV pool) */
+    double prefill_mhz, decode_mhz; /* SM clocks (colocated: prefill_mhz); 0: as profiled */
+    bool record_tokens;         /* keep every token time (ITL); else first and last only */
+} sim_config;
+
+/* One request: lengths and arrival (prompt ids are used by the replay only). */
+typedef struct sim_request {
+    int n_prompt, max_tokens;
+    double arrival;             /* seconds from the start */
+    const int32_t *prompt;      /* may be NULL for the simulator */
+} sim_request;
+
+typedef struct sim_stats {
+    uint64_t steps, preemptions, events;
+    double makespan_s;
+    double busy_prefill_s, busy_decode_s;   /* instance-seconds busy by role (colocated: prefill) */
+    double energy_j;                        /* all instances, static included; -1 not modelled */
+    double energy_prefill_j, energy_decode_j, energy_transfer_j;
+    double kv_bytes, kv_transfer_s;         /* disaggregated: total moved, summed transfer time */
+    double wall_s;                          /* real time the simulation took */
+    int n_instances;
+} sim_stats;
+
+/* Simulates reqs (sorted by arrival) on cfg priced by profile p. *out gets one record
+ * per request in order, summarised with bc's percentiles (bench_summarize) and
+ * sum.energy_j set (or -1). 0, or -1 with err (a request that can never fit). */
+int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *reqs, int n,
+            const bench_config *bc, bench_result **out, sim_stats *st, char *err, size_t errlen);
+
+/* Requests from a loaded dataset and its arrivals (arrival[i] seconds, or NULL for the
+ * dataset's own timestamps). out[n] points into d (prompt ids). */
+void sim_requests_from_dataset(const bench_dataset *d, const double *arrival, sim_request *out);
+
+/* ---- replay through the real engine (validation) ---------------------------------- */
+/* Submits each request to a fresh engine on m at its arrival time (wall clock, from a
+ * driver thread), greedy with ignore_eos, and collects the engine's own timestamps into
+ * *out, summarised like sim_run. One warm-up request runs first (excluded). reqs need
+ * prompt ids. 0, or -1 with err. */
+int sim_replay_engine(model *m, const engine_config *ec, const sim_request *reqs, int n,
+                      const bench_config *bc, bench_result **out, char *err, size_t errlen);
+
+/* ---- plans ---------------------------------------------------------------------------- */
+typedef struct sim_plan_setup {
+    char label[64];
+    int n_colocated, n_prefill, n_decode;
+    char medium[32];
+} sim_plan_setup;
+
+typedef struct sim_load {
+    bool batch;                 /* rate inf */
+    int num_prompts;
+    double rate, burstiness;
+    bool trace_times;           /* azure/mooncake: the dataset's timestamps */
+    double trace_time_scale;
+} sim_load;
+
+typedef struct sim_plan {
+    char name[128];
+    char profile[512];          /* may be "" (then --profile) */
+    sim_plan_setup *setups; int n_setups;
+    sim_load *loads; int n_loads;
+    double (*clocks)[2]; int n_clocks;   /* {prefill_mhz, decode_mhz}; {0,0}: as profiled */
+    bench_dataset_opts dataset; /* kind, lengths, seed, path (owned copy) */
+    char dataset_path[512];
+    uint64_t seed;
+    sim_router router;
+    int max_num_seqs, max_num_batched_tokens, block_size;
+    long long kv_cache_tokens;  /* per instance; 0: the profile's, else 1M tokens */
+    bool enable_chunked_prefill;
+    bool record_tokens;
+    char *json;                 /* the text, owned */
+} sim_plan;
+
+/* Parses a sim plan (docs/simulator.md); accepts the study plan's names for setups
+ * (co-1gpu, co-2gpus, dis-gpu, dis-cpu, dis-disk) and "xPyD[-medium]". 0 or -1 with err. */
+int sim_plan_parse(const char *text, size_t len, const char *name, sim_plan *out, char *err, size_t errlen);
+int sim_plan_load(const char *path, sim_plan *out, char *err, size_t errlen);
+void sim_plan_free(sim_plan *p);
+/* Parses a setup name ("co-2gpus", "4P4D-nvlink", "dis-disk", "co-8") into s. 0 or -1. */
+int sim_setup_parse(const char *name, sim_plan_setup *s);
+
+#endif

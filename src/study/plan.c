@@ -1,0 +1,489 @@
+/* plan.c: sweep plans: JSON in, a list of points out, each with a stable key.
+ *
+ * Parsing is strict (an unknown key is an error naming it: a typo in a plan must not
+ * silently run a different study); keys starting with '_' and "comment" are ignored.
+ * The point key is a readable prefix plus a hash of every setting that changes what is
+ * measured, so a resumed sweep skips exactly the points it already has. */
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "study/study.h"
+#include "util/util.h"
+
+static bool is_comment_key(const char *k) { return k[0] == '_' || !strcmp(k, "comment"); }
+
+/* Checks that every key of obj is in allowed (NULL-terminated). */
+static int check_keys(const cJSON *obj, const char *where, const char *const *allowed, char *err, size_t errlen) {
+    for (const cJSON *it = obj->child; it; it = it->next) {
+        if (is_comment_key(it->string)) continue;
+        bool ok = false;
+        for (int i = 0; allowed[i]; i++)
+            if (!strcmp(allowed[i], it->string)) ok = true;
+        if (!ok) {
+            pd_errorf(err, errlen, "%s: unknown key '%s'", where, it->string);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int get_num(const cJSON *obj, const char *key, const char *where, double *dst, char *err, size_t errlen) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
+    if (!v || cJSON_IsNull(v)) return 0;
+    if (cJSON_IsString(v) && !strcmp(v->valuestring, "inf")) {
+        *dst = INFINITY;
+        return 0;
+    }
+    if (!cJSON_IsNumber(v)) {
+        pd_errorf(err, errlen, "%s: '%s' must be a number", where, key);
+        return -1;
+    }
+    *dst = v->valuedouble;
+    return 0;
+}
+
+static int get_int(const cJSON *obj, const char *key, const char *where, int lo, int *dst, char *err,
+                   size_t errlen) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
+    if (!v || cJSON_IsNull(v)) return 0;
+    double d = *dst;
+    if (get_num(obj, key, where, &d, err, errlen)) return -1;
+    if (d != floor(d) || d < lo || d > 1e9) {
+        pd_errorf(err, errlen, "%s: '%s' must be an integer >= %d", where, key, lo);
+        return -1;
+    }
+    *dst = (int)d;
+    return 0;
+}
+
+static int get_str(const cJSON *obj, const char *key, const char *where, char **dst, char *err, size_t errlen) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
+    if (!v || cJSON_IsNull(v)) return 0;
+    if (!cJSON_IsString(v)) {
+        pd_errorf(err, errlen, "%s: '%s' must be a string", where, key);
+        return -1;
+    }
+    free(*dst);
+    *dst = xstrdup(v->valuestring);
+    return 0;
+}
+
+static int get_bool(const cJSON *obj, const char *key, const char *where, bool *dst, char *err, size_t errlen) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
+    if (!v || cJSON_IsNull(v)) return 0;
+    if (!cJSON_IsBool(v)) {
+        pd_errorf(err, errlen, "%s: '%s' must be true or false", where, key);
+        return -1;
+    }
+    *dst = cJSON_IsTrue(v);
+    return 0;
+}
+
+/* {"flag": value, ...} -> --flag value (true: the flag alone; false: left out). */
+static int parse_kv(const cJSON *obj, const char *where, study_kv **out, int *n, char *err, size_t errlen) {
+    if (!obj || cJSON_IsNull(obj)) return 0;
+    if (!cJSON_IsObject(obj)) {
+        pd_errorf(err, errlen, "%s must be an object of flag: value", where);
+        return -1;
+    }
+    for (const cJSON *it = obj->child; it; it = it->next) {
+        if (is_comment_key(it->string)) continue;
+        char val[128];
+        const char *v = val;
+        if (cJSON_IsString(it)) v = it->valuestring;
+        else if (cJSON_IsNumber(it)) snprintf(val, sizeof val, "%.17g", it->valuedouble);
+        else if (cJSON_IsTrue(it)) v = NULL;
+        else if (cJSON_IsFalse(it)) continue;
+        else {
+            pd_errorf(err, errlen, "%s: '%s' must be a string, number or boolean", where, it->string);
+            return -1;
+        }
+        *out = xrealloc(*out, sizeof **out * (size_t)(*n + 1));
+        (*out)[*n].key = xstrdup(it->string);
+        (*out)[*n].value = v ? xstrdup(v) : NULL;
+        (*n)++;
+    }
+    return 0;
+}
+
+static int parse_setup(const cJSON *s, study_setup *out, char *err, size_t errlen) {
+    memset(out, 0, sizeof *out);
+    if (cJSON_IsString(s)) {
+        out->name = xstrdup(s->valuestring);
+    } else if (cJSON_IsObject(s)) {
+        static const char *const keys[] = {"name", "label", "base_url", "options", NULL};
+        if (check_keys(s, "setups[]", keys, err, errlen)) return -1;
+        if (get_str(s, "name", "setups[]", &out->name, err, errlen) ||
+            get_str(s, "label", "setups[]", &out->label, err, errlen) ||
+            get_str(s, "base_url", "setups[]", &out->base_url, err, errlen))
+            return -1;
+        char where[96];
+        snprintf(where, sizeof where, "setups[%s].options", out->name ? out->name : "?");
+        if (parse_kv(cJSON_GetObjectItemCaseSensitive(s, "options"), where, &out->opts, &out->n_opts, err, errlen))
+            return -1;
+    } else {
+        pd_errorf(err, errlen, "setups: each entry must be a name or an object with \"name\"");
+        return -1;
+    }
+    if (!out->name || !out->name[0]) {
+        pd_errorf(err, errlen, "setups: an entry has no name");
+        return -1;
+    }
+    if (!out->label) out->label = xstrdup(out->name);
+    for (const char *c = out->label; *c; c++)
+        if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9') || *c == '-' ||
+              *c == '_' || *c == '.')) {
+            pd_errorf(err, errlen, "setups: label '%s' may hold only letters, digits, '-', '_' and '.'", out->label);
+            return -1;
+        }
+    return 0;
+}
+
+static void add_load(study_plan *p, study_load l) {
+    p->loads = xrealloc(p->loads, sizeof *p->loads * (size_t)(p->n_loads + 1));
+    p->loads[p->n_loads++] = l;
+}
+
+/* {"batch_sizes": [...]} and/or {"request_rates": [...], "num_prompts", "burstiness",
+ * "max_concurrency"}. */
+static int parse_loads_obj(const cJSON *o, study_plan *p, char *err, size_t errlen) {
+    static const char *const keys[] = {"batch_sizes", "request_rates", "num_prompts", "burstiness",
+                                       "max_concurrency", NULL};
+    if (!cJSON_IsObject(o)) {
+        pd_errorf(err, errlen, "loads: must be an object (or a list of objects)");
+        return -1;
+    }
+    if (check_keys(o, "loads", keys, err, errlen)) return -1;
+    int num_prompts = 0, max_conc = 0;
+    double burst = 1.0;
+    if (get_int(o, "num_prompts", "loads", 1, &num_prompts, err, errlen) ||
+        get_int(o, "max_concurrency", "loads", 0, &max_conc, err, errlen) ||
+        get_num(o, "burstiness", "loads", &burst, err, errlen))
+        return -1;
+    if (!(burst > 0)) {
+        pd_errorf(err, errlen, "loads: 'burstiness' must be positive");
+        return -1;
+    }
+    const cJSON *b = cJSON_GetObjectItemCaseSensitive(o, "batch_sizes");
+    const cJSON *r = cJSON_GetObjectItemCaseSensitive(o, "request_rates");
+    if (!b && !r) {
+        pd_errorf(err, errlen, "loads: give 'batch_sizes' or 'request_rates'");
+        return -1;
+    }
+    if ((b && !cJSON_IsArray(b)) || (r && !cJSON_IsArray(r))) {
+        pd_errorf(err, errlen, "loads: 'batch_sizes' and 'request_rates' must be lists");
+        return -1;
+    }
+    const cJSON *it;
+    cJSON_ArrayForEach(it, b) {
+        if (!cJSON_IsNumber(it) || it->valuedouble < 1 || it->valuedouble != floor(it->valuedouble)) {
+            pd_errorf(err, errlen, "loads: batch sizes must be integers >= 1");
+            return -1;
+        }
+        int bs = (int)it->valuedouble;
+        add_load(p, (study_load){.kind = STUDY_LOAD_BATCH, .batch_size = bs, .rate = INFINITY, .burstiness = 1.0,
+                                 .num_prompts = bs, .max_concurrency = max_conc});
+    }
+    cJSON_ArrayForEach(it, r) {
+        double rate = cJSON_IsNumber(it) ? it->valuedouble : -1;
+        if (cJSON_IsString(it) && !strcmp(it->valuestring, "inf")) rate = INFINITY;
+        if (!(rate > 0)) {
+            pd_errorf(err, errlen, "loads: request rates must be positive numbers or \"inf\"");
+            return -1;
+        }
+        if (num_prompts < 1) {
+            pd_errorf(err, errlen, "loads: 'request_rates' need 'num_prompts'");
+            return -1;
+        }
+        add_load(p, (study_load){.kind = STUDY_LOAD_RATE, .rate = rate, .burstiness = burst,
+                                 .num_prompts = num_prompts, .max_concurrency = max_conc});
+    }
+    return 0;
+}
+
+static int clock_mhz_ok(double v) { return v >= 1 && v <= 10000 && v == floor(v); }
+
+static int parse_clocks(const cJSON *c, study_plan *p, char *err, size_t errlen) {
+    static const char *const keys[] = {"same_mhz", "pairs_mhz", NULL};
+    if (!c || cJSON_IsNull(c)) return 0;
+    if (!cJSON_IsObject(c) || check_keys(c, "clocks", keys, err, errlen)) {
+        if (!cJSON_IsObject(c)) pd_errorf(err, errlen, "clocks: must be an object");
+        return -1;
+    }
+    const cJSON *same = cJSON_GetObjectItemCaseSensitive(c, "same_mhz");
+    const cJSON *pairs = cJSON_GetObjectItemCaseSensitive(c, "pairs_mhz");
+    const cJSON *it;
+    int n = 0;
+    study_clock *cl = NULL;
+    cJSON_ArrayForEach(it, same) {
+        if (!cJSON_IsNumber(it) || !clock_mhz_ok(it->valuedouble)) goto bad;
+        cl = xrealloc(cl, sizeof *cl * (size_t)(n + 1));
+        cl[n++] = (study_clock){(int)it->valuedouble, (int)it->valuedouble};
+    }
+    cJSON_ArrayForEach(it, pairs) {
+        const cJSON *a = cJSON_GetArrayItem(it, 0), *b = cJSON_GetArrayItem(it, 1);
+        if (!cJSON_IsArray(it) || cJSON_GetArraySize(it) != 2 || !cJSON_IsNumber(a) || !cJSON_IsNumber(b) ||
+            !clock_mhz_ok(a->valuedouble) || !clock_mhz_ok(b->valuedouble))
+            goto bad;
+        cl = xrealloc(cl, sizeof *cl * (size_t)(n + 1));
+        cl[n++] = (study_clock){(int)a->valuedouble, (int)b->valuedouble};
+    }
+    if (n > 0) {
+        free(p->clocks);
+        p->clocks = cl;
+        p->n_clocks = n;
+    }
+    return 0;
+bad:
+    free(cl);
+    pd_errorf(err, errlen, "clocks: 'same_mhz' is a list of MHz, 'pairs_mhz' a list of [prefill, decode] MHz");
+    return -1;
+}
+
+static int parse_dataset(const cJSON *d, study_plan *p, char *err, size_t errlen) {
+    static const char *const keys[] = {"name", "input_len", "output_len", "range_ratio", "vocab_size", "seed",
+                                       "ignore_eos", NULL};
+    if (!d || cJSON_IsNull(d)) return 0;
+    if (!cJSON_IsObject(d)) {
+        pd_errorf(err, errlen, "dataset: must be an object");
+        return -1;
+    }
+    int seed = (int)p->seed;
+    if (check_keys(d, "dataset", keys, err, errlen) || get_str(d, "name", "dataset", &p->dataset, err, errlen) ||
+        get_int(d, "input_len", "dataset", 1, &p->input_len, err, errlen) ||
+        get_int(d, "output_len", "dataset", 1, &p->output_len, err, errlen) ||
+        get_num(d, "range_ratio", "dataset", &p->range_ratio, err, errlen) ||
+        get_int(d, "vocab_size", "dataset", 2, &p->vocab_size, err, errlen) ||
+        get_int(d, "seed", "dataset", 0, &seed, err, errlen) ||
+        get_bool(d, "ignore_eos", "dataset", &p->ignore_eos, err, errlen))
+        return -1;
+    p->seed = (uint64_t)seed;
+    if (strcmp(p->dataset, "random") != 0) {
+        pd_errorf(err, errlen, "dataset: only \"random\" is supported by sweeps so far, got '%s'", p->dataset);
+        return -1;
+    }
+    if (p->range_ratio < 0 || p->range_ratio >= 1) {
+        pd_errorf(err, errlen, "dataset: 'range_ratio' must be in [0, 1)");
+        return -1;
+    }
+    return 0;
+}
+
+static int parse_goodput(const cJSON *g, study_plan *p, char *err, size_t errlen) {
+    static const char *const keys[] = {"ttft_ms", "tpot_ms", "e2el_ms", NULL};
+    if (!g || cJSON_IsNull(g)) return 0;
+    if (!cJSON_IsObject(g) || check_keys(g, "goodput", keys, err, errlen)) {
+        if (!cJSON_IsObject(g)) pd_errorf(err, errlen, "goodput: must be an object of SLOs in ms");
+        return -1;
+    }
+    return get_num(g, "ttft_ms", "goodput", &p->goodput_ttft_ms, err, errlen) ||
+                   get_num(g, "tpot_ms", "goodput", &p->goodput_tpot_ms, err, errlen) ||
+                   get_num(g, "e2el_ms", "goodput", &p->goodput_e2el_ms, err, errlen)
+               ? -1
+               : 0;
+}
+
+static int parse_root(const cJSON *root, study_plan *p, char *err, size_t errlen) {
+    static const char *const keys[] = {"name", "description", "model", "tokenizer", "setups", "loads", "clocks",
+                                       "repeats", "warmup_requests", "cooldown_s", "idle_s", "start_timeout_s",
+                                       "request_timeout_s", "dataset", "goodput", "serve_args", NULL};
+    if (!cJSON_IsObject(root)) {
+        pd_errorf(err, errlen, "the plan must be a JSON object");
+        return -1;
+    }
+    if (check_keys(root, "plan", keys, err, errlen) || get_str(root, "name", "plan", &p->name, err, errlen) ||
+        get_str(root, "description", "plan", &p->description, err, errlen) ||
+        get_str(root, "model", "plan", &p->model, err, errlen) ||
+        get_str(root, "tokenizer", "plan", &p->tokenizer, err, errlen) ||
+        get_int(root, "repeats", "plan", 1, &p->repeats, err, errlen) ||
+        get_int(root, "warmup_requests", "plan", 0, &p->warmup_requests, err, errlen) ||
+        get_num(root, "cooldown_s", "plan", &p->cooldown_s, err, errlen) ||
+        get_num(root, "idle_s", "plan", &p->idle_s, err, errlen) ||
+        get_num(root, "start_timeout_s", "plan", &p->start_timeout_s, err, errlen) ||
+        get_num(root, "request_timeout_s", "plan", &p->request_timeout_s, err, errlen) ||
+        parse_dataset(cJSON_GetObjectItemCaseSensitive(root, "dataset"), p, err, errlen) ||
+        parse_goodput(cJSON_GetObjectItemCaseSensitive(root, "goodput"), p, err, errlen) ||
+        parse_clocks(cJSON_GetObjectItemCaseSensitive(root, "clocks"), p, err, errlen) ||
+        parse_kv(cJSON_GetObjectItemCaseSensitive(root, "serve_args"), "serve_args", &p->serve_args,
+                 &p->n_serve_args, err, errlen))
+        return -1;
+    if (p->cooldown_s < 0 || p->idle_s < 0 || !(p->start_timeout_s > 0) || !(p->request_timeout_s > 0)) {
+        pd_errorf(err, errlen, "plan: cooldown_s and idle_s must be >= 0, the timeouts > 0");
+        return -1;
+    }
+    const cJSON *setups = cJSON_GetObjectItemCaseSensitive(root, "setups");
+    if (!cJSON_IsArray(setups) || cJSON_GetArraySize(setups) == 0) {
+        pd_errorf(err, errlen, "plan: 'setups' must be a non-empty list");
+        return -1;
+    }
+    const cJSON *it;
+    cJSON_ArrayForEach(it, setups) {
+        p->setups = xrealloc(p->setups, sizeof *p->setups * (size_t)(p->n_setups + 1));
+        if (parse_setup(it, &p->setups[p->n_setups], err, errlen)) {
+            p->n_setups++;  /* so that free sees what was allocated */
+            return -1;
+        }
+        for (int i = 0; i < p->n_setups; i++)
+            if (!strcmp(p->setups[i].label, p->setups[p->n_setups].label)) {
+                pd_errorf(err, errlen, "setups: label '%s' appears twice (give one a \"label\")",
+                          p->setups[i].label);
+                p->n_setups++;
+                return -1;
+            }
+        p->n_setups++;
+    }
+    const cJSON *loads = cJSON_GetObjectItemCaseSensitive(root, "loads");
+    if (cJSON_IsArray(loads)) {
+        cJSON_ArrayForEach(it, loads) if (parse_loads_obj(it, p, err, errlen)) return -1;
+    } else if (loads) {
+        if (parse_loads_obj(loads, p, err, errlen)) return -1;
+    }
+    if (p->n_loads == 0) {
+        pd_errorf(err, errlen, "plan: 'loads' gives no load (batch_sizes or request_rates)");
+        return -1;
+    }
+    return 0;
+}
+
+int study_plan_parse(const char *text, size_t len, const char *name, study_plan *p, char *err, size_t errlen) {
+    memset(p, 0, sizeof *p);
+    p->repeats = 1;
+    p->cooldown_s = 0;
+    p->start_timeout_s = 600;
+    p->request_timeout_s = 3600;
+    p->dataset = xstrdup("random");
+    p->input_len = 1024;
+    p->output_len = 128;
+    p->vocab_size = 32000;
+    p->ignore_eos = true;
+    p->clocks = xcalloc(1, sizeof *p->clocks);
+    p->n_clocks = 1;
+    p->json = xstrndup(text, len);
+    cJSON *root = cJSON_ParseWithLength(text, len);
+    if (!root) {
+        const char *at = cJSON_GetErrorPtr();
+        int line = 1;
+        for (const char *c = text; at && c < at && c < text + len; c++) line += *c == '\n';
+        pd_errorf(err, errlen, "%s: not valid JSON (near line %d)", name, line);
+        study_plan_free(p);
+        return -1;
+    }
+    char e2[512];
+    int rc = parse_root(root, p, e2, sizeof e2);
+    cJSON_Delete(root);
+    if (rc) {
+        pd_errorf(err, errlen, "%s: %s", name, e2);
+        study_plan_free(p);
+        return -1;
+    }
+    if (!p->name) p->name = xstrdup("plan");
+    return 0;
+}
+
+int study_plan_load(const char *path, study_plan *out, char *err, size_t errlen) {
+    size_t len;
+    char *text = util_read_file(path, &len, err, errlen);
+    if (!text) return -1;
+    int rc = study_plan_parse(text, len, path, out, err, errlen);
+    free(text);
+    return rc;
+}
+
+static void kv_free(study_kv *kv, int n) {
+    for (int i = 0; i < n; i++) {
+        free(kv[i].key);
+        free(kv[i].value);
+    }
+    free(kv);
+}
+
+void study_plan_free(study_plan *p) {
+    if (!p) return;
+    for (int i = 0; i < p->n_setups; i++) {
+        free(p->setups[i].label);
+        free(p->setups[i].name);
+        free(p->setups[i].base_url);
+        kv_free(p->setups[i].opts, p->setups[i].n_opts);
+    }
+    free(p->setups);
+    free(p->loads);
+    free(p->clocks);
+    kv_free(p->serve_args, p->n_serve_args);
+    free(p->name);
+    free(p->description);
+    free(p->model);
+    free(p->tokenizer);
+    free(p->dataset);
+    free(p->json);
+    memset(p, 0, sizeof *p);
+}
+
+void study_load_label(const study_load *l, char *out, size_t cap) {
+    if (l->kind == STUDY_LOAD_BATCH) snprintf(out, cap, "b%d", l->batch_size);
+    else if (isinf(l->rate)) snprintf(out, cap, "rinf n%d", l->num_prompts);
+    else snprintf(out, cap, "r%g", l->rate);
+    if (l->max_concurrency > 0) {
+        size_t n = strlen(out);
+        snprintf(out + n, cap - n, " c%d", l->max_concurrency);
+    }
+}
+
+/* Everything that changes what a point measures, in one canonical string. */
+static void canonical(const study_plan *p, const char *model, const study_setup *s, const study_load *l,
+                      study_clock c, int rep, char *out, size_t cap) {
+    size_t n = 0;
+#define PUT(...) n += (size_t)snprintf(out + n, n < cap ? cap - n : 0, __VA_ARGS__)
+    PUT("v1|setup=%s|kind=%s|url=%s|model=%s|tok=%s", s->label, s->name, s->base_url ? s->base_url : "",
+        model ? model : "", p->tokenizer ? p->tokenizer : "");
+    for (int i = 0; i < p->n_serve_args; i++)
+        PUT("|a:%s=%s", p->serve_args[i].key, p->serve_args[i].value ? p->serve_args[i].value : "");
+    for (int i = 0; i < s->n_opts; i++) PUT("|o:%s=%s", s->opts[i].key, s->opts[i].value ? s->opts[i].value : "");
+    PUT("|ds=%s:%d:%d:%g:%d:%llu:%d", p->dataset, p->input_len, p->output_len, p->range_ratio, p->vocab_size,
+        (unsigned long long)p->seed, p->ignore_eos);
+    PUT("|load=%d:%d:%.17g:%g:%d:%d", (int)l->kind, l->batch_size, l->rate, l->burstiness, l->num_prompts,
+        l->max_concurrency);
+    PUT("|warm=%d|clk=%d/%d|rep=%d", p->warmup_requests, c.prefill_mhz, c.decode_mhz, rep);
+#undef PUT
+}
+
+int study_plan_expand(const study_plan *p, const char *model, study_point **out) {
+    int n = p->n_setups * p->n_loads * p->n_clocks * p->repeats, k = 0;
+    study_point *pts = xcalloc((size_t)PD_MAX(n, 1), sizeof *pts);
+    for (int s = 0; s < p->n_setups; s++)
+        for (int l = 0; l < p->n_loads; l++)
+            for (int c = 0; c < p->n_clocks; c++)
+                for (int r = 0; r < p->repeats; r++) {
+                    /* A colocated setup runs both stages on the same GPUs: a mixed
+                     * prefill/decode pair means nothing there and is left out. */
+                    if (!strncmp(p->setups[s].name, "co-", 3) && p->clocks[c].prefill_mhz != p->clocks[c].decode_mhz)
+                        continue;
+                    study_point *pt = &pts[k];
+                    pt->index = k++;
+                    pt->setup = &p->setups[s];
+                    pt->load = p->loads[l];
+                    pt->clock = p->clocks[c];
+                    pt->repeat = r;
+                    char canon[4096], ll[48], clk[32] = "";
+                    canonical(p, model, pt->setup, &pt->load, pt->clock, r, canon, sizeof canon);
+                    study_load_label(&pt->load, ll, sizeof ll);
+                    for (char *q = ll; *q; q++)
+                        if (*q == ' ') *q = '-';
+                    if (pt->clock.prefill_mhz)
+                        snprintf(clk, sizeof clk, "@%d-%d", pt->clock.prefill_mhz, pt->clock.decode_mhz);
+                    snprintf(pt->key, sizeof pt->key, "%.64s/%s%s/r%d/%016llx", pt->setup->label, ll, clk, r,
+                             (unsigned long long)hash_bytes(canon, strlen(canon), 0x5eedULL));
+                    study_load_label(&pt->load, ll, sizeof ll);
+                    if (pt->clock.prefill_mhz)
+                        snprintf(clk, sizeof clk, " @%d/%d", pt->clock.prefill_mhz, pt->clock.decode_mhz);
+                    snprintf(pt->label, sizeof pt->label, "%.64s %s%s", pt->setup->label, ll, clk);
+                    if (p->repeats > 1) {
+                        size_t m = strlen(pt->label);
+                        snprintf(pt->label + m, sizeof pt->label - m, " #%d", r);
+                    }
+                }
+    *out = pts;
+    return k;
+}

@@ -1,0 +1,53 @@
+/* report_internal.h: what report.c (database, tables, HTML, CSV) and report_plots.c
+ * (gnuplot scripts) share: the points of a results database, repeats averaged. */
+#ifndef PD_STUDY_REPORT_INTERNAL_H
+#define PD_STUDY_REPORT_INTERNAL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+/* One configuration (setup x load x clocks x simulated), its ok repeats averaged.
+ * Every double is NAN when not measured. */
+typedef struct rep_point {
+    char setup[64];
+    char load_kind[8];          /* "batch" or "rate" */
+    char load_label[48];        /* "b16", "r2.5" */
+    char label[160];            /* "co-1gpu b16 @810/810" (+ " (sim)") */
+    int order;                  /* first point_index: plan order of the setup */
+    int setup_order;
+    int batch_size;
+    double rate;                /* INFINITY for batch loads */
+    int prefill_mhz, decode_mhz;/* 0 = default clocks */
+    bool simulated;
+    int n_ok;                   /* repeats averaged */
+    int completed, failed;      /* requests, summed over repeats */
+    double ttft_med, ttft_p99, tpot_med, tpot_p99, itl_med, e2el_med;
+    double req_thr, in_thr, out_thr, tok_thr, goodput;
+    double energy_j, jpt, jpt_net, jpot, jpot_net;
+    /* energy by component: J/token (whole, idle-subtracted), averaged */
+    int n_comp;
+    char comp[16][64];
+    double comp_jpt[16], comp_jpt_net[16];
+} rep_point;
+
+/* ASCII letters, digits, '-', '_', '.' only (file names). */
+void rep_sanitize(char *out, size_t cap, const char *s);
+
+/* The plots: writes NAME.svg and NAME.png under dir for every plot, appending each
+ * plot's base name and caption to names/captions (caller frees each entry).
+ * 0, or -1 with err. */
+typedef struct rep_plot_list {
+    char name[32][96];
+    char caption[32][256];
+    int n;
+} rep_plot_list;
+
+int rep_plots(const char *gnuplot, const char *dir, const rep_point *pts, int n, rep_plot_list *out, char *err,
+              size_t errlen);
+
+/* Pareto membership used by both the plots and the HTML tables.
+ * which: 0 TTFT vs J/token, 1 TPOT vs J/token, 2 throughput vs J/token. */
+double rep_pareto_y(const rep_point *p, int which);
+void rep_pareto(const rep_point *pts, int n, int which, bool *on_front);
+
+#endif

@@ -1,0 +1,336 @@
+/* sweep.c: runs a plan, point by point, into the results database.
+ *
+ * Per point: deploy up -> (idle power window) -> (clocks) -> warm-up + bench_run ->
+ * deploy down -> (clocks back) -> record (one transaction) -> cool down. A point whose
+ * key is already in the database with status "ok" is skipped, so a sweep stopped at
+ * any moment resumes where it was; failed and skipped points are tried again (a setup
+ * may have become available, clock control may now be allowed) and their rows
+ * replaced. Whatever goes wrong with one point is recorded as its reason, and the
+ * sweep goes on. Tuned for points minutes long: nothing here is fast, everything is
+ * written down. */
+#include <errno.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "study/study.h"
+#include "util/util.h"
+
+static void sleep_s(double s) {
+    struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
+}
+
+/* ^C / SIGTERM during a sweep: stop the deployment's children, then die of the signal
+ * (the database holds whole points only, so nothing else needs cleaning). */
+static void on_signal(int sig) {
+    study_deploy_kill_all();
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+static bool setup_selected(const char *only, const char *label) {
+    if (!only) return true;
+    size_t n = strlen(label);
+    for (const char *p = only; *p;) {
+        size_t k = strcspn(p, ",");
+        if (k == n && !strncmp(p, label, n)) return true;
+        p += k + (p[k] == ',');
+    }
+    return false;
+}
+
+static void fmt_duration(double s, char *out, size_t cap) {
+    if (s < 90) snprintf(out, cap, "%.0f s", s);
+    else if (s < 5400) snprintf(out, cap, "%.0f min", s / 60);
+    else snprintf(out, cap, "%.1f h", s / 3600);
+}
+
+/* Reads the energy counters at every metrics URL (before: after = false). */
+static void read_counters(const study_deployment *d, bench_energy *e, bool after) {
+    const char *list = d->metrics_urls[0] ? d->metrics_urls : NULL;
+    char def[320];
+    if (!list) {
+        snprintf(def, sizeof def, "%s/metrics", d->base_url);
+        list = def;
+    }
+    bool several = strchr(list, ',') != NULL;
+    for (const char *p = list; *p;) {
+        size_t n = strcspn(p, ",");
+        char url[512], err[256];
+        snprintf(url, sizeof url, "%.*s", (int)PD_MIN(n, sizeof url - 1), p);
+        p += n + (p[n] == ',');
+        long status = 0;
+        char *body = bench_http_get(url, NULL, 10, &status, err, sizeof err);
+        if (body && status == 200) bench_energy_parse(e, body, strlen(body), several ? url : "", after);
+        free(body);
+    }
+}
+
+typedef struct point_ctx {
+    const study_plan *plan;
+    const study_sweep_opts *o;
+    const char *model, *tokenizer;
+    const char *log_dir;
+} point_ctx;
+
+static void make_config(const point_ctx *x, const study_point *pt, const study_deployment *d, bench_config *c) {
+    bench_config_default(c);
+    c->base_url = d->base_url;
+    c->endpoint = "/v1/completions";
+    c->backend = "openai";
+    c->request_rate = pt->load.kind == STUDY_LOAD_BATCH ? INFINITY : pt->load.rate;
+    c->burstiness = pt->load.burstiness > 0 ? pt->load.burstiness : 1.0;
+    c->max_concurrency = pt->load.max_concurrency;
+    c->num_warmups = x->plan->warmup_requests;
+    c->seed = x->plan->seed;
+    c->ignore_eos = x->plan->ignore_eos;
+    c->stream_usage = true;
+    c->temperature = 0;
+    c->request_timeout_s = x->plan->request_timeout_s;
+    c->goodput_ttft_ms = x->plan->goodput_ttft_ms;
+    c->goodput_tpot_ms = x->plan->goodput_tpot_ms;
+    c->goodput_e2el_ms = x->plan->goodput_e2el_ms;
+    c->metrics_urls = d->metrics_urls[0] ? d->metrics_urls : NULL;
+    c->progress = false;
+}
+
+/* Runs one point (deployment up to down). Returns its status; reason filled unless ok;
+ * *res and *idle filled when the bench ran. */
+static study_status run_point(const point_ctx *x, const study_point *pt, bench_config *bc, bench_result **res,
+                              study_idle *idle, char *base_url, size_t url_cap, char *reason, size_t rcap) {
+    const study_sweep_opts *o = x->o;
+    char why[512];
+    if (pt->clock.prefill_mhz > 0) {
+        if (!o->allow_clock_control) {
+            snprintf(reason, rcap, "clock control not allowed (pass --allow-clock-control)");
+            return STUDY_STATUS_SKIPPED;
+        }
+        if (!o->set_clocks) {
+            snprintf(reason, rcap, "clock control not available in this build");
+            return STUDY_STATUS_FAILED;
+        }
+    }
+    if (!study_deploy_available(pt->setup->name, why, sizeof why)) {
+        snprintf(reason, rcap, "%s", why);
+        return STUDY_STATUS_FAILED;
+    }
+    /* Build the workload before starting anything: a bad dataset fails fast. */
+    bench_dataset_opts dso;
+    bench_dataset_opts_default(&dso);
+    dso.kind = BENCH_DATASET_RANDOM;
+    dso.num_prompts = pt->load.num_prompts;
+    dso.seed = x->plan->seed;
+    dso.random_input_len = x->plan->input_len;
+    dso.random_output_len = x->plan->output_len;
+    dso.random_range_ratio = x->plan->range_ratio;
+    dso.random_vocab_size = x->plan->vocab_size;
+    bench_dataset ds = {0};
+    if (bench_dataset_load(&dso, o->tok, &ds, why, sizeof why) != 0) {
+        snprintf(reason, rcap, "dataset: %s", why);
+        return STUDY_STATUS_FAILED;
+    }
+    int n_args = x->plan->n_serve_args + pt->setup->n_opts;
+    study_kv *args = xcalloc((size_t)PD_MAX(n_args, 1), sizeof *args);
+    memcpy(args, x->plan->serve_args, sizeof *args * (size_t)x->plan->n_serve_args);
+    memcpy(args + x->plan->n_serve_args, pt->setup->opts, sizeof *args * (size_t)pt->setup->n_opts);
+    char log_path[1024];
+    snprintf(log_path, sizeof log_path, "%.900s/%03d-%.60s.log", x->log_dir, pt->index, pt->setup->label);
+    study_deploy_opts dop = {.model = x->model, .tokenizer = x->tokenizer, .pdserve_bin = o->pdserve_bin,
+                             .base_url = o->base_url, .log_path = log_path, .args = args, .n_args = n_args,
+                             .start_timeout_s = x->plan->start_timeout_s};
+    study_deployment d;
+    study_status status = STUDY_STATUS_FAILED;
+    if (study_deploy_up(pt->setup, &dop, &d, why, sizeof why) != 0) {
+        snprintf(reason, rcap, "deploy: %s", why);
+        goto out;
+    }
+    snprintf(base_url, url_cap, "%s", d.base_url);
+    if (x->plan->idle_s > 0) {
+        read_counters(&d, &idle->e, false);
+        sleep_s(x->plan->idle_s);
+        read_counters(&d, &idle->e, true);
+        idle->seconds = x->plan->idle_s;
+    }
+    bool clocks_set = false;
+    if (pt->clock.prefill_mhz > 0) {
+        if (o->set_clocks(o->clocks_ctx, pt->clock.prefill_mhz, pt->clock.decode_mhz, why, sizeof why) != 0) {
+            snprintf(reason, rcap, "clocks: %s", why);
+            study_deploy_down(&d);
+            goto out;
+        }
+        clocks_set = true;
+    }
+    make_config(x, pt, &d, bc);
+    int rc = bench_run(bc, &ds, res, why, sizeof why);
+    study_deploy_down(&d);
+    if (clocks_set && o->set_clocks(o->clocks_ctx, 0, 0, why, sizeof why) != 0)
+        log_warn("sweep: could not restore the GPU clocks: %s", why);
+    if (rc != 0) {
+        snprintf(reason, rcap, "bench: %s", why);
+        goto out;
+    }
+    if ((*res)->sum.completed == 0) {
+        const char *first = NULL;
+        for (int i = 0; i < (*res)->n && !first; i++) first = (*res)->recs[i].error;
+        snprintf(reason, rcap, "every request failed%s%.400s", first ? ": " : "", first ? first : "");
+        goto out;
+    }
+    status = STUDY_STATUS_OK;
+out:
+    free(args);
+    bench_dataset_free(&ds);
+    return status;
+}
+
+static void mkdir_p(const char *dir) {
+    char p[1024];
+    snprintf(p, sizeof p, "%s", dir);
+    for (char *s = p + 1; *s; s++) {
+        if (*s != '/') continue;
+        *s = 0;
+        mkdir(p, 0755);
+        *s = '/';
+    }
+    mkdir(p, 0755);
+}
+
+static void dry_run_line(FILE *f, const study_point *pt, const char *what) {
+    fprintf(f, "%4d  %-44s %s\n", pt->index, pt->label, what);
+}
+
+int study_sweep_run(const study_plan *plan, const study_sweep_opts *o, study_sweep_stats *stats, char *err,
+                    size_t errlen) {
+    memset(stats, 0, sizeof *stats);
+    point_ctx x = {.plan = plan, .o = o, .model = o->model ? o->model : plan->model,
+                   .tokenizer = o->tokenizer ? o->tokenizer : plan->tokenizer};
+    study_point *pts = NULL;
+    int n = study_plan_expand(plan, x.model, &pts);
+    study_db *db = NULL;
+    if (!o->dry_run || util_file_exists(o->db_path)) {
+        if (study_db_open(o->db_path, &db, err, errlen) != 0) {
+            free(pts);
+            return -1;
+        }
+    }
+    char meta_key[160];
+    snprintf(meta_key, sizeof meta_key, "plan:%s", plan->name);
+    if (!o->dry_run && study_db_set_meta(db, meta_key, plan->json, err, errlen) != 0) {
+        study_db_close(db);
+        free(pts);
+        return -1;
+    }
+    char log_dir[1024];
+    snprintf(log_dir, sizeof log_dir, "%s.logs", o->db_path);
+    x.log_dir = log_dir;
+    if (!o->dry_run) mkdir_p(log_dir);
+    study_hw hw;
+    study_hw_probe(&hw);
+
+    /* Which points are left. */
+    bool *todo = xcalloc((size_t)PD_MAX(n, 1), sizeof *todo);
+    int n_todo = 0;
+    for (int i = 0; i < n; i++) {
+        if (!setup_selected(o->only_setups, pts[i].setup->label)) continue;
+        stats->points++;
+        study_status s;
+        int found = db ? study_db_point_status(db, pts[i].key, &s) : 0;
+        if (found < 0) {
+            pd_errorf(err, errlen, "%s: cannot read the runs table", o->db_path);
+            study_db_close(db);
+            free(pts);
+            free(todo);
+            return -1;
+        }
+        if (found == 1 && s == STUDY_STATUS_OK) stats->done_before++;
+        else todo[i] = true, n_todo++;
+        if (o->dry_run && o->out) {
+            char why[256];
+            const char *what = !todo[i] ? "done (in the database)" : "run";
+            if (todo[i] && pts[i].clock.prefill_mhz > 0 && !o->allow_clock_control)
+                what = "skip: clock control not allowed";
+            else if (todo[i] && !study_deploy_available(pts[i].setup->name, why, sizeof why)) what = why;
+            dry_run_line(o->out, &pts[i], what);
+        }
+    }
+    if (o->dry_run) {
+        if (o->out)
+            fprintf(o->out, "%d points: %d done already, %d to run (model %s)\n", stats->points, stats->done_before,
+                    n_todo, x.model ? x.model : "(none)");
+        study_db_close(db);
+        free(pts);
+        free(todo);
+        return 0;
+    }
+    if (o->progress)
+        fprintf(o->progress, "sweep %s: %d points, %d done already, %d to run; results in %s\n", plan->name,
+                stats->points, stats->done_before, n_todo, o->db_path);
+
+    struct sigaction sa = {0}, old_int, old_term;
+    sa.sa_handler = on_signal;
+    sigaction(SIGINT, &sa, &old_int);
+    sigaction(SIGTERM, &sa, &old_term);
+    double t_sweep = time_now_s(), t_spent = 0;
+    int ran = 0, rc = 0;
+    for (int i = 0; i < n; i++) {
+        if (!todo[i]) continue;
+        const study_point *pt = &pts[i];
+        double t0 = time_now_s(), w0 = time_wall_s();
+        bench_config bc;
+        bench_config_default(&bc);
+        bench_result *res = NULL;
+        study_idle idle;
+        memset(&idle, 0, sizeof idle);
+        char reason[1024] = "", base_url[256] = "";
+        study_status st = run_point(&x, pt, &bc, &res, &idle, base_url, sizeof base_url, reason, sizeof reason);
+        bool deployed = res != NULL;
+        study_run_info ri = {.plan_name = plan->name, .model = x.model, .base_url = base_url[0] ? base_url : NULL,
+                             .hw = &hw, .started_unix = w0, .ended_unix = time_wall_s(), .status = st,
+                             .reason = st == STUDY_STATUS_OK ? NULL : reason, .dataset = plan->dataset,
+                             .input_len = plan->input_len, .output_len = plan->output_len,
+                             .warmup_requests = plan->warmup_requests, .range_ratio = plan->range_ratio,
+                             .cooldown_s = plan->cooldown_s, .seed = plan->seed};
+        char e2[512];
+        long long id = study_db_record(db, pt, &ri, res ? &bc : NULL, res, &idle, e2, sizeof e2);
+        if (id < 0) {
+            pd_errorf(err, errlen, "%s", e2);
+            bench_result_free(res);
+            rc = -1;
+            break;
+        }
+        if (st == STUDY_STATUS_OK) stats->ok++;
+        else if (st == STUDY_STATUS_FAILED) stats->failed++;
+        else stats->skipped++;
+        ran++;
+        if (o->progress) {
+            char left[32], line[256] = "";
+            if (res && st == STUDY_STATUS_OK)
+                snprintf(line, sizeof line, " (TTFT p50 %.1f ms, TPOT p50 %.2f ms, %.1f tok/s)",
+                         res->sum.ttft.median, res->sum.tpot.median, res->sum.total_token_throughput);
+            fprintf(o->progress, "sweep [%d/%d] %s: %s in %.1f s%s%s%s\n", ran, n_todo, pt->label,
+                    study_status_name(st), time_now_s() - t0, line, st == STUDY_STATUS_OK ? "" : ": ",
+                    st == STUDY_STATUS_OK ? "" : reason);
+            t_spent = time_now_s() - t_sweep;
+            if (ran < n_todo) {
+                fmt_duration(t_spent / ran * (n_todo - ran), left, sizeof left);
+                fprintf(o->progress, "sweep: %d of %d points left, about %s to go\n", n_todo - ran, n_todo, left);
+            }
+            fflush(o->progress);
+        }
+        bench_result_free(res);
+        if (deployed && plan->cooldown_s > 0 && ran < n_todo) sleep_s(plan->cooldown_s);
+    }
+    sigaction(SIGINT, &old_int, NULL);
+    sigaction(SIGTERM, &old_term, NULL);
+    if (o->progress && rc == 0)
+        fprintf(o->progress, "sweep %s: %d ok, %d failed, %d skipped, %d done before, in %.1f s\n", plan->name,
+                stats->ok, stats->failed, stats->skipped, stats->done_before, time_now_s() - t_sweep);
+    study_db_close(db);
+    free(pts);
+    free(todo);
+    return rc;
+}

@@ -1,0 +1,169 @@
+/* test_kv_disk.c: the disk medium (files with O_DIRECT through io_uring, or pread/pwrite).
+ * Two real processes (tests/test_kv_rig.h): whole and layerwise verified byte for byte, a
+ * stalled sender, a killed one and an abort (a store hears nothing from the sender: the
+ * reservation ends at its deadline and the half-written files are removed). In one
+ * process: the capacity cap refuses a put, a corrupted block file is detected, never
+ * served and becomes a miss, the pread fallback moves the same bytes. No file is left. */
+#include <sys/stat.h>
+
+#include "test_kv_rig.h"
+
+static void store_dir(rig_opts *o) {
+    if (!o->tag[0]) rig_tag(o);
+    snprintf(o->dir, sizeof o->dir, "%s/kvtest-%s", test_build_dir(), o->tag);
+}
+
+static void run(kv_transfer_mode mode, rig_scenario sc, kv_status expect, double timeout) {
+    rig_opts o = {.medium = KV_MEDIUM_DISK, .mode = mode, .scenario = sc, .expect = expect,
+                  .timeout_s = timeout};
+    store_dir(&o);
+    CHECK(rig_run(&o) == 0);
+    CHECK(!util_is_dir(o.dir));
+}
+
+static void test_disk_whole(void) { run(KV_TRANSFER_WHOLE, RIG_OK, KV_OK, 10); }
+static void test_disk_layerwise(void) { run(KV_TRANSFER_LAYERWISE, RIG_OK, KV_OK, 10); }
+static void test_disk_stall_deadline(void) {
+    run(KV_TRANSFER_LAYERWISE, RIG_STALL, KV_ERR_DEADLINE, 0.8);
+}
+static void test_disk_dead_sender(void) {
+    run(KV_TRANSFER_LAYERWISE, RIG_KILL, KV_ERR_DEADLINE, 0.8);
+}
+static void test_disk_abort(void) { run(KV_TRANSFER_LAYERWISE, RIG_ABORT, KV_ERR_DEADLINE, 0.8); }
+
+typedef struct disk_fixture {
+    rig_opts o;
+    rig g;
+    kv_connector *dc, *pc;
+    int32_t pre[8];
+} disk_fixture;
+
+static void fixture_open(disk_fixture *f, size_t capacity, bool force_pread) {
+    char err[512];
+    memset(&f->o, 0, sizeof f->o);
+    f->o.medium = KV_MEDIUM_DISK;
+    f->o.mode = KV_TRANSFER_WHOLE;
+    store_dir(&f->o);
+    rig_open(&f->g, false, NULL);
+    for (int l = 0; l < f->g.kv->n_layers; l++) {
+        size_t n = 8 * f->g.kv->block_bytes / 4;
+        f->g.be->ops->fill_random(f->g.be, f->g.kv->k[l], DTYPE_F32, n, 30 + (uint64_t)l, 1);
+        f->g.be->ops->fill_random(f->g.be, f->g.kv->v[l], DTYPE_F32, n, 40 + (uint64_t)l, 1);
+    }
+    PD_ASSERT(kv_pool_alloc(&f->g.pool, 8, f->pre) == 0);
+    kv_config dcfg, pcfg;
+    rig_config(&f->o, KV_ROLE_DECODE, &dcfg);
+    rig_config(&f->o, KV_ROLE_PREFILL, &pcfg);
+    if (capacity) dcfg.capacity_bytes = pcfg.capacity_bytes = capacity;
+    dcfg.disk_force_pread = pcfg.disk_force_pread = force_pread;
+    kv_block_allocator al = kv_pool_allocator_get(f->g.pa);
+    f->dc = kv_connector_create(&dcfg, f->g.kv, &al, err, sizeof err);
+    if (!f->dc) fprintf(stderr, "%s\n", err);
+    PD_ASSERT(f->dc);
+    f->pc = kv_connector_create(&pcfg, f->g.kv, NULL, err, sizeof err);
+    PD_ASSERT(f->pc);
+}
+
+static void fixture_close(disk_fixture *f) {
+    kv_connector_free(f->pc);
+    kv_connector_free(f->dc);
+    kv_pool_release(&f->g.pool, f->pre, 8);
+    CHECK_EQ_INT(kv_pool_allocator_used(f->g.pa), 0);
+    rig_close(&f->g);
+    CHECK(!util_is_dir(f->o.dir));
+}
+
+/* Decode reserves for 5 blocks of tokens; prefill puts them from blocks 0..4. */
+static kv_status transfer(disk_fixture *f, kv_ticket *t, bool wait, char *err, size_t errlen) {
+    int32_t tok[80], src[5] = {0, 1, 2, 3, 4};
+    rig_tokens(tok, 80);
+    kv_status st = kv_reserve(f->dc, 5, tok, 80, 5, t, err, errlen);
+    if (st != KV_OK) return st;
+    kv_send *s = kv_send_begin(f->pc, t, src, 5, tok, 80, &st, err, errlen);
+    if (!s) return st;
+    if ((st = kv_send_finish(s, err, errlen)) != KV_OK) return st;
+    if (!wait) return KV_OK;
+    st = kv_ticket_wait(f->dc, t, 5, err, errlen);
+    if (st == KV_OK) {
+        int32_t blocks[8];
+        int n = kv_ticket_take(f->dc, t, blocks, 8);
+        CHECK_EQ_INT(n, 5);
+        for (int l = 0; l < f->g.kv->n_layers && n == 5; l++)
+            CHECK(rig_layer_sum(f->g.kv, blocks, 5, l) == rig_layer_sum(f->g.kv, src, 5, l));
+        if (n > 0) kv_pool_release(&f->g.pool, blocks, n);
+    }
+    return st;
+}
+
+static void test_disk_full(void) {
+    disk_fixture f;
+    /* room for 3 block files of 5 */
+    size_t file = 4096 + (size_t)2 * ((2 * 2048 + 4095) / 4096 * 4096);
+    fixture_open(&f, 3 * file, false);
+    char err[512];
+    kv_ticket t;
+    CHECK_EQ_INT(transfer(&f, &t, false, err, sizeof err), KV_ERR_FULL);
+    CHECK_STR_CONTAINS(err, "full");
+    kv_ticket_cancel(f.dc, &t);
+    CHECK_EQ_INT(rig_files_left(f.o.dir), 0);
+    fixture_close(&f);
+}
+
+static void corrupt_one_file(const char *dir) {
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    char path[600];
+    while ((e = readdir(d)))
+        if (strstr(e->d_name, ".kvb")) break;
+    PD_ASSERT(e);
+    snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+    closedir(d);
+    FILE *fp = fopen(path, "r+b");
+    PD_ASSERT(fp);
+    fseek(fp, 4096 + 100, SEEK_SET); /* a byte of layer 0's k block */
+    int ch = fgetc(fp);
+    fseek(fp, 4096 + 100, SEEK_SET);
+    fputc(ch ^ 0x40, fp);
+    fclose(fp);
+}
+
+static void test_disk_corrupt_block(void) {
+    disk_fixture f;
+    fixture_open(&f, 0, false);
+    char err[512];
+    kv_ticket t;
+    int32_t tok[80];
+    rig_tokens(tok, 80);
+    CHECK_EQ_INT(transfer(&f, &t, true, err, sizeof err), KV_OK); /* first time: fine */
+    CHECK_EQ_INT(kv_store_match(f.dc, tok, 80), 5);
+    corrupt_one_file(f.o.dir);
+    CHECK_EQ_INT(transfer(&f, &t, true, err, sizeof err), KV_ERR_CORRUPT);
+    CHECK_STR_CONTAINS(err, "corrupt");
+    CHECK(kv_store_match(f.dc, tok, 80) < 5); /* a miss now */
+    kv_store_stats st;
+    kv_store_get_stats(f.dc, &st);
+    CHECK_EQ_INT(st.corrupt, 1);
+    CHECK_EQ_INT(transfer(&f, &t, true, err, sizeof err), KV_OK); /* put again, served */
+    fixture_close(&f);
+}
+
+static void test_disk_pread_fallback(void) {
+    disk_fixture f;
+    fixture_open(&f, 0, true);
+    char err[512];
+    kv_ticket t;
+    CHECK_EQ_INT(transfer(&f, &t, true, err, sizeof err), KV_OK);
+    fixture_close(&f);
+}
+
+int main(void) {
+    TEST_RUN(test_disk_full);
+    TEST_RUN(test_disk_corrupt_block);
+    TEST_RUN(test_disk_pread_fallback);
+    TEST_RUN(test_disk_whole);
+    TEST_RUN(test_disk_layerwise);
+    TEST_RUN(test_disk_stall_deadline);
+    TEST_RUN(test_disk_dead_sender);
+    TEST_RUN(test_disk_abort);
+    return TEST_END();
+}

@@ -1,0 +1,167 @@
+/* test_study_report.c: `pdserve report` on a synthetic results database: index.html,
+ * summaries.csv and runs.csv, and an SVG + PNG per plot with data in them (the SVG
+ * parsed for path and point elements, the frontier labels found). With --make-db PATH
+ * it only writes the synthetic database (tests/test_report_browser.sh uses it). */
+#include <sqlite3.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "test.h"
+#include "test_study_data.h"
+
+static char tmpdir[256];
+
+static char *slurp(const char *dir, const char *name, size_t *len) {
+    char path[1024], err[256];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    size_t l = 0;
+    char *s = util_read_file(path, &l, err, sizeof err);
+    if (len) *len = l;
+    return s;
+}
+
+static int count_of(const char *hay, const char *needle) {
+    int n = 0;
+    for (const char *p = hay; p && (p = strstr(p, needle)); p += strlen(needle)) n++;
+    return n;
+}
+
+static int csv_lines(const char *s) { return count_of(s, "\n"); }
+
+/* An SVG drawn by gnuplot with data: well-formed enough (svg root closed), with path
+ * elements for axes and lines, and point markers (gnuplot draws points as <use
+ * xlink:href='#gpPt..'>). */
+static void check_svg(const char *dir, const char *name, int min_points) {
+    char file[128];
+    snprintf(file, sizeof file, "%s.svg", name);
+    char *s = slurp(dir, file, NULL);
+    CHECKF(s != NULL, "%s missing", file);
+    if (!s) return;
+    CHECKF(strstr(s, "<svg") && strstr(s, "</svg>"), "%s: not an SVG document", file);
+    int paths = count_of(s, "<path"), pts = count_of(s, "#gpPt");
+    CHECKF(paths >= 5, "%s: %d path elements", file, paths);
+    CHECKF(pts >= min_points, "%s: %d point markers, want >= %d", file, pts, min_points);
+    free(s);
+    snprintf(file, sizeof file, "%s.png", name);
+    size_t len;
+    char *p = slurp(dir, file, &len);
+    CHECKF(p && len > 2000 && !memcmp(p, "\x89PNG\r\n\x1a\n", 8), "%s: not a PNG with content", file);
+    free(p);
+}
+
+static void test_report(void) {
+    char db[512], out[512], err[512];
+    snprintf(db, sizeof db, "%s/synthetic.db", tmpdir);
+    snprintf(out, sizeof out, "%s/report", tmpdir);
+    REQUIRE(tsd_make_db(db) == 0);
+    char table_path[512];
+    snprintf(table_path, sizeof table_path, "%s/table.txt", tmpdir);
+    FILE *tf = fopen(table_path, "w");
+    REQUIRE(tf);
+    study_report_opts o = {.db_path = db, .out_dir = out, .table = tf};
+    int rc = study_report(&o, err, sizeof err);
+    fclose(tf);
+    REQUIRE(rc == 0 || (fprintf(stderr, "%s\n", err), 0));
+
+    char *table = slurp(tmpdir, "table.txt", NULL);
+    CHECK_STR_CONTAINS(table, "TTFT p50");
+    CHECK_STR_CONTAINS(table, "co-2gpus");
+    CHECK_STR_CONTAINS(table, "n/m = not measured");
+    CHECK_STR_CONTAINS(table, "* = simulated");
+    CHECK_STR_CONTAINS(table, "failed or skipped");
+    free(table);
+
+    char *html = slurp(out, "index.html", NULL);
+    REQUIRE(html);
+    CHECK_STR_CONTAINS(html, "<!DOCTYPE html>");
+    CHECK_STR_CONTAINS(html, "</html>");
+    CHECK_STR_CONTAINS(html, "not measured");               /* co-2gpus has no energy */
+    CHECK_STR_CONTAINS(html, "<span class=sim>sim</span>"); /* dis-disk rate points */
+    CHECK_STR_CONTAINS(html, "setup 'dis-disk' not available in this build");
+    CHECK_STR_CONTAINS(html, "clock control not allowed");
+    CHECK_STR_CONTAINS(html, "Energy by component");
+    CHECK_STR_CONTAINS(html, "gpu 0 (prefill)");
+    CHECK_STR_CONTAINS(html, "on the frontier");
+    CHECK_STR_CONTAINS(html, "src=\"pareto-ttft.svg\"");
+    CHECK_STR_CONTAINS(html, "src=\"latency-co-1gpu-batch.svg\"");
+    CHECK_STR_CONTAINS(html, "src=\"energy-vs-batch.svg\"");
+    free(html);
+
+    /* CSV: one line per summary / run, plus the header. */
+    sqlite3 *h;
+    REQUIRE(sqlite3_open_v2(db, &h, SQLITE_OPEN_READONLY, NULL) == SQLITE_OK);
+    sqlite3_stmt *st;
+    int n_runs = 0, n_sum = 0;
+    if (sqlite3_prepare_v2(h, "SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM summaries)", -1, &st, NULL) ==
+            SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW) {
+        n_runs = sqlite3_column_int(st, 0);
+        n_sum = sqlite3_column_int(st, 1);
+    }
+    sqlite3_finalize(st);
+    sqlite3_close(h);
+    CHECK(n_runs > 30 && n_sum > 20 && n_sum < n_runs);
+    char *csv = slurp(out, "summaries.csv", NULL);
+    CHECK(csv && csv_lines(csv) == n_sum + 1);
+    CHECK(csv && !strncmp(csv, "point_key,label,setup,", 22));
+    free(csv);
+    csv = slurp(out, "runs.csv", NULL);
+    CHECK(csv && csv_lines(csv) == n_runs + 1);
+    CHECK_STR_CONTAINS(csv, ",failed,setup 'dis-disk' not available in this build");
+    free(csv);
+
+    /* Plots: the three frontiers, energy vs load, latency vs load per setup. */
+    check_svg(out, "pareto-ttft", 10);
+    check_svg(out, "pareto-tpot", 10);
+    check_svg(out, "pareto-throughput", 10);
+    check_svg(out, "energy-vs-batch", 8);
+    check_svg(out, "energy-vs-rate", 2);
+    check_svg(out, "latency-co-1gpu-batch", 4);
+    check_svg(out, "latency-dis-gpu-batch", 4);
+    check_svg(out, "latency-co-2gpus-rate", 2);
+    /* The frontier is labelled with setup and load: co-2gpus has no energy, so it is
+     * on no frontier; co-1gpu b2 (cheapest, fast) is on the TTFT frontier. */
+    char *svg = slurp(out, "pareto-ttft.svg", NULL);
+    CHECK_STR_CONTAINS(svg, "Pareto frontier");
+    CHECK_STR_CONTAINS(svg, "co-1gpu b2");
+    CHECK(svg && !strstr(svg, "co-2gpus b"));
+    free(svg);
+    struct stat sb;
+    char p[1024];
+    snprintf(p, sizeof p, "%s/energy-vs-batch.png", out);
+    CHECK(stat(p, &sb) == 0 && sb.st_size > 2000);
+}
+
+/* A database with nothing measured: the report still comes out, saying so. */
+static void test_report_empty(void) {
+    char db[512], out[512], err[512];
+    snprintf(db, sizeof db, "%s/empty.db", tmpdir);
+    snprintf(out, sizeof out, "%s/empty-report", tmpdir);
+    study_db *d;
+    REQUIRE(study_db_open(db, &d, err, sizeof err) == 0);
+    study_db_close(d);
+    study_report_opts o = {.db_path = db, .out_dir = out};
+    REQUIRE(study_report(&o, err, sizeof err) == 0);
+    char *html = slurp(out, "index.html", NULL);
+    CHECK_STR_CONTAINS(html, "No energy was measured");
+    free(html);
+    check_svg(out, "pareto-ttft", 0);
+    /* Not a database: an error, not a crash. */
+    o.db_path = "/nonexistent/x.db";
+    CHECK(study_report(&o, err, sizeof err) == -1);
+    CHECK_STR_CONTAINS(err, "no results database");
+}
+
+int main(int argc, char **argv) {
+    if (argc == 3 && !strcmp(argv[1], "--make-db")) return tsd_make_db(argv[2]) == 0 ? 0 : 1;
+    if (system("gnuplot --version >/dev/null 2>&1") != 0) TEST_SKIP("gnuplot is not installed (scripts/deps.sh)");
+    snprintf(tmpdir, sizeof tmpdir, "/tmp/test_study_report_XXXXXX");
+    if (!mkdtemp(tmpdir)) return 1;
+    TEST_RUN(test_report);
+    TEST_RUN(test_report_empty);
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
+    if (!test_failures_ && system(cmd) != 0) fprintf(stderr, "could not remove %s\n", tmpdir);
+    else if (test_failures_) fprintf(stderr, "kept %s\n", tmpdir);
+    return TEST_END();
+}
