@@ -495,7 +495,7 @@ int study_report(const study_report_opts *o, char *err, size_t errlen) {
     FILE *f = NULL;
     rep_plot_list *pl = xcalloc(1, sizeof *pl);
     if (load_points(h, &pts, &n, err, errlen) != 0) goto out;
-    qsort(pts, (size_t)n, sizeof *pts, cmp_points);
+    if (n > 1) qsort(pts, (size_t)n, sizeof *pts, cmp_points);
     mkdir_p(o->out_dir);
     if (!util_is_dir(o->out_dir)) {
         pd_errorf(err, errlen, "cannot create the folder %s", o->out_dir);

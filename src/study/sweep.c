@@ -136,8 +136,10 @@ static study_status run_point(const point_ctx *x, const study_point *pt, bench_c
     }
     int n_args = x->plan->n_serve_args + pt->setup->n_opts;
     study_kv *args = xcalloc((size_t)PD_MAX(n_args, 1), sizeof *args);
-    memcpy(args, x->plan->serve_args, sizeof *args * (size_t)x->plan->n_serve_args);
-    memcpy(args + x->plan->n_serve_args, pt->setup->opts, sizeof *args * (size_t)pt->setup->n_opts);
+    if (x->plan->n_serve_args)
+        memcpy(args, x->plan->serve_args, sizeof *args * (size_t)x->plan->n_serve_args);
+    if (pt->setup->n_opts)
+        memcpy(args + x->plan->n_serve_args, pt->setup->opts, sizeof *args * (size_t)pt->setup->n_opts);
     char log_path[1024];
     snprintf(log_path, sizeof log_path, "%.900s/%03d-%.60s.log", x->log_dir, pt->index, pt->setup->label);
     study_deploy_opts dop = {.model = x->model, .tokenizer = x->tokenizer, .pdserve_bin = o->pdserve_bin,
