@@ -8,11 +8,13 @@
 #
 # Usage (repository root, on the GPU machine; carry .deps/prefix):
 #   scripts/gpu/check-energy.sh [LOAD_SECONDS]
+#   BUILD_DIR=build-gpu-power scripts/gpu/check-energy.sh   (keep clear of a CUDA build)
 # READ ONLY: it never changes the GPU's settings (no clock lock, no power limit, no
 # nvidia-smi -lgc/-ac/-pl/-pm/-r, no NVML setter). bench_power only reads NVML.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-out=${OUT:-build-gpu/out}
+bdir=${BUILD_DIR:-build-gpu}
+out=${OUT:-$bdir/out}
 mkdir -p "$out"
 secs=${1:-30}
 jobs=$(nproc 2>/dev/null || echo 4)
@@ -35,23 +37,23 @@ jobs=$(nproc 2>/dev/null || echo 4)
 
 gen=()
 command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
-[ -f build-gpu/CMakeCache.txt ] && gen=()
+[ -f "$bdir/CMakeCache.txt" ] && gen=()
 t0=$(date +%s)
-bench=build-gpu/bench_power
-if { cmake -S . -B build-gpu "${gen[@]}" -DPDSERVE_PREFIX=.deps/prefix -DPDSERVE_CUDA=OFF \
+bench=$bdir/bench_power
+if { cmake -S . -B "$bdir" "${gen[@]}" -DPDSERVE_PREFIX=.deps/prefix -DPDSERVE_CUDA=OFF \
        -DCMAKE_BUILD_TYPE=RelWithDebInfo &&
-     cmake --build build-gpu -j"$jobs" --target bench_power fake_nvml test_power_account \
+     cmake --build "$bdir" -j"$jobs" --target bench_power fake_nvml test_power_account \
        test_power_clocks test_power_meters test_power_session; } >"$out/build.log" 2>&1; then
   echo "build (cmake): $(( $(date +%s) - t0 )) s"
-  ctest --test-dir build-gpu -R power --output-on-failure >"$out/ctest.log" 2>&1
+  ctest --test-dir "$bdir" -R power --output-on-failure >"$out/ctest.log" 2>&1
   echo "ctest -R power: exit $? ($(grep -E 'tests passed' "$out/ctest.log"))"
 else
   # Another layer's file may be mid-edit in the working tree: build the power folder alone.
   tail -n 20 "$out/build.log"
   echo "cmake build failed; building bench_power from src/power + src/util alone"
   pfx=$PWD/.deps/prefix/usr
-  mkdir -p build-gpu
-  bench=build-gpu/bench_power_direct
+  mkdir -p "$bdir"
+  bench=$bdir/bench_power_direct
   if ! gcc -std=c11 -O2 -g -D_GNU_SOURCE -Isrc -I"$pfx/include" src/util/util.c src/power/*.c \
        benchmarks/bench_power.c -o "$bench" -L"$pfx/lib/x86_64-linux-gnu" \
        -Wl,-rpath,"$pfx/lib/x86_64-linux-gnu" -lcjson -lpthread -ldl -lm >>"$out/build.log" 2>&1; then

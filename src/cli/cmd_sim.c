@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/backend.h"
 #include "bench/bench.h"
 #include "cli/cli.h"
 #include "sim/sim.h"
@@ -169,7 +170,71 @@ typedef struct sim_cli {
     cJSON *points;
     int index;
     bool quiet;
+    model *vmodel;          /* --validate-model: replay co-1gpu points through the real engine */
+    int vrepeats;           /* real runs per point; the median of each metric is compared */
 } sim_cli;
+
+static int cmp_dbl(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double med(double *v, int n) {
+    qsort(v, (size_t)n, sizeof(double), cmp_dbl);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+static double rel(double sim, double real) { return real != 0 ? 100.0 * (sim / real - 1.0) : NAN; }
+
+/* Replays the point's requests through the real engine (same scheduler config and KV
+ * pool) and prints simulated against real medians. Adds "real" to the point's JSON. */
+static int validate_point(sim_cli *c, const sim_plan_setup *su, const char *ll, const sim_config *cfg,
+                          const sim_request *reqs, int n, const bench_config *bc, const bench_result *sr,
+                          cJSON *pj, char *err, size_t errlen) {
+    model *m = c->vmodel;
+    engine_config ec;
+    engine_config_default(&ec);
+    ec.block_size = cfg->sched.block_size;
+    ec.max_num_seqs = cfg->sched.max_num_seqs;
+    ec.max_num_batched_tokens = cfg->sched.max_num_batched_tokens;
+    ec.enable_chunked_prefill = cfg->sched.enable_chunked_prefill;
+    ec.kv_cache_memory = (size_t)cfg->sched.num_blocks * (size_t)cfg->sched.block_size *
+                         model_kv_bytes_per_token(&m->cfg, dtype_size(m->be->ops->kv_type));
+    /* the median over vrepeats real runs of each metric: one run on a shared machine can be off by 2x */
+    enum { TTFT, TPOT, ITL, E2EL, OUT, DUR, NM };
+    double v[NM][16];
+    int nr = PD_MIN(PD_MAX(c->vrepeats, 1), 16);
+    for (int k = 0; k < nr; k++) {
+        bench_result *rr = NULL;
+        if (sim_replay_engine(m, &ec, reqs, n, bc, &rr, err, errlen) != 0) return -1;
+        v[TTFT][k] = rr->sum.ttft.median;
+        v[TPOT][k] = rr->sum.tpot.median;
+        v[ITL][k] = rr->sum.itl.median;
+        v[E2EL][k] = rr->sum.e2el.median;
+        v[OUT][k] = rr->sum.output_throughput;
+        v[DUR][k] = rr->sum.duration_s;
+        bench_result_free(rr);
+    }
+    double real[NM];
+    for (int i = 0; i < NM; i++) real[i] = med(v[i], nr);
+    const bench_summary *a = &sr->sum;
+    printf("  validation %s %s (sim vs real engine, median of %d runs): TTFT med %.2f vs %.2f ms (%+.1f%%), "
+           "TPOT med %.3f vs %.3f ms (%+.1f%%), E2EL med %.1f vs %.1f ms (%+.1f%%), output %.1f vs %.1f tok/s "
+           "(%+.1f%%)\n",
+           su->label, ll, nr, a->ttft.median, real[TTFT], rel(a->ttft.median, real[TTFT]), a->tpot.median,
+           real[TPOT], rel(a->tpot.median, real[TPOT]), a->e2el.median, real[E2EL], rel(a->e2el.median, real[E2EL]),
+           a->output_throughput, real[OUT], rel(a->output_throughput, real[OUT]));
+    fflush(stdout);
+    cJSON *r = cJSON_AddObjectToObject(pj, "real");
+    cJSON_AddNumberToObject(r, "runs", nr);
+    cJSON_AddNumberToObject(r, "median_ttft_ms", real[TTFT]);
+    cJSON_AddNumberToObject(r, "median_tpot_ms", real[TPOT]);
+    cJSON_AddNumberToObject(r, "median_itl_ms", real[ITL]);
+    cJSON_AddNumberToObject(r, "median_e2el_ms", real[E2EL]);
+    cJSON_AddNumberToObject(r, "output_throughput", real[OUT]);
+    cJSON_AddNumberToObject(r, "duration_s", real[DUR]);
+    return 0;
+}
 
 static int record_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, const double clk[2],
                         const sim_config *cfg, double mean_rate, bench_config *bc, bench_result *r,
@@ -190,8 +255,12 @@ static int record_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l,
     pt.load.num_prompts = r->n;
     pt.clock.prefill_mhz = (int)clk[0];
     pt.clock.decode_mhz = (int)clk[1];
-    snprintf(pt.key, sizeof pt.key, "sim|%.60s|%.60s|%s|%g/%g|seed%llu|%.60s", c->pl->name, su->label, ll, clk[0], clk[1],
+    char key[1024];
+    snprintf(key, sizeof key, "sim|%s|%s|%s|%g/%g|seed%llu|%s", c->pl->name, su->label, ll, clk[0], clk[1],
              (unsigned long long)c->pl->seed, c->prof->device);
+    size_t kl = PD_MIN(strlen(key), sizeof pt.key - 1);
+    memcpy(pt.key, key, kl);
+    pt.key[kl] = 0;
     snprintf(pt.label, sizeof pt.label, "sim %s %s", su->label, ll);
     bc->request_rate = mean_rate;
     study_idle idle;
@@ -258,8 +327,11 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
                su->label, ll, ck, s->ttft.median, pct(&s->ttft, &bc, 99), s->tpot.median, pct(&s->tpot, &bc, 99),
                s->itl.median, s->output_throughput, jt, (unsigned long long)st.preemptions, st.wall_s);
         fflush(stdout);
-        cJSON_AddItemToArray(c->points, point_json(su->label, ll, clk, &bc, s, &st));
-        if (c->db) rc = record_point(c, su, l, clk, &cfg, mean_rate, &bc, r, &st, t_start, err, errlen);
+        cJSON *pj = point_json(su->label, ll, clk, &bc, s, &st);
+        cJSON_AddItemToArray(c->points, pj);
+        if (c->vmodel && su->n_colocated == 1)
+            rc = validate_point(c, su, ll, &cfg, reqs, d.n, &bc, r, pj, err, errlen);
+        if (rc == 0 && c->db) rc = record_point(c, su, l, clk, &cfg, mean_rate, &bc, r, &st, t_start, err, errlen);
     }
     c->index++;
     bench_result_free(r);
@@ -270,7 +342,8 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
 
 int cmd_sim(int argc, char **argv) {
     const char *profile_path = NULL, *db_path = NULL, *json_path = NULL, *router = NULL;
-    int seed = -1;
+    const char *vmodel = NULL;
+    int seed = -1, threads = 0, vrepeats = 3;
     bool quiet = false;
     cli_opt opts[] = {
         {"profile", OPT_STRING, &profile_path, "cost profile from `pdserve profile` (default: the plan's)", "FILE"},
@@ -279,6 +352,11 @@ int cmd_sim(int argc, char **argv) {
         {"router", OPT_STRING, &router, "round-robin or least-loaded (default: the plan's)", "POLICY"},
         {"seed", OPT_INT, &seed, "override the plan's seed", "S"},
         {"quiet", OPT_FLAG, &quiet, "no log lines", NULL},
+        {"validate-model", OPT_STRING, &vmodel,
+         "also run each co-1gpu point through the real engine on the CPU with this model (dummy "
+         "weights) and print simulated against real", "DIR|preset:NAME"},
+        {"validate-repeats", OPT_INT, &vrepeats, "real runs per validated point, medians compared (default 3)", "N"},
+        {"threads", OPT_INT, &threads, "CPU threads of --validate-model (default: all, as the profile)", "N"},
     };
     const char *pos[1];
     int n_pos;
@@ -320,8 +398,29 @@ int cmd_sim(int argc, char **argv) {
         if ((pl.clocks[k][0] > 0 || pl.clocks[k][1] > 0) && !(prof.clock.base_mhz > 0))
             log_warn("sim: the profile has no base clock (clock.base_mhz): clocks %g/%g are simulated as profiled",
                      pl.clocks[k][0], pl.clocks[k][1]);
-    sim_cli c = {.pl = &pl, .prof = &prof, .points = cJSON_CreateArray(), .quiet = quiet};
+    sim_cli c = {.pl = &pl, .prof = &prof, .points = cJSON_CreateArray(), .quiet = quiet,
+                 .vrepeats = vrepeats};
     int rc = 0;
+    model_files vfiles;
+    backend *vbe = NULL;
+    bool vopen = false;
+    if (vmodel) {
+        if (model_files_open(vmodel, "dummy", &vfiles, err, sizeof err) != 0) {
+            fprintf(stderr, "pdserve sim: --validate-model: %s\n", err);
+            rc = 1;
+            goto out;
+        }
+        vopen = true;
+        vbe = backend_cpu_create(threads);
+        c.vmodel = model_load(vbe, &vfiles, 0, err, sizeof err);
+        if (!c.vmodel) {
+            fprintf(stderr, "pdserve sim: --validate-model: %s\n", err);
+            rc = 1;
+            goto out;
+        }
+        /* prompts must be ids of this model's vocabulary */
+        if (pl.dataset.random_vocab_size > c.vmodel->cfg.vocab_size) pl.dataset.random_vocab_size = c.vmodel->cfg.vocab_size;
+    }
     if (db_path) {
         study_hw_probe(&c.hw);
         if (study_db_open(db_path, &c.db, err, sizeof err) != 0) {
@@ -348,6 +447,9 @@ int cmd_sim(int argc, char **argv) {
         cJSON_free(txt);
     }
 out:
+    model_free(c.vmodel);
+    if (vbe) backend_destroy(vbe);
+    if (vopen) model_files_close(&vfiles);
     study_db_close(c.db);
     cJSON_Delete(c.points);
     sim_profile_free(&prof);

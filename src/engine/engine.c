@@ -773,7 +773,11 @@ int engine_kv_alloc(engine *e, int n, int32_t *out) {
     pthread_mutex_lock(&e->pool_mu);
     int rc = kv_pool_alloc(&e->sc.pool, n, out);
     if (rc == 0) e->n_external += n;
+    int used = kv_pool_used(&e->sc.pool);
     pthread_mutex_unlock(&e->pool_mu);
+    pthread_mutex_lock(&e->mu);
+    e->stats.kv_blocks_used = used;
+    pthread_mutex_unlock(&e->mu);
     return rc;
 }
 

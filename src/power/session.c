@@ -331,7 +331,14 @@ int power_session_start(power_session *s, char *err, size_t errlen) {
     else
         snprintf(s->meter_reason, sizeof s->meter_reason,
                  "not measured: no --energy-meter-cmd given");
+    /* Idle samples were stamped against the idle window's end; restamp them against
+     * the real t0 so that every stored t_s is "seconds since run start" (< 0 idle). */
+    double t0_idle = s->t0;
     s->t0 = time_now_s();
+    for (int i = 0; i < s->n && s->idle_window_s > 0; i++) {
+        size_t held = (size_t)PD_MIN(s->g[i].pushed, (uint64_t)s->g[i].cap);
+        for (size_t k = 0; k < held; k++) s->g[i].ring[k].t_s -= s->t0 - t0_idle;
+    }
     s->cost_sum_ms = s->cost_max_ms = 0;
     s->ticks = 0;
     s->stop = false;

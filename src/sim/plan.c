@@ -133,7 +133,7 @@ static int parse_dataset(const cJSON *o, sim_plan *p, const char *name, char *er
     bench_dataset_opts_default(d);
     const cJSON *ds = cJSON_GetObjectItemCaseSensitive(o, "dataset");
     const cJSON *src = cJSON_IsObject(ds) ? ds : o;
-    const char *kind = cJSON_IsString(ds) ? ds->valuestring : str(src, "name");
+    const char *kind = cJSON_IsString(ds) ? ds->valuestring : cJSON_IsObject(ds) ? str(ds, "name") : NULL;
     if (!kind) kind = "random";
     int k = bench_dataset_kind_parse(kind);
     if (k < 0) {

@@ -21,7 +21,7 @@
 #include "sim/sim.h"
 #include "util/util.h"
 
-static const int CPU_PT[] = {16, 64, 256, 1024, 2048};
+static const int CPU_PT[] = {16, 64, 128, 256, 512, 1024, 2048};
 static const int CPU_PC[] = {0, 256, 1024};
 static const int CPU_DB[] = {1, 2, 4, 8, 16, 32, 64};
 static const int CPU_DC[] = {64, 256, 1024};
@@ -69,19 +69,18 @@ static int cmp_double(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
-/* Runs batch b once + repeats times; returns the median seconds of the timed runs. */
-static double time_batch(prof *P, const fwd_batch *b, int repeats) {
-    double t[64];
-    repeats = PD_MIN(PD_MAX(repeats, 1), 64);
-    for (int r = -1; r < repeats; r++) {
-        double t0 = time_now_s();
-        if (P->be->ops->argmax_rows) model_forward_greedy(P->f, P->kv, b, P->out_tokens);
-        else model_forward(P->f, P->kv, b, P->logits);
-        if (P->be->ops->sync) P->be->ops->sync(P->be);
-        if (r >= 0) t[r] = time_now_s() - t0;
-    }
-    qsort(t, (size_t)repeats, sizeof(double), cmp_double);
-    return repeats % 2 ? t[repeats / 2] : 0.5 * (t[repeats / 2 - 1] + t[repeats / 2]);
+/* Runs batch b once; returns its seconds. */
+static double time_batch(prof *P, const fwd_batch *b) {
+    double t0 = time_now_s();
+    if (P->be->ops->argmax_rows) model_forward_greedy(P->f, P->kv, b, P->out_tokens);
+    else model_forward(P->f, P->kv, b, P->logits);
+    if (P->be->ops->sync) P->be->ops->sync(P->be);
+    return time_now_s() - t0;
+}
+
+static double median(double *t, int n) {
+    qsort(t, (size_t)n, sizeof(double), cmp_double);
+    return n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
 }
 
 /* Appends one sequence computing rows [start, start + n) into a batch under
@@ -116,34 +115,34 @@ static void batch_begin(prof *P, fwd_batch *b) {
 
 static int blocks_for(int tokens, int bs) { return (tokens + bs - 1) / bs; }
 
-static double measure_prefill(prof *P, int T, int C, int repeats) {
+static double measure_prefill(prof *P, int T, int C) {
     fwd_batch b;
     batch_begin(P, &b);
     add_seq(P, &b, 0, C, T);
-    return time_batch(P, &b, repeats);
+    return time_batch(P, &b);
 }
 
 /* B sequences whose context is L once this step's token is written. */
-static double measure_decode(prof *P, int B, int L, int repeats, int prefill_T) {
+static double measure_decode(prof *P, int B, int L, int prefill_T) {
     fwd_batch b;
     batch_begin(P, &b);
     int per = blocks_for(L, P->bs);
     if (prefill_T > 0) add_seq(P, &b, B * per, 0, prefill_T);
     for (int i = 0; i < B; i++) add_seq(P, &b, i * per, L - 1, 1);
-    return time_batch(P, &b, repeats);
+    return time_batch(P, &b);
 }
 
 /* Everything but attention: T rows as chunks of LIN_CHUNK tokens from position 0, so
  * that each row attends to at most LIN_CHUNK keys (about LIN_CHUNK / 2 on average). */
 #define LIN_CHUNK 32
-static double measure_linear(prof *P, int T, int repeats) {
+static double measure_linear(prof *P, int T) {
     fwd_batch b;
     batch_begin(P, &b);
     int per = blocks_for(LIN_CHUNK, P->bs);
     for (int i = 0, k = 0; i < T; i += LIN_CHUNK, k++) add_seq(P, &b, k * per, 0, PD_MIN(LIN_CHUNK, T - i));
     b.logit_rows = P->logit_rows + b.n_logits - 1; /* one logits row, as a prefill chunk has */
     b.n_logits = 1;
-    return time_batch(P, &b, repeats);
+    return time_batch(P, &b);
 }
 
 static int cmp_int(const void *a, const void *b) {
@@ -162,6 +161,47 @@ static int linear_axis(const sim_profile_opts *o, int *out) {
     for (int i = 0; i < n; i++)
         if (!m || out[i] != out[m - 1]) out[m++] = out[i];
     return m;
+}
+
+/* One grid point to time: kind 0 prefill (a = T, b = C), 1 decode (a = B, b = L),
+ * 2 linear (a = T), 3 mixed (a = T prefill rows + b = B decodes at context c). */
+typedef struct ppoint {
+    int kind, a, b, c;
+    double *out;            /* where the median goes */
+    double s[64];           /* one sample per round */
+} ppoint;
+
+static double run_point(prof *P, const ppoint *q) {
+    switch (q->kind) {
+    case 0: return measure_prefill(P, q->a, q->b);
+    case 1: return measure_decode(P, q->a, q->b, 0);
+    case 2: return measure_linear(P, q->a);
+    default: return measure_decode(P, q->b, q->c, q->a);
+    }
+}
+
+/* Times every point once per round, one warm-up round first (discarded), and keeps each
+ * point's median. Rounds rather than back-to-back repeats: a burst of load from another
+ * process then spoils one sample of many points, not every sample of one point. */
+static void run_rounds(prof *P, ppoint *pts, int n, int repeats) {
+    repeats = PD_MIN(PD_MAX(repeats, 1), 64);
+    for (int r = -1; r < repeats; r++)
+        for (int i = 0; i < n; i++) {
+            double t = run_point(P, &pts[i]);
+            if (r >= 0) pts[i].s[r] = t;
+        }
+    for (int i = 0; i < n; i++) *pts[i].out = median(pts[i].s, repeats);
+}
+
+/* Contention only ever slows a run down, and cost never falls as rows or context grow:
+ * each value becomes the least of itself and every value at larger or equal (x, y). */
+static void lower_monotone_envelope(sim_grid *g) {
+    for (int i = g->nx - 1; i >= 0; i--)
+        for (int j = g->ny - 1; j >= 0; j--) {
+            double *v = &g->v[i * g->ny + j];
+            if (i + 1 < g->nx) *v = PD_MIN(*v, g->v[(i + 1) * g->ny + j]);
+            if (j + 1 < g->ny) *v = PD_MIN(*v, g->v[i * g->ny + j + 1]);
+        }
 }
 
 /* ---- the engine's own costs ----------------------------------------------------------- */
@@ -381,24 +421,27 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
     if (ph.on) usleep(1000 * 1000);
     double idle_w = phase_end(&ph, why, sizeof why);
 
-    phase_begin(&ph, o, cpu, 0);
+    int n_pre = o->n_prefill_tokens * o->n_prefill_context, n_dec = o->n_decode_batch * o->n_decode_context;
+    ppoint *pts = xcalloc((size_t)(n_pre + n_dec + 2 * 256 + 1 + 4), sizeof(ppoint));
     for (int i = 0; i < o->n_prefill_tokens; i++)
-        for (int j = 0; j < o->n_prefill_context; j++) {
-            double t = measure_prefill(&P, o->prefill_tokens[i], o->prefill_context[j], o->repeats);
-            out->prefill.v[i * out->prefill.ny + j] = t;
-            if (o->verbose)
-                log_info("profile: prefill T=%d C=%d: %.3f ms", o->prefill_tokens[i], o->prefill_context[j], t * 1e3);
-        }
+        for (int j = 0; j < o->n_prefill_context; j++)
+            pts[i * o->n_prefill_context + j] = (ppoint){0, o->prefill_tokens[i], o->prefill_context[j], 0,
+                                                         &out->prefill.v[i * out->prefill.ny + j], {0}};
+    for (int i = 0; i < o->n_decode_batch; i++)
+        for (int j = 0; j < o->n_decode_context; j++)
+            pts[n_pre + i * o->n_decode_context + j] = (ppoint){1, o->decode_batch[i], o->decode_context[j], 0,
+                                                                &out->decode.v[i * out->decode.ny + j], {0}};
+    phase_begin(&ph, o, cpu, 0);
+    run_rounds(&P, pts, n_pre, o->repeats);
     double prefill_w = phase_end(&ph, NULL, 0);
     phase_begin(&ph, o, cpu, 0);
-    for (int i = 0; i < o->n_decode_batch; i++)
-        for (int j = 0; j < o->n_decode_context; j++) {
-            double t = measure_decode(&P, o->decode_batch[i], o->decode_context[j], o->repeats, 0);
-            out->decode.v[i * out->decode.ny + j] = t;
-            if (o->verbose)
-                log_info("profile: decode B=%d L=%d: %.3f ms", o->decode_batch[i], o->decode_context[j], t * 1e3);
-        }
+    run_rounds(&P, pts + n_pre, n_dec, o->repeats);
     double decode_w = phase_end(&ph, NULL, 0);
+    if (o->verbose) {
+        for (int i = 0; i < n_pre + n_dec; i++)
+            log_info("profile: %s %s=%d %s=%d: %.3f ms", pts[i].kind ? "decode" : "prefill", pts[i].kind ? "B" : "T",
+                     pts[i].a, pts[i].kind ? "L" : "C", pts[i].b, *pts[i].out * 1e3);
+    }
 
     int lin[2 * 256 + 1];
     int n_lin = linear_axis(o, lin);
@@ -407,18 +450,30 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
     static const double one = 1;
     sim_grid_init(&out->linear, n_lin, lx, 1, &one);
     free(lx);
-    for (int i = 0; i < n_lin; i++) {
-        out->linear.v[i] = measure_linear(&P, lin[i], o->repeats);
-        if (o->verbose) log_info("profile: linear T=%d: %.3f ms", lin[i], out->linear.v[i] * 1e3);
+    ppoint *lp = pts + n_pre + n_dec;
+    for (int i = 0; i < n_lin; i++) lp[i] = (ppoint){2, lin[i], 0, 0, &out->linear.v[i], {0}};
+    /* mixed steps: T prefill rows + B decodes, to check the model and fit the overhead */
+    double tmix[4];
+    int mix_L = o->decode_context[0], mT[4], mB[4];
+    for (int k = 0; k < 4; k++) {
+        mT[k] = PD_MAX(1, mixT >> (2 * (k / 2)));
+        mB[k] = PD_MAX(1, mixB >> (2 * (k % 2)));
+        lp[n_lin + k] = (ppoint){3, mT[k], mB[k], mix_L, &tmix[k], {0}};
     }
+    run_rounds(&P, lp, n_lin + 4, o->repeats);
+    lower_monotone_envelope(&out->prefill);
+    lower_monotone_envelope(&out->decode);
+    lower_monotone_envelope(&out->linear);
+    free(pts);
+    if (o->verbose)
+        for (int i = 0; i < n_lin; i++) log_info("profile: linear T=%d: %.3f ms", lin[i], out->linear.v[i] * 1e3);
 
-    /* mixed steps: the overhead prefill and decode share, as the median of tp + td - tmix */
+    /* the overhead prefill and decode share without a linear curve: median of tp + td - tmix */
     double ov[4];
     int n_ov = 0;
-    int mix_L = o->decode_context[0];
     for (int k = 0; k < 4; k++) {
-        int T = PD_MAX(1, mixT >> (2 * (k / 2))), B = PD_MAX(1, mixB >> (2 * (k % 2)));
-        double tm = measure_decode(&P, B, mix_L, o->repeats, T);
+        int T = mT[k], B = mB[k];
+        double tm = tmix[k];
         double tp = sim_grid_eval(&out->prefill, T, 0), td = sim_grid_eval(&out->decode, B, mix_L);
         ov[n_ov++] = tp + td - tm;
         sim_work w;

@@ -16,7 +16,13 @@
  * At the end the key lanes' partial sums are added through shared memory and divided
  * by l.
  *
- * What the fast version will change:
+ * Routing: sequences with >= ATT_FA_MIN_Q rows in the step go to the tensor-core
+ * kernel of attention_prefill.cu when it supports D (64, 128); the rest run here. When
+ * the rows here give fewer than two blocks per SM, each row's keys are split over
+ * several blocks (split-K flash-decoding: partial acc, m, l into fp32 scratch, merged
+ * by attn_split_reduce_kernel). PDSERVE_CUDA_ATTN=basic turns both off (A/B runs).
+ *
+ * What a faster version would still change (was the plan; prefill and split-K done):
  *   prefill: FlashAttention-style tiles: a block takes 64-128 q rows of one sequence,
  *   streams K/V tiles into shared memory once for all of them (bulk copies, 2-3
  *   stages) and computes QK^T and PV with tensor-core MMAs (wgmma on sm_90a); here

@@ -1,0 +1,103 @@
+# disagg_common.sh: what the router and disaggregation tests share (sourced by
+# tests/test_router_e2e.sh, test_disagg_e2e.sh, test_disagg_faults.sh, test_disagg_netns.sh).
+# Sets ROOT, BIN, TMP; gives a tiny model, instance and deployment starters that record
+# every pid for the EXIT trap, and the leftover checks (processes, /dev/shm, store files).
+set -uo pipefail
+ROOT="${PDSERVE_SOURCE:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+BIN="${PDSERVE_BIN:-$ROOT/build/pdserve}"
+MAXLEN=1024
+# instances: one CPU thread each (CI has 2 cores), a small pool, a long context
+SERVE_ARGS=(--threads 1 --kv-cache-memory 16MiB --max-model-len $MAXLEN --max-num-seqs 64)
+
+command -v node >/dev/null || { echo "SKIP: node is not installed (scripts/deps.sh --test)"; exit 77; }
+if ! "$ROOT/scripts/fetch-test-node.sh"; then
+  echo "SKIP: the openai npm package could not be installed"
+  exit 77
+fi
+[ -x "$BIN" ] || { echo "FAIL: no pdserve binary at $BIN"; exit 1; }
+
+TMP="$(mktemp -d)"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+fail() { echo "FAIL: $*"; exit 1; }
+
+make_model() {
+  "$BIN" make-model --out "$TMP/model" --preset tiny-llama >"$TMP/make-model.log" 2>&1 ||
+    { cat "$TMP/make-model.log"; fail "pdserve make-model failed"; }
+  MODEL="$TMP/model"
+  export PDSERVE_MODEL="$MODEL"
+}
+
+# wait_port LOG PID NAME: the port of the first "listening on" line of LOG.
+wait_port() {
+  local log="$1" pid="$2" name="$3" port=""
+  for _ in $(seq 600); do
+    port="$(sed -n 's|.*listening on http://[0-9.]*:\([0-9]*\).*|\1|p' "$log" | head -1)"
+    [ -n "$port" ] && { echo "$port"; return 0; }
+    kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; fail "$name exited at start-up"; }
+    sleep 0.1
+  done
+  cat "$log" >&2
+  fail "$name did not start in 60 s"
+}
+
+# start_serve NAME ARGS...: `pdserve serve` on a free loopback port; sets PORT, SPID.
+start_serve() {
+  local name="$1"; shift
+  "$BIN" serve --model "$MODEL" --host 127.0.0.1 --port 0 "${SERVE_ARGS[@]}" "$@" 2>"$TMP/$name.log" &
+  SPID=$!
+  PIDS+=("$SPID")
+  PORT="$(wait_port "$TMP/$name.log" "$SPID" "$name")"
+}
+
+# start_up NAME UP-ARGS...: `pdserve up` on a free port; sets UPORT, UPID, and
+# INSTANCES (the instance URLs, from their log lines).
+start_up() {
+  local name="$1"; shift
+  "$BIN" up --model "$MODEL" --port 0 "$@" -- "${SERVE_ARGS[@]}" 2>"$TMP/$name.log" &
+  UPID=$!
+  PIDS+=("$UPID")
+  UPORT=""
+  for _ in $(seq 600); do
+    UPORT="$(sed -n 's|.*ready: .* on http://[0-9.]*:\([0-9]*\).*|\1|p' "$TMP/$name.log" | head -1)"
+    [ -n "$UPORT" ] && break
+    kill -0 "$UPID" 2>/dev/null || { cat "$TMP/$name.log"; fail "$name: pdserve up exited at start-up"; }
+    sleep 0.1
+  done
+  [ -n "$UPORT" ] || { cat "$TMP/$name.log"; fail "$name: pdserve up not ready in 60 s"; }
+  INSTANCES="$(sed -n 's|^\[\([a-z]*[0-9]*\)\] pdserve serve: listening on \(http://127.0.0.1:[0-9]*\) (model.*|\2|p' \
+    "$TMP/$name.log" | paste -sd, -)"
+}
+
+# instance_pid LOG NAME: the pid `up` logged for instance NAME.
+instance_pid() { sed -n "s|.*up: started $2 (pid \([0-9]*\)).*|\1|p" "$1" | head -1; }
+
+# stop_up NAME: SIGTERM, exit 0 within 40 s; then no instance, segment or store file left.
+stop_up() {
+  local name="$1" rc=""
+  local pids
+  pids="$(sed -n 's|.*up: started [a-z]*[0-9]* (pid \([0-9]*\)).*|\1|p' "$TMP/$name.log")"
+  kill -TERM "$UPID"
+  for _ in $(seq 400); do
+    if ! kill -0 "$UPID" 2>/dev/null; then wait "$UPID"; rc=$?; break; fi
+    sleep 0.1
+  done
+  [ -n "$rc" ] || { kill -KILL "$UPID"; tail -30 "$TMP/$name.log"; fail "$name: pdserve up did not stop in 40 s"; }
+  [ "$rc" = 0 ] || { tail -30 "$TMP/$name.log"; fail "$name: pdserve up exit status $rc"; }
+  for p in $pids; do
+    kill -0 "$p" 2>/dev/null && fail "$name: instance pid $p outlived pdserve up"
+  done
+  local tag="up$UPID-"
+  ls /dev/shm 2>/dev/null | grep -q "pdkv-.*$tag" && fail "$name: shared memory left: $(ls /dev/shm | grep "$tag")"
+  ls -d "${TMPDIR:-/tmp}"/pdserve-kv-"$tag"* >/dev/null 2>&1 && fail "$name: disk store left"
+  echo "ok   $name: stopped, no process, shm segment or store file left"
+}
+
+# load URL FIELD: a number from an instance's /load.
+load_field() { curl -sf "$1/load" | sed -n "s|.*\"$2\":\([0-9-]*\).*|\1|p"; }
+
+export PDSERVE_N="${PDSERVE_N:-32}"

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# test_disagg_faults.sh: failures of a disaggregated request, each ending with an
+# OpenAI-style error to the affected clients only, the other requests served, every
+# surviving instance's KV pool back to empty, and nothing left in /dev/shm or on disk:
+#   1. kill -9 a prefill instance while requests wait on it (it stalls its transfers):
+#      its requests fail (502), those on the other prefill instance succeed, the
+#      decode side's reservations are freed, the router routes around it afterwards;
+#   2. kill -9 a decode instance mid-stream (`pdserve up --setup 1p2d`): its streams end
+#      with an error event, the others finish; `up` removes the dead one's segments;
+#   3. a transfer stalled past its deadline (--debug-stall-transfer-ms 3000 against
+#      --kv-transfer-timeout 1): 504 within the deadline, both pools empty;
+#   4. a full disk store (--kv-store-capacity 256KiB): a long prompt fails, short ones
+#      are served.
+source "$(dirname "${BASH_SOURCE[0]}")/disagg_common.sh"
+make_model
+DISAGG="$ROOT/tests/node/disagg.mjs"
+
+# ---- 1. kill -9 a prefill instance --------------------------------------------------------------
+start_serve d1 --role decode --kv-medium tcp; D1=$PORT
+start_serve p1 --role prefill --kv-medium tcp --debug-stall-transfer-ms 5000; P1=$PORT; P1PID=$SPID
+start_serve p2 --role prefill --kv-medium tcp; P2=$PORT
+start_serve r1 --role router --policy round-robin --kv-transfer-timeout 20 \
+  --prefill "http://127.0.0.1:$P1,http://127.0.0.1:$P2" --decode "http://127.0.0.1:$D1"; R1=$PORT; R1PID=$SPID
+out="$(PDSERVE_URL="http://127.0.0.1:$R1" PDSERVE_INSTANCES="http://127.0.0.1:$D1,http://127.0.0.1:$P2" \
+  PDSERVE_N=8 PDSERVE_KILL_PID=$P1PID PDSERVE_KILL_AFTER_MS=1000 node "$DISAGG" faults kill-prefill)" ||
+  { tail -20 "$TMP/r1.log" "$TMP/d1.log"; fail "kill-prefill: pools"; }
+echo "kill-prefill: $out"
+echo "$out" | grep -q '"ok":4,"failed":4' || fail "kill-prefill: expected 4 served and 4 failed: $out"
+echo "$out" | grep -q '"status":502' || fail "kill-prefill: expected 502 errors: $out"
+out="$(PDSERVE_URL="http://127.0.0.1:$R1" PDSERVE_INSTANCES="http://127.0.0.1:$D1,http://127.0.0.1:$P2" \
+  PDSERVE_N=8 node "$DISAGG" faults plain)" || fail "after kill-prefill: pools"
+echo "$out" | grep -q '"ok":8,' || fail "after kill-prefill: the router still sends requests to the dead instance: $out"
+echo "ok   kill -9 prefill: its 4 requests failed (502), the other 4 served, pools empty, then 8/8 rerouted"
+kill -TERM "$R1PID"
+
+# ---- 2. kill -9 a decode instance mid-stream --------------------------------------------------------
+start_up killdec --setup 1p2d --medium gpu --policy round-robin
+victim="$(instance_pid "$TMP/killdec.log" decode0)"
+survivors="$(echo "$INSTANCES" | tr , '\n' | while read -r u; do
+  [ "$(curl -sf "$u/load" | sed -n 's|.*"role":"\([a-z]*\)".*|\1|p')" = prefill ] && echo "$u"; done)"
+decode_ports="$(sed -n 's|^\[decode1\] pdserve serve: listening on \(http://127.0.0.1:[0-9]*\) (model.*|\1|p' "$TMP/killdec.log")"
+out="$(PDSERVE_URL="http://127.0.0.1:$UPORT" PDSERVE_INSTANCES="$survivors,$decode_ports" PDSERVE_N=8 \
+  PDSERVE_KILL_PID="$victim" node "$DISAGG" faults kill-decode)" || { tail -30 "$TMP/killdec.log"; fail "kill-decode: pools"; }
+echo "kill-decode: $out"
+echo "$out" | grep -q '"ok":4,"failed":4' || fail "kill-decode: expected 4 served and 4 failed: $out"
+ls /dev/shm | grep -q "up$UPID-decode0" || echo "note: the killed decode instance left no segment to clean"
+stop_up killdec
+echo "ok   kill -9 decode: its 4 streams ended with an error, the other 4 finished, pools empty, segments removed"
+
+# ---- 3. a transfer stalled past its deadline --------------------------------------------------------
+start_serve d3 --role decode --kv-medium gpu --kv-name "faults$$"; D3=$PORT; D3PID=$SPID
+start_serve p3 --role prefill --kv-medium gpu --debug-stall-transfer-ms 3000; P3=$PORT; P3PID=$SPID
+start_serve r3 --role router --kv-transfer-timeout 1 --prefill "http://127.0.0.1:$P3" --decode "http://127.0.0.1:$D3"
+R3=$PORT; R3PID=$SPID
+t0=$(date +%s%N)
+code="$(curl -s -o "$TMP/stall.json" -w '%{http_code}' "http://127.0.0.1:$R3/v1/completions" \
+  -d '{"prompt":"1 2 3 4 5","max_tokens":4,"temperature":0}')"
+ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+[ "$code" = 504 ] || fail "stall: HTTP $code, not 504: $(cat "$TMP/stall.json")"
+grep -q '"kv_transfer_timeout"' "$TMP/stall.json" || fail "stall: no kv_transfer_timeout code: $(cat "$TMP/stall.json")"
+[ "$ms" -lt 2500 ] || fail "stall: the error took $ms ms for a 1 s deadline"
+out="$(PDSERVE_URL="http://127.0.0.1:$R3" PDSERVE_INSTANCES="http://127.0.0.1:$D3,http://127.0.0.1:$P3" PDSERVE_N=4 \
+  PDSERVE_STREAM=0 node "$DISAGG" faults plain)" || fail "stall: pools not empty"
+echo "$out" | grep -q '"ok":0,"failed":4' || fail "stall: expected 4 failures: $out"
+echo "ok   stalled transfer: 504 after $ms ms (deadline 1 s), 4 more failed likewise, both pools empty"
+kill -TERM "$R3PID" "$P3PID" "$D3PID"
+wait "$R3PID" "$P3PID" "$D3PID"
+ls /dev/shm | grep -q "pdkv-faults$$" && fail "stall: shared memory left: $(ls /dev/shm | grep "faults$$")"
+
+# ---- 4. a full disk store ----------------------------------------------------------------------------
+start_up diskfull --setup dis-disk --kv-store-capacity 256KiB
+long="$(printf 'alpha beta gamma delta %.0s' $(seq 60))"
+code="$(curl -s -o "$TMP/full.json" -w '%{http_code}' "http://127.0.0.1:$UPORT/v1/completions" \
+  -d "{\"prompt\":\"$long\",\"max_tokens\":4,\"temperature\":0}")"
+[ "$code" -ge 500 ] && grep -q '"error"' "$TMP/full.json" || fail "disk full: HTTP $code: $(cat "$TMP/full.json")"
+echo "disk full: HTTP $code $(cat "$TMP/full.json")"
+out="$(PDSERVE_URL="http://127.0.0.1:$UPORT" PDSERVE_INSTANCES="$INSTANCES" PDSERVE_N=8 node "$DISAGG" faults plain)" ||
+  { tail -30 "$TMP/diskfull.log"; fail "disk full: pools"; }
+echo "$out" | grep -q '"ok":8,' || fail "disk full: short prompts were not served: $out"
+stop_up diskfull
+echo "ok   full disk store: the long prompt failed ($code), 8 short ones served, pools empty, store removed"
+echo "all disaggregation fault tests passed"

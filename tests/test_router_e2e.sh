@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# test_router_e2e.sh: the router over colocated instances (`pdserve up --setup co-1gpu`
+# and co-2gpus, the study's baselines): 32 concurrent requests through the router whose
+# greedy outputs equal a single instance's (official OpenAI client, tests/node/disagg.mjs),
+# load spread over both instances, then failover: kill -9 one instance, the router marks
+# it unhealthy and every later request goes to the other; SIGTERM leaves nothing behind.
+# Also `pdserve serve --role router` errors and the internal endpoints' secret.
+source "$(dirname "${BASH_SOURCE[0]}")/disagg_common.sh"
+make_model
+
+start_serve reference
+REF_PORT=$PORT
+REF_PID=$SPID
+PDSERVE_URL="http://127.0.0.1:$REF_PORT" node "$ROOT/tests/node/disagg.mjs" reference "$TMP/ref.json" ||
+  { tail -20 "$TMP/reference.log"; fail "references"; }
+
+for setup in co-1gpu co-2gpus; do
+  start_up "$setup" --setup "$setup"
+  echo "$setup: router on port $UPORT, instances $INSTANCES"
+  PDSERVE_URL="http://127.0.0.1:$UPORT" PDSERVE_INSTANCES="$INSTANCES" \
+    node "$ROOT/tests/node/disagg.mjs" compare "$TMP/ref.json" ||
+    { tail -40 "$TMP/$setup.log"; fail "$setup: outputs or pools"; }
+  [ "$setup" = co-1gpu ] && stop_up "$setup"
+done
+
+# co-2gpus is still up: kill -9 one instance; after the next health check, all succeed
+victim="$(instance_pid "$TMP/co-2gpus.log" colocated0)"
+[ -n "$victim" ] || fail "no pid for colocated0"
+kill -KILL "$victim"
+sleep 0.5
+survivor="$(echo "$INSTANCES" | tr , '\n' | while read -r u; do curl -sf "$u/load" >/dev/null && echo "$u"; done)"
+out="$(PDSERVE_URL="http://127.0.0.1:$UPORT" PDSERVE_INSTANCES="$survivor" PDSERVE_N=8 \
+  node "$ROOT/tests/node/disagg.mjs" faults plain)" || { tail -30 "$TMP/co-2gpus.log"; fail "failover burst"; }
+echo "$out" | grep -q '"ok":8,' || fail "failover: not every request succeeded after kill -9: $out"
+curl -s "http://127.0.0.1:$UPORT/metrics" | grep -q 'pdserve_router_instance_healthy{.*} 0' ||
+  fail "the router does not report the killed instance unhealthy"
+echo "ok   failover: colocated0 killed, 8/8 requests served by the other instance"
+stop_up co-2gpus
+
+# the router by hand: bad arguments, and the internal endpoints' secret
+"$BIN" serve --role router --port 0 >"$TMP/r0.out" 2>&1 && fail "a router without instances started"
+grep -q "no instances" "$TMP/r0.out" || { cat "$TMP/r0.out"; fail "router without instances: message"; }
+"$BIN" serve --role router --port 0 --prefill http://127.0.0.1:1 >"$TMP/r1.out" 2>&1 && fail "prefill without decode started"
+grep -q "both --prefill and --decode" "$TMP/r1.out" || { cat "$TMP/r1.out"; fail "prefill without decode: message"; }
+code="$(curl -s -o /dev/null -w '%{http_code}' -X POST "http://127.0.0.1:$REF_PORT/internal/reserve" -d '{}')"
+[ "$code" = 404 ] || fail "a colocated instance answered /internal/reserve with $code, not 404"
+start_serve dec --role decode --kv-medium tcp --internal-secret s3cret
+code="$(curl -s -o /dev/null -w '%{http_code}' -X POST "http://127.0.0.1:$PORT/internal/reserve" -d '{"prompt":"a"}')"
+[ "$code" = 401 ] || fail "/internal/reserve without the secret: $code, not 401"
+code="$(curl -s -o "$TMP/res.json" -w '%{http_code}' -X POST -H 'X-PD-Internal-Secret: s3cret' \
+  "http://127.0.0.1:$PORT/internal/reserve" -d '{"prompt":"a b c"}')"
+[ "$code" = 200 ] && grep -q '"ticket":"pdkv1;tcp;' "$TMP/res.json" || fail "/internal/reserve with the secret: $code $(cat "$TMP/res.json")"
+ticket="$(sed -n 's|.*"ticket":"\([^"]*\)".*|\1|p' "$TMP/res.json")"
+[ "$(load_field "http://127.0.0.1:$PORT" kv_blocks_used)" -gt 0 ] || fail "a reservation holds no block"
+curl -sf -X POST -H 'X-PD-Internal-Secret: s3cret' -H "X-PD-Ticket: $ticket" "http://127.0.0.1:$PORT/internal/release" >/dev/null
+for _ in $(seq 50); do [ "$(load_field "http://127.0.0.1:$PORT" kv_blocks_used)" = 0 ] && break; sleep 0.05; done
+[ "$(load_field "http://127.0.0.1:$PORT" kv_blocks_used)" = 0 ] || fail "release did not free the reservation"
+echo "ok   router arguments; internal endpoints: 404 on colocated, 401 without the secret, reserve + release"
+kill -TERM "$SPID" "$REF_PID"
+wait "$SPID" "$REF_PID"
+echo "all router end-to-end tests passed"

@@ -1,0 +1,413 @@
+/* test_sim.c: the simulator: grid interpolation and the cost model on hand-made
+ * profiles, hand-computed timestamps of trivial runs (colocated and disaggregated),
+ * determinism, the real scheduler's preemptions, plans and the profile file format. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sim/sim.h"
+#include "test.h"
+#include "util/util.h"
+
+static bool near(double a, double b, double tol) { return fabs(a - b) <= tol * fmax(1.0, fabs(b)); }
+
+/* A profile whose every prefill step costs pre_s and every decode step dec_s. */
+static void const_profile(sim_profile *p, double pre_s, double dec_s) {
+    sim_profile_init(p);
+    snprintf(p->model, sizeof p->model, "hand-made");
+    static const double x2[] = {1, 4096}, y2[] = {0, 4096};
+    sim_grid_init(&p->prefill, 2, x2, 2, y2);
+    sim_grid_init(&p->decode, 2, x2, 2, y2);
+    for (int i = 0; i < 4; i++) {
+        p->prefill.v[i] = pre_s;
+        p->decode.v[i] = dec_s;
+    }
+    p->kv_bytes_per_token = 1000;
+}
+
+static sim_config colocated(int n, int blocks) {
+    sim_config c = {.n_colocated = n, .record_tokens = true};
+    c.sched = (sched_config){.num_blocks = blocks, .block_size = 16, .max_num_seqs = 64,
+                             .max_num_batched_tokens = 512, .enable_chunked_prefill = true};
+    return c;
+}
+
+static void test_grid_interpolation(void) {
+    sim_grid g;
+    static const double x[] = {0, 10, 30}, y[] = {0, 100};
+    sim_grid_init(&g, 3, x, 2, y);
+    /* v = 1 + 2x + 0.01 y: bilinear must be exact on a plane, inside and outside */
+    for (int i = 0; i < 3; i++)
+        for (int j = 0; j < 2; j++) g.v[i * 2 + j] = 1 + 2 * x[i] + 0.01 * y[j];
+    CHECK(near(sim_grid_eval(&g, 5, 50), 1 + 10 + 0.5, 1e-12));
+    CHECK(near(sim_grid_eval(&g, 20, 0), 41, 1e-12));
+    CHECK(near(sim_grid_eval(&g, 40, 300), 1 + 80 + 3, 1e-12));  /* extrapolated */
+    CHECK(near(sim_grid_eval(&g, -5, -100), 1 - 10 - 1, 1e-12));
+    /* a kink: piecewise linear between grid points */
+    g.v[2 * 2 + 0] = 100;
+    CHECK(near(sim_grid_eval(&g, 20, 0), 0.5 * (21 + 100), 1e-12));
+    sim_grid_free(&g);
+}
+
+/* A profile with a linear curve: linear(T) = 1e-3 + 1e-5 T, prefill(T, C) = linear(T) +
+ * 1e-8 * pairs(T, C), decode(B, L) = linear(B) + 1e-8 * B * L. */
+static void linear_profile(sim_profile *p) {
+    sim_profile_init(p);
+    static const double pt[] = {1, 64, 256, 1024}, pc[] = {0, 512, 2048};
+    static const double db[] = {1, 8, 64}, dc[] = {16, 256, 4096};
+    static const double lt[] = {1, 8, 64, 256, 1024, 4096}, one = 1;
+    sim_grid_init(&p->prefill, 4, pt, 3, pc);
+    sim_grid_init(&p->decode, 3, db, 3, dc);
+    sim_grid_init(&p->linear, 6, lt, 1, &one);
+    for (int i = 0; i < 6; i++) p->linear.v[i] = 1e-3 + 1e-5 * lt[i];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 3; j++)
+            p->prefill.v[i * 3 + j] = 1e-3 + 1e-5 * pt[i] + 1e-8 * pt[i] * (pc[j] + (pt[i] + 1) / 2);
+    for (int i = 0; i < 3; i++)
+        for (int j = 0; j < 3; j++) p->decode.v[i * 3 + j] = 1e-3 + 1e-5 * db[i] + 1e-8 * db[i] * dc[j];
+    p->sample_s_per_row = 1e-6;
+    p->step_overhead_s = 2e-6;
+}
+
+static void test_cost_model(void) {
+    sim_profile p;
+    linear_profile(&p);
+    sim_cost c;
+    sim_cost_init(&c, &p, 0);
+    sim_step_cost sc;
+    sim_work w;
+    /* one chunk on a grid point: exactly the grid, plus the host part */
+    sim_work_begin(&w, &p);
+    sim_work_add_chunk(&w, 256, 512);
+    w.n_logits = 1;
+    sim_cost_step(&c, &w, &sc);
+    CHECK(near(sc.seconds, p.prefill.v[2 * 3 + 1] + 1e-6 + 2e-6, 1e-9));
+    /* two chunks: linear part once for all rows, attention per chunk */
+    sim_work_begin(&w, &p);
+    sim_work_add_chunk(&w, 64, 0);
+    sim_work_add_chunk(&w, 64, 512);
+    sim_cost_step(&c, &w, &sc);
+    double want = 1e-3 + 1e-5 * 128 + 1e-8 * (64 * 32.5 + 64 * (512 + 32.5)) + 2e-6;
+    CHECKF(near(sc.seconds, want, 1e-9), "two chunks %.9f want %.9f", sc.seconds, want);
+    /* decode at a context between grid points: linear in context */
+    sim_work_begin(&w, &p);
+    for (int i = 0; i < 8; i++) sim_work_add_decode(&w, 136);
+    w.n_logits = 8;
+    sim_cost_step(&c, &w, &sc);
+    want = 1e-3 + 8e-5 + 1e-8 * 8 * 136 + 8e-6 + 2e-6;
+    CHECKF(near(sc.seconds, want, 1e-9), "decode %.9f want %.9f", sc.seconds, want);
+    /* mixed: the sum of the parts minus the shared fixed cost (1e-3 here) */
+    sim_work_begin(&w, &p);
+    sim_work_add_chunk(&w, 64, 0);
+    for (int i = 0; i < 8; i++) sim_work_add_decode(&w, 256);
+    sim_cost_step(&c, &w, &sc);
+    double tp = p.prefill.v[1 * 3 + 0], td = p.decode.v[1 * 3 + 1];
+    CHECKF(near(sc.seconds, tp + td - 1e-3 + 2e-6, 1e-9), "mixed %.9f parts %.9f", sc.seconds, tp + td);
+    CHECK(sc.prefill_s > 0 && sc.decode_s > 0);
+    /* the clock model: compute-bound prefill slows by f0/f, memory-bound decode barely */
+    p.clock.base_mhz = 1400;
+    p.clock.prefill_compute_frac = 1.0;
+    p.clock.decode_compute_frac = 0.2;
+    sim_cost slow;
+    sim_cost_init(&slow, &p, 700);
+    CHECK(near(slow.prefill_scale, 2.0, 1e-12));
+    CHECK(near(slow.decode_scale, 1.2, 1e-12));
+    /* fitting recovers the fractions from clock points */
+    sim_clock_model cm = p.clock;
+    cm.n_points = 2;
+    cm.points[0] = (sim_clock_point){700, 1.9, 1.1, 0};
+    cm.points[1] = (sim_clock_point){1050, 1.3, 1.0333333, 0};
+    sim_clock_fit(&cm, 0);
+    CHECKF(near(cm.prefill_compute_frac, 0.9, 0.02) && near(cm.decode_compute_frac, 0.1, 0.02),
+           "fitted %.3f %.3f", cm.prefill_compute_frac, cm.decode_compute_frac);
+    /* transfers: latency + bytes / bandwidth */
+    sim_medium m;
+    REQUIRE(sim_medium_default("disk", &m) == 0);
+    CHECK(near(sim_cost_transfer(&m, 3e9), m.latency_s + 3e9 / m.bandwidth, 1e-12));
+    m.n_points = 3;
+    double bytes[] = {1e6, 1e7, 1e8};
+    for (int i = 0; i < 3; i++) m.bytes[i] = bytes[i], m.seconds[i] = 1e-4 + bytes[i] / 5e9;
+    sim_medium_fit(&m);
+    CHECK(near(m.bandwidth, 5e9, 1e-6) && near(m.latency_s, 1e-4, 1e-6));
+    sim_profile_free(&p);
+}
+
+static void test_trivial_timestamps(void) {
+    sim_profile p;
+    const_profile(&p, 0.1, 0.02);
+    sim_config c = colocated(1, 128);
+    sim_request r = {.n_prompt = 100, .max_tokens = 5, .arrival = 0.5};
+    bench_config bc;
+    bench_config_default(&bc);
+    bench_result *res;
+    sim_stats st;
+    char err[256];
+    REQUIRE(sim_run(&c, &p, &r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    const bench_record *b = &res->recs[0];
+    CHECK(near(b->ttft_s, 0.1, 1e-12));
+    CHECK_EQ_INT(b->n_tokens, 5);
+    for (int k = 0; k < 5; k++) CHECK(near(b->token_s[k], 0.1 + 0.02 * k, 1e-12));
+    CHECK(near(b->e2el_s, 0.18, 1e-12));
+    CHECK(near(res->sum.tpot.median, 20.0, 1e-9));
+    CHECK(near(st.makespan_s, 0.68, 1e-12));
+    CHECK_EQ_INT(st.steps, 5);
+    CHECK(res->sum.energy_j < 0); /* no power in the profile: not measured, never 0 */
+    bench_result_free(res);
+
+    /* a prompt over the budget is chunked: 3 prefill steps of up to 512 rows */
+    r.n_prompt = 1100;
+    REQUIRE(sim_run(&c, &p, &r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECK(near(res->recs[0].ttft_s, 0.3, 1e-12));
+    bench_result_free(res);
+
+    /* power: energy = busy power x busy time + idle power x idle time */
+    p.power.measured = true;
+    p.power.idle_w = 50;
+    p.power.prefill_w = p.power.decode_w = 300;
+    r.n_prompt = 100;
+    r.arrival = 0;
+    REQUIRE(sim_run(&c, &p, &r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECK(near(st.energy_j, 300 * 0.18, 1e-9));
+    CHECK(near(res->sum.energy_j, st.energy_j, 1e-12));
+    bench_result_free(res);
+    sim_profile_free(&p);
+}
+
+static void test_disaggregated_transfer(void) {
+    sim_profile p;
+    const_profile(&p, 0.1, 0.02);
+    sim_medium m = {.latency_s = 0.01, .bandwidth = 1e6};
+    snprintf(m.name, sizeof m.name, "test");
+    sim_config c = colocated(0, 256);
+    c.n_colocated = 0;
+    c.n_prefill = c.n_decode = 1;
+    c.medium = &m;
+    sim_request r[2] = {{.n_prompt = 100, .max_tokens = 4, .arrival = 0}, {.n_prompt = 100, .max_tokens = 4, .arrival = 0}};
+    bench_config bc;
+    bench_config_default(&bc);
+    bench_result *res;
+    sim_stats st;
+    char err[256];
+    REQUIRE(sim_run(&c, &p, r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    double xfer = 0.01 + 100 * 1000 / 1e6; /* 0.11 s */
+    const bench_record *b = &res->recs[0];
+    CHECKF(near(b->ttft_s, 0.1 + xfer, 1e-12), "ttft %.6f", b->ttft_s);
+    /* D's first step computes only the first token's row (the prompt came over the wire) */
+    CHECKF(near(b->token_s[1] - b->token_s[0], 0.02, 1e-12), "first decode %.6f", b->token_s[1] - b->token_s[0]);
+    CHECK(near(b->e2el_s, 0.1 + xfer + 3 * 0.02, 1e-12));
+    CHECK(near(st.kv_bytes, 1e5, 1e-12));
+    bench_result_free(res);
+    /* two requests prefilled in one step share the link: the second waits for the first */
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    CHECK(near(res->recs[0].ttft_s, 0.1 + xfer, 1e-12));
+    CHECK(near(res->recs[1].ttft_s, 0.1 + xfer + 0.1, 1e-12));
+    bench_result_free(res);
+    /* colocated, the same request has no transfer */
+    sim_config co = colocated(1, 256);
+    REQUIRE(sim_run(&co, &p, r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECK(near(res->recs[0].ttft_s, 0.1, 1e-12));
+    bench_result_free(res);
+    sim_profile_free(&p);
+}
+
+static sim_request *poisson_requests(int n, double rate, uint64_t seed, bench_dataset *d) {
+    bench_dataset_opts o;
+    bench_dataset_opts_default(&o);
+    o.num_prompts = n;
+    o.seed = seed;
+    o.random_input_len = 200;
+    o.random_output_len = 40;
+    o.random_range_ratio = 0.5;
+    char err[256];
+    PD_ASSERT(bench_dataset_load(&o, NULL, d, err, sizeof err) == 0);
+    double *arr = xmalloc(sizeof(double) * (size_t)n);
+    bench_arrivals(rate, 1.0, n, seed, arr);
+    sim_request *r = xmalloc(sizeof(sim_request) * (size_t)n);
+    sim_requests_from_dataset(d, arr, r);
+    free(arr);
+    return r;
+}
+
+static void test_determinism(void) {
+    sim_profile p;
+    linear_profile(&p);
+    bench_dataset d1 = {0}, d2 = {0};
+    sim_request *r1 = poisson_requests(300, 50, 7, &d1), *r2 = poisson_requests(300, 50, 7, &d2);
+    sim_config c = colocated(2, 400);
+    c.router = SIM_ROUTER_LEAST_LOADED;
+    bench_config bc;
+    bench_config_default(&bc);
+    bench_result *a, *b;
+    sim_stats sa, sb;
+    char err[256];
+    REQUIRE(sim_run(&c, &p, r1, 300, &bc, &a, &sa, err, sizeof err) == 0);
+    REQUIRE(sim_run(&c, &p, r2, 300, &bc, &b, &sb, err, sizeof err) == 0);
+    bool same = sa.steps == sb.steps && sa.makespan_s == sb.makespan_s;
+    for (int i = 0; i < 300 && same; i++) {
+        same = a->recs[i].ttft_s == b->recs[i].ttft_s && a->recs[i].e2el_s == b->recs[i].e2el_s &&
+               a->recs[i].n_tokens == b->recs[i].n_tokens;
+        for (int k = 0; same && k < a->recs[i].n_tokens; k++) same = a->recs[i].token_s[k] == b->recs[i].token_s[k];
+    }
+    CHECK(same);
+    CHECK_EQ_INT(a->sum.completed, 300);
+    bench_result_free(a);
+    bench_result_free(b);
+    /* a different seed gives different requests */
+    bench_dataset d3 = {0};
+    sim_request *r3 = poisson_requests(300, 50, 8, &d3);
+    REQUIRE(sim_run(&c, &p, r3, 300, &bc, &a, &sa, err, sizeof err) == 0);
+    CHECK(sa.makespan_s != sb.makespan_s);
+    bench_result_free(a);
+    free(r1);
+    free(r2);
+    free(r3);
+    bench_dataset_free(&d1);
+    bench_dataset_free(&d2);
+    bench_dataset_free(&d3);
+    sim_profile_free(&p);
+}
+
+static void test_preemption_is_the_engines(void) {
+    sim_profile p;
+    const_profile(&p, 0.01, 0.005);
+    /* 16 requests of 100 + 60 tokens (10 blocks each) over a pool of 40 blocks: the
+     * scheduler must preempt (and recompute) to get through, exactly as in the engine */
+    sim_request r[16];
+    for (int i = 0; i < 16; i++) r[i] = (sim_request){.n_prompt = 100, .max_tokens = 60, .arrival = 0};
+    sim_config c = colocated(1, 40);
+    bench_config bc;
+    bench_config_default(&bc);
+    bench_result *res;
+    sim_stats st;
+    char err[256];
+    REQUIRE(sim_run(&c, &p, r, 16, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(st.preemptions > 0, "preemptions %llu", (unsigned long long)st.preemptions);
+    CHECK_EQ_INT(res->sum.completed, 16);
+    CHECK_EQ_INT(res->sum.total_output, 16 * 60);
+    bench_result_free(res);
+    /* a big pool: no preemption */
+    c = colocated(1, 4000);
+    REQUIRE(sim_run(&c, &p, r, 16, &bc, &res, &st, err, sizeof err) == 0);
+    CHECK_EQ_INT(st.preemptions, 0);
+    bench_result_free(res);
+    /* a request larger than the whole pool is an error naming it */
+    r[3].n_prompt = 5000;
+    c = colocated(1, 40);
+    CHECK(sim_run(&c, &p, r, 16, &bc, &res, &st, err, sizeof err) == -1);
+    CHECK_STR_CONTAINS(err, "request 3");
+    sim_profile_free(&p);
+}
+
+static void test_plan_and_setups(void) {
+    sim_plan_setup s;
+    REQUIRE(sim_setup_parse("co-2gpus", &s) == 0);
+    CHECK_EQ_INT(s.n_colocated, 2);
+    REQUIRE(sim_setup_parse("dis-disk", &s) == 0);
+    CHECK(s.n_prefill == 1 && s.n_decode == 1 && !strcmp(s.medium, "disk"));
+    REQUIRE(sim_setup_parse("64P64D-nvlink", &s) == 0);
+    CHECK(s.n_prefill == 64 && s.n_decode == 64 && !strcmp(s.medium, "nvlink"));
+    REQUIRE(sim_setup_parse("co-8", &s) == 0);
+    CHECK_EQ_INT(s.n_colocated, 8);
+    CHECK(sim_setup_parse("4P", &s) == -1);
+    const char *plan = "{\"name\": \"t\", \"seed\": 3, \"input_len\": 64, \"output_len\": 8,"
+                       " \"setups\": [\"co-1gpu\", {\"prefill\": 2, \"decode\": 1, \"medium\": \"cpu\"}],"
+                       " \"loads\": [{\"batch\": 4}, {\"rate\": 2.5, \"num_prompts\": 10}],"
+                       " \"clocks\": [{\"prefill_mhz\": 1410, \"decode_mhz\": 810}], \"router\": \"least-loaded\","
+                       " \"engine\": {\"max_num_seqs\": 32, \"kv_cache_tokens\": 5000}}";
+    sim_plan pl;
+    char err[256];
+    REQUIRE(sim_plan_parse(plan, strlen(plan), "plan", &pl, err, sizeof err) == 0);
+    CHECK(pl.n_setups == 2 && pl.n_loads == 2 && pl.n_clocks == 1);
+    CHECK(pl.setups[1].n_prefill == 2 && !strcmp(pl.setups[1].medium, "cpu"));
+    CHECK(pl.loads[0].batch && pl.loads[0].num_prompts == 4 && !pl.loads[1].batch && pl.loads[1].rate == 2.5);
+    CHECK(pl.clocks[0][0] == 1410 && pl.clocks[0][1] == 810);
+    CHECK(pl.router == SIM_ROUTER_LEAST_LOADED && pl.max_num_seqs == 32 && pl.kv_cache_tokens == 5000);
+    CHECK(pl.seed == 3 && pl.dataset.random_input_len == 64);
+    sim_plan_free(&pl);
+    const char *bad = "{\"setups\": [\"co-1gpu\"], \"loads\": [{\"rate\": 2}]}";
+    CHECK(sim_plan_parse(bad, strlen(bad), "bad", &pl, err, sizeof err) == -1);
+    CHECK_STR_CONTAINS(err, "loads[0]");
+}
+
+static void test_profile_roundtrip(void) {
+    sim_profile p, q;
+    linear_profile(&p);
+    snprintf(p.model, sizeof p.model, "preset:tiny");
+    p.power.measured = true;
+    p.power.idle_w = 40;
+    p.power.prefill_w = 200;
+    p.power.decode_w = 120;
+    p.n_mediums = 1;
+    sim_medium_default("nvlink", &p.mediums[0]);
+    char *s = sim_profile_to_json(&p);
+    char err[256];
+    REQUIRE(sim_profile_parse(s, strlen(s), "rt", &q, err, sizeof err) == 0);
+    CHECK(!strcmp(q.model, "preset:tiny"));
+    CHECK(q.linear.nx == 6 && q.prefill.nx == 4 && q.decode.ny == 3);
+    /* cJSON prints 15-17 significant digits: equal to about one ulp */
+    for (int i = 0; i < 12; i++) CHECK(near(q.prefill.v[i], p.prefill.v[i], 1e-14));
+    CHECK(near(q.linear.v[3], p.linear.v[3], 1e-14));
+    CHECK(q.power.measured && q.power.decode_w == 120);
+    CHECK(q.n_mediums == 1 && q.mediums[0].bandwidth == p.mediums[0].bandwidth);
+    CHECK(q.sample_s_per_row == p.sample_s_per_row);
+    sim_profile_free(&q);
+    free(s);
+    const char *bad = "{\"format\": \"pdserve-profile/1\", \"prefill\": {\"tokens\": [1, 1], \"context\": [0],"
+                      " \"seconds\": [[1], [2]]}}";
+    CHECK(sim_profile_parse(bad, strlen(bad), "bad", &q, err, sizeof err) == -1);
+    CHECK_STR_CONTAINS(err, "prefill.tokens");
+    sim_profile_free(&p);
+}
+
+static void test_roofline_xpyd(void) {
+    model_config mc;
+    char err[256];
+    REQUIRE(model_preset("llama-3.1-8b", &mc, err, sizeof err) == 0);
+    sim_roofline rf;
+    sim_roofline_h100(&rf);
+    sim_profile p;
+    sim_profile_roofline(&mc, &rf, &p);
+    /* decode of 1 sequence reads all 16 GB of weights: ~7 ms at 70% of 3.35 TB/s, + overhead */
+    double d1 = sim_grid_eval(&p.decode, 1, 128);
+    CHECKF(d1 > 0.006 && d1 < 0.015, "decode B=1 %.4f s", d1);
+    bench_dataset d = {0};
+    sim_request *r = poisson_requests(400, 40, 11, &d);
+    sim_medium m;
+    sim_medium_default("nvlink", &m);
+    sim_config c = colocated(0, 100000);
+    c.n_colocated = 0;
+    c.n_prefill = 2;
+    c.n_decode = 2;
+    c.medium = &m;
+    c.router = SIM_ROUTER_LEAST_LOADED;
+    c.decode_mhz = 990;
+    bench_config bc;
+    bench_config_default(&bc);
+    bench_result *res;
+    sim_stats st;
+    REQUIRE(sim_run(&c, &p, r, 400, &bc, &res, &st, err, sizeof err) == 0);
+    CHECK_EQ_INT(res->sum.completed, 400);
+    CHECK(st.energy_j > 0 && st.energy_decode_j > 0 && st.energy_prefill_j > 0);
+    fprintf(stderr, "2P2D roofline: TTFT med %.1f ms, TPOT med %.2f ms, %.0f out tok/s, %.3f J/token\n",
+            res->sum.ttft.median, res->sum.tpot.median, res->sum.output_throughput,
+            st.energy_j / (double)(res->sum.total_input + res->sum.total_output));
+    bench_result_free(res);
+    free(r);
+    bench_dataset_free(&d);
+    sim_profile_free(&p);
+}
+
+int main(void) {
+    log_set_level(LOG_LEVEL_WARN);
+    TEST_RUN(test_grid_interpolation);
+    TEST_RUN(test_cost_model);
+    TEST_RUN(test_trivial_timestamps);
+    TEST_RUN(test_disaggregated_transfer);
+    TEST_RUN(test_determinism);
+    TEST_RUN(test_preemption_is_the_engines);
+    TEST_RUN(test_plan_and_setups);
+    TEST_RUN(test_profile_roundtrip);
+    TEST_RUN(test_roofline_xpyd);
+    return TEST_END();
+}
