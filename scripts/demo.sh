@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
 # demo.sh: the main job on a fresh Debian 12 machine: installs the Debian packages,
-# builds, makes a small model (random weights, a tokenizer trained here), and runs
-# it through the engine on the CPU.
+# builds, and runs `pdserve demo`: a small model made here (random weights, a tokenizer
+# trained here), every setup of the study side by side on the CPU (processes in place
+# of GPUs), a comparison table with the Pareto frontier points, and an HTML report.
+# Extra arguments go to `pdserve demo` (e.g. --fresh, --out DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
 scripts/build.sh
-bin=${PDSERVE_BUILD_DIR:-build}/pdserve
-model=${PDSERVE_BUILD_DIR:-build}/models/small-llama
-"$bin" make-model --out "$model" --preset small-llama
-echo "--- pdserve generate --model $model --prompt 'Serving language models' --max-tokens 32 --ignore-eos" >&2
-"$bin" generate --model "$model" --prompt "Serving language models" --max-tokens 32 --temperature 0 --ignore-eos
+exec "${PDSERVE_BUILD_DIR:-build}/pdserve" demo --out pdserve-demo "$@"
