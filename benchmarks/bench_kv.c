@@ -76,7 +76,7 @@ static kv_config medium_config(const opts *o, kv_medium m, kv_role role, size_t 
     c.role = role;
     c.mode = o->mode;
     snprintf(c.name, sizeof c.name, "bench%d", (int)getppid());
-    snprintf(c.dir, sizeof c.dir, "%s/pdkv-bench-%d", o->dir, (int)getppid());
+    snprintf(c.dir, sizeof c.dir, "%.100s/pdkv-bench-%d", o->dir, (int)getppid());
     c.capacity_bytes = bytes + bytes / 4 + ((size_t)64 << 20);
     c.create_store = role == KV_ROLE_DECODE;
     c.disk_force_pread = o->pread;
@@ -101,6 +101,10 @@ static int transfer(const opts *o, kv_medium m, int n, double *lat, double *put)
                            ? kv_cache_create_shared(be, &cfg, BLOCK, cache_bytes, shm, err, sizeof err)
                            : kv_cache_create(be, &cfg, BLOCK, cache_bytes, err, sizeof err);
         if (!kv) pd_die("%s", err);
+        for (int l = 0; l < kv->n_layers; l++) { /* a serving cache is warm: no first touch */
+            memset(kv->k[l], 0, (size_t)kv->num_blocks * kv->block_bytes);
+            memset(kv->v[l], 0, (size_t)kv->num_blocks * kv->block_bytes);
+        }
         kv_pool pool;
         kv_pool_init(&pool, kv->num_blocks, BLOCK);
         int32_t pre[3];
@@ -141,7 +145,7 @@ static int transfer(const opts *o, kv_medium m, int n, double *lat, double *put)
         for (int i = 0; i < nb; i++) blocks[i] = i;
         kv_ticket t;
         if (rd(d2p[0], text, sizeof text) || kv_ticket_parse(text, &t, err, sizeof err)) _exit(2);
-        kv_config c = medium_config(o, m, KV_ROLE_PREFILL, 0);
+        kv_config c = medium_config(o, m, KV_ROLE_PREFILL, (size_t)nb * BLOCK * per_token);
         kv_connector *con = kv_connector_create(&c, kv, NULL, err, sizeof err);
         if (!con) pd_die("%s", err);
         double res[2] = {time_now_s(), 0};

@@ -19,8 +19,28 @@ fi
 TMP="$(mktemp -d)"
 PIDS=()
 cleanup() {
-  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
+  local rc=$?
+  # SIGTERM first: a `pdserve up` then removes its segments and store itself
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
+  for _ in $(seq 100); do
+    local alive=0
+    for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ $alive = 0 ] && break
+    sleep 0.1
+  done
+  for p in "${PIDS[@]}"; do
+    kill -KILL "$p" 2>/dev/null
+    rm -f /dev/shm/pdkv-up"$p"-* 2>/dev/null
+  done
+  # sanitizer builds: a report in any process's log fails the test
+  if grep -l -E "ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitizer|exited with status" "$TMP"/*.log \
+       >/dev/null 2>&1; then
+    grep -h -A 12 -E "ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitizer|exited with status" "$TMP"/*.log | head -60
+    echo "FAIL: a process reported a sanitizer error or a bad exit status"
+    rc=1
+  fi
   rm -rf "$TMP"
+  exit $rc
 }
 trap cleanup EXIT
 fail() { echo "FAIL: $*"; exit 1; }

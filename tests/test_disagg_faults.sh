@@ -42,10 +42,15 @@ decode_ports="$(sed -n 's|^\[decode1\] pdserve serve: listening on \(http://127.
 out="$(PDSERVE_URL="http://127.0.0.1:$UPORT" PDSERVE_INSTANCES="$survivors,$decode_ports" PDSERVE_N=8 \
   PDSERVE_KILL_PID="$victim" node "$DISAGG" faults kill-decode)" || { tail -30 "$TMP/killdec.log"; fail "kill-decode: pools"; }
 echo "kill-decode: $out"
-echo "$out" | grep -q '"ok":4,"failed":4' || fail "kill-decode: expected 4 served and 4 failed: $out"
+# decode0 had 4 of the 8 streams (round-robin), killed once every stream had its first
+# token: those still running fail (normally all 4), every other one completes
+ok="$(echo "$out" | sed -n 's|.*"ok":\([0-9]*\),"failed":\([0-9]*\).*|\1 \2|p')"
+set -- $ok
+[ "$1" -ge 4 ] && [ "$2" -ge 1 ] && [ $(( $1 + $2 )) = 8 ] || fail "kill-decode: expected 1 to 4 failed, the rest served: $out"
+echo "$out" | grep -q 'decode instance failed' || fail "kill-decode: errors do not name the decode instance: $out"
 ls /dev/shm | grep -q "up$UPID-decode0" || echo "note: the killed decode instance left no segment to clean"
 stop_up killdec
-echo "ok   kill -9 decode: its 4 streams ended with an error, the other 4 finished, pools empty, segments removed"
+echo "ok   kill -9 decode: its $2 running stream(s) ended with an error, $1 finished, pools empty, segments removed"
 
 # ---- 3. a transfer stalled past its deadline --------------------------------------------------------
 start_serve d3 --role decode --kv-medium gpu --kv-name "faults$$"; D3=$PORT; D3PID=$SPID

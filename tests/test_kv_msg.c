@@ -16,7 +16,9 @@ static void test_header_round_trip(void) {
     char err[256];
     kv_msg_encode(&h, b);
     CHECK_EQ_INT(kv_msg_parse(b, sizeof b, &g, err, sizeof err), KV_MSG_HEADER_BYTES);
-    CHECK(memcmp(&h, &g, sizeof h) == 0);
+    CHECK(h.type == g.type && h.request_id == g.request_id && h.ticket == g.ticket &&
+          h.layer == g.layer && h.first_block == g.first_block && h.n_blocks == g.n_blocks &&
+          h.payload_bytes == g.payload_bytes && h.checksum == g.checksum);
     for (size_t n = 0; n < KV_MSG_HEADER_BYTES; n++) /* partial: need more, never an error */
         CHECK_EQ_INT(kv_msg_parse(b, n, &g, err, sizeof err), 0);
 }

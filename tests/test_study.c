@@ -275,7 +275,7 @@ static void test_pareto(void) {
     CHECK_EQ_INT(study_pareto(ax, ay, 0, false, h), 0);
 }
 
-/* A sweep against the fake server: "external" points run, "dis-gpu" fails with the
+/* A sweep against the fake server: "external" points run, "dis-gpu" (no model given) fails with the
  * reason, a clock point is skipped; a second run skips what is done. */
 static void test_sweep_resume(void) {
     tsrv s;
@@ -303,7 +303,7 @@ static void test_sweep_resume(void) {
     CHECK_EQ_INT(q_num(h, "SELECT count(*) FROM requests"), 4);
     CHECK_EQ_INT(q_num(h, "SELECT sum(completed) FROM summaries"), 4);
     char *reason = q_text(h, "SELECT reason FROM runs WHERE setup = 'dis-gpu' AND batch_size = 3");
-    CHECK_STR_CONTAINS(reason, "setup 'dis-gpu' not available in this build");
+    CHECK_STR_CONTAINS(reason, "setup 'dis-gpu' needs a model");
     free(reason);
     CHECK_EQ_INT(q_num(h, "SELECT count(*) FROM summaries s JOIN runs r USING(run_id) WHERE r.setup = 'dis-gpu'"), 0);
     /* Energy from the fake server's counters: measured, per GPU and role. */

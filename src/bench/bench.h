@@ -166,19 +166,34 @@ long bench_json_unescape(const char *s, size_t len, char *out, size_t cap);
 const char *bench_json_skip(const char *p, const char *end);
 
 /* ---- energy from Prometheus /metrics ----------------------------------------------
- * Every sample whose metric name ends in "_energy_joules" is an energy counter; the
- * label role="..." (if any) says which role it belongs to. */
+ * Every sample whose metric name ends in "_energy_joules" is an energy counter of one
+ * meter (src/power/power.h, power_live_prometheus, writes them), except the derived
+ * sums pdserve_role_/component_/gpu_active_energy_joules, which are skipped; the
+ * label role="..." (if any) says which role it belongs to. A series read through
+ * several servers with identical name and labels (one host's CPU seen by two
+ * instances) is one meter: counted once. pdserve_gpu_idle_power_watts gives a GPU's
+ * idle baseline (same host and gpu labels), for idle-subtracted energy, and
+ * pdserve_energy_measured{component} 0|1 says what a server measures. */
 #define BENCH_ENERGY_MAX_SERIES 64
+#define BENCH_ENERGY_MAX_COMPONENTS 8
 typedef struct bench_energy_series {
     char key[192];         /* metric name + labels, as written (identifies the series) */
     char role[32];         /* role label, or "" */
     double before, after;  /* joules */
     bool has_before, has_after;
+    bool dup;              /* the same meter already read through another server */
+    bool has_idle;         /* idle_w known (a GPU of a pdserve instance) */
+    double idle_w;         /* idle baseline, watts */
 } bench_energy_series;
 
 typedef struct bench_energy {
     bench_energy_series s[BENCH_ENERGY_MAX_SERIES];
     int n;
+    double t_before, t_after;  /* CLOCK_MONOTONIC seconds of the two readings (0: unknown) */
+    /* pdserve_energy_measured lines: a component is measured when every server that
+     * reports it says 1 (both readings) */
+    struct { char name[32]; bool measured; } comp[BENCH_ENERGY_MAX_COMPONENTS];
+    int n_comp;
 } bench_energy;
 
 /* Adds the samples of one /metrics text (after = false: the "before" reading).
@@ -187,6 +202,16 @@ int bench_energy_parse(bench_energy *e, const char *text, size_t len, const char
 /* Joules consumed (after - before) over series read both times; role NULL = all.
  * Returns -1 when no series was read both times (energy not measured). */
 double bench_energy_joules(const bench_energy *e, const char *role);
+/* GPU meters only (pdserve_gpu_energy_joules): joules over series read both times,
+ * net: minus each GPU's idle watts x seconds (the window between the two readings
+ * when seconds <= 0). NAN when not measured: nothing read both times, or (net) a GPU
+ * of the selection without an idle baseline (never a partial sum). May be < 0 net. */
+double bench_energy_gpu_joules(const bench_energy *e, const char *role, bool net, double seconds);
+/* Idle watts summed over those GPUs; NAN when one has no baseline or there is none. */
+double bench_energy_gpu_idle_w(const bench_energy *e, const char *role);
+/* Whether the servers said the component ("gpu", "cpu" ...) is measured: 1, 0, or -1
+ * when no server reported it. */
+int bench_energy_component_measured(const bench_energy *e, const char *component);
 
 /* ---- metrics ----------------------------------------------------------------------- */
 #define BENCH_MAX_PERCENTILES 16

@@ -250,7 +250,7 @@ static int parse_count(const char *s, long long *out) {
     if (*end == '.') {  /* "12.0" written by some exporters */
         char *e2;
         double d = strtod(s, &e2);
-        if (*e2 || d != floor(d)) return -1;
+        if (*e2 || d != floor(d) || !(d >= 0 && d < 9e18)) return -1; /* no UB in the cast */
         v = (long long)d;
         end = e2;
     }

@@ -263,8 +263,43 @@ static void label_value(const char *labels, size_t n, const char *key, char *out
     }
 }
 
+/* Derived sums (power_result_prometheus, power_agg_prometheus): never meters. */
+static bool name_is_derived(const char *name, size_t n) {
+    static const char *const d[] = {"pdserve_role_energy_joules", "pdserve_component_energy_joules",
+                                     "pdserve_gpu_active_energy_joules"};
+    for (size_t i = 0; i < PD_ARRAY_LEN(d); i++)
+        if (n == strlen(d[i]) && !memcmp(name, d[i], n)) return true;
+    return false;
+}
+
+static bool name_is(const char *name, size_t n, const char *want) {
+    return n == strlen(want) && !memcmp(name, want, n);
+}
+
+/* The key without its server prefix ("URL " before the metric name). */
+static const char *unprefixed(const char *key) {
+    const char *sp = strchr(key, ' '), *brace = strchr(key, '{');
+    return sp && (!brace || sp < brace) ? sp + 1 : key;
+}
+
+/* The same prefix (server) as key, and the same host and gpu labels as those given. */
+static bool same_gpu(const char *key, const char *prefix, const char *host, const char *gpu) {
+    size_t pl = prefix ? strlen(prefix) : 0;
+    if (pl ? strncmp(key, prefix, pl) != 0 || key[pl] != ' ' : unprefixed(key) != key) return false;
+    const char *name = unprefixed(key);
+    if (strncmp(name, "pdserve_gpu_energy_joules{", 26) != 0) return false;
+    const char *lb = name + 25;
+    char h[64], g[16];
+    label_value(lb, strlen(lb), "host", h, sizeof h);
+    label_value(lb, strlen(lb), "gpu", g, sizeof g);
+    return !strcmp(h, host) && !strcmp(g, gpu);
+}
+
 int bench_energy_parse(bench_energy *e, const char *text, size_t len, const char *prefix, bool after) {
     int found = 0;
+    /* pass 0: energy counters and measured flags; pass 1: idle baselines (they refer
+     * to counters, which may come later in the text) */
+    for (int pass = 0; pass < 2; pass++) {
     const char *p = text, *end = text + len;
     while (p < end) {
         const char *nl = memchr(p, '\n', (size_t)(end - p));
@@ -276,7 +311,10 @@ int bench_energy_parse(bench_energy *e, const char *text, size_t len, const char
         const char *name = q;
         while (q < le && (isalnum((unsigned char)*q) || *q == '_' || *q == ':')) q++;
         size_t name_len = (size_t)(q - name);
-        if (!name_is_energy(name, name_len)) continue;
+        bool is_energy = name_is_energy(name, name_len) && !name_is_derived(name, name_len);
+        bool is_measured = name_is(name, name_len, "pdserve_energy_measured");
+        bool is_idle = name_is(name, name_len, "pdserve_gpu_idle_power_watts");
+        if (pass == 0 ? !is_energy && !is_measured : !is_idle) continue;
         const char *labels = q;
         if (q < le && *q == '{') {
             bool inq = false;
@@ -298,6 +336,34 @@ int bench_energy_parse(bench_energy *e, const char *text, size_t len, const char
         num[vn] = 0;
         double val = strtod(num, &vend);
         if (vend == num || !isfinite(val)) continue;
+        size_t ln = (size_t)(q - labels);
+        if (is_measured) {
+            char comp[32];
+            label_value(labels, ln, "component", comp, sizeof comp);
+            if (!comp[0]) continue;
+            int k;
+            for (k = 0; k < e->n_comp; k++)
+                if (!strcmp(e->comp[k].name, comp)) break;
+            if (k == e->n_comp) {
+                if (k >= BENCH_ENERGY_MAX_COMPONENTS) continue;
+                snprintf(e->comp[k].name, sizeof e->comp[k].name, "%s", comp);
+                e->comp[k].measured = true;
+                e->n_comp++;
+            }
+            e->comp[k].measured &= val != 0;
+            continue;
+        }
+        if (is_idle) {
+            char host[64], gpu[16];
+            label_value(labels, ln, "host", host, sizeof host);
+            label_value(labels, ln, "gpu", gpu, sizeof gpu);
+            for (int k = 0; k < e->n; k++)
+                if (same_gpu(e->s[k].key, prefix, host, gpu)) {
+                    e->s[k].idle_w = val;
+                    e->s[k].has_idle = true;
+                }
+            continue;
+        }
         char key[192];
         snprintf(key, sizeof key, "%s%s%.*s", prefix ? prefix : "", prefix && *prefix ? " " : "",
                  (int)key_len, name);
@@ -308,7 +374,9 @@ int bench_energy_parse(bench_energy *e, const char *text, size_t len, const char
             if (e->n >= BENCH_ENERGY_MAX_SERIES) continue;
             memset(&e->s[k], 0, sizeof e->s[k]);
             snprintf(e->s[k].key, sizeof e->s[k].key, "%s", key);
-            label_value(labels, (size_t)(q - labels), "role", e->s[k].role, sizeof e->s[k].role);
+            label_value(labels, ln, "role", e->s[k].role, sizeof e->s[k].role);
+            for (int j = 0; j < k; j++)
+                if (!strcmp(unprefixed(e->s[j].key), unprefixed(key))) e->s[k].dup = true;
             e->n++;
         }
         if (after) {
@@ -320,7 +388,12 @@ int bench_energy_parse(bench_energy *e, const char *text, size_t len, const char
         }
         found++;
     }
+    }
     return found;
+}
+
+static bool counted(const bench_energy_series *s, const char *role) {
+    return s->has_before && s->has_after && !s->dup && (!role || !strcmp(role, s->role));
 }
 
 double bench_energy_joules(const bench_energy *e, const char *role) {
@@ -328,10 +401,48 @@ double bench_energy_joules(const bench_energy *e, const char *role) {
     int used = 0;
     for (int k = 0; k < e->n; k++) {
         const bench_energy_series *s = &e->s[k];
-        if (!s->has_before || !s->has_after) continue;
-        if (role && strcmp(role, s->role) != 0) continue;
+        if (!counted(s, role)) continue;
         j += s->after - s->before;
         used++;
     }
     return used ? j : -1;
+}
+
+static bool is_gpu_series(const bench_energy_series *s) {
+    return !strncmp(unprefixed(s->key), "pdserve_gpu_energy_joules", 25);
+}
+
+double bench_energy_gpu_joules(const bench_energy *e, const char *role, bool net, double seconds) {
+    if (seconds <= 0) seconds = e->t_after > e->t_before && e->t_before > 0 ? e->t_after - e->t_before : 0;
+    double j = 0, w = 0;
+    int used = 0;
+    for (int k = 0; k < e->n; k++) {
+        const bench_energy_series *s = &e->s[k];
+        if (!counted(s, role) || !is_gpu_series(s)) continue;
+        if (net && !s->has_idle) return NAN;
+        j += s->after - s->before;
+        w += s->idle_w;
+        used++;
+    }
+    if (!used || (net && seconds <= 0)) return NAN;
+    return net ? j - w * seconds : j;
+}
+
+double bench_energy_gpu_idle_w(const bench_energy *e, const char *role) {
+    double w = 0;
+    int used = 0;
+    for (int k = 0; k < e->n; k++) {
+        const bench_energy_series *s = &e->s[k];
+        if (!counted(s, role) || !is_gpu_series(s)) continue;
+        if (!s->has_idle) return NAN;
+        w += s->idle_w;
+        used++;
+    }
+    return used ? w : NAN;
+}
+
+int bench_energy_component_measured(const bench_energy *e, const char *component) {
+    for (int k = 0; k < e->n_comp; k++)
+        if (!strcmp(e->comp[k].name, component)) return e->comp[k].measured ? 1 : 0;
+    return -1;
 }

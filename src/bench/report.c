@@ -128,6 +128,16 @@ void bench_print_summary(FILE *f, const bench_config *c, const bench_result *r) 
         fprintf(f, "%-40s %-10.4f\n", "Energy per token (J/tok, in+out):", tok ? s->energy_j / (double)tok : 0);
         fprintf(f, "%-40s %-10.4f\n", "Energy per output token (J/tok):",
                 s->total_output ? s->energy_j / (double)s->total_output : 0);
+        double gj = bench_energy_gpu_joules(&r->energy, NULL, false, 0);
+        double gn = bench_energy_gpu_joules(&r->energy, NULL, true, 0);
+        if (!isnan(gj) && s->total_output)
+            fprintf(f, "%-40s %-10.4f\n", "GPU energy per output token (J/tok):", gj / (double)s->total_output);
+        if (!isnan(gn)) {
+            row_f(f, "GPU idle power (W):", bench_energy_gpu_idle_w(&r->energy, NULL));
+            row_f(f, "GPU energy, idle-subtracted (J):", gn);
+            if (s->total_output)
+                fprintf(f, "%-40s %-10.4f\n", "  per output token (J/tok):", gn / (double)s->total_output);
+        }
         const char *roles[16];
         int nr = energy_roles(&r->energy, roles, 16);
         for (int i = 0; i < nr; i++) {
@@ -173,6 +183,18 @@ static cJSON *energy_json(const bench_result *r) {
     cJSON_AddNumberToObject(e, "j_per_request", s->completed ? s->energy_j / s->completed : 0);
     cJSON_AddNumberToObject(e, "j_per_token", tok ? s->energy_j / (double)tok : 0);
     cJSON_AddNumberToObject(e, "j_per_output_token", s->total_output ? s->energy_j / (double)s->total_output : 0);
+    double gj = bench_energy_gpu_joules(&r->energy, NULL, false, 0);
+    double gn = bench_energy_gpu_joules(&r->energy, NULL, true, 0);
+    if (!isnan(gj)) {
+        cJSON_AddNumberToObject(e, "gpu_j", gj);
+        cJSON_AddNumberToObject(e, "gpu_j_per_output_token", s->total_output ? gj / (double)s->total_output : 0);
+    }
+    if (!isnan(gn)) {
+        cJSON_AddNumberToObject(e, "gpu_idle_w", bench_energy_gpu_idle_w(&r->energy, NULL));
+        cJSON_AddNumberToObject(e, "gpu_net_j", gn);
+        cJSON_AddNumberToObject(e, "gpu_net_j_per_output_token", s->total_output ? gn / (double)s->total_output : 0);
+    }
+    cJSON_AddNumberToObject(e, "window_s", r->energy.t_after - r->energy.t_before);
     cJSON *roles = cJSON_AddObjectToObject(e, "per_role");
     const char *rn[16];
     int nr = energy_roles(&r->energy, rn, 16);
@@ -191,6 +213,8 @@ static cJSON *energy_json(const bench_result *r) {
         cJSON_AddStringToObject(o, "role", x->role);
         if (x->has_before) cJSON_AddNumberToObject(o, "before_j", x->before);
         if (x->has_after) cJSON_AddNumberToObject(o, "after_j", x->after);
+        if (x->has_idle) cJSON_AddNumberToObject(o, "idle_w", x->idle_w);
+        if (x->dup) cJSON_AddBoolToObject(o, "duplicate", true);
         cJSON_AddItemToArray(series, o);
     }
     return e;

@@ -177,6 +177,8 @@ static void read_energy(const bench_config *c, bench_energy *e, bool after) {
     }
     bool several = strchr(list, ',') != NULL;
     const char *p = list;
+    if (after) e->t_after = time_now_s();
+    else e->t_before = time_now_s();
     while (*p) {
         size_t n = strcspn(p, ",");
         char url[1024], err[512];

@@ -40,6 +40,7 @@ int cmd_profile(int argc, char **argv) {
     int threads = 0, repeats = 3, block_size = 16, seed = 0;
     double clock_mhz = 0;
     bool no_power = false, verbose = false;
+    const char *roofline = NULL;
     cli_opt opts[] = {
         {"model", OPT_STRING, &model_arg, "model directory, or preset:NAME (dummy weights)", "DIR"},
         {"load-format", OPT_STRING, &load_format, "auto (default), safetensors or dummy", "F"},
@@ -57,6 +58,8 @@ int cmd_profile(int argc, char **argv) {
         {"no-power", OPT_FLAG, &no_power, "do not try to read power meters", NULL},
         {"seed", OPT_INT, &seed, "seed of dummy weights (default 0)", "S"},
         {"verbose", OPT_FLAG, &verbose, "log every point", NULL},
+        {"roofline", OPT_STRING, &roofline,
+         "measure nothing: write the roofline profile of the model on this card (h100)", "CARD"},
     };
     /* -o FILE is accepted as --output FILE */
     char **av = xmalloc(sizeof(char *) * (size_t)(argc + 1));
@@ -114,9 +117,27 @@ int cmd_profile(int argc, char **argv) {
 
     char err[1024];
     model_files files;
-    if (model_files_open(model_arg, load_format, &files, err, sizeof err) != 0) {
+    if (model_files_open(model_arg, roofline ? "dummy" : load_format, &files, err, sizeof err) != 0) {
         fprintf(stderr, "pdserve profile: %s\n", err);
         return 1;
+    }
+    if (roofline) {
+        if (strcmp(roofline, "h100") != 0) {
+            fprintf(stderr, "pdserve profile: --roofline: known cards: h100\n");
+            model_files_close(&files);
+            return 2;
+        }
+        sim_roofline rf;
+        sim_roofline_h100(&rf);
+        sim_profile prof;
+        sim_profile_roofline(&files.config, &rf, &prof);
+        snprintf(prof.model, sizeof prof.model, "%s", model_arg);
+        int rrc = sim_profile_save(&prof, out_path, err, sizeof err);
+        if (rrc) fprintf(stderr, "pdserve profile: %s\n", err);
+        else log_info("profile: wrote the %s roofline profile of %s to %s", rf.name, model_arg, out_path);
+        sim_profile_free(&prof);
+        model_files_close(&files);
+        return rrc ? 1 : 0;
     }
     int rc = 1;
     backend *be = dev >= 0 ? backend_cuda_create(dev, err, sizeof err) : backend_cpu_create(threads);

@@ -4,10 +4,12 @@
  * once), HTTP server. Then the main thread waits for SIGINT/SIGTERM (blocked in every
  * other thread) and shuts down in the reverse order: stop accepting, abort running
  * requests, stop the engine, stop HTTP, free. Exit 0 after a signal. */
+#include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "backend/backend.h"
@@ -16,6 +18,7 @@
 #include "kv/kv.h"
 #include "model/model.h"
 #include "model/tokenizer.h"
+#include "power/power.h"
 #include "server/server.h"
 #include "util/util.h"
 
@@ -33,7 +36,7 @@ static const char *USAGE =
 typedef struct serve_opts {
     const char *model, *tokenizer, *host, *served_name, *api_key, *load_format, *device;
     int port, max_model_len, max_num_seqs, max_num_batched_tokens, block_size, seed, threads;
-    int max_waiting, http_threads;
+    int max_waiting, http_threads, http_timeout, max_stream_backlog;
     bool enable_prefix_caching;
     size_t kv_cache_memory, max_body_bytes;
     double gpu_memory_utilization;
@@ -44,6 +47,11 @@ typedef struct serve_opts {
     bool kv_create_store, kv_disk_buffered;
     size_t kv_store_capacity;
     double kv_timeout;
+    /* energy meters and clocks (docs/energy.md) */
+    const char *energy_meter_cmd, *energy_meter_label, *energy_gpus;
+    double energy_idle_s;
+    int power_sample_ms, sm_clock;
+    bool allow_clock_control;
 } serve_opts;
 
 /* Everything start-up built, freed in reverse order by serve_teardown. */
@@ -58,6 +66,7 @@ typedef struct serve_state {
     server_role role;
     kv_connector *kv;
     router *rt;
+    power_session *pw;
 } serve_state;
 
 static void serve_teardown(serve_state *st) {
@@ -72,6 +81,72 @@ static void serve_teardown(serve_state *st) {
     if (st->be) backend_destroy(st->be);
     if (st->files_open) model_files_close(&st->files);
     if (st->tok) tokenizer_free(st->tok);
+    power_session_free(st->pw); /* last: closing NVML restores locked clocks */
+}
+
+/* The instance's power session: the GPUs it serves (--energy-gpus, else --device's GPU,
+ * as an NVML index through a numeric CUDA_VISIBLE_DEVICES) with the instance's role,
+ * RAPL, the meter command; --sm-clock locks those GPUs' SM clock (with
+ * --allow-clock-control only); then the idle baseline (before any model is loaded)
+ * and the sampler. A missing meter is "not measured", never an error. */
+static int serve_energy(const serve_opts *o, serve_state *st, int gpu, char *err, size_t errlen) {
+    power_config pc;
+    memset(&pc, 0, sizeof pc);
+    pc.sample_period_s = o->power_sample_ms > 0 ? o->power_sample_ms / 1000.0 : 0;
+    pc.idle_window_s = o->energy_idle_s > 0 ? o->energy_idle_s : -1;
+    pc.meter_cmd = o->energy_meter_cmd;
+    pc.meter_label = o->energy_meter_label;
+    power_role role = st->role == SERVER_ROLE_PREFILL ? POWER_ROLE_PREFILL
+                      : st->role == SERVER_ROLE_DECODE ? POWER_ROLE_DECODE : POWER_ROLE_COLOCATED;
+    if (o->energy_gpus && *o->energy_gpus) {
+        for (const char *p = o->energy_gpus; *p && pc.n_gpus < POWER_MAX_GPUS;) {
+            char *end;
+            long v = strtol(p, &end, 10);
+            if (end == p || v < 0 || (*end && *end != ',')) {
+                pd_errorf(err, errlen, "--energy-gpus wants NVML indices like 0,1; got '%s'", o->energy_gpus);
+                return -1;
+            }
+            pc.gpus[pc.n_gpus] = (int)v;
+            pc.roles[pc.n_gpus++] = role;
+            p = *end ? end + 1 : end;
+        }
+    } else if (gpu >= 0) {
+        int idx = gpu;
+        const char *cvd = getenv("CUDA_VISIBLE_DEVICES");
+        if (cvd && *cvd) { /* CUDA ordinal -> NVML index (numeric lists only) */
+            const char *p = cvd;
+            for (int k = 0; k < gpu && p; k++) p = strchr(p, ',') ? strchr(p, ',') + 1 : NULL;
+            char *end;
+            long v = p ? strtol(p, &end, 10) : -1;
+            if (p && end != p && v >= 0 && (*end == ',' || !*end)) idx = (int)v;
+            else log_warn("serve: CUDA_VISIBLE_DEVICES=%s is not a list of indices: measuring NVML GPU %d "
+                          "(pass --energy-gpus to say which)", cvd, gpu);
+        }
+        pc.gpus[0] = idx;
+        pc.roles[0] = role;
+        pc.n_gpus = 1;
+    } else {
+        pc.no_nvml = true; /* a CPU instance: no GPU of its own to measure */
+    }
+    if (o->sm_clock > 0 && pc.no_nvml) {
+        pd_errorf(err, errlen, "--sm-clock needs a GPU: serve on one (--device N) or name it (--energy-gpus N)");
+        return -1;
+    }
+    st->pw = power_session_open(&pc, err, errlen);
+    if (!st->pw) return -1;
+    if (o->sm_clock > 0) {
+        power_nvml *nv = power_session_nvml(st->pw);
+        if (!nv) {
+            pd_errorf(err, errlen, "--sm-clock: NVML is not available here, so clocks cannot be set");
+            return -1;
+        }
+        unsigned mhz[POWER_MAX_GPUS];
+        for (int i = 0; i < pc.n_gpus; i++) mhz[i] = (unsigned)o->sm_clock;
+        if (power_clocks_lock(nv, pc.gpus, mhz, pc.n_gpus, o->allow_clock_control, err, errlen) != 0) return -1;
+        log_info("serve: SM clock of %d GPU(s) locked at %d MHz (restored at exit)", pc.n_gpus, o->sm_clock);
+    }
+    if (power_session_start(st->pw, err, errlen) != 0) return -1;
+    return 0;
 }
 
 /* The decode side's allocator: the engine's pool, thread-safe. */
@@ -135,6 +210,7 @@ static int serve_setup(const serve_opts *o, serve_state *st, char *err, size_t e
         pd_errorf(err, errlen, "--device must be cpu, cuda, cuda:N or N, got '%s'", o->device);
         return -1;
     }
+    if (serve_energy(o, st, gpu, err, errlen)) return -1;
     if (gpu >= 0) {
         st->be = backend_cuda_create(gpu, err, errlen);
         if (!st->be) return -1;
@@ -183,11 +259,30 @@ static int serve_setup(const serve_opts *o, serve_state *st, char *err, size_t e
     server_config sc = {.host = o->host, .port = o->port,
                         .served_model_name = o->served_name ? o->served_name : o->model,
                         .api_key = o->api_key, .max_body_bytes = o->max_body_bytes,
-                        .http_threads = o->http_threads, .max_waiting_requests = o->max_waiting,
+                        .http_threads = o->http_threads, .http_timeout_s = o->http_timeout,
+                        .max_stream_backlog = o->max_stream_backlog,
+                        .max_waiting_requests = o->max_waiting,
                         .role = st->role, .kv = st->kv, .internal_secret = o->internal_secret,
                         .kv_timeout_s = o->kv_timeout, .debug_stall_transfer_ms = o->debug_stall_ms};
+    sc.power = st->pw;
     st->srv = server_start(&sc, st->eng, st->tok, err, errlen);
     return st->srv ? 0 : -1;
+}
+
+/* Every connection is a file descriptor: raise the soft limit of open files to the hard
+ * one (often 1024 soft against 2^19 or more hard), so that thousands of idle clients do
+ * not make the server refuse real ones. The server sizes its connection limit from it. */
+static void raise_nofile_limit(void) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= rl.rlim_max) return;
+    rlim_t was = rl.rlim_cur;
+    rl.rlim_cur = rl.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+        log_warn("serve: cannot raise the open-file limit from %llu: %s", (unsigned long long)was,
+                 strerror(errno));
+    else
+        log_debug("serve: open-file limit raised from %llu to %llu", (unsigned long long)was,
+                  (unsigned long long)rl.rlim_cur);
 }
 
 /* Splits "a,b,c" into out[] (pointers into buf, which is modified); returns the count. */
@@ -259,7 +354,7 @@ int cmd_serve(int argc, char **argv) {
         {"host", OPT_STRING, &o.host, "address to listen on (default 127.0.0.1)", "ADDR"},
         {"port", OPT_INT, &o.port, "port to listen on (default 8000; 0: any free port)", NULL},
         {"served-model-name", OPT_STRING, &o.served_name, "model name in the API (default: --model)", "NAME"},
-        {"api-key", OPT_STRING, &o.api_key, "require 'Authorization: Bearer KEY' on /v1/*", "KEY"},
+        {"api-key", OPT_STRING, &o.api_key, "require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize", "KEY"},
         {"load-format", OPT_STRING, &o.load_format, "auto, safetensors or dummy (random weights)", "FMT"},
         {"device", OPT_STRING, &o.device, "cpu (default), cuda, cuda:N or N: the GPU to serve on", "DEV"},
         {"threads", OPT_INT, &o.threads, "CPU backend threads (default: all cores)", NULL},
@@ -274,6 +369,8 @@ int cmd_serve(int argc, char **argv) {
         {"max-waiting-requests", OPT_INT, &o.max_waiting, "queue limit; beyond it 503 (default 0: none)", NULL},
         {"max-body-bytes", OPT_SIZE, &o.max_body_bytes, "largest request body (default 8MiB; beyond it 413)", NULL},
         {"http-threads", OPT_INT, &o.http_threads, "HTTP worker threads (default 2)", NULL},
+        {"http-timeout", OPT_INT, &o.http_timeout, "close a connection idle or not reading this many s (default 60)", NULL},
+        {"max-stream-backlog", OPT_INT, &o.max_stream_backlog, "abort a stream whose client leaves this many tokens unread (default 2048)", NULL},
         {"role", OPT_STRING, &o.role, "colocated (default), prefill, decode or router", "ROLE"},
         {"instances", OPT_STRING, &o.instances, "router: colocated instances to balance", "URL,..."},
         {"prefill", OPT_STRING, &o.prefill, "router: prefill instances", "URL,..."},
@@ -291,18 +388,32 @@ int cmd_serve(int argc, char **argv) {
         {"kv-port", OPT_INT, &o.kv_port, "decode, tcp medium: port to listen on (default 0: any)", NULL},
         {"internal-secret", OPT_STRING, &o.internal_secret, "shared secret of /internal/... (or $PDSERVE_INTERNAL_SECRET)", "S"},
         {"debug-stall-transfer-ms", OPT_INT, &o.debug_stall_ms, "prefill, fault tests: stall each KV transfer this long", NULL},
+        {"energy-idle-seconds", OPT_DOUBLE, &o.energy_idle_s, "idle power baseline measured at start-up, before loading (default 2; 0: none)", NULL},
+        {"energy-gpus", OPT_STRING, &o.energy_gpus, "NVML indices of the GPUs whose energy this instance reports (default: --device's)", "LIST"},
+        {"energy-meter-cmd", OPT_STRING, &o.energy_meter_cmd, "command printing cumulative joules (node, disk ...), read per /metrics scrape", "CMD"},
+        {"energy-meter-label", OPT_STRING, &o.energy_meter_label, "what the meter command measures: node, disk, nic ... (default meter)", "L"},
+        {"power-sample-ms", OPT_INT, &o.power_sample_ms, "power/clock sampler period (default 100)", NULL},
+        {"sm-clock", OPT_INT, &o.sm_clock, "lock the GPU's SM clock at MHZ (needs --allow-clock-control; restored at exit)", "MHZ"},
+        {"allow-clock-control", OPT_FLAG, &o.allow_clock_control, "let --sm-clock change the GPU clock (shared hardware)", NULL},
     };
     const char *pos[1];
     int n_pos;
     bool help;
+    o.energy_idle_s = 2.0;
     if (cli_parse(argc, argv, opts, (int)PD_ARRAY_LEN(opts), USAGE, pos, 0, &n_pos, &help)) return 2;
     if (help) return 0;
+    if (o.sm_clock > 0 && !o.allow_clock_control) {
+        fprintf(stderr, "pdserve serve: --sm-clock %d changes the GPU clock for everyone on this machine: "
+                        "pass --allow-clock-control to do it (it is restored at exit)\n", o.sm_clock);
+        return 2;
+    }
     if (!o.internal_secret) o.internal_secret = getenv("PDSERVE_INTERNAL_SECRET");
     serve_state st = {0};
     if (server_role_parse(o.role, &st.role)) {
         fprintf(stderr, "pdserve serve: --role must be colocated, prefill, decode or router, got '%s'\n", o.role);
         return 2;
     }
+    raise_nofile_limit();
     if (st.role == SERVER_ROLE_ROUTER) return serve_router(&o);
     if (!o.model) {
         fprintf(stderr, "pdserve serve: --model is required (see --help)\n");

@@ -190,7 +190,7 @@ static double rel(double sim, double real) { return real != 0 ? 100.0 * (sim / r
  * pool) and prints simulated against real medians. Adds "real" to the point's JSON. */
 static int validate_point(sim_cli *c, const sim_plan_setup *su, const char *ll, const sim_config *cfg,
                           const sim_request *reqs, int n, const bench_config *bc, const bench_result *sr,
-                          cJSON *pj, char *err, size_t errlen) {
+                          const sim_stats *st, cJSON *pj, char *err, size_t errlen) {
     model *m = c->vmodel;
     engine_config ec;
     engine_config_default(&ec);
@@ -215,6 +215,8 @@ static int validate_point(sim_cli *c, const sim_plan_setup *su, const char *ll, 
         v[DUR][k] = rr->sum.duration_s;
         bench_result_free(rr);
     }
+    log_info("sim: %llu steps, %.3f ms/step", (unsigned long long)st->steps,
+             1e3 * (st->busy_prefill_s + st->busy_decode_s) / (double)PD_MAX(st->steps, 1));
     double real[NM];
     for (int i = 0; i < NM; i++) real[i] = med(v[i], nr);
     const bench_summary *a = &sr->sum;
@@ -330,7 +332,7 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
         cJSON *pj = point_json(su->label, ll, clk, &bc, s, &st);
         cJSON_AddItemToArray(c->points, pj);
         if (c->vmodel && su->n_colocated == 1)
-            rc = validate_point(c, su, ll, &cfg, reqs, d.n, &bc, r, pj, err, errlen);
+            rc = validate_point(c, su, ll, &cfg, reqs, d.n, &bc, r, &st, pj, err, errlen);
         if (rc == 0 && c->db) rc = record_point(c, su, l, clk, &cfg, mean_rate, &bc, r, &st, t_start, err, errlen);
     }
     c->index++;

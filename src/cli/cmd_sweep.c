@@ -2,11 +2,13 @@
  * loads x clocks x repeats) point by point into one results database; resumable. The
  * work is in src/study/sweep.c. */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bench/bench.h"
 #include "cli/cli.h"
 #include "model/tokenizer.h"
+#include "power/power.h"
 #include "study/study.h"
 #include "util/util.h"
 
@@ -21,13 +23,52 @@ static const char USAGE[] =
     "  pdserve sweep plans/demo.json --db demo.db --model MODEL_DIR\n"
     "  pdserve sweep plans/paper-batch.json --db batch.db --model DIR --dry-run\n\n"
     "Setups: external (any endpoint: --base-url), co-1gpu (one `pdserve serve` child on a\n"
-    "free loopback port). co-2gpus, dis-gpu, dis-cpu, dis-disk, dis-nccl and dis-tcp come\n"
-    "with `pdserve up`; until then their points are recorded as failed with that reason.\n"
+    "free loopback port), and co-2gpus, dis-gpu, dis-cpu, dis-disk, dis-nccl, dis-tcp, xPyD\n"
+    "(one `pdserve up` child: router + instances).\n"
     "Clock points are skipped unless --allow-clock-control is given (it changes GPU clocks\n"
-    "for everyone on the machine). Plan format: docs/results-database.md.";
+    "for everyone on the machine): the instances a point starts lock their own GPUs\n"
+    "(`pdserve serve --sm-clock`, prefill and decode clocks to their roles) and restore\n"
+    "them when they exit; for setup 'external', this process locks --clock-gpus.\n"
+    "Energy and power come from the instances' /metrics (docs/energy.md). Plan format:\n"
+    "docs/results-database.md.";
+
+/* set_clocks for setup 'external': locks the GPUs of --clock-gpus from this process
+ * (NVML opened on first use; restored by (0, 0), at exit and on signals). */
+typedef struct sweep_clocks {
+    const char *gpus;
+    power_nvml *nv;
+} sweep_clocks;
+
+static int sweep_set_clocks(void *ctx, int prefill_mhz, int decode_mhz, char *err, size_t errlen) {
+    sweep_clocks *c = ctx;
+    if (prefill_mhz <= 0 && decode_mhz <= 0) {
+        power_clocks_restore();
+        return 0;
+    }
+    if (prefill_mhz != decode_mhz) {
+        pd_errorf(err, errlen, "an external endpoint gets one clock for all of --clock-gpus (%d/%d asked)",
+                  prefill_mhz, decode_mhz);
+        return -1;
+    }
+    if (!c->nv && !(c->nv = power_nvml_open(err, errlen))) return -1;
+    int gpus[POWER_MAX_GPUS], n = 0;
+    unsigned mhz[POWER_MAX_GPUS];
+    for (const char *p = c->gpus; *p && n < POWER_MAX_GPUS;) {
+        char *end;
+        long v = strtol(p, &end, 10);
+        if (end == p || v < 0) {
+            pd_errorf(err, errlen, "--clock-gpus wants NVML indices like 0,1; got '%s'", c->gpus);
+            return -1;
+        }
+        gpus[n] = (int)v;
+        mhz[n++] = (unsigned)prefill_mhz;
+        p = *end == ',' ? end + 1 : end;
+    }
+    return power_clocks_lock(c->nv, gpus, mhz, n, true, err, errlen);
+}
 
 int cmd_sweep(int argc, char **argv) {
-    const char *db = NULL, *model = NULL, *tok_dir = NULL, *base_url = NULL, *setups = NULL;
+    const char *db = NULL, *model = NULL, *tok_dir = NULL, *base_url = NULL, *setups = NULL, *clock_gpus = NULL;
     bool dry_run = false, allow_clocks = false;
     const cli_opt opts[] = {
         {"db", OPT_STRING, &db, "results database to write (created; resumed when it exists)", "FILE"},
@@ -36,6 +77,7 @@ int cmd_sweep(int argc, char **argv) {
         {"base-url", OPT_STRING, &base_url, "endpoint benchmarked by setup 'external'", "URL"},
         {"setups", OPT_STRING, &setups, "run only these setup labels (comma-separated)", "LIST"},
         {"allow-clock-control", OPT_FLAG, &allow_clocks, "let the sweep lock GPU clocks for clock points", NULL},
+        {"clock-gpus", OPT_STRING, &clock_gpus, "setup external: NVML indices of its GPUs, for clock points", "LIST"},
         {"dry-run", OPT_FLAG, &dry_run, "list the points and what would happen; run nothing", NULL},
     };
     const char *pos[1];
@@ -70,10 +112,16 @@ int cmd_sweep(int argc, char **argv) {
     study_sweep_opts so = {.db_path = db, .model = model, .tokenizer = tok_dir, .tok = tk ? &bt : NULL,
                            .base_url = base_url, .only_setups = setups, .allow_clock_control = allow_clocks,
                            .set_clocks = NULL, .dry_run = dry_run, .progress = stderr, .out = stdout};
+    sweep_clocks sc = {.gpus = clock_gpus, .nv = NULL};
+    if (clock_gpus && *clock_gpus) {
+        so.set_clocks = sweep_set_clocks;
+        so.clocks_ctx = &sc;
+    }
     study_sweep_stats stats;
     int rc = study_sweep_run(&plan, &so, &stats, err, sizeof err);
     if (rc != 0) fprintf(stderr, "pdserve sweep: %s\n", err);
     if (tk) tokenizer_free(tk);
+    power_nvml_close(sc.nv); /* restores what it locked */
     study_plan_free(&plan);
     if (rc != 0) return 1;
     return stats.failed > 0 && stats.ok == 0 && stats.done_before == 0 ? 1 : 0;

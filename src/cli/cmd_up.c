@@ -130,7 +130,11 @@ static void reap(up_state *u) {
             if (u->ch[i].pid == pid) {
                 u->ch[i].exited = true;
                 u->ch[i].status = status;
-                if (!u->stop) {
+                if (u->stop) {
+                    if (WIFEXITED(status) && WEXITSTATUS(status) != 0)
+                        log_warn("up: %s (pid %d) exited with status %d", u->ch[i].name, (int)pid,
+                                 WEXITSTATUS(status));
+                } else {
                     if (WIFSIGNALED(status))
                         log_warn("up: %s (pid %d) was killed by signal %d", u->ch[i].name, (int)pid, WTERMSIG(status));
                     else

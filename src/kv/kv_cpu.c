@@ -196,8 +196,8 @@ static int store_create(kv_connector *c, cpu_impl *s, char *err, size_t errlen) 
     }
     void *p = MAP_FAILED;
     if (ftruncate(fd, (off_t)s->bytes) == 0)
-        p = mmap(NULL, s->bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    int e = errno;
+        p = mmap(NULL, s->bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+    int e = errno; /* populated: the store's memory is taken at start-up, not mid-transfer */
     close(fd);
     if (p == MAP_FAILED) {
         shm_unlink(s->shm_name);
@@ -249,7 +249,7 @@ static int store_attach(kv_connector *c, cpu_impl *s, char *err, size_t errlen) 
         return -1;
     }
     s->bytes = (size_t)st.st_size;
-    void *p = mmap(NULL, s->bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    void *p = mmap(NULL, s->bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
     close(fd);
     if (p == MAP_FAILED) {
         pd_errorf(err, errlen, "kv cpu store: %s: %s", s->shm_name, strerror(errno));

@@ -91,7 +91,8 @@ static uint8_t *map_existing(const char *name, size_t *bytes) {
     struct stat st;
     uint8_t *p = MAP_FAILED;
     if (fstat(fd, &st) == 0 && st.st_size > 0)
-        p = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        p = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd,
+                 0); /* page tables now, not a fault per page mid-transfer */
     else errno = EINVAL;
     int e = errno;
     close(fd);

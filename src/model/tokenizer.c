@@ -523,7 +523,10 @@ int tokenizer_load_text(const char *json, size_t len, const char *config, size_t
     t->unk_id = t->bos_id = t->eos_id = -1;
     t->add_bos_cfg = -1;
     load_ctx c = { t, name ? name : "tokenizer.json", err, errlen };
-    int rc = load_json(&c, json, len);
+    /* JSON text is UTF-8 (RFC 8259; Hugging Face's loader rejects anything else): a token
+     * of invalid bytes would reach clients as invalid text (found by fuzz_tokenizer_json). */
+    int rc = utf8_valid(json, len) ? load_json(&c, json, len)
+                                   : (pd_errorf(err, errlen, "%s: not valid UTF-8", c.file), -1);
     if (rc == 0 && config) {
         load_ctx cc = { t, "tokenizer_config.json", err, errlen };
         rc = load_config(&cc, config, config_len);

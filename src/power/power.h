@@ -290,6 +290,91 @@ const power_sample *power_session_samples(const power_session *s, int i, size_t 
 power_nvml *power_session_nvml(power_session *s);
 void power_session_free(power_session *s);
 
+/* ---- live readings of a running session (a server's GET /metrics) ----------------- *
+ * A serving instance keeps one session running from start-up to exit; a scrape reads
+ * its meters at that moment (each NVML energy-counter read costs ~4 ms: fine for a
+ * scrape, never on the token path). Energies are cumulative since power_session_start
+ * (Prometheus counters); differences between two scrapes give a run's energy. */
+typedef struct power_live_gpu {
+    int index;                  /* NVML index */
+    char name[POWER_NAME_LEN];
+    power_role role;
+    power_source source;        /* COUNTER, SAMPLES (no counter: sampled integral), NONE */
+    power_fig energy_j;         /* since the session started (idle window excluded) */
+    power_fig idle_power_w;     /* the baseline measured at start-up */
+    power_sample now;           /* power, SM and memory clock read now (valid bits) */
+} power_live_gpu;
+
+typedef struct power_live {
+    double uptime_s;            /* since the session started */
+    double idle_window_s;       /* 0: no idle baseline */
+    int n_gpus;
+    power_live_gpu gpu[POWER_MAX_GPUS];
+    char gpu_reason[POWER_REASON_LEN];  /* why no GPU is measured (n_gpus == 0) */
+    int n_rapl;
+    power_rapl_result rapl[POWER_MAX_RAPL]; /* energy since start, wrap-safe */
+    char rapl_reason[POWER_REASON_LEN];
+    char meter_label[32];
+    power_fig meter_j;          /* the meter command run now, minus its start reading */
+    char meter_reason[POWER_REASON_LEN];
+} power_live;
+
+/* Reads every meter of a started session now (thread-safe against the sampler and
+ * against other callers). read_meter: also run the meter command (up to its timeout).
+ * 0, or -1 when the session is not running. */
+int power_session_live(power_session *s, bool read_meter, power_live *out);
+
+/* Prometheus text of a live reading, in the lines that src/bench and src/study read:
+ *   pdserve_energy_measured{component="gpu"|"cpu"|"dram"|"meter"} 0|1
+ *   pdserve_gpu_energy_joules{host,gpu,role}  counter since start (whole, static incl.)
+ *   pdserve_gpu_idle_power_watts{host,gpu,role}   baseline; idle-subtracted energy over
+ *                                                 [a,b] = delta - idle_w * (b - a)
+ *   pdserve_gpu_power_watts{host,gpu,role}, pdserve_gpu_sm_clock_mhz{...},
+ *   pdserve_gpu_mem_clock_mhz{...}               read at scrape time
+ *   pdserve_cpu_energy_joules{host,domain}, pdserve_dram_energy_joules{host,domain}
+ *   pdserve_<label>_energy_joules{host}           the meter command ("node", "disk" ...)
+ *   pdserve_energy_uptime_seconds{host}
+ * Every *_energy_joules series is one physical meter (never a sum of others), labelled
+ * with host so that a series read from several instances of one host is counted
+ * once. Not-measured figures are left out (their component's measured is 0). host
+ * NULL: gethostname. Returns the length written or needed, like snprintf. */
+size_t power_live_prometheus(const power_live *l, const char *host, char *buf, size_t cap);
+
+/* ---- aggregating instances' /metrics (a router's or a sweep's view) --------------- */
+#define POWER_AGG_MAX 64
+typedef struct power_agg_series {
+    char host[64], gpu[16], role[16]; /* gpu "" for non-GPU meters */
+    char component[32];         /* "gpu", "cpu", "dram", or the meter's label */
+    char domain[48];
+    double joules;
+    bool has_idle;
+    double idle_w;              /* gpu: idle baseline */
+    double power_w;             /* gpu: power at scrape, NAN when absent */
+} power_agg_series;
+
+typedef struct power_agg {
+    int n;                      /* distinct physical meters (host + component + gpu/domain) */
+    power_agg_series s[POWER_AGG_MAX];
+    int n_texts;
+    /* measured flags per component, ANDed over the texts that report the component */
+    bool measured_gpu, measured_cpu, measured_dram, measured_meter;
+    bool seen_gpu, seen_cpu, seen_dram, seen_meter;
+    double role_j[POWER_ROLE_COUNT]; bool role_has[POWER_ROLE_COUNT];
+    double role_idle_w[POWER_ROLE_COUNT];
+    double gpu_j, gpu_idle_w;   /* all GPUs */
+    bool gpu_has;
+} power_agg;
+
+/* Parses the energy lines of n /metrics texts (any of them may be NULL: an instance
+ * that did not answer) and sums them by GPU and by role; a meter seen in several texts
+ * (same host, component, gpu/domain: two instances of one host report the same CPU) is
+ * counted once. 0, or -1 when no text had an energy line. */
+int power_metrics_aggregate(const char *const *texts, int n, power_agg *out);
+/* Prometheus text of an aggregate (a router's /metrics): the same families as
+ * power_live_prometheus for each meter, plus pdserve_role_energy_joules{role} and
+ * pdserve_role_idle_power_watts{role}. Length written or needed, like snprintf. */
+size_t power_agg_prometheus(const power_agg *a, char *buf, size_t cap);
+
 /* ---- clock control (changes shared hardware: read the file comment) ---------------- */
 
 /* Supported SM (graphics) clocks of GPU gpu, highest first, union over the card's

@@ -62,6 +62,7 @@ struct power_session {
     pthread_t thread;
     pthread_mutex_t mu;
     pthread_cond_t cv;
+    pthread_mutex_t live_mu;         /* the running integrals and RAPL sums vs power_session_live */
     bool stop, running, started;
     double t0;
     double cost_sum_ms, cost_max_ms;
@@ -124,8 +125,10 @@ static void session_rapl_tick(power_session *s) {
 
 static void session_tick(power_session *s) {
     double a = time_now_s();
+    pthread_mutex_lock(&s->live_mu);
     session_sample_all(s, true);
     session_rapl_tick(s);
+    pthread_mutex_unlock(&s->live_mu);
     double ms = (time_now_s() - a) * 1e3;
     s->cost_sum_ms += ms;
     if (ms > s->cost_max_ms) s->cost_max_ms = ms;
@@ -202,6 +205,7 @@ power_session *power_session_open(const power_config *cfg, char *err, size_t err
     s->meter_cmd = cfg->meter_cmd && *cfg->meter_cmd ? xstrdup(cfg->meter_cmd) : NULL;
     s->meter_label = xstrdup(cfg->meter_label && *cfg->meter_label ? cfg->meter_label : "meter");
     pthread_mutex_init(&s->mu, NULL);
+    pthread_mutex_init(&s->live_mu, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC); /* time_now_s() is CLOCK_MONOTONIC */
@@ -246,6 +250,7 @@ void power_session_free(power_session *s) {
     power_nvml_close(s->nv);
     pthread_cond_destroy(&s->cv);
     pthread_mutex_destroy(&s->mu);
+    pthread_mutex_destroy(&s->live_mu);
     free(s->meter_cmd);
     free(s->meter_label);
     free(s);
@@ -441,4 +446,82 @@ const power_sample *power_session_samples(const power_session *s, int i, size_t 
     const gpu_track *g = &s->g[i];
     *n = (size_t)PD_MIN(g->pushed, (uint64_t)g->cap);
     return g->ring;
+}
+
+/* ---- live readings ------------------------------------------------------------------------ */
+
+int power_session_live(power_session *s, bool read_meter, power_live *out) {
+    PD_ASSERT(s && out);
+    memset(out, 0, sizeof *out);
+    if (!s->running) return -1;
+    out->uptime_s = time_now_s() - s->t0;
+    out->idle_window_s = s->n > 0 ? s->idle_window_s : 0;
+    out->n_gpus = s->n;
+    snprintf(out->gpu_reason, sizeof out->gpu_reason, "%s", s->nv ? "" : s->gpu_reason);
+    /* NVML reads outside the lock (the counter read costs milliseconds). */
+    uint64_t mj[POWER_MAX_GPUS];
+    bool mj_ok[POWER_MAX_GPUS];
+    for (int i = 0; i < s->n; i++) {
+        gpu_track *g = &s->g[i];
+        power_live_gpu *o = &out->gpu[i];
+        o->index = g->nv_index;
+        snprintf(o->name, sizeof o->name, "%s", power_nvml_name(s->nv, g->nv_index));
+        o->role = g->role;
+        o->idle_power_w = g->idle_w;
+        mj_ok[i] = g->counter_ok && power_nvml_energy_mj(s->nv, g->nv_index, &mj[i]) == 0;
+        power_nvml_sample(s->nv, g->nv_index, POWER_SAMPLE_POWER | POWER_SAMPLE_SM | POWER_SAMPLE_MEM,
+                          &o->now);
+        o->now.t_s = out->uptime_s;
+    }
+    uint64_t rnow[POWER_MAX_RAPL];
+    bool rnow_ok[POWER_MAX_RAPL];
+    for (int i = 0; i < s->rapl.n; i++) {
+        char err[POWER_REASON_LEN];
+        rnow_ok[i] = s->rapl_ok[i] && power_rapl_read(&s->rapl, i, &rnow[i], err, sizeof err) == 0;
+    }
+    pthread_mutex_lock(&s->live_mu);
+    for (int i = 0; i < s->n; i++) {
+        gpu_track *g = &s->g[i];
+        power_live_gpu *o = &out->gpu[i];
+        if (g->counter_ok) {
+            o->source = POWER_SOURCE_COUNTER;
+            o->energy_j = mj_ok[i] ? power_fig_of((double)power_counter_delta(g->start_mj, mj[i], 0) / 1000.0)
+                                   : power_fig_none();
+        } else if (g->n_samples >= 2) {
+            o->source = POWER_SOURCE_SAMPLES;
+            o->energy_j = power_fig_of(g->energy_j);
+        } else {
+            o->source = g->n_samples > 0 ? POWER_SOURCE_SAMPLES : POWER_SOURCE_NONE;
+            o->energy_j = g->n_samples > 0 ? power_fig_of(0.0) : power_fig_none();
+        }
+    }
+    out->n_rapl = s->rapl.n;
+    snprintf(out->rapl_reason, sizeof out->rapl_reason, "%s", s->rapl.reason);
+    for (int i = 0; i < s->rapl.n; i++) {
+        power_rapl_result *r = &out->rapl[i];
+        snprintf(r->name, sizeof r->name, "%s", s->rapl.d[i].name);
+        r->is_dram = s->rapl.d[i].is_dram;
+        if (s->rapl_ok[i] && rnow_ok[i]) {
+            uint64_t acc = s->rapl_acc[i] + power_counter_delta(s->rapl_last[i], rnow[i], s->rapl.d[i].range_uj);
+            r->energy_j = power_fig_of((double)acc / 1e6);
+        } else {
+            r->energy_j = power_fig_none();
+            snprintf(r->reason, sizeof r->reason, "%s", s->rapl_ok[i] ? "read failed" : s->rapl_err[i]);
+        }
+    }
+    pthread_mutex_unlock(&s->live_mu);
+    snprintf(out->meter_label, sizeof out->meter_label, "%s", s->meter_label);
+    out->meter_j = power_fig_none();
+    if (s->meter_ok && read_meter) {
+        double now_j;
+        char why[POWER_REASON_LEN];
+        if (power_meter_cmd_read(s->meter_cmd, "scrape", s->meter_timeout_s, &now_j, why, sizeof why) == 0)
+            out->meter_j = power_fig_of(now_j - s->meter_start_j);
+        else
+            snprintf(out->meter_reason, sizeof out->meter_reason, "%s", why);
+    } else {
+        snprintf(out->meter_reason, sizeof out->meter_reason, "%s",
+                 s->meter_ok ? "not read" : s->meter_reason);
+    }
+    return 0;
 }

@@ -41,6 +41,19 @@
 
 #define DEFAULT_MAX_BODY (8u << 20)
 #define STREAM_BLOCK (16 * 1024)
+/* Slow readers: a stream whose client has not taken this many engine events (tokens)
+ * is aborted (its KV blocks go back at once) and ends with an error event, so one
+ * connection holds at most about backlog * sizeof(gen_event) (~0.75 MiB at the default)
+ * plus the socket buffers, however slowly it reads. A client that reads nothing at all
+ * is also closed by MHD after the connection timeout (server_config.http_timeout_s).
+ * A client that keeps up never comes near it: it takes the queue at every step. */
+#define DEFAULT_STREAM_BACKLOG 2048
+/* Kernel send buffer of each connection (the kernel doubles it): fixed rather than
+ * autotuned up to tcp_wmem's 4 MiB, so that a client that does not read costs at most
+ * this much kernel memory, and its backlog reaches the cap above instead of hiding in
+ * the socket. Tokens are small; 128 KiB keeps a stream at full speed on any LAN. */
+#define CONN_SNDBUF (128 * 1024)
+#define DEFAULT_HTTP_TIMEOUT_S 60u
 
 typedef enum route_id {
     ROUTE_HEALTH, ROUTE_METRICS, ROUTE_MODELS, ROUTE_VERSION, ROUTE_COMPLETIONS, ROUTE_CHAT,
@@ -52,7 +65,7 @@ typedef struct route {
     const char *path;
     const char *method;
     route_id id;
-    bool auth;              /* under --api-key (vLLM: every /v1 path) */
+    bool auth;              /* under --api-key: every /v1 path, /tokenize, /detokenize */
     int internal;           /* 0, or the role (server_role) that serves it: under --internal-secret */
 } route;
 
@@ -63,8 +76,8 @@ static const route ROUTES[] = {
     {"/v1/models", "GET", ROUTE_MODELS, true, 0},
     {"/v1/completions", "POST", ROUTE_COMPLETIONS, true, 0},
     {"/v1/chat/completions", "POST", ROUTE_CHAT, true, 0},
-    {"/tokenize", "POST", ROUTE_TOKENIZE, false, 0},
-    {"/detokenize", "POST", ROUTE_DETOKENIZE, false, 0},
+    {"/tokenize", "POST", ROUTE_TOKENIZE, true, 0},     /* the model's tokenizer: public API */
+    {"/detokenize", "POST", ROUTE_DETOKENIZE, true, 0},
     {"/load", "GET", ROUTE_LOAD, false, 0},
     /* disaggregated serving: called by the router only (internal.c) */
     {"/internal/reserve", "POST", ROUTE_INT_RESERVE, false, SERVER_ROLE_DECODE},
@@ -102,6 +115,7 @@ struct server {
     char *host, *served_name, *api_key;
     size_t max_body;
     int max_waiting;
+    int stream_backlog;          /* tokens a stream's client may leave unread (see above) */
     engine *eng;                 /* not owned */
     const tokenizer *tok;        /* not owned */
     api_limits lim_gen;          /* token ids must fit the model */
@@ -126,6 +140,7 @@ struct server {
     server_role role;
     internal_ctx *in;            /* prefill / decode: owned */
     char *secret;                /* --internal-secret, or NULL */
+    struct power_session *power; /* energy meters for /metrics (not owned) */
 };
 
 struct gen_req {
@@ -138,6 +153,7 @@ struct gen_req {
     bool wake_per_token;         /* streams and stop strings: wake per token; else at end */
     bool http_gone;
     bool stop_aborted;           /* the HTTP side aborted it on a stop string */
+    bool overflowed;             /* stream: the client fell srv->stream_backlog tokens behind */
     struct MHD_Connection *conn;
     server *srv;
     uint64_t engine_id;
@@ -245,10 +261,13 @@ static metrics_reason reason_of(finish_reason f, bool stop_aborted) {
 static void on_engine_event(void *user, const engine_event *ev) {
     gen_req *g = user;
     bool finished = ev->kind == ENGINE_EVENT_FINISHED;
-    bool wake = false, last = false, stop_aborted;
+    bool wake = false, last = false, stop_aborted, overflow = false;
     struct MHD_Connection *conn;
     pthread_mutex_lock(&g->mu);
-    if (!g->http_gone) {
+    if (!finished && g->req.stream && (g->overflowed || g->q_len >= g->srv->stream_backlog)) {
+        overflow = !g->overflowed; /* drop the token; abort once (the FINISHED event still queues) */
+        g->overflowed = true;
+    } else if (!g->http_gone) {
         if (g->q_len == g->q_cap) {
             g->q_cap = g->q_cap ? g->q_cap * 2 : 16;
             g->q = xrealloc(g->q, sizeof(gen_event) * (size_t)g->q_cap);
@@ -274,11 +293,18 @@ static void on_engine_event(void *user, const engine_event *ev) {
     stop_aborted = g->stop_aborted;
     conn = g->conn;
     server_metrics *metrics = g->srv->metrics;
+    engine *eng = g->srv->eng;
+    int backlog = g->srv->stream_backlog;
     if (finished) last = --g->refs == 0;
     pthread_mutex_unlock(&g->mu);
     /* From here g may be gone (unless last): only locals. The connection is still
      * suspended in MHD until this call, so it cannot be gone. */
     if (wake) MHD_resume_connection(conn);
+    if (overflow) {
+        log_warn("serve: the client of request %llu fell %d tokens behind its stream: aborting it",
+                 (unsigned long long)ev->request_id, backlog);
+        engine_abort(eng, ev->request_id); /* safe: the engine holds no lock here */
+    }
     if (finished) metrics_observe_request(metrics, ev->times, ev->n_output,
                                           reason_of(ev->finish, stop_aborted));
     if (last) gen_free(g);
@@ -361,7 +387,16 @@ static void process_finish(gen_req *g, const gen_event *ev) {
     api_error e;
     bool failed = false;
     const char *finish = "stop";
-    if (!g->sf.stopped) {
+    pthread_mutex_lock(&g->mu);
+    bool overflowed = g->overflowed; /* tokens were dropped: whatever the engine says, it failed */
+    pthread_mutex_unlock(&g->mu);
+    if (overflowed) {
+        failed = true;
+        api_error_set(&e, 408, "invalid_request_error", NULL,
+                      "the client read the stream too slowly (%d tokens unread): aborted",
+                      g->srv->stream_backlog);
+        e.code = "client_too_slow";
+    } else if (!g->sf.stopped) {
         if (ev->finish == FINISH_LENGTH || ev->finish == FINISH_STOP) {
             char *txt = NULL;
             size_t n = 0;
@@ -635,6 +670,7 @@ static enum MHD_Result handle_metrics(server *s, struct MHD_Connection *conn) {
     sbuf b;
     sbuf_init(&b);
     metrics_render(s->metrics, &st, s->served_name, &b);
+    metrics_render_energy(s->power, &b);
     enum MHD_Result ret = respond(conn, 200, "text/plain; version=0.0.4; charset=utf-8", b.p, b.len,
                                   NULL, NULL);
     sbuf_free(&b);
@@ -1069,6 +1105,17 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     *con_cls = NULL;
 }
 
+/* MHD: a connection was accepted. Bounds its kernel send buffer (CONN_SNDBUF). */
+static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
+                          enum MHD_ConnectionNotificationCode toe) {
+    (void)cls;
+    (void)socket_context;
+    if (toe != MHD_CONNECTION_NOTIFY_STARTED) return;
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    int sz = CONN_SNDBUF;
+    if (ci) (void)setsockopt(ci->connect_fd, SOL_SOCKET, SO_SNDBUF, &sz, sizeof sz);
+}
+
 /* ---- start and stop ------------------------------------------------------------------------- */
 static int resolve(const char *host, int port, struct sockaddr_storage *ss, bool *v6, char *err,
                    size_t errlen) {
@@ -1105,6 +1152,7 @@ server *server_start(const server_config *cfg, engine *e, const tokenizer *t, ch
     s->api_key = cfg->api_key && *cfg->api_key ? xstrdup(cfg->api_key) : NULL;
     s->max_body = cfg->max_body_bytes ? cfg->max_body_bytes : DEFAULT_MAX_BODY;
     s->max_waiting = cfg->max_waiting_requests;
+    s->stream_backlog = cfg->max_stream_backlog > 0 ? cfg->max_stream_backlog : DEFAULT_STREAM_BACKLOG;
     s->eng = e;
     s->tok = t;
     const model_config *mc = engine_model_config(e);
@@ -1118,6 +1166,7 @@ server *server_start(const server_config *cfg, engine *e, const tokenizer *t, ch
     if (te >= 0 && !have) s->eos[s->n_eos++] = te;
     s->metrics = metrics_create();
     s->role = cfg->role;
+    s->power = cfg->power;
     s->secret = cfg->internal_secret && *cfg->internal_secret ? xstrdup(cfg->internal_secret) : NULL;
     if (s->role == SERVER_ROLE_PREFILL || s->role == SERVER_ROLE_DECODE) {
         if (!cfg->kv) {
@@ -1148,21 +1197,27 @@ server *server_start(const server_config *cfg, engine *e, const tokenizer *t, ch
     }
     if (pthread_create(&s->watcher, NULL, watcher_main, s) == 0) s->watcher_started = true;
 
-    /* Connections: bounded by open files, leaving room for the model and logs. */
+    /* Connections: bounded by open files (pdserve serve raises its soft limit to the hard
+     * one at start-up), leaving 256 for the model files, KV stores, sockets to peers and
+     * logs; at most 65536. Beyond the limit MHD closes new connections at accept. Idle,
+     * half-sent or unread connections are closed after http_timeout_s without a byte in
+     * either direction; suspended ones (waiting for the engine) never time out. */
     struct rlimit rl;
-    unsigned limit = 4096;
-    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < 4096 + 64)
-        limit = rl.rlim_cur > 128 ? (unsigned)rl.rlim_cur - 64 : 64;
+    unsigned limit = 65536;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < 65536 + 256)
+        limit = rl.rlim_cur > 512 ? (unsigned)rl.rlim_cur - 256 : 64;
+    unsigned timeout = cfg->http_timeout_s > 0 ? (unsigned)cfg->http_timeout_s : DEFAULT_HTTP_TIMEOUT_S;
     unsigned threads = cfg->http_threads > 0 ? (unsigned)cfg->http_threads : 2;
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME |
                      (v6 ? MHD_USE_IPv6 : 0);
     s->d = MHD_start_daemon(flags, (uint16_t)cfg->port, NULL, NULL, on_request, s,
                             MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
                             MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
+                            MHD_OPTION_NOTIFY_CONNECTION, on_connection, s,
                             MHD_OPTION_THREAD_POOL_SIZE, threads,
                             MHD_OPTION_CONNECTION_LIMIT, limit,
                             MHD_OPTION_LISTEN_BACKLOG_SIZE, 1024u,
-                            MHD_OPTION_CONNECTION_TIMEOUT, 600u,
+                            MHD_OPTION_CONNECTION_TIMEOUT, timeout,
                             MHD_OPTION_END);
     if (!s->d) {
         pd_errorf(err, errlen, "cannot listen on %s:%d (in use, or not an address of this machine?)",
@@ -1172,6 +1227,8 @@ server *server_start(const server_config *cfg, engine *e, const tokenizer *t, ch
     }
     const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->d, MHD_DAEMON_INFO_BIND_PORT);
     s->port = di ? di->port : cfg->port;
+    log_info("serve: up to %u connections, %u HTTP threads, idle connections closed after %u s",
+             limit, threads, timeout);
     return s;
 }
 

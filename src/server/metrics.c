@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "power/power.h"
 #include "server/server.h"
 #include "util/util.h"
 
@@ -156,4 +157,23 @@ void metrics_render(server_metrics *m, const engine_stats *st, const char *model
     render_histogram(out, "pdserve_e2e_request_latency_seconds",
                      "Time from arrival to the end of the request.", &m->e2e, label);
     pthread_mutex_unlock(&m->mu);
+}
+
+void metrics_render_energy(struct power_session *p, sbuf *out) {
+    power_live *l = xcalloc(1, sizeof *l);
+    if (!p || power_session_live(p, true, l) != 0) {
+        memset(l, 0, sizeof *l);
+        snprintf(l->meter_label, sizeof l->meter_label, "meter");
+    }
+    char small[8192];
+    size_t n = power_live_prometheus(l, NULL, small, sizeof small);
+    if (n < sizeof small) {
+        sbuf_append(out, small, n);
+    } else {
+        char *big = xmalloc(n + 1);
+        power_live_prometheus(l, NULL, big, n + 1);
+        sbuf_append(out, big, n);
+        free(big);
+    }
+    free(l);
 }

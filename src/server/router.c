@@ -829,8 +829,8 @@ static const rroute_def RROUTES[] = {
     {"/v1/models", "GET", RR_MODELS, true},
     {"/v1/completions", "POST", RR_COMPLETIONS, true},
     {"/v1/chat/completions", "POST", RR_CHAT, true},
-    {"/tokenize", "POST", RR_TOKENIZE, false},
-    {"/detokenize", "POST", RR_DETOKENIZE, false},
+    {"/tokenize", "POST", RR_TOKENIZE, true},
+    {"/detokenize", "POST", RR_DETOKENIZE, true},
 };
 
 typedef struct rconn {

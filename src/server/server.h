@@ -207,6 +207,12 @@ void metrics_observe_request(server_metrics *m, const request_times *t, int n_ou
                              metrics_reason reason);
 /* Prometheus text exposition (version 0.0.4) of everything. */
 void metrics_render(server_metrics *m, const engine_stats *st, const char *model_name, sbuf *out);
+struct power_session;
+/* Energy lines of a running power session, read now (src/power/power.h,
+ * power_live_prometheus: GPU energy counters, idle and current power, clocks,
+ * pdserve_energy_measured{component}); p NULL: every component "not measured". Each
+ * NVML energy-counter read costs milliseconds: scrape time only, never per token. */
+void metrics_render_energy(struct power_session *p, sbuf *out);
 
 /* ---- roles of an instance ------------------------------------------------------------------ */
 typedef enum server_role {
@@ -228,12 +234,15 @@ typedef struct server_config {
     const char *api_key;        /* NULL: no auth */
     size_t max_body_bytes;      /* 0: 4 MiB */
     int http_threads;           /* 0: 2 */
+    int http_timeout_s;         /* close a connection idle (or not reading) this long (0: 60) */
+    int max_stream_backlog;     /* abort a stream whose client leaves this many tokens unread (0: 2048) */
     int max_waiting_requests;   /* the engine's limit, for 503 before submit (0: none) */
     server_role role;           /* colocated (0), prefill or decode */
     struct kv_connector *kv;    /* prefill / decode: the KV medium (not owned) */
     const char *internal_secret;/* non-NULL: /internal/... needs X-PD-Internal-Secret */
     double kv_timeout_s;        /* default deadline of reservations (0: 30 s) */
     int debug_stall_transfer_ms;/* prefill: wait this long before shipping KV (fault tests) */
+    struct power_session *power;/* energy meters shown on /metrics (not owned; NULL: none) */
 } server_config;
 
 typedef struct server server;

@@ -98,14 +98,15 @@ typedef struct medium_default {
 
 /* Effective (not nominal) figures; where each comes from is in docs/simulator.md. */
 static const medium_default MEDIUM_DEFAULTS[] = {
-    {"gpu", 30e-6, 10e9, "PCIe Gen3 x16 peer copy, ~10 GB/s effective of 15.75 nominal (PAPER.md setup)"},
-    {"pcie4", 20e-6, 22e9, "PCIe Gen4 x16, ~22 GB/s effective of 31.5 nominal"},
-    {"nvlink", 10e-6, 300e9, "H100 NVLink 4, ~300 GB/s effective per direction of 450 nominal"},
-    {"nccl", 50e-6, 250e9, "NCCL over NVLink 4 on one H100 node (nccl-tests bus bandwidth class)"},
-    {"cpu", 50e-6, 6e9, "through pinned host DRAM: two PCIe Gen3 hops in series (~12 GB/s each)"},
-    {"disk", 200e-6, 1.5e9, "NVMe O_DIRECT write then read in series (~3 GB/s each way)"},
-    {"tcp", 100e-6, 1.1e9, "10 GbE TCP, ~1.1 GB/s payload"},
-    {"rdma", 20e-6, 142e9, "Mooncake: 142 GB/s peak over multi-NIC RDMA (PAPER.md)"},
+    {"gpu", 9e-6, 396e9, "peer copy over NVLink, 396 GB/s for 1 GiB, 9 us per copy (shared/GPU.md, H200 NV18)"},
+    {"gpu-pcie3", 30e-6, 10e9, "peer copy over PCIe Gen3 x16, ~10 GB/s of 15.75 nominal (the paper's 2x A100 node)"},
+    {"nvlink", 9e-6, 396e9, "as gpu: NVLink peer copy (shared/GPU.md)"},
+    {"nccl", 30e-6, 362e9, "NCCL send/recv GPU0 to GPU1, 1 GiB warm: 362 GB/s (shared/GPU.md)"},
+    {"cpu", 20e-6, 27e9, "through pinned host memory: device-to-host then host-to-device at 54-55 GB/s each, in series "
+                         "(shared/GPU.md)"},
+    {"disk", 100e-6, 0.6e9, "O_DIRECT write 1.3 GB/s then read 1.1 GB/s in series (shared/GPU.md)"},
+    {"tcp", 100e-6, 1.1e9, "10 GbE TCP, ~1.1 GB/s of payload (assumed link; loopback on one host is faster)"},
+    {"rdma", 20e-6, 142e9, "Mooncake's 142 GB/s peak KV transfer over RDMA (shared/PAPER.md)"},
 };
 
 int sim_medium_default(const char *name, sim_medium *out) {

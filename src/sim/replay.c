@@ -140,6 +140,12 @@ int sim_replay_engine(model *m, const engine_config *ec, const sim_request *reqs
     }
     res->sum.energy_j = -1;
     bench_summarize(bc, res, end - t0);
+    engine_stats st;
+    engine_get_stats(e, &st);
+    double steps = st.steps ? (double)st.steps : 1;
+    log_info("replay: %llu engine steps (warm-up included): busy %.3f ms/step = forward %.3f + planning %.1f us + "
+             "sampling and events %.1f us", (unsigned long long)st.steps, 1e3 * st.busy_seconds / steps,
+             1e3 * st.forward_seconds / steps, 1e6 * st.sched_seconds / steps, 1e6 * st.sample_seconds / steps);
     *out = res;
     rc = 0;
 out:

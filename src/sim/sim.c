@@ -286,7 +286,7 @@ static bench_result *make_result(sim_state *s, const bench_config *bc, double ma
     localtime_r(&now, &tmv);
     strftime(res->date, sizeof res->date, "%Y%m%d-%H%M%S", &tmv);
     res->n = s->n_reqs;
-    res->recs = xcalloc((size_t)s->n_reqs, sizeof(bench_record));
+    res->recs = xcalloc((size_t)(s->n_reqs ? s->n_reqs : 1), sizeof(bench_record));
     for (int i = 0; i < s->n_reqs; i++) {
         sreq *r = &s->reqs[i];
         bench_record *b = &res->recs[i];
@@ -355,6 +355,14 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
             return -1;
         }
         max_prompt = PD_MAX(max_prompt, in_reqs[i].n_prompt);
+        if (!cfg->sched.enable_chunked_prefill &&
+            in_reqs[i].n_prompt + in_reqs[i].max_tokens > cfg->sched.max_num_batched_tokens) {
+            /* the engine raises the budget to max_model_len in this case (vLLM's rule) */
+            pd_errorf(err, errlen, "request %d: with chunked prefill off, prompt + max_tokens (%d) must fit "
+                                   "max_num_batched_tokens (%d)", i, in_reqs[i].n_prompt + in_reqs[i].max_tokens,
+                      cfg->sched.max_num_batched_tokens);
+            return -1;
+        }
     }
     bool co = cfg->n_colocated > 0;
     s.n_inst = co ? cfg->n_colocated : cfg->n_prefill + cfg->n_decode;

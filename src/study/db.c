@@ -388,14 +388,16 @@ static int insert_energy(sqlite3 *h, long long run_id, const bench_result *r, co
     }
     energy_tot node = {0, 0, 0, false, true}, parts = {0, 0, 0, false, true};
     int rc = 0, rows = 0;
-    double dur = r->sum.duration_s;
+    /* idle energy over the window between the two readings (the bench's timed part) */
+    double dur = r->energy.t_after > r->energy.t_before && r->energy.t_before > 0
+                     ? r->energy.t_after - r->energy.t_before : r->sum.duration_s;
     for (int i = 0; i < r->energy.n && rc == 0; i++) {
         const bench_energy_series *s = &r->energy.s[i];
-        if (!s->has_before || !s->has_after) continue;
+        if (!s->has_before || !s->has_after || s->dup) continue; /* a meter seen twice counts once */
         char comp[64], dev[64];
         series_parts(s->key, comp, sizeof comp, dev, sizeof dev);
-        double j = s->after - s->before, idle_w = NAN;
-        if (idle && idle->seconds > 0)
+        double j = s->after - s->before, idle_w = s->has_idle ? s->idle_w : NAN; /* the instance's baseline */
+        if (isnan(idle_w) && idle && idle->seconds > 0)
             for (int k = 0; k < idle->e.n; k++)
                 if (!strcmp(idle->e.s[k].key, s->key) && idle->e.s[k].has_before && idle->e.s[k].has_after)
                     idle_w = (idle->e.s[k].after - idle->e.s[k].before) / idle->seconds;
@@ -422,6 +424,24 @@ static int insert_energy(sqlite3 *h, long long run_id, const bench_result *r, co
         if (sqlite3_step(st) != SQLITE_DONE) rc = -1;
         rows++;
     }
+    /* Components the servers say they do not measure, and no series of: a row each. */
+    for (int k = 0; k < r->energy.n_comp && rc == 0; k++) {
+        if (r->energy.comp[k].measured) continue;
+        bool has = false;
+        for (int i = 0; i < r->energy.n && !has; i++) {
+            char comp[64], dev[64];
+            series_parts(r->energy.s[i].key, comp, sizeof comp, dev, sizeof dev);
+            has = !strcmp(comp, r->energy.comp[k].name) && r->energy.s[i].has_before && r->energy.s[i].has_after;
+        }
+        if (has) continue;
+        sqlite3_reset(st);
+        sqlite3_bind_int64(st, 1, run_id);
+        bind_text(st, 2, r->energy.comp[k].name);
+        for (int c = 3; c <= 5; c++) sqlite3_bind_null(st, c);
+        sqlite3_bind_int(st, 6, 0);
+        for (int c = 7; c <= 10; c++) sqlite3_bind_null(st, c);
+        if (sqlite3_step(st) != SQLITE_DONE) rc = -1;
+    }
     if (rc == 0 && rows == 0) {  /* say so explicitly: energy was not measured */
         sqlite3_reset(st);
         sqlite3_bind_int64(st, 1, run_id);
@@ -433,6 +453,89 @@ static int insert_energy(sqlite3 *h, long long run_id, const bench_result *r, co
     }
     sqlite3_finalize(st);
     *tot = has_node ? node : parts;
+    return rc;
+}
+
+/* ---- power samples ------------------------------------------------------------------ */
+
+int study_power_samples_parse(const char *text, double t_s, study_power_sample *out, int cap) {
+    static const char *const names[] = {"pdserve_gpu_power_watts{", "pdserve_gpu_sm_clock_mhz{",
+                                        "pdserve_gpu_mem_clock_mhz{"};
+    int n = 0;
+    for (const char *p = text; p && *p;) {
+        const char *nl = strchr(p, '\n');
+        size_t len = nl ? (size_t)(nl - p) : strlen(p);
+        char line[512];
+        snprintf(line, sizeof line, "%.*s", (int)PD_MIN(len, sizeof line - 1), p);
+        p = nl ? nl + 1 : NULL;
+        int which = -1;
+        for (int k = 0; k < 3; k++)
+            if (!strncmp(line, names[k], strlen(names[k]))) which = k;
+        char *close = strchr(line, '}');
+        if (which < 0 || !close) continue;
+        char *vend;
+        double v = strtod(close + 1, &vend);
+        if (vend == close + 1 || !isfinite(v)) continue;
+        *close = 0;
+        char host[64] = "", gpu[16] = "", role[16] = "";
+        struct { const char *k; char *out; size_t cap; } lbl[3] = {
+            {"host=\"", host, sizeof host}, {"gpu=\"", gpu, sizeof gpu}, {"role=\"", role, sizeof role}};
+        for (int k = 0; k < 3; k++) {
+            const char *l = strstr(line, lbl[k].k);
+            if (!l) continue;
+            l += strlen(lbl[k].k);
+            size_t m = strcspn(l, "\"");
+            snprintf(lbl[k].out, lbl[k].cap, "%.*s", (int)PD_MIN(m, lbl[k].cap - 1), l);
+        }
+        int i;
+        for (i = 0; i < n; i++)
+            if (!strcmp(out[i].host, host) && !strcmp(out[i].device, gpu)) break;
+        if (i == n) {
+            if (n >= cap) continue;
+            memset(&out[n], 0, sizeof out[n]);
+            out[n].t_s = t_s;
+            snprintf(out[n].host, sizeof out[n].host, "%s", host);
+            snprintf(out[n].device, sizeof out[n].device, "%s", gpu);
+            snprintf(out[n].role, sizeof out[n].role, "%s", role);
+            out[n].power_w = NAN;
+            out[n].sm_mhz = out[n].mem_mhz = -1;
+            n++;
+        }
+        if (which == 0) out[i].power_w = v;
+        else if (which == 1) out[i].sm_mhz = (int)v;
+        else out[i].mem_mhz = (int)v;
+    }
+    return n;
+}
+
+static int insert_power(sqlite3 *h, long long run_id, const study_run_info *ri) {
+    if (!ri->power || ri->n_power <= 0) return 0;
+    sqlite3_stmt *st = NULL;
+    if (sqlite3_prepare_v2(h,
+                           "INSERT INTO power_samples(run_id, t_s, component, device, role, power_w, sm_mhz, mem_mhz)"
+                           " VALUES(?,?,'gpu',?,?,?,?,?)",
+                           -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    int rc = 0;
+    /* device "0", or "HOST:0" when instances of several hosts report */
+    bool many_hosts = false;
+    for (int k = 1; k < ri->n_power && !many_hosts; k++) many_hosts = strcmp(ri->power[k].host, ri->power[0].host) != 0;
+    for (int i = 0; i < ri->n_power && rc == 0; i++) {
+        const study_power_sample *p = &ri->power[i];
+        char dev[96];
+        if (many_hosts) snprintf(dev, sizeof dev, "%s:%s", p->host, p->device);
+        else snprintf(dev, sizeof dev, "%s", p->device);
+        sqlite3_reset(st);
+        sqlite3_bind_int64(st, 1, run_id);
+        sqlite3_bind_double(st, 2, p->t_s);
+        bind_text(st, 3, dev);
+        bind_text(st, 4, p->role[0] ? p->role : NULL);
+        bind_real(st, 5, p->power_w);
+        bind_int_or_null(st, 6, p->sm_mhz, p->sm_mhz < 0);
+        bind_int_or_null(st, 7, p->mem_mhz, p->mem_mhz < 0);
+        if (sqlite3_step(st) != SQLITE_DONE) rc = -1;
+    }
+    sqlite3_finalize(st);
     return rc;
 }
 
@@ -555,7 +658,7 @@ long long study_db_record(study_db *db, const study_point *pt, const study_run_i
     if (r) {
         energy_tot tot;
         if (insert_requests(h, id, bc, r) || insert_energy(h, id, r, idle, &tot) ||
-            insert_summary(h, id, bc, r, &tot))
+            insert_summary(h, id, bc, r, &tot) || insert_power(h, id, ri))
             goto fail;
     }
     if (exec(h, "COMMIT", e2, sizeof e2)) {

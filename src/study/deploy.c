@@ -5,9 +5,10 @@
  *   co-1gpu    one `pdserve serve` child on a free loopback port (--port 0; the port is
  *              read back from its "listening on" log line), healthy when GET /health
  *              answers 200;
- *   the rest   (co-2gpus, dis-gpu, dis-cpu, dis-disk, dis-nccl, dis-tcp) come with
- *              `pdserve up`; until then they fail with a sentence saying so, and the sweep
- *              records the point as failed with that reason.
+ *   the rest   (co-2gpus, dis-gpu, dis-cpu, dis-disk, dis-nccl, dis-tcp, xPyD) are one
+ *              `pdserve up --setup NAME --port 0` child (router + instances, torn down
+ *              with it), ready when it prints "pdserve up: ready: ... on http://H:P";
+ *              options that `pdserve up` knows go to it, the rest to every instance.
  *
  * Children are started with posix_spawn and a fixed argv (no shell). Every live child
  * is registered so that study_deploy_kill_all() (called from the sweep's signal
@@ -51,17 +52,25 @@ void study_deploy_kill_all(void) {
 }
 
 /* ---- setups ------------------------------------------------------------------------ */
-static const char *const LATER[] = {"co-2gpus", "dis-gpu", "dis-cpu", "dis-disk", "dis-nccl", "dis-tcp", NULL};
+/* Setups brought up through `pdserve up` (router + instances as child processes). */
+static const char *const VIA_UP[] = {"co-2gpus", "dis-gpu", "dis-cpu", "dis-disk", "dis-nccl", "dis-tcp", NULL};
+
+/* xPyD names such as 2p1d. */
+static bool is_xpyd(const char *name) {
+    int p = 0, d = 0, n = 0;
+    return sscanf(name, "%dp%dd%n", &p, &d, &n) == 2 && name[n] == 0 && p > 0 && d > 0;
+}
+
+static bool via_up(const char *name) {
+    for (int i = 0; VIA_UP[i]; i++)
+        if (!strcmp(name, VIA_UP[i])) return true;
+    return is_xpyd(name);
+}
 
 bool study_deploy_available(const char *name, char *why, size_t cap) {
-    if (!strcmp(name, "external") || !strcmp(name, "co-1gpu")) return true;
-    for (int i = 0; LATER[i]; i++)
-        if (!strcmp(name, LATER[i])) {
-            pd_errorf(why, cap, "setup '%s' not available in this build (it comes with `pdserve up`)", name);
-            return false;
-        }
+    if (!strcmp(name, "external") || !strcmp(name, "co-1gpu") || via_up(name)) return true;
     pd_errorf(why, cap, "unknown setup '%s' (known: external, co-1gpu, co-2gpus, dis-gpu, dis-cpu, dis-disk, "
-                        "dis-nccl, dis-tcp)", name);
+                        "dis-nccl, dis-tcp, xPyD such as 2p1d)", name);
     return false;
 }
 
@@ -109,17 +118,18 @@ static void log_hint(const char *path, char *out, size_t cap) {
     free(text);
 }
 
-/* Waits for "listening on http://HOST:PORT" in the child's log; fills url. */
-static int wait_listening(const char *log_path, pid_t child, double timeout_s, char *url, size_t cap, char *err,
-                          size_t errlen) {
+/* Waits for `marker` followed by "http://HOST:PORT" in the child's log ("listening on "
+ * from `pdserve serve`, "ready: ... on " from `pdserve up`); fills url. */
+static int wait_listening(const char *log_path, const char *marker, pid_t child, double timeout_s, char *url,
+                          size_t cap, char *err, size_t errlen) {
     double t_end = time_now_s() + timeout_s;
     while (time_now_s() < t_end) {
         size_t len;
         char e[64];
         char *text = util_read_file(log_path, &len, e, sizeof e);
-        const char *at = text ? strstr(text, "listening on http://") : NULL;
+        const char *at = text ? strstr(text, marker) : NULL;
+        if (at) at = strstr(at, "http://");
         if (at) {
-            at += strlen("listening on ");
             size_t n = strcspn(at, " \n)");
             snprintf(url, cap, "%.*s", (int)PD_MIN(n, cap - 1), at);
             free(text);
@@ -131,13 +141,13 @@ static int wait_listening(const char *log_path, pid_t child, double timeout_s, c
             live_del(child);
             char hint[400];
             log_hint(log_path, hint, sizeof hint);
-            pd_errorf(err, errlen, "pdserve serve exited at start-up (status %d)%s",
+            pd_errorf(err, errlen, "the deployment exited at start-up (status %d)%s",
                       WIFEXITED(st) ? WEXITSTATUS(st) : -1, hint);
             return -1;
         }
         sleep_s(0.1);
     }
-    pd_errorf(err, errlen, "pdserve serve did not listen within %.0f s", timeout_s);
+    pd_errorf(err, errlen, "the deployment did not come up within %.0f s", timeout_s);
     return -1;
 }
 
@@ -147,8 +157,20 @@ static void argv_push(char ***argv, int *n, const char *s) {
     (*argv)[*n] = NULL;
 }
 
-static int up_co_1gpu(const study_setup *s, const study_deploy_opts *o, study_deployment *d, char *err,
-                      size_t errlen) {
+/* Options of `pdserve up` itself; every other option goes to the instances (after --). */
+static bool is_up_flag(const char *k) {
+    static const char *const UP_FLAGS[] = {"medium", "prefill", "decode", "device-list", "policy",
+                                           "kv-transfer-timeout", "kv-transfer-mode", "kv-store-dir",
+                                           "kv-store-capacity", "prefill-args", "decode-args", NULL};
+    for (int i = 0; UP_FLAGS[i]; i++)
+        if (!strcmp(k, UP_FLAGS[i])) return true;
+    return false;
+}
+
+/* co-1gpu: `pdserve serve` alone; other setups: `pdserve up --setup NAME -- serve args`. */
+static int up_child(const study_setup *s, const study_deploy_opts *o, study_deployment *d, char *err,
+                    size_t errlen) {
+    bool up = via_up(s->name);
     char self[1024];
     const char *bin = o->pdserve_bin;
     if (!bin) {
@@ -171,23 +193,32 @@ static int up_co_1gpu(const study_setup *s, const study_deploy_opts *o, study_de
     char **argv = NULL;
     int n = 0;
     argv_push(&argv, &n, bin);
-    argv_push(&argv, &n, "serve");
+    argv_push(&argv, &n, up ? "up" : "serve");
+    if (up) {
+        argv_push(&argv, &n, "--setup");
+        argv_push(&argv, &n, s->name);
+    }
     argv_push(&argv, &n, "--model");
     argv_push(&argv, &n, o->model);
-    if (o->tokenizer) {
-        argv_push(&argv, &n, "--tokenizer");
-        argv_push(&argv, &n, o->tokenizer);
-    }
     argv_push(&argv, &n, "--host");
     argv_push(&argv, &n, "127.0.0.1");
     argv_push(&argv, &n, "--port");
     argv_push(&argv, &n, "0");
     char flags[64][96];
     int nf = 0;
-    for (int i = 0; i < o->n_args && nf < 64; i++, nf++) {
-        snprintf(flags[nf], sizeof flags[nf], "--%s", o->args[i].key);
-        argv_push(&argv, &n, flags[nf]);
-        if (o->args[i].value) argv_push(&argv, &n, o->args[i].value);
+    /* up's own options first, then (after --) what every instance gets */
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1 && up) argv_push(&argv, &n, "--");
+        if (pass == 1 && o->tokenizer) {
+            argv_push(&argv, &n, "--tokenizer");
+            argv_push(&argv, &n, o->tokenizer);
+        }
+        for (int i = 0; i < o->n_args && nf < 64; i++) {
+            if ((up && is_up_flag(o->args[i].key)) != (pass == 0)) continue;
+            snprintf(flags[nf], sizeof flags[nf], "--%s", o->args[i].key);
+            argv_push(&argv, &n, flags[nf++]);
+            if (o->args[i].value) argv_push(&argv, &n, o->args[i].value);
+        }
     }
     int fd = open(o->log_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) {
@@ -206,12 +237,13 @@ static int up_co_1gpu(const study_setup *s, const study_deploy_opts *o, study_de
     close(fd);
     free(argv);
     if (rc != 0) {
-        pd_errorf(err, errlen, "cannot start %s serve: %s", bin, strerror(rc));
+        pd_errorf(err, errlen, "cannot start %s %s: %s", bin, up ? "up" : "serve", strerror(rc));
         return -1;
     }
     live_add(pid);
     d->pids[d->n_pids++] = pid;
-    if (wait_listening(o->log_path, pid, o->start_timeout_s, d->base_url, sizeof d->base_url, err, errlen) != 0) {
+    if (wait_listening(o->log_path, up ? "pdserve up: ready:" : "listening on ", pid, o->start_timeout_s,
+                       d->base_url, sizeof d->base_url, err, errlen) != 0) {
         study_deploy_down(d);
         return -1;
     }
@@ -243,7 +275,7 @@ int study_deploy_up(const study_setup *s, const study_deploy_opts *o, study_depl
         while (n && d->base_url[n - 1] == '/') d->base_url[--n] = 0;
         return wait_health(d->base_url, PD_MIN(o->start_timeout_s, 30.0), true, 0, err, errlen);
     }
-    return up_co_1gpu(s, o, d, err, errlen);
+    return up_child(s, o, d, err, errlen);
 }
 
 void study_deploy_down(study_deployment *d) {

@@ -173,9 +173,36 @@ static void clock_text(const rep_point *p, char *out, size_t cap) {
     else snprintf(out, cap, "default");
 }
 
+/* a is at least as good as b in every measured figure and better in one: TTFT p50,
+ * TPOT p50 (lower), output throughput (higher), J/token (lower, when both have it). */
+static bool dominates(const rep_point *a, const rep_point *b) {
+    double av[4] = {a->ttft_med, a->tpot_med, -a->out_thr, a->jpt};
+    double bv[4] = {b->ttft_med, b->tpot_med, -b->out_thr, b->jpt};
+    bool strict = false;
+    for (int k = 0; k < 4; k++) {
+        if (isnan(av[k]) || isnan(bv[k])) {
+            if (k < 3) return false;
+            continue;
+        }
+        if (av[k] > bv[k]) return false;
+        if (av[k] < bv[k]) strict = true;
+    }
+    return strict;
+}
+
+/* On the frontier at its load: no point of the same load (and clocks) dominates it. */
+static bool front_at_load(const rep_point *pts, int n, int i) {
+    for (int j = 0; j < n; j++)
+        if (j != i && !strcmp(pts[j].load_label, pts[i].load_label) &&
+            pts[j].prefill_mhz == pts[i].prefill_mhz && pts[j].decode_mhz == pts[i].decode_mhz &&
+            dominates(&pts[j], &pts[i]))
+            return false;
+    return true;
+}
+
 static void print_table(FILE *f, const rep_point *pts, int n, int n_bad) {
-    fprintf(f, "%-14s %-10s %-9s %9s %9s %8s %8s %8s %10s %10s %9s %10s\n", "setup", "load", "clock", "TTFT p50",
-            "TTFT p99", "TPOT p50", "TPOT p99", "req/s", "out tok/s", "goodput", "J/token", "J/tok net");
+    fprintf(f, "%-14s %-10s %-9s %9s %9s %8s %8s %8s %10s %10s %9s %10s %s\n", "setup", "load", "clock", "TTFT p50",
+            "TTFT p99", "TPOT p50", "TPOT p99", "req/s", "out tok/s", "goodput", "J/token", "J/tok net", "front");
     fprintf(f, "%-14s %-10s %-9s %9s %9s %8s %8s %8s %10s %10s %9s %10s\n", "", "", "SM MHz", "ms", "ms", "ms", "ms",
             "", "", "req/s", "", "(idle-sub)");
     char b[12][32], clk[32];
@@ -185,14 +212,31 @@ static void print_table(FILE *f, const rep_point *pts, int n, int n_bad) {
         clock_text(p, clk, sizeof clk);
         char load[64];
         snprintf(load, sizeof load, "%s%s", p->load_label, p->simulated ? "*" : "");
-        fprintf(f, "%-14.14s %-10.10s %-9s %9s %9s %8s %8s %8s %10s %10s %9s %10s\n", p->setup, load, clk,
+        fprintf(f, "%-14.14s %-10.10s %-9s %9s %9s %8s %8s %8s %10s %10s %9s %10s %s\n", p->setup, load, clk,
                 tfmt(b[0], 32, p->ttft_med, 1), tfmt(b[1], 32, p->ttft_p99, 1), tfmt(b[2], 32, p->tpot_med, 2),
                 tfmt(b[3], 32, p->tpot_p99, 2), tfmt(b[4], 32, p->req_thr, 2), tfmt(b[5], 32, p->out_thr, 1),
                 isnan(p->goodput) ? "-" : tfmt(b[6], 32, p->goodput, 2), tfmt(b[7], 32, p->jpt, 4),
-                tfmt(b[8], 32, p->jpt_net, 4));
+                tfmt(b[8], 32, p->jpt_net, 4), front_at_load(pts, n, i) ? "  *" : "");
         any_nm |= isnan(p->jpt) || isnan(p->jpt_net);
     }
     if (n == 0) fprintf(f, "(no successful points)\n");
+    if (n) fprintf(f, "front * = on the Pareto frontier at its load: no other setup at the same load is as good in\n"
+                      "          TTFT p50, TPOT p50, output throughput and J/token (where measured) and better in one\n");
+    /* The latency-energy frontiers across every point, where energy was measured. */
+    static const char *const fname[] = {"TTFT p50 vs J/token", "TPOT p50 vs J/token", "throughput vs J/token"};
+    bool *front = xcalloc((size_t)PD_MAX(n, 1), sizeof *front);
+    for (int w = 0; w < 3; w++) {
+        rep_pareto(pts, n, w, front);
+        int shown = 0;
+        for (int i = 0; i < n; i++) {
+            if (!front[i] || isnan(pts[i].jpt)) continue;
+            if (!shown++) fprintf(f, "frontier %s: ", fname[w]);
+            else fputs(", ", f);
+            fputs(pts[i].label, f);
+        }
+        if (shown) fputc('\n', f);
+    }
+    free(front);
     if (any_nm) fprintf(f, "n/m = not measured (no energy meter for this run, or no idle window)\n");
     for (int i = 0; i < n; i++)
         if (pts[i].simulated) {

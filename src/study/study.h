@@ -199,7 +199,23 @@ typedef struct study_run_info {
     int input_len, output_len, warmup_requests;
     double range_ratio, cooldown_s;
     uint64_t seed;
+    /* power samples scraped from the instances' /metrics during the run (may be NULL) */
+    const struct study_power_sample *power;
+    int n_power;
 } study_run_info;
+
+/* One GPU's power and clocks at one moment (power_samples table). NAN / -1: not read. */
+typedef struct study_power_sample {
+    double t_s;                /* seconds since the bench's timed start (< 0: before) */
+    char device[16], role[16]; /* the GPU's NVML index, its role */
+    char host[64];
+    double power_w;
+    int sm_mhz, mem_mhz;
+} study_power_sample;
+
+/* Parses the pdserve_gpu_power_watts / _sm_clock_mhz / _mem_clock_mhz lines of one
+ * /metrics text into out[cap] (one per GPU), all stamped t_s. Returns the count. */
+int study_power_samples_parse(const char *text, double t_s, study_power_sample *out, int cap);
 
 /* Records one point in one transaction: its runs row (replacing an earlier row with
  * the same key: a failed point that is run again), and when r is not NULL its

@@ -10,6 +10,8 @@
  * written down. */
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -71,6 +73,72 @@ static void read_counters(const study_deployment *d, bench_energy *e, bool after
     }
 }
 
+/* Power and clocks of the deployment's GPUs, scraped from its /metrics every period
+ * while the point runs (the instances' own 100 ms sampler is not exported; a scrape
+ * every 0.5 s is cheap: one NVML energy read of ~4 ms per GPU, off the token path). */
+typedef struct power_poll {
+    const study_deployment *d;
+    double period_s;
+    pthread_t th;
+    bool started;
+    atomic_bool stop;
+    study_power_sample *s;
+    int n, cap;
+} power_poll;
+
+#define POWER_POLL_MAX 200000
+
+static void *power_poll_main(void *arg) {
+    power_poll *pp = arg;
+    const char *list = pp->d->metrics_urls[0] ? pp->d->metrics_urls : NULL;
+    char def[320];
+    if (!list) {
+        snprintf(def, sizeof def, "%s/metrics", pp->d->base_url);
+        list = def;
+    }
+    while (!atomic_load(&pp->stop)) {
+        double next = time_now_s() + pp->period_s;
+        for (const char *p = list; *p;) {
+            size_t n = strcspn(p, ",");
+            char url[512], err[256];
+            snprintf(url, sizeof url, "%.*s", (int)PD_MIN(n, sizeof url - 1), p);
+            p += n + (p[n] == ',');
+            long status = 0;
+            char *body = bench_http_get(url, NULL, 5, &status, err, sizeof err);
+            double t = time_now_s();
+            if (body && status == 200) {
+                study_power_sample tmp[16];
+                int k = study_power_samples_parse(body, t, tmp, 16);
+                for (int i = 0; i < k && pp->n < POWER_POLL_MAX; i++) {
+                    if (pp->n == pp->cap) {
+                        pp->cap = pp->cap ? pp->cap * 2 : 256;
+                        pp->s = xrealloc(pp->s, sizeof *pp->s * (size_t)pp->cap);
+                    }
+                    pp->s[pp->n++] = tmp[i];
+                }
+            }
+            free(body);
+        }
+        while (!atomic_load(&pp->stop) && time_now_s() < next) sleep_s(0.02);
+    }
+    return NULL;
+}
+
+static void power_poll_start(power_poll *pp, const study_deployment *d) {
+    memset(pp, 0, sizeof *pp);
+    pp->d = d;
+    pp->period_s = 0.5;
+    atomic_store(&pp->stop, false);
+    pp->started = pthread_create(&pp->th, NULL, power_poll_main, pp) == 0;
+}
+
+static void power_poll_stop(power_poll *pp) {
+    if (!pp->started) return;
+    atomic_store(&pp->stop, true);
+    pthread_join(pp->th, NULL);
+    pp->started = false;
+}
+
 typedef struct point_ctx {
     const study_plan *plan;
     const study_sweep_opts *o;
@@ -102,16 +170,21 @@ static void make_config(const point_ctx *x, const study_point *pt, const study_d
 /* Runs one point (deployment up to down). Returns its status; reason filled unless ok;
  * *res and *idle filled when the bench ran. */
 static study_status run_point(const point_ctx *x, const study_point *pt, bench_config *bc, bench_result **res,
-                              study_idle *idle, char *base_url, size_t url_cap, char *reason, size_t rcap) {
+                              study_idle *idle, power_poll *pp, char *base_url, size_t url_cap, char *reason,
+                              size_t rcap) {
     const study_sweep_opts *o = x->o;
     char why[512];
+    /* Clocks: the instances this sweep starts lock their own GPUs (`pdserve serve
+     * --sm-clock MHZ --allow-clock-control`, restored when they exit); an external
+     * endpoint's GPUs are locked by this process through set_clocks. */
+    bool external = !strcmp(pt->setup->name, "external");
     if (pt->clock.prefill_mhz > 0) {
         if (!o->allow_clock_control) {
             snprintf(reason, rcap, "clock control not allowed (pass --allow-clock-control)");
             return STUDY_STATUS_SKIPPED;
         }
-        if (!o->set_clocks) {
-            snprintf(reason, rcap, "clock control not available in this build");
+        if (external && !o->set_clocks) {
+            snprintf(reason, rcap, "clock control not available in this build for an external endpoint (pass --clock-gpus)");
             return STUDY_STATUS_FAILED;
         }
     }
@@ -135,11 +208,24 @@ static study_status run_point(const point_ctx *x, const study_point *pt, bench_c
         return STUDY_STATUS_FAILED;
     }
     int n_args = x->plan->n_serve_args + pt->setup->n_opts;
-    study_kv *args = xcalloc((size_t)PD_MAX(n_args, 1), sizeof *args);
+    study_kv *args = xcalloc((size_t)PD_MAX(n_args + 2, 1), sizeof *args);
     if (x->plan->n_serve_args)
         memcpy(args, x->plan->serve_args, sizeof *args * (size_t)x->plan->n_serve_args);
     if (pt->setup->n_opts)
         memcpy(args + x->plan->n_serve_args, pt->setup->opts, sizeof *args * (size_t)pt->setup->n_opts);
+    char clk_a[96], clk_b[96];
+    if (pt->clock.prefill_mhz > 0 && !external) {
+        if (pt->clock.prefill_mhz == pt->clock.decode_mhz) { /* every instance at one clock */
+            snprintf(clk_a, sizeof clk_a, "%d", pt->clock.prefill_mhz);
+            args[n_args++] = (study_kv){.key = "sm-clock", .value = clk_a};
+            args[n_args++] = (study_kv){.key = "allow-clock-control", .value = NULL};
+        } else { /* per-stage clocks: `pdserve up` passes these to its prefill / decode instances */
+            snprintf(clk_a, sizeof clk_a, "--sm-clock %d --allow-clock-control", pt->clock.prefill_mhz);
+            snprintf(clk_b, sizeof clk_b, "--sm-clock %d --allow-clock-control", pt->clock.decode_mhz);
+            args[n_args++] = (study_kv){.key = "prefill-args", .value = clk_a};
+            args[n_args++] = (study_kv){.key = "decode-args", .value = clk_b};
+        }
+    }
     char log_path[1024];
     snprintf(log_path, sizeof log_path, "%.900s/%03d-%.60s.log", x->log_dir, pt->index, pt->setup->label);
     study_deploy_opts dop = {.model = x->model, .tokenizer = x->tokenizer, .pdserve_bin = o->pdserve_bin,
@@ -159,7 +245,7 @@ static study_status run_point(const point_ctx *x, const study_point *pt, bench_c
         idle->seconds = x->plan->idle_s;
     }
     bool clocks_set = false;
-    if (pt->clock.prefill_mhz > 0) {
+    if (pt->clock.prefill_mhz > 0 && external) {
         if (o->set_clocks(o->clocks_ctx, pt->clock.prefill_mhz, pt->clock.decode_mhz, why, sizeof why) != 0) {
             snprintf(reason, rcap, "clocks: %s", why);
             study_deploy_down(&d);
@@ -168,7 +254,11 @@ static study_status run_point(const point_ctx *x, const study_point *pt, bench_c
         clocks_set = true;
     }
     make_config(x, pt, &d, bc);
+    power_poll_start(pp, &d);
     int rc = bench_run(bc, &ds, res, why, sizeof why);
+    power_poll_stop(pp);
+    if (rc == 0 && *res) /* sample times relative to the bench's timed start */
+        for (int i = 0; i < pp->n; i++) pp->s[i].t_s -= (double)(*res)->start_ns * 1e-9;
     study_deploy_down(&d);
     if (clocks_set && o->set_clocks(o->clocks_ctx, 0, 0, why, sizeof why) != 0)
         log_warn("sweep: could not restore the GPU clocks: %s", why);
@@ -288,16 +378,20 @@ int study_sweep_run(const study_plan *plan, const study_sweep_opts *o, study_swe
         study_idle idle;
         memset(&idle, 0, sizeof idle);
         char reason[1024] = "", base_url[256] = "";
-        study_status st = run_point(&x, pt, &bc, &res, &idle, base_url, sizeof base_url, reason, sizeof reason);
+        power_poll pp;
+        memset(&pp, 0, sizeof pp);
+        study_status st = run_point(&x, pt, &bc, &res, &idle, &pp, base_url, sizeof base_url, reason, sizeof reason);
         bool deployed = res != NULL;
         study_run_info ri = {.plan_name = plan->name, .model = x.model, .base_url = base_url[0] ? base_url : NULL,
                              .hw = &hw, .started_unix = w0, .ended_unix = time_wall_s(), .status = st,
                              .reason = st == STUDY_STATUS_OK ? NULL : reason, .dataset = plan->dataset,
                              .input_len = plan->input_len, .output_len = plan->output_len,
                              .warmup_requests = plan->warmup_requests, .range_ratio = plan->range_ratio,
-                             .cooldown_s = plan->cooldown_s, .seed = plan->seed};
+                             .cooldown_s = plan->cooldown_s, .seed = plan->seed, .power = pp.s,
+                             .n_power = pp.n};
         char e2[512];
         long long id = study_db_record(db, pt, &ri, res ? &bc : NULL, res, &idle, e2, sizeof e2);
+        free(pp.s);
         if (id < 0) {
             pd_errorf(err, errlen, "%s", e2);
             bench_result_free(res);

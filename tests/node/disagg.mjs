@@ -206,7 +206,7 @@ async function faults(name) {
     // one of two prefill instances stalls every transfer; kill it while requests wait on it
     res = await burst(N, { maxTokens: 16, delayMs: Number(process.env.PDSERVE_KILL_AFTER_MS || 800), hook: kill });
   } else if (name === "kill-decode") {
-    res = await burst(N, { maxTokens: 400, hookAfterFirst: N, hook: kill });
+    res = await burst(N, { maxTokens: 900, hookAfterFirst: N, hook: kill });
   } else if (name === "plain") {
     res = await burst(N, { maxTokens: Number(process.env.PDSERVE_MAX_TOKENS || 16), stream: process.env.PDSERVE_STREAM !== "0" });
   } else {

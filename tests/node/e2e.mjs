@@ -72,8 +72,11 @@ async function test(name, fn) {
   console.error(results[results.length - 1]);
 }
 
+// /tokenize and /detokenize are public API: under --api-key like /v1.
+const AUTH = { Authorization: `Bearer ${KEY}` };
+
 async function tokenizeCount(body) {
-  const r = await fetch(`${URL_}/tokenize`, { method: "POST", body: JSON.stringify(body) });
+  const r = await fetch(`${URL_}/tokenize`, { method: "POST", headers: AUTH, body: JSON.stringify(body) });
   assert.equal(r.status, 200);
   const j = await r.json();
   assert.equal(j.count, j.tokens.length);
@@ -250,7 +253,8 @@ async function mainTests() {
   await test("tokenize / detokenize round trip", async () => {
     const text = "12 + 34 = 46!";
     const t = await tokenizeCount({ prompt: text, add_special_tokens: false });
-    const r = await fetch(`${URL_}/detokenize`, { method: "POST", body: JSON.stringify({ tokens: t.tokens }) });
+    const r = await fetch(`${URL_}/detokenize`, { method: "POST", headers: AUTH,
+                                                  body: JSON.stringify({ tokens: t.tokens }) });
     assert.equal(r.status, 200);
     assert.equal((await r.json()).prompt, text);
     // messages go through the chat template (with the generation prompt by default)
@@ -259,7 +263,8 @@ async function mainTests() {
     const m2 = await tokenizeCount({ messages, add_generation_prompt: false });
     // (some templates write the assistant header whatever add_generation_prompt says)
     assert.ok(m.count > t.count && m2.count <= m.count, `template tokens: ${m.count} ${m2.count}`);
-    const r2 = await fetch(`${URL_}/detokenize`, { method: "POST", body: JSON.stringify({ tokens: m.tokens }) });
+    const r2 = await fetch(`${URL_}/detokenize`, { method: "POST", headers: AUTH,
+                                                   body: JSON.stringify({ tokens: m.tokens }) });
     assert.ok((await r2.json()).prompt.includes(text));
   });
 
@@ -425,6 +430,56 @@ async function mainTests() {
   });
 }
 
+// ---- access ------------------------------------------------------------------------------------
+async function accessTests() {
+  await test("access: every /v1 route, /tokenize and /detokenize need the key; /health, /metrics don't", async () => {
+    const bodies = {
+      "/v1/completions": { prompt: P1, max_tokens: 1 },
+      "/v1/chat/completions": { messages: [{ role: "user", content: P1 }], max_tokens: 1 },
+      "/tokenize": { prompt: P1 },
+      "/detokenize": { tokens: [1, 2] },
+    };
+    const guarded = [["GET", "/v1/models"], ...Object.keys(bodies).map((p) => ["POST", p])];
+    for (const [method, path] of guarded) {
+      const body = bodies[path] ? JSON.stringify(bodies[path]) : undefined;
+      for (const [what, h] of [["no key", {}], ["wrong key", { Authorization: "Bearer wrong" }],
+                               ["key without Bearer", { Authorization: KEY }],
+                               ["key with a suffix", { Authorization: `Bearer ${KEY}x` }],
+                               ["key prefix", { Authorization: `Bearer ${KEY.slice(0, -1)}` }]]) {
+        const r = await fetch(`${URL_}${path}`, { method, headers: { ...h, "Content-Type": "application/json" }, body });
+        const j = await r.json();
+        assert.equal(r.status, 401, `${method} ${path} with ${what}`);
+        assert.equal(j.error.code, "invalid_api_key", `${method} ${path} with ${what}`);
+        assert.equal(r.headers.get("www-authenticate"), "Bearer");
+      }
+      const r = await fetch(`${URL_}${path}`, { method, headers: { ...AUTH, "Content-Type": "application/json" }, body });
+      assert.equal(r.status, 200, `${method} ${path} with the key: ${await r.text()}`);
+    }
+    for (const path of ["/health", "/metrics", "/version"]) {
+      const r = await fetch(`${URL_}${path}`);
+      await r.text();
+      assert.equal(r.status, 200, `${path} without a key`);
+    }
+  });
+
+  await test("body cap: exactly --max-body-bytes is read, one byte more is 413", async () => {
+    const head = `{"prompt":"${P1}","max_tokens":1,"temperature":0`;
+    const at = (n) => Buffer.from(head + " ".repeat(n - head.length - 1) + "}", "utf8");
+    const post = (buf) => fetch(`${URL_}/v1/completions`, {
+      method: "POST", headers: { ...AUTH, "Content-Type": "application/json" }, body: buf });
+    const a = await post(at(MAX_BODY));
+    assert.equal(at(MAX_BODY).length, MAX_BODY);
+    assert.equal(a.status, 200, `a body of exactly the cap: ${(await a.text()).slice(0, 200)}`);
+    const b = await post(at(MAX_BODY + 1));
+    const jb = await b.json();
+    assert.equal(b.status, 413, "one byte over the cap");
+    assert.equal(jb.error.code, "request_too_large");
+    // the server still serves
+    const ok = await client.completions.create({ model: MODEL, prompt: P1, max_tokens: 2 });
+    assert.ok(ok.usage.completion_tokens >= 1);
+  });
+}
+
 // ---- queue full --------------------------------------------------------------------------------
 async function overloadTests() {
   await test("queue full: 503 with Retry-After, the others complete", async () => {
@@ -451,7 +506,8 @@ async function overloadTests() {
 }
 
 const mode = process.argv[2] || "main";
-if (mode === "main") await mainTests();
+if (mode === "main") { await mainTests(); await accessTests(); }
+else if (mode === "access") await accessTests();
 else if (mode === "overload") await overloadTests();
 else throw new Error(`unknown mode ${mode}`);
 console.error(failures ? `${failures} case(s) failed` : `all ${results.length} case(s) passed`);

@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# test_energy_serve.sh: energy and clocks through the whole tool, on the CPU, with the
+# stand-in NVML (tests/fake_nvml.c through PDSERVE_NVML_LIB; never a real GPU):
+#   1. `pdserve serve --energy-gpus 0`: /metrics has the GPU energy counter (advancing),
+#      idle, power, clocks and pdserve_energy_measured{component="gpu"} 1;
+#   2. `pdserve bench` against it: energy per token / output token from the delta,
+#      GPU idle-subtracted energy;
+#   3. without NVML: measured 0 and no energy line (no fake zeros); the bench says
+#      "not measured";
+#   4. --sm-clock without --allow-clock-control is refused; with it the server locks
+#      the clock and, on SIGTERM, resets it (the fake's call log, from the server's pid);
+#   5. `pdserve sweep` with a clock point: skipped without permission; with it, the
+#      point runs at the locked clock, and the database holds measured GPU energy rows
+#      (whole and idle-subtracted), power samples at that clock and J/token.
+set -uo pipefail
+ROOT="${PDSERVE_SOURCE:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+BIN="${PDSERVE_BIN:-$ROOT/build/pdserve}"
+[ -x "$BIN" ] || { echo "FAIL: no pdserve binary at $BIN"; exit 1; }
+FAKE="${PDSERVE_FAKE_NVML:-${PDSERVE_BUILD:-$ROOT/build}/libfake_nvml.so}"
+[ -f "$FAKE" ] || { echo "SKIP: no stand-in NVML at $FAKE (run through ctest)"; exit 77; }
+command -v curl >/dev/null || { echo "SKIP: curl missing"; exit 77; }
+
+TMP="$(mktemp -d)"
+SPID=""
+cleanup() { [ -n "$SPID" ] && kill "$SPID" 2>/dev/null; rm -rf "$TMP"; }
+trap cleanup EXIT
+fail() { echo "FAIL: $*"; for f in "$TMP"/*.log; do [ -f "$f" ] && { echo "--- $f"; tail -15 "$f"; }; done; exit 1; }
+
+"$BIN" make-model --out "$TMP/model" --preset tiny-llama >"$TMP/make-model.log" 2>&1 || fail "make-model"
+SERVE=(--model "$TMP/model" --host 127.0.0.1 --port 0 --device cpu --threads 1 --max-model-len 256
+       --kv-cache-memory 16MiB)
+export FAKE_NVML_LOG="$TMP/nvml.calls" FAKE_NVML_GPUS=2 FAKE_NVML_POWER_W=150,90
+
+# start NAME ARGS...: a server on a free port; sets URL and SPID.
+start() {
+  local name=$1; shift
+  "$BIN" serve "${SERVE[@]}" "$@" 2>"$TMP/$name.log" &
+  SPID=$!
+  URL=""
+  for _ in $(seq 300); do
+    URL=$(grep -o 'listening on http://[0-9.]*:[0-9]*' "$TMP/$name.log" | head -1 | sed 's/listening on //')
+    [ -n "$URL" ] && break
+    kill -0 "$SPID" 2>/dev/null || fail "$name: the server exited at start-up"
+    sleep 0.1
+  done
+  [ -n "$URL" ] || fail "$name: no listening line in 30 s"
+}
+stop() {
+  kill -TERM "$SPID"
+  wait "$SPID"
+  local rc=$?
+  SPID=""
+  [ $rc = 0 ] || fail "$1: exit status $rc after SIGTERM"
+}
+val() { grep -F "$1" | grep -v '^#' | awk '{print $NF}' | head -1; }
+
+# ---- 1. /metrics with the stand-in NVML ------------------------------------------------
+PDSERVE_NVML_LIB="$FAKE" start fake --energy-gpus 0 --energy-idle-seconds 0.3
+grep -q "power: GPU 0 idle 150.0 W" "$TMP/fake.log" || fail "no idle baseline at start-up"
+M1=$(curl -sf "$URL/metrics") || fail "GET /metrics"
+sleep 0.5
+M2=$(curl -sf "$URL/metrics") || fail "GET /metrics (2)"
+echo "$M2" | grep -q '^pdserve_energy_measured{component="gpu"} 1$' || fail "gpu not measured: $M2"
+echo "$M2" | grep -q '^pdserve_energy_measured{component="meter"} 0$' || fail "meter flag"
+IW=$(echo "$M2" | val 'pdserve_gpu_idle_power_watts{host=')
+echo "$M2" | grep -q '^pdserve_gpu_idle_power_watts{host="[^"]*",gpu="0",role="colocated"} ' &&
+  awk -v w="$IW" 'BEGIN { exit !(w > 148 && w < 152) }' || fail "idle line ($IW)"
+echo "$M2" | grep -q '^pdserve_gpu_power_watts{host="[^"]*",gpu="0",role="colocated"} 150.000$' || fail "power line"
+echo "$M2" | grep -q '^pdserve_gpu_sm_clock_mhz{.*gpu="0".*} [0-9]' || fail "clock line"
+echo "$M2" | grep -q 'gpu="1"' && fail "GPU 1 is not this instance's"
+E1=$(echo "$M1" | val 'pdserve_gpu_energy_joules{')
+E2=$(echo "$M2" | val 'pdserve_gpu_energy_joules{')
+awk -v a="$E1" -v b="$E2" 'BEGIN { d = b - a; exit !(d > 150 * 0.4 && d < 150 * 2) }' ||
+  fail "energy counter did not advance by ~150 W x 0.5 s: $E1 -> $E2"
+echo "ok: /metrics energy lines (counter $E1 -> $E2 J)"
+
+# ---- 2. the bench reads them ---------------------------------------------------------------
+"$BIN" bench --base-url "$URL" --dataset-name random --random-input-len 16 --random-output-len 8 \
+  --random-vocab-size 200 --num-prompts 6 --ignore-eos --save-result --result-dir "$TMP" \
+  --result-filename bench.json >"$TMP/bench.out" 2>"$TMP/bench.log" || fail "bench"
+grep -q "Energy per output token (J/tok):" "$TMP/bench.out" || { cat "$TMP/bench.out"; fail "no J/output token"; }
+grep -q "GPU energy, idle-subtracted (J):" "$TMP/bench.out" || { cat "$TMP/bench.out"; fail "no idle-subtracted line"; }
+grep -q "GPU idle power (W):  *1[45][0-9]" "$TMP/bench.out" || { cat "$TMP/bench.out"; fail "idle power"; }
+python3 - "$TMP/bench.json" <<'PY' || fail "bench JSON energy"
+import json, sys
+e = json.load(open(sys.argv[1]))["energy"]
+assert e["measured"], e
+w = e["window_s"]
+assert w > 0 and abs(e["gpu_j"] - 150 * w) < 150 * 0.3 + 15, e   # 150 W over the window
+assert abs(e["gpu_net_j"]) < 20, e                                 # power == idle in the fake
+assert e["j_per_output_token"] > 0 and abs(e["total_j"] - e["gpu_j"]) < 1e-9, e
+PY
+stop fake
+echo "ok: bench energy from the counters"
+
+# ---- 3. no NVML: not measured, no zeros ------------------------------------------------------
+PDSERVE_NVML_LIB="$TMP/absent.so" start none --energy-gpus 0
+M=$(curl -sf "$URL/metrics") || fail "GET /metrics (no NVML)"
+echo "$M" | grep -q '^pdserve_energy_measured{component="gpu"} 0$' || fail "gpu should be not measured"
+echo "$M" | grep -q '_energy_joules{' && fail "an energy line without a meter: $M"
+"$BIN" bench --base-url "$URL" --dataset-name random --random-input-len 8 --random-output-len 4 \
+  --random-vocab-size 200 --num-prompts 2 >"$TMP/bench2.out" 2>"$TMP/bench2.log" || fail "bench (no NVML)"
+grep -q "energy: not measured" "$TMP/bench2.out" || fail "bench should say not measured"
+stop none
+echo "ok: without NVML, not measured"
+
+# ---- 4. clock lock and restore through serve -------------------------------------------------
+"$BIN" serve "${SERVE[@]}" --energy-gpus 0 --sm-clock 1410 >"$TMP/refused.out" 2>&1
+[ $? = 2 ] || fail "--sm-clock without --allow-clock-control should exit 2"
+grep -q "pass --allow-clock-control" "$TMP/refused.out" || fail "refusal message: $(cat "$TMP/refused.out")"
+grep -q SetGpuLockedClocks "$TMP/nvml.calls" 2>/dev/null && fail "refused, yet a clock was set"
+PDSERVE_NVML_LIB="$FAKE" start clock --energy-gpus 1 --energy-idle-seconds 0 --sm-clock 1410 --allow-clock-control
+CPID=$SPID
+grep -q "pid=$CPID nvmlDeviceSetGpuLockedClocks gpu=1 min=1410 max=1410 rc=0" "$TMP/nvml.calls" || fail "no lock"
+curl -sf "$URL/metrics" | grep -q '^pdserve_gpu_sm_clock_mhz{.*gpu="1".*} 1410$' || fail "/metrics clock after lock"
+stop clock
+grep -q "pid=$CPID nvmlDeviceResetGpuLockedClocks gpu=1 rc=0" "$TMP/nvml.calls" || fail "no reset after SIGTERM"
+PDSERVE_NVML_LIB="$FAKE" "$BIN" serve "${SERVE[@]}" --energy-gpus 0 --sm-clock 1234 --allow-clock-control \
+  >"$TMP/badclock.out" 2>&1 && fail "an unsupported clock was accepted"
+grep -q "1234" "$TMP/badclock.out" || fail "unsupported clock message"
+echo "ok: --sm-clock locks, SIGTERM restores, refusals"
+
+# ---- 5. a sweep with energy and a clock point ----------------------------------------------
+cat >"$TMP/plan.json" <<'JSON'
+{
+  "name": "energy",
+  "setups": ["co-1gpu"],
+  "serve_args": {"device": "cpu", "threads": 1, "max-model-len": 256, "kv-cache-memory": "16MiB",
+                 "energy-gpus": "0", "energy-idle-seconds": "0.2"},
+  "dataset": {"input_len": 16, "output_len": 24},
+  "loads": {"batch_sizes": [3]},
+  "clocks": {"same_mhz": [1410]},
+  "warmup_requests": 1,
+  "start_timeout_s": 60,
+  "request_timeout_s": 60
+}
+JSON
+: >"$TMP/nvml.calls"
+PDSERVE_NVML_LIB="$FAKE" "$BIN" sweep "$TMP/plan.json" --db "$TMP/r.db" --model "$TMP/model" 2>"$TMP/sweep1.log" ||
+  fail "sweep without permission"
+grep -q "0 ok, 0 failed, 1 skipped" "$TMP/sweep1.log" || fail "clock point should be skipped"
+grep -q SetGpuLockedClocks "$TMP/nvml.calls" && fail "a skipped point locked a clock"
+PDSERVE_NVML_LIB="$FAKE" "$BIN" sweep "$TMP/plan.json" --db "$TMP/r.db" --model "$TMP/model" \
+  --allow-clock-control 2>"$TMP/sweep2.log" || fail "sweep with permission"
+grep -q "1 ok, 0 failed, 0 skipped" "$TMP/sweep2.log" || fail "clock point should run"
+grep -q "nvmlDeviceSetGpuLockedClocks gpu=0 min=1410 max=1410 rc=0" "$TMP/nvml.calls" || fail "sweep: no lock"
+grep -q "nvmlDeviceResetGpuLockedClocks gpu=0 rc=0" "$TMP/nvml.calls" || fail "sweep: no reset"
+q() { sqlite3 "$TMP/r.db" "$1"; }
+[ "$(q "SELECT count(*) FROM energy WHERE component='gpu' AND device='0' AND role='colocated' AND measured=1 AND joules > 0 AND abs(idle_w - 150) < 2 AND net_joules IS NOT NULL")" = 1 ] ||
+  fail "energy rows: $(q 'SELECT * FROM energy')"
+[ "$(q "SELECT count(*) FROM energy WHERE component='cpu' AND measured=0")" = 1 ] || fail "cpu not-measured row"
+[ "$(q "SELECT count(*) FROM summaries WHERE j_per_token > 0 AND j_per_output_token > 0 AND j_per_token_net IS NOT NULL")" = 1 ] ||
+  fail "summary J/token: $(q 'SELECT energy_j, j_per_token, j_per_token_net FROM summaries')"
+N=$(q "SELECT count(*) FROM power_samples WHERE component='gpu' AND device='0' AND sm_mhz=1410 AND abs(power_w-150) < 1e-6")
+[ "${N:-0}" -ge 1 ] || fail "power samples: $(q 'SELECT * FROM power_samples LIMIT 5')"
+"$BIN" report "$TMP/r.db" -o "$TMP/report" --no-plots >"$TMP/table.txt" 2>"$TMP/report.log" || fail "report"
+grep -q "n/m" "$TMP/table.txt" && grep '^co-1gpu' "$TMP/table.txt" | grep -q "n/m" && fail "J/token should be measured: $(cat "$TMP/table.txt")"
+echo "ok: sweep energy rows ($N power samples), clock point locked and restored"
+echo "all energy serve tests passed"
