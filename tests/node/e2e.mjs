@@ -5,7 +5,9 @@
 //   node e2e.mjs main       the API: completions, chat, streaming, usage, logprobs,
 //                           stop strings, 64 concurrent streams vs one at a time,
 //                           greedy output vs `pdserve generate`, tokenize round trip,
-//                           client disconnect, every bad-input case
+//                           client disconnect, every bad-input case; then the access cases
+//   node e2e.mjs access     --api-key on every /v1 route, /tokenize and /detokenize (not
+//                           /health, /metrics, /version); the body cap at its boundary
 //   node e2e.mjs overload   against a server with --max-num-seqs 1
 //                           --max-waiting-requests 1: 503 + Retry-After
 //
