@@ -157,6 +157,35 @@ static void argv_push(char ***argv, int *n, const char *s) {
     (*argv)[*n] = NULL;
 }
 
+/* The instances of a `pdserve up` deployment, from its log lines
+ * "[NAME] pdserve serve: listening on http://H:P ..." (every NAME but the router's):
+ * their /metrics carry the energy meters, which the bench reads one by one. */
+static void instance_metrics_urls(const char *log_path, char *out, size_t cap) {
+    size_t len;
+    char e[64];
+    char *text = util_read_file(log_path, &len, e, sizeof e);
+    out[0] = 0;
+    if (!text) return;
+    size_t k = 0;
+    for (char *line = text; line && *line;) {
+        char *nl = strchr(line, '\n');
+        if (nl) *nl = 0;
+        const char *at = strstr(line, "listening on http://");
+        if (line[0] == '[' && strncmp(line, "[router]", 8) != 0 && at) {
+            at += strlen("listening on ");
+            int n = (int)strcspn(at, " )");
+            int w = snprintf(out + k, cap - k, "%s%.*s/metrics", k ? "," : "", n, at);
+            if (w < 0 || (size_t)w >= cap - k) {
+                out[k] = 0;
+                break;
+            }
+            k += (size_t)w;
+        }
+        line = nl ? nl + 1 : NULL;
+    }
+    free(text);
+}
+
 /* Options of `pdserve up` itself; every other option goes to the instances (after --). */
 static bool is_up_flag(const char *k) {
     static const char *const UP_FLAGS[] = {"medium", "prefill", "decode", "device-list", "policy",
@@ -247,6 +276,7 @@ static int up_child(const study_setup *s, const study_deploy_opts *o, study_depl
         study_deploy_down(d);
         return -1;
     }
+    if (up) instance_metrics_urls(o->log_path, d->metrics_urls, sizeof d->metrics_urls);
     char e2[512];
     if (wait_health(d->base_url, o->start_timeout_s, false, pid, e2, sizeof e2) != 0) {
         char hint[400];
