@@ -126,3 +126,23 @@ int cli_parse(int argc, char **argv, const cli_opt *opts, int n_opts, const char
     }
     return 0;
 }
+
+int cli_parse_device(const char *s, int *gpu) {
+    char *end = NULL;
+    long v;
+    if (!strcmp(s, "cpu") || !strcmp(s, "-1")) {
+        *gpu = -1;
+        return 0;
+    }
+    if (!strcmp(s, "cuda")) {
+        *gpu = 0;
+        return 0;
+    }
+    if (!strncmp(s, "cuda:", 5)) s += 5;
+    if (*s < '0' || *s > '9') return -1;
+    errno = 0;
+    v = strtol(s, &end, 10);
+    if (errno || *end || v > 1024) return -1;
+    *gpu = (int)v;
+    return 0;
+}

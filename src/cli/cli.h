@@ -24,6 +24,9 @@ typedef struct cli_opt {
 int cli_parse(int argc, char **argv, const cli_opt *opts, int n_opts, const char *usage,
               const char **pos, int max_pos, int *n_pos, bool *help);
 void cli_print_help(const char *usage, const cli_opt *opts, int n_opts);
+/* --device: "cpu" or "-1" (the CPU: *gpu = -1), "cuda" (GPU 0), "cuda:N" or "N" (GPU
+ * N). 0, or -1 when the text is none of these. */
+int cli_parse_device(const char *s, int *gpu);
 /* Parses "512MiB", "4GiB", "1e9", "100000" into bytes; -1 on error. */
 long long cli_parse_size(const char *s);
 

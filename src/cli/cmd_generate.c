@@ -59,6 +59,7 @@ int cmd_generate(int argc, char **argv) {
     const char *model_arg = NULL, *tok_dir = NULL, *prompt = NULL, *load_format = "auto";
     int max_tokens = 16, top_k = 0, seed = -1, threads = 0, max_model_len = 0, budget = 0;
     int device = -1;
+    const char *device_s = "cpu";
     double temperature = 0.0, top_p = 1.0, min_p = 0.0, gpu_util = 0.9;
     bool ignore_eos = false, chat = false;
     size_t kv_mem = 0;
@@ -75,7 +76,7 @@ int cmd_generate(int argc, char **argv) {
         {"min-p", OPT_DOUBLE, &min_p, "drop tokens below min-p x the top probability (default 0)", "P"},
         {"seed", OPT_INT, &seed, "sampling seed (also seeds dummy weights; default 0 for weights)", "S"},
         {"ignore-eos", OPT_FLAG, &ignore_eos, "keep generating past end-of-sequence tokens", NULL},
-        {"device", OPT_INT, &device, "-1: the CPU (default); N: CUDA GPU N", "N"},
+        {"device", OPT_STRING, &device_s, "cpu (default), cuda, cuda:N or N: CUDA GPU N", "DEV"},
         {"gpu-memory-utilization", OPT_DOUBLE, &gpu_util,
          "GPU: fraction of the card for weights, activations and KV cache (default 0.9)", "F"},
         {"threads", OPT_INT, &threads, "CPU threads (default: all cores)", "N"},
@@ -103,8 +104,8 @@ int cmd_generate(int argc, char **argv) {
         fprintf(stderr, "pdserve generate: --max-tokens must be at least 1\n");
         return 2;
     }
-    if (device < -1 || !(gpu_util > 0.0 && gpu_util <= 1.0)) {
-        fprintf(stderr, "pdserve generate: --device must be -1 or a GPU index, and "
+    if (cli_parse_device(device_s, &device) != 0 || !(gpu_util > 0.0 && gpu_util <= 1.0)) {
+        fprintf(stderr, "pdserve generate: --device must be cpu, cuda, cuda:N or N, and "
                         "--gpu-memory-utilization in (0, 1]\n");
         return 2;
     }

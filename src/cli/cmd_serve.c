@@ -200,13 +200,8 @@ static int serve_setup(const serve_opts *o, serve_state *st, char *err, size_t e
     if (tokenizer_load(tok_dir, &st->tok, err, errlen)) return -1;
     if (model_files_open(o->model, o->load_format, &st->files, err, errlen)) return -1;
     st->files_open = true;
-    /* --device cpu | cuda | cuda:N | N (GPU N) */
     int gpu = -1;
-    char *end = NULL;
-    if (!strcmp(o->device, "cuda")) gpu = 0;
-    else if (!strncmp(o->device, "cuda:", 5)) gpu = (int)strtol(o->device + 5, &end, 10);
-    else if (o->device[0] >= '0' && o->device[0] <= '9') gpu = (int)strtol(o->device, &end, 10);
-    if ((end && *end) || (gpu < 0 && strcmp(o->device, "cpu"))) {
+    if (cli_parse_device(o->device, &gpu) != 0) {
         pd_errorf(err, errlen, "--device must be cpu, cuda, cuda:N or N, got '%s'", o->device);
         return -1;
     }
