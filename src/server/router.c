@@ -40,6 +40,7 @@
 #include <curl/curl.h>
 #include <microhttpd.h>
 
+#include "power/power.h"
 #include "server/server.h"
 #include "util/util.h"
 
@@ -903,6 +904,51 @@ static enum MHD_Result job_continue(struct MHD_Connection *conn, rjob *j) {
     return ret;
 }
 
+static size_t metrics_body(char *ptr, size_t size, size_t nmemb, void *user) {
+    sbuf *b = user;
+    size_t n = size * nmemb;
+    if (b->len + n > (8u << 20)) return 0; /* a /metrics text past 8 MiB: give up on it */
+    sbuf_printf(b, "%.*s", (int)n, ptr);
+    return n;
+}
+
+/* The deployment's energy: every instance's /metrics, summed by GPU and role
+ * (power_metrics_aggregate counts a meter read through two instances once). Blocking
+ * fetches with a 2 s timeout on this scrape's thread: scrapes are rare and never on a
+ * token's path. Nothing is added when no instance reports an energy line. */
+static void append_energy(router *r, sbuf *out) {
+    char *texts[ROUTER_MAX_BACKENDS] = {0};
+    for (int i = 0; i < r->n_backends; i++) {
+        char url[600];
+        snprintf(url, sizeof url, "%s/metrics", r->backends[i].url);
+        CURL *e = curl_easy_init();
+        if (!e) continue;
+        sbuf b;
+        sbuf_init(&b);
+        curl_easy_setopt(e, CURLOPT_URL, url);
+        curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+        curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, 2000L);
+        curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, metrics_body);
+        curl_easy_setopt(e, CURLOPT_WRITEDATA, &b);
+        long code = 0;
+        if (curl_easy_perform(e) == CURLE_OK && curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &code) == CURLE_OK &&
+            code == 200 && b.p)
+            texts[i] = xstrndup(b.p, b.len);
+        curl_easy_cleanup(e);
+        sbuf_free(&b);
+    }
+    power_agg *agg = xcalloc(1, sizeof *agg);
+    if (power_metrics_aggregate((const char *const *)texts, r->n_backends, agg) == 0) {
+        size_t need = power_agg_prometheus(agg, NULL, 0);
+        char *buf = xmalloc(need + 1);
+        power_agg_prometheus(agg, buf, need + 1);
+        sbuf_puts(out, buf);
+        free(buf);
+    }
+    free(agg);
+    for (int i = 0; i < r->n_backends; i++) free(texts[i]);
+}
+
 static enum MHD_Result handle_metrics(router *r, struct MHD_Connection *conn) {
     sbuf b;
     sbuf_init(&b);
@@ -930,6 +976,7 @@ static enum MHD_Result handle_metrics(router *r, struct MHD_Connection *conn) {
         sbuf_printf(&b, "pdserve_router_instance_inflight{role=\"%s\",url=\"%s\"} %d\n",
                     ROLE_NAMES[r->backends[i].role], r->backends[i].url,
                     atomic_load(&r->backends[i].inflight));
+    append_energy(r, &b);
     enum MHD_Result ret = respond(conn, 200, "text/plain; version=0.0.4; charset=utf-8", b.p, b.len, NULL, NULL);
     sbuf_free(&b);
     return ret;
