@@ -202,6 +202,12 @@ static void test_event_scan(void) {
     const char *c5 = "{\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"total_tokens\":12}}";
     REQUIRE(bench_event_scan(c5, strlen(c5), &ev) == 0);
     CHECK(ev.completion_tokens == 7 && ev.text_len == 0);
+    CHECK(!ev.has_server_timing && ev.server_ttft_s == -1);
+    const char *c6 = "{\"choices\":[],\"usage\":{\"completion_tokens\":3},\"pdserve_timing\":{\"ttft_s\":0.0125,"
+                     "\"e2e_s\":1.5e-1,\"queue_s\":0.001,\"n_preemptions\":0}}";
+    REQUIRE(bench_event_scan(c6, strlen(c6), &ev) == 0);
+    CHECK(ev.has_server_timing && ev.completion_tokens == 3);
+    CHECK(fabs(ev.server_ttft_s - 0.0125) < 1e-12 && fabs(ev.server_e2e_s - 0.15) < 1e-12);
     const char *e1 = "{\"error\":{\"message\":\"out of KV blocks\",\"type\":\"server_error\"}}";
     REQUIRE(bench_event_scan(e1, strlen(e1), &ev) == 0);
     CHECK(ev.is_error && ev.error_len == 16 && !memcmp(ev.error, "out of KV blocks", 16));

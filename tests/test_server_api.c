@@ -65,8 +65,12 @@ static void test_parse_completion_fields(void) {
     CHECK(!strcmp(r.stop[1], "bc") && r.stop_len[1] == 2);
     CHECK(r.sp.n_stop_token_ids == 2 && r.sp.stop_token_ids[1] == 6);
     CHECK_EQ_INT(r.sp.logprobs, 3);
-    CHECK(r.stream && r.include_usage);
+    CHECK(r.stream && r.include_usage && !r.pdserve_timing);
     api_request_free(&r);
+    REQUIRE(parse(API_ENDPOINT_COMPLETIONS, "{\"prompt\":[1],\"pdserve_timing\":true}", &r, &e) == 0);
+    CHECK(r.pdserve_timing);
+    api_request_free(&r);
+    expect_bad(API_ENDPOINT_COMPLETIONS, "{\"prompt\":[1],\"pdserve_timing\":1}", "pdserve_timing", "boolean");
 
     REQUIRE(parse(API_ENDPOINT_COMPLETIONS, "{\"prompt\":[\"one\"],\"stop\":\"x\"}", &r, &e) == 0);
     CHECK(!strcmp(r.prompt, "one") && r.n_stop == 1);

@@ -154,6 +154,8 @@ typedef struct bench_event {
     const char *error;         /* error.message / message of an error object */
     size_t error_len;
     bool is_error;
+    bool has_server_timing;    /* "pdserve_timing" object seen (pdserve extension) */
+    double server_ttft_s, server_e2e_s;  /* its ttft_s / e2e_s, -1 if absent */
 } bench_event;
 
 /* Scans one event's data. Always fills ev; returns 0 or -1 on malformed JSON. */
@@ -240,6 +242,8 @@ typedef struct bench_record {
     int n_tokens, cap_tokens;
     char *text;            /* generated text, unescaped (owned) */
     size_t text_len, text_cap;
+    bool has_server_timing;            /* the server's own view (--server-timing) */
+    double server_ttft_s, server_e2e_s;
 } bench_record;
 
 typedef enum bench_metric { BENCH_METRIC_TTFT = 1, BENCH_METRIC_TPOT = 2, BENCH_METRIC_ITL = 4,
@@ -257,6 +261,9 @@ typedef struct bench_summary {
     bench_stat ttft, tpot, itl, e2el;
     /* energy: joules over the timed part; -1 = not measured */
     double energy_j;
+    /* --server-timing: median |client - server| over requests that carried it; -1 none */
+    int n_server_timing;
+    double server_ttft_diff_ms_median, server_e2e_diff_ms_median;
 } bench_summary;
 
 /* ---- the run ------------------------------------------------------------------------ */
@@ -274,6 +281,7 @@ typedef struct bench_config {
     uint64_t seed;
     bool ignore_eos;
     bool stream_usage;         /* ask for stream_options.include_usage */
+    bool server_timing;        /* send "pdserve_timing": true (pdserve extension) */
     double temperature;
     double request_timeout_s;  /* per request, whole stream */
     double goodput_ttft_ms, goodput_tpot_ms, goodput_e2el_ms;  /* <= 0: no SLO */

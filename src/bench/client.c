@@ -127,6 +127,11 @@ static int on_event(void *ctx, const char *data, size_t len) {
     if (ev.finished) f->finish_seen = true;
     if (ev.completion_tokens >= 0) f->usage_completion = ev.completion_tokens;
     if (ev.prompt_tokens >= 0) f->usage_prompt = ev.prompt_tokens;
+    if (ev.has_server_timing) {
+        r->has_server_timing = true;
+        r->server_ttft_s = ev.server_ttft_s;
+        r->server_e2e_s = ev.server_e2e_s;
+    }
     return 0;
 }
 

@@ -116,6 +116,23 @@ static const char *read_int(const char *p, const char *end, int *out) {
     return skip_value(b, end, 1);
 }
 
+/* A number (bounded span, no allocation); *out untouched when not a number. */
+static const char *read_num(const char *p, const char *end, double *out) {
+    p = ws(p, end);
+    const char *q = skip_value(p, end, 1);
+    if (!q) return NULL;
+    char buf[64];
+    size_t n = (size_t)(q - p);
+    if (n && n < sizeof buf && (*p == '-' || (*p >= '0' && *p <= '9'))) {
+        memcpy(buf, p, n);
+        buf[n] = 0;
+        char *e;
+        double v = strtod(buf, &e);
+        if (e == buf + n) *out = v;
+    }
+    return q;
+}
+
 /* A string value, or -1 on non-string (skipped). */
 static const char *read_str(const char *p, const char *end, const char **s, size_t *n) {
     p = ws(p, end);
@@ -185,6 +202,13 @@ static const char *usage_member(const char *k, size_t kn, const char *v, const c
     return skip_value(v, end, depth + 1);
 }
 
+static const char *timing_member(const char *k, size_t kn, const char *v, const char *end,
+                                 bench_event *ev, int depth) {
+    if (key_is(k, kn, "ttft_s")) return read_num(v, end, &ev->server_ttft_s);
+    if (key_is(k, kn, "e2e_s")) return read_num(v, end, &ev->server_e2e_s);
+    return skip_value(v, end, depth + 1);
+}
+
 static const char *error_member(const char *k, size_t kn, const char *v, const char *end,
                                 bench_event *ev, int depth) {
     if (key_is(k, kn, "message")) return read_str(v, end, &ev->error, &ev->error_len);
@@ -208,6 +232,12 @@ static const char *top_member(const char *k, size_t kn, const char *v, const cha
         }
     }
     if (key_is(k, kn, "usage")) return scan_object(v, end, depth + 1, usage_member, ev);
+    if (key_is(k, kn, "pdserve_timing")) {
+        const char *q = ws(v, end);
+        if (q >= end || *q != '{') return skip_value(q, end, depth + 1);
+        ev->has_server_timing = true;
+        return scan_object(q, end, depth + 1, timing_member, ev);
+    }
     if (key_is(k, kn, "error")) {
         ev->is_error = true;
         const char *q = ws(v, end);
@@ -232,6 +262,7 @@ static const char *top_member(const char *k, size_t kn, const char *v, const cha
 int bench_event_scan(const char *data, size_t len, bench_event *ev) {
     memset(ev, 0, sizeof *ev);
     ev->prompt_tokens = ev->completion_tokens = -1;
+    ev->server_ttft_s = ev->server_e2e_s = -1;
     const char *end = data + len, *p = ws(data, end);
     if ((size_t)(end - p) >= 6 && !memcmp(p, "[DONE]", 6)) {
         ev->done = true;

@@ -98,6 +98,32 @@ static void peaks(bench_result *r) {
     r->sum.max_concurrent = peak;
 }
 
+/* --server-timing: median |client - server| TTFT and E2E (ms) over successful requests
+ * that carried the server's view; -1 when none did. */
+static void server_timing_diffs(bench_result *r) {
+    bench_summary *s = &r->sum;
+    double *dt = xmalloc(sizeof(double) * (size_t)(r->n + 1));
+    double *de = xmalloc(sizeof(double) * (size_t)(r->n + 1));
+    int n = 0;
+    for (int i = 0; i < r->n; i++) {
+        const bench_record *q = &r->recs[i];
+        if (!q->success || !q->has_server_timing || q->server_ttft_s < 0 || q->server_e2e_s < 0) continue;
+        dt[n] = fabs(q->ttft_s - q->server_ttft_s) * 1e3;
+        de[n] = fabs(q->e2el_s - q->server_e2e_s) * 1e3;
+        n++;
+    }
+    s->n_server_timing = n;
+    s->server_ttft_diff_ms_median = s->server_e2e_diff_ms_median = -1;
+    if (n) {
+        qsort(dt, (size_t)n, sizeof *dt, cmp_double);
+        qsort(de, (size_t)n, sizeof *de, cmp_double);
+        s->server_ttft_diff_ms_median = bench_percentile(dt, n, 50);
+        s->server_e2e_diff_ms_median = bench_percentile(de, n, 50);
+    }
+    free(dt);
+    free(de);
+}
+
 void bench_summarize(const bench_config *c, bench_result *r, double duration_s) {
     bench_summary *s = &r->sum;
     double energy = s->energy_j;
@@ -150,6 +176,7 @@ void bench_summarize(const bench_config *c, bench_result *r, double duration_s) 
     free(tpot);
     free(e2el);
     free(itl);
+    server_timing_diffs(r);
     peaks(r);
 }
 

@@ -154,6 +154,13 @@ void bench_print_summary(FILE *f, const bench_config *c, const bench_result *r) 
     row_f(f, "Client CPU per streamed event (us):", r->events ? r->client_cpu_s * 1e6 / (double)r->events : 0);
     print_failures(f, r);
     rule(f, "", '=');
+    if (s->n_server_timing > 0) {  /* --server-timing: the server's own view beside ours */
+        rule(f, " Server timing (pdserve_timing) ", '-');
+        row_i(f, "Requests with server timing:", s->n_server_timing);
+        fprintf(f, "%-40s %-10.3f\n", "Median |client - server| TTFT (ms):", s->server_ttft_diff_ms_median);
+        fprintf(f, "%-40s %-10.3f\n", "Median |client - server| E2E (ms):", s->server_e2e_diff_ms_median);
+        rule(f, "", '-');
+    }
 }
 
 /* ---- JSON ------------------------------------------------------------------------------ */
@@ -238,6 +245,16 @@ static cJSON *build_json(const bench_config *c, const bench_dataset_opts *o, con
     cJSON_AddNumberToObject(j, "num_warmups", c->num_warmups);
     cJSON_AddNumberToObject(j, "seed", (double)c->seed);
     cJSON_AddBoolToObject(j, "ignore_eos", c->ignore_eos);
+    if (c->server_timing) {
+        cJSON_AddNumberToObject(j, "server_timing_requests", s->n_server_timing);
+        if (s->n_server_timing > 0) {
+            cJSON_AddNumberToObject(j, "server_ttft_diff_ms_median", s->server_ttft_diff_ms_median);
+            cJSON_AddNumberToObject(j, "server_e2e_diff_ms_median", s->server_e2e_diff_ms_median);
+        } else {
+            cJSON_AddNullToObject(j, "server_ttft_diff_ms_median");
+            cJSON_AddNullToObject(j, "server_e2e_diff_ms_median");
+        }
+    }
     cJSON_AddNumberToObject(j, "duration", s->duration_s);
     cJSON_AddNumberToObject(j, "completed", s->completed);
     cJSON_AddNumberToObject(j, "failed", s->failed);

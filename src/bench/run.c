@@ -131,6 +131,7 @@ static char *build_body(const bench_config *c, const char *model, const bench_re
     sb_fmt(&b, ",\"temperature\":%g,\"stream\":true", c->temperature);
     if (c->stream_usage) sb_str(&b, ",\"stream_options\":{\"include_usage\":true}");
     if (c->ignore_eos) sb_str(&b, ",\"ignore_eos\":true");
+    if (c->server_timing) sb_str(&b, ",\"pdserve_timing\":true");
     sb_str(&b, "}");
     *len = b.n;
     return b.p;

@@ -47,7 +47,7 @@ typedef struct bench_args {
     const char *metric_percentiles, *percentile_metrics, *goodput, *metrics_url;
     int port, num_prompts, max_concurrency, num_warmups, seed;
     double burstiness, temperature, request_timeout;
-    bool ignore_eos, save_result, disable_tqdm, no_stream_usage;
+    bool ignore_eos, save_result, disable_tqdm, no_stream_usage, server_timing;
     bench_dataset_opts ds;
 } bench_args;
 
@@ -68,6 +68,11 @@ static int resolve(bench_args *a, bench_config *c, const char **goodput_extra, i
     c->seed = (uint64_t)a->seed;
     c->ignore_eos = a->ignore_eos;
     c->stream_usage = !a->no_stream_usage;
+    c->server_timing = a->server_timing;
+    if (c->server_timing && !c->stream_usage) {
+        fprintf(stderr, "pdserve bench: --server-timing needs stream usage (drop --no-stream-usage)\n");
+        return -1;
+    }
     c->temperature = a->temperature;
     c->request_timeout_s = a->request_timeout;
     c->burstiness = a->burstiness;
@@ -177,6 +182,9 @@ int cmd_bench(int argc, char **argv) {
         {"request-timeout", OPT_DOUBLE, &a.request_timeout, "seconds one request may take (21600)", "S"},
         {"no-stream-usage", OPT_FLAG, &a.no_stream_usage,
          "do not send stream_options.include_usage (output tokens counted from chunks)", NULL},
+        {"server-timing", OPT_FLAG, &a.server_timing,
+         "send \"pdserve_timing\": true (pdserve only; needs stream usage) and compare the "
+         "server's TTFT/E2E with the measured ones", NULL},
         {"metric-percentiles", OPT_STRING, &a.metric_percentiles, "percentiles reported (50,90,95,99)", "LIST"},
         {"percentile-metrics", OPT_STRING, &a.percentile_metrics,
          "metrics reported with percentiles: ttft,tpot,itl,e2el (ttft,tpot,itl)", "LIST"},

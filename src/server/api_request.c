@@ -322,6 +322,8 @@ static int parse_sampling(const cJSON *o, api_endpoint ep, const api_limits *lim
             return bad(e, "stream_options", "Stream options can only be defined when `stream=True`.");
         if (get_bool(so, "include_usage", &r->include_usage, e)) return -1;
     }
+    /* pdserve extension: per-request server timing beside usage */
+    if (get_bool(o, "pdserve_timing", &r->pdserve_timing, e)) return -1;
     return 0;
 }
 

@@ -261,6 +261,15 @@ void api_usage_json(sbuf *out, const api_usage *u) {
                 u->cached_tokens);
 }
 
+static void timing_json(sbuf *out, const api_usage *u) {
+    const api_timing *t = u->timing;
+    if (!t) return;
+    sbuf_printf(out,
+                ",\"pdserve_timing\":{\"ttft_s\":%.9f,\"e2e_s\":%.9f,\"queue_s\":%.9f,"
+                "\"n_preemptions\":%d}",
+                t->ttft_s, t->e2e_s, t->queue_s, t->n_preemptions);
+}
+
 static void finish_json(sbuf *out, const char *finish) {
     if (finish) sbuf_printf(out, "\"%s\"", finish);
     else sbuf_puts(out, "null");
@@ -302,6 +311,7 @@ void api_sse_usage(sbuf *out, const api_out_ctx *c, const api_usage *u) {
     head_json(out, c, c->chat ? "chat.completion.chunk" : "text_completion");
     sbuf_puts(out, ",\"choices\":[],\"usage\":");
     api_usage_json(out, u);
+    timing_json(out, u);
     sbuf_puts(out, "}\n\n");
 }
 
@@ -334,5 +344,6 @@ void api_response_full(sbuf *out, const api_out_ctx *c, const char *text, size_t
     finish_json(out, finish);
     sbuf_puts(out, ",\"stop_reason\":null}],\"usage\":");
     api_usage_json(out, u);
+    timing_json(out, u);
     sbuf_puts(out, "}");
 }

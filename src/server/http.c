@@ -106,6 +106,8 @@ typedef struct gen_event {
     finish_reason finish;
     int32_t stop_token;
     int n_prompt, n_output, n_cached;
+    bool has_timing;
+    api_timing timing;
     char error[160];
 } gen_event;
 
@@ -280,6 +282,14 @@ static void on_engine_event(void *user, const engine_event *ev) {
             q->n_prompt = ev->n_prompt;
             q->n_output = ev->n_output;
             q->n_cached = ev->n_cached;
+            q->has_timing = ev->times != NULL;
+            if (ev->times) {
+                const request_times *t = ev->times;
+                q->timing.ttft_s = t->first_token >= 0 ? t->first_token - t->arrival : -1;
+                q->timing.e2e_s = t->finished - t->arrival;
+                q->timing.queue_s = t->first_scheduled >= 0 ? t->first_scheduled - t->arrival : -1;
+                q->timing.n_preemptions = t->n_preemptions;
+            }
             snprintf(q->error, sizeof q->error, "%s", ev->error ? ev->error : "");
         } else {
             q->token = ev->token;
@@ -418,7 +428,8 @@ static void process_finish(gen_req *g, const gen_event *ev) {
     }
     api_usage u = {.prompt_tokens = ev->n_prompt,
                    .completion_tokens = g->sf.stopped ? g->n_out : ev->n_output,
-                   .cached_tokens = ev->n_cached};
+                   .cached_tokens = ev->n_cached,
+                   .timing = g->req.pdserve_timing && ev->has_timing ? &ev->timing : NULL};
     if (g->req.stream) {
         stream_flush(g, NULL);
         if (failed) {

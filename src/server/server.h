@@ -97,6 +97,7 @@ typedef struct api_request {
     bool add_generation_prompt; /* chat and tokenize-messages: true */
     bool stream;
     bool include_usage;         /* stream_options.include_usage */
+    bool pdserve_timing;        /* pdserve extension: server-side timing beside usage */
     bool has_max_tokens;        /* else the server fills max_model_len - prompt */
     sampling_params sp;         /* sp.logprobs >= 0 when logprobs are asked for */
     char *stop[API_MAX_STOP];   /* stop strings, each 1..API_MAX_STOP_LEN bytes */
@@ -114,8 +115,16 @@ int api_request_parse(api_endpoint ep, const char *body, size_t len, const api_l
 void api_request_free(api_request *r);
 
 /* ---- responses (api_response.c) ----------------------------------------------------- */
+/* Server-side view of one request (engine clock, seconds from arrival; HTTP parsing
+ * before arrival is not included). */
+typedef struct api_timing {
+    double ttft_s, e2e_s, queue_s;
+    int n_preemptions;
+} api_timing;
+
 typedef struct api_usage {
     int prompt_tokens, completion_tokens, cached_tokens;
+    const api_timing *timing;   /* non-NULL: "pdserve_timing" follows "usage" */
 } api_usage;
 
 /* One output token's logprobs, as the engine gave them. */
