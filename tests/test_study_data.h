@@ -80,7 +80,7 @@ static const char TSD_PLAN[] =
  * setups with made-up but plausible numbers, a setup without energy, clock pairs,
  * simulated points, a failed point and a skipped one. Returns 0 or -1 (message on
  * stderr). */
-static int tsd_make_db(const char *path) {
+static inline int tsd_make_db(const char *path) {
     char err[512];
     study_plan plan;
     if (study_plan_parse(TSD_PLAN, strlen(TSD_PLAN), "synthetic", &plan, err, sizeof err)) {
