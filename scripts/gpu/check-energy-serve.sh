@@ -35,19 +35,7 @@ el() { echo $(( $(date +%s) - T_START )); }
 } | tee "$out/env.txt"
 command -v nvidia-smi >/dev/null 2>&1 || { echo "check-energy-serve: no GPU here"; exit 77; }
 
-cuda_args=()
-if [ ! -x /usr/local/cuda/bin/nvcc ]; then
-  for root in ${CUDA_HOME:-} /usr/local/cuda-13.0 /usr/local/cuda-13; do
-    if [ -x "$root/bin/nvcc" ]; then
-      export CUDA_HOME=$root
-      lib=$root/targets/x86_64-linux/lib
-      cuda_args=(-DCUDA_INC="$root/targets/x86_64-linux/include" -DCUBLAS_LIB="$lib/libcublas.so"
-                 -DCUDART_LIB="$lib/libcudart.so")
-      break
-    fi
-  done
-fi
-export PATH=${CUDA_HOME:-/usr/local/cuda}/bin:$PATH
+. scripts/gpu/cuda-env.sh   # the scripts run from the repository root
 gen=()
 if command -v ninja >/dev/null 2>&1; then gen=(-G Ninja); fi
 [ -f build-gpu/CMakeCache.txt ] && gen=()

@@ -27,19 +27,7 @@ export PYTHONUNBUFFERED=1
 } | tee "$out/env.txt"
 
 # CUDA's root, as check-cuda.sh finds it
-cuda_args=()
-if [ ! -x /usr/local/cuda/bin/nvcc ]; then
-  for root in ${CUDA_HOME:-} /usr/local/cuda-13.0 /usr/local/cuda-13; do
-    if [ -x "$root/bin/nvcc" ]; then
-      export CUDA_HOME=$root
-      lib=$root/targets/x86_64-linux/lib
-      cuda_args=(-DCUDA_INC="$root/targets/x86_64-linux/include" -DCUBLAS_LIB="$lib/libcublas.so"
-                 -DCUDART_LIB="$lib/libcudart.so")
-      break
-    fi
-  done
-fi
-export PATH=${CUDA_HOME:-/usr/local/cuda}/bin:$PATH
+. scripts/gpu/cuda-env.sh   # the scripts run from the repository root
 gen=()
 if command -v ninja >/dev/null 2>&1; then gen=(-G Ninja); fi
 [ -f build-gpu/CMakeCache.txt ] && gen=()

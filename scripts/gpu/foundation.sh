@@ -22,18 +22,7 @@ mkdir -p "$out/tokfix"
 } >"$out/env.txt" 2>&1
 cat "$out/env.txt"
 
-cuda_args=()
-if [ ! -x /usr/local/cuda/bin/nvcc ]; then
-  for root in ${CUDA_HOME:-} /usr/local/cuda-13.0 /usr/local/cuda-13; do
-    if [ -x "$root/bin/nvcc" ]; then
-      export CUDA_HOME=$root
-      lib=$root/targets/x86_64-linux/lib
-      cuda_args=(-DCUDA_INC="$root/targets/x86_64-linux/include" -DCUBLAS_LIB="$lib/libcublas.so"
-                 -DCUDART_LIB="$lib/libcudart.so")
-      break
-    fi
-  done
-fi
+. scripts/gpu/cuda-env.sh   # the scripts run from the repository root
 gen=()
 command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
 t0=$(date +%s)
