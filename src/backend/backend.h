@@ -113,6 +113,11 @@ typedef struct backend_ops {
      * positionally before them leave them NULL. */
     void *(*alloc_shared)(backend *b, size_t bytes, const char *name, char *err, size_t errlen);
     void (*free_shared)(backend *b, void *p, size_t bytes, const char *name);
+
+    /* true when alloc'd memory is ordinary host memory that the CPU may read and write
+     * directly (the CPU backend); false for device memory, which other code reaches
+     * only through the copy ops (KV connectors stage it: src/kv/kv_internal.h). */
+    bool host_memory;
 } backend_ops;
 
 struct backend {

@@ -203,6 +203,8 @@ static kv_cache *kv_cache_shape(backend *be, const model_config *c, int block_si
     kv->n_kv_heads = c->n_kv_heads;
     kv->head_dim = c->head_dim;
     kv->type = t;
+    kv->be = be;
+    kv->on_device = !be->ops->host_memory;
     kv->block_bytes = block_bytes;
     kv->total_bytes = n * per_block;
     kv->k = xcalloc((size_t)c->n_layers, sizeof(void *));

@@ -50,6 +50,8 @@ typedef struct kv_cache {
     void **v;            /* [L] */
     size_t block_bytes;  /* bytes of one block of one layer of k (same for v) */
     size_t total_bytes;
+    backend *be;         /* the backend holding k and v (not owned) */
+    bool on_device;      /* k and v are device memory: reach them through be's copy ops */
     /* kv_cache_create_shared only (else NULL / 0 / ""): the one segment that holds
      * every k[l] and v[l], owned by the cache (unmapped and unlinked by kv_cache_free). */
     void *shm_base;

@@ -101,6 +101,36 @@ int kv_run_length(const int32_t *a, const int32_t *b, int i, int n) {
     return r;
 }
 
+void kv_blocks_to_host(const kv_cache *kv, int l, int part, const int32_t *blocks, int n,
+                       void *host, size_t stride) {
+    size_t bb = kv->block_bytes;
+    uint8_t *h = host;
+    for (int i = 0; i < n;) {
+        int r = kv->on_device && stride == bb ? kv_run_length(blocks, NULL, i, n) : 1;
+        if (kv->on_device)
+            kv->be->ops->copy_d2h(kv->be, h + (size_t)i * stride, kv_block_ptr(kv, l, part, blocks[i]),
+                                  (size_t)r * bb);
+        else
+            memcpy(h + (size_t)i * stride, kv_block_ptr(kv, l, part, blocks[i]), bb);
+        i += r;
+    }
+}
+
+void kv_blocks_from_host(const kv_cache *kv, int l, int part, const int32_t *blocks, int n,
+                         const void *host, size_t stride) {
+    size_t bb = kv->block_bytes;
+    const uint8_t *h = host;
+    for (int i = 0; i < n;) {
+        int r = kv->on_device && stride == bb ? kv_run_length(blocks, NULL, i, n) : 1;
+        if (kv->on_device)
+            kv->be->ops->copy_h2d(kv->be, kv_block_ptr(kv, l, part, blocks[i]), h + (size_t)i * stride,
+                                  (size_t)r * bb);
+        else
+            memcpy(kv_block_ptr(kv, l, part, blocks[i]), h + (size_t)i * stride, bb);
+        i += r;
+    }
+}
+
 bool kv_name_valid(const char *s) {
     size_t n = strlen(s);
     if (n == 0 || n >= KV_NAME_MAX) return false;

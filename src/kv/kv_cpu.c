@@ -349,8 +349,8 @@ static kv_status cpu_send_layers(kv_send *x, const int *layers, int n, char *err
         uint8_t *d = data(s, cs->entries[i]);
         for (int j = 0; j < n; j++) {
             int l = layers[j];
-            memcpy(d + (size_t)l * lb, kv_block_ptr(kv, l, 0, x->blocks[i]), bb);
-            memcpy(d + (size_t)l * lb + bb, kv_block_ptr(kv, l, 1, x->blocks[i]), bb);
+            kv_blocks_to_host(kv, l, 0, &x->blocks[i], 1, d + (size_t)l * lb, bb);
+            kv_blocks_to_host(kv, l, 1, &x->blocks[i], 1, d + (size_t)l * lb + bb, bb);
         }
     }
     return KV_OK;
@@ -405,8 +405,8 @@ static bool copy_out(kv_connector *c, int e, int32_t block) {
     const uint8_t *d = data(s, e);
     if (kv_checksum(d, (size_t)kv->n_layers * lb, 0) != ent(s, e)->checksum) return false;
     for (int l = 0; l < kv->n_layers; l++) {
-        memcpy(kv_block_ptr(kv, l, 0, block), d + (size_t)l * lb, bb);
-        memcpy(kv_block_ptr(kv, l, 1, block), d + (size_t)l * lb + bb, bb);
+        kv_blocks_from_host(kv, l, 0, &block, 1, d + (size_t)l * lb, bb);
+        kv_blocks_from_host(kv, l, 1, &block, 1, d + (size_t)l * lb + bb, bb);
     }
     return true;
 }

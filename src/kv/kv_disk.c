@@ -306,8 +306,8 @@ static kv_status disk_send_layers(kv_send *x, const int *layers, int n, char *er
             for (; i < x->n_blocks && m < ds->chunk; i++) {
                 if (ds->fds[i] < 0) continue;
                 uint8_t *b = ds->staging + (size_t)m * d->stride;
-                memcpy(b, kv_block_ptr(kv, l, 0, x->blocks[i]), bb);
-                memcpy(b + bb, kv_block_ptr(kv, l, 1, x->blocks[i]), bb);
+                kv_blocks_to_host(kv, l, 0, &x->blocks[i], 1, b, bb);
+                kv_blocks_to_host(kv, l, 1, &x->blocks[i], 1, b + bb, bb);
                 ds->sums[(size_t)i * L + l] = kv_checksum(b, d->layer_bytes, 0);
                 ds->ops[m++] = (disk_op){ds->fds[i], b, d->stride,
                                          (off_t)(DISK_ALIGN + (size_t)l * d->stride), true, 0};
@@ -440,8 +440,8 @@ static kv_status disk_poll(kv_connector *c, int idx, char *err, size_t errlen) {
             }
             for (int l = 0; l < kv->n_layers; l++) {
                 const uint8_t *src = img + DISK_ALIGN + (size_t)l * d->stride;
-                memcpy(kv_block_ptr(kv, l, 0, s->blocks[b]), src, bb);
-                memcpy(kv_block_ptr(kv, l, 1, s->blocks[b]), src + bb, bb);
+                kv_blocks_from_host(kv, l, 0, &s->blocks[b], 1, src, bb);
+                kv_blocks_from_host(kv, l, 1, &s->blocks[b], 1, src + bb, bb);
             }
             s->got[b] = 1;
             s->n_got++;

@@ -108,6 +108,15 @@ double kv_deadline_local(int64_t deadline_ms);
 static inline uint8_t *kv_block_ptr(const kv_cache *kv, int l, int part, int32_t b) {
     return (uint8_t *)(part ? kv->v[l] : kv->k[l]) + (size_t)b * kv->block_bytes;
 }
+/* Staged block copies between a cache and host memory, the only way connectors and
+ * stores touch block contents (the cache may be device memory: kv->on_device):
+ * layer l, part (0 k, 1 v) of blocks[i] <-> host + i * stride, block_bytes each.
+ * On host caches a memcpy per block; on device caches the backend's copies, coalesced
+ * over runs of consecutive block ids. */
+void kv_blocks_to_host(const kv_cache *kv, int l, int part, const int32_t *blocks, int n,
+                       void *host, size_t stride);
+void kv_blocks_from_host(const kv_cache *kv, int l, int part, const int32_t *blocks, int n,
+                         const void *host, size_t stride);
 /* Length of the run of consecutive ids starting at a[i] (and b[i] when b != NULL):
  * blocks that one copy can move. */
 int kv_run_length(const int32_t *a, const int32_t *b, int i, int n);

@@ -169,6 +169,7 @@ static void cpu_destroy(backend *b) {
 
 static const backend_ops CPU_OPS = {
     .name = "cpu",
+    .host_memory = true,
     .act_type = DTYPE_F32,
     .weight_type = DTYPE_F32,
     .kv_type = DTYPE_F32,
