@@ -110,7 +110,7 @@ static void test_plan_errors(void) {
 }
 
 static void test_shipped_plans(void) {
-    static const char *const names[] = {"paper-batch", "paper-clocks", "steady", "demo"};
+    static const char *const names[] = {"paper-batch", "paper-batch-quick", "paper-clocks", "steady", "demo"};
     for (size_t i = 0; i < PD_ARRAY_LEN(names); i++) {
         char path[1024], err[512];
         snprintf(path, sizeof path, "%s/plans/%s.json", test_source_dir(), names[i]);
