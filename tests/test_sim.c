@@ -6,6 +6,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <unistd.h>
+
+#include "backend/backend.h"
+#include "model/model.h"
 #include "sim/sim.h"
 #include "test.h"
 #include "util/util.h"
@@ -398,10 +402,146 @@ static void test_roofline_xpyd(void) {
     sim_profile_free(&p);
 }
 
+/* Layer-wise: the prompt's 4 layers leave as the 0.1 s step computes them (ready at
+ * 0.025, 0.05, 0.075, 0.1 s), each taking a quarter of the 0.1 s link time: the last
+ * piece leaves at 0.1 and lands at 0.125 + latency, against 0.1 + 0.1 + latency whole. */
+static void test_layerwise_transfer(void) {
+    sim_profile p;
+    const_profile(&p, 0.1, 0.02);
+    p.n_layers = 4;
+    sim_medium m = {.latency_s = 0.01, .bandwidth = 1e6};
+    snprintf(m.name, sizeof m.name, "test");
+    sim_config c = colocated(0, 256);
+    c.n_prefill = c.n_decode = 1;
+    c.medium = &m;
+    c.layerwise = true;
+    sim_request r = {.n_prompt = 100, .max_tokens = 4, .arrival = 0};
+    bench_config bc;
+    bench_config_default(&bc);
+    bench_result *res;
+    sim_stats st;
+    char err[256];
+    REQUIRE(sim_run(&c, &p, &r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].ttft_s, 0.1 + 0.025 + 0.01, 1e-12), "ttft %.6f", res->recs[0].ttft_s);
+    bench_result_free(res);
+    /* a link slower than the step: pieces queue, and the overlap saves the step's time */
+    m.bandwidth = 1e5; /* 1 s for the whole prompt */
+    REQUIRE(sim_run(&c, &p, &r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].ttft_s, 0.025 + 1.0 + 0.01, 1e-12), "ttft %.6f", res->recs[0].ttft_s);
+    bench_result_free(res);
+    c.layerwise = false;
+    REQUIRE(sim_run(&c, &p, &r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].ttft_s, 0.1 + 1.0 + 0.01, 1e-12), "ttft %.6f", res->recs[0].ttft_s);
+    bench_result_free(res);
+    sim_profile_free(&p);
+}
+
+/* Prefix caching runs the engine's own prefix cache over the prompts' ids: a second
+ * request with the first one's 96-token prefix (6 full blocks) prefills 4 rows. */
+static void test_prefix_caching(void) {
+    sim_profile p;
+    linear_profile(&p);
+    sim_config c = colocated(1, 256);
+    c.prefix_caching = true;
+    int32_t a[100], b[100];
+    for (int i = 0; i < 100; i++) a[i] = b[i] = 1000 + i;
+    for (int i = 96; i < 100; i++) b[i] = 5;
+    sim_request r[2] = {{.n_prompt = 100, .max_tokens = 2, .arrival = 0, .prompt = a},
+                        {.n_prompt = 100, .max_tokens = 2, .arrival = 10, .prompt = b}};
+    bench_config bc;
+    bench_config_default(&bc);
+    bench_result *res;
+    sim_stats st;
+    char err[256];
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    double cached = res->recs[1].ttft_s, first = res->recs[0].ttft_s;
+    bench_result_free(res);
+    c.prefix_caching = false;
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    double uncached = res->recs[1].ttft_s;
+    bench_result_free(res);
+    CHECKF(near(uncached, first, 1e-9), "without caching both cost the same: %g vs %g", uncached, first);
+    /* 4 rows instead of 100: what is left is the profile's fixed per-step cost */
+    CHECKF(cached < 0.6 * uncached, "cached prefix: ttft %g vs %g uncached", cached, uncached);
+    sim_profile_free(&p);
+}
+
+/* A study plan (`pdserve sweep` format) is read as such: labels, per-setup options,
+ * serve_args, clock pairs, loads and the dataset. */
+static void test_study_plan(void) {
+    static const char *const text =
+        "{\"name\": \"st\", \"model\": \"preset:llama-3.2-3b\",\n"
+        " \"setups\": [{\"name\": \"co-2gpus\", \"options\": {\"kv-cache-memory\": \"28GB\", \"device-list\": \"0,1\"}},\n"
+        "   {\"name\": \"dis-cpu\", \"label\": \"dis-cpu-lw\", \"options\": {\"kv-transfer-mode\": \"layerwise\"}}],\n"
+        " \"serve_args\": {\"max-num-seqs\": 32, \"enable-prefix-caching\": true, \"max-model-len\": 8192},\n"
+        " \"dataset\": {\"name\": \"random\", \"input_len\": 4096, \"output_len\": 64, \"seed\": 7},\n"
+        " \"loads\": {\"batch_sizes\": [4, 16], \"request_rates\": [2], \"num_prompts\": 50},\n"
+        " \"clocks\": {\"same_mhz\": [900], \"pairs_mhz\": [[1260, 540]]}}";
+    sim_plan pl;
+    char err[512];
+    REQUIRE(sim_plan_parse(text, strlen(text), "st.json", &pl, err, sizeof err) == 0);
+    CHECK(pl.from_study);
+    CHECK_EQ_INT(pl.n_setups, 2);
+    CHECK_EQ_INT(pl.setups[0].n_colocated, 2);
+    CHECK(near(pl.setups[0].kv_cache_bytes, 28e9, 1e-12));
+    CHECK(!pl.setups[0].layerwise);
+    CHECK(!strcmp(pl.setups[1].label, "dis-cpu-lw") && !strcmp(pl.setups[1].medium, "cpu"));
+    CHECK(pl.setups[1].layerwise);
+    CHECK_EQ_INT(pl.max_num_seqs, 32);
+    CHECK(pl.enable_prefix_caching);
+    CHECK_EQ_INT(pl.n_loads, 3);
+    CHECK(pl.loads[0].batch && pl.loads[0].num_prompts == 4 && pl.loads[1].num_prompts == 16);
+    CHECK(!pl.loads[2].batch && near(pl.loads[2].rate, 2, 1e-12) && pl.loads[2].num_prompts == 50);
+    CHECK_EQ_INT(pl.n_clocks, 2);
+    CHECK(pl.clocks[0][0] == 900 && pl.clocks[0][1] == 900 && pl.clocks[1][0] == 1260 && pl.clocks[1][1] == 540);
+    CHECK_EQ_INT(pl.dataset.random_input_len, 4096);
+    CHECK_EQ_INT(pl.seed, 7);
+    sim_plan_free(&pl);
+    /* every shipped study plan converts */
+    static const char *const names[] = {"paper-batch", "paper-batch-quick", "paper-clocks", "steady"};
+    for (size_t i = 0; i < PD_ARRAY_LEN(names); i++) {
+        char path[1024];
+        snprintf(path, sizeof path, "%s/plans/%s.json", test_source_dir(), names[i]);
+        int rc = sim_plan_load(path, &pl, err, sizeof err);
+        CHECKF(rc == 0, "%s: %s", names[i], err);
+        if (rc == 0) sim_plan_free(&pl);
+    }
+}
+
+/* pdserve profile --medium: every CPU-built medium timed through the real connectors,
+ * a curve fitted per medium, nothing left behind in /dev/shm. */
+static void test_profile_mediums(void) {
+    model_config mc;
+    char err[512];
+    REQUIRE(model_preset("small-llama", &mc, err, sizeof err) == 0);
+    backend *be = backend_cpu_create(1);
+    sim_profile p;
+    sim_profile_init(&p);
+    p.block_size = 16;
+    const char *dir = getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
+    REQUIRE(sim_profile_time_mediums(be, &mc, "gpu,cpu,disk,tcp", dir, (size_t)8 << 20, 1, &p, err,
+                                     sizeof err) == 0);
+    CHECKF(p.n_mediums == 4, "%d mediums timed: %s", p.n_mediums, p.mediums_note);
+    for (int i = 0; i < p.n_mediums; i++) {
+        const sim_medium *m = &p.mediums[i];
+        CHECKF(m->n_points >= 2 && m->bandwidth > 0, "%s: %d points, %g B/s", m->name, m->n_points, m->bandwidth);
+        CHECK(strstr(m->source, "measured") != NULL);
+    }
+    char shm[64];
+    snprintf(shm, sizeof shm, "/dev/shm/pdkv-prof%d-kv", (int)getpid());
+    CHECK(access(shm, F_OK) != 0);
+    sim_profile_free(&p);
+    backend_destroy(be);
+}
+
 int main(void) {
     log_set_level(LOG_LEVEL_WARN);
     TEST_RUN(test_grid_interpolation);
     TEST_RUN(test_cost_model);
+    TEST_RUN(test_layerwise_transfer);
+    TEST_RUN(test_prefix_caching);
+    TEST_RUN(test_study_plan);
+    TEST_RUN(test_profile_mediums);
     TEST_RUN(test_trivial_timestamps);
     TEST_RUN(test_disaggregated_transfer);
     TEST_RUN(test_determinism);

@@ -40,7 +40,8 @@ int cmd_profile(int argc, char **argv) {
     int threads = 0, repeats = 3, block_size = 16, seed = 0;
     double clock_mhz = 0;
     bool no_power = false, verbose = false;
-    const char *roofline = NULL;
+    const char *roofline = NULL, *medium_dir = NULL;
+    long long medium_bytes = 0;
     cli_opt opts[] = {
         {"model", OPT_STRING, &model_arg, "model directory, or preset:NAME (dummy weights)", "DIR"},
         {"load-format", OPT_STRING, &load_format, "auto (default), safetensors or dummy", "F"},
@@ -53,7 +54,9 @@ int cmd_profile(int argc, char **argv) {
         {"prefill-context", OPT_STRING, &pc, "cached prefix lengths, e.g. 0,256,1024", "LIST"},
         {"decode-batch", OPT_STRING, &db, "decode batch sizes, e.g. 1,2,4,8,16,32,64", "LIST"},
         {"decode-context", OPT_STRING, &dc, "context per decoding sequence, e.g. 64,256,1024", "LIST"},
-        {"medium", OPT_STRING, &medium, "KV mediums to time (comma-separated; needs src/kv)", "X"},
+        {"medium", OPT_STRING, &medium, "KV mediums to time through the connectors: gpu,cpu,disk,tcp", "LIST"},
+        {"medium-dir", OPT_STRING, &medium_dir, "directory of the disk medium's files (default $TMPDIR or /tmp)", "DIR"},
+        {"medium-bytes", OPT_SIZE, &medium_bytes, "largest KV cache per side while timing mediums (GPU 2GiB, CPU 256MiB)", "BYTES"},
         {"clock-mhz", OPT_DOUBLE, &clock_mhz, "the SM clock the GPU runs at while profiling (clock model base)", "MHZ"},
         {"no-power", OPT_FLAG, &no_power, "do not try to read power meters", NULL},
         {"seed", OPT_INT, &seed, "seed of dummy weights (default 0)", "S"},
@@ -113,7 +116,6 @@ int cmd_profile(int argc, char **argv) {
         fprintf(stderr, "pdserve profile: --repeats and --block-size must be at least 1\n");
         return 2;
     }
-    if (medium) log_warn("profile: --medium %s: src/kv has no benchmark API yet; the medium section stays empty", medium);
 
     char err[1024];
     model_files files;
@@ -155,6 +157,13 @@ int cmd_profile(int argc, char **argv) {
     if (sim_profile_measure(m, &o, &prof, err, sizeof err) != 0) {
         fprintf(stderr, "pdserve profile: %s\n", err);
         goto out_model;
+    }
+    if (medium) {
+        const char *mdir = medium_dir ? medium_dir : getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
+        size_t mbytes = medium_bytes > 0 ? (size_t)medium_bytes : dev >= 0 ? (size_t)2 << 30 : (size_t)256 << 20;
+        sim_profile_time_mediums(be, &files.config, medium, mdir, mbytes, PD_MIN(repeats, 3), &prof, err,
+                                 sizeof err);
+        if (prof.mediums_note[0]) log_warn("profile: mediums: %s", prof.mediums_note);
     }
     if (sim_profile_save(&prof, out_path, err, sizeof err) != 0) fprintf(stderr, "pdserve profile: %s\n", err);
     else {

@@ -291,7 +291,8 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
     sim_medium mstore;
     sim_config cfg = {.n_colocated = su->n_colocated, .n_prefill = su->n_prefill, .n_decode = su->n_decode,
                       .router = pl->router, .prefill_mhz = clk[0], .decode_mhz = clk[1],
-                      .record_tokens = pl->record_tokens};
+                      .record_tokens = pl->record_tokens, .layerwise = su->layerwise,
+                      .prefix_caching = pl->enable_prefix_caching};
     if (su->n_prefill > 0) {
         cfg.medium = sim_medium_find(prof, su->medium, &mstore);
         if (!cfg.medium) {
@@ -302,7 +303,10 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
             return -1;
         }
     }
-    long long kv_tokens = pl->kv_cache_tokens ? pl->kv_cache_tokens
+    /* the setup's kv-cache-memory, else the plan's, else the profile's pool */
+    double kv_bytes = su->kv_cache_bytes > 0 ? su->kv_cache_bytes : pl->kv_cache_bytes;
+    long long kv_tokens = kv_bytes > 0 && prof->kv_bytes_per_token > 0 ? (long long)(kv_bytes / (double)prof->kv_bytes_per_token)
+                          : pl->kv_cache_tokens ? pl->kv_cache_tokens
                           : prof->kv_cache_tokens ? prof->kv_cache_tokens : 1000000;
     cfg.sched = (sched_config){.num_blocks = (int)PD_MAX(kv_tokens / pl->block_size, 1), .block_size = pl->block_size,
                                .max_num_seqs = pl->max_num_seqs, .max_num_batched_tokens = pl->max_num_batched_tokens,

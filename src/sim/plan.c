@@ -8,7 +8,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli/cli.h"
 #include "sim/sim.h"
+#include "study/study.h"
 #include "util/util.h"
 
 int sim_setup_parse(const char *name, sim_plan_setup *s) {
@@ -175,6 +177,112 @@ static int parse_clocks(const cJSON *o, sim_plan *p, const char *name, char *err
     return 0;
 }
 
+/* ---- study plans ------------------------------------------------------------------------ */
+
+static bool flag_on(const char *v) { return !v || !strcmp(v, "true") || !strcmp(v, "1") || !strcmp(v, "on"); }
+
+/* One study flag that changes what the simulator computes; others (device, device-list,
+ * max-model-len, ...) change nothing it models and are ignored. */
+static int apply_flag(const study_kv *kv, sim_plan *p, sim_plan_setup *su, const char *name, char *err,
+                      size_t errlen) {
+    const char *k = kv->key, *v = kv->value;
+    if (!strcmp(k, "kv-cache-memory")) {
+        long long b = v ? cli_parse_size(v) : -1;
+        if (b <= 0) {
+            pd_errorf(err, errlen, "%s: kv-cache-memory '%s' is not a size", name, v ? v : "");
+            return -1;
+        }
+        if (su) su->kv_cache_bytes = (double)b;
+        else p->kv_cache_bytes = (double)b;
+    } else if (!strcmp(k, "kv-transfer-mode") && su) {
+        su->layerwise = v && !strcmp(v, "layerwise");
+    } else if (!strcmp(k, "medium") && su && v && su->n_prefill > 0) {
+        snprintf(su->medium, sizeof su->medium, "%s", v);
+    } else if (!strcmp(k, "enable-prefix-caching")) {
+        p->enable_prefix_caching = flag_on(v);
+    } else if (!strcmp(k, "enable-chunked-prefill")) {
+        p->enable_chunked_prefill = flag_on(v);
+    } else if (!strcmp(k, "no-enable-chunked-prefill")) {
+        p->enable_chunked_prefill = false;
+    } else if (!strcmp(k, "max-num-seqs") || !strcmp(k, "max-num-batched-tokens") || !strcmp(k, "block-size")) {
+        int x = v ? atoi(v) : 0;
+        if (x < 1) {
+            pd_errorf(err, errlen, "%s: %s must be a positive integer, got '%s'", name, k, v ? v : "");
+            return -1;
+        }
+        if (!strcmp(k, "max-num-seqs")) p->max_num_seqs = x;
+        else if (!strcmp(k, "block-size")) p->block_size = x;
+        else p->max_num_batched_tokens = x;
+    }
+    return 0;
+}
+
+static int from_study(const char *text, size_t len, const char *name, sim_plan *p, char *err, size_t errlen) {
+    study_plan sp;
+    if (study_plan_parse(text, len, name, &sp, err, errlen) != 0) return -1;
+    int rc = -1;
+    p->from_study = true;
+    snprintf(p->name, sizeof p->name, "%s", sp.name ? sp.name : "sim");
+    p->record_tokens = true;
+    /* the engine's defaults (engine_config_default), which `pdserve serve` starts from */
+    p->max_num_seqs = 256;
+    p->max_num_batched_tokens = 2048;
+    p->block_size = 16;
+    p->enable_chunked_prefill = true;
+    for (int i = 0; i < sp.n_serve_args; i++)
+        if (apply_flag(&sp.serve_args[i], p, NULL, name, err, errlen)) goto out;
+    p->n_setups = sp.n_setups;
+    p->setups = xcalloc((size_t)p->n_setups, sizeof *p->setups);
+    for (int i = 0; i < sp.n_setups; i++) {
+        const study_setup *ss = &sp.setups[i];
+        sim_plan_setup *su = &p->setups[i];
+        if (sim_setup_parse(ss->name, su) != 0) {
+            pd_errorf(err, errlen, "%s: setup '%s' cannot be simulated (co-1gpu, co-2gpus, co-N, dis-MEDIUM, "
+                                   "xPyD[-MEDIUM])", name, ss->name);
+            goto out;
+        }
+        snprintf(su->label, sizeof su->label, "%s", ss->label ? ss->label : ss->name);
+        for (int k = 0; k < ss->n_opts; k++)
+            if (apply_flag(&ss->opts[k], p, su, name, err, errlen)) goto out;
+    }
+    p->n_loads = sp.n_loads;
+    p->loads = xcalloc((size_t)p->n_loads, sizeof *p->loads);
+    for (int i = 0; i < sp.n_loads; i++) {
+        const study_load *l = &sp.loads[i];
+        sim_load *o = &p->loads[i];
+        o->burstiness = l->burstiness > 0 ? l->burstiness : 1.0;
+        o->trace_time_scale = 1.0;
+        o->num_prompts = l->num_prompts;
+        o->batch = l->kind == STUDY_LOAD_BATCH;
+        o->rate = o->batch ? INFINITY : l->rate;
+        if (o->batch) o->num_prompts = l->batch_size;
+    }
+    p->n_clocks = sp.n_clocks > 0 ? sp.n_clocks : 1;
+    p->clocks = xcalloc((size_t)p->n_clocks, sizeof *p->clocks);
+    for (int i = 0; i < sp.n_clocks; i++) {
+        p->clocks[i][0] = sp.clocks[i].prefill_mhz;
+        p->clocks[i][1] = sp.clocks[i].decode_mhz;
+    }
+    bench_dataset_opts *d = &p->dataset;
+    bench_dataset_opts_default(d);
+    int k = bench_dataset_kind_parse(sp.dataset ? sp.dataset : "random");
+    if (k < 0) {
+        pd_errorf(err, errlen, "%s: unknown dataset '%s'", name, sp.dataset);
+        goto out;
+    }
+    d->kind = (bench_dataset_kind)k;
+    d->random_input_len = sp.input_len;
+    d->random_output_len = sp.output_len;
+    d->random_range_ratio = sp.range_ratio;
+    if (sp.vocab_size > 0) d->random_vocab_size = sp.vocab_size;
+    p->seed = sp.seed;
+    d->seed = sp.seed;
+    rc = 0;
+out:
+    study_plan_free(&sp);
+    return rc;
+}
+
 int sim_plan_parse(const char *text, size_t len, const char *name, sim_plan *p, char *err, size_t errlen) {
     memset(p, 0, sizeof *p);
     cJSON *o = cJSON_ParseWithLength(text, len);
@@ -185,6 +293,10 @@ int sim_plan_parse(const char *text, size_t len, const char *name, sim_plan *p, 
     }
     int rc = -1;
     p->json = xstrndup(text, len);
+    if (cJSON_IsObject(cJSON_GetObjectItemCaseSensitive(o, "loads"))) {
+        rc = from_study(text, len, name, p, err, errlen);
+        goto out;
+    }
     const char *nm = str(o, "name"), *prof = str(o, "profile"), *router = str(o, "router");
     snprintf(p->name, sizeof p->name, "%s", nm ? nm : "sim");
     if (prof) snprintf(p->profile, sizeof p->profile, "%s", prof);

@@ -191,6 +191,7 @@ void sim_profile_roofline(const model_config *c, const sim_roofline *r, sim_prof
     snprintf(out->host, sizeof out->host, "none");
     snprintf(out->date, sizeof out->date, "computed");
     out->kv_bytes_per_token = model_kv_bytes_per_token(c, 2);
+    out->n_layers = c->n_layers;
     out->kv_cache_tokens = r->kv_cache_tokens;
     static const double pt[] = {16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384};
     static const double pc[] = {0, 1024, 4096, 16384, 65536};
@@ -256,6 +257,7 @@ char *sim_profile_to_json(const sim_profile *p) {
     cJSON_AddStringToObject(o, "date", p->date);
     cJSON_AddNumberToObject(o, "block_size", p->block_size);
     cJSON_AddNumberToObject(o, "kv_bytes_per_token", (double)p->kv_bytes_per_token);
+    if (p->n_layers > 0) cJSON_AddNumberToObject(o, "n_layers", p->n_layers);
     cJSON_AddNumberToObject(o, "kv_cache_tokens", (double)p->kv_cache_tokens);
     cJSON_AddNumberToObject(o, "repeats", p->repeats);
     cJSON_AddItemToObject(o, "prefill", grid_json(&p->prefill, "tokens", "context"));
@@ -515,6 +517,7 @@ int sim_profile_parse(const char *text, size_t len, const char *name, sim_profil
     get_str(o, "date", p->date, sizeof p->date);
     p->block_size = (int)get_num(o, "block_size", 16);
     p->kv_bytes_per_token = (size_t)get_num(o, "kv_bytes_per_token", 0);
+    p->n_layers = (int)get_num(o, "n_layers", 0);
     p->kv_cache_tokens = (long long)get_num(o, "kv_cache_tokens", 0);
     p->repeats = (int)get_num(o, "repeats", 1);
     if (p->block_size < 1) {

@@ -371,6 +371,7 @@ static void meta(const sim_profile_opts *o, model *m, prof *P, sim_profile *out)
     strftime(out->date, sizeof out->date, "%Y-%m-%dT%H:%M:%SZ", &tmv);
     out->block_size = P->bs;
     out->kv_bytes_per_token = model_kv_bytes_per_token(&m->cfg, dtype_size(m->be->ops->kv_type));
+    out->n_layers = m->cfg.n_layers;
     out->repeats = o->repeats;
     out->clock.base_mhz = o->clock_mhz;
 }
@@ -530,7 +531,7 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
                  o->measure_power ? (why[0] ? why : "no meter readable") : "--no-power");
     }
     snprintf(out->mediums_note, sizeof out->mediums_note,
-             "not profiled: src/kv/ has no benchmark API yet; sim uses the documented defaults");
+             "not profiled (pdserve profile --medium LIST times them); sim uses the documented defaults");
     log_info("profile: %d prefill + %d decode points in %.1f s", o->n_prefill_tokens * o->n_prefill_context,
              o->n_decode_batch * o->n_decode_context, time_now_s() - t_start);
 

@@ -27,6 +27,7 @@ typedef enum inst_role { ROLE_COLOCATED, ROLE_PREFILL, ROLE_DECODE } inst_role;
 
 typedef struct sreq {
     int n_prompt, max_tokens;
+    const int32_t *prompt;  /* the request's ids (prefix caching), else NULL */
     double arrival, first_token, finished;
     double *token_times;    /* [max_tokens] when recording, else [2]: first, last (owned until the result) */
     int n_out;
@@ -193,8 +194,10 @@ static void kick(sim_state *s, int i, double now) {
 static int admit(sim_state *s, int i, sreq *r, int n_prompt, int max_tokens, double now) {
     inst *in = &s->insts[i];
     char e[256];
-    sched_seq *q = sched_add(&in->sc, (uint64_t)(r - s->reqs), s->prompt, n_prompt, max_tokens, now, r, e,
-                             sizeof e);
+    /* a cached prefix needs the real ids; elsewhere every prompt is zeros (the cost
+     * depends on lengths only) */
+    const int32_t *ids = in->sc.pool.pc && r->prompt ? r->prompt : s->prompt;
+    sched_seq *q = sched_add(&in->sc, (uint64_t)(r - s->reqs), ids, n_prompt, max_tokens, now, r, e, sizeof e);
     if (!q) {
         pd_errorf(s->err, s->errlen, "request %d: %s", (int)(r - s->reqs), e);
         return -1;
@@ -216,18 +219,34 @@ static int on_arrival(sim_state *s, sreq *r) {
     return admit(s, r->p_inst, r, r->n_prompt, 1, r->arrival);
 }
 
-/* A prefill finished on P at t: ship its KV to D over the medium, one at a time per link. */
+/* A prefill finished on P at t: ship its KV to D over the medium, one at a time per link.
+ * Whole: the transfer starts once the step ended and the link is free. Layer-wise: the
+ * step that ended at t (it started at t0) computed the prompt's last chunk, layer by
+ * layer; layer l's piece is ready at t0 + (l + 1) / L of the step and leaves when it
+ * is ready and the link is free, so the transfer overlaps the step and only what the
+ * link cannot absorb in time is left at its end. (Earlier chunks' layers leave with
+ * the last chunk's, as pdserve's prefill side ships them.) */
 static void start_transfer(sim_state *s, inst *in, sreq *r, double t) {
     const sim_medium *m = s->cfg->medium;
     double bytes = (double)r->n_prompt * (double)s->p->kv_bytes_per_token;
     double dur = sim_cost_transfer(m, bytes);
-    double start = PD_MAX(t, in->link_free);
     double busy = m ? bytes / m->bandwidth : 0;
-    in->link_free = start + busy;
+    double arrive;
+    if (s->cfg->layerwise && m) {
+        int L = s->p->n_layers > 0 ? s->p->n_layers : 32;
+        double t0 = t - in->step.seconds, f = in->link_free;
+        for (int l = 0; l < L; l++) f = PD_MAX(f, t0 + in->step.seconds * (l + 1) / L) + busy / L;
+        in->link_free = f;
+        arrive = f + (dur - busy); /* the medium's fixed latency, once */
+    } else {
+        double start = PD_MAX(t, in->link_free);
+        in->link_free = start + busy;
+        arrive = start + dur;
+    }
     s->st->kv_bytes += bytes;
     s->st->kv_transfer_s += dur;
     if (m && m->power_w > 0) s->st->energy_transfer_j += m->power_w * dur;
-    heap_push(&s->heap, start + dur, EV_KV_ARRIVE, (int)(r - s->reqs));
+    heap_push(&s->heap, arrive, EV_KV_ARRIVE, (int)(r - s->reqs));
 }
 
 static void on_step_end(sim_state *s, int i, double t) {
@@ -275,6 +294,7 @@ static void inst_init(sim_state *s, inst *in, inst_role role, double mhz, int ma
         sc.max_num_batched_tokens = PD_MAX(sc.max_num_batched_tokens, max_prompt + 1 + sc.max_num_seqs);
     }
     sched_init(&in->sc, &sc);
+    if (s->cfg->prefix_caching && role != ROLE_DECODE) sched_enable_prefix_caching(&in->sc, 0);
     sim_cost_init(&in->cost, s->p, mhz);
 }
 
@@ -383,6 +403,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
         sreq *r = &s.reqs[i];
         r->n_prompt = in_reqs[i].n_prompt;
         r->max_tokens = in_reqs[i].max_tokens;
+        r->prompt = in_reqs[i].prompt;
         r->arrival = in_reqs[i].arrival;
         r->first_token = r->finished = -1;
         r->token_times = xmalloc(sizeof(double) * (size_t)(cfg->record_tokens ? r->max_tokens : 2));

@@ -81,6 +81,7 @@ typedef struct sim_profile {
     char model[160], device[160], backend[32], host[128], date[32];
     int block_size;
     size_t kv_bytes_per_token;
+    int n_layers;               /* the model's layers (pieces of a layer-wise transfer; 0: unknown) */
     long long kv_cache_tokens;  /* the engine's KV pool on this device (0: unknown) */
     int repeats;
     sim_grid prefill;           /* x chunk tokens, y cached prefix tokens: seconds */
@@ -157,6 +158,14 @@ void sim_profile_opts_default(sim_profile_opts *o, bool cpu);
 /* Measures m on its backend into out (initialised here). 0, or -1 with err. */
 int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, char *err, size_t errlen);
 
+/* Times each medium of `list` ("gpu,cpu,disk,tcp") through the real connectors on
+ * backend be with model cfg's KV geometry (both sides in this process; stores and
+ * files under dir), requests of 256 to 16,384 tokens capped at max_bytes per cache,
+ * best of `repeats`; appends a fitted medium per success to out->mediums and the
+ * reason for each failure to out->mediums_note (profile_medium.c). 0. */
+int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *list, const char *dir,
+                             size_t max_bytes, int repeats, sim_profile *out, char *err, size_t errlen);
+
 /* ---- cost model -------------------------------------------------------------------- */
 
 /* The work of one step, as the cost model sees it: sim_work_begin, then one add per
@@ -224,6 +233,11 @@ typedef struct sim_config {
     sched_config sched;         /* each instance's scheduler (num_blocks: its KV pool) */
     double prefill_mhz, decode_mhz; /* SM clocks (colocated: prefill_mhz); 0: as profiled */
     bool record_tokens;         /* keep every token time (ITL); else first and last only */
+    bool layerwise;             /* xPyD: each layer's KV leaves as the last prefill chunk's step
+                                   computes it (the profile's n_layers pieces), overlapping the
+                                   transfer with that step; else the whole KV after the step */
+    bool prefix_caching;        /* prefill / colocated instances run the engine's prefix cache
+                                   over the requests' prompt ids (they must carry them) */
 } sim_config;
 
 /* One request: lengths and arrival (prompt ids are used by the replay only). */
@@ -267,6 +281,8 @@ typedef struct sim_plan_setup {
     char label[64];
     int n_colocated, n_prefill, n_decode;
     char medium[32];
+    bool layerwise;             /* KV streamed layer by layer during the last prefill chunk */
+    double kv_cache_bytes;      /* per instance; 0: the plan's (a study plan's kv-cache-memory) */
 } sim_plan_setup;
 
 typedef struct sim_load {
@@ -289,13 +305,21 @@ typedef struct sim_plan {
     sim_router router;
     int max_num_seqs, max_num_batched_tokens, block_size;
     long long kv_cache_tokens;  /* per instance; 0: the profile's, else 1M tokens */
+    double kv_cache_bytes;      /* per instance, from a study plan's kv-cache-memory (0: none) */
     bool enable_chunked_prefill;
+    bool enable_prefix_caching; /* every prefill / colocated instance caches prompt blocks */
     bool record_tokens;
+    bool from_study;            /* parsed from a study plan (`pdserve sweep` format) */
     char *json;                 /* the text, owned */
 } sim_plan;
 
 /* Parses a sim plan (docs/simulator.md); accepts the study plan's names for setups
- * (co-1gpu, co-2gpus, dis-gpu, dis-cpu, dis-disk) and "xPyD[-medium]". 0 or -1 with err. */
+ * (co-1gpu, co-2gpus, dis-gpu, dis-cpu, dis-disk) and "xPyD[-medium]". A study plan
+ * (`pdserve sweep` format: "loads" an object) is read as such and converted, so the
+ * same file runs real and simulated: its setups' labels and options (kv-transfer-mode,
+ * kv-cache-memory), serve_args (max-num-seqs, max-num-batched-tokens, block-size,
+ * kv-cache-memory, enable-prefix-caching, enable-chunked-prefill), loads, clocks
+ * (same and pairs) and dataset. 0 or -1 with err. */
 int sim_plan_parse(const char *text, size_t len, const char *name, sim_plan *out, char *err, size_t errlen);
 int sim_plan_load(const char *path, sim_plan *out, char *err, size_t errlen);
 void sim_plan_free(sim_plan *p);

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# study.sh: the study on the GPU machine in one device call (two GPUs):
+#   1. builds pdserve (CUDA on, the gathered Debian prefix);
+#   2. `pdserve profile` of the plan's model on GPU 0 (step costs, power, KV mediums)
+#      -> profile.json, the simulator's calibration;
+#   3. `pdserve sweep PLAN` (default plans/paper-batch-quick.json) on GPUs 0 and 1 ->
+#      study.db, then `pdserve report` -> report.tgz (HTML, SVG/PNG plots, CSV);
+#   4. `pdserve sim` of the same plan with that profile -> sim.db (validation: the
+#      same points simulated) and of plans/paper-clocks.json -> clocks-sim.json (the
+#      clock experiment, mixed prefill/decode pairs included, in simulation only:
+#      the lent machines' clocks are never changed).
+# Read-only on the GPUs: no clock, power-limit or mode change, only NVML reads and
+# nvidia-smi queries. Usage (repository root, on the GPU machine; carry .deps/prefix
+# and tests/.cache/tokenizers):
+#   scripts/gpu/study.sh                         PLAN=plans/paper-batch.json to change it
+# Environment: PLAN, SKIP_PROFILE=1, SKIP_SWEEP=1, SKIP_SIM=1, SWEEP_TIMEOUT (s, 420).
+# Results under $OUT (or build-gpu/out-study): env.txt, profile.json, study.db,
+# sim.db, clocks-sim.json, report.tgz, log.txt (at most 8 files: the device tool's cap).
+# Exit: 0 done, 77 no GPU, 2 build failed, 1 otherwise.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+out=${OUT:-build-gpu/out-study}
+mkdir -p "$out"
+jobs=$(nproc 2>/dev/null || echo 4)
+PLAN=${PLAN:-plans/paper-batch-quick.json}
+MODEL=${MODEL:-preset:llama-3.2-3b}
+TOK=tests/.cache/tokenizers/llama3
+T0=$(date +%s)
+el() { echo $(( $(date +%s) - T0 )); }
+log="$out/log.txt"
+exec > >(tee -a "$log") 2>&1
+
+{
+  echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown) (plus working tree)"
+  echo "plan: $PLAN  model: $MODEL"
+  nvidia-smi --query-gpu=index,name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu \
+    --format=csv 2>&1 || echo "nvidia-smi: not available"
+  nvidia-smi topo -m 2>&1 | head -n 8
+} | tee "$out/env.txt"
+command -v nvidia-smi >/dev/null 2>&1 || { echo "study: no GPU here"; exit 77; }
+
+. scripts/gpu/cuda-env.sh   # the scripts run from the repository root
+gen=()
+if command -v ninja >/dev/null 2>&1; then gen=(-G Ninja); fi
+[ -f build-gpu/CMakeCache.txt ] && gen=()
+if ! { cmake -S . -B build-gpu "${gen[@]}" -DPDSERVE_PREFIX=.deps/prefix -DPDSERVE_CUDA=ON \
+         -DCMAKE_BUILD_TYPE=RelWithDebInfo "${cuda_args[@]}" &&
+       cmake --build build-gpu -j"$jobs" --target pdserve; } >"$out/build.log" 2>&1; then
+  tail -n 40 "$out/build.log"
+  echo "study: build failed"
+  exit 2
+fi
+rm -f "$out/build.log"
+echo "build: done at $(el) s"
+BIN=build-gpu/pdserve
+
+if [ -z "${SKIP_PROFILE:-}" ]; then
+  # The grid spans the plan's shapes: 16k prompts in chunks, batch up to 64, contexts
+  # up to 16.6k; KV mediums timed against size.
+  timeout 240 "$BIN" profile --model "$MODEL" --device 0 -o "$out/profile.json" --repeats 3 \
+    --prefill-tokens 256,1024,2048,4096,8192 --prefill-context 0,4096,8192,12288 \
+    --decode-batch 1,2,4,8,16,32,64 --decode-context 1024,4096,8192,16640 \
+    --medium gpu,cpu,disk
+  echo "profile: exit $? at $(el) s"
+fi
+
+if [ -z "${SKIP_SWEEP:-}" ]; then
+  rm -f "$out/study.db"
+  timeout "${SWEEP_TIMEOUT:-420}" "$BIN" sweep "$PLAN" --db "$out/study.db" --model "$MODEL" --tokenizer "$TOK"
+  echo "sweep: exit $? at $(el) s"
+  rm -rf build-gpu/report
+  "$BIN" report "$out/study.db" -o build-gpu/report >/dev/null 2>&1 &&
+    tar -C build-gpu -czf "$out/report.tgz" report
+  echo "report: done at $(el) s"
+fi
+
+if [ -z "${SKIP_SIM:-}" ] && [ -f "$out/profile.json" ]; then
+  rm -f "$out/sim.db"
+  timeout 120 "$BIN" sim "$PLAN" --profile "$out/profile.json" --db "$out/sim.db" --quiet
+  echo "sim $PLAN: exit $? at $(el) s"
+  timeout 120 "$BIN" sim plans/paper-clocks.json --profile "$out/profile.json" --json "$out/clocks-sim.json" --quiet
+  echo "sim paper-clocks: exit $? at $(el) s"
+fi
+echo "study: finished at $(el) s"

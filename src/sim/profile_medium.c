@@ -1,0 +1,186 @@
+/* profile_medium.c: `pdserve profile --medium LIST`: each KV medium's transfer time
+ * against size, measured through the real connectors (src/kv) on the profiled backend,
+ * for the simulator's medium curves (seconds = latency + bytes / bandwidth, fitted by
+ * sim_medium_fit).
+ *
+ * Both sides live in this process: a decode side (its own KV cache: in shared memory
+ * for the gpu medium on the CPU backend, a store it creates for cpu and disk, a
+ * receiver thread for tcp) and a prefill side (a second cache holding the blocks to
+ * ship). One point: reserve on the decode side, then from the prefill side's
+ * kv_send_begin until the decode side's kv_ticket_wait returns OK, every layer of
+ * every block moved; the best of `repeats` runs. Sizes are whole requests of 256 to
+ * 16,384 tokens of the model's KV geometry, capped so that each cache stays within
+ * --medium-bytes. A medium that cannot run here (not built, or a peer copy that needs
+ * two processes) is reported in the profile's mediums_note and left to the defaults. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "engine/engine.h"
+#include "engine/forward.h"
+#include "kv/kv.h"
+#include "sim/sim.h"
+#include "util/util.h"
+
+static void note_add(sim_profile *out, const char *fmt, const char *a, const char *b) {
+    size_t n = strlen(out->mediums_note);
+    if (n + 4 >= sizeof out->mediums_note) return;
+    snprintf(out->mediums_note + n, sizeof out->mediums_note - n, n ? "; " : "");
+    n = strlen(out->mediums_note);
+    snprintf(out->mediums_note + n, sizeof out->mediums_note - n, fmt, a, b);
+}
+
+/* One transfer of n tokens; seconds, or -1 with err. */
+static double one_transfer(kv_connector *dec, const kv_block_allocator *al, kv_connector *pre, int n,
+                           const int32_t *tokens, const int32_t *src_blocks, int nb, uint64_t req, char *err,
+                           size_t errlen) {
+    kv_ticket t;
+    kv_status st = kv_reserve(dec, req, tokens, n, 120, &t, err, errlen);
+    if (st != KV_OK) return -1;
+    /* a ticket crosses a process boundary as text in a deployment: do the same */
+    char text[KV_TICKET_TEXT_MAX];
+    kv_ticket_format(&t, text, sizeof text);
+    kv_ticket pt;
+    if (kv_ticket_parse(text, &pt, err, errlen) != 0) {
+        kv_ticket_cancel(dec, &t);
+        return -1;
+    }
+    double t0 = time_now_s();
+    kv_send *s = kv_send_begin(pre, &pt, src_blocks, nb, tokens, n, &st, err, errlen);
+    if (!s) {
+        kv_ticket_cancel(dec, &t);
+        return -1;
+    }
+    st = kv_send_finish(s, err, errlen);
+    if (st == KV_OK) st = kv_ticket_wait(dec, &t, 120, err, errlen);
+    double dt = time_now_s() - t0;
+    if (st != KV_OK) {
+        kv_ticket_cancel(dec, &t);
+        return -1;
+    }
+    /* the blocks are ours once taken: back to the allocator the connector took them from */
+    int32_t *got = xmalloc(sizeof(int32_t) * (size_t)nb);
+    int k = kv_ticket_take(dec, &t, got, nb);
+    if (k > 0) al->release(al->user, got, k);
+    free(got);
+    return dt;
+}
+
+int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *list, const char *dir,
+                             size_t max_bytes, int repeats, sim_profile *out, char *err, size_t errlen) {
+    (void)err, (void)errlen;
+    size_t per_token = model_kv_bytes_per_token(cfg, dtype_size(be->ops->kv_type));
+    const int bs = out->block_size > 0 ? out->block_size : 16;
+    static const int all_sizes[] = {256, 1024, 4096, 16384};
+    int sizes[4], n_sizes = 0;
+    for (int i = 0; i < 4; i++)
+        if ((size_t)(all_sizes[i] + 2 * bs) * per_token <= max_bytes || i == 0) sizes[n_sizes++] = all_sizes[i];
+    int max_tokens = sizes[n_sizes - 1];
+    int max_nb = (max_tokens + bs - 1) / bs;
+    size_t cache_bytes = per_token * (size_t)bs * (size_t)(max_nb + 2);
+    int32_t *tokens = xmalloc(sizeof(int32_t) * (size_t)max_tokens);
+    for (int i = 0; i < max_tokens; i++) tokens[i] = 1 + i % 1000;
+    out->mediums_note[0] = 0;
+    char *copy = xstrdup(list), *save = NULL;
+    for (char *name = strtok_r(copy, ",", &save); name; name = strtok_r(NULL, ",", &save)) {
+        kv_medium m;
+        char e[512];
+        if (kv_medium_parse(name, &m) != 0) {
+            note_add(out, "%s: unknown medium%s", name, "");
+            continue;
+        }
+        if (out->n_mediums >= SIM_MAX_MEDIUMS) break;
+        char shm[64], tag[32];
+        snprintf(tag, sizeof tag, "prof%d", (int)getpid());
+        snprintf(shm, sizeof shm, "/" KV_SHM_PREFIX "%s-kv", tag);
+        kv_cache *dkv;
+        if (m == KV_MEDIUM_GPU && be->ops->alloc_shared)
+            dkv = kv_cache_create_shared(be, cfg, bs, cache_bytes, shm, e, sizeof e);
+        else
+            dkv = kv_cache_create(be, cfg, bs, cache_bytes, e, sizeof e);
+        kv_cache *pkv = dkv ? kv_cache_create(be, cfg, bs, cache_bytes, e, sizeof e) : NULL;
+        if (!dkv || !pkv) {
+            note_add(out, "%s: no cache (%s)", name, e);
+            if (dkv) kv_cache_free(be, dkv);
+            continue;
+        }
+        for (int l = 0; l < pkv->n_layers; l++) { /* blocks with contents, every page touched */
+            size_t part = (size_t)pkv->num_blocks * pkv->block_bytes / dtype_size(pkv->type);
+            be->ops->fill(be, pkv->k[l], pkv->type, part, 0.5f);
+            be->ops->fill(be, pkv->v[l], pkv->type, part, -0.5f);
+        }
+        be->ops->sync(be);
+        kv_pool pool;
+        kv_pool_init(&pool, dkv->num_blocks, bs);
+        kv_pool_allocator *pa = kv_pool_allocator_create(&pool);
+        kv_block_allocator al = kv_pool_allocator_get(pa);
+        kv_config dc, pc;
+        kv_config_default(&dc);
+        dc.medium = m;
+        dc.role = KV_ROLE_DECODE;
+        dc.mode = KV_TRANSFER_WHOLE;
+        snprintf(dc.name, sizeof dc.name, "%s", tag);
+        snprintf(dc.dir, sizeof dc.dir, "%.100s/" KV_SHM_PREFIX "%s", dir, tag);
+        dc.capacity_bytes = cache_bytes * 2 + ((size_t)64 << 20);
+        dc.create_store = true;
+        pc = dc;
+        pc.role = KV_ROLE_PREFILL;
+        pc.create_store = false;
+        kv_connector *dec = kv_connector_create(&dc, dkv, &al, e, sizeof e);
+        kv_connector *pre = dec ? kv_connector_create(&pc, pkv, NULL, e, sizeof e) : NULL;
+        sim_medium md;
+        memset(&md, 0, sizeof md);
+        snprintf(md.name, sizeof md.name, "%s", name);
+        bool ok = dec && pre;
+        if (!ok) note_add(out, "%s: %s", name, e);
+        int32_t *src = xmalloc(sizeof(int32_t) * (size_t)max_nb);
+        for (int i = 0; i < max_nb; i++) src[i] = max_nb - 1 - i + 1; /* out of order, not block 0 */
+        uint64_t req = 1;
+        /* one untimed transfer first: the prefill side maps its peer, opens the store */
+        if (ok) {
+            int n0 = sizes[0], nb0 = (n0 + bs - 1) / bs;
+            if (one_transfer(dec, &al, pre, n0, tokens, src, nb0, req++, e, sizeof e) < 0) {
+                note_add(out, "%s: %s", name, e);
+                ok = false;
+            }
+        }
+        for (int si = 0; ok && si < n_sizes && md.n_points < SIM_MAX_POINTS; si++) {
+            int n = sizes[si], nb = (n + bs - 1) / bs;
+            double best = -1;
+            for (int r = 0; r < PD_MAX(repeats, 1); r++) {
+                /* a different prompt each time: the stores must not answer from a hit */
+                for (int i = 0; i < n; i++) tokens[i] = (int32_t)(1 + (i + 7919 * (int)req) % 30000);
+                double dt = one_transfer(dec, &al, pre, n, tokens, src, nb, req++, e, sizeof e);
+                if (dt < 0) {
+                    note_add(out, "%s: %s", name, e);
+                    ok = false;
+                    break;
+                }
+                if (best < 0 || dt < best) best = dt;
+            }
+            if (!ok) break;
+            md.bytes[md.n_points] = (double)nb * bs * (double)per_token;
+            md.seconds[md.n_points] = best;
+            md.n_points++;
+            log_info("profile: medium %s, %d tokens (%.1f MiB): %.2f ms, %.2f GB/s", name, n,
+                     md.bytes[md.n_points - 1] / (1 << 20), best * 1e3, md.bytes[md.n_points - 1] / best / 1e9);
+        }
+        free(src);
+        if (ok && md.n_points >= 2) {
+            sim_medium_fit(&md);
+            snprintf(md.source, sizeof md.source, "measured: pdserve profile, %s backend, both sides in one process",
+                     be->ops->name);
+            out->mediums[out->n_mediums++] = md;
+        }
+        kv_connector_free(pre);
+        kv_connector_free(dec);
+        kv_pool_allocator_free(pa);
+        kv_pool_destroy(&pool);
+        kv_cache_free(be, pkv);
+        kv_cache_free(be, dkv);
+    }
+    free(copy);
+    free(tokens);
+    return 0;
+}
