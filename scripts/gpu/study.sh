@@ -13,7 +13,8 @@
 # nvidia-smi queries. Usage (repository root, on the GPU machine; carry .deps/prefix
 # and tests/.cache/tokenizers):
 #   scripts/gpu/study.sh                         PLAN=plans/paper-batch.json to change it
-# Environment: PLAN, SKIP_PROFILE=1, SKIP_SWEEP=1, SKIP_SIM=1, SWEEP_TIMEOUT (s, 420).
+# Environment: PLAN, SETUPS (a comma-separated subset of the plan's setup labels),
+# SKIP_PROFILE=1, SKIP_SWEEP=1, SKIP_SIM=1, SWEEP_TIMEOUT (s, 420), MEDIA (gpu,cpu,disk).
 # Results under $OUT (or build-gpu/out-study): env.txt, profile.json, study.db,
 # sim.db, clocks-sim.json, report.tgz, log.txt (at most 8 files: the device tool's cap).
 # Exit: 0 done, 77 no GPU, 2 build failed, 1 otherwise.
@@ -61,13 +62,15 @@ if [ -z "${SKIP_PROFILE:-}" ]; then
   timeout 240 "$BIN" profile --model "$MODEL" --device 0 -o "$out/profile.json" --repeats 3 \
     --prefill-tokens 256,1024,2048,4096,8192 --prefill-context 0,4096,8192,12288 \
     --decode-batch 1,2,4,8,16,32,64 --decode-context 1024,4096,8192,16640 \
-    --medium gpu,cpu,disk
+    --medium "${MEDIA:-gpu,cpu,disk}"
   echo "profile: exit $? at $(el) s"
 fi
 
 if [ -z "${SKIP_SWEEP:-}" ]; then
   rm -f "$out/study.db"
-  timeout "${SWEEP_TIMEOUT:-420}" "$BIN" sweep "$PLAN" --db "$out/study.db" --model "$MODEL" --tokenizer "$TOK"
+  sel=()
+  [ -n "${SETUPS:-}" ] && sel=(--setups "$SETUPS")
+  timeout "${SWEEP_TIMEOUT:-420}" "$BIN" sweep "$PLAN" --db "$out/study.db" --model "$MODEL" --tokenizer "$TOK" "${sel[@]}"
   echo "sweep: exit $? at $(el) s"
   rm -rf build-gpu/report
   "$BIN" report "$out/study.db" -o build-gpu/report >/dev/null 2>&1 &&
