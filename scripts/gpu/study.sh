@@ -5,8 +5,9 @@
 #      -> profile.json, the simulator's calibration;
 #   3. `pdserve sweep PLAN` (default plans/paper-batch-quick.json) on GPUs 0 and 1 ->
 #      study.db, then `pdserve report` -> report.tgz (HTML, SVG/PNG plots, CSV);
-#   4. `pdserve sim` of the same plan with that profile -> sim.db (validation: the
-#      same points simulated) and of plans/paper-clocks.json -> clocks-sim.json (the
+#   4. `pdserve sim` of the same plan with that profile into study.db (validation: the
+#      same points simulated, side by side in the report) and of plans/paper-clocks.json
+#      -> clocks.db, clocks-sim.json (the
 #      clock experiment, mixed prefill/decode pairs included, in simulation only:
 #      the lent machines' clocks are never changed).
 # Read-only on the GPUs: no clock, power-limit or mode change, only NVML reads and
@@ -16,7 +17,7 @@
 # Environment: PLAN, SETUPS (a comma-separated subset of the plan's setup labels),
 # SKIP_PROFILE=1, SKIP_SWEEP=1, SKIP_SIM=1, SWEEP_TIMEOUT (s, 420), MEDIA (gpu,cpu,disk).
 # Results under $OUT (or build-gpu/out-study): env.txt, profile.json, study.db,
-# sim.db, clocks-sim.json, report.tgz, log.txt (at most 8 files: the device tool's cap).
+# clocks.db, clocks-sim.json, report.tgz, log.txt (at most 8 files: the device tool's cap).
 # Exit: 0 done, 77 no GPU, 2 build failed, 1 otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -72,17 +73,21 @@ if [ -z "${SKIP_SWEEP:-}" ]; then
   [ -n "${SETUPS:-}" ] && sel=(--setups "$SETUPS")
   timeout "${SWEEP_TIMEOUT:-420}" "$BIN" sweep "$PLAN" --db "$out/study.db" --model "$MODEL" --tokenizer "$TOK" "${sel[@]}"
   echo "sweep: exit $? at $(el) s"
-  rm -rf build-gpu/report
-  "$BIN" report "$out/study.db" -o build-gpu/report >/dev/null 2>&1 &&
-    tar -C build-gpu -czf "$out/report.tgz" report
-  echo "report: done at $(el) s"
 fi
 
 if [ -z "${SKIP_SIM:-}" ] && [ -f "$out/profile.json" ]; then
-  rm -f "$out/sim.db"
-  timeout 120 "$BIN" sim "$PLAN" --profile "$out/profile.json" --db "$out/sim.db" --quiet
+  # the same points simulated into the same database: report puts them side by side
+  timeout 120 "$BIN" sim "$PLAN" --profile "$out/profile.json" --db "$out/study.db" --quiet
   echo "sim $PLAN: exit $? at $(el) s"
-  timeout 120 "$BIN" sim plans/paper-clocks.json --profile "$out/profile.json" --json "$out/clocks-sim.json" --quiet
+  rm -f "$out/clocks.db"
+  timeout 120 "$BIN" sim plans/paper-clocks.json --profile "$out/profile.json" --db "$out/clocks.db" \
+    --json "$out/clocks-sim.json" --quiet
   echo "sim paper-clocks: exit $? at $(el) s"
 fi
+
+rm -rf build-gpu/report build-gpu/report-clocks
+[ -f "$out/study.db" ] && "$BIN" report "$out/study.db" -o build-gpu/report >/dev/null 2>&1
+[ -f "$out/clocks.db" ] && "$BIN" report "$out/clocks.db" -o build-gpu/report-clocks >/dev/null 2>&1
+tar -C build-gpu -czf "$out/report.tgz" $(cd build-gpu && ls -d report report-clocks 2>/dev/null)
+echo "report: done at $(el) s"
 echo "study: finished at $(el) s"

@@ -439,11 +439,15 @@ int cmd_sim(int argc, char **argv) {
     print_header();
     for (int s = 0; s < pl.n_setups && rc == 0; s++)
         for (int l = 0; l < pl.n_loads && rc == 0; l++)
-            for (int k = 0; k < pl.n_clocks && rc == 0; k++)
+            for (int k = 0; k < pl.n_clocks && rc == 0; k++) {
+                /* a colocated instance runs both stages at one clock: a mixed pair is
+                 * a disaggregated point only (as the sweep skips it) */
+                if (pl.setups[s].n_colocated > 0 && pl.clocks[k][0] != pl.clocks[k][1]) continue;
                 if (run_point(&c, &pl.setups[s], &pl.loads[l], pl.clocks[k], err, sizeof err) != 0) {
                     fprintf(stderr, "pdserve sim: %s\n", err);
                     rc = 1;
                 }
+            }
     if (rc == 0 && json_path) {
         char *txt = cJSON_Print(c.points);
         if (util_write_file(json_path, txt, strlen(txt), err, sizeof err) != 0) {
