@@ -521,6 +521,106 @@ static void mkdir_p(const char *dir) {
     mkdir(p, 0755);
 }
 
+/* ---- simulated against measured --------------------------------------------------------- */
+/* Pairs each simulated point with the measured point of the same setup, load and clocks
+ * (a plan run by `pdserve sweep` and `pdserve sim` into one database). */
+typedef struct rep_pair { int real, sim; } rep_pair;
+
+static int find_pairs(const rep_point *pts, int n, rep_pair *out) {
+    int k = 0;
+    for (int i = 0; i < n; i++) {
+        if (!pts[i].simulated) continue;
+        for (int j = 0; j < n; j++)
+            if (!pts[j].simulated && !strcmp(pts[j].setup, pts[i].setup) &&
+                !strcmp(pts[j].load_label, pts[i].load_label) && pts[j].prefill_mhz == pts[i].prefill_mhz &&
+                pts[j].decode_mhz == pts[i].decode_mhz) {
+                out[k++] = (rep_pair){j, i};
+                break;
+            }
+    }
+    return k;
+}
+
+/* The figures compared: TTFT p50, TPOT p50, output throughput, J/token. */
+static double vfig(const rep_point *p, int f) {
+    return f == 0 ? p->ttft_med : f == 1 ? p->tpot_med : f == 2 ? p->out_thr : p->jpt;
+}
+static const char *const VFIG_NAME[] = {"TTFT p50 ms", "TPOT p50 ms", "out tok/s", "J/token"};
+
+/* Relative difference of sim to real, NAN where either is missing. */
+static double vdiff(double real, double sim) {
+    if (isnan(real) || isnan(sim) || !(fabs(real) > 0)) return NAN;
+    return (sim - real) / real;
+}
+
+static void print_validation(FILE *f, const rep_point *pts, int n) {
+    rep_pair *pr = xmalloc(sizeof *pr * (size_t)PD_MAX(n, 1));
+    int np = find_pairs(pts, n, pr), within = 0, compared = 0;
+    if (np > 0) {
+        fprintf(f, "\nsimulated against measured (same setup, load and clocks): real / sim / difference\n");
+        fprintf(f, "%-14s %-8s %-9s", "setup", "load", "clock");
+        for (int k = 0; k < 4; k++) fprintf(f, " | %-26s", VFIG_NAME[k]);
+        fputc('\n', f);
+    }
+    for (int i = 0; i < np; i++) {
+        const rep_point *r = &pts[pr[i].real], *m = &pts[pr[i].sim];
+        char clk[32], b[2][32];
+        clock_text(r, clk, sizeof clk);
+        fprintf(f, "%-14.14s %-8.8s %-9s", r->setup, r->load_label, clk);
+        for (int k = 0; k < 4; k++) {
+            double a = vfig(r, k), s = vfig(m, k), d = vdiff(a, s);
+            int prec = k == 3 ? 4 : k == 2 ? 1 : 2;
+            if (isnan(d)) fprintf(f, " | %9s %9s %6s", tfmt(b[0], 32, a, prec), tfmt(b[1], 32, s, prec), "-");
+            else fprintf(f, " | %9s %9s %+5.0f%%", tfmt(b[0], 32, a, prec), tfmt(b[1], 32, s, prec), 100 * d);
+            if (!isnan(d)) {
+                compared++;
+                within += fabs(d) <= 0.10;
+            }
+        }
+        fputc('\n', f);
+    }
+    if (np > 0) fprintf(f, "%d of %d compared figures within 10%%\n", within, compared);
+    free(pr);
+}
+
+static void html_validation(FILE *f, const rep_point *pts, int n) {
+    rep_pair *pr = xmalloc(sizeof *pr * (size_t)PD_MAX(n, 1));
+    int np = find_pairs(pts, n, pr), within = 0, compared = 0;
+    if (np > 0) {
+        fputs("<h2>Simulated against measured</h2>\n<p>Each simulated point beside the measured point of the "
+              "same setup, load and clocks: measured, simulated, and the difference relative to the measured "
+              "figure (bold beyond 10%).</p>\n<table><tr><th>setup</th><th>load</th><th>clock</th>",
+              f);
+        for (int k = 0; k < 4; k++) fprintf(f, "<th colspan=3>%s</th>", VFIG_NAME[k]);
+        fputs("</tr>\n", f);
+    }
+    for (int i = 0; i < np; i++) {
+        const rep_point *r = &pts[pr[i].real], *m = &pts[pr[i].sim];
+        char clk[32];
+        clock_text(r, clk, sizeof clk);
+        fputs("<tr><td>", f);
+        html_esc(f, r->setup);
+        fputs("</td><td>", f);
+        html_esc(f, r->load_label);
+        fprintf(f, "</td><td>%s</td>", clk);
+        for (int k = 0; k < 4; k++) {
+            double a = vfig(r, k), s = vfig(m, k), d = vdiff(a, s);
+            int prec = k == 3 ? 4 : k == 2 ? 1 : 2;
+            td(f, a, prec);
+            td(f, s, prec);
+            if (isnan(d)) fputs("<td>-</td>", f);
+            else fprintf(f, fabs(d) > 0.10 ? "<td><b>%+.0f%%</b></td>" : "<td>%+.0f%%</td>", 100 * d);
+            if (!isnan(d)) {
+                compared++;
+                within += fabs(d) <= 0.10;
+            }
+        }
+        fputs("</tr>\n", f);
+    }
+    if (np > 0) fprintf(f, "</table>\n<p>%d of %d compared figures within 10%%.</p>\n", within, compared);
+    free(pr);
+}
+
 int study_report(const study_report_opts *o, char *err, size_t errlen) {
     if (!util_file_exists(o->db_path)) {
         pd_errorf(err, errlen, "no results database at %s", o->db_path);
@@ -545,7 +645,10 @@ int study_report(const study_report_opts *o, char *err, size_t errlen) {
         pd_errorf(err, errlen, "cannot create the folder %s", o->out_dir);
         goto out;
     }
-    if (o->table) print_table(o->table, pts, n, count_bad(h));
+    if (o->table) {
+        print_table(o->table, pts, n, count_bad(h));
+        print_validation(o->table, pts, n);
+    }
     snprintf(path, sizeof path, "%s/summaries.csv", o->out_dir);
     if (write_csv(h,
                   "SELECT r.point_key, r.label, r.setup, r.setup_kind, r.load_kind, r.batch_size, r.request_rate,"
@@ -565,6 +668,7 @@ int study_report(const study_report_opts *o, char *err, size_t errlen) {
     html_header(f, h, o->db_path);
     html_tables(f, pts, n);
     html_components(f, pts, n);
+    html_validation(f, pts, n);
     html_plots(f, pl, pts, n);
     html_bad(f, h);
     fputs("</body></html>\n", f);
