@@ -466,6 +466,42 @@ static void test_prefix_caching(void) {
     sim_profile_free(&p);
 }
 
+/* prefix-affinity sends requests sharing a prefix where it is cached: 8 requests of
+ * two 192-token prefix families over 2 instances; round-robin splits each family over
+ * both and computes it twice, affinity keeps each family on one instance. */
+static void test_prefix_affinity(void) {
+    sim_profile p;
+    linear_profile(&p);
+    sim_config c = colocated(2, 256);
+    c.prefix_caching = true;
+    static int32_t ids[8][200];
+    sim_request r[8];
+    /* families alternate in pairs (A A B B A A B B): round-robin puts each family on
+     * both instances */
+    for (int i = 0; i < 8; i++) {
+        for (int k = 0; k < 200; k++) ids[i][k] = k < 192 ? 100 * ((i / 2) % 2 ? 7 : 3) + k : 50 + i;
+        r[i] = (sim_request){.n_prompt = 200, .max_tokens = 2, .arrival = 1.0 * i, .prompt = ids[i]};
+    }
+    bench_config bc;
+    bench_config_default(&bc);
+    bench_result *res;
+    sim_stats st;
+    char err[256];
+    double ttft[2];
+    for (int pol = 0; pol < 2; pol++) {
+        c.router = pol ? SIM_ROUTER_PREFIX_AFFINITY : SIM_ROUTER_ROUND_ROBIN;
+        REQUIRE(sim_run(&c, &p, r, 8, &bc, &res, &st, err, sizeof err) == 0);
+        double sum = 0;
+        for (int i = 0; i < 8; i++) sum += res->recs[i].ttft_s;
+        ttft[pol] = sum;
+        bench_result_free(res);
+    }
+    CHECKF(ttft[1] < ttft[0], "affinity %g s of TTFT vs round-robin %g s", ttft[1], ttft[0]);
+    sim_router pr;
+    CHECK(sim_router_parse("prefix-affinity", &pr) == 0 && pr == SIM_ROUTER_PREFIX_AFFINITY);
+    sim_profile_free(&p);
+}
+
 /* A study plan (`pdserve sweep` format) is read as such: labels, per-setup options,
  * serve_args, clock pairs, loads and the dataset. */
 static void test_study_plan(void) {
@@ -540,6 +576,7 @@ int main(void) {
     TEST_RUN(test_cost_model);
     TEST_RUN(test_layerwise_transfer);
     TEST_RUN(test_prefix_caching);
+    TEST_RUN(test_prefix_affinity);
     TEST_RUN(test_study_plan);
     TEST_RUN(test_profile_mediums);
     TEST_RUN(test_trivial_timestamps);

@@ -244,7 +244,9 @@ static int record_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l,
     char ll[48];
     load_label(l, ll, sizeof ll);
     study_kv opts[2] = {{"medium", (char *)(su->medium[0] && cfg->n_colocated == 0 ? su->medium : "none")},
-                        {"router", (char *)(cfg->router == SIM_ROUTER_LEAST_LOADED ? "least-loaded" : "round-robin")}};
+                        {"router", (char *)(cfg->router == SIM_ROUTER_LEAST_LOADED     ? "least-loaded"
+                                            : cfg->router == SIM_ROUTER_PREFIX_AFFINITY ? "prefix-affinity"
+                                                                                         : "round-robin")}};
     study_setup ss = {.label = (char *)su->label, .name = (char *)su->label, .opts = opts, .n_opts = 2};
     study_point pt;
     memset(&pt, 0, sizeof pt);
@@ -290,7 +292,7 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
     }
     sim_medium mstore;
     sim_config cfg = {.n_colocated = su->n_colocated, .n_prefill = su->n_prefill, .n_decode = su->n_decode,
-                      .router = pl->router, .prefill_mhz = clk[0], .decode_mhz = clk[1],
+                      .router = su->has_router ? su->router : pl->router, .prefill_mhz = clk[0], .decode_mhz = clk[1],
                       .record_tokens = pl->record_tokens, .layerwise = su->layerwise,
                       .prefix_caching = pl->enable_prefix_caching};
     if (su->n_prefill > 0) {
@@ -355,7 +357,7 @@ int cmd_sim(int argc, char **argv) {
         {"profile", OPT_STRING, &profile_path, "cost profile from `pdserve profile` (default: the plan's)", "FILE"},
         {"db", OPT_STRING, &db_path, "results database to record the points in (marked simulated)", "FILE"},
         {"json", OPT_STRING, &json_path, "write the points' summaries as a JSON array", "FILE"},
-        {"router", OPT_STRING, &router, "round-robin or least-loaded (default: the plan's)", "POLICY"},
+        {"router", OPT_STRING, &router, "round-robin, least-loaded or prefix-affinity (default: the plan's)", "POLICY"},
         {"seed", OPT_INT, &seed, "override the plan's seed", "S"},
         {"quiet", OPT_FLAG, &quiet, "no log lines", NULL},
         {"validate-model", OPT_STRING, &vmodel,
@@ -381,7 +383,7 @@ int cmd_sim(int argc, char **argv) {
     }
     if (seed >= 0) pl.seed = pl.dataset.seed = (uint64_t)seed;
     if (router && sim_router_parse(router, &pl.router) != 0) {
-        fprintf(stderr, "pdserve sim: --router must be round-robin or least-loaded\n");
+        fprintf(stderr, "pdserve sim: --router must be round-robin, least-loaded or prefix-affinity\n");
         sim_plan_free(&pl);
         return 2;
     }

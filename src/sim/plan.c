@@ -198,6 +198,13 @@ static int apply_flag(const study_kv *kv, sim_plan *p, sim_plan_setup *su, const
         su->layerwise = v && !strcmp(v, "layerwise");
     } else if (!strcmp(k, "medium") && su && v && su->n_prefill > 0) {
         snprintf(su->medium, sizeof su->medium, "%s", v);
+    } else if (!strcmp(k, "policy") && su) {
+        if (!v || sim_router_parse(v, &su->router) != 0) {
+            pd_errorf(err, errlen, "%s: policy '%s' is not round-robin, least-loaded or prefix-affinity", name,
+                      v ? v : "");
+            return -1;
+        }
+        su->has_router = true;
     } else if (!strcmp(k, "enable-prefix-caching")) {
         p->enable_prefix_caching = flag_on(v);
     } else if (!strcmp(k, "enable-chunked-prefill")) {
@@ -301,7 +308,7 @@ int sim_plan_parse(const char *text, size_t len, const char *name, sim_plan *p, 
     snprintf(p->name, sizeof p->name, "%s", nm ? nm : "sim");
     if (prof) snprintf(p->profile, sizeof p->profile, "%s", prof);
     if (router && sim_router_parse(router, &p->router) != 0) {
-        pd_errorf(err, errlen, "%s: router must be \"round-robin\" or \"least-loaded\"", name);
+        pd_errorf(err, errlen, "%s: router must be \"round-robin\", \"least-loaded\" or \"prefix-affinity\"", name);
         goto out;
     }
     const cJSON *rt = cJSON_GetObjectItemCaseSensitive(o, "record_tokens");

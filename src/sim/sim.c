@@ -118,20 +118,42 @@ typedef struct sim_state {
 int sim_router_parse(const char *s, sim_router *out) {
     if (!strcmp(s, "round-robin") || !strcmp(s, "rr")) *out = SIM_ROUTER_ROUND_ROBIN;
     else if (!strcmp(s, "least-loaded") || !strcmp(s, "ll")) *out = SIM_ROUTER_LEAST_LOADED;
+    else if (!strcmp(s, "prefix-affinity")) *out = SIM_ROUTER_PREFIX_AFFINITY;
     else return -1;
     return 0;
 }
 
 /* Picks one of insts[base, base + n) by the configured policy. */
-static int route(sim_state *s, int base, int n, int *rr) {
+/* Leading full blocks of r's prompt that instance in's prefix cache holds (salt 0, as
+ * inst_init enables it), leaving the last token to compute as the scheduler does. */
+static int cached_blocks(const inst *in, const sreq *r) {
+    const kv_pool *pool = &in->sc.pool;
+    if (!pool->pc || !r->prompt) return 0;
+    int bs = in->sc.cfg.block_size, max = (r->n_prompt - 1) / bs, j = 0;
+    uint64_t parent = 0;
+    for (; j < max; j++) {
+        const int32_t *ids = r->prompt + (size_t)j * bs;
+        uint64_t key = prefix_cache_key(parent, ids, bs);
+        if (prefix_cache_find(pool, key, parent, ids) < 0) break;
+        parent = key;
+    }
+    return j;
+}
+
+static int route(sim_state *s, int base, int n, int *rr, const sreq *r) {
     if (s->cfg->router == SIM_ROUTER_ROUND_ROBIN) {
         int i = *rr;
         *rr = (*rr + 1) % n;
         return base + i;
     }
-    int best = base;
-    for (int i = base + 1; i < base + n; i++)
-        if (s->insts[i].load < s->insts[best].load) best = i;
+    int best = base, best_hit = -1;
+    for (int i = base; i < base + n; i++) {
+        int hit = s->cfg->router == SIM_ROUTER_PREFIX_AFFINITY && r ? cached_blocks(&s->insts[i], r) : 0;
+        if (hit > best_hit || (hit == best_hit && s->insts[i].load < s->insts[best].load)) {
+            best = i;
+            best_hit = hit;
+        }
+    }
     return best;
 }
 
@@ -210,11 +232,11 @@ static int admit(sim_state *s, int i, sreq *r, int n_prompt, int max_tokens, dou
 static int on_arrival(sim_state *s, sreq *r) {
     const sim_config *c = s->cfg;
     if (c->n_colocated > 0) {
-        r->p_inst = route(s, 0, s->n_route_p, &s->rr_p);
+        r->p_inst = route(s, 0, s->n_route_p, &s->rr_p, r);
         return admit(s, r->p_inst, r, r->n_prompt, r->max_tokens, r->arrival);
     }
-    r->p_inst = route(s, 0, s->n_route_p, &s->rr_p);
-    r->d_inst = route(s, s->first_decode, s->n_route_d, &s->rr_d);
+    r->p_inst = route(s, 0, s->n_route_p, &s->rr_p, r);
+    r->d_inst = route(s, s->first_decode, s->n_route_d, &s->rr_d, NULL);
     if (r->max_tokens > 1) s->insts[r->d_inst].load++; /* reserved at the router, as DESIGN.md says */
     return admit(s, r->p_inst, r, r->n_prompt, 1, r->arrival);
 }

@@ -222,8 +222,12 @@ double sim_cost_transfer(const sim_medium *m, double bytes);
 void sim_clock_fit(sim_clock_model *cm, double idle_w);
 
 /* ---- the simulator ----------------------------------------------------------------- */
-typedef enum sim_router { SIM_ROUTER_ROUND_ROBIN, SIM_ROUTER_LEAST_LOADED } sim_router;
-int sim_router_parse(const char *s, sim_router *out); /* "round-robin", "least-loaded" */
+/* prefix-affinity: the instance whose prefix cache holds the longest run of the
+ * prompt's leading blocks (asked directly, as an ideal router would know it), the least
+ * loaded on ties and when none holds any; needs prefix caching, else least-loaded. */
+typedef enum sim_router { SIM_ROUTER_ROUND_ROBIN, SIM_ROUTER_LEAST_LOADED, SIM_ROUTER_PREFIX_AFFINITY } sim_router;
+/* "round-robin", "least-loaded", "prefix-affinity" */
+int sim_router_parse(const char *s, sim_router *out);
 
 typedef struct sim_config {
     int n_colocated;            /* > 0: N colocated instances (and n_prefill = n_decode = 0) */
@@ -282,6 +286,8 @@ typedef struct sim_plan_setup {
     int n_colocated, n_prefill, n_decode;
     char medium[32];
     bool layerwise;             /* KV streamed layer by layer during the last prefill chunk */
+    bool has_router;            /* router: this setup's policy (a study plan's "policy") */
+    sim_router router;
     double kv_cache_bytes;      /* per instance; 0: the plan's (a study plan's kv-cache-memory) */
 } sim_plan_setup;
 
