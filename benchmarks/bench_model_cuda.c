@@ -9,12 +9,18 @@
  *            (every weight but the embedding table, plus B * ctx tokens of K and V)
  *            over the device-to-device copy rate (bytes read + written per second,
  *            1 GiB cudaMemcpy). Targets: 1.2x the floor at B=1, 1.35x at B=64.
+ *            Each case twice in the same run: decode graphs on (forward.h: padded to
+ *            the batch bucket, captured, replayed) and off (op by op); also the
+ *            same step with tokens drawn on the device (model_forward_sample:
+ *            temperature 0.8, top-k 50, top-p 0.9) and with every logits row
+ *            downloaded (the host sampler's path).
  *   prefill  Llama-3.2-3B shape, one prompt of 16,384 tokens in one step; model
  *            FLOPs = 2 * T * (linear weights of every layer) + 2 * C * V (the one
  *            logits row) + causal attention 4 * H * D * T(T+1)/2 per layer; as a
  *            fraction of the cuBLAS bf16 GEMM rate at 8192^3. Target >= 55%.
  *
- * Usage: bench_model_cuda [hf.json]   hf.json: benchmarks/hf_reference.py's output;
+ * Usage: bench_model_cuda [--no-prefill] [hf.json]
+ * hf.json: benchmarks/hf_reference.py's output;
  * with it, the ratios to transformers are printed too (targets: decode >= 5x at B=1,
  * >= 3x at B=64; prefill >= 1.1x). A program, never a test; exits 77 without a GPU. */
 #include <cjson/cJSON.h>
@@ -169,10 +175,10 @@ static void kv_fill(kv_cache *kv) {
 
 typedef struct decode_row {
     int B, ctx;
-    double ms, floor_ms, full_ms;
+    double ms, eager_ms, floor_ms, full_ms, sample_ms;
 } decode_row;
 
-static decode_row rows[4];
+static decode_row rows[8];
 static int n_rows;
 static double prefill_ms, prefill_tflop;
 
@@ -181,7 +187,7 @@ static void bench_decode(void) {
     model *m = load_preset("preset:llama-3.1-8b", &mf);
     const model_config *c = &m->cfg;
     size_t bpt = model_kv_bytes_per_token(c, 2);
-    static const int cases[][2] = {{1, 128}, {1, 2048}, {64, 2048}};
+    static const int cases[][2] = {{1, 128}, {1, 2048}, {8, 2048}, {48, 2048}, {64, 2048}};
     int blocks = 0;
     for (size_t i = 0; i < PD_ARRAY_LEN(cases); i++)
         blocks = PD_MAX(blocks, cases[i][0] * ((cases[i][1] + BS - 1) / BS));
@@ -199,6 +205,9 @@ static void bench_decode(void) {
         decode_row *r = &rows[n_rows++];
         r->B = B;
         r->ctx = ctx;
+        fwd_ctx_use_graphs(f, false);
+        r->eager_ms = time_steps(f, kv, &s, 30);
+        fwd_ctx_use_graphs(f, true);
         r->ms = time_steps(f, kv, &s, 30);
         double bytes = wread + (double)B * ctx * (double)bpt;
         r->floor_ms = bytes / (copy_gbs * 1e9) * 1e3;
@@ -214,8 +223,28 @@ static void bench_decode(void) {
         }
         r->full_ms = median(t, 9);
         free(lg);
+        /* the same step with tokens drawn on the device (graphs on) */
+        sample_row sr[64];
+        pd_rng rng;
+        rng_seed(&rng, 99);
+        for (int k = 0; k < 3; k++) {
+            for (int b = 0; b < B; b++)
+                sr[b] = (sample_row){0.8f, 0.9f, 0.0f, 50, rng_uniform(&rng)};
+            model_forward_sample(f, kv, &bt, sr, s.out, NULL);
+        }
+        for (int k = 0; k < 9; k++) {
+            for (int b = 0; b < B; b++)
+                sr[b] = (sample_row){0.8f, 0.9f, 0.0f, 50, rng_uniform(&rng)};
+            double t0 = time_now_s();
+            model_forward_sample(f, kv, &bt, sr, s.out, NULL);
+            t[k] = (time_now_s() - t0) * 1e3;
+        }
+        r->sample_ms = median(t, 9);
         step_free(&s);
     }
+    long captured, replayed;
+    fwd_ctx_graph_counts(f, &captured, &replayed);
+    fprintf(stderr, "decode: %ld graphs captured, %ld replays\n", captured, replayed);
     fwd_ctx_free(f);
     kv_cache_free(g, kv);
     model_free(m);
@@ -269,12 +298,17 @@ int main(int argc, char **argv) {
         return 77;
     }
     cJSON *hf = NULL;
-    if (argc > 1) {
+    bool prefill = true;
+    for (int a = 1; a < argc; a++) {
+        if (strcmp(argv[a], "--no-prefill") == 0) {
+            prefill = false;
+            continue;
+        }
         size_t len;
-        char *text = util_read_file(argv[1], &len, err, sizeof err);
+        char *text = util_read_file(argv[a], &len, err, sizeof err);
         hf = text ? cJSON_Parse(text) : NULL;
         free(text);
-        if (!hf) fprintf(stderr, "bench_model_cuda: %s: no transformers figures (%s)\n", argv[1], err);
+        if (!hf) fprintf(stderr, "bench_model_cuda: %s: no transformers figures (%s)\n", argv[a], err);
     }
     backend_cuda_info info;
     backend_cuda_info_get(g, &info);
@@ -289,29 +323,37 @@ int main(int argc, char **argv) {
            info.runtime_version % 1000 / 10, date);
     measure_ceilings();
     bench_decode();
-    bench_prefill(16384);
+    if (prefill) bench_prefill(16384);
 
-    printf("| what                         | ours ms  | floor ms | x floor | target | full-logits ms "
-           "| HF ms    | x HF  | target |\n");
-    printf("|------------------------------|----------|----------|---------|--------|------------"
-           "----|----------|-------|--------|\n");
+    printf("| what                         | ours ms  | floor ms | x floor | target | graphs off ms "
+           "| x floor off | sampled ms | full-logits ms | HF ms    | x HF  | target |\n");
+    printf("|------------------------------|----------|----------|---------|--------|--------------"
+           "-|-------------|------------|----------------|----------|-------|--------|\n");
     for (int i = 0; i < n_rows; i++) {
         decode_row *r = &rows[i];
         char key[64], what[64];
         snprintf(key, sizeof key, "decode_b%d_ctx%d_ms", r->B, r->ctx);
         snprintf(what, sizeof what, "decode 8B B=%d ctx=%d", r->B, r->ctx);
         double h = hf_get(hf, key);
-        const char *tf = r->B == 1 ? (r->ctx == 128 ? "1.20" : "-") : "1.35";
-        const char *th = r->B == 1 ? ">=5" : ">=3";
-        printf("| %-28s | %8.3f | %8.3f | %7.2f | %6s | %14.3f | %8.3f | %5.2f | %6s |\n", what,
-               r->ms, r->floor_ms, r->ms / r->floor_ms, tf, r->full_ms, h, h > 0 ? h / r->ms : 0.0,
-               th);
+        const char *tf = r->B == 1 ? (r->ctx == 128 ? "1.20" : "-") : r->B == 64 ? "1.35" : "-";
+        const char *th = r->B == 1 ? ">=5" : r->B == 64 ? ">=3" : "-";
+        printf("| %-28s | %8.3f | %8.3f | %7.2f | %6s | %13.3f | %11.2f | %10.3f | %14.3f | %8.3f | "
+               "%5.2f | %6s |\n", what, r->ms, r->floor_ms, r->ms / r->floor_ms, tf, r->eager_ms,
+               r->eager_ms / r->floor_ms, r->sample_ms, r->full_ms, h, h > 0 ? h / r->ms : 0.0, th);
+    }
+    printf("\nours = decode graphs on (default); graphs off = the same step op by op, same run\n");
+    if (!prefill) {
+        cJSON_Delete(hf);
+        backend_destroy(g);
+        return 0;
     }
     double rate = prefill_tflop / (prefill_ms * 1e-3);
     double h = hf_get(hf, "prefill_3b_16k_ms");
-    printf("| prefill 3B T=16384 (1 step)  | %8.1f | %8.1f | %7.2f | %6s | %14s | %8.1f | %5.2f | %6s |\n",
+    printf("\n| what                         | ours ms  | floor ms | x floor | target | HF ms    | x HF  | target |\n");
+    printf("|------------------------------|----------|----------|---------|--------|----------|-------|--------|\n");
+    printf("| prefill 3B T=16384 (1 step)  | %8.1f | %8.1f | %7.2f | %6s | %8.1f | %5.2f | %6s |\n",
            prefill_ms, prefill_tflop / gemm_tflops * 1e3, prefill_ms / (prefill_tflop / gemm_tflops * 1e3),
-           "<=1.82", "-", h, h > 0 ? h / prefill_ms : 0.0, ">=1.1");
+           "<=1.82", h, h > 0 ? h / prefill_ms : 0.0, ">=1.1");
     printf("\nprefill: %.1f model TFLOP in %.1f ms = %.0f TFLOP/s = %.1f%% of the GEMM rate "
            "(target >= 55%%)\n", prefill_tflop, prefill_ms, rate, 100.0 * rate / gemm_tflops);
     printf("floor = (weights read + K/V read) / copy rate; prefill floor = model FLOPs / GEMM rate\n");

@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "backend/backend.h"
+#include "engine/engine.h"
 #include "test.h"
 #include "util/util.h"
 
@@ -606,6 +607,216 @@ static void test_store_then_attend(void) {
     pair_free(&sl);
 }
 
+/* ---- decode graphs ------------------------------------------------------------------------
+ * Attention of a padded decode step read from the decode buffer (seqs NULL), captured
+ * once and replayed with new contexts, block tables and queries: rows 0..B-1 against
+ * the CPU backend each time, padding rows zero. */
+static void test_decode_graph_attention(void) {
+    const int H = 32, K = 8, D = 128, bs = 16, B = 3, Bp = 4, steps = 3;
+    if (!gpu->ops->decode_upload) return;
+    int nb = 3 * (1300 / bs + 2) + 8;
+    int32_t *pool = xmalloc((size_t)nb * 4);
+    for (int i = 0; i < nb; i++) pool[i] = i;
+    shuffle(pool, nb);
+    size_t cache_n = (size_t)nb * bs * K * D, rows_n = (size_t)Bp * (H + 2 * K) * D;
+    pair kc = pair_rand(cache_n, 0, 1, 2), vc = pair_rand(cache_n, 0, 1, 2);
+    pair qkv = pair_new(NULL, rows_n, 0), out = pair_new(NULL, (size_t)Bp * H * D, 0);
+    float scale = 1.0f / sqrtf((float)D), *zero = xcalloc((size_t)H * D, sizeof(float));
+    void *graph = NULL;
+    for (int step = 0; step < steps + 1; step++) {
+        int ctx[3] = {5 + step, 300 + 97 * step, 1200 + step}; /* tile edges move */
+        attn_seq seqs[3];
+        int32_t tok[3] = {0, 1, 2}, pos[3], slot[3];
+        for (int b = 0, used = 0; b < B; b++) {
+            seqs[b] = (attn_seq){b, 1, ctx[b], pool + used + step, (ctx[b] + bs - 1) / bs};
+            used += seqs[b].n_blocks + 2;
+            pos[b] = ctx[b] - 1;
+            slot[b] = seqs[b].block_table[pos[b] / bs] * bs + pos[b] % bs;
+        }
+        float *q = rand_bf16(rows_n, 0, 1);
+        gpu->ops->upload(gpu, qkv.g, gpu->ops->act_type, 0, q, DTYPE_F32, rows_n);
+        cpu->ops->upload(cpu, qkv.c, cpu->ops->act_type, 0, q, DTYPE_F32, rows_n);
+        free(q);
+        int32_t *in = gpu->ops->decode_upload(gpu, tok, pos, slot, seqs, B, Bp, bs);
+        if (!in) break; /* PDSERVE_CUDA_GRAPHS=0 */
+        poison(&out, 0);
+        if (step == 0) { /* op by op (sizes the split-K scratch), then the capture */
+            gpu->ops->attention(gpu, out.g, qkv.g, kc.g, vc.g, NULL, Bp, Bp, H, K, D, bs, scale);
+            gpu->ops->graph_begin(gpu);
+            gpu->ops->attention(gpu, out.g, qkv.g, kc.g, vc.g, NULL, Bp, Bp, H, K, D, bs, scale);
+            graph = gpu->ops->graph_end(gpu);
+            poison(&out, 0);
+        }
+        CHECK(gpu->ops->graph_launch(gpu, graph));
+        cpu->ops->attention(cpu, out.c, qkv.c, kc.c, vc.c, seqs, B, B, H, K, D, bs, scale);
+        char name[64];
+        snprintf(name, sizeof name, "graph replay %d: attention B%d of %d", step, B, Bp);
+        compare_rows(name, &out, 0, 0, (size_t)B * H * D, (size_t)H * D);
+        float *got = xmalloc(out.n * sizeof(float));
+        gpu->ops->download_f32(gpu, got, out.g, gpu->ops->act_type, out.n);
+        CHECKF(memcmp(got + (size_t)B * H * D, zero, (size_t)H * D * sizeof(float)) == 0,
+               "step %d: the padding row is not zero", step);
+        free(got);
+    }
+    gpu->ops->graph_free(gpu, graph);
+    pair_free(&kc);
+    pair_free(&vc);
+    pair_free(&qkv);
+    pair_free(&out);
+    free(zero);
+    free(pool);
+}
+
+/* ---- sampling on the device ----------------------------------------------------------------
+ * sample_rows against the CPU sampler (engine/sampler.c) on the same logits with the same
+ * uniform draws (two generators from one seed): greedy rows must agree exactly; sampled
+ * rows may differ only where a draw lands within a rounding of a boundary (expf on the
+ * two sides differs by an ulp, masses are summed differently), allowed for 1% of rows;
+ * logprobs within 2e-3. Then the distribution itself: many draws of one row on each
+ * side, two-sample chi-square. */
+
+typedef struct samp_case {
+    float temperature, top_p, min_p;
+    int top_k;
+} samp_case;
+
+static const samp_case SAMP_CASES[] = {
+    {0, 1, 0, 0},        {1.0f, 1, 0, 0},     {0.7f, 1, 0, 50},      {1.0f, 0.9f, 0, 0},
+    {1.3f, 0.5f, 0, 40}, {0.8f, 0.95f, 0.05f, 1000}, {1.0f, 1, 0.1f, 0}, {2.0f, 0.99f, 0, 0},
+    {0.5f, 1, 0, 1},     {1e-6f, 0.9f, 0, 5}, {1.0f, 0.001f, 0, 0},   {1.0f, 0.9f, 0, 100000},
+};
+
+static sampling_params samp_params_of(const samp_case *c) {
+    sampling_params sp;
+    sampling_params_default(&sp);
+    sp.temperature = c->temperature;
+    sp.top_p = c->top_p;
+    sp.min_p = c->min_p;
+    sp.top_k = c->top_k;
+    sp.logprobs = 0;
+    return sp;
+}
+
+static void sample_same_draws(int V, int n) {
+    float *h = xmalloc((size_t)n * V * sizeof(float));
+    for (int r = 0; r < n; r++) {
+        float scale = r % 3 == 0 ? 0.5f : r % 3 == 1 ? 3.0f : 8.0f; /* flat .. peaked */
+        for (int i = 0; i < V; i++)
+            h[(size_t)r * V + i] = bf16_to_f32(f32_to_bf16(scale * rng_normal(&rng)));
+        h[(size_t)r * V + rand_int(V)] = h[(size_t)r * V + rand_int(V)]; /* one more tie */
+    }
+    void *x = gpu->ops->alloc(gpu, (size_t)n * V * 2);
+    gpu->ops->upload(gpu, x, DTYPE_BF16, 0, h, DTYPE_F32, (size_t)n * V);
+    int32_t *dtok = gpu->ops->alloc(gpu, (size_t)n * 4);
+    float *dlp = gpu->ops->alloc(gpu, (size_t)n * 4);
+    sample_row *rows = xmalloc((size_t)n * sizeof *rows);
+    uint64_t seed = rng_next(&rng);
+    pd_rng ra, rb;
+    rng_seed(&ra, seed);
+    rng_seed(&rb, seed);
+    int nc = (int)PD_ARRAY_LEN(SAMP_CASES);
+    for (int r = 0; r < n; r++) {
+        sampling_params sp = samp_params_of(&SAMP_CASES[r % nc]);
+        sampler_device_row(&sp, &ra, &rows[r]);
+    }
+    gpu->ops->sample_rows(gpu, dtok, dlp, x, rows, n, V);
+    int32_t *tok = xmalloc((size_t)n * 4);
+    float *lp = xmalloc((size_t)n * 4), *row = xmalloc((size_t)V * sizeof(float));
+    gpu->ops->copy_d2h(gpu, tok, dtok, (size_t)n * 4);
+    gpu->ops->copy_d2h(gpu, lp, dlp, (size_t)n * 4);
+    sampler *smp = sampler_create(V);
+    sample_context ctx = {0};
+    int differ = 0, greedy_differ = 0, lp_bad = 0;
+    for (int r = 0; r < n; r++) {
+        const samp_case *c = &SAMP_CASES[r % nc];
+        sampling_params sp = samp_params_of(c);
+        memcpy(row, h + (size_t)r * V, (size_t)V * sizeof(float));
+        sample_result res;
+        int32_t want = sampler_sample(smp, row, &sp, &ctx, &rb, &res);
+        if (tok[r] != want) {
+            differ++;
+            greedy_differ += c->temperature < 1e-5f;
+            fprintf(stderr, "  row %d (T %.2g top_p %.3g min_p %.2g top_k %d, u %.6f): cuda %d "
+                            "(logit %.4f) cpu %d (logit %.4f)\n", r, c->temperature, c->top_p,
+                    c->min_p, c->top_k, rows[r].u, tok[r], tok[r] >= 0 && tok[r] < V ?
+                    h[(size_t)r * V + tok[r]] : NAN, want, h[(size_t)r * V + want]);
+        } else if (!(fabsf(lp[r] - res.logprob) <= 2e-3f * (1 + fabsf(res.logprob)))) {
+            lp_bad++;
+            fprintf(stderr, "  row %d: logprob cuda %.6f cpu %.6f\n", r, lp[r], res.logprob);
+        }
+    }
+    fprintf(stderr, "  sample_rows V=%d: %d rows, %d differ from the CPU sampler (same draws)\n",
+            V, n, differ);
+    CHECKF(greedy_differ == 0, "V=%d: %d greedy rows differ", V, greedy_differ);
+    CHECKF(differ * 100 <= n, "V=%d: %d of %d rows differ", V, differ, n);
+    CHECKF(lp_bad == 0, "V=%d: %d logprobs off", V, lp_bad);
+    sampler_free(smp);
+    free(h), free(rows), free(tok), free(lp), free(row);
+    gpu->ops->free(gpu, x);
+    gpu->ops->free(gpu, dtok);
+    gpu->ops->free(gpu, dlp);
+}
+
+static void test_sample_rows_same_draws(void) {
+    if (!gpu->ops->sample_rows) return;
+    sample_same_draws(128256, 96);
+    sample_same_draws(32000, 240);
+    sample_same_draws(50, 240);
+}
+
+/* N draws of one row with each case's parameters on both sides (independent draws):
+ * the two histograms must pass a two-sample chi-square test at about 5 sigma. */
+static void test_sample_rows_distribution(void) {
+    if (!gpu->ops->sample_rows) return;
+    const int V = 200, N = 20000;
+    float *h = rand_bf16(V, 0, 2.0f);
+    float *rowsx = xmalloc((size_t)N * V * sizeof(float)), *row = xmalloc(V * sizeof(float));
+    for (int r = 0; r < N; r++) memcpy(rowsx + (size_t)r * V, h, V * sizeof(float));
+    void *x = gpu->ops->alloc(gpu, (size_t)N * V * 2);
+    gpu->ops->upload(gpu, x, DTYPE_BF16, 0, rowsx, DTYPE_F32, (size_t)N * V);
+    int32_t *dtok = gpu->ops->alloc(gpu, (size_t)N * 4), *tok = xmalloc((size_t)N * 4);
+    sample_row *rows = xmalloc((size_t)N * sizeof *rows);
+    sampler *smp = sampler_create(V);
+    sample_context ctx = {0};
+    static const samp_case cases[] = {{1.0f, 1, 0, 0}, {0.8f, 0.9f, 0, 0}, {1.2f, 0.95f, 0, 20},
+                                      {1.0f, 1, 0.05f, 0}};
+    for (size_t k = 0; k < PD_ARRAY_LEN(cases); k++) {
+        sampling_params sp = samp_params_of(&cases[k]);
+        for (int r = 0; r < N; r++) sampler_device_row(&sp, &rng, &rows[r]);
+        gpu->ops->sample_rows(gpu, dtok, NULL, x, rows, N, V);
+        gpu->ops->copy_d2h(gpu, tok, dtok, (size_t)N * 4);
+        int *a = xcalloc(V, sizeof(int)), *b = xcalloc(V, sizeof(int));
+        for (int r = 0; r < N; r++) {
+            REQUIRE(tok[r] >= 0 && tok[r] < V);
+            a[tok[r]]++;
+            memcpy(row, h, V * sizeof(float));
+            b[sampler_sample(smp, row, &sp, &ctx, &rng, NULL)]++;
+        }
+        double chi = 0;
+        int df = -1, only_gpu = 0;
+        for (int i = 0; i < V; i++) {
+            if (a[i] + b[i] == 0) continue;
+            double d = a[i] - b[i];
+            chi += d * d / (a[i] + b[i]);
+            df++;
+            only_gpu += a[i] > 20 && b[i] == 0;
+        }
+        double limit = df + 5 * sqrt(2.0 * PD_MAX(df, 1));
+        fprintf(stderr, "  distribution T %.2g top_p %.2g top_k %d min_p %.2g: chi2 %.1f on %d "
+                        "df (limit %.1f)\n", cases[k].temperature, cases[k].top_p, cases[k].top_k,
+                cases[k].min_p, chi, df, limit);
+        CHECKF(chi <= limit, "case %zu: chi-square %.1f over %.1f", k, chi, limit);
+        CHECKF(only_gpu == 0, "case %zu: %d tokens drawn often on the GPU, never on the CPU", k,
+               only_gpu);
+        free(a);
+        free(b);
+    }
+    sampler_free(smp);
+    gpu->ops->free(gpu, x);
+    gpu->ops->free(gpu, dtok);
+    free(h), free(rowsx), free(row), free(tok), free(rows);
+}
+
 int main(void) {
     char err[256] = "";
     gpu = backend_cuda_create(0, err, sizeof err);
@@ -634,6 +845,9 @@ int main(void) {
     TEST_RUN(test_argmax_rows);
     TEST_RUN(test_attention);
     TEST_RUN(test_store_then_attend);
+    TEST_RUN(test_decode_graph_attention);
+    TEST_RUN(test_sample_rows_same_draws);
+    TEST_RUN(test_sample_rows_distribution);
     backend_destroy(cpu);
     backend_destroy(gpu);
     return TEST_END();

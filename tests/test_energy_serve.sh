@@ -11,7 +11,13 @@
 #      the clock and, on SIGTERM, resets it (the fake's call log, from the server's pid);
 #   5. `pdserve sweep` with a clock point: skipped without permission; with it, the
 #      point runs at the locked clock, and the database holds measured GPU energy rows
-#      (whole and idle-subtracted), power samples at that clock and J/token.
+#      (whole and idle-subtracted), power samples at that clock and J/token;
+#   6. the sampler's ring into the database: a sweep of a disaggregated CPU deployment
+#      (prefill on stand-in GPU 0, decode on GPU 1, a fake RAPL tree) stores each
+#      instance's 100 ms samples (power, clocks, utilisation, temperature) with its
+#      role, and RAPL once per host; GET /metrics/power-samples needs the secret or key;
+#   7. --energy-meter-cmd on /metrics scrapes: 40 scrapes in ~2 s with
+#      --energy-meter-interval 0.5 run the command at most once per 0.5 s.
 set -uo pipefail
 ROOT="${PDSERVE_SOURCE:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 BIN="${PDSERVE_BIN:-$ROOT/build/pdserve}"
@@ -156,4 +162,95 @@ N=$(q "SELECT count(*) FROM power_samples WHERE component='gpu' AND device='0' A
 "$BIN" report "$TMP/r.db" -o "$TMP/report" --no-plots >"$TMP/table.txt" 2>"$TMP/report.log" || fail "report"
 grep -q "n/m" "$TMP/table.txt" && grep '^co-1gpu' "$TMP/table.txt" | grep -q "n/m" && fail "J/token should be measured: $(cat "$TMP/table.txt")"
 echo "ok: sweep energy rows ($N power samples), clock point locked and restored"
+
+# ---- 6. the sampler's ring into the database ---------------------------------------------------
+PC="$TMP/powercap"
+mkdir -p "$PC/intel-rapl:0"
+echo package-0 >"$PC/intel-rapl:0/name"
+echo 262143328850 >"$PC/intel-rapl:0/max_energy_range_uj"
+echo 1000000 >"$PC/intel-rapl:0/energy_uj"
+cat >"$TMP/ring.json" <<'JSON'
+{
+  "name": "ring",
+  "setups": [{"name": "dis-cpu", "options": {"prefill-args": "--energy-gpus 0", "decode-args": "--energy-gpus 1"}}],
+  "serve_args": {"device": "cpu", "threads": 1, "max-model-len": 256, "kv-cache-memory": "16MiB",
+                 "energy-idle-seconds": "0.2"},
+  "dataset": {"input_len": 16, "output_len": 48},
+  "loads": {"batch_sizes": [4]},
+  "idle_s": 1.0,
+  "start_timeout_s": 60,
+  "request_timeout_s": 60
+}
+JSON
+PDSERVE_NVML_LIB="$FAKE" PDSERVE_POWERCAP_ROOT="$PC" "$BIN" sweep "$TMP/ring.json" --db "$TMP/ring.db" \
+  --model "$TMP/model" 2>"$TMP/sweep3.log" || fail "ring sweep"
+grep -q "1 ok, 0 failed" "$TMP/sweep3.log" || fail "ring sweep: the point failed"
+r() { sqlite3 "$TMP/ring.db" "$1"; }
+[ "$(r "SELECT value FROM meta WHERE key='schema_version'")" = 2 ] || fail "schema version"
+for dev in "0 prefill 150" "1 decode 90"; do
+  set -- $dev
+  n=$(r "SELECT count(*) FROM power_samples WHERE source='ring' AND component='gpu' AND device='$1' AND role='$2'
+         AND abs(power_w - $3) < 1e-6 AND sm_mhz > 0 AND mem_mhz > 0 AND util_gpu IS NOT NULL
+         AND util_mem IS NOT NULL AND temp_c IS NOT NULL")
+  [ "${n:-0}" -ge 10 ] || fail "ring: GPU $1 ($2): $n samples: $(r "SELECT * FROM power_samples WHERE device='$1' LIMIT 3")"
+  # 100 ms apart: the median gap of consecutive samples
+  gap=$(r "SELECT t_s FROM power_samples WHERE source='ring' AND device='$1' ORDER BY t_s" |
+        awk 'NR > 1 { print $1 - p } { p = $1 }' | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')
+  awk -v g="$gap" 'BEGIN { exit !(g > 0.08 && g < 0.15) }' || fail "ring: GPU $1 samples ${gap} s apart, not 0.1"
+done
+[ "$(r "SELECT count(*) FROM power_samples WHERE component='gpu' AND device NOT IN ('0','1')")" = 0 ] ||
+  fail "ring: a GPU no instance serves"
+[ "$(r "SELECT count(*) FROM power_samples WHERE source='scrape'")" = 0 ] || fail "ring: scrapes beside the ring"
+n=$(r "SELECT count(*) FROM power_samples WHERE source='ring' AND component='cpu' AND device='package-0' AND power_w >= 0")
+[ "${n:-0}" -ge 10 ] || fail "ring: RAPL samples: $n"
+[ "$(r "SELECT count(DISTINCT role) FROM power_samples WHERE component='cpu'")" = 1 ] ||
+  fail "ring: the host's RAPL stored once per instance, not once"
+# from the instances' start (the plan's 1 s idle window before the bench, t < 0) to the
+# end of the point (the tiny bench takes milliseconds): the last fetch came after it
+r "SELECT min(t_s) < -1.0 AND max(t_s) > -0.5 FROM power_samples WHERE component='gpu'" | grep -qx 1 ||
+  fail "ring: samples from $(r "SELECT min(t_s), max(t_s) FROM power_samples") s: not the whole point"
+echo "ok: sweep stored the instances' 100 ms rings: $(r "SELECT count(*) FROM power_samples") samples, gap ${gap} s, roles and RAPL"
+
+# the endpoint itself: secret or key when set, paging by since
+PDSERVE_NVML_LIB="$FAKE" start ring --energy-gpus 0 --energy-idle-seconds 0 --internal-secret s3 --api-key k9
+code=$(curl -s -o /dev/null -w '%{http_code}' "$URL/metrics/power-samples")
+[ "$code" = 401 ] || fail "/metrics/power-samples without credentials: $code"
+code=$(curl -s -o /dev/null -w '%{http_code}' -H 'X-PD-Internal-Secret: wrong' "$URL/metrics/power-samples")
+[ "$code" = 401 ] || fail "/metrics/power-samples with a wrong secret: $code"
+sleep 0.5
+curl -sf -H 'Authorization: Bearer k9' "$URL/metrics/power-samples" >"$TMP/ps.json" || fail "power-samples with the key"
+curl -sf -H 'X-PD-Internal-Secret: s3' "$URL/metrics/power-samples?since=0.25&max=2" >"$TMP/ps2.json" ||
+  fail "power-samples with the secret"
+code=$(curl -s -o /dev/null -w '%{http_code}' -H 'X-PD-Internal-Secret: s3' "$URL/metrics/power-samples?since=x")
+[ "$code" = 400 ] || fail "power-samples?since=x: $code"
+python3 - "$TMP/ps.json" "$TMP/ps2.json" <<'PY' || fail "power-samples JSON"
+import json, sys
+a, b = (json.load(open(f)) for f in sys.argv[1:3])
+g = a["gpus"][0]
+assert a["role"] == "colocated" and g["gpu"] == 0 and len(g["samples"]) >= 4, a
+assert a["gpu_fields"] == ["t_s", "power_w", "sm_mhz", "mem_mhz", "util_gpu", "util_mem", "temp_c"]
+assert all(s[1] == 150 and len(s) == 7 for s in g["samples"]), g
+s2 = b["gpus"][0]["samples"]
+assert len(s2) == 2 and b["gpus"][0]["more"] and all(s[0] > 0.25 for s in s2), b
+PY
+stop ring
+echo "ok: /metrics/power-samples: 401 without the secret or key, paging by since"
+
+# ---- 7. the meter command on scrapes: rate limited -------------------------------------------------
+: >"$TMP/meter.runs"
+PDSERVE_NVML_LIB="$TMP/absent.so" start meter --energy-idle-seconds 0 --energy-meter-label node \
+  --energy-meter-cmd "echo run >> '$TMP/meter.runs'; wc -l < '$TMP/meter.runs'" --energy-meter-interval 0.5
+t0=$(date +%s%N)
+for _ in $(seq 40); do
+  curl -sf "$URL/metrics" >"$TMP/m.txt" & c=$!
+  curl -sf "$URL/metrics" >/dev/null
+  wait "$c"
+done
+ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+runs=$(( $(wc -l <"$TMP/meter.runs") - 1 ))   # less the start reading
+grep -q '^pdserve_node_energy_joules{' "$TMP/m.txt" || fail "meter: no node energy line: $(grep node "$TMP/m.txt")"
+limit=$(( ms / 500 + 2 ))
+[ "$runs" -ge 1 ] && [ "$runs" -le "$limit" ] || fail "meter: 80 scrapes in $ms ms ran the command $runs times (at most $limit)"
+stop meter
+echo "ok: 80 scrapes in $ms ms ran the meter command $runs time(s) (one per 0.5 s at most)"
 echo "all energy serve tests passed"

@@ -19,6 +19,11 @@
  * The prefill step is also run through model_forward_greedy (argmax on the GPU) and
  * must give the host argmax of the downloaded logits.
  *
+ * Before the reference cases (and without one): decode steps of a batch that changes
+ * size every step, through graphs (padded to a bucket, captured, replayed; forward.h)
+ * against the same steps op by op, on a dummy tiny model; and model_forward_sample's
+ * greedy rows against model_forward_greedy.
+ *
  * Exits 77 without a GPU, or without $PDSERVE_GPU_REF (scripts/gpu/check-model.sh
  * sets it after running gpu_reference.py). Prints one line per case:
  *   case <name> rel_l2 <e> tokens <same>/<n> tie_breaks <k> */
@@ -224,13 +229,135 @@ static void check_case(const char *name, const char *dir, const char *ref_path, 
     model_files_close(&mf);
 }
 
+/* ---- decode graphs against op by op -------------------------------------------------- */
+
+#define GB 6      /* sequences */
+#define GBLK 12   /* blocks per sequence */
+
+typedef struct gstep {
+    int32_t tok[GB], pos[GB], slots[GB], rows[GB];
+    attn_seq seqs[GB];
+} gstep;
+
+/* A decode step of sequences 0..n-1 at contexts ctx[] (the new token's row included). */
+static fwd_batch gstep_make(gstep *g, int n, const int *ctx, const int32_t *tok,
+                            int32_t (*tables)[GBLK]) {
+    for (int b = 0; b < n; b++) {
+        int p = ctx[b] - 1;
+        g->tok[b] = tok[b];
+        g->pos[b] = p;
+        g->slots[b] = tables[b][p / BLOCK] * BLOCK + p % BLOCK;
+        g->rows[b] = b;
+        g->seqs[b] = (attn_seq){b, 1, ctx[b], tables[b], (ctx[b] + BLOCK - 1) / BLOCK};
+    }
+    return (fwd_batch){n, n, g->tok, g->pos, g->slots, g->seqs, g->rows, n};
+}
+
+static void test_graphs_vs_op_by_op(void) {
+    char err[512] = "";
+    model_files mf;
+    REQUIRE(model_files_open("preset:tiny-llama", "dummy", &mf, err, sizeof err) == 0);
+    model *m = model_load(gpu, &mf, 7, err, sizeof err);
+    REQUIRE(m);
+    int V = m->cfg.vocab_size;
+    size_t bytes = model_kv_bytes_per_token(&m->cfg, 2) * BLOCK * GB * GBLK;
+    kv_cache *kva = kv_cache_create(gpu, &m->cfg, BLOCK, bytes, err, sizeof err);
+    kv_cache *kvb = kv_cache_create(gpu, &m->cfg, BLOCK, bytes, err, sizeof err);
+    REQUIRE(kva && kvb && kva->num_blocks >= GB * GBLK);
+    fwd_ctx *fa = fwd_ctx_create(m, 256, 8), *fb = fwd_ctx_create(m, 256, 8);
+    fwd_ctx_use_graphs(fb, false);
+    int32_t tables[GB][GBLK];
+    for (int b = 0; b < GB; b++)
+        for (int i = 0; i < GBLK; i++) tables[b][i] = (int32_t)(((b * GBLK + i) * 37 + 5) % (GB * GBLK));
+    /* prefill: one step of GB prompts of 10 + 7b tokens */
+    int ctx[GB], T = 0;
+    int32_t ptok[256], ppos[256], pslot[256], plast[GB], tok[GB];
+    attn_seq pseq[GB];
+    for (int b = 0; b < GB; b++) {
+        ctx[b] = 10 + 7 * b;
+        pseq[b] = (attn_seq){T, ctx[b], ctx[b], tables[b], (ctx[b] + BLOCK - 1) / BLOCK};
+        for (int i = 0; i < ctx[b]; i++, T++) {
+            ptok[T] = (int32_t)((T * 131 + 7) % V);
+            ppos[T] = i;
+            pslot[T] = tables[b][i / BLOCK] * BLOCK + i % BLOCK;
+        }
+        plast[b] = T - 1;
+    }
+    fwd_batch pb = {T, GB, ptok, ppos, pslot, pseq, plast, GB};
+    float *la = xmalloc((size_t)GB * V * sizeof(float)), *lb = xmalloc((size_t)GB * V * sizeof(float));
+    model_forward(fa, kva, &pb, la);
+    model_forward(fb, kvb, &pb, lb);
+    double worst = 0;
+    /* batch sizes per step: buckets 8, 4, 1, 8, 2, 8, 4, 1, 8 (seen, captured, replayed) */
+    static const int sizes[] = {6, 3, 1, 5, 2, 6, 4, 1, 6, 3, 2, 1};
+    for (int b = 0; b < GB; b++) {
+        int a0, a1;
+        top2(lb + (size_t)b * V, V, &a0, &a1);
+        tok[b] = a0;
+    }
+    for (size_t s = 0; s < PD_ARRAY_LEN(sizes); s++) {
+        int n = sizes[s];
+        for (int b = 0; b < n; b++) ctx[b]++;
+        gstep g;
+        fwd_batch bt = gstep_make(&g, n, ctx, tok, tables);
+        model_forward(fa, kva, &bt, la);
+        model_forward(fb, kvb, &bt, lb);
+        double e = rel_l2(la, lb, n * V);
+        worst = fmax(worst, e);
+        CHECKF(e < 1e-2, "step %zu (B=%d): graph vs op-by-op logits rel L2 %.3e", s, n, e);
+        for (int b = 0; b < n; b++) {
+            int a0, a1;
+            top2(lb + (size_t)b * V, V, &a0, &a1);
+            tok[b] = a0;
+        }
+    }
+    long captured, replayed, c0, r0;
+    fwd_ctx_graph_counts(fa, &captured, &replayed);
+    fwd_ctx_graph_counts(fb, &c0, &r0);
+    fprintf(stderr, "  graphs vs op by op: %zu decode steps, worst logits rel L2 %.3e; %ld graphs "
+                    "captured, %ld replays\n", PD_ARRAY_LEN(sizes), worst, captured, replayed);
+    CHECK(c0 == 0 && r0 == 0);
+    const char *env = getenv("PDSERVE_CUDA_GRAPHS");
+    if (gpu->ops->decode_upload && !(env && strcmp(env, "0") == 0))
+        CHECKF(captured >= 4 && replayed >= 8, "%ld captured, %ld replays", captured, replayed);
+    /* the last step again, greedy on the device and through sample_rows' greedy rows */
+    int n = sizes[PD_ARRAY_LEN(sizes) - 1];
+    for (int b = 0; b < n; b++) ctx[b]++;
+    gstep g;
+    fwd_batch bt = gstep_make(&g, n, ctx, tok, tables);
+    int32_t ga[GB], gs[GB];
+    model_forward_greedy(fa, kva, &bt, ga);
+    if (gpu->ops->sample_rows) {
+        sample_row rows[GB];
+        memset(rows, 0, sizeof rows);
+        model_forward_sample(fa, kva, &bt, rows, gs, NULL);
+        for (int b = 0; b < n; b++) CHECKF(ga[b] == gs[b], "row %d: greedy %d, sample_rows %d", b, ga[b], gs[b]);
+    }
+    model_forward(fa, kva, &bt, la);
+    for (int b = 0; b < n; b++) {
+        int a0, a1;
+        top2(la + (size_t)b * V, V, &a0, &a1);
+        CHECKF(ga[b] == a0, "row %d: device argmax %d, host %d", b, ga[b], a0);
+    }
+    free(la);
+    free(lb);
+    fwd_ctx_free(fa);
+    fwd_ctx_free(fb);
+    kv_cache_free(gpu, kva);
+    kv_cache_free(gpu, kvb);
+    model_free(m);
+    model_files_close(&mf);
+}
+
 int main(void) {
     char err[256] = "";
     gpu = backend_cuda_create(0, err, sizeof err);
     if (!gpu) TEST_SKIP(err);
+    TEST_RUN(test_graphs_vs_op_by_op);
     const char *ref = getenv("PDSERVE_GPU_REF");
     if (!ref || !*ref) {
         backend_destroy(gpu);
+        if (test_failures_) return TEST_END(); /* the graph case ran and failed */
         TEST_SKIP("PDSERVE_GPU_REF is not set: run scripts/gpu/check-model.sh, which makes the "
                   "transformers reference on this GPU first");
     }

@@ -78,6 +78,46 @@ static void test_ticket_round_trip(void) {
     CHECK(kv_ticket_format(&t, buf, 10) == -1);
 }
 
+/* Addresses name what the prefill side opens: shm names only under /pdkv-, store names
+ * only as plain names, disk directories never with "..". */
+static void test_ticket_addresses(void) {
+    char err[256];
+    kv_ticket u;
+    const char *good[] = {
+        "pdkv1;gpu;1;1;16;1;16;5;/pdkv-dec0-ctl",
+        "pdkv1;gpu;1;1;16;1;16;5;/pdkv-up123-decode0_x.y-ctl",
+        "pdkv1;cpu;1;1;16;1;16;5;store0",
+        "pdkv1;cpu;1;1;16;1;16;5;up12-store.a",
+        "pdkv1;disk;1;1;16;1;16;5;/tmp/pdserve-kv-up1-x",
+        "pdkv1;disk;1;1;16;1;16;5;relative/store",
+        "pdkv1;tcp;1;1;16;1;16;5;127.0.0.1:7001",
+    };
+    for (size_t i = 0; i < PD_ARRAY_LEN(good); i++)
+        CHECKF(kv_ticket_parse(good[i], &u, err, sizeof err) == 0, "%s: %s", good[i], err);
+    const char *bad[] = {
+        "pdkv1;gpu;1;1;16;1;16;5;/dev-shm-other",       /* not under the prefix */
+        "pdkv1;gpu;1;1;16;1;16;5;pdkv-dec0-ctl",        /* no leading slash */
+        "pdkv1;gpu;1;1;16;1;16;5;/pdkv-",               /* the prefix alone */
+        "pdkv1;gpu;1;1;16;1;16;5;/pdkv-a/../../etc",    /* a second slash, .. */
+        "pdkv1;gpu;1;1;16;1;16;5;/pdkv-a..b",
+        "pdkv1;gpu;1;1;16;1;16;5;/PDKV-dec0-ctl",
+        "pdkv1;gpu;1;1;16;1;16;5;/sem.pdkv-x",
+        "pdkv1;cpu;1;1;16;1;16;5;/pdkv-store-x",        /* a path, not a store name */
+        "pdkv1;cpu;1;1;16;1;16;5;../x",
+        "pdkv1;cpu;1;1;16;1;16;5;.hidden",
+        "pdkv1;cpu;1;1;16;1;16;5;a:b",
+        "pdkv1;disk;1;1;16;1;16;5;/tmp/../etc",
+        "pdkv1;disk;1;1;16;1;16;5;..",
+        "pdkv1;disk;1;1;16;1;16;5;store/..",
+        "pdkv1;disk;1;1;16;1;16;5;/tmp/a\tb",
+    };
+    for (size_t i = 0; i < PD_ARRAY_LEN(bad); i++) {
+        err[0] = 0;
+        CHECKF(kv_ticket_parse(bad[i], &u, err, sizeof err) == -1, "%s", bad[i]);
+        CHECKF(strstr(err, "refused") || strstr(err, "malformed"), "%s: %s", bad[i], err);
+    }
+}
+
 static void test_checksum(void) {
     uint8_t a[1000];
     for (int i = 0; i < 1000; i++) a[i] = (uint8_t)(i * 7);
@@ -111,6 +151,7 @@ int main(void) {
     TEST_RUN(test_header_round_trip);
     TEST_RUN(test_header_errors);
     TEST_RUN(test_ticket_round_trip);
+    TEST_RUN(test_ticket_addresses);
     TEST_RUN(test_checksum);
     TEST_RUN(test_names);
     return TEST_END();

@@ -19,6 +19,7 @@
 
 #include "engine/engine.h"
 #include "test.h"
+#include "test_device.h"
 #include "util/util.h"
 
 /* ---- pool level ---------------------------------------------------------------------- */
@@ -465,7 +466,7 @@ static int setup(void) {
         fprintf(stderr, "model_files_open: %s\n", err);
         return -1;
     }
-    g_be = backend_cpu_create(2);
+    g_be = test_device_backend(2); /* PDSERVE_TEST_DEVICE: cpu (default) or cuda:N */
     g_model = model_load(g_be, &mf, 1234, err, sizeof err);
     model_files_close(&mf);
     if (!g_model) {
@@ -492,7 +493,8 @@ static int setup(void) {
 static engine *make_engine(bool caching, size_t kv_bytes, int max_seqs, int budget) {
     engine_config cfg;
     engine_config_default(&cfg);
-    cfg.kv_cache_memory = kv_bytes;
+    /* 0: the default sizing; on a GPU that would be 90% of the card, so a fixed 64 MiB */
+    cfg.kv_cache_memory = kv_bytes || g_be->ops->host_memory ? kv_bytes : (size_t)64 << 20;
     cfg.max_num_seqs = max_seqs;
     cfg.max_num_batched_tokens = budget;
     cfg.max_model_len = 128;

@@ -39,6 +39,8 @@ typedef struct rope_params {
 } rope_params;
 
 typedef struct backend backend;
+struct backend_copy;
+struct sample_row; /* ->sample_rows, below */
 
 typedef struct backend_ops {
     const char *name;
@@ -88,7 +90,8 @@ typedef struct backend_ops {
     void (*kv_store)(backend *b, void *kcache, void *vcache, const void *qkv,
                      const int32_t *slots, int T, int H, int K, int D);
     /* out[T, H*D]: causal attention of each sequence's q rows over its cache
-     * [0, ctx_len): row i of a sequence sits at position ctx_len - q_len + i. */
+     * [0, ctx_len): row i of a sequence sits at position ctx_len - q_len + i.
+     * seqs NULL: a padded decode step whose metadata decode_upload put in place. */
     void (*attention)(backend *b, void *out, const void *qkv, const void *kcache,
                       const void *vcache, const attn_seq *seqs, int B, int T, int H, int K,
                       int D, int block_size, float scale);
@@ -118,7 +121,116 @@ typedef struct backend_ops {
      * directly (the CPU backend); false for device memory, which other code reaches
      * only through the copy ops (KV connectors stage it: src/kv/kv_internal.h). */
     bool host_memory;
+
+    /* ---- optional: moving KV between processes and to host memory (src/kv/) --------
+     * NULL on backends whose memory is host memory. Kept last, like alloc_shared.
+     *
+     * ipc_export: a handle (BACKEND_IPC_HANDLE_BYTES, opaque) that another process of
+     * this host opens with ipc_open to reach the device allocation holding `ptr`, and
+     * ptr's byte offset in that allocation (the handle names the allocation's base).
+     * 0, or -1 with err. ipc_open maps such a handle (exported by another process, any
+     * GPU of this host) and returns the allocation's base in this process, reachable
+     * by copy_batch; NULL with err. ipc_close unmaps what ipc_open returned. */
+    int (*ipc_export)(backend *b, const void *ptr, uint8_t *handle, uint64_t *offset, char *err,
+                      size_t errlen);
+    void *(*ipc_open)(backend *b, const uint8_t *handle, char *err, size_t errlen);
+    void (*ipc_close)(backend *b, void *base);
+    /* copy_batch: the n copies items[i] (dst <- src, bytes), each end being this
+     * backend's memory, memory of a peer GPU opened with ipc_open, or host memory
+     * (pinned by host_alloc / host_register: fast; any other host memory: correct but
+     * slow). All dsts of one batch are one kind of memory, and so are all srcs; items
+     * never overlap. Runs on a transfer stream of its own, batched (many small copies
+     * cost about one launch), and returns when every byte has landed. It does not wait
+     * for ops still queued on the backend: the caller makes sure that what it reads is
+     * computed (->sync, or layer_event_wait) and that nothing queued reads what it
+     * writes. Thread-safe. */
+    void (*copy_batch)(backend *b, const struct backend_copy *items, int n);
+    /* Pinned host memory (page-aligned) for staging; NULL when none can be had. */
+    void *(*host_alloc)(backend *b, size_t bytes);
+    void (*host_free)(backend *b, void *p);
+    /* Pins host memory [p, p + bytes) that the caller owns (a shm mapping, an aligned
+     * buffer) for fast copy_batch; 0, or -1 (it stays pageable: still correct).
+     * host_unregister undoes it before the memory goes away. */
+    int (*host_register)(backend *b, void *p, size_t bytes);
+    void (*host_unregister)(backend *b, void *p);
+
+    /* ---- optional: decode graphs and sampling on the device (CUDA: graphs.cu,
+     * sampling.cu). NULL: the forward pass runs every step op by op and the engine
+     * samples on the host. Kept at the end, like the groups above. --------------------
+     *
+     * decode_upload: the inputs of a decode step in fixed device memory, so that a
+     * captured graph can be replayed on later steps with new data. Copies, in one
+     * stream-ordered upload, into the backend's decode buffer: ids [Bp], positions
+     * [Bp], slots [Bp] (rows B..Bp-1 are padding: id 0, position 0, slot -1, which
+     * kv_store skips), then the attention metadata of the B one-row sequences seqs[B]
+     * (seqs[i].q_start == i, q_len == 1). ->attention called with seqs == NULL and
+     * B == T == Bp reads that metadata (padding rows get zeros). Returns the device
+     * address of the ids (positions at +Bp, slots at +2*Bp). The buffer moves only
+     * when it grows, which makes the graphs captured before stale (graph_launch
+     * says so). Returns NULL, doing nothing, when graphs are turned off (CUDA:
+     * PDSERVE_CUDA_GRAPHS=0 in the environment at backend creation). */
+    int32_t *(*decode_upload)(backend *b, const int32_t *tokens, const int32_t *positions,
+                              const int32_t *slots, const attn_seq *seqs, int B, int Bp,
+                              int block_size);
+    /* graph_begin / graph_end: the ops queued in between are recorded, not run; they
+     * must neither allocate nor wait for the device (asserted). graph_end returns the
+     * instantiated graph, owned by the caller (graph_free; NULL is a no-op). */
+    void (*graph_begin)(backend *b);
+    void *(*graph_end)(backend *b);
+    /* Queues one replay of g and returns true; returns false, queuing nothing, when a
+     * buffer that g's kernels read has moved since its capture: the caller frees g,
+     * runs the step op by op and captures again. */
+    bool (*graph_launch)(backend *b, void *g);
+    void (*graph_free)(backend *b, void *g);
+    /* sample_rows: out[n] (backend memory, int32) = one token drawn from each row of
+     * x[n, V] (act_type) under the host parameters p[n], by the CPU sampler's rules
+     * (engine/sampler.c): temperature below 1e-5 is greedy (lowest id on ties); else
+     * logits / temperature, min-p, top-k, then top-p over the candidates ordered by
+     * probability descending and id ascending, and the first candidate in that order
+     * where the running mass exceeds p->u times the kept mass. u is a uniform draw
+     * from the request's own generator on the host (one per token, as the CPU
+     * sampler draws), so a seeded request draws the same numbers on either path.
+     * logprob (backend memory f32 [n], or NULL): the chosen token's log-softmax under
+     * the raw logits. */
+    void (*sample_rows)(backend *b, int32_t *out, float *logprob, const void *x,
+                        const struct sample_row *p, int n, int V);
+
+    /* ---- optional: layer events for layer-wise KV streaming (CUDA: layer_events.cu).
+     * NULL on backends whose ops are finished when they return (the CPU's): a layer's
+     * K/V is in memory as soon as its kv_store returns. Kept at the end, like the
+     * groups above. --------------------------------------------------------------------
+     *
+     * On a backend that only queues work, the forward pass records event `layer`
+     * right after that layer's kv_store in a step that streams KV out
+     * (engine/forward.h: fwd_ctx_set_layer_hook; never in a decode-only step, so never
+     * during graph capture), and a transfer thread waits on it before reading the
+     * layer's blocks while the GPU goes on with the next layers.
+     * layer_events_reserve: makes events 0..n-1 (start-up; may grow, never while a
+     *   step runs). layer_event_record: event i marks the work queued so far on the
+     *   compute stream. layer_event_wait: blocks the calling thread (any thread) until
+     *   the latest record of event i has passed; a record made after the wait began
+     *   may extend it, which only ever waits for later work. */
+    void (*layer_events_reserve)(backend *b, int n);
+    void (*layer_event_record)(backend *b, int i);
+    void (*layer_event_wait)(backend *b, int i);
 } backend_ops;
+
+/* One row's parameters for ->sample_rows (host memory). */
+typedef struct sample_row {
+    float temperature; /* < 1e-5: greedy */
+    float top_p;       /* in (0, 1) to use; otherwise off */
+    float min_p;       /* 0: off */
+    int top_k;         /* 0 or >= V: off */
+    double u;          /* uniform [0, 1) from the request's generator */
+} sample_row;
+
+#define BACKEND_IPC_HANDLE_BYTES 64
+/* One copy of a copy_batch: dst <- src, `bytes` bytes. */
+typedef struct backend_copy {
+    void *dst;
+    const void *src;
+    size_t bytes;
+} backend_copy;
 
 struct backend {
     const backend_ops *ops;

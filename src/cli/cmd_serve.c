@@ -39,6 +39,12 @@ typedef struct serve_opts {
     int max_waiting, http_threads, http_timeout, max_stream_backlog;
     bool enable_prefix_caching;
     size_t kv_cache_memory, max_body_bytes;
+    /* lower prefix cache tiers (docs/reuse.md) */
+    const char *kv_offload, *kv_offload_disk_dir, *kv_offload_load;
+    size_t kv_offload_cpu_bytes, kv_offload_disk_bytes;
+    int kv_offload_staging;
+    bool kv_offload_disk_buffered;
+    double kv_offload_delay_ms;
     double gpu_memory_utilization;
     /* disaggregated serving */
     const char *role, *prefill, *decode, *instances, *policy, *kv_medium, *kv_mode, *kv_name;
@@ -49,7 +55,7 @@ typedef struct serve_opts {
     double kv_timeout;
     /* energy meters and clocks (docs/energy.md) */
     const char *energy_meter_cmd, *energy_meter_label, *energy_gpus;
-    double energy_idle_s;
+    double energy_idle_s, energy_meter_interval;
     int power_sample_ms, sm_clock;
     bool allow_clock_control;
 } serve_opts;
@@ -65,6 +71,7 @@ typedef struct serve_state {
     server *srv;
     server_role role;
     kv_connector *kv;
+    kv_tiers *tiers;
     router *rt;
     power_session *pw;
 } serve_state;
@@ -75,6 +82,8 @@ static void serve_teardown(serve_state *st) {
     if (st->srv) server_shutdown(st->srv, 10.0);
     if (st->eng) engine_stop(st->eng);
     server_free(st->srv);
+    if (st->tiers) engine_set_prefix_cache_hooks(st->eng, NULL);
+    kv_tiers_free(st->tiers); /* before the KV cache it copies from */
     kv_connector_free(st->kv); /* before the KV cache it points into */
     if (st->eng) engine_free(st->eng);
     if (st->m) model_free(st->m);
@@ -96,6 +105,7 @@ static int serve_energy(const serve_opts *o, serve_state *st, int gpu, char *err
     pc.idle_window_s = o->energy_idle_s > 0 ? o->energy_idle_s : -1;
     pc.meter_cmd = o->energy_meter_cmd;
     pc.meter_label = o->energy_meter_label;
+    pc.meter_min_interval_s = o->energy_meter_interval;
     power_role role = st->role == SERVER_ROLE_PREFILL ? POWER_ROLE_PREFILL
                       : st->role == SERVER_ROLE_DECODE ? POWER_ROLE_DECODE : POWER_ROLE_COLOCATED;
     if (o->energy_gpus && *o->energy_gpus) {
@@ -188,6 +198,34 @@ static int kv_options(const serve_opts *o, server_role role, kv_config *kc, char
     return 0;
 }
 
+/* --kv-offload: the lower tiers of the prefix cache, hooked into the engine's. */
+static int serve_tiers(const serve_opts *o, serve_state *st, char *err, size_t errlen) {
+    kv_tiers_config tc;
+    kv_tiers_config_default(&tc);
+    if (kv_tiers_parse(o->kv_offload, &tc, err, errlen)) return -1;
+    if (o->kv_offload_cpu_bytes) tc.cpu_bytes = o->kv_offload_cpu_bytes;
+    if (o->kv_offload_disk_bytes) tc.disk_bytes = o->kv_offload_disk_bytes;
+    if (o->kv_offload_disk_dir) snprintf(tc.disk_dir, sizeof tc.disk_dir, "%s", o->kv_offload_disk_dir);
+    if (o->kv_offload_staging > 0) tc.staging_blocks = o->kv_offload_staging;
+    tc.disk_buffered = o->kv_offload_disk_buffered;
+    tc.debug_load_delay_ms = o->kv_offload_delay_ms;
+    const char *lp = o->kv_offload_load ? o->kv_offload_load : "auto";
+    if (!strcmp(lp, "auto")) tc.load_policy = KV_TIERS_LOAD_AUTO;
+    else if (!strcmp(lp, "always")) tc.load_policy = KV_TIERS_LOAD_ALWAYS;
+    else if (!strcmp(lp, "never")) tc.load_policy = KV_TIERS_LOAD_NEVER;
+    else {
+        pd_errorf(err, errlen, "--kv-offload-load must be auto, always or never, got '%s'", lp);
+        return -1;
+    }
+    st->tiers = kv_tiers_create(&tc, engine_kv_cache(st->eng), err, errlen);
+    if (!st->tiers) return -1;
+    prefix_cache_hooks h;
+    kv_tiers_hooks(st->tiers, &h);
+    int rc = engine_set_prefix_cache_hooks(st->eng, &h);
+    PD_ASSERT(rc == 0); /* --kv-offload turned prefix caching on */
+    return 0;
+}
+
 static int serve_setup(const serve_opts *o, serve_state *st, char *err, size_t errlen) {
     const char *tok_dir = o->tokenizer;
     if (!tok_dir) {
@@ -239,8 +277,13 @@ static int serve_setup(const serve_opts *o, serve_state *st, char *err, size_t e
         }
     }
     ec.enable_prefix_caching = o->enable_prefix_caching;
+    if (o->kv_offload && !ec.enable_prefix_caching) {
+        log_info("serve: --kv-offload turns --enable-prefix-caching on (its lower tiers)");
+        ec.enable_prefix_caching = true;
+    }
     st->eng = engine_create(st->m, &ec, err, errlen);
     if (!st->eng) return -1;
+    if (o->kv_offload && serve_tiers(o, st, err, errlen)) return -1;
     if (st->role == SERVER_ROLE_PREFILL || st->role == SERVER_ROLE_DECODE) {
         kv_block_allocator alloc = {.alloc = alloc_blocks, .release = release_blocks, .user = st->eng};
         st->kv = kv_connector_create(&kc, engine_kv_cache(st->eng),
@@ -307,7 +350,7 @@ static int serve_router(const serve_opts *o) {
     rc.instances = ins;
     int status = 0;
     if (router_policy_parse(o->policy, &rc.policy)) {
-        fprintf(stderr, "pdserve serve: --policy must be round-robin or least-loaded, got '%s'\n", o->policy);
+        fprintf(stderr, "pdserve serve: --policy must be round-robin, least-loaded or prefix-affinity, got '%s'\n", o->policy);
         status = 2;
     }
     sigset_t sigs;
@@ -361,6 +404,14 @@ int cmd_serve(int argc, char **argv) {
         {"kv-cache-memory", OPT_SIZE, &o.kv_cache_memory, "bytes for the KV cache (e.g. 512MiB)", NULL},
         {"gpu-memory-utilization", OPT_DOUBLE, &o.gpu_memory_utilization, "GPU: fraction of memory to use", NULL},
         {"enable-prefix-caching", OPT_FLAG, &o.enable_prefix_caching, "reuse the KV of shared prompt prefixes (hash-chained full blocks, LRU)", NULL},
+        {"kv-offload", OPT_STRING, &o.kv_offload, "lower prefix cache tiers for evicted blocks: cpu, disk or cpu,disk (implies --enable-prefix-caching)", "LIST"},
+        {"kv-offload-cpu-bytes", OPT_SIZE, &o.kv_offload_cpu_bytes, "cpu tier capacity (default 1GiB)", NULL},
+        {"kv-offload-disk-dir", OPT_STRING, &o.kv_offload_disk_dir, "disk tier: parent of its own directory (default $TMPDIR or /tmp)", "DIR"},
+        {"kv-offload-disk-bytes", OPT_SIZE, &o.kv_offload_disk_bytes, "disk tier capacity (default 4GiB)", NULL},
+        {"kv-offload-disk-buffered", OPT_FLAG, &o.kv_offload_disk_buffered, "disk tier: page-cache I/O (no O_DIRECT)", NULL},
+        {"kv-offload-load", OPT_STRING, &o.kv_offload_load, "auto (default: load where measured cheaper than recomputing), always or never", "P"},
+        {"kv-offload-staging-blocks", OPT_INT, &o.kv_offload_staging, "evicted blocks staged in host memory for the writer thread (default 64)", NULL},
+        {"kv-offload-debug-load-delay-ms", OPT_DOUBLE, &o.kv_offload_delay_ms, "tests: add this delay to every block loaded from a tier", NULL},
         {"max-waiting-requests", OPT_INT, &o.max_waiting, "queue limit; beyond it 503 (default 0: none)", NULL},
         {"max-body-bytes", OPT_SIZE, &o.max_body_bytes, "largest request body (default 8MiB; beyond it 413)", NULL},
         {"http-threads", OPT_INT, &o.http_threads, "HTTP worker threads (default 2)", NULL},
@@ -370,7 +421,7 @@ int cmd_serve(int argc, char **argv) {
         {"instances", OPT_STRING, &o.instances, "router: colocated instances to balance", "URL,..."},
         {"prefill", OPT_STRING, &o.prefill, "router: prefill instances", "URL,..."},
         {"decode", OPT_STRING, &o.decode, "router: decode instances", "URL,..."},
-        {"policy", OPT_STRING, &o.policy, "router: least-loaded (default) or round-robin", "P"},
+        {"policy", OPT_STRING, &o.policy, "router: least-loaded (default), round-robin or prefix-affinity (docs/reuse.md)", "P"},
         {"kv-medium", OPT_STRING, &o.kv_medium, "prefill/decode: gpu (default), cpu, disk, tcp or nccl", "M"},
         {"kv-transfer-mode", OPT_STRING, &o.kv_mode, "prefill: whole (default) or layerwise", "MODE"},
         {"kv-transfer-timeout", OPT_DOUBLE, &o.kv_timeout, "deadline of a reservation + prefill + transfer, s (default 30)", NULL},
@@ -386,6 +437,7 @@ int cmd_serve(int argc, char **argv) {
         {"energy-idle-seconds", OPT_DOUBLE, &o.energy_idle_s, "idle power baseline measured at start-up, before loading (default 2; 0: none)", NULL},
         {"energy-gpus", OPT_STRING, &o.energy_gpus, "NVML indices of the GPUs whose energy this instance reports (default: --device's)", "LIST"},
         {"energy-meter-cmd", OPT_STRING, &o.energy_meter_cmd, "command printing cumulative joules (node, disk ...), read per /metrics scrape", "CMD"},
+        {"energy-meter-interval", OPT_DOUBLE, &o.energy_meter_interval, "run the meter command at most once per this many seconds on /metrics scrapes, never twice at once (default 1)", "S"},
         {"energy-meter-label", OPT_STRING, &o.energy_meter_label, "what the meter command measures: node, disk, nic ... (default meter)", "L"},
         {"power-sample-ms", OPT_INT, &o.power_sample_ms, "power/clock sampler period (default 100)", NULL},
         {"sm-clock", OPT_INT, &o.sm_clock, "lock the GPU's SM clock at MHZ (needs --allow-clock-control; restored at exit)", "MHZ"},

@@ -76,6 +76,10 @@ typedef struct up_opts {
     int port, n_prefill, n_decode;
     double kv_timeout, ready_timeout;
     size_t store_capacity;
+    /* prefix caching and its lower tiers, forwarded to the instances (docs/reuse.md) */
+    bool enable_prefix_caching;
+    const char *kv_offload, *kv_offload_disk_dir;
+    size_t kv_offload_cpu_bytes, kv_offload_disk_bytes;
 } up_opts;
 
 typedef struct up_state {
@@ -383,6 +387,28 @@ typedef struct plan {
     int n_extra;
 } plan;
 
+/* --enable-prefix-caching to every instance; --kv-offload and its sizes to those that
+ * prefill (colocated, prefill): a decode instance gets its prompts' KV from the medium
+ * and never looks its prefixes up, so lower tiers would only cost it copies. */
+static void reuse_argv(const up_opts *o, server_role role, argv_b *a) {
+    if (o->enable_prefix_caching) arg(a, "--enable-prefix-caching");
+    if (!o->kv_offload || role == SERVER_ROLE_DECODE) return;
+    arg(a, "--kv-offload");
+    arg(a, o->kv_offload);
+    if (o->kv_offload_cpu_bytes) {
+        arg(a, "--kv-offload-cpu-bytes");
+        argf(a, "%zu", o->kv_offload_cpu_bytes);
+    }
+    if (o->kv_offload_disk_dir) { /* each instance makes its own directory inside */
+        arg(a, "--kv-offload-disk-dir");
+        arg(a, o->kv_offload_disk_dir);
+    }
+    if (o->kv_offload_disk_bytes) {
+        arg(a, "--kv-offload-disk-bytes");
+        argf(a, "%zu", o->kv_offload_disk_bytes);
+    }
+}
+
 static void instance_argv(const up_opts *o, const plan *pl, up_state *u, const inst_spec *s, int decode_index,
                           argv_b *a) {
     arg(a, "pdserve");
@@ -436,6 +462,7 @@ static void instance_argv(const up_opts *o, const plan *pl, up_state *u, const i
         if (s->role == SERVER_ROLE_PREFILL) args_split(a, pl->extra_prefill);
         if (s->role == SERVER_ROLE_DECODE) args_split(a, pl->extra_decode);
     }
+    reuse_argv(o, s->role, a);
     for (int i = 0; i < pl->n_extra; i++) arg(a, pl->extra[i]);
 }
 
@@ -650,11 +677,16 @@ int cmd_up(int argc, char **argv) {
         {"prefill", OPT_INT, &o.n_prefill, "xPyD: prefill instances", "N"},
         {"decode", OPT_INT, &o.n_decode, "xPyD: decode instances", "M"},
         {"device-list", OPT_STRING, &o.device_list, "GPUs for the instances in start order (decode, prefill, colocated), e.g. 0,1", "LIST"},
-        {"policy", OPT_STRING, &o.policy, "router: least-loaded (default) or round-robin", "P"},
+        {"policy", OPT_STRING, &o.policy, "router: least-loaded (default), round-robin or prefix-affinity", "P"},
         {"kv-transfer-timeout", OPT_DOUBLE, &o.kv_timeout, "deadline of a disaggregated request's KV, s (default 30)", NULL},
         {"kv-transfer-mode", OPT_STRING, &o.kv_mode, "whole (default) or layerwise", "MODE"},
         {"kv-store-dir", OPT_STRING, &o.store_dir, "dis-disk: store directory (default: a new one under $TMPDIR)", "DIR"},
         {"kv-store-capacity", OPT_SIZE, &o.store_capacity, "dis-cpu / dis-disk: store capacity (default 1GiB)", NULL},
+        {"enable-prefix-caching", OPT_FLAG, &o.enable_prefix_caching, "instances: reuse the KV of shared prompt prefixes", NULL},
+        {"kv-offload", OPT_STRING, &o.kv_offload, "colocated / prefill instances: lower prefix cache tiers cpu, disk or cpu,disk", "LIST"},
+        {"kv-offload-cpu-bytes", OPT_SIZE, &o.kv_offload_cpu_bytes, "per instance: cpu tier capacity (default 1GiB)", NULL},
+        {"kv-offload-disk-dir", OPT_STRING, &o.kv_offload_disk_dir, "per instance: parent of its disk tier directory (default $TMPDIR)", "DIR"},
+        {"kv-offload-disk-bytes", OPT_SIZE, &o.kv_offload_disk_bytes, "per instance: disk tier capacity (default 4GiB)", NULL},
         {"prefill-args", OPT_STRING, &o.prefill_args, "more `pdserve serve` arguments for prefill instances", "\"ARGS\""},
         {"decode-args", OPT_STRING, &o.decode_args, "more `pdserve serve` arguments for decode instances", "\"ARGS\""},
         {"internal-secret", OPT_STRING, &o.secret, "secret of the internal endpoints (default: a random one)", "S"},
@@ -685,7 +717,7 @@ int cmd_up(int argc, char **argv) {
     router_policy pol;
     int status = 0;
     if (router_policy_parse(o.policy, &pol)) {
-        fprintf(stderr, "pdserve up: --policy must be round-robin or least-loaded\n");
+        fprintf(stderr, "pdserve up: --policy must be round-robin, least-loaded or prefix-affinity\n");
         free(pl);
         return 2;
     }

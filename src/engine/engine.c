@@ -1,6 +1,8 @@
 /* engine.c: one instance's serving loop (what vLLM V1's engine core does): a single
  * engine thread takes submissions and aborts from a mutex-protected inbox, plans a
- * step with the pure scheduler, runs model_forward on the plan, samples on the CPU,
+ * step with the pure scheduler, runs model_forward on the plan, samples on the CPU
+ * (or, where the backend can and the requests allow, on the device: only token ids
+ * come back; model_forward_greedy / model_forward_sample),
  * appends tokens and emits TOKEN / FINISHED events. Sleeps on a condition variable
  * when there is nothing to do.
  *
@@ -34,6 +36,7 @@ typedef struct req {
     int n_pre_blocks;
     engine_first_token first;
     uint64_t cache_salt;    /* the request's prefix cache salt (0: none) */
+    const engine_kv_stream *kv_stream; /* prefill_only: layer-wise KV hooks (not owned) */
 } req;
 
 struct engine {
@@ -53,7 +56,11 @@ struct engine {
     sampler *smp;           /* engine thread only */
     float *logits;          /* [max_num_seqs, V] */
     int32_t *step_tokens;   /* [max_num_seqs] */
+    sample_row *dev_rows;   /* [max_num_seqs]: rows for sampling on the device */
+    float *dev_logprobs;    /* [max_num_seqs] */
     sample_result *results; /* [max_num_seqs] */
+    req **streams;          /* [max_num_seqs] requests whose KV the running step streams */
+    int n_streams;          /* (engine thread only) */
     pd_rng seed_rng;        /* seeds for requests without one (under mu) */
 
     pthread_t thread;
@@ -70,6 +77,8 @@ struct engine {
     uint64_t next_id;
     int sched_waiting;      /* mirror of sc.n_waiting for submit's queue check */
     engine_stats stats;
+    prefix_cache_hooks tier_hooks; /* lower tiers (engine_set_prefix_cache_hooks); set while
+                                    * the engine thread is stopped, read by any thread */
 };
 
 /* ---- small things ------------------------------------------------------------------ */
@@ -219,6 +228,9 @@ engine *engine_create(model *m, const engine_config *cfg_in, char *err, size_t e
     e->logits = xmalloc((size_t)cfg.max_num_seqs * V * sizeof(float));
     e->step_tokens = xmalloc((size_t)cfg.max_num_seqs * sizeof(int32_t));
     e->results = xmalloc((size_t)cfg.max_num_seqs * sizeof(sample_result));
+    e->dev_rows = xmalloc((size_t)cfg.max_num_seqs * sizeof(sample_row));
+    e->dev_logprobs = xmalloc((size_t)cfg.max_num_seqs * sizeof(float));
+    e->streams = xmalloc((size_t)cfg.max_num_seqs * sizeof(req *));
     rng_seed(&e->seed_rng, time_now_ns() ^ (uint64_t)(uintptr_t)e);
     pthread_mutex_init(&e->mu, NULL);
     pthread_mutex_init(&e->pool_mu, NULL);
@@ -284,7 +296,10 @@ static void req_finish(engine *e, req *r, finish_reason why, int32_t stop_token,
             held = xmalloc(sizeof(int32_t) * (size_t)PD_MAX(r->seq->n_blocks, 1));
             n_held = r->seq->n_blocks;
             memcpy(held, r->seq->block_table, sizeof(int32_t) * (size_t)n_held);
-            r->seq->n_blocks = 0;
+            /* the receiver takes a reference of its own, so that sched_finish still
+             * registers the prompt's full blocks in the prefix cache (later prompts of
+             * this prefill instance reuse them, and its lower tiers get them) */
+            for (int i = 0; i < n_held; i++) kv_pool_ref(&e->sc.pool, held[i]);
             e->n_external += n_held;
         }
         if (why == FINISH_ABORT) sched_abort(&e->sc, r->seq);
@@ -395,6 +410,60 @@ static bool plan_is_greedy(const engine *e, const sched_plan *p) {
     return true;
 }
 
+/* Whether every token of the step can be drawn on the device (backend op sample_rows:
+ * only ids and chosen-token logprobs come back); if so, fills e->dev_rows (drawing each
+ * request's uniform) and sets *logprobs when some request wants its token's logprob. */
+static bool plan_on_device(engine *e, const sched_plan *p, bool *logprobs) {
+    if (!e->be->ops->sample_rows || p->n_logits == 0) return false;
+    for (int i = 0; i < p->n_items; i++) {
+        const sched_item *it = &p->items[i];
+        if (!it->logits) continue;
+        const req *r = it->seq->user;
+        sample_context c = {.n_output = r->n_output};
+        if (!sampler_device_ok(&r->sp, &c)) return false;
+    }
+    *logprobs = false;
+    for (int i = 0; i < p->n_items; i++) {
+        const sched_item *it = &p->items[i];
+        if (!it->logits) continue;
+        req *r = it->seq->user;
+        sampler_device_row(&r->sp, &r->rng, &e->dev_rows[it->logit_index]);
+        *logprobs = *logprobs || r->sp.logprobs == 0;
+    }
+    return true;
+}
+
+/* ---- layer-wise KV streaming (engine_kv_stream) ------------------------------------ */
+
+/* The forward pass's per-layer hook while a step streams KV: fans layer l out. */
+static void engine_layer_hook(void *user, int layer) {
+    engine *e = user;
+    for (int i = 0; i < e->n_streams; i++) {
+        req *r = e->streams[i];
+        r->kv_stream->on_layer(r->user, layer);
+    }
+}
+
+/* Offers the step's last prompt chunks of prefill_only requests with stream hooks to
+ * their on_begin; those that accept get on_layer during the pass. Returns how many. */
+static int plan_kv_streams(engine *e, const sched_plan *p) {
+    e->n_streams = 0;
+    for (int i = 0; i < p->n_items; i++) {
+        const sched_item *it = &p->items[i];
+        req *r = it->seq->user;
+        if (!it->logits || !r->prefill_only || !r->kv_stream || r->n_output > 0) continue;
+        if (r->kv_stream->on_begin(r->user, it->seq->block_table, it->seq->n_blocks))
+            e->streams[e->n_streams++] = r;
+    }
+    return e->n_streams;
+}
+
+void engine_kv_layer_wait(engine *e, int layer) {
+    const backend_ops *o = e->be->ops;
+    PD_ASSERT(layer >= 0 && layer < e->m->cfg.n_layers);
+    if (o->layer_event_wait) o->layer_event_wait(e->be, layer);
+}
+
 static void engine_step(engine *e) {
     double t0 = time_now_s();
     sched_plan p;
@@ -421,17 +490,38 @@ static void engine_step(engine *e) {
         if (r->times.first_scheduled < 0) r->times.first_scheduled = t0;
     }
     double t1 = time_now_s();
-    bool greedy = p.batch.T > 0 && plan_is_greedy(e, &p);
+    /* only steps with prompt rows can stream KV: decode-only steps skip even the scan */
+    bool streaming = p.n_prefill_tokens > 0 && p.batch.T > 0 && plan_kv_streams(e, &p) > 0;
+    if (streaming) fwd_ctx_set_layer_hook(e->fwd, engine_layer_hook, e);
+    bool greedy = p.batch.T > 0 && plan_is_greedy(e, &p), want_lp = false;
+    bool on_device = !greedy && p.batch.T > 0 && plan_on_device(e, &p, &want_lp);
     if (greedy) {
         /* row i of the step's logits is logit_index i: tokens land where sampling puts them */
         model_forward_greedy(e->fwd, e->kv, &p.batch, e->step_tokens);
         for (int i = 0; i < p.n_logits; i++)
             e->results[i] = (sample_result){.token = e->step_tokens[i]};
+    } else if (on_device) {
+        model_forward_sample(e->fwd, e->kv, &p.batch, e->dev_rows, e->step_tokens,
+                             want_lp ? e->dev_logprobs : NULL);
+        for (int i = 0; i < p.n_logits; i++)
+            e->results[i] = (sample_result){.token = e->step_tokens[i],
+                                            .logprob = want_lp ? e->dev_logprobs[i] : 0.0f};
     } else if (p.batch.T > 0) {
         model_forward(e->fwd, e->kv, &p.batch, e->logits);
     }
+    if (streaming) {
+        fwd_ctx_set_layer_hook(e->fwd, NULL, NULL);
+        e->n_streams = 0;
+    }
     double t2 = time_now_s();
-    if (!greedy) engine_sample(e, &p);
+    if (p.n_prefill_tokens > 0 && e->sc.pool.pc) {
+        /* the lower tiers' load-or-recompute rule needs prefill seconds per token: a
+         * running mean over steps that prefilled (the engine thread alone reads it) */
+        prefix_cache_hooks *h = &e->sc.pool.pc->hooks;
+        double per = (t2 - t1) / p.batch.T;
+        h->recompute_s_per_token = h->recompute_s_per_token > 0 ? 0.8 * h->recompute_s_per_token + 0.2 * per : per;
+    }
+    if (!greedy && !on_device) engine_sample(e, &p);
     sched_on_tokens(&e->sc, &p, e->step_tokens);
     double t3 = time_now_s();
     engine_emit(e, &p, t3);
@@ -633,6 +723,9 @@ void engine_free(engine *e) {
     free(e->logits);
     free(e->step_tokens);
     free(e->results);
+    free(e->dev_rows);
+    free(e->dev_logprobs);
+    free(e->streams);
     free(e->inbox);
     free(e->inbox_work);
     free(e->aborts);
@@ -702,6 +795,7 @@ uint64_t engine_submit(engine *e, const engine_request *q, char *err, size_t err
     r->times.first_scheduled = r->times.first_token = r->times.finished = -1;
     r->times.arrival = time_now_s();
     r->prefill_only = q->prefill_only;
+    r->kv_stream = q->prefill_only ? q->kv_stream : NULL;
     return inbox_push(e, r, err, errlen);
 }
 
@@ -763,6 +857,19 @@ void engine_get_stats(engine *e, engine_stats *out) {
     *out = e->stats;
     out->waiting = e->sched_waiting + e->n_inbox;
     pthread_mutex_unlock(&e->mu);
+    if (e->tier_hooks.tier_stats) e->tier_hooks.tier_stats(e->tier_hooks.lookup_user, &out->tiers);
+}
+
+int engine_set_prefix_cache_hooks(engine *e, const prefix_cache_hooks *h) {
+    if (!e->sc.pool.pc) return -1;
+    PD_ASSERT(!e->started || e->stopping); /* the engine thread reads them unlocked */
+    pthread_mutex_lock(&e->pool_mu);
+    double est = e->sc.pool.pc->hooks.recompute_s_per_token;
+    e->tier_hooks = h ? *h : (prefix_cache_hooks){0};
+    e->tier_hooks.recompute_s_per_token = est;
+    e->sc.pool.pc->hooks = e->tier_hooks;
+    pthread_mutex_unlock(&e->pool_mu);
+    return 0;
 }
 
 /* ---- disaggregated serving ------------------------------------------------------------ */

@@ -17,9 +17,10 @@
 #include "engine/forward.h"
 #include "util/util.h"
 
-/* ---- prefix cache hooks for lower tiers (declared, not yet used) ------------------ *
- * The GPU prefix cache (below) is the first tier of KV reuse. A CPU / disk store (a
- * kv/ connector of the "store" kind) will plug in through these two hooks:
+/* ---- prefix cache hooks for lower tiers ------------------------------------------- *
+ * The GPU prefix cache (below) is the first tier of KV reuse. Lower tiers (host memory,
+ * disk: src/kv/kv_tiers.c over the cpu and disk stores) plug in through these hooks;
+ * every one is optional and the engine knows nothing of what is behind them.
  *
  * kv_evict_fn: called when a cached block at refcount 0 is evicted to be reused, with
  *   its block id and content key, from inside kv_pool_alloc (inside sched_step on the
@@ -27,19 +28,71 @@
  *   until whoever took the block writes it (the next model_forward, or a connector):
  *   the callee copies it (or enqueues a copy ordered before that write) to its store
  *   under `key`, asynchronously, and must not call back into the pool.
+ * kv_offload_fn: the same call with what the key was made of (the parent key and the
+ *   block's block_size ids), so that a lower tier can verify a hit as this tier does.
+ *   Called right after on_evict, same rules.
  * kv_lower_lookup_fn: consulted on a GPU miss at admission with the keys of the
- *   request's next full blocks (keys[0] follows the last GPU hit); returns how many of
- *   the leading keys the lower tier holds (0..n_keys), so the scheduler can allocate
- *   blocks and have them loaded instead of recomputed. Must not block. */
+ *   request's next full blocks (keys[0] follows the last GPU hit, whose key is `parent`;
+ *   ids holds their n_keys * block_size tokens). Returns how many of the leading keys
+ *   the lower tiers hold (0..n_keys) and sets *n_load (0..that) to how many of them are
+ *   worth loading rather than recomputing, given recompute_s_per_token (the engine's
+ *   running estimate of prefill seconds per token; 0 before any is measured). Must
+ *   not block on I/O; it may be called again for the same request in later steps
+ *   while it waits for blocks, so it counts nothing.
+ * kv_lower_load_fn: at the admission that follows a lookup which found n_found > 0
+ *   blocks: fills blocks[0..n_load) (fresh, refcount 1, uncached) with the KV stored
+ *   under keys[0..n_load), synchronously, before the step's forward pass; counts the
+ *   decision. Returns how many leading blocks it filled; fewer than n_load (an entry
+ *   gone or corrupt, dropped from the tier) makes the scheduler give the blocks back
+ *   and retry the request's admission in a later step.
+ * kv_tier_stats_fn: fills the lower tiers' counters for engine_get_stats (any thread). */
+typedef struct prefix_tier_stats prefix_tier_stats;
 typedef void (*kv_evict_fn)(void *user, int32_t block, uint64_t key);
-typedef int (*kv_lower_lookup_fn)(void *user, const uint64_t *keys, int n_keys);
+typedef void (*kv_offload_fn)(void *user, int32_t block, uint64_t key, uint64_t parent,
+                              const int32_t *ids);
+typedef int (*kv_lower_lookup_fn)(void *user, const uint64_t *keys, uint64_t parent,
+                                  const int32_t *ids, int n_keys, double recompute_s_per_token,
+                                  int *n_load);
+typedef int (*kv_lower_load_fn)(void *user, const uint64_t *keys, const int32_t *blocks,
+                                int n_load, int n_found);
+typedef void (*kv_tier_stats_fn)(void *user, prefix_tier_stats *out);
 
 typedef struct prefix_cache_hooks {
     kv_evict_fn on_evict;           /* NULL: evicted blocks are simply forgotten */
     void *evict_user;
+    kv_offload_fn on_offload;       /* NULL: none; called with evict_user */
     kv_lower_lookup_fn lower_lookup;/* NULL: a GPU miss is recomputed */
+    kv_lower_load_fn lower_load;    /* required with lower_lookup; called with lookup_user */
     void *lookup_user;
+    kv_tier_stats_fn tier_stats;    /* NULL: no lower tiers to report; lookup_user */
+    double recompute_s_per_token;   /* set by the engine after each step that prefilled */
 } prefix_cache_hooks;
+
+/* Counters of the lower tiers (zeros without them). Tokens for hits and savings,
+ * blocks for moves. A tier's hit rate is its hit_tokens over the GPU tier's queries
+ * (every prompt token looked up), so the tiers' rates add up. */
+#define PREFIX_TIERS_MAX 2
+struct prefix_tier_stats {
+    int n_tiers;                    /* lower tiers, in order (0: none) */
+    struct {
+        char name[8];               /* "cpu", "disk" */
+        uint64_t hit_tokens;        /* tokens found here at admissions (loaded or not) */
+        uint64_t offloaded_blocks;  /* blocks written into this tier */
+        uint64_t loaded_blocks;     /* blocks loaded from this tier into the GPU tier */
+        uint64_t bytes_written, bytes_read;
+        uint64_t evictions;         /* entries pushed out (to the next tier, or dropped) */
+        uint64_t entries, capacity_entries;
+        double load_s_per_block;    /* running estimate (start-up probe, then loads) */
+    } tier[PREFIX_TIERS_MAX];
+    uint64_t staged_loaded_blocks;  /* loads served from host staging (not yet written) */
+    uint64_t decisions_load;        /* admissions that loaded lower-tier blocks */
+    uint64_t decisions_recompute;   /* admissions that found some and recomputed them */
+    uint64_t loaded_tokens;         /* prefill tokens saved by loads */
+    uint64_t offload_dropped;       /* evictions not offloaded: staging full, tier busy */
+    uint64_t load_failures;         /* loads that found an entry gone or corrupt */
+    double recompute_s_per_token;   /* the estimate the last decision used */
+    int queued;                     /* evicted blocks staged, not yet written */
+};
 
 /* ---- prefix cache (prefix_cache.c) -------------------------------------------------- *
  * vLLM V1's automatic prefix caching over the KV pool. A full block is named by a key
@@ -182,6 +235,15 @@ void sampler_free(sampler *s);
  * token). Logprobs are filled when sp->logprobs >= 0. Returns the token. */
 int32_t sampler_sample(sampler *s, float *logits, const sampling_params *sp,
                        const sample_context *ctx, pd_rng *rng, sample_result *out);
+/* Sampling on the device (backend op sample_rows, forward.h model_forward_sample)
+ * follows the same rules for the requests it can take: no penalties, no top
+ * alternatives (logprobs <= 0), and min_tokens reached (nothing to suppress).
+ * sampler_device_ok says whether sp can go there now; sampler_device_row fills its
+ * row, drawing the token's uniform from rng exactly as sampler_sample would (one
+ * draw when temperature >= 1e-5, none for greedy), so a seeded request gets the
+ * same draws on either path. */
+bool sampler_device_ok(const sampling_params *sp, const sample_context *ctx);
+void sampler_device_row(const sampling_params *sp, pd_rng *rng, sample_row *row);
 
 /* ---- scheduler (sched.c) -------------------------------------------------------------- *
  * PURE: no I/O, no clock reads, no locks; memory grows only when requests are added
@@ -200,7 +262,10 @@ int32_t sampler_sample(sampler *s, float *logits, const sampling_params *sp,
  * available too, so a waiting sequence never holds blocks. Full blocks are registered
  * once computed: at the start of the step after the one that computed them (so no one
  * reads a block the same forward pass writes), and at sched_finish (not at
- * sched_abort, whose last planned step may never have run). */
+ * sched_abort, whose last planned step may never have run). With lower tiers (the
+ * hooks above), a GPU miss asks them next: blocks they hold and that are worth loading
+ * get fresh blocks, loaded in that admission (before the step's forward pass) and
+ * registered at once; they count as cached. */
 typedef enum sched_status { SCHED_WAITING, SCHED_RUNNING } sched_status;
 
 typedef struct sched_seq {
@@ -342,6 +407,25 @@ typedef struct engine_event {
 
 typedef void (*engine_event_fn)(void *user, const engine_event *ev);
 
+/* Layer-wise KV streaming of a prefill_only request (disaggregated prefill: a
+ * transfer thread ships each layer while the forward pass goes on; src/server/
+ * internal.c). Both hooks run on the engine thread with the request's `user` and must
+ * not block. The struct must outlive the request (a static table).
+ * on_begin: before the forward pass of the step that computes the request's last
+ *   prompt chunk (the whole prompt when it fits one step): blocks[n_blocks] are every
+ *   block of the prompt in token order, earlier chunks' included (valid during the
+ *   call; they stay the request's until its FINISHED event hands them over at the end
+ *   of this same step). Returns true to get on_layer during this step.
+ * on_layer: layer `layer` of the step's K/V is written, so that layer of every prompt
+ *   block is final; layers 0..L-1 in order, each once, while the pass goes on with the
+ *   next layers. Another thread reading the blocks calls engine_kv_layer_wait first.
+ * Steps without such a chunk (decode-only steps above all) never call either, and the
+ * forward pass runs them without any per-layer work. */
+typedef struct engine_kv_stream {
+    bool (*on_begin)(void *user, const int32_t *blocks, int n_blocks);
+    void (*on_layer)(void *user, int layer);
+} engine_kv_stream;
+
 typedef struct engine_request {
     const int32_t *prompt;      /* copied by engine_submit */
     int n_prompt;
@@ -353,6 +437,7 @@ typedef struct engine_request {
     bool prefill_only;          /* disaggregated prefill: compute the prompt, sample the
                                  * first token, finish (FINISH_LENGTH) and hand the prompt's
                                  * KV blocks over in the FINISHED event */
+    const engine_kv_stream *kv_stream; /* prefill_only: layer-wise hooks (NULL: none) */
 } engine_request;
 
 /* The first output token of a request prefilled on another instance, as its sampler
@@ -402,6 +487,7 @@ typedef struct engine_stats {
     double prefix_cache_hit_rate;   /* hits / queries, 0 before any query */
     uint64_t prefix_cache_evictions;/* cached blocks evicted for reuse */
     int prefix_cache_blocks;        /* blocks registered now (in use or evictable) */
+    prefix_tier_stats tiers;        /* lower tiers (engine_set_prefix_cache_hooks) */
 } engine_stats;
 
 typedef struct engine engine;
@@ -423,6 +509,9 @@ void engine_get_stats(engine *e, engine_stats *out);
 /* Drops every cached prefix block before the next step (vLLM's reset_prefix_cache);
  * blocks in use stay with their requests, uncached. Thread-safe; no-op when off. */
 void engine_reset_prefix_cache(engine *e);
+/* Installs lower-tier hooks (src/kv/kv_tiers.c) on the prefix cache, before
+ * engine_start or after engine_stop (NULL: removes them). -1 when prefix caching is off. */
+int engine_set_prefix_cache_hooks(engine *e, const prefix_cache_hooks *h);
 const model_config *engine_model_config(const engine *e);
 int engine_max_model_len(const engine *e);
 
@@ -435,6 +524,12 @@ kv_cache *engine_kv_cache(engine *e);
 int engine_kv_alloc(engine *e, int n, int32_t *out);
 /* Gives back blocks from engine_kv_alloc or a prefill_only FINISHED event. */
 void engine_kv_release(engine *e, const int32_t *blocks, int n);
+/* After engine_kv_stream.on_layer(layer): blocks the calling thread (any but the
+ * engine thread) until that layer's K/V is in memory: returns at once on a backend
+ * whose ops finish when they return (CPU); waits for the layer's event on one that
+ * queues them (CUDA). Later steps may re-record the event: the wait then lasts
+ * longer, never shorter. */
+void engine_kv_layer_wait(engine *e, int layer);
 /* Queues a request whose prompt KV is already in blocks[n_blocks] (ceil(n_prompt /
  * block_size) blocks, from engine_kv_alloc, filled by a connector) and whose first
  * token was sampled elsewhere: it joins the running batch as if this engine had

@@ -300,7 +300,21 @@ struct fwd_ctx {
     void *xl;             /* [logit_chunk, C] rows whose logits are wanted */
     void *lg;             /* [logit_chunk, V] */
     int32_t *ids, *pos, *slots; /* [T] int32 */
-    int32_t *amax;        /* [logit_chunk] int32: greedy tokens (model_forward_greedy) */
+    int32_t *amax;        /* [2 * logit_chunk]: int32 tokens (model_forward_greedy /
+                           * _sample), then f32 logprobs (model_forward_sample) */
+    /* the step's device inputs [T]: ids, pos, slots above, or the backend's decode
+     * buffer on a graphed decode step */
+    const int32_t *in_ids, *in_pos, *in_slots;
+    /* decode graphs (backend.h decode_upload, graph_*), one per batch bucket
+     * (graph_bucket): n_graphs of each, host memory */
+    bool graphs;          /* use them where the backend has them (fwd_ctx_use_graphs) */
+    int n_graphs;
+    void **graph;
+    bool *graph_warm;     /* ran op by op once since the last capture */
+    long n_captured, n_replayed; /* fwd_ctx_graph_counts */
+    const kv_cache *graph_kv; /* the cache the graphs write into */
+    fwd_layer_fn layer_fn;  /* fwd_ctx_set_layer_hook; NULL: off */
+    void *layer_user;
     float *host_lg;       /* host [logit_chunk, V]: greedy without argmax_rows; lazily */
     size_t bytes;
 };
@@ -335,7 +349,13 @@ fwd_ctx *fwd_ctx_create(model *m, int max_tokens, int max_seqs) {
     f->ids = ctx_alloc(f, T * sizeof(int32_t));
     f->pos = ctx_alloc(f, T * sizeof(int32_t));
     f->slots = ctx_alloc(f, T * sizeof(int32_t));
-    f->amax = ctx_alloc(f, (size_t)f->logit_chunk * sizeof(int32_t));
+    f->amax = ctx_alloc(f, 2 * (size_t)f->logit_chunk * sizeof(int32_t));
+    f->graphs = true;
+    f->n_graphs = 3 + (f->logit_chunk + 7) / 8;
+    f->graph = xcalloc((size_t)f->n_graphs, sizeof *f->graph);
+    f->graph_warm = xcalloc((size_t)f->n_graphs, sizeof *f->graph_warm);
+    /* one event per layer for fwd_ctx_set_layer_hook (device backends; start-up) */
+    if (m->be->ops->layer_events_reserve) m->be->ops->layer_events_reserve(m->be, c->n_layers);
     log_info("forward scratch: %.1f MiB for %d rows, %d sequences (qkv %.1f, mlp %.1f, "
              "logits %.1f MiB)",
              (double)f->bytes / (1 << 20), max_tokens, max_seqs,
@@ -349,12 +369,20 @@ void fwd_ctx_free(fwd_ctx *f) {
     backend *be = f->m->be;
     void *ps[] = {f->x, f->xn, f->qkv, f->attn, f->gu, f->act, f->proj,
                   f->xl, f->lg, f->ids, f->pos, f->slots, f->amax};
+    fwd_ctx_use_graphs(f, false);
+    free(f->graph);
+    free(f->graph_warm);
     for (size_t i = 0; i < PD_ARRAY_LEN(ps); i++) be->ops->free(be, ps[i]);
     free(f->host_lg);
     free(f);
 }
 
 size_t fwd_ctx_bytes(const fwd_ctx *f) { return f->bytes; }
+
+void fwd_ctx_set_layer_hook(fwd_ctx *f, fwd_layer_fn fn, void *user) {
+    f->layer_fn = fn;
+    f->layer_user = user;
+}
 
 /* ---- the forward pass ----------------------------------------------------------------- */
 
@@ -373,8 +401,12 @@ static void attention_block(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt, int l
         o->head_rmsnorm(be, f->qkv, w->q_norm, T, QKV, 0, H, D, c->norm_eps);
         o->head_rmsnorm(be, f->qkv, w->k_norm, T, QKV, H * D, K, D, c->norm_eps);
     }
-    o->rope(be, f->qkv, f->pos, &f->rope, T, H, K, D);
-    o->kv_store(be, kv->k[l], kv->v[l], f->qkv, f->slots, T, H, K, D);
+    o->rope(be, f->qkv, f->in_pos, &f->rope, T, H, K, D);
+    o->kv_store(be, kv->k[l], kv->v[l], f->qkv, f->in_slots, T, H, K, D);
+    if (f->layer_fn) { /* layer l's K/V is final: a KV stream may ship it now */
+        if (o->layer_event_record) o->layer_event_record(be, l);
+        f->layer_fn(f->layer_user, l);
+    }
     o->attention(be, f->attn, f->qkv, kv->k[l], kv->v[l], bt->seqs, bt->B, T, H, K, D,
                  kv->block_size, f->attn_scale);
     o->matmul(be, f->proj, f->attn, w->wo, NULL, T, H * D, C);
@@ -391,27 +423,49 @@ static void mlp_block(fwd_ctx *f, int T, int l) {
     o->matmul(be, f->proj, f->act, w->w_down, NULL, T, c->ffn_dim, c->dim);
 }
 
-/* Every layer of the step: afterwards f->xn holds the final-normed hidden states of
- * every row. Returns false (nothing done) for an empty step. */
-static bool forward_layers(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt) {
-    model *m = f->m;
-    const model_config *c = &m->cfg;
-    backend *be = m->be;
-    const backend_ops *o = be->ops;
-    int T = bt->T, C = c->dim, V = c->vocab_size, L = c->n_layers;
+/* Asserts that bt fits f and kv; false for an empty step. */
+static bool step_check(const fwd_ctx *f, const kv_cache *kv, const fwd_batch *bt) {
+    const model_config *c = &f->m->cfg;
+    int T = bt->T, V = c->vocab_size;
     PD_ASSERT(T >= 0 && T <= f->max_tokens && bt->B >= 0 && bt->B <= f->max_seqs);
     PD_ASSERT(bt->n_logits >= 0 && bt->n_logits <= T);
-    PD_ASSERT(kv->n_layers == L && kv->n_kv_heads == c->n_kv_heads && kv->head_dim == c->head_dim);
+    PD_ASSERT(kv->n_layers == c->n_layers && kv->n_kv_heads == c->n_kv_heads &&
+              kv->head_dim == c->head_dim);
     if (T == 0) return false;
     for (int t = 0; t < T; t++)
         PD_ASSERT(bt->tokens[t] >= 0 && bt->tokens[t] < V && bt->slots[t] >= 0 &&
                   bt->slots[t] < kv->num_blocks * kv->block_size);
+    return true;
+}
 
+static void run_layers(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt);
+
+/* Every layer of the step: afterwards f->xn holds the final-normed hidden states of
+ * every row. Returns false (nothing done) for an empty step. */
+static bool forward_layers(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt) {
+    backend *be = f->m->be;
+    const backend_ops *o = be->ops;
+    int T = bt->T;
+    if (!step_check(f, kv, bt)) return false;
     o->copy_h2d(be, f->ids, bt->tokens, (size_t)T * sizeof(int32_t));
     o->copy_h2d(be, f->pos, bt->positions, (size_t)T * sizeof(int32_t));
     o->copy_h2d(be, f->slots, bt->slots, (size_t)T * sizeof(int32_t));
+    f->in_ids = f->ids;
+    f->in_pos = f->pos;
+    f->in_slots = f->slots;
+    run_layers(f, kv, bt);
+    return true;
+}
 
-    o->embedding(be, f->x, m->embed, f->ids, T, C);
+/* The layers on the step's device inputs (f->in_*); bt->seqs NULL on a graphed
+ * decode step (the backend holds the attention metadata). */
+static void run_layers(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt) {
+    model *m = f->m;
+    const model_config *c = &m->cfg;
+    backend *be = m->be;
+    const backend_ops *o = be->ops;
+    int T = bt->T, C = c->dim, L = c->n_layers;
+    o->embedding(be, f->x, m->embed, f->in_ids, T, C);
     o->rmsnorm(be, f->xn, f->x, m->layers[0].attn_norm, T, C, c->norm_eps);
     for (int l = 0; l < L; l++) {
         attention_block(f, kv, bt, l);
@@ -420,6 +474,92 @@ static bool forward_layers(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt) {
         const void *next_norm = l + 1 < L ? m->layers[l + 1].attn_norm : m->final_norm;
         o->add_rmsnorm(be, f->x, f->xn, f->proj, next_norm, T, C, c->norm_eps);
     }
+}
+
+/* ---- decode steps as graphs ----------------------------------------------------------------
+ * A decode-only step (one row per sequence, every row's logits wanted, in order) runs
+ * padded to its bucket's Bp rows from the backend's decode buffer: the first time a
+ * bucket is seen op by op (which sizes every scratch buffer), the second time under
+ * capture, and from then on as one replay of that graph. Padding rows compute
+ * garbage nobody reads (their K/V is never stored: slot -1). */
+
+void fwd_ctx_use_graphs(fwd_ctx *f, bool on) {
+    backend *be = f->m->be;
+    for (int i = 0; i < f->n_graphs; i++) {
+        if (f->graph[i]) be->ops->graph_free(be, f->graph[i]);
+        f->graph[i] = NULL;
+        f->graph_warm[i] = false;
+    }
+    f->graphs = on;
+}
+
+/* The bucket of a decode step of B rows: padded to 1, 2, 4, 8, then a multiple of 8
+ * (vLLM's capture sizes: padding costs at most 7 rows), never past logit_chunk; the
+ * padded size into *Bp. */
+static int graph_bucket(const fwd_ctx *f, int B, int *Bp) {
+    int p = B <= 1 ? 1 : B <= 2 ? 2 : B <= 4 ? 4 : (B + 7) / 8 * 8;
+    *Bp = PD_MIN(p, f->logit_chunk);
+    int i = *Bp <= 4 ? (*Bp == 4 ? 2 : *Bp - 1) : 2 + (*Bp + 7) / 8;
+    PD_ASSERT(i >= 0 && i < f->n_graphs);
+    return i;
+}
+
+void fwd_ctx_graph_counts(const fwd_ctx *f, long *captured, long *replayed) {
+    *captured = f->n_captured;
+    *replayed = f->n_replayed;
+}
+
+static bool is_decode_step(const fwd_ctx *f, const fwd_batch *bt) {
+    if (bt->T < 1 || bt->T != bt->B || bt->n_logits != bt->B || bt->B > f->logit_chunk) return false;
+    for (int i = 0; i < bt->B; i++)
+        if (bt->seqs[i].q_start != i || bt->seqs[i].q_len != 1 || bt->logit_rows[i] != i)
+            return false;
+    return true;
+}
+
+/* Runs bt as a graphed decode step when it is one and the backend can: afterwards
+ * f->lg holds the logits of rows 0..B-1. Returns false, having done nothing, when
+ * the step goes op by op instead. */
+static bool decode_graphed(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt) {
+    model *m = f->m;
+    backend *be = m->be;
+    const backend_ops *o = be->ops;
+    if (!f->graphs || !o->decode_upload || f->layer_fn || !is_decode_step(f, bt)) return false;
+    if (!step_check(f, kv, bt)) return false;
+    int B = bt->B, Bp;
+    int bucket = graph_bucket(f, B, &Bp);
+    int32_t *in = o->decode_upload(be, bt->tokens, bt->positions, bt->slots, bt->seqs, B, Bp,
+                                   kv->block_size);
+    if (!in) return false; /* graphs turned off in the backend */
+    if (f->graph_kv != kv) { /* the graphs write another cache's blocks */
+        fwd_ctx_use_graphs(f, true);
+        f->graph_kv = kv;
+    }
+    if (f->graph[bucket] && o->graph_launch(be, f->graph[bucket])) {
+        f->n_replayed++;
+        return true;
+    }
+    if (f->graph[bucket]) { /* stale: a buffer it reads has moved */
+        o->graph_free(be, f->graph[bucket]);
+        f->graph[bucket] = NULL;
+        f->graph_warm[bucket] = false;
+    }
+    fwd_batch padded = {Bp, Bp, NULL, NULL, NULL, NULL, NULL, Bp};
+    f->in_ids = in;
+    f->in_pos = in + Bp;
+    f->in_slots = in + 2 * Bp;
+    bool capture = f->graph_warm[bucket];
+    if (capture) o->graph_begin(be);
+    run_layers(f, kv, &padded);
+    o->matmul(be, f->lg, f->xn, m->lm_head, NULL, Bp, m->cfg.dim, m->cfg.vocab_size);
+    if (capture) {
+        f->graph[bucket] = o->graph_end(be);
+        bool ok = o->graph_launch(be, f->graph[bucket]);
+        PD_ASSERT(ok);
+        f->n_captured++;
+        f->n_replayed++;
+    }
+    f->graph_warm[bucket] = true;
     return true;
 }
 
@@ -428,6 +568,10 @@ void model_forward(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt, float *logits)
     backend *be = m->be;
     const backend_ops *o = be->ops;
     int C = m->cfg.dim, V = m->cfg.vocab_size;
+    if (decode_graphed(f, kv, bt)) {
+        o->download_f32(be, logits, f->lg, o->act_type, (size_t)bt->B * V);
+        return;
+    }
     if (!forward_layers(f, kv, bt)) return;
     /* xn now holds the final-normed hidden states of every row. */
     for (int i = 0; i < bt->n_logits; i += f->logit_chunk) {
@@ -452,9 +596,20 @@ void model_forward_greedy(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt, int32_t
     backend *be = m->be;
     const backend_ops *o = be->ops;
     int C = m->cfg.dim, V = m->cfg.vocab_size;
-    if (!forward_layers(f, kv, bt)) return;
     if (!o->argmax_rows && !f->host_lg)
         f->host_lg = xmalloc((size_t)f->logit_chunk * V * sizeof(float));
+    if (decode_graphed(f, kv, bt)) {
+        int n = bt->B;
+        if (o->argmax_rows) {
+            o->argmax_rows(be, f->amax, f->lg, n, V);
+            o->copy_d2h(be, tokens, f->amax, (size_t)n * sizeof(int32_t));
+        } else {
+            o->download_f32(be, f->host_lg, f->lg, o->act_type, (size_t)n * V);
+            for (int r = 0; r < n; r++) tokens[r] = host_argmax(f->host_lg + (size_t)r * V, V);
+        }
+        return;
+    }
+    if (!forward_layers(f, kv, bt)) return;
     for (int i = 0; i < bt->n_logits; i += f->logit_chunk) {
         int n = PD_MIN(f->logit_chunk, bt->n_logits - i);
         o->gather_rows(be, f->xl, f->xn, bt->logit_rows + i, n, C);
@@ -466,6 +621,34 @@ void model_forward_greedy(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt, int32_t
             o->download_f32(be, f->host_lg, f->lg, o->act_type, (size_t)n * V);
             for (int r = 0; r < n; r++) tokens[i + r] = host_argmax(f->host_lg + (size_t)r * V, V);
         }
+    }
+    o->sync(be);
+}
+
+void model_forward_sample(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt, const sample_row *rows,
+                          int32_t *tokens, float *logprobs) {
+    model *m = f->m;
+    backend *be = m->be;
+    const backend_ops *o = be->ops;
+    int C = m->cfg.dim, V = m->cfg.vocab_size;
+    PD_ASSERT(o->sample_rows);
+    int32_t *tok_dev = f->amax;
+    float *lp_dev = (float *)(f->amax + f->logit_chunk);
+    if (decode_graphed(f, kv, bt)) {
+        int n = bt->B;
+        o->sample_rows(be, tok_dev, logprobs ? lp_dev : NULL, f->lg, rows, n, V);
+        o->copy_d2h(be, tokens, tok_dev, (size_t)n * sizeof(int32_t));
+        if (logprobs) o->copy_d2h(be, logprobs, lp_dev, (size_t)n * sizeof(float));
+        return;
+    }
+    if (!forward_layers(f, kv, bt)) return;
+    for (int i = 0; i < bt->n_logits; i += f->logit_chunk) {
+        int n = PD_MIN(f->logit_chunk, bt->n_logits - i);
+        o->gather_rows(be, f->xl, f->xn, bt->logit_rows + i, n, C);
+        o->matmul(be, f->lg, f->xl, m->lm_head, NULL, n, C, V);
+        o->sample_rows(be, tok_dev, logprobs ? lp_dev : NULL, f->lg, rows + i, n, V);
+        o->copy_d2h(be, tokens + i, tok_dev, (size_t)n * sizeof(int32_t));
+        if (logprobs) o->copy_d2h(be, logprobs + i, lp_dev, (size_t)n * sizeof(float));
     }
     o->sync(be);
 }

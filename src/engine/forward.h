@@ -92,6 +92,20 @@ fwd_ctx *fwd_ctx_create(model *m, int max_tokens, int max_seqs);
 void fwd_ctx_free(fwd_ctx *f);
 size_t fwd_ctx_bytes(const fwd_ctx *f);
 
+/* Per-layer hook, for layer-wise KV streaming (disaggregated prefill): when set, the
+ * forward pass calls fn(user, l) on its own thread right after layer l's kv_store of
+ * the step, for l = 0..L-1 in order, once per layer per step, while layers l+1.. are
+ * still to come. On the CPU backend layer l's K/V of every row is then in the cache;
+ * on a backend with layer events (backend.h) the pass records event l just before
+ * the call and the K/V is only queued: a reader on another thread calls
+ * ops->layer_event_wait(be, l) first. fn must not block and must not touch the step's
+ * rows; it may hand the layer to another thread. NULL (the default) turns it off: the
+ * pass then does nothing more per layer than one test of a pointer, so a driver sets
+ * it only around the steps that stream KV out (never a decode-only step, which may be
+ * captured as a graph) and clears it after. */
+typedef void (*fwd_layer_fn)(void *user, int layer);
+void fwd_ctx_set_layer_hook(fwd_ctx *f, fwd_layer_fn fn, void *user);
+
 /* Runs the step: writes each row's K and V into kv at its slot and, for each of
  * n_logits rows, V logits as f32 into logits (host, [n_logits, V]). */
 void model_forward(fwd_ctx *f, kv_cache *kv, const fwd_batch *batch, float *logits);
@@ -101,5 +115,23 @@ void model_forward(fwd_ctx *f, kv_cache *kv, const fwd_batch *batch, float *logi
  * instead of V * 2); elsewhere the rows are downloaded into a host buffer that the
  * first such call allocates. */
 void model_forward_greedy(fwd_ctx *f, kv_cache *kv, const fwd_batch *batch, int32_t *tokens);
+
+/* ---- decode graphs and sampling on the device ------------------------------------------
+ * On a backend with decode graphs (backend.h: decode_upload, graph_*), the three calls
+ * above and below run a decode-only step (one row per sequence, q_start == row, every
+ * row's logits wanted in order, no layer hook set) as a replay of a graph captured
+ * for its batch bucket (padded to 1, 2, 4, 8, 16, 24, ... rows): op by op the first time a bucket
+ * is seen, captured the second time, replayed after. Prefill and mixed steps always
+ * run op by op. fwd_ctx_use_graphs(f, false) frees f's graphs and runs every step op
+ * by op (A/B runs, tests); true (the default) allows them again. */
+void fwd_ctx_use_graphs(fwd_ctx *f, bool on);
+/* Graphs captured and replays run (the capturing step's included) since f was made. */
+void fwd_ctx_graph_counts(const fwd_ctx *f, long *captured, long *replayed);
+/* The step, then one token per logits row drawn on the device (backend op
+ * sample_rows, which the backend must have) under rows[n_logits] (host): tokens
+ * (host, [n_logits]) and, when logprobs is not NULL, each chosen token's raw
+ * log-softmax (host, [n_logits]). Only those come back from the device. */
+void model_forward_sample(fwd_ctx *f, kv_cache *kv, const fwd_batch *batch,
+                          const sample_row *rows, int32_t *tokens, float *logprobs);
 
 #endif

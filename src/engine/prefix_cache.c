@@ -148,6 +148,9 @@ int32_t prefix_cache_evict(kv_pool *p) {
     PD_ASSERT(b >= 0 && p->refcount[b] == 0);
     prefix_cache_lru_remove(pc, b);
     if (pc->hooks.on_evict) pc->hooks.on_evict(pc->hooks.evict_user, b, pc->block_key[b]);
+    if (pc->hooks.on_offload) /* a lower tier keeps it: its KV is intact until the taker writes */
+        pc->hooks.on_offload(pc->hooks.evict_user, b, pc->block_key[b], pc->parent_key[b],
+                             pc->block_tokens + (size_t)b * pc->block_size);
     table_remove(pc, b);
     pc->evictions++;
     return b;

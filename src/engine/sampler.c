@@ -284,3 +284,21 @@ int32_t sampler_sample(sampler *s, float *logits, const sampling_params *sp,
     }
     return tok;
 }
+
+/* ---- the device path (backend op sample_rows) ----------------------------------------- */
+
+bool sampler_device_ok(const sampling_params *sp, const sample_context *c) {
+    if (sp->logprobs > 0) return false; /* top alternatives: the host computes them */
+    if (sp->repetition_penalty > 0 && sp->repetition_penalty != 1.0f) return false;
+    if (sp->frequency_penalty != 0 || sp->presence_penalty != 0) return false;
+    return c->n_output >= sp->min_tokens; /* else eos / stop ids are suppressed */
+}
+
+void sampler_device_row(const sampling_params *sp, pd_rng *rng, sample_row *row) {
+    row->temperature = sp->temperature;
+    row->top_p = sp->top_p;
+    row->min_p = sp->min_p;
+    row->top_k = sp->top_k;
+    /* sample_random's one draw per token, from the same generator */
+    row->u = sp->temperature < SAMPLING_EPS ? 0.0 : rng_uniform(rng);
+}

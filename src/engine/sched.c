@@ -192,22 +192,57 @@ static int seq_lookup(sched *s, sched_seq *q, int *n_evictable) {
         uint64_t parent = j ? q->block_keys[j - 1] : q->salt;
         const int32_t *ids = q->tokens + (size_t)j * bs;
         int32_t b = prefix_cache_find(&s->pool, q->block_keys[j], parent, ids);
-        if (b < 0) break; /* a GPU miss: the lower tiers' hooks.lower_lookup goes here */
+        if (b < 0) break; /* a GPU miss: the lower tiers are asked next (seq_lookup_lower) */
         q->block_table[j] = b;
         if (s->pool.refcount[b] == 0) (*n_evictable)++;
     }
     return j;
 }
 
-/* Takes references on the hits blocks seq_lookup found: they are computed. */
-static void seq_take_hits(sched *s, sched_seq *q, int hits) {
+/* Asks the lower tiers (hooks.lower_lookup) about q's full blocks after its `hits` GPU
+ * hits. Returns how many they hold; *n_load how many of those to load. */
+static int seq_lookup_lower(sched *s, sched_seq *q, int hits, int *n_load) {
+    const prefix_cache_hooks *h = &s->pool.pc->hooks;
+    int bs = s->cfg.block_size;
+    int max = PD_MIN((q->n_tokens - 1) / bs, q->cap_blocks); /* keys known (seq_lookup) */
+    *n_load = 0;
+    if (!h->lower_lookup || hits >= max) return 0;
+    uint64_t parent = hits ? q->block_keys[hits - 1] : q->salt;
+    int found = h->lower_lookup(h->lookup_user, q->block_keys + hits, parent,
+                                q->tokens + (size_t)hits * bs, max - hits,
+                                h->recompute_s_per_token, n_load);
+    PD_ASSERT(found >= 0 && found <= max - hits && *n_load >= 0 && *n_load <= found);
+    return found;
+}
+
+/* Takes references on the `hits` blocks seq_lookup found and, when the lower tiers
+ * found `found` more, allocates n_load fresh blocks after them and has them loaded
+ * (the caller checked that they fit). Then all are computed, and the loaded ones are
+ * registered at once (their KV is in place). Returns 0, or -1 when a load came back
+ * short: q holds nothing again (blocks given back) and stays waiting. */
+static int seq_take_cached(sched *s, sched_seq *q, int hits, int n_load, int found) {
     PD_ASSERT(q->n_blocks == 0 && q->n_computed == 0);
+    prefix_cache *pc = s->pool.pc;
+    int bs = s->cfg.block_size;
     for (int j = 0; j < hits; j++) kv_pool_ref(&s->pool, q->block_table[j]);
     q->n_blocks = q->n_registered = hits;
-    q->n_computed = hits * s->cfg.block_size;
-    s->pool.pc->queries += (uint64_t)q->n_tokens;
-    s->pool.pc->hits += (uint64_t)q->n_computed;
+    if (found > 0) {
+        int rc = kv_pool_alloc(&s->pool, n_load, q->block_table + hits);
+        PD_ASSERT(rc == 0); /* counted by the caller */
+        q->n_blocks += n_load;
+        int got = pc->hooks.lower_load(pc->hooks.lookup_user, q->block_keys + hits,
+                                       q->block_table + hits, n_load, found);
+        if (got < n_load) {
+            seq_release_blocks(s, q);
+            return -1;
+        }
+    }
+    q->n_computed = (hits + n_load) * bs;
+    pc->queries += (uint64_t)q->n_tokens;
+    pc->hits += (uint64_t)hits * (uint64_t)bs;
     if (q->n_cached < 0) q->n_cached = q->n_computed;
+    if (n_load > 0) seq_register(s, q);
+    return 0;
 }
 
 int sched_reset_prefix_cache(sched *s) { return prefix_cache_reset(&s->pool); }
@@ -342,29 +377,38 @@ void sched_step(sched *s, double now, sched_plan *p) {
     }
 
     /* Waiting sequences, first come first served, unless this step preempted. */
+    bool ask_lower = true; /* false: the head's load came back short; it recomputes */
     while (p->n_preempted == 0 && budget > 0 && s->n_waiting > 0 &&
            s->n_running < s->cfg.max_num_seqs) {
         sched_seq *q = *waiting_at(s, 0);
-        int hits = 0, hits_evictable = 0;
-        if (s->pool.pc) hits = seq_lookup(s, q, &hits_evictable);
-        int n = seq_chunk_from(s, q, hits * bs, budget);
+        int hits = 0, hits_evictable = 0, found = 0, n_load = 0;
+        if (s->pool.pc) {
+            hits = seq_lookup(s, q, &hits_evictable);
+            if (ask_lower) found = seq_lookup_lower(s, q, hits, &n_load);
+        }
+        int start = (hits + n_load) * bs;
+        int n = seq_chunk_from(s, q, start, budget);
         if (n == 0) break;
-        if (hits == 0) {
+        if (hits == 0 && found == 0) {
             if (seq_reserve(s, q, q->n_computed + n) != 0) break;
         } else {
-            /* admit only if the chunk's new blocks fit beside the hits: no side effects
-             * on failure, and a waiting sequence never holds blocks */
-            int need = blocks_for(hits * bs + n, bs) - hits;
+            /* admit only if the loaded and the chunk's new blocks fit beside the hits:
+             * a waiting sequence never holds blocks */
+            int need = blocks_for(start + n, bs) - hits;
             if (need > kv_pool_available(&s->pool) - hits_evictable) break;
-            seq_take_hits(s, q, hits);
+            if (seq_take_cached(s, q, hits, n_load, found) != 0) {
+                ask_lower = false; /* the same sequence again, without the lower tiers */
+                continue;
+            }
             int rc = seq_reserve(s, q, q->n_computed + n);
             PD_ASSERT(rc == 0);
         }
-        if (s->pool.pc && hits == 0) {
+        if (s->pool.pc && hits == 0 && found == 0) {
             s->pool.pc->queries += (uint64_t)q->n_tokens;
             if (q->n_cached < 0) q->n_cached = 0;
         }
         waiting_pop_front(s);
+        ask_lower = true;
         q->status = SCHED_RUNNING;
         s->running[s->n_running++] = q;
         plan_push(s, p, q, n, &T);

@@ -4,8 +4,10 @@
  *   gpu   kv_gpu.c   point-to-point into the decode side's reserved blocks. On the CPU
  *                    backend: the decode instance's KV cache is one POSIX shm segment
  *                    (kv_cache_create_shared) that the prefill process maps; copies are
- *                    batched over coalesced runs of contiguous blocks. (CUDA: IPC
- *                    handles + cudaMemcpyPeerAsync, declared below, not built yet.)
+ *                    batched over coalesced runs of contiguous blocks. On CUDA: the
+ *                    decode side exports its per-layer k and v allocations as IPC
+ *                    handles, the prefill process opens them once per peer and copies
+ *                    the runs GPU to GPU (NVLink) in one batch per call (see below).
  *   cpu   kv_cpu.c   a host-memory store: one shm segment with an index; entries keyed
  *                    by a content hash chained over the token prefix; bounded, LRU
  *                    eviction of unreferenced entries, per-entry checksum.
@@ -13,7 +15,12 @@
  *                    io_uring (pread/pwrite fallback), capacity cap, per-layer checksum.
  *   tcp   kv_tcp.c   point-to-point over a socket stream of framed messages (kv_msg_*);
  *                    the decode side's receiver thread writes blocks into reserved blocks.
- *   nccl  kv_nccl.c  declared, not built (needs the GPU build): returns KV_ERR_UNSUPPORTED.
+ *   nccl  kv_nccl.c  declared, not built yet: opening it returns an error (use gpu on one
+ *                    host, tcp between hosts).
+ * On device caches (kv_cache.on_device: the CUDA backend) every medium moves block
+ * contents through the backend's batched copies (backend.h copy_batch, one launch for
+ * many blocks) and pinned host memory (the cpu store's segment, disk and tcp staging
+ * buffers); checksums are always over host bytes.
  *
  * The flow of a disaggregated request (DESIGN.md):
  *   decode:  kv_reserve(tokens, timeout)  -> blocks taken from its pool + a kv_ticket
@@ -263,16 +270,99 @@ int kv_msg_parse(const uint8_t *buf, size_t len, kv_msg_header *h, char *err, si
 uint64_t kv_checksum(const void *p, size_t n, uint64_t seed);
 uint64_t kv_checksum_fold(uint64_t acc, uint64_t block_sum);
 
-/* ---- GPU mediums: what the CUDA side needs (not built yet; docs/kv-connectors.md) ----
- * gpu on CUDA: at start-up the decode instance exports, per layer, k and v of its
- * cache as cudaIpcMemHandle_t (64 bytes each) into its control segment; the prefill
- * process opens them once (cudaIpcOpenMemHandle) and copies coalesced block runs with
- * cudaMemcpyPeerAsync on a transfer stream, one batch per layer, then a host-visible
- * event; the slot protocol of kv_gpu.c is unchanged.
- * nccl: one communicator per (prefill, decode) pair made from an ncclUniqueId that the
- * decode side publishes (its address carries it hex-encoded); each layer's blocks go as
- * grouped ncclSend/ncclRecv of the coalesced runs. */
-/* 1 when this build can move KV between GPUs (PDSERVE_HAVE_CUDA and kv_cuda.cu). */
+/* ---- GPU mediums (docs/kv-connectors.md, "KV on GPUs") ----------------------------------
+ * gpu on CUDA (built): at start-up the decode instance exports, per layer, k and v of
+ * its cache as IPC handles (backend ipc_export: cudaIpcMemHandle_t of the allocation's
+ * base + the part's offset) into a table of its control segment; the prefill process
+ * opens them once per peer (ipc_open: cudaIpcOpenMemHandle, peer access on) and copies
+ * the coalesced block runs of each kv_send_layer / kv_send_finish call as one
+ * copy_batch on the backend's transfer stream (the batched-copy kernel over NVLink for
+ * small runs, copy engines for runs of 4 MiB and more), synchronised before
+ * layers_done moves; the slot protocol of kv_gpu.c is unchanged. Both instances must
+ * keep KV the same way (both on GPUs, or both on the CPU backend).
+ * nccl (not built): one communicator per (prefill, decode) pair made from an
+ * ncclUniqueId that the decode side publishes (its address carries it hex-encoded);
+ * each layer's blocks go as grouped ncclSend/ncclRecv of the coalesced runs. */
+/* 1 when this build can move KV between GPUs: a CUDA build (PDSERVE_HAVE_CUDA), whose
+ * gpu medium goes over CUDA IPC (src/backend/cuda/kv_ipc.cu). The nccl medium is not
+ * built even then: opening it fails with a sentence naming what to use instead. */
 int kv_have_gpu_mediums(void);
+
+/* ---- stores by key: the prefix cache's lower tiers (end of kv_cpu.c, kv_disk.c) --------
+ * Entries under any 64-bit key. The tiers (kv_tiers.c) key them by the prefix cache's
+ * own chained keys (prefix_cache_key: full blocks, seeded by the model salt and the
+ * request's cache_salt), not by kv_block_keys (the transfer keys: seeded by the cache
+ * geometry, last block partial): a tier's store is its own segment / directory, never
+ * a transfer store, so the two schemes never meet in one store. The connector is a
+ * cpu or disk one (role prefill, create_store). A block's host image is
+ * [L][k, v][block_bytes] (kv_store_image_bytes); contents move between the cache and
+ * the image with kv_blocks_to_host / kv_blocks_from_host only. These functions never
+ * evict: the caller keeps the store within its capacity and picks victims, so a put
+ * finding no room is KV_ERR_FULL. A missing key is KV_ERR_UNKNOWN_TICKET; an entry
+ * failing its checksum is KV_ERR_CORRUPT (never served, removed). Thread-safe. */
+size_t kv_store_image_bytes(const kv_cache *kv);
+/* cpu store: entries it holds at most. */
+int kv_cpu_store_capacity(kv_connector *c);
+kv_status kv_cpu_store_put_host(kv_connector *c, uint64_t key, const void *image);
+kv_status kv_cpu_store_get_host(kv_connector *c, uint64_t key, void *image);
+kv_status kv_cpu_store_put(kv_connector *c, uint64_t key, int32_t block); /* from the cache */
+kv_status kv_cpu_store_get(kv_connector *c, uint64_t key, int32_t block); /* into the cache */
+bool kv_cpu_store_contains(kv_connector *c, uint64_t key);
+/* Removes a ready entry nobody is reading; false when there is none. */
+bool kv_cpu_store_remove(kv_connector *c, uint64_t key);
+/* disk store: bytes of one block's file (capacity is counted in these). */
+size_t kv_disk_store_file_bytes(kv_connector *c);
+kv_status kv_disk_store_put_host(kv_connector *c, uint64_t key, const void *image);
+kv_status kv_disk_store_get_host(kv_connector *c, uint64_t key, void *image);
+kv_status kv_disk_store_put(kv_connector *c, uint64_t key, int32_t block);
+kv_status kv_disk_store_get(kv_connector *c, uint64_t key, int32_t block);
+bool kv_disk_store_contains(kv_connector *c, uint64_t key);
+bool kv_disk_store_remove(kv_connector *c, uint64_t key);
+
+/* ---- prefix cache tiers (kv_tiers.c) ---------------------------------------------------
+ * `serve --kv-offload cpu,disk`: blocks the GPU prefix cache evicts go down to a cpu
+ * store and, when that is full, on to a disk store; a GPU miss at admission loads the
+ * blocks a lower tier holds, when loading is cheaper than recomputing (docs/reuse.md).
+ * Evicted blocks are staged to host memory synchronously in the evict hook (the block
+ * is reused right after) and written by one worker thread, so the engine step never
+ * waits for a store write; loads happen in the admitting step, before the forward pass.
+ * A tier's index (keys, LRU order, a second hash of each block's tokens to verify hits)
+ * lives in this process; the stores hold the bytes. */
+typedef enum kv_tiers_load_policy {
+    KV_TIERS_LOAD_AUTO,     /* load a tier's blocks where that is measured cheaper */
+    KV_TIERS_LOAD_ALWAYS,   /* load whatever is found */
+    KV_TIERS_LOAD_NEVER,    /* recompute (offload only: for comparisons) */
+} kv_tiers_load_policy;
+
+typedef struct kv_tiers_config {
+    kv_medium order[PREFIX_TIERS_MAX]; /* KV_MEDIUM_CPU and/or KV_MEDIUM_DISK, top first */
+    int n_tiers;
+    size_t cpu_bytes;                  /* cpu tier capacity (default 1 GiB) */
+    char disk_dir[KV_ADDRESS_MAX];     /* disk tier: parent directory; the tier makes and
+                                        * removes DIR/pdkv-tier-PID-N (default $TMPDIR or /tmp) */
+    size_t disk_bytes;                 /* disk tier capacity (default 4 GiB) */
+    bool disk_buffered;                /* page-cache I/O (no O_DIRECT) */
+    int staging_blocks;                /* evicted blocks staged for the worker (default 64) */
+    kv_tiers_load_policy load_policy;
+    double debug_load_delay_ms;        /* tests: added to each block loaded (and probed) */
+} kv_tiers_config;
+
+typedef struct kv_tiers kv_tiers;
+void kv_tiers_config_default(kv_tiers_config *c);
+/* "cpu", "disk", "cpu,disk", "disk,cpu" into c->order; -1 with err otherwise. */
+int kv_tiers_parse(const char *list, kv_tiers_config *c, char *err, size_t errlen);
+/* Creates the stores for a cache (not owned; it must outlive the tiers), measures each
+ * tier's load time (a start-up probe) and starts the worker. NULL with err. */
+kv_tiers *kv_tiers_create(const kv_tiers_config *cfg, kv_cache *kv, char *err, size_t errlen);
+/* The hooks to install with engine_set_prefix_cache_hooks. */
+void kv_tiers_hooks(kv_tiers *t, prefix_cache_hooks *out);
+/* Blocks until every staged block is written (or dropped) and the worker is idle. */
+void kv_tiers_wait_idle(kv_tiers *t);
+/* Checks the index (each key in one place, LRU lists, counts within capacities,
+ * staging slots) and, when idle, that each store holds exactly its tier's keys. Aborts. */
+void kv_tiers_check(kv_tiers *t, bool idle);
+void kv_tiers_get_stats(kv_tiers *t, prefix_tier_stats *out);
+/* Stops the worker and removes the stores. Uninstall the hooks first. NULL: no-op. */
+void kv_tiers_free(kv_tiers *t);
 
 #endif

@@ -57,7 +57,7 @@ void kv_config_default(kv_config *c) {
     c->io_depth = 32;
 }
 
-int kv_have_gpu_mediums(void) { return 0; }
+int kv_have_gpu_mediums(void) { return PDSERVE_HAVE_CUDA ? 1 : 0; }
 
 /* ---- small helpers ------------------------------------------------------------------------ */
 uint64_t kv_geometry_hash(const kv_cache *kv) {
@@ -101,34 +101,76 @@ int kv_run_length(const int32_t *a, const int32_t *b, int i, int n) {
     return r;
 }
 
-void kv_blocks_to_host(const kv_cache *kv, int l, int part, const int32_t *blocks, int n,
-                       void *host, size_t stride) {
+void kv_copies_add(kv_copies *q, void *dst, const void *src, size_t bytes) {
+    if (!bytes) return;
+    backend_copy *last = q->n ? &q->items[q->n - 1] : NULL;
+    if (last && (uint8_t *)last->dst + last->bytes == (uint8_t *)dst &&
+        (const uint8_t *)last->src + last->bytes == (const uint8_t *)src) {
+        last->bytes += bytes;
+        return;
+    }
+    if (q->n == q->cap) {
+        q->cap = q->cap ? 2 * q->cap : 64;
+        q->items = xrealloc(q->items, (size_t)q->cap * sizeof *q->items);
+    }
+    q->items[q->n++] = (backend_copy){dst, src, bytes};
+}
+
+void kv_copies_blocks(kv_copies *q, const kv_cache *kv, int l, int part, const int32_t *blocks,
+                      int n, void *host, size_t stride, bool to_host) {
     size_t bb = kv->block_bytes;
     uint8_t *h = host;
-    for (int i = 0; i < n;) {
-        int r = kv->on_device && stride == bb ? kv_run_length(blocks, NULL, i, n) : 1;
-        if (kv->on_device)
-            kv->be->ops->copy_d2h(kv->be, h + (size_t)i * stride, kv_block_ptr(kv, l, part, blocks[i]),
-                                  (size_t)r * bb);
-        else
-            memcpy(h + (size_t)i * stride, kv_block_ptr(kv, l, part, blocks[i]), bb);
-        i += r;
+    for (int i = 0; i < n; i++) {
+        uint8_t *b = kv_block_ptr(kv, l, part, blocks[i]);
+        if (to_host) kv_copies_add(q, h + (size_t)i * stride, b, bb);
+        else kv_copies_add(q, b, h + (size_t)i * stride, bb);
     }
+}
+
+void kv_copies_run(const kv_cache *kv, kv_copies *q) {
+    if (!kv->on_device) {
+        for (int i = 0; i < q->n; i++) memcpy(q->items[i].dst, q->items[i].src, q->items[i].bytes);
+    } else {
+        PD_ASSERT(kv->be->ops->copy_batch); /* every device backend has it (backend.h) */
+        kv->be->ops->copy_batch(kv->be, q->items, q->n);
+    }
+    q->n = 0;
+}
+
+void kv_copies_free(kv_copies *q) {
+    free(q->items);
+    memset(q, 0, sizeof *q);
+}
+
+void *kv_host_alloc(const kv_cache *kv, size_t bytes) {
+    void *p = NULL;
+    size_t n = (PD_MAX(bytes, (size_t)1) + 4095) & ~(size_t)4095;
+    if (posix_memalign(&p, 4096, n) != 0) pd_die("kv: out of host memory (%zu bytes)", n);
+    memset(p, 0, n); /* pages exist before they are pinned, and padding is zeros */
+    if (kv->on_device && kv->be->ops->host_register) kv->be->ops->host_register(kv->be, p, n);
+    return p;
+}
+
+void kv_host_free(const kv_cache *kv, void *p) {
+    if (!p) return;
+    if (kv->on_device && kv->be->ops->host_unregister) kv->be->ops->host_unregister(kv->be, p);
+    free(p);
+}
+
+void kv_blocks_to_host(const kv_cache *kv, int l, int part, const int32_t *blocks, int n,
+                       void *host, size_t stride) {
+    kv_copies q = {0};
+    kv_copies_blocks(&q, kv, l, part, blocks, n, host, stride, true);
+    kv_copies_run(kv, &q);
+    kv_copies_free(&q);
 }
 
 void kv_blocks_from_host(const kv_cache *kv, int l, int part, const int32_t *blocks, int n,
                          const void *host, size_t stride) {
-    size_t bb = kv->block_bytes;
-    const uint8_t *h = host;
-    for (int i = 0; i < n;) {
-        int r = kv->on_device && stride == bb ? kv_run_length(blocks, NULL, i, n) : 1;
-        if (kv->on_device)
-            kv->be->ops->copy_h2d(kv->be, kv_block_ptr(kv, l, part, blocks[i]), h + (size_t)i * stride,
-                                  (size_t)r * bb);
-        else
-            memcpy(kv_block_ptr(kv, l, part, blocks[i]), h + (size_t)i * stride, bb);
-        i += r;
-    }
+    kv_copies q = {0};
+    kv_copies_blocks(&q, kv, l, part, blocks, n, (void *)host, stride, false);
+    kv_copies_run(kv, &q);
+    kv_copies_free(&q);
 }
 
 bool kv_name_valid(const char *s) {
@@ -305,11 +347,24 @@ void kv_connector_free(kv_connector *c) {
 const char *kv_connector_address(const kv_connector *c) { return c->address; }
 const kv_config *kv_connector_config(const kv_connector *c) { return &c->cfg; }
 
+/* A reservation whose KV has all arrived but that nobody takes (its router died between
+ * the prefill's answer and the decode request) is freed this long after its deadline.
+ * The router sends the decode request as soon as the prefill answers, and the prefill
+ * answers by the deadline (+0.5 s of the router's slack): 2 s is far past any live one. */
+#define KV_TAKE_GRACE_S 2.0
+
 /* Advances slot idx (under mu): deadline, then the medium. */
 static void slot_advance(kv_connector *c, int idx) {
     kv_slot *s = &c->slots[idx];
     if (s->state == KV_SLOT_DRAINING) {
         if (s->busy == 0 && (!c->ops->quiesce || c->ops->quiesce(c, idx))) slot_end(c, idx, true);
+        return;
+    }
+    if (s->state == KV_SLOT_DONE && time_now_s() > s->deadline + KV_TAKE_GRACE_S) {
+        kv_slot_fail(c, idx, KV_ERR_DEADLINE,
+                     "kv %s: request %llu: its KV arrived but was not taken within %.0f s of its "
+                     "deadline (its router is gone?)", c->ops->name, (unsigned long long)s->request_id,
+                     KV_TAKE_GRACE_S);
         return;
     }
     if (s->state != KV_SLOT_PENDING) return;

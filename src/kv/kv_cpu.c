@@ -14,6 +14,11 @@
  * carries the checksum of its bytes, checked on every read; a mismatch is never
  * served (the entry is dropped and the request fails as corrupt).
  *
+ * Instances on a GPU (device KV caches) pin the whole mapping (backend host_register)
+ * when they open the store, so that a put or a get is one batch of device copies
+ * (kv_copies) straight between the GPU and the entries, at the bus's speed;
+ * checksums are computed over the entries' host bytes as on the CPU backend.
+ *
  * Tuned for: entries of 64 KiB to 4 MiB, thousands to a few hundred thousand of them,
  * a few writers and readers at once. */
 #include <errno.h>
@@ -56,6 +61,7 @@ typedef struct cpu_impl {
     size_t bytes;
     char shm_name[KV_ADDRESS_MAX];
     bool creator;
+    bool pinned;                  /* base registered with the cache's backend */
 } cpu_impl;
 
 typedef struct cpu_send {
@@ -280,8 +286,17 @@ static int cpu_open(kv_connector *c, char *err, size_t errlen) {
     int rc = c->cfg.create_store ? store_create(c, s, err, errlen) : store_attach(c, s, err, errlen);
     if (rc != 0) {
         if (s->base) munmap(s->base, s->bytes);
+        if (s->creator) shm_unlink(s->shm_name);
         free(s);
         return -1;
+    }
+    const kv_cache *kv = c->kv;
+    if (kv->on_device && kv->be->ops->host_register) {
+        double t0 = time_now_s();
+        s->pinned = kv->be->ops->host_register(kv->be, s->base, s->bytes) == 0;
+        log_info("kv cpu store %s: %.1f MiB %s for the %s backend in %.3f s", s->shm_name,
+                 (double)s->bytes / (1 << 20), s->pinned ? "pinned" : "NOT pinned (slower copies)",
+                 kv->be->ops->name, time_now_s() - t0);
     }
     c->impl = s;
     return 0;
@@ -290,6 +305,7 @@ static int cpu_open(kv_connector *c, char *err, size_t errlen) {
 static void cpu_close(kv_connector *c) {
     cpu_impl *s = c->impl;
     if (!s) return;
+    if (s->pinned) c->kv->be->ops->host_unregister(c->kv->be, s->base);
     munmap(s->base, s->bytes);
     if (s->creator) shm_unlink(s->shm_name);
     free(s);
@@ -344,15 +360,18 @@ static kv_status cpu_send_layers(kv_send *x, const int *layers, int n, char *err
     cpu_send *cs = x->priv;
     const kv_cache *kv = x->c->kv;
     size_t bb = kv->block_bytes, lb = hdr(s)->layer_bytes;
+    kv_copies q = {0};
     for (int i = 0; i < x->n_blocks; i++) {
         if (cs->entries[i] < 0) continue;
         uint8_t *d = data(s, cs->entries[i]);
         for (int j = 0; j < n; j++) {
             int l = layers[j];
-            kv_blocks_to_host(kv, l, 0, &x->blocks[i], 1, d + (size_t)l * lb, bb);
-            kv_blocks_to_host(kv, l, 1, &x->blocks[i], 1, d + (size_t)l * lb + bb, bb);
+            kv_copies_blocks(&q, kv, l, 0, &x->blocks[i], 1, d + (size_t)l * lb, bb, true);
+            kv_copies_blocks(&q, kv, l, 1, &x->blocks[i], 1, d + (size_t)l * lb + bb, bb, true);
         }
     }
+    kv_copies_run(kv, &q); /* one batch for every block of these layers */
+    kv_copies_free(&q);
     return KV_OK;
 }
 
@@ -397,60 +416,75 @@ static void cpu_send_abort(kv_send *x) {
 }
 
 /* ---- decode side: get ----------------------------------------------------------------------------- */
-/* Copies entry e into the slot's block i after checking its checksum (e pinned). */
-static bool copy_out(kv_connector *c, int e, int32_t block) {
+/* Queues the copies of entry e (every layer) into block `block`, after checking the
+ * entry's checksum over its host bytes (e pinned); false when it fails. */
+static bool queue_out(kv_connector *c, int e, int32_t block, kv_copies *q) {
     cpu_impl *s = c->impl;
     const kv_cache *kv = c->kv;
     size_t bb = kv->block_bytes, lb = hdr(s)->layer_bytes;
-    const uint8_t *d = data(s, e);
+    uint8_t *d = data(s, e);
     if (kv_checksum(d, (size_t)kv->n_layers * lb, 0) != ent(s, e)->checksum) return false;
     for (int l = 0; l < kv->n_layers; l++) {
-        kv_blocks_from_host(kv, l, 0, &block, 1, d + (size_t)l * lb, bb);
-        kv_blocks_from_host(kv, l, 1, &block, 1, d + (size_t)l * lb + bb, bb);
+        kv_copies_blocks(q, kv, l, 0, &block, 1, d + (size_t)l * lb, bb, false);
+        kv_copies_blocks(q, kv, l, 1, &block, 1, d + (size_t)l * lb + bb, bb, false);
     }
     return true;
 }
 
+/* Copies every block that is READY in the store, in order from the first missing one,
+ * as one batch: pins their entries under the lock, checks and copies outside it, then
+ * unpins. KV_OK when all are in, KV_PENDING, or the error. */
 static kv_status cpu_poll(kv_connector *c, int idx, char *err, size_t errlen) {
     cpu_impl *s = c->impl;
     kv_slot *sl = &c->slots[idx];
-    for (int i = 0; i < sl->n_blocks; i++) {
-        if (sl->got[i]) continue;
-        store_lock(s);
+    int first = 0;
+    while (first < sl->n_blocks && sl->got[first]) first++;
+    if (first == sl->n_blocks) return KV_OK;
+    int *pin = xmalloc((size_t)(sl->n_blocks - first) * sizeof(int));
+    int n = 0, dead = 0;
+    store_lock(s);
+    for (int i = first; i < sl->n_blocks; i++) { /* got[] is a prefix: blocks come in order */
         int e = find(s, sl->keys[i]);
         if (e >= 0 && ent(s, e)->state == ENTRY_WRITING && !kv_pid_alive(ent(s, e)->writer_pid)) {
-            int pid = ent(s, e)->writer_pid;
+            dead = ent(s, e)->writer_pid;
             reclaim_dead(s);
-            store_unlock(s);
-            pd_errorf(err, errlen, "kv cpu store: the prefill process %d died while writing "
-                      "request %llu", pid, (unsigned long long)sl->request_id);
-            return KV_ERR_PEER;
+            break;
         }
-        if (e < 0 || ent(s, e)->state != ENTRY_READY) {
-            store_unlock(s);
-            return KV_PENDING; /* in order: the next blocks come after this one */
-        }
+        if (e < 0 || ent(s, e)->state != ENTRY_READY) break; /* in order: the rest come later */
         ent(s, e)->refs++;
         touch(s, e);
         hdr(s)->hits++;
-        store_unlock(s);
-        bool ok = copy_out(c, e, sl->blocks[i]);
-        store_lock(s);
-        ent(s, e)->refs--;
-        if (!ok) {
-            hdr(s)->corrupt++;
-            if (ent(s, e)->refs == 0) drop(s, e);
-        }
-        store_unlock(s);
-        if (!ok) {
-            pd_errorf(err, errlen, "kv cpu store: block %d of request %llu failed its checksum "
-                      "(not served)", i, (unsigned long long)sl->request_id);
-            return KV_ERR_CORRUPT;
-        }
-        sl->got[i] = 1;
-        sl->n_got++;
+        pin[n++] = e;
     }
-    return KV_OK;
+    store_unlock(s);
+    kv_copies q = {0};
+    int ok = 0; /* blocks [first, first + ok) of the pinned ones passed their checksum */
+    if (!dead)
+        while (ok < n && queue_out(c, pin[ok], sl->blocks[first + ok], &q)) ok++;
+    kv_copies_run(c->kv, &q);
+    kv_copies_free(&q);
+    store_lock(s);
+    for (int k = 0; k < n; k++) ent(s, pin[k])->refs--;
+    if (!dead && ok < n) {
+        hdr(s)->corrupt++;
+        if (ent(s, pin[ok])->refs == 0) drop(s, pin[ok]);
+    }
+    store_unlock(s);
+    bool corrupt = !dead && ok < n;
+    free(pin);
+    if (dead) {
+        pd_errorf(err, errlen, "kv cpu store: the prefill process %d died while writing "
+                  "request %llu", dead, (unsigned long long)sl->request_id);
+        return KV_ERR_PEER;
+    }
+    for (int k = 0; k < ok; k++) sl->got[first + k] = 1;
+    sl->n_got += ok;
+    if (corrupt) {
+        pd_errorf(err, errlen, "kv cpu store: block %d of request %llu failed its checksum "
+                  "(not served)", first + ok, (unsigned long long)sl->request_id);
+        return KV_ERR_CORRUPT;
+    }
+    return sl->n_got == sl->n_blocks ? KV_OK : KV_PENDING;
 }
 
 static int cpu_match(kv_connector *c, const uint64_t *keys, int n) {
@@ -504,3 +538,138 @@ const kv_medium_ops kv_cpu_ops = {
     .match = cpu_match,
     .stats = cpu_stats,
 };
+
+/* ---- stores by key: the prefix cache's lower tiers (kv.h) ---------------------------------------
+ * The same entries under the caller's keys, for kv_tiers.c. Nothing here evicts: a put
+ * takes a free entry or fails, so the tier's own LRU decides what leaves. An entry's
+ * data is the block's host image ([L][k, v][block_bytes], the layout above) and its
+ * checksum, checked on every get. */
+size_t kv_store_image_bytes(const kv_cache *kv) { return (size_t)kv->n_layers * 2 * kv->block_bytes; }
+
+int kv_cpu_store_capacity(kv_connector *c) {
+    PD_ASSERT(c->ops == &kv_cpu_ops);
+    return hdr(c->impl)->n_entries;
+}
+
+/* A free entry taken for key and marked WRITING by us, or -1 (full) / -2 (key present). */
+static int keyed_begin(cpu_impl *s, uint64_t key) {
+    store_lock(s);
+    int e = find(s, key);
+    if (e >= 0 || hdr(s)->free_head < 0) {
+        store_unlock(s);
+        return e >= 0 ? -2 : -1;
+    }
+    e = take_entry(s); /* a free one: no eviction */
+    store_entry *en = ent(s, e);
+    en->state = ENTRY_WRITING;
+    en->refs = 0;
+    en->writer_pid = (int32_t)getpid();
+    insert(s, e, key);
+    store_unlock(s);
+    return e;
+}
+
+static void keyed_publish(cpu_impl *s, int e) {
+    ent(s, e)->checksum = kv_checksum(data(s, e), (size_t)hdr(s)->n_layers * hdr(s)->layer_bytes, 0);
+    store_lock(s);
+    ent(s, e)->state = ENTRY_READY;
+    lru_push(s, e);
+    hdr(s)->puts++;
+    store_unlock(s);
+}
+
+/* The READY entry of key, pinned (refs), or -1 (a miss, counted). */
+static int keyed_pin(cpu_impl *s, uint64_t key) {
+    store_lock(s);
+    int e = find(s, key);
+    if (e < 0 || ent(s, e)->state != ENTRY_READY) {
+        hdr(s)->misses++;
+        store_unlock(s);
+        return -1;
+    }
+    ent(s, e)->refs++;
+    touch(s, e);
+    store_unlock(s);
+    return e;
+}
+
+/* Unpins e after a read; a corrupt entry is dropped once nobody reads it. */
+static void keyed_unpin(cpu_impl *s, int e, bool ok) {
+    store_lock(s);
+    ent(s, e)->refs--;
+    if (ok) hdr(s)->hits++;
+    else {
+        hdr(s)->corrupt++;
+        if (ent(s, e)->refs == 0) drop(s, e);
+    }
+    store_unlock(s);
+}
+
+kv_status kv_cpu_store_put_host(kv_connector *c, uint64_t key, const void *image) {
+    cpu_impl *s = c->impl;
+    int e = keyed_begin(s, key);
+    if (e < 0) return e == -2 ? KV_OK : KV_ERR_FULL;
+    memcpy(data(s, e), image, kv_store_image_bytes(c->kv));
+    keyed_publish(s, e);
+    return KV_OK;
+}
+
+kv_status kv_cpu_store_put(kv_connector *c, uint64_t key, int32_t block) {
+    cpu_impl *s = c->impl;
+    const kv_cache *kv = c->kv;
+    int e = keyed_begin(s, key);
+    if (e < 0) return e == -2 ? KV_OK : KV_ERR_FULL;
+    size_t bb = kv->block_bytes, lb = hdr(s)->layer_bytes;
+    for (int l = 0; l < kv->n_layers; l++) {
+        kv_blocks_to_host(kv, l, 0, &block, 1, data(s, e) + (size_t)l * lb, bb);
+        kv_blocks_to_host(kv, l, 1, &block, 1, data(s, e) + (size_t)l * lb + bb, bb);
+    }
+    keyed_publish(s, e);
+    return KV_OK;
+}
+
+kv_status kv_cpu_store_get_host(kv_connector *c, uint64_t key, void *image) {
+    cpu_impl *s = c->impl;
+    int e = keyed_pin(s, key);
+    if (e < 0) return KV_ERR_UNKNOWN_TICKET;
+    size_t n = kv_store_image_bytes(c->kv);
+    memcpy(image, data(s, e), n);
+    bool ok = kv_checksum(image, n, 0) == ent(s, e)->checksum;
+    keyed_unpin(s, e, ok);
+    return ok ? KV_OK : KV_ERR_CORRUPT;
+}
+
+kv_status kv_cpu_store_get(kv_connector *c, uint64_t key, int32_t block) {
+    cpu_impl *s = c->impl;
+    int e = keyed_pin(s, key);
+    if (e < 0) return KV_ERR_UNKNOWN_TICKET;
+    const kv_cache *kv = c->kv;
+    size_t bb = kv->block_bytes, lb = hdr(s)->layer_bytes;
+    const uint8_t *d = data(s, e);
+    bool ok = kv_checksum(d, (size_t)kv->n_layers * lb, 0) == ent(s, e)->checksum;
+    for (int l = 0; ok && l < kv->n_layers; l++) { /* checked first, then into the cache */
+        kv_blocks_from_host(kv, l, 0, &block, 1, d + (size_t)l * lb, bb);
+        kv_blocks_from_host(kv, l, 1, &block, 1, d + (size_t)l * lb + bb, bb);
+    }
+    keyed_unpin(s, e, ok);
+    return ok ? KV_OK : KV_ERR_CORRUPT;
+}
+
+bool kv_cpu_store_contains(kv_connector *c, uint64_t key) {
+    cpu_impl *s = c->impl;
+    store_lock(s);
+    int e = find(s, key);
+    bool yes = e >= 0 && ent(s, e)->state == ENTRY_READY;
+    store_unlock(s);
+    return yes;
+}
+
+bool kv_cpu_store_remove(kv_connector *c, uint64_t key) {
+    cpu_impl *s = c->impl;
+    store_lock(s);
+    int e = find(s, key);
+    bool ok = e >= 0 && ent(s, e)->state == ENTRY_READY && ent(s, e)->refs == 0;
+    if (ok) drop(s, e);
+    store_unlock(s);
+    return ok;
+}

@@ -16,6 +16,10 @@
  * refused (KV_ERR_FULL) and ENOSPC from the file system is KV_ERR_NOSPACE. No eviction
  * in this version: the creator removes the files when it closes.
  *
+ * Blocks go through staging buffers of DISK_STAGING_BYTES (a pool kept by the
+ * connector): pinned when the cache is on a GPU, filled or emptied by one batch of
+ * device copies per chunk of blocks (kv_copies); checksums are over the host bytes.
+ *
  * Tuned for: NVMe, files of 64 KiB to 4 MiB, a request's blocks written and read in
  * batches of tens. */
 #include <dirent.h>
@@ -36,6 +40,7 @@
 #define DISK_ALIGN 4096
 #define DISK_MAX_LAYERS 480 /* checksums fit the 4 KiB header */
 #define DISK_STAGING_BYTES ((size_t)16 << 20)
+#define DISK_POOL 8 /* staging buffers kept for reuse */
 
 typedef struct disk_header {
     uint64_t magic;
@@ -52,6 +57,11 @@ typedef struct disk_impl {
     pthread_mutex_t ring_mu;         /* one batch at a time on the ring */
     size_t layer_bytes, stride, file_bytes;
     uint64_t puts, hits, misses, corrupt;
+    const kv_cache *kv;              /* not owned: whose backend pins the staging */
+    size_t staging_bytes;            /* of each staging buffer */
+    pthread_mutex_t pool_mu;
+    uint8_t *pool[DISK_POOL];        /* free staging buffers (owned) */
+    int n_pool;
 } disk_impl;
 
 typedef struct disk_op {
@@ -113,6 +123,22 @@ static int run_batch(disk_impl *d, disk_op *ops, int n, int depth) {
     }
     pthread_mutex_unlock(&d->ring_mu);
     return first;
+}
+
+/* A staging buffer of d->staging_bytes (4 KiB aligned; pinned for device caches). */
+static uint8_t *staging_take(disk_impl *d) {
+    pthread_mutex_lock(&d->pool_mu);
+    uint8_t *p = d->n_pool ? d->pool[--d->n_pool] : NULL;
+    pthread_mutex_unlock(&d->pool_mu);
+    return p ? p : kv_host_alloc(d->kv, d->staging_bytes);
+}
+
+static void staging_put(disk_impl *d, uint8_t *p) {
+    if (!p) return;
+    pthread_mutex_lock(&d->pool_mu);
+    if (d->n_pool < DISK_POOL) d->pool[d->n_pool++] = p, p = NULL;
+    pthread_mutex_unlock(&d->pool_mu);
+    kv_host_free(d->kv, p);
 }
 
 static void key_path(const disk_impl *d, uint64_t key, char *out, size_t cap) {
@@ -185,7 +211,10 @@ static int disk_open(kv_connector *c, char *err, size_t errlen) {
     d->layer_bytes = 2 * kv->block_bytes;
     d->stride = round_up(d->layer_bytes, DISK_ALIGN);
     d->file_bytes = DISK_ALIGN + (size_t)kv->n_layers * d->stride;
+    d->kv = kv;
+    d->staging_bytes = round_up(PD_MAX(DISK_STAGING_BYTES, d->file_bytes), DISK_ALIGN);
     pthread_mutex_init(&d->ring_mu, NULL);
+    pthread_mutex_init(&d->pool_mu, NULL);
     if (!c->cfg.disk_force_pread) {
         int rc = io_uring_queue_init((unsigned)c->cfg.io_depth, &d->ring, 0);
         d->uring = rc == 0;
@@ -210,6 +239,8 @@ static void disk_close(kv_connector *c) {
     }
     if (d->uring) io_uring_queue_exit(&d->ring);
     pthread_mutex_destroy(&d->ring_mu);
+    for (int i = 0; i < d->n_pool; i++) kv_host_free(d->kv, d->pool[i]);
+    pthread_mutex_destroy(&d->pool_mu);
     free(d);
 }
 
@@ -217,9 +248,10 @@ static void disk_close(kv_connector *c) {
 typedef struct disk_send {
     int *fds;              /* [n_blocks] tmp files being written, -1: block already stored */
     uint64_t *sums;        /* [n_blocks][L] */
-    uint8_t *staging;      /* chunk * stride, aligned */
+    uint8_t *staging;      /* chunk * stride used of a pool buffer */
     int chunk;             /* blocks per batch */
     disk_op *ops;          /* [chunk] */
+    kv_copies q;
 } disk_send;
 
 static kv_status io_status(int rc, const char *what, const char *dir, char *err, size_t errlen) {
@@ -242,8 +274,9 @@ static void send_cleanup(kv_send *x, bool unlink_tmp) {
     }
     free(ds->fds);
     free(ds->sums);
-    free(ds->staging);
+    staging_put(d, ds->staging);
     free(ds->ops);
+    kv_copies_free(&ds->q);
     free(ds);
     x->priv = NULL;
 }
@@ -286,9 +319,8 @@ static kv_status disk_send_begin(kv_send *x, char *err, size_t errlen) {
             return io_status(-e, "creating a block file", d->dir, err, errlen);
         }
     }
-    ds->chunk = (int)PD_MAX((size_t)1, PD_MIN(DISK_STAGING_BYTES / d->stride, (size_t)x->n_blocks));
-    ds->staging = aligned((size_t)ds->chunk * d->stride);
-    memset(ds->staging, 0, (size_t)ds->chunk * d->stride);
+    ds->chunk = (int)PD_MAX((size_t)1, PD_MIN(d->staging_bytes / d->stride, (size_t)x->n_blocks));
+    ds->staging = staging_take(d);
     ds->ops = xmalloc((size_t)ds->chunk * sizeof(disk_op));
     return KV_OK;
 }
@@ -302,16 +334,19 @@ static kv_status disk_send_layers(kv_send *x, const int *layers, int n, char *er
     for (int j = 0; j < n; j++) {
         int l = layers[j];
         for (int i = 0; i < x->n_blocks;) {
-            int m = 0;
+            int m = 0, which[ds->chunk];
             for (; i < x->n_blocks && m < ds->chunk; i++) {
                 if (ds->fds[i] < 0) continue;
                 uint8_t *b = ds->staging + (size_t)m * d->stride;
-                kv_blocks_to_host(kv, l, 0, &x->blocks[i], 1, b, bb);
-                kv_blocks_to_host(kv, l, 1, &x->blocks[i], 1, b + bb, bb);
-                ds->sums[(size_t)i * L + l] = kv_checksum(b, d->layer_bytes, 0);
-                ds->ops[m++] = (disk_op){ds->fds[i], b, d->stride,
-                                         (off_t)(DISK_ALIGN + (size_t)l * d->stride), true, 0};
+                kv_copies_blocks(&ds->q, kv, l, 0, &x->blocks[i], 1, b, bb, true);
+                kv_copies_blocks(&ds->q, kv, l, 1, &x->blocks[i], 1, b + bb, bb, true);
+                ds->ops[m] = (disk_op){ds->fds[i], b, d->stride,
+                                       (off_t)(DISK_ALIGN + (size_t)l * d->stride), true, 0};
+                which[m++] = i;
             }
+            kv_copies_run(kv, &ds->q); /* the chunk's blocks, one batch */
+            for (int k = 0; k < m; k++)
+                ds->sums[(size_t)which[k] * L + l] = kv_checksum(ds->ops[k].buf, d->layer_bytes, 0);
             int rc = run_batch(d, ds->ops, m, x->c->cfg.io_depth);
             if (rc != 0) return io_status(rc, "writing KV", d->dir, err, errlen);
         }
@@ -400,12 +435,13 @@ static kv_status disk_poll(kv_connector *c, int idx, char *err, size_t errlen) {
     kv_slot *s = &c->slots[idx];
     const kv_cache *kv = c->kv;
     size_t bb = kv->block_bytes;
-    int chunk = (int)PD_MAX((size_t)1, PD_MIN(DISK_STAGING_BYTES / d->file_bytes, (size_t)s->n_blocks));
+    int chunk = (int)PD_MAX((size_t)1, PD_MIN(d->staging_bytes / d->file_bytes, (size_t)s->n_blocks));
     uint8_t *buf = NULL;
     disk_op *ops = xmalloc((size_t)chunk * sizeof *ops);
     int *which = xmalloc((size_t)chunk * sizeof(int));
     char path[KV_ADDRESS_MAX + 64];
     kv_status st = KV_OK;
+    kv_copies q = {0};
     for (int i = 0; i < s->n_blocks && st == KV_OK;) {
         int m = 0;
         for (; i < s->n_blocks && m < chunk; i++) {
@@ -416,12 +452,13 @@ static kv_status disk_poll(kv_connector *c, int idx, char *err, size_t errlen) {
                 st = KV_PENDING; /* blocks arrive in order: stop at the first missing */
                 break;
             }
-            if (!buf) buf = aligned((size_t)chunk * d->file_bytes);
+            if (!buf) buf = staging_take(d);
             ops[m] = (disk_op){fd, buf + (size_t)m * d->file_bytes, d->file_bytes, 0, false, 0};
             which[m++] = i;
         }
         run_batch(d, ops, m, c->cfg.io_depth); /* per-op results below */
         for (int j = 0; j < m; j++) close(ops[j].fd);
+        int n_ok = 0; /* files [0, n_ok) of the chunk are good and queued */
         for (int j = 0; j < m && (st == KV_OK || st == KV_PENDING); j++) {
             int b = which[j];
             uint8_t *img = ops[j].buf;
@@ -439,16 +476,21 @@ static kv_status disk_poll(kv_connector *c, int idx, char *err, size_t errlen) {
                 break;
             }
             for (int l = 0; l < kv->n_layers; l++) {
-                const uint8_t *src = img + DISK_ALIGN + (size_t)l * d->stride;
-                kv_blocks_from_host(kv, l, 0, &s->blocks[b], 1, src, bb);
-                kv_blocks_from_host(kv, l, 1, &s->blocks[b], 1, src + bb, bb);
+                uint8_t *src = img + DISK_ALIGN + (size_t)l * d->stride;
+                kv_copies_blocks(&q, kv, l, 0, &s->blocks[b], 1, src, bb, false);
+                kv_copies_blocks(&q, kv, l, 1, &s->blocks[b], 1, src + bb, bb, false);
             }
-            s->got[b] = 1;
+            n_ok = j + 1;
+        }
+        kv_copies_run(kv, &q); /* the chunk's good files, one batch */
+        for (int j = 0; j < n_ok; j++) {
+            s->got[which[j]] = 1;
             s->n_got++;
             __atomic_fetch_add(&d->hits, 1, __ATOMIC_RELAXED);
         }
     }
-    free(buf);
+    kv_copies_free(&q);
+    staging_put(d, buf);
     free(ops);
     free(which);
     return st;
@@ -490,3 +532,119 @@ const kv_medium_ops kv_disk_ops = {
     .match = disk_match,
     .stats = disk_stats,
 };
+
+/* ---- stores by key: the prefix cache's lower tiers (kv.h) ---------------------------------------
+ * One file per key, in the layout above, for kv_tiers.c: written whole to a tmp file in
+ * one aligned write and renamed, read whole in one read and checked. The capacity is
+ * the caller's to keep (it counts files of kv_disk_store_file_bytes); nothing here scans
+ * the directory or evicts. One aligned buffer per call: these run on the tiers' worker
+ * thread (puts) and in admissions that chose to load (gets), next to a file open. */
+size_t kv_disk_store_file_bytes(kv_connector *c) {
+    PD_ASSERT(c->ops == &kv_disk_ops);
+    return ((disk_impl *)c->impl)->file_bytes;
+}
+
+kv_status kv_disk_store_put_host(kv_connector *c, uint64_t key, const void *image) {
+    disk_impl *d = c->impl;
+    const kv_cache *kv = c->kv;
+    char tmp[KV_ADDRESS_MAX + 64], path[KV_ADDRESS_MAX + 64];
+    key_path(d, key, path, sizeof path);
+    if (access(path, F_OK) == 0) return KV_OK;
+    uint8_t *buf = aligned(d->file_bytes);
+    memset(buf, 0, d->file_bytes);
+    uint64_t sums[DISK_MAX_LAYERS];
+    for (int l = 0; l < kv->n_layers; l++) {
+        uint8_t *dst = buf + DISK_ALIGN + (size_t)l * d->stride;
+        memcpy(dst, (const uint8_t *)image + (size_t)l * d->layer_bytes, d->layer_bytes);
+        sums[l] = kv_checksum(dst, d->layer_bytes, 0);
+    }
+    fill_header(d, kv, key, sums, buf);
+    tmp_path(d, key, tmp, sizeof tmp);
+    char err[256];
+    kv_status st = KV_OK;
+    int fd = open_file(d, tmp, O_WRONLY | O_CREAT | O_TRUNC);
+    if (fd < 0) {
+        st = io_status(-errno, "creating a block file", d->dir, err, sizeof err);
+    } else {
+        disk_op op = {fd, buf, d->file_bytes, 0, true, 0};
+        int rc = run_batch(d, &op, 1, 1);
+        close(fd);
+        if (rc == 0 && rename(tmp, path) != 0) rc = -errno;
+        if (rc != 0) {
+            unlink(tmp);
+            st = io_status(rc, "writing a block file", d->dir, err, sizeof err);
+        }
+    }
+    free(buf);
+    if (st == KV_OK) __atomic_fetch_add(&d->puts, 1, __ATOMIC_RELAXED);
+    else log_warn("%s", err);
+    return st;
+}
+
+kv_status kv_disk_store_get_host(kv_connector *c, uint64_t key, void *image) {
+    disk_impl *d = c->impl;
+    const kv_cache *kv = c->kv;
+    char path[KV_ADDRESS_MAX + 64];
+    key_path(d, key, path, sizeof path);
+    int fd = open_file(d, path, O_RDONLY);
+    if (fd < 0) {
+        __atomic_fetch_add(&d->misses, 1, __ATOMIC_RELAXED);
+        return KV_ERR_UNKNOWN_TICKET;
+    }
+    uint8_t *buf = aligned(d->file_bytes);
+    disk_op op = {fd, buf, d->file_bytes, 0, false, 0};
+    run_batch(d, &op, 1, 1);
+    close(fd);
+    kv_status st = KV_OK;
+    if (op.res != (ssize_t)d->file_bytes || !file_ok(d, kv, key, buf)) {
+        unlink(path); /* never served; a miss from now on */
+        __atomic_fetch_add(&d->corrupt, 1, __ATOMIC_RELAXED);
+        log_warn("kv disk: block file %s is corrupt or truncated (not served, removed)", path);
+        st = KV_ERR_CORRUPT;
+    } else {
+        for (int l = 0; l < kv->n_layers; l++)
+            memcpy((uint8_t *)image + (size_t)l * d->layer_bytes, buf + DISK_ALIGN + (size_t)l * d->stride,
+                   d->layer_bytes);
+        __atomic_fetch_add(&d->hits, 1, __ATOMIC_RELAXED);
+    }
+    free(buf);
+    return st;
+}
+
+kv_status kv_disk_store_put(kv_connector *c, uint64_t key, int32_t block) {
+    const kv_cache *kv = c->kv;
+    size_t bb = kv->block_bytes;
+    uint8_t *img = xmalloc(kv_store_image_bytes(kv));
+    for (int l = 0; l < kv->n_layers; l++) {
+        kv_blocks_to_host(kv, l, 0, &block, 1, img + (size_t)l * 2 * bb, bb);
+        kv_blocks_to_host(kv, l, 1, &block, 1, img + (size_t)l * 2 * bb + bb, bb);
+    }
+    kv_status st = kv_disk_store_put_host(c, key, img);
+    free(img);
+    return st;
+}
+
+kv_status kv_disk_store_get(kv_connector *c, uint64_t key, int32_t block) {
+    const kv_cache *kv = c->kv;
+    size_t bb = kv->block_bytes;
+    uint8_t *img = xmalloc(kv_store_image_bytes(kv));
+    kv_status st = kv_disk_store_get_host(c, key, img);
+    for (int l = 0; st == KV_OK && l < kv->n_layers; l++) {
+        kv_blocks_from_host(kv, l, 0, &block, 1, img + (size_t)l * 2 * bb, bb);
+        kv_blocks_from_host(kv, l, 1, &block, 1, img + (size_t)l * 2 * bb + bb, bb);
+    }
+    free(img);
+    return st;
+}
+
+bool kv_disk_store_contains(kv_connector *c, uint64_t key) {
+    char path[KV_ADDRESS_MAX + 64];
+    key_path(c->impl, key, path, sizeof path);
+    return access(path, F_OK) == 0;
+}
+
+bool kv_disk_store_remove(kv_connector *c, uint64_t key) {
+    char path[KV_ADDRESS_MAX + 64];
+    key_path(c->impl, key, path, sizeof path);
+    return unlink(path) == 0;
+}

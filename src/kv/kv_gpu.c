@@ -1,12 +1,19 @@
 /* kv_gpu.c: the point-to-point "gpu" medium: the prefill process writes straight into
- * the blocks that the decode process reserved. On the CPU backend the decode side's
- * KV cache is one POSIX shm segment (kv_cache_create_shared) that the prefill process
- * maps at its first ticket for that peer; every layer batch is one memcpy per run of
- * contiguous blocks (k and v), never one call per block. The CUDA twin (IPC handles,
- * cudaMemcpyPeerAsync) keeps this file's control protocol: see kv.h.
+ * the blocks that the decode process reserved, one batch of copies per layer.
+ *   CPU backend: the decode side's KV cache is one POSIX shm segment
+ *     (kv_cache_create_shared) that the prefill process maps at its first ticket for
+ *     that peer; a batch is one memcpy per run of contiguous blocks (k and v).
+ *   CUDA backend: the decode side exports each layer's k and v allocations as IPC
+ *     handles (backend ipc_export) into its control segment; the prefill process opens
+ *     them once per peer (ipc_open: the peer's memory, maybe on another GPU, mapped
+ *     into its own address space) and a batch is one backend copy_batch of the runs
+ *     (one kernel over NVLink for the small runs, copy engines for the big ones) on the
+ *     transfer stream, finished before the layer counts as done.
+ * Both sides must keep KV the same way (both on GPUs, or both in host memory).
  *
  * Control segment "/pdkv-NAME-ctl", created by the decode side: a header (geometry,
- * the KV segment's name, the decode pid) and one slot per reservation: an atomic word
+ * the KV segment's name or the table of IPC handles, the decode pid) and one slot per
+ * reservation: an atomic word
  * (generation << 32 | state), the request id, the destination block ids, layers done,
  * and the sender's pid. States and who moves them:
  *   FREE -> OPEN                      decode, at kv_reserve
@@ -32,7 +39,7 @@
 #include "kv/kv_internal.h"
 
 #define GPU_MAGIC 0x6c7463766b647070ull /* "ppdkvctl" */
-#define GPU_VERSION 1
+#define GPU_VERSION 2
 #define GPU_MAX_PEERS 32
 
 enum { GPU_FREE, GPU_OPEN, GPU_COPYING, GPU_DONE, GPU_ABORTED, GPU_CLOSED, GPU_CLOSING };
@@ -43,8 +50,16 @@ typedef struct gpu_ctl_header {
     int32_t pid;              /* the decode process */
     int32_t n_layers, num_blocks, n_slots, pad;
     uint64_t block_bytes, part_bytes, kv_bytes, geometry, slot_stride, slots_offset;
-    char kv_name[64];         /* the KV segment (kv_cache's shm_name) */
+    char kv_name[64];         /* the KV segment (kv_cache's shm_name); "" with ipc */
+    int32_t ipc;              /* 1: device KV, reached through the handles below */
+    int32_t pad2;
+    uint64_t handles_offset;  /* ipc: gpu_ctl_handle [2 * n_layers], k then v per layer */
 } gpu_ctl_header;
+
+typedef struct gpu_ctl_handle {  /* one exported part (k or v of one layer) */
+    uint8_t handle[BACKEND_IPC_HANDLE_BYTES];
+    uint64_t offset;              /* of the part in the allocation the handle names */
+} gpu_ctl_handle;
 
 typedef struct gpu_ctl_slot {
     uint64_t word;            /* atomic: gen << 32 | state */
@@ -60,8 +75,11 @@ typedef struct gpu_peer {    /* prefill side: one mapped decode instance */
     char ctl_name[KV_ADDRESS_MAX];
     uint8_t *ctl;
     size_t ctl_bytes;
-    uint8_t *kv;
+    uint8_t *kv;             /* host KV: the mapped segment */
     size_t kv_bytes;
+    uint8_t **part;          /* [2 * L] the peer's k[l] (2l) and v[l] (2l+1) here (owned array) */
+    void **opened;           /* [n_opened] ipc: bases from ipc_open, each closed once */
+    int n_opened;
 } gpu_peer;
 
 typedef struct gpu_impl {
@@ -103,11 +121,22 @@ static uint8_t *map_existing(const char *name, size_t *bytes) {
 }
 
 /* ---- decode side ------------------------------------------------------------------------ */
+/* Exports every k[l] and v[l] of a device cache into the table at h. 0, or -1 with err. */
+static int export_parts(const kv_cache *kv, gpu_ctl_handle *h, char *err, size_t errlen) {
+    for (int i = 0; i < 2 * kv->n_layers; i++) {
+        const void *p = i % 2 ? kv->v[i / 2] : kv->k[i / 2];
+        if (kv->be->ops->ipc_export(kv->be, p, h[i].handle, &h[i].offset, err, errlen) != 0)
+            return -1;
+    }
+    return 0;
+}
+
 static int gpu_open_decode(kv_connector *c, gpu_impl *g, char *err, size_t errlen) {
     kv_cache *kv = c->kv;
-    if (!kv->shm_base) {
-        pd_errorf(err, errlen, "kv gpu: on this backend the decode side's KV cache must be in "
-                               "shared memory (kv_cache_create_shared)");
+    bool ipc = kv->on_device && kv->be->ops->ipc_export;
+    if (!kv->shm_base && !ipc) {
+        pd_errorf(err, errlen, "kv gpu: on the %s backend the decode side's KV cache must be in "
+                               "shared memory (kv_cache_create_shared)", kv->be->ops->name);
         return -1;
     }
     if (!kv_name_valid(c->cfg.name)) {
@@ -117,7 +146,9 @@ static int gpu_open_decode(kv_connector *c, gpu_impl *g, char *err, size_t errle
     }
     snprintf(c->address, sizeof c->address, "/" KV_SHM_PREFIX "%s-ctl", c->cfg.name);
     size_t stride = (sizeof(gpu_ctl_slot) + (size_t)kv->num_blocks * 4 + 63) & ~(size_t)63;
-    size_t off = (sizeof(gpu_ctl_header) + 63) & ~(size_t)63;
+    size_t hoff = (sizeof(gpu_ctl_header) + 63) & ~(size_t)63;
+    size_t table = ipc ? 2 * (size_t)kv->n_layers * sizeof(gpu_ctl_handle) : 0;
+    size_t off = hoff + ((table + 63) & ~(size_t)63);
     g->ctl_bytes = off + stride * (size_t)c->n_slots;
     int fd = shm_open(c->address, O_RDWR | O_CREAT | O_EXCL, 0600);
     if (fd < 0 && errno == EEXIST) {
@@ -161,8 +192,18 @@ static int gpu_open_decode(kv_connector *c, gpu_impl *g, char *err, size_t errle
     h->slot_stride = stride;
     h->slots_offset = off;
     snprintf(h->kv_name, sizeof h->kv_name, "%s", kv->shm_name);
+    h->ipc = ipc;
+    h->handles_offset = ipc ? hoff : 0;
+    if (ipc && export_parts(kv, (gpu_ctl_handle *)(p + hoff), err, errlen) != 0) {
+        munmap(p, g->ctl_bytes);
+        shm_unlink(c->address);
+        return -1;
+    }
     __atomic_store_n(&h->magic, GPU_MAGIC, __ATOMIC_RELEASE);
     g->ctl = p;
+    if (ipc)
+        log_info("kv gpu: %d layers of KV on the GPU exported (IPC) through %s", kv->n_layers,
+                 c->address);
     return 0;
 }
 
@@ -230,10 +271,36 @@ static void gpu_end(kv_connector *c, int idx) {
 }
 
 /* ---- prefill side ------------------------------------------------------------------------ */
-static void peer_unmap(gpu_peer *p) {
+static void peer_unmap(const kv_cache *kv, gpu_peer *p) {
+    for (int i = 0; i < p->n_opened; i++) kv->be->ops->ipc_close(kv->be, p->opened[i]);
+    free(p->opened);
+    free(p->part);
     if (p->ctl) munmap(p->ctl, p->ctl_bytes);
     if (p->kv) munmap(p->kv, p->kv_bytes);
     memset(p, 0, sizeof *p);
+}
+
+/* ipc: opens the peer's exported parts (a handle seen twice is opened once). 0, or -1
+ * with err. */
+static int peer_open_parts(const kv_cache *kv, gpu_peer *p, const gpu_ctl_header *h, char *err,
+                           size_t errlen) {
+    int n = 2 * kv->n_layers;
+    const gpu_ctl_handle *t = (const gpu_ctl_handle *)(p->ctl + h->handles_offset);
+    p->opened = xcalloc((size_t)n, sizeof(void *));
+    for (int i = 0; i < n; i++) {
+        int same = -1;
+        for (int j = 0; j < i && same < 0; j++)
+            if (!memcmp(t[j].handle, t[i].handle, BACKEND_IPC_HANDLE_BYTES)) same = j;
+        if (same >= 0) {
+            p->part[i] = p->part[same] - t[same].offset + t[i].offset;
+            continue;
+        }
+        void *base = kv->be->ops->ipc_open(kv->be, t[i].handle, err, errlen);
+        if (!base) return -1;
+        p->opened[p->n_opened++] = base;
+        p->part[i] = (uint8_t *)base + t[i].offset;
+    }
+    return 0;
 }
 
 /* The mapped peer at ctl segment `name`, mapping it on first use (under c->mu). */
@@ -244,7 +311,7 @@ static gpu_peer *peer_get(kv_connector *c, const char *name, kv_status *st, char
         if (strcmp(g->peers[i].ctl_name, name) == 0) {
             gpu_ctl_header *h = (gpu_ctl_header *)g->peers[i].ctl;
             if (kv_pid_alive(h->pid)) return &g->peers[i];
-            peer_unmap(&g->peers[i]); /* a dead decode instance; maybe restarted */
+            peer_unmap(c->kv, &g->peers[i]); /* a dead decode instance; maybe restarted */
             g->peers[i] = g->peers[--g->n_peers];
             break;
         }
@@ -274,19 +341,39 @@ static gpu_peer *peer_get(kv_connector *c, const char *name, kv_status *st, char
                                "size or dtype)", name);
         goto fail;
     }
-    char kvname[64];
-    memcpy(kvname, h->kv_name, sizeof kvname);
-    kvname[63] = 0;
-    if (!(p.kv = map_existing(kvname, &p.kv_bytes)) || p.kv_bytes < h->kv_bytes ||
-        h->kv_bytes < 2 * (uint64_t)h->n_layers * h->part_bytes) {
-        pd_errorf(err, errlen, "kv gpu: decode peer's KV segment %s: %s", kvname,
-                  p.kv ? "too small" : strerror(errno));
+    if ((bool)h->ipc != kv->on_device) {
+        *st = KV_ERR_ARG;
+        pd_errorf(err, errlen, "kv gpu: decode peer %s keeps its KV %s, this instance %s: run "
+                  "both on GPUs or both on the CPU (or use the cpu, disk or tcp medium)", name,
+                  h->ipc ? "on a GPU" : "in host memory", kv->on_device ? "on a GPU" : "in host memory");
         goto fail;
+    }
+    p.part = xcalloc(2 * (size_t)kv->n_layers, sizeof(uint8_t *));
+    if (h->ipc) {
+        if (h->handles_offset + 2 * (uint64_t)kv->n_layers * sizeof(gpu_ctl_handle) > h->slots_offset ||
+            peer_open_parts(kv, &p, h, err, errlen) != 0) {
+            if (h->handles_offset + 2 * (uint64_t)kv->n_layers * sizeof(gpu_ctl_handle) > h->slots_offset)
+                pd_errorf(err, errlen, "kv gpu: %s has a malformed handle table", name);
+            goto fail;
+        }
+        log_info("kv gpu: opened decode peer %s's KV on its GPU (%d allocations)", name,
+                 p.n_opened);
+    } else {
+        char kvname[64];
+        memcpy(kvname, h->kv_name, sizeof kvname);
+        kvname[63] = 0;
+        if (!(p.kv = map_existing(kvname, &p.kv_bytes)) || p.kv_bytes < h->kv_bytes ||
+            h->kv_bytes < 2 * (uint64_t)h->n_layers * h->part_bytes) {
+            pd_errorf(err, errlen, "kv gpu: decode peer's KV segment %s: %s", kvname,
+                      p.kv ? "too small" : strerror(errno));
+            goto fail;
+        }
+        for (int i = 0; i < 2 * kv->n_layers; i++) p.part[i] = p.kv + (size_t)i * h->part_bytes;
     }
     g->peers[g->n_peers] = p;
     return &g->peers[g->n_peers++];
 fail:
-    peer_unmap(&p);
+    peer_unmap(kv, &p);
     return NULL;
 }
 
@@ -294,7 +381,13 @@ typedef struct gpu_send {
     gpu_peer *peer;
     gpu_ctl_slot *slot;
     uint32_t gen;
+    kv_copies q;             /* one layer's copies */
 } gpu_send;
+
+static void send_free(gpu_send *gs) {
+    kv_copies_free(&gs->q);
+    free(gs);
+}
 
 static kv_status gpu_send_begin(kv_send *x, char *err, size_t errlen) {
     kv_connector *c = x->c;
@@ -363,15 +456,15 @@ static kv_status gpu_send_layers(kv_send *x, const int *layers, int n, char *err
     for (int j = 0; j < n; j++) {
         int l = layers[j];
         for (int part = 0; part < 2; part++) {
-            uint8_t *base = gs->peer->kv + (size_t)(2 * l + part) * h->part_bytes;
-            for (int i = 0; i < x->n_blocks;) {
-                int r = kv_run_length(x->blocks, dst, i, x->n_blocks);
-                memcpy(base + (size_t)dst[i] * bb, kv_block_ptr(kv, l, part, x->blocks[i]),
-                       (size_t)r * bb);
-                i += r;
-            }
+            uint8_t *base = gs->peer->part[2 * l + part];
+            for (int i = 0; i < x->n_blocks; i++) /* runs merge in kv_copies_add */
+                kv_copies_add(&gs->q, base + (size_t)dst[i] * bb,
+                              kv_block_ptr(kv, l, part, x->blocks[i]), bb);
         }
     }
+    /* one batch for the layers of this call (layerwise: one layer); landed in the
+     * peer's memory when it returns, and only then counted */
+    kv_copies_run(kv, &gs->q);
     __atomic_fetch_add(&gs->slot->layers_done, n, __ATOMIC_RELEASE);
     if (!cas_word(gs->slot, word_of(gs->gen, GPU_COPYING), word_of(gs->gen, GPU_OPEN))) {
         uint64_t w = load_word(gs->slot);
@@ -392,7 +485,7 @@ static void gpu_send_abort(kv_send *x) {
     gpu_send *gs = x->priv;
     if (!gs) return;
     cas_word(gs->slot, word_of(gs->gen, GPU_OPEN), word_of(gs->gen, GPU_ABORTED));
-    free(gs);
+    send_free(gs);
     x->priv = NULL;
 }
 
@@ -415,7 +508,7 @@ static void gpu_close(kv_connector *c) {
         munmap(g->ctl, g->ctl_bytes);
         shm_unlink(c->address);
     }
-    for (int i = 0; i < g->n_peers; i++) peer_unmap(&g->peers[i]);
+    for (int i = 0; i < g->n_peers; i++) peer_unmap(c->kv, &g->peers[i]);
     free(g);
 }
 
@@ -423,7 +516,7 @@ static void gpu_close(kv_connector *c) {
 static kv_status gpu_send_finish_and_free(kv_send *x, char *err, size_t errlen) {
     kv_status st = gpu_send_finish(x, err, errlen);
     if (st == KV_OK) {
-        free(x->priv);
+        send_free(x->priv);
         x->priv = NULL;
     }
     return st;

@@ -111,12 +111,33 @@ static inline uint8_t *kv_block_ptr(const kv_cache *kv, int l, int part, int32_t
 /* Staged block copies between a cache and host memory, the only way connectors and
  * stores touch block contents (the cache may be device memory: kv->on_device):
  * layer l, part (0 k, 1 v) of blocks[i] <-> host + i * stride, block_bytes each.
- * On host caches a memcpy per block; on device caches the backend's copies, coalesced
- * over runs of consecutive block ids. */
+ * On host caches a memcpy per block; on device caches one batch of the backend's
+ * copies (kv_copies below), coalesced over runs of consecutive block ids. */
 void kv_blocks_to_host(const kv_cache *kv, int l, int part, const int32_t *blocks, int n,
                        void *host, size_t stride);
 void kv_blocks_from_host(const kv_cache *kv, int l, int part, const int32_t *blocks, int n,
                          const void *host, size_t stride);
+/* A batch of staged copies between a cache and host memory (or a peer's cache),
+ * moved by one kv_copies_run: on device caches one backend copy_batch (one launch for
+ * many blocks, on the backend's transfer stream); on host caches a memcpy per item.
+ * Items that continue the previous one in both source and destination are merged, so
+ * runs of consecutive blocks are one copy. Owns items; one caller at a time. */
+typedef struct kv_copies {
+    backend_copy *items;
+    int n, cap;
+} kv_copies;
+void kv_copies_add(kv_copies *q, void *dst, const void *src, size_t bytes);
+/* Appends the copies of kv_blocks_to_host (to_host) or kv_blocks_from_host. */
+void kv_copies_blocks(kv_copies *q, const kv_cache *kv, int l, int part, const int32_t *blocks,
+                      int n, void *host, size_t stride, bool to_host);
+/* Moves every queued copy of cache kv and empties q; returns when they have landed. */
+void kv_copies_run(const kv_cache *kv, kv_copies *q);
+void kv_copies_free(kv_copies *q);
+/* Host memory of `bytes` (4 KiB aligned, for O_DIRECT too) for staging a cache's
+ * blocks: pinned (backend host_register) when the cache is on a device, so copies run
+ * at the bus's speed. kv_host_free(kv, NULL) is a no-op. Aborts when out of memory. */
+void *kv_host_alloc(const kv_cache *kv, size_t bytes);
+void kv_host_free(const kv_cache *kv, void *p);
 /* Length of the run of consecutive ids starting at a[i] (and b[i] when b != NULL):
  * blocks that one copy can move. */
 int kv_run_length(const int32_t *a, const int32_t *b, int i, int n);

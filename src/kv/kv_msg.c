@@ -6,6 +6,7 @@
  * runs them under sanitizers. The checksum is tuned for KV blocks of 2 KiB to 1 MiB:
  * four independent 64-bit lanes keep the multipliers busy (~10 GB/s on one core). */
 #include <inttypes.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -157,6 +158,44 @@ static const char *parse_u64(const char *p, uint64_t max, uint64_t *out) {
     return p + 1;
 }
 
+/* [A-Za-z0-9_.-]+ with no "..": a name that cannot leave the folder it is put in. */
+static bool plain_name(const char *s) {
+    if (!*s || strstr(s, "..")) return false;
+    for (; *s; s++)
+        if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') ||
+              *s == '_' || *s == '.' || *s == '-'))
+            return false;
+    return true;
+}
+
+/* Whether a ticket's address may name what its medium opens. The address is outside
+ * input (X-PD-Ticket), and the prefill side maps or opens what it names, so:
+ *   gpu   a POSIX shared-memory name under our prefix: "/" KV_SHM_PREFIX, then
+ *         [A-Za-z0-9_.-] only (no further '/', no "..");
+ *   cpu   a store name ([A-Za-z0-9_.-], no ".."): the segment opened is
+ *         "/" KV_SHM_PREFIX "store-NAME", so it stays under the prefix too;
+ *   disk  a directory path with no ".." in it and no control character;
+ *   tcp, nccl  host:port, checked where it is connected to.
+ * Returns NULL when acceptable, else why not (a static sentence). */
+static const char *ticket_address_check(kv_medium m, const char *a) {
+    static const char pre[] = "/" KV_SHM_PREFIX;
+    switch (m) {
+    case KV_MEDIUM_GPU:
+        if (strncmp(a, pre, sizeof pre - 1) != 0 || !a[sizeof pre - 1] || !plain_name(a + 1))
+            return "a gpu address is a shared-memory name /" KV_SHM_PREFIX "[A-Za-z0-9_.-]+";
+        return NULL;
+    case KV_MEDIUM_CPU:
+        if (!plain_name(a) || a[0] == '.') return "a cpu address is a store name [A-Za-z0-9_-][A-Za-z0-9_.-]*";
+        return NULL;
+    case KV_MEDIUM_DISK:
+        if (strstr(a, "..")) return "a disk address must not contain \"..\"";
+        for (const char *p = a; *p; p++)
+            if ((unsigned char)*p < 0x20 || *p == 0x7f) return "a disk address has a control character";
+        return NULL;
+    default: return NULL;
+    }
+}
+
 int kv_ticket_parse(const char *s, kv_ticket *out, char *err, size_t errlen) {
     kv_ticket t;
     memset(&t, 0, sizeof t);
@@ -188,6 +227,11 @@ int kv_ticket_parse(const char *s, kv_ticket *out, char *err, size_t errlen) {
     size_t alen = strlen(p);
     if (alen == 0 || alen >= sizeof t.address || strchr(p, ' ') || strchr(p, '\n')) goto bad;
     memcpy(t.address, p, alen + 1);
+    const char *why = ticket_address_check(t.medium, t.address);
+    if (why) {
+        pd_errorf(err, errlen, "kv ticket: address \"%.60s\" refused: %s", t.address, why);
+        return -1;
+    }
     if (t.block_size < 1 || t.n_blocks != (t.n_tokens + t.block_size - 1) / t.block_size) {
         pd_errorf(err, errlen, "kv ticket: %d blocks do not cover %d tokens of %d", t.n_blocks,
                   t.n_tokens, t.block_size);

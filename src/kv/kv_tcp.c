@@ -8,6 +8,11 @@
  * keeps one blocking connection per decode address and writes each frame as one
  * sendmsg of header + block runs (no staging copy), with SO_SNDTIMEO set to the time
  * left before the request's deadline.
+ * Device caches (CUDA) cannot be read by the socket: the sender gathers a frame's
+ * blocks into a pinned host buffer of its connection (one batch of device copies) and
+ * sends that; the receiver reads a frame's payload into a pinned buffer of the
+ * connection, checks the checksum there, and scatters it into the reserved blocks (one
+ * batch) before the layer counts. Checksums are over the host bytes on both sides.
  *
  * Tuned for: loopback to 100 Gb/s links, frames of one layer of one request (MiBs). */
 #include <arpa/inet.h>
@@ -43,6 +48,8 @@ typedef struct tcp_conn {
     int slot;                 /* destination slot of the payload, -1: discard */
     uint64_t pos;             /* payload bytes read */
     bool hello;               /* geometry checked */
+    uint8_t *stage;           /* device caches: the payload lands here first (owned) */
+    size_t stage_cap;
 } tcp_conn;
 
 typedef struct tcp_impl {
@@ -59,6 +66,8 @@ typedef struct tcp_impl {
         char address[KV_ADDRESS_MAX];
         int fd;
         pthread_mutex_t mu;   /* one frame at a time on this connection */
+        uint8_t *stage;       /* device caches: a frame's payload, gathered (owned) */
+        size_t stage_cap;
     } peers[TCP_MAX_PEERS];
     int n_peers;
 } tcp_impl;
@@ -94,6 +103,7 @@ static void conn_close(kv_connector *c, tcp_conn *k, const char *why) {
     log_debug("kv tcp: connection %d closed: %s", k->id, why);
     close(k->fd);
     (void)t;
+    kv_host_free(c->kv, k->stage);
     memset(k, 0, sizeof *k);
     k->fd = -1;
 }
@@ -160,6 +170,11 @@ static int on_header(kv_connector *c, tcp_conn *k, char *why, size_t whylen) {
     }
     pthread_mutex_unlock(&c->mu);
     k->in_payload = h->payload_bytes > 0;
+    if (k->slot >= 0 && kv->on_device && k->stage_cap < h->payload_bytes) {
+        kv_host_free(kv, k->stage); /* grows to the largest frame seen, then stays */
+        k->stage_cap = (size_t)h->payload_bytes;
+        k->stage = kv_host_alloc(kv, k->stage_cap);
+    }
     return 0;
 }
 
@@ -172,6 +187,10 @@ static uint8_t *payload_dst(kv_connector *c, tcp_conn *k, size_t *len) {
         return t->discard;
     }
     const kv_cache *kv = c->kv;
+    if (kv->on_device) {
+        *len = (size_t)PD_MIN(left, (uint64_t)INT_MAX);
+        return k->stage + k->pos;
+    }
     kv_slot *s = &c->slots[k->slot]; /* busy: its blocks stay while we write */
     uint64_t bb = kv->block_bytes, per_part = (uint64_t)k->h.n_blocks * bb;
     int part = (int)(k->pos / per_part);
@@ -192,9 +211,22 @@ static void on_payload(kv_connector *c, tcp_conn *k) {
     const int32_t *dst = s->blocks + k->h.first_block;
     uint64_t sum = 0;
     for (int part = 0; part < 2; part++)
-        for (uint32_t i = 0; i < k->h.n_blocks; i++)
-            sum = kv_checksum_fold(sum, kv_checksum(kv_block_ptr(kv, (int)k->h.layer, part,
-                                                                 dst[i]), kv->block_bytes, 0));
+        for (uint32_t i = 0; i < k->h.n_blocks; i++) {
+            const uint8_t *p = kv->on_device
+                                   ? k->stage + ((size_t)part * k->h.n_blocks + i) * kv->block_bytes
+                                   : kv_block_ptr(kv, (int)k->h.layer, part, dst[i]);
+            sum = kv_checksum_fold(sum, kv_checksum(p, kv->block_bytes, 0));
+        }
+    if (kv->on_device && sum == k->h.checksum) {
+        /* still busy: the blocks are held while the scatter runs */
+        kv_copies q = {0};
+        for (int part = 0; part < 2; part++)
+            kv_copies_blocks(&q, kv, (int)k->h.layer, part, dst, (int)k->h.n_blocks,
+                             k->stage + (size_t)part * k->h.n_blocks * kv->block_bytes,
+                             kv->block_bytes, false);
+        kv_copies_run(kv, &q);
+        kv_copies_free(&q);
+    }
     pthread_mutex_lock(&c->mu);
     s->busy--;
     if (s->state == KV_SLOT_DRAINING) {
@@ -467,6 +499,27 @@ static kv_status tcp_send_begin(kv_send *x, char *err, size_t errlen) {
     return KV_OK;
 }
 
+/* Device caches: gathers layer l's k then v blocks src[nb] into the peer's pinned
+ * buffer (one batch), their checksum into *sum; one iovec. Returns 1 (iovecs used). */
+static int stage_frame(const kv_cache *kv, struct tcp_peer *p, int l, const int32_t *src, int nb,
+                       struct iovec *iov, uint64_t *sum) {
+    size_t bb = kv->block_bytes, bytes = 2 * (size_t)nb * bb;
+    if (p->stage_cap < bytes) {
+        kv_host_free(kv, p->stage); /* grows to the largest frame, then stays */
+        p->stage = kv_host_alloc(kv, bytes);
+        p->stage_cap = bytes;
+    }
+    kv_copies q = {0};
+    for (int part = 0; part < 2; part++)
+        kv_copies_blocks(&q, kv, l, part, src, nb, p->stage + (size_t)part * nb * bb, bb, true);
+    kv_copies_run(kv, &q);
+    kv_copies_free(&q);
+    for (int i = 0; i < 2 * nb; i++)
+        *sum = kv_checksum_fold(*sum, kv_checksum(p->stage + (size_t)i * bb, bb, 0));
+    *iov = (struct iovec){p->stage, bytes};
+    return 1;
+}
+
 static kv_status tcp_send_layers(kv_send *x, const int *layers, int n, char *err, size_t errlen) {
     const kv_cache *kv = x->c->kv;
     size_t bb = kv->block_bytes;
@@ -480,7 +533,9 @@ static kv_status tcp_send_layers(kv_send *x, const int *layers, int n, char *err
             int nb = PD_MIN(TCP_FRAME_BLOCKS, x->n_blocks - first), ni = 1;
             const int32_t *src = x->blocks + first;
             uint64_t sum = 0;
-            for (int part = 0; part < 2; part++) {
+            if (kv->on_device) {
+                ni += stage_frame(kv, p, l, src, nb, &iov[1], &sum);
+            } else for (int part = 0; part < 2; part++) {
                 for (int i = 0; i < nb; i++)
                     sum = kv_checksum_fold(sum, kv_checksum(kv_block_ptr(kv, l, part, src[i]), bb, 0));
                 for (int i = 0; i < nb;) {
@@ -546,12 +601,15 @@ static void tcp_close(kv_connector *c) {
         if (write(t->wake[1], &b, 1) != 1) log_warn("kv tcp: cannot wake the receiver");
         pthread_join(t->thread, NULL);
     }
-    for (int i = 0; i < TCP_MAX_CONNS; i++)
+    for (int i = 0; i < TCP_MAX_CONNS; i++) {
         if (t->thread_started && t->conns[i].fd >= 0) close(t->conns[i].fd);
+        kv_host_free(c->kv, t->conns[i].stage);
+    }
     if (t->listen_fd >= 0) close(t->listen_fd);
     if (t->wake[0] >= 0) close(t->wake[0]), close(t->wake[1]);
     for (int i = 0; i < t->n_peers; i++) {
         if (t->peers[i].fd >= 0) close(t->peers[i].fd);
+        kv_host_free(c->kv, t->peers[i].stage);
         pthread_mutex_destroy(&t->peers[i].mu);
     }
     free(t);

@@ -265,6 +265,10 @@ typedef struct power_config {
     const char *meter_cmd;      /* --energy-meter-cmd; NULL: none */
     const char *meter_label;    /* what it measures: "node", "disk", "nic" ... ("meter") */
     double meter_timeout_s;     /* 0: 10 */
+    double meter_min_interval_s; /* scrapes (power_session_live) run the meter command at
+                                   most once per this many seconds and never twice at
+                                   once; others get the last reading (0: 1 s; < 0: no
+                                   interval, still one run at a time) */
     const char *powercap_root;  /* NULL: env PDSERVE_POWERCAP_ROOT or /sys/class/powercap */
     bool no_nvml;               /* do not load NVML at all */
     bool no_rapl;
@@ -320,9 +324,59 @@ typedef struct power_live {
 } power_live;
 
 /* Reads every meter of a started session now (thread-safe against the sampler and
- * against other callers). read_meter: also run the meter command (up to its timeout).
+ * against other callers). read_meter: also read the meter command: it runs (up to its
+ * timeout) only when its last run ended meter_min_interval_s ago or more and no other
+ * caller is running it; otherwise the last reading is returned at once.
  * 0, or -1 when the session is not running. */
 int power_session_live(power_session *s, bool read_meter, power_live *out);
+
+/* ---- the sample rings of a running session (GET /metrics/power-samples) ----------- *
+ * The sampler keeps every tick in bounded rings (sample_capacity entries per GPU, and
+ * one for RAPL): a caller copies out what is newer than a time, oldest first, and
+ * comes back later for the rest. Times are the session's (seconds since run start,
+ * < 0: the idle window). The copies are taken under the sampler's lock: a few
+ * hundred microseconds for a full ring, never on the token path. */
+
+/* One RAPL tick: each domain's mean power since the previous tick (NAN: not read). */
+typedef struct power_rapl_sample {
+    double t_s;
+    float power_w[POWER_MAX_RAPL]; /* by domain index, as in power_session_describe */
+} power_rapl_sample;
+
+typedef struct power_ring_info {
+    double uptime_s;            /* now, in the samples' time */
+    double period_s;
+    size_t capacity;            /* samples per ring */
+    int n_gpus;
+    int gpu[POWER_MAX_GPUS];    /* NVML index of measured GPU i */
+    power_role role[POWER_MAX_GPUS];
+    int n_rapl;
+    char rapl[POWER_MAX_RAPL][48]; /* domain names */
+} power_ring_info;
+
+/* What the rings hold and the session's clock now. 0, or -1 when not running. */
+int power_session_describe(power_session *s, power_ring_info *out);
+/* Copies the samples of measured GPU i newer than since_s (t_s > since_s) into out,
+ * oldest first, at most cap of them (*more: there are newer ones still; ask again
+ * from the last one's t_s). *lost: some samples newer than since_s were overwritten
+ * already (the ring wrapped: ask more often). Returns the count; 0 when not running
+ * or i is out of range. */
+size_t power_session_samples_since(power_session *s, int i, double since_s, power_sample *out, size_t cap,
+                                   bool *lost, bool *more);
+/* The same for the RAPL ring (every domain in one sample). */
+size_t power_session_rapl_since(power_session *s, double since_s, power_rapl_sample *out, size_t cap,
+                                bool *lost, bool *more);
+/* The rings as JSON text (malloc'd, *len bytes, NUL-terminated; the caller frees):
+ *   {"host":H,"role":R,"period_s":P,"uptime_s":U,"since":S,"capacity":C,
+ *    "gpu_fields":["t_s","power_w","sm_mhz","mem_mhz","util_gpu","util_mem","temp_c"],
+ *    "gpus":[{"gpu":0,"role":"decode","lost":false,"more":false,"samples":[[t,w,...],...]}],
+ *    "rapl_fields":["t_s","power_w"],
+ *    "rapl":[{"domain":"package-0","lost":false,"more":false,"samples":[[t,w],...]}]}
+ * with null for a field not read; at most max_per_series samples per series (0: 6000).
+ * role: the instance's role (RAPL measures the host, not a GPU); host NULL:
+ * gethostname. NULL when the session is not running. */
+char *power_samples_json(power_session *s, double since_s, size_t max_per_series, const char *role,
+                         const char *host, size_t *len);
 
 /* Prometheus text of a live reading, in the lines that src/bench and src/study read:
  *   pdserve_energy_measured{component="gpu"|"cpu"|"dram"|"meter"} 0|1

@@ -55,9 +55,27 @@ struct power_session {
     uint64_t rapl_last[POWER_MAX_RAPL], rapl_acc[POWER_MAX_RAPL];
     bool rapl_ok[POWER_MAX_RAPL];
     char rapl_err[POWER_MAX_RAPL][POWER_REASON_LEN];
+    /* RAPL power per tick (a ring like the GPUs'): rapl_t[cap], rapl_w[cap][rapl.n]
+     * (NAN: domain not read), from the accumulated energy between two ticks. */
+    double *rapl_t;
+    float *rapl_w;
+    size_t rapl_cap;
+    uint64_t rapl_pushed;
+    uint64_t rapl_prev_acc[POWER_MAX_RAPL];
+    double rapl_prev_t;
     bool meter_ok;
     double meter_start_j;
     char meter_reason[POWER_REASON_LEN];
+    /* The meter command on scrapes (power_session_live): at most one run per
+     * meter_interval_s, never two at once; other scrapes get the last reading.
+     * meter_run_mu is held for the whole of a run; the cache has its own mutex so
+     * that a scrape finding a run in progress never waits for it. */
+    double meter_interval_s;
+    pthread_mutex_t meter_run_mu, meter_cache_mu;
+    double meter_last_t;             /* monotonic end of the last run (cache) */
+    bool meter_last_ok;
+    double meter_last_j;             /* its cumulative reading */
+    char meter_last_reason[POWER_REASON_LEN];
     /* sampler thread */
     pthread_t thread;
     pthread_mutex_t mu;
@@ -108,6 +126,22 @@ static void session_sample_all(power_session *s, bool integrate) {
     }
 }
 
+/* One RAPL ring entry at t: each domain's mean power since the previous tick. */
+static void rapl_push(power_session *s, double t) {
+    if (!s->rapl_cap || s->rapl.n == 0) return;
+    size_t k = (size_t)(s->rapl_pushed % s->rapl_cap);
+    double dt = t - s->rapl_prev_t;
+    s->rapl_t[k] = t;
+    for (int i = 0; i < s->rapl.n; i++) {
+        float w = NAN;
+        if (s->rapl_ok[i] && dt > 0) w = (float)((double)(s->rapl_acc[i] - s->rapl_prev_acc[i]) / 1e6 / dt);
+        s->rapl_w[k * (size_t)s->rapl.n + (size_t)i] = w;
+        s->rapl_prev_acc[i] = s->rapl_acc[i];
+    }
+    s->rapl_prev_t = t;
+    s->rapl_pushed++;
+}
+
 static void session_rapl_tick(power_session *s) {
     for (int i = 0; i < s->rapl.n; i++) {
         if (!s->rapl_ok[i]) continue;
@@ -121,6 +155,7 @@ static void session_rapl_tick(power_session *s) {
         s->rapl_acc[i] += power_counter_delta(s->rapl_last[i], v, s->rapl.d[i].range_uj);
         s->rapl_last[i] = v;
     }
+    rapl_push(s, time_now_s() - s->t0);
 }
 
 static void session_tick(power_session *s) {
@@ -204,6 +239,10 @@ power_session *power_session_open(const power_config *cfg, char *err, size_t err
     s->meter_timeout_s = cfg->meter_timeout_s > 0 ? cfg->meter_timeout_s : 10.0;
     s->meter_cmd = cfg->meter_cmd && *cfg->meter_cmd ? xstrdup(cfg->meter_cmd) : NULL;
     s->meter_label = xstrdup(cfg->meter_label && *cfg->meter_label ? cfg->meter_label : "meter");
+    s->meter_interval_s = cfg->meter_min_interval_s > 0 ? cfg->meter_min_interval_s
+                          : cfg->meter_min_interval_s < 0 ? 0 : 1.0;
+    pthread_mutex_init(&s->meter_run_mu, NULL);
+    pthread_mutex_init(&s->meter_cache_mu, NULL);
     pthread_mutex_init(&s->mu, NULL);
     pthread_mutex_init(&s->live_mu, NULL);
     pthread_condattr_t ca;
@@ -237,6 +276,11 @@ power_session *power_session_open(const power_config *cfg, char *err, size_t err
     } else {
         power_rapl_scan(&s->rapl, cfg->powercap_root);
     }
+    if (s->rapl.n > 0) {
+        s->rapl_cap = cap;
+        s->rapl_t = xcalloc(cap, sizeof *s->rapl_t);
+        s->rapl_w = xcalloc(cap * (size_t)s->rapl.n, sizeof *s->rapl_w);
+    }
     return s;
 }
 
@@ -247,10 +291,14 @@ void power_session_free(power_session *s) {
         power_session_stop(s, 0, 0, 0, &tmp);
     }
     for (int i = 0; i < s->n; i++) free(s->g[i].ring);
+    free(s->rapl_t);
+    free(s->rapl_w);
     power_nvml_close(s->nv);
     pthread_cond_destroy(&s->cv);
     pthread_mutex_destroy(&s->mu);
     pthread_mutex_destroy(&s->live_mu);
+    pthread_mutex_destroy(&s->meter_run_mu);
+    pthread_mutex_destroy(&s->meter_cache_mu);
     free(s->meter_cmd);
     free(s->meter_label);
     free(s);
@@ -327,13 +375,24 @@ int power_session_start(power_session *s, char *err, size_t errlen) {
                                         sizeof s->rapl_err[i]) == 0;
         if (!s->rapl.d[i].readable) memcpy(s->rapl_err[i], s->rapl.d[i].reason, POWER_REASON_LEN);
         s->rapl_acc[i] = 0;
+        s->rapl_prev_acc[i] = 0;
     }
+    s->rapl_pushed = 0;
+    s->rapl_prev_t = 0;
     s->meter_ok = false;
     s->meter_reason[0] = 0;
-    if (s->meter_cmd)
+    if (s->meter_cmd) {
+        pthread_mutex_lock(&s->meter_run_mu);
         s->meter_ok = power_meter_cmd_read(s->meter_cmd, "start", s->meter_timeout_s, &s->meter_start_j,
                                            s->meter_reason, sizeof s->meter_reason) == 0;
-    else
+        pthread_mutex_unlock(&s->meter_run_mu);
+        pthread_mutex_lock(&s->meter_cache_mu);
+        s->meter_last_t = time_now_s();
+        s->meter_last_ok = s->meter_ok;
+        s->meter_last_j = s->meter_start_j;
+        snprintf(s->meter_last_reason, sizeof s->meter_last_reason, "%s", s->meter_reason);
+        pthread_mutex_unlock(&s->meter_cache_mu);
+    } else
         snprintf(s->meter_reason, sizeof s->meter_reason,
                  "not measured: no --energy-meter-cmd given");
     /* Idle samples were stamped against the idle window's end; restamp them against
@@ -348,12 +407,18 @@ int power_session_start(power_session *s, char *err, size_t errlen) {
     s->ticks = 0;
     s->stop = false;
     s->started = true;
+    pthread_mutex_lock(&s->live_mu);
+    s->rapl_prev_t = 0;
     if (s->n > 0) session_sample_all(s, true);
+    s->running = true; /* readers of the rings (power_session_*_since) may start now */
+    pthread_mutex_unlock(&s->live_mu);
     if (pthread_create(&s->thread, NULL, sampler_main, s) != 0) {
+        pthread_mutex_lock(&s->live_mu);
+        s->running = false;
+        pthread_mutex_unlock(&s->live_mu);
         pd_errorf(err, errlen, "power: cannot start the sampler thread");
         return -1;
     }
-    s->running = true;
     return 0;
 }
 
@@ -384,10 +449,12 @@ int power_session_stop(power_session *s, int64_t n_requests, int64_t n_input_tok
     pthread_cond_signal(&s->cv);
     pthread_mutex_unlock(&s->mu);
     pthread_join(s->thread, NULL);
-    s->running = false;
+    pthread_mutex_lock(&s->live_mu); /* against ring readers until running is false */
     if (s->n > 0) session_sample_all(s, true);
     double t_end = time_now_s();
     session_rapl_tick(s);
+    s->running = false;
+    pthread_mutex_unlock(&s->live_mu);
     memset(out, 0, sizeof *out);
     out->duration_s = t_end - s->t0;
     out->idle_window_s = s->n > 0 ? s->idle_window_s : 0;
@@ -430,9 +497,11 @@ int power_session_stop(power_session *s, int64_t n_requests, int64_t n_input_tok
     out->meter_j = power_fig_none();
     if (s->meter_ok) {
         double end_j;
+        pthread_mutex_lock(&s->meter_run_mu); /* waits for a scrape's run to end */
         if (power_meter_cmd_read(s->meter_cmd, "end", s->meter_timeout_s, &end_j, s->meter_reason,
                                  sizeof s->meter_reason) == 0)
             out->meter_j = power_fig_of(end_j - s->meter_start_j);
+        pthread_mutex_unlock(&s->meter_run_mu);
     }
     snprintf(out->meter_reason, sizeof out->meter_reason, "%s", out->meter_j.measured ? "" : s->meter_reason);
     power_result_compute(out);
@@ -449,6 +518,45 @@ const power_sample *power_session_samples(const power_session *s, int i, size_t 
 }
 
 /* ---- live readings ------------------------------------------------------------------------ */
+
+/* Copies the cached meter reading; under meter_cache_mu. */
+static void meter_cached_locked(const power_session *s, bool *ok, double *j, char *why, size_t cap) {
+    *ok = s->meter_last_ok;
+    *j = s->meter_last_j;
+    snprintf(why, cap, "%s", s->meter_last_reason);
+}
+
+/* The meter command's reading for a scrape: runs the command when the last run ended
+ * at least meter_interval_s ago and no run is in progress, else returns the last
+ * reading at once. A scrape of /metrics may come from anyone; this bounds the forks
+ * an anonymous client can cause to one per interval. Returns whether *j is a reading
+ * (else why says what failed). */
+static bool meter_scrape(power_session *s, double *j, char *why, size_t cap) {
+    bool ok;
+    pthread_mutex_lock(&s->meter_cache_mu);
+    bool fresh = time_now_s() - s->meter_last_t < s->meter_interval_s;
+    meter_cached_locked(s, &ok, j, why, cap);
+    pthread_mutex_unlock(&s->meter_cache_mu);
+    if (fresh || pthread_mutex_trylock(&s->meter_run_mu) != 0) return ok;
+    pthread_mutex_lock(&s->meter_cache_mu); /* a run may have ended between the two locks */
+    fresh = time_now_s() - s->meter_last_t < s->meter_interval_s;
+    meter_cached_locked(s, &ok, j, why, cap);
+    pthread_mutex_unlock(&s->meter_cache_mu);
+    if (!fresh) {
+        double v = 0;
+        char e[POWER_REASON_LEN] = "";
+        bool good = power_meter_cmd_read(s->meter_cmd, "scrape", s->meter_timeout_s, &v, e, sizeof e) == 0;
+        pthread_mutex_lock(&s->meter_cache_mu);
+        s->meter_last_t = time_now_s();
+        s->meter_last_ok = good;
+        if (good) s->meter_last_j = v;
+        snprintf(s->meter_last_reason, sizeof s->meter_last_reason, "%s", good ? "" : e);
+        meter_cached_locked(s, &ok, j, why, cap);
+        pthread_mutex_unlock(&s->meter_cache_mu);
+    }
+    pthread_mutex_unlock(&s->meter_run_mu);
+    return ok;
+}
 
 int power_session_live(power_session *s, bool read_meter, power_live *out) {
     PD_ASSERT(s && out);
@@ -515,7 +623,7 @@ int power_session_live(power_session *s, bool read_meter, power_live *out) {
     if (s->meter_ok && read_meter) {
         double now_j;
         char why[POWER_REASON_LEN];
-        if (power_meter_cmd_read(s->meter_cmd, "scrape", s->meter_timeout_s, &now_j, why, sizeof why) == 0)
+        if (meter_scrape(s, &now_j, why, sizeof why))
             out->meter_j = power_fig_of(now_j - s->meter_start_j);
         else
             snprintf(out->meter_reason, sizeof out->meter_reason, "%s", why);
@@ -524,4 +632,80 @@ int power_session_live(power_session *s, bool read_meter, power_live *out) {
                  s->meter_ok ? "not read" : s->meter_reason);
     }
     return 0;
+}
+
+/* ---- the rings, live (GET /metrics/power-samples) ------------------------------------------ */
+
+/* Index range of a ring of cap entries with pushed pushes whose times t(k) are newer
+ * than since: the first such index (as a push number) and how many; *lost when
+ * samples newer than since were overwritten already. t_at(k) reads push number k. */
+typedef double (*ring_time_fn)(const void *ring, size_t slot);
+
+static size_t ring_since(const void *ring, ring_time_fn t_at, size_t cap, uint64_t pushed, double since_s,
+                         uint64_t *first, bool *lost) {
+    uint64_t held = PD_MIN(pushed, (uint64_t)cap), oldest = pushed - held, k = pushed;
+    while (k > oldest && t_at(ring, (size_t)((k - 1) % cap)) > since_s) k--;
+    *first = k;
+    *lost = k == oldest && oldest > 0; /* even the oldest held sample is newer: some were dropped */
+    return (size_t)(pushed - k);
+}
+
+static double gpu_t_at(const void *ring, size_t slot) { return ((const power_sample *)ring)[slot].t_s; }
+static double rapl_t_at(const void *ring, size_t slot) { return ((const double *)ring)[slot]; }
+
+size_t power_session_samples_since(power_session *s, int i, double since_s, power_sample *out, size_t cap,
+                                   bool *lost, bool *more) {
+    PD_ASSERT(s && out && lost && more);
+    *lost = *more = false;
+    pthread_mutex_lock(&s->live_mu);
+    size_t n = 0;
+    if (s->running && i >= 0 && i < s->n) {
+        gpu_track *g = &s->g[i];
+        uint64_t first;
+        n = ring_since(g->ring, gpu_t_at, g->cap, g->pushed, since_s, &first, lost);
+        if (n > cap) n = cap, *more = true;
+        for (size_t k = 0; k < n; k++) out[k] = g->ring[(first + k) % g->cap];
+    }
+    pthread_mutex_unlock(&s->live_mu);
+    return n;
+}
+
+size_t power_session_rapl_since(power_session *s, double since_s, power_rapl_sample *out, size_t cap,
+                                bool *lost, bool *more) {
+    PD_ASSERT(s && out && lost && more);
+    *lost = *more = false;
+    pthread_mutex_lock(&s->live_mu);
+    size_t n = 0;
+    if (s->running && s->rapl_cap) {
+        uint64_t first;
+        n = ring_since(s->rapl_t, rapl_t_at, s->rapl_cap, s->rapl_pushed, since_s, &first, lost);
+        if (n > cap) n = cap, *more = true;
+        for (size_t k = 0; k < n; k++) {
+            size_t slot = (size_t)((first + k) % s->rapl_cap);
+            out[k].t_s = s->rapl_t[slot];
+            for (int d = 0; d < POWER_MAX_RAPL; d++)
+                out[k].power_w[d] = d < s->rapl.n ? s->rapl_w[slot * (size_t)s->rapl.n + (size_t)d] : NAN;
+        }
+    }
+    pthread_mutex_unlock(&s->live_mu);
+    return n;
+}
+
+int power_session_describe(power_session *s, power_ring_info *out) {
+    PD_ASSERT(s && out);
+    memset(out, 0, sizeof *out);
+    pthread_mutex_lock(&s->live_mu);
+    bool running = s->running;
+    out->uptime_s = running ? time_now_s() - s->t0 : 0;
+    out->period_s = s->period_s;
+    out->n_gpus = s->n;
+    for (int i = 0; i < s->n; i++) {
+        out->gpu[i] = s->g[i].nv_index;
+        out->role[i] = s->g[i].role;
+    }
+    out->n_rapl = s->rapl.n;
+    for (int i = 0; i < s->rapl.n; i++) snprintf(out->rapl[i], sizeof out->rapl[i], "%s", s->rapl.d[i].name);
+    out->capacity = s->n ? s->g[0].cap : s->rapl_cap;
+    pthread_mutex_unlock(&s->live_mu);
+    return running ? 0 : -1;
 }

@@ -36,6 +36,7 @@
 
 #include <microhttpd.h>
 
+#include "power/power.h"
 #include "server/server.h"
 #include "util/util.h"
 
@@ -58,7 +59,7 @@
 typedef enum route_id {
     ROUTE_HEALTH, ROUTE_METRICS, ROUTE_MODELS, ROUTE_VERSION, ROUTE_COMPLETIONS, ROUTE_CHAT,
     ROUTE_TOKENIZE, ROUTE_DETOKENIZE, ROUTE_LOAD, ROUTE_INT_RESERVE, ROUTE_INT_PREFILL,
-    ROUTE_INT_DECODE, ROUTE_INT_RELEASE
+    ROUTE_INT_DECODE, ROUTE_INT_RELEASE, ROUTE_POWER_SAMPLES
 } route_id;
 
 typedef struct route {
@@ -79,6 +80,9 @@ static const route ROUTES[] = {
     {"/tokenize", "POST", ROUTE_TOKENIZE, true, 0},     /* the model's tokenizer: public API */
     {"/detokenize", "POST", ROUTE_DETOKENIZE, true, 0},
     {"/load", "GET", ROUTE_LOAD, false, 0},
+    /* the power sampler's rings (a sweep's per-point record): the internal secret or the
+     * API key when either is set (power_samples_allowed) */
+    {"/metrics/power-samples", "GET", ROUTE_POWER_SAMPLES, false, 0},
     /* disaggregated serving: called by the router only (internal.c) */
     {"/internal/reserve", "POST", ROUTE_INT_RESERVE, false, SERVER_ROLE_DECODE},
     {"/internal/decode", "POST", ROUTE_INT_DECODE, false, SERVER_ROLE_DECODE},
@@ -688,6 +692,43 @@ static enum MHD_Result handle_metrics(server *s, struct MHD_Connection *conn) {
     return ret;
 }
 
+/* GET /metrics/power-samples?since=T[&max=N]: the power sampler's rings newer than T
+ * (the samples' own clock: seconds since the session started; default: everything
+ * held), at most N (default 6000) per GPU and for RAPL. JSON, power_samples_json's
+ * format. A sweep fetches it per point and pages on "more". */
+static enum MHD_Result handle_power_samples(server *s, struct MHD_Connection *conn) {
+    api_error e;
+    const char *since_txt = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "since");
+    const char *max_txt = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "max");
+    double since = -1e18;
+    long long max = 0;
+    char *end = NULL;
+    if (since_txt) {
+        since = strtod(since_txt, &end);
+        if (end == since_txt || *end || !isfinite(since)) {
+            api_error_set(&e, 400, "invalid_request_error", "since", "since must be a number of seconds");
+            return respond_error(conn, &e);
+        }
+    }
+    if (max_txt) {
+        max = strtoll(max_txt, &end, 10);
+        if (end == max_txt || *end || max < 1 || max > 100000) {
+            api_error_set(&e, 400, "invalid_request_error", "max", "max must be an integer from 1 to 100000");
+            return respond_error(conn, &e);
+        }
+    }
+    size_t len = 0;
+    char *text = power_samples_json(s->power, since, (size_t)max, server_role_name(s->role), NULL, &len);
+    if (!text) {
+        api_error_set(&e, 404, "invalid_request_error", NULL, "this instance runs no power sampler");
+        e.code = "not_found";
+        return respond_error(conn, &e);
+    }
+    enum MHD_Result ret = respond(conn, 200, "application/json", text, len, NULL, NULL);
+    free(text);
+    return ret;
+}
+
 /* Checks the prompt against max_model_len and fills max_tokens (vLLM's wording). */
 static int check_length(const server *s, api_request *r, int n, api_error *e) {
     const char *what = r->endpoint == API_ENDPOINT_CHAT ? "messages" : "prompt";
@@ -992,6 +1033,22 @@ static void first_call(server *s, struct MHD_Connection *conn, const char *url, 
             return;
         }
     }
+    if (rt->id == ROUTE_POWER_SAMPLES && (s->secret || s->api_key)) {
+        /* either credential: the deployment's tools hold the secret, an operator the key */
+        const char *sec = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Internal-Secret");
+        const char *h = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
+        bool ok = (s->secret && sec && str_eq_ct(sec, s->secret)) ||
+                  (s->api_key && h && !strncmp(h, "Bearer ", 7) && str_eq_ct(h + 7, s->api_key));
+        if (!ok) {
+            api_error_set(e, 401, "invalid_request_error", NULL,
+                          "%s needs the deployment's secret in X-PD-Internal-Secret or the API key "
+                          "as 'Authorization: Bearer KEY'", url);
+            e->code = "invalid_api_key";
+            c->reject_hname = "WWW-Authenticate";
+            c->reject_hval = "Bearer";
+            return;
+        }
+    }
     if (rt->auth && s->api_key) {
         const char *h = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
         if (!h || strncmp(h, "Bearer ", 7) || !str_eq_ct(h + 7, s->api_key)) {
@@ -1066,6 +1123,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     case ROUTE_CHAT:
     case ROUTE_INT_DECODE: return handle_generate(s, conn, c);
     case ROUTE_LOAD: return handle_load(s, conn);
+    case ROUTE_POWER_SAMPLES: return handle_power_samples(s, conn);
     case ROUTE_INT_RESERVE: return handle_reserve(s, conn, c);
     case ROUTE_INT_PREFILL: return handle_prefill(s, conn, c);
     case ROUTE_INT_RELEASE:

@@ -6,20 +6,39 @@
  *                               engine_submit_prefilled with the first token: from then
  *                               on it is an ordinary generation of http.c
  *            /internal/release  kv_ticket_cancel
- *   prefill  /internal/prefill  a prefill_only engine request; at its end the engine
- *                               hands over the prompt's blocks, a transfer worker ships
- *                               them (kv_send_begin .. kv_send_finish), gives them back
- *                               and answers with the first token
+ *   prefill  /internal/prefill  a prefill_only engine request; its prompt's KV is
+ *                               shipped (kv_send_begin .. kv_send_finish) by a transfer
+ *                               worker, which then gives the blocks back and answers
+ *                               with the first token
  *
- * Threads: the engine thread only records events and queues work; a transfer worker
- * does the (blocking) shipping; a ticker thread enforces deadlines (aborting prefills
- * that outlive their ticket) and calls kv_connector_tick, which expires reservations
- * nobody claimed. Whatever fails, every block goes back exactly once: the connector's
- * on the decode side, ours (engine_kv_release) on the prefill side.
+ * Two ways to ship, by --kv-transfer-mode:
+ *   whole      at the request's end the engine hands over the prompt's blocks (the
+ *              FINISHED event) and the worker ships them all after the pass.
+ *   layerwise  streamed, overlapping the prefill's compute: when the step that computes
+ *              the prompt's last chunk (the whole prompt if it fits one step) is about
+ *              to run, the engine calls on_begin with every block of the prompt and the
+ *              worker opens the transfer (kv_send_begin) while the pass starts; after
+ *              each layer's kv_store the engine's per-layer hook says "layer l ready"
+ *              and the worker ships layer l of every block (kv_send_layer) while the
+ *              pass computes layer l+1..; the FINISHED event at the end of that step
+ *              hands the blocks over and the worker closes the transfer
+ *              (kv_send_finish). What is overlapped: the shipping of layer l of the
+ *              whole prompt (earlier chunks' blocks included) with layers l+1..L-1 of
+ *              the last chunk; what is not: earlier chunks' steps (their blocks wait for
+ *              the last chunk, since a medium ships a layer of all blocks at once), the
+ *              last layer, and the completion notice. docs/disaggregation.md.
  *
- * Layer-wise transfer: the forward pass has no per-layer hook yet, so the blocks are
- * shipped once the whole prompt is computed; --kv-transfer-mode layerwise then sends
- * them layer by layer (kv_send_layer) without overlapping compute. */
+ * Threads: the engine thread only records events and queues work (it takes in->mu for
+ * a few instructions per layer of a streaming step, never waits on the network); one
+ * transfer worker does every blocking call, taking whichever job has work next, in
+ * arrival order (a streaming job's next layer, a whole job's shipping); a ticker
+ * thread enforces deadlines (aborting prefills that outlive their ticket) and calls
+ * kv_connector_tick, which expires reservations nobody claimed. Whatever fails (the
+ * decode side gone, a deadline, the router hanging up mid-stream), every block goes
+ * back exactly once: the connector's on the decode side, ours (engine_kv_release, by
+ * the worker once the transfer is over) on the prefill side. The engine must be
+ * stopped before internal_free (serve's teardown order), so that no engine event
+ * comes after the worker has gone. */
 #include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -55,8 +74,25 @@ struct internal_prefill_job {
     int32_t *blocks;            /* [n_blocks] handed over by the engine (owned ids) */
     int n_blocks;
     double t_start, t_prefilled;
-    internal_prefill_job *next_q;           /* transfer queue (in->mu) */
+    internal_prefill_job *next_q;           /* the worker's list (in->mu) */
     internal_prefill_job *prev_a, *next_a;  /* active list (in->mu) */
+    /* the engine thread's news for the worker (in->mu) */
+    bool finish_ready;          /* the FINISHED event came (blocks handed over, or not) */
+    bool streaming;             /* layerwise: on_begin accepted; the worker ships as layers come */
+    int layers_ready;           /* layers the step's forward pass has written (streaming) */
+    finish_reason fin;          /* the FINISHED event's (streaming) */
+    char fin_err[200];
+    int32_t *stream_blocks;     /* [n_stream_blocks] the prompt's block ids at on_begin (owned) */
+    int n_stream_blocks;
+    /* the worker's own (worker thread only) */
+    bool begun;                 /* streaming: kv_send_begin tried */
+    kv_send *send;              /* streaming: the open transfer */
+    int layers_sent, layers_early; /* shipped; of which before the prefill's end */
+    kv_status st;               /* streaming: the first failure (KV_OK: none) */
+    char err[256];
+    int fail_status;            /* streaming: HTTP status of that failure (0: from st) */
+    const char *fail_code;
+    double t_send0, busy_s;     /* kv_send_begin called; seconds spent inside kv_send_* */
 };
 
 struct internal_ctx {
@@ -67,7 +103,9 @@ struct internal_ctx {
     int stall_ms;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    internal_prefill_job *q_head, *q_tail;  /* waiting for the transfer worker */
+    internal_prefill_job *q_head, *q_tail;  /* the transfer worker's list */
+    bool one_send;              /* store mediums: one transfer open at a time (below) */
+    int n_open;                 /* worker only: streamed transfers open now */
     internal_prefill_job *active;           /* every job not yet answered */
     int n_active;
     bool stop;
@@ -83,8 +121,9 @@ static void pj_unref(internal_prefill_job *j) {
     bool last = --j->refs == 0;
     pthread_mutex_unlock(&j->mu);
     if (!last) return;
-    PD_ASSERT(!j->blocks);
+    PD_ASSERT(!j->blocks && !j->send);
     pthread_mutex_destroy(&j->mu);
+    free(j->stream_blocks);
     free(j->prompt);
     free(j);
 }
@@ -138,6 +177,29 @@ static void first_format(const internal_prefill_job *j, sbuf *out) {
         sbuf_printf(out, i ? ",%d:%.9g" : "%d:%.9g", (int)f->top[i].id, (double)f->top[i].logprob);
 }
 
+/* Puts j at the end of the worker's list and wakes it (under in->mu). */
+static void pj_enqueue(internal_ctx *in, internal_prefill_job *j) {
+    j->next_q = NULL;
+    if (in->q_tail) in->q_tail->next_q = j;
+    else in->q_head = j;
+    in->q_tail = j;
+    pthread_cond_broadcast(&in->cv);
+}
+
+/* Answers a job whose prefill itself did not end with the first token. */
+static void pj_fail_prefill(internal_prefill_job *j, finish_reason why, const char *error) {
+    internal_ctx *in = j->in;
+    pthread_mutex_lock(&in->mu);
+    bool deadline = j->aborted_deadline;
+    pthread_mutex_unlock(&in->mu);
+    if (deadline)
+        pj_fail(j, 504, "kv_transfer_timeout", "the prefill did not finish before the request's deadline");
+    else if (why == FINISH_ABORT)
+        pj_fail(j, 503, "prefill_aborted", "the prefill was aborted (shutdown or the router went away)");
+    else
+        pj_fail(j, 500, "prefill_failed", "the prefill failed: %s", error ? error : "unknown error");
+}
+
 /* Engine thread: record, and hand the blocks to the transfer worker. Never blocks. */
 static void pj_on_event(void *user, const engine_event *ev) {
     internal_prefill_job *j = user;
@@ -155,27 +217,60 @@ static void pj_on_event(void *user, const engine_event *ev) {
         memcpy(j->blocks, ev->kv_blocks, sizeof(int32_t) * (size_t)ev->n_kv_blocks);
         j->n_blocks = ev->n_kv_blocks;
     }
-    if (ev->finish == FINISH_LENGTH && j->got_token && j->blocks) {
-        j->t_prefilled = time_now_s();
+    j->t_prefilled = time_now_s();
+    if (j->streaming) {
+        /* already on the worker's list, maybe mid-transfer: the worker ends it */
         pthread_mutex_lock(&in->mu);
+        j->fin = ev->finish;
+        snprintf(j->fin_err, sizeof j->fin_err, "%s", ev->error ? ev->error : "unknown error");
+        j->finish_ready = true;
         j->stage = PJ_TRANSFER;
-        if (in->q_tail) in->q_tail->next_q = j;
-        else in->q_head = j;
-        in->q_tail = j;
         pthread_cond_broadcast(&in->cv);
         pthread_mutex_unlock(&in->mu);
         return;
     }
-    pthread_mutex_lock(&in->mu);
-    bool deadline = j->aborted_deadline;
-    pthread_mutex_unlock(&in->mu);
-    if (deadline)
-        pj_fail(j, 504, "kv_transfer_timeout", "the prefill did not finish before the request's deadline");
-    else if (ev->finish == FINISH_ABORT)
-        pj_fail(j, 503, "prefill_aborted", "the prefill was aborted (shutdown or the router went away)");
-    else
-        pj_fail(j, 500, "prefill_failed", "the prefill failed: %s", ev->error ? ev->error : "unknown error");
+    if (ev->finish == FINISH_LENGTH && j->got_token && j->blocks) {
+        pthread_mutex_lock(&in->mu);
+        j->stage = PJ_TRANSFER;
+        j->finish_ready = true;
+        pj_enqueue(in, j);
+        pthread_mutex_unlock(&in->mu);
+        return;
+    }
+    pj_fail_prefill(j, ev->finish, ev->error);
 }
+
+/* Engine thread, layerwise (engine_kv_stream.on_begin): the step computing the
+ * prompt's last chunk is about to run; blocks are every block of the prompt. The
+ * worker opens the transfer now, so that it is ready when layer 0 is. */
+static bool pj_on_kv_begin(void *user, const int32_t *blocks, int n_blocks) {
+    internal_prefill_job *j = user;
+    internal_ctx *in = j->in;
+    PD_ASSERT(!j->streaming);
+    if (n_blocks != j->ticket.n_blocks) return false; /* kv_send_begin after the pass says why */
+    j->stream_blocks = xmalloc(sizeof(int32_t) * (size_t)n_blocks);
+    memcpy(j->stream_blocks, blocks, sizeof(int32_t) * (size_t)n_blocks);
+    j->n_stream_blocks = n_blocks;
+    pthread_mutex_lock(&in->mu);
+    j->streaming = true;
+    pj_enqueue(in, j);
+    pthread_mutex_unlock(&in->mu);
+    return true;
+}
+
+/* Engine thread, layerwise (engine_kv_stream.on_layer): layer `layer` of every block
+ * is written (or, on a device, queued: the worker waits for its event). */
+static void pj_on_kv_layer(void *user, int layer) {
+    internal_prefill_job *j = user;
+    internal_ctx *in = j->in;
+    pthread_mutex_lock(&in->mu);
+    PD_ASSERT(j->streaming && layer == j->layers_ready);
+    j->layers_ready = layer + 1;
+    pthread_cond_broadcast(&in->cv);
+    pthread_mutex_unlock(&in->mu);
+}
+
+static const engine_kv_stream PJ_KV_STREAM = {pj_on_kv_begin, pj_on_kv_layer};
 
 static int kv_status_http(kv_status st) {
     switch (st) {
@@ -186,19 +281,56 @@ static int kv_status_http(kv_status st) {
     }
 }
 
-/* Transfer worker: sleeps (debug stall) then ships one job's blocks. */
-static void pj_transfer(internal_ctx *in, internal_prefill_job *j) {
-    char err[256] = "";
-    if (in->stall_ms > 0) {
-        int64_t until = wall_ms() + in->stall_ms;
-        log_warn("prefill: --debug-stall-transfer-ms: stalling the transfer of request %llu for %d ms",
-                 (unsigned long long)j->ticket.request_id, in->stall_ms);
-        while (wall_ms() < until && wall_ms() < j->ticket.deadline_ms) usleep(5000);
-    }
+/* Answers 200 with the first token and the transfer's figures, after giving the
+ * blocks back. t0..t1: kv_send_begin called .. kv_send_finish returned. */
+static void pj_succeed(internal_prefill_job *j, double t0, double t1, double busy, int early) {
+    internal_ctx *in = j->in;
+    engine_kv_release(in->eng, j->blocks, j->n_blocks);
+    free(j->blocks);
+    j->blocks = NULL;
+    sbuf b, f;
+    sbuf_init(&b);
+    sbuf_init(&f);
+    first_format(j, &f);
+    sbuf_puts(&b, "{\"first\":");
+    sbuf_json_str(&b, f.p, f.len);
+    /* prefill_s: arrival .. the prefill's end; kv_transfer_s: begin .. finish;
+     * kv_busy_s: inside kv_send_* calls; kv_tail_s: the prefill's end .. finish (what
+     * the transfer added to the request); kv_layers_overlapped: layers shipped before
+     * the prefill's end */
+    sbuf_printf(&b, ",\"n_prompt\":%d,\"prefill_s\":%.6f,\"kv_transfer_s\":%.6f,\"kv_busy_s\":%.6f,"
+                "\"kv_tail_s\":%.6f,\"kv_layers_overlapped\":%d,\"kv_mode\":\"%s\",\"medium\":\"%s\"}",
+                j->n_prompt, j->t_prefilled - j->t_start, t1 - t0, busy, t1 - j->t_prefilled, early,
+                j->streaming ? "layerwise" : kv_transfer_mode_name(kv_connector_config(in->kv)->mode),
+                kv_medium_name(j->ticket.medium));
+    pj_answer(j, 200, &b);
+    sbuf_free(&b);
+    sbuf_free(&f);
+}
+
+/* --debug-stall-transfer-ms: holds the worker (fault tests) until the stall or the
+ * request's deadline is over. */
+static void pj_stall(internal_ctx *in, internal_prefill_job *j, const char *where) {
+    if (in->stall_ms <= 0) return;
+    int64_t until = wall_ms() + in->stall_ms;
+    log_warn("prefill: --debug-stall-transfer-ms: stalling the transfer of request %llu for %d ms %s",
+             (unsigned long long)j->ticket.request_id, in->stall_ms, where);
+    while (wall_ms() < until && wall_ms() < j->ticket.deadline_ms) usleep(5000);
+}
+
+static bool pj_http_gone(internal_prefill_job *j) {
     pthread_mutex_lock(&j->mu);
     bool gone = j->http_gone;
     pthread_mutex_unlock(&j->mu);
-    if (gone) {
+    return gone;
+}
+
+/* Transfer worker, whole mode (or a prefill that was not streamed): sleeps (debug
+ * stall) then ships one job's blocks after its pass. */
+static void pj_transfer(internal_ctx *in, internal_prefill_job *j) {
+    char err[256] = "";
+    pj_stall(in, j, "before it starts");
+    if (pj_http_gone(j)) {
         pj_fail(j, 499, "client_gone", "the router went away before the KV transfer");
         return;
     }
@@ -216,7 +348,7 @@ static void pj_transfer(internal_ctx *in, internal_prefill_job *j) {
         return;
     }
     const kv_config *kc = kv_connector_config(in->kv);
-    if (kc->mode == KV_TRANSFER_LAYERWISE) {
+    if (kc->mode == KV_TRANSFER_LAYERWISE) { /* not streamed: layer by layer after the pass */
         int L = engine_kv_cache(in->eng)->n_layers;
         for (int l = 0; l < L && st == KV_OK; l++) st = kv_send_layer(s, l, err, sizeof err);
         if (st != KV_OK) {
@@ -233,39 +365,181 @@ static void pj_transfer(internal_ctx *in, internal_prefill_job *j) {
         return;
     }
     double t1 = time_now_s();
-    engine_kv_release(in->eng, j->blocks, j->n_blocks);
-    free(j->blocks);
-    j->blocks = NULL;
-    sbuf b, f;
-    sbuf_init(&b);
-    sbuf_init(&f);
-    first_format(j, &f);
-    sbuf_puts(&b, "{\"first\":");
-    sbuf_json_str(&b, f.p, f.len);
-    sbuf_printf(&b, ",\"n_prompt\":%d,\"prefill_s\":%.6f,\"kv_transfer_s\":%.6f,\"medium\":\"%s\"}",
-                j->n_prompt, j->t_prefilled - j->t_start, t1 - t0, kv_medium_name(j->ticket.medium));
-    pj_answer(j, 200, &b);
-    sbuf_free(&b);
-    sbuf_free(&f);
+    pj_succeed(j, t0, t1, t1 - t0, 0);
 }
 
+/* ---- the streamed (layerwise) transfer: one call per worker turn ---------------------- */
+
+/* Records the stream's first failure and closes the transfer (the medium tells the
+ * receiver where it can); the blocks stay held until the FINISHED event, then
+ * pj_stream_finish gives them back. */
+static void pj_stream_failed(internal_prefill_job *j, kv_status st, int status, const char *code,
+                             const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+static void pj_stream_failed(internal_prefill_job *j, kv_status st, int status, const char *code,
+                             const char *fmt, ...) {
+    if (j->st == KV_OK) {
+        j->st = st;
+        j->fail_status = status;
+        j->fail_code = code;
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(j->err, sizeof j->err, fmt, ap);
+        va_end(ap);
+    }
+    if (j->send) {
+        kv_send_abort(j->send);
+        j->send = NULL;
+        j->in->n_open--;
+    }
+}
+
+/* Opens the transfer while the step's pass starts (kv_send_begin: connect, reserve
+ * store entries...). */
+static void pj_stream_begin(internal_ctx *in, internal_prefill_job *j, bool stop) {
+    char err[256] = "";
+    kv_status st = KV_OK;
+    j->begun = true;
+    if (stop) {
+        pj_stream_failed(j, KV_ERR_ABORTED, 503, "shutting_down", "the prefill instance is shutting down");
+        return;
+    }
+    if (pj_http_gone(j)) {
+        pj_stream_failed(j, KV_ERR_ABORTED, 499, "client_gone", "the router went away before the KV transfer");
+        return;
+    }
+    j->t_send0 = time_now_s();
+    j->send = kv_send_begin(in->kv, &j->ticket, j->stream_blocks, j->n_stream_blocks, j->prompt,
+                            j->n_prompt, &st, err, sizeof err);
+    j->busy_s += time_now_s() - j->t_send0;
+    if (j->send) in->n_open++;
+    else
+        pj_stream_failed(j, st, 0, "kv_transfer_failed", "the KV transfer could not start (%s): %s",
+                         kv_status_name(st), err);
+}
+
+/* Ships layer l of every block of the prompt, once the pass has written it. */
+static void pj_stream_layer(internal_ctx *in, internal_prefill_job *j, int l, bool stop) {
+    char err[256] = "";
+    j->layers_sent = l + 1;
+    if (stop) {
+        pj_stream_failed(j, KV_ERR_ABORTED, 503, "shutting_down", "the prefill instance is shutting down");
+        return;
+    }
+    if (pj_http_gone(j)) {
+        pj_stream_failed(j, KV_ERR_ABORTED, 499, "client_gone", "the router went away during the KV transfer");
+        return;
+    }
+    engine_kv_layer_wait(in->eng, l); /* CUDA: the layer's kv_store has run */
+    double t0 = time_now_s();
+    kv_status st = kv_send_layer(j->send, l, err, sizeof err);
+    j->busy_s += time_now_s() - t0;
+    if (st != KV_OK) {
+        pj_stream_failed(j, st, 0, "kv_transfer_failed", "the KV transfer failed at layer %d (%s): %s",
+                         l, kv_status_name(st), err);
+        return;
+    }
+    pthread_mutex_lock(&in->mu);
+    if (!j->finish_ready) j->layers_early++;
+    pthread_mutex_unlock(&in->mu);
+    if (l == 0) pj_stall(in, j, "after its first layer");
+}
+
+/* After the FINISHED event: closes the transfer (the layers not yet shipped and the
+ * completion notice) and answers; on any failure the transfer is aborted and the
+ * blocks go back. */
+static void pj_stream_finish(internal_ctx *in, internal_prefill_job *j, bool stop) {
+    char err[256] = "";
+    if (j->fin != FINISH_LENGTH || !j->got_token || !j->blocks) {
+        pj_stream_failed(j, KV_ERR_ABORTED, 0, NULL, "the prefill did not finish");
+        pj_fail_prefill(j, j->fin, j->fin_err);
+        return;
+    }
+    if (stop)
+        pj_stream_failed(j, KV_ERR_ABORTED, 503, "shutting_down", "the prefill instance is shutting down");
+    else if (j->send && pj_http_gone(j))
+        pj_stream_failed(j, KV_ERR_ABORTED, 499, "client_gone", "the router went away during the KV transfer");
+    if (j->send) {
+        double t0 = time_now_s();
+        kv_status st = kv_send_finish(j->send, err, sizeof err); /* frees the send */
+        j->send = NULL;
+        in->n_open--;
+        j->busy_s += time_now_s() - t0;
+        if (st != KV_OK)
+            pj_stream_failed(j, st, 0, "kv_transfer_failed", "the KV transfer failed (%s): %s",
+                             kv_status_name(st), err);
+    }
+    if (j->st != KV_OK) {
+        int status = j->fail_status ? j->fail_status : kv_status_http(j->st);
+        const char *code = j->fail_code;
+        if (j->st == KV_ERR_DEADLINE) code = "kv_transfer_timeout";
+        pj_fail(j, status, code ? code : "kv_transfer_failed", "%s", j->err);
+        return;
+    }
+    pj_succeed(j, j->t_send0, time_now_s(), j->busy_s, j->layers_early);
+}
+
+/* ---- the worker ------------------------------------------------------------------------- */
+
+typedef enum pj_action { PJ_ACT_NONE, PJ_ACT_WHOLE, PJ_ACT_BEGIN, PJ_ACT_LAYER, PJ_ACT_FINISH } pj_action;
+
+/* What the worker can do for j now (under in->mu); *layer for PJ_ACT_LAYER. With
+ * one_send, a transfer starts only when no streamed one is open. */
+static pj_action pj_next_action(const internal_ctx *in, const internal_prefill_job *j, int *layer) {
+    bool may_open = !in->one_send || in->n_open == 0;
+    if (!j->streaming) return j->finish_ready && may_open ? PJ_ACT_WHOLE : PJ_ACT_NONE;
+    if (!j->begun) return may_open ? PJ_ACT_BEGIN : PJ_ACT_NONE;
+    if (j->send && j->layers_sent < j->layers_ready) {
+        *layer = j->layers_sent;
+        return PJ_ACT_LAYER;
+    }
+    return j->finish_ready ? PJ_ACT_FINISH : PJ_ACT_NONE;
+}
+
+/* One thread for every blocking transfer call. Each turn it takes the first job on its
+ * list (arrival order) that has work: a streaming job's begin, next layer or finish,
+ * or a whole job's transfer; a job leaves the list when it is answered. On stop, what
+ * is left is failed (the engine has stopped already: every job has its FINISHED). */
 static void *worker_main(void *arg) {
     internal_ctx *in = arg;
+    pthread_mutex_lock(&in->mu);
     for (;;) {
-        pthread_mutex_lock(&in->mu);
-        while (!in->stop && !in->q_head) pthread_cond_wait(&in->cv, &in->mu);
-        internal_prefill_job *j = in->q_head;
-        if (j) {
-            in->q_head = j->next_q;
-            if (!in->q_head) in->q_tail = NULL;
+        internal_prefill_job *j = NULL, *prev = NULL;
+        pj_action act = PJ_ACT_NONE;
+        int layer = 0;
+        for (internal_prefill_job *p = NULL, *x = in->q_head; x; p = x, x = x->next_q) {
+            act = pj_next_action(in, x, &layer);
+            if (act != PJ_ACT_NONE) {
+                j = x;
+                prev = p;
+                break;
+            }
+        }
+        if (!j) {
+            if (in->stop) break;
+            pthread_cond_wait(&in->cv, &in->mu);
+            continue;
+        }
+        if (act == PJ_ACT_WHOLE || act == PJ_ACT_FINISH) { /* its last turn: off the list */
+            if (prev) prev->next_q = j->next_q;
+            else in->q_head = j->next_q;
+            if (in->q_tail == j) in->q_tail = prev;
             j->next_q = NULL;
         }
         bool stop = in->stop;
         pthread_mutex_unlock(&in->mu);
-        if (!j) break;
-        if (stop) pj_fail(j, 503, "shutting_down", "the prefill instance is shutting down");
-        else pj_transfer(in, j);
+        switch (act) {
+        case PJ_ACT_WHOLE:
+            if (stop) pj_fail(j, 503, "shutting_down", "the prefill instance is shutting down");
+            else pj_transfer(in, j);
+            break;
+        case PJ_ACT_BEGIN: pj_stream_begin(in, j, stop); break;
+        case PJ_ACT_LAYER: pj_stream_layer(in, j, layer, stop); break;
+        case PJ_ACT_FINISH: pj_stream_finish(in, j, stop); break;
+        default: PD_ASSERT(0);
+        }
+        pthread_mutex_lock(&in->mu);
     }
+    pthread_mutex_unlock(&in->mu);
     return NULL;
 }
 
@@ -336,6 +610,7 @@ internal_prefill_job *internal_prefill_start(internal_ctx *in, const engine_requ
     er.on_event = pj_on_event;
     er.user = j;
     er.prefill_only = true;
+    if (kv_connector_config(in->kv)->mode == KV_TRANSFER_LAYERWISE) er.kv_stream = &PJ_KV_STREAM;
     /* Events may come before submit returns; the ticker reads engine_id under in->mu. */
     pthread_mutex_lock(&in->mu);
     uint64_t eid = engine_submit(in->eng, &er, err, sizeof err);
@@ -510,6 +785,15 @@ internal_ctx *internal_create(engine *e, kv_connector *kv, server_role role, dou
     in->stall_ms = stall_ms;
     pthread_mutex_init(&in->mu, NULL);
     pthread_cond_init(&in->cv, NULL);
+    /* The stores name what a transfer writes by content key, and two transfers of one
+     * process open at once may write the same key (prompts sharing a prefix): the disk
+     * store's temporary file is per key and process, and the cpu store leaves a key
+     * being written to its first writer, whose abort would fail the other. So their
+     * transfers go one after another; the links (gpu, tcp) keep several open. */
+    if (kv) {
+        kv_medium m = kv_connector_config(kv)->medium;
+        in->one_send = m == KV_MEDIUM_CPU || m == KV_MEDIUM_DISK;
+    }
     if (role == SERVER_ROLE_PREFILL && pthread_create(&in->worker, NULL, worker_main, in) == 0)
         in->worker_started = true;
     if (pthread_create(&in->ticker, NULL, ticker_main, in) == 0) in->ticker_started = true;

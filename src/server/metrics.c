@@ -98,6 +98,84 @@ static void gauge(sbuf *out, const char *name, const char *type, const char *hel
                 label, v);
 }
 
+/* One metric over the tiers: "# HELP/TYPE" once, then name{label,tier="X"} per tier. */
+static void tier_series(sbuf *out, const char *name, const char *type, const char *help,
+                        const char *label, const char *const *tiers, const double *v, int n) {
+    sbuf_printf(out, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+    for (int i = 0; i < n; i++) sbuf_printf(out, "%s{%s,tier=\"%s\"} %.9g\n", name, label, tiers[i], v[i]);
+}
+
+/* The lower tiers of prefix caching (docs/reuse.md): per tier gpu / cpu / disk. */
+static void render_tiers(sbuf *out, const engine_stats *st, const char *label) {
+    const prefix_tier_stats *t = &st->tiers;
+    const char *names[PREFIX_TIERS_MAX + 2]; /* gpu, the lower tiers, staging */
+    double v[PREFIX_TIERS_MAX + 2];
+    int n = t->n_tiers;
+    double q = (double)st->prefix_cache_queries;
+    names[0] = "gpu";
+    for (int i = 0; i < n; i++) names[i + 1] = t->tier[i].name;
+    v[0] = q > 0 ? (double)st->prefix_cache_hits / q : 0;
+    for (int i = 0; i < n; i++) v[i + 1] = q > 0 ? (double)t->tier[i].hit_tokens / q : 0;
+    tier_series(out, "pdserve_prefix_cache_tier_hit_rate", "gauge",
+                "Prompt tokens found in this tier / prompt tokens looked up (the tiers add up).", label,
+                names, v, n + 1);
+    v[0] = (double)st->prefix_cache_hits;
+    for (int i = 0; i < n; i++) v[i + 1] = (double)t->tier[i].hit_tokens;
+    tier_series(out, "pdserve_prefix_cache_tier_hits_total", "counter",
+                "Prompt tokens found in this tier at admission (lower tiers: loaded or not).", label,
+                names, v, n + 1);
+    gauge(out, "pdserve_prefix_cache_saved_tokens_total", "counter",
+          "Prefill tokens not computed: GPU hits plus blocks loaded from lower tiers.", label,
+          (double)(st->prefix_cache_hits + t->loaded_tokens));
+#define PER_TIER(field) for (int i = 0; i < n; i++) v[i] = (double)t->tier[i].field
+    PER_TIER(offloaded_blocks);
+    tier_series(out, "pdserve_kv_offload_blocks_total", "counter",
+                "Blocks written into this tier (evicted from the GPU tier or the tier above).", label,
+                names + 1, v, n);
+    PER_TIER(loaded_blocks);
+    names[n + 1] = "staging";
+    v[n] = (double)t->staged_loaded_blocks;
+    tier_series(out, "pdserve_kv_offload_loaded_blocks_total", "counter",
+                "Blocks loaded from this tier into the GPU tier instead of recomputed.", label,
+                names + 1, v, n + 1);
+    PER_TIER(bytes_written);
+    tier_series(out, "pdserve_kv_offload_written_bytes_total", "counter", "Bytes written into this tier.",
+                label, names + 1, v, n);
+    PER_TIER(bytes_read);
+    tier_series(out, "pdserve_kv_offload_read_bytes_total", "counter",
+                "Bytes read from this tier (loads and moves down).", label, names + 1, v, n);
+    PER_TIER(evictions);
+    tier_series(out, "pdserve_kv_offload_evictions_total", "counter",
+                "Entries pushed out of this tier (to the next one, or dropped).", label, names + 1, v, n);
+    PER_TIER(entries);
+    tier_series(out, "pdserve_kv_offload_entries", "gauge", "Blocks held by this tier.", label, names + 1, v, n);
+    PER_TIER(capacity_entries);
+    tier_series(out, "pdserve_kv_offload_capacity_entries", "gauge", "Blocks this tier can hold.", label,
+                names + 1, v, n);
+    PER_TIER(load_s_per_block);
+    tier_series(out, "pdserve_kv_offload_load_seconds_per_block", "gauge",
+                "Running estimate of the time to load one block from this tier.", label, names + 1, v, n);
+#undef PER_TIER
+    sbuf_printf(out, "# HELP pdserve_kv_offload_decisions_total Admissions that found blocks in a lower "
+                     "tier, by choice: load them or recompute them.\n"
+                     "# TYPE pdserve_kv_offload_decisions_total counter\n"
+                     "pdserve_kv_offload_decisions_total{%s,decision=\"load\"} %llu\n"
+                     "pdserve_kv_offload_decisions_total{%s,decision=\"recompute\"} %llu\n",
+                label, (unsigned long long)t->decisions_load, label, (unsigned long long)t->decisions_recompute);
+    gauge(out, "pdserve_kv_offload_recompute_seconds_per_token", "gauge",
+          "Running estimate of prefill seconds per token the last decision used.", label,
+          t->recompute_s_per_token);
+    gauge(out, "pdserve_kv_offload_loaded_tokens_total", "counter",
+          "Prefill tokens saved by loads from lower tiers.", label, (double)t->loaded_tokens);
+    gauge(out, "pdserve_kv_offload_dropped_total", "counter",
+          "Evicted blocks not kept (staging full, or no room in the first tier).", label,
+          (double)t->offload_dropped);
+    gauge(out, "pdserve_kv_offload_load_failures_total", "counter",
+          "Loads that found their entry gone or corrupt (then recomputed).", label, (double)t->load_failures);
+    gauge(out, "pdserve_kv_offload_queued_blocks", "gauge", "Evicted blocks staged, not yet written.",
+          label, (double)t->queued);
+}
+
 void metrics_render(server_metrics *m, const engine_stats *st, const char *model_name, sbuf *out) {
     char label[256];
     /* Label values: escape backslash, quote and newline (Prometheus text format). */
@@ -143,6 +221,8 @@ void metrics_render(server_metrics *m, const engine_stats *st, const char *model
         gauge(out, "pdserve_prefix_cache_blocks", "gauge", "Blocks holding cached prefixes.", label,
               (double)st->prefix_cache_blocks);
     }
+
+    if (st->prefix_caching && st->tiers.n_tiers > 0) render_tiers(out, st, label);
 
     pthread_mutex_lock(&m->mu);
     sbuf_puts(out, "# HELP pdserve_request_success_total Finished requests by finish reason.\n"

@@ -81,6 +81,8 @@ struct rjob {
     bool generation;            /* completions or chat */
     const char *endpoint;       /* "completions" | "chat" (static) */
     char rid[40];
+    uint64_t akeys[64];         /* prefix-affinity: chained keys of the prompt's chunks */
+    int n_akeys;
     /* ---- shared, under mu ---- */
     bool suspended;             /* the client connection waits for our resume */
     bool headers_ready;         /* status and content type known: answer the client */
@@ -142,12 +144,14 @@ struct router {
     bool stop;
     int n_jobs;                 /* jobs alive (either side) */
     rjob *active;               /* curl thread only: jobs with a transfer */
+    struct affinity *aff;       /* prefix-affinity: [ROUTER_MAX_BACKENDS] tables (owned) */
 };
 
 /* ---- small helpers --------------------------------------------------------------------- */
 int router_policy_parse(const char *s, router_policy *out) {
     if (!strcmp(s, "round-robin") || !strcmp(s, "rr")) *out = ROUTER_POLICY_ROUND_ROBIN;
     else if (!strcmp(s, "least-loaded")) *out = ROUTER_POLICY_LEAST_LOADED;
+    else if (!strcmp(s, "prefix-affinity")) *out = ROUTER_POLICY_PREFIX_AFFINITY;
     else return -1;
     return 0;
 }
@@ -268,6 +272,84 @@ static backend_inst *pick(router *r, backend_role role, const backend_inst *avoi
         if (load < best_load) best = b, best_load = load;
     }
     return best;
+}
+
+/* ---- prefix affinity ------------------------------------------------------------------------ *
+ * The router has no tokenizer, so a prompt's prefixes are named by its bytes: keys
+ * chained over chunks of AFFINITY_CHUNK bytes of the text (or AFFINITY_CHUNK / 4 token
+ * ids, or the chat messages' roles and contents in order), about one KV block each, so
+ * key i names the whole prefix up to chunk i. Each instance keeps the keys of prompts
+ * routed to it in a direct-mapped table of AFFINITY_SLOTS (a newer key overwrites an
+ * older one: bounded, recent prefixes win, as in the instance's LRU cache). A request
+ * goes to the instance matching most leading keys, unless that is fewer than
+ * AFFINITY_MIN_KEYS or the instance is overloaded (load above 2 x the least loaded's
+ * + 4): then least-loaded. Curl thread only (the mutex is for safety, never contended). */
+#define AFFINITY_CHUNK 64
+#define AFFINITY_SLOTS 16384
+#define AFFINITY_MIN_KEYS 2
+
+struct affinity {
+    pthread_mutex_t mu;
+    uint64_t slot[AFFINITY_SLOTS];
+};
+
+typedef struct affinity_chain { uint64_t h; uint8_t buf[AFFINITY_CHUNK]; int fill; uint64_t *keys; int n, cap; } affinity_chain;
+
+static void affinity_feed(affinity_chain *c, const void *p, size_t n) {
+    const uint8_t *b = p;
+    for (size_t i = 0; i < n && c->n < c->cap; i++) {
+        c->buf[c->fill++] = b[i];
+        if (c->fill == AFFINITY_CHUNK) {
+            c->h = hash_bytes(c->buf, AFFINITY_CHUNK, c->h) | 1; /* 0 marks an empty slot */
+            c->keys[c->n++] = c->h;
+            c->fill = 0;
+        }
+    }
+}
+
+/* The request's chained chunk keys into j->akeys (a partial last chunk names nothing). */
+static void affinity_keys(rjob *j, const api_request *q) {
+    affinity_chain c = {.h = 0x6166666eull, .keys = j->akeys, .cap = (int)PD_ARRAY_LEN(j->akeys)};
+    if (q->prompt) affinity_feed(&c, q->prompt, q->prompt_len);
+    else if (q->has_prompt_ids) affinity_feed(&c, q->prompt_ids, (size_t)q->n_prompt_ids * sizeof(int32_t));
+    for (int i = 0; i < q->n_messages; i++) {
+        const char *role = q->messages[i].role, *content = q->messages[i].content;
+        if (role) affinity_feed(&c, role, strlen(role) + 1);
+        if (content) affinity_feed(&c, content, strlen(content) + 1);
+    }
+    j->n_akeys = c.n;
+}
+
+static int affinity_match(struct affinity *a, const uint64_t *keys, int n) {
+    int m = 0;
+    while (m < n && a->slot[keys[m] & (AFFINITY_SLOTS - 1)] == keys[m]) m++;
+    return m;
+}
+
+static int backend_load(backend_inst *b) { return PD_MAX(atomic_load(&b->inflight), atomic_load(&b->polled_load)); }
+
+/* pick() for a job: prefix-affinity when on and the job has keys, else the policy's. */
+static backend_inst *pick_for(router *r, rjob *j, backend_role role, const backend_inst *avoid) {
+    backend_inst *least = pick(r, role, avoid);
+    if (r->cfg.policy != ROUTER_POLICY_PREFIX_AFFINITY || !r->aff || !least || j->n_akeys == 0) return least;
+    backend_inst *best = NULL;
+    int best_m = 0;
+    for (int i = 0; i < r->n_backends; i++) {
+        backend_inst *b = &r->backends[i];
+        if (b->role != role || b == avoid || !atomic_load(&b->healthy)) continue;
+        struct affinity *a = &r->aff[i];
+        pthread_mutex_lock(&a->mu);
+        int m = affinity_match(a, j->akeys, j->n_akeys);
+        pthread_mutex_unlock(&a->mu);
+        if (m > best_m || (m == best_m && best && backend_load(b) < backend_load(best))) best = b, best_m = m;
+    }
+    backend_inst *to = least;
+    if (best && best_m >= AFFINITY_MIN_KEYS && backend_load(best) <= 2 * backend_load(least) + 4) to = best;
+    struct affinity *a = &r->aff[to - r->backends];
+    pthread_mutex_lock(&a->mu);
+    for (int k = 0; k < j->n_akeys; k++) a->slot[j->akeys[k] & (AFFINITY_SLOTS - 1)] = j->akeys[k];
+    pthread_mutex_unlock(&a->mu);
+    return to;
 }
 
 static void mark_unhealthy(backend_inst *b, const char *why) {
@@ -486,7 +568,7 @@ static void job_start(rjob *j) {
         return;
     }
     backend_role role = r->disaggregated ? BACKEND_DECODE : BACKEND_COLOCATED;
-    j->cb = pick(r, role, NULL);
+    j->cb = pick_for(r, j, role, NULL);
     if (!j->cb) {
         job_fail(j, 503, "server_error", "no_instance", "no healthy %s instance is available",
                  ROLE_NAMES[role]);
@@ -562,7 +644,7 @@ static void on_reserve_done(rjob *j, CURLcode rc, long code) {
         job_end(j);
         return;
     }
-    j->pb = pick(r, BACKEND_PREFILL, NULL);
+    j->pb = pick_for(r, j, BACKEND_PREFILL, NULL);
     if (!j->pb) {
         send_release(r, j->db, j->ticket);
         job_fail(j, 503, "server_error", "no_instance", "no healthy prefill instance is available");
@@ -1066,6 +1148,7 @@ static enum MHD_Result start_job(router *r, struct MHD_Connection *conn, rconn *
         j->stream = req.stream;
         j->generation = true;
         j->endpoint = ep == API_ENDPOINT_CHAT ? "chat" : "completions";
+        if (r->cfg.policy == ROUTER_POLICY_PREFIX_AFFINITY) affinity_keys(j, &req);
         api_request_free(&req);
     }
     if (atomic_load(&r->shutting_down)) {
@@ -1233,6 +1316,10 @@ router *router_start(const router_config *cfg, char *err, size_t errlen) {
     r->kv_timeout_s = cfg->kv_timeout_s > 0 ? cfg->kv_timeout_s : 30.0;
     r->poll_interval_s = cfg->poll_interval_s > 0 ? cfg->poll_interval_s : 0.1;
     r->disaggregated = dis;
+    if (cfg->policy == ROUTER_POLICY_PREFIX_AFFINITY) {
+        r->aff = xcalloc(ROUTER_MAX_BACKENDS, sizeof *r->aff); /* 128 KiB per instance */
+        for (int i = 0; i < ROUTER_MAX_BACKENDS; i++) pthread_mutex_init(&r->aff[i].mu, NULL);
+    }
     atomic_init(&r->shutting_down, false);
     atomic_init(&r->n_ids, 1);
     pthread_mutex_init(&r->mu, NULL);
@@ -1272,7 +1359,8 @@ router *router_start(const router_config *cfg, char *err, size_t errlen) {
     r->port = di ? di->port : cfg->port;
     log_info("router: %s, %d instance(s), policy %s, KV deadline %.1f s",
              dis ? "disaggregated" : "colocated load balancer", r->n_backends,
-             cfg->policy == ROUTER_POLICY_LEAST_LOADED ? "least-loaded" : "round-robin", r->kv_timeout_s);
+             cfg->policy == ROUTER_POLICY_LEAST_LOADED ? "least-loaded"
+             : cfg->policy == ROUTER_POLICY_PREFIX_AFFINITY ? "prefix-affinity" : "round-robin", r->kv_timeout_s);
     return r;
 }
 
@@ -1325,5 +1413,6 @@ void router_free(router *r) {
     free(r->served_name);
     free(r->api_key);
     free(r->secret);
+    free(r->aff);
     free(r);
 }

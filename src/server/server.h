@@ -311,7 +311,12 @@ void internal_prefill_detach(internal_prefill_job *j);
  * reserve on a decode instance, prefill with the ticket on a prefill instance, then
  * stream the decode instance's answer. Instances are polled (GET /load) every
  * poll_interval_s: running + waiting for least-loaded, reachability for health. */
-typedef enum router_policy { ROUTER_POLICY_ROUND_ROBIN, ROUTER_POLICY_LEAST_LOADED } router_policy;
+/* prefix-affinity: to the instance whose cache most likely holds the prompt's longest
+ * prefix (router.c: a bounded table per instance of the prompt prefixes routed to it),
+ * least-loaded when the match is short or that instance is overloaded (docs/reuse.md). */
+typedef enum router_policy {
+    ROUTER_POLICY_ROUND_ROBIN, ROUTER_POLICY_LEAST_LOADED, ROUTER_POLICY_PREFIX_AFFINITY
+} router_policy;
 int router_policy_parse(const char *s, router_policy *out); /* 0, or -1 */
 
 typedef struct router_config {

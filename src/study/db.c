@@ -49,7 +49,8 @@ static const char SCHEMA[] =
     "CREATE TABLE IF NOT EXISTS power_samples(\n"
     "  run_id INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,\n"
     "  t_s REAL NOT NULL, component TEXT NOT NULL, device TEXT, role TEXT,\n"
-    "  power_w REAL, sm_mhz INTEGER, mem_mhz INTEGER);\n"
+    "  power_w REAL, sm_mhz INTEGER, mem_mhz INTEGER,\n"
+    "  util_gpu INTEGER, util_mem INTEGER, temp_c INTEGER, source TEXT);\n"
     "CREATE INDEX IF NOT EXISTS power_samples_run ON power_samples(run_id, t_s);\n"
     "CREATE TABLE IF NOT EXISTS energy(\n"
     "  run_id INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,\n"
@@ -90,6 +91,31 @@ static int exec(sqlite3 *h, const char *sql, char *err, size_t errlen) {
     return 0;
 }
 
+/* Schema 1 -> 2: the power_samples columns of the sampler rings. Adds each that is
+ * missing (a file written by version 1); rows already there keep NULL in them. */
+static int upgrade_v1(sqlite3 *h, char *err, size_t errlen) {
+    static const char *const cols[][2] = {{"util_gpu", "INTEGER"}, {"util_mem", "INTEGER"},
+                                          {"temp_c", "INTEGER"}, {"source", "TEXT"}};
+    bool have[4] = {false, false, false, false};
+    sqlite3_stmt *st = NULL;
+    if (sqlite3_prepare_v2(h, "PRAGMA table_info(power_samples)", -1, &st, NULL) != SQLITE_OK) {
+        pd_errorf(err, errlen, "sqlite: %s", sqlite3_errmsg(h));
+        return -1;
+    }
+    while (sqlite3_step(st) == SQLITE_ROW) {
+        const char *name = (const char *)sqlite3_column_text(st, 1);
+        for (int i = 0; i < 4; i++) have[i] |= name && !strcmp(name, cols[i][0]);
+    }
+    sqlite3_finalize(st);
+    for (int i = 0; i < 4; i++) {
+        if (have[i]) continue;
+        char sql[160];
+        snprintf(sql, sizeof sql, "ALTER TABLE power_samples ADD COLUMN %s %s", cols[i][0], cols[i][1]);
+        if (exec(h, sql, err, errlen)) return -1;
+    }
+    return exec(h, "UPDATE meta SET value = '2' WHERE key = 'schema_version' AND value = '1'", err, errlen);
+}
+
 int study_db_open(const char *path, study_db **out, char *err, size_t errlen) {
     *out = NULL;
     sqlite3 *h = NULL;
@@ -101,7 +127,7 @@ int study_db_open(const char *path, study_db **out, char *err, size_t errlen) {
     sqlite3_busy_timeout(h, 10000);
     char e2[512];
     if (exec(h, "PRAGMA journal_mode=WAL; PRAGMA foreign_keys=ON; PRAGMA synchronous=NORMAL;", e2, sizeof e2) ||
-        exec(h, SCHEMA, e2, sizeof e2)) {
+        exec(h, SCHEMA, e2, sizeof e2) || upgrade_v1(h, e2, sizeof e2)) {
         pd_errorf(err, errlen, "%s: %s", path, e2);
         sqlite3_close(h);
         return -1;
@@ -494,6 +520,9 @@ int study_power_samples_parse(const char *text, double t_s, study_power_sample *
             if (n >= cap) continue;
             memset(&out[n], 0, sizeof out[n]);
             out[n].t_s = t_s;
+            snprintf(out[n].component, sizeof out[n].component, "gpu");
+            snprintf(out[n].source, sizeof out[n].source, "scrape");
+            out[n].util_gpu = out[n].util_mem = out[n].temp_c = -1;
             snprintf(out[n].host, sizeof out[n].host, "%s", host);
             snprintf(out[n].device, sizeof out[n].device, "%s", gpu);
             snprintf(out[n].role, sizeof out[n].role, "%s", role);
@@ -512,27 +541,32 @@ static int insert_power(sqlite3 *h, long long run_id, const study_run_info *ri) 
     if (!ri->power || ri->n_power <= 0) return 0;
     sqlite3_stmt *st = NULL;
     if (sqlite3_prepare_v2(h,
-                           "INSERT INTO power_samples(run_id, t_s, component, device, role, power_w, sm_mhz, mem_mhz)"
-                           " VALUES(?,?,'gpu',?,?,?,?,?)",
+                           "INSERT INTO power_samples(run_id, t_s, component, device, role, power_w, sm_mhz, mem_mhz,"
+                           " util_gpu, util_mem, temp_c, source) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
                            -1, &st, NULL) != SQLITE_OK)
         return -1;
     int rc = 0;
-    /* device "0", or "HOST:0" when instances of several hosts report */
+    /* device "0" / "package-0", or "HOST:0" when instances of several hosts report */
     bool many_hosts = false;
     for (int k = 1; k < ri->n_power && !many_hosts; k++) many_hosts = strcmp(ri->power[k].host, ri->power[0].host) != 0;
     for (int i = 0; i < ri->n_power && rc == 0; i++) {
         const study_power_sample *p = &ri->power[i];
-        char dev[96];
+        char dev[128];
         if (many_hosts) snprintf(dev, sizeof dev, "%s:%s", p->host, p->device);
         else snprintf(dev, sizeof dev, "%s", p->device);
         sqlite3_reset(st);
         sqlite3_bind_int64(st, 1, run_id);
         sqlite3_bind_double(st, 2, p->t_s);
-        bind_text(st, 3, dev);
-        bind_text(st, 4, p->role[0] ? p->role : NULL);
-        bind_real(st, 5, p->power_w);
-        bind_int_or_null(st, 6, p->sm_mhz, p->sm_mhz < 0);
-        bind_int_or_null(st, 7, p->mem_mhz, p->mem_mhz < 0);
+        bind_text(st, 3, p->component[0] ? p->component : "gpu");
+        bind_text(st, 4, dev);
+        bind_text(st, 5, p->role[0] ? p->role : NULL);
+        bind_real(st, 6, p->power_w);
+        bind_int_or_null(st, 7, p->sm_mhz, p->sm_mhz < 0);
+        bind_int_or_null(st, 8, p->mem_mhz, p->mem_mhz < 0);
+        bind_int_or_null(st, 9, p->util_gpu, p->util_gpu < 0);
+        bind_int_or_null(st, 10, p->util_mem, p->util_mem < 0);
+        bind_int_or_null(st, 11, p->temp_c, p->temp_c < 0);
+        bind_text(st, 12, p->source[0] ? p->source : NULL);
         if (sqlite3_step(st) != SQLITE_DONE) rc = -1;
     }
     sqlite3_finalize(st);

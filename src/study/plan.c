@@ -133,6 +133,7 @@ static int parse_setup(const cJSON *s, study_setup *out, char *err, size_t errle
         return -1;
     }
     if (!out->label) out->label = xstrdup(out->name);
+    out->reuse_ratio = -1;
     for (const char *c = out->label; *c; c++)
         if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9') || *c == '-' ||
               *c == '_' || *c == '.')) {
@@ -245,7 +246,7 @@ bad:
 
 static int parse_dataset(const cJSON *d, study_plan *p, char *err, size_t errlen) {
     static const char *const keys[] = {"name", "input_len", "output_len", "range_ratio", "vocab_size", "seed",
-                                       "ignore_eos", NULL};
+                                       "ignore_eos", "num_prefixes", "reuse_ratio", NULL};
     if (!d || cJSON_IsNull(d)) return 0;
     if (!cJSON_IsObject(d)) {
         pd_errorf(err, errlen, "dataset: must be an object");
@@ -258,11 +259,18 @@ static int parse_dataset(const cJSON *d, study_plan *p, char *err, size_t errlen
         get_num(d, "range_ratio", "dataset", &p->range_ratio, err, errlen) ||
         get_int(d, "vocab_size", "dataset", 2, &p->vocab_size, err, errlen) ||
         get_int(d, "seed", "dataset", 0, &seed, err, errlen) ||
-        get_bool(d, "ignore_eos", "dataset", &p->ignore_eos, err, errlen))
+        get_bool(d, "ignore_eos", "dataset", &p->ignore_eos, err, errlen) ||
+        get_int(d, "num_prefixes", "dataset", 1, &p->num_prefixes, err, errlen) ||
+        get_num(d, "reuse_ratio", "dataset", &p->reuse_ratio, err, errlen))
         return -1;
     p->seed = (uint64_t)seed;
-    if (strcmp(p->dataset, "random") != 0) {
-        pd_errorf(err, errlen, "dataset: only \"random\" is supported by sweeps so far, got '%s'", p->dataset);
+    if (strcmp(p->dataset, "random") != 0 && strcmp(p->dataset, "prefix-repetition") != 0) {
+        pd_errorf(err, errlen, "dataset: sweeps support \"random\" and \"prefix-repetition\", got '%s'",
+                  p->dataset);
+        return -1;
+    }
+    if (p->reuse_ratio < 0 || p->reuse_ratio >= 1) {
+        pd_errorf(err, errlen, "dataset: 'reuse_ratio' must be in [0, 1)");
         return -1;
     }
     if (p->range_ratio < 0 || p->range_ratio >= 1) {
@@ -286,10 +294,63 @@ static int parse_goodput(const cJSON *g, study_plan *p, char *err, size_t errlen
                : 0;
 }
 
+static void kv_free(study_kv *kv, int n);
+
+/* "reuse_ratios": [0, 0.3, ...] (prefix-repetition): every setup becomes one setup per
+ * ratio, labelled LABEL-rPCT ("co-cpu-r30"), so that ratios are points of their own. */
+static int parse_reuse_ratios(const cJSON *a, study_plan *p, char *err, size_t errlen) {
+    if (!a || cJSON_IsNull(a)) return 0;
+    int n = cJSON_IsArray(a) ? cJSON_GetArraySize(a) : 0;
+    if (n == 0 || strcmp(p->dataset, "prefix-repetition") != 0) {
+        pd_errorf(err, errlen, "reuse_ratios: a non-empty list of fractions in [0, 1), with the "
+                               "\"prefix-repetition\" dataset");
+        return -1;
+    }
+    double r[64];
+    for (int i = 0; i < n; i++) {
+        const cJSON *v = cJSON_GetArrayItem(a, i);
+        if (i >= 64 || !cJSON_IsNumber(v) || v->valuedouble < 0 || v->valuedouble >= 1) {
+            pd_errorf(err, errlen, "reuse_ratios: at most 64 fractions, each in [0, 1)");
+            return -1;
+        }
+        r[i] = v->valuedouble;
+    }
+    study_setup *out = xcalloc((size_t)p->n_setups * (size_t)n, sizeof *out);
+    for (int s = 0; s < p->n_setups; s++)
+        for (int i = 0; i < n; i++) {
+            study_setup *o = &out[s * n + i], *from = &p->setups[s];
+            char label[256];
+            snprintf(label, sizeof label, "%s-r%d", from->label, (int)(r[i] * 100 + 0.5));
+            o->label = xstrdup(label);
+            o->name = xstrdup(from->name);
+            o->base_url = from->base_url ? xstrdup(from->base_url) : NULL;
+            o->n_opts = from->n_opts;
+            o->opts = xcalloc((size_t)PD_MAX(from->n_opts, 1), sizeof *o->opts);
+            for (int k = 0; k < from->n_opts; k++) {
+                o->opts[k].key = xstrdup(from->opts[k].key);
+                o->opts[k].value = from->opts[k].value ? xstrdup(from->opts[k].value) : NULL;
+            }
+            o->reuse_ratio = r[i];
+        }
+    int old_n = p->n_setups;
+    study_setup *old = p->setups;
+    p->setups = out;
+    p->n_setups = old_n * n;
+    for (int s = 0; s < old_n; s++) {
+        free(old[s].label);
+        free(old[s].name);
+        free(old[s].base_url);
+        kv_free(old[s].opts, old[s].n_opts);
+    }
+    free(old);
+    return 0;
+}
+
 static int parse_root(const cJSON *root, study_plan *p, char *err, size_t errlen) {
     static const char *const keys[] = {"name", "description", "model", "tokenizer", "setups", "loads", "clocks",
                                        "repeats", "warmup_requests", "cooldown_s", "idle_s", "start_timeout_s",
-                                       "request_timeout_s", "dataset", "goodput", "serve_args", NULL};
+                                       "request_timeout_s", "dataset", "goodput", "serve_args", "reuse_ratios",
+                                       NULL};
     if (!cJSON_IsObject(root)) {
         pd_errorf(err, errlen, "the plan must be a JSON object");
         return -1;
@@ -335,6 +396,7 @@ static int parse_root(const cJSON *root, study_plan *p, char *err, size_t errlen
             }
         p->n_setups++;
     }
+    if (parse_reuse_ratios(cJSON_GetObjectItemCaseSensitive(root, "reuse_ratios"), p, err, errlen)) return -1;
     const cJSON *loads = cJSON_GetObjectItemCaseSensitive(root, "loads");
     if (cJSON_IsArray(loads)) {
         cJSON_ArrayForEach(it, loads) if (parse_loads_obj(it, p, err, errlen)) return -1;
@@ -358,6 +420,8 @@ int study_plan_parse(const char *text, size_t len, const char *name, study_plan 
     p->input_len = 1024;
     p->output_len = 128;
     p->vocab_size = 32000;
+    p->num_prefixes = 4;
+    p->reuse_ratio = 0.5;
     p->ignore_eos = true;
     p->clocks = xcalloc(1, sizeof *p->clocks);
     p->n_clocks = 1;
@@ -443,6 +507,8 @@ static void canonical(const study_plan *p, const char *model, const study_setup 
     for (int i = 0; i < s->n_opts; i++) PUT("|o:%s=%s", s->opts[i].key, s->opts[i].value ? s->opts[i].value : "");
     PUT("|ds=%s:%d:%d:%g:%d:%llu:%d", p->dataset, p->input_len, p->output_len, p->range_ratio, p->vocab_size,
         (unsigned long long)p->seed, p->ignore_eos);
+    if (!strcmp(p->dataset, "prefix-repetition"))
+        PUT("|reuse=%g:%d", s->reuse_ratio >= 0 ? s->reuse_ratio : p->reuse_ratio, p->num_prefixes);
     PUT("|load=%d:%d:%.17g:%g:%d:%d", (int)l->kind, l->batch_size, l->rate, l->burstiness, l->num_prompts,
         l->max_concurrency);
     PUT("|warm=%d|clk=%d/%d|rep=%d", p->warmup_requests, c.prefill_mhz, c.decode_mhz, rep);

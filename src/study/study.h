@@ -37,6 +37,8 @@ typedef struct study_setup {
     char *base_url;        /* external only: the endpoint to bench (or --base-url) */
     study_kv *opts;        /* setup-specific flags, after the plan's serve_args */
     int n_opts;
+    double reuse_ratio;    /* prefix-repetition: shared fraction of each prompt (the plan's
+                            * "reuse_ratios" make one setup per ratio); -1: the dataset's */
 } study_setup;
 
 typedef enum study_load_kind {
@@ -79,6 +81,8 @@ typedef struct study_plan {
     char *dataset;             /* "random" */
     int input_len, output_len;
     double range_ratio;
+    int num_prefixes;          /* prefix-repetition: distinct prefixes (requests share them) */
+    double reuse_ratio;        /* prefix-repetition: prefix / input_len when no setup sets it */
     int vocab_size;            /* ids below this when there is no tokenizer */
     uint64_t seed;
     bool ignore_eos;
@@ -162,7 +166,7 @@ void study_deploy_kill_all(void);
 /* ---- results database ---------------------------------------------------------------- */
 typedef struct study_db study_db;
 
-#define STUDY_SCHEMA_VERSION 1
+#define STUDY_SCHEMA_VERSION 2 /* 2: power_samples gained util_gpu, util_mem, temp_c, source */
 
 typedef enum study_status { STUDY_STATUS_OK, STUDY_STATUS_FAILED, STUDY_STATUS_SKIPPED } study_status;
 const char *study_status_name(study_status s);
@@ -199,18 +203,24 @@ typedef struct study_run_info {
     int input_len, output_len, warmup_requests;
     double range_ratio, cooldown_s;
     uint64_t seed;
-    /* power samples scraped from the instances' /metrics during the run (may be NULL) */
+    /* power samples of the run (may be NULL): the instances' sampler rings
+     * (GET /metrics/power-samples), or /metrics scrapes where an instance has no ring */
     const struct study_power_sample *power;
     int n_power;
 } study_run_info;
 
-/* One GPU's power and clocks at one moment (power_samples table). NAN / -1: not read. */
+/* One meter's power at one moment (power_samples table): a GPU's power, clocks,
+ * utilisation and temperature, or a RAPL domain's mean power over the tick before.
+ * NAN / -1: not read. */
 typedef struct study_power_sample {
     double t_s;                /* seconds since the bench's timed start (< 0: before) */
-    char device[16], role[16]; /* the GPU's NVML index, its role */
+    char component[8];         /* "gpu", "cpu" (RAPL package), "dram" */
+    char device[48], role[16]; /* the GPU's NVML index or the RAPL domain; the role */
     char host[64];
+    char source[8];            /* "ring" (the instance's sampler) or "scrape" (/metrics) */
     double power_w;
     int sm_mhz, mem_mhz;
+    int util_gpu, util_mem, temp_c;
 } study_power_sample;
 
 /* Parses the pdserve_gpu_power_watts / _sm_clock_mhz / _mem_clock_mhz lines of one

@@ -18,9 +18,19 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+#include <curl/curl.h>
 
 #include "study/study.h"
 #include "util/util.h"
+
+/* A growing byte buffer for fetched bodies. */
+typedef struct sbuf_t {
+    char *p;
+    size_t len, cap;
+} sbuf_t;
 
 static void sleep_s(double s) {
     struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
@@ -73,9 +83,31 @@ static void read_counters(const study_deployment *d, bench_energy *e, bool after
     }
 }
 
-/* Power and clocks of the deployment's GPUs, scraped from its /metrics every period
- * while the point runs (the instances' own 100 ms sampler is not exported; a scrape
- * every 0.5 s is cheap: one NVML energy read of ~4 ms per GPU, off the token path). */
+/* Power of the deployment while a point runs, into the power_samples table:
+ *   - ring: each instance's own sampler (every 100 ms: power, clocks, utilisation and
+ *     temperature per GPU, RAPL per domain), fetched from GET /metrics/power-samples
+ *     every RING_FETCH_S and once more at the end of the point, each fetch from where
+ *     the last one stopped, so a ring (one hour by default) never wraps between two;
+ *   - scrape: an instance without that endpoint (an external or older server) is
+ *     scraped on /metrics every 0.5 s instead (power and clocks at scrape time).
+ * Times: an instance's samples are in its own clock; with its "uptime_s" at the answer
+ * they map onto this process's monotonic clock (t_recv - (uptime - t)), so no clock of
+ * two hosts needs to agree. A meter seen through two instances of one host (RAPL, or a
+ * GPU two instances both name) is stored once, from the first instance. */
+#define RING_FETCH_S 30.0
+#define POWER_POLL_MAX 1000000
+#define RING_MAX_SERIES 40
+
+typedef struct ring_src {
+    char url[560];              /* .../metrics/power-samples */
+    char scrape_url[520];       /* .../metrics */
+    int mode;                   /* 0 not tried, 1 ring, 2 scrape */
+    int n_series;
+    char series[RING_MAX_SERIES][64];   /* "gpu:0", "rapl:package-0" */
+    double last_t[RING_MAX_SERIES];     /* newest stored, in the instance's clock */
+    bool warned_lost;
+} ring_src;
+
 typedef struct power_poll {
     const study_deployment *d;
     double period_s;
@@ -84,41 +116,213 @@ typedef struct power_poll {
     atomic_bool stop;
     study_power_sample *s;
     int n, cap;
+    int n_src;
+    ring_src src[32];
+    int n_claims;               /* meters already stored: "host|gpu:0" -> instance */
+    char claims[128][128];
+    int claim_owner[128];
+    bool full_warned;
 } power_poll;
 
-#define POWER_POLL_MAX 200000
+static size_t fetch_body(char *ptr, size_t size, size_t nmemb, void *user) {
+    sbuf_t *b = user;
+    size_t n = size * nmemb;
+    if (b->len + n > (256u << 20)) return 0;
+    if (b->len + n + 1 > b->cap) {
+        b->cap = PD_MAX(b->cap * 2, b->len + n + 1);
+        b->p = xrealloc(b->p, b->cap);
+    }
+    memcpy(b->p + b->len, ptr, n);
+    b->len += n;
+    b->p[b->len] = 0;
+    return n;
+}
+
+/* GET url with the deployment's internal secret ($PDSERVE_INTERNAL_SECRET, which the
+ * sweep gives its deployments) and API key ($OPENAI_API_KEY) when set. The body
+ * (malloc'd, NUL-terminated) or NULL; *status the HTTP status (0: no answer). */
+static char *fetch(const char *url, double timeout_s, long *status) {
+    *status = 0;
+    CURL *e = curl_easy_init();
+    if (!e) return NULL;
+    sbuf_t b = {0};
+    struct curl_slist *h = NULL;
+    char line[320];
+    const char *secret = getenv("PDSERVE_INTERNAL_SECRET"), *key = getenv("OPENAI_API_KEY");
+    if (secret && *secret) {
+        snprintf(line, sizeof line, "X-PD-Internal-Secret: %.280s", secret);
+        h = curl_slist_append(h, line);
+    }
+    if (key && *key) {
+        snprintf(line, sizeof line, "Authorization: Bearer %.280s", key);
+        h = curl_slist_append(h, line);
+    }
+    curl_easy_setopt(e, CURLOPT_URL, url);
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)(timeout_s * 1000));
+    curl_easy_setopt(e, CURLOPT_HTTPHEADER, h);
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, fetch_body);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, &b);
+    if (curl_easy_perform(e) == CURLE_OK) curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, status);
+    curl_easy_cleanup(e);
+    curl_slist_free_all(h);
+    if (*status == 0) {
+        free(b.p);
+        return NULL;
+    }
+    if (!b.p) b.p = xcalloc(1, 1);
+    return b.p;
+}
+
+static void poll_push(power_poll *pp, const study_power_sample *x) {
+    if (pp->n >= POWER_POLL_MAX) {
+        if (!pp->full_warned) log_warn("sweep: more than %d power samples in one point; the rest are dropped", POWER_POLL_MAX);
+        pp->full_warned = true;
+        return;
+    }
+    if (pp->n == pp->cap) {
+        pp->cap = pp->cap ? pp->cap * 2 : 1024;
+        pp->s = xrealloc(pp->s, sizeof *pp->s * (size_t)pp->cap);
+    }
+    pp->s[pp->n++] = *x;
+}
+
+/* Whether instance k stores meter `what` of host: the first instance to show it does. */
+static bool claim(power_poll *pp, int k, const char *host, const char *what) {
+    char key[128];
+    snprintf(key, sizeof key, "%.60s|%.60s", host, what);
+    for (int i = 0; i < pp->n_claims; i++)
+        if (!strcmp(pp->claims[i], key)) return pp->claim_owner[i] == k;
+    if (pp->n_claims == (int)PD_ARRAY_LEN(pp->claims)) return false;
+    snprintf(pp->claims[pp->n_claims], sizeof pp->claims[0], "%s", key);
+    pp->claim_owner[pp->n_claims++] = k;
+    return true;
+}
+
+static int series_index(ring_src *src, const char *name) {
+    for (int i = 0; i < src->n_series; i++)
+        if (!strcmp(src->series[i], name)) return i;
+    if (src->n_series == RING_MAX_SERIES) return -1;
+    snprintf(src->series[src->n_series], sizeof src->series[0], "%s", name);
+    src->last_t[src->n_series] = -1e18;
+    return src->n_series++;
+}
+
+static double since_of(const ring_src *src) {
+    double t = INFINITY;
+    for (int i = 0; i < src->n_series; i++) t = PD_MIN(t, src->last_t[i]);
+    return isfinite(t) ? t : -1e18;
+}
+
+static int json_int(const cJSON *a, int i) {
+    const cJSON *v = cJSON_GetArrayItem(a, i);
+    return cJSON_IsNumber(v) ? (int)v->valuedouble : -1;
+}
+
+/* One series of an answer into the samples; *more when the instance has newer ones. */
+static void ring_series(power_poll *pp, int k, ring_src *src, const cJSON *ser, bool gpu, const char *host,
+                        const char *inst_role, double clock_shift, bool *more) {
+    char name[64], dev[48], role[16];
+    const cJSON *g = cJSON_GetObjectItemCaseSensitive(ser, gpu ? "gpu" : "domain");
+    if (gpu && cJSON_IsNumber(g)) snprintf(dev, sizeof dev, "%d", g->valueint);
+    else if (!gpu && cJSON_IsString(g)) snprintf(dev, sizeof dev, "%.47s", g->valuestring);
+    else return;
+    const cJSON *r = cJSON_GetObjectItemCaseSensitive(ser, "role");
+    snprintf(role, sizeof role, "%s", gpu && cJSON_IsString(r) ? r->valuestring : inst_role);
+    snprintf(name, sizeof name, "%s:%s", gpu ? "gpu" : "rapl", dev);
+    int si = series_index(src, name);
+    if (si < 0) return;
+    bool owned = claim(pp, k, host, name); /* not: only advance last_t, so it is not fetched again */
+    if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(ser, "more"))) *more = true;
+    if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(ser, "lost")) && !src->warned_lost) {
+        log_warn("sweep: %s: samples of %s were overwritten before they were fetched", src->url, name);
+        src->warned_lost = true;
+    }
+    const cJSON *smp;
+    cJSON_ArrayForEach(smp, cJSON_GetObjectItemCaseSensitive(ser, "samples")) {
+        const cJSON *t = cJSON_GetArrayItem(smp, 0), *w = cJSON_GetArrayItem(smp, 1);
+        if (!cJSON_IsNumber(t) || t->valuedouble <= src->last_t[si]) continue;
+        src->last_t[si] = t->valuedouble;
+        if (!owned) continue;
+        study_power_sample x;
+        memset(&x, 0, sizeof x);
+        x.t_s = t->valuedouble + clock_shift;
+        snprintf(x.component, sizeof x.component, "%s", gpu ? "gpu" : !strncmp(dev, "dram", 4) ? "dram" : "cpu");
+        snprintf(x.device, sizeof x.device, "%s", dev);
+        snprintf(x.role, sizeof x.role, "%s", role);
+        snprintf(x.host, sizeof x.host, "%s", host);
+        snprintf(x.source, sizeof x.source, "ring");
+        x.power_w = cJSON_IsNumber(w) ? w->valuedouble : NAN;
+        x.sm_mhz = gpu ? json_int(smp, 2) : -1;
+        x.mem_mhz = gpu ? json_int(smp, 3) : -1;
+        x.util_gpu = gpu ? json_int(smp, 4) : -1;
+        x.util_mem = gpu ? json_int(smp, 5) : -1;
+        x.temp_c = gpu ? json_int(smp, 6) : -1;
+        poll_push(pp, &x);
+    }
+}
+
+/* Fetches instance k's rings from where the last fetch stopped (paging on "more").
+ * 0, or -1 when the instance has no ring endpoint (answer not 200 or not the format). */
+static int ring_fetch(power_poll *pp, int k) {
+    ring_src *src = &pp->src[k];
+    for (int page = 0; page < 64; page++) {
+        char url[700];
+        snprintf(url, sizeof url, "%s?since=%.4f&max=20000", src->url, since_of(src));
+        long status;
+        char *body = fetch(url, 20, &status);
+        double t_recv = time_now_s();
+        cJSON *root = body && status == 200 ? cJSON_Parse(body) : NULL;
+        free(body);
+        const cJSON *up = cJSON_GetObjectItemCaseSensitive(root, "uptime_s");
+        const cJSON *host = cJSON_GetObjectItemCaseSensitive(root, "host");
+        const cJSON *role = cJSON_GetObjectItemCaseSensitive(root, "role");
+        if (!cJSON_IsNumber(up) || !cJSON_IsString(host) || !cJSON_IsString(role)) {
+            cJSON_Delete(root);
+            return -1;
+        }
+        double shift = t_recv - up->valuedouble;
+        bool more = false;
+        const cJSON *ser;
+        cJSON_ArrayForEach(ser, cJSON_GetObjectItemCaseSensitive(root, "gpus"))
+            ring_series(pp, k, src, ser, true, host->valuestring, role->valuestring, shift, &more);
+        cJSON_ArrayForEach(ser, cJSON_GetObjectItemCaseSensitive(root, "rapl"))
+            ring_series(pp, k, src, ser, false, host->valuestring, role->valuestring, shift, &more);
+        cJSON_Delete(root);
+        if (!more) break;
+    }
+    return 0;
+}
+
+static void scrape_once(power_poll *pp, ring_src *src) {
+    long status = 0;
+    char *body = fetch(src->scrape_url, 5, &status);
+    double t = time_now_s();
+    if (body && status == 200) {
+        study_power_sample tmp[16];
+        int k = study_power_samples_parse(body, t, tmp, 16);
+        for (int i = 0; i < k; i++) poll_push(pp, &tmp[i]);
+    }
+    free(body);
+}
 
 static void *power_poll_main(void *arg) {
     power_poll *pp = arg;
-    const char *list = pp->d->metrics_urls[0] ? pp->d->metrics_urls : NULL;
-    char def[320];
-    if (!list) {
-        snprintf(def, sizeof def, "%s/metrics", pp->d->base_url);
-        list = def;
-    }
+    double next_ring = 0;
     while (!atomic_load(&pp->stop)) {
-        double next = time_now_s() + pp->period_s;
-        for (const char *p = list; *p;) {
-            size_t n = strcspn(p, ",");
-            char url[512], err[256];
-            snprintf(url, sizeof url, "%.*s", (int)PD_MIN(n, sizeof url - 1), p);
-            p += n + (p[n] == ',');
-            long status = 0;
-            char *body = bench_http_get(url, NULL, 5, &status, err, sizeof err);
-            double t = time_now_s();
-            if (body && status == 200) {
-                study_power_sample tmp[16];
-                int k = study_power_samples_parse(body, t, tmp, 16);
-                for (int i = 0; i < k && pp->n < POWER_POLL_MAX; i++) {
-                    if (pp->n == pp->cap) {
-                        pp->cap = pp->cap ? pp->cap * 2 : 256;
-                        pp->s = xrealloc(pp->s, sizeof *pp->s * (size_t)pp->cap);
-                    }
-                    pp->s[pp->n++] = tmp[i];
-                }
+        double now = time_now_s(), next = now + pp->period_s;
+        bool ring_due = now >= next_ring;
+        for (int k = 0; k < pp->n_src; k++) {
+            ring_src *src = &pp->src[k];
+            if (src->mode == 0) { /* first pass: does it have a ring? */
+                src->mode = ring_fetch(pp, k) == 0 ? 1 : 2;
+                if (src->mode == 2) log_info("sweep: %s has no power-sample ring; scraping /metrics", src->scrape_url);
+            } else if (src->mode == 1 && ring_due) {
+                ring_fetch(pp, k); /* a failed fetch is retried at the next one */
             }
-            free(body);
+            if (src->mode == 2) scrape_once(pp, src);
         }
+        if (ring_due) next_ring = now + RING_FETCH_S;
         while (!atomic_load(&pp->stop) && time_now_s() < next) sleep_s(0.02);
     }
     return NULL;
@@ -128,15 +332,32 @@ static void power_poll_start(power_poll *pp, const study_deployment *d) {
     memset(pp, 0, sizeof *pp);
     pp->d = d;
     pp->period_s = 0.5;
+    const char *list = d->metrics_urls[0] ? d->metrics_urls : NULL;
+    char def[320];
+    if (!list) {
+        snprintf(def, sizeof def, "%s/metrics", d->base_url);
+        list = def;
+    }
+    for (const char *p = list; *p && pp->n_src < (int)PD_ARRAY_LEN(pp->src);) {
+        size_t n = strcspn(p, ",");
+        ring_src *src = &pp->src[pp->n_src++];
+        snprintf(src->scrape_url, sizeof src->scrape_url, "%.*s", (int)PD_MIN(n, sizeof src->scrape_url - 1), p);
+        snprintf(src->url, sizeof src->url, "%.*s/power-samples", (int)PD_MIN(n, sizeof src->scrape_url - 1), p);
+        p += n + (p[n] == ',');
+    }
     atomic_store(&pp->stop, false);
     pp->started = pthread_create(&pp->th, NULL, power_poll_main, pp) == 0;
 }
 
+/* Stops the poll and fetches what the rings gained since the last fetch (the
+ * deployment is still up). */
 static void power_poll_stop(power_poll *pp) {
     if (!pp->started) return;
     atomic_store(&pp->stop, true);
     pthread_join(pp->th, NULL);
     pp->started = false;
+    for (int k = 0; k < pp->n_src; k++)
+        if (pp->src[k].mode == 1) ring_fetch(pp, k);
 }
 
 typedef struct point_ctx {
@@ -202,6 +423,16 @@ static study_status run_point(const point_ctx *x, const study_point *pt, bench_c
     dso.random_output_len = x->plan->output_len;
     dso.random_range_ratio = x->plan->range_ratio;
     dso.random_vocab_size = x->plan->vocab_size;
+    if (!strcmp(x->plan->dataset, "prefix-repetition")) {
+        /* a reuse ratio r: prompts of input_len tokens, the first r of them one of
+         * num_prefixes shared prefixes (docs/reuse.md) */
+        double r = pt->setup->reuse_ratio >= 0 ? pt->setup->reuse_ratio : x->plan->reuse_ratio;
+        dso.kind = BENCH_DATASET_PREFIX_REPETITION;
+        dso.prefix_len = (int)(r * x->plan->input_len + 0.5);
+        dso.suffix_len = x->plan->input_len - dso.prefix_len;
+        dso.num_prefixes = PD_MIN(x->plan->num_prefixes, PD_MAX(pt->load.num_prompts, 1));
+        dso.prefix_output_len = x->plan->output_len;
+    }
     bench_dataset ds = {0};
     if (bench_dataset_load(&dso, o->tok, &ds, why, sizeof why) != 0) {
         snprintf(reason, rcap, "dataset: %s", why);
@@ -295,6 +526,26 @@ static void dry_run_line(FILE *f, const study_point *pt, const char *what) {
     fprintf(f, "%4d  %-44s %s\n", pt->index, pt->label, what);
 }
 
+/* The deployments' internal secret: $PDSERVE_INTERNAL_SECRET when the caller set one,
+ * else a random one put there, so that every instance this sweep starts (serve and up
+ * read it from the environment) and this process's fetches of their power-sample
+ * rings share it. */
+static void ensure_secret(void) {
+    const char *have = getenv("PDSERVE_INTERNAL_SECRET");
+    if (have && *have) return;
+    unsigned char raw[16];
+    FILE *f = fopen("/dev/urandom", "rb");
+    size_t got = f ? fread(raw, 1, sizeof raw, f) : 0;
+    if (f) fclose(f);
+    if (got != sizeof raw) {
+        uint64_t x = hash_u64((uint64_t)time_now_ns() ^ (uint64_t)getpid());
+        for (size_t i = 0; i < sizeof raw; i++, x = hash_u64(x)) raw[i] = (unsigned char)x;
+    }
+    char hex[2 * sizeof raw + 1];
+    for (size_t i = 0; i < sizeof raw; i++) snprintf(hex + 2 * i, 3, "%02x", raw[i]);
+    setenv("PDSERVE_INTERNAL_SECRET", hex, 1);
+}
+
 int study_sweep_run(const study_plan *plan, const study_sweep_opts *o, study_sweep_stats *stats, char *err,
                     size_t errlen) {
     memset(stats, 0, sizeof *stats);
@@ -362,6 +613,7 @@ int study_sweep_run(const study_plan *plan, const study_sweep_opts *o, study_swe
         fprintf(o->progress, "sweep %s: %d points, %d done already, %d to run; results in %s\n", plan->name,
                 stats->points, stats->done_before, n_todo, o->db_path);
 
+    ensure_secret();
     struct sigaction sa = {0}, old_int, old_term;
     sa.sa_handler = on_signal;
     sigaction(SIGINT, &sa, &old_int);

@@ -37,7 +37,11 @@
  *   tables [sum of n_blocks]
  * uploaded through the staging ring into device scratch that grows on first use. All
  * layers of a step pass the same metadata, so an upload identical to the last one is
- * skipped: one upload per step. */
+ * skipped: one upload per step.
+ *
+ * Graphed decode steps (graphs.cu) call with seqs NULL: the same layout (T = B = Bp)
+ * then sits in the decode buffer, uploaded once per step before the replay, and the
+ * split count depends on Bp alone, so that the captured grid fits every later step. */
 #include <math.h>
 #include <string.h>
 
@@ -342,6 +346,7 @@ static int attn_nsplit(const cuda_backend *cb, const attn_plan *pl, int K, int g
 /* Grows the split-K scratch to n floats (synchronises first; start-up or rare). */
 static void attn_ws_grow(cuda_backend *cb, size_t n) {
     if (n <= cb->attn_ws_cap) return;
+    cuda_graph_buffers_moved(cb);
     size_t want = PD_MAX(n, 2 * cb->attn_ws_cap);
     CUDA_CHECK(cudaStreamSynchronize(cb->stream));
     if (cb->attn_ws) CUDA_CHECK(cudaFree(cb->attn_ws));
@@ -372,6 +377,68 @@ static void attn_launch_d(cuda_backend *cb, dim3 grid, bf16 *o, const bf16 *q, c
         attn_launch<0, SPLIT>(cb, grid, o, q, kc, vc, rows, sq, tab, H, K, D, bs, scale, nsplit, wo, wml);
 }
 
+/* The decode kernel (rows that are not prefill tiles), split-K when nsplit > 1. */
+static void attn_decode_launch(cuda_backend *cb, bf16 *o, const bf16 *q, const bf16 *kc,
+                               const bf16 *vc, const int32_t *rows, const int32_t *sq,
+                               const int32_t *tab, int T, int H, int K, int D, int bs, float scale,
+                               int nsplit) {
+    int G = H / K, gz = (G + ATT_MAXG - 1) / ATT_MAXG;
+    if (nsplit == 1) {
+        dim3 grid((unsigned)T, (unsigned)K, (unsigned)gz);
+        attn_launch_d<false>(cb, grid, o, q, kc, vc, rows, sq, tab, H, K, D, bs, scale, 1, NULL,
+                             NULL);
+        return;
+    }
+    size_t parts = (size_t)T * H * nsplit;
+    attn_ws_grow(cb, parts * (D + 2));
+    float *wo = cb->attn_ws, *wml = cb->attn_ws + parts * D;
+    dim3 grid((unsigned)T, (unsigned)K, (unsigned)(gz * nsplit));
+    attn_launch_d<true>(cb, grid, o, q, kc, vc, rows, sq, tab, H, K, D, bs, scale, nsplit, wo, wml);
+    attn_split_reduce_kernel<<<dim3((unsigned)T, (unsigned)H), 128, 0, cb->stream>>>(
+        o, rows, wo, wml, H, D, nsplit);
+    CUDA_CHECK_LAUNCH();
+}
+
+/* ---- decode steps for graphs (graphs.cu) ------------------------------------------------
+ * The metadata of a padded decode step sits in the decode buffer after ids, positions and
+ * slots; its split count depends on Bp alone (never on the context lengths, which change
+ * every step while the captured grid stays): about two blocks per SM, at most 32. Splits
+ * past a row's last key leave empty partials that the merge skips. */
+
+size_t cuda_attention_decode_meta(int32_t *m, const attn_seq *seqs, int B, int Bp, int block_size) {
+    PD_ASSERT(B >= 1 && B <= Bp);
+    size_t n = 4 * (size_t)Bp;
+    for (int b = 0; b < B; b++) n += (size_t)seqs[b].n_blocks;
+    if (!m) return n;
+    int32_t *rows = m, *sq = m + 2 * Bp, *tab = m + 4 * Bp;
+    int32_t off = 0;
+    for (int b = 0; b < B; b++) {
+        const attn_seq *s = &seqs[b];
+        PD_ASSERT(s->q_start == b && s->q_len == 1 && s->ctx_len >= 1 && s->block_table);
+        PD_ASSERT((int64_t)s->n_blocks * block_size >= s->ctx_len);
+        rows[2 * b] = b;
+        rows[2 * b + 1] = s->ctx_len - 1;
+        sq[2 * b] = s->ctx_len;
+        sq[2 * b + 1] = off;
+        memcpy(tab + off, s->block_table, (size_t)s->n_blocks * sizeof(int32_t));
+        off += s->n_blocks;
+    }
+    for (int b = B; b < Bp; b++) {
+        rows[2 * b] = -1; /* padding: zeros out */
+        rows[2 * b + 1] = 0;
+        sq[2 * b] = 0;
+        sq[2 * b + 1] = 0;
+    }
+    return n;
+}
+
+static int attn_nsplit_fixed(const cuda_backend *cb, int T, int K, int gz) {
+    if (cb->attn_basic) return 1;
+    long blocks = (long)T * K * gz, want = 2L * cb->sm_count;
+    if (blocks >= want) return 1;
+    return PD_MAX(1, PD_MIN((int)((want + blocks - 1) / blocks), 32));
+}
+
 void cuda_attention(backend *b, void *out, const void *qkv, const void *kcache, const void *vcache,
                     const attn_seq *seqs, int B, int T, int H, int K, int D, int block_size,
                     float scale) {
@@ -381,6 +448,16 @@ void cuda_attention(backend *b, void *out, const void *qkv, const void *kcache, 
     PD_ASSERT(((uintptr_t)qkv & 15) == 0 && ((uintptr_t)kcache & 15) == 0 &&
               ((uintptr_t)vcache & 15) == 0);
     if (T == 0) return;
+    const bf16 *q = (const bf16 *)qkv, *kc = (const bf16 *)kcache, *vc = (const bf16 *)vcache;
+    bf16 *o = (bf16 *)out;
+    if (!seqs) { /* a decode step whose metadata decode_upload has put in place */
+        PD_ASSERT(cb->dec && B == T && T == cb->dec_Bp);
+        const int32_t *rows = cb->dec + 3 * (size_t)T, *sq = rows + 2 * T, *tab = sq + 2 * T;
+        int gz = (H / K + ATT_MAXG - 1) / ATT_MAXG;
+        attn_decode_launch(cb, o, q, kc, vc, rows, sq, tab, T, H, K, D, block_size, scale,
+                           attn_nsplit_fixed(cb, T, K, gz));
+        return;
+    }
     bool fa = !cb->attn_basic && cuda_attention_prefill_supports(D);
     attn_plan pl = attn_meta_build(cb, seqs, B, T, block_size, fa);
     size_t n = pl.n;
@@ -395,27 +472,11 @@ void cuda_attention(backend *b, void *out, const void *qkv, const void *kcache, 
     }
     const int32_t *rows = cb->attn_meta, *sq = rows + 2 * T, *tab = sq + 2 * B;
     const int32_t *tiles = cb->attn_meta + n - 4 * (size_t)pl.n_tiles;
-    const bf16 *q = (const bf16 *)qkv, *kc = (const bf16 *)kcache, *vc = (const bf16 *)vcache;
-    bf16 *o = (bf16 *)out;
     if (pl.n_tiles > 0)
         cuda_attention_prefill(cb, o, q, kc, vc, tiles, pl.n_tiles, sq, tab, H, K, D, block_size,
                                scale);
     if (pl.n_basic_rows == 0 && pl.n_claimed == T) return; /* every row was a prefill row */
-    int G = H / K, gz = (G + ATT_MAXG - 1) / ATT_MAXG;
-    int nsplit = attn_nsplit(cb, &pl, K, gz);
-    if (nsplit == 1) {
-        dim3 grid((unsigned)T, (unsigned)K, (unsigned)gz);
-        attn_launch_d<false>(cb, grid, o, q, kc, vc, rows, sq, tab, H, K, D, block_size, scale, 1,
-                             NULL, NULL);
-        return;
-    }
-    size_t parts = (size_t)T * H * nsplit;
-    attn_ws_grow(cb, parts * (D + 2));
-    float *wo = cb->attn_ws, *wml = cb->attn_ws + parts * D;
-    dim3 grid((unsigned)T, (unsigned)K, (unsigned)(gz * nsplit));
-    attn_launch_d<true>(cb, grid, o, q, kc, vc, rows, sq, tab, H, K, D, block_size, scale, nsplit,
-                        wo, wml);
-    attn_split_reduce_kernel<<<dim3((unsigned)T, (unsigned)H), 128, 0, cb->stream>>>(
-        o, rows, wo, wml, H, D, nsplit);
-    CUDA_CHECK_LAUNCH();
+    int gz = (H / K + ATT_MAXG - 1) / ATT_MAXG;
+    attn_decode_launch(cb, o, q, kc, vc, rows, sq, tab, T, H, K, D, block_size, scale,
+                       attn_nsplit(cb, &pl, K, gz));
 }

@@ -14,6 +14,8 @@
 
 #include "backend/cuda/backend_cuda.h"
 #include "backend/cuda/cuda_common.h"
+#include "backend/cuda/kv_ipc.h"
+#include "backend/cuda/layer_events.h"
 
 [[noreturn]] void cuda_check_fail(const char *stmt, const char *what, const char *file, int line) {
     fprintf(stderr, "pdserve: CUDA error: %s: '%s' failed at %s:%d\n", what, stmt, file, line);
@@ -25,6 +27,7 @@
 
 /* Returns the next pinned slot, waiting until the copy that last used it is done. */
 static uint8_t *stage_take(cuda_backend *cb, int *slot) {
+    PD_ASSERT(!cb->capturing); /* a graph must not record a copy from a staging slot */
     int s = cb->stage_next;
     cb->stage_next = (s + 1) % CUDA_STAGE_SLOTS;
     CUDA_CHECK(cudaEventSynchronize(cb->stage_done[s]));
@@ -50,6 +53,7 @@ void cuda_stage_h2d(cuda_backend *cb, void *dst, const void *src, size_t bytes) 
 
 void cuda_grow_i32(cuda_backend *cb, int32_t **buf, size_t *cap, size_t n) {
     if (n <= *cap) return;
+    cuda_graph_buffers_moved(cb);
     size_t want = PD_MAX(n, *cap * 2);
     want = PD_MAX(want, (size_t)1024);
     CUDA_CHECK(cudaStreamSynchronize(cb->stream));
@@ -64,6 +68,7 @@ static void *cu_alloc(backend *b, size_t bytes) {
     cuda_backend *cb = cuda_of(b);
     void *p = NULL;
     size_t n = bytes ? bytes : 16;
+    PD_ASSERT(!cb->capturing);
     cudaError_t e = cudaMalloc(&p, n);
     if (e != cudaSuccess) {
         size_t fr = 0, total = 0;
@@ -78,6 +83,7 @@ static void *cu_alloc(backend *b, size_t bytes) {
 
 static void cu_free(backend *b, void *p) {
     if (!p) return;
+    PD_ASSERT(!cuda_of(b)->capturing);
     /* queued work may still read p: let it finish first */
     CUDA_CHECK(cudaStreamSynchronize(cuda_of(b)->stream));
     CUDA_CHECK(cudaFree(p));
@@ -168,6 +174,7 @@ static void cu_copy_h2d(backend *b, void *dst, const void *src, size_t bytes) {
 
 static void cu_copy_d2h(backend *b, void *dst, const void *src, size_t bytes) {
     cuda_backend *cb = cuda_of(b);
+    PD_ASSERT(!cb->capturing);
     CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cb->stream));
     CUDA_CHECK(cudaStreamSynchronize(cb->stream));
 }
@@ -176,7 +183,11 @@ static void cu_copy_d2d(backend *b, void *dst, const void *src, size_t bytes) {
     CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cuda_of(b)->stream));
 }
 
-static void cu_sync(backend *b) { CUDA_CHECK(cudaStreamSynchronize(cuda_of(b)->stream)); }
+static void cu_sync(backend *b) {
+    cuda_backend *cb = cuda_of(b);
+    PD_ASSERT(!cb->capturing);
+    CUDA_CHECK(cudaStreamSynchronize(cb->stream));
+}
 
 /* ---- matmul ------------------------------------------------------------------------ */
 
@@ -189,6 +200,11 @@ static void cu_matmul(backend *b, void *out, const void *x, const void *w, const
                       int Kd, int N) {
     cuda_backend *cb = cuda_of(b);
     PD_ASSERT(T > 0 && Kd > 0 && N > 0);
+    if (cb->gemv && cuda_gemv_supports(T, Kd, x, w)) { /* decode: a weight stream */
+        cuda_gemv(cb, (__nv_bfloat16 *)out, (const __nv_bfloat16 *)x, (const __nv_bfloat16 *)w,
+                  (const __nv_bfloat16 *)bias, T, Kd, N);
+        return;
+    }
     float alpha = 1.0f, beta = 0.0f;
     if (bias) {
         cuda_bias_rows(cb, (__nv_bfloat16 *)out, (const __nv_bfloat16 *)bias, T, N);
@@ -231,13 +247,54 @@ static const backend_ops cuda_ops = {
     cuda_gather_rows,
     cu_destroy,
     cuda_argmax_rows,
+    NULL, /* alloc_shared: device KV is shared through IPC handles instead */
+    NULL, /* free_shared */
+    false, /* host_memory */
+    /* moving KV between processes (kv_ipc.cu) */
+    cuda_kv_ipc_export,
+    cuda_kv_ipc_open,
+    cuda_kv_ipc_close,
+    cuda_kv_copy_batch,
+    cuda_kv_host_alloc,
+    cuda_kv_host_free,
+    cuda_kv_host_register,
+    cuda_kv_host_unregister,
+    /* decode graphs and sampling on the device: registered by their group (NULL until then) */
+    NULL, /* decode_upload */
+    NULL, /* graph_begin */
+    NULL, /* graph_end */
+    NULL, /* graph_launch */
+    NULL, /* graph_free */
+    NULL, /* sample_rows */
+    /* layer events for layer-wise KV streaming (layer_events.cu) */
+    cuda_layer_events_reserve,
+    cuda_layer_event_record,
+    cuda_layer_event_wait,
 };
+
+/* ---- decode graphs and device sampling: their part of the table ----------------------
+ * Set by name on a copy of the table above, so that this group stays apart from the
+ * positional list (graphs.cu, sampling.cu). */
+static const backend_ops *cuda_ops_with_graphs(void) {
+    static const backend_ops table = [] {
+        backend_ops o = cuda_ops;
+        o.decode_upload = cuda_decode_upload;
+        o.graph_begin = cuda_graph_begin;
+        o.graph_end = cuda_graph_end;
+        o.graph_launch = cuda_graph_launch;
+        o.graph_free = cuda_graph_free;
+        o.sample_rows = cuda_sample_rows;
+        return o;
+    }();
+    return &table;
+}
 
 static void cu_destroy(backend *b) {
     if (!b) return;
     cuda_backend *cb = cuda_of(b);
     CUDA_CHECK(cudaSetDevice(cb->device));
     CUDA_CHECK(cudaStreamSynchronize(cb->stream));
+    cuda_layer_events_release(b);
     for (int i = 0; i < CUDA_STAGE_SLOTS; i++) {
         CUDA_CHECK(cudaFreeHost(cb->stage[i]));
         CUDA_CHECK(cudaEventDestroy(cb->stage_done[i]));
@@ -253,6 +310,7 @@ static void cu_destroy(backend *b) {
     CUDA_CHECK(cudaStreamDestroy(cb->stream));
     free(cb->attn_meta_host);
     free(cb->attn_meta_tmp);
+    cuda_graphs_destroy(cb);
     free(cb);
     free(b);
 }
@@ -300,7 +358,11 @@ extern "C" backend *backend_cuda_create(int device, char *err, size_t errlen) {
     const char *attn = getenv("PDSERVE_CUDA_ATTN");
     cb->attn_basic = attn && strcmp(attn, "basic") == 0;
     backend *b = (backend *)xcalloc(1, sizeof *b);
-    b->ops = &cuda_ops;
+    const char *graphs = getenv("PDSERVE_CUDA_GRAPHS");
+    cb->graphs_on = !(graphs && strcmp(graphs, "0") == 0);
+    const char *gemv = getenv("PDSERVE_CUDA_GEMV");
+    cb->gemv = gemv && strcmp(gemv, "1") == 0;
+    b->ops = cuda_ops_with_graphs();
     b->impl = cb;
     b->threads = 0;
     log_info("cuda backend: device %d %s, %d SMs, %.1f GiB", device, prop.name,

@@ -83,8 +83,30 @@ typedef struct cuda_backend {
     float *attn_ws;
     size_t attn_ws_cap;
     bool attn_basic;            /* PDSERVE_CUDA_ATTN=basic: first kernel only (A/B runs) */
+    bool gemv;                  /* PDSERVE_CUDA_GEMV=1: matmuls of T <= 8 by cuda_gemv */
 
     cudaEvent_t timer_start, timer_stop; /* backend_cuda_timer_* */
+
+    /* ---- decode graphs (graphs.cu) ------------------------------------------------
+     * A captured graph holds the device addresses its kernels were given. graph_gen
+     * counts the moves of the buffers a decode graph reads (the decode buffer, the
+     * split-K scratch, any scratch that grows); a graph captured under another
+     * generation is stale and is never launched. */
+    bool graphs_on;             /* PDSERVE_CUDA_GRAPHS != "0" at creation */
+    bool capturing;             /* between graph_begin and graph_end: no upload, growth
+                                 * or wait may happen (asserted) */
+    uint64_t graph_gen;
+    int32_t *dec;               /* device: the decode buffer (decode_upload's layout) */
+    size_t dec_cap;             /* int32 elements */
+    int32_t *dec_host;          /* host (malloc): the same layout, being built */
+    size_t dec_host_cap;
+    int dec_Bp;                 /* rows of the last decode_upload (0: none yet) */
+
+    /* ---- sampling on the device (sampling.cu) ---------------------------------------- */
+    void *samp_params;          /* device: sample_row [samp_params_cap] */
+    size_t samp_params_cap;
+    void *samp_lists;           /* device: two candidate lists of V u64 per row, grown on demand */
+    size_t samp_lists_cap;      /* bytes */
 } cuda_backend;
 
 #define ROPE_MAX_HALF 512
@@ -126,6 +148,10 @@ void cuda_bias_rows(cuda_backend *cb, __nv_bfloat16 *out, const __nv_bfloat16 *b
 void cuda_fill_random(backend *b, void *dst, dtype t, size_t n, uint64_t seed, float scale);
 void cuda_fill(backend *b, void *dst, dtype t, size_t n, float value);
 void cuda_argmax_rows(backend *b, int32_t *out, const void *x, int n, int V);
+/* small-batch matmul (T <= 8, Kd % 8 == 0, 16-byte aligned x and w): a weight stream */
+bool cuda_gemv_supports(int T, int Kd, const void *x, const void *w);
+void cuda_gemv(cuda_backend *cb, __nv_bfloat16 *out, const __nv_bfloat16 *x,
+               const __nv_bfloat16 *w, const __nv_bfloat16 *bias, int T, int Kd, int N);
 /* attention_prefill.cu: tensor-core causal attention for prefill chunks (D 64, 128) */
 bool cuda_attention_prefill_supports(int D);
 void cuda_attention_prefill(cuda_backend *cb, __nv_bfloat16 *out, const __nv_bfloat16 *qkv,
@@ -135,5 +161,25 @@ void cuda_attention_prefill(cuda_backend *cb, __nv_bfloat16 *out, const __nv_bfl
 void cuda_attention(backend *b, void *out, const void *qkv, const void *kcache, const void *vcache,
                     const attn_seq *seqs, int B, int T, int H, int K, int D, int block_size,
                     float scale);
+
+/* ---- decode graphs (graphs.cu) and device sampling (sampling.cu) ------------------- */
+/* The attention metadata of B one-row sequences padded to Bp rows, in attention.cu's
+ * layout with T = B = Bp, written at m (host); returns its int32 length. With m NULL,
+ * returns the length only. */
+size_t cuda_attention_decode_meta(int32_t *m, const attn_seq *seqs, int B, int Bp, int block_size);
+/* Called by every function that frees or moves a device buffer a graph may read:
+ * asserts no capture is under way and makes the graphs captured so far stale. */
+void cuda_graph_buffers_moved(cuda_backend *cb);
+int32_t *cuda_decode_upload(backend *b, const int32_t *tokens, const int32_t *positions,
+                            const int32_t *slots, const attn_seq *seqs, int B, int Bp,
+                            int block_size);
+void cuda_graph_begin(backend *b);
+void *cuda_graph_end(backend *b);
+bool cuda_graph_launch(backend *b, void *g);
+void cuda_graph_free(backend *b, void *g);
+void cuda_sample_rows(backend *b, int32_t *out, float *logprob, const void *x,
+                      const struct sample_row *p, int n, int V);
+/* Frees what graphs.cu and sampling.cu hold (backend destruction). */
+void cuda_graphs_destroy(cuda_backend *cb);
 
 #endif

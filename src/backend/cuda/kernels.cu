@@ -509,3 +509,90 @@ void cuda_argmax_rows(backend *b, int32_t *out, const void *x, int n, int V) {
         argmax_rows_kernel<1><<<n, 1024, 0, cb->stream>>>(out, (const bf16 *)x, V);
     CUDA_CHECK_LAUNCH();
 }
+
+/* ---- small-batch matmul (GEMV): out[T,N] = x[T,Kd] @ w[N,Kd]^T (+ bias), T <= 8 ------
+ * A decode step multiplies a handful of rows by a large weight matrix: a pure stream
+ * of the weights, where cuBLAS reaches 60-67% of the copy rate on the attention
+ * projections (cuda-first-kernels.md). One warp per output column n streams w's row
+ * n with 16-byte loads, GEMV_UNROLL in flight per lane, and dots it with the T rows of
+ * x (read through L1: every warp of the block reads the same x); the lanes' partial
+ * sums meet by shuffles. fp32 accumulation, one rounding to bf16 after the bias.
+ * PDSERVE_CUDA_GEMV=1 at backend creation routes matmuls with T <= 8 here (default:
+ * cuBLAS), for A/B runs. */
+#define GEMV_WARPS 8
+#define GEMV_UNROLL 4
+
+__device__ __forceinline__ void gemv_unpack8(uint4 u, float *f) {
+    const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 t = __bfloat1622float2(h[i]);
+        f[2 * i] = t.x;
+        f[2 * i + 1] = t.y;
+    }
+}
+
+template <int TT>
+__device__ __forceinline__ void gemv_fma(float *acc, uint4 wv, const bf16 *x, int T, int Kd, int k) {
+    float wf[8];
+    gemv_unpack8(wv, wf);
+#pragma unroll
+    for (int t = 0; t < TT; t++) {
+        if (t < T) {
+            float xf[8];
+            gemv_unpack8(__ldg((const uint4 *)(x + (size_t)t * Kd + k)), xf);
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[t] = fmaf(wf[e], xf[e], acc[t]);
+        }
+    }
+}
+
+template <int TT>
+__global__ void __launch_bounds__(GEMV_WARPS * 32)
+gemv_kernel(bf16 *out, const bf16 *x, const bf16 *w, const bf16 *bias, int T, int Kd, int N) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int n = blockIdx.x * GEMV_WARPS + warp;
+    if (n >= N) return;
+    const bf16 *wr = w + (size_t)n * Kd;
+    float acc[TT];
+#pragma unroll
+    for (int t = 0; t < TT; t++) acc[t] = 0.0f;
+    const int step = 32 * 8; /* elements one warp covers per load */
+    int k = lane * 8;
+    for (; k + (GEMV_UNROLL - 1) * step < Kd; k += GEMV_UNROLL * step) {
+        uint4 wv[GEMV_UNROLL];
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) wv[u] = __ldcs((const uint4 *)(wr + k + u * step));
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) gemv_fma<TT>(acc, wv[u], x, T, Kd, k + u * step);
+    }
+    for (; k < Kd; k += step) gemv_fma<TT>(acc, __ldcs((const uint4 *)(wr + k)), x, T, Kd, k);
+#pragma unroll
+    for (int t = 0; t < TT; t++) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], o);
+    }
+    if (lane == 0) {
+        float b = bias ? __bfloat162float(bias[n]) : 0.0f;
+        for (int t = 0; t < T; t++) out[(size_t)t * N + n] = __float2bfloat16(acc[t] + b);
+    }
+}
+
+bool cuda_gemv_supports(int T, int Kd, const void *x, const void *w) {
+    return T >= 1 && T <= 8 && Kd % 8 == 0 && aligned16(x) && aligned16(w);
+}
+
+void cuda_gemv(cuda_backend *cb, bf16 *out, const bf16 *x, const bf16 *w, const bf16 *bias, int T,
+               int Kd, int N) {
+    PD_ASSERT(cuda_gemv_supports(T, Kd, x, w) && N > 0);
+    dim3 grid(cuda_blocks((size_t)N, GEMV_WARPS)), block(GEMV_WARPS * 32);
+    if (T == 1)
+        gemv_kernel<1><<<grid, block, 0, cb->stream>>>(out, x, w, bias, T, Kd, N);
+    else if (T == 2)
+        gemv_kernel<2><<<grid, block, 0, cb->stream>>>(out, x, w, bias, T, Kd, N);
+    else if (T <= 4)
+        gemv_kernel<4><<<grid, block, 0, cb->stream>>>(out, x, w, bias, T, Kd, N);
+    else
+        gemv_kernel<8><<<grid, block, 0, cb->stream>>>(out, x, w, bias, T, Kd, N);
+    CUDA_CHECK_LAUNCH();
+}

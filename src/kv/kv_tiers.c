@@ -1,0 +1,751 @@
+/* kv_tiers.c: the lower tiers of prefix caching (`serve --kv-offload cpu,disk`). The GPU
+ * prefix cache (engine/prefix_cache.c) evicts a cached block only to reuse it; through
+ * the prefix cache hooks this file catches the block on its way out and keeps it one or
+ * two tiers down, and gives it back when a later request misses on the GPU:
+ *
+ *   evict (engine thread, under the pool lock): the block is copied to a host staging
+ *     slot at once (kv_blocks_to_host: the block is reused right after) and queued;
+ *   worker thread: writes staged blocks into tier 0; when tier 0 is full its least
+ *     recently used entry moves to tier 1 first (whose own LRU entry is dropped when
+ *     full). So the engine step never waits for a store write;
+ *   lookup (admission, engine thread): the run of the request's next keys that the
+ *     tiers (or the staging slots) hold, and how many of them to load: the prefix that
+ *     minimises load time + recompute time under the running estimates (docs/reuse.md);
+ *   load (the admitting step, before its forward pass): store -> host image ->
+ *     kv_blocks_from_host into fresh blocks, timed to refine the tier's estimate.
+ *
+ * The index (key -> where, LRU order per tier, a second hash of the block's parent key
+ * and tokens to verify a hit as the GPU tier does) lives here, under one mutex held only
+ * for index updates, never across I/O. Only the worker changes what a store holds. A
+ * load pins all its entries (readers) before reading any: the worker never picks a
+ * pinned entry as a victim, and one it is already moving down stays readable where it
+ * was until its readers are done (the worker waits, marked `leaving`; only then is the
+ * old copy removed). So the evictions of an admission's own block allocation, which
+ * wake the worker, cannot take the blocks that admission is about to load. Sized at
+ * start-up: entries = staging slots + the tiers' capacities, staging slots of one
+ * block image each.
+ *
+ * Tuned for: blocks of 64 KiB to a few MiB, tiers of thousands to hundreds of thousands
+ * of blocks, evictions in bursts of tens per step. */
+#include <dirent.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kv/kv_internal.h"
+
+#define WHERE_STAGED (-1)
+#define EST_WEIGHT 0.2 /* of each new load in the running per-block estimate */
+
+typedef struct tier_entry {
+    uint64_t key, tag;
+    int8_t where;           /* WHERE_STAGED or a tier index */
+    bool used;
+    bool busy;              /* the worker is writing it (staged) or moving it out (tier) */
+    bool leaving;           /* moved: its old copy goes once readers is 0; a miss for new loads */
+    int32_t readers;        /* loads reading it from its store now */
+    int32_t slot;           /* staged: its staging slot */
+    int32_t hnext;          /* hash chain, or the free list */
+    int32_t prev, next;     /* its tier's LRU list, most recent first */
+} tier_entry;
+
+typedef struct tier {
+    kv_medium medium;
+    kv_connector *conn;     /* owned: a store of its own */
+    int cap, count;         /* entries */
+    int32_t head, tail;     /* most / least recently used */
+    uint8_t *work;          /* [image] the worker's buffer for moves out of this tier */
+    double est;             /* seconds to load one block from here */
+} tier;
+
+struct kv_tiers {
+    kv_tiers_config cfg;
+    kv_cache *kv;           /* not owned */
+    size_t image;           /* bytes of one block's host image */
+    tier t[PREFIX_TIERS_MAX];
+    int n;
+    pthread_mutex_t mu;     /* everything below */
+    pthread_cond_t work_cv, idle_cv, readers_cv;
+    tier_entry *ent;        /* [n_ent] */
+    int n_ent;
+    int32_t free_ent;
+    int32_t *buckets;       /* [n_buckets] power of two, -1 empty */
+    int n_buckets;
+    uint8_t *staging;       /* [n_slots * image] */
+    int n_slots;
+    int32_t *free_slots;    /* [n_slots] stack */
+    int n_free_slots;
+    int32_t *queue;         /* [n_slots] ring of staged entries for the worker */
+    int q_head, q_len;
+    bool stop, working;
+    pthread_t thread;
+    bool started;
+    double est_staged;      /* seconds to load one block from a staging slot */
+    uint8_t *load_buf;      /* [image] loads (engine thread, under the pool lock) */
+    struct pin { int32_t i, slot; int where; } *pinned; /* [cap_pinned] a load's entries as
+                             * pinned (where and slot then), same thread, grown as needed */
+    int cap_pinned;
+    prefix_tier_stats st;   /* counters */
+};
+
+/* ---- configuration --------------------------------------------------------------------- */
+void kv_tiers_config_default(kv_tiers_config *c) {
+    memset(c, 0, sizeof *c);
+    c->cpu_bytes = (size_t)1 << 30;
+    c->disk_bytes = (size_t)4 << 30;
+    const char *tmp = getenv("TMPDIR");
+    snprintf(c->disk_dir, sizeof c->disk_dir, "%s", tmp && *tmp ? tmp : "/tmp");
+    c->staging_blocks = 64;
+    c->load_policy = KV_TIERS_LOAD_AUTO;
+}
+
+int kv_tiers_parse(const char *list, kv_tiers_config *c, char *err, size_t errlen) {
+    c->n_tiers = 0;
+    const char *p = list ? list : "";
+    while (*p) {
+        size_t len = strcspn(p, ",");
+        kv_medium m;
+        bool cpu = len == 3 && !strncmp(p, "cpu", 3), disk = len == 4 && !strncmp(p, "disk", 4);
+        m = cpu ? KV_MEDIUM_CPU : KV_MEDIUM_DISK;
+        bool dup = false;
+        for (int i = 0; i < c->n_tiers; i++) dup |= c->order[i] == m;
+        if ((!cpu && !disk) || dup || c->n_tiers == PREFIX_TIERS_MAX) {
+            pd_errorf(err, errlen, "--kv-offload wants cpu, disk, cpu,disk or disk,cpu; got '%s'", list);
+            return -1;
+        }
+        c->order[c->n_tiers++] = m;
+        p += len + (p[len] == ',');
+    }
+    if (c->n_tiers == 0) {
+        pd_errorf(err, errlen, "--kv-offload wants cpu, disk, cpu,disk or disk,cpu; got '%s'", list ? list : "");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- the index (under mu) ---------------------------------------------------------------- */
+/* A second hash of what a key is made of: a hit must match both (as the GPU tier
+ * compares the block's ids), so a 64-bit key collision cannot serve wrong KV. */
+static uint64_t tag_of(uint64_t parent, const int32_t *ids, int bs) {
+    return hash_bytes(ids, (size_t)bs * sizeof(int32_t), hash_u64(parent ^ 0x7469657274616775ull));
+}
+
+static int32_t *bucket(kv_tiers *t, uint64_t key) {
+    return &t->buckets[hash_u64(key) & (uint64_t)(t->n_buckets - 1)];
+}
+
+static int32_t idx_find(kv_tiers *t, uint64_t key) {
+    for (int32_t i = *bucket(t, key); i >= 0; i = t->ent[i].hnext)
+        if (t->ent[i].key == key) return i;
+    return -1;
+}
+
+static int32_t idx_insert(kv_tiers *t, uint64_t key, uint64_t tag) {
+    int32_t i = t->free_ent;
+    PD_ASSERT(i >= 0); /* entries = slots + capacities: a staged block always has one */
+    tier_entry *e = &t->ent[i];
+    t->free_ent = e->hnext;
+    *e = (tier_entry){.key = key, .tag = tag, .where = WHERE_STAGED, .used = true, .slot = -1,
+                      .prev = -1, .next = -1};
+    int32_t *b = bucket(t, key);
+    e->hnext = *b;
+    *b = i;
+    return i;
+}
+
+static void idx_remove(kv_tiers *t, int32_t i) {
+    int32_t *b = bucket(t, t->ent[i].key);
+    while (*b != i) {
+        PD_ASSERT(*b >= 0);
+        b = &t->ent[*b].hnext;
+    }
+    *b = t->ent[i].hnext;
+    t->ent[i].used = false;
+    t->ent[i].hnext = t->free_ent;
+    t->free_ent = i;
+}
+
+static void lru_push(kv_tiers *t, int k, int32_t i) {
+    tier *r = &t->t[k];
+    tier_entry *e = &t->ent[i];
+    e->where = (int8_t)k;
+    e->prev = -1;
+    e->next = r->head;
+    if (r->head >= 0) t->ent[r->head].prev = i;
+    r->head = i;
+    if (r->tail < 0) r->tail = i;
+    r->count++;
+}
+
+static void lru_unlink(kv_tiers *t, int32_t i) {
+    tier_entry *e = &t->ent[i];
+    tier *r = &t->t[e->where];
+    if (e->prev >= 0) t->ent[e->prev].next = e->next;
+    else r->head = e->next;
+    if (e->next >= 0) t->ent[e->next].prev = e->prev;
+    else r->tail = e->prev;
+    e->prev = e->next = -1;
+    r->count--;
+}
+
+static void est_update(double *est, double dt) {
+    *est = *est > 0 ? (1 - EST_WEIGHT) * *est + EST_WEIGHT * dt : dt;
+}
+
+/* ---- the stores ---------------------------------------------------------------------------- */
+static kv_status store_put(kv_tiers *t, int k, uint64_t key, const void *img) {
+    return t->t[k].medium == KV_MEDIUM_CPU ? kv_cpu_store_put_host(t->t[k].conn, key, img)
+                                           : kv_disk_store_put_host(t->t[k].conn, key, img);
+}
+
+static kv_status store_get(kv_tiers *t, int k, uint64_t key, void *img) {
+    return t->t[k].medium == KV_MEDIUM_CPU ? kv_cpu_store_get_host(t->t[k].conn, key, img)
+                                           : kv_disk_store_get_host(t->t[k].conn, key, img);
+}
+
+static void store_remove(kv_tiers *t, int k, uint64_t key) {
+    if (t->t[k].medium == KV_MEDIUM_CPU) kv_cpu_store_remove(t->t[k].conn, key);
+    else kv_disk_store_remove(t->t[k].conn, key);
+}
+
+static bool store_contains(kv_tiers *t, int k, uint64_t key) {
+    return t->t[k].medium == KV_MEDIUM_CPU ? kv_cpu_store_contains(t->t[k].conn, key)
+                                           : kv_disk_store_contains(t->t[k].conn, key);
+}
+
+static void sleep_ms(double ms) {
+    if (ms <= 0) return;
+    long long ns = (long long)(ms * 1e6);
+    struct timespec ts = {(time_t)(ns / 1000000000LL), (long)(ns % 1000000000LL)};
+    nanosleep(&ts, NULL);
+}
+
+/* ---- the worker ------------------------------------------------------------------------------ */
+/* Makes room for one more entry in tier k: its least recently used entries nobody reads
+ * move to tier k+1 (room made there first) or are dropped. Worker thread only (the only
+ * one that changes what the stores hold). False when every entry is being read. */
+static bool make_room(kv_tiers *t, int k) {
+    tier *r = &t->t[k];
+    pthread_mutex_lock(&t->mu);
+    while (r->count >= r->cap) {
+        int32_t v = r->tail;
+        while (v >= 0 && (t->ent[v].readers > 0 || t->ent[v].busy)) v = t->ent[v].prev;
+        if (v < 0) {
+            pthread_mutex_unlock(&t->mu);
+            return false;
+        }
+        t->ent[v].busy = true;
+        uint64_t key = t->ent[v].key;
+        pthread_mutex_unlock(&t->mu);
+        bool moved = k + 1 < t->n && make_room(t, k + 1) &&
+                     store_get(t, k, key, r->work) == KV_OK && store_put(t, k + 1, key, r->work) == KV_OK;
+        pthread_mutex_lock(&t->mu);
+        t->ent[v].leaving = true; /* loads that pinned it read the old copy: wait for them */
+        while (t->ent[v].readers > 0) pthread_cond_wait(&t->readers_cv, &t->mu);
+        pthread_mutex_unlock(&t->mu);
+        store_remove(t, k, key);
+        pthread_mutex_lock(&t->mu);
+        lru_unlink(t, v);
+        t->st.tier[k].evictions++;
+        t->ent[v].busy = t->ent[v].leaving = false;
+        if (moved) {
+            lru_push(t, k + 1, v);
+            t->st.tier[k].bytes_read += t->image;
+            t->st.tier[k + 1].offloaded_blocks++;
+            t->st.tier[k + 1].bytes_written += t->image;
+        } else {
+            idx_remove(t, v);
+        }
+    }
+    pthread_mutex_unlock(&t->mu);
+    return true;
+}
+
+static void *worker_main(void *arg) {
+    kv_tiers *t = arg;
+    pthread_mutex_lock(&t->mu);
+    for (;;) {
+        while (!t->stop && t->q_len == 0) {
+            t->working = false;
+            pthread_cond_broadcast(&t->idle_cv);
+            pthread_cond_wait(&t->work_cv, &t->mu);
+        }
+        if (t->stop) break;
+        int32_t i = t->queue[t->q_head];
+        t->q_head = (t->q_head + 1) % t->n_slots;
+        t->q_len--;
+        t->working = true;
+        tier_entry *e = &t->ent[i];
+        PD_ASSERT(e->used && e->where == WHERE_STAGED && !e->busy);
+        e->busy = true;
+        uint64_t key = e->key;
+        int32_t slot = e->slot;
+        pthread_mutex_unlock(&t->mu);
+        bool ok = make_room(t, 0) &&
+                  store_put(t, 0, key, t->staging + (size_t)slot * t->image) == KV_OK;
+        pthread_mutex_lock(&t->mu);
+        e->busy = false;
+        e->slot = -1;
+        t->free_slots[t->n_free_slots++] = slot;
+        if (ok) {
+            lru_push(t, 0, i);
+            t->st.tier[0].offloaded_blocks++;
+            t->st.tier[0].bytes_written += t->image;
+        } else {
+            idx_remove(t, i);
+            t->st.offload_dropped++;
+        }
+    }
+    t->working = false;
+    pthread_cond_broadcast(&t->idle_cv);
+    pthread_mutex_unlock(&t->mu);
+    return NULL;
+}
+
+/* ---- hooks (engine side, under the engine's pool lock) -------------------------------------- */
+static void image_from_block(const kv_cache *kv, int32_t block, uint8_t *img) {
+    size_t bb = kv->block_bytes;
+    for (int l = 0; l < kv->n_layers; l++) {
+        kv_blocks_to_host(kv, l, 0, &block, 1, img + (size_t)l * 2 * bb, bb);
+        kv_blocks_to_host(kv, l, 1, &block, 1, img + (size_t)l * 2 * bb + bb, bb);
+    }
+}
+
+static void image_to_block(const kv_cache *kv, const uint8_t *img, int32_t block) {
+    size_t bb = kv->block_bytes;
+    for (int l = 0; l < kv->n_layers; l++) {
+        kv_blocks_from_host(kv, l, 0, &block, 1, img + (size_t)l * 2 * bb, bb);
+        kv_blocks_from_host(kv, l, 1, &block, 1, img + (size_t)l * 2 * bb + bb, bb);
+    }
+}
+
+/* Stages an evicted block (its KV is intact until the caller returns and the block's
+ * taker writes it) and queues it for the worker; an entry already kept is refreshed. */
+static void on_offload(void *user, int32_t block, uint64_t key, uint64_t parent, const int32_t *ids) {
+    kv_tiers *t = user;
+    uint64_t tag = tag_of(parent, ids, t->kv->block_size);
+    pthread_mutex_lock(&t->mu);
+    int32_t i = idx_find(t, key);
+    if (i >= 0) { /* kept already (loaded from here earlier): most recently used again */
+        tier_entry *e = &t->ent[i];
+        if (e->where >= 0 && !e->busy && e->tag == tag) {
+            lru_unlink(t, i);
+            lru_push(t, e->where, i);
+        }
+        pthread_mutex_unlock(&t->mu);
+        return;
+    }
+    if (t->n_free_slots == 0) { /* the worker is behind: never wait for it */
+        t->st.offload_dropped++;
+        pthread_mutex_unlock(&t->mu);
+        return;
+    }
+    int32_t slot = t->free_slots[--t->n_free_slots];
+    pthread_mutex_unlock(&t->mu);
+    /* slots are reused only here, under the pool lock, so loads reading one are safe */
+    image_from_block(t->kv, block, t->staging + (size_t)slot * t->image);
+    pthread_mutex_lock(&t->mu);
+    i = idx_insert(t, key, tag);
+    t->ent[i].slot = slot;
+    PD_ASSERT(t->q_len < t->n_slots);
+    t->queue[(t->q_head + t->q_len++) % t->n_slots] = i;
+    pthread_cond_signal(&t->work_cv);
+    pthread_mutex_unlock(&t->mu);
+}
+
+static double est_of(const kv_tiers *t, int where) {
+    return where == WHERE_STAGED ? t->est_staged : t->t[where].est;
+}
+
+/* The load-or-recompute rule: load the leading k of the m blocks found, k minimising
+ * sum_{i<k} load(i) + (m - k) * block_size * recompute_s_per_token (ties recompute).
+ * Before any prefill has been timed (0), whatever is found is loaded. */
+static int lookup(void *user, const uint64_t *keys, uint64_t parent, const int32_t *ids, int n,
+                  double s_per_token, int *n_load) {
+    kv_tiers *t = user;
+    int bs = t->kv->block_size;
+    pthread_mutex_lock(&t->mu);
+    int m = 0, k = 0;
+    double cost = 0, best = 0;
+    for (; m < n; m++) {
+        int32_t i = idx_find(t, keys[m]);
+        if (i < 0) break;
+        const tier_entry *e = &t->ent[i];
+        if (e->tag != tag_of(m ? keys[m - 1] : parent, ids + (size_t)m * bs, bs)) break;
+        if (e->leaving) break; /* its copy here is about to go: a miss */
+        cost += est_of(t, e->where) - bs * s_per_token;
+        if (cost < best) best = cost, k = m + 1;
+    }
+    if (t->cfg.load_policy == KV_TIERS_LOAD_ALWAYS || s_per_token <= 0) k = m;
+    if (t->cfg.load_policy == KV_TIERS_LOAD_NEVER) k = 0;
+    t->st.recompute_s_per_token = s_per_token;
+    pthread_mutex_unlock(&t->mu);
+    *n_load = k;
+    return m;
+}
+
+/* Copies pinned entry p into block; false when its store failed it (missing or
+ * corrupt: the store has dropped it). Unpins it. A staged entry is read from the slot
+ * it had when pinned: the worker may have written it since, but a slot is reused only
+ * by an eviction, under the same pool lock as this load. */
+static bool load_one(kv_tiers *t, const struct pin *p, int32_t block) {
+    pthread_mutex_lock(&t->mu);
+    uint64_t key = t->ent[p->i].key;
+    pthread_mutex_unlock(&t->mu);
+    const uint8_t *src = p->where == WHERE_STAGED ? t->staging + (size_t)p->slot * t->image : t->load_buf;
+    double t0 = time_now_s();
+    bool ok = p->where == WHERE_STAGED || store_get(t, p->where, key, t->load_buf) == KV_OK;
+    if (ok) image_to_block(t->kv, src, block);
+    sleep_ms(t->cfg.debug_load_delay_ms);
+    double dt = time_now_s() - t0;
+    pthread_mutex_lock(&t->mu);
+    tier_entry *e = &t->ent[p->i];
+    if (p->where >= 0 && --e->readers == 0) pthread_cond_broadcast(&t->readers_cv);
+    if (!ok) {
+        log_warn("kv tiers: load of %016llx from the %s tier failed (recomputed)", (unsigned long long)key,
+                 kv_medium_name(t->t[p->where].medium));
+        t->st.load_failures++;
+        if (e->readers == 0 && !e->busy) { /* the store dropped it already */
+            lru_unlink(t, p->i);
+            idx_remove(t, p->i);
+        }
+    } else if (p->where == WHERE_STAGED) {
+        est_update(&t->est_staged, dt);
+        t->st.staged_loaded_blocks++;
+    } else {
+        est_update(&t->t[p->where].est, dt);
+        t->st.tier[p->where].loaded_blocks++;
+        t->st.tier[p->where].bytes_read += t->image;
+    }
+    if (ok) t->st.loaded_tokens += (uint64_t)t->kv->block_size;
+    pthread_mutex_unlock(&t->mu);
+    return ok;
+}
+
+/* The admission's loads: pins every entry first (so that the worker, woken by this
+ * admission's own evictions, leaves them where they are), then copies them in order,
+ * stopping at the first that fails. Returns how many leading blocks were filled. */
+static int load(void *user, const uint64_t *keys, const int32_t *blocks, int n_load, int n_found) {
+    kv_tiers *t = user;
+    if (n_load > t->cap_pinned) {
+        t->cap_pinned = PD_MAX(n_load, 2 * t->cap_pinned);
+        t->pinned = xrealloc(t->pinned, sizeof *t->pinned * (size_t)t->cap_pinned);
+    }
+    pthread_mutex_lock(&t->mu);
+    if (n_load > 0) t->st.decisions_load++;
+    else t->st.decisions_recompute++;
+    for (int j = 0; j < n_found; j++) { /* where each block was found (staged: tier 0's) */
+        int32_t i = idx_find(t, keys[j]);
+        if (i >= 0) t->st.tier[PD_MAX(t->ent[i].where, 0)].hit_tokens += (uint64_t)t->kv->block_size;
+    }
+    int n = 0;
+    for (; n < n_load; n++) {
+        int32_t i = idx_find(t, keys[n]);
+        if (i < 0 || t->ent[i].leaving) {
+            log_debug("kv tiers: load of %016llx: %s", (unsigned long long)keys[n], i < 0 ? "gone" : "moved");
+            t->st.load_failures++;
+            break;
+        }
+        tier_entry *e = &t->ent[i];
+        if (e->where >= 0) e->readers++;
+        t->pinned[n] = (struct pin){i, e->slot, e->where};
+    }
+    pthread_mutex_unlock(&t->mu);
+    int j = 0;
+    while (j < n && load_one(t, &t->pinned[j], blocks[j])) j++;
+    if (j < n) { /* a store failed one: unpin the rest */
+        pthread_mutex_lock(&t->mu);
+        for (int k = j + 1; k < n; k++) {
+            tier_entry *e = &t->ent[t->pinned[k].i];
+            if (t->pinned[k].where >= 0 && --e->readers == 0) pthread_cond_broadcast(&t->readers_cv);
+        }
+        pthread_mutex_unlock(&t->mu);
+    }
+    return j;
+}
+
+static void tier_stats(void *user, prefix_tier_stats *out) { kv_tiers_get_stats(user, out); }
+
+void kv_tiers_hooks(kv_tiers *t, prefix_cache_hooks *h) {
+    memset(h, 0, sizeof *h);
+    h->on_offload = on_offload;
+    h->evict_user = t;
+    h->lower_lookup = lookup;
+    h->lower_load = load;
+    h->lookup_user = t;
+    h->tier_stats = tier_stats;
+}
+
+/* ---- life cycle ------------------------------------------------------------------------------ */
+/* Seconds per block of a get from tier k (plus the image's copy into a cache, taken as
+ * one memcpy), the best of 3 on a probe entry; the debug delay is added as loads add it. */
+static double probe(kv_tiers *t, int k) {
+    uint64_t key = 0x70726f6265000000ull ^ (uint64_t)k; /* removed again below */
+    uint8_t *img = t->load_buf, *copy = t->t[k].work;
+    for (size_t i = 0; i < t->image; i++) img[i] = (uint8_t)(i * 31 + 7);
+    if (store_put(t, k, key, img) != KV_OK) return 1.0; /* unusable: never worth loading */
+    double best = 1e9;
+    for (int rep = 0; rep < 3; rep++) {
+        double t0 = time_now_s();
+        kv_status st = store_get(t, k, key, img);
+        memcpy(copy, img, t->image);
+        double dt = time_now_s() - t0;
+        if (st == KV_OK) best = PD_MIN(best, dt);
+    }
+    store_remove(t, k, key);
+    return best + t->cfg.debug_load_delay_ms / 1e3;
+}
+
+/* Removes what tiers of processes that died (a crash, kill -9) left: their segments
+ * /dev/shm/pdkv-store-tier-PID-N and their directories DIR/pdkv-tier-PID-N. */
+static void reclaim_dead(const char *disk_dir) {
+    const char *where[2] = {"/dev/shm", disk_dir};
+    const char *prefix[2] = {KV_SHM_PREFIX "store-tier-", KV_SHM_PREFIX "tier-"};
+    for (int w = 0; w < 2; w++) {
+        DIR *d = opendir(where[w]);
+        if (!d) continue;
+        struct dirent *e;
+        size_t pl = strlen(prefix[w]);
+        while ((e = readdir(d))) {
+            int pid = 0, n = 0, used = 0;
+            if (strncmp(e->d_name, prefix[w], pl) != 0 ||
+                sscanf(e->d_name + pl, "%d-%d%n", &pid, &n, &used) != 2 || e->d_name[pl + (size_t)used] ||
+                kv_pid_alive(pid))
+                continue;
+            char path[KV_ADDRESS_MAX + 300];
+            if (w == 0) {
+                snprintf(path, sizeof path, "/%s", e->d_name);
+                shm_unlink(path);
+            } else {
+                snprintf(path, sizeof path, "%s/%s", where[w], e->d_name);
+                DIR *sub = opendir(path);
+                struct dirent *f;
+                char file[sizeof path + 300];
+                while (sub && (f = readdir(sub)))
+                    if (f->d_name[0] != '.' && snprintf(file, sizeof file, "%s/%s", path, f->d_name) > 0)
+                        unlink(file);
+                if (sub) closedir(sub);
+                rmdir(path);
+            }
+            log_info("kv tiers: removed %s of process %d, which is gone", e->d_name, pid);
+        }
+        closedir(d);
+    }
+}
+
+static int open_tier(kv_tiers *t, int k, kv_medium m, char *err, size_t errlen) {
+    static atomic_int seq;
+    int n = atomic_fetch_add(&seq, 1);
+    kv_config kc;
+    kv_config_default(&kc);
+    kc.medium = m;
+    kc.role = KV_ROLE_PREFILL;
+    kc.create_store = true;
+    kc.disk_no_direct = t->cfg.disk_buffered;
+    snprintf(kc.name, sizeof kc.name, "tier-%d-%d", (int)getpid(), n);
+    if (m == KV_MEDIUM_CPU) {
+        kc.capacity_bytes = t->cfg.cpu_bytes;
+    } else {
+        int w = snprintf(kc.dir, sizeof kc.dir, "%s/" KV_SHM_PREFIX "tier-%d-%d", t->cfg.disk_dir,
+                         (int)getpid(), n);
+        if (w < 0 || (size_t)w >= sizeof kc.dir) {
+            pd_errorf(err, errlen, "--kv-offload-disk-dir %s: path too long", t->cfg.disk_dir);
+            return -1;
+        }
+        kc.capacity_bytes = t->cfg.disk_bytes;
+    }
+    tier *r = &t->t[k];
+    r->medium = m;
+    r->head = r->tail = -1;
+    r->conn = kv_connector_create(&kc, t->kv, NULL, err, errlen);
+    if (!r->conn) return -1;
+    r->cap = m == KV_MEDIUM_CPU ? kv_cpu_store_capacity(r->conn)
+                                : (int)PD_MIN(t->cfg.disk_bytes / kv_disk_store_file_bytes(r->conn),
+                                              (size_t)INT32_MAX / 4);
+    if (r->cap < 1) {
+        pd_errorf(err, errlen, "--kv-offload %s: capacity %zu bytes holds no block of %zu bytes",
+                  kv_medium_name(m), m == KV_MEDIUM_CPU ? t->cfg.cpu_bytes : t->cfg.disk_bytes,
+                  m == KV_MEDIUM_CPU ? t->image : kv_disk_store_file_bytes(r->conn));
+        return -1;
+    }
+    r->work = xmalloc(t->image);
+    return 0;
+}
+
+kv_tiers *kv_tiers_create(const kv_tiers_config *cfg, kv_cache *kv, char *err, size_t errlen) {
+    if (cfg->n_tiers < 1 || cfg->n_tiers > PREFIX_TIERS_MAX) {
+        pd_errorf(err, errlen, "kv tiers: %d tiers (1 or 2)", cfg->n_tiers);
+        return NULL;
+    }
+    kv_tiers *t = xcalloc(1, sizeof *t);
+    t->cfg = *cfg;
+    t->kv = kv;
+    t->image = kv_store_image_bytes(kv);
+    t->n = cfg->n_tiers;
+    pthread_mutex_init(&t->mu, NULL);
+    pthread_cond_init(&t->work_cv, NULL);
+    pthread_cond_init(&t->idle_cv, NULL);
+    pthread_cond_init(&t->readers_cv, NULL);
+    t->load_buf = xmalloc(t->image);
+    reclaim_dead(cfg->disk_dir);
+    for (int k = 0; k < t->n; k++) {
+        if (open_tier(t, k, cfg->order[k], err, errlen) != 0) {
+            kv_tiers_free(t);
+            return NULL;
+        }
+    }
+    t->n_slots = PD_MAX(cfg->staging_blocks, 1);
+    t->staging = xmalloc((size_t)t->n_slots * t->image);
+    t->free_slots = xmalloc((size_t)t->n_slots * sizeof(int32_t));
+    for (int i = 0; i < t->n_slots; i++) t->free_slots[i] = t->n_slots - 1 - i;
+    t->n_free_slots = t->n_slots;
+    t->queue = xmalloc((size_t)t->n_slots * sizeof(int32_t));
+    long long total = t->n_slots;
+    for (int k = 0; k < t->n; k++) total += t->t[k].cap;
+    t->n_ent = (int)PD_MIN(total, (long long)INT32_MAX / 4);
+    t->ent = xcalloc((size_t)t->n_ent, sizeof(tier_entry));
+    for (int i = 0; i < t->n_ent; i++) t->ent[i].hnext = i + 1 < t->n_ent ? i + 1 : -1;
+    t->free_ent = 0;
+    t->n_buckets = 2;
+    while (t->n_buckets < 2 * t->n_ent) t->n_buckets *= 2;
+    t->buckets = xmalloc((size_t)t->n_buckets * sizeof(int32_t));
+    for (int i = 0; i < t->n_buckets; i++) t->buckets[i] = -1;
+
+    /* start-up estimates: a staging copy, then each tier's probe */
+    double t0 = time_now_s();
+    memcpy(t->t[0].work, t->staging, t->image);
+    t->est_staged = time_now_s() - t0 + cfg->debug_load_delay_ms / 1e3;
+    for (int k = 0; k < t->n; k++) t->t[k].est = probe(t, k);
+    t->st.n_tiers = t->n;
+    for (int k = 0; k < t->n; k++) {
+        snprintf(t->st.tier[k].name, sizeof t->st.tier[k].name, "%s", kv_medium_name(t->t[k].medium));
+        log_info("kv tiers: tier %d %s: %d blocks of %.2f MiB (%s), load %.3f ms/block measured",
+                 k + 1, kv_medium_name(t->t[k].medium), t->t[k].cap, (double)t->image / 1048576.0,
+                 kv_connector_address(t->t[k].conn), t->t[k].est * 1e3);
+    }
+    log_info("kv tiers: %d staging slots (%.1f MiB host), index of %d entries, loads %s",
+             t->n_slots, (double)t->n_slots * (double)t->image / 1048576.0, t->n_ent,
+             cfg->load_policy == KV_TIERS_LOAD_AUTO ? "where cheaper than recomputing"
+             : cfg->load_policy == KV_TIERS_LOAD_ALWAYS ? "always" : "never");
+    if (pthread_create(&t->thread, NULL, worker_main, t) != 0) {
+        pd_errorf(err, errlen, "kv tiers: cannot start the worker thread");
+        kv_tiers_free(t);
+        return NULL;
+    }
+    t->started = true;
+    return t;
+}
+
+void kv_tiers_free(kv_tiers *t) {
+    if (!t) return;
+    if (t->started) {
+        pthread_mutex_lock(&t->mu);
+        t->stop = true;
+        pthread_cond_signal(&t->work_cv);
+        pthread_mutex_unlock(&t->mu);
+        pthread_join(t->thread, NULL);
+    }
+    for (int k = 0; k < PREFIX_TIERS_MAX; k++) {
+        kv_connector_free(t->t[k].conn); /* removes the segment / the files and directory */
+        free(t->t[k].work);
+    }
+    pthread_mutex_destroy(&t->mu);
+    pthread_cond_destroy(&t->work_cv);
+    pthread_cond_destroy(&t->idle_cv);
+    pthread_cond_destroy(&t->readers_cv);
+    free(t->ent);
+    free(t->buckets);
+    free(t->staging);
+    free(t->free_slots);
+    free(t->queue);
+    free(t->load_buf);
+    free(t->pinned);
+    free(t);
+}
+
+void kv_tiers_wait_idle(kv_tiers *t) {
+    pthread_mutex_lock(&t->mu);
+    while (t->q_len > 0 || t->working) pthread_cond_wait(&t->idle_cv, &t->mu);
+    pthread_mutex_unlock(&t->mu);
+}
+
+void kv_tiers_get_stats(kv_tiers *t, prefix_tier_stats *out) {
+    pthread_mutex_lock(&t->mu);
+    *out = t->st;
+    for (int k = 0; k < t->n; k++) {
+        out->tier[k].entries = (uint64_t)t->t[k].count;
+        out->tier[k].capacity_entries = (uint64_t)t->t[k].cap;
+        out->tier[k].load_s_per_block = t->t[k].est;
+    }
+    out->queued = t->q_len;
+    pthread_mutex_unlock(&t->mu);
+}
+
+void kv_tiers_check(kv_tiers *t, bool idle) {
+    pthread_mutex_lock(&t->mu);
+    int count[PREFIX_TIERS_MAX] = {0}, staged = 0, used = 0;
+    uint8_t *slot_seen = xcalloc((size_t)t->n_slots, 1);
+    for (int32_t i = 0; i < t->n_ent; i++) {
+        const tier_entry *e = &t->ent[i];
+        if (!e->used) continue;
+        used++;
+        PD_ASSERT(idx_find(t, e->key) == i); /* one entry per key, found by it */
+        PD_ASSERT(e->readers >= 0);
+        if (e->where == WHERE_STAGED) {
+            PD_ASSERT(e->slot >= 0 && e->slot < t->n_slots && !slot_seen[e->slot]);
+            slot_seen[e->slot] = 1;
+            staged++;
+        } else {
+            PD_ASSERT(e->where < t->n && e->slot < 0);
+            count[e->where]++;
+        }
+    }
+    int n_free = 0;
+    for (int32_t i = t->free_ent; i >= 0; i = t->ent[i].hnext) {
+        PD_ASSERT(!t->ent[i].used && n_free < t->n_ent);
+        n_free++;
+    }
+    PD_ASSERT(used + n_free == t->n_ent);
+    for (int i = 0; i < t->n_free_slots; i++) {
+        PD_ASSERT(!slot_seen[t->free_slots[i]]);
+        slot_seen[t->free_slots[i]] = 2;
+    }
+    PD_ASSERT(staged + t->n_free_slots == t->n_slots);
+    for (int q = 0; q < t->q_len; q++) {
+        const tier_entry *e = &t->ent[t->queue[(t->q_head + q) % t->n_slots]];
+        PD_ASSERT(e->used && e->where == WHERE_STAGED);
+    }
+    free(slot_seen);
+    for (int k = 0; k < t->n; k++) {
+        const tier *r = &t->t[k];
+        int n = 0;
+        int32_t prev = -1;
+        for (int32_t i = r->head; i >= 0; i = t->ent[i].next) {
+            PD_ASSERT(n < t->n_ent && t->ent[i].used && t->ent[i].where == k && t->ent[i].prev == prev);
+            prev = i;
+            n++;
+        }
+        PD_ASSERT(r->tail == prev && n == r->count && n == count[k] && n <= r->cap);
+    }
+    if (idle) {
+        PD_ASSERT(t->q_len == 0 && !t->working && staged == 0);
+        for (int32_t i = 0; i < t->n_ent; i++)
+            if (t->ent[i].used) {
+                PD_ASSERT(t->ent[i].readers == 0 && !t->ent[i].busy && !t->ent[i].leaving);
+                PD_ASSERT(store_contains(t, t->ent[i].where, t->ent[i].key));
+            }
+        for (int k = 0; k < t->n; k++) { /* and nothing else */
+            kv_store_stats ss;
+            kv_store_get_stats(t->t[k].conn, &ss);
+            PD_ASSERT(ss.entries == (uint64_t)count[k]);
+        }
+    }
+    pthread_mutex_unlock(&t->mu);
+}
