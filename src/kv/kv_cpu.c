@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/statvfs.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -195,6 +196,15 @@ static int store_create(kv_connector *c, cpu_impl *s, char *err, size_t errlen) 
     uint64_t nb = n * 2, eo = (sizeof(store_header) + 63) & ~(uint64_t)63;
     uint64_t bo = eo + n * sizeof(store_entry), dof = (bo + nb * 4 + 4095) & ~(uint64_t)4095;
     s->bytes = dof + n * entry_bytes;
+    /* a segment larger than what /dev/shm can hold maps fine and dies of SIGBUS when
+     * written: refuse it up front */
+    struct statvfs sv;
+    if (statvfs("/dev/shm", &sv) == 0 && (uint64_t)sv.f_bavail * sv.f_frsize < s->bytes) {
+        pd_errorf(err, errlen, "kv cpu store: a capacity of %zu bytes needs %llu bytes of shared memory, but "
+                  "/dev/shm has %llu free (lower --kv-store-capacity or enlarge /dev/shm)", c->cfg.capacity_bytes,
+                  (unsigned long long)s->bytes, (unsigned long long)sv.f_bavail * sv.f_frsize);
+        return -1;
+    }
     int fd = shm_open(s->shm_name, O_RDWR | O_CREAT | O_EXCL, 0600);
     if (fd < 0) {
         pd_errorf(err, errlen, "kv cpu store: %s: %s", s->shm_name, strerror(errno));
