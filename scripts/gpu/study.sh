@@ -15,7 +15,9 @@
 # and tests/.cache/tokenizers):
 #   scripts/gpu/study.sh                         PLAN=plans/paper-batch.json to change it
 # Environment: PLAN, SETUPS (a comma-separated subset of the plan's setup labels),
-# SKIP_PROFILE=1, SKIP_SWEEP=1, SKIP_SIM=1, SWEEP_TIMEOUT (s, 420), MEDIA (gpu,cpu,disk).
+# SKIP_PROFILE=1, SKIP_SWEEP=1, SKIP_SIM=1, SWEEP_TIMEOUT (s, 420), MEDIA (gpu,cpu,disk),
+# RESUME_DIR (a folder with a study.db and profile.json of an earlier call: the sweep
+# resumes that database, points already done are skipped, and the profile is reused).
 # Results under $OUT (or build-gpu/out-study): env.txt, profile.json, study.db,
 # clocks.db, clocks-sim.json, report.tgz, log.txt (at most 8 files: the device tool's cap).
 # Exit: 0 done, 77 no GPU, 2 build failed, 1 otherwise.
@@ -57,6 +59,13 @@ rm -f "$out/build.log"
 echo "build: done at $(el) s"
 BIN=build-gpu/pdserve
 
+if [ -n "${RESUME_DIR:-}" ]; then
+  for f in study.db profile.json; do [ -f "$RESUME_DIR/$f" ] && cp "$RESUME_DIR/$f" "$out/$f"; done
+  [ -f "$out/profile.json" ] && SKIP_PROFILE=1
+  echo "resumed from $RESUME_DIR: $(ls "$RESUME_DIR" | tr '\n' ' ')"
+fi
+df -h /dev/shm . 2>&1 | sed 's/^/df: /'
+
 if [ -z "${SKIP_PROFILE:-}" ]; then
   # The grid spans the plan's shapes: 16k prompts in chunks, batch up to 64, contexts
   # up to 16.6k; KV mediums timed against size.
@@ -68,7 +77,7 @@ if [ -z "${SKIP_PROFILE:-}" ]; then
 fi
 
 if [ -z "${SKIP_SWEEP:-}" ]; then
-  rm -f "$out/study.db"
+  [ -z "${RESUME_DIR:-}" ] && rm -f "$out/study.db"
   sel=()
   [ -n "${SETUPS:-}" ] && sel=(--setups "$SETUPS")
   timeout "${SWEEP_TIMEOUT:-420}" "$BIN" sweep "$PLAN" --db "$out/study.db" --model "$MODEL" --tokenizer "$TOK" "${sel[@]}"
