@@ -4,8 +4,8 @@
 # processes: one decode instance and two prefill instances (--kv-transfer-mode whole,
 # --kv-transfer-mode layerwise) of `pdserve serve`, with this script as the router.
 #
-# Per medium (tcp, cpu, disk, gpu by default) and mode, REPS requests of TOKENS prompt tokens, one
-# at a time: POST D/internal/reserve, then POST P/internal/prefill (timed), then POST
+# Per medium (tcp, cpu, disk, gpu by default) and mode, REPS requests of TOKENS prompt
+# tokens, one at a time: POST D/internal/reserve, then POST P/internal/prefill (timed), then POST
 # D/internal/decode with max_tokens 1 (timed: it returns once every layer of every
 # block is in D's blocks, kv_ticket_wait, and the first token is emitted), the two
 # modes alternating request by request (so that both see the same load on a shared
@@ -35,7 +35,8 @@
 # time; this shape gives the transfer a visible share on the CPU too. Prefill
 # instances compute on --threads threads (default 1) so that a 2-core machine keeps a
 # core for the transfer thread and the decode side; say the machine's load with the
-# figures (uptime is printed).
+# figures (the load average is printed). BENCH_LAYERWISE_RAW=1 prints every request's
+# figures (whole | layer-wise) to stderr.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="${PDSERVE_BIN:-$ROOT/build/pdserve}"

@@ -8,7 +8,8 @@
 #      requires of whole transfers: whole and layer-wise outputs are identical;
 #   2. prompts chunked over many steps (--max-num-batched-tokens 32 on the prefill
 #      instance): the blocks of earlier chunks are shipped at the last chunk's layers;
-#   3. the prefill's own answer says the transfer was streamed, with its figures;
+#   3. the prefill's own answer says the transfer was streamed, with its figures, for a
+#      prompt prefilled in 7 chunks;
 #   4. a failure mid-stream (the transfer stalls after its first layer past the
 #      request's deadline, --debug-stall-transfer-ms): 504 kv_transfer_timeout, and
 #      both instances' pools back to empty (every block released exactly once: a
@@ -16,6 +17,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/disagg_common.sh"
 make_model
 DISAGG="$ROOT/tests/node/disagg.mjs"
+field_num() { sed -n "s|.*\"$2\":\([0-9]*\).*|\1|p" <<<"$1"; }
 
 # references: one colocated instance, one request at a time
 start_serve reference
@@ -44,7 +46,9 @@ run_setup chunked-tcp-layerwise --setup dis-tcp --kv-transfer-mode layerwise \
 
 # ---- 3. the prefill's answer, straight from the internal endpoints ------------------------------
 start_serve d1 --role decode --kv-medium tcp; D1=$PORT; D1PID=$SPID
-start_serve p1 --role prefill --kv-medium tcp --kv-transfer-mode layerwise; P1=$PORT; P1PID=$SPID
+# (8 tokens a step: the prompt is prefilled in 7 chunks, streamed during the last one)
+start_serve p1 --role prefill --kv-medium tcp --kv-transfer-mode layerwise --max-num-batched-tokens 8
+P1=$PORT; P1PID=$SPID
 body='{"prompt":"alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi","max_tokens":4,"temperature":0}'
 ticket="$(curl -sf "http://127.0.0.1:$D1/internal/reserve" -d "$body" | sed -n 's|.*"ticket":"\([^"]*\)".*|\1|p')"
 [ -n "$ticket" ] || fail "reserve: no ticket"
@@ -53,6 +57,7 @@ ans="$(curl -sf "http://127.0.0.1:$P1/internal/prefill" -H "X-PD-Ticket: $ticket
 echo "prefill answer: $ans"
 echo "$ans" | grep -q '"kv_mode":"layerwise"' || fail "prefill: the transfer was not streamed: $ans"
 echo "$ans" | grep -q '"kv_layers_overlapped":[0-9]' || fail "prefill: no overlap figure: $ans"
+[ "$(field_num "$ans" n_prompt)" -gt 8 ] || fail "prefill: the prompt was not chunked: $ans"
 first="$(echo "$ans" | sed -n 's|.*"first":"\([^"]*\)".*|\1|p')"
 out="$(curl -sf "http://127.0.0.1:$D1/internal/decode" -H "X-PD-Ticket: $ticket" -H "X-PD-First: $first" -d "$body")" ||
   fail "decode: HTTP error"
@@ -88,11 +93,12 @@ for medium in tcp gpu; do
     sleep 0.1
   done
   [ "$used" = "0 0 0" ] || fail "$name: blocks still held (prefill used, decode used, decode reservations): $used"
-  grep -q "failed: the KV transfer failed at layer 1" "$TMP/p-$name.log" ||
-    { tail -20 "$TMP/p-$name.log"; fail "$name: the prefill did not fail at layer 1"; }
+  # (at layer 1, or at the completion notice when layer 1 left just before the deadline)
+  grep -q "failed: the KV transfer failed" "$TMP/p-$name.log" ||
+    { tail -20 "$TMP/p-$name.log"; fail "$name: the prefill's transfer did not fail"; }
   kill -TERM "$RPID" "$PPID_" "$DPID"; wait "$RPID" "$PPID_" "$DPID"
   ls /dev/shm | grep -q "pdkv-lw$$" && fail "$name: shared memory left: $(ls /dev/shm | grep "lw$$")"
-  echo "ok   $name: failed after layer 0 with 504 in $ms ms, both pools empty, nothing left"
+  echo "ok   $name: failed mid-stream with 504 in $ms ms, both pools empty, nothing left"
 done
 # ---- 5. the decode side cancels mid-stream -------------------------------------------------------
 # This script plays the router: it reserves on D, starts the prefill on P (whose transfer
@@ -118,7 +124,12 @@ for medium in tcp gpu; do
     { tail -20 "$TMP/p-$name.log"; fail "$name: the transfer did not stall mid-stream"; }
   curl -sf -o /dev/null "http://127.0.0.1:$D/internal/release" -H "X-PD-Ticket: $ticket" -d '{}' ||
     fail "$name: release refused"
-  mid="$(load_field "http://127.0.0.1:$D" kv_active) $(load_field "http://127.0.0.1:$D" kv_blocks_used)"
+  # (a frame still being received holds the blocks until it ends: a few ms)
+  for _ in $(seq 20); do
+    mid="$(load_field "http://127.0.0.1:$D" kv_active) $(load_field "http://127.0.0.1:$D" kv_blocks_used)"
+    [ "$mid" = "0 0" ] && break
+    sleep 0.05
+  done
   held="$(load_field "http://127.0.0.1:$P" kv_blocks_used)"
   [ "$mid" = "0 0" ] && [ "$held" -gt 0 ] ||
     fail "$name: expected the reservation gone while the prefill still streams: decode $mid, prefill $held"

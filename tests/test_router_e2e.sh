@@ -37,6 +37,20 @@ curl -s "http://127.0.0.1:$UPORT/metrics" | grep -q 'pdserve_router_instance_hea
 echo "ok   failover: colocated0 killed, 8/8 requests served by the other instance"
 stop_up co-2gpus
 
+# A preset model (dummy weights): its name has a colon of its own, which the instances'
+# "listening on http://HOST:PORT (model 'preset:NAME' ...)" line carries after the port.
+DIR_MODEL="$MODEL"
+MODEL=preset:tiny-llama SERVE_ARGS_SAVE=("${SERVE_ARGS[@]}")
+SERVE_ARGS=("${SERVE_ARGS[@]}" --tokenizer "$DIR_MODEL")
+start_up preset --setup co-1gpu
+curl -sf "http://127.0.0.1:$UPORT/v1/completions" -H 'Content-Type: application/json' \
+  -d '{"model":"preset:tiny-llama","prompt":"a b c","max_tokens":2}' | grep -q '"completion_tokens":2' ||
+  { tail -20 "$TMP/preset.log"; fail "up with a preset model: no completion"; }
+stop_up preset
+MODEL="$DIR_MODEL" SERVE_ARGS=("${SERVE_ARGS_SAVE[@]}")
+echo "ok   up with a preset model (--model preset:NAME): ready and serving"
+
+
 # the router by hand: bad arguments, and the internal endpoints' secret
 "$BIN" serve --role router --port 0 >"$TMP/r0.out" 2>&1 && fail "a router without instances started"
 grep -q "no instances" "$TMP/r0.out" || { cat "$TMP/r0.out"; fail "router without instances: message"; }

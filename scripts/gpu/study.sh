@@ -18,8 +18,9 @@
 # SKIP_PROFILE=1, SKIP_SWEEP=1, SKIP_SIM=1, SWEEP_TIMEOUT (s, 420), MEDIA (gpu,cpu,disk),
 # RESUME_DIR (a folder with a study.db and profile.json of an earlier call: the sweep
 # resumes that database, points already done are skipped, and the profile is reused).
-# Results under $OUT (or build-gpu/out-study): env.txt, profile.json, study.db,
-# clocks.db, clocks-sim.json, report.tgz, log.txt (at most 8 files: the device tool's cap).
+# Results under $OUT (or build-gpu/out-study): env.txt, log.txt, profile.json,
+# clocks-sim.json, report.tgz, and results.tgz (study.db, clocks.db and every
+# deployment's log under study.db.logs/).
 # Exit: 0 done, 77 no GPU, 2 build failed, 1 otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -60,6 +61,7 @@ echo "build: done at $(el) s"
 BIN=build-gpu/pdserve
 
 if [ -n "${RESUME_DIR:-}" ]; then
+  [ -f "$RESUME_DIR/results.tgz" ] && tar -C "$out" -xzf "$RESUME_DIR/results.tgz"
   for f in study.db profile.json; do [ -f "$RESUME_DIR/$f" ] && cp "$RESUME_DIR/$f" "$out/$f"; done
   [ -f "$out/profile.json" ] && SKIP_PROFILE=1
   echo "resumed from $RESUME_DIR: $(ls "$RESUME_DIR" | tr '\n' ' ')"
@@ -99,4 +101,6 @@ rm -rf build-gpu/report build-gpu/report-clocks
 [ -f "$out/clocks.db" ] && "$BIN" report "$out/clocks.db" -o build-gpu/report-clocks >/dev/null 2>&1
 tar -C build-gpu -czf "$out/report.tgz" $(cd build-gpu && ls -d report report-clocks 2>/dev/null)
 echo "report: done at $(el) s"
+# the databases and every deployment's log in one file (the device tool returns 8 files)
+(cd "$out" && tar -czf results.tgz $(ls -d study.db* clocks.db* 2>/dev/null) && rm -rf study.db* clocks.db*)
 echo "study: finished at $(el) s"

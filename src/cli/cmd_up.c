@@ -102,7 +102,12 @@ static void child_emit_line(child *c) {
         const char *p = strstr(c->line, "listening on http://");
         if (p) {
             p += strlen("listening on http://");
-            const char *colon = strrchr(p, ':');
+            /* HOST:PORT ends at the first space: the rest of the line names the model,
+             * whose preset:NAME form has a colon of its own */
+            size_t n = strcspn(p, " ");
+            const char *colon = NULL;
+            for (const char *q = p; q < p + n; q++)
+                if (*q == ':') colon = q;
             if (colon) c->port = atoi(colon + 1);
         }
     }

@@ -123,6 +123,9 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
         snprintf(dc.name, sizeof dc.name, "%s", tag);
         snprintf(dc.dir, sizeof dc.dir, "%.100s/" KV_SHM_PREFIX "%s", dir, tag);
         dc.capacity_bytes = cache_bytes * 2 + ((size_t)64 << 20);
+        /* the disk store keeps every transfer's files until it evicts: room for all */
+        if (m == KV_MEDIUM_DISK)
+            dc.capacity_bytes = cache_bytes * (size_t)(2 + PD_MAX(repeats, 1) * n_sizes) + ((size_t)64 << 20);
         dc.create_store = true;
         pc = dc;
         pc.role = KV_ROLE_PREFILL;

@@ -317,13 +317,38 @@ static void phase_begin(power_phase *ph, const sim_profile_opts *o, bool cpu, in
     if (ph->s && power_session_start(ph->s, err, sizeof err) == 0) ph->on = true;
 }
 
-/* Mean watts of the phase (GPU when measured, else CPU package + DRAM), or -1. */
-static double phase_end(power_phase *ph, char *why, size_t cap) {
+static int cmp_u16(const void *a, const void *b) {
+    return (int)*(const uint16_t *)a - (int)*(const uint16_t *)b;
+}
+
+/* Median SM clock of the GPU's samples taken while the phase ran, or 0. */
+static double phase_sm_mhz(const power_session *s) {
+    size_t n = 0;
+    const power_sample *smp = power_session_samples(s, 0, &n);
+    if (!smp || n == 0) return 0;
+    uint16_t *v = xmalloc(sizeof *v * n);
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        if (smp[i].t_s >= 0 && (smp[i].valid & POWER_SAMPLE_SM) && smp[i].sm_mhz > 0) v[k++] = smp[i].sm_mhz;
+    double m = 0;
+    if (k) {
+        qsort(v, k, sizeof *v, cmp_u16);
+        m = v[k / 2];
+    }
+    free(v);
+    return m;
+}
+
+/* Mean watts of the phase (GPU when measured, else CPU package + DRAM), or -1; the
+ * median SM clock the GPU ran at into *sm_mhz (0 when not sampled) when not NULL. */
+static double phase_end(power_phase *ph, char *why, size_t cap, double *sm_mhz) {
     double w = -1;
+    if (sm_mhz) *sm_mhz = 0;
     if (ph->on) {
         power_result r;
         memset(&r, 0, sizeof r);
         power_session_stop(ph->s, 0, 0, 0, &r);
+        if (sm_mhz) *sm_mhz = phase_sm_mhz(ph->s);
         if (r.gpu_j.measured && r.duration_s > 0) w = r.gpu_j.value / r.duration_s;
         else if (r.component_j[POWER_COMP_CPU].measured && r.duration_s > 0) {
             double j = r.component_j[POWER_COMP_CPU].value;
@@ -437,7 +462,7 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
     power_phase ph;
     phase_begin(&ph, o, cpu, 0);
     if (ph.on) usleep(1000 * 1000);
-    double idle_w = phase_end(&ph, why, sizeof why);
+    double idle_w = phase_end(&ph, why, sizeof why, NULL);
 
     int n_pre = o->n_prefill_tokens * o->n_prefill_context, n_dec = o->n_decode_batch * o->n_decode_context;
     ppoint *pts = xcalloc((size_t)(n_pre + n_dec + 2 * 256 + 1 + 4), sizeof(ppoint));
@@ -453,14 +478,14 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
      * each); without one, every point shares the same rounds, so that a burst of load
      * from elsewhere cannot spoil a whole phase. */
     bool metered = idle_w > 0;
-    double prefill_w = -1, decode_w = -1;
+    double prefill_w = -1, decode_w = -1, prefill_mhz = 0, decode_mhz = 0;
     if (metered) {
         phase_begin(&ph, o, cpu, 0);
         run_rounds(&P, pts, n_pre, o->repeats);
-        prefill_w = phase_end(&ph, NULL, 0);
+        prefill_w = phase_end(&ph, NULL, 0, &prefill_mhz);
         phase_begin(&ph, o, cpu, 0);
         run_rounds(&P, pts + n_pre, n_dec, o->repeats);
-        decode_w = phase_end(&ph, NULL, 0);
+        decode_w = phase_end(&ph, NULL, 0, &decode_mhz);
     }
 
     int lin[2 * 256 + 1];
@@ -529,6 +554,17 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
     } else {
         snprintf(out->power.source, sizeof out->power.source, "not measured (%s)",
                  o->measure_power ? (why[0] ? why : "no meter readable") : "--no-power");
+    }
+    /* The clock the grid was measured at: given (--clock-mhz), else what NVML saw the
+     * GPU run at while the prefill points ran (median of the 100 ms samples). */
+    if (!(out->clock.base_mhz > 0) && prefill_mhz > 0) {
+        out->clock.base_mhz = prefill_mhz;
+        size_t n = strlen(out->clock.source);
+        snprintf(out->clock.source + n, sizeof out->clock.source - n,
+                 "%sbase clock measured: median SM clock %.0f MHz while prefill ran, %.0f MHz while decode ran",
+                 n ? "; " : "", prefill_mhz, decode_mhz);
+        log_info("profile: the GPU ran at %.0f MHz (prefill) and %.0f MHz (decode): base clock %.0f MHz",
+                 prefill_mhz, decode_mhz, prefill_mhz);
     }
     snprintf(out->mediums_note, sizeof out->mediums_note,
              "not profiled (pdserve profile --medium LIST times them); sim uses the documented defaults");

@@ -259,7 +259,7 @@ static const backend_ops cuda_ops = {
     cuda_kv_host_free,
     cuda_kv_host_register,
     cuda_kv_host_unregister,
-    /* decode graphs and sampling on the device: registered by their group (NULL until then) */
+    /* decode graphs and sampling on the device: set by name in cuda_ops_with_graphs below */
     NULL, /* decode_upload */
     NULL, /* graph_begin */
     NULL, /* graph_end */
