@@ -207,6 +207,20 @@ static void test_disaggregated_transfer(void) {
     CHECK(near(res->recs[0].ttft_s, 0.1 + xfer, 1e-12));
     CHECK(near(res->recs[1].ttft_s, 0.1 + xfer + 0.1, 1e-12));
     bench_result_free(res);
+    /* a store (cpu, disk) decouples put and get: half the 0.3 s on each side, and the
+     * second put (its prefill ends at 0.2) overlaps the first get: put 0.1-0.25, get
+     * 0.25-0.4 (+ 0.01), put 0.25-0.4, get 0.4-0.55 (+ 0.01). As a link: 0.41, 0.71. */
+    m.bandwidth = 1e5 / 0.3;
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[1].ttft_s, 0.71, 1e-9), "link ttft %.6f", res->recs[1].ttft_s);
+    bench_result_free(res);
+    snprintf(m.name, sizeof m.name, "cpu");
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].ttft_s, 0.41, 1e-9), "store ttft %.6f", res->recs[0].ttft_s);
+    CHECKF(near(res->recs[1].ttft_s, 0.56, 1e-9), "store ttft %.6f", res->recs[1].ttft_s);
+    bench_result_free(res);
+    snprintf(m.name, sizeof m.name, "test");
+    m.bandwidth = 1e6;
     /* colocated, the same request has no transfer */
     sim_config co = colocated(1, 256);
     REQUIRE(sim_run(&co, &p, r, 1, &bc, &res, &st, err, sizeof err) == 0);

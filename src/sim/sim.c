@@ -43,7 +43,8 @@ typedef struct inst {
     sim_step_cost step;
     double busy_s, energy_j;
     int load;               /* requests assigned and not yet done here */
-    double link_free;       /* prefill: when its outgoing KV link is next free */
+    double link_free;       /* prefill: when its outgoing KV link (or store puts) is next free;
+                               decode over a store: when its next get may start */
 } inst;
 
 enum { EV_STEP_END = 0, EV_KV_ARRIVE = 1 };
@@ -241,29 +242,46 @@ static int on_arrival(sim_state *s, sreq *r) {
     return admit(s, r->p_inst, r, r->n_prompt, 1, r->arrival);
 }
 
-/* A prefill finished on P at t: ship its KV to D over the medium, one at a time per link.
- * Whole: the transfer starts once the step ended and the link is free. Layer-wise: the
- * step that ended at t (it started at t0) computed the prompt's last chunk, layer by
- * layer; layer l's piece is ready at t0 + (l + 1) / L of the step and leaves when it
- * is ready and the link is free, so the transfer overlaps the step and only what the
- * link cannot absorb in time is left at its end. (Earlier chunks' layers leave with
- * the last chunk's, as pdserve's prefill side ships them.) */
+/* A prefill finished on P at t: ship its KV to D over the medium.
+ *
+ * Links (gpu, tcp, nccl, ...): one transfer at a time per prefill instance. Whole: the
+ * transfer starts once the step ended and the link is free. Layer-wise: the step that
+ * ended at t (it started at t0) computed the prompt's last chunk, layer by layer; layer
+ * l's piece is ready at t0 + (l + 1) / L of the step and leaves when it is ready and the
+ * link is free, so the transfer overlaps the step and only what the link cannot absorb
+ * in time is left at its end. (Earlier chunks' layers leave with the last chunk's, as
+ * pdserve's prefill side ships them.)
+ *
+ * Stores (cpu, disk): the medium's curve is a put followed by a get (how `pdserve
+ * profile` times it); a store decouples the two, so the prefill side's puts queue on
+ * its side, the decode side's gets on its own, and the next request's put overlaps
+ * this one's get: half the time on each side. */
+static bool is_store(const sim_medium *m) { return m && (!strcmp(m->name, "cpu") || !strcmp(m->name, "disk")); }
+
 static void start_transfer(sim_state *s, inst *in, sreq *r, double t) {
     const sim_medium *m = s->cfg->medium;
     double bytes = (double)r->n_prompt * (double)s->p->kv_bytes_per_token;
     double dur = sim_cost_transfer(m, bytes);
     double busy = m ? bytes / m->bandwidth : 0;
-    double arrive;
+    double latency = dur - busy; /* the medium's fixed cost, once */
+    bool store = is_store(m);
+    double send = store ? busy / 2 : busy; /* the prefill side's share */
+    double f;
     if (s->cfg->layerwise && m) {
         int L = s->p->n_layers > 0 ? s->p->n_layers : 32;
-        double t0 = t - in->step.seconds, f = in->link_free;
-        for (int l = 0; l < L; l++) f = PD_MAX(f, t0 + in->step.seconds * (l + 1) / L) + busy / L;
-        in->link_free = f;
-        arrive = f + (dur - busy); /* the medium's fixed latency, once */
+        double t0 = t - in->step.seconds;
+        f = in->link_free;
+        for (int l = 0; l < L; l++) f = PD_MAX(f, t0 + in->step.seconds * (l + 1) / L) + send / L;
     } else {
-        double start = PD_MAX(t, in->link_free);
-        in->link_free = start + busy;
-        arrive = start + dur;
+        f = PD_MAX(t, in->link_free) + send;
+    }
+    in->link_free = f;
+    double arrive = f + latency;
+    if (store) {
+        inst *d = &s->insts[r->d_inst];
+        double g = PD_MAX(f, d->link_free) + (busy - send);
+        d->link_free = g;
+        arrive = g + latency;
     }
     s->st->kv_bytes += bytes;
     s->st->kv_transfer_s += dur;
