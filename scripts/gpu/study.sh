@@ -17,7 +17,9 @@
 # Environment: PLAN, SETUPS (a comma-separated subset of the plan's setup labels),
 # SKIP_PROFILE=1, SKIP_SWEEP=1, SKIP_SIM=1, SWEEP_TIMEOUT (s, 420), MEDIA (gpu,cpu,disk),
 # RESUME_DIR (a folder with a study.db and profile.json of an earlier call: the sweep
-# resumes that database, points already done are skipped, and the profile is reused).
+# resumes that database, points already done are skipped, and the profile is reused),
+# LAYERWISE_CHECK=1 (first: dis-gpu on GPUs 0 and 1 with --kv-transfer-mode layerwise
+# and whole, 8 requests of 4,096 tokens each through the router, greedy texts compared).
 # Results under $OUT (or build-gpu/out-study): env.txt, log.txt, profile.json,
 # clocks-sim.json, report.tgz, and results.tgz (study.db, clocks.db and every
 # deployment's log under study.db.logs/).
@@ -59,6 +61,47 @@ fi
 rm -f "$out/build.log"
 echo "build: done at $(el) s"
 BIN=build-gpu/pdserve
+
+# layer-wise KV streaming on the GPUs: CUDA layer events, the transfer thread, IPC copies
+layerwise_run() { # MODE -> greedy texts in $out/lw-MODE.txt
+  local mode=$1 log="$out/lw-$1.log" port="" pids=() devs=()
+  [ -n "${LW_DEVICES-0,1}" ] && devs=(--device-list "${LW_DEVICES-0,1}")
+  "$BIN" up --setup dis-gpu --model "$MODEL" "${devs[@]}" --kv-transfer-mode "$mode" --port 0 -- \
+    --tokenizer "$TOK" --max-model-len "${LW_MAXLEN:-8400}" >"$log" 2>&1 &
+  local up=$!
+  for _ in $(seq 300); do
+    port=$(sed -n 's|.*ready: .* on http://[0-9.]*:\([0-9]*\).*|\1|p' "$log" | head -1)
+    [ -n "$port" ] && break
+    kill -0 $up 2>/dev/null || break
+    sleep 0.2
+  done
+  if [ -z "$port" ]; then echo "layerwise check ($mode): deployment not ready"; tail -20 "$log"; kill $up 2>/dev/null; return 1; fi
+  for i in 1 2 3 4 5 6 7 8; do
+    prompt=$(seq 1 $((i * ${LW_WORDS:-400})) | tr '\n' ' ')
+    curl -s "http://127.0.0.1:$port/v1/completions" -H 'Content-Type: application/json' \
+      -d "{\"prompt\":\"$prompt\",\"max_tokens\":16,\"temperature\":0}" >"$out/lw-$mode-$i.json" &
+    pids+=($!)
+  done
+  wait "${pids[@]}"
+  : >"$out/lw-$mode.txt"
+  for i in 1 2 3 4 5 6 7 8; do
+    { sed -n 's|.*"text":"\([^"]*\)".*|\1|p' "$out/lw-$mode-$i.json"; echo; } >>"$out/lw-$mode.txt"
+  done
+  kill -TERM $up; wait $up
+  local rc=$?
+  echo "layerwise check ($mode): $(grep -c '"finish_reason":"length"' "$out"/lw-$mode-*.json | grep -c ':1$') of 8 answered; up exit $rc"
+}
+if [ -n "${LAYERWISE_CHECK:-}" ]; then
+  layerwise_run layerwise; layerwise_run whole
+  if [ -s "$out/lw-layerwise.txt" ] && cmp -s "$out/lw-layerwise.txt" "$out/lw-whole.txt"; then
+    echo "layerwise check: greedy texts identical to whole transfers"
+  else
+    echo "layerwise check: DIFFERENT texts (or none)"; head -3 "$out/lw-layerwise.txt" "$out/lw-whole.txt"
+  fi
+  grep -h -i -E "error|fail|abort" "$out"/lw-*.log | head -5
+  (cd "$out" && tar -czf layerwise.tgz lw-* && rm -f lw-*)
+  echo "layerwise check: done at $(el) s"
+fi
 
 if [ -n "${RESUME_DIR:-}" ]; then
   [ -f "$RESUME_DIR/results.tgz" ] && tar -C "$out" -xzf "$RESUME_DIR/results.tgz"
