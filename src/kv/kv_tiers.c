@@ -310,20 +310,23 @@ static void *worker_main(void *arg) {
 }
 
 /* ---- hooks (engine side, under the engine's pool lock) -------------------------------------- */
-static void image_from_block(const kv_cache *kv, int32_t block, uint8_t *img) {
+/* A block's 2L parts <-> its host image, as one batch of copies (on a device cache one
+ * copy_batch into pinned memory, not 2L separate copies). */
+static void image_copy(const kv_cache *kv, int32_t block, uint8_t *img, bool to_host) {
     size_t bb = kv->block_bytes;
+    kv_copies q = {0};
     for (int l = 0; l < kv->n_layers; l++) {
-        kv_blocks_to_host(kv, l, 0, &block, 1, img + (size_t)l * 2 * bb, bb);
-        kv_blocks_to_host(kv, l, 1, &block, 1, img + (size_t)l * 2 * bb + bb, bb);
+        kv_copies_blocks(&q, kv, l, 0, &block, 1, img + (size_t)l * 2 * bb, bb, to_host);
+        kv_copies_blocks(&q, kv, l, 1, &block, 1, img + (size_t)l * 2 * bb + bb, bb, to_host);
     }
+    kv_copies_run(kv, &q);
+    kv_copies_free(&q);
 }
 
+static void image_from_block(const kv_cache *kv, int32_t block, uint8_t *img) { image_copy(kv, block, img, true); }
+
 static void image_to_block(const kv_cache *kv, const uint8_t *img, int32_t block) {
-    size_t bb = kv->block_bytes;
-    for (int l = 0; l < kv->n_layers; l++) {
-        kv_blocks_from_host(kv, l, 0, &block, 1, img + (size_t)l * 2 * bb, bb);
-        kv_blocks_from_host(kv, l, 1, &block, 1, img + (size_t)l * 2 * bb + bb, bb);
-    }
+    image_copy(kv, block, (uint8_t *)img, false);
 }
 
 /* Stages an evicted block (its KV is intact until the caller returns and the block's
@@ -593,7 +596,7 @@ kv_tiers *kv_tiers_create(const kv_tiers_config *cfg, kv_cache *kv, char *err, s
     pthread_cond_init(&t->work_cv, NULL);
     pthread_cond_init(&t->idle_cv, NULL);
     pthread_cond_init(&t->readers_cv, NULL);
-    t->load_buf = xmalloc(t->image);
+    t->load_buf = kv_host_alloc(kv, t->image); /* pinned on a device cache */
     reclaim_dead(cfg->disk_dir);
     for (int k = 0; k < t->n; k++) {
         if (open_tier(t, k, cfg->order[k], err, errlen) != 0) {
@@ -602,7 +605,7 @@ kv_tiers *kv_tiers_create(const kv_tiers_config *cfg, kv_cache *kv, char *err, s
         }
     }
     t->n_slots = PD_MAX(cfg->staging_blocks, 1);
-    t->staging = xmalloc((size_t)t->n_slots * t->image);
+    t->staging = kv_host_alloc(kv, (size_t)t->n_slots * t->image);
     t->free_slots = xmalloc((size_t)t->n_slots * sizeof(int32_t));
     for (int i = 0; i < t->n_slots; i++) t->free_slots[i] = t->n_slots - 1 - i;
     t->n_free_slots = t->n_slots;
@@ -662,10 +665,10 @@ void kv_tiers_free(kv_tiers *t) {
     pthread_cond_destroy(&t->readers_cv);
     free(t->ent);
     free(t->buckets);
-    free(t->staging);
+    kv_host_free(t->kv, t->staging);
     free(t->free_slots);
     free(t->queue);
-    free(t->load_buf);
+    kv_host_free(t->kv, t->load_buf);
     free(t->pinned);
     free(t);
 }
