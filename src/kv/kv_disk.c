@@ -1,6 +1,6 @@
 /* kv_disk.c: the "disk" medium, a KV store of files in one directory: one file per
- * block under its content key ("<key>.kvb", kv_block_keys), written to "<key>.<pid>.tmp"
- * and renamed when complete, so a reader never sees half a file. I/O bypasses the page
+ * block under its content key ("<key>.kvb", kv_block_keys), written to
+ * "<key>.<pid>.<writer>.tmp" and renamed when complete, so a reader never sees half a file. I/O bypasses the page
  * cache (O_DIRECT, aligned buffers, as the study's dis-disk setup) and goes through
  * io_uring in batches of io_depth requests; where io_uring is unavailable (old kernel,
  * seccomp) or disk_force_pread is set, plain pread/pwrite do the same batches.
@@ -144,8 +144,10 @@ static void staging_put(disk_impl *d, uint8_t *p) {
 static void key_path(const disk_impl *d, uint64_t key, char *out, size_t cap) {
     snprintf(out, cap, "%s/%016" PRIx64 ".kvb", d->dir, key);
 }
-static void tmp_path(const disk_impl *d, uint64_t key, char *out, size_t cap) {
-    snprintf(out, cap, "%s/%016" PRIx64 ".%d.tmp", d->dir, key, (int)getpid());
+/* "<key>.<pid>.<writer>.tmp": writer tells apart two writes of the same key in one
+ * process (two requests with the same prompt prefix in flight, or a tier's put). */
+static void tmp_path(const disk_impl *d, uint64_t key, uint64_t writer, char *out, size_t cap) {
+    snprintf(out, cap, "%s/%016" PRIx64 ".%d.%" PRIx64 ".tmp", d->dir, key, (int)getpid(), writer);
 }
 
 static int open_file(disk_impl *d, const char *path, int flags) {
@@ -268,7 +270,7 @@ static void send_cleanup(kv_send *x, bool unlink_tmp) {
         if (ds->fds[i] < 0) continue;
         close(ds->fds[i]);
         if (unlink_tmp) {
-            tmp_path(d, x->keys[i], path, sizeof path);
+            tmp_path(d, x->keys[i], x->t.request_id, path, sizeof path);
             unlink(path);
         }
     }
@@ -310,7 +312,7 @@ static kv_status disk_send_begin(kv_send *x, char *err, size_t errlen) {
     }
     for (int i = 0; i < x->n_blocks; i++) {
         if (ds->fds[i] != -2) continue;
-        tmp_path(d, x->keys[i], path, sizeof path);
+        tmp_path(d, x->keys[i], x->t.request_id, path, sizeof path);
         ds->fds[i] = open_file(d, path, O_WRONLY | O_CREAT | O_TRUNC);
         if (ds->fds[i] < 0) {
             int e = errno;
@@ -396,13 +398,13 @@ static kv_status disk_send_finish(kv_send *x, char *err, size_t errlen) {
         if (ds->fds[i] < 0) continue;
         close(ds->fds[i]);
         ds->fds[i] = -1;
-        tmp_path(d, x->keys[i], from, sizeof from);
+        tmp_path(d, x->keys[i], x->t.request_id, from, sizeof from);
         key_path(d, x->keys[i], to, sizeof to);
         if (rename(from, to) != 0) {
             int e = errno;
             unlink(from);
             for (int j = i + 1; j < x->n_blocks; j++)
-                if (ds->fds[j] >= 0) close(ds->fds[j]), tmp_path(d, x->keys[j], from, sizeof from), unlink(from), ds->fds[j] = -1;
+                if (ds->fds[j] >= 0) close(ds->fds[j]), tmp_path(d, x->keys[j], x->t.request_id, from, sizeof from), unlink(from), ds->fds[j] = -1;
             return io_status(-e, "publishing a block file", d->dir, err, errlen);
         }
         __atomic_fetch_add(&d->puts, 1, __ATOMIC_RELAXED);
@@ -559,7 +561,8 @@ kv_status kv_disk_store_put_host(kv_connector *c, uint64_t key, const void *imag
         sums[l] = kv_checksum(dst, d->layer_bytes, 0);
     }
     fill_header(d, kv, key, sums, buf);
-    tmp_path(d, key, tmp, sizeof tmp);
+    static uint64_t tier_writes; /* tier puts: writer ids of their own (high bit set) */
+    tmp_path(d, key, __atomic_fetch_add(&tier_writes, 1, __ATOMIC_RELAXED) | (UINT64_C(1) << 63), tmp, sizeof tmp);
     char err[256];
     kv_status st = KV_OK;
     int fd = open_file(d, tmp, O_WRONLY | O_CREAT | O_TRUNC);

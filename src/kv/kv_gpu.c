@@ -362,6 +362,13 @@ static gpu_peer *peer_get(kv_connector *c, const char *name, kv_status *st, char
         char kvname[64];
         memcpy(kvname, h->kv_name, sizeof kvname);
         kvname[63] = 0;
+        /* the name comes from another process: only this folder's segments, by a valid name */
+        if (kvname[0] != '/' || strncmp(kvname + 1, KV_SHM_PREFIX, strlen(KV_SHM_PREFIX)) != 0 ||
+            !kv_name_valid(kvname + 1)) {
+            pd_errorf(err, errlen, "kv gpu: decode peer %s names a KV segment outside /" KV_SHM_PREFIX "*: refused",
+                      name);
+            goto fail;
+        }
         if (!(p.kv = map_existing(kvname, &p.kv_bytes)) || p.kv_bytes < h->kv_bytes ||
             h->kv_bytes < 2 * (uint64_t)h->n_layers * h->part_bytes) {
             pd_errorf(err, errlen, "kv gpu: decode peer's KV segment %s: %s", kvname,
