@@ -84,4 +84,31 @@ out="$(PDSERVE_URL="http://127.0.0.1:$UPORT" PDSERVE_INSTANCES="$INSTANCES" PDSE
 echo "$out" | grep -q '"ok":8,' || fail "disk full: short prompts were not served: $out"
 stop_up diskfull
 echo "ok   full disk store: the long prompt failed ($code), 8 short ones served, pools empty, store removed"
+
+# ---- 5. SIGTERM of a prefill instance while a transfer is under way ----------------------------------
+# Its /internal/prefill connection waits suspended in the HTTP library; stopping the
+# library with a suspended connection aborts the process. The instance must instead let
+# the transfer end (here: a 1.5 s stall within a 30 s deadline), answer, and exit 0.
+saved_args=("${SERVE_ARGS[@]}")
+SERVE_ARGS+=(--debug-stall-transfer-ms 1500)
+start_up term --setup dis-tcp
+SERVE_ARGS=("${saved_args[@]}")
+curl -s -o "$TMP/term.json" "http://127.0.0.1:$UPORT/v1/completions" \
+  -d '{"prompt":"alpha beta gamma","max_tokens":4,"temperature":0}' &
+cpid=$!
+sleep 0.5
+ppid="$(instance_pid "$TMP/term.log" prefill0)"
+kill -TERM "$ppid"
+for _ in $(seq 100); do kill -0 "$ppid" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$ppid" 2>/dev/null && fail "term: the prefill instance did not stop in 10 s"
+wait "$cpid"
+grep -q "up: prefill0 (pid $ppid) exited with status 0" "$TMP/term.log" ||
+  { tail -20 "$TMP/term.log"; fail "term: the prefill instance did not exit 0"; }
+grep -q '"finish_reason":"length"\|"error"' "$TMP/term.json" || fail "term: no answer: $(cat "$TMP/term.json")"
+kill -TERM "$UPID"; wait "$UPID" || true
+# up logs the instance's (good) exit as "exited with status 0", which the sanitizer
+# scan at the end takes for a bad one: the status was checked above
+grep -h -E "ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitizer" "$TMP/term.log" && fail "term: sanitizer report"
+mv "$TMP/term.log" "$TMP/term.checked"
+echo "ok   SIGTERM of a prefill instance mid-transfer: the transfer ended, the client was answered, exit 0"
 echo "all disaggregation fault tests passed"

@@ -98,6 +98,7 @@ struct server_reply {
     int status;
     sbuf body;
     struct MHD_Connection *conn;
+    server *srv;                 /* counts it in n_replies until it is sent */
 };
 
 /* One engine event as queued for the HTTP side (top copied only when asked for). */
@@ -136,7 +137,9 @@ struct server {
     atomic_uint_fast64_t n_ids;
     uint64_t id_salt;
     pthread_mutex_t mu;          /* guards the active list */
-    pthread_cond_t drained;
+    pthread_cond_t drained;      /* n_active + n_replies reached 0 */
+    int n_replies;               /* deferred internal replies not yet sent (their
+                                    connections may be suspended in MHD), under mu */
     gen_req *active;             /* generations whose HTTP side is alive */
     int n_active;
     int epfd, wake_fd;           /* disconnect watcher */
@@ -547,7 +550,7 @@ static void active_remove(server *s, gen_req *g) {
     else s->active = g->next;
     if (g->next) g->next->prev = g->prev;
     g->prev = g->next = NULL;
-    if (--s->n_active == 0) pthread_cond_broadcast(&s->drained);
+    if (--s->n_active == 0 && s->n_replies == 0) pthread_cond_broadcast(&s->drained);
     pthread_mutex_unlock(&s->mu);
 }
 
@@ -891,7 +894,11 @@ void server_reply_send(server_reply *r, int status, const sbuf *json) {
         MHD_resume_connection(r->conn);
     }
     bool last = --r->refs == 0;
+    server *srv = r->srv;
     pthread_mutex_unlock(&r->mu);
+    pthread_mutex_lock(&srv->mu);
+    if (--srv->n_replies == 0 && srv->n_active == 0) pthread_cond_broadcast(&srv->drained);
+    pthread_mutex_unlock(&srv->mu);
     if (last) {
         pthread_mutex_destroy(&r->mu);
         sbuf_free(&r->body);
@@ -949,14 +956,21 @@ static enum MHD_Result handle_prefill(server *s, struct MHD_Connection *conn, co
     pthread_mutex_init(&r->mu, NULL);
     r->refs = 2;
     r->conn = conn;
+    r->srv = s;
     sbuf_init(&r->body);
     engine_request er = {.prompt = ids, .n_prompt = n, .sp = req.sp};
     uint64_t id = 0;
+    pthread_mutex_lock(&s->mu); /* counted before the pipeline can answer it */
+    s->n_replies++;
+    pthread_mutex_unlock(&s->mu);
     internal_prefill_job *j = internal_prefill_start(
         s->in, &er, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Ticket"), r, &id, &e);
     free(ids);
     api_request_free(&req);
     if (!j) {
+        pthread_mutex_lock(&s->mu);
+        if (--s->n_replies == 0 && s->n_active == 0) pthread_cond_broadcast(&s->drained);
+        pthread_mutex_unlock(&s->mu);
         pthread_mutex_destroy(&r->mu);
         sbuf_free(&r->body);
         free(r);
@@ -1309,7 +1323,7 @@ static void wait_drained(server *s, double timeout_s) {
     clock_gettime(CLOCK_REALTIME, &ts);
     double end = ts.tv_sec + ts.tv_nsec * 1e-9 + timeout_s;
     pthread_mutex_lock(&s->mu);
-    while (s->n_active > 0) {
+    while (s->n_active + s->n_replies > 0) {
         struct timespec dl = {.tv_sec = (time_t)end, .tv_nsec = (long)((end - floor(end)) * 1e9)};
         if (pthread_cond_timedwait(&s->drained, &s->mu, &dl) == ETIMEDOUT) break;
     }
@@ -1335,9 +1349,10 @@ void server_free(server *s) {
         atomic_store(&s->shutting_down, true);
         wait_drained(s, 5.0);
         pthread_mutex_lock(&s->mu);
-        int left = s->n_active;
+        int left = s->n_active + s->n_replies;
         pthread_mutex_unlock(&s->mu);
-        /* Stopping MHD with suspended connections is undefined: leave it to exit. */
+        /* Stopping MHD with suspended connections is undefined (MHD panics): leave it
+         * to exit. Internal replies count: a prefill waits for its transfer suspended. */
         if (left == 0) MHD_stop_daemon(s->d);
         else log_warn("serve: %d request(s) still suspended at exit; not stopping HTTP threads", left);
         s->d = NULL;
