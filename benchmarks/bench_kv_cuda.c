@@ -40,6 +40,7 @@
 #include "kv/kv.h"
 #include "model/model.h"
 #include "util/util.h"
+#include "kv_ceilings.h"
 #if PDSERVE_HAVE_CUDA
 #include "backend/cuda/backend_cuda.h"
 #endif
@@ -62,22 +63,6 @@ static model_config bench_config(void) {
     return c;
 }
 
-static int rd(int fd, void *b, size_t n) {
-    for (char *p = b; n;) {
-        ssize_t r = read(fd, p, n);
-        if (r <= 0) return -1;
-        p += r, n -= (size_t)r;
-    }
-    return 0;
-}
-static int wr(int fd, const void *b, size_t n) {
-    for (const char *p = b; n;) {
-        ssize_t r = write(fd, p, n);
-        if (r <= 0) return -1;
-        p += r, n -= (size_t)r;
-    }
-    return 0;
-}
 
 static backend *gpu_open(int device) {
     char err[256];
@@ -294,64 +279,6 @@ static int pcie_ceiling(size_t bytes, const char *copy, bool info, double t_out[
     return rc;
 }
 
-/* O_DIRECT sequential write then read of `bytes` in dir: seconds of each. */
-static void disk_ceiling(const char *dir, size_t bytes, double *w, double *r) {
-    char path[KV_ADDRESS_MAX + 32];
-    snprintf(path, sizeof path, "%s/pdkv-benchc-dd-%d", dir, (int)getpid());
-    size_t chunk = (size_t)4 << 20;
-    void *buf;
-    PD_ASSERT(posix_memalign(&buf, 4096, chunk) == 0);
-    memset(buf, 3, chunk);
-    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_DIRECT, 0600);
-    if (fd < 0) fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
-    double t0 = time_now_s();
-    for (size_t off = 0; off < bytes; off += chunk)
-        if (pwrite(fd, buf, chunk, (off_t)off) != (ssize_t)chunk) break;
-    *w = time_now_s() - t0;
-    t0 = time_now_s();
-    for (size_t off = 0; off < bytes; off += chunk)
-        if (pread(fd, buf, chunk, (off_t)off) != (ssize_t)chunk) break;
-    *r = time_now_s() - t0;
-    close(fd);
-    unlink(path);
-    free(buf);
-}
-
-/* Loopback TCP: one process writes `bytes`, another reads them; seconds. */
-static double tcp_ceiling(size_t bytes) {
-    int ls = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET};
-    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
-    socklen_t al = sizeof a;
-    PD_ASSERT(bind(ls, (struct sockaddr *)&a, sizeof a) == 0 && listen(ls, 1) == 0);
-    getsockname(ls, (struct sockaddr *)&a, &al);
-    size_t chunk = (size_t)4 << 20;
-    pid_t p = fork();
-    if (p == 0) {
-        int fd = accept(ls, NULL, NULL);
-        char *buf = xmalloc(chunk);
-        size_t got = 0;
-        for (ssize_t r; got < bytes && (r = read(fd, buf, chunk)) > 0;) got += (size_t)r;
-        char ok = 1;
-        wr(fd, &ok, 1);
-        _exit(0);
-    }
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    PD_ASSERT(connect(fd, (struct sockaddr *)&a, sizeof a) == 0);
-    char *buf = xmalloc(chunk);
-    memset(buf, 5, chunk);
-    double t0 = time_now_s();
-    for (size_t sent = 0; sent < bytes; sent += chunk) wr(fd, buf, PD_MIN(chunk, bytes - sent));
-    char ok;
-    rd(fd, &ok, 1);
-    double t = time_now_s() - t0;
-    close(fd);
-    close(ls);
-    waitpid(p, NULL, 0);
-    free(buf);
-    return t;
-}
-
 /* GPUs here, counted in a child so that this process never initialises CUDA. */
 static int count_gpus(void) {
     pid_t p = fork();
@@ -433,7 +360,7 @@ int main(int argc, char **argv) {
                 ceil_bw = (double)bytes / (d2h + h2d);
                 ceil_name = "pinned D2H + H2D";
             } else if (m == KV_MEDIUM_DISK) {
-                if (dw == 0) disk_ceiling(o.dir, bytes, &dw, &dr);
+                if (dw == 0) disk_ceiling(o.dir, "benchc", bytes, &dw, &dr);
                 ceil_bw = (double)bytes / (d2h + dw + dr + h2d);
                 ceil_name = "D2H + O_DIRECT w+r + H2D";
             } else if (m == KV_MEDIUM_TCP) {
