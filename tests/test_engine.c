@@ -434,6 +434,43 @@ static void test_validation(void) {
     CHECK(engine_create(g_model, &cfg, err, sizeof err) == NULL);
     CHECK_STR_CONTAINS(err, "larger than the maximum number of tokens");
 }
+/* A disaggregated request whose KV arrived corrupt: the decode side recomputes prompt +
+ * first token (engine_submit_prefilled with no blocks) and its output equals the
+ * colocated run's, the given first token as output 0; max_tokens 1 ends at once. */
+static void test_prefilled_recompute(void) {
+    engine *e = make_engine(0, 8, 64);
+    REQUIRE(e);
+    engine_start(e);
+    collector *c = collector_new();
+    static slot sl[NREQ];
+    int n_req = 4;
+    for (int i = 0; i < n_req; i++) {
+        sl[i].c = c;
+        sl[i].i = i;
+        int mt = i == n_req - 1 ? 1 : 24; /* g_ref ran 24 tokens */
+        sampling_params sp = greedy(mt);
+        engine_request q = {.prompt = g_prompts[i], .n_prompt = g_prompt_len[i], .sp = sp,
+                            .on_event = on_event, .user = &sl[i]};
+        engine_first_token first = {.token = g_ref->res[i].tokens[0]};
+        char err[512];
+        c->res[i].id = engine_submit_prefilled(e, &q, NULL, 0, &first, err, sizeof err);
+        CHECKF(c->res[i].id != 0, "%s", err);
+    }
+    collector_wait(c, n_req);
+    for (int i = 0; i < n_req; i++) {
+        const result *r = &c->res[i];
+        int want = i == n_req - 1 ? 1 : 24;
+        CHECK_EQ_INT(r->n, want);
+        CHECK(r->index_ok);
+        CHECK(r->finish == FINISH_LENGTH);
+        CHECKF(memcmp(r->tokens, g_ref->res[i].tokens, sizeof(int32_t) * (size_t)want) == 0,
+               "request %d: recomputed output differs from the colocated one", i);
+    }
+    collector_free(c);
+    check_empty(e);
+    engine_stop(e);
+    engine_free(e);
+}
 
 int main(void) {
     if (setup() != 0) return 1;
@@ -443,6 +480,7 @@ int main(void) {
     TEST_RUN(test_stops);
     TEST_RUN(test_seeded_in_batch);
     TEST_RUN(test_validation);
+    TEST_RUN(test_prefilled_recompute);
     collector_free(g_ref);
     model_free(g_model);
     backend_destroy(g_be);

@@ -32,6 +32,8 @@ typedef struct req {
     /* disaggregated serving */
     bool prefill_only;      /* finish after the first token; the prompt's blocks are handed over */
     bool prefilled;         /* engine_submit_prefilled: prompt KV in pre_blocks, first token given */
+    bool recompute;         /* ... but its KV never came (corrupt): prompt + first token are
+                               prefilled here, output 0 is the given first token */
     int32_t *pre_blocks;    /* [n_pre_blocks] until it joins the running batch (owned ids) */
     int n_pre_blocks;
     engine_first_token first;
@@ -549,37 +551,60 @@ static bool admit_prefilled(engine *e, req *r) {
     sched *s = &e->sc;
     if (s->n_running >= s->cfg.max_num_seqs) return false;
     char err[256];
-    sched_seq *q = sched_add(s, r->id, r->prompt, r->n_prompt, r->max_tokens, r->times.arrival, r,
-                             err, sizeof err);
-    free(r->prompt);
-    r->prompt = NULL;
-    pthread_mutex_lock(&e->pool_mu);
-    e->n_external -= r->n_pre_blocks;
-    if (!q) kv_pool_release(&s->pool, r->pre_blocks, r->n_pre_blocks);
-    pthread_mutex_unlock(&e->pool_mu);
-    if (!q) {
-        req_finish(e, r, FINISH_ERROR, -1, err);
-        return true;
+    sched_seq *q = NULL;
+    if (r->recompute) {
+        /* prompt + first token as a prompt of its own, prefilled by this engine; what
+         * it samples after it is output 1 */
+        int mt = r->max_tokens - 1;
+        if (mt > 0) {
+            int32_t *p2 = xmalloc(sizeof(int32_t) * (size_t)(r->n_prompt + 1));
+            memcpy(p2, r->prompt, sizeof(int32_t) * (size_t)r->n_prompt);
+            p2[r->n_prompt] = r->first.token;
+            q = sched_add(s, r->id, p2, r->n_prompt + 1, mt, r->times.arrival, r, err, sizeof err);
+            free(p2);
+        }
+        free(r->prompt);
+        r->prompt = NULL;
+        if (mt > 0 && !q) {
+            req_finish(e, r, FINISH_ERROR, -1, err);
+            return true;
+        }
+        if (q && r->cache_salt) q->salt = hash_u64(q->salt ^ hash_u64(r->cache_salt));
+        r->seq = q; /* NULL when the first token was the only one asked for */
+    } else {
+        q = sched_add(s, r->id, r->prompt, r->n_prompt, r->max_tokens, r->times.arrival, r, err, sizeof err);
+        free(r->prompt);
+        r->prompt = NULL;
+        pthread_mutex_lock(&e->pool_mu);
+        e->n_external -= r->n_pre_blocks;
+        if (!q) kv_pool_release(&s->pool, r->pre_blocks, r->n_pre_blocks);
+        pthread_mutex_unlock(&e->pool_mu);
+        if (!q) {
+            req_finish(e, r, FINISH_ERROR, -1, err);
+            return true;
+        }
+        PD_ASSERT(s->n_waiting > 0 &&
+                  s->waiting[(s->waiting_head + s->n_waiting - 1) & (s->waiting_cap - 1)] == q);
+        PD_ASSERT(r->n_pre_blocks == (r->n_prompt + s->cfg.block_size - 1) / s->cfg.block_size);
+        PD_ASSERT(r->n_pre_blocks <= q->cap_blocks && q->n_tokens < q->cap_tokens);
+        if (r->cache_salt) q->salt = hash_u64(q->salt ^ hash_u64(r->cache_salt));
+        s->n_waiting--;
+        q->status = SCHED_RUNNING;
+        s->running[s->n_running++] = q;
+        memcpy(q->block_table, r->pre_blocks, sizeof(int32_t) * (size_t)r->n_pre_blocks);
+        q->n_blocks = r->n_pre_blocks;
+        q->n_computed = r->n_prompt;
+        q->tokens[q->n_tokens++] = r->first.token;
+        q->n_cached = 0;
+        r->seq = q;
+        free(r->pre_blocks);
+        r->pre_blocks = NULL;
+        r->n_pre_blocks = 0;
     }
-    PD_ASSERT(s->n_waiting > 0 && s->waiting[(s->waiting_head + s->n_waiting - 1) & (s->waiting_cap - 1)] == q);
-    PD_ASSERT(r->n_pre_blocks == (r->n_prompt + s->cfg.block_size - 1) / s->cfg.block_size);
-    PD_ASSERT(r->n_pre_blocks <= q->cap_blocks && q->n_tokens < q->cap_tokens);
-    if (r->cache_salt) q->salt = hash_u64(q->salt ^ hash_u64(r->cache_salt));
-    s->n_waiting--;
-    q->status = SCHED_RUNNING;
-    s->running[s->n_running++] = q;
-    memcpy(q->block_table, r->pre_blocks, sizeof(int32_t) * (size_t)r->n_pre_blocks);
-    q->n_blocks = r->n_pre_blocks;
-    q->n_computed = r->n_prompt;
-    q->tokens[q->n_tokens++] = r->first.token;
-    q->n_cached = 0;
-    r->seq = q;
-    free(r->pre_blocks);
-    r->pre_blocks = NULL;
-    r->n_pre_blocks = 0;
 
     double t = time_now_s();
-    q->first_scheduled = r->times.first_scheduled = r->times.first_token = t;
+    r->times.first_scheduled = r->times.first_token = t;
+    if (q) q->first_scheduled = t;
     r->times.token_times[0] = t;
     r->n_output = 1;
     engine_event ev = {.kind = ENGINE_EVENT_TOKEN, .request_id = r->id, .token = r->first.token,
@@ -908,7 +933,8 @@ uint64_t engine_submit_prefilled(engine *e, const engine_request *q, const int32
     int max_tokens;
     int bs = e->cfg.block_size;
     bool ok = validate(e, q, &max_tokens, err, errlen) == 0;
-    if (ok && (n_blocks != (q->n_prompt + bs - 1) / bs || first->token < 0 ||
+    bool recompute = !blocks && n_blocks == 0;
+    if (ok && ((!recompute && n_blocks != (q->n_prompt + bs - 1) / bs) || first->token < 0 ||
                first->token >= e->m->cfg.vocab_size)) {
         pd_errorf(err, errlen, "prefilled request: %d blocks for %d prompt tokens, first token %d",
                   n_blocks, q->n_prompt, (int)first->token);
@@ -931,14 +957,15 @@ uint64_t engine_submit_prefilled(engine *e, const engine_request *q, const int32
     r->times.first_scheduled = r->times.first_token = r->times.finished = -1;
     r->times.arrival = time_now_s();
     r->prefilled = true;
+    r->recompute = recompute;
     r->first = *first;
     r->first.n_top = PD_MAX(0, PD_MIN(first->n_top, SAMPLING_MAX_LOGPROBS));
-    r->pre_blocks = xmalloc(sizeof(int32_t) * (size_t)n_blocks);
-    memcpy(r->pre_blocks, blocks, sizeof(int32_t) * (size_t)n_blocks);
+    r->pre_blocks = xmalloc(sizeof(int32_t) * (size_t)PD_MAX(n_blocks, 1));
+    if (n_blocks) memcpy(r->pre_blocks, blocks, sizeof(int32_t) * (size_t)n_blocks);
     r->n_pre_blocks = n_blocks;
     /* inbox_push frees r on refusal; the blocks go back first */
-    int32_t *copy = xmalloc(sizeof(int32_t) * (size_t)n_blocks);
-    memcpy(copy, blocks, sizeof(int32_t) * (size_t)n_blocks);
+    int32_t *copy = xmalloc(sizeof(int32_t) * (size_t)PD_MAX(n_blocks, 1));
+    if (n_blocks) memcpy(copy, blocks, sizeof(int32_t) * (size_t)n_blocks);
     uint64_t id = inbox_push(e, r, err, errlen);
     if (id == 0) engine_kv_release(e, copy, n_blocks);
     free(copy);

@@ -535,7 +535,10 @@ void engine_kv_layer_wait(engine *e, int layer);
  * token was sampled elsewhere: it joins the running batch as if this engine had
  * prefilled it (the first token is emitted as output 0, then decoding goes on), so
  * greedy output is the colocated one. The blocks become the engine's at once, also on
- * failure (released). Returns the id, or 0 with err (as engine_submit). Thread-safe. */
+ * failure (released). With blocks NULL and n_blocks 0 the KV never came (a corrupt
+ * transfer): this engine recomputes prompt + first token itself and goes on the same
+ * way (output 0 is still the given first token; repetition penalties then count it
+ * with the prompt). Returns the id, or 0 with err (as engine_submit). Thread-safe. */
 uint64_t engine_submit_prefilled(engine *e, const engine_request *r, const int32_t *blocks,
                                  int n_blocks, const engine_first_token *first, char *err,
                                  size_t errlen);

@@ -731,6 +731,19 @@ uint64_t internal_decode_submit(internal_ctx *in, const engine_request *r, const
     }
     double left = (double)(t.deadline_ms - wall_ms()) / 1000.0;
     kv_status st = kv_ticket_wait(in->kv, &t, PD_MAX(left, 0.0) + 0.05, err, sizeof err);
+    if (st == KV_ERR_CORRUPT) {
+        /* a block failed its checksum: never served; this instance recomputes the
+         * prompt instead (its blocks are already back in the pool) */
+        kv_ticket_cancel(in->kv, &t);
+        log_warn("internal: request %llu: %s: recomputing its prompt here",
+                 (unsigned long long)t.request_id, err);
+        uint64_t id = engine_submit_prefilled(in->eng, r, NULL, 0, &first, err, sizeof err);
+        if (id == 0) {
+            bool busy = strstr(err, "waiting") != NULL;
+            api_error_set(e, busy ? 503 : 400, busy ? "server_error" : "invalid_request_error", NULL, "%s", err);
+        }
+        return id;
+    }
     if (st != KV_OK) {
         kv_ticket_cancel(in->kv, &t);
         api_error_set(e, st == KV_ERR_DEADLINE || st == KV_PENDING ? 504 : 502, "server_error", NULL,
