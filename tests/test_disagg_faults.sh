@@ -111,4 +111,27 @@ kill -TERM "$UPID"; wait "$UPID" || true
 grep -h -E "ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitizer" "$TMP/term.log" && fail "term: sanitizer report"
 mv "$TMP/term.log" "$TMP/term.checked"
 echo "ok   SIGTERM of a prefill instance mid-transfer: the transfer ended, the client was answered, exit 0"
+
+# ---- 6. a KV frame that fails its checksum: never served, the decode side recomputes --------------
+# PDSERVE_DEBUG_KV_CORRUPT=1 makes the prefill side send every request's first frame
+# with a wrong checksum; the decode instance must refuse the KV and recompute the
+# prompt itself, so the client still gets the colocated greedy output.
+start_serve coref
+code="$(curl -s -o "$TMP/coref.json" -w '%{http_code}' "http://127.0.0.1:$PORT/v1/completions" \
+  -d '{"prompt":"alpha beta gamma delta epsilon","max_tokens":8,"temperature":0}')"
+[ "$code" = 200 ] || fail "corrupt: reference HTTP $code"
+kill -TERM "$SPID"; wait "$SPID" || true
+PDSERVE_DEBUG_KV_CORRUPT=1 start_up corrupt --setup dis-tcp
+code="$(curl -s -o "$TMP/corrupt.json" -w '%{http_code}' "http://127.0.0.1:$UPORT/v1/completions" \
+  -d '{"prompt":"alpha beta gamma delta epsilon","max_tokens":8,"temperature":0}')"
+[ "$code" = 200 ] || { tail -20 "$TMP/corrupt.log"; fail "corrupt: HTTP $code $(cat "$TMP/corrupt.json")"; }
+want="$(sed -n 's|.*"text":"\([^"]*\)".*|\1|p' "$TMP/coref.json")"
+got="$(sed -n 's|.*"text":"\([^"]*\)".*|\1|p' "$TMP/corrupt.json")"
+[ -n "$want" ] && [ "$want" = "$got" ] || fail "corrupt: output '$got', colocated '$want'"
+grep -q "recomputing its prompt here" "$TMP/corrupt.log" || fail "corrupt: the decode side did not say it recomputed"
+out="$(PDSERVE_URL="http://127.0.0.1:$UPORT" PDSERVE_INSTANCES="$INSTANCES" PDSERVE_N=4 PDSERVE_STREAM=0 \
+  node "$DISAGG" faults plain)" || { tail -30 "$TMP/corrupt.log"; fail "corrupt: pools not empty"; }
+echo "$out" | grep -q '"ok":4,' || fail "corrupt: 4 more requests were not all served: $out"
+stop_up corrupt
+echo "ok   a KV frame failing its checksum: never served, the decode side recomputed, colocated output, pools empty"
 echo "all disaggregation fault tests passed"

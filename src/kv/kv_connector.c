@@ -413,9 +413,14 @@ kv_status kv_reserve(kv_connector *c, uint64_t request_id, const int32_t *tokens
     }
     int bs = c->kv->block_size, nb = (n_tokens + bs - 1) / bs;
     pthread_mutex_lock(&c->mu);
+    /* round robin from the last one taken: a slot that just failed keeps reporting its
+     * error (kv_ticket_poll) until n_slots reservations later, not just the next one */
     int idx = -1;
-    for (int i = 0; i < c->n_slots && idx < 0; i++)
+    for (int k = 0; k < c->n_slots && idx < 0; k++) {
+        int i = (c->next_slot + k) % c->n_slots;
         if (c->slots[i].state == KV_SLOT_FREE) idx = i;
+    }
+    if (idx >= 0) c->next_slot = (idx + 1) % c->n_slots;
     if (idx < 0) {
         pthread_mutex_unlock(&c->mu);
         pd_errorf(err, errlen, "kv reserve: all %d reservations are in use", c->n_slots);

@@ -71,6 +71,8 @@ struct kv_connector {
     pthread_mutex_t mu;
     kv_slot *slots;               /* [n_slots] decode side */
     int n_slots;
+    int next_slot;                /* decode side: where kv_reserve looks first (round robin:
+                                     a failed reservation reports its error for a while) */
     char address[KV_ADDRESS_MAX];
     void *impl;                   /* the medium's state (owned by it) */
 };

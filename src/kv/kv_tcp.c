@@ -520,6 +520,17 @@ static int stage_frame(const kv_cache *kv, struct tcp_peer *p, int l, const int3
     return 1;
 }
 
+/* PDSERVE_DEBUG_KV_CORRUPT=1 (tests only): every request's first DATA frame goes out
+ * with a wrong checksum, as a frame corrupted on the way would arrive. */
+static bool debug_corrupt(void) {
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("PDSERVE_DEBUG_KV_CORRUPT");
+        v = e && !strcmp(e, "1");
+    }
+    return v;
+}
+
 static kv_status tcp_send_layers(kv_send *x, const int *layers, int n, char *err, size_t errlen) {
     const kv_cache *kv = x->c->kv;
     size_t bb = kv->block_bytes;
@@ -548,6 +559,7 @@ static kv_status tcp_send_layers(kv_send *x, const int *layers, int n, char *err
                                .ticket = x->t.id, .layer = (uint32_t)l,
                                .first_block = (uint32_t)first, .n_blocks = (uint32_t)nb,
                                .payload_bytes = 2 * (uint64_t)nb * bb, .checksum = sum};
+            if (l == 0 && first == 0 && debug_corrupt()) h.checksum ^= 1;
             st = peer_send(x, p, &h, iov, ni - 1, err, errlen);
         }
     }
