@@ -8,6 +8,7 @@
 
 #include "backend/backend.h"
 #include "cli/cli.h"
+#include "power/power.h"
 #include "sim/sim.h"
 #include "util/util.h"
 
@@ -40,8 +41,9 @@ int cmd_profile(int argc, char **argv) {
     int threads = 0, repeats = 3, block_size = 16, seed = 0;
     double clock_mhz = 0;
     bool no_power = false, verbose = false;
-    const char *roofline = NULL, *medium_dir = NULL;
+    const char *roofline = NULL, *medium_dir = NULL, *sm_clocks = NULL;
     long long medium_bytes = 0;
+    bool allow_clock_control = false;
     cli_opt opts[] = {
         {"model", OPT_STRING, &model_arg, "model directory, or preset:NAME (dummy weights)", "DIR"},
         {"load-format", OPT_STRING, &load_format, "auto (default), safetensors or dummy", "F"},
@@ -57,7 +59,9 @@ int cmd_profile(int argc, char **argv) {
         {"medium", OPT_STRING, &medium, "KV mediums to time through the connectors: gpu,cpu,disk,tcp", "LIST"},
         {"medium-dir", OPT_STRING, &medium_dir, "directory of the disk medium's files (default $TMPDIR or /tmp)", "DIR"},
         {"medium-bytes", OPT_SIZE, &medium_bytes, "largest KV cache per side while timing mediums (GPU 2GiB, CPU 256MiB)", "BYTES"},
-        {"clock-mhz", OPT_DOUBLE, &clock_mhz, "the SM clock the GPU runs at while profiling (clock model base)", "MHZ"},
+        {"clock-mhz", OPT_DOUBLE, &clock_mhz, "the SM clock the GPU runs at while profiling (clock model base; default: as sampled)", "MHZ"},
+        {"sm-clocks", OPT_STRING, &sm_clocks, "also time reference points with the SM clock locked at each (clock model points, fitted)", "LIST"},
+        {"allow-clock-control", OPT_FLAG, &allow_clock_control, "let --sm-clocks lock the GPU's clock (changes shared hardware; restored after)", NULL},
         {"no-power", OPT_FLAG, &no_power, "do not try to read power meters", NULL},
         {"seed", OPT_INT, &seed, "seed of dummy weights (default 0)", "S"},
         {"verbose", OPT_FLAG, &verbose, "log every point", NULL},
@@ -110,6 +114,19 @@ int cmd_profile(int argc, char **argv) {
     o.block_size = block_size;
     o.measure_power = !no_power;
     o.clock_mhz = clock_mhz;
+    static unsigned clock_list[SIM_MAX_CLOCKS];
+    if (sm_clocks) {
+        static int tmp[SIM_MAX_CLOCKS + 1];
+        int n = parse_list(sm_clocks, tmp, SIM_MAX_CLOCKS + 1);
+        if (n < 1 || n > SIM_MAX_CLOCKS) {
+            fprintf(stderr, "pdserve profile: --sm-clocks: 1 to %d clocks in MHz, comma-separated\n", SIM_MAX_CLOCKS);
+            return 2;
+        }
+        for (int i = 0; i < n; i++) clock_list[i] = (unsigned)tmp[i];
+        o.clocks_mhz = clock_list;
+        o.n_clocks = n;
+        o.allow_clock_control = allow_clock_control;
+    }
     o.model_name = model_arg;
     o.verbose = verbose;
     if (repeats < 1 || block_size < 1) {
@@ -153,6 +170,14 @@ int cmd_profile(int argc, char **argv) {
         fprintf(stderr, "pdserve profile: %s\n", err);
         goto out_backend;
     }
+    if (o.n_clocks > 0) {
+        o.nvml = power_nvml_open(err, sizeof err);
+        if (!o.nvml) {
+            fprintf(stderr, "pdserve profile: --sm-clocks needs NVML: %s\n", err);
+            goto out_model;
+        }
+        o.clock_gpu = dev >= 0 ? dev : 0;
+    }
     sim_profile prof;
     if (sim_profile_measure(m, &o, &prof, err, sizeof err) != 0) {
         fprintf(stderr, "pdserve profile: %s\n", err);
@@ -172,6 +197,7 @@ int cmd_profile(int argc, char **argv) {
     }
     sim_profile_free(&prof);
 out_model:
+    if (o.nvml) power_nvml_close(o.nvml);
     model_free(m);
 out_backend:
     backend_destroy(be);

@@ -401,6 +401,52 @@ static void meta(const sim_profile_opts *o, model *m, prof *P, sim_profile *out)
     out->clock.base_mhz = o->clock_mhz;
 }
 
+/* The clock points: lock each clock in turn, time two reference points against the
+ * grid's own values at the base clock, read busy power; restore; fit. */
+static int profile_clocks(prof *P, const sim_profile_opts *o, sim_profile *out, bool cpu, double idle_w, char *err,
+                          size_t errlen) {
+    if (!o->nvml) {
+        pd_errorf(err, errlen, "profile: clock points need NVML, which is not available here");
+        return -1;
+    }
+    if (o->n_clocks > SIM_MAX_CLOCKS) {
+        pd_errorf(err, errlen, "profile: at most %d clock points", SIM_MAX_CLOCKS);
+        return -1;
+    }
+    int ip = o->n_prefill_tokens - 1, id = o->n_decode_batch - 1, jd = o->n_decode_context - 1;
+    double base_pre = out->prefill.v[ip * out->prefill.ny], base_dec = out->decode.v[id * out->decode.ny + jd];
+    double t[2];
+    ppoint ref[2] = {{0, o->prefill_tokens[ip], o->prefill_context[0], 0, &t[0], {0}},
+                     {1, o->decode_batch[id], o->decode_context[jd], 0, &t[1], {0}}};
+    int rc = 0;
+    out->clock.n_points = 0;
+    for (int k = 0; k < o->n_clocks; k++) {
+        unsigned mhz = o->clocks_mhz[k];
+        int gpu = o->clock_gpu;
+        if (power_clocks_lock(o->nvml, &gpu, &mhz, 1, o->allow_clock_control, err, errlen) != 0) {
+            rc = -1;
+            break;
+        }
+        power_phase ph;
+        phase_begin(&ph, o, cpu, 0);
+        run_rounds(P, ref, 2, o->repeats);
+        double w = phase_end(&ph, NULL, 0, NULL);
+        out->clock.points[out->clock.n_points++] =
+            (sim_clock_point){mhz, t[0] / base_pre, t[1] / base_dec, w > 0 ? w : 0};
+        log_info("profile: SM clock %u MHz: prefill x%.3f, decode x%.3f of the base, %s", mhz, t[0] / base_pre,
+                 t[1] / base_dec, w > 0 ? "power measured" : "power not measured");
+    }
+    int n = power_clocks_restore();
+    log_info("profile: %d GPU clock lock(s) reset", n);
+    if (rc == 0 && out->clock.n_points >= 2 && out->clock.base_mhz > 0) {
+        sim_clock_fit(&out->clock, idle_w > 0 ? idle_w : 0);
+        size_t l = strlen(out->clock.source);
+        snprintf(out->clock.source + l, sizeof out->clock.source - l, "%sfitted to %d profiled clocks",
+                 l ? "; " : "", out->clock.n_points);
+    }
+    return rc;
+}
+
 int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, char *err, size_t errlen) {
     sim_profile_init(out);
     if (check_axis(o->prefill_tokens, o->n_prefill_tokens, 1, "prefill tokens", err, errlen) ||
@@ -568,6 +614,9 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
     }
     snprintf(out->mediums_note, sizeof out->mediums_note,
              "not profiled (pdserve profile --medium LIST times them); sim uses the documented defaults");
+
+    int rc = 0;
+    if (o->n_clocks > 0) rc = profile_clocks(&P, o, out, cpu, idle_w, err, errlen);
     log_info("profile: %d prefill + %d decode points in %.1f s", o->n_prefill_tokens * o->n_prefill_context,
              o->n_decode_batch * o->n_decode_context, time_now_s() - t_start);
 
@@ -581,5 +630,5 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
     free(P.blocks);
     fwd_ctx_free(P.f);
     kv_cache_free(m->be, P.kv);
-    return 0;
+    return rc;
 }

@@ -150,6 +150,16 @@ typedef struct sim_profile_opts {
     double clock_mhz;           /* the SM clock the device runs at (0: unknown) */
     const char *model_name, *device_name;
     bool verbose;
+    /* Clock points (`--sm-clocks`): after the grid, the SM clock of NVML GPU clock_gpu
+     * is locked at each of clocks_mhz in turn (power_clocks_lock: only with
+     * allow_clock_control, only supported values, restored after) and two reference
+     * points (the largest prefill chunk at no context, the largest decode batch at the
+     * largest context) are timed with their power: the clock model's points, fitted. */
+    const unsigned *clocks_mhz;
+    int n_clocks;
+    struct power_nvml *nvml;
+    int clock_gpu;
+    bool allow_clock_control;
 } sim_profile_opts;
 
 /* The default grid for a backend ("cpu": small, under a minute for small-llama on two

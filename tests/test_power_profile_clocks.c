@@ -1,0 +1,131 @@
+/* test_power_profile_clocks.c: `pdserve profile --sm-clocks` against the stand-in NVML
+ * (tests/fake_nvml.c), on the CPU backend: each listed clock is locked in turn (only
+ * with allow, only supported values), two reference points are timed at each, every
+ * lock is reset afterwards, and the profile gets one clock point per clock, fitted. */
+#include <unistd.h>
+
+#include "backend/backend.h"
+#include "engine/forward.h"
+#include "model/model.h"
+#include "power/power.h"
+#include "sim/sim.h"
+#include "test.h"
+#include "util/util.h"
+
+static char g_log[256];
+
+static char *read_log(void) {
+    char err[256];
+    char *s = util_read_file(g_log, NULL, err, sizeof err);
+    return s ? s : xstrdup("");
+}
+
+static model *g_model;
+static backend *g_be;
+static model_files g_files;
+
+static int setup(void) {
+    const char *lib = getenv("PDSERVE_FAKE_NVML");
+    if (!lib || !util_file_exists(lib)) TEST_SKIP("PDSERVE_FAKE_NVML not set (run through ctest)");
+    snprintf(g_log, sizeof g_log, "%s/pdserve-profile-clocks-%d.log", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp",
+             (int)getpid());
+    setenv("PDSERVE_NVML_LIB", lib, 1);
+    setenv("FAKE_NVML_LOG", g_log, 1);
+    char err[512];
+    if (model_files_open("preset:tiny-llama", "dummy", &g_files, err, sizeof err) != 0) {
+        fprintf(stderr, "%s\n", err);
+        return -1;
+    }
+    g_be = backend_cpu_create(1);
+    g_model = model_load(g_be, &g_files, 1, err, sizeof err);
+    if (!g_model) fprintf(stderr, "%s\n", err);
+    return g_model ? 0 : -1;
+}
+
+static const int PT[] = {16, 64}, PC[] = {0}, DB[] = {1, 2}, DC[] = {64};
+
+static int run(const unsigned *clocks, int n, bool allow, sim_profile *out, char *err, size_t errlen) {
+    unlink(g_log);
+    sim_profile_opts o;
+    sim_profile_opts_default(&o, true);
+    o.prefill_tokens = PT, o.n_prefill_tokens = 2;
+    o.prefill_context = PC, o.n_prefill_context = 1;
+    o.decode_batch = DB, o.n_decode_batch = 2;
+    o.decode_context = DC, o.n_decode_context = 1;
+    o.repeats = 1;
+    o.measure_power = false;
+    o.clock_mhz = 1980; /* the stand-in's top clock: the base the grid is taken at */
+    o.clocks_mhz = clocks;
+    o.n_clocks = n;
+    o.allow_clock_control = allow;
+    o.clock_gpu = 0;
+    o.nvml = power_nvml_open(err, errlen);
+    if (!o.nvml) return -2;
+    int rc = sim_profile_measure(g_model, &o, out, err, errlen);
+    power_nvml_close(o.nvml);
+    return rc;
+}
+
+static void test_clock_points(void) {
+    static const unsigned clocks[] = {1410, 810};
+    sim_profile p;
+    char err[512];
+    int rc = run(clocks, 2, true, &p, err, sizeof err);
+    REQUIRE(rc == 0 || (fprintf(stderr, "%s\n", err), 0));
+    CHECK_EQ_INT(p.clock.n_points, 2);
+    for (int k = 0; k < p.clock.n_points && k < 2; k++) {
+        CHECK(p.clock.points[k].mhz == clocks[k]);
+        /* the CPU does not slow down: about 1 either way, and never nonsense */
+        CHECKF(p.clock.points[k].prefill_scale > 0.2 && p.clock.points[k].prefill_scale < 5, "prefill x%g",
+               p.clock.points[k].prefill_scale);
+        CHECKF(p.clock.points[k].decode_scale > 0.2 && p.clock.points[k].decode_scale < 5, "decode x%g",
+               p.clock.points[k].decode_scale);
+    }
+    CHECK(strstr(p.clock.source, "fitted to 2 profiled clocks") != NULL);
+    CHECK_EQ_INT(power_clocks_locked_count(), 0);
+    char *log = read_log();
+    CHECK_STR_CONTAINS(log, "nvmlDeviceSetGpuLockedClocks gpu=0 min=1410 max=1410 rc=0");
+    CHECK_STR_CONTAINS(log, "nvmlDeviceSetGpuLockedClocks gpu=0 min=810 max=810 rc=0");
+    CHECK_STR_CONTAINS(log, "nvmlDeviceResetGpuLockedClocks gpu=0 rc=0");
+    free(log);
+    /* the profile file keeps them */
+    char *json = sim_profile_to_json(&p);
+    sim_profile q;
+    REQUIRE(sim_profile_parse(json, strlen(json), "p.json", &q, err, sizeof err) == 0);
+    CHECK_EQ_INT(q.clock.n_points, 2);
+    CHECK(q.clock.base_mhz == 1980);
+    free(json);
+    sim_profile_free(&q);
+    sim_profile_free(&p);
+}
+
+static void test_refusals(void) {
+    static const unsigned ok[] = {1410}, bad[] = {999};
+    sim_profile p;
+    char err[512];
+    CHECK(run(ok, 1, false, &p, err, sizeof err) == -1);
+    CHECK_STR_CONTAINS(err, "--allow-clock-control");
+    sim_profile_free(&p);
+    char *log = read_log();
+    CHECK(strstr(log, "SetGpuLockedClocks") == NULL);
+    free(log);
+    CHECK(run(bad, 1, true, &p, err, sizeof err) == -1);
+    CHECK_STR_CONTAINS(err, "999");
+    sim_profile_free(&p);
+    log = read_log();
+    CHECK(strstr(log, "SetGpuLockedClocks") == NULL);
+    free(log);
+    CHECK_EQ_INT(power_clocks_locked_count(), 0);
+}
+
+int main(void) {
+    log_set_level(LOG_LEVEL_WARN);
+    if (setup() != 0) return 1;
+    TEST_RUN(test_clock_points);
+    TEST_RUN(test_refusals);
+    model_free(g_model);
+    backend_destroy(g_be);
+    model_files_close(&g_files);
+    unlink(g_log);
+    return TEST_END();
+}
