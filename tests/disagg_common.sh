@@ -121,3 +121,24 @@ stop_up() {
 load_field() { curl -sf "$1/load" | sed -n "s|.*\"$2\":\([0-9-]*\).*|\1|p"; }
 
 export PDSERVE_N="${PDSERVE_N:-32}"
+
+# make_references: one colocated instance answers tests/node/disagg.mjs's requests one at
+# a time into $TMP/ref.json, the outputs every setup must reproduce (run_setup).
+make_references() {
+  start_serve reference
+  PDSERVE_URL="http://127.0.0.1:$PORT" node "$ROOT/tests/node/disagg.mjs" reference "$TMP/ref.json" ||
+    { tail -20 "$TMP/reference.log"; fail "references"; }
+  kill -TERM "$SPID"; wait "$SPID"
+}
+
+# run_setup NAME UP-ARGS...: `pdserve up`, the same requests concurrently through its
+# router, outputs equal to the references and every pool empty, then a clean stop.
+run_setup() {
+  local name="$1"; shift
+  start_up "$name" "$@"
+  echo "$name: router on port $UPORT, instances $INSTANCES"
+  PDSERVE_URL="http://127.0.0.1:$UPORT" PDSERVE_INSTANCES="$INSTANCES" \
+    node "$ROOT/tests/node/disagg.mjs" compare "$TMP/ref.json" ||
+    { tail -40 "$TMP/$name.log"; fail "$name: outputs or pools"; }
+  stop_up "$name"
+}

@@ -10,20 +10,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/disagg_common.sh"
 make_model
 
 # references: one colocated instance, one request at a time
-start_serve reference
-PDSERVE_URL="http://127.0.0.1:$PORT" node "$ROOT/tests/node/disagg.mjs" reference "$TMP/ref.json" ||
-  { tail -20 "$TMP/reference.log"; fail "references"; }
-kill -TERM "$SPID"; wait "$SPID"
-
-run_setup() {
-  local name="$1"; shift
-  start_up "$name" "$@"
-  echo "$name: router on port $UPORT, instances $INSTANCES"
-  PDSERVE_URL="http://127.0.0.1:$UPORT" PDSERVE_INSTANCES="$INSTANCES" \
-    node "$ROOT/tests/node/disagg.mjs" compare "$TMP/ref.json" ||
-    { tail -40 "$TMP/$name.log"; fail "$name: outputs or pools"; }
-  stop_up "$name"
-}
+make_references
 
 run_setup dis-gpu --setup dis-gpu
 run_setup dis-cpu --setup dis-cpu

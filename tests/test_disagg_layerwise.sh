@@ -20,20 +20,7 @@ DISAGG="$ROOT/tests/node/disagg.mjs"
 field_num() { sed -n "s|.*\"$2\":\([0-9]*\).*|\1|p" <<<"$1"; }
 
 # references: one colocated instance, one request at a time
-start_serve reference
-PDSERVE_URL="http://127.0.0.1:$PORT" node "$DISAGG" reference "$TMP/ref.json" ||
-  { tail -20 "$TMP/reference.log"; fail "references"; }
-kill -TERM "$SPID"; wait "$SPID"
-
-run_setup() {
-  local name="$1"; shift
-  start_up "$name" "$@"
-  echo "$name: router on port $UPORT, instances $INSTANCES"
-  PDSERVE_URL="http://127.0.0.1:$UPORT" PDSERVE_INSTANCES="$INSTANCES" \
-    node "$DISAGG" compare "$TMP/ref.json" ||
-    { tail -40 "$TMP/$name.log"; fail "$name: outputs or pools"; }
-  stop_up "$name"
-}
+make_references
 
 # ---- 1. every medium, layer-wise ----------------------------------------------------------
 for medium in gpu cpu disk tcp; do
