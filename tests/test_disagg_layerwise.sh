@@ -117,7 +117,13 @@ for medium in tcp gpu; do
     [ "$mid" = "0 0" ] && break
     sleep 0.05
   done
-  held="$(load_field "http://127.0.0.1:$P" kv_blocks_used)"
+  # the prefill's step may still be running (its stats are published at the step's
+  # end, slow under sanitizers): its blocks show within the 3 s stall
+  for _ in $(seq 40); do
+    held="$(load_field "http://127.0.0.1:$P" kv_blocks_used)"
+    [ "$held" -gt 0 ] && break
+    sleep 0.05
+  done
   [ "$mid" = "0 0" ] && [ "$held" -gt 0 ] ||
     fail "$name: expected the reservation gone while the prefill still streams: decode $mid, prefill $held"
   wait "$CPID"
