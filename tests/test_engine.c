@@ -10,6 +10,7 @@
 
 #include "engine/engine.h"
 #include "test.h"
+#include "test_waiter.h"
 #include "test_device.h"
 #include "util/util.h"
 
@@ -33,9 +34,7 @@ typedef struct result {
 } result;
 
 typedef struct collector {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    int n_done;
+    test_waiter w;
     result res[NREQ];
 } collector;
 
@@ -44,7 +43,7 @@ typedef struct slot { collector *c; int i; } slot;
 static void on_event(void *user, const engine_event *ev) {
     slot *s = user;
     result *r = &s->c->res[s->i];
-    pthread_mutex_lock(&s->c->mu);
+    pthread_mutex_lock(&s->c->w.mu);
     if (ev->kind == ENGINE_EVENT_TOKEN) {
         if (ev->index != r->n) r->index_ok = false;
         if (r->n < MAXOUT) {
@@ -65,29 +64,22 @@ static void on_event(void *user, const engine_event *ev) {
         r->finished = ev->times->finished;
         for (int i = 0; i < ev->n_output && i < MAXOUT; i++) r->token_times[i] = ev->times->token_times[i];
         if (ev->error) snprintf(r->error, sizeof r->error, "%s", ev->error);
-        s->c->n_done++;
-        pthread_cond_broadcast(&s->c->cv);
+        test_waiter_done_locked(&s->c->w);
     }
-    pthread_mutex_unlock(&s->c->mu);
+    pthread_mutex_unlock(&s->c->w.mu);
 }
 
 static collector *collector_new(void) {
     collector *c = calloc(1, sizeof(*c));
-    pthread_mutex_init(&c->mu, NULL);
-    pthread_cond_init(&c->cv, NULL);
+    test_waiter_init(&c->w);
     for (int i = 0; i < NREQ; i++) c->res[i].index_ok = true;
     return c;
 }
 
-static void collector_wait(collector *c, int n) {
-    pthread_mutex_lock(&c->mu);
-    while (c->n_done < n) pthread_cond_wait(&c->cv, &c->mu);
-    pthread_mutex_unlock(&c->mu);
-}
+static void collector_wait(collector *c, int n) { test_waiter_wait(&c->w, n); }
 
 static void collector_free(collector *c) {
-    pthread_mutex_destroy(&c->mu);
-    pthread_cond_destroy(&c->cv);
+    test_waiter_destroy(&c->w);
     free(c);
 }
 
@@ -258,10 +250,10 @@ static void test_abort(void) {
     for (int i = 0; i < 4; i++) submit(e, c, sl, i, &sp);
     /* wait until every one has produced a few tokens */
     for (;;) {
-        pthread_mutex_lock(&c->mu);
+        pthread_mutex_lock(&c->w.mu);
         int ready = 0;
         for (int i = 0; i < 4; i++) ready += c->res[i].n >= 3;
-        pthread_mutex_unlock(&c->mu);
+        pthread_mutex_unlock(&c->w.mu);
         if (ready == 4) break;
         struct timespec ts = {0, 1000000};
         nanosleep(&ts, NULL);

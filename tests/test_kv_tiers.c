@@ -26,6 +26,7 @@
 #include "model/model.h"
 #include "study/study.h"
 #include "test.h"
+#include "test_waiter.h"
 #include "util/util.h"
 
 static model *g_model;
@@ -335,9 +336,7 @@ typedef struct result {
 } result;
 
 typedef struct collector {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    int n_done;
+    test_waiter w;
     result res[NP];
 } collector;
 
@@ -346,7 +345,7 @@ typedef struct slot { collector *c; int i; } slot;
 static void on_event(void *user, const engine_event *ev) {
     slot *s = user;
     result *r = &s->c->res[s->i];
-    pthread_mutex_lock(&s->c->mu);
+    pthread_mutex_lock(&s->c->w.mu);
     if (ev->kind == ENGINE_EVENT_TOKEN) {
         if (r->n < MAXOUT) r->tokens[r->n] = ev->token;
         r->n++;
@@ -355,28 +354,21 @@ static void on_event(void *user, const engine_event *ev) {
         r->n_cached = ev->n_cached;
         r->arrival = ev->times->arrival;
         r->first_token = ev->times->first_token;
-        s->c->n_done++;
-        pthread_cond_broadcast(&s->c->cv);
+        test_waiter_done_locked(&s->c->w);
     }
-    pthread_mutex_unlock(&s->c->mu);
+    pthread_mutex_unlock(&s->c->w.mu);
 }
 
 static collector *collector_new(void) {
     collector *c = calloc(1, sizeof(*c));
-    pthread_mutex_init(&c->mu, NULL);
-    pthread_cond_init(&c->cv, NULL);
+    test_waiter_init(&c->w);
     return c;
 }
 
-static void collector_wait(collector *c, int n) {
-    pthread_mutex_lock(&c->mu);
-    while (c->n_done < n) pthread_cond_wait(&c->cv, &c->mu);
-    pthread_mutex_unlock(&c->mu);
-}
+static void collector_wait(collector *c, int n) { test_waiter_wait(&c->w, n); }
 
 static void collector_free(collector *c) {
-    pthread_mutex_destroy(&c->mu);
-    pthread_cond_destroy(&c->cv);
+    test_waiter_destroy(&c->w);
     free(c);
 }
 
