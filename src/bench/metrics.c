@@ -343,16 +343,8 @@ int bench_energy_parse(bench_energy *e, const char *text, size_t len, const char
         bool is_idle = name_is(name, name_len, "pdserve_gpu_idle_power_watts");
         if (pass == 0 ? !is_energy && !is_measured : !is_idle) continue;
         const char *labels = q;
-        if (q < le && *q == '{') {
-            bool inq = false;
-            while (q < le && (inq || *q != '}')) {
-                if (*q == '\\' && inq) q++;
-                else if (*q == '"') inq = !inq;
-                q++;
-            }
-            if (q >= le) continue;
-            q++;
-        }
+        q = util_prom_skip_labels(q, le);
+        if (!q) continue;
         size_t key_len = (size_t)(q - name);
         char *vend;
         char num[64];

@@ -196,16 +196,8 @@ static int agg_text(power_agg *a, const char *text) {
         size_t nn = (size_t)(q - name);
         if (nn < 9 || memcmp(name, "pdserve_", 8) != 0) continue;
         const char *lb = q;
-        if (q < le && *q == '{') {
-            bool inq = false;
-            while (q < le && (inq || *q != '}')) {
-                if (*q == '\\' && inq) q++;
-                else if (*q == '"') inq = !inq;
-                q++;
-            }
-            if (q >= le) continue;
-            q++;
-        }
+        q = util_prom_skip_labels(q, le);
+        if (!q) continue;
         size_t ln = (size_t)(q - lb);
         char num[64];
         while (q < le && (*q == ' ' || *q == '\t')) q++;

@@ -354,3 +354,14 @@ bool utf8_valid(const char *s, size_t n) {
     }
     return true;
 }
+
+const char *util_prom_skip_labels(const char *q, const char *le) {
+    if (q >= le || *q != '{') return q;
+    bool inq = false;
+    while (q < le && (inq || *q != '}')) {
+        if (*q == '\\' && inq) q++;
+        else if (*q == '"') inq = !inq;
+        q++;
+    }
+    return q < le ? q + 1 : NULL;
+}

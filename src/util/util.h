@@ -86,4 +86,10 @@ bool utf8_valid(const char *s, size_t n);
 #define PD_MAX(a, b) ((a) > (b) ? (a) : (b))
 #define PD_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 
+/* Prometheus text: q points at a metric's label set "{...}" (or anything else) in a
+ * line ending at le; returns the first character after the set (a quoted '}' or '\"'
+ * does not end it), q itself when there is no set, or NULL when the set is not closed
+ * before le. */
+const char *util_prom_skip_labels(const char *q, const char *le);
+
 #endif
