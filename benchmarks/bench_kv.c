@@ -55,15 +55,7 @@ static model_config bench_config(void) {
 
 
 static kv_config medium_config(const opts *o, kv_medium m, kv_role role, size_t bytes) {
-    kv_config c;
-    kv_config_default(&c);
-    c.medium = m;
-    c.role = role;
-    c.mode = o->mode;
-    snprintf(c.name, sizeof c.name, "bench%d", (int)getppid());
-    snprintf(c.dir, sizeof c.dir, "%.100s/pdkv-bench-%d", o->dir, (int)getppid());
-    c.capacity_bytes = bytes + bytes / 4 + ((size_t)64 << 20);
-    c.create_store = role == KV_ROLE_DECODE;
+    kv_config c = bench_medium_config("bench", o->dir, o->mode, m, role, bytes);
     c.disk_force_pread = o->pread;
     return c;
 }

@@ -81,16 +81,7 @@ static kv_cache *cache_open(backend *be, int nb) {
 }
 
 static kv_config medium_config(const opts *o, kv_medium m, kv_role role, size_t bytes) {
-    kv_config c;
-    kv_config_default(&c);
-    c.medium = m;
-    c.role = role;
-    c.mode = o->mode;
-    snprintf(c.name, sizeof c.name, "benchc%d", (int)getppid());
-    snprintf(c.dir, sizeof c.dir, "%s/pdkv-benchc-%d", o->dir, (int)getppid());
-    c.capacity_bytes = bytes + bytes / 4 + ((size_t)64 << 20);
-    c.create_store = role == KV_ROLE_DECODE;
-    return c;
+    return bench_medium_config("benchc", o->dir, o->mode, m, role, bytes);
 }
 
 /* What the decode process tells the prefill process before and after a transfer. */

@@ -1,6 +1,7 @@
-/* kv_ceilings.h: what bench_kv.c and bench_kv_cuda.c measure a KV medium against, in
- * the same run: the disk's O_DIRECT sequential write and read, and raw loopback TCP
- * between two processes; and the full-length pipe reads and writes they talk over. */
+/* kv_ceilings.h: what bench_kv.c and bench_kv_cuda.c share: the connector
+ * configuration of one side of a benchmark transfer, what they measure a KV medium
+ * against in the same run (the disk's O_DIRECT sequential write and read, raw loopback
+ * TCP between two processes), and the full-length pipe reads and writes they talk over. */
 #ifndef PD_BENCH_KV_CEILINGS_H
 #define PD_BENCH_KV_CEILINGS_H
 
@@ -16,6 +17,23 @@
 
 #include "kv/kv.h"
 #include "util/util.h"
+
+/* One side of a benchmark transfer over m: segment and store names carry `tag` and the
+ * benchmark's pid (the children's parent), stores sized for `bytes` with room to spare
+ * and created by the decode side. */
+static inline kv_config bench_medium_config(const char *tag, const char *dir, kv_transfer_mode mode, kv_medium m,
+                                            kv_role role, size_t bytes) {
+    kv_config c;
+    kv_config_default(&c);
+    c.medium = m;
+    c.role = role;
+    c.mode = mode;
+    snprintf(c.name, sizeof c.name, "%s%d", tag, (int)getppid());
+    snprintf(c.dir, sizeof c.dir, "%.100s/pdkv-%s-%d", dir, tag, (int)getppid());
+    c.capacity_bytes = bytes + bytes / 4 + ((size_t)64 << 20);
+    c.create_store = role == KV_ROLE_DECODE;
+    return c;
+}
 
 /* n bytes from / to fd, whole; 0, or -1 at an error or the end of the stream. */
 static inline int rd(int fd, void *b, size_t n) {
