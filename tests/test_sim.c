@@ -229,6 +229,97 @@ static void test_disaggregated_transfer(void) {
     sim_profile_free(&p);
 }
 
+/* The router's deadline (kv-transfer-timeout): requests queued behind a slow link fail
+ * at arrival + deadline (prefill dropped if not run, transfer left to finish), the
+ * others complete, and no instance keeps a sequence or a reservation. */
+static void test_deadline(void) {
+    sim_profile p;
+    const_profile(&p, 0.1, 0.02);
+    sim_medium m = {.latency_s = 0, .bandwidth = 1e6}; /* 100 tokens x 1000 B: 0.1 s per transfer */
+    snprintf(m.name, sizeof m.name, "test");
+    sim_config c = colocated(0, 4096);
+    c.n_colocated = 0;
+    c.n_prefill = c.n_decode = 1;
+    c.medium = &m;
+    c.sched.max_num_batched_tokens = 100; /* one prompt per prefill step: 0.1 s each */
+    enum { N = 10 };
+    sim_request r[N];
+    for (int i = 0; i < N; i++) r[i] = (sim_request){.n_prompt = 100, .max_tokens = 4, .arrival = 0};
+    bench_config bc;
+    bench_config_default(&bc);
+    bench_result *res;
+    sim_stats st;
+    char err[256];
+    /* no deadline: request i's KV arrives at 0.1 (i + 1) + 0.1 */
+    REQUIRE(sim_run(&c, &p, r, N, &bc, &res, &st, err, sizeof err) == 0);
+    for (int i = 0; i < N; i++) CHECK(res->recs[i].success);
+    CHECKF(near(res->recs[N - 1].ttft_s, 1.1, 1e-9), "ttft %.6f", res->recs[N - 1].ttft_s);
+    CHECK(st.timed_out == 0);
+    bench_result_free(res);
+    /* a 0.55 s deadline: requests 0-3 arrive by 0.5, 4 is in transfer at 0.55 (prefilled
+     * 0.4-0.5, link 0.5-0.6), 5 is in P's step (0.5-0.6), 6-9 are queued */
+    c.kv_timeout_s = 0.55;
+    REQUIRE(sim_run(&c, &p, r, N, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(st.timed_out == N - 4, "timed out %d", st.timed_out);
+    for (int i = 0; i < N; i++) {
+        CHECKF(res->recs[i].success == (i < 4), "request %d success %d", i, res->recs[i].success);
+        if (i >= 4) {
+            CHECK(near(res->recs[i].e2el_s, 0.55, 1e-9));
+            CHECK_STR_CONTAINS(res->recs[i].error, "504");
+        }
+    }
+    CHECK(res->sum.completed == 4 && res->sum.failed == N - 4);
+    /* P ran 6 prefill steps (0-5), not 10: the queued ones were dropped */
+    CHECKF(near(st.busy_prefill_s, 0.6, 1e-9), "prefill busy %.6f", st.busy_prefill_s);
+    bench_result_free(res);
+    sim_profile_free(&p);
+}
+
+/* On an engine with graph buckets a decode-only step of B sequences costs the padded
+ * bucket's time (5 -> 8); a CPU profile interpolates. */
+static void test_decode_buckets(void) {
+    sim_profile p;
+    sim_profile_init(&p);
+    static const double xb[] = {1, 2, 4, 8}, yc[] = {0, 1000};
+    sim_grid_init(&p.decode, 4, xb, 2, yc);
+    static const double xp[] = {1, 4096}, yp[] = {0, 4096};
+    sim_grid_init(&p.prefill, 2, xp, 2, yp);
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 2; j++) p.decode.v[i * 2 + j] = 0.001 * xb[i] + 1e-6 * yc[j];
+    for (int i = 0; i < 4; i++) p.prefill.v[i] = 0.1;
+    sim_cost c;
+    sim_step_cost out;
+    sim_work w;
+    for (int pass = 0; pass < 2; pass++) {
+        p.decode_buckets = pass == 1;
+        sim_cost_init(&c, &p, 0);
+        sim_work_begin(&w, &p);
+        for (int i = 0; i < 5; i++) sim_work_add_decode(&w, 500);
+        sim_cost_step(&c, &w, &out);
+        double want = pass ? 0.008 + 5e-4 : 0.005 + 5e-4;
+        CHECKF(near(out.decode_s, want, 1e-9), "pass %d decode %.6f want %.6f", pass, out.decode_s, want);
+    }
+    /* a mixed step runs op by op: not padded */
+    sim_work_add_chunk(&w, 16, 0);
+    sim_cost_step(&c, &w, &out);
+    CHECKF(out.decode_s < 0.0075, "mixed decode share %.6f", out.decode_s);
+    /* the file says so, and an older cuda profile without the field implies it */
+    char *s = sim_profile_to_json(&p); /* backend "": only the field can say it */
+    sim_profile q;
+    char err[256];
+    REQUIRE(sim_profile_parse(s, strlen(s), "rt", &q, err, sizeof err) == 0);
+    CHECK(q.decode_buckets);
+    sim_profile_free(&q);
+    free(s);
+    const char *old = "{\"format\": \"pdserve-profile/1\", \"backend\": \"cuda\", \"prefill\": {\"tokens\": [1, 2],"
+                      " \"context\": [0], \"seconds\": [[1], [2]]}, \"decode\": {\"batch\": [1, 2], \"context\": [0],"
+                      " \"seconds\": [[1], [2]]}}";
+    REQUIRE(sim_profile_parse(old, strlen(old), "old", &q, err, sizeof err) == 0);
+    CHECK(q.decode_buckets);
+    sim_profile_free(&q);
+    sim_profile_free(&p);
+}
+
 static sim_request *poisson_requests(int n, double rate, uint64_t seed, bench_dataset *d) {
     bench_dataset_opts o;
     bench_dataset_opts_default(&o);
@@ -595,6 +686,8 @@ int main(void) {
     TEST_RUN(test_profile_mediums);
     TEST_RUN(test_trivial_timestamps);
     TEST_RUN(test_disaggregated_transfer);
+    TEST_RUN(test_deadline);
+    TEST_RUN(test_decode_buckets);
     TEST_RUN(test_determinism);
     TEST_RUN(test_preemption_is_the_engines);
     TEST_RUN(test_plan_and_setups);

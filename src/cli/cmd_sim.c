@@ -294,7 +294,8 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
     sim_config cfg = {.n_colocated = su->n_colocated, .n_prefill = su->n_prefill, .n_decode = su->n_decode,
                       .router = su->has_router ? su->router : pl->router, .prefill_mhz = clk[0], .decode_mhz = clk[1],
                       .record_tokens = pl->record_tokens, .layerwise = su->layerwise,
-                      .prefix_caching = pl->enable_prefix_caching};
+                      .prefix_caching = pl->enable_prefix_caching,
+                      .kv_timeout_s = su->kv_timeout_s > 0 ? su->kv_timeout_s : pl->kv_timeout_s};
     if (su->n_prefill > 0) {
         cfg.medium = sim_medium_find(prof, su->medium, &mstore);
         if (!cfg.medium) {

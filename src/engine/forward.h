@@ -125,6 +125,10 @@ void model_forward_greedy(fwd_ctx *f, kv_cache *kv, const fwd_batch *batch, int3
  * run op by op. fwd_ctx_use_graphs(f, false) frees f's graphs and runs every step op
  * by op (A/B runs, tests); true (the default) allows them again. */
 void fwd_ctx_use_graphs(fwd_ctx *f, bool on);
+/* The rows a graphed decode step of B sequences runs as (its bucket): 1, 2, 4, 8, then
+ * the next multiple of 8 (vLLM's capture sizes: padding costs at most 7 rows); a
+ * forward context further caps it at its logits chunk. */
+int fwd_decode_bucket_rows(int B);
 /* Graphs captured and replays run (the capturing step's included) since f was made. */
 void fwd_ctx_graph_counts(const fwd_ctx *f, long *captured, long *replayed);
 /* The step, then one token per logits row drawn on the device (backend op

@@ -194,6 +194,15 @@ static int apply_flag(const study_kv *kv, sim_plan *p, sim_plan_setup *su, const
         }
         if (su) su->kv_cache_bytes = (double)b;
         else p->kv_cache_bytes = (double)b;
+    } else if (!strcmp(k, "kv-transfer-timeout")) {
+        double x = v ? atof(v) : 0;
+        if (!(x > 0)) {
+            pd_errorf(err, errlen, "%s: kv-transfer-timeout must be a positive number of seconds, got '%s'", name,
+                      v ? v : "");
+            return -1;
+        }
+        if (su) su->kv_timeout_s = x;
+        else p->kv_timeout_s = x;
     } else if (!strcmp(k, "kv-transfer-mode") && su) {
         su->layerwise = v && !strcmp(v, "layerwise");
     } else if (!strcmp(k, "medium") && su && v && su->n_prefill > 0) {
@@ -236,6 +245,7 @@ static int from_study(const char *text, size_t len, const char *name, sim_plan *
     p->max_num_batched_tokens = 2048;
     p->block_size = 16;
     p->enable_chunked_prefill = true;
+    p->kv_timeout_s = 30; /* serve's --kv-transfer-timeout default */
     for (int i = 0; i < sp.n_serve_args; i++)
         if (apply_flag(&sp.serve_args[i], p, NULL, name, err, errlen)) goto out;
     p->n_setups = sp.n_setups;
@@ -313,6 +323,11 @@ int sim_plan_parse(const char *text, size_t len, const char *name, sim_plan *p, 
     }
     const cJSON *rt = cJSON_GetObjectItemCaseSensitive(o, "record_tokens");
     p->record_tokens = rt ? cJSON_IsTrue(rt) : true;
+    p->kv_timeout_s = num(o, "kv_transfer_timeout_s", 0);
+    if (p->kv_timeout_s < 0) {
+        pd_errorf(err, errlen, "%s: kv_transfer_timeout_s must be >= 0 (0: no deadline)", name);
+        goto out;
+    }
     const cJSON *su = cJSON_GetObjectItemCaseSensitive(o, "setups"), *lo = cJSON_GetObjectItemCaseSensitive(o, "loads");
     if (!cJSON_IsArray(su) || cJSON_GetArraySize(su) < 1 || !cJSON_IsArray(lo) || cJSON_GetArraySize(lo) < 1) {
         pd_errorf(err, errlen, "%s: needs non-empty \"setups\" and \"loads\" arrays", name);

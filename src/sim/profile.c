@@ -271,6 +271,7 @@ char *sim_profile_to_json(const sim_profile *p) {
     cJSON *e = cJSON_AddObjectToObject(o, "engine");
     cJSON_AddNumberToObject(e, "sample_s_per_row", p->sample_s_per_row);
     cJSON_AddNumberToObject(e, "step_overhead_s", p->step_overhead_s);
+    cJSON_AddBoolToObject(e, "decode_buckets", p->decode_buckets);
     cJSON *ms = cJSON_AddArrayToObject(o, "mediums");
     for (int i = 0; i < p->n_mediums; i++) {
         const sim_medium *m = &p->mediums[i];
@@ -531,6 +532,8 @@ int sim_profile_parse(const char *text, size_t len, const char *name, sim_profil
     const cJSON *e = cJSON_GetObjectItemCaseSensitive(o, "engine");
     p->sample_s_per_row = get_num(e, "sample_s_per_row", 0);
     p->step_overhead_s = get_num(e, "step_overhead_s", 0);
+    const cJSON *db = e ? cJSON_GetObjectItemCaseSensitive(e, "decode_buckets") : NULL;
+    p->decode_buckets = db ? cJSON_IsTrue(db) : strcmp(p->backend, "cuda") == 0;
     if (read_mediums(o, p, name, err, errlen)) goto out;
     get_str(o, "mediums_note", p->mediums_note, sizeof p->mediums_note);
     const cJSON *pw = cJSON_GetObjectItemCaseSensitive(o, "power");

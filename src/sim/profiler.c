@@ -628,6 +628,9 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
     free(P.seqs);
     free(P.logits);
     free(P.blocks);
+    long captured = 0, replayed = 0;
+    fwd_ctx_graph_counts(P.f, &captured, &replayed);
+    out->decode_buckets = captured > 0; /* the decode points ran as graphs, padded to buckets */
     fwd_ctx_free(P.f);
     kv_cache_free(m->be, P.kv);
     return rc;

@@ -32,7 +32,12 @@ typedef struct sreq {
     double *token_times;    /* [max_tokens] when recording, else [2]: first, last (owned until the result) */
     int n_out;
     int p_inst, d_inst;     /* instance indices (colocated: p_inst) */
+    sched_seq *pq;          /* xPyD: its sequence on the prefill instance while there */
+    int stage;              /* xPyD: STAGE_* */
+    bool failed;            /* the deadline passed before its KV arrived (finished: when) */
 } sreq;
+
+enum { STAGE_PREFILL = 0, STAGE_TRANSFER = 1, STAGE_DECODE = 2 };
 
 typedef struct inst {
     inst_role role;
@@ -47,7 +52,7 @@ typedef struct inst {
                                decode over a store: when its next get may start */
 } inst;
 
-enum { EV_STEP_END = 0, EV_KV_ARRIVE = 1 };
+enum { EV_STEP_END = 0, EV_KV_ARRIVE = 1, EV_DEADLINE = 2 };
 
 typedef struct sim_event {
     double t;
@@ -226,6 +231,7 @@ static int admit(sim_state *s, int i, sreq *r, int n_prompt, int max_tokens, dou
         return -1;
     }
     in->load++;
+    if (in->role == ROLE_PREFILL) r->pq = q;
     kick(s, i, now);
     return 0;
 }
@@ -238,7 +244,10 @@ static int on_arrival(sim_state *s, sreq *r) {
     }
     r->p_inst = route(s, 0, s->n_route_p, &s->rr_p, r);
     r->d_inst = route(s, s->first_decode, s->n_route_d, &s->rr_d, NULL);
-    if (r->max_tokens > 1) s->insts[r->d_inst].load++; /* reserved at the router, as DESIGN.md says */
+    if (r->max_tokens > 1) {
+        s->insts[r->d_inst].load++; /* reserved at the router, as DESIGN.md says */
+        if (c->kv_timeout_s > 0) heap_push(&s->heap, r->arrival + c->kv_timeout_s, EV_DEADLINE, (int)(r - s->reqs));
+    }
     return admit(s, r->p_inst, r, r->n_prompt, 1, r->arrival);
 }
 
@@ -289,20 +298,61 @@ static void start_transfer(sim_state *s, inst *in, sreq *r, double t) {
     heap_push(&s->heap, arrive, EV_KV_ARRIVE, (int)(r - s->reqs));
 }
 
+/* Drops r's sequence from its prefill instance (the router gave up on it). */
+static void drop_prefill(sim_state *s, sreq *r) {
+    inst *p = &s->insts[r->p_inst];
+    sched_abort(&p->sc, r->pq);
+    p->load--;
+    r->pq = NULL;
+}
+
+static bool in_flight(const inst *in, const sched_seq *q) {
+    for (int k = 0; in->busy && k < in->plan.n_items; k++)
+        if (in->plan.items[k].seq == q) return true;
+    return false;
+}
+
+/* r's deadline passed at t (EV_DEADLINE): unless its KV has arrived, it fails, as the
+ * router answers 504. Still queued or between chunks on P: dropped now; in P's step in
+ * flight: dropped when that step ends; in transfer: the transfer runs on (the link
+ * stays busy) and its arrival only frees the reservation. */
+static void on_deadline(sim_state *s, sreq *r, double t) {
+    if (r->stage == STAGE_DECODE || r->failed) return;
+    r->failed = true;
+    r->finished = t;
+    s->st->timed_out++;
+    if (r->stage == STAGE_PREFILL) {
+        s->insts[r->d_inst].load--; /* the reservation */
+        if (!in_flight(&s->insts[r->p_inst], r->pq)) {
+            drop_prefill(s, r);
+            kick(s, r->p_inst, t);
+        }
+    }
+}
+
 static void on_step_end(sim_state *s, int i, double t) {
     inst *in = &s->insts[i];
     sched_plan *pl = &in->plan;
     sched_on_tokens(&in->sc, pl, s->zeros);
     for (int k = 0; k < pl->n_items; k++) {
         const sched_item *it = &pl->items[k];
+        sreq *r = it->seq->user;
+        if (in->role == ROLE_PREFILL && r->failed) { /* timed out during this step */
+            if (r->pq) drop_prefill(s, r);
+            continue;
+        }
         if (!it->logits) continue;
         sched_seq *q = it->seq;
-        sreq *r = q->user;
         if (in->role == ROLE_PREFILL) {
             sched_finish(&in->sc, q);
             in->load--;
-            if (r->max_tokens == 1) emit_token(s, r, t);
-            else start_transfer(s, in, r, t);
+            r->pq = NULL;
+            if (r->max_tokens == 1) {
+                emit_token(s, r, t);
+            } else {
+                r->stage = STAGE_TRANSFER;
+                start_transfer(s, in, r, t);
+            }
             continue;
         }
         emit_token(s, r, t);
@@ -318,6 +368,11 @@ static void on_step_end(sim_state *s, int i, double t) {
 /* The KV of r reached its decode instance at t: the first token goes out, and D admits
  * the request with prompt + first token, its KV (but the last row's) already there. */
 static int on_kv_arrive(sim_state *s, sreq *r, double t) {
+    if (r->failed) { /* too late: the router has answered 504 and freed the reservation */
+        s->insts[r->d_inst].load--;
+        return 0;
+    }
+    r->stage = STAGE_DECODE;
     emit_token(s, r, t);
     s->insts[r->d_inst].load--; /* admit counts it again */
     return admit(s, r->d_inst, r, r->n_prompt + 1, r->max_tokens - 1, t);
@@ -350,6 +405,18 @@ static bench_result *make_result(sim_state *s, const bench_config *bc, double ma
     for (int i = 0; i < s->n_reqs; i++) {
         sreq *r = &s->reqs[i];
         bench_record *b = &res->recs[i];
+        if (r->failed) {
+            b->success = false;
+            b->error = xstrdup("simulated HTTP 504: the prefill and its KV transfer did not finish within the "
+                               "kv-transfer-timeout deadline");
+            b->prompt_len = r->n_prompt;
+            b->expected_output_len = r->max_tokens;
+            b->start_s = r->arrival;
+            b->e2el_s = r->finished - r->arrival;
+            free(r->token_times);
+            r->token_times = NULL;
+            continue;
+        }
         b->success = true;
         b->prompt_len = r->n_prompt;
         b->output_len = r->n_out;
@@ -459,6 +526,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
             sim_event e = heap_pop(&s.heap);
             now = e.t;
             if (e.kind == EV_STEP_END) on_step_end(&s, e.id, e.t);
+            else if (e.kind == EV_DEADLINE) on_deadline(&s, &s.reqs[e.id], e.t);
             else rc = on_kv_arrive(&s, &s.reqs[e.id], e.t);
         }
         st->events++;
@@ -466,7 +534,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
 
     double makespan = 0;
     for (int i = 0; rc == 0 && i < n; i++) {
-        PD_ASSERT(s.reqs[i].n_out == s.reqs[i].max_tokens);
+        PD_ASSERT(s.reqs[i].failed || s.reqs[i].n_out == s.reqs[i].max_tokens);
         makespan = PD_MAX(makespan, s.reqs[i].finished);
     }
     (void)now;

@@ -91,6 +91,11 @@ typedef struct sim_profile {
     double mixed_overhead_s;    /* without a linear curve: fixed cost counted once in a mixed step */
     double sample_s_per_row;    /* engine: sampling one logits row on the host */
     double step_overhead_s;     /* engine: planning and bookkeeping per step */
+    bool decode_buckets;        /* engine: decode-only steps run padded to their graph
+                                   bucket (fwd_decode_bucket_rows): priced at the padded
+                                   batch. Written by profiles of a backend whose decode
+                                   steps were graphed; absent in older files, where a
+                                   "cuda" backend implies it (graphs are on by default) */
     sim_medium mediums[SIM_MAX_MEDIUMS];
     int n_mediums;
     char mediums_note[256];
@@ -252,6 +257,10 @@ typedef struct sim_config {
                                    transfer with that step; else the whole KV after the step */
     bool prefix_caching;        /* prefill / colocated instances run the engine's prefix cache
                                    over the requests' prompt ids (they must carry them) */
+    double kv_timeout_s;        /* xPyD: the router's deadline (`--kv-transfer-timeout`): a
+                                   request whose prefill and KV transfer are not done this long
+                                   after its arrival fails there (HTTP 504 in pdserve), its
+                                   prefill dropped if it has not run; 0: none */
 } sim_config;
 
 /* One request: lengths and arrival (prompt ids are used by the replay only). */
@@ -263,6 +272,7 @@ typedef struct sim_request {
 
 typedef struct sim_stats {
     uint64_t steps, preemptions, events;
+    int timed_out;                          /* requests failed by the xPyD deadline */
     double makespan_s;
     double busy_prefill_s, busy_decode_s;   /* instance-seconds busy by role (colocated: prefill) */
     double energy_j;                        /* all instances, static included; -1 not modelled */
@@ -299,6 +309,7 @@ typedef struct sim_plan_setup {
     bool has_router;            /* router: this setup's policy (a study plan's "policy") */
     sim_router router;
     double kv_cache_bytes;      /* per instance; 0: the plan's (a study plan's kv-cache-memory) */
+    double kv_timeout_s;        /* the setup's kv-transfer-timeout; 0: the plan's */
 } sim_plan_setup;
 
 typedef struct sim_load {
@@ -325,6 +336,9 @@ typedef struct sim_plan {
     bool enable_chunked_prefill;
     bool enable_prefix_caching; /* every prefill / colocated instance caches prompt blocks */
     bool record_tokens;
+    double kv_timeout_s;        /* xPyD deadline, s: a study plan's kv-transfer-timeout, else
+                                   pdserve's default 30; a sim plan's "kv_transfer_timeout_s"
+                                   (default 0: none) */
     bool from_study;            /* parsed from a study plan (`pdserve sweep` format) */
     char *json;                 /* the text, owned */
 } sim_plan;
