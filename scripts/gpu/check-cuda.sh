@@ -15,30 +15,12 @@ out=${OUT:-build-gpu/out}
 mkdir -p "$out"
 jobs=$(nproc 2>/dev/null || echo 4)
 
+. scripts/gpu/cuda-env.sh   # CUDA's root, gpu_header, gpu_build
 {
-  echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown) (plus working tree)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,power.draw,temperature.gpu \
-    --format=csv 2>&1 || echo "nvidia-smi: not available"
+  gpu_header
 } | tee "$out/env.txt"
 
-# CUDA's root: /usr/local/cuda where it exists (CMakeLists.txt looks there), else the
-# versioned folder the GPU machine has, handed to CMake explicitly.
-. scripts/gpu/cuda-env.sh   # the scripts run from the repository root
-gen=()
-if command -v ninja >/dev/null 2>&1; then gen=(-G Ninja); fi
-[ -f build-gpu/CMakeCache.txt ] && gen=()
-
-t0=$(date +%s)
-if ! { cmake -S . -B build-gpu "${gen[@]}" -DPDSERVE_PREFIX=.deps/prefix -DPDSERVE_CUDA=ON \
-         -DCMAKE_BUILD_TYPE=RelWithDebInfo "${cuda_args[@]}" &&
-       cmake --build build-gpu -j"$jobs" --target test_backend_cuda bench_kernels_cuda; } \
-     >"$out/build.log" 2>&1; then
-  tail -n 60 "$out/build.log"
-  echo "check-cuda: build failed (full log: build.log)"
-  exit 2
-fi
-echo "build: $(( $(date +%s) - t0 )) s"
+gpu_build "$out/build.log" test_backend_cuda bench_kernels_cuda || exit 2
 
 export PDSERVE_SOURCE=$PWD PDSERVE_BUILD=$PWD/build-gpu
 t0=$(date +%s)

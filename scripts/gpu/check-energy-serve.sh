@@ -27,25 +27,13 @@ DURATION=${DURATION:-60}
 T_START=$(date +%s)
 el() { echo $(( $(date +%s) - T_START )); }
 
+. scripts/gpu/cuda-env.sh   # CUDA's root, gpu_header, gpu_build
 {
-  echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown) (plus working tree)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,power.draw,power.limit,temperature.gpu \
-    --format=csv 2>&1 || echo "nvidia-smi: not available"
+  gpu_header power.limit
 } | tee "$out/env.txt"
 command -v nvidia-smi >/dev/null 2>&1 || { echo "check-energy-serve: no GPU here"; exit 77; }
 
-. scripts/gpu/cuda-env.sh   # the scripts run from the repository root
-gen=()
-if command -v ninja >/dev/null 2>&1; then gen=(-G Ninja); fi
-[ -f build-gpu/CMakeCache.txt ] && gen=()
-if ! { cmake -S . -B build-gpu "${gen[@]}" -DPDSERVE_PREFIX=.deps/prefix -DPDSERVE_CUDA=ON \
-         -DCMAKE_BUILD_TYPE=RelWithDebInfo "${cuda_args[@]}" &&
-       cmake --build build-gpu -j"$jobs" --target pdserve; } >"$out/build.log" 2>&1; then
-  tail -n 40 "$out/build.log"
-  echo "check-energy-serve: build failed (full log: build.log)"
-  exit 2
-fi
+gpu_build "$out/build.log" pdserve || exit 2
 echo "build: done at $(el) s"
 BIN=build-gpu/pdserve
 TOK=tests/.cache/tokenizers/llama3

@@ -25,28 +25,12 @@ mkdir -p "$out"
 jobs=$(nproc 2>/dev/null || echo 4)
 export PYTHONUNBUFFERED=1
 
+. scripts/gpu/cuda-env.sh   # CUDA's root, gpu_header, gpu_build
 {
-  echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown) (plus working tree)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.mem,power.draw,temperature.gpu \
-    --format=csv 2>&1 || echo "nvidia-smi: not available"
+  gpu_header
 } | tee "$out/env.txt"
 
-. scripts/gpu/cuda-env.sh   # CUDA's root, as check-cuda.sh finds it
-gen=()
-if command -v ninja >/dev/null 2>&1; then gen=(-G Ninja); fi
-[ -f build-gpu/CMakeCache.txt ] && gen=()
-
-t0=$(date +%s)
-if ! { cmake -S . -B build-gpu "${gen[@]}" -DPDSERVE_PREFIX=.deps/prefix -DPDSERVE_CUDA=ON \
-         -DCMAKE_BUILD_TYPE=RelWithDebInfo "${cuda_args[@]}" &&
-       cmake --build build-gpu -j"$jobs" --target pdserve test_backend_cuda test_forward_cuda \
-         bench_model_cuda test_engine test_prefix_cache; } >"$out/build.log" 2>&1; then
-  tail -n 60 "$out/build.log"
-  echo "check-graphs: build failed (full log: build.log)"
-  exit 2
-fi
-echo "build: $(( $(date +%s) - t0 )) s"
+gpu_build "$out/build.log" pdserve test_backend_cuda test_forward_cuda bench_model_cuda test_engine test_prefix_cache || exit 2
 export PDSERVE_SOURCE=$PWD PDSERVE_BUILD=$PWD/build-gpu
 status=0
 summary=()

@@ -20,29 +20,16 @@ out=${OUT:-build-gpu/out}
 mkdir -p "$out"
 jobs=$(nproc 2>/dev/null || echo 4)
 
+. scripts/gpu/cuda-env.sh   # CUDA's root, gpu_header, gpu_build
 {
-  echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-  nvidia-smi --query-gpu=index,name,driver_version,memory.total,memory.used,clocks.sm,clocks.mem,power.draw \
-    --format=csv 2>&1 || echo "nvidia-smi: not available"
+  gpu_header
   nvidia-smi topo -m 2>&1 | head -n 6
 } | tee "$out/env.txt"
 
-. scripts/gpu/cuda-env.sh   # CUDA's root, as check-cuda.sh finds it
-gen=()
-if command -v ninja >/dev/null 2>&1; then gen=(-G Ninja); fi
-[ -f build-gpu/CMakeCache.txt ] && gen=()
-
 B=${BUILD:-build-gpu}
-t0=$(date +%s)
-if [ "${SKIP_BUILD:-0}" != 1 ] && ! { cmake -S . -B build-gpu "${gen[@]}" -DPDSERVE_PREFIX=.deps/prefix -DPDSERVE_CUDA=ON \
-         -DCMAKE_BUILD_TYPE=RelWithDebInfo "${cuda_args[@]}" &&
-       timeout "${BUILD_TIMEOUT:-300}" cmake --build build-gpu -j"$jobs" --target pdserve test_kv_cuda \
-         bench_kv_cuda; } >"$out/build.log" 2>&1; then
-  tail -n 60 "$out/build.log"
-  echo "check-kv: build failed (full log: build.log)"
-  exit 2
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  gpu_build "$out/build.log" pdserve test_kv_cuda bench_kv_cuda || exit 2
 fi
-echo "build: $(( $(date +%s) - t0 )) s"
 export PDSERVE_SOURCE=$PWD PDSERVE_BUILD=$PWD/$B
 status=0
 

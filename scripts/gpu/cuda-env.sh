@@ -14,3 +14,32 @@ if [ ! -x /usr/local/cuda/bin/nvcc ]; then
   done
 fi
 export PATH=${CUDA_HOME:-/usr/local/cuda}/bin:$PATH
+
+# gpu_header [FIELDS]: the run's date, the source digest (scripts/source-digest.sh) and
+# nvidia-smi's view of each GPU (FIELDS: extra --query-gpu fields), on stdout.
+gpu_header() {
+  echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+  echo "source digest: $(scripts/source-digest.sh 2>/dev/null || echo unknown) (scripts/source-digest.sh on a checkout names the commit)"
+  nvidia-smi --query-gpu=index,name,driver_version,memory.total,memory.used,clocks.sm,clocks.mem,power.draw,temperature.gpu${1:+,$1} \
+    --format=csv 2>&1 || echo "nvidia-smi: not available"
+}
+
+# gpu_build LOG TARGET...: configures build-gpu (CUDA on, the gathered Debian prefix,
+# RelWithDebInfo) and builds TARGETs into it, all output to LOG; on failure prints LOG's
+# tail and returns non-zero. BUILD_TIMEOUT (s, default 300) bounds the build.
+gpu_build() {
+  local log=$1; shift
+  local gen=()
+  command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
+  [ -f build-gpu/CMakeCache.txt ] && gen=()
+  local t0=$(date +%s)
+  if ! { cmake -S . -B build-gpu "${gen[@]}" -DPDSERVE_PREFIX=.deps/prefix -DPDSERVE_CUDA=ON \
+           -DCMAKE_BUILD_TYPE=RelWithDebInfo "${cuda_args[@]}" &&
+         timeout "${BUILD_TIMEOUT:-300}" cmake --build build-gpu -j"$(nproc 2>/dev/null || echo 4)" --target "$@"; } \
+       >"$log" 2>&1; then
+    tail -n 60 "$log"
+    echo "build failed (full log: $log)"
+    return 2
+  fi
+  echo "build: $(( $(date +%s) - t0 )) s ($*)"
+}

@@ -37,28 +37,16 @@ el() { echo $(( $(date +%s) - T0 )); }
 log="$out/log.txt"
 exec > >(tee -a "$log") 2>&1
 
+. scripts/gpu/cuda-env.sh   # CUDA's root, gpu_header, gpu_build
 {
-  echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown) (plus working tree)"
+  gpu_header clocks.max.sm,power.limit
   echo "plan: $PLAN  model: $MODEL"
-  nvidia-smi --query-gpu=index,name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu \
-    --format=csv 2>&1 || echo "nvidia-smi: not available"
   nvidia-smi topo -m 2>&1 | head -n 8
 } | tee "$out/env.txt"
 command -v nvidia-smi >/dev/null 2>&1 || { echo "study: no GPU here"; exit 77; }
 
-. scripts/gpu/cuda-env.sh   # the scripts run from the repository root
-gen=()
-if command -v ninja >/dev/null 2>&1; then gen=(-G Ninja); fi
-[ -f build-gpu/CMakeCache.txt ] && gen=()
-if ! { cmake -S . -B build-gpu "${gen[@]}" -DPDSERVE_PREFIX=.deps/prefix -DPDSERVE_CUDA=ON \
-         -DCMAKE_BUILD_TYPE=RelWithDebInfo "${cuda_args[@]}" &&
-       cmake --build build-gpu -j"$jobs" --target pdserve; } >"$out/build.log" 2>&1; then
-  tail -n 40 "$out/build.log"
-  echo "study: build failed"
-  exit 2
-fi
-rm -f "$out/build.log"
+gpu_build "$out/build.log" pdserve || exit 2
+rm -f "$out/build.log" # $OUT brings back at most 8 files
 echo "build: done at $(el) s"
 BIN=build-gpu/pdserve
 
