@@ -18,7 +18,8 @@
 # SKIP_PROFILE=1, SKIP_SWEEP=1, SKIP_SIM=1, SWEEP_TIMEOUT (s, 420), MEDIA (gpu,cpu,disk),
 # RESUME_DIR (a folder with a study.db and profile.json of an earlier call: the sweep
 # resumes that database, points already done are skipped, and the profile is reused),
-# LAYERWISE_CHECK=1 (first: dis-gpu on GPUs 0 and 1 with --kv-transfer-mode layerwise
+# LAYERWISE_TTFT=1 (first: one long prompt at a time, TTFT colocated against dis-gpu and
+# dis-cpu layer-wise and whole, LW_MEDIA, LW_TTFT_TOKENS), LAYERWISE_CHECK=1 (first: dis-gpu on GPUs 0 and 1 with --kv-transfer-mode layerwise
 # and whole, 8 requests of 4,096 tokens each through the router, greedy texts compared).
 # Results under $OUT (or build-gpu/out-study): env.txt, log.txt, profile.json,
 # clocks-sim.json, report.tgz, and results.tgz (study.db, clocks.db and every
@@ -79,6 +80,62 @@ layerwise_run() { # MODE -> greedy texts in $out/lw-MODE.txt
   local rc=$?
   echo "layerwise check ($mode): $(grep -c '"finish_reason":"length"' "$out"/lw-$mode-*.json | grep -c ':1$') of 8 answered; up exit $rc"
 }
+# TTFT of one long prompt at a time (LW_TTFT_TOKENS, default 8000; median of 5 after a
+# warm-up, 2 output tokens so that the KV moves): colocated (the prefill alone) against
+# disaggregated over MEDIUM layer-wise and whole. The share of the transfer that
+# layer-wise streaming hides is (whole - layerwise) / (whole - colocated); the issue's
+# target is TTFT(layerwise) <= 1.1 x TTFT(colocated) on the gpu medium.
+lw_ttft() { # SETUP MODE MEDIUM -> prints "ttft SETUP MODE MEDIUM <median ms>"
+  local setup=$1 mode=$2 medium=$3 log="$out/lw-ttft-$1-$2-$3.log" port="" list=${LW_DEVICES-0,1} devs=()
+  [ "$setup" = co-1gpu ] && list=${list%%,*}
+  [ -n "$list" ] && devs=(--device-list "$list")
+  local extra=()
+  [ "$setup" != co-1gpu ] && extra=(--kv-transfer-mode "$mode")
+  "$BIN" up --setup "$setup" --model "$MODEL" "${devs[@]}" "${extra[@]}" --port 0 -- \
+    --tokenizer "$TOK" --max-model-len "${LW_MAXLEN:-8400}" >"$log" 2>&1 &
+  local up=$!
+  for _ in $(seq 300); do
+    port=$(sed -n 's|.*ready: .* on http://[0-9.]*:\([0-9]*\).*|\1|p' "$log" | head -1)
+    [ -n "$port" ] && break
+    kill -0 $up 2>/dev/null || break
+    sleep 0.2
+  done
+  if [ -z "$port" ]; then echo "ttft $setup $mode $medium: deployment not ready"; kill $up 2>/dev/null; return 1; fi
+  "$BIN" bench --base-url "http://127.0.0.1:$port" --tokenizer "$TOK" --dataset-name random \
+    --random-input-len "${LW_TTFT_TOKENS:-8000}" --random-output-len 2 --ignore-eos --num-prompts 5 \
+    --num-warmups 1 --max-concurrency 1 --disable-tqdm --save-result --result-dir "$out" \
+    --result-filename "lw-ttft-$setup-$mode-$medium.json" >>"$log" 2>&1
+  kill -TERM $up; wait $up
+  local ms
+  ms=$(python3 -c "import json,sys; print(round(json.load(open(sys.argv[1]))['median_ttft_ms'],1))" \
+       "$out/lw-ttft-$setup-$mode-$medium.json" 2>/dev/null || echo "?")
+  echo "ttft $setup $mode $medium $ms"
+}
+if [ -n "${LAYERWISE_TTFT:-}" ]; then
+  {
+    lw_ttft co-1gpu none none
+    for med in ${LW_MEDIA:-gpu cpu}; do
+      lw_ttft "dis-$med" layerwise "$med"; lw_ttft "dis-$med" whole "$med"
+    done
+  } | tee "$out/lw-ttft.txt"
+  python3 - "$out/lw-ttft.txt" <<'PY'
+import sys
+t = {}
+for line in open(sys.argv[1]):
+    f = line.split()
+    if len(f) == 5 and f[0] == "ttft" and f[4] != "?":
+        t[(f[1], f[2])] = float(f[4])
+co = t.get(("co-1gpu", "none"))
+for (setup, mode), v in sorted(t.items()):
+    if setup == "co-1gpu" or mode != "layerwise" or co is None:
+        continue
+    w = t.get((setup, "whole"))
+    hidden = (w - v) / (w - co) if w and w > co else float("nan")
+    print(f"layerwise {setup}: TTFT {v:.1f} ms = {v / co:.3f} x colocated {co:.1f} ms (target <= 1.1);"
+          f" whole {w:.1f} ms; transfer hidden {100 * hidden:.0f}% (target >= 70%)")
+PY
+  echo "layerwise ttft: done at $(el) s"
+fi
 if [ -n "${LAYERWISE_CHECK:-}" ]; then
   layerwise_run layerwise; layerwise_run whole
   if [ -s "$out/lw-layerwise.txt" ] && cmp -s "$out/lw-layerwise.txt" "$out/lw-whole.txt"; then
@@ -90,6 +147,7 @@ if [ -n "${LAYERWISE_CHECK:-}" ]; then
   (cd "$out" && tar -czf layerwise.tgz lw-* && rm -f lw-*)
   echo "layerwise check: done at $(el) s"
 fi
+ls "$out"/lw-* >/dev/null 2>&1 && (cd "$out" && tar -czf layerwise-ttft.tgz lw-* && rm -f lw-*)
 
 if [ -n "${RESUME_DIR:-}" ]; then
   [ -f "$RESUME_DIR/results.tgz" ] && tar -C "$out" -xzf "$RESUME_DIR/results.tgz"
