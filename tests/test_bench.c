@@ -202,6 +202,14 @@ static void test_event_scan(void) {
     const char *c5 = "{\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"total_tokens\":12}}";
     REQUIRE(bench_event_scan(c5, strlen(c5), &ev) == 0);
     CHECK(ev.completion_tokens == 7 && ev.text_len == 0);
+    CHECK_EQ_INT(ev.cached_tokens, -1); /* no prompt_tokens_details */
+    const char *c7 = "{\"choices\":[],\"usage\":{\"prompt_tokens\":512,\"prompt_tokens_details\":"
+                     "{\"audio_tokens\":null,\"cached_tokens\":496},\"completion_tokens\":1}}";
+    REQUIRE(bench_event_scan(c7, strlen(c7), &ev) == 0);
+    CHECK(ev.prompt_tokens == 512 && ev.cached_tokens == 496 && ev.completion_tokens == 1);
+    const char *c8 = "{\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"prompt_tokens_details\":null}}";
+    REQUIRE(bench_event_scan(c8, strlen(c8), &ev) == 0);
+    CHECK(ev.prompt_tokens == 9 && ev.cached_tokens == -1);
     CHECK(!ev.has_server_timing && ev.server_ttft_s == -1);
     const char *c6 = "{\"choices\":[],\"usage\":{\"completion_tokens\":3},\"pdserve_timing\":{\"ttft_s\":0.0125,"
                      "\"e2e_s\":1.5e-1,\"queue_s\":0.001,\"n_preemptions\":0}}";

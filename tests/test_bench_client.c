@@ -338,6 +338,40 @@ static void test_arrivals_honoured_and_concurrency(void) {
     tsrv_stop(&s);
 }
 
+/* usage.prompt_tokens_details.cached_tokens lands in each record and the summary. */
+static void test_cached_tokens(void) {
+    enum { N = 8 };
+    tsrv s;
+    tsrv_conf sc = {.first_ms = 1, .itl_ms = 0, .tokens = 3, .cached_tokens = 5};
+    REQUIRE(tsrv_start(&s, &sc) == 0);
+    char url[64];
+    tsrv_url(&s, url, sizeof url);
+    bench_config c;
+    bench_config_default(&c);
+    c.base_url = url;
+    c.model = "test-model";
+    c.metrics_urls = "";
+    bench_dataset d;
+    random_dataset(&d, N, 8, 3);
+    bench_result *r = NULL;
+    char err[512];
+    REQUIRE(bench_run(&c, &d, &r, err, sizeof err) == 0);
+    CHECK_EQ_INT(r->sum.completed, N);
+    for (int i = 0; i < N; i++) CHECK(r->recs[i].has_cached && r->recs[i].cached_tokens == 5);
+    CHECK_EQ_INT(r->sum.n_cached_known, N);
+    CHECK_EQ_INT(r->sum.total_cached, 5 * N);
+    char *buf = NULL;
+    size_t blen = 0;
+    FILE *f = open_memstream(&buf, &blen);
+    bench_print_summary(f, &c, r);
+    fclose(f);
+    CHECK_STR_CONTAINS(buf, "Cached prompt tokens:");
+    free(buf);
+    bench_result_free(r);
+    bench_dataset_free(&d);
+    tsrv_stop(&s);
+}
+
 /* Energy from /metrics, usage-less servers, chat, and the saved JSON. */
 static void test_energy_chat_json(void) {
     enum { N = 20, TOK = 10 };
@@ -369,6 +403,7 @@ static void test_energy_chat_json(void) {
     REQUIRE(bench_run(&c, &d, &r, err, sizeof err) == 0);
     CHECK_EQ_INT(r->sum.completed, N);
     CHECK_EQ_INT(r->sum.total_output, N * TOK);  /* no usage: counted from chunks */
+    CHECK(!r->recs[0].has_cached && r->sum.n_cached_known == 0); /* nor cached tokens */
     CHECK(r->recs[0].n_tokens == TOK && r->recs[0].text_len > 0);
     CHECKF(fabs(r->sum.energy_j - N * TOK * 0.5 * 4) < 1e-6, "energy %g J", r->sum.energy_j);
     CHECK(fabs(bench_energy_joules(&r->energy, "prefill") - N * TOK * 0.5) < 1e-6);
@@ -519,6 +554,7 @@ int main(void) {
     TEST_RUN(test_failures_counted);
     TEST_RUN(test_timeout_and_refused);
     TEST_RUN(test_arrivals_honoured_and_concurrency);
+    TEST_RUN(test_cached_tokens);
     TEST_RUN(test_energy_chat_json);
     TEST_RUN(test_cli_end_to_end);
     return TEST_END();

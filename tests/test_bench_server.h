@@ -43,6 +43,7 @@ typedef struct tsrv_conf {
     bool no_usage;             /* never send usage, even when asked */
     bool no_done;              /* end streams without "data: [DONE]" */
     double joules_per_token;   /* > 0: /metrics carries energy counters */
+    int cached_tokens;         /* > 0: usage.prompt_tokens_details.cached_tokens, at most the prompt's */
 } tsrv_conf;
 
 typedef struct tsrv_conn {
@@ -200,10 +201,14 @@ static void tsrv_token(tsrv *s, tsrv_conn *c, uint64_t now) {
     tsrv_chunk(c, ev, (size_t)k);
     if (c->sent < c->total) return;
     if (c->usage && !s->conf.no_usage) {
+        char details[96] = "";
+        if (s->conf.cached_tokens > 0)
+            snprintf(details, sizeof details, ",\"prompt_tokens_details\":{\"cached_tokens\":%d}",
+                     s->conf.cached_tokens < c->prompt_tokens ? s->conf.cached_tokens : c->prompt_tokens);
         k = snprintf(ev, sizeof ev, "data: {\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"created\":0,"
                                     "\"model\":\"test-model\",\"choices\":[],\"usage\":{\"prompt_tokens\":%d,"
-                                    "\"completion_tokens\":%d,\"total_tokens\":%d}}\n\n",
-                     c->prompt_tokens, c->total, c->prompt_tokens + c->total);
+                                    "\"completion_tokens\":%d,\"total_tokens\":%d%s}}\n\n",
+                     c->prompt_tokens, c->total, c->prompt_tokens + c->total, details);
         tsrv_chunk(c, ev, (size_t)k);
     }
     if (!s->conf.no_done) tsrv_chunk(c, "data: [DONE]\n\n", 14);

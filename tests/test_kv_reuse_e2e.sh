@@ -190,5 +190,15 @@ first="$(awk '$1 == "0" { print $2 }' "$TMP/dry.txt")"
   >"$TMP/sweep.txt" 2>"$TMP/sweep.log" || fail "sweep plans/reuse.json"
 grep -q "2 ok, 0 failed" "$TMP/sweep.txt" "$TMP/sweep.log" || { cat "$TMP/sweep.txt"; fail "plans/reuse.json: points failed"; }
 grep -q "kv tiers: tier 2 disk" "$TMP"/reuse.db.logs/*co-cpu-disk-r90*.log || fail "co-cpu-disk-r90 ran without tiers"
-echo "ok   plans/reuse.json: 24 points; $first and co-cpu-disk-r90 ran on the CPU"
+# the results: each request's cached tokens and the servers' tier counters, in the
+# report's KV reuse table (cached %, gpu, cpu, disk hit %, loads, recomputes, ...)
+"$BIN" report "$TMP/reuse.db" -o "$TMP/reuse-report" >"$TMP/reuse-table.txt" 2>"$TMP/report.log" ||
+  { cat "$TMP/report.log"; fail "report of plans/reuse.json"; }
+sed -n '/^KV reuse/,$p' "$TMP/reuse-table.txt" | head -n 4
+row="$(awk '/^KV reuse/ { on = 1 } on && $1 == "co-cpu-disk-r90" { print; exit }' "$TMP/reuse-table.txt")"
+[ -n "$row" ] || { cat "$TMP/reuse-table.txt"; fail "report: no KV reuse row for co-cpu-disk-r90"; }
+# cached % > 0, and the lower tiers found blocks (cpu % + disk % > 0)
+echo "$row" | awk '{ exit !($3 > 0 && $5 + $6 > 0) }' || fail "report: co-cpu-disk-r90 row without reuse: $row"
+grep -q "<h2>KV reuse</h2>" "$TMP/reuse-report/index.html" || fail "report: no KV reuse section"
+echo "ok   plans/reuse.json: 24 points; $first and co-cpu-disk-r90 ran on the CPU; reuse recorded and reported"
 echo "all KV reuse end-to-end tests passed"

@@ -146,6 +146,10 @@ static void test_db_round_trip(void) {
     study_hw_probe(&hw);
     CHECK(hw.cpu_cores > 0);
     bench_result *r = tsd_result(4, 512, 8, 0.100, 0.010, 50, 30);
+    for (int i = 0; i < 3; i++) { /* the server said so for 3 of 4: 0, 128, 256 cached */
+        r->recs[i].has_cached = true;
+        r->recs[i].cached_tokens = 128 * i;
+    }
     study_idle idle;
     tsd_idle(&idle, 2.0);  /* 2 W per GPU */
     bench_config bc;
@@ -237,6 +241,18 @@ static void test_db_round_trip(void) {
     CHECK(fabs(q_num(h, sql) - (80.0 - 4 * dur) / 32) < 1e-9);
     snprintf(sql, sizeof sql, "SELECT input_throughput FROM summaries WHERE run_id = %lld", rid);
     CHECK(fabs(q_num(h, sql) - 2048 / dur) < 1e-6);
+    /* Cached tokens: per request (NULL where the server did not say), summed and as a
+     * fraction of the prompt tokens of the requests that reported them. */
+    snprintf(sql, sizeof sql, "SELECT cached_tokens FROM requests WHERE run_id = %lld AND idx = 2", rid);
+    CHECK_EQ_INT(q_num(h, sql), 256);
+    snprintf(sql, sizeof sql, "SELECT cached_tokens FROM requests WHERE run_id = %lld AND idx = 3", rid);
+    CHECK(isnan(q_num(h, sql)));
+    snprintf(sql, sizeof sql, "SELECT cached_tokens FROM summaries WHERE run_id = %lld", rid);
+    CHECK_EQ_INT(q_num(h, sql), 384);
+    snprintf(sql, sizeof sql, "SELECT cached_token_fraction FROM summaries WHERE run_id = %lld", rid);
+    CHECK(fabs(q_num(h, sql) - 384.0 / 1536) < 1e-9);
+    CHECK(isnan(q_num(h, "SELECT cached_token_fraction FROM summaries s JOIN runs r USING(run_id) WHERE r.point_index = 2")));
+    CHECK_EQ_INT(q_num(h, "SELECT value FROM meta WHERE key = 'schema_version'"), STUDY_SCHEMA_VERSION);
     /* Not measured stays NULL, never 0, and says so in the energy table. */
     CHECK(isnan(q_num(h, "SELECT j_per_token FROM summaries s JOIN runs r USING(run_id) WHERE r.point_index = 2")));
     CHECK(isnan(q_num(h, "SELECT energy_j FROM summaries s JOIN runs r USING(run_id) WHERE r.point_index = 2")));
@@ -246,6 +262,70 @@ static void test_db_round_trip(void) {
     sqlite3_close(h);
     bench_result_free(r);
     bench_result_free(r2);
+    free(pts);
+    study_plan_free(&p);
+}
+
+/* A file of schema 2 (requests and summaries without the cached-token columns) is
+ * migrated on open: the columns are added, old rows keep NULL, the version becomes 3,
+ * and a new point can be recorded into it. */
+static void test_db_migrate_v2(void) {
+    char path[512], err[512];
+    snprintf(path, sizeof path, "%s/v2.db", tmpdir);
+    sqlite3 *h = NULL;
+    REQUIRE(sqlite3_open(path, &h) == SQLITE_OK);
+    const char *v2 =
+        "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT);"
+        "INSERT INTO meta VALUES('schema_version', '2');"
+        "CREATE TABLE requests(run_id INTEGER NOT NULL, idx INTEGER NOT NULL,"
+        " status TEXT NOT NULL CHECK(status IN ('ok','error')), error TEXT,"
+        " input_tokens INTEGER, output_tokens INTEGER, expected_output_tokens INTEGER,"
+        " arrival_s REAL, sent_s REAL, first_token_s REAL, finished_s REAL,"
+        " ttft_ms REAL, e2el_ms REAL, token_times_s TEXT, PRIMARY KEY(run_id, idx));"
+        "INSERT INTO requests(run_id, idx, status) VALUES(99, 0, 'ok');"
+        "CREATE TABLE summaries(run_id INTEGER PRIMARY KEY, completed INTEGER, failed INTEGER,"
+        " duration_s REAL, total_input_tokens INTEGER, total_output_tokens INTEGER,"
+        " request_throughput REAL, input_throughput REAL, output_throughput REAL,"
+        " total_token_throughput REAL, max_output_tokens_per_s REAL, max_concurrent INTEGER,"
+        " good_requests INTEGER, goodput REAL,"
+        " ttft_mean_ms REAL, ttft_median_ms REAL, ttft_p90_ms REAL, ttft_p99_ms REAL,"
+        " tpot_mean_ms REAL, tpot_median_ms REAL, tpot_p90_ms REAL, tpot_p99_ms REAL,"
+        " itl_mean_ms REAL, itl_median_ms REAL, itl_p90_ms REAL, itl_p99_ms REAL,"
+        " e2el_mean_ms REAL, e2el_median_ms REAL, e2el_p90_ms REAL, e2el_p99_ms REAL,"
+        " energy_j REAL, energy_net_j REAL, idle_w REAL,"
+        " j_per_token REAL, j_per_token_net REAL, j_per_output_token REAL, j_per_output_token_net REAL,"
+        " client_cpu_s REAL);";
+    REQUIRE(sqlite3_exec(h, v2, NULL, NULL, NULL) == SQLITE_OK);
+    sqlite3_close(h);
+    study_db *db;
+    REQUIRE(study_db_open(path, &db, err, sizeof err) == 0);
+    study_plan p;
+    REQUIRE(study_plan_parse(TSD_PLAN, strlen(TSD_PLAN), "t", &p, err, sizeof err) == 0);
+    study_point *pts;
+    study_plan_expand(&p, p.model, &pts);
+    bench_result *r = tsd_result(2, 100, 4, 0.1, 0.01, -1, 0);
+    r->recs[0].has_cached = r->recs[1].has_cached = true;
+    r->recs[1].cached_tokens = 50;
+    study_run_info ri = {.plan_name = "t", .model = "m", .status = STUDY_STATUS_OK, .dataset = "random",
+                         .started_unix = 1.7e9, .ended_unix = 1.7e9 + 1};
+    bench_config bc;
+    bench_config_default(&bc);
+    long long id = study_db_record(db, &pts[0], &ri, &bc, r, NULL, err, sizeof err);
+    CHECKF(id > 0, "%s", err);
+    study_db_close(db);
+    h = open_ro(path);
+    REQUIRE(h);
+    CHECK_EQ_INT(q_num(h, "SELECT value FROM meta WHERE key = 'schema_version'"), 3);
+    CHECK(isnan(q_num(h, "SELECT cached_tokens FROM requests WHERE run_id = 99")));
+    char sql[256];
+    snprintf(sql, sizeof sql, "SELECT sum(cached_tokens) FROM requests WHERE run_id = %lld", id);
+    CHECK_EQ_INT(q_num(h, sql), 50);
+    snprintf(sql, sizeof sql, "SELECT cached_token_fraction FROM summaries WHERE run_id = %lld", id);
+    CHECK(fabs(q_num(h, sql) - 0.25) < 1e-9);
+    snprintf(sql, sizeof sql, "SELECT client_cpu_s IS NOT NULL OR client_cpu_s IS NULL FROM summaries WHERE run_id = %lld", id);
+    CHECK_EQ_INT(q_num(h, sql), 1);
+    sqlite3_close(h);
+    bench_result_free(r);
     free(pts);
     study_plan_free(&p);
 }
@@ -418,6 +498,7 @@ int main(void) {
     snprintf(tmpdir, sizeof tmpdir, "/tmp/test_study_XXXXXX");
     if (!mkdtemp(tmpdir)) return 1;
     TEST_RUN(test_plan_expand);
+    TEST_RUN(test_db_migrate_v2);
     TEST_RUN(test_plan_errors);
     TEST_RUN(test_shipped_plans);
     TEST_RUN(test_db_round_trip);

@@ -140,6 +140,84 @@ static void test_report(void) {
 }
 
 /* A database with nothing measured: the report still comes out, saying so. */
+/* A reuse sweep's report: cached tokens per point (requests) and the servers' prefix
+ * cache / tier counters (server_metrics, parsed from /metrics text as the sweep does:
+ * counters as increases over the run) give the KV reuse table, its HTML section and
+ * the TTFT-vs-cached plot. */
+static void test_report_reuse(void) {
+    char db_path[512], out[512], err[512];
+    snprintf(db_path, sizeof db_path, "%s/reuse.db", tmpdir);
+    snprintf(out, sizeof out, "%s/reuse-report", tmpdir);
+    study_plan plan;
+    REQUIRE(study_plan_parse(TSD_PLAN, strlen(TSD_PLAN), "reuse", &plan, err, sizeof err) == 0);
+    study_point *pts;
+    study_plan_expand(&plan, plan.model, &pts);
+    study_db *db;
+    REQUIRE(study_db_open(db_path, &db, err, sizeof err) == 0);
+    const char *before =
+        "# HELP pdserve_prefix_cache_queries_total x\n"
+        "pdserve_prefix_cache_queries_total{model_name=\"m\"} 1000\n"
+        "pdserve_prefix_cache_tier_hits_total{model_name=\"m\",tier=\"gpu\"} 100\n"
+        "pdserve_prefix_cache_tier_hits_total{model_name=\"m\",tier=\"cpu\"} 0\n"
+        "pdserve_kv_offload_decisions_total{model_name=\"m\",decision=\"load\"} 1\n"
+        "pdserve_num_requests_running{model_name=\"m\"} 3\n";
+    const char *after =
+        "pdserve_prefix_cache_queries_total{model_name=\"m\"} 3048\n"
+        "pdserve_prefix_cache_tier_hits_total{model_name=\"m\",tier=\"gpu\"} 612\n"
+        "pdserve_prefix_cache_tier_hits_total{model_name=\"m\",tier=\"cpu\"} 1024\n"
+        "pdserve_kv_offload_decisions_total{model_name=\"m\",decision=\"load\"} 5\n"
+        "pdserve_kv_offload_decisions_total{model_name=\"m\",decision=\"recompute\"} 2\n"
+        "pdserve_kv_offload_loaded_blocks_total{model_name=\"m\",tier=\"cpu\"} 64\n"
+        "pdserve_kv_offload_entries{model_name=\"m\",tier=\"cpu\"} 80\n";
+    study_metric mb[16], ma[16];
+    int nb = 0, na = 0;
+    study_metrics_parse(before, "", mb, 16, &nb);
+    study_metrics_parse(after, "", ma, 16, &na);
+    CHECK_EQ_INT(nb, 4); /* the running gauge and comments are not reuse series */
+    CHECK_EQ_INT(na, 7);
+    study_metrics_delta(ma, na, mb, nb);
+    CHECK(ma[0].value == 2048 && ma[1].value == 512 && ma[4].value == 2 && ma[6].value == 80);
+    for (int i = 0; i < 2; i++) { /* point 0 without tiers' counters, point 1 with */
+        bench_result *r = tsd_result(4, 512, 32, 0.05 * (2 - i), 0.005, -1, 0);
+        for (int k = 0; k < 4; k++) {
+            r->recs[k].has_cached = true;
+            r->recs[k].cached_tokens = i ? 256 : 0;
+        }
+        study_run_info ri = {.plan_name = "reuse", .model = "m", .status = STUDY_STATUS_OK, .dataset = "prefix-repetition",
+                             .started_unix = 1.7e9 + i, .ended_unix = 1.7e9 + i + 1, .metrics = i ? ma : NULL,
+                             .n_metrics = i ? na : 0};
+        bench_config bc;
+        bench_config_default(&bc);
+        CHECKF(study_db_record(db, &pts[i], &ri, &bc, r, NULL, err, sizeof err) > 0, "%s", err);
+        bench_result_free(r);
+    }
+    study_db_close(db);
+    char table_path[512];
+    snprintf(table_path, sizeof table_path, "%s/reuse-table.txt", tmpdir);
+    FILE *tf = fopen(table_path, "w");
+    REQUIRE(tf);
+    study_report_opts o = {.db_path = db_path, .out_dir = out, .table = tf};
+    int rc = study_report(&o, err, sizeof err);
+    fclose(tf);
+    CHECKF(rc == 0, "%s", err);
+    char *table = slurp(tmpdir, "reuse-table.txt", NULL);
+    REQUIRE(table);
+    const char *sec = strstr(table, "KV reuse\n");
+    CHECKF(sec != NULL, "no reuse table in:\n%s", table);
+    /* point 1: 50% cached; gpu 512/2048 = 25%, cpu 1024/2048 = 50%; 4 loads, 2 recomputes */
+    if (sec) {
+        CHECKF(strstr(sec, "50.0") && strstr(sec, "25.0") && strstr(sec, "   4 ") && strstr(sec, "   2 "), "%s", sec);
+        CHECKF(strstr(sec, "0.0") && strstr(sec, "n/m"), "%s", sec); /* point 0: nothing cached, no counters */
+    }
+    free(table);
+    char *html = slurp(out, "index.html", NULL);
+    CHECK(html && strstr(html, "<h2>KV reuse</h2>") && strstr(html, "prompt tokens cached"));
+    free(html);
+    check_svg(out, "ttft-vs-cached", 2);
+    free(pts);
+    study_plan_free(&plan);
+}
+
 static void test_report_empty(void) {
     char db[512], out[512], err[512];
     snprintf(db, sizeof db, "%s/empty.db", tmpdir);
@@ -166,6 +244,7 @@ int main(int argc, char **argv) {
     if (!mkdtemp(tmpdir)) return 1;
     TEST_RUN(test_report);
     TEST_RUN(test_report_empty);
+    TEST_RUN(test_report_reuse);
     char cmd[512];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
     if (!test_failures_ && system(cmd) != 0) fprintf(stderr, "could not remove %s\n", tmpdir);

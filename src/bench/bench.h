@@ -151,6 +151,7 @@ typedef struct bench_event {
     bool finished;             /* choices[0].finish_reason is not null */
     int prompt_tokens;         /* usage.prompt_tokens, -1 if absent */
     int completion_tokens;     /* usage.completion_tokens, -1 if absent */
+    int cached_tokens;         /* usage.prompt_tokens_details.cached_tokens, -1 if absent */
     const char *error;         /* error.message / message of an error object */
     size_t error_len;
     bool is_error;
@@ -244,6 +245,8 @@ typedef struct bench_record {
     size_t text_len, text_cap;
     bool has_server_timing;            /* the server's own view (--server-timing) */
     double server_ttft_s, server_e2e_s;
+    bool has_cached;       /* the server's usage gave prompt_tokens_details.cached_tokens */
+    int cached_tokens;     /* prompt tokens it took from its prefix cache (any KV tier) */
 } bench_record;
 
 typedef enum bench_metric { BENCH_METRIC_TTFT = 1, BENCH_METRIC_TPOT = 2, BENCH_METRIC_ITL = 4,
@@ -252,6 +255,8 @@ typedef enum bench_metric { BENCH_METRIC_TTFT = 1, BENCH_METRIC_TPOT = 2, BENCH_
 typedef struct bench_summary {
     int completed, failed;
     long long total_input, total_output;
+    long long total_cached;    /* prompt tokens served from the prefix cache (completed requests) */
+    int n_cached_known;        /* completed requests whose usage gave cached_tokens */
     double duration_s;
     double request_throughput, output_throughput, total_token_throughput;
     int good;                  /* requests meeting every goodput SLO */

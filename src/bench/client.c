@@ -34,7 +34,7 @@ typedef struct inflight {
     uint64_t t_start, now;
     long status;
     bool done_seen, finish_seen, bytes_seen;
-    int usage_prompt, usage_completion;
+    int usage_prompt, usage_completion, usage_cached;
     char *stream_err;          /* first error event / malformed event (owned) */
     char *body;                /* response body when status is not 2xx (owned) */
     size_t body_len;
@@ -127,6 +127,7 @@ static int on_event(void *ctx, const char *data, size_t len) {
     if (ev.finished) f->finish_seen = true;
     if (ev.completion_tokens >= 0) f->usage_completion = ev.completion_tokens;
     if (ev.prompt_tokens >= 0) f->usage_prompt = ev.prompt_tokens;
+    if (ev.cached_tokens >= 0) f->usage_cached = ev.cached_tokens;
     if (ev.has_server_timing) {
         r->has_server_timing = true;
         r->server_ttft_s = ev.server_ttft_s;
@@ -279,7 +280,7 @@ static void launch(bench_client *cl, const char *body, size_t body_len, bench_re
     bench_sse_reset(&f->sse);
     f->status = 0;
     f->done_seen = f->finish_seen = f->bytes_seen = false;
-    f->usage_prompt = f->usage_completion = -1;
+    f->usage_prompt = f->usage_completion = f->usage_cached = -1;
     f->errbuf[0] = 0;
     f->body_len = 0;
     free(f->stream_err);
@@ -327,6 +328,8 @@ static void finish(bench_client *cl, inflight *f, CURLcode res) {
     r->ttft_s = r->n_tokens ? r->token_s[0] : 0;
     r->output_len = f->usage_completion >= 0 ? f->usage_completion : r->n_tokens;
     if (r->prompt_len < 0 && f->usage_prompt >= 0) r->prompt_len = f->usage_prompt;
+    r->has_cached = f->usage_cached >= 0;
+    r->cached_tokens = r->has_cached ? f->usage_cached : 0;
     const char *cerr = f->errbuf[0] ? f->errbuf : curl_easy_strerror(res);
     char *e = NULL;
     if (res == CURLE_OPERATION_TIMEDOUT)

@@ -195,9 +195,20 @@ static const char *choice_member(const char *k, size_t kn, const char *v, const 
     return skip_value(v, end, depth + 1);
 }
 
+static const char *details_member(const char *k, size_t kn, const char *v, const char *end,
+                                  bench_event *ev, int depth) {
+    if (key_is(k, kn, "cached_tokens")) return read_int(v, end, &ev->cached_tokens);
+    return skip_value(v, end, depth + 1);
+}
+
 static const char *usage_member(const char *k, size_t kn, const char *v, const char *end,
                                 bench_event *ev, int depth) {
     if (key_is(k, kn, "prompt_tokens")) return read_int(v, end, &ev->prompt_tokens);
+    if (key_is(k, kn, "prompt_tokens_details")) { /* an object, or null */
+        const char *q = ws(v, end);
+        if (q >= end || *q != '{') return skip_value(q, end, depth + 1);
+        return scan_object(q, end, depth + 1, details_member, ev);
+    }
     if (key_is(k, kn, "completion_tokens")) return read_int(v, end, &ev->completion_tokens);
     return skip_value(v, end, depth + 1);
 }
@@ -261,7 +272,7 @@ static const char *top_member(const char *k, size_t kn, const char *v, const cha
 
 int bench_event_scan(const char *data, size_t len, bench_event *ev) {
     memset(ev, 0, sizeof *ev);
-    ev->prompt_tokens = ev->completion_tokens = -1;
+    ev->prompt_tokens = ev->completion_tokens = ev->cached_tokens = -1;
     ev->server_ttft_s = ev->server_e2e_s = -1;
     const char *end = data + len, *p = ws(data, end);
     if ((size_t)(end - p) >= 6 && !memcmp(p, "[DONE]", 6)) {

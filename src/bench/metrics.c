@@ -149,6 +149,10 @@ void bench_summarize(const bench_config *c, bench_result *r, double duration_s) 
         s->completed++;
         s->total_input += q->prompt_len > 0 ? q->prompt_len : 0;
         s->total_output += q->output_len;
+        if (q->has_cached) {
+            s->total_cached += q->cached_tokens;
+            s->n_cached_known++;
+        }
         ttft[nt] = q->ttft_s * 1e3;
         e2el[nt] = q->e2el_s * 1e3;
         nt++;

@@ -107,6 +107,10 @@ void bench_print_summary(FILE *f, const bench_config *c, const bench_result *r) 
     row_f(f, "Benchmark duration (s):", s->duration_s);
     row_i(f, "Total input tokens:", s->total_input);
     row_i(f, "Total generated tokens:", s->total_output);
+    if (s->n_cached_known > 0) {
+        row_i(f, "Cached prompt tokens:", s->total_cached);
+        row_f(f, "Prefix cache hit rate (%):", s->total_input > 0 ? 100.0 * (double)s->total_cached / (double)s->total_input : 0.0);
+    }
     row_f(f, "Request throughput (req/s):", s->request_throughput);
     if (s->goodput >= 0) row_f(f, "Request goodput (req/s):", s->goodput);
     row_f(f, "Output token throughput (tok/s):", s->output_throughput);
@@ -260,6 +264,8 @@ static cJSON *build_json(const bench_config *c, const bench_dataset_opts *o, con
     cJSON_AddNumberToObject(j, "failed", s->failed);
     cJSON_AddNumberToObject(j, "total_input_tokens", (double)s->total_input);
     cJSON_AddNumberToObject(j, "total_output_tokens", (double)s->total_output);
+    if (s->n_cached_known > 0) cJSON_AddNumberToObject(j, "total_cached_tokens", (double)s->total_cached);
+    else cJSON_AddNullToObject(j, "total_cached_tokens");
     cJSON_AddNumberToObject(j, "request_throughput", s->request_throughput);
     if (s->goodput >= 0) cJSON_AddNumberToObject(j, "request_goodput", s->goodput);
     else cJSON_AddNullToObject(j, "request_goodput");

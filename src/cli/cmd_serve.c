@@ -410,7 +410,7 @@ int cmd_serve(int argc, char **argv) {
         {"kv-offload-disk-bytes", OPT_SIZE, &o.kv_offload_disk_bytes, "disk tier capacity (default 4GiB)", NULL},
         {"kv-offload-disk-buffered", OPT_FLAG, &o.kv_offload_disk_buffered, "disk tier: page-cache I/O (no O_DIRECT)", NULL},
         {"kv-offload-load", OPT_STRING, &o.kv_offload_load, "auto (default: load where measured cheaper than recomputing), always or never", "P"},
-        {"kv-offload-staging-blocks", OPT_INT, &o.kv_offload_staging, "evicted blocks staged in host memory for the writer thread (default 64)", NULL},
+        {"kv-offload-staging-blocks", OPT_INT, &o.kv_offload_staging, "evicted blocks staged in host memory for the writer thread (default: 4,096 tokens' worth, at least 64, at most 512 MiB)", NULL},
         {"kv-offload-debug-load-delay-ms", OPT_DOUBLE, &o.kv_offload_delay_ms, "tests: add this delay to every block loaded from a tier", NULL},
         {"max-waiting-requests", OPT_INT, &o.max_waiting, "queue limit; beyond it 503 (default 0: none)", NULL},
         {"max-body-bytes", OPT_SIZE, &o.max_body_bytes, "largest request body (default 8MiB; beyond it 413)", NULL},

@@ -471,6 +471,7 @@ static void engine_step(engine *e) {
     sched_plan p;
     pthread_mutex_lock(&e->pool_mu);
     sched_step(&e->sc, t0, &p);
+    prefix_cache_flush(&e->sc.pool); /* the step's evictions: one staging copy, before the forward pass */
     int external = e->n_external;
     pthread_mutex_unlock(&e->pool_mu);
     if (p.n_items == 0 && p.n_preempted == 0) {
@@ -904,6 +905,7 @@ kv_cache *engine_kv_cache(engine *e) { return e->kv; }
 int engine_kv_alloc(engine *e, int n, int32_t *out) {
     pthread_mutex_lock(&e->pool_mu);
     int rc = kv_pool_alloc(&e->sc.pool, n, out);
+    prefix_cache_flush(&e->sc.pool); /* before the caller writes the blocks */
     if (rc == 0) e->n_external += n;
     int used = kv_pool_used(&e->sc.pool);
     pthread_mutex_unlock(&e->pool_mu);

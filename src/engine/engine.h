@@ -30,7 +30,15 @@
  *   under `key`, asynchronously, and must not call back into the pool.
  * kv_offload_fn: the same call with what the key was made of (the parent key and the
  *   block's block_size ids), so that a lower tier can verify a hit as this tier does.
- *   Called right after on_evict, same rules.
+ *   Called right after on_evict, same rules. A tier may only note the block here and
+ *   copy it at the next on_offload_flush (so that a burst of evictions, a long prompt
+ *   taking hundreds of blocks, is one batched copy, not one per block).
+ * kv_offload_flush_fn: the end of a burst of evictions: whoever allocated from the
+ *   pool (the engine after sched_step, engine_kv_alloc) calls it through
+ *   prefix_cache_flush, under the same lock, before any evicted block is written. The
+ *   callee copies (or orders the copies of) every block noted since the last flush.
+ *   A lower_load, which writes blocks the same admission may just have evicted,
+ *   flushes first by itself.
  * kv_lower_lookup_fn: consulted on a GPU miss at admission with the keys of the
  *   request's next full blocks (keys[0] follows the last GPU hit, whose key is `parent`;
  *   ids holds their n_keys * block_size tokens). Returns how many of the leading keys
@@ -50,6 +58,7 @@ typedef struct prefix_tier_stats prefix_tier_stats;
 typedef void (*kv_evict_fn)(void *user, int32_t block, uint64_t key);
 typedef void (*kv_offload_fn)(void *user, int32_t block, uint64_t key, uint64_t parent,
                               const int32_t *ids);
+typedef void (*kv_offload_flush_fn)(void *user);
 typedef int (*kv_lower_lookup_fn)(void *user, const uint64_t *keys, uint64_t parent,
                                   const int32_t *ids, int n_keys, double recompute_s_per_token,
                                   int *n_load);
@@ -61,6 +70,7 @@ typedef struct prefix_cache_hooks {
     kv_evict_fn on_evict;           /* NULL: evicted blocks are simply forgotten */
     void *evict_user;
     kv_offload_fn on_offload;       /* NULL: none; called with evict_user */
+    kv_offload_flush_fn on_offload_flush; /* NULL: on_offload copies at once; evict_user */
     kv_lower_lookup_fn lower_lookup;/* NULL: a GPU miss is recomputed */
     kv_lower_load_fn lower_load;    /* required with lower_lookup; called with lookup_user */
     void *lookup_user;
@@ -92,6 +102,18 @@ struct prefix_tier_stats {
     uint64_t load_failures;         /* loads that found an entry gone or corrupt */
     double recompute_s_per_token;   /* the estimate the last decision used */
     int queued;                     /* evicted blocks staged, not yet written */
+    /* the cost on the engine thread (or whoever holds the pool lock): every eviction
+     * burst is staged by one batched copy, every admission's loads by another */
+    uint64_t offload_bursts;        /* flushes that staged blocks (one copy batch each) */
+    uint64_t offload_staged_blocks; /* blocks staged by them */
+    uint64_t offload_staging_full;  /* evictions not kept because every staging slot was
+                                     * taken (also in offload_dropped): recomputed later */
+    uint64_t load_batches;          /* admissions' loads, one copy batch each */
+    uint64_t copy_batches;          /* batched cache <-> host copies the tiers ran, all kinds */
+    double hook_seconds;            /* time spent inside the tier hooks (staging copies,
+                                     * lookups, loads): what they added to engine steps */
+    double offload_seconds;         /* of which staging copies (flushes) */
+    double max_burst_seconds;       /* the longest single flush */
 };
 
 /* ---- prefix cache (prefix_cache.c) -------------------------------------------------- *
@@ -172,6 +194,9 @@ int32_t prefix_cache_find(const kv_pool *p, uint64_t key, uint64_t parent, const
 /* Forgets every key: evictable blocks become free, blocks in use become uncached (and
  * free once released). Returns the number of keys dropped. */
 int prefix_cache_reset(kv_pool *p);
+/* Ends a burst of evictions (hooks.on_offload_flush): call after allocating from a
+ * pool with lower tiers, before writing the blocks taken; no-op without the hook. */
+void prefix_cache_flush(kv_pool *p);
 /* Internal to the pool (kv_pool.c): the LRU list and eviction. */
 void prefix_cache_lru_push(prefix_cache *pc, int32_t block);   /* at the tail */
 void prefix_cache_lru_remove(prefix_cache *pc, int32_t block);

@@ -156,6 +156,11 @@ int32_t prefix_cache_evict(kv_pool *p) {
     return b;
 }
 
+void prefix_cache_flush(kv_pool *p) {
+    prefix_cache *pc = p->pc;
+    if (pc && pc->hooks.on_offload_flush) pc->hooks.on_offload_flush(pc->hooks.evict_user);
+}
+
 int prefix_cache_reset(kv_pool *p) {
     prefix_cache *pc = p->pc;
     if (!pc) return 0;

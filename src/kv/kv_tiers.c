@@ -3,16 +3,24 @@
  * the prefix cache hooks this file catches the block on its way out and keeps it one or
  * two tiers down, and gives it back when a later request misses on the GPU:
  *
- *   evict (engine thread, under the pool lock): the block is copied to a host staging
- *     slot at once (kv_blocks_to_host: the block is reused right after) and queued;
+ *   evict (engine thread, under the pool lock): the block gets a host staging slot and
+ *     an index entry (a lookup in the same step finds it), and is noted as pending;
+ *   flush (the end of the burst: after sched_step, engine_kv_alloc, or first thing in a
+ *     load; still before anyone writes the evicted blocks): ONE batched copy of every
+ *     pending block, all layers, into the pinned staging slots (kv_copies: one
+ *     copy_batch on a device cache), then the blocks are queued for the worker. If
+ *     every slot is taken, the block is not kept (counted; it is recomputed later);
+ *     nothing waits for the worker;
  *   worker thread: writes staged blocks into tier 0; when tier 0 is full its least
  *     recently used entry moves to tier 1 first (whose own LRU entry is dropped when
  *     full). So the engine step never waits for a store write;
  *   lookup (admission, engine thread): the run of the request's next keys that the
  *     tiers (or the staging slots) hold, and how many of them to load: the prefix that
  *     minimises load time + recompute time under the running estimates (docs/reuse.md);
- *   load (the admitting step, before its forward pass): store -> host image ->
- *     kv_blocks_from_host into fresh blocks, timed to refine the tier's estimate.
+ *   load (the admitting step, before its forward pass): each block's store -> its
+ *     image in a load buffer (staged blocks are read from their slot), then ONE
+ *     batched copy of all of them into the fresh blocks; timed to refine the tiers'
+ *     estimates.
  *
  * The index (key -> where, LRU order per tier, a second hash of the block's parent key
  * and tokens to verify a hit as the GPU tier does) lives here, under one mutex held only
@@ -26,7 +34,8 @@
  * block image each.
  *
  * Tuned for: blocks of 64 KiB to a few MiB, tiers of thousands to hundreds of thousands
- * of blocks, evictions in bursts of tens per step. */
+ * of blocks, evictions in bursts of one to several hundred blocks per step (a long
+ * prompt). */
 #include <dirent.h>
 #include <errno.h>
 #include <pthread.h>
@@ -50,6 +59,7 @@ typedef struct tier_entry {
     bool used;
     bool busy;              /* the worker is writing it (staged) or moving it out (tier) */
     bool leaving;           /* moved: its old copy goes once readers is 0; a miss for new loads */
+    bool pending;           /* staged: its copy waits for the burst's flush (not queued yet) */
     int32_t readers;        /* loads reading it from its store now */
     int32_t slot;           /* staged: its staging slot */
     int32_t hnext;          /* hash chain, or the free list */
@@ -88,8 +98,15 @@ struct kv_tiers {
     pthread_t thread;
     bool started;
     double est_staged;      /* seconds to load one block from a staging slot */
-    uint8_t *load_buf;      /* [image] loads (engine thread, under the pool lock) */
-    struct pin { int32_t i, slot; int where; } *pinned; /* [cap_pinned] a load's entries as
+    uint8_t *load_buf;      /* [cap_load * image] loads' images (under the pool lock); grown to
+                             * the largest load, pinned on a device cache */
+    int cap_load;
+    struct pend { int32_t i, block; } *pend; /* [n_slots] evicted blocks noted since the last
+                             * flush: entry and block (under the pool lock) */
+    int n_pend;
+    kv_copies burst;        /* the flush's and the loads' copies (under the pool lock) */
+    double *load_dt;        /* [cap_pinned] per block of a load: seconds to get its image */
+    struct pin { int32_t i, slot; int where; uint64_t key; } *pinned; /* [cap_pinned] a load's entries as
                              * pinned (where and slot then), same thread, grown as needed */
     int cap_pinned;
     prefix_tier_stats st;   /* counters */
@@ -102,7 +119,7 @@ void kv_tiers_config_default(kv_tiers_config *c) {
     c->disk_bytes = (size_t)4 << 30;
     const char *tmp = getenv("TMPDIR");
     snprintf(c->disk_dir, sizeof c->disk_dir, "%s", tmp && *tmp ? tmp : "/tmp");
-    c->staging_blocks = 64;
+    c->staging_blocks = 0; /* auto: see staging_auto */
     c->load_policy = KV_TIERS_LOAD_AUTO;
 }
 
@@ -310,29 +327,22 @@ static void *worker_main(void *arg) {
 }
 
 /* ---- hooks (engine side, under the engine's pool lock) -------------------------------------- */
-/* A block's 2L parts <-> its host image, as one batch of copies (on a device cache one
- * copy_batch into pinned memory, not 2L separate copies). */
-static void image_copy(const kv_cache *kv, int32_t block, uint8_t *img, bool to_host) {
+/* Appends the copies between block and its host image img (all 2L parts) to q. */
+static void image_copies(kv_copies *q, const kv_cache *kv, int32_t block, uint8_t *img, bool to_host) {
     size_t bb = kv->block_bytes;
-    kv_copies q = {0};
     for (int l = 0; l < kv->n_layers; l++) {
-        kv_copies_blocks(&q, kv, l, 0, &block, 1, img + (size_t)l * 2 * bb, bb, to_host);
-        kv_copies_blocks(&q, kv, l, 1, &block, 1, img + (size_t)l * 2 * bb + bb, bb, to_host);
+        kv_copies_blocks(q, kv, l, 0, &block, 1, img + (size_t)l * 2 * bb, bb, to_host);
+        kv_copies_blocks(q, kv, l, 1, &block, 1, img + (size_t)l * 2 * bb + bb, bb, to_host);
     }
-    kv_copies_run(kv, &q);
-    kv_copies_free(&q);
 }
 
-static void image_from_block(const kv_cache *kv, int32_t block, uint8_t *img) { image_copy(kv, block, img, true); }
-
-static void image_to_block(const kv_cache *kv, const uint8_t *img, int32_t block) {
-    image_copy(kv, block, (uint8_t *)img, false);
-}
-
-/* Stages an evicted block (its KV is intact until the caller returns and the block's
- * taker writes it) and queues it for the worker; an entry already kept is refreshed. */
+/* Notes an evicted block (its KV is intact until the burst's flush: the callers flush
+ * before anyone writes it): a staging slot and an index entry now, the copy at the
+ * flush. An entry already kept is refreshed instead; without a free slot the block
+ * is not kept (never wait for the worker). */
 static void on_offload(void *user, int32_t block, uint64_t key, uint64_t parent, const int32_t *ids) {
     kv_tiers *t = user;
+    double t0 = time_now_s();
     uint64_t tag = tag_of(parent, ids, t->kv->block_size);
     pthread_mutex_lock(&t->mu);
     int32_t i = idx_find(t, key);
@@ -342,23 +352,49 @@ static void on_offload(void *user, int32_t block, uint64_t key, uint64_t parent,
             lru_unlink(t, i);
             lru_push(t, e->where, i);
         }
-        pthread_mutex_unlock(&t->mu);
-        return;
-    }
-    if (t->n_free_slots == 0) { /* the worker is behind: never wait for it */
+    } else if (t->n_free_slots == 0) { /* the worker is behind, or the burst is larger */
         t->st.offload_dropped++;
-        pthread_mutex_unlock(&t->mu);
-        return;
+        t->st.offload_staging_full++;
+    } else {
+        int32_t slot = t->free_slots[--t->n_free_slots];
+        i = idx_insert(t, key, tag);
+        t->ent[i].slot = slot;
+        t->ent[i].pending = true;
+        PD_ASSERT(t->n_pend < t->n_slots);
+        t->pend[t->n_pend++] = (struct pend){i, block};
     }
-    int32_t slot = t->free_slots[--t->n_free_slots];
+    t->st.hook_seconds += time_now_s() - t0;
     pthread_mutex_unlock(&t->mu);
-    /* slots are reused only here, under the pool lock, so loads reading one are safe */
-    image_from_block(t->kv, block, t->staging + (size_t)slot * t->image);
+}
+
+/* The end of a burst: one batched copy of every pending block into its staging slot,
+ * then all of them go to the worker's queue at once. Slots are taken and given back
+ * only under the pool lock (evictions) or by the worker after the copy, so the
+ * pending ones are the flush's alone. */
+static void flush(void *user) {
+    kv_tiers *t = user;
+    if (t->n_pend == 0) return;
+    double t0 = time_now_s();
+    for (int j = 0; j < t->n_pend; j++) {
+        const tier_entry *e = &t->ent[t->pend[j].i]; /* slot and pending change only here */
+        image_copies(&t->burst, t->kv, t->pend[j].block, t->staging + (size_t)e->slot * t->image, true);
+    }
+    kv_copies_run(t->kv, &t->burst);
+    double dt = time_now_s() - t0;
     pthread_mutex_lock(&t->mu);
-    i = idx_insert(t, key, tag);
-    t->ent[i].slot = slot;
-    PD_ASSERT(t->q_len < t->n_slots);
-    t->queue[(t->q_head + t->q_len++) % t->n_slots] = i;
+    for (int j = 0; j < t->n_pend; j++) {
+        int32_t i = t->pend[j].i;
+        PD_ASSERT(t->ent[i].used && t->ent[i].pending && t->q_len < t->n_slots);
+        t->ent[i].pending = false;
+        t->queue[(t->q_head + t->q_len++) % t->n_slots] = i;
+    }
+    t->st.offload_bursts++;
+    t->st.offload_staged_blocks += (uint64_t)t->n_pend;
+    t->st.copy_batches++;
+    t->st.offload_seconds += dt;
+    t->st.hook_seconds += dt;
+    t->st.max_burst_seconds = PD_MAX(t->st.max_burst_seconds, dt);
+    t->n_pend = 0;
     pthread_cond_signal(&t->work_cv);
     pthread_mutex_unlock(&t->mu);
 }
@@ -373,6 +409,7 @@ static double est_of(const kv_tiers *t, int where) {
 static int lookup(void *user, const uint64_t *keys, uint64_t parent, const int32_t *ids, int n,
                   double s_per_token, int *n_load) {
     kv_tiers *t = user;
+    double t0 = time_now_s();
     int bs = t->kv->block_size;
     pthread_mutex_lock(&t->mu);
     int m = 0, k = 0;
@@ -389,57 +426,43 @@ static int lookup(void *user, const uint64_t *keys, uint64_t parent, const int32
     if (t->cfg.load_policy == KV_TIERS_LOAD_ALWAYS || s_per_token <= 0) k = m;
     if (t->cfg.load_policy == KV_TIERS_LOAD_NEVER) k = 0;
     t->st.recompute_s_per_token = s_per_token;
+    t->st.hook_seconds += time_now_s() - t0;
     pthread_mutex_unlock(&t->mu);
     *n_load = k;
     return m;
 }
 
-/* Copies pinned entry p into block; false when its store failed it (missing or
- * corrupt: the store has dropped it). Unpins it. A staged entry is read from the slot
- * it had when pinned: the worker may have written it since, but a slot is reused only
- * by an eviction, under the same pool lock as this load. */
-static bool load_one(kv_tiers *t, const struct pin *p, int32_t block) {
-    pthread_mutex_lock(&t->mu);
-    uint64_t key = t->ent[p->i].key;
-    pthread_mutex_unlock(&t->mu);
-    const uint8_t *src = p->where == WHERE_STAGED ? t->staging + (size_t)p->slot * t->image : t->load_buf;
-    double t0 = time_now_s();
-    bool ok = p->where == WHERE_STAGED || store_get(t, p->where, key, t->load_buf) == KV_OK;
-    if (ok) image_to_block(t->kv, src, block);
-    sleep_ms(t->cfg.debug_load_delay_ms);
-    double dt = time_now_s() - t0;
-    pthread_mutex_lock(&t->mu);
-    tier_entry *e = &t->ent[p->i];
-    if (p->where >= 0 && --e->readers == 0) pthread_cond_broadcast(&t->readers_cv);
-    if (!ok) {
-        log_warn("kv tiers: load of %016llx from the %s tier failed (recomputed)", (unsigned long long)key,
-                 kv_medium_name(t->t[p->where].medium));
-        t->st.load_failures++;
-        if (e->readers == 0 && !e->busy) { /* the store dropped it already */
-            lru_unlink(t, p->i);
-            idx_remove(t, p->i);
-        }
-    } else if (p->where == WHERE_STAGED) {
-        est_update(&t->est_staged, dt);
-        t->st.staged_loaded_blocks++;
-    } else {
-        est_update(&t->t[p->where].est, dt);
-        t->st.tier[p->where].loaded_blocks++;
-        t->st.tier[p->where].bytes_read += t->image;
-    }
-    if (ok) t->st.loaded_tokens += (uint64_t)t->kv->block_size;
-    pthread_mutex_unlock(&t->mu);
-    return ok;
+/* Room for n images in the load buffer (grown to the largest load, rarely). */
+static void load_reserve(kv_tiers *t, int n) {
+    if (n <= t->cap_load) return;
+    kv_host_free(t->kv, t->load_buf);
+    t->cap_load = PD_MAX(n, 2 * t->cap_load);
+    t->load_buf = kv_host_alloc(t->kv, (size_t)t->cap_load * t->image);
 }
 
-/* The admission's loads: pins every entry first (so that the worker, woken by this
- * admission's own evictions, leaves them where they are), then copies them in order,
- * stopping at the first that fails. Returns how many leading blocks were filled. */
+/* Unpins the pinned entries [from, to) of this load (readers of a store copy). */
+static void unpin(kv_tiers *t, int from, int to) {
+    for (int k = from; k < to; k++) {
+        tier_entry *e = &t->ent[t->pinned[k].i];
+        if (t->pinned[k].where >= 0 && --e->readers == 0) pthread_cond_broadcast(&t->readers_cv);
+    }
+}
+
+/* The admission's loads: flushes the burst first (the fresh blocks may be ones this
+ * very admission evicted), pins every entry (so that the worker, woken by those
+ * evictions, leaves them where they are), gets each block's image (a staged one is
+ * read from the slot it had when pinned: a slot is reused only by an eviction, under
+ * the pool lock this load holds), stopping at the first a store fails (missing or
+ * corrupt: the store has dropped it), then moves all the images into the blocks with
+ * one batched copy. Returns how many leading blocks were filled. */
 static int load(void *user, const uint64_t *keys, const int32_t *blocks, int n_load, int n_found) {
     kv_tiers *t = user;
+    flush(t);
+    double t0 = time_now_s();
     if (n_load > t->cap_pinned) {
         t->cap_pinned = PD_MAX(n_load, 2 * t->cap_pinned);
         t->pinned = xrealloc(t->pinned, sizeof *t->pinned * (size_t)t->cap_pinned);
+        t->load_dt = xrealloc(t->load_dt, sizeof *t->load_dt * (size_t)t->cap_pinned);
     }
     pthread_mutex_lock(&t->mu);
     if (n_load > 0) t->st.decisions_load++;
@@ -457,21 +480,62 @@ static int load(void *user, const uint64_t *keys, const int32_t *blocks, int n_l
             break;
         }
         tier_entry *e = &t->ent[i];
+        PD_ASSERT(!e->pending); /* flushed above */
         if (e->where >= 0) e->readers++;
-        t->pinned[n] = (struct pin){i, e->slot, e->where};
+        t->pinned[n] = (struct pin){i, e->slot, e->where, e->key};
     }
     pthread_mutex_unlock(&t->mu);
-    int j = 0;
-    while (j < n && load_one(t, &t->pinned[j], blocks[j])) j++;
-    if (j < n) { /* a store failed one: unpin the rest */
-        pthread_mutex_lock(&t->mu);
-        for (int k = j + 1; k < n; k++) {
-            tier_entry *e = &t->ent[t->pinned[k].i];
-            if (t->pinned[k].where >= 0 && --e->readers == 0) pthread_cond_broadcast(&t->readers_cv);
-        }
-        pthread_mutex_unlock(&t->mu);
+    load_reserve(t, n);
+    int got = 0;
+    for (; got < n; got++) { /* the images, from the stores (I/O outside the index lock) */
+        const struct pin *p = &t->pinned[got];
+        double g0 = time_now_s();
+        uint8_t *img = p->where == WHERE_STAGED ? t->staging + (size_t)p->slot * t->image
+                                                : t->load_buf + (size_t)got * t->image;
+        if (p->where >= 0 && store_get(t, p->where, p->key, img) != KV_OK) break;
+        image_copies(&t->burst, t->kv, blocks[got], img, false);
+        sleep_ms(t->cfg.debug_load_delay_ms);
+        t->load_dt[got] = time_now_s() - g0;
     }
-    return j;
+    double c0 = time_now_s();
+    if (got > 0) kv_copies_run(t->kv, &t->burst); /* one batch for every block */
+    t->burst.n = 0;
+    double copy_share = got > 0 ? (time_now_s() - c0) / got : 0;
+    pthread_mutex_lock(&t->mu);
+    if (got < n) { /* a store failed this one: drop what it dropped */
+        const struct pin *p = &t->pinned[got];
+        tier_entry *e = &t->ent[p->i];
+        log_warn("kv tiers: load of %016llx from the %s tier failed (recomputed)", (unsigned long long)e->key,
+                 kv_medium_name(t->t[p->where].medium));
+        t->st.load_failures++;
+        unpin(t, got, got + 1);
+        if (e->readers == 0 && !e->busy) { /* the store dropped it already */
+            lru_unlink(t, p->i);
+            idx_remove(t, p->i);
+        }
+        unpin(t, got + 1, n);
+    }
+    for (int j = 0; j < got; j++) {
+        const struct pin *p = &t->pinned[j];
+        double dt = t->load_dt[j] + copy_share;
+        if (p->where == WHERE_STAGED) {
+            est_update(&t->est_staged, dt);
+            t->st.staged_loaded_blocks++;
+        } else {
+            est_update(&t->t[p->where].est, dt);
+            t->st.tier[p->where].loaded_blocks++;
+            t->st.tier[p->where].bytes_read += t->image;
+        }
+    }
+    unpin(t, 0, got);
+    t->st.loaded_tokens += (uint64_t)got * (uint64_t)t->kv->block_size;
+    if (got > 0) {
+        t->st.load_batches++;
+        t->st.copy_batches++;
+    }
+    t->st.hook_seconds += time_now_s() - t0;
+    pthread_mutex_unlock(&t->mu);
+    return got;
 }
 
 static void tier_stats(void *user, prefix_tier_stats *out) { kv_tiers_get_stats(user, out); }
@@ -479,6 +543,7 @@ static void tier_stats(void *user, prefix_tier_stats *out) { kv_tiers_get_stats(
 void kv_tiers_hooks(kv_tiers *t, prefix_cache_hooks *h) {
     memset(h, 0, sizeof *h);
     h->on_offload = on_offload;
+    h->on_offload_flush = flush;
     h->evict_user = t;
     h->lower_lookup = lookup;
     h->lower_load = load;
@@ -582,6 +647,16 @@ static int open_tier(kv_tiers *t, int k, kv_medium m, char *err, size_t errlen) 
     return 0;
 }
 
+/* Staging slots when none are asked for: a step's eviction burst must fit at once (a
+ * burst beyond the free slots is not kept), so two 2,048-token prefill chunks' blocks
+ * (256 of 16 tokens), at least 64, at most 512 MiB of pinned memory unless that is
+ * under 64 blocks. */
+static int staging_auto(const kv_cache *kv, size_t image) {
+    int want = PD_MAX(64, 4096 / PD_MAX(kv->block_size, 1));
+    size_t cap = ((size_t)512 << 20) / PD_MAX(image, (size_t)1);
+    return (int)PD_MAX((size_t)64, PD_MIN((size_t)want, cap));
+}
+
 kv_tiers *kv_tiers_create(const kv_tiers_config *cfg, kv_cache *kv, char *err, size_t errlen) {
     if (cfg->n_tiers < 1 || cfg->n_tiers > PREFIX_TIERS_MAX) {
         pd_errorf(err, errlen, "kv tiers: %d tiers (1 or 2)", cfg->n_tiers);
@@ -596,7 +671,8 @@ kv_tiers *kv_tiers_create(const kv_tiers_config *cfg, kv_cache *kv, char *err, s
     pthread_cond_init(&t->work_cv, NULL);
     pthread_cond_init(&t->idle_cv, NULL);
     pthread_cond_init(&t->readers_cv, NULL);
-    t->load_buf = kv_host_alloc(kv, t->image); /* pinned on a device cache */
+    t->cap_load = 1;
+    t->load_buf = kv_host_alloc(kv, t->image); /* pinned on a device cache; grows with loads */
     reclaim_dead(cfg->disk_dir);
     for (int k = 0; k < t->n; k++) {
         if (open_tier(t, k, cfg->order[k], err, errlen) != 0) {
@@ -604,12 +680,13 @@ kv_tiers *kv_tiers_create(const kv_tiers_config *cfg, kv_cache *kv, char *err, s
             return NULL;
         }
     }
-    t->n_slots = PD_MAX(cfg->staging_blocks, 1);
+    t->n_slots = cfg->staging_blocks > 0 ? cfg->staging_blocks : staging_auto(kv, t->image);
     t->staging = kv_host_alloc(kv, (size_t)t->n_slots * t->image);
     t->free_slots = xmalloc((size_t)t->n_slots * sizeof(int32_t));
     for (int i = 0; i < t->n_slots; i++) t->free_slots[i] = t->n_slots - 1 - i;
     t->n_free_slots = t->n_slots;
     t->queue = xmalloc((size_t)t->n_slots * sizeof(int32_t));
+    t->pend = xmalloc((size_t)t->n_slots * sizeof *t->pend);
     long long total = t->n_slots;
     for (int k = 0; k < t->n; k++) total += t->t[k].cap;
     t->n_ent = (int)PD_MIN(total, (long long)INT32_MAX / 4);
@@ -670,6 +747,9 @@ void kv_tiers_free(kv_tiers *t) {
     free(t->queue);
     kv_host_free(t->kv, t->load_buf);
     free(t->pinned);
+    free(t->load_dt);
+    free(t->pend);
+    kv_copies_free(&t->burst);
     free(t);
 }
 
@@ -723,8 +803,12 @@ void kv_tiers_check(kv_tiers *t, bool idle) {
     PD_ASSERT(staged + t->n_free_slots == t->n_slots);
     for (int q = 0; q < t->q_len; q++) {
         const tier_entry *e = &t->ent[t->queue[(t->q_head + q) % t->n_slots]];
-        PD_ASSERT(e->used && e->where == WHERE_STAGED);
+        PD_ASSERT(e->used && e->where == WHERE_STAGED && !e->pending);
     }
+    int n_pending = 0;
+    for (int32_t i = 0; i < t->n_ent; i++) n_pending += t->ent[i].used && t->ent[i].pending;
+    PD_ASSERT(n_pending == t->n_pend); /* callers flush before letting go of the pool */
+    for (int j = 0; j < t->n_pend; j++) PD_ASSERT(t->ent[t->pend[j].i].pending);
     free(slot_seen);
     for (int k = 0; k < t->n; k++) {
         const tier *r = &t->t[k];

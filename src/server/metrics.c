@@ -174,6 +174,22 @@ static void render_tiers(sbuf *out, const engine_stats *st, const char *label) {
           "Loads that found their entry gone or corrupt (then recomputed).", label, (double)t->load_failures);
     gauge(out, "pdserve_kv_offload_queued_blocks", "gauge", "Evicted blocks staged, not yet written.",
           label, (double)t->queued);
+    gauge(out, "pdserve_kv_offload_staging_full_total", "counter",
+          "Evicted blocks not kept because every staging slot was taken (recomputed later).", label,
+          (double)t->offload_staging_full);
+    gauge(out, "pdserve_kv_offload_bursts_total", "counter",
+          "Eviction bursts staged to host memory, one batched copy each.", label, (double)t->offload_bursts);
+    gauge(out, "pdserve_kv_offload_staged_blocks_total", "counter", "Evicted blocks staged by those bursts.",
+          label, (double)t->offload_staged_blocks);
+    gauge(out, "pdserve_kv_offload_load_batches_total", "counter",
+          "Admissions that loaded lower-tier blocks, one batched copy each.", label, (double)t->load_batches);
+    gauge(out, "pdserve_kv_offload_hook_seconds_total", "counter",
+          "Seconds engine steps spent in the tier hooks: staging copies, lookups, loads.", label,
+          t->hook_seconds);
+    gauge(out, "pdserve_kv_offload_staging_seconds_total", "counter",
+          "Of which the staging copies of eviction bursts.", label, t->offload_seconds);
+    gauge(out, "pdserve_kv_offload_max_burst_seconds", "gauge",
+          "The longest staging copy of one eviction burst.", label, t->max_burst_seconds);
 }
 
 void metrics_render(server_metrics *m, const engine_stats *st, const char *model_name, sbuf *out) {

@@ -45,6 +45,7 @@ static const char SCHEMA[] =
     "  input_tokens INTEGER, output_tokens INTEGER, expected_output_tokens INTEGER,\n"
     "  arrival_s REAL, sent_s REAL, first_token_s REAL, finished_s REAL,\n"
     "  ttft_ms REAL, e2el_ms REAL, token_times_s TEXT,\n"
+    "  cached_tokens INTEGER,\n"
     "  PRIMARY KEY(run_id, idx));\n"
     "CREATE TABLE IF NOT EXISTS power_samples(\n"
     "  run_id INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,\n"
@@ -57,6 +58,10 @@ static const char SCHEMA[] =
     "  component TEXT NOT NULL, device TEXT, role TEXT, source TEXT,\n"
     "  measured INTEGER NOT NULL, joules REAL, idle_w REAL, idle_joules REAL, net_joules REAL);\n"
     "CREATE INDEX IF NOT EXISTS energy_run ON energy(run_id);\n"
+    "CREATE TABLE IF NOT EXISTS server_metrics(\n"
+    "  run_id INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,\n"
+    "  series TEXT NOT NULL, value REAL);\n"
+    "CREATE INDEX IF NOT EXISTS server_metrics_run ON server_metrics(run_id);\n"
     "CREATE TABLE IF NOT EXISTS summaries(\n"
     "  run_id INTEGER PRIMARY KEY REFERENCES runs(run_id) ON DELETE CASCADE,\n"
     "  completed INTEGER, failed INTEGER, duration_s REAL,\n"
@@ -70,7 +75,8 @@ static const char SCHEMA[] =
     "  e2el_mean_ms REAL, e2el_median_ms REAL, e2el_p90_ms REAL, e2el_p99_ms REAL,\n"
     "  energy_j REAL, energy_net_j REAL, idle_w REAL,\n"
     "  j_per_token REAL, j_per_token_net REAL, j_per_output_token REAL, j_per_output_token_net REAL,\n"
-    "  client_cpu_s REAL);\n";
+    "  client_cpu_s REAL,\n"
+    "  cached_tokens INTEGER, cached_token_fraction REAL);\n";
 
 const char *study_status_name(study_status s) {
     switch (s) {
@@ -91,29 +97,47 @@ static int exec(sqlite3 *h, const char *sql, char *err, size_t errlen) {
     return 0;
 }
 
-/* Schema 1 -> 2: the power_samples columns of the sampler rings. Adds each that is
- * missing (a file written by version 1); rows already there keep NULL in them. */
-static int upgrade_v1(sqlite3 *h, char *err, size_t errlen) {
-    static const char *const cols[][2] = {{"util_gpu", "INTEGER"}, {"util_mem", "INTEGER"},
-                                          {"temp_c", "INTEGER"}, {"source", "TEXT"}};
-    bool have[4] = {false, false, false, false};
+/* Adds each column of cols[n] {name, type} that table lacks (a file written by an
+ * older version); rows already there keep NULL in them. */
+static int add_missing_columns(sqlite3 *h, const char *table, const char *const (*cols)[2], int n,
+                               char *err, size_t errlen) {
+    bool have[8] = {false};
+    PD_ASSERT(n <= 8);
+    char sql[200];
+    snprintf(sql, sizeof sql, "PRAGMA table_info(%s)", table);
     sqlite3_stmt *st = NULL;
-    if (sqlite3_prepare_v2(h, "PRAGMA table_info(power_samples)", -1, &st, NULL) != SQLITE_OK) {
+    if (sqlite3_prepare_v2(h, sql, -1, &st, NULL) != SQLITE_OK) {
         pd_errorf(err, errlen, "sqlite: %s", sqlite3_errmsg(h));
         return -1;
     }
     while (sqlite3_step(st) == SQLITE_ROW) {
         const char *name = (const char *)sqlite3_column_text(st, 1);
-        for (int i = 0; i < 4; i++) have[i] |= name && !strcmp(name, cols[i][0]);
+        for (int i = 0; i < n; i++) have[i] |= name && !strcmp(name, cols[i][0]);
     }
     sqlite3_finalize(st);
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < n; i++) {
         if (have[i]) continue;
-        char sql[160];
-        snprintf(sql, sizeof sql, "ALTER TABLE power_samples ADD COLUMN %s %s", cols[i][0], cols[i][1]);
+        snprintf(sql, sizeof sql, "ALTER TABLE %s ADD COLUMN %s %s", table, cols[i][0], cols[i][1]);
         if (exec(h, sql, err, errlen)) return -1;
     }
-    return exec(h, "UPDATE meta SET value = '2' WHERE key = 'schema_version' AND value = '1'", err, errlen);
+    return 0;
+}
+
+/* Schema 1 -> 2: the power_samples columns of the sampler rings. Schema 2 -> 3: the
+ * prompt tokens each request took from the server's prefix cache (requests), and
+ * their sum and fraction per point (summaries; appended last, as ALTER TABLE puts
+ * them, so that a migrated file and a new one have the same column order). */
+static int upgrade_old(sqlite3 *h, char *err, size_t errlen) {
+    static const char *const power[][2] = {{"util_gpu", "INTEGER"}, {"util_mem", "INTEGER"},
+                                           {"temp_c", "INTEGER"}, {"source", "TEXT"}};
+    static const char *const reqs[][2] = {{"cached_tokens", "INTEGER"}};
+    static const char *const sums[][2] = {{"cached_tokens", "INTEGER"}, {"cached_token_fraction", "REAL"}};
+    if (add_missing_columns(h, "power_samples", power, 4, err, errlen) ||
+        add_missing_columns(h, "requests", reqs, 1, err, errlen) ||
+        add_missing_columns(h, "summaries", sums, 2, err, errlen))
+        return -1;
+    return exec(h, "UPDATE meta SET value = '3' WHERE key = 'schema_version' AND value IN ('1', '2')", err,
+                errlen);
 }
 
 int study_db_open(const char *path, study_db **out, char *err, size_t errlen) {
@@ -127,7 +151,7 @@ int study_db_open(const char *path, study_db **out, char *err, size_t errlen) {
     sqlite3_busy_timeout(h, 10000);
     char e2[512];
     if (exec(h, "PRAGMA journal_mode=WAL; PRAGMA foreign_keys=ON; PRAGMA synchronous=NORMAL;", e2, sizeof e2) ||
-        exec(h, SCHEMA, e2, sizeof e2) || upgrade_v1(h, e2, sizeof e2)) {
+        exec(h, SCHEMA, e2, sizeof e2) || upgrade_old(h, e2, sizeof e2)) {
         pd_errorf(err, errlen, "%s: %s", path, e2);
         sqlite3_close(h);
         return -1;
@@ -334,7 +358,7 @@ static int insert_requests(sqlite3 *h, long long run_id, const bench_config *bc,
     if (sqlite3_prepare_v2(h,
                            "INSERT INTO requests(run_id, idx, status, error, input_tokens, output_tokens,"
                            " expected_output_tokens, arrival_s, sent_s, first_token_s, finished_s, ttft_ms,"
-                           " e2el_ms, token_times_s) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                           " e2el_ms, token_times_s, cached_tokens) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                            -1, &st, NULL) != SQLITE_OK)
         return -1;
     double *arr = xmalloc(sizeof(double) * (size_t)PD_MAX(r->n, 1));
@@ -359,6 +383,7 @@ static int insert_requests(sqlite3 *h, long long run_id, const bench_config *bc,
         bind_real(st, 12, has_first && rec->ttft_s > 0 ? rec->ttft_s * 1e3 : NAN);
         bind_real(st, 13, rec->e2el_s > 0 ? rec->e2el_s * 1e3 : NAN);
         sqlite3_bind_text(st, 14, tt, -1, SQLITE_TRANSIENT);
+        bind_int_or_null(st, 15, rec->cached_tokens, !rec->has_cached);
         if (sqlite3_step(st) != SQLITE_DONE) rc = -1;
         free(tt);
     }
@@ -573,6 +598,67 @@ static int insert_power(sqlite3 *h, long long run_id, const study_run_info *ri) 
     return rc;
 }
 
+/* ---- server metrics (prefix cache, KV tiers) -------------------------------------------- */
+
+void study_metrics_parse(const char *text, const char *prefix, study_metric *out, int cap, int *n) {
+    static const char *const wanted[] = {"pdserve_prefix_cache_", "pdserve_kv_offload_"};
+    for (const char *p = text; p && *p;) {
+        const char *nl = strchr(p, '\n');
+        size_t len = nl ? (size_t)(nl - p) : strlen(p);
+        const char *line = p;
+        p = nl ? nl + 1 : NULL;
+        if (strncmp(line, wanted[0], strlen(wanted[0])) != 0 && strncmp(line, wanted[1], strlen(wanted[1])) != 0)
+            continue;
+        const char *sp = NULL; /* the last space of the line: the value follows */
+        for (size_t i = 0; i < len; i++)
+            if (line[i] == ' ') sp = line + i;
+        if (!sp || *n >= cap) continue;
+        char num[64];
+        snprintf(num, sizeof num, "%.*s", (int)PD_MIN((size_t)(line + len - sp - 1), sizeof num - 1), sp + 1);
+        char *end;
+        double v = strtod(num, &end);
+        if (end == num || !isfinite(v)) continue;
+        study_metric *m = &out[(*n)++];
+        snprintf(m->series, sizeof m->series, "%s%s%.*s", prefix, prefix[0] ? " " : "", (int)(sp - line), line);
+        m->value = v;
+    }
+}
+
+static bool is_counter(const char *series) {
+    const char *brace = strchr(series, '{');
+    size_t n = brace ? (size_t)(brace - series) : strlen(series);
+    return n >= 6 && !strncmp(series + n - 6, "_total", 6);
+}
+
+void study_metrics_delta(study_metric *after, int n_after, const study_metric *before, int n_before) {
+    for (int i = 0; i < n_after; i++) {
+        if (!is_counter(after[i].series)) continue;
+        for (int k = 0; k < n_before; k++)
+            if (!strcmp(before[k].series, after[i].series)) {
+                after[i].value -= before[k].value;
+                break;
+            }
+    }
+}
+
+static int insert_metrics(sqlite3 *h, long long run_id, const study_run_info *ri) {
+    if (!ri->metrics || ri->n_metrics <= 0) return 0;
+    sqlite3_stmt *st = NULL;
+    if (sqlite3_prepare_v2(h, "INSERT INTO server_metrics(run_id, series, value) VALUES(?,?,?)", -1, &st, NULL) !=
+        SQLITE_OK)
+        return -1;
+    int rc = 0;
+    for (int i = 0; i < ri->n_metrics && rc == 0; i++) {
+        sqlite3_reset(st);
+        sqlite3_bind_int64(st, 1, run_id);
+        bind_text(st, 2, ri->metrics[i].series);
+        bind_real(st, 3, ri->metrics[i].value);
+        if (sqlite3_step(st) != SQLITE_DONE) rc = -1;
+    }
+    sqlite3_finalize(st);
+    return rc;
+}
+
 /* Latency statistics from the records (vLLM definitions), independent of which
  * percentiles the bench config asked for. */
 static void latency_stats(const bench_result *r, bench_stat *ttft, bench_stat *tpot, bench_stat *itl,
@@ -625,7 +711,7 @@ static int insert_summary(sqlite3 *h, long long run_id, const bench_config *bc, 
     sqlite3_stmt *st = NULL;
     if (sqlite3_prepare_v2(h,
                            "INSERT INTO summaries VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,"
-                           "?,?,?,?,?,?,?,?)",
+                           "?,?,?,?,?,?,?,?,?,?)",
                            -1, &st, NULL) != SQLITE_OK)
         return -1;
     const bench_summary *s = &r->sum;
@@ -666,6 +752,18 @@ static int insert_summary(sqlite3 *h, long long run_id, const bench_config *bc, 
     bind_real(st, i++, per(e->j, s->total_output, e->any));
     bind_real(st, i++, per(e->net_j, s->total_output, net_ok));
     bind_real(st, i++, r->client_cpu_s);
+    /* cached tokens over the prompt tokens of the completed requests that reported them */
+    long long cached = 0, input = 0;
+    int known = 0;
+    for (int k = 0; k < r->n; k++) {
+        const bench_record *x = &r->recs[k];
+        if (!x->success || !x->has_cached) continue;
+        known++;
+        cached += x->cached_tokens;
+        input += x->prompt_len > 0 ? x->prompt_len : 0;
+    }
+    bind_int_or_null(st, i++, cached, known == 0);
+    bind_real(st, i++, known > 0 && input > 0 ? (double)cached / (double)input : NAN);
     PD_ASSERT(i - 1 == sqlite3_bind_parameter_count(st));
     int rc = sqlite3_step(st) == SQLITE_DONE ? 0 : -1;
     sqlite3_finalize(st);
@@ -692,7 +790,7 @@ long long study_db_record(study_db *db, const study_point *pt, const study_run_i
     if (r) {
         energy_tot tot;
         if (insert_requests(h, id, bc, r) || insert_energy(h, id, r, idle, &tot) ||
-            insert_summary(h, id, bc, r, &tot) || insert_power(h, id, ri))
+            insert_summary(h, id, bc, r, &tot) || insert_power(h, id, ri) || insert_metrics(h, id, ri))
             goto fail;
     }
     if (exec(h, "COMMIT", e2, sizeof e2)) {

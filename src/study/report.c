@@ -19,13 +19,15 @@
 #include "util/util.h"
 
 /* ---- loading ------------------------------------------------------------------------- */
+/* %s: the cached-token fraction, or NULL in a database older than schema 3 (the
+ * report opens it read-only, unmigrated). */
 static const char LOAD_SQL[] =
     "SELECT r.run_id, r.setup, r.load_kind, r.load_label, coalesce(r.batch_size, 0), r.request_rate,"
     " coalesce(r.prefill_sm_mhz, 0), coalesce(r.decode_sm_mhz, 0), r.simulated, r.point_index,"
     " s.completed, s.failed, s.ttft_median_ms, s.ttft_p99_ms, s.tpot_median_ms, s.tpot_p99_ms,"
     " s.itl_median_ms, s.e2el_median_ms, s.request_throughput, s.input_throughput, s.output_throughput,"
     " s.total_token_throughput, s.goodput, s.energy_j, s.j_per_token, s.j_per_token_net,"
-    " s.j_per_output_token, s.j_per_output_token_net, s.total_input_tokens + s.total_output_tokens"
+    " s.j_per_output_token, s.j_per_output_token_net, s.total_input_tokens + s.total_output_tokens, %s"
     " FROM runs r JOIN summaries s USING(run_id) WHERE r.status = 'ok'"
     " ORDER BY r.point_index, r.run_id";
 
@@ -41,7 +43,7 @@ static void acc(double *mean, int *cnt, double v) {
 }
 
 typedef struct acc_counts {
-    int c[16];
+    int c[16], cached, reuse[8];
     int comp[16], comp_net[16];
 } acc_counts;
 
@@ -72,9 +74,54 @@ static void add_components(sqlite3 *h, long long run_id, double tokens, rep_poin
 }
 
 /* Reads ok runs, one rep_point per configuration. *out malloc'd. */
-static int load_points(sqlite3 *h, rep_point **out, int *n_out, char *err, size_t errlen) {
+static bool has_column(sqlite3 *h, const char *table, const char *column) {
+    char sql[128];
+    snprintf(sql, sizeof sql, "PRAGMA table_info(%s)", table);
     sqlite3_stmt *st = NULL;
-    if (sqlite3_prepare_v2(h, LOAD_SQL, -1, &st, NULL) != SQLITE_OK) {
+    bool found = false;
+    if (sqlite3_prepare_v2(h, sql, -1, &st, NULL) == SQLITE_OK)
+        while (!found && sqlite3_step(st) == SQLITE_ROW) {
+            const char *name = (const char *)sqlite3_column_text(st, 1);
+            found = name && !strcmp(name, column);
+        }
+    sqlite3_finalize(st);
+    return found;
+}
+
+/* The prefix cache / KV tier counters of one run (server_metrics, summed over the
+ * deployment's instances) into p's running means; nothing when the run has none. */
+static void add_reuse(sqlite3 *h, long long run_id, rep_point *p, acc_counts *ac) {
+    static const char SQL[] =
+        "SELECT sum(CASE WHEN series LIKE '%pdserve_prefix_cache_queries_total%' THEN value END),"
+        " coalesce(sum(CASE WHEN series LIKE '%pdserve_prefix_cache_tier_hits_total%tier=\"gpu\"%' THEN value END),"
+        "  sum(CASE WHEN series LIKE '%pdserve_prefix_cache_hits_total%' THEN value END)),"
+        " sum(CASE WHEN series LIKE '%pdserve_prefix_cache_tier_hits_total%tier=\"cpu\"%' THEN value END),"
+        " sum(CASE WHEN series LIKE '%pdserve_prefix_cache_tier_hits_total%tier=\"disk\"%' THEN value END),"
+        " sum(CASE WHEN series LIKE '%pdserve_kv_offload_decisions_total%decision=\"load\"%' THEN value END),"
+        " sum(CASE WHEN series LIKE '%pdserve_kv_offload_decisions_total%decision=\"recompute\"%' THEN value END),"
+        " sum(CASE WHEN series LIKE '%pdserve_kv_offload_loaded_blocks_total%' THEN value END),"
+        " sum(CASE WHEN series LIKE '%pdserve_kv_offload_dropped_total%' THEN value END)"
+        " FROM server_metrics WHERE run_id = ?";
+    sqlite3_stmt *st = NULL;
+    if (sqlite3_prepare_v2(h, SQL, -1, &st, NULL) != SQLITE_OK) return;
+    sqlite3_bind_int64(st, 1, run_id);
+    if (sqlite3_step(st) == SQLITE_ROW && sqlite3_column_type(st, 0) != SQLITE_NULL) {
+        double q = sqlite3_column_double(st, 0);
+        for (int k = 0; k < 3; k++)
+            acc(&p->tier_hit[k], &ac->reuse[k], q > 0 ? col(st, 1 + k) / q : NAN);
+        double *f[] = {&p->loads, &p->recomputes, &p->loaded_blocks, &p->dropped};
+        for (int k = 0; k < 4; k++) acc(f[k], &ac->reuse[3 + k], col(st, 4 + k));
+    }
+    sqlite3_finalize(st);
+}
+
+static int load_points(sqlite3 *h, rep_point **out, int *n_out, char *err, size_t errlen) {
+    bool has_metrics = has_column(h, "server_metrics", "series");
+    sqlite3_stmt *st = NULL;
+    char sql[sizeof LOAD_SQL + 64];
+    snprintf(sql, sizeof sql, LOAD_SQL,
+             has_column(h, "summaries", "cached_token_fraction") ? "s.cached_token_fraction" : "NULL");
+    if (sqlite3_prepare_v2(h, sql, -1, &st, NULL) != SQLITE_OK) {
         pd_errorf(err, errlen, "not a pdserve results database (%s)", sqlite3_errmsg(h));
         return -1;
     }
@@ -114,6 +161,10 @@ static int load_points(sqlite3 *h, rep_point **out, int *n_out, char *err, size_
                            &p->req_thr, &p->in_thr, &p->out_thr, &p->tok_thr, &p->goodput, &p->energy_j,
                            &p->jpt, &p->jpt_net, &p->jpot, &p->jpot_net};
             for (size_t i = 0; i < PD_ARRAY_LEN(f); i++) *f[i] = NAN;
+            p->cached_frac = NAN;
+            double *g[] = {&p->tier_hit[0], &p->tier_hit[1], &p->tier_hit[2], &p->loads, &p->recomputes,
+                           &p->loaded_blocks, &p->dropped};
+            for (size_t i = 0; i < PD_ARRAY_LEN(g); i++) *g[i] = NAN;
             n++;
         }
         rep_point *p = &pts[k];
@@ -125,6 +176,8 @@ static int load_points(sqlite3 *h, rep_point **out, int *n_out, char *err, size_
                        &p->req_thr, &p->in_thr, &p->out_thr, &p->tok_thr, &p->goodput, &p->energy_j,
                        &p->jpt, &p->jpt_net, &p->jpot, &p->jpot_net};
         for (size_t i = 0; i < PD_ARRAY_LEN(f); i++) acc(f[i], &ac->c[i], col(st, 12 + (int)i));
+        acc(&p->cached_frac, &ac->cached, col(st, 29));
+        if (has_metrics) add_reuse(h, sqlite3_column_int64(st, 0), p, ac);
         add_components(h, sqlite3_column_int64(st, 0), col(st, 28), p, ac);
     }
     sqlite3_finalize(st);
@@ -200,6 +253,38 @@ static bool front_at_load(const rep_point *pts, int n, int i) {
     return true;
 }
 
+/* A reuse sweep: some point had prompt tokens served from the prefix cache, or ran with
+ * prefix caching on (its servers' counters). Servers report cached_tokens (0) even
+ * without prefix caching; such sweeps get no reuse columns. */
+static bool any_cached(const rep_point *pts, int n) {
+    for (int i = 0; i < n; i++)
+        if (pts[i].cached_frac > 0 || !isnan(pts[i].tier_hit[0])) return true;
+    return false;
+}
+
+/* Reuse sweeps: TTFT beside the share of prompt tokens served from the prefix cache
+ * (any tier), per point; nothing when no point reported cached tokens. */
+static void print_reuse(FILE *f, const rep_point *pts, int n) {
+    if (!any_cached(pts, n)) return;
+    fprintf(f, "\nKV reuse\n  %-22s %-10s %8s %7s %7s %7s %7s %7s %8s %9s %9s\n", "setup", "load", "cached %",
+            "gpu %", "cpu %", "disk %", "loads", "recomp", "blk load", "TTFT p50", "TTFT p99");
+    char b[10][32];
+    for (int i = 0; i < n; i++) {
+        const rep_point *p = &pts[i];
+        if (isnan(p->cached_frac)) continue;
+        fprintf(f, "  %-22.22s %-10.10s %8s %7s %7s %7s %7s %7s %8s %9s %9s\n", p->setup, p->load_label,
+                tfmt(b[0], 32, 100 * p->cached_frac, 1), tfmt(b[1], 32, 100 * p->tier_hit[0], 1),
+                tfmt(b[2], 32, 100 * p->tier_hit[1], 1), tfmt(b[3], 32, 100 * p->tier_hit[2], 1),
+                tfmt(b[4], 32, p->loads, 0), tfmt(b[5], 32, p->recomputes, 0), tfmt(b[6], 32, p->loaded_blocks, 0),
+                tfmt(b[7], 32, p->ttft_med, 1), tfmt(b[8], 32, p->ttft_p99, 1));
+    }
+    fprintf(f, "cached %% = prompt tokens the server reported as cached (usage.prompt_tokens_details.cached_tokens:\n"
+               "  GPU prefix cache hits + blocks loaded from the cpu/disk tiers) / prompt tokens; gpu/cpu/disk %% =\n"
+               "  prompt tokens found in that tier / prompt tokens looked up (the servers' counters, warm-up\n"
+               "  included; lower tiers: found, loaded or not); loads / recomp = admissions that found lower-tier\n"
+               "  blocks and loaded / recomputed them; blk load = blocks loaded\n");
+}
+
 static void print_table(FILE *f, const rep_point *pts, int n, int n_bad) {
     fprintf(f, "%-14s %-10s %-9s %9s %9s %8s %8s %8s %10s %10s %9s %10s %s\n", "setup", "load", "clock", "TTFT p50",
             "TTFT p99", "TPOT p50", "TPOT p99", "req/s", "out tok/s", "goodput", "J/token", "J/tok net", "front");
@@ -244,6 +329,7 @@ static void print_table(FILE *f, const rep_point *pts, int n, int n_bad) {
             break;
         }
     if (n_bad) fprintf(f, "%d point(s) failed or skipped: see index.html or runs.csv for the reasons\n", n_bad);
+    print_reuse(f, pts, n);
 }
 
 static void html_esc(FILE *f, const char *s) {
@@ -358,17 +444,18 @@ static void html_header(FILE *f, sqlite3 *h, const char *db_path) {
 }
 
 static void html_tables(FILE *f, const rep_point *pts, int n) {
+    bool cached = any_cached(pts, n);
     fputs("<h2>Results by setup and load</h2>\n", f);
     for (int i = 0; i < n;) {
         int j = i;
         while (j < n && !strcmp(pts[j].setup, pts[i].setup)) j++;
         fputs("<h3>", f);
         html_esc(f, pts[i].setup);
-        fputs("</h3>\n<table><tr><th class=l>load</th><th class=l>SM MHz<br>prefill/decode</th><th>runs</th>"
-              "<th>TTFT p50</th><th>TTFT p99</th><th>TPOT p50</th><th>TPOT p99</th><th>ITL p50</th>"
+        fprintf(f, "</h3>\n<table><tr><th class=l>load</th><th class=l>SM MHz<br>prefill/decode</th><th>runs</th>"
+              "%s<th>TTFT p50</th><th>TTFT p99</th><th>TPOT p50</th><th>TPOT p99</th><th>ITL p50</th>"
               "<th>req/s</th><th>input tok/s</th><th>output tok/s</th><th>goodput req/s</th>"
               "<th>J/token</th><th>J/token idle-subtracted</th><th>J/output token</th><th>failed requests</th></tr>\n",
-              f);
+                cached ? "<th>prompt tokens cached</th>" : "");
         for (int k = i; k < j; k++) {
             const rep_point *p = &pts[k];
             char clk[32];
@@ -377,6 +464,8 @@ static void html_tables(FILE *f, const rep_point *pts, int n) {
             html_esc(f, p->load_label);
             if (p->simulated) fputs(" <span class=sim>sim</span>", f);
             fprintf(f, "</td><td class=l>%s</td><td>%d</td>", clk, p->n_ok);
+            if (cached && isnan(p->cached_frac)) fputs("<td class=nm>n/r</td>", f);
+            else if (cached) fprintf(f, "<td>%.1f%%</td>", 100 * p->cached_frac);
             td(f, p->ttft_med, 1);
             td(f, p->ttft_p99, 1);
             td(f, p->tpot_med, 2);
@@ -395,6 +484,41 @@ static void html_tables(FILE *f, const rep_point *pts, int n) {
         fputs("</table>\n", f);
         i = j;
     }
+}
+
+/* Reuse sweeps: hit rates per tier and loads beside TTFT (nothing when no point
+ * reported cached tokens). */
+static void html_reuse(FILE *f, const rep_point *pts, int n) {
+    if (!any_cached(pts, n)) return;
+    fputs("<h2>KV reuse</h2>\n<p><em>cached</em>: prompt tokens the server reported as cached "
+          "(usage.prompt_tokens_details.cached_tokens: GPU prefix cache hits and blocks loaded from the cpu / "
+          "disk tiers) over prompt tokens. <em>gpu, cpu, disk</em>: prompt tokens found in that tier over prompt "
+          "tokens looked up, from the servers' counters over the run (warm-up included; lower tiers: found, "
+          "loaded or not). <em>loads / recomputes</em>: admissions that found lower-tier blocks and loaded or "
+          "recomputed them (docs/reuse.md).</p>\n<table><tr><th class=l>setup</th><th class=l>load</th>"
+          "<th>cached</th><th>gpu</th><th>cpu</th><th>disk</th><th>loads</th><th>recomputes</th>"
+          "<th>blocks loaded</th><th>offloads dropped</th><th>TTFT p50</th><th>TTFT p99</th><th>TPOT p50</th></tr>\n",
+          f);
+    for (int i = 0; i < n; i++) {
+        const rep_point *p = &pts[i];
+        if (isnan(p->cached_frac)) continue;
+        fputs("<tr><td class=l>", f);
+        html_esc(f, p->setup);
+        fputs("</td><td class=l>", f);
+        html_esc(f, p->load_label);
+        fputs("</td>", f);
+        td(f, 100 * p->cached_frac, 1);
+        for (int k = 0; k < 3; k++) td(f, 100 * p->tier_hit[k], 1);
+        td(f, p->loads, 0);
+        td(f, p->recomputes, 0);
+        td(f, p->loaded_blocks, 0);
+        td(f, p->dropped, 0);
+        td(f, p->ttft_med, 1);
+        td(f, p->ttft_p99, 1);
+        td(f, p->tpot_med, 2);
+        fputs("</tr>\n", f);
+    }
+    fputs("</table>\n<p>Percentages; TTFT and TPOT in ms.</p>\n", f);
 }
 
 static void html_components(FILE *f, const rep_point *pts, int n) {
@@ -667,6 +791,7 @@ int study_report(const study_report_opts *o, char *err, size_t errlen) {
     }
     html_header(f, h, o->db_path);
     html_tables(f, pts, n);
+    html_reuse(f, pts, n);
     html_components(f, pts, n);
     html_validation(f, pts, n);
     html_plots(f, pl, pts, n);

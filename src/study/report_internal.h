@@ -24,6 +24,13 @@ typedef struct rep_point {
     double ttft_med, ttft_p99, tpot_med, tpot_p99, itl_med, e2el_med;
     double req_thr, in_thr, out_thr, tok_thr, goodput;
     double energy_j, jpt, jpt_net, jpot, jpot_net;
+    double cached_frac;         /* prompt tokens the server took from its prefix cache (any
+                                 * KV tier) / prompt tokens, for reuse sweeps; NAN: not reported */
+    /* the servers' own counters over the run (server_metrics; NAN without prefix caching):
+     * prompt tokens found per tier (gpu, cpu, disk) / prompt tokens looked up; admissions
+     * that found lower-tier blocks and loaded / recomputed them; blocks loaded; evicted
+     * blocks not offloaded */
+    double tier_hit[3], loads, recomputes, loaded_blocks, dropped;
     /* energy by component: J/token (whole, idle-subtracted), averaged */
     int n_comp;
     char comp[16][64];

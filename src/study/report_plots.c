@@ -346,6 +346,48 @@ static int plot_energy(const char *gp, const char *dir, const rep_point *pts, in
     return draw(gp, dir, name, cap, &b, out, err, errlen);
 }
 
+/* Reuse sweeps: TTFT p50 against the share of prompt tokens served from the prefix
+ * cache, one point per configuration, labelled by setup (nothing when none reported). */
+static int plot_reuse(const char *gp, const char *dir, const rep_point *pts, int n, rep_plot_list *out, char *err,
+                      size_t errlen) {
+    int m = 0, reuse = 0;
+    for (int i = 0; i < n; i++) {
+        m += !isnan(pts[i].cached_frac) && !isnan(pts[i].ttft_med);
+        reuse += pts[i].cached_frac > 0 || !isnan(pts[i].tier_hit[0]); /* as report.c's any_cached */
+    }
+    if (m == 0 || reuse == 0) return 0;
+    const char *name = "ttft-vs-cached";
+    sbuf b = {0};
+    begin(&b, dir, name);
+    sb_printf(&b, "set title 'TTFT vs prompt tokens served from the prefix cache'\n");
+    sb_printf(&b, "set xlabel 'prompt tokens cached (%%)'\nset xrange [-5:105]\n");
+    sb_printf(&b, "set ylabel 'TTFT p50 (ms)'\nset yrange [0:*]\nset key below\n");
+    int first[64], ns = PD_MIN(setups_of(pts, n, first), 64);
+    char plot[8192] = "plot";
+    size_t pl = strlen(plot);
+    int series = 0;
+    for (int s = 0; s < ns; s++) {
+        int k = 0;
+        for (int i = 0; i < n; i++)
+            if (!strcmp(pts[i].setup, pts[first[s]].setup) && !isnan(pts[i].cached_frac) && !isnan(pts[i].ttft_med)) {
+                if (!k++) sb_printf(&b, "$c%d << EOD\n", s);
+                num(&b, 100 * pts[i].cached_frac);
+                num(&b, pts[i].ttft_med);
+                sb_printf(&b, "\n");
+            }
+        if (!k) continue;
+        sb_printf(&b, "EOD\n");
+        char t[64];
+        clean(t, sizeof t, pts[first[s]].setup);
+        pl += (size_t)snprintf(plot + pl, sizeof plot - pl, "%s $c%d using 1:2 with points pt 7 ps 1.5 lc rgb '%s' title '%s'",
+                               series++ ? "," : "", s, COLORS[s % 10], t);
+    }
+    sb_printf(&b, "%s\n", plot);
+    return draw(gp, dir, name, "TTFT p50 per point against the share of its prompt tokens the server reported "
+                               "as cached (GPU prefix cache hits + blocks loaded from lower KV tiers)",
+                &b, out, err, errlen);
+}
+
 int rep_plots(const char *gp, const char *dir, const rep_point *pts, int n, rep_plot_list *out, char *err,
               size_t errlen) {
     out->n = 0;
@@ -358,5 +400,6 @@ int rep_plots(const char *gp, const char *dir, const rep_point *pts, int n, rep_
     for (int s = 0; s < ns; s++)
         for (int kk = 0; kk < 2; kk++)
             if (plot_latency(gp, dir, pts, n, pts[first[s]].setup, kinds[kk], out, err, errlen)) return -1;
+    if (plot_reuse(gp, dir, pts, n, out, err, errlen)) return -1;
     return 0;
 }

@@ -166,7 +166,9 @@ void study_deploy_kill_all(void);
 /* ---- results database ---------------------------------------------------------------- */
 typedef struct study_db study_db;
 
-#define STUDY_SCHEMA_VERSION 2 /* 2: power_samples gained util_gpu, util_mem, temp_c, source */
+#define STUDY_SCHEMA_VERSION 3 /* 2: power_samples gained util_gpu, util_mem, temp_c, source;
+                                * 3: requests.cached_tokens, summaries.cached_tokens and
+                                * cached_token_fraction */
 
 typedef enum study_status { STUDY_STATUS_OK, STUDY_STATUS_FAILED, STUDY_STATUS_SKIPPED } study_status;
 const char *study_status_name(study_status s);
@@ -207,7 +209,26 @@ typedef struct study_run_info {
      * (GET /metrics/power-samples), or /metrics scrapes where an instance has no ring */
     const struct study_power_sample *power;
     int n_power;
+    /* the servers' prefix cache and KV tier series over the run (may be NULL) */
+    const struct study_metric *metrics;
+    int n_metrics;
 } study_run_info;
+
+/* One series of an instance's /metrics over a run (server_metrics table): the prefix
+ * cache's and the KV tiers' (pdserve_prefix_cache_*, pdserve_kv_offload_*). Counters
+ * (names ending in _total) as the increase from before the bench (warm-up included)
+ * to after it; gauges as read after it. */
+typedef struct study_metric {
+    char series[224];          /* name{labels}, after "URL " when the deployment has several */
+    double value;
+} study_metric;
+
+/* Parses the prefix cache / KV tier series of a /metrics text (prefix: put before
+ * each, "" for none) into out[cap], appending after *n (which it advances). */
+void study_metrics_parse(const char *text, const char *prefix, study_metric *out, int cap, int *n);
+/* Turns the counters of after[n_after] into increases over before[n_before] (a series
+ * missing before counts from 0); gauges stay as they are. */
+void study_metrics_delta(study_metric *after, int n_after, const study_metric *before, int n_before);
 
 /* One meter's power at one moment (power_samples table): a GPU's power, clocks,
  * utilisation and temperature, or a RAPL domain's mean power over the tick before.

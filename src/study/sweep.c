@@ -83,6 +83,30 @@ static void read_counters(const study_deployment *d, bench_energy *e, bool after
     }
 }
 
+/* The prefix cache and KV tier series at every metrics URL, appended to m[cap] (*n
+ * advanced); "URL " before each where the deployment has several. */
+#define SWEEP_METRICS_MAX 512
+static void read_reuse(const study_deployment *d, study_metric *m, int *n) {
+    const char *list = d->metrics_urls[0] ? d->metrics_urls : NULL;
+    char def[320];
+    if (!list) {
+        snprintf(def, sizeof def, "%s/metrics", d->base_url);
+        list = def;
+    }
+    bool several = strchr(list, ',') != NULL;
+    *n = 0;
+    for (const char *p = list; *p;) {
+        size_t k = strcspn(p, ",");
+        char url[512], err[256];
+        snprintf(url, sizeof url, "%.*s", (int)PD_MIN(k, sizeof url - 1), p);
+        p += k + (p[k] == ',');
+        long status = 0;
+        char *body = bench_http_get(url, NULL, 10, &status, err, sizeof err);
+        if (body && status == 200) study_metrics_parse(body, several ? url : "", m, SWEEP_METRICS_MAX, n);
+        free(body);
+    }
+}
+
 /* Power of the deployment while a point runs, into the power_samples table:
  *   - ring: each instance's own sampler (every 100 ms: power, clocks, utilisation and
  *     temperature per GPU, RAPL per domain), fetched from GET /metrics/power-samples
@@ -391,8 +415,8 @@ static void make_config(const point_ctx *x, const study_point *pt, const study_d
 /* Runs one point (deployment up to down). Returns its status; reason filled unless ok;
  * *res and *idle filled when the bench ran. */
 static study_status run_point(const point_ctx *x, const study_point *pt, bench_config *bc, bench_result **res,
-                              study_idle *idle, power_poll *pp, char *base_url, size_t url_cap, char *reason,
-                              size_t rcap) {
+                              study_idle *idle, power_poll *pp, study_metric **mets, int *n_mets,
+                              char *base_url, size_t url_cap, char *reason, size_t rcap) {
     const study_sweep_opts *o = x->o;
     char why[512];
     /* Clocks: the instances this sweep starts lock their own GPUs (`pdserve serve
@@ -485,9 +509,18 @@ static study_status run_point(const point_ctx *x, const study_point *pt, bench_c
         clocks_set = true;
     }
     make_config(x, pt, &d, bc);
+    study_metric *before = xcalloc(SWEEP_METRICS_MAX, sizeof *before);
+    int n_before = 0;
+    read_reuse(&d, before, &n_before);
     power_poll_start(pp, &d);
     int rc = bench_run(bc, &ds, res, why, sizeof why);
     power_poll_stop(pp);
+    if (n_before > 0) { /* prefix caching is on: its counters over the run */
+        *mets = xcalloc(SWEEP_METRICS_MAX, sizeof **mets);
+        read_reuse(&d, *mets, n_mets);
+        study_metrics_delta(*mets, *n_mets, before, n_before);
+    }
+    free(before);
     if (rc == 0 && *res) /* sample times relative to the bench's timed start */
         for (int i = 0; i < pp->n; i++) pp->s[i].t_s -= (double)(*res)->start_ns * 1e-9;
     study_deploy_down(&d);
@@ -632,7 +665,10 @@ int study_sweep_run(const study_plan *plan, const study_sweep_opts *o, study_swe
         char reason[1024] = "", base_url[256] = "";
         power_poll pp;
         memset(&pp, 0, sizeof pp);
-        study_status st = run_point(&x, pt, &bc, &res, &idle, &pp, base_url, sizeof base_url, reason, sizeof reason);
+        study_metric *mets = NULL;
+        int n_mets = 0;
+        study_status st = run_point(&x, pt, &bc, &res, &idle, &pp, &mets, &n_mets, base_url, sizeof base_url, reason,
+                                    sizeof reason);
         bool deployed = res != NULL;
         study_run_info ri = {.plan_name = plan->name, .model = x.model, .base_url = base_url[0] ? base_url : NULL,
                              .hw = &hw, .started_unix = w0, .ended_unix = time_wall_s(), .status = st,
@@ -640,10 +676,11 @@ int study_sweep_run(const study_plan *plan, const study_sweep_opts *o, study_swe
                              .input_len = plan->input_len, .output_len = plan->output_len,
                              .warmup_requests = plan->warmup_requests, .range_ratio = plan->range_ratio,
                              .cooldown_s = plan->cooldown_s, .seed = plan->seed, .power = pp.s,
-                             .n_power = pp.n};
+                             .n_power = pp.n, .metrics = mets, .n_metrics = n_mets};
         char e2[512];
         long long id = study_db_record(db, pt, &ri, res ? &bc : NULL, res, &idle, e2, sizeof e2);
         free(pp.s);
+        free(mets);
         if (id < 0) {
             pd_errorf(err, errlen, "%s", e2);
             bench_result_free(res);
