@@ -399,7 +399,13 @@ static void make_config(const point_ctx *x, const study_point *pt, const study_d
     c->request_rate = pt->load.kind == STUDY_LOAD_BATCH ? INFINITY : pt->load.rate;
     c->burstiness = pt->load.burstiness > 0 ? pt->load.burstiness : 1.0;
     c->max_concurrency = pt->load.max_concurrency;
-    c->num_warmups = x->plan->warmup_requests;
+    /* warm-up requests go through the router like the others: a plan's count per
+     * instance, so that round robin warms every one (on the H200s, co-2gpus's second
+     * instance, left cold by a single warm-up, answered its first request 124 ms later
+     * than its twin) */
+    int n_inst = 1;
+    for (const char *q = d->metrics_urls; *q; q++) n_inst += *q == ',';
+    c->num_warmups = x->plan->warmup_requests * n_inst;
     c->seed = x->plan->seed;
     c->ignore_eos = x->plan->ignore_eos;
     c->stream_usage = true;
