@@ -11,7 +11,8 @@
  * Method: inputs are random (never zeros), rotated among several copies where one
  * copy would fit in L2; each figure is the median of 5 timed batches of back-to-back
  * calls (events on the backend's stream), after a warm-up call. A program, never a
- * test (STYLE.md 9). Exits 77 when there is no GPU. */
+ * test (STYLE.md 9). Exits 77 when there is no GPU. --gemv: only the small-T matmul and
+ * fused-op tables (GEMV vs cuBLAS at T = 1..8, fused vs separate decode ops). */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -156,6 +157,156 @@ static void bench_matmul(const char *name, int T, int Kd, int N) {
         g->ops->free(g, m.w[s]);
     }
     g->ops->free(g, m.out);
+}
+
+/* ---- small-T matmul: the GEMV against cuBLAS --------------------------------------------
+ * The same shape timed under PDSERVE_CUDA_GEMV=0 (cuBLAS) and =1 (the GEMV), as GB/s of
+ * weights streamed against the copy ceiling; "auto" says which one the default rules
+ * pick (backend_cuda_gemv_auto_picks). */
+
+static int32_t *dev_ints(const int32_t *h, int n);
+
+static double time_mm_mode(mm_ctx *m, int mode) {
+    int old = backend_cuda_gemv_mode(g, mode);
+    double ms = time_op(run_mm, m);
+    backend_cuda_gemv_mode(g, old);
+    return ms;
+}
+
+static void bench_gemv(const char *name, int Kd, int N) {
+    mm_ctx m = {{NULL}, {NULL}, NULL, 1, 8, Kd, N};
+    size_t wbytes = (size_t)N * Kd * 2;
+    m.sets = sets_for(wbytes);
+    for (int s = 0; s < m.sets; s++) {
+        m.x[s] = rand_buf((size_t)8 * Kd, 1, 10 + s);
+        m.w[s] = rand_buf((size_t)N * Kd, 0.02f, 20 + s);
+    }
+    m.out = g->ops->alloc(g, (size_t)8 * N * 2);
+    for (int T = 1; T <= 8; T *= 2) {
+        m.T = T;
+        double cb = time_mm_mode(&m, BACKEND_CUDA_GEMV_OFF), gv = time_mm_mode(&m, BACKEND_CUDA_GEMV_ON);
+        double cbg = wbytes / (cb * 1e-3) / 1e9, gvg = wbytes / (gv * 1e-3) / 1e9;
+        char shape[64];
+        snprintf(shape, sizeof shape, "%s T=%d %dx%d", name, T, N, Kd);
+        printf("| %-24s | %7.1f | %5.0f | %5.1f%% | %7.1f | %5.0f | %5.1f%% | %5.2fx | %-6s |\n", shape,
+               cb * 1e3, cbg, 100.0 * cbg / copy_gbs, gv * 1e3, gvg, 100.0 * gvg / copy_gbs, cb / gv,
+               backend_cuda_gemv_auto_picks(T, Kd, N) ? "gemv" : "cublas");
+    }
+    for (int s = 0; s < m.sets; s++) {
+        g->ops->free(g, m.x[s]);
+        g->ops->free(g, m.w[s]);
+    }
+    g->ops->free(g, m.out);
+}
+
+static void bench_gemv_all(void) {
+    printf("small-T matmul, weights streamed (GB/s) against the copy ceiling %.0f GB/s\n\n", copy_gbs);
+    printf("| shape                    | cuBLAS us | GB/s | %% copy | GEMV us | GB/s | %% copy | "
+           "speedup | auto   |\n");
+    printf("|--------------------------|-----------|------|--------|---------|------|--------|"
+           "---------|--------|\n");
+    bench_gemv("qkv", C_, QKV_);
+    bench_gemv("o", H_ * D_, C_);
+    bench_gemv("gate_up", C_, 2 * F_);
+    bench_gemv("down", F_, C_);
+    bench_gemv("lm_head", C_, V_);
+    printf("\n");
+}
+
+/* ---- fused decode ops against the separate ones (default routing) ----------------------- */
+
+typedef struct fused_ctx {
+    void *x[SETS_MAX], *w[SETS_MAX], *gu, *out;
+    void *qkv, *kc, *vc;
+    int32_t *pos, *slots;
+    int sets, T;
+    rope_params rp;
+} fused_ctx;
+
+static void run_rope_then_store(void *c, int i) {
+    fused_ctx *f = c;
+    g->ops->rope(g, f->qkv, f->pos, &f->rp, f->T, H_, K_, D_);
+    g->ops->kv_store(g, f->kc, f->vc, f->qkv, f->slots, f->T, H_, K_, D_);
+}
+static void run_rope_kv_store(void *c, int i) {
+    fused_ctx *f = c;
+    g->ops->rope_kv_store(g, f->qkv, f->kc, f->vc, f->pos, f->slots, &f->rp, f->T, H_, K_, D_);
+}
+static void run_gate_up_then_swiglu(void *c, int i) {
+    fused_ctx *f = c;
+    int s = i % f->sets;
+    g->ops->matmul(g, f->gu, f->x[s], f->w[s], NULL, f->T, C_, 2 * F_);
+    g->ops->swiglu(g, f->out, f->gu, f->T, F_);
+}
+static void run_matmul_swiglu(void *c, int i) {
+    fused_ctx *f = c;
+    int s = i % f->sets;
+    g->ops->matmul_swiglu(g, f->out, f->gu, f->x[s], f->w[s], f->T, C_, F_);
+}
+
+static void row_fused(const char *op, const char *shape, double sep_ms, double fused_ms,
+                      double bytes) {
+    double gbs = bytes / (fused_ms * 1e-3) / 1e9;
+    printf("| %-28s | %-18s | %8.1f | %8.1f | %5.2fx | %6.0f GB/s | %5.1f%% |\n", op, shape,
+           sep_ms * 1e3, fused_ms * 1e3, sep_ms / fused_ms, gbs, 100.0 * gbs / copy_gbs);
+}
+
+static void bench_fused(void) {
+    printf("fused decode ops against the separate ops (default routing); GB/s of the fused op "
+           "against the copy ceiling\n\n");
+    printf("| op                           | shape              | sep us   | fused us | speedup "
+           "| achieved    | ratio  |\n");
+    printf("|------------------------------|--------------------|----------|----------|---------"
+           "|-------------|--------|\n");
+    int Ts[4] = {1, 8, 64, 512};
+    for (int k = 0; k < 4; k++) {
+        fused_ctx f = {0};
+        f.T = Ts[k];
+        f.rp = (rope_params){ROPE_TYPE_LLAMA3, 500000.0f, 8.0f, 1.0f, 4.0f, 8192};
+        size_t cache_n = (size_t)2 * f.T * K_ * D_;
+        f.qkv = rand_buf((size_t)f.T * QKV_, 1, 40);
+        f.kc = g->ops->alloc(g, cache_n * 2);
+        f.vc = g->ops->alloc(g, cache_n * 2);
+        int32_t *h = xmalloc((size_t)f.T * 4);
+        for (int t = 0; t < f.T; t++) h[t] = t;
+        f.pos = dev_ints(h, f.T);
+        for (int t = 0; t < f.T; t++) h[t] = 2 * t + (int32_t)(hash_u64((uint64_t)t) % 2);
+        f.slots = dev_ints(h, f.T);
+        free(h);
+        double bytes = 2.0 * f.T * (H_ + K_) * D_ * 2 + 2.0 * f.T * K_ * D_ * 2;
+        char shape[64];
+        snprintf(shape, sizeof shape, "T=%d H=%d K=%d D=%d", f.T, H_, K_, D_);
+        row_fused("rope+kv_store vs fused", shape, time_op(run_rope_then_store, &f),
+                  time_op(run_rope_kv_store, &f), bytes);
+        g->ops->free(g, f.qkv), g->ops->free(g, f.kc), g->ops->free(g, f.vc);
+        g->ops->free(g, f.pos), g->ops->free(g, f.slots);
+    }
+    for (int T = 1; T <= 8; T *= 2) {
+        fused_ctx f = {0};
+        f.T = T;
+        size_t wbytes = (size_t)2 * F_ * C_ * 2;
+        f.sets = sets_for(wbytes);
+        for (int s = 0; s < f.sets; s++) {
+            f.x[s] = rand_buf((size_t)T * C_, 1, 50 + s);
+            f.w[s] = rand_buf((size_t)2 * F_ * C_, 0.02f, 60 + s);
+        }
+        f.gu = g->ops->alloc(g, (size_t)T * 2 * F_ * 2);
+        f.out = g->ops->alloc(g, (size_t)T * F_ * 2);
+        char shape[64];
+        snprintf(shape, sizeof shape, "T=%d %dx%d", T, 2 * F_, C_);
+        row_fused("gate_up+swiglu vs fused", shape, time_op(run_gate_up_then_swiglu, &f),
+                  time_op(run_matmul_swiglu, &f), (double)wbytes);
+        /* the two routes against each other: cuBLAS + swiglu, the GEMV's epilogue */
+        int old = backend_cuda_gemv_mode(g, BACKEND_CUDA_GEMV_OFF);
+        double sep = time_op(run_matmul_swiglu, &f);
+        backend_cuda_gemv_mode(g, BACKEND_CUDA_GEMV_ON);
+        double fused = time_op(run_matmul_swiglu, &f);
+        backend_cuda_gemv_mode(g, old);
+        row_fused("cublas+swiglu vs gemv epilogue", shape, sep, fused, (double)wbytes);
+        for (int s = 0; s < f.sets; s++) g->ops->free(g, f.x[s]), g->ops->free(g, f.w[s]);
+        g->ops->free(g, f.gu), g->ops->free(g, f.out);
+    }
+    printf("\n");
 }
 
 /* ---- memory-bound ops ------------------------------------------------------------------- */
@@ -329,7 +480,7 @@ static void bench_attention(int B, int ctx, int q_len) {
     free(pool);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     char err[256] = "";
     log_set_level(LOG_LEVEL_WARN);
     g = backend_cuda_create(0, err, sizeof err);
@@ -352,6 +503,12 @@ int main(void) {
     printf("model shapes: Llama-3.1-8B (C=%d F=%d H=%d K=%d D=%d V=%d), bf16\n\n", C_, F_, H_, K_,
            D_, V_);
     measure_ceilings();
+    bench_gemv_all();
+    bench_fused();
+    if (argc > 1 && strcmp(argv[1], "--gemv") == 0) { /* the small-T tables only */
+        backend_destroy(g);
+        return 0;
+    }
 
     printf("| op            | shape                      |   time us | achieved         | ceiling "
            "           | ratio  |\n");

@@ -16,14 +16,25 @@
  *   cpu        pinned device->host then host->device, one copy each (put, then get)
  *   disk       that + O_DIRECT sequential write then read of one file in --dir
  *   tcp        that + raw loopback socket throughput between two processes
+ *   nccl       raw NCCL send/recv of one buffer GPU 0 -> GPU 1 (kv_nccl_ceiling.h)
  * A lab table first: pinned host <-> GPU as one copy, and as 32 KiB blocks in one
- * copy_batch (the batched kernel) or one cudaMemcpyAsync per block.
+ * copy_batch (the batched kernel), the same summing what it moves (copy_batch_sum: the
+ * cpu store's checksums), or one cudaMemcpyAsync per block; and kv_sum on one host
+ * core (what the cpu store's checksums cost before the kernel computed them).
  * Each medium runs with the copy path that the environment picks (PDSERVE_KV_COPY:
- * auto, memcpy = copy engines only, kernel = the batched-copy kernel for every size);
- * --copies auto,memcpy,kernel runs each of them for A/B.
+ * auto, memcpy = copy engines only, kernel = the batched-copy kernel for every size,
+ * batch = copy engines through one cudaMemcpyBatchAsync); --copies auto,memcpy,kernel
+ * runs each of them for A/B. The kernel's knobs (PDSERVE_KV_XFER_*: kv_ipc.cu) come
+ * from the environment too and are printed; a sweep is one shell loop over them.
+ * After the main table, where the warm request's time goes: put (prefill side, from
+ * kv_send_begin to kv_send_finish returning) and get (the rest: the decode side's wake
+ * and, for the stores, its read).
  *
- * Usage: bench_kv_cuda [--media gpu,cpu,disk,tcp] [--copies auto,memcpy] [--mode
- *                       whole|layerwise] [--tokens N] [--dir DIR] */
+ * Before each request the prefill side rewrites its cache for --busy-ms (50) as the
+ * prefill pass would (clocks up, as in serving, where the transfer follows the pass).
+ *
+ * Usage: bench_kv_cuda [--media gpu,cpu,disk,tcp,nccl] [--copies auto,memcpy] [--mode
+ *                       whole|layerwise] [--tokens N] [--dir DIR] [--busy-ms MS] */
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -38,20 +49,24 @@
 #include "engine/engine.h"
 #include "engine/forward.h"
 #include "kv/kv.h"
+#include "kv/kv_sum.h"
 #include "model/model.h"
 #include "util/util.h"
 #include "kv_ceilings.h"
+#include "kv_nccl_ceiling.h"
 #if PDSERVE_HAVE_CUDA
 #include "backend/cuda/backend_cuda.h"
 #endif
 
 #define BLOCK 16
 #define RUN 4
+#define BENCH_MAX_LAYERS 64
 
 typedef struct opts {
     char media[64], copies[64];
     kv_transfer_mode mode;
     int tokens;
+    double busy_ms;            /* the prefill side's stand-in pass before each request */
     char dir[KV_ADDRESS_MAX - 40];
     int gpus;
 } opts;
@@ -89,6 +104,10 @@ typedef struct d_msg {
     char ticket[KV_TICKET_TEXT_MAX];
     uint8_t scratch[BACKEND_IPC_HANDLE_BYTES]; /* gpu: a buffer of `bytes` for the peer copy */
     uint64_t scratch_off;
+    /* gpu: the same bytes as one allocation per layer and k/v (as kv_cache_create
+     * allocates a cache), to tell the copy's pattern from the memory's layout */
+    uint8_t piece[2 * BENCH_MAX_LAYERS][BACKEND_IPC_HANDLE_BYTES];
+    uint64_t piece_off[2 * BENCH_MAX_LAYERS];
 } d_msg;
 
 /* Figures of one transfer() run: request 0 is cold (the first ticket for that peer:
@@ -97,6 +116,12 @@ typedef struct result {
     double lat[2];  /* kv_send_begin -> decode side's wait returning, s */
     double put[2];  /* kv_send_begin -> kv_send_finish returning (prefill side), s */
     double peer;    /* gpu: the peer-copy ceiling between the same processes, bytes/s */
+    double runs;    /* gpu: the request's block runs as one copy_batch into the same
+                       peer buffer, bytes/s: the copy alone, without the connector */
+    int n_runs;
+    double peer_first, runs_first; /* the same, first of 4 (the others: best of 3) */
+    double runs_pieces; /* the runs into one allocation per layer and k/v, bytes/s */
+    double runs_idle;   /* the same, once, after 50 ms without copies */
 } result;
 
 /* Two requests of n tokens over medium m with PDSERVE_KV_COPY=copy. 0, or -1 when a
@@ -120,11 +145,18 @@ static int transfer(const opts *o, kv_medium m, const char *copy, int n, result 
         kv_config c = medium_config(o, m, KV_ROLE_DECODE, 2 * bytes);
         kv_connector *con = kv_connector_create(&c, kv, &al, err, sizeof err);
         if (!con) pd_die("bench: %s", err);
-        d_msg msg = {0};
-        void *scratch = NULL;
+        static d_msg msg;
+        void *scratch = NULL, *pieces[2 * BENCH_MAX_LAYERS] = {0};
+        int n_pieces = 2 * kv->n_layers;
+        PD_ASSERT(n_pieces <= 2 * BENCH_MAX_LAYERS);
         if (m == KV_MEDIUM_GPU) {
             scratch = be->ops->alloc(be, bytes);
             PD_ASSERT(be->ops->ipc_export(be, scratch, msg.scratch, &msg.scratch_off, err, sizeof err) == 0);
+            for (int i = 0; i < n_pieces; i++) {
+                pieces[i] = be->ops->alloc(be, bytes / (size_t)n_pieces);
+                PD_ASSERT(be->ops->ipc_export(be, pieces[i], msg.piece[i], &msg.piece_off[i], err,
+                                              sizeof err) == 0);
+            }
         }
         int32_t *tok = xmalloc((size_t)n * sizeof(int32_t)), *blocks = xmalloc((size_t)nb * 4);
         result r;
@@ -136,18 +168,25 @@ static int transfer(const opts *o, kv_medium m, const char *copy, int n, result 
             kv_ticket_format(&t, msg.ticket, sizeof msg.ticket);
             wr(d2p[1], &msg, sizeof msg);
             kv_status st = kv_ticket_wait(con, &t, 600, err, sizeof err);
-            double done = time_now_s(), pm[3];
+            double done = time_now_s(), pm[9];
             if (st != KV_OK) pd_die("bench: %s: %s", kv_status_name(st), err);
             PD_ASSERT(kv_ticket_take(con, &t, blocks, nb) == nb);
             al.release(al.user, blocks, nb);
-            rd(p2d[0], pm, sizeof pm); /* begin time, put time, peer ceiling */
+            rd(p2d[0], pm, sizeof pm); /* begin time, put time, peer ceiling, runs, their count */
             r.lat[q] = done - pm[0];
             r.put[q] = pm[1];
             r.peer = pm[2];
+            r.runs = pm[3];
+            r.n_runs = (int)pm[4];
+            r.peer_first = pm[5];
+            r.runs_first = pm[6];
+            r.runs_pieces = pm[7];
+            r.runs_idle = pm[8];
         }
         wr(out[1], &r, sizeof r); /* P is done with the scratch: it answered last */
         kv_connector_free(con);
         be->ops->free(be, scratch);
+        for (int i = 0; i < n_pieces; i++) be->ops->free(be, pieces[i]);
         kv_cache_free(be, kv);
         backend_destroy(be);
         _exit(0);
@@ -172,7 +211,7 @@ static int transfer(const opts *o, kv_medium m, const char *copy, int n, result 
         for (int i = 0; i < nb; i++) /* a permutation only when 7919 and groups are coprime */
             if (blocks[i] >= kv->num_blocks) blocks[i] = i;
         kv_connector *con = NULL;
-        d_msg msg;
+        static d_msg msg;
         for (int q = 0; q < 2; q++) {
             kv_ticket t;
             if (rd(d2p[0], &msg, sizeof msg) || kv_ticket_parse(msg.ticket, &t, err, sizeof err)) _exit(2);
@@ -180,7 +219,18 @@ static int transfer(const opts *o, kv_medium m, const char *copy, int n, result 
             if (!con && !(con = kv_connector_create(&c, kv, NULL, err, sizeof err)))
                 pd_die("bench: %s", err);
             for (int i = 0; i < n; i++) tok[i] = i + q * 1000003;
-            double pm[3] = {time_now_s(), 0, 0};
+            /* the prefill pass that wrote these blocks, as in serving, where a transfer
+             * starts right after it (not on a GPU idling at low clocks): rewrites the
+             * cache for busy_ms (0: off) */
+            for (double w0 = time_now_s(); time_now_s() - w0 < o->busy_ms / 1e3;) {
+                for (int l = 0; l < kv->n_layers; l++) {
+                    size_t part = (size_t)kv->num_blocks * kv->block_bytes / 2;
+                    be->ops->fill_random(be, kv->k[l], DTYPE_BF16, part, 7 + l + q, 1.0f);
+                    be->ops->fill_random(be, kv->v[l], DTYPE_BF16, part, 1007 + l + q, 1.0f);
+                }
+                be->ops->sync(be);
+            }
+            double pm[9] = {time_now_s(), 0, 0, 0, 0, 0, 0, 0, 0};
             kv_status st;
             kv_send *s = kv_send_begin(con, &t, blocks, nb, tok, n, &st, err, sizeof err);
             if (!s) pd_die("bench: begin: %s", err);
@@ -191,12 +241,72 @@ static int transfer(const opts *o, kv_medium m, const char *copy, int n, result 
                 void *peer = be->ops->ipc_open(be, msg.scratch, err, sizeof err);
                 void *src = be->ops->alloc(be, bytes);
                 PD_ASSERT(peer);
-                backend_copy one = {(uint8_t *)peer + msg.scratch_off, src, bytes};
+                uint8_t *to = (uint8_t *)peer + msg.scratch_off;
+                backend_copy one = {to, src, bytes};
                 for (int r = 0; r < 4; r++) { /* the first warms the NVLink path up */
                     double t0 = time_now_s();
                     be->ops->copy_batch(be, &one, 1);
-                    if (r) pm[2] = PD_MAX(pm[2], (double)bytes / (time_now_s() - t0));
+                    double bw = (double)bytes / (time_now_s() - t0);
+                    if (r) pm[2] = PD_MAX(pm[2], bw);
+                    else pm[5] = bw;
                 }
+                /* the request's runs (layer, k/v, run of blocks) into consecutive places of
+                 * the peer buffer: the medium's copy without the connector around it */
+                backend_copy *runs = xmalloc((size_t)2 * kv->n_layers * nb * sizeof *runs);
+                int nr = 0;
+                size_t bb = kv->block_bytes, off = 0;
+                for (int l = 0; l < kv->n_layers; l++)
+                    for (int part = 0; part < 2; part++)
+                        for (int i = 0; i < nb; i++, off += bb) {
+                            uint8_t *b = (uint8_t *)(part ? kv->v[l] : kv->k[l]) + (size_t)blocks[i] * bb;
+                            backend_copy *lr = nr ? &runs[nr - 1] : NULL;
+                            if (lr && (const uint8_t *)lr->src + lr->bytes == b &&
+                                (uint8_t *)lr->dst + lr->bytes == to + off)
+                                lr->bytes += bb;
+                            else
+                                runs[nr++] = (backend_copy){to + off, b, bb};
+                        }
+                for (int r = 0; r < 4; r++) {
+                    double t0 = time_now_s();
+                    be->ops->copy_batch(be, runs, nr);
+                    double bw = (double)bytes / (time_now_s() - t0);
+                    if (r) pm[3] = PD_MAX(pm[3], bw);
+                    else pm[6] = bw;
+                }
+                pm[4] = nr;
+                /* the same runs into one allocation per layer and k/v */
+                void *opened[2 * BENCH_MAX_LAYERS];
+                nr = 0;
+                size_t per = bytes / (size_t)(2 * kv->n_layers);
+                for (int l = 0; l < kv->n_layers; l++)
+                    for (int part = 0; part < 2; part++) {
+                        int k = 2 * l + part;
+                        opened[k] = be->ops->ipc_open(be, msg.piece[k], err, sizeof err);
+                        PD_ASSERT(opened[k]);
+                        uint8_t *base = (uint8_t *)opened[k] + msg.piece_off[k];
+                        for (int i = 0; i < nb; i++) {
+                            uint8_t *b = (uint8_t *)(part ? kv->v[l] : kv->k[l]) + (size_t)blocks[i] * bb;
+                            backend_copy *lr = nr ? &runs[nr - 1] : NULL;
+                            if (lr && (const uint8_t *)lr->src + lr->bytes == b &&
+                                (uint8_t *)lr->dst + lr->bytes == base + (size_t)i * bb)
+                                lr->bytes += bb;
+                            else
+                                runs[nr++] = (backend_copy){base + (size_t)i * bb, b, bb};
+                        }
+                        PD_ASSERT((size_t)nb * bb <= per);
+                    }
+                for (int r = 0; r < 4; r++) {
+                    double t0 = time_now_s();
+                    be->ops->copy_batch(be, runs, nr);
+                    if (r) pm[7] = PD_MAX(pm[7], (double)bytes / (time_now_s() - t0));
+                }
+                /* the same after 50 ms with no copy (NVLink idle, as between requests) */
+                usleep(50000);
+                double t0 = time_now_s();
+                be->ops->copy_batch(be, runs, nr);
+                pm[8] = (double)bytes / (time_now_s() - t0);
+                for (int k = 0; k < 2 * kv->n_layers; k++) be->ops->ipc_close(be, opened[k]);
+                free(runs);
                 be->ops->ipc_close(be, peer);
                 be->ops->free(be, src);
             }
@@ -222,8 +332,11 @@ static int transfer(const opts *o, kv_medium m, const char *copy, int n, result 
 /* Pinned host memory <-> GPU 0 with PDSERVE_KV_COPY=copy, best of 3, seconds: t[0]
  * device->host and t[1] host->device as one copy of `bytes`; t[2], t[3] the same bytes
  * as KV blocks (32 KiB items, device side in shuffled order: one copy_batch of many
- * items, what the stores do). */
-static int pcie_ceiling(size_t bytes, const char *copy, bool info, double t_out[4]) {
+ * items, what the stores do); t[4], t[5] those as one copy_batch_sum (objects of 56
+ * blocks, the cpu store's entries; 0 when the backend has none); t[6] kv_sum over the
+ * host bytes on this thread. */
+#define PCIE_FIGURES 7
+static int pcie_ceiling(size_t bytes, const char *copy, bool info, double t_out[PCIE_FIGURES]) {
     setenv("PDSERVE_KV_COPY", copy, 1);
     int pp[2];
     PD_ASSERT(pipe(pp) == 0);
@@ -250,7 +363,14 @@ static int pcie_ceiling(size_t bytes, const char *copy, bool info, double t_out[
             out[i] = (backend_copy){(uint8_t *)host + i * ib, (uint8_t *)dev + j * ib, ib};
             in[i] = (backend_copy){(uint8_t *)dev + j * ib, (uint8_t *)host + i * ib, ib};
         }
-        double t[4] = {1e9, 1e9, 1e9, 1e9};
+        int per = 56, n_obj = (int)((ni + (size_t)per - 1) / (size_t)per);
+        int32_t *slot = xmalloc(ni * sizeof *slot);
+        uint64_t *at = xmalloc(ni * sizeof *at), *sums = xcalloc((size_t)n_obj, sizeof *sums);
+        for (size_t i = 0; i < ni; i++) {
+            slot[i] = (int32_t)(i / (size_t)per);
+            at[i] = (uint64_t)(i % (size_t)per) * ib;
+        }
+        double t[PCIE_FIGURES] = {1e9, 1e9, 1e9, 1e9, 1e9, 1e9, 1e9};
         for (int r = 0; r < 3; r++) {
             backend_copy o1 = {host, dev, bytes}, i1 = {dev, host, bytes};
             const backend_copy *lists[4] = {&o1, &i1, out, in};
@@ -260,11 +380,21 @@ static int pcie_ceiling(size_t bytes, const char *copy, bool info, double t_out[
                 be->ops->copy_batch(be, lists[k], (int)counts[k]);
                 t[k] = PD_MIN(t[k], time_now_s() - t0);
             }
+            for (int k = 0; k < 2 && be->ops->copy_batch_sum; k++) {
+                double t0 = time_now_s();
+                if (be->ops->copy_batch_sum(be, k ? in : out, (int)ni, slot, at, sums, n_obj) != 0)
+                    break;
+                t[4 + k] = PD_MIN(t[4 + k], time_now_s() - t0);
+            }
+            double t0 = time_now_s();
+            volatile uint64_t sink = kv_sum(host, bytes);
+            (void)sink;
+            t[6] = PD_MIN(t[6], time_now_s() - t0);
         }
         wr(pp[1], t, sizeof t);
         _exit(0);
     }
-    int rc = rd(pp[0], t_out, 4 * sizeof(double));
+    int rc = rd(pp[0], t_out, PCIE_FIGURES * sizeof(double));
     waitpid(c, NULL, 0);
     close(pp[0]), close(pp[1]);
     return rc;
@@ -287,8 +417,8 @@ static int count_gpus(void) {
 }
 
 int main(int argc, char **argv) {
-    opts o = {.media = "gpu,cpu,disk,tcp", .copies = "auto", .mode = KV_TRANSFER_WHOLE,
-              .tokens = 8192};
+    opts o = {.media = "gpu,cpu,disk,tcp,nccl", .copies = "auto", .mode = KV_TRANSFER_WHOLE,
+              .tokens = 8192, .busy_ms = 50};
     snprintf(o.dir, sizeof o.dir, ".");
     for (int i = 1; i < argc; i++) {
         const char *v = i + 1 < argc ? argv[i + 1] : "";
@@ -296,10 +426,11 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--copies")) snprintf(o.copies, sizeof o.copies, "%s", v), i++;
         else if (!strcmp(argv[i], "--mode")) kv_transfer_mode_parse(v, &o.mode), i++;
         else if (!strcmp(argv[i], "--tokens")) o.tokens = atoi(v), i++;
+        else if (!strcmp(argv[i], "--busy-ms")) o.busy_ms = atof(v), i++;
         else if (!strcmp(argv[i], "--dir")) snprintf(o.dir, sizeof o.dir, "%s", v), i++;
         else {
-            fprintf(stderr, "usage: bench_kv_cuda [--media gpu,cpu,disk,tcp] [--copies "
-                            "auto,memcpy,kernel] [--mode whole|layerwise] [--tokens N] [--dir DIR]\n");
+            fprintf(stderr, "usage: bench_kv_cuda [--media gpu,cpu,disk,tcp,nccl] [--copies "
+                            "auto,memcpy,kernel] [--mode whole|layerwise] [--tokens N] [--dir DIR] [--busy-ms MS]\n");
             return 2;
         }
     }
@@ -313,26 +444,46 @@ int main(int argc, char **argv) {
     size_t per_token = model_kv_bytes_per_token(&cfg, 2);
     int n = o.tokens, nb = (n + BLOCK - 1) / BLOCK;
     size_t bytes = (size_t)nb * BLOCK * per_token;
-    double pc[4], pm[4], dw = 0, dr = 0;
+    double pc[PCIE_FIGURES], pm[PCIE_FIGURES], dw = 0, dr = 0;
     if (pcie_ceiling(bytes, "auto", true, pc) != 0 || pcie_ceiling(bytes, "memcpy", false, pm) != 0)
         pd_die("bench: the pinned-copy ceiling failed");
     double d2h = pc[0], h2d = pc[1];
     printf("bench_kv_cuda: %s transfers of %d tokens (%.0f MiB), KV %zu bytes/token "
            "(Llama-3.2-3B, bf16), blocks of %d tokens in runs of %d, prefill GPU 0 -> decode "
-           "GPU %d\n", kv_transfer_mode_name(o.mode), n, (double)bytes / (1 << 20), per_token,
-           BLOCK, RUN, o.gpus > 1 ? 1 : 0);
+           "GPU %d; prefill side busy %.0f ms before each request\n", kv_transfer_mode_name(o.mode),
+           n, (double)bytes / (1 << 20), per_token, BLOCK, RUN, o.gpus > 1 ? 1 : 0, o.busy_ms);
     printf("pinned host <-> GPU 0, GB/s          device->host  host->device\n");
     printf("  one copy of %4.0f MiB                  %8.2f  %12.2f\n", (double)bytes / (1 << 20),
            (double)bytes / pc[0] / 1e9, (double)bytes / pc[1] / 1e9);
     printf("  32 KiB blocks, one batch (kernel)      %8.2f  %12.2f\n", (double)bytes / pc[2] / 1e9,
            (double)bytes / pc[3] / 1e9);
+    printf("  32 KiB blocks, one batch + kv_sum      %8.2f  %12.2f\n", (double)bytes / pc[4] / 1e9,
+           (double)bytes / pc[5] / 1e9);
     printf("  32 KiB blocks, cudaMemcpyAsync each    %8.2f  %12.2f\n", (double)bytes / pm[2] / 1e9,
            (double)bytes / pm[3] / 1e9);
+    printf("host kv_sum (the store's checksum), one core: %.2f GB/s (%.3f s for %.0f MiB)\n",
+           (double)bytes / pc[6] / 1e9, pc[6], (double)bytes / (1 << 20));
+    static const char *const knobs[] = {"PDSERVE_KV_XFER_CHUNK_KIB", "PDSERVE_KV_XFER_CTAS_PER_SM",
+                                        "PDSERVE_KV_XFER_THREADS", "PDSERVE_KV_XFER_UNROLL",
+                                        "PDSERVE_KV_XFER_STORES", "PDSERVE_KV_XFER_BIG_KIB",
+                                        "PDSERVE_KV_XFER_WALK"};
+    static const char *const knob_default[] = {"128", "8", "256", "4", "cs", "4096", "stride"};
+    printf("copy kernel:");
+    for (int k = 0; k < (int)PD_ARRAY_LEN(knobs); k++) {
+        const char *v = getenv(knobs[k]);
+        printf(" %s=%s%s", knobs[k] + 15, v && *v ? v : knob_default[k], v && *v ? "" : " (default)");
+    }
+    printf("\n");
+    if (strstr(o.media, "nccl"))
+        printf("NCCL send/recv 1 GiB, GPU 0 -> GPU %d, warm: %.2f GB/s\n", o.gpus > 1 ? 1 : 0,
+               bench_nccl_ceiling((size_t)1 << 30, o.gpus > 1 ? 1 : 0) / 1e9);
     printf("latency: kv_send_begin -> decode side has every layer; cold = first request to "
            "that peer, warm = the next; put = prefill side's share (warm)\n");
     printf("%-6s %-7s %9s %9s %9s %8s %9s %10s %-28s %6s\n", "medium", "copies", "MiB", "cold",
            "warm", "put", "GB/s", "ceil GB/s", "ceiling", "ratio");
-    for (int m = 0; m < KV_MEDIUM_NCCL; m++) {
+    struct { int m; char copy[16]; result r; } rows[32]; /* for the split below */
+    int n_rows = 0;
+    for (int m = 0; m < KV_MEDIUM_COUNT; m++) {
         if (!strstr(o.media, kv_medium_name((kv_medium)m))) continue;
         char copies[64], *save = NULL;
         snprintf(copies, sizeof copies, "%s", o.copies);
@@ -357,13 +508,39 @@ int main(int argc, char **argv) {
             } else if (m == KV_MEDIUM_TCP) {
                 ceil_bw = (double)bytes / (d2h + tcp_ceiling(bytes) + h2d);
                 ceil_name = "D2H + loopback socket + H2D";
+            } else if (m == KV_MEDIUM_NCCL) {
+                ceil_bw = bench_nccl_ceiling(bytes, o.gpus > 1 ? 1 : 0);
+                ceil_name = "NCCL send/recv GPU0->GPU1";
             }
             double bw = (double)bytes / r.lat[1];
             printf("%-6s %-7s %9.0f %8.3fs %8.3fs %7.3fs %9.2f %10.2f %-28s %5.0f%%\n",
                    kv_medium_name((kv_medium)m), copy, (double)bytes / (1 << 20), r.lat[0],
                    r.lat[1], r.put[1], bw / 1e9, ceil_bw / 1e9, ceil_name, 100 * bw / ceil_bw);
             fflush(stdout);
+            if (n_rows < (int)PD_ARRAY_LEN(rows)) {
+                rows[n_rows].m = m;
+                snprintf(rows[n_rows].copy, sizeof rows[n_rows].copy, "%s", copy);
+                rows[n_rows++].r = r;
+            }
         }
+    }
+    printf("where the warm request's time goes: put = prefill side (copies, and for the cpu "
+           "store its sums), get = the rest (the decode side's wake and, for stores, its read)\n");
+    printf("%-6s %-7s %9s %9s %9s %9s\n", "medium", "copies", "put", "get", "put GB/s", "get GB/s");
+    for (int i = 0; i < n_rows; i++) {
+        const result *r = &rows[i].r;
+        double get = r->lat[1] - r->put[1];
+        printf("%-6s %-7s %8.4fs %8.4fs %9.2f %9.2f\n", kv_medium_name((kv_medium)rows[i].m),
+               rows[i].copy, r->put[1], get, (double)bytes / r->put[1] / 1e9,
+               get > 0 ? (double)bytes / get / 1e9 : 0.0);
+        if (rows[i].m == KV_MEDIUM_GPU)
+            printf("       (its %d block runs as one copy_batch alone: %.2f GB/s, the first of 4 "
+                   "%.2f; one copy of the whole size: %.2f, the first %.2f)\n", r->n_runs,
+                   r->runs / 1e9, r->runs_first / 1e9, r->peer / 1e9, r->peer_first / 1e9);
+        if (rows[i].m == KV_MEDIUM_GPU)
+            printf("       (the same runs into %d allocations, one per layer and k/v, as a cache: "
+                   "%.2f GB/s; once after 50 ms without copies: %.2f GB/s)\n",
+                   2 * bench_config().n_layers, r->runs_pieces / 1e9, r->runs_idle / 1e9);
     }
     return 0;
 }

@@ -315,6 +315,48 @@ static void test_fill_random(void) {
     be2->ops->free(be2, b);
 }
 
+/* The fused ops' CPU twins are the separate ops in sequence: bit for bit the same
+ * results as those (and the same cache slots written, nothing else). */
+static void test_fused_twins(void) {
+    int T = 6, H = 4, K = 2, D = 32, S = (H + 2 * K) * D, nslots = 16, KD = K * D;
+    rope_params rp = {ROPE_TYPE_LLAMA3, 500000.0f, 8.0f, 1.0f, 4.0f, 8192};
+    int32_t pos[6] = {0, 1, 7, 300, 5000, 12}, slots[6] = {3, 0, 15, 8, 9, 4};
+    float *qkv = rnd((size_t)T * S, 1), *qkv2 = xmalloc((size_t)T * S * 4);
+    float *k1 = xcalloc((size_t)nslots * KD, 4), *v1 = xcalloc((size_t)nslots * KD, 4);
+    float *k2 = xcalloc((size_t)nslots * KD, 4), *v2 = xcalloc((size_t)nslots * KD, 4);
+    memcpy(qkv2, qkv, (size_t)T * S * 4);
+    CHECK(be2->ops->rope_kv_store != NULL && be2->ops->matmul_swiglu != NULL);
+    be2->ops->rope(be2, qkv, pos, &rp, T, H, K, D);
+    be2->ops->kv_store(be2, k1, v1, qkv, slots, T, H, K, D);
+    be2->ops->rope_kv_store(be2, qkv2, k2, v2, pos, slots, &rp, T, H, K, D);
+    CHECK(memcmp(qkv, qkv2, (size_t)T * S * 4) == 0);
+    CHECK(memcmp(k1, k2, (size_t)nslots * KD * 4) == 0);
+    CHECK(memcmp(v1, v2, (size_t)nslots * KD * 4) == 0);
+
+    int Kd = 40, F = 24;
+    float *x = rnd((size_t)T * Kd, 1), *w = rnd((size_t)2 * F * Kd, 0.3f);
+    float *gu = xmalloc((size_t)T * 2 * F * 4), *gu2 = xmalloc((size_t)T * 2 * F * 4);
+    float *o1 = xmalloc((size_t)T * F * 4), *o2 = xmalloc((size_t)T * F * 4);
+    be2->ops->matmul(be2, gu, x, w, NULL, T, Kd, 2 * F);
+    be2->ops->swiglu(be2, o1, gu, T, F);
+    be2->ops->matmul_swiglu(be2, o2, gu2, x, w, T, Kd, F);
+    CHECK(memcmp(o1, o2, (size_t)T * F * 4) == 0);
+    /* and against a naive loop */
+    double *want = xmalloc((size_t)T * F * 8);
+    for (int t = 0; t < T; t++)
+        for (int f = 0; f < F; f++) {
+            double g = 0, u = 0;
+            for (int k = 0; k < Kd; k++) {
+                g += (double)x[t * Kd + k] * w[(size_t)f * Kd + k];
+                u += (double)x[t * Kd + k] * w[(size_t)(F + f) * Kd + k];
+            }
+            want[t * F + f] = g / (1 + exp(-g)) * u;
+        }
+    CHECK(close_all("matmul_swiglu", o2, want, (size_t)T * F, 1e-4, 1e-4) == 0);
+    free(qkv), free(qkv2), free(k1), free(v1), free(k2), free(v2);
+    free(x), free(w), free(gu), free(gu2), free(o1), free(o2), free(want);
+}
+
 static void test_cuda_stub(void) {
 #if !PDSERVE_HAVE_CUDA
     char err[200] = "";
@@ -336,6 +378,7 @@ int main(void) {
     TEST_RUN(test_attention);
     TEST_RUN(test_upload_download);
     TEST_RUN(test_fill_random);
+    TEST_RUN(test_fused_twins);
     TEST_RUN(test_cuda_stub);
     backend_destroy(be1);
     backend_destroy(be2);

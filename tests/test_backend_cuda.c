@@ -347,6 +347,157 @@ static void test_matmul(void) {
     }
 }
 
+#if PDSERVE_HAVE_CUDA
+#include "backend/cuda/backend_cuda.h"
+
+/* Downloads n elements of a GPU bf16 buffer as raw bits (exact comparisons). */
+static uint16_t *gpu_bits(const void *p, size_t n) {
+    uint16_t *h = xmalloc(n * 2);
+    gpu->ops->copy_d2h(gpu, h, p, n * 2);
+    return h;
+}
+
+/* The small-T GEMV, forced on (PDSERVE_CUDA_GEMV=1) and under the auto rules, against
+ * the CPU: T 1..8, N odd or below one 16-row tile, Kd not a multiple of 64 (the
+ * predicated tail), with and without bias. Kd % 8 != 0 and an unaligned x must fall
+ * back to cuBLAS and still be right. */
+static void test_gemv(void) {
+    int shapes[][2] = {{256, 512}, {200, 131}, {72, 9}, {4096, 1000}, {14336, 77}, {100, 40}};
+    int old = backend_cuda_gemv_mode(gpu, BACKEND_CUDA_GEMV_ON);
+    for (int mode = 0; mode < 2; mode++) {
+        backend_cuda_gemv_mode(gpu, mode ? BACKEND_CUDA_GEMV_AUTO : BACKEND_CUDA_GEMV_ON);
+        for (size_t k = 0; k < PD_ARRAY_LEN(shapes); k++) {
+            int Kd = shapes[k][0], N = shapes[k][1];
+            pair w = pair_rand((size_t)N * Kd, 0, 1.0f / sqrtf((float)Kd), 1);
+            pair bias = pair_rand(N, 0, 0.5f, 1);
+            for (int T = 1; T <= 8; T++) {
+                if (mode && T != 1 && T != 8) continue;
+                /* one spare row in front: x + Kd is aligned, x + 1 (unaligned) also fits */
+                pair x = pair_rand((size_t)(T + 1) * Kd, 0, 1, 0);
+                pair out = pair_new(NULL, (size_t)T * N, 0);
+                for (int v = 0; v < 3; v++) {
+                    size_t off = v == 2 ? 1 : (size_t)Kd; /* v 2: unaligned x */
+                    if (v == 2 && (k != 1 || T != 3)) continue;
+                    const void *xg = (const uint16_t *)x.g + off;
+                    const void *xc = (const float *)x.c + off;
+                    const void *bg = v == 1 ? bias.g : NULL, *bc = v == 1 ? bias.c : NULL;
+                    poison(&out, 0);
+                    gpu->ops->matmul(gpu, out.g, xg, w.g, bg, T, Kd, N);
+                    cpu->ops->matmul(cpu, out.c, xc, w.c, bc, T, Kd, N);
+                    char name[80];
+                    snprintf(name, sizeof name, "gemv%s T=%d %dx%d%s%s", mode ? "(auto)" : "", T, N,
+                             Kd, v == 1 ? " +bias" : "", v == 2 ? " unaligned x" : "");
+                    compare(name, &out, 0);
+                }
+                pair_free(&x);
+                pair_free(&out);
+            }
+            pair_free(&w);
+            pair_free(&bias);
+        }
+    }
+    backend_cuda_gemv_mode(gpu, old);
+}
+
+/* matmul_swiglu against the CPU twin on both routes (the GEMV's epilogue, and cuBLAS
+ * + swiglu), and bit for bit against the GPU's own matmul then swiglu. */
+static void test_matmul_swiglu(void) {
+    if (!gpu->ops->rope_kv_store || !gpu->ops->matmul_swiglu) return; /* PDSERVE_CUDA_FUSED=0 */
+    int shapes[][2] = {{256, 37}, {200, 1000}, {4096, 700}};
+    int old = backend_cuda_gemv_mode(gpu, BACKEND_CUDA_GEMV_ON);
+    for (int mode = 0; mode < 2; mode++) {
+        backend_cuda_gemv_mode(gpu, mode ? BACKEND_CUDA_GEMV_OFF : BACKEND_CUDA_GEMV_ON);
+        for (size_t k = 0; k < PD_ARRAY_LEN(shapes); k++) {
+            int Kd = shapes[k][0], F = shapes[k][1];
+            pair w = pair_rand((size_t)2 * F * Kd, 0, 2.0f / sqrtf((float)Kd), 1);
+            for (int T = 1; T <= 8; T += mode ? 7 : 1) {
+                pair x = pair_rand((size_t)T * Kd, 0, 1, 0);
+                pair gu = pair_new(NULL, (size_t)T * 2 * F, 0), out = pair_new(NULL, (size_t)T * F, 0);
+                pair out2 = pair_new(NULL, (size_t)T * F, 0);
+                poison(&out, 0);
+                gpu->ops->matmul_swiglu(gpu, out.g, gu.g, x.g, w.g, T, Kd, F);
+                cpu->ops->matmul_swiglu(cpu, out.c, gu.c, x.c, w.c, T, Kd, F);
+                char name[80];
+                snprintf(name, sizeof name, "matmul_swiglu%s T=%d F=%d Kd=%d",
+                         mode ? "(cublas)" : "", T, F, Kd);
+                compare(name, &out, 0);
+                gpu->ops->matmul(gpu, gu.g, x.g, w.g, NULL, T, Kd, 2 * F);
+                gpu->ops->swiglu(gpu, out2.g, gu.g, T, F);
+                uint16_t *a = gpu_bits(out.g, (size_t)T * F), *b = gpu_bits(out2.g, (size_t)T * F);
+                /* same summation order only under the default kernel shapes */
+                if (!getenv("PDSERVE_CUDA_GEMV_CFG"))
+                    CHECKF(memcmp(a, b, (size_t)T * F * 2) == 0,
+                           "%s: not bit-identical to matmul then swiglu", name);
+                free(a), free(b);
+                pair_free(&x), pair_free(&gu), pair_free(&out), pair_free(&out2);
+            }
+            pair_free(&w);
+        }
+    }
+    backend_cuda_gemv_mode(gpu, old);
+}
+
+/* rope_kv_store against the CPU twin, with a padding row (slot -1: no cache write),
+ * and bit for bit against the GPU's rope then kv_store. */
+static void test_rope_kv_store(void) {
+    if (!gpu->ops->rope_kv_store || !gpu->ops->matmul_swiglu) return; /* PDSERVE_CUDA_FUSED=0 */
+    rope_params rp = {ROPE_TYPE_LLAMA3, 500000.0f, 8.0f, 1.0f, 4.0f, 8192};
+    int Ds[2] = {128, 20}; /* 20: the scalar path */
+    for (int di = 0; di < 2; di++) {
+        int nb = 8, bs = 16, H = 4, K = 2, D = Ds[di], T = 9, KD = K * D, pad = 4;
+        int S = (H + 2 * K) * D;
+        size_t cache_n = (size_t)nb * bs * KD;
+        int32_t all[128], slots[9], cslots[9], pos[9];
+        for (int i = 0; i < nb * bs; i++) all[i] = i;
+        shuffle(all, nb * bs);
+        for (int t = 0; t < T; t++) {
+            cslots[t] = all[t];
+            slots[t] = t == pad ? -1 : all[t];
+            pos[t] = t < 3 ? t : rand_int(20000);
+        }
+        pair qkv = pair_rand((size_t)T * S, 0, 1, 0);
+        pair kc = pair_new(NULL, cache_n, 2), vc = pair_new(NULL, cache_n, 2);
+        pair sl = pair_i32(slots, T), csl = pair_i32(cslots, T), p = pair_i32(pos, T);
+        void *qkv2 = gpu->ops->alloc(gpu, (size_t)T * S * 2);
+        void *kc2 = gpu->ops->alloc(gpu, cache_n * 2), *vc2 = gpu->ops->alloc(gpu, cache_n * 2);
+        gpu->ops->copy_d2d(gpu, qkv2, qkv.g, (size_t)T * S * 2);
+        gpu->ops->fill(gpu, kc.g, DTYPE_BF16, cache_n, NAN);
+        gpu->ops->fill(gpu, vc.g, DTYPE_BF16, cache_n, NAN);
+        gpu->ops->fill(gpu, kc2, DTYPE_BF16, cache_n, NAN);
+        gpu->ops->fill(gpu, vc2, DTYPE_BF16, cache_n, NAN);
+        gpu->ops->rope_kv_store(gpu, qkv.g, kc.g, vc.g, p.g, sl.g, &rp, T, H, K, D);
+        cpu->ops->rope_kv_store(cpu, qkv.c, kc.c, vc.c, p.c, csl.c, &rp, T, H, K, D);
+        char name[64];
+        snprintf(name, sizeof name, "rope_kv_store qkv D=%d", D);
+        compare(name, &qkv, 0);
+        for (int t = 0; t < T; t++) {
+            if (t == pad) continue;
+            compare_range("rope_kv_store k slot", &kc, 2, (size_t)slots[t] * KD, KD);
+            compare_range("rope_kv_store v slot", &vc, 2, (size_t)slots[t] * KD, KD);
+        }
+        gpu->ops->rope(gpu, qkv2, p.g, &rp, T, H, K, D);
+        gpu->ops->kv_store(gpu, kc2, vc2, qkv2, sl.g, T, H, K, D);
+        const void *fused[3] = {qkv.g, kc.g, vc.g}, *sep[3] = {qkv2, kc2, vc2};
+        size_t ns[3] = {(size_t)T * S, cache_n, cache_n};
+        for (int i = 0; i < 3; i++) {
+            uint16_t *a = gpu_bits(fused[i], ns[i]), *b = gpu_bits(sep[i], ns[i]);
+            CHECKF(memcmp(a, b, ns[i] * 2) == 0, "rope_kv_store D=%d: buffer %d differs from rope "
+                   "then kv_store", D, i);
+            if (i > 0) { /* written: exactly the T - 1 real rows' slots */
+                size_t written = 0;
+                for (size_t e = 0; e < ns[i]; e++) written += (a[e] & 0x7fff) <= 0x7f80;
+                CHECKF(written == (size_t)(T - 1) * KD, "rope_kv_store wrote %zu, expected %d",
+                       written, (T - 1) * KD);
+            }
+            free(a), free(b);
+        }
+        gpu->ops->free(gpu, qkv2), gpu->ops->free(gpu, kc2), gpu->ops->free(gpu, vc2);
+        pair_free(&qkv), pair_free(&kc), pair_free(&vc), pair_free(&sl), pair_free(&csl);
+        pair_free(&p);
+    }
+}
+#endif
+
 static void test_head_rmsnorm(void) {
     int T = 9, H = 4, K = 2, D = 64, stride = (H + 2 * K) * D;
     pair qkv = pair_rand((size_t)T * stride, 0.1f, 1, 0);
@@ -837,6 +988,11 @@ int main(void) {
     TEST_RUN(test_rmsnorm);
     TEST_RUN(test_add_rmsnorm);
     TEST_RUN(test_matmul);
+#if PDSERVE_HAVE_CUDA
+    TEST_RUN(test_gemv);
+    TEST_RUN(test_matmul_swiglu);
+    TEST_RUN(test_rope_kv_store);
+#endif
     TEST_RUN(test_head_rmsnorm);
     TEST_RUN(test_rope);
     TEST_RUN(test_kv_store);

@@ -12,6 +12,11 @@
  * checks that its pool holds only what it held before and that no reservation is
  * left. Afterwards no shm segment or store directory of the run may remain.
  *
+ * Also, in one child: the backend's copy_batch_sum (the batched copy kernel summing
+ * what it moves, which the cpu store's checksums rely on) gives exactly kv_sum's CPU
+ * twin (src/kv/kv_sum.h) on pieces scattered over several objects, both directions,
+ * and refuses (-1) what it cannot sum on the device.
+ *
  * Exits 77 (skipped) without a GPU or without a CUDA build: in CI it never passes
  * without having run on a GPU. */
 #include <dirent.h>
@@ -28,6 +33,7 @@
 #include "engine/engine.h"
 #include "engine/forward.h"
 #include "kv/kv.h"
+#include "kv/kv_sum.h"
 #include "model/model.h"
 #include "test.h"
 #include "util/util.h"
@@ -275,6 +281,60 @@ static void run_case(const kv_case *k) {
 static kv_case g_case;
 static void test_case(void) { run_case(&g_case); }
 
+/* The child of test_copy_sum: 0 when every check held. Objects of 8 pieces of 48 KiB
+ * (a multiple of 16, not of the 64 KiB chunk), pieces scattered over the device buffer
+ * in a shuffled order; sums against kv_sum_add over the host bytes. */
+static int copy_sum_main(void) {
+    char err[256];
+    backend *be = backend_cuda_create(0, err, sizeof err);
+    if (!be || !be->ops->copy_batch_sum) return 10;
+    enum { OBJ = 5, PIECES = 8, PIECE = 48 << 10 };
+    size_t bytes = (size_t)OBJ * PIECES * PIECE;
+    uint8_t *dev = be->ops->alloc(be, bytes), *host = be->ops->host_alloc(be, bytes);
+    if (!host) return 11;
+    be->ops->fill_random(be, dev, DTYPE_BF16, bytes / 2, 99, 1.0f);
+    be->ops->sync(be);
+    backend_copy items[OBJ * PIECES];
+    int32_t slot[OBJ * PIECES];
+    uint64_t at[OBJ * PIECES], sums[OBJ], want[OBJ];
+    int rc = 0;
+    for (int dir = 0; dir < 2; dir++) { /* 0: device -> host, 1: host -> device */
+        for (int i = 0; i < OBJ * PIECES; i++) {
+            int j = (i * 17 + 3) % (OBJ * PIECES); /* the device piece, shuffled */
+            uint8_t *h = host + (size_t)i * PIECE, *d = dev + (size_t)j * PIECE;
+            items[i] = dir == 0 ? (backend_copy){h, d, PIECE} : (backend_copy){d, h, PIECE};
+            slot[i] = i / PIECES;
+            at[i] = (uint64_t)(i % PIECES) * PIECE;
+        }
+        if (dir == 1) memset(host + 3, 0x5a, 1000); /* other bytes than the device holds */
+        memset(sums, 0, sizeof sums);
+        if (be->ops->copy_batch_sum(be, items, OBJ * PIECES, slot, at, sums, OBJ) != 0) rc |= 1;
+        for (int o = 0; o < OBJ; o++) {
+            want[o] = kv_sum_add(host + (size_t)o * PIECES * PIECE, (size_t)PIECES * PIECE, 0);
+            if (sums[o] != want[o]) rc |= 2 << dir;
+        }
+    }
+    backend_copy odd = {host + 8, dev, 4096}; /* an end not 16-byte aligned: refused */
+    int32_t s0 = 0;
+    uint64_t a0 = 0;
+    if (be->ops->copy_batch_sum(be, &odd, 1, &s0, &a0, sums, 1) != -1) rc |= 8;
+    be->ops->host_free(be, host);
+    be->ops->free(be, dev);
+    backend_destroy(be);
+    return rc;
+}
+
+static void test_copy_sum(void) {
+    pid_t p = fork();
+    if (p == 0) {
+        alarm(60);
+        _exit(copy_sum_main());
+    }
+    int rc = wait_child(p);
+    CHECKF(rc == 0, "copy_batch_sum child exit %d (1: refused, 2: device->host sums, 4: "
+           "host->device sums, 8: a misaligned batch was not refused)", rc);
+}
+
 /* GPUs usable here, found in a child so that this process never initialises CUDA:
  * 0 (none, or no CUDA build), 1 or 2. */
 static int probe_gpus(void) {
@@ -300,9 +360,11 @@ int main(void) {
     snprintf(g_tag, sizeof g_tag, "kvcuda%d", (int)getpid());
     const char *tmp = getenv("TMPDIR");
     snprintf(g_dir, sizeof g_dir, "%s/pdkv-%s", tmp && *tmp ? tmp : "/tmp", g_tag);
+    TEST_RUN(test_copy_sum);
     const kv_case cases[] = {
         {KV_MEDIUM_GPU, KV_TRANSFER_WHOLE}, {KV_MEDIUM_GPU, KV_TRANSFER_LAYERWISE},
-        {KV_MEDIUM_CPU, KV_TRANSFER_WHOLE}, {KV_MEDIUM_DISK, KV_TRANSFER_WHOLE},
+        {KV_MEDIUM_CPU, KV_TRANSFER_WHOLE}, {KV_MEDIUM_CPU, KV_TRANSFER_LAYERWISE},
+        {KV_MEDIUM_DISK, KV_TRANSFER_WHOLE},
         {KV_MEDIUM_TCP, KV_TRANSFER_WHOLE}, {KV_MEDIUM_TCP, KV_TRANSFER_LAYERWISE},
     };
     for (size_t i = 0; i < PD_ARRAY_LEN(cases); i++) {

@@ -213,6 +213,35 @@ typedef struct backend_ops {
     void (*layer_events_reserve)(backend *b, int n);
     void (*layer_event_record)(backend *b, int i);
     void (*layer_event_wait)(backend *b, int i);
+
+    /* ---- optional: copies that checksum what they move (CUDA: kv_ipc.cu; owner:
+     * src/kv/). NULL: the caller sums host bytes itself. Kept at the end. ------------
+     *
+     * copy_batch_sum: copy_batch of items[n] that also adds, for each item i, the
+     * terms of kv_sum (src/kv/kv_sum.h) of the bytes it moves, as read from its src,
+     * counted from byte sum_at[i] of the object they belong to, into sums[sum_slot[i]]
+     * (0 <= slot < n_sums; host memory, added to, not zeroed). 0 when done (every byte
+     * landed, sums updated); -1 having done nothing when the batch cannot be summed on
+     * the device (an end not 16-byte aligned, a size or sum_at not a multiple of 16,
+     * memory the device cannot reach): the caller copies and sums on the host. */
+    int (*copy_batch_sum)(backend *b, const struct backend_copy *items, int n,
+                          const int32_t *sum_slot, const uint64_t *sum_at, uint64_t *sums,
+                          int n_sums);
+
+    /* ---- optional: fused decode ops (CUDA: kernels.cu; CPU: cpu_fused.c, the twins:
+     * the separate ops in sequence). NULL: the forward pass runs the separate ops.
+     * Each saves launches on the small-batch decode step. Kept at the end. ----------
+     *
+     * rope_kv_store: rope (in place on qkv) then kv_store, with the arguments of the
+     * two; the same values as the two ops give. */
+    void (*rope_kv_store)(backend *b, void *qkv, void *kcache, void *vcache, const int32_t *pos,
+                          const int32_t *slots, const rope_params *rp, int T, int H, int K,
+                          int D);
+    /* matmul_swiglu: out[T,F] = swiglu(x[T,Kd] @ w[2F,Kd]^T), i.e. matmul into gu then
+     * swiglu into out; gu [T,2F] is scratch the op may write (its content afterwards
+     * is unspecified). */
+    void (*matmul_swiglu)(backend *b, void *out, void *gu, const void *x, const void *w, int T,
+                          int Kd, int F);
 } backend_ops;
 
 /* One row's parameters for ->sample_rows (host memory). */

@@ -458,7 +458,7 @@ static void instance_argv(const up_opts *o, const plan *pl, up_state *u, const i
             arg(a, "--kv-store-capacity");
             argf(a, "%zu", o->store_capacity);
         }
-        if (pl->medium == KV_MEDIUM_TCP && s->role == SERVER_ROLE_DECODE) {
+        if ((pl->medium == KV_MEDIUM_TCP || pl->medium == KV_MEDIUM_NCCL) && s->role == SERVER_ROLE_DECODE) {
             arg(a, "--kv-host");
             arg(a, s->host);
             arg(a, "--kv-port");

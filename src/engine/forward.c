@@ -401,8 +401,13 @@ static void attention_block(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt, int l
         o->head_rmsnorm(be, f->qkv, w->q_norm, T, QKV, 0, H, D, c->norm_eps);
         o->head_rmsnorm(be, f->qkv, w->k_norm, T, QKV, H * D, K, D, c->norm_eps);
     }
-    o->rope(be, f->qkv, f->in_pos, &f->rope, T, H, K, D);
-    o->kv_store(be, kv->k[l], kv->v[l], f->qkv, f->in_slots, T, H, K, D);
+    if (o->rope_kv_store) { /* one launch instead of two */
+        o->rope_kv_store(be, f->qkv, kv->k[l], kv->v[l], f->in_pos, f->in_slots, &f->rope, T, H,
+                         K, D);
+    } else {
+        o->rope(be, f->qkv, f->in_pos, &f->rope, T, H, K, D);
+        o->kv_store(be, kv->k[l], kv->v[l], f->qkv, f->in_slots, T, H, K, D);
+    }
     if (f->layer_fn) { /* layer l's K/V is final: a KV stream may ship it now */
         if (o->layer_event_record) o->layer_event_record(be, l);
         f->layer_fn(f->layer_user, l);
@@ -418,8 +423,12 @@ static void mlp_block(fwd_ctx *f, int T, int l) {
     const backend_ops *o = f->m->be->ops;
     backend *be = f->m->be;
     const layer_weights *w = &f->m->layers[l];
-    o->matmul(be, f->gu, f->xn, w->w_gate_up, NULL, T, c->dim, 2 * c->ffn_dim);
-    o->swiglu(be, f->act, f->gu, T, c->ffn_dim);
+    if (o->matmul_swiglu) { /* small T: swiglu in the gate_up GEMV's epilogue */
+        o->matmul_swiglu(be, f->act, f->gu, f->xn, w->w_gate_up, T, c->dim, c->ffn_dim);
+    } else {
+        o->matmul(be, f->gu, f->xn, w->w_gate_up, NULL, T, c->dim, 2 * c->ffn_dim);
+        o->swiglu(be, f->act, f->gu, T, c->ffn_dim);
+    }
     o->matmul(be, f->proj, f->act, w->w_down, NULL, T, c->ffn_dim, c->dim);
 }
 
@@ -497,8 +506,7 @@ void fwd_ctx_use_graphs(fwd_ctx *f, bool on) {
  * (vLLM's capture sizes: padding costs at most 7 rows), never past logit_chunk; the
  * padded size into *Bp. */
 static int graph_bucket(const fwd_ctx *f, int B, int *Bp) {
-    int p = B <= 1 ? 1 : B <= 2 ? 2 : B <= 4 ? 4 : (B + 7) / 8 * 8;
-    *Bp = PD_MIN(p, f->logit_chunk);
+    *Bp = PD_MIN(fwd_decode_bucket_rows(B), f->logit_chunk);
     int i = *Bp <= 4 ? (*Bp == 4 ? 2 : *Bp - 1) : 2 + (*Bp + 7) / 8;
     PD_ASSERT(i >= 0 && i < f->n_graphs);
     return i;

@@ -15,8 +15,10 @@
  *                    io_uring (pread/pwrite fallback), capacity cap, per-layer checksum.
  *   tcp   kv_tcp.c   point-to-point over a socket stream of framed messages (kv_msg_*);
  *                    the decode side's receiver thread writes blocks into reserved blocks.
- *   nccl  kv_nccl.c  declared, not built yet: opening it returns an error (use gpu on one
- *                    host, tcp between hosts).
+ *   nccl  kv_nccl.c  point-to-point GPU to GPU through NCCL send/receive (one host or
+ *                    several): one communicator per (prefill, decode) pair, set up over a
+ *                    TCP control connection to the ticket's host:port (CUDA builds;
+ *                    NCCL loaded with dlopen, a clear error where it is absent).
  * On device caches (kv_cache.on_device: the CUDA backend) every medium moves block
  * contents through the backend's batched copies (backend.h copy_batch, one launch for
  * many blocks) and pinned host memory (the cpu store's segment, disk and tcp staging
@@ -114,8 +116,8 @@ typedef struct kv_config {
     char name[KV_NAME_MAX];      /* gpu: this decode instance's name (its shm segments);
                                     cpu: the store's name (segment /pdkv-store-NAME) */
     char dir[KV_ADDRESS_MAX];    /* disk: the store's directory */
-    char host[64];               /* tcp decode: address to listen on (127.0.0.1) */
-    int port;                    /* tcp decode: port to listen on, 0: any free one */
+    char host[64];               /* tcp, nccl decode: address to listen on (127.0.0.1) */
+    int port;                    /* tcp, nccl decode: port to listen on, 0: any free one */
     size_t capacity_bytes;       /* cpu/disk store: capacity (the creator's figure counts) */
     bool create_store;           /* cpu/disk: this connector creates the store and removes
                                     it (segment, or its files) when freed */
@@ -141,7 +143,7 @@ kv_connector *kv_connector_create(const kv_config *cfg, kv_cache *kv,
  * removes what it created. NULL is a no-op. */
 void kv_connector_free(kv_connector *c);
 /* Where a prefill side reaches this decode side (what tickets carry): gpu: its control
- * segment's name; tcp: "host:port"; cpu: the store's name; disk: the directory. */
+ * segment's name; tcp, nccl: "host:port"; cpu: the store's name; disk: the directory. */
 const char *kv_connector_address(const kv_connector *c);
 const kv_config *kv_connector_config(const kv_connector *c);
 /* Expires overdue reservations, reclaims blocks of failed ones whose copy has ended
@@ -280,12 +282,15 @@ uint64_t kv_checksum_fold(uint64_t acc, uint64_t block_sum);
  * small runs, copy engines for runs of 4 MiB and more), synchronised before
  * layers_done moves; the slot protocol of kv_gpu.c is unchanged. Both instances must
  * keep KV the same way (both on GPUs, or both on the CPU backend).
- * nccl (not built): one communicator per (prefill, decode) pair made from an
- * ncclUniqueId that the decode side publishes (its address carries it hex-encoded);
- * each layer's blocks go as grouped ncclSend/ncclRecv of the coalesced runs. */
+ * nccl on CUDA (built, kv_nccl.c): the decode side listens on host:port (tickets carry
+ * it); a prefill side's first ticket for it opens a control connection, gets a fresh
+ * ncclUniqueId over it and both make a 2-rank non-blocking communicator, kept for the
+ * pair. Per layer: a DATA frame on the control connection, then the payload as
+ * ncclSend/ncclRecv of chunks gathered into / scattered from device staging (one
+ * copy_batch each); deadlines and dead peers end in ncclCommAbort and a status. */
 /* 1 when this build can move KV between GPUs: a CUDA build (PDSERVE_HAVE_CUDA), whose
- * gpu medium goes over CUDA IPC (src/backend/cuda/kv_ipc.cu). The nccl medium is not
- * built even then: opening it fails with a sentence naming what to use instead. */
+ * gpu medium goes over CUDA IPC (src/backend/cuda/kv_ipc.cu) and whose nccl medium
+ * loads NCCL when opened (opening it fails with a sentence where NCCL is absent). */
 int kv_have_gpu_mediums(void);
 
 /* ---- stores by key: the prefix cache's lower tiers (end of kv_cpu.c, kv_disk.c) --------
@@ -323,9 +328,10 @@ bool kv_disk_store_remove(kv_connector *c, uint64_t key);
  * `serve --kv-offload cpu,disk`: blocks the GPU prefix cache evicts go down to a cpu
  * store and, when that is full, on to a disk store; a GPU miss at admission loads the
  * blocks a lower tier holds, when loading is cheaper than recomputing (docs/reuse.md).
- * Evicted blocks are staged to host memory synchronously in the evict hook (the block
- * is reused right after) and written by one worker thread, so the engine step never
- * waits for a store write; loads happen in the admitting step, before the forward pass.
+ * An eviction burst (every block one step evicts) is staged to host memory as one
+ * batched copy at prefix_cache_flush, before anyone writes the blocks again, and written
+ * by one worker thread, so the engine step never waits for a store write; a request's
+ * loads are one batched copy in the admitting step, before the forward pass.
  * A tier's index (keys, LRU order, a second hash of each block's tokens to verify hits)
  * lives in this process; the stores hold the bytes. */
 typedef enum kv_tiers_load_policy {
@@ -342,7 +348,8 @@ typedef struct kv_tiers_config {
                                         * removes DIR/pdkv-tier-PID-N (default $TMPDIR or /tmp) */
     size_t disk_bytes;                 /* disk tier capacity (default 4 GiB) */
     bool disk_buffered;                /* page-cache I/O (no O_DIRECT) */
-    int staging_blocks;                /* evicted blocks staged for the worker (default 64) */
+    int staging_blocks;                /* evicted blocks staged for the worker (0: auto, 4,096
+                                        * tokens' worth, at least 64, at most 512 MiB) */
     kv_tiers_load_policy load_policy;
     double debug_load_delay_ms;        /* tests: added to each block loaded (and probed) */
 } kv_tiers_config;

@@ -6,14 +6,18 @@
  * Load: a few hundred reservations at most; every operation is O(slots + blocks of the
  * request) under one mutex, nothing per token. */
 #include <errno.h>
+#include <linux/futex.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "kv/kv_internal.h"
+#include "kv/kv_sum.h"
 
 /* ---- names ---------------------------------------------------------------------------- */
 static const char *const STATUS_NAMES[] = {
@@ -116,6 +120,48 @@ void kv_copies_add(kv_copies *q, void *dst, const void *src, size_t bytes) {
     q->items[q->n++] = (backend_copy){dst, src, bytes};
 }
 
+void kv_copies_add_sum(kv_copies *q, void *dst, const void *src, size_t bytes, int32_t slot,
+                       uint64_t at) {
+    if (!bytes) return;
+    int k = q->n - 1;
+    if (k >= 0 && q->sum_slot && q->sum_slot[k] == slot &&
+        q->sum_at[k] + q->items[k].bytes == at &&
+        (uint8_t *)q->items[k].dst + q->items[k].bytes == (uint8_t *)dst &&
+        (const uint8_t *)q->items[k].src + q->items[k].bytes == (const uint8_t *)src) {
+        q->items[k].bytes += bytes;
+        return;
+    }
+    PD_ASSERT(q->n == 0 || q->sum_slot); /* summed and plain items never share a queue */
+    if (q->n == q->cap || !q->sum_slot) {
+        q->cap = q->n == q->cap ? (q->cap ? 2 * q->cap : 64) : q->cap;
+        q->items = xrealloc(q->items, (size_t)q->cap * sizeof *q->items);
+        q->sum_slot = xrealloc(q->sum_slot, (size_t)q->cap * sizeof *q->sum_slot);
+        q->sum_at = xrealloc(q->sum_at, (size_t)q->cap * sizeof *q->sum_at);
+    }
+    q->items[q->n] = (backend_copy){dst, src, bytes};
+    q->sum_slot[q->n] = slot;
+    q->sum_at[q->n++] = at;
+}
+
+void kv_copies_run_sum(const kv_cache *kv, kv_copies *q, uint64_t *sums, int n_sums,
+                       bool host_is_dst) {
+    if (!q->n) return;
+    PD_ASSERT(q->sum_slot);
+    const backend_ops *ops = kv->be->ops;
+    if (kv->on_device && ops->copy_batch_sum &&
+        ops->copy_batch_sum(kv->be, q->items, q->n, q->sum_slot, q->sum_at, sums, n_sums) == 0) {
+        q->n = 0;
+        return;
+    }
+    int n = q->n;
+    kv_copies_run(kv, q); /* empties q; the items stay in place */
+    for (int i = 0; i < n; i++) {
+        const backend_copy *it = &q->items[i];
+        PD_ASSERT(q->sum_slot[i] >= 0 && q->sum_slot[i] < n_sums);
+        sums[q->sum_slot[i]] += kv_sum_add(host_is_dst ? it->dst : it->src, it->bytes, q->sum_at[i]);
+    }
+}
+
 void kv_copies_blocks(kv_copies *q, const kv_cache *kv, int l, int part, const int32_t *blocks,
                       int n, void *host, size_t stride, bool to_host) {
     size_t bb = kv->block_bytes;
@@ -139,6 +185,8 @@ void kv_copies_run(const kv_cache *kv, kv_copies *q) {
 
 void kv_copies_free(kv_copies *q) {
     free(q->items);
+    free(q->sum_slot);
+    free(q->sum_at);
     memset(q, 0, sizeof *q);
 }
 
@@ -171,6 +219,18 @@ void kv_blocks_from_host(const kv_cache *kv, int l, int part, const int32_t *blo
     kv_copies_blocks(&q, kv, l, part, blocks, n, (void *)host, stride, false);
     kv_copies_run(kv, &q);
     kv_copies_free(&q);
+}
+
+void kv_notify(uint32_t *word) {
+    __atomic_fetch_add(word, 1, __ATOMIC_SEQ_CST);
+    /* not FUTEX_PRIVATE: the word may be in shared memory mapped by other processes */
+    syscall(SYS_futex, word, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
+}
+
+void kv_notify_wait(uint32_t *word, uint32_t seen, double max_s) {
+    if (max_s <= 0 || __atomic_load_n(word, __ATOMIC_SEQ_CST) != seen) return;
+    struct timespec ts = {(time_t)max_s, (long)((max_s - (double)(time_t)max_s) * 1e9)};
+    syscall(SYS_futex, word, FUTEX_WAIT, seen, &ts, NULL, 0); /* EAGAIN, EINTR: fine */
 }
 
 bool kv_name_valid(const char *s) {
@@ -470,7 +530,10 @@ kv_status kv_reserve(kv_connector *c, uint64_t request_id, const int32_t *tokens
     return KV_OK;
 }
 
-kv_status kv_ticket_poll(kv_connector *c, const kv_ticket *t, char *err, size_t errlen) {
+/* kv_ticket_poll, and (word, seen): the medium's notification word for the ticket and
+ * its value read before the slot advanced (NULL when it has none). */
+static kv_status ticket_poll(kv_connector *c, const kv_ticket *t, char *err, size_t errlen,
+                             uint32_t **word, uint32_t *seen) {
     pthread_mutex_lock(&c->mu);
     int idx = kv_slot_find(c, t->id, t->request_id);
     kv_status st;
@@ -479,6 +542,8 @@ kv_status kv_ticket_poll(kv_connector *c, const kv_ticket *t, char *err, size_t 
         pd_errorf(err, errlen, "kv: no reservation %llu for request %llu",
                   (unsigned long long)t->id, (unsigned long long)t->request_id);
     } else {
+        if (word && c->ops->notify_word && (*word = c->ops->notify_word(c, idx)))
+            *seen = __atomic_load_n(*word, __ATOMIC_SEQ_CST); /* before looking: no lost wake */
         slot_advance(c, idx);
         kv_slot *s = &c->slots[idx];
         if (s->state == KV_SLOT_PENDING) st = KV_PENDING;
@@ -492,21 +557,36 @@ kv_status kv_ticket_poll(kv_connector *c, const kv_ticket *t, char *err, size_t 
     return st;
 }
 
+kv_status kv_ticket_poll(kv_connector *c, const kv_ticket *t, char *err, size_t errlen) {
+    return ticket_poll(c, t, err, errlen, NULL, NULL);
+}
+
+/* Longest sleep on a notification word between two polls: dead senders (pid checks),
+ * deadlines and wakes that cannot come (a peer of an older build) are seen this late
+ * at most. */
+#define KV_WAIT_SLICE_S 0.01
+
 kv_status kv_ticket_wait(kv_connector *c, const kv_ticket *t, double timeout_s, char *err,
                          size_t errlen) {
     double end = time_now_s() + timeout_s;
-    long sleep_us = 20;
+    long sleep_us = 5;
     for (;;) {
-        kv_status st = kv_ticket_poll(c, t, err, errlen);
+        uint32_t *word = NULL, seen = 0;
+        kv_status st = ticket_poll(c, t, err, errlen, &word, &seen);
         if (st != KV_PENDING) return st;
-        if (time_now_s() > end) {
+        double now = time_now_s();
+        if (now > end) {
             pd_errorf(err, errlen, "kv: request %llu still pending after %.3f s",
                       (unsigned long long)t->request_id, timeout_s);
             return KV_PENDING;
         }
-        struct timespec ts = {0, sleep_us * 1000};
+        if (word) { /* woken by the sender's kv_notify, at once */
+            kv_notify_wait(word, seen, PD_MIN(KV_WAIT_SLICE_S, end - now + 1e-4));
+            continue;
+        }
+        struct timespec ts = {0, sleep_us * 1000}; /* no word (disk): poll, backing off */
         nanosleep(&ts, NULL);
-        if (sleep_us < 1000) sleep_us *= 2;
+        if (sleep_us < 500) sleep_us *= 2;
     }
 }
 

@@ -12,12 +12,24 @@
  * entry that nobody reads; a put that would need more than free + evictable (+ entries
  * of writers that died) is refused whole, before anything is evicted. Each entry
  * carries the checksum of its bytes, checked on every read; a mismatch is never
- * served (the entry is dropped and the request fails as corrupt).
+ * served (the entry is dropped and the request fails as corrupt). The checksum is
+ * kv_sum (kv_sum.h): an order-independent sum that the copy itself computes.
  *
- * Instances on a GPU (device KV caches) pin the whole mapping (backend host_register)
- * when they open the store, so that a put or a get is one batch of device copies
- * (kv_copies) straight between the GPU and the entries, at the bus's speed;
- * checksums are computed over the entries' host bytes as on the CPU backend.
+ * Writers. Each transfer (and each keyed put) is a writer of its own: (pid, seq), seq
+ * from a per-process counter, so that two transfers of one process never mistake each
+ * other's entries. A key that another writer is still writing is not left to it: the
+ * second writer writes its own copy into an entry outside the index (PRIVATE) and, at
+ * its finish, publishes it unless the key became READY meanwhile; a first writer whose
+ * entry was replaced that way finds it PRIVATE and frees it. So an abort (or death) of
+ * one writer never leaves another's request waiting for a key nobody writes.
+ *
+ * Instances on a GPU (device KV caches) pin the whole mapping (backend host_register,
+ * mapped) when they open the store, so that a put or a get is one launch of the
+ * backend's batched copy kernel straight between the GPU and the entries (no staging),
+ * which also sums what it moves (copy_batch_sum): no host pass over the bytes. On the
+ * CPU backend the same sums are computed on the host (kv_sum_add, the kernel's twin).
+ * Readers sleep on the header's notify word (futex), which a writer bumps when it
+ * publishes.
  *
  * Tuned for: entries of 64 KiB to 4 MiB, thousands to a few hundred thousand of them,
  * a few writers and readers at once. */
@@ -32,11 +44,15 @@
 #include <unistd.h>
 
 #include "kv/kv_internal.h"
+#include "kv/kv_sum.h"
 
 #define STORE_MAGIC 0x65726f7473766b70ull /* "pkvstore" */
-#define STORE_VERSION 1
+#define STORE_VERSION 2 /* 2: kv_sum checksums, writer seq, notify word */
 
-enum { ENTRY_FREE, ENTRY_WRITING, ENTRY_READY };
+/* FREE: on the free list. WRITING: in the index, its writer copying into it. READY: in
+ * the index and the LRU list. PRIVATE: its writer's, outside the index (a second copy
+ * of a key being written, or a first one that a second writer replaced). */
+enum { ENTRY_FREE, ENTRY_WRITING, ENTRY_READY, ENTRY_PRIVATE };
 
 typedef struct store_header {
     uint64_t magic;               /* written last: the segment is ready */
@@ -48,13 +64,17 @@ typedef struct store_header {
     int32_t free_head, lru_head, lru_tail, n_used;
     uint64_t entries_off, buckets_off, data_off, total_bytes;
     uint64_t puts, hits, misses, evictions, corrupt, reclaimed;
+    uint32_t notify;              /* futex word: bumped when entries are published */
+    uint32_t pad;
 } store_header;
 
 typedef struct store_entry {
-    uint64_t key, checksum;
+    uint64_t key, checksum;       /* checksum: kv_sum of the entry's image */
     int32_t state, refs, writer_pid;
     int32_t next;                 /* bucket chain, or free list */
     int32_t lru_prev, lru_next;   /* READY entries: head most recent */
+    uint32_t writer_seq;          /* WRITING, PRIVATE: with writer_pid, the writer */
+    int32_t pad;
 } store_entry;
 
 typedef struct cpu_impl {
@@ -67,7 +87,22 @@ typedef struct cpu_impl {
 
 typedef struct cpu_send {
     int32_t *entries;             /* [n_blocks] entries we write, -1: already in the store */
+    uint8_t *second;              /* [n_blocks] entries[i] is a PRIVATE second copy */
+    uint64_t *sums;               /* [n_blocks] kv_sum terms of what was copied so far */
+    uint32_t seq;                 /* this writer: (getpid(), seq) */
 } cpu_send;
+
+/* A writer id of this process (never 0). */
+static uint32_t next_writer_seq(void) {
+    static uint32_t seq;
+    uint32_t v;
+    while ((v = __atomic_add_fetch(&seq, 1, __ATOMIC_RELAXED)) == 0) {}
+    return v;
+}
+
+static bool ours(const store_entry *e, uint32_t seq) {
+    return e->writer_pid == (int32_t)getpid() && e->writer_seq == seq;
+}
 
 static store_header *hdr(cpu_impl *s) { return (store_header *)s->base; }
 static store_entry *ent(cpu_impl *s, int i) {
@@ -123,13 +158,20 @@ static void touch(cpu_impl *s, int i) {
     lru_push(s, i);
 }
 
-/* Takes entry i out of the index (any state) onto the free list. */
-static void drop(cpu_impl *s, int i) {
+/* Takes entry i (WRITING or READY) out of the index and the LRU list; its state is
+ * the caller's to set. */
+static void unindex(cpu_impl *s, int i) {
     store_entry *e = ent(s, i);
     int32_t *b = &buckets(s)[e->key % (uint64_t)hdr(s)->n_buckets];
     while (*b != i) b = &ent(s, *b)->next;
     *b = e->next;
     if (e->state == ENTRY_READY) lru_remove(s, i);
+}
+
+/* Takes entry i out of the index (any state) onto the free list. */
+static void drop(cpu_impl *s, int i) {
+    store_entry *e = ent(s, i);
+    unindex(s, i);
     e->state = ENTRY_FREE;
     e->refs = 0;
     e->next = hdr(s)->free_head;
@@ -137,13 +179,25 @@ static void drop(cpu_impl *s, int i) {
     hdr(s)->n_used--;
 }
 
-/* Drops the WRITING entries of writers that died; returns how many. */
+/* Puts PRIVATE entry i (outside the index) back on the free list. */
+static void release_private(cpu_impl *s, int i) {
+    store_entry *e = ent(s, i);
+    PD_ASSERT(e->state == ENTRY_PRIVATE);
+    e->state = ENTRY_FREE;
+    e->refs = 0;
+    e->next = hdr(s)->free_head;
+    hdr(s)->free_head = i;
+    hdr(s)->n_used--;
+}
+
+/* Drops the WRITING and PRIVATE entries of writers that died; returns how many. */
 static int reclaim_dead(cpu_impl *s) {
     int n = 0;
     for (int i = 0; i < hdr(s)->n_entries; i++) {
         store_entry *e = ent(s, i);
-        if (e->state == ENTRY_WRITING && !kv_pid_alive(e->writer_pid)) {
-            drop(s, i);
+        if ((e->state == ENTRY_WRITING || e->state == ENTRY_PRIVATE) && !kv_pid_alive(e->writer_pid)) {
+            if (e->state == ENTRY_WRITING) drop(s, i);
+            else release_private(s, i);
             n++;
         }
     }
@@ -322,6 +376,13 @@ static void cpu_close(kv_connector *c) {
 }
 
 /* ---- prefill side: put ------------------------------------------------------------------------- */
+static void cpu_send_free(cpu_send *cs) {
+    free(cs->entries);
+    free(cs->second);
+    free(cs->sums);
+    free(cs);
+}
+
 static kv_status cpu_send_begin(kv_send *x, char *err, size_t errlen) {
     cpu_impl *s = x->c->impl;
     if (strcmp(x->t.address, x->c->address) != 0) {
@@ -331,14 +392,19 @@ static kv_status cpu_send_begin(kv_send *x, char *err, size_t errlen) {
     }
     cpu_send *cs = xcalloc(1, sizeof *cs);
     cs->entries = xmalloc((size_t)x->n_blocks * sizeof(int32_t));
+    cs->second = xcalloc((size_t)x->n_blocks, 1);
+    cs->sums = xcalloc((size_t)x->n_blocks, sizeof(uint64_t));
+    cs->seq = next_writer_seq();
     store_lock(s);
-    int need = 0;
-    for (int i = 0; i < x->n_blocks; i++) need += find(s, x->keys[i]) < 0;
+    int need = 0; /* keys not READY: missing, or another writer's (we write a second copy) */
+    for (int i = 0; i < x->n_blocks; i++) {
+        int e = find(s, x->keys[i]);
+        need += e < 0 || ent(s, e)->state != ENTRY_READY;
+    }
     if (need > available(s) && reclaim_dead(s) >= 0 && need > available(s)) {
         int avail = available(s);
         store_unlock(s);
-        free(cs->entries);
-        free(cs);
+        cpu_send_free(cs);
         pd_errorf(err, errlen, "kv cpu store: request %llu needs %d entries, only %d of %d are "
                   "free or evictable (the rest are being written or read)",
                   (unsigned long long)x->t.request_id, need, avail, hdr(s)->n_entries);
@@ -346,19 +412,23 @@ static kv_status cpu_send_begin(kv_send *x, char *err, size_t errlen) {
     }
     for (int i = 0; i < x->n_blocks; i++) {
         int e = find(s, x->keys[i]);
-        if (e >= 0) { /* already there (a shared prefix) or being written by another */
-            if (ent(s, e)->state == ENTRY_READY) touch(s, e);
+        if (e >= 0 && ent(s, e)->state == ENTRY_READY) { /* already there (a shared prefix) */
+            touch(s, e);
             cs->entries[i] = -1;
             continue;
         }
+        bool second = e >= 0; /* another writer has it: our own copy, outside the index */
         e = take_entry(s);
         PD_ASSERT(e >= 0); /* counted above */
         store_entry *en = ent(s, e);
-        en->state = ENTRY_WRITING;
+        en->state = second ? ENTRY_PRIVATE : ENTRY_WRITING;
         en->refs = 0;
         en->writer_pid = (int32_t)getpid();
-        insert(s, e, x->keys[i]);
+        en->writer_seq = cs->seq;
+        en->key = x->keys[i];
+        if (!second) insert(s, e, x->keys[i]);
         cs->entries[i] = e;
+        cs->second[i] = second;
     }
     store_unlock(s);
     x->priv = cs;
@@ -376,11 +446,15 @@ static kv_status cpu_send_layers(kv_send *x, const int *layers, int n, char *err
         uint8_t *d = data(s, cs->entries[i]);
         for (int j = 0; j < n; j++) {
             int l = layers[j];
-            kv_copies_blocks(&q, kv, l, 0, &x->blocks[i], 1, d + (size_t)l * lb, bb, true);
-            kv_copies_blocks(&q, kv, l, 1, &x->blocks[i], 1, d + (size_t)l * lb + bb, bb, true);
+            for (int part = 0; part < 2; part++) {
+                uint64_t at = (uint64_t)l * lb + (uint64_t)part * bb;
+                kv_copies_add_sum(&q, d + at, kv_block_ptr(kv, l, part, x->blocks[i]), bb, i, at);
+            }
         }
     }
-    kv_copies_run(kv, &q); /* one batch for every block of these layers */
+    /* one batch for every block of these layers, summed as it moves (host caches: a
+     * memcpy per block, then a sum over the entry's bytes) */
+    kv_copies_run_sum(kv, &q, cs->sums, x->n_blocks, true);
     kv_copies_free(&q);
     return KV_OK;
 }
@@ -389,22 +463,39 @@ static kv_status cpu_send_finish(kv_send *x, char *err, size_t errlen) {
     cpu_impl *s = x->c->impl;
     cpu_send *cs = x->priv;
     size_t eb = (size_t)hdr(s)->n_layers * hdr(s)->layer_bytes;
-    for (int i = 0; i < x->n_blocks; i++)
-        if (cs->entries[i] >= 0) ent(s, cs->entries[i])->checksum = kv_checksum(data(s, cs->entries[i]), eb, 0);
+    for (int i = 0; i < x->n_blocks; i++) /* every layer was shipped once: sums are whole */
+        if (cs->entries[i] >= 0) ent(s, cs->entries[i])->checksum = kv_sum_final(cs->sums[i], eb);
     store_lock(s);
     for (int i = 0; i < x->n_blocks; i++) {
         int e = cs->entries[i];
         if (e < 0) continue;
         store_entry *en = ent(s, e);
-        if (en->state == ENTRY_WRITING && en->writer_pid == (int32_t)getpid()) {
+        if (!ours(en, cs->seq)) continue; /* reclaimed: cannot happen while we live */
+        if (en->state == ENTRY_WRITING) {
+            en->state = ENTRY_READY;
+            lru_push(s, e);
+            hdr(s)->puts++;
+        } else if (en->state == ENTRY_PRIVATE && !cs->second[i]) {
+            release_private(s, e); /* a second writer published the key before us */
+        } else if (en->state == ENTRY_PRIVATE) {
+            int o = find(s, x->keys[i]);
+            if (o >= 0 && ent(s, o)->state == ENTRY_READY) { /* the first writer finished */
+                release_private(s, e);
+                continue;
+            }
+            if (o >= 0) { /* still being written: ours replaces it, its writer frees it */
+                unindex(s, o);
+                ent(s, o)->state = ENTRY_PRIVATE;
+            }
+            insert(s, e, x->keys[i]);
             en->state = ENTRY_READY;
             lru_push(s, e);
             hdr(s)->puts++;
         }
     }
     store_unlock(s);
-    free(cs->entries);
-    free(cs);
+    kv_notify(&hdr(s)->notify); /* readers waiting for these keys */
+    cpu_send_free(cs);
     x->priv = NULL;
     return KV_OK;
 }
@@ -416,34 +507,21 @@ static void cpu_send_abort(kv_send *x) {
     store_lock(s);
     for (int i = 0; i < x->n_blocks; i++) {
         int e = cs->entries[i];
-        if (e >= 0 && ent(s, e)->state == ENTRY_WRITING && ent(s, e)->writer_pid == (int32_t)getpid())
-            drop(s, e);
+        if (e < 0 || !ours(ent(s, e), cs->seq)) continue;
+        if (ent(s, e)->state == ENTRY_WRITING) drop(s, e);
+        else if (ent(s, e)->state == ENTRY_PRIVATE) release_private(s, e);
     }
     store_unlock(s);
-    free(cs->entries);
-    free(cs);
+    cpu_send_free(cs);
     x->priv = NULL;
 }
 
 /* ---- decode side: get ----------------------------------------------------------------------------- */
-/* Queues the copies of entry e (every layer) into block `block`, after checking the
- * entry's checksum over its host bytes (e pinned); false when it fails. */
-static bool queue_out(kv_connector *c, int e, int32_t block, kv_copies *q) {
-    cpu_impl *s = c->impl;
-    const kv_cache *kv = c->kv;
-    size_t bb = kv->block_bytes, lb = hdr(s)->layer_bytes;
-    uint8_t *d = data(s, e);
-    if (kv_checksum(d, (size_t)kv->n_layers * lb, 0) != ent(s, e)->checksum) return false;
-    for (int l = 0; l < kv->n_layers; l++) {
-        kv_copies_blocks(q, kv, l, 0, &block, 1, d + (size_t)l * lb, bb, false);
-        kv_copies_blocks(q, kv, l, 1, &block, 1, d + (size_t)l * lb + bb, bb, false);
-    }
-    return true;
-}
-
 /* Copies every block that is READY in the store, in order from the first missing one,
- * as one batch: pins their entries under the lock, checks and copies outside it, then
- * unpins. KV_OK when all are in, KV_PENDING, or the error. */
+ * as one batch that also sums what it moves: pins their entries under the lock, copies
+ * outside it, checks each entry's checksum, then unpins. Blocks count as arrived up to
+ * the first that fails (that one is dropped, never served). KV_OK when all are in,
+ * KV_PENDING, or the error. */
 static kv_status cpu_poll(kv_connector *c, int idx, char *err, size_t errlen) {
     cpu_impl *s = c->impl;
     kv_slot *sl = &c->slots[idx];
@@ -467,12 +545,24 @@ static kv_status cpu_poll(kv_connector *c, int idx, char *err, size_t errlen) {
         pin[n++] = e;
     }
     store_unlock(s);
+    const kv_cache *kv = c->kv;
+    size_t bb = kv->block_bytes, lb = hdr(s)->layer_bytes, eb = (size_t)kv->n_layers * lb;
+    uint64_t *sums = xcalloc((size_t)PD_MAX(n, 1), sizeof(uint64_t));
     kv_copies q = {0};
-    int ok = 0; /* blocks [first, first + ok) of the pinned ones passed their checksum */
-    if (!dead)
-        while (ok < n && queue_out(c, pin[ok], sl->blocks[first + ok], &q)) ok++;
-    kv_copies_run(c->kv, &q);
+    for (int k = 0; k < n && !dead; k++) {
+        uint8_t *d = data(s, pin[k]);
+        for (int l = 0; l < kv->n_layers; l++)
+            for (int part = 0; part < 2; part++) {
+                uint64_t at = (uint64_t)l * lb + (uint64_t)part * bb;
+                kv_copies_add_sum(&q, kv_block_ptr(kv, l, part, sl->blocks[first + k]), d + at, bb,
+                                  k, at);
+            }
+    }
+    kv_copies_run_sum(kv, &q, sums, PD_MAX(n, 1), false);
     kv_copies_free(&q);
+    int ok = 0; /* blocks [first, first + ok) of the pinned ones passed their checksum */
+    while (!dead && ok < n && kv_sum_final(sums[ok], eb) == ent(s, pin[ok])->checksum) ok++;
+    free(sums);
     store_lock(s);
     for (int k = 0; k < n; k++) ent(s, pin[k])->refs--;
     if (!dead && ok < n) {
@@ -495,6 +585,10 @@ static kv_status cpu_poll(kv_connector *c, int idx, char *err, size_t errlen) {
         return KV_ERR_CORRUPT;
     }
     return sl->n_got == sl->n_blocks ? KV_OK : KV_PENDING;
+}
+
+static uint32_t *cpu_notify_word(kv_connector *c, int idx) {
+    return &hdr((cpu_impl *)c->impl)->notify;
 }
 
 static int cpu_match(kv_connector *c, const uint64_t *keys, int n) {
@@ -547,6 +641,7 @@ const kv_medium_ops kv_cpu_ops = {
     .send_abort = cpu_send_abort,
     .match = cpu_match,
     .stats = cpu_stats,
+    .notify_word = cpu_notify_word,
 };
 
 /* ---- stores by key: the prefix cache's lower tiers (kv.h) ---------------------------------------
@@ -574,13 +669,14 @@ static int keyed_begin(cpu_impl *s, uint64_t key) {
     en->state = ENTRY_WRITING;
     en->refs = 0;
     en->writer_pid = (int32_t)getpid();
+    en->writer_seq = next_writer_seq();
     insert(s, e, key);
     store_unlock(s);
     return e;
 }
 
 static void keyed_publish(cpu_impl *s, int e) {
-    ent(s, e)->checksum = kv_checksum(data(s, e), (size_t)hdr(s)->n_layers * hdr(s)->layer_bytes, 0);
+    ent(s, e)->checksum = kv_sum(data(s, e), (size_t)hdr(s)->n_layers * hdr(s)->layer_bytes);
     store_lock(s);
     ent(s, e)->state = ENTRY_READY;
     lru_push(s, e);
@@ -644,7 +740,7 @@ kv_status kv_cpu_store_get_host(kv_connector *c, uint64_t key, void *image) {
     if (e < 0) return KV_ERR_UNKNOWN_TICKET;
     size_t n = kv_store_image_bytes(c->kv);
     memcpy(image, data(s, e), n);
-    bool ok = kv_checksum(image, n, 0) == ent(s, e)->checksum;
+    bool ok = kv_sum(image, n) == ent(s, e)->checksum;
     keyed_unpin(s, e, ok);
     return ok ? KV_OK : KV_ERR_CORRUPT;
 }
@@ -656,7 +752,7 @@ kv_status kv_cpu_store_get(kv_connector *c, uint64_t key, int32_t block) {
     const kv_cache *kv = c->kv;
     size_t bb = kv->block_bytes, lb = hdr(s)->layer_bytes;
     const uint8_t *d = data(s, e);
-    bool ok = kv_checksum(d, (size_t)kv->n_layers * lb, 0) == ent(s, e)->checksum;
+    bool ok = kv_sum(d, (size_t)kv->n_layers * lb) == ent(s, e)->checksum;
     for (int l = 0; ok && l < kv->n_layers; l++) { /* checked first, then into the cache */
         kv_blocks_from_host(kv, l, 0, &block, 1, d + (size_t)l * lb, bb);
         kv_blocks_from_host(kv, l, 1, &block, 1, d + (size_t)l * lb + bb, bb);

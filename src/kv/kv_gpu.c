@@ -26,6 +26,8 @@
  *                                     the sender is found dead)
  *   any -> FREE                       decode, when the reservation ends
  * The generation in the same word makes every compare-and-swap fail on a reused slot.
+ * After each change (layers done, DONE, ABORTED, CLOSED) the sender bumps the slot's
+ * notify word and wakes the decode side sleeping on it (futex, kv_ticket_wait).
  * Tuned for: a handful of peers, tens of concurrent requests, copies of MiBs to GiBs. */
 #include <errno.h>
 #include <fcntl.h>
@@ -39,7 +41,7 @@
 #include "kv/kv_internal.h"
 
 #define GPU_MAGIC 0x6c7463766b647070ull /* "ppdkvctl" */
-#define GPU_VERSION 2
+#define GPU_VERSION 3 /* 3: the slot's notify word */
 #define GPU_MAX_PEERS 32
 
 enum { GPU_FREE, GPU_OPEN, GPU_COPYING, GPU_DONE, GPU_ABORTED, GPU_CLOSED, GPU_CLOSING };
@@ -67,7 +69,8 @@ typedef struct gpu_ctl_slot {
     int32_t n_blocks;
     int32_t layers_done;      /* atomic */
     int32_t sender_pid;       /* atomic */
-    int32_t pad;
+    uint32_t notify;          /* futex word: the sender bumps it after every change above
+                                 (kv_notify), the decode side sleeps on it */
     int32_t blocks[];         /* [n_blocks] destination block ids */
 } gpu_ctl_slot;
 
@@ -262,6 +265,10 @@ static bool gpu_quiesce(kv_connector *c, int idx) {
             return true;
         }
     }
+}
+
+static uint32_t *gpu_notify_word(kv_connector *c, int idx) {
+    return &ctl_slot(((gpu_impl *)c->impl)->ctl, idx)->notify;
 }
 
 static void gpu_end(kv_connector *c, int idx) {
@@ -460,6 +467,7 @@ static kv_status gpu_send_layers(kv_send *x, const int *layers, int n, char *err
     const kv_cache *kv = x->c->kv;
     size_t bb = kv->block_bytes;
     const int32_t *dst = gs->slot->blocks;
+    double t0 = time_now_s();
     for (int j = 0; j < n; j++) {
         int l = layers[j];
         for (int part = 0; part < 2; part++) {
@@ -471,13 +479,20 @@ static kv_status gpu_send_layers(kv_send *x, const int *layers, int n, char *err
     }
     /* one batch for the layers of this call (layerwise: one layer); landed in the
      * peer's memory when it returns, and only then counted */
+    int items = gs->q.n;
+    double t1 = time_now_s();
     kv_copies_run(kv, &gs->q);
+    if (getenv("PDSERVE_KV_TIMING")) /* where a send's time goes (bench_kv_cuda) */
+        fprintf(stderr, "kv gpu: %d layers, %d copies: queued in %.3f ms, copied in %.3f ms\n", n,
+                items, (t1 - t0) * 1e3, (time_now_s() - t1) * 1e3);
     __atomic_fetch_add(&gs->slot->layers_done, n, __ATOMIC_RELEASE);
     if (!cas_word(gs->slot, word_of(gs->gen, GPU_COPYING), word_of(gs->gen, GPU_OPEN))) {
         uint64_t w = load_word(gs->slot);
         cas_word(gs->slot, word_of(gs->gen, GPU_CLOSING), word_of(gs->gen, GPU_CLOSED));
+        kv_notify(&gs->slot->notify); /* its blocks may go back now */
         return closed_status(x, w, err, errlen);
     }
+    kv_notify(&gs->slot->notify);
     return KV_OK;
 }
 
@@ -485,13 +500,15 @@ static kv_status gpu_send_finish(kv_send *x, char *err, size_t errlen) {
     gpu_send *gs = x->priv;
     if (!cas_word(gs->slot, word_of(gs->gen, GPU_OPEN), word_of(gs->gen, GPU_DONE)))
         return closed_status(x, load_word(gs->slot), err, errlen);
+    kv_notify(&gs->slot->notify);
     return KV_OK;
 }
 
 static void gpu_send_abort(kv_send *x) {
     gpu_send *gs = x->priv;
     if (!gs) return;
-    cas_word(gs->slot, word_of(gs->gen, GPU_OPEN), word_of(gs->gen, GPU_ABORTED));
+    if (cas_word(gs->slot, word_of(gs->gen, GPU_OPEN), word_of(gs->gen, GPU_ABORTED)))
+        kv_notify(&gs->slot->notify);
     send_free(gs);
     x->priv = NULL;
 }
@@ -541,4 +558,5 @@ const kv_medium_ops kv_gpu_ops = {
     .send_layers = gpu_send_layers,
     .send_finish = gpu_send_finish_and_free,
     .send_abort = gpu_send_abort,
+    .notify_word = gpu_notify_word,
 };

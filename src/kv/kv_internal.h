@@ -61,6 +61,11 @@ typedef struct kv_medium_ops {
     /* stores */
     int (*match)(struct kv_connector *c, const uint64_t *keys, int n);
     void (*stats)(struct kv_connector *c, kv_store_stats *out);
+    /* decode side, under mu: a 32-bit word that whoever moves slot idx forward bumps
+     * with kv_notify (gpu: in the slot of the control segment; cpu: the store's header;
+     * tcp: the connector's), so that kv_ticket_wait sleeps on it (futex) and wakes at
+     * once. NULL: kv_ticket_wait polls with a short backoff (disk). */
+    uint32_t *(*notify_word)(struct kv_connector *c, int idx);
 } kv_medium_ops;
 
 struct kv_connector {
@@ -75,6 +80,8 @@ struct kv_connector {
                                      a failed reservation reports its error for a while) */
     char address[KV_ADDRESS_MAX];
     void *impl;                   /* the medium's state (owned by it) */
+    uint32_t notify;              /* futex word of mediums whose progress is in this
+                                     process (tcp's receiver thread): kv_notify */
 };
 
 struct kv_send {
@@ -127,8 +134,21 @@ void kv_blocks_from_host(const kv_cache *kv, int l, int part, const int32_t *blo
 typedef struct kv_copies {
     backend_copy *items;
     int n, cap;
+    int32_t *sum_slot;            /* [cap] kv_copies_add_sum: object of each item */
+    uint64_t *sum_at;             /* [cap] its first byte's offset in that object */
 } kv_copies;
 void kv_copies_add(kv_copies *q, void *dst, const void *src, size_t bytes);
+/* An item whose bytes also count towards object `slot` of a kv_copies_run_sum, starting
+ * at byte `at` of that object (at % 16 == 0 for the device path). A queue holds
+ * either summed items or plain ones. */
+void kv_copies_add_sum(kv_copies *q, void *dst, const void *src, size_t bytes, int32_t slot,
+                       uint64_t at);
+/* kv_copies_run, and adds the kv_sum terms (kv_sum.h) of every item's bytes into
+ * sums[slot] (n_sums of them, host memory, not zeroed): on the device by the copy
+ * itself (backend copy_batch_sum) where it can; otherwise copies, then sums the host
+ * end of each item (host_is_dst: dst, else src) on this thread. */
+void kv_copies_run_sum(const kv_cache *kv, kv_copies *q, uint64_t *sums, int n_sums,
+                       bool host_is_dst);
 /* Appends the copies of kv_blocks_to_host (to_host) or kv_blocks_from_host. */
 void kv_copies_blocks(kv_copies *q, const kv_cache *kv, int l, int part, const int32_t *blocks,
                       int n, void *host, size_t stride, bool to_host);
@@ -143,6 +163,11 @@ void kv_host_free(const kv_cache *kv, void *p);
 /* Length of the run of consecutive ids starting at a[i] (and b[i] when b != NULL):
  * blocks that one copy can move. */
 int kv_run_length(const int32_t *a, const int32_t *b, int i, int n);
+/* Notification words shared between threads or processes (futex on Linux): kv_notify
+ * bumps *word and wakes every waiter; kv_notify_wait returns when *word != seen, after
+ * max_s seconds, or spuriously (callers re-check their state). */
+void kv_notify(uint32_t *word);
+void kv_notify_wait(uint32_t *word, uint32_t seen, double max_s);
 /* A valid name for shm segments: [A-Za-z0-9_.-], 1..KV_NAME_MAX-1 characters. */
 bool kv_name_valid(const char *s);
 

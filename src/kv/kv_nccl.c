@@ -1,20 +1,1008 @@
-/* kv_nccl.c: the "nccl" medium, declared so that configurations and tickets can name
- * it. Not built yet (the design is in kv.h and docs/kv-connectors.md): between the
- * GPUs of one host the gpu medium (CUDA IPC) already moves KV GPU to GPU (NVLink). Opening
- * it is an error, returned as a value. */
-#include "kv/kv_internal.h"
+/* kv_nccl.c: the point-to-point "nccl" medium: KV blocks go GPU to GPU through NCCL
+ * send/receive between a prefill process and a decode process, on one host (NVLink,
+ * PCIe) or across hosts (whatever network NCCL finds: IB, RoCE, sockets).
+ *
+ *   control   a TCP connection per (prefill, decode) pair, opened by the prefill side at
+ *             its first ticket for that decode instance (the ticket's address is the
+ *             decode side's "host:port", as for tcp). It carries kv_msg frames (kv.h):
+ *             HELLO both ways at setup, then DATA / DONE / ABORT per request. Setup:
+ *               P -> D  HELLO  layer = L, n_blocks = block size, request_id = block
+ *                              bytes, ticket = staging chunk bytes, checksum = the
+ *                              prefill process's key (pid + host, self_key)
+ *               D -> P  HELLO  the same geometry, checksum = kv_checksum of the 136
+ *                              bytes that follow it: an ncclUniqueId made for this
+ *                              pair and the decode process's key
+ *                       (ABORT instead, then close: the geometries differ)
+ *             then both run ncclCommInitRank(2 ranks; decode 0, prefill 1) and one warm
+ *             send/receive of a chunk (NCCL connects its p2p channels at the first one).
+ *             The communicator is kept for every later request of the pair.
+ *   data      per layer: a DATA frame (layer l, blocks 0..n of the ticket, payload =
+ *             2 * n * block bytes, checksum 0: NCCL moves the payload, not the socket),
+ *             then that payload as ncclSend / ncclRecv of chunks of at most
+ *             NCCL_CHUNK_BYTES: the sender gathers layer l's k then v blocks into a device
+ *             staging half (one copy_batch), sends it; the receiver receives into its
+ *             own staging half and scatters it into the reserved blocks (one copy_batch).
+ *             Two halves per side: gathering (scattering) chunk i+1 overlaps the NCCL
+ *             transfer of chunk i. The receiver drains every DATA's payload even when its
+ *             reservation has failed, so that the pair's NCCL stream never goes out of step.
+ *   threads   decode: a listener thread (accepts, runs kv_connector_tick every 100 ms)
+ *             and one thread per prefill peer (setup, then frames and receives), so a
+ *             slow peer never delays another; the engine thread never calls NCCL.
+ *             prefill: the caller of kv_send_* (the server's transfer worker), under a
+ *             mutex per decode peer.
+ *   failures  communicators are non-blocking (NCCL >= 2.14): init and every send/receive
+ *             are polled against the request's deadline, the control socket (a peer
+ *             process that dies closes it: POLLRDHUP), the peer's process when it is on
+ *             this host (gone, or stuck exiting: a process killed while our GPU reads
+ *             its memory may not close its sockets until we let go) and connector
+ *             shutdown; on any of
+ *             these the communicator is aborted (ncclCommAbort) and the pair's link
+ *             dropped: the requests it carried fail with a value (peer, deadline), their
+ *             reserved blocks go back, the next request of the pair makes a new one.
+ *             Blocks are written only by the scatter copy (busy around it), so a failed
+ *             reservation releases its blocks at once otherwise.
+ *   NCCL      loaded with dlopen("libnccl.so.2") (PDSERVE_NCCL_LIB overrides it), with our
+ *             own declarations of the few functions and types used, so that pdserve
+ *             builds and runs where NCCL is absent and says so when this medium is asked
+ *             for there. The machine's NCCL_* variables are left as they are.
+ *
+ * Tuned for: a few prefill peers per decode instance, requests of MiBs to GiBs of KV,
+ * layers of tens of MiB; one NCCL operation per chunk (not per block run). */
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
+#include <poll.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
 
-static int nccl_open(kv_connector *c, char *err, size_t errlen) {
-    pd_errorf(err, errlen, "kv nccl: the NCCL medium is not built in this version of pdserve "
-                           "(see docs/kv-connectors.md); use gpu between the GPUs of one host "
-                           "(CUDA IPC), tcp between hosts");
-    return -1;
+#include "kv/kv_internal.h"
+#if PDSERVE_HAVE_CUDA
+#include "backend/cuda/kv_nccl_cuda.h"
+#endif
+
+#define NCCL_CHUNK_BYTES ((size_t)32 << 20) /* one staging half; a chunk per NCCL op */
+#define NCCL_MAX_CONNS 32                   /* decode: prefill peers at once */
+#define NCCL_MAX_PEERS 32                   /* prefill: decode peers */
+#define NCCL_SETUP_S 60.0                   /* decode: a peer's setup (HELLO + init) */
+#define NCCL_DRAIN_GRACE_S 5.0              /* decode: receive wait past the deadline */
+#define NCCL_POLL_MAX_NS 16000              /* longest sleep between polls of a transfer: a
+                                             * 32 MiB chunk takes ~90 us over NVLink */
+#define NCCL_LIVENESS_S 0.01                /* how often a wait looks at the peer's process */
+
+#if PDSERVE_HAVE_CUDA
+/* ---- the slice of NCCL's ABI that we use (public nccl.h, 2.14 and later) ------------- */
+#define NCCL_ID_BYTES 128
+typedef struct nccl_id { char internal[NCCL_ID_BYTES]; } nccl_id;
+typedef void *nccl_comm;
+enum { NCCL_OK = 0, NCCL_INVALID_ARGUMENT = 4, NCCL_IN_PROGRESS = 7 };
+enum { NCCL_UINT8 = 1 };                    /* ncclUint8 */
+#define NCCL_UNDEF_INT (-2147483647 - 1)    /* NCCL_CONFIG_UNDEF_INT (INT_MIN) */
+/* The leading fields of ncclConfig_t as of NCCL 2.18 (size and version say which; newer
+ * libraries fill the fields after them with their defaults). */
+typedef struct nccl_config {
+    size_t size;
+    unsigned magic, version;
+    int blocking, cga_cluster_size, min_ctas, max_ctas;
+    const char *net_name;
+    int split_share;
+} nccl_config;
+#define NCCL_CONFIG_MAGIC 0xcafebeefu
+#define NCCL_VERSION_CODE(x, y, z) ((x) * 10000 + (y) * 100 + (z))
+
+typedef struct nccl_lib {
+    void *lib;
+    int version;                             /* ncclGetVersion: 22809 for 2.28.9 */
+    int (*get_version)(int *);
+    int (*get_unique_id)(nccl_id *);
+    int (*comm_init_rank)(nccl_comm *, int, nccl_id, int);
+    int (*comm_init_rank_config)(nccl_comm *, int, nccl_id, int, nccl_config *); /* optional */
+    int (*comm_abort)(nccl_comm);
+    int (*comm_async_error)(nccl_comm, int *);
+    const char *(*error_string)(int);
+    int (*send)(const void *, size_t, int, int, nccl_comm, void *);
+    int (*recv)(void *, size_t, int, int, nccl_comm, void *);
+} nccl_lib;
+
+static nccl_lib g_nccl;
+static pthread_mutex_t g_nccl_mu = PTHREAD_MUTEX_INITIALIZER;
+
+/* The one checking wrapper of every NCCL call: a failure is logged (debug) with the
+ * statement, file and line, and its code returned: NCCL's failures come from outside
+ * (a peer gone, a network down) and are values here. */
+static int nccl_check(int rc, const char *what, const char *file, int line) {
+    if (rc != NCCL_OK && rc != NCCL_IN_PROGRESS)
+        log_debug("NCCL: %s failed at %s:%d: %s (%d)", what, file, line,
+                  g_nccl.error_string ? g_nccl.error_string(rc) : "error", rc);
+    return rc;
+}
+#define NCCL_CALL(call) nccl_check((call), #call, __FILE__, __LINE__)
+
+static const char *nccl_error(int rc) {
+    const char *s = g_nccl.error_string ? g_nccl.error_string(rc) : NULL;
+    return s ? s : "NCCL error";
 }
 
-static void nccl_close(kv_connector *c) {}
+/* Loads NCCL once per process (never unloaded: its threads may outlive a connector).
+ * 0, or -1 with err naming what is missing. */
+static int nccl_load(char *err, size_t errlen) {
+    pthread_mutex_lock(&g_nccl_mu);
+    int rc = 0;
+    if (!g_nccl.lib) {
+        const char *path = getenv("PDSERVE_NCCL_LIB");
+        if (!path || !*path) path = "libnccl.so.2";
+        void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+        nccl_lib n = {.lib = lib};
+        if (lib) {
+#define BIND(field, name) *(void **)(&n.field) = dlsym(lib, name)
+            BIND(get_version, "ncclGetVersion");
+            BIND(get_unique_id, "ncclGetUniqueId");
+            BIND(comm_init_rank, "ncclCommInitRank");
+            BIND(comm_init_rank_config, "ncclCommInitRankConfig");
+            BIND(comm_abort, "ncclCommAbort");
+            BIND(comm_async_error, "ncclCommGetAsyncError");
+            BIND(error_string, "ncclGetErrorString");
+            BIND(send, "ncclSend");
+            BIND(recv, "ncclRecv");
+#undef BIND
+        }
+        if (!lib) {
+            const char *why = dlerror();
+            pd_errorf(err, errlen, "kv nccl: cannot load NCCL (%s): %s; the nccl medium needs "
+                      "NCCL 2.14 or later (use gpu between the GPUs of one host, tcp between "
+                      "hosts)", path, why ? why : "not found");
+            rc = -1;
+        } else if (!n.get_version || !n.get_unique_id || !n.comm_init_rank || !n.comm_abort ||
+                   !n.comm_async_error || !n.send || !n.recv ||
+                   n.get_version(&n.version) != NCCL_OK) {
+            pd_errorf(err, errlen, "kv nccl: %s lacks ncclSend/ncclRecv/ncclCommAbort "
+                      "(NCCL older than 2.7?)", path);
+            dlclose(lib);
+            rc = -1;
+        } else {
+            g_nccl = n;
+            log_info("kv nccl: loaded %s (NCCL %d.%d.%d)", path, n.version / 10000,
+                     n.version / 100 % 100, n.version % 100);
+        }
+    }
+    pthread_mutex_unlock(&g_nccl_mu);
+    return rc;
+}
+
+/* ---- one pair's link: control socket + communicator + staging ------------------------- */
+typedef struct nccl_link {
+    int fd;                 /* control socket; -1: none */
+    nccl_comm comm;         /* NULL: none */
+    bool nonblocking;       /* comm made with blocking = 0: ops may return in-progress */
+    void *stream;           /* cudaStream_t of NCCL's kernels */
+    void *ev[2];            /* cudaEvent_t after each staging half's op */
+    uint8_t *stage[2];      /* device, chunk bytes each */
+    size_t chunk;
+    uint64_t peer_key;      /* the peer process (self_key of its side); 0: unknown */
+} nccl_link;
+
+/* This process as its peers see it: pid | hash of (boot id, pid namespace) << 32, so
+ * that a peer can tell whether it shares our host and pid namespace (then the pid means
+ * the same process to it). */
+static uint64_t self_key(void) {
+    static uint32_t host;
+    if (!host) {
+        char buf[160] = "";
+        FILE *f = fopen("/proc/sys/kernel/random/boot_id", "r");
+        size_t n = f ? fread(buf, 1, 64, f) : 0;
+        if (f) fclose(f);
+        ssize_t m = readlink("/proc/self/ns/pid", buf + n, sizeof buf - n - 1);
+        n += m > 0 ? (size_t)m : 0;
+        host = (uint32_t)hash_bytes(buf, n, 0x6e63636cu) | 1;
+    }
+    return (uint64_t)(uint32_t)getpid() | (uint64_t)host << 32;
+}
+
+/* Whether the peer process that `key` names is on this host and gone or exiting. A
+ * process killed while a peer GPU still reads its memory may stay in exit (files not yet
+ * closed, so its sockets look alive) until that peer lets go: its flags say PF_EXITING. */
+static bool peer_dying(uint64_t key) {
+    if (!key || (key >> 32) != (self_key() >> 32)) return false;
+    int pid = (int)(uint32_t)key;
+    if (!kv_pid_alive(pid)) return true;
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return false;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    const char *rp = strrchr(buf, ')');
+    unsigned flags = 0;
+    char state = 0;
+    /* after the name: state ppid pgrp session tty_nr tpgid flags */
+    if (!rp || sscanf(rp + 1, " %c %*d %*d %*d %*d %*d %u", &state, &flags) != 2) return false;
+    return (flags & 0x4u) != 0; /* PF_EXITING */
+}
+
+/* Bytes per NCCL op and staging half: whole blocks, about NCCL_CHUNK_BYTES, or
+ * PDSERVE_KV_NCCL_CHUNK_MIB (A/B runs; both sides must agree: HELLO checks it). */
+static size_t chunk_bytes(const kv_cache *kv) {
+    static size_t want;
+    if (!want) {
+        const char *e = getenv("PDSERVE_KV_NCCL_CHUNK_MIB");
+        long mib = e ? atol(e) : 0;
+        want = mib > 0 && mib <= 1024 ? (size_t)mib << 20 : NCCL_CHUNK_BYTES;
+    }
+    size_t units = want / kv->block_bytes;
+    return (units ? units : 1) * kv->block_bytes;
+}
+
+/* Drops the link: aborts the communicator (never waits for the peer), then frees what
+ * the link owns. The stream is idle after the abort. Safe on a half-made link. */
+static void link_close(const kv_cache *kv, nccl_link *k) {
+    if (k->comm) NCCL_CALL(g_nccl.comm_abort(k->comm));
+    if (k->stream || k->ev[0] || k->stage[0]) {
+        cuda_kv_nccl_bind(kv->be);
+        cuda_kv_nccl_stream_destroy(kv->be, k->stream);
+        for (int h = 0; h < 2; h++) {
+            cuda_kv_nccl_event_destroy(kv->be, k->ev[h]);
+            cuda_kv_nccl_free(kv->be, k->stage[h]);
+        }
+    }
+    if (k->fd >= 0) close(k->fd);
+    memset(k, 0, sizeof *k);
+    k->fd = -1;
+}
+
+/* Stream, events and staging of a link. KV_ERR_FULL when the device has no room. */
+static kv_status link_alloc(const kv_cache *kv, nccl_link *k, char *err, size_t errlen) {
+    cuda_kv_nccl_bind(kv->be);
+    k->chunk = chunk_bytes(kv);
+    k->stream = cuda_kv_nccl_stream_create(kv->be);
+    for (int h = 0; h < 2; h++) {
+        k->ev[h] = cuda_kv_nccl_event_create(kv->be);
+        k->stage[h] = cuda_kv_nccl_alloc(kv->be, k->chunk);
+        if (!k->stage[h]) {
+            pd_errorf(err, errlen, "kv nccl: no device memory left for 2 x %zu MiB of staging",
+                      k->chunk >> 20);
+            return KV_ERR_FULL;
+        }
+    }
+    return KV_OK;
+}
+
+/* What a wait watches besides the GPU: when to give up, and who may have gone. */
+typedef struct wait_ctx {
+    double deadline;          /* time_now_s() clock */
+    atomic_bool *stop;        /* connector closing; NULL: none */
+    const char *who;          /* "decode peer 127.0.0.1:5555" ... */
+} wait_ctx;
+
+/* Waits until the link's communicator has no operation in progress and, when ev is
+ * given, until that event has passed. KV_OK; or KV_ERR_PEER (NCCL reported an error,
+ * or the control socket says the peer closed: a dead process), KV_ERR_DEADLINE,
+ * KV_ERR_ABORTED (stop): then the caller must link_close (the op is still pending). */
+static kv_status link_wait(const kv_cache *kv, nccl_link *k, void *ev, const wait_ctx *w,
+                           char *err, size_t errlen) {
+    long sleep_ns = 2000;
+    double next_look = time_now_s() + NCCL_LIVENESS_S;
+    for (;;) {
+        int async = NCCL_OK;
+        NCCL_CALL(g_nccl.comm_async_error(k->comm, &async));
+        if (async != NCCL_OK && async != NCCL_IN_PROGRESS) {
+            pd_errorf(err, errlen, "kv nccl: %s: NCCL: %s", w->who, nccl_error(async));
+            return KV_ERR_PEER;
+        }
+        if (async == NCCL_OK && (!ev || cuda_kv_nccl_event_done(kv->be, ev))) return KV_OK;
+        struct pollfd p = {k->fd, POLLRDHUP, 0};
+        if (k->fd >= 0 && poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR))) {
+            pd_errorf(err, errlen, "kv nccl: %s closed its connection mid-transfer (process "
+                      "gone?)", w->who);
+            return KV_ERR_PEER;
+        }
+        if (k->peer_key && time_now_s() > next_look) {
+            if (peer_dying(k->peer_key)) {
+                pd_errorf(err, errlen, "kv nccl: %s: its process is gone or exiting mid-transfer",
+                          w->who);
+                return KV_ERR_PEER;
+            }
+            next_look = time_now_s() + NCCL_LIVENESS_S;
+        }
+        if (w->stop && atomic_load(w->stop)) {
+            pd_errorf(err, errlen, "kv nccl: %s: the connector is closing", w->who);
+            return KV_ERR_ABORTED;
+        }
+        if (time_now_s() > w->deadline) {
+            pd_errorf(err, errlen, "kv nccl: %s: the deadline passed inside an NCCL transfer",
+                      w->who);
+            return KV_ERR_DEADLINE;
+        }
+        struct timespec ts = {0, sleep_ns};
+        nanosleep(&ts, NULL);
+        if (sleep_ns < NCCL_POLL_MAX_NS) sleep_ns *= 2;
+    }
+}
+
+/* Makes the pair's communicator (rank 0 decode, 1 prefill), non-blocking where the
+ * library allows it, and runs one warm chunk through it (rank 1 sends). */
+static kv_status link_init(const kv_cache *kv, nccl_link *k, const nccl_id *id, int rank,
+                           const wait_ctx *w, char *err, size_t errlen) {
+    cuda_kv_nccl_bind(kv->be);
+    int rc = NCCL_INVALID_ARGUMENT;
+    if (g_nccl.comm_init_rank_config && g_nccl.version >= NCCL_VERSION_CODE(2, 14, 0)) {
+        nccl_config cfg = {sizeof cfg, NCCL_CONFIG_MAGIC, NCCL_VERSION_CODE(2, 18, 0), 0,
+                           NCCL_UNDEF_INT, NCCL_UNDEF_INT, NCCL_UNDEF_INT, NULL, NCCL_UNDEF_INT};
+        rc = NCCL_CALL(g_nccl.comm_init_rank_config(&k->comm, 2, *id, rank, &cfg));
+        k->nonblocking = rc == NCCL_OK || rc == NCCL_IN_PROGRESS;
+    }
+    if (!k->nonblocking && rc == NCCL_INVALID_ARGUMENT) { /* an NCCL without our config */
+        if (k->comm) NCCL_CALL(g_nccl.comm_abort(k->comm));
+        k->comm = NULL;
+        log_warn("kv nccl: non-blocking communicators refused (%s): a dead peer can hang "
+                 "this transfer thread", nccl_error(rc));
+        rc = NCCL_CALL(g_nccl.comm_init_rank(&k->comm, 2, *id, rank));
+    }
+    if (rc != NCCL_OK && rc != NCCL_IN_PROGRESS) {
+        pd_errorf(err, errlen, "kv nccl: %s: ncclCommInitRank: %s", w->who, nccl_error(rc));
+        return KV_ERR_PEER;
+    }
+    kv_status st = link_wait(kv, k, NULL, w, err, errlen);
+    if (st != KV_OK) return st;
+    rc = rank ? NCCL_CALL(g_nccl.send(k->stage[0], k->chunk, NCCL_UINT8, 0, k->comm, k->stream))
+              : NCCL_CALL(g_nccl.recv(k->stage[0], k->chunk, NCCL_UINT8, 1, k->comm, k->stream));
+    if (rc != NCCL_OK && rc != NCCL_IN_PROGRESS) {
+        pd_errorf(err, errlen, "kv nccl: %s: first transfer: %s", w->who, nccl_error(rc));
+        return KV_ERR_PEER;
+    }
+    if ((st = link_wait(kv, k, NULL, w, err, errlen)) != KV_OK) return st;
+    cuda_kv_nccl_event_record(kv->be, k->ev[0], k->stream);
+    return link_wait(kv, k, k->ev[0], w, err, errlen);
+}
+
+/* Queues one NCCL op on staging half h (send to / receive from the other rank) and
+ * records ev[h] after it. */
+static kv_status link_op(const kv_cache *kv, nccl_link *k, bool send, int h, size_t bytes,
+                         const wait_ctx *w, char *err, size_t errlen) {
+    int rc = send ? NCCL_CALL(g_nccl.send(k->stage[h], bytes, NCCL_UINT8, 0, k->comm, k->stream))
+                  : NCCL_CALL(g_nccl.recv(k->stage[h], bytes, NCCL_UINT8, 1, k->comm, k->stream));
+    if (rc != NCCL_OK && rc != NCCL_IN_PROGRESS) {
+        pd_errorf(err, errlen, "kv nccl: %s: %s: %s", w->who, send ? "ncclSend" : "ncclRecv",
+                  nccl_error(rc));
+        return KV_ERR_PEER;
+    }
+    /* non-blocking: the kernel is queued once the communicator is idle again */
+    kv_status st = k->nonblocking ? link_wait(kv, k, NULL, w, err, errlen) : KV_OK;
+    if (st == KV_OK) cuda_kv_nccl_event_record(kv->be, k->ev[h], k->stream);
+    return st;
+}
+
+/* Queues the copies of payload units [u0, u1) of a layer between staging and blocks:
+ * unit u is part u / nb (0 k, 1 v) of blocks[u % nb], block_bytes each. */
+static void unit_copies(kv_copies *q, const kv_cache *kv, int l, const int32_t *blocks, int nb,
+                        size_t u0, size_t u1, uint8_t *stage, bool to_stage) {
+    size_t bb = kv->block_bytes;
+    for (size_t u = u0; u < u1; u++) {
+        uint8_t *b = kv_block_ptr(kv, l, (int)(u / (size_t)nb), blocks[u % (size_t)nb]);
+        uint8_t *s = stage + (u - u0) * bb;
+        if (to_stage) kv_copies_add(q, s, b, bb);
+        else kv_copies_add(q, b, s, bb);
+    }
+}
+
+/* ---- socket helpers ------------------------------------------------------------------------ */
+/* How long one poll may sleep before deadline: 1..100 ms, or -1 once it has passed
+ * (short sleeps: callers also watch a stop flag). */
+static int poll_ms(double deadline) {
+    double left = deadline - time_now_s();
+    if (left <= 0) return -1;
+    return left >= 0.1 ? 100 : (int)(left * 1e3) + 1;
+}
+
+/* Writes all of buf before deadline; 0, or -1 (errno). */
+static int write_all_by(int fd, const void *buf, size_t n, double deadline) {
+    const uint8_t *p = buf;
+    while (n) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w > 0) {
+            p += w;
+            n -= (size_t)w;
+            continue;
+        }
+        if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return -1;
+        int ms = poll_ms(deadline);
+        if (ms < 0) return errno = ETIMEDOUT, -1;
+        struct pollfd q = {fd, POLLOUT, 0};
+        poll(&q, 1, ms);
+    }
+    return 0;
+}
+
+/* Reads exactly n bytes before deadline (or until *stop); 0, or -1 with errno
+ * (ECONNRESET for a closed connection or a peer process found exiting: peer_key, 0 for
+ * none, is looked at every 100 ms; ETIMEDOUT; ECANCELED for stop). */
+static int read_all_by(int fd, void *buf, size_t n, double deadline, atomic_bool *stop,
+                       uint64_t peer_key) {
+    uint8_t *p = buf;
+    while (n) {
+        ssize_t r = recv(fd, p, n, MSG_DONTWAIT);
+        if (r > 0) {
+            p += r;
+            n -= (size_t)r;
+            continue;
+        }
+        if (r == 0) return errno = ECONNRESET, -1;
+        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return -1;
+        if (stop && atomic_load(stop)) return errno = ECANCELED, -1;
+        int ms = poll_ms(deadline);
+        if (ms < 0) return errno = ETIMEDOUT, -1;
+        struct pollfd q = {fd, POLLIN, 0};
+        if (poll(&q, 1, ms) == 0 && peer_dying(peer_key)) return errno = ECONNRESET, -1;
+    }
+    return 0;
+}
+
+static int send_frame(int fd, const kv_msg_header *h, double deadline) {
+    uint8_t buf[KV_MSG_HEADER_BYTES];
+    kv_msg_encode(h, buf);
+    return write_all_by(fd, buf, sizeof buf, deadline);
+}
+
+/* Reads one frame header; 0, or -1 with why. */
+static int read_frame(int fd, kv_msg_header *h, double deadline, atomic_bool *stop,
+                      uint64_t peer_key, char *why, size_t whylen) {
+    uint8_t buf[KV_MSG_HEADER_BYTES];
+    if (read_all_by(fd, buf, sizeof buf, deadline, stop, peer_key) != 0) {
+        pd_errorf(why, whylen, "%s", errno == ECONNRESET ? "connection closed" : strerror(errno));
+        return -1;
+    }
+    return kv_msg_parse(buf, sizeof buf, h, why, whylen) == KV_MSG_HEADER_BYTES ? 0 : -1;
+}
+
+static kv_msg_header hello_of(const kv_cache *kv) {
+    return (kv_msg_header){.type = KV_MSG_HELLO, .layer = (uint32_t)kv->n_layers,
+                           .n_blocks = (uint32_t)kv->block_size, .request_id = kv->block_bytes,
+                           .ticket = chunk_bytes(kv)};
+}
+
+/* What follows the decode side's HELLO (its checksum covers these bytes). */
+struct hello_tail {
+    nccl_id id;
+    uint64_t key;             /* the decode process (self_key) */
+};
+
+static bool hello_matches(const kv_cache *kv, const kv_msg_header *h) {
+    kv_msg_header m = hello_of(kv);
+    return h->type == KV_MSG_HELLO && h->layer == m.layer && h->n_blocks == m.n_blocks &&
+           h->request_id == m.request_id && h->ticket == m.ticket;
+}
+
+/* ---- decode side ----------------------------------------------------------------------------- */
+typedef struct nccl_conn {
+    struct nccl_impl *impl;
+    kv_connector *c;
+    int id;                   /* stamped into the slots it writes (kv_slot.conn) */
+    nccl_link link;
+    pthread_t thread;
+    atomic_bool running;      /* false: the entry may be reused (after a join) */
+    bool joinable;
+    char who[64];
+} nccl_conn;
+
+typedef struct nccl_impl {
+    /* decode side */
+    int listen_fd;
+    int wake[2];
+    pthread_t listener;
+    bool listener_started;
+    atomic_bool stop;
+    nccl_conn conns[NCCL_MAX_CONNS];
+    int next_conn_id;
+    /* prefill side */
+    struct nccl_peer {
+        char address[KV_ADDRESS_MAX];
+        pthread_mutex_t mu;   /* one request's frames at a time on this link */
+        nccl_link link;
+    } peers[NCCL_MAX_PEERS];
+    int n_peers;
+} nccl_impl;
+
+/* Fails every pending slot that connection id wrote into (under mu). */
+static void fail_conn_slots(kv_connector *c, int id, const char *why) {
+    for (int i = 0; i < c->n_slots; i++) {
+        kv_slot *s = &c->slots[i];
+        if (s->conn == id && s->state == KV_SLOT_PENDING)
+            kv_slot_fail(c, i, KV_ERR_PEER, "kv nccl: request %llu: %s",
+                         (unsigned long long)s->request_id, why);
+    }
+}
+
+/* Setup of an accepted connection: HELLO, the id, the communicator. */
+static kv_status conn_setup(nccl_conn *k, char *err, size_t errlen) {
+    kv_connector *c = k->c;
+    const kv_cache *kv = c->kv;
+    wait_ctx w = {time_now_s() + NCCL_SETUP_S, &k->impl->stop, k->who};
+    kv_msg_header h;
+    if (read_frame(k->link.fd, &h, w.deadline, w.stop, 0, err, errlen) != 0) return KV_ERR_PROTOCOL;
+    if (!hello_matches(kv, &h)) {
+        kv_msg_header a = {.type = KV_MSG_ABORT};
+        send_frame(k->link.fd, &a, w.deadline);
+        pd_errorf(err, errlen, "kv nccl: %s has another KV geometry or chunk (%u layers, blocks "
+                  "of %u tokens, %llu bytes)", k->who, h.layer, h.n_blocks,
+                  (unsigned long long)h.request_id);
+        return KV_ERR_PROTOCOL;
+    }
+    k->link.peer_key = h.checksum; /* the prefill process (self_key) */
+    nccl_id id;
+    int rc = NCCL_CALL(g_nccl.get_unique_id(&id));
+    if (rc != NCCL_OK) {
+        pd_errorf(err, errlen, "kv nccl: ncclGetUniqueId: %s", nccl_error(rc));
+        return KV_ERR_IO;
+    }
+    kv_status st = link_alloc(kv, &k->link, err, errlen);
+    if (st != KV_OK) return st;
+    struct hello_tail tail = {id, self_key()};
+    kv_msg_header r = hello_of(kv);
+    r.checksum = kv_checksum(&tail, sizeof tail, 0);
+    if (send_frame(k->link.fd, &r, w.deadline) != 0 ||
+        write_all_by(k->link.fd, &tail, sizeof tail, w.deadline) != 0) {
+        pd_errorf(err, errlen, "kv nccl: %s: hello: %s", k->who, strerror(errno));
+        return KV_ERR_PEER;
+    }
+    return link_init(kv, &k->link, &id, 0, &w, err, errlen);
+}
+
+/* Scatters staging half h (payload units [u0, u1) of layer l) into slot idx's blocks, if
+ * it is still the pending reservation (gen, request) that the frame named. */
+static void conn_scatter(nccl_conn *k, const kv_msg_header *h, int hh, size_t u0, size_t u1) {
+    kv_connector *c = k->c;
+    pthread_mutex_lock(&c->mu);
+    int idx = kv_slot_find(c, h->ticket, h->request_id);
+    kv_slot *s = idx >= 0 ? &c->slots[idx] : NULL;
+    bool go = s && s->state == KV_SLOT_PENDING;
+    if (go) s->busy++;
+    pthread_mutex_unlock(&c->mu);
+    if (!go) return;
+    kv_copies q = {0};
+    unit_copies(&q, c->kv, (int)h->layer, s->blocks, s->n_blocks, u0, u1, k->link.stage[hh], false);
+    kv_copies_run(c->kv, &q);
+    kv_copies_free(&q);
+    pthread_mutex_lock(&c->mu);
+    s->busy--;
+    if (s->state == KV_SLOT_DRAINING && s->busy == 0) kv_slot_drain(c, idx);
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* A DATA frame: checks it against its reservation, receives its payload chunk by chunk
+ * (always, so that the pair stays in step), scatters it when the reservation is still
+ * pending, then counts the layer. Non-OK: the link is broken (err filled). */
+static kv_status conn_data(nccl_conn *k, const kv_msg_header *h, char *err, size_t errlen) {
+    kv_connector *c = k->c;
+    const kv_cache *kv = c->kv;
+    size_t bb = kv->block_bytes;
+    double deadline = time_now_s() + NCCL_DRAIN_GRACE_S;
+    bool fits = false;
+    pthread_mutex_lock(&c->mu);
+    int idx = kv_slot_find(c, h->ticket, h->request_id);
+    kv_slot *s = idx >= 0 ? &c->slots[idx] : NULL;
+    if (s && s->state == KV_SLOT_PENDING) {
+        s->conn = k->id;
+        deadline = s->deadline + NCCL_DRAIN_GRACE_S;
+        fits = h->layer < (uint32_t)kv->n_layers && h->first_block == 0 &&
+               h->n_blocks == (uint32_t)s->n_blocks && h->payload_bytes == 2 * (uint64_t)s->n_blocks * bb;
+        if (!fits)
+            kv_slot_fail(c, idx, KV_ERR_PROTOCOL,
+                         "kv nccl: request %llu: DATA of layer %u, %u blocks, %llu bytes does not "
+                         "fit the reservation (%d blocks)", (unsigned long long)s->request_id,
+                         h->layer, h->n_blocks, (unsigned long long)h->payload_bytes, s->n_blocks);
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (h->payload_bytes % bb) {
+        pd_errorf(err, errlen, "kv nccl: %s: DATA payload of %llu bytes is not whole blocks",
+                  k->who, (unsigned long long)h->payload_bytes);
+        return KV_ERR_PROTOCOL;
+    }
+    wait_ctx w = {deadline, &k->impl->stop, k->who};
+    size_t per = k->link.chunk / bb, units = (size_t)(h->payload_bytes / bb);
+    size_t n_chunks = (units + per - 1) / per;
+    kv_status st = KV_OK;
+    /* receives of chunks i and i+1 in flight; chunk i scattered while i+1 arrives */
+    for (size_t i = 0; i < n_chunks && i < 2 && st == KV_OK; i++)
+        st = link_op(kv, &k->link, false, (int)(i & 1), PD_MIN(per, units - i * per) * bb, &w,
+                     err, errlen);
+    for (size_t i = 0; i < n_chunks && st == KV_OK; i++) {
+        int hh = (int)(i & 1);
+        size_t u0 = i * per, u1 = PD_MIN(units, u0 + per);
+        st = link_wait(kv, &k->link, k->link.ev[hh], &w, err, errlen);
+        if (st != KV_OK) break;
+        if (fits) conn_scatter(k, h, hh, u0, u1);
+        if (i + 2 < n_chunks)
+            st = link_op(kv, &k->link, false, hh, PD_MIN(per, units - (i + 2) * per) * bb, &w,
+                         err, errlen);
+    }
+    if (st != KV_OK || !fits) return st;
+    pthread_mutex_lock(&c->mu);
+    if ((idx = kv_slot_find(c, h->ticket, h->request_id)) >= 0 &&
+        c->slots[idx].state == KV_SLOT_PENDING) {
+        s = &c->slots[idx];
+        s->layer_blocks[h->layer] = (uint32_t)s->n_blocks;
+        int ready = 0;
+        while (ready < kv->n_layers && s->layer_blocks[ready] == (uint32_t)s->n_blocks) ready++;
+        s->layers_ready = ready;
+    }
+    pthread_mutex_unlock(&c->mu);
+    return KV_OK;
+}
+
+/* DONE or ABORT of a request. */
+static void conn_control(nccl_conn *k, const kv_msg_header *h) {
+    kv_connector *c = k->c;
+    pthread_mutex_lock(&c->mu);
+    int idx = kv_slot_find(c, h->ticket, h->request_id);
+    kv_slot *s = idx >= 0 ? &c->slots[idx] : NULL;
+    if (s && s->state == KV_SLOT_PENDING) {
+        if (h->type == KV_MSG_ABORT) {
+            kv_slot_fail(c, idx, KV_ERR_ABORTED, "kv nccl: the prefill side aborted request %llu",
+                         (unsigned long long)s->request_id);
+        } else if (s->layers_ready == c->kv->n_layers) {
+            s->state = KV_SLOT_DONE;
+        } else {
+            kv_slot_fail(c, idx, KV_ERR_PROTOCOL, "kv nccl: request %llu: DONE before every "
+                         "layer arrived (%d of %d)", (unsigned long long)s->request_id,
+                         s->layers_ready, c->kv->n_layers);
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* One prefill peer: setup, then frames until the connection ends or the connector closes. */
+static void *conn_main(void *arg) {
+    nccl_conn *k = arg;
+    kv_connector *c = k->c;
+    char err[256] = "";
+    kv_status st = conn_setup(k, err, sizeof err);
+    if (st == KV_OK) log_info("kv nccl: communicator with %s ready", k->who);
+    while (st == KV_OK) {
+        kv_msg_header h;
+        /* frames come whenever the peer has a request: no deadline, only stop */
+        if (read_frame(k->link.fd, &h, time_now_s() + 1e9, &k->impl->stop, k->link.peer_key, err,
+                       sizeof err) != 0) {
+            st = KV_ERR_PEER;
+            break;
+        }
+        if (h.type == KV_MSG_DATA) st = conn_data(k, &h, err, sizeof err);
+        else if (h.type == KV_MSG_DONE || h.type == KV_MSG_ABORT) conn_control(k, &h);
+        else {
+            pd_errorf(err, sizeof err, "HELLO after setup");
+            st = KV_ERR_PROTOCOL;
+        }
+    }
+    log_debug("kv nccl: %s: link closed: %s", k->who, err);
+    pthread_mutex_lock(&c->mu);
+    fail_conn_slots(c, k->id, err);
+    pthread_mutex_unlock(&c->mu);
+    link_close(c->kv, &k->link);
+    atomic_store(&k->running, false);
+    return NULL;
+}
+
+static void *listener_main(void *arg) {
+    kv_connector *c = arg;
+    nccl_impl *t = c->impl;
+    for (;;) {
+        struct pollfd fds[2] = {{t->wake[0], POLLIN, 0}, {t->listen_fd, POLLIN, 0}};
+        int r = poll(fds, 2, 100);
+        if (r < 0 && errno != EINTR) break;
+        if (fds[0].revents || atomic_load(&t->stop)) break;
+        if (fds[1].revents & POLLIN) {
+            struct sockaddr_in a;
+            socklen_t al = sizeof a;
+            int fd = accept4(t->listen_fd, (struct sockaddr *)&a, &al, SOCK_CLOEXEC);
+            nccl_conn *k = NULL;
+            for (int i = 0; i < NCCL_MAX_CONNS && !k && fd >= 0; i++)
+                if (!atomic_load(&t->conns[i].running)) k = &t->conns[i];
+            if (fd >= 0 && !k) {
+                log_warn("kv nccl: more than %d prefill peers; refusing one", NCCL_MAX_CONNS);
+                close(fd);
+            } else if (fd >= 0) {
+                if (k->joinable) pthread_join(k->thread, NULL);
+                int one = 1;
+                setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+                memset(&k->link, 0, sizeof k->link);
+                k->link.fd = fd;
+                k->impl = t;
+                k->c = c;
+                k->id = ++t->next_conn_id;
+                char ip[INET_ADDRSTRLEN] = "?";
+                inet_ntop(AF_INET, &a.sin_addr, ip, sizeof ip);
+                snprintf(k->who, sizeof k->who, "prefill peer %s:%d", ip, ntohs(a.sin_port));
+                atomic_store(&k->running, true);
+                k->joinable = pthread_create(&k->thread, NULL, conn_main, k) == 0;
+                if (!k->joinable) {
+                    log_warn("kv nccl: cannot start a thread for %s", k->who);
+                    atomic_store(&k->running, false);
+                    close(fd);
+                }
+            }
+        }
+        kv_connector_tick(c); /* deadlines pass even when nobody polls */
+    }
+    return NULL;
+}
+
+static int open_decode(kv_connector *c, nccl_impl *t, char *err, size_t errlen) {
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)c->cfg.port)};
+    if (inet_pton(AF_INET, c->cfg.host, &a.sin_addr) != 1) {
+        pd_errorf(err, errlen, "kv nccl: listen address %s is not an IPv4 address", c->cfg.host);
+        return -1;
+    }
+    t->listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int one = 1;
+    if (t->listen_fd >= 0) setsockopt(t->listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    socklen_t al = sizeof a;
+    if (t->listen_fd < 0 || bind(t->listen_fd, (struct sockaddr *)&a, sizeof a) != 0 ||
+        listen(t->listen_fd, 64) != 0 || getsockname(t->listen_fd, (struct sockaddr *)&a, &al)) {
+        pd_errorf(err, errlen, "kv nccl: listen on %s:%d: %s", c->cfg.host, c->cfg.port,
+                  strerror(errno));
+        return -1;
+    }
+    snprintf(c->address, sizeof c->address, "%s:%d", c->cfg.host, ntohs(a.sin_port));
+    if (pipe2(t->wake, O_CLOEXEC) != 0) {
+        pd_errorf(err, errlen, "kv nccl: pipe: %s", strerror(errno));
+        return -1;
+    }
+    if (pthread_create(&t->listener, NULL, listener_main, c) != 0) {
+        pd_errorf(err, errlen, "kv nccl: cannot start the listener thread");
+        return -1;
+    }
+    t->listener_started = true;
+    return 0;
+}
+
+static kv_status nccl_reserve(kv_connector *c, int idx, char *err, size_t errlen) {
+    kv_slot *s = &c->slots[idx];
+    s->layer_blocks = xcalloc((size_t)c->kv->n_layers, sizeof(uint32_t));
+    s->conn = -1;
+    return KV_OK;
+}
+
+/* Progress happens on the peers' threads: a slot they finished is DONE already. */
+static kv_status nccl_poll(kv_connector *c, int idx, char *err, size_t errlen) { return KV_PENDING; }
+
+/* ---- prefill side ------------------------------------------------------------------------------ */
+/* Connects to the decode side at address, exchanges HELLO, makes the communicator. */
+static kv_status peer_connect(kv_send *x, struct nccl_peer *p, char *err, size_t errlen) {
+    const kv_cache *kv = x->c->kv;
+    nccl_link *k = &p->link;
+    char host[KV_ADDRESS_MAX], who[KV_ADDRESS_MAX + 16];
+    snprintf(host, sizeof host, "%s", p->address);
+    snprintf(who, sizeof who, "decode peer %s", p->address);
+    wait_ctx w = {x->deadline, NULL, who};
+    char *colon = strrchr(host, ':');
+    if (!colon) return pd_errorf(err, errlen, "kv nccl: address %s is not host:port", p->address), KV_ERR_ARG;
+    *colon = 0;
+    struct addrinfo hints = {.ai_family = AF_INET, .ai_socktype = SOCK_STREAM}, *ai = NULL;
+    if (getaddrinfo(host, colon + 1, &hints, &ai) != 0 || !ai)
+        return pd_errorf(err, errlen, "kv nccl: cannot resolve %s", p->address), KV_ERR_ARG;
+    k->fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    int rc = k->fd < 0 ? -1 : connect(k->fd, ai->ai_addr, ai->ai_addrlen);
+    freeaddrinfo(ai);
+    if (rc != 0 && errno == EINPROGRESS) {
+        struct pollfd q = {k->fd, POLLOUT, 0};
+        int ms = (int)PD_MAX(1.0, (x->deadline - time_now_s()) * 1e3), e = 0;
+        socklen_t el = sizeof e;
+        if (poll(&q, 1, ms) == 1 && getsockopt(k->fd, SOL_SOCKET, SO_ERROR, &e, &el) == 0 && !e) rc = 0;
+        else errno = e ? e : ETIMEDOUT;
+    }
+    if (rc != 0) return pd_errorf(err, errlen, "kv nccl: connect to %s: %s", p->address, strerror(errno)), KV_ERR_PEER;
+    int one = 1;
+    setsockopt(k->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    kv_msg_header h = hello_of(kv);
+    h.checksum = self_key(); /* HELLO carries no payload: the field names this process */
+    struct hello_tail tail;
+    char why[160];
+    if (send_frame(k->fd, &h, x->deadline) != 0 ||
+        read_frame(k->fd, &h, x->deadline, NULL, 0, why, sizeof why) != 0)
+        return pd_errorf(err, errlen, "kv nccl: hello with %s: %s", p->address,
+                         errno == ETIMEDOUT ? "deadline passed" : strerror(errno)), KV_ERR_PEER;
+    if (h.type == KV_MSG_ABORT || !hello_matches(kv, &h))
+        return pd_errorf(err, errlen, "kv nccl: %s refused us: its KV geometry differs",
+                         p->address), KV_ERR_ARG;
+    if (read_all_by(k->fd, &tail, sizeof tail, x->deadline, NULL, 0) != 0 ||
+        kv_checksum(&tail, sizeof tail, 0) != h.checksum)
+        return pd_errorf(err, errlen, "kv nccl: %s: bad or missing NCCL id", p->address), KV_ERR_PROTOCOL;
+    k->peer_key = tail.key;
+    kv_status st = link_alloc(kv, k, err, errlen);
+    if (st == KV_OK) st = link_init(kv, k, &tail.id, 1, &w, err, errlen);
+    if (st == KV_OK) log_info("kv nccl: communicator with %s ready", p->address);
+    return st;
+}
+
+/* The peer of x's address with its link up, its mutex held by the caller. NULL with *st. */
+static struct nccl_peer *peer_lock(kv_send *x, kv_status *st, char *err, size_t errlen) {
+    kv_connector *c = x->c;
+    nccl_impl *t = c->impl;
+    pthread_mutex_lock(&c->mu);
+    struct nccl_peer *p = NULL;
+    for (int i = 0; i < t->n_peers && !p; i++)
+        if (strcmp(t->peers[i].address, x->t.address) == 0) p = &t->peers[i];
+    if (!p && t->n_peers < NCCL_MAX_PEERS) {
+        p = &t->peers[t->n_peers++];
+        snprintf(p->address, sizeof p->address, "%s", x->t.address);
+        p->link.fd = -1;
+        pthread_mutex_init(&p->mu, NULL);
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (!p) {
+        *st = KV_ERR_FULL;
+        pd_errorf(err, errlen, "kv nccl: more than %d decode peers", NCCL_MAX_PEERS);
+        return NULL;
+    }
+    pthread_mutex_lock(&p->mu);
+    *st = KV_OK;
+    if (p->link.fd < 0) {
+        *st = peer_connect(x, p, err, errlen);
+        if (*st != KV_OK) link_close(c->kv, &p->link);
+    }
+    if (*st != KV_OK) {
+        pthread_mutex_unlock(&p->mu);
+        return NULL;
+    }
+    return p;
+}
+
+static kv_status nccl_send_begin(kv_send *x, char *err, size_t errlen) {
+    kv_status st;
+    struct nccl_peer *p = peer_lock(x, &st, err, errlen);
+    if (p) pthread_mutex_unlock(&p->mu);
+    return st;
+}
+
+/* Every layer in layers[n]: a DATA frame, then its payload in chunks, two in flight. */
+static kv_status nccl_send_layers(kv_send *x, const int *layers, int n, char *err, size_t errlen) {
+    const kv_cache *kv = x->c->kv;
+    size_t bb = kv->block_bytes;
+    kv_status st;
+    struct nccl_peer *p = peer_lock(x, &st, err, errlen);
+    if (!p) return st;
+    nccl_link *k = &p->link;
+    char who[KV_ADDRESS_MAX + 16];
+    snprintf(who, sizeof who, "decode peer %s", p->address);
+    wait_ctx w = {x->deadline, NULL, who};
+    size_t per = k->chunk / bb, units = 2 * (size_t)x->n_blocks, seq = 0;
+    for (int j = 0; j < n && st == KV_OK; j++) {
+        int l = layers[j];
+        kv_msg_header h = {.type = KV_MSG_DATA, .request_id = x->t.request_id, .ticket = x->t.id,
+                           .layer = (uint32_t)l, .n_blocks = (uint32_t)x->n_blocks,
+                           .payload_bytes = units * bb};
+        if (send_frame(k->fd, &h, x->deadline) != 0) {
+            pd_errorf(err, errlen, "kv nccl: sending request %llu to %s: %s",
+                      (unsigned long long)x->t.request_id, p->address,
+                      errno == ETIMEDOUT ? "deadline passed" : strerror(errno));
+            st = errno == ETIMEDOUT ? KV_ERR_DEADLINE : KV_ERR_PEER;
+            break;
+        }
+        for (size_t u0 = 0; u0 < units && st == KV_OK; u0 += per, seq++) {
+            int hh = (int)(seq & 1);
+            size_t u1 = PD_MIN(units, u0 + per);
+            /* half hh is free once the send made from it two chunks ago is done */
+            if (seq >= 2 && (st = link_wait(kv, k, k->ev[hh], &w, err, errlen)) != KV_OK) break;
+            kv_copies q = {0};
+            unit_copies(&q, kv, l, x->blocks, x->n_blocks, u0, u1, k->stage[hh], true);
+            kv_copies_run(kv, &q);
+            kv_copies_free(&q);
+            st = link_op(kv, k, true, hh, (u1 - u0) * bb, &w, err, errlen);
+        }
+    }
+    if (st == KV_OK && seq > 0) st = link_wait(kv, k, k->ev[(seq - 1) & 1], &w, err, errlen);
+    if (st != KV_OK) link_close(kv, k); /* the pair is out of step: a new link next time */
+    pthread_mutex_unlock(&p->mu);
+    return st;
+}
+
+static kv_status send_control(kv_send *x, kv_msg_type type, char *err, size_t errlen) {
+    kv_status st;
+    struct nccl_peer *p = peer_lock(x, &st, err, errlen);
+    if (!p) return st;
+    kv_msg_header h = {.type = type, .request_id = x->t.request_id, .ticket = x->t.id,
+                       .layer = (uint32_t)x->c->kv->n_layers, .n_blocks = (uint32_t)x->n_blocks};
+    if (send_frame(p->link.fd, &h, PD_MAX(x->deadline, time_now_s() + 0.1)) != 0) {
+        pd_errorf(err, errlen, "kv nccl: completion notice to %s: %s", p->address, strerror(errno));
+        st = KV_ERR_PEER;
+        link_close(x->c->kv, &p->link);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return st;
+}
+
+static kv_status nccl_send_finish(kv_send *x, char *err, size_t errlen) {
+    return send_control(x, KV_MSG_DONE, err, errlen);
+}
+
+/* Tells the decode side where the link is still up; never makes a new link for it. */
+static void nccl_send_abort(kv_send *x) {
+    nccl_impl *t = x->c->impl;
+    struct nccl_peer *p = NULL;
+    pthread_mutex_lock(&x->c->mu);
+    for (int i = 0; i < t->n_peers && !p; i++)
+        if (strcmp(t->peers[i].address, x->t.address) == 0) p = &t->peers[i];
+    pthread_mutex_unlock(&x->c->mu);
+    if (!p) return;
+    pthread_mutex_lock(&p->mu);
+    bool up = p->link.fd >= 0;
+    pthread_mutex_unlock(&p->mu);
+    char err[128];
+    if (up) send_control(x, KV_MSG_ABORT, err, sizeof err);
+}
+#endif /* PDSERVE_HAVE_CUDA */
+
+/* ---- open / close ---------------------------------------------------------------------------- */
+static int nccl_open(kv_connector *c, char *err, size_t errlen) {
+#if !PDSERVE_HAVE_CUDA
+    (void)c;
+    pd_errorf(err, errlen, "kv nccl: this pdserve was built without CUDA, and the nccl medium "
+                           "moves KV between GPUs with NCCL (use tcp or gpu here)");
+    return -1;
+#else
+    if (nccl_load(err, errlen) != 0) return -1;
+    if (!c->kv->on_device) {
+        pd_errorf(err, errlen, "kv nccl: the KV cache is in host memory (CPU backend); the nccl "
+                               "medium moves KV between GPUs with NCCL (use gpu, cpu, disk or tcp)");
+        return -1;
+    }
+    nccl_impl *t = xcalloc(1, sizeof *t);
+    t->listen_fd = -1;
+    t->wake[0] = t->wake[1] = -1;
+    c->impl = t;
+    if (c->cfg.role == KV_ROLE_DECODE && open_decode(c, t, err, errlen) != 0) {
+        if (t->listen_fd >= 0) close(t->listen_fd);
+        if (t->wake[0] >= 0) close(t->wake[0]), close(t->wake[1]);
+        free(t);
+        c->impl = NULL;
+        return -1;
+    }
+    return 0;
+#endif
+}
+
+static void nccl_close(kv_connector *c) {
+#if PDSERVE_HAVE_CUDA
+    nccl_impl *t = c->impl;
+    if (!t) return;
+    atomic_store(&t->stop, true);
+    if (t->listener_started) {
+        char b = 1;
+        if (write(t->wake[1], &b, 1) != 1) log_warn("kv nccl: cannot wake the listener");
+        pthread_join(t->listener, NULL);
+    }
+    for (int i = 0; i < NCCL_MAX_CONNS; i++) /* each sees stop within 100 ms, aborts, ends */
+        if (t->conns[i].joinable) pthread_join(t->conns[i].thread, NULL);
+    if (t->listen_fd >= 0) close(t->listen_fd);
+    if (t->wake[0] >= 0) close(t->wake[0]), close(t->wake[1]);
+    for (int i = 0; i < t->n_peers; i++) {
+        link_close(c->kv, &t->peers[i].link);
+        pthread_mutex_destroy(&t->peers[i].mu);
+    }
+    free(t);
+    c->impl = NULL;
+#else
+    (void)c;
+#endif
+}
 
 const kv_medium_ops kv_nccl_ops = {
     .name = "nccl",
     .open = nccl_open,
     .close = nccl_close,
+#if PDSERVE_HAVE_CUDA
+    .reserve = nccl_reserve,
+    .poll = nccl_poll,
+    .send_begin = nccl_send_begin,
+    .send_layers = nccl_send_layers,
+    .send_finish = nccl_send_finish,
+    .send_abort = nccl_send_abort,
+#endif
 };

@@ -318,12 +318,15 @@ static void *receiver_main(void *arg) {
                 k->slot = -1;
             }
         }
+        bool moved = false;
         for (int i = 2; i < n; i++) {
             if (!fds[i].revents) continue;
             tcp_conn *k = &t->conns[map[i]];
             char why[256];
             if (conn_read(c, k, why, sizeof why) != 0) conn_close(c, k, why);
+            moved = true;
         }
+        if (moved) kv_notify(&c->notify); /* slots may have moved: wake kv_ticket_wait */
         kv_connector_tick(c); /* deadlines pass even when nobody polls */
     }
     return NULL;
@@ -368,6 +371,7 @@ static kv_status tcp_reserve(kv_connector *c, int idx, char *err, size_t errlen)
 
 /* Progress happens on the receiver thread; a slot that it finished is DONE already. */
 static kv_status tcp_poll(kv_connector *c, int idx, char *err, size_t errlen) { return KV_PENDING; }
+static uint32_t *tcp_notify_word(kv_connector *c, int idx) { return &c->notify; }
 
 /* ---- prefill side ------------------------------------------------------------------------------ */
 static int write_iov(int fd, struct iovec *iov, int n) {
@@ -637,4 +641,5 @@ const kv_medium_ops kv_tcp_ops = {
     .send_layers = tcp_send_layers,
     .send_finish = tcp_send_finish,
     .send_abort = tcp_send_abort,
+    .notify_word = tcp_notify_word,
 };

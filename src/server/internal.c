@@ -104,8 +104,6 @@ struct internal_ctx {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     internal_prefill_job *q_head, *q_tail;  /* the transfer worker's list */
-    bool one_send;              /* store mediums: one transfer open at a time (below) */
-    int n_open;                 /* worker only: streamed transfers open now */
     internal_prefill_job *active;           /* every job not yet answered */
     int n_active;
     bool stop;
@@ -389,7 +387,6 @@ static void pj_stream_failed(internal_prefill_job *j, kv_status st, int status, 
     if (j->send) {
         kv_send_abort(j->send);
         j->send = NULL;
-        j->in->n_open--;
     }
 }
 
@@ -411,8 +408,7 @@ static void pj_stream_begin(internal_ctx *in, internal_prefill_job *j, bool stop
     j->send = kv_send_begin(in->kv, &j->ticket, j->stream_blocks, j->n_stream_blocks, j->prompt,
                             j->n_prompt, &st, err, sizeof err);
     j->busy_s += time_now_s() - j->t_send0;
-    if (j->send) in->n_open++;
-    else
+    if (!j->send)
         pj_stream_failed(j, st, 0, "kv_transfer_failed", "the KV transfer could not start (%s): %s",
                          kv_status_name(st), err);
 }
@@ -462,7 +458,6 @@ static void pj_stream_finish(internal_ctx *in, internal_prefill_job *j, bool sto
         double t0 = time_now_s();
         kv_status st = kv_send_finish(j->send, err, sizeof err); /* frees the send */
         j->send = NULL;
-        in->n_open--;
         j->busy_s += time_now_s() - t0;
         if (st != KV_OK)
             pj_stream_failed(j, st, 0, "kv_transfer_failed", "the KV transfer failed (%s): %s",
@@ -482,12 +477,14 @@ static void pj_stream_finish(internal_ctx *in, internal_prefill_job *j, bool sto
 
 typedef enum pj_action { PJ_ACT_NONE, PJ_ACT_WHOLE, PJ_ACT_BEGIN, PJ_ACT_LAYER, PJ_ACT_FINISH } pj_action;
 
-/* What the worker can do for j now (under in->mu); *layer for PJ_ACT_LAYER. With
- * one_send, a transfer starts only when no streamed one is open. */
+/* What the worker can do for j now (under in->mu); *layer for PJ_ACT_LAYER. Every
+ * medium keeps several transfers open at once: two of one process writing the same
+ * store key (prompts sharing a prefix) are separate writers (the cpu store's writer
+ * ids, the disk store's per-writer tmp files; tests/test_kv_cpu.c, same_key_writers). */
 static pj_action pj_next_action(const internal_ctx *in, const internal_prefill_job *j, int *layer) {
-    bool may_open = !in->one_send || in->n_open == 0;
-    if (!j->streaming) return j->finish_ready && may_open ? PJ_ACT_WHOLE : PJ_ACT_NONE;
-    if (!j->begun) return may_open ? PJ_ACT_BEGIN : PJ_ACT_NONE;
+    (void)in;
+    if (!j->streaming) return j->finish_ready ? PJ_ACT_WHOLE : PJ_ACT_NONE;
+    if (!j->begun) return PJ_ACT_BEGIN;
     if (j->send && j->layers_sent < j->layers_ready) {
         *layer = j->layers_sent;
         return PJ_ACT_LAYER;
@@ -798,15 +795,6 @@ internal_ctx *internal_create(engine *e, kv_connector *kv, server_role role, dou
     in->stall_ms = stall_ms;
     pthread_mutex_init(&in->mu, NULL);
     pthread_cond_init(&in->cv, NULL);
-    /* The stores name what a transfer writes by content key, and two transfers of one
-     * process open at once may write the same key (prompts sharing a prefix): the disk
-     * store's temporary file is per key and process, and the cpu store leaves a key
-     * being written to its first writer, whose abort would fail the other. So their
-     * transfers go one after another; the links (gpu, tcp) keep several open. */
-    if (kv) {
-        kv_medium m = kv_connector_config(kv)->medium;
-        in->one_send = m == KV_MEDIUM_CPU || m == KV_MEDIUM_DISK;
-    }
     if (role == SERVER_ROLE_PREFILL && pthread_create(&in->worker, NULL, worker_main, in) == 0)
         in->worker_started = true;
     if (pthread_create(&in->ticker, NULL, ticker_main, in) == 0) in->ticker_started = true;

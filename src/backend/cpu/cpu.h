@@ -57,5 +57,10 @@ void cpu_attention(backend *b, void *out, const void *qkv, const void *kcache, c
                    float scale);
 void cpu_swiglu(backend *b, void *out, const void *gu, int T, int F);
 void cpu_gather_rows(backend *b, void *out, const void *x, const int32_t *rows, int n, int C);
+/* fused ops (cpu_fused.c): the separate ops in sequence, so bit-identical to them */
+void cpu_rope_kv_store(backend *b, void *qkv, void *kcache, void *vcache, const int32_t *pos,
+                       const int32_t *slots, const rope_params *rp, int T, int H, int K, int D);
+void cpu_matmul_swiglu(backend *b, void *out, void *gu, const void *x, const void *w, int T,
+                       int Kd, int F);
 
 #endif

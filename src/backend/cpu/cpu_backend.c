@@ -197,6 +197,8 @@ static const backend_ops CPU_OPS = {
     .destroy = cpu_destroy,
     .alloc_shared = cpu_alloc_shared,
     .free_shared = cpu_free_shared,
+    .rope_kv_store = cpu_rope_kv_store,
+    .matmul_swiglu = cpu_matmul_swiglu,
 };
 
 backend *backend_cpu_create(int threads) {

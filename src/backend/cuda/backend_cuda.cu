@@ -191,6 +191,25 @@ static void cu_sync(backend *b) {
 
 /* ---- matmul ------------------------------------------------------------------------ */
 
+/* ---- small-T routing: the GEMV (kernels.cu) or cuBLAS ---------------------------------
+ * Rules from bench_kernels_cuda's "GEMV vs cuBLAS" table, H200, 2026-11-27 (cuBLAS time
+ * / GEMV time; the GEMV costs the same from T = 1 to 8):
+ *   o        4096 x 4096    1.42-1.44x  (GEMV 70% of the copy rate, cuBLAS 50%)
+ *   qkv      6144 x 4096    1.14x at T = 1, 1.07x at T = 8  (75%; cuBLAS 65-71%)
+ *   down     4096 x 14336   0.95x at T = 1, 0.99x at T = 8  (84-86%; cuBLAS 86-88%)
+ *   gate_up  28672 x 4096   0.87x;   lm_head 128256 x 4096  0.93x  (cuBLAS 98-104%)
+ * So: the GEMV up to 32M weights (the attention projections: short streams, where
+ * cuBLAS's launch and ramp cost most), cuBLAS above (long streams). */
+extern "C" bool backend_cuda_gemv_auto_picks(int T, int Kd, int N) {
+    if (T < 1 || T > 8 || Kd % 8 != 0) return false;
+    return (size_t)N * (size_t)Kd <= ((size_t)32 << 20);
+}
+
+static bool gemv_route(const cuda_backend *cb, int T, int Kd, int N, const void *x, const void *w) {
+    if (cb->gemv == BACKEND_CUDA_GEMV_OFF || !cuda_gemv_supports(T, Kd, x, w)) return false;
+    return cb->gemv == BACKEND_CUDA_GEMV_ON || backend_cuda_gemv_auto_picks(T, Kd, N);
+}
+
 /* out[T,N] = x[T,Kd] @ w[N,Kd]^T (+ bias[N]); bf16 in and out, fp32 accumulation.
  * cuBLAS is column-major: a row-major [R,C] matrix is a column-major [C,R] one. So
  * out^T [N,T] = (w as col-major [Kd,N])^T * (x as col-major [Kd,T]): op(A) = T on
@@ -200,7 +219,7 @@ static void cu_matmul(backend *b, void *out, const void *x, const void *w, const
                       int Kd, int N) {
     cuda_backend *cb = cuda_of(b);
     PD_ASSERT(T > 0 && Kd > 0 && N > 0);
-    if (cb->gemv && cuda_gemv_supports(T, Kd, x, w)) { /* decode: a weight stream */
+    if (gemv_route(cb, T, Kd, N, x, w)) { /* decode: a weight stream */
         cuda_gemv(cb, (__nv_bfloat16 *)out, (const __nv_bfloat16 *)x, (const __nv_bfloat16 *)w,
                   (const __nv_bfloat16 *)bias, T, Kd, N);
         return;
@@ -213,6 +232,21 @@ static void cu_matmul(backend *b, void *out, const void *x, const void *w, const
     CUDA_CHECK(cublasGemmEx(cb->cublas, CUBLAS_OP_T, CUBLAS_OP_N, N, T, Kd, &alpha, w, CUDA_R_16BF,
                             Kd, x, CUDA_R_16BF, Kd, &beta, out, CUDA_R_16BF, N,
                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+/* backend.h matmul_swiglu: the GEMV with swiglu in its epilogue where the gate_up
+ * shape is routed to the GEMV (gu untouched); else cuBLAS into gu, then swiglu. */
+static void cu_matmul_swiglu(backend *b, void *out, void *gu, const void *x, const void *w, int T,
+                             int Kd, int F) {
+    cuda_backend *cb = cuda_of(b);
+    PD_ASSERT(T > 0 && Kd > 0 && F > 0);
+    if (gemv_route(cb, T, Kd, 2 * F, x, w)) {
+        cuda_gemv_swiglu(cb, (__nv_bfloat16 *)out, (const __nv_bfloat16 *)x,
+                         (const __nv_bfloat16 *)w, T, Kd, F);
+        return;
+    }
+    cu_matmul(b, gu, x, w, NULL, T, Kd, 2 * F);
+    cuda_swiglu(b, out, gu, T, F);
 }
 
 /* ---- life cycle -------------------------------------------------------------------- */
@@ -270,11 +304,13 @@ static const backend_ops cuda_ops = {
     cuda_layer_events_reserve,
     cuda_layer_event_record,
     cuda_layer_event_wait,
+    /* copies that checksum what they move (kv_ipc.cu; the cpu store's entries) */
+    cuda_kv_copy_batch_sum,
 };
 
-/* ---- decode graphs and device sampling: their part of the table ----------------------
+/* ---- decode graphs, device sampling and fused decode ops: their part of the table ----
  * Set by name on a copy of the table above, so that this group stays apart from the
- * positional list (graphs.cu, sampling.cu). */
+ * positional list (graphs.cu, sampling.cu, kernels.cu). */
 static const backend_ops *cuda_ops_with_graphs(void) {
     static const backend_ops table = [] {
         backend_ops o = cuda_ops;
@@ -284,6 +320,20 @@ static const backend_ops *cuda_ops_with_graphs(void) {
         o.graph_launch = cuda_graph_launch;
         o.graph_free = cuda_graph_free;
         o.sample_rows = cuda_sample_rows;
+        o.rope_kv_store = cuda_rope_kv_store;
+        o.matmul_swiglu = cu_matmul_swiglu;
+        return o;
+    }();
+    return &table;
+}
+
+/* The same without the fused decode ops (PDSERVE_CUDA_FUSED=0: A/B runs; the forward
+ * pass then runs rope, kv_store, matmul and swiglu one by one). */
+static const backend_ops *cuda_ops_unfused(void) {
+    static const backend_ops table = [] {
+        backend_ops o = *cuda_ops_with_graphs();
+        o.rope_kv_store = NULL;
+        o.matmul_swiglu = NULL;
         return o;
     }();
     return &table;
@@ -355,14 +405,19 @@ extern "C" backend *backend_cuda_create(int device, char *err, size_t errlen) {
     CUDA_CHECK(cudaEventCreate(&cb->timer_start));
     CUDA_CHECK(cudaEventCreate(&cb->timer_stop));
     CUDA_CHECK(cudaMalloc((void **)&cb->inv_freq, ROPE_MAX_HALF * sizeof(float)));
+    cuda_gemv_init();
     const char *attn = getenv("PDSERVE_CUDA_ATTN");
     cb->attn_basic = attn && strcmp(attn, "basic") == 0;
     backend *b = (backend *)xcalloc(1, sizeof *b);
     const char *graphs = getenv("PDSERVE_CUDA_GRAPHS");
     cb->graphs_on = !(graphs && strcmp(graphs, "0") == 0);
     const char *gemv = getenv("PDSERVE_CUDA_GEMV");
-    cb->gemv = gemv && strcmp(gemv, "1") == 0;
-    b->ops = cuda_ops_with_graphs();
+    cb->gemv = !gemv                   ? BACKEND_CUDA_GEMV_AUTO
+               : strcmp(gemv, "0") == 0 ? BACKEND_CUDA_GEMV_OFF
+               : strcmp(gemv, "1") == 0 ? BACKEND_CUDA_GEMV_ON
+                                        : BACKEND_CUDA_GEMV_AUTO;
+    const char *fused = getenv("PDSERVE_CUDA_FUSED");
+    b->ops = fused && strcmp(fused, "0") == 0 ? cuda_ops_unfused() : cuda_ops_with_graphs();
     b->impl = cb;
     b->threads = 0;
     log_info("cuda backend: device %d %s, %d SMs, %.1f GiB", device, prop.name,
@@ -389,6 +444,15 @@ extern "C" void backend_cuda_info_get(backend *b, backend_cuda_info *info) {
     CUDA_CHECK(cudaDeviceGetAttribute(&info->mem_clock_khz, cudaDevAttrMemoryClockRate, cb->device));
     CUDA_CHECK(cudaDeviceGetAttribute(&info->mem_bus_bits, cudaDevAttrGlobalMemoryBusWidth,
                                       cb->device));
+}
+
+extern "C" int backend_cuda_gemv_mode(backend *b, int mode) {
+    cuda_backend *cb = cuda_of(b);
+    PD_ASSERT(mode == BACKEND_CUDA_GEMV_OFF || mode == BACKEND_CUDA_GEMV_ON ||
+              mode == BACKEND_CUDA_GEMV_AUTO);
+    int old = cb->gemv;
+    cb->gemv = mode;
+    return old;
 }
 
 extern "C" void backend_cuda_timer_start(backend *b) {

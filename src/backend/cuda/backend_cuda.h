@@ -33,6 +33,14 @@ extern "C" {
 
 /* Fills *info for the backend's device. b must be a CUDA backend. */
 void backend_cuda_info_get(backend *b, backend_cuda_info *info);
+/* The route of small-T matmuls (T <= 8), PDSERVE_CUDA_GEMV at creation: "0" cuBLAS
+ * only, "1" the GEMV wherever it applies, "auto" (default, or any other value) the
+ * shape rules of backend_cuda.cu (gemv_auto_picks), set from bench_kernels_cuda. */
+enum { BACKEND_CUDA_GEMV_OFF = 0, BACKEND_CUDA_GEMV_ON = 1, BACKEND_CUDA_GEMV_AUTO = 2 };
+/* Sets the route (BACKEND_CUDA_GEMV_*) and returns the previous one (benchmarks, tests). */
+int backend_cuda_gemv_mode(backend *b, int mode);
+/* Whether the auto rules send a matmul of this shape (bf16, aligned) to the GEMV. */
+bool backend_cuda_gemv_auto_picks(int T, int Kd, int N);
 /* Records a start event on the backend's stream. */
 void backend_cuda_timer_start(backend *b);
 /* Records a stop event, waits for it and returns the milliseconds since the start. */

@@ -83,7 +83,15 @@ typedef struct cuda_backend {
     float *attn_ws;
     size_t attn_ws_cap;
     bool attn_basic;            /* PDSERVE_CUDA_ATTN=basic: first kernel only (A/B runs) */
-    bool gemv;                  /* PDSERVE_CUDA_GEMV=1: matmuls of T <= 8 by cuda_gemv */
+    /* decode attention kernel choice (attention.cu), read from the environment at the
+     * backend's first attention call (the struct starts zeroed: 0 = not read yet):
+     * PDSERVE_CUDA_ATTN=v1 or basic -> 1 (the first decode kernel), v2 -> 2 (pipelined,
+     * CUDA cores), else 3 (pipelined, tensor cores); PDSERVE_CUDA_ATTN_STAGES (2 or 3)
+     * and PDSERVE_CUDA_ATTN_SPLIT (0: automatic, else a fixed split-K count) tune 2, 3. */
+    int attn_variant;
+    int attn_stages;
+    int attn_split;
+    int gemv;                   /* PDSERVE_CUDA_GEMV: BACKEND_CUDA_GEMV_* (backend_cuda.h) */
 
     cudaEvent_t timer_start, timer_stop; /* backend_cuda_timer_* */
 
@@ -152,6 +160,14 @@ void cuda_argmax_rows(backend *b, int32_t *out, const void *x, int n, int V);
 bool cuda_gemv_supports(int T, int Kd, const void *x, const void *w);
 void cuda_gemv(cuda_backend *cb, __nv_bfloat16 *out, const __nv_bfloat16 *x,
                const __nv_bfloat16 *w, const __nv_bfloat16 *bias, int T, int Kd, int N);
+/* once per process before the first cuda_gemv* (sets kernel attributes; not in a capture) */
+void cuda_gemv_init(void);
+/* out[T,F] = swiglu(x @ w[2F,Kd]^T) by the GEMV, same conditions */
+void cuda_gemv_swiglu(cuda_backend *cb, __nv_bfloat16 *out, const __nv_bfloat16 *x,
+                      const __nv_bfloat16 *w, int T, int Kd, int F);
+/* rope then kv_store in one kernel (backend.h rope_kv_store) */
+void cuda_rope_kv_store(backend *b, void *qkv, void *kcache, void *vcache, const int32_t *pos,
+                        const int32_t *slots, const rope_params *rp, int T, int H, int K, int D);
 /* attention_prefill.cu: tensor-core causal attention for prefill chunks (D 64, 128) */
 bool cuda_attention_prefill_supports(int D);
 void cuda_attention_prefill(cuda_backend *cb, __nv_bfloat16 *out, const __nv_bfloat16 *qkv,

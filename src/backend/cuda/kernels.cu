@@ -9,6 +9,7 @@
  * Llama-family models (C 2048-8192, D 64-128); one block per row where a row needs a
  * reduction, one thread per vector elsewhere. */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "backend/cuda/cuda_common.h"
@@ -512,87 +513,337 @@ void cuda_argmax_rows(backend *b, int32_t *out, const void *x, int n, int V) {
 
 /* ---- small-batch matmul (GEMV): out[T,N] = x[T,Kd] @ w[N,Kd]^T (+ bias), T <= 8 ------
  * A decode step multiplies a handful of rows by a large weight matrix: a pure stream
- * of the weights, where cuBLAS reaches 60-67% of the copy rate on the attention
- * projections (cuda-first-kernels.md). One warp per output column n streams w's row
- * n with 16-byte loads, GEMV_UNROLL in flight per lane, and dots it with the T rows of
- * x (read through L1: every warp of the block reads the same x); the lanes' partial
- * sums meet by shuffles. fp32 accumulation, one rounding to bf16 after the bias.
- * PDSERVE_CUDA_GEMV=1 at backend creation routes matmuls with T <= 8 here (default:
- * cuBLAS), for A/B runs. */
-#define GEMV_WARPS 8
-#define GEMV_UNROLL 4
+ * of the weights, where cuBLAS reaches only 50-70% of the copy rate on the attention
+ * projections at T = 1 (cuda-first-kernels.md). The earlier CUDA-core GEMV re-read the
+ * T rows of x through L1 for every 16-byte weight load and fell to 0.4x cuBLAS at T = 8.
+ *
+ * Here the tensor cores do the arithmetic, so that T = 1 and T = 8 cost the same: one
+ * mma.sync m16n8k16 multiplies 16 weight rows by 8 token rows (T < 8 pads with zeros).
+ * The trick that keeps the weight loads 16 bytes wide: the dot product runs over k in
+ * any order, as long as A (weights) and B (x) use the same one. The thread (g, c) of
+ * the mma layout (g = lane / 4, c = lane % 4) loads 8 consecutive k of weight rows g
+ * and g + 8 and of x row g, k = k0 + 8c .. k0 + 8c + 7, and feeds the first four to
+ * one mma and the last four to the next: the fragment's k slots {2c, 2c+1, 2c+8, 2c+9}
+ * then name the same true k in A and in B. Four threads cover 64 contiguous bytes of
+ * a row, so every load reads whole 32-byte sectors.
+ *
+ * Loads: cp.async into a per-warp ring of STAGES steps in shared memory, each
+ * thread reading back only what it loaded itself (so no barrier but the final one).
+ * Register loads would do, but ptxas then interleaves each load with the mma that uses
+ * it (seen in the SASS: 3 loads in flight per warp, 62-76% of the copy rate); async
+ * copies hold no registers, so STAGES - 1 steps per warp are always in flight. Weights
+ * go L2 -> shared (.cg, read once, with L2 hints: gemv_cp_cg); x through L1 (.ca:
+ * every CTA of an SM reads it).
+ * Rows past N and k past Kd are zero-filled by the copy (src-size 0).
+ *
+ * A CTA owns 16 * MT weight rows (MT m-tiles; x is loaded once per step for all of
+ * them) and its W warps split Kd in steps of KH 32-wide slices (warp w: steps w,
+ * w + W, ...). The warps' partial tiles meet in shared memory, summed in warp order
+ * (deterministic), and the epilogue adds the bias and rounds once to bf16. No split
+ * across CTAs, hence no scratch: nothing is allocated, and a graph can capture it.
+ * SWIGLU: MT = 2 with tile 0 = gate rows [16i, 16i + 16) and tile 1 = the matching up
+ * rows F + 16i..; the epilogue writes silu(gate) * up into out[T, F], with gate and up
+ * rounded to bf16 first, exactly as matmul into gu[T, 2F] and then swiglu would.
+ * Needs Kd % 8 == 0 and 16-byte aligned x and w (every row then starts aligned). */
+/* 16 bytes of a weight row, global -> shared, zeros when !on. evict_first (pol): the
+ * weights are read once, so they leave L2 first; L2::256B: each request also pulls
+ * the rest of its 256-byte block into L2, so DRAM serves long bursts although a warp
+ * asks for 64 bytes per row at a time (qkv/o at T = 1: 69% -> 75% of the copy rate,
+ * lm_head 92% -> 97%, measured with PDSERVE_CUDA_GEMV_CFG rows 0 and 1). */
+__device__ __forceinline__ void gemv_cp_cg(void *smem, const void *g, bool on, uint64_t pol) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;"
+                 ::"r"(s), "l"(g), "r"(on ? 16 : 0), "l"(pol)
+                 : "memory");
+}
 
-__device__ __forceinline__ void gemv_unpack8(uint4 u, float *f) {
-    const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        float2 t = __bfloat1622float2(h[i]);
-        f[2 * i] = t.x;
-        f[2 * i + 1] = t.y;
+__device__ __forceinline__ void gemv_cp_ca(void *smem, const void *g, bool on) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(g),
+                 "r"(on ? 16 : 0)
+                 : "memory");
+}
+
+__device__ __forceinline__ void gemv_cp_commit() {
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+template <int N> __device__ __forceinline__ void gemv_cp_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+/* c[16x8] += A[16x16] * B[16x8], bf16 in, fp32 accumulate (PTX ISA fragment layout). */
+__device__ __forceinline__ void gemv_mma(float *c, uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* First weight row of m-tile j of this CTA, and the end of the rows it may read. */
+template <int MT, bool SWIGLU>
+__device__ __forceinline__ void gemv_tile_rows(int j, int N, int F, int *base, int *lim) {
+    if (SWIGLU) {
+        *base = j * F + blockIdx.x * 16;
+        *lim = j * F + F;
+    } else {
+        *base = (blockIdx.x * MT + j) * 16;
+        *lim = N;
     }
 }
 
-template <int TT>
-__device__ __forceinline__ void gemv_fma(float *acc, uint4 wv, const bf16 *x, int T, int Kd, int k) {
-    float wf[8];
-    gemv_unpack8(wv, wf);
+/* 16-byte slots per thread and step of KH 32-wide k slices: x [slice], then weights
+ * [tile][row g / g+8][slice] */
+#define GEMV_SLOTS(MT, KH) ((KH) * (1 + 2 * (MT)))
+
+template <int W, int MT, int STAGES, int KH>
+static size_t gemv_smem_bytes() {
+    return (size_t)W * STAGES * GEMV_SLOTS(MT, KH) * 32 * 16;
+}
+
+template <int W, int MT, int STAGES, int KH, bool SWIGLU>
+__global__ void __launch_bounds__(W * 32)
+gemv_kernel(bf16 *out, const bf16 *x, const bf16 *w, const bf16 *bias, int T, int Kd, int N,
+            int F) {
+    uint64_t pol;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+    extern __shared__ uint4 gemv_ring[]; /* [warp][stage][slot][lane] */
+    constexpr int SL = GEMV_SLOTS(MT, KH), STEP = 32 * KH;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, c = lane % 4;
+    uint4 *ring = gemv_ring + (size_t)warp * STAGES * SL * 32 + lane;
+    const bf16 *wr[MT][2];
+    bool rv[MT][2];
 #pragma unroll
-    for (int t = 0; t < TT; t++) {
-        if (t < T) {
-            float xf[8];
-            gemv_unpack8(__ldg((const uint4 *)(x + (size_t)t * Kd + k)), xf);
+    for (int j = 0; j < MT; j++) {
+        int base, lim;
+        gemv_tile_rows<MT, SWIGLU>(j, N, F, &base, &lim);
 #pragma unroll
-            for (int e = 0; e < 8; e++) acc[t] = fmaf(wf[e], xf[e], acc[t]);
+        for (int h = 0; h < 2; h++) {
+            int r = base + g + 8 * h;
+            rv[j][h] = r < lim;
+            wr[j][h] = w + (size_t)(rv[j][h] ? r : 0) * Kd;
+        }
+    }
+    const bool xv = g < T;
+    const bf16 *xr = x + (size_t)(xv ? g : 0) * Kd;
+    const int nsteps = (Kd + STEP - 1) / STEP;
+    const int mine = warp < nsteps ? (nsteps - warp + W - 1) / W : 0;
+
+    /* queues this warp's i-th step into stage i % STAGES (an empty group past the end) */
+    auto issue = [&](int i) {
+        if (i < mine) {
+            uint4 *st = ring + (size_t)(i % STAGES) * SL * 32;
+#pragma unroll
+            for (int hk = 0; hk < KH; hk++) {
+                int k = (warp + i * W) * STEP + hk * 32 + c * 8;
+                bool kv = k < Kd; /* Kd % 8 == 0: all 8 elements or none */
+                int kk = kv ? k : 0;
+                gemv_cp_ca(st + hk * 32, xr + kk, kv && xv);
+#pragma unroll
+                for (int j = 0; j < MT; j++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++)
+                        gemv_cp_cg(st + (KH + (j * 2 + h) * KH + hk) * 32, wr[j][h] + kk,
+                                   kv && rv[j][h], pol);
+            }
+        }
+        gemv_cp_commit();
+    };
+
+    float acc[MT][4];
+#pragma unroll
+    for (int j = 0; j < MT; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[j][e] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; i++) issue(i);
+    for (int i = 0; i < mine; i++) {
+        issue(i + STAGES - 1);
+        gemv_cp_wait<STAGES - 1>(); /* step i has landed (this thread's own copies) */
+        const uint4 *st = ring + (size_t)(i % STAGES) * SL * 32;
+#pragma unroll
+        for (int hk = 0; hk < KH; hk++) {
+            uint4 q = st[hk * 32];
+#pragma unroll
+            for (int j = 0; j < MT; j++) {
+                uint4 a = st[(KH + (j * 2 + 0) * KH + hk) * 32];
+                uint4 b = st[(KH + (j * 2 + 1) * KH + hk) * 32];
+                gemv_mma(acc[j], a.x, b.x, a.y, b.y, q.x, q.y);
+                gemv_mma(acc[j], a.z, b.z, a.w, b.w, q.z, q.w);
+            }
+        }
+    }
+    gemv_cp_wait<0>();
+
+    /* C fragment: acc[j][e] is (row base_j + g + 8 * (e / 2), token 2c + e % 2) */
+    __shared__ float red[W][MT * 4][32];
+#pragma unroll
+    for (int j = 0; j < MT; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) red[warp][j * 4 + e][lane] = acc[j][e];
+    __syncthreads();
+    const int items = SWIGLU ? 4 * 32 : MT * 4 * 32;
+    for (int i = threadIdx.x; i < items; i += blockDim.x) {
+        int je = i / 32, ln = i % 32, e = je % 4;
+        int t = (ln % 4) * 2 + e % 2, row_in = ln / 4 + 8 * (e / 2);
+        float s = 0.0f, s2 = 0.0f;
+        for (int wp = 0; wp < W; wp++) {
+            s += red[wp][je][ln];
+            if (SWIGLU) s2 += red[wp][4 + je][ln];
+        }
+        int base, lim;
+        gemv_tile_rows<MT, SWIGLU>(je / 4, N, F, &base, &lim);
+        int row = base + row_in;
+        if (t >= T || row >= lim) continue;
+        if (SWIGLU) { /* as swiglu_kernel on gu rounded to bf16 */
+            float gt = __bfloat162float(__float2bfloat16(s));
+            float up = __bfloat162float(__float2bfloat16(s2));
+            out[(size_t)t * F + row] = __float2bfloat16(gt / (1.0f + expf(-gt)) * up);
+        } else {
+            float b = bias ? __bfloat162float(bias[row]) : 0.0f;
+            out[(size_t)t * N + row] = __float2bfloat16(s + b);
         }
     }
 }
 
-template <int TT>
-__global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_kernel(bf16 *out, const bf16 *x, const bf16 *w, const bf16 *bias, int T, int Kd, int N) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int n = blockIdx.x * GEMV_WARPS + warp;
-    if (n >= N) return;
-    const bf16 *wr = w + (size_t)n * Kd;
-    float acc[TT];
-#pragma unroll
-    for (int t = 0; t < TT; t++) acc[t] = 0.0f;
-    const int step = 32 * 8; /* elements one warp covers per load */
-    int k = lane * 8;
-    for (; k + (GEMV_UNROLL - 1) * step < Kd; k += GEMV_UNROLL * step) {
-        uint4 wv[GEMV_UNROLL];
-#pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; u++) wv[u] = __ldcs((const uint4 *)(wr + k + u * step));
-#pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; u++) gemv_fma<TT>(acc, wv[u], x, T, Kd, k + u * step);
-    }
-    for (; k < Kd; k += step) gemv_fma<TT>(acc, __ldcs((const uint4 *)(wr + k)), x, T, Kd, k);
-#pragma unroll
-    for (int t = 0; t < TT; t++) {
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], o);
-    }
-    if (lane == 0) {
-        float b = bias ? __bfloat162float(bias[n]) : 0.0f;
-        for (int t = 0; t < T; t++) out[(size_t)t * N + n] = __float2bfloat16(acc[t] + b);
-    }
-}
+/* The kernel's shapes (warps W, m-tiles MT, ring stages, 32-wide k slices per step
+ * KH), picked per launch by gemv_pick. Each keeps (STAGES - 1) * W steps of 16 * MT
+ * rows in flight per CTA. Measured on H200 (PDSERVE_CUDA_GEMV_CFG sweep, 2026-11-27):
+ * all six within a few % of each other (before the L2 hints: o 61-64% of the copy
+ * rate, gate_up 83-86%, lm_head 88-92%): neither bytes in flight, CTAs per SM nor
+ * contiguity per row is what holds the long streams below cuBLAS's 96-99%. Rows 0 and 1 are the defaults;
+ * matmul_swiglu's kernel has row 1's W and KH, so its sums are added in the same
+ * order as row 0's and row 1's (bit-identical to matmul then swiglu). */
+typedef struct gemv_cfg {
+    int W, MT, STAGES, KH;
+} gemv_cfg;
+
+#define GEMV_CFGS(X)                                                                               \
+    X(4, 1, 6, 2) X(4, 2, 4, 2) X(8, 1, 4, 2) X(4, 1, 4, 4) X(2, 1, 4, 8) X(4, 2, 3, 4)
+
+static const gemv_cfg GEMV_CFG[] = {
+#define GEMV_CFG_ROW(w, mt, st, kh) {w, mt, st, kh},
+    GEMV_CFGS(GEMV_CFG_ROW)
+#undef GEMV_CFG_ROW
+};
+
+/* PDSERVE_CUDA_GEMV_CFG=i (lab only: bench_kernels_cuda) forces GEMV_CFG[i]; -1 picks
+ * by shape */
+static int gemv_forced = -1;
 
 bool cuda_gemv_supports(int T, int Kd, const void *x, const void *w) {
-    return T >= 1 && T <= 8 && Kd % 8 == 0 && aligned16(x) && aligned16(w);
+    return T >= 1 && T <= 8 && Kd > 0 && Kd % 8 == 0 && aligned16(x) && aligned16(w);
+}
+
+template <int W, int MT, int ST, int KH, bool SWIGLU> static void gemv_allow_smem() {
+    CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<W, MT, ST, KH, SWIGLU>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)gemv_smem_bytes<W, MT, ST, KH>()));
+}
+
+/* Allows the kernels their dynamic shared memory (over the 48 KB default). Once, at
+ * backend creation: never during a graph capture. */
+void cuda_gemv_init(void) {
+#define GEMV_ALLOW(w, mt, st, kh) gemv_allow_smem<w, mt, st, kh, false>();
+    GEMV_CFGS(GEMV_ALLOW)
+#undef GEMV_ALLOW
+    gemv_allow_smem<4, 2, 4, 2, true>();
+    const char *e = getenv("PDSERVE_CUDA_GEMV_CFG");
+    if (e && *e) gemv_forced = PD_MIN(atoi(e), (int)PD_ARRAY_LEN(GEMV_CFG) - 1);
+}
+
+/* Two m-tiles per CTA once that still leaves two CTAs per SM (gate_up, lm_head): x is
+ * then loaded once per 32 rows; one tile otherwise (N = 4096, 6144), so that every SM
+ * gets work. */
+static int gemv_pick(const cuda_backend *cb, int N) {
+    if (gemv_forced >= 0) return gemv_forced;
+    return (N + 31) / 32 >= 2 * cb->sm_count ? 1 : 0; /* GEMV_CFG rows */
 }
 
 void cuda_gemv(cuda_backend *cb, bf16 *out, const bf16 *x, const bf16 *w, const bf16 *bias, int T,
                int Kd, int N) {
     PD_ASSERT(cuda_gemv_supports(T, Kd, x, w) && N > 0);
-    dim3 grid(cuda_blocks((size_t)N, GEMV_WARPS)), block(GEMV_WARPS * 32);
-    if (T == 1)
-        gemv_kernel<1><<<grid, block, 0, cb->stream>>>(out, x, w, bias, T, Kd, N);
-    else if (T == 2)
-        gemv_kernel<2><<<grid, block, 0, cb->stream>>>(out, x, w, bias, T, Kd, N);
-    else if (T <= 4)
-        gemv_kernel<4><<<grid, block, 0, cb->stream>>>(out, x, w, bias, T, Kd, N);
+    gemv_cfg c = GEMV_CFG[gemv_pick(cb, N)];
+#define GEMV_LAUNCH(w_, mt, st, kh)                                                                \
+    if (c.W == w_ && c.MT == mt && c.STAGES == st && c.KH == kh)                                   \
+        gemv_kernel<w_, mt, st, kh, false><<<cuda_blocks((size_t)N, 16 * mt), w_ * 32,             \
+                                             gemv_smem_bytes<w_, mt, st, kh>(), cb->stream>>>(     \
+            out, x, w, bias, T, Kd, N, 0);
+    GEMV_CFGS(GEMV_LAUNCH)
+#undef GEMV_LAUNCH
+    CUDA_CHECK_LAUNCH();
+}
+
+void cuda_gemv_swiglu(cuda_backend *cb, bf16 *out, const bf16 *x, const bf16 *w, int T, int Kd,
+                      int F) {
+    PD_ASSERT(cuda_gemv_supports(T, Kd, x, w) && F > 0);
+    gemv_kernel<4, 2, 4, 2, true><<<cuda_blocks((size_t)F, 16), 4 * 32,
+                                    gemv_smem_bytes<4, 2, 4, 2>(), cb->stream>>>(out, x, w, NULL, T,
+                                                                                  Kd, 2 * F, F);
+    CUDA_CHECK_LAUNCH();
+}
+
+/* ---- RoPE + KV store in one pass (a decode step's two smallest launches) ---------------
+ * One thread per (row, head, VEC consecutive i < D/2) over all H + 2K heads of qkv: a q
+ * head is rotated in place; a k head is rotated in place and the rotated values also
+ * go to its cache slot; a v head is copied to its slot. A negative slot (padding row)
+ * writes no cache. The values are rounded exactly as rope_kernel rounds them, so the
+ * result is bit-identical to rope followed by kv_store. */
+template <int VEC>
+__global__ void rope_kv_store_kernel(bf16 *qkv, bf16 *kc, bf16 *vc, const int32_t *pos,
+                                     const int32_t *slots, const float *inv_freq, int T, int H,
+                                     int K, int D) {
+    int half = D / 2, per_head = half / VEC, heads = H + 2 * K;
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)T * heads * per_head) return;
+    int i = (int)(idx % per_head) * VEC;
+    size_t th = idx / per_head;
+    int h = (int)(th % heads);
+    int t = (int)(th / heads);
+    bf16 *p = qkv + (size_t)t * heads * D + (size_t)h * D + i;
+    int slot = slots[t];
+    size_t KD = (size_t)K * D;
+    if (h >= H + K) { /* v head: a copy */
+        if (slot < 0) return;
+        bf16 *d = vc + (size_t)slot * KD + (size_t)(h - H - K) * D + i;
+        copy_v<VEC>(d, p);
+        copy_v<VEC>(d + half, p + half);
+        return;
+    }
+    float x1[VEC], x2[VEC], p_t = (float)pos[t];
+    load_f<VEC>(p, x1);
+    load_f<VEC>(p + half, x2);
+#pragma unroll
+    for (int k = 0; k < VEC; k++) {
+        float s, c;
+        sincosf(p_t * inv_freq[i + k], &s, &c);
+        float a = x1[k], b = x2[k];
+        x1[k] = a * c - b * s;
+        x2[k] = b * c + a * s;
+    }
+    store_f<VEC>(p, x1);
+    store_f<VEC>(p + half, x2);
+    if (h >= H && slot >= 0) {
+        bf16 *d = kc + (size_t)slot * KD + (size_t)(h - H) * D + i;
+        store_f<VEC>(d, x1);
+        store_f<VEC>(d + half, x2);
+    }
+}
+
+void cuda_rope_kv_store(backend *b, void *qkv, void *kcache, void *vcache, const int32_t *pos,
+                        const int32_t *slots, const rope_params *rp, int T, int H, int K, int D) {
+    cuda_backend *cb = cuda_of(b);
+    PD_ASSERT(T >= 0 && H > 0 && K > 0 && D > 0 && D % 2 == 0 && D / 2 <= ROPE_MAX_HALF);
+    if (T == 0) return;
+    const float *inv = rope_table(cb, rp, D);
+    size_t pairs = (size_t)T * (H + 2 * K) * (D / 2);
+    if ((D / 2) % 8 == 0 && aligned16(qkv) && aligned16(kcache) && aligned16(vcache))
+        rope_kv_store_kernel<8><<<cuda_blocks(pairs / 8, 256), 256, 0, cb->stream>>>(
+            (bf16 *)qkv, (bf16 *)kcache, (bf16 *)vcache, pos, slots, inv, T, H, K, D);
     else
-        gemv_kernel<8><<<grid, block, 0, cb->stream>>>(out, x, w, bias, T, Kd, N);
+        rope_kv_store_kernel<1><<<cuda_blocks(pairs, 256), 256, 0, cb->stream>>>(
+            (bf16 *)qkv, (bf16 *)kcache, (bf16 *)vcache, pos, slots, inv, T, H, K, D);
     CUDA_CHECK_LAUNCH();
 }

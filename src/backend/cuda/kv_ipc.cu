@@ -5,16 +5,46 @@
  *
  * copy_batch runs on a transfer stream of its own per device (never the compute
  * stream, so that a KV transfer neither waits behind nor blocks the forward pass, and
- * stays out of any graph being captured there). Items of at least XFER_BIG bytes go
- * to the copy engines (cudaMemcpyAsync); the small ones, KV blocks of tens to
- * hundreds of KiB, all go to one launch of xfer_copy_kernel, a batched memcpy whose
- * CTAs each copy a 64 KiB chunk of one item with 16-byte loads: device to device, to
- * a peer GPU over NVLink (IPC-opened memory, peer access enabled when opened), or to
- * and from pinned host memory over PCIe (mapped, so the kernel reaches it directly).
- * Per-item cudaMemcpyAsync calls would cost ~5-10 us each, more than moving a 64 KiB
- * block. Pageable host memory cannot be reached by a kernel: such batches go item by
- * item through cudaMemcpyAsync. PDSERVE_KV_COPY=memcpy (copy engines only) or
- * =kernel (the kernel for every size) pins one path, for A/B runs (bench_kv_cuda).
+ * stays out of any graph being captured there). Items of at least `big` bytes (4 MiB)
+ * go to the copy engines (cudaMemcpyAsync); the small ones, KV blocks of tens to
+ * hundreds of KiB, all go to one launch of xfer_copy_kernel, a batched memcpy: the
+ * items are cut into chunks (128 KiB) that the CTAs take grid-stride (or each a
+ * contiguous range: `walk`), with 16-byte loads, `unroll` in flight per thread and no
+ * bounds test but in a chunk's tail: device to device, into a peer GPU
+ * over NVLink (the copying process pushes: remote writes, never remote reads; IPC
+ * memory has peer access enabled when opened), or to and from pinned host memory over
+ * PCIe (mapped, so the kernel reaches it directly). Per-item cudaMemcpyAsync calls
+ * would cost ~5-10 us each, more than moving a 64 KiB block. Pageable host memory
+ * cannot be reached by a kernel: such batches go item by item through
+ * cudaMemcpyAsync.
+ *
+ * copy_batch_sum is the same kernel adding kv_sum terms (src/kv/kv_sum.h) of what it
+ * moves into per-object sums (a warp reduction and one atomic per warp and chunk), so
+ * that the cpu store's checksums cost no host pass over the bytes.
+ *
+ * Knobs, read once per process from the environment (A/B runs and sweeps with
+ * bench_kv_cuda; logged at the first transfer):
+ *   PDSERVE_KV_COPY=auto|memcpy|kernel|batch  auto: as above; memcpy: copy engines
+ *       only, one cudaMemcpyAsync per item; kernel: the kernel for every size; batch:
+ *       copy engines through one cudaMemcpyBatchAsync of the whole batch
+ *   PDSERVE_KV_XFER_CHUNK_KIB (128)   bytes per chunk, 16 KiB .. 16 MiB
+ *   PDSERVE_KV_XFER_CTAS_PER_SM (8)   grid = SMs x this (at most one CTA per chunk)
+ *   PDSERVE_KV_XFER_THREADS (256)     threads per CTA, 64 .. 1024, a multiple of 32
+ *   PDSERVE_KV_XFER_UNROLL (4)        16-byte loads in flight per thread: 1, 2, 4, 8
+ *   PDSERVE_KV_XFER_STORES=cs|plain   cs (default): streaming stores (st.global.cs)
+ *   PDSERVE_KV_XFER_WALK=stride|range|table|bytes  how CTAs find their work (the
+ *       kernel's comment): stride (default), range, table, or bytes (chunks of the
+ *       concatenated items: small items, e.g. single 32 KiB blocks of a fragmented
+ *       pool, share a CTA step)
+ *   PDSERVE_KV_XFER_BIG_KIB (4096)    auto: items this large go to the copy engines
+ *
+ * Measured on 2x H200 (NV18), 896 MiB of KV to the peer GPU (bench_kv_cuda): this
+ * kernel moves a request's 7,168 runs of 128 KiB at 352-359 GB/s when timed alone
+ * (90% of one copy-engine copy, 394), into one allocation or 56; through the gpu
+ * medium the same copy_batch takes 4-6 ms (150-195 GB/s; docs/kv-connectors.md,
+ * "Not done"). In the medium, chunks of 128 KiB and streaming stores each gave ~+17%
+ * in one sweep (now the defaults); CTAs/SM, threads, unroll and the walks moved it
+ * within the noise (16 CTAs/SM: -45%); cudaMemcpyBatchAsync (batch): 31 GB/s.
  *
  * Tuned for: batches of 1 to a few thousand items of 16 KiB to 4 MiB, one to a few
  * threads of one process copying at once (serialised per device). */
@@ -26,35 +56,55 @@
 
 #include "backend/cuda/cuda_common.h"
 #include "backend/cuda/kv_ipc.h"
+#include "kv/kv_sum.h"
 
 #define XFER_MAX_DEVICES 64
-#define XFER_CHUNK ((uint64_t)64 << 10) /* bytes per CTA step */
-#define XFER_BIG ((size_t)4 << 20)      /* items this large go to the copy engines */
-#define XFER_THREADS 256
-#define XFER_UNROLL 4
 
-enum { XFER_AUTO, XFER_MEMCPY, XFER_KERNEL };
+enum { XFER_AUTO, XFER_MEMCPY, XFER_KERNEL, XFER_BATCH };
+static const char *const XFER_MODE_NAMES[] = {"auto", "memcpy", "kernel", "batch"};
 
 /* One item as the kernel sees it: first_chunk is the prefix sum of earlier items'
- * chunks, so CTA chunk c belongs to the last item whose first_chunk <= c. */
+ * chunks, so chunk c belongs to the last item whose first_chunk <= c (the bytes walk:
+ * chunks of the concatenated items, found by first_byte). */
 typedef struct xfer_desc {
     uint8_t *dst;
     const uint8_t *src;
     uint64_t bytes;
     uint64_t first_chunk;
+    uint64_t first_byte;       /* prefix sum of earlier items' bytes (the bytes walk) */
+    uint64_t at;               /* sums: byte of its object where the item starts */
+    int32_t slot;              /* sums: index into the sums, -1: not summed */
+    int32_t pad;
 } xfer_desc;
+
+/* The copy's knobs (environment, see the header). */
+typedef struct xfer_params {
+    int mode;                  /* XFER_AUTO | MEMCPY | KERNEL | BATCH */
+    uint64_t chunk;            /* bytes, a multiple of 16 */
+    int ctas_per_sm, threads, unroll;
+    bool stream_stores;
+    int walk;                  /* XFER_WALK_* */
+    size_t big;
+} xfer_params;
 
 /* Per device, for the process's life (created on first use; the primary context
  * outlives backends). Owns every pointer here. */
 typedef struct xfer_state {
     pthread_mutex_t mu;        /* one batch at a time per device */
     bool ready;
-    int mode;                  /* XFER_AUTO | MEMCPY | KERNEL */
+    xfer_params p;
     bool host_mapped;          /* registered host memory has the same address on the device */
     cudaStream_t stream;
     xfer_desc *host_desc;      /* pinned, [cap] */
     xfer_desc *dev_desc;       /* device, [cap] */
     size_t cap;
+    void **batch_dst;          /* batch mode: [batch_cap] host arrays for cudaMemcpyBatchAsync */
+    const void **batch_src;
+    size_t *batch_bytes, batch_cap;
+    unsigned long long *dev_sums, *host_sums; /* [sums_cap] device, pinned */
+    size_t sums_cap;
+    uint32_t *dev_map, *host_map; /* table walk: [map_cap] item of each chunk */
+    size_t map_cap;
 } xfer_state;
 
 static xfer_state g_xfer[XFER_MAX_DEVICES];
@@ -62,42 +112,164 @@ static pthread_mutex_t g_xfer_init = PTHREAD_MUTEX_INITIALIZER;
 
 /* ---- the kernel ---------------------------------------------------------------------- */
 
-/* Copies every chunk of d[0..n): grid-stride over total chunks. vec16: every dst, src
- * and size of the batch is a multiple of 16 bytes (else byte copies). */
-__global__ void xfer_copy_kernel(const xfer_desc *d, int n, uint64_t total_chunks, bool vec16) {
-    for (uint64_t c = blockIdx.x; c < total_chunks; c += gridDim.x) {
-        int lo = 0, hi = n - 1;
-        while (lo < hi) {
-            int mid = (lo + hi + 1) / 2;
-            if (d[mid].first_chunk <= c) lo = mid;
-            else hi = mid - 1;
-        }
-        const uint8_t *src = d[lo].src;
-        uint8_t *dst = d[lo].dst;
-        uint64_t off = (c - d[lo].first_chunk) * XFER_CHUNK;
-        uint64_t len = d[lo].bytes - off < XFER_CHUNK ? d[lo].bytes - off : XFER_CHUNK;
-        if (vec16) {
-            const uint4 *s = (const uint4 *)(src + off);
-            uint4 *t = (uint4 *)(dst + off);
-            uint64_t n16 = len / 16;
-            /* XFER_UNROLL loads in flight per thread before the stores: latency of
-             * NVLink and PCIe reads is hidden by numbers, not by caches */
-            for (uint64_t i = threadIdx.x; i < n16; i += XFER_UNROLL * blockDim.x) {
-                uint4 r[XFER_UNROLL];
+/* kv_sum terms of the 16 bytes r at word index j (kv_sum.h: little-endian words). */
+__device__ __forceinline__ uint64_t xfer_terms(uint4 r, uint64_t j) {
+    uint64_t w0 = (uint64_t)r.y << 32 | r.x, w1 = (uint64_t)r.w << 32 | r.z;
+    return kv_sum_word(w0, j) + kv_sum_word(w1, j + 1);
+}
+
+template <bool CS> __device__ __forceinline__ void xfer_store(uint4 *p, uint4 v) {
+    if (CS) __stcs(p, v);
+    else *p = v;
+}
+
+/* Copies bytes [off, off + len) of item e (multiples of 16) with the whole CTA; SUM:
+ * adds their kv_sum terms into sums[e->slot] (one atomic per warp). */
+template <int UNROLL, bool SUM, bool CS>
+__device__ __forceinline__ void xfer_piece(const xfer_desc *e, uint64_t off, uint64_t len,
+                                           unsigned long long *sums) {
+    const uint4 *s = (const uint4 *)(e->src + off);
+    uint4 *t = (uint4 *)(e->dst + off);
+    const uint64_t bd = blockDim.x;
+    uint64_t n16 = len / 16, j0 = (e->at + off) / 8, acc = 0;
+    uint64_t i = threadIdx.x;
+    /* UNROLL loads in flight per thread before the stores: the latency of NVLink and
+     * PCIe is hidden by numbers of requests, not by caches */
+    for (; i + (UNROLL - 1) * bd < n16; i += UNROLL * bd) {
+        uint4 r[UNROLL];
 #pragma unroll
-                for (int k = 0; k < XFER_UNROLL; k++)
-                    if (i + k * blockDim.x < n16) r[k] = s[i + k * blockDim.x];
+        for (int k = 0; k < UNROLL; k++) r[k] = s[i + k * bd];
 #pragma unroll
-                for (int k = 0; k < XFER_UNROLL; k++)
-                    if (i + k * blockDim.x < n16) t[i + k * blockDim.x] = r[k];
-            }
-        } else {
-            for (uint64_t i = threadIdx.x; i < len; i += blockDim.x) dst[off + i] = src[off + i];
+        for (int k = 0; k < UNROLL; k++) {
+            xfer_store<CS>(t + i + k * bd, r[k]);
+            if (SUM) acc += xfer_terms(r[k], j0 + 2 * (i + k * bd));
         }
+    }
+    for (; i < n16; i += bd) {
+        uint4 r = s[i];
+        xfer_store<CS>(t + i, r);
+        if (SUM) acc += xfer_terms(r, j0 + 2 * i);
+    }
+    if (SUM && e->slot >= 0) { /* uniform over the CTA: every lane takes part */
+        for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if ((threadIdx.x & 31) == 0) atomicAdd(&sums[e->slot], (unsigned long long)acc);
     }
 }
 
+/* The last item at or after `it` whose key (first_chunk, or first_byte) is <= v. */
+__device__ __forceinline__ int xfer_find(const xfer_desc *d, int n, int it, uint64_t v, bool bytes) {
+    for (int hi = n - 1; it < hi;) {
+        int mid = (it + hi + 1) / 2;
+        if ((bytes ? d[mid].first_byte : d[mid].first_chunk) <= v) it = mid;
+        else hi = mid - 1;
+    }
+    return it;
+}
+
+enum { XFER_WALK_STRIDE, XFER_WALK_RANGE, XFER_WALK_TABLE, XFER_WALK_BYTES };
+static const char *const XFER_WALK_NAMES[] = {"stride", "range", "table", "bytes"};
+
+/* Copies the chunks of the items d[0..n) that fall to CTA b. The walks (`walk`):
+ *   stride  chunks b, b + grid, ... (the CTAs sweep the batch together), each chunk's
+ *           item by a binary search from the last one found;
+ *   range   chunks [total * b / grid, total * (b + 1) / grid), one search, then a
+ *           forward walk;
+ *   table   as stride, each chunk's item from map[] (built on the host);
+ *   bytes   as stride over chunks of the items' concatenated bytes (total_chunks of
+ *           chunk_bytes), each chunk copying the pieces of the items it covers: small
+ *           items share a CTA step (one search per step, not per item).
+ * Every dst, src, size (and at) is a multiple of 16 bytes. SUM: adds the kv_sum terms
+ * of each item with slot >= 0 into sums[slot]. */
+template <int UNROLL, bool SUM, bool CS>
+__global__ void __launch_bounds__(1024)
+xfer_copy_kernel(const xfer_desc *d, int n, uint64_t total_chunks, uint64_t chunk_bytes,
+                 unsigned long long *sums, int walk, const uint32_t *map) {
+    uint64_t c = blockIdx.x, end = total_chunks, step = gridDim.x;
+    if (walk == XFER_WALK_RANGE) {
+        c = total_chunks * blockIdx.x / gridDim.x;
+        end = total_chunks * (blockIdx.x + 1) / gridDim.x;
+        step = 1;
+    }
+    int it = 0;
+    for (bool first = true; c < end; c += step, first = false) {
+        if (walk == XFER_WALK_BYTES) {
+            uint64_t w0 = c * chunk_bytes, w1 = w0 + chunk_bytes;
+            for (it = xfer_find(d, n, it, w0, true); it < n && d[it].first_byte < w1; it++) {
+                const xfer_desc *e = &d[it];
+                uint64_t a = w0 > e->first_byte ? w0 - e->first_byte : 0;
+                uint64_t z = w1 - e->first_byte < e->bytes ? w1 - e->first_byte : e->bytes;
+                xfer_piece<UNROLL, SUM, CS>(e, a, z - a, sums);
+            }
+            it = it > 0 ? it - 1 : 0; /* the next window starts at or after this item */
+            continue;
+        }
+        if (map) it = (int)map[c];
+        else if (first || walk != XFER_WALK_RANGE) it = xfer_find(d, n, it, c, false);
+        else
+            while (it + 1 < n && d[it + 1].first_chunk <= c) it++;
+        const xfer_desc *e = &d[it];
+        uint64_t off = (c - e->first_chunk) * chunk_bytes;
+        uint64_t len = e->bytes - off < chunk_bytes ? e->bytes - off : chunk_bytes;
+        xfer_piece<UNROLL, SUM, CS>(e, off, len, sums);
+    }
+}
+
+/* Items with an end or a size not a multiple of 16: bytes, grid-stride over items. */
+__global__ void xfer_copy_bytes_kernel(const xfer_desc *d, int n) {
+    for (int k = blockIdx.x; k < n; k += gridDim.x)
+        for (uint64_t i = threadIdx.x; i < d[k].bytes; i += blockDim.x) d[k].dst[i] = d[k].src[i];
+}
+
+typedef void (*xfer_kernel_fn)(const xfer_desc *, int, uint64_t, uint64_t, unsigned long long *,
+                               int, const uint32_t *);
+
+template <bool SUM, bool CS> static xfer_kernel_fn xfer_pick2(int unroll) {
+    switch (unroll) {
+    case 1: return xfer_copy_kernel<1, SUM, CS>;
+    case 2: return xfer_copy_kernel<2, SUM, CS>;
+    case 8: return xfer_copy_kernel<8, SUM, CS>;
+    default: return xfer_copy_kernel<4, SUM, CS>;
+    }
+}
+static xfer_kernel_fn xfer_pick(int unroll, bool sum, bool cs) {
+    if (sum) return cs ? xfer_pick2<true, true>(unroll) : xfer_pick2<true, false>(unroll);
+    return cs ? xfer_pick2<false, true>(unroll) : xfer_pick2<false, false>(unroll);
+}
+
 /* ---- state --------------------------------------------------------------------------- */
+
+static long env_long(const char *name, long def, long lo, long hi) {
+    const char *v = getenv(name);
+    if (!v || !*v) return def;
+    char *end;
+    long x = strtol(v, &end, 10);
+    if (*end || x < lo || x > hi) {
+        log_warn("cuda kv transfers: %s=%s is not in [%ld, %ld]: using %ld", name, v, lo, hi, def);
+        return def;
+    }
+    return x;
+}
+
+static xfer_params xfer_params_from_env(void) {
+    xfer_params p;
+    const char *m = getenv("PDSERVE_KV_COPY");
+    p.mode = XFER_AUTO;
+    for (int i = 0; m && i < 4; i++)
+        if (!strcmp(m, XFER_MODE_NAMES[i])) p.mode = i;
+    p.chunk = (uint64_t)env_long("PDSERVE_KV_XFER_CHUNK_KIB", 128, 16, 16384) << 10;
+    p.ctas_per_sm = (int)env_long("PDSERVE_KV_XFER_CTAS_PER_SM", 8, 1, 64);
+    p.threads = (int)env_long("PDSERVE_KV_XFER_THREADS", 256, 64, 1024) / 32 * 32;
+    p.unroll = (int)env_long("PDSERVE_KV_XFER_UNROLL", 4, 1, 8);
+    if (p.unroll != 1 && p.unroll != 2 && p.unroll != 8) p.unroll = 4;
+    const char *st = getenv("PDSERVE_KV_XFER_STORES");
+    p.stream_stores = !(st && !strcmp(st, "plain"));
+    const char *walk = getenv("PDSERVE_KV_XFER_WALK");
+    p.walk = XFER_WALK_STRIDE;
+    for (int i = 0; walk && i < 4; i++)
+        if (!strcmp(walk, XFER_WALK_NAMES[i])) p.walk = i;
+    p.big = (size_t)env_long("PDSERVE_KV_XFER_BIG_KIB", 4096, 0, 1L << 30) << 10;
+    return p;
+}
 
 static xfer_state *xfer_get(cuda_backend *cb) {
     PD_ASSERT(cb->device >= 0 && cb->device < XFER_MAX_DEVICES);
@@ -106,17 +278,18 @@ static xfer_state *xfer_get(cuda_backend *cb) {
     if (!x->ready) {
         pthread_mutex_init(&x->mu, NULL);
         CUDA_CHECK(cudaStreamCreateWithFlags(&x->stream, cudaStreamNonBlocking));
-        const char *m = getenv("PDSERVE_KV_COPY");
-        x->mode = m && !strcmp(m, "memcpy") ? XFER_MEMCPY : m && !strcmp(m, "kernel") ? XFER_KERNEL
-                                                                                      : XFER_AUTO;
+        x->p = xfer_params_from_env();
         int v = 0;
         CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrCanUseHostPointerForRegisteredMem,
                                           cb->device));
         x->host_mapped = v != 0;
         x->ready = true;
-        log_info("cuda kv transfers: device %d, copies %s, pinned host memory %s by kernels",
-                 cb->device, x->mode == XFER_MEMCPY ? "by copy engines only"
-                             : x->mode == XFER_KERNEL ? "by kernel only" : "batched (auto)",
+        log_info("cuda kv transfers: device %d, copies %s, chunk %llu KiB, %d CTAs/SM of %d "
+                 "threads, unroll %d, %s stores, %s walk, copy engines from %zu KiB; pinned host "
+                 "memory %s by kernels", cb->device, XFER_MODE_NAMES[x->p.mode],
+                 (unsigned long long)(x->p.chunk >> 10), x->p.ctas_per_sm, x->p.threads,
+                 x->p.unroll, x->p.stream_stores ? "streaming" : "plain",
+                 XFER_WALK_NAMES[x->p.walk], x->p.big >> 10,
                  x->host_mapped ? "reachable" : "not reachable");
     }
     pthread_mutex_unlock(&g_xfer_init);
@@ -133,6 +306,31 @@ static void xfer_reserve(xfer_state *x, size_t n) {
     CUDA_CHECK(cudaHostAlloc((void **)&x->host_desc, want * sizeof(xfer_desc), cudaHostAllocDefault));
     CUDA_CHECK(cudaMalloc((void **)&x->dev_desc, want * sizeof(xfer_desc)));
     x->cap = want;
+}
+
+/* Room for n sums (under x->mu). */
+static void xfer_reserve_sums(xfer_state *x, size_t n) {
+    if (n <= x->sums_cap) return;
+    size_t want = n < 1024 ? 1024 : n * 2;
+    CUDA_CHECK(cudaStreamSynchronize(x->stream));
+    if (x->host_sums) CUDA_CHECK(cudaFreeHost(x->host_sums));
+    if (x->dev_sums) CUDA_CHECK(cudaFree(x->dev_sums));
+    CUDA_CHECK(cudaHostAlloc((void **)&x->host_sums, want * sizeof(unsigned long long),
+                             cudaHostAllocDefault));
+    CUDA_CHECK(cudaMalloc((void **)&x->dev_sums, want * sizeof(unsigned long long)));
+    x->sums_cap = want;
+}
+
+/* Room for n chunk -> item entries (under x->mu). */
+static void xfer_reserve_map(xfer_state *x, size_t n) {
+    if (n <= x->map_cap) return;
+    size_t want = n < 4096 ? 4096 : n * 2;
+    CUDA_CHECK(cudaStreamSynchronize(x->stream));
+    if (x->host_map) CUDA_CHECK(cudaFreeHost(x->host_map));
+    if (x->dev_map) CUDA_CHECK(cudaFree(x->dev_map));
+    CUDA_CHECK(cudaHostAlloc((void **)&x->host_map, want * sizeof(uint32_t), cudaHostAllocDefault));
+    CUDA_CHECK(cudaMalloc((void **)&x->dev_map, want * sizeof(uint32_t)));
+    x->map_cap = want;
 }
 
 /* Whether a kernel on `device` can read and write memory at p (the batch's kind of
@@ -152,6 +350,85 @@ static bool kernel_reaches(const xfer_state *x, int device, const void *p) {
     return false; /* pageable host memory */
 }
 
+/* Copy engines for the whole batch through one cudaMemcpyBatchAsync (under x->mu);
+ * false when the runtime refuses it (then nothing was queued). */
+static bool xfer_batch_engines(xfer_state *x, const backend_copy *items, int n) {
+    if ((size_t)n > x->batch_cap) {
+        size_t want = n < 1024 ? 1024 : (size_t)n * 2;
+        x->batch_dst = (void **)xrealloc(x->batch_dst, want * sizeof(void *));
+        x->batch_src = (const void **)xrealloc(x->batch_src, want * sizeof(void *));
+        x->batch_bytes = (size_t *)xrealloc(x->batch_bytes, want * sizeof(size_t));
+        x->batch_cap = want;
+    }
+    size_t m = 0;
+    for (int i = 0; i < n; i++) {
+        if (!items[i].bytes) continue;
+        x->batch_dst[m] = items[i].dst;
+        x->batch_src[m] = items[i].src;
+        x->batch_bytes[m++] = items[i].bytes;
+    }
+    if (!m) return true;
+    cudaMemcpyAttributes attr;
+    memset(&attr, 0, sizeof attr);
+    attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+    size_t attr_idx = 0;
+    cudaError_t e = cudaMemcpyBatchAsync(x->batch_dst, x->batch_src, x->batch_bytes, m, &attr,
+                                         &attr_idx, 1, x->stream);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+    }
+    return true;
+}
+
+/* Queues the kernel over the items that take it (under x->mu): every item when
+ * `all`, else those under `big`. sum_slot != NULL: sums accumulate in x->dev_sums
+ * (reserved and zeroed by the caller). */
+static void xfer_kernel_launch(cuda_backend *cb, xfer_state *x, const backend_copy *items, int n,
+                               bool all, const int32_t *sum_slot, const uint64_t *sum_at) {
+    xfer_reserve(x, (size_t)n);
+    uint64_t chunks = 0, chunk = x->p.chunk, total = 0;
+    bool vec16 = true;
+    int m = 0;
+    for (int i = 0; i < n; i++) {
+        const backend_copy *it = &items[i];
+        if (!it->bytes || (!all && it->bytes >= x->p.big)) continue;
+        x->host_desc[m] = xfer_desc{(uint8_t *)it->dst, (const uint8_t *)it->src, it->bytes, chunks,
+                                    total, sum_at ? sum_at[i] : 0, sum_slot ? sum_slot[i] : -1, 0};
+        chunks += (it->bytes + chunk - 1) / chunk;
+        total += it->bytes;
+        vec16 = vec16 && ((uintptr_t)it->dst | (uintptr_t)it->src | it->bytes) % 16 == 0;
+        m++;
+    }
+    if (!m) return;
+    CUDA_CHECK(cudaMemcpyAsync(x->dev_desc, x->host_desc, (size_t)m * sizeof(xfer_desc),
+                               cudaMemcpyHostToDevice, x->stream));
+    if (!vec16) { /* never with sums: the caller checked */
+        unsigned grid = (unsigned)PD_MIN((uint64_t)m, (uint64_t)cb->sm_count * 4);
+        xfer_copy_bytes_kernel<<<grid, 256, 0, x->stream>>>(x->dev_desc, m);
+        CUDA_CHECK_LAUNCH();
+        return;
+    }
+    if (x->p.walk == XFER_WALK_BYTES) chunks = (total + chunk - 1) / chunk; /* of the stream */
+    const uint32_t *map = NULL;
+    if (x->p.walk == XFER_WALK_TABLE) {
+        xfer_reserve_map(x, (size_t)chunks);
+        for (int i = 0; i < m; i++) {
+            uint64_t end = i + 1 < m ? x->host_desc[i + 1].first_chunk : chunks;
+            for (uint64_t c = x->host_desc[i].first_chunk; c < end; c++) x->host_map[c] = (uint32_t)i;
+        }
+        CUDA_CHECK(cudaMemcpyAsync(x->dev_map, x->host_map, (size_t)chunks * sizeof(uint32_t),
+                                   cudaMemcpyHostToDevice, x->stream));
+        map = x->dev_map;
+    }
+    uint64_t most = (uint64_t)cb->sm_count * (uint64_t)x->p.ctas_per_sm;
+    unsigned grid = (unsigned)(chunks < most ? chunks : most);
+    xfer_kernel_fn k = xfer_pick(x->p.unroll, sum_slot != NULL, x->p.stream_stores);
+    k<<<grid, x->p.threads, 0, x->stream>>>(x->dev_desc, m, chunks, chunk, x->dev_sums, x->p.walk,
+                                             map);
+    CUDA_CHECK_LAUNCH();
+}
+
 /* ---- ops ----------------------------------------------------------------------------- */
 
 extern "C" void cuda_kv_copy_batch(backend *b, const backend_copy *items, int n) {
@@ -159,40 +436,50 @@ extern "C" void cuda_kv_copy_batch(backend *b, const backend_copy *items, int n)
     cuda_backend *cb = cuda_of(b);
     xfer_state *x = xfer_get(cb);
     pthread_mutex_lock(&x->mu);
-    bool kernel = x->mode != XFER_MEMCPY && kernel_reaches(x, cb->device, items[0].dst) &&
-                  kernel_reaches(x, cb->device, items[0].src);
-    size_t small = 0;
-    for (int i = 0; i < n; i++) {
-        const backend_copy *it = &items[i];
-        if (!it->bytes) continue;
-        if (kernel && (it->bytes < XFER_BIG || x->mode == XFER_KERNEL)) {
-            small++;
-            continue;
-        }
-        CUDA_CHECK(cudaMemcpyAsync(it->dst, it->src, it->bytes, cudaMemcpyDefault, x->stream));
-    }
-    if (small) {
-        xfer_reserve(x, small);
-        uint64_t chunks = 0;
-        bool vec16 = true;
-        size_t m = 0;
+    int mode = x->p.mode;
+    if (mode == XFER_BATCH && !xfer_batch_engines(x, items, n)) mode = XFER_MEMCPY;
+    if (mode != XFER_BATCH) {
+        bool kernel = mode != XFER_MEMCPY && kernel_reaches(x, cb->device, items[0].dst) &&
+                      kernel_reaches(x, cb->device, items[0].src);
+        bool all = mode == XFER_KERNEL;
         for (int i = 0; i < n; i++) {
             const backend_copy *it = &items[i];
-            if (!it->bytes || (it->bytes >= XFER_BIG && x->mode != XFER_KERNEL)) continue;
-            x->host_desc[m] = xfer_desc{(uint8_t *)it->dst, (const uint8_t *)it->src, it->bytes, chunks};
-            chunks += (it->bytes + XFER_CHUNK - 1) / XFER_CHUNK;
-            vec16 = vec16 && ((uintptr_t)it->dst | (uintptr_t)it->src | it->bytes) % 16 == 0;
-            m++;
+            if (!it->bytes || (kernel && (all || it->bytes < x->p.big))) continue;
+            CUDA_CHECK(cudaMemcpyAsync(it->dst, it->src, it->bytes, cudaMemcpyDefault, x->stream));
         }
-        CUDA_CHECK(cudaMemcpyAsync(x->dev_desc, x->host_desc, m * sizeof(xfer_desc),
-                                   cudaMemcpyHostToDevice, x->stream));
-        unsigned grid = (unsigned)(chunks < (uint64_t)cb->sm_count * 8 ? chunks : (uint64_t)cb->sm_count * 8);
-        xfer_copy_kernel<<<grid, XFER_THREADS, 0, x->stream>>>(x->dev_desc, (int)m, chunks, vec16);
-        CUDA_CHECK_LAUNCH();
+        if (kernel) xfer_kernel_launch(cb, x, items, n, all, NULL, NULL);
     }
     /* every byte landed, and host_desc may be rewritten by the next batch */
     CUDA_CHECK(cudaStreamSynchronize(x->stream));
     pthread_mutex_unlock(&x->mu);
+}
+
+extern "C" int cuda_kv_copy_batch_sum(backend *b, const backend_copy *items, int n,
+                                      const int32_t *sum_slot, const uint64_t *sum_at,
+                                      uint64_t *sums, int n_sums) {
+    if (n <= 0) return 0;
+    if (n_sums <= 0) return -1;
+    for (int i = 0; i < n; i++) {
+        const backend_copy *it = &items[i];
+        if (((uintptr_t)it->dst | (uintptr_t)it->src | it->bytes | sum_at[i]) % 16 != 0 ||
+            sum_slot[i] < 0 || sum_slot[i] >= n_sums)
+            return -1;
+    }
+    cuda_backend *cb = cuda_of(b);
+    xfer_state *x = xfer_get(cb);
+    if (!kernel_reaches(x, cb->device, items[0].dst) || !kernel_reaches(x, cb->device, items[0].src))
+        return -1;
+    pthread_mutex_lock(&x->mu);
+    xfer_reserve_sums(x, (size_t)n_sums);
+    CUDA_CHECK(cudaMemsetAsync(x->dev_sums, 0, (size_t)n_sums * sizeof(unsigned long long),
+                               x->stream));
+    xfer_kernel_launch(cb, x, items, n, true, sum_slot, sum_at);
+    CUDA_CHECK(cudaMemcpyAsync(x->host_sums, x->dev_sums, (size_t)n_sums * sizeof(unsigned long long),
+                               cudaMemcpyDeviceToHost, x->stream));
+    CUDA_CHECK(cudaStreamSynchronize(x->stream));
+    for (int k = 0; k < n_sums; k++) sums[k] += (uint64_t)x->host_sums[k];
+    pthread_mutex_unlock(&x->mu);
+    return 0;
 }
 
 /* The base of the allocation holding p, through the driver's cuMemGetAddressRange

@@ -10,6 +10,8 @@ int cuda_kv_ipc_export(backend *b, const void *ptr, uint8_t *handle, uint64_t *o
 void *cuda_kv_ipc_open(backend *b, const uint8_t *handle, char *err, size_t errlen);
 void cuda_kv_ipc_close(backend *b, void *base);
 void cuda_kv_copy_batch(backend *b, const backend_copy *items, int n);
+int cuda_kv_copy_batch_sum(backend *b, const backend_copy *items, int n, const int32_t *sum_slot,
+                           const uint64_t *sum_at, uint64_t *sums, int n_sums);
 void *cuda_kv_host_alloc(backend *b, size_t bytes);
 void cuda_kv_host_free(backend *b, void *p);
 int cuda_kv_host_register(backend *b, void *p, size_t bytes);

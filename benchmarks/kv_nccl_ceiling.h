@@ -1,0 +1,90 @@
+/* kv_nccl_ceiling.h: the ceiling of the nccl KV medium for bench_kv_cuda.c: raw NCCL
+ * send/receive of one contiguous device buffer from GPU 0 (one process) to GPU dst (a
+ * second process), over a 2-rank communicator made the way the medium makes its own
+ * (decode side's ncclUniqueId, here carried by a pipe), warm (the first transfer
+ * connects NCCL's channels and is not counted), best of 3. NCCL is loaded with dlopen
+ * and declared here (the few calls used), so the benchmark builds without nccl.h;
+ * without NCCL or a CUDA build the ceiling is 0 ("not measured"). Needs kv_ceilings.h
+ * (rd, wr) first. */
+#ifndef PD_BENCH_KV_NCCL_CEILING_H
+#define PD_BENCH_KV_NCCL_CEILING_H
+
+#include <dlfcn.h>
+
+#include "backend/backend.h"
+#if PDSERVE_HAVE_CUDA
+#include "backend/cuda/kv_nccl_cuda.h"
+
+typedef struct bench_nccl_id { char internal[128]; } bench_nccl_id;
+
+/* One rank: 0 receives on GPU dst, 1 sends from GPU 0; rank 1 writes the best
+ * bytes/s to fd. Runs in a child process; exits 0, or 1 when anything failed. */
+static void bench_nccl_rank(int rank, int dst, size_t bytes, int id_fd, int out_fd) {
+    void *lib = dlopen("libnccl.so.2", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) _exit(1);
+    int (*get_id)(bench_nccl_id *);
+    int (*init)(void **, int, bench_nccl_id, int);
+    int (*send)(const void *, size_t, int, int, void *, void *);
+    int (*recv)(void *, size_t, int, int, void *, void *);
+    int (*destroy)(void *);
+    *(void **)&get_id = dlsym(lib, "ncclGetUniqueId");
+    *(void **)&init = dlsym(lib, "ncclCommInitRank");
+    *(void **)&send = dlsym(lib, "ncclSend");
+    *(void **)&recv = dlsym(lib, "ncclRecv");
+    *(void **)&destroy = dlsym(lib, "ncclCommDestroy");
+    if (!get_id || !init || !send || !recv || !destroy) _exit(1);
+    char err[256];
+    backend *be = backend_cuda_create(rank ? 0 : dst, err, sizeof err);
+    if (!be) _exit(1);
+    bench_nccl_id id;
+    if (rank == 0 && (get_id(&id) != 0 || wr(id_fd, &id, sizeof id) != 0)) _exit(1);
+    if (rank == 1 && rd(id_fd, &id, sizeof id) != 0) _exit(1);
+    cuda_kv_nccl_bind(be);
+    void *comm = NULL, *buf = cuda_kv_nccl_alloc(be, bytes);
+    void *stream = cuda_kv_nccl_stream_create(be), *ev = cuda_kv_nccl_event_create(be);
+    if (!buf || init(&comm, 2, id, rank) != 0) _exit(1);
+    double best = 0;
+    for (int r = 0; r < 4; r++) { /* the first connects the channels */
+        double t0 = time_now_s();
+        int rc = rank ? send(buf, bytes, 1, 0, comm, stream) : recv(buf, bytes, 1, 1, comm, stream);
+        if (rc != 0) _exit(1);
+        cuda_kv_nccl_event_record(be, ev, stream);
+        while (!cuda_kv_nccl_event_done(be, ev)) {}
+        if (r) best = PD_MAX(best, (double)bytes / (time_now_s() - t0));
+    }
+    if (rank == 1) wr(out_fd, &best, sizeof best);
+    destroy(comm);
+    cuda_kv_nccl_event_destroy(be, ev);
+    cuda_kv_nccl_stream_destroy(be, stream);
+    cuda_kv_nccl_free(be, buf);
+    backend_destroy(be);
+    _exit(0);
+}
+#endif
+
+/* Best warm NCCL send/recv throughput of `bytes` from GPU 0 to GPU dst, bytes/s; 0 when
+ * it cannot be measured here. */
+static double bench_nccl_ceiling(size_t bytes, int dst) {
+#if PDSERVE_HAVE_CUDA
+    int idp[2], outp[2];
+    if (pipe(idp) != 0 || pipe(outp) != 0) return 0;
+    pid_t p[2];
+    for (int rank = 0; rank < 2; rank++)
+        if ((p[rank] = fork()) == 0) {
+            close(outp[0]);
+            alarm(120); /* a rank whose peer failed waits in init: never hang the bench */
+            bench_nccl_rank(rank, dst, bytes, rank ? idp[0] : idp[1], outp[1]);
+        }
+    close(idp[0]), close(idp[1]), close(outp[1]);
+    double bw = 0;
+    if (rd(outp[0], &bw, sizeof bw) != 0) bw = 0;
+    close(outp[0]);
+    for (int rank = 0; rank < 2; rank++) waitpid(p[rank], NULL, 0);
+    return bw;
+#else
+    (void)bytes, (void)dst;
+    return 0;
+#endif
+}
+
+#endif

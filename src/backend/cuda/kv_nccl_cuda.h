@@ -1,0 +1,40 @@
+/* kv_nccl_cuda.h: the few CUDA runtime calls the nccl KV medium (src/kv/kv_nccl.c)
+ * needs around NCCL: the thread's current device, a stream and events for NCCL's
+ * sends and receives, and device staging memory. kv_nccl_cuda.cu defines them with
+ * C linkage; this header includes no CUDA header so that C code can include it, and
+ * callers use it only in CUDA builds (PDSERVE_HAVE_CUDA). Streams and events are
+ * opaque pointers (cudaStream_t, cudaEvent_t). */
+#ifndef PD_CUDA_KV_NCCL_CUDA_H
+#define PD_CUDA_KV_NCCL_CUDA_H
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct backend;
+/* Makes b's device current in the calling thread (NCCL binds a communicator to the
+ * device current at its creation and wants it current at each call). Returns it. */
+int cuda_kv_nccl_bind(struct backend *b);
+/* A non-blocking stream of b's device (never the compute stream: NCCL's kernels wait
+ * for the peer, and the forward pass must not wait behind them). */
+void *cuda_kv_nccl_stream_create(struct backend *b);
+/* Waits for the stream's work, then destroys it. NULL: no-op. */
+void cuda_kv_nccl_stream_destroy(struct backend *b, void *stream);
+void *cuda_kv_nccl_event_create(struct backend *b);
+void cuda_kv_nccl_event_destroy(struct backend *b, void *event);
+/* Event marks the work queued so far on stream. */
+void cuda_kv_nccl_event_record(struct backend *b, void *event, void *stream);
+/* 1 when the work before the event's last record is done, 0 when not yet. */
+int cuda_kv_nccl_event_done(struct backend *b, void *event);
+/* Device memory of `bytes`, or NULL when the device has not that much free (a value:
+ * the KV cache may have taken the rest). */
+void *cuda_kv_nccl_alloc(struct backend *b, size_t bytes);
+void cuda_kv_nccl_free(struct backend *b, void *p);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
