@@ -456,7 +456,8 @@ static void test_metrics(void) {
     metrics_observe_request(m, &t, 3, METRICS_REASON_LENGTH);
     metrics_observe_request(m, NULL, 0, METRICS_REASON_ABORT);
     engine_stats st = {.running = 2, .waiting = 3, .kv_blocks_used = 5, .kv_blocks_total = 20,
-                       .preemptions = 1, .prompt_tokens = 100, .generation_tokens = 50};
+                       .preemptions = 1, .prompt_tokens = 100, .generation_tokens = 50,
+                       .busy_seconds = 4, .sched_seconds = 0.25, .forward_seconds = 3.5, .sample_seconds = 0.25};
     sbuf out;
     sbuf_init(&out);
     metrics_render(m, &st, "my\"model", &out);
@@ -469,6 +470,10 @@ static void test_metrics(void) {
     CHECK_STR_CONTAINS(s, "pdserve_num_preemptions_total{model_name=\"my\\\"model\"} 1\n");
     CHECK_STR_CONTAINS(s, "pdserve_prompt_tokens_total{model_name=\"my\\\"model\"} 100\n");
     CHECK_STR_CONTAINS(s, "pdserve_generation_tokens_total{model_name=\"my\\\"model\"} 50\n");
+    /* where the engine's step time goes: planning, forward, host sampling and events */
+    CHECK_STR_CONTAINS(s, "pdserve_engine_sched_seconds_total{model_name=\"my\\\"model\"} 0.25\n");
+    CHECK_STR_CONTAINS(s, "pdserve_engine_forward_seconds_total{model_name=\"my\\\"model\"} 3.5\n");
+    CHECK_STR_CONTAINS(s, "pdserve_engine_sample_seconds_total{model_name=\"my\\\"model\"} 0.25\n");
     CHECK_STR_CONTAINS(s, "finished_reason=\"length\"} 1\n");
     CHECK_STR_CONTAINS(s, "finished_reason=\"abort\"} 1\n");
     CHECK_STR_CONTAINS(s, "# TYPE pdserve_time_to_first_token_seconds histogram\n");

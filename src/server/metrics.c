@@ -224,6 +224,14 @@ void metrics_render(server_metrics *m, const engine_stats *st, const char *model
     gauge(out, "pdserve_engine_steps_total", "counter", "Engine steps run.", label, (double)st->steps);
     gauge(out, "pdserve_engine_busy_seconds_total", "counter", "Seconds spent inside engine steps.",
           label, st->busy_seconds);
+    gauge(out, "pdserve_engine_sched_seconds_total", "counter",
+          "Of which planning steps (the scheduler, prefix cache and tier hooks).", label, st->sched_seconds);
+    gauge(out, "pdserve_engine_forward_seconds_total", "counter",
+          "Of which forward passes (with the device's sampling, up to the tokens' arrival on the host).",
+          label, st->forward_seconds);
+    gauge(out, "pdserve_engine_sample_seconds_total", "counter",
+          "Of which host sampling and the token events (detokenizing and writing to clients).", label,
+          st->sample_seconds);
     if (st->prefix_caching) {
         gauge(out, "pdserve_prefix_cache_queries_total", "counter",
               "Prompt tokens looked up in the prefix cache.", label, (double)st->prefix_cache_queries);
