@@ -22,6 +22,24 @@ static void test_alloc_release(void) {
     kv_pool_destroy(NULL);
 }
 
+/* A request's blocks come back as the run they were: released, then allocated again,
+ * they are handed out in the same ascending order (KV transfers move runs as one item). */
+static void test_runs_survive_release(void) {
+    kv_pool p;
+    kv_pool_init(&p, 64, 16);
+    int32_t a[16], b[16], c[16];
+    CHECK_EQ_INT(kv_pool_alloc(&p, 16, a), 0);
+    for (int i = 1; i < 16; i++) CHECK_EQ_INT(a[i], a[i - 1] + 1);
+    CHECK_EQ_INT(kv_pool_alloc(&p, 16, b), 0);
+    kv_pool_release(&p, a, 16);
+    CHECK_EQ_INT(kv_pool_alloc(&p, 16, c), 0);
+    for (int i = 0; i < 16; i++) CHECKF(c[i] == a[i], "block %d: %d, was %d", i, c[i], a[i]);
+    kv_pool_release(&p, b, 16);
+    kv_pool_release(&p, c, 16);
+    kv_pool_check(&p);
+    kv_pool_destroy(&p);
+}
+
 static void test_exhaustion(void) {
     kv_pool p;
     kv_pool_init(&p, 4, 16);
@@ -93,6 +111,7 @@ static void test_random_walk(void) {
 
 int main(void) {
     TEST_RUN(test_alloc_release);
+    TEST_RUN(test_runs_survive_release);
     TEST_RUN(test_exhaustion);
     TEST_RUN(test_refcount);
     TEST_RUN(test_random_walk);

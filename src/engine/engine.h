@@ -174,8 +174,9 @@ int kv_pool_alloc(kv_pool *p, int n, int32_t *out);
  * hit): it leaves the evictable list. */
 void kv_pool_ref(kv_pool *p, int32_t block);
 /* Drops one reference per block; blocks reaching 0 return to the free list, or, when
- * cached, to the tail of the evictable list. With a prefix cache the blocks are taken
- * last to first, so that a prefix's tail is evicted before its head. */
+ * cached, to the tail of the evictable list. The blocks are taken last to first, so
+ * that a prefix's tail is evicted before its head and free blocks are handed out again
+ * in the order of blocks[] (a run stays a run). */
 void kv_pool_release(kv_pool *p, const int32_t *blocks, int n);
 int kv_pool_used(const kv_pool *p);       /* blocks with refcount > 0 */
 int kv_pool_available(const kv_pool *p);  /* free + evictable */

@@ -56,9 +56,14 @@ void kv_pool_ref(kv_pool *p, int32_t block) {
     p->refcount[block]++;
 }
 
+/* Last block first: a cached tail block joins the LRU list before the blocks its key
+ * chains from (it is evicted first), and free blocks land on the stack so that the
+ * next alloc pops them in the table's order: a request's run of consecutive blocks
+ * comes back as a run (a KV transfer moves a run as one item; popped in reverse, the
+ * gpu medium's warm request on the H200s was 28,672 one-block copies, not 7,168 runs). */
 void kv_pool_release(kv_pool *p, const int32_t *blocks, int n) {
     for (int k = 0; k < n; k++) {
-        int32_t b = p->pc ? blocks[n - 1 - k] : blocks[k];
+        int32_t b = blocks[n - 1 - k];
         PD_ASSERT(b >= 0 && b < p->num_blocks);
         PD_ASSERT(p->refcount[b] > 0); /* double free */
         if (--p->refcount[b] == 0) {
