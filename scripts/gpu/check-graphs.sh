@@ -7,10 +7,14 @@
 # --device 0` against the CPU's greedy text, runs the engine tests on the GPU
 # (PDSERVE_TEST_DEVICE=cuda:0), then times the 8B decode step with graphs on and off
 # in the same process (bench_model_cuda --no-prefill), beside the copy ceiling. The
-# op test, the model test and the benchmark run again with PDSERVE_CUDA_GEMV=1 (the
-# small-batch matmul kernel instead of cuBLAS for T <= 8), the model test once more
-# with PDSERVE_CUDA_GRAPHS=0 (every step op by op).
-# Logs go under $OUT (or build-gpu/out); a short table is printed last.
+# op test, the model test and the benchmark run again on the previous kernels
+# (PDSERVE_CUDA_ATTN=v1 PDSERVE_CUDA_GEMV=0 PDSERVE_CUDA_FUSED=0: the baseline of the
+# same call), the model test once more with PDSERVE_CUDA_GRAPHS=0 (every step op by
+# op); then the attention lab programs: bench_attention_cuda (decode kernels v1, v2,
+# v3 against the CPU, then timed) and bench_prefill_attn_cuda (prefill v1 and the
+# opt-in v2 against the CPU, then timed).
+# Logs go under $OUT (or build-gpu/out) as check-graphs.tgz beside env.txt and
+# summary.txt (a call brings back at most 8 files); the summary is printed last.
 #
 # Usage (repository root, on the GPU machine; carry .deps/prefix and
 # tests/.cache/tokenizers):
@@ -30,7 +34,8 @@ export PYTHONUNBUFFERED=1
   gpu_header
 } | tee "$out/env.txt"
 
-gpu_build "$out/build.log" pdserve test_backend_cuda test_forward_cuda bench_model_cuda test_engine test_prefix_cache || exit 2
+gpu_build "$out/build.log" pdserve test_backend_cuda test_forward_cuda bench_model_cuda test_engine test_prefix_cache \
+  bench_attention_cuda bench_prefill_attn_cuda || exit 2
 export PDSERVE_SOURCE=$PWD PDSERVE_BUILD=$PWD/build-gpu
 status=0
 summary=()
@@ -56,10 +61,13 @@ tail -n 2 "$out/gpu_reference.log"
 PDSERVE_GPU_REF=$ref run test_forward_cuda 300 build-gpu/test_forward_cuda
 grep -E '^(ok  |FAIL)|^case|step|failed|float32|graphs vs' "$out/test_forward_cuda.log" | head -n 30
 PDSERVE_CUDA_GRAPHS=0 PDSERVE_GPU_REF=$ref run test_forward_cuda_nographs 300 build-gpu/test_forward_cuda
-PDSERVE_CUDA_GEMV=1 PDSERVE_GPU_REF=$ref run test_forward_cuda_gemv 300 build-gpu/test_forward_cuda
-grep -E '^(FAIL)|^case|failed|graphs vs' "$out/test_forward_cuda_gemv.log" | head -n 12
-PDSERVE_CUDA_GEMV=1 run test_backend_cuda_gemv 300 build-gpu/test_backend_cuda
-grep -E '^FAIL|failed|matmul' "$out/test_backend_cuda_gemv.log" | head -n 12
+OLD=(env PDSERVE_CUDA_ATTN=v1 PDSERVE_CUDA_GEMV=0 PDSERVE_CUDA_FUSED=0) # the previous kernels
+PDSERVE_GPU_REF=$ref run test_forward_cuda_old "${OLD[@]}" build-gpu/test_forward_cuda
+grep -E '^(FAIL)|^case|failed|graphs vs' "$out/test_forward_cuda_old.log" | head -n 12
+run test_backend_cuda_old "${OLD[@]}" build-gpu/test_backend_cuda
+grep -E '^FAIL|failed' "$out/test_backend_cuda_old.log" | head -n 12
+PDSERVE_GPU_REF=$ref run test_forward_cuda_gemv1 env PDSERVE_CUDA_GEMV=1 build-gpu/test_forward_cuda
+grep -E '^FAIL|failed' "$out/test_forward_cuda_gemv1.log" | head -n 12
 
 # the CLI on the GPU: a make-model checkpoint, greedy, GPU vs CPU text
 tmp=build-gpu/tiny-model
@@ -93,14 +101,23 @@ if [ "${NO_BENCH:-0}" != 1 ]; then
   timeout 300 build-gpu/bench_model_cuda --no-prefill >"$out/bench_model.txt" 2>"$out/bench_model.err"
   echo "bench_model_cuda --no-prefill: exit $?, $(( $(date +%s) - t )) s"
   tail -n 5 "$out/bench_model.err"
-  PDSERVE_CUDA_GEMV=1 timeout 300 build-gpu/bench_model_cuda --no-prefill >"$out/bench_model_gemv.txt" \
-    2>"$out/bench_model_gemv.err"
-  echo "bench_model_cuda --no-prefill (PDSERVE_CUDA_GEMV=1): exit $?"
+  "${OLD[@]}" timeout 300 build-gpu/bench_model_cuda --no-prefill >"$out/bench_model_old.txt" \
+    2>"$out/bench_model_old.err"
+  echo "bench_model_cuda --no-prefill (previous kernels): exit $?"
+  run bench_attention_cuda 240 build-gpu/bench_attention_cuda
+  run bench_prefill_attn_cuda 240 env PDSERVE_LOG=info build-gpu/bench_prefill_attn_cuda
 fi
 
-echo
-echo "== tests =="
-printf '%s\n' "${summary[@]}"
-[ -f "$out/bench_model.txt" ] && { echo; cat "$out/bench_model.txt"; }
-[ -f "$out/bench_model_gemv.txt" ] && { echo; echo "-- PDSERVE_CUDA_GEMV=1 --"; grep -E '^\| decode' "$out/bench_model_gemv.txt"; }
+{
+  echo
+  echo "== tests =="
+  printf '%s\n' "${summary[@]}"
+  [ -f "$out/bench_model.txt" ] && { echo; cat "$out/bench_model.txt"; }
+  [ -f "$out/bench_model_old.txt" ] && { echo; echo "-- previous kernels (same call) --"; grep -E '^\| decode' "$out/bench_model_old.txt"; }
+  for b in bench_attention_cuda bench_prefill_attn_cuda; do
+    [ -f "$out/$b.log" ] && { echo; echo "-- $b --"; grep -E '^\||FAIL|fail|ceiling' "$out/$b.log" | head -n 60; }
+  done
+} | tee "$out/summary.txt"
+(cd "$out" && tar -czf check-graphs.tgz --exclude=check-graphs.tgz --exclude=env.txt --exclude=summary.txt . 2>/dev/null &&
+  find . -maxdepth 1 -type f ! -name check-graphs.tgz ! -name env.txt ! -name summary.txt -delete)
 exit "$status"
