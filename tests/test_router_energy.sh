@@ -18,7 +18,7 @@ PDSERVE_NVML_LIB=$FAKE FAKE_NVML_GPUS=2 FAKE_NVML_ENERGY_STEP_MJ=500 \
   >"$TMP/up.log" 2>&1 &
 UP=$!
 url=
-for _ in $(seq 1 200); do
+for _ in $(seq 1 600); do # 60 s: slow under sanitizers on a loaded machine
   url=$(grep -o 'ready: dis-cpu on http://[0-9.:]*' "$TMP/up.log" | sed 's/.* on //')
   [ -n "$url" ] && break
   kill -0 "$UP" 2>/dev/null || fail "pdserve up exited"
