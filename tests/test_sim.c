@@ -617,6 +617,7 @@ static void test_study_plan(void) {
         " \"serve_args\": {\"max-num-seqs\": 32, \"enable-prefix-caching\": true, \"max-model-len\": 8192},\n"
         " \"dataset\": {\"name\": \"random\", \"input_len\": 4096, \"output_len\": 64, \"seed\": 7},\n"
         " \"loads\": {\"batch_sizes\": [4, 16], \"request_rates\": [2], \"num_prompts\": 50},\n"
+        " \"goodput\": {\"ttft_ms\": 2000, \"tpot_ms\": 100},\n"
         " \"clocks\": {\"same_mhz\": [900], \"pairs_mhz\": [[1260, 540]]}}";
     sim_plan pl;
     char err[512];
@@ -637,9 +638,12 @@ static void test_study_plan(void) {
     CHECK(pl.clocks[0][0] == 900 && pl.clocks[0][1] == 900 && pl.clocks[1][0] == 1260 && pl.clocks[1][1] == 540);
     CHECK_EQ_INT(pl.dataset.random_input_len, 4096);
     CHECK_EQ_INT(pl.seed, 7);
+    CHECK(pl.goodput_ttft_ms == 2000 && pl.goodput_tpot_ms == 100 && !(pl.goodput_e2el_ms > 0));
+    CHECK(pl.kv_timeout_s == 30);
     sim_plan_free(&pl);
     /* every shipped study plan converts */
-    static const char *const names[] = {"paper-batch", "paper-batch-quick", "paper-clocks", "steady"};
+    static const char *const names[] = {"paper-batch", "paper-batch-quick", "paper-clocks", "steady",
+                                         "steady-quick"};
     for (size_t i = 0; i < PD_ARRAY_LEN(names); i++) {
         char path[1024];
         snprintf(path, sizeof path, "%s/plans/%s.json", test_source_dir(), names[i]);

@@ -317,6 +317,9 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
     bench_config bc;
     bench_config_default(&bc);
     bc.seed = pl->seed;
+    bc.goodput_ttft_ms = pl->goodput_ttft_ms;
+    bc.goodput_tpot_ms = pl->goodput_tpot_ms;
+    bc.goodput_e2el_ms = pl->goodput_e2el_ms;
     bc.burstiness = l->burstiness;
     bc.request_rate = mean_rate;
     bench_result *r = NULL;

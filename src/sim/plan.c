@@ -246,6 +246,9 @@ static int from_study(const char *text, size_t len, const char *name, sim_plan *
     p->block_size = 16;
     p->enable_chunked_prefill = true;
     p->kv_timeout_s = 30; /* serve's --kv-transfer-timeout default */
+    p->goodput_ttft_ms = sp.goodput_ttft_ms;
+    p->goodput_tpot_ms = sp.goodput_tpot_ms;
+    p->goodput_e2el_ms = sp.goodput_e2el_ms;
     for (int i = 0; i < sp.n_serve_args; i++)
         if (apply_flag(&sp.serve_args[i], p, NULL, name, err, errlen)) goto out;
     p->n_setups = sp.n_setups;

@@ -336,6 +336,8 @@ typedef struct sim_plan {
     bool enable_chunked_prefill;
     bool enable_prefix_caching; /* every prefill / colocated instance caches prompt blocks */
     bool record_tokens;
+    double goodput_ttft_ms, goodput_tpot_ms, goodput_e2el_ms; /* a study plan's "goodput" SLOs
+                                   (<= 0: none), as the real sweep scores its points */
     double kv_timeout_s;        /* xPyD deadline, s: a study plan's kv-transfer-timeout, else
                                    pdserve's default 30; a sim plan's "kv_transfer_timeout_s"
                                    (default 0: none) */
