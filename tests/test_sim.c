@@ -643,7 +643,7 @@ static void test_study_plan(void) {
     sim_plan_free(&pl);
     /* every shipped study plan converts */
     static const char *const names[] = {"paper-batch", "paper-batch-quick", "paper-clocks", "steady",
-                                         "steady-quick"};
+                                         "steady-quick", "demo"};
     for (size_t i = 0; i < PD_ARRAY_LEN(names); i++) {
         char path[1024];
         snprintf(path, sizeof path, "%s/plans/%s.json", test_source_dir(), names[i]);
@@ -651,6 +651,11 @@ static void test_study_plan(void) {
         CHECKF(rc == 0, "%s: %s", names[i], err);
         if (rc == 0) sim_plan_free(&pl);
     }
+    /* a reuse plan is refused with the reason (the tiers are not simulated) */
+    char path[1024];
+    snprintf(path, sizeof path, "%s/plans/reuse.json", test_source_dir());
+    CHECK(sim_plan_load(path, &pl, err, sizeof err) == -1);
+    CHECK_STR_CONTAINS(err, "reuse plans cannot be simulated");
 }
 
 /* pdserve profile --medium: every CPU-built medium timed through the real connectors,

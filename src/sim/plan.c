@@ -233,6 +233,19 @@ static int apply_flag(const study_kv *kv, sim_plan *p, sim_plan_setup *su, const
     return 0;
 }
 
+/* A study plan (`pdserve sweep` format): "loads" an object, or an array of study load
+ * objects ("batch_sizes" / "request_rates", as plans/demo.json has); a sim plan's loads
+ * are an array of {"batch"} / {"rate"} / {"trace"}. */
+static bool is_study_plan(const cJSON *o) {
+    const cJSON *lo = cJSON_GetObjectItemCaseSensitive(o, "loads"), *l;
+    if (cJSON_IsObject(lo)) return true;
+    cJSON_ArrayForEach(l, lo) {
+        if (cJSON_GetObjectItemCaseSensitive(l, "batch_sizes") || cJSON_GetObjectItemCaseSensitive(l, "request_rates"))
+            return true;
+    }
+    return false;
+}
+
 static int from_study(const char *text, size_t len, const char *name, sim_plan *p, char *err, size_t errlen) {
     study_plan sp;
     if (study_plan_parse(text, len, name, &sp, err, errlen) != 0) return -1;
@@ -256,6 +269,11 @@ static int from_study(const char *text, size_t len, const char *name, sim_plan *
     for (int i = 0; i < sp.n_setups; i++) {
         const study_setup *ss = &sp.setups[i];
         sim_plan_setup *su = &p->setups[i];
+        if (ss->reuse_ratio >= 0) {
+            pd_errorf(err, errlen, "%s: setup '%s' has a reuse ratio: reuse plans cannot be simulated (the "
+                                   "lower KV tiers are not modelled)", name, ss->label ? ss->label : ss->name);
+            goto out;
+        }
         if (sim_setup_parse(ss->name, su) != 0) {
             pd_errorf(err, errlen, "%s: setup '%s' cannot be simulated (co-1gpu, co-2gpus, co-N, dis-MEDIUM, "
                                    "xPyD[-MEDIUM])", name, ss->name);
@@ -313,7 +331,7 @@ int sim_plan_parse(const char *text, size_t len, const char *name, sim_plan *p, 
     }
     int rc = -1;
     p->json = xstrndup(text, len);
-    if (cJSON_IsObject(cJSON_GetObjectItemCaseSensitive(o, "loads"))) {
+    if (is_study_plan(o)) {
         rc = from_study(text, len, name, p, err, errlen);
         goto out;
     }
