@@ -62,23 +62,33 @@ static void fmt_duration(double s, char *out, size_t cap) {
     else snprintf(out, cap, "%.1f h", s / 3600);
 }
 
+/* The deployment's /metrics URLs into urls[cap]: its instances' (metrics_urls), else
+ * BASE_URL/metrics. Returns how many. */
+#define SWEEP_URLS_MAX 64
+typedef char sweep_url[512];
+static int deployment_metrics_urls(const study_deployment *d, sweep_url *urls, int cap) {
+    int n = 0;
+    if (!d->metrics_urls[0]) {
+        snprintf(urls[n++], sizeof *urls, "%s/metrics", d->base_url);
+        return n;
+    }
+    for (const char *p = d->metrics_urls; *p && n < cap;) {
+        size_t k = strcspn(p, ",");
+        snprintf(urls[n++], sizeof *urls, "%.*s", (int)PD_MIN(k, sizeof *urls - 1), p);
+        p += k + (p[k] == ',');
+    }
+    return n;
+}
+
 /* Reads the energy counters at every metrics URL (before: after = false). */
 static void read_counters(const study_deployment *d, bench_energy *e, bool after) {
-    const char *list = d->metrics_urls[0] ? d->metrics_urls : NULL;
-    char def[320];
-    if (!list) {
-        snprintf(def, sizeof def, "%s/metrics", d->base_url);
-        list = def;
-    }
-    bool several = strchr(list, ',') != NULL;
-    for (const char *p = list; *p;) {
-        size_t n = strcspn(p, ",");
-        char url[512], err[256];
-        snprintf(url, sizeof url, "%.*s", (int)PD_MIN(n, sizeof url - 1), p);
-        p += n + (p[n] == ',');
+    sweep_url urls[SWEEP_URLS_MAX];
+    int n = deployment_metrics_urls(d, urls, SWEEP_URLS_MAX);
+    for (int i = 0; i < n; i++) {
+        char err[256];
         long status = 0;
-        char *body = bench_http_get(url, NULL, 10, &status, err, sizeof err);
-        if (body && status == 200) bench_energy_parse(e, body, strlen(body), several ? url : "", after);
+        char *body = bench_http_get(urls[i], NULL, 10, &status, err, sizeof err);
+        if (body && status == 200) bench_energy_parse(e, body, strlen(body), n > 1 ? urls[i] : "", after);
         free(body);
     }
 }
@@ -87,22 +97,14 @@ static void read_counters(const study_deployment *d, bench_energy *e, bool after
  * advanced); "URL " before each where the deployment has several. */
 #define SWEEP_METRICS_MAX 512
 static void read_reuse(const study_deployment *d, study_metric *m, int *n) {
-    const char *list = d->metrics_urls[0] ? d->metrics_urls : NULL;
-    char def[320];
-    if (!list) {
-        snprintf(def, sizeof def, "%s/metrics", d->base_url);
-        list = def;
-    }
-    bool several = strchr(list, ',') != NULL;
+    sweep_url urls[SWEEP_URLS_MAX];
+    int n_urls = deployment_metrics_urls(d, urls, SWEEP_URLS_MAX);
     *n = 0;
-    for (const char *p = list; *p;) {
-        size_t k = strcspn(p, ",");
-        char url[512], err[256];
-        snprintf(url, sizeof url, "%.*s", (int)PD_MIN(k, sizeof url - 1), p);
-        p += k + (p[k] == ',');
+    for (int i = 0; i < n_urls; i++) {
+        char err[256];
         long status = 0;
-        char *body = bench_http_get(url, NULL, 10, &status, err, sizeof err);
-        if (body && status == 200) study_metrics_parse(body, several ? url : "", m, SWEEP_METRICS_MAX, n);
+        char *body = bench_http_get(urls[i], NULL, 10, &status, err, sizeof err);
+        if (body && status == 200) study_metrics_parse(body, n_urls > 1 ? urls[i] : "", m, SWEEP_METRICS_MAX, n);
         free(body);
     }
 }
@@ -356,18 +358,12 @@ static void power_poll_start(power_poll *pp, const study_deployment *d) {
     memset(pp, 0, sizeof *pp);
     pp->d = d;
     pp->period_s = 0.5;
-    const char *list = d->metrics_urls[0] ? d->metrics_urls : NULL;
-    char def[320];
-    if (!list) {
-        snprintf(def, sizeof def, "%s/metrics", d->base_url);
-        list = def;
-    }
-    for (const char *p = list; *p && pp->n_src < (int)PD_ARRAY_LEN(pp->src);) {
-        size_t n = strcspn(p, ",");
+    sweep_url urls[SWEEP_URLS_MAX];
+    int n = deployment_metrics_urls(d, urls, SWEEP_URLS_MAX);
+    for (int i = 0; i < n && pp->n_src < (int)PD_ARRAY_LEN(pp->src); i++) {
         ring_src *src = &pp->src[pp->n_src++];
-        snprintf(src->scrape_url, sizeof src->scrape_url, "%.*s", (int)PD_MIN(n, sizeof src->scrape_url - 1), p);
-        snprintf(src->url, sizeof src->url, "%.*s/power-samples", (int)PD_MIN(n, sizeof src->scrape_url - 1), p);
-        p += n + (p[n] == ',');
+        snprintf(src->scrape_url, sizeof src->scrape_url, "%.511s", urls[i]);
+        snprintf(src->url, sizeof src->url, "%.511s/power-samples", urls[i]);
     }
     atomic_store(&pp->stop, false);
     pp->started = pthread_create(&pp->th, NULL, power_poll_main, pp) == 0;
@@ -403,9 +399,8 @@ static void make_config(const point_ctx *x, const study_point *pt, const study_d
      * instance, so that round robin warms every one (on the H200s, co-2gpus's second
      * instance, left cold by a single warm-up, answered its first request 124 ms later
      * than its twin) */
-    int n_inst = 1;
-    for (const char *q = d->metrics_urls; *q; q++) n_inst += *q == ',';
-    c->num_warmups = x->plan->warmup_requests * n_inst;
+    sweep_url urls[SWEEP_URLS_MAX];
+    c->num_warmups = x->plan->warmup_requests * deployment_metrics_urls(d, urls, SWEEP_URLS_MAX);
     c->seed = x->plan->seed;
     c->ignore_eos = x->plan->ignore_eos;
     c->stream_usage = true;
