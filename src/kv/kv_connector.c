@@ -5,13 +5,20 @@
  *
  * Load: a few hundred reservations at most; every operation is O(slots + blocks of the
  * request) under one mutex, nothing per token. */
+#include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/futex.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -747,4 +754,58 @@ int kv_store_match(kv_connector *c, const int32_t *tokens, int n_tokens) {
 void kv_store_get_stats(kv_connector *c, kv_store_stats *out) {
     memset(out, 0, sizeof *out);
     if (c->ops->stats) c->ops->stats(c, out);
+}
+
+/* ---- control connections of the socket mediums (tcp, nccl) ---------------------------- */
+
+int kv_sock_listen(kv_connector *c, const char *medium, char *err, size_t errlen) {
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)c->cfg.port)};
+    if (inet_pton(AF_INET, c->cfg.host, &a.sin_addr) != 1) {
+        pd_errorf(err, errlen, "kv %s: listen address %s is not an IPv4 address", medium, c->cfg.host);
+        return -1;
+    }
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1;
+    if (fd >= 0) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    socklen_t al = sizeof a;
+    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) != 0 || listen(fd, 64) != 0 ||
+        getsockname(fd, (struct sockaddr *)&a, &al) != 0) {
+        pd_errorf(err, errlen, "kv %s: listen on %s:%d: %s", medium, c->cfg.host, c->cfg.port, strerror(errno));
+        if (fd >= 0) close(fd);
+        return -1;
+    }
+    snprintf(c->address, sizeof c->address, "%s:%d", c->cfg.host, ntohs(a.sin_port));
+    return fd;
+}
+
+int kv_sock_connect(const char *address, double deadline, const char *medium, kv_status *st, char *err,
+                    size_t errlen) {
+    char host[KV_ADDRESS_MAX];
+    snprintf(host, sizeof host, "%s", address);
+    char *colon = strrchr(host, ':');
+    *st = KV_ERR_ARG;
+    if (!colon) return pd_errorf(err, errlen, "kv %s: address %s is not host:port", medium, address), -1;
+    *colon = 0;
+    struct addrinfo hints = {.ai_family = AF_INET, .ai_socktype = SOCK_STREAM}, *ai = NULL;
+    if (getaddrinfo(host, colon + 1, &hints, &ai) != 0 || !ai)
+        return pd_errorf(err, errlen, "kv %s: cannot resolve %s", medium, address), -1;
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    int rc = fd < 0 ? -1 : connect(fd, ai->ai_addr, ai->ai_addrlen);
+    freeaddrinfo(ai);
+    *st = KV_ERR_PEER;
+    if (rc != 0 && errno == EINPROGRESS) {
+        struct pollfd p = {fd, POLLOUT, 0};
+        int ms = (int)PD_MAX(1.0, (deadline - time_now_s()) * 1e3), e = 0;
+        socklen_t el = sizeof e;
+        if (poll(&p, 1, ms) == 1 && getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &el) == 0 && !e) rc = 0;
+        else errno = e ? e : ETIMEDOUT;
+    }
+    if (rc != 0) {
+        pd_errorf(err, errlen, "kv %s: connect to %s: %s", medium, address, strerror(errno));
+        if (fd >= 0) close(fd);
+        return -1;
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    *st = KV_OK;
+    return fd;
 }

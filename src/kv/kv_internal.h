@@ -170,5 +170,14 @@ void kv_notify(uint32_t *word);
 void kv_notify_wait(uint32_t *word, uint32_t seen, double max_s);
 /* A valid name for shm segments: [A-Za-z0-9_.-], 1..KV_NAME_MAX-1 characters. */
 bool kv_name_valid(const char *s);
+/* The socket-based mediums' (tcp, nccl) control connections; `medium` names them in
+ * errors. kv_sock_listen: a listening socket on c->cfg.host:port (port 0: any), its
+ * address into c->address; the fd, or -1 with err. kv_sock_connect: a TCP connection
+ * to "host:port" made before `deadline` (time_now_s clock), non-blocking, TCP_NODELAY;
+ * the fd, or -1 with err and *st (KV_ERR_ARG: a bad or unresolvable address;
+ * KV_ERR_PEER: refused, unreachable or the deadline passed). */
+int kv_sock_listen(kv_connector *c, const char *medium, char *err, size_t errlen);
+int kv_sock_connect(const char *address, double deadline, const char *medium, kv_status *st, char *err,
+                    size_t errlen);
 
 #endif

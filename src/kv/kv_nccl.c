@@ -734,22 +734,8 @@ static void *listener_main(void *arg) {
 }
 
 static int open_decode(kv_connector *c, nccl_impl *t, char *err, size_t errlen) {
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)c->cfg.port)};
-    if (inet_pton(AF_INET, c->cfg.host, &a.sin_addr) != 1) {
-        pd_errorf(err, errlen, "kv nccl: listen address %s is not an IPv4 address", c->cfg.host);
-        return -1;
-    }
-    t->listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    int one = 1;
-    if (t->listen_fd >= 0) setsockopt(t->listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    socklen_t al = sizeof a;
-    if (t->listen_fd < 0 || bind(t->listen_fd, (struct sockaddr *)&a, sizeof a) != 0 ||
-        listen(t->listen_fd, 64) != 0 || getsockname(t->listen_fd, (struct sockaddr *)&a, &al)) {
-        pd_errorf(err, errlen, "kv nccl: listen on %s:%d: %s", c->cfg.host, c->cfg.port,
-                  strerror(errno));
-        return -1;
-    }
-    snprintf(c->address, sizeof c->address, "%s:%d", c->cfg.host, ntohs(a.sin_port));
+    t->listen_fd = kv_sock_listen(c, "nccl", err, errlen);
+    if (t->listen_fd < 0) return -1;
     if (pipe2(t->wake, O_CLOEXEC) != 0) {
         pd_errorf(err, errlen, "kv nccl: pipe: %s", strerror(errno));
         return -1;
@@ -777,29 +763,12 @@ static kv_status nccl_poll(kv_connector *c, int idx, char *err, size_t errlen) {
 static kv_status peer_connect(kv_send *x, struct nccl_peer *p, char *err, size_t errlen) {
     const kv_cache *kv = x->c->kv;
     nccl_link *k = &p->link;
-    char host[KV_ADDRESS_MAX], who[KV_ADDRESS_MAX + 16];
-    snprintf(host, sizeof host, "%s", p->address);
+    char who[KV_ADDRESS_MAX + 16];
     snprintf(who, sizeof who, "decode peer %s", p->address);
     wait_ctx w = {x->deadline, NULL, who};
-    char *colon = strrchr(host, ':');
-    if (!colon) return pd_errorf(err, errlen, "kv nccl: address %s is not host:port", p->address), KV_ERR_ARG;
-    *colon = 0;
-    struct addrinfo hints = {.ai_family = AF_INET, .ai_socktype = SOCK_STREAM}, *ai = NULL;
-    if (getaddrinfo(host, colon + 1, &hints, &ai) != 0 || !ai)
-        return pd_errorf(err, errlen, "kv nccl: cannot resolve %s", p->address), KV_ERR_ARG;
-    k->fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    int rc = k->fd < 0 ? -1 : connect(k->fd, ai->ai_addr, ai->ai_addrlen);
-    freeaddrinfo(ai);
-    if (rc != 0 && errno == EINPROGRESS) {
-        struct pollfd q = {k->fd, POLLOUT, 0};
-        int ms = (int)PD_MAX(1.0, (x->deadline - time_now_s()) * 1e3), e = 0;
-        socklen_t el = sizeof e;
-        if (poll(&q, 1, ms) == 1 && getsockopt(k->fd, SOL_SOCKET, SO_ERROR, &e, &el) == 0 && !e) rc = 0;
-        else errno = e ? e : ETIMEDOUT;
-    }
-    if (rc != 0) return pd_errorf(err, errlen, "kv nccl: connect to %s: %s", p->address, strerror(errno)), KV_ERR_PEER;
-    int one = 1;
-    setsockopt(k->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    kv_status st;
+    k->fd = kv_sock_connect(p->address, x->deadline, "nccl", &st, err, errlen);
+    if (k->fd < 0) return st;
     kv_msg_header h = hello_of(kv);
     h.checksum = self_key(); /* HELLO carries no payload: the field names this process */
     struct hello_tail tail;
@@ -815,7 +784,7 @@ static kv_status peer_connect(kv_send *x, struct nccl_peer *p, char *err, size_t
         kv_checksum(&tail, sizeof tail, 0) != h.checksum)
         return pd_errorf(err, errlen, "kv nccl: %s: bad or missing NCCL id", p->address), KV_ERR_PROTOCOL;
     k->peer_key = tail.key;
-    kv_status st = link_alloc(kv, k, err, errlen);
+    st = link_alloc(kv, k, err, errlen);
     if (st == KV_OK) st = link_init(kv, k, &tail.id, 1, &w, err, errlen);
     if (st == KV_OK) log_info("kv nccl: communicator with %s ready", p->address);
     return st;

@@ -333,22 +333,8 @@ static void *receiver_main(void *arg) {
 }
 
 static int tcp_open_decode(kv_connector *c, tcp_impl *t, char *err, size_t errlen) {
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)c->cfg.port)};
-    if (inet_pton(AF_INET, c->cfg.host, &a.sin_addr) != 1) {
-        pd_errorf(err, errlen, "kv tcp: listen address %s is not an IPv4 address", c->cfg.host);
-        return -1;
-    }
-    t->listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    int one = 1;
-    setsockopt(t->listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    socklen_t al = sizeof a;
-    if (t->listen_fd < 0 || bind(t->listen_fd, (struct sockaddr *)&a, sizeof a) != 0 ||
-        listen(t->listen_fd, 64) != 0 || getsockname(t->listen_fd, (struct sockaddr *)&a, &al)) {
-        pd_errorf(err, errlen, "kv tcp: listen on %s:%d: %s", c->cfg.host, c->cfg.port,
-                  strerror(errno));
-        return -1;
-    }
-    snprintf(c->address, sizeof c->address, "%s:%d", c->cfg.host, ntohs(a.sin_port));
+    t->listen_fd = kv_sock_listen(c, "tcp", err, errlen);
+    if (t->listen_fd < 0) return -1;
     if (pipe(t->wake) != 0) {
         pd_errorf(err, errlen, "kv tcp: pipe: %s", strerror(errno));
         return -1;
@@ -402,35 +388,10 @@ static void set_send_timeout(int fd, double seconds) {
 /* Connects to host:port before the deadline and says HELLO; -1 with err. */
 static int peer_connect(kv_connector *c, const char *address, double deadline, kv_status *st,
                         char *err, size_t errlen) {
-    char host[KV_ADDRESS_MAX];
-    snprintf(host, sizeof host, "%s", address);
-    char *colon = strrchr(host, ':');
-    *st = KV_ERR_ARG;
-    if (!colon) return pd_errorf(err, errlen, "kv tcp: address %s is not host:port", address), -1;
-    *colon = 0;
-    struct addrinfo hints = {.ai_family = AF_INET, .ai_socktype = SOCK_STREAM}, *ai = NULL;
-    if (getaddrinfo(host, colon + 1, &hints, &ai) != 0 || !ai)
-        return pd_errorf(err, errlen, "kv tcp: cannot resolve %s", address), -1;
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    int rc = fd < 0 ? -1 : connect(fd, ai->ai_addr, ai->ai_addrlen);
-    freeaddrinfo(ai);
+    int fd = kv_sock_connect(address, deadline, "tcp", st, err, errlen);
+    if (fd < 0) return -1;
     *st = KV_ERR_PEER;
-    if (rc != 0 && errno == EINPROGRESS) {
-        struct pollfd p = {fd, POLLOUT, 0};
-        int ms = (int)PD_MAX(1.0, (deadline - time_now_s()) * 1e3);
-        int e = 0;
-        socklen_t el = sizeof e;
-        if (poll(&p, 1, ms) == 1 && getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &el) == 0 && !e) rc = 0;
-        else errno = e ? e : ETIMEDOUT;
-    }
-    if (rc != 0) {
-        pd_errorf(err, errlen, "kv tcp: connect to %s: %s", address, strerror(errno));
-        if (fd >= 0) close(fd);
-        return -1;
-    }
     fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     kv_msg_header h = {.type = KV_MSG_HELLO, .layer = (uint32_t)c->kv->n_layers,
                        .n_blocks = (uint32_t)c->kv->block_size, .request_id = c->kv->block_bytes};
     uint8_t buf[KV_MSG_HEADER_BYTES];
