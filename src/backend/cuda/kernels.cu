@@ -249,6 +249,20 @@ static const float *rope_table(cuda_backend *cb, const rope_params *rp, int D) {
 
 /* One thread per (row, head, VEC consecutive i < D/2) over the H q heads and K k heads:
  * VEC pairs (x[i], x[i + D/2]), 16-byte accesses on both halves when VEC is 8. */
+/* Rotates VEC pairs (x1[k], x2[k]) by the angles pos * inv[k]: the one rotation of rope
+ * and of the fused rope_kv_store, so that both give the same bits. */
+template <int VEC>
+__device__ __forceinline__ void rope_rotate(float *x1, float *x2, float p_t, const float *inv) {
+#pragma unroll
+    for (int k = 0; k < VEC; k++) {
+        float s, c;
+        sincosf(p_t * inv[k], &s, &c);
+        float a = x1[k], b = x2[k];
+        x1[k] = a * c - b * s;
+        x2[k] = b * c + a * s;
+    }
+}
+
 template <int VEC>
 __global__ void rope_kernel(bf16 *qkv, const int32_t *pos, const float *inv_freq, int T, int n_rot,
                             int stride, int D) {
@@ -263,14 +277,7 @@ __global__ void rope_kernel(bf16 *qkv, const int32_t *pos, const float *inv_freq
     float x1[VEC], x2[VEC], p_t = (float)pos[t];
     load_f<VEC>(p, x1);
     load_f<VEC>(p + half, x2);
-#pragma unroll
-    for (int k = 0; k < VEC; k++) {
-        float s, c;
-        sincosf(p_t * inv_freq[i + k], &s, &c);
-        float a = x1[k], b = x2[k];
-        x1[k] = a * c - b * s;
-        x2[k] = b * c + a * s;
-    }
+    rope_rotate<VEC>(x1, x2, p_t, inv_freq + i);
     store_f<VEC>(p, x1);
     store_f<VEC>(p + half, x2);
 }
@@ -815,14 +822,7 @@ __global__ void rope_kv_store_kernel(bf16 *qkv, bf16 *kc, bf16 *vc, const int32_
     float x1[VEC], x2[VEC], p_t = (float)pos[t];
     load_f<VEC>(p, x1);
     load_f<VEC>(p + half, x2);
-#pragma unroll
-    for (int k = 0; k < VEC; k++) {
-        float s, c;
-        sincosf(p_t * inv_freq[i + k], &s, &c);
-        float a = x1[k], b = x2[k];
-        x1[k] = a * c - b * s;
-        x2[k] = b * c + a * s;
-    }
+    rope_rotate<VEC>(x1, x2, p_t, inv_freq + i);
     store_f<VEC>(p, x1);
     store_f<VEC>(p + half, x2);
     if (h >= H && slot >= 0) {
