@@ -676,12 +676,119 @@ static void test_profile_mediums(void) {
         const sim_medium *m = &p.mediums[i];
         CHECKF(m->n_points >= 2 && m->bandwidth > 0, "%s: %d points, %g B/s", m->name, m->n_points, m->bandwidth);
         CHECK(strstr(m->source, "measured") != NULL);
+        /* reserve, ticket and take of one request: measured, and small against a step */
+        CHECKF(m->control_s > 0 && m->control_s < 0.5, "%s: control path %g s", m->name, m->control_s);
     }
     char shm[64];
     snprintf(shm, sizeof shm, "/dev/shm/pdkv-prof%d-kv", (int)getpid());
     CHECK(access(shm, F_OK) != 0);
     sim_profile_free(&p);
     backend_destroy(be);
+}
+
+/* CPU contention (processor sharing, docs/simulator.md): the slowdown curve, then two
+ * colocated instances on a host of one core, by hand. Each instance alone: prefill
+ * 0.1 s, decode 0.02 s a step. */
+static void test_cpu_contention(void) {
+    sim_contention ct = {.cores = 1, .threads = 1};
+    CHECK(near(sim_contention_slowdown(&ct, 1), 1.0, 1e-12));
+    CHECK(near(sim_contention_slowdown(&ct, 2), 2.0, 1e-12));  /* ideal: k x threads / cores */
+    CHECK(near(sim_contention_slowdown(&ct, 3), 3.0, 1e-12));
+    ct.cores = 2;
+    CHECK(near(sim_contention_slowdown(&ct, 2), 1.0, 1e-12));
+    CHECK(near(sim_contention_slowdown(&ct, 3), 1.5, 1e-12));
+    ct.threads = 2;
+    CHECK(near(sim_contention_slowdown(&ct, 2), 2.0, 1e-12));
+    /* a measured curve wins where it has points, and past its last one scales with k */
+    ct = (sim_contention){.cores = 2, .threads = 1, .n_points = 3, .procs = {1, 2, 3}, .slowdown = {1, 1.05, 1.6}};
+    CHECK(near(sim_contention_slowdown(&ct, 2), 1.05, 1e-12));
+    CHECK(near(sim_contention_slowdown(&ct, 3), 1.6, 1e-12));
+    CHECK(near(sim_contention_slowdown(&ct, 6), 3.2, 1e-12));
+    ct.cores = 0; /* no model */
+    CHECK(near(sim_contention_slowdown(&ct, 6), 1.0, 1e-12));
+
+    sim_profile p;
+    const_profile(&p, 0.1, 0.02);
+    snprintf(p.backend, sizeof p.backend, "cpu");
+    p.contention = (sim_contention){.cores = 1, .threads = 1};
+    sim_config c = colocated(2, 256); /* round robin: one request on each instance */
+    c.cpu_contention = true;
+    sim_request r[2] = {{.n_prompt = 100, .max_tokens = 3, .arrival = 0}, {.n_prompt = 100, .max_tokens = 3, .arrival = 0}};
+    bench_config bc;
+    bench_config_default(&bc);
+    bench_result *res;
+    sim_stats st;
+    char err[256];
+    /* both step at once all along: every step takes twice its time */
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    for (int i = 0; i < 2; i++) {
+        const bench_record *b = &res->recs[i];
+        CHECKF(near(b->ttft_s, 0.2, 1e-12), "ttft %.6f", b->ttft_s);
+        CHECKF(near(b->token_s[1], 0.24, 1e-12) && near(b->token_s[2], 0.28, 1e-12), "tokens %.6f %.6f",
+               b->token_s[1], b->token_s[2]);
+    }
+    CHECK(near(res->sum.tpot.median, 40.0, 1e-9));
+    CHECK(near(st.makespan_s, 0.28, 1e-12));
+    CHECKF(near(st.contention_s, 2 * 0.14, 1e-12), "stretch %.6f", st.contention_s);
+    CHECK_EQ_INT(st.steps, 6);
+    bench_result_free(res);
+    /* staggered: B arrives at 0.05, half-way through A's prefill. A: 0.05 s alone, the
+     * other 0.05 s at half speed, done at 0.15; its decodes share: 0.15-0.19, 0.19-0.23.
+     * B by 0.23 has had 0.05 + 0.02 + 0.02 of its 0.1 s: 0.01 s left alone, first token
+     * at 0.24 (TTFT 0.19), then its decodes alone: 0.26, 0.28. */
+    r[1].arrival = 0.05;
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    const bench_record *a = &res->recs[0], *b = &res->recs[1];
+    CHECKF(near(a->ttft_s, 0.15, 1e-12), "A ttft %.6f", a->ttft_s);
+    CHECKF(near(a->token_s[1], 0.19, 1e-12) && near(a->token_s[2], 0.23, 1e-12), "A %.6f %.6f", a->token_s[1],
+           a->token_s[2]);
+    CHECKF(near(b->ttft_s, 0.19, 1e-12), "B ttft %.6f", b->ttft_s);
+    CHECKF(near(b->e2el_s, 0.23, 1e-12), "B e2el %.6f", b->e2el_s);
+    CHECK(near(st.makespan_s, 0.28, 1e-12));
+    bench_result_free(res);
+    /* switched off, or a GPU profile: each instance has its device to itself */
+    r[1].arrival = 0;
+    c.cpu_contention = false;
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    CHECK(near(res->recs[0].ttft_s, 0.1, 1e-12) && near(res->recs[1].ttft_s, 0.1, 1e-12));
+    CHECK(st.contention_s == 0);
+    bench_result_free(res);
+    c.cpu_contention = true;
+    snprintf(p.backend, sizeof p.backend, "cuda");
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    CHECK(near(res->recs[1].ttft_s, 0.1, 1e-12) && near(st.makespan_s, 0.14, 1e-12));
+    bench_result_free(res);
+    /* 1P1D on one core, one request: P and D never step at once, so nothing stretches;
+     * the medium's control path adds to the KV's arrival, i.e. to TTFT */
+    snprintf(p.backend, sizeof p.backend, "cpu");
+    sim_medium m = {.latency_s = 0.01, .bandwidth = 1e6, .control_s = 0.004};
+    snprintf(m.name, sizeof m.name, "test");
+    sim_config d = colocated(0, 256);
+    d.n_prefill = d.n_decode = 1;
+    d.medium = &m;
+    d.cpu_contention = d.control_path = true;
+    REQUIRE(sim_run(&d, &p, r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].ttft_s, 0.1 + 0.11 + 0.004, 1e-12), "dis ttft %.6f", res->recs[0].ttft_s);
+    CHECKF(st.contention_s < 1e-12, "stretch %g", st.contention_s); /* rounding only */
+    bench_result_free(res);
+    d.control_path = false;
+    REQUIRE(sim_run(&d, &p, r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECK(near(res->recs[0].ttft_s, 0.21, 1e-12));
+    bench_result_free(res);
+    /* the file keeps both */
+    p.n_mediums = 1;
+    p.mediums[0] = m;
+    p.contention = (sim_contention){.cores = 2, .threads = 1, .n_points = 2, .procs = {1, 2}, .slowdown = {1, 1.25}};
+    snprintf(p.contention.source, sizeof p.contention.source, "measured");
+    char *js = sim_profile_to_json(&p);
+    sim_profile q;
+    REQUIRE(sim_profile_parse(js, strlen(js), "rt", &q, err, sizeof err) == 0);
+    CHECK(q.contention.cores == 2 && q.contention.n_points == 2 && q.contention.slowdown[1] == 1.25);
+    CHECK(q.mediums[0].control_s == 0.004);
+    CHECK(near(sim_contention_slowdown(&q.contention, 4), 2.5, 1e-12));
+    sim_profile_free(&q);
+    free(js);
+    sim_profile_free(&p);
 }
 
 int main(void) {
@@ -695,6 +802,7 @@ int main(void) {
     TEST_RUN(test_profile_mediums);
     TEST_RUN(test_trivial_timestamps);
     TEST_RUN(test_disaggregated_transfer);
+    TEST_RUN(test_cpu_contention);
     TEST_RUN(test_deadline);
     TEST_RUN(test_decode_buckets);
     TEST_RUN(test_determinism);

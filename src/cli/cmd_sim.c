@@ -157,6 +157,7 @@ static cJSON *point_json(const char *setup, const char *load, const double clk[2
     }
     cJSON_AddNumberToObject(o, "steps", (double)st->steps);
     cJSON_AddNumberToObject(o, "preemptions", (double)st->preemptions);
+    cJSON_AddNumberToObject(o, "contention_s", st->contention_s);
     cJSON_AddNumberToObject(o, "kv_bytes", st->kv_bytes);
     cJSON_AddNumberToObject(o, "sim_wall_s", st->wall_s);
     return o;
@@ -172,6 +173,8 @@ typedef struct sim_cli {
     bool quiet;
     model *vmodel;          /* --validate-model: replay co-1gpu points through the real engine */
     int vrepeats;           /* real runs per point; the median of each metric is compared */
+    bool contention;        /* CPU profiles: instances share the host's cores (--no-cpu-contention) */
+    bool control_path;      /* xPyD: the medium's measured control path (--no-control-path) */
 } sim_cli;
 
 static int cmp_dbl(const void *a, const void *b) {
@@ -295,7 +298,8 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
                       .router = su->has_router ? su->router : pl->router, .prefill_mhz = clk[0], .decode_mhz = clk[1],
                       .record_tokens = pl->record_tokens, .layerwise = su->layerwise,
                       .prefix_caching = pl->enable_prefix_caching,
-                      .kv_timeout_s = su->kv_timeout_s > 0 ? su->kv_timeout_s : pl->kv_timeout_s};
+                      .kv_timeout_s = su->kv_timeout_s > 0 ? su->kv_timeout_s : pl->kv_timeout_s,
+                      .cpu_contention = c->contention, .control_path = c->control_path};
     if (su->n_prefill > 0) {
         cfg.medium = sim_medium_find(prof, su->medium, &mstore);
         if (!cfg.medium) {
@@ -356,7 +360,7 @@ int cmd_sim(int argc, char **argv) {
     const char *profile_path = NULL, *db_path = NULL, *json_path = NULL, *router = NULL;
     const char *vmodel = NULL;
     int seed = -1, threads = 0, vrepeats = 3;
-    bool quiet = false;
+    bool quiet = false, no_contention = false, no_control = false;
     cli_opt opts[] = {
         {"profile", OPT_STRING, &profile_path, "cost profile from `pdserve profile` (default: the plan's)", "FILE"},
         {"db", OPT_STRING, &db_path, "results database to record the points in (marked simulated)", "FILE"},
@@ -364,6 +368,10 @@ int cmd_sim(int argc, char **argv) {
         {"router", OPT_STRING, &router, "round-robin, least-loaded or prefix-affinity (default: the plan's)", "POLICY"},
         {"seed", OPT_INT, &seed, "override the plan's seed", "S"},
         {"quiet", OPT_FLAG, &quiet, "no log lines", NULL},
+        {"no-cpu-contention", OPT_FLAG, &no_contention,
+         "CPU profiles: price each instance's steps as if it had the host to itself", NULL},
+        {"no-control-path", OPT_FLAG, &no_control,
+         "disaggregated: leave out the medium's measured control path (reserve, ticket, take)", NULL},
         {"validate-model", OPT_STRING, &vmodel,
          "also run each co-1gpu point through the real engine on the CPU with this model (dummy "
          "weights) and print simulated against real", "DIR|preset:NAME"},
@@ -411,7 +419,7 @@ int cmd_sim(int argc, char **argv) {
             log_warn("sim: the profile has no base clock (clock.base_mhz): clocks %g/%g are simulated as profiled",
                      pl.clocks[k][0], pl.clocks[k][1]);
     sim_cli c = {.pl = &pl, .prof = &prof, .points = cJSON_CreateArray(), .quiet = quiet,
-                 .vrepeats = vrepeats};
+                 .vrepeats = vrepeats, .contention = !no_contention, .control_path = !no_control};
     int rc = 0;
     model_files vfiles;
     backend *vbe = NULL;

@@ -158,3 +158,26 @@ void sim_clock_fit(sim_clock_model *cm, double idle_w) {
     cm->fitted = true;
     snprintf(cm->source, sizeof cm->source, "fitted to %d profiled clock points", cm->n_points);
 }
+
+/* Processor sharing: k instances of `threads` threads each want k x threads cores; with
+ * fewer cores each thread runs cores / (k x threads) of the time, so each step takes
+ * k x threads / cores as long (never less than alone). A measured curve replaces that
+ * ideal where it has points (it also sees what the ideal does not: shared caches and
+ * memory bandwidth, the hypervisor); past its last point K the excess demand is shared
+ * the same way, slowdown(K) x k / K. */
+double sim_contention_slowdown(const sim_contention *c, int k) {
+    if (c->cores <= 0 || k <= 1) return 1.0;
+    double ideal = PD_MAX(1.0, (double)k * PD_MAX(c->threads, 1) / c->cores);
+    if (c->n_points < 1) return ideal;
+    const double *x = c->procs, *y = c->slowdown;
+    int n = c->n_points;
+    if (k >= x[n - 1]) return PD_MAX(y[n - 1] * k / x[n - 1], 1.0);
+    double s = y[0];
+    for (int i = 1; i < n; i++) {
+        if (k > x[i]) continue;
+        double f = (k - x[i - 1]) / (x[i] - x[i - 1]);
+        s = y[i - 1] + f * (y[i] - y[i - 1]);
+        break;
+    }
+    return PD_MAX(s, 1.0);
+}

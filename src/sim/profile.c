@@ -280,6 +280,7 @@ char *sim_profile_to_json(const sim_profile *p) {
         cJSON_AddNumberToObject(mo, "latency_s", m->latency_s);
         cJSON_AddNumberToObject(mo, "bandwidth_bytes_per_s", m->bandwidth);
         cJSON_AddNumberToObject(mo, "power_w", m->power_w);
+        if (m->control_s > 0) cJSON_AddNumberToObject(mo, "control_s", m->control_s);
         cJSON *pts = cJSON_AddArrayToObject(mo, "points");
         for (int k = 0; k < m->n_points; k++) {
             double pair[2] = {m->bytes[k], m->seconds[k]};
@@ -315,6 +316,18 @@ char *sim_profile_to_json(const sim_profile *p) {
         cJSON_AddNumberToObject(q, "decode_scale", c->points[i].decode_scale);
         cJSON_AddNumberToObject(q, "busy_w", c->points[i].busy_w);
         cJSON_AddItemToArray(cp, q);
+    }
+    const sim_contention *ct = &p->contention;
+    if (ct->cores > 0) {
+        cJSON *cto = cJSON_AddObjectToObject(o, "contention");
+        cJSON_AddNumberToObject(cto, "cores", ct->cores);
+        cJSON_AddNumberToObject(cto, "threads", ct->threads);
+        cJSON *pts = cJSON_AddArrayToObject(cto, "points");
+        for (int i = 0; i < ct->n_points; i++) {
+            double pair[2] = {ct->procs[i], ct->slowdown[i]};
+            cJSON_AddItemToArray(pts, nums(pair, 2));
+        }
+        cJSON_AddStringToObject(cto, "source", ct->source);
     }
     char *s = cJSON_Print(o);
     cJSON_Delete(o);
@@ -455,6 +468,7 @@ static int read_mediums(const cJSON *o, sim_profile *p, const char *name, char *
         m->latency_s = get_num(mo, "latency_s", 0);
         m->bandwidth = get_num(mo, "bandwidth_bytes_per_s", 0);
         m->power_w = get_num(mo, "power_w", 0);
+        m->control_s = PD_MAX(get_num(mo, "control_s", 0), 0);
         const cJSON *pts = cJSON_GetObjectItemCaseSensitive(mo, "points"), *pt;
         cJSON_ArrayForEach(pt, pts) {
             if (m->n_points >= SIM_MAX_POINTS || !cJSON_IsArray(pt) || cJSON_GetArraySize(pt) != 2) break;
@@ -493,6 +507,34 @@ static void read_clock(const cJSON *o, sim_profile *p) {
         cp->busy_w = get_num(q, "busy_w", 0);
     }
     if (c->n_points >= 2 && c->base_mhz > 0) sim_clock_fit(c, p->power.measured ? p->power.idle_w : 0);
+}
+
+/* "contention": {cores, threads, points: [[procs, slowdown]...], source}; absent in
+ * older files and on GPU profiles (then cores 0: not modelled). Points must start at
+ * one process and increase. */
+static int read_contention(const cJSON *o, sim_profile *p, const char *name, char *err, size_t errlen) {
+    const cJSON *co = cJSON_GetObjectItemCaseSensitive(o, "contention");
+    if (!cJSON_IsObject(co)) return 0;
+    sim_contention *c = &p->contention;
+    c->cores = (int)get_num(co, "cores", 0);
+    c->threads = (int)get_num(co, "threads", 1);
+    get_str(co, "source", c->source, sizeof c->source);
+    const cJSON *pts = cJSON_GetObjectItemCaseSensitive(co, "points"), *pt;
+    cJSON_ArrayForEach(pt, pts) {
+        if (c->n_points >= SIM_MAX_CONTENTION || !cJSON_IsArray(pt) || cJSON_GetArraySize(pt) != 2) break;
+        double k = cJSON_GetArrayItem(pt, 0)->valuedouble, v = cJSON_GetArrayItem(pt, 1)->valuedouble;
+        if (c->n_points ? k <= c->procs[c->n_points - 1] : k != 1) {
+            pd_errorf(err, errlen, "%s: contention.points must start at 1 process and increase", name);
+            return -1;
+        }
+        c->procs[c->n_points] = k;
+        c->slowdown[c->n_points++] = v;
+    }
+    if (c->cores < 0 || c->threads < 1) {
+        pd_errorf(err, errlen, "%s: contention needs cores >= 0 and threads >= 1", name);
+        return -1;
+    }
+    return 0;
 }
 
 int sim_profile_parse(const char *text, size_t len, const char *name, sim_profile *p, char *err,
@@ -545,6 +587,7 @@ int sim_profile_parse(const char *text, size_t len, const char *name, sim_profil
         get_str(pw, "source", p->power.source, sizeof p->power.source);
     }
     read_clock(o, p);
+    if (read_contention(o, p, name, err, errlen)) goto out;
     rc = 0;
 out:
     cJSON_Delete(o);

@@ -31,10 +31,13 @@ static void note_add(sim_profile *out, const char *fmt, const char *a, const cha
     snprintf(out->mediums_note + n, sizeof out->mediums_note - n, fmt, a, b);
 }
 
-/* One transfer of n tokens; seconds, or -1 with err. */
+/* One transfer of n tokens: seconds from kv_send_begin to the decode side's ticket,
+ * or -1 with err; the whole round trip, kv_reserve to kv_ticket_take, into *round
+ * (NULL: not wanted). */
 static double one_transfer(kv_connector *dec, const kv_block_allocator *al, kv_connector *pre, int n,
-                           const int32_t *tokens, const int32_t *src_blocks, int nb, uint64_t req, char *err,
-                           size_t errlen) {
+                           const int32_t *tokens, const int32_t *src_blocks, int nb, uint64_t req, double *round,
+                           char *err, size_t errlen) {
+    double r0 = time_now_s();
     kv_ticket t;
     kv_status st = kv_reserve(dec, req, tokens, n, 120, &t, err, errlen);
     if (st != KV_OK) return -1;
@@ -62,6 +65,7 @@ static double one_transfer(kv_connector *dec, const kv_block_allocator *al, kv_c
     /* the blocks are ours once taken: back to the allocator the connector took them from */
     int32_t *got = xmalloc(sizeof(int32_t) * (size_t)nb);
     int k = kv_ticket_take(dec, &t, got, nb);
+    if (round) *round = time_now_s() - r0;
     if (k > 0) al->release(al->user, got, k);
     free(got);
     return dt;
@@ -143,7 +147,7 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
         /* one untimed transfer first: the prefill side maps its peer, opens the store */
         if (ok) {
             int n0 = sizes[0], nb0 = (n0 + bs - 1) / bs;
-            if (one_transfer(dec, &al, pre, n0, tokens, src, nb0, req++, e, sizeof e) < 0) {
+            if (one_transfer(dec, &al, pre, n0, tokens, src, nb0, req++, NULL, e, sizeof e) < 0) {
                 note_add(out, "%s: %s", name, e);
                 ok = false;
             }
@@ -154,7 +158,7 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
             for (int r = 0; r < PD_MAX(repeats, 1); r++) {
                 /* a different prompt each time: the stores must not answer from a hit */
                 for (int i = 0; i < n; i++) tokens[i] = (int32_t)(1 + (i + 7919 * (int)req) % 30000);
-                double dt = one_transfer(dec, &al, pre, n, tokens, src, nb, req++, e, sizeof e);
+                double dt = one_transfer(dec, &al, pre, n, tokens, src, nb, req++, NULL, e, sizeof e);
                 if (dt < 0) {
                     note_add(out, "%s: %s", name, e);
                     ok = false;
@@ -169,9 +173,24 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
             log_info("profile: medium %s, %d tokens (%.1f MiB): %.2f ms, %.2f GB/s", name, n,
                      md.bytes[md.n_points - 1] / (1 << 20), best * 1e3, md.bytes[md.n_points - 1] / best / 1e9);
         }
+        /* the control path: a one-block request's round trip (reserve, ticket as text and
+         * back, send, wait, take) less its transfer (send to wait), which the curve
+         * prices; best of repeats */
+        double control = -1;
+        for (int r = 0; ok && r < PD_MAX(repeats, 1) + 2; r++) {
+            for (int i = 0; i < bs; i++) tokens[i] = (int32_t)(1 + (i + 7919 * (int)req) % 30000);
+            double round = 0, dt = one_transfer(dec, &al, pre, bs, tokens, src, 1, req++, &round, e, sizeof e);
+            if (dt < 0) break;
+            if (control < 0 || round - dt < control) control = PD_MAX(round - dt, 0);
+        }
         free(src);
         if (ok && md.n_points >= 2) {
             sim_medium_fit(&md);
+            if (control > 0) {
+                md.control_s = control;
+                log_info("profile: medium %s, control path of one request (reserve, ticket, take): %.3f ms", name,
+                         control * 1e3);
+            }
             snprintf(md.source, sizeof md.source, "measured: pdserve profile, %s backend, both sides in one process",
                      be->ops->name);
             out->mediums[out->n_mediums++] = md;

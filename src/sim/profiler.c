@@ -5,7 +5,9 @@
  * steps to fit the overhead a mixed step shares. Each point is timed over a few repeats
  * after one warm-up and the median kept. The engine's own per-step and per-row costs
  * (planning, sampling, events) come from a short real engine run. Power is read
- * through src/power (NVML / RAPL) around each phase where a meter exists.
+ * through src/power (NVML / RAPL) around each phase where a meter exists. On the CPU,
+ * forks of this process stepping at once give the contention curve of several
+ * instances sharing the host's cores.
  *
  * Tuned for: the CPU grid of small-llama in well under a minute on two cores; the GPU
  * grid in a few minutes. Allocates the KV cache and scratch once for the largest point. */
@@ -15,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "power/power.h"
@@ -293,6 +296,109 @@ static double measure_step_overhead(model *m, int bs, double sample_row) {
     double rows = (double)st.generation_tokens;
     double o = (st.busy_seconds - st.forward_seconds - rows * sample_row) / (double)st.steps;
     return o > 0 ? o : 0;
+}
+
+/* ---- contention for the host's cores (CPU backend) ------------------------------------- */
+
+static int max_of(const int *v, int n);
+
+/* How long each of the k processes measures, seconds. Long enough that the processes'
+ * few-microsecond start skew is noise, short enough for four levels in two seconds. */
+#define CONTENTION_WINDOW_S 0.4
+
+/* k processes (forks of this one, each with its copy of the model, cache and scratch,
+ * as k instances are k processes) run the reference pair of steps (a prefill chunk,
+ * then a decode batch) over and over, all released at once; each reports its mean time
+ * per pair over CONTENTION_WINDOW_S. Returns the mean over the k processes, or -1 when
+ * a fork or pipe failed. Call only while this process runs one thread: a child gets
+ * the calling thread alone. */
+static double concurrent_pair_s(prof *P, int k, int T, int B, int L) {
+    int ready[2], go[2], res[2];
+    if (pipe(ready) != 0) return -1;
+    if (pipe(go) != 0) {
+        close(ready[0]), close(ready[1]);
+        return -1;
+    }
+    if (pipe(res) != 0) {
+        close(ready[0]), close(ready[1]), close(go[0]), close(go[1]);
+        return -1;
+    }
+    int started = 0;
+    for (; started < k; started++) {
+        pid_t pid = fork();
+        if (pid < 0) break;
+        if (pid == 0) { /* the child: warm up, wait for the start, time, report, leave */
+            measure_prefill(P, T, 0);
+            measure_decode(P, B, L, 0);
+            char c = 1;
+            double v = -1;
+            if (write(ready[1], &c, 1) == 1 && read(go[0], &c, 1) == 1) {
+                double t0 = time_now_s(), t = t0;
+                long n = 0;
+                for (; t - t0 < CONTENTION_WINDOW_S; n++) {
+                    measure_prefill(P, T, 0);
+                    measure_decode(P, B, L, 0);
+                    t = time_now_s();
+                }
+                v = (t - t0) / (double)n;
+            }
+            ssize_t w = write(res[1], &v, sizeof v);
+            _exit(w == (ssize_t)sizeof v ? 0 : 1);
+        }
+    }
+    close(ready[1]), close(go[0]), close(res[1]);
+    char c;
+    for (int i = 0; i < started; i++)
+        if (read(ready[0], &c, 1) != 1) break;
+    for (int i = 0; i < started; i++) {
+        c = 1;
+        if (write(go[1], &c, 1) != 1) break;
+    }
+    close(go[1]);
+    double sum = 0;
+    int got = 0;
+    for (int i = 0; i < started; i++) {
+        double v;
+        if (read(res[0], &v, sizeof v) == (ssize_t)sizeof v && v > 0) sum += v, got++;
+    }
+    close(ready[0]), close(res[0]);
+    for (int i = 0; i < started; i++) waitpid(-1, NULL, 0);
+    return started == k && got == k ? sum / got : -1;
+}
+
+/* The contention curve (sim_contention): the host's online cores, the backend's threads,
+ * and, on a one-thread backend, the slowdown of 1..2 x cores processes stepping at once
+ * (at most SIM_MAX_CONTENTION) against one alone: a prefill chunk of the demo's prompt
+ * size and a small decode batch, the steps the CPU plans run. With more threads the
+ * backend's pool workers would not survive the fork: then ideal sharing is kept. */
+static void measure_contention(prof *P, const sim_profile_opts *o, sim_contention *c) {
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    c->cores = cores > 0 ? (int)cores : 1;
+    c->threads = P->be->threads > 0 ? P->be->threads : 1;
+    c->n_points = 0;
+    if (c->threads > 1) {
+        snprintf(c->source, sizeof c->source,
+                 "ideal processor sharing (not measured: the backend runs %d threads, which a fork does not keep)",
+                 c->threads);
+        return;
+    }
+    int T = PD_MIN(128, max_of(o->prefill_tokens, o->n_prefill_tokens));
+    int B = PD_MIN(8, max_of(o->decode_batch, o->n_decode_batch));
+    int L = PD_MIN(256, max_of(o->decode_context, o->n_decode_context));
+    int kmax = PD_MIN(2 * c->cores, SIM_MAX_CONTENTION);
+    double t1 = -1;
+    for (int k = 1; k <= kmax; k++) {
+        double t = concurrent_pair_s(P, k, T, B, L);
+        if (t <= 0) break;
+        if (k == 1) t1 = t;
+        c->procs[c->n_points] = k;
+        c->slowdown[c->n_points++] = k == 1 ? 1.0 : PD_MAX(t / t1, 1.0);
+        log_info("profile: contention: %d process%s stepping at once on %d cores: %.3f ms per prefill %d + decode "
+                 "%dx%d, x%.2f", k, k > 1 ? "es" : "", c->cores, t * 1e3, T, B, L, c->slowdown[c->n_points - 1]);
+    }
+    snprintf(c->source, sizeof c->source,
+             "measured: 1 to %d forked processes each timing prefill %d + decode %dx%d for %.1f s at once",
+             c->n_points, T, B, L, CONTENTION_WINDOW_S);
 }
 
 /* ---- power ------------------------------------------------------------------------------ */
@@ -589,6 +695,7 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
 
     out->sample_s_per_row = P.be->ops->argmax_rows ? 0 : measure_sample_row(m->cfg.vocab_size);
     out->step_overhead_s = measure_step_overhead(m, P.bs, out->sample_s_per_row);
+    if (cpu) measure_contention(&P, o, &out->contention);
 
     if (idle_w > 0 && prefill_w > 0 && decode_w > 0) {
         out->power.measured = true;

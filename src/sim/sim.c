@@ -4,7 +4,9 @@
  * tokens are appended (sched_on_tokens) and finished requests leave (sched_finish),
  * exactly as engine.c does with wall time. Disaggregated setups add the KV transfer
  * from the prefill instance to the decode instance over a medium's curve, one transfer
- * at a time per prefill instance's link.
+ * at a time per prefill instance's link. Instances of a CPU profile share the host's
+ * cores: while k are in a step, each advances at 1 / slowdown(k) (processor sharing,
+ * re-timed whenever k changes).
  *
  * Events: request arrivals (a sorted array, read in order), step ends and KV arrivals
  * (one binary heap ordered by time, then by insertion, so equal times resolve the same
@@ -50,6 +52,12 @@ typedef struct inst {
     int load;               /* requests assigned and not yet done here */
     double link_free;       /* prefill: when its outgoing KV link (or store puts) is next free;
                                decode over a store: when its next get may start */
+    double step_start;      /* when the step in flight started */
+    /* sharing the host's cores (sim_state.contention): the step in flight has work_left
+     * seconds of its profiled time to go as of rate_t, advancing at rate (1 / slowdown);
+     * its end event carries gen, and any older one is stale */
+    double work_left, rate, rate_t;
+    unsigned gen;
 } inst;
 
 enum { EV_STEP_END = 0, EV_KV_ARRIVE = 1, EV_DEADLINE = 2 };
@@ -58,6 +66,7 @@ typedef struct sim_event {
     double t;
     uint64_t seq;
     int kind, id;
+    unsigned gen;           /* EV_STEP_END under contention: the instance's gen when pushed */
 } sim_event;
 
 typedef struct event_heap {
@@ -70,13 +79,13 @@ static bool ev_less(const sim_event *x, const sim_event *y) {
     return x->t < y->t || (x->t == y->t && x->seq < y->seq);
 }
 
-static void heap_push(event_heap *h, double t, int kind, int id) {
+static void heap_push_gen(event_heap *h, double t, int kind, int id, unsigned gen) {
     if (h->n == h->cap) {
         h->cap = h->cap ? 2 * h->cap : 256;
         h->a = xrealloc(h->a, sizeof(sim_event) * (size_t)h->cap);
     }
     int i = h->n++;
-    sim_event e = {t, h->next_seq++, kind, id};
+    sim_event e = {t, h->next_seq++, kind, id, gen};
     while (i > 0) {
         int parent = (i - 1) / 2;
         if (!ev_less(&e, &h->a[parent])) break;
@@ -85,6 +94,8 @@ static void heap_push(event_heap *h, double t, int kind, int id) {
     }
     h->a[i] = e;
 }
+
+static void heap_push(event_heap *h, double t, int kind, int id) { heap_push_gen(h, t, kind, id, 0); }
 
 static sim_event heap_pop(event_heap *h) {
     PD_ASSERT(h->n > 0);
@@ -116,6 +127,8 @@ typedef struct sim_state {
     event_heap heap;
     int32_t *zeros;                 /* [max_num_seqs]: the tokens the simulator "samples" */
     const int32_t *prompt;          /* [max prompt + 1] of zeros for sched_add */
+    bool contention;                /* instances share the host's cores (CPU backend) */
+    int n_busy;                     /* instances in a step now */
     sim_stats *st;
     char *err;
     size_t errlen;
@@ -195,6 +208,24 @@ static void plan_work(const inst *in, const sim_profile *prof, sim_work *w) {
     w->n_logits = pl->n_logits;
 }
 
+/* Processor sharing (docs/simulator.md, "CPU contention"): the n_busy instances in a
+ * step at now each advance at 1 / slowdown(n_busy) of their profiled speed. Called
+ * whenever n_busy changes: every step in flight is charged its progress since its last
+ * rate change, takes the new rate, and gets a new end event (the old one goes stale).
+ * O(instances) per step start and end, and only under contention. */
+static void reshare(sim_state *s, double now) {
+    double rate = 1.0 / sim_contention_slowdown(&s->p->contention, s->n_busy);
+    for (int i = 0; i < s->n_inst; i++) {
+        inst *in = &s->insts[i];
+        if (!in->busy) continue;
+        in->work_left = PD_MAX(in->work_left - (now - in->rate_t) * in->rate, 0);
+        in->rate_t = now;
+        if (in->rate == rate) continue;
+        in->rate = rate;
+        heap_push_gen(&s->heap, now + in->work_left / rate, EV_STEP_END, i, ++in->gen);
+    }
+}
+
 /* Starts the instance's next step at now, if it is idle and has work. */
 static void kick(sim_state *s, int i, double now) {
     inst *in = &s->insts[i];
@@ -211,12 +242,21 @@ static void kick(sim_state *s, int i, double now) {
     plan_work(in, s->p, &w);
     sim_cost_step(&in->cost, &w, &in->step);
     in->busy = true;
+    in->step_start = now;
     in->busy_s += in->step.seconds;
     in->energy_j += in->step.energy_j;
     if (in->role == ROLE_DECODE) s->st->busy_decode_s += in->step.seconds;
     else s->st->busy_prefill_s += in->step.seconds;
     s->st->steps++;
-    heap_push(&s->heap, now + in->step.seconds, EV_STEP_END, i);
+    if (s->contention) {
+        in->work_left = in->step.seconds;
+        in->rate = 0; /* a fresh step: reshare gives it its rate and end event */
+        in->rate_t = now;
+        s->n_busy++;
+        reshare(s, now);
+    } else {
+        heap_push(&s->heap, now + in->step.seconds, EV_STEP_END, i);
+    }
 }
 
 static int admit(sim_state *s, int i, sreq *r, int n_prompt, int max_tokens, double now) {
@@ -278,13 +318,16 @@ static void start_transfer(sim_state *s, inst *in, sreq *r, double t) {
     double f;
     if (s->cfg->layerwise && m) {
         int L = s->p->n_layers > 0 ? s->p->n_layers : 32;
-        double t0 = t - in->step.seconds;
+        double t0 = in->step_start, dt = t - t0; /* the step as it ran (stretched by contention) */
         f = in->link_free;
-        for (int l = 0; l < L; l++) f = PD_MAX(f, t0 + in->step.seconds * (l + 1) / L) + send / L;
+        for (int l = 0; l < L; l++) f = PD_MAX(f, t0 + dt * (l + 1) / L) + send / L;
     } else {
         f = PD_MAX(t, in->link_free) + send;
     }
     in->link_free = f;
+    /* the request's control messages (reserve, ticket, completion) ride along: the
+     * medium's measured control path, once per request */
+    if (m && s->cfg->control_path) latency += m->control_s;
     double arrive = f + latency;
     if (store) {
         inst *d = &s->insts[r->d_inst];
@@ -333,6 +376,16 @@ static void on_deadline(sim_state *s, sreq *r, double t) {
 static void on_step_end(sim_state *s, int i, double t) {
     inst *in = &s->insts[i];
     sched_plan *pl = &in->plan;
+    if (s->contention) { /* the step ran longer than priced: count the stretch as busy time */
+        double extra = PD_MAX(t - in->step_start - in->step.seconds, 0);
+        in->busy_s += extra;
+        s->st->contention_s += extra;
+        if (in->role == ROLE_DECODE) s->st->busy_decode_s += extra;
+        else s->st->busy_prefill_s += extra;
+        in->busy = false;
+        s->n_busy--;
+        reshare(s, t);
+    }
     sched_on_tokens(&in->sc, pl, s->zeros);
     for (int k = 0; k < pl->n_items; k++) {
         const sched_item *it = &pl->items[k];
@@ -496,6 +549,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
     s.first_decode = co ? s.n_inst : cfg->n_prefill;
     s.n_route_p = co ? cfg->n_colocated : cfg->n_prefill;
     s.n_route_d = co ? 0 : cfg->n_decode;
+    s.contention = cfg->cpu_contention && !strcmp(p->backend, "cpu") && p->contention.cores > 0;
     st->n_instances = s.n_inst;
     s.insts = xmalloc(sizeof(inst) * (size_t)s.n_inst);
     for (int i = 0; i < s.n_inst; i++) {
@@ -525,6 +579,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
         } else {
             sim_event e = heap_pop(&s.heap);
             now = e.t;
+            if (e.kind == EV_STEP_END && s.contention && e.gen != s.insts[e.id].gen) continue; /* rescheduled */
             if (e.kind == EV_STEP_END) on_step_end(&s, e.id, e.t);
             else if (e.kind == EV_DEADLINE) on_deadline(&s, &s.reqs[e.id], e.t);
             else rc = on_kv_arrive(&s, &s.reqs[e.id], e.t);

@@ -49,6 +49,10 @@ typedef struct sim_medium {
     int n_points;
     double bytes[SIM_MAX_POINTS], seconds[SIM_MAX_POINTS]; /* measured (n_points may be 0) */
     char source[160];       /* "measured" or where the default comes from */
+    double control_s;       /* the fixed control path of one disaggregated request over this
+                               medium beyond its transfer: kv_reserve, the ticket as text and
+                               back, the send and wait of a one-block request, the take
+                               (measured by `pdserve profile --medium`; 0: not measured) */
 } sim_medium;
 
 /* Whole-device power while idle, prefilling and decoding (at the profiled clock). */
@@ -77,6 +81,22 @@ typedef struct sim_clock_model {
     int n_points;
 } sim_clock_model;
 
+/* Instances of a CPU backend that share one host's cores (every instance of a plan whose
+ * profile says backend "cpu": the demo's processes). While k instances are in a step at
+ * once, each step advances at 1 / slowdown(k) of its profiled speed (processor sharing,
+ * docs/simulator.md "CPU contention"). slowdown(1) = 1 by definition: the grids were
+ * timed with the profiler alone. */
+#define SIM_MAX_CONTENTION 8
+typedef struct sim_contention {
+    int cores;              /* online cores of the profiled host (0: unknown: not modelled) */
+    int threads;            /* the profiled backend's threads, i.e. each instance's */
+    int n_points;           /* measured: procs[i] processes stepping at once took slowdown[i]
+                               x the time of one alone (procs[0] = 1); 0: ideal sharing,
+                               max(1, k x threads / cores) */
+    double procs[SIM_MAX_CONTENTION], slowdown[SIM_MAX_CONTENTION];
+    char source[192];
+} sim_contention;
+
 typedef struct sim_profile {
     char model[160], device[160], backend[32], host[128], date[32];
     int block_size;
@@ -101,6 +121,7 @@ typedef struct sim_profile {
     char mediums_note[256];
     sim_power power;
     sim_clock_model clock;
+    sim_contention contention;  /* CPU backend only; cores 0 elsewhere */
 } sim_profile;
 
 void sim_grid_init(sim_grid *g, int nx, const double *x, int ny, const double *y);
@@ -233,6 +254,11 @@ void sim_cost_init(sim_cost *c, const sim_profile *p, double mhz);
 void sim_cost_step(const sim_cost *c, const sim_work *w, sim_step_cost *out);
 /* Seconds to move bytes over m (0 for m NULL). */
 double sim_cost_transfer(const sim_medium *m, double bytes);
+/* How much slower each of k instances steps while k of them step at once on p's host:
+ * the measured curve interpolated piecewise linearly, beyond its last point k x
+ * threads / cores times that point's excess (processor sharing), without points
+ * max(1, k x threads / cores). 1 when p has no contention model (cores 0). */
+double sim_contention_slowdown(const sim_contention *c, int k);
 /* Fits the clock model's compute fractions and dynamic exponent from its points. */
 void sim_clock_fit(sim_clock_model *cm, double idle_w);
 
@@ -261,6 +287,11 @@ typedef struct sim_config {
                                    request whose prefill and KV transfer are not done this long
                                    after its arrival fails there (HTTP 504 in pdserve), its
                                    prefill dropped if it has not run; 0: none */
+    bool cpu_contention;        /* the instances share the profiled host's cores: steps in
+                                   flight at once slow each other (the profile's contention
+                                   curve, only when its backend is "cpu" and it has one) */
+    bool control_path;          /* xPyD: the medium's measured control_s is added to each
+                                   request's KV arrival (the first token) */
 } sim_config;
 
 /* One request: lengths and arrival (prompt ids are used by the replay only). */
@@ -272,6 +303,7 @@ typedef struct sim_request {
 
 typedef struct sim_stats {
     uint64_t steps, preemptions, events;
+    double contention_s;                    /* instance-seconds steps were stretched by sharing cores */
     int timed_out;                          /* requests failed by the xPyD deadline */
     double makespan_s;
     double busy_prefill_s, busy_decode_s;   /* instance-seconds busy by role (colocated: prefill) */
