@@ -8,7 +8,8 @@
 # (PDSERVE_TEST_DEVICE=cuda:0), then times the 8B decode step with graphs on and off
 # in the same process (bench_model_cuda --no-prefill), beside the copy ceiling. The
 # op test, the model test and the benchmark run again on the previous kernels
-# (PDSERVE_CUDA_ATTN=v1 PDSERVE_CUDA_GEMV=0 PDSERVE_CUDA_FUSED=0: the baseline of the
+# (PDSERVE_CUDA_ATTN=v1 PDSERVE_CUDA_GEMV=0 PDSERVE_CUDA_FUSED=0 PDSERVE_CUDA_FA=v1
+# PDSERVE_CUDA_PDL=0: the baseline of the
 # same call), the model test once more with PDSERVE_CUDA_GRAPHS=0 (every step op by
 # op); then the attention lab programs: bench_attention_cuda (decode kernels v1, v2,
 # v3 against the CPU, then timed) and bench_prefill_attn_cuda (prefill v1 and the
@@ -61,12 +62,12 @@ tail -n 2 "$out/gpu_reference.log"
 PDSERVE_GPU_REF=$ref run test_forward_cuda 300 build-gpu/test_forward_cuda
 grep -E '^(ok  |FAIL)|^case|step|failed|float32|graphs vs' "$out/test_forward_cuda.log" | head -n 30
 PDSERVE_CUDA_GRAPHS=0 PDSERVE_GPU_REF=$ref run test_forward_cuda_nographs 300 build-gpu/test_forward_cuda
-OLD=(env PDSERVE_CUDA_ATTN=v1 PDSERVE_CUDA_GEMV=0 PDSERVE_CUDA_FUSED=0) # the previous kernels
-PDSERVE_GPU_REF=$ref run test_forward_cuda_old "${OLD[@]}" build-gpu/test_forward_cuda
+OLD=(env PDSERVE_CUDA_ATTN=v1 PDSERVE_CUDA_GEMV=0 PDSERVE_CUDA_FUSED=0 PDSERVE_CUDA_FA=v1 PDSERVE_CUDA_PDL=0) # the previous kernels
+PDSERVE_GPU_REF=$ref run test_forward_cuda_old 300 "${OLD[@]}" build-gpu/test_forward_cuda
 grep -E '^(FAIL)|^case|failed|graphs vs' "$out/test_forward_cuda_old.log" | head -n 12
-run test_backend_cuda_old "${OLD[@]}" build-gpu/test_backend_cuda
+run test_backend_cuda_old 300 "${OLD[@]}" build-gpu/test_backend_cuda
 grep -E '^FAIL|failed' "$out/test_backend_cuda_old.log" | head -n 12
-PDSERVE_GPU_REF=$ref run test_forward_cuda_gemv1 env PDSERVE_CUDA_GEMV=1 build-gpu/test_forward_cuda
+PDSERVE_GPU_REF=$ref run test_forward_cuda_gemv1 300 env PDSERVE_CUDA_GEMV=1 build-gpu/test_forward_cuda
 grep -E '^FAIL|failed' "$out/test_forward_cuda_gemv1.log" | head -n 12
 
 # the CLI on the GPU: a make-model checkpoint, greedy, GPU vs CPU text
@@ -118,6 +119,9 @@ fi
     [ -f "$out/$b.log" ] && { echo; echo "-- $b --"; grep -E '^\||FAIL|fail|ceiling' "$out/$b.log" | head -n 60; }
   done
 } | tee "$out/summary.txt"
-(cd "$out" && tar -czf check-graphs.tgz --exclude=check-graphs.tgz --exclude=env.txt --exclude=summary.txt . 2>/dev/null &&
-  find . -maxdepth 1 -type f ! -name check-graphs.tgz ! -name env.txt ! -name summary.txt -delete)
+# the tarball is written beside $out first: tar of "." must not read the file it writes
+tgz=$(mktemp "${TMPDIR:-/tmp}/check-graphs.XXXXXX")
+(cd "$out" && tar -czf "$tgz" --exclude=env.txt --exclude=summary.txt . &&
+  find . -maxdepth 1 -type f ! -name env.txt ! -name summary.txt -delete &&
+  mv "$tgz" check-graphs.tgz)
 exit "$status"

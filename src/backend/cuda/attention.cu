@@ -84,6 +84,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
 attention_kernel(bf16 *out, const bf16 *qkv, const bf16 *kc, const bf16 *vc, const int32_t *rows,
                  const int32_t *seqs, const int32_t *tables, int H, int K, int D_, int bs,
                  float scale, int nsplit, float *ws_o, float *ws_ml) {
+    pd_enter();
     const int D = DT ? DT : D_;
     const int row = blockIdx.x, kvh = blockIdx.y;
     const int gz = SPLIT ? blockIdx.z / nsplit : blockIdx.z, split = SPLIT ? blockIdx.z % nsplit : 0;
@@ -244,6 +245,7 @@ attention_kernel(bf16 *out, const bf16 *qkv, const bf16 *kc, const bf16 *vc, con
  * sum_s e^(m_s - M) l_s with M the largest m_s. One block per (row, head). */
 __global__ void attn_split_reduce_kernel(bf16 *out, const int32_t *rows, const float *ws_o,
                                          const float *ws_ml, int H, int D, int nsplit) {
+    pd_enter();
     const int row = blockIdx.x, h = blockIdx.y, seq = rows[2 * row];
     bf16 *orow = out + ((size_t)row * H + h) * D;
     if (seq <= -2) return;
@@ -326,6 +328,7 @@ __global__ void __launch_bounds__(AT2_THREADS, 3)
 attention_v2_kernel(bf16 *out, const bf16 *qkv, const bf16 *kc, const bf16 *vc,
                     const int32_t *rows, const int32_t *seqs, const int32_t *tables, int H, int K,
                     int bs, float scale_log2, int S, int nsplit, float *ws_o, float *ws_ml) {
+    pd_enter();
     constexpr int CH = D / 8;        /* 16-byte pieces per key row */
     constexpr int HALF = D / 2;      /* dims per lane in the scores */
     constexpr int QS = D + 8;        /* q row stride (floats) */
@@ -590,6 +593,7 @@ __global__ void __launch_bounds__(AT2_THREADS, 3)
 attention_v3_kernel(bf16 *out, const bf16 *qkv, const bf16 *kc, const bf16 *vc,
                     const int32_t *rows, const int32_t *seqs, const int32_t *tables, int H, int K,
                     int bs, float scale_log2, int S, int nsplit, float *ws_o, float *ws_ml) {
+    pd_enter();
     constexpr int CH = D / 8;   /* 16-byte pieces per key row = 8-wide d tiles */
     constexpr int KS = D / 16;  /* k steps of the scores */
     constexpr int KP = 32 / CH; /* keys per copy instruction */
@@ -873,8 +877,8 @@ static void attn_launch(cuda_backend *cb, dim3 grid, bf16 *o, const bf16 *q, con
                         const bf16 *vc, const int32_t *rows, const int32_t *sq, const int32_t *tab,
                         int H, int K, int D, int bs, float scale, int nsplit, float *wo,
                         float *wml) {
-    attention_kernel<DT, SPLIT><<<grid, ATT_THREADS, 0, cb->stream>>>(
-        o, q, kc, vc, rows, sq, tab, H, K, D, bs, scale, nsplit, wo, wml);
+    pd_launch(attention_kernel<DT, SPLIT>, grid, ATT_THREADS, 0, cb->stream, o, q, kc, vc, rows, sq,
+              tab, H, K, D, bs, scale, nsplit, wo, wml);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -908,8 +912,8 @@ static void attn_v1_launch(cuda_backend *cb, bf16 *o, const bf16 *q, const bf16 
     float *wo = cb->attn_ws, *wml = cb->attn_ws + parts * D;
     dim3 grid((unsigned)T, (unsigned)K, (unsigned)(gz * nsplit));
     attn_launch_d<true>(cb, grid, o, q, kc, vc, rows, sq, tab, H, K, D, bs, scale, nsplit, wo, wml);
-    attn_split_reduce_kernel<<<dim3((unsigned)T, (unsigned)H), 128, 0, cb->stream>>>(
-        o, rows, wo, wml, H, D, nsplit);
+    pd_launch(attn_split_reduce_kernel, dim3((unsigned)T, (unsigned)H), 128, 0, cb->stream, o, rows,
+              wo, wml, H, D, nsplit);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -974,13 +978,13 @@ static void at2_launch(cuda_backend *cb, dim3 grid, const at2_args *a) {
     size_t smem = at2_smem_bytes(D, GB, a->S);
     (void)at2_blocks_per_sm<D, GB>(cb->device, a->S); /* the smem limit is raised */
     if (a->nsplit > 1)
-        attention_v2_kernel<D, GB, true><<<grid, AT2_THREADS, smem, cb->stream>>>(
-            a->o, a->q, a->kc, a->vc, a->rows, a->sq, a->tab, a->H, a->K, a->bs, a->scale_log2,
-            a->S, a->nsplit, a->wo, a->wml);
+        pd_launch(attention_v2_kernel<D, GB, true>, grid, AT2_THREADS, smem, cb->stream, a->o, a->q,
+                  a->kc, a->vc, a->rows, a->sq, a->tab, a->H, a->K, a->bs, a->scale_log2, a->S,
+                  a->nsplit, a->wo, a->wml);
     else
-        attention_v2_kernel<D, GB, false><<<grid, AT2_THREADS, smem, cb->stream>>>(
-            a->o, a->q, a->kc, a->vc, a->rows, a->sq, a->tab, a->H, a->K, a->bs, a->scale_log2,
-            a->S, 1, NULL, NULL);
+        pd_launch(attention_v2_kernel<D, GB, false>, grid, AT2_THREADS, smem, cb->stream, a->o,
+                  a->q, a->kc, a->vc, a->rows, a->sq, a->tab, a->H, a->K, a->bs, a->scale_log2,
+                  a->S, 1, NULL, NULL);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1008,13 +1012,13 @@ static void at3_launch(cuda_backend *cb, dim3 grid, const at2_args *a) {
     size_t smem = at3_smem_bytes(D, a->S);
     (void)at3_blocks_per_sm<D>(cb->device, a->S);
     if (a->nsplit > 1)
-        attention_v3_kernel<D, true><<<grid, AT2_THREADS, smem, cb->stream>>>(
-            a->o, a->q, a->kc, a->vc, a->rows, a->sq, a->tab, a->H, a->K, a->bs, a->scale_log2,
-            a->S, a->nsplit, a->wo, a->wml);
+        pd_launch(attention_v3_kernel<D, true>, grid, AT2_THREADS, smem, cb->stream, a->o, a->q,
+                  a->kc, a->vc, a->rows, a->sq, a->tab, a->H, a->K, a->bs, a->scale_log2, a->S,
+                  a->nsplit, a->wo, a->wml);
     else
-        attention_v3_kernel<D, false><<<grid, AT2_THREADS, smem, cb->stream>>>(
-            a->o, a->q, a->kc, a->vc, a->rows, a->sq, a->tab, a->H, a->K, a->bs, a->scale_log2,
-            a->S, 1, NULL, NULL);
+        pd_launch(attention_v3_kernel<D, false>, grid, AT2_THREADS, smem, cb->stream, a->o, a->q,
+                  a->kc, a->vc, a->rows, a->sq, a->tab, a->H, a->K, a->bs, a->scale_log2, a->S, 1,
+                  NULL, NULL);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1085,8 +1089,8 @@ static void at2_decode(cuda_backend *cb, bf16 *o, const bf16 *q, const bf16 *kc,
     }
     at2_launch_d(cb, D, GB, dim3((unsigned)T * (unsigned)K, (unsigned)(gz * nsplit)), &a);
     if (nsplit > 1) {
-        attn_split_reduce_kernel<<<dim3((unsigned)T, (unsigned)H), 128, 0, cb->stream>>>(
-            o, rows, a.wo, a.wml, H, D, nsplit);
+        pd_launch(attn_split_reduce_kernel, dim3((unsigned)T, (unsigned)H), 128, 0, cb->stream, o,
+                  rows, a.wo, a.wml, H, D, nsplit);
         CUDA_CHECK_LAUNCH();
     }
 }

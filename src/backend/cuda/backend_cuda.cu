@@ -406,6 +406,13 @@ extern "C" backend *backend_cuda_create(int device, char *err, size_t errlen) {
     CUDA_CHECK(cudaEventCreate(&cb->timer_stop));
     CUDA_CHECK(cudaMalloc((void **)&cb->inv_freq, ROPE_MAX_HALF * sizeof(float)));
     cuda_gemv_init();
+    /* programmatic dependent launch (cuda_common.h): sm_90 and later, unless
+     * PDSERVE_CUDA_PDL=0; one process-wide switch, off once any device lacks it */
+    static bool pdl_read;
+    const char *pdl = getenv("PDSERVE_CUDA_PDL");
+    if (!pdl_read) cuda_pdl_on = !(pdl && strcmp(pdl, "0") == 0);
+    pdl_read = true;
+    if (prop.major < 9) cuda_pdl_on = false;
     const char *attn = getenv("PDSERVE_CUDA_ATTN");
     cb->attn_basic = attn && strcmp(attn, "basic") == 0;
     backend *b = (backend *)xcalloc(1, sizeof *b);
@@ -420,10 +427,13 @@ extern "C" backend *backend_cuda_create(int device, char *err, size_t errlen) {
     b->ops = fused && strcmp(fused, "0") == 0 ? cuda_ops_unfused() : cuda_ops_with_graphs();
     b->impl = cb;
     b->threads = 0;
-    log_info("cuda backend: device %d %s, %d SMs, %.1f GiB", device, prop.name,
-             prop.multiProcessorCount, (double)prop.totalGlobalMem / (1 << 30));
+    log_info("cuda backend: device %d %s, %d SMs, %.1f GiB, programmatic launch %s", device,
+             prop.name, prop.multiProcessorCount, (double)prop.totalGlobalMem / (1 << 30),
+             cuda_pdl_on ? "on" : "off");
     return b;
 }
+
+bool cuda_pdl_on = false;
 
 /* ---- extras (backend_cuda.h) -------------------------------------------------------- */
 

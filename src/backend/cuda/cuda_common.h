@@ -138,6 +138,64 @@ static inline unsigned cuda_blocks(size_t n, unsigned threads) {
     return (unsigned)(g < 1 ? 1 : g);
 }
 
+/* ---- programmatic dependent launch (sm_90+) -----------------------------------------
+ * A decode step at batch 1 is ~300 short kernels (5-30 us each); between two of them
+ * the SMs idle while the next grid is launched and its blocks are placed. pd_launch
+ * starts a kernel with cudaLaunchAttributeProgrammaticStreamSerialization: the GPU may
+ * launch it once every block of the kernel before it has called pd_launch_dependents
+ * (or exited), so its launch overlaps its predecessor's tail.
+ * The rule that keeps this correct: every kernel started by pd_launch calls pd_wait()
+ * before it reads anything an earlier operation wrote and before it writes anything
+ * (pd_wait returns once the preceding grid has completed and its memory is visible;
+ * without a programmatic dependency it returns at once). Only data no operation of a
+ * step writes (weights) may be touched before it: the GEMV prefetches its first
+ * weights into L2 there. Kernels call pd_launch_dependents right after pd_wait: by
+ * then all their blocks have started, so a successor's waiting blocks cannot keep any
+ * of them from running. Captured into a decode graph, the attribute becomes a
+ * programmatic edge. PDSERVE_CUDA_PDL=0 (read at backend creation) launches every
+ * kernel plainly, for A/B runs; devices before sm_90 never use it. */
+extern bool cuda_pdl_on;
+
+template <class T> struct pd_same {
+    typedef T type;
+};
+
+/* kernel<<<grid, block, smem, stream>>>(args...), with the attribute when cuda_pdl_on;
+ * the arguments convert to the kernel's parameter types as in a plain call */
+template <typename... P>
+static inline void pd_launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem,
+                             cudaStream_t stream, typename pd_same<P>::type... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = cuda_pdl_on ? 1 : 0;
+    CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
+}
+
+__device__ __forceinline__ void pd_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pd_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+/* both, first thing in a kernel that touches nothing before its predecessor is done */
+__device__ __forceinline__ void pd_enter() {
+    pd_wait();
+    pd_launch_dependents();
+}
+
 /* ---- launchers (kernels.cu, attention.cu): assert shapes, launch, check ---------- */
 void cuda_embedding(backend *b, void *out, const void *table, const int32_t *ids, int T, int C);
 void cuda_rmsnorm(backend *b, void *out, const void *x, const void *w, int T, int C, float eps);

@@ -89,6 +89,7 @@ __device__ __forceinline__ float block_sum(float v) {
 
 template <int VEC>
 __global__ void embedding_kernel(bf16 *out, const bf16 *table, const int32_t *ids, int C) {
+    pd_enter();
     int t = blockIdx.x;
     const bf16 *src = table + (size_t)ids[t] * C;
     bf16 *dst = out + (size_t)t * C;
@@ -100,9 +101,11 @@ void cuda_embedding(backend *b, void *out, const void *table, const int32_t *ids
     PD_ASSERT(T >= 0 && C > 0);
     if (T == 0) return;
     if (vec8_ok(C, out, table, NULL))
-        embedding_kernel<8><<<T, 128, 0, cb->stream>>>((bf16 *)out, (const bf16 *)table, ids, C);
+        pd_launch(embedding_kernel<8>, T, 128, 0, cb->stream, (bf16 *)out, (const bf16 *)table, ids,
+                  C);
     else
-        embedding_kernel<1><<<T, 128, 0, cb->stream>>>((bf16 *)out, (const bf16 *)table, ids, C);
+        pd_launch(embedding_kernel<1>, T, 128, 0, cb->stream, (bf16 *)out, (const bf16 *)table, ids,
+                  C);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -112,6 +115,7 @@ void cuda_embedding(backend *b, void *out, const void *table, const int32_t *ids
 
 template <int VEC>
 __global__ void rmsnorm_kernel(bf16 *out, const bf16 *x, const bf16 *w, int C, float eps) {
+    pd_enter();
     const bf16 *xr = x + (size_t)blockIdx.x * C;
     bf16 *orow = out + (size_t)blockIdx.x * C;
     float ss = 0.0f;
@@ -137,6 +141,7 @@ __global__ void rmsnorm_kernel(bf16 *out, const bf16 *x, const bf16 *w, int C, f
 template <int VEC>
 __global__ void add_rmsnorm_kernel(bf16 *res, bf16 *out, const bf16 *x, const bf16 *w, int C,
                                    float eps) {
+    pd_enter();
     size_t row = (size_t)blockIdx.x * C;
     float ss = 0.0f;
     for (int i = threadIdx.x * VEC; i < C; i += blockDim.x * VEC) {
@@ -171,11 +176,11 @@ void cuda_rmsnorm(backend *b, void *out, const void *x, const void *w, int T, in
     PD_ASSERT(T >= 0 && C > 0);
     if (T == 0) return;
     if (vec8_ok(C, out, x, w))
-        rmsnorm_kernel<8><<<T, norm_threads(C, 8), 0, cb->stream>>>(
-            (bf16 *)out, (const bf16 *)x, (const bf16 *)w, C, eps);
+        pd_launch(rmsnorm_kernel<8>, T, norm_threads(C, 8), 0, cb->stream, (bf16 *)out,
+                  (const bf16 *)x, (const bf16 *)w, C, eps);
     else
-        rmsnorm_kernel<1><<<T, norm_threads(C, 1), 0, cb->stream>>>(
-            (bf16 *)out, (const bf16 *)x, (const bf16 *)w, C, eps);
+        pd_launch(rmsnorm_kernel<1>, T, norm_threads(C, 1), 0, cb->stream, (bf16 *)out,
+                  (const bf16 *)x, (const bf16 *)w, C, eps);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -185,11 +190,11 @@ void cuda_add_rmsnorm(backend *b, void *residual, void *out, const void *x, cons
     PD_ASSERT(T >= 0 && C > 0);
     if (T == 0) return;
     if (vec8_ok(C, residual, out, x) && aligned16(w))
-        add_rmsnorm_kernel<8><<<T, norm_threads(C, 8), 0, cb->stream>>>(
-            (bf16 *)residual, (bf16 *)out, (const bf16 *)x, (const bf16 *)w, C, eps);
+        pd_launch(add_rmsnorm_kernel<8>, T, norm_threads(C, 8), 0, cb->stream, (bf16 *)residual,
+                  (bf16 *)out, (const bf16 *)x, (const bf16 *)w, C, eps);
     else
-        add_rmsnorm_kernel<1><<<T, norm_threads(C, 1), 0, cb->stream>>>(
-            (bf16 *)residual, (bf16 *)out, (const bf16 *)x, (const bf16 *)w, C, eps);
+        pd_launch(add_rmsnorm_kernel<1>, T, norm_threads(C, 1), 0, cb->stream, (bf16 *)residual,
+                  (bf16 *)out, (const bf16 *)x, (const bf16 *)w, C, eps);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -197,6 +202,7 @@ void cuda_add_rmsnorm(backend *b, void *residual, void *out, const void *x, cons
 
 __global__ void head_rmsnorm_kernel(bf16 *x, const bf16 *w, int T, int row_stride, int head_offset,
                                     int n_heads, int D, float eps) {
+    pd_enter();
     int item = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (item >= T * n_heads) return;
@@ -220,8 +226,8 @@ void cuda_head_rmsnorm(backend *b, void *x, const void *w, int T, int row_stride
     PD_ASSERT(T >= 0 && n_heads > 0 && D > 0 && head_offset + n_heads * D <= row_stride);
     if (T == 0) return;
     size_t items = (size_t)T * n_heads;
-    head_rmsnorm_kernel<<<cuda_blocks(items, 4), 128, 0, cb->stream>>>(
-        (bf16 *)x, (const bf16 *)w, T, row_stride, head_offset, n_heads, D, eps);
+    pd_launch(head_rmsnorm_kernel, cuda_blocks(items, 4), 128, 0, cb->stream, (bf16 *)x,
+              (const bf16 *)w, T, row_stride, head_offset, n_heads, D, eps);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -266,6 +272,7 @@ __device__ __forceinline__ void rope_rotate(float *x1, float *x2, float p_t, con
 template <int VEC>
 __global__ void rope_kernel(bf16 *qkv, const int32_t *pos, const float *inv_freq, int T, int n_rot,
                             int stride, int D) {
+    pd_enter();
     int half = D / 2, per_head = half / VEC;
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)T * n_rot * per_head) return;
@@ -291,11 +298,11 @@ void cuda_rope(backend *b, void *qkv, const int32_t *pos, const rope_params *rp,
     int stride = (H + 2 * K) * D;
     size_t pairs = (size_t)T * (H + K) * (D / 2);
     if ((D / 2) % 8 == 0 && aligned16(qkv))
-        rope_kernel<8><<<cuda_blocks(pairs / 8, 256), 256, 0, cb->stream>>>(
-            (bf16 *)qkv, pos, inv, T, H + K, stride, D);
+        pd_launch(rope_kernel<8>, cuda_blocks(pairs / 8, 256), 256, 0, cb->stream, (bf16 *)qkv, pos,
+                  inv, T, H + K, stride, D);
     else
-        rope_kernel<1><<<cuda_blocks(pairs, 256), 256, 0, cb->stream>>>((bf16 *)qkv, pos, inv, T,
-                                                                        H + K, stride, D);
+        pd_launch(rope_kernel<1>, cuda_blocks(pairs, 256), 256, 0, cb->stream, (bf16 *)qkv, pos,
+                  inv, T, H + K, stride, D);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -306,6 +313,7 @@ void cuda_rope(backend *b, void *qkv, const int32_t *pos, const rope_params *rp,
 template <int VEC>
 __global__ void kv_store_kernel(bf16 *kc, bf16 *vc, const bf16 *qkv, const int32_t *slots,
                                  int stride, int q_elems, int KD) {
+    pd_enter();
     int t = blockIdx.x;
     int slot = slots[t];
     if (slot < 0) return;
@@ -326,17 +334,18 @@ void cuda_kv_store(backend *b, void *kcache, void *vcache, const void *qkv, cons
     if (T == 0) return;
     int KD = K * D, stride = (H + 2 * K) * D;
     if (vec8_ok(KD, kcache, vcache, qkv) && D % 8 == 0)
-        kv_store_kernel<8><<<T, 128, 0, cb->stream>>>((bf16 *)kcache, (bf16 *)vcache,
-                                                       (const bf16 *)qkv, slots, stride, H * D, KD);
+        pd_launch(kv_store_kernel<8>, T, 128, 0, cb->stream, (bf16 *)kcache, (bf16 *)vcache,
+                  (const bf16 *)qkv, slots, stride, H * D, KD);
     else
-        kv_store_kernel<1><<<T, 128, 0, cb->stream>>>((bf16 *)kcache, (bf16 *)vcache,
-                                                       (const bf16 *)qkv, slots, stride, H * D, KD);
+        pd_launch(kv_store_kernel<1>, T, 128, 0, cb->stream, (bf16 *)kcache, (bf16 *)vcache,
+                  (const bf16 *)qkv, slots, stride, H * D, KD);
     CUDA_CHECK_LAUNCH();
 }
 
 /* ---- SwiGLU: out[T,F] = silu(gu[:, :F]) * gu[:, F:] ---------------------------------- */
 
 template <int VEC> __global__ void swiglu_kernel(bf16 *out, const bf16 *gu, int T, int F) {
+    pd_enter();
     size_t idx = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
     if (idx >= (size_t)T * F) return;
     size_t t = idx / F, f = idx % F;
@@ -354,11 +363,11 @@ void cuda_swiglu(backend *b, void *out, const void *gu, int T, int F) {
     if (T == 0) return;
     size_t n = (size_t)T * F;
     if (vec8_ok(F, out, gu, NULL))
-        swiglu_kernel<8><<<cuda_blocks(n / 8, 256), 256, 0, cb->stream>>>((bf16 *)out,
-                                                                         (const bf16 *)gu, T, F);
+        pd_launch(swiglu_kernel<8>, cuda_blocks(n / 8, 256), 256, 0, cb->stream, (bf16 *)out,
+                  (const bf16 *)gu, T, F);
     else
-        swiglu_kernel<1><<<cuda_blocks(n, 256), 256, 0, cb->stream>>>((bf16 *)out, (const bf16 *)gu,
-                                                                      T, F);
+        pd_launch(swiglu_kernel<1>, cuda_blocks(n, 256), 256, 0, cb->stream, (bf16 *)out,
+                  (const bf16 *)gu, T, F);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -366,6 +375,7 @@ void cuda_swiglu(backend *b, void *out, const void *gu, int T, int F) {
 
 template <int VEC>
 __global__ void gather_rows_kernel(bf16 *out, const bf16 *x, const int32_t *rows, int C) {
+    pd_enter();
     int i = blockIdx.x;
     const bf16 *src = x + (size_t)rows[i] * C;
     bf16 *dst = out + (size_t)i * C;
@@ -380,22 +390,25 @@ void cuda_gather_rows(backend *b, void *out, const void *x, const int32_t *rows,
     cuda_grow_i32(cb, &cb->rows, &cb->rows_cap, (size_t)n);
     cuda_stage_h2d(cb, cb->rows, rows, (size_t)n * sizeof(int32_t));
     if (vec8_ok(C, out, x, NULL))
-        gather_rows_kernel<8><<<n, 128, 0, cb->stream>>>((bf16 *)out, (const bf16 *)x, cb->rows, C);
+        pd_launch(gather_rows_kernel<8>, n, 128, 0, cb->stream, (bf16 *)out, (const bf16 *)x,
+                  cb->rows, C);
     else
-        gather_rows_kernel<1><<<n, 128, 0, cb->stream>>>((bf16 *)out, (const bf16 *)x, cb->rows, C);
+        pd_launch(gather_rows_kernel<1>, n, 128, 0, cb->stream, (bf16 *)out, (const bf16 *)x,
+                  cb->rows, C);
     CUDA_CHECK_LAUNCH();
 }
 
 /* ---- bias broadcast (for matmul with bias) -------------------------------------------- */
 
 __global__ void bias_rows_kernel(bf16 *out, const bf16 *bias, size_t total, int N) {
+    pd_enter();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx < total) out[idx] = bias[idx % N];
 }
 
 void cuda_bias_rows(cuda_backend *cb, bf16 *out, const bf16 *bias, int T, int N) {
     size_t total = (size_t)T * N;
-    bias_rows_kernel<<<cuda_blocks(total, 256), 256, 0, cb->stream>>>(out, bias, total, N);
+    pd_launch(bias_rows_kernel, cuda_blocks(total, 256), 256, 0, cb->stream, out, bias, total, N);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -420,6 +433,7 @@ __device__ __forceinline__ void store_as(void *dst, dtype t, size_t i, float v) 
 /* Element i gets a normal draw that depends only on (seed, i): Box-Muller on two
  * 24-bit uniforms from one 64-bit counter hash. Reproducible for any launch shape. */
 __global__ void fill_random_kernel(void *dst, dtype t, size_t n, uint64_t seed, float scale) {
+    pd_enter();
     uint64_t key = mix64(seed);
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
@@ -432,6 +446,7 @@ __global__ void fill_random_kernel(void *dst, dtype t, size_t n, uint64_t seed, 
 }
 
 __global__ void fill_kernel(void *dst, dtype t, size_t n, float value) {
+    pd_enter();
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x)
         store_as(dst, t, i, value);
@@ -445,7 +460,7 @@ void cuda_fill_random(backend *b, void *dst, dtype t, size_t n, uint64_t seed, f
     cuda_backend *cb = cuda_of(b);
     PD_ASSERT(t == DTYPE_F32 || t == DTYPE_F16 || t == DTYPE_BF16);
     if (n == 0) return;
-    fill_random_kernel<<<fill_grid(cb, n), 256, 0, cb->stream>>>(dst, t, n, seed, scale);
+    pd_launch(fill_random_kernel, fill_grid(cb, n), 256, 0, cb->stream, dst, t, n, seed, scale);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -453,7 +468,7 @@ void cuda_fill(backend *b, void *dst, dtype t, size_t n, float value) {
     cuda_backend *cb = cuda_of(b);
     PD_ASSERT(dtype_size(t) > 0);
     if (n == 0) return;
-    fill_kernel<<<fill_grid(cb, n), 256, 0, cb->stream>>>(dst, t, n, value);
+    pd_launch(fill_kernel, fill_grid(cb, n), 256, 0, cb->stream, dst, t, n, value);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -471,6 +486,7 @@ __device__ __forceinline__ void amax_take(float &bv, int &bi, float v, int i) {
 
 template <int VEC>
 __global__ void __launch_bounds__(1024) argmax_rows_kernel(int32_t *out, const bf16 *x, int V) {
+    pd_enter();
     const bf16 *row = x + (size_t)blockIdx.x * V;
     float bv = -INFINITY;
     int bi = 0x7fffffff;
@@ -512,9 +528,9 @@ void cuda_argmax_rows(backend *b, int32_t *out, const void *x, int n, int V) {
     PD_ASSERT(n >= 0 && V > 0);
     if (n == 0) return;
     if (vec8_ok(V, x, NULL, NULL))
-        argmax_rows_kernel<8><<<n, 1024, 0, cb->stream>>>(out, (const bf16 *)x, V);
+        pd_launch(argmax_rows_kernel<8>, n, 1024, 0, cb->stream, out, (const bf16 *)x, V);
     else
-        argmax_rows_kernel<1><<<n, 1024, 0, cb->stream>>>(out, (const bf16 *)x, V);
+        pd_launch(argmax_rows_kernel<1>, n, 1024, 0, cb->stream, out, (const bf16 *)x, V);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -659,6 +675,21 @@ gemv_kernel(bf16 *out, const bf16 *x, const bf16 *w, const bf16 *bias, int T, in
         gemv_cp_commit();
     };
 
+    /* No operation of a step writes weights: pull this warp's first steps of them into
+     * L2 while the kernel before may still run, then wait for it (pd_launch). */
+    if (c == 0)
+        for (int i = 0; i < STAGES - 1 && i < mine; i++)
+#pragma unroll
+            for (int j = 0; j < MT; j++)
+#pragma unroll
+                for (int h = 0; h < 2; h++)
+                    for (int off = 0; off < STEP; off += 64) {
+                        int k = (warp + i * W) * STEP + off;
+                        if (rv[j][h] && k < Kd)
+                            asm volatile("prefetch.global.L2 [%0];" ::"l"(wr[j][h] + k));
+                    }
+    pd_enter();
+
     float acc[MT][4];
 #pragma unroll
     for (int j = 0; j < MT; j++)
@@ -775,9 +806,8 @@ void cuda_gemv(cuda_backend *cb, bf16 *out, const bf16 *x, const bf16 *w, const 
     gemv_cfg c = GEMV_CFG[gemv_pick(cb, N)];
 #define GEMV_LAUNCH(w_, mt, st, kh)                                                                \
     if (c.W == w_ && c.MT == mt && c.STAGES == st && c.KH == kh)                                   \
-        gemv_kernel<w_, mt, st, kh, false><<<cuda_blocks((size_t)N, 16 * mt), w_ * 32,             \
-                                             gemv_smem_bytes<w_, mt, st, kh>(), cb->stream>>>(     \
-            out, x, w, bias, T, Kd, N, 0);
+        pd_launch(gemv_kernel<w_, mt, st, kh, false>, cuda_blocks((size_t)N, 16 * mt), w_ * 32,    \
+                  gemv_smem_bytes<w_, mt, st, kh>(), cb->stream, out, x, w, bias, T, Kd, N, 0);
     GEMV_CFGS(GEMV_LAUNCH)
 #undef GEMV_LAUNCH
     CUDA_CHECK_LAUNCH();
@@ -786,9 +816,8 @@ void cuda_gemv(cuda_backend *cb, bf16 *out, const bf16 *x, const bf16 *w, const 
 void cuda_gemv_swiglu(cuda_backend *cb, bf16 *out, const bf16 *x, const bf16 *w, int T, int Kd,
                       int F) {
     PD_ASSERT(cuda_gemv_supports(T, Kd, x, w) && F > 0);
-    gemv_kernel<4, 2, 4, 2, true><<<cuda_blocks((size_t)F, 16), 4 * 32,
-                                    gemv_smem_bytes<4, 2, 4, 2>(), cb->stream>>>(out, x, w, NULL, T,
-                                                                                  Kd, 2 * F, F);
+    pd_launch(gemv_kernel<4, 2, 4, 2, true>, cuda_blocks((size_t)F, 16), 4 * 32,
+              gemv_smem_bytes<4, 2, 4, 2>(), cb->stream, out, x, w, NULL, T, Kd, 2 * F, F);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -802,6 +831,7 @@ template <int VEC>
 __global__ void rope_kv_store_kernel(bf16 *qkv, bf16 *kc, bf16 *vc, const int32_t *pos,
                                      const int32_t *slots, const float *inv_freq, int T, int H,
                                      int K, int D) {
+    pd_enter();
     int half = D / 2, per_head = half / VEC, heads = H + 2 * K;
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)T * heads * per_head) return;
@@ -840,10 +870,10 @@ void cuda_rope_kv_store(backend *b, void *qkv, void *kcache, void *vcache, const
     const float *inv = rope_table(cb, rp, D);
     size_t pairs = (size_t)T * (H + 2 * K) * (D / 2);
     if ((D / 2) % 8 == 0 && aligned16(qkv) && aligned16(kcache) && aligned16(vcache))
-        rope_kv_store_kernel<8><<<cuda_blocks(pairs / 8, 256), 256, 0, cb->stream>>>(
-            (bf16 *)qkv, (bf16 *)kcache, (bf16 *)vcache, pos, slots, inv, T, H, K, D);
+        pd_launch(rope_kv_store_kernel<8>, cuda_blocks(pairs / 8, 256), 256, 0, cb->stream,
+                  (bf16 *)qkv, (bf16 *)kcache, (bf16 *)vcache, pos, slots, inv, T, H, K, D);
     else
-        rope_kv_store_kernel<1><<<cuda_blocks(pairs, 256), 256, 0, cb->stream>>>(
-            (bf16 *)qkv, (bf16 *)kcache, (bf16 *)vcache, pos, slots, inv, T, H, K, D);
+        pd_launch(rope_kv_store_kernel<1>, cuda_blocks(pairs, 256), 256, 0, cb->stream, (bf16 *)qkv,
+                  (bf16 *)kcache, (bf16 *)vcache, pos, slots, inv, T, H, K, D);
     CUDA_CHECK_LAUNCH();
 }

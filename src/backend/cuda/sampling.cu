@@ -356,6 +356,7 @@ __device__ int sr_pick_sorted(sr_shared *sh, const sr_row *r, const sample_row *
 __global__ void __launch_bounds__(SR_THREADS)
 sample_rows_kernel(int32_t *out, float *logprob, const bf16 *x, const sample_row *params, u64 *scratch,
                    int V) {
+    pd_enter();
     __shared__ sr_shared sh;
     const int row = blockIdx.x;
     const bf16 *lg = x + (size_t)row * V;
@@ -431,8 +432,7 @@ void cuda_sample_rows(backend *b, int32_t *out, float *logprob, const void *x, c
         cb->samp_lists_cap = lists;
     }
     cuda_stage_h2d(cb, cb->samp_params, p, pbytes);
-    sample_rows_kernel<<<n, SR_THREADS, 0, cb->stream>>>(out, logprob, (const bf16 *)x,
-                                                         (const sample_row *)cb->samp_params,
-                                                         (u64 *)cb->samp_lists, V);
+    pd_launch(sample_rows_kernel, n, SR_THREADS, 0, cb->stream, out, logprob, (const bf16 *)x,
+              (const sample_row *)cb->samp_params, (u64 *)cb->samp_lists, V);
     CUDA_CHECK_LAUNCH();
 }
