@@ -675,19 +675,6 @@ gemv_kernel(bf16 *out, const bf16 *x, const bf16 *w, const bf16 *bias, int T, in
         gemv_cp_commit();
     };
 
-    /* No operation of a step writes weights: pull this warp's first steps of them into
-     * L2 while the kernel before may still run, then wait for it (pd_launch). */
-    if (c == 0)
-        for (int i = 0; i < STAGES - 1 && i < mine; i++)
-#pragma unroll
-            for (int j = 0; j < MT; j++)
-#pragma unroll
-                for (int h = 0; h < 2; h++)
-                    for (int off = 0; off < STEP; off += 64) {
-                        int k = (warp + i * W) * STEP + off;
-                        if (rv[j][h] && k < Kd)
-                            asm volatile("prefetch.global.L2 [%0];" ::"l"(wr[j][h] + k));
-                    }
     pd_enter();
 
     float acc[MT][4];
