@@ -14,7 +14,7 @@
 # Read-only on the GPU: no clock, power-limit or mode change (no --sm-clock here), only
 # nvidia-smi queries and NVML reads. Usage (repository root, on the GPU machine; carry
 # .deps/prefix and tests/.cache/tokenizers):
-#   scripts/gpu/check-energy-serve.sh            (DURATION=60 by default)
+#   scripts/gpu/check-energy-serve.sh            (DURATION=60 by default; SERVE_EXTRA)
 # Full results under $OUT (or build-gpu/out-energy): env.txt, build.log, serve.log,
 # calib.json, bench.json, bench.txt, metrics-before.txt, metrics-after.txt, summary.txt.
 # Exit: 0 measured, 77 no GPU, 2 build failed, 1 otherwise (the reason is printed).
@@ -41,6 +41,10 @@ TOK=tests/.cache/tokenizers/llama3
 # ---- the server ---------------------------------------------------------------------------
 SERVE_CMD=("$BIN" serve --device 0 --model preset:llama-3.1-8b --load-format dummy --tokenizer "$TOK"
            --max-num-seqs 64 --max-model-len 4096 --host 127.0.0.1 --port 0 --energy-idle-seconds 3)
+# SERVE_EXTRA: more serve flags, e.g. "--max-num-batched-tokens 512" (the per-step token
+# budget: smaller budgets spread each prompt's prefill over more decode steps)
+read -r -a extra <<<"${SERVE_EXTRA:-}"
+SERVE_CMD+=("${extra[@]}")
 echo "serve: ${SERVE_CMD[*]}" | tee -a "$out/env.txt"
 "${SERVE_CMD[@]}" >"$out/serve.log" 2>&1 &
 spid=$!
