@@ -244,9 +244,10 @@ attention_kernel(bf16 *out, const bf16 *qkv, const bf16 *kc, const bf16 *vc, con
 /* Merges the nsplit partials of each (row, q head): out = sum_s e^(m_s - M) acc_s /
  * sum_s e^(m_s - M) l_s with M the largest m_s. One block per (row, head). */
 __global__ void attn_split_reduce_kernel(bf16 *out, const int32_t *rows, const float *ws_o,
-                                         const float *ws_ml, int H, int D, int nsplit) {
+                                         const float *ws_ml, int H, int D, int nsplit,
+                                         const int32_t *rmap) {
     pd_enter();
-    const int row = blockIdx.x, h = blockIdx.y, seq = rows[2 * row];
+    const int row = rmap ? rmap[blockIdx.x] : blockIdx.x, h = blockIdx.y, seq = rows[2 * row];
     bf16 *orow = out + ((size_t)row * H + h) * D;
     if (seq <= -2) return;
     if (seq < 0) {
@@ -327,7 +328,8 @@ template <int D, int GB, bool SPLIT>
 __global__ void __launch_bounds__(AT2_THREADS, 3)
 attention_v2_kernel(bf16 *out, const bf16 *qkv, const bf16 *kc, const bf16 *vc,
                     const int32_t *rows, const int32_t *seqs, const int32_t *tables, int H, int K,
-                    int bs, float scale_log2, int S, int nsplit, float *ws_o, float *ws_ml) {
+                    int bs, float scale_log2, int S, int nsplit, float *ws_o, float *ws_ml,
+                    const int32_t *rmap) {
     pd_enter();
     constexpr int CH = D / 8;        /* 16-byte pieces per key row */
     constexpr int HALF = D / 2;      /* dims per lane in the scores */
@@ -335,7 +337,8 @@ attention_v2_kernel(bf16 *out, const bf16 *qkv, const bf16 *kc, const bf16 *vc,
     constexpr int KP = 32 / CH;      /* keys per PV step */
     constexpr unsigned FULL = 0xffffffffu;
     extern __shared__ __align__(16) unsigned char at2_smem[];
-    const int row = blockIdx.x / K, kvh = blockIdx.x % K; /* a row's kv heads side by side */
+    /* a row's kv heads side by side; rmap: the step's rows this launch covers */
+    const int row = rmap ? rmap[blockIdx.x / K] : blockIdx.x / K, kvh = blockIdx.x % K;
     const int gz = SPLIT ? blockIdx.y / nsplit : blockIdx.y, split = SPLIT ? blockIdx.y % nsplit : 0;
     const int G = H / K, g0 = gz * GB, gc = min(GB, G - g0);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -592,14 +595,16 @@ template <int D, bool SPLIT>
 __global__ void __launch_bounds__(AT2_THREADS, 3)
 attention_v3_kernel(bf16 *out, const bf16 *qkv, const bf16 *kc, const bf16 *vc,
                     const int32_t *rows, const int32_t *seqs, const int32_t *tables, int H, int K,
-                    int bs, float scale_log2, int S, int nsplit, float *ws_o, float *ws_ml) {
+                    int bs, float scale_log2, int S, int nsplit, float *ws_o, float *ws_ml,
+                    const int32_t *rmap) {
     pd_enter();
     constexpr int CH = D / 8;   /* 16-byte pieces per key row = 8-wide d tiles */
     constexpr int KS = D / 16;  /* k steps of the scores */
     constexpr int KP = 32 / CH; /* keys per copy instruction */
     constexpr unsigned FULL = 0xffffffffu;
     extern __shared__ __align__(16) unsigned char at2_smem[];
-    const int row = blockIdx.x / K, kvh = blockIdx.x % K; /* a row's kv heads side by side */
+    /* a row's kv heads side by side; rmap: the step's rows this launch covers */
+    const int row = rmap ? rmap[blockIdx.x / K] : blockIdx.x / K, kvh = blockIdx.x % K;
     const int gz = SPLIT ? blockIdx.y / nsplit : blockIdx.y, split = SPLIT ? blockIdx.y % nsplit : 0;
     const int G = H / K, g0 = gz * AT3_GB, gc = min(AT3_GB, G - g0);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -787,20 +792,33 @@ typedef struct attn_plan {
     int n_basic_rows;   /* rows attention_kernel computes */
     int max_basic_keys; /* the longest context among them */
     int n_claimed;      /* rows some sequence computes (the others get zeros) */
+    size_t tiles_off;   /* where the tiles start */
+    size_t rmap_off;    /* where the row map starts (n_rmap > 0) */
+    int n_rmap;         /* rows left to the decode kernel when a step has prefill tiles:
+                         * its grid covers these alone, not every row of the step */
 } attn_plan;
 
 /* Flattens seqs into the metadata layout above (host), in cb->attn_meta_tmp, with the
- * prefill tiles [n_tiles][4] after the tables and their rows marked -2. Asserts the
- * step is consistent. */
+ * prefill tiles [n_tiles][4] after the tables and their rows marked -2, then, when there
+ * are tiles, the row map [n_rmap]: the indices of every other row (decode rows, short
+ * chunks, unclaimed rows), so that the decode kernel is launched over those alone. A
+ * 2,048-row chunk beside 8 decode rows would otherwise launch blocks for all 2,056 rows
+ * x kv heads x splits, of which the chunk's return at once: measured as several ms per
+ * mixed step on an H200 (the simulator's steady-quick validation, docs/simulator.md).
+ * Asserts the step is consistent. */
 static attn_plan attn_meta_build(cuda_backend *cb, const attn_seq *seqs, int B, int T,
                                  int block_size, bool fa) {
-    attn_plan pl = {0, 0, 0, 0, 0};
+    attn_plan pl = {};
     size_t n = 2 * (size_t)T + 2 * (size_t)B;
+    int fa_rows = 0;
     for (int b = 0; b < B; b++) {
         n += (size_t)PD_MAX(seqs[b].n_blocks, 0);
-        if (fa && seqs[b].q_len >= ATT_FA_MIN_Q)
+        if (fa && seqs[b].q_len >= ATT_FA_MIN_Q) {
             n += 4 * (size_t)((seqs[b].q_len + ATT_FA_M - 1) / ATT_FA_M);
+            fa_rows += seqs[b].q_len;
+        }
     }
+    if (fa_rows > 0) n += (size_t)(T - fa_rows); /* the row map */
     if (n > cb->attn_meta_host_cap) {
         size_t cap = PD_MAX(n, 2 * cb->attn_meta_host_cap);
         cb->attn_meta_host = (int32_t *)xrealloc(cb->attn_meta_host, cap * sizeof(int32_t));
@@ -846,6 +864,15 @@ static attn_plan attn_meta_build(cuda_backend *cb, const attn_seq *seqs, int B, 
             pl.max_basic_keys = PD_MAX(pl.max_basic_keys, s->ctx_len);
         }
     }
+    pl.tiles_off = (size_t)(tiles - m);
+    if (pl.n_tiles > 0) {
+        int32_t *rmap = tiles + 4 * pl.n_tiles;
+        pl.rmap_off = (size_t)(rmap - m);
+        for (int t = 0; t < T; t++)
+            if (rows[2 * t] != -2) rmap[pl.n_rmap++] = t;
+        PD_ASSERT(pl.n_rmap == T - fa_rows);
+    }
+    PD_ASSERT(pl.tiles_off + 4 * (size_t)pl.n_tiles + (size_t)pl.n_rmap == n);
     pl.n = n;
     return pl;
 }
@@ -913,7 +940,7 @@ static void attn_v1_launch(cuda_backend *cb, bf16 *o, const bf16 *q, const bf16 
     dim3 grid((unsigned)T, (unsigned)K, (unsigned)(gz * nsplit));
     attn_launch_d<true>(cb, grid, o, q, kc, vc, rows, sq, tab, H, K, D, bs, scale, nsplit, wo, wml);
     pd_launch(attn_split_reduce_kernel, dim3((unsigned)T, (unsigned)H), 128, 0, cb->stream, o, rows,
-              wo, wml, H, D, nsplit);
+              wo, wml, H, D, nsplit, NULL);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -971,6 +998,7 @@ typedef struct at2_args {
     int H, K, bs, S, nsplit;
     float scale_log2;
     float *wo, *wml; /* split-K partials (nsplit > 1) */
+    const int32_t *rmap; /* the rows the grid covers (NULL: all T, in order) */
 } at2_args;
 
 template <int D, int GB>
@@ -980,11 +1008,11 @@ static void at2_launch(cuda_backend *cb, dim3 grid, const at2_args *a) {
     if (a->nsplit > 1)
         pd_launch(attention_v2_kernel<D, GB, true>, grid, AT2_THREADS, smem, cb->stream, a->o, a->q,
                   a->kc, a->vc, a->rows, a->sq, a->tab, a->H, a->K, a->bs, a->scale_log2, a->S,
-                  a->nsplit, a->wo, a->wml);
+                  a->nsplit, a->wo, a->wml, a->rmap);
     else
         pd_launch(attention_v2_kernel<D, GB, false>, grid, AT2_THREADS, smem, cb->stream, a->o,
                   a->q, a->kc, a->vc, a->rows, a->sq, a->tab, a->H, a->K, a->bs, a->scale_log2,
-                  a->S, 1, NULL, NULL);
+                  a->S, 1, NULL, NULL, a->rmap);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1014,11 +1042,11 @@ static void at3_launch(cuda_backend *cb, dim3 grid, const at2_args *a) {
     if (a->nsplit > 1)
         pd_launch(attention_v3_kernel<D, true>, grid, AT2_THREADS, smem, cb->stream, a->o, a->q,
                   a->kc, a->vc, a->rows, a->sq, a->tab, a->H, a->K, a->bs, a->scale_log2, a->S,
-                  a->nsplit, a->wo, a->wml);
+                  a->nsplit, a->wo, a->wml, a->rmap);
     else
         pd_launch(attention_v3_kernel<D, false>, grid, AT2_THREADS, smem, cb->stream, a->o, a->q,
                   a->kc, a->vc, a->rows, a->sq, a->tab, a->H, a->K, a->bs, a->scale_log2, a->S, 1,
-                  NULL, NULL);
+                  NULL, NULL, a->rmap);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1075,22 +1103,25 @@ static int at2_nsplit(const cuda_backend *cb, long blocks, int keys, int per_sm)
  * and merged when that pays. */
 static void at2_decode(cuda_backend *cb, bf16 *o, const bf16 *q, const bf16 *kc, const bf16 *vc,
                        const int32_t *rows, const int32_t *sq, const int32_t *tab, int T, int H,
-                       int K, int D, int bs, float scale, int n_rows, int keys) {
+                       int K, int D, int bs, float scale, int n_rows, int keys,
+                       const int32_t *rmap, int n_rmap) {
     const int G = H / K, GB = cb->attn_variant == 3 ? AT3_GB : at2_gb(G);
     const int gz = (G + GB - 1) / GB, S = cb->attn_stages;
     const int per_sm = at2_occupancy(cb, D, GB, S);
     const int nsplit = at2_nsplit(cb, (long)n_rows * K * gz, keys, per_sm);
-    at2_args a = {o, q, kc, vc, rows, sq, tab, H, K, bs, S, nsplit, scale * AT2_LOG2E, NULL, NULL};
+    at2_args a = {o, q, kc, vc, rows, sq, tab, H, K, bs, S, nsplit, scale * AT2_LOG2E, NULL, NULL,
+                  rmap};
+    const int grid_rows = rmap ? n_rmap : T; /* the split partials stay indexed by row */
     if (nsplit > 1) {
         size_t parts = (size_t)T * H * nsplit;
         attn_ws_grow(cb, parts * (D + 2));
         a.wo = cb->attn_ws;
         a.wml = cb->attn_ws + parts * D;
     }
-    at2_launch_d(cb, D, GB, dim3((unsigned)T * (unsigned)K, (unsigned)(gz * nsplit)), &a);
+    at2_launch_d(cb, D, GB, dim3((unsigned)grid_rows * (unsigned)K, (unsigned)(gz * nsplit)), &a);
     if (nsplit > 1) {
-        pd_launch(attn_split_reduce_kernel, dim3((unsigned)T, (unsigned)H), 128, 0, cb->stream, o,
-                  rows, a.wo, a.wml, H, D, nsplit);
+        pd_launch(attn_split_reduce_kernel, dim3((unsigned)grid_rows, (unsigned)H), 128, 0,
+                  cb->stream, o, rows, a.wo, a.wml, H, D, nsplit, rmap);
         CUDA_CHECK_LAUNCH();
     }
 }
@@ -1152,7 +1183,7 @@ void cuda_attention(backend *b, void *out, const void *qkv, const void *kcache, 
         const int32_t *rows = cb->dec + 3 * (size_t)T, *sq = rows + 2 * T, *tab = sq + 2 * T;
         if (at2_on(cb, D)) {
             at2_decode(cb, o, q, kc, vc, rows, sq, tab, T, H, K, D, block_size, scale, T,
-                       AT2_GRAPH_KEYS);
+                       AT2_GRAPH_KEYS, NULL, 0);
             return;
         }
         int gz = (H / K + ATT_MAXG - 1) / ATT_MAXG;
@@ -1173,14 +1204,15 @@ void cuda_attention(backend *b, void *out, const void *qkv, const void *kcache, 
         cb->attn_meta_len = n;
     }
     const int32_t *rows = cb->attn_meta, *sq = rows + 2 * T, *tab = sq + 2 * B;
-    const int32_t *tiles = cb->attn_meta + n - 4 * (size_t)pl.n_tiles;
+    const int32_t *tiles = cb->attn_meta + pl.tiles_off;
     if (pl.n_tiles > 0)
         cuda_attention_prefill(cb, o, q, kc, vc, tiles, pl.n_tiles, sq, tab, H, K, D, block_size,
                                scale);
     if (pl.n_basic_rows == 0 && pl.n_claimed == T) return; /* every row was a prefill row */
     if (at2_on(cb, D)) {
         at2_decode(cb, o, q, kc, vc, rows, sq, tab, T, H, K, D, block_size, scale,
-                   pl.n_basic_rows, pl.max_basic_keys);
+                   pl.n_basic_rows, pl.max_basic_keys,
+                   pl.n_tiles > 0 ? cb->attn_meta + pl.rmap_off : NULL, pl.n_rmap);
         return;
     }
     int gz = (H / K + ATT_MAXG - 1) / ATT_MAXG;
