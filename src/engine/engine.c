@@ -81,7 +81,14 @@ struct engine {
     engine_stats stats;
     prefix_cache_hooks tier_hooks; /* lower tiers (engine_set_prefix_cache_hooks); set while
                                     * the engine thread is stopped, read by any thread */
+    cost_fit prefill_fit;   /* forward seconds = a + b * rows over steps that prefilled: b is
+                             * the lower tiers' recompute estimate (engine thread only) */
 };
+
+/* The prefill fit: each step weighs 0.95 of the one after it (the last ~20 steps count),
+ * prior a pseudo-step of 0 rows in 0 s of a tenth of a step's weight (docs/reuse.md). */
+#define PREFILL_FIT_DECAY 0.95
+#define PREFILL_FIT_PRIOR_W 0.1
 
 /* ---- small things ------------------------------------------------------------------ */
 
@@ -207,6 +214,7 @@ engine *engine_create(model *m, const engine_config *cfg_in, char *err, size_t e
         cfg.max_num_batched_tokens = e->max_model_len;
     }
     e->cfg = cfg;
+    cost_fit_init(&e->prefill_fit, PREFILL_FIT_DECAY, PREFILL_FIT_PRIOR_W);
     e->fwd = fwd_ctx_create(m, cfg.max_num_batched_tokens, cfg.max_num_seqs);
     if (!e->fwd) {
         pd_errorf(err, errlen, "cannot allocate forward scratch for %d tokens", cfg.max_num_batched_tokens);
@@ -518,11 +526,14 @@ static void engine_step(engine *e) {
     }
     double t2 = time_now_s();
     if (p.n_prefill_tokens > 0 && e->sc.pool.pc) {
-        /* the lower tiers' load-or-recompute rule needs prefill seconds per token: a
-         * running mean over steps that prefilled (the engine thread alone reads it) */
+        /* the lower tiers' load-or-recompute rule needs what one more prefill token
+         * costs: the slope of forward seconds against the step's rows (prompt and
+         * decode rows: each is a row of every matmul), fitted over the steps that
+         * prefilled, so a step's fixed cost (the weights are read whatever the rows)
+         * is not charged to its few tokens (the engine thread alone reads it) */
         prefix_cache_hooks *h = &e->sc.pool.pc->hooks;
-        double per = (t2 - t1) / p.batch.T;
-        h->recompute_s_per_token = h->recompute_s_per_token > 0 ? 0.8 * h->recompute_s_per_token + 0.2 * per : per;
+        cost_fit_add(&e->prefill_fit, p.batch.T, t2 - t1);
+        cost_fit_line(&e->prefill_fit, &h->recompute_s_per_step, &h->recompute_s_per_token);
     }
     if (!greedy && !on_device) engine_sample(e, &p);
     sched_on_tokens(&e->sc, &p, e->step_tokens);
@@ -891,8 +902,10 @@ int engine_set_prefix_cache_hooks(engine *e, const prefix_cache_hooks *h) {
     PD_ASSERT(!e->started || e->stopping); /* the engine thread reads them unlocked */
     pthread_mutex_lock(&e->pool_mu);
     double est = e->sc.pool.pc->hooks.recompute_s_per_token;
+    double est_step = e->sc.pool.pc->hooks.recompute_s_per_step;
     e->tier_hooks = h ? *h : (prefix_cache_hooks){0};
     e->tier_hooks.recompute_s_per_token = est;
+    e->tier_hooks.recompute_s_per_step = est_step;
     e->sc.pool.pc->hooks = e->tier_hooks;
     pthread_mutex_unlock(&e->pool_mu);
     return 0;

@@ -75,8 +75,46 @@ typedef struct prefix_cache_hooks {
     kv_lower_load_fn lower_load;    /* required with lower_lookup; called with lookup_user */
     void *lookup_user;
     kv_tier_stats_fn tier_stats;    /* NULL: no lower tiers to report; lookup_user */
-    double recompute_s_per_token;   /* set by the engine after each step that prefilled */
+    double recompute_s_per_token;   /* set by the engine after each step that prefilled: the
+                                     * marginal prefill seconds per token (reuse_cost.c) */
+    double recompute_s_per_step;    /* the same fit's fixed seconds per step (for the record:
+                                     * a recompute is charged per token only) */
 } prefix_cache_hooks;
+
+/* ---- the cost model of KV reuse (reuse_cost.c, docs/reuse.md "Load or recompute") ---- *
+ * cost_fit: a running least-squares line  seconds = a + b * x  over (x, seconds) samples
+ * (x: rows of a prefill step, or blocks of a load's batch), the older samples' weights
+ * decaying by `decay` at each new one, plus a prior: a pseudo-sample (0, 0 s) of weight
+ * prior_w that never decays ("no fixed cost until the data show one"). So with one sample,
+ * or samples all of one size, the line goes through the origin and that size's mean
+ * (a = 0, b = total seconds / total x); once sizes vary, a and b are the data's. Both are
+ * clamped to >= 0 (a fit with a < 0 is redone through the origin). Before any sample the
+ * line is 0, 0 (unknown). Plain values, no allocation; one thread at a time. */
+typedef struct cost_fit {
+    double decay;                   /* weight the older samples keep at each new one, (0, 1] */
+    double prior_w;                 /* weight of the pseudo-sample (0, 0), > 0 */
+    double w, wx, wy, wxx, wxy;     /* decayed sums over the samples: weights, x, y, x^2, xy */
+    uint64_t n;                     /* samples added */
+} cost_fit;
+void cost_fit_init(cost_fit *f, double decay, double prior_w);
+void cost_fit_add(cost_fit *f, double x, double seconds);
+/* The line: *a fixed seconds, *b seconds per unit of x (both >= 0; 0, 0 before any sample). */
+void cost_fit_line(const cost_fit *f, double *a, double *b);
+
+/* One found block of a lower-tier lookup: what loading it costs on top of the others
+ * (seconds), and which copy batch of the load it goes into (0 .. REUSE_BATCHES-1): a
+ * batch's fixed seconds are paid once by a load that uses it. */
+#define REUSE_BATCHES 2
+typedef struct reuse_block_cost {
+    double s;                       /* marginal seconds to load this block */
+    int batch;                      /* its batch (kv_tiers.c: 0 direct from the cpu store, 1 host images) */
+} reuse_block_cost;
+/* The load-or-recompute rule over the m blocks found (in order): the k in 0..m that
+ * minimises  sum_{batches used by blocks < k} fixed[batch] + sum_{i < k} c[i].s
+ *            + (m - k) * block_size * recompute_s_per_token,
+ * ties to the smaller k (recompute). recompute_s_per_token <= 0 (not measured yet): m. */
+int reuse_choose_loads(const reuse_block_cost *c, int m, const double fixed[REUSE_BATCHES],
+                       int block_size, double recompute_s_per_token);
 
 /* Counters of the lower tiers (zeros without them). Tokens for hits and savings,
  * blocks for moves. A tier's hit rate is its hit_tokens over the GPU tier's queries
@@ -92,7 +130,8 @@ struct prefix_tier_stats {
         uint64_t bytes_written, bytes_read;
         uint64_t evictions;         /* entries pushed out (to the next tier, or dropped) */
         uint64_t entries, capacity_entries;
-        double load_s_per_block;    /* running estimate (start-up probe, then loads) */
+        double load_s_per_block;    /* running estimate of one more block's load (start-up
+                                     * probe, then loads): get + its batch's per-block copy */
     } tier[PREFIX_TIERS_MAX];
     uint64_t staged_loaded_blocks;  /* loads served from host staging (not yet written) */
     uint64_t decisions_load;        /* admissions that loaded lower-tier blocks */
@@ -101,6 +140,8 @@ struct prefix_tier_stats {
     uint64_t offload_dropped;       /* evictions not offloaded: staging full, tier busy */
     uint64_t load_failures;         /* loads that found an entry gone or corrupt */
     double recompute_s_per_token;   /* the estimate the last decision used */
+    double load_s_per_batch[REUSE_BATCHES]; /* fixed seconds of a load's batches (kv_tiers.c:
+                                     * direct from the cpu store, from host images) */
     int queued;                     /* evicted blocks staged, not yet written */
     /* the cost on the engine thread (or whoever holds the pool lock): every eviction
      * burst is staged by one batched copy, every admission's loads by another */

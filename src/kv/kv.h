@@ -313,6 +313,14 @@ kv_status kv_cpu_store_get_host(kv_connector *c, uint64_t key, void *image);
 kv_status kv_cpu_store_put(kv_connector *c, uint64_t key, int32_t block); /* from the cache */
 kv_status kv_cpu_store_get(kv_connector *c, uint64_t key, int32_t block); /* into the cache */
 bool kv_cpu_store_contains(kv_connector *c, uint64_t key);
+/* A direct read (kv_tiers.c loads copy store -> cache with no image in between): pins
+ * key's ready entry (it stays, unchanged, until unpinned) and gives its image's address
+ * (n_layers * 2 * block_bytes bytes, the layout of kv_store_image_bytes; pinned for the
+ * cache's device when the store is) and its checksum (kv_sum.h, over those bytes).
+ * Returns the entry, or -1 on a miss (counted). kv_cpu_store_unpin ends the read with
+ * whether the bytes passed their checksum: a corrupt entry is dropped once unpinned. */
+int kv_cpu_store_pin(kv_connector *c, uint64_t key, const uint8_t **image, uint64_t *checksum);
+void kv_cpu_store_unpin(kv_connector *c, int entry, bool ok);
 /* Removes a ready entry nobody is reading; false when there is none. */
 bool kv_cpu_store_remove(kv_connector *c, uint64_t key);
 /* disk store: bytes of one block's file (capacity is counted in these). */

@@ -161,6 +161,15 @@ void kv_copies_run_sum(const kv_cache *kv, kv_copies *q, uint64_t *sums, int n_s
         return;
     }
     int n = q->n;
+    if (!kv->on_device) { /* host memory both ends: copied and summed in one pass */
+        for (int i = 0; i < n; i++) {
+            const backend_copy *it = &q->items[i];
+            PD_ASSERT(q->sum_slot[i] >= 0 && q->sum_slot[i] < n_sums);
+            sums[q->sum_slot[i]] += kv_sum_copy(it->dst, it->src, it->bytes, q->sum_at[i]);
+        }
+        q->n = 0;
+        return;
+    }
     kv_copies_run(kv, q); /* empties q; the items stay in place */
     for (int i = 0; i < n; i++) {
         const backend_copy *it = &q->items[i];

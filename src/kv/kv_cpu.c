@@ -761,6 +761,21 @@ kv_status kv_cpu_store_get(kv_connector *c, uint64_t key, int32_t block) {
     return ok ? KV_OK : KV_ERR_CORRUPT;
 }
 
+int kv_cpu_store_pin(kv_connector *c, uint64_t key, const uint8_t **image, uint64_t *checksum) {
+    cpu_impl *s = c->impl;
+    int e = keyed_pin(s, key);
+    if (e < 0) return -1;
+    *image = data(s, e);
+    *checksum = ent(s, e)->checksum; /* set before READY, fixed while pinned */
+    return e;
+}
+
+void kv_cpu_store_unpin(kv_connector *c, int entry, bool ok) {
+    cpu_impl *s = c->impl;
+    PD_ASSERT(entry >= 0 && entry < hdr(s)->n_entries && ent(s, entry)->refs > 0);
+    keyed_unpin(s, entry, ok);
+}
+
 bool kv_cpu_store_contains(kv_connector *c, uint64_t key) {
     cpu_impl *s = c->impl;
     store_lock(s);

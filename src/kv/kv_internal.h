@@ -145,8 +145,9 @@ void kv_copies_add_sum(kv_copies *q, void *dst, const void *src, size_t bytes, i
                        uint64_t at);
 /* kv_copies_run, and adds the kv_sum terms (kv_sum.h) of every item's bytes into
  * sums[slot] (n_sums of them, host memory, not zeroed): on the device by the copy
- * itself (backend copy_batch_sum) where it can; otherwise copies, then sums the host
- * end of each item (host_is_dst: dst, else src) on this thread. */
+ * itself (backend copy_batch_sum) where it can; on a host cache copied and summed in
+ * one pass (kv_sum_copy); otherwise copies, then sums the host end of each item
+ * (host_is_dst: dst, else src) on this thread. */
 void kv_copies_run_sum(const kv_cache *kv, kv_copies *q, uint64_t *sums, int n_sums,
                        bool host_is_dst);
 /* Appends the copies of kv_blocks_to_host (to_host) or kv_blocks_from_host. */

@@ -75,6 +75,28 @@ static inline uint64_t kv_sum_add(const void *p, size_t n, uint64_t at) {
     return s0 + s1 + s2 + s3;
 }
 
+/* kv_sum_add of the n bytes at src while copying them to dst (non-overlapping): one pass
+ * over the bytes where a memcpy and then a kv_sum_add make two. The sum's arithmetic,
+ * not the memory, bounds it (bench_kv_tiers: 0.15 ms for a 1.75 MiB image, where the
+ * memcpy and the sum take 0.09 + 0.14 ms). */
+static inline uint64_t kv_sum_copy(void *dst, const void *src, size_t n, uint64_t at) {
+    const uint8_t *b = (const uint8_t *)src;
+    uint8_t *o = (uint8_t *)dst;
+    uint64_t j = at / 8, s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32, j += 4) {
+        uint64_t w[4];
+        memcpy(w, b + i, 32);
+        memcpy(o + i, w, 32);
+        s0 += kv_sum_word(w[0], j);
+        s1 += kv_sum_word(w[1], j + 1);
+        s2 += kv_sum_word(w[2], j + 2);
+        s3 += kv_sum_word(w[3], j + 3);
+    }
+    memcpy(o + i, b + i, n - i);
+    return s0 + s1 + s2 + s3 + kv_sum_add(b + i, n - i, j * 8);
+}
+
 /* The checksum of the n bytes at p (one object). */
 static inline uint64_t kv_sum(const void *p, size_t n) { return kv_sum_final(kv_sum_add(p, n, 0), n); }
 #endif

@@ -16,11 +16,12 @@
  *     full). So the engine step never waits for a store write;
  *   lookup (admission, engine thread): the run of the request's next keys that the
  *     tiers (or the staging slots) hold, and how many of them to load: the prefix that
- *     minimises load time + recompute time under the running estimates (docs/reuse.md);
- *   load (the admitting step, before its forward pass): each block's store -> its
- *     image in a load buffer (staged blocks are read from their slot), then ONE
- *     batched copy of all of them into the fresh blocks; timed to refine the tiers'
- *     estimates.
+ *     minimises load time + recompute time under the fitted costs (reuse_cost.c,
+ *     docs/reuse.md "Load or recompute");
+ *   load (the admitting step, before its forward pass): cpu-tier blocks are copied
+ *     from the store's memory straight into the fresh blocks, checksummed by that
+ *     copy (one batch); disk blocks are read into a load buffer and staged ones taken
+ *     from their slot, then copied in (another batch); timed to refine the fits.
  *
  * The index (key -> where, LRU order per tier, a second hash of the block's parent key
  * and tokens to verify a hit as the GPU tier does) lives here, under one mutex held only
@@ -49,9 +50,19 @@
 #include <unistd.h>
 
 #include "kv/kv_internal.h"
+#include "kv/kv_sum.h"
 
 #define WHERE_STAGED (-1)
-#define EST_WEIGHT 0.2 /* of each new load in the running per-block estimate */
+#define EST_WEIGHT 0.2 /* of each new block in a tier's running per-block get estimate */
+/* A load's copies go in two batches (reuse_block_cost.batch): cpu-tier blocks straight
+ * from the store's shared memory into the cache, summed as they move; staged and disk
+ * blocks from host images (staging slots, the load buffer). */
+#define BATCH_DIRECT 0
+#define BATCH_HOST 1
+/* The batches' fits (seconds = a + b * blocks): each load weighs 0.9 of the next (the
+ * last ~10 loads count); prior a pseudo-load of 0 blocks in 0 s of weight 0.1. */
+#define LOAD_FIT_DECAY 0.9
+#define LOAD_FIT_PRIOR_W 0.1
 
 typedef struct tier_entry {
     uint64_t key, tag;
@@ -72,7 +83,8 @@ typedef struct tier {
     int cap, count;         /* entries */
     int32_t head, tail;     /* most / least recently used */
     uint8_t *work;          /* [image] the worker's buffer for moves out of this tier */
-    double est;             /* seconds to load one block from here */
+    double est_get;         /* seconds per block to get it from this store before the batched
+                             * copy (disk: the read into the load buffer; cpu: the pin) */
 } tier;
 
 struct kv_tiers {
@@ -97,15 +109,24 @@ struct kv_tiers {
     bool stop, working;
     pthread_t thread;
     bool started;
-    double est_staged;      /* seconds to load one block from a staging slot */
+    cost_fit fit[REUSE_BATCHES]; /* a load's batched copies: seconds against blocks */
+    bool fit_probed[REUSE_BATCHES]; /* the fit holds the start-up probe alone (replaced by
+                             * the first load's sample) */
+    int direct_tier;        /* the cpu tier's index (loads read its store directly), or -1 */
     uint8_t *load_buf;      /* [cap_load * image] loads' images (under the pool lock); grown to
                              * the largest load, pinned on a device cache */
     int cap_load;
     struct pend { int32_t i, block; } *pend; /* [n_slots] evicted blocks noted since the last
                              * flush: entry and block (under the pool lock) */
     int n_pend;
-    kv_copies burst;        /* the flush's and the loads' copies (under the pool lock) */
+    kv_copies burst;        /* the flush's and the loads' plain copies (under the pool lock) */
+    kv_copies direct;       /* a load's summed copies from the cpu store (under the pool lock) */
     double *load_dt;        /* [cap_pinned] per block of a load: seconds to get its image */
+    struct direct { int entry, at; uint64_t want; } *dir; /* [cap_pinned] a load's direct
+                             * reads: store entry, index in the load, checksum */
+    uint64_t *sums;         /* [cap_pinned] their kv_sum terms as copied */
+    reuse_block_cost *costs;/* [cap_costs] lookup's per-block costs */
+    int cap_costs;
     struct pin { int32_t i, slot; int where; uint64_t key; } *pinned; /* [cap_pinned] a load's entries as
                              * pinned (where and slot then), same thread, grown as needed */
     int cap_pinned;
@@ -336,6 +357,17 @@ static void image_copies(kv_copies *q, const kv_cache *kv, int32_t block, uint8_
     }
 }
 
+/* Appends the copies of a cpu-store image at img into block, all 2L parts, summed
+ * (kv_sum terms) into object `slot` as they move. */
+static void image_copies_sum(kv_copies *q, const kv_cache *kv, int32_t block, const uint8_t *img, int slot) {
+    size_t bb = kv->block_bytes;
+    for (int l = 0; l < kv->n_layers; l++)
+        for (int part = 0; part < 2; part++) {
+            size_t at = ((size_t)l * 2 + (size_t)part) * bb;
+            kv_copies_add_sum(q, kv_block_ptr(kv, l, part, block), img + at, bb, slot, at);
+        }
+}
+
 /* Notes an evicted block (its KV is intact until the burst's flush: the callers flush
  * before anyone writes it): a staging slot and an index entry now, the copy at the
  * flush. An entry already kept is refreshed instead; without a free slot the block
@@ -399,31 +431,60 @@ static void flush(void *user) {
     pthread_mutex_unlock(&t->mu);
 }
 
-static double est_of(const kv_tiers *t, int where) {
-    return where == WHERE_STAGED ? t->est_staged : t->t[where].est;
+/* The batch a block found in `where` is loaded by. */
+static int batch_of(const kv_tiers *t, int where) {
+    return where == t->direct_tier && where >= 0 ? BATCH_DIRECT : BATCH_HOST;
 }
 
-/* The load-or-recompute rule: load the leading k of the m blocks found, k minimising
- * sum_{i<k} load(i) + (m - k) * block_size * recompute_s_per_token (ties recompute).
- * Before any prefill has been timed (0), whatever is found is loaded. */
+/* The current line of batch b's copies: *a fixed seconds per load, *b per block. */
+static void fit_line(const kv_tiers *t, int b, double *a, double *per) { cost_fit_line(&t->fit[b], a, per); }
+
+/* A load's batch b moved `blocks` blocks in `seconds`: the first real sample replaces
+ * the start-up probe. Under mu. */
+static void fit_sample(kv_tiers *t, int b, int blocks, double seconds) {
+    if (blocks <= 0) return;
+    if (t->fit_probed[b]) {
+        cost_fit_init(&t->fit[b], LOAD_FIT_DECAY, LOAD_FIT_PRIOR_W);
+        t->fit_probed[b] = false;
+    }
+    cost_fit_add(&t->fit[b], blocks, seconds);
+}
+
+/* Marginal seconds to load one block found in `where` (its get, then its share of its
+ * batch's copy). Under mu. */
+static double block_cost(const kv_tiers *t, int where) {
+    double a, per;
+    fit_line(t, batch_of(t, where), &a, &per);
+    return per + (where >= 0 ? t->t[where].est_get : 0);
+}
+
+/* The load-or-recompute rule (reuse_choose_loads): load the leading k of the m blocks
+ * found, k minimising the fixed seconds of the batches they use + their marginal
+ * seconds + (m - k) * block_size * recompute_s_per_token (ties recompute). Before any
+ * prefill has been timed (0), whatever is found is loaded. */
 static int lookup(void *user, const uint64_t *keys, uint64_t parent, const int32_t *ids, int n,
                   double s_per_token, int *n_load) {
     kv_tiers *t = user;
     double t0 = time_now_s();
     int bs = t->kv->block_size;
+    if (n > t->cap_costs) { /* engine thread only, like every lookup */
+        t->cap_costs = PD_MAX(n, 2 * t->cap_costs);
+        t->costs = xrealloc(t->costs, sizeof *t->costs * (size_t)t->cap_costs);
+    }
     pthread_mutex_lock(&t->mu);
-    int m = 0, k = 0;
-    double cost = 0, best = 0;
+    int m = 0;
     for (; m < n; m++) {
         int32_t i = idx_find(t, keys[m]);
         if (i < 0) break;
         const tier_entry *e = &t->ent[i];
         if (e->tag != tag_of(m ? keys[m - 1] : parent, ids + (size_t)m * bs, bs)) break;
         if (e->leaving) break; /* its copy here is about to go: a miss */
-        cost += est_of(t, e->where) - bs * s_per_token;
-        if (cost < best) best = cost, k = m + 1;
+        t->costs[m] = (reuse_block_cost){.s = block_cost(t, e->where), .batch = batch_of(t, e->where)};
     }
-    if (t->cfg.load_policy == KV_TIERS_LOAD_ALWAYS || s_per_token <= 0) k = m;
+    double fixed[REUSE_BATCHES], per;
+    for (int b = 0; b < REUSE_BATCHES; b++) fit_line(t, b, &fixed[b], &per);
+    int k = reuse_choose_loads(t->costs, m, fixed, bs, s_per_token);
+    if (t->cfg.load_policy == KV_TIERS_LOAD_ALWAYS) k = m;
     if (t->cfg.load_policy == KV_TIERS_LOAD_NEVER) k = 0;
     t->st.recompute_s_per_token = s_per_token;
     t->st.hook_seconds += time_now_s() - t0;
@@ -448,22 +509,33 @@ static void unpin(kv_tiers *t, int from, int to) {
     }
 }
 
+/* Room for n blocks in a load's per-block arrays (grown, rarely). */
+static void load_grow(kv_tiers *t, int n) {
+    if (n <= t->cap_pinned) return;
+    t->cap_pinned = PD_MAX(n, 2 * t->cap_pinned);
+    size_t c = (size_t)t->cap_pinned;
+    t->pinned = xrealloc(t->pinned, sizeof *t->pinned * c);
+    t->load_dt = xrealloc(t->load_dt, sizeof *t->load_dt * c);
+    t->dir = xrealloc(t->dir, sizeof *t->dir * c);
+    t->sums = xrealloc(t->sums, sizeof *t->sums * c);
+}
+
 /* The admission's loads: flushes the burst first (the fresh blocks may be ones this
  * very admission evicted), pins every entry (so that the worker, woken by those
- * evictions, leaves them where they are), gets each block's image (a staged one is
- * read from the slot it had when pinned: a slot is reused only by an eviction, under
- * the pool lock this load holds), stopping at the first a store fails (missing or
- * corrupt: the store has dropped it), then moves all the images into the blocks with
- * one batched copy. Returns how many leading blocks were filled. */
+ * evictions, leaves them where they are), then per block, in order: a staged one is
+ * read from the slot it had when pinned (a slot is reused only by an eviction, under
+ * the pool lock this load holds); a disk one is read into the load buffer (checksum
+ * checked by the store); a cpu one is pinned in its store and copied from there
+ * straight into its block, summed as it moves, and checked after the copy. Two
+ * batches (host images; direct from the cpu store), each run once. Stops at the first
+ * block a store fails (missing or corrupt: the store drops it). Returns how many
+ * leading blocks were filled (blocks past that may hold anything: the caller gives
+ * them all back). */
 static int load(void *user, const uint64_t *keys, const int32_t *blocks, int n_load, int n_found) {
     kv_tiers *t = user;
     flush(t);
     double t0 = time_now_s();
-    if (n_load > t->cap_pinned) {
-        t->cap_pinned = PD_MAX(n_load, 2 * t->cap_pinned);
-        t->pinned = xrealloc(t->pinned, sizeof *t->pinned * (size_t)t->cap_pinned);
-        t->load_dt = xrealloc(t->load_dt, sizeof *t->load_dt * (size_t)t->cap_pinned);
-    }
+    load_grow(t, n_load);
     pthread_mutex_lock(&t->mu);
     if (n_load > 0) t->st.decisions_load++;
     else t->st.decisions_recompute++;
@@ -471,7 +543,7 @@ static int load(void *user, const uint64_t *keys, const int32_t *blocks, int n_l
         int32_t i = idx_find(t, keys[j]);
         if (i >= 0) t->st.tier[PD_MAX(t->ent[i].where, 0)].hit_tokens += (uint64_t)t->kv->block_size;
     }
-    int n = 0;
+    int n = 0, n_disk = 0;
     for (; n < n_load; n++) {
         int32_t i = idx_find(t, keys[n]);
         if (i < 0 || t->ent[i].leaving) {
@@ -482,25 +554,48 @@ static int load(void *user, const uint64_t *keys, const int32_t *blocks, int n_l
         tier_entry *e = &t->ent[i];
         PD_ASSERT(!e->pending); /* flushed above */
         if (e->where >= 0) e->readers++;
+        n_disk += e->where >= 0 && e->where != t->direct_tier;
         t->pinned[n] = (struct pin){i, e->slot, e->where, e->key};
     }
     pthread_mutex_unlock(&t->mu);
-    load_reserve(t, n);
-    int got = 0;
-    for (; got < n; got++) { /* the images, from the stores (I/O outside the index lock) */
+    load_reserve(t, n_disk);
+    int got = 0, n_dir = 0, n_host = 0, d = 0;
+    double g0 = time_now_s();
+    for (; got < n; got++) { /* gets and pins (I/O outside the index lock), copies queued */
         const struct pin *p = &t->pinned[got];
-        double g0 = time_now_s();
-        uint8_t *img = p->where == WHERE_STAGED ? t->staging + (size_t)p->slot * t->image
-                                                : t->load_buf + (size_t)got * t->image;
-        if (p->where >= 0 && store_get(t, p->where, p->key, img) != KV_OK) break;
-        image_copies(&t->burst, t->kv, blocks[got], img, false);
+        double b0 = time_now_s();
+        if (p->where == WHERE_STAGED) {
+            image_copies(&t->burst, t->kv, blocks[got], t->staging + (size_t)p->slot * t->image, false);
+            n_host++;
+        } else if (p->where == t->direct_tier) {
+            const uint8_t *img;
+            struct direct *r = &t->dir[n_dir];
+            r->entry = kv_cpu_store_pin(t->t[p->where].conn, p->key, &img, &r->want);
+            if (r->entry < 0) break;
+            r->at = got;
+            t->sums[n_dir] = 0;
+            image_copies_sum(&t->direct, t->kv, blocks[got], img, n_dir++);
+        } else {
+            uint8_t *img = t->load_buf + (size_t)d++ * t->image;
+            if (store_get(t, p->where, p->key, img) != KV_OK) break;
+            image_copies(&t->burst, t->kv, blocks[got], img, false);
+            n_host++;
+        }
         sleep_ms(t->cfg.debug_load_delay_ms);
-        t->load_dt[got] = time_now_s() - g0;
+        t->load_dt[got] = time_now_s() - b0;
     }
     double c0 = time_now_s();
-    if (got > 0) kv_copies_run(t->kv, &t->burst); /* one batch for every block */
-    t->burst.n = 0;
-    double copy_share = got > 0 ? (time_now_s() - c0) / got : 0;
+    int batches = (t->burst.n > 0) + (t->direct.n > 0);
+    if (t->burst.n > 0) kv_copies_run(t->kv, &t->burst); /* one batch for the staged and disk blocks */
+    double c1 = time_now_s();
+    if (n_dir > 0) kv_copies_run_sum(t->kv, &t->direct, t->sums, n_dir, false); /* one for the cpu ones */
+    t->direct.n = 0;
+    double c2 = time_now_s();
+    for (int r = 0; r < n_dir; r++) { /* checked after the copy: a bad block ends the load there */
+        bool ok = kv_sum_final(t->sums[r], t->image) == t->dir[r].want;
+        if (!ok) got = PD_MIN(got, t->dir[r].at);
+        kv_cpu_store_unpin(t->t[t->direct_tier].conn, t->dir[r].entry, ok);
+    }
     pthread_mutex_lock(&t->mu);
     if (got < n) { /* a store failed this one: drop what it dropped */
         const struct pin *p = &t->pinned[got];
@@ -517,24 +612,27 @@ static int load(void *user, const uint64_t *keys, const int32_t *blocks, int n_l
     }
     for (int j = 0; j < got; j++) {
         const struct pin *p = &t->pinned[j];
-        double dt = t->load_dt[j] + copy_share;
         if (p->where == WHERE_STAGED) {
-            est_update(&t->est_staged, dt);
             t->st.staged_loaded_blocks++;
         } else {
-            est_update(&t->t[p->where].est, dt);
+            est_update(&t->t[p->where].est_get, t->load_dt[j]);
             t->st.tier[p->where].loaded_blocks++;
             t->st.tier[p->where].bytes_read += t->image;
         }
     }
+    fit_sample(t, BATCH_HOST, n_host, c1 - c0); /* what the batches moved, failed or not */
+    fit_sample(t, BATCH_DIRECT, n_dir, c2 - c1);
     unpin(t, 0, got);
     t->st.loaded_tokens += (uint64_t)got * (uint64_t)t->kv->block_size;
-    if (got > 0) {
-        t->st.load_batches++;
-        t->st.copy_batches++;
-    }
-    t->st.hook_seconds += time_now_s() - t0;
+    if (got > 0) t->st.load_batches++;
+    t->st.copy_batches += (uint64_t)batches;
+    double t1 = time_now_s();
+    t->st.hook_seconds += t1 - t0;
     pthread_mutex_unlock(&t->mu);
+    log_debug("kv tiers: loaded %d of %d blocks in %.3f ms: pins %.3f ms, gets and pins %.3f ms "
+              "(%d direct from cpu, %d from host images), host batch %.3f ms, direct batch %.3f ms",
+              got, n_load, (t1 - t0) * 1e3, (g0 - t0) * 1e3, (c0 - g0) * 1e3, n_dir, n_host,
+              (c1 - c0) * 1e3, (c2 - c1) * 1e3);
     return got;
 }
 
@@ -552,23 +650,59 @@ void kv_tiers_hooks(kv_tiers *t, prefix_cache_hooks *h) {
 }
 
 /* ---- life cycle ------------------------------------------------------------------------------ */
-/* Seconds per block of a get from tier k (plus the image's copy into a cache, taken as
- * one memcpy), the best of 3 on a probe entry; the debug delay is added as loads add it. */
-static double probe(kv_tiers *t, int k) {
-    uint64_t key = 0x70726f6265000000ull ^ (uint64_t)k; /* removed again below */
-    uint8_t *img = t->load_buf, *copy = t->t[k].work;
+/* The start-up estimates, best of 3 on a probe entry put into each tier (and removed):
+ * a disk tier's get (its est_get); the cpu tier's direct read as the CPU does it (pin,
+ * a copy and a checksum of the image; on a device cache the load's kernel does this
+ * instead, usually faster) as the direct batch's first sample; one image's memcpy as
+ * the host batch's. A probe sample stands for one block (a = 0) until the first load
+ * replaces it. The debug delay is added as loads add it. */
+static double probe_best(double best) { return best < 1e8 ? best : 1.0; /* unusable: never load */ }
+
+static void probe(kv_tiers *t) {
+    uint8_t *img = t->load_buf, *copy = t->t[0].work;
+    double delay = t->cfg.debug_load_delay_ms / 1e3;
     for (size_t i = 0; i < t->image; i++) img[i] = (uint8_t)(i * 31 + 7);
-    if (store_put(t, k, key, img) != KV_OK) return 1.0; /* unusable: never worth loading */
     double best = 1e9;
     for (int rep = 0; rep < 3; rep++) {
         double t0 = time_now_s();
-        kv_status st = store_get(t, k, key, img);
-        memcpy(copy, img, t->image);
-        double dt = time_now_s() - t0;
-        if (st == KV_OK) best = PD_MIN(best, dt);
+        memcpy(copy, t->staging, t->image);
+        best = PD_MIN(best, time_now_s() - t0);
     }
-    store_remove(t, k, key);
-    return best + t->cfg.debug_load_delay_ms / 1e3;
+    for (int b = 0; b < REUSE_BATCHES; b++) cost_fit_init(&t->fit[b], LOAD_FIT_DECAY, LOAD_FIT_PRIOR_W);
+    cost_fit_add(&t->fit[BATCH_HOST], 1, best + delay);
+    t->fit_probed[BATCH_HOST] = true;
+    for (int k = 0; k < t->n; k++) {
+        uint64_t key = 0x70726f6265000000ull ^ (uint64_t)k; /* removed again below */
+        best = 1e9;
+        if (store_put(t, k, key, img) == KV_OK) {
+            for (int rep = 0; rep < 3; rep++) {
+                double t0 = time_now_s();
+                bool ok;
+                if (k == t->direct_tier) {
+                    const uint8_t *src;
+                    uint64_t want;
+                    int e = kv_cpu_store_pin(t->t[k].conn, key, &src, &want);
+                    ok = e >= 0;
+                    if (ok) {
+                        memcpy(copy, src, t->image);
+                        ok = kv_sum(copy, t->image) == want;
+                        kv_cpu_store_unpin(t->t[k].conn, e, ok);
+                    }
+                } else {
+                    ok = store_get(t, k, key, img) == KV_OK;
+                }
+                if (ok) best = PD_MIN(best, time_now_s() - t0);
+            }
+            store_remove(t, k, key);
+        }
+        if (k == t->direct_tier) {
+            t->t[k].est_get = 0; /* the pin: measured by the first load */
+            cost_fit_add(&t->fit[BATCH_DIRECT], 1, probe_best(best) + delay);
+            t->fit_probed[BATCH_DIRECT] = true;
+        } else {
+            t->t[k].est_get = probe_best(best) + delay;
+        }
+    }
 }
 
 /* Removes what tiers of processes that died (a crash, kill -9) left: their segments
@@ -673,6 +807,9 @@ kv_tiers *kv_tiers_create(const kv_tiers_config *cfg, kv_cache *kv, char *err, s
     pthread_cond_init(&t->readers_cv, NULL);
     t->cap_load = 1;
     t->load_buf = kv_host_alloc(kv, t->image); /* pinned on a device cache; grows with loads */
+    t->direct_tier = -1;
+    for (int k = 0; k < t->n; k++)
+        if (cfg->order[k] == KV_MEDIUM_CPU) t->direct_tier = k;
     reclaim_dead(cfg->disk_dir);
     for (int k = 0; k < t->n; k++) {
         if (open_tier(t, k, cfg->order[k], err, errlen) != 0) {
@@ -698,17 +835,13 @@ kv_tiers *kv_tiers_create(const kv_tiers_config *cfg, kv_cache *kv, char *err, s
     t->buckets = xmalloc((size_t)t->n_buckets * sizeof(int32_t));
     for (int i = 0; i < t->n_buckets; i++) t->buckets[i] = -1;
 
-    /* start-up estimates: a staging copy, then each tier's probe */
-    double t0 = time_now_s();
-    memcpy(t->t[0].work, t->staging, t->image);
-    t->est_staged = time_now_s() - t0 + cfg->debug_load_delay_ms / 1e3;
-    for (int k = 0; k < t->n; k++) t->t[k].est = probe(t, k);
+    probe(t); /* the start-up estimates */
     t->st.n_tiers = t->n;
     for (int k = 0; k < t->n; k++) {
         snprintf(t->st.tier[k].name, sizeof t->st.tier[k].name, "%s", kv_medium_name(t->t[k].medium));
         log_info("kv tiers: tier %d %s: %d blocks of %.2f MiB (%s), load %.3f ms/block measured",
                  k + 1, kv_medium_name(t->t[k].medium), t->t[k].cap, (double)t->image / 1048576.0,
-                 kv_connector_address(t->t[k].conn), t->t[k].est * 1e3);
+                 kv_connector_address(t->t[k].conn), block_cost(t, k) * 1e3);
     }
     log_info("kv tiers: %d staging slots (%.1f MiB host), index of %d entries, loads %s",
              t->n_slots, (double)t->n_slots * (double)t->image / 1048576.0, t->n_ent,
@@ -748,8 +881,12 @@ void kv_tiers_free(kv_tiers *t) {
     kv_host_free(t->kv, t->load_buf);
     free(t->pinned);
     free(t->load_dt);
+    free(t->dir);
+    free(t->sums);
+    free(t->costs);
     free(t->pend);
     kv_copies_free(&t->burst);
+    kv_copies_free(&t->direct);
     free(t);
 }
 
@@ -765,8 +902,10 @@ void kv_tiers_get_stats(kv_tiers *t, prefix_tier_stats *out) {
     for (int k = 0; k < t->n; k++) {
         out->tier[k].entries = (uint64_t)t->t[k].count;
         out->tier[k].capacity_entries = (uint64_t)t->t[k].cap;
-        out->tier[k].load_s_per_block = t->t[k].est;
+        out->tier[k].load_s_per_block = block_cost(t, k);
     }
+    double per;
+    for (int b = 0; b < REUSE_BATCHES; b++) fit_line(t, b, &out->load_s_per_batch[b], &per);
     out->queued = t->q_len;
     pthread_mutex_unlock(&t->mu);
 }
