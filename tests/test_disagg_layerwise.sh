@@ -50,6 +50,31 @@ out="$(curl -sf "http://127.0.0.1:$D1/internal/decode" -H "X-PD-Ticket: $ticket"
   fail "decode: HTTP error"
 echo "$out" | grep -q '"completion_tokens":4' || fail "decode: unexpected answer: $out"
 echo "ok   internal endpoints: streamed transfer, then decoded"
+# the router's way: the reservation's prompt ids lead the prefill's body, so the prompt is
+# tokenized once (by the decode instance, which keeps them for its decode call): same
+# tokens out; malformed ids are refused
+res="$(curl -sf "http://127.0.0.1:$D1/internal/reserve" -d "$body")" || fail "reserve 2: HTTP error"
+ticket2="$(echo "$res" | sed -n 's|.*"ticket":"\([^"]*\)".*|\1|p')"
+ids="$(echo "$res" | sed -n 's|.*"prompt_ids":"\([0-9 ]*\)".*|\1|p')"
+[ -n "$ticket2" ] && [ -n "$ids" ] || fail "reserve 2: no ticket or prompt ids: $res"
+ans2="$(printf '%s%s' "$ids" "$body" | curl -sf "http://127.0.0.1:$P1/internal/prefill" \
+  -H "X-PD-Ticket: $ticket2" -H "X-PD-Prompt-Ids-Bytes: ${#ids}" --data-binary @-)" ||
+  fail "prefill with the reservation's prompt ids: HTTP error"
+first2="$(echo "$ans2" | sed -n 's|.*"first":"\([^"]*\)".*|\1|p')"
+[ "$first2" = "$first" ] || fail "prefill with the reservation's prompt ids: first token $first2, not $first"
+out2="$(curl -sf "http://127.0.0.1:$D1/internal/decode" -H "X-PD-Ticket: $ticket2" -H "X-PD-First: $first2" -d "$body")" ||
+  fail "decode 2: HTTP error"
+text1="$(echo "$out" | sed -n 's|.*"text":"\([^"]*\)".*|\1|p')"
+text2="$(echo "$out2" | sed -n 's|.*"text":"\([^"]*\)".*|\1|p')"
+[ -n "$text1" ] && [ "$text1" = "$text2" ] || fail "decode 2: '$text2', not '$text1'"
+grep -q "tokens given by the reservation" "$TMP/p1.log" "$TMP/d1.log" 2>/dev/null ||
+  [ "${PDSERVE_LOG:-}" != debug ] || fail "the reservation's prompt ids were not used"
+for bad in "3" "abc" "99999999"; do
+  code="$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$P1/internal/prefill" -H "X-PD-Ticket: $ticket2" \
+    -H "X-PD-Prompt-Ids-Bytes: $bad" -d "1 x$body")"
+  [ "$code" = 400 ] || fail "prefill with bad prompt ids ($bad): HTTP $code, not 400"
+done
+echo "ok   internal endpoints: the reservation's prompt ids, same tokens; bad ones refused"
 kill -TERM "$P1PID" "$D1PID"; wait "$P1PID" "$D1PID"
 
 # ---- 4. a failure mid-stream -------------------------------------------------------------------

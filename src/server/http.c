@@ -771,15 +771,34 @@ static api_endpoint route_endpoint(struct MHD_Connection *conn, const conn_ctx *
     return h && !strcmp(h, "chat") ? API_ENDPOINT_CHAT : API_ENDPOINT_COMPLETIONS;
 }
 
-/* Parses, validates and tokenizes a generation request: 0 with *req (free with
- * api_request_free) and ids[n] (free), or -1 with e and nothing to free. */
-static int gen_prepare(server *s, api_endpoint ep, const sbuf *body, api_request *req,
-                       int32_t **ids_out, int *n_out, api_error *e_out) {
+/* The hash under which /internal/reserve keeps a body's prompt ids for its
+ * /internal/decode (internal_decode_prompt). */
+static uint64_t body_hash(const char *body, size_t len) {
+    return hash_bytes(body ? body : "", len, 0x7064626f6479ull);
+}
+
+/* Parses, validates and tokenizes a generation request body[len]: 0 with *req (free
+ * with api_request_free) and ids[n] (free), or -1 with e and nothing to free. given
+ * (owned; NULL: tokenize): the prompt's ids[n_given] as the decode instance's
+ * reservation tokenized this same body (a disaggregated request is tokenized once,
+ * at its reservation; the router brings them to the prefill instance, the decode one
+ * kept them); the checks of the ids and the length still apply. */
+static int gen_prepare(server *s, api_endpoint ep, const char *body, size_t len, int32_t *given,
+                       int n_given, api_request *req, int32_t **ids_out, int *n_out,
+                       api_error *e_out) {
     api_error e;
-    if (api_request_parse(ep, body->p, body->len, &s->lim_gen, req, e_out)) return -1;
-    int32_t *ids = NULL;
-    int n = 0;
-    bool ok = check_model(s, req, &e) && prompt_ids(s, req, &ids, &n, &e) == 0;
+    double t0 = time_now_s();
+    if (api_request_parse(ep, body, len, &s->lim_gen, req, e_out)) {
+        free(given);
+        return -1;
+    }
+    int32_t *ids = given;
+    int n = given ? n_given : 0;
+    double t1 = time_now_s();
+    bool ok = check_model(s, req, &e) && (given || prompt_ids(s, req, &ids, &n, &e) == 0);
+    log_debug("serve: request of %zu bytes parsed in %.2f ms, %d tokens %s in %.2f ms", len,
+              (t1 - t0) * 1e3, n, given ? "given by the reservation" : "tokenized",
+              (time_now_s() - t1) * 1e3);
     if (ok && n == 0) {
         api_error_set(&e, 400, "invalid_request_error", "prompt", "The prompt cannot be empty");
         ok = false;
@@ -822,7 +841,12 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *conn, c
     gen_req *g = xcalloc(1, sizeof *g);
     int32_t *ids = NULL;
     int n = 0;
-    if (gen_prepare(s, ep, &c->body, &g->req, &ids, &n, &e)) {
+    int32_t *given = NULL;
+    int n_given = 0;
+    if (c->rt->id == ROUTE_INT_DECODE) /* the ids the reservation kept, if any */
+        internal_decode_prompt(s->in, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Ticket"),
+                               body_hash(c->body.p, c->body.len), &given, &n_given);
+    if (gen_prepare(s, ep, c->body.p, c->body.len, given, n_given, &g->req, &ids, &n, &e)) {
         free(g);
         if (c->rt->id == ROUTE_INT_DECODE) internal_release(s->in, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Ticket"));
         return respond_error_h(conn, &e, e.status == 503 ? "Retry-After" : NULL, "1");
@@ -929,13 +953,14 @@ static enum MHD_Result handle_reserve(server *s, struct MHD_Connection *conn, co
     api_error e;
     int32_t *ids = NULL;
     int n = 0;
-    if (gen_prepare(s, route_endpoint(conn, c), &c->body, &req, &ids, &n, &e))
+    if (gen_prepare(s, route_endpoint(conn, c), c->body.p, c->body.len, NULL, 0, &req, &ids, &n, &e))
         return respond_error_h(conn, &e, e.status == 503 ? "Retry-After" : NULL, "1");
     sbuf b;
     sbuf_init(&b);
     enum MHD_Result ret;
     if (internal_reserve(s->in, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Request-Id"),
-                         ids, n, header_ms(conn, "X-PD-Timeout-Ms"), &b, &e))
+                         ids, n, header_ms(conn, "X-PD-Timeout-Ms"), body_hash(c->body.p, c->body.len),
+                         &b, &e))
         ret = respond_error_h(conn, &e, e.status == 503 ? "Retry-After" : NULL, "1");
     else
         ret = respond_json(conn, 200, &b);
@@ -945,12 +970,56 @@ static enum MHD_Result handle_reserve(server *s, struct MHD_Connection *conn, co
     return ret;
 }
 
+/* The prompt ids that lead a prefill body (X-PD-Prompt-Ids-Bytes: the router puts the
+ * reservation's "prompt_ids" text, decimal ids separated by single spaces, before the
+ * client's body): ids (owned) and *n, or NULL on anything malformed (outside input). */
+static int32_t *ids_parse(const char *p, size_t len, int max, int *n) {
+    int count = len ? 1 : 0;
+    for (size_t i = 0; i < len; i++) count += p[i] == ' ';
+    if (count < 1 || count > max) return NULL;
+    int32_t *ids = xmalloc(sizeof(int32_t) * (size_t)count);
+    int k = 0;
+    size_t i = 0;
+    while (i < len && k < count) {
+        int64_t v = 0;
+        size_t d = 0;
+        for (; i < len && p[i] >= '0' && p[i] <= '9' && d < 10; i++, d++) v = v * 10 + (p[i] - '0');
+        if (d == 0 || v > INT32_MAX || (i < len && p[i] != ' ')) break;
+        ids[k++] = (int32_t)v;
+        if (i < len) i++; /* the space */
+        else break;
+    }
+    if (k != count || i != len) {
+        free(ids);
+        return NULL;
+    }
+    *n = count;
+    return ids;
+}
+
 static enum MHD_Result handle_prefill(server *s, struct MHD_Connection *conn, conn_ctx *c) {
     api_request req;
     api_error e;
     int32_t *ids = NULL;
     int n = 0;
-    if (gen_prepare(s, route_endpoint(conn, c), &c->body, &req, &ids, &n, &e))
+    const char *body = c->body.p;
+    size_t len = c->body.len;
+    int32_t *given = NULL;
+    int n_given = 0;
+    const char *h = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Prompt-Ids-Bytes");
+    if (h) {
+        char *end;
+        long long k = strtoll(h, &end, 10);
+        if (end != h && !*end && k > 0 && (size_t)k <= len)
+            given = ids_parse(body, (size_t)k, s->max_model_len, &n_given);
+        if (!given) {
+            api_error_set(&e, 400, "invalid_request_error", NULL, "bad X-PD-Prompt-Ids-Bytes or prompt ids");
+            return respond_error(conn, &e);
+        }
+        body += k;
+        len -= (size_t)k;
+    }
+    if (gen_prepare(s, route_endpoint(conn, c), body, len, given, n_given, &req, &ids, &n, &e))
         return respond_error_h(conn, &e, e.status == 503 ? "Retry-After" : NULL, "1");
     server_reply *r = xcalloc(1, sizeof *r);
     pthread_mutex_init(&r->mu, NULL);

@@ -1,7 +1,10 @@
 /* internal.c: the instance side of a disaggregated request (DESIGN.md), behind the
  * /internal/... endpoints that only the router calls (http.c routes them here).
  *
- *   decode   /internal/reserve  kv_reserve: blocks from the engine's pool + a ticket
+ *   decode   /internal/reserve  kv_reserve: blocks from the engine's pool + a ticket, and
+ *                               the prompt's ids (the router hands them to the prefill
+ *                               instance; kept here for /internal/decode: the prompt is
+ *                               tokenized once per disaggregated request)
  *            /internal/decode   kv_ticket_wait until the KV is here, kv_ticket_take, then
  *                               engine_submit_prefilled with the first token: from then
  *                               on it is an ordinary generation of http.c
@@ -42,6 +45,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,6 +57,9 @@
 #include "util/util.h"
 
 #define INTERNAL_TICK_MS 20
+/* Decode side: reservations whose prompt ids are kept at once (beyond it the decode
+ * call tokenizes again: slower, same result). */
+#define INTERNAL_MAX_KEPT_PROMPTS 1024
 
 typedef enum pj_stage { PJ_PREFILL, PJ_TRANSFER, PJ_DONE } pj_stage;
 
@@ -95,6 +102,16 @@ struct internal_prefill_job {
     double t_send0, busy_s;     /* kv_send_begin called; seconds spent inside kv_send_* */
 };
 
+/* Decode side: a reservation's prompt ids, kept from /internal/reserve for its
+ * /internal/decode (internal_decode_prompt). */
+typedef struct kept_prompt {
+    uint64_t ticket_id, request_id, body_hash;
+    int64_t deadline_ms;        /* the ticket's: dropped by the ticker after it */
+    int32_t *ids;               /* [n] (owned) */
+    int n;
+    struct kept_prompt *next;
+} kept_prompt;
+
 struct internal_ctx {
     engine *eng;                /* not owned */
     kv_connector *kv;           /* not owned */
@@ -107,6 +124,8 @@ struct internal_ctx {
     internal_prefill_job *active;           /* every job not yet answered */
     int n_active;
     bool stop;
+    kept_prompt *kept;          /* decode: prompts of open reservations (under mu) */
+    int n_kept;
     pthread_t worker, ticker;
     bool worker_started, ticker_started;
 };
@@ -540,6 +559,35 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
+/* Drops kept prompts whose reservation is past its deadline (under in->mu); every
+ * one when now is INT64_MAX. */
+static void kept_prune(internal_ctx *in, int64_t now) {
+    for (kept_prompt **pp = &in->kept; *pp;) {
+        kept_prompt *k = *pp;
+        if (now < k->deadline_ms + 1000) {
+            pp = &k->next;
+            continue;
+        }
+        *pp = k->next;
+        in->n_kept--;
+        free(k->ids);
+        free(k);
+    }
+}
+
+/* Takes the kept prompt of ticket t off the list (under in->mu); NULL when none. */
+static kept_prompt *kept_take(internal_ctx *in, const kv_ticket *t) {
+    for (kept_prompt **pp = &in->kept; *pp; pp = &(*pp)->next) {
+        kept_prompt *k = *pp;
+        if (k->ticket_id == t->id && k->request_id == t->request_id) {
+            *pp = k->next;
+            in->n_kept--;
+            return k;
+        }
+    }
+    return NULL;
+}
+
 /* Ticker: prefills past their deadline are aborted (their FINISHED event answers);
  * the connector expires reservations and reclaims what dead peers left. */
 static void *ticker_main(void *arg) {
@@ -558,6 +606,7 @@ static void *ticker_main(void *arg) {
                 j->aborted_deadline = true;
                 late[n_late++] = j->engine_id;
             }
+        kept_prune(in, now);
         pthread_mutex_unlock(&in->mu);
         for (int i = 0; i < n_late; i++) engine_abort(in->eng, late[i]);
         if (in->kv) kv_connector_tick(in->kv);
@@ -641,7 +690,7 @@ void internal_prefill_detach(internal_prefill_job *j) {
 
 /* ---- decode side ------------------------------------------------------------------------- */
 int internal_reserve(internal_ctx *in, const char *rid, const int32_t *ids, int n,
-                     double timeout_s, sbuf *out, api_error *e) {
+                     double timeout_s, uint64_t body_hash, sbuf *out, api_error *e) {
     char err[256] = "";
     kv_ticket t;
     uint64_t req_id = hash_bytes(rid ? rid : "", rid ? strlen(rid) : 0, 0x70647276ull);
@@ -664,9 +713,31 @@ int internal_reserve(internal_ctx *in, const char *rid, const int32_t *ids, int 
         api_error_set(e, 500, "server_error", NULL, "the KV ticket does not fit its text form");
         return -1;
     }
+    kept_prompt *k = xcalloc(1, sizeof *k);
+    k->ticket_id = t.id;
+    k->request_id = t.request_id;
+    k->body_hash = body_hash;
+    k->deadline_ms = t.deadline_ms;
+    k->ids = xmalloc(sizeof(int32_t) * (size_t)n);
+    memcpy(k->ids, ids, sizeof(int32_t) * (size_t)n);
+    k->n = n;
+    pthread_mutex_lock(&in->mu);
+    if (in->n_kept < INTERNAL_MAX_KEPT_PROMPTS) {
+        k->next = in->kept;
+        in->kept = k;
+        in->n_kept++;
+        k = NULL;
+    }
+    pthread_mutex_unlock(&in->mu);
+    if (k) {
+        free(k->ids);
+        free(k);
+    }
     sbuf_puts(out, "{\"ticket\":");
     sbuf_json_str(out, text, strlen(text));
-    sbuf_printf(out, ",\"n_prompt\":%d,\"blocks\":%d}", n, t.n_blocks);
+    sbuf_printf(out, ",\"n_prompt\":%d,\"blocks\":%d,\"prompt_ids\":\"", n, t.n_blocks);
+    for (int i = 0; i < n; i++) sbuf_printf(out, i ? " %d" : "%d", (int)ids[i]);
+    sbuf_puts(out, "\"}");
     return 0;
 }
 
@@ -674,7 +745,33 @@ void internal_release(internal_ctx *in, const char *ticket_text) {
     kv_ticket t;
     char err[128];
     if (!ticket_text || kv_ticket_parse(ticket_text, &t, err, sizeof err)) return;
+    pthread_mutex_lock(&in->mu);
+    kept_prompt *k = kept_take(in, &t);
+    pthread_mutex_unlock(&in->mu);
+    if (k) free(k->ids);
+    free(k);
     kv_ticket_cancel(in->kv, &t);
+}
+
+int internal_decode_prompt(internal_ctx *in, const char *ticket_text, uint64_t body_hash,
+                           int32_t **ids, int *n) {
+    kv_ticket t;
+    char err[128];
+    if (!ticket_text || kv_ticket_parse(ticket_text, &t, err, sizeof err)) return -1;
+    pthread_mutex_lock(&in->mu);
+    kept_prompt *k = kept_take(in, &t);
+    pthread_mutex_unlock(&in->mu);
+    if (!k) return -1;
+    int rc = -1;
+    if (k->body_hash == body_hash && k->n == t.n_tokens) {
+        *ids = k->ids;
+        *n = k->n;
+        k->ids = NULL;
+        rc = 0;
+    }
+    free(k->ids);
+    free(k);
+    return rc;
 }
 
 /* Parses X-PD-First; -1 on anything malformed. */
@@ -727,7 +824,10 @@ uint64_t internal_decode_submit(internal_ctx *in, const engine_request *r, const
         return 0;
     }
     double left = (double)(t.deadline_ms - wall_ms()) / 1000.0;
+    double t0 = time_now_s();
     kv_status st = kv_ticket_wait(in->kv, &t, PD_MAX(left, 0.0) + 0.05, err, sizeof err);
+    log_debug("internal: request %llu: KV waited for %.2f ms (%s)", (unsigned long long)t.request_id,
+              (time_now_s() - t0) * 1e3, kv_status_name(st));
     if (st == KV_ERR_CORRUPT) {
         /* a block failed its checksum: never served; this instance recomputes the
          * prompt instead (its blocks are already back in the pool) */
@@ -816,6 +916,7 @@ void internal_free(internal_ctx *in) {
     pthread_mutex_unlock(&in->mu);
     if (in->worker_started) pthread_join(in->worker, NULL);
     if (in->ticker_started) pthread_join(in->ticker, NULL);
+    kept_prune(in, INT64_MAX - 1000);
     pthread_mutex_destroy(&in->mu);
     pthread_cond_destroy(&in->cv);
     free(in);

@@ -103,7 +103,11 @@ struct rjob {
     backend_inst *pb, *db, *cb; /* prefill, decode, the one proxied to */
     char ticket[512];
     char first[2048];
+    sbuf pbody;                 /* the prefill's body: the reservation's prompt ids, then
+                                 * the client's body (empty: the client's body alone) */
+    size_t pbody_ids;           /* bytes of prompt ids that lead pbody */
     double deadline;            /* monotonic seconds */
+    double t_start, t_reserved, t_prefilled, t_first; /* phases' ends (monotonic s; debug log) */
     bool counted_p, counted_d, counted_c;
     int tries;
     rjob *next;                 /* submit queue / active list */
@@ -205,6 +209,7 @@ static void job_unref(rjob *j) {
     sbuf_free(&j->body);
     sbuf_free(&j->out);
     sbuf_free(&j->resp);
+    sbuf_free(&j->pbody);
     free(j);
     pthread_mutex_lock(&r->mu);
     if (--r->n_jobs == 0) pthread_cond_broadcast(&r->drained);
@@ -401,6 +406,7 @@ static size_t on_body(char *buf, size_t size, size_t n, void *user) {
         return 0;
     }
     sbuf_append(&j->out, buf, len);
+    if (j->t_first == 0) j->t_first = time_now_s();
     if (!j->headers_ready && j->stream && code == 200) {
         j->status = 200;
         snprintf(j->ctype, sizeof j->ctype, "%s", j->resp_ctype[0] ? j->resp_ctype : "text/event-stream");
@@ -452,6 +458,12 @@ static void job_start_transfer(rjob *j, backend_inst *b, const char *path, long 
         snprintf(h, sizeof h, "X-PD-First: %s", j->first);
         j->hdrs = curl_slist_append(j->hdrs, h);
     }
+    const sbuf *body = &j->body;
+    if (j->phase == PH_PREFILL && j->pbody_ids) {
+        snprintf(h, sizeof h, "X-PD-Prompt-Ids-Bytes: %zu", j->pbody_ids);
+        j->hdrs = curl_slist_append(j->hdrs, h);
+        body = &j->pbody;
+    }
     if (j->phase == PH_RESERVE) {
         snprintf(h, sizeof h, "X-PD-Timeout-Ms: %ld", (long)(r->kv_timeout_s * 1000));
         j->hdrs = curl_slist_append(j->hdrs, h);
@@ -471,8 +483,8 @@ static void job_start_transfer(rjob *j, backend_inst *b, const char *path, long 
     curl_easy_setopt(e, CURLOPT_HTTPHEADER, j->hdrs);
     if (!strcmp(j->method, "POST")) {
         curl_easy_setopt(e, CURLOPT_POST, 1L);
-        curl_easy_setopt(e, CURLOPT_POSTFIELDS, j->body.p ? j->body.p : "");
-        curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)j->body.len);
+        curl_easy_setopt(e, CURLOPT_POSTFIELDS, body->p ? body->p : "");
+        curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body->len);
     }
     curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
     curl_easy_setopt(e, CURLOPT_WRITEDATA, j);
@@ -563,7 +575,8 @@ static void job_start(rjob *j) {
     r->active = j;
     if (r->disaggregated && j->generation) {
         atomic_fetch_add(&r->n_disagg, 1);
-        j->deadline = time_now_s() + r->kv_timeout_s;
+        j->t_start = time_now_s();
+        j->deadline = j->t_start + r->kv_timeout_s;
         job_start_reserve(j);
         return;
     }
@@ -576,6 +589,7 @@ static void job_start(rjob *j) {
         return;
     }
     job_count(j, j->cb, &j->counted_c, true);
+    j->t_start = time_now_s();
     j->phase = PH_PROXY;
     job_start_transfer(j, j->cb, j->path, 0);
 }
@@ -620,6 +634,23 @@ static int resp_field(const sbuf *b, const char *name, char *out, size_t cap) {
     return rc;
 }
 
+/* The prefill's body: the prompt ids of the reservation's answer (the decode instance
+ * tokenized the body; the prefill instance then need not), then the client's body.
+ * Without them (an instance of an older build), the client's body alone. */
+static void prefill_body(rjob *j) {
+    sbuf_reset(&j->pbody);
+    j->pbody_ids = 0;
+    cJSON *root = cJSON_ParseWithLength(j->resp.p ? j->resp.p : "", j->resp.len);
+    cJSON *v = root ? cJSON_GetObjectItemCaseSensitive(root, "prompt_ids") : NULL;
+    if (cJSON_IsString(v) && v->valuestring[0]) {
+        size_t n = strlen(v->valuestring);
+        sbuf_append(&j->pbody, v->valuestring, n);
+        sbuf_append(&j->pbody, j->body.p ? j->body.p : "", j->body.len);
+        j->pbody_ids = n;
+    }
+    cJSON_Delete(root);
+}
+
 static void on_reserve_done(rjob *j, CURLcode rc, long code) {
     router *r = j->r;
     if (rc != CURLE_OK) {
@@ -644,6 +675,7 @@ static void on_reserve_done(rjob *j, CURLcode rc, long code) {
         job_end(j);
         return;
     }
+    prefill_body(j);
     j->pb = pick_for(r, j, BACKEND_PREFILL, NULL);
     if (!j->pb) {
         send_release(r, j->db, j->ticket);
@@ -652,6 +684,7 @@ static void on_reserve_done(rjob *j, CURLcode rc, long code) {
         return;
     }
     job_count(j, j->pb, &j->counted_p, true);
+    j->t_reserved = time_now_s();
     j->phase = PH_PREFILL;
     long left = (long)((j->deadline - time_now_s()) * 1000) + 500; /* P answers by its deadline */
     job_start_transfer(j, j->pb, "/internal/prefill", PD_MAX(left, 1L));
@@ -684,6 +717,10 @@ static void on_prefill_done(rjob *j, CURLcode rc, long code) {
         job_end(j);
         return;
     }
+    j->t_prefilled = time_now_s();
+    log_debug("router: %s: reserve %.2f ms, prefill %.2f ms; prefill instance: %.*s", j->rid,
+              (j->t_reserved - j->t_start) * 1e3, (j->t_prefilled - j->t_reserved) * 1e3,
+              (int)PD_MIN(j->resp.len, 300), j->resp.p ? j->resp.p : "");
     j->phase = PH_DECODE;
     job_start_transfer(j, j->db, "/internal/decode", 0);
 }
@@ -691,6 +728,11 @@ static void on_prefill_done(rjob *j, CURLcode rc, long code) {
 /* The end of a streamed phase (proxy or decode). */
 static void on_stream_done(rjob *j, CURLcode rc, long code) {
     backend_inst *b = j->phase == PH_DECODE ? j->db : j->cb;
+    if (j->phase == PH_PROXY && j->t_first > 0)
+        log_debug("router: %s: first bytes %.2f ms after arrival", j->rid, (j->t_first - j->t_start) * 1e3);
+    if (j->phase == PH_DECODE && j->t_first > 0)
+        log_debug("router: %s: decode's first bytes %.2f ms after the prefill's answer, %.2f ms "
+                  "after arrival", j->rid, (j->t_first - j->t_prefilled) * 1e3, (j->t_first - j->t_start) * 1e3);
     if (rc != CURLE_OK) {
         if (transport_failure(rc)) mark_unhealthy(b, curl_easy_strerror(rc));
         job_fail(j, 502, "server_error", j->phase == PH_DECODE ? "decode_failed" : "instance_failed",
@@ -1133,6 +1175,7 @@ static enum MHD_Result start_job(router *r, struct MHD_Connection *conn, rconn *
     sbuf_init(&j->body);
     sbuf_init(&j->out);
     sbuf_init(&j->resp);
+    sbuf_init(&j->pbody);
     if (c->rt->id == RR_COMPLETIONS || c->rt->id == RR_CHAT) {
         api_endpoint ep = c->rt->id == RR_CHAT ? API_ENDPOINT_CHAT : API_ENDPOINT_COMPLETIONS;
         api_limits lim = {.vocab_size = INT_MAX, .max_model_len = 0};

@@ -283,9 +283,17 @@ void internal_free(internal_ctx *in);
 /* Active reservations and transfers (for /load). */
 int internal_active(internal_ctx *in);
 /* Decode: reserves blocks for the prompt ids[n] and writes {"ticket":...} to out.
- * -1 with e (503 when the pool is full). */
+ * -1 with e (503 when the pool is full). The ids are kept (copied) with the
+ * reservation under body_hash, the hash of the request's body, for
+ * internal_decode_prompt. */
 int internal_reserve(internal_ctx *in, const char *rid, const int32_t *ids, int n,
-                     double timeout_s, sbuf *out, api_error *e);
+                     double timeout_s, uint64_t body_hash, sbuf *out, api_error *e);
+/* Decode: the prompt ids that /internal/reserve kept for this ticket, when the body's
+ * hash is the one it had there (the router sends the same body to both): 0 with
+ * *ids (owned by the caller) and *n, the entry dropped; -1 when there is none (the
+ * caller tokenizes). Saves a second tokenization on a disaggregated request's path. */
+int internal_decode_prompt(internal_ctx *in, const char *ticket_text, uint64_t body_hash,
+                           int32_t **ids, int *n);
 /* Decode: gives up a reservation (unknown or ended ones are ignored). */
 void internal_release(internal_ctx *in, const char *ticket_text);
 /* Decode: waits (bounded by the ticket's deadline) for the ticket's KV, takes its
