@@ -431,3 +431,33 @@ void api_request_free(api_request *r) {
     memset(r, 0, sizeof *r);
     r->endpoint = ep;
 }
+
+/* ---- prompt ids as text (server.h) ----------------------------------------------- */
+
+void prompt_ids_text_format(sbuf *out, const int32_t *ids, int n) {
+    for (int i = 0; i < n; i++) sbuf_printf(out, i ? " %d" : "%d", (int)ids[i]);
+}
+
+int32_t *prompt_ids_text_parse(const char *p, size_t len, int max, int *n) {
+    int count = len ? 1 : 0;
+    for (size_t i = 0; i < len; i++) count += p[i] == ' ';
+    if (count < 1 || count > max) return NULL;
+    int32_t *ids = xmalloc(sizeof(int32_t) * (size_t)count);
+    int k = 0;
+    size_t i = 0;
+    while (i < len && k < count) {
+        int64_t v = 0;
+        size_t d = 0;
+        for (; i < len && p[i] >= '0' && p[i] <= '9' && d < 10; i++, d++) v = v * 10 + (p[i] - '0');
+        if (d == 0 || v > INT32_MAX || (i < len && p[i] != ' ')) break;
+        ids[k++] = (int32_t)v;
+        if (i < len) i++; /* the space */
+        else break;
+    }
+    if (k != count || i != len) {
+        free(ids);
+        return NULL;
+    }
+    *n = count;
+    return ids;
+}

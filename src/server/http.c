@@ -970,33 +970,6 @@ static enum MHD_Result handle_reserve(server *s, struct MHD_Connection *conn, co
     return ret;
 }
 
-/* The prompt ids that lead a prefill body (X-PD-Prompt-Ids-Bytes: the router puts the
- * reservation's "prompt_ids" text, decimal ids separated by single spaces, before the
- * client's body): ids (owned) and *n, or NULL on anything malformed (outside input). */
-static int32_t *ids_parse(const char *p, size_t len, int max, int *n) {
-    int count = len ? 1 : 0;
-    for (size_t i = 0; i < len; i++) count += p[i] == ' ';
-    if (count < 1 || count > max) return NULL;
-    int32_t *ids = xmalloc(sizeof(int32_t) * (size_t)count);
-    int k = 0;
-    size_t i = 0;
-    while (i < len && k < count) {
-        int64_t v = 0;
-        size_t d = 0;
-        for (; i < len && p[i] >= '0' && p[i] <= '9' && d < 10; i++, d++) v = v * 10 + (p[i] - '0');
-        if (d == 0 || v > INT32_MAX || (i < len && p[i] != ' ')) break;
-        ids[k++] = (int32_t)v;
-        if (i < len) i++; /* the space */
-        else break;
-    }
-    if (k != count || i != len) {
-        free(ids);
-        return NULL;
-    }
-    *n = count;
-    return ids;
-}
-
 static enum MHD_Result handle_prefill(server *s, struct MHD_Connection *conn, conn_ctx *c) {
     api_request req;
     api_error e;
@@ -1011,7 +984,7 @@ static enum MHD_Result handle_prefill(server *s, struct MHD_Connection *conn, co
         char *end;
         long long k = strtoll(h, &end, 10);
         if (end != h && !*end && k > 0 && (size_t)k <= len)
-            given = ids_parse(body, (size_t)k, s->max_model_len, &n_given);
+            given = prompt_ids_text_parse(body, (size_t)k, s->max_model_len, &n_given);
         if (!given) {
             api_error_set(&e, 400, "invalid_request_error", NULL, "bad X-PD-Prompt-Ids-Bytes or prompt ids");
             return respond_error(conn, &e);

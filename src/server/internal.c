@@ -736,7 +736,7 @@ int internal_reserve(internal_ctx *in, const char *rid, const int32_t *ids, int 
     sbuf_puts(out, "{\"ticket\":");
     sbuf_json_str(out, text, strlen(text));
     sbuf_printf(out, ",\"n_prompt\":%d,\"blocks\":%d,\"prompt_ids\":\"", n, t.n_blocks);
-    for (int i = 0; i < n; i++) sbuf_printf(out, i ? " %d" : "%d", (int)ids[i]);
+    prompt_ids_text_format(out, ids, n);
     sbuf_puts(out, "\"}");
     return 0;
 }

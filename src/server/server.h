@@ -47,6 +47,16 @@ void sbuf_json_str(sbuf *b, const char *s, size_t n);
 /* A JSON number for a float: finite values as %.9g, -inf/NaN as -9999.0 (vLLM). */
 void sbuf_json_float(sbuf *b, double v);
 
+/* ---- prompt ids as text (api_request.c) ---------------------------------------------
+ * The disaggregated path's internal form of a tokenized prompt: decimal ids separated by
+ * single spaces, no sign, no other bytes. The decode instance's /internal/reserve answer
+ * carries it (its "prompt_ids"), and the router puts it before the prefill body
+ * (X-PD-Prompt-Ids-Bytes), so that the prompt is tokenized once per request. */
+void prompt_ids_text_format(sbuf *out, const int32_t *ids, int n);
+/* ids of p[0..len) (owned) and *n, or NULL when the text is not exactly that form, holds
+ * no id or more than max, or an id past INT32_MAX (outside input: never trusted) */
+int32_t *prompt_ids_text_parse(const char *p, size_t len, int max, int *n);
+
 /* ---- errors ------------------------------------------------------------------------- */
 typedef struct api_error {
     int status;             /* HTTP status: 400, 401, 404, 405, 413, 500, 503 */
