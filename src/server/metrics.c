@@ -222,6 +222,8 @@ void metrics_render(server_metrics *m, const engine_stats *st, const char *model
     gauge(out, "pdserve_generation_tokens_total", "counter", "Tokens generated.", label,
           (double)st->generation_tokens);
     gauge(out, "pdserve_engine_steps_total", "counter", "Engine steps run.", label, (double)st->steps);
+    gauge(out, "pdserve_engine_batched_tokens_total", "counter",
+          "Rows run through forward passes (prompt and decode tokens).", label, (double)st->batched_tokens);
     gauge(out, "pdserve_engine_busy_seconds_total", "counter", "Seconds spent inside engine steps.",
           label, st->busy_seconds);
     gauge(out, "pdserve_engine_sched_seconds_total", "counter",

@@ -601,14 +601,18 @@ static int insert_power(sqlite3 *h, long long run_id, const study_run_info *ri) 
 /* ---- server metrics (prefix cache, KV tiers) -------------------------------------------- */
 
 void study_metrics_parse(const char *text, const char *prefix, study_metric *out, int cap, int *n) {
-    static const char *const wanted[] = {"pdserve_prefix_cache_", "pdserve_kv_offload_"};
+    static const char *const wanted[] = {"pdserve_prefix_cache_", "pdserve_kv_offload_", "pdserve_engine_",
+                                         "pdserve_num_preemptions_total", "pdserve_prompt_tokens_total",
+                                         "pdserve_generation_tokens_total"};
     for (const char *p = text; p && *p;) {
         const char *nl = strchr(p, '\n');
         size_t len = nl ? (size_t)(nl - p) : strlen(p);
         const char *line = p;
         p = nl ? nl + 1 : NULL;
-        if (strncmp(line, wanted[0], strlen(wanted[0])) != 0 && strncmp(line, wanted[1], strlen(wanted[1])) != 0)
-            continue;
+        bool want = false;
+        for (size_t w = 0; w < PD_ARRAY_LEN(wanted) && !want; w++)
+            want = strncmp(line, wanted[w], strlen(wanted[w])) == 0;
+        if (!want) continue;
         const char *sp = NULL; /* the last space of the line: the value follows */
         for (size_t i = 0; i < len; i++)
             if (line[i] == ' ') sp = line + i;

@@ -215,7 +215,9 @@ typedef struct study_run_info {
 } study_run_info;
 
 /* One series of an instance's /metrics over a run (server_metrics table): the prefix
- * cache's and the KV tiers' (pdserve_prefix_cache_*, pdserve_kv_offload_*). Counters
+ * cache's and the KV tiers' (pdserve_prefix_cache_*, pdserve_kv_offload_*), and the
+ * engine's own (pdserve_engine_*: steps, rows, seconds busy, planning, in forward
+ * passes, sampling; preemptions, prompt and generated tokens). Counters
  * (names ending in _total) as the increase from before the bench (warm-up included)
  * to after it; gauges as read after it. */
 typedef struct study_metric {
@@ -223,7 +225,7 @@ typedef struct study_metric {
     double value;
 } study_metric;
 
-/* Parses the prefix cache / KV tier series of a /metrics text (prefix: put before
+/* Parses the prefix cache / KV tier / engine series of a /metrics text (prefix: put before
  * each, "" for none) into out[cap], appending after *n (which it advances). */
 void study_metrics_parse(const char *text, const char *prefix, study_metric *out, int cap, int *n);
 /* Turns the counters of after[n_after] into increases over before[n_before] (a series
