@@ -125,7 +125,13 @@ grep -q SetGpuLockedClocks "$TMP/nvml.calls" 2>/dev/null && fail "refused, yet a
 PDSERVE_NVML_LIB="$FAKE" start clock --energy-gpus 1 --energy-idle-seconds 0 --sm-clock 1410 --allow-clock-control
 CPID=$SPID
 grep -q "pid=$CPID nvmlDeviceSetGpuLockedClocks gpu=1 min=1410 max=1410 rc=0" "$TMP/nvml.calls" || fail "no lock"
-curl -sf "$URL/metrics" | grep -q '^pdserve_gpu_sm_clock_mhz{.*gpu="1".*} 1410$' || fail "/metrics clock after lock"
+# "now" is the sampler's latest tick (every 100 ms): the first may predate the lock
+locked=""
+for _ in $(seq 50); do
+  curl -sf "$URL/metrics" | grep -q '^pdserve_gpu_sm_clock_mhz{.*gpu="1".*} 1410$' && { locked=1; break; }
+  sleep 0.1
+done
+[ -n "$locked" ] || fail "/metrics clock after lock: $(curl -sf "$URL/metrics" | grep '^pdserve_gpu_sm_clock_mhz')"
 stop clock
 grep -q "pid=$CPID nvmlDeviceResetGpuLockedClocks gpu=1 rc=0" "$TMP/nvml.calls" || fail "no reset after SIGTERM"
 PDSERVE_NVML_LIB="$FAKE" "$BIN" serve "${SERVE[@]}" --energy-gpus 0 --sm-clock 1234 --allow-clock-control \

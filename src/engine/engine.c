@@ -17,6 +17,17 @@
 #include "engine/engine.h"
 #include "util/util.h"
 
+/* A token event of the last step, and the request's end if it ended there. */
+typedef struct emit_item {
+    struct req *r;
+    int li;                 /* logit index: e->step_tokens / e->results */
+    int index;              /* output index */
+    bool finish;
+    finish_reason why;
+    int32_t stop_token;
+    int n_cached;
+} emit_item;
+
 typedef struct req {
     uint64_t id;
     sampling_params sp;
@@ -62,6 +73,15 @@ struct engine {
     float *dev_logprobs;    /* [max_num_seqs] */
     sample_result *results; /* [max_num_seqs] */
     req **streams;          /* [max_num_seqs] requests whose KV the running step streams */
+    /* Token events of the last step not yet emitted (engine thread only): on an
+     * asynchronous backend they are emitted while the next step runs on the device
+     * (fwd_ctx_set_wait_hook), so that writing to clients overlaps the GPU; a request
+     * that finished is already out of the scheduler, its FINISHED event and its free
+     * wait here too. e->step_tokens and e->results keep the step's values until the
+     * next pass returns. */
+    struct emit_item *emits; /* [max_num_seqs] */
+    int n_emits;
+    bool defer_events;      /* asynchronous backend, unless PDSERVE_DEFER_EVENTS=0 */
     int n_streams;          /* (engine thread only) */
     pd_rng seed_rng;        /* seeds for requests without one (under mu) */
 
@@ -241,6 +261,12 @@ engine *engine_create(model *m, const engine_config *cfg_in, char *err, size_t e
     e->dev_rows = xmalloc((size_t)cfg.max_num_seqs * sizeof(sample_row));
     e->dev_logprobs = xmalloc((size_t)cfg.max_num_seqs * sizeof(float));
     e->streams = xmalloc((size_t)cfg.max_num_seqs * sizeof(req *));
+    e->emits = xmalloc((size_t)cfg.max_num_seqs * sizeof(emit_item));
+    /* events overlap the next step where the backend's ops are asynchronous; on the
+     * CPU backend the pass has run by the time the hook fires, so they would only wait
+     * (PDSERVE_DEFER_EVENTS=1 forces it there, for tests; =0 turns it off) */
+    const char *defer = getenv("PDSERVE_DEFER_EVENTS");
+    e->defer_events = defer && *defer ? strcmp(defer, "0") != 0 : !backend_is_cpu(e->be);
     rng_seed(&e->seed_rng, time_now_ns() ^ (uint64_t)(uintptr_t)e);
     pthread_mutex_init(&e->mu, NULL);
     pthread_mutex_init(&e->pool_mu, NULL);
@@ -291,8 +317,10 @@ static void publish_stats(engine *e) {
     pthread_mutex_unlock(&e->mu);
 }
 
-/* Ends a request: releases its blocks, emits FINISHED, frees it. */
-static void req_finish(engine *e, req *r, finish_reason why, int32_t stop_token, const char *error) {
+/* The scheduler's half of a request's end: its blocks go back (or, for a prefill-only
+ * request, are handed over: *held, *n_held), the counters move. Returns its cached
+ * prompt tokens. The request is not yet told, nor freed (req_end_emit). */
+static int req_end_sched(engine *e, req *r, finish_reason why, int32_t **held_out, int *n_held_out) {
     r->times.finished = time_now_s();
     int n_cached = 0;
     int32_t *held = NULL;
@@ -322,6 +350,14 @@ static void req_finish(engine *e, req *r, finish_reason why, int32_t stop_token,
     else e->stats.requests_finished++;
     pthread_mutex_unlock(&e->mu);
     publish_stats(e); /* blocks are back before the client hears of the end */
+    *held_out = held;
+    *n_held_out = n_held;
+    return n_cached;
+}
+
+/* The client's half: emits FINISHED (handing over held blocks), frees the request. */
+static void req_end_emit(req *r, finish_reason why, int32_t stop_token, const char *error, int n_cached,
+                         int32_t *held, int n_held) {
     engine_event ev = {.kind = ENGINE_EVENT_FINISHED, .request_id = r->id, .finish = why,
                        .stop_token = stop_token, .error = error, .n_prompt = r->n_prompt,
                        .n_output = r->n_output, .n_cached = n_cached, .times = &r->times,
@@ -329,6 +365,14 @@ static void req_finish(engine *e, req *r, finish_reason why, int32_t stop_token,
     r->on_event(r->user, &ev);
     free(held);
     req_free(r);
+}
+
+/* Ends a request: releases its blocks, emits FINISHED, frees it. */
+static void req_finish(engine *e, req *r, finish_reason why, int32_t stop_token, const char *error) {
+    int32_t *held = NULL;
+    int n_held = 0;
+    int n_cached = req_end_sched(e, r, why, &held, &n_held);
+    req_end_emit(r, why, stop_token, error, n_cached, held, n_held);
 }
 
 static bool id_in(int32_t t, const int32_t *ids, int n) {
@@ -370,7 +414,30 @@ static void engine_sample(engine *e, const sched_plan *p) {
     }
 }
 
-/* Emits the step's tokens and ends the requests that are done. */
+/* Emits the token events (and the ends) queued by engine_emit, in order, and frees the
+ * requests that ended. */
+static void engine_flush_events(engine *e) {
+    for (int i = 0; i < e->n_emits; i++) {
+        const emit_item *m = &e->emits[i];
+        req *r = m->r;
+        const sample_result *sr = &e->results[m->li];
+        engine_event ev = {.kind = ENGINE_EVENT_TOKEN, .request_id = r->id, .token = e->step_tokens[m->li],
+                           .index = m->index, .logprob = sr->logprob, .top = sr->top,
+                           .n_top = sr->n_top, .stop_token = -1, .times = &r->times};
+        r->on_event(r->user, &ev);
+        if (m->finish) req_end_emit(r, m->why, m->stop_token, NULL, m->n_cached, NULL, 0);
+    }
+    e->n_emits = 0;
+}
+
+/* The wait hook of the next forward pass (fwd_ctx_set_wait_hook): the last step's
+ * events, written while the device runs this one. */
+static void engine_emit_hook(void *user) { engine_flush_events(user); }
+
+/* Takes the step's tokens: times and counts them, ends the requests that are done
+ * (their blocks go back now, before the next step is planned) and queues their events;
+ * emits the queue at once unless this engine defers events and no request of the step
+ * hands its KV over (a prefill-only end is never held back). */
 static void engine_emit(engine *e, const sched_plan *p, double t) {
     /* counters first, so that whoever hears of an end sees them up to date */
     uint64_t prompt_tokens = 0;
@@ -382,24 +449,50 @@ static void engine_emit(engine *e, const sched_plan *p, double t) {
     e->stats.prompt_tokens += prompt_tokens;
     e->stats.generation_tokens += (uint64_t)p->n_logits;
     pthread_mutex_unlock(&e->mu);
+    PD_ASSERT(e->n_emits == 0);
+    bool now = !e->defer_events;
     for (int i = 0; i < p->n_items; i++) {
         const sched_item *it = &p->items[i];
         if (!it->logits) continue;
         req *r = it->seq->user;
-        const sample_result *sr = &e->results[it->logit_index];
         int32_t tok = e->step_tokens[it->logit_index];
         if (r->n_output == 0) r->times.first_token = t;
         r->times.token_times[r->n_output] = t;
-        int index = r->n_output++;
-        engine_event ev = {.kind = ENGINE_EVENT_TOKEN, .request_id = r->id, .token = tok,
-                           .index = index, .logprob = sr->logprob, .top = sr->top,
-                           .n_top = sr->n_top, .stop_token = -1, .times = &r->times};
-        r->on_event(r->user, &ev);
+        emit_item *m = &e->emits[e->n_emits++];
+        *m = (emit_item){.r = r, .li = it->logit_index, .index = r->n_output++, .stop_token = -1};
         int32_t stop_token;
         finish_reason why = req_check_stop(e, r, tok, &stop_token);
-        if (r->prefill_only) why = FINISH_LENGTH, stop_token = -1; /* the decode side decides */
-        if (why != FINISH_NONE) req_finish(e, r, why, stop_token, NULL);
+        if (r->prefill_only) {
+            why = FINISH_LENGTH, stop_token = -1; /* the decode side decides */
+            now = true;
+        }
+        if (why == FINISH_NONE) continue;
+        if (r->prefill_only) {
+            /* its KV is handed over in the FINISHED event: everything goes out now, in
+             * order (the queue, then this request's token and end) */
+            int li = m->li, index = m->index;
+            e->n_emits--;
+            engine_flush_events(e);
+            int32_t *held = NULL;
+            int n_held = 0;
+            int n_cached = req_end_sched(e, r, why, &held, &n_held);
+            const sample_result *sr = &e->results[li];
+            engine_event ev = {.kind = ENGINE_EVENT_TOKEN, .request_id = r->id, .token = tok,
+                               .index = index, .logprob = sr->logprob, .top = sr->top,
+                               .n_top = sr->n_top, .stop_token = -1, .times = &r->times};
+            r->on_event(r->user, &ev);
+            req_end_emit(r, why, stop_token, NULL, n_cached, held, n_held);
+            continue;
+        }
+        int32_t *held = NULL;
+        int n_held = 0;
+        m->finish = true;
+        m->why = why;
+        m->stop_token = stop_token;
+        m->n_cached = req_end_sched(e, r, why, &held, &n_held);
+        PD_ASSERT(!held);
     }
+    if (now) engine_flush_events(e);
 }
 
 /* Whether every token of the step is a plain greedy argmax (no logprobs, penalties
@@ -487,6 +580,7 @@ static void engine_step(engine *e) {
          * reservations, blocks being shipped) are what it waits for: until they come
          * back (engine_kv_release signals cv) or 10 ms pass. */
         PD_ASSERT(external > 0);
+        engine_flush_events(e);
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
         ts.tv_nsec += 10 * 1000 * 1000;
@@ -506,20 +600,23 @@ static void engine_step(engine *e) {
     if (streaming) fwd_ctx_set_layer_hook(e->fwd, engine_layer_hook, e);
     bool greedy = p.batch.T > 0 && plan_is_greedy(e, &p), want_lp = false;
     bool on_device = !greedy && p.batch.T > 0 && plan_on_device(e, &p, &want_lp);
-    if (greedy) {
-        /* row i of the step's logits is logit_index i: tokens land where sampling puts them */
+    /* the last step's events go out while this one runs on the device */
+    if (e->n_emits) fwd_ctx_set_wait_hook(e->fwd, engine_emit_hook, e);
+    if (greedy) /* row i of the step's logits is logit_index i: tokens land where sampling puts them */
         model_forward_greedy(e->fwd, e->kv, &p.batch, e->step_tokens);
-        for (int i = 0; i < p.n_logits; i++)
-            e->results[i] = (sample_result){.token = e->step_tokens[i]};
-    } else if (on_device) {
+    else if (on_device)
         model_forward_sample(e->fwd, e->kv, &p.batch, e->dev_rows, e->step_tokens,
                              want_lp ? e->dev_logprobs : NULL);
+    else if (p.batch.T > 0)
+        model_forward(e->fwd, e->kv, &p.batch, e->logits);
+    fwd_ctx_set_wait_hook(e->fwd, NULL, NULL);
+    engine_flush_events(e); /* when the pass did not call the hook; before results move */
+    if (greedy)
+        for (int i = 0; i < p.n_logits; i++) e->results[i] = (sample_result){.token = e->step_tokens[i]};
+    else if (on_device)
         for (int i = 0; i < p.n_logits; i++)
             e->results[i] = (sample_result){.token = e->step_tokens[i],
                                             .logprob = want_lp ? e->dev_logprobs[i] : 0.0f};
-    } else if (p.batch.T > 0) {
-        model_forward(e->fwd, e->kv, &p.batch, e->logits);
-    }
     if (streaming) {
         fwd_ctx_set_layer_hook(e->fwd, NULL, NULL);
         e->n_streams = 0;
@@ -673,6 +770,7 @@ static void admit(engine *e, req *r) {
 }
 
 static void abort_all(engine *e) {
+    engine_flush_events(e);
     abort_pending(e, 0);
     while (e->sc.n_running) req_finish(e, e->sc.running[e->sc.n_running - 1]->user, FINISH_ABORT, -1, NULL);
     while (e->sc.n_waiting) {
@@ -684,6 +782,9 @@ static void abort_all(engine *e) {
 static void *engine_main(void *arg) {
     engine *e = arg;
     for (;;) {
+        /* the last step's events, held back for the next step's pass, go out before the
+         * thread may sleep */
+        if (e->n_emits && !sched_has_work(&e->sc)) engine_flush_events(e);
         pthread_mutex_lock(&e->mu);
         while (!e->stopping && e->n_inbox == 0 && e->n_aborts == 0 && !e->reset_prefix_cache &&
                !sched_has_work(&e->sc))
@@ -708,6 +809,8 @@ static void *engine_main(void *arg) {
         e->reset_prefix_cache = false;
         pthread_mutex_unlock(&e->mu);
 
+        /* ... and before an abort or the stop ends a request whose tokens they hold */
+        if (e->n_emits && (n_ab || stopping)) engine_flush_events(e);
         for (int i = 0; i < n_in; i++) admit(e, in[i]);
         for (int i = 0; i < n_ab; i++) {
             sched_seq *q = sched_find(&e->sc, ab[i]);
@@ -762,6 +865,7 @@ void engine_free(engine *e) {
     free(e->results);
     free(e->dev_rows);
     free(e->dev_logprobs);
+    free(e->emits);
     free(e->streams);
     free(e->inbox);
     free(e->inbox_work);

@@ -314,6 +314,8 @@ struct fwd_ctx {
     long n_captured, n_replayed; /* fwd_ctx_graph_counts */
     const kv_cache *graph_kv; /* the cache the graphs write into */
     fwd_layer_fn layer_fn;  /* fwd_ctx_set_layer_hook; NULL: off */
+    fwd_wait_fn wait_fn;    /* fwd_ctx_set_wait_hook; NULL: off (one-shot) */
+    void *wait_user;
     void *layer_user;
     float *host_lg;       /* host [logit_chunk, V]: greedy without argmax_rows; lazily */
     size_t bytes;
@@ -382,6 +384,19 @@ size_t fwd_ctx_bytes(const fwd_ctx *f) { return f->bytes; }
 void fwd_ctx_set_layer_hook(fwd_ctx *f, fwd_layer_fn fn, void *user) {
     f->layer_fn = fn;
     f->layer_user = user;
+}
+
+void fwd_ctx_set_wait_hook(fwd_ctx *f, fwd_wait_fn fn, void *user) {
+    f->wait_fn = fn;
+    f->wait_user = user;
+}
+
+/* Before the step's first wait for its results: the wait hook, once. */
+static void fwd_before_wait(fwd_ctx *f) {
+    fwd_wait_fn fn = f->wait_fn;
+    if (!fn) return;
+    f->wait_fn = NULL;
+    fn(f->wait_user);
 }
 
 /* ---- the forward pass ----------------------------------------------------------------- */
@@ -577,6 +592,7 @@ void model_forward(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt, float *logits)
     const backend_ops *o = be->ops;
     int C = m->cfg.dim, V = m->cfg.vocab_size;
     if (decode_graphed(f, kv, bt)) {
+        fwd_before_wait(f);
         o->download_f32(be, logits, f->lg, o->act_type, (size_t)bt->B * V);
         return;
     }
@@ -586,6 +602,7 @@ void model_forward(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt, float *logits)
         int n = PD_MIN(f->logit_chunk, bt->n_logits - i);
         o->gather_rows(be, f->xl, f->xn, bt->logit_rows + i, n, C);
         o->matmul(be, f->lg, f->xl, m->lm_head, NULL, n, C, V);
+        fwd_before_wait(f);
         o->download_f32(be, logits + (size_t)i * V, f->lg, o->act_type, (size_t)n * V);
     }
     o->sync(be);
@@ -610,8 +627,10 @@ void model_forward_greedy(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt, int32_t
         int n = bt->B;
         if (o->argmax_rows) {
             o->argmax_rows(be, f->amax, f->lg, n, V);
+            fwd_before_wait(f);
             o->copy_d2h(be, tokens, f->amax, (size_t)n * sizeof(int32_t));
         } else {
+            fwd_before_wait(f);
             o->download_f32(be, f->host_lg, f->lg, o->act_type, (size_t)n * V);
             for (int r = 0; r < n; r++) tokens[r] = host_argmax(f->host_lg + (size_t)r * V, V);
         }
@@ -624,8 +643,10 @@ void model_forward_greedy(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt, int32_t
         o->matmul(be, f->lg, f->xl, m->lm_head, NULL, n, C, V);
         if (o->argmax_rows) {
             o->argmax_rows(be, f->amax, f->lg, n, V);
+            fwd_before_wait(f);
             o->copy_d2h(be, tokens + i, f->amax, (size_t)n * sizeof(int32_t));
         } else {
+            fwd_before_wait(f);
             o->download_f32(be, f->host_lg, f->lg, o->act_type, (size_t)n * V);
             for (int r = 0; r < n; r++) tokens[i + r] = host_argmax(f->host_lg + (size_t)r * V, V);
         }
@@ -645,6 +666,7 @@ void model_forward_sample(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt, const s
     if (decode_graphed(f, kv, bt)) {
         int n = bt->B;
         o->sample_rows(be, tok_dev, logprobs ? lp_dev : NULL, f->lg, rows, n, V);
+        fwd_before_wait(f);
         o->copy_d2h(be, tokens, tok_dev, (size_t)n * sizeof(int32_t));
         if (logprobs) o->copy_d2h(be, logprobs, lp_dev, (size_t)n * sizeof(float));
         return;
@@ -655,6 +677,7 @@ void model_forward_sample(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt, const s
         o->gather_rows(be, f->xl, f->xn, bt->logit_rows + i, n, C);
         o->matmul(be, f->lg, f->xl, m->lm_head, NULL, n, C, V);
         o->sample_rows(be, tok_dev, logprobs ? lp_dev : NULL, f->lg, rows + i, n, V);
+        fwd_before_wait(f);
         o->copy_d2h(be, tokens + i, tok_dev, (size_t)n * sizeof(int32_t));
         if (logprobs) o->copy_d2h(be, logprobs + i, lp_dev, (size_t)n * sizeof(float));
     }

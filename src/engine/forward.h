@@ -106,6 +106,17 @@ size_t fwd_ctx_bytes(const fwd_ctx *f);
 typedef void (*fwd_layer_fn)(void *user, int layer);
 void fwd_ctx_set_layer_hook(fwd_ctx *f, fwd_layer_fn fn, void *user);
 
+/* One-shot hook for host work that overlaps the step on the device: the next
+ * model_forward* calls fn(user) once, on its own thread, after every operation of the
+ * step has been queued and before its first wait for the results (the download of the
+ * tokens or logits), then clears the hook. On an asynchronous backend (CUDA) fn runs
+ * while the device computes; on the CPU backend every operation has already run. A
+ * pass that returns without results (no rows) does not call it: the driver clears the
+ * hook after the pass (NULL) and does the work itself. fn must not touch the step's
+ * rows, the cache or the backend. */
+typedef void (*fwd_wait_fn)(void *user);
+void fwd_ctx_set_wait_hook(fwd_ctx *f, fwd_wait_fn fn, void *user);
+
 /* Runs the step: writes each row's K and V into kv at its slot and, for each of
  * n_logits rows, V logits as f32 into logits (host, [n_logits, V]). */
 void model_forward(fwd_ctx *f, kv_cache *kv, const fwd_batch *batch, float *logits);
