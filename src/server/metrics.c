@@ -232,7 +232,8 @@ void metrics_render(server_metrics *m, const engine_stats *st, const char *model
           "Of which forward passes (with the device's sampling, up to the tokens' arrival on the host).",
           label, st->forward_seconds);
     gauge(out, "pdserve_engine_sample_seconds_total", "counter",
-          "Of which host sampling and the token events (detokenizing and writing to clients).", label,
+          "Of which host sampling and the token events (detokenizing and writing to clients) "
+          "not overlapped with the next forward pass.", label,
           st->sample_seconds);
     if (st->prefix_caching) {
         gauge(out, "pdserve_prefix_cache_queries_total", "counter",
