@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "bench/bench.h"
+#include "bench/bench_internal.h"
 #include "model/tokenizer.h"
 #include "test.h"
 #include "util/util.h"
@@ -733,6 +734,180 @@ static void test_real_tokenizers_exact(void) {
     if (!tried) fprintf(stderr, "  note: no tokenizers in tests/.cache (scripts/fetch-test-tokenizers.sh)\n");
 }
 
+/* ---- mooncake-synthetic ---------------------------------------------------------------- */
+
+static void mooncake_synth_opts(bench_dataset_opts *o, int n, double r) {
+    bench_dataset_opts_default(o);
+    o->kind = BENCH_DATASET_MOONCAKE_SYNTHETIC;
+    o->num_prompts = n;
+    o->mooncake_block_size = 16;
+    o->mooncake_input_len = 256;
+    o->mooncake_output_len = 32;
+    o->mooncake_max_input_len = 1024;
+    o->mooncake_len_sigma = 0.5;
+    o->mooncake_reuse_ratio = r;
+    o->seed = 7;
+}
+
+/* Leading hash ids two requests share. */
+static int shared_blocks(const bench_request *a, const bench_request *b) {
+    int k = 0;
+    while (k < a->n_hash_ids && k < b->n_hash_ids && a->hash_ids[k] == b->hash_ids[k]) k++;
+    return k;
+}
+
+/* The measured reuse ratio is the target within 0.03 (2,000 requests), for 0, 0.5 and
+ * 0.9; the dataset's own figure agrees with one recomputed from its hash ids. */
+static void test_mooncake_synthetic_ratio(void) {
+    static const double R[] = {0, 0.5, 0.9};
+    char err[512];
+    for (size_t k = 0; k < PD_ARRAY_LEN(R); k++) {
+        bench_dataset_opts o;
+        mooncake_synth_opts(&o, 2000, R[k]);
+        bench_dataset d;
+        REQUIRE(bench_dataset_load(&o, NULL, &d, err, sizeof err) == 0);
+        CHECK_EQ_INT(d.n, 2000);
+        CHECKF(fabs(d.reuse_ratio - R[k]) <= 0.03, "target %.2f, measured %.4f", R[k], d.reuse_ratio);
+        CHECKF(fabs(bench_dataset_reuse_ratio(&d, 16) - d.reuse_ratio) < 1e-12, "recomputed %.4f",
+               bench_dataset_reuse_ratio(&d, 16));
+        fprintf(stderr, "  reuse ratio target %.2f: measured %.4f\n", R[k], d.reuse_ratio);
+        long long in = 0, out = 0;
+        int continued = 0;
+        for (int i = 0; i < d.n; i++) {
+            const bench_request *q = &d.reqs[i];
+            CHECK(q->prompt_len >= 1 && q->prompt_len <= 1024 && q->output_len >= 1 && q->output_len <= 256);
+            CHECK_EQ_INT(q->n_hash_ids, (q->prompt_len + 15) / 16);
+            in += q->prompt_len;
+            out += q->output_len;
+            for (int j = i - 1; j >= 0 && j >= i - 50; j--)
+                if (shared_blocks(q, &d.reqs[j]) > 0) {
+                    continued++;
+                    break;
+                }
+        }
+        CHECKF(fabs((double)in / d.n - 256) < 20 && fabs((double)out / d.n - 32) < 4, "means %.1f %.1f",
+               (double)in / d.n, (double)out / d.n);
+        if (R[k] == 0) CHECK_EQ_INT(continued, 0);
+        else CHECK(continued > d.n / 2);  /* most continue one of their 50 predecessors */
+        bench_dataset_free(&d);
+    }
+    bench_dataset_opts o;
+    mooncake_synth_opts(&o, 10, 1.0);
+    bench_dataset d;
+    CHECK(bench_dataset_load(&o, NULL, &d, err, sizeof err) == -1);
+    mooncake_synth_opts(&o, 10, 0.5);
+    o.mooncake_block_size = 0;
+    CHECK(bench_dataset_load(&o, NULL, &d, err, sizeof err) == -1);
+    CHECK(bench_dataset_kind_parse("mooncake-synthetic") == BENCH_DATASET_MOONCAKE_SYNTHETIC);
+}
+
+/* Equal leading hash ids give equal leading token ids, different ids different ones;
+ * the same seed gives the same dataset, another seed another. */
+static void test_mooncake_synthetic_blocks(void) {
+    bench_dataset_opts o;
+    mooncake_synth_opts(&o, 300, 0.7);
+    bench_dataset d, e;
+    char err[512];
+    REQUIRE(bench_dataset_load(&o, NULL, &d, err, sizeof err) == 0);
+    int pairs = 0;
+    for (int i = 1; i < d.n; i++)
+        for (int j = PD_MAX(0, i - 20); j < i; j++) {
+            const bench_request *a = &d.reqs[i], *b = &d.reqs[j];
+            int k = shared_blocks(a, b), full = PD_MIN(a->prompt_len, b->prompt_len) / 16;
+            if (k > full) k = full;
+            pairs += k > 0;
+            CHECK(!memcmp(a->prompt_ids, b->prompt_ids, sizeof(int32_t) * 16 * (size_t)k));
+            if (k < full) CHECK(memcmp(a->prompt_ids + 16 * k, b->prompt_ids + 16 * k, sizeof(int32_t) * 16) != 0);
+        }
+    CHECK(pairs > 100);
+    REQUIRE(bench_dataset_load(&o, NULL, &e, err, sizeof err) == 0);
+    REQUIRE(e.n == d.n);
+    bool same = true;
+    for (int i = 0; i < d.n && same; i++)
+        same = d.reqs[i].prompt_len == e.reqs[i].prompt_len && d.reqs[i].output_len == e.reqs[i].output_len &&
+               d.reqs[i].n_hash_ids == e.reqs[i].n_hash_ids &&
+               !memcmp(d.reqs[i].hash_ids, e.reqs[i].hash_ids, sizeof(long long) * (size_t)d.reqs[i].n_hash_ids) &&
+               !memcmp(d.reqs[i].prompt_ids, e.reqs[i].prompt_ids, sizeof(int32_t) * (size_t)d.reqs[i].prompt_len);
+    CHECK(same);
+    bench_dataset_free(&e);
+    o.seed = 8;
+    REQUIRE(bench_dataset_load(&o, NULL, &e, err, sizeof err) == 0);
+    int differ = 0;
+    for (int i = 0; i < PD_MIN(d.n, e.n); i++) differ += d.reqs[i].prompt_len != e.reqs[i].prompt_len;
+    CHECK(differ > d.n / 2);
+    bench_dataset_free(&e);
+    bench_dataset_free(&d);
+}
+
+/* Common leading tokens of two texts through tokenizer t (-1: t failed). */
+static int common_tokens(const tokenizer *t, const char *a, const char *b) {
+    int32_t *x = NULL, *y = NULL;
+    int nx = 0, ny = 0, k = 0;
+    char err[256];
+    if (tokenizer_encode(t, a, strlen(a), false, &x, &nx, err, sizeof err) != 0 ||
+        tokenizer_encode(t, b, strlen(b), false, &y, &ny, err, sizeof err) != 0)
+        k = -1;
+    while (k >= 0 && k < nx && k < ny && x[k] == y[k]) k++;
+    free(x);
+    free(y);
+    return k;
+}
+
+/* Through the real tokenizers: prompts that share k leading hash ids share the tokens
+ * of those k blocks' text (the blocks alone, encoded), block boundaries included. */
+static void test_mooncake_synthetic_real_tokens(void) {
+    static const char *const NAMES[] = {"llama3", "llama2", "qwen3"};
+    int tried = 0;
+    for (size_t m = 0; m < PD_ARRAY_LEN(NAMES); m++) {
+        char dir[1024], json[1100], err[512];
+        snprintf(dir, sizeof dir, "%s/tests/.cache/tokenizers/%s", test_source_dir(), NAMES[m]);
+        snprintf(json, sizeof json, "%s/tokenizer.json", dir);
+        if (!util_file_exists(json)) continue;
+        tokenizer *t = NULL;
+        REQUIRE(tokenizer_load(dir, &t, err, sizeof err) == 0);
+        tried++;
+        bench_tokenizer bt;
+        bench_tokenizer_wrap(&bt, t);
+        bench_dataset_opts o;
+        mooncake_synth_opts(&o, 40, 0.8);
+        o.mooncake_block_size = 32;
+        o.mooncake_input_len = 192;
+        bench_dataset d;
+        REQUIRE(bench_dataset_load(&o, &bt, &d, err, sizeof err) == 0);
+        bench_vocab v;
+        bench_vocab_init(&v, &bt, 1);
+        bench_block_map map = {0};
+        pd_rng r;
+        rng_seed(&r, 1);
+        int pairs = 0, exact = 0, worst = 0, drift = 0;
+        for (int i = 1; i < d.n; i++)
+            for (int j = 0; j < i; j++) {
+                int k = shared_blocks(&d.reqs[i], &d.reqs[j]);
+                int full = PD_MIN(d.reqs[i].prompt_len, d.reqs[j].prompt_len) / 32;
+                if (k == 0 || k > full) continue;
+                bench_request q = {0};  /* the k shared blocks alone */
+                bench_blocks_prompt(&o, &bt, &v, &map, &r, d.reqs[i].hash_ids, k, 32, 32 * k, &q);
+                int c = common_tokens(t, d.reqs[i].prompt, d.reqs[j].prompt);
+                int in_i = common_tokens(t, d.reqs[i].prompt, q.prompt);
+                pairs++;
+                exact += c >= q.prompt_len && in_i == q.prompt_len;
+                worst = PD_MAX(worst, q.prompt_len - PD_MIN(c, in_i));
+                drift = PD_MAX(drift, abs(q.prompt_len - 32 * k));
+                free(q.prompt);
+            }
+        fprintf(stderr, "  %s: %d/%d pairs share all their common blocks' tokens (worst short by %d, "
+                        "blocks off by %d tokens in context)\n", NAMES[m], exact, pairs, worst, drift);
+        CHECK(pairs > 10);
+        CHECKF(exact == pairs, "%s: %d of %d pairs", NAMES[m], exact, pairs);
+        CHECKF(drift <= 1, "%s: blocks %d tokens off", NAMES[m], drift);  /* 1: a prompt's start (Llama 2) */
+        bench_block_map_free(&map);
+        bench_vocab_free(&v);
+        bench_dataset_free(&d);
+        tokenizer_free(t);
+    }
+    if (!tried) fprintf(stderr, "  note: no tokenizers in tests/.cache (scripts/fetch-test-tokenizers.sh)\n");
+}
+
 int main(void) {
     TEST_RUN(test_sse_whole_and_split);
     TEST_RUN(test_sse_limits);
@@ -748,5 +923,8 @@ int main(void) {
     TEST_RUN(test_dataset_custom);
     TEST_RUN(test_dataset_broken);
     TEST_RUN(test_real_tokenizers_exact);
+    TEST_RUN(test_mooncake_synthetic_ratio);
+    TEST_RUN(test_mooncake_synthetic_blocks);
+    TEST_RUN(test_mooncake_synthetic_real_tokens);
     return TEST_END();
 }

@@ -13,8 +13,9 @@
 #      own request counters; REUSE_TEST_POLICY=least-loaded shows this part failing).
 #   2b. `pdserve up --setup dis-gpu --kv-offload cpu`: the prefill instance loads the
 #      evicted prompt's blocks from its cpu tier; the output is unchanged.
-#   3. plans/reuse.json expands to its 24 points (reuse ratios x tiers x colocated /
-#      disaggregated); its first point and a cpu+disk one run on the CPU.
+#   3. plans/reuse.json expands to its 48 points (datasets x reuse ratios x tiers x
+#      colocated / disaggregated); its first point, a cpu+disk one and a cpu+disk one
+#      of the Mooncake-style dataset run on the CPU.
 set -uo pipefail
 ROOT="${PDSERVE_SOURCE:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 BIN="${PDSERVE_BIN:-$ROOT/build/pdserve}"
@@ -183,12 +184,12 @@ wait "$DPID" || fail "pdserve up dis-gpu exit status $?"
 # ---- 3. plans/reuse.json: it expands, and its first point and a two-tier one run -----------
 "$BIN" sweep "$ROOT/plans/reuse.json" --db "$TMP/reuse.db" --model "$TMP/model" --dry-run >"$TMP/dry.txt" 2>"$TMP/dry.log" ||
   fail "sweep --dry-run plans/reuse.json"
-grep -q "24 points: 0 done already, 24 to run" "$TMP/dry.txt" || { cat "$TMP/dry.txt"; fail "plans/reuse.json: points"; }
+grep -q "48 points: 0 done already, 48 to run" "$TMP/dry.txt" || { cat "$TMP/dry.txt"; fail "plans/reuse.json: points"; }
 first="$(awk '$1 == "0" { print $2 }' "$TMP/dry.txt")"
 [ "$first" = co-gpu-r0 ] || fail "plans/reuse.json: first point is '$first'"
-"$BIN" sweep "$ROOT/plans/reuse.json" --db "$TMP/reuse.db" --model "$TMP/model" --setups "$first,co-cpu-disk-r90" \
+"$BIN" sweep "$ROOT/plans/reuse.json" --db "$TMP/reuse.db" --model "$TMP/model" --setups "$first,co-cpu-disk-r90,co-cpu-disk-moon-r90" \
   >"$TMP/sweep.txt" 2>"$TMP/sweep.log" || fail "sweep plans/reuse.json"
-grep -q "2 ok, 0 failed" "$TMP/sweep.txt" "$TMP/sweep.log" || { cat "$TMP/sweep.txt"; fail "plans/reuse.json: points failed"; }
+grep -q "3 ok, 0 failed" "$TMP/sweep.txt" "$TMP/sweep.log" || { cat "$TMP/sweep.txt"; fail "plans/reuse.json: points failed"; }
 grep -q "kv tiers: tier 2 disk" "$TMP"/reuse.db.logs/*co-cpu-disk-r90*.log || fail "co-cpu-disk-r90 ran without tiers"
 # the results: each request's cached tokens and the servers' tier counters, in the
 # report's KV reuse table (cached %, gpu, cpu, disk hit %, loads, recomputes, ...)
@@ -200,5 +201,9 @@ row="$(awk '/^KV reuse/ { on = 1 } on && $1 == "co-cpu-disk-r90" { print; exit }
 # cached % > 0, and the lower tiers found blocks (cpu % + disk % > 0)
 echo "$row" | awk '{ exit !($3 > 0 && $5 + $6 > 0) }' || fail "report: co-cpu-disk-r90 row without reuse: $row"
 grep -q "<h2>KV reuse</h2>" "$TMP/reuse-report/index.html" || fail "report: no KV reuse section"
-echo "ok   plans/reuse.json: 24 points; $first and co-cpu-disk-r90 ran on the CPU; reuse recorded and reported"
+row="$(awk '/^KV reuse/ { on = 1 } on && $1 == "co-cpu-disk-moon-r90" { print; exit }' "$TMP/reuse-table.txt")"
+echo "$row" | awk '{ exit !($3 > 0) }' || fail "report: co-cpu-disk-moon-r90 row without cached tokens: $row"
+grep -q "mooncake-synthetic: 64 requests.*reuse ratio 0\.[89]" "$TMP/sweep.log" "$TMP/sweep.txt" ||
+  fail "sweep: no measured reuse ratio near 0.9 for the mooncake-synthetic point"
+echo "ok   plans/reuse.json: 48 points; $first, co-cpu-disk-r90 and co-cpu-disk-moon-r90 ran on the CPU; reuse recorded and reported"
 echo "all KV reuse end-to-end tests passed"

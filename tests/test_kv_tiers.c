@@ -808,7 +808,7 @@ static void test_plan_reuse_ratios(void) {
     free(pts);
     study_plan_free(&p);
     static const struct { const char *json, *msg; } bad[] = {
-        {"{\"setups\": [\"a\"], \"reuse_ratios\": [0.5], \"loads\": {\"batch_sizes\": [1]}}", "prefix-repetition"},
+        {"{\"setups\": [\"a\"], \"reuse_ratios\": [0.5], \"loads\": {\"batch_sizes\": [1]}}", "mooncake-synthetic"},
         {"{\"setups\": [\"a\"], \"reuse_ratios\": [1.5], \"dataset\": {\"name\": \"prefix-repetition\"}, "
          "\"loads\": {\"batch_sizes\": [1]}}", "in [0, 1)"},
         {"{\"setups\": [\"a\"], \"dataset\": {\"name\": \"sharegpt\"}, \"loads\": {\"batch_sizes\": [1]}}",
@@ -820,17 +820,86 @@ static void test_plan_reuse_ratios(void) {
         if (rc == 0) study_plan_free(&p);
         else CHECK_STR_CONTAINS(err, bad[i].msg);
     }
-    /* the shipped plan */
-    char path[1024];
-    snprintf(path, sizeof path, "%s/plans/reuse.json", test_source_dir());
-    REQUIRE(study_plan_load(path, &p, err, sizeof err) == 0);
-    CHECK_EQ_INT(p.n_setups, 24);
-    CHECK(!strcmp(p.dataset, "prefix-repetition"));
+    /* the shipped plans: prefix-repetition and mooncake-synthetic */
+    static const struct { const char *name; int setups; } shipped[] = {{"reuse", 48}, {"reuse-gpu", 12}};
+    for (size_t i = 0; i < PD_ARRAY_LEN(shipped); i++) {
+        char path[1024];
+        snprintf(path, sizeof path, "%s/plans/%s.json", test_source_dir(), shipped[i].name);
+        REQUIRE(study_plan_load(path, &p, err, sizeof err) == 0);
+        CHECK_EQ_INT(p.n_setups, shipped[i].setups);
+        CHECK(!strcmp(p.dataset, "prefix-repetition") && p.n_datasets == 2);
+        int moon = 0;
+        for (int s = 0; s < p.n_setups; s++) {
+            study_dataset ds;
+            study_setup_dataset(&p, &p.setups[s], &ds);
+            bool is_moon = strstr(p.setups[s].label, "-moon-") != NULL;
+            CHECK(is_moon == !strcmp(ds.name, "mooncake-synthetic"));
+            moon += is_moon;
+        }
+        CHECK_EQ_INT(moon, shipped[i].setups / 2);
+        study_plan_free(&p);
+    }
+}
+
+/* "datasets": setups x entries, labelled LABEL-ENTRY ("" keeps the label and the point
+ * keys the plan had without "datasets"); each entry the plan's dataset changed. */
+static void test_plan_datasets(void) {
+    const char *base = "{\"setups\": [\"co-1gpu\", \"dis-gpu\"], \"reuse_ratios\": [0, 0.9], "
+                       "\"dataset\": {\"name\": \"prefix-repetition\", \"input_len\": 100, \"num_prefixes\": 3}, "
+                       "\"loads\": {\"batch_sizes\": [4]}";
+    char json[1024], err[512];
+    snprintf(json, sizeof json, "%s}", base);
+    study_plan p, q;
+    REQUIRE(study_plan_parse(json, strlen(json), "t", &p, err, sizeof err) == 0);
+    snprintf(json, sizeof json, "%s, \"datasets\": [{\"label\": \"\"}, {\"label\": \"moon\", \"name\": "
+             "\"mooncake-synthetic\", \"block_size\": 32, \"max_input_len\": 200, \"length_sigma\": 0.5, "
+             "\"zipf_s\": 1.5}]}", base);
+    REQUIRE(study_plan_parse(json, strlen(json), "t", &q, err, sizeof err) == 0);
+    CHECK_EQ_INT(p.n_setups, 4);
+    CHECK_EQ_INT(q.n_setups, 8);
+    static const char *const labels[] = {"co-1gpu-r0", "co-1gpu-r90", "co-1gpu-moon-r0", "co-1gpu-moon-r90",
+                                         "dis-gpu-r0", "dis-gpu-r90", "dis-gpu-moon-r0", "dis-gpu-moon-r90"};
+    for (int i = 0; i < 8; i++) CHECKF(!strcmp(q.setups[i].label, labels[i]), "%s", q.setups[i].label);
+    study_dataset ds;
+    study_setup_dataset(&q, &q.setups[3], &ds);
+    CHECK(!strcmp(ds.name, "mooncake-synthetic") && ds.block_size == 32 && ds.max_input_len == 200);
+    CHECK(ds.input_len == 100 && ds.length_sigma == 0.5 && ds.zipf_s == 1.5 && ds.reuse_ratio > 0.89);
+    study_setup_dataset(&q, &q.setups[0], &ds);
+    CHECK(!strcmp(ds.name, "prefix-repetition") && ds.num_prefixes == 3 && ds.reuse_ratio == 0);
+    study_point *a, *b;
+    CHECK_EQ_INT(study_plan_expand(&p, "m", &a), 4);
+    CHECK_EQ_INT(study_plan_expand(&q, "m", &b), 8);
+    CHECK(!strcmp(a[0].key, b[0].key) && !strcmp(a[1].key, b[1].key) && !strcmp(a[3].key, b[5].key));
+    for (int i = 0; i < 8; i++)
+        for (int j = i + 1; j < 8; j++) CHECK(strcmp(b[i].key, b[j].key) != 0);
+    free(a);
+    free(b);
     study_plan_free(&p);
+    study_plan_free(&q);
+    static const struct { const char *json, *msg; } bad[] = {
+        {"{\"setups\": [\"a\"], \"datasets\": [], \"loads\": {\"batch_sizes\": [1]}}", "1 to 16"},
+        {"{\"setups\": [\"a\"], \"datasets\": [{\"name\": \"sharegpt\"}], \"loads\": {\"batch_sizes\": [1]}}",
+         "mooncake-synthetic"},
+        {"{\"setups\": [\"a\"], \"datasets\": [{}, {}], \"loads\": {\"batch_sizes\": [1]}}", "appears twice"},
+        {"{\"setups\": [\"a\"], \"datasets\": [{\"label\": \"a b\"}], \"loads\": {\"batch_sizes\": [1]}}",
+         "may hold only"},
+        {"{\"setups\": [\"a\"], \"dataset\": {\"label\": \"x\"}, \"loads\": {\"batch_sizes\": [1]}}",
+         "belongs to the entries"},
+        {"{\"setups\": [\"a\"], \"datasets\": [{\"zipf_s\": -1}], \"loads\": {\"batch_sizes\": [1]}}", "zipf_s"},
+        {"{\"setups\": [\"a\"], \"reuse_ratios\": [0.5], \"datasets\": [{\"name\": \"prefix-repetition\"}, "
+         "{\"name\": \"random\"}], \"loads\": {\"batch_sizes\": [1]}}", "reuse_ratios"},
+    };
+    for (size_t i = 0; i < PD_ARRAY_LEN(bad); i++) {
+        int rc = study_plan_parse(bad[i].json, strlen(bad[i].json), "t", &p, err, sizeof err);
+        CHECKF(rc == -1, "bad case %zu parsed", i);
+        if (rc == 0) study_plan_free(&p);
+        else CHECK_STR_CONTAINS(err, bad[i].msg);
+    }
 }
 
 int main(void) {
     TEST_RUN(test_plan_reuse_ratios);
+    TEST_RUN(test_plan_datasets);
     if (setup() != 0) return 1;
     TEST_RUN(test_stores_by_key);
     TEST_RUN(test_randomized);

@@ -46,6 +46,7 @@ typedef enum bench_dataset_kind {
     BENCH_DATASET_MOONCAKE,
     BENCH_DATASET_PREFIX_REPETITION,
     BENCH_DATASET_CUSTOM,
+    BENCH_DATASET_MOONCAKE_SYNTHETIC,  /* Mooncake's model without a file (dataset_mooncake.c) */
 } bench_dataset_kind;
 
 /* "random" -> BENCH_DATASET_RANDOM ...; -1 when unknown. */
@@ -54,6 +55,14 @@ const char *bench_dataset_kind_name(bench_dataset_kind k);
 
 /* Tokens per hash id in the Mooncake trace format. */
 #define BENCH_MOONCAKE_BLOCK 512
+
+/* The reuse ratio of requests given by block hash ids (Mooncake's format: equal ids,
+ * equal blocks, and an id names its whole prefix): tokens of the full blocks whose id
+ * an earlier request already had, over all prompt tokens. ids[i] holds n_ids[i] ids of
+ * block tokens each for a prompt of lens[i] tokens (a last partial block never counts
+ * as seen). Returns a fraction in [0, 1], or -1 when there are no prompt tokens. */
+double bench_reuse_ratio_of_blocks(const long long *const *ids, const int *n_ids, const int *lens, int n,
+                                   int block);
 /* No single request may ask for more prompt tokens than this (a corrupt trace must
  * not make the bench allocate gigabytes); override in bench_dataset_opts. */
 #define BENCH_MAX_REQUEST_TOKENS (1 << 21)
@@ -72,6 +81,14 @@ typedef struct bench_dataset_opts {
     int custom_output_len;        /* used when a line has no output_tokens; -1 = none */
     /* prefix-repetition */
     int prefix_len, suffix_len, num_prefixes, prefix_output_len;
+    /* mooncake-synthetic (dataset_mooncake.c, docs/reuse.md) */
+    int mooncake_block_size;      /* tokens per hash id (512, Mooncake's) */
+    int mooncake_input_len;       /* mean prompt tokens (7590, the Mooncake trace's mean) */
+    int mooncake_output_len;      /* mean output tokens (182, the trace's mean) */
+    int mooncake_max_input_len;   /* prompts are cut to this (0: 8 x the mean) */
+    double mooncake_len_sigma;    /* log-normal sigma of both lengths (0: every length the mean) */
+    double mooncake_reuse_ratio;  /* expected fraction of prompt tokens in blocks seen before */
+    double mooncake_zipf_s;       /* exponent of the popularity law over earlier requests (1) */
     /* traces */
     double trace_time_scale;      /* arrival = (t - t0) * scale */
     int max_request_tokens;       /* 0 = BENCH_MAX_REQUEST_TOKENS */
@@ -85,6 +102,8 @@ typedef struct bench_request {
     int prompt_len;        /* tokens; -1 when unknown (then the server's usage counts) */
     int output_len;        /* max_tokens; -1 = not sent (server decides) */
     double arrival_s;      /* trace timestamp relative to the first row; -1 if none */
+    long long *hash_ids;   /* mooncake, mooncake-synthetic: the prompt's block ids (owned) */
+    int n_hash_ids;
 } bench_request;
 
 typedef struct bench_dataset {
@@ -92,6 +111,8 @@ typedef struct bench_dataset {
     int n;
     bool has_timestamps;   /* every request carries arrival_s (azure, mooncake) */
     bool lengths_estimated;/* prompt lengths guessed from bytes (no tokenizer) */
+    double reuse_ratio;    /* mooncake, mooncake-synthetic: prompt tokens in blocks that an
+                            * earlier request also had / prompt tokens (by hash id); -1: unknown */
 } bench_dataset;
 
 /* Builds the dataset the options describe (reading o->path for file formats).
@@ -102,6 +123,8 @@ int bench_dataset_load(const bench_dataset_opts *o, const bench_tokenizer *tok, 
 int bench_dataset_parse(const bench_dataset_opts *o, const char *text, size_t len, const char *name,
                         const bench_tokenizer *tok, bench_dataset *out, char *err, size_t errlen);
 void bench_dataset_free(bench_dataset *d);
+/* The same over a dataset's requests (their hash_ids, prompt_len); -1 if any lacks them. */
+double bench_dataset_reuse_ratio(const bench_dataset *d, int block);
 
 /* Token-exact synthetic prompt: given n token ids, returns text that re-encodes to
  * exactly target tokens (decode, re-encode, truncate or pad with random ids, up to

@@ -28,6 +28,28 @@ int bench_count_tokens(const bench_tokenizer *tok, const char *text, size_t len)
 /* Appends a zeroed request (prompt_len, output_len, arrival_s = -1). */
 bench_request *bench_dataset_push(bench_dataset *d, int *cap);
 
+/* Block texts by hash id, so that a block shared by several prompts is made once and is
+ * byte-identical in each (dataset_files.c). Open addressing, grows at 1/2. */
+typedef struct bench_block_map {
+    long long *keys;
+    char **texts;      /* owned, NULL = empty slot */
+    size_t cap, n;
+} bench_block_map;
+
+void bench_block_map_free(bench_block_map *m);
+/* The prompt of q from its hash ids (Mooncake's model): the block of id h is `block`
+ * ids drawn from a generator seeded by (o->seed, h) only, so equal ids give equal ids
+ * and, with a tokenizer, byte-equal text (each full block's text made token-exact on
+ * its own, once, and kept in map); a last partial block takes the leading ids of its
+ * block; tokens past the listed blocks are fresh draws from r. n_tokens >= 1. Sets
+ * q->prompt (text) or q->prompt_ids (no tokenizer) and q->prompt_len. */
+void bench_blocks_prompt(const bench_dataset_opts *o, const bench_tokenizer *tok, const bench_vocab *v,
+                         bench_block_map *map, pd_rng *r, const long long *hashes, int nb, int block, int n_tokens,
+                         bench_request *q);
+/* mooncake-synthetic (dataset_mooncake.c); same contract as bench_dataset_load. */
+int bench_make_mooncake_synthetic(const bench_dataset_opts *o, const bench_tokenizer *tok, bench_dataset *d,
+                                  char *err, size_t errlen);
+
 /* The file formats (dataset_files.c); same contract as bench_dataset_parse. */
 int bench_parse_sharegpt(const bench_dataset_opts *o, const char *text, size_t len, const char *name,
                          const bench_tokenizer *tok, bench_dataset *out, char *err, size_t errlen);

@@ -25,10 +25,16 @@ void bench_dataset_opts_default(bench_dataset_opts *o) {
     o->num_prefixes = 10;
     o->prefix_output_len = 128;
     o->trace_time_scale = 1.0;
+    o->mooncake_block_size = BENCH_MOONCAKE_BLOCK;
+    o->mooncake_input_len = 7590;
+    o->mooncake_output_len = 182;
+    o->mooncake_len_sigma = 0.8;
+    o->mooncake_reuse_ratio = 0.5;
+    o->mooncake_zipf_s = 1.0;
 }
 
 static const char *const KIND_NAMES[] = {"random", "sharegpt", "azure", "mooncake", "prefix-repetition",
-                                         "custom"};
+                                         "custom", "mooncake-synthetic"};
 
 int bench_dataset_kind_parse(const char *name) {
     for (int i = 0; i < (int)PD_ARRAY_LEN(KIND_NAMES); i++)
@@ -45,6 +51,7 @@ void bench_dataset_free(bench_dataset *d) {
     for (int i = 0; i < d->n; i++) {
         free(d->reqs[i].prompt);
         free(d->reqs[i].prompt_ids);
+        free(d->reqs[i].hash_ids);
     }
     free(d->reqs);
     memset(d, 0, sizeof *d);
@@ -283,11 +290,72 @@ static int make_prefix_repetition(const bench_dataset_opts *o, const bench_token
     return 0;
 }
 
+/* ---- reuse of hash-id blocks ---------------------------------------------------------- */
+
+/* A set of hash ids (open addressing, grows at 1/2); INT64_MIN marks an empty slot. */
+typedef struct id_set {
+    long long *keys;
+    size_t cap, n;
+} id_set;
+
+/* Inserts key; returns true when it was already there. */
+static bool id_set_add(id_set *s, long long key) {
+    if (2 * (s->n + 1) > s->cap) {
+        id_set g = {NULL, s->cap ? s->cap * 2 : 1024, 0};
+        g.keys = xmalloc(sizeof *g.keys * g.cap);
+        for (size_t i = 0; i < g.cap; i++) g.keys[i] = INT64_MIN;
+        for (size_t i = 0; i < s->cap; i++)
+            if (s->keys[i] != INT64_MIN) id_set_add(&g, s->keys[i]);
+        free(s->keys);
+        *s = g;
+    }
+    size_t i = hash_u64((uint64_t)key) & (s->cap - 1);
+    while (s->keys[i] != INT64_MIN && s->keys[i] != key) i = (i + 1) & (s->cap - 1);
+    if (s->keys[i] == key) return true;
+    s->keys[i] = key;
+    s->n++;
+    return false;
+}
+
+double bench_reuse_ratio_of_blocks(const long long *const *ids, const int *n_ids, const int *lens, int n,
+                                   int block) {
+    id_set seen = {0};
+    long long total = 0, reused = 0;
+    for (int i = 0; i < n; i++) {
+        int full = PD_MIN(n_ids[i], lens[i] / block);  /* blocks wholly inside the prompt */
+        for (int b = 0; b < full; b++)
+            if (id_set_add(&seen, ids[i][b])) reused += block;
+        for (int b = full; b < n_ids[i]; b++) id_set_add(&seen, ids[i][b]);
+        total += PD_MAX(lens[i], 0);
+    }
+    free(seen.keys);
+    return total > 0 ? (double)reused / (double)total : -1;
+}
+
+double bench_dataset_reuse_ratio(const bench_dataset *d, int block) {
+    const long long **ids = xmalloc(sizeof *ids * (size_t)PD_MAX(d->n, 1));
+    int *n_ids = xmalloc(sizeof(int) * (size_t)PD_MAX(d->n, 1)), *lens = xmalloc(sizeof(int) * (size_t)PD_MAX(d->n, 1));
+    double r = 0;
+    for (int i = 0; i < d->n && r == 0; i++) {
+        if (!d->reqs[i].hash_ids && d->reqs[i].n_hash_ids > 0) r = -1;
+        if (d->reqs[i].prompt_len < 0) r = -1;
+        ids[i] = d->reqs[i].hash_ids;
+        n_ids[i] = d->reqs[i].n_hash_ids;
+        lens[i] = d->reqs[i].prompt_len;
+    }
+    if (r == 0) r = bench_reuse_ratio_of_blocks(ids, n_ids, lens, d->n, block);
+    free(ids);
+    free(n_ids);
+    free(lens);
+    return r;
+}
+
 /* ---- dispatch ------------------------------------------------------------------------ */
 
 int bench_dataset_parse(const bench_dataset_opts *o, const char *text, size_t len, const char *name,
                         const bench_tokenizer *tok, bench_dataset *out, char *err, size_t errlen) {
     memset(out, 0, sizeof *out);
+    out->reuse_ratio = -1;
     int rc;
     switch (o->kind) {
     case BENCH_DATASET_SHAREGPT: rc = bench_parse_sharegpt(o, text, len, name, tok, out, err, errlen); break;
@@ -309,13 +377,16 @@ int bench_dataset_parse(const bench_dataset_opts *o, const char *text, size_t le
 int bench_dataset_load(const bench_dataset_opts *o, const bench_tokenizer *tok, bench_dataset *out,
                        char *err, size_t errlen) {
     memset(out, 0, sizeof *out);
-    if (o->num_prompts < 1 && (o->kind == BENCH_DATASET_RANDOM || o->kind == BENCH_DATASET_PREFIX_REPETITION)) {
+    out->reuse_ratio = -1;
+    if (o->num_prompts < 1 && (o->kind == BENCH_DATASET_RANDOM || o->kind == BENCH_DATASET_PREFIX_REPETITION ||
+                               o->kind == BENCH_DATASET_MOONCAKE_SYNTHETIC)) {
         pd_errorf(err, errlen, "--num-prompts must be at least 1");
         return -1;
     }
     int rc;
     if (o->kind == BENCH_DATASET_RANDOM) rc = make_random(o, tok, out, err, errlen);
     else if (o->kind == BENCH_DATASET_PREFIX_REPETITION) rc = make_prefix_repetition(o, tok, out, err, errlen);
+    else if (o->kind == BENCH_DATASET_MOONCAKE_SYNTHETIC) rc = bench_make_mooncake_synthetic(o, tok, out, err, errlen);
     else {
         if (!o->path) {
             pd_errorf(err, errlen, "dataset '%s' needs --dataset-path", bench_dataset_kind_name(o->kind));

@@ -337,17 +337,9 @@ fail:
 
 /* ---- mooncake --------------------------------------------------------------------------- */
 
-/* Block texts by hash id (with a tokenizer), so that a shared block is decoded once and
- * is byte-identical in every prompt that uses it. Open addressing, grows at 1/2. */
-typedef struct block_map {
-    long long *keys;
-    char **texts;
-    size_t cap, n;
-} block_map;
-
-static char **block_slot(block_map *m, long long key) {
+static char **block_slot(bench_block_map *m, long long key) {
     if (2 * (m->n + 1) > m->cap) {
-        block_map g = {NULL, NULL, m->cap ? m->cap * 2 : 256, 0};
+        bench_block_map g = {NULL, NULL, m->cap ? m->cap * 2 : 256, 0};
         g.keys = xmalloc(sizeof *g.keys * g.cap);
         g.texts = xcalloc(g.cap, sizeof *g.texts);
         for (size_t i = 0; i < m->cap; i++)
@@ -363,13 +355,14 @@ static char **block_slot(block_map *m, long long key) {
     return &m->texts[i];
 }
 
-static void block_map_free(block_map *m) {
+void bench_block_map_free(bench_block_map *m) {
     for (size_t i = 0; i < m->cap; i++) free(m->texts[i]);
     free(m->keys);
     free(m->texts);
+    memset(m, 0, sizeof *m);
 }
 
-/* The 512 ids of block `hash` (a function of the seed and the hash id only). */
+/* The n ids of block `hash` (a function of the seed and the hash id only). */
 static void block_ids(const bench_vocab *v, uint64_t seed, long long hash, int32_t *out, int n) {
     pd_rng r;
     rng_seed(&r, hash_u64(seed * 0x9E3779B97F4A7C15ULL ^ (uint64_t)hash));
@@ -402,53 +395,100 @@ static const char *mooncake_row_read(const cJSON *j, long long mt, mooncake_row 
     return NULL;
 }
 
-/* The prompt of one row: its hash blocks, then unique random ids past the blocks. */
-static void mooncake_prompt(const bench_dataset_opts *o, const bench_tokenizer *tok, const bench_vocab *v,
-                            block_map *map, pd_rng *r, const mooncake_row *row, bench_request *q) {
-    int n = (int)PD_MAX(row->in, 1), nb = cJSON_GetArraySize(row->hashes);
+static void text_append(char **text, size_t *tl, size_t *tcap, const char *add) {
+    size_t al = strlen(add);
+    if (*tl + al + 1 > *tcap) {
+        *tcap = (*tl + al + 1) * 2;
+        *text = xrealloc(*text, *tcap);
+    }
+    memcpy(*text + *tl, add, al + 1);
+    *tl += al;
+}
+
+/* Tokens text adds after a non-blank character ("x" + text, less "x"); -1 if the
+ * tokenizer fails or merges "x" with what follows. */
+static int tokens_in_context(const bench_tokenizer *tok, const char *text) {
+    size_t tl = strlen(text);
+    char *s = xmalloc(tl + 2);
+    s[0] = 'x';
+    memcpy(s + 1, text, tl + 1);
+    int32_t *a = NULL, *b = NULL;
+    int na = 0, nb = 0, n = -1;
+    if (tok->encode(tok->ctx, "x", 1, &a, &na) == 0 && tok->encode(tok->ctx, s, tl + 1, &b, &nb) == 0 && nb >= na &&
+        !memcmp(a, b, sizeof(int32_t) * (size_t)na))
+        n = nb - na;
+    free(a);
+    free(b);
+    free(s);
+    return n;
+}
+
+static bool is_blank(char c) { return c == ' ' || c == '\n' || c == '\t' || c == '\r'; }
+
+/* The text of one segment (a block, a partial block, a prompt's fresh tail) of n
+ * tokens from ids, made so that segments can be put end to end without changing each
+ * other's tokens: it starts with one space and ends with a non-blank character, so a
+ * byte-level BPE's pre-tokenizer (Llama 3, Qwen) splits before it and a SentencePiece
+ * BPE (Llama 2), whose pieces carry a space only at their start, merges nothing across
+ * it; and it is n tokens there, counted after a non-blank character. Tries 16 drafts
+ * (seeded by seed) and keeps the first that meets all of it, else the last one, which
+ * is then only n tokens on its own (bench_prompt_exact). Returns malloc'd text. */
+static char *segment_text(const bench_tokenizer *tok, const bench_vocab *v, const int32_t *ids, int n,
+                          uint64_t seed) {
+    int32_t *draft = xmalloc(sizeof(int32_t) * (size_t)n);
+    memcpy(draft, ids, sizeof(int32_t) * (size_t)n);
+    pd_rng r;
+    rng_seed(&r, seed ^ 0x5E67E47ULL);
+    char *text = NULL;
+    for (int attempt = 0; attempt < 16; attempt++) {
+        if (attempt > 0 && attempt % 2 == 0) bench_vocab_fill(v, &r, draft, n);  /* a new draft */
+        int got, target = PD_MAX(n - attempt % 2, 1);  /* odd tries: room for the space */
+        char *body = bench_prompt_exact(tok, v, draft, n, target, seed + (uint64_t)attempt, &got);
+        size_t bl = strlen(body);
+        free(text);
+        text = xmalloc(bl + 2);
+        text[0] = ' ';
+        memcpy(text + (body[0] != ' '), body, bl + 1);
+        free(body);
+        size_t tl = strlen(text);
+        if (tl > 1 && !is_blank(text[tl - 1]) && !is_blank(text[1]) && tokens_in_context(tok, text) == n) break;
+    }
+    free(draft);
+    return text;
+}
+
+void bench_blocks_prompt(const bench_dataset_opts *o, const bench_tokenizer *tok, const bench_vocab *v,
+                         bench_block_map *map, pd_rng *r, const long long *hashes, int nb, int block, int n_tokens,
+                         bench_request *q) {
+    int n = PD_MAX(n_tokens, 1), pos = 0;
     int32_t *ids = xmalloc(sizeof(int32_t) * (size_t)n);
-    int pos = 0;
     char *text = NULL;
     size_t tl = 0, tcap = 0;
     for (int b = 0; b < nb && pos < n; b++) {
-        long long h = (long long)cJSON_GetArrayItem(row->hashes, b)->valuedouble;
-        int take = PD_MIN(BENCH_MOONCAKE_BLOCK, n - pos);
+        long long h = hashes[b];
+        int take = PD_MIN(block, n - pos);
         block_ids(v, o->seed, h, ids + pos, take);
         if (tok) {
-            char *bt;
-            char *tmp = NULL;
-            if (take == BENCH_MOONCAKE_BLOCK) {
+            if (take == block) {
                 char **slot = block_slot(map, h);
                 if (!*slot) {
-                    int got;
-                    *slot = bench_prompt_exact(tok, v, ids + pos, take, take, (uint64_t)h, &got);
+                    *slot = segment_text(tok, v, ids + pos, take, (uint64_t)h);
                     map->n++;
                 }
-                bt = *slot;
+                text_append(&text, &tl, &tcap, *slot);
             } else {
-                int got;
-                bt = tmp = bench_prompt_exact(tok, v, ids + pos, take, take, (uint64_t)h, &got);
+                char *part = segment_text(tok, v, ids + pos, take, (uint64_t)h);
+                text_append(&text, &tl, &tcap, part);
+                free(part);
             }
-            size_t bl = strlen(bt);
-            if (tl + bl + 1 > tcap) {
-                tcap = (tl + bl + 1) * 2;
-                text = xrealloc(text, tcap);
-            }
-            memcpy(text + tl, bt, bl + 1);
-            tl += bl;
-            free(tmp);
         }
         pos += take;
     }
     if (pos < n) {  /* tokens past the listed blocks: unique to this request */
         bench_vocab_fill(v, r, ids + pos, n - pos);
         if (tok) {
-            int got;
-            char *rest = bench_prompt_exact(tok, v, ids + pos, n - pos, n - pos, rng_next(r), &got);
-            size_t rl = strlen(rest);
-            text = xrealloc(text, tl + rl + 1);
-            memcpy(text + tl, rest, rl + 1);
-            tl += rl;
+            char *rest = segment_text(tok, v, ids + pos, n - pos, rng_next(r));
+            text_append(&text, &tl, &tcap, rest);
             free(rest);
         }
     }
@@ -462,13 +502,26 @@ static void mooncake_prompt(const bench_dataset_opts *o, const bench_tokenizer *
     }
 }
 
+/* The prompt of one row: its hash blocks, then unique random ids past the blocks; the
+ * row's ids are kept in q. */
+static void mooncake_prompt(const bench_dataset_opts *o, const bench_tokenizer *tok, const bench_vocab *v,
+                            bench_block_map *map, pd_rng *r, const mooncake_row *row, bench_request *q) {
+    int nb = cJSON_GetArraySize(row->hashes);
+    q->hash_ids = xmalloc(sizeof(long long) * (size_t)PD_MAX(nb, 1));
+    q->n_hash_ids = nb;
+    int b = 0;
+    const cJSON *x;
+    cJSON_ArrayForEach(x, row->hashes) q->hash_ids[b++] = (long long)x->valuedouble;
+    bench_blocks_prompt(o, tok, v, map, r, q->hash_ids, nb, BENCH_MOONCAKE_BLOCK, (int)PD_MAX(row->in, 1), q);
+}
+
 int bench_parse_mooncake(const bench_dataset_opts *o, const char *text, size_t len, const char *name,
                          const bench_tokenizer *tok, bench_dataset *out, char *err, size_t errlen) {
     line_iter it = {text, text + len, 0};
     const char *b, *e;
     bench_vocab v;
     bench_vocab_init(&v, tok, o->random_vocab_size);
-    block_map map = {0};
+    bench_block_map map = {0};
     pd_rng r;
     rng_seed(&r, o->seed);
     int cap = 0, rc = -1;
@@ -502,8 +555,9 @@ int bench_parse_mooncake(const bench_dataset_opts *o, const char *text, size_t l
         cJSON_Delete(j);
     }
     rc = 0;
+    out->reuse_ratio = bench_dataset_reuse_ratio(out, BENCH_MOONCAKE_BLOCK);
 done:
-    block_map_free(&map);
+    bench_block_map_free(&map);
     bench_vocab_free(&v);
     return rc;
 }

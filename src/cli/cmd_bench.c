@@ -23,7 +23,10 @@ static const char USAGE[] =
     "                --num-prompts 200 --request-rate 8 --tokenizer MODEL_DIR --ignore-eos\n"
     "  pdserve bench --dataset-name azure --dataset-path trace.csv --trace-time-scale 0.5\n"
     "  pdserve bench ... --goodput ttft:300 tpot:50 --save-result --result-dir results/\n\n"
-    "Datasets: random, sharegpt, azure, mooncake, prefix-repetition, custom.\n"
+    "  pdserve bench --dataset-name mooncake-synthetic --mooncake-reuse-ratio 0.5 --request-rate 4\n\n"
+    "Datasets: random, sharegpt, azure, mooncake, prefix-repetition, custom, mooncake-synthetic\n"
+    "(Mooncake's model without a trace file: prompts of hash-id blocks in a prefix tree, each\n"
+    "request continuing an earlier one; docs/reuse.md).\n"
     "Arrivals: --request-rate inf sends everything at once; a finite rate draws gamma gaps\n"
     "(--burstiness 1 = Poisson); azure and mooncake replay their timestamps unless\n"
     "--request-rate is given. Energy comes from *_energy_joules counters in /metrics.";
@@ -151,7 +154,7 @@ int cmd_bench(int argc, char **argv) {
         {"tokenizer", OPT_STRING, &a.tokenizer, "folder with tokenizer.json: token-exact text prompts", "DIR"},
         {"api-key", OPT_STRING, &a.api_key, "bearer token (default: $OPENAI_API_KEY)", "KEY"},
         {"dataset-name", OPT_STRING, &a.dataset_name,
-         "random, sharegpt, azure, mooncake, prefix-repetition or custom (random)", "NAME"},
+         "random, sharegpt, azure, mooncake, prefix-repetition, custom or mooncake-synthetic (random)", "NAME"},
         {"dataset-path", OPT_STRING, &a.ds.path, "the dataset file (sharegpt, azure, mooncake, custom)", "FILE"},
         {"num-prompts", OPT_INT, &a.num_prompts, "requests to send (1000); files: the first N usable rows", "N"},
         {"random-input-len", OPT_INT, &a.ds.random_input_len, "random: prompt tokens (1024)", "N"},
@@ -169,6 +172,19 @@ int cmd_bench(int argc, char **argv) {
         {"prefix-repetition-num-prefixes", OPT_INT, &a.ds.num_prefixes, "prefix-repetition: prefixes (10)", "N"},
         {"prefix-repetition-output-len", OPT_INT, &a.ds.prefix_output_len, "prefix-repetition: output tokens (128)",
          "N"},
+        {"mooncake-reuse-ratio", OPT_DOUBLE, &a.ds.mooncake_reuse_ratio,
+         "mooncake-synthetic: expected fraction of prompt tokens in blocks seen before (0.5)", "R"},
+        {"mooncake-block-size", OPT_INT, &a.ds.mooncake_block_size, "mooncake-synthetic: tokens per block (512)", "N"},
+        {"mooncake-input-len", OPT_INT, &a.ds.mooncake_input_len,
+         "mooncake-synthetic: mean prompt tokens (7590, the Mooncake trace's)", "N"},
+        {"mooncake-output-len", OPT_INT, &a.ds.mooncake_output_len,
+         "mooncake-synthetic: mean output tokens (182, the trace's)", "N"},
+        {"mooncake-max-input-len", OPT_INT, &a.ds.mooncake_max_input_len,
+         "mooncake-synthetic: prompts cut to this (default 8 x the mean)", "N"},
+        {"mooncake-length-sigma", OPT_DOUBLE, &a.ds.mooncake_len_sigma,
+         "mooncake-synthetic: log-normal sigma of the lengths (0.8; 0 = every length the mean)", "X"},
+        {"mooncake-zipf-s", OPT_DOUBLE, &a.ds.mooncake_zipf_s,
+         "mooncake-synthetic: Zipf exponent over earlier requests by recency (1.0)", "S"},
         {"trace-time-scale", OPT_DOUBLE, &a.ds.trace_time_scale,
          "azure, mooncake: multiply the trace's gaps by this (1.0; 0.5 = twice the load)", "X"},
         {"request-rate", OPT_STRING, &a.request_rate,
@@ -213,7 +229,7 @@ int cmd_bench(int argc, char **argv) {
     int kind = bench_dataset_kind_parse(a.dataset_name);
     if (kind < 0) {
         fprintf(stderr, "pdserve bench: unknown --dataset-name '%s' (random, sharegpt, azure, mooncake, "
-                        "prefix-repetition, custom)\n", a.dataset_name);
+                        "prefix-repetition, custom, mooncake-synthetic)\n", a.dataset_name);
         return 2;
     }
     a.ds.kind = (bench_dataset_kind)kind;

@@ -244,38 +244,138 @@ bad:
     return -1;
 }
 
-static int parse_dataset(const cJSON *d, study_plan *p, char *err, size_t errlen) {
-    static const char *const keys[] = {"name", "input_len", "output_len", "range_ratio", "vocab_size", "seed",
-                                       "ignore_eos", "num_prefixes", "reuse_ratio", NULL};
-    if (!d || cJSON_IsNull(d)) return 0;
+static const char *const DATASET_KEYS[] = {"name", "input_len", "output_len", "range_ratio", "vocab_size", "seed",
+                                            "ignore_eos", "num_prefixes", "reuse_ratio", "block_size",
+                                            "max_input_len", "length_sigma", "zipf_s", "label", NULL};
+
+/* Reads one dataset object over ds (fields it leaves out stay as they are). "label"
+ * only where labelled is set (an entry of "datasets"). */
+static int parse_dataset_fields(const cJSON *d, const char *where, bool labelled, study_dataset *ds, char *err,
+                                size_t errlen) {
     if (!cJSON_IsObject(d)) {
-        pd_errorf(err, errlen, "dataset: must be an object");
+        pd_errorf(err, errlen, "%s: must be an object", where);
         return -1;
     }
-    int seed = (int)p->seed;
-    if (check_keys(d, "dataset", keys, err, errlen) || get_str(d, "name", "dataset", &p->dataset, err, errlen) ||
-        get_int(d, "input_len", "dataset", 1, &p->input_len, err, errlen) ||
-        get_int(d, "output_len", "dataset", 1, &p->output_len, err, errlen) ||
-        get_num(d, "range_ratio", "dataset", &p->range_ratio, err, errlen) ||
-        get_int(d, "vocab_size", "dataset", 2, &p->vocab_size, err, errlen) ||
-        get_int(d, "seed", "dataset", 0, &seed, err, errlen) ||
-        get_bool(d, "ignore_eos", "dataset", &p->ignore_eos, err, errlen) ||
-        get_int(d, "num_prefixes", "dataset", 1, &p->num_prefixes, err, errlen) ||
-        get_num(d, "reuse_ratio", "dataset", &p->reuse_ratio, err, errlen))
+    int seed = (int)ds->seed;
+    if (check_keys(d, where, DATASET_KEYS, err, errlen) ||
+        get_str(d, "name", where, &ds->name, err, errlen) ||
+        get_int(d, "input_len", where, 1, &ds->input_len, err, errlen) ||
+        get_int(d, "output_len", where, 1, &ds->output_len, err, errlen) ||
+        get_num(d, "range_ratio", where, &ds->range_ratio, err, errlen) ||
+        get_int(d, "vocab_size", where, 2, &ds->vocab_size, err, errlen) ||
+        get_int(d, "seed", where, 0, &seed, err, errlen) ||
+        get_bool(d, "ignore_eos", where, &ds->ignore_eos, err, errlen) ||
+        get_int(d, "num_prefixes", where, 1, &ds->num_prefixes, err, errlen) ||
+        get_num(d, "reuse_ratio", where, &ds->reuse_ratio, err, errlen) ||
+        get_int(d, "block_size", where, 1, &ds->block_size, err, errlen) ||
+        get_int(d, "max_input_len", where, 0, &ds->max_input_len, err, errlen) ||
+        get_num(d, "length_sigma", where, &ds->length_sigma, err, errlen) ||
+        get_num(d, "zipf_s", where, &ds->zipf_s, err, errlen))
         return -1;
-    p->seed = (uint64_t)seed;
-    if (strcmp(p->dataset, "random") != 0 && strcmp(p->dataset, "prefix-repetition") != 0) {
-        pd_errorf(err, errlen, "dataset: sweeps support \"random\" and \"prefix-repetition\", got '%s'",
-                  p->dataset);
+    if (!labelled && cJSON_GetObjectItemCaseSensitive(d, "label")) {
+        pd_errorf(err, errlen, "%s: 'label' belongs to the entries of \"datasets\"", where);
         return -1;
     }
-    if (p->reuse_ratio < 0 || p->reuse_ratio >= 1) {
-        pd_errorf(err, errlen, "dataset: 'reuse_ratio' must be in [0, 1)");
+    if (labelled && get_str(d, "label", where, &ds->label, err, errlen)) return -1;
+    ds->seed = (uint64_t)seed;
+    if (strcmp(ds->name, "random") != 0 && strcmp(ds->name, "prefix-repetition") != 0 &&
+        strcmp(ds->name, "mooncake-synthetic") != 0) {
+        pd_errorf(err, errlen, "%s: sweeps support \"random\", \"prefix-repetition\" and \"mooncake-synthetic\", "
+                               "got '%s'", where, ds->name);
         return -1;
     }
-    if (p->range_ratio < 0 || p->range_ratio >= 1) {
-        pd_errorf(err, errlen, "dataset: 'range_ratio' must be in [0, 1)");
+    if (ds->reuse_ratio < 0 || ds->reuse_ratio >= 1) {
+        pd_errorf(err, errlen, "%s: 'reuse_ratio' must be in [0, 1)", where);
         return -1;
+    }
+    if (ds->range_ratio < 0 || ds->range_ratio >= 1) {
+        pd_errorf(err, errlen, "%s: 'range_ratio' must be in [0, 1)", where);
+        return -1;
+    }
+    if (!(ds->length_sigma >= 0 && ds->length_sigma <= 3) || !(ds->zipf_s >= 0 && ds->zipf_s <= 10)) {
+        pd_errorf(err, errlen, "%s: 'length_sigma' must be in [0, 3], 'zipf_s' in [0, 10]", where);
+        return -1;
+    }
+    return 0;
+}
+
+/* The plan's own dataset as a study_dataset (strings borrowed). */
+static void plan_dataset(const study_plan *p, study_dataset *ds) {
+    *ds = (study_dataset){.label = NULL, .name = p->dataset, .input_len = p->input_len, .output_len = p->output_len,
+                          .range_ratio = p->range_ratio, .num_prefixes = p->num_prefixes,
+                          .reuse_ratio = p->reuse_ratio, .vocab_size = p->vocab_size, .seed = p->seed,
+                          .ignore_eos = p->ignore_eos, .block_size = p->block_size,
+                          .max_input_len = p->max_input_len, .length_sigma = p->length_sigma, .zipf_s = p->zipf_s};
+}
+
+void study_setup_dataset(const study_plan *p, const study_setup *s, study_dataset *out) {
+    if (s && s->dataset) *out = *s->dataset;
+    else plan_dataset(p, out);
+    if (s && s->reuse_ratio >= 0) out->reuse_ratio = s->reuse_ratio;
+}
+
+static int parse_dataset(const cJSON *d, study_plan *p, char *err, size_t errlen) {
+    if (!d || cJSON_IsNull(d)) return 0;
+    study_dataset ds;
+    plan_dataset(p, &ds);
+    ds.name = xstrdup(p->dataset);
+    int rc = parse_dataset_fields(d, "dataset", false, &ds, err, errlen);
+    free(p->dataset);
+    p->dataset = ds.name;
+    if (rc) return -1;
+    p->input_len = ds.input_len;
+    p->output_len = ds.output_len;
+    p->range_ratio = ds.range_ratio;
+    p->num_prefixes = ds.num_prefixes;
+    p->reuse_ratio = ds.reuse_ratio;
+    p->vocab_size = ds.vocab_size;
+    p->seed = ds.seed;
+    p->ignore_eos = ds.ignore_eos;
+    p->block_size = ds.block_size;
+    p->max_input_len = ds.max_input_len;
+    p->length_sigma = ds.length_sigma;
+    p->zipf_s = ds.zipf_s;
+    return 0;
+}
+
+static bool label_ok(const char *l) {
+    if (!l[0]) return false;
+    for (const char *c = l; *c; c++)
+        if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9') || *c == '-' ||
+              *c == '_' || *c == '.'))
+            return false;
+    return true;
+}
+
+/* "datasets": [{...}, ...]: each entry is the plan's dataset with the fields it gives
+ * changed, labelled by "label" (default: its name; "" for at most one entry: its
+ * setups keep their own labels, and so the point keys they had without "datasets"). */
+static int parse_datasets(const cJSON *a, study_plan *p, char *err, size_t errlen) {
+    if (!a || cJSON_IsNull(a)) return 0;
+    int n = cJSON_IsArray(a) ? cJSON_GetArraySize(a) : 0;
+    if (n == 0 || n > 16) {
+        pd_errorf(err, errlen, "datasets: a list of 1 to 16 dataset objects");
+        return -1;
+    }
+    p->datasets = xcalloc((size_t)n, sizeof *p->datasets);
+    for (int i = 0; i < n; i++) {
+        study_dataset *ds = &p->datasets[i];
+        plan_dataset(p, ds);
+        ds->name = xstrdup(p->dataset);
+        p->n_datasets++;  /* so that free sees what was allocated */
+        char where[32];
+        snprintf(where, sizeof where, "datasets[%d]", i);
+        if (parse_dataset_fields(cJSON_GetArrayItem(a, i), where, true, ds, err, errlen)) return -1;
+        if (!ds->label) ds->label = xstrdup(ds->name);
+        if (ds->label[0] && !label_ok(ds->label)) {
+            pd_errorf(err, errlen, "%s: label '%s' may hold only letters, digits, '-', '_' and '.'", where, ds->label);
+            return -1;
+        }
+        for (int k = 0; k < i; k++)
+            if (!strcmp(p->datasets[k].label, ds->label)) {
+                pd_errorf(err, errlen, "datasets: label '%s' appears twice (give one a \"label\")", ds->label);
+                return -1;
+            }
     }
     return 0;
 }
@@ -296,14 +396,65 @@ static int parse_goodput(const cJSON *g, study_plan *p, char *err, size_t errlen
 
 static void kv_free(study_kv *kv, int n);
 
-/* "reuse_ratios": [0, 0.3, ...] (prefix-repetition): every setup becomes one setup per
- * ratio, labelled LABEL-rPCT ("co-cpu-r30"), so that ratios are points of their own. */
+/* A deep copy of from, labelled label. */
+static void setup_copy(const study_setup *from, const char *label, study_setup *o) {
+    o->label = xstrdup(label);
+    o->name = xstrdup(from->name);
+    o->base_url = from->base_url ? xstrdup(from->base_url) : NULL;
+    o->n_opts = from->n_opts;
+    o->opts = xcalloc((size_t)PD_MAX(from->n_opts, 1), sizeof *o->opts);
+    for (int k = 0; k < from->n_opts; k++) {
+        o->opts[k].key = xstrdup(from->opts[k].key);
+        o->opts[k].value = from->opts[k].value ? xstrdup(from->opts[k].value) : NULL;
+    }
+    o->reuse_ratio = from->reuse_ratio;
+    o->dataset = from->dataset;
+}
+
+static void setups_free(study_setup *s, int n) {
+    for (int i = 0; i < n; i++) {
+        free(s[i].label);
+        free(s[i].name);
+        free(s[i].base_url);
+        kv_free(s[i].opts, s[i].n_opts);
+    }
+    free(s);
+}
+
+/* With "datasets": every setup becomes one setup per entry, labelled LABEL-DATASET
+ * ("co-cpu-mooncake"). */
+static void expand_datasets(study_plan *p) {
+    if (p->n_datasets == 0) return;
+    int n = p->n_datasets;
+    study_setup *out = xcalloc((size_t)p->n_setups * (size_t)n, sizeof *out);
+    for (int s = 0; s < p->n_setups; s++)
+        for (int i = 0; i < n; i++) {
+            char label[256];
+            snprintf(label, sizeof label, "%s%s%s", p->setups[s].label, p->datasets[i].label[0] ? "-" : "",
+                     p->datasets[i].label);
+            setup_copy(&p->setups[s], label, &out[s * n + i]);
+            out[s * n + i].dataset = &p->datasets[i];
+        }
+    setups_free(p->setups, p->n_setups);
+    p->setups = out;
+    p->n_setups *= n;
+}
+
+/* "reuse_ratios": [0, 0.3, ...] (prefix-repetition, mooncake-synthetic): every setup
+ * becomes one setup per ratio, labelled LABEL-rPCT ("co-cpu-r30"), so that ratios are
+ * points of their own. */
 static int parse_reuse_ratios(const cJSON *a, study_plan *p, char *err, size_t errlen) {
     if (!a || cJSON_IsNull(a)) return 0;
     int n = cJSON_IsArray(a) ? cJSON_GetArraySize(a) : 0;
-    if (n == 0 || strcmp(p->dataset, "prefix-repetition") != 0) {
+    bool reusable = true;
+    for (int s = 0; s < p->n_setups; s++) {
+        study_dataset ds;
+        study_setup_dataset(p, &p->setups[s], &ds);
+        reusable &= !strcmp(ds.name, "prefix-repetition") || !strcmp(ds.name, "mooncake-synthetic");
+    }
+    if (n == 0 || !reusable) {
         pd_errorf(err, errlen, "reuse_ratios: a non-empty list of fractions in [0, 1), with the "
-                               "\"prefix-repetition\" dataset");
+                               "\"prefix-repetition\" or \"mooncake-synthetic\" dataset");
         return -1;
     }
     double r[64];
@@ -318,31 +469,14 @@ static int parse_reuse_ratios(const cJSON *a, study_plan *p, char *err, size_t e
     study_setup *out = xcalloc((size_t)p->n_setups * (size_t)n, sizeof *out);
     for (int s = 0; s < p->n_setups; s++)
         for (int i = 0; i < n; i++) {
-            study_setup *o = &out[s * n + i], *from = &p->setups[s];
             char label[256];
-            snprintf(label, sizeof label, "%s-r%d", from->label, (int)(r[i] * 100 + 0.5));
-            o->label = xstrdup(label);
-            o->name = xstrdup(from->name);
-            o->base_url = from->base_url ? xstrdup(from->base_url) : NULL;
-            o->n_opts = from->n_opts;
-            o->opts = xcalloc((size_t)PD_MAX(from->n_opts, 1), sizeof *o->opts);
-            for (int k = 0; k < from->n_opts; k++) {
-                o->opts[k].key = xstrdup(from->opts[k].key);
-                o->opts[k].value = from->opts[k].value ? xstrdup(from->opts[k].value) : NULL;
-            }
-            o->reuse_ratio = r[i];
+            snprintf(label, sizeof label, "%s-r%d", p->setups[s].label, (int)(r[i] * 100 + 0.5));
+            setup_copy(&p->setups[s], label, &out[s * n + i]);
+            out[s * n + i].reuse_ratio = r[i];
         }
-    int old_n = p->n_setups;
-    study_setup *old = p->setups;
+    setups_free(p->setups, p->n_setups);
     p->setups = out;
-    p->n_setups = old_n * n;
-    for (int s = 0; s < old_n; s++) {
-        free(old[s].label);
-        free(old[s].name);
-        free(old[s].base_url);
-        kv_free(old[s].opts, old[s].n_opts);
-    }
-    free(old);
+    p->n_setups *= n;
     return 0;
 }
 
@@ -350,7 +484,7 @@ static int parse_root(const cJSON *root, study_plan *p, char *err, size_t errlen
     static const char *const keys[] = {"name", "description", "model", "tokenizer", "setups", "loads", "clocks",
                                        "repeats", "warmup_requests", "cooldown_s", "idle_s", "start_timeout_s",
                                        "request_timeout_s", "dataset", "goodput", "serve_args", "reuse_ratios",
-                                       NULL};
+                                       "datasets", NULL};
     if (!cJSON_IsObject(root)) {
         pd_errorf(err, errlen, "the plan must be a JSON object");
         return -1;
@@ -366,6 +500,7 @@ static int parse_root(const cJSON *root, study_plan *p, char *err, size_t errlen
         get_num(root, "start_timeout_s", "plan", &p->start_timeout_s, err, errlen) ||
         get_num(root, "request_timeout_s", "plan", &p->request_timeout_s, err, errlen) ||
         parse_dataset(cJSON_GetObjectItemCaseSensitive(root, "dataset"), p, err, errlen) ||
+        parse_datasets(cJSON_GetObjectItemCaseSensitive(root, "datasets"), p, err, errlen) ||
         parse_goodput(cJSON_GetObjectItemCaseSensitive(root, "goodput"), p, err, errlen) ||
         parse_clocks(cJSON_GetObjectItemCaseSensitive(root, "clocks"), p, err, errlen) ||
         parse_kv(cJSON_GetObjectItemCaseSensitive(root, "serve_args"), "serve_args", &p->serve_args,
@@ -396,6 +531,7 @@ static int parse_root(const cJSON *root, study_plan *p, char *err, size_t errlen
             }
         p->n_setups++;
     }
+    expand_datasets(p);
     if (parse_reuse_ratios(cJSON_GetObjectItemCaseSensitive(root, "reuse_ratios"), p, err, errlen)) return -1;
     const cJSON *loads = cJSON_GetObjectItemCaseSensitive(root, "loads");
     if (cJSON_IsArray(loads)) {
@@ -423,6 +559,9 @@ int study_plan_parse(const char *text, size_t len, const char *name, study_plan 
     p->num_prefixes = 4;
     p->reuse_ratio = 0.5;
     p->ignore_eos = true;
+    p->block_size = BENCH_MOONCAKE_BLOCK;
+    p->length_sigma = 0.8;
+    p->zipf_s = 1.0;
     p->clocks = xcalloc(1, sizeof *p->clocks);
     p->n_clocks = 1;
     p->json = xstrndup(text, len);
@@ -466,13 +605,12 @@ static void kv_free(study_kv *kv, int n) {
 
 void study_plan_free(study_plan *p) {
     if (!p) return;
-    for (int i = 0; i < p->n_setups; i++) {
-        free(p->setups[i].label);
-        free(p->setups[i].name);
-        free(p->setups[i].base_url);
-        kv_free(p->setups[i].opts, p->setups[i].n_opts);
+    setups_free(p->setups, p->n_setups);
+    for (int i = 0; i < p->n_datasets; i++) {
+        free(p->datasets[i].label);
+        free(p->datasets[i].name);
     }
-    free(p->setups);
+    free(p->datasets);
     free(p->loads);
     free(p->clocks);
     kv_free(p->serve_args, p->n_serve_args);
@@ -505,10 +643,13 @@ static void canonical(const study_plan *p, const char *model, const study_setup 
     for (int i = 0; i < p->n_serve_args; i++)
         PUT("|a:%s=%s", p->serve_args[i].key, p->serve_args[i].value ? p->serve_args[i].value : "");
     for (int i = 0; i < s->n_opts; i++) PUT("|o:%s=%s", s->opts[i].key, s->opts[i].value ? s->opts[i].value : "");
-    PUT("|ds=%s:%d:%d:%g:%d:%llu:%d", p->dataset, p->input_len, p->output_len, p->range_ratio, p->vocab_size,
-        (unsigned long long)p->seed, p->ignore_eos);
-    if (!strcmp(p->dataset, "prefix-repetition"))
-        PUT("|reuse=%g:%d", s->reuse_ratio >= 0 ? s->reuse_ratio : p->reuse_ratio, p->num_prefixes);
+    study_dataset ds;
+    study_setup_dataset(p, s, &ds);
+    PUT("|ds=%s:%d:%d:%g:%d:%llu:%d", ds.name, ds.input_len, ds.output_len, ds.range_ratio, ds.vocab_size,
+        (unsigned long long)ds.seed, ds.ignore_eos);
+    if (!strcmp(ds.name, "prefix-repetition")) PUT("|reuse=%g:%d", ds.reuse_ratio, ds.num_prefixes);
+    if (!strcmp(ds.name, "mooncake-synthetic"))
+        PUT("|moon=%g:%d:%d:%g:%g", ds.reuse_ratio, ds.block_size, ds.max_input_len, ds.length_sigma, ds.zipf_s);
     PUT("|load=%d:%d:%.17g:%g:%d:%d", (int)l->kind, l->batch_size, l->rate, l->burstiness, l->num_prompts,
         l->max_concurrency);
     PUT("|warm=%d|clk=%d/%d|rep=%d", p->warmup_requests, c.prefill_mhz, c.decode_mhz, rep);

@@ -26,6 +26,22 @@
  * A plan is JSON (format in docs/results-database.md, examples in plans/): setups x
  * loads x clocks x repeats, plus the model, the dataset and the run procedure. */
 
+/* One workload: the plan's "dataset", or an entry of its "datasets" (the plan's dataset
+ * with some fields changed). Fields as in the plan's dataset below. */
+typedef struct study_dataset {
+    char *label;           /* "datasets" entry: suffix of its setups' labels (owned); else NULL */
+    char *name;            /* "random", "prefix-repetition", "mooncake-synthetic" (owned) */
+    int input_len, output_len;
+    double range_ratio;
+    int num_prefixes;
+    double reuse_ratio;
+    int vocab_size;
+    uint64_t seed;
+    bool ignore_eos;
+    int block_size, max_input_len;  /* mooncake-synthetic */
+    double length_sigma, zipf_s;
+} study_dataset;
+
 /* One "--key value" passed to a deployment (pdserve serve's flags). */
 typedef struct study_kv {
     char *key, *value;     /* owned */
@@ -37,8 +53,9 @@ typedef struct study_setup {
     char *base_url;        /* external only: the endpoint to bench (or --base-url) */
     study_kv *opts;        /* setup-specific flags, after the plan's serve_args */
     int n_opts;
-    double reuse_ratio;    /* prefix-repetition: shared fraction of each prompt (the plan's
-                            * "reuse_ratios" make one setup per ratio); -1: the dataset's */
+    double reuse_ratio;    /* prefix-repetition, mooncake-synthetic: the reuse ratio (the
+                            * plan's "reuse_ratios" make one setup per ratio); -1: the dataset's */
+    const study_dataset *dataset;  /* its "datasets" entry (the plan owns it); NULL: the plan's */
 } study_setup;
 
 typedef enum study_load_kind {
@@ -82,15 +99,27 @@ typedef struct study_plan {
     int input_len, output_len;
     double range_ratio;
     int num_prefixes;          /* prefix-repetition: distinct prefixes (requests share them) */
-    double reuse_ratio;        /* prefix-repetition: prefix / input_len when no setup sets it */
+    double reuse_ratio;        /* prefix-repetition: prefix / input_len; mooncake-synthetic: the
+                                * expected fraction of prompt tokens in blocks seen before; when
+                                * no setup sets it */
     int vocab_size;            /* ids below this when there is no tokenizer */
     uint64_t seed;
     bool ignore_eos;
+    int block_size;            /* mooncake-synthetic: tokens per hash id (512) */
+    int max_input_len;         /* mooncake-synthetic: prompts cut to this (0: 8 x input_len) */
+    double length_sigma;       /* mooncake-synthetic: log-normal sigma of the lengths (0.8) */
+    double zipf_s;             /* mooncake-synthetic: popularity exponent over earlier requests (1) */
+    study_dataset *datasets;   /* "datasets": every setup runs once per entry (owned) */
+    int n_datasets;
     double goodput_ttft_ms, goodput_tpot_ms, goodput_e2el_ms;  /* <= 0: no SLO */
     study_kv *serve_args;      /* flags for every deployment */
     int n_serve_args;
     char *json;                /* the plan text as read (stored in the database) */
 } study_plan;
+
+/* The workload of setup s: its "datasets" entry, or the plan's dataset, with the
+ * setup's reuse ratio if it has one. Strings borrowed from the plan. */
+void study_setup_dataset(const study_plan *p, const study_setup *s, study_dataset *out);
 
 /* Parses plan JSON; name is used in messages. 0, or -1 with err naming the field. */
 int study_plan_parse(const char *text, size_t len, const char *name, study_plan *out, char *err,

@@ -401,8 +401,10 @@ static void make_config(const point_ctx *x, const study_point *pt, const study_d
      * than its twin) */
     sweep_url urls[SWEEP_URLS_MAX];
     c->num_warmups = x->plan->warmup_requests * deployment_metrics_urls(d, urls, SWEEP_URLS_MAX);
-    c->seed = x->plan->seed;
-    c->ignore_eos = x->plan->ignore_eos;
+    study_dataset ds;
+    study_setup_dataset(x->plan, pt->setup, &ds);
+    c->seed = ds.seed;
+    c->ignore_eos = ds.ignore_eos;
     c->stream_usage = true;
     c->temperature = 0;
     c->request_timeout_s = x->plan->request_timeout_s;
@@ -439,24 +441,36 @@ static study_status run_point(const point_ctx *x, const study_point *pt, bench_c
         return STUDY_STATUS_FAILED;
     }
     /* Build the workload before starting anything: a bad dataset fails fast. */
+    study_dataset sd;
+    study_setup_dataset(x->plan, pt->setup, &sd);
     bench_dataset_opts dso;
     bench_dataset_opts_default(&dso);
     dso.kind = BENCH_DATASET_RANDOM;
     dso.num_prompts = pt->load.num_prompts;
-    dso.seed = x->plan->seed;
-    dso.random_input_len = x->plan->input_len;
-    dso.random_output_len = x->plan->output_len;
-    dso.random_range_ratio = x->plan->range_ratio;
-    dso.random_vocab_size = x->plan->vocab_size;
-    if (!strcmp(x->plan->dataset, "prefix-repetition")) {
+    dso.seed = sd.seed;
+    dso.random_input_len = sd.input_len;
+    dso.random_output_len = sd.output_len;
+    dso.random_range_ratio = sd.range_ratio;
+    dso.random_vocab_size = sd.vocab_size;
+    if (!strcmp(sd.name, "prefix-repetition")) {
         /* a reuse ratio r: prompts of input_len tokens, the first r of them one of
          * num_prefixes shared prefixes (docs/reuse.md) */
-        double r = pt->setup->reuse_ratio >= 0 ? pt->setup->reuse_ratio : x->plan->reuse_ratio;
         dso.kind = BENCH_DATASET_PREFIX_REPETITION;
-        dso.prefix_len = (int)(r * x->plan->input_len + 0.5);
-        dso.suffix_len = x->plan->input_len - dso.prefix_len;
-        dso.num_prefixes = PD_MIN(x->plan->num_prefixes, PD_MAX(pt->load.num_prompts, 1));
-        dso.prefix_output_len = x->plan->output_len;
+        dso.prefix_len = (int)(sd.reuse_ratio * sd.input_len + 0.5);
+        dso.suffix_len = sd.input_len - dso.prefix_len;
+        dso.num_prefixes = PD_MIN(sd.num_prefixes, PD_MAX(pt->load.num_prompts, 1));
+        dso.prefix_output_len = sd.output_len;
+    } else if (!strcmp(sd.name, "mooncake-synthetic")) {
+        /* Mooncake's model: block paths in a prefix tree, a fraction r of the prompt
+         * tokens in blocks seen before (docs/reuse.md) */
+        dso.kind = BENCH_DATASET_MOONCAKE_SYNTHETIC;
+        dso.mooncake_reuse_ratio = sd.reuse_ratio;
+        dso.mooncake_block_size = sd.block_size;
+        dso.mooncake_input_len = sd.input_len;
+        dso.mooncake_output_len = sd.output_len;
+        dso.mooncake_max_input_len = sd.max_input_len;
+        dso.mooncake_len_sigma = sd.length_sigma;
+        dso.mooncake_zipf_s = sd.zipf_s;
     }
     bench_dataset ds = {0};
     if (bench_dataset_load(&dso, o->tok, &ds, why, sizeof why) != 0) {
@@ -671,12 +685,14 @@ int study_sweep_run(const study_plan *plan, const study_sweep_opts *o, study_swe
         study_status st = run_point(&x, pt, &bc, &res, &idle, &pp, &mets, &n_mets, base_url, sizeof base_url, reason,
                                     sizeof reason);
         bool deployed = res != NULL;
+        study_dataset sd;
+        study_setup_dataset(plan, pt->setup, &sd);
         study_run_info ri = {.plan_name = plan->name, .model = x.model, .base_url = base_url[0] ? base_url : NULL,
                              .hw = &hw, .started_unix = w0, .ended_unix = time_wall_s(), .status = st,
-                             .reason = st == STUDY_STATUS_OK ? NULL : reason, .dataset = plan->dataset,
-                             .input_len = plan->input_len, .output_len = plan->output_len,
-                             .warmup_requests = plan->warmup_requests, .range_ratio = plan->range_ratio,
-                             .cooldown_s = plan->cooldown_s, .seed = plan->seed, .power = pp.s,
+                             .reason = st == STUDY_STATUS_OK ? NULL : reason, .dataset = sd.name,
+                             .input_len = sd.input_len, .output_len = sd.output_len,
+                             .warmup_requests = plan->warmup_requests, .range_ratio = sd.range_ratio,
+                             .cooldown_s = plan->cooldown_s, .seed = sd.seed, .power = pp.s,
                              .n_power = pp.n, .metrics = mets, .n_metrics = n_mets};
         char e2[512];
         long long id = study_db_record(db, pt, &ri, res ? &bc : NULL, res, &idle, e2, sizeof e2);
