@@ -177,7 +177,10 @@ again="$(complete "$A")" || fail "dis: request A again"
 [ "$(echo "$first" | text)" = "$(echo "$again" | text)" ] || fail "dis: A's output changed"
 loaded="$(metric "$PURL" 'pdserve_kv_offload_loaded_blocks_total')"
 [ "$loaded" -gt 0 ] || { curl -s "$PURL/metrics" | grep -E "prefix_cache|kv_offload" | grep -v "^#"; grep -E "prefill0.*(tier|error|warn)" "$TMP/dis.log" | head; fail "dis: the prefill instance loaded nothing from its tier"; }
-echo "ok   dis-gpu --kv-offload cpu: the prefill instance loaded $loaded blocks from its cpu tier, A's output unchanged"
+# the prefill instance's hit reaches the client through the decode instance's answer
+dcached="$(echo "$again" | sed -n 's|.*"cached_tokens":\([0-9]*\).*|\1|p')"
+[ "${dcached:-0}" -ge 256 ] || fail "dis: A again reports ${dcached:-no} cached tokens: $again"
+echo "ok   dis-gpu --kv-offload cpu: the prefill instance loaded $loaded blocks from its cpu tier, A's output unchanged, usage says $dcached cached"
 kill -TERM "$DPID"
 wait "$DPID" || fail "pdserve up dis-gpu exit status $?"
 

@@ -325,8 +325,9 @@ static int req_end_sched(engine *e, req *r, finish_reason why, int32_t **held_ou
     int n_cached = 0;
     int32_t *held = NULL;
     int n_held = 0;
+    if (r->prefilled) n_cached = PD_MAX(r->first.n_cached, 0); /* found by the prefill side */
     if (r->seq) {
-        n_cached = PD_MAX(r->seq->n_cached, 0);
+        n_cached = PD_MAX(n_cached, PD_MAX(r->seq->n_cached, 0));
         r->times.n_preemptions = r->seq->n_preemptions;
         pthread_mutex_lock(&e->pool_mu);
         if (r->prefill_only && why == FINISH_LENGTH) {

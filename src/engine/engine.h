@@ -514,6 +514,8 @@ typedef struct engine_first_token {
     float logprob;
     int n_top;
     token_logprob top[SAMPLING_MAX_LOGPROBS];
+    int n_cached;               /* prompt tokens the prefill side found in its prefix cache
+                                 * (reported as the request's cached tokens); 0: none */
 } engine_first_token;
 
 /* ---- the engine --------------------------------------------------------------------- */

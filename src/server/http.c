@@ -875,7 +875,8 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *conn, c
     bool prefilled = c->rt->id == ROUTE_INT_DECODE;
     uint64_t id = prefilled
         ? internal_decode_submit(s->in, &er, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Ticket"),
-                                 MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-First"), &e)
+                                 MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-First"),
+                                 MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Cached-Tokens"), &e)
         : engine_submit(s->eng, &er, err, sizeof err);
     pthread_mutex_lock(&g->mu);
     g->engine_id = id;

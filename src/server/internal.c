@@ -229,6 +229,7 @@ static void pj_on_event(void *user, const engine_event *ev) {
         j->got_token = true;
         return;
     }
+    j->first.n_cached = ev->n_cached;
     if (ev->n_kv_blocks > 0) {
         j->blocks = xmalloc(sizeof(int32_t) * (size_t)ev->n_kv_blocks);
         memcpy(j->blocks, ev->kv_blocks, sizeof(int32_t) * (size_t)ev->n_kv_blocks);
@@ -315,6 +316,7 @@ static void pj_succeed(internal_prefill_job *j, double t0, double t1, double bus
      * kv_busy_s: inside kv_send_* calls; kv_tail_s: the prefill's end .. finish (what
      * the transfer added to the request); kv_layers_overlapped: layers shipped before
      * the prefill's end */
+    sbuf_printf(&b, ",\"cached_tokens\":%d", j->first.n_cached);
     sbuf_printf(&b, ",\"n_prompt\":%d,\"prefill_s\":%.6f,\"kv_transfer_s\":%.6f,\"kv_busy_s\":%.6f,"
                 "\"kv_tail_s\":%.6f,\"kv_layers_overlapped\":%d,\"kv_mode\":\"%s\",\"medium\":\"%s\"}",
                 j->n_prompt, j->t_prefilled - j->t_start, t1 - t0, busy, t1 - j->t_prefilled, early,
@@ -804,7 +806,7 @@ static int first_parse(const char *s, int logprobs, engine_first_token *f) {
 }
 
 uint64_t internal_decode_submit(internal_ctx *in, const engine_request *r, const char *ticket_text,
-                                const char *first_text, api_error *e) {
+                                const char *first_text, const char *cached_text, api_error *e) {
     char err[256] = "";
     kv_ticket t;
     engine_first_token first;
@@ -816,6 +818,16 @@ uint64_t internal_decode_submit(internal_ctx *in, const engine_request *r, const
         kv_ticket_cancel(in->kv, &t);
         api_error_set(e, 400, "invalid_request_error", NULL, "bad or missing X-PD-First");
         return 0;
+    }
+    if (cached_text) {
+        char *end;
+        long c = strtol(cached_text, &end, 10);
+        if (end == cached_text || *end || c < 0 || c > r->n_prompt) {
+            kv_ticket_cancel(in->kv, &t);
+            api_error_set(e, 400, "invalid_request_error", NULL, "bad X-PD-Cached-Tokens");
+            return 0;
+        }
+        first.n_cached = (int)c;
     }
     if (t.n_tokens != r->n_prompt) {
         kv_ticket_cancel(in->kv, &t);

@@ -103,6 +103,7 @@ struct rjob {
     backend_inst *pb, *db, *cb; /* prefill, decode, the one proxied to */
     char ticket[512];
     char first[2048];
+    int cached;                 /* the prefill's "cached_tokens" (-1: not given) */
     sbuf pbody;                 /* the prefill's body: the reservation's prompt ids, then
                                  * the client's body (empty: the client's body alone) */
     size_t pbody_ids;           /* bytes of prompt ids that lead pbody */
@@ -457,6 +458,10 @@ static void job_start_transfer(rjob *j, backend_inst *b, const char *path, long 
     if (j->phase == PH_DECODE) {
         snprintf(h, sizeof h, "X-PD-First: %s", j->first);
         j->hdrs = curl_slist_append(j->hdrs, h);
+        if (j->cached >= 0) {
+            snprintf(h, sizeof h, "X-PD-Cached-Tokens: %d", j->cached);
+            j->hdrs = curl_slist_append(j->hdrs, h);
+        }
     }
     const sbuf *body = &j->body;
     if (j->phase == PH_PREFILL && j->pbody_ids) {
@@ -634,6 +639,15 @@ static int resp_field(const sbuf *b, const char *name, char *out, size_t cap) {
     return rc;
 }
 
+/* A non-negative integer field of the buffered phase's JSON answer; -1 when absent. */
+static int resp_int(const sbuf *b, const char *name) {
+    cJSON *root = cJSON_ParseWithLength(b->p ? b->p : "", b->len);
+    cJSON *v = root ? cJSON_GetObjectItemCaseSensitive(root, name) : NULL;
+    int rc = cJSON_IsNumber(v) && v->valuedouble >= 0 && v->valuedouble <= INT32_MAX ? (int)v->valuedouble : -1;
+    cJSON_Delete(root);
+    return rc;
+}
+
 /* The prefill's body: the prompt ids of the reservation's answer (the decode instance
  * tokenized the body; the prefill instance then need not), then the client's body.
  * Without them (an instance of an older build), the client's body alone. */
@@ -718,6 +732,7 @@ static void on_prefill_done(rjob *j, CURLcode rc, long code) {
         return;
     }
     j->t_prefilled = time_now_s();
+    j->cached = resp_int(&j->resp, "cached_tokens");
     log_debug("router: %s: reserve %.2f ms, prefill %.2f ms; prefill instance: %.*s", j->rid,
               (j->t_reserved - j->t_start) * 1e3, (j->t_prefilled - j->t_reserved) * 1e3,
               (int)PD_MIN(j->resp.len, 300), j->resp.p ? j->resp.p : "");
@@ -1170,6 +1185,7 @@ static enum MHD_Result start_job(router *r, struct MHD_Connection *conn, rconn *
     rjob *j = xcalloc(1, sizeof *j);
     j->r = r;
     j->conn = conn;
+    j->cached = -1;
     snprintf(j->method, sizeof j->method, "%s", !strcmp(method, "HEAD") ? "GET" : method);
     snprintf(j->path, sizeof j->path, "%s", url);
     sbuf_init(&j->body);

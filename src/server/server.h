@@ -307,10 +307,12 @@ int internal_decode_prompt(internal_ctx *in, const char *ticket_text, uint64_t b
 /* Decode: gives up a reservation (unknown or ended ones are ignored). */
 void internal_release(internal_ctx *in, const char *ticket_text);
 /* Decode: waits (bounded by the ticket's deadline) for the ticket's KV, takes its
- * blocks and submits r as a prefilled request with the given first token. Returns the
- * engine id, or 0 with e (the reservation is given up). */
+ * blocks and submits r as a prefilled request with the given first token. cached_text
+ * (X-PD-Cached-Tokens, may be NULL): the prompt tokens the prefill side found cached,
+ * reported as the request's cached tokens. Returns the engine id, or 0 with e (the
+ * reservation is given up). */
 uint64_t internal_decode_submit(internal_ctx *in, const engine_request *r, const char *ticket_text,
-                                const char *first_text, api_error *e);
+                                const char *first_text, const char *cached_text, api_error *e);
 /* Prefill: runs the prompt of r (its callback is replaced), ships the KV per the ticket
  * and answers reply with {"first":...}; or an error answer. Returns a handle for
  * internal_prefill_detach (the HTTP side is done with it) and the engine id in *id, or
