@@ -12,9 +12,10 @@
  *
  * A disaggregated request, phase by phase (the original body is sent verbatim each
  * time; the instances parse and tokenize it themselves, exactly as a colocated one):
- *   RESERVE  POST D/internal/reserve            -> {"ticket": "pdkv1;..."}
- *   PREFILL  POST P/internal/prefill  + ticket  -> {"first": "TOKEN[;LOGPROB[;ID:LP,...]]"}
- *   DECODE   POST D/internal/decode   + ticket + first  -> the OpenAI answer, streamed
+ *   RESERVE  POST D/internal/reserve            -> {"ticket": "pdkv1;...", "prompt_ids": ...}
+ *   PREFILL  POST P/internal/prefill  + ticket  -> {"first": "TOKEN[;LOGPROB[;ID:LP,...]]",
+ *                                                   "cached_tokens": N}
+ *   DECODE   POST D/internal/decode   + ticket + first + cached -> the OpenAI answer, streamed
  * Any failure before DECODE frees the reservation (POST D/internal/release) and answers
  * the client with an OpenAI-style error; a failure during DECODE ends the stream with an
  * error event. A transport failure (refused, reset, timed out) marks the instance
