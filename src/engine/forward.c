@@ -497,6 +497,9 @@ static void run_layers(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt) {
         mlp_block(f, T, l);
         const void *next_norm = l + 1 < L ? m->layers[l + 1].attn_norm : m->final_norm;
         o->add_rmsnorm(be, f->x, f->xn, f->proj, next_norm, T, C, c->norm_eps);
+        /* the device has a layer of work queued: the wait hook's host work overlaps it
+         * without waiting for every launch of a long op-by-op step */
+        if (l == 0) fwd_before_wait(f);
     }
 }
 

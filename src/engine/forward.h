@@ -107,10 +107,11 @@ typedef void (*fwd_layer_fn)(void *user, int layer);
 void fwd_ctx_set_layer_hook(fwd_ctx *f, fwd_layer_fn fn, void *user);
 
 /* One-shot hook for host work that overlaps the step on the device: the next
- * model_forward* calls fn(user) once, on its own thread, after every operation of the
- * step has been queued and before its first wait for the results (the download of the
- * tokens or logits), then clears the hook. On an asynchronous backend (CUDA) fn runs
- * while the device computes; on the CPU backend every operation has already run. A
+ * model_forward* calls fn(user) once, on its own thread, once the step's first layer
+ * has been queued (an op-by-op step) or its graph launched, and in any case before its
+ * first wait for the results (the download of the tokens or logits), then clears the
+ * hook. On an asynchronous backend (CUDA) fn runs while the device computes; on the
+ * CPU backend the operations queued so far have already run. A
  * pass that returns without results (no rows) does not call it: the driver clears the
  * hook after the pass (NULL) and does the work itself. fn must not touch the step's
  * rows, the cache or the backend. */
