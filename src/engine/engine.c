@@ -26,6 +26,8 @@ typedef struct emit_item {
     finish_reason why;
     int32_t stop_token;
     int n_cached;
+    int32_t *held;          /* a prefill-only end's blocks, handed over (owned) */
+    int n_held;
 } emit_item;
 
 typedef struct req {
@@ -426,7 +428,7 @@ static void engine_flush_events(engine *e) {
                            .index = m->index, .logprob = sr->logprob, .top = sr->top,
                            .n_top = sr->n_top, .stop_token = -1, .times = &r->times};
         r->on_event(r->user, &ev);
-        if (m->finish) req_end_emit(r, m->why, m->stop_token, NULL, m->n_cached, NULL, 0);
+        if (m->finish) req_end_emit(r, m->why, m->stop_token, NULL, m->n_cached, m->held, m->n_held);
     }
     e->n_emits = 0;
 }
@@ -464,34 +466,16 @@ static void engine_emit(engine *e, const sched_plan *p, double t) {
         int32_t stop_token;
         finish_reason why = req_check_stop(e, r, tok, &stop_token);
         if (r->prefill_only) {
-            why = FINISH_LENGTH, stop_token = -1; /* the decode side decides */
+            /* the decode side decides; its KV is handed over in the FINISHED event, so
+             * the step's events go out now */
+            why = FINISH_LENGTH, stop_token = -1;
             now = true;
         }
         if (why == FINISH_NONE) continue;
-        if (r->prefill_only) {
-            /* its KV is handed over in the FINISHED event: everything goes out now, in
-             * order (the queue, then this request's token and end) */
-            int li = m->li, index = m->index;
-            e->n_emits--;
-            engine_flush_events(e);
-            int32_t *held = NULL;
-            int n_held = 0;
-            int n_cached = req_end_sched(e, r, why, &held, &n_held);
-            const sample_result *sr = &e->results[li];
-            engine_event ev = {.kind = ENGINE_EVENT_TOKEN, .request_id = r->id, .token = tok,
-                               .index = index, .logprob = sr->logprob, .top = sr->top,
-                               .n_top = sr->n_top, .stop_token = -1, .times = &r->times};
-            r->on_event(r->user, &ev);
-            req_end_emit(r, why, stop_token, NULL, n_cached, held, n_held);
-            continue;
-        }
-        int32_t *held = NULL;
-        int n_held = 0;
         m->finish = true;
         m->why = why;
         m->stop_token = stop_token;
-        m->n_cached = req_end_sched(e, r, why, &held, &n_held);
-        PD_ASSERT(!held);
+        m->n_cached = req_end_sched(e, r, why, &m->held, &m->n_held);
     }
     if (now) engine_flush_events(e);
 }
