@@ -15,6 +15,14 @@
 #include "test_bench_server.h"
 #include "util/util.h"
 
+/* The default bench config aimed at the test server s (url: its base URL, the
+ * caller's buffer, which the config points to). */
+static void config_for(bench_config *c, const tsrv *s, char *url, size_t cap) {
+    tsrv_url(s, url, cap);
+    bench_config_default(c);
+    c->base_url = url;
+}
+
 static int cmp_d(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return x < y ? -1 : x > y;
@@ -62,10 +70,8 @@ static void timing_run(int n, int tok, double first_ms, double itl_ms, double ra
     tsrv_conf sc = {.first_ms = first_ms, .itl_ms = itl_ms, .tokens = tok};
     PD_ASSERT(tsrv_start(&s, &sc) == 0);
     char url[64];
-    tsrv_url(&s, url, sizeof url);
     bench_config c;
-    bench_config_default(&c);
-    c.base_url = url;
+    config_for(&c, &s, url, sizeof url);
     c.model = "test-model";
     c.num_warmups = n;
     c.ignore_eos = true;
@@ -228,10 +234,8 @@ static void test_failures_counted(void) {
     tsrv_conf sc = {.first_ms = 2, .itl_ms = 1, .tokens = 8, .fail_500_every = 5, .drop_every = 7, .drop_after = 3};
     REQUIRE(tsrv_start(&s, &sc) == 0);
     char url[64];
-    tsrv_url(&s, url, sizeof url);
     bench_config c;
-    bench_config_default(&c);
-    c.base_url = url;
+    config_for(&c, &s, url, sizeof url);
     c.max_concurrency = 8;
     c.metrics_urls = "";
     bench_dataset d;
@@ -265,10 +269,8 @@ static void test_timeout_and_refused(void) {
     tsrv_conf sc = {.first_ms = 5000, .itl_ms = 10, .tokens = 4};
     REQUIRE(tsrv_start(&s, &sc) == 0);
     char url[64];
-    tsrv_url(&s, url, sizeof url);
     bench_config c;
-    bench_config_default(&c);
-    c.base_url = url;
+    config_for(&c, &s, url, sizeof url);
     c.model = "test-model";
     c.request_timeout_s = 0.3;
     c.metrics_urls = "";
@@ -300,10 +302,8 @@ static void test_arrivals_honoured_and_concurrency(void) {
     tsrv_conf sc = {.first_ms = 5, .itl_ms = 2, .tokens = 4};
     REQUIRE(tsrv_start(&s, &sc) == 0);
     char url[64];
-    tsrv_url(&s, url, sizeof url);
     bench_config c;
-    bench_config_default(&c);
-    c.base_url = url;
+    config_for(&c, &s, url, sizeof url);
     c.model = "test-model";
     c.request_rate = 400;
     c.burstiness = 1;
@@ -345,10 +345,8 @@ static void test_cached_tokens(void) {
     tsrv_conf sc = {.first_ms = 1, .itl_ms = 0, .tokens = 3, .cached_tokens = 5};
     REQUIRE(tsrv_start(&s, &sc) == 0);
     char url[64];
-    tsrv_url(&s, url, sizeof url);
     bench_config c;
-    bench_config_default(&c);
-    c.base_url = url;
+    config_for(&c, &s, url, sizeof url);
     c.model = "test-model";
     c.metrics_urls = "";
     bench_dataset d;
@@ -380,10 +378,8 @@ static void test_energy_chat_json(void) {
                     .no_done = true};
     REQUIRE(tsrv_start(&s, &sc) == 0);
     char url[64];
-    tsrv_url(&s, url, sizeof url);
     bench_config c;
-    bench_config_default(&c);
-    c.base_url = url;
+    config_for(&c, &s, url, sizeof url);
     c.num_warmups = 3;   /* their tokens burn energy before the "before" reading */
     c.endpoint = "/v1/chat/completions";
     c.backend = "openai-chat";
