@@ -650,58 +650,94 @@ void kv_tiers_hooks(kv_tiers *t, prefix_cache_hooks *h) {
 }
 
 /* ---- life cycle ------------------------------------------------------------------------------ */
-/* The start-up estimates, best of 3 on a probe entry put into each tier (and removed):
- * a disk tier's get (its est_get); the cpu tier's direct read as the CPU does it (pin,
- * a copy and a checksum of the image; on a device cache the load's kernel does this
- * instead, usually faster) as the direct batch's first sample; one image's memcpy as
- * the host batch's. A probe sample stands for one block (a = 0) until the first load
- * replaces it. The debug delay is added as loads add it. */
+/* The start-up estimates, timed on the paths loads take (best of 3 each), without
+ * changing what the cache holds: the images of the first P blocks (P <= 32) are copied
+ * out to staging slots, then
+ *   - the host batch: the images written back into their blocks, 1 block and P blocks
+ *     in one batch each (two samples: a fixed cost and a cost per block);
+ *   - each tier: the P images put as probe entries (removed again); a disk tier's get
+ *     of one image (its est_get); the cpu tier's direct batch as loads run it (pins,
+ *     one summed copy from the store into the blocks, the checksums checked), 1 block
+ *     and P blocks.
+ * On a device cache the direct batch is the copy kernel reading pinned host memory
+ * (tens of GB/s), which a CPU-side memcpy and checksum would overrate several times
+ * over. The cache must be idle (the engine has not started). The first real load of a
+ * batch replaces its probe samples. The debug delay is added per block as loads add it. */
 static double probe_best(double best) { return best < 1e8 ? best : 1.0; /* unusable: never load */ }
 
-static void probe(kv_tiers *t) {
-    uint8_t *img = t->load_buf, *copy = t->t[0].work;
-    double delay = t->cfg.debug_load_delay_ms / 1e3;
-    for (size_t i = 0; i < t->image; i++) img[i] = (uint8_t)(i * 31 + 7);
+#define PROBE_BLOCKS 32
+
+/* Best of 3 of the direct batch over the first n probe entries (pinned in pins[]). */
+static double probe_direct(kv_tiers *t, const uint8_t *const *src, const uint64_t *want, int n) {
     double best = 1e9;
     for (int rep = 0; rep < 3; rep++) {
+        for (int j = 0; j < n; j++) {
+            t->sums[j] = 0;
+            image_copies_sum(&t->direct, t->kv, j, src[j], j);
+        }
         double t0 = time_now_s();
-        memcpy(copy, t->staging, t->image);
+        kv_copies_run_sum(t->kv, &t->direct, t->sums, n, false);
+        t->direct.n = 0;
+        double dt = time_now_s() - t0;
+        bool ok = true;
+        for (int j = 0; j < n; j++) ok = ok && kv_sum_final(t->sums[j], t->image) == want[j];
+        if (ok) best = PD_MIN(best, dt);
+    }
+    return probe_best(best);
+}
+
+/* Best of 3 of the host batch: the staged images of the first n blocks written back. */
+static double probe_host(kv_tiers *t, int n) {
+    double best = 1e9;
+    for (int rep = 0; rep < 3; rep++) {
+        for (int j = 0; j < n; j++) image_copies(&t->burst, t->kv, j, t->staging + (size_t)j * t->image, false);
+        double t0 = time_now_s();
+        kv_copies_run(t->kv, &t->burst);
         best = PD_MIN(best, time_now_s() - t0);
     }
+    return best;
+}
+
+static void probe(kv_tiers *t) {
+    double delay = t->cfg.debug_load_delay_ms / 1e3;
+    int P = PD_MIN(PD_MIN(PROBE_BLOCKS, t->n_slots), t->kv->num_blocks);
+    load_grow(t, P);
+    for (int j = 0; j < P; j++) image_copies(&t->burst, t->kv, j, t->staging + (size_t)j * t->image, true);
+    kv_copies_run(t->kv, &t->burst);
     for (int b = 0; b < REUSE_BATCHES; b++) cost_fit_init(&t->fit[b], LOAD_FIT_DECAY, LOAD_FIT_PRIOR_W);
-    cost_fit_add(&t->fit[BATCH_HOST], 1, best + delay);
+    cost_fit_add(&t->fit[BATCH_HOST], 1, probe_host(t, 1) + delay);
+    if (P > 1) cost_fit_add(&t->fit[BATCH_HOST], P, probe_host(t, P) + P * delay);
     t->fit_probed[BATCH_HOST] = true;
+    const uint8_t *src[PROBE_BLOCKS];
+    uint64_t want[PROBE_BLOCKS];
+    int entry[PROBE_BLOCKS];
     for (int k = 0; k < t->n; k++) {
-        uint64_t key = 0x70726f6265000000ull ^ (uint64_t)k; /* removed again below */
-        best = 1e9;
-        if (store_put(t, k, key, img) == KV_OK) {
-            for (int rep = 0; rep < 3; rep++) {
-                double t0 = time_now_s();
-                bool ok;
-                if (k == t->direct_tier) {
-                    const uint8_t *src;
-                    uint64_t want;
-                    int e = kv_cpu_store_pin(t->t[k].conn, key, &src, &want);
-                    ok = e >= 0;
-                    if (ok) {
-                        memcpy(copy, src, t->image);
-                        ok = kv_sum(copy, t->image) == want;
-                        kv_cpu_store_unpin(t->t[k].conn, e, ok);
-                    }
-                } else {
-                    ok = store_get(t, k, key, img) == KV_OK;
-                }
-                if (ok) best = PD_MIN(best, time_now_s() - t0);
-            }
-            store_remove(t, k, key);
-        }
+        uint64_t key0 = 0x70726f6265000000ull ^ ((uint64_t)k << 8); /* removed again below */
+        int put = 0;
+        while (put < P && store_put(t, k, key0 + (uint64_t)put, t->staging + (size_t)put * t->image) == KV_OK)
+            put++;
         if (k == t->direct_tier) {
+            int pinned = 0;
+            for (; pinned < put; pinned++) {
+                entry[pinned] = kv_cpu_store_pin(t->t[k].conn, key0 + (uint64_t)pinned, &src[pinned], &want[pinned]);
+                if (entry[pinned] < 0) break;
+            }
             t->t[k].est_get = 0; /* the pin: measured by the first load */
-            cost_fit_add(&t->fit[BATCH_DIRECT], 1, probe_best(best) + delay);
+            if (pinned >= 1) cost_fit_add(&t->fit[BATCH_DIRECT], 1, probe_direct(t, src, want, 1) + delay);
+            else cost_fit_add(&t->fit[BATCH_DIRECT], 1, probe_best(1e9));
+            if (pinned > 1)
+                cost_fit_add(&t->fit[BATCH_DIRECT], pinned, probe_direct(t, src, want, pinned) + pinned * delay);
+            for (int j = 0; j < pinned; j++) kv_cpu_store_unpin(t->t[k].conn, entry[j], true);
             t->fit_probed[BATCH_DIRECT] = true;
         } else {
+            double best = 1e9;
+            for (int rep = 0; rep < 3 && put > 0; rep++) {
+                double t0 = time_now_s();
+                if (store_get(t, k, key0, t->load_buf) == KV_OK) best = PD_MIN(best, time_now_s() - t0);
+            }
             t->t[k].est_get = probe_best(best) + delay;
         }
+        for (int j = 0; j < put; j++) store_remove(t, k, key0 + (uint64_t)j);
     }
 }
 
@@ -839,9 +875,11 @@ kv_tiers *kv_tiers_create(const kv_tiers_config *cfg, kv_cache *kv, char *err, s
     t->st.n_tiers = t->n;
     for (int k = 0; k < t->n; k++) {
         snprintf(t->st.tier[k].name, sizeof t->st.tier[k].name, "%s", kv_medium_name(t->t[k].medium));
-        log_info("kv tiers: tier %d %s: %d blocks of %.2f MiB (%s), load %.3f ms/block measured",
+        double a, per;
+        fit_line(t, batch_of(t, k), &a, &per);
+        log_info("kv tiers: tier %d %s: %d blocks of %.2f MiB (%s), load %.3f ms + %.3f ms/block measured",
                  k + 1, kv_medium_name(t->t[k].medium), t->t[k].cap, (double)t->image / 1048576.0,
-                 kv_connector_address(t->t[k].conn), block_cost(t, k) * 1e3);
+                 kv_connector_address(t->t[k].conn), a * 1e3, block_cost(t, k) * 1e3);
     }
     log_info("kv tiers: %d staging slots (%.1f MiB host), index of %d entries, loads %s",
              t->n_slots, (double)t->n_slots * (double)t->image / 1048576.0, t->n_ent,
