@@ -7,7 +7,26 @@
  * download_f32, copy_d2h and sync wait. Host->device copies go through a ring of
  * pinned staging slots (cuda_common.h), so the caller may reuse its host memory as
  * soon as an op returns. Tuned for a serving loop: nothing here allocates device
- * memory per token (scratch buffers grow on first use and then stay). */
+ * memory per token (scratch buffers grow on first use and then stay).
+ *
+ * Switches, read from the environment once per backend (at creation, or at the
+ * first attention call; the defaults are the fastest measured, or for a path not yet
+ * measured the one expected to be; each exists for A/B runs):
+ *   PDSERVE_CUDA_GEMV=0|1|auto     small-T matmul route: cuBLAS, the GEMV, by shape
+ *                                  (backend_cuda_gemv_mode in one process)
+ *   PDSERVE_CUDA_FUSED=0           no fused decode ops at all (rope_kv_store,
+ *                                  matmul_swiglu, the fused decode sequence)
+ *   PDSERVE_CUDA_DECODE_FUSE=0     the separate ops instead of the fused decode
+ *                                  sequence (backend_cuda_decode_fuse in one process)
+ *   PDSERVE_CUDA_GEMV_SPLIT=n      n k-splits on every GEMV launch (lab; 0 by shape;
+ *                                  backend_cuda_gemv_split)
+ *   PDSERVE_CUDA_GEMV_CFG=i        the plain GEMV's shape row i (lab; kernels.cu)
+ *   PDSERVE_CUDA_GRAPHS=0          no decode graphs (graphs.cu)
+ *   PDSERVE_CUDA_PDL=0             no programmatic dependent launch (cuda_common.h)
+ *   PDSERVE_CUDA_ATTN=v1|v2|basic, PDSERVE_CUDA_ATTN_STAGES, PDSERVE_CUDA_ATTN_SPLIT
+ *                                  decode attention kernel and tuning (attention.cu)
+ *   PDSERVE_CUDA_FA=v1             the first prefill attention kernel (read on every
+ *                                  call instead; attention_prefill.cu) */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>

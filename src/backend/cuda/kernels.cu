@@ -1,6 +1,11 @@
-/* kernels.cu: the CUDA backend's own memory-bound kernels (everything but matmul
- * and attention): embedding, RMSNorm (plain, fused add, per head), RoPE, KV store,
- * SwiGLU, row gather, bias broadcast, fills. bf16 in and out, fp32 arithmetic.
+/* kernels.cu: the CUDA backend's own memory-bound kernels (everything but cuBLAS's
+ * matmul and attention): embedding, RMSNorm (plain, fused add, per head), RoPE, KV
+ * store, SwiGLU, residual add, row gather, bias broadcast, fills, and the small-batch
+ * GEMV with the variants of the fused decode sequence (rmsnorm or swiglu computed in
+ * its prologue, the residual add in its epilogue, a split over k; gemv_kernel).
+ * bf16 in and out, fp32 arithmetic. Where a fused kernel replaces separate ones, both
+ * share the arithmetic's code (sum_squares, norm_apply, silu_mul, block_sum's order),
+ * so that the fused result has the same bits.
  *
  * Each op is a kernel plus a launcher that asserts the shapes, picks the 16-byte
  * vector path (8 bf16 per access) when every row length is a multiple of 8 and every
