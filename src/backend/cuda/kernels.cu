@@ -1087,8 +1087,8 @@ static bool gemv_run(cuda_backend *cb, int pro, int epi, gemv_args a) {
                                  : (size_t)a.T * 2 *
                                        gemv_xs_stride(pro == GEMV_NORM ? a.Kd : a.split_steps * step);
     if (ring + xs > gemv_smem_cap) return false;
-    if (splits > 1) {
-        gemv_scratch(cb, (size_t)splits * a.T * a.N, tiles);
+    if (splits > 1) { /* sized for 8 rows: a later, larger bucket moves nothing */
+        gemv_scratch(cb, (size_t)splits * 8 * a.N, tiles);
         a.ws = cb->gemv_ws;
         a.cnt = cb->gemv_cnt;
     }
