@@ -278,9 +278,10 @@ static void cu_matmul_swiglu(backend *b, void *out, void *gu, const void *x, con
  *   down      split over k (long rows: more CTAs than its 256 row tiles), swiglu of
  *             cuBLAS's gate_up output in the prologue, the residual add in the epilogue
  * 8B at batch 1: 7 launches per layer where the separate ops take 9 (attention and
- * each cuBLAS call counted as one); 6 against 8 with PDSERVE_CUDA_GEMV=1. Where a variant does not apply, the op runs the separate kernels,
- * so every shape gives the separate ops' values. PDSERVE_CUDA_DECODE_FUSE=0 (at
- * creation; backend_cuda_decode_fuse in one process) keeps the separate sequence. */
+ * each cuBLAS call counted as one); 6 against 8 with PDSERVE_CUDA_GEMV=1. Where a
+ * variant does not apply, the op runs the separate kernels, so every shape gives the
+ * separate ops' values. PDSERVE_CUDA_DECODE_FUSE=0 (at creation;
+ * backend_cuda_decode_fuse in one process) keeps the separate sequence. */
 
 /* The route of the fused sequence's matmuls: the GEMV where the plain rules send the
  * shape, and also for long rows (Kd >= 8192, down), which the GEMV splits over k. */
@@ -331,11 +332,15 @@ static void cu_rmsnorm_mlp_add(backend *b, void *residual, void *xn, void *gu, v
         return;
     }
     cuda_rmsnorm(b, xn, residual, nw, T, C, eps);
-    cu_matmul(b, gu, xn, w_gate_up, NULL, T, C, 2 * F);
-    if (gemv_route_fused(cb, T, F, C, gu, w_down) &&
-        cuda_gemv_glu_add(cb, (bf *)residual, (const bf *)gu, (const bf *)w_down, T, F, C))
-        return;
-    cuda_swiglu(b, act, gu, T, F);
+    if (!gemv_route(cb, T, C, 2 * F, xn, w_gate_up) && gemv_route_fused(cb, T, F, C, gu, w_down)) {
+        /* gate_up on cuBLAS: swiglu in down's prologue */
+        cu_matmul(b, gu, xn, w_gate_up, NULL, T, C, 2 * F);
+        if (cuda_gemv_glu_add(cb, (bf *)residual, (const bf *)gu, (const bf *)w_down, T, F, C))
+            return;
+        cuda_swiglu(b, act, gu, T, F);
+    } else {
+        cu_matmul_swiglu(b, act, gu, xn, w_gate_up, T, C, F);
+    }
     cu_matmul_add(b, residual, proj, act, w_down, T, F, C);
 }
 
