@@ -437,6 +437,253 @@ static void test_matmul_swiglu(void) {
     backend_cuda_gemv_mode(gpu, old);
 }
 
+/* The GEMV split over k (forced counts, and the automatic count of long rows under the
+ * fused sequence) against the CPU: every split's tile must reach the sum, with the
+ * bias, for T 1..8, including splits of uneven length and a row tile past N. */
+static void test_gemv_split(void) {
+    int shapes[][2] = {{14336, 77}, {4096, 300}, {200, 131}, {8200, 40}};
+    int splits[] = {2, 3, 7, 0};
+    int old = backend_cuda_gemv_mode(gpu, BACKEND_CUDA_GEMV_ON);
+    int old_split = backend_cuda_gemv_split(gpu, 0);
+    for (size_t k = 0; k < PD_ARRAY_LEN(shapes); k++) {
+        int Kd = shapes[k][0], N = shapes[k][1];
+        pair w = pair_rand((size_t)N * Kd, 0, 1.0f / sqrtf((float)Kd), 1);
+        pair bias = pair_rand(N, 0, 0.5f, 1);
+        for (int T = 1; T <= 8; T += 3) {
+            pair x = pair_rand((size_t)T * Kd, 0, 1, 0), out = pair_new(NULL, (size_t)T * N, 0);
+            for (size_t si = 0; si < PD_ARRAY_LEN(splits); si++) {
+                backend_cuda_gemv_split(gpu, splits[si]);
+                poison(&out, 0);
+                gpu->ops->matmul(gpu, out.g, x.g, w.g, bias.g, T, Kd, N);
+                cpu->ops->matmul(cpu, out.c, x.c, w.c, bias.c, T, Kd, N);
+                char name[80];
+                snprintf(name, sizeof name, "gemv split %d T=%d %dx%d +bias", splits[si], T, N, Kd);
+                compare(name, &out, 0);
+            }
+            pair_free(&x), pair_free(&out);
+        }
+        pair_free(&w), pair_free(&bias);
+    }
+    backend_cuda_gemv_split(gpu, old_split);
+    backend_cuda_gemv_mode(gpu, old);
+}
+
+/* ---- the fused decode sequence (backend.h decode_fuse_rows) ---------------------------
+ * Each op against its CPU twin on fresh random inputs, under the GEMV's auto rules and
+ * forced on (where gate_up also goes to the GEMV), for T 1..9 (9: past the GEMV, the
+ * separate kernels), and bit for bit against the GPU's own separate ops wherever both
+ * sum in the same order (no split over k). Outputs that are not also inputs are
+ * poisoned with NaN first; a residual (input and output) starts at values far from
+ * its result, so an element left unwritten fails the comparison. */
+
+static int fused_Ts[] = {1, 3, 5, 8, 9};
+
+/* Whether a and b (GPU bf16, n elements) have the same bits; prints where not. */
+static bool same_bits(const char *what, const void *a, const void *b, size_t n) {
+    uint16_t *x = gpu_bits(a, n), *y = gpu_bits(b, n);
+    size_t diff = 0;
+    for (size_t i = 0; i < n; i++) diff += x[i] != y[i];
+    if (diff) fprintf(stderr, "  %s: %zu of %zu elements differ from the separate ops\n", what, diff, n);
+    free(x), free(y);
+    return diff == 0;
+}
+
+static void test_rmsnorm_matmul(void) {
+    if (!gpu->ops->rmsnorm_matmul) return; /* PDSERVE_CUDA_FUSED=0 */
+    int shapes[][2] = {{4096, 1000}, {256, 37}, {2048, 6144}, {100, 40}}; /* C % 8 != 0: separate */
+    int old = backend_cuda_gemv_mode(gpu, BACKEND_CUDA_GEMV_AUTO);
+    for (int mode = 0; mode < 2; mode++) {
+        backend_cuda_gemv_mode(gpu, mode ? BACKEND_CUDA_GEMV_ON : BACKEND_CUDA_GEMV_AUTO);
+        for (size_t k = 0; k < PD_ARRAY_LEN(shapes); k++) {
+            int C = shapes[k][0], N = shapes[k][1];
+            pair w = pair_rand((size_t)N * C, 0, 1.0f / sqrtf((float)C), 1);
+            pair nw = pair_rand(C, 1, 0.2f, 1), bias = pair_rand(N, 0, 0.5f, 1);
+            for (size_t ti = 0; ti < PD_ARRAY_LEN(fused_Ts); ti++) {
+                int T = fused_Ts[ti];
+                pair x = pair_rand((size_t)T * C, 0.3f, 2, 0);
+                pair xn = pair_new(NULL, (size_t)T * C, 0), out = pair_new(NULL, (size_t)T * N, 0);
+                void *out2 = gpu->ops->alloc(gpu, (size_t)T * N * 2);
+                for (int wb = 0; wb < 2; wb++) {
+                    const void *bg = wb ? bias.g : NULL, *bc = wb ? bias.c : NULL;
+                    poison(&out, 0);
+                    gpu->ops->rmsnorm_matmul(gpu, out.g, xn.g, x.g, nw.g, 1e-5f, w.g, bg, T, C, N);
+                    cpu->ops->rmsnorm_matmul(cpu, out.c, xn.c, x.c, nw.c, 1e-5f, w.c, bc, T, C, N);
+                    char name[96];
+                    snprintf(name, sizeof name, "rmsnorm_matmul%s T=%d C=%d N=%d%s",
+                             mode ? "(gemv on)" : "", T, C, N, wb ? " +bias" : "");
+                    compare(name, &out, 0);
+                    gpu->ops->rmsnorm(gpu, xn.g, x.g, nw.g, T, C, 1e-5f);
+                    gpu->ops->matmul(gpu, out2, xn.g, w.g, bg, T, C, N);
+                    if (!getenv("PDSERVE_CUDA_GEMV_CFG"))
+                        CHECKF(same_bits(name, out.g, out2, (size_t)T * N),
+                               "%s: not bit-identical to rmsnorm then matmul", name);
+                }
+                gpu->ops->free(gpu, out2);
+                pair_free(&x), pair_free(&xn), pair_free(&out);
+            }
+            pair_free(&w), pair_free(&nw), pair_free(&bias);
+        }
+    }
+    backend_cuda_gemv_mode(gpu, old);
+}
+
+/* A residual [n] far from zero on both backends, and a GPU copy of it. */
+static pair residual_new(size_t n, void **copy) {
+    pair r = pair_rand(n, 0, 0.5f, 0);
+    *copy = gpu->ops->alloc(gpu, n * 2);
+    gpu->ops->copy_d2d(gpu, *copy, r.g, n * 2);
+    return r;
+}
+
+static void test_matmul_add(void) {
+    if (!gpu->ops->matmul_add) return;
+    int shapes[][2] = {{4096, 4096}, {14336, 300}, {200, 131}, {100, 40}};
+    for (size_t k = 0; k < PD_ARRAY_LEN(shapes); k++) {
+        int Kd = shapes[k][0], N = shapes[k][1];
+        pair w = pair_rand((size_t)N * Kd, 0, 1.0f / sqrtf((float)Kd), 1);
+        for (size_t ti = 0; ti < PD_ARRAY_LEN(fused_Ts); ti++) {
+            int T = fused_Ts[ti];
+            size_t n = (size_t)T * N;
+            pair x = pair_rand((size_t)T * Kd, 0, 1, 0), proj = pair_new(NULL, n, 0);
+            void *res2, *junk = gpu->ops->alloc(gpu, n * 2);
+            pair res = residual_new(n, &res2);
+            pair nw = pair_rand(N, 1, 0, 1);
+            gpu->ops->matmul_add(gpu, res.g, proj.g, x.g, w.g, T, Kd, N);
+            cpu->ops->matmul_add(cpu, res.c, proj.c, x.c, w.c, T, Kd, N);
+            char name[96];
+            snprintf(name, sizeof name, "matmul_add T=%d %dx%d", T, N, Kd);
+            compare(name, &res, 0);
+            /* the separate ops: matmul into proj, add_rmsnorm's residual add */
+            gpu->ops->matmul(gpu, proj.g, x.g, w.g, NULL, T, Kd, N);
+            gpu->ops->add_rmsnorm(gpu, res2, junk, proj.g, nw.g, T, N, 1e-5f);
+            if (Kd < 8192 && !getenv("PDSERVE_CUDA_GEMV_CFG") && !getenv("PDSERVE_CUDA_GEMV_SPLIT"))
+                CHECKF(same_bits(name, res.g, res2, n), "%s: not bit-identical to matmul then add",
+                       name);
+            gpu->ops->free(gpu, res2), gpu->ops->free(gpu, junk);
+            pair_free(&x), pair_free(&proj), pair_free(&res), pair_free(&nw);
+        }
+        pair_free(&w);
+    }
+}
+
+/* The MLP block: gate_up on the GEMV (norm prologue, swiglu epilogue) or on cuBLAS
+ * (then down's swiglu prologue), down with and without a split over k. */
+static void test_rmsnorm_mlp_add(void) {
+    if (!gpu->ops->rmsnorm_mlp_add) return;
+    int shapes[][2] = {{256, 704}, {4096, 4096}, {2048, 8192}, {64, 128}};
+    int old = backend_cuda_gemv_mode(gpu, BACKEND_CUDA_GEMV_AUTO);
+    for (int mode = 0; mode < 2; mode++) {
+        backend_cuda_gemv_mode(gpu, mode ? BACKEND_CUDA_GEMV_ON : BACKEND_CUDA_GEMV_AUTO);
+        for (size_t k = 0; k < PD_ARRAY_LEN(shapes); k++) {
+            int C = shapes[k][0], F = shapes[k][1];
+            pair wgu = pair_rand((size_t)2 * F * C, 0, 2.0f / sqrtf((float)C), 1);
+            pair wd = pair_rand((size_t)C * F, 0, 2.0f / sqrtf((float)F), 1);
+            pair nw = pair_rand(C, 1, 0.2f, 1), ones = pair_rand(C, 1, 0, 1);
+            for (size_t ti = 0; ti < PD_ARRAY_LEN(fused_Ts); ti += mode ? 2 : 1) {
+                int T = fused_Ts[ti];
+                size_t n = (size_t)T * C;
+                void *res2;
+                pair res = residual_new(n, &res2);
+                pair xn = pair_new(NULL, n, 0), gu = pair_new(NULL, (size_t)T * 2 * F, 0);
+                pair act = pair_new(NULL, (size_t)T * F, 0), proj = pair_new(NULL, n, 0);
+                gpu->ops->rmsnorm_mlp_add(gpu, res.g, xn.g, gu.g, act.g, proj.g, nw.g, 1e-5f, wgu.g,
+                                          wd.g, T, C, F);
+                cpu->ops->rmsnorm_mlp_add(cpu, res.c, xn.c, gu.c, act.c, proj.c, nw.c, 1e-5f, wgu.c,
+                                          wd.c, T, C, F);
+                char name[96];
+                snprintf(name, sizeof name, "rmsnorm_mlp_add%s T=%d C=%d F=%d",
+                         mode ? "(gemv on)" : "", T, C, F);
+                compare(name, &res, 0);
+                /* the separate ops, as the forward pass runs them without fusion */
+                gpu->ops->rmsnorm(gpu, xn.g, res2, nw.g, T, C, 1e-5f);
+                gpu->ops->matmul_swiglu(gpu, act.g, gu.g, xn.g, wgu.g, T, C, F);
+                gpu->ops->matmul(gpu, proj.g, act.g, wd.g, NULL, T, F, C);
+                gpu->ops->add_rmsnorm(gpu, res2, xn.g, proj.g, ones.g, T, C, 1e-5f);
+                /* the same sums only without a split and where down takes the same route */
+                bool down_same = F < 8192 && (mode || (size_t)C * F <= ((size_t)32 << 20));
+                if (down_same && !getenv("PDSERVE_CUDA_GEMV_CFG") &&
+                    !getenv("PDSERVE_CUDA_GEMV_SPLIT"))
+                    CHECKF(same_bits(name, res.g, res2, n),
+                           "%s: not bit-identical to the separate ops", name);
+                gpu->ops->free(gpu, res2);
+                pair_free(&res), pair_free(&xn), pair_free(&gu), pair_free(&act), pair_free(&proj);
+            }
+            pair_free(&wgu), pair_free(&wd), pair_free(&nw), pair_free(&ones);
+        }
+    }
+    backend_cuda_gemv_mode(gpu, old);
+}
+
+/* The fused ops captured in a graph, split over k (the counters must be back at zero
+ * after each launch), replayed three times on new inputs written into the same
+ * buffers: each replay against the CPU. */
+typedef struct fused_graph_case {
+    int T, C, F, Kd, N;
+    pair wgu, wd, wq, nw, nq, res, xn, gu, act, proj, xq, xnq, q;
+} fused_graph_case;
+
+/* The captured ops: rmsnorm_matmul split 3 ways (forced), rmsnorm_mlp_add (down split
+ * by the automatic rule: F >= 8192). */
+static void fused_graph_ops(fused_graph_case *g) {
+    backend_cuda_gemv_split(gpu, 3);
+    gpu->ops->rmsnorm_matmul(gpu, g->q.g, g->xnq.g, g->xq.g, g->nq.g, 1e-5f, g->wq.g, NULL, g->T,
+                             g->Kd, g->N);
+    backend_cuda_gemv_split(gpu, 0);
+    gpu->ops->rmsnorm_mlp_add(gpu, g->res.g, g->xn.g, g->gu.g, g->act.g, g->proj.g, g->nw.g, 1e-5f,
+                              g->wgu.g, g->wd.g, g->T, g->C, g->F);
+}
+
+static void test_fused_graph_replay(void) {
+    if (!gpu->ops->rmsnorm_mlp_add || !gpu->ops->graph_begin) return;
+    fused_graph_case g = {.T = 2, .C = 2048, .F = 8192, .Kd = 4096, .N = 512};
+    int T = g.T, C = g.C, F = g.F, Kd = g.Kd, N = g.N;
+    int old_split = backend_cuda_gemv_split(gpu, 0);
+    size_t n = (size_t)T * C;
+    g.wgu = pair_rand((size_t)2 * F * C, 0, 2.0f / sqrtf((float)C), 1);
+    g.wd = pair_rand((size_t)C * F, 0, 2.0f / sqrtf((float)F), 1);
+    g.wq = pair_rand((size_t)N * Kd, 0, 1.0f / sqrtf((float)Kd), 1);
+    g.nw = pair_rand(C, 1, 0.2f, 1), g.nq = pair_rand(Kd, 1, 0.2f, 1);
+    g.res = pair_new(NULL, n, 0), g.xn = pair_new(NULL, n, 0);
+    g.gu = pair_new(NULL, (size_t)T * 2 * F, 0), g.act = pair_new(NULL, (size_t)T * F, 0);
+    g.proj = pair_new(NULL, n, 0), g.xq = pair_new(NULL, (size_t)T * Kd, 0);
+    g.xnq = pair_new(NULL, (size_t)T * Kd, 0), g.q = pair_new(NULL, (size_t)T * N, 0);
+    void *graph = NULL;
+    for (int step = 0; step < 4; step++) {
+        float *h = rand_bf16(n, 0, 0.5f), *hq = rand_bf16((size_t)T * Kd, 0.3f, 2);
+        for (int again = 0; again < (step == 0 ? 2 : 1); again++) {
+            gpu->ops->upload(gpu, g.res.g, gpu->ops->act_type, 0, h, DTYPE_F32, n);
+            gpu->ops->upload(gpu, g.xq.g, gpu->ops->act_type, 0, hq, DTYPE_F32, (size_t)T * Kd);
+            poison(&g.q, 0);
+            if (step == 0 && again == 0) { /* op by op first: sizes the split scratch */
+                fused_graph_ops(&g);
+                gpu->ops->sync(gpu);
+            }
+        }
+        cpu->ops->upload(cpu, g.res.c, cpu->ops->act_type, 0, h, DTYPE_F32, n);
+        cpu->ops->upload(cpu, g.xq.c, cpu->ops->act_type, 0, hq, DTYPE_F32, (size_t)T * Kd);
+        free(h), free(hq);
+        if (step == 0) {
+            gpu->ops->graph_begin(gpu);
+            fused_graph_ops(&g);
+            graph = gpu->ops->graph_end(gpu);
+        }
+        CHECK(gpu->ops->graph_launch(gpu, graph));
+        cpu->ops->rmsnorm_matmul(cpu, g.q.c, g.xnq.c, g.xq.c, g.nq.c, 1e-5f, g.wq.c, NULL, T, Kd, N);
+        cpu->ops->rmsnorm_mlp_add(cpu, g.res.c, g.xn.c, g.gu.c, g.act.c, g.proj.c, g.nw.c, 1e-5f,
+                                  g.wgu.c, g.wd.c, T, C, F);
+        char name[64];
+        snprintf(name, sizeof name, "graph replay %d: rmsnorm_matmul split 3", step);
+        compare(name, &g.q, 0);
+        snprintf(name, sizeof name, "graph replay %d: rmsnorm_mlp_add", step);
+        compare(name, &g.res, 0);
+    }
+    gpu->ops->graph_free(gpu, graph);
+    backend_cuda_gemv_split(gpu, old_split);
+    pair *ps[] = {&g.wgu, &g.wd, &g.wq, &g.nw, &g.nq, &g.res, &g.xn,
+                  &g.gu,  &g.act, &g.proj, &g.xq, &g.xnq, &g.q};
+    for (size_t i = 0; i < PD_ARRAY_LEN(ps); i++) pair_free(ps[i]);
+}
+
 /* rope_kv_store against the CPU twin, with a padding row (slot -1: no cache write),
  * and bit for bit against the GPU's rope then kv_store. */
 static void test_rope_kv_store(void) {
@@ -992,6 +1239,11 @@ int main(void) {
     TEST_RUN(test_gemv);
     TEST_RUN(test_matmul_swiglu);
     TEST_RUN(test_rope_kv_store);
+    TEST_RUN(test_gemv_split);
+    TEST_RUN(test_rmsnorm_matmul);
+    TEST_RUN(test_matmul_add);
+    TEST_RUN(test_rmsnorm_mlp_add);
+    TEST_RUN(test_fused_graph_replay);
 #endif
     TEST_RUN(test_head_rmsnorm);
     TEST_RUN(test_rope);
