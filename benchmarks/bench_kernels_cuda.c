@@ -12,9 +12,7 @@
  * copy would fit in L2; each figure is the median of 5 timed batches of back-to-back
  * calls (events on the backend's stream), after a warm-up call. A program, never a
  * test (STYLE.md 9). Exits 77 when there is no GPU. --gemv: only the small-T matmul and
- * fused-op tables (GEMV vs cuBLAS at T = 1..8, fused vs separate decode ops). --fused:
- * only the fused decode sequence's tables (a layer's matmuls with their norms and adds,
- * fused against separate, and the GEMV split over k against cuBLAS). */
+ * fused-op tables (GEMV vs cuBLAS at T = 1..8, fused vs separate decode ops). */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -311,131 +309,6 @@ static void bench_fused(void) {
     printf("\n");
 }
 
-/* ---- the fused decode sequence against the separate ops (backend.h decode_fuse_rows) ----
- * One layer's matmuls at the 8B shape with what surrounds them, as forward.c runs them:
- *   attention side  separate: add_rmsnorm, qkv, o        fused: rmsnorm_matmul (qkv),
- *                                                               matmul_add (o)
- *   MLP block       separate: add_rmsnorm, matmul_swiglu fused: rmsnorm_mlp_add
- *                   (cuBLAS + swiglu), down (cuBLAS)
- * (attention itself, rope and kv_store are the same in both). A layer's weights (436 MB)
- * are many L2s, so one set is streamed each call. Figures: time per call, and the
- * fused call's weight bytes per second against the copy ceiling. */
-
-typedef struct seq_ctx {
-    void *x, *xn, *qkv, *attn, *proj, *gu, *act;
-    void *wqkv, *wo, *wgu, *wd, *n1, *n2;
-    int T;
-} seq_ctx;
-
-static void run_attn_separate(void *c, int i) {
-    seq_ctx *q = c;
-    g->ops->add_rmsnorm(g, q->x, q->xn, q->proj, q->n1, q->T, C_, 1e-5f);
-    g->ops->matmul(g, q->qkv, q->xn, q->wqkv, NULL, q->T, C_, QKV_);
-    g->ops->matmul(g, q->proj, q->attn, q->wo, NULL, q->T, H_ * D_, C_);
-}
-static void run_attn_fused(void *c, int i) {
-    seq_ctx *q = c;
-    g->ops->rmsnorm_matmul(g, q->qkv, q->xn, q->x, q->n1, 1e-5f, q->wqkv, NULL, q->T, C_, QKV_);
-    g->ops->matmul_add(g, q->x, q->proj, q->attn, q->wo, q->T, H_ * D_, C_);
-}
-static void run_mlp_separate(void *c, int i) {
-    seq_ctx *q = c;
-    g->ops->add_rmsnorm(g, q->x, q->xn, q->proj, q->n2, q->T, C_, 1e-5f);
-    g->ops->matmul_swiglu(g, q->act, q->gu, q->xn, q->wgu, q->T, C_, F_);
-    g->ops->matmul(g, q->proj, q->act, q->wd, NULL, q->T, F_, C_);
-}
-static void run_mlp_fused(void *c, int i) {
-    seq_ctx *q = c;
-    g->ops->rmsnorm_mlp_add(g, q->x, q->xn, q->gu, q->act, q->proj, q->n2, 1e-5f, q->wgu, q->wd,
-                            q->T, C_, F_);
-}
-
-static void bench_fused_sequence(void) {
-    if (!g->ops->rmsnorm_mlp_add) {
-        printf("fused decode sequence: not in this backend's table (PDSERVE_CUDA_FUSED=0)\n\n");
-        return;
-    }
-    printf("fused decode sequence against the separate ops, one layer's matmuls at the 8B shape "
-           "(default GEMV routing); GB/s of weights of the fused call against the copy ceiling\n\n");
-    printf("| op                           | shape              | sep us   | fused us | speedup "
-           "| achieved    | ratio  |\n");
-    printf("|------------------------------|--------------------|----------|----------|---------"
-           "|-------------|--------|\n");
-    seq_ctx q;
-    memset(&q, 0, sizeof q);
-    q.wqkv = rand_buf((size_t)QKV_ * C_, 0.02f, 70);
-    q.wo = rand_buf((size_t)C_ * H_ * D_, 0.02f, 71);
-    q.wgu = rand_buf((size_t)2 * F_ * C_, 0.02f, 72);
-    q.wd = rand_buf((size_t)C_ * F_, 0.02f, 73);
-    q.n1 = rand_buf(C_, 0.1f, 74);
-    q.n2 = rand_buf(C_, 0.1f, 75);
-    q.x = rand_buf((size_t)8 * C_, 1, 76);
-    q.attn = rand_buf((size_t)8 * H_ * D_, 1, 77);
-    q.proj = rand_buf((size_t)8 * C_, 0.01f, 78);
-    q.xn = g->ops->alloc(g, (size_t)8 * C_ * 2);
-    q.qkv = g->ops->alloc(g, (size_t)8 * QKV_ * 2);
-    q.gu = g->ops->alloc(g, (size_t)8 * 2 * F_ * 2);
-    q.act = g->ops->alloc(g, (size_t)8 * F_ * 2);
-    double attn_w = 2.0 * ((double)QKV_ * C_ + (double)C_ * H_ * D_);
-    double mlp_w = 2.0 * (2.0 * F_ * C_ + (double)C_ * F_);
-    for (int T = 1; T <= 8; T *= 2) {
-        q.T = T;
-        char shape[64];
-        snprintf(shape, sizeof shape, "T=%d", T);
-        double sa = time_op(run_attn_separate, &q), fa = time_op(run_attn_fused, &q);
-        double sm = time_op(run_mlp_separate, &q), fm = time_op(run_mlp_fused, &q);
-        row_fused("norm+qkv+o vs fused", shape, sa, fa, attn_w);
-        row_fused("norm+mlp+down vs fused", shape, sm, fm, mlp_w);
-        row_fused("layer matmuls vs fused", shape, sa + sm, fa + fm, attn_w + mlp_w);
-    }
-    void *ps[] = {q.wqkv, q.wo, q.wgu, q.wd, q.n1, q.n2, q.x, q.attn, q.proj, q.xn, q.qkv, q.gu, q.act};
-    for (size_t i = 0; i < PD_ARRAY_LEN(ps); i++) g->ops->free(g, ps[i]);
-    printf("\n");
-}
-
-/* The GEMV split over k (backend_cuda_gemv_split forced; 0 = the automatic count of the
- * fused sequence) against cuBLAS, us and % of the copy rate of the weights streamed. */
-static void bench_gemv_split(const char *name, int Kd, int N) {
-    static const int splits[] = {1, 2, 3, 4, 6, 8, 0};
-    mm_ctx m = {{NULL}, {NULL}, NULL, 1, 1, Kd, N};
-    size_t wbytes = (size_t)N * Kd * 2;
-    m.sets = sets_for(wbytes);
-    for (int s = 0; s < m.sets; s++) {
-        m.x[s] = rand_buf((size_t)8 * Kd, 1, 80 + s);
-        m.w[s] = rand_buf((size_t)N * Kd, 0.02f, 90 + s);
-    }
-    m.out = g->ops->alloc(g, (size_t)8 * N * 2);
-    for (int T = 1; T <= 8; T *= 8) {
-        m.T = T;
-        char shape[64];
-        snprintf(shape, sizeof shape, "%s T=%d %dx%d", name, T, N, Kd);
-        double cb = time_mm_mode(&m, BACKEND_CUDA_GEMV_OFF);
-        printf("| %-24s | %6.1f %4.0f%% |", shape, cb * 1e3, 100.0 * wbytes / (cb * 1e-3) / 1e9 / copy_gbs);
-        for (size_t k = 0; k < PD_ARRAY_LEN(splits); k++) {
-            int old = backend_cuda_gemv_split(g, splits[k]);
-            double gv = time_mm_mode(&m, BACKEND_CUDA_GEMV_ON);
-            backend_cuda_gemv_split(g, old);
-            printf(" %6.1f %4.0f%% |", gv * 1e3, 100.0 * wbytes / (gv * 1e-3) / 1e9 / copy_gbs);
-        }
-        printf("\n");
-    }
-    for (int s = 0; s < m.sets; s++) g->ops->free(g, m.x[s]), g->ops->free(g, m.w[s]);
-    g->ops->free(g, m.out);
-}
-
-static void bench_gemv_split_all(void) {
-    printf("GEMV split over k: us and %% of the copy rate (weights streamed), cuBLAS then the GEMV "
-           "with 1..8 splits and the automatic count (Kd >= 8192 only; else 1)\n\n");
-    printf("| shape                    | cuBLAS       | split 1      | split 2      | split 3      "
-           "| split 4      | split 6      | split 8      | auto         |\n");
-    printf("|--------------------------|--------------|--------------|--------------|--------------"
-           "|--------------|--------------|--------------|--------------|\n");
-    bench_gemv_split("down", F_, C_);
-    bench_gemv_split("o", H_ * D_, C_);
-    bench_gemv_split("qkv", C_, QKV_);
-    printf("\n");
-}
-
 /* ---- memory-bound ops ------------------------------------------------------------------- */
 
 typedef struct ew_ctx {
@@ -630,12 +503,6 @@ int main(int argc, char **argv) {
     printf("model shapes: Llama-3.1-8B (C=%d F=%d H=%d K=%d D=%d V=%d), bf16\n\n", C_, F_, H_, K_,
            D_, V_);
     measure_ceilings();
-    if (argc > 1 && strcmp(argv[1], "--fused") == 0) { /* the fused decode sequence's tables only */
-        bench_fused_sequence();
-        bench_gemv_split_all();
-        backend_destroy(g);
-        return 0;
-    }
     bench_gemv_all();
     bench_fused();
     if (argc > 1 && strcmp(argv[1], "--gemv") == 0) { /* the small-T tables only */

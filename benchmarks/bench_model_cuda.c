@@ -19,17 +19,10 @@
  *            logits row) + causal attention 4 * H * D * T(T+1)/2 per layer; as a
  *            fraction of the cuBLAS bf16 GEMM rate at 8192^3. Target >= 55%.
  *
- * Usage: bench_model_cuda [--no-prefill] [--cases BxCTX,...] [--ab-fuse] [hf.json]
+ * Usage: bench_model_cuda [--no-prefill] [hf.json]
  * hf.json: benchmarks/hf_reference.py's output;
  * with it, the ratios to transformers are printed too (targets: decode >= 5x at B=1,
- * >= 3x at B=64; prefill >= 1.1x). --cases: only these decode cases (e.g.
- * 1x128,64x2048; default: 1x128,1x2048,8x2048,48x2048,64x2048). --ab-fuse: also each
- * decode case (graphs on) under four settings of the fused decode sequence
- * (backend_cuda.h), in one process, two rounds in turn so that drift hits all alike:
- * the separate ops (PDSERVE_CUDA_DECODE_FUSE=0), fused (the default), fused with
- * down unsplit (split 1: the split's share), fused with every matmul on the GEMV
- * (PDSERVE_CUDA_GEMV=1: gate_up with the norm and swiglu inside it, lm_head too).
- * A program, never a test; exits 77 without a GPU. */
+ * >= 3x at B=64; prefill >= 1.1x). A program, never a test; exits 77 without a GPU. */
 #include <cjson/cJSON.h>
 #include <math.h>
 #include <stdint.h>
@@ -180,78 +173,23 @@ static void kv_fill(kv_cache *kv) {
 
 /* ---- results --------------------------------------------------------------------------- */
 
-/* --ab-fuse's settings: fused sequence on, forced GEMV k splits, GEMV route */
-typedef struct fuse_variant {
-    const char *name;
-    int fuse, split, gemv;
-} fuse_variant;
-
-static const fuse_variant FUSE_AB[] = {
-    {"separate ops (DECODE_FUSE=0)", 0, 0, BACKEND_CUDA_GEMV_AUTO},
-    {"fused (default)", 1, 0, BACKEND_CUDA_GEMV_AUTO},
-    {"fused, down unsplit (SPLIT=1)", 1, 1, BACKEND_CUDA_GEMV_AUTO},
-    {"fused, all GEMV (GEMV=1)", 1, 0, BACKEND_CUDA_GEMV_ON},
-};
-#define N_AB ((int)PD_ARRAY_LEN(FUSE_AB))
-#define AB_ROUNDS 2
-
 typedef struct decode_row {
     int B, ctx;
     double ms, eager_ms, floor_ms, full_ms, sample_ms;
-    double ab_ms[N_AB][AB_ROUNDS]; /* --ab-fuse */
 } decode_row;
 
-#define MAX_CASES 8
-static int cases[MAX_CASES][2] = {{1, 128}, {1, 2048}, {8, 2048}, {48, 2048}, {64, 2048}};
-static int n_cases = 5;
-static bool ab_fuse;
-static decode_row rows[MAX_CASES];
+static decode_row rows[8];
 static int n_rows;
 static double prefill_ms, prefill_tflop;
-
-/* --cases "1x128,64x2048": B in 1..64, ctx in 1..8192; false on a malformed list */
-static bool parse_cases(const char *s) {
-    n_cases = 0;
-    while (*s && n_cases < MAX_CASES) {
-        int B, ctx, used = 0;
-        if (sscanf(s, "%dx%d%n", &B, &ctx, &used) != 2 || B < 1 || B > 64 || ctx < 1 || ctx > 8192)
-            return false;
-        cases[n_cases][0] = B;
-        cases[n_cases][1] = ctx;
-        n_cases++;
-        s += used;
-        if (*s == ',') s++;
-        else if (*s) return false;
-    }
-    return n_cases > 0 && !*s;
-}
-
-/* --ab-fuse: the step (graphs on) under each setting of FUSE_AB, AB_ROUNDS rounds in
- * turn; the graphs are freed before each setting so that it is captured anew. */
-static void time_fuse_ab(fwd_ctx *f, kv_cache *kv, const step *s, decode_row *r) {
-    int fuse0 = backend_cuda_decode_fuse(g, 1), split0 = backend_cuda_gemv_split(g, 0);
-    int gemv0 = backend_cuda_gemv_mode(g, BACKEND_CUDA_GEMV_AUTO);
-    for (int round = 0; round < AB_ROUNDS; round++)
-        for (int v = 0; v < N_AB; v++) {
-            backend_cuda_decode_fuse(g, FUSE_AB[v].fuse);
-            backend_cuda_gemv_split(g, FUSE_AB[v].split);
-            backend_cuda_gemv_mode(g, FUSE_AB[v].gemv);
-            fwd_ctx_use_graphs(f, true);
-            r->ab_ms[v][round] = time_steps(f, kv, s, 30);
-        }
-    backend_cuda_decode_fuse(g, fuse0);
-    backend_cuda_gemv_split(g, split0);
-    backend_cuda_gemv_mode(g, gemv0);
-    fwd_ctx_use_graphs(f, true);
-}
 
 static void bench_decode(void) {
     model_files mf;
     model *m = load_preset("preset:llama-3.1-8b", &mf);
     const model_config *c = &m->cfg;
     size_t bpt = model_kv_bytes_per_token(c, 2);
+    static const int cases[][2] = {{1, 128}, {1, 2048}, {8, 2048}, {48, 2048}, {64, 2048}};
     int blocks = 0;
-    for (int i = 0; i < n_cases; i++)
+    for (size_t i = 0; i < PD_ARRAY_LEN(cases); i++)
         blocks = PD_MAX(blocks, cases[i][0] * ((cases[i][1] + BS - 1) / BS));
     char err[256];
     kv_cache *kv = kv_cache_create(g, c, BS, (size_t)blocks * BS * bpt, err, sizeof err);
@@ -260,7 +198,7 @@ static void bench_decode(void) {
     fwd_ctx *f = fwd_ctx_create(m, 64, 64);
     size_t embed = (size_t)c->vocab_size * c->dim * 2;
     double wread = (double)m->weight_bytes - (c->tie_word_embeddings ? 0.0 : (double)embed);
-    for (int i = 0; i < n_cases; i++) {
+    for (size_t i = 0; i < PD_ARRAY_LEN(cases); i++) {
         int B = cases[i][0], ctx = cases[i][1];
         step s;
         step_make(&s, B, ctx, 1, c->vocab_size);
@@ -302,7 +240,6 @@ static void bench_decode(void) {
             t[k] = (time_now_s() - t0) * 1e3;
         }
         r->sample_ms = median(t, 9);
-        if (ab_fuse) time_fuse_ab(f, kv, &s, r);
         step_free(&s);
     }
     long captured, replayed;
@@ -367,17 +304,6 @@ int main(int argc, char **argv) {
             prefill = false;
             continue;
         }
-        if (strcmp(argv[a], "--ab-fuse") == 0) {
-            ab_fuse = true;
-            continue;
-        }
-        if (strcmp(argv[a], "--cases") == 0 && a + 1 < argc) {
-            if (!parse_cases(argv[++a])) {
-                fprintf(stderr, "bench_model_cuda: --cases wants BxCTX[,BxCTX...], B 1..64\n");
-                return 2;
-            }
-            continue;
-        }
         size_t len;
         char *text = util_read_file(argv[a], &len, err, sizeof err);
         hf = text ? cJSON_Parse(text) : NULL;
@@ -416,28 +342,6 @@ int main(int argc, char **argv) {
                r->eager_ms / r->floor_ms, r->sample_ms, r->full_ms, h, h > 0 ? h / r->ms : 0.0, th);
     }
     printf("\nours = decode graphs on (default); graphs off = the same step op by op, same run\n");
-    if (ab_fuse) {
-        printf("\nA/B of the fused decode sequence (graphs on, one process, rounds in turn; "
-               "median of 30 steps each)\n\n");
-        printf("| what                         | setting                        | round 1 ms "
-               "| round 2 ms | mean ms  | floor ms | x floor | vs separate |\n");
-        printf("|------------------------------|--------------------------------|------------"
-               "|------------|----------|----------|---------|-------------|\n");
-        for (int i = 0; i < n_rows; i++) {
-            decode_row *r = &rows[i];
-            char what[64];
-            snprintf(what, sizeof what, "decode 8B B=%d ctx=%d", r->B, r->ctx);
-            double base = 0.5 * (r->ab_ms[0][0] + r->ab_ms[0][1]);
-            for (int v = 0; v < N_AB; v++) {
-                double mean = 0.5 * (r->ab_ms[v][0] + r->ab_ms[v][1]);
-                printf("| %-28s | %-30s | %10.3f | %10.3f | %8.3f | %8.3f | %7.3f | %10.3fx |\n",
-                       what, FUSE_AB[v].name, r->ab_ms[v][0], r->ab_ms[v][1], mean, r->floor_ms,
-                       mean / r->floor_ms, base / mean);
-            }
-        }
-        printf("\nfused decode sequence: steps of up to 8 rows only (B=64 runs the separate ops "
-               "under every setting); vs separate = separate ms / this setting's ms\n");
-    }
     if (!prefill) {
         cJSON_Delete(hf);
         backend_destroy(g);

@@ -4,8 +4,7 @@
  *     logits at every position (attention over a cached prefix is right);
  *   - a step mixing a prefill chunk and two decode rows of three sequences, with
  *     shuffled non-contiguous blocks, gives each sequence the logits it gets alone;
- *   - dummy weights are a function of the seed;
- *   - the fused decode sequence gives the separate ops' logits bit for bit.
+ *   - dummy weights are a function of the seed.
  * Run on a Llama-shaped model (GQA) and a Qwen3-shaped one (q/k norm, q/k/v bias,
  * head_dim != C/H, tied head). Tolerance: |a-b| <= 1e-4 * max(|b|, 0.1 max|b|),
  * as in test_forward_golden.c: different row counts change OpenBLAS's summation
@@ -235,54 +234,6 @@ static void test_prefill_chunking_qwen3(void) { check_prefill_chunking(true); }
 static void test_mixed_batch_llama(void) { check_mixed_batch(false); }
 static void test_mixed_batch_qwen3(void) { check_mixed_batch(true); }
 
-/* The fused decode sequence (backend.h decode_fuse_rows: norms inside the matmuls,
- * residual adds in the blocks' last matmuls) gives the separate sequence's logits bit
- * for bit: the CPU backend with decode_fuse_rows switched on (its twins are the
- * separate ops), against the plain one, on a prompt (past the row limit: separate)
- * then decode steps of one to three sequences (fused). */
-static int eight_rows(backend *b) { return 8; }
-
-static void check_fused_sequence(bool qwen3) {
-    static backend_ops fused_ops;
-    fused_ops = *be->ops;
-    fused_ops.decode_fuse_rows = eight_rows;
-    backend fused = *be, *plain = be;
-    fused.ops = &fused_ops;
-    rig g[2];
-    rig_open(&g[0], qwen3, 21);
-    be = &fused;
-    rig_open(&g[1], qwen3, 21);
-    be = plain;
-    int V = g[0].V;
-    enum { L = 24 };
-    int32_t t[3][L], tab[3][8], perm[NB];
-    shuffled(perm, NB, 5);
-    for (int q = 0; q < 3; q++) {
-        random_tokens(t[q], L, V, 40 + (uint64_t)q);
-        for (int i = 0; i < 8; i++) tab[q][i] = perm[3 * i + q];
-    }
-    float *a = xmalloc((size_t)MAXT * V * 4), *b = xmalloc((size_t)MAXT * V * 4);
-    /* prompts of 12 tokens (one step of 36 rows), then steps of 3, 1, 2, 3 decode rows */
-    seq_in pre[3] = {{t[0], 12, 12, tab[0]}, {t[1], 12, 12, tab[1]}, {t[2], 12, 12, tab[2]}};
-    int ctx[3] = {12, 12, 12}, rows = 36, n = 3;
-    static const int sizes[] = {3, 1, 2, 3, 3};
-    for (size_t k = 0; k <= PD_ARRAY_LEN(sizes); k++) {
-        step(&g[0], pre, n, a);
-        step(&g[1], pre, n, b);
-        CHECKF(memcmp(a, b, (size_t)rows * V * 4) == 0, "qwen3=%d step %zu (%d rows): fused "
-               "sequence differs from the separate one", qwen3, k, rows);
-        if (k == PD_ARRAY_LEN(sizes)) break;
-        n = rows = sizes[k];
-        for (int q = 0; q < n; q++) pre[q] = (seq_in){t[q], 1, ++ctx[q], tab[q]};
-    }
-    free(a), free(b);
-    rig_close(&g[0]);
-    rig_close(&g[1]);
-}
-
-static void test_fused_sequence_llama(void) { check_fused_sequence(false); }
-static void test_fused_sequence_qwen3(void) { check_fused_sequence(true); }
-
 /* Dummy weights (as loaded, not sharpened) depend on the seed and nothing else. */
 static void test_dummy_weights_seeded(void) {
     char err[256];
@@ -312,8 +263,6 @@ int main(void) {
     TEST_RUN(test_mixed_batch_llama);
     TEST_RUN(test_mixed_batch_qwen3);
     TEST_RUN(test_dummy_weights_seeded);
-    TEST_RUN(test_fused_sequence_llama);
-    TEST_RUN(test_fused_sequence_qwen3);
     backend_destroy(be);
     return TEST_END();
 }

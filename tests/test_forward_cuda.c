@@ -22,8 +22,7 @@
  * Before the reference cases (and without one): decode steps of a batch that changes
  * size every step, through graphs (padded to a bucket, captured, replayed; forward.h)
  * against the same steps op by op, on a dummy tiny model; and model_forward_sample's
- * greedy rows against model_forward_greedy; and the fused decode sequence against the
- * separate ops (test_fused_vs_separate).
+ * greedy rows against model_forward_greedy.
  *
  * Exits 77 without a GPU, or without $PDSERVE_GPU_REF (scripts/gpu/check-model.sh
  * sets it after running gpu_reference.py). Prints one line per case:
@@ -350,117 +349,11 @@ static void test_graphs_vs_op_by_op(void) {
     model_files_close(&mf);
 }
 
-/* ---- the fused decode sequence against the separate ops ---------------------------------
- * backend.h decode_fuse_rows: the same decode steps (one prefill step of GB prompts,
- * then batches of 1 to 6 rows) on two contexts over one model, op by op, with the
- * fused sequence on and off (backend_cuda_decode_fuse): the logits must be the same
- * bits (the tiny models' matmuls are GEMVs without a split over k, whose sums the
- * fused variants reproduce, and every norm and add is rounded as before). Then the
- * fused steps through graphs against the separate ones op by op, within 1e-2. */
-#if PDSERVE_HAVE_CUDA
-#include "backend/cuda/backend_cuda.h"
-
-static void fused_vs_separate(const char *preset) {
-    if (!gpu->ops->decode_fuse_rows) return; /* PDSERVE_CUDA_FUSED=0 */
-    char err[512] = "";
-    model_files mf;
-    REQUIRE(model_files_open(preset, "dummy", &mf, err, sizeof err) == 0);
-    model *m = model_load(gpu, &mf, 11, err, sizeof err);
-    REQUIRE(m);
-    int V = m->cfg.vocab_size;
-    size_t bytes = model_kv_bytes_per_token(&m->cfg, 2) * BLOCK * GB * GBLK;
-    kv_cache *kv[3];
-    fwd_ctx *f[3]; /* fused op by op, separate op by op, fused through graphs */
-    for (int i = 0; i < 3; i++) {
-        kv[i] = kv_cache_create(gpu, &m->cfg, BLOCK, bytes, err, sizeof err);
-        REQUIRE(kv[i] && kv[i]->num_blocks >= GB * GBLK);
-        f[i] = fwd_ctx_create(m, 256, 8);
-        fwd_ctx_use_graphs(f[i], i == 2);
-    }
-    int32_t tables[GB][GBLK];
-    for (int b = 0; b < GB; b++)
-        for (int i = 0; i < GBLK; i++) tables[b][i] = (int32_t)(((b * GBLK + i) * 29 + 3) % (GB * GBLK));
-    int ctx[GB], T = 0;
-    int32_t ptok[256], ppos[256], pslot[256], plast[GB], tok[GB];
-    attn_seq pseq[GB];
-    for (int b = 0; b < GB; b++) {
-        ctx[b] = 9 + 5 * b;
-        pseq[b] = (attn_seq){T, ctx[b], ctx[b], tables[b], (ctx[b] + BLOCK - 1) / BLOCK};
-        for (int i = 0; i < ctx[b]; i++, T++) {
-            ptok[T] = (int32_t)((T * 97 + 3) % V);
-            ppos[T] = i;
-            pslot[T] = tables[b][i / BLOCK] * BLOCK + i % BLOCK;
-        }
-        plast[b] = T - 1;
-    }
-    float *lg[3];
-    for (int i = 0; i < 3; i++) lg[i] = xmalloc((size_t)GB * V * sizeof(float));
-    fwd_batch pb = {T, GB, ptok, ppos, pslot, pseq, plast, GB};
-    int old = backend_cuda_decode_fuse(gpu, 1);
-    for (int i = 0; i < 3; i++) {
-        backend_cuda_decode_fuse(gpu, i != 1);
-        model_forward(f[i], kv[i], &pb, lg[i]);
-    }
-    CHECKF(memcmp(lg[0], lg[1], (size_t)GB * V * sizeof(float)) == 0,
-           "%s: prefill logits differ between the two settings (the step is past 8 rows)", preset);
-    for (int b = 0; b < GB; b++) {
-        int a0, a1;
-        top2(lg[1] + (size_t)b * V, V, &a0, &a1);
-        tok[b] = a0;
-    }
-    static const int sizes[] = {6, 3, 1, 5, 2, 6, 4, 1, 8 - 2};
-    double worst = 0;
-    int differ = 0;
-    for (size_t s = 0; s < PD_ARRAY_LEN(sizes); s++) {
-        int n = sizes[s];
-        for (int b = 0; b < n; b++) ctx[b]++;
-        gstep g;
-        fwd_batch bt = gstep_make(&g, n, ctx, tok, tables);
-        for (int i = 0; i < 3; i++) {
-            backend_cuda_decode_fuse(gpu, i != 1);
-            model_forward(f[i], kv[i], &bt, lg[i]);
-        }
-        if (memcmp(lg[0], lg[1], (size_t)n * V * sizeof(float)) != 0) differ++;
-        double e = rel_l2(lg[2], lg[1], n * V);
-        worst = fmax(worst, e);
-        CHECKF(e < 1e-2, "%s step %zu (B=%d): fused graph vs separate logits rel L2 %.3e", preset, s,
-               n, e);
-        for (int b = 0; b < n; b++) {
-            int a0, a1;
-            top2(lg[1] + (size_t)b * V, V, &a0, &a1);
-            tok[b] = a0;
-        }
-    }
-    backend_cuda_decode_fuse(gpu, old);
-    fprintf(stderr, "  fused vs separate (%s): %zu decode steps, %d with logits not bit-identical "
-                    "op by op; fused graphs: worst rel L2 %.3e\n", preset, PD_ARRAY_LEN(sizes),
-            differ, worst);
-    CHECKF(differ == 0, "%s: %d decode steps' logits differ between the fused and the separate "
-           "sequence", preset, differ);
-    for (int i = 0; i < 3; i++) {
-        free(lg[i]);
-        fwd_ctx_free(f[i]);
-        kv_cache_free(gpu, kv[i]);
-    }
-    model_free(m);
-    model_files_close(&mf);
-}
-
-static void test_fused_vs_separate(void) {
-    fused_vs_separate("preset:tiny-llama");
-    fused_vs_separate("preset:tiny-qwen2"); /* qkv bias */
-    fused_vs_separate("preset:tiny-qwen3"); /* q/k norm */
-}
-#endif
-
 int main(void) {
     char err[256] = "";
     gpu = backend_cuda_create(0, err, sizeof err);
     if (!gpu) TEST_SKIP(err);
     TEST_RUN(test_graphs_vs_op_by_op);
-#if PDSERVE_HAVE_CUDA
-    TEST_RUN(test_fused_vs_separate);
-#endif
     const char *ref = getenv("PDSERVE_GPU_REF");
     if (!ref || !*ref) {
         backend_destroy(gpu);

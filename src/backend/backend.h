@@ -242,34 +242,6 @@ typedef struct backend_ops {
      * is unspecified). */
     void (*matmul_swiglu)(backend *b, void *out, void *gu, const void *x, const void *w, int T,
                           int Kd, int F);
-
-    /* ---- optional: the fused decode sequence (CUDA: backend_cuda.cu; CPU: cpu_fused.c,
-     * the twins: the separate ops in sequence). The residual add moves from the norm
-     * that follows a block into the block's last matmul, and each norm into the matmul
-     * that reads it, so a small-batch decode step launches two fewer kernels per
-     * layer. Each op gives the values of the separate ops it names (same roundings);
-     * scratch arguments may be written, their content afterwards unspecified. Kept at
-     * the end. -------------------------------------------------------------------------
-     *
-     * decode_fuse_rows: the most rows a step may have for the forward pass to run its
-     * layers with the three ops below instead of add_rmsnorm, matmul and matmul_swiglu
-     * (engine/forward.c run_layers); 0: never. NULL: never. */
-    int (*decode_fuse_rows)(backend *b);
-    /* rmsnorm_matmul: out[T,N] = rmsnorm(x[T,C]) * nw @ w[N,C]^T (+ bias), i.e. rmsnorm
-     * into xn [T,C] (scratch) then matmul. */
-    void (*rmsnorm_matmul)(backend *b, void *out, void *xn, const void *x, const void *nw,
-                           float eps, const void *w, const void *bias, int T, int C, int N);
-    /* matmul_add: residual[T,N] += x[T,Kd] @ w[N,Kd]^T, i.e. matmul into proj [T,N]
-     * (scratch) then the residual add of add_rmsnorm. */
-    void (*matmul_add)(backend *b, void *residual, void *proj, const void *x, const void *w,
-                       int T, int Kd, int N);
-    /* rmsnorm_mlp_add: the MLP block with its residual add: residual[T,C] +=
-     * swiglu(rmsnorm(residual) * nw @ w_gate_up[2F,C]^T) @ w_down[C,F]^T, i.e. rmsnorm
-     * into xn [T,C], matmul_swiglu into act [T,F] (gu [T,2F] its scratch), then
-     * matmul_add (proj [T,C] its scratch); all four are scratch. */
-    void (*rmsnorm_mlp_add)(backend *b, void *residual, void *xn, void *gu, void *act,
-                            void *proj, const void *nw, float eps, const void *w_gate_up,
-                            const void *w_down, int T, int C, int F);
 } backend_ops;
 
 /* One row's parameters for ->sample_rows (host memory). */

@@ -6,9 +6,7 @@
  *   embed -> per layer [rmsnorm -> qkv (+bias) -> (q/k norm) -> rope -> kv_store ->
  *   paged attention -> o_proj -> residual add + rmsnorm -> gate_up -> swiglu -> down]
  *   -> residual add + final norm -> logit rows -> lm_head -> f32 logits on the host.
- * Each residual add is fused with the rmsnorm that follows it (add_rmsnorm). Steps of
- * a few rows may run the fused decode sequence instead (run_layers_fused: the adds
- * and norms inside the matmuls, where the backend asks for it), with the same values.
+ * Each residual add is fused with the rmsnorm that follows it (add_rmsnorm).
  *
  * Tuned for steps of up to max_tokens rows mixing prefill chunks and decode rows:
  * every buffer is allocated once (fwd_ctx_create, logged as a budget), and
@@ -403,16 +401,17 @@ static void fwd_before_wait(fwd_ctx *f) {
 
 /* ---- the forward pass ----------------------------------------------------------------- */
 
-/* Attention of layer l on f->qkv (the step's q|k|v rows): q/k norm, rope, this step's
- * K/V into the cache, attention into f->attn. */
-static void attention_core(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt, int l) {
+/* Attention block of layer l on xn: writes this step's K/V into the cache and the
+ * block's output (before the residual add) into f->proj. */
+static void attention_block(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt, int l) {
     const model_config *c = &f->m->cfg;
     const backend_ops *o = f->m->be->ops;
     backend *be = f->m->be;
     const layer_weights *w = &f->m->layers[l];
-    int T = bt->T, H = c->n_heads, K = c->n_kv_heads, D = c->head_dim;
+    int T = bt->T, C = c->dim, H = c->n_heads, K = c->n_kv_heads, D = c->head_dim;
     int QKV = (H + 2 * K) * D;
 
+    o->matmul(be, f->qkv, f->xn, w->wqkv, w->bqkv, T, C, QKV);
     if (w->q_norm) {
         o->head_rmsnorm(be, f->qkv, w->q_norm, T, QKV, 0, H, D, c->norm_eps);
         o->head_rmsnorm(be, f->qkv, w->k_norm, T, QKV, H * D, K, D, c->norm_eps);
@@ -430,20 +429,7 @@ static void attention_core(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt, int l)
     }
     o->attention(be, f->attn, f->qkv, kv->k[l], kv->v[l], bt->seqs, bt->B, T, H, K, D,
                  kv->block_size, f->attn_scale);
-}
-
-/* Attention block of layer l on xn: writes this step's K/V into the cache and the
- * block's output (before the residual add) into f->proj. */
-static void attention_block(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt, int l) {
-    const model_config *c = &f->m->cfg;
-    const backend_ops *o = f->m->be->ops;
-    backend *be = f->m->be;
-    const layer_weights *w = &f->m->layers[l];
-    int T = bt->T, C = c->dim, HD = c->n_heads * c->head_dim;
-    int QKV = HD + 2 * c->n_kv_heads * c->head_dim;
-    o->matmul(be, f->qkv, f->xn, w->wqkv, w->bqkv, T, C, QKV);
-    attention_core(f, kv, bt, l);
-    o->matmul(be, f->proj, f->attn, w->wo, NULL, T, HD, C);
+    o->matmul(be, f->proj, f->attn, w->wo, NULL, T, H * D, C);
 }
 
 /* MLP block of layer l on xn, output into f->proj. */
@@ -495,39 +481,6 @@ static bool forward_layers(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt) {
     return true;
 }
 
-/* The layers as a fused decode sequence (backend.h decode_fuse_rows): each block's
- * residual add happens in its last matmul (matmul_add, rmsnorm_mlp_add) and each norm
- * inside the matmul that reads it (rmsnorm_matmul, rmsnorm_mlp_add), with the values
- * of the separate ops. Afterwards f->xn holds the final-normed hidden states, as after
- * the separate sequence. */
-static void run_layers_fused(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt) {
-    model *m = f->m;
-    const model_config *c = &m->cfg;
-    backend *be = m->be;
-    const backend_ops *o = be->ops;
-    int T = bt->T, C = c->dim, L = c->n_layers, F = c->ffn_dim;
-    int HD = c->n_heads * c->head_dim, QKV = HD + 2 * c->n_kv_heads * c->head_dim;
-    float eps = c->norm_eps;
-    for (int l = 0; l < L; l++) {
-        const layer_weights *w = &m->layers[l];
-        o->rmsnorm_matmul(be, f->qkv, f->xn, f->x, w->attn_norm, eps, w->wqkv, w->bqkv, T, C,
-                          QKV);
-        attention_core(f, kv, bt, l);
-        o->matmul_add(be, f->x, f->proj, f->attn, w->wo, T, HD, C);
-        o->rmsnorm_mlp_add(be, f->x, f->xn, f->gu, f->act, f->proj, w->mlp_norm, eps,
-                           w->w_gate_up, w->w_down, T, C, F);
-        if (l == 0) fwd_before_wait(f); /* as in run_layers */
-    }
-    o->rmsnorm(be, f->xn, f->x, m->final_norm, T, C, eps);
-}
-
-/* Whether the backend wants a step of T rows as the fused decode sequence. */
-static bool fused_step(const fwd_ctx *f, int T) {
-    const backend_ops *o = f->m->be->ops;
-    return o->decode_fuse_rows && o->rmsnorm_matmul && o->matmul_add && o->rmsnorm_mlp_add &&
-           T <= o->decode_fuse_rows(f->m->be);
-}
-
 /* The layers on the step's device inputs (f->in_*); bt->seqs NULL on a graphed
  * decode step (the backend holds the attention metadata). */
 static void run_layers(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt) {
@@ -537,10 +490,6 @@ static void run_layers(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt) {
     const backend_ops *o = be->ops;
     int T = bt->T, C = c->dim, L = c->n_layers;
     o->embedding(be, f->x, m->embed, f->in_ids, T, C);
-    if (fused_step(f, T)) {
-        run_layers_fused(f, kv, bt);
-        return;
-    }
     o->rmsnorm(be, f->xn, f->x, m->layers[0].attn_norm, T, C, c->norm_eps);
     for (int l = 0; l < L; l++) {
         attention_block(f, kv, bt, l);

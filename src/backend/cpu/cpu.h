@@ -62,12 +62,5 @@ void cpu_rope_kv_store(backend *b, void *qkv, void *kcache, void *vcache, const 
                        const int32_t *slots, const rope_params *rp, int T, int H, int K, int D);
 void cpu_matmul_swiglu(backend *b, void *out, void *gu, const void *x, const void *w, int T,
                        int Kd, int F);
-void cpu_rmsnorm_matmul(backend *b, void *out, void *xn, const void *x, const void *nw, float eps,
-                        const void *w, const void *bias, int T, int C, int N);
-void cpu_matmul_add(backend *b, void *residual, void *proj, const void *x, const void *w, int T,
-                    int Kd, int N);
-void cpu_rmsnorm_mlp_add(backend *b, void *residual, void *xn, void *gu, void *act, void *proj,
-                         const void *nw, float eps, const void *w_gate_up, const void *w_down,
-                         int T, int C, int F);
 
 #endif

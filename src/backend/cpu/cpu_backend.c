@@ -199,9 +199,6 @@ static const backend_ops CPU_OPS = {
     .free_shared = cpu_free_shared,
     .rope_kv_store = cpu_rope_kv_store,
     .matmul_swiglu = cpu_matmul_swiglu,
-    .rmsnorm_matmul = cpu_rmsnorm_matmul,
-    .matmul_add = cpu_matmul_add,
-    .rmsnorm_mlp_add = cpu_rmsnorm_mlp_add,
 };
 
 backend *backend_cpu_create(int threads) {

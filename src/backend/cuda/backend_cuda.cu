@@ -7,26 +7,7 @@
  * download_f32, copy_d2h and sync wait. Host->device copies go through a ring of
  * pinned staging slots (cuda_common.h), so the caller may reuse its host memory as
  * soon as an op returns. Tuned for a serving loop: nothing here allocates device
- * memory per token (scratch buffers grow on first use and then stay).
- *
- * Switches, read from the environment once per backend (at creation, or at the
- * first attention call; the defaults are the fastest measured, or for a path not yet
- * measured the one expected to be; each exists for A/B runs):
- *   PDSERVE_CUDA_GEMV=0|1|auto     small-T matmul route: cuBLAS, the GEMV, by shape
- *                                  (backend_cuda_gemv_mode in one process)
- *   PDSERVE_CUDA_FUSED=0           no fused decode ops at all (rope_kv_store,
- *                                  matmul_swiglu, the fused decode sequence)
- *   PDSERVE_CUDA_DECODE_FUSE=0     the separate ops instead of the fused decode
- *                                  sequence (backend_cuda_decode_fuse in one process)
- *   PDSERVE_CUDA_GEMV_SPLIT=n      n k-splits on every GEMV launch (lab; 0 by shape;
- *                                  backend_cuda_gemv_split)
- *   PDSERVE_CUDA_GEMV_CFG=i        the plain GEMV's shape row i (lab; kernels.cu)
- *   PDSERVE_CUDA_GRAPHS=0          no decode graphs (graphs.cu)
- *   PDSERVE_CUDA_PDL=0             no programmatic dependent launch (cuda_common.h)
- *   PDSERVE_CUDA_ATTN=v1|v2|basic, PDSERVE_CUDA_ATTN_STAGES, PDSERVE_CUDA_ATTN_SPLIT
- *                                  decode attention kernel and tuning (attention.cu)
- *   PDSERVE_CUDA_FA=v1             the first prefill attention kernel (read on every
- *                                  call instead; attention_prefill.cu) */
+ * memory per token (scratch buffers grow on first use and then stay). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -268,82 +249,6 @@ static void cu_matmul_swiglu(backend *b, void *out, void *gu, const void *x, con
     cuda_swiglu(b, out, gu, T, F);
 }
 
-/* ---- the fused decode sequence (backend.h decode_fuse_rows) ---------------------------
- * For steps of up to 8 rows (the GEMV's), each matmul of a layer runs on the GEMV with
- * the neighbouring small op folded in (kernels.cu, gemv_kernel's variants):
- *   qkv       rmsnorm in the prologue (the add_rmsnorm launch before it goes)
- *   o         the residual add in the epilogue
- *   gate_up   where the GEMV takes it (PDSERVE_CUDA_GEMV=1; small models): rmsnorm in
- *             the prologue, swiglu in the epilogue; else rmsnorm then cuBLAS
- *   down      split over k (long rows: more CTAs than its 256 row tiles), swiglu of
- *             cuBLAS's gate_up output in the prologue, the residual add in the epilogue
- * 8B at batch 1: 7 launches per layer where the separate ops take 9 (attention and
- * each cuBLAS call counted as one); 6 against 8 with PDSERVE_CUDA_GEMV=1. Where a
- * variant does not apply, the op runs the separate kernels, so every shape gives the
- * separate ops' values. PDSERVE_CUDA_DECODE_FUSE=0 (at creation;
- * backend_cuda_decode_fuse in one process) keeps the separate sequence. */
-
-/* The route of the fused sequence's matmuls: the GEMV where the plain rules send the
- * shape, and also for long rows (Kd >= 8192, down), which the GEMV splits over k. */
-static bool gemv_route_fused(const cuda_backend *cb, int T, int Kd, int N, const void *x,
-                             const void *w) {
-    if (!cb->fuse) return false;
-    if (gemv_route(cb, T, Kd, N, x, w)) return true;
-    return cb->gemv == BACKEND_CUDA_GEMV_AUTO && Kd >= 8192 && cuda_gemv_supports(T, Kd, x, w);
-}
-
-static int cu_decode_fuse_rows(backend *b) { return cuda_of(b)->fuse ? 8 : 0; }
-
-static void cu_rmsnorm_matmul(backend *b, void *out, void *xn, const void *x, const void *nw,
-                              float eps, const void *w, const void *bias, int T, int C, int N) {
-    cuda_backend *cb = cuda_of(b);
-    PD_ASSERT(T > 0 && C > 0 && N > 0);
-    typedef __nv_bfloat16 bf;
-    if (gemv_route_fused(cb, T, C, N, x, w) &&
-        cuda_gemv_norm(cb, (bf *)out, (const bf *)x, (const bf *)nw, eps, (const bf *)w,
-                       (const bf *)bias, T, C, N))
-        return;
-    cuda_rmsnorm(b, xn, x, nw, T, C, eps);
-    cu_matmul(b, out, xn, w, bias, T, C, N);
-}
-
-static void cu_matmul_add(backend *b, void *residual, void *proj, const void *x, const void *w,
-                          int T, int Kd, int N) {
-    cuda_backend *cb = cuda_of(b);
-    PD_ASSERT(T > 0 && Kd > 0 && N > 0);
-    typedef __nv_bfloat16 bf;
-    if (gemv_route_fused(cb, T, Kd, N, x, w) &&
-        cuda_gemv_add(cb, (bf *)residual, (const bf *)x, (const bf *)w, T, Kd, N))
-        return;
-    cu_matmul(b, proj, x, w, NULL, T, Kd, N);
-    cuda_add(b, residual, proj, T, N);
-}
-
-static void cu_rmsnorm_mlp_add(backend *b, void *residual, void *xn, void *gu, void *act,
-                               void *proj, const void *nw, float eps, const void *w_gate_up,
-                               const void *w_down, int T, int C, int F) {
-    cuda_backend *cb = cuda_of(b);
-    PD_ASSERT(T > 0 && C > 0 && F > 0);
-    typedef __nv_bfloat16 bf;
-    if (gemv_route_fused(cb, T, C, 2 * F, residual, w_gate_up) &&
-        cuda_gemv_norm_swiglu(cb, (bf *)act, (const bf *)residual, (const bf *)nw, eps,
-                              (const bf *)w_gate_up, T, C, F)) {
-        cu_matmul_add(b, residual, proj, act, w_down, T, F, C);
-        return;
-    }
-    cuda_rmsnorm(b, xn, residual, nw, T, C, eps);
-    if (!gemv_route(cb, T, C, 2 * F, xn, w_gate_up) && gemv_route_fused(cb, T, F, C, gu, w_down)) {
-        /* gate_up on cuBLAS: swiglu in down's prologue */
-        cu_matmul(b, gu, xn, w_gate_up, NULL, T, C, 2 * F);
-        if (cuda_gemv_glu_add(cb, (bf *)residual, (const bf *)gu, (const bf *)w_down, T, F, C))
-            return;
-        cuda_swiglu(b, act, gu, T, F);
-    } else {
-        cu_matmul_swiglu(b, act, gu, xn, w_gate_up, T, C, F);
-    }
-    cu_matmul_add(b, residual, proj, act, w_down, T, F, C);
-}
-
 /* ---- life cycle -------------------------------------------------------------------- */
 
 static void cu_destroy(backend *b);
@@ -417,27 +322,18 @@ static const backend_ops *cuda_ops_with_graphs(void) {
         o.sample_rows = cuda_sample_rows;
         o.rope_kv_store = cuda_rope_kv_store;
         o.matmul_swiglu = cu_matmul_swiglu;
-        o.decode_fuse_rows = cu_decode_fuse_rows;
-        o.rmsnorm_matmul = cu_rmsnorm_matmul;
-        o.matmul_add = cu_matmul_add;
-        o.rmsnorm_mlp_add = cu_rmsnorm_mlp_add;
         return o;
     }();
     return &table;
 }
 
 /* The same without the fused decode ops (PDSERVE_CUDA_FUSED=0: A/B runs; the forward
- * pass then runs rope, kv_store, matmul and swiglu one by one, and no fused decode
- * sequence). */
+ * pass then runs rope, kv_store, matmul and swiglu one by one). */
 static const backend_ops *cuda_ops_unfused(void) {
     static const backend_ops table = [] {
         backend_ops o = *cuda_ops_with_graphs();
         o.rope_kv_store = NULL;
         o.matmul_swiglu = NULL;
-        o.decode_fuse_rows = NULL;
-        o.rmsnorm_matmul = NULL;
-        o.matmul_add = NULL;
-        o.rmsnorm_mlp_add = NULL;
         return o;
     }();
     return &table;
@@ -460,8 +356,6 @@ static void cu_destroy(backend *b) {
     if (cb->attn_meta) CUDA_CHECK(cudaFree(cb->attn_meta));
     if (cb->rows) CUDA_CHECK(cudaFree(cb->rows));
     if (cb->attn_ws) CUDA_CHECK(cudaFree(cb->attn_ws));
-    if (cb->gemv_ws) CUDA_CHECK(cudaFree(cb->gemv_ws));
-    if (cb->gemv_cnt) CUDA_CHECK(cudaFree(cb->gemv_cnt));
     CUDA_CHECK(cudaFree(cb->inv_freq));
     CUDA_CHECK(cudaStreamDestroy(cb->stream));
     free(cb->attn_meta_host);
@@ -512,10 +406,6 @@ extern "C" backend *backend_cuda_create(int device, char *err, size_t errlen) {
     CUDA_CHECK(cudaEventCreate(&cb->timer_stop));
     CUDA_CHECK(cudaMalloc((void **)&cb->inv_freq, ROPE_MAX_HALF * sizeof(float)));
     cuda_gemv_init();
-    const char *fuse = getenv("PDSERVE_CUDA_DECODE_FUSE");
-    cb->fuse = !(fuse && strcmp(fuse, "0") == 0);
-    const char *split = getenv("PDSERVE_CUDA_GEMV_SPLIT");
-    cb->gemv_split = split && *split ? PD_MAX(0, atoi(split)) : 0;
     /* programmatic dependent launch (cuda_common.h): sm_90 and later, unless
      * PDSERVE_CUDA_PDL=0; one process-wide switch, off once any device lacks it */
     static bool pdl_read;
@@ -537,10 +427,9 @@ extern "C" backend *backend_cuda_create(int device, char *err, size_t errlen) {
     b->ops = fused && strcmp(fused, "0") == 0 ? cuda_ops_unfused() : cuda_ops_with_graphs();
     b->impl = cb;
     b->threads = 0;
-    log_info("cuda backend: device %d %s, %d SMs, %.1f GiB, programmatic launch %s, fused "
-             "decode sequence %s", device, prop.name, prop.multiProcessorCount,
-             (double)prop.totalGlobalMem / (1 << 30), cuda_pdl_on ? "on" : "off",
-             cb->fuse && b->ops->decode_fuse_rows ? "on" : "off");
+    log_info("cuda backend: device %d %s, %d SMs, %.1f GiB, programmatic launch %s", device,
+             prop.name, prop.multiProcessorCount, (double)prop.totalGlobalMem / (1 << 30),
+             cuda_pdl_on ? "on" : "off");
     return b;
 }
 
@@ -573,21 +462,6 @@ extern "C" int backend_cuda_gemv_mode(backend *b, int mode) {
               mode == BACKEND_CUDA_GEMV_AUTO);
     int old = cb->gemv;
     cb->gemv = mode;
-    return old;
-}
-
-extern "C" int backend_cuda_decode_fuse(backend *b, int on) {
-    cuda_backend *cb = cuda_of(b);
-    int old = cb->fuse ? 1 : 0;
-    cb->fuse = on != 0;
-    return old;
-}
-
-extern "C" int backend_cuda_gemv_split(backend *b, int n) {
-    cuda_backend *cb = cuda_of(b);
-    PD_ASSERT(n >= 0);
-    int old = cb->gemv_split;
-    cb->gemv_split = n;
     return old;
 }
 

@@ -41,14 +41,6 @@ enum { BACKEND_CUDA_GEMV_OFF = 0, BACKEND_CUDA_GEMV_ON = 1, BACKEND_CUDA_GEMV_AU
 int backend_cuda_gemv_mode(backend *b, int mode);
 /* Whether the auto rules send a matmul of this shape (bf16, aligned) to the GEMV. */
 bool backend_cuda_gemv_auto_picks(int T, int Kd, int N);
-/* The fused decode sequence (backend.h decode_fuse_rows; backend_cuda.cu), on by
- * default, PDSERVE_CUDA_DECODE_FUSE=0 at creation for off: sets it (0 off, else on)
- * and returns the previous setting, for A/B runs in one process. A decode graph keeps
- * the sequence it captured: free the graphs after a change (fwd_ctx_use_graphs). */
-int backend_cuda_decode_fuse(backend *b, int on);
-/* Forces n k-splits on every GEMV launch (0: chosen by shape, the default;
- * PDSERVE_CUDA_GEMV_SPLIT at creation) and returns the previous value. Lab and tests. */
-int backend_cuda_gemv_split(backend *b, int n);
 /* Records a start event on the backend's stream. */
 void backend_cuda_timer_start(backend *b);
 /* Records a stop event, waits for it and returns the milliseconds since the start. */

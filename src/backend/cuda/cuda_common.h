@@ -92,15 +92,6 @@ typedef struct cuda_backend {
     int attn_stages;
     int attn_split;
     int gemv;                   /* PDSERVE_CUDA_GEMV: BACKEND_CUDA_GEMV_* (backend_cuda.h) */
-    /* the fused decode sequence (backend.h decode_fuse_rows; backend_cuda.h): read from
-     * PDSERVE_CUDA_DECODE_FUSE at creation (default on), set by backend_cuda_decode_fuse */
-    bool fuse;
-    int gemv_split;             /* k splits forced on every GEMV launch, 0: by shape
-                                 * (PDSERVE_CUDA_GEMV_SPLIT; backend_cuda_gemv_split) */
-    float *gemv_ws;             /* device: split-K partial tiles, grown on demand (floats) */
-    size_t gemv_ws_cap;
-    int *gemv_cnt;              /* device: split-K arrival counters, zero between launches */
-    size_t gemv_cnt_cap;
 
     cudaEvent_t timer_start, timer_stop; /* backend_cuda_timer_* */
 
@@ -221,8 +212,6 @@ void cuda_rope(backend *b, void *qkv, const int32_t *pos, const rope_params *rp,
 void cuda_kv_store(backend *b, void *kcache, void *vcache, const void *qkv, const int32_t *slots,
                    int T, int H, int K, int D);
 void cuda_swiglu(backend *b, void *out, const void *gu, int T, int F);
-/* residual[T,N] += x, rounded as add_rmsnorm rounds it */
-void cuda_add(backend *b, void *residual, const void *x, int T, int N);
 void cuda_gather_rows(backend *b, void *out, const void *x, const int32_t *rows, int n, int C);
 /* out[T,N] = bias[N] on every row (the matmul then adds x @ w^T with beta = 1) */
 void cuda_bias_rows(cuda_backend *cb, __nv_bfloat16 *out, const __nv_bfloat16 *bias, int T, int N);
@@ -238,24 +227,6 @@ void cuda_gemv_init(void);
 /* out[T,F] = swiglu(x @ w[2F,Kd]^T) by the GEMV, same conditions */
 void cuda_gemv_swiglu(cuda_backend *cb, __nv_bfloat16 *out, const __nv_bfloat16 *x,
                       const __nv_bfloat16 *w, int T, int Kd, int F);
-/* The GEMV with a prologue or epilogue of the fused decode sequence (same conditions
- * on T, Kd, x and w). Each returns false, queuing nothing, where it does not apply
- * (x rows too long for shared memory; for the norm, C % 8 or an unaligned nw): the
- * caller then runs the separate ops.
- *   add:         residual[T,N] += x[T,Kd] @ w^T (rounded as matmul then add)
- *   norm:        out[T,N] = (rmsnorm(x[T,C]) * nw) @ w^T + bias (rmsnorm's bits)
- *   norm_swiglu: out[T,F] = swiglu((rmsnorm(x) * nw) @ w[2F,C]^T)
- *   glu_add:     residual[T,N] += swiglu(gu[T,2F]) @ w[N,F]^T */
-bool cuda_gemv_add(cuda_backend *cb, __nv_bfloat16 *residual, const __nv_bfloat16 *x,
-                   const __nv_bfloat16 *w, int T, int Kd, int N);
-bool cuda_gemv_norm(cuda_backend *cb, __nv_bfloat16 *out, const __nv_bfloat16 *x,
-                    const __nv_bfloat16 *nw, float eps, const __nv_bfloat16 *w,
-                    const __nv_bfloat16 *bias, int T, int C, int N);
-bool cuda_gemv_norm_swiglu(cuda_backend *cb, __nv_bfloat16 *out, const __nv_bfloat16 *x,
-                           const __nv_bfloat16 *nw, float eps, const __nv_bfloat16 *w, int T,
-                           int C, int F);
-bool cuda_gemv_glu_add(cuda_backend *cb, __nv_bfloat16 *residual, const __nv_bfloat16 *gu,
-                       const __nv_bfloat16 *w, int T, int F, int N);
 /* rope then kv_store in one kernel (backend.h rope_kv_store) */
 void cuda_rope_kv_store(backend *b, void *qkv, void *kcache, void *vcache, const int32_t *pos,
                         const int32_t *slots, const rope_params *rp, int T, int H, int K, int D);

@@ -1,11 +1,6 @@
-/* kernels.cu: the CUDA backend's own memory-bound kernels (everything but cuBLAS's
- * matmul and attention): embedding, RMSNorm (plain, fused add, per head), RoPE, KV
- * store, SwiGLU, residual add, row gather, bias broadcast, fills, and the small-batch
- * GEMV with the variants of the fused decode sequence (rmsnorm or swiglu computed in
- * its prologue, the residual add in its epilogue, a split over k; gemv_kernel).
- * bf16 in and out, fp32 arithmetic. Where a fused kernel replaces separate ones, both
- * share the arithmetic's code (sum_squares, norm_apply, silu_mul, block_sum's order),
- * so that the fused result has the same bits.
+/* kernels.cu: the CUDA backend's own memory-bound kernels (everything but matmul
+ * and attention): embedding, RMSNorm (plain, fused add, per head), RoPE, KV store,
+ * SwiGLU, row gather, bias broadcast, fills. bf16 in and out, fp32 arithmetic.
  *
  * Each op is a kernel plus a launcher that asserts the shapes, picks the 16-byte
  * vector path (8 bf16 per access) when every row length is a multiple of 8 and every
@@ -23,20 +18,16 @@ typedef __nv_bfloat16 bf16;
 
 /* ---- vector helpers: VEC bf16 <-> VEC floats ------------------------------------- */
 
-/* 8 bf16 held in a uint4 -> 8 floats (exact). */
-__device__ __forceinline__ void unpack8(uint4 u, float *f) {
-    const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        float2 t = __bfloat1622float2(h[i]);
-        f[2 * i] = t.x;
-        f[2 * i + 1] = t.y;
-    }
-}
-
 template <int VEC> __device__ __forceinline__ void load_f(const bf16 *p, float *f) {
     if constexpr (VEC == 8) {
-        unpack8(*(const uint4 *)p, f);
+        uint4 u = *(const uint4 *)p;
+        const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float2 t = __bfloat1622float2(h[i]);
+            f[2 * i] = t.x;
+            f[2 * i + 1] = t.y;
+        }
     } else {
 #pragma unroll
         for (int i = 0; i < VEC; i++) f[i] = __bfloat162float(p[i]);
@@ -74,46 +65,25 @@ static bool vec8_ok(int n, const void *a, const void *b, const void *c) {
     return n % 8 == 0 && aligned16(a) && (!b || aligned16(b)) && (!c || aligned16(c));
 }
 
-/* Sum of v over the warp, as a butterfly: every lane gets the same bits. */
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 /* Sum of v over the block (blockDim.x a multiple of 32, at most 1024); every thread
- * gets the result. The GEMV's norm prologue (gemv_norm_prologue) reproduces this
- * order: change both or neither. */
+ * gets the result. */
 __device__ __forceinline__ float block_sum(float v) {
     __shared__ float part[32];
     __shared__ float total;
-    v = warp_sum(v);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if (lane == 0) part[warp] = v;
     __syncthreads();
     if (warp == 0) {
-        float s = warp_sum(lane < (int)(blockDim.x / 32) ? part[lane] : 0.0f);
+        float s = lane < (int)(blockDim.x / 32) ? part[lane] : 0.0f;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
         if (lane == 0) total = s;
     }
     __syncthreads();
     return total;
 }
-
-/* The pieces of arithmetic that a fused kernel shares with the separate ops, written
- * once so that both give the same bits: an RMSNorm's sum of squares (ss += f[k]^2 in
- * k order) and scaling, and swiglu's silu(g) * u. */
-template <int VEC> __device__ __forceinline__ float sum_squares(float ss, const float *f) {
-#pragma unroll
-    for (int k = 0; k < VEC; k++) ss += f[k] * f[k];
-    return ss;
-}
-
-template <int VEC> __device__ __forceinline__ void norm_apply(float *f, float r, const float *g) {
-#pragma unroll
-    for (int k = 0; k < VEC; k++) f[k] = f[k] * r * g[k];
-}
-
-__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 /* ---- embedding: out[T,C] = table[ids[t], :] ----------------------------------------- */
 
@@ -152,14 +122,16 @@ __global__ void rmsnorm_kernel(bf16 *out, const bf16 *x, const bf16 *w, int C, f
     for (int i = threadIdx.x * VEC; i < C; i += blockDim.x * VEC) {
         float f[VEC];
         load_f<VEC>(xr + i, f);
-        ss = sum_squares<VEC>(ss, f);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) ss += f[k] * f[k];
     }
     float r = rsqrtf(block_sum(ss) / (float)C + eps);
     for (int i = threadIdx.x * VEC; i < C; i += blockDim.x * VEC) {
         float f[VEC], g[VEC];
         load_f<VEC>(xr + i, f);
         load_f<VEC>(w + i, g);
-        norm_apply<VEC>(f, r, g);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) f[k] = f[k] * r * g[k];
         store_f<VEC>(orow + i, f);
     }
 }
@@ -179,14 +151,16 @@ __global__ void add_rmsnorm_kernel(bf16 *res, bf16 *out, const bf16 *x, const bf
 #pragma unroll
         for (int k = 0; k < VEC; k++) a[k] = __bfloat162float(__float2bfloat16(a[k] + c[k]));
         store_f<VEC>(res + row + i, a);
-        ss = sum_squares<VEC>(ss, a);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) ss += a[k] * a[k];
     }
     float r = rsqrtf(block_sum(ss) / (float)C + eps);
     for (int i = threadIdx.x * VEC; i < C; i += blockDim.x * VEC) {
         float f[VEC], g[VEC];
         load_f<VEC>(res + row + i, f);
         load_f<VEC>(w + i, g);
-        norm_apply<VEC>(f, r, g);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) f[k] = f[k] * r * g[k];
         store_f<VEC>(out + row + i, f);
     }
 }
@@ -379,7 +353,7 @@ template <int VEC> __global__ void swiglu_kernel(bf16 *out, const bf16 *gu, int 
     load_f<VEC>(gu + t * 2 * F + f, g);
     load_f<VEC>(gu + t * 2 * F + F + f, u);
 #pragma unroll
-    for (int k = 0; k < VEC; k++) g[k] = silu_mul(g[k], u[k]);
+    for (int k = 0; k < VEC; k++) g[k] = g[k] / (1.0f + expf(-g[k])) * u[k];
     store_f<VEC>(out + idx, g);
 }
 
@@ -394,35 +368,6 @@ void cuda_swiglu(backend *b, void *out, const void *gu, int T, int F) {
     else
         pd_launch(swiglu_kernel<1>, cuda_blocks(n, 256), 256, 0, cb->stream, (bf16 *)out,
                   (const bf16 *)gu, T, F);
-    CUDA_CHECK_LAUNCH();
-}
-
-/* ---- residual add: res[T,N] += x, rounded to bf16 as add_rmsnorm rounds it ------------
- * (the fused decode ops' fallback where their GEMV does not apply) */
-
-template <int VEC> __global__ void add_kernel(bf16 *res, const bf16 *x, size_t n) {
-    pd_enter();
-    size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
-    if (i >= n) return;
-    float a[VEC], c[VEC];
-    load_f<VEC>(res + i, a);
-    load_f<VEC>(x + i, c);
-#pragma unroll
-    for (int k = 0; k < VEC; k++) a[k] += c[k];
-    store_f<VEC>(res + i, a);
-}
-
-void cuda_add(backend *b, void *residual, const void *x, int T, int N) {
-    cuda_backend *cb = cuda_of(b);
-    PD_ASSERT(T >= 0 && N > 0);
-    size_t n = (size_t)T * N;
-    if (n == 0) return;
-    if (n % 8 == 0 && aligned16(residual) && aligned16(x))
-        pd_launch(add_kernel<8>, cuda_blocks(n / 8, 256), 256, 0, cb->stream, (bf16 *)residual,
-                  (const bf16 *)x, n);
-    else
-        pd_launch(add_kernel<1>, cuda_blocks(n, 256), 256, 0, cb->stream, (bf16 *)residual,
-                  (const bf16 *)x, n);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -615,35 +560,13 @@ void cuda_argmax_rows(backend *b, int32_t *out, const void *x, int n, int V) {
  * Rows past N and k past Kd are zero-filled by the copy (src-size 0).
  *
  * A CTA owns 16 * MT weight rows (MT m-tiles; x is loaded once per step for all of
- * them) and its W warps split its k steps (KH 32-wide slices each; warp w: steps w,
+ * them) and its W warps split Kd in steps of KH 32-wide slices (warp w: steps w,
  * w + W, ...). The warps' partial tiles meet in shared memory, summed in warp order
- * (deterministic), and the epilogue adds the bias and rounds once to bf16.
- *
- * Variants (template PRO, EPI; gemv_run picks the shapes), each equal bit for bit to
- * the separate ops it replaces when the sums are the same (same W and KH, no split):
- *   PRO LOAD    x[T,Kd] streamed through the ring beside the weights (the plain GEMV).
- *   PRO NORM    x = rmsnorm(x) * nw, computed by every CTA into shared memory before
- *               the weight stream needs it (the first STAGES - 1 weight steps are
- *               already in flight): the add_rmsnorm / rmsnorm launch before qkv and
- *               gate_up disappears. The sums of squares follow rmsnorm_kernel's order
- *               exactly (gemv_norm_prologue), so xn has the same bits.
- *   PRO GLU     x = swiglu(gu[T,2Kd]) over this CTA's k range, computed on load (down
- *               after cuBLAS's gate_up: the swiglu launch disappears).
- *   EPI STORE   out = bf16(sum + bias).
- *   EPI SWIGLU  MT = 2 with tile 0 = gate rows [16i, 16i + 16) and tile 1 = the
- *               matching up rows F + 16i..; out[T,F] = silu(gate) * up with gate and
- *               up rounded to bf16 first, exactly as matmul into gu then swiglu.
- *   EPI ADD     out is the residual: out = bf16(out + bf16(sum + bias)), the rounding
- *               of matmul into proj then add_rmsnorm's add (the residual add moves
- *               into the producer, so the next GEMV's prologue needs no add and no
- *               CTA writes what another reads).
- * Split-K (gridDim.y > 1, STORE and ADD): CTA (i, y) takes k steps [y * split_steps,
- * (y + 1) * split_steps) and writes its fp32 tile to ws; the last CTA of tile i to
- * arrive (an atomic counter, reset by that CTA) sums the tiles in split order
- * (deterministic) and runs the epilogue. For long rows (down: 14,336) this gives
- * more, shorter CTAs than the 256 row tiles of N = 4096. ws and the counters are
- * backend scratch that grows outside captures only (gemv_scratch), so a graph can
- * capture every variant.
+ * (deterministic), and the epilogue adds the bias and rounds once to bf16. No split
+ * across CTAs, hence no scratch: nothing is allocated, and a graph can capture it.
+ * SWIGLU: MT = 2 with tile 0 = gate rows [16i, 16i + 16) and tile 1 = the matching up
+ * rows F + 16i..; the epilogue writes silu(gate) * up into out[T, F], with gate and up
+ * rounded to bf16 first, exactly as matmul into gu[T, 2F] and then swiglu would.
  * Needs Kd % 8 == 0 and 16-byte aligned x and w (every row then starts aligned). */
 /* 16 bytes of a weight row, global -> shared, zeros when !on. evict_first (pol): the
  * weights are read once, so they leave L2 first; L2::256B: each request also pulls
@@ -681,29 +604,6 @@ __device__ __forceinline__ void gemv_mma(float *c, uint32_t a0, uint32_t a1, uin
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-enum { GEMV_LOAD = 0, GEMV_NORM = 1, GEMV_GLU = 2 };    /* where x comes from (PRO) */
-enum { GEMV_STORE = 0, GEMV_SWIGLU = 1, GEMV_ADD = 2 }; /* what the epilogue does (EPI) */
-
-/* One launch's operands (passed by value: a graph captures them). */
-typedef struct gemv_args {
-    bf16 *out;        /* STORE [T,N]; SWIGLU [T,F]; ADD: the residual [T,N], out += x @ w^T */
-    const bf16 *x;    /* LOAD, NORM: [T,Kd]; GLU: gu [T,2Kd], x = swiglu(gu) */
-    const bf16 *w;    /* [N,Kd] */
-    const bf16 *bias; /* [N] or NULL (never with SWIGLU) */
-    const bf16 *nw;   /* NORM: the norm's weight [Kd] */
-    float *ws;        /* split-K: partial tiles [splits][T][N] */
-    int *cnt;         /* split-K: arrivals per row tile, zero between launches */
-    float eps;        /* NORM */
-    int T, Kd, N, F;  /* F: SWIGLU's output width (N = 2F) */
-    int nt;           /* NORM: the thread count of the rmsnorm launch it reproduces */
-    int split_steps;  /* k steps of one split (all of them without a split) */
-} gemv_args;
-
-/* Row stride (elements) of x in shared memory for `len` k: 16-byte rows, and rows g
- * and g + 1 64 bytes apart modulo 128, so that the 8 lanes of a 16-byte load phase
- * (rows g, g + 1, four 16-byte pieces each) hit distinct banks. */
-__host__ __device__ __forceinline__ int gemv_xs_stride(int len) { return (len + 63) / 64 * 64 + 32; }
-
 /* First weight row of m-tile j of this CTA, and the end of the rows it may read. */
 template <int MT, bool SWIGLU>
 __device__ __forceinline__ void gemv_tile_rows(int j, int N, int F, int *base, int *lim) {
@@ -716,138 +616,43 @@ __device__ __forceinline__ void gemv_tile_rows(int j, int N, int F, int *base, i
     }
 }
 
-/* 16-byte slots per thread and step of KH 32-wide k slices: x [slice] (LOAD only),
- * then weights [tile][row g / g+8][slice] */
-#define GEMV_SLOTS(MT, KH, XSL) ((KH) * ((XSL) + 2 * (MT)))
+/* 16-byte slots per thread and step of KH 32-wide k slices: x [slice], then weights
+ * [tile][row g / g+8][slice] */
+#define GEMV_SLOTS(MT, KH) ((KH) * (1 + 2 * (MT)))
 
-/* NORM prologue: xs[t][0, C) = rmsnorm(x[t]) * nw rounded to bf16, for t < T: the bits
- * rmsnorm_kernel<8> writes when launched with nt threads. Thread v of that launch
- * (v < nt) is played by lane v % 32 of warp (v / 32) % W here, so each of its warps'
- * butterflies (block_sum's first level) runs on the same lanes with the same operands,
- * and the second level sums the same nt / 32 partials. */
-template <int W>
-__device__ void gemv_norm_prologue(bf16 *xs, int xstride, const bf16 *x, const bf16 *nw, int T,
-                                   int C, int nt, float eps) {
-    __shared__ float part[8][32]; /* [row][warp of the rmsnorm launch] */
-    __shared__ float rs[8];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nvw = nt / 32;
-    for (int t = 0; t < T; t++) {
-        const bf16 *xr = x + (size_t)t * C;
-        bf16 *xsr = xs + (size_t)t * xstride;
-        for (int vw = warp; vw < nvw; vw += W) {
-            float ss = 0.0f;
-            for (int i = (vw * 32 + lane) * 8; i < C; i += nt * 8) {
-                uint4 u = *(const uint4 *)(xr + i);
-                *(uint4 *)(xsr + i) = u; /* raw x, scaled in place below */
-                float f[8];
-                unpack8(u, f);
-                ss = sum_squares<8>(ss, f);
-            }
-            ss = warp_sum(ss);
-            if (lane == 0) part[t][vw] = ss;
-        }
-    }
-    __syncthreads();
-    for (int t = warp; t < T; t += W) {
-        float s = warp_sum(lane < nvw ? part[t][lane] : 0.0f);
-        if (lane == 0) rs[t] = rsqrtf(s / (float)C + eps);
-    }
-    __syncthreads();
-    for (int t = 0; t < T; t++) {
-        bf16 *xsr = xs + (size_t)t * xstride;
-        for (int i = threadIdx.x * 8; i < C; i += W * 32 * 8) {
-            float f[8], g[8];
-            load_f<8>(xsr + i, f);
-            load_f<8>(nw + i, g);
-            norm_apply<8>(f, rs[t], g);
-            store_f<8>(xsr + i, f);
-        }
-    }
+template <int W, int MT, int STAGES, int KH>
+static size_t gemv_smem_bytes() {
+    return (size_t)W * STAGES * GEMV_SLOTS(MT, KH) * 32 * 16;
 }
 
-/* GLU prologue: xs[t][0, len) = swiglu(gu[t]) at k0 .. k0 + len - 1 (F = the row length
- * of x), the bits swiglu_kernel writes. */
-template <int W>
-__device__ void gemv_glu_prologue(bf16 *xs, int xstride, const bf16 *gu, int T, int F, int k0,
-                                  int len) {
-    for (int t = 0; t < T; t++) {
-        const bf16 *p = gu + (size_t)t * 2 * F + k0;
-        for (int i = threadIdx.x * 8; i < len; i += W * 32 * 8) {
-            float g[8], u[8];
-            load_f<8>(p + i, g);
-            load_f<8>(p + F + i, u);
-#pragma unroll
-            for (int k = 0; k < 8; k++) g[k] = silu_mul(g[k], u[k]);
-            store_f<8>(xs + (size_t)t * xstride + i, g);
-        }
-    }
-}
-
-/* The epilogue of one output element (t, row) whose dot product is s (SWIGLU: s the
- * gate's, s2 the up's). */
-template <int EPI>
-__device__ __forceinline__ void gemv_store(const gemv_args &a, int t, int row, float s, float s2) {
-    if (EPI == GEMV_SWIGLU) { /* as swiglu_kernel on gu rounded to bf16 */
-        float gt = __bfloat162float(__float2bfloat16(s));
-        float up = __bfloat162float(__float2bfloat16(s2));
-        a.out[(size_t)t * a.F + row] = __float2bfloat16(silu_mul(gt, up));
-        return;
-    }
-    float b = a.bias ? __bfloat162float(a.bias[row]) : 0.0f;
-    bf16 v = __float2bfloat16(s + b);
-    bf16 *o = a.out + (size_t)t * a.N + row;
-    if (EPI == GEMV_ADD) v = __float2bfloat16(__bfloat162float(*o) + __bfloat162float(v));
-    *o = v;
-}
-
-/* Item i of the epilogue (i < MT * 4 * 32): m-tile je / 4, fragment element e = je % 4
- * of lane ln = i % 32, i.e. token t and row; false when outside [T, lim). */
-template <int MT, bool SWIGLU>
-__device__ __forceinline__ bool gemv_item(int i, const gemv_args &a, int *t, int *row) {
-    int je = i / 32, ln = i % 32, e = je % 4;
-    *t = (ln % 4) * 2 + e % 2;
-    int base, lim;
-    gemv_tile_rows<MT, SWIGLU>(je / 4, a.N, a.F, &base, &lim);
-    *row = base + ln / 4 + 8 * (e / 2);
-    return *t < a.T && *row < lim;
-}
-
-template <int W, int MT, int STAGES, int KH, int PRO, int EPI>
-__global__ void __launch_bounds__(W * 32) gemv_kernel(gemv_args a) {
-    constexpr bool SWIGLU = EPI == GEMV_SWIGLU;
-    constexpr int XSL = PRO == GEMV_LOAD ? 1 : 0;
-    constexpr int SL = GEMV_SLOTS(MT, KH, XSL), STEP = 32 * KH;
+template <int W, int MT, int STAGES, int KH, bool SWIGLU>
+__global__ void __launch_bounds__(W * 32)
+gemv_kernel(bf16 *out, const bf16 *x, const bf16 *w, const bf16 *bias, int T, int Kd, int N,
+            int F) {
     uint64_t pol;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-    extern __shared__ uint4 gemv_smem[]; /* ring [warp][stage][slot][lane], then xs [T][xstride] */
+    extern __shared__ uint4 gemv_ring[]; /* [warp][stage][slot][lane] */
+    constexpr int SL = GEMV_SLOTS(MT, KH), STEP = 32 * KH;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, c = lane % 4;
-    const int T = a.T, Kd = a.Kd;
-    uint4 *ring = gemv_smem + (size_t)warp * STAGES * SL * 32 + lane;
-    bf16 *xs = (bf16 *)(gemv_smem + (size_t)W * STAGES * SL * 32);
+    uint4 *ring = gemv_ring + (size_t)warp * STAGES * SL * 32 + lane;
     const bf16 *wr[MT][2];
     bool rv[MT][2];
 #pragma unroll
     for (int j = 0; j < MT; j++) {
         int base, lim;
-        gemv_tile_rows<MT, SWIGLU>(j, a.N, a.F, &base, &lim);
+        gemv_tile_rows<MT, SWIGLU>(j, N, F, &base, &lim);
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             int r = base + g + 8 * h;
             rv[j][h] = r < lim;
-            wr[j][h] = a.w + (size_t)(rv[j][h] ? r : 0) * Kd;
+            wr[j][h] = w + (size_t)(rv[j][h] ? r : 0) * Kd;
         }
     }
-    /* this CTA's k steps [s0, s1) (split blockIdx.y); x in xs covers [xk0, xk0 + xlen) */
-    const int all = (Kd + STEP - 1) / STEP;
-    const int s0 = blockIdx.y * a.split_steps, s1 = min(all, s0 + a.split_steps);
-    const int nsteps = max(0, s1 - s0);
-    const int mine = warp < nsteps ? (nsteps - warp + W - 1) / W : 0;
-    const int xk0 = PRO == GEMV_NORM ? 0 : s0 * STEP;
-    const int xlen = PRO == GEMV_NORM ? Kd : min(Kd, s1 * STEP) - xk0;
-    const int xstride = gemv_xs_stride(PRO == GEMV_NORM ? Kd : a.split_steps * STEP);
     const bool xv = g < T;
-    const bf16 *xr = a.x + (size_t)(xv ? g : 0) * Kd; /* LOAD */
+    const bf16 *xr = x + (size_t)(xv ? g : 0) * Kd;
+    const int nsteps = (Kd + STEP - 1) / STEP;
+    const int mine = warp < nsteps ? (nsteps - warp + W - 1) / W : 0;
 
     /* queues this warp's i-th step into stage i % STAGES (an empty group past the end) */
     auto issue = [&](int i) {
@@ -855,15 +660,15 @@ __global__ void __launch_bounds__(W * 32) gemv_kernel(gemv_args a) {
             uint4 *st = ring + (size_t)(i % STAGES) * SL * 32;
 #pragma unroll
             for (int hk = 0; hk < KH; hk++) {
-                int k = (s0 + warp + i * W) * STEP + hk * 32 + c * 8;
+                int k = (warp + i * W) * STEP + hk * 32 + c * 8;
                 bool kv = k < Kd; /* Kd % 8 == 0: all 8 elements or none */
                 int kk = kv ? k : 0;
-                if (XSL) gemv_cp_ca(st + hk * 32, xr + kk, kv && xv);
+                gemv_cp_ca(st + hk * 32, xr + kk, kv && xv);
 #pragma unroll
                 for (int j = 0; j < MT; j++)
 #pragma unroll
                     for (int h = 0; h < 2; h++)
-                        gemv_cp_cg(st + (KH * XSL + (j * 2 + h) * KH + hk) * 32, wr[j][h] + kk,
+                        gemv_cp_cg(st + (KH + (j * 2 + h) * KH + hk) * 32, wr[j][h] + kk,
                                    kv && rv[j][h], pol);
             }
         }
@@ -879,30 +684,19 @@ __global__ void __launch_bounds__(W * 32) gemv_kernel(gemv_args a) {
         for (int e = 0; e < 4; e++) acc[j][e] = 0.0f;
 #pragma unroll
     for (int i = 0; i < STAGES - 1; i++) issue(i);
-    /* the weights of the first steps are on their way while x is prepared */
-    if (PRO == GEMV_NORM) gemv_norm_prologue<W>(xs, xstride, a.x, a.nw, T, Kd, a.nt, a.eps);
-    if (PRO == GEMV_GLU) gemv_glu_prologue<W>(xs, xstride, a.x, T, Kd, xk0, xlen);
-    if (PRO != GEMV_LOAD) __syncthreads();
     for (int i = 0; i < mine; i++) {
         issue(i + STAGES - 1);
         gemv_cp_wait<STAGES - 1>(); /* step i has landed (this thread's own copies) */
         const uint4 *st = ring + (size_t)(i % STAGES) * SL * 32;
 #pragma unroll
         for (int hk = 0; hk < KH; hk++) {
-            uint4 q;
-            if (PRO == GEMV_LOAD) {
-                q = st[hk * 32];
-            } else {
-                int k = (s0 + warp + i * W) * STEP + hk * 32 + c * 8;
-                q = xv && k < Kd ? *(const uint4 *)(xs + (size_t)g * xstride + (k - xk0))
-                                 : make_uint4(0, 0, 0, 0);
-            }
+            uint4 q = st[hk * 32];
 #pragma unroll
             for (int j = 0; j < MT; j++) {
-                uint4 wa = st[(KH * XSL + (j * 2 + 0) * KH + hk) * 32];
-                uint4 wb = st[(KH * XSL + (j * 2 + 1) * KH + hk) * 32];
-                gemv_mma(acc[j], wa.x, wb.x, wa.y, wb.y, q.x, q.y);
-                gemv_mma(acc[j], wa.z, wb.z, wa.w, wb.w, q.z, q.w);
+                uint4 a = st[(KH + (j * 2 + 0) * KH + hk) * 32];
+                uint4 b = st[(KH + (j * 2 + 1) * KH + hk) * 32];
+                gemv_mma(acc[j], a.x, b.x, a.y, b.y, q.x, q.y);
+                gemv_mma(acc[j], a.z, b.z, a.w, b.w, q.z, q.w);
             }
         }
     }
@@ -915,42 +709,27 @@ __global__ void __launch_bounds__(W * 32) gemv_kernel(gemv_args a) {
 #pragma unroll
         for (int e = 0; e < 4; e++) red[warp][j * 4 + e][lane] = acc[j][e];
     __syncthreads();
-    const bool split = gridDim.y > 1;
     const int items = SWIGLU ? 4 * 32 : MT * 4 * 32;
     for (int i = threadIdx.x; i < items; i += blockDim.x) {
-        int t, row;
-        if (!gemv_item<MT, SWIGLU>(i, a, &t, &row)) continue;
-        int je = i / 32, ln = i % 32;
+        int je = i / 32, ln = i % 32, e = je % 4;
+        int t = (ln % 4) * 2 + e % 2, row_in = ln / 4 + 8 * (e / 2);
         float s = 0.0f, s2 = 0.0f;
         for (int wp = 0; wp < W; wp++) {
             s += red[wp][je][ln];
             if (SWIGLU) s2 += red[wp][4 + je][ln];
         }
-        if (split)
-            a.ws[((size_t)blockIdx.y * T + t) * a.N + row] = s;
-        else
-            gemv_store<EPI>(a, t, row, s, s2);
-    }
-    if (SWIGLU || !split) return;
-
-    /* split-K: the last CTA of this row tile to arrive adds the splits' tiles */
-    __shared__ bool last;
-    __threadfence(); /* this CTA's partial tile is visible before its arrival counts */
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        last = atomicAdd(a.cnt + blockIdx.x, 1) == (int)gridDim.y - 1;
-        if (last) a.cnt[blockIdx.x] = 0; /* every split has arrived: ready for the next launch */
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    for (int i = threadIdx.x; i < items; i += blockDim.x) {
-        int t, row;
-        if (!gemv_item<MT, SWIGLU>(i, a, &t, &row)) continue;
-        float s = 0.0f;
-        for (int y = 0; y < (int)gridDim.y; y++)
-            s += __ldcg(a.ws + ((size_t)y * T + t) * a.N + row); /* L2: written by other SMs */
-        gemv_store<EPI>(a, t, row, s, 0.0f);
+        int base, lim;
+        gemv_tile_rows<MT, SWIGLU>(je / 4, N, F, &base, &lim);
+        int row = base + row_in;
+        if (t >= T || row >= lim) continue;
+        if (SWIGLU) { /* as swiglu_kernel on gu rounded to bf16 */
+            float gt = __bfloat162float(__float2bfloat16(s));
+            float up = __bfloat162float(__float2bfloat16(s2));
+            out[(size_t)t * F + row] = __float2bfloat16(gt / (1.0f + expf(-gt)) * up);
+        } else {
+            float b = bias ? __bfloat162float(bias[row]) : 0.0f;
+            out[(size_t)t * N + row] = __float2bfloat16(s + b);
+        }
     }
 }
 
@@ -975,43 +754,27 @@ static const gemv_cfg GEMV_CFG[] = {
 #undef GEMV_CFG_ROW
 };
 
-/* The other variants (PRO, EPI), each on the shapes gemv_variant_cfg picks for it: W = 4
- * and KH = 2 as rows 0 and 1, so that their sums are those of the plain GEMV. */
-#define GEMV_VARIANTS(X)                                                                           \
-    X(4, 2, 4, 2, GEMV_LOAD, GEMV_SWIGLU)                                                          \
-    X(4, 1, 6, 2, GEMV_LOAD, GEMV_ADD) X(4, 2, 4, 2, GEMV_LOAD, GEMV_ADD)                          \
-    X(4, 1, 6, 2, GEMV_NORM, GEMV_STORE) X(4, 1, 4, 2, GEMV_NORM, GEMV_STORE)                      \
-    X(4, 2, 4, 2, GEMV_NORM, GEMV_STORE) X(4, 2, 4, 2, GEMV_NORM, GEMV_SWIGLU)                     \
-    X(4, 1, 6, 2, GEMV_GLU, GEMV_ADD) X(4, 1, 4, 2, GEMV_GLU, GEMV_ADD)                            \
-    X(4, 2, 4, 2, GEMV_GLU, GEMV_ADD)
-
-/* PDSERVE_CUDA_GEMV_CFG=i (lab only: bench_kernels_cuda) forces GEMV_CFG[i] on the plain
- * GEMV; -1 picks by shape */
+/* PDSERVE_CUDA_GEMV_CFG=i (lab only: bench_kernels_cuda) forces GEMV_CFG[i]; -1 picks
+ * by shape */
 static int gemv_forced = -1;
-/* dynamic shared memory a launch may ask for: the device's opt-in limit less room for
- * the kernels' static arrays (at most ~5 KB) */
-static size_t gemv_smem_cap;
 
 bool cuda_gemv_supports(int T, int Kd, const void *x, const void *w) {
     return T >= 1 && T <= 8 && Kd > 0 && Kd % 8 == 0 && aligned16(x) && aligned16(w);
 }
 
+template <int W, int MT, int ST, int KH, bool SWIGLU> static void gemv_allow_smem() {
+    CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<W, MT, ST, KH, SWIGLU>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)gemv_smem_bytes<W, MT, ST, KH>()));
+}
+
 /* Allows the kernels their dynamic shared memory (over the 48 KB default). Once, at
  * backend creation: never during a graph capture. */
 void cuda_gemv_init(void) {
-    int dev = 0, optin = 0;
-    CUDA_CHECK(cudaGetDevice(&dev));
-    CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    gemv_smem_cap = (size_t)optin - 8192;
-#define GEMV_ALLOW(w, mt, st, kh, pro, epi)                                                        \
-    CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<w, mt, st, kh, pro, epi>,                          \
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize,                   \
-                                    (int)gemv_smem_cap));
-#define GEMV_ALLOW_PLAIN(w, mt, st, kh) GEMV_ALLOW(w, mt, st, kh, GEMV_LOAD, GEMV_STORE)
-    GEMV_CFGS(GEMV_ALLOW_PLAIN)
-    GEMV_VARIANTS(GEMV_ALLOW)
-#undef GEMV_ALLOW_PLAIN
+#define GEMV_ALLOW(w, mt, st, kh) gemv_allow_smem<w, mt, st, kh, false>();
+    GEMV_CFGS(GEMV_ALLOW)
 #undef GEMV_ALLOW
+    gemv_allow_smem<4, 2, 4, 2, true>();
     const char *e = getenv("PDSERVE_CUDA_GEMV_CFG");
     if (e && *e) gemv_forced = PD_MIN(atoi(e), (int)PD_ARRAY_LEN(GEMV_CFG) - 1);
 }
@@ -1019,161 +782,30 @@ void cuda_gemv_init(void) {
 /* Two m-tiles per CTA once that still leaves two CTAs per SM (gate_up, lm_head): x is
  * then loaded once per 32 rows; one tile otherwise (N = 4096, 6144), so that every SM
  * gets work. */
-static bool gemv_wide(const cuda_backend *cb, int N) { return (N + 31) / 32 >= 2 * cb->sm_count; }
-
-static gemv_cfg gemv_pick(const cuda_backend *cb, int N) {
-    if (gemv_forced >= 0) return GEMV_CFG[gemv_forced];
-    return GEMV_CFG[gemv_wide(cb, N) ? 1 : 0];
-}
-
-/* The shape of a variant other than the plain GEMV: row 1's for SWIGLU and wide N,
- * else row 0's, with a ring of 4 stages instead of 6 when more than 4 rows of x sit
- * in shared memory (6 stages and 8 rows of 4096 would leave one CTA per SM). */
-static gemv_cfg gemv_variant_cfg(const cuda_backend *cb, int pro, int epi, int T, int N) {
-    if (epi == GEMV_SWIGLU || gemv_wide(cb, N)) return GEMV_CFG[1];
-    gemv_cfg c = GEMV_CFG[0];
-    if (pro != GEMV_LOAD && T > 4) c.STAGES = 4;
-    return c;
-}
-
-/* k splits of a launch with `tiles` row tiles and `steps` k steps: forced
- * (PDSERVE_CUDA_GEMV_SPLIT, backend_cuda_gemv_split), else one unless the fused decode
- * sequence is on and the rows are long (Kd >= 8192: down), where enough splits for
- * about 6 CTAs per SM, each warp keeping at least 8 steps (an expectation, to be
- * tuned by bench_kernels_cuda's split table). */
-static int gemv_splits(const cuda_backend *cb, int tiles, int steps, int Kd, int W) {
-    if (cb->gemv_split > 0) return PD_MIN(cb->gemv_split, steps);
-    if (!cb->fuse || Kd < 8192) return 1;
-    int s = (6 * cb->sm_count + tiles - 1) / tiles;
-    return PD_MAX(1, PD_MIN(s, steps / (8 * W)));
-}
-
-/* Grows the split-K scratch to ws_n floats and cnt_n counters (zeroed). Outside a
- * capture only: the graph path runs each bucket op by op first, which sizes it. */
-static void gemv_scratch(cuda_backend *cb, size_t ws_n, size_t cnt_n) {
-    if (ws_n <= cb->gemv_ws_cap && cnt_n <= cb->gemv_cnt_cap) return;
-    cuda_graph_buffers_moved(cb);
-    CUDA_CHECK(cudaStreamSynchronize(cb->stream));
-    if (ws_n > cb->gemv_ws_cap) {
-        size_t want = PD_MAX(ws_n, 2 * cb->gemv_ws_cap);
-        if (cb->gemv_ws) CUDA_CHECK(cudaFree(cb->gemv_ws));
-        CUDA_CHECK(cudaMalloc((void **)&cb->gemv_ws, want * sizeof(float)));
-        cb->gemv_ws_cap = want;
-    }
-    if (cnt_n > cb->gemv_cnt_cap) {
-        size_t want = PD_MAX(cnt_n, PD_MAX(2 * cb->gemv_cnt_cap, (size_t)1024));
-        if (cb->gemv_cnt) CUDA_CHECK(cudaFree(cb->gemv_cnt));
-        CUDA_CHECK(cudaMalloc((void **)&cb->gemv_cnt, want * sizeof(int)));
-        CUDA_CHECK(cudaMemsetAsync(cb->gemv_cnt, 0, want * sizeof(int), cb->stream));
-        cb->gemv_cnt_cap = want;
-    }
-}
-
-/* Launches variant (pro, epi) on a's operands, with its shape and k splits; false,
- * queuing nothing, when its x rows do not fit in shared memory (the caller then runs
- * the separate ops). */
-static bool gemv_run(cuda_backend *cb, int pro, int epi, gemv_args a) {
-    PD_ASSERT(cuda_gemv_supports(a.T, a.Kd, a.x, a.w) && a.N > 0);
-    bool plain = pro == GEMV_LOAD && epi == GEMV_STORE;
-    gemv_cfg c = plain ? gemv_pick(cb, a.N) : gemv_variant_cfg(cb, pro, epi, a.T, a.N);
-    int step = 32 * c.KH, steps = (a.Kd + step - 1) / step;
-    unsigned tiles = epi == GEMV_SWIGLU ? cuda_blocks((size_t)a.F, 16)
-                                        : cuda_blocks((size_t)a.N, 16 * (unsigned)c.MT);
-    int splits = epi == GEMV_SWIGLU ? 1 : gemv_splits(cb, (int)tiles, steps, a.Kd, c.W);
-    a.split_steps = (steps + splits - 1) / splits;
-    splits = (steps + a.split_steps - 1) / a.split_steps; /* no split left empty */
-    size_t ring = (size_t)c.W * c.STAGES * GEMV_SLOTS(c.MT, c.KH, pro == GEMV_LOAD ? 1 : 0) * 32 * 16;
-    size_t xs = pro == GEMV_LOAD ? 0
-                                 : (size_t)a.T * 2 *
-                                       gemv_xs_stride(pro == GEMV_NORM ? a.Kd : a.split_steps * step);
-    if (ring + xs > gemv_smem_cap) return false;
-    if (splits > 1) { /* sized for 8 rows: a later, larger bucket moves nothing */
-        gemv_scratch(cb, (size_t)splits * 8 * a.N, tiles);
-        a.ws = cb->gemv_ws;
-        a.cnt = cb->gemv_cnt;
-    }
-    dim3 grid(tiles, (unsigned)splits);
-    bool done = false;
-#define GEMV_LAUNCH(w_, mt, st, kh, pro_, epi_)                                                    \
-    if (!done && c.W == w_ && c.MT == mt && c.STAGES == st && c.KH == kh && pro == pro_ &&         \
-        epi == epi_) {                                                                             \
-        pd_launch(gemv_kernel<w_, mt, st, kh, pro_, epi_>, grid, w_ * 32, ring + xs, cb->stream, a); \
-        done = true;                                                                               \
-    }
-#define GEMV_LAUNCH_PLAIN(w, mt, st, kh) GEMV_LAUNCH(w, mt, st, kh, GEMV_LOAD, GEMV_STORE)
-    GEMV_CFGS(GEMV_LAUNCH_PLAIN)
-    GEMV_VARIANTS(GEMV_LAUNCH)
-#undef GEMV_LAUNCH_PLAIN
-#undef GEMV_LAUNCH
-    PD_ASSERT(done); /* every (shape, variant) gemv_variant_cfg picks is instantiated */
-    CUDA_CHECK_LAUNCH();
-    return true;
-}
-
-static gemv_args gemv_args_of(bf16 *out, const bf16 *x, const bf16 *w, int T, int Kd, int N) {
-    gemv_args a;
-    memset(&a, 0, sizeof a);
-    a.out = out;
-    a.x = x;
-    a.w = w;
-    a.T = T;
-    a.Kd = Kd;
-    a.N = N;
-    return a;
+static int gemv_pick(const cuda_backend *cb, int N) {
+    if (gemv_forced >= 0) return gemv_forced;
+    return (N + 31) / 32 >= 2 * cb->sm_count ? 1 : 0; /* GEMV_CFG rows */
 }
 
 void cuda_gemv(cuda_backend *cb, bf16 *out, const bf16 *x, const bf16 *w, const bf16 *bias, int T,
                int Kd, int N) {
-    gemv_args a = gemv_args_of(out, x, w, T, Kd, N);
-    a.bias = bias;
-    bool ok = gemv_run(cb, GEMV_LOAD, GEMV_STORE, a);
-    PD_ASSERT(ok);
+    PD_ASSERT(cuda_gemv_supports(T, Kd, x, w) && N > 0);
+    gemv_cfg c = GEMV_CFG[gemv_pick(cb, N)];
+#define GEMV_LAUNCH(w_, mt, st, kh)                                                                \
+    if (c.W == w_ && c.MT == mt && c.STAGES == st && c.KH == kh)                                   \
+        pd_launch(gemv_kernel<w_, mt, st, kh, false>, cuda_blocks((size_t)N, 16 * mt), w_ * 32,    \
+                  gemv_smem_bytes<w_, mt, st, kh>(), cb->stream, out, x, w, bias, T, Kd, N, 0);
+    GEMV_CFGS(GEMV_LAUNCH)
+#undef GEMV_LAUNCH
+    CUDA_CHECK_LAUNCH();
 }
 
 void cuda_gemv_swiglu(cuda_backend *cb, bf16 *out, const bf16 *x, const bf16 *w, int T, int Kd,
                       int F) {
-    PD_ASSERT(F > 0);
-    gemv_args a = gemv_args_of(out, x, w, T, Kd, 2 * F);
-    a.F = F;
-    bool ok = gemv_run(cb, GEMV_LOAD, GEMV_SWIGLU, a);
-    PD_ASSERT(ok);
-}
-
-bool cuda_gemv_add(cuda_backend *cb, bf16 *residual, const bf16 *x, const bf16 *w, int T, int Kd,
-                   int N) {
-    return gemv_run(cb, GEMV_LOAD, GEMV_ADD, gemv_args_of(residual, x, w, T, Kd, N));
-}
-
-/* NORM needs what rmsnorm's 8-wide path needs (it reproduces that path's sums). */
-static bool gemv_norm_ok(const bf16 *x, const bf16 *nw, int C) {
-    return C % 8 == 0 && aligned16(x) && aligned16(nw);
-}
-
-bool cuda_gemv_norm(cuda_backend *cb, bf16 *out, const bf16 *x, const bf16 *nw, float eps,
-                    const bf16 *w, const bf16 *bias, int T, int C, int N) {
-    if (!gemv_norm_ok(x, nw, C)) return false;
-    gemv_args a = gemv_args_of(out, x, w, T, C, N);
-    a.bias = bias;
-    a.nw = nw;
-    a.eps = eps;
-    a.nt = norm_threads(C, 8);
-    return gemv_run(cb, GEMV_NORM, GEMV_STORE, a);
-}
-
-bool cuda_gemv_norm_swiglu(cuda_backend *cb, bf16 *out, const bf16 *x, const bf16 *nw, float eps,
-                           const bf16 *w, int T, int C, int F) {
-    if (!gemv_norm_ok(x, nw, C) || F <= 0) return false;
-    gemv_args a = gemv_args_of(out, x, w, T, C, 2 * F);
-    a.F = F;
-    a.nw = nw;
-    a.eps = eps;
-    a.nt = norm_threads(C, 8);
-    return gemv_run(cb, GEMV_NORM, GEMV_SWIGLU, a);
-}
-
-bool cuda_gemv_glu_add(cuda_backend *cb, bf16 *residual, const bf16 *gu, const bf16 *w, int T,
-                       int F, int N) {
-    return gemv_run(cb, GEMV_GLU, GEMV_ADD, gemv_args_of(residual, gu, w, T, F, N));
+    PD_ASSERT(cuda_gemv_supports(T, Kd, x, w) && F > 0);
+    pd_launch(gemv_kernel<4, 2, 4, 2, true>, cuda_blocks((size_t)F, 16), 4 * 32,
+              gemv_smem_bytes<4, 2, 4, 2>(), cb->stream, out, x, w, NULL, T, Kd, 2 * F, F);
+    CUDA_CHECK_LAUNCH();
 }
 
 /* ---- RoPE + KV store in one pass (a decode step's two smallest launches) ---------------
