@@ -215,13 +215,14 @@ __device__ __forceinline__ float fa3_ex2(float x) { /* 2^x; ex2(-inf) = +0 */
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
 }
-__device__ __forceinline__ float fa3_round_bf16(float x) {
-    return __bfloat162float(__float2bfloat16_rn(x));
-}
-__device__ __forceinline__ uint32_t fa3_pack(float lo, float hi) { /* both exact in bf16 */
+/* lo, hi rounded to bf16, lo in the low half (the lower k index of an A fragment pair) */
+__device__ __forceinline__ uint32_t fa3_pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *(uint32_t *)&h;
 }
+/* the two halves of a packed pair as floats (exact) */
+__device__ __forceinline__ float fa3_bf16_lo(uint32_t u) { return __uint_as_float(u << 16); }
+__device__ __forceinline__ float fa3_bf16_hi(uint32_t u) { return __uint_as_float(u & 0xffff0000u); }
 #endif /* FA3_DEVICE_OK */
 
 /* ---- the kernel -------------------------------------------------------------------- */
@@ -432,21 +433,26 @@ fa3_prefill_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
         corr1 = fa3_ex2(m_run1 * sl2 - ms1);
         m_run0 = mn0;
         m_run1 = mn1;
+        /* the weights rounded to bf16 as the PV wgmma takes them (kept as exact floats
+         * in s until P's registers are free: packing them again is exact); the row sums
+         * add exactly the rounded weights */
         float rs0 = 0.0f, rs1 = 0.0f;
 #pragma unroll
         for (int c = 0; c < 16; c++) {
-            float p0 = fa3_round_bf16(fa3_ex2(fmaf(s[4 * c], sl2, -ms0)));
-            float p1 = fa3_round_bf16(fa3_ex2(fmaf(s[4 * c + 1], sl2, -ms0)));
-            float p2 = fa3_round_bf16(fa3_ex2(fmaf(s[4 * c + 2], sl2, -ms1)));
-            float p3 = fa3_round_bf16(fa3_ex2(fmaf(s[4 * c + 3], sl2, -ms1)));
-            s[4 * c] = p0, s[4 * c + 1] = p1, s[4 * c + 2] = p2, s[4 * c + 3] = p3;
-            rs0 += p0 + p1;
-            rs1 += p2 + p3;
+            uint32_t u0 = fa3_pack(fa3_ex2(fmaf(s[4 * c], sl2, -ms0)),
+                                   fa3_ex2(fmaf(s[4 * c + 1], sl2, -ms0)));
+            uint32_t u1 = fa3_pack(fa3_ex2(fmaf(s[4 * c + 2], sl2, -ms1)),
+                                   fa3_ex2(fmaf(s[4 * c + 3], sl2, -ms1)));
+            s[4 * c] = fa3_bf16_lo(u0), s[4 * c + 1] = fa3_bf16_hi(u0);
+            s[4 * c + 2] = fa3_bf16_lo(u1), s[4 * c + 3] = fa3_bf16_hi(u1);
+            rs0 += s[4 * c] + s[4 * c + 1];
+            rs1 += s[4 * c + 2] + s[4 * c + 3];
         }
         l_run0 = l_run0 * corr0 + rs0;
         l_run1 = l_run1 * corr1 + rs1;
     };
-    /* P of the weights in s as A fragments: k-step kk2 = key n-tiles 2 kk2, 2 kk2 + 1 */
+    /* P as A fragments: k-step kk2 = key n-tiles 2 kk2 (registers 0, 1: rows 0, 1) and
+     * 2 kk2 + 1 (registers 2, 3) */
     auto pack_p = [&]() {
 #pragma unroll
         for (int kk2 = 0; kk2 < 8; kk2++) {
