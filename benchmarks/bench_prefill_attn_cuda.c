@@ -2,11 +2,11 @@
  * (src/backend/cuda/attention_prefill.cu and attention_prefill_sm90a.cu), one column
  * per kernel variant, picked by PDSERVE_CUDA_FA (v1, v2, v3) inside this one process.
  *
- * 0. Probe (when v3 is among the variants): v3 against v2 on a few small steps, once
- *    with TMA copies and once with every tile filled by hand (PDSERVE_CUDA_FA3_MANUAL
- *    =1), printing the relative L2 error and the worst element; a failing case also
- *    prints its error by 16-row band and by 8-column group of the worst head, so that
- *    a layout mistake shows where it bites. Never fails the run by itself.
+ * 0. Probe: v3 against v2 on a few small steps, first with every tile filled by hand
+ *    (PDSERVE_CUDA_FA3_MANUAL=1), then with TMA copies, printing the relative L2
+ *    error and the worst element; a failing case also prints its error by 16-row band
+ *    and by 8-column group of the worst head, so that a layout mistake shows where it
+ *    bites. Never fails the run by itself.
  * 1. Check: every variant against the CPU backend's attention op on fresh random
  *    inputs: chunks of 1..300 rows after cached prefixes of 0..2000 tokens, several
  *    sequences of different lengths in one call, GQA ratios 3 and 4, D 64 and 128,
@@ -22,7 +22,8 @@
  * Method: the median of 5 timed batches of back-to-back calls (about 20 ms each, events
  * on the backend's stream) after a warm-up call. A program, never a test (STYLE.md 9).
  * Exits 77 when there is no GPU. Usage:
- *   bench_prefill_attn_cuda [--check-only] [--variants=v2,v3]   (default v1,v2,v3)
+ *   bench_prefill_attn_cuda [--check-only | --probe-only] [--no-probe] [--variants=v2,v3]
+ * (variants default to v1,v2,v3; the probe runs when v2 and v3 are both among them).
  * PDSERVE_LOG=info also prints each kernel's shared memory, registers and blocks per
  * SM. */
 #include <math.h>
@@ -247,7 +248,9 @@ static double rel_err(const attn_step *st, const float *a, const float *r, int r
     return sqrt(num / (den > 1e-30 ? den : 1e-30));
 }
 
-static void probe_case(attn_shape s, const int (*qc)[2], int B) {
+/* One step: v2's output, then v3's with TMA copies (manual false) or with every tile
+ * filled by hand (PDSERVE_CUDA_FA3_MANUAL=1), compared. */
+static void probe_case(attn_shape s, const int (*qc)[2], int B, bool manual) {
     attn_step st;
     step_init(&st, s, qc, B, false);
     char name[96];
@@ -256,7 +259,7 @@ static void probe_case(attn_shape s, const int (*qc)[2], int B) {
         len += snprintf(name + len, sizeof name - len, " %d@%d", qc[b][0], qc[b][1] - qc[b][0]);
     float *r = run_variant(&st, "v2");
     size_t n = (size_t)st.T * s.H * s.D;
-    for (int manual = 0; manual < 2; manual++) {
+    {
         if (manual) setenv("PDSERVE_CUDA_FA3_MANUAL", "1", 1);
         float *a = run_variant(&st, "v3");
         unsetenv("PDSERVE_CUDA_FA3_MANUAL");
@@ -315,8 +318,10 @@ static void probe_all(void) {
         {{24, 8, 128, 16}, p_d, 1}, {{32, 8, 128, 16}, p_e, 2}, {{8, 2, 64, 16}, p_d, 1},
         {{24, 8, 128, 8}, p_f, 1},  {{24, 8, 128, 256}, p_f, 1},
     };
-    for (size_t i = 0; i < PD_ARRAY_LEN(cases); i++)
-        probe_case(cases[i].s, cases[i].qc, cases[i].B);
+    /* copies by hand first: were TMA to fault, the wgmma side has been seen already */
+    for (int manual = 1; manual >= 0; manual--)
+        for (size_t i = 0; i < PD_ARRAY_LEN(cases); i++)
+            probe_case(cases[i].s, cases[i].qc, cases[i].B, manual);
     printf("\n");
 }
 
@@ -480,15 +485,20 @@ static bool has_variant(const char *v) {
 
 int main(int argc, char **argv) {
     char err[256] = "";
-    bool check_only = false;
+    bool check_only = false, probe_only = false, no_probe = false;
     parse_variants("v1,v2,v3");
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--check-only") == 0) {
             check_only = true;
+        } else if (strcmp(argv[i], "--probe-only") == 0) {
+            probe_only = true;
+        } else if (strcmp(argv[i], "--no-probe") == 0) {
+            no_probe = true;
         } else if (strncmp(argv[i], "--variants=", 11) == 0 && parse_variants(argv[i] + 11)) {
         } else {
             fprintf(stderr,
-                    "usage: bench_prefill_attn_cuda [--check-only] [--variants=v1,v2,v3]\n");
+                    "usage: bench_prefill_attn_cuda [--check-only | --probe-only] [--no-probe] "
+                    "[--variants=v1,v2,v3]\n");
             return 2;
         }
     }
@@ -508,7 +518,12 @@ int main(int argc, char **argv) {
     strftime(date, sizeof date, "%Y-%m-%d %H:%M UTC", gmtime(&now));
     printf("card: %s (sm_%d%d, %d SMs, SM clock %d MHz as found); date: %s\n\n", info.name,
            info.cc_major, info.cc_minor, info.sm_count, info.clock_khz / 1000, date);
-    if (has_variant("v3") && has_variant("v2")) probe_all();
+    if (has_variant("v3") && has_variant("v2") && !no_probe) probe_all();
+    if (probe_only) {
+        backend_destroy(cpu);
+        backend_destroy(g);
+        return 0;
+    }
     bool ok = check_all();
     if (ok && !check_only) {
         measure_gemm();

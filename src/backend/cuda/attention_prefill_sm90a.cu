@@ -345,13 +345,23 @@ fa3_prefill_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
         }
         __syncwarp();
         if (lane == 0) mbar_arrive(q_full);
-        for (int t = 0; t < nt; t++) {
-            const int s = t % FA3_ST;
-            const uint32_t reuse = (uint32_t)(t / FA3_ST); /* earlier tiles in this stage */
-            if (reuse > 0) mbar_wait(k_empty(s), (reuse - 1) & 1);
-            fa3_load_kv<D>(a, &tm_k, a.kc, sK + s * TILE_B, k_full(s), table, t, n_keys, kvh, lane);
-            if (reuse > 0) mbar_wait(v_empty(s), (reuse - 1) & 1);
-            fa3_load_kv<D>(a, &tm_v, a.vc, sV + s * TILE_B, v_full(s), table, t, n_keys, kvh, lane);
+        /* K runs a tile ahead of V, as the consumers use them (S_t, then P_{t-1} V_{t-1}):
+         * K_{t+1} waits only for S_{t-1} to be done, not for the PV behind it */
+        for (int t = 0; t <= nt; t++) {
+            if (t < nt) {
+                const int s = t % FA3_ST;
+                const uint32_t reuse = (uint32_t)(t / FA3_ST); /* earlier tiles in stage s */
+                if (reuse > 0) mbar_wait(k_empty(s), (reuse - 1) & 1);
+                fa3_load_kv<D>(a, &tm_k, a.kc, sK + s * TILE_B, k_full(s), table, t, n_keys, kvh,
+                               lane);
+            }
+            if (t > 0) {
+                const int tv = t - 1, s = tv % FA3_ST;
+                const uint32_t reuse = (uint32_t)(tv / FA3_ST);
+                if (reuse > 0) mbar_wait(v_empty(s), (reuse - 1) & 1);
+                fa3_load_kv<D>(a, &tm_v, a.vc, sV + s * TILE_B, v_full(s), table, tv, n_keys, kvh,
+                               lane);
+            }
         }
         return;
     }
