@@ -57,8 +57,8 @@ static double gemm_tflops; /* ceiling: TFLOP/s */
 
 static void variant_set(const char *v) { setenv("PDSERVE_CUDA_FA", v, 1); }
 
-/* "v3" when v3 ran, "v3>v2" when v2 ran in its place, "-" when no prefill tile ran
- * (a step of decode rows only); for the variant just asked for */
+/* The variant just asked for ("v3"), or "v3>v2" when v2 ran in its place; a step of
+ * decode rows only (no prefill tile) keeps the name asked for. */
 static const char *variant_label(const char *asked, char *buf, size_t n) {
     int ran = backend_cuda_prefill_variant_ran();
     if (ran == 0) snprintf(buf, n, "%s", asked);
