@@ -338,7 +338,8 @@ fa3_prefill_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
             for (int i = lane; i < FA3_M * NC; i += 32) {
                 int r = i / NC, ch = i % NC;
                 uint4 v = make_uint4(0, 0, 0, 0);
-                if (r < n_rows) v = *(const uint4 *)(a.qkv + (size_t)(row0 + r) * stride + (size_t)h * D + ch * 8);
+                if (r < n_rows)
+                    v = *(const uint4 *)(a.qkv + (size_t)(row0 + r) * stride + (size_t)h * D + ch * 8);
                 st_shared_v4(sQ + (ch / 8) * FA3_HALF_B + r * 128 + (((ch % 8) ^ (r & 7)) << 4), v);
             }
             fence_proxy_async();
