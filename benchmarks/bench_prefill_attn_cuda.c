@@ -1,22 +1,31 @@
 /* bench_prefill_attn_cuda.c: the lab program of the tensor-core prefill attention
- * (src/backend/cuda/attention_prefill.cu), one column per kernel variant, picked by
- * PDSERVE_CUDA_FA (v1, v2) inside this one process.
+ * (src/backend/cuda/attention_prefill.cu and attention_prefill_sm90a.cu), one column
+ * per kernel variant, picked by PDSERVE_CUDA_FA (v1, v2, v3) inside this one process.
  *
+ * 0. Probe: v3 against v2 on a few small steps, first with every tile filled by hand
+ *    (PDSERVE_CUDA_FA3_MANUAL=1), then with TMA copies, printing the relative L2
+ *    error and the worst element; a failing case also prints its error by 16-row band
+ *    and by 8-column group of the worst head, so that a layout mistake shows where it
+ *    bites. Never fails the run by itself.
  * 1. Check: every variant against the CPU backend's attention op on fresh random
  *    inputs: chunks of 1..300 rows after cached prefixes of 0..2000 tokens, several
  *    sequences of different lengths in one call, GQA ratios 3 and 4, D 64 and 128,
  *    block sizes 16 and 7, over a shuffled block pool. Fails (exit 1) on a NaN or a
- *    row whose relative L2 error passes 1e-2.
+ *    row whose relative L2 error passes 1e-2. The variant column reads "v3>v2" where
+ *    v3 could not run and v2 did (block size 7, a device other than sm_90).
  * 2. Time: causal prefill attention at the Llama-3.2-3B shape (H 24, K 8, D 128, bf16,
  *    block size 16): one sequence from position 0 with T = 2048, 8192, 16384, and a
  *    2048-row chunk after a 14336-token prefix. Prints ms, TFLOP/s (4 H D per (row,
  *    key) pair, the causal pairs only), the cuBLAS bf16 GEMM 8192^3 rate measured in
- *    the same run (the matmul op), and the ratio.
+ *    the same run (the matmul op), the ratio, and the speed against v2.
  *
  * Method: the median of 5 timed batches of back-to-back calls (about 20 ms each, events
  * on the backend's stream) after a warm-up call. A program, never a test (STYLE.md 9).
- * Exits 77 when there is no GPU. Usage: bench_prefill_attn_cuda [--check-only];
- * PDSERVE_LOG=info also prints each kernel's shared memory and blocks per SM. */
+ * Exits 77 when there is no GPU. Usage:
+ *   bench_prefill_attn_cuda [--check-only | --probe-only] [--no-probe] [--variants=v2,v3]
+ * (variants default to v1,v2,v3; the probe runs when v2 and v3 are both among them).
+ * PDSERVE_LOG=info also prints each kernel's shared memory, registers and blocks per
+ * SM. */
 #include <math.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -37,14 +46,26 @@ int main(void) {
 #include "backend/cuda/backend_cuda.h"
 
 #define RTOL 1e-2
-#define N_VARIANTS 2
-static const char *const VARIANTS[N_VARIANTS] = {"v1", "v2"};
+#define MAX_VARIANTS 3
+static const char *ALL_VARIANTS[MAX_VARIANTS] = {"v1", "v2", "v3"};
+static const char *VARIANTS[MAX_VARIANTS];
+static int N_VARIANTS;
 
 static backend *g, *cpu;
 static pd_rng rng;
 static double gemm_tflops; /* ceiling: TFLOP/s */
 
 static void variant_set(const char *v) { setenv("PDSERVE_CUDA_FA", v, 1); }
+
+/* The variant just asked for ("v3"), or "v3>v2" when v2 ran in its place; a step of
+ * decode rows only (no prefill tile) keeps the name asked for. */
+static const char *variant_label(const char *asked, char *buf, size_t n) {
+    int ran = backend_cuda_prefill_variant_ran();
+    if (ran == 0) snprintf(buf, n, "%s", asked);
+    else if (ran == asked[1] - '0') snprintf(buf, n, "%s", asked);
+    else snprintf(buf, n, "%s>v%d", asked, ran);
+    return buf;
+}
 
 /* ---- timing (bench_kernels_cuda.c's method) ------------------------------------------- */
 
@@ -194,6 +215,116 @@ static void run_gpu(void *c) {
                       st->s.D, st->s.bs, 1.0f / sqrtf((float)st->s.D));
 }
 
+/* ---- 0. probe: v3 against v2 ----------------------------------------------------------- */
+
+/* Downloads st's output after running the variant v (NaN-poisoned first). */
+static float *run_variant(attn_step *st, const char *v) {
+    size_t n = (size_t)st->T * st->s.H * st->s.D;
+    variant_set(v);
+    g->ops->fill(g, st->out, g->ops->act_type, n, NAN);
+    run_gpu(st);
+    float *a = xmalloc(n * sizeof(float));
+    g->ops->download_f32(g, a, st->out, g->ops->act_type, n);
+    return a;
+}
+
+/* Relative L2 error of a against r over the rows and columns selected (row in
+ * [r0, r1), column index c of the head-dim with c / cg == cgi when cgi >= 0), in the
+ * q head h (all heads when h < 0). */
+static double rel_err(const attn_step *st, const float *a, const float *r, int r0, int r1, int h,
+                      int cg, int cgi) {
+    int H = st->s.H, D = st->s.D;
+    double num = 0, den = 0;
+    for (int t = r0; t < r1 && t < st->T; t++)
+        for (int hh = 0; hh < H; hh++) {
+            if (h >= 0 && hh != h) continue;
+            for (int c = 0; c < D; c++) {
+                if (cgi >= 0 && c / cg != cgi) continue;
+                size_t i = ((size_t)t * H + hh) * D + c;
+                double d = isfinite(a[i]) ? (double)a[i] - r[i] : 1e30;
+                num += d * d, den += (double)r[i] * r[i];
+            }
+        }
+    return sqrt(num / (den > 1e-30 ? den : 1e-30));
+}
+
+/* One step: v2's output, then v3's with TMA copies (manual false) or with every tile
+ * filled by hand (PDSERVE_CUDA_FA3_MANUAL=1), compared. */
+static void probe_case(attn_shape s, const int (*qc)[2], int B, bool manual) {
+    attn_step st;
+    step_init(&st, s, qc, B, false);
+    char name[96];
+    int len = snprintf(name, sizeof name, "H%d K%d D%d bs%d", s.H, s.K, s.D, s.bs);
+    for (int b = 0; b < B && len < (int)sizeof name; b++)
+        len += snprintf(name + len, sizeof name - len, " %d@%d", qc[b][0], qc[b][1] - qc[b][0]);
+    float *r = run_variant(&st, "v2");
+    size_t n = (size_t)st.T * s.H * s.D;
+    {
+        if (manual) setenv("PDSERVE_CUDA_FA3_MANUAL", "1", 1);
+        float *a = run_variant(&st, "v3");
+        unsetenv("PDSERVE_CUDA_FA3_MANUAL");
+        char label[16];
+        variant_label("v3", label, sizeof label);
+        double worst = 0;
+        size_t wi = 0;
+        int nan = 0;
+        for (size_t i = 0; i < n; i++) {
+            double d = isfinite(a[i]) ? fabs((double)a[i] - r[i]) : INFINITY;
+            if (!isfinite(a[i])) nan++;
+            if (d > worst) worst = d, wi = i;
+        }
+        double e = rel_err(&st, a, r, 0, st.T, -1, 1, -1);
+        int wrow = (int)(wi / ((size_t)s.H * s.D)), wh = (int)(wi / s.D % s.H);
+        int wc = (int)(wi % s.D);
+        bool ok = nan == 0 && e < RTOL;
+        printf("| %-34s | %-6s | %-6s | %9.2e | %8.2e | %5d | r%d h%d c%d: %.4f vs %.4f | %-4s |\n",
+               name, label, manual ? "manual" : "tma", e, worst, nan, wrow, wh, wc, a[wi], r[wi],
+               ok ? "ok" : "BAD");
+        if (!ok) { /* where the errors sit, for the worst element's head and 128-row tile */
+            int t0 = wrow / 128 * 128;
+            printf("    rows %d.. by 16: ", t0);
+            for (int b = 0; b < 8; b++)
+                printf(" %.1e", rel_err(&st, a, r, t0 + 16 * b, t0 + 16 * b + 16, wh, 1, -1));
+            printf("\n    cols by 8:       ");
+            for (int cg = 0; cg < s.D / 8; cg++)
+                printf(" %.1e", rel_err(&st, a, r, t0, t0 + 128, wh, 8, cg));
+            printf("\n");
+        }
+        free(a);
+    }
+    free(r);
+    step_free(&st);
+}
+
+static void probe_all(void) {
+    printf("probe: v3 against v2 (relative L2 over the step, worst element: row, q head, column, "
+           "v3 vs v2); informative only\n\n");
+    printf("| case                               | ran    | copies | rel L2    | max abs  | NaN   "
+           "| worst                        | ok   |\n");
+    printf("|------------------------------------|--------|--------|-----------|----------|-------"
+           "|------------------------------|------|\n");
+    static const int p_a[][2] = {{128, 128}};   /* one tile of rows and of keys */
+    static const int p_b[][2] = {{64, 64}};     /* one consumer warpgroup, a partial tile */
+    static const int p_c[][2] = {{128, 256}};   /* two key tiles: the pipelined loop once */
+    static const int p_d[][2] = {{300, 1300}};  /* many tiles, a partial last one */
+    static const int p_e[][2] = {{200, 1200}, {45, 45}};
+    static const int p_f[][2] = {{150, 850}};
+    static const struct {
+        attn_shape s;
+        const int (*qc)[2];
+        int B;
+    } cases[] = {
+        {{24, 8, 128, 16}, p_a, 1}, {{24, 8, 128, 16}, p_b, 1}, {{24, 8, 128, 16}, p_c, 1},
+        {{24, 8, 128, 16}, p_d, 1}, {{32, 8, 128, 16}, p_e, 2}, {{8, 2, 64, 16}, p_d, 1},
+        {{24, 8, 128, 8}, p_f, 1},  {{24, 8, 128, 256}, p_f, 1},
+    };
+    /* copies by hand first: were TMA to fault, the wgmma side has been seen already */
+    for (int manual = 1; manual >= 0; manual--)
+        for (size_t i = 0; i < PD_ARRAY_LEN(cases); i++)
+            probe_case(cases[i].s, cases[i].qc, cases[i].B, manual);
+    printf("\n");
+}
+
 /* ---- 1. check against the CPU ---------------------------------------------------------- */
 
 /* Runs the GPU op (NaN-poisoned output first) and compares it with the CPU's result r
@@ -201,7 +332,10 @@ static void run_gpu(void *c) {
 static bool check_variant(attn_step *st, const float *r, const char *name, const char *variant) {
     size_t row = (size_t)st->s.H * st->s.D, n = (size_t)st->T * row;
     g->ops->fill(g, st->out, g->ops->act_type, n, NAN);
+    (void)backend_cuda_prefill_variant_ran();
     run_gpu(st);
+    char label[16];
+    variant = variant_label(variant, label, sizeof label);
     float *a = xmalloc(n * sizeof(float));
     g->ops->download_f32(g, a, st->out, g->ops->act_type, n);
     double worst = 0, num_all = 0, den_all = 0;
@@ -299,13 +433,23 @@ static void time_case(int q_len, int prefix) {
     double flops = 4.0 * pairs * s.H * s.D;
     char shape[64];
     snprintf(shape, sizeof shape, "T=%d after %d", q_len, prefix);
-    double ms[N_VARIANTS];
+    double ms[MAX_VARIANTS], ms_v2 = 0;
     for (int v = 0; v < N_VARIANTS; v++) {
         variant_set(VARIANTS[v]);
         ms[v] = time_op(run_gpu, &st);
+        if (strcmp(VARIANTS[v], "v2") == 0) ms_v2 = ms[v];
+    }
+    for (int v = 0; v < N_VARIANTS; v++) {
         double tf = flops / (ms[v] * 1e-3) / 1e12;
-        printf("| %-18s | %-7s | %9.3f | %8.1f | %7.1f | %6.0f | %5.1f%% | %5.2fx |\n", shape,
-               VARIANTS[v], ms[v], 28 * ms[v], tf, gemm_tflops, 100.0 * tf / gemm_tflops, ms[0] / ms[v]);
+        char label[16];
+        variant_set(VARIANTS[v]);
+        (void)backend_cuda_prefill_variant_ran();
+        run_gpu(&st);
+        variant_label(VARIANTS[v], label, sizeof label);
+        printf("| %-18s | %-7s | %9.3f | %8.1f | %7.1f | %6.0f | %5.1f%% | ", shape, label, ms[v],
+               28 * ms[v], tf, gemm_tflops, 100.0 * tf / gemm_tflops);
+        if (ms_v2 > 0) printf("%5.2fx |\n", ms_v2 / ms[v]);
+        else printf("   -   |\n");
     }
     step_free(&st);
 }
@@ -313,7 +457,7 @@ static void time_case(int q_len, int prefix) {
 static void time_all(void) {
     printf("causal prefill attention, Llama-3.2-3B shape (H=24 K=8 D=128, bf16, block size 16); "
            "TFLOP/s = 4*H*D*pairs / time; x28: the model's 28 layers\n\n");
-    printf("| shape              | variant | ms        | x28 ms   | TFLOP/s | gemm   | ratio  | vs v1  |\n");
+    printf("| shape              | variant | ms        | x28 ms   | TFLOP/s | gemm   | ratio  | vs v2  |\n");
     printf("|--------------------|---------|-----------|----------|---------|--------|--------|--------|\n");
     time_case(2048, 0);
     time_case(8192, 0);
@@ -322,8 +466,43 @@ static void time_all(void) {
     printf("\n");
 }
 
+/* --variants=LIST: a comma-separated subset of v1, v2, v3 (default: all three) */
+static bool parse_variants(const char *list) {
+    N_VARIANTS = 0;
+    for (int v = 0; v < MAX_VARIANTS; v++) {
+        const char *p = strstr(list, ALL_VARIANTS[v]);
+        if (p && (p == list || p[-1] == ',') && (p[2] == ',' || p[2] == 0))
+            VARIANTS[N_VARIANTS++] = ALL_VARIANTS[v];
+    }
+    return N_VARIANTS > 0;
+}
+
+static bool has_variant(const char *v) {
+    for (int i = 0; i < N_VARIANTS; i++)
+        if (strcmp(VARIANTS[i], v) == 0) return true;
+    return false;
+}
+
 int main(int argc, char **argv) {
     char err[256] = "";
+    bool check_only = false, probe_only = false, no_probe = false;
+    parse_variants("v1,v2,v3");
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--check-only") == 0) {
+            check_only = true;
+        } else if (strcmp(argv[i], "--probe-only") == 0) {
+            probe_only = true;
+        } else if (strcmp(argv[i], "--no-probe") == 0) {
+            no_probe = true;
+        } else if (strncmp(argv[i], "--variants=", 11) == 0 && parse_variants(argv[i] + 11)) {
+        } else {
+            fprintf(stderr,
+                    "usage: bench_prefill_attn_cuda [--check-only | --probe-only] [--no-probe] "
+                    "[--variants=v1,v2,v3]\n");
+            return 2;
+        }
+    }
+    setvbuf(stdout, NULL, _IOLBF, 0); /* lines survive an abort (a kernel fault) */
     if (!getenv("PDSERVE_LOG")) log_set_level(LOG_LEVEL_WARN); /* info: blocks per SM */
     g = backend_cuda_create(0, err, sizeof err);
     if (!g) {
@@ -339,8 +518,14 @@ int main(int argc, char **argv) {
     strftime(date, sizeof date, "%Y-%m-%d %H:%M UTC", gmtime(&now));
     printf("card: %s (sm_%d%d, %d SMs, SM clock %d MHz as found); date: %s\n\n", info.name,
            info.cc_major, info.cc_minor, info.sm_count, info.clock_khz / 1000, date);
+    if (has_variant("v3") && has_variant("v2") && !no_probe) probe_all();
+    if (probe_only) {
+        backend_destroy(cpu);
+        backend_destroy(g);
+        return 0;
+    }
     bool ok = check_all();
-    if (ok && !(argc > 1 && strcmp(argv[1], "--check-only") == 0)) {
+    if (ok && !check_only) {
         measure_gemm();
         time_all();
     }

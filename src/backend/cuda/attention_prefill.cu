@@ -5,8 +5,10 @@
  * the CUDA-core kernel there. Tuned for long prompts (2k-16k tokens, Llama-3.2-3B's
  * 24 q / 8 kv heads of 128) on H100/H200.
  *
- * Two kernels, the same contract. v2 is the default; v1 stays for A/B runs
- * (PDSERVE_CUDA_FA=v1, read on every call, so that one process can time both). On an
+ * Two kernels here, the same contract, and a third in attention_prefill_sm90a.cu (v3:
+ * wgmma + TMA, sm_90a only, PDSERVE_CUDA_FA=v3, falling back to v2 where it cannot
+ * run). v2 is the default; v1 stays for A/B runs (PDSERVE_CUDA_FA=v1, read on every
+ * call, so that one process can time all of them). On an
  * H200 (2026-11-27, docs/results/cuda-model.md) both passed bench_prefill_attn_cuda's
  * check against the CPU backend with the same errors, and the whole 16,384-token
  * prefill of Llama-3.2-3B took 300.0 ms with v2 against 351.1 ms with v1.
@@ -557,24 +559,44 @@ static void fa_launch(cuda_backend *cb, int variant, bf16 *out, const bf16 *qkv,
     CUDA_CHECK_LAUNCH();
 }
 
-/* PDSERVE_CUDA_FA=v1: the first kernel; else v2 (see the file's header). Read on every
- * call (one getenv beside a launch that runs for milliseconds) so that a benchmark can
- * switch in one process. */
+/* PDSERVE_CUDA_FA=v1: the first kernel; v3: the Hopper kernel of
+ * attention_prefill_sm90a.cu where it can run; else v2 (see the file's header). Read
+ * on every call (one getenv beside a launch that runs for milliseconds) so that a
+ * benchmark can switch in one process. */
 static int fa_variant(void) {
     const char *e = getenv("PDSERVE_CUDA_FA");
-    return e && strcmp(e, "v1") == 0 ? 1 : 2;
+    if (e && strcmp(e, "v1") == 0) return 1;
+    if (e && strcmp(e, "v3") == 0) return 3;
+    return 2;
+}
+
+static int fa_ran; /* the variant the last call ran (backend_cuda_prefill_variant_ran) */
+
+extern "C" int backend_cuda_prefill_variant_ran(void) {
+    int v = fa_ran;
+    fa_ran = 0;
+    return v;
 }
 
 bool cuda_attention_prefill_supports(int D) { return D == 64 || D == 128; }
 
 void cuda_attention_prefill(cuda_backend *cb, __nv_bfloat16 *out, const __nv_bfloat16 *qkv,
                             const __nv_bfloat16 *kc, const __nv_bfloat16 *vc, const int32_t *tiles,
-                            int n_tiles, const int32_t *seqs, const int32_t *tables, int H, int K,
-                            int D, int bs, float scale) {
+                            int n_tiles, const int32_t *seqs, const int32_t *tables, int T, int H,
+                            int K, int D, int bs, int64_t n_slots, float scale) {
     PD_ASSERT(cuda_attention_prefill_supports(D) && n_tiles > 0 && H % K == 0 && bs > 0);
     PD_ASSERT((int64_t)n_tiles * H < (int64_t)1 << 31);
-    /* v2 keeps row maxima of raw scores: right for a positive scale only */
+    /* v2 and v3 keep row maxima of raw scores: right for a positive scale only */
     int variant = scale > 0.0f ? fa_variant() : 1;
+    if (variant == 3) {
+        if (cuda_attention_prefill_v3(cb, out, qkv, kc, vc, tiles, n_tiles, seqs, tables, T, H, K,
+                                      D, bs, n_slots, scale)) {
+            fa_ran = 3;
+            return;
+        }
+        variant = 2; /* cannot run here (the launcher says why, once) */
+    }
+    fa_ran = variant;
     if (D == 128)
         fa_launch<128>(cb, variant, out, qkv, kc, vc, tiles, n_tiles, seqs, tables, H, K, bs, scale);
     else

@@ -41,6 +41,10 @@ enum { BACKEND_CUDA_GEMV_OFF = 0, BACKEND_CUDA_GEMV_ON = 1, BACKEND_CUDA_GEMV_AU
 int backend_cuda_gemv_mode(backend *b, int mode);
 /* Whether the auto rules send a matmul of this shape (bf16, aligned) to the GEMV. */
 bool backend_cuda_gemv_auto_picks(int T, int Kd, int N);
+/* The prefill attention variant (1, 2, 3: PDSERVE_CUDA_FA) the last prefill attention
+ * call of any CUDA backend in this process ran (v3 falls back to v2 where it cannot
+ * run), 0 if none ran since the previous query; resets to 0. For benchmarks. */
+int backend_cuda_prefill_variant_ran(void);
 /* Records a start event on the backend's stream. */
 void backend_cuda_timer_start(backend *b);
 /* Records a stop event, waits for it and returns the milliseconds since the start. */

@@ -230,12 +230,24 @@ void cuda_gemv_swiglu(cuda_backend *cb, __nv_bfloat16 *out, const __nv_bfloat16 
 /* rope then kv_store in one kernel (backend.h rope_kv_store) */
 void cuda_rope_kv_store(backend *b, void *qkv, void *kcache, void *vcache, const int32_t *pos,
                         const int32_t *slots, const rope_params *rp, int T, int H, int K, int D);
-/* attention_prefill.cu: tensor-core causal attention for prefill chunks (D 64, 128) */
+/* attention_prefill.cu: tensor-core causal attention for prefill chunks (D 64, 128).
+ * T: rows of the step (qkv's rows); n_slots: cache slots the step's block tables reach
+ * (largest block id + 1, times bs): the extent of v3's tensor maps. */
 bool cuda_attention_prefill_supports(int D);
 void cuda_attention_prefill(cuda_backend *cb, __nv_bfloat16 *out, const __nv_bfloat16 *qkv,
                             const __nv_bfloat16 *kc, const __nv_bfloat16 *vc, const int32_t *tiles,
-                            int n_tiles, const int32_t *seqs, const int32_t *tables, int H, int K,
-                            int D, int bs, float scale);
+                            int n_tiles, const int32_t *seqs, const int32_t *tables, int T, int H,
+                            int K, int D, int bs, int64_t n_slots, float scale);
+/* attention_prefill_sm90a.cu: v3 (wgmma + TMA). _fits: whether the shape allows it
+ * (D 64 or 128, bs a power of two >= 8 or a multiple of 128, scale > 0). The launcher
+ * returns false, having launched nothing, where v3 cannot run (shape, or a device
+ * other than sm_90: logged once); the caller then runs v2. */
+bool cuda_attention_prefill_v3_fits(int D, int bs, float scale);
+bool cuda_attention_prefill_v3(cuda_backend *cb, __nv_bfloat16 *out, const __nv_bfloat16 *qkv,
+                               const __nv_bfloat16 *kc, const __nv_bfloat16 *vc,
+                               const int32_t *tiles, int n_tiles, const int32_t *seqs,
+                               const int32_t *tables, int T, int H, int K, int D, int bs,
+                               int64_t n_slots, float scale);
 void cuda_attention(backend *b, void *out, const void *qkv, const void *kcache, const void *vcache,
                     const attn_seq *seqs, int B, int T, int H, int K, int D, int block_size,
                     float scale);
