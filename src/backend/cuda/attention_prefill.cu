@@ -6,12 +6,12 @@
  * 24 q / 8 kv heads of 128) on H100/H200.
  *
  * Two kernels here, the same contract, and a third in attention_prefill_sm90a.cu (v3:
- * wgmma + TMA, sm_90a only, PDSERVE_CUDA_FA=v3, falling back to v2 where it cannot
- * run). v2 is the default; v1 stays for A/B runs (PDSERVE_CUDA_FA=v1, read on every
- * call, so that one process can time all of them). On an
- * H200 (2026-11-27, docs/results/cuda-model.md) both passed bench_prefill_attn_cuda's
- * check against the CPU backend with the same errors, and the whole 16,384-token
- * prefill of Llama-3.2-3B took 300.0 ms with v2 against 351.1 ms with v1.
+ * wgmma + TMA, sm_90a only, falling back to v2 where it cannot run). v3 is the
+ * default; v2 and v1 stay for A/B runs (PDSERVE_CUDA_FA=v2 or v1, read on every call,
+ * so that one process can time all of them). On an H200 (2026-11-27,
+ * docs/results/cuda-model.md) all three passed bench_prefill_attn_cuda's check against
+ * the CPU backend, and the whole 16,384-token prefill of Llama-3.2-3B took 253.9 ms
+ * with v3, 300.0-300.3 ms with v2 and 351.1 ms with v1.
  *
  * v1: one block of 8 warps per (tile of 128 q rows of one sequence, q head). Each warp
  * owns 16 q rows, reads their Q as mma A fragments from shared memory each tile, and
@@ -559,15 +559,15 @@ static void fa_launch(cuda_backend *cb, int variant, bf16 *out, const bf16 *qkv,
     CUDA_CHECK_LAUNCH();
 }
 
-/* PDSERVE_CUDA_FA=v1: the first kernel; v3: the Hopper kernel of
- * attention_prefill_sm90a.cu where it can run; else v2 (see the file's header). Read
- * on every call (one getenv beside a launch that runs for milliseconds) so that a
- * benchmark can switch in one process. */
+/* PDSERVE_CUDA_FA=v1 or v2: the first or second mma.sync kernel; else v3, the Hopper
+ * kernel of attention_prefill_sm90a.cu where it can run (v2 where not; see the file's
+ * header). Read on every call (one getenv beside a launch that runs for milliseconds)
+ * so that a benchmark can switch in one process. */
 static int fa_variant(void) {
     const char *e = getenv("PDSERVE_CUDA_FA");
     if (e && strcmp(e, "v1") == 0) return 1;
-    if (e && strcmp(e, "v3") == 0) return 3;
-    return 2;
+    if (e && strcmp(e, "v2") == 0) return 2;
+    return 3;
 }
 
 static int fa_ran; /* the variant the last call ran (backend_cuda_prefill_variant_ran) */

@@ -1,7 +1,7 @@
 /* attention_prefill_sm90a.cu: prefill attention v3, the Hopper kernel (wgmma + TMA +
  * mbarriers, FlashAttention-3's scheme), for head dims 64 and 128 over the paged KV
  * cache; the same contract as v1 and v2 in attention_prefill.cu, which routes here
- * when PDSERVE_CUDA_FA=v3 and falls back to v2 where this kernel cannot run (a device
+ * by default (PDSERVE_CUDA_FA=v2 or v1 picks another) and falls back to v2 where this kernel cannot run (a device
  * other than sm_90, a block size that is not a power of two >= 8 or a multiple of 128,
  * a non-positive scale). Tuned for long prompts (2k-16k tokens, Llama-3.2-3B's 24 q /
  * 8 kv heads of 128) on H100/H200.
