@@ -123,8 +123,8 @@ static int set_index(double *a, int *n, int cap, double v) {
     return i;
 }
 
-/* The profile's mixed points as a grid of excess seconds per prefill row (chunk start x
- * decode rows). Each point's sum-of-parts price is the model without mixed points, so
+/* The profile's mixed points as a grid of excess seconds per step (chunk start x decode
+ * rows). Each point's sum-of-parts price is the model without mixed points, so
  * the grid holds exactly what the sum of parts misses. Points that do not fill a grid
  * are dropped with the whole grid (n_mix_c = 0): a partial grid would be guessed. */
 static void mixed_grid_init(sim_cost *c) {
@@ -150,7 +150,7 @@ static void mixed_grid_init(sim_cost *c) {
         forward_parts(p, &w, &tp, &td);
         double modelled = tp + td + p->sample_s_per_row * w.n_logits + p->step_overhead_s;
         int i = set_index(c->mix_c, &c->n_mix_c, 4, q->C), j = set_index(c->mix_b, &c->n_mix_b, SIM_MAX_MIXED, q->B);
-        c->mix_r[i][j] = (q->seconds - modelled) / PD_MAX(q->T, 1);
+        c->mix_r[i][j] = q->seconds - modelled;
         seen[i][j] = true;
     }
     for (int i = 0; i < c->n_mix_c; i++)
@@ -175,7 +175,7 @@ double sim_cost_mixed_excess(const sim_cost *c, double Tp, double cstart, double
     if (c->n_mix_c < 1 || Tp <= 0 || B <= 0) return 0;
     double per_c[4];
     for (int i = 0; i < c->n_mix_c; i++) per_c[i] = interp_flat(c->mix_b, c->mix_r[i], c->n_mix_b, B);
-    return Tp * interp_flat(c->mix_c, per_c, c->n_mix_c, cstart);
+    return interp_flat(c->mix_c, per_c, c->n_mix_c, cstart);
 }
 
 void sim_cost_step(const sim_cost *c, const sim_work *w, sim_step_cost *out) {

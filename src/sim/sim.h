@@ -283,9 +283,9 @@ typedef struct sim_cost {
     double prefill_scale, decode_scale; /* time multipliers from the clock model */
     double idle_w, prefill_w, decode_w; /* power at this clock (0 when not measured) */
     bool has_power;
-    /* the profile's mixed points as excess seconds per prefill row over the sum-of-parts
-     * price (measured - modelled) / T, on a grid of their distinct chunk starts x decode
-     * rows (n_mix_c x n_mix_b; 0: no mixed points, or they do not form a grid) */
+    /* the profile's mixed points as excess seconds of the step over its sum-of-parts
+     * price (measured - modelled), on a grid of their distinct chunk starts x decode rows
+     * (n_mix_c x n_mix_b; 0: no mixed points, or they do not form a grid) */
     int n_mix_c, n_mix_b;
     double mix_c[4], mix_b[SIM_MAX_MIXED], mix_r[4][SIM_MAX_MIXED];
 } sim_cost;
@@ -299,9 +299,11 @@ typedef struct sim_step_cost {
 /* Sets up c for profile p at clock mhz (0: as profiled). */
 void sim_cost_init(sim_cost *c, const sim_profile *p, double mhz);
 /* The excess of a mixed step of Tp prefill rows (mean chunk start c) beside B decode
- * rows over its sum-of-parts price, from the profile's mixed points: seconds per prefill
- * row interpolated piecewise linearly over decode rows, then over chunk starts (held
- * flat beyond the measured ones), times Tp. 0 without mixed points. */
+ * rows over its sum-of-parts price, from the profile's mixed points: seconds per step
+ * interpolated piecewise linearly over decode rows, then over chunk starts, held flat
+ * beyond the measured ones. Not scaled by Tp: on the H200 run of commit a4eceaa a
+ * 60-row last chunk beside one decode row cost as much more than priced as a 2,047-row
+ * one (docs/simulator.md, "Mixed steps"). 0 without mixed points or Tp or B 0. */
 double sim_cost_mixed_excess(const sim_cost *c, double Tp, double cstart, double B);
 /* Prices one step: linear(all rows) + per prefill chunk (prefill(n, start) - linear(n))
  * + (decode(B, mean context) - linear(B)): the non-attention work is paid once for the
