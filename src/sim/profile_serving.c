@@ -172,6 +172,8 @@ static int measure_path(const serve_target *t, const int *lens, int n_lens, int 
             if (pt > 0) n_tok = pt;
             double transfer = t->medium ? sim_cost_transfer(t->medium, (double)n_tok * (double)t->kv_bytes_per_token) : 0;
             v[r] = ttft - engine_s - transfer;
+            log_debug("profile: serving, port %d, %d tokens: ttft %.3f ms, engine busy %.3f ms, transfer %.3f ms",
+                      t->port, n_tok, ttft * 1e3, engine_s * 1e3, transfer * 1e3);
         }
         free(text);
         path->tokens[path->n_points] = n_tok;
