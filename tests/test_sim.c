@@ -651,11 +651,16 @@ static void test_study_plan(void) {
         CHECKF(rc == 0, "%s: %s", names[i], err);
         if (rc == 0) sim_plan_free(&pl);
     }
-    /* a reuse plan is refused with the reason (the tiers are not simulated) */
+    /* a reuse plan converts: its setups with lower KV tiers are named and left out (the
+     * tiers are not simulated), the others keep their own datasets (test_sim_serving) */
     char path[1024];
     snprintf(path, sizeof path, "%s/plans/reuse.json", test_source_dir());
-    CHECK(sim_plan_load(path, &pl, err, sizeof err) == -1);
-    CHECK_STR_CONTAINS(err, "reuse plans cannot be simulated");
+    REQUIRE(sim_plan_load(path, &pl, err, sizeof err) == 0);
+    int skipped = 0;
+    for (int i = 0; i < pl.n_setups; i++) skipped += pl.setups[i].skip[0] != 0;
+    CHECK_EQ_INT(pl.n_setups, 48);
+    CHECK_EQ_INT(skipped, 32);
+    sim_plan_free(&pl);
 }
 
 /* pdserve profile --medium: every CPU-built medium timed through the real connectors,

@@ -16,6 +16,7 @@
 #   scripts/gpu/study.sh                         PLAN=plans/paper-batch.json to change it
 # Environment: PLAN, SETUPS (a comma-separated subset of the plan's setup labels),
 # SKIP_PROFILE=1, SKIP_SWEEP=1, SKIP_SIM=1, SWEEP_TIMEOUT (s, 420), MEDIA (gpu,cpu,disk),
+# SERVING_MAX_LEN (longest prompt of the profile's serving path, 4096),
 # RESUME_DIR (a folder with a study.db and profile.json of an earlier call: the sweep
 # resumes that database, points already done are skipped, and the profile is reused),
 # LAYERWISE_TTFT=1 (first: one long prompt at a time, TTFT colocated against dis-gpu and
@@ -160,10 +161,13 @@ df -h /dev/shm . 2>&1 | sed 's/^/df: /'
 if [ -z "${SKIP_PROFILE:-}" ]; then
   # The grid spans the plan's shapes: 16k prompts in chunks, batch up to 64, contexts
   # up to 16.6k; KV mediums timed against size.
-  timeout 240 "$BIN" profile --model "$MODEL" --device 0 -o "$out/profile.json" --repeats 3 \
+  # --serving: the serving path through the real server, router and a cpu-medium
+  # connector in the profiling process (the plan's tokenizer); mixed steps at serving
+  # shapes are always timed now (docs/simulator.md, "The serving path", "Mixed steps").
+  timeout 300 "$BIN" profile --model "$MODEL" --device 0 -o "$out/profile.json" --repeats 3 \
     --prefill-tokens 256,1024,2048,4096,8192 --prefill-context 0,4096,8192,12288 \
     --decode-batch 1,2,4,8,16,32,64 --decode-context 1024,4096,8192,16640 \
-    --medium "${MEDIA:-gpu,cpu,disk}"
+    --medium "${MEDIA:-gpu,cpu,disk}" --serving --tokenizer "$TOK" --serving-max-len "${SERVING_MAX_LEN:-4096}"
   echo "profile: exit $? at $(el) s"
 fi
 
@@ -186,7 +190,9 @@ if [ -z "${SKIP_SIM:-}" ] && [ -f "$out/profile.json" ]; then
 fi
 
 rm -rf build-gpu/report build-gpu/report-clocks
-[ -f "$out/study.db" ] && "$BIN" report "$out/study.db" -o build-gpu/report >/dev/null 2>&1
+# the "simulated against measured" table into the log (its last line: N of M within 10%)
+[ -f "$out/study.db" ] && "$BIN" report "$out/study.db" -o build-gpu/report 2>&1 |
+  sed -n '/simulated against measured/,/compared figures within/p'
 [ -f "$out/clocks.db" ] && "$BIN" report "$out/clocks.db" -o build-gpu/report-clocks >/dev/null 2>&1
 tar -C build-gpu -czf "$out/report.tgz" $(cd build-gpu && ls -d report report-clocks 2>/dev/null)
 echo "report: done at $(el) s"

@@ -8,6 +8,7 @@
 
 #include "backend/backend.h"
 #include "cli/cli.h"
+#include "model/tokenizer.h"
 #include "power/power.h"
 #include "sim/sim.h"
 #include "util/util.h"
@@ -43,7 +44,9 @@ int cmd_profile(int argc, char **argv) {
     bool no_power = false, verbose = false;
     const char *roofline = NULL, *medium_dir = NULL, *sm_clocks = NULL;
     long long medium_bytes = 0;
-    bool allow_clock_control = false;
+    bool allow_clock_control = false, serving = false;
+    const char *tok_dir = NULL;
+    int serving_len = 4096;
     cli_opt opts[] = {
         {"model", OPT_STRING, &model_arg, "model directory, or preset:NAME (dummy weights)", "DIR"},
         {"load-format", OPT_STRING, &load_format, "auto (default), safetensors or dummy", "F"},
@@ -62,6 +65,11 @@ int cmd_profile(int argc, char **argv) {
         {"clock-mhz", OPT_DOUBLE, &clock_mhz, "the SM clock the GPU runs at while profiling (clock model base; default: as sampled)", "MHZ"},
         {"sm-clocks", OPT_STRING, &sm_clocks, "also time reference points with the SM clock locked at each (clock model points, fitted)", "LIST"},
         {"allow-clock-control", OPT_FLAG, &allow_clock_control, "let --sm-clocks lock the GPU's clock (changes shared hardware; restored after)", NULL},
+        {"serving", OPT_FLAG, &serving,
+         "also time the serving path around the engine (HTTP, tokenization, router hop, disaggregated calls) "
+         "through the real server, router and a cpu-medium connector in this process", NULL},
+        {"tokenizer", OPT_STRING, &tok_dir, "tokenizer for --serving (default: the model directory's)", "DIR"},
+        {"serving-max-len", OPT_INT, &serving_len, "longest prompt of --serving (default 4096, capped by the model)", "N"},
         {"no-power", OPT_FLAG, &no_power, "do not try to read power meters", NULL},
         {"seed", OPT_INT, &seed, "seed of dummy weights (default 0)", "S"},
         {"verbose", OPT_FLAG, &verbose, "log every point", NULL},
@@ -189,6 +197,17 @@ int cmd_profile(int argc, char **argv) {
         sim_profile_time_mediums(be, &files.config, medium, mdir, mbytes, PD_MIN(repeats, 3), &prof, err,
                                  sizeof err);
         if (prof.mediums_note[0]) log_warn("profile: mediums: %s", prof.mediums_note);
+    }
+    if (serving) {
+        tokenizer *tok = cli_load_tokenizer(model_arg, tok_dir, err, sizeof err);
+        int max_len = PD_MIN(serving_len, m->cfg.max_position_embeddings - 128);
+        if (!tok || sim_profile_serving(m, tok, max_len, repeats, &prof, err, sizeof err) != 0) {
+            fprintf(stderr, "pdserve profile: --serving: %s\n", err);
+            if (tok) tokenizer_free(tok);
+            sim_profile_free(&prof);
+            goto out_model;
+        }
+        tokenizer_free(tok);
     }
     if (sim_profile_save(&prof, out_path, err, sizeof err) != 0) fprintf(stderr, "pdserve profile: %s\n", err);
     else {

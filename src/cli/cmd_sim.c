@@ -69,10 +69,13 @@ static void load_label(const sim_load *l, char *out, size_t cap) {
     else snprintf(out, cap, "r%g", l->rate);
 }
 
-/* Builds the requests of one load: the dataset with the plan's seed, and the arrivals. */
-static int make_requests(const sim_plan *pl, const sim_load *l, bench_dataset *d, sim_request **reqs,
-                         double *mean_rate, char *err, size_t errlen) {
-    bench_dataset_opts o = pl->dataset;
+/* Builds the requests of one load: the setup's dataset (a study plan's "datasets" entry
+ * or reuse ratio) or else the plan's, with the plan's seed, and the arrivals. */
+static int make_requests(const sim_plan *pl, const sim_plan_setup *su, const sim_load *l, bench_dataset *d,
+                         sim_request **reqs, double *mean_rate, char *err, size_t errlen) {
+    bench_dataset_opts o = su->has_dataset ? su->dataset : pl->dataset;
+    if (su->has_dataset && pl->dataset.random_vocab_size < o.random_vocab_size)
+        o.random_vocab_size = pl->dataset.random_vocab_size; /* --validate-model's cap */
     o.num_prompts = l->num_prompts;
     o.path = pl->dataset_path[0] ? pl->dataset_path : NULL;
     o.trace_time_scale = l->trace_time_scale;
@@ -158,6 +161,7 @@ static cJSON *point_json(const char *setup, const char *load, const double clk[2
     cJSON_AddNumberToObject(o, "steps", (double)st->steps);
     cJSON_AddNumberToObject(o, "preemptions", (double)st->preemptions);
     cJSON_AddNumberToObject(o, "contention_s", st->contention_s);
+    cJSON_AddNumberToObject(o, "serving_s", st->serving_s);
     cJSON_AddNumberToObject(o, "kv_bytes", st->kv_bytes);
     cJSON_AddNumberToObject(o, "sim_wall_s", st->wall_s);
     return o;
@@ -175,6 +179,7 @@ typedef struct sim_cli {
     int vrepeats;           /* real runs per point; the median of each metric is compared */
     bool contention;        /* CPU profiles: instances share the host's cores (--no-cpu-contention) */
     bool control_path;      /* xPyD: the medium's measured control path (--no-control-path) */
+    bool serving_path;      /* the profile's serving path per request (--no-serving-path) */
 } sim_cli;
 
 static int cmp_dbl(const void *a, const void *b) {
@@ -272,12 +277,18 @@ static int record_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l,
     bc->request_rate = mean_rate;
     study_idle idle;
     fill_energy(r, &idle, st, cfg, c->prof);
+    const bench_dataset_opts *ds = su->has_dataset ? &su->dataset : &c->pl->dataset;
     study_run_info ri = {.plan_name = c->pl->name, .model = c->prof->model, .base_url = "sim", .hw = &c->hw,
                          .started_unix = t_start, .ended_unix = time_wall_s(), .status = STUDY_STATUS_OK,
-                         .simulated = true, .dataset = bench_dataset_kind_name(c->pl->dataset.kind),
-                         .input_len = c->pl->dataset.random_input_len,
-                         .output_len = c->pl->dataset.random_output_len,
-                         .range_ratio = c->pl->dataset.random_range_ratio, .seed = c->pl->seed};
+                         .simulated = true,
+                         .dataset = su->has_dataset ? su->dataset_name : bench_dataset_kind_name(ds->kind),
+                         .input_len = ds->kind == BENCH_DATASET_MOONCAKE_SYNTHETIC ? ds->mooncake_input_len
+                                      : ds->kind == BENCH_DATASET_PREFIX_REPETITION ? ds->prefix_len + ds->suffix_len
+                                                                                      : ds->random_input_len,
+                         .output_len = ds->kind == BENCH_DATASET_MOONCAKE_SYNTHETIC ? ds->mooncake_output_len
+                                       : ds->kind == BENCH_DATASET_PREFIX_REPETITION ? ds->prefix_output_len
+                                                                                       : ds->random_output_len,
+                         .range_ratio = ds->random_range_ratio, .seed = c->pl->seed};
     return study_db_record(c->db, &pt, &ri, bc, r, idle.seconds > 0 ? &idle : NULL, err, errlen) < 0 ? -1 : 0;
 }
 
@@ -289,7 +300,7 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
     sim_request *reqs = NULL;
     double mean_rate;
     double t_start = time_wall_s();
-    if (make_requests(pl, l, &d, &reqs, &mean_rate, err, errlen) != 0) {
+    if (make_requests(pl, su, l, &d, &reqs, &mean_rate, err, errlen) != 0) {
         bench_dataset_free(&d);
         return -1;
     }
@@ -297,9 +308,10 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
     sim_config cfg = {.n_colocated = su->n_colocated, .n_prefill = su->n_prefill, .n_decode = su->n_decode,
                       .router = su->has_router ? su->router : pl->router, .prefill_mhz = clk[0], .decode_mhz = clk[1],
                       .record_tokens = pl->record_tokens, .layerwise = su->layerwise,
-                      .prefix_caching = pl->enable_prefix_caching,
+                      .prefix_caching = su->prefix_caching >= 0 ? su->prefix_caching > 0 : pl->enable_prefix_caching,
                       .kv_timeout_s = su->kv_timeout_s > 0 ? su->kv_timeout_s : pl->kv_timeout_s,
-                      .cpu_contention = c->contention, .control_path = c->control_path};
+                      .cpu_contention = c->contention, .control_path = c->control_path,
+                      .serving_path = c->serving_path};
     if (su->n_prefill > 0) {
         cfg.medium = sim_medium_find(prof, su->medium, &mstore);
         if (!cfg.medium) {
@@ -360,7 +372,7 @@ int cmd_sim(int argc, char **argv) {
     const char *profile_path = NULL, *db_path = NULL, *json_path = NULL, *router = NULL;
     const char *vmodel = NULL;
     int seed = -1, threads = 0, vrepeats = 3;
-    bool quiet = false, no_contention = false, no_control = false;
+    bool quiet = false, no_contention = false, no_control = false, no_serving = false;
     cli_opt opts[] = {
         {"profile", OPT_STRING, &profile_path, "cost profile from `pdserve profile` (default: the plan's)", "FILE"},
         {"db", OPT_STRING, &db_path, "results database to record the points in (marked simulated)", "FILE"},
@@ -372,6 +384,8 @@ int cmd_sim(int argc, char **argv) {
          "CPU profiles: price each instance's steps as if it had the host to itself", NULL},
         {"no-control-path", OPT_FLAG, &no_control,
          "disaggregated: leave out the medium's measured control path (reserve, ticket, take)", NULL},
+        {"no-serving-path", OPT_FLAG, &no_serving,
+         "leave out the profile's serving path (HTTP, tokenization, router hops) of each request", NULL},
         {"validate-model", OPT_STRING, &vmodel,
          "also run each co-1gpu point through the real engine on the CPU with this model (dummy "
          "weights) and print simulated against real", "DIR|preset:NAME"},
@@ -414,12 +428,24 @@ int cmd_sim(int argc, char **argv) {
     if (!quiet)
         log_info("sim: plan %s: %d setups x %d loads x %d clocks; profile %s on %s (%s)", pl.name, pl.n_setups,
                  pl.n_loads, pl.n_clocks, prof.model, prof.device, prof.date);
+    if (!quiet) {
+        const sim_serving *sv = &prof.serving;
+        if (sv->colocated.measured || sv->disaggregated.measured)
+            log_info("sim: serving path per request: colocated %.3f ms + %.3f us/token, router hop %.3f ms + %.3f "
+                     "us/token, disaggregated %.3f ms + %.3f us/token%s", sv->colocated.fixed_s * 1e3,
+                     sv->colocated.s_per_token * 1e6, sv->router.fixed_s * 1e3, sv->router.s_per_token * 1e6,
+                     sv->disaggregated.fixed_s * 1e3, sv->disaggregated.s_per_token * 1e6,
+                     no_serving ? " (left out: --no-serving-path)" : "");
+        if (prof.n_mixed > 0) log_info("sim: %d measured mixed steps price what a mixed step costs beyond its parts",
+                                       prof.n_mixed);
+    }
     for (int k = 0; k < pl.n_clocks; k++)
         if ((pl.clocks[k][0] > 0 || pl.clocks[k][1] > 0) && !(prof.clock.base_mhz > 0))
             log_warn("sim: the profile has no base clock (clock.base_mhz): clocks %g/%g are simulated as profiled",
                      pl.clocks[k][0], pl.clocks[k][1]);
     sim_cli c = {.pl = &pl, .prof = &prof, .points = cJSON_CreateArray(), .quiet = quiet,
-                 .vrepeats = vrepeats, .contention = !no_contention, .control_path = !no_control};
+                 .vrepeats = vrepeats, .contention = !no_contention, .control_path = !no_control,
+                 .serving_path = !no_serving};
     int rc = 0;
     model_files vfiles;
     backend *vbe = NULL;
@@ -451,7 +477,11 @@ int cmd_sim(int argc, char **argv) {
         study_db_set_meta(c.db, "sim_plan", pl.json, err, sizeof err);
     }
     print_header();
-    for (int s = 0; s < pl.n_setups && rc == 0; s++)
+    for (int s = 0; s < pl.n_setups && rc == 0; s++) {
+        if (pl.setups[s].skip[0]) {
+            printf("| %-22s | not simulated: %s\n", pl.setups[s].label, pl.setups[s].skip);
+            continue;
+        }
         for (int l = 0; l < pl.n_loads && rc == 0; l++)
             for (int k = 0; k < pl.n_clocks && rc == 0; k++) {
                 /* a colocated instance runs both stages at one clock: a mixed pair is
@@ -462,6 +492,7 @@ int cmd_sim(int argc, char **argv) {
                     rc = 1;
                 }
             }
+    }
     if (rc == 0 && json_path) {
         char *txt = cJSON_Print(c.points);
         if (util_write_file(json_path, txt, strlen(txt), err, sizeof err) != 0) {

@@ -14,6 +14,8 @@
  * extrapolated far below its measured points. */
 #define SIM_MIN_PART_S 1e-7
 
+static void mixed_grid_init(sim_cost *c);
+
 void sim_cost_init(sim_cost *c, const sim_profile *p, double mhz) {
     memset(c, 0, sizeof *c);
     c->p = p;
@@ -42,6 +44,7 @@ void sim_cost_init(sim_cost *c, const sim_profile *p, double mhz) {
         c->prefill_w = p->power.idle_w + PD_MAX(p->power.prefill_w - p->power.idle_w, 0) * dyn;
         c->decode_w = p->power.idle_w + PD_MAX(p->power.decode_w - p->power.idle_w, 0) * dyn;
     }
+    mixed_grid_init(c);
 }
 
 static bool has_linear(const sim_profile *p) { return p->linear.nx > 0; }
@@ -106,10 +109,86 @@ static void forward_parts(const sim_profile *p, const sim_work *w, double *tp, d
     }
 }
 
+/* Index of v in the sorted set a[0..*n), inserted if absent (at most cap). -1: full. */
+static int set_index(double *a, int *n, int cap, double v) {
+    for (int i = 0; i < *n; i++)
+        if (fabs(a[i] - v) < 0.5) return i;
+    if (*n >= cap) return -1;
+    int i = (*n)++;
+    while (i > 0 && a[i - 1] > v) {
+        a[i] = a[i - 1];
+        i--;
+    }
+    a[i] = v;
+    return i;
+}
+
+/* The profile's mixed points as a grid of excess seconds per step (chunk start x decode
+ * rows). Each point's sum-of-parts price is the model without mixed points, so
+ * the grid holds exactly what the sum of parts misses. Points that do not fill a grid
+ * are dropped with the whole grid (n_mix_c = 0): a partial grid would be guessed. */
+static void mixed_grid_init(sim_cost *c) {
+    const sim_profile *p = c->p;
+    c->n_mix_c = c->n_mix_b = 0;
+    if (p->n_mixed < 1) return;
+    for (int k = 0; k < p->n_mixed; k++) {
+        if (set_index(c->mix_c, &c->n_mix_c, 4, p->mixed[k].C) < 0 ||
+            set_index(c->mix_b, &c->n_mix_b, SIM_MAX_MIXED, p->mixed[k].B) < 0) {
+            c->n_mix_c = c->n_mix_b = 0;
+            return;
+        }
+    }
+    bool seen[4][SIM_MAX_MIXED] = {{false}};
+    for (int k = 0; k < p->n_mixed; k++) {
+        const sim_mixed_point *q = &p->mixed[k];
+        sim_work w;
+        sim_work_begin(&w, p);
+        sim_work_add_chunk(&w, (int)q->T, (int)q->C);
+        for (int b = 0; b < (int)q->B; b++) sim_work_add_decode(&w, (int)q->L);
+        w.n_logits = 1 + (int)q->B;
+        double tp, td;
+        forward_parts(p, &w, &tp, &td);
+        double modelled = tp + td + p->sample_s_per_row * w.n_logits + p->step_overhead_s;
+        int i = set_index(c->mix_c, &c->n_mix_c, 4, q->C), j = set_index(c->mix_b, &c->n_mix_b, SIM_MAX_MIXED, q->B);
+        c->mix_r[i][j] = q->seconds - modelled;
+        seen[i][j] = true;
+    }
+    for (int i = 0; i < c->n_mix_c; i++)
+        for (int j = 0; j < c->n_mix_b; j++)
+            if (!seen[i][j]) {
+                c->n_mix_c = c->n_mix_b = 0;
+                return;
+            }
+}
+
+/* Piecewise linear through (x[i], y[i]), flat beyond the ends. */
+static double interp_flat(const double *x, const double *y, int n, double v) {
+    if (n == 1 || v <= x[0]) return y[0];
+    if (v >= x[n - 1]) return y[n - 1];
+    int i = 1;
+    while (x[i] < v) i++;
+    double f = (v - x[i - 1]) / (x[i] - x[i - 1]);
+    return y[i - 1] + f * (y[i] - y[i - 1]);
+}
+
+double sim_cost_mixed_excess(const sim_cost *c, double Tp, double cstart, double B) {
+    if (c->n_mix_c < 1 || Tp <= 0 || B <= 0) return 0;
+    double per_c[4];
+    for (int i = 0; i < c->n_mix_c; i++) per_c[i] = interp_flat(c->mix_b, c->mix_r[i], c->n_mix_b, B);
+    return interp_flat(c->mix_c, per_c, c->n_mix_c, cstart);
+}
+
 void sim_cost_step(const sim_cost *c, const sim_work *w, sim_step_cost *out) {
     const sim_profile *p = c->p;
     double tp, td;
     forward_parts(p, w, &tp, &td);
+    if (c->n_mix_c > 0 && w->prefill_tokens > 0 && w->decode_seqs > 0) {
+        /* what a mixed step costs beyond its parts: counted with the prefill part (the
+         * chunk's rows carry it), never below a tenth of the parts' price */
+        double T = w->prefill_tokens, cstart = w->prefill_pairs / T - (T + 1) / 2.0;
+        double ex = sim_cost_mixed_excess(c, T, cstart, w->decode_seqs);
+        tp = PD_MAX(tp + ex, 0.1 * tp);
+    }
     tp *= c->prefill_scale;
     td *= c->decode_scale;
     double host = p->sample_s_per_row * w->n_logits + p->step_overhead_s;

@@ -15,6 +15,7 @@
 
 int sim_setup_parse(const char *name, sim_plan_setup *s) {
     memset(s, 0, sizeof *s);
+    s->prefix_caching = -1;
     snprintf(s->label, sizeof s->label, "%s", name);
     int a, b, n = 0;
     if (!strcmp(name, "co-1gpu")) s->n_colocated = 1;
@@ -63,6 +64,7 @@ static int parse_setup(const cJSON *it, int i, sim_plan_setup *s, const char *na
         }
     } else {
         memset(s, 0, sizeof *s);
+        s->prefix_caching = -1;
         s->n_colocated = (int)num(it, "colocated", 0);
         s->n_prefill = (int)num(it, "prefill", 0);
         s->n_decode = (int)num(it, "decode", 0);
@@ -215,7 +217,12 @@ static int apply_flag(const study_kv *kv, sim_plan *p, sim_plan_setup *su, const
         }
         su->has_router = true;
     } else if (!strcmp(k, "enable-prefix-caching")) {
-        p->enable_prefix_caching = flag_on(v);
+        if (su) su->prefix_caching = flag_on(v);
+        else p->enable_prefix_caching = flag_on(v);
+    } else if (!strcmp(k, "kv-offload") && su) {
+        /* the lower KV tiers (CPU / disk offload of evicted prefix blocks) are not
+         * simulated: such a setup is named and left out, the plan's others run */
+        snprintf(su->skip, sizeof su->skip, "kv-offload %s: the lower KV tiers are not simulated", v ? v : "");
     } else if (!strcmp(k, "enable-chunked-prefill")) {
         p->enable_chunked_prefill = flag_on(v);
     } else if (!strcmp(k, "no-enable-chunked-prefill")) {
@@ -262,18 +269,16 @@ static int from_study(const char *text, size_t len, const char *name, sim_plan *
     p->goodput_ttft_ms = sp.goodput_ttft_ms;
     p->goodput_tpot_ms = sp.goodput_tpot_ms;
     p->goodput_e2el_ms = sp.goodput_e2el_ms;
-    for (int i = 0; i < sp.n_serve_args; i++)
+    const char *offload = NULL;
+    for (int i = 0; i < sp.n_serve_args; i++) {
         if (apply_flag(&sp.serve_args[i], p, NULL, name, err, errlen)) goto out;
+        if (!strcmp(sp.serve_args[i].key, "kv-offload")) offload = sp.serve_args[i].value ? sp.serve_args[i].value : "";
+    }
     p->n_setups = sp.n_setups;
     p->setups = xcalloc((size_t)p->n_setups, sizeof *p->setups);
     for (int i = 0; i < sp.n_setups; i++) {
         const study_setup *ss = &sp.setups[i];
         sim_plan_setup *su = &p->setups[i];
-        if (ss->reuse_ratio >= 0) {
-            pd_errorf(err, errlen, "%s: setup '%s' has a reuse ratio: reuse plans cannot be simulated (the "
-                                   "lower KV tiers are not modelled)", name, ss->label ? ss->label : ss->name);
-            goto out;
-        }
         if (sim_setup_parse(ss->name, su) != 0) {
             pd_errorf(err, errlen, "%s: setup '%s' cannot be simulated (co-1gpu, co-2gpus, co-N, dis-MEDIUM, "
                                    "xPyD[-MEDIUM])", name, ss->name);
@@ -282,6 +287,20 @@ static int from_study(const char *text, size_t len, const char *name, sim_plan *
         snprintf(su->label, sizeof su->label, "%s", ss->label ? ss->label : ss->name);
         for (int k = 0; k < ss->n_opts; k++)
             if (apply_flag(&ss->opts[k], p, su, name, err, errlen)) goto out;
+        if (offload && !su->skip[0])
+            snprintf(su->skip, sizeof su->skip, "kv-offload %s: the lower KV tiers are not simulated", offload);
+        /* a "datasets" entry or a reuse ratio gives the setup a workload of its own */
+        if (sp.n_datasets > 0 || ss->reuse_ratio >= 0) {
+            study_dataset sd;
+            study_setup_dataset(&sp, ss, &sd);
+            if (bench_dataset_kind_parse(sd.name) < 0) {
+                pd_errorf(err, errlen, "%s: setup '%s': unknown dataset '%s'", name, su->label, sd.name);
+                goto out;
+            }
+            study_dataset_bench_opts(&sd, 0, &su->dataset);
+            snprintf(su->dataset_name, sizeof su->dataset_name, "%s", sd.name);
+            su->has_dataset = true;
+        }
     }
     p->n_loads = sp.n_loads;
     p->loads = xcalloc((size_t)p->n_loads, sizeof *p->loads);
@@ -301,20 +320,15 @@ static int from_study(const char *text, size_t len, const char *name, sim_plan *
         p->clocks[i][0] = sp.clocks[i].prefill_mhz;
         p->clocks[i][1] = sp.clocks[i].decode_mhz;
     }
-    bench_dataset_opts *d = &p->dataset;
-    bench_dataset_opts_default(d);
-    int k = bench_dataset_kind_parse(sp.dataset ? sp.dataset : "random");
-    if (k < 0) {
-        pd_errorf(err, errlen, "%s: unknown dataset '%s'", name, sp.dataset);
+    study_dataset sd;
+    study_setup_dataset(&sp, NULL, &sd);
+    if (bench_dataset_kind_parse(sd.name ? sd.name : "random") < 0) {
+        pd_errorf(err, errlen, "%s: unknown dataset '%s'", name, sd.name);
         goto out;
     }
-    d->kind = (bench_dataset_kind)k;
-    d->random_input_len = sp.input_len;
-    d->random_output_len = sp.output_len;
-    d->random_range_ratio = sp.range_ratio;
-    if (sp.vocab_size > 0) d->random_vocab_size = sp.vocab_size;
+    if (!sd.name) sd.name = "random";
+    study_dataset_bench_opts(&sd, 0, &p->dataset);
     p->seed = sp.seed;
-    d->seed = sp.seed;
     rc = 0;
 out:
     study_plan_free(&sp);

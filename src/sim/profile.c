@@ -146,6 +146,28 @@ void sim_medium_fit(sim_medium *m) {
     m->latency_s = icpt > 0 ? icpt : 0;
 }
 
+void sim_serving_fit(sim_serving_path *s) {
+    int n = s->n_points;
+    if (n < 1) return;
+    double sx = 0, sy = 0, sxx = 0, sxy = 0;
+    for (int i = 0; i < n; i++) {
+        sx += s->tokens[i];
+        sy += s->seconds[i];
+        sxx += s->tokens[i] * s->tokens[i];
+        sxy += s->tokens[i] * s->seconds[i];
+    }
+    double den = n * sxx - sx * sx;
+    double slope = n >= 2 && den > 0 ? (n * sxy - sx * sy) / den : 0;
+    s->s_per_token = PD_MAX(slope, 0);
+    s->fixed_s = PD_MAX((sy - s->s_per_token * sx) / n, 0);
+    s->measured = true;
+}
+
+double sim_serving_s(const sim_serving_path *s, int n_prompt) {
+    if (!s->measured) return 0;
+    return PD_MAX(s->fixed_s + s->s_per_token * (double)n_prompt, 0);
+}
+
 /* ---- roofline profile ------------------------------------------------------------------- */
 
 void sim_roofline_h100(sim_roofline *r) {
@@ -328,6 +350,35 @@ char *sim_profile_to_json(const sim_profile *p) {
             cJSON_AddItemToArray(pts, nums(pair, 2));
         }
         cJSON_AddStringToObject(cto, "source", ct->source);
+    }
+    const sim_serving *sv = &p->serving;
+    if (sv->colocated.measured || sv->router.measured || sv->disaggregated.measured) {
+        cJSON *so = cJSON_AddObjectToObject(o, "serving");
+        const struct { const char *name; const sim_serving_path *s; } paths[] = {
+            {"colocated", &sv->colocated}, {"router", &sv->router}, {"disaggregated", &sv->disaggregated}};
+        for (size_t i = 0; i < PD_ARRAY_LEN(paths); i++) {
+            const sim_serving_path *sp = paths[i].s;
+            if (!sp->measured) continue;
+            cJSON *po = cJSON_AddObjectToObject(so, paths[i].name);
+            cJSON_AddNumberToObject(po, "fixed_s", sp->fixed_s);
+            cJSON_AddNumberToObject(po, "s_per_token", sp->s_per_token);
+            cJSON *pts = cJSON_AddArrayToObject(po, "points");
+            for (int k = 0; k < sp->n_points; k++) {
+                double pair[2] = {sp->tokens[k], sp->seconds[k]};
+                cJSON_AddItemToArray(pts, nums(pair, 2));
+            }
+        }
+        cJSON_AddStringToObject(so, "source", sv->source);
+    }
+    if (p->n_mixed > 0) {
+        cJSON *mo = cJSON_AddObjectToObject(o, "mixed");
+        cJSON *pts = cJSON_AddArrayToObject(mo, "points");
+        for (int k = 0; k < p->n_mixed; k++) {
+            const sim_mixed_point *q = &p->mixed[k];
+            double v[5] = {q->T, q->C, q->B, q->L, q->seconds};
+            cJSON_AddItemToArray(pts, nums(v, 5));
+        }
+        cJSON_AddStringToObject(mo, "source", p->mixed_source);
     }
     char *s = cJSON_Print(o);
     cJSON_Delete(o);
@@ -537,6 +588,66 @@ static int read_contention(const cJSON *o, sim_profile *p, const char *name, cha
     return 0;
 }
 
+/* "serving": {colocated|router|disaggregated: {fixed_s, s_per_token, points: [[tokens,
+ * seconds]...]}, source}; absent in older files (nothing modelled). A path with points
+ * and no fixed_s / s_per_token is fitted on load. */
+static int read_serving(const cJSON *o, sim_profile *p, const char *name, char *err, size_t errlen) {
+    const cJSON *so = cJSON_GetObjectItemCaseSensitive(o, "serving");
+    if (!cJSON_IsObject(so)) return 0;
+    sim_serving *sv = &p->serving;
+    get_str(so, "source", sv->source, sizeof sv->source);
+    const struct { const char *name; sim_serving_path *s; } paths[] = {
+        {"colocated", &sv->colocated}, {"router", &sv->router}, {"disaggregated", &sv->disaggregated}};
+    for (size_t i = 0; i < PD_ARRAY_LEN(paths); i++) {
+        const cJSON *po = cJSON_GetObjectItemCaseSensitive(so, paths[i].name);
+        if (!cJSON_IsObject(po)) continue;
+        sim_serving_path *sp = paths[i].s;
+        const cJSON *pts = cJSON_GetObjectItemCaseSensitive(po, "points"), *pt;
+        cJSON_ArrayForEach(pt, pts) {
+            if (sp->n_points >= SIM_MAX_POINTS || !cJSON_IsArray(pt) || cJSON_GetArraySize(pt) != 2) break;
+            sp->tokens[sp->n_points] = cJSON_GetArrayItem(pt, 0)->valuedouble;
+            sp->seconds[sp->n_points++] = cJSON_GetArrayItem(pt, 1)->valuedouble;
+        }
+        bool given = cJSON_GetObjectItemCaseSensitive(po, "fixed_s") || cJSON_GetObjectItemCaseSensitive(po, "s_per_token");
+        if (given) {
+            sp->fixed_s = get_num(po, "fixed_s", 0);
+            sp->s_per_token = get_num(po, "s_per_token", 0);
+            sp->measured = true;
+        } else {
+            sim_serving_fit(sp);
+        }
+        if (!sp->measured || !(sp->fixed_s >= 0) || !(sp->s_per_token >= 0) || !isfinite(sp->fixed_s) ||
+            !isfinite(sp->s_per_token)) {
+            pd_errorf(err, errlen, "%s: serving.%s needs fixed_s and s_per_token >= 0 (or points)", name,
+                      paths[i].name);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* "mixed": {points: [[T, C, B, L, seconds]...], source}; absent in older files. */
+static int read_mixed(const cJSON *o, sim_profile *p, const char *name, char *err, size_t errlen) {
+    const cJSON *mo = cJSON_GetObjectItemCaseSensitive(o, "mixed");
+    if (!cJSON_IsObject(mo)) return 0;
+    get_str(mo, "source", p->mixed_source, sizeof p->mixed_source);
+    const cJSON *pts = cJSON_GetObjectItemCaseSensitive(mo, "points"), *pt;
+    cJSON_ArrayForEach(pt, pts) {
+        if (p->n_mixed >= SIM_MAX_MIXED || !cJSON_IsArray(pt) || cJSON_GetArraySize(pt) != 5) {
+            pd_errorf(err, errlen, "%s: mixed.points: at most %d entries of [T, C, B, L, seconds]", name, SIM_MAX_MIXED);
+            return -1;
+        }
+        double v[5];
+        for (int k = 0; k < 5; k++) v[k] = cJSON_GetArrayItem(pt, k)->valuedouble;
+        if (!(v[0] >= 1) || !(v[1] >= 0) || !(v[2] >= 1) || !(v[3] >= 1) || !(v[4] > 0)) {
+            pd_errorf(err, errlen, "%s: mixed.points[%d]: T, B, L >= 1, C >= 0, seconds > 0", name, p->n_mixed);
+            return -1;
+        }
+        p->mixed[p->n_mixed++] = (sim_mixed_point){v[0], v[1], v[2], v[3], v[4]};
+    }
+    return 0;
+}
+
 int sim_profile_parse(const char *text, size_t len, const char *name, sim_profile *p, char *err,
                       size_t errlen) {
     sim_profile_init(p);
@@ -588,6 +699,7 @@ int sim_profile_parse(const char *text, size_t len, const char *name, sim_profil
     }
     read_clock(o, p);
     if (read_contention(o, p, name, err, errlen)) goto out;
+    if (read_serving(o, p, name, err, errlen) || read_mixed(o, p, name, err, errlen)) goto out;
     rc = 0;
 out:
     cJSON_Delete(o);

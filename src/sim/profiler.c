@@ -135,6 +135,17 @@ static double measure_decode(prof *P, int B, int L, int prefill_T) {
     return time_batch(P, &b);
 }
 
+/* A mixed step as the engine plans one under load: B decode rows of context L beside a
+ * chunk of T rows after C cached tokens (its blocks after the decodes'). */
+static double measure_mixed(prof *P, int T, int C, int B, int L) {
+    fwd_batch b;
+    batch_begin(P, &b);
+    int per = blocks_for(L, P->bs);
+    for (int i = 0; i < B; i++) add_seq(P, &b, i * per, L - 1, 1);
+    add_seq(P, &b, B * per, C, T);
+    return time_batch(P, &b);
+}
+
 /* Everything but attention: T rows as chunks of LIN_CHUNK tokens from position 0, so
  * that each row attends to at most LIN_CHUNK keys (about LIN_CHUNK / 2 on average). */
 #define LIN_CHUNK 32
@@ -167,11 +178,13 @@ static int linear_axis(const sim_profile_opts *o, int *out) {
 }
 
 /* One grid point to time: kind 0 prefill (a = T, b = C), 1 decode (a = B, b = L),
- * 2 linear (a = T), 3 mixed (a = T prefill rows + b = B decodes at context c). */
+ * 2 linear (a = T), 3 mixed (a = T prefill rows + b = B decodes at context c), 4 mixed
+ * at a serving shape (a = T rows after d cached + b = B decodes at context c). */
 typedef struct ppoint {
     int kind, a, b, c;
     double *out;            /* where the median goes */
     double s[64];           /* one sample per round */
+    int d;
 } ppoint;
 
 static double run_point(prof *P, const ppoint *q) {
@@ -179,6 +192,7 @@ static double run_point(prof *P, const ppoint *q) {
     case 0: return measure_prefill(P, q->a, q->b);
     case 1: return measure_decode(P, q->a, q->b, 0);
     case 2: return measure_linear(P, q->a);
+    case 4: return measure_mixed(P, q->a, q->d, q->b, q->c);
     default: return measure_decode(P, q->b, q->c, q->a);
     }
 }
@@ -522,8 +536,8 @@ static int profile_clocks(prof *P, const sim_profile_opts *o, sim_profile *out, 
     int ip = o->n_prefill_tokens - 1, id = o->n_decode_batch - 1, jd = o->n_decode_context - 1;
     double base_pre = out->prefill.v[ip * out->prefill.ny], base_dec = out->decode.v[id * out->decode.ny + jd];
     double t[2];
-    ppoint ref[2] = {{0, o->prefill_tokens[ip], o->prefill_context[0], 0, &t[0], {0}},
-                     {1, o->decode_batch[id], o->decode_context[jd], 0, &t[1], {0}}};
+    ppoint ref[2] = {{0, o->prefill_tokens[ip], o->prefill_context[0], 0, &t[0], {0}, 0},
+                     {1, o->decode_batch[id], o->decode_context[jd], 0, &t[1], {0}, 0}};
     int rc = 0;
     out->clock.n_points = 0;
     for (int k = 0; k < o->n_clocks; k++) {
@@ -567,8 +581,21 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
     int maxB = max_of(o->decode_batch, o->n_decode_batch), maxL = max_of(o->decode_context, o->n_decode_context);
     int mixT = PD_MIN(maxT, 256);
     int mixB = PD_MIN(maxB, 16);
+    /* mixed steps at serving shapes: the engine's default budget (2048 rows, or the
+     * largest chunk profiled) shared by B decode rows of context sL and a chunk of the
+     * rest, at chunk starts 0 and one budget. On a CPU 256 rows: a 2048-row chunk takes
+     * seconds there, and the CPU's mixed steps cost the sum of their parts (within 3% on
+     * two cores: docs/simulator.md) */
+    int sT = PD_MIN(maxT, cpu ? 256 : 2048), sL = o->decode_context[0];
+    for (int i = 0; i < o->n_decode_context; i++)
+        if (o->decode_context[i] <= 4096) sL = PD_MAX(sL, o->decode_context[i]);
+    static const int SERVE_B[] = {1, 4, 16};
+    int n_sb = 0, sB[3];
+    for (int i = 0; i < 3; i++)
+        if (SERVE_B[i] <= maxB && SERVE_B[i] < sT) sB[n_sb++] = SERVE_B[i];
     int blocks = PD_MAX(blocks_for(maxT + maxC, P.bs), maxB * blocks_for(maxL, P.bs) + blocks_for(mixT, P.bs));
-    P.max_rows = PD_MAX(maxT, maxB + mixT);
+    blocks = PD_MAX(blocks, 16 * blocks_for(sL, P.bs) + blocks_for(2 * sT, P.bs));
+    P.max_rows = PD_MAX(PD_MAX(maxT, maxB + mixT), sT);
     P.max_seqs = PD_MAX(maxB + 1, (maxT + LIN_CHUNK - 1) / LIN_CHUNK);
     size_t bpt = model_kv_bytes_per_token(&m->cfg, dtype_size(m->be->ops->kv_type));
     /* The largest decode points (256 sequences of 16k tokens) need more KV than any card
@@ -617,15 +644,15 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
     double idle_w = phase_end(&ph, why, sizeof why, NULL);
 
     int n_pre = o->n_prefill_tokens * o->n_prefill_context, n_dec = o->n_decode_batch * o->n_decode_context;
-    ppoint *pts = xcalloc((size_t)(n_pre + n_dec + 2 * 256 + 1 + 4), sizeof(ppoint));
+    ppoint *pts = xcalloc((size_t)(n_pre + n_dec + 2 * 256 + 1 + 4 + 6), sizeof(ppoint));
     for (int i = 0; i < o->n_prefill_tokens; i++)
         for (int j = 0; j < o->n_prefill_context; j++)
             pts[i * o->n_prefill_context + j] = (ppoint){0, o->prefill_tokens[i], o->prefill_context[j], 0,
-                                                         &out->prefill.v[i * out->prefill.ny + j], {0}};
+                                                         &out->prefill.v[i * out->prefill.ny + j], {0}, 0};
     for (int i = 0; i < o->n_decode_batch; i++)
         for (int j = 0; j < o->n_decode_context; j++)
             pts[n_pre + i * o->n_decode_context + j] = (ppoint){1, o->decode_batch[i], o->decode_context[j], 0,
-                                                                &out->decode.v[i * out->decode.ny + j], {0}};
+                                                                &out->decode.v[i * out->decode.ny + j], {0}, 0};
     /* With a meter, prefill and decode points run in separate phases (one mean power
      * each); without one, every point shares the same rounds, so that a burst of load
      * from elsewhere cannot spoil a whole phase. */
@@ -648,17 +675,25 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
     sim_grid_init(&out->linear, n_lin, lx, 1, &one);
     free(lx);
     ppoint *lp = pts + n_pre + n_dec;
-    for (int i = 0; i < n_lin; i++) lp[i] = (ppoint){2, lin[i], 0, 0, &out->linear.v[i], {0}};
+    for (int i = 0; i < n_lin; i++) lp[i] = (ppoint){2, lin[i], 0, 0, &out->linear.v[i], {0}, 0};
     /* mixed steps: T prefill rows + B decodes, to check the model and fit the overhead */
     double tmix[4];
     int mix_L = o->decode_context[0], mT[4], mB[4];
     for (int k = 0; k < 4; k++) {
         mT[k] = PD_MAX(1, mixT >> (2 * (k / 2)));
         mB[k] = PD_MAX(1, mixB >> (2 * (k % 2)));
-        lp[n_lin + k] = (ppoint){3, mT[k], mB[k], mix_L, &tmix[k], {0}};
+        lp[n_lin + k] = (ppoint){3, mT[k], mB[k], mix_L, &tmix[k], {0}, 0};
     }
-    if (metered) run_rounds(&P, lp, n_lin + 4, o->repeats);
-    else run_rounds(&P, pts, n_pre + n_dec + n_lin + 4, o->repeats);
+    double tserve[6];
+    int n_serve = 0, shape[6][4]; /* T, C, B, L */
+    for (int ci = 0; ci < 2; ci++)
+        for (int k = 0; k < n_sb; k++, n_serve++) {
+            int *q = shape[n_serve];
+            q[0] = sT - sB[k], q[1] = ci * sT, q[2] = sB[k], q[3] = sL;
+            lp[n_lin + 4 + n_serve] = (ppoint){.kind = 4, .a = q[0], .b = q[2], .c = q[3], .d = q[1], .out = &tserve[n_serve]};
+        }
+    if (metered) run_rounds(&P, lp, n_lin + 4 + n_serve, o->repeats);
+    else run_rounds(&P, pts, n_pre + n_dec + n_lin + 4 + n_serve, o->repeats);
     if (o->verbose) {
         for (int i = 0; i < n_pre + n_dec; i++)
             log_info("profile: %s %s=%d %s=%d: %.3f ms", pts[i].kind ? "decode" : "prefill", pts[i].kind ? "B" : "T",
@@ -692,6 +727,28 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
     }
     qsort(ov, (size_t)n_ov, sizeof(double), cmp_double);
     out->mixed_overhead_s = PD_MAX(0.5 * (ov[1] + ov[2]), 0);
+    /* the serving-shape mixed steps, stored: the cost model prices what they cost
+     * beyond their parts (sim_cost_mixed_excess) */
+    sim_cost cm;
+    sim_cost_init(&cm, out, 0);
+    for (int k = 0; k < n_serve; k++) {
+        const int *q = shape[k];
+        sim_work w;
+        sim_work_begin(&w, out);
+        sim_work_add_chunk(&w, q[0], q[1]);
+        for (int b = 0; b < q[2]; b++) sim_work_add_decode(&w, q[3]);
+        w.n_logits = 1 + q[2];
+        sim_step_cost sc;
+        sim_cost_step(&cm, &w, &sc);
+        out->mixed[out->n_mixed++] = (sim_mixed_point){q[0], q[1], q[2], q[3], tserve[k]};
+        log_info("profile: mixed step T=%d after C=%d + B=%d at L=%d: %.3f ms measured, %.3f ms as the sum of its "
+                 "parts (%+.1f%%)", q[0], q[1], q[2], q[3], tserve[k] * 1e3, sc.seconds * 1e3,
+                 100.0 * (tserve[k] / sc.seconds - 1));
+    }
+    if (n_serve > 0)
+        snprintf(out->mixed_source, sizeof out->mixed_source,
+                 "measured: pdserve profile, a %d-row budget shared by B decode rows of context %d and a chunk, "
+                 "median of %d", sT, sL, o->repeats);
 
     out->sample_s_per_row = P.be->ops->argmax_rows ? 0 : measure_sample_row(m->cfg.vocab_size);
     out->step_overhead_s = measure_step_overhead(m, P.bs, out->sample_s_per_row);

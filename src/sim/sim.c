@@ -60,7 +60,7 @@ typedef struct inst {
     unsigned gen;
 } inst;
 
-enum { EV_STEP_END = 0, EV_KV_ARRIVE = 1, EV_DEADLINE = 2 };
+enum { EV_STEP_END = 0, EV_KV_ARRIVE = 1, EV_DEADLINE = 2, EV_ENTER = 3 };
 
 typedef struct sim_event {
     double t;
@@ -276,19 +276,50 @@ static int admit(sim_state *s, int i, sreq *r, int n_prompt, int max_tokens, dou
     return 0;
 }
 
-static int on_arrival(sim_state *s, sreq *r) {
+/* r reaches its first instance at now: routed and admitted (disaggregated: the decode
+ * side reserved, the prefill side given the prompt with max_tokens 1). A request whose
+ * deadline passed on its serving path is not admitted. */
+static int on_enter(sim_state *s, sreq *r, double now) {
     const sim_config *c = s->cfg;
+    if (r->failed) return 0;
     if (c->n_colocated > 0) {
         r->p_inst = route(s, 0, s->n_route_p, &s->rr_p, r);
-        return admit(s, r->p_inst, r, r->n_prompt, r->max_tokens, r->arrival);
+        return admit(s, r->p_inst, r, r->n_prompt, r->max_tokens, now);
     }
     r->p_inst = route(s, 0, s->n_route_p, &s->rr_p, r);
     r->d_inst = route(s, s->first_decode, s->n_route_d, &s->rr_d, NULL);
-    if (r->max_tokens > 1) {
-        s->insts[r->d_inst].load++; /* reserved at the router, as DESIGN.md says */
-        if (c->kv_timeout_s > 0) heap_push(&s->heap, r->arrival + c->kv_timeout_s, EV_DEADLINE, (int)(r - s->reqs));
+    if (r->max_tokens > 1) s->insts[r->d_inst].load++; /* reserved at the router, as DESIGN.md says */
+    return admit(s, r->p_inst, r, r->n_prompt, 1, now);
+}
+
+/* The serving path of r (docs/simulator.md, "The serving path"): how long after its
+ * arrival it reaches its first instance's scheduler. Colocated: the client's request to
+ * one instance, plus the router's hop when several instances sit behind one;
+ * disaggregated: the whole path through the router (reservation, prefill and decode
+ * calls, the connector's control messages), measured as one. */
+static double serving_delay(const sim_state *s, const sreq *r) {
+    const sim_config *c = s->cfg;
+    const sim_serving *sv = &s->p->serving;
+    if (!c->serving_path) return 0;
+    if (c->n_colocated > 0)
+        return sim_serving_s(&sv->colocated, r->n_prompt) +
+               (c->n_colocated > 1 ? sim_serving_s(&sv->router, r->n_prompt) : 0);
+    return sim_serving_s(&sv->disaggregated, r->n_prompt);
+}
+
+/* r reaches the deployment at its arrival: the router's deadline starts, and r enters
+ * its first instance now or once its serving path has passed (EV_ENTER). */
+static int on_arrival(sim_state *s, sreq *r) {
+    const sim_config *c = s->cfg;
+    if (c->n_colocated == 0 && r->max_tokens > 1 && c->kv_timeout_s > 0)
+        heap_push(&s->heap, r->arrival + c->kv_timeout_s, EV_DEADLINE, (int)(r - s->reqs));
+    double d = serving_delay(s, r);
+    s->st->serving_s += d;
+    if (d > 0) {
+        heap_push(&s->heap, r->arrival + d, EV_ENTER, (int)(r - s->reqs));
+        return 0;
     }
-    return admit(s, r->p_inst, r, r->n_prompt, 1, r->arrival);
+    return on_enter(s, r, r->arrival);
 }
 
 /* A prefill finished on P at t: ship its KV to D over the medium.
@@ -327,7 +358,8 @@ static void start_transfer(sim_state *s, inst *in, sreq *r, double t) {
     in->link_free = f;
     /* the request's control messages (reserve, ticket, completion) ride along: the
      * medium's measured control path, once per request */
-    if (m && s->cfg->control_path) latency += m->control_s;
+    if (m && s->cfg->control_path && !(s->cfg->serving_path && s->p->serving.disaggregated.measured))
+        latency += m->control_s;
     double arrive = f + latency;
     if (store) {
         inst *d = &s->insts[r->d_inst];
@@ -364,6 +396,7 @@ static void on_deadline(sim_state *s, sreq *r, double t) {
     r->failed = true;
     r->finished = t;
     s->st->timed_out++;
+    if (r->p_inst < 0) return; /* still on its serving path: never admitted */
     if (r->stage == STAGE_PREFILL) {
         s->insts[r->d_inst].load--; /* the reservation */
         if (!in_flight(&s->insts[r->p_inst], r->pq)) {
@@ -567,6 +600,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
         r->prompt = in_reqs[i].prompt;
         r->arrival = in_reqs[i].arrival;
         r->first_token = r->finished = -1;
+        r->p_inst = r->d_inst = -1;
         r->token_times = xmalloc(sizeof(double) * (size_t)(cfg->record_tokens ? r->max_tokens : 2));
     }
 
@@ -582,6 +616,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
             if (e.kind == EV_STEP_END && s.contention && e.gen != s.insts[e.id].gen) continue; /* rescheduled */
             if (e.kind == EV_STEP_END) on_step_end(&s, e.id, e.t);
             else if (e.kind == EV_DEADLINE) on_deadline(&s, &s.reqs[e.id], e.t);
+            else if (e.kind == EV_ENTER) rc = on_enter(&s, &s.reqs[e.id], e.t);
             else rc = on_kv_arrive(&s, &s.reqs[e.id], e.t);
         }
         st->events++;

@@ -97,6 +97,36 @@ typedef struct sim_contention {
     char source[192];
 } sim_contention;
 
+/* The serving path of a request around the engine (docs/simulator.md, "The serving
+ * path"): the time a request spends outside the engine's steps between the client's
+ * send and its first token: HTTP in and out, the body parsed, the prompt tokenized,
+ * the engine woken; behind a router its hop; disaggregated, the reservation round trip,
+ * the prefill and decode calls and their tokenizations, the connector's control
+ * messages (not the KV transfer itself, which the medium's curve prices). seconds =
+ * fixed_s + s_per_token x prompt tokens, a least-squares line through the measured
+ * points (prompt tokens, seconds). */
+typedef struct sim_serving_path {
+    bool measured;          /* present in the profile */
+    double fixed_s, s_per_token;
+    int n_points;
+    double tokens[SIM_MAX_POINTS], seconds[SIM_MAX_POINTS];
+} sim_serving_path;
+
+typedef struct sim_serving {
+    sim_serving_path colocated;     /* client -> one instance */
+    sim_serving_path router;        /* the extra of a colocated instance behind the router */
+    sim_serving_path disaggregated; /* client -> router -> reserve, prefill, decode */
+    char source[256];
+} sim_serving;
+
+/* One measured mixed step: a prefill chunk of T rows after C cached tokens beside B
+ * decode rows of context L, in `seconds`. The cost model prices mixed steps as the sum
+ * of their parts; these points carry what that misses (docs/simulator.md, "Mixed steps"). */
+#define SIM_MAX_MIXED 32
+typedef struct sim_mixed_point {
+    double T, C, B, L, seconds;
+} sim_mixed_point;
+
 typedef struct sim_profile {
     char model[160], device[160], backend[32], host[128], date[32];
     int block_size;
@@ -122,6 +152,11 @@ typedef struct sim_profile {
     sim_power power;
     sim_clock_model clock;
     sim_contention contention;  /* CPU backend only; cores 0 elsewhere */
+    sim_serving serving;        /* absent in older files: every path 0 (not modelled) */
+    sim_mixed_point mixed[SIM_MAX_MIXED]; /* absent in older files: mixed steps priced as
+                                   the sum of their parts */
+    int n_mixed;
+    char mixed_source[256];
 } sim_profile;
 
 void sim_grid_init(sim_grid *g, int nx, const double *x, int ny, const double *y);
@@ -164,6 +199,11 @@ const sim_medium *sim_medium_find(const sim_profile *p, const char *name, sim_me
 /* Least-squares latency and bandwidth from m's points (at least 2). */
 void sim_medium_fit(sim_medium *m);
 
+/* seconds of path s for a prompt of n tokens (0 when not measured; never negative). */
+double sim_serving_s(const sim_serving_path *s, int n_prompt);
+/* Least-squares fixed_s and s_per_token through s's points (one point: fixed only). */
+void sim_serving_fit(sim_serving_path *s);
+
 /* ---- profiler ---------------------------------------------------------------------- */
 typedef struct sim_profile_opts {
     const int *prefill_tokens; int n_prefill_tokens;
@@ -202,6 +242,16 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
 int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *list, const char *dir,
                              size_t max_bytes, int repeats, sim_profile *out, char *err, size_t errlen);
 
+/* Measures the serving path (sim_serving: colocated, router hop, disaggregated) through
+ * the real server, router and a cpu-medium connector in this process, on m with
+ * tokenizer tok, prompts of 64 to max_len tokens, median of `repeats` (>= 3) requests
+ * each, one at a time (profile_serving.c). The disaggregated path's KV transfer is priced
+ * by out's cpu medium (or its default) and left out. Fills out->serving. 0, or -1 with
+ * err. */
+struct tokenizer;
+int sim_profile_serving(model *m, const struct tokenizer *tok, int max_len, int repeats, sim_profile *out,
+                        char *err, size_t errlen);
+
 /* ---- cost model -------------------------------------------------------------------- */
 
 /* The work of one step, as the cost model sees it: sim_work_begin, then one add per
@@ -233,6 +283,11 @@ typedef struct sim_cost {
     double prefill_scale, decode_scale; /* time multipliers from the clock model */
     double idle_w, prefill_w, decode_w; /* power at this clock (0 when not measured) */
     bool has_power;
+    /* the profile's mixed points as excess seconds of the step over its sum-of-parts
+     * price (measured - modelled), on a grid of their distinct chunk starts x decode rows
+     * (n_mix_c x n_mix_b; 0: no mixed points, or they do not form a grid) */
+    int n_mix_c, n_mix_b;
+    double mix_c[4], mix_b[SIM_MAX_MIXED], mix_r[4][SIM_MAX_MIXED];
 } sim_cost;
 
 typedef struct sim_step_cost {
@@ -243,6 +298,13 @@ typedef struct sim_step_cost {
 
 /* Sets up c for profile p at clock mhz (0: as profiled). */
 void sim_cost_init(sim_cost *c, const sim_profile *p, double mhz);
+/* The excess of a mixed step of Tp prefill rows (mean chunk start c) beside B decode
+ * rows over its sum-of-parts price, from the profile's mixed points: seconds per step
+ * interpolated piecewise linearly over decode rows, then over chunk starts, held flat
+ * beyond the measured ones. Not scaled by Tp: on the H200 run of commit a4eceaa a
+ * 60-row last chunk beside one decode row cost as much more than priced as a 2,047-row
+ * one (docs/simulator.md, "Mixed steps"). 0 without mixed points or Tp or B 0. */
+double sim_cost_mixed_excess(const sim_cost *c, double Tp, double cstart, double B);
 /* Prices one step: linear(all rows) + per prefill chunk (prefill(n, start) - linear(n))
  * + (decode(B, mean context) - linear(B)): the non-attention work is paid once for the
  * whole step (so a mixed step is the sum of its parts minus the shared fixed cost
@@ -292,6 +354,10 @@ typedef struct sim_config {
                                    curve, only when its backend is "cpu" and it has one) */
     bool control_path;          /* xPyD: the medium's measured control_s is added to each
                                    request's KV arrival (the first token) */
+    bool serving_path;          /* each request reaches its (first) instance the profile's
+                                   serving path after its arrival (sim_serving: colocated,
+                                   + router for several colocated instances, disaggregated;
+                                   the last replaces control_s, which it includes) */
 } sim_config;
 
 /* One request: lengths and arrival (prompt ids are used by the replay only). */
@@ -303,6 +369,7 @@ typedef struct sim_request {
 
 typedef struct sim_stats {
     uint64_t steps, preemptions, events;
+    double serving_s;                       /* summed serving-path delay of the requests */
     double contention_s;                    /* instance-seconds steps were stretched by sharing cores */
     int timed_out;                          /* requests failed by the xPyD deadline */
     double makespan_s;
@@ -342,6 +409,12 @@ typedef struct sim_plan_setup {
     sim_router router;
     double kv_cache_bytes;      /* per instance; 0: the plan's (a study plan's kv-cache-memory) */
     double kv_timeout_s;        /* the setup's kv-transfer-timeout; 0: the plan's */
+    int prefix_caching;         /* the setup's enable-prefix-caching: 1 on, 0 off, -1 the plan's */
+    bool has_dataset;           /* a study plan's "datasets" entry or reuse ratio: this setup's
+                                   own workload in `dataset` (num_prompts set per load) */
+    bench_dataset_opts dataset;
+    char dataset_name[32];      /* its name for the results database */
+    char skip[160];             /* non-empty: not simulated, and why (e.g. lower KV tiers) */
 } sim_plan_setup;
 
 typedef struct sim_load {

@@ -314,6 +314,37 @@ void study_setup_dataset(const study_plan *p, const study_setup *s, study_datase
     if (s && s->reuse_ratio >= 0) out->reuse_ratio = s->reuse_ratio;
 }
 
+void study_dataset_bench_opts(const study_dataset *sd, int num_prompts, bench_dataset_opts *dso) {
+    bench_dataset_opts_default(dso);
+    dso->kind = BENCH_DATASET_RANDOM;
+    dso->num_prompts = num_prompts;
+    dso->seed = sd->seed;
+    dso->random_input_len = sd->input_len;
+    dso->random_output_len = sd->output_len;
+    dso->random_range_ratio = sd->range_ratio;
+    dso->random_vocab_size = sd->vocab_size;
+    if (!strcmp(sd->name, "prefix-repetition")) {
+        /* a reuse ratio r: prompts of input_len tokens, the first r of them one of
+         * num_prefixes shared prefixes (docs/reuse.md) */
+        dso->kind = BENCH_DATASET_PREFIX_REPETITION;
+        dso->prefix_len = (int)(sd->reuse_ratio * sd->input_len + 0.5);
+        dso->suffix_len = sd->input_len - dso->prefix_len;
+        dso->num_prefixes = PD_MIN(sd->num_prefixes, PD_MAX(num_prompts, 1));
+        dso->prefix_output_len = sd->output_len;
+    } else if (!strcmp(sd->name, "mooncake-synthetic")) {
+        /* Mooncake's model: block paths in a prefix tree, a fraction r of the prompt
+         * tokens in blocks seen before (docs/reuse.md) */
+        dso->kind = BENCH_DATASET_MOONCAKE_SYNTHETIC;
+        dso->mooncake_reuse_ratio = sd->reuse_ratio;
+        dso->mooncake_block_size = sd->block_size;
+        dso->mooncake_input_len = sd->input_len;
+        dso->mooncake_output_len = sd->output_len;
+        dso->mooncake_max_input_len = sd->max_input_len;
+        dso->mooncake_len_sigma = sd->length_sigma;
+        dso->mooncake_zipf_s = sd->zipf_s;
+    }
+}
+
 static int parse_dataset(const cJSON *d, study_plan *p, char *err, size_t errlen) {
     if (!d || cJSON_IsNull(d)) return 0;
     study_dataset ds;

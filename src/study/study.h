@@ -120,6 +120,11 @@ typedef struct study_plan {
 /* The workload of setup s: its "datasets" entry, or the plan's dataset, with the
  * setup's reuse ratio if it has one. Strings borrowed from the plan. */
 void study_setup_dataset(const study_plan *p, const study_setup *s, study_dataset *out);
+/* The bench dataset options of workload sd for num_prompts requests: random,
+ * prefix-repetition (the reuse ratio as the shared prefix's share of input_len) or
+ * mooncake-synthetic (docs/reuse.md), as `pdserve sweep` builds them and `pdserve sim`
+ * simulates them. */
+void study_dataset_bench_opts(const study_dataset *sd, int num_prompts, bench_dataset_opts *out);
 
 /* Parses plan JSON; name is used in messages. 0, or -1 with err naming the field. */
 int study_plan_parse(const char *text, size_t len, const char *name, study_plan *out, char *err,

@@ -444,34 +444,7 @@ static study_status run_point(const point_ctx *x, const study_point *pt, bench_c
     study_dataset sd;
     study_setup_dataset(x->plan, pt->setup, &sd);
     bench_dataset_opts dso;
-    bench_dataset_opts_default(&dso);
-    dso.kind = BENCH_DATASET_RANDOM;
-    dso.num_prompts = pt->load.num_prompts;
-    dso.seed = sd.seed;
-    dso.random_input_len = sd.input_len;
-    dso.random_output_len = sd.output_len;
-    dso.random_range_ratio = sd.range_ratio;
-    dso.random_vocab_size = sd.vocab_size;
-    if (!strcmp(sd.name, "prefix-repetition")) {
-        /* a reuse ratio r: prompts of input_len tokens, the first r of them one of
-         * num_prefixes shared prefixes (docs/reuse.md) */
-        dso.kind = BENCH_DATASET_PREFIX_REPETITION;
-        dso.prefix_len = (int)(sd.reuse_ratio * sd.input_len + 0.5);
-        dso.suffix_len = sd.input_len - dso.prefix_len;
-        dso.num_prefixes = PD_MIN(sd.num_prefixes, PD_MAX(pt->load.num_prompts, 1));
-        dso.prefix_output_len = sd.output_len;
-    } else if (!strcmp(sd.name, "mooncake-synthetic")) {
-        /* Mooncake's model: block paths in a prefix tree, a fraction r of the prompt
-         * tokens in blocks seen before (docs/reuse.md) */
-        dso.kind = BENCH_DATASET_MOONCAKE_SYNTHETIC;
-        dso.mooncake_reuse_ratio = sd.reuse_ratio;
-        dso.mooncake_block_size = sd.block_size;
-        dso.mooncake_input_len = sd.input_len;
-        dso.mooncake_output_len = sd.output_len;
-        dso.mooncake_max_input_len = sd.max_input_len;
-        dso.mooncake_len_sigma = sd.length_sigma;
-        dso.mooncake_zipf_s = sd.zipf_s;
-    }
+    study_dataset_bench_opts(&sd, pt->load.num_prompts, &dso);
     bench_dataset ds = {0};
     if (bench_dataset_load(&dso, o->tok, &ds, why, sizeof why) != 0) {
         snprintf(reason, rcap, "dataset: %s", why);

@@ -1,0 +1,369 @@
+/* test_sim_serving.c: the simulator's serving path and mixed-step terms, with times
+ * computed by hand on hand-made profiles; their profile sections (round trip, older
+ * files without them); study plans with "datasets" (each setup its own workload);
+ * and `pdserve profile --serving` measuring the path through the real server, router
+ * and connector in-process on the CPU. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/backend.h"
+#include "model/model.h"
+#include "model/tokenizer.h"
+#include "sim/sim.h"
+#include "test.h"
+#include "util/util.h"
+
+static bool near(double a, double b, double tol) { return fabs(a - b) <= tol * fmax(1.0, fabs(b)); }
+
+/* Every prefill step costs pre_s, every decode step dec_s. */
+static void const_profile(sim_profile *p, double pre_s, double dec_s) {
+    sim_profile_init(p);
+    snprintf(p->model, sizeof p->model, "hand-made");
+    static const double x2[] = {1, 4096}, y2[] = {0, 4096};
+    sim_grid_init(&p->prefill, 2, x2, 2, y2);
+    sim_grid_init(&p->decode, 2, x2, 2, y2);
+    for (int i = 0; i < 4; i++) {
+        p->prefill.v[i] = pre_s;
+        p->decode.v[i] = dec_s;
+    }
+    p->kv_bytes_per_token = 1000;
+}
+
+/* Linear in rows and attention pairs (as test_sim's), with a linear curve. */
+static void linear_profile(sim_profile *p) {
+    sim_profile_init(p);
+    static const double pt[] = {1, 64, 256, 2048}, pc[] = {0, 512, 2048};
+    static const double db[] = {1, 8, 64}, dc[] = {16, 256, 4096};
+    static const double lt[] = {1, 8, 64, 256, 2048, 4096}, one = 1;
+    sim_grid_init(&p->prefill, 4, pt, 3, pc);
+    sim_grid_init(&p->decode, 3, db, 3, dc);
+    sim_grid_init(&p->linear, 6, lt, 1, &one);
+    for (int i = 0; i < 6; i++) p->linear.v[i] = 1e-3 + 1e-5 * lt[i];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 3; j++)
+            p->prefill.v[i * 3 + j] = 1e-3 + 1e-5 * pt[i] + 1e-8 * pt[i] * (pc[j] + (pt[i] + 1) / 2);
+    for (int i = 0; i < 3; i++)
+        for (int j = 0; j < 3; j++) p->decode.v[i * 3 + j] = 1e-3 + 1e-5 * db[i] + 1e-8 * db[i] * dc[j];
+}
+
+static sim_config colocated(int n) {
+    sim_config c = {.n_colocated = n, .record_tokens = true, .serving_path = true};
+    c.sched = (sched_config){.num_blocks = 1024, .block_size = 16, .max_num_seqs = 64,
+                             .max_num_batched_tokens = 4096, .enable_chunked_prefill = true};
+    return c;
+}
+
+static void set_path(sim_serving_path *s, double fixed, double per_token) {
+    s->measured = true;
+    s->fixed_s = fixed;
+    s->s_per_token = per_token;
+}
+
+/* The serving path delays a request's entry into its first instance: TTFT grows by
+ * exactly the path (a prefill step of 0.1 s, decode steps of 0.02 s); behind a router,
+ * by the router's hop too; disaggregated, by the disaggregated path, which replaces the
+ * medium's control_s (it contains it). A second request arriving with the first queues
+ * behind it as before, both shifted. */
+static void test_serving_delay(void) {
+    sim_profile p;
+    const_profile(&p, 0.1, 0.02);
+    set_path(&p.serving.colocated, 0.002, 1e-6);    /* 1000 tokens: 3 ms */
+    set_path(&p.serving.router, 0.0005, 0);         /* + 0.5 ms behind a router */
+    set_path(&p.serving.disaggregated, 0.005, 2e-6); /* 1000 tokens: 7 ms */
+    sim_request r[2] = {{.n_prompt = 1000, .max_tokens = 4, .arrival = 0}, {.n_prompt = 1000, .max_tokens = 4, .arrival = 0}};
+    bench_config bc;
+    bench_config_default(&bc);
+    bench_result *res;
+    sim_stats st;
+    char err[256];
+    sim_config c = colocated(1);
+    c.sched.max_num_batched_tokens = 1000; /* one prompt per step */
+    REQUIRE(sim_run(&c, &p, r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].ttft_s, 0.1 + 0.003, 1e-12), "colocated ttft %.6f", res->recs[0].ttft_s);
+    CHECK(near(res->recs[0].e2el_s, 0.1 + 0.003 + 3 * 0.02, 1e-12));
+    CHECK(near(st.serving_s, 0.003, 1e-12));
+    bench_result_free(res);
+    /* two at once, both entering at 3 ms: the first's 1000 rows fill the step; then the
+     * first decodes beside the second's 999 rows, then beside its last row: two mixed
+     * steps of 0.1 + 0.02 s */
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    CHECK(near(res->recs[0].ttft_s, 0.103, 1e-12));
+    CHECKF(near(res->recs[1].ttft_s, 0.003 + 0.1 + 2 * 0.12, 1e-12), "queued ttft %.6f", res->recs[1].ttft_s);
+    bench_result_free(res);
+    /* off: as before the serving path existed */
+    c.serving_path = false;
+    REQUIRE(sim_run(&c, &p, r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECK(near(res->recs[0].ttft_s, 0.1, 1e-12));
+    bench_result_free(res);
+    /* two instances behind a router: + its hop */
+    c = colocated(2);
+    REQUIRE(sim_run(&c, &p, r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].ttft_s, 0.1035, 1e-12), "co-2 ttft %.6f", res->recs[0].ttft_s);
+    bench_result_free(res);
+    /* disaggregated over a 1 MB/s link with 10 ms latency and a 1 ms control path:
+     * 0.1 s prefill + 1.01 s transfer + the 7 ms path, control_s left out */
+    sim_medium m = {.latency_s = 0.01, .bandwidth = 1e6, .control_s = 0.001};
+    snprintf(m.name, sizeof m.name, "test");
+    sim_config d = colocated(0);
+    d.n_prefill = d.n_decode = 1;
+    d.medium = &m;
+    d.control_path = true;
+    REQUIRE(sim_run(&d, &p, r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    double xfer = 0.01 + 1000 * 1000 / 1e6;
+    CHECKF(near(res->recs[0].ttft_s, 0.007 + 0.1 + xfer, 1e-12), "dis ttft %.6f", res->recs[0].ttft_s);
+    bench_result_free(res);
+    /* without a measured disaggregated path the control path is priced as before */
+    p.serving.disaggregated.measured = false;
+    REQUIRE(sim_run(&d, &p, r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].ttft_s, 0.1 + xfer + 0.001, 1e-12), "dis ttft %.6f", res->recs[0].ttft_s);
+    bench_result_free(res);
+    /* a deadline that passes on the serving path: the request fails, never admitted */
+    set_path(&p.serving.disaggregated, 0.5, 0);
+    d.kv_timeout_s = 0.2;
+    REQUIRE(sim_run(&d, &p, r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECK(!res->recs[0].success && st.timed_out == 1 && st.steps == 0);
+    bench_result_free(res);
+    sim_profile_free(&p);
+}
+
+/* fixed_s and s_per_token: the least-squares line through the points */
+static void test_serving_fit(void) {
+    sim_serving_path s = {.n_points = 3, .tokens = {100, 1000, 4000}, .seconds = {0.0012, 0.003, 0.009}};
+    sim_serving_fit(&s);
+    /* exact line: 1 ms + 2 us/token */
+    CHECKF(near(s.fixed_s, 0.001, 1e-9) && near(s.s_per_token, 2e-6, 1e-9), "%g + %g", s.fixed_s, s.s_per_token);
+    CHECK(near(sim_serving_s(&s, 500), 0.002, 1e-9));
+    sim_serving_path one = {.n_points = 1, .tokens = {64}, .seconds = {0.0004}};
+    sim_serving_fit(&one);
+    CHECK(near(one.fixed_s, 0.0004, 1e-12) && one.s_per_token == 0);
+    sim_serving_path none = {0};
+    CHECK(sim_serving_s(&none, 1000) == 0);
+}
+
+/* Mixed points: what a mixed step costs beyond the sum of its parts, per step,
+ * interpolated over decode rows and chunk starts. Points measured 10 ms over the model
+ * for a 2048-row chunk beside 1 decode row and 2 ms beside 8, at chunk starts 0 and 2048
+ * (there 14 and 4 ms). */
+static void test_mixed_excess(void) {
+    sim_profile p;
+    linear_profile(&p);
+    const double T = 2048, L = 256;
+    const double B[2] = {1, 8}, C[2] = {0, 2048}, ex[2][2] = {{0.010, 0.002}, {0.014, 0.004}};
+    sim_cost c0;
+    sim_cost_init(&c0, &p, 0);
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 2; j++) {
+            sim_work w;
+            sim_work_begin(&w, &p);
+            sim_work_add_chunk(&w, (int)T, (int)C[i]);
+            for (int b = 0; b < (int)B[j]; b++) sim_work_add_decode(&w, (int)L);
+            w.n_logits = 1 + (int)B[j];
+            sim_step_cost sc;
+            sim_cost_step(&c0, &w, &sc);
+            p.mixed[p.n_mixed++] = (sim_mixed_point){T, C[i], B[j], L, sc.seconds + ex[i][j]};
+        }
+    sim_cost c;
+    sim_cost_init(&c, &p, 0);
+    CHECK(c.n_mix_c == 2 && c.n_mix_b == 2);
+    /* at the points: the excess; between: piecewise linear; beyond: flat */
+    CHECKF(near(sim_cost_mixed_excess(&c, T, 0, 1), 0.010, 1e-9), "%g", sim_cost_mixed_excess(&c, T, 0, 1));
+    CHECK(near(sim_cost_mixed_excess(&c, T, 2048, 8), 0.004, 1e-9));
+    CHECK(near(sim_cost_mixed_excess(&c, T, 0, 4.5), 0.006, 1e-9));
+    CHECK(near(sim_cost_mixed_excess(&c, T, 1024, 1), 0.012, 1e-9));
+    CHECK(near(sim_cost_mixed_excess(&c, T, 0, 64), 0.002, 1e-9));
+    /* per step, whatever the chunk's rows */
+    CHECK(near(sim_cost_mixed_excess(&c, 64, 0, 1), 0.010, 1e-9));
+    CHECK(sim_cost_mixed_excess(&c, 0, 0, 1) == 0 && sim_cost_mixed_excess(&c, T, 0, 0) == 0);
+    /* a step at a point costs what was measured there; prefill-only and decode-only
+     * steps are unchanged */
+    sim_work w;
+    sim_step_cost a, b;
+    sim_work_begin(&w, &p);
+    sim_work_add_chunk(&w, (int)T, 0);
+    sim_work_add_decode(&w, (int)L);
+    w.n_logits = 2;
+    sim_cost_step(&c, &w, &a);
+    CHECKF(near(a.seconds, p.mixed[0].seconds, 1e-9), "%g vs %g", a.seconds, p.mixed[0].seconds);
+    sim_work_begin(&w, &p);
+    sim_work_add_chunk(&w, (int)T, 0);
+    w.n_logits = 1;
+    sim_cost_step(&c, &w, &a);
+    sim_cost_step(&c0, &w, &b);
+    CHECK(a.seconds == b.seconds);
+    sim_work_begin(&w, &p);
+    for (int k = 0; k < 8; k++) sim_work_add_decode(&w, (int)L);
+    w.n_logits = 8;
+    sim_cost_step(&c, &w, &a);
+    sim_cost_step(&c0, &w, &b);
+    CHECK(a.seconds == b.seconds);
+    /* points that do not fill a grid are not used */
+    p.n_mixed = 3;
+    sim_cost_init(&c, &p, 0);
+    CHECK(c.n_mix_c == 0 && sim_cost_mixed_excess(&c, T, 0, 1) == 0);
+    sim_profile_free(&p);
+}
+
+/* The new sections survive a round trip; older files (the committed GPU profiles) load
+ * without them, and mean what they meant. */
+static void test_profile_sections(void) {
+    sim_profile p, q;
+    linear_profile(&p);
+    sim_serving_path *s = &p.serving.disaggregated;
+    *s = (sim_serving_path){.n_points = 2, .tokens = {64, 2048}, .seconds = {0.001, 0.005}};
+    sim_serving_fit(s);
+    set_path(&p.serving.colocated, 0.0003, 1e-7);
+    snprintf(p.serving.source, sizeof p.serving.source, "hand-made");
+    p.mixed[p.n_mixed++] = (sim_mixed_point){2047, 0, 1, 4096, 0.0376};
+    snprintf(p.mixed_source, sizeof p.mixed_source, "hand-made");
+    char *txt = sim_profile_to_json(&p);
+    char err[256];
+    REQUIRE(sim_profile_parse(txt, strlen(txt), "rt", &q, err, sizeof err) == 0);
+    CHECK(q.serving.disaggregated.measured && q.serving.colocated.measured && !q.serving.router.measured);
+    CHECK(near(q.serving.disaggregated.fixed_s, s->fixed_s, 1e-12) && q.serving.disaggregated.n_points == 2);
+    CHECK(near(q.serving.colocated.s_per_token, 1e-7, 1e-12));
+    CHECK(q.n_mixed == 1 && q.mixed[0].T == 2047 && q.mixed[0].seconds == 0.0376);
+    CHECK(!strcmp(q.mixed_source, "hand-made"));
+    sim_profile_free(&q);
+    free(txt);
+    /* points alone are fitted on load */
+    const char *pts = "{\"format\": \"pdserve-profile/1\", \"prefill\": {\"tokens\": [1], \"context\": [0], \"seconds\": [[1]]},"
+                      " \"decode\": {\"batch\": [1], \"context\": [1], \"seconds\": [[1]]},"
+                      " \"serving\": {\"colocated\": {\"points\": [[100, 0.0012], [4000, 0.009]]}}}";
+    REQUIRE(sim_profile_parse(pts, strlen(pts), "pts", &q, err, sizeof err) == 0);
+    CHECK(near(q.serving.colocated.fixed_s, 0.001, 1e-9) && near(q.serving.colocated.s_per_token, 2e-6, 1e-9));
+    sim_profile_free(&q);
+    const char *bad = "{\"format\": \"pdserve-profile/1\", \"prefill\": {\"tokens\": [1], \"context\": [0], \"seconds\": [[1]]},"
+                      " \"decode\": {\"batch\": [1], \"context\": [1], \"seconds\": [[1]]}, \"mixed\": {\"points\": [[1, 2, 3]]}}";
+    CHECK(sim_profile_parse(bad, strlen(bad), "bad", &q, err, sizeof err) == -1);
+    CHECK_STR_CONTAINS(err, "mixed.points");
+    static const char *const committed[] = {"profile-h200.json", "profile-h200-b.json", "profile-h200-current.json",
+                                            "profile-h200-links.json"};
+    for (size_t i = 0; i < PD_ARRAY_LEN(committed); i++) {
+        char path[1024];
+        snprintf(path, sizeof path, "%s/docs/results/study-gpu/%s", test_source_dir(), committed[i]);
+        REQUIRE(sim_profile_load(path, &q, err, sizeof err) == 0);
+        CHECK(!q.serving.colocated.measured && !q.serving.disaggregated.measured && q.n_mixed == 0);
+        sim_profile_free(&q);
+    }
+    sim_profile_free(&p);
+}
+
+/* A study plan's "datasets": every setup runs each entry, with the entry's workload
+ * (prefix-repetition's shared prefix, mooncake-synthetic's block tree), as the sweep
+ * builds it; setups with lower KV tiers are left out by name. */
+static void test_plan_datasets(void) {
+    char path[1024], err[512];
+    snprintf(path, sizeof path, "%s/plans/reuse.json", test_source_dir());
+    sim_plan pl;
+    REQUIRE(sim_plan_load(path, &pl, err, sizeof err) == 0);
+    const sim_plan_setup *moon = NULL, *rep = NULL, *off = NULL, *dis = NULL;
+    for (int i = 0; i < pl.n_setups; i++) {
+        const sim_plan_setup *su = &pl.setups[i];
+        if (!strcmp(su->label, "co-gpu-moon-r30")) moon = su;
+        if (!strcmp(su->label, "co-gpu-r60")) rep = su;
+        if (!strcmp(su->label, "co-cpu-r0")) off = su;
+        if (!strcmp(su->label, "dis-gpu-moon-r90")) dis = su;
+    }
+    REQUIRE(moon && rep && off && dis);
+    CHECK(moon->has_dataset && moon->dataset.kind == BENCH_DATASET_MOONCAKE_SYNTHETIC);
+    CHECK(near(moon->dataset.mooncake_reuse_ratio, 0.3, 1e-12) && moon->dataset.mooncake_input_len == 384 &&
+          moon->dataset.mooncake_block_size == 64 && moon->dataset.mooncake_max_input_len == 576);
+    CHECK(moon->prefix_caching == 1 && !moon->skip[0]);
+    CHECK(!strcmp(moon->dataset_name, "mooncake-synthetic"));
+    CHECK(rep->has_dataset && rep->dataset.kind == BENCH_DATASET_PREFIX_REPETITION);
+    CHECK_EQ_INT(rep->dataset.prefix_len, 307); /* 0.6 x 512, rounded */
+    CHECK_EQ_INT(rep->dataset.suffix_len, 205);
+    CHECK(dis->n_prefill == 1 && dis->n_decode == 1 && dis->dataset.kind == BENCH_DATASET_MOONCAKE_SYNTHETIC);
+    CHECK_STR_CONTAINS(off->skip, "kv-offload cpu");
+    /* the workloads differ as the sweep's do: more reuse, more shared prompt tokens, and
+     * the engine's prefix cache in the simulator takes shorter chunks: lower TTFT */
+    sim_profile p;
+    linear_profile(&p);
+    double ttft[2];
+    const char *labels[2] = {"co-gpu-moon-r0", "co-gpu-moon-r90"};
+    for (int k = 0; k < 2; k++) {
+        const sim_plan_setup *su = NULL;
+        for (int i = 0; i < pl.n_setups; i++)
+            if (!strcmp(pl.setups[i].label, labels[k])) su = &pl.setups[i];
+        REQUIRE(su);
+        bench_dataset_opts o = su->dataset;
+        o.num_prompts = 64;
+        bench_dataset d = {0};
+        REQUIRE(bench_dataset_load(&o, NULL, &d, err, sizeof err) == 0);
+        double *arr = xmalloc(sizeof(double) * (size_t)d.n);
+        bench_arrivals(8, 1, d.n, pl.seed, arr);
+        sim_request *r = xmalloc(sizeof(sim_request) * (size_t)d.n);
+        sim_requests_from_dataset(&d, arr, r);
+        sim_config c = colocated(1);
+        c.prefix_caching = su->prefix_caching == 1;
+        bench_config bc;
+        bench_config_default(&bc);
+        bench_result *res;
+        sim_stats st;
+        REQUIRE(sim_run(&c, &p, r, d.n, &bc, &res, &st, err, sizeof err) == 0);
+        ttft[k] = res->sum.ttft.mean;
+        bench_result_free(res);
+        free(r);
+        free(arr);
+        bench_dataset_free(&d);
+    }
+    CHECKF(ttft[1] < 0.7 * ttft[0], "mean TTFT at 90%% reuse %.3f ms vs %.3f ms at 0%%", ttft[1] * 1e3, ttft[0] * 1e3);
+    sim_profile_free(&p);
+    sim_plan_free(&pl);
+}
+
+/* pdserve profile --serving on the CPU: every path measured through the real server,
+ * router and connector: two prompt lengths each, every point non-negative and under
+ * 50 ms (on two shared cores the paths measure 0.1-2 ms; their relative sizes move
+ * with the machine's load, so only the bounds are asserted). */
+static void test_profile_serving(void) {
+    char err[512];
+    char *tj = NULL, *tc = NULL;
+    REQUIRE(tokenizer_train_bytelevel(TOKENIZER_CORPUS, strlen(TOKENIZER_CORPUS), 512, &tj, &tc, err, sizeof err) == 0);
+    tokenizer *tok = NULL;
+    REQUIRE(tokenizer_load_text(tj, strlen(tj), tc, strlen(tc), "trained", &tok, err, sizeof err) == 0);
+    model_files mf;
+    REQUIRE(model_files_open("preset:tiny-llama", "dummy", &mf, err, sizeof err) == 0);
+    backend *be = backend_cpu_create(1);
+    model *m = model_load(be, &mf, 0, err, sizeof err);
+    REQUIRE(m);
+    sim_profile p;
+    sim_profile_init(&p);
+    p.block_size = 16;
+    int rc = sim_profile_serving(m, tok, 512, 3, &p, err, sizeof err);
+    CHECKF(rc == 0, "%s", err);
+    const sim_serving *s = &p.serving;
+    const sim_serving_path *paths[3] = {&s->colocated, &s->router, &s->disaggregated};
+    for (int i = 0; rc == 0 && i < 3; i++) {
+        CHECKF(paths[i]->measured && paths[i]->n_points == 2, "path %d: %d points", i, paths[i]->n_points);
+        for (int k = 0; k < paths[i]->n_points; k++)
+            CHECKF(paths[i]->seconds[k] >= 0 && paths[i]->seconds[k] < 0.05, "path %d point %d: %g s", i, k,
+                   paths[i]->seconds[k]);
+        CHECKF(paths[i]->tokens[0] >= 32 && paths[i]->tokens[1] >= 256, "prompt tokens %g, %g", paths[i]->tokens[0],
+               paths[i]->tokens[1]);
+    }
+    CHECK(rc || strstr(s->source, "measured") != NULL);
+    printf("serving path (tiny-llama, CPU): colocated %.3f ms + %.3f us/token, router %.3f ms, disaggregated %.3f ms "
+           "+ %.3f us/token\n", s->colocated.fixed_s * 1e3, s->colocated.s_per_token * 1e6, s->router.fixed_s * 1e3,
+           s->disaggregated.fixed_s * 1e3, s->disaggregated.s_per_token * 1e6);
+    sim_profile_free(&p);
+    model_free(m);
+    backend_destroy(be);
+    model_files_close(&mf);
+    tokenizer_free(tok);
+    free(tj);
+    free(tc);
+}
+
+int main(void) {
+    log_set_level(LOG_LEVEL_WARN);
+    TEST_RUN(test_serving_delay);
+    TEST_RUN(test_serving_fit);
+    TEST_RUN(test_mixed_excess);
+    TEST_RUN(test_profile_sections);
+    TEST_RUN(test_plan_datasets);
+    TEST_RUN(test_profile_serving);
+    return TEST_END();
+}
