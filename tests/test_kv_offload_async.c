@@ -25,7 +25,8 @@
  * (loads from the tiers) and all at once (loads from staging slots still being
  * written); every tier entry's image (hashed as the store returns it) equal to the
  * synchronous run's entry of the same key; no violation, nothing read late; the tiers
- * idle and consistent at the end.
+ * idle and consistent at the end. And plans/reuse-gpu-async.json (the GPU check's
+ * sweep) sets the flag on its async setups only.
  *
  * PDSERVE_TEST_DEVICE=cuda:N runs the engine part on that GPU's real offload stream
  * instead of the stand-in (decode steps as CUDA graphs included: a decode row entering a
@@ -41,6 +42,7 @@
 #include "engine/engine.h"
 #include "kv/kv.h"
 #include "model/model.h"
+#include "study/study.h"
 #include "test.h"
 #include "test_device.h"
 #include "test_waiter.h"
@@ -653,6 +655,26 @@ static void test_negative_controls(void) {
     free(bad);
 }
 
+/* plans/reuse-gpu-async.json (scripts/gpu/check-offload-async.sh): 3 setups x 2 reuse
+ * ratios; the flag on the async ones only, as a bare flag. */
+static void test_plan(void) {
+    char path[1024], err[512];
+    snprintf(path, sizeof path, "%s/plans/reuse-gpu-async.json", test_source_dir());
+    study_plan p;
+    REQUIRE(study_plan_load(path, &p, err, sizeof err) == 0);
+    CHECK_EQ_INT(p.n_setups, 6);
+    int async = 0;
+    for (int s = 0; s < p.n_setups; s++) {
+        bool want = strstr(p.setups[s].label, "-async-") != NULL, has = false;
+        for (int k = 0; k < p.setups[s].n_opts; k++)
+            if (!strcmp(p.setups[s].opts[k].key, "kv-offload-async")) has = p.setups[s].opts[k].value == NULL;
+        CHECKF(want == has, "%s: kv-offload-async %s", p.setups[s].label, has ? "set" : "missing");
+        async += has;
+    }
+    CHECK_EQ_INT(async, 2);
+    study_plan_free(&p);
+}
+
 static int setup(void) {
     const char *d = getenv("PDSERVE_TEST_DEVICE");
     g_standin = !d || !*d || strcmp(d, "cpu") == 0;
@@ -682,6 +704,7 @@ static int setup(void) {
 
 int main(void) {
     if (setup() != 0) return 1;
+    if (g_standin) TEST_RUN(test_plan);
     if (g_standin) TEST_RUN(test_stand_in);
     TEST_RUN(test_engine_async);
     TEST_RUN(test_negative_controls);

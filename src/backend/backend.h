@@ -243,7 +243,7 @@ typedef struct backend_ops {
     void (*matmul_swiglu)(backend *b, void *out, void *gu, const void *x, const void *w, int T,
                           int Kd, int F);
 
-    /* ---- optional: KV copies that overlap the forward pass (CUDA: kv_async.cu; owner:
+    /* ---- optional: KV copies that overlap the forward pass (CUDA: kv_ipc.cu; owner:
      * src/kv/kv_tiers.c, `serve --kv-offload-async`). NULL on backends whose ops are
      * finished when they return (the CPU's): the caller copies with copy_batch, which
      * returns when every byte has landed. Kept at the end. ----------------------------
@@ -256,26 +256,26 @@ typedef struct backend_ops {
      * copy_layers_async: queues the copies items[n] (copy_batch's kinds of memory: all
      *   dsts one kind, all srcs one kind, no overlaps), grouped by the cache layer whose
      *   blocks they read: group g is items[g ? group_end[g-1] : 0 .. group_end[g]),
-     *   0 <= g < n_groups (one group per layer, empty groups allowed; the backend makes
-     *   its events for them on the first batch of that many groups). They run after every op queued so far on the
-     *   compute stream (so they read what it computed) and are ordered with nothing
-     *   queued later: not with later compute ops, not with copy_batch (theirs or anyone
-     *   else's). Returns at once, without waiting for the device, a ticket (> 0) of the
-     *   batch. items and group_end are copied: the caller may reuse them on return.
-     *   Until the batch is ordered or waited for, the caller writes none of its srcs and
-     *   reads none of its dsts. A batch queued while groups of the previous one are still
-     *   pending orders them all first (copy_async_order(b, -1)). Called by the thread
-     *   that queues the compute ops (the engine thread), never during a graph capture.
-     * copy_async_order: the compute ops queued after this call wait for group g of the
-     *   latest batch (g == -1: every group) on the device, with no wait on the host (a
-     *   stream waits for an event). A group already ordered, or no batch at all: a
-     *   no-op, so the forward pass calls it before every layer's kv_store
-     *   (engine/forward.c) whatever the step. Same thread as copy_layers_async; inside a
-     *   graph capture only as a no-op (asserted: the pass orders every group before it
-     *   captures or launches a decode graph).
+     *   0 <= g < n_groups (one group per layer; empty groups allowed). They run after
+     *   every op queued so far on the compute stream (so they read what it computed)
+     *   and are ordered with nothing queued later: neither with later compute ops nor
+     *   with copy_batch (the caller's or anyone's). Returns at once, without waiting for
+     *   the device, the batch's ticket (> 0). items and group_end are copied: the caller
+     *   may reuse them on return. Until the batch is ordered or waited for, the caller
+     *   writes none of its srcs and reads none of its dsts. A batch queued while groups
+     *   of the previous one are pending orders them all first (copy_async_order(b, -1)).
+     *   Called by the thread that queues the compute ops (the engine thread), never
+     *   during a graph capture.
+     * copy_async_order: the compute ops queued after this call wait, on the device, for
+     *   group g of the latest batch and the groups before it (g == -1: every group); the
+     *   host never waits. A group already ordered, or no batch at all: a no-op, so the
+     *   forward pass calls it before every layer's K/V store (engine/forward.c) on every
+     *   step. Same thread as copy_layers_async; inside a graph capture only as a no-op
+     *   (asserted: the pass orders every group before it launches or captures a decode
+     *   graph).
      * copy_async_wait: blocks the calling thread (any thread) until every byte of batch
-     *   `ticket` has landed (then its dsts may be read on the host and its srcs written),
-     *   and returns at once when it has. A later batch may have landed too. */
+     *   `ticket` has landed (then its dsts may be read on the host and its srcs
+     *   written); at once when it has. */
     uint64_t (*copy_layers_async)(backend *b, const struct backend_copy *items, int n,
                                   const int *group_end, int n_groups);
     void (*copy_async_order)(backend *b, int g);

@@ -22,6 +22,11 @@
  * moves into per-object sums (a warp reduction and one atomic per warp and chunk), so
  * that the cpu store's checksums cost no host pass over the bytes.
  *
+ * copy_layers_async (the end of this file) queues an eviction burst with the same
+ * kernel, one launch per layer, on an offload stream of the backend's own, with an
+ * event per layer that the compute stream waits for before it overwrites that layer
+ * (--kv-offload-async).
+ *
  * Knobs, read once per process from the environment (A/B runs and sweeps with
  * bench_kv_cuda; logged at the first transfer):
  *   PDSERVE_KV_COPY=auto|memcpy|kernel|batch  auto: as above; memcpy: copy engines
