@@ -598,11 +598,13 @@ extern "C" void cuda_kv_host_unregister(backend *b, void *p) {
  * blocking-sync events: it sleeps) before it reads a staging slot.
  *
  * Each group is one launch of the batched copy kernel above (descriptors uploaded once
- * per batch, before the wait, so that the upload never waits for the compute stream),
- * at most PDSERVE_KV_OFFLOAD_CTAS CTAs (default 32, read once per process): the copy
- * competes with the forward pass for SMs, and writes over PCIe (~55 GB/s) need far
- * fewer CTAs in flight than NVLink does (an expectation: 32 CTAs x 16 KiB of 16-byte
- * stores in flight each; not measured yet). PDSERVE_KV_COPY=memcpy and items of the
+ * per batch, before the wait, so that the upload never waits for the compute stream)
+ * of at most PDSERVE_KV_OFFLOAD_CTAS CTAs (default 32, read once per process): the
+ * copy shares the SMs with the forward pass, and writes over PCIe (~55 GB/s) need far
+ * fewer CTAs in flight than NVLink (an expectation: 32 CTAs x 16 KiB of 16-byte
+ * stores in flight each; not measured yet). The offload stream has the device's
+ * highest priority, so that those few CTAs are placed ahead of the pass's next wave,
+ * which waits for them (also an expectation). PDSERVE_KV_COPY=memcpy and items of the
  * copy engines' size (PDSERVE_KV_XFER_BIG_KIB) go to cudaMemcpyAsync on the same
  * stream, as in copy_batch. Memory a kernel cannot reach (pageable host memory) goes
  * through cudaMemcpyAsync too, which then is synchronous for the host: correct, not
@@ -631,7 +633,11 @@ static cuda_async *async_get(cuda_backend *cb) {
     if (cb->async) return cb->async;
     cuda_async *a = (cuda_async *)xcalloc(1, sizeof *a);
     pthread_mutex_init(&a->mu, NULL);
-    CUDA_CHECK(cudaStreamCreateWithFlags(&a->stream, cudaStreamNonBlocking));
+    /* the device's highest priority: the copy's few CTAs are placed before the next wave
+     * of the pass's kernels, which would otherwise delay the copy the pass waits for */
+    int lo = 0, hi = 0;
+    CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&lo, &hi));
+    CUDA_CHECK(cudaStreamCreateWithPriority(&a->stream, cudaStreamNonBlocking, hi));
     CUDA_CHECK(cudaEventCreateWithFlags(&a->before, cudaEventDisableTiming));
     CUDA_CHECK(cudaEventCreateWithFlags(&a->desc_free, cudaEventDisableTiming));
     CUDA_CHECK(cudaEventRecord(a->desc_free, a->stream));
