@@ -11,8 +11,11 @@
 #      --kv-offload cpu`: requests of three prefix groups, interleaved; every request of
 #      a group lands on the instance of the group's first (told apart by the instances'
 #      own request counters; REUSE_TEST_POLICY=least-loaded shows this part failing).
-#   2b. `pdserve up --setup dis-gpu --kv-offload cpu`: the prefill instance loads the
-#      evicted prompt's blocks from its cpu tier; the output is unchanged.
+#   2b. `pdserve up --setup dis-gpu --kv-offload cpu --kv-offload-async`: the prefill
+#      instance loads the evicted prompt's blocks from its cpu tier; the output is
+#      unchanged (the flag reaches the instances; on the CPU backend, whose copies are
+#      synchronous, the staging copies stay synchronous: tests/test_kv_offload_async.c
+#      covers the overlap on a stand-in device).
 #   3. plans/reuse.json expands to its 48 points (datasets x reuse ratios x tiers x
 #      colocated / disaggregated); its first point, a cpu+disk one and a cpu+disk one
 #      of the Mooncake-style dataset run on the CPU.
@@ -155,7 +158,7 @@ wait "$UPID" || fail "pdserve up exit status $?"
 
 # ---- 2b. disaggregated: the prefill instance loads from its tiers ------------------------
 "$BIN" up --setup dis-gpu --model "$TMP/model" --port 0 --enable-prefix-caching --kv-offload cpu --kv-offload-cpu-bytes 4MiB \
-  -- --threads 1 --max-model-len 384 --kv-cache-memory 256KiB 2>"$TMP/dis.log" &
+  --kv-offload-async -- --threads 1 --max-model-len 384 --kv-cache-memory 256KiB 2>"$TMP/dis.log" &
 DPID=$!
 PIDS+=("$DPID")
 DPORT=""
@@ -168,6 +171,8 @@ done
 [ -n "$DPORT" ] || fail "pdserve up dis-gpu not ready"
 PURL="$(sed -n 's|^\[prefill0\] pdserve serve: listening on \(http://127.0.0.1:[0-9]*\) (model.*|\1|p' "$TMP/dis.log")"
 [ -n "$PURL" ] || fail "no prefill instance URL"
+grep -q "prefill0.*--kv-offload-async: the cpu backend's copies are synchronous" "$TMP/dis.log" ||
+  fail "the prefill instance got no --kv-offload-async"
 URL="http://127.0.0.1:$DPORT"
 first="$(complete "$A")" || fail "dis: request A"
 complete "$(ids 320 2)" >/dev/null || fail "dis: request B"

@@ -242,6 +242,44 @@ typedef struct backend_ops {
      * is unspecified). */
     void (*matmul_swiglu)(backend *b, void *out, void *gu, const void *x, const void *w, int T,
                           int Kd, int F);
+
+    /* ---- optional: KV copies that overlap the forward pass (CUDA: kv_ipc.cu; owner:
+     * src/kv/kv_tiers.c, `serve --kv-offload-async`). NULL on backends whose ops are
+     * finished when they return (the CPU's): the caller copies with copy_batch, which
+     * returns when every byte has landed. Kept at the end. ----------------------------
+     *
+     * The eviction burst of a step (the old KV of blocks the step's forward pass is
+     * about to overwrite, copied out to pinned host staging) need not finish before
+     * that pass starts: layer l's parts of the blocks must only be read before the
+     * pass writes layer l's new K/V into them. So:
+     *
+     * copy_layers_async: queues the copies items[n] (copy_batch's kinds of memory: all
+     *   dsts one kind, all srcs one kind, no overlaps), grouped by the cache layer whose
+     *   blocks they read: group g is items[g ? group_end[g-1] : 0 .. group_end[g]),
+     *   0 <= g < n_groups (one group per layer; empty groups allowed). They run after
+     *   every op queued so far on the compute stream (so they read what it computed)
+     *   and are ordered with nothing queued later: neither with later compute ops nor
+     *   with copy_batch (the caller's or anyone's). Returns at once, without waiting for
+     *   the device, the batch's ticket (> 0). items and group_end are copied: the caller
+     *   may reuse them on return. Until the batch is ordered or waited for, the caller
+     *   writes none of its srcs and reads none of its dsts. A batch queued while groups
+     *   of the previous one are pending orders them all first (copy_async_order(b, -1)).
+     *   Called by the thread that queues the compute ops (the engine thread), never
+     *   during a graph capture.
+     * copy_async_order: the compute ops queued after this call wait, on the device, for
+     *   group g of the latest batch and the groups before it (g == -1: every group); the
+     *   host never waits. A group already ordered, or no batch at all: a no-op, so the
+     *   forward pass calls it before every layer's K/V store (engine/forward.c) on every
+     *   step. Same thread as copy_layers_async; inside a graph capture only as a no-op
+     *   (asserted: the pass orders every group before it launches or captures a decode
+     *   graph).
+     * copy_async_wait: blocks the calling thread (any thread) until every byte of batch
+     *   `ticket` has landed (then its dsts may be read on the host and its srcs
+     *   written); at once when it has. */
+    uint64_t (*copy_layers_async)(backend *b, const struct backend_copy *items, int n,
+                                  const int *group_end, int n_groups);
+    void (*copy_async_order)(backend *b, int g);
+    void (*copy_async_wait)(backend *b, uint64_t ticket);
 } backend_ops;
 
 /* One row's parameters for ->sample_rows (host memory). */

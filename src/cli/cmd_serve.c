@@ -43,7 +43,7 @@ typedef struct serve_opts {
     const char *kv_offload, *kv_offload_disk_dir, *kv_offload_load;
     size_t kv_offload_cpu_bytes, kv_offload_disk_bytes;
     int kv_offload_staging;
-    bool kv_offload_disk_buffered;
+    bool kv_offload_disk_buffered, kv_offload_async;
     double kv_offload_delay_ms;
     double gpu_memory_utilization;
     /* disaggregated serving */
@@ -209,6 +209,7 @@ static int serve_tiers(const serve_opts *o, serve_state *st, char *err, size_t e
     if (o->kv_offload_staging > 0) tc.staging_blocks = o->kv_offload_staging;
     tc.disk_buffered = o->kv_offload_disk_buffered;
     tc.debug_load_delay_ms = o->kv_offload_delay_ms;
+    tc.offload_async = o->kv_offload_async;
     const char *lp = o->kv_offload_load ? o->kv_offload_load : "auto";
     if (!strcmp(lp, "auto")) tc.load_policy = KV_TIERS_LOAD_AUTO;
     else if (!strcmp(lp, "always")) tc.load_policy = KV_TIERS_LOAD_ALWAYS;
@@ -410,6 +411,7 @@ int cmd_serve(int argc, char **argv) {
         {"kv-offload-disk-bytes", OPT_SIZE, &o.kv_offload_disk_bytes, "disk tier capacity (default 4GiB)", NULL},
         {"kv-offload-disk-buffered", OPT_FLAG, &o.kv_offload_disk_buffered, "disk tier: page-cache I/O (no O_DIRECT)", NULL},
         {"kv-offload-load", OPT_STRING, &o.kv_offload_load, "auto (default: load where measured cheaper than recomputing), always or never", "P"},
+        {"kv-offload-async", OPT_FLAG, &o.kv_offload_async, "overlap the staging copy of evicted blocks with the forward pass that overwrites them (GPU; default off: one synchronous copy per step)", NULL},
         {"kv-offload-staging-blocks", OPT_INT, &o.kv_offload_staging, "evicted blocks staged in host memory for the writer thread (default: 4,096 tokens' worth, at least 64, at most 512 MiB)", NULL},
         {"kv-offload-debug-load-delay-ms", OPT_DOUBLE, &o.kv_offload_delay_ms, "tests: add this delay to every block loaded from a tier", NULL},
         {"max-waiting-requests", OPT_INT, &o.max_waiting, "queue limit; beyond it 503 (default 0: none)", NULL},

@@ -77,7 +77,7 @@ typedef struct up_opts {
     double kv_timeout, ready_timeout;
     size_t store_capacity;
     /* prefix caching and its lower tiers, forwarded to the instances (docs/reuse.md) */
-    bool enable_prefix_caching;
+    bool enable_prefix_caching, kv_offload_async;
     const char *kv_offload, *kv_offload_disk_dir;
     size_t kv_offload_cpu_bytes, kv_offload_disk_bytes;
 } up_opts;
@@ -412,6 +412,7 @@ static void reuse_argv(const up_opts *o, server_role role, argv_b *a) {
         arg(a, "--kv-offload-disk-bytes");
         argf(a, "%zu", o->kv_offload_disk_bytes);
     }
+    if (o->kv_offload_async) arg(a, "--kv-offload-async");
 }
 
 static void instance_argv(const up_opts *o, const plan *pl, up_state *u, const inst_spec *s, int decode_index,
@@ -692,6 +693,7 @@ int cmd_up(int argc, char **argv) {
         {"kv-offload-cpu-bytes", OPT_SIZE, &o.kv_offload_cpu_bytes, "per instance: cpu tier capacity (default 1GiB)", NULL},
         {"kv-offload-disk-dir", OPT_STRING, &o.kv_offload_disk_dir, "per instance: parent of its disk tier directory (default $TMPDIR)", "DIR"},
         {"kv-offload-disk-bytes", OPT_SIZE, &o.kv_offload_disk_bytes, "per instance: disk tier capacity (default 4GiB)", NULL},
+        {"kv-offload-async", OPT_FLAG, &o.kv_offload_async, "per instance: staging copies overlap the forward pass (GPU)", NULL},
         {"prefill-args", OPT_STRING, &o.prefill_args, "more `pdserve serve` arguments for prefill instances", "\"ARGS\""},
         {"decode-args", OPT_STRING, &o.decode_args, "more `pdserve serve` arguments for decode instances", "\"ARGS\""},
         {"internal-secret", OPT_STRING, &o.secret, "secret of the internal endpoints (default: a random one)", "S"},

@@ -557,7 +557,10 @@ static void engine_step(engine *e) {
     sched_plan p;
     pthread_mutex_lock(&e->pool_mu);
     sched_step(&e->sc, t0, &p);
-    prefix_cache_flush(&e->sc.pool); /* the step's evictions: one staging copy, before the forward pass */
+    /* the step's evictions: one staging copy before the forward pass writes the blocks,
+     * or (on_offload_flush_step) copies that overlap it, when a pass follows */
+    if (p.batch.T > 0) prefix_cache_flush_step(&e->sc.pool);
+    else prefix_cache_flush(&e->sc.pool);
     int external = e->n_external;
     pthread_mutex_unlock(&e->pool_mu);
     if (p.n_items == 0 && p.n_preempted == 0) {

@@ -39,6 +39,14 @@
  *   callee copies (or orders the copies of) every block noted since the last flush.
  *   A lower_load, which writes blocks the same admission may just have evicted,
  *   flushes first by itself.
+ * on_offload_flush_step (same type, optional; NULL: on_offload_flush): the engine's
+ *   flush after sched_step of a step whose forward pass follows (rows > 0). That pass
+ *   is then the first to write the blocks evicted since the last flush (they belong to
+ *   the step's sequences until it has run), so the callee may leave their copies in
+ *   flight on the backend (backend.h copy_layers_async): the pass orders layer l's
+ *   copies before it stores layer l's K/V (copy_async_order), and every copy has
+ *   landed once the pass has returned. Whoever else reads the copies' destinations
+ *   (the tier's worker thread, a load) waits for them (copy_async_wait).
  * kv_lower_lookup_fn: consulted on a GPU miss at admission with the keys of the
  *   request's next full blocks (keys[0] follows the last GPU hit, whose key is `parent`;
  *   ids holds their n_keys * block_size tokens). Returns how many of the leading keys
@@ -71,6 +79,7 @@ typedef struct prefix_cache_hooks {
     void *evict_user;
     kv_offload_fn on_offload;       /* NULL: none; called with evict_user */
     kv_offload_flush_fn on_offload_flush; /* NULL: on_offload copies at once; evict_user */
+    kv_offload_flush_fn on_offload_flush_step; /* NULL: on_offload_flush; evict_user */
     kv_lower_lookup_fn lower_lookup;/* NULL: a GPU miss is recomputed */
     kv_lower_load_fn lower_load;    /* required with lower_lookup; called with lookup_user */
     void *lookup_user;
@@ -155,6 +164,11 @@ struct prefix_tier_stats {
                                      * lookups, loads): what they added to engine steps */
     double offload_seconds;         /* of which staging copies (flushes) */
     double max_burst_seconds;       /* the longest single flush */
+    /* --kv-offload-async: bursts whose copies were only queued (they overlap the step's
+     * forward pass; their flush seconds above are the queueing alone), and the seconds
+     * the tiers' worker thread waited for such copies to land */
+    uint64_t offload_async_bursts;
+    double offload_wait_seconds;
 };
 
 /* ---- prefix cache (prefix_cache.c) -------------------------------------------------- *
@@ -239,6 +253,10 @@ int prefix_cache_reset(kv_pool *p);
 /* Ends a burst of evictions (hooks.on_offload_flush): call after allocating from a
  * pool with lower tiers, before writing the blocks taken; no-op without the hook. */
 void prefix_cache_flush(kv_pool *p);
+/* The same at the end of sched_step when the step's forward pass follows and is the
+ * first writer of the blocks taken (hooks.on_offload_flush_step, else
+ * on_offload_flush): the copies may overlap that pass. */
+void prefix_cache_flush_step(kv_pool *p);
 /* Internal to the pool (kv_pool.c): the LRU list and eviction. */
 void prefix_cache_lru_push(prefix_cache *pc, int32_t block);   /* at the tail */
 void prefix_cache_lru_remove(prefix_cache *pc, int32_t block);

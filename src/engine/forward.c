@@ -416,6 +416,10 @@ static void attention_block(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt, int l
         o->head_rmsnorm(be, f->qkv, w->q_norm, T, QKV, 0, H, D, c->norm_eps);
         o->head_rmsnorm(be, f->qkv, w->k_norm, T, QKV, H * D, K, D, c->norm_eps);
     }
+    /* the old K/V of this layer's blocks that an eviction burst copies out (kv tiers,
+     * --kv-offload-async) is read before this store overwrites it: a device-side wait,
+     * a no-op when no copy is pending (backend.h copy_async_order) */
+    if (o->copy_async_order) o->copy_async_order(be, l);
     if (o->rope_kv_store) { /* one launch instead of two */
         o->rope_kv_store(be, f->qkv, kv->k[l], kv->v[l], f->in_pos, f->in_slots, &f->rope, T, H,
                          K, D);
@@ -561,6 +565,10 @@ static bool decode_graphed(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt) {
         fwd_ctx_use_graphs(f, true);
         f->graph_kv = kv;
     }
+    /* A decode step can evict too (a row entering a new block): the graph holds no
+     * per-layer waits, so the step waits for every pending copy of the burst once, on
+     * the device, before its graph (or the ops it captures) (backend.h copy_async_order). */
+    if (o->copy_async_order) o->copy_async_order(be, -1);
     if (f->graph[bucket] && o->graph_launch(be, f->graph[bucket])) {
         f->n_replayed++;
         return true;

@@ -119,7 +119,11 @@ typedef void (*fwd_wait_fn)(void *user);
 void fwd_ctx_set_wait_hook(fwd_ctx *f, fwd_wait_fn fn, void *user);
 
 /* Runs the step: writes each row's K and V into kv at its slot and, for each of
- * n_logits rows, V logits as f32 into logits (host, [n_logits, V]). */
+ * n_logits rows, V logits as f32 into logits (host, [n_logits, V]). On a backend with
+ * asynchronous KV copies (backend.h copy_layers_async: an eviction burst's staging
+ * copies, --kv-offload-async), every pass (the two below too) orders layer l's pending
+ * copies before it stores layer l (copy_async_order, a device-side wait), and all of
+ * them once before a decode graph; so once it has returned, they have landed. */
 void model_forward(fwd_ctx *f, kv_cache *kv, const fwd_batch *batch, float *logits);
 /* The same step, but for each of the n_logits rows only the greedy next token (argmax
  * of its logits, lowest id on ties) into tokens (host, [n_logits]). On a backend

@@ -161,6 +161,12 @@ void prefix_cache_flush(kv_pool *p) {
     if (pc && pc->hooks.on_offload_flush) pc->hooks.on_offload_flush(pc->hooks.evict_user);
 }
 
+void prefix_cache_flush_step(kv_pool *p) {
+    prefix_cache *pc = p->pc;
+    if (pc && pc->hooks.on_offload_flush_step) pc->hooks.on_offload_flush_step(pc->hooks.evict_user);
+    else prefix_cache_flush(p);
+}
+
 int prefix_cache_reset(kv_pool *p) {
     prefix_cache *pc = p->pc;
     if (!pc) return 0;

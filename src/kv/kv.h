@@ -339,7 +339,11 @@ bool kv_disk_store_remove(kv_connector *c, uint64_t key);
  * An eviction burst (every block one step evicts) is staged to host memory as one
  * batched copy at prefix_cache_flush, before anyone writes the blocks again, and written
  * by one worker thread, so the engine step never waits for a store write; a request's
- * loads are one batched copy in the admitting step, before the forward pass.
+ * loads are one batched copy in the admitting step, before the forward pass. With
+ * offload_async (`--kv-offload-async`) on a backend that has asynchronous copies
+ * (backend.h copy_layers_async), the burst of a step whose forward pass follows is only
+ * queued, per layer, and overlaps that pass (which waits for layer l's copies on the
+ * device before it writes layer l); the worker waits for them before it reads them.
  * A tier's index (keys, LRU order, a second hash of each block's tokens to verify hits)
  * lives in this process; the stores hold the bytes. */
 typedef enum kv_tiers_load_policy {
@@ -360,6 +364,9 @@ typedef struct kv_tiers_config {
                                         * tokens' worth, at least 64, at most 512 MiB) */
     kv_tiers_load_policy load_policy;
     double debug_load_delay_ms;        /* tests: added to each block loaded (and probed) */
+    bool offload_async;                /* --kv-offload-async: staging copies overlap the
+                                        * forward pass where the backend can (else, and by
+                                        * default, each burst is one synchronous copy) */
 } kv_tiers_config;
 
 typedef struct kv_tiers kv_tiers;
@@ -377,6 +384,13 @@ void kv_tiers_wait_idle(kv_tiers *t);
  * staging slots) and, when idle, that each store holds exactly its tier's keys. Aborts. */
 void kv_tiers_check(kv_tiers *t, bool idle);
 void kv_tiers_get_stats(kv_tiers *t, prefix_tier_stats *out);
+/* Whether the staging copies overlap the forward pass (offload_async on a backend that
+ * can). */
+bool kv_tiers_async(const kv_tiers *t);
+/* Tests and diagnostics, on idle tiers (kv_tiers_wait_idle, no load running): for up to
+ * cap entries held in the stores, its key and a hash of its image as the store gives it
+ * back (keys[i], sums[i]); returns how many. */
+int kv_tiers_entry_sums(kv_tiers *t, uint64_t *keys, uint64_t *sums, int cap);
 /* Stops the worker and removes the stores. Uninstall the hooks first. NULL: no-op. */
 void kv_tiers_free(kv_tiers *t);
 

@@ -11,6 +11,12 @@
  *     copy_batch on a device cache), then the blocks are queued for the worker. If
  *     every slot is taken, the block is not kept (counted; it is recomputed later);
  *     nothing waits for the worker;
+ *   flush_step (--kv-offload-async, the flush after sched_step when a forward pass
+ *     follows, on a backend with asynchronous copies): the same copies grouped by layer
+ *     and only queued (copy_layers_async, a ticket per burst); the pass waits for layer
+ *     l's group on the device before it writes layer l (engine/forward.c), the worker
+ *     waits for the ticket before it reads the slots, and a load waits for the latest
+ *     ticket before it copies (it has landed by then: the pass that followed it ran);
  *   worker thread: writes staged blocks into tier 0; when tier 0 is full its least
  *     recently used entry moves to tier 1 first (whose own LRU entry is dropped when
  *     full). So the engine step never waits for a store write;
@@ -71,6 +77,8 @@ typedef struct tier_entry {
     bool busy;              /* the worker is writing it (staged) or moving it out (tier) */
     bool leaving;           /* moved: its old copy goes once readers is 0; a miss for new loads */
     bool pending;           /* staged: its copy waits for the burst's flush (not queued yet) */
+    uint64_t ticket;        /* staged by flush_step: the asynchronous copy that fills its slot
+                             * (0: landed, or a synchronous flush) */
     int32_t readers;        /* loads reading it from its store now */
     int32_t slot;           /* staged: its staging slot */
     int32_t hnext;          /* hash chain, or the free list */
@@ -121,6 +129,11 @@ struct kv_tiers {
     int n_pend;
     kv_copies burst;        /* the flush's and the loads' plain copies (under the pool lock) */
     kv_copies direct;       /* a load's summed copies from the cpu store (under the pool lock) */
+    bool async;             /* cfg.offload_async on a backend with asynchronous copies */
+    backend_copy *aitems;   /* [n_slots * 2L] flush_step's copies, layer by layer (pool lock) */
+    int *group_end;         /* [L] where each layer's copies end in aitems */
+    uint64_t last_ticket;   /* the latest flush_step's burst, until a load or free waited for
+                             * it (0: none; under the pool lock) */
     double *load_dt;        /* [cap_pinned] per block of a load: seconds to get its image */
     struct direct { int entry, at; uint64_t want; } *dir; /* [cap_pinned] a load's direct
                              * reads: store entry, index in the load, checksum */
@@ -323,13 +336,18 @@ static void *worker_main(void *arg) {
         tier_entry *e = &t->ent[i];
         PD_ASSERT(e->used && e->where == WHERE_STAGED && !e->busy);
         e->busy = true;
-        uint64_t key = e->key;
+        uint64_t key = e->key, ticket = e->ticket;
         int32_t slot = e->slot;
         pthread_mutex_unlock(&t->mu);
+        double w0 = time_now_s();
+        if (ticket) t->kv->be->ops->copy_async_wait(t->kv->be, ticket); /* the slot's bytes landed */
+        double waited = ticket ? time_now_s() - w0 : 0;
         bool ok = make_room(t, 0) &&
                   store_put(t, 0, key, t->staging + (size_t)slot * t->image) == KV_OK;
         pthread_mutex_lock(&t->mu);
+        t->st.offload_wait_seconds += waited;
         e->busy = false;
+        e->ticket = 0;
         e->slot = -1;
         t->free_slots[t->n_free_slots++] = slot;
         if (ok) {
@@ -429,6 +447,61 @@ static void flush(void *user) {
     t->n_pend = 0;
     pthread_cond_signal(&t->work_cv);
     pthread_mutex_unlock(&t->mu);
+}
+
+/* The engine's flush before a forward pass (hooks.on_offload_flush_step; installed when
+ * t->async): flush's copies, grouped by layer (layer l's k and v parts of every pending
+ * block, in group l) and only queued on the backend (copy_layers_async), which orders
+ * them after the compute work queued so far. The step's forward pass, the first writer
+ * of these blocks, waits on the device for group l before it stores layer l
+ * (copy_async_order); the worker waits for the ticket before it reads a slot. */
+static void flush_step(void *user) {
+    kv_tiers *t = user;
+    if (t->n_pend == 0) return;
+    double t0 = time_now_s();
+    const kv_cache *kv = t->kv;
+    size_t bb = kv->block_bytes;
+    int n = 0;
+    for (int l = 0; l < kv->n_layers; l++) {
+        for (int j = 0; j < t->n_pend; j++) {
+            uint8_t *img = t->staging + (size_t)t->ent[t->pend[j].i].slot * t->image + (size_t)l * 2 * bb;
+            t->aitems[n++] = (backend_copy){img, kv_block_ptr(kv, l, 0, t->pend[j].block), bb};
+            t->aitems[n++] = (backend_copy){img + bb, kv_block_ptr(kv, l, 1, t->pend[j].block), bb};
+        }
+        t->group_end[l] = n;
+    }
+    uint64_t ticket = kv->be->ops->copy_layers_async(kv->be, t->aitems, n, t->group_end, kv->n_layers);
+    PD_ASSERT(ticket > 0);
+    t->last_ticket = ticket;
+    double dt = time_now_s() - t0;
+    pthread_mutex_lock(&t->mu);
+    for (int j = 0; j < t->n_pend; j++) {
+        int32_t i = t->pend[j].i;
+        PD_ASSERT(t->ent[i].used && t->ent[i].pending && t->q_len < t->n_slots);
+        t->ent[i].pending = false;
+        t->ent[i].ticket = ticket;
+        t->queue[(t->q_head + t->q_len++) % t->n_slots] = i;
+    }
+    t->st.offload_bursts++;
+    t->st.offload_async_bursts++;
+    t->st.offload_staged_blocks += (uint64_t)t->n_pend;
+    t->st.copy_batches++;
+    t->st.offload_seconds += dt;
+    t->st.hook_seconds += dt;
+    t->st.max_burst_seconds = PD_MAX(t->st.max_burst_seconds, dt);
+    t->n_pend = 0;
+    pthread_cond_signal(&t->work_cv);
+    pthread_mutex_unlock(&t->mu);
+}
+
+/* Before a copy that reads staging slots or writes blocks: the latest asynchronous
+ * burst has landed. In the engine's order it has (the forward pass that followed it
+ * ordered every layer's copies and then waited for its own results), so this returns
+ * at once; it keeps the loads right whatever the order. Under the pool lock. */
+static void async_landed(kv_tiers *t) {
+    if (!t->last_ticket) return;
+    t->kv->be->ops->copy_async_wait(t->kv->be, t->last_ticket);
+    t->last_ticket = 0;
 }
 
 /* The batch a block found in `where` is loaded by. */
@@ -534,6 +607,7 @@ static void load_grow(kv_tiers *t, int n) {
 static int load(void *user, const uint64_t *keys, const int32_t *blocks, int n_load, int n_found) {
     kv_tiers *t = user;
     flush(t);
+    async_landed(t);
     double t0 = time_now_s();
     load_grow(t, n_load);
     pthread_mutex_lock(&t->mu);
@@ -642,6 +716,7 @@ void kv_tiers_hooks(kv_tiers *t, prefix_cache_hooks *h) {
     memset(h, 0, sizeof *h);
     h->on_offload = on_offload;
     h->on_offload_flush = flush;
+    h->on_offload_flush_step = t->async ? flush_step : NULL;
     h->evict_user = t;
     h->lower_lookup = lookup;
     h->lower_load = load;
@@ -860,6 +935,16 @@ kv_tiers *kv_tiers_create(const kv_tiers_config *cfg, kv_cache *kv, char *err, s
     t->n_free_slots = t->n_slots;
     t->queue = xmalloc((size_t)t->n_slots * sizeof(int32_t));
     t->pend = xmalloc((size_t)t->n_slots * sizeof *t->pend);
+    const backend_ops *o = kv->be->ops;
+    t->async = cfg->offload_async && kv->on_device && o->copy_layers_async && o->copy_async_order &&
+               o->copy_async_wait;
+    if (cfg->offload_async && !t->async)
+        log_info("kv tiers: --kv-offload-async: the %s backend's copies are synchronous; so are the "
+                 "staging copies", o->name);
+    if (t->async) {
+        t->aitems = xmalloc((size_t)t->n_slots * 2 * (size_t)kv->n_layers * sizeof *t->aitems);
+        t->group_end = xmalloc((size_t)kv->n_layers * sizeof *t->group_end);
+    }
     long long total = t->n_slots;
     for (int k = 0; k < t->n; k++) total += t->t[k].cap;
     t->n_ent = (int)PD_MIN(total, (long long)INT32_MAX / 4);
@@ -881,8 +966,9 @@ kv_tiers *kv_tiers_create(const kv_tiers_config *cfg, kv_cache *kv, char *err, s
                  k + 1, kv_medium_name(t->t[k].medium), t->t[k].cap, (double)t->image / 1048576.0,
                  kv_connector_address(t->t[k].conn), a * 1e3, block_cost(t, k) * 1e3);
     }
-    log_info("kv tiers: %d staging slots (%.1f MiB host), index of %d entries, loads %s",
-             t->n_slots, (double)t->n_slots * (double)t->image / 1048576.0, t->n_ent,
+    log_info("kv tiers: %d staging slots (%.1f MiB host), staging copies %s, index of %d entries, "
+             "loads %s", t->n_slots, (double)t->n_slots * (double)t->image / 1048576.0,
+             t->async ? "overlapping the forward pass" : "synchronous", t->n_ent,
              cfg->load_policy == KV_TIERS_LOAD_AUTO ? "where cheaper than recomputing"
              : cfg->load_policy == KV_TIERS_LOAD_ALWAYS ? "always" : "never");
     if (pthread_create(&t->thread, NULL, worker_main, t) != 0) {
@@ -896,6 +982,7 @@ kv_tiers *kv_tiers_create(const kv_tiers_config *cfg, kv_cache *kv, char *err, s
 
 void kv_tiers_free(kv_tiers *t) {
     if (!t) return;
+    async_landed(t); /* nothing writes into the staging slots freed below */
     if (t->started) {
         pthread_mutex_lock(&t->mu);
         t->stop = true;
@@ -923,6 +1010,8 @@ void kv_tiers_free(kv_tiers *t) {
     free(t->sums);
     free(t->costs);
     free(t->pend);
+    free(t->aitems);
+    free(t->group_end);
     kv_copies_free(&t->burst);
     kv_copies_free(&t->direct);
     free(t);
@@ -932,6 +1021,29 @@ void kv_tiers_wait_idle(kv_tiers *t) {
     pthread_mutex_lock(&t->mu);
     while (t->q_len > 0 || t->working) pthread_cond_wait(&t->idle_cv, &t->mu);
     pthread_mutex_unlock(&t->mu);
+}
+
+bool kv_tiers_async(const kv_tiers *t) { return t->async; }
+
+int kv_tiers_entry_sums(kv_tiers *t, uint64_t *keys, uint64_t *sums, int cap) {
+    int8_t *where = xmalloc((size_t)PD_MAX(cap, 1));
+    int n = 0;
+    pthread_mutex_lock(&t->mu);
+    for (int32_t i = 0; i < t->n_ent && n < cap; i++)
+        if (t->ent[i].used && t->ent[i].where >= 0) {
+            keys[n] = t->ent[i].key;
+            where[n++] = t->ent[i].where;
+        }
+    pthread_mutex_unlock(&t->mu);
+    uint8_t *img = xmalloc(t->image);
+    for (int j = 0; j < n; j++) { /* idle: nobody moves them meanwhile */
+        kv_status st = store_get(t, where[j], keys[j], img);
+        PD_ASSERT(st == KV_OK);
+        sums[j] = hash_bytes(img, t->image, 0x73756d73ull);
+    }
+    free(img);
+    free(where);
+    return n;
 }
 
 void kv_tiers_get_stats(kv_tiers *t, prefix_tier_stats *out) {
@@ -981,7 +1093,10 @@ void kv_tiers_check(kv_tiers *t, bool idle) {
     for (int q = 0; q < t->q_len; q++) {
         const tier_entry *e = &t->ent[t->queue[(t->q_head + q) % t->n_slots]];
         PD_ASSERT(e->used && e->where == WHERE_STAGED && !e->pending);
+        PD_ASSERT(t->async || e->ticket == 0);
     }
+    for (int32_t i = 0; i < t->n_ent; i++) /* only staged entries wait for a copy */
+        PD_ASSERT(!t->ent[i].used || t->ent[i].ticket == 0 || t->ent[i].where == WHERE_STAGED);
     int n_pending = 0;
     for (int32_t i = 0; i < t->n_ent; i++) n_pending += t->ent[i].used && t->ent[i].pending;
     PD_ASSERT(n_pending == t->n_pend); /* callers flush before letting go of the pool */

@@ -190,6 +190,12 @@ static void render_tiers(sbuf *out, const engine_stats *st, const char *label) {
           "Of which the staging copies of eviction bursts.", label, t->offload_seconds);
     gauge(out, "pdserve_kv_offload_max_burst_seconds", "gauge",
           "The longest staging copy of one eviction burst.", label, t->max_burst_seconds);
+    gauge(out, "pdserve_kv_offload_async_bursts_total", "counter",
+          "Of the bursts, those whose copies overlapped the forward pass (--kv-offload-async).", label,
+          (double)t->offload_async_bursts);
+    gauge(out, "pdserve_kv_offload_async_wait_seconds_total", "counter",
+          "Seconds the tiers' writer thread waited for such copies to land.", label,
+          t->offload_wait_seconds);
 }
 
 void metrics_render(server_metrics *m, const engine_stats *st, const char *model_name, sbuf *out) {

@@ -322,6 +322,9 @@ static const backend_ops *cuda_ops_with_graphs(void) {
         o.sample_rows = cuda_sample_rows;
         o.rope_kv_store = cuda_rope_kv_store;
         o.matmul_swiglu = cu_matmul_swiglu;
+        o.copy_layers_async = cuda_kv_copy_layers_async; /* kv_ipc.cu */
+        o.copy_async_order = cuda_kv_copy_async_order;
+        o.copy_async_wait = cuda_kv_copy_async_wait;
         return o;
     }();
     return &table;
@@ -344,6 +347,7 @@ static void cu_destroy(backend *b) {
     cuda_backend *cb = cuda_of(b);
     CUDA_CHECK(cudaSetDevice(cb->device));
     CUDA_CHECK(cudaStreamSynchronize(cb->stream));
+    cuda_kv_async_release(b);
     cuda_layer_events_release(b);
     for (int i = 0; i < CUDA_STAGE_SLOTS; i++) {
         CUDA_CHECK(cudaFreeHost(cb->stage[i]));

@@ -110,6 +110,10 @@ typedef struct cuda_backend {
     size_t dec_host_cap;
     int dec_Bp;                 /* rows of the last decode_upload (0: none yet) */
 
+    /* ---- KV copies that overlap the forward pass (kv_ipc.cu, backend.h
+     * copy_layers_async): made at the first such batch; NULL until then ---------------- */
+    struct cuda_async *async;
+
     /* ---- sampling on the device (sampling.cu) ---------------------------------------- */
     void *samp_params;          /* device: sample_row [samp_params_cap] */
     size_t samp_params_cap;

@@ -22,6 +22,11 @@
  * moves into per-object sums (a warp reduction and one atomic per warp and chunk), so
  * that the cpu store's checksums cost no host pass over the bytes.
  *
+ * copy_layers_async (the end of this file) queues an eviction burst with the same
+ * kernel, one launch per layer, on an offload stream of the backend's own, with an
+ * event per layer that the compute stream waits for before it overwrites that layer
+ * (--kv-offload-async).
+ *
  * Knobs, read once per process from the environment (A/B runs and sweeps with
  * bench_kv_cuda; logged at the first transfer):
  *   PDSERVE_KV_COPY=auto|memcpy|kernel|batch  auto: as above; memcpy: copy engines
@@ -574,4 +579,227 @@ extern "C" void cuda_kv_host_unregister(backend *b, void *p) {
     cudaError_t e = cudaHostUnregister(p);
     if (e == cudaErrorHostMemoryNotRegistered) (void)cudaGetLastError(); /* its pinning failed */
     else CUDA_CHECK(e);
+}
+
+/* ---- copies that overlap the forward pass (backend.h copy_layers_async) -------------
+ * An eviction burst's staging copy (src/kv/kv_tiers.c, --kv-offload-async): the old KV
+ * of the blocks the step is about to overwrite, device -> pinned host, queued per layer
+ * on an offload stream of the backend's own (never the transfer stream of copy_batch:
+ * a layer-wise KV stream's copies, which go there, do not queue behind a burst of
+ * hundreds of MiB, and the burst's PCIe writes do not wait for their NVLink ones):
+ *
+ *   compute stream:  ...previous ops | rec(before) | ... | wait(group 0) kv_store 0 | ...
+ *   offload stream:  upload descriptors | wait(before) | copy layer 0 | rec(group 0) |
+ *                    copy layer 1 | rec(group 1) | ... | rec(done[ticket % RING])
+ *
+ * The compute stream's wait for group l (copy_async_order, from the forward pass just
+ * before layer l's K/V store) is an event wait on the device: the host never blocks.
+ * The tiers' worker thread waits for done[ticket] on the host (cudaEventSynchronize,
+ * blocking-sync events: it sleeps) before it reads a staging slot.
+ *
+ * Each group is one launch of the batched copy kernel above (descriptors uploaded once
+ * per batch, before the wait, so that the upload never waits for the compute stream)
+ * of at most PDSERVE_KV_OFFLOAD_CTAS CTAs (default 32, read once per process): the
+ * copy shares the SMs with the forward pass, and writes over PCIe (~55 GB/s) need far
+ * fewer CTAs in flight than NVLink (an expectation: 32 CTAs x 16 KiB of 16-byte
+ * stores in flight each; not measured yet). The offload stream has the device's
+ * highest priority, so that those few CTAs are placed ahead of the pass's next wave,
+ * which waits for them (also an expectation). PDSERVE_KV_COPY=memcpy and items of the
+ * copy engines' size (PDSERVE_KV_XFER_BIG_KIB) go to cudaMemcpyAsync on the same
+ * stream, as in copy_batch. Memory a kernel cannot reach (pageable host memory) goes
+ * through cudaMemcpyAsync too, which then is synchronous for the host: correct, not
+ * overlapped. */
+#define ASYNC_RING 16
+
+typedef struct cuda_async {
+    pthread_mutex_t mu;         /* ticket (waits come from any thread) */
+    cudaStream_t stream;        /* the offload stream */
+    cudaEvent_t before;         /* the compute stream's work at the latest batch's start */
+    cudaEvent_t *group;         /* [cap] end of group g of the latest batch */
+    bool *pending;              /* [cap] group g not yet ordered before compute ops */
+    int *first;                 /* [cap + 1] a batch's descriptors of group g: first[g] .. first[g+1] */
+    uint64_t *chunks;           /* [cap] chunks of group g's descriptors */
+    int cap, n_groups, n_pending;
+    cudaEvent_t done[ASYNC_RING]; /* end of batch t: done[t % ASYNC_RING] (blocking sync) */
+    uint64_t ticket;            /* of the latest batch (0: none yet) */
+    xfer_desc *host_desc;       /* pinned [desc_cap]: the latest batch's descriptors */
+    xfer_desc *dev_desc;        /* device [desc_cap] */
+    size_t desc_cap;
+    cudaEvent_t desc_free;      /* the latest upload of host_desc has run */
+    int ctas;                   /* most CTAs per group's launch */
+} cuda_async;
+
+static cuda_async *async_get(cuda_backend *cb) {
+    if (cb->async) return cb->async;
+    cuda_async *a = (cuda_async *)xcalloc(1, sizeof *a);
+    pthread_mutex_init(&a->mu, NULL);
+    /* the device's highest priority: the copy's few CTAs are placed before the next wave
+     * of the pass's kernels, which would otherwise delay the copy the pass waits for */
+    int lo = 0, hi = 0;
+    CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&lo, &hi));
+    CUDA_CHECK(cudaStreamCreateWithPriority(&a->stream, cudaStreamNonBlocking, hi));
+    CUDA_CHECK(cudaEventCreateWithFlags(&a->before, cudaEventDisableTiming));
+    CUDA_CHECK(cudaEventCreateWithFlags(&a->desc_free, cudaEventDisableTiming));
+    CUDA_CHECK(cudaEventRecord(a->desc_free, a->stream));
+    for (int i = 0; i < ASYNC_RING; i++) {
+        CUDA_CHECK(cudaEventCreateWithFlags(&a->done[i], cudaEventDisableTiming | cudaEventBlockingSync));
+        CUDA_CHECK(cudaEventRecord(a->done[i], a->stream));
+    }
+    a->ctas = (int)env_long("PDSERVE_KV_OFFLOAD_CTAS", 32, 1, 4096);
+    cb->async = a;
+    log_info("cuda kv offload: staging copies overlap the forward pass (device %d, offload stream, "
+             "at most %d CTAs a layer)", cb->device, a->ctas);
+    return a;
+}
+
+/* Room for n groups' events (engine thread, never in a capture). */
+static void async_reserve_groups(cuda_async *a, int n) {
+    if (n <= a->cap) return;
+    a->group = (cudaEvent_t *)xrealloc(a->group, (size_t)n * sizeof *a->group);
+    a->pending = (bool *)xrealloc(a->pending, (size_t)n * sizeof *a->pending);
+    a->first = (int *)xrealloc(a->first, (size_t)(n + 1) * sizeof *a->first);
+    a->chunks = (uint64_t *)xrealloc(a->chunks, (size_t)n * sizeof *a->chunks);
+    for (int i = a->cap; i < n; i++) {
+        CUDA_CHECK(cudaEventCreateWithFlags(&a->group[i], cudaEventDisableTiming));
+        a->pending[i] = false;
+    }
+    a->cap = n;
+}
+
+/* Room for n descriptors; the previous batch's upload of host_desc has run. Growing
+ * waits for the offload stream (a kernel may still read dev_desc): the first bursts
+ * only. */
+static void async_reserve_desc(cuda_async *a, size_t n) {
+    CUDA_CHECK(cudaEventSynchronize(a->desc_free)); /* at once: it ran before the last pass */
+    if (n <= a->desc_cap) return;
+    size_t want = n < 1024 ? 1024 : n * 2;
+    CUDA_CHECK(cudaStreamSynchronize(a->stream));
+    if (a->host_desc) CUDA_CHECK(cudaFreeHost(a->host_desc));
+    if (a->dev_desc) CUDA_CHECK(cudaFree(a->dev_desc));
+    CUDA_CHECK(cudaHostAlloc((void **)&a->host_desc, want * sizeof(xfer_desc), cudaHostAllocDefault));
+    CUDA_CHECK(cudaMalloc((void **)&a->dev_desc, want * sizeof(xfer_desc)));
+    a->desc_cap = want;
+}
+
+/* The compute stream waits for groups 0..g (the offload stream is in order: group g's
+ * event implies the earlier ones). */
+static void async_order_through(cuda_backend *cb, cuda_async *a, int g) {
+    PD_ASSERT(!cb->capturing); /* the pass orders every group before a capture */
+    CUDA_CHECK(cudaStreamWaitEvent(cb->stream, a->group[g], 0));
+    for (int i = 0; i <= g; i++) {
+        a->n_pending -= a->pending[i];
+        a->pending[i] = false;
+    }
+}
+
+extern "C" uint64_t cuda_kv_copy_layers_async(backend *b, const backend_copy *items, int n,
+                                              const int *group_end, int n_groups) {
+    PD_ASSERT(n >= 0 && n_groups >= 1 && group_end[n_groups - 1] == n);
+    cuda_backend *cb = cuda_of(b);
+    PD_ASSERT(!cb->capturing);
+    xfer_state *x = xfer_get(cb);
+    cuda_async *a = async_get(cb);
+    if (a->n_pending) async_order_through(cb, a, a->n_groups - 1); /* the previous batch's rest */
+    async_reserve_groups(a, n_groups);
+    async_reserve_desc(a, (size_t)(n > 0 ? n : 1));
+    /* descriptors of the kernel's items, per group: first_chunk counts from the group's start */
+    bool kernel = n > 0 && x->p.mode != XFER_MEMCPY && kernel_reaches(x, cb->device, items[0].dst) &&
+                  kernel_reaches(x, cb->device, items[0].src);
+    int m = 0;
+    int *g_first = a->first;
+    uint64_t *g_chunks = a->chunks;
+    bool vec16 = true;
+    for (int g = 0, i = 0; g < n_groups; g++) {
+        g_first[g] = m;
+        g_chunks[g] = 0;
+        PD_ASSERT(group_end[g] >= i && group_end[g] <= n);
+        for (; i < group_end[g]; i++) {
+            const backend_copy *it = &items[i];
+            if (!it->bytes || !kernel || it->bytes >= x->p.big) continue;
+            a->host_desc[m++] = xfer_desc{(uint8_t *)it->dst, (const uint8_t *)it->src, it->bytes,
+                                          g_chunks[g], 0, 0, -1, 0};
+            g_chunks[g] += (it->bytes + x->p.chunk - 1) / x->p.chunk;
+            vec16 = vec16 && ((uintptr_t)it->dst | (uintptr_t)it->src | it->bytes) % 16 == 0;
+        }
+    }
+    g_first[n_groups] = m;
+    if (m > 0)
+        CUDA_CHECK(cudaMemcpyAsync(a->dev_desc, a->host_desc, (size_t)m * sizeof(xfer_desc),
+                                   cudaMemcpyHostToDevice, a->stream));
+    CUDA_CHECK(cudaEventRecord(a->desc_free, a->stream));
+    /* after every op queued so far on the compute stream: the copies read what it wrote */
+    CUDA_CHECK(cudaEventRecord(a->before, cb->stream));
+    CUDA_CHECK(cudaStreamWaitEvent(a->stream, a->before, 0));
+    xfer_kernel_fn k = xfer_pick(x->p.unroll, false, x->p.stream_stores);
+    for (int g = 0, i = 0; g < n_groups; g++) {
+        for (; i < group_end[g]; i++) { /* what the kernel does not take: the copy engines */
+            const backend_copy *it = &items[i];
+            if (it->bytes && !(kernel && it->bytes < x->p.big))
+                CUDA_CHECK(cudaMemcpyAsync(it->dst, it->src, it->bytes, cudaMemcpyDefault, a->stream));
+        }
+        int gm = g_first[g + 1] - g_first[g];
+        if (gm > 0 && vec16) {
+            unsigned grid = (unsigned)PD_MIN(g_chunks[g], (uint64_t)a->ctas);
+            k<<<grid, x->p.threads, 0, a->stream>>>(a->dev_desc + g_first[g], gm, g_chunks[g], x->p.chunk,
+                                                    NULL, XFER_WALK_STRIDE, NULL);
+            CUDA_CHECK_LAUNCH();
+        } else if (gm > 0) {
+            unsigned grid = (unsigned)PD_MIN(gm, a->ctas);
+            xfer_copy_bytes_kernel<<<grid, 256, 0, a->stream>>>(a->dev_desc + g_first[g], gm);
+            CUDA_CHECK_LAUNCH();
+        }
+        CUDA_CHECK(cudaEventRecord(a->group[g], a->stream));
+        a->pending[g] = true;
+    }
+    a->n_groups = n_groups;
+    a->n_pending = n_groups;
+    pthread_mutex_lock(&a->mu);
+    uint64_t t = ++a->ticket;
+    CUDA_CHECK(cudaEventRecord(a->done[t % ASYNC_RING], a->stream));
+    pthread_mutex_unlock(&a->mu);
+    return t;
+}
+
+extern "C" void cuda_kv_copy_async_order(backend *b, int g) {
+    cuda_backend *cb = (cuda_backend *)b->impl; /* cuda_of below: only when there is work */
+    cuda_async *a = cb->async;
+    if (!a || a->n_pending == 0) return; /* the common case: one test per layer */
+    if (g < 0 || g >= a->n_groups) g = a->n_groups - 1;
+    else if (!a->pending[g]) return;
+    cuda_of(b);
+    async_order_through(cb, a, g);
+}
+
+extern "C" void cuda_kv_copy_async_wait(backend *b, uint64_t ticket) {
+    cuda_backend *cb = cuda_of(b); /* this thread's current device */
+    cuda_async *a = cb->async;
+    PD_ASSERT(a && ticket > 0);
+    pthread_mutex_lock(&a->mu);
+    PD_ASSERT(ticket <= a->ticket);
+    /* the ring's event of this ticket, or of a later batch that re-recorded it (which
+     * ends after this one: the offload stream is in order) */
+    cudaEvent_t e = a->done[ticket % ASYNC_RING];
+    pthread_mutex_unlock(&a->mu);
+    CUDA_CHECK(cudaEventSynchronize(e));
+}
+
+extern "C" void cuda_kv_async_release(backend *b) {
+    cuda_backend *cb = (cuda_backend *)b->impl;
+    cuda_async *a = cb->async;
+    if (!a) return;
+    CUDA_CHECK(cudaStreamSynchronize(a->stream));
+    for (int i = 0; i < a->cap; i++) CUDA_CHECK(cudaEventDestroy(a->group[i]));
+    for (int i = 0; i < ASYNC_RING; i++) CUDA_CHECK(cudaEventDestroy(a->done[i]));
+    CUDA_CHECK(cudaEventDestroy(a->before));
+    CUDA_CHECK(cudaEventDestroy(a->desc_free));
+    if (a->host_desc) CUDA_CHECK(cudaFreeHost(a->host_desc));
+    if (a->dev_desc) CUDA_CHECK(cudaFree(a->dev_desc));
+    CUDA_CHECK(cudaStreamDestroy(a->stream));
+    pthread_mutex_destroy(&a->mu);
+    free(a->group);
+    free(a->pending);
+    free(a->first);
+    free(a->chunks);
+    free(a);
+    cb->async = NULL;
 }

@@ -16,6 +16,13 @@ void *cuda_kv_host_alloc(backend *b, size_t bytes);
 void cuda_kv_host_free(backend *b, void *p);
 int cuda_kv_host_register(backend *b, void *p, size_t bytes);
 void cuda_kv_host_unregister(backend *b, void *p);
+/* backend.h copy_layers_async, copy_async_order, copy_async_wait */
+uint64_t cuda_kv_copy_layers_async(backend *b, const backend_copy *items, int n, const int *group_end,
+                                   int n_groups);
+void cuda_kv_copy_async_order(backend *b, int g);
+void cuda_kv_copy_async_wait(backend *b, uint64_t ticket);
+/* Frees what copy_layers_async made (cu_destroy; waits for its copies first). */
+void cuda_kv_async_release(backend *b);
 }
 
 #endif
