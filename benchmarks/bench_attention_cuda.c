@@ -333,7 +333,8 @@ static void run_graph(void *c, backend *b, int i) {
 static double time_graph(backend *b, att_ctx *a, const int32_t *tok, const int32_t *pos,
                          const int32_t *slot) {
     if (!b->ops->decode_upload || !b->ops->graph_begin) return -1;
-    if (!b->ops->decode_upload(b, tok, pos, slot, a->seqs, a->B, a->B, BS_)) return -1;
+    int variant;
+    if (!b->ops->decode_upload(b, tok, pos, slot, a->seqs, a->B, a->B, BS_, &variant)) return -1;
     const float scale = 0.08838834764831845f;
     /* op by op first: sizes the split-K scratch outside the capture */
     b->ops->attention(b, a->out, a->qkv, a->kc, a->vc, NULL, a->B, a->B, H_, K_, D_, BS_, scale);

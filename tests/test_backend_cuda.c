@@ -788,7 +788,8 @@ static void test_decode_graph_attention(void) {
         gpu->ops->upload(gpu, qkv.g, gpu->ops->act_type, 0, q, DTYPE_F32, rows_n);
         cpu->ops->upload(cpu, qkv.c, cpu->ops->act_type, 0, q, DTYPE_F32, rows_n);
         free(q);
-        int32_t *in = gpu->ops->decode_upload(gpu, tok, pos, slot, seqs, B, Bp, bs);
+        int variant; /* the captured graph serves every later context: correct for any split */
+        int32_t *in = gpu->ops->decode_upload(gpu, tok, pos, slot, seqs, B, Bp, bs, &variant);
         if (!in) break; /* PDSERVE_CUDA_GRAPHS=0 */
         poison(&out, 0);
         if (step == 0) { /* op by op (sizes the split-K scratch), then the capture */

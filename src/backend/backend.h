@@ -42,6 +42,9 @@ typedef struct backend backend;
 struct backend_copy;
 struct sample_row; /* ->sample_rows, below */
 
+/* Graph variants per decode bucket (backend_ops.decode_upload). */
+#define BACKEND_GRAPH_VARIANTS 5
+
 typedef struct backend_ops {
     const char *name;
     dtype act_type;    /* activations */
@@ -168,10 +171,13 @@ typedef struct backend_ops {
      * address of the ids (positions at +Bp, slots at +2*Bp). The buffer moves only
      * when it grows, which makes the graphs captured before stale (graph_launch
      * says so). Returns NULL, doing nothing, when graphs are turned off (CUDA:
-     * PDSERVE_CUDA_GRAPHS=0 in the environment at backend creation). */
+     * PDSERVE_CUDA_GRAPHS=0 in the environment at backend creation). *variant gets the
+     * step's graph variant, 0 .. BACKEND_GRAPH_VARIANTS-1: a captured graph serves only
+     * later steps of its own bucket and variant (CUDA: the class of the longest context,
+     * which sets the decode attention's captured split count). */
     int32_t *(*decode_upload)(backend *b, const int32_t *tokens, const int32_t *positions,
                               const int32_t *slots, const attn_seq *seqs, int B, int Bp,
-                              int block_size);
+                              int block_size, int *variant);
     /* graph_begin / graph_end: the ops queued in between are recorded, not run; they
      * must neither allocate nor wait for the device (asserted). graph_end returns the
      * instantiated graph, owned by the caller (graph_free; NULL is a no-op). */

@@ -306,7 +306,8 @@ struct fwd_ctx {
      * buffer on a graphed decode step */
     const int32_t *in_ids, *in_pos, *in_slots;
     /* decode graphs (backend.h decode_upload, graph_*), one per batch bucket
-     * (graph_bucket): n_graphs of each, host memory */
+     * (graph_bucket) and graph variant: n_graphs x BACKEND_GRAPH_VARIANTS of each,
+     * host memory, index bucket * BACKEND_GRAPH_VARIANTS + variant */
     bool graphs;          /* use them where the backend has them (fwd_ctx_use_graphs) */
     int n_graphs;
     void **graph;
@@ -353,7 +354,7 @@ fwd_ctx *fwd_ctx_create(model *m, int max_tokens, int max_seqs) {
     f->slots = ctx_alloc(f, T * sizeof(int32_t));
     f->amax = ctx_alloc(f, 2 * (size_t)f->logit_chunk * sizeof(int32_t));
     f->graphs = true;
-    f->n_graphs = 3 + (f->logit_chunk + 7) / 8;
+    f->n_graphs = (3 + (f->logit_chunk + 7) / 8) * BACKEND_GRAPH_VARIANTS;
     f->graph = xcalloc((size_t)f->n_graphs, sizeof *f->graph);
     f->graph_warm = xcalloc((size_t)f->n_graphs, sizeof *f->graph_warm);
     /* one event per layer for fwd_ctx_set_layer_hook (device backends; start-up) */
@@ -510,9 +511,10 @@ static void run_layers(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt) {
 /* ---- decode steps as graphs ----------------------------------------------------------------
  * A decode-only step (one row per sequence, every row's logits wanted, in order) runs
  * padded to its bucket's Bp rows from the backend's decode buffer: the first time a
- * bucket is seen op by op (which sizes every scratch buffer), the second time under
- * capture, and from then on as one replay of that graph. Padding rows compute
- * garbage nobody reads (their K/V is never stored: slot -1). */
+ * bucket and graph variant (backend.h decode_upload) are seen op by op (which sizes
+ * every scratch buffer), the second time under capture, and from then on as one
+ * replay of that graph. Padding rows compute garbage nobody reads (their K/V is never
+ * stored: slot -1). */
 
 void fwd_ctx_use_graphs(fwd_ctx *f, bool on) {
     backend *be = f->m->be;
@@ -530,7 +532,7 @@ void fwd_ctx_use_graphs(fwd_ctx *f, bool on) {
 static int graph_bucket(const fwd_ctx *f, int B, int *Bp) {
     *Bp = PD_MIN(fwd_decode_bucket_rows(B), f->logit_chunk);
     int i = *Bp <= 4 ? (*Bp == 4 ? 2 : *Bp - 1) : 2 + (*Bp + 7) / 8;
-    PD_ASSERT(i >= 0 && i < f->n_graphs);
+    PD_ASSERT(i >= 0 && i * BACKEND_GRAPH_VARIANTS < f->n_graphs);
     return i;
 }
 
@@ -556,11 +558,13 @@ static bool decode_graphed(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt) {
     const backend_ops *o = be->ops;
     if (!f->graphs || !o->decode_upload || f->layer_fn || !is_decode_step(f, bt)) return false;
     if (!step_check(f, kv, bt)) return false;
-    int B = bt->B, Bp;
+    int B = bt->B, Bp, variant = 0;
     int bucket = graph_bucket(f, B, &Bp);
     int32_t *in = o->decode_upload(be, bt->tokens, bt->positions, bt->slots, bt->seqs, B, Bp,
-                                   kv->block_size);
+                                   kv->block_size, &variant);
     if (!in) return false; /* graphs turned off in the backend */
+    PD_ASSERT(variant >= 0 && variant < BACKEND_GRAPH_VARIANTS);
+    bucket = bucket * BACKEND_GRAPH_VARIANTS + variant; /* the graph's index from here on */
     if (f->graph_kv != kv) { /* the graphs write another cache's blocks */
         fwd_ctx_use_graphs(f, true);
         f->graph_kv = kv;

@@ -51,7 +51,9 @@
  *
  * Graphed decode steps (graphs.cu) call with seqs NULL: the same layout (T = B = Bp)
  * then sits in the decode buffer, uploaded once per step before the replay, and the
- * split count depends on Bp alone, so that the captured grid fits every later step. */
+ * split count depends on Bp and the step's graph variant (the bound of its longest
+ * context's class, cb->dec_keys), so that the captured grid fits every later step of
+ * that variant. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1131,9 +1133,9 @@ static void at2_decode(cuda_backend *cb, bf16 *o, const bf16 *q, const bf16 *kc,
 
 /* ---- decode steps for graphs (graphs.cu) ------------------------------------------------
  * The metadata of a padded decode step sits in the decode buffer after ids, positions and
- * slots; its split count depends on Bp alone (never on the context lengths, which change
- * every step while the captured grid stays): about two blocks per SM, at most 32. Splits
- * past a row's last key leave empty partials that the merge skips. */
+ * slots; its split count depends on Bp and on the bound of its context class (never on
+ * the context lengths themselves, which change every step while the captured grid
+ * stays). Splits past a row's last key leave empty partials that the merge skips. */
 
 size_t cuda_attention_decode_meta(int32_t *m, const attn_seq *seqs, int B, int Bp, int block_size) {
     PD_ASSERT(B >= 1 && B <= Bp);
@@ -1186,7 +1188,7 @@ void cuda_attention(backend *b, void *out, const void *qkv, const void *kcache, 
         const int32_t *rows = cb->dec + 3 * (size_t)T, *sq = rows + 2 * T, *tab = sq + 2 * T;
         if (at2_on(cb, D)) {
             at2_decode(cb, o, q, kc, vc, rows, sq, tab, T, H, K, D, block_size, scale, T,
-                       AT2_GRAPH_KEYS, NULL, 0);
+                       cb->dec_keys > 0 ? cb->dec_keys : AT2_GRAPH_KEYS, NULL, 0);
             return;
         }
         int gz = (H / K + ATT_MAXG - 1) / ATT_MAXG;

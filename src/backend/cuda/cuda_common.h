@@ -109,6 +109,8 @@ typedef struct cuda_backend {
     int32_t *dec_host;          /* host (malloc): the same layout, being built */
     size_t dec_host_cap;
     int dec_Bp;                 /* rows of the last decode_upload (0: none yet) */
+    int dec_keys;               /* the context its graph variant's attention is sized for
+                                 * (the class bound; 0: none yet) */
 
     /* ---- KV copies that overlap the forward pass (kv_ipc.cu, backend.h
      * copy_layers_async): made at the first such batch; NULL until then ---------------- */
@@ -266,7 +268,7 @@ size_t cuda_attention_decode_meta(int32_t *m, const attn_seq *seqs, int B, int B
 void cuda_graph_buffers_moved(cuda_backend *cb);
 int32_t *cuda_decode_upload(backend *b, const int32_t *tokens, const int32_t *positions,
                             const int32_t *slots, const attn_seq *seqs, int B, int Bp,
-                            int block_size);
+                            int block_size, int *variant);
 void cuda_graph_begin(backend *b);
 void *cuda_graph_end(backend *b);
 bool cuda_graph_launch(backend *b, void *g);

@@ -13,7 +13,12 @@
  * (attention.cu's metadata layout with T = B = Bp; padding rows have slot -1, which
  * kv_store skips, and sequence -1, which attention answers with zeros). The block
  * tables are packed (each sequence's offset is data, not an argument), so their
- * width never enters a graph. The split-K count of a padded step depends on Bp only.
+ * width never enters a graph. The split-K count of a padded step depends on Bp and on
+ * its graph variant: the class of its longest context (up to 256, 1,024, 4,096, 16,384
+ * keys, or more), whose bound the decode attention sizes its split for. One bound for
+ * every step (4,096, as before) left a batch-1 step at a 128-token context with ~32
+ * splits of which one or two had keys, plus their merge, in each of its layers;
+ * PDSERVE_CUDA_GRAPH_CLASSES=0 keeps that single variant (A/B).
  *
  * Stale graphs: when a buffer a graph reads moves (the decode buffer or a scratch
  * grows; both rare, at warm-up), cuda_graph_buffers_moved bumps cb->graph_gen, and
@@ -51,11 +56,33 @@ static void dec_grow(cuda_backend *cb, size_t n) {
     cb->dec_cap = want;
 }
 
+/* The graph variant of a step whose longest context is max_ctx, and the keys its decode
+ * attention is sized for (*keys). */
+static int graph_class(int max_ctx, int *keys) {
+    static int classes = -1; /* PDSERVE_CUDA_GRAPH_CLASSES, read once */
+    if (classes < 0) {
+        const char *e = getenv("PDSERVE_CUDA_GRAPH_CLASSES");
+        classes = e && strcmp(e, "0") == 0 ? 0 : 1;
+    }
+    static const int bound[BACKEND_GRAPH_VARIANTS] = {256, 1024, 4096, 16384, 1 << 20};
+    if (!classes) {
+        *keys = 4096;
+        return 0;
+    }
+    int v = 0;
+    while (v < BACKEND_GRAPH_VARIANTS - 1 && max_ctx > bound[v]) v++;
+    *keys = bound[v];
+    return v;
+}
+
 int32_t *cuda_decode_upload(backend *b, const int32_t *tokens, const int32_t *positions,
                             const int32_t *slots, const attn_seq *seqs, int B, int Bp,
-                            int block_size) {
+                            int block_size, int *variant) {
     cuda_backend *cb = cuda_of(b);
     if (!cb->graphs_on) return NULL;
+    int max_ctx = 1;
+    for (int i = 0; i < B; i++) max_ctx = PD_MAX(max_ctx, seqs[i].ctx_len);
+    *variant = graph_class(max_ctx, &cb->dec_keys);
     PD_ASSERT(!cb->capturing && B >= 1 && B <= Bp && block_size > 0);
     size_t n = 3 * (size_t)Bp + cuda_attention_decode_meta(NULL, seqs, B, Bp, block_size);
     if (n > cb->dec_host_cap) {
