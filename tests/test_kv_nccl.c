@@ -367,13 +367,13 @@ int main(void) {
     log_set_level(LOG_LEVEL_WARN);
     snprintf(g_tag, sizeof g_tag, "kvnccl%d", (int)getpid());
     const nccl_case cases[] = {
-        {KV_TRANSFER_WHOLE, SC_OK, 0},
-        {KV_TRANSFER_LAYERWISE, SC_OK, 0},
-        {KV_TRANSFER_WHOLE, SC_OK, 1},     /* a layer (1.16 MiB) is 2 chunks */
-        {KV_TRANSFER_LAYERWISE, SC_OK, 1},
-        {KV_TRANSFER_WHOLE, SC_OK, 1, 2},  /* 32 chunks a request through 2 buffers */
-        {KV_TRANSFER_LAYERWISE, SC_DECODE_DIES, 0},
-        {KV_TRANSFER_LAYERWISE, SC_PREFILL_DIES, 0},
+        {KV_TRANSFER_WHOLE, SC_OK, 0, 0},
+        {KV_TRANSFER_LAYERWISE, SC_OK, 0, 0},
+        {KV_TRANSFER_WHOLE, SC_OK, 1, 0},     /* a layer (1.16 MiB) is 2 chunks */
+        {KV_TRANSFER_LAYERWISE, SC_OK, 1, 0},
+        {KV_TRANSFER_WHOLE, SC_OK, 1, 2},     /* 32 chunks a request through 2 buffers */
+        {KV_TRANSFER_LAYERWISE, SC_DECODE_DIES, 0, 0},
+        {KV_TRANSFER_LAYERWISE, SC_PREFILL_DIES, 0, 0},
     };
     for (size_t i = 0; i < PD_ARRAY_LEN(cases); i++) {
         g_case = cases[i];
