@@ -20,11 +20,12 @@
  *             2 * n * block bytes, checksum 0: NCCL moves the payload, not the socket),
  *             then that payload as ncclSend / ncclRecv of chunks of at most
  *             NCCL_CHUNK_BYTES: the sender gathers layer l's k then v blocks into a device
- *             staging half (one copy_batch), sends it; the receiver receives into its
- *             own staging half and scatters it into the reserved blocks (one copy_batch).
- *             Two halves per side: gathering (scattering) chunk i+1 overlaps the NCCL
- *             transfer of chunk i. The receiver drains every DATA's payload even when its
- *             reservation has failed, so that the pair's NCCL stream never goes out of step.
+ *             staging buffer, sends it; the receiver receives into its own staging
+ *             buffer and scatters it into the reserved blocks. A ring of buffers per side
+ *             (nccl_link: the stream pipeline, ordered on the device, or the host one):
+ *             gathering (scattering) chunk i+1 overlaps the NCCL transfer of chunk i. The
+ *             receiver drains every DATA's payload even when its reservation has failed,
+ *             so that the pair's NCCL stream never goes out of step.
  *   threads   decode: a listener thread (accepts, runs kv_connector_tick every 100 ms)
  *             and one thread per prefill peer (setup, then frames and receives), so a
  *             slow peer never delays another; the engine thread never calls NCCL.
