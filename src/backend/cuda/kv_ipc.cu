@@ -18,6 +18,12 @@
  * cannot be reached by a kernel: such batches go item by item through
  * cudaMemcpyAsync.
  *
+ * copy_runs (the gpu medium's) is copy_batch of a request's shape: n_runs block runs
+ * repeated over n_parts (layer, k/v) bases, described by n_runs + n_parts descriptors
+ * (a request of 8,192 tokens over 28 layers: 128 + 56, not 7,168), one launch of
+ * xfer_runs_kernel, which finds a chunk's part by division and its run by a binary
+ * search over the runs.
+ *
  * copy_batch_sum is the same kernel adding kv_sum terms (src/kv/kv_sum.h) of what it
  * moves into per-object sums (a warp reduction and one atomic per warp and chunk), so
  * that the cpu store's checksums cost no host pass over the bytes.
@@ -42,6 +48,8 @@
  *       concatenated items: small items, e.g. single 32 KiB blocks of a fragmented
  *       pool, share a CTA step)
  *   PDSERVE_KV_XFER_BIG_KIB (4096)    auto: items this large go to the copy engines
+ *   PDSERVE_KV_TIMING=1               copy_timing: host clocks and three events per
+ *       copy_batch / copy_runs call (bench_kv_cuda's breakdown)
  *
  * Measured on 2x H200 (NV18), 896 MiB of KV to the peer GPU (bench_kv_cuda): this
  * kernel moves a request's 7,168 runs of 128 KiB at 352-359 GB/s when timed alone
