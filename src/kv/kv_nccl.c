@@ -83,6 +83,8 @@
 #define NCCL_DEPTH 3                        /* their default (stream pipeline) */
 #define NCCL_PENDING_MAX 64                 /* decode: layers queued, not yet counted */
 #define NCCL_SPIN_WAITS 64                  /* polls of a wait before it sleeps (wait=spin) */
+#define NCCL_GONE_GRACE_S 0.5               /* a wait that finds its peer gone still waits
+                                             * this long for work already in flight */
 
 #if PDSERVE_HAVE_CUDA
 /* ---- the slice of NCCL's ABI that we use (public nccl.h, 2.14 and later) ------------- */
@@ -404,16 +406,18 @@ typedef struct wait_ctx {
 } wait_ctx;
 
 /* Waits until the link's communicator has no operation in progress and, when ev is
- * given, until that event has passed. KV_OK; KV_PENDING when `frames` and a frame has
- * arrived on the control socket first (the receiver reads it, then waits again); or
- * KV_ERR_PEER (NCCL reported an error, or the control socket says the peer closed: a
- * dead process), KV_ERR_DEADLINE, KV_ERR_ABORTED (stop): then the caller must
- * link_close (the op is still pending). */
+ * given, until that event has passed. KV_OK; KV_PENDING when `frames` and a frame (or
+ * the end of the stream) has arrived on the control socket first (the receiver reads
+ * it, then waits again); or KV_ERR_PEER (NCCL reported an error, or the peer has been
+ * gone for NCCL_GONE_GRACE_S: its control socket closed, or its process gone or
+ * exiting), KV_ERR_DEADLINE, KV_ERR_ABORTED (stop): then the caller must link_close
+ * (the op is still pending). */
 static kv_status link_wait_for(const kv_cache *kv, nccl_link *k, void *ev, const wait_ctx *w,
                                bool frames, char *err, size_t errlen) {
     long sleep_ns = 2000;
     int spins = wait_spins() ? NCCL_SPIN_WAITS : 0;
-    double next_look = time_now_s() + NCCL_LIVENESS_S;
+    double next_look = time_now_s() + NCCL_LIVENESS_S, gone = 0;
+    const char *why = "";
     for (;;) {
         int async = NCCL_OK;
         NCCL_CALL(g_nccl.comm_async_error(k->comm, &async));
@@ -423,19 +427,24 @@ static kv_status link_wait_for(const kv_cache *kv, nccl_link *k, void *ev, const
         }
         if (async == NCCL_OK && (!ev || cuda_kv_nccl_event_done(kv->be, ev))) return KV_OK;
         struct pollfd p = {k->fd, POLLRDHUP | (frames ? POLLIN : 0), 0};
-        if (k->fd >= 0 && poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR))) {
-            pd_errorf(err, errlen, "kv nccl: %s closed its connection mid-transfer (process "
-                      "gone?)", w->who);
-            return KV_ERR_PEER;
+        if (k->fd >= 0 && poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) &&
+            !gone) {
+            gone = time_now_s();
+            why = "closed its connection mid-transfer (process gone?)";
         }
-        if (frames && (p.revents & POLLIN)) return KV_PENDING;
-        if (k->peer_key && time_now_s() > next_look) {
+        if (frames && (p.revents & POLLIN)) return KV_PENDING; /* frames first (a DONE, or EOF) */
+        if (k->peer_key && !gone && time_now_s() > next_look) {
             if (peer_dying(k->peer_key)) {
-                pd_errorf(err, errlen, "kv nccl: %s: its process is gone or exiting mid-transfer",
-                          w->who);
-                return KV_ERR_PEER;
+                gone = time_now_s();
+                why = ": its process is gone or exiting mid-transfer";
             }
             next_look = time_now_s() + NCCL_LIVENESS_S;
+        }
+        /* a peer that finished and left may be gone before our last work ends: that
+         * work (a receive the peer's send completed, a scatter) still finishes */
+        if (gone && time_now_s() - gone > NCCL_GONE_GRACE_S) {
+            pd_errorf(err, errlen, "kv nccl: %s %s", w->who, why);
+            return KV_ERR_PEER;
         }
         if (w->stop && atomic_load(w->stop)) {
             pd_errorf(err, errlen, "kv nccl: %s: the connector is closing", w->who);
