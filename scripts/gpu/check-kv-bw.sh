@@ -10,6 +10,8 @@
 #   nccl  PDSERVE_KV_NCCL_PIPE=stream (device-ordered ring) with DEPTH 2, 3 (default), 4
 #         and WAIT=sleep | host (the halves the host waits for) with WAIT spin | sleep
 #         (host + sleep: the medium before)
+#   and the defaults once with PDSERVE_KV_TIMING=0: what the breakdown's clocks and
+#   events cost (that row has no breakdown)
 # and each warm request's breakdown (bench clocks, the medium's phases, the backend's
 # copies by host clocks and CUDA events). Logs under $OUT (or build-gpu/out); a short
 # table last.
@@ -71,7 +73,7 @@ bench() {
 G=PDSERVE_KV_GPU_COPY N=PDSERVE_KV_NCCL_PIPE D=PDSERVE_KV_NCCL_DEPTH W=PDSERVE_KV_NCCL_WAIT
 bench whole "$G=items $N=host $W=sleep" "$G=runs $N=host $W=spin" \
   "$G=runs $N=stream $D=2" "$G=runs $N=stream $D=3" "$G=runs $N=stream $D=4" \
-  "$G=runs $N=stream $D=3 $W=sleep"
+  "$G=runs $N=stream $D=3 $W=sleep" "$G=runs $N=stream $D=3 PDSERVE_KV_TIMING=0"
 if [ "${SKIP_LAYERWISE:-0}" != 1 ]; then
   bench layerwise "$G=items $N=host $W=sleep" "$G=runs $N=stream $D=3"
 fi
