@@ -3,14 +3,14 @@
 # each of their switches on and off in the same run (issue #5: 80% of the ceiling), in
 # one device call on a machine with two GPUs: builds with the gathered Debian prefix,
 # runs test_kv_cuda (every medium, every byte compared) and test_kv_nccl under both
-# nccl pipelines (stream, host), then bench_kv_cuda over gpu and nccl, whole then
-# layerwise, one row per variant:
+# nccl pipelines (stream, host), then bench_kv_cuda over gpu, then over nccl (each run
+# with its own ceilings), whole then layerwise, one row per variant:
 #   gpu   PDSERVE_KV_GPU_COPY=runs (one copy_runs per call) | items (one copy_batch of
 #         every run x part: the medium before)
 #   nccl  PDSERVE_KV_NCCL_PIPE=stream (device-ordered ring) with DEPTH 2, 3 (default), 4
 #         and WAIT=sleep | host (the halves the host waits for) with WAIT spin | sleep
 #         (host + sleep: the medium before)
-#   and the defaults once with PDSERVE_KV_TIMING=0: what the breakdown's clocks and
+#   and gpu's default once with PDSERVE_KV_TIMING=0: what the breakdown's clocks and
 #   events cost (that row has no breakdown)
 # and each warm request's breakdown (bench clocks, the medium's phases, the backend's
 # copies by host clocks and CUDA events). Logs under $OUT (or build-gpu/out); a short
@@ -21,6 +21,8 @@
 #   SKIP_BUILD=1 / SKIP_TEST=1 / SKIP_LAYERWISE=1   leave a part out
 #   BUILD=DIR SKIP_BUILD=1                          an existing build elsewhere (a dry run)
 #   BENCH_TOKENS=8192 BENCH_WARM=3                  the bench's request size and repeats
+#   LAYERWISE_BY=380                                skip the layerwise part when the call
+#                                                   has run longer (s): stays under 8 min
 # Exit status: 0 when every test passed and every bench row ran, 77 without two GPUs,
 # else 1 (2: build failed). Reads the GPU's state and never changes it; NCCL_* variables
 # are left as they are.
@@ -55,27 +57,29 @@ if [ "${SKIP_TEST:-0}" != 1 ]; then
   done
 fi
 
-# one bench run: MODE VARIANT...
+# one bench run: MODE MEDIA VARIANT... (rows against the ceilings of the same run)
 bench() {
-  local mode=$1; shift
-  local args=()
+  local mode=$1 media=$2; shift 2
+  local args=() f=$out/bench_kv_cuda-bw-$mode-$media
   for v in "$@"; do args+=(--variant "$v"); done
   local t0=$(date +%s)
-  timeout "${BENCH_TIMEOUT:-240}" "$B/bench_kv_cuda" --dir "$B" --media gpu,nccl --copies auto \
+  timeout "${BENCH_TIMEOUT:-200}" "$B/bench_kv_cuda" --dir "$B" --media "$media" --copies auto \
     --mode "$mode" --tokens "${BENCH_TOKENS:-8192}" --warm "${BENCH_WARM:-3}" "${args[@]}" \
-    >"$out/bench_kv_cuda-bw-$mode.txt" 2>"$out/bench_kv_cuda-bw-$mode.err"
+    >"$f.txt" 2>"$f.err"
   local rc=$?
-  echo "bench_kv_cuda $mode: exit $rc, $(( $(date +%s) - t0 )) s"
-  tail -n 3 "$out/bench_kv_cuda-bw-$mode.err"
-  { [ "$rc" -ne 0 ] || grep -q ' failed$' "$out/bench_kv_cuda-bw-$mode.txt"; } && status=1
+  echo "bench_kv_cuda $mode $media: exit $rc, $(( $(date +%s) - t0 )) s"
+  tail -n 3 "$f.err"
+  { [ "$rc" -ne 0 ] || grep -q ' failed$' "$f.txt"; } && status=1
 }
-# the variables of one medium do not touch the other: each variant sets both
 G=PDSERVE_KV_GPU_COPY N=PDSERVE_KV_NCCL_PIPE D=PDSERVE_KV_NCCL_DEPTH W=PDSERVE_KV_NCCL_WAIT
-bench whole "$G=items $N=host $W=sleep" "$G=runs $N=host $W=spin" \
-  "$G=runs $N=stream $D=2" "$G=runs $N=stream $D=3" "$G=runs $N=stream $D=4" \
-  "$G=runs $N=stream $D=3 $W=sleep" "$G=runs $N=stream $D=3 PDSERVE_KV_TIMING=0"
-if [ "${SKIP_LAYERWISE:-0}" != 1 ]; then
-  bench layerwise "$G=items $N=host $W=sleep" "$G=runs $N=stream $D=3"
+bench whole gpu "$G=items" "$G=runs" "$G=runs PDSERVE_KV_TIMING=0"
+bench whole nccl "$N=host $W=sleep" "$N=host $W=spin" "$N=stream $D=2" "$N=stream $D=3" \
+  "$N=stream $D=4" "$N=stream $D=3 $W=sleep"
+if [ "${SKIP_LAYERWISE:-0}" != 1 ] && [ $(( $(date +%s) - t_start )) -gt "${LAYERWISE_BY:-380}" ]; then
+  echo "layerwise bench skipped: $(( $(date +%s) - t_start )) s gone (LAYERWISE_BY=${LAYERWISE_BY:-380})"
+elif [ "${SKIP_LAYERWISE:-0}" != 1 ]; then
+  bench layerwise gpu "$G=items" "$G=runs"
+  bench layerwise nccl "$N=host $W=sleep" "$N=stream $D=3"
 fi
 
 echo
@@ -85,13 +89,15 @@ for pipe in stream host; do
   [ -f "$out/test_kv_nccl-$pipe.log" ] && { echo "-- test_kv_nccl, $pipe pipeline"; grep -E '^(ok  |FAIL)|^     nccl' "$out/test_kv_nccl-$pipe.log"; }
 done
 for mode in whole layerwise; do
-  f=$out/bench_kv_cuda-bw-$mode.txt
-  [ -f "$f" ] || continue
-  echo
-  echo "== bench_kv_cuda ($mode): rows, then the gpu lab lines and each warm request's breakdown =="
-  sed -n '/^GPU 0:/p; /^NCCL send/p; /^medium copies/,/^where/p' "$f" | grep -v '^where'
-  grep -E '^       \(' "$f"
-  grep -E ' #[0-9]+ put ' "$f"
+  for media in gpu nccl; do
+    f=$out/bench_kv_cuda-bw-$mode-$media.txt
+    [ -f "$f" ] || continue
+    echo
+    echo "== bench_kv_cuda ($mode, $media): rows, lab lines, each warm request's breakdown =="
+    sed -n '/^GPU 0:/p; /^NCCL send/p; /^medium copies/,/^where/p' "$f" | grep -v '^where'
+    grep -E '^       \(' "$f"
+    grep -E ' #[0-9]+ put ' "$f"
+  done
 done
 echo
 echo "check-kv-bw: $(( $(date +%s) - t_start )) s, status $status"
