@@ -13,8 +13,8 @@
 #   and gpu's default once with PDSERVE_KV_TIMING=0: what the breakdown's clocks and
 #   events cost (that row has no breakdown)
 # and each warm request's breakdown (bench clocks, the medium's phases, the backend's
-# copies by host clocks and CUDA events). Logs under $OUT (or build-gpu/out); a short
-# table last.
+# copies by host clocks and CUDA events). Logs under $OUT (or build-gpu/out); the
+# breakdowns, the tests, then the rows (medium GB/s, ceiling, ratio per variant) last.
 #
 # Usage (repository root, on the GPU machine; carry .deps/prefix):
 #   scripts/gpu/check-kv-bw.sh
@@ -82,6 +82,17 @@ elif [ "${SKIP_LAYERWISE:-0}" != 1 ]; then
   bench layerwise nccl "$N=host $W=sleep" "$N=stream $D=3"
 fi
 
+# the summary, longest first (a reader of the output's tail sees the table): each warm
+# request's breakdown, the tests, then the rows and lab lines
+for mode in whole layerwise; do
+  for media in gpu nccl; do
+    f=$out/bench_kv_cuda-bw-$mode-$media.txt
+    [ -f "$f" ] || continue
+    echo
+    echo "== breakdown ($mode, $media): each warm request =="
+    grep -E ' #[0-9]+ put ' "$f"
+  done
+done
 echo
 echo "== tests =="
 [ -f "$out/test_kv_cuda.log" ] && grep -E '^(ok  |FAIL)' "$out/test_kv_cuda.log"
@@ -93,10 +104,9 @@ for mode in whole layerwise; do
     f=$out/bench_kv_cuda-bw-$mode-$media.txt
     [ -f "$f" ] || continue
     echo
-    echo "== bench_kv_cuda ($mode, $media): rows, lab lines, each warm request's breakdown =="
+    echo "== bench_kv_cuda ($mode, $media) =="
     sed -n '/^GPU 0:/p; /^NCCL send/p; /^medium copies/,/^where/p' "$f" | grep -v '^where'
     grep -E '^       \(' "$f"
-    grep -E ' #[0-9]+ put ' "$f"
   done
 done
 echo
