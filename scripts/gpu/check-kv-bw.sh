@@ -105,7 +105,8 @@ for mode in whole layerwise; do
     [ -f "$f" ] || continue
     echo
     echo "== bench_kv_cuda ($mode, $media) =="
-    sed -n '/^GPU 0:/p; /^NCCL send/p; /^medium copies/,/^where/p' "$f" | grep -v '^where'
+    grep -E '^(GPU 0:|NCCL send)' "$f"
+    awk '/^medium copies/ && !done { on = 1 } on && /^where/ { on = 0; done = 1 } on' "$f"
     grep -E '^       \(' "$f"
   done
 done
