@@ -9,8 +9,10 @@
  * order (a cache in use is fragmented); the decode side's are consecutive. Latency:
  * from the prefill side's kv_send_begin to the decode side's kv_ticket_wait returning
  * OK (one host clock), for a cold request (the first to that peer: IPC handles opened,
- * connection made) and a warm one (the next); "put" is the prefill side's share (from
- * kv_send_begin to kv_send_finish returning). Ceilings, same bytes, same run:
+ * connection made) and --warm (3) warm ones after it (gpu and nccl; the others 1): the
+ * table gives the best (its GB/s and ratio) and the median; "put" is the prefill
+ * side's share (from kv_send_begin to kv_send_finish returning). Ceilings, same bytes,
+ * same run:
  *   gpu        one cudaMemcpyAsync of the whole size from GPU 0 into GPU 1's memory
  *              opened through IPC (what cudaMemcpyPeer moves), best of 3
  *   cpu        pinned device->host then host->device, one copy each (put, then get)
@@ -26,15 +28,29 @@
  * batch = copy engines through one cudaMemcpyBatchAsync); --copies auto,memcpy,kernel
  * runs each of them for A/B. The kernel's knobs (PDSERVE_KV_XFER_*: kv_ipc.cu) come
  * from the environment too and are printed; a sweep is one shell loop over them.
- * After the main table, where the warm request's time goes: put (prefill side, from
- * kv_send_begin to kv_send_finish returning) and get (the rest: the decode side's wake
- * and, for the stores, its read).
+ * --variant 'NAME=VALUE ...' (repeatable) runs every medium and copy path once per
+ * variant, with those variables in both processes (PDSERVE_KV_GPU_COPY=runs|items,
+ * PDSERVE_KV_NCCL_PIPE=stream|host, PDSERVE_KV_NCCL_DEPTH, PDSERVE_KV_NCCL_WAIT,
+ * PDSERVE_KV_XFER_*): A/B rows against the same ceilings of the same run.
+ * After the main table, where the best warm request's time goes: put (prefill side,
+ * from kv_send_begin to kv_send_finish returning) and get (the rest: the decode side's
+ * wake and, for the stores, its read), and for gpu and nccl each warm request's
+ * breakdown: the bench's clocks around kv_send_begin / kv_send_layer / kv_send_finish,
+ * the medium's phases (kv_send_timing) and the backend's copies (backend_copy_timing:
+ * host clocks and events on the transfer stream), PDSERVE_KV_TIMING being set in both
+ * processes of every transfer (three event records and a few clock reads per copy).
+ * The gpu medium's lab rows add the request's runs timed right after the stand-in pass
+ * below (the conditions of the medium's requests) and as one copy_runs.
  *
  * Before each request the prefill side rewrites its cache for --busy-ms (50) as the
  * prefill pass would (clocks up, as in serving, where the transfer follows the pass).
+ * That pass is synchronised (the compute stream drained) before the request's clock
+ * starts, so its kernels never overlap the timed window; the breakdown's "tail" is its
+ * last sync's time, outside the window.
  *
  * Usage: bench_kv_cuda [--media gpu,cpu,disk,tcp,nccl] [--copies auto,memcpy] [--mode
- *                       whole|layerwise] [--tokens N] [--dir DIR] [--busy-ms MS] */
+ *                       whole|layerwise] [--tokens N] [--dir DIR] [--busy-ms MS]
+ *                      [--warm N] [--variant 'NAME=VALUE ...']... */
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -61,14 +77,19 @@
 #define BLOCK 16
 #define RUN 4
 #define BENCH_MAX_LAYERS 64
+#define MAX_WARM 8
+#define MAX_VARIANTS 12
 
 typedef struct opts {
     char media[64], copies[64];
     kv_transfer_mode mode;
     int tokens;
+    int warm;                  /* warm requests per transfer (gpu, nccl; the others: 1) */
     double busy_ms;            /* the prefill side's stand-in pass before each request */
     char dir[KV_ADDRESS_MAX - 40];
     int gpus;
+    char variant[MAX_VARIANTS][160]; /* "NAME=VALUE ...": environment of both sides */
+    int n_variants;
 } opts;
 
 static model_config bench_config(void) {
@@ -99,6 +120,26 @@ static kv_config medium_config(const opts *o, kv_medium m, kv_role role, size_t 
     return bench_medium_config("benchc", o->dir, o->mode, m, role, bytes);
 }
 
+/* A variant's assignments ("NAME=VALUE NAME=VALUE") into this process's environment
+ * (a child, before it starts CUDA). */
+static void variant_apply(const char *v) {
+    char buf[160], *save = NULL;
+    snprintf(buf, sizeof buf, "%s", v);
+    for (char *a = strtok_r(buf, " ", &save); a; a = strtok_r(NULL, " ", &save)) {
+        char *eq = strchr(a, '=');
+        if (eq) *eq = 0, setenv(a, eq + 1, 1);
+    }
+}
+
+/* A variant as the tables show it: its assignments without the PDSERVE_KV_ prefix;
+ * "-" for none (a static buffer: one at a time). */
+static const char *variant_label(const char *v) {
+    static char out[160];
+    snprintf(out, sizeof out, "%s", *v ? v : "-");
+    for (char *q; (q = strstr(out, "PDSERVE_KV_"));) memmove(q, q + 11, strlen(q + 11) + 1);
+    return out;
+}
+
 /* What the decode process tells the prefill process before and after a transfer. */
 typedef struct d_msg {
     char ticket[KV_TICKET_TEXT_MAX];
@@ -110,24 +151,189 @@ typedef struct d_msg {
     uint64_t piece_off[2 * BENCH_MAX_LAYERS];
 } d_msg;
 
-/* Figures of one transfer() run: request 0 is cold (the first ticket for that peer:
- * IPC handles opened, connections made, store pages first touched), request 1 warm. */
-typedef struct result {
-    double lat[2];  /* kv_send_begin -> decode side's wait returning, s */
-    double put[2];  /* kv_send_begin -> kv_send_finish returning (prefill side), s */
-    double peer;    /* gpu: the peer-copy ceiling between the same processes, bytes/s */
-    double runs;    /* gpu: the request's block runs as one copy_batch into the same
-                       peer buffer, bytes/s: the copy alone, without the connector */
+/* What the prefill process measured of one request (and, after the last one, of the
+ * lab copies between the same two processes). */
+typedef struct p_msg {
+    double begin;              /* clock at kv_send_begin (the decode side subtracts it) */
+    double put;                /* kv_send_begin -> kv_send_finish returning, s */
+    double t_begin, t_layers, t_finish; /* its parts: kv_send_begin, the kv_send_layer
+                                           calls, kv_send_finish */
+    kv_send_timing kt;         /* the medium's phases (PDSERVE_KV_TIMING) */
+    backend_copy_timing ct;    /* the backend's copies in it; ct.calls 0: none measured */
+    double busy_tail;          /* s the stand-in pass's last sync took: it ends before begin */
+    /* gpu, last request only: the ceiling and lab copies, bytes/s */
+    double peer, peer_first;   /* one copy of the whole size into the peer's scratch */
+    double runs, runs_first;   /* the request's block runs as one copy_batch, same buffer */
     int n_runs;
-    double peer_first, runs_first; /* the same, first of 4 (the others: best of 3) */
-    double runs_pieces; /* the runs into one allocation per layer and k/v, bytes/s */
-    double runs_idle;   /* the same, once, after 50 ms without copies */
+    double runs_pieces;        /* the runs into one allocation per layer and k/v (as a cache) */
+    double runs_idle;          /* the same, once, after 50 ms without copies */
+    double runs_busy;          /* the same, once, right after busy_ms of the stand-in pass
+                                  (the conditions of the medium's requests) */
+    double runs_k;             /* the same as one copy_runs (runs x parts), best of 3 */
+    double runs_k_busy;        /* copy_runs right after busy_ms of the stand-in pass */
+} p_msg;
+
+/* Figures of one transfer() run: request 0 is cold (the first ticket for that peer:
+ * IPC handles opened, connections made, store pages first touched), 1..n_warm warm. */
+typedef struct result {
+    int n_warm;
+    double lat[1 + MAX_WARM];  /* kv_send_begin -> decode side's wait returning, s */
+    p_msg pm[1 + MAX_WARM];
 } result;
 
-/* Two requests of n tokens over medium m with PDSERVE_KV_COPY=copy. 0, or -1 when a
- * side failed. */
-static int transfer(const opts *o, kv_medium m, const char *copy, int n, result *res) {
+static int best_warm(const result *r) {
+    int b = 1;
+    for (int q = 2; q <= r->n_warm; q++)
+        if (r->lat[q] < r->lat[b]) b = q;
+    return b;
+}
+static double median_warm(const result *r) {
+    double v[MAX_WARM];
+    int n = r->n_warm;
+    for (int q = 0; q < n; q++) v[q] = r->lat[1 + q];
+    for (int i = 1; i < n; i++) /* a handful: insertion sort */
+        for (int j = i; j > 0 && v[j] < v[j - 1]; j--) {
+            double t = v[j];
+            v[j] = v[j - 1], v[j - 1] = t;
+        }
+    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+/* The stand-in prefill pass: rewrites the cache for busy_ms (0: off) on the compute
+ * stream, a sync after each sweep, so it has ended (the GPU idle, clocks up) when this
+ * returns. Returns the last sync's time (how long its tail was). */
+static double busy_pass(backend *be, kv_cache *kv, double busy_ms, int q) {
+    double tail = 0;
+    size_t part = (size_t)kv->num_blocks * kv->block_bytes / 2;
+    for (double w0 = time_now_s(); time_now_s() - w0 < busy_ms / 1e3;) {
+        for (int l = 0; l < kv->n_layers; l++) {
+            be->ops->fill_random(be, kv->k[l], DTYPE_BF16, part, 7 + l + q, 1.0f);
+            be->ops->fill_random(be, kv->v[l], DTYPE_BF16, part, 1007 + l + q, 1.0f);
+        }
+        double t0 = time_now_s();
+        be->ops->sync(be);
+        tail = time_now_s() - t0;
+    }
+    return tail;
+}
+
+static double timed_batch(backend *be, const backend_copy *items, int n) {
+    double t0 = time_now_s();
+    be->ops->copy_batch(be, items, n);
+    return time_now_s() - t0;
+}
+static double timed_runs(backend *be, const backend_run *runs, int nr, void *const *dst,
+                         const void *const *src, int np) {
+    double t0 = time_now_s();
+    be->ops->copy_runs(be, runs, nr, dst, src, np);
+    return time_now_s() - t0;
+}
+
+/* Prefill side, after the last request: the ceiling and the lab copies between the
+ * same two processes (p_msg's gpu fields). */
+static void gpu_lab(const opts *o, backend *be, kv_cache *kv, const d_msg *msg, const int32_t *blocks,
+                    int nb, size_t bytes, p_msg *pm) {
+    char err[256];
+    void *peer = be->ops->ipc_open(be, msg->scratch, err, sizeof err);
+    void *src = be->ops->alloc(be, bytes);
+    PD_ASSERT(peer);
+    uint8_t *to = (uint8_t *)peer + msg->scratch_off;
+    backend_copy one = {to, src, bytes};
+    for (int r = 0; r < 4; r++) { /* the first warms the NVLink path up */
+        double bw = (double)bytes / timed_batch(be, &one, 1);
+        if (r) pm->peer = PD_MAX(pm->peer, bw);
+        else pm->peer_first = bw;
+    }
+    /* the request's runs (layer, k/v, run of blocks) into consecutive places of the peer
+     * buffer: the medium's copy without the connector around it */
+    backend_copy *runs = xmalloc((size_t)2 * kv->n_layers * nb * sizeof *runs);
+    int nr = 0;
+    size_t bb = kv->block_bytes, off = 0;
+    for (int l = 0; l < kv->n_layers; l++)
+        for (int part = 0; part < 2; part++)
+            for (int i = 0; i < nb; i++, off += bb) {
+                uint8_t *b = (uint8_t *)(part ? kv->v[l] : kv->k[l]) + (size_t)blocks[i] * bb;
+                backend_copy *lr = nr ? &runs[nr - 1] : NULL;
+                if (lr && (const uint8_t *)lr->src + lr->bytes == b &&
+                    (uint8_t *)lr->dst + lr->bytes == to + off)
+                    lr->bytes += bb;
+                else
+                    runs[nr++] = (backend_copy){to + off, b, bb};
+            }
+    for (int r = 0; r < 4; r++) {
+        double bw = (double)bytes / timed_batch(be, runs, nr);
+        if (r) pm->runs = PD_MAX(pm->runs, bw);
+        else pm->runs_first = bw;
+    }
+    pm->n_runs = nr;
+    /* the same runs into one allocation per layer and k/v; and as copy_runs: the runs
+     * of one part (block i at i * bb of its piece) and a base per piece */
+    void *opened[2 * BENCH_MAX_LAYERS], *dst[2 * BENCH_MAX_LAYERS];
+    const void *srcs[2 * BENCH_MAX_LAYERS];
+    backend_run *pr = xmalloc((size_t)nb * sizeof *pr);
+    int npr = 0;
+    for (int i = 0; i < nb;) {
+        int len = 1;
+        while (i + len < nb && blocks[i + len] == blocks[i] + len) len++;
+        pr[npr++] = (backend_run){(uint64_t)i * bb, (uint64_t)blocks[i] * bb, (uint64_t)len * bb};
+        i += len;
+    }
+    nr = 0;
+    size_t per = bytes / (size_t)(2 * kv->n_layers);
+    for (int l = 0; l < kv->n_layers; l++)
+        for (int part = 0; part < 2; part++) {
+            int k = 2 * l + part;
+            opened[k] = be->ops->ipc_open(be, msg->piece[k], err, sizeof err);
+            PD_ASSERT(opened[k]);
+            uint8_t *base = (uint8_t *)opened[k] + msg->piece_off[k];
+            dst[k] = base;
+            srcs[k] = part ? kv->v[l] : kv->k[l];
+            for (int i = 0; i < nb; i++) {
+                uint8_t *b = (uint8_t *)(part ? kv->v[l] : kv->k[l]) + (size_t)blocks[i] * bb;
+                backend_copy *lr = nr ? &runs[nr - 1] : NULL;
+                if (lr && (const uint8_t *)lr->src + lr->bytes == b &&
+                    (uint8_t *)lr->dst + lr->bytes == base + (size_t)i * bb)
+                    lr->bytes += bb;
+                else
+                    runs[nr++] = (backend_copy){base + (size_t)i * bb, b, bb};
+            }
+            PD_ASSERT((size_t)nb * bb <= per);
+        }
+    int np = 2 * kv->n_layers;
+    for (int r = 0; r < 4; r++) {
+        double t = timed_batch(be, runs, nr);
+        if (r) pm->runs_pieces = PD_MAX(pm->runs_pieces, (double)bytes / t);
+    }
+    for (int r = 0; r < 4 && be->ops->copy_runs; r++) {
+        double t = timed_runs(be, pr, npr, dst, srcs, np);
+        if (r) pm->runs_k = PD_MAX(pm->runs_k, (double)bytes / t);
+    }
+    /* the same after 50 ms with no copy (NVLink idle, as between requests) */
+    usleep(50000);
+    pm->runs_idle = (double)bytes / timed_batch(be, runs, nr);
+    /* and right after the stand-in pass, as the medium's requests start */
+    busy_pass(be, kv, o->busy_ms, 0);
+    pm->runs_busy = (double)bytes / timed_batch(be, runs, nr);
+    if (be->ops->copy_runs) {
+        busy_pass(be, kv, o->busy_ms, 0);
+        pm->runs_k_busy = (double)bytes / timed_runs(be, pr, npr, dst, srcs, np);
+    }
+    backend_copy_timing drop;
+    if (be->ops->copy_timing) be->ops->copy_timing(be, &drop); /* the lab's own */
+    for (int k = 0; k < np; k++) be->ops->ipc_close(be, opened[k]);
+    free(pr);
+    free(runs);
+    be->ops->ipc_close(be, peer);
+    be->ops->free(be, src);
+}
+
+/* 1 + n_warm requests of n tokens over medium m with PDSERVE_KV_COPY=copy and the
+ * variant's environment in both processes (PDSERVE_KV_TIMING=1 unless it says
+ * otherwise). 0, or -1 when a side failed. */
+static int transfer(const opts *o, kv_medium m, const char *copy, const char *variant, int n,
+                    result *res) {
     int nb = (n + BLOCK - 1) / BLOCK;
+    int n_warm = m == KV_MEDIUM_GPU || m == KV_MEDIUM_NCCL ? o->warm : 1;
     model_config cfg = bench_config();
     size_t bytes = (size_t)nb * BLOCK * model_kv_bytes_per_token(&cfg, 2);
     int d2p[2], p2d[2], out[2]; /* D -> P, P -> D, D -> this process */
@@ -136,6 +342,8 @@ static int transfer(const opts *o, kv_medium m, const char *copy, int n, result 
     pid_t d = fork();
     if (d == 0) {
         char err[512];
+        setenv("PDSERVE_KV_TIMING", "1", 1);
+        variant_apply(variant);
         backend *be = gpu_open(o->gpus > 1 ? 1 : 0);
         kv_cache *kv = cache_open(be, nb);
         kv_pool pool;
@@ -159,29 +367,22 @@ static int transfer(const opts *o, kv_medium m, const char *copy, int n, result 
             }
         }
         int32_t *tok = xmalloc((size_t)n * sizeof(int32_t)), *blocks = xmalloc((size_t)nb * 4);
-        result r;
+        static result r;
         memset(&r, 0, sizeof r);
-        for (int q = 0; q < 2; q++) {
+        r.n_warm = n_warm;
+        for (int q = 0; q <= n_warm; q++) {
             for (int i = 0; i < n; i++) tok[i] = i + q * 1000003; /* other keys per request */
             kv_ticket t;
             if (kv_reserve(con, 1 + q, tok, n, 600, &t, err, sizeof err) != KV_OK) pd_die("%s", err);
             kv_ticket_format(&t, msg.ticket, sizeof msg.ticket);
             wr(d2p[1], &msg, sizeof msg);
             kv_status st = kv_ticket_wait(con, &t, 600, err, sizeof err);
-            double done = time_now_s(), pm[9];
+            double done = time_now_s();
             if (st != KV_OK) pd_die("bench: %s: %s", kv_status_name(st), err);
             PD_ASSERT(kv_ticket_take(con, &t, blocks, nb) == nb);
             al.release(al.user, blocks, nb);
-            rd(p2d[0], pm, sizeof pm); /* begin time, put time, peer ceiling, runs, their count */
-            r.lat[q] = done - pm[0];
-            r.put[q] = pm[1];
-            r.peer = pm[2];
-            r.runs = pm[3];
-            r.n_runs = (int)pm[4];
-            r.peer_first = pm[5];
-            r.runs_first = pm[6];
-            r.runs_pieces = pm[7];
-            r.runs_idle = pm[8];
+            rd(p2d[0], &r.pm[q], sizeof r.pm[q]);
+            r.lat[q] = done - r.pm[q].begin;
         }
         wr(out[1], &r, sizeof r); /* P is done with the scratch: it answered last */
         kv_connector_free(con);
@@ -194,6 +395,8 @@ static int transfer(const opts *o, kv_medium m, const char *copy, int n, result 
     pid_t p = fork();
     if (p == 0) {
         char err[512];
+        setenv("PDSERVE_KV_TIMING", "1", 1);
+        variant_apply(variant);
         backend *be = gpu_open(0);
         kv_cache *kv = cache_open(be, nb);
         for (int l = 0; l < kv->n_layers; l++) {
@@ -212,105 +415,41 @@ static int transfer(const opts *o, kv_medium m, const char *copy, int n, result 
             if (blocks[i] >= kv->num_blocks) blocks[i] = i;
         kv_connector *con = NULL;
         static d_msg msg;
-        for (int q = 0; q < 2; q++) {
+        for (int q = 0; q <= n_warm; q++) {
             kv_ticket t;
             if (rd(d2p[0], &msg, sizeof msg) || kv_ticket_parse(msg.ticket, &t, err, sizeof err)) _exit(2);
             kv_config c = medium_config(o, m, KV_ROLE_PREFILL, 2 * bytes);
             if (!con && !(con = kv_connector_create(&c, kv, NULL, err, sizeof err)))
                 pd_die("bench: %s", err);
             for (int i = 0; i < n; i++) tok[i] = i + q * 1000003;
+            p_msg pm;
+            memset(&pm, 0, sizeof pm);
             /* the prefill pass that wrote these blocks, as in serving, where a transfer
-             * starts right after it (not on a GPU idling at low clocks): rewrites the
-             * cache for busy_ms (0: off) */
-            for (double w0 = time_now_s(); time_now_s() - w0 < o->busy_ms / 1e3;) {
-                for (int l = 0; l < kv->n_layers; l++) {
-                    size_t part = (size_t)kv->num_blocks * kv->block_bytes / 2;
-                    be->ops->fill_random(be, kv->k[l], DTYPE_BF16, part, 7 + l + q, 1.0f);
-                    be->ops->fill_random(be, kv->v[l], DTYPE_BF16, part, 1007 + l + q, 1.0f);
-                }
-                be->ops->sync(be);
-            }
-            double pm[9] = {time_now_s(), 0, 0, 0, 0, 0, 0, 0, 0};
+             * starts right after it (not on a GPU idling at low clocks); synchronised:
+             * it has ended before the clock below starts */
+            pm.busy_tail = busy_pass(be, kv, o->busy_ms, q);
+            kv_send_timing drop_kt;
+            kv_send_timing_take(&drop_kt); /* this request's only */
+            backend_copy_timing drop_ct;
+            if (be->ops->copy_timing) be->ops->copy_timing(be, &drop_ct);
+            pm.begin = time_now_s();
             kv_status st;
             kv_send *s = kv_send_begin(con, &t, blocks, nb, tok, n, &st, err, sizeof err);
             if (!s) pd_die("bench: begin: %s", err);
+            double t1 = time_now_s();
             for (int l = 0; l < kv->n_layers; l++) kv_send_layer(s, l, err, sizeof err);
+            double t2 = time_now_s();
             if (kv_send_finish(s, err, sizeof err) != KV_OK) pd_die("bench: finish: %s", err);
-            pm[1] = time_now_s() - pm[0];
-            if (q == 1 && m == KV_MEDIUM_GPU) { /* the ceiling between the same two processes */
-                void *peer = be->ops->ipc_open(be, msg.scratch, err, sizeof err);
-                void *src = be->ops->alloc(be, bytes);
-                PD_ASSERT(peer);
-                uint8_t *to = (uint8_t *)peer + msg.scratch_off;
-                backend_copy one = {to, src, bytes};
-                for (int r = 0; r < 4; r++) { /* the first warms the NVLink path up */
-                    double t0 = time_now_s();
-                    be->ops->copy_batch(be, &one, 1);
-                    double bw = (double)bytes / (time_now_s() - t0);
-                    if (r) pm[2] = PD_MAX(pm[2], bw);
-                    else pm[5] = bw;
-                }
-                /* the request's runs (layer, k/v, run of blocks) into consecutive places of
-                 * the peer buffer: the medium's copy without the connector around it */
-                backend_copy *runs = xmalloc((size_t)2 * kv->n_layers * nb * sizeof *runs);
-                int nr = 0;
-                size_t bb = kv->block_bytes, off = 0;
-                for (int l = 0; l < kv->n_layers; l++)
-                    for (int part = 0; part < 2; part++)
-                        for (int i = 0; i < nb; i++, off += bb) {
-                            uint8_t *b = (uint8_t *)(part ? kv->v[l] : kv->k[l]) + (size_t)blocks[i] * bb;
-                            backend_copy *lr = nr ? &runs[nr - 1] : NULL;
-                            if (lr && (const uint8_t *)lr->src + lr->bytes == b &&
-                                (uint8_t *)lr->dst + lr->bytes == to + off)
-                                lr->bytes += bb;
-                            else
-                                runs[nr++] = (backend_copy){to + off, b, bb};
-                        }
-                for (int r = 0; r < 4; r++) {
-                    double t0 = time_now_s();
-                    be->ops->copy_batch(be, runs, nr);
-                    double bw = (double)bytes / (time_now_s() - t0);
-                    if (r) pm[3] = PD_MAX(pm[3], bw);
-                    else pm[6] = bw;
-                }
-                pm[4] = nr;
-                /* the same runs into one allocation per layer and k/v */
-                void *opened[2 * BENCH_MAX_LAYERS];
-                nr = 0;
-                size_t per = bytes / (size_t)(2 * kv->n_layers);
-                for (int l = 0; l < kv->n_layers; l++)
-                    for (int part = 0; part < 2; part++) {
-                        int k = 2 * l + part;
-                        opened[k] = be->ops->ipc_open(be, msg.piece[k], err, sizeof err);
-                        PD_ASSERT(opened[k]);
-                        uint8_t *base = (uint8_t *)opened[k] + msg.piece_off[k];
-                        for (int i = 0; i < nb; i++) {
-                            uint8_t *b = (uint8_t *)(part ? kv->v[l] : kv->k[l]) + (size_t)blocks[i] * bb;
-                            backend_copy *lr = nr ? &runs[nr - 1] : NULL;
-                            if (lr && (const uint8_t *)lr->src + lr->bytes == b &&
-                                (uint8_t *)lr->dst + lr->bytes == base + (size_t)i * bb)
-                                lr->bytes += bb;
-                            else
-                                runs[nr++] = (backend_copy){base + (size_t)i * bb, b, bb};
-                        }
-                        PD_ASSERT((size_t)nb * bb <= per);
-                    }
-                for (int r = 0; r < 4; r++) {
-                    double t0 = time_now_s();
-                    be->ops->copy_batch(be, runs, nr);
-                    if (r) pm[7] = PD_MAX(pm[7], (double)bytes / (time_now_s() - t0));
-                }
-                /* the same after 50 ms with no copy (NVLink idle, as between requests) */
-                usleep(50000);
-                double t0 = time_now_s();
-                be->ops->copy_batch(be, runs, nr);
-                pm[8] = (double)bytes / (time_now_s() - t0);
-                for (int k = 0; k < 2 * kv->n_layers; k++) be->ops->ipc_close(be, opened[k]);
-                free(runs);
-                be->ops->ipc_close(be, peer);
-                be->ops->free(be, src);
-            }
-            wr(p2d[1], pm, sizeof pm);
+            double t3 = time_now_s();
+            pm.put = t3 - pm.begin;
+            pm.t_begin = t1 - pm.begin;
+            pm.t_layers = t2 - t1;
+            pm.t_finish = t3 - t2;
+            kv_send_timing_take(&pm.kt);
+            if (!be->ops->copy_timing || be->ops->copy_timing(be, &pm.ct) != 0)
+                memset(&pm.ct, 0, sizeof pm.ct);
+            if (q == n_warm && m == KV_MEDIUM_GPU) gpu_lab(o, be, kv, &msg, blocks, nb, bytes, &pm);
+            wr(p2d[1], &pm, sizeof pm);
         }
         kv_connector_free(con);
         kv_cache_free(be, kv);
@@ -418,7 +557,7 @@ static int count_gpus(void) {
 
 int main(int argc, char **argv) {
     opts o = {.media = "gpu,cpu,disk,tcp,nccl", .copies = "auto", .mode = KV_TRANSFER_WHOLE,
-              .tokens = 8192, .busy_ms = 50};
+              .tokens = 8192, .warm = 3, .busy_ms = 50};
     snprintf(o.dir, sizeof o.dir, ".");
     for (int i = 1; i < argc; i++) {
         const char *v = i + 1 < argc ? argv[i + 1] : "";
@@ -427,13 +566,18 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--mode")) kv_transfer_mode_parse(v, &o.mode), i++;
         else if (!strcmp(argv[i], "--tokens")) o.tokens = atoi(v), i++;
         else if (!strcmp(argv[i], "--busy-ms")) o.busy_ms = atof(v), i++;
+        else if (!strcmp(argv[i], "--warm")) o.warm = PD_MAX(1, PD_MIN(MAX_WARM, atoi(v))), i++;
         else if (!strcmp(argv[i], "--dir")) snprintf(o.dir, sizeof o.dir, "%s", v), i++;
+        else if (!strcmp(argv[i], "--variant") && o.n_variants < MAX_VARIANTS)
+            snprintf(o.variant[o.n_variants++], sizeof o.variant[0], "%s", v), i++;
         else {
             fprintf(stderr, "usage: bench_kv_cuda [--media gpu,cpu,disk,tcp,nccl] [--copies "
-                            "auto,memcpy,kernel] [--mode whole|layerwise] [--tokens N] [--dir DIR] [--busy-ms MS]\n");
+                            "auto,memcpy,kernel] [--mode whole|layerwise] [--tokens N] [--dir DIR] "
+                            "[--busy-ms MS] [--warm N] [--variant 'NAME=VALUE ...']...\n");
             return 2;
         }
     }
+    if (!o.n_variants) o.n_variants = 1; /* one variant: the environment as it is */
     log_set_level(LOG_LEVEL_WARN);
     o.gpus = count_gpus();
     if (!o.gpus) {
@@ -478,25 +622,33 @@ int main(int argc, char **argv) {
         printf("NCCL send/recv 1 GiB, GPU 0 -> GPU %d, warm: %.2f GB/s\n", o.gpus > 1 ? 1 : 0,
                bench_nccl_ceiling((size_t)1 << 30, o.gpus > 1 ? 1 : 0) / 1e9);
     printf("latency: kv_send_begin -> decode side has every layer; cold = first request to "
-           "that peer, warm = the next; put = prefill side's share (warm)\n");
-    printf("%-6s %-7s %9s %9s %9s %8s %9s %10s %-28s %6s\n", "medium", "copies", "MiB", "cold",
-           "warm", "put", "GB/s", "ceil GB/s", "ceiling", "ratio");
-    struct { int m; char copy[16]; result r; } rows[32]; /* for the split below */
+           "that peer; warm = best of %d requests after it (gpu, nccl; the others: 1), median "
+           "beside it; put = prefill side's share of the best; GB/s and ratio of the best; "
+           "timing (PDSERVE_KV_TIMING) on in every request\n", o.warm);
+    printf("%-6s %-7s %-26s %6s %8s %8s %8s %8s %8s %9s %-27s %6s\n", "medium", "copies", "variant",
+           "MiB", "cold", "warm", "median", "put", "GB/s", "ceil GB/s", "ceiling", "ratio");
+    struct row { int m; char copy[16]; const char *variant; result r; };
+    static struct row rows[64]; /* for the split below */
     int n_rows = 0;
     for (int m = 0; m < KV_MEDIUM_COUNT; m++) {
         if (!strstr(o.media, kv_medium_name((kv_medium)m))) continue;
         char copies[64], *save = NULL;
         snprintf(copies, sizeof copies, "%s", o.copies);
-        for (char *copy = strtok_r(copies, ",", &save); copy; copy = strtok_r(NULL, ",", &save)) {
-            result r;
+        for (char *copy = strtok_r(copies, ",", &save); copy; copy = strtok_r(NULL, ",", &save))
+        for (int vi = 0; vi < o.n_variants; vi++) {
+            const char *variant = o.variant[vi];
+            static result r;
             double ceil_bw = 0;
             const char *ceil_name = "";
-            if (transfer(&o, (kv_medium)m, copy, n, &r) != 0) {
-                printf("%-6s %-7s failed\n", kv_medium_name((kv_medium)m), copy);
+            if (transfer(&o, (kv_medium)m, copy, variant, n, &r) != 0) {
+                printf("%-6s %-7s %-26s failed\n", kv_medium_name((kv_medium)m), copy,
+                       variant_label(variant));
                 continue;
             }
+            int bq = best_warm(&r);
+            const p_msg *last = &r.pm[r.n_warm];
             if (m == KV_MEDIUM_GPU) {
-                ceil_bw = r.peer;
+                ceil_bw = last->peer;
                 ceil_name = "peer copy GPU0->GPU1 (IPC)";
             } else if (m == KV_MEDIUM_CPU) {
                 ceil_bw = (double)bytes / (d2h + h2d);
@@ -512,35 +664,75 @@ int main(int argc, char **argv) {
                 ceil_bw = bench_nccl_ceiling(bytes, o.gpus > 1 ? 1 : 0);
                 ceil_name = "NCCL send/recv GPU0->GPU1";
             }
-            double bw = (double)bytes / r.lat[1];
-            printf("%-6s %-7s %9.0f %8.3fs %8.3fs %7.3fs %9.2f %10.2f %-28s %5.0f%%\n",
-                   kv_medium_name((kv_medium)m), copy, (double)bytes / (1 << 20), r.lat[0],
-                   r.lat[1], r.put[1], bw / 1e9, ceil_bw / 1e9, ceil_name, 100 * bw / ceil_bw);
+            double bw = (double)bytes / r.lat[bq];
+            printf("%-6s %-7s %-26s %6.0f %7.4fs %7.4fs %7.4fs %7.4fs %8.2f %9.2f %-27s %5.0f%%\n",
+                   kv_medium_name((kv_medium)m), copy, variant_label(variant),
+                   (double)bytes / (1 << 20), r.lat[0], r.lat[bq], median_warm(&r), r.pm[bq].put,
+                   bw / 1e9, ceil_bw / 1e9, ceil_name, 100 * bw / ceil_bw);
             fflush(stdout);
             if (n_rows < (int)PD_ARRAY_LEN(rows)) {
                 rows[n_rows].m = m;
                 snprintf(rows[n_rows].copy, sizeof rows[n_rows].copy, "%s", copy);
+                rows[n_rows].variant = variant;
                 rows[n_rows++].r = r;
             }
         }
     }
-    printf("where the warm request's time goes: put = prefill side (copies, and for the cpu "
+    printf("where the best warm request's time goes: put = prefill side (copies, and for the cpu "
            "store its sums), get = the rest (the decode side's wake and, for stores, its read)\n");
-    printf("%-6s %-7s %9s %9s %9s %9s\n", "medium", "copies", "put", "get", "put GB/s", "get GB/s");
+    printf("%-6s %-7s %-26s %9s %9s %9s %9s\n", "medium", "copies", "variant", "put", "get",
+           "put GB/s", "get GB/s");
     for (int i = 0; i < n_rows; i++) {
         const result *r = &rows[i].r;
-        double get = r->lat[1] - r->put[1];
-        printf("%-6s %-7s %8.4fs %8.4fs %9.2f %9.2f\n", kv_medium_name((kv_medium)rows[i].m),
-               rows[i].copy, r->put[1], get, (double)bytes / r->put[1] / 1e9,
+        int bq = best_warm(r);
+        const p_msg *last = &r->pm[r->n_warm];
+        double put = r->pm[bq].put, get = r->lat[bq] - put;
+        printf("%-6s %-7s %-26s %8.4fs %8.4fs %9.2f %9.2f\n", kv_medium_name((kv_medium)rows[i].m),
+               rows[i].copy, variant_label(rows[i].variant), put, get, (double)bytes / put / 1e9,
                get > 0 ? (double)bytes / get / 1e9 : 0.0);
-        if (rows[i].m == KV_MEDIUM_GPU)
+        if (rows[i].m == KV_MEDIUM_GPU) {
             printf("       (its %d block runs as one copy_batch alone: %.2f GB/s, the first of 4 "
-                   "%.2f; one copy of the whole size: %.2f, the first %.2f)\n", r->n_runs,
-                   r->runs / 1e9, r->runs_first / 1e9, r->peer / 1e9, r->peer_first / 1e9);
-        if (rows[i].m == KV_MEDIUM_GPU)
+                   "%.2f; one copy of the whole size: %.2f, the first %.2f)\n", last->n_runs,
+                   last->runs / 1e9, last->runs_first / 1e9, last->peer / 1e9, last->peer_first / 1e9);
             printf("       (the same runs into %d allocations, one per layer and k/v, as a cache: "
-                   "%.2f GB/s; once after 50 ms without copies: %.2f GB/s)\n",
-                   2 * bench_config().n_layers, r->runs_pieces / 1e9, r->runs_idle / 1e9);
+                   "%.2f GB/s; once after 50 ms without copies: %.2f GB/s; once right after "
+                   "%.0f ms of the stand-in pass, as the requests: %.2f GB/s)\n",
+                   2 * bench_config().n_layers, last->runs_pieces / 1e9, last->runs_idle / 1e9,
+                   o.busy_ms, last->runs_busy / 1e9);
+            if (last->runs_k > 0)
+                printf("       (the same as one copy_runs, runs x parts: %.2f GB/s best of 3; "
+                       "right after the stand-in pass: %.2f GB/s)\n", last->runs_k / 1e9,
+                       last->runs_k_busy / 1e9);
+        }
+    }
+    /* Every warm request's put, split: the bench's clocks around the API calls, the
+     * medium's phases (kv_send_timing) and the backend's copies (backend_copy_timing:
+     * host clocks, and events on the transfer stream). */
+    printf("breakdown of each warm request, ms (PDSERVE_KV_TIMING): put = begin + layers + finish "
+           "(bench clocks); medium: check, queue, copy, signal (kv_send_timing; nccl: copy = the "
+           "wait for the last send); backend copies: prep (lock, checks, descriptors), enq "
+           "(upload + launch calls), wait (launch to sync return), and by events upl (stream "
+           "start to kernel start) and kern; gap = medium copy - (upl + kern): host time around "
+           "the device's; tail = the stand-in pass's last sync, before the clock starts\n");
+    for (int i = 0; i < n_rows; i++) {
+        const result *r = &rows[i].r;
+        if (rows[i].m != KV_MEDIUM_GPU && rows[i].m != KV_MEDIUM_NCCL) continue;
+        for (int q = 1; q <= r->n_warm; q++) {
+            const p_msg *p = &r->pm[q];
+            const kv_send_timing *k = &p->kt;
+            const backend_copy_timing *c = &p->ct;
+            printf("%-6s %-7s %-26s #%d put %.3f = %.3f + %.3f + %.3f | medium %dx: check %.3f "
+                   "queue %.3f copy %.3f signal %.3f (%d items) | backend %dx: prep %.3f enq %.3f "
+                   "wait %.3f upl %.3f kern %.3f (%d desc) | gap %.3f | get %.3f | tail %.3f\n",
+                   kv_medium_name((kv_medium)rows[i].m), rows[i].copy,
+                   variant_label(rows[i].variant), q, p->put * 1e3, p->t_begin * 1e3,
+                   p->t_layers * 1e3, p->t_finish * 1e3, k->calls, k->check_s * 1e3,
+                   k->queue_s * 1e3, k->copy_s * 1e3, k->signal_s * 1e3, k->items, c->calls,
+                   c->prep_s * 1e3, c->enqueue_s * 1e3, c->wait_s * 1e3, c->upload_s * 1e3,
+                   c->kernel_s * 1e3, c->items,
+                   c->calls ? (k->copy_s - c->upload_s - c->kernel_s) * 1e3 : 0.0,
+                   (r->lat[q] - p->put) * 1e3, p->busy_tail * 1e3);
+        }
     }
     return 0;
 }

@@ -11,7 +11,11 @@
  * every block it took, gives the blocks back and checks that its pool holds only what it
  * held before and that no reservation is left. Cases:
  *   whole, layerwise       two requests each, every byte compared; again with chunks
- *                          of 1 MiB, so that a layer takes both staging halves
+ *                          of 1 MiB, so that a layer takes two staging buffers, and
+ *                          whole with 1 MiB chunks through a ring of 2 (the stream
+ *                          pipeline wraps its ring 16 times per request)
+ * The pipeline is the environment's (PDSERVE_KV_NCCL_PIPE=stream, the default, or host:
+ * scripts/gpu/check-kv-bw.sh runs both).
  *   decode dies            D kills itself once layer 0 has arrived (P ships a layer every
  *                          50 ms): P's kv_send_layer / finish fails (peer or deadline)
  *                          well within the deadline, and its connector closes (no hang:
@@ -55,6 +59,7 @@ typedef struct nccl_case {
     kv_transfer_mode mode;
     nccl_scenario scenario;
     int chunk_mib;             /* PDSERVE_KV_NCCL_CHUNK_MIB for both sides; 0: default */
+    int depth;                 /* PDSERVE_KV_NCCL_DEPTH for both sides; 0: default */
 } nccl_case;
 
 static char g_tag[32];
@@ -298,6 +303,10 @@ static void test_case(void) {
     snprintf(mib, sizeof mib, "%d", k->chunk_mib);
     if (k->chunk_mib) setenv("PDSERVE_KV_NCCL_CHUNK_MIB", mib, 1);
     else unsetenv("PDSERVE_KV_NCCL_CHUNK_MIB");
+    char depth[16];
+    snprintf(depth, sizeof depth, "%d", k->depth);
+    if (k->depth) setenv("PDSERVE_KV_NCCL_DEPTH", depth, 1);
+    else unsetenv("PDSERVE_KV_NCCL_DEPTH");
     double t0 = time_now_s();
     pid_t d = fork();
     if (d == 0) {
@@ -327,9 +336,11 @@ static void test_case(void) {
     else CHECKF(rd == 0, "decode process exit %d", rd);
     CHECK(!leftovers());
     static const char *const NAMES[] = {"ok", "decode dies", "prefill dies"};
-    fprintf(stderr, "     nccl %s, %s%s: %d request(s) of %d blocks x %d layers, GPU 0 -> GPU 1, "
-            "%.2f s\n", kv_transfer_mode_name(k->mode), NAMES[k->scenario],
+    const char *pipe = getenv("PDSERVE_KV_NCCL_PIPE");
+    fprintf(stderr, "     nccl %s, %s%s%s, %s pipeline: %d request(s) of %d blocks x %d layers, "
+            "GPU 0 -> GPU 1, %.2f s\n", kv_transfer_mode_name(k->mode), NAMES[k->scenario],
             k->chunk_mib ? ", chunks of 1 MiB (2 per layer)" : "",
+            k->depth == 2 ? ", 2 staging buffers" : "", pipe && *pipe ? pipe : "stream",
             k->scenario == SC_OK ? N_REQUESTS : 1, (N_TOKENS + BS - 1) / BS,
             test_config().n_layers, time_now_s() - t0);
 }
@@ -356,12 +367,13 @@ int main(void) {
     log_set_level(LOG_LEVEL_WARN);
     snprintf(g_tag, sizeof g_tag, "kvnccl%d", (int)getpid());
     const nccl_case cases[] = {
-        {KV_TRANSFER_WHOLE, SC_OK, 0},
-        {KV_TRANSFER_LAYERWISE, SC_OK, 0},
-        {KV_TRANSFER_WHOLE, SC_OK, 1},     /* a layer (1.16 MiB) is 2 chunks: both halves */
-        {KV_TRANSFER_LAYERWISE, SC_OK, 1},
-        {KV_TRANSFER_LAYERWISE, SC_DECODE_DIES, 0},
-        {KV_TRANSFER_LAYERWISE, SC_PREFILL_DIES, 0},
+        {KV_TRANSFER_WHOLE, SC_OK, 0, 0},
+        {KV_TRANSFER_LAYERWISE, SC_OK, 0, 0},
+        {KV_TRANSFER_WHOLE, SC_OK, 1, 0},     /* a layer (1.16 MiB) is 2 chunks */
+        {KV_TRANSFER_LAYERWISE, SC_OK, 1, 0},
+        {KV_TRANSFER_WHOLE, SC_OK, 1, 2},     /* 32 chunks a request through 2 buffers */
+        {KV_TRANSFER_LAYERWISE, SC_DECODE_DIES, 0, 0},
+        {KV_TRANSFER_LAYERWISE, SC_PREFILL_DIES, 0, 0},
     };
     for (size_t i = 0; i < PD_ARRAY_LEN(cases); i++) {
         g_case = cases[i];

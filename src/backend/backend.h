@@ -40,6 +40,8 @@ typedef struct rope_params {
 
 typedef struct backend backend;
 struct backend_copy;
+struct backend_run;
+struct backend_copy_timing;
 struct sample_row; /* ->sample_rows, below */
 
 /* Graph variants per decode bucket (backend_ops.decode_upload). */
@@ -286,6 +288,23 @@ typedef struct backend_ops {
                                   const int *group_end, int n_groups);
     void (*copy_async_order)(backend *b, int g);
     void (*copy_async_wait)(backend *b, uint64_t ticket);
+
+    /* ---- optional: one request's block runs over many parts (CUDA: kv_ipc.cu; owner:
+     * src/kv/kv_gpu.c). NULL: the caller expands them into copy_batch items. ---------
+     *
+     * copy_runs: for every part p < n_parts and run r < n_runs,
+     *   dst[p] + runs[r].dst_off <- src[p] + runs[r].src_off, runs[r].bytes:
+     * the copy_batch of those n_parts x n_runs items (copy_batch's kinds of memory, its
+     * stream and ordering; returns when every byte has landed), described by n_runs +
+     * n_parts entries instead of their product. A request's KV is that shape: the same
+     * block runs in every layer's k and v, only the parts' bases differ. */
+    void (*copy_runs)(backend *b, const struct backend_run *runs, int n_runs, void *const *dst,
+                      const void *const *src, int n_parts);
+    /* copy_timing: where this process's copy_batch and copy_runs calls on b's device
+     * spent their time since the previous copy_timing call (which it resets), measured
+     * only when the environment has PDSERVE_KV_TIMING (benchmarks: three events and
+     * four clock reads per call); 0, or -1 when nothing was measured. */
+    int (*copy_timing)(backend *b, struct backend_copy_timing *out);
 } backend_ops;
 
 /* One row's parameters for ->sample_rows (host memory). */
@@ -304,6 +323,24 @@ typedef struct backend_copy {
     const void *src;
     size_t bytes;
 } backend_copy;
+
+/* One run of a copy_runs: dst[p] + dst_off <- src[p] + src_off, `bytes` bytes, per part p. */
+typedef struct backend_run {
+    uint64_t dst_off, src_off, bytes;
+} backend_run;
+
+/* What copy_timing reports: sums over `calls` copy_batch / copy_runs calls. Host times
+ * from the call's clock, device times from events on the transfer stream. */
+typedef struct backend_copy_timing {
+    int calls;
+    int items;            /* descriptors built and uploaded (runs + parts for copy_runs) */
+    double prep_s;        /* host: call entry (lock, pointer checks) to descriptors built */
+    double enqueue_s;     /* host: the upload and launch calls */
+    double wait_s;        /* host: launched to the stream's synchronize returning */
+    double upload_s;      /* device: start of the call's stream work to the kernel's start
+                             (descriptor upload; copy-engine items when there are any) */
+    double kernel_s;      /* device: the copy kernel */
+} backend_copy_timing;
 
 struct backend {
     const backend_ops *ops;

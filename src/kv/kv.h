@@ -211,6 +211,20 @@ kv_status kv_send_finish(kv_send *s, char *err, size_t errlen);
 /* Tells the receiver the request is abandoned (where the medium can) and frees s.
  * NULL is a no-op. */
 void kv_send_abort(kv_send *s);
+/* Where this process's sends spent their time (the gpu and nccl mediums' send_layers
+ * calls), summed since the previous kv_send_timing_take, which resets it. Measured only
+ * when the environment has PDSERVE_KV_TIMING (benchmarks; a few clock reads per call).
+ *   gpu:  check = decode process alive + the slot's compare-and-swap to COPYING;
+ *         queue = the copy list built; copy = the backend's copy (returns when landed);
+ *         signal = layers_done, the slot back to OPEN, the futex wake.
+ *   nccl: check = the peer's link found (and made); queue = frames, gathers and
+ *         ncclSend calls queued; copy = the wait for the last send; signal = 0.
+ * Not thread-safe: one sending thread (bench_kv_cuda). */
+typedef struct kv_send_timing {
+    int calls, items;          /* send_layers calls; copy items (or runs) they built */
+    double check_s, queue_s, copy_s, signal_s;
+} kv_send_timing;
+void kv_send_timing_take(kv_send_timing *out);
 
 /* ---- stores as prefix caches ------------------------------------------------------------- */
 /* Block keys of a prompt: key[i] = hash(key[i-1], tokens of block i) over
@@ -278,7 +292,7 @@ uint64_t kv_checksum_fold(uint64_t acc, uint64_t block_sum);
  * base + the part's offset) into a table of its control segment; the prefill process
  * opens them once per peer (ipc_open: cudaIpcOpenMemHandle, peer access on) and copies
  * the coalesced block runs of each kv_send_layer / kv_send_finish call as one
- * copy_batch on the backend's transfer stream (the batched-copy kernel over NVLink for
+ * copy_runs (or copy_batch) on the backend's transfer stream (the batched-copy kernel over NVLink for
  * small runs, copy engines for runs of 4 MiB and more), synchronised before
  * layers_done moves; the slot protocol of kv_gpu.c is unchanged. Both instances must
  * keep KV the same way (both on GPUs, or both on the CPU backend).
@@ -286,8 +300,8 @@ uint64_t kv_checksum_fold(uint64_t acc, uint64_t block_sum);
  * it); a prefill side's first ticket for it opens a control connection, gets a fresh
  * ncclUniqueId over it and both make a 2-rank non-blocking communicator, kept for the
  * pair. Per layer: a DATA frame on the control connection, then the payload as
- * ncclSend/ncclRecv of chunks gathered into / scattered from device staging (one
- * copy_batch each); deadlines and dead peers end in ncclCommAbort and a status. */
+ * ncclSend/ncclRecv of chunks gathered into / scattered from device staging;
+ * deadlines and dead peers end in ncclCommAbort and a status. */
 /* 1 when this build can move KV between GPUs: a CUDA build (PDSERVE_HAVE_CUDA), whose
  * gpu medium goes over CUDA IPC (src/backend/cuda/kv_ipc.cu) and whose nccl medium
  * loads NCCL when opened (opening it fails with a sentence where NCCL is absent). */

@@ -743,6 +743,22 @@ kv_status kv_send_finish(kv_send *x, char *err, size_t errlen) {
     return st;
 }
 
+kv_send_timing kv_timing_acc;
+
+bool kv_timing_on(void) {
+    static int on = -1;
+    if (on < 0) {
+        const char *v = getenv("PDSERVE_KV_TIMING");
+        on = v && *v && strcmp(v, "0") != 0;
+    }
+    return on;
+}
+
+void kv_send_timing_take(kv_send_timing *out) {
+    *out = kv_timing_acc;
+    memset(&kv_timing_acc, 0, sizeof kv_timing_acc);
+}
+
 void kv_send_abort(kv_send *x) {
     if (!x) return;
     x->c->ops->send_abort(x);

@@ -1,14 +1,17 @@
 /* kv_gpu.c: the point-to-point "gpu" medium: the prefill process writes straight into
- * the blocks that the decode process reserved, one batch of copies per layer.
+ * the blocks that the decode process reserved, one batch of copies per send_layers
+ * call (layerwise: per layer; whole: all layers at kv_send_finish).
  *   CPU backend: the decode side's KV cache is one POSIX shm segment
  *     (kv_cache_create_shared) that the prefill process maps at its first ticket for
  *     that peer; a batch is one memcpy per run of contiguous blocks (k and v).
  *   CUDA backend: the decode side exports each layer's k and v allocations as IPC
  *     handles (backend ipc_export) into its control segment; the prefill process opens
  *     them once per peer (ipc_open: the peer's memory, maybe on another GPU, mapped
- *     into its own address space) and a batch is one backend copy_batch of the runs
- *     (one kernel over NVLink for the small runs, copy engines for the big ones) on the
- *     transfer stream, finished before the layer counts as done.
+ *     into its own address space) and a batch is one backend copy_runs: the request's
+ *     block runs (found once per request: the same in every layer's k and v) over the
+ *     parts' bases, one kernel over NVLink on the transfer stream, finished before the
+ *     layers count as done (PDSERVE_KV_GPU_COPY=items: one copy_batch of every (run,
+ *     part) item instead, for A/B).
  * Both sides must keep KV the same way (both on GPUs, or both in host memory).
  *
  * Control segment "/pdkv-NAME-ctl", created by the decode side: a header (geometry,
@@ -391,15 +394,36 @@ fail:
     return NULL;
 }
 
+/* How a send_layers call describes its copies (PDSERVE_KV_GPU_COPY, read per request):
+ *   runs   (default) the request's block runs, built once per request (the same in
+ *          every layer's k and v), and one base per (layer, part): one backend
+ *          copy_runs per call, n_runs + 2 x layers descriptors;
+ *   items  one item per merged run and (layer, part), built per call: one copy_batch
+ *          of 2 x layers x n_runs descriptors (what this medium did first; A/B). */
+enum { GPU_COPY_RUNS, GPU_COPY_ITEMS };
+
 typedef struct gpu_send {
     gpu_peer *peer;
     gpu_ctl_slot *slot;
     uint32_t gen;
-    kv_copies q;             /* one layer's copies */
+    int copy;                /* GPU_COPY_* */
+    kv_copies q;             /* items: one call's copies */
+    backend_run *runs;       /* runs: [n_runs] built at the first call (owned) */
+    int n_runs;
+    void **dst;              /* runs: [2 * L] one call's part bases, peer side (owned) */
+    const void **src;        /* runs: [2 * L] the same, this instance's (owned) */
+    double alive_at;         /* when the decode process was last found alive */
 } gpu_send;
+
+/* How often a send looks at the decode process (/proc read, ~10-20 us): layer-wise
+ * sends come every few hundred microseconds. */
+#define GPU_LIVENESS_S 0.005
 
 static void send_free(gpu_send *gs) {
     kv_copies_free(&gs->q);
+    free(gs->runs);
+    free(gs->dst);
+    free(gs->src);
     free(gs);
 }
 
@@ -431,6 +455,8 @@ static kv_status gpu_send_begin(kv_send *x, char *err, size_t errlen) {
     gs->peer = peer;
     gs->slot = cs;
     gs->gen = gen;
+    const char *mode = getenv("PDSERVE_KV_GPU_COPY");
+    gs->copy = mode && !strcmp(mode, "items") ? GPU_COPY_ITEMS : GPU_COPY_RUNS;
     x->priv = gs;
     return KV_OK;
 unknown:
@@ -455,19 +481,12 @@ static kv_status closed_status(kv_send *x, uint64_t w, char *err, size_t errlen)
     return KV_ERR_PROTOCOL;
 }
 
-static kv_status gpu_send_layers(kv_send *x, const int *layers, int n, char *err, size_t errlen) {
-    gpu_send *gs = x->priv;
-    gpu_ctl_header *h = (gpu_ctl_header *)gs->peer->ctl;
-    if (!kv_pid_alive(h->pid)) {
-        pd_errorf(err, errlen, "kv gpu: the decode process %d is gone", h->pid);
-        return KV_ERR_PEER;
-    }
-    if (!cas_word(gs->slot, word_of(gs->gen, GPU_OPEN), word_of(gs->gen, GPU_COPYING)))
-        return closed_status(x, load_word(gs->slot), err, errlen);
+/* items: layers[n]'s copies as merged items, one copy_batch. Returns the item count;
+ * *built: the clock when the list was built (timing). */
+static int copy_items(kv_send *x, gpu_send *gs, const int *layers, int n, double *built) {
     const kv_cache *kv = x->c->kv;
     size_t bb = kv->block_bytes;
     const int32_t *dst = gs->slot->blocks;
-    double t0 = time_now_s();
     for (int j = 0; j < n; j++) {
         int l = layers[j];
         for (int part = 0; part < 2; part++) {
@@ -477,23 +496,92 @@ static kv_status gpu_send_layers(kv_send *x, const int *layers, int n, char *err
                               kv_block_ptr(kv, l, part, x->blocks[i]), bb);
         }
     }
-    /* one batch for the layers of this call (layerwise: one layer); landed in the
-     * peer's memory when it returns, and only then counted */
     int items = gs->q.n;
-    double t1 = time_now_s();
-    kv_copies_run(kv, &gs->q);
-    if (getenv("PDSERVE_KV_TIMING")) /* where a send's time goes (bench_kv_cuda) */
-        fprintf(stderr, "kv gpu: %d layers, %d copies: queued in %.3f ms, copied in %.3f ms\n", n,
-                items, (t1 - t0) * 1e3, (time_now_s() - t1) * 1e3);
+    if (kv_timing_on()) *built = time_now_s();
+    kv_copies_run(kv, &gs->q); /* landed when it returns */
+    return items;
+}
+
+/* runs: layers[n]'s copies as the request's block runs (built at the first call) times
+ * 2n part bases, one copy_runs; on a host cache (the CPU twin) a memcpy per run and
+ * part; on a device backend without copy_runs, the expanded items as one batch.
+ * Returns the descriptor count (runs + parts); *built as copy_items. */
+static int copy_runs(kv_send *x, gpu_send *gs, const int *layers, int n, double *built) {
+    const kv_cache *kv = x->c->kv;
+    size_t bb = kv->block_bytes;
+    if (!gs->runs) {
+        const int32_t *dst = gs->slot->blocks;
+        gs->runs = xmalloc((size_t)x->n_blocks * sizeof *gs->runs);
+        for (int i = 0; i < x->n_blocks;) {
+            int len = kv_run_length(x->blocks, dst, i, x->n_blocks);
+            gs->runs[gs->n_runs++] = (backend_run){(uint64_t)dst[i] * bb,
+                                                   (uint64_t)x->blocks[i] * bb, (uint64_t)len * bb};
+            i += len;
+        }
+        gs->dst = xmalloc(2 * (size_t)kv->n_layers * sizeof *gs->dst);
+        gs->src = xmalloc(2 * (size_t)kv->n_layers * sizeof *gs->src);
+    }
+    for (int j = 0; j < n; j++)
+        for (int part = 0; part < 2; part++) {
+            gs->dst[2 * j + part] = gs->peer->part[2 * layers[j] + part];
+            gs->src[2 * j + part] = part ? kv->v[layers[j]] : kv->k[layers[j]];
+        }
+    if (kv_timing_on()) *built = time_now_s();
+    int parts = 2 * n;
+    if (!kv->on_device) {
+        for (int p = 0; p < parts; p++)
+            for (int r = 0; r < gs->n_runs; r++)
+                memcpy((uint8_t *)gs->dst[p] + gs->runs[r].dst_off,
+                       (const uint8_t *)gs->src[p] + gs->runs[r].src_off, gs->runs[r].bytes);
+    } else if (kv->be->ops->copy_runs) {
+        kv->be->ops->copy_runs(kv->be, gs->runs, gs->n_runs, gs->dst, gs->src, parts);
+    } else {
+        for (int p = 0; p < parts; p++)
+            for (int r = 0; r < gs->n_runs; r++)
+                kv_copies_add(&gs->q, (uint8_t *)gs->dst[p] + gs->runs[r].dst_off,
+                              (const uint8_t *)gs->src[p] + gs->runs[r].src_off, gs->runs[r].bytes);
+        kv_copies_run(kv, &gs->q);
+    }
+    return gs->n_runs + parts;
+}
+
+static kv_status gpu_send_layers(kv_send *x, const int *layers, int n, char *err, size_t errlen) {
+    gpu_send *gs = x->priv;
+    gpu_ctl_header *h = (gpu_ctl_header *)gs->peer->ctl;
+    bool timing = kv_timing_on();
+    double t0 = time_now_s();
+    if (t0 - gs->alive_at > GPU_LIVENESS_S) {
+        if (!kv_pid_alive(h->pid)) {
+            pd_errorf(err, errlen, "kv gpu: the decode process %d is gone", h->pid);
+            return KV_ERR_PEER;
+        }
+        gs->alive_at = t0;
+    }
+    if (!cas_word(gs->slot, word_of(gs->gen, GPU_OPEN), word_of(gs->gen, GPU_COPYING)))
+        return closed_status(x, load_word(gs->slot), err, errlen);
+    double t1 = timing ? time_now_s() : 0, built = t1;
+    /* one copy for the layers of this call (layerwise: one layer); landed in the peer's
+     * memory when it returns, and only then counted */
+    int items = gs->copy == GPU_COPY_ITEMS ? copy_items(x, gs, layers, n, &built)
+                                           : copy_runs(x, gs, layers, n, &built);
+    double t2 = timing ? time_now_s() : 0;
+    kv_status st = KV_OK;
     __atomic_fetch_add(&gs->slot->layers_done, n, __ATOMIC_RELEASE);
     if (!cas_word(gs->slot, word_of(gs->gen, GPU_COPYING), word_of(gs->gen, GPU_OPEN))) {
         uint64_t w = load_word(gs->slot);
         cas_word(gs->slot, word_of(gs->gen, GPU_CLOSING), word_of(gs->gen, GPU_CLOSED));
-        kv_notify(&gs->slot->notify); /* its blocks may go back now */
-        return closed_status(x, w, err, errlen);
+        st = closed_status(x, w, err, errlen);
     }
-    kv_notify(&gs->slot->notify);
-    return KV_OK;
+    kv_notify(&gs->slot->notify); /* its blocks may go back now (closed), or a layer more */
+    if (timing) {
+        kv_timing_acc.calls++;
+        kv_timing_acc.items += items;
+        kv_timing_acc.check_s += t1 - t0;
+        kv_timing_acc.queue_s += built - t1;
+        kv_timing_acc.copy_s += t2 - built;
+        kv_timing_acc.signal_s += time_now_s() - t2;
+    }
+    return st;
 }
 
 static kv_status gpu_send_finish(kv_send *x, char *err, size_t errlen) {

@@ -169,6 +169,10 @@ int kv_run_length(const int32_t *a, const int32_t *b, int i, int n);
  * max_s seconds, or spuriously (callers re-check their state). */
 void kv_notify(uint32_t *word);
 void kv_notify_wait(uint32_t *word, uint32_t seen, double max_s);
+/* kv_send_timing (kv.h): whether PDSERVE_KV_TIMING is set (read once), and the sums
+ * that the mediums add a call's phases into. */
+bool kv_timing_on(void);
+extern kv_send_timing kv_timing_acc;
 /* A valid name for shm segments: [A-Za-z0-9_.-], 1..KV_NAME_MAX-1 characters. */
 bool kv_name_valid(const char *s);
 /* The socket-based mediums' (tcp, nccl) control connections; `medium` names them in

@@ -20,11 +20,12 @@
  *             2 * n * block bytes, checksum 0: NCCL moves the payload, not the socket),
  *             then that payload as ncclSend / ncclRecv of chunks of at most
  *             NCCL_CHUNK_BYTES: the sender gathers layer l's k then v blocks into a device
- *             staging half (one copy_batch), sends it; the receiver receives into its
- *             own staging half and scatters it into the reserved blocks (one copy_batch).
- *             Two halves per side: gathering (scattering) chunk i+1 overlaps the NCCL
- *             transfer of chunk i. The receiver drains every DATA's payload even when its
- *             reservation has failed, so that the pair's NCCL stream never goes out of step.
+ *             staging buffer, sends it; the receiver receives into its own staging
+ *             buffer and scatters it into the reserved blocks. A ring of buffers per side
+ *             (nccl_link: the stream pipeline, ordered on the device, or the host one):
+ *             gathering (scattering) chunk i+1 overlaps the NCCL transfer of chunk i. The
+ *             receiver drains every DATA's payload even when its reservation has failed,
+ *             so that the pair's NCCL stream never goes out of step.
  *   threads   decode: a listener thread (accepts, runs kv_connector_tick every 100 ms)
  *             and one thread per prefill peer (setup, then frames and receives), so a
  *             slow peer never delays another; the engine thread never calls NCCL.
@@ -56,6 +57,7 @@
 #include <netinet/tcp.h>
 #include <arpa/inet.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -77,6 +79,12 @@
 #define NCCL_POLL_MAX_NS 16000              /* longest sleep between polls of a transfer: a
                                              * 32 MiB chunk takes ~90 us over NVLink */
 #define NCCL_LIVENESS_S 0.01                /* how often a wait looks at the peer's process */
+#define NCCL_MAX_DEPTH 8                    /* staging buffers per link, at most */
+#define NCCL_DEPTH 3                        /* their default (stream pipeline) */
+#define NCCL_PENDING_MAX 64                 /* decode: layers queued, not yet counted */
+#define NCCL_SPIN_WAITS 64                  /* polls of a wait before it sleeps (wait=spin) */
+#define NCCL_GONE_GRACE_S 0.5               /* a wait that finds its peer gone still waits
+                                             * this long for work already in flight */
 
 #if PDSERVE_HAVE_CUDA
 /* ---- the slice of NCCL's ABI that we use (public nccl.h, 2.14 and later) ------------- */
@@ -177,17 +185,85 @@ static int nccl_load(char *err, size_t errlen) {
     return rc;
 }
 
-/* ---- one pair's link: control socket + communicator + staging ------------------------- */
+/* ---- one pair's link: control socket + communicator + staging -------------------------
+ * Two pipelines move a layer's chunks (PDSERVE_KV_NCCL_PIPE, read once per process; the
+ * two sides need not agree):
+ *   stream (default)  ordered on the device: a ring of `depth` staging buffers
+ *                     (PDSERVE_KV_NCCL_DEPTH, 2..8, default 3), a copy stream for the
+ *                     gathers (scatters) and NCCL's stream, each waiting for the other
+ *                     through events (cudaStreamWaitEvent): the gather of chunk i waits
+ *                     for the send made from its buffer `depth` chunks ago, the send of
+ *                     chunk i for its gather; the receiver mirrors it (receive i waits for
+ *                     the scatter out of its buffer, scatter i for receive i). The host
+ *                     only queues: the sender waits once per send_layers call (for its
+ *                     last send), the receiver counts a layer when its last scatter's
+ *                     event has passed, looked at between frames, so it keeps receiving
+ *                     the next layers meanwhile. Gathers and scatters are one launch of
+ *                     cuda_kv_nccl_units per chunk (block ids uploaded once per request).
+ *   host              what this medium did first: two halves, the host waits for each
+ *                     half's send (receive) before it gathers (scatters) the next chunk
+ *                     through copy_batch, which itself waits for its copy (A/B).
+ * Why depth 3: in steady state 2 buffers keep NCCL busy (a chunk's gather or scatter,
+ * a device-local copy, takes a fraction of its NVLink transfer); the third absorbs a
+ * gather or scatter delayed behind other kernels (a decode step on the receiver's
+ * GPU) for one chunk more, for one chunk (32 MiB) more of device memory per side.
+ * Waits (PDSERVE_KV_NCCL_WAIT=spin|sleep): spin (default) polls NCCL_SPIN_WAITS times
+ * with sched_yield before it sleeps; sleep backs off from the first poll (nanosleep,
+ * whose timer slack makes each sleep ~50 us or more). */
+typedef struct nccl_pending {  /* decode, stream pipeline: a layer queued, not yet counted */
+    uint64_t ticket, request_id;
+    uint32_t layer;
+    double deadline;           /* of its reservation, + NCCL_DRAIN_GRACE_S */
+} nccl_pending;
+
 typedef struct nccl_link {
     int fd;                 /* control socket; -1: none */
     nccl_comm comm;         /* NULL: none */
     bool nonblocking;       /* comm made with blocking = 0: ops may return in-progress */
+    bool stream_pipe;       /* the stream pipeline (else host) */
+    int depth;              /* staging buffers (host pipeline: 2) */
     void *stream;           /* cudaStream_t of NCCL's kernels */
-    void *ev[2];            /* cudaEvent_t after each staging half's op */
-    uint8_t *stage[2];      /* device, chunk bytes each */
+    void *cstream;          /* stream pipeline: cudaStream_t of the gathers / scatters */
+    void *ev[NCCL_MAX_DEPTH];  /* cudaEvent_t after each staging buffer's latest NCCL op */
+    void *cev[NCCL_MAX_DEPTH]; /* stream pipeline: after its latest gather / scatter */
+    uint8_t *stage[NCCL_MAX_DEPTH]; /* device, chunk bytes each */
     size_t chunk;
+    uint64_t seq;           /* stream pipeline: chunks through the ring so far */
+    int *ids_dev, *ids_host;   /* stream pipeline: a request's block ids (device, pinned) */
+    int ids_cap;
+    bool ids_set;
+    uint64_t ids_ticket;       /* whose ids they are */
+    nccl_pending pend[NCCL_PENDING_MAX]; /* decode, stream pipeline: oldest at pend_head */
+    void *pev[NCCL_PENDING_MAX];         /* their events (copy stream, after the last scatter) */
+    int pend_head, pend_n;
     uint64_t peer_key;      /* the peer process (self_key of its side); 0: unknown */
 } nccl_link;
+
+static bool pipe_stream(void) {
+    static int on = -1;
+    if (on < 0) {
+        const char *e = getenv("PDSERVE_KV_NCCL_PIPE");
+        on = !(e && !strcmp(e, "host"));
+    }
+    return on;
+}
+static int pipe_depth(void) {
+    static int d;
+    if (!d) {
+        const char *e = getenv("PDSERVE_KV_NCCL_DEPTH");
+        long v = e && *e ? atol(e) : NCCL_DEPTH;
+        d = v >= 2 && v <= NCCL_MAX_DEPTH ? (int)v : NCCL_DEPTH;
+    }
+    return d;
+}
+static bool wait_spins(void) {
+    static int on = -1;
+    if (on < 0) {
+        const char *e = getenv("PDSERVE_KV_NCCL_WAIT");
+        on = !(e && !strcmp(e, "sleep"));
+    }
+    return on;
+}
 
 /* This process as its peers see it: pid | hash of (boot id, pid namespace) << 32, so
  * that a peer can tell whether it shares our host and pid namespace (then the pid means
@@ -245,34 +321,81 @@ static size_t chunk_bytes(const kv_cache *kv) {
  * the link owns. The stream is idle after the abort. Safe on a half-made link. */
 static void link_close(const kv_cache *kv, nccl_link *k) {
     if (k->comm) NCCL_CALL(g_nccl.comm_abort(k->comm));
-    if (k->stream || k->ev[0] || k->stage[0]) {
+    if (k->stream || k->cstream || k->ev[0] || k->stage[0]) {
         cuda_kv_nccl_bind(kv->be);
+        /* both streams idle (the aborted ops end) before their memory goes */
         cuda_kv_nccl_stream_destroy(kv->be, k->stream);
-        for (int h = 0; h < 2; h++) {
+        cuda_kv_nccl_stream_destroy(kv->be, k->cstream);
+        for (int h = 0; h < NCCL_MAX_DEPTH; h++) {
             cuda_kv_nccl_event_destroy(kv->be, k->ev[h]);
+            cuda_kv_nccl_event_destroy(kv->be, k->cev[h]);
             cuda_kv_nccl_free(kv->be, k->stage[h]);
         }
+        for (int i = 0; i < NCCL_PENDING_MAX; i++) cuda_kv_nccl_event_destroy(kv->be, k->pev[i]);
+        cuda_kv_nccl_free(kv->be, k->ids_dev);
+        if (k->ids_host) kv->be->ops->host_free(kv->be, k->ids_host);
     }
     if (k->fd >= 0) close(k->fd);
     memset(k, 0, sizeof *k);
     k->fd = -1;
 }
 
-/* Stream, events and staging of a link. KV_ERR_FULL when the device has no room. */
-static kv_status link_alloc(const kv_cache *kv, nccl_link *k, char *err, size_t errlen) {
+/* Streams, events and staging of a link (the pipeline's; decode: the pending layers'
+ * events too). KV_ERR_FULL when the device has no room. */
+static kv_status link_alloc(const kv_cache *kv, nccl_link *k, bool decode, char *err,
+                            size_t errlen) {
     cuda_kv_nccl_bind(kv->be);
     k->chunk = chunk_bytes(kv);
+    k->stream_pipe = pipe_stream();
+    k->depth = k->stream_pipe ? pipe_depth() : 2;
     k->stream = cuda_kv_nccl_stream_create(kv->be);
-    for (int h = 0; h < 2; h++) {
+    if (k->stream_pipe) k->cstream = cuda_kv_nccl_stream_create(kv->be);
+    for (int h = 0; h < k->depth; h++) {
         k->ev[h] = cuda_kv_nccl_event_create(kv->be);
+        if (k->stream_pipe) k->cev[h] = cuda_kv_nccl_event_create(kv->be);
         k->stage[h] = cuda_kv_nccl_alloc(kv->be, k->chunk);
         if (!k->stage[h]) {
-            pd_errorf(err, errlen, "kv nccl: no device memory left for 2 x %zu MiB of staging",
-                      k->chunk >> 20);
+            pd_errorf(err, errlen, "kv nccl: no device memory left for %d x %zu MiB of staging",
+                      k->depth, k->chunk >> 20);
             return KV_ERR_FULL;
         }
     }
+    for (int i = 0; decode && k->stream_pipe && i < NCCL_PENDING_MAX; i++)
+        k->pev[i] = cuda_kv_nccl_event_create(kv->be);
     return KV_OK;
+}
+
+/* Stream pipeline: room on the device for the block ids of a request of nb blocks.
+ * Growing frees the old ids: only when no queued copy reads them (the caller waited).
+ * KV_ERR_FULL when the device or the host has no room. */
+static kv_status link_ids_room(const kv_cache *kv, nccl_link *k, int nb, char *err, size_t errlen) {
+    if (nb <= k->ids_cap) return KV_OK;
+    int cap = nb < 1024 ? 1024 : 2 * nb;
+    cuda_kv_nccl_free(kv->be, k->ids_dev);
+    if (k->ids_host) kv->be->ops->host_free(kv->be, k->ids_host);
+    k->ids_set = false;
+    k->ids_cap = 0;
+    k->ids_dev = cuda_kv_nccl_alloc(kv->be, (size_t)cap * sizeof(int));
+    k->ids_host = kv->be->ops->host_alloc(kv->be, (size_t)cap * sizeof(int));
+    if (!k->ids_dev || !k->ids_host) {
+        pd_errorf(err, errlen, "kv nccl: no memory left for %d block ids", cap);
+        return KV_ERR_FULL;
+    }
+    k->ids_cap = cap;
+    return KV_OK;
+}
+
+/* Stream pipeline: queues the upload of blocks[nb] (ticket's) as the link's ids on the
+ * copy stream, unless they are there already. The caller made the room and waited for
+ * the copies that read the previous ids' pinned copy. */
+static void link_ids_set(const kv_cache *kv, nccl_link *k, uint64_t ticket, const int32_t *blocks,
+                         int nb) {
+    if (k->ids_set && k->ids_ticket == ticket) return;
+    PD_ASSERT(nb <= k->ids_cap);
+    memcpy(k->ids_host, blocks, (size_t)nb * sizeof(int));
+    cuda_kv_nccl_upload(kv->be, k->cstream, k->ids_dev, k->ids_host, (size_t)nb * sizeof(int));
+    k->ids_set = true;
+    k->ids_ticket = ticket;
 }
 
 /* What a wait watches besides the GPU: when to give up, and who may have gone. */
@@ -283,13 +406,18 @@ typedef struct wait_ctx {
 } wait_ctx;
 
 /* Waits until the link's communicator has no operation in progress and, when ev is
- * given, until that event has passed. KV_OK; or KV_ERR_PEER (NCCL reported an error,
- * or the control socket says the peer closed: a dead process), KV_ERR_DEADLINE,
- * KV_ERR_ABORTED (stop): then the caller must link_close (the op is still pending). */
-static kv_status link_wait(const kv_cache *kv, nccl_link *k, void *ev, const wait_ctx *w,
-                           char *err, size_t errlen) {
+ * given, until that event has passed. KV_OK; KV_PENDING when `frames` and a frame (or
+ * the end of the stream) has arrived on the control socket first (the receiver reads
+ * it, then waits again); or KV_ERR_PEER (NCCL reported an error, or the peer has been
+ * gone for NCCL_GONE_GRACE_S: its control socket closed, or its process gone or
+ * exiting), KV_ERR_DEADLINE, KV_ERR_ABORTED (stop): then the caller must link_close
+ * (the op is still pending). */
+static kv_status link_wait_for(const kv_cache *kv, nccl_link *k, void *ev, const wait_ctx *w,
+                               bool frames, char *err, size_t errlen) {
     long sleep_ns = 2000;
-    double next_look = time_now_s() + NCCL_LIVENESS_S;
+    int spins = wait_spins() ? NCCL_SPIN_WAITS : 0;
+    double next_look = time_now_s() + NCCL_LIVENESS_S, gone = 0;
+    const char *why = "";
     for (;;) {
         int async = NCCL_OK;
         NCCL_CALL(g_nccl.comm_async_error(k->comm, &async));
@@ -298,19 +426,25 @@ static kv_status link_wait(const kv_cache *kv, nccl_link *k, void *ev, const wai
             return KV_ERR_PEER;
         }
         if (async == NCCL_OK && (!ev || cuda_kv_nccl_event_done(kv->be, ev))) return KV_OK;
-        struct pollfd p = {k->fd, POLLRDHUP, 0};
-        if (k->fd >= 0 && poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR))) {
-            pd_errorf(err, errlen, "kv nccl: %s closed its connection mid-transfer (process "
-                      "gone?)", w->who);
-            return KV_ERR_PEER;
+        struct pollfd p = {k->fd, POLLRDHUP | (frames ? POLLIN : 0), 0};
+        if (k->fd >= 0 && poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) &&
+            !gone) {
+            gone = time_now_s();
+            why = "closed its connection mid-transfer (process gone?)";
         }
-        if (k->peer_key && time_now_s() > next_look) {
+        if (frames && (p.revents & POLLIN)) return KV_PENDING; /* frames first (a DONE, or EOF) */
+        if (k->peer_key && !gone && time_now_s() > next_look) {
             if (peer_dying(k->peer_key)) {
-                pd_errorf(err, errlen, "kv nccl: %s: its process is gone or exiting mid-transfer",
-                          w->who);
-                return KV_ERR_PEER;
+                gone = time_now_s();
+                why = ": its process is gone or exiting mid-transfer";
             }
             next_look = time_now_s() + NCCL_LIVENESS_S;
+        }
+        /* a peer that finished and left may be gone before our last work ends: that
+         * work (a receive the peer's send completed, a scatter) still finishes */
+        if (gone && time_now_s() - gone > NCCL_GONE_GRACE_S) {
+            pd_errorf(err, errlen, "kv nccl: %s %s", w->who, why);
+            return KV_ERR_PEER;
         }
         if (w->stop && atomic_load(w->stop)) {
             pd_errorf(err, errlen, "kv nccl: %s: the connector is closing", w->who);
@@ -321,10 +455,20 @@ static kv_status link_wait(const kv_cache *kv, nccl_link *k, void *ev, const wai
                       w->who);
             return KV_ERR_DEADLINE;
         }
+        if (spins > 0) { /* the GPU finishes within microseconds: no timer slack */
+            spins--;
+            sched_yield();
+            continue;
+        }
         struct timespec ts = {0, sleep_ns};
         nanosleep(&ts, NULL);
         if (sleep_ns < NCCL_POLL_MAX_NS) sleep_ns *= 2;
     }
+}
+
+static kv_status link_wait(const kv_cache *kv, nccl_link *k, void *ev, const wait_ctx *w,
+                           char *err, size_t errlen) {
+    return link_wait_for(kv, k, ev, w, false, err, errlen);
 }
 
 /* Makes the pair's communicator (rank 0 decode, 1 prefill), non-blocking where the
@@ -542,7 +686,7 @@ static kv_status conn_setup(nccl_conn *k, char *err, size_t errlen) {
         pd_errorf(err, errlen, "kv nccl: ncclGetUniqueId: %s", nccl_error(rc));
         return KV_ERR_IO;
     }
-    kv_status st = link_alloc(kv, &k->link, err, errlen);
+    kv_status st = link_alloc(kv, &k->link, true, err, errlen);
     if (st != KV_OK) return st;
     struct hello_tail tail = {id, self_key()};
     kv_msg_header r = hello_of(kv);
@@ -576,9 +720,144 @@ static void conn_scatter(nccl_conn *k, const kv_msg_header *h, int hh, size_t u0
     pthread_mutex_unlock(&c->mu);
 }
 
+/* Stream pipeline: counts pending layer p (when its reservation is still pending) and
+ * gives back the hold that kept its blocks while the scatter might write them (a failed
+ * reservation's blocks are released now: it was DRAINING). */
+static void pend_release(nccl_conn *k, const nccl_pending *p, bool count) {
+    kv_connector *c = k->c;
+    pthread_mutex_lock(&c->mu);
+    int idx = kv_slot_find(c, p->ticket, p->request_id);
+    if (idx >= 0) {
+        kv_slot *s = &c->slots[idx];
+        if (count && s->state == KV_SLOT_PENDING) {
+            s->layer_blocks[p->layer] = (uint32_t)s->n_blocks;
+            int ready = 0;
+            while (ready < c->kv->n_layers && s->layer_blocks[ready] == (uint32_t)s->n_blocks) ready++;
+            s->layers_ready = ready;
+        }
+        PD_ASSERT(s->busy > 0);
+        s->busy--;
+        if (s->state == KV_SLOT_DRAINING && s->busy == 0) kv_slot_drain(c, idx);
+    }
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* Stream pipeline: waits for the oldest pending layer's scatters, then counts it.
+ * KV_OK; KV_PENDING when `frames` and a frame arrived first; else the link is broken
+ * (the layer stays pending: released after link_close). */
+static kv_status pend_complete(nccl_conn *k, bool frames, char *err, size_t errlen) {
+    nccl_link *L = &k->link;
+    PD_ASSERT(L->pend_n > 0);
+    nccl_pending p = L->pend[L->pend_head];
+    wait_ctx w = {p.deadline, &k->impl->stop, k->who};
+    kv_status st = link_wait_for(k->c->kv, L, L->pev[L->pend_head], &w, frames, err, errlen);
+    if (st != KV_OK) return st;
+    L->pend_head = (L->pend_head + 1) % NCCL_PENDING_MAX;
+    L->pend_n--;
+    pend_release(k, &p, true);
+    return KV_OK;
+}
+
+static kv_status pend_flush(nccl_conn *k, char *err, size_t errlen) {
+    kv_status st = KV_OK;
+    while (st == KV_OK && k->link.pend_n > 0) st = pend_complete(k, false, err, errlen);
+    return st;
+}
+
+/* Host pipeline: receives a DATA frame's payload through two halves, scattering each
+ * chunk (one copy_batch, waited for) while the next arrives. */
+static kv_status data_host(nccl_conn *k, const kv_msg_header *h, bool fits, const wait_ctx *w,
+                           char *err, size_t errlen) {
+    const kv_cache *kv = k->c->kv;
+    size_t bb = kv->block_bytes;
+    size_t per = k->link.chunk / bb, units = (size_t)(h->payload_bytes / bb);
+    size_t n_chunks = (units + per - 1) / per;
+    kv_status st = KV_OK;
+    /* receives of chunks i and i+1 in flight; chunk i scattered while i+1 arrives */
+    for (size_t i = 0; i < n_chunks && i < 2 && st == KV_OK; i++)
+        st = link_op(kv, &k->link, false, (int)(i & 1), PD_MIN(per, units - i * per) * bb, w,
+                     err, errlen);
+    for (size_t i = 0; i < n_chunks && st == KV_OK; i++) {
+        int hh = (int)(i & 1);
+        size_t u0 = i * per, u1 = PD_MIN(units, u0 + per);
+        st = link_wait(kv, &k->link, k->link.ev[hh], w, err, errlen);
+        if (st != KV_OK) break;
+        if (fits) conn_scatter(k, h, hh, u0, u1);
+        if (i + 2 < n_chunks)
+            st = link_op(kv, &k->link, false, hh, PD_MIN(per, units - (i + 2) * per) * bb, w,
+                         err, errlen);
+    }
+    if (st != KV_OK || !fits) return st;
+    kv_connector *c = k->c;
+    pthread_mutex_lock(&c->mu);
+    int idx = kv_slot_find(c, h->ticket, h->request_id);
+    if (idx >= 0 && c->slots[idx].state == KV_SLOT_PENDING) {
+        kv_slot *s = &c->slots[idx];
+        s->layer_blocks[h->layer] = (uint32_t)s->n_blocks;
+        int ready = 0;
+        while (ready < kv->n_layers && s->layer_blocks[ready] == (uint32_t)s->n_blocks) ready++;
+        s->layers_ready = ready;
+    }
+    pthread_mutex_unlock(&c->mu);
+    return KV_OK;
+}
+
+/* Stream pipeline: queues a DATA frame's receives and scatters on the ring (nothing
+ * waited for but room: a full pending list, or the previous request's ids), holding
+ * the reservation's blocks (busy) until its last scatter has run; the layer counts
+ * when pend_complete sees that. */
+static kv_status data_stream(nccl_conn *k, const kv_msg_header *h, bool fits, const wait_ctx *w,
+                             char *err, size_t errlen) {
+    kv_connector *c = k->c;
+    const kv_cache *kv = c->kv;
+    nccl_link *L = &k->link;
+    size_t bb = kv->block_bytes;
+    size_t per = L->chunk / bb, units = (size_t)(h->payload_bytes / bb);
+    size_t n_chunks = (units + per - 1) / per;
+    kv_status st = KV_OK;
+    if (fits && L->pend_n == NCCL_PENDING_MAX) st = pend_complete(k, false, err, errlen);
+    if (st == KV_OK && fits && !(L->ids_set && L->ids_ticket == h->ticket)) {
+        st = pend_flush(k, err, errlen); /* the pinned ids are free again */
+        if (st == KV_OK) st = link_ids_room(kv, L, (int)h->n_blocks, err, errlen);
+    }
+    if (st != KV_OK) return st;
+    if (fits) { /* still pending? then hold its blocks and name them to the device */
+        fits = false;
+        pthread_mutex_lock(&c->mu);
+        int idx = kv_slot_find(c, h->ticket, h->request_id);
+        if (idx >= 0 && c->slots[idx].state == KV_SLOT_PENDING) {
+            kv_slot *s = &c->slots[idx];
+            s->busy++;
+            fits = true;
+            link_ids_set(kv, L, h->ticket, s->blocks, s->n_blocks);
+            int at = (L->pend_head + L->pend_n++) % NCCL_PENDING_MAX;
+            L->pend[at] = (nccl_pending){h->ticket, h->request_id, h->layer, w->deadline};
+        }
+        pthread_mutex_unlock(&c->mu);
+    }
+    for (size_t i = 0; i < n_chunks && st == KV_OK; i++, L->seq++) {
+        int b = (int)(L->seq % (uint64_t)L->depth);
+        size_t u0 = i * per, u1 = PD_MIN(units, u0 + per);
+        if (L->seq >= (uint64_t)L->depth) cuda_kv_nccl_stream_wait(kv->be, L->stream, L->cev[b]);
+        st = link_op(kv, L, false, b, (u1 - u0) * bb, w, err, errlen);
+        if (st != KV_OK) break;
+        cuda_kv_nccl_stream_wait(kv->be, L->cstream, L->ev[b]);
+        if (fits)
+            cuda_kv_nccl_units(kv->be, L->cstream, kv->k[h->layer], kv->v[h->layer], L->ids_dev,
+                               (int)h->n_blocks, u0, u1, L->stage[b], bb, 0);
+        cuda_kv_nccl_event_record(kv->be, L->cev[b], L->cstream);
+    }
+    if (st == KV_OK && fits) {
+        int at = (L->pend_head + L->pend_n - 1) % NCCL_PENDING_MAX;
+        cuda_kv_nccl_event_record(kv->be, L->pev[at], L->cstream);
+    }
+    return st;
+}
+
 /* A DATA frame: checks it against its reservation, receives its payload chunk by chunk
  * (always, so that the pair stays in step), scatters it when the reservation is still
- * pending, then counts the layer. Non-OK: the link is broken (err filled). */
+ * pending, then counts the layer (stream pipeline: once its scatters have run).
+ * Non-OK: the link is broken (err filled). */
 static kv_status conn_data(nccl_conn *k, const kv_msg_header *h, char *err, size_t errlen) {
     kv_connector *c = k->c;
     const kv_cache *kv = c->kv;
@@ -606,35 +885,8 @@ static kv_status conn_data(nccl_conn *k, const kv_msg_header *h, char *err, size
         return KV_ERR_PROTOCOL;
     }
     wait_ctx w = {deadline, &k->impl->stop, k->who};
-    size_t per = k->link.chunk / bb, units = (size_t)(h->payload_bytes / bb);
-    size_t n_chunks = (units + per - 1) / per;
-    kv_status st = KV_OK;
-    /* receives of chunks i and i+1 in flight; chunk i scattered while i+1 arrives */
-    for (size_t i = 0; i < n_chunks && i < 2 && st == KV_OK; i++)
-        st = link_op(kv, &k->link, false, (int)(i & 1), PD_MIN(per, units - i * per) * bb, &w,
-                     err, errlen);
-    for (size_t i = 0; i < n_chunks && st == KV_OK; i++) {
-        int hh = (int)(i & 1);
-        size_t u0 = i * per, u1 = PD_MIN(units, u0 + per);
-        st = link_wait(kv, &k->link, k->link.ev[hh], &w, err, errlen);
-        if (st != KV_OK) break;
-        if (fits) conn_scatter(k, h, hh, u0, u1);
-        if (i + 2 < n_chunks)
-            st = link_op(kv, &k->link, false, hh, PD_MIN(per, units - (i + 2) * per) * bb, &w,
-                         err, errlen);
-    }
-    if (st != KV_OK || !fits) return st;
-    pthread_mutex_lock(&c->mu);
-    if ((idx = kv_slot_find(c, h->ticket, h->request_id)) >= 0 &&
-        c->slots[idx].state == KV_SLOT_PENDING) {
-        s = &c->slots[idx];
-        s->layer_blocks[h->layer] = (uint32_t)s->n_blocks;
-        int ready = 0;
-        while (ready < kv->n_layers && s->layer_blocks[ready] == (uint32_t)s->n_blocks) ready++;
-        s->layers_ready = ready;
-    }
-    pthread_mutex_unlock(&c->mu);
-    return KV_OK;
+    return k->link.stream_pipe ? data_stream(k, h, fits, &w, err, errlen)
+                               : data_host(k, h, fits, &w, err, errlen);
 }
 
 /* DONE or ABORT of a request. */
@@ -666,6 +918,13 @@ static void *conn_main(void *arg) {
     kv_status st = conn_setup(k, err, sizeof err);
     if (st == KV_OK) log_info("kv nccl: communicator with %s ready", k->who);
     while (st == KV_OK) {
+        /* queued layers count as their scatters end, unless a frame comes first */
+        if (k->link.pend_n > 0) {
+            st = pend_complete(k, true, err, sizeof err);
+            if (st == KV_OK) continue;
+            if (st != KV_PENDING) break;
+            st = KV_OK;
+        }
         kv_msg_header h;
         /* frames come whenever the peer has a request: no deadline, only stop */
         if (read_frame(k->link.fd, &h, time_now_s() + 1e9, &k->impl->stop, k->link.peer_key, err,
@@ -674,8 +933,10 @@ static void *conn_main(void *arg) {
             break;
         }
         if (h.type == KV_MSG_DATA) st = conn_data(k, &h, err, sizeof err);
-        else if (h.type == KV_MSG_DONE || h.type == KV_MSG_ABORT) conn_control(k, &h);
-        else {
+        else if (h.type == KV_MSG_DONE || h.type == KV_MSG_ABORT) {
+            st = pend_flush(k, err, sizeof err); /* every layer before it counted */
+            if (st == KV_OK) conn_control(k, &h);
+        } else {
             pd_errorf(err, sizeof err, "HELLO after setup");
             st = KV_ERR_PROTOCOL;
         }
@@ -684,7 +945,12 @@ static void *conn_main(void *arg) {
     pthread_mutex_lock(&c->mu);
     fail_conn_slots(c, k->id, err);
     pthread_mutex_unlock(&c->mu);
-    link_close(c->kv, &k->link);
+    nccl_pending left[NCCL_PENDING_MAX];
+    int n_left = k->link.pend_n;
+    for (int i = 0; i < n_left; i++)
+        left[i] = k->link.pend[(k->link.pend_head + i) % NCCL_PENDING_MAX];
+    link_close(c->kv, &k->link); /* streams idle: no scatter writes any more */
+    for (int i = 0; i < n_left; i++) pend_release(k, &left[i], false);
     atomic_store(&k->running, false);
     return NULL;
 }
@@ -784,7 +1050,7 @@ static kv_status peer_connect(kv_send *x, struct nccl_peer *p, char *err, size_t
         kv_checksum(&tail, sizeof tail, 0) != h.checksum)
         return pd_errorf(err, errlen, "kv nccl: %s: bad or missing NCCL id", p->address), KV_ERR_PROTOCOL;
     k->peer_key = tail.key;
-    st = link_alloc(kv, k, err, errlen);
+    st = link_alloc(kv, k, false, err, errlen);
     if (st == KV_OK) st = link_init(kv, k, &tail.id, 1, &w, err, errlen);
     if (st == KV_OK) log_info("kv nccl: communicator with %s ready", p->address);
     return st;
@@ -830,10 +1096,87 @@ static kv_status nccl_send_begin(kv_send *x, char *err, size_t errlen) {
     return st;
 }
 
-/* Every layer in layers[n]: a DATA frame, then its payload in chunks, two in flight. */
+/* The DATA frame of layer l of x (payload_bytes of payload). KV_OK, or the status. */
+static kv_status send_data_frame(kv_send *x, struct nccl_peer *p, int l, size_t payload_bytes,
+                                 char *err, size_t errlen) {
+    kv_msg_header h = {.type = KV_MSG_DATA, .request_id = x->t.request_id, .ticket = x->t.id,
+                       .layer = (uint32_t)l, .n_blocks = (uint32_t)x->n_blocks,
+                       .payload_bytes = payload_bytes};
+    if (send_frame(p->link.fd, &h, x->deadline) == 0) return KV_OK;
+    pd_errorf(err, errlen, "kv nccl: sending request %llu to %s: %s",
+              (unsigned long long)x->t.request_id, p->address,
+              errno == ETIMEDOUT ? "deadline passed" : strerror(errno));
+    return errno == ETIMEDOUT ? KV_ERR_DEADLINE : KV_ERR_PEER;
+}
+
+/* Host pipeline: every layer in layers[n]: a DATA frame, then its payload in chunks,
+ * two in flight; the host gathers each chunk (copy_batch, waited for) once the send
+ * made from its half two chunks ago is done. *queued: the clock before the last wait. */
+static kv_status send_host(kv_send *x, struct nccl_peer *p, const int *layers, int n,
+                           const wait_ctx *w, double *queued, char *err, size_t errlen) {
+    const kv_cache *kv = x->c->kv;
+    nccl_link *k = &p->link;
+    size_t bb = kv->block_bytes;
+    size_t per = k->chunk / bb, units = 2 * (size_t)x->n_blocks, seq = 0;
+    kv_status st = KV_OK;
+    for (int j = 0; j < n && st == KV_OK; j++) {
+        int l = layers[j];
+        st = send_data_frame(x, p, l, units * bb, err, errlen);
+        for (size_t u0 = 0; u0 < units && st == KV_OK; u0 += per, seq++) {
+            int hh = (int)(seq & 1);
+            size_t u1 = PD_MIN(units, u0 + per);
+            /* half hh is free once the send made from it two chunks ago is done */
+            if (seq >= 2 && (st = link_wait(kv, k, k->ev[hh], w, err, errlen)) != KV_OK) break;
+            kv_copies q = {0};
+            unit_copies(&q, kv, l, x->blocks, x->n_blocks, u0, u1, k->stage[hh], true);
+            kv_copies_run(kv, &q);
+            kv_copies_free(&q);
+            st = link_op(kv, k, true, hh, (u1 - u0) * bb, w, err, errlen);
+        }
+    }
+    *queued = kv_timing_on() ? time_now_s() : 0;
+    if (st == KV_OK && seq > 0) st = link_wait(kv, k, k->ev[(seq - 1) & 1], w, err, errlen);
+    return st;
+}
+
+/* Stream pipeline: every layer in layers[n]: a DATA frame, then per chunk a gather on
+ * the copy stream (after the send that last read its buffer) and an ncclSend on NCCL's
+ * stream (after that gather), all queued at once; then one wait, for the last send
+ * (the streams are in order: every earlier gather and send is done too). */
+static kv_status send_stream(kv_send *x, struct nccl_peer *p, const int *layers, int n,
+                             const wait_ctx *w, double *queued, char *err, size_t errlen) {
+    const kv_cache *kv = x->c->kv;
+    nccl_link *k = &p->link;
+    size_t bb = kv->block_bytes;
+    size_t per = k->chunk / bb, units = 2 * (size_t)x->n_blocks;
+    /* the previous call waited for its last send: the ids' pinned copy is free */
+    kv_status st = link_ids_room(kv, k, x->n_blocks, err, errlen);
+    if (st == KV_OK) link_ids_set(kv, k, x->t.id, x->blocks, x->n_blocks);
+    int last = -1;
+    for (int j = 0; j < n && st == KV_OK; j++) {
+        int l = layers[j];
+        st = send_data_frame(x, p, l, units * bb, err, errlen);
+        for (size_t u0 = 0; u0 < units && st == KV_OK; u0 += per, k->seq++) {
+            int b = (int)(k->seq % (uint64_t)k->depth);
+            size_t u1 = PD_MIN(units, u0 + per);
+            if (k->seq >= (uint64_t)k->depth) cuda_kv_nccl_stream_wait(kv->be, k->cstream, k->ev[b]);
+            cuda_kv_nccl_units(kv->be, k->cstream, kv->k[l], kv->v[l], k->ids_dev, x->n_blocks, u0,
+                               u1, k->stage[b], bb, 1);
+            cuda_kv_nccl_event_record(kv->be, k->cev[b], k->cstream);
+            cuda_kv_nccl_stream_wait(kv->be, k->stream, k->cev[b]);
+            st = link_op(kv, k, true, b, (u1 - u0) * bb, w, err, errlen);
+            last = b;
+        }
+    }
+    *queued = kv_timing_on() ? time_now_s() : 0;
+    if (st == KV_OK && last >= 0) st = link_wait(kv, k, k->ev[last], w, err, errlen);
+    return st;
+}
+
 static kv_status nccl_send_layers(kv_send *x, const int *layers, int n, char *err, size_t errlen) {
     const kv_cache *kv = x->c->kv;
-    size_t bb = kv->block_bytes;
+    bool timing = kv_timing_on();
+    double t0 = timing ? time_now_s() : 0;
     kv_status st;
     struct nccl_peer *p = peer_lock(x, &st, err, errlen);
     if (!p) return st;
@@ -841,34 +1184,18 @@ static kv_status nccl_send_layers(kv_send *x, const int *layers, int n, char *er
     char who[KV_ADDRESS_MAX + 16];
     snprintf(who, sizeof who, "decode peer %s", p->address);
     wait_ctx w = {x->deadline, NULL, who};
-    size_t per = k->chunk / bb, units = 2 * (size_t)x->n_blocks, seq = 0;
-    for (int j = 0; j < n && st == KV_OK; j++) {
-        int l = layers[j];
-        kv_msg_header h = {.type = KV_MSG_DATA, .request_id = x->t.request_id, .ticket = x->t.id,
-                           .layer = (uint32_t)l, .n_blocks = (uint32_t)x->n_blocks,
-                           .payload_bytes = units * bb};
-        if (send_frame(k->fd, &h, x->deadline) != 0) {
-            pd_errorf(err, errlen, "kv nccl: sending request %llu to %s: %s",
-                      (unsigned long long)x->t.request_id, p->address,
-                      errno == ETIMEDOUT ? "deadline passed" : strerror(errno));
-            st = errno == ETIMEDOUT ? KV_ERR_DEADLINE : KV_ERR_PEER;
-            break;
-        }
-        for (size_t u0 = 0; u0 < units && st == KV_OK; u0 += per, seq++) {
-            int hh = (int)(seq & 1);
-            size_t u1 = PD_MIN(units, u0 + per);
-            /* half hh is free once the send made from it two chunks ago is done */
-            if (seq >= 2 && (st = link_wait(kv, k, k->ev[hh], &w, err, errlen)) != KV_OK) break;
-            kv_copies q = {0};
-            unit_copies(&q, kv, l, x->blocks, x->n_blocks, u0, u1, k->stage[hh], true);
-            kv_copies_run(kv, &q);
-            kv_copies_free(&q);
-            st = link_op(kv, k, true, hh, (u1 - u0) * bb, &w, err, errlen);
-        }
-    }
-    if (st == KV_OK && seq > 0) st = link_wait(kv, k, k->ev[(seq - 1) & 1], &w, err, errlen);
+    double t1 = timing ? time_now_s() : 0, queued = t1;
+    st = k->stream_pipe ? send_stream(x, p, layers, n, &w, &queued, err, errlen)
+                        : send_host(x, p, layers, n, &w, &queued, err, errlen);
     if (st != KV_OK) link_close(kv, k); /* the pair is out of step: a new link next time */
     pthread_mutex_unlock(&p->mu);
+    if (timing) {
+        kv_timing_acc.calls++;
+        kv_timing_acc.items += 2 * n * x->n_blocks;
+        kv_timing_acc.check_s += t1 - t0;
+        kv_timing_acc.queue_s += queued - t1;
+        kv_timing_acc.copy_s += time_now_s() - queued;
+    }
     return st;
 }
 

@@ -325,6 +325,8 @@ static const backend_ops *cuda_ops_with_graphs(void) {
         o.copy_layers_async = cuda_kv_copy_layers_async; /* kv_ipc.cu */
         o.copy_async_order = cuda_kv_copy_async_order;
         o.copy_async_wait = cuda_kv_copy_async_wait;
+        o.copy_runs = cuda_kv_copy_runs;
+        o.copy_timing = cuda_kv_copy_timing;
         return o;
     }();
     return &table;

@@ -18,6 +18,12 @@
  * cannot be reached by a kernel: such batches go item by item through
  * cudaMemcpyAsync.
  *
+ * copy_runs (the gpu medium's) is copy_batch of a request's shape: n_runs block runs
+ * repeated over n_parts (layer, k/v) bases, described by n_runs + n_parts descriptors
+ * (a request of 8,192 tokens over 28 layers: 128 + 56, not 7,168), one launch of
+ * xfer_runs_kernel, which finds a chunk's part by division and its run by a binary
+ * search over the runs.
+ *
  * copy_batch_sum is the same kernel adding kv_sum terms (src/kv/kv_sum.h) of what it
  * moves into per-object sums (a warp reduction and one atomic per warp and chunk), so
  * that the cpu store's checksums cost no host pass over the bytes.
@@ -42,6 +48,8 @@
  *       concatenated items: small items, e.g. single 32 KiB blocks of a fragmented
  *       pool, share a CTA step)
  *   PDSERVE_KV_XFER_BIG_KIB (4096)    auto: items this large go to the copy engines
+ *   PDSERVE_KV_TIMING=1               copy_timing: host clocks and three events per
+ *       copy_batch / copy_runs call (bench_kv_cuda's breakdown)
  *
  * Measured on 2x H200 (NV18), 896 MiB of KV to the peer GPU (bench_kv_cuda): this
  * kernel moves a request's 7,168 runs of 128 KiB at 352-359 GB/s when timed alone
@@ -90,7 +98,15 @@ typedef struct xfer_params {
     bool stream_stores;
     int walk;                  /* XFER_WALK_* */
     size_t big;
+    bool timing;               /* PDSERVE_KV_TIMING: clocks and events per call (copy_timing) */
 } xfer_params;
+
+/* One call's host clocks (copy_timing): entry, descriptors built, launched. */
+typedef struct xfer_clock {
+    double t0, built, launched;
+    int items;
+    bool split;                /* ev[1] recorded (before the kernel) */
+} xfer_clock;
 
 /* Per device, for the process's life (created on first use; the primary context
  * outlives backends). Owns every pointer here. */
@@ -110,6 +126,8 @@ typedef struct xfer_state {
     size_t sums_cap;
     uint32_t *dev_map, *host_map; /* table walk: [map_cap] item of each chunk */
     size_t map_cap;
+    cudaEvent_t ev[3];         /* timing: call's start, kernel's start, end */
+    backend_copy_timing acc;   /* timing: sums since the last copy_timing */
 } xfer_state;
 
 static xfer_state g_xfer[XFER_MAX_DEVICES];
@@ -225,6 +243,42 @@ __global__ void xfer_copy_bytes_kernel(const xfer_desc *d, int n) {
         for (uint64_t i = threadIdx.x; i < d[k].bytes; i += blockDim.x) d[k].dst[i] = d[k].src[i];
 }
 
+/* copy_runs: n_parts x n_runs copies from n_runs + n_parts descriptors. runs[r] holds run
+ * r's offsets in its dst and src fields (not addresses), its bytes and first_chunk (the
+ * prefix sum of earlier runs' chunks: part_chunks in all); parts[p] holds part p's
+ * bases. Chunk c is chunk c % part_chunks of part c / part_chunks, its run found by a
+ * binary search (a request has tens to hundreds of runs); CTAs take chunks grid-stride,
+ * as the stride walk. Every base, offset and size is a multiple of 16 bytes. */
+template <int UNROLL, bool CS>
+__global__ void __launch_bounds__(1024)
+xfer_runs_kernel(const xfer_desc *runs, int n_runs, const xfer_desc *parts, uint64_t part_chunks,
+                 uint64_t total_chunks, uint64_t chunk_bytes) {
+    for (uint64_t c = blockIdx.x; c < total_chunks; c += gridDim.x) {
+        uint64_t p = c / part_chunks, rc = c - p * part_chunks;
+        const xfer_desc *r = &runs[xfer_find(runs, n_runs, 0, rc, false)];
+        xfer_desc e;
+        e.dst = parts[p].dst + (uintptr_t)r->dst;
+        e.src = parts[p].src + (uintptr_t)r->src;
+        e.bytes = r->bytes;
+        e.at = 0;
+        e.slot = -1;
+        uint64_t off = (rc - r->first_chunk) * chunk_bytes;
+        uint64_t len = e.bytes - off < chunk_bytes ? e.bytes - off : chunk_bytes;
+        xfer_piece<UNROLL, false, CS>(&e, off, len, NULL);
+    }
+}
+
+typedef void (*xfer_runs_fn)(const xfer_desc *, int, const xfer_desc *, uint64_t, uint64_t,
+                             uint64_t);
+template <bool CS> static xfer_runs_fn xfer_runs_pick2(int unroll) {
+    switch (unroll) {
+    case 1: return xfer_runs_kernel<1, CS>;
+    case 2: return xfer_runs_kernel<2, CS>;
+    case 8: return xfer_runs_kernel<8, CS>;
+    default: return xfer_runs_kernel<4, CS>;
+    }
+}
+
 typedef void (*xfer_kernel_fn)(const xfer_desc *, int, uint64_t, uint64_t, unsigned long long *,
                                int, const uint32_t *);
 
@@ -273,6 +327,8 @@ static xfer_params xfer_params_from_env(void) {
     for (int i = 0; walk && i < 4; i++)
         if (!strcmp(walk, XFER_WALK_NAMES[i])) p.walk = i;
     p.big = (size_t)env_long("PDSERVE_KV_XFER_BIG_KIB", 4096, 0, 1L << 30) << 10;
+    const char *t = getenv("PDSERVE_KV_TIMING");
+    p.timing = t && *t && strcmp(t, "0") != 0;
     return p;
 }
 
@@ -288,6 +344,7 @@ static xfer_state *xfer_get(cuda_backend *cb) {
         CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrCanUseHostPointerForRegisteredMem,
                                           cb->device));
         x->host_mapped = v != 0;
+        for (int i = 0; i < 3 && x->p.timing; i++) CUDA_CHECK(cudaEventCreate(&x->ev[i]));
         x->ready = true;
         log_info("cuda kv transfers: device %d, copies %s, chunk %llu KiB, %d CTAs/SM of %d "
                  "threads, unroll %d, %s stores, %s walk, copy engines from %zu KiB; pinned host "
@@ -355,6 +412,50 @@ static bool kernel_reaches(const xfer_state *x, int device, const void *p) {
     return false; /* pageable host memory */
 }
 
+/* ---- timing (PDSERVE_KV_TIMING; copy_timing) -------------------------------------------
+ * Per call: host clocks at entry (before the lock), descriptors built, launched, and
+ * synchronized; events on the transfer stream at the call's first op, just before the
+ * kernel, and after the last op. Off: no clock, no event. */
+static void clock_start(xfer_state *x, xfer_clock *c, double entry) {
+    memset(c, 0, sizeof *c);
+    if (!x->p.timing) return;
+    c->t0 = entry;
+    CUDA_CHECK(cudaEventRecord(x->ev[0], x->stream));
+}
+static void clock_built(xfer_state *x, xfer_clock *c, int items) {
+    if (!c || !x->p.timing) return;
+    c->built = time_now_s();
+    c->items += items;
+}
+static void clock_kernel(xfer_state *x, xfer_clock *c) {
+    if (!c || !x->p.timing) return;
+    CUDA_CHECK(cudaEventRecord(x->ev[1], x->stream));
+    c->split = true;
+}
+static void clock_launched(xfer_state *x, xfer_clock *c) {
+    if (!x->p.timing) return;
+    c->launched = time_now_s();
+    if (!c->built) c->built = c->launched;
+    if (!c->split) CUDA_CHECK(cudaEventRecord(x->ev[1], x->stream)); /* no kernel: all "upload" */
+    CUDA_CHECK(cudaEventRecord(x->ev[2], x->stream));
+}
+/* After the stream's synchronize (under x->mu): adds the call into x->acc. */
+static void clock_end(xfer_state *x, const xfer_clock *c) {
+    if (!x->p.timing) return;
+    double now = time_now_s();
+    float up = 0, k = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&up, x->ev[0], x->ev[1]));
+    CUDA_CHECK(cudaEventElapsedTime(&k, x->ev[1], x->ev[2]));
+    backend_copy_timing *a = &x->acc;
+    a->calls++;
+    a->items += c->items;
+    a->prep_s += c->built - c->t0;
+    a->enqueue_s += c->launched - c->built;
+    a->wait_s += now - c->launched;
+    a->upload_s += up / 1e3;
+    a->kernel_s += k / 1e3;
+}
+
 /* Copy engines for the whole batch through one cudaMemcpyBatchAsync (under x->mu);
  * false when the runtime refuses it (then nothing was queued). */
 static bool xfer_batch_engines(xfer_state *x, const backend_copy *items, int n) {
@@ -390,7 +491,8 @@ static bool xfer_batch_engines(xfer_state *x, const backend_copy *items, int n) 
  * `all`, else those under `big`. sum_slot != NULL: sums accumulate in x->dev_sums
  * (reserved and zeroed by the caller). */
 static void xfer_kernel_launch(cuda_backend *cb, xfer_state *x, const backend_copy *items, int n,
-                               bool all, const int32_t *sum_slot, const uint64_t *sum_at) {
+                               bool all, const int32_t *sum_slot, const uint64_t *sum_at,
+                               xfer_clock *clk) {
     xfer_reserve(x, (size_t)n);
     uint64_t chunks = 0, chunk = x->p.chunk, total = 0;
     bool vec16 = true;
@@ -405,6 +507,7 @@ static void xfer_kernel_launch(cuda_backend *cb, xfer_state *x, const backend_co
         vec16 = vec16 && ((uintptr_t)it->dst | (uintptr_t)it->src | it->bytes) % 16 == 0;
         m++;
     }
+    clock_built(x, clk, m);
     if (!m) return;
     CUDA_CHECK(cudaMemcpyAsync(x->dev_desc, x->host_desc, (size_t)m * sizeof(xfer_desc),
                                cudaMemcpyHostToDevice, x->stream));
@@ -426,6 +529,7 @@ static void xfer_kernel_launch(cuda_backend *cb, xfer_state *x, const backend_co
                                    cudaMemcpyHostToDevice, x->stream));
         map = x->dev_map;
     }
+    clock_kernel(x, clk);
     uint64_t most = (uint64_t)cb->sm_count * (uint64_t)x->p.ctas_per_sm;
     unsigned grid = (unsigned)(chunks < most ? chunks : most);
     xfer_kernel_fn k = xfer_pick(x->p.unroll, sum_slot != NULL, x->p.stream_stores);
@@ -440,7 +544,10 @@ extern "C" void cuda_kv_copy_batch(backend *b, const backend_copy *items, int n)
     if (n <= 0) return;
     cuda_backend *cb = cuda_of(b);
     xfer_state *x = xfer_get(cb);
+    double entry = x->p.timing ? time_now_s() : 0;
     pthread_mutex_lock(&x->mu);
+    xfer_clock clk;
+    clock_start(x, &clk, entry);
     int mode = x->p.mode;
     if (mode == XFER_BATCH && !xfer_batch_engines(x, items, n)) mode = XFER_MEMCPY;
     if (mode != XFER_BATCH) {
@@ -452,10 +559,12 @@ extern "C" void cuda_kv_copy_batch(backend *b, const backend_copy *items, int n)
             if (!it->bytes || (kernel && (all || it->bytes < x->p.big))) continue;
             CUDA_CHECK(cudaMemcpyAsync(it->dst, it->src, it->bytes, cudaMemcpyDefault, x->stream));
         }
-        if (kernel) xfer_kernel_launch(cb, x, items, n, all, NULL, NULL);
+        if (kernel) xfer_kernel_launch(cb, x, items, n, all, NULL, NULL, &clk);
     }
+    clock_launched(x, &clk);
     /* every byte landed, and host_desc may be rewritten by the next batch */
     CUDA_CHECK(cudaStreamSynchronize(x->stream));
+    clock_end(x, &clk);
     pthread_mutex_unlock(&x->mu);
 }
 
@@ -478,13 +587,94 @@ extern "C" int cuda_kv_copy_batch_sum(backend *b, const backend_copy *items, int
     xfer_reserve_sums(x, (size_t)n_sums);
     CUDA_CHECK(cudaMemsetAsync(x->dev_sums, 0, (size_t)n_sums * sizeof(unsigned long long),
                                x->stream));
-    xfer_kernel_launch(cb, x, items, n, true, sum_slot, sum_at);
+    xfer_kernel_launch(cb, x, items, n, true, sum_slot, sum_at, NULL);
     CUDA_CHECK(cudaMemcpyAsync(x->host_sums, x->dev_sums, (size_t)n_sums * sizeof(unsigned long long),
                                cudaMemcpyDeviceToHost, x->stream));
     CUDA_CHECK(cudaStreamSynchronize(x->stream));
     for (int k = 0; k < n_sums; k++) sums[k] += (uint64_t)x->host_sums[k];
     pthread_mutex_unlock(&x->mu);
     return 0;
+}
+
+/* copy_runs' items as a copy_batch (the kernel cannot take them as runs). */
+static void copy_runs_expanded(backend *b, const backend_run *runs, int n_runs, void *const *dst,
+                               const void *const *src, int n_parts) {
+    size_t n = (size_t)n_runs * (size_t)n_parts;
+    PD_ASSERT(n <= (size_t)INT32_MAX);
+    backend_copy *items = (backend_copy *)xmalloc(n * sizeof *items);
+    for (int p = 0, i = 0; p < n_parts; p++)
+        for (int r = 0; r < n_runs; r++, i++)
+            items[i] = backend_copy{(uint8_t *)dst[p] + runs[r].dst_off,
+                                    (const uint8_t *)src[p] + runs[r].src_off, runs[r].bytes};
+    cuda_kv_copy_batch(b, items, (int)n);
+    free(items);
+}
+
+extern "C" void cuda_kv_copy_runs(backend *b, const backend_run *runs, int n_runs, void *const *dst,
+                                  const void *const *src, int n_parts) {
+    if (n_runs <= 0 || n_parts <= 0) return;
+    cuda_backend *cb = cuda_of(b);
+    xfer_state *x = xfer_get(cb);
+    double entry = x->p.timing ? time_now_s() : 0;
+    /* the kernel's conditions (copy_batch's in auto and kernel modes): 16-byte multiples,
+     * no item for the copy engines, memory the kernel reaches; else the items as a batch */
+    bool ok = x->p.mode == XFER_AUTO || x->p.mode == XFER_KERNEL;
+    uint64_t chunk = x->p.chunk, part_chunks = 0;
+    for (int r = 0; r < n_runs && ok; r++) {
+        const backend_run *u = &runs[r];
+        ok = (u->dst_off | u->src_off | u->bytes) % 16 == 0 && u->bytes > 0 &&
+             (x->p.mode == XFER_KERNEL || u->bytes < x->p.big);
+        part_chunks += (u->bytes + chunk - 1) / chunk;
+    }
+    for (int p = 0; p < n_parts && ok; p++) ok = ((uintptr_t)dst[p] | (uintptr_t)src[p]) % 16 == 0;
+    pthread_mutex_lock(&x->mu);
+    xfer_clock clk;
+    clock_start(x, &clk, entry);
+    ok = ok && kernel_reaches(x, cb->device, (const uint8_t *)dst[0] + runs[0].dst_off) &&
+         kernel_reaches(x, cb->device, (const uint8_t *)src[0] + runs[0].src_off);
+    if (!ok) {
+        pthread_mutex_unlock(&x->mu);
+        copy_runs_expanded(b, runs, n_runs, dst, src, n_parts);
+        return;
+    }
+    int m = n_runs + n_parts;
+    xfer_reserve(x, (size_t)m);
+    uint64_t first = 0;
+    for (int r = 0; r < n_runs; r++) {
+        const backend_run *u = &runs[r];
+        x->host_desc[r] = xfer_desc{(uint8_t *)(uintptr_t)u->dst_off,
+                                    (const uint8_t *)(uintptr_t)u->src_off, u->bytes, first, 0, 0,
+                                    -1, 0};
+        first += (u->bytes + chunk - 1) / chunk;
+    }
+    for (int p = 0; p < n_parts; p++)
+        x->host_desc[n_runs + p] = xfer_desc{(uint8_t *)dst[p], (const uint8_t *)src[p], 0, 0, 0, 0, -1, 0};
+    clock_built(x, &clk, m);
+    CUDA_CHECK(cudaMemcpyAsync(x->dev_desc, x->host_desc, (size_t)m * sizeof(xfer_desc),
+                               cudaMemcpyHostToDevice, x->stream));
+    clock_kernel(x, &clk);
+    uint64_t total = part_chunks * (uint64_t)n_parts;
+    uint64_t most = (uint64_t)cb->sm_count * (uint64_t)x->p.ctas_per_sm;
+    unsigned grid = (unsigned)(total < most ? total : most);
+    xfer_runs_fn k = x->p.stream_stores ? xfer_runs_pick2<true>(x->p.unroll)
+                                        : xfer_runs_pick2<false>(x->p.unroll);
+    k<<<grid, x->p.threads, 0, x->stream>>>(x->dev_desc, n_runs, x->dev_desc + n_runs, part_chunks,
+                                             total, chunk);
+    CUDA_CHECK_LAUNCH();
+    clock_launched(x, &clk);
+    CUDA_CHECK(cudaStreamSynchronize(x->stream)); /* landed; host_desc free again */
+    clock_end(x, &clk);
+    pthread_mutex_unlock(&x->mu);
+}
+
+extern "C" int cuda_kv_copy_timing(backend *b, backend_copy_timing *out) {
+    cuda_backend *cb = cuda_of(b);
+    xfer_state *x = xfer_get(cb);
+    pthread_mutex_lock(&x->mu);
+    *out = x->acc;
+    memset(&x->acc, 0, sizeof x->acc);
+    pthread_mutex_unlock(&x->mu);
+    return out->calls > 0 ? 0 : -1;
 }
 
 /* The base of the allocation holding p, through the driver's cuMemGetAddressRange

@@ -21,6 +21,10 @@ uint64_t cuda_kv_copy_layers_async(backend *b, const backend_copy *items, int n,
                                    int n_groups);
 void cuda_kv_copy_async_order(backend *b, int g);
 void cuda_kv_copy_async_wait(backend *b, uint64_t ticket);
+/* backend.h copy_runs and copy_timing */
+void cuda_kv_copy_runs(backend *b, const backend_run *runs, int n_runs, void *const *dst,
+                       const void *const *src, int n_parts);
+int cuda_kv_copy_timing(backend *b, backend_copy_timing *out);
 /* Frees what copy_layers_async made (cu_destroy; waits for its copies first). */
 void cuda_kv_async_release(backend *b);
 }

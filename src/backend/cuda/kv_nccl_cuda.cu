@@ -1,9 +1,12 @@
 /* kv_nccl_cuda.cu: the CUDA runtime calls of the nccl KV medium (kv_nccl_cuda.h), so
- * that src/kv/kv_nccl.c stays C without CUDA headers. Every call goes through
- * CUDA_CHECK; the only failures returned as values are "not done yet" (event query)
- * and "out of device memory" (staging buffers, sized after the KV cache took its share).
+ * that src/kv/kv_nccl.c stays C without CUDA headers, and its gather / scatter kernel.
+ * Every call goes through CUDA_CHECK; the only failures returned as values are "not
+ * done yet" (event query) and "out of device memory" (staging buffers, sized after the
+ * KV cache took its share).
  *
- * Tuned for: a handful of streams and buffers per peer, made once per communicator. */
+ * Tuned for: a handful of streams and buffers per peer, made once per communicator;
+ * chunks of tens of MiB of KV blocks of 16 to 64 KiB, gathered and scattered in device
+ * memory (HBM, several TB/s) while NCCL moves the previous chunk over NVLink. */
 #include "backend/cuda/cuda_common.h"
 #include "backend/cuda/kv_nccl_cuda.h"
 
@@ -68,4 +71,61 @@ extern "C" void cuda_kv_nccl_free(backend *b, void *p) {
     if (!p) return;
     (void)cuda_of(b);
     CUDA_CHECK(cudaFree(p));
+}
+
+extern "C" void cuda_kv_nccl_stream_wait(backend *b, void *stream, void *event) {
+    (void)cuda_of(b);
+    CUDA_CHECK(cudaStreamWaitEvent((cudaStream_t)stream, (cudaEvent_t)event, 0));
+}
+
+extern "C" void cuda_kv_nccl_upload(backend *b, void *stream, void *dst, const void *src,
+                                    size_t bytes) {
+    (void)cuda_of(b);
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, (cudaStream_t)stream));
+}
+
+/* One CTA per payload unit (a KV block) at a time, grid-stride over units; VEC: 16-byte
+ * words, 4 loads in flight per thread before the stores; else bytes (a block size or
+ * base not a multiple of 16: never seen, kept correct). */
+template <bool VEC>
+__global__ void nccl_units_kernel(uint8_t *k, uint8_t *v, const int *ids, int nb, uint64_t u0,
+                                  uint64_t n_units, uint8_t *stage, uint64_t bb, int to_stage) {
+    for (uint64_t w = blockIdx.x; w < n_units; w += gridDim.x) {
+        uint64_t u = u0 + w;
+        uint8_t *blk = (u / (uint64_t)nb ? v : k) + (uint64_t)ids[u % (uint64_t)nb] * bb;
+        uint8_t *st = stage + w * bb;
+        const uint8_t *from = to_stage ? blk : st;
+        uint8_t *to = to_stage ? st : blk;
+        if (VEC) {
+            const uint4 *s = (const uint4 *)from;
+            uint4 *d = (uint4 *)to;
+            uint64_t n16 = bb / 16, i = threadIdx.x, bd = blockDim.x;
+            for (; i + 3 * bd < n16; i += 4 * bd) {
+                uint4 r0 = s[i], r1 = s[i + bd], r2 = s[i + 2 * bd], r3 = s[i + 3 * bd];
+                d[i] = r0, d[i + bd] = r1, d[i + 2 * bd] = r2, d[i + 3 * bd] = r3;
+            }
+            for (; i < n16; i += bd) d[i] = s[i];
+        } else {
+            for (uint64_t i = threadIdx.x; i < bb; i += blockDim.x) to[i] = from[i];
+        }
+    }
+}
+
+extern "C" void cuda_kv_nccl_units(backend *b, void *stream, void *k, void *v, const int *ids,
+                                   int nb, size_t u0, size_t u1, void *stage, size_t block_bytes,
+                                   int to_stage) {
+    cuda_backend *cb = cuda_of(b);
+    PD_ASSERT(nb > 0 && u0 <= u1 && u1 <= 2 * (size_t)nb);
+    if (u1 == u0) return;
+    uint64_t n = u1 - u0, most = (uint64_t)cb->sm_count * 4;
+    unsigned grid = (unsigned)(n < most ? n : most);
+    bool vec = ((uintptr_t)k | (uintptr_t)v | (uintptr_t)stage | block_bytes) % 16 == 0;
+    cudaStream_t s = (cudaStream_t)stream;
+    if (vec)
+        nccl_units_kernel<true><<<grid, 256, 0, s>>>((uint8_t *)k, (uint8_t *)v, ids, nb, u0, n,
+                                                     (uint8_t *)stage, block_bytes, to_stage);
+    else
+        nccl_units_kernel<false><<<grid, 256, 0, s>>>((uint8_t *)k, (uint8_t *)v, ids, nb, u0, n,
+                                                      (uint8_t *)stage, block_bytes, to_stage);
+    CUDA_CHECK_LAUNCH();
 }

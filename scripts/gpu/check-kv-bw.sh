@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# check-kv-bw.sh: the gpu and nccl KV mediums' bandwidth against their ceilings, with
+# each of their switches on and off in the same run (issue #5: 80% of the ceiling), in
+# one device call on a machine with two GPUs: builds with the gathered Debian prefix,
+# runs test_kv_cuda (every medium, every byte compared) and test_kv_nccl under both
+# nccl pipelines (stream, host), then bench_kv_cuda over gpu, then over nccl (each run
+# with its own ceilings), whole then layerwise, one row per variant:
+#   gpu   PDSERVE_KV_GPU_COPY=runs (one copy_runs per call) | items (one copy_batch of
+#         every run x part: the medium before)
+#   nccl  PDSERVE_KV_NCCL_PIPE=stream (device-ordered ring) with DEPTH 2, 3 (default), 4
+#         and WAIT=sleep | host (the halves the host waits for) with WAIT spin | sleep
+#         (host + sleep: the medium before)
+#   and gpu's default once with PDSERVE_KV_TIMING=0: what the breakdown's clocks and
+#   events cost (that row has no breakdown)
+# and each warm request's breakdown (bench clocks, the medium's phases, the backend's
+# copies by host clocks and CUDA events). Logs under $OUT (or build-gpu/out); the
+# breakdowns, the tests, then the rows (medium GB/s, ceiling, ratio per variant) last.
+#
+# Usage (repository root, on the GPU machine; carry .deps/prefix):
+#   scripts/gpu/check-kv-bw.sh
+#   SKIP_BUILD=1 / SKIP_TEST=1 / SKIP_LAYERWISE=1   leave a part out
+#   BUILD=DIR SKIP_BUILD=1                          an existing build elsewhere (a dry run)
+#   BENCH_TOKENS=8192 BENCH_WARM=3                  the bench's request size and repeats
+#   LAYERWISE_BY=380                                skip the layerwise part when the call
+#                                                   has run longer (s): stays under 8 min
+# Exit status: 0 when every test passed and every bench row ran, 77 without two GPUs,
+# else 1 (2: build failed). Reads the GPU's state and never changes it; NCCL_* variables
+# are left as they are.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+out=${OUT:-build-gpu/out}
+mkdir -p "$out"
+. scripts/gpu/cuda-env.sh
+{ gpu_header; nvidia-smi topo -m 2>&1 | head -n 6; env | grep '^NCCL_' || true; } | tee "$out/env.txt"
+B=${BUILD:-build-gpu}
+t_start=$(date +%s)
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  gpu_build "$out/build.log" test_kv_cuda test_kv_nccl bench_kv_cuda || exit 2
+fi
+export PDSERVE_SOURCE=$PWD PDSERVE_BUILD=$PWD/$B
+status=0
+
+if [ "${SKIP_TEST:-0}" != 1 ]; then
+  t0=$(date +%s)
+  timeout 180 "$B/test_kv_cuda" >"$out/test_kv_cuda.log" 2>&1
+  rc=$?
+  echo "test_kv_cuda: exit $rc, $(( $(date +%s) - t0 )) s"
+  [ "$rc" -eq 77 ] && exit 77
+  [ "$rc" -ne 0 ] && { status=1; grep -E 'FAIL|differs|error' "$out/test_kv_cuda.log" | head -n 20; }
+  for pipe in stream host; do
+    t0=$(date +%s)
+    PDSERVE_KV_NCCL_PIPE=$pipe timeout 200 "$B/test_kv_nccl" >"$out/test_kv_nccl-$pipe.log" 2>&1
+    rc=$?
+    echo "test_kv_nccl ($pipe pipeline): exit $rc, $(( $(date +%s) - t0 )) s"
+    [ "$rc" -eq 77 ] && exit 77
+    [ "$rc" -ne 0 ] && { status=1; grep -E 'FAIL|differs|error|D:|P:' "$out/test_kv_nccl-$pipe.log" | head -n 20; }
+  done
+fi
+
+# one bench run: MODE MEDIA VARIANT... (rows against the ceilings of the same run)
+bench() {
+  local mode=$1 media=$2; shift 2
+  local args=() f=$out/bench_kv_cuda-bw-$mode-$media
+  for v in "$@"; do args+=(--variant "$v"); done
+  local t0=$(date +%s)
+  timeout "${BENCH_TIMEOUT:-200}" "$B/bench_kv_cuda" --dir "$B" --media "$media" --copies auto \
+    --mode "$mode" --tokens "${BENCH_TOKENS:-8192}" --warm "${BENCH_WARM:-3}" "${args[@]}" \
+    >"$f.txt" 2>"$f.err"
+  local rc=$?
+  echo "bench_kv_cuda $mode $media: exit $rc, $(( $(date +%s) - t0 )) s"
+  tail -n 3 "$f.err"
+  { [ "$rc" -ne 0 ] || grep -q ' failed$' "$f.txt"; } && status=1
+}
+G=PDSERVE_KV_GPU_COPY N=PDSERVE_KV_NCCL_PIPE D=PDSERVE_KV_NCCL_DEPTH W=PDSERVE_KV_NCCL_WAIT
+bench whole gpu "$G=items" "$G=runs" "$G=runs PDSERVE_KV_TIMING=0"
+bench whole nccl "$N=host $W=sleep" "$N=host $W=spin" "$N=stream $D=2" "$N=stream $D=3" \
+  "$N=stream $D=4" "$N=stream $D=3 $W=sleep"
+if [ "${SKIP_LAYERWISE:-0}" != 1 ] && [ $(( $(date +%s) - t_start )) -gt "${LAYERWISE_BY:-380}" ]; then
+  echo "layerwise bench skipped: $(( $(date +%s) - t_start )) s gone (LAYERWISE_BY=${LAYERWISE_BY:-380})"
+elif [ "${SKIP_LAYERWISE:-0}" != 1 ]; then
+  bench layerwise gpu "$G=items" "$G=runs"
+  bench layerwise nccl "$N=host $W=sleep" "$N=stream $D=3"
+fi
+
+# the summary, longest first (a reader of the output's tail sees the table): each warm
+# request's breakdown, the tests, then the rows and lab lines
+for mode in whole layerwise; do
+  for media in gpu nccl; do
+    f=$out/bench_kv_cuda-bw-$mode-$media.txt
+    [ -f "$f" ] || continue
+    echo
+    echo "== breakdown ($mode, $media): each warm request =="
+    grep -E ' #[0-9]+ put ' "$f"
+  done
+done
+echo
+echo "== tests =="
+[ -f "$out/test_kv_cuda.log" ] && grep -E '^(ok  |FAIL)' "$out/test_kv_cuda.log"
+for pipe in stream host; do
+  [ -f "$out/test_kv_nccl-$pipe.log" ] && { echo "-- test_kv_nccl, $pipe pipeline"; grep -E '^(ok  |FAIL)|^     nccl' "$out/test_kv_nccl-$pipe.log"; }
+done
+for mode in whole layerwise; do
+  for media in gpu nccl; do
+    f=$out/bench_kv_cuda-bw-$mode-$media.txt
+    [ -f "$f" ] || continue
+    echo
+    echo "== bench_kv_cuda ($mode, $media) =="
+    grep -E '^(GPU 0:|NCCL send)' "$f"
+    awk '/^medium copies/ && !done { on = 1 } on && /^where/ { on = 0; done = 1 } on' "$f"
+    grep -E '^       \(' "$f"
+  done
+done
+echo
+echo "check-kv-bw: $(( $(date +%s) - t_start )) s, status $status"
+exit "$status"
