@@ -188,7 +188,8 @@ static int nccl_load(char *err, size_t errlen) {
 /* ---- one pair's link: control socket + communicator + staging -------------------------
  * Two pipelines move a layer's chunks (PDSERVE_KV_NCCL_PIPE, read once per process; the
  * two sides need not agree):
- *   stream (default)  ordered on the device: a ring of `depth` staging buffers
+ *   stream            (opt-in until scripts/gpu/check-kv-bw.sh has run it on GPUs)
+ *                     ordered on the device: a ring of `depth` staging buffers
  *                     (PDSERVE_KV_NCCL_DEPTH, 2..8, default 3), a copy stream for the
  *                     gathers (scatters) and NCCL's stream, each waiting for the other
  *                     through events (cudaStreamWaitEvent): the gather of chunk i waits
@@ -200,7 +201,7 @@ static int nccl_load(char *err, size_t errlen) {
  *                     event has passed, looked at between frames, so it keeps receiving
  *                     the next layers meanwhile. Gathers and scatters are one launch of
  *                     cuda_kv_nccl_units per chunk (block ids uploaded once per request).
- *   host              what this medium did first: two halves, the host waits for each
+ *   host (default)    what this medium did first: two halves, the host waits for each
  *                     half's send (receive) before it gathers (scatters) the next chunk
  *                     through copy_batch, which itself waits for its copy (A/B).
  * Why depth 3: in steady state 2 buffers keep NCCL busy (a chunk's gather or scatter,
@@ -243,7 +244,7 @@ static bool pipe_stream(void) {
     static int on = -1;
     if (on < 0) {
         const char *e = getenv("PDSERVE_KV_NCCL_PIPE");
-        on = !(e && !strcmp(e, "host"));
+        on = e && !strcmp(e, "stream");
     }
     return on;
 }
