@@ -21,13 +21,17 @@
  * Tuned for: a few dozen requests, well under a minute on two CPU cores; nothing here
  * is on a hot path. */
 #include <arpa/inet.h>
+#include <dirent.h>
+#include <math.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
+#include "bench/bench.h"
 #include "kv/kv.h"
 #include "model/tokenizer.h"
 #include "server/server.h"
@@ -136,10 +140,11 @@ static double busy_s(engine *e) {
 }
 
 /* One deployment under measurement: requests go to `port`; the prefilling engine is
- * `pe`; `medium` (disaggregated) prices the transfer that is not serving path. */
+ * `pe` (`de` the decode one, disaggregated); `medium` (disaggregated) prices the
+ * transfer that is not serving path. */
 typedef struct serve_target {
     int port;
-    engine *pe;
+    engine *pe, *de;
     const sim_medium *medium;
     size_t kv_bytes_per_token;
     int max_tokens;
@@ -183,6 +188,145 @@ static int measure_path(const serve_target *t, const int *lens, int n_lens, int 
     return 0;
 }
 
+/* ---- the serving path's CPU ---------------------------------------------------------- */
+
+/* The CPU runs of one deployment: {requests, max_tokens, concurrent}. One request at a
+ * time with one output token each (per request), one at a time with many (per token and
+ * per step alike: one token a step), several at once (several tokens a step): three
+ * runs that tell the three terms apart. */
+#define SERVE_CPU_PROMPT 128
+#define SERVE_CPU_TOKENS 64
+static const int SERVE_CPU_RUNS[3][3] = {{8, 2, 1}, {3, SERVE_CPU_TOKENS, 1}, {16, SERVE_CPU_TOKENS, 8}};
+
+static double clock_s(clockid_t id) {
+    struct timespec ts;
+    if (clock_gettime(id, &ts) != 0) return 0;
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* On-CPU seconds of this process's engine threads (named "pd-engine" by engine.c), from
+ * the scheduler's own account (schedstat: nanoseconds, the clock CLOCK_PROCESS_CPUTIME_ID
+ * sums over every thread). */
+static double engine_threads_cpu_s(void) {
+    DIR *d = opendir("/proc/self/task");
+    if (!d) return 0;
+    double total = 0;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (de->d_name[0] == '.') continue;
+        char path[300], comm[32] = "";
+        snprintf(path, sizeof path, "/proc/self/task/%s/comm", de->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f) continue;
+        if (!fgets(comm, sizeof comm, f)) comm[0] = 0;
+        fclose(f);
+        if (strncmp(comm, "pd-engine", 9) != 0) continue;
+        snprintf(path, sizeof path, "/proc/self/task/%s/schedstat", de->d_name);
+        f = fopen(path, "r");
+        unsigned long long ns = 0;
+        if (f && fscanf(f, "%llu", &ns) == 1) total += (double)ns * 1e-9;
+        if (f) fclose(f);
+    }
+    closedir(d);
+    return total;
+}
+
+static uint64_t steps_of(engine *e) {
+    engine_stats s;
+    if (!e) return 0;
+    engine_get_stats(e, &s);
+    return s.steps;
+}
+
+/* One CPU run: n requests of the prompt `text`, max_tokens each, `conc` at a time,
+ * through pdserve's own bench client (the client the demo's sweep streams with), in this
+ * thread. The serving CPU is this process's CPU less its engine threads' less this
+ * thread's outside the client's timed part (dataset and connection set-up, which the
+ * real client does before its clock starts). Fills pt = {requests, tokens, steps, cpu}. */
+static int cpu_run(const serve_target *t, const char *text, int n, int max_tokens, int conc, double pt[4], char *err,
+                   size_t errlen) {
+    bench_dataset d = {0};
+    d.n = n;
+    d.reqs = xcalloc((size_t)n, sizeof *d.reqs);
+    for (int i = 0; i < n; i++) {
+        d.reqs[i].prompt = xstrdup(text);
+        d.reqs[i].prompt_len = -1;
+        d.reqs[i].output_len = max_tokens;
+        d.reqs[i].arrival_s = -1;
+    }
+    char url[64];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d", t->port);
+    bench_config bc;
+    bench_config_default(&bc);
+    bc.base_url = url;
+    bc.model = "profile";
+    bc.request_rate = INFINITY;
+    bc.max_concurrency = conc;
+    bc.ignore_eos = true;
+    bc.stream_usage = true;
+    bc.temperature = 0;
+    bc.metrics_urls = "";
+    bc.progress = false;
+    uint64_t s0 = steps_of(t->pe) + steps_of(t->de);
+    double p0 = clock_s(CLOCK_PROCESS_CPUTIME_ID), e0 = engine_threads_cpu_s(), m0 = clock_s(CLOCK_THREAD_CPUTIME_ID);
+    bench_result *r = NULL;
+    int rc = bench_run(&bc, &d, &r, err, errlen);
+    double m1 = clock_s(CLOCK_THREAD_CPUTIME_ID), e1 = engine_threads_cpu_s(), p1 = clock_s(CLOCK_PROCESS_CPUTIME_ID);
+    uint64_t s1 = steps_of(t->pe) + steps_of(t->de);
+    bench_dataset_free(&d);
+    if (rc) return -1;
+    long long tokens = 0;
+    int ok = 0;
+    for (int i = 0; i < r->n; i++)
+        if (r->recs[i].success) ok++, tokens += r->recs[i].output_len;
+    double cpu = (p1 - p0) - (e1 - e0) - (m1 - m0) + r->client_cpu_s;
+    bench_result_free(r);
+    if (ok != n) {
+        pd_errorf(err, errlen, "serving cpu: %d of %d requests to port %d failed", n - ok, n, t->port);
+        return -1;
+    }
+    pt[0] = n;
+    pt[1] = (double)tokens;
+    pt[2] = (double)(s1 - s0);
+    pt[3] = PD_MAX(cpu, 0);
+    log_debug("profile: serving cpu, port %d: %d requests x %d tokens, %d at once: %.0f tokens, %.0f steps, %.3f ms",
+              t->port, n, max_tokens, conc, pt[1], pt[2], pt[3] * 1e3);
+    return 0;
+}
+
+/* The serving path's CPU of the deployment behind t: each of SERVE_CPU_RUNS twice, the
+ * second round kept where it used less (a burst of load elsewhere only adds), fitted. */
+static int measure_cpu(const serve_target *t, sim_serving_cpu *out, char *err, size_t errlen) {
+    memset(out, 0, sizeof *out);
+    char *text = prompt_text(t->tok, SERVE_CPU_PROMPT);
+    int rc = 0;
+    for (int round = 0; round < 2 && rc == 0; round++)
+        for (int k = 0; k < 3 && rc == 0; k++) {
+            double pt[4];
+            int mt = PD_MAX(SERVE_CPU_RUNS[k][1], t->max_tokens);
+            rc = cpu_run(t, text, SERVE_CPU_RUNS[k][0], mt, SERVE_CPU_RUNS[k][2], pt, err, errlen);
+            if (rc == 0 && (round == 0 || pt[3] / PD_MAX(pt[1], 1) < out->points[k][3] / PD_MAX(out->points[k][1], 1)))
+                memcpy(out->points[k], pt, sizeof pt);
+        }
+    free(text);
+    if (rc) return -1;
+    out->n_points = 3;
+    sim_serving_cpu_fit(out);
+    return 0;
+}
+
+/* The router's CPU: what the same runs took through it beyond the direct path, the
+ * difference of the two fits (never negative). */
+static void cpu_hop(const sim_serving_cpu *through, const sim_serving_cpu *direct, sim_serving_cpu *hop) {
+    memset(hop, 0, sizeof *hop);
+    hop->n_points = through->n_points;
+    for (int k = 0; k < through->n_points; k++) {
+        memcpy(hop->points[k], through->points[k], sizeof hop->points[k]);
+        hop->points[k][3] = PD_MAX(through->points[k][3] - direct->points[k][3], 0);
+    }
+    sim_serving_cpu_fit(hop);
+}
+
 /* The engine config of one instance: a pool for a few of the longest prompts. */
 static void instance_config(model *m, int max_len, int block_size, engine_config *ec) {
     engine_config_default(ec);
@@ -221,6 +365,7 @@ static int measure_colocated(model *m, const tokenizer *tok, const int *lens, in
     if (!s) goto out;
     serve_target t = {.port = server_port(s), .pe = e, .max_tokens = 1, .tok = tok};
     if (measure_path(&t, lens, n_lens, repeats, &out->colocated, err, errlen)) goto out;
+    if (measure_cpu(&t, &out->colocated.cpu, err, errlen)) goto out;
     char url[64];
     snprintf(url, sizeof url, "http://127.0.0.1:%d", server_port(s));
     const char *inst[1] = {url};
@@ -231,6 +376,7 @@ static int measure_colocated(model *m, const tokenizer *tok, const int *lens, in
     t.port = router_port(rt);
     sim_serving_path through;
     if (measure_path(&t, lens, n_lens, repeats, &through, err, errlen)) goto out;
+    if (measure_cpu(&t, &through.cpu, err, errlen)) goto out;
     /* the router's hop: what the same requests took beyond the direct path */
     sim_serving_path *hop = &out->router;
     memset(hop, 0, sizeof *hop);
@@ -240,6 +386,7 @@ static int measure_colocated(model *m, const tokenizer *tok, const int *lens, in
     }
     hop->n_points = through.n_points;
     sim_serving_fit(hop);
+    cpu_hop(&through.cpu, &out->colocated.cpu, &hop->cpu);
     rc = 0;
 out:
     if (rt) router_shutdown(rt, 5);
@@ -289,10 +436,11 @@ static int measure_disaggregated(model *m, const tokenizer *tok, const int *lens
     rt = router_start(&rc_, err, errlen);
     if (!rt) goto out;
     /* max_tokens 2: a request of one token would end on the prefill side */
-    serve_target t = {.port = router_port(rt), .pe = pe, .medium = cpu,
+    serve_target t = {.port = router_port(rt), .pe = pe, .de = de, .medium = cpu,
                       .kv_bytes_per_token = model_kv_bytes_per_token(&m->cfg, dtype_size(m->be->ops->kv_type)),
                       .max_tokens = 2, .tok = tok};
     if (measure_path(&t, lens, n_lens, repeats, &out->disaggregated, err, errlen)) goto out;
+    if (measure_cpu(&t, &out->disaggregated.cpu, err, errlen)) goto out;
     rc = 0;
 out:
     if (rt) router_shutdown(rt, 5);
@@ -328,8 +476,9 @@ int sim_profile_serving(model *m, const tokenizer *tok, int max_len, int repeats
     snprintf(sv.source, sizeof sv.source,
              "measured: pdserve profile --serving, in-process server, router and cpu-medium connector on %s, "
              "%d prompt lengths up to %d tokens, median of %d requests each, one at a time; transfer priced by "
-             "the %s cpu medium", m->be->ops->name, n_lens, lens[n_lens - 1], repeats,
-             cpu_measured ? "measured" : "default");
+             "the %s cpu medium; cpu: pdserve's bench client, prompts of %d tokens, 3 runs (fitted)",
+             m->be->ops->name, n_lens, lens[n_lens - 1], repeats, cpu_measured ? "measured" : "default",
+             SERVE_CPU_PROMPT);
     out->serving = sv;
     const struct { const char *name; const sim_serving_path *p; } paths[] = {
         {"colocated", &sv.colocated}, {"router hop", &sv.router}, {"disaggregated", &sv.disaggregated}};
@@ -342,6 +491,14 @@ int sim_profile_serving(model *m, const tokenizer *tok, int max_len, int repeats
                                   p->seconds[k] * 1e3);
         log_info("profile: serving path, %s: %.3f ms + %.3f us/token (%s)", paths[i].name, p->fixed_s * 1e3,
                  p->s_per_token * 1e6, pts);
+        const sim_serving_cpu *c = &p->cpu;
+        if (c->measured)
+            log_info("profile: serving path, %s: CPU %.1f us per request + %.1f us per streamed token + %.1f us per "
+                     "engine step (%d runs: %.0f/%.0f/%.0f requests/tokens/steps %.2f ms, %.0f/%.0f/%.0f %.2f ms, "
+                     "%.0f/%.0f/%.0f %.2f ms)", paths[i].name, c->request_s * 1e6, c->token_s * 1e6, c->step_s * 1e6,
+                     c->n_points, c->points[0][0], c->points[0][1], c->points[0][2], c->points[0][3] * 1e3,
+                     c->points[1][0], c->points[1][1], c->points[1][2], c->points[1][3] * 1e3, c->points[2][0],
+                     c->points[2][1], c->points[2][2], c->points[2][3] * 1e3);
     }
     log_info("profile: serving path measured in %.1f s", time_now_s() - t0);
     return 0;

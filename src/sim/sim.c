@@ -60,13 +60,14 @@ typedef struct inst {
     unsigned gen;
 } inst;
 
-enum { EV_STEP_END = 0, EV_KV_ARRIVE = 1, EV_DEADLINE = 2, EV_ENTER = 3 };
+enum { EV_STEP_END = 0, EV_KV_ARRIVE = 1, EV_DEADLINE = 2, EV_ENTER = 3, EV_SERVE_IDLE = 4 };
 
 typedef struct sim_event {
     double t;
     uint64_t seq;
     int kind, id;
-    unsigned gen;           /* EV_STEP_END under contention: the instance's gen when pushed */
+    unsigned gen;           /* EV_STEP_END under contention: the instance's gen when pushed;
+                               EV_SERVE_IDLE: the serving work's gen */
 } sim_event;
 
 typedef struct event_heap {
@@ -129,6 +130,15 @@ typedef struct sim_state {
     const int32_t *prompt;          /* [max prompt + 1] of zeros for sched_add */
     bool contention;                /* instances share the host's cores (CPU backend) */
     int n_busy;                     /* instances in a step now */
+    /* the serving path's CPU on the same cores (cfg->serving_cpu under contention): its
+     * per-request, per-token and per-step costs, and its backlog, cpu seconds left as of
+     * serve_t, drained at serve_rate as one more runnable thread while it is not empty;
+     * the drain's end event carries serve_gen */
+    sim_serving_cpu serve_cost;
+    bool serve_cpu;
+    double serve_left, serve_rate, serve_t;
+    unsigned serve_gen;
+    int serve_tok;                  /* tokens streamed since serving work was last added */
     sim_stats *st;
     char *err;
     size_t errlen;
@@ -177,6 +187,7 @@ static int route(sim_state *s, int base, int n, int *rr, const sreq *r) {
 }
 
 static void emit_token(sim_state *s, sreq *r, double t) {
+    s->serve_tok++;
     if (r->n_out == 0) r->first_token = t;
     if (s->cfg->record_tokens) r->token_times[r->n_out] = t;
     else r->token_times[r->n_out == 0 ? 0 : 1] = t;
@@ -209,12 +220,21 @@ static void plan_work(const inst *in, const sim_profile *prof, sim_work *w) {
 }
 
 /* Processor sharing (docs/simulator.md, "CPU contention"): the n_busy instances in a
- * step at now each advance at 1 / slowdown(n_busy) of their profiled speed. Called
- * whenever n_busy changes: every step in flight is charged its progress since its last
- * rate change, takes the new rate, and gets a new end event (the old one goes stale).
- * O(instances) per step start and end, and only under contention. */
+ * step at now, plus the serving path's CPU while it has work (one more runnable thread),
+ * each advance at 1 / slowdown(k) of their profiled speed. Called whenever k changes or
+ * serving work is added: every step in flight is charged its progress since its last
+ * rate change, takes the new rate, and gets a new end event (the old one goes stale);
+ * the serving backlog likewise. O(instances) per step start and end, and only under
+ * contention. */
+static void serve_charge(sim_state *s, double now) {
+    s->serve_left = PD_MAX(s->serve_left - (now - s->serve_t) * s->serve_rate, 0);
+    s->serve_t = now;
+}
+
 static void reshare(sim_state *s, double now) {
-    double rate = 1.0 / sim_contention_slowdown(&s->p->contention, s->n_busy);
+    serve_charge(s, now);
+    bool serving = s->serve_left > 1e-12;
+    double rate = 1.0 / sim_contention_slowdown(&s->p->contention, s->n_busy + (serving ? 1 : 0));
     for (int i = 0; i < s->n_inst; i++) {
         inst *in = &s->insts[i];
         if (!in->busy) continue;
@@ -224,6 +244,21 @@ static void reshare(sim_state *s, double now) {
         in->rate = rate;
         heap_push_gen(&s->heap, now + in->work_left / rate, EV_STEP_END, i, ++in->gen);
     }
+    if (!serving) {
+        s->serve_left = s->serve_rate = 0;
+        return;
+    }
+    s->serve_rate = rate;
+    heap_push_gen(&s->heap, now + s->serve_left / rate, EV_SERVE_IDLE, -1, ++s->serve_gen);
+}
+
+/* cpu seconds of serving work arrive at now (a request, a step's tokens). */
+static void serve_add(sim_state *s, double now, double cpu) {
+    if (!s->serve_cpu || !(cpu > 0)) return;
+    serve_charge(s, now);
+    s->serve_left += cpu;
+    s->st->serving_cpu_s += cpu;
+    reshare(s, now);
 }
 
 /* Starts the instance's next step at now, if it is idle and has work. */
@@ -307,6 +342,21 @@ static double serving_delay(const sim_state *s, const sreq *r) {
     return sim_serving_s(&sv->disaggregated, r->n_prompt);
 }
 
+/* The serving path's CPU of a setup: colocated, one instance: the colocated path's;
+ * several behind the router: plus the router's hop; disaggregated: its own path's.
+ * *on false when the profile did not measure it. */
+static void serving_cpu_cost(const sim_config *c, const sim_serving *sv, sim_serving_cpu *out, bool *on) {
+    memset(out, 0, sizeof *out);
+    const sim_serving_cpu *a = c->n_colocated > 0 ? &sv->colocated.cpu : &sv->disaggregated.cpu;
+    const sim_serving_cpu *b = c->n_colocated > 1 ? &sv->router.cpu : NULL;
+    *on = a->measured;
+    if (!*on) return;
+    out->request_s = a->request_s + (b && b->measured ? b->request_s : 0);
+    out->token_s = a->token_s + (b && b->measured ? b->token_s : 0);
+    out->step_s = a->step_s + (b && b->measured ? b->step_s : 0);
+    out->measured = true;
+}
+
 /* r reaches the deployment at its arrival: the router's deadline starts, and r enters
  * its first instance now or once its serving path has passed (EV_ENTER). */
 static int on_arrival(sim_state *s, sreq *r) {
@@ -315,6 +365,7 @@ static int on_arrival(sim_state *s, sreq *r) {
         heap_push(&s->heap, r->arrival + c->kv_timeout_s, EV_DEADLINE, (int)(r - s->reqs));
     double d = serving_delay(s, r);
     s->st->serving_s += d;
+    serve_add(s, r->arrival, s->serve_cost.request_s);
     if (d > 0) {
         heap_push(&s->heap, r->arrival + d, EV_ENTER, (int)(r - s->reqs));
         return 0;
@@ -448,6 +499,9 @@ static void on_step_end(sim_state *s, int i, double t) {
         }
     }
     in->busy = false;
+    /* the step's tokens go out through the HTTP threads, the router and the client */
+    serve_add(s, t, s->serve_cost.step_s + s->serve_cost.token_s * s->serve_tok);
+    s->serve_tok = 0;
     kick(s, i, t);
 }
 
@@ -460,6 +514,8 @@ static int on_kv_arrive(sim_state *s, sreq *r, double t) {
     }
     r->stage = STAGE_DECODE;
     emit_token(s, r, t);
+    serve_add(s, t, s->serve_cost.token_s * s->serve_tok);
+    s->serve_tok = 0;
     s->insts[r->d_inst].load--; /* admit counts it again */
     return admit(s, r->d_inst, r, r->n_prompt + 1, r->max_tokens - 1, t);
 }
@@ -583,6 +639,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
     s.n_route_p = co ? cfg->n_colocated : cfg->n_prefill;
     s.n_route_d = co ? 0 : cfg->n_decode;
     s.contention = cfg->cpu_contention && !strcmp(p->backend, "cpu") && p->contention.cores > 0;
+    if (s.contention && cfg->serving_cpu) serving_cpu_cost(cfg, &p->serving, &s.serve_cost, &s.serve_cpu);
     st->n_instances = s.n_inst;
     s.insts = xmalloc(sizeof(inst) * (size_t)s.n_inst);
     for (int i = 0; i < s.n_inst; i++) {
@@ -614,6 +671,13 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
             sim_event e = heap_pop(&s.heap);
             now = e.t;
             if (e.kind == EV_STEP_END && s.contention && e.gen != s.insts[e.id].gen) continue; /* rescheduled */
+            if (e.kind == EV_SERVE_IDLE) { /* the serving backlog drained, unless more came since */
+                if (e.gen == s.serve_gen) {
+                    s.serve_left = 0;
+                    reshare(&s, e.t);
+                }
+                continue;
+            }
             if (e.kind == EV_STEP_END) on_step_end(&s, e.id, e.t);
             else if (e.kind == EV_DEADLINE) on_deadline(&s, &s.reqs[e.id], e.t);
             else if (e.kind == EV_ENTER) rc = on_enter(&s, &s.reqs[e.id], e.t);
