@@ -37,6 +37,8 @@ typedef struct sreq {
     sched_seq *pq;          /* xPyD: its sequence on the prefill instance while there */
     int stage;              /* xPyD: STAGE_* */
     bool failed;            /* the deadline passed before its KV arrived (finished: when) */
+    bool serve_wait;        /* its request work waits in the serving CPU's queue */
+    double serve_mark;      /* ... and is done once the queue has done this much work */
 } sreq;
 
 enum { STAGE_PREFILL = 0, STAGE_TRANSFER = 1, STAGE_DECODE = 2 };
@@ -60,14 +62,14 @@ typedef struct inst {
     unsigned gen;
 } inst;
 
-enum { EV_STEP_END = 0, EV_KV_ARRIVE = 1, EV_DEADLINE = 2, EV_ENTER = 3, EV_SERVE_IDLE = 4 };
+enum { EV_STEP_END = 0, EV_KV_ARRIVE = 1, EV_DEADLINE = 2, EV_ENTER = 3, EV_SERVE = 4 };
 
 typedef struct sim_event {
     double t;
     uint64_t seq;
     int kind, id;
     unsigned gen;           /* EV_STEP_END under contention: the instance's gen when pushed;
-                               EV_SERVE_IDLE: the serving work's gen */
+                               EV_SERVE: the serving work's gen */
 } sim_event;
 
 typedef struct event_heap {
@@ -131,13 +133,16 @@ typedef struct sim_state {
     bool contention;                /* instances share the host's cores (CPU backend) */
     int n_busy;                     /* instances in a step now */
     /* the serving path's CPU on the same cores (cfg->serving_cpu under contention): its
-     * per-request, per-token and per-step costs, and its backlog, cpu seconds left as of
-     * serve_t, drained at serve_rate as one more runnable thread while it is not empty;
-     * the drain's end event carries serve_gen */
+     * per-request, per-token and per-step costs, and its queue: work added in order
+     * (serve_total in all), cpu seconds left as of serve_t, done first in first out at
+     * serve_rate as one more runnable thread while it is not empty. A request enters its
+     * instance once its own work is done (serve_head: the first that waits); the next
+     * such moment or the queue's end is an EV_SERVE event carrying serve_gen */
     sim_serving_cpu serve_cost;
     bool serve_cpu;
-    double serve_left, serve_rate, serve_t;
+    double serve_left, serve_rate, serve_t, serve_total;
     unsigned serve_gen;
+    int serve_head, n_arrived;
     int serve_tok;                  /* tokens streamed since serving work was last added */
     sim_stats *st;
     char *err;
@@ -231,6 +236,13 @@ static void serve_charge(sim_state *s, double now) {
     s->serve_t = now;
 }
 
+/* The first request still waiting for its serving work, or NULL. */
+static sreq *serve_first(sim_state *s) {
+    /* requests join the queue in arrival order and leave it in the same order */
+    while (s->serve_head < s->n_arrived && !s->reqs[s->serve_head].serve_wait) s->serve_head++;
+    return s->serve_head < s->n_arrived ? &s->reqs[s->serve_head] : NULL;
+}
+
 static void reshare(sim_state *s, double now) {
     serve_charge(s, now);
     bool serving = s->serve_left > 1e-12;
@@ -246,19 +258,27 @@ static void reshare(sim_state *s, double now) {
     }
     if (!serving) {
         s->serve_left = s->serve_rate = 0;
+        ++s->serve_gen; /* nothing pending: any event in the heap is stale */
         return;
     }
     s->serve_rate = rate;
-    heap_push_gen(&s->heap, now + s->serve_left / rate, EV_SERVE_IDLE, -1, ++s->serve_gen);
+    /* the next waiting request's work is done when the queue has done up to its mark */
+    double left = s->serve_left;
+    const sreq *h = serve_first(s);
+    if (h) left = PD_MIN(left, PD_MAX(s->serve_left - (s->serve_total - h->serve_mark), 0));
+    heap_push_gen(&s->heap, now + left / rate, EV_SERVE, -1, ++s->serve_gen);
 }
 
-/* cpu seconds of serving work arrive at now (a request, a step's tokens). */
-static void serve_add(sim_state *s, double now, double cpu) {
-    if (!s->serve_cpu || !(cpu > 0)) return;
+/* cpu seconds of serving work arrive at now (a request, a step's tokens); returns the
+ * queue's mark of this work (done when serve_total - serve_left reaches it). */
+static double serve_add(sim_state *s, double now, double cpu) {
+    if (!s->serve_cpu || !(cpu > 0)) return 0;
     serve_charge(s, now);
     s->serve_left += cpu;
+    s->serve_total += cpu;
     s->st->serving_cpu_s += cpu;
     reshare(s, now);
+    return s->serve_total;
 }
 
 /* Starts the instance's next step at now, if it is idle and has work. */
@@ -358,19 +378,44 @@ static void serving_cpu_cost(const sim_config *c, const sim_serving *sv, sim_ser
 }
 
 /* r reaches the deployment at its arrival: the router's deadline starts, and r enters
- * its first instance now or once its serving path has passed (EV_ENTER). */
+ * its first instance now or once its serving path has passed (EV_ENTER); with the
+ * serving CPU modelled, once its request work is done in the serving queue too
+ * (EV_SERVE, on_serve), so that requests sent at once reach the engine one by one. */
 static int on_arrival(sim_state *s, sreq *r) {
     const sim_config *c = s->cfg;
+    s->n_arrived++;
     if (c->n_colocated == 0 && r->max_tokens > 1 && c->kv_timeout_s > 0)
         heap_push(&s->heap, r->arrival + c->kv_timeout_s, EV_DEADLINE, (int)(r - s->reqs));
     double d = serving_delay(s, r);
     s->st->serving_s += d;
-    serve_add(s, r->arrival, s->serve_cost.request_s);
+    if (s->serve_cpu && s->serve_cost.request_s > 0) { /* enters once its serving work is done (EV_SERVE) */
+        r->serve_wait = true;
+        r->serve_mark = serve_add(s, r->arrival, s->serve_cost.request_s);
+        return 0;
+    }
     if (d > 0) {
         heap_push(&s->heap, r->arrival + d, EV_ENTER, (int)(r - s->reqs));
         return 0;
     }
     return on_enter(s, r, r->arrival);
+}
+
+/* The serving queue reached a waiting request's mark or its end (EV_SERVE) at t: every
+ * request whose work is done enters its instance, at once or, when its measured serving
+ * path (a latency, of which this work is a part) has not passed yet, at its end. */
+static int on_serve(sim_state *s, double t) {
+    serve_charge(s, t);
+    double done = s->serve_total - s->serve_left + 1e-12;
+    int rc = 0;
+    for (sreq *h; rc == 0 && (h = serve_first(s)) && h->serve_mark <= done;) {
+        h->serve_wait = false;
+        double at = h->arrival + serving_delay(s, h);
+        if (at > t) heap_push(&s->heap, at, EV_ENTER, (int)(h - s->reqs));
+        else rc = on_enter(s, h, t);
+    }
+    if (s->serve_left <= 1e-12) s->serve_left = 0;
+    reshare(s, t);
+    return rc;
 }
 
 /* A prefill finished on P at t: ship its KV to D over the medium.
@@ -671,11 +716,8 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
             sim_event e = heap_pop(&s.heap);
             now = e.t;
             if (e.kind == EV_STEP_END && s.contention && e.gen != s.insts[e.id].gen) continue; /* rescheduled */
-            if (e.kind == EV_SERVE_IDLE) { /* the serving backlog drained, unless more came since */
-                if (e.gen == s.serve_gen) {
-                    s.serve_left = 0;
-                    reshare(&s, e.t);
-                }
+            if (e.kind == EV_SERVE) {
+                if (e.gen == s.serve_gen) rc = on_serve(&s, e.t);
                 continue;
             }
             if (e.kind == EV_STEP_END) on_step_end(&s, e.id, e.t);
