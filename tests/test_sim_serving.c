@@ -259,6 +259,38 @@ static void test_serving_cpu(void) {
     sim_profile_free(&p);
 }
 
+/* A decode instance takes requests whose KV arrived between its steps, as the engine
+ * admits prefilled requests (and emits their first tokens) only between steps. 1P1D,
+ * prefill steps of 0.1 s, decode steps of 0.02 s, KV in 1 ms. A (10 tokens) arrives at
+ * 0: its KV is at D at 0.101, D is idle: first token then, then D decodes 0.101-0.121,
+ * ... B arrives at 0.105: prefilled 0.105-0.205, its KV at D at 0.206, during D's step
+ * 0.201-0.221: B's first token at 0.221 (TTFT 0.116, not 0.101), and D's next step
+ * decodes both. */
+static void test_decode_admission(void) {
+    sim_profile p;
+    const_profile(&p, 0.1, 0.02);
+    sim_medium m = {.latency_s = 0.001, .bandwidth = 1e15};
+    snprintf(m.name, sizeof m.name, "test");
+    sim_config d = colocated(0);
+    d.serving_path = false;
+    d.n_prefill = d.n_decode = 1;
+    d.medium = &m;
+    sim_request r[2] = {{.n_prompt = 100, .max_tokens = 10, .arrival = 0}, {.n_prompt = 100, .max_tokens = 3, .arrival = 0.105}};
+    bench_config bc;
+    bench_config_default(&bc);
+    bench_result *res;
+    sim_stats st;
+    char err[256];
+    REQUIRE(sim_run(&d, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].ttft_s, 0.101, 1e-9), "A ttft %.6f", res->recs[0].ttft_s);
+    CHECKF(near(res->recs[1].ttft_s, 0.116, 1e-9), "B ttft %.6f", res->recs[1].ttft_s);
+    /* B's next tokens come with D's next steps: 0.241, 0.261 */
+    CHECKF(near(res->recs[1].token_s[1], 0.241 - 0.105, 1e-9) && near(res->recs[1].token_s[2], 0.261 - 0.105, 1e-9),
+           "B tokens %.6f %.6f", res->recs[1].token_s[1], res->recs[1].token_s[2]);
+    bench_result_free(res);
+    sim_profile_free(&p);
+}
+
 /* The CPU fit: request_s, token_s and step_s from the profiler's three runs (8 requests
  * of 2 tokens one at a time, 3 of 64 one at a time, 16 of 64 eight at a time), exact
  * and non-negative: a term the points do not support is 0, the others refitted. */
@@ -518,6 +550,7 @@ int main(void) {
     TEST_RUN(test_serving_fit);
     TEST_RUN(test_serving_cpu);
     TEST_RUN(test_serving_cpu_fit);
+    TEST_RUN(test_decode_admission);
     TEST_RUN(test_mixed_excess);
     TEST_RUN(test_profile_sections);
     TEST_RUN(test_plan_datasets);

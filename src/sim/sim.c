@@ -38,6 +38,8 @@ typedef struct sreq {
     int stage;              /* xPyD: STAGE_* */
     bool failed;            /* the deadline passed before its KV arrived (finished: when) */
     bool serve_wait;        /* its request work waits in the serving CPU's queue */
+    int next_admit;         /* xPyD: the next request whose KV reached the same decode
+                               instance during its step (-1: none) */
     double serve_mark;      /* ... and is done once the queue has done this much work */
 } sreq;
 
@@ -55,6 +57,9 @@ typedef struct inst {
     double link_free;       /* prefill: when its outgoing KV link (or store puts) is next free;
                                decode over a store: when its next get may start */
     double step_start;      /* when the step in flight started */
+    int admit_head, admit_tail; /* decode: requests whose KV arrived during the step in
+                               flight, in order (-1: none); the engine admits them, and
+                               their first tokens go out, once the step ends */
     /* sharing the host's cores (sim_state.contention): the step in flight has work_left
      * seconds of its profiled time to go as of rate_t, advancing at rate (1 / slowdown);
      * its end event carries gen, and any older one is stale */
@@ -314,7 +319,7 @@ static void kick(sim_state *s, int i, double now) {
     }
 }
 
-static int admit(sim_state *s, int i, sreq *r, int n_prompt, int max_tokens, double now) {
+static int admit_to(sim_state *s, int i, sreq *r, int n_prompt, int max_tokens, double now, bool start) {
     inst *in = &s->insts[i];
     char e[256];
     /* a cached prefix needs the real ids; elsewhere every prompt is zeros (the cost
@@ -327,9 +332,14 @@ static int admit(sim_state *s, int i, sreq *r, int n_prompt, int max_tokens, dou
     }
     in->load++;
     if (in->role == ROLE_PREFILL) r->pq = q;
-    kick(s, i, now);
+    if (start) kick(s, i, now);
     return 0;
 }
+
+static int admit(sim_state *s, int i, sreq *r, int n_prompt, int max_tokens, double now) {
+    return admit_to(s, i, r, n_prompt, max_tokens, now, true);
+}
+
 
 /* r reaches its first instance at now: routed and admitted (disaggregated: the decode
  * side reserved, the prefill side given the prompt with max_tokens 1). A request whose
@@ -502,7 +512,9 @@ static void on_deadline(sim_state *s, sreq *r, double t) {
     }
 }
 
-static void on_step_end(sim_state *s, int i, double t) {
+static int admit_waiting(sim_state *s, int i, double t);
+
+static int on_step_end(sim_state *s, int i, double t) {
     inst *in = &s->insts[i];
     sched_plan *pl = &in->plan;
     if (s->contention) { /* the step ran longer than priced: count the stretch as busy time */
@@ -544,10 +556,12 @@ static void on_step_end(sim_state *s, int i, double t) {
         }
     }
     in->busy = false;
+    if (in->role == ROLE_DECODE && in->admit_head >= 0 && admit_waiting(s, i, t) != 0) return -1;
     /* the step's tokens go out through the HTTP threads, the router and the client */
     serve_add(s, t, s->serve_cost.step_s + s->serve_cost.token_s * s->serve_tok);
     s->serve_tok = 0;
     kick(s, i, t);
+    return 0;
 }
 
 /* The KV of r reached its decode instance at t: the first token goes out, and D admits
@@ -558,11 +572,36 @@ static int on_kv_arrive(sim_state *s, sreq *r, double t) {
         return 0;
     }
     r->stage = STAGE_DECODE;
+    inst *d = &s->insts[r->d_inst];
+    if (d->busy) { /* the engine takes it between steps: its first token waits for this one */
+        r->next_admit = -1;
+        if (d->admit_tail >= 0) s->reqs[d->admit_tail].next_admit = (int)(r - s->reqs);
+        else d->admit_head = (int)(r - s->reqs);
+        d->admit_tail = (int)(r - s->reqs);
+        return 0;
+    }
     emit_token(s, r, t);
     serve_add(s, t, s->serve_cost.token_s * s->serve_tok);
     s->serve_tok = 0;
-    s->insts[r->d_inst].load--; /* admit counts it again */
+    d->load--; /* admit counts it again */
     return admit(s, r->d_inst, r, r->n_prompt + 1, r->max_tokens - 1, t);
+}
+
+/* Decode instance i's step ended at t: the requests whose KV came during it are admitted
+ * now, all before the next step is planned, as the engine takes its inbox between steps;
+ * their first tokens go out now. */
+static int admit_waiting(sim_state *s, int i, double t) {
+    inst *d = &s->insts[i];
+    int rc = 0;
+    while (rc == 0 && d->admit_head >= 0) {
+        sreq *r = &s->reqs[d->admit_head];
+        d->admit_head = r->next_admit;
+        if (d->admit_head < 0) d->admit_tail = -1;
+        emit_token(s, r, t); /* (its stage is decode: the deadline no longer applies) */
+        d->load--;
+        rc = admit_to(s, i, r, r->n_prompt + 1, r->max_tokens - 1, t, false);
+    }
+    return rc;
 }
 
 /* ---- set-up and results ---------------------------------------------------------------- */
@@ -570,6 +609,7 @@ static int on_kv_arrive(sim_state *s, sreq *r, double t) {
 static void inst_init(sim_state *s, inst *in, inst_role role, double mhz, int max_prompt) {
     memset(in, 0, sizeof *in);
     in->role = role;
+    in->admit_head = in->admit_tail = -1;
     sched_config sc = s->cfg->sched;
     if (role == ROLE_DECODE) {
         /* D never prefills what came over the medium: admit a whole prompt in one step */
@@ -720,7 +760,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
                 if (e.gen == s.serve_gen) rc = on_serve(&s, e.t);
                 continue;
             }
-            if (e.kind == EV_STEP_END) on_step_end(&s, e.id, e.t);
+            if (e.kind == EV_STEP_END) rc = on_step_end(&s, e.id, e.t);
             else if (e.kind == EV_DEADLINE) on_deadline(&s, &s.reqs[e.id], e.t);
             else if (e.kind == EV_ENTER) rc = on_enter(&s, &s.reqs[e.id], e.t);
             else rc = on_kv_arrive(&s, &s.reqs[e.id], e.t);
