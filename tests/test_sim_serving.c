@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "backend/backend.h"
 #include "model/model.h"
@@ -544,6 +545,52 @@ static void test_profile_serving(void) {
     free(tc);
 }
 
+/* The same through child processes, as the sweep deploys them: a tiny-llama made by
+ * `pdserve make-model` (PDSERVE_BIN; skipped without it), `pdserve serve` and `pdserve
+ * up` children on the CPU. Every path measured with points and a CPU fit; the router as
+ * a process of its own costs CPU per token. */
+static void test_profile_serving_processes(void) {
+    const char *bin = getenv("PDSERVE_BIN");
+    if (!bin) {
+        printf("skip: PDSERVE_BIN not set\n");
+        return;
+    }
+    char dir[256], cmd[1024], err[512];
+    snprintf(dir, sizeof dir, "%s/pdserve-sp-%d", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp", (int)getpid());
+    snprintf(cmd, sizeof cmd, "%s make-model --out %s --preset tiny-llama > /dev/null 2>&1", bin, dir);
+    REQUIRE(system(cmd) == 0);
+    tokenizer *tok = NULL;
+    REQUIRE(tokenizer_load(dir, &tok, err, sizeof err) == 0);
+    sim_profile p;
+    sim_profile_init(&p);
+    p.block_size = 16;
+    p.kv_bytes_per_token = 1024;
+    sim_serving_deploy_opts o = {.model = dir, .pdserve_bin = bin, .log_dir = dir, .threads = 1, .max_len = 512,
+                                 .repeats = 3};
+    int rc = sim_profile_serving_processes(&o, tok, &p, err, sizeof err);
+    CHECKF(rc == 0, "%s", err);
+    const sim_serving *s = &p.serving;
+    const sim_serving_path *paths[3] = {&s->colocated, &s->router, &s->disaggregated};
+    for (int i = 0; rc == 0 && i < 3; i++) {
+        CHECKF(paths[i]->measured && paths[i]->n_points == 2 && paths[i]->cpu.measured, "path %d", i);
+        for (int k = 0; k < paths[i]->n_points; k++)
+            CHECKF(paths[i]->seconds[k] >= 0 && paths[i]->seconds[k] < 0.05, "path %d point %d: %g s", i, k,
+                   paths[i]->seconds[k]);
+        const sim_serving_cpu *c = &paths[i]->cpu;
+        CHECKF(c->points[2][2] > 0 && c->points[2][2] < c->points[2][1] / 2, "path %d: %g steps, %g tokens", i,
+               c->points[2][2], c->points[2][1]);
+    }
+    CHECK(rc || strstr(s->source, "children") != NULL);
+    printf("serving through processes (tiny-llama): colocated %.3f ms, %.1f us/request + %.1f us/token; router "
+           "%.1f us/token; disaggregated %.3f ms, %.1f us/request + %.1f us/token\n", s->colocated.fixed_s * 1e3,
+           s->colocated.cpu.request_s * 1e6, s->colocated.cpu.token_s * 1e6, s->router.cpu.token_s * 1e6,
+           s->disaggregated.fixed_s * 1e3, s->disaggregated.cpu.request_s * 1e6, s->disaggregated.cpu.token_s * 1e6);
+    sim_profile_free(&p);
+    tokenizer_free(tok);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    CHECK(system(cmd) == 0);
+}
+
 int main(void) {
     log_set_level(LOG_LEVEL_WARN);
     TEST_RUN(test_serving_delay);
@@ -555,5 +602,6 @@ int main(void) {
     TEST_RUN(test_profile_sections);
     TEST_RUN(test_plan_datasets);
     TEST_RUN(test_profile_serving);
+    TEST_RUN(test_profile_serving_processes);
     return TEST_END();
 }

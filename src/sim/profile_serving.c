@@ -36,6 +36,7 @@
 #include "model/tokenizer.h"
 #include "server/server.h"
 #include "sim/sim.h"
+#include "study/study.h"
 #include "util/util.h"
 
 #define SERVE_MAX_LENGTHS 4
@@ -139,17 +140,53 @@ static double busy_s(engine *e) {
     return s.busy_seconds;
 }
 
+/* The sum of a Prometheus series' samples (every label set) over comma-separated
+ * /metrics URLs; 0 where none answers. */
+static double metrics_sum(const char *urls, const char *name) {
+    double total = 0;
+    size_t nl = strlen(name);
+    for (const char *p = urls; p && *p;) {
+        size_t n = strcspn(p, ",");
+        char url[512], e[256];
+        snprintf(url, sizeof url, "%.*s", (int)PD_MIN(n, sizeof url - 1), p);
+        p += n + (p[n] == ',');
+        long status = 0;
+        char *body = bench_http_get(url, NULL, 10, &status, e, sizeof e);
+        for (char *line = body; line && *line;) {
+            char *end = strchr(line, '\n');
+            if (end) *end = 0;
+            if (!strncmp(line, name, nl) && (line[nl] == ' ' || line[nl] == '{')) {
+                const char *v = strrchr(line, ' ');
+                if (v) total += atof(v + 1);
+            }
+            line = end ? end + 1 : NULL;
+        }
+        free(body);
+    }
+    return total;
+}
+
 /* One deployment under measurement: requests go to `port`; the prefilling engine is
  * `pe` (`de` the decode one, disaggregated); `medium` (disaggregated) prices the
  * transfer that is not serving path. */
 typedef struct serve_target {
     int port;
     engine *pe, *de;
+    /* a deployment of child processes (sim_profile_serving_processes) instead of
+     * in-process engines: the prefilling engine's busy seconds and every instance's
+     * steps from these /metrics URLs (comma-separated), the CPU from the processes of
+     * pid (the deployment's top process and its children) */
+    const char *busy_urls, *steps_urls;
+    int pid;
     const sim_medium *medium;
     size_t kv_bytes_per_token;
     int max_tokens;
     const tokenizer *tok;
 } serve_target;
+
+static double target_busy_s(const serve_target *t) {
+    return t->busy_urls ? metrics_sum(t->busy_urls, "pdserve_engine_busy_seconds_total") : busy_s(t->pe);
+}
 
 /* Fills path's points: per length, the median over repeats of TTFT - the engine's busy
  * seconds - the transfer; then the fitted line. One untimed request first (the
@@ -168,12 +205,12 @@ static int measure_path(const serve_target *t, const int *lens, int n_lens, int 
         double v[SERVE_MAX_REPEATS];
         int n_tok = lens[li];
         for (int r = 0; r < repeats; r++) {
-            double b0 = busy_s(t->pe);
+            double b0 = target_busy_s(t);
             if (stream_once(t->port, text, t->max_tokens, &ttft, &pt, err, errlen)) {
                 free(text);
                 return -1;
             }
-            double engine_s = busy_s(t->pe) - b0;
+            double engine_s = target_busy_s(t) - b0;
             if (pt > 0) n_tok = pt;
             double transfer = t->medium ? sim_cost_transfer(t->medium, (double)n_tok * (double)t->kv_bytes_per_token) : 0;
             v[r] = ttft - engine_s - transfer;
@@ -238,6 +275,54 @@ static uint64_t steps_of(engine *e) {
     return s.steps;
 }
 
+/* On-CPU seconds of process pid and its children (`pdserve up`'s router and instances),
+ * every thread but the engines' ("pd-engine"), from the scheduler's account. */
+static double thread_cpu_of(int pid, const char *tid) {
+    char path[320], comm[32] = "";
+    snprintf(path, sizeof path, "/proc/%d/task/%s/comm", pid, tid);
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    if (!fgets(comm, sizeof comm, f)) comm[0] = 0;
+    fclose(f);
+    if (!strncmp(comm, "pd-engine", 9)) return 0;
+    snprintf(path, sizeof path, "/proc/%d/task/%s/schedstat", pid, tid);
+    f = fopen(path, "r");
+    unsigned long long ns = 0;
+    if (f && fscanf(f, "%llu", &ns) != 1) ns = 0;
+    if (f) fclose(f);
+    return (double)ns * 1e-9;
+}
+
+static double process_cpu_s(int pid) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/task", pid);
+    DIR *d = opendir(path);
+    if (!d) return 0;
+    double total = 0;
+    struct dirent *de;
+    while ((de = readdir(d)))
+        if (de->d_name[0] != '.') total += thread_cpu_of(pid, de->d_name);
+    closedir(d);
+    return total;
+}
+
+static double procs_cpu_s(int pid) {
+    double total = process_cpu_s(pid);
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/task/%d/children", pid, pid);
+    FILE *f = fopen(path, "r");
+    size_t n = f ? fread(buf, 1, sizeof buf - 1, f) : 0;
+    if (f) fclose(f);
+    buf[n] = 0;
+    for (char *tok = strtok(buf, " \n"); tok; tok = strtok(NULL, " \n")) total += process_cpu_s(atoi(tok));
+    return total;
+}
+
+static double target_steps(const serve_target *t) {
+    return t->steps_urls ? metrics_sum(t->steps_urls, "pdserve_engine_steps_total")
+                         : (double)(steps_of(t->pe) + steps_of(t->de));
+}
+
 /* One CPU run: n requests of the prompt `text`, max_tokens each, `conc` at a time,
  * through pdserve's own bench client (the client the demo's sweep streams with), in this
  * thread. The serving CPU is this process's CPU less its engine threads' less this
@@ -259,7 +344,7 @@ static int cpu_run(const serve_target *t, const char *text, int n, int max_token
     bench_config bc;
     bench_config_default(&bc);
     bc.base_url = url;
-    bc.model = "profile";
+    bc.model = t->pid ? NULL : "profile"; /* children serve their model's name: asked from /v1/models */
     bc.request_rate = INFINITY;
     bc.max_concurrency = conc;
     bc.ignore_eos = true;
@@ -267,19 +352,21 @@ static int cpu_run(const serve_target *t, const char *text, int n, int max_token
     bc.temperature = 0;
     bc.metrics_urls = "";
     bc.progress = false;
-    uint64_t s0 = steps_of(t->pe) + steps_of(t->de);
+    double s0 = target_steps(t), c0 = t->pid ? procs_cpu_s(t->pid) : 0;
     double p0 = clock_s(CLOCK_PROCESS_CPUTIME_ID), e0 = engine_threads_cpu_s(), m0 = clock_s(CLOCK_THREAD_CPUTIME_ID);
     bench_result *r = NULL;
     int rc = bench_run(&bc, &d, &r, err, errlen);
     double m1 = clock_s(CLOCK_THREAD_CPUTIME_ID), e1 = engine_threads_cpu_s(), p1 = clock_s(CLOCK_PROCESS_CPUTIME_ID);
-    uint64_t s1 = steps_of(t->pe) + steps_of(t->de);
+    double s1 = target_steps(t), c1 = t->pid ? procs_cpu_s(t->pid) : 0;
     bench_dataset_free(&d);
     if (rc) return -1;
     long long tokens = 0;
     int ok = 0;
     for (int i = 0; i < r->n; i++)
         if (r->recs[i].success) ok++, tokens += r->recs[i].output_len;
-    double cpu = (p1 - p0) - (e1 - e0) - (m1 - m0) + r->client_cpu_s;
+    /* in process: all but the engines and the client's set-up; deployed: the
+     * deployment's processes but their engines, and the client's timed part */
+    double cpu = t->pid ? (c1 - c0) + r->client_cpu_s : (p1 - p0) - (e1 - e0) - (m1 - m0) + r->client_cpu_s;
     bench_result_free(r);
     if (ok != n) {
         pd_errorf(err, errlen, "serving cpu: %d of %d requests to port %d failed", n - ok, n, t->port);
@@ -287,7 +374,7 @@ static int cpu_run(const serve_target *t, const char *text, int n, int max_token
     }
     pt[0] = n;
     pt[1] = (double)tokens;
-    pt[2] = (double)(s1 - s0);
+    pt[2] = s1 - s0;
     pt[3] = PD_MAX(cpu, 0);
     log_debug("profile: serving cpu, port %d: %d requests x %d tokens, %d at once: %.0f tokens, %.0f steps, %.3f ms",
               t->port, n, max_tokens, conc, pt[1], pt[2], pt[3] * 1e3);
@@ -325,6 +412,19 @@ static void cpu_hop(const sim_serving_cpu *through, const sim_serving_cpu *direc
         hop->points[k][3] = PD_MAX(through->points[k][3] - direct->points[k][3], 0);
     }
     sim_serving_cpu_fit(hop);
+}
+
+/* The router's hop: what the same requests took through it beyond the direct path,
+ * time and CPU (never negative). */
+static void path_hop(const sim_serving_path *through, const sim_serving_path *direct, sim_serving_path *hop) {
+    memset(hop, 0, sizeof *hop);
+    for (int i = 0; i < through->n_points; i++) {
+        hop->tokens[i] = through->tokens[i];
+        hop->seconds[i] = PD_MAX(through->seconds[i] - direct->seconds[i], 0);
+    }
+    hop->n_points = through->n_points;
+    sim_serving_fit(hop);
+    cpu_hop(&through->cpu, &direct->cpu, &hop->cpu);
 }
 
 /* The engine config of one instance: a pool for a few of the longest prompts. */
@@ -377,16 +477,7 @@ static int measure_colocated(model *m, const tokenizer *tok, const int *lens, in
     sim_serving_path through;
     if (measure_path(&t, lens, n_lens, repeats, &through, err, errlen)) goto out;
     if (measure_cpu(&t, &through.cpu, err, errlen)) goto out;
-    /* the router's hop: what the same requests took beyond the direct path */
-    sim_serving_path *hop = &out->router;
-    memset(hop, 0, sizeof *hop);
-    for (int i = 0; i < through.n_points; i++) {
-        hop->tokens[i] = through.tokens[i];
-        hop->seconds[i] = PD_MAX(through.seconds[i] - out->colocated.seconds[i], 0);
-    }
-    hop->n_points = through.n_points;
-    sim_serving_fit(hop);
-    cpu_hop(&through.cpu, &out->colocated.cpu, &hop->cpu);
+    path_hop(&through, &out->colocated, &out->router);
     rc = 0;
 out:
     if (rt) router_shutdown(rt, 5);
@@ -454,12 +545,41 @@ out:
     return rc;
 }
 
+/* The prompt lengths of the latency points: 64 to 4096 tokens, up to max_len. */
+static int serving_lengths(int max_len, int *lens) {
+    static const int all[SERVE_MAX_LENGTHS] = {64, 512, 2048, 4096};
+    int n = 0;
+    for (int i = 0; i < SERVE_MAX_LENGTHS; i++)
+        if (all[i] <= max_len || i == 0) lens[n++] = all[i];
+    return n;
+}
+
+static void log_serving(const sim_serving *sv) {
+    const struct { const char *name; const sim_serving_path *p; } paths[] = {
+        {"colocated", &sv->colocated}, {"router hop", &sv->router}, {"disaggregated", &sv->disaggregated}};
+    for (size_t i = 0; i < PD_ARRAY_LEN(paths); i++) {
+        const sim_serving_path *p = paths[i].p;
+        char pts[256] = "";
+        size_t n = 0;
+        for (int k = 0; k < p->n_points && n < sizeof pts; k++)
+            n += (size_t)snprintf(pts + n, sizeof pts - n, "%s%.0f tok %.3f ms", k ? ", " : "", p->tokens[k],
+                                  p->seconds[k] * 1e3);
+        log_info("profile: serving path, %s: %.3f ms + %.3f us/token (%s)", paths[i].name, p->fixed_s * 1e3,
+                 p->s_per_token * 1e6, pts);
+        const sim_serving_cpu *c = &p->cpu;
+        if (c->measured)
+            log_info("profile: serving path, %s: CPU %.1f us per request + %.1f us per streamed token + %.1f us per "
+                     "engine step (%d runs: %.0f/%.0f/%.0f requests/tokens/steps %.2f ms, %.0f/%.0f/%.0f %.2f ms, "
+                     "%.0f/%.0f/%.0f %.2f ms)", paths[i].name, c->request_s * 1e6, c->token_s * 1e6, c->step_s * 1e6,
+                     c->n_points, c->points[0][0], c->points[0][1], c->points[0][2], c->points[0][3] * 1e3,
+                     c->points[1][0], c->points[1][1], c->points[1][2], c->points[1][3] * 1e3, c->points[2][0],
+                     c->points[2][1], c->points[2][2], c->points[2][3] * 1e3);
+    }
+}
+
 int sim_profile_serving(model *m, const tokenizer *tok, int max_len, int repeats, sim_profile *out, char *err,
                         size_t errlen) {
-    static const int all[SERVE_MAX_LENGTHS] = {64, 512, 2048, 4096};
-    int lens[SERVE_MAX_LENGTHS], n_lens = 0;
-    for (int i = 0; i < SERVE_MAX_LENGTHS; i++)
-        if (all[i] <= max_len || i == 0) lens[n_lens++] = all[i];
+    int lens[SERVE_MAX_LENGTHS], n_lens = serving_lengths(max_len, lens);
     repeats = PD_MIN(PD_MAX(repeats, 3), SERVE_MAX_REPEATS);
     int bs = out->block_size > 0 ? out->block_size : 16;
     /* the transfer inside a disaggregated request's time: the profile's cpu medium, else
@@ -480,26 +600,116 @@ int sim_profile_serving(model *m, const tokenizer *tok, int max_len, int repeats
              m->be->ops->name, n_lens, lens[n_lens - 1], repeats, cpu_measured ? "measured" : "default",
              SERVE_CPU_PROMPT);
     out->serving = sv;
-    const struct { const char *name; const sim_serving_path *p; } paths[] = {
-        {"colocated", &sv.colocated}, {"router hop", &sv.router}, {"disaggregated", &sv.disaggregated}};
-    for (size_t i = 0; i < PD_ARRAY_LEN(paths); i++) {
-        const sim_serving_path *p = paths[i].p;
-        char pts[256] = "";
-        size_t n = 0;
-        for (int k = 0; k < p->n_points && n < sizeof pts; k++)
-            n += (size_t)snprintf(pts + n, sizeof pts - n, "%s%.0f tok %.3f ms", k ? ", " : "", p->tokens[k],
-                                  p->seconds[k] * 1e3);
-        log_info("profile: serving path, %s: %.3f ms + %.3f us/token (%s)", paths[i].name, p->fixed_s * 1e3,
-                 p->s_per_token * 1e6, pts);
-        const sim_serving_cpu *c = &p->cpu;
-        if (c->measured)
-            log_info("profile: serving path, %s: CPU %.1f us per request + %.1f us per streamed token + %.1f us per "
-                     "engine step (%d runs: %.0f/%.0f/%.0f requests/tokens/steps %.2f ms, %.0f/%.0f/%.0f %.2f ms, "
-                     "%.0f/%.0f/%.0f %.2f ms)", paths[i].name, c->request_s * 1e6, c->token_s * 1e6, c->step_s * 1e6,
-                     c->n_points, c->points[0][0], c->points[0][1], c->points[0][2], c->points[0][3] * 1e3,
-                     c->points[1][0], c->points[1][1], c->points[1][2], c->points[1][3] * 1e3, c->points[2][0],
-                     c->points[2][1], c->points[2][2], c->points[2][3] * 1e3);
-    }
+    log_serving(&sv);
     log_info("profile: serving path measured in %.1f s", time_now_s() - t0);
+    return 0;
+}
+
+/* ---- the same through processes ------------------------------------------------------ */
+
+/* The URL "[name] ... listening on http://H:P" of a `pdserve up` log, or "" . */
+static void log_instance_url(const char *log_path, const char *name, char *out, size_t cap) {
+    size_t len;
+    char e[64];
+    char *text = util_read_file(log_path, &len, e, sizeof e);
+    out[0] = 0;
+    for (char *line = text; line && *line;) {
+        char *nl = strchr(line, '\n');
+        if (nl) *nl = 0;
+        const char *at = strstr(line, "listening on http://");
+        if (!strncmp(line, name, strlen(name)) && at) {
+            at += strlen("listening on ");
+            snprintf(out, cap, "%.*s", (int)strcspn(at, " )"), at);
+            break;
+        }
+        line = nl ? nl + 1 : NULL;
+    }
+    free(text);
+}
+
+/* Brings setup `name` up as the sweep does (this program's `serve` or `up`), on the CPU
+ * with o's threads and a pool for a few of the longest prompts. 0 or -1. */
+static int deploy(const sim_serving_deploy_opts *o, const char *name, size_t kv_bytes_per_token, int bs,
+                  study_deployment *d, char *log_path, size_t cap, char *err, size_t errlen) {
+    char threads[16], mml[16], kvm[32];
+    int max_model_len = o->max_len + o->max_len / 4 + 64;
+    snprintf(threads, sizeof threads, "%d", PD_MAX(o->threads, 1));
+    snprintf(mml, sizeof mml, "%d", max_model_len);
+    size_t kv = (size_t)(4 * (max_model_len + bs)) * kv_bytes_per_token;
+    snprintf(kvm, sizeof kvm, "%zuMiB", PD_MAX(kv >> 20, (size_t)1) + 1);
+    study_kv args[] = {{"device", "cpu"}, {"threads", threads}, {"max-model-len", mml}, {"kv-cache-memory", kvm}};
+    study_setup s = {.label = (char *)name, .name = (char *)name};
+    snprintf(log_path, cap, "%s/serving-%s-%d.log", o->log_dir ? o->log_dir : "/tmp", name, (int)getpid());
+    study_deploy_opts so = {.model = o->model, .tokenizer = o->tokenizer, .pdserve_bin = o->pdserve_bin,
+                            .log_path = log_path, .args = args, .n_args = (int)PD_ARRAY_LEN(args),
+                            .start_timeout_s = 120};
+    if (study_deploy_up(&s, &so, d, err, errlen)) return -1;
+    log_info("profile: serving path through %s (%s, log %s)", name, d->base_url, log_path);
+    return 0;
+}
+
+static int url_port(const char *url) {
+    const char *c = strrchr(url, ':');
+    return c ? atoi(c + 1) : 0;
+}
+
+int sim_profile_serving_processes(const sim_serving_deploy_opts *o, const tokenizer *tok, sim_profile *out,
+                                  char *err, size_t errlen) {
+    int lens[SERVE_MAX_LENGTHS], n_lens = serving_lengths(o->max_len, lens);
+    int repeats = PD_MIN(PD_MAX(o->repeats, 3), SERVE_MAX_REPEATS);
+    int bs = out->block_size > 0 ? out->block_size : 16;
+    sim_medium mstore;
+    const sim_medium *cpu = sim_medium_find(out, "cpu", &mstore);
+    bool cpu_measured = cpu && !strncmp(cpu->source, "measured", 8);
+    double t0 = time_now_s();
+    sim_serving sv;
+    memset(&sv, 0, sizeof sv);
+    study_deployment d;
+    char log_path[640], murl[320];
+    int rc = -1;
+    /* colocated: `pdserve serve` */
+    if (deploy(o, "co-1gpu", out->kv_bytes_per_token, bs, &d, log_path, sizeof log_path, err, errlen)) return -1;
+    snprintf(murl, sizeof murl, "%s/metrics", d.base_url);
+    serve_target t = {.port = url_port(d.base_url), .max_tokens = 1, .tok = tok, .busy_urls = murl,
+                      .steps_urls = murl, .pid = d.pids[0]};
+    rc = measure_path(&t, lens, n_lens, repeats, &sv.colocated, err, errlen) ||
+         measure_cpu(&t, &sv.colocated.cpu, err, errlen) ? -1 : 0;
+    study_deploy_down(&d);
+    if (rc) return -1;
+    /* the router's hop: two instances behind it (`pdserve up --setup co-2gpus`), less
+     * the direct path */
+    if (deploy(o, "co-2gpus", out->kv_bytes_per_token, bs, &d, log_path, sizeof log_path, err, errlen)) return -1;
+    sim_serving_path through;
+    t = (serve_target){.port = url_port(d.base_url), .max_tokens = 1, .tok = tok, .busy_urls = d.metrics_urls,
+                       .steps_urls = d.metrics_urls, .pid = d.pids[0]};
+    rc = measure_path(&t, lens, n_lens, repeats, &through, err, errlen) ||
+         measure_cpu(&t, &through.cpu, err, errlen) ? -1 : 0;
+    study_deploy_down(&d);
+    if (rc) return -1;
+    path_hop(&through, &sv.colocated, &sv.router);
+    /* disaggregated over the cpu medium (`pdserve up --setup dis-cpu`): the prefill
+     * instance's busy seconds, every instance's steps */
+    if (deploy(o, "dis-cpu", out->kv_bytes_per_token, bs, &d, log_path, sizeof log_path, err, errlen)) return -1;
+    log_instance_url(log_path, "[prefill0]", murl, sizeof murl - 8);
+    strcat(murl, "/metrics");
+    t = (serve_target){.port = url_port(d.base_url), .max_tokens = 2, .tok = tok, .busy_urls = murl,
+                       .steps_urls = d.metrics_urls, .pid = d.pids[0], .medium = cpu,
+                       .kv_bytes_per_token = out->kv_bytes_per_token};
+    rc = murl[0] == '/' ? (pd_errorf(err, errlen, "serving: no prefill instance in %s", log_path), -1)
+         : measure_path(&t, lens, n_lens, repeats, &sv.disaggregated, err, errlen) ||
+                 measure_cpu(&t, &sv.disaggregated.cpu, err, errlen)
+             ? -1
+             : 0;
+    study_deploy_down(&d);
+    if (rc) return -1;
+    snprintf(sv.source, sizeof sv.source,
+             "measured: pdserve profile --serving-processes, `pdserve serve` and `pdserve up --setup co-2gpus / "
+             "dis-cpu` children on the CPU, %d prompt lengths up to %d tokens, median of %d requests each, one at "
+             "a time; transfer priced by the %s cpu medium; cpu: their threads but the engines' and pdserve's bench "
+             "client, prompts of %d tokens, 3 runs (fitted)", n_lens, lens[n_lens - 1], repeats,
+             cpu_measured ? "measured" : "default", SERVE_CPU_PROMPT);
+    out->serving = sv;
+    log_serving(&sv);
+    log_info("profile: serving path through processes measured in %.1f s", time_now_s() - t0);
     return 0;
 }

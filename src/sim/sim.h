@@ -268,6 +268,24 @@ struct tokenizer;
 int sim_profile_serving(model *m, const struct tokenizer *tok, int max_len, int repeats, sim_profile *out,
                         char *err, size_t errlen);
 
+/* The same through child processes, as the sweep deploys them (this program's own
+ * binary, or o->pdserve_bin): `pdserve serve` (colocated), `pdserve up --setup co-2gpus`
+ * (the router's hop: that less colocated) and `pdserve up --setup dis-cpu`
+ * (disaggregated), on the CPU backend with o->threads each. Latency as
+ * sim_profile_serving, the engines' busy seconds and steps from the instances' /metrics;
+ * CPU from every thread of the deployment's processes but the engines' (/proc), plus the
+ * bench client's. Fills out->serving (out's kv_bytes_per_token, block_size and cpu
+ * medium are used). 0, or -1 with err. */
+typedef struct sim_serving_deploy_opts {
+    const char *model, *tokenizer;  /* `pdserve serve --model / --tokenizer` (tokenizer NULL: the model's) */
+    const char *pdserve_bin;        /* NULL: this program */
+    const char *log_dir;            /* the children's logs (NULL: /tmp) */
+    int threads;                    /* CPU threads of each instance */
+    int max_len, repeats;
+} sim_serving_deploy_opts;
+int sim_profile_serving_processes(const sim_serving_deploy_opts *o, const struct tokenizer *tok, sim_profile *out,
+                                  char *err, size_t errlen);
+
 /* ---- cost model -------------------------------------------------------------------- */
 
 /* The work of one step, as the cost model sees it: sim_work_begin, then one add per
