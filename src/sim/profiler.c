@@ -214,6 +214,10 @@ static double run_point(prof *P, const ppoint *q) {
  * process then spoils one sample of many points, not every sample of one point. */
 static void run_rounds(prof *P, ppoint *pts, int n, int repeats) {
     repeats = PD_MIN(PD_MAX(repeats, 1), 64);
+    /* PDSERVE_PROFILE_WARM_RUNS=N sets the train's length (1: the single warm-up run of
+     * profiles before commit b3c58e2), for comparing the two on a device */
+    const char *wr = getenv("PDSERVE_PROFILE_WARM_RUNS");
+    int warm_runs = wr && atoi(wr) >= 1 ? PD_MIN(atoi(wr), 100) : PROFILE_WARM_RUNS;
     double *last = xcalloc((size_t)n, sizeof(double));
     for (int r = -1; r < repeats; r++)
         for (int i = 0; i < n; i++) {
@@ -222,7 +226,7 @@ static void run_rounds(prof *P, ppoint *pts, int n, int repeats) {
              * back to back, as the engine runs its steps */
             if (r >= 0 && last[i] < PROFILE_WARM_BELOW_S) {
                 double spent = 0;
-                for (int w = 0; w < PROFILE_WARM_RUNS && spent < PROFILE_WARM_MAX_S; w++)
+                for (int w = 0; w < warm_runs && (w == 0 || spent < PROFILE_WARM_MAX_S); w++)
                     spent += run_point(P, &pts[i]);
             }
             double t = run_point(P, &pts[i]);
