@@ -6,7 +6,9 @@
  * from the prefill instance to the decode instance over a medium's curve, one transfer
  * at a time per prefill instance's link. Instances of a CPU profile share the host's
  * cores: while k are in a step, each advances at 1 / slowdown(k) (processor sharing,
- * re-timed whenever k changes).
+ * re-timed whenever k changes); the serving path's measured CPU (HTTP threads, router,
+ * client) is one more such thread while its first-in-first-out queue has work, and a
+ * request enters its instance once its own request work there is done.
  *
  * Events: request arrivals (a sorted array, read in order), step ends and KV arrivals
  * (one binary heap ordered by time, then by insertion, so equal times resolve the same
