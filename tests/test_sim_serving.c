@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "backend/backend.h"
 #include "model/model.h"
@@ -140,6 +141,174 @@ static void test_serving_fit(void) {
     CHECK(near(one.fixed_s, 0.0004, 1e-12) && one.s_per_token == 0);
     sim_serving_path none = {0};
     CHECK(sim_serving_s(&none, 1000) == 0);
+}
+
+/* The serving path's CPU shares the host's cores (one core here) with the steps, as one
+ * more runnable thread while it has work, first in first out: 10 ms per request, 5 ms
+ * per streamed token. One request, 3 tokens (a prefill step of 0.1 s, decode steps of
+ * 0.02 s):
+ *   t = 0      the request's 10 ms, alone: it enters its instance at 0.01, whose
+ *              prefill ends at 0.11 (TTFT);
+ *   t = 0.11   its token's 5 ms beside the first decode, both at half speed: done at
+ *              0.12, the decode then has 0.015 s left: token 2 at 0.135;
+ *   t = 0.135  the same again: token 3 at 0.16.
+ * On two cores the two threads do not slow each other. */
+static void test_serving_cpu(void) {
+    sim_profile p;
+    const_profile(&p, 0.1, 0.02);
+    snprintf(p.backend, sizeof p.backend, "cpu");
+    p.contention = (sim_contention){.cores = 1, .threads = 1};
+    p.serving.colocated.cpu = (sim_serving_cpu){.measured = true, .request_s = 0.01, .token_s = 0.005};
+    sim_request r[1] = {{.n_prompt = 100, .max_tokens = 3, .arrival = 0}};
+    bench_config bc;
+    bench_config_default(&bc);
+    bench_result *res;
+    sim_stats st;
+    char err[256];
+    sim_config c = colocated(1);
+    c.serving_path = false;
+    c.cpu_contention = c.serving_cpu = true;
+    REQUIRE(sim_run(&c, &p, r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    const bench_record *b = &res->recs[0];
+    CHECKF(near(b->ttft_s, 0.11, 1e-12), "ttft %.6f", b->ttft_s);
+    CHECKF(near(b->token_s[1], 0.135, 1e-12) && near(b->token_s[2], 0.16, 1e-12), "tokens %.6f %.6f", b->token_s[1],
+           b->token_s[2]);
+    CHECKF(near(st.serving_cpu_s, 0.01 + 3 * 0.005, 1e-12), "serving cpu %.6f", st.serving_cpu_s);
+    CHECKF(near(st.contention_s, 2 * 0.005, 1e-12), "stretch %.6f", st.contention_s);
+    bench_result_free(res);
+    /* per engine step too: 4 ms a step, on top of the token's 5 (the first token's step
+     * 9 ms beside the first decode: done at 0.128; the decode has 0.011 s left at full
+     * speed: 0.139) */
+    p.serving.colocated.cpu.step_s = 0.004;
+    REQUIRE(sim_run(&c, &p, r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].token_s[1], 0.139, 1e-12), "token 2 %.6f", res->recs[0].token_s[1]);
+    CHECKF(near(st.serving_cpu_s, 0.01 + 3 * 0.009, 1e-12), "serving cpu %.6f", st.serving_cpu_s);
+    bench_result_free(res);
+    p.serving.colocated.cpu.step_s = 0;
+    /* two cores: 2 runnable threads, no slowdown; the request still waits for its work */
+    p.contention.cores = 2;
+    REQUIRE(sim_run(&c, &p, r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECK(near(res->recs[0].ttft_s, 0.11, 1e-12) && near(res->recs[0].token_s[2], 0.15, 1e-12));
+    bench_result_free(res);
+    /* three requests sent at once reach the engine one after the other, 60 ms of work
+     * each (tokens free here): A enters at 0.06 and prefills alone until 0.16; B, in at
+     * 0.12, prefills in the next step beside A's decode (a mixed step of 0.1 + 0.02 s)
+     * until 0.28; C, in at 0.18, in the step after: TTFT 0.16, 0.28, 0.40. Without the
+     * queue all three enter at 0: A alone (the engine plans as soon as one request is
+     * there), B and C together in the next step: 0.1, 0.22, 0.22 */
+    sim_request three[3] = {{.n_prompt = 100, .max_tokens = 3, .arrival = 0},
+                            {.n_prompt = 100, .max_tokens = 3, .arrival = 0},
+                            {.n_prompt = 100, .max_tokens = 3, .arrival = 0}};
+    p.serving.colocated.cpu = (sim_serving_cpu){.measured = true, .request_s = 0.06};
+    REQUIRE(sim_run(&c, &p, three, 3, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].ttft_s, 0.16, 1e-12) && near(res->recs[1].ttft_s, 0.28, 1e-12) &&
+           near(res->recs[2].ttft_s, 0.40, 1e-12), "ttft %.6f %.6f %.6f", res->recs[0].ttft_s, res->recs[1].ttft_s,
+           res->recs[2].ttft_s);
+    bench_result_free(res);
+    c.serving_cpu = false;
+    REQUIRE(sim_run(&c, &p, three, 3, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].ttft_s, 0.1, 1e-12) && near(res->recs[1].ttft_s, 0.22, 1e-12) &&
+           near(res->recs[2].ttft_s, 0.22, 1e-12), "ttft %.6f %.6f %.6f", res->recs[0].ttft_s, res->recs[1].ttft_s,
+           res->recs[2].ttft_s);
+    bench_result_free(res);
+    c.serving_cpu = true;
+    p.serving.colocated.cpu = (sim_serving_cpu){.measured = true, .request_s = 0.01, .token_s = 0.005};
+    /* off (--no-serving-cpu), and a GPU profile: as before */
+    p.contention.cores = 1;
+    c.serving_cpu = false;
+    REQUIRE(sim_run(&c, &p, r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECK(near(res->recs[0].ttft_s, 0.1, 1e-12) && st.serving_cpu_s == 0);
+    bench_result_free(res);
+    c.serving_cpu = true;
+    snprintf(p.backend, sizeof p.backend, "cuda");
+    REQUIRE(sim_run(&c, &p, r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECK(near(res->recs[0].ttft_s, 0.1, 1e-12) && st.serving_cpu_s == 0);
+    bench_result_free(res);
+    /* several instances behind the router add the router's CPU; disaggregated setups use
+     * their own path's */
+    snprintf(p.backend, sizeof p.backend, "cpu");
+    p.contention.cores = 8;
+    p.serving.router.cpu = (sim_serving_cpu){.measured = true, .request_s = 0.002, .token_s = 0.001};
+    p.serving.disaggregated.cpu = (sim_serving_cpu){.measured = true, .request_s = 0.03, .token_s = 0.007};
+    c = colocated(2);
+    c.serving_path = false;
+    c.cpu_contention = c.serving_cpu = true;
+    REQUIRE(sim_run(&c, &p, r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(st.serving_cpu_s, 0.012 + 3 * 0.006, 1e-12), "co-2 serving cpu %.6f", st.serving_cpu_s);
+    bench_result_free(res);
+    sim_medium m = {.latency_s = 0.01, .bandwidth = 1e6};
+    snprintf(m.name, sizeof m.name, "test");
+    sim_config d = c;
+    d.n_colocated = 0;
+    d.n_prefill = d.n_decode = 1;
+    d.medium = &m;
+    REQUIRE(sim_run(&d, &p, r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(st.serving_cpu_s, 0.03 + 3 * 0.007, 1e-12), "dis serving cpu %.6f", st.serving_cpu_s);
+    bench_result_free(res);
+    /* the profile keeps the section with its path (and older files have none: not
+     * measured) */
+    set_path(&p.serving.router, 0.0005, 0);
+    set_path(&p.serving.disaggregated, 0.001, 0);
+    char *js = sim_profile_to_json(&p);
+    sim_profile q;
+    REQUIRE(sim_profile_parse(js, strlen(js), "rt", &q, err, sizeof err) == 0);
+    CHECK(!q.serving.colocated.cpu.measured); /* written only with its path */
+    CHECK(q.serving.disaggregated.cpu.measured && near(q.serving.disaggregated.cpu.token_s, 0.007, 1e-12));
+    CHECK(near(q.serving.router.cpu.request_s, 0.002, 1e-12));
+    sim_profile_free(&q);
+    free(js);
+    sim_profile_free(&p);
+}
+
+/* A decode instance takes requests whose KV arrived between its steps, as the engine
+ * admits prefilled requests (and emits their first tokens) only between steps. 1P1D,
+ * prefill steps of 0.1 s, decode steps of 0.02 s, KV in 1 ms. A (10 tokens) arrives at
+ * 0: its KV is at D at 0.101, D is idle: first token then, then D decodes 0.101-0.121,
+ * ... B arrives at 0.105: prefilled 0.105-0.205, its KV at D at 0.206, during D's step
+ * 0.201-0.221: B's first token at 0.221 (TTFT 0.116, not 0.101), and D's next step
+ * decodes both. */
+static void test_decode_admission(void) {
+    sim_profile p;
+    const_profile(&p, 0.1, 0.02);
+    sim_medium m = {.latency_s = 0.001, .bandwidth = 1e15};
+    snprintf(m.name, sizeof m.name, "test");
+    sim_config d = colocated(0);
+    d.serving_path = false;
+    d.n_prefill = d.n_decode = 1;
+    d.medium = &m;
+    sim_request r[2] = {{.n_prompt = 100, .max_tokens = 10, .arrival = 0}, {.n_prompt = 100, .max_tokens = 3, .arrival = 0.105}};
+    bench_config bc;
+    bench_config_default(&bc);
+    bench_result *res;
+    sim_stats st;
+    char err[256];
+    REQUIRE(sim_run(&d, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].ttft_s, 0.101, 1e-9), "A ttft %.6f", res->recs[0].ttft_s);
+    CHECKF(near(res->recs[1].ttft_s, 0.116, 1e-9), "B ttft %.6f", res->recs[1].ttft_s);
+    /* B's next tokens come with D's next steps: 0.241, 0.261 */
+    CHECKF(near(res->recs[1].token_s[1], 0.241 - 0.105, 1e-9) && near(res->recs[1].token_s[2], 0.261 - 0.105, 1e-9),
+           "B tokens %.6f %.6f", res->recs[1].token_s[1], res->recs[1].token_s[2]);
+    bench_result_free(res);
+    sim_profile_free(&p);
+}
+
+/* The CPU fit: request_s, token_s and step_s from the profiler's three runs (8 requests
+ * of 2 tokens one at a time, 3 of 64 one at a time, 16 of 64 eight at a time), exact
+ * and non-negative: a term the points do not support is 0, the others refitted. */
+static void test_serving_cpu_fit(void) {
+    sim_serving_cpu c = {.n_points = 3, .points = {{8, 16, 16, 0}, {3, 192, 192, 0}, {16, 1024, 130, 0}}};
+    for (int k = 0; k < 3; k++) c.points[k][3] = 300e-6 * c.points[k][0] + 20e-6 * c.points[k][1] + 10e-6 * c.points[k][2];
+    sim_serving_cpu_fit(&c);
+    CHECKF(c.measured && near(c.request_s, 300e-6, 1e-9) && near(c.token_s, 20e-6, 1e-9) && near(c.step_s, 10e-6, 1e-9),
+           "%g %g %g", c.request_s, c.token_s, c.step_s);
+    /* per step negative if fitted freely: 0, the other two by least squares */
+    for (int k = 0; k < 3; k++) c.points[k][3] = 300e-6 * c.points[k][0] + 30e-6 * c.points[k][1] - 5e-6 * c.points[k][2];
+    sim_serving_cpu_fit(&c);
+    CHECKF(c.step_s == 0 && c.request_s > 0 && c.token_s > 20e-6 && c.token_s < 30e-6, "%g %g %g", c.request_s,
+           c.token_s, c.step_s);
+    sim_serving_cpu none = {0};
+    sim_serving_cpu_fit(&none);
+    CHECK(!none.measured && none.token_s == 0);
 }
 
 /* Mixed points: what a mixed step costs beyond the sum of its parts, per step,
@@ -348,6 +517,25 @@ static void test_profile_serving(void) {
     printf("serving path (tiny-llama, CPU): colocated %.3f ms + %.3f us/token, router %.3f ms, disaggregated %.3f ms "
            "+ %.3f us/token\n", s->colocated.fixed_s * 1e3, s->colocated.s_per_token * 1e6, s->router.fixed_s * 1e3,
            s->disaggregated.fixed_s * 1e3, s->disaggregated.s_per_token * 1e6);
+    /* its CPU: three runs each through pdserve's bench client, every token streamed; a
+     * request costs more than a token (HTTP, JSON, tokenization), a streamed token
+     * between 1 us and 5 ms of CPU on any host this runs on */
+    for (int i = 0; rc == 0 && i < 3; i++) {
+        const sim_serving_cpu *c = &paths[i]->cpu;
+        CHECKF(c->measured && c->n_points == 3, "path %d: cpu %d points", i, c->n_points);
+        CHECKF(c->points[1][1] >= 3 * 64 && c->points[2][1] >= 16 * 64, "path %d: %g, %g tokens", i, c->points[1][1],
+               c->points[2][1]);
+        CHECKF(c->points[2][2] < c->points[2][1] / 2, "path %d: %g steps for %g tokens eight at a time", i,
+               c->points[2][2], c->points[2][1]);
+        if (i == 1) continue; /* the router's hop is a difference: may be near 0 */
+        double tok8 = c->token_s + c->step_s / 8;
+        CHECKF(tok8 > 1e-6 && tok8 < 5e-3 && c->request_s > tok8, "path %d: %g s/request, %g s/token at 8", i,
+               c->request_s, tok8);
+    }
+    printf("serving cpu (tiny-llama): colocated %.1f us/request + %.1f us/token + %.1f us/step; disaggregated %.1f + "
+           "%.1f + %.1f\n", s->colocated.cpu.request_s * 1e6, s->colocated.cpu.token_s * 1e6,
+           s->colocated.cpu.step_s * 1e6, s->disaggregated.cpu.request_s * 1e6, s->disaggregated.cpu.token_s * 1e6,
+           s->disaggregated.cpu.step_s * 1e6);
     sim_profile_free(&p);
     model_free(m);
     backend_destroy(be);
@@ -357,13 +545,63 @@ static void test_profile_serving(void) {
     free(tc);
 }
 
+/* The same through child processes, as the sweep deploys them: a tiny-llama made by
+ * `pdserve make-model` (PDSERVE_BIN; skipped without it), `pdserve serve` and `pdserve
+ * up` children on the CPU. Every path measured with points and a CPU fit; the router as
+ * a process of its own costs CPU per token. */
+static void test_profile_serving_processes(void) {
+    const char *bin = getenv("PDSERVE_BIN");
+    if (!bin) {
+        printf("skip: PDSERVE_BIN not set\n");
+        return;
+    }
+    char dir[256], cmd[1024], err[512];
+    snprintf(dir, sizeof dir, "%s/pdserve-sp-%d", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp", (int)getpid());
+    snprintf(cmd, sizeof cmd, "%s make-model --out %s --preset tiny-llama > /dev/null 2>&1", bin, dir);
+    REQUIRE(system(cmd) == 0);
+    tokenizer *tok = NULL;
+    REQUIRE(tokenizer_load(dir, &tok, err, sizeof err) == 0);
+    sim_profile p;
+    sim_profile_init(&p);
+    p.block_size = 16;
+    p.kv_bytes_per_token = 1024;
+    sim_serving_deploy_opts o = {.model = dir, .pdserve_bin = bin, .log_dir = dir, .threads = 1, .max_len = 512,
+                                 .repeats = 3};
+    int rc = sim_profile_serving_processes(&o, tok, &p, err, sizeof err);
+    CHECKF(rc == 0, "%s", err);
+    const sim_serving *s = &p.serving;
+    const sim_serving_path *paths[3] = {&s->colocated, &s->router, &s->disaggregated};
+    for (int i = 0; rc == 0 && i < 3; i++) {
+        CHECKF(paths[i]->measured && paths[i]->n_points == 2 && paths[i]->cpu.measured, "path %d", i);
+        for (int k = 0; k < paths[i]->n_points; k++)
+            CHECKF(paths[i]->seconds[k] >= 0 && paths[i]->seconds[k] < 0.05, "path %d point %d: %g s", i, k,
+                   paths[i]->seconds[k]);
+        const sim_serving_cpu *c = &paths[i]->cpu;
+        CHECKF(c->points[2][2] > 0 && c->points[2][2] < c->points[2][1] / 2, "path %d: %g steps, %g tokens", i,
+               c->points[2][2], c->points[2][1]);
+    }
+    CHECK(rc || strstr(s->source, "children") != NULL);
+    printf("serving through processes (tiny-llama): colocated %.3f ms, %.1f us/request + %.1f us/token; router "
+           "%.1f us/token; disaggregated %.3f ms, %.1f us/request + %.1f us/token\n", s->colocated.fixed_s * 1e3,
+           s->colocated.cpu.request_s * 1e6, s->colocated.cpu.token_s * 1e6, s->router.cpu.token_s * 1e6,
+           s->disaggregated.fixed_s * 1e3, s->disaggregated.cpu.request_s * 1e6, s->disaggregated.cpu.token_s * 1e6);
+    sim_profile_free(&p);
+    tokenizer_free(tok);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    CHECK(system(cmd) == 0);
+}
+
 int main(void) {
     log_set_level(LOG_LEVEL_WARN);
     TEST_RUN(test_serving_delay);
     TEST_RUN(test_serving_fit);
+    TEST_RUN(test_serving_cpu);
+    TEST_RUN(test_serving_cpu_fit);
+    TEST_RUN(test_decode_admission);
     TEST_RUN(test_mixed_excess);
     TEST_RUN(test_profile_sections);
     TEST_RUN(test_plan_datasets);
     TEST_RUN(test_profile_serving);
+    TEST_RUN(test_profile_serving_processes);
     return TEST_END();
 }

@@ -44,7 +44,7 @@ int cmd_profile(int argc, char **argv) {
     bool no_power = false, verbose = false;
     const char *roofline = NULL, *medium_dir = NULL, *sm_clocks = NULL;
     long long medium_bytes = 0;
-    bool allow_clock_control = false, serving = false;
+    bool allow_clock_control = false, serving = false, serving_processes = false;
     const char *tok_dir = NULL;
     int serving_len = 4096;
     cli_opt opts[] = {
@@ -68,6 +68,9 @@ int cmd_profile(int argc, char **argv) {
         {"serving", OPT_FLAG, &serving,
          "also time the serving path around the engine (HTTP, tokenization, router hop, disaggregated calls) "
          "through the real server, router and a cpu-medium connector in this process", NULL},
+        {"serving-processes", OPT_FLAG, &serving_processes,
+         "time the serving path through `pdserve serve` / `pdserve up` children, as the sweep deploys them, "
+         "instead of in this process (CPU only; implies --serving)", NULL},
         {"tokenizer", OPT_STRING, &tok_dir, "tokenizer for --serving (default: the model directory's)", "DIR"},
         {"serving-max-len", OPT_INT, &serving_len, "longest prompt of --serving (default 4096, capped by the model)", "N"},
         {"no-power", OPT_FLAG, &no_power, "do not try to read power meters", NULL},
@@ -198,10 +201,20 @@ int cmd_profile(int argc, char **argv) {
                                  sizeof err);
         if (prof.mediums_note[0]) log_warn("profile: mediums: %s", prof.mediums_note);
     }
-    if (serving) {
+    if (serving || serving_processes) {
         tokenizer *tok = cli_load_tokenizer(model_arg, tok_dir, err, sizeof err);
         int max_len = PD_MIN(serving_len, m->cfg.max_position_embeddings - 128);
-        if (!tok || sim_profile_serving(m, tok, max_len, repeats, &prof, err, sizeof err) != 0) {
+        const char *tmp = getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
+        sim_serving_deploy_opts so = {.model = model_arg, .tokenizer = tok_dir, .log_dir = tmp,
+                                      .threads = be->threads, .max_len = max_len, .repeats = repeats};
+        if (serving_processes && dev >= 0) {
+            fprintf(stderr, "pdserve profile: --serving-processes runs on the CPU backend only\n");
+            if (tok) tokenizer_free(tok);
+            sim_profile_free(&prof);
+            goto out_model;
+        }
+        if (!tok || (serving_processes ? sim_profile_serving_processes(&so, tok, &prof, err, sizeof err)
+                                       : sim_profile_serving(m, tok, max_len, repeats, &prof, err, sizeof err)) != 0) {
             fprintf(stderr, "pdserve profile: --serving: %s\n", err);
             if (tok) tokenizer_free(tok);
             sim_profile_free(&prof);

@@ -162,6 +162,7 @@ static cJSON *point_json(const char *setup, const char *load, const double clk[2
     cJSON_AddNumberToObject(o, "preemptions", (double)st->preemptions);
     cJSON_AddNumberToObject(o, "contention_s", st->contention_s);
     cJSON_AddNumberToObject(o, "serving_s", st->serving_s);
+    cJSON_AddNumberToObject(o, "serving_cpu_s", st->serving_cpu_s);
     cJSON_AddNumberToObject(o, "kv_bytes", st->kv_bytes);
     cJSON_AddNumberToObject(o, "sim_wall_s", st->wall_s);
     return o;
@@ -180,6 +181,7 @@ typedef struct sim_cli {
     bool contention;        /* CPU profiles: instances share the host's cores (--no-cpu-contention) */
     bool control_path;      /* xPyD: the medium's measured control path (--no-control-path) */
     bool serving_path;      /* the profile's serving path per request (--no-serving-path) */
+    bool serving_cpu;       /* CPU profiles: the serving path's CPU on the cores (--no-serving-cpu) */
 } sim_cli;
 
 static int cmp_dbl(const void *a, const void *b) {
@@ -311,7 +313,7 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
                       .prefix_caching = su->prefix_caching >= 0 ? su->prefix_caching > 0 : pl->enable_prefix_caching,
                       .kv_timeout_s = su->kv_timeout_s > 0 ? su->kv_timeout_s : pl->kv_timeout_s,
                       .cpu_contention = c->contention, .control_path = c->control_path,
-                      .serving_path = c->serving_path};
+                      .serving_path = c->serving_path, .serving_cpu = c->serving_cpu};
     if (su->n_prefill > 0) {
         cfg.medium = sim_medium_find(prof, su->medium, &mstore);
         if (!cfg.medium) {
@@ -372,7 +374,7 @@ int cmd_sim(int argc, char **argv) {
     const char *profile_path = NULL, *db_path = NULL, *json_path = NULL, *router = NULL;
     const char *vmodel = NULL;
     int seed = -1, threads = 0, vrepeats = 3;
-    bool quiet = false, no_contention = false, no_control = false, no_serving = false;
+    bool quiet = false, no_contention = false, no_control = false, no_serving = false, no_serving_cpu = false;
     cli_opt opts[] = {
         {"profile", OPT_STRING, &profile_path, "cost profile from `pdserve profile` (default: the plan's)", "FILE"},
         {"db", OPT_STRING, &db_path, "results database to record the points in (marked simulated)", "FILE"},
@@ -386,6 +388,9 @@ int cmd_sim(int argc, char **argv) {
          "disaggregated: leave out the medium's measured control path (reserve, ticket, take)", NULL},
         {"no-serving-path", OPT_FLAG, &no_serving,
          "leave out the profile's serving path (HTTP, tokenization, router hops) of each request", NULL},
+        {"no-serving-cpu", OPT_FLAG, &no_serving_cpu,
+         "CPU profiles: leave the serving path's measured CPU (HTTP threads, router, client) out of the "
+         "contention for the host's cores", NULL},
         {"validate-model", OPT_STRING, &vmodel,
          "also run each co-1gpu point through the real engine on the CPU with this model (dummy "
          "weights) and print simulated against real", "DIR|preset:NAME"},
@@ -445,7 +450,7 @@ int cmd_sim(int argc, char **argv) {
                      pl.clocks[k][0], pl.clocks[k][1]);
     sim_cli c = {.pl = &pl, .prof = &prof, .points = cJSON_CreateArray(), .quiet = quiet,
                  .vrepeats = vrepeats, .contention = !no_contention, .control_path = !no_control,
-                 .serving_path = !no_serving};
+                 .serving_path = !no_serving, .serving_cpu = !no_serving_cpu};
     int rc = 0;
     model_files vfiles;
     backend *vbe = NULL;

@@ -769,6 +769,9 @@ static void abort_all(engine *e) {
 
 static void *engine_main(void *arg) {
     engine *e = arg;
+    /* named so that its CPU can be told from the serving threads' (top -H, /proc, the
+     * profiler's serving-path CPU: profile_serving.c) */
+    pthread_setname_np(pthread_self(), "pd-engine");
     for (;;) {
         /* the last step's events, held back for the next step's pass, go out before the
          * thread may sleep */

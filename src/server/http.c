@@ -132,6 +132,8 @@ struct server {
     int n_eos;
     struct MHD_Daemon *d;
     int port;
+    int listen_fd;               /* the quiesced listening socket, closed after MHD_stop_daemon
+                                    (MHD's threads may still use it until then); -1: none */
     server_metrics *metrics;
     atomic_bool shutting_down;
     atomic_uint_fast64_t n_ids;
@@ -1273,6 +1275,7 @@ server *server_start(const server_config *cfg, engine *e, const tokenizer *t, ch
     if (resolve(host, cfg->port, &ss, &v6, err, errlen)) return NULL;
 
     server *s = xcalloc(1, sizeof *s);
+    s->listen_fd = -1;
     s->host = xstrdup(host);
     s->served_name = xstrdup(cfg->served_model_name ? cfg->served_model_name : "pdserve");
     s->api_key = cfg->api_key && *cfg->api_key ? xstrdup(cfg->api_key) : NULL;
@@ -1376,8 +1379,11 @@ static void wait_drained(server *s, double timeout_s) {
 void server_shutdown(server *s, double timeout_s) {
     if (!s || s->stopped) return;
     atomic_store(&s->shutting_down, true);
+    /* MHD's pool threads take the quiesced socket out of their epoll sets on their own
+     * time: closing it now races them (MHD aborts: "Failed to remove listen FD from epoll
+     * set"); server_free closes it once MHD has stopped */
     MHD_socket lfd = MHD_quiesce_daemon(s->d);
-    if (lfd != MHD_INVALID_SOCKET) close(lfd);
+    if (lfd != MHD_INVALID_SOCKET) s->listen_fd = lfd;
     pthread_mutex_lock(&s->mu);
     int n = s->n_active;
     for (gen_req *g = s->active; g; g = g->next) engine_abort(s->eng, g->engine_id);
@@ -1396,8 +1402,12 @@ void server_free(server *s) {
         pthread_mutex_unlock(&s->mu);
         /* Stopping MHD with suspended connections is undefined (MHD panics): leave it
          * to exit. Internal replies count: a prefill waits for its transfer suspended. */
-        if (left == 0) MHD_stop_daemon(s->d);
-        else log_warn("serve: %d request(s) still suspended at exit; not stopping HTTP threads", left);
+        if (left == 0) {
+            MHD_stop_daemon(s->d);
+            if (s->listen_fd >= 0) close(s->listen_fd);
+        } else {
+            log_warn("serve: %d request(s) still suspended at exit; not stopping HTTP threads", left);
+        }
         s->d = NULL;
         if (left) return;
     }

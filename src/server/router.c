@@ -136,6 +136,8 @@ struct router {
     atomic_uint rr[3];          /* round-robin cursors per role */
     struct MHD_Daemon *d;
     int port;
+    int listen_fd;              /* the quiesced listening socket, closed after MHD_stop_daemon
+                                   (MHD's threads may still use it until then); -1: none */
     atomic_bool shutting_down;
     atomic_uint_fast64_t n_ids;
     /* counters */
@@ -1367,6 +1369,7 @@ router *router_start(const router_config *cfg, char *err, size_t errlen) {
     pthread_once(&curl_once, curl_init_once);
 
     router *r = xcalloc(1, sizeof *r);
+    r->listen_fd = -1;
     r->cfg = *cfg;
     r->host = xstrdup(host);
     r->served_name = xstrdup(cfg->served_model_name ? cfg->served_model_name : "pdserve");
@@ -1429,8 +1432,9 @@ int router_port(const router *r) { return r->port; }
 void router_shutdown(router *r, double timeout_s) {
     if (!r || atomic_exchange(&r->shutting_down, true)) return;
     if (r->d) {
+        /* closed in router_free once MHD has stopped (as server_shutdown's) */
         MHD_socket lfd = MHD_quiesce_daemon(r->d);
-        if (lfd != MHD_INVALID_SOCKET) close(lfd);
+        if (lfd != MHD_INVALID_SOCKET) r->listen_fd = lfd;
     }
     /* stop the curl thread: it fails what is in flight (clients get an error) */
     if (r->thread_started) {
@@ -1464,6 +1468,7 @@ void router_free(router *r) {
             return;
         }
         MHD_stop_daemon(r->d);
+        if (r->listen_fd >= 0) close(r->listen_fd);
     }
     if (r->multi) curl_multi_cleanup(r->multi);
     for (int i = 0; i < r->n_backends; i++) sbuf_free(&r->backends[i].poll_buf);

@@ -163,6 +163,65 @@ void sim_serving_fit(sim_serving_path *s) {
     s->measured = true;
 }
 
+/* Least squares of cpu = x . (requests, tokens, steps) over the points with the
+ * coefficients restricted to subset `mask` (the others 0); the residual sum of squares,
+ * or -1 when the system is singular or a coefficient comes out negative. */
+static double cpu_fit_subset(const sim_serving_cpu *c, unsigned mask, double x[3]) {
+    int idx[3], k = 0;
+    for (int j = 0; j < 3; j++)
+        if (mask & (1u << j)) idx[k++] = j;
+    double A[3][4] = {{0}};
+    for (int i = 0; i < c->n_points; i++) /* normal equations, augmented */
+        for (int a = 0; a < k; a++) {
+            for (int b = 0; b < k; b++) A[a][b] += c->points[i][idx[a]] * c->points[i][idx[b]];
+            A[a][k] += c->points[i][idx[a]] * c->points[i][3];
+        }
+    for (int col = 0; col < k; col++) { /* Gauss-Jordan with partial pivoting */
+        int piv = col;
+        for (int r = col + 1; r < k; r++)
+            if (fabs(A[r][col]) > fabs(A[piv][col])) piv = r;
+        if (fabs(A[piv][col]) < 1e-12) return -1;
+        for (int j = 0; j <= k; j++) {
+            double t = A[col][j];
+            A[col][j] = A[piv][j];
+            A[piv][j] = t;
+        }
+        for (int r = 0; r < k; r++) {
+            if (r == col) continue;
+            double f = A[r][col] / A[col][col];
+            for (int j = col; j <= k; j++) A[r][j] -= f * A[col][j];
+        }
+    }
+    x[0] = x[1] = x[2] = 0;
+    for (int a = 0; a < k; a++) {
+        x[idx[a]] = A[a][k] / A[a][a];
+        if (x[idx[a]] < 0) return -1;
+    }
+    double rss = 0;
+    for (int i = 0; i < c->n_points; i++) {
+        double e = c->points[i][3] - (x[0] * c->points[i][0] + x[1] * c->points[i][1] + x[2] * c->points[i][2]);
+        rss += e * e;
+    }
+    return rss;
+}
+
+void sim_serving_cpu_fit(sim_serving_cpu *c) {
+    /* non-negative least squares by trying every subset of the three terms (there are
+     * only seven): the feasible fit of least residual */
+    double best = -1, bx[3] = {0, 0, 0};
+    for (unsigned mask = 1; mask < 8; mask++) {
+        double x[3], r = cpu_fit_subset(c, mask, x);
+        if (r >= 0 && (best < 0 || r < best * (1 - 1e-9))) {
+            best = r;
+            memcpy(bx, x, sizeof bx);
+        }
+    }
+    c->request_s = bx[0];
+    c->token_s = bx[1];
+    c->step_s = bx[2];
+    c->measured = c->n_points > 0;
+}
+
 double sim_serving_s(const sim_serving_path *s, int n_prompt) {
     if (!s->measured) return 0;
     return PD_MAX(s->fixed_s + s->s_per_token * (double)n_prompt, 0);
@@ -366,6 +425,15 @@ char *sim_profile_to_json(const sim_profile *p) {
             for (int k = 0; k < sp->n_points; k++) {
                 double pair[2] = {sp->tokens[k], sp->seconds[k]};
                 cJSON_AddItemToArray(pts, nums(pair, 2));
+            }
+            const sim_serving_cpu *cu = &sp->cpu;
+            if (cu->measured) {
+                cJSON *co = cJSON_AddObjectToObject(po, "cpu");
+                cJSON_AddNumberToObject(co, "request_s", cu->request_s);
+                cJSON_AddNumberToObject(co, "token_s", cu->token_s);
+                cJSON_AddNumberToObject(co, "step_s", cu->step_s);
+                cJSON *cp = cJSON_AddArrayToObject(co, "points");
+                for (int k = 0; k < cu->n_points; k++) cJSON_AddItemToArray(cp, nums(cu->points[k], 4));
             }
         }
         cJSON_AddStringToObject(so, "source", sv->source);
@@ -588,6 +656,33 @@ static int read_contention(const cJSON *o, sim_profile *p, const char *name, cha
     return 0;
 }
 
+/* A serving path's "cpu": {request_s, token_s, step_s, points: [[requests, tokens,
+ * steps, cpu seconds]...]}; points alone are fitted. Absent: not measured. 0 or -1. */
+static int read_serving_cpu(const cJSON *po, sim_serving_cpu *c) {
+    const cJSON *co = cJSON_GetObjectItemCaseSensitive(po, "cpu");
+    memset(c, 0, sizeof *c);
+    if (!cJSON_IsObject(co)) return 0;
+    const cJSON *pts = cJSON_GetObjectItemCaseSensitive(co, "points"), *pt;
+    cJSON_ArrayForEach(pt, pts) {
+        if (c->n_points >= SIM_MAX_CPU_POINTS || !cJSON_IsArray(pt) || cJSON_GetArraySize(pt) != 4) break;
+        for (int j = 0; j < 4; j++) c->points[c->n_points][j] = cJSON_GetArrayItem(pt, j)->valuedouble;
+        c->n_points++;
+    }
+    if (cJSON_GetObjectItemCaseSensitive(co, "token_s")) {
+        c->request_s = get_num(co, "request_s", 0);
+        c->token_s = get_num(co, "token_s", 0);
+        c->step_s = get_num(co, "step_s", 0);
+        c->measured = true;
+    } else {
+        sim_serving_cpu_fit(c);
+    }
+    if (!c->measured) return 0;
+    double v[3] = {c->request_s, c->token_s, c->step_s};
+    for (int j = 0; j < 3; j++)
+        if (!(v[j] >= 0) || !isfinite(v[j])) return -1;
+    return 0;
+}
+
 /* "serving": {colocated|router|disaggregated: {fixed_s, s_per_token, points: [[tokens,
  * seconds]...]}, source}; absent in older files (nothing modelled). A path with points
  * and no fixed_s / s_per_token is fitted on load. */
@@ -607,6 +702,11 @@ static int read_serving(const cJSON *o, sim_profile *p, const char *name, char *
             if (sp->n_points >= SIM_MAX_POINTS || !cJSON_IsArray(pt) || cJSON_GetArraySize(pt) != 2) break;
             sp->tokens[sp->n_points] = cJSON_GetArrayItem(pt, 0)->valuedouble;
             sp->seconds[sp->n_points++] = cJSON_GetArrayItem(pt, 1)->valuedouble;
+        }
+        if (read_serving_cpu(po, &sp->cpu)) {
+            pd_errorf(err, errlen, "%s: serving.%s.cpu needs request_s, token_s and step_s >= 0 (or points of "
+                                   "[requests, tokens, steps, cpu seconds])", name, paths[i].name);
+            return -1;
         }
         bool given = cJSON_GetObjectItemCaseSensitive(po, "fixed_s") || cJSON_GetObjectItemCaseSensitive(po, "s_per_token");
         if (given) {

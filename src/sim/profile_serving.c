@@ -16,22 +16,30 @@
  * steps for it (the engine's own busy counter, read before and after) and, in the
  * disaggregated deployment, less the KV transfer over the cpu medium (which the
  * simulator prices from the medium's curve). Several prompt lengths, the median of
- * `repeats` requests each, a least-squares line through them.
+ * `repeats` requests each, a least-squares line through them. Then the path's CPU:
+ * three runs of pdserve's bench client (per request, per streamed token, per engine
+ * step), fitted. sim_profile_serving_processes measures the same through `pdserve
+ * serve` / `pdserve up` children, as the sweep deploys them (their /metrics, /proc).
  *
  * Tuned for: a few dozen requests, well under a minute on two CPU cores; nothing here
  * is on a hot path. */
 #include <arpa/inet.h>
+#include <dirent.h>
+#include <math.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
+#include "bench/bench.h"
 #include "kv/kv.h"
 #include "model/tokenizer.h"
 #include "server/server.h"
 #include "sim/sim.h"
+#include "study/study.h"
 #include "util/util.h"
 
 #define SERVE_MAX_LENGTHS 4
@@ -135,16 +143,53 @@ static double busy_s(engine *e) {
     return s.busy_seconds;
 }
 
+/* The sum of a Prometheus series' samples (every label set) over comma-separated
+ * /metrics URLs; 0 where none answers. */
+static double metrics_sum(const char *urls, const char *name) {
+    double total = 0;
+    size_t nl = strlen(name);
+    for (const char *p = urls; p && *p;) {
+        size_t n = strcspn(p, ",");
+        char url[512], e[256];
+        snprintf(url, sizeof url, "%.*s", (int)PD_MIN(n, sizeof url - 1), p);
+        p += n + (p[n] == ',');
+        long status = 0;
+        char *body = bench_http_get(url, NULL, 10, &status, e, sizeof e);
+        for (char *line = body; line && *line;) {
+            char *end = strchr(line, '\n');
+            if (end) *end = 0;
+            if (!strncmp(line, name, nl) && (line[nl] == ' ' || line[nl] == '{')) {
+                const char *v = strrchr(line, ' ');
+                if (v) total += atof(v + 1);
+            }
+            line = end ? end + 1 : NULL;
+        }
+        free(body);
+    }
+    return total;
+}
+
 /* One deployment under measurement: requests go to `port`; the prefilling engine is
- * `pe`; `medium` (disaggregated) prices the transfer that is not serving path. */
+ * `pe` (`de` the decode one, disaggregated); `medium` (disaggregated) prices the
+ * transfer that is not serving path. */
 typedef struct serve_target {
     int port;
-    engine *pe;
+    engine *pe, *de;
+    /* a deployment of child processes (sim_profile_serving_processes) instead of
+     * in-process engines: the prefilling engine's busy seconds and every instance's
+     * steps from these /metrics URLs (comma-separated), the CPU from the processes of
+     * pid (the deployment's top process and its children) */
+    const char *busy_urls, *steps_urls;
+    int pid;
     const sim_medium *medium;
     size_t kv_bytes_per_token;
     int max_tokens;
     const tokenizer *tok;
 } serve_target;
+
+static double target_busy_s(const serve_target *t) {
+    return t->busy_urls ? metrics_sum(t->busy_urls, "pdserve_engine_busy_seconds_total") : busy_s(t->pe);
+}
 
 /* Fills path's points: per length, the median over repeats of TTFT - the engine's busy
  * seconds - the transfer; then the fitted line. One untimed request first (the
@@ -163,12 +208,12 @@ static int measure_path(const serve_target *t, const int *lens, int n_lens, int 
         double v[SERVE_MAX_REPEATS];
         int n_tok = lens[li];
         for (int r = 0; r < repeats; r++) {
-            double b0 = busy_s(t->pe);
+            double b0 = target_busy_s(t);
             if (stream_once(t->port, text, t->max_tokens, &ttft, &pt, err, errlen)) {
                 free(text);
                 return -1;
             }
-            double engine_s = busy_s(t->pe) - b0;
+            double engine_s = target_busy_s(t) - b0;
             if (pt > 0) n_tok = pt;
             double transfer = t->medium ? sim_cost_transfer(t->medium, (double)n_tok * (double)t->kv_bytes_per_token) : 0;
             v[r] = ttft - engine_s - transfer;
@@ -181,6 +226,208 @@ static int measure_path(const serve_target *t, const int *lens, int n_lens, int 
     }
     sim_serving_fit(path);
     return 0;
+}
+
+/* ---- the serving path's CPU ---------------------------------------------------------- */
+
+/* The CPU runs of one deployment: {requests, max_tokens, concurrent}. One request at a
+ * time with one output token each (per request), one at a time with many (per token and
+ * per step alike: one token a step), several at once (several tokens a step): three
+ * runs that tell the three terms apart. */
+#define SERVE_CPU_PROMPT 128
+#define SERVE_CPU_TOKENS 64
+static const int SERVE_CPU_RUNS[3][3] = {{8, 2, 1}, {3, SERVE_CPU_TOKENS, 1}, {16, SERVE_CPU_TOKENS, 8}};
+
+static double clock_s(clockid_t id) {
+    struct timespec ts;
+    if (clock_gettime(id, &ts) != 0) return 0;
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* On-CPU seconds of this process's engine threads (named "pd-engine" by engine.c), from
+ * the scheduler's own account (schedstat: nanoseconds, the clock CLOCK_PROCESS_CPUTIME_ID
+ * sums over every thread). */
+static double engine_threads_cpu_s(void) {
+    DIR *d = opendir("/proc/self/task");
+    if (!d) return 0;
+    double total = 0;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (de->d_name[0] == '.') continue;
+        char path[300], comm[32] = "";
+        snprintf(path, sizeof path, "/proc/self/task/%s/comm", de->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f) continue;
+        if (!fgets(comm, sizeof comm, f)) comm[0] = 0;
+        fclose(f);
+        if (strncmp(comm, "pd-engine", 9) != 0) continue;
+        snprintf(path, sizeof path, "/proc/self/task/%s/schedstat", de->d_name);
+        f = fopen(path, "r");
+        unsigned long long ns = 0;
+        if (f && fscanf(f, "%llu", &ns) == 1) total += (double)ns * 1e-9;
+        if (f) fclose(f);
+    }
+    closedir(d);
+    return total;
+}
+
+static uint64_t steps_of(engine *e) {
+    engine_stats s;
+    if (!e) return 0;
+    engine_get_stats(e, &s);
+    return s.steps;
+}
+
+/* On-CPU seconds of process pid and its children (`pdserve up`'s router and instances),
+ * every thread but the engines' ("pd-engine"), from the scheduler's account. */
+static double thread_cpu_of(int pid, const char *tid) {
+    char path[320], comm[32] = "";
+    snprintf(path, sizeof path, "/proc/%d/task/%s/comm", pid, tid);
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    if (!fgets(comm, sizeof comm, f)) comm[0] = 0;
+    fclose(f);
+    if (!strncmp(comm, "pd-engine", 9)) return 0;
+    snprintf(path, sizeof path, "/proc/%d/task/%s/schedstat", pid, tid);
+    f = fopen(path, "r");
+    unsigned long long ns = 0;
+    if (f && fscanf(f, "%llu", &ns) != 1) ns = 0;
+    if (f) fclose(f);
+    return (double)ns * 1e-9;
+}
+
+static double process_cpu_s(int pid) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/task", pid);
+    DIR *d = opendir(path);
+    if (!d) return 0;
+    double total = 0;
+    struct dirent *de;
+    while ((de = readdir(d)))
+        if (de->d_name[0] != '.') total += thread_cpu_of(pid, de->d_name);
+    closedir(d);
+    return total;
+}
+
+static double procs_cpu_s(int pid) {
+    double total = process_cpu_s(pid);
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/task/%d/children", pid, pid);
+    FILE *f = fopen(path, "r");
+    size_t n = f ? fread(buf, 1, sizeof buf - 1, f) : 0;
+    if (f) fclose(f);
+    buf[n] = 0;
+    for (char *tok = strtok(buf, " \n"); tok; tok = strtok(NULL, " \n")) total += process_cpu_s(atoi(tok));
+    return total;
+}
+
+static double target_steps(const serve_target *t) {
+    return t->steps_urls ? metrics_sum(t->steps_urls, "pdserve_engine_steps_total")
+                         : (double)(steps_of(t->pe) + steps_of(t->de));
+}
+
+/* One CPU run: n requests of the prompt `text`, max_tokens each, `conc` at a time,
+ * through pdserve's own bench client (the client the demo's sweep streams with), in this
+ * thread. The serving CPU is this process's CPU less its engine threads' less this
+ * thread's outside the client's timed part (dataset and connection set-up, which the
+ * real client does before its clock starts). Fills pt = {requests, tokens, steps, cpu}. */
+static int cpu_run(const serve_target *t, const char *text, int n, int max_tokens, int conc, double pt[4], char *err,
+                   size_t errlen) {
+    bench_dataset d = {0};
+    d.n = n;
+    d.reqs = xcalloc((size_t)n, sizeof *d.reqs);
+    for (int i = 0; i < n; i++) {
+        d.reqs[i].prompt = xstrdup(text);
+        d.reqs[i].prompt_len = -1;
+        d.reqs[i].output_len = max_tokens;
+        d.reqs[i].arrival_s = -1;
+    }
+    char url[64];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d", t->port);
+    bench_config bc;
+    bench_config_default(&bc);
+    bc.base_url = url;
+    bc.model = t->pid ? NULL : "profile"; /* children serve their model's name: asked from /v1/models */
+    bc.request_rate = INFINITY;
+    bc.max_concurrency = conc;
+    bc.ignore_eos = true;
+    bc.stream_usage = true;
+    bc.temperature = 0;
+    bc.metrics_urls = "";
+    bc.progress = false;
+    double s0 = target_steps(t), c0 = t->pid ? procs_cpu_s(t->pid) : 0;
+    double p0 = clock_s(CLOCK_PROCESS_CPUTIME_ID), e0 = engine_threads_cpu_s(), m0 = clock_s(CLOCK_THREAD_CPUTIME_ID);
+    bench_result *r = NULL;
+    int rc = bench_run(&bc, &d, &r, err, errlen);
+    double m1 = clock_s(CLOCK_THREAD_CPUTIME_ID), e1 = engine_threads_cpu_s(), p1 = clock_s(CLOCK_PROCESS_CPUTIME_ID);
+    double s1 = target_steps(t), c1 = t->pid ? procs_cpu_s(t->pid) : 0;
+    bench_dataset_free(&d);
+    if (rc) return -1;
+    long long tokens = 0;
+    int ok = 0;
+    for (int i = 0; i < r->n; i++)
+        if (r->recs[i].success) ok++, tokens += r->recs[i].output_len;
+    /* in process: all but the engines and the client's set-up; deployed: the
+     * deployment's processes but their engines, and the client's timed part */
+    double cpu = t->pid ? (c1 - c0) + r->client_cpu_s : (p1 - p0) - (e1 - e0) - (m1 - m0) + r->client_cpu_s;
+    bench_result_free(r);
+    if (ok != n) {
+        pd_errorf(err, errlen, "serving cpu: %d of %d requests to port %d failed", n - ok, n, t->port);
+        return -1;
+    }
+    pt[0] = n;
+    pt[1] = (double)tokens;
+    pt[2] = s1 - s0;
+    pt[3] = PD_MAX(cpu, 0);
+    log_debug("profile: serving cpu, port %d: %d requests x %d tokens, %d at once: %.0f tokens, %.0f steps, %.3f ms",
+              t->port, n, max_tokens, conc, pt[1], pt[2], pt[3] * 1e3);
+    return 0;
+}
+
+/* The serving path's CPU of the deployment behind t: each of SERVE_CPU_RUNS twice, the
+ * second round kept where it used less (a burst of load elsewhere only adds), fitted. */
+static int measure_cpu(const serve_target *t, sim_serving_cpu *out, char *err, size_t errlen) {
+    memset(out, 0, sizeof *out);
+    char *text = prompt_text(t->tok, SERVE_CPU_PROMPT);
+    int rc = 0;
+    for (int round = 0; round < 2 && rc == 0; round++)
+        for (int k = 0; k < 3 && rc == 0; k++) {
+            double pt[4];
+            int mt = PD_MAX(SERVE_CPU_RUNS[k][1], t->max_tokens);
+            rc = cpu_run(t, text, SERVE_CPU_RUNS[k][0], mt, SERVE_CPU_RUNS[k][2], pt, err, errlen);
+            if (rc == 0 && (round == 0 || pt[3] / PD_MAX(pt[1], 1) < out->points[k][3] / PD_MAX(out->points[k][1], 1)))
+                memcpy(out->points[k], pt, sizeof pt);
+        }
+    free(text);
+    if (rc) return -1;
+    out->n_points = 3;
+    sim_serving_cpu_fit(out);
+    return 0;
+}
+
+/* The router's CPU: what the same runs took through it beyond the direct path, the
+ * difference of the two fits (never negative). */
+static void cpu_hop(const sim_serving_cpu *through, const sim_serving_cpu *direct, sim_serving_cpu *hop) {
+    memset(hop, 0, sizeof *hop);
+    hop->n_points = through->n_points;
+    for (int k = 0; k < through->n_points; k++) {
+        memcpy(hop->points[k], through->points[k], sizeof hop->points[k]);
+        hop->points[k][3] = PD_MAX(through->points[k][3] - direct->points[k][3], 0);
+    }
+    sim_serving_cpu_fit(hop);
+}
+
+/* The router's hop: what the same requests took through it beyond the direct path,
+ * time and CPU (never negative). */
+static void path_hop(const sim_serving_path *through, const sim_serving_path *direct, sim_serving_path *hop) {
+    memset(hop, 0, sizeof *hop);
+    for (int i = 0; i < through->n_points; i++) {
+        hop->tokens[i] = through->tokens[i];
+        hop->seconds[i] = PD_MAX(through->seconds[i] - direct->seconds[i], 0);
+    }
+    hop->n_points = through->n_points;
+    sim_serving_fit(hop);
+    cpu_hop(&through->cpu, &direct->cpu, &hop->cpu);
 }
 
 /* The engine config of one instance: a pool for a few of the longest prompts. */
@@ -221,6 +468,7 @@ static int measure_colocated(model *m, const tokenizer *tok, const int *lens, in
     if (!s) goto out;
     serve_target t = {.port = server_port(s), .pe = e, .max_tokens = 1, .tok = tok};
     if (measure_path(&t, lens, n_lens, repeats, &out->colocated, err, errlen)) goto out;
+    if (measure_cpu(&t, &out->colocated.cpu, err, errlen)) goto out;
     char url[64];
     snprintf(url, sizeof url, "http://127.0.0.1:%d", server_port(s));
     const char *inst[1] = {url};
@@ -231,15 +479,8 @@ static int measure_colocated(model *m, const tokenizer *tok, const int *lens, in
     t.port = router_port(rt);
     sim_serving_path through;
     if (measure_path(&t, lens, n_lens, repeats, &through, err, errlen)) goto out;
-    /* the router's hop: what the same requests took beyond the direct path */
-    sim_serving_path *hop = &out->router;
-    memset(hop, 0, sizeof *hop);
-    for (int i = 0; i < through.n_points; i++) {
-        hop->tokens[i] = through.tokens[i];
-        hop->seconds[i] = PD_MAX(through.seconds[i] - out->colocated.seconds[i], 0);
-    }
-    hop->n_points = through.n_points;
-    sim_serving_fit(hop);
+    if (measure_cpu(&t, &through.cpu, err, errlen)) goto out;
+    path_hop(&through, &out->colocated, &out->router);
     rc = 0;
 out:
     if (rt) router_shutdown(rt, 5);
@@ -289,10 +530,11 @@ static int measure_disaggregated(model *m, const tokenizer *tok, const int *lens
     rt = router_start(&rc_, err, errlen);
     if (!rt) goto out;
     /* max_tokens 2: a request of one token would end on the prefill side */
-    serve_target t = {.port = router_port(rt), .pe = pe, .medium = cpu,
+    serve_target t = {.port = router_port(rt), .pe = pe, .de = de, .medium = cpu,
                       .kv_bytes_per_token = model_kv_bytes_per_token(&m->cfg, dtype_size(m->be->ops->kv_type)),
                       .max_tokens = 2, .tok = tok};
     if (measure_path(&t, lens, n_lens, repeats, &out->disaggregated, err, errlen)) goto out;
+    if (measure_cpu(&t, &out->disaggregated.cpu, err, errlen)) goto out;
     rc = 0;
 out:
     if (rt) router_shutdown(rt, 5);
@@ -306,12 +548,41 @@ out:
     return rc;
 }
 
+/* The prompt lengths of the latency points: 64 to 4096 tokens, up to max_len. */
+static int serving_lengths(int max_len, int *lens) {
+    static const int all[SERVE_MAX_LENGTHS] = {64, 512, 2048, 4096};
+    int n = 0;
+    for (int i = 0; i < SERVE_MAX_LENGTHS; i++)
+        if (all[i] <= max_len || i == 0) lens[n++] = all[i];
+    return n;
+}
+
+static void log_serving(const sim_serving *sv) {
+    const struct { const char *name; const sim_serving_path *p; } paths[] = {
+        {"colocated", &sv->colocated}, {"router hop", &sv->router}, {"disaggregated", &sv->disaggregated}};
+    for (size_t i = 0; i < PD_ARRAY_LEN(paths); i++) {
+        const sim_serving_path *p = paths[i].p;
+        char pts[256] = "";
+        size_t n = 0;
+        for (int k = 0; k < p->n_points && n < sizeof pts; k++)
+            n += (size_t)snprintf(pts + n, sizeof pts - n, "%s%.0f tok %.3f ms", k ? ", " : "", p->tokens[k],
+                                  p->seconds[k] * 1e3);
+        log_info("profile: serving path, %s: %.3f ms + %.3f us/token (%s)", paths[i].name, p->fixed_s * 1e3,
+                 p->s_per_token * 1e6, pts);
+        const sim_serving_cpu *c = &p->cpu;
+        if (c->measured)
+            log_info("profile: serving path, %s: CPU %.1f us per request + %.1f us per streamed token + %.1f us per "
+                     "engine step (%d runs: %.0f/%.0f/%.0f requests/tokens/steps %.2f ms, %.0f/%.0f/%.0f %.2f ms, "
+                     "%.0f/%.0f/%.0f %.2f ms)", paths[i].name, c->request_s * 1e6, c->token_s * 1e6, c->step_s * 1e6,
+                     c->n_points, c->points[0][0], c->points[0][1], c->points[0][2], c->points[0][3] * 1e3,
+                     c->points[1][0], c->points[1][1], c->points[1][2], c->points[1][3] * 1e3, c->points[2][0],
+                     c->points[2][1], c->points[2][2], c->points[2][3] * 1e3);
+    }
+}
+
 int sim_profile_serving(model *m, const tokenizer *tok, int max_len, int repeats, sim_profile *out, char *err,
                         size_t errlen) {
-    static const int all[SERVE_MAX_LENGTHS] = {64, 512, 2048, 4096};
-    int lens[SERVE_MAX_LENGTHS], n_lens = 0;
-    for (int i = 0; i < SERVE_MAX_LENGTHS; i++)
-        if (all[i] <= max_len || i == 0) lens[n_lens++] = all[i];
+    int lens[SERVE_MAX_LENGTHS], n_lens = serving_lengths(max_len, lens);
     repeats = PD_MIN(PD_MAX(repeats, 3), SERVE_MAX_REPEATS);
     int bs = out->block_size > 0 ? out->block_size : 16;
     /* the transfer inside a disaggregated request's time: the profile's cpu medium, else
@@ -328,21 +599,120 @@ int sim_profile_serving(model *m, const tokenizer *tok, int max_len, int repeats
     snprintf(sv.source, sizeof sv.source,
              "measured: pdserve profile --serving, in-process server, router and cpu-medium connector on %s, "
              "%d prompt lengths up to %d tokens, median of %d requests each, one at a time; transfer priced by "
-             "the %s cpu medium", m->be->ops->name, n_lens, lens[n_lens - 1], repeats,
-             cpu_measured ? "measured" : "default");
+             "the %s cpu medium; cpu: pdserve's bench client, prompts of %d tokens, 3 runs (fitted)",
+             m->be->ops->name, n_lens, lens[n_lens - 1], repeats, cpu_measured ? "measured" : "default",
+             SERVE_CPU_PROMPT);
     out->serving = sv;
-    const struct { const char *name; const sim_serving_path *p; } paths[] = {
-        {"colocated", &sv.colocated}, {"router hop", &sv.router}, {"disaggregated", &sv.disaggregated}};
-    for (size_t i = 0; i < PD_ARRAY_LEN(paths); i++) {
-        const sim_serving_path *p = paths[i].p;
-        char pts[256] = "";
-        size_t n = 0;
-        for (int k = 0; k < p->n_points && n < sizeof pts; k++)
-            n += (size_t)snprintf(pts + n, sizeof pts - n, "%s%.0f tok %.3f ms", k ? ", " : "", p->tokens[k],
-                                  p->seconds[k] * 1e3);
-        log_info("profile: serving path, %s: %.3f ms + %.3f us/token (%s)", paths[i].name, p->fixed_s * 1e3,
-                 p->s_per_token * 1e6, pts);
-    }
+    log_serving(&sv);
     log_info("profile: serving path measured in %.1f s", time_now_s() - t0);
+    return 0;
+}
+
+/* ---- the same through processes ------------------------------------------------------ */
+
+/* The URL "[name] ... listening on http://H:P" of a `pdserve up` log, or "" . */
+static void log_instance_url(const char *log_path, const char *name, char *out, size_t cap) {
+    size_t len;
+    char e[64];
+    char *text = util_read_file(log_path, &len, e, sizeof e);
+    out[0] = 0;
+    for (char *line = text; line && *line;) {
+        char *nl = strchr(line, '\n');
+        if (nl) *nl = 0;
+        const char *at = strstr(line, "listening on http://");
+        if (!strncmp(line, name, strlen(name)) && at) {
+            at += strlen("listening on ");
+            snprintf(out, cap, "%.*s", (int)strcspn(at, " )"), at);
+            break;
+        }
+        line = nl ? nl + 1 : NULL;
+    }
+    free(text);
+}
+
+/* Brings setup `name` up as the sweep does (this program's `serve` or `up`), on the CPU
+ * with o's threads and a pool for a few of the longest prompts. 0 or -1. */
+static int deploy(const sim_serving_deploy_opts *o, const char *name, size_t kv_bytes_per_token, int bs,
+                  study_deployment *d, char *log_path, size_t cap, char *err, size_t errlen) {
+    char threads[16], mml[16], kvm[32];
+    int max_model_len = o->max_len + o->max_len / 4 + 64;
+    snprintf(threads, sizeof threads, "%d", PD_MAX(o->threads, 1));
+    snprintf(mml, sizeof mml, "%d", max_model_len);
+    size_t kv = (size_t)(4 * (max_model_len + bs)) * kv_bytes_per_token;
+    snprintf(kvm, sizeof kvm, "%zuMiB", PD_MAX(kv >> 20, (size_t)1) + 1);
+    study_kv args[] = {{"device", "cpu"}, {"threads", threads}, {"max-model-len", mml}, {"kv-cache-memory", kvm}};
+    study_setup s = {.label = (char *)name, .name = (char *)name};
+    snprintf(log_path, cap, "%s/serving-%s-%d.log", o->log_dir ? o->log_dir : "/tmp", name, (int)getpid());
+    study_deploy_opts so = {.model = o->model, .tokenizer = o->tokenizer, .pdserve_bin = o->pdserve_bin,
+                            .log_path = log_path, .args = args, .n_args = (int)PD_ARRAY_LEN(args),
+                            .start_timeout_s = 120};
+    if (study_deploy_up(&s, &so, d, err, errlen)) return -1;
+    log_info("profile: serving path through %s (%s, log %s)", name, d->base_url, log_path);
+    return 0;
+}
+
+static int url_port(const char *url) {
+    const char *c = strrchr(url, ':');
+    return c ? atoi(c + 1) : 0;
+}
+
+int sim_profile_serving_processes(const sim_serving_deploy_opts *o, const tokenizer *tok, sim_profile *out,
+                                  char *err, size_t errlen) {
+    int lens[SERVE_MAX_LENGTHS], n_lens = serving_lengths(o->max_len, lens);
+    int repeats = PD_MIN(PD_MAX(o->repeats, 3), SERVE_MAX_REPEATS);
+    int bs = out->block_size > 0 ? out->block_size : 16;
+    sim_medium mstore;
+    const sim_medium *cpu = sim_medium_find(out, "cpu", &mstore);
+    bool cpu_measured = cpu && !strncmp(cpu->source, "measured", 8);
+    double t0 = time_now_s();
+    sim_serving sv;
+    memset(&sv, 0, sizeof sv);
+    study_deployment d;
+    char log_path[640], murl[320];
+    int rc = -1;
+    /* colocated: `pdserve serve` */
+    if (deploy(o, "co-1gpu", out->kv_bytes_per_token, bs, &d, log_path, sizeof log_path, err, errlen)) return -1;
+    snprintf(murl, sizeof murl, "%s/metrics", d.base_url);
+    serve_target t = {.port = url_port(d.base_url), .max_tokens = 1, .tok = tok, .busy_urls = murl,
+                      .steps_urls = murl, .pid = d.pids[0]};
+    rc = measure_path(&t, lens, n_lens, repeats, &sv.colocated, err, errlen) ||
+         measure_cpu(&t, &sv.colocated.cpu, err, errlen) ? -1 : 0;
+    study_deploy_down(&d);
+    if (rc) return -1;
+    /* the router's hop: two instances behind it (`pdserve up --setup co-2gpus`), less
+     * the direct path */
+    if (deploy(o, "co-2gpus", out->kv_bytes_per_token, bs, &d, log_path, sizeof log_path, err, errlen)) return -1;
+    sim_serving_path through;
+    t = (serve_target){.port = url_port(d.base_url), .max_tokens = 1, .tok = tok, .busy_urls = d.metrics_urls,
+                       .steps_urls = d.metrics_urls, .pid = d.pids[0]};
+    rc = measure_path(&t, lens, n_lens, repeats, &through, err, errlen) ||
+         measure_cpu(&t, &through.cpu, err, errlen) ? -1 : 0;
+    study_deploy_down(&d);
+    if (rc) return -1;
+    path_hop(&through, &sv.colocated, &sv.router);
+    /* disaggregated over the cpu medium (`pdserve up --setup dis-cpu`): the prefill
+     * instance's busy seconds, every instance's steps */
+    if (deploy(o, "dis-cpu", out->kv_bytes_per_token, bs, &d, log_path, sizeof log_path, err, errlen)) return -1;
+    log_instance_url(log_path, "[prefill0]", murl, sizeof murl - 8);
+    strcat(murl, "/metrics");
+    t = (serve_target){.port = url_port(d.base_url), .max_tokens = 2, .tok = tok, .busy_urls = murl,
+                       .steps_urls = d.metrics_urls, .pid = d.pids[0], .medium = cpu,
+                       .kv_bytes_per_token = out->kv_bytes_per_token};
+    rc = murl[0] == '/' ? (pd_errorf(err, errlen, "serving: no prefill instance in %s", log_path), -1)
+         : measure_path(&t, lens, n_lens, repeats, &sv.disaggregated, err, errlen) ||
+                 measure_cpu(&t, &sv.disaggregated.cpu, err, errlen)
+             ? -1
+             : 0;
+    study_deploy_down(&d);
+    if (rc) return -1;
+    snprintf(sv.source, sizeof sv.source,
+             "measured: pdserve profile --serving-processes, `pdserve serve` and `pdserve up --setup co-2gpus / "
+             "dis-cpu` children on the CPU, %d prompt lengths up to %d tokens, median of %d requests each, one at "
+             "a time; transfer priced by the %s cpu medium; cpu: their threads but the engines' and pdserve's bench "
+             "client, prompts of %d tokens, 3 runs (fitted)", n_lens, lens[n_lens - 1], repeats,
+             cpu_measured ? "measured" : "default", SERVE_CPU_PROMPT);
+    out->serving = sv;
+    log_serving(&sv);
+    log_info("profile: serving path through processes measured in %.1f s", time_now_s() - t0);
     return 0;
 }

@@ -6,7 +6,9 @@
  * from the prefill instance to the decode instance over a medium's curve, one transfer
  * at a time per prefill instance's link. Instances of a CPU profile share the host's
  * cores: while k are in a step, each advances at 1 / slowdown(k) (processor sharing,
- * re-timed whenever k changes).
+ * re-timed whenever k changes); the serving path's measured CPU (HTTP threads, router,
+ * client) is one more such thread while its first-in-first-out queue has work, and a
+ * request enters its instance once its own request work there is done.
  *
  * Events: request arrivals (a sorted array, read in order), step ends and KV arrivals
  * (one binary heap ordered by time, then by insertion, so equal times resolve the same
@@ -37,6 +39,10 @@ typedef struct sreq {
     sched_seq *pq;          /* xPyD: its sequence on the prefill instance while there */
     int stage;              /* xPyD: STAGE_* */
     bool failed;            /* the deadline passed before its KV arrived (finished: when) */
+    bool serve_wait;        /* its request work waits in the serving CPU's queue */
+    int next_admit;         /* xPyD: the next request whose KV reached the same decode
+                               instance during its step (-1: none) */
+    double serve_mark;      /* ... and is done once the queue has done this much work */
 } sreq;
 
 enum { STAGE_PREFILL = 0, STAGE_TRANSFER = 1, STAGE_DECODE = 2 };
@@ -53,6 +59,9 @@ typedef struct inst {
     double link_free;       /* prefill: when its outgoing KV link (or store puts) is next free;
                                decode over a store: when its next get may start */
     double step_start;      /* when the step in flight started */
+    int admit_head, admit_tail; /* decode: requests whose KV arrived during the step in
+                               flight, in order (-1: none); the engine admits them, and
+                               their first tokens go out, once the step ends */
     /* sharing the host's cores (sim_state.contention): the step in flight has work_left
      * seconds of its profiled time to go as of rate_t, advancing at rate (1 / slowdown);
      * its end event carries gen, and any older one is stale */
@@ -60,13 +69,14 @@ typedef struct inst {
     unsigned gen;
 } inst;
 
-enum { EV_STEP_END = 0, EV_KV_ARRIVE = 1, EV_DEADLINE = 2, EV_ENTER = 3 };
+enum { EV_STEP_END = 0, EV_KV_ARRIVE = 1, EV_DEADLINE = 2, EV_ENTER = 3, EV_SERVE = 4 };
 
 typedef struct sim_event {
     double t;
     uint64_t seq;
     int kind, id;
-    unsigned gen;           /* EV_STEP_END under contention: the instance's gen when pushed */
+    unsigned gen;           /* EV_STEP_END under contention: the instance's gen when pushed;
+                               EV_SERVE: the serving work's gen */
 } sim_event;
 
 typedef struct event_heap {
@@ -129,6 +139,18 @@ typedef struct sim_state {
     const int32_t *prompt;          /* [max prompt + 1] of zeros for sched_add */
     bool contention;                /* instances share the host's cores (CPU backend) */
     int n_busy;                     /* instances in a step now */
+    /* the serving path's CPU on the same cores (cfg->serving_cpu under contention): its
+     * per-request, per-token and per-step costs, and its queue: work added in order
+     * (serve_total in all), cpu seconds left as of serve_t, done first in first out at
+     * serve_rate as one more runnable thread while it is not empty. A request enters its
+     * instance once its own work is done (serve_head: the first that waits); the next
+     * such moment or the queue's end is an EV_SERVE event carrying serve_gen */
+    sim_serving_cpu serve_cost;
+    bool serve_cpu;
+    double serve_left, serve_rate, serve_t, serve_total;
+    unsigned serve_gen;
+    int serve_head, n_arrived;
+    int serve_tok;                  /* tokens streamed since serving work was last added */
     sim_stats *st;
     char *err;
     size_t errlen;
@@ -177,6 +199,7 @@ static int route(sim_state *s, int base, int n, int *rr, const sreq *r) {
 }
 
 static void emit_token(sim_state *s, sreq *r, double t) {
+    s->serve_tok++;
     if (r->n_out == 0) r->first_token = t;
     if (s->cfg->record_tokens) r->token_times[r->n_out] = t;
     else r->token_times[r->n_out == 0 ? 0 : 1] = t;
@@ -209,12 +232,28 @@ static void plan_work(const inst *in, const sim_profile *prof, sim_work *w) {
 }
 
 /* Processor sharing (docs/simulator.md, "CPU contention"): the n_busy instances in a
- * step at now each advance at 1 / slowdown(n_busy) of their profiled speed. Called
- * whenever n_busy changes: every step in flight is charged its progress since its last
- * rate change, takes the new rate, and gets a new end event (the old one goes stale).
- * O(instances) per step start and end, and only under contention. */
+ * step at now, plus the serving path's CPU while it has work (one more runnable thread),
+ * each advance at 1 / slowdown(k) of their profiled speed. Called whenever k changes or
+ * serving work is added: every step in flight is charged its progress since its last
+ * rate change, takes the new rate, and gets a new end event (the old one goes stale);
+ * the serving backlog likewise. O(instances) per step start and end, and only under
+ * contention. */
+static void serve_charge(sim_state *s, double now) {
+    s->serve_left = PD_MAX(s->serve_left - (now - s->serve_t) * s->serve_rate, 0);
+    s->serve_t = now;
+}
+
+/* The first request still waiting for its serving work, or NULL. */
+static sreq *serve_first(sim_state *s) {
+    /* requests join the queue in arrival order and leave it in the same order */
+    while (s->serve_head < s->n_arrived && !s->reqs[s->serve_head].serve_wait) s->serve_head++;
+    return s->serve_head < s->n_arrived ? &s->reqs[s->serve_head] : NULL;
+}
+
 static void reshare(sim_state *s, double now) {
-    double rate = 1.0 / sim_contention_slowdown(&s->p->contention, s->n_busy);
+    serve_charge(s, now);
+    bool serving = s->serve_left > 1e-12;
+    double rate = 1.0 / sim_contention_slowdown(&s->p->contention, s->n_busy + (serving ? 1 : 0));
     for (int i = 0; i < s->n_inst; i++) {
         inst *in = &s->insts[i];
         if (!in->busy) continue;
@@ -224,6 +263,29 @@ static void reshare(sim_state *s, double now) {
         in->rate = rate;
         heap_push_gen(&s->heap, now + in->work_left / rate, EV_STEP_END, i, ++in->gen);
     }
+    if (!serving) {
+        s->serve_left = s->serve_rate = 0;
+        ++s->serve_gen; /* nothing pending: any event in the heap is stale */
+        return;
+    }
+    s->serve_rate = rate;
+    /* the next waiting request's work is done when the queue has done up to its mark */
+    double left = s->serve_left;
+    const sreq *h = serve_first(s);
+    if (h) left = PD_MIN(left, PD_MAX(s->serve_left - (s->serve_total - h->serve_mark), 0));
+    heap_push_gen(&s->heap, now + left / rate, EV_SERVE, -1, ++s->serve_gen);
+}
+
+/* cpu seconds of serving work arrive at now (a request, a step's tokens); returns the
+ * queue's mark of this work (done when serve_total - serve_left reaches it). */
+static double serve_add(sim_state *s, double now, double cpu) {
+    if (!s->serve_cpu || !(cpu > 0)) return 0;
+    serve_charge(s, now);
+    s->serve_left += cpu;
+    s->serve_total += cpu;
+    s->st->serving_cpu_s += cpu;
+    reshare(s, now);
+    return s->serve_total;
 }
 
 /* Starts the instance's next step at now, if it is idle and has work. */
@@ -259,7 +321,7 @@ static void kick(sim_state *s, int i, double now) {
     }
 }
 
-static int admit(sim_state *s, int i, sreq *r, int n_prompt, int max_tokens, double now) {
+static int admit_to(sim_state *s, int i, sreq *r, int n_prompt, int max_tokens, double now, bool start) {
     inst *in = &s->insts[i];
     char e[256];
     /* a cached prefix needs the real ids; elsewhere every prompt is zeros (the cost
@@ -272,9 +334,14 @@ static int admit(sim_state *s, int i, sreq *r, int n_prompt, int max_tokens, dou
     }
     in->load++;
     if (in->role == ROLE_PREFILL) r->pq = q;
-    kick(s, i, now);
+    if (start) kick(s, i, now);
     return 0;
 }
+
+static int admit(sim_state *s, int i, sreq *r, int n_prompt, int max_tokens, double now) {
+    return admit_to(s, i, r, n_prompt, max_tokens, now, true);
+}
+
 
 /* r reaches its first instance at now: routed and admitted (disaggregated: the decode
  * side reserved, the prefill side given the prompt with max_tokens 1). A request whose
@@ -307,19 +374,60 @@ static double serving_delay(const sim_state *s, const sreq *r) {
     return sim_serving_s(&sv->disaggregated, r->n_prompt);
 }
 
+/* The serving path's CPU of a setup: colocated, one instance: the colocated path's;
+ * several behind the router: plus the router's hop; disaggregated: its own path's.
+ * *on false when the profile did not measure it. */
+static void serving_cpu_cost(const sim_config *c, const sim_serving *sv, sim_serving_cpu *out, bool *on) {
+    memset(out, 0, sizeof *out);
+    const sim_serving_cpu *a = c->n_colocated > 0 ? &sv->colocated.cpu : &sv->disaggregated.cpu;
+    const sim_serving_cpu *b = c->n_colocated > 1 ? &sv->router.cpu : NULL;
+    *on = a->measured;
+    if (!*on) return;
+    out->request_s = a->request_s + (b && b->measured ? b->request_s : 0);
+    out->token_s = a->token_s + (b && b->measured ? b->token_s : 0);
+    out->step_s = a->step_s + (b && b->measured ? b->step_s : 0);
+    out->measured = true;
+}
+
 /* r reaches the deployment at its arrival: the router's deadline starts, and r enters
- * its first instance now or once its serving path has passed (EV_ENTER). */
+ * its first instance now or once its serving path has passed (EV_ENTER); with the
+ * serving CPU modelled, once its request work is done in the serving queue too
+ * (EV_SERVE, on_serve), so that requests sent at once reach the engine one by one. */
 static int on_arrival(sim_state *s, sreq *r) {
     const sim_config *c = s->cfg;
+    s->n_arrived++;
     if (c->n_colocated == 0 && r->max_tokens > 1 && c->kv_timeout_s > 0)
         heap_push(&s->heap, r->arrival + c->kv_timeout_s, EV_DEADLINE, (int)(r - s->reqs));
     double d = serving_delay(s, r);
     s->st->serving_s += d;
+    if (s->serve_cpu && s->serve_cost.request_s > 0) { /* enters once its serving work is done (EV_SERVE) */
+        r->serve_wait = true;
+        r->serve_mark = serve_add(s, r->arrival, s->serve_cost.request_s);
+        return 0;
+    }
     if (d > 0) {
         heap_push(&s->heap, r->arrival + d, EV_ENTER, (int)(r - s->reqs));
         return 0;
     }
     return on_enter(s, r, r->arrival);
+}
+
+/* The serving queue reached a waiting request's mark or its end (EV_SERVE) at t: every
+ * request whose work is done enters its instance, at once or, when its measured serving
+ * path (a latency, of which this work is a part) has not passed yet, at its end. */
+static int on_serve(sim_state *s, double t) {
+    serve_charge(s, t);
+    double done = s->serve_total - s->serve_left + 1e-12;
+    int rc = 0;
+    for (sreq *h; rc == 0 && (h = serve_first(s)) && h->serve_mark <= done;) {
+        h->serve_wait = false;
+        double at = h->arrival + serving_delay(s, h);
+        if (at > t) heap_push(&s->heap, at, EV_ENTER, (int)(h - s->reqs));
+        else rc = on_enter(s, h, t);
+    }
+    if (s->serve_left <= 1e-12) s->serve_left = 0;
+    reshare(s, t);
+    return rc;
 }
 
 /* A prefill finished on P at t: ship its KV to D over the medium.
@@ -406,7 +514,9 @@ static void on_deadline(sim_state *s, sreq *r, double t) {
     }
 }
 
-static void on_step_end(sim_state *s, int i, double t) {
+static int admit_waiting(sim_state *s, int i, double t);
+
+static int on_step_end(sim_state *s, int i, double t) {
     inst *in = &s->insts[i];
     sched_plan *pl = &in->plan;
     if (s->contention) { /* the step ran longer than priced: count the stretch as busy time */
@@ -448,7 +558,12 @@ static void on_step_end(sim_state *s, int i, double t) {
         }
     }
     in->busy = false;
+    if (in->role == ROLE_DECODE && in->admit_head >= 0 && admit_waiting(s, i, t) != 0) return -1;
+    /* the step's tokens go out through the HTTP threads, the router and the client */
+    serve_add(s, t, s->serve_cost.step_s + s->serve_cost.token_s * s->serve_tok);
+    s->serve_tok = 0;
     kick(s, i, t);
+    return 0;
 }
 
 /* The KV of r reached its decode instance at t: the first token goes out, and D admits
@@ -459,9 +574,36 @@ static int on_kv_arrive(sim_state *s, sreq *r, double t) {
         return 0;
     }
     r->stage = STAGE_DECODE;
+    inst *d = &s->insts[r->d_inst];
+    if (d->busy) { /* the engine takes it between steps: its first token waits for this one */
+        r->next_admit = -1;
+        if (d->admit_tail >= 0) s->reqs[d->admit_tail].next_admit = (int)(r - s->reqs);
+        else d->admit_head = (int)(r - s->reqs);
+        d->admit_tail = (int)(r - s->reqs);
+        return 0;
+    }
     emit_token(s, r, t);
-    s->insts[r->d_inst].load--; /* admit counts it again */
+    serve_add(s, t, s->serve_cost.token_s * s->serve_tok);
+    s->serve_tok = 0;
+    d->load--; /* admit counts it again */
     return admit(s, r->d_inst, r, r->n_prompt + 1, r->max_tokens - 1, t);
+}
+
+/* Decode instance i's step ended at t: the requests whose KV came during it are admitted
+ * now, all before the next step is planned, as the engine takes its inbox between steps;
+ * their first tokens go out now. */
+static int admit_waiting(sim_state *s, int i, double t) {
+    inst *d = &s->insts[i];
+    int rc = 0;
+    while (rc == 0 && d->admit_head >= 0) {
+        sreq *r = &s->reqs[d->admit_head];
+        d->admit_head = r->next_admit;
+        if (d->admit_head < 0) d->admit_tail = -1;
+        emit_token(s, r, t); /* (its stage is decode: the deadline no longer applies) */
+        d->load--;
+        rc = admit_to(s, i, r, r->n_prompt + 1, r->max_tokens - 1, t, false);
+    }
+    return rc;
 }
 
 /* ---- set-up and results ---------------------------------------------------------------- */
@@ -469,6 +611,7 @@ static int on_kv_arrive(sim_state *s, sreq *r, double t) {
 static void inst_init(sim_state *s, inst *in, inst_role role, double mhz, int max_prompt) {
     memset(in, 0, sizeof *in);
     in->role = role;
+    in->admit_head = in->admit_tail = -1;
     sched_config sc = s->cfg->sched;
     if (role == ROLE_DECODE) {
         /* D never prefills what came over the medium: admit a whole prompt in one step */
@@ -583,6 +726,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
     s.n_route_p = co ? cfg->n_colocated : cfg->n_prefill;
     s.n_route_d = co ? 0 : cfg->n_decode;
     s.contention = cfg->cpu_contention && !strcmp(p->backend, "cpu") && p->contention.cores > 0;
+    if (s.contention && cfg->serving_cpu) serving_cpu_cost(cfg, &p->serving, &s.serve_cost, &s.serve_cpu);
     st->n_instances = s.n_inst;
     s.insts = xmalloc(sizeof(inst) * (size_t)s.n_inst);
     for (int i = 0; i < s.n_inst; i++) {
@@ -614,7 +758,11 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
             sim_event e = heap_pop(&s.heap);
             now = e.t;
             if (e.kind == EV_STEP_END && s.contention && e.gen != s.insts[e.id].gen) continue; /* rescheduled */
-            if (e.kind == EV_STEP_END) on_step_end(&s, e.id, e.t);
+            if (e.kind == EV_SERVE) {
+                if (e.gen == s.serve_gen) rc = on_serve(&s, e.t);
+                continue;
+            }
+            if (e.kind == EV_STEP_END) rc = on_step_end(&s, e.id, e.t);
             else if (e.kind == EV_DEADLINE) on_deadline(&s, &s.reqs[e.id], e.t);
             else if (e.kind == EV_ENTER) rc = on_enter(&s, &s.reqs[e.id], e.t);
             else rc = on_kv_arrive(&s, &s.reqs[e.id], e.t);

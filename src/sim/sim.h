@@ -105,18 +105,32 @@ typedef struct sim_contention {
  * messages (not the KV transfer itself, which the medium's curve prices). seconds =
  * fixed_s + s_per_token x prompt tokens, a least-squares line through the measured
  * points (prompt tokens, seconds). */
+/* The CPU the serving path burns on the host's cores beside the engines (HTTP threads,
+ * router, the streaming client): cpu seconds = request_s x requests + token_s x tokens
+ * streamed to clients + step_s x engine steps, fitted (non-negative least squares) to
+ * measured runs, each point {requests, tokens, steps, cpu seconds} (docs/simulator.md,
+ * "CPU contention"). Only a CPU profile's contention model uses it. */
+#define SIM_MAX_CPU_POINTS 8
+typedef struct sim_serving_cpu {
+    bool measured;
+    double request_s, token_s, step_s;
+    int n_points;
+    double points[SIM_MAX_CPU_POINTS][4];  /* requests, tokens, steps, cpu seconds */
+} sim_serving_cpu;
+
 typedef struct sim_serving_path {
     bool measured;          /* present in the profile */
     double fixed_s, s_per_token;
     int n_points;
     double tokens[SIM_MAX_POINTS], seconds[SIM_MAX_POINTS];
+    sim_serving_cpu cpu;    /* its CPU demand (cpu.measured false: not measured) */
 } sim_serving_path;
 
 typedef struct sim_serving {
     sim_serving_path colocated;     /* client -> one instance */
     sim_serving_path router;        /* the extra of a colocated instance behind the router */
     sim_serving_path disaggregated; /* client -> router -> reserve, prefill, decode */
-    char source[256];
+    char source[384];
 } sim_serving;
 
 /* One measured mixed step: a prefill chunk of T rows after C cached tokens beside B
@@ -199,6 +213,8 @@ const sim_medium *sim_medium_find(const sim_profile *p, const char *name, sim_me
 /* Least-squares latency and bandwidth from m's points (at least 2). */
 void sim_medium_fit(sim_medium *m);
 
+/* Non-negative least-squares request_s, token_s and step_s through c's points. */
+void sim_serving_cpu_fit(sim_serving_cpu *c);
 /* seconds of path s for a prompt of n tokens (0 when not measured; never negative). */
 double sim_serving_s(const sim_serving_path *s, int n_prompt);
 /* Least-squares fixed_s and s_per_token through s's points (one point: fixed only). */
@@ -251,6 +267,24 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
 struct tokenizer;
 int sim_profile_serving(model *m, const struct tokenizer *tok, int max_len, int repeats, sim_profile *out,
                         char *err, size_t errlen);
+
+/* The same through child processes, as the sweep deploys them (this program's own
+ * binary, or o->pdserve_bin): `pdserve serve` (colocated), `pdserve up --setup co-2gpus`
+ * (the router's hop: that less colocated) and `pdserve up --setup dis-cpu`
+ * (disaggregated), on the CPU backend with o->threads each. Latency as
+ * sim_profile_serving, the engines' busy seconds and steps from the instances' /metrics;
+ * CPU from every thread of the deployment's processes but the engines' (/proc), plus the
+ * bench client's. Fills out->serving (out's kv_bytes_per_token, block_size and cpu
+ * medium are used). 0, or -1 with err. */
+typedef struct sim_serving_deploy_opts {
+    const char *model, *tokenizer;  /* `pdserve serve --model / --tokenizer` (tokenizer NULL: the model's) */
+    const char *pdserve_bin;        /* NULL: this program */
+    const char *log_dir;            /* the children's logs (NULL: /tmp) */
+    int threads;                    /* CPU threads of each instance */
+    int max_len, repeats;
+} sim_serving_deploy_opts;
+int sim_profile_serving_processes(const sim_serving_deploy_opts *o, const struct tokenizer *tok, sim_profile *out,
+                                  char *err, size_t errlen);
 
 /* ---- cost model -------------------------------------------------------------------- */
 
@@ -354,6 +388,10 @@ typedef struct sim_config {
                                    curve, only when its backend is "cpu" and it has one) */
     bool control_path;          /* xPyD: the medium's measured control_s is added to each
                                    request's KV arrival (the first token) */
+    bool serving_cpu;           /* with cpu_contention: the serving path's measured CPU
+                                   (sim_serving_cpu: per request, streamed token and engine
+                                   step) shares the host's cores with the instances' steps,
+                                   as one more runnable thread while it has work */
     bool serving_path;          /* each request reaches its (first) instance the profile's
                                    serving path after its arrival (sim_serving: colocated,
                                    + router for several colocated instances, disaggregated;
@@ -370,6 +408,8 @@ typedef struct sim_request {
 typedef struct sim_stats {
     uint64_t steps, preemptions, events;
     double serving_s;                       /* summed serving-path delay of the requests */
+    double serving_cpu_s;                   /* CPU demand of the serving path put on the host's
+                                               cores (CPU contention with serving CPU only) */
     double contention_s;                    /* instance-seconds steps were stretched by sharing cores */
     int timed_out;                          /* requests failed by the xPyD deadline */
     double makespan_s;

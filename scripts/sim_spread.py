@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""sim_spread.py: simulated against several real runs of the same plan, point by point
+(docs/simulator.md, "The demo plan, real and simulated"): for each point (setup, load)
+and figure (TTFT p50, TPOT p50, output throughput) the real value of every run, their
+median, their spread ((max - min) / median) and the simulated value with its error
+against the real median.
+
+A figure counts as within 10% only against the real median. A figure whose real runs
+spread more than 10% cannot be validated at 10% on that machine: it is counted apart.
+
+usage: sim_spread.py REAL_DB [REAL_DB ...] --sim SIM_DB [--markdown]
+REAL_DB: databases of real runs (`pdserve sweep` / `pdserve demo`), their simulated=0
+points; SIM_DB: a database with the simulated points (`pdserve sim PLAN --db SIM_DB`,
+simulated=1). Standard library only."""
+import argparse
+import sqlite3
+import statistics as st
+
+FIGURES = [("ttft_median_ms", "TTFT p50 ms", 2), ("tpot_median_ms", "TPOT p50 ms", 3),
+           ("output_throughput", "out tok/s", 0)]
+
+
+def points(db, simulated):
+    c = sqlite3.connect(db)
+    q = ("select setup, load_label, " + ", ".join(f for f, _, _ in FIGURES) +
+         " from runs join summaries using(run_id) where simulated = ? and status = 'ok' order by run_id")
+    out = {}
+    for setup, load, *vals in c.execute(q, (simulated,)):
+        out[(setup, load)] = vals
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("real", nargs="+")
+    ap.add_argument("--sim", required=True)
+    ap.add_argument("--markdown", action="store_true", help="one markdown table row per point")
+    a = ap.parse_args()
+    reals = [points(d, 0) for d in a.real]
+    sim = points(a.sim, 1)
+    n = within = quiet = quiet_within = 0
+    for key in sorted(sim, key=lambda k: list(sim).index(k)):
+        cells = []
+        for k, (_, name, dp) in enumerate(FIGURES):
+            vals = [r[key][k] for r in reals if key in r and r[key][k] is not None]
+            if not vals:
+                continue
+            med = st.median(vals)
+            spread = (max(vals) - min(vals)) / med if med else 0
+            s = sim[key][k]
+            err = s / med - 1 if med else 0
+            ok = abs(err) <= 0.10
+            n += 1
+            within += ok
+            quiet += spread <= 0.10
+            quiet_within += ok and spread <= 0.10
+            mark = "" if ok else "**"
+            runs = " / ".join(f"{v:.{dp}f}" for v in vals)
+            cells.append(f"{runs} ({spread * 100:.0f}%) | {mark}{s:.{dp}f} {err * 100:+.0f}%{mark}")
+        if a.markdown:
+            print(f"| {key[0]} {key[1]} | " + " | ".join(cells) + " |")
+        else:
+            print(f"{key[0]:>10} {key[1]:>4}  " + "  ".join(c.replace(" | ", " -> ") for c in cells))
+    print(f"{within} of {n} figures within 10% of the real median; the real runs spread 10% or less at {quiet}, "
+          f"of which {quiet_within} within 10%; {n - quiet} spread more (not validated at 10% here)")
+
+
+if __name__ == "__main__":
+    main()
