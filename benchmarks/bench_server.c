@@ -14,7 +14,6 @@
  * usage: bench_server [--model preset:small-llama] [--tokenizer DIR] [--streams 64]
  *                     [--max-tokens 128] [--prompt-len 32] [--threads N] [--reps 2] */
 #include <arpa/inet.h>
-#include <dirent.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
@@ -36,32 +35,6 @@ typedef struct bench_cfg {
     const char *model, *tokenizer, *load_format;
     int streams, max_tokens, prompt_len, threads, reps;
 } bench_cfg;
-
-/* On-CPU seconds of this process's threads named `name` (schedstat: nanoseconds). */
-static double threads_cpu_seconds(const char *name) {
-    DIR *d = opendir("/proc/self/task");
-    if (!d) return 0;
-    double total = 0;
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        if (de->d_name[0] == '.') continue;
-        char path[300], comm[64] = "";
-        snprintf(path, sizeof path, "/proc/self/task/%s/comm", de->d_name);
-        FILE *f = fopen(path, "r");
-        if (!f) continue;
-        if (!fgets(comm, sizeof comm, f)) comm[0] = 0;
-        fclose(f);
-        comm[strcspn(comm, "\n")] = 0;
-        if (strcmp(comm, name)) continue;
-        snprintf(path, sizeof path, "/proc/self/task/%s/schedstat", de->d_name);
-        f = fopen(path, "r");
-        unsigned long long ns = 0;
-        if (f && fscanf(f, "%llu", &ns) == 1) total += ns * 1e-9;
-        if (f) fclose(f);
-    }
-    closedir(d);
-    return total;
-}
 
 static double cpu_seconds(int who) {
     struct rusage ru;
@@ -178,7 +151,7 @@ static run_result run_server(engine *e, int port, int32_t **prompts, const bench
     pthread_t *th = xcalloc((size_t)c->streams, sizeof *th);
     engine_stats s0, s1;
     engine_get_stats(e, &s0);
-    double t0 = time_now_s(), c0 = cpu_seconds(RUSAGE_SELF), h0 = threads_cpu_seconds("MHD-worker");
+    double t0 = time_now_s(), c0 = cpu_seconds(RUSAGE_SELF), h0 = time_threads_cpu_s("MHD-worker", false);
     for (int i = 0; i < c->streams; i++) {
         args[i] = (client_arg){.port = port, .prompt = prompts[i], .cfg = c};
         pthread_create(&th[i], NULL, client_main, &args[i]);
@@ -192,7 +165,7 @@ static run_result run_server(engine *e, int port, int32_t **prompts, const bench
     }
     r.wall = time_now_s() - t0;
     r.cpu = cpu_seconds(RUSAGE_SELF) - c0;
-    r.http_cpu = threads_cpu_seconds("MHD-worker") - h0;
+    r.http_cpu = time_threads_cpu_s("MHD-worker", false) - h0;
     engine_get_stats(e, &s1);
     r.steps = s1.steps - s0.steps;
     r.busy = s1.busy_seconds - s0.busy_seconds;

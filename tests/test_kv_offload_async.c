@@ -45,6 +45,7 @@
 #include "study/study.h"
 #include "test.h"
 #include "test_device.h"
+#include "test_tiers_rig.h"
 #include "test_waiter.h"
 #include "util/util.h"
 
@@ -381,91 +382,36 @@ static void on_event(void *user, const engine_event *ev) {
 
 /* Prompts on two stems (as test_kv_tiers.c): 0, 3, 6, 9 share 64 tokens, 1, 4, 7, 10
  * share 48, the rest are their own; 96 tokens (6 blocks) each. */
-static void prompts_make(void) {
-    pd_rng r;
-    rng_seed(&r, 4242);
-    int V = g_model->cfg.vocab_size;
-    int32_t stem[2][PLEN];
-    for (int k = 0; k < 2; k++)
-        for (int i = 0; i < PLEN; i++) stem[k][i] = 3 + (int32_t)(rng_next(&r) % (uint64_t)(V - 3));
-    for (int i = 0; i < NP; i++) {
-        int share = i % 3 == 0 ? 64 : i % 3 == 1 ? 48 : 0;
-        for (int j = 0; j < PLEN; j++)
-            g_prompts[i][j] = j < share ? stem[i % 3][j] : 3 + (int32_t)(rng_next(&r) % (uint64_t)(V - 3));
-    }
-}
+static void prompts_make(void) { tiers_rig_prompts(&g_prompts[0][0], NP, PLEN, g_model->cfg.vocab_size, 4242); }
 
 static size_t bytes_per_block(void) {
     return model_kv_bytes_per_token(&g_model->cfg, dtype_size(g_be->ops->kv_type)) * 16;
 }
 
-typedef struct rig {
-    engine *e;
-    kv_tiers *t;
-} rig;
-
 /* An engine of BLOCKS blocks of 16 tokens with prefix caching and, when list is not
  * NULL, tiers `list` (cpu_images entries in the cpu tier), loads always, async or not. */
-static int rig_make(rig *g, const char *list, int cpu_images, bool async) {
-    engine_config cfg;
-    engine_config_default(&cfg);
-    cfg.kv_cache_memory = bytes_per_block() * BLOCKS;
-    cfg.max_num_seqs = 4;
-    cfg.max_num_batched_tokens = 64;
-    cfg.max_model_len = 128;
-    cfg.enable_prefix_caching = true;
-    char err[512];
-    g->t = NULL;
-    g->e = engine_create(g_model, &cfg, err, sizeof err);
-    if (!g->e) {
-        fprintf(stderr, "engine_create: %s\n", err);
-        return -1;
-    }
-    if (list) {
-        kv_tiers_config tc;
-        kv_tiers_config_default(&tc);
-        if (kv_tiers_parse(list, &tc, err, sizeof err)) return -1;
-        size_t img = kv_store_image_bytes(engine_kv_cache(g->e));
-        tc.cpu_bytes = (size_t)cpu_images * img + 4096;
-        tc.disk_bytes = 256 * (img + 64 * 4096);
-        snprintf(tc.disk_dir, sizeof tc.disk_dir, "%s", g_dir);
-        tc.load_policy = KV_TIERS_LOAD_ALWAYS;
-        tc.offload_async = async;
-        g->t = kv_tiers_create(&tc, engine_kv_cache(g->e), err, sizeof err);
-        if (!g->t) {
-            fprintf(stderr, "kv_tiers_create: %s\n", err);
-            return -1;
-        }
-        CHECK(kv_tiers_async(g->t) == async);
-        prefix_cache_hooks h;
-        kv_tiers_hooks(g->t, &h);
-        if (engine_set_prefix_cache_hooks(g->e, &h) != 0) return -1;
-    }
-    engine_start(g->e);
+static int rig_make(tiers_rig *g, const char *list, int cpu_images, bool async) {
+    tiers_rig_opts o = {.kv_bytes = bytes_per_block() * BLOCKS,
+                        .caching = true,
+                        .list = list,
+                        .cpu_images = cpu_images,
+                        .cpu_extra = 4096,
+                        .disk_images = 256,
+                        .dir = g_dir,
+                        .policy = KV_TIERS_LOAD_ALWAYS,
+                        .async = async};
+    if (tiers_rig_make(g, g_model, &o)) return -1;
+    CHECK(!g->t || kv_tiers_async(g->t) == async);
     return 0;
 }
 
-static void rig_free(rig *g) {
-    engine_stop(g->e);
-    if (g->t) engine_set_prefix_cache_hooks(g->e, NULL);
-    kv_tiers_free(g->t);
-    engine_free(g->e);
-}
-
-static void submit(rig *g, slot *sl, int i) {
-    sampling_params sp;
-    sampling_params_default(&sp);
-    sp.temperature = 0;
-    sp.max_tokens = MAXOUT;
-    sp.ignore_eos = true;
-    engine_request q = {.prompt = g_prompts[i], .n_prompt = PLEN, .sp = sp, .on_event = on_event, .user = &sl[i]};
-    char err[512];
-    if (!engine_submit(g->e, &q, err, sizeof err)) fprintf(stderr, "submit: %s\n", err);
+static void submit(tiers_rig *g, slot *sl, int i) {
+    tiers_rig_submit(g, g_prompts[i], PLEN, MAXOUT, on_event, &sl[i]);
 }
 
 /* Every prompt, one at a time with the tiers idle before each (each stem is evicted
  * between its uses and comes back from a tier), or all at once. */
-static collector *run_all(rig *g, bool together) {
+static collector *run_all(tiers_rig *g, bool together) {
     collector *c = calloc(1, sizeof *c);
     test_waiter_init(&c->w);
     static slot sl[NP];
@@ -499,7 +445,7 @@ typedef struct contents {
     int n;
 } contents;
 
-static void contents_get(rig *g, contents *out) {
+static void contents_get(tiers_rig *g, contents *out) {
     out->n = kv_tiers_entry_sums(g->t, out->keys, out->sums, 1024);
 }
 
@@ -517,7 +463,7 @@ static int n_mismatch(const contents *a, const contents *b, int *common) {
     return bad;
 }
 
-static void tiers_done(rig *g, prefix_tier_stats *st) {
+static void tiers_done(tiers_rig *g, prefix_tier_stats *st) {
     kv_tiers_wait_idle(g->t);
     kv_tiers_check(g->t, true);
     engine_stats es;
@@ -531,7 +477,7 @@ static collector *g_ref; /* no tiers, one at a time */
 /* The tiers list `list` (cpu tier of cpu_images entries): synchronous, then
  * asynchronous offload, one at a time; same outputs as without tiers, same images. */
 static void check_list(const char *list, int cpu_images) {
-    rig g;
+    tiers_rig g;
     REQUIRE(rig_make(&g, list, cpu_images, false) == 0);
     collector *c = run_all(&g, false);
     CHECKF(n_differ(g_ref, c) == 0, "%s, synchronous: %d requests differ", list, n_differ(g_ref, c));
@@ -541,7 +487,7 @@ static void check_list(const char *list, int cpu_images) {
     contents_get(&g, sync);
     CHECK_EQ_INT(st_sync.offload_async_bursts, 0);
     collector_free(c);
-    rig_free(&g);
+    tiers_rig_free(&g);
 
     long batches0 = D.batches;
     REQUIRE(rig_make(&g, list, cpu_images, true) == 0);
@@ -577,7 +523,7 @@ static void check_list(const char *list, int cpu_images) {
             (unsigned long long)st.offload_async_bursts, (unsigned long long)st.offload_bursts,
             (unsigned long long)(st.tier[0].loaded_blocks + st.staged_loaded_blocks), st.offload_wait_seconds * 1e3);
     collector_free(c);
-    rig_free(&g);
+    tiers_rig_free(&g);
 
     /* all at once on cold tiers, the worker slowed down (stand-in): loads find blocks
      * still in their staging slots, copied there by bursts of earlier steps */
@@ -593,7 +539,7 @@ static void check_list(const char *list, int cpu_images) {
             "staging slots\n", list, (unsigned long long)(st.tier[0].loaded_blocks + st.staged_loaded_blocks),
             (unsigned long long)st.staged_loaded_blocks);
     collector_free(c);
-    rig_free(&g);
+    tiers_rig_free(&g);
     free(sync);
     free(async);
 }
@@ -601,10 +547,10 @@ static void check_list(const char *list, int cpu_images) {
 static void test_engine_async(void) {
     dev_reset_counters();
     prompts_make();
-    rig g;
+    tiers_rig g;
     REQUIRE(rig_make(&g, NULL, 0, false) == 0);
     g_ref = run_all(&g, false);
-    rig_free(&g);
+    tiers_rig_free(&g);
     check_list("cpu", 256);
     check_list("cpu,disk", 16);
 }
@@ -614,13 +560,13 @@ static void test_engine_async(void) {
  * without waiting (poison in the tiers). */
 static void test_negative_controls(void) {
     if (!g_standin) return;
-    rig g;
+    tiers_rig g;
     REQUIRE(rig_make(&g, "cpu", 256, false) == 0);
     collector *c = run_all(&g, false);
     contents *sync = calloc(1, sizeof *sync), *bad = calloc(1, sizeof *bad);
     contents_get(&g, sync);
     collector_free(c);
-    rig_free(&g);
+    tiers_rig_free(&g);
 
     dev_reset_counters();
     D.ignore_order = true; /* the pass writes layer l before its copies ran */
@@ -634,7 +580,7 @@ static void test_negative_controls(void) {
             common, n_differ(g_ref, c));
     CHECK(D.violations > 0 && D.late_groups > 0 && n_bad > 0);
     collector_free(c);
-    rig_free(&g);
+    tiers_rig_free(&g);
 
     dev_reset_counters();
     D.ignore_wait = true; /* the worker reads its slots while the copies are in flight */
@@ -649,7 +595,7 @@ static void test_negative_controls(void) {
     CHECK(n_bad > 0);
     CHECK_EQ_INT(D.violations, 0);
     collector_free(c);
-    rig_free(&g);
+    tiers_rig_free(&g);
     dev_reset_counters();
     free(sync);
     free(bad);

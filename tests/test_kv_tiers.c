@@ -26,6 +26,7 @@
 #include "model/model.h"
 #include "study/study.h"
 #include "test.h"
+#include "test_tiers_rig.h"
 #include "test_waiter.h"
 #include "util/util.h"
 
@@ -532,19 +533,7 @@ static int32_t g_prompts[NP][PLEN];
 
 /* Prompts on two stems: 0, 3, 6, 9 share stem A's first 64 tokens, 1, 4, 7, 10 stem
  * B's first 48; 2, 5, 8, 11 are their own. Every prompt is 96 tokens (6 blocks). */
-static void prompts_make(void) {
-    pd_rng r;
-    rng_seed(&r, 99);
-    int V = g_model->cfg.vocab_size;
-    int32_t stem[2][PLEN];
-    for (int k = 0; k < 2; k++)
-        for (int i = 0; i < PLEN; i++) stem[k][i] = 3 + (int32_t)(rng_next(&r) % (uint64_t)(V - 3));
-    for (int i = 0; i < NP; i++) {
-        int share = i % 3 == 0 ? 64 : i % 3 == 1 ? 48 : 0;
-        for (int j = 0; j < PLEN; j++)
-            g_prompts[i][j] = j < share ? stem[i % 3][j] : 3 + (int32_t)(rng_next(&r) % (uint64_t)(V - 3));
-    }
-}
+static void prompts_make(void) { tiers_rig_prompts(&g_prompts[0][0], NP, PLEN, g_model->cfg.vocab_size, 99); }
 
 typedef struct tiers_setup {
     const char *list;           /* NULL: no tiers */
@@ -552,73 +541,28 @@ typedef struct tiers_setup {
     double delay_ms;
 } tiers_setup;
 
-typedef struct rig {
-    engine *e;
-    kv_tiers *t;
-} rig;
-
 /* An engine of `blocks` KV blocks (prefix caching per `caching`) with tiers per ts. */
-static int rig_make(rig *g, bool caching, int blocks, const tiers_setup *ts) {
-    engine_config cfg;
-    engine_config_default(&cfg);
-    cfg.kv_cache_memory = blocks ? bytes_per_block(16) * (size_t)blocks : 0;
-    cfg.max_num_seqs = 4;
-    cfg.max_num_batched_tokens = 64;
-    cfg.max_model_len = 128;
-    cfg.enable_prefix_caching = caching;
-    char err[512];
-    g->t = NULL;
-    g->e = engine_create(g_model, &cfg, err, sizeof err);
-    if (!g->e) {
-        fprintf(stderr, "engine_create: %s\n", err);
-        return -1;
-    }
-    if (ts && ts->list) {
-        kv_tiers_config tc;
-        kv_tiers_config_default(&tc);
-        if (kv_tiers_parse(ts->list, &tc, err, sizeof err)) return -1;
-        size_t img = kv_store_image_bytes(engine_kv_cache(g->e));
-        tc.cpu_bytes = 64 * img;
-        tc.disk_bytes = 64 * (img + 64 * 4096);
-        snprintf(tc.disk_dir, sizeof tc.disk_dir, "%s", g_dir);
-        tc.load_policy = ts->policy;
-        tc.debug_load_delay_ms = ts->delay_ms;
-        g->t = kv_tiers_create(&tc, engine_kv_cache(g->e), err, sizeof err);
-        if (!g->t) {
-            fprintf(stderr, "kv_tiers_create: %s\n", err);
-            return -1;
-        }
-        prefix_cache_hooks h;
-        kv_tiers_hooks(g->t, &h);
-        if (engine_set_prefix_cache_hooks(g->e, &h) != 0) return -1;
-    }
-    engine_start(g->e);
-    return 0;
+static int rig_make(tiers_rig *g, bool caching, int blocks, const tiers_setup *ts) {
+    tiers_rig_opts o = {.kv_bytes = blocks ? bytes_per_block(16) * (size_t)blocks : 0,
+                        .caching = caching,
+                        .list = ts ? ts->list : NULL,
+                        .cpu_images = 64,
+                        .disk_images = 64,
+                        .dir = g_dir,
+                        .policy = ts ? ts->policy : KV_TIERS_LOAD_AUTO,
+                        .delay_ms = ts ? ts->delay_ms : 0};
+    return tiers_rig_make(g, g_model, &o);
 }
 
-static void rig_free(rig *g) {
-    engine_stop(g->e);
-    if (g->t) engine_set_prefix_cache_hooks(g->e, NULL);
-    kv_tiers_free(g->t);
-    engine_free(g->e);
-}
-
-static void submit(rig *g, collector *c, slot *sl, int i, const int32_t *prompt, int n, int max_tokens) {
+static void submit(tiers_rig *g, collector *c, slot *sl, int i, const int32_t *prompt, int n, int max_tokens) {
     sl[i].c = c;
     sl[i].i = i;
-    sampling_params sp;
-    sampling_params_default(&sp);
-    sp.temperature = 0;
-    sp.max_tokens = max_tokens;
-    sp.ignore_eos = true;
-    engine_request q = {.prompt = prompt, .n_prompt = n, .sp = sp, .on_event = on_event, .user = &sl[i]};
-    char err[512];
-    if (!engine_submit(g->e, &q, err, sizeof err)) fprintf(stderr, "submit: %s\n", err);
+    tiers_rig_submit(g, prompt, n, max_tokens, on_event, &sl[i]);
 }
 
 /* Runs every prompt one at a time (the tiers' worker idle before each), so that on a
  * pool of 14 blocks the stems are evicted between their uses and come back from a tier. */
-static collector *run_all(rig *g) {
+static collector *run_all(tiers_rig *g) {
     collector *c = collector_new();
     static slot sl[NP];
     for (int i = 0; i < NP; i++) {
@@ -639,10 +583,10 @@ static void check_same(const collector *ref, const collector *c, const char *wha
 
 static void test_engine_identical(void) {
     prompts_make();
-    rig g;
+    tiers_rig g;
     REQUIRE(rig_make(&g, false, 0, NULL) == 0);
     collector *ref = run_all(&g);
-    rig_free(&g);
+    tiers_rig_free(&g);
 
     REQUIRE(rig_make(&g, true, 14, NULL) == 0);
     collector *c = run_all(&g);
@@ -650,7 +594,7 @@ static void test_engine_identical(void) {
     int gpu_cached = 0;
     for (int i = 0; i < NP; i++) gpu_cached += c->res[i].n_cached;
     collector_free(c);
-    rig_free(&g);
+    tiers_rig_free(&g);
 
     static const char *const lists[] = {"cpu", "disk", "cpu,disk"};
     for (int k = 0; k < 3; k++) {
@@ -679,7 +623,7 @@ static void test_engine_identical(void) {
                 (unsigned long long)st.tiers.tier[0].offloaded_blocks, (unsigned long long)loaded,
                 st.tiers.tier[0].load_s_per_block * 1e3);
         collector_free(c);
-        rig_free(&g);
+        tiers_rig_free(&g);
     }
     collector_free(ref);
 }
@@ -689,7 +633,7 @@ static void test_engine_identical(void) {
 static void test_load_or_recompute(void) {
     for (int slow = 0; slow < 2; slow++) {
         tiers_setup ts = {.list = "cpu", .policy = KV_TIERS_LOAD_AUTO, .delay_ms = slow ? 300 : 0};
-        rig g;
+        tiers_rig g;
         REQUIRE(rig_make(&g, true, 14, &ts) == 0);
         collector *c = run_all(&g);
         engine_stats st;
@@ -712,13 +656,13 @@ static void test_load_or_recompute(void) {
             CHECK_EQ_INT(t->staged_loaded_blocks, 0);
         }
         collector_free(c);
-        rig_free(&g);
+        tiers_rig_free(&g);
     }
 }
 
 /* ---- TTFT (a print, not a check: benchmarks are not tests) ------------------------------ */
 
-static double ttft_once(rig *g, const int32_t *prompt, int n) {
+static double ttft_once(tiers_rig *g, const int32_t *prompt, int n) {
     collector *c = collector_new();
     slot sl[1];
     submit(g, c, sl, 0, prompt, n, 1);
@@ -745,7 +689,7 @@ static void test_ttft_print(void) {
         cfg.kv_cache_memory = bytes_per_block(16) * 40; /* 640 tokens: one prompt at a time */
         cfg.enable_prefix_caching = true;
         char err[512];
-        rig g = {0};
+        tiers_rig g = {0};
         g.e = engine_create(g_model, &cfg, err, sizeof err);
         REQUIRE(g.e);
         if (setups[k].list) {
@@ -775,7 +719,7 @@ static void test_ttft_print(void) {
             double t = ttft_once(&g, prompt, N);
             best[k] = PD_MIN(best[k], t);
         }
-        rig_free(&g);
+        tiers_rig_free(&g);
     }
     fprintf(stderr, "  TTFT, 512-token prompt whose first 496 tokens were evicted from the GPU tier,\n"
                     "  tiny-llama on 2 CPU threads (best of %d):\n", REPS);

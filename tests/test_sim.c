@@ -12,23 +12,8 @@
 #include "model/model.h"
 #include "sim/sim.h"
 #include "test.h"
+#include "test_sim_profiles.h"
 #include "util/util.h"
-
-static bool near(double a, double b, double tol) { return fabs(a - b) <= tol * fmax(1.0, fabs(b)); }
-
-/* A profile whose every prefill step costs pre_s and every decode step dec_s. */
-static void const_profile(sim_profile *p, double pre_s, double dec_s) {
-    sim_profile_init(p);
-    snprintf(p->model, sizeof p->model, "hand-made");
-    static const double x2[] = {1, 4096}, y2[] = {0, 4096};
-    sim_grid_init(&p->prefill, 2, x2, 2, y2);
-    sim_grid_init(&p->decode, 2, x2, 2, y2);
-    for (int i = 0; i < 4; i++) {
-        p->prefill.v[i] = pre_s;
-        p->decode.v[i] = dec_s;
-    }
-    p->kv_bytes_per_token = 1000;
-}
 
 static sim_config colocated(int n, int blocks) {
     sim_config c = {.n_colocated = n, .record_tokens = true};
@@ -54,22 +39,9 @@ static void test_grid_interpolation(void) {
     sim_grid_free(&g);
 }
 
-/* A profile with a linear curve: linear(T) = 1e-3 + 1e-5 T, prefill(T, C) = linear(T) +
- * 1e-8 * pairs(T, C), decode(B, L) = linear(B) + 1e-8 * B * L. */
+/* linear_profile_at's with a top of 1024 tokens, 1 us per sampled row and 2 us per step. */
 static void linear_profile(sim_profile *p) {
-    sim_profile_init(p);
-    static const double pt[] = {1, 64, 256, 1024}, pc[] = {0, 512, 2048};
-    static const double db[] = {1, 8, 64}, dc[] = {16, 256, 4096};
-    static const double lt[] = {1, 8, 64, 256, 1024, 4096}, one = 1;
-    sim_grid_init(&p->prefill, 4, pt, 3, pc);
-    sim_grid_init(&p->decode, 3, db, 3, dc);
-    sim_grid_init(&p->linear, 6, lt, 1, &one);
-    for (int i = 0; i < 6; i++) p->linear.v[i] = 1e-3 + 1e-5 * lt[i];
-    for (int i = 0; i < 4; i++)
-        for (int j = 0; j < 3; j++)
-            p->prefill.v[i * 3 + j] = 1e-3 + 1e-5 * pt[i] + 1e-8 * pt[i] * (pc[j] + (pt[i] + 1) / 2);
-    for (int i = 0; i < 3; i++)
-        for (int j = 0; j < 3; j++) p->decode.v[i * 3 + j] = 1e-3 + 1e-5 * db[i] + 1e-8 * db[i] * dc[j];
+    linear_profile_at(p, 1024);
     p->sample_s_per_row = 1e-6;
     p->step_overhead_s = 2e-6;
 }

@@ -14,40 +14,8 @@
 #include "model/tokenizer.h"
 #include "sim/sim.h"
 #include "test.h"
+#include "test_sim_profiles.h"
 #include "util/util.h"
-
-static bool near(double a, double b, double tol) { return fabs(a - b) <= tol * fmax(1.0, fabs(b)); }
-
-/* Every prefill step costs pre_s, every decode step dec_s. */
-static void const_profile(sim_profile *p, double pre_s, double dec_s) {
-    sim_profile_init(p);
-    snprintf(p->model, sizeof p->model, "hand-made");
-    static const double x2[] = {1, 4096}, y2[] = {0, 4096};
-    sim_grid_init(&p->prefill, 2, x2, 2, y2);
-    sim_grid_init(&p->decode, 2, x2, 2, y2);
-    for (int i = 0; i < 4; i++) {
-        p->prefill.v[i] = pre_s;
-        p->decode.v[i] = dec_s;
-    }
-    p->kv_bytes_per_token = 1000;
-}
-
-/* Linear in rows and attention pairs (as test_sim's), with a linear curve. */
-static void linear_profile(sim_profile *p) {
-    sim_profile_init(p);
-    static const double pt[] = {1, 64, 256, 2048}, pc[] = {0, 512, 2048};
-    static const double db[] = {1, 8, 64}, dc[] = {16, 256, 4096};
-    static const double lt[] = {1, 8, 64, 256, 2048, 4096}, one = 1;
-    sim_grid_init(&p->prefill, 4, pt, 3, pc);
-    sim_grid_init(&p->decode, 3, db, 3, dc);
-    sim_grid_init(&p->linear, 6, lt, 1, &one);
-    for (int i = 0; i < 6; i++) p->linear.v[i] = 1e-3 + 1e-5 * lt[i];
-    for (int i = 0; i < 4; i++)
-        for (int j = 0; j < 3; j++)
-            p->prefill.v[i * 3 + j] = 1e-3 + 1e-5 * pt[i] + 1e-8 * pt[i] * (pc[j] + (pt[i] + 1) / 2);
-    for (int i = 0; i < 3; i++)
-        for (int j = 0; j < 3; j++) p->decode.v[i * 3 + j] = 1e-3 + 1e-5 * db[i] + 1e-8 * db[i] * dc[j];
-}
 
 static sim_config colocated(int n) {
     sim_config c = {.n_colocated = n, .record_tokens = true, .serving_path = true};
@@ -317,7 +285,7 @@ static void test_serving_cpu_fit(void) {
  * (there 14 and 4 ms). */
 static void test_mixed_excess(void) {
     sim_profile p;
-    linear_profile(&p);
+    linear_profile_at(&p, 2048);
     const double T = 2048, L = 256;
     const double B[2] = {1, 8}, C[2] = {0, 2048}, ex[2][2] = {{0.010, 0.002}, {0.014, 0.004}};
     sim_cost c0;
@@ -378,7 +346,7 @@ static void test_mixed_excess(void) {
  * without them, and mean what they meant. */
 static void test_profile_sections(void) {
     sim_profile p, q;
-    linear_profile(&p);
+    linear_profile_at(&p, 2048);
     sim_serving_path *s = &p.serving.disaggregated;
     *s = (sim_serving_path){.n_points = 2, .tokens = {64, 2048}, .seconds = {0.001, 0.005}};
     sim_serving_fit(s);
@@ -449,7 +417,7 @@ static void test_plan_datasets(void) {
     /* the workloads differ as the sweep's do: more reuse, more shared prompt tokens, and
      * the engine's prefix cache in the simulator takes shorter chunks: lower TTFT */
     sim_profile p;
-    linear_profile(&p);
+    linear_profile_at(&p, 2048);
     double ttft[2];
     const char *labels[2] = {"co-gpu-moon-r0", "co-gpu-moon-r90"};
     for (int k = 0; k < 2; k++) {

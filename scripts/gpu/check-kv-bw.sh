@@ -84,32 +84,36 @@ fi
 
 # the summary, longest first (a reader of the output's tail sees the table): each warm
 # request's breakdown, the tests, then the rows and lab lines
-for mode in whole layerwise; do
-  for media in gpu nccl; do
-    f=$out/bench_kv_cuda-bw-$mode-$media.txt
-    [ -f "$f" ] || continue
-    echo
-    echo "== breakdown ($mode, $media): each warm request =="
-    grep -E ' #[0-9]+ put ' "$f"
+# FN MODE MEDIA FILE for each bench output this run wrote, whole before layerwise
+each_bench() {
+  local mode media f
+  for mode in whole layerwise; do
+    for media in gpu nccl; do
+      f=$out/bench_kv_cuda-bw-$mode-$media.txt
+      [ -f "$f" ] && "$1" "$mode" "$media" "$f"
+    done
   done
-done
+}
+breakdown() {
+  echo
+  echo "== breakdown ($1, $2): each warm request =="
+  grep -E ' #[0-9]+ put ' "$3"
+}
+rows() {
+  echo
+  echo "== bench_kv_cuda ($1, $2) =="
+  grep -E '^(GPU 0:|NCCL send)' "$3"
+  awk '/^medium copies/ && !done { on = 1 } on && /^where/ { on = 0; done = 1 } on' "$3"
+  grep -E '^       \(' "$3"
+}
+each_bench breakdown
 echo
 echo "== tests =="
 [ -f "$out/test_kv_cuda.log" ] && grep -E '^(ok  |FAIL)' "$out/test_kv_cuda.log"
 for pipe in stream host; do
   [ -f "$out/test_kv_nccl-$pipe.log" ] && { echo "-- test_kv_nccl, $pipe pipeline"; grep -E '^(ok  |FAIL)|^     nccl' "$out/test_kv_nccl-$pipe.log"; }
 done
-for mode in whole layerwise; do
-  for media in gpu nccl; do
-    f=$out/bench_kv_cuda-bw-$mode-$media.txt
-    [ -f "$f" ] || continue
-    echo
-    echo "== bench_kv_cuda ($mode, $media) =="
-    grep -E '^(GPU 0:|NCCL send)' "$f"
-    awk '/^medium copies/ && !done { on = 1 } on && /^where/ { on = 0; done = 1 } on' "$f"
-    grep -E '^       \(' "$f"
-  done
-done
+each_bench rows
 echo
 echo "check-kv-bw: $(( $(date +%s) - t_start )) s, status $status"
 exit "$status"

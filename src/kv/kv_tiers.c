@@ -417,6 +417,30 @@ static void on_offload(void *user, int32_t block, uint64_t key, uint64_t parent,
     pthread_mutex_unlock(&t->mu);
 }
 
+/* A flushed burst's pending blocks, copied (or, with ticket > 0, queued on the
+ * backend as that asynchronous copy) in dt seconds, go to the worker's queue at once
+ * and count in the stats. Takes and releases the pool lock. */
+static void burst_queue(kv_tiers *t, double dt, uint64_t ticket) {
+    pthread_mutex_lock(&t->mu);
+    for (int j = 0; j < t->n_pend; j++) {
+        int32_t i = t->pend[j].i;
+        PD_ASSERT(t->ent[i].used && t->ent[i].pending && t->q_len < t->n_slots);
+        t->ent[i].pending = false;
+        if (ticket) t->ent[i].ticket = ticket;
+        t->queue[(t->q_head + t->q_len++) % t->n_slots] = i;
+    }
+    t->st.offload_bursts++;
+    if (ticket) t->st.offload_async_bursts++;
+    t->st.offload_staged_blocks += (uint64_t)t->n_pend;
+    t->st.copy_batches++;
+    t->st.offload_seconds += dt;
+    t->st.hook_seconds += dt;
+    t->st.max_burst_seconds = PD_MAX(t->st.max_burst_seconds, dt);
+    t->n_pend = 0;
+    pthread_cond_signal(&t->work_cv);
+    pthread_mutex_unlock(&t->mu);
+}
+
 /* The end of a burst: one batched copy of every pending block into its staging slot,
  * then all of them go to the worker's queue at once. Slots are taken and given back
  * only under the pool lock (evictions) or by the worker after the copy, so the
@@ -430,23 +454,7 @@ static void flush(void *user) {
         image_copies(&t->burst, t->kv, t->pend[j].block, t->staging + (size_t)e->slot * t->image, true);
     }
     kv_copies_run(t->kv, &t->burst);
-    double dt = time_now_s() - t0;
-    pthread_mutex_lock(&t->mu);
-    for (int j = 0; j < t->n_pend; j++) {
-        int32_t i = t->pend[j].i;
-        PD_ASSERT(t->ent[i].used && t->ent[i].pending && t->q_len < t->n_slots);
-        t->ent[i].pending = false;
-        t->queue[(t->q_head + t->q_len++) % t->n_slots] = i;
-    }
-    t->st.offload_bursts++;
-    t->st.offload_staged_blocks += (uint64_t)t->n_pend;
-    t->st.copy_batches++;
-    t->st.offload_seconds += dt;
-    t->st.hook_seconds += dt;
-    t->st.max_burst_seconds = PD_MAX(t->st.max_burst_seconds, dt);
-    t->n_pend = 0;
-    pthread_cond_signal(&t->work_cv);
-    pthread_mutex_unlock(&t->mu);
+    burst_queue(t, time_now_s() - t0, 0);
 }
 
 /* The engine's flush before a forward pass (hooks.on_offload_flush_step; installed when
@@ -473,25 +481,7 @@ static void flush_step(void *user) {
     uint64_t ticket = kv->be->ops->copy_layers_async(kv->be, t->aitems, n, t->group_end, kv->n_layers);
     PD_ASSERT(ticket > 0);
     t->last_ticket = ticket;
-    double dt = time_now_s() - t0;
-    pthread_mutex_lock(&t->mu);
-    for (int j = 0; j < t->n_pend; j++) {
-        int32_t i = t->pend[j].i;
-        PD_ASSERT(t->ent[i].used && t->ent[i].pending && t->q_len < t->n_slots);
-        t->ent[i].pending = false;
-        t->ent[i].ticket = ticket;
-        t->queue[(t->q_head + t->q_len++) % t->n_slots] = i;
-    }
-    t->st.offload_bursts++;
-    t->st.offload_async_bursts++;
-    t->st.offload_staged_blocks += (uint64_t)t->n_pend;
-    t->st.copy_batches++;
-    t->st.offload_seconds += dt;
-    t->st.hook_seconds += dt;
-    t->st.max_burst_seconds = PD_MAX(t->st.max_burst_seconds, dt);
-    t->n_pend = 0;
-    pthread_cond_signal(&t->work_cv);
-    pthread_mutex_unlock(&t->mu);
+    burst_queue(t, time_now_s() - t0, ticket);
 }
 
 /* Before a copy that reads staging slots or writes blocks: the latest asynchronous

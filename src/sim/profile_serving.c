@@ -244,32 +244,8 @@ static double clock_s(clockid_t id) {
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-/* On-CPU seconds of this process's engine threads (named "pd-engine" by engine.c), from
- * the scheduler's own account (schedstat: nanoseconds, the clock CLOCK_PROCESS_CPUTIME_ID
- * sums over every thread). */
-static double engine_threads_cpu_s(void) {
-    DIR *d = opendir("/proc/self/task");
-    if (!d) return 0;
-    double total = 0;
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        if (de->d_name[0] == '.') continue;
-        char path[300], comm[32] = "";
-        snprintf(path, sizeof path, "/proc/self/task/%s/comm", de->d_name);
-        FILE *f = fopen(path, "r");
-        if (!f) continue;
-        if (!fgets(comm, sizeof comm, f)) comm[0] = 0;
-        fclose(f);
-        if (strncmp(comm, "pd-engine", 9) != 0) continue;
-        snprintf(path, sizeof path, "/proc/self/task/%s/schedstat", de->d_name);
-        f = fopen(path, "r");
-        unsigned long long ns = 0;
-        if (f && fscanf(f, "%llu", &ns) == 1) total += (double)ns * 1e-9;
-        if (f) fclose(f);
-    }
-    closedir(d);
-    return total;
-}
+/* On-CPU seconds of this process's engine threads (named "pd-engine" by engine.c). */
+static double engine_threads_cpu_s(void) { return time_threads_cpu_s("pd-engine", true); }
 
 static uint64_t steps_of(engine *e) {
     engine_stats s;
@@ -548,13 +524,29 @@ out:
     return rc;
 }
 
-/* The prompt lengths of the latency points: 64 to 4096 tokens, up to max_len. */
-static int serving_lengths(int max_len, int *lens) {
+/* What both serving profiles measure over. */
+typedef struct serving_plan {
+    int lens[SERVE_MAX_LENGTHS], n_lens; /* the latency points' prompt lengths */
+    int repeats;                         /* requests per length */
+    int bs;                              /* KV block size */
+    sim_medium mstore;                   /* cpu's storage when the profile has no cpu medium */
+    const sim_medium *cpu;               /* prices a disaggregated request's transfer */
+    bool cpu_measured;                   /* cpu is the profile's measured medium, not the default */
+} serving_plan;
+
+/* Fills sp in place (sp->cpu may point into it): prompt lengths 64 to 4096 tokens up to
+ * max_len, repeats clamped to 3..SERVE_MAX_REPEATS, the profile's block size (else 16),
+ * and the transfer inside a disaggregated request's time: the profile's cpu medium,
+ * else its documented default (then said in the source). */
+static void serving_plan_make(const sim_profile *out, int max_len, int repeats, serving_plan *sp) {
     static const int all[SERVE_MAX_LENGTHS] = {64, 512, 2048, 4096};
-    int n = 0;
+    sp->n_lens = 0;
     for (int i = 0; i < SERVE_MAX_LENGTHS; i++)
-        if (all[i] <= max_len || i == 0) lens[n++] = all[i];
-    return n;
+        if (all[i] <= max_len || i == 0) sp->lens[sp->n_lens++] = all[i];
+    sp->repeats = PD_MIN(PD_MAX(repeats, 3), SERVE_MAX_REPEATS);
+    sp->bs = out->block_size > 0 ? out->block_size : 16;
+    sp->cpu = sim_medium_find(out, "cpu", &sp->mstore);
+    sp->cpu_measured = sp->cpu && !strncmp(sp->cpu->source, "measured", 8);
 }
 
 static void log_serving(const sim_serving *sv) {
@@ -582,25 +574,19 @@ static void log_serving(const sim_serving *sv) {
 
 int sim_profile_serving(model *m, const tokenizer *tok, int max_len, int repeats, sim_profile *out, char *err,
                         size_t errlen) {
-    int lens[SERVE_MAX_LENGTHS], n_lens = serving_lengths(max_len, lens);
-    repeats = PD_MIN(PD_MAX(repeats, 3), SERVE_MAX_REPEATS);
-    int bs = out->block_size > 0 ? out->block_size : 16;
-    /* the transfer inside a disaggregated request's time: the profile's cpu medium, else
-     * its documented default (then said in the source) */
-    sim_medium mstore;
-    const sim_medium *cpu = sim_medium_find(out, "cpu", &mstore);
-    bool cpu_measured = cpu && !strncmp(cpu->source, "measured", 8);
+    serving_plan sp;
+    serving_plan_make(out, max_len, repeats, &sp);
     double t0 = time_now_s();
     sim_serving sv;
     memset(&sv, 0, sizeof sv);
-    if (measure_colocated(m, tok, lens, n_lens, repeats, bs, &sv, err, errlen) ||
-        measure_disaggregated(m, tok, lens, n_lens, repeats, bs, cpu, &sv, err, errlen))
+    if (measure_colocated(m, tok, sp.lens, sp.n_lens, sp.repeats, sp.bs, &sv, err, errlen) ||
+        measure_disaggregated(m, tok, sp.lens, sp.n_lens, sp.repeats, sp.bs, sp.cpu, &sv, err, errlen))
         return -1;
     snprintf(sv.source, sizeof sv.source,
              "measured: pdserve profile --serving, in-process server, router and cpu-medium connector on %s, "
              "%d prompt lengths up to %d tokens, median of %d requests each, one at a time; transfer priced by "
              "the %s cpu medium; cpu: pdserve's bench client, prompts of %d tokens, 3 runs (fitted)",
-             m->be->ops->name, n_lens, lens[n_lens - 1], repeats, cpu_measured ? "measured" : "default",
+             m->be->ops->name, sp.n_lens, sp.lens[sp.n_lens - 1], sp.repeats, sp.cpu_measured ? "measured" : "default",
              SERVE_CPU_PROMPT);
     out->serving = sv;
     log_serving(&sv);
@@ -658,12 +644,8 @@ static int url_port(const char *url) {
 
 int sim_profile_serving_processes(const sim_serving_deploy_opts *o, const tokenizer *tok, sim_profile *out,
                                   char *err, size_t errlen) {
-    int lens[SERVE_MAX_LENGTHS], n_lens = serving_lengths(o->max_len, lens);
-    int repeats = PD_MIN(PD_MAX(o->repeats, 3), SERVE_MAX_REPEATS);
-    int bs = out->block_size > 0 ? out->block_size : 16;
-    sim_medium mstore;
-    const sim_medium *cpu = sim_medium_find(out, "cpu", &mstore);
-    bool cpu_measured = cpu && !strncmp(cpu->source, "measured", 8);
+    serving_plan sp;
+    serving_plan_make(out, o->max_len, o->repeats, &sp);
     double t0 = time_now_s();
     sim_serving sv;
     memset(&sv, 0, sizeof sv);
@@ -671,35 +653,35 @@ int sim_profile_serving_processes(const sim_serving_deploy_opts *o, const tokeni
     char log_path[640], murl[320];
     int rc = -1;
     /* colocated: `pdserve serve` */
-    if (deploy(o, "co-1gpu", out->kv_bytes_per_token, bs, &d, log_path, sizeof log_path, err, errlen)) return -1;
+    if (deploy(o, "co-1gpu", out->kv_bytes_per_token, sp.bs, &d, log_path, sizeof log_path, err, errlen)) return -1;
     snprintf(murl, sizeof murl, "%s/metrics", d.base_url);
     serve_target t = {.port = url_port(d.base_url), .max_tokens = 1, .tok = tok, .busy_urls = murl,
                       .steps_urls = murl, .pid = d.pids[0]};
-    rc = measure_path(&t, lens, n_lens, repeats, &sv.colocated, err, errlen) ||
+    rc = measure_path(&t, sp.lens, sp.n_lens, sp.repeats, &sv.colocated, err, errlen) ||
          measure_cpu(&t, &sv.colocated.cpu, err, errlen) ? -1 : 0;
     study_deploy_down(&d);
     if (rc) return -1;
     /* the router's hop: two instances behind it (`pdserve up --setup co-2gpus`), less
      * the direct path */
-    if (deploy(o, "co-2gpus", out->kv_bytes_per_token, bs, &d, log_path, sizeof log_path, err, errlen)) return -1;
+    if (deploy(o, "co-2gpus", out->kv_bytes_per_token, sp.bs, &d, log_path, sizeof log_path, err, errlen)) return -1;
     sim_serving_path through;
     t = (serve_target){.port = url_port(d.base_url), .max_tokens = 1, .tok = tok, .busy_urls = d.metrics_urls,
                        .steps_urls = d.metrics_urls, .pid = d.pids[0]};
-    rc = measure_path(&t, lens, n_lens, repeats, &through, err, errlen) ||
+    rc = measure_path(&t, sp.lens, sp.n_lens, sp.repeats, &through, err, errlen) ||
          measure_cpu(&t, &through.cpu, err, errlen) ? -1 : 0;
     study_deploy_down(&d);
     if (rc) return -1;
     path_hop(&through, &sv.colocated, &sv.router);
     /* disaggregated over the cpu medium (`pdserve up --setup dis-cpu`): the prefill
      * instance's busy seconds, every instance's steps */
-    if (deploy(o, "dis-cpu", out->kv_bytes_per_token, bs, &d, log_path, sizeof log_path, err, errlen)) return -1;
+    if (deploy(o, "dis-cpu", out->kv_bytes_per_token, sp.bs, &d, log_path, sizeof log_path, err, errlen)) return -1;
     log_instance_url(log_path, "[prefill0]", murl, sizeof murl - 8);
     strcat(murl, "/metrics");
     t = (serve_target){.port = url_port(d.base_url), .max_tokens = 2, .tok = tok, .busy_urls = murl,
-                       .steps_urls = d.metrics_urls, .pid = d.pids[0], .medium = cpu,
+                       .steps_urls = d.metrics_urls, .pid = d.pids[0], .medium = sp.cpu,
                        .kv_bytes_per_token = out->kv_bytes_per_token};
     rc = murl[0] == '/' ? (pd_errorf(err, errlen, "serving: no prefill instance in %s", log_path), -1)
-         : measure_path(&t, lens, n_lens, repeats, &sv.disaggregated, err, errlen) ||
+         : measure_path(&t, sp.lens, sp.n_lens, sp.repeats, &sv.disaggregated, err, errlen) ||
                  measure_cpu(&t, &sv.disaggregated.cpu, err, errlen)
              ? -1
              : 0;
@@ -709,8 +691,8 @@ int sim_profile_serving_processes(const sim_serving_deploy_opts *o, const tokeni
              "measured: pdserve profile --serving-processes, `pdserve serve` and `pdserve up --setup co-2gpus / "
              "dis-cpu` children on the CPU, %d prompt lengths up to %d tokens, median of %d requests each, one at "
              "a time; transfer priced by the %s cpu medium; cpu: their threads but the engines' and pdserve's bench "
-             "client, prompts of %d tokens, 3 runs (fitted)", n_lens, lens[n_lens - 1], repeats,
-             cpu_measured ? "measured" : "default", SERVE_CPU_PROMPT);
+             "client, prompts of %d tokens, 3 runs (fitted)", sp.n_lens, sp.lens[sp.n_lens - 1], sp.repeats,
+             sp.cpu_measured ? "measured" : "default", SERVE_CPU_PROMPT);
     out->serving = sv;
     log_serving(&sv);
     log_info("profile: serving path through processes measured in %.1f s", time_now_s() - t0);

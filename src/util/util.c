@@ -2,6 +2,7 @@
  * Nothing here is on a hot path except the float conversions. */
 #include "util/util.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -114,6 +115,32 @@ double time_wall_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+double time_threads_cpu_s(const char *name, bool prefix) {
+    DIR *d = opendir("/proc/self/task");
+    if (!d) return 0;
+    size_t n = strlen(name);
+    double total = 0;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (de->d_name[0] == '.') continue;
+        char path[300], comm[64] = "";
+        snprintf(path, sizeof path, "/proc/self/task/%s/comm", de->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f) continue;
+        if (!fgets(comm, sizeof comm, f)) comm[0] = 0;
+        fclose(f);
+        comm[strcspn(comm, "\n")] = 0;
+        if (prefix ? strncmp(comm, name, n) != 0 : strcmp(comm, name) != 0) continue;
+        snprintf(path, sizeof path, "/proc/self/task/%s/schedstat", de->d_name);
+        f = fopen(path, "r");
+        unsigned long long ns = 0;
+        if (f && fscanf(f, "%llu", &ns) == 1) total += (double)ns * 1e-9;
+        if (f) fclose(f);
+    }
+    closedir(d);
+    return total;
 }
 
 /* ---- random ---- */

@@ -49,6 +49,10 @@ void pd_errorf(char *err, size_t errlen, const char *fmt, ...) __attribute__((fo
 uint64_t time_now_ns(void);  /* CLOCK_MONOTONIC */
 double time_now_s(void);     /* CLOCK_MONOTONIC in seconds */
 double time_wall_s(void);    /* CLOCK_REALTIME in seconds since the epoch */
+/* On-CPU seconds of this process's threads named `name` (with prefix: whose name begins
+ * with it), from the scheduler's own account (/proc/self/task/N/schedstat, nanoseconds;
+ * CLOCK_PROCESS_CPUTIME_ID sums over every thread). 0 where /proc cannot be read. */
+double time_threads_cpu_s(const char *name, bool prefix);
 
 /* ---- random: xoshiro256** seeded through splitmix64 --------------------------------- */
 typedef struct pd_rng { uint64_t s[4]; } pd_rng;
