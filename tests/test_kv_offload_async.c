@@ -347,7 +347,7 @@ static void test_stand_in(void) {
 
 /* ---- engine level ------------------------------------------------------------------------- */
 
-enum { NP = 12, MAXOUT = 8, PLEN = 96, BLOCKS = 14 };
+enum { NP = TIERS_RIG_NP, MAXOUT = TIERS_RIG_MAXOUT, PLEN = 96, BLOCKS = 14 };
 
 static backend *g_be;
 static bool g_standin; /* g_be is the stand-in (CPU); else a real device */
@@ -355,30 +355,6 @@ static model *g_model;
 static char g_dir[96];
 static int32_t g_prompts[NP][PLEN];
 
-typedef struct result {
-    int32_t tokens[MAXOUT];
-    int n;
-} result;
-
-typedef struct collector {
-    test_waiter w;
-    result res[NP];
-} collector;
-
-typedef struct slot { collector *c; int i; } slot;
-
-static void on_event(void *user, const engine_event *ev) {
-    slot *s = user;
-    result *r = &s->c->res[s->i];
-    pthread_mutex_lock(&s->c->w.mu);
-    if (ev->kind == ENGINE_EVENT_TOKEN) {
-        if (r->n < MAXOUT) r->tokens[r->n] = ev->token;
-        r->n++;
-    } else {
-        test_waiter_done_locked(&s->c->w);
-    }
-    pthread_mutex_unlock(&s->c->w.mu);
-}
 
 /* Prompts on two stems (as test_kv_tiers.c): 0, 3, 6, 9 share 64 tokens, 1, 4, 7, 10
  * share 48, the rest are their own; 96 tokens (6 blocks) each. */
@@ -412,8 +388,7 @@ static void submit(tiers_rig *g, slot *sl, int i) {
 /* Every prompt, one at a time with the tiers idle before each (each stem is evicted
  * between its uses and comes back from a tier), or all at once. */
 static collector *run_all(tiers_rig *g, bool together) {
-    collector *c = calloc(1, sizeof *c);
-    test_waiter_init(&c->w);
+    collector *c = collector_new();
     static slot sl[NP];
     for (int i = 0; i < NP; i++) {
         sl[i] = (slot){c, i};
@@ -424,11 +399,6 @@ static collector *run_all(tiers_rig *g, bool together) {
     test_waiter_wait(&c->w, NP);
     if (g->t) kv_tiers_wait_idle(g->t);
     return c;
-}
-
-static void collector_free(collector *c) {
-    test_waiter_destroy(&c->w);
-    free(c);
 }
 
 /* Requests whose tokens differ from ref's (0: identical). */

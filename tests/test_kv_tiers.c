@@ -483,51 +483,7 @@ static void test_burst_batching(void) {
 
 /* ---- engine level ------------------------------------------------------------------------------- */
 
-enum { NP = 12, MAXOUT = 8, PLEN = 96 };
-
-typedef struct result {
-    int32_t tokens[MAXOUT];
-    int n, n_cached;
-    finish_reason finish;
-    double arrival, first_token;
-} result;
-
-typedef struct collector {
-    test_waiter w;
-    result res[NP];
-} collector;
-
-typedef struct slot { collector *c; int i; } slot;
-
-static void on_event(void *user, const engine_event *ev) {
-    slot *s = user;
-    result *r = &s->c->res[s->i];
-    pthread_mutex_lock(&s->c->w.mu);
-    if (ev->kind == ENGINE_EVENT_TOKEN) {
-        if (r->n < MAXOUT) r->tokens[r->n] = ev->token;
-        r->n++;
-    } else {
-        r->finish = ev->finish;
-        r->n_cached = ev->n_cached;
-        r->arrival = ev->times->arrival;
-        r->first_token = ev->times->first_token;
-        test_waiter_done_locked(&s->c->w);
-    }
-    pthread_mutex_unlock(&s->c->w.mu);
-}
-
-static collector *collector_new(void) {
-    collector *c = calloc(1, sizeof(*c));
-    test_waiter_init(&c->w);
-    return c;
-}
-
-static void collector_wait(collector *c, int n) { test_waiter_wait(&c->w, n); }
-
-static void collector_free(collector *c) {
-    test_waiter_destroy(&c->w);
-    free(c);
-}
+enum { NP = TIERS_RIG_NP, MAXOUT = TIERS_RIG_MAXOUT, PLEN = 96 };
 
 static int32_t g_prompts[NP][PLEN];
 

@@ -1,7 +1,8 @@
 /* test_tiers_rig.h: an engine with prefix caching and KV tiers behind it, for the
  * engine-level tier tests (tests/test_kv_tiers.c, tests/test_kv_offload_async.c): the
  * engine and its tiers made and freed together, greedy requests submitted to it, and
- * prompts on two shared stems, so that the tiers have blocks to keep and give back. */
+ * prompts on two shared stems, so that the tiers have blocks to keep and give back, and
+ * a collector of what each request gave (tokens, cached tokens, times). */
 #ifndef PD_TEST_TIERS_RIG_H
 #define PD_TEST_TIERS_RIG_H
 
@@ -10,6 +11,7 @@
 #include <stdlib.h>
 
 #include "engine/engine.h"
+#include "test_waiter.h"
 #include "kv/kv.h"
 #include "model/model.h"
 #include "util/util.h"
@@ -111,6 +113,55 @@ static inline void tiers_rig_prompts(int32_t *prompts, int np, int plen, int voc
                 j < share ? stem[(i % 3) * plen + j] : 3 + (int32_t)(rng_next(&r) % (uint64_t)(vocab - 3));
     }
     free(stem);
+}
+
+/* ---- what the requests of a test gave: TIERS_RIG_NP requests of up to TIERS_RIG_MAXOUT
+ * tokens each, filled by on_event (its user a slot: the collector and the request's
+ * index) ------------------------------------------------------------------------------ */
+enum { TIERS_RIG_NP = 12, TIERS_RIG_MAXOUT = 8 };
+
+typedef struct result {
+    int32_t tokens[TIERS_RIG_MAXOUT];
+    int n, n_cached;
+    finish_reason finish;
+    double arrival, first_token;
+} result;
+
+typedef struct collector {
+    test_waiter w;
+    result res[TIERS_RIG_NP];
+} collector;
+
+typedef struct slot { collector *c; int i; } slot;
+
+static inline void on_event(void *user, const engine_event *ev) {
+    slot *s = user;
+    result *r = &s->c->res[s->i];
+    pthread_mutex_lock(&s->c->w.mu);
+    if (ev->kind == ENGINE_EVENT_TOKEN) {
+        if (r->n < TIERS_RIG_MAXOUT) r->tokens[r->n] = ev->token;
+        r->n++;
+    } else {
+        r->finish = ev->finish;
+        r->n_cached = ev->n_cached;
+        r->arrival = ev->times->arrival;
+        r->first_token = ev->times->first_token;
+        test_waiter_done_locked(&s->c->w);
+    }
+    pthread_mutex_unlock(&s->c->w.mu);
+}
+
+static inline collector *collector_new(void) {
+    collector *c = calloc(1, sizeof(*c));
+    test_waiter_init(&c->w);
+    return c;
+}
+
+static inline void collector_wait(collector *c, int n) { test_waiter_wait(&c->w, n); }
+
+static inline void collector_free(collector *c) {
+    test_waiter_destroy(&c->w);
+    free(c);
 }
 
 #endif
