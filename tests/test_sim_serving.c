@@ -485,9 +485,13 @@ static void test_profile_serving(void) {
     printf("serving path (tiny-llama, CPU): colocated %.3f ms + %.3f us/token, router %.3f ms, disaggregated %.3f ms "
            "+ %.3f us/token\n", s->colocated.fixed_s * 1e3, s->colocated.s_per_token * 1e6, s->router.fixed_s * 1e3,
            s->disaggregated.fixed_s * 1e3, s->disaggregated.s_per_token * 1e6);
-    /* its CPU: three runs each through pdserve's bench client, every token streamed; a
-     * request costs more than a token (HTTP, JSON, tokenization), a streamed token
-     * between 1 us and 5 ms of CPU on any host this runs on */
+    /* its CPU: three runs each through pdserve's bench client, every token streamed. The
+     * runs as measured: a streamed token of the run eight at a time took between 1 us and
+     * 5 ms of CPU, its request's share included, on any host this runs on. The fit: a
+     * request costs more than a token (HTTP, JSON, tokenization), and it reproduces that
+     * run within a third. How the fit splits a run between its tokens and its steps moves
+     * with the machine's load (on two shared cores the per-token term has come out 0,
+     * everything in the request and step terms), so the split itself is not asserted. */
     for (int i = 0; rc == 0 && i < 3; i++) {
         const sim_serving_cpu *c = &paths[i]->cpu;
         CHECKF(c->measured && c->n_points == 3, "path %d: cpu %d points", i, c->n_points);
@@ -496,9 +500,14 @@ static void test_profile_serving(void) {
         CHECKF(c->points[2][2] < c->points[2][1] / 2, "path %d: %g steps for %g tokens eight at a time", i,
                c->points[2][2], c->points[2][1]);
         if (i == 1) continue; /* the router's hop is a difference: may be near 0 */
+        double per_tok = c->points[2][3] / c->points[2][1];
+        CHECKF(per_tok > 1e-6 && per_tok < 5e-3, "path %d: %g s of CPU per streamed token, eight at a time", i,
+               per_tok);
         double tok8 = c->token_s + c->step_s / 8;
-        CHECKF(tok8 > 1e-6 && tok8 < 5e-3 && c->request_s > tok8, "path %d: %g s/request, %g s/token at 8", i,
-               c->request_s, tok8);
+        CHECKF(tok8 < 5e-3 && c->request_s > tok8, "path %d: %g s/request, %g s/token at 8", i, c->request_s, tok8);
+        double pred = c->request_s * c->points[2][0] + c->token_s * c->points[2][1] + c->step_s * c->points[2][2];
+        CHECKF(fabs(pred - c->points[2][3]) <= c->points[2][3] / 3, "path %d: the fit gives %g s for a run of %g s",
+               i, pred, c->points[2][3]);
     }
     printf("serving cpu (tiny-llama): colocated %.1f us/request + %.1f us/token + %.1f us/step; disaggregated %.1f + "
            "%.1f + %.1f\n", s->colocated.cpu.request_s * 1e6, s->colocated.cpu.token_s * 1e6,
