@@ -344,6 +344,70 @@ static void test_mixed_excess(void) {
 
 /* The new sections survive a round trip; older files (the committed GPU profiles) load
  * without them, and mean what they meant. */
+/* The steps inside a deployment: a colocated instance's prefill forward costs its price
+ * x the colocated factor at its rows (interpolated between the points, flat beyond),
+ * its decode forward x the decode factor; a disaggregated deployment's instances take
+ * the disaggregated factor; step_factor off prices the grid alone. */
+static void test_step_factor(void) {
+    sim_profile p;
+    const_profile(&p, 0.1, 0.02);
+    p.serving.colocated.steps = (sim_step_factor){.measured = true, .n_prefill = 2, .prefill_tokens = {100, 1000},
+                                                  .prefill = {1.5, 2.0}, .decode = 1.25};
+    sim_cost c;
+    sim_cost_init(&c, &p, 0);
+    c.steps = &p.serving.colocated.steps;
+    sim_work w;
+    sim_work_begin(&w, &p);
+    sim_work_add_chunk(&w, 550, 0);
+    sim_step_cost sc;
+    sim_cost_step(&c, &w, &sc);
+    CHECKF(near(sc.seconds, 0.1 * 1.75, 1e-12), "550 rows: %.6f s", sc.seconds);
+    sim_work_begin(&w, &p);
+    sim_work_add_chunk(&w, 50, 0);
+    sim_cost_step(&c, &w, &sc);
+    CHECKF(near(sc.seconds, 0.1 * 1.5, 1e-12), "50 rows, below the first point: %.6f s", sc.seconds);
+    sim_work_begin(&w, &p);
+    sim_work_add_decode(&w, 300);
+    sim_cost_step(&c, &w, &sc);
+    CHECKF(near(sc.seconds, 0.02 * 1.25, 1e-12), "decode: %.6f s", sc.seconds);
+    /* through the simulator: one 1000-token prompt, 4 tokens */
+    sim_request r = {.n_prompt = 1000, .max_tokens = 4, .arrival = 0};
+    bench_config bc;
+    bench_config_default(&bc);
+    bench_result *res;
+    sim_stats st;
+    char err[256];
+    sim_config cf = colocated(1);
+    cf.serving_path = false;
+    cf.step_factor = true;
+    REQUIRE(sim_run(&cf, &p, &r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].ttft_s, 0.2, 1e-12), "ttft %.6f", res->recs[0].ttft_s);
+    CHECKF(near(res->recs[0].e2el_s, 0.2 + 3 * 0.025, 1e-12), "e2el %.6f", res->recs[0].e2el_s);
+    bench_result_free(res);
+    cf.step_factor = false;
+    REQUIRE(sim_run(&cf, &p, &r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECK(near(res->recs[0].ttft_s, 0.1, 1e-12) && near(res->recs[0].e2el_s, 0.1 + 3 * 0.02, 1e-12));
+    bench_result_free(res);
+    /* disaggregated (no transfer to speak of): its instances take the disaggregated
+     * factor, not the colocated one; unmeasured, the grid's price */
+    sim_medium m = {.latency_s = 0, .bandwidth = 1e15};
+    snprintf(m.name, sizeof m.name, "test");
+    sim_config d = colocated(0);
+    d.serving_path = false;
+    d.n_prefill = d.n_decode = 1;
+    d.medium = &m;
+    d.step_factor = true;
+    REQUIRE(sim_run(&d, &p, &r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].ttft_s, 0.1, 1e-6), "dis ttft, no factor %.6f", res->recs[0].ttft_s);
+    bench_result_free(res);
+    p.serving.disaggregated.steps = (sim_step_factor){.measured = true, .n_prefill = 1, .prefill_tokens = {1000},
+                                                      .prefill = {1.1}, .decode = 1};
+    REQUIRE(sim_run(&d, &p, &r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].ttft_s, 0.11, 1e-6), "dis ttft x1.1 %.6f", res->recs[0].ttft_s);
+    bench_result_free(res);
+    sim_profile_free(&p);
+}
+
 static void test_profile_sections(void) {
     sim_profile p, q;
     linear_profile_at(&p, 2048);
@@ -351,6 +415,8 @@ static void test_profile_sections(void) {
     *s = (sim_serving_path){.n_points = 2, .tokens = {64, 2048}, .seconds = {0.001, 0.005}};
     sim_serving_fit(s);
     set_path(&p.serving.colocated, 0.0003, 1e-7);
+    p.serving.colocated.steps = (sim_step_factor){.measured = true, .n_prefill = 2, .prefill_tokens = {64, 512},
+                                                  .prefill = {1.13, 1.05}, .decode = 1.02};
     snprintf(p.serving.source, sizeof p.serving.source, "hand-made");
     p.mixed[p.n_mixed++] = (sim_mixed_point){2047, 0, 1, 4096, 0.0376};
     snprintf(p.mixed_source, sizeof p.mixed_source, "hand-made");
@@ -360,6 +426,9 @@ static void test_profile_sections(void) {
     CHECK(q.serving.disaggregated.measured && q.serving.colocated.measured && !q.serving.router.measured);
     CHECK(near(q.serving.disaggregated.fixed_s, s->fixed_s, 1e-12) && q.serving.disaggregated.n_points == 2);
     CHECK(near(q.serving.colocated.s_per_token, 1e-7, 1e-12));
+    const sim_step_factor *qf = &q.serving.colocated.steps;
+    CHECK(qf->measured && qf->n_prefill == 2 && qf->prefill_tokens[1] == 512 && qf->prefill[0] == 1.13 &&
+          qf->decode == 1.02 && !q.serving.disaggregated.steps.measured);
     CHECK(q.n_mixed == 1 && q.mixed[0].T == 2047 && q.mixed[0].seconds == 0.0376);
     CHECK(!strcmp(q.mixed_source, "hand-made"));
     sim_profile_free(&q);
@@ -375,6 +444,16 @@ static void test_profile_sections(void) {
                       " \"decode\": {\"batch\": [1], \"context\": [1], \"seconds\": [[1]]}, \"mixed\": {\"points\": [[1, 2, 3]]}}";
     CHECK(sim_profile_parse(bad, strlen(bad), "bad", &q, err, sizeof err) == -1);
     CHECK_STR_CONTAINS(err, "mixed.points");
+    static const char *const bad_steps[] = {"{\"prefill\": [[512, 1.1], [64, 1.2]]}", "{\"prefill\": [[64, 0]]}",
+                                            "{\"prefill\": [[64, 1.1]], \"decode\": -1}", "[1]"};
+    for (size_t i = 0; i < PD_ARRAY_LEN(bad_steps); i++) {
+        char js[512];
+        snprintf(js, sizeof js, "{\"format\": \"pdserve-profile/1\", \"prefill\": {\"tokens\": [1], \"context\": [0], "
+                 "\"seconds\": [[1]]}, \"decode\": {\"batch\": [1], \"context\": [1], \"seconds\": [[1]]}, "
+                 "\"serving\": {\"colocated\": {\"points\": [[100, 0.001]], \"steps\": %s}}}", bad_steps[i]);
+        CHECKF(sim_profile_parse(js, strlen(js), "bad", &q, err, sizeof err) == -1, "accepted steps %s", bad_steps[i]);
+        CHECK_STR_CONTAINS(err, "serving.colocated.steps");
+    }
     static const char *const committed[] = {"profile-h200.json", "profile-h200-b.json", "profile-h200-current.json",
                                             "profile-h200-links.json"};
     for (size_t i = 0; i < PD_ARRAY_LEN(committed); i++) {
@@ -466,8 +545,15 @@ static void test_profile_serving(void) {
     backend *be = backend_cpu_create(1);
     model *m = model_load(be, &mf, 0, err, sizeof err);
     REQUIRE(m);
+    /* a small grid first: the steps inside the deployments are priced by it */
+    static const int pt[] = {16, 64, 256, 512}, pc[] = {0, 256}, db[] = {1, 2, 4}, dc[] = {64, 256, 512};
+    sim_profile_opts po;
+    sim_profile_opts_default(&po, true);
+    po.prefill_tokens = pt, po.n_prefill_tokens = 4, po.prefill_context = pc, po.n_prefill_context = 2;
+    po.decode_batch = db, po.n_decode_batch = 3, po.decode_context = dc, po.n_decode_context = 3;
+    po.measure_power = false;
     sim_profile p;
-    sim_profile_init(&p);
+    REQUIRE(sim_profile_measure(m, &po, &p, err, sizeof err) == 0);
     p.block_size = 16;
     int rc = sim_profile_serving(m, tok, 512, 3, &p, err, sizeof err);
     CHECKF(rc == 0, "%s", err);
@@ -482,6 +568,21 @@ static void test_profile_serving(void) {
                paths[i]->tokens[1]);
     }
     CHECK(rc || strstr(s->source, "measured") != NULL);
+    /* the engines' steps inside the deployments against the grid's price: both lengths,
+     * factors that a step slowed by the serving threads or sped up by warm caches can
+     * take (0.3-5 on two shared cores), the router's hop none of its own */
+    const sim_step_factor *fs[2] = {&s->colocated.steps, &s->disaggregated.steps};
+    for (int i = 0; rc == 0 && i < 2; i++) {
+        CHECKF(fs[i]->measured && fs[i]->n_prefill == 2, "path %d: %d step factor points", i, fs[i]->n_prefill);
+        for (int k = 0; k < fs[i]->n_prefill; k++)
+            CHECKF(fs[i]->prefill[k] > 0.3 && fs[i]->prefill[k] < 5, "path %d: prefill x%g at %g tokens", i,
+                   fs[i]->prefill[k], fs[i]->prefill_tokens[k]);
+        CHECKF(fs[i]->decode >= 0.25 && fs[i]->decode <= 4, "path %d: decode x%g", i, fs[i]->decode);
+        printf("steps inside the %s deployment: prefill x%.3f at %.0f tokens, x%.3f at %.0f; decode x%.3f\n",
+               i ? "disaggregated" : "colocated", fs[i]->prefill[0], fs[i]->prefill_tokens[0], fs[i]->prefill[1],
+               fs[i]->prefill_tokens[1], fs[i]->decode);
+    }
+    CHECK(!s->router.steps.measured);
     printf("serving path (tiny-llama, CPU): colocated %.3f ms + %.3f us/token, router %.3f ms, disaggregated %.3f ms "
            "+ %.3f us/token\n", s->colocated.fixed_s * 1e3, s->colocated.s_per_token * 1e6, s->router.fixed_s * 1e3,
            s->disaggregated.fixed_s * 1e3, s->disaggregated.s_per_token * 1e6);
@@ -576,6 +677,7 @@ int main(void) {
     TEST_RUN(test_serving_cpu_fit);
     TEST_RUN(test_decode_admission);
     TEST_RUN(test_mixed_excess);
+    TEST_RUN(test_step_factor);
     TEST_RUN(test_profile_sections);
     TEST_RUN(test_plan_datasets);
     TEST_RUN(test_profile_serving);

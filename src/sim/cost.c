@@ -178,6 +178,11 @@ double sim_cost_mixed_excess(const sim_cost *c, double Tp, double cstart, double
     return interp_flat(c->mix_c, per_c, c->n_mix_c, cstart);
 }
 
+double sim_step_factor_prefill(const sim_step_factor *f, double tokens) {
+    if (!f->measured || f->n_prefill < 1) return 1;
+    return interp_flat(f->prefill_tokens, f->prefill, f->n_prefill, tokens);
+}
+
 void sim_cost_step(const sim_cost *c, const sim_work *w, sim_step_cost *out) {
     const sim_profile *p = c->p;
     double tp, td;
@@ -191,6 +196,11 @@ void sim_cost_step(const sim_cost *c, const sim_work *w, sim_step_cost *out) {
     }
     tp *= c->prefill_scale;
     td *= c->decode_scale;
+    if (c->steps && c->steps->measured) {
+        const sim_step_factor *f = c->steps;
+        if (tp > 0) tp *= sim_step_factor_prefill(f, (double)w->prefill_tokens);
+        td *= f->decode;
+    }
     double host = p->sample_s_per_row * w->n_logits + p->step_overhead_s;
     out->prefill_s = tp;
     out->decode_s = td;

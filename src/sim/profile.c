@@ -435,6 +435,16 @@ char *sim_profile_to_json(const sim_profile *p) {
                 cJSON *cp = cJSON_AddArrayToObject(co, "points");
                 for (int k = 0; k < cu->n_points; k++) cJSON_AddItemToArray(cp, nums(cu->points[k], 4));
             }
+            const sim_step_factor *sf = &sp->steps;
+            if (sf->measured) {
+                cJSON *fo = cJSON_AddObjectToObject(po, "steps");
+                cJSON *fp = cJSON_AddArrayToObject(fo, "prefill");
+                for (int k = 0; k < sf->n_prefill; k++) {
+                    double pair[2] = {sf->prefill_tokens[k], sf->prefill[k]};
+                    cJSON_AddItemToArray(fp, nums(pair, 2));
+                }
+                cJSON_AddNumberToObject(fo, "decode", sf->decode);
+            }
         }
         cJSON_AddStringToObject(so, "source", sv->source);
     }
@@ -683,9 +693,33 @@ static int read_serving_cpu(const cJSON *po, sim_serving_cpu *c) {
     return 0;
 }
 
+/* A serving path's "steps": {prefill: [[tokens, factor]...] (tokens increasing), decode:
+ * factor}, every factor > 0; absent: not measured (1). 0 or -1. */
+static int read_step_factor(const cJSON *po, sim_step_factor *f) {
+    const cJSON *fo = cJSON_GetObjectItemCaseSensitive(po, "steps");
+    memset(f, 0, sizeof *f);
+    if (!fo) return 0;
+    if (!cJSON_IsObject(fo)) return -1;
+    const cJSON *pts = cJSON_GetObjectItemCaseSensitive(fo, "prefill"), *pt;
+    if (pts && !cJSON_IsArray(pts)) return -1;
+    cJSON_ArrayForEach(pt, pts) {
+        if (f->n_prefill >= SIM_MAX_POINTS || !cJSON_IsArray(pt) || cJSON_GetArraySize(pt) != 2) return -1;
+        double t = cJSON_GetArrayItem(pt, 0)->valuedouble, v = cJSON_GetArrayItem(pt, 1)->valuedouble;
+        if (!(t > 0) || !(v > 0) || !isfinite(t) || !isfinite(v) ||
+            (f->n_prefill > 0 && !(t > f->prefill_tokens[f->n_prefill - 1])))
+            return -1;
+        f->prefill_tokens[f->n_prefill] = t;
+        f->prefill[f->n_prefill++] = v;
+    }
+    f->decode = get_num(fo, "decode", 1);
+    if (!(f->decode > 0) || !isfinite(f->decode)) return -1;
+    f->measured = true;
+    return 0;
+}
+
 /* "serving": {colocated|router|disaggregated: {fixed_s, s_per_token, points: [[tokens,
- * seconds]...]}, source}; absent in older files (nothing modelled). A path with points
- * and no fixed_s / s_per_token is fitted on load. */
+ * seconds]...], cpu, steps}, source}; absent in older files (nothing modelled). A path
+ * with points and no fixed_s / s_per_token is fitted on load. */
 static int read_serving(const cJSON *o, sim_profile *p, const char *name, char *err, size_t errlen) {
     const cJSON *so = cJSON_GetObjectItemCaseSensitive(o, "serving");
     if (!cJSON_IsObject(so)) return 0;
@@ -706,6 +740,11 @@ static int read_serving(const cJSON *o, sim_profile *p, const char *name, char *
         if (read_serving_cpu(po, &sp->cpu)) {
             pd_errorf(err, errlen, "%s: serving.%s.cpu needs request_s, token_s and step_s >= 0 (or points of "
                                    "[requests, tokens, steps, cpu seconds])", name, paths[i].name);
+            return -1;
+        }
+        if (read_step_factor(po, &sp->steps)) {
+            pd_errorf(err, errlen, "%s: serving.%s.steps needs prefill: [[tokens, factor]...] with tokens increasing "
+                                   "and every factor > 0, and decode > 0", name, paths[i].name);
             return -1;
         }
         bool given = cJSON_GetObjectItemCaseSensitive(po, "fixed_s") || cJSON_GetObjectItemCaseSensitive(po, "s_per_token");

@@ -185,10 +185,71 @@ typedef struct serve_target {
     size_t kv_bytes_per_token;
     int max_tokens;
     const tokenizer *tok;
+    const sim_profile *prof; /* prices the engines' steps (sim_step_factor); NULL: not */
 } serve_target;
 
 static double target_busy_s(const serve_target *t) {
     return t->busy_urls ? metrics_sum(t->busy_urls, "pdserve_engine_busy_seconds_total") : busy_s(t->pe);
+}
+
+/* Every engine's busy seconds in the deployment. */
+static double target_busy_all_s(const serve_target *t) {
+    if (t->steps_urls) return metrics_sum(t->steps_urls, "pdserve_engine_busy_seconds_total");
+    return busy_s(t->pe) + (t->de ? busy_s(t->de) : 0);
+}
+
+/* ---- the engines' steps inside the deployment (sim_step_factor) ---------------------- */
+
+/* The engine's token budget per step (engine_config_default; `pdserve serve` and `up`
+ * keep it): a longer lone prompt is prefilled in chunks of this many. */
+#define SERVE_STEP_TOKENS 2048
+
+static bool can_price(const sim_profile *p) { return p && p->prefill.nx > 0 && p->decode.nx > 0; }
+
+/* The profile's price of the steps of a lone prompt of n tokens, its one token sampled
+ * at the last chunk: forward seconds and the rest (sampling, the step's overhead). */
+static void price_prefill(const sim_profile *p, int n, double *fwd, double *host) {
+    sim_cost c;
+    sim_cost_init(&c, p, 0);
+    *fwd = *host = 0;
+    for (int done = 0; done < n;) {
+        int k = PD_MIN(n - done, SERVE_STEP_TOKENS);
+        sim_work w;
+        sim_work_begin(&w, p);
+        sim_work_add_chunk(&w, k, done);
+        w.n_logits = done + k == n;
+        sim_step_cost sc;
+        sim_cost_step(&c, &w, &sc);
+        *fwd += sc.prefill_s + sc.decode_s;
+        *host += sc.seconds - sc.prefill_s - sc.decode_s;
+        done += k;
+    }
+}
+
+/* The same for decode steps of one sequence, contexts from+1 .. from+n. */
+static void price_decode(const sim_profile *p, int from, int n, double *fwd, double *host) {
+    sim_cost c;
+    sim_cost_init(&c, p, 0);
+    *fwd = *host = 0;
+    for (int j = 1; j <= n; j++) {
+        sim_work w;
+        sim_work_begin(&w, p);
+        sim_work_add_decode(&w, from + j);
+        w.n_logits = 1;
+        sim_step_cost sc;
+        sim_cost_step(&c, &w, &sc);
+        *fwd += sc.prefill_s + sc.decode_s;
+        *host += sc.seconds - sc.prefill_s - sc.decode_s;
+    }
+}
+
+/* A lone request's prefill inside the deployment against its price: the engine's busy
+ * seconds less the priced host part, over the priced forward; 0 where not priced. */
+static double prefill_factor(const sim_profile *p, int n_tok, double engine_s) {
+    if (!can_price(p) || n_tok <= 0) return 0;
+    double fwd, host;
+    price_prefill(p, n_tok, &fwd, &host);
+    return fwd > 0 ? PD_MAX(engine_s - host, 0) / fwd : 0;
 }
 
 /* Fills path's points: per length, the median over repeats of TTFT - the engine's busy
@@ -203,10 +264,11 @@ static int measure_path(const serve_target *t, const int *lens, int n_lens, int 
     free(warm);
     if (rc) return -1;
     memset(path, 0, sizeof *path);
+    sim_step_factor *sf = &path->steps;
     for (int li = 0; li < n_lens; li++) {
         char *text = prompt_text(t->tok, lens[li]);
-        double v[SERVE_MAX_REPEATS];
-        int n_tok = lens[li];
+        double v[SERVE_MAX_REPEATS], f[SERVE_MAX_REPEATS];
+        int n_tok = lens[li], n_f = 0;
         for (int r = 0; r < repeats; r++) {
             double b0 = target_busy_s(t);
             if (stream_once(t->port, text, t->max_tokens, &ttft, &pt, err, errlen)) {
@@ -217,14 +279,23 @@ static int measure_path(const serve_target *t, const int *lens, int n_lens, int 
             if (pt > 0) n_tok = pt;
             double transfer = t->medium ? sim_cost_transfer(t->medium, (double)n_tok * (double)t->kv_bytes_per_token) : 0;
             v[r] = ttft - engine_s - transfer;
-            log_debug("profile: serving, port %d, %d tokens: ttft %.3f ms, engine busy %.3f ms, transfer %.3f ms",
-                      t->port, n_tok, ttft * 1e3, engine_s * 1e3, transfer * 1e3);
+            double fr = prefill_factor(t->prof, n_tok, engine_s);
+            if (fr > 0) f[n_f++] = fr;
+            log_debug("profile: serving, port %d, %d tokens: ttft %.3f ms, engine busy %.3f ms (x%.3f of its price), "
+                      "transfer %.3f ms", t->port, n_tok, ttft * 1e3, engine_s * 1e3, fr, transfer * 1e3);
         }
         free(text);
         path->tokens[path->n_points] = n_tok;
         path->seconds[path->n_points++] = PD_MAX(median_of(v, repeats), 0);
+        /* lengths come out increasing; one that tokenized no longer than the last is skipped */
+        if (n_f > 0 && (sf->n_prefill == 0 || n_tok > sf->prefill_tokens[sf->n_prefill - 1])) {
+            sf->prefill_tokens[sf->n_prefill] = n_tok;
+            sf->prefill[sf->n_prefill++] = median_of(f, n_f);
+        }
     }
     sim_serving_fit(path);
+    sf->measured = sf->n_prefill > 0;
+    sf->decode = 1;
     return 0;
 }
 
@@ -307,8 +378,8 @@ static double target_steps(const serve_target *t) {
  * thread. The serving CPU is this process's CPU less its engine threads' less this
  * thread's outside the client's timed part (dataset and connection set-up, which the
  * real client does before its clock starts). Fills pt = {requests, tokens, steps, cpu}. */
-static int cpu_run(const serve_target *t, const char *text, int n, int max_tokens, int conc, double pt[4], char *err,
-                   size_t errlen) {
+static int cpu_run(const serve_target *t, const char *text, int n, int max_tokens, int conc, double pt[4],
+                   double *busy, char *err, size_t errlen) {
     bench_dataset d = {0};
     d.n = n;
     d.reqs = xcalloc((size_t)n, sizeof *d.reqs);
@@ -331,12 +402,13 @@ static int cpu_run(const serve_target *t, const char *text, int n, int max_token
     bc.temperature = 0;
     bc.metrics_urls = "";
     bc.progress = false;
-    double s0 = target_steps(t), c0 = t->pid ? procs_cpu_s(t->pid) : 0;
+    double s0 = target_steps(t), c0 = t->pid ? procs_cpu_s(t->pid) : 0, b0 = target_busy_all_s(t);
     double p0 = clock_s(CLOCK_PROCESS_CPUTIME_ID), e0 = engine_threads_cpu_s(), m0 = clock_s(CLOCK_THREAD_CPUTIME_ID);
     bench_result *r = NULL;
     int rc = bench_run(&bc, &d, &r, err, errlen);
     double m1 = clock_s(CLOCK_THREAD_CPUTIME_ID), e1 = engine_threads_cpu_s(), p1 = clock_s(CLOCK_PROCESS_CPUTIME_ID);
     double s1 = target_steps(t), c1 = t->pid ? procs_cpu_s(t->pid) : 0;
+    *busy = target_busy_all_s(t) - b0;
     bench_dataset_free(&d);
     if (rc) return -1;
     long long tokens = 0;
@@ -360,20 +432,51 @@ static int cpu_run(const serve_target *t, const char *text, int n, int max_token
     return 0;
 }
 
+/* The decode factor of sf (its prefill points measured): the one-at-a-time run of
+ * SERVE_CPU_RUNS[1], n requests of a prompt of n_prompt tokens and tokens in all, every
+ * engine's busy seconds `busy` (the mean of the rounds): what the run's decode steps
+ * took beyond its prefills at their factor and the priced host parts, over their priced
+ * forwards. Left 1 where the run does not price (a factor outside 0.25-4 says the run
+ * was disturbed or is not what it was taken for). */
+static void decode_factor(const sim_profile *p, int n, int n_prompt, double tokens, double busy, sim_step_factor *sf) {
+    int per = (int)lround(tokens / PD_MAX(n, 1));
+    if (!sf->measured || !can_price(p) || n < 1 || per < 2) return;
+    double pf, ph, df, dh;
+    price_prefill(p, n_prompt, &pf, &ph);
+    price_decode(p, n_prompt, per - 1, &df, &dh);
+    double fp = sim_step_factor_prefill(sf, n_prompt);
+    double f = (busy / n - fp * pf - ph - dh) / df;
+    log_info("profile: serving, engine steps: %d requests of %d tokens, %d out, one at a time: %.2f ms busy per "
+             "request, priced %.2f ms prefill x%.3f + %.2f ms decode: decode x%.3f", n, n_prompt, per, busy / n * 1e3,
+             (pf + ph) * 1e3, fp, (df + dh) * 1e3, f);
+    if (f >= 0.25 && f <= 4) sf->decode = f;
+    else log_warn("profile: serving: decode steps at x%.3f of their price: not kept", f);
+}
+
 /* The serving path's CPU of the deployment behind t: each of SERVE_CPU_RUNS twice, the
- * second round kept where it used less (a burst of load elsewhere only adds), fitted. */
-static int measure_cpu(const serve_target *t, sim_serving_cpu *out, char *err, size_t errlen) {
+ * second round kept where it used less (a burst of load elsewhere only adds), fitted.
+ * With a step factor to complete (sf, its prefill measured), its decode factor from the
+ * engines' busy seconds in the same runs. */
+static int measure_cpu(const serve_target *t, sim_serving_cpu *out, sim_step_factor *sf, char *err, size_t errlen) {
     memset(out, 0, sizeof *out);
     char *text = prompt_text(t->tok, SERVE_CPU_PROMPT);
     int rc = 0;
+    double busy1 = 0, tokens1 = 0;
     for (int round = 0; round < 2 && rc == 0; round++)
         for (int k = 0; k < 3 && rc == 0; k++) {
-            double pt[4];
+            double pt[4], busy;
             int mt = PD_MAX(SERVE_CPU_RUNS[k][1], t->max_tokens);
-            rc = cpu_run(t, text, SERVE_CPU_RUNS[k][0], mt, SERVE_CPU_RUNS[k][2], pt, err, errlen);
+            rc = cpu_run(t, text, SERVE_CPU_RUNS[k][0], mt, SERVE_CPU_RUNS[k][2], pt, &busy, err, errlen);
             if (rc == 0 && (round == 0 || pt[3] / PD_MAX(pt[1], 1) < out->points[k][3] / PD_MAX(out->points[k][1], 1)))
                 memcpy(out->points[k], pt, sizeof pt);
+            if (rc == 0 && k == 1) busy1 += busy / 2, tokens1 += pt[1] / 2;
         }
+    int32_t *ids = NULL;
+    int n_prompt = 0;
+    char e[128];
+    if (rc == 0 && sf && tokenizer_encode(t->tok, text, strlen(text), true, &ids, &n_prompt, e, sizeof e) == 0)
+        decode_factor(t->prof, SERVE_CPU_RUNS[1][0], n_prompt, tokens1, busy1, sf);
+    free(ids);
     free(text);
     if (rc) return -1;
     out->n_points = 3;
@@ -431,8 +534,8 @@ static int alloc_blocks(void *user, int n, int32_t *out) { return engine_kv_allo
 static void release_blocks(void *user, const int32_t *blocks, int n) { engine_kv_release(user, blocks, n); }
 
 /* colocated and router: one instance, first directly, then behind a router */
-static int measure_colocated(model *m, const tokenizer *tok, const int *lens, int n_lens, int repeats, int bs,
-                             sim_serving *out, char *err, size_t errlen) {
+static int measure_colocated(model *m, const tokenizer *tok, const sim_profile *prof, const int *lens, int n_lens,
+                             int repeats, int bs, sim_serving *out, char *err, size_t errlen) {
     engine_config ec;
     instance_config(m, lens[n_lens - 1], bs, &ec);
     engine *e = engine_create(m, &ec, err, errlen);
@@ -442,9 +545,9 @@ static int measure_colocated(model *m, const tokenizer *tok, const int *lens, in
     int rc = -1;
     router *rt = NULL;
     if (!s) goto out;
-    serve_target t = {.port = server_port(s), .pe = e, .max_tokens = 1, .tok = tok};
+    serve_target t = {.port = server_port(s), .pe = e, .max_tokens = 1, .tok = tok, .prof = prof};
     if (measure_path(&t, lens, n_lens, repeats, &out->colocated, err, errlen)) goto out;
-    if (measure_cpu(&t, &out->colocated.cpu, err, errlen)) goto out;
+    if (measure_cpu(&t, &out->colocated.cpu, &out->colocated.steps, err, errlen)) goto out;
     char url[64];
     snprintf(url, sizeof url, "http://127.0.0.1:%d", server_port(s));
     const char *inst[1] = {url};
@@ -455,7 +558,7 @@ static int measure_colocated(model *m, const tokenizer *tok, const int *lens, in
     t.port = router_port(rt);
     sim_serving_path through;
     if (measure_path(&t, lens, n_lens, repeats, &through, err, errlen)) goto out;
-    if (measure_cpu(&t, &through.cpu, err, errlen)) goto out;
+    if (measure_cpu(&t, &through.cpu, NULL, err, errlen)) goto out;
     path_hop(&through, &out->colocated, &out->router);
     rc = 0;
 out:
@@ -467,8 +570,9 @@ out:
 }
 
 /* disaggregated: a prefill and a decode instance over the cpu medium, behind a router */
-static int measure_disaggregated(model *m, const tokenizer *tok, const int *lens, int n_lens, int repeats, int bs,
-                                 const sim_medium *cpu, sim_serving *out, char *err, size_t errlen) {
+static int measure_disaggregated(model *m, const tokenizer *tok, const sim_profile *prof, const int *lens, int n_lens,
+                                 int repeats, int bs, const sim_medium *cpu, sim_serving *out, char *err,
+                                 size_t errlen) {
     engine_config ec;
     instance_config(m, lens[n_lens - 1], bs, &ec);
     engine *pe = engine_create(m, &ec, err, errlen), *de = pe ? engine_create(m, &ec, err, errlen) : NULL;
@@ -508,9 +612,9 @@ static int measure_disaggregated(model *m, const tokenizer *tok, const int *lens
     /* max_tokens 2: a request of one token would end on the prefill side */
     serve_target t = {.port = router_port(rt), .pe = pe, .de = de, .medium = cpu,
                       .kv_bytes_per_token = model_kv_bytes_per_token(&m->cfg, dtype_size(m->be->ops->kv_type)),
-                      .max_tokens = 2, .tok = tok};
+                      .max_tokens = 2, .tok = tok, .prof = prof};
     if (measure_path(&t, lens, n_lens, repeats, &out->disaggregated, err, errlen)) goto out;
-    if (measure_cpu(&t, &out->disaggregated.cpu, err, errlen)) goto out;
+    if (measure_cpu(&t, &out->disaggregated.cpu, &out->disaggregated.steps, err, errlen)) goto out;
     rc = 0;
 out:
     if (rt) router_shutdown(rt, 5);
@@ -579,8 +683,8 @@ int sim_profile_serving(model *m, const tokenizer *tok, int max_len, int repeats
     double t0 = time_now_s();
     sim_serving sv;
     memset(&sv, 0, sizeof sv);
-    if (measure_colocated(m, tok, sp.lens, sp.n_lens, sp.repeats, sp.bs, &sv, err, errlen) ||
-        measure_disaggregated(m, tok, sp.lens, sp.n_lens, sp.repeats, sp.bs, sp.cpu, &sv, err, errlen))
+    if (measure_colocated(m, tok, out, sp.lens, sp.n_lens, sp.repeats, sp.bs, &sv, err, errlen) ||
+        measure_disaggregated(m, tok, out, sp.lens, sp.n_lens, sp.repeats, sp.bs, sp.cpu, &sv, err, errlen))
         return -1;
     snprintf(sv.source, sizeof sv.source,
              "measured: pdserve profile --serving, in-process server, router and cpu-medium connector on %s, "
@@ -656,9 +760,9 @@ int sim_profile_serving_processes(const sim_serving_deploy_opts *o, const tokeni
     if (deploy(o, "co-1gpu", out->kv_bytes_per_token, sp.bs, &d, log_path, sizeof log_path, err, errlen)) return -1;
     snprintf(murl, sizeof murl, "%s/metrics", d.base_url);
     serve_target t = {.port = url_port(d.base_url), .max_tokens = 1, .tok = tok, .busy_urls = murl,
-                      .steps_urls = murl, .pid = d.pids[0]};
+                      .steps_urls = murl, .pid = d.pids[0], .prof = out};
     rc = measure_path(&t, sp.lens, sp.n_lens, sp.repeats, &sv.colocated, err, errlen) ||
-         measure_cpu(&t, &sv.colocated.cpu, err, errlen) ? -1 : 0;
+         measure_cpu(&t, &sv.colocated.cpu, &sv.colocated.steps, err, errlen) ? -1 : 0;
     study_deploy_down(&d);
     if (rc) return -1;
     /* the router's hop: two instances behind it (`pdserve up --setup co-2gpus`), less
@@ -668,7 +772,7 @@ int sim_profile_serving_processes(const sim_serving_deploy_opts *o, const tokeni
     t = (serve_target){.port = url_port(d.base_url), .max_tokens = 1, .tok = tok, .busy_urls = d.metrics_urls,
                        .steps_urls = d.metrics_urls, .pid = d.pids[0]};
     rc = measure_path(&t, sp.lens, sp.n_lens, sp.repeats, &through, err, errlen) ||
-         measure_cpu(&t, &through.cpu, err, errlen) ? -1 : 0;
+         measure_cpu(&t, &through.cpu, NULL, err, errlen) ? -1 : 0;
     study_deploy_down(&d);
     if (rc) return -1;
     path_hop(&through, &sv.colocated, &sv.router);
@@ -679,10 +783,10 @@ int sim_profile_serving_processes(const sim_serving_deploy_opts *o, const tokeni
     strcat(murl, "/metrics");
     t = (serve_target){.port = url_port(d.base_url), .max_tokens = 2, .tok = tok, .busy_urls = murl,
                        .steps_urls = d.metrics_urls, .pid = d.pids[0], .medium = sp.cpu,
-                       .kv_bytes_per_token = out->kv_bytes_per_token};
+                       .kv_bytes_per_token = out->kv_bytes_per_token, .prof = out};
     rc = murl[0] == '/' ? (pd_errorf(err, errlen, "serving: no prefill instance in %s", log_path), -1)
          : measure_path(&t, sp.lens, sp.n_lens, sp.repeats, &sv.disaggregated, err, errlen) ||
-                 measure_cpu(&t, &sv.disaggregated.cpu, err, errlen)
+                 measure_cpu(&t, &sv.disaggregated.cpu, &sv.disaggregated.steps, err, errlen)
              ? -1
              : 0;
     study_deploy_down(&d);

@@ -620,6 +620,8 @@ static void inst_init(sim_state *s, inst *in, inst_role role, double mhz, int ma
     sched_init(&in->sc, &sc);
     if (s->cfg->prefix_caching && role != ROLE_DECODE) sched_enable_prefix_caching(&in->sc, 0);
     sim_cost_init(&in->cost, s->p, mhz);
+    if (s->cfg->step_factor) /* colocated or disaggregated, as measured (sim_step_factor) */
+        in->cost.steps = s->cfg->n_colocated > 0 ? &s->p->serving.colocated.steps : &s->p->serving.disaggregated.steps;
 }
 
 static bench_result *make_result(sim_state *s, const bench_config *bc, double makespan, double energy) {

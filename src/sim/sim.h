@@ -118,12 +118,26 @@ typedef struct sim_serving_cpu {
     double points[SIM_MAX_CPU_POINTS][4];  /* requests, tokens, steps, cpu seconds */
 } sim_serving_cpu;
 
+/* The engine's steps inside a serving deployment against the profiler's price of the
+ * same shapes (docs/simulator.md, "Steps inside a deployment"): a step's prefill forward
+ * costs its price x prefill(T) (T its prefill rows, piecewise linear through the points,
+ * flat beyond them), its decode forward x decode. Measured on lone requests (prefill)
+ * and on one request at a time decoding (decode) through the deployment, from its
+ * engines' busy seconds; measured false: 1. */
+typedef struct sim_step_factor {
+    bool measured;
+    int n_prefill;
+    double prefill_tokens[SIM_MAX_POINTS], prefill[SIM_MAX_POINTS];
+    double decode;
+} sim_step_factor;
+
 typedef struct sim_serving_path {
     bool measured;          /* present in the profile */
     double fixed_s, s_per_token;
     int n_points;
     double tokens[SIM_MAX_POINTS], seconds[SIM_MAX_POINTS];
     sim_serving_cpu cpu;    /* its CPU demand (cpu.measured false: not measured) */
+    sim_step_factor steps;  /* its engines' steps against the profile's price */
 } sim_serving_path;
 
 typedef struct sim_serving {
@@ -322,6 +336,7 @@ typedef struct sim_cost {
      * (n_mix_c x n_mix_b; 0: no mixed points, or they do not form a grid) */
     int n_mix_c, n_mix_b;
     double mix_c[4], mix_b[SIM_MAX_MIXED], mix_r[4][SIM_MAX_MIXED];
+    const sim_step_factor *steps; /* the deployment's step factor (not owned); NULL: 1 */
 } sim_cost;
 
 typedef struct sim_step_cost {
@@ -348,6 +363,8 @@ double sim_cost_mixed_excess(const sim_cost *c, double Tp, double cstart, double
  * prefix that gives one chunk the step's attention pairs) and subtracts
  * mixed_overhead_s from a mixed step. */
 void sim_cost_step(const sim_cost *c, const sim_work *w, sim_step_cost *out);
+/* f's prefill factor at a step of `tokens` prefill rows (1 when not measured). */
+double sim_step_factor_prefill(const sim_step_factor *f, double tokens);
 /* Seconds to move bytes over m (0 for m NULL). */
 double sim_cost_transfer(const sim_medium *m, double bytes);
 /* How much slower each of k instances steps while k of them step at once on p's host:
@@ -396,6 +413,9 @@ typedef struct sim_config {
                                    serving path after its arrival (sim_serving: colocated,
                                    + router for several colocated instances, disaggregated;
                                    the last replaces control_s, which it includes) */
+    bool step_factor;           /* each instance's steps cost the profile's price x its
+                                   deployment's measured sim_step_factor (colocated or
+                                   disaggregated), where the profile has one */
 } sim_config;
 
 /* One request: lengths and arrival (prompt ids are used by the replay only). */

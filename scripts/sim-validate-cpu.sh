@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# sim-validate-cpu.sh: the demo plan real and simulated on this host's CPU
+# (docs/simulator.md, "The demo plan, real and simulated"): the demo's model, a profile
+# with the serving path through processes, RUNS real sweeps of the plan back to back,
+# the plan simulated (with and without the steps-inside-a-deployment factor), and the
+# spread table of sim_spread.py for each.
+#
+#   scripts/sim-validate-cpu.sh [OUT_DIR]          (default: sim-validate-cpu)
+#   RUNS=3 PLAN=plans/demo.json PRESET=small-llama THREADS=1 scripts/sim-validate-cpu.sh
+#
+# Builds with scripts/build.sh first. Takes 6-10 minutes on two cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-sim-validate-cpu}
+runs=${RUNS:-3}
+plan=${PLAN:-plans/demo.json}
+preset=${PRESET:-small-llama}
+threads=${THREADS:-1}
+scripts/build.sh > /dev/null
+bin=$PWD/build/pdserve
+mkdir -p "$out"
+log() { printf '[%s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
+if [ ! -f "$out/model/config.json" ]; then
+  "$bin" make-model --out "$out/model" --preset "$preset" > "$out/make-model.log" 2>&1
+fi
+log "profile (load average $(cut -d' ' -f1-3 /proc/loadavg))"
+"$bin" profile --model "$out/model" --threads "$threads" --medium gpu,cpu,disk --serving-processes \
+  --serving-max-len 512 -o "$out/prof.json" > "$out/profile.log" 2>&1
+grep -E "serving, engine steps|contention:|serving path, " "$out/profile.log" | sed 's/^/  /' || true
+reals=()
+for i in $(seq 1 "$runs"); do
+  log "real run $i of $runs (load average $(cut -d' ' -f1-3 /proc/loadavg))"
+  rm -f "$out/run$i.db"
+  "$bin" sweep "$plan" --model "$out/model" --db "$out/run$i.db" > "$out/run$i.log" 2>&1
+  reals+=("$out/run$i.db")
+done
+for variant in factor no-factor; do
+  cp "$out/run1.db" "$out/sim-$variant.db"
+  flag=()
+  [ "$variant" = no-factor ] && flag=(--no-step-factor)
+  "$bin" sim "$plan" --profile "$out/prof.json" --db "$out/sim-$variant.db" "${flag[@]}" \
+    > "$out/sim-$variant.log" 2>&1
+  log "simulated, $variant:"
+  python3 scripts/sim_spread.py "${reals[@]}" --sim "$out/sim-$variant.db" --markdown | tee "$out/spread-$variant.md"
+done
+log "done: $out"
