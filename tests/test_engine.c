@@ -3,10 +3,12 @@
  * and under a KV pool so small that requests get preempted and recomputed; aborts
  * free every block; eos / stop ids / ignore_eos / min_tokens / max_tokens end
  * requests as vLLM does; timestamps are monotonic; bad requests fail at submit. */
+#include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "engine/engine.h"
 #include "test.h"
@@ -466,8 +468,81 @@ static void test_prefilled_recompute(void) {
     engine_free(e);
 }
 
+/* The step trace: a header, then one line per step (as many as the engine's steps),
+ * whose rows add up to the engine's batched tokens, whose chunks add up to its prefill
+ * rows and whose times nest (sched + forward + sample = busy); "%p" becomes the pid. A
+ * path that cannot be opened fails engine_create with the file named. */
+static void test_step_trace(void) {
+    char pat[256], path[256], err[512];
+    const char *tmp = getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
+    snprintf(pat, sizeof pat, "%s/pd-trace-%%p.txt", tmp);
+    snprintf(path, sizeof path, "%s/pd-trace-%d.txt", tmp, (int)getpid());
+    engine_config cfg;
+    engine_config_default(&cfg);
+    cfg.kv_cache_memory = (size_t)64 << 20;
+    cfg.max_num_seqs = 4;
+    cfg.max_num_batched_tokens = 64; /* several prompts are chunked */
+    cfg.max_model_len = 128;
+    cfg.step_trace = pat;
+    engine *e = engine_create(g_model, &cfg, err, sizeof err);
+    REQUIRE(e);
+    engine_start(e);
+    collector *c = run_all(e, true, 6);
+    engine_stats st;
+    engine_get_stats(e, &st);
+    engine_free(e);
+    collector_free(c);
+    FILE *f = fopen(path, "r");
+    REQUIRE(f);
+    char line[4096];
+    int n_lines = 0, n_header = 0;
+    long long rows = 0, prompt_rows = 0;
+    while (fgets(line, sizeof line, f)) {
+        if (line[0] == '#') {
+            n_header++;
+            continue;
+        }
+        double t, busy, sched, fwd, smp;
+        int T, pre, dec, logits, running, waiting, used, off = 0;
+        long long ctx;
+        char chunks[2048];
+        int k = sscanf(line, "%lf %lf %lf %lf %lf %d %d %d %lld %d %d %d %d %2047s%n", &t, &busy, &sched, &fwd, &smp,
+                       &T, &pre, &dec, &ctx, &logits, &running, &waiting, &used, chunks, &off);
+        CHECKF(k == 14, "line %d: %d fields: %s", n_lines, k, line);
+        if (k != 14) break;
+        CHECK(t > 0 && busy > 0 && fwd > 0 && sched >= 0 && smp >= 0 && fabs(sched + fwd + smp - busy) < 1e-5);
+        CHECKF(T == pre + dec && logits >= 0 && logits <= T && used >= 0 && running >= 0 && waiting >= 0, "line %d: %s", n_lines, line);
+        CHECK(dec == 0 || ctx >= dec);
+        int sum = 0;
+        if (strcmp(chunks, "-") != 0)
+            for (char *tok = strtok(chunks, ","); tok; tok = strtok(NULL, ",")) {
+                int n, at;
+                CHECK(sscanf(tok, "%d@%d", &n, &at) == 2 && n > 0 && at >= 0 && at + n <= 128);
+                sum += n;
+            }
+        CHECKF(sum == pre, "chunks %d rows, prefill %d", sum, pre);
+        rows += T;
+        prompt_rows += pre;
+        n_lines++;
+    }
+    fclose(f);
+    CHECK_EQ_INT(n_header, 2);
+    CHECKF(n_lines == (int)st.steps, "%d lines, %llu steps", n_lines, (unsigned long long)st.steps);
+    CHECK(rows == (long long)st.batched_tokens);
+    long long prompts = 0;
+    for (int i = 0; i < NREQ; i++) prompts += g_prompt_len[i];
+    CHECKF(prompt_rows == prompts, "%lld prefill rows for %lld prompt tokens", prompt_rows, prompts);
+    unlink(path);
+    /* a directory that is not there */
+    snprintf(pat, sizeof pat, "%s/pd-no-such-dir-%d/trace.txt", tmp, (int)getpid());
+    cfg.step_trace = pat;
+    CHECK(engine_create(g_model, &cfg, err, sizeof err) == NULL);
+    CHECK_STR_CONTAINS(err, "pd-no-such-dir");
+}
+
 int main(void) {
     if (setup() != 0) return 1;
+    TEST_RUN(test_step_trace);
     TEST_RUN(test_batch_invariance);
     TEST_RUN(test_preemption_identical);
     TEST_RUN(test_abort);

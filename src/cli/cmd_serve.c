@@ -41,6 +41,7 @@ typedef struct serve_opts {
     size_t kv_cache_memory, max_body_bytes;
     /* lower prefix cache tiers (docs/reuse.md) */
     const char *kv_offload, *kv_offload_disk_dir, *kv_offload_load;
+    const char *step_trace; /* the engine's step trace (engine_config.step_trace) */
     size_t kv_offload_cpu_bytes, kv_offload_disk_bytes;
     int kv_offload_staging;
     bool kv_offload_disk_buffered, kv_offload_async;
@@ -267,6 +268,7 @@ static int serve_setup(const serve_opts *o, serve_state *st, char *err, size_t e
     if (o->max_num_batched_tokens > 0) ec.max_num_batched_tokens = o->max_num_batched_tokens;
     if (o->max_model_len > 0) ec.max_model_len = o->max_model_len;
     ec.max_waiting_requests = o->max_waiting;
+    ec.step_trace = o->step_trace;
     char shm_name[96];
     kv_config kc;
     if (st->role == SERVER_ROLE_PREFILL || st->role == SERVER_ROLE_DECODE) {
@@ -404,6 +406,9 @@ int cmd_serve(int argc, char **argv) {
         {"block-size", OPT_INT, &o.block_size, "KV cache block size in tokens (default 16)", NULL},
         {"kv-cache-memory", OPT_SIZE, &o.kv_cache_memory, "bytes for the KV cache (e.g. 512MiB)", NULL},
         {"gpu-memory-utilization", OPT_DOUBLE, &o.gpu_memory_utilization, "GPU: fraction of memory to use", NULL},
+        {"step-trace", OPT_STRING, &o.step_trace,
+         "write a line per engine step to FILE: its times, rows and prefill chunks (\"%p\": the process id, "
+         "for one FILE passed to every instance of `pdserve up`)", "FILE"},
         {"enable-prefix-caching", OPT_FLAG, &o.enable_prefix_caching, "reuse the KV of shared prompt prefixes (hash-chained full blocks, LRU)", NULL},
         {"kv-offload", OPT_STRING, &o.kv_offload, "lower prefix cache tiers for evicted blocks: cpu, disk or cpu,disk (implies --enable-prefix-caching)", "LIST"},
         {"kv-offload-cpu-bytes", OPT_SIZE, &o.kv_offload_cpu_bytes, "cpu tier capacity (default 1GiB)", NULL},

@@ -9,10 +9,13 @@
  * Tuned for steady serving: everything per step is preallocated (plan arrays in the
  * scheduler, logits [max_num_seqs, V], sampler scratch); a request allocates its own
  * record, token buffer and timestamp array once, at submission. */
+#include <errno.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "engine/engine.h"
 #include "util/util.h"
@@ -55,6 +58,8 @@ typedef struct req {
 } req;
 
 struct engine {
+    FILE *trace;            /* cfg.step_trace's file, or NULL */
+    double trace_flushed;   /* when it was last flushed */
     model *m;               /* not owned */
     backend *be;            /* not owned (the model's) */
     engine_config cfg;
@@ -216,6 +221,51 @@ static uint64_t model_cache_salt(const model_config *c) {
     return hash_bytes(f, sizeof f, h);
 }
 
+/* ---- step trace -------------------------------------------------------------------- */
+
+/* Opens the step trace at path ("%p": this process's id, "%%": a "%") and writes its
+ * header. 0, or -1 with err naming the file. */
+static int trace_open(engine *e, const char *path, char *err, size_t errlen) {
+    char name[1024];
+    size_t n = 0;
+    for (const char *c = path; *c && n + 24 < sizeof name; c++) {
+        if (c[0] == '%' && c[1] == 'p') n += (size_t)snprintf(name + n, sizeof name - n, "%d", (int)getpid()), c++;
+        else if (c[0] == '%' && c[1] == '%') name[n++] = '%', c++;
+        else name[n++] = *c;
+    }
+    name[n] = 0;
+    e->trace = fopen(name, "w");
+    if (!e->trace) return pd_errorf(err, errlen, "step trace %s: %s", name, strerror(errno)), -1;
+    fprintf(e->trace, "# pdserve step trace v1: one line per engine step; times in seconds, t on the host's "
+                      "monotonic clock at the step's start\n"
+                      "# t busy sched forward sample rows prefill_rows decode_rows decode_ctx_sum logits "
+                      "running waiting kv_blocks_used (after the step) chunks(n@start,...|-)\n");
+    e->trace_flushed = time_now_s();
+    log_info("engine: step trace in %s", name);
+    return 0;
+}
+
+/* One step's line: its times, its rows and the chunks that prefilled (so that a price
+ * per step can be recomputed: sim_work_add_chunk). Flushed at most every second. */
+static void trace_step(engine *e, const sched_plan *p, double t0, double t1, double t2, double t4) {
+    int decode_rows = 0;
+    long long ctx_sum = 0;
+    for (int i = 0; i < p->n_items; i++)
+        if (!p->items[i].prefill) decode_rows += p->items[i].n, ctx_sum += p->items[i].start + p->items[i].n;
+    fprintf(e->trace, "%.6f %.6f %.6f %.6f %.6f %d %d %d %lld %d %d %d %d ", t0, t4 - t0, t1 - t0, t2 - t1,
+            t4 - t2, p->batch.T, p->n_prefill_tokens, decode_rows, ctx_sum, p->n_logits, e->sc.n_running,
+            e->sc.n_waiting, e->stats.kv_blocks_used);
+    int chunks = 0;
+    for (int i = 0; i < p->n_items; i++)
+        if (p->items[i].prefill)
+            fprintf(e->trace, "%s%d@%d", chunks++ ? "," : "", p->items[i].n, p->items[i].start);
+    fputs(chunks ? "\n" : "-\n", e->trace);
+    if (t4 - e->trace_flushed >= 1.0) {
+        fflush(e->trace);
+        e->trace_flushed = t4;
+    }
+}
+
 engine *engine_create(model *m, const engine_config *cfg_in, char *err, size_t errlen) {
     engine_config cfg = *cfg_in;
     if (cfg.block_size <= 0) cfg.block_size = 16;
@@ -244,6 +294,10 @@ engine *engine_create(model *m, const engine_config *cfg_in, char *err, size_t e
         return NULL;
     }
     if (engine_size_kv(e, cfg_in->max_model_len > 0, err, errlen) != 0) {
+        engine_free(e);
+        return NULL;
+    }
+    if (cfg.step_trace && trace_open(e, cfg.step_trace, err, errlen) != 0) {
         engine_free(e);
         return NULL;
     }
@@ -634,6 +688,7 @@ static void engine_step(engine *e) {
     e->stats.sample_seconds += t4 - t2;
     pthread_mutex_unlock(&e->mu);
     publish_stats(e);
+    if (e->trace) trace_step(e, &p, t0, t1, t2, t4); /* after: its kv_blocks_used is this step's */
 }
 
 /* ---- the engine thread --------------------------------------------------------------- */
@@ -865,6 +920,7 @@ void engine_free(engine *e) {
     free(e->pending);
     if (e->kv) kv_cache_free(e->be, e->kv);
     fwd_ctx_free(e->fwd);
+    if (e->trace) fclose(e->trace);
     free(e);
 }
 

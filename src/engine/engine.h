@@ -551,6 +551,9 @@ typedef struct engine_config {
                                  * name (kv_cache_create_shared), for the gpu KV medium */
     uint64_t prefix_cache_salt; /* 0: derived from the model's shape; a driver that knows
                                  * the weights (path, revision, adapter) passes their hash */
+    const char *step_trace;     /* non-NULL: a line per step written to this file, "%p" in
+                                 * it replaced by the process id (docs/architecture.md,
+                                 * "Step trace"); engine_create fails if it cannot open it */
 } engine_config;
 
 void engine_config_default(engine_config *c);
