@@ -7,6 +7,7 @@
  * and the scratch arrays are reused across the pre-tokens of one call. The order of
  * merges is exactly Hugging Face's: lowest rank first, leftmost first on ties. */
 #include <pthread.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -311,13 +312,22 @@ static cand heap_pop(bpe_scratch *s) {
 }
 
 /* Rank of the merge of (a, b); false when there is none. */
+static inline bool merge_may(const merge_table *m, int32_t a, int32_t b) {
+    return (m->left[(uint32_t)a >> 6] >> (a & 63)) & (m->right[(uint32_t)b >> 6] >> (b & 63)) & 1;
+}
+
 static inline bool merge_find(const tokenizer *t, int32_t a, int32_t b, int32_t *rank) {
     const merge_table *m = &t->mtab;
     if (m->cap) {
+        if (!merge_may(m, a, b)) return false;
         uint64_t key = (((uint64_t)(uint32_t)a << m->id_bits) | (uint32_t)b) + 1;
         uint32_t mask = m->cap - 1, i = (uint32_t)mix64(key) & mask;
         for (uint64_t e; (e = m->slot[i]) != 0; i = (i + 1) & mask)
-            if ((e >> m->rank_bits) == key) { *rank = (int32_t)(e & ((1ull << m->rank_bits) - 1)); return true; }
+            if ((e >> m->rank_bits) == key) {
+                *rank = (int32_t)(e & ((1ull << m->rank_bits) - 1));
+                __builtin_prefetch(&m->merged[*rank]);   /* read if this merge is applied */
+                return true;
+            }
         return false;
     }
     const pair_slot *e = pair_map_find(&t->merges, a, b);
@@ -329,22 +339,28 @@ static inline void push_pair(const tokenizer *t, bpe_scratch *s, int pos) {
     int nx = s->s[pos].next;
     if (nx < 0) return;
     int32_t rank;
-    if (merge_find(t, s->s[pos].id, s->s[nx].id, &rank)) {
-        __builtin_prefetch(&t->mtab.merged[rank]);   /* read when the candidate is popped */
-        heap_push(s, (cand){ rank, pos, s->s[nx].next });
-    }
+    if (merge_find(t, s->s[pos].id, s->s[nx].id, &rank)) heap_push(s, (cand){ rank, pos, s->s[nx].next });
+}
+
+static inline void merge_prefetch(const tokenizer *t, int32_t a, int32_t b) {
+    const merge_table *m = &t->mtab;
+    if (!m->cap || !merge_may(m, a, b)) return;
+    uint64_t key = (((uint64_t)(uint32_t)a << m->id_bits) | (uint32_t)b) + 1;
+    __builtin_prefetch(&m->slot[(uint32_t)mix64(key) & (m->cap - 1)]);
+}
+
+#define NO_MERGE INT32_MAX
+static inline int32_t merge_rank(const tokenizer *t, int32_t a, int32_t b) {
+    int32_t r;
+    return merge_find(t, a, b, &r) ? r : NO_MERGE;
 }
 
 /* Applies merges to the symbols in s (lowest rank first, leftmost first on ties, as
- * Hugging Face's Word::merge_all) and appends the resulting ids to out. */
+ * Hugging Face's Word::merge_all) and appends the resulting ids to out. For long
+ * words (a Llama 2 prompt is one word): a heap of candidates, O(n log n). */
 static void bpe_merge(const tokenizer *t, bpe_scratch *s, id_vec *out) {
     s->nh = 0;
-    const merge_table *m = &t->mtab;
-    if (m->cap)   /* the table is megabytes: ask for every initial pair's slot at once */
-        for (int i = 0; i + 1 < s->ns; i++) {
-            uint64_t key = (((uint64_t)(uint32_t)s->s[i].id << m->id_bits) | (uint32_t)s->s[i + 1].id) + 1;
-            __builtin_prefetch(&m->slot[(uint32_t)mix64(key) & (m->cap - 1)]);
-        }
+    for (int i = 0; i + 1 < s->ns; i++) merge_prefetch(t, s->s[i].id, s->s[i + 1].id);
     for (int i = 0; i + 1 < s->ns; i++) push_pair(t, s, i);
     while (s->nh > 0) {
         cand c = heap_pop(s);
@@ -357,10 +373,44 @@ static void bpe_merge(const tokenizer *t, bpe_scratch *s, id_vec *out) {
         l->next = r->next;
         r->len = 0;
         if (l->next >= 0) s->s[l->next].prev = c.pos;
+        if (l->prev >= 0) merge_prefetch(t, s->s[l->prev].id, l->id);
+        if (l->next >= 0) merge_prefetch(t, l->id, s->s[l->next].id);
         if (l->prev >= 0) push_pair(t, s, l->prev);
         push_pair(t, s, c.pos);
     }
     for (int i = 0; i >= 0 && i < s->ns; i = s->s[i].next) id_vec_push(out, s->s[i].id);
+}
+
+/* The same for a word of at most BPE_SMALL symbols (nearly every pre-token), in two
+ * arrays: the ids, and the rank of each adjacent pair, the lowest found by a scan.
+ * The slots of all pairs are requested before any is read, and after a merge both new
+ * pairs' together, so lookups overlap instead of each waiting on the one before (the
+ * merge table does not fit in the cache; most of the time here is its latency). */
+#define BPE_SMALL 64
+static void bpe_merge_small(const tokenizer *t, int32_t *id, int n, id_vec *out) {
+    int32_t rank[BPE_SMALL];
+    for (int i = 0; i + 1 < n; i++) merge_prefetch(t, id[i], id[i + 1]);
+    for (int i = 0; i + 1 < n; i++) rank[i] = merge_rank(t, id[i], id[i + 1]);
+    while (n > 1) {
+        int b = 0;
+        int32_t lo = rank[0];
+        for (int i = 1; i + 1 < n; i++) {   /* leftmost lowest, without branches */
+            bool lt = rank[i] < lo;
+            lo = lt ? rank[i] : lo;
+            b = lt ? i : b;
+        }
+        if (lo == NO_MERGE) break;
+        /* id[b] and id[b + 1] become one: pairs b - 1 and b change, pair b + 1 goes */
+        id[b] = t->mtab.merged[rank[b]];
+        if (n - b - 2 > 0) memmove(&id[b + 1], &id[b + 2], sizeof(int32_t) * (size_t)(n - b - 2));
+        if (n - b - 3 > 0) memmove(&rank[b + 1], &rank[b + 2], sizeof(int32_t) * (size_t)(n - b - 3));
+        n--;
+        if (b > 0) merge_prefetch(t, id[b - 1], id[b]);
+        if (b + 1 < n) merge_prefetch(t, id[b], id[b + 1]);
+        if (b > 0) rank[b - 1] = merge_rank(t, id[b - 1], id[b]);
+        if (b + 1 < n) rank[b] = merge_rank(t, id[b], id[b + 1]);
+    }
+    for (int i = 0; i < n; i++) id_vec_push(out, id[i]);
 }
 
 /* Splits w into its characters (with byte fallback and unknown-token fusing as the
@@ -436,7 +486,11 @@ void bpe_encode_word(const tokenizer *t, bpe_scratch *s, const char *w, size_t n
     int before = out->n;
     s->ns = 0;
     bpe_initial_symbols(t, s, w, n);
-    bpe_merge(t, s, out);
+    if (s->ns <= BPE_SMALL) {
+        int32_t ids[BPE_SMALL];
+        for (int i = 0; i < s->ns; i++) ids[i] = s->s[i].id;
+        bpe_merge_small(t, ids, s->ns, out);
+    } else bpe_merge(t, s, out);
     if (id >= 0) whole_learn(t, id, out, before);
 }
 
@@ -448,11 +502,17 @@ void bpe_encode_raw(const tokenizer *t, bpe_scratch *s, const char *w, size_t n,
         return;
     }
     int before = out->n;
-    sym_reserve(s, n);
-    for (size_t i = 0; i < n; i++)
-        s->s[i] = (sym){ t->byte_id[(unsigned char)w[i]], (int32_t)i - 1, i + 1 < n ? (int32_t)i + 1 : -1, 1 };
-    s->ns = (int)n;
-    bpe_merge(t, s, out);
+    if (n <= BPE_SMALL) {
+        int32_t ids[BPE_SMALL];
+        for (size_t i = 0; i < n; i++) ids[i] = t->byte_id[(unsigned char)w[i]];
+        bpe_merge_small(t, ids, (int)n, out);
+    } else {
+        sym_reserve(s, n);
+        for (size_t i = 0; i < n; i++)
+            s->s[i] = (sym){ t->byte_id[(unsigned char)w[i]], (int32_t)i - 1, i + 1 < n ? (int32_t)i + 1 : -1, 1 };
+        s->ns = (int)n;
+        bpe_merge(t, s, out);
+    }
     if (id >= 0) whole_learn(t, id, out, before);
 }
 
@@ -482,6 +542,9 @@ static void build_merge_table(tokenizer *t) {
     while ((uint64_t)pm->n * 10 > (uint64_t)cap * 7) cap *= 2;        /* load <= 0.7 */
     m->slot = xcalloc(cap, sizeof(uint64_t));
     m->cap = cap;
+    size_t words = ((size_t)1 << m->id_bits) / 64 + 1;
+    m->left = xcalloc(words, sizeof(uint64_t));
+    m->right = xcalloc(words, sizeof(uint64_t));
     for (uint32_t i = 0; i < pm->cap; i++) {
         if (!pm->slot[i].key) continue;
         uint64_t k = pm->slot[i].key - 1;
@@ -490,6 +553,8 @@ static void build_merge_table(tokenizer *t) {
         uint32_t j = (uint32_t)mix64(key) & (cap - 1);
         while (m->slot[j]) j = (j + 1) & (cap - 1);
         m->slot[j] = (key << m->rank_bits) | (uint64_t)pm->slot[i].rank;
+        m->left[a >> 6] |= 1ull << (a & 63);
+        m->right[b >> 6] |= 1ull << (b & 63);
     }
     pair_map_free(&t->merges);
 }
@@ -497,6 +562,8 @@ static void build_merge_table(tokenizer *t) {
 void bpe_free_tables(tokenizer *t) {
     free(t->whole);
     free(t->mtab.slot);
+    free(t->mtab.left);
+    free(t->mtab.right);
     free(t->mtab.merged);
     str_map_free(&t->raw_vocab);
     free(t->raw_arena);

@@ -58,6 +58,10 @@ typedef struct merge_table {
     int id_bits, rank_bits;
     int32_t *merged;     /* [n] id made by the merge of each rank (-1: a rank overridden by a later duplicate) */
     int32_t n;
+    /* Bit i of left / right: id i is the left / right half of some merge. Two thirds
+     * of the ids are neither (Llama 3), and a pair whose halves fail this test is
+     * answered without touching the table: tens of kilobytes that stay in the cache. */
+    uint64_t *left, *right;   /* [2^id_bits / 64 + 1] */
 } merge_table;
 
 void str_map_put(str_map *m, const char *key, uint32_t klen, int32_t val); /* overwrites */
