@@ -367,7 +367,10 @@ static void bpe_merge(const tokenizer *t, bpe_scratch *s, id_vec *out) {
         sym *l = &s->s[c.pos];
         if (l->len == 0 || l->next < 0) continue;
         sym *r = &s->s[l->next];
-        if (r->next != c.after) continue;
+        if (t->reference) {   /* Hugging Face's check: the pair still makes that token */
+            int32_t rank;
+            if (!merge_find(t, l->id, r->id, &rank) || t->mtab.merged[rank] != t->mtab.merged[c.rank]) continue;
+        } else if (r->next != c.after) continue;
         l->id = t->mtab.merged[c.rank];
         l->len += r->len;
         l->next = r->next;
@@ -466,12 +469,14 @@ static void bpe_initial_symbols(const tokenizer *t, bpe_scratch *s, const char *
  * but not always (its merges may not be reachable in rank order). The answer is a
  * property of the token, worked out by BPE the first time and kept in t->whole. */
 static bool whole_known(const tokenizer *t, int32_t id, id_vec *out) {
+    if (t->reference) return false;
     if (__atomic_load_n(&t->whole[id], __ATOMIC_RELAXED) != 1) return false;
     id_vec_push(out, id);
     return true;
 }
 
 static void whole_learn(const tokenizer *t, int32_t id, const id_vec *out, int before) {
+    if (t->reference) return;
     uint8_t v = out->n == before + 1 && out->p[before] == id ? 1 : 2;
     __atomic_store_n(&t->whole[id], v, __ATOMIC_RELAXED);
 }
@@ -486,7 +491,7 @@ void bpe_encode_word(const tokenizer *t, bpe_scratch *s, const char *w, size_t n
     int before = out->n;
     s->ns = 0;
     bpe_initial_symbols(t, s, w, n);
-    if (s->ns <= BPE_SMALL) {
+    if (s->ns <= BPE_SMALL && !t->reference) {
         int32_t ids[BPE_SMALL];
         for (int i = 0; i < s->ns; i++) ids[i] = s->s[i].id;
         bpe_merge_small(t, ids, s->ns, out);

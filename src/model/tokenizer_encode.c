@@ -269,7 +269,8 @@ static void norm_unicode_run(tbuf *out, const char *s, size_t n, utf8proc_option
  * copied, and only each non-ASCII run, with the one ASCII character before it (that
  * may be the first half of a composition: "=" + U+0338 is U+2260), goes through
  * utf8proc. Most prompts are mostly ASCII. */
-static void norm_unicode(tbuf *out, const char *s, size_t n, utf8proc_option_t opt) {
+static void norm_unicode(const tokenizer *t, tbuf *out, const char *s, size_t n, utf8proc_option_t opt) {
+    if (t->reference) { norm_unicode_run(out, s, n, opt); return; }
     size_t i = 0;
     while (i < n) {
         size_t j = i, k;
@@ -305,10 +306,10 @@ static void norm_replace(enc_ctx *c, const norm_step *st, tbuf *out, const char 
 
 static void norm_one(enc_ctx *c, const norm_step *st, tbuf *out, const char *s, size_t n) {
     switch (st->kind) {
-    case NORM_NFC: norm_unicode(out, s, n, UTF8PROC_COMPOSE); break;
-    case NORM_NFD: norm_unicode(out, s, n, UTF8PROC_DECOMPOSE); break;
-    case NORM_NFKC: norm_unicode(out, s, n, UTF8PROC_COMPOSE | UTF8PROC_COMPAT); break;
-    case NORM_NFKD: norm_unicode(out, s, n, UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT); break;
+    case NORM_NFC: norm_unicode(c->t, out, s, n, UTF8PROC_COMPOSE); break;
+    case NORM_NFD: norm_unicode(c->t, out, s, n, UTF8PROC_DECOMPOSE); break;
+    case NORM_NFKC: norm_unicode(c->t, out, s, n, UTF8PROC_COMPOSE | UTF8PROC_COMPAT); break;
+    case NORM_NFKD: norm_unicode(c->t, out, s, n, UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT); break;
     case NORM_LOWERCASE:
         for (size_t i = 0; i < n;) {
             int l;
@@ -419,7 +420,7 @@ static void encode_pieces(enc_ctx *c, piece_vec *pv) {
     for (int i = 0; i < pv->n; i++) {
         const char *p = c->arena.p + pv->p[i].off;
         size_t n = pv->p[i].len;
-        if (c->t->raw_bytes) {
+        if (c->t->raw_bytes && !c->t->reference) {
             bpe_encode_raw(c->t, c->bpe, p, n, &c->out);
         } else if (c->t->bytelevel) {
             c->word.n = 0;
