@@ -244,13 +244,10 @@ void id_vec_push(id_vec *v, int32_t id) {
 /* A symbol of the word being merged: a doubly linked list over s[], where a merge
  * grows the left symbol and empties the right one (len 0). */
 typedef struct sym { int32_t id; int32_t prev, next; uint32_t len; } sym;
-/* A candidate merge of s[pos] with its right neighbour. `after` is the index of the
- * symbol that followed that neighbour when the candidate was made (-1: none): the
- * candidate still stands iff s[pos] is alive and the symbol after its neighbour is
- * still `after`. (A change to either side of the pair moves the pair's end to the
- * right, and with it that index; so this is exactly Hugging Face's test, which looks
- * the pair up again and compares the merged id, without the second lookup.) */
-typedef struct cand { int32_t rank, pos, after; } cand;
+/* A candidate merge of s[pos] with its right neighbour: rank << 32 | pos, so that
+ * integer order is Hugging Face's order (lowest rank, then leftmost). It may have gone
+ * stale since: the merge loop looks the pair at pos up again, as Hugging Face does. */
+typedef uint64_t cand;
 
 struct bpe_scratch {
     sym *s; int ns, cap_s;
@@ -278,7 +275,7 @@ static void sym_push(bpe_scratch *s, int32_t id, uint32_t len) {
     s->ns++;
 }
 
-static inline bool cand_less(cand a, cand b) { return a.rank != b.rank ? a.rank < b.rank : a.pos < b.pos; }
+static inline bool cand_less(cand a, cand b) { return a < b; }
 
 static void heap_push(bpe_scratch *s, cand c) {
     if (s->nh == s->cap_h) {
@@ -339,7 +336,7 @@ static inline void push_pair(const tokenizer *t, bpe_scratch *s, int pos) {
     int nx = s->s[pos].next;
     if (nx < 0) return;
     int32_t rank;
-    if (merge_find(t, s->s[pos].id, s->s[nx].id, &rank)) heap_push(s, (cand){ rank, pos, s->s[nx].next });
+    if (merge_find(t, s->s[pos].id, s->s[nx].id, &rank)) heap_push(s, (uint64_t)(uint32_t)rank << 32 | (uint32_t)pos);
 }
 
 static inline void merge_prefetch(const tokenizer *t, int32_t a, int32_t b) {
@@ -360,26 +357,24 @@ static inline int32_t merge_rank(const tokenizer *t, int32_t a, int32_t b) {
  * words (a Llama 2 prompt is one word): a heap of candidates, O(n log n). */
 static void bpe_merge(const tokenizer *t, bpe_scratch *s, id_vec *out) {
     s->nh = 0;
-    for (int i = 0; i + 1 < s->ns; i++) merge_prefetch(t, s->s[i].id, s->s[i + 1].id);
     for (int i = 0; i + 1 < s->ns; i++) push_pair(t, s, i);
     while (s->nh > 0) {
         cand c = heap_pop(s);
-        sym *l = &s->s[c.pos];
+        int32_t pos = (int32_t)(c & 0xffffffffu), crank = (int32_t)(c >> 32), rank;
+        sym *l = &s->s[pos];
         if (l->len == 0 || l->next < 0) continue;
         sym *r = &s->s[l->next];
-        if (t->reference) {   /* Hugging Face's check: the pair still makes that token */
-            int32_t rank;
-            if (!merge_find(t, l->id, r->id, &rank) || t->mtab.merged[rank] != t->mtab.merged[c.rank]) continue;
-        } else if (r->next != c.after) continue;
-        l->id = t->mtab.merged[c.rank];
+        /* the same pair has the same rank, and a stale one another (the pair's text is
+         * longer, so is the token it would make): Hugging Face's test, which compares
+         * the merged ids */
+        if (!merge_find(t, l->id, r->id, &rank) || rank != crank) continue;
+        l->id = t->mtab.merged[rank];
         l->len += r->len;
         l->next = r->next;
         r->len = 0;
-        if (l->next >= 0) s->s[l->next].prev = c.pos;
-        if (l->prev >= 0) merge_prefetch(t, s->s[l->prev].id, l->id);
-        if (l->next >= 0) merge_prefetch(t, l->id, s->s[l->next].id);
+        if (l->next >= 0) s->s[l->next].prev = pos;
         if (l->prev >= 0) push_pair(t, s, l->prev);
-        push_pair(t, s, c.pos);
+        push_pair(t, s, pos);
     }
     for (int i = 0; i >= 0 && i < s->ns; i = s->s[i].next) id_vec_push(out, s->s[i].id);
 }

@@ -143,9 +143,9 @@ struct tokenizer {
     uint8_t *whole;            /* [n_ids] does BPE of the token's own text give just the
                                 * token? 0 not known yet, 1 yes, 2 no (tokenizer_bpe.c) */
     bool reference;            /* tests: encode the plain way, none of the shortcuts above
-                                * (raw bytes, whole-token memo, array merging, ASCII runs in
-                                * normalizers), the merge loop checking candidates as Hugging
-                                * Face does; the tests compare the two on random text */
+                                * (raw bytes, whole-token memo, array merging of short words,
+                                * ASCII runs in normalizers); the tests compare the two on
+                                * random text */
     bool ignore_merges, byte_fallback, fuse_unk;
     int32_t unk_id;            /* -1 when none */
     char *cont_prefix, *eow_suffix; /* NULL when none */
