@@ -10,8 +10,8 @@
  * For each: the median over repeated encodes (raw encoding, no special tokens), the
  * tokens per second it gives, and bytes per second. The figure to compare against is
  * another tokenizer on the same texts: scripts/bench-tokenizer.sh runs this program
- * with --out, then Hugging Face `tokenizers` (or @lenml/tokenizers under node) on the
- * texts it wrote, and prints the ratio.
+ * with --out, then Hugging Face `tokenizers` (Python, or its node binding; else
+ * @lenml/tokenizers) on the texts it wrote, and prints the ratio.
  *
  * usage: bench_tokenizer [--tokenizer DIR] [--tokens 1024,8192,32768] [--min-time S]
  *                        [--out DIR] [--dump-ids FILE]
