@@ -13,7 +13,8 @@
 #      (above 1: pdserve is faster) and whether the competitor's ids equal pdserve's.
 # usage: scripts/bench-tokenizer.sh [TOKENIZER_DIR] [bench_tokenizer options...]
 #   TOKENIZER_DIR  default $PDSERVE_TOKENIZER, else tests/.cache/tokenizers/llama3
-#   PDSERVE_BUILD_DIR  build folder (default build; configured Release if absent)
+#   PDSERVE_BUILD_DIR  build folder (default build; configured Release without CUDA
+#                      if absent)
 #   MIN_TIME       seconds each text is timed for, both sides (default 0.5)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,8 +23,8 @@ tokdir=${1:-${PDSERVE_TOKENIZER:-tests/.cache/tokenizers/llama3}}
 shift || true
 min_time=${MIN_TIME:-0.5}
 [ -s "$tokdir/tokenizer.json" ] || { echo "bench-tokenizer: no $tokdir/tokenizer.json" >&2; exit 1; }
-if [ ! -f "$build/CMakeCache.txt" ]; then
-  cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release >/dev/null
+if [ ! -f "$build/CMakeCache.txt" ]; then   # the bench needs no CUDA: a quick CPU build
+  cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DPDSERVE_CUDA=OFF >/dev/null
 fi
 cmake --build "$build" -j"$(nproc)" --target bench_tokenizer >/dev/null
 out=$(mktemp -d)
