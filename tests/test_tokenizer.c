@@ -2,7 +2,8 @@
  * fixtures made by Hugging Face `tokenizers` / `transformers`
  * (tests/fixtures/tokenizer/make_fixtures.py), plus properties that hold without
  * fixtures: byte-level round trip, streaming detokenisation equal to the full
- * decode, chat rendering, and the encode speed of a 16k-token prompt.
+ * decode, chat rendering, the encode speed of a 16k-token prompt, and the fast encode
+ * path against the plain one (tokenizer.reference) on random text.
  *
  * Tokenizer files come from scripts/fetch-test-tokenizers.sh into
  * tests/.cache/tokenizers/NAME/; without them the test is skipped (exit 77). */
@@ -13,6 +14,7 @@
 #include <utf8proc.h>
 
 #include "model/tokenizer.h"
+#include "model/tokenizer_internal.h"
 #include "test.h"
 #include "util/util.h"
 
@@ -287,6 +289,73 @@ static void test_speed_16k(void) {
     free(text);
 }
 
+/* ---- the shortcuts change no id ------------------------------------------------------- */
+static void put_utf8(char *s, size_t *n, uint32_t cp) {
+    if (cp < 0x80) s[(*n)++] = (char)cp;
+    else if (cp < 0x800) { s[(*n)++] = (char)(0xc0 | (cp >> 6)); s[(*n)++] = (char)(0x80 | (cp & 0x3f)); }
+    else if (cp < 0x10000) {
+        s[(*n)++] = (char)(0xe0 | (cp >> 12)); s[(*n)++] = (char)(0x80 | ((cp >> 6) & 0x3f));
+        s[(*n)++] = (char)(0x80 | (cp & 0x3f));
+    } else {
+        s[(*n)++] = (char)(0xf0 | (cp >> 18)); s[(*n)++] = (char)(0x80 | ((cp >> 12) & 0x3f));
+        s[(*n)++] = (char)(0x80 | ((cp >> 6) & 0x3f)); s[(*n)++] = (char)(0x80 | (cp & 0x3f));
+    }
+}
+
+/* Random text of about `bytes` bytes: runs of one character class (letters, digits,
+ * punctuation, whitespace, Latin-1, combining marks, Greek, Cyrillic, Hebrew/Arabic,
+ * Devanagari, Thai, Hangul jamo, CJK, Hangul, private use, emoji, astral planes),
+ * mostly short, now and then hundreds long; sometimes a stray continuation byte. */
+static char *random_text(pd_rng *r, size_t bytes) {
+    static const uint32_t CLS[][2] = {
+        {0x61, 0x7a}, {0x41, 0x5a}, {0x30, 0x39}, {0x20, 0x2f}, {0x3a, 0x40}, {0x7b, 0x7e}, {0x09, 0x0d},
+        {0xa0, 0x17f}, {0x300, 0x36f}, {0x370, 0x3ff}, {0x400, 0x4ff}, {0x590, 0x6ff}, {0x900, 0x97f},
+        {0xe00, 0xe7f}, {0x1100, 0x11ff}, {0x2000, 0x206f}, {0x4e00, 0x9fff}, {0xac00, 0xd7a3},
+        {0xe000, 0xe0ff}, {0xff00, 0xffef}, {0x1f300, 0x1faff}, {0x20000, 0x2a6df}};
+    char *s = xmalloc(bytes + 2048);
+    size_t n = 0;
+    while (n < bytes) {
+        uint64_t k = rng_next(r) % 100;
+        if (k < 2) { s[n++] = (char)(0x80 + rng_next(r) % 0x40); continue; }
+        int c = k < 50 ? (int)(rng_next(r) % 3) : (int)(rng_next(r) % PD_ARRAY_LEN(CLS));
+        int len = rng_next(r) % 25 == 0 ? 1 + (int)(rng_next(r) % 300) : 1 + (int)(rng_next(r) % 8);
+        for (int i = 0; i < len; i++)
+            put_utf8(s, &n, CLS[c][0] + (uint32_t)(rng_next(r) % (CLS[c][1] - CLS[c][0] + 1)));
+        if (rng_next(r) % 3 == 0) s[n++] = ' ';
+    }
+    s[n] = 0;
+    return s;
+}
+
+static void test_shortcuts_exact(void) {
+    pd_rng r;
+    rng_seed(&r, 7);
+    char err[256];
+    for (int k = 0; k < 3; k++) {
+        if (!TOK[k]) continue;
+        tokenizer plain = *TOK[k];   /* a shallow copy, never freed */
+        plain.reference = true;
+        int diffs = 0;
+        for (int i = 0; i < 40; i++) {
+            char *s = random_text(&r, i < 10 ? 200 : 20000);
+            size_t len = strlen(s);
+            int32_t *a, *b;
+            int na, nb;
+            REQUIRE(tokenizer_encode(TOK[k], s, len, false, &a, &na, err, sizeof(err)) == 0);
+            REQUIRE(tokenizer_encode(&plain, s, len, false, &b, &nb, err, sizeof(err)) == 0);
+            if (na != nb || memcmp(a, b, sizeof(int32_t) * (size_t)na) != 0) {
+                if (diffs++ == 0) {
+                    fprintf(stderr, "%s: text %d encodes differently with and without the shortcuts\n", NAMES[k], i);
+                    print_ids("fast", a, na);
+                    print_ids("plain", b, nb);
+                }
+            }
+            free(a); free(b); free(s);
+        }
+        CHECKF(diffs == 0, "%s: %d of 40 random texts differ", NAMES[k], diffs);
+    }
+}
+
 int main(void) {
     int have = 0;
     for (int k = 0; k < 3; k++) have += (TOK[k] = load_named(NAMES[k])) != NULL;
@@ -302,6 +371,7 @@ int main(void) {
     TEST_RUN(test_chat_qwen3);
     TEST_RUN(test_llama2_basics);
     TEST_RUN(test_speed_16k);
+    TEST_RUN(test_shortcuts_exact);
     for (int k = 0; k < 3; k++) tokenizer_free(TOK[k]);
     cJSON_Delete(CORPUS);
     int rc = TEST_END();

@@ -491,10 +491,10 @@ static int load_json(load_ctx *c, const char *json, size_t len) {
     t->special = xcalloc((size_t)t->n_ids + 1, sizeof(bool));
     t->is_added = xcalloc((size_t)t->n_ids + 1, sizeof(bool));
     for (uint32_t i = 0; i < t->vocab.cap; i++)
-        if (t->vocab.key[i]) {
-            int32_t id = t->vocab.val[i];
-            t->tok[id] = (char *)t->vocab.key[i];   /* points into our copies below */
-            t->tok_len[id] = t->vocab.klen[i];
+        if (t->vocab.slot[i].key) {
+            int32_t id = t->vocab.slot[i].val;
+            t->tok[id] = (char *)t->vocab.slot[i].key;   /* points into our copies below */
+            t->tok_len[id] = t->vocab.slot[i].klen;
         }
     for (int i = 0; i < t->n_added; i++) {
         added_token *a = &t->added[i];
@@ -504,6 +504,7 @@ static int load_json(load_ctx *c, const char *json, size_t len) {
         t->special[a->id] = a->special;
         t->is_added[a->id] = true;
     }
+    bpe_build_tables(t);
     build_added_index(t, &t->raw_ix, false);
     build_added_index(t, &t->norm_ix, true);
     for (int i = 0; i < t->n_pp_prefix; i++) if (t->pp_prefix[i] >= t->n_ids) { pd_errorf(c->err, c->errlen, "%s: post_processor id %d is outside the vocabulary", c->file, t->pp_prefix[i]); goto done; }
@@ -567,6 +568,7 @@ void tokenizer_free(tokenizer *t) {
     free(t->tok_len);
     str_map_free(&t->vocab);
     free(t->vocab_arena);
+    bpe_free_tables(t);
     pair_map_free(&t->merges);
     free(t->cont_prefix);
     free(t->eow_suffix);

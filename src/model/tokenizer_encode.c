@@ -254,12 +254,34 @@ static int pretokenize(enc_ctx *c, size_t off, size_t len, bool first, piece_vec
 }
 
 /* ---- normalizers ------------------------------------------------------------------------- */
-static void norm_unicode(tbuf *out, const char *s, size_t n, utf8proc_option_t opt) {
+static void norm_unicode_run(tbuf *out, const char *s, size_t n, utf8proc_option_t opt) {
     utf8proc_uint8_t *dst = NULL;
     utf8proc_ssize_t r = utf8proc_map((const utf8proc_uint8_t *)s, (utf8proc_ssize_t)n, &dst, opt | UTF8PROC_STABLE);
     if (r < 0) tbuf_put(out, s, n);   /* cannot happen on valid UTF-8; keep the text */
     else tbuf_put(out, dst, (size_t)r);
     free(dst);
+}
+
+/* NFC, NFD, NFKC or NFKD of s[0..n). ASCII is its own normal form, and an ASCII
+ * character never composes with the character before it (no canonical composition
+ * has an ASCII second half) nor reorders (combining class 0): so the text splits
+ * before every ASCII character that follows another ASCII character, ASCII runs are
+ * copied, and only each non-ASCII run, with the one ASCII character before it (that
+ * may be the first half of a composition: "=" + U+0338 is U+2260), goes through
+ * utf8proc. Most prompts are mostly ASCII. */
+static void norm_unicode(const tokenizer *t, tbuf *out, const char *s, size_t n, utf8proc_option_t opt) {
+    if (t->reference) { norm_unicode_run(out, s, n, opt); return; }
+    size_t i = 0;
+    while (i < n) {
+        size_t j = i, k;
+        while (j < n && (unsigned char)s[j] < 0x80) j++;          /* ASCII [i, j) */
+        if (j == n) { tbuf_put(out, s + i, n - i); return; }
+        for (k = j; k < n && (unsigned char)s[k] >= 0x80; k++) {}  /* non-ASCII [j, k) */
+        size_t start = j > i ? j - 1 : j;
+        tbuf_put(out, s + i, start - i);
+        norm_unicode_run(out, s + start, k - start, opt);
+        i = k;
+    }
 }
 
 static void norm_replace(enc_ctx *c, const norm_step *st, tbuf *out, const char *s, size_t n) {
@@ -284,10 +306,10 @@ static void norm_replace(enc_ctx *c, const norm_step *st, tbuf *out, const char 
 
 static void norm_one(enc_ctx *c, const norm_step *st, tbuf *out, const char *s, size_t n) {
     switch (st->kind) {
-    case NORM_NFC: norm_unicode(out, s, n, UTF8PROC_COMPOSE); break;
-    case NORM_NFD: norm_unicode(out, s, n, UTF8PROC_DECOMPOSE); break;
-    case NORM_NFKC: norm_unicode(out, s, n, UTF8PROC_COMPOSE | UTF8PROC_COMPAT); break;
-    case NORM_NFKD: norm_unicode(out, s, n, UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT); break;
+    case NORM_NFC: norm_unicode(c->t, out, s, n, UTF8PROC_COMPOSE); break;
+    case NORM_NFD: norm_unicode(c->t, out, s, n, UTF8PROC_DECOMPOSE); break;
+    case NORM_NFKC: norm_unicode(c->t, out, s, n, UTF8PROC_COMPOSE | UTF8PROC_COMPAT); break;
+    case NORM_NFKD: norm_unicode(c->t, out, s, n, UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT); break;
     case NORM_LOWERCASE:
         for (size_t i = 0; i < n;) {
             int l;
@@ -398,7 +420,9 @@ static void encode_pieces(enc_ctx *c, piece_vec *pv) {
     for (int i = 0; i < pv->n; i++) {
         const char *p = c->arena.p + pv->p[i].off;
         size_t n = pv->p[i].len;
-        if (c->t->bytelevel) {
+        if (c->t->raw_bytes && !c->t->reference) {
+            bpe_encode_raw(c->t, c->bpe, p, n, &c->out);
+        } else if (c->t->bytelevel) {
             c->word.n = 0;
             for (size_t k = 0; k < n; k++) tbuf_put_cp(&c->word, BYTELEVEL_CHAR[(unsigned char)p[k]]);
             bpe_encode_word(c->t, c->bpe, c->word.p, c->word.n, &c->out);

@@ -3,7 +3,9 @@
  * outside src/model/tokenizer*.c and chat.c includes it.
  *
  * Everything here is built once by tokenizer_load and read-only afterwards, so any
- * number of threads may encode and decode at once. */
+ * number of threads may encode and decode at once; the one exception, `whole`, is a
+ * memo of a fixed property of each token, written with relaxed atomic stores (two
+ * threads that race write the same value). */
 #ifndef PD_TOKENIZER_INTERNAL_H
 #define PD_TOKENIZER_INTERNAL_H
 
@@ -17,21 +19,50 @@
 
 /* ---- hash tables ----------------------------------------------------------------
  * str_map: string -> id, open addressing; keys point into strings the tokenizer
- * owns (never copied). pair_map: (left id, right id) -> (merge rank, merged id). */
+ * owns (never copied). pair_map: (left id, right id) -> (merge rank, merged id).
+ * Each slot holds everything a probe compares (a 32-bit hash of the string in
+ * str_map), so a lookup touches one cache line of the table: the merge table of a
+ * 150k-merge tokenizer is megabytes, and encoding random text misses the cache on
+ * nearly every lookup. */
+typedef struct str_slot {
+    const char *key;     /* NULL = free slot */
+    uint32_t klen;
+    uint32_t hash;       /* high half of the key's hash, checked before memcmp */
+    int32_t val;
+} str_slot;
+
 typedef struct str_map {
     uint32_t cap;        /* power of two, 0 when empty */
     uint32_t n;
-    const char **key;    /* [cap] NULL = free slot */
-    uint32_t *klen;      /* [cap] */
-    int32_t *val;        /* [cap] */
+    str_slot *slot;      /* [cap] */
 } str_map;
+
+typedef struct pair_slot {
+    uint64_t key;        /* (left << 32 | right) + 1; 0 = free */
+    int32_t rank, merged;
+} pair_slot;
 
 typedef struct pair_map {
     uint32_t cap, n;
-    uint64_t *key;       /* [cap] (left << 32 | right) + 1; 0 = free */
-    int32_t *rank;       /* [cap] */
-    int32_t *merged;     /* [cap] */
+    pair_slot *slot;     /* [cap] */
 } pair_map;
+
+/* The merge table the merge loop reads: (left, right) -> rank in 8-byte slots, and
+ * merged[rank], the id that merge makes. Packing needs 2 id_bits + 1 + rank_bits <= 64,
+ * true of every real vocabulary (128k ids and 280k merges take 35 + 19); where it
+ * does not hold, cap is 0 and lookups go to the tokenizer's pair_map instead. A
+ * third of the pair_map's size, so three times as much of it stays in the cache. */
+typedef struct merge_table {
+    uint64_t *slot;      /* [cap] 0 = free, else ((left << id_bits | right) + 1) << rank_bits | rank */
+    uint32_t cap;        /* power of two; 0 when the pair_map answers */
+    int id_bits, rank_bits;
+    int32_t *merged;     /* [n] id made by the merge of each rank (-1: a rank overridden by a later duplicate) */
+    int32_t n;
+    /* Bit i of left / right: id i is the left / right half of some merge. Two thirds
+     * of the ids are neither (Llama 3), and a pair whose halves fail this test is
+     * answered without touching the table: tens of kilobytes that stay in the cache. */
+    uint64_t *left, *right;   /* [2^id_bits / 64 + 1] */
+} merge_table;
 
 void str_map_put(str_map *m, const char *key, uint32_t klen, int32_t val); /* overwrites */
 int32_t str_map_get(const str_map *m, const char *key, uint32_t klen);     /* -1 when absent */
@@ -99,7 +130,22 @@ struct tokenizer {
     uint32_t *tok_len;         /* [n_ids] */
     str_map vocab;             /* model vocabulary; keys live in vocab_arena */
     char *vocab_arena;
-    pair_map merges;
+    pair_map merges;           /* as loaded; emptied once mtab holds it */
+    merge_table mtab;
+    /* Byte-level models (every byte's character is a token, no subword prefix or
+     * suffix): pieces are merged as raw bytes, without mapping them to GPT-2's
+     * alphabet first. raw_vocab is vocab with keys mapped back to bytes (entries with
+     * characters outside the alphabet left out: no piece can spell them). */
+    bool raw_bytes;
+    str_map raw_vocab;         /* keys live in raw_arena */
+    char *raw_arena;
+    int32_t byte_id[256];      /* id of the token of byte b's character */
+    uint8_t *whole;            /* [n_ids] does BPE of the token's own text give just the
+                                * token? 0 not known yet, 1 yes, 2 no (tokenizer_bpe.c) */
+    bool reference;            /* tests: encode the plain way, none of the shortcuts above
+                                * (raw bytes, whole-token memo, array merging of short words,
+                                * ASCII runs in normalizers); the tests compare the two on
+                                * random text */
     bool ignore_merges, byte_fallback, fuse_unk;
     int32_t unk_id;            /* -1 when none */
     char *cont_prefix, *eow_suffix; /* NULL when none */
@@ -149,13 +195,21 @@ void utf8_lossy_append(tbuf *out, const char *s, size_t n);
 /* pcre2 compile with the project's flags (UTF, UCP, JIT when available). */
 pcre2_code *tok_regex_compile(const char *pat, size_t len, char *err, size_t errlen);
 
-/* BPE of one pre-token (already in the model's alphabet); appends ids to *out. */
+/* Builds mtab, and raw_bytes, raw_vocab and byte_id, once the model and the
+ * pre-tokenizers are loaded. */
+void bpe_build_tables(tokenizer *t);
+void bpe_free_tables(tokenizer *t);
+
+/* BPE of one pre-token (already in the model's alphabet); appends ids to *out.
+ * bpe_encode_raw: the same for a byte-level model (t->raw_bytes), from the piece's
+ * raw bytes; it gives exactly the ids bpe_encode_word gives for the mapped piece. */
 typedef struct id_vec { int32_t *p; int n, cap; } id_vec;
 void id_vec_push(id_vec *v, int32_t id);
 typedef struct bpe_scratch bpe_scratch;
 bpe_scratch *bpe_scratch_new(void);
 void bpe_scratch_free(bpe_scratch *s);
 void bpe_encode_word(const tokenizer *t, bpe_scratch *s, const char *w, size_t n, id_vec *out);
+void bpe_encode_raw(const tokenizer *t, bpe_scratch *s, const char *w, size_t n, id_vec *out);
 
 /* Decoding of ids[0..n) to a buffer (the decoder pipeline). */
 void tok_decode_into(const tokenizer *t, const int32_t *ids, int n, bool skip_special, tbuf *out);

@@ -94,10 +94,10 @@ static bool train_step(trainer *tr) {
     int32_t ba = -1, bb = -1;
     tbuf cand = {0}, bests = {0};
     for (uint32_t i = 0; i < counts.cap; i++) {
-        if (!counts.key[i]) continue;
-        uint64_t k = counts.key[i] - 1;
+        if (!counts.slot[i].key) continue;
+        uint64_t k = counts.slot[i].key - 1;
         int32_t a = (int32_t)(k >> 32), b = (int32_t)(k & 0xffffffffu);
-        int64_t c = cnt[counts.rank[i]];
+        int64_t c = cnt[counts.slot[i].rank];
         if (c < best) continue;
         cand.n = 0;
         tbuf_put(&cand, tr->tok[a], strlen(tr->tok[a]));
