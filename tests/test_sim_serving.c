@@ -228,6 +228,55 @@ static void test_serving_cpu(void) {
     sim_profile_free(&p);
 }
 
+/* Contention by kind: two colocated instances on two cores whose reference pair does
+ * not slow (slowdown(2) = 1), but a decode step beside a prefill takes twice as long and
+ * a prefill beside a decode 1.5 times. A (3 tokens) at 0 on instance 0: prefill
+ * 0-0.1; B at 0.1 on instance 1: its prefill starts with A's first decode. A decodes at
+ * half speed: tokens at 0.14 and 0.18. B's prefill runs at 1/1.5 until 0.18 (0.08 / 1.5
+ * of its 0.1 s done), then alone: done at 0.18 + 0.1 - 0.08 / 1.5. Without kinds: 0.2. */
+static void test_contention_kinds(void) {
+    sim_profile p;
+    const_profile(&p, 0.1, 0.02);
+    snprintf(p.backend, sizeof p.backend, "cpu");
+    p.contention = (sim_contention){.cores = 2, .threads = 1, .n_points = 2, .procs = {1, 2}, .slowdown = {1, 1},
+                                    .kinds_measured = true, .kinds = {{1.0, 1.5}, {2.0, 1.0}}};
+    sim_request r[2] = {{.n_prompt = 100, .max_tokens = 3, .arrival = 0},
+                        {.n_prompt = 100, .max_tokens = 3, .arrival = 0.1}};
+    bench_config bc;
+    bench_config_default(&bc);
+    bench_result *res;
+    sim_stats st;
+    char err[256];
+    sim_config c = colocated(2);
+    c.router = SIM_ROUTER_ROUND_ROBIN;
+    c.serving_path = false;
+    c.cpu_contention = c.contention_kinds = true;
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    const bench_record *a = &res->recs[0], *b = &res->recs[1];
+    CHECKF(near(a->ttft_s, 0.1, 1e-12) && near(a->token_s[1], 0.14, 1e-12) && near(a->token_s[2], 0.18, 1e-12),
+           "A: %.6f %.6f %.6f", a->ttft_s, a->token_s[1], a->token_s[2]);
+    CHECKF(near(b->ttft_s, 0.08 + 0.1 - 0.08 / 1.5, 1e-12), "B ttft %.6f", b->ttft_s);
+    bench_result_free(res);
+    c.contention_kinds = false;
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].token_s[2], 0.14, 1e-12) && near(res->recs[1].ttft_s, 0.1, 1e-12), "off: %.6f %.6f",
+           res->recs[0].token_s[2], res->recs[1].ttft_s);
+    bench_result_free(res);
+    /* the section's round trip, and kinds below 1 refused */
+    char *js = sim_profile_to_json(&p);
+    sim_profile q;
+    REQUIRE(sim_profile_parse(js, strlen(js), "rt", &q, err, sizeof err) == 0);
+    CHECK(q.contention.kinds_measured && q.contention.kinds[1][0] == 2.0 && q.contention.kinds[0][1] == 1.5);
+    sim_profile_free(&q);
+    free(js);
+    const char *bad = "{\"format\": \"pdserve-profile/1\", \"prefill\": {\"tokens\": [1], \"context\": [0], "
+                      "\"seconds\": [[1]]}, \"decode\": {\"batch\": [1], \"context\": [1], \"seconds\": [[1]]}, "
+                      "\"contention\": {\"cores\": 2, \"threads\": 1, \"points\": [[1, 1]], \"kinds\": [[1, 0.5], [1, 1]]}}";
+    CHECK(sim_profile_parse(bad, strlen(bad), "bad", &q, err, sizeof err) == -1);
+    CHECK_STR_CONTAINS(err, "contention.kinds");
+    sim_profile_free(&p);
+}
+
 /* A decode instance takes requests whose KV arrived between its steps, as the engine
  * admits prefilled requests (and emits their first tokens) only between steps. 1P1D,
  * prefill steps of 0.1 s, decode steps of 0.02 s, KV in 1 ms. A (10 tokens) arrives at
@@ -676,6 +725,7 @@ int main(void) {
     TEST_RUN(test_serving_cpu);
     TEST_RUN(test_serving_cpu_fit);
     TEST_RUN(test_decode_admission);
+    TEST_RUN(test_contention_kinds);
     TEST_RUN(test_mixed_excess);
     TEST_RUN(test_step_factor);
     TEST_RUN(test_profile_sections);

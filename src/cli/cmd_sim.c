@@ -183,6 +183,7 @@ typedef struct sim_cli {
     bool serving_path;      /* the profile's serving path per request (--no-serving-path) */
     bool serving_cpu;       /* CPU profiles: the serving path's CPU on the cores (--no-serving-cpu) */
     bool step_factor;       /* the profile's measured steps inside a deployment (--no-step-factor) */
+    bool contention_kinds;  /* CPU profiles: contention by the kinds of steps (--no-contention-kinds) */
 } sim_cli;
 
 static int cmp_dbl(const void *a, const void *b) {
@@ -315,7 +316,7 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
                       .kv_timeout_s = su->kv_timeout_s > 0 ? su->kv_timeout_s : pl->kv_timeout_s,
                       .cpu_contention = c->contention, .control_path = c->control_path,
                       .serving_path = c->serving_path, .serving_cpu = c->serving_cpu,
-                      .step_factor = c->step_factor};
+                      .step_factor = c->step_factor, .contention_kinds = c->contention_kinds};
     if (su->n_prefill > 0) {
         cfg.medium = sim_medium_find(prof, su->medium, &mstore);
         if (!cfg.medium) {
@@ -377,7 +378,7 @@ int cmd_sim(int argc, char **argv) {
     const char *vmodel = NULL;
     int seed = -1, threads = 0, vrepeats = 3;
     bool quiet = false, no_contention = false, no_control = false, no_serving = false, no_serving_cpu = false,
-         no_step_factor = false;
+         no_step_factor = false, no_kinds = false;
     cli_opt opts[] = {
         {"profile", OPT_STRING, &profile_path, "cost profile from `pdserve profile` (default: the plan's)", "FILE"},
         {"db", OPT_STRING, &db_path, "results database to record the points in (marked simulated)", "FILE"},
@@ -394,6 +395,9 @@ int cmd_sim(int argc, char **argv) {
         {"no-serving-cpu", OPT_FLAG, &no_serving_cpu,
          "CPU profiles: leave the serving path's measured CPU (HTTP threads, router, client) out of the "
          "contention for the host's cores", NULL},
+        {"no-contention-kinds", OPT_FLAG, &no_kinds,
+         "CPU profiles: every step beside others slows by the reference pair's curve, whatever the steps' kinds "
+         "(contention.kinds)", NULL},
         {"no-step-factor", OPT_FLAG, &no_step_factor,
          "price every step as the profile's grid does, not by the factor its serving deployment measured "
          "(serving.*.steps)", NULL},
@@ -456,7 +460,8 @@ int cmd_sim(int argc, char **argv) {
                      pl.clocks[k][0], pl.clocks[k][1]);
     sim_cli c = {.pl = &pl, .prof = &prof, .points = cJSON_CreateArray(), .quiet = quiet,
                  .vrepeats = vrepeats, .contention = !no_contention, .control_path = !no_control,
-                 .serving_path = !no_serving, .serving_cpu = !no_serving_cpu, .step_factor = !no_step_factor};
+                 .serving_path = !no_serving, .serving_cpu = !no_serving_cpu, .step_factor = !no_step_factor,
+                 .contention_kinds = !no_kinds};
     int rc = 0;
     model_files vfiles;
     backend *vbe = NULL;

@@ -408,6 +408,10 @@ char *sim_profile_to_json(const sim_profile *p) {
             double pair[2] = {ct->procs[i], ct->slowdown[i]};
             cJSON_AddItemToArray(pts, nums(pair, 2));
         }
+        if (ct->kinds_measured) {
+            cJSON *ko = cJSON_AddArrayToObject(cto, "kinds");
+            for (int x = 0; x < 2; x++) cJSON_AddItemToArray(ko, nums(ct->kinds[x], 2));
+        }
         cJSON_AddStringToObject(cto, "source", ct->source);
     }
     const sim_serving *sv = &p->serving;
@@ -638,9 +642,10 @@ static void read_clock(const cJSON *o, sim_profile *p) {
     if (c->n_points >= 2 && c->base_mhz > 0) sim_clock_fit(c, p->power.measured ? p->power.idle_w : 0);
 }
 
-/* "contention": {cores, threads, points: [[procs, slowdown]...], source}; absent in
- * older files and on GPU profiles (then cores 0: not modelled). Points must start at
- * one process and increase. */
+/* "contention": {cores, threads, points: [[procs, slowdown]...], kinds: [[prefill beside
+ * prefill, prefill beside decode], [decode beside prefill, decode beside decode]],
+ * source}; absent in older files and on GPU profiles (then cores 0: not modelled).
+ * Points must start at one process and increase; kinds (optional) are >= 1. */
 static int read_contention(const cJSON *o, sim_profile *p, const char *name, char *err, size_t errlen) {
     const cJSON *co = cJSON_GetObjectItemCaseSensitive(o, "contention");
     if (!cJSON_IsObject(co)) return 0;
@@ -662,6 +667,24 @@ static int read_contention(const cJSON *o, sim_profile *p, const char *name, cha
     if (c->cores < 0 || c->threads < 1) {
         pd_errorf(err, errlen, "%s: contention needs cores >= 0 and threads >= 1", name);
         return -1;
+    }
+    const cJSON *ko = cJSON_GetObjectItemCaseSensitive(co, "kinds");
+    if (ko) {
+        bool ok = cJSON_IsArray(ko) && cJSON_GetArraySize(ko) == 2;
+        for (int x = 0; ok && x < 2; x++) {
+            const cJSON *row = cJSON_GetArrayItem(ko, x);
+            ok = cJSON_IsArray(row) && cJSON_GetArraySize(row) == 2;
+            for (int y = 0; ok && y < 2; y++) {
+                const cJSON *v = cJSON_GetArrayItem(row, y);
+                ok = cJSON_IsNumber(v) && v->valuedouble >= 1 && isfinite(v->valuedouble);
+                if (ok) c->kinds[x][y] = v->valuedouble;
+            }
+        }
+        if (!ok) {
+            pd_errorf(err, errlen, "%s: contention.kinds must be [[pp, pd], [dp, dd]], each >= 1", name);
+            return -1;
+        }
+        c->kinds_measured = true;
     }
     return 0;
 }

@@ -338,13 +338,22 @@ static int max_of(const int *v, int n);
  * few-microsecond start skew is noise, short enough for four levels in two seconds. */
 #define CONTENTION_WINDOW_S 0.4
 
+/* What a forked child times over and over: the reference pair of steps (a prefill
+ * chunk, then a decode batch), a prefill chunk alone, or a decode batch alone. */
+enum { STEPS_PAIR, STEPS_PREFILL, STEPS_DECODE };
+
+static void child_steps(prof *P, int kind, int T, int B, int L) {
+    if (kind != STEPS_DECODE) measure_prefill(P, T, 0);
+    if (kind != STEPS_PREFILL) measure_decode(P, B, L, 0);
+}
+
 /* k processes (forks of this one, each with its copy of the model, cache and scratch,
- * as k instances are k processes) run the reference pair of steps (a prefill chunk,
- * then a decode batch) over and over, all released at once; each reports its mean time
- * per pair over CONTENTION_WINDOW_S. Returns the mean over the k processes, or -1 when
- * a fork or pipe failed. Call only while this process runs one thread: a child gets
- * the calling thread alone. */
-static double concurrent_pair_s(prof *P, int k, int T, int B, int L) {
+ * as k instances are k processes) run their steps (kinds[i], or the reference pair for
+ * every one when kinds is NULL) over and over, all released at once; each reports its
+ * mean time per round over CONTENTION_WINDOW_S. Returns the mean over the k processes
+ * (*first: the first one's), or -1 when a fork or pipe failed. Call only while this
+ * process runs one thread: a child gets the calling thread alone. */
+static double concurrent_steps_s(prof *P, int k, const int *kinds, int T, int B, int L, double *first) {
     int ready[2], go[2], res[2];
     if (pipe(ready) != 0) return -1;
     if (pipe(go) != 0) {
@@ -360,21 +369,20 @@ static double concurrent_pair_s(prof *P, int k, int T, int B, int L) {
         pid_t pid = fork();
         if (pid < 0) break;
         if (pid == 0) { /* the child: warm up, wait for the start, time, report, leave */
-            measure_prefill(P, T, 0);
-            measure_decode(P, B, L, 0);
+            int kind = kinds ? kinds[started] : STEPS_PAIR;
+            child_steps(P, kind, T, B, L);
             char c = 1;
-            double v = -1;
+            double v[2] = {(double)started, -1};
             if (write(ready[1], &c, 1) == 1 && read(go[0], &c, 1) == 1) {
                 double t0 = time_now_s(), t = t0;
                 long n = 0;
                 for (; t - t0 < CONTENTION_WINDOW_S; n++) {
-                    measure_prefill(P, T, 0);
-                    measure_decode(P, B, L, 0);
+                    child_steps(P, kind, T, B, L);
                     t = time_now_s();
                 }
-                v = (t - t0) / (double)n;
+                v[1] = (t - t0) / (double)n;
             }
-            ssize_t w = write(res[1], &v, sizeof v);
+            ssize_t w = write(res[1], v, sizeof v);
             _exit(w == (ssize_t)sizeof v ? 0 : 1);
         }
     }
@@ -389,13 +397,41 @@ static double concurrent_pair_s(prof *P, int k, int T, int B, int L) {
     close(go[1]);
     double sum = 0;
     int got = 0;
+    if (first) *first = -1;
     for (int i = 0; i < started; i++) {
-        double v;
-        if (read(res[0], &v, sizeof v) == (ssize_t)sizeof v && v > 0) sum += v, got++;
+        double v[2];
+        if (read(res[0], v, sizeof v) == (ssize_t)sizeof v && v[1] > 0) {
+            sum += v[1], got++;
+            if (first && v[0] == 0) *first = v[1];
+        }
     }
     close(ready[0]), close(res[0]);
     for (int i = 0; i < started; i++) waitpid(-1, NULL, 0);
     return started == k && got == k ? sum / got : -1;
+}
+
+/* The pairs of kinds (sim_contention.kinds): a prefill chunk of Tk rows, or a decode
+ * batch, timed alone and while one other process runs the same or the other kind; the
+ * first process's time over its time alone. Fills c->kinds and says so, or leaves
+ * kinds_measured false. */
+static void measure_contention_kinds(prof *P, sim_contention *c, int Tk, int B, int L) {
+    double alone[2];
+    for (int x = 0; x < 2; x++) {
+        int kinds[1] = {x ? STEPS_DECODE : STEPS_PREFILL};
+        if (concurrent_steps_s(P, 1, kinds, Tk, B, L, &alone[x]) <= 0 || !(alone[x] > 0)) return;
+    }
+    for (int x = 0; x < 2; x++)
+        for (int y = 0; y < 2; y++) {
+            int kinds[2] = {x ? STEPS_DECODE : STEPS_PREFILL, y ? STEPS_DECODE : STEPS_PREFILL};
+            double t;
+            if (concurrent_steps_s(P, 2, kinds, Tk, B, L, &t) <= 0 || !(t > 0)) return;
+            c->kinds[x][y] = PD_MAX(t / alone[x], 1.0);
+        }
+    c->kinds_measured = true;
+    log_info("profile: contention by kind (prefill %d rows %.2f ms alone, decode %dx%d %.2f ms alone): prefill "
+             "beside prefill x%.2f, beside decode x%.2f; decode beside prefill x%.2f, beside decode x%.2f",
+             Tk, alone[0] * 1e3, B, L, alone[1] * 1e3, c->kinds[0][0], c->kinds[0][1], c->kinds[1][0],
+             c->kinds[1][1]);
 }
 
 /* The contention curve (sim_contention): the host's online cores, the backend's threads,
@@ -420,7 +456,7 @@ static void measure_contention(prof *P, const sim_profile_opts *o, sim_contentio
     int kmax = PD_MIN(2 * c->cores, SIM_MAX_CONTENTION);
     double t1 = -1;
     for (int k = 1; k <= kmax; k++) {
-        double t = concurrent_pair_s(P, k, T, B, L);
+        double t = concurrent_steps_s(P, k, NULL, T, B, L, NULL);
         if (t <= 0) break;
         if (k == 1) t1 = t;
         c->procs[c->n_points] = k;
@@ -428,9 +464,13 @@ static void measure_contention(prof *P, const sim_profile_opts *o, sim_contentio
         log_info("profile: contention: %d process%s stepping at once on %d cores: %.3f ms per prefill %d + decode "
                  "%dx%d, x%.2f", k, k > 1 ? "es" : "", c->cores, t * 1e3, T, B, L, c->slowdown[c->n_points - 1]);
     }
+    int Tk = PD_MIN(512, max_of(o->prefill_tokens, o->n_prefill_tokens));
+    if (c->n_points >= 2) measure_contention_kinds(P, c, Tk, B, L);
+    char kinds[80] = "";
+    if (c->kinds_measured) snprintf(kinds, sizeof kinds, "; by kind: prefill %d or the decode, beside one other", Tk);
     snprintf(c->source, sizeof c->source,
-             "measured: 1 to %d forked processes each timing prefill %d + decode %dx%d for %.1f s at once",
-             c->n_points, T, B, L, CONTENTION_WINDOW_S);
+             "measured: 1 to %d forked processes each timing prefill %d + decode %dx%d for %.1f s at once%s",
+             c->n_points, T, B, L, CONTENTION_WINDOW_S, kinds);
 }
 
 /* ---- power ------------------------------------------------------------------------------ */

@@ -250,18 +250,36 @@ static sreq *serve_first(sim_state *s) {
     return s->serve_head < s->n_arrived ? &s->reqs[s->serve_head] : NULL;
 }
 
+/* The kind of the step in flight for the contention by kind: 0 a prefill (its prefill
+ * part the larger), 1 a decode. */
+static int step_kind(const inst *in) { return in->step.prefill_s >= in->step.decode_s ? 0 : 1; }
+
 static void reshare(sim_state *s, double now) {
     serve_charge(s, now);
     bool serving = s->serve_left > 1e-12;
-    double rate = 1.0 / sim_contention_slowdown(&s->p->contention, s->n_busy + (serving ? 1 : 0));
+    const sim_contention *ct = &s->p->contention;
+    double base = sim_contention_slowdown(ct, s->n_busy + (serving ? 1 : 0)), rate = 1.0 / base;
+    /* by kind: with another instance in a step, a step's slowdown is base x what its kind
+     * measured beside the others' (more common) kind over the reference pair's slowdown(2) */
+    bool kinds = s->cfg->contention_kinds && ct->kinds_measured && s->n_busy >= 2;
+    int n_kind[2] = {0, 0};
+    if (kinds)
+        for (int i = 0; i < s->n_inst; i++)
+            if (s->insts[i].busy) n_kind[step_kind(&s->insts[i])]++;
+    double ref2 = kinds ? sim_contention_slowdown(ct, 2) : 1;
     for (int i = 0; i < s->n_inst; i++) {
         inst *in = &s->insts[i];
         if (!in->busy) continue;
         in->work_left = PD_MAX(in->work_left - (now - in->rate_t) * in->rate, 0);
         in->rate_t = now;
-        if (in->rate == rate) continue;
-        in->rate = rate;
-        heap_push_gen(&s->heap, now + in->work_left / rate, EV_STEP_END, i, ++in->gen);
+        double r = rate;
+        if (kinds) {
+            int x = step_kind(in), other[2] = {n_kind[0] - (x == 0), n_kind[1] - (x == 1)};
+            r = 1.0 / PD_MAX(base * ct->kinds[x][other[1] > other[0]] / ref2, 1.0);
+        }
+        if (in->rate == r) continue;
+        in->rate = r;
+        heap_push_gen(&s->heap, now + in->work_left / r, EV_STEP_END, i, ++in->gen);
     }
     if (!serving) {
         s->serve_left = s->serve_rate = 0;

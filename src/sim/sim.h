@@ -94,6 +94,11 @@ typedef struct sim_contention {
                                x the time of one alone (procs[0] = 1); 0: ideal sharing,
                                max(1, k x threads / cores) */
     double procs[SIM_MAX_CONTENTION], slowdown[SIM_MAX_CONTENTION];
+    /* by kind (docs/simulator.md, "CPU contention"): kinds[x][y], a step of kind x (0: a
+     * prefill chunk, 1: a decode batch) while one other process runs steps of kind y,
+     * over x alone; kinds_measured false: every pairing is slowdown(2) */
+    bool kinds_measured;
+    double kinds[2][2];
     char source[192];
 } sim_contention;
 
@@ -413,6 +418,9 @@ typedef struct sim_config {
                                    serving path after its arrival (sim_serving: colocated,
                                    + router for several colocated instances, disaggregated;
                                    the last replaces control_s, which it includes) */
+    bool contention_kinds;      /* with cpu_contention: a step beside another instance's
+                                   slows by what its kind measured beside the other's
+                                   kind (sim_contention.kinds), where the profile has it */
     bool step_factor;           /* each instance's steps cost the profile's price x its
                                    deployment's measured sim_step_factor (colocated or
                                    disaggregated), where the profile has one */
