@@ -26,7 +26,9 @@
 
 static const int CPU_PT[] = {16, 64, 128, 256, 512, 1024, 2048};
 static const int CPU_PC[] = {0, 256, 1024};
-static const int CPU_DB[] = {1, 2, 4, 8, 16, 32, 64};
+/* every decode batch up to 8 and more between: OpenBLAS's sgemm costs more at some row
+ * counts than at the next larger one (docs/simulator.md, "How points are measured") */
+static const int CPU_DB[] = {1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 64};
 static const int CPU_DC[] = {64, 256, 1024};
 static const int GPU_PT[] = {16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384};
 static const int GPU_PC[] = {0, 2048, 8192, 16384};
@@ -237,13 +239,16 @@ static void run_rounds(prof *P, ppoint *pts, int n, int repeats) {
     for (int i = 0; i < n; i++) *pts[i].out = median(pts[i].s, repeats);
 }
 
-/* Contention only ever slows a run down, and cost never falls as rows or context grow:
- * each value becomes the least of itself and every value at larger or equal (x, y). */
-static void lower_monotone_envelope(sim_grid *g) {
+/* Contention only ever slows a run down, and cost never falls as context grows (nor,
+ * with along_x, as rows grow): each value becomes the least of itself and every value
+ * at larger or equal y (and x). Decode batches are left out of x: on the CPU a batch of
+ * 7 rows measured 2.2 ms where 8 took 1.9 (OpenBLAS's sgemm kernels favour some row
+ * counts), so a smaller batch may really cost more. */
+static void lower_monotone_envelope(sim_grid *g, bool along_x) {
     for (int i = g->nx - 1; i >= 0; i--)
         for (int j = g->ny - 1; j >= 0; j--) {
             double *v = &g->v[i * g->ny + j];
-            if (i + 1 < g->nx) *v = PD_MIN(*v, g->v[(i + 1) * g->ny + j]);
+            if (along_x && i + 1 < g->nx) *v = PD_MIN(*v, g->v[(i + 1) * g->ny + j]);
             if (j + 1 < g->ny) *v = PD_MIN(*v, g->v[i * g->ny + j + 1]);
         }
 }
@@ -338,6 +343,36 @@ static int max_of(const int *v, int n);
  * few-microsecond start skew is noise, short enough for four levels in two seconds. */
 #define CONTENTION_WINDOW_S 0.4
 
+static size_t role_bytes(const model *m, weight_role r) {
+    int64_t shape[2];
+    int nd = weight_role_shape(&m->cfg, r, shape);
+    return (size_t)shape[0] * (nd == 2 ? (size_t)shape[1] : 1) * dtype_size(m->be->ops->weight_type);
+}
+
+/* Writes one byte of every page of [p, p + bytes) back as it is: a forked child's
+ * copy-on-write pages become its own. */
+static void touch_pages(void *p, size_t bytes) {
+    volatile unsigned char *c = p;
+    for (size_t i = 0; p && i < bytes; i += 4096) c[i] = c[i];
+}
+
+/* A forked child holds the parent's weights in the same physical pages (copy on write),
+ * where instances are processes that each load their own: their caches would hold one
+ * copy for all, and contention would read low. The child makes its weight matrices its
+ * own first (host memory backends). */
+static void unshare_weights(const model *m) {
+    if (!m->be->ops->host_memory) return;
+    touch_pages(m->embed, role_bytes(m, WEIGHT_EMBED));
+    if (m->lm_head != m->embed) touch_pages(m->lm_head, role_bytes(m, WEIGHT_LM_HEAD));
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        const layer_weights *w = &m->layers[l];
+        touch_pages(w->wqkv, role_bytes(m, WEIGHT_Q) + role_bytes(m, WEIGHT_K) + role_bytes(m, WEIGHT_V));
+        touch_pages(w->wo, role_bytes(m, WEIGHT_O));
+        touch_pages(w->w_gate_up, role_bytes(m, WEIGHT_GATE) + role_bytes(m, WEIGHT_UP));
+        touch_pages(w->w_down, role_bytes(m, WEIGHT_DOWN));
+    }
+}
+
 /* What a forked child times over and over: the reference pair of steps (a prefill
  * chunk, then a decode batch), a prefill chunk alone, or a decode batch alone. */
 enum { STEPS_PAIR, STEPS_PREFILL, STEPS_DECODE };
@@ -370,6 +405,7 @@ static double concurrent_steps_s(prof *P, int k, const int *kinds, int T, int B,
         if (pid < 0) break;
         if (pid == 0) { /* the child: warm up, wait for the start, time, report, leave */
             int kind = kinds ? kinds[started] : STEPS_PAIR;
+            unshare_weights(P->m);
             child_steps(P, kind, T, B, L);
             char c = 1;
             double v[2] = {(double)started, -1};
@@ -757,9 +793,9 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
             log_info("profile: %s %s=%d %s=%d: %.3f ms", pts[i].kind ? "decode" : "prefill", pts[i].kind ? "B" : "T",
                      pts[i].a, pts[i].kind ? "L" : "C", pts[i].b, *pts[i].out * 1e3);
     }
-    lower_monotone_envelope(&out->prefill);
-    lower_monotone_envelope(&out->decode);
-    lower_monotone_envelope(&out->linear);
+    lower_monotone_envelope(&out->prefill, true);
+    lower_monotone_envelope(&out->decode, false);
+    lower_monotone_envelope(&out->linear, true);
     free(pts);
     if (o->verbose)
         for (int i = 0; i < n_lin; i++) log_info("profile: linear T=%d: %.3f ms", lin[i], out->linear.v[i] * 1e3);
