@@ -18,6 +18,12 @@
  *                                 NOT_SUPPORTED, UNKNOWN, or a number): always, or only
  *                                 on its Nth call (@N), or from its Nth call on (@N+)
  *   FAKE_NVML_INIT_FAIL=1         nvmlInit_v2 fails (DRIVER_NOT_LOADED)
+ *   FAKE_NVML_POWER_LIMIT_W=w     enforced power limit (default 700 W)
+ *   FAKE_NVML_BUSY=t,w            from t seconds after nvmlInit on, every GPU draws w
+ *                                 (power readings and the energy counter): a load starts
+ *   FAKE_NVML_THROTTLE=t,mhz      from t seconds after nvmlInit on, the SM clock reads
+ *                                 mhz and the clock event reasons SW_POWER_CAP (0x4);
+ *                                 before, the top supported clock and reasons 0
  * Test code only: not part of pdserve. */
 #include <fcntl.h>
 #include <stdarg.h>
@@ -59,6 +65,8 @@ static double g_t0;
 static int g_no_instant;
 static char g_fail[1024];
 static int g_inited;
+static double g_limit_w = 700, g_busy_t = -1, g_busy_w, g_throttle_t = -1;
+static unsigned g_throttle_mhz;
 
 static double now_s(void) {
     struct timespec ts;
@@ -135,6 +143,17 @@ static int g_generation; /* bumped by every nvmlInit: call counts restart with i
     }                                                                                     \
     int rc_ = injected(fn, ++calls_)
 
+/* Power now, and the energy counter's joules since init (FAKE_NVML_BUSY: a step up). */
+static double power_now(const fake_dev *d) {
+    return g_busy_t >= 0 && now_s() - g_t0 >= g_busy_t ? g_busy_w : d->power_w;
+}
+static double joules_since_init(const fake_dev *d) {
+    double t = now_s() - g_t0;
+    if (g_busy_t < 0 || t < g_busy_t) return d->power_w * t;
+    return d->power_w * g_busy_t + g_busy_w * (t - g_busy_t);
+}
+static int throttled(void) { return g_throttle_t >= 0 && now_s() - g_t0 >= g_throttle_t; }
+
 static fake_dev *dev_of(void *h) {
     fake_dev *d = h;
     if (d < g_dev || d >= g_dev + g_n) return NULL;
@@ -162,6 +181,13 @@ FAKE_EXPORT int nvmlInit_v2(void) {
     g_nmem = parse_list(getenv("FAKE_NVML_MEM_CLOCKS"), g_mem, 16);
     if (!g_nmem) g_nmem = parse_list("2619", g_mem, 16);
     g_no_instant = getenv("FAKE_NVML_NO_INSTANT") != NULL;
+    s = getenv("FAKE_NVML_POWER_LIMIT_W");
+    g_limit_w = s ? atof(s) : 700;
+    g_busy_t = g_throttle_t = -1;
+    s = getenv("FAKE_NVML_BUSY");
+    if (s && sscanf(s, "%lf,%lf", &g_busy_t, &g_busy_w) != 2) g_busy_t = -1;
+    s = getenv("FAKE_NVML_THROTTLE");
+    if (s && sscanf(s, "%lf,%u", &g_throttle_t, &g_throttle_mhz) != 2) g_throttle_t = -1;
     s = getenv("FAKE_NVML_FAIL");
     snprintf(g_fail, sizeof g_fail, "%s", s ? s : "");
     for (int i = 0; i < g_n; i++) {
@@ -225,7 +251,7 @@ FAKE_EXPORT int nvmlDeviceGetTotalEnergyConsumption(void *h, unsigned long long 
             *mj = d->energy_mj;
             d->energy_mj += g_step_mj; /* wraps through 2^64 like the real u64 would */
         } else {
-            *mj = g_start_mj + (unsigned long long)(d->power_w * 1000.0 * (now_s() - g_t0));
+            *mj = g_start_mj + (unsigned long long)(1000.0 * joules_since_init(d));
         }
     }
     flog("nvmlDeviceGetTotalEnergyConsumption gpu=%d rc=%d", d->index, rc_);
@@ -236,7 +262,7 @@ FAKE_EXPORT int nvmlDeviceGetPowerUsage(void *h, unsigned *mw) {
     FAIL_POINT("nvmlDeviceGetPowerUsage");
     fake_dev *d = dev_of(h);
     if (!d) return 2;
-    if (!rc_) *mw = (unsigned)(d->power_w * 1000.0);
+    if (!rc_) *mw = (unsigned)(power_now(d) * 1000.0);
     flog("nvmlDeviceGetPowerUsage gpu=%d rc=%d", d->index, rc_);
     return rc_;
 }
@@ -249,7 +275,7 @@ FAKE_EXPORT int nvmlDeviceGetFieldValues(void *h, int n, fake_field *f) {
         if (f[i].fieldId == 186 && !g_no_instant) {
             f[i].nvmlReturn = 0;
             f[i].valueType = 1; /* unsigned int, mW */
-            f[i].value.uiVal = (unsigned)(d->power_w * 1000.0);
+            f[i].value.uiVal = (unsigned)(power_now(d) * 1000.0);
         } else {
             f[i].nvmlReturn = 3;
         }
@@ -262,7 +288,22 @@ FAKE_EXPORT int nvmlDeviceGetClockInfo(void *h, int type, unsigned *mhz) {
     fake_dev *d = dev_of(h);
     if (!d) return 2;
     if (type == 2) *mhz = g_mem[0];
-    else *mhz = d->locked_max ? d->locked_max : g_sm[0];
+    else *mhz = d->locked_max ? d->locked_max : throttled() ? g_throttle_mhz : g_sm[0];
+    return 0;
+}
+
+FAKE_EXPORT int nvmlDeviceGetEnforcedPowerLimit(void *h, unsigned *mw) {
+    FAIL_POINT("nvmlDeviceGetEnforcedPowerLimit");
+    fake_dev *d = dev_of(h);
+    if (!d) return 2;
+    if (!rc_) *mw = (unsigned)(g_limit_w * 1000.0);
+    flog("nvmlDeviceGetEnforcedPowerLimit gpu=%d rc=%d", d->index, rc_);
+    return rc_;
+}
+
+FAKE_EXPORT int nvmlDeviceGetCurrentClocksEventReasons(void *h, unsigned long long *mask) {
+    if (!dev_of(h)) return 2;
+    *mask = throttled() ? 0x4ULL : 0;
     return 0;
 }
 

@@ -41,7 +41,7 @@ int cmd_profile(int argc, char **argv) {
     const char *pt = NULL, *pc = NULL, *db = NULL, *dc = NULL;
     int threads = 0, repeats = 3, block_size = 16, seed = 0;
     double clock_mhz = 0;
-    bool no_power = false, verbose = false;
+    bool no_power = false, verbose = false, no_power_cap = false;
     const char *roofline = NULL, *medium_dir = NULL, *sm_clocks = NULL;
     long long medium_bytes = 0;
     bool allow_clock_control = false, serving = false, serving_processes = false;
@@ -74,6 +74,9 @@ int cmd_profile(int argc, char **argv) {
         {"tokenizer", OPT_STRING, &tok_dir, "tokenizer for --serving (default: the model directory's)", "DIR"},
         {"serving-max-len", OPT_INT, &serving_len, "longest prompt of --serving (default 4096, capped by the model)", "N"},
         {"no-power", OPT_FLAG, &no_power, "do not try to read power meters", NULL},
+        {"no-power-cap", OPT_FLAG, &no_power_cap,
+         "GPU: skip the power cap's inputs (enforced limit, serving-shape steps back to back, ~15 s; read-only)",
+         NULL},
         {"seed", OPT_INT, &seed, "seed of dummy weights (default 0)", "S"},
         {"verbose", OPT_FLAG, &verbose, "log every point", NULL},
         {"roofline", OPT_STRING, &roofline,
@@ -124,6 +127,8 @@ int cmd_profile(int argc, char **argv) {
     o.repeats = repeats;
     o.block_size = block_size;
     o.measure_power = !no_power;
+    o.measure_power_cap = dev >= 0 && !no_power && !no_power_cap;
+    o.clock_gpu = dev >= 0 ? dev : 0; /* NVML index: the CUDA index where CUDA_DEVICE_ORDER=PCI_BUS_ID */
     o.clock_mhz = clock_mhz;
     static unsigned clock_list[SIM_MAX_CLOCKS];
     if (sm_clocks) {

@@ -165,6 +165,12 @@ static cJSON *point_json(const char *setup, const char *load, const double clk[2
     cJSON_AddNumberToObject(o, "serving_cpu_s", st->serving_cpu_s);
     cJSON_AddNumberToObject(o, "kv_bytes", st->kv_bytes);
     cJSON_AddNumberToObject(o, "sim_wall_s", st->wall_s);
+    if (st->power_capped) {
+        cJSON *pc = cJSON_AddObjectToObject(o, "power_cap");
+        cJSON_AddNumberToObject(pc, "prefill_mhz", st->mhz_prefill);
+        cJSON_AddNumberToObject(pc, "decode_mhz", st->mhz_decode);
+        cJSON_AddNumberToObject(pc, "capped_s", st->capped_s);
+    }
     return o;
 }
 
@@ -184,6 +190,7 @@ typedef struct sim_cli {
     bool serving_cpu;       /* CPU profiles: the serving path's CPU on the cores (--no-serving-cpu) */
     bool step_factor;       /* the profile's measured steps inside a deployment (--no-step-factor) */
     bool contention_kinds;  /* CPU profiles: contention by the kinds of steps (--no-contention-kinds) */
+    bool power_cap;         /* GPU instances' clocks under the enforced power limit (--no-power-cap) */
 } sim_cli;
 
 static int cmp_dbl(const void *a, const void *b) {
@@ -316,7 +323,8 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
                       .kv_timeout_s = su->kv_timeout_s > 0 ? su->kv_timeout_s : pl->kv_timeout_s,
                       .cpu_contention = c->contention, .control_path = c->control_path,
                       .serving_path = c->serving_path, .serving_cpu = c->serving_cpu,
-                      .step_factor = c->step_factor, .contention_kinds = c->contention_kinds};
+                      .step_factor = c->step_factor, .contention_kinds = c->contention_kinds,
+                      .power_cap = c->power_cap};
     if (su->n_prefill > 0) {
         cfg.medium = sim_medium_find(prof, su->medium, &mstore);
         if (!cfg.medium) {
@@ -359,6 +367,10 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
         printf("| %-22s | %-8s | %-11s | %9.2f | %9.2f | %8.3f | %8.3f | %8.3f | %10.1f | %9s | %7llu | %6.2f |\n",
                su->label, ll, ck, s->ttft.median, pct(&s->ttft, &bc, 99), s->tpot.median, pct(&s->tpot, &bc, 99),
                s->itl.median, s->output_throughput, jt, (unsigned long long)st.preemptions, st.wall_s);
+        if (st.power_capped && !c->quiet)
+            log_info("sim: %s %s: power cap: busy-weighted SM clock %.0f MHz (%s), %.0f MHz (decode); %.2f "
+                     "instance-s of steps below the nominal clock", su->label, ll, st.mhz_prefill,
+                     cfg.n_colocated > 0 ? "colocated" : "prefill", st.mhz_decode, st.capped_s);
         fflush(stdout);
         cJSON *pj = point_json(su->label, ll, clk, &bc, s, &st);
         cJSON_AddItemToArray(c->points, pj);
@@ -378,7 +390,7 @@ int cmd_sim(int argc, char **argv) {
     const char *vmodel = NULL;
     int seed = -1, threads = 0, vrepeats = 3;
     bool quiet = false, no_contention = false, no_control = false, no_serving = false, no_serving_cpu = false,
-         no_step_factor = false, no_kinds = false;
+         no_step_factor = false, no_kinds = false, no_power_cap = false;
     cli_opt opts[] = {
         {"profile", OPT_STRING, &profile_path, "cost profile from `pdserve profile` (default: the plan's)", "FILE"},
         {"db", OPT_STRING, &db_path, "results database to record the points in (marked simulated)", "FILE"},
@@ -401,6 +413,9 @@ int cmd_sim(int argc, char **argv) {
         {"no-step-factor", OPT_FLAG, &no_step_factor,
          "price every step as the profile's grid does, not by the factor its serving deployment measured "
          "(serving.*.steps)", NULL},
+        {"no-power-cap", OPT_FLAG, &no_power_cap,
+         "run every step at its nominal clock, not the one the profile's enforced power limit allows "
+         "(power.cap)", NULL},
         {"validate-model", OPT_STRING, &vmodel,
          "also run each co-1gpu point through the real engine on the CPU with this model (dummy "
          "weights) and print simulated against real", "DIR|preset:NAME"},
@@ -453,6 +468,12 @@ int cmd_sim(int argc, char **argv) {
                      no_serving ? " (left out: --no-serving-path)" : "");
         if (prof.n_mixed > 0) log_info("sim: %d measured mixed steps price what a mixed step costs beyond its parts",
                                        prof.n_mixed);
+        const sim_power_cap_data *cap = &prof.power.cap;
+        if (cap->limit_w > 0 && cap->n_points > 0 && prof.clock.base_mhz > 0)
+            log_info("sim: power cap: enforced limit %.0f W, %d measured shape(s), window %.3g s (%s)%s", cap->limit_w,
+                     cap->n_points, cap->window_s > 0 ? cap->window_s : SIM_POWER_CAP_WINDOW_S,
+                     cap->window_s > 0 ? "estimated by the profile" : "default",
+                     no_power_cap ? " (left out: --no-power-cap)" : "");
     }
     for (int k = 0; k < pl.n_clocks; k++)
         if ((pl.clocks[k][0] > 0 || pl.clocks[k][1] > 0) && !(prof.clock.base_mhz > 0))
@@ -461,7 +482,7 @@ int cmd_sim(int argc, char **argv) {
     sim_cli c = {.pl = &pl, .prof = &prof, .points = cJSON_CreateArray(), .quiet = quiet,
                  .vrepeats = vrepeats, .contention = !no_contention, .control_path = !no_control,
                  .serving_path = !no_serving, .serving_cpu = !no_serving_cpu, .step_factor = !no_step_factor,
-                 .contention_kinds = !no_kinds};
+                 .contention_kinds = !no_kinds, .power_cap = !no_power_cap};
     int rc = 0;
     model_files vfiles;
     backend *vbe = NULL;

@@ -67,6 +67,9 @@ static void nvml_bind(power_nvml *nv) {
     BIND(set_locked_clocks, "nvmlDeviceSetGpuLockedClocks", NULL);
     BIND(reset_locked_clocks, "nvmlDeviceResetGpuLockedClocks", NULL);
     BIND(applications_clock, "nvmlDeviceGetApplicationsClock", NULL);
+    BIND(enforced_power_limit, "nvmlDeviceGetEnforcedPowerLimit", NULL);
+    /* renamed in R535; the old name stays exported */
+    BIND(clock_reasons, "nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons");
 #undef BIND
 }
 
@@ -268,4 +271,44 @@ double power_samples_integrate(const power_sample *s, size_t n, double gap_s, in
     if (n_gaps) *n_gaps = gaps;
     if (gap_time_s) *gap_time_s = gt;
     return j;
+}
+
+int power_nvml_power_limit_w(power_nvml *nv, int gpu, double *w) {
+    PD_ASSERT(nv && gpu >= 0 && gpu < nv->n);
+    if (!nv->enforced_power_limit) return NVML_ERR_NOT_SUPPORTED;
+    unsigned mw = 0;
+    int rc = NVML_CALL(nv, nv->enforced_power_limit(nv->dev[gpu], &mw));
+    if (rc == NVML_OK) *w = mw / 1000.0;
+    return rc;
+}
+
+int power_nvml_clock_reasons(power_nvml *nv, int gpu, uint64_t *mask) {
+    PD_ASSERT(nv && gpu >= 0 && gpu < nv->n);
+    if (!nv->clock_reasons) return NVML_ERR_NOT_SUPPORTED;
+    unsigned long long m = 0;
+    int rc = NVML_CALL(nv, nv->clock_reasons(nv->dev[gpu], &m));
+    if (rc == NVML_OK) *mask = m;
+    return rc;
+}
+
+void power_clock_reasons_str(uint64_t mask, char *buf, size_t cap) {
+    static const struct { uint64_t bit; const char *name; } names[] = {
+        {POWER_CLOCK_GPU_IDLE, "gpu_idle"},           {POWER_CLOCK_APP_SETTING, "applications_clocks"},
+        {POWER_CLOCK_SW_POWER_CAP, "sw_power_cap"},   {POWER_CLOCK_HW_SLOWDOWN, "hw_slowdown"},
+        {POWER_CLOCK_SYNC_BOOST, "sync_boost"},       {POWER_CLOCK_SW_THERMAL, "sw_thermal"},
+        {POWER_CLOCK_HW_THERMAL, "hw_thermal"},       {POWER_CLOCK_HW_POWER_BRAKE, "hw_power_brake"},
+        {POWER_CLOCK_DISPLAY, "display_clock"},
+    };
+    size_t n = 0;
+    if (cap) buf[0] = 0;
+    for (size_t i = 0; i < PD_ARRAY_LEN(names) && cap; i++) {
+        if (!(mask & names[i].bit)) continue;
+        int k = snprintf(buf + n, cap - n, "%s%s", n ? "," : "", names[i].name);
+        if (k < 0 || (size_t)k >= cap - n) break;
+        n += (size_t)k;
+    }
+    uint64_t known = 0;
+    for (size_t i = 0; i < PD_ARRAY_LEN(names); i++) known |= names[i].bit;
+    if (mask & ~known && n < cap) snprintf(buf + n, cap - n, "%sother(0x%llx)", n ? "," : "",
+                                             (unsigned long long)(mask & ~known));
 }

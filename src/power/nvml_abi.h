@@ -70,6 +70,8 @@ struct power_nvml {
     int (*set_locked_clocks)(nvml_device, unsigned, unsigned);       /* optional */
     int (*reset_locked_clocks)(nvml_device);                         /* optional */
     int (*applications_clock)(nvml_device, int, unsigned *);         /* optional */
+    int (*enforced_power_limit)(nvml_device, unsigned *);            /* optional, mW */
+    int (*clock_reasons)(nvml_device, unsigned long long *);         /* optional */
 
     int n;                              /* devices opened */
     nvml_device dev[POWER_MAX_GPUS];

@@ -82,6 +82,28 @@ const char *power_nvml_driver(const power_nvml *nv);
 int power_nvml_energy_mj(power_nvml *nv, int gpu, uint64_t *mj);
 /* NVML's text for an NVML return code. */
 const char *power_nvml_error(const power_nvml *nv, int rc);
+/* The power limit the driver enforces on GPU gpu now, in watts
+ * (nvmlDeviceGetEnforcedPowerLimit: the least of every limiter, the board's default, a
+ * user's `nvidia-smi -pl`, an out-of-band limit). Read-only. 0, or the NVML return
+ * code with *w untouched. */
+int power_nvml_power_limit_w(power_nvml *nv, int gpu, double *w);
+/* Why GPU gpu's clocks are below their maximum now: NVML's clock event reasons mask
+ * (nvmlDeviceGetCurrentClocksEventReasons, ...ThrottleReasons on older drivers; the
+ * POWER_CLOCK_* bits). Read-only. 0, or the NVML return code with *mask untouched. */
+enum {
+    POWER_CLOCK_GPU_IDLE = 0x1,
+    POWER_CLOCK_APP_SETTING = 0x2,
+    POWER_CLOCK_SW_POWER_CAP = 0x4,   /* the power controller holds the card at its limit */
+    POWER_CLOCK_HW_SLOWDOWN = 0x8,
+    POWER_CLOCK_SYNC_BOOST = 0x10,
+    POWER_CLOCK_SW_THERMAL = 0x20,
+    POWER_CLOCK_HW_THERMAL = 0x40,
+    POWER_CLOCK_HW_POWER_BRAKE = 0x80,
+    POWER_CLOCK_DISPLAY = 0x100,
+};
+int power_nvml_clock_reasons(power_nvml *nv, int gpu, uint64_t *mask);
+/* The names of mask's bits, comma-separated ("sw_power_cap,sw_thermal"; "" for 0). */
+void power_clock_reasons_str(uint64_t mask, char *buf, size_t cap);
 
 /* One sampler reading of one GPU. Fields whose bit is clear in valid were not read. */
 enum {
@@ -271,6 +293,9 @@ typedef struct power_config {
                                    interval, still one run at a time) */
     const char *powercap_root;  /* NULL: env PDSERVE_POWERCAP_ROOT or /sys/class/powercap */
     bool no_nvml;               /* do not load NVML at all */
+    power_nvml *nvml;           /* an NVML this process already opened, used and left open
+                                   (one process may hold one open at a time); NULL: the
+                                   session opens its own */
     bool no_rapl;
 } power_config;
 

@@ -47,7 +47,8 @@ struct power_session {
     double period_s, idle_window_s, gap_s, meter_timeout_s;
     int slow_every;
     char *meter_cmd, *meter_label;   /* owned copies */
-    power_nvml *nv;                  /* owned; NULL: GPU energy not measured */
+    power_nvml *nv;                  /* owned unless nv_borrowed; NULL: GPU energy not measured */
+    bool nv_borrowed;                /* power_config.nvml: the caller's, never closed here */
     char gpu_reason[POWER_REASON_LEN];
     int n;
     gpu_track g[POWER_MAX_GPUS];
@@ -253,6 +254,9 @@ power_session *power_session_open(const power_config *cfg, char *err, size_t err
 
     if (cfg->no_nvml) {
         snprintf(s->gpu_reason, sizeof s->gpu_reason, "GPU energy not measured: NVML disabled");
+    } else if (cfg->nvml) {
+        s->nv = cfg->nvml;
+        s->nv_borrowed = true;
     } else {
         s->nv = power_nvml_open(s->gpu_reason, sizeof s->gpu_reason);
         if (!s->nv && cfg->n_gpus > 0)
@@ -293,7 +297,7 @@ void power_session_free(power_session *s) {
     for (int i = 0; i < s->n; i++) free(s->g[i].ring);
     free(s->rapl_t);
     free(s->rapl_w);
-    power_nvml_close(s->nv);
+    if (!s->nv_borrowed) power_nvml_close(s->nv);
     pthread_cond_destroy(&s->cv);
     pthread_mutex_destroy(&s->mu);
     pthread_mutex_destroy(&s->live_mu);

@@ -270,3 +270,119 @@ double sim_contention_slowdown(const sim_contention *c, int k) {
     }
     return PD_MAX(s, 1.0);
 }
+
+/* ---- the power cap (docs/simulator.md, "Clock under a power cap") ------------------- */
+
+/* Inserts (x, y) into the sorted arrays of n points; a point at the same x is averaged
+ * with the one there (several measurements of one shape). */
+static void cap_insert(double *xs, double *ys, int *n, double x, double y) {
+    for (int i = 0; i < *n; i++)
+        if (fabs(xs[i] - x) < 0.5) {
+            ys[i] = 0.5 * (ys[i] + y);
+            return;
+        }
+    int i = (*n)++;
+    while (i > 0 && xs[i - 1] > x) {
+        xs[i] = xs[i - 1];
+        ys[i] = ys[i - 1];
+        i--;
+    }
+    xs[i] = x;
+    ys[i] = y;
+}
+
+void sim_power_cap_init(sim_power_cap *m, const sim_profile *p, double mhz) {
+    memset(m, 0, sizeof *m);
+    const sim_power_cap_data *d = &p->power.cap;
+    const sim_clock_model *cm = &p->clock;
+    if (!(d->limit_w > 0) || d->n_points < 1 || !(cm->base_mhz > 0)) return;
+    m->limit_w = d->limit_w;
+    m->idle_w = d->idle_w > 0 ? d->idle_w : p->power.measured ? p->power.idle_w : 0;
+    m->window_s = d->window_s > 0 ? d->window_s : SIM_POWER_CAP_WINDOW_S;
+    m->f0 = cm->base_mhz;
+    m->f_nom = mhz > 0 ? mhz : m->f0;
+    /* no profiled floor: a fifth of the base clock (H100 / H200 list clocks down to about 350 MHz) */
+    m->f_min = PD_MIN(cm->min_mhz > 0 ? cm->min_mhz : 0.2 * m->f0, m->f_nom);
+    m->g = cm->dyn_exp;
+    m->a_pre = cm->prefill_compute_frac;
+    m->a_dec = cm->decode_compute_frac;
+    for (int i = 0; i < d->n_points; i++) {
+        const sim_power_point *q = &d->points[i];
+        if (!(q->rows > 0) || !(q->watts > 0)) continue;
+        /* a point that ran below the base clock (the cap already held it) is taken back
+         * to the base clock through the power law */
+        double f = q->mhz > 0 ? q->mhz : m->f0;
+        double dyn = PD_MAX(q->watts - m->idle_w, 0) * pow(m->f0 / f, m->g);
+        if (q->decode) cap_insert(m->dec_rows, m->dec_dyn, &m->n_dec, q->rows, dyn);
+        else cap_insert(m->pre_rows, m->pre_dyn, &m->n_pre, q->rows, dyn);
+    }
+    m->on = m->n_pre + m->n_dec > 0 && m->limit_w > m->idle_w;
+}
+
+/* Dynamic power (above idle, at the base clock) of a part of `rows` rows: its kind's
+ * points, piecewise linear in rows, flat beyond them; a kind without points takes the
+ * grid's mean power of that phase when measured (else none). */
+static double cap_part_dyn(const sim_power_cap *m, const sim_profile *p, bool decode, double rows) {
+    if (rows <= 0) return 0;
+    int n = decode ? m->n_dec : m->n_pre;
+    if (n > 0) return interp_flat(decode ? m->dec_rows : m->pre_rows, decode ? m->dec_dyn : m->pre_dyn, n, rows);
+    if (!p->power.measured) return 0;
+    return PD_MAX((decode ? p->power.decode_w : p->power.prefill_w) - p->power.idle_w, 0);
+}
+
+static double cap_time_scale(double a, double f0, double f) { return a * f0 / f + 1.0 - a; }
+
+/* The step at clock f: its parts' times (from the nominal price), its mean power and
+ * the average at its end. */
+typedef struct cap_eval {
+    double tp, td, t, watts, avg_end;
+} cap_eval;
+
+static cap_eval cap_at(const sim_power_cap *m, const sim_step_cost *nom, double dp, double dd, double avg, double f) {
+    cap_eval e;
+    double host = PD_MAX(nom->seconds - nom->prefill_s - nom->decode_s, 0);
+    e.tp = nom->prefill_s * cap_time_scale(m->a_pre, m->f0, f) / cap_time_scale(m->a_pre, m->f0, m->f_nom);
+    e.td = nom->decode_s * cap_time_scale(m->a_dec, m->f0, f) / cap_time_scale(m->a_dec, m->f0, m->f_nom);
+    e.t = e.tp + e.td + host;
+    double r = pow(f / m->f0, m->g);
+    e.watts = e.t > 0 ? m->idle_w + r * (e.tp * dp + e.td * dd) / e.t : m->idle_w;
+    e.avg_end = sim_power_cap_decay(m, avg, e.watts, e.t);
+    return e;
+}
+
+double sim_power_cap_step(const sim_power_cap *m, const sim_cost *c, const sim_work *w,
+                          const sim_step_cost *nominal, double avg_w, sim_step_cost *out, double *watts) {
+    *out = *nominal;
+    double dp = cap_part_dyn(m, c->p, false, w->prefill_tokens), dd = cap_part_dyn(m, c->p, true, w->decode_seqs);
+    cap_eval e = cap_at(m, nominal, dp, dd, avg_w, m->f_nom);
+    *watts = e.watts;
+    if (e.avg_end <= m->limit_w) return m->f_nom;
+    /* the highest clock whose step ends with the average at the limit: the average at the
+     * step's end grows with the clock (more power, barely less time), so bisect */
+    double lo = m->f_min, hi = m->f_nom;
+    cap_eval el = cap_at(m, nominal, dp, dd, avg_w, lo);
+    if (el.avg_end <= m->limit_w) {
+        for (int k = 0; k < 40 && hi - lo > 0.01; k++) {
+            double mid = 0.5 * (lo + hi);
+            if (cap_at(m, nominal, dp, dd, avg_w, mid).avg_end <= m->limit_w) lo = mid;
+            else hi = mid;
+        }
+        el = cap_at(m, nominal, dp, dd, avg_w, lo);
+    }
+    double f = lo;
+    out->prefill_s = el.tp;
+    out->decode_s = el.td;
+    out->seconds = el.t;
+    if (c->has_power) { /* the grid's mean powers, as at the nominal clock, at this one */
+        double r = pow(f / m->f_nom, m->g), host = el.t - el.tp - el.td;
+        out->energy_j = el.tp * (c->idle_w + (c->prefill_w - c->idle_w) * r) +
+                        el.td * (c->idle_w + (c->decode_w - c->idle_w) * r) + host * c->idle_w;
+    }
+    *watts = el.watts;
+    return f;
+}
+
+double sim_power_cap_decay(const sim_power_cap *m, double avg_w, double watts, double dt) {
+    if (!(dt > 0)) return avg_w;
+    return watts + (avg_w - watts) * exp(-dt / m->window_s);
+}

@@ -328,6 +328,34 @@ static cJSON *grid_json(const sim_grid *g, const char *xname, const char *yname)
     return o;
 }
 
+/* "power": {..., "cap": {limit_w, idle_w, window_s, window_source, source, points:
+ * [{kind, rows, context, watts, mhz, first_mhz, seconds, onset_s, reasons}...]}}: the
+ * power-cap model's inputs (docs/simulator.md, "Clock under a power cap"). */
+static void write_power_cap(cJSON *pw, const sim_power_cap_data *d) {
+    cJSON *o = cJSON_AddObjectToObject(pw, "cap");
+    cJSON_AddNumberToObject(o, "limit_w", d->limit_w);
+    cJSON_AddNumberToObject(o, "idle_w", d->idle_w);
+    if (d->window_s > 0) cJSON_AddNumberToObject(o, "window_s", d->window_s);
+    if (d->window_source[0]) cJSON_AddStringToObject(o, "window_source", d->window_source);
+    cJSON_AddStringToObject(o, "source", d->source);
+    cJSON *a = cJSON_AddArrayToObject(o, "points");
+    for (int i = 0; i < d->n_points; i++) {
+        const sim_power_point *q = &d->points[i];
+        cJSON *e = cJSON_CreateObject();
+        cJSON_AddStringToObject(e, "kind", q->decode ? "decode" : "prefill");
+        cJSON_AddNumberToObject(e, "rows", q->rows);
+        cJSON_AddNumberToObject(e, "context", q->context);
+        cJSON_AddNumberToObject(e, "watts", q->watts);
+        cJSON_AddNumberToObject(e, "mhz", q->mhz);
+        cJSON_AddNumberToObject(e, "first_mhz", q->first_mhz);
+        cJSON_AddNumberToObject(e, "seconds", q->seconds);
+        if (q->onset_s >= 0) cJSON_AddNumberToObject(e, "onset_s", q->onset_s);
+        else cJSON_AddNullToObject(e, "onset_s");
+        cJSON_AddStringToObject(e, "reasons", q->reasons);
+        cJSON_AddItemToArray(a, e);
+    }
+}
+
 char *sim_profile_to_json(const sim_profile *p) {
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "format", PROFILE_FORMAT);
@@ -379,6 +407,7 @@ char *sim_profile_to_json(const sim_profile *p) {
         cJSON_AddNumberToObject(pw, "decode_w", p->power.decode_w);
     }
     cJSON_AddStringToObject(pw, "source", p->power.source);
+    if (p->power.cap.limit_w > 0 || p->power.cap.n_points > 0 || p->power.cap.source[0]) write_power_cap(pw, &p->power.cap);
     const sim_clock_model *c = &p->clock;
     cJSON *co = cJSON_AddObjectToObject(o, "clock");
     cJSON_AddNumberToObject(co, "base_mhz", c->base_mhz);
@@ -617,6 +646,30 @@ static int read_mediums(const cJSON *o, sim_profile *p, const char *name, char *
         p->n_mediums++;
     }
     return 0;
+}
+
+static void read_power_cap(const cJSON *pw, sim_power_cap_data *d) {
+    const cJSON *o = cJSON_GetObjectItemCaseSensitive(pw, "cap"), *q;
+    if (!cJSON_IsObject(o)) return;
+    d->limit_w = get_num(o, "limit_w", 0);
+    d->idle_w = get_num(o, "idle_w", 0);
+    d->window_s = get_num(o, "window_s", 0);
+    get_str(o, "window_source", d->window_source, sizeof d->window_source);
+    get_str(o, "source", d->source, sizeof d->source);
+    cJSON_ArrayForEach(q, cJSON_GetObjectItemCaseSensitive(o, "points")) {
+        if (d->n_points >= SIM_MAX_POWER_POINTS) break;
+        sim_power_point *e = &d->points[d->n_points++];
+        const cJSON *k = cJSON_GetObjectItemCaseSensitive(q, "kind");
+        e->decode = cJSON_IsString(k) && !strcmp(k->valuestring, "decode");
+        e->rows = get_num(q, "rows", 0);
+        e->context = get_num(q, "context", 0);
+        e->watts = get_num(q, "watts", 0);
+        e->mhz = get_num(q, "mhz", 0);
+        e->first_mhz = get_num(q, "first_mhz", 0);
+        e->seconds = get_num(q, "seconds", 0);
+        e->onset_s = get_num(q, "onset_s", -1);
+        get_str(q, "reasons", e->reasons, sizeof e->reasons);
+    }
 }
 
 static void read_clock(const cJSON *o, sim_profile *p) {
@@ -858,6 +911,7 @@ int sim_profile_parse(const char *text, size_t len, const char *name, sim_profil
         p->power.prefill_w = get_num(pw, "prefill_w", 0);
         p->power.decode_w = get_num(pw, "decode_w", 0);
         get_str(pw, "source", p->power.source, sizeof p->power.source);
+        read_power_cap(pw, &p->power.cap);
     }
     read_clock(o, p);
     if (read_contention(o, p, name, err, errlen)) goto out;

@@ -5,7 +5,9 @@
  * steps to fit the overhead a mixed step shares. Each point is timed over a few repeats
  * after one warm-up and the median kept. The engine's own per-step and per-row costs
  * (planning, sampling, events) come from a short real engine run. Power is read
- * through src/power (NVML / RAPL) around each phase where a meter exists. On the CPU,
+ * through src/power (NVML / RAPL) around each phase where a meter exists; on a GPU,
+ * the power-cap model's inputs (enforced limit, serving-shape steps run back to back,
+ * read-only NVML) after the grid. On the CPU,
  * forks of this process stepping at once give the contention curve of several
  * instances sharing the host's cores.
  *
@@ -53,6 +55,7 @@ void sim_profile_opts_default(sim_profile_opts *o, bool cpu) {
     o->repeats = 3;
     o->block_size = 16;
     o->measure_power = true;
+    o->measure_power_cap = !cpu;
 }
 
 /* Everything one measurement needs, sized for the largest point. */
@@ -522,6 +525,7 @@ static void phase_begin(power_phase *ph, const sim_profile_opts *o, bool cpu, in
     power_config pc = {0};
     pc.idle_window_s = -1;
     pc.no_nvml = cpu;
+    pc.nvml = o->nvml; /* --sm-clocks holds NVML open: share it (one per process) */
     if (!cpu) {
         pc.n_gpus = 1;
         pc.gpus[0] = device;
@@ -575,6 +579,162 @@ static double phase_end(power_phase *ph, char *why, size_t cap, double *sm_mhz) 
     power_session_free(ph->s);
     ph->s = NULL;
     return w;
+}
+
+/* ---- the power cap's inputs ------------------------------------------------------------- */
+
+/* Sampling period while a shape runs: the resolution of the clock's onset. A tick reads
+ * power, SM and memory clocks, utilisation and temperature (about a millisecond each on
+ * an H100), well under the period. */
+#define POWER_CAP_PERIOD_S 0.02
+/* A sample this far below the reference clock counts as the clock's drop (H100 / H200
+ * clocks move in 15 MHz steps). */
+#define POWER_CAP_DROP_MHZ 15
+
+typedef struct cap_shape {
+    bool decode;
+    int rows, context;
+} cap_shape;
+
+static int cmp_float(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+/* One shape run back to back: run_s seconds after idle_s idle (the session's idle
+ * window, which gives the idle power), the GPU sampled every POWER_CAP_PERIOD_S and its
+ * clock event reasons read every 50 ms. Fills q (settled: the second half of the run);
+ * *idle_w the idle power before it; *tau the controller's window as its onset implies
+ * (exponential average: onset = tau ln((P - idle) / (P - limit)), P the power before
+ * the drop), 0 when the clock did not drop or the power was not above the limit.
+ * 0, or -1 (err) when the GPU's meter cannot run. */
+static int power_cap_run(prof *P, const sim_profile_opts *o, const cap_shape *sh, double ref_mhz, double limit_w,
+                         sim_power_point *q, double *idle_w, double *tau, char *err, size_t errlen) {
+    double run_s = o->power_cap_run_s > 0 ? o->power_cap_run_s : 2.0;
+    double idle_s = o->power_cap_idle_s > 0 ? o->power_cap_idle_s : 1.5;
+    ppoint pt = {.kind = sh->decode ? 1 : 0, .a = sh->rows, .b = sh->context};
+    run_point(P, &pt); /* first-run costs (graph capture) stay out of the sampled run */
+    power_config pc = {0};
+    pc.sample_period_s = POWER_CAP_PERIOD_S;
+    pc.slow_every = 1;
+    pc.idle_window_s = idle_s;
+    pc.n_gpus = 1;
+    pc.gpus[0] = o->clock_gpu;
+    pc.no_rapl = true;
+    pc.nvml = o->nvml;
+    pc.sample_capacity = (size_t)((run_s + idle_s) / POWER_CAP_PERIOD_S) * 2 + 256;
+    power_session *s = power_session_open(&pc, err, errlen);
+    power_nvml *nv = power_session_nvml(s);
+    if (!s || !nv || power_session_start(s, err, errlen) != 0) {
+        if (s && !nv) pd_errorf(err, errlen, "no NVML GPU %d", o->clock_gpu);
+        power_session_free(s);
+        return -1;
+    }
+    uint64_t mask = 0;
+    double t0 = time_now_s(), t = t0, half_t = -1, last_r = -1;
+    long n = 0, half_n = 0;
+    for (; t - t0 < run_s; n++) {
+        run_point(P, &pt);
+        t = time_now_s();
+        if (half_t < 0 && t - t0 >= run_s / 2) half_t = t, half_n = n + 1;
+        if (t - last_r >= 0.05) {
+            uint64_t m = 0;
+            if (power_nvml_clock_reasons(nv, o->clock_gpu, &m) == 0) mask |= m;
+            last_r = t;
+        }
+    }
+    power_result r;
+    memset(&r, 0, sizeof r);
+    power_session_stop(s, 0, 0, 0, &r);
+    *idle_w = r.gpu[0].idle_power_w.measured ? r.gpu[0].idle_power_w.value : 0;
+    memset(q, 0, sizeof *q);
+    q->decode = sh->decode;
+    q->rows = sh->rows;
+    q->context = sh->context;
+    q->seconds = n > half_n && half_t > 0 ? (t - half_t) / (double)(n - half_n) : (t - t0) / (double)PD_MAX(n, 1);
+    q->onset_s = -1;
+    power_clock_reasons_str(mask & ~(uint64_t)POWER_CLOCK_GPU_IDLE, q->reasons, sizeof q->reasons);
+    size_t ns = 0;
+    const power_sample *smp = power_session_samples(s, 0, &ns);
+    float *mhz = xmalloc(sizeof(float) * (ns + 1));
+    double wsum = 0, pre_max = 0;
+    int nw = 0, nm = 0;
+    double settle = run_s / 2;
+    for (size_t i = 0; i < ns; i++) {
+        const power_sample *x = &smp[i];
+        if (x->t_s < 0) continue;
+        bool has_sm = (x->valid & POWER_SAMPLE_SM) && x->sm_mhz > 0, has_w = x->valid & POWER_SAMPLE_POWER;
+        if (has_sm && q->first_mhz == 0) q->first_mhz = x->sm_mhz;
+        double ref = ref_mhz > 0 ? ref_mhz : q->first_mhz;
+        if (q->onset_s < 0 && has_w) pre_max = PD_MAX(pre_max, x->power_w);
+        if (q->onset_s < 0 && has_sm && ref > 0 && x->sm_mhz < ref - POWER_CAP_DROP_MHZ) q->onset_s = x->t_s;
+        if (x->t_s < settle) continue;
+        if (has_w) wsum += x->power_w, nw++;
+        if (has_sm) mhz[nm++] = x->sm_mhz;
+    }
+    if (nw) q->watts = wsum / nw;
+    if (nm) {
+        qsort(mhz, (size_t)nm, sizeof(float), cmp_float);
+        q->mhz = mhz[nm / 2];
+    }
+    free(mhz);
+    power_session_free(s);
+    *tau = 0;
+    if (q->onset_s >= 0 && limit_w > *idle_w && pre_max > limit_w)
+        *tau = PD_MAX(q->onset_s, POWER_CAP_PERIOD_S) / log((pre_max - *idle_w) / (pre_max - limit_w));
+    return nw > 0 ? 0 : (pd_errorf(err, errlen, "no power sample while the shape ran"), -1);
+}
+
+/* The power cap's inputs into out->power.cap: the enforced limit, then each shape. Read-only
+ * NVML: nothing here sets a clock or a limit. */
+static void measure_power_cap(prof *P, const sim_profile_opts *o, const cap_shape *shapes, int n_shapes,
+                              sim_profile *out) {
+    sim_power_cap_data *d = &out->power.cap;
+    memset(d, 0, sizeof *d);
+    double run_s = o->power_cap_run_s > 0 ? o->power_cap_run_s : 2.0;
+    double idle_s = o->power_cap_idle_s > 0 ? o->power_cap_idle_s : 1.5;
+    char err[256] = "", lim_why[160] = "";
+    power_nvml *nv = o->nvml ? o->nvml : power_nvml_open(err, sizeof err);
+    if (!nv) {
+        snprintf(d->source, sizeof d->source, "not measured (%s)", err);
+        return;
+    }
+    int rc = o->clock_gpu < power_nvml_count(nv) ? power_nvml_power_limit_w(nv, o->clock_gpu, &d->limit_w) : 2;
+    if (rc != 0) snprintf(lim_why, sizeof lim_why, "; enforced power limit not read: %s", power_nvml_error(nv, rc));
+    if (nv != o->nvml) power_nvml_close(nv); /* each run's session opens its own */
+    double idles[SIM_MAX_POWER_POINTS], taus[SIM_MAX_POWER_POINTS];
+    int n_tau = 0;
+    for (int k = 0; k < n_shapes && d->n_points < SIM_MAX_POWER_POINTS; k++) {
+        sim_power_point *q = &d->points[d->n_points];
+        double tau = 0;
+        if (power_cap_run(P, o, &shapes[k], out->clock.base_mhz, d->limit_w, q, &idles[d->n_points], &tau, err,
+                          sizeof err) != 0) {
+            log_warn("profile: power cap: %s %d x %d not measured: %s", shapes[k].decode ? "decode" : "prefill",
+                     shapes[k].rows, shapes[k].context, err);
+            continue;
+        }
+        if (tau > 0) taus[n_tau++] = tau;
+        log_info("profile: power cap: %s %d rows at context %d back to back: %.0f W (idle %.0f W), SM %.0f MHz "
+                 "(first %.0f MHz), %.3f ms a step, clock drop %s%.2f s, reasons [%s]",
+                 q->decode ? "decode" : "prefill", (int)q->rows, (int)q->context, q->watts, idles[d->n_points],
+                 q->mhz, q->first_mhz, q->seconds * 1e3, q->onset_s >= 0 ? "after " : "none", PD_MAX(q->onset_s, 0),
+                 q->reasons);
+        d->n_points++;
+    }
+    if (d->n_points > 0) d->idle_w = median(idles, d->n_points);
+    if (n_tau > 0) {
+        d->window_s = median(taus, n_tau);
+        snprintf(d->window_source, sizeof d->window_source,
+                 "estimated: median of %d runs' clock onset as an exponential average's, tau = onset / ln((P - "
+                 "idle) / (P - limit)), P the highest power before the drop (resolution %.0f ms)",
+                 n_tau, POWER_CAP_PERIOD_S * 1e3);
+    }
+    snprintf(d->source, sizeof d->source,
+             "measured: NVML GPU %d, read-only; enforced limit, then each shape back to back %.1f s after %.1f s "
+             "idle, sampled every %.0f ms; watts and mhz over the second half%s",
+             o->clock_gpu, run_s, idle_s, POWER_CAP_PERIOD_S * 1e3, lim_why);
+    log_info("profile: power cap: enforced limit %.0f W, %d shape(s) measured%s", d->limit_w, d->n_points,
+             d->window_s > 0 ? "" : "; window not estimated (no clock drop above the limit)");
 }
 
 /* ---- the profile --------------------------------------------------------------------------- */
@@ -872,6 +1032,17 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
     }
     snprintf(out->mediums_note, sizeof out->mediums_note,
              "not profiled (pdserve profile --medium LIST times them); sim uses the documented defaults");
+    if (o->measure_power_cap) {
+        /* serving shapes: the budget's chunk and an eighth of it (a prompt's last chunk),
+         * and decode batches of 16 and the largest at the serving context */
+        cap_shape sh[4];
+        int n_sh = 0;
+        sh[n_sh++] = (cap_shape){false, sT, 0};
+        if (sT / 8 >= 1 && sT / 8 < sT) sh[n_sh++] = (cap_shape){false, sT / 8, 0};
+        if (PD_MIN(16, maxB) < maxB) sh[n_sh++] = (cap_shape){true, PD_MIN(16, maxB), sL};
+        sh[n_sh++] = (cap_shape){true, maxB, sL};
+        measure_power_cap(&P, o, sh, n_sh, out);
+    }
 
     int rc = 0;
     if (o->n_clocks > 0) rc = profile_clocks(&P, o, out, cpu, idle_w, err, errlen);

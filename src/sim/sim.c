@@ -8,7 +8,8 @@
  * cores: while k are in a step, each advances at 1 / slowdown(k) (processor sharing,
  * re-timed whenever k changes); the serving path's measured CPU (HTTP threads, router,
  * client) is one more such thread while its first-in-first-out queue has work, and a
- * request enters its instance once its own request work there is done.
+ * request enters its instance once its own request work there is done. A GPU instance's
+ * clock follows its enforced power limit where the profile measured it (power cap).
  *
  * Events: request arrivals (a sorted array, read in order), step ends and KV arrivals
  * (one binary heap ordered by time, then by insertion, so equal times resolve the same
@@ -67,6 +68,9 @@ typedef struct inst {
      * its end event carries gen, and any older one is stale */
     double work_left, rate, rate_t;
     unsigned gen;
+    /* the power cap (sim_power_cap; cap.on false: off): the average power as of cap_t */
+    sim_power_cap cap;
+    double cap_avg_w, cap_t;
 } inst;
 
 enum { EV_STEP_END = 0, EV_KV_ARRIVE = 1, EV_DEADLINE = 2, EV_ENTER = 3, EV_SERVE = 4 };
@@ -151,6 +155,8 @@ typedef struct sim_state {
     unsigned serve_gen;
     int serve_head, n_arrived;
     int serve_tok;                  /* tokens streamed since serving work was last added */
+    double cap_mhz_s[2], cap_busy_s[2]; /* power cap: sum of clock x seconds and seconds of
+                                       the steps of prefill (colocated) [0] and decode [1] */
     sim_stats *st;
     char *err;
     size_t errlen;
@@ -306,6 +312,23 @@ static double serve_add(sim_state *s, double now, double cpu) {
     return s->serve_total;
 }
 
+/* The power cap (docs/simulator.md, "Clock under a power cap"): the instance's average
+ * power decays towards idle since its last step ended, the step runs at the clock that
+ * keeps the average within the limit (its price and energy at that clock), and the
+ * average takes the step's power over its time. */
+static void power_cap_step(sim_state *s, inst *in, const sim_work *w, double now) {
+    double avg = sim_power_cap_decay(&in->cap, in->cap_avg_w, in->cap.idle_w, now - in->cap_t);
+    sim_step_cost nominal = in->step;
+    double watts;
+    double f = sim_power_cap_step(&in->cap, &in->cost, w, &nominal, avg, &in->step, &watts);
+    in->cap_avg_w = sim_power_cap_decay(&in->cap, avg, watts, in->step.seconds);
+    in->cap_t = now + in->step.seconds;
+    if (f < in->cap.f_nom - 0.5) s->st->capped_s += in->step.seconds;
+    int k = in->role == ROLE_DECODE;
+    s->cap_mhz_s[k] += f * in->step.seconds;
+    s->cap_busy_s[k] += in->step.seconds;
+}
+
 /* Starts the instance's next step at now, if it is idle and has work. */
 static void kick(sim_state *s, int i, double now) {
     inst *in = &s->insts[i];
@@ -321,6 +344,7 @@ static void kick(sim_state *s, int i, double now) {
     sim_work w;
     plan_work(in, s->p, &w);
     sim_cost_step(&in->cost, &w, &in->step);
+    if (in->cap.on) power_cap_step(s, in, &w, now);
     in->busy = true;
     in->step_start = now;
     in->busy_s += in->step.seconds;
@@ -640,6 +664,11 @@ static void inst_init(sim_state *s, inst *in, inst_role role, double mhz, int ma
     sim_cost_init(&in->cost, s->p, mhz);
     if (s->cfg->step_factor) /* colocated or disaggregated, as measured (sim_step_factor) */
         in->cost.steps = s->cfg->n_colocated > 0 ? &s->p->serving.colocated.steps : &s->p->serving.disaggregated.steps;
+    if (s->cfg->power_cap && !s->contention) { /* a GPU's controller: never with CPU contention */
+        sim_power_cap_init(&in->cap, s->p, mhz);
+        in->cap_avg_w = in->cap.idle_w; /* the instance starts idle */
+        s->st->power_capped |= in->cap.on;
+    }
 }
 
 static bench_result *make_result(sim_state *s, const bench_config *bc, double makespan, double energy) {
@@ -811,6 +840,10 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
         sched_destroy(&in->sc);
     }
     st->energy_j = energy;
+    if (st->power_capped) {
+        st->mhz_prefill = s.cap_busy_s[0] > 0 ? s.cap_mhz_s[0] / s.cap_busy_s[0] : 0;
+        st->mhz_decode = s.cap_busy_s[1] > 0 ? s.cap_mhz_s[1] / s.cap_busy_s[1] : 0;
+    }
     if (rc == 0) *out = make_result(&s, bc, makespan, energy);
     for (int i = 0; i < n; i++) free(s.reqs[i].token_times);
     free(s.reqs);

@@ -55,11 +55,40 @@ typedef struct sim_medium {
                                (measured by `pdserve profile --medium`; 0: not measured) */
 } sim_medium;
 
+/* One serving-shape step run back to back, alone, for the power cap (docs/simulator.md,
+ * "Clock under a power cap"): a prefill chunk of `rows` rows after `context` cached
+ * tokens, or a decode batch of `rows` sequences of `context` tokens. */
+#define SIM_MAX_POWER_POINTS 8
+typedef struct sim_power_point {
+    bool decode;
+    double rows, context;
+    double watts;           /* whole-device mean power once settled (second half of the run) */
+    double mhz;             /* median SM clock once settled */
+    double first_mhz;       /* SM clock of the first sample of the run */
+    double seconds;         /* per step once settled, back to back */
+    double onset_s;         /* first sample below the base clock, from the run's start; < 0: none */
+    char reasons[96];       /* NVML clock event reasons seen during the run ("sw_power_cap") */
+} sim_power_point;
+
+/* The card's enforced power limit and the power of serving-shape steps at the profiled
+ * clock: the inputs of the power-cap clock model (limit_w 0 or no points: off). */
+typedef struct sim_power_cap_data {
+    double limit_w;         /* nvmlDeviceGetEnforcedPowerLimit; 0: unknown */
+    double idle_w;          /* the same meter's idle power right before the runs */
+    double window_s;        /* the controller's averaging window as estimated from the
+                               points' onsets (0: not estimated: the model's default) */
+    int n_points;
+    sim_power_point points[SIM_MAX_POWER_POINTS];
+    char source[256];       /* how it was measured, or why not */
+    char window_source[192];
+} sim_power_cap_data;
+
 /* Whole-device power while idle, prefilling and decoding (at the profiled clock). */
 typedef struct sim_power {
     bool measured;
     double idle_w, prefill_w, decode_w;
     char source[192];       /* how it was measured, or why not */
+    sim_power_cap_data cap; /* absent in older files: limit_w 0 */
 } sim_power;
 
 /* One profiled clock: step time and busy power relative to the base clock. */
@@ -261,6 +290,13 @@ typedef struct sim_profile_opts {
     struct power_nvml *nvml;
     int clock_gpu;
     bool allow_clock_control;
+    /* The power cap's inputs (read-only NVML on GPU clock_gpu; never sets a clock or a
+     * limit): the enforced power limit, then each serving-shape step (the largest prefill
+     * chunk up to 2048 rows and an eighth of it at no context; decode batches of 16 and
+     * the largest at the largest context up to 4096) run back to back for
+     * power_cap_run_s after power_cap_idle_s idle, its power and SM clock sampled. */
+    bool measure_power_cap;
+    double power_cap_run_s, power_cap_idle_s; /* 0: 2.0 and 1.5 */
 } sim_profile_opts;
 
 /* The default grid for a backend ("cpu": small, under a minute for small-llama on two
@@ -380,6 +416,35 @@ double sim_contention_slowdown(const sim_contention *c, int k);
 /* Fits the clock model's compute fractions and dynamic exponent from its points. */
 void sim_clock_fit(sim_clock_model *cm, double idle_w);
 
+/* The power-cap clock model of one instance (docs/simulator.md, "Clock under a power
+ * cap"): each step's power from the profile's per-shape points, scaled by the clock
+ * model's power law; a moving average of the instance's power over the controller's
+ * window; a step that would take the average above the enforced limit runs at the
+ * clock that brings it back to the limit. O(points) per step, deterministic. */
+#define SIM_POWER_CAP_WINDOW_S 1.0  /* default window: NVML's averaged power reading */
+typedef struct sim_power_cap {
+    bool on;                /* the profile has the limit, the points and a base clock */
+    double limit_w, idle_w, window_s;
+    double f0, f_nom, f_min;    /* base (profiled), nominal (the plan's), lowest clock */
+    double g, a_pre, a_dec;     /* power exponent, compute fractions */
+    int n_pre, n_dec;
+    double pre_rows[SIM_MAX_POWER_POINTS], pre_dyn[SIM_MAX_POWER_POINTS]; /* W above idle at f0 */
+    double dec_rows[SIM_MAX_POWER_POINTS], dec_dyn[SIM_MAX_POWER_POINTS];
+} sim_power_cap;
+
+/* Sets m up for profile p at the nominal clock mhz (0: as profiled); off (m->on false)
+ * unless p has a power limit, power points and a base clock. */
+void sim_power_cap_init(sim_power_cap *m, const sim_profile *p, double mhz);
+/* The clock of a step of work w whose price at the nominal clock is nominal, when the
+ * instance's average power is avg_w as it starts: the nominal clock unless the average
+ * at the step's end would exceed the limit, else the highest clock (down to f_min) that
+ * keeps it at the limit. *out: the step priced at that clock (time and energy);
+ * *watts: its mean power for the average. Returns the clock in MHz. */
+double sim_power_cap_step(const sim_power_cap *m, const sim_cost *c, const sim_work *w,
+                          const sim_step_cost *nominal, double avg_w, sim_step_cost *out, double *watts);
+/* The average after dt seconds at watts (an exponential average, exact for constant power). */
+double sim_power_cap_decay(const sim_power_cap *m, double avg_w, double watts, double dt);
+
 /* ---- the simulator ----------------------------------------------------------------- */
 /* prefix-affinity: the instance whose prefix cache holds the longest run of the
  * prompt's leading blocks (asked directly, as an ideal router would know it), the least
@@ -424,6 +489,9 @@ typedef struct sim_config {
     bool step_factor;           /* each instance's steps cost the profile's price x its
                                    deployment's measured sim_step_factor (colocated or
                                    disaggregated), where the profile has one */
+    bool power_cap;             /* each GPU instance's clock follows its enforced power limit
+                                   (sim_power_cap), where the profile has its inputs; never
+                                   under CPU contention */
 } sim_config;
 
 /* One request: lengths and arrival (prompt ids are used by the replay only). */
@@ -447,6 +515,11 @@ typedef struct sim_stats {
     double kv_bytes, kv_transfer_s;         /* disaggregated: total moved, summed transfer time */
     double wall_s;                          /* real time the simulation took */
     int n_instances;
+    /* the power cap (sim_config.power_cap with a profile that has its inputs) */
+    bool power_capped;                      /* the model ran */
+    double capped_s;                        /* instance-seconds of steps below their nominal clock */
+    double mhz_prefill, mhz_decode;         /* busy-time weighted mean SM clock of the prefill
+                                               (colocated) and decode instances' steps (0: none) */
 } sim_stats;
 
 /* Simulates reqs (sorted by arrival) on cfg priced by profile p. *out gets one record
