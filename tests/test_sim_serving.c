@@ -580,9 +580,9 @@ static void test_plan_datasets(void) {
 }
 
 /* pdserve profile --serving on the CPU: every path measured through the real server,
- * router and connector: two prompt lengths each, every point non-negative and under
- * 50 ms (on two shared cores the paths measure 0.1-2 ms; their relative sizes move
- * with the machine's load, so only the bounds are asserted). */
+ * router and connector: four prompt lengths each (64 to 512 tokens), every point
+ * non-negative and under 50 ms (on two shared cores the paths measure 0.1-2 ms; their
+ * relative sizes move with the machine's load, so only the bounds are asserted). */
 static void test_profile_serving(void) {
     char err[512];
     char *tj = NULL, *tc = NULL;
@@ -609,27 +609,27 @@ static void test_profile_serving(void) {
     const sim_serving *s = &p.serving;
     const sim_serving_path *paths[3] = {&s->colocated, &s->router, &s->disaggregated};
     for (int i = 0; rc == 0 && i < 3; i++) {
-        CHECKF(paths[i]->measured && paths[i]->n_points == 2, "path %d: %d points", i, paths[i]->n_points);
+        CHECKF(paths[i]->measured && paths[i]->n_points == 4, "path %d: %d points", i, paths[i]->n_points);
         for (int k = 0; k < paths[i]->n_points; k++)
             CHECKF(paths[i]->seconds[k] >= 0 && paths[i]->seconds[k] < 0.05, "path %d point %d: %g s", i, k,
                    paths[i]->seconds[k]);
-        CHECKF(paths[i]->tokens[0] >= 32 && paths[i]->tokens[1] >= 256, "prompt tokens %g, %g", paths[i]->tokens[0],
-               paths[i]->tokens[1]);
+        CHECKF(paths[i]->tokens[0] >= 32 && paths[i]->tokens[3] >= 256, "prompt tokens %g, %g", paths[i]->tokens[0],
+               paths[i]->tokens[3]);
     }
     CHECK(rc || strstr(s->source, "measured") != NULL);
-    /* the engines' steps inside the deployments against the grid's price: both lengths,
+    /* the engines' steps inside the deployments against the grid's price: every length,
      * factors that a step slowed by the serving threads or sped up by warm caches can
      * take (0.3-5 on two shared cores), the router's hop none of its own */
     const sim_step_factor *fs[2] = {&s->colocated.steps, &s->disaggregated.steps};
     for (int i = 0; rc == 0 && i < 2; i++) {
-        CHECKF(fs[i]->measured && fs[i]->n_prefill == 2, "path %d: %d step factor points", i, fs[i]->n_prefill);
+        CHECKF(fs[i]->measured && fs[i]->n_prefill == 4, "path %d: %d step factor points", i, fs[i]->n_prefill);
         for (int k = 0; k < fs[i]->n_prefill; k++)
             CHECKF(fs[i]->prefill[k] > 0.3 && fs[i]->prefill[k] < 5, "path %d: prefill x%g at %g tokens", i,
                    fs[i]->prefill[k], fs[i]->prefill_tokens[k]);
         CHECKF(fs[i]->decode >= 0.25 && fs[i]->decode <= 4, "path %d: decode x%g", i, fs[i]->decode);
-        printf("steps inside the %s deployment: prefill x%.3f at %.0f tokens, x%.3f at %.0f; decode x%.3f\n",
-               i ? "disaggregated" : "colocated", fs[i]->prefill[0], fs[i]->prefill_tokens[0], fs[i]->prefill[1],
-               fs[i]->prefill_tokens[1], fs[i]->decode);
+        printf("steps inside the %s deployment: prefill x%.3f at %.0f tokens, x%.3f at %.0f, x%.3f at %.0f; decode "
+               "x%.3f\n", i ? "disaggregated" : "colocated", fs[i]->prefill[0], fs[i]->prefill_tokens[0],
+               fs[i]->prefill[1], fs[i]->prefill_tokens[1], fs[i]->prefill[3], fs[i]->prefill_tokens[3], fs[i]->decode);
     }
     CHECK(!s->router.steps.measured);
     printf("serving path (tiny-llama, CPU): colocated %.3f ms + %.3f us/token, router %.3f ms, disaggregated %.3f ms "
@@ -699,7 +699,7 @@ static void test_profile_serving_processes(void) {
     const sim_serving *s = &p.serving;
     const sim_serving_path *paths[3] = {&s->colocated, &s->router, &s->disaggregated};
     for (int i = 0; rc == 0 && i < 3; i++) {
-        CHECKF(paths[i]->measured && paths[i]->n_points == 2 && paths[i]->cpu.measured, "path %d", i);
+        CHECKF(paths[i]->measured && paths[i]->n_points == 4 && paths[i]->cpu.measured, "path %d", i);
         for (int k = 0; k < paths[i]->n_points; k++)
             CHECKF(paths[i]->seconds[k] >= 0 && paths[i]->seconds[k] < 0.05, "path %d point %d: %g s", i, k,
                    paths[i]->seconds[k]);

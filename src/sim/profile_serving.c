@@ -42,7 +42,7 @@
 #include "study/study.h"
 #include "util/util.h"
 
-#define SERVE_MAX_LENGTHS 4
+#define SERVE_MAX_LENGTHS 6
 #define SERVE_MAX_REPEATS 16
 
 static int cmp_dbl(const void *a, const void *b) {
@@ -643,7 +643,9 @@ typedef struct serving_plan {
  * and the transfer inside a disaggregated request's time: the profile's cpu medium,
  * else its documented default (then said in the source). */
 static void serving_plan_make(const sim_profile *out, int max_len, int repeats, serving_plan *sp) {
-    static const int all[SERVE_MAX_LENGTHS] = {64, 512, 2048, 4096};
+    /* 128 and 256: the demo's prompts, where a lone step's excess over its price is the
+     * largest part of it (the step factor between 64 and 512 is far from linear) */
+    static const int all[SERVE_MAX_LENGTHS] = {64, 128, 256, 512, 2048, 4096};
     sp->n_lens = 0;
     for (int i = 0; i < SERVE_MAX_LENGTHS; i++)
         if (all[i] <= max_len || i == 0) sp->lens[sp->n_lens++] = all[i];
