@@ -31,7 +31,7 @@ static const int CPU_PC[] = {0, 256, 1024};
 /* every decode batch up to 8 and more between: OpenBLAS's sgemm costs more at some row
  * counts than at the next larger one (docs/simulator.md, "How points are measured") */
 static const int CPU_DB[] = {1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 64};
-static const int CPU_DC[] = {64, 256, 1024};
+static const int CPU_DC[] = {64, 128, 256, 512, 1024};
 static const int GPU_PT[] = {16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384};
 static const int GPU_PC[] = {0, 2048, 8192, 16384};
 static const int GPU_DB[] = {1, 2, 4, 8, 16, 32, 64, 128, 256};
