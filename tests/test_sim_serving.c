@@ -97,13 +97,23 @@ static void test_serving_delay(void) {
     sim_profile_free(&p);
 }
 
-/* fixed_s and s_per_token: the least-squares line through the points */
+/* fixed_s and s_per_token: a line through the points that one disturbed point does not
+ * carry away (Theil-Sen) */
 static void test_serving_fit(void) {
     sim_serving_path s = {.n_points = 3, .tokens = {100, 1000, 4000}, .seconds = {0.0012, 0.003, 0.009}};
     sim_serving_fit(&s);
     /* exact line: 1 ms + 2 us/token */
     CHECKF(near(s.fixed_s, 0.001, 1e-9) && near(s.s_per_token, 2e-6, 1e-9), "%g + %g", s.fixed_s, s.s_per_token);
     CHECK(near(sim_serving_s(&s, 500), 0.002, 1e-9));
+    /* a profile's four points, one of them caught by a burst of load (16 ms): a
+     * least-squares line gave 3.6 ms + 2.1 us/token; this one stays by the others */
+    sim_serving_path o = {.n_points = 4, .tokens = {64, 128, 253, 510}, .seconds = {0.000157, 0, 0.015968, 0.000164}};
+    sim_serving_fit(&o);
+    CHECKF(o.fixed_s < 0.0002 && o.s_per_token < 1e-6 && sim_serving_s(&o, 253) < 0.0003, "%g + %g", o.fixed_s,
+           o.s_per_token);
+    sim_serving_path two = {.n_points = 2, .tokens = {64, 2048}, .seconds = {0.001, 0.005}};
+    sim_serving_fit(&two);
+    CHECK(near(sim_serving_s(&two, 64), 0.001, 1e-9) && near(sim_serving_s(&two, 2048), 0.005, 1e-9));
     sim_serving_path one = {.n_points = 1, .tokens = {64}, .seconds = {0.0004}};
     sim_serving_fit(&one);
     CHECK(near(one.fixed_s, 0.0004, 1e-12) && one.s_per_token == 0);

@@ -146,20 +146,33 @@ void sim_medium_fit(sim_medium *m) {
     m->latency_s = icpt > 0 ? icpt : 0;
 }
 
+static int cmp_dbl_asc(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median_sorted(double *v, int n) {
+    qsort(v, (size_t)n, sizeof *v, cmp_dbl_asc);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* Theil-Sen: the median of the pairwise slopes, then the median of the intercepts at that
+ * slope, both at least 0. One disturbed point of several (a request that met a burst of
+ * load elsewhere: 16 ms among 0.1-0.3 ms points has happened) moves a least-squares line
+ * by its full weight and this one hardly; exact on points on a line, and on two points
+ * the line through them. */
 void sim_serving_fit(sim_serving_path *s) {
     int n = s->n_points;
     if (n < 1) return;
-    double sx = 0, sy = 0, sxx = 0, sxy = 0;
-    for (int i = 0; i < n; i++) {
-        sx += s->tokens[i];
-        sy += s->seconds[i];
-        sxx += s->tokens[i] * s->tokens[i];
-        sxy += s->tokens[i] * s->seconds[i];
-    }
-    double den = n * sxx - sx * sx;
-    double slope = n >= 2 && den > 0 ? (n * sxy - sx * sy) / den : 0;
-    s->s_per_token = PD_MAX(slope, 0);
-    s->fixed_s = PD_MAX((sy - s->s_per_token * sx) / n, 0);
+    double slopes[SIM_MAX_POINTS * (SIM_MAX_POINTS - 1) / 2], icpt[SIM_MAX_POINTS];
+    int k = 0;
+    for (int i = 0; i < n; i++)
+        for (int j = i + 1; j < n; j++)
+            if (s->tokens[j] != s->tokens[i])
+                slopes[k++] = (s->seconds[j] - s->seconds[i]) / (s->tokens[j] - s->tokens[i]);
+    s->s_per_token = k > 0 ? PD_MAX(median_sorted(slopes, k), 0) : 0;
+    for (int i = 0; i < n; i++) icpt[i] = s->seconds[i] - s->s_per_token * s->tokens[i];
+    s->fixed_s = PD_MAX(median_sorted(icpt, n), 0);
     s->measured = true;
 }
 

@@ -16,8 +16,8 @@
  * steps for it (the engine's own busy counter, read before and after) and, in the
  * disaggregated deployment, less the KV transfer over the cpu medium (which the
  * simulator prices from the medium's curve). Several prompt lengths, the median of
- * `repeats` requests each, a least-squares line through them. Then the path's CPU:
- * three runs of pdserve's bench client (per request, per streamed token, per engine
+ * `repeats` requests each, a Theil-Sen line through them (sim_serving_fit). Then the
+ * path's CPU: three runs of pdserve's bench client (per request, per streamed token, per engine
  * step), fitted. sim_profile_serving_processes measures the same through `pdserve
  * serve` / `pdserve up` children, as the sweep deploys them (their /metrics, /proc).
  *

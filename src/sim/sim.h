@@ -137,8 +137,8 @@ typedef struct sim_contention {
  * the engine woken; behind a router its hop; disaggregated, the reservation round trip,
  * the prefill and decode calls and their tokenizations, the connector's control
  * messages (not the KV transfer itself, which the medium's curve prices). seconds =
- * fixed_s + s_per_token x prompt tokens, a least-squares line through the measured
- * points (prompt tokens, seconds). */
+ * fixed_s + s_per_token x prompt tokens, a Theil-Sen line (sim_serving_fit) through
+ * the measured points (prompt tokens, seconds). */
 /* The CPU the serving path burns on the host's cores beside the engines (HTTP threads,
  * router, the streaming client): cpu seconds = request_s x requests + token_s x tokens
  * streamed to clients + step_s x engine steps, fitted (non-negative least squares) to
