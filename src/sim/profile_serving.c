@@ -17,8 +17,8 @@
  * disaggregated deployment, less the KV transfer over the cpu medium (which the
  * simulator prices from the medium's curve). Several prompt lengths, the median of
  * `repeats` requests each, a Theil-Sen line through them (sim_serving_fit). Then the
- * path's CPU: three runs of pdserve's bench client (per request, per streamed token, per engine
- * step), fitted. sim_profile_serving_processes measures the same through `pdserve
+ * path's CPU: three runs of pdserve's bench client (per request, per streamed token,
+ * per engine step), fitted. sim_profile_serving_processes measures the same through `pdserve
  * serve` / `pdserve up` children, as the sweep deploys them (their /metrics, /proc).
  *
  * Tuned for: a few dozen requests, well under a minute on two CPU cores; nothing here
