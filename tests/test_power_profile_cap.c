@@ -13,40 +13,25 @@
 #include "power/power.h"
 #include "sim/sim.h"
 #include "test.h"
+#include "test_fake_nvml_rig.h"
 #include "util/util.h"
 
-static char g_log[256];
-static model *g_model;
-static backend *g_be;
-static model_files g_files;
+static nvml_rig g_rig;
 
+/* the stand-in's draw and clock for this test (the header above) */
 static int setup(void) {
-    const char *lib = getenv("PDSERVE_FAKE_NVML");
-    if (!lib || !util_file_exists(lib)) TEST_SKIP("PDSERVE_FAKE_NVML not set (run through ctest)");
-    snprintf(g_log, sizeof g_log, "%s/pdserve-profile-cap-%d.log", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp",
-             (int)getpid());
-    setenv("PDSERVE_NVML_LIB", lib, 1);
-    setenv("FAKE_NVML_LOG", g_log, 1);
     setenv("FAKE_NVML_GPUS", "1", 1);
     setenv("FAKE_NVML_POWER_W", "100", 1);
     setenv("FAKE_NVML_POWER_LIMIT_W", "700", 1);
     setenv("FAKE_NVML_BUSY", "0.3,800", 1);
     setenv("FAKE_NVML_THROTTLE", "0.4,1755", 1);
-    char err[512];
-    if (model_files_open("preset:tiny-llama", "dummy", &g_files, err, sizeof err) != 0) {
-        fprintf(stderr, "%s\n", err);
-        return -1;
-    }
-    g_be = backend_cpu_create(1);
-    g_model = model_load(g_be, &g_files, 1, err, sizeof err);
-    if (!g_model) fprintf(stderr, "%s\n", err);
-    return g_model ? 0 : -1;
+    return nvml_rig_open(&g_rig, "profile-cap");
 }
 
 static const int PT[] = {16, 64}, PC[] = {0}, DB[] = {1, 2}, DC[] = {64};
 
 static void test_power_cap_points(void) {
-    unlink(g_log);
+    unlink(g_rig.log);
     sim_profile_opts o;
     sim_profile_opts_default(&o, true);
     CHECK(!o.measure_power_cap); /* off by default on the CPU */
@@ -62,7 +47,7 @@ static void test_power_cap_points(void) {
     o.power_cap_run_s = 0.4;
     sim_profile p;
     char err[512];
-    REQUIRE(sim_profile_measure(g_model, &o, &p, err, sizeof err) == 0 || (fprintf(stderr, "%s\n", err), 0));
+    REQUIRE(sim_profile_measure(g_rig.m, &o, &p, err, sizeof err) == 0 || (fprintf(stderr, "%s\n", err), 0));
     const sim_power_cap_data *d = &p.power.cap;
     CHECK(d->limit_w == 700);
     CHECKF(d->idle_w > 95 && d->idle_w < 105, "idle %g W", d->idle_w);
@@ -87,7 +72,7 @@ static void test_power_cap_points(void) {
     CHECKF(d->window_s > 0.02 && d->window_s < 0.16, "window %g s", d->window_s);
     CHECK_STR_CONTAINS(d->source, "read-only");
     /* read-only: nothing locked, nothing set */
-    char *log = util_read_file(g_log, NULL, err, sizeof err);
+    char *log = util_read_file(g_rig.log, NULL, err, sizeof err);
     REQUIRE(log);
     CHECK_STR_CONTAINS(log, "nvmlDeviceGetEnforcedPowerLimit gpu=0 rc=0");
     CHECK(strstr(log, "SetGpuLockedClocks") == NULL && strstr(log, "ResetGpuLockedClocks") == NULL);
@@ -123,7 +108,7 @@ static void test_no_limit(void) {
     o.power_cap_run_s = 0.1;
     sim_profile p;
     char err[512];
-    REQUIRE(sim_profile_measure(g_model, &o, &p, err, sizeof err) == 0);
+    REQUIRE(sim_profile_measure(g_rig.m, &o, &p, err, sizeof err) == 0);
     CHECK(p.power.cap.limit_w == 0);
     CHECK(p.power.cap.n_points >= 1);
     CHECK_STR_CONTAINS(p.power.cap.source, "not read");
@@ -139,9 +124,6 @@ int main(void) {
     if (setup() != 0) return 1;
     TEST_RUN(test_power_cap_points);
     TEST_RUN(test_no_limit);
-    model_free(g_model);
-    backend_destroy(g_be);
-    model_files_close(&g_files);
-    unlink(g_log);
+    nvml_rig_close(&g_rig);
     return TEST_END();
 }

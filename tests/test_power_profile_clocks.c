@@ -10,42 +10,17 @@
 #include "power/power.h"
 #include "sim/sim.h"
 #include "test.h"
+#include "test_fake_nvml_rig.h"
 #include "util/util.h"
 
-static char g_log[256];
+static nvml_rig g_rig;
 
-static char *read_log(void) {
-    char err[256];
-    char *s = util_read_file(g_log, NULL, err, sizeof err);
-    return s ? s : xstrdup("");
-}
-
-static model *g_model;
-static backend *g_be;
-static model_files g_files;
-
-static int setup(void) {
-    const char *lib = getenv("PDSERVE_FAKE_NVML");
-    if (!lib || !util_file_exists(lib)) TEST_SKIP("PDSERVE_FAKE_NVML not set (run through ctest)");
-    snprintf(g_log, sizeof g_log, "%s/pdserve-profile-clocks-%d.log", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp",
-             (int)getpid());
-    setenv("PDSERVE_NVML_LIB", lib, 1);
-    setenv("FAKE_NVML_LOG", g_log, 1);
-    char err[512];
-    if (model_files_open("preset:tiny-llama", "dummy", &g_files, err, sizeof err) != 0) {
-        fprintf(stderr, "%s\n", err);
-        return -1;
-    }
-    g_be = backend_cpu_create(1);
-    g_model = model_load(g_be, &g_files, 1, err, sizeof err);
-    if (!g_model) fprintf(stderr, "%s\n", err);
-    return g_model ? 0 : -1;
-}
+static char *read_log(void) { return nvml_rig_read_log(&g_rig); }
 
 static const int PT[] = {16, 64}, PC[] = {0}, DB[] = {1, 2}, DC[] = {64};
 
 static int run(const unsigned *clocks, int n, bool allow, sim_profile *out, char *err, size_t errlen) {
-    unlink(g_log);
+    unlink(g_rig.log);
     sim_profile_opts o;
     sim_profile_opts_default(&o, true);
     o.prefill_tokens = PT, o.n_prefill_tokens = 2;
@@ -61,7 +36,7 @@ static int run(const unsigned *clocks, int n, bool allow, sim_profile *out, char
     o.clock_gpu = 0;
     o.nvml = power_nvml_open(err, errlen);
     if (!o.nvml) return -2;
-    int rc = sim_profile_measure(g_model, &o, out, err, errlen);
+    int rc = sim_profile_measure(g_rig.m, &o, out, err, errlen);
     power_nvml_close(o.nvml);
     return rc;
 }
@@ -123,12 +98,9 @@ static void test_refusals(void) {
 
 int main(void) {
     log_set_level(LOG_LEVEL_WARN);
-    if (setup() != 0) return 1;
+    if (nvml_rig_open(&g_rig, "profile-clocks") != 0) return 1;
     TEST_RUN(test_clock_points);
     TEST_RUN(test_refusals);
-    model_free(g_model);
-    backend_destroy(g_be);
-    model_files_close(&g_files);
-    unlink(g_log);
+    nvml_rig_close(&g_rig);
     return TEST_END();
 }

@@ -46,6 +46,19 @@ static void requests(sim_request *r, int n, double t0, double gap) {
     for (int i = 0; i < n; i++) r[i] = (sim_request){.n_prompt = 1000, .max_tokens = 1, .arrival = t0 + i * gap};
 }
 
+/* sim_run with the default bench config; NULL (and why, on stderr) when it fails. */
+static bench_result *simulate(const sim_config *c, const sim_profile *p, const sim_request *r, int n, sim_stats *st) {
+    bench_config bc;
+    bench_config_default(&bc);
+    bench_result *res = NULL;
+    char err[256];
+    if (sim_run(c, p, r, n, &bc, &res, st, err, sizeof err) != 0) {
+        fprintf(stderr, "sim_run: %s\n", err);
+        return NULL;
+    }
+    return res;
+}
+
 /* A load whose steps draw 400 W (under 500) never throttles, even back to back: every
  * TTFT is the queue of 0.1 s steps, as without the model. */
 static void test_under_limit(void) {
@@ -54,13 +67,10 @@ static void test_under_limit(void) {
     enum { N = 50 };
     sim_request r[N];
     requests(r, N, 0, 0);
-    bench_config bc;
-    bench_config_default(&bc);
-    bench_result *res;
     sim_stats st;
-    char err[256];
     sim_config c = colocated();
-    REQUIRE(sim_run(&c, &p, r, N, &bc, &res, &st, err, sizeof err) == 0);
+    bench_result *res = simulate(&c, &p, r, N, &st);
+    REQUIRE(res);
     CHECK(st.power_capped);
     for (int i = 0; i < N; i++) CHECKF(near(res->recs[i].ttft_s, 0.1 * (i + 1), 1e-9), "ttft[%d] %.6f", i, res->recs[i].ttft_s);
     CHECK(st.capped_s == 0);
@@ -85,13 +95,10 @@ static void test_settles_at_predicted_clock(void) {
         enum { N = 200 };
         sim_request r[N];
         requests(r, N, 0, 0);
-        bench_config bc;
-        bench_config_default(&bc);
-        bench_result *res;
         sim_stats st;
-        char err[256];
         sim_config c = colocated();
-        REQUIRE(sim_run(&c, &p, r, N, &bc, &res, &st, err, sizeof err) == 0);
+        bench_result *res = simulate(&c, &p, r, N, &st);
+        REQUIRE(res);
         for (int i = 0; i < 3; i++) CHECKF(near(res->recs[i].ttft_s, 0.1 * (i + 1), 1e-9), "ttft[%d] %.6f", i, res->recs[i].ttft_s);
         double d3 = res->recs[3].ttft_s - res->recs[2].ttft_s;
         CHECKF(d3 > 0.1 + 1e-6 && d3 < 0.1 * sqrt(2.0), "fourth step %.6f s", d3);
@@ -105,8 +112,8 @@ static void test_settles_at_predicted_clock(void) {
         CHECK(st.capped_s > 0.14 * (N - 10));
         /* off: the queue of 0.1 s steps */
         c.power_cap = false;
-        bench_result *r0;
-        REQUIRE(sim_run(&c, &p, r, N, &bc, &r0, &st, err, sizeof err) == 0);
+        bench_result *r0 = simulate(&c, &p, r, N, &st);
+        REQUIRE(r0);
         CHECK(!st.power_capped);
         CHECK(near(r0->recs[N - 1].ttft_s, 0.1 * N, 1e-9));
         bench_result_free(r0);
@@ -124,23 +131,20 @@ static void test_recovery_after_idle(void) {
     enum { N = 40 };
     sim_request r[N + 1];
     requests(r, N, 0, 0);
-    bench_config bc;
-    bench_config_default(&bc);
-    bench_result *res;
     sim_stats st;
-    char err[256];
     sim_config c = colocated();
-    REQUIRE(sim_run(&c, &p, r, N, &bc, &res, &st, err, sizeof err) == 0);
+    bench_result *res = simulate(&c, &p, r, N, &st);
+    REQUIRE(res);
     double end = res->recs[N - 1].ttft_s;
     bench_result_free(res);
     r[N] = (sim_request){.n_prompt = 1000, .max_tokens = 1, .arrival = end + 10.0};
-    REQUIRE(sim_run(&c, &p, r, N + 1, &bc, &res, &st, err, sizeof err) == 0);
+    REQUIRE((res = simulate(&c, &p, r, N + 1, &st)) != NULL);
     CHECKF(near(res->recs[N].ttft_s, 0.1, 1e-9), "after idle: ttft %.6f", res->recs[N].ttft_s);
     bench_result_free(res);
     /* 0.05 s after the burst: the average is 100 + 400 e^(-0.1) = 462 W, and a 900 W
      * step would end it at 900 - 438 e^(-0.2) = 541 W: held back */
     r[N].arrival = end + 0.05;
-    REQUIRE(sim_run(&c, &p, r, N + 1, &bc, &res, &st, err, sizeof err) == 0);
+    REQUIRE((res = simulate(&c, &p, r, N + 1, &st)) != NULL);
     CHECKF(res->recs[N].ttft_s > 0.1 + 1e-4 && res->recs[N].ttft_s < 0.1 * sqrt(2.0), "right after: ttft %.6f",
            res->recs[N].ttft_s);
     bench_result_free(res);
@@ -162,14 +166,12 @@ static void test_off_without_inputs(void) {
         sim_config c = colocated();
         c.n_colocated = 0;
         c.n_prefill = c.n_decode = 1;
-        bench_config bc;
-        bench_config_default(&bc);
-        bench_result *a, *b;
         sim_stats sa, sb;
-        char err[256];
-        REQUIRE(sim_run(&c, &p, r, N, &bc, &a, &sa, err, sizeof err) == 0);
+        bench_result *a = simulate(&c, &p, r, N, &sa);
+        REQUIRE(a);
         c.power_cap = false;
-        REQUIRE(sim_run(&c, &p, r, N, &bc, &b, &sb, err, sizeof err) == 0);
+        bench_result *b = simulate(&c, &p, r, N, &sb);
+        REQUIRE(b);
         CHECK(!sa.power_capped);
         for (int i = 0; i < N; i++) {
             CHECK(a->recs[i].ttft_s == b->recs[i].ttft_s);
