@@ -44,6 +44,7 @@
 
 #define SERVE_MAX_LENGTHS 6
 #define SERVE_MAX_REPEATS 16
+#define SERVE_MAX_BIN 4096 /* steps a bin's median looks at */
 
 static int cmp_dbl(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -432,6 +433,214 @@ static int cpu_run(const serve_target *t, const char *text, int n, int max_token
     return 0;
 }
 
+/* ---- the engines' steps from their step traces (engine_config.step_trace) ----------- */
+
+/* One step of a trace: its start, busy seconds, instance (file), rows and chunks (pairs
+ * n, start in the chunk pool). */
+typedef struct tstep {
+    double t, busy, ctx_sum;
+    int inst, prefill, decode, logits, chunk0, n_chunks;
+    double overlap;  /* the part of it another instance was in a step too (0-1) */
+    int other_kind;  /* that step's kind (the longest such): 0 prefill rows, 1 decode */
+} tstep;
+
+typedef struct traces {
+    tstep *s;
+    int n, cap;
+    int *chunks; /* n, start, n, start, ... */
+    int n_chunks, chunks_cap;
+    int n_inst;
+} traces;
+
+/* Appends every step line of the trace at path as instance tr->n_inst. */
+static void traces_read(traces *tr, const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) return;
+    char *line = NULL;
+    size_t cap = 0;
+    while (getline(&line, &cap, f) > 0) {
+        if (line[0] == '#') continue;
+        tstep q = {.inst = tr->n_inst};
+        double sched, fwd, smp;
+        int rows, running, waiting, used, off = 0;
+        long long ctx;
+        if (sscanf(line, "%lf %lf %lf %lf %lf %d %d %d %lld %d %d %d %d %n", &q.t, &q.busy, &sched, &fwd, &smp, &rows,
+                   &q.prefill, &q.decode, &ctx, &q.logits, &running, &waiting, &used, &off) != 13 || off <= 0)
+            continue;
+        q.ctx_sum = (double)ctx;
+        q.chunk0 = tr->n_chunks;
+        for (char *c = line + off; *c && *c != '-' && *c != '\n';) {
+            int n, at, k = 0;
+            if (sscanf(c, "%d@%d%n", &n, &at, &k) != 2 || k <= 0) break;
+            if (tr->n_chunks + 2 > tr->chunks_cap) {
+                tr->chunks_cap = tr->chunks_cap ? 2 * tr->chunks_cap : 256;
+                tr->chunks = xrealloc(tr->chunks, sizeof *tr->chunks * (size_t)tr->chunks_cap);
+            }
+            tr->chunks[tr->n_chunks++] = n;
+            tr->chunks[tr->n_chunks++] = at;
+            q.n_chunks++;
+            c += k;
+            if (*c == ',') c++;
+        }
+        if (tr->n == tr->cap) {
+            tr->cap = tr->cap ? 2 * tr->cap : 256;
+            tr->s = xrealloc(tr->s, sizeof *tr->s * (size_t)tr->cap);
+        }
+        tr->s[tr->n++] = q;
+    }
+    free(line);
+    fclose(f);
+    tr->n_inst++;
+}
+
+static int cmp_tstep(const void *a, const void *b) {
+    double x = ((const tstep *)a)->t, y = ((const tstep *)b)->t;
+    return (x > y) - (x < y);
+}
+
+/* Sorts by start and measures how much of each step shared time with other instances'
+ * steps (every instance of a host writes the same monotonic clock), and their kind. */
+static void traces_mark_overlaps(traces *tr) {
+    qsort(tr->s, (size_t)tr->n, sizeof *tr->s, cmp_tstep);
+    double *longest = xcalloc((size_t)PD_MAX(tr->n, 1), sizeof *longest);
+    for (int i = 0; i < tr->n; i++) {
+        tstep *a = &tr->s[i];
+        for (int j = i + 1; j < tr->n && tr->s[j].t < a->t + a->busy; j++) {
+            tstep *b = &tr->s[j];
+            if (b->inst == a->inst) continue;
+            double both = PD_MIN(a->t + a->busy, b->t + b->busy) - b->t;
+            if (!(both > 0)) continue;
+            a->overlap += both;
+            b->overlap += both;
+            if (both > longest[i]) longest[i] = both, a->other_kind = b->prefill >= b->decode ? 0 : 1;
+            if (both > longest[j]) longest[j] = both, b->other_kind = a->prefill >= a->decode ? 0 : 1;
+        }
+    }
+    for (int i = 0; i < tr->n; i++)
+        tr->s[i].overlap = tr->s[i].busy > 0 ? PD_MIN(tr->s[i].overlap / tr->s[i].busy, 1.0) : 0;
+    free(longest);
+}
+
+/* The profile's price of a traced step: its forward's prefill and decode parts and its
+ * host part (sampling, the step's overhead). */
+static void price_step(const sim_profile *p, const traces *tr, const tstep *q, double *pf, double *df, double *host) {
+    sim_cost c;
+    sim_cost_init(&c, p, 0);
+    sim_work w;
+    sim_work_begin(&w, p);
+    const int *ch = tr->chunks + q->chunk0;
+    for (int k = 0; k < q->n_chunks; k++) sim_work_add_chunk(&w, ch[2 * k], ch[2 * k + 1]);
+    for (int k = 0; k < q->decode; k++) sim_work_add_decode(&w, 0);
+    w.decode_ctx = q->ctx_sum;
+    w.n_logits = q->logits;
+    sim_step_cost sc;
+    sim_cost_step(&c, &w, &sc);
+    *pf = sc.prefill_s;
+    *df = sc.decode_s;
+    *host = sc.seconds - sc.prefill_s - sc.decode_s;
+}
+
+static int cmp_pair(const void *a, const void *b) {
+    const double *x = a, *y = b;
+    return (x[0] > y[0]) - (x[0] < y[0]);
+}
+
+/* The step factor from the traces (sim_step_factor): each step's busy seconds less the
+ * priced host part, over its priced forward, over what the simulator's contention model
+ * makes of the time it shared with another instance's step (1 + (slowdown - 1) x the
+ * shared part, the slowdown of its kind beside the other's where the profile has kinds,
+ * else slowdown(2)), so that the two are not counted twice. A step whose priced prefill
+ * part is at least four times its decode part counts as a prefill of its prompt rows,
+ * in half-octave bins (at least 3 steps each: the bin's median factor at its median
+ * rows); one whose decode part is four times its prefill part, towards the decode
+ * factor (the median); the others are left out (their parts cannot be told apart).
+ * Leaves sf as it is where the traces hold too few steps. */
+static void traces_factor(const traces *tr, const sim_profile *p, sim_step_factor *sf, const char *what) {
+    if (!can_price(p) || tr->n == 0) return;
+    double(*pre)[2] = xmalloc(sizeof *pre * (size_t)tr->n), *dec = xmalloc(sizeof *dec * (size_t)tr->n);
+    int n_pre = 0, n_dec = 0, n_over = 0;
+    const sim_contention *ct = &p->contention;
+    for (int i = 0; i < tr->n; i++) {
+        const tstep *q = &tr->s[i];
+        if (q->prefill + q->decode <= 0) continue;
+        double pf, df, host;
+        price_step(p, tr, q, &pf, &df, &host);
+        double fwd = pf + df;
+        if (!(fwd > 0)) continue;
+        int kind = pf >= 4 * df ? 0 : df >= 4 * pf ? 1 : -1;
+        if (kind < 0) continue;
+        double slow = 1;
+        if (q->overlap > 0 && ct->cores > 0) {
+            double c2 = ct->kinds_measured ? ct->kinds[kind][q->other_kind] : sim_contention_slowdown(ct, 2);
+            slow = 1 + (c2 - 1) * q->overlap;
+            n_over++;
+        }
+        double f = PD_MAX(q->busy - host, 0) / fwd / slow;
+        if (kind == 0) pre[n_pre][0] = q->prefill, pre[n_pre++][1] = f;
+        else dec[n_dec++] = f;
+    }
+    qsort(pre, (size_t)n_pre, sizeof *pre, cmp_pair);
+    sim_step_factor got = {.decode = 1};
+    for (int i = 0; i < n_pre && got.n_prefill < SIM_MAX_POINTS;) {
+        int bin = (int)floor(2 * log2(pre[i][0])), j = i;
+        while (j < n_pre && (int)floor(2 * log2(pre[j][0])) == bin) j++;
+        if (j - i >= 3) {
+            double rows[SERVE_MAX_BIN], fs[SERVE_MAX_BIN];
+            int m = PD_MIN(j - i, SERVE_MAX_BIN);
+            for (int k = 0; k < m; k++) rows[k] = pre[i + k][0], fs[k] = pre[i + k][1];
+            double r = median_of(rows, m);
+            if (got.n_prefill == 0 || r > got.prefill_tokens[got.n_prefill - 1]) {
+                got.prefill_tokens[got.n_prefill] = r;
+                got.prefill[got.n_prefill++] = median_of(fs, m);
+            }
+        }
+        i = j;
+    }
+    if (n_dec >= 5) {
+        double d = median_of(dec, PD_MIN(n_dec, SERVE_MAX_BIN));
+        if (d >= 0.25 && d <= 4) got.decode = d;
+        else n_dec = 0;
+    }
+    char pts[256] = "";
+    size_t len = 0;
+    for (int k = 0; k < got.n_prefill && len < sizeof pts; k++)
+        len += (size_t)snprintf(pts + len, sizeof pts - len, "%s%.0f rows x%.3f", k ? ", " : "",
+                                got.prefill_tokens[k], got.prefill[k]);
+    log_info("profile: serving, %s engine steps from their traces (%d steps, %d of them partly beside another "
+             "instance's): prefill %s; decode x%.3f over %d steps", what, tr->n, n_over,
+             got.n_prefill ? pts : "(too few)", got.decode, n_dec);
+    if (got.n_prefill > 0) {
+        sf->n_prefill = got.n_prefill;
+        memcpy(sf->prefill_tokens, got.prefill_tokens, sizeof got.prefill_tokens);
+        memcpy(sf->prefill, got.prefill, sizeof got.prefill);
+        sf->measured = true;
+    }
+    if (n_dec >= 5 && sf->measured) sf->decode = got.decode;
+    free(pre);
+    free(dec);
+}
+
+void sim_step_factor_from_traces(const char *dir, const char *prefix, const sim_profile *p, sim_step_factor *sf,
+                                 const char *what) {
+    traces tr = {0};
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *de;
+    size_t pl = strlen(prefix);
+    while ((de = readdir(d))) {
+        if (strncmp(de->d_name, prefix, pl) != 0) continue;
+        char path[1024];
+        snprintf(path, sizeof path, "%s/%s", dir, de->d_name);
+        traces_read(&tr, path);
+        unlink(path);
+    }
+    closedir(d);
+    traces_mark_overlaps(&tr);
+    traces_factor(&tr, p, sf, what);
+    free(tr.s);
+    free(tr.chunks);
+}
+
 /* The decode factor of sf (its prefill points measured): the one-at-a-time run of
  * SERVE_CPU_RUNS[1], n requests of a prompt of n_prompt tokens and tokens in all, every
  * engine's busy seconds `busy` (the mean of the rounds): what the run's decode steps
@@ -533,11 +742,23 @@ static void stop_server(server *s, engine *e) {
 static int alloc_blocks(void *user, int n, int32_t *out) { return engine_kv_alloc(user, n, out); }
 static void release_blocks(void *user, const int32_t *blocks, int n) { engine_kv_release(user, blocks, n); }
 
+static const char *trace_dir(void) { return getenv("TMPDIR") && *getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp"; }
+
+/* An in-process engine's step trace: prefix "trace-<kind>-<pid>-", the file that prefix
+ * and `inst` (the instances of one process need names of their own). */
+static void trace_name(char *prefix, size_t pcap, char *path, size_t cap, const char *kind, const char *inst) {
+    snprintf(prefix, pcap, "trace-%s-%d-", kind, (int)getpid());
+    snprintf(path, cap, "%s/%s%s.txt", trace_dir(), prefix, inst);
+}
+
 /* colocated and router: one instance, first directly, then behind a router */
 static int measure_colocated(model *m, const tokenizer *tok, const sim_profile *prof, const int *lens, int n_lens,
                              int repeats, int bs, sim_serving *out, char *err, size_t errlen) {
     engine_config ec;
     instance_config(m, lens[n_lens - 1], bs, &ec);
+    char trace[600], prefix[64];
+    trace_name(prefix, sizeof prefix, trace, sizeof trace, "co", "0");
+    ec.step_trace = trace;
     engine *e = engine_create(m, &ec, err, errlen);
     if (!e) return -1;
     engine_start(e);
@@ -566,6 +787,7 @@ out:
     router_free(rt);
     stop_server(s, e);
     engine_free(e);
+    if (rc == 0) sim_step_factor_from_traces(trace_dir(), prefix, prof, &out->colocated.steps, "colocated");
     return rc;
 }
 
@@ -575,7 +797,13 @@ static int measure_disaggregated(model *m, const tokenizer *tok, const sim_profi
                                  size_t errlen) {
     engine_config ec;
     instance_config(m, lens[n_lens - 1], bs, &ec);
-    engine *pe = engine_create(m, &ec, err, errlen), *de = pe ? engine_create(m, &ec, err, errlen) : NULL;
+    char tp[600], td[600], prefix[64];
+    trace_name(prefix, sizeof prefix, tp, sizeof tp, "dis", "p");
+    trace_name(prefix, sizeof prefix, td, sizeof td, "dis", "d");
+    ec.step_trace = tp;
+    engine *pe = engine_create(m, &ec, err, errlen), *de = NULL;
+    ec.step_trace = td;
+    if (pe) de = engine_create(m, &ec, err, errlen);
     kv_connector *pk = NULL, *dk = NULL;
     server *ps = NULL, *ds = NULL;
     router *rt = NULL;
@@ -625,6 +853,7 @@ out:
     kv_connector_free(dk);
     engine_free(de);
     engine_free(pe);
+    if (rc == 0) sim_step_factor_from_traces(trace_dir(), prefix, prof, &out->disaggregated.steps, "disaggregated");
     return rc;
 }
 
@@ -725,18 +954,20 @@ static void log_instance_url(const char *log_path, const char *name, char *out, 
 /* Brings setup `name` up as the sweep does (this program's `serve` or `up`), on the CPU
  * with o's threads and a pool for a few of the longest prompts. 0 or -1. */
 static int deploy(const sim_serving_deploy_opts *o, const char *name, size_t kv_bytes_per_token, int bs,
-                  study_deployment *d, char *log_path, size_t cap, char *err, size_t errlen) {
+                  const char *trace, study_deployment *d, char *log_path, size_t cap, char *err, size_t errlen) {
     char threads[16], mml[16], kvm[32];
     int max_model_len = o->max_len + o->max_len / 4 + 64;
     snprintf(threads, sizeof threads, "%d", PD_MAX(o->threads, 1));
     snprintf(mml, sizeof mml, "%d", max_model_len);
     size_t kv = (size_t)(4 * (max_model_len + bs)) * kv_bytes_per_token;
     snprintf(kvm, sizeof kvm, "%zuMiB", PD_MAX(kv >> 20, (size_t)1) + 1);
-    study_kv args[] = {{"device", "cpu"}, {"threads", threads}, {"max-model-len", mml}, {"kv-cache-memory", kvm}};
+    study_kv args[] = {{"device", "cpu"},         {"threads", threads},          {"max-model-len", mml},
+                       {"kv-cache-memory", kvm}, {"step-trace", (char *)trace}};
+    int n_args = (int)PD_ARRAY_LEN(args) - (trace ? 0 : 1);
     study_setup s = {.label = (char *)name, .name = (char *)name};
     snprintf(log_path, cap, "%s/serving-%s-%d.log", o->log_dir ? o->log_dir : "/tmp", name, (int)getpid());
     study_deploy_opts so = {.model = o->model, .tokenizer = o->tokenizer, .pdserve_bin = o->pdserve_bin,
-                            .log_path = log_path, .args = args, .n_args = (int)PD_ARRAY_LEN(args),
+                            .log_path = log_path, .args = args, .n_args = n_args,
                             .start_timeout_s = 120};
     if (study_deploy_up(&s, &so, d, err, errlen)) return -1;
     log_info("profile: serving path through %s (%s, log %s)", name, d->base_url, log_path);
@@ -758,8 +989,17 @@ int sim_profile_serving_processes(const sim_serving_deploy_opts *o, const tokeni
     study_deployment d;
     char log_path[640], murl[320];
     int rc = -1;
+    /* every instance writes a step trace (its pid in the name), read after each
+     * deployment is down: the steps inside it (traces_factor) */
+    const char *dir = o->log_dir ? o->log_dir : "/tmp";
+    char tco[600], tdis[600], pco[96], pdis[96];
+    snprintf(pco, sizeof pco, "trace-co-%d-", (int)getpid());
+    snprintf(pdis, sizeof pdis, "trace-dis-%d-", (int)getpid());
+    snprintf(tco, sizeof tco, "%s/%s%%p.txt", dir, pco);
+    snprintf(tdis, sizeof tdis, "%s/%s%%p.txt", dir, pdis);
     /* colocated: `pdserve serve` */
-    if (deploy(o, "co-1gpu", out->kv_bytes_per_token, sp.bs, &d, log_path, sizeof log_path, err, errlen)) return -1;
+    if (deploy(o, "co-1gpu", out->kv_bytes_per_token, sp.bs, tco, &d, log_path, sizeof log_path, err, errlen))
+        return -1;
     snprintf(murl, sizeof murl, "%s/metrics", d.base_url);
     serve_target t = {.port = url_port(d.base_url), .max_tokens = 1, .tok = tok, .busy_urls = murl,
                       .steps_urls = murl, .pid = d.pids[0], .prof = out};
@@ -767,9 +1007,11 @@ int sim_profile_serving_processes(const sim_serving_deploy_opts *o, const tokeni
          measure_cpu(&t, &sv.colocated.cpu, &sv.colocated.steps, err, errlen) ? -1 : 0;
     study_deploy_down(&d);
     if (rc) return -1;
+    sim_step_factor_from_traces(dir, pco, out, &sv.colocated.steps, "colocated");
     /* the router's hop: two instances behind it (`pdserve up --setup co-2gpus`), less
      * the direct path */
-    if (deploy(o, "co-2gpus", out->kv_bytes_per_token, sp.bs, &d, log_path, sizeof log_path, err, errlen)) return -1;
+    if (deploy(o, "co-2gpus", out->kv_bytes_per_token, sp.bs, NULL, &d, log_path, sizeof log_path, err, errlen))
+        return -1;
     sim_serving_path through;
     t = (serve_target){.port = url_port(d.base_url), .max_tokens = 1, .tok = tok, .busy_urls = d.metrics_urls,
                        .steps_urls = d.metrics_urls, .pid = d.pids[0]};
@@ -780,7 +1022,8 @@ int sim_profile_serving_processes(const sim_serving_deploy_opts *o, const tokeni
     path_hop(&through, &sv.colocated, &sv.router);
     /* disaggregated over the cpu medium (`pdserve up --setup dis-cpu`): the prefill
      * instance's busy seconds, every instance's steps */
-    if (deploy(o, "dis-cpu", out->kv_bytes_per_token, sp.bs, &d, log_path, sizeof log_path, err, errlen)) return -1;
+    if (deploy(o, "dis-cpu", out->kv_bytes_per_token, sp.bs, tdis, &d, log_path, sizeof log_path, err, errlen))
+        return -1;
     log_instance_url(log_path, "[prefill0]", murl, sizeof murl - 8);
     strcat(murl, "/metrics");
     t = (serve_target){.port = url_port(d.base_url), .max_tokens = 2, .tok = tok, .busy_urls = murl,
@@ -793,6 +1036,7 @@ int sim_profile_serving_processes(const sim_serving_deploy_opts *o, const tokeni
              : 0;
     study_deploy_down(&d);
     if (rc) return -1;
+    sim_step_factor_from_traces(dir, pdis, out, &sv.disaggregated.steps, "disaggregated");
     snprintf(sv.source, sizeof sv.source,
              "measured: pdserve profile --serving-processes, `pdserve serve` and `pdserve up --setup co-2gpus / "
              "dis-cpu` children on the CPU, %d prompt lengths up to %d tokens, median of %d requests each, one at "
