@@ -25,7 +25,16 @@ for _ in $(seq 1 600); do # 60 s: slow under sanitizers on a loaded machine
   sleep 0.1
 done
 [ -n "$url" ] || fail "pdserve up did not come up"
-m=$(curl -s "$url/metrics")
+# the instances' meters start with them: under sanitizers on a loaded machine the
+# router's first scrapes may come before every meter has its first reading, so the
+# checks below look at the first answer (within 10 s) that holds both roles' sums
+m=
+for _ in $(seq 1 50); do
+  m=$(curl -s "$url/metrics")
+  echo "$m" | grep -q '^pdserve_role_energy_joules{role="prefill"}' &&
+    echo "$m" | grep -q '^pdserve_role_energy_joules{role="decode"}' && break
+  sleep 0.2
+done
 echo "$m" | grep -q '^pdserve_energy_measured{component="gpu"} 1' || fail "gpu energy not measured"
 echo "$m" | grep -q '^pdserve_gpu_energy_joules{host="[^"]*",gpu="0",role="prefill"}' || fail "no prefill GPU meter"
 echo "$m" | grep -q '^pdserve_gpu_energy_joules{host="[^"]*",gpu="1",role="decode"}' || fail "no decode GPU meter"
