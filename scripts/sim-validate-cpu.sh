@@ -26,7 +26,7 @@ fi
 log "profile (load average $(cut -d' ' -f1-3 /proc/loadavg))"
 "$bin" profile --model "$out/model" --threads "$threads" --medium gpu,cpu,disk --serving-processes \
   --serving-max-len 512 -o "$out/prof.json" > "$out/profile.log" 2>&1
-grep -E "serving, engine steps|contention:|serving path, " "$out/profile.log" | sed 's/^/  /' || true
+grep -E "engine steps|contention|serving path, " "$out/profile.log" | sed 's/^/  /' || true
 reals=()
 for i in $(seq 1 "$runs"); do
   log "real run $i of $runs (load average $(cut -d' ' -f1-3 /proc/loadavg))"
