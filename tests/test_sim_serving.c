@@ -238,6 +238,14 @@ static void test_serving_cpu(void) {
     sim_profile_free(&p);
 }
 
+/* A CPU profile of prefill steps of 0.1 s and decode steps of 0.02 s on two cores, one
+ * thread an instance, two processes stepping at once each slow2 times slower. */
+static void two_core_profile(sim_profile *p, double slow2) {
+    const_profile(p, 0.1, 0.02);
+    snprintf(p->backend, sizeof p->backend, "cpu");
+    p->contention = (sim_contention){.cores = 2, .threads = 1, .n_points = 2, .procs = {1, 2}, .slowdown = {1, slow2}};
+}
+
 /* Contention by kind: two colocated instances on two cores whose reference pair does
  * not slow (slowdown(2) = 1), but a decode step beside a prefill takes twice as long and
  * a prefill beside a decode 1.5 times. A (3 tokens) at 0 on instance 0: prefill
@@ -246,10 +254,10 @@ static void test_serving_cpu(void) {
  * of its 0.1 s done), then alone: done at 0.18 + 0.1 - 0.08 / 1.5. Without kinds: 0.2. */
 static void test_contention_kinds(void) {
     sim_profile p;
-    const_profile(&p, 0.1, 0.02);
-    snprintf(p.backend, sizeof p.backend, "cpu");
-    p.contention = (sim_contention){.cores = 2, .threads = 1, .n_points = 2, .procs = {1, 2}, .slowdown = {1, 1},
-                                    .kinds_measured = true, .kinds = {{1.0, 1.5}, {2.0, 1.0}}};
+    two_core_profile(&p, 1.0);
+    p.contention.kinds_measured = true;
+    p.contention.kinds[0][0] = 1.0, p.contention.kinds[0][1] = 1.5;
+    p.contention.kinds[1][0] = 2.0, p.contention.kinds[1][1] = 1.0;
     sim_request r[2] = {{.n_prompt = 100, .max_tokens = 3, .arrival = 0},
                         {.n_prompt = 100, .max_tokens = 3, .arrival = 0.1}};
     bench_config bc;
@@ -476,9 +484,7 @@ static void test_step_factor(void) {
  * steps there, x12.5 / 1.25, do not move the decode median). */
 static void test_step_factor_traces(void) {
     sim_profile p;
-    const_profile(&p, 0.1, 0.02);
-    snprintf(p.backend, sizeof p.backend, "cpu");
-    p.contention = (sim_contention){.cores = 2, .threads = 1, .n_points = 2, .procs = {1, 2}, .slowdown = {1, 1.25}};
+    two_core_profile(&p, 1.25);
     char dir[256], path[512], prefix[64];
     snprintf(dir, sizeof dir, "%s", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
     snprintf(prefix, sizeof prefix, "pd-tf-%d-", (int)getpid());
