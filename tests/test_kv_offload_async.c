@@ -595,27 +595,7 @@ static int setup(void) {
     const char *d = getenv("PDSERVE_TEST_DEVICE");
     g_standin = !d || !*d || strcmp(d, "cpu") == 0;
     g_be = g_standin ? dev_create() : test_device_backend(2);
-    model_files mf;
-    char err[512];
-    if (model_files_open("preset:tiny-llama", "dummy", &mf, err, sizeof err) != 0) {
-        fprintf(stderr, "model_files_open: %s\n", err);
-        return -1;
-    }
-    g_model = model_load(g_be, &mf, 1234, err, sizeof err);
-    model_files_close(&mf);
-    if (!g_model) {
-        fprintf(stderr, "model_load: %s\n", err);
-        return -1;
-    }
-    const char *tmp = getenv("TMPDIR");
-    int n = snprintf(g_dir, sizeof g_dir, "%s/kvasync-XXXXXX", test_build_dir());
-    if (n < 0 || (size_t)n >= sizeof g_dir)
-        snprintf(g_dir, sizeof g_dir, "%s/kvasync-XXXXXX", tmp && strlen(tmp) < 64 ? tmp : "/tmp");
-    if (!mkdtemp(g_dir)) {
-        fprintf(stderr, "cannot make %s: %s\n", g_dir, strerror(errno));
-        return -1;
-    }
-    return 0;
+    return tiers_rig_setup(g_be, &g_model, g_dir, sizeof g_dir, "kvasync");
 }
 
 int main(void) {

@@ -35,29 +35,8 @@ static backend *g_be;
 static char g_dir[96]; /* tier and store directories go inside: KV_ADDRESS_MAX in all */
 
 static int setup(void) {
-    model_files mf;
-    char err[512];
-    if (model_files_open("preset:tiny-llama", "dummy", &mf, err, sizeof err) != 0) {
-        fprintf(stderr, "model_files_open: %s\n", err);
-        return -1;
-    }
     g_be = backend_cpu_create(2);
-    g_model = model_load(g_be, &mf, 1234, err, sizeof err);
-    model_files_close(&mf);
-    if (!g_model) {
-        fprintf(stderr, "model_load: %s\n", err);
-        return -1;
-    }
-    /* under the build directory when its path is short (a real disk: O_DIRECT), else $TMPDIR */
-    const char *tmp = getenv("TMPDIR");
-    int n = snprintf(g_dir, sizeof g_dir, "%s/kvtiers-XXXXXX", test_build_dir());
-    if (n < 0 || (size_t)n >= sizeof g_dir)
-        snprintf(g_dir, sizeof g_dir, "%s/kvtiers-XXXXXX", tmp && strlen(tmp) < 64 ? tmp : "/tmp");
-    if (!mkdtemp(g_dir)) {
-        fprintf(stderr, "cannot make %s: %s\n", g_dir, strerror(errno));
-        return -1;
-    }
-    return 0;
+    return tiers_rig_setup(g_be, &g_model, g_dir, sizeof g_dir, "kvtiers");
 }
 
 static size_t bytes_per_block(int bs) {

@@ -6,14 +6,17 @@
 #ifndef PD_TEST_TIERS_RIG_H
 #define PD_TEST_TIERS_RIG_H
 
+#include <errno.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "engine/engine.h"
 #include "test_waiter.h"
 #include "kv/kv.h"
 #include "model/model.h"
+#include "test.h"
 #include "util/util.h"
 
 typedef struct tiers_rig {
@@ -162,6 +165,33 @@ static inline void collector_wait(collector *c, int n) { test_waiter_wait(&c->w,
 static inline void collector_free(collector *c) {
     test_waiter_destroy(&c->w);
     free(c);
+}
+
+/* The tier tests' common start: preset:tiny-llama (dummy weights, seed 1234) on be into
+ * *m, and a fresh directory for tiers and stores in dir (cap bytes): under the build
+ * directory when its path is short (a real disk: O_DIRECT), else $TMPDIR; `name` starts
+ * its name. 0, or -1 with the reason on stderr. */
+static inline int tiers_rig_setup(backend *be, model **m, char *dir, size_t cap, const char *name) {
+    model_files mf;
+    char err[512];
+    if (model_files_open("preset:tiny-llama", "dummy", &mf, err, sizeof err) != 0) {
+        fprintf(stderr, "model_files_open: %s\n", err);
+        return -1;
+    }
+    *m = model_load(be, &mf, 1234, err, sizeof err);
+    model_files_close(&mf);
+    if (!*m) {
+        fprintf(stderr, "model_load: %s\n", err);
+        return -1;
+    }
+    const char *tmp = getenv("TMPDIR");
+    int n = snprintf(dir, cap, "%s/%s-XXXXXX", test_build_dir(), name);
+    if (n < 0 || (size_t)n >= cap) snprintf(dir, cap, "%s/%s-XXXXXX", tmp && strlen(tmp) < 64 ? tmp : "/tmp", name);
+    if (!mkdtemp(dir)) {
+        fprintf(stderr, "cannot make %s: %s\n", dir, strerror(errno));
+        return -1;
+    }
+    return 0;
 }
 
 #endif
