@@ -46,19 +46,6 @@ static void requests(sim_request *r, int n, double t0, double gap) {
     for (int i = 0; i < n; i++) r[i] = (sim_request){.n_prompt = 1000, .max_tokens = 1, .arrival = t0 + i * gap};
 }
 
-/* sim_run with the default bench config; NULL (and why, on stderr) when it fails. */
-static bench_result *simulate(const sim_config *c, const sim_profile *p, const sim_request *r, int n, sim_stats *st) {
-    bench_config bc;
-    bench_config_default(&bc);
-    bench_result *res = NULL;
-    char err[256];
-    if (sim_run(c, p, r, n, &bc, &res, st, err, sizeof err) != 0) {
-        fprintf(stderr, "sim_run: %s\n", err);
-        return NULL;
-    }
-    return res;
-}
-
 /* A load whose steps draw 400 W (under 500) never throttles, even back to back: every
  * TTFT is the queue of 0.1 s steps, as without the model. */
 static void test_under_limit(void) {

@@ -46,4 +46,18 @@ static inline void linear_profile_at(sim_profile *p, double t_top) {
         for (int j = 0; j < 3; j++) p->decode.v[i * 3 + j] = 1e-3 + 1e-5 * db[i] + 1e-8 * db[i] * dc[j];
 }
 
+/* sim_run with the default bench config; NULL (and why, on stderr) when it fails. */
+static inline bench_result *simulate(const sim_config *c, const sim_profile *p, const sim_request *r, int n,
+                                     sim_stats *st) {
+    bench_config bc;
+    bench_config_default(&bc);
+    bench_result *res = NULL;
+    char err[256];
+    if (sim_run(c, p, r, n, &bc, &res, st, err, sizeof err) != 0) {
+        fprintf(stderr, "sim_run: %s\n", err);
+        return NULL;
+    }
+    return res;
+}
+
 #endif

@@ -260,23 +260,21 @@ static void test_contention_kinds(void) {
     p.contention.kinds[1][0] = 2.0, p.contention.kinds[1][1] = 1.0;
     sim_request r[2] = {{.n_prompt = 100, .max_tokens = 3, .arrival = 0},
                         {.n_prompt = 100, .max_tokens = 3, .arrival = 0.1}};
-    bench_config bc;
-    bench_config_default(&bc);
-    bench_result *res;
     sim_stats st;
     char err[256];
     sim_config c = colocated(2);
     c.router = SIM_ROUTER_ROUND_ROBIN;
     c.serving_path = false;
     c.cpu_contention = c.contention_kinds = true;
-    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    bench_result *res = simulate(&c, &p, r, 2, &st);
+    REQUIRE(res);
     const bench_record *a = &res->recs[0], *b = &res->recs[1];
     CHECKF(near(a->ttft_s, 0.1, 1e-12) && near(a->token_s[1], 0.14, 1e-12) && near(a->token_s[2], 0.18, 1e-12),
            "A: %.6f %.6f %.6f", a->ttft_s, a->token_s[1], a->token_s[2]);
     CHECKF(near(b->ttft_s, 0.08 + 0.1 - 0.08 / 1.5, 1e-12), "B ttft %.6f", b->ttft_s);
     bench_result_free(res);
     c.contention_kinds = false;
-    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    REQUIRE((res = simulate(&c, &p, r, 2, &st)) != NULL);
     CHECKF(near(res->recs[0].token_s[2], 0.14, 1e-12) && near(res->recs[1].ttft_s, 0.1, 1e-12), "off: %.6f %.6f",
            res->recs[0].token_s[2], res->recs[1].ttft_s);
     bench_result_free(res);
@@ -439,20 +437,17 @@ static void test_step_factor(void) {
     CHECKF(near(sc.seconds, 0.02 * 1.25, 1e-12), "decode: %.6f s", sc.seconds);
     /* through the simulator: one 1000-token prompt, 4 tokens */
     sim_request r = {.n_prompt = 1000, .max_tokens = 4, .arrival = 0};
-    bench_config bc;
-    bench_config_default(&bc);
-    bench_result *res;
     sim_stats st;
-    char err[256];
     sim_config cf = colocated(1);
     cf.serving_path = false;
     cf.step_factor = true;
-    REQUIRE(sim_run(&cf, &p, &r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    bench_result *res = simulate(&cf, &p, &r, 1, &st);
+    REQUIRE(res);
     CHECKF(near(res->recs[0].ttft_s, 0.2, 1e-12), "ttft %.6f", res->recs[0].ttft_s);
     CHECKF(near(res->recs[0].e2el_s, 0.2 + 3 * 0.025, 1e-12), "e2el %.6f", res->recs[0].e2el_s);
     bench_result_free(res);
     cf.step_factor = false;
-    REQUIRE(sim_run(&cf, &p, &r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    REQUIRE((res = simulate(&cf, &p, &r, 1, &st)) != NULL);
     CHECK(near(res->recs[0].ttft_s, 0.1, 1e-12) && near(res->recs[0].e2el_s, 0.1 + 3 * 0.02, 1e-12));
     bench_result_free(res);
     /* disaggregated (no transfer to speak of): its instances take the disaggregated
@@ -464,12 +459,12 @@ static void test_step_factor(void) {
     d.n_prefill = d.n_decode = 1;
     d.medium = &m;
     d.step_factor = true;
-    REQUIRE(sim_run(&d, &p, &r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    REQUIRE((res = simulate(&d, &p, &r, 1, &st)) != NULL);
     CHECKF(near(res->recs[0].ttft_s, 0.1, 1e-6), "dis ttft, no factor %.6f", res->recs[0].ttft_s);
     bench_result_free(res);
     p.serving.disaggregated.steps = (sim_step_factor){.measured = true, .n_prefill = 1, .prefill_tokens = {1000},
                                                       .prefill = {1.1}, .decode = 1};
-    REQUIRE(sim_run(&d, &p, &r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    REQUIRE((res = simulate(&d, &p, &r, 1, &st)) != NULL);
     CHECKF(near(res->recs[0].ttft_s, 0.11, 1e-6), "dis ttft x1.1 %.6f", res->recs[0].ttft_s);
     bench_result_free(res);
     sim_profile_free(&p);
