@@ -12,6 +12,7 @@
 #include "backend/backend.h"
 #include "engine/forward.h"
 #include "model/model.h"
+#include "sim/sim.h"
 #include "test.h"
 #include "util/util.h"
 
@@ -47,6 +48,21 @@ static inline char *nvml_rig_read_log(const nvml_rig *r) {
     char err[256];
     char *s = util_read_file(r->log, NULL, err, sizeof err);
     return s ? s : xstrdup("");
+}
+
+/* The tests' tiny grid (n = 1: its first point of each axis, 2: prefill 16 and 64 rows,
+ * decode batches 1 and 2), one round, no power phases, at the stand-in's top clock
+ * (1980 MHz: the base the grid is taken at). */
+static inline void nvml_rig_grid(sim_profile_opts *o, int n) {
+    static const int PT[] = {16, 64}, PC[] = {0}, DB[] = {1, 2}, DC[] = {64};
+    sim_profile_opts_default(o, true);
+    o->prefill_tokens = PT, o->n_prefill_tokens = n;
+    o->prefill_context = PC, o->n_prefill_context = 1;
+    o->decode_batch = DB, o->n_decode_batch = n;
+    o->decode_context = DC, o->n_decode_context = 1;
+    o->repeats = 1;
+    o->measure_power = false;
+    o->clock_mhz = 1980;
 }
 
 static inline void nvml_rig_close(nvml_rig *r) {

@@ -28,20 +28,11 @@ static int setup(void) {
     return nvml_rig_open(&g_rig, "profile-cap");
 }
 
-static const int PT[] = {16, 64}, PC[] = {0}, DB[] = {1, 2}, DC[] = {64};
-
 static void test_power_cap_points(void) {
     unlink(g_rig.log);
     sim_profile_opts o;
-    sim_profile_opts_default(&o, true);
+    nvml_rig_grid(&o, 2);
     CHECK(!o.measure_power_cap); /* off by default on the CPU */
-    o.prefill_tokens = PT, o.n_prefill_tokens = 2;
-    o.prefill_context = PC, o.n_prefill_context = 1;
-    o.decode_batch = DB, o.n_decode_batch = 2;
-    o.decode_context = DC, o.n_decode_context = 1;
-    o.repeats = 1;
-    o.measure_power = false;
-    o.clock_mhz = 1980; /* the stand-in's top clock: the base */
     o.measure_power_cap = true;
     o.power_cap_idle_s = 0.3;
     o.power_cap_run_s = 0.4;
@@ -95,14 +86,7 @@ static void test_power_cap_points(void) {
 static void test_no_limit(void) {
     setenv("FAKE_NVML_FAIL", "nvmlDeviceGetEnforcedPowerLimit=NOT_SUPPORTED", 1);
     sim_profile_opts o;
-    sim_profile_opts_default(&o, true);
-    o.prefill_tokens = PT, o.n_prefill_tokens = 1;
-    o.prefill_context = PC, o.n_prefill_context = 1;
-    o.decode_batch = DB, o.n_decode_batch = 1;
-    o.decode_context = DC, o.n_decode_context = 1;
-    o.repeats = 1;
-    o.measure_power = false;
-    o.clock_mhz = 1980;
+    nvml_rig_grid(&o, 1);
     o.measure_power_cap = true;
     o.power_cap_idle_s = 0.1;
     o.power_cap_run_s = 0.1;

@@ -17,19 +17,10 @@ static nvml_rig g_rig;
 
 static char *read_log(void) { return nvml_rig_read_log(&g_rig); }
 
-static const int PT[] = {16, 64}, PC[] = {0}, DB[] = {1, 2}, DC[] = {64};
-
 static int run(const unsigned *clocks, int n, bool allow, sim_profile *out, char *err, size_t errlen) {
     unlink(g_rig.log);
     sim_profile_opts o;
-    sim_profile_opts_default(&o, true);
-    o.prefill_tokens = PT, o.n_prefill_tokens = 2;
-    o.prefill_context = PC, o.n_prefill_context = 1;
-    o.decode_batch = DB, o.n_decode_batch = 2;
-    o.decode_context = DC, o.n_decode_context = 1;
-    o.repeats = 1;
-    o.measure_power = false;
-    o.clock_mhz = 1980; /* the stand-in's top clock: the base the grid is taken at */
+    nvml_rig_grid(&o, 2);
     o.clocks_mhz = clocks;
     o.n_clocks = n;
     o.allow_clock_control = allow;
