@@ -316,6 +316,7 @@ struct fwd_ctx {
     const kv_cache *graph_kv; /* the cache the graphs write into */
     fwd_layer_fn layer_fn;  /* fwd_ctx_set_layer_hook; NULL: off */
     fwd_wait_fn wait_fn;    /* fwd_ctx_set_wait_hook; NULL: off (one-shot) */
+    bool capturing;         /* a decode graph is being captured: the wait hook waits */
     void *wait_user;
     void *layer_user;
     float *host_lg;       /* host [logit_chunk, V]: greedy without argmax_rows; lazily */
@@ -392,10 +393,14 @@ void fwd_ctx_set_wait_hook(fwd_ctx *f, fwd_wait_fn fn, void *user) {
     f->wait_user = user;
 }
 
-/* Before the step's first wait for its results: the wait hook, once. */
+/* Before the step's first wait for its results: the wait hook, once. Never while a
+ * decode graph is being captured: nothing is running then, and whatever the hook
+ * queues on the device (a KV put's copies, a staged upload) would be recorded into the
+ * graph and replayed by every later step. The hook then runs once the graph has been
+ * launched (every caller of decode_graphed calls fwd_before_wait after it). */
 static void fwd_before_wait(fwd_ctx *f) {
     fwd_wait_fn fn = f->wait_fn;
-    if (!fn) return;
+    if (!fn || f->capturing) return;
     f->wait_fn = NULL;
     fn(f->wait_user);
 }
@@ -587,10 +592,14 @@ static bool decode_graphed(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt) {
     f->in_pos = in + Bp;
     f->in_slots = in + 2 * Bp;
     bool capture = f->graph_warm[bucket];
-    if (capture) o->graph_begin(be);
+    if (capture) {
+        o->graph_begin(be);
+        f->capturing = true;
+    }
     run_layers(f, kv, &padded);
     o->matmul(be, f->lg, f->xn, m->lm_head, NULL, Bp, m->cfg.dim, m->cfg.vocab_size);
     if (capture) {
+        f->capturing = false;
         f->graph[bucket] = o->graph_end(be);
         bool ok = o->graph_launch(be, f->graph[bucket]);
         PD_ASSERT(ok);

@@ -9,9 +9,9 @@
  *     them once per peer (ipc_open: the peer's memory, maybe on another GPU, mapped
  *     into its own address space) and a batch is one backend copy_batch of every
  *     (block run, layer part) item, one kernel over NVLink on the transfer stream,
- *     finished before the layers count as done (PDSERVE_KV_GPU_COPY=runs, opt-in until
- *     measured on GPUs: one copy_runs of the request's block runs, found once per
- *     request since they are the same in every layer's k and v, over the parts' bases).
+ *     finished before the layers count as done: one copy_runs of the request's block
+ *     runs, found once per request since they are the same in every layer's k and v,
+ *     over the parts' bases (PDSERVE_KV_GPU_COPY=items: one item per run and part).
  * Both sides must keep KV the same way (both on GPUs, or both in host memory).
  *
  * Control segment "/pdkv-NAME-ctl", created by the decode side: a header (geometry,
@@ -395,12 +395,13 @@ fail:
 }
 
 /* How a send_layers call describes its copies (PDSERVE_KV_GPU_COPY, read per request):
- *   runs   the request's block runs, built once per request (the same in every
- *          layer's k and v), and one base per (layer, part): one backend copy_runs per
- *          call, n_runs + 2 x layers descriptors (not yet run on a GPU: opt-in until
- *          scripts/gpu/check-kv-bw.sh has checked and timed it);
- *   items  (default) one item per merged run and (layer, part), built per call: one
- *          copy_batch of 2 x layers x n_runs descriptors (what this medium did first). */
+ *   runs   (default) the request's block runs, built once per request (the same in
+ *          every layer's k and v), and one base per (layer, part): one backend
+ *          copy_runs per call, n_runs + 2 x layers descriptors. On 2x H200 (NV18,
+ *          2026-11-27, docs/results/kv-cuda.md) an 8k-token request of Llama-3.2-3B
+ *          moved at 329 GB/s (83% of the peer copy) against 299 GB/s (76%) as items;
+ *   items  one item per merged run and (layer, part), built per call: one copy_batch
+ *          of 2 x layers x n_runs descriptors (what this medium did first; A/B). */
 enum { GPU_COPY_RUNS, GPU_COPY_ITEMS };
 
 typedef struct gpu_send {
@@ -457,7 +458,7 @@ static kv_status gpu_send_begin(kv_send *x, char *err, size_t errlen) {
     gs->slot = cs;
     gs->gen = gen;
     const char *mode = getenv("PDSERVE_KV_GPU_COPY");
-    gs->copy = mode && !strcmp(mode, "runs") ? GPU_COPY_RUNS : GPU_COPY_ITEMS;
+    gs->copy = mode && !strcmp(mode, "items") ? GPU_COPY_ITEMS : GPU_COPY_RUNS;
     x->priv = gs;
     return KV_OK;
 unknown:

@@ -188,8 +188,7 @@ static int nccl_load(char *err, size_t errlen) {
 /* ---- one pair's link: control socket + communicator + staging -------------------------
  * Two pipelines move a layer's chunks (PDSERVE_KV_NCCL_PIPE, read once per process; the
  * two sides need not agree):
- *   stream            (opt-in until scripts/gpu/check-kv-bw.sh has run it on GPUs)
- *                     ordered on the device: a ring of `depth` staging buffers
+ *   stream (default)  ordered on the device: a ring of `depth` staging buffers
  *                     (PDSERVE_KV_NCCL_DEPTH, 2..8, default 3), a copy stream for the
  *                     gathers (scatters) and NCCL's stream, each waiting for the other
  *                     through events (cudaStreamWaitEvent): the gather of chunk i waits
@@ -201,7 +200,10 @@ static int nccl_load(char *err, size_t errlen) {
  *                     event has passed, looked at between frames, so it keeps receiving
  *                     the next layers meanwhile. Gathers and scatters are one launch of
  *                     cuda_kv_nccl_units per chunk (block ids uploaded once per request).
- *   host (default)    what this medium did first: two halves, the host waits for each
+ *                     On 2x H200 (NV18, 2026-11-27, docs/results/kv-cuda.md) an 8k-token
+ *                     request moved at 171-205 GB/s (47-56% of NCCL send/recv) against
+ *                     120-135 GB/s (33-37%) on the host pipeline.
+ *   host              what this medium did first: two halves, the host waits for each
  *                     half's send (receive) before it gathers (scatters) the next chunk
  *                     through copy_batch, which itself waits for its copy (A/B).
  * Why depth 3: in steady state 2 buffers keep NCCL busy (a chunk's gather or scatter,
@@ -244,7 +246,7 @@ static bool pipe_stream(void) {
     static int on = -1;
     if (on < 0) {
         const char *e = getenv("PDSERVE_KV_NCCL_PIPE");
-        on = e && !strcmp(e, "stream");
+        on = !(e && !strcmp(e, "host"));
     }
     return on;
 }
