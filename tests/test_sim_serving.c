@@ -664,7 +664,7 @@ static void test_profile_serving(void) {
     sim_profile p;
     REQUIRE(sim_profile_measure(m, &po, &p, err, sizeof err) == 0);
     p.block_size = 16;
-    int rc = sim_profile_serving(m, tok, 512, 3, &p, err, sizeof err);
+    int rc = sim_profile_serving(m, NULL, tok, 512, 3, &p, err, sizeof err);
     CHECKF(rc == 0, "%s", err);
     const sim_serving *s = &p.serving;
     const sim_serving_path *paths[3] = {&s->colocated, &s->router, &s->disaggregated};

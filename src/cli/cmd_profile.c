@@ -218,8 +218,21 @@ int cmd_profile(int argc, char **argv) {
             sim_profile_free(&prof);
             goto out_model;
         }
-        if (!tok || (serving_processes ? sim_profile_serving_processes(&so, tok, &prof, err, sizeof err)
-                                       : sim_profile_serving(m, tok, max_len, repeats, &prof, err, sizeof err)) != 0) {
+        /* the disaggregated decode instance on a GPU: a backend and weights of its own
+         * (sim_profile_serving) */
+        backend *be_d = NULL;
+        model *m_d = NULL;
+        if (tok && !serving_processes && dev >= 0) {
+            be_d = backend_cuda_create(dev, err, sizeof err);
+            m_d = be_d ? model_load(be_d, &files, (uint64_t)seed, err, sizeof err) : NULL;
+        }
+        int src = !tok || (dev >= 0 && !serving_processes && !m_d)
+                      ? -1
+                      : serving_processes ? sim_profile_serving_processes(&so, tok, &prof, err, sizeof err)
+                                          : sim_profile_serving(m, m_d, tok, max_len, repeats, &prof, err, sizeof err);
+        if (m_d) model_free(m_d);
+        if (be_d) backend_destroy(be_d);
+        if (src != 0) {
             fprintf(stderr, "pdserve profile: --serving: %s\n", err);
             if (tok) tokenizer_free(tok);
             sim_profile_free(&prof);

@@ -792,7 +792,7 @@ out:
 }
 
 /* disaggregated: a prefill and a decode instance over the cpu medium, behind a router */
-static int measure_disaggregated(model *m, const tokenizer *tok, const sim_profile *prof, const int *lens, int n_lens,
+static int measure_disaggregated(model *m, model *md, const tokenizer *tok, const sim_profile *prof, const int *lens, int n_lens,
                                  int repeats, int bs, const sim_medium *cpu, sim_serving *out, char *err,
                                  size_t errlen) {
     engine_config ec;
@@ -803,7 +803,7 @@ static int measure_disaggregated(model *m, const tokenizer *tok, const sim_profi
     ec.step_trace = tp;
     engine *pe = engine_create(m, &ec, err, errlen), *de = NULL;
     ec.step_trace = td;
-    if (pe) de = engine_create(m, &ec, err, errlen);
+    if (pe) de = engine_create(md, &ec, err, errlen);
     kv_connector *pk = NULL, *dk = NULL;
     server *ps = NULL, *ds = NULL;
     router *rt = NULL;
@@ -907,15 +907,15 @@ static void log_serving(const sim_serving *sv) {
     }
 }
 
-int sim_profile_serving(model *m, const tokenizer *tok, int max_len, int repeats, sim_profile *out, char *err,
-                        size_t errlen) {
+int sim_profile_serving(model *m, model *m_decode, const tokenizer *tok, int max_len, int repeats,
+                        sim_profile *out, char *err, size_t errlen) {
     serving_plan sp;
     serving_plan_make(out, max_len, repeats, &sp);
     double t0 = time_now_s();
     sim_serving sv;
     memset(&sv, 0, sizeof sv);
     if (measure_colocated(m, tok, out, sp.lens, sp.n_lens, sp.repeats, sp.bs, &sv, err, errlen) ||
-        measure_disaggregated(m, tok, out, sp.lens, sp.n_lens, sp.repeats, sp.bs, sp.cpu, &sv, err, errlen))
+        measure_disaggregated(m, m_decode ? m_decode : m, tok, out, sp.lens, sp.n_lens, sp.repeats, sp.bs, sp.cpu, &sv, err, errlen))
         return -1;
     snprintf(sv.source, sizeof sv.source,
              "measured: pdserve profile --serving, in-process server, router and cpu-medium connector on %s, "

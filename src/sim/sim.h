@@ -318,10 +318,13 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
  * tokenizer tok, prompts of 64 to max_len tokens, median of `repeats` (>= 3) requests
  * each, one at a time (profile_serving.c). The disaggregated path's KV transfer is priced
  * by out's cpu medium (or its default) and left out. Fills out->serving. 0, or -1 with
- * err. */
+ * err. m_decode: the disaggregated decode instance's model (the same weights), on a
+ * backend of its own where m's is a device backend: a CUDA backend serves one engine
+ * thread (its stream, staging ring and graph capture are not shared); NULL: m (the CPU
+ * backend, whose ops hold no per-call state). */
 struct tokenizer;
-int sim_profile_serving(model *m, const struct tokenizer *tok, int max_len, int repeats, sim_profile *out,
-                        char *err, size_t errlen);
+int sim_profile_serving(model *m, model *m_decode, const struct tokenizer *tok, int max_len, int repeats,
+                        sim_profile *out, char *err, size_t errlen);
 
 /* The same through child processes, as the sweep deploys them (this program's own
  * binary, or o->pdserve_bin): `pdserve serve` (colocated), `pdserve up --setup co-2gpus`
