@@ -87,11 +87,11 @@ print("grid ms: the profile's price of the shape (timed at the base clock, media
       "the settled clock through the compute fraction")
 EOF
 
-for cap in "" --no-power-cap; do
+for cap in --power-cap ""; do
   build-gpu/pdserve sim plans/steady-quick.json --profile "$out/profile-cap.json" $cap --json "$out/sim$cap.json" \
     > "$out/sim$cap.log" 2>&1 || rc=1
 done
-echo "steady-quick on this profile, with the cap:"; grep -E 'power cap|^\| (co|dis)' "$out/sim.log" | cut -c1-140
-echo "and --no-power-cap:"; grep -E '^\| (co|dis)' "$out/sim--no-power-cap.log" | cut -c1-140
+echo "steady-quick on this profile, with the cap:"; grep -E 'power cap|^\| (co|dis)' "$out/sim--power-cap.log" | cut -c1-140
+echo "and without it:"; grep -E '^\| (co|dis)' "$out/sim.log" | cut -c1-140
 echo "tests: $([ $rc = 0 ] && echo passed || echo FAILED; grep -E 'tests passed|tests failed' "$out/tests.log" | tail -1)" | tee -a "$out/summary.txt"
 exit $rc

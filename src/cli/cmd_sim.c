@@ -190,7 +190,7 @@ typedef struct sim_cli {
     bool serving_cpu;       /* CPU profiles: the serving path's CPU on the cores (--no-serving-cpu) */
     bool step_factor;       /* the profile's measured steps inside a deployment (--no-step-factor) */
     bool contention_kinds;  /* CPU profiles: contention by the kinds of steps (--no-contention-kinds) */
-    bool power_cap;         /* GPU instances' clocks under the enforced power limit (--no-power-cap) */
+    bool power_cap;         /* GPU instances' clocks under the enforced power limit (--power-cap) */
 } sim_cli;
 
 static int cmp_dbl(const void *a, const void *b) {
@@ -390,7 +390,7 @@ int cmd_sim(int argc, char **argv) {
     const char *vmodel = NULL;
     int seed = -1, threads = 0, vrepeats = 3;
     bool quiet = false, no_contention = false, no_control = false, no_serving = false, no_serving_cpu = false,
-         no_step_factor = false, no_kinds = false, no_power_cap = false;
+         no_step_factor = false, no_kinds = false, no_power_cap = false, power_cap = false;
     cli_opt opts[] = {
         {"profile", OPT_STRING, &profile_path, "cost profile from `pdserve profile` (default: the plan's)", "FILE"},
         {"db", OPT_STRING, &db_path, "results database to record the points in (marked simulated)", "FILE"},
@@ -413,9 +413,11 @@ int cmd_sim(int argc, char **argv) {
         {"no-step-factor", OPT_FLAG, &no_step_factor,
          "price every step as the profile's grid does, not by the factor its serving deployment measured "
          "(serving.*.steps)", NULL},
-        {"no-power-cap", OPT_FLAG, &no_power_cap,
-         "run every step at its nominal clock, not the one the profile's enforced power limit allows "
-         "(power.cap)", NULL},
+        {"power-cap", OPT_FLAG, &power_cap,
+         "run each GPU step at the clock the profile's enforced power limit allows (power.cap; off by default: "
+         "on an H200 it overstated the throttled steps' time, docs/simulator.md)", NULL},
+        {"no-power-cap", OPT_FLAG, &no_power_cap, "every step at its nominal clock (the default; overrides "
+         "--power-cap)", NULL},
         {"validate-model", OPT_STRING, &vmodel,
          "also run each co-1gpu point through the real engine on the CPU with this model (dummy "
          "weights) and print simulated against real", "DIR|preset:NAME"},
@@ -473,7 +475,7 @@ int cmd_sim(int argc, char **argv) {
             log_info("sim: power cap: enforced limit %.0f W, %d measured shape(s), window %.3g s (%s)%s", cap->limit_w,
                      cap->n_points, cap->window_s > 0 ? cap->window_s : SIM_POWER_CAP_WINDOW_S,
                      cap->window_s > 0 ? "estimated by the profile" : "default",
-                     no_power_cap ? " (left out: --no-power-cap)" : "");
+                     power_cap && !no_power_cap ? "" : " (left out: pass --power-cap to model it)");
     }
     for (int k = 0; k < pl.n_clocks; k++)
         if ((pl.clocks[k][0] > 0 || pl.clocks[k][1] > 0) && !(prof.clock.base_mhz > 0))
@@ -482,7 +484,7 @@ int cmd_sim(int argc, char **argv) {
     sim_cli c = {.pl = &pl, .prof = &prof, .points = cJSON_CreateArray(), .quiet = quiet,
                  .vrepeats = vrepeats, .contention = !no_contention, .control_path = !no_control,
                  .serving_path = !no_serving, .serving_cpu = !no_serving_cpu, .step_factor = !no_step_factor,
-                 .contention_kinds = !no_kinds, .power_cap = !no_power_cap};
+                 .contention_kinds = !no_kinds, .power_cap = power_cap && !no_power_cap};
     int rc = 0;
     model_files vfiles;
     backend *vbe = NULL;
