@@ -140,6 +140,9 @@ static double measure_decode(prof *P, int B, int L, int prefill_T) {
     return time_batch(P, &b);
 }
 
+/* The short chunk of the deep mixed shapes (a prompt's last chunk, two budgets in) */
+#define DEEP_T 64
+
 /* A mixed step as the engine plans one under load: B decode rows of context L beside a
  * chunk of T rows after C cached tokens (its blocks after the decodes'). */
 static double measure_mixed(prof *P, int T, int C, int B, int L) {
@@ -848,7 +851,12 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
     for (int i = 0; i < 3; i++)
         if (SERVE_B[i] <= maxB && SERVE_B[i] < sT) sB[n_sb++] = SERVE_B[i];
     int blocks = PD_MAX(blocks_for(maxT + maxC, P.bs), maxB * blocks_for(maxL, P.bs) + blocks_for(mixT, P.bs));
-    blocks = PD_MAX(blocks, 16 * blocks_for(sL, P.bs) + blocks_for(2 * sT, P.bs));
+    /* on a device, also a short chunk deep into its prompt (DEEP_T rows after two
+     * budgets) beside the same decode rows: a prompt's last chunk; on an H200 such steps
+     * cost 5-16 ms more than their parts (docs/simulator.md, "steady-quick on the
+     * current engine") */
+    int n_starts = cpu ? 2 : 3;
+    blocks = PD_MAX(blocks, 16 * blocks_for(sL, P.bs) + blocks_for(2 * sT + DEEP_T, P.bs));
     P.max_rows = PD_MAX(PD_MAX(maxT, maxB + mixT), sT);
     P.max_seqs = PD_MAX(maxB + 1, (maxT + LIN_CHUNK - 1) / LIN_CHUNK);
     size_t bpt = model_kv_bytes_per_token(&m->cfg, dtype_size(m->be->ops->kv_type));
@@ -898,7 +906,7 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
     double idle_w = phase_end(&ph, why, sizeof why, NULL);
 
     int n_pre = o->n_prefill_tokens * o->n_prefill_context, n_dec = o->n_decode_batch * o->n_decode_context;
-    ppoint *pts = xcalloc((size_t)(n_pre + n_dec + 2 * 256 + 1 + 4 + 6), sizeof(ppoint));
+    ppoint *pts = xcalloc((size_t)(n_pre + n_dec + 2 * 256 + 1 + 4 + 9), sizeof(ppoint));
     for (int i = 0; i < o->n_prefill_tokens; i++)
         for (int j = 0; j < o->n_prefill_context; j++)
             pts[i * o->n_prefill_context + j] = (ppoint){0, o->prefill_tokens[i], o->prefill_context[j], 0,
@@ -938,12 +946,12 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
         mB[k] = PD_MAX(1, mixB >> (2 * (k % 2)));
         lp[n_lin + k] = (ppoint){3, mT[k], mB[k], mix_L, &tmix[k], {0}, 0};
     }
-    double tserve[6];
-    int n_serve = 0, shape[6][4]; /* T, C, B, L */
-    for (int ci = 0; ci < 2; ci++)
+    double tserve[9];
+    int n_serve = 0, shape[9][4]; /* T, C, B, L */
+    for (int ci = 0; ci < n_starts; ci++)
         for (int k = 0; k < n_sb; k++, n_serve++) {
             int *q = shape[n_serve];
-            q[0] = sT - sB[k], q[1] = ci * sT, q[2] = sB[k], q[3] = sL;
+            q[0] = ci < 2 ? sT - sB[k] : DEEP_T, q[1] = ci * sT, q[2] = sB[k], q[3] = sL;
             lp[n_lin + 4 + n_serve] = (ppoint){.kind = 4, .a = q[0], .b = q[2], .c = q[3], .d = q[1], .out = &tserve[n_serve]};
         }
     if (metered) run_rounds(&P, lp, n_lin + 4 + n_serve, o->repeats);
@@ -1002,7 +1010,7 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
     if (n_serve > 0)
         snprintf(out->mixed_source, sizeof out->mixed_source,
                  "measured: pdserve profile, a %d-row budget shared by B decode rows of context %d and a chunk, "
-                 "median of %d", sT, sL, o->repeats);
+                 "median of %d%s", sT, sL, o->repeats, n_starts > 2 ? "; and a 64-row chunk after two budgets" : "");
 
     out->sample_s_per_row = P.be->ops->argmax_rows ? 0 : measure_sample_row(m->cfg.vocab_size);
     out->step_overhead_s = measure_step_overhead(m, P.bs, out->sample_s_per_row);
