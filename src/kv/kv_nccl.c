@@ -474,13 +474,31 @@ static kv_status link_wait(const kv_cache *kv, nccl_link *k, void *ev, const wai
     return link_wait_for(kv, k, ev, w, false, err, errlen);
 }
 
+/* PDSERVE_KV_NCCL_BLOCKING=1: a blocking communicator (A/B). Since NCCL 2.19 a
+ * non-blocking communicator enqueues every operation through a background job
+ * (ncclGroupEnd returns ncclInProgress, link_op polls until it is done), which may be
+ * what costs the stream pipeline ~140 us a send on 2x H200 (docs/results/kv-cuda.md:
+ * 28 sends of one layer each, 3.9-4.3 ms of queueing for an 896 MiB put). Blocking
+ * communicators enqueue inline; they give up the abort-ability of a dead peer during
+ * the communicator's creation and lazy connection (link_init's warm chunk), not after
+ * it (link_wait polls events and the asynchronous error either way). */
+static bool want_blocking(void) {
+    static int on = -1;
+    if (on < 0) {
+        const char *e = getenv("PDSERVE_KV_NCCL_BLOCKING");
+        on = e && !strcmp(e, "1");
+    }
+    return on;
+}
+
 /* Makes the pair's communicator (rank 0 decode, 1 prefill), non-blocking where the
- * library allows it, and runs one warm chunk through it (rank 1 sends). */
+ * library allows it (unless PDSERVE_KV_NCCL_BLOCKING=1), and runs one warm chunk
+ * through it (rank 1 sends). */
 static kv_status link_init(const kv_cache *kv, nccl_link *k, const nccl_id *id, int rank,
                            const wait_ctx *w, char *err, size_t errlen) {
     cuda_kv_nccl_bind(kv->be);
     int rc = NCCL_INVALID_ARGUMENT;
-    if (g_nccl.comm_init_rank_config && g_nccl.version >= NCCL_VERSION_CODE(2, 14, 0)) {
+    if (!want_blocking() && g_nccl.comm_init_rank_config && g_nccl.version >= NCCL_VERSION_CODE(2, 14, 0)) {
         nccl_config cfg = {sizeof cfg, NCCL_CONFIG_MAGIC, NCCL_VERSION_CODE(2, 18, 0), 0,
                            NCCL_UNDEF_INT, NCCL_UNDEF_INT, NCCL_UNDEF_INT, NULL, NCCL_UNDEF_INT};
         rc = NCCL_CALL(g_nccl.comm_init_rank_config(&k->comm, 2, *id, rank, &cfg));
@@ -489,8 +507,9 @@ static kv_status link_init(const kv_cache *kv, nccl_link *k, const nccl_id *id, 
     if (!k->nonblocking && rc == NCCL_INVALID_ARGUMENT) { /* an NCCL without our config */
         if (k->comm) NCCL_CALL(g_nccl.comm_abort(k->comm));
         k->comm = NULL;
-        log_warn("kv nccl: non-blocking communicators refused (%s): a dead peer can hang "
-                 "this transfer thread", nccl_error(rc));
+        if (!want_blocking())
+            log_warn("kv nccl: non-blocking communicators refused (%s): a dead peer can hang "
+                     "this transfer thread", nccl_error(rc));
         rc = NCCL_CALL(g_nccl.comm_init_rank(&k->comm, 2, *id, rank));
     }
     if (rc != NCCL_OK && rc != NCCL_IN_PROGRESS) {
