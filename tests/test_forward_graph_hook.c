@@ -114,26 +114,6 @@ static backend *stand_in_create(void) {
     return &S.be;
 }
 
-static model_config tiny_config(void) {
-    model_config c = {0};
-    snprintf(c.architecture, sizeof c.architecture, "LlamaForCausalLM");
-    c.family = MODEL_FAMILY_LLAMA;
-    c.n_layers = 2;
-    c.dim = 32;
-    c.ffn_dim = 64;
-    c.n_heads = 4;
-    c.n_kv_heads = 2;
-    c.head_dim = 8;
-    c.vocab_size = 61;
-    c.max_position_embeddings = 128;
-    c.norm_eps = 1e-6f;
-    c.rope_theta = 10000.0f;
-    c.rope_type = ROPE_TYPE_DEFAULT;
-    c.bos_token_id = -1;
-    c.torch_dtype = DTYPE_F32;
-    return c;
-}
-
 /* One step over 2 sequences of `len` cached tokens each after the step (q rows each:
  * the prompt when q == len, one decode row when q == 1); greedy tokens out. */
 static void run_step(fwd_ctx *f, kv_cache *kv, const int32_t tables[2][NB / 2], int len, int q,
@@ -159,7 +139,7 @@ static void test_hook_never_inside_a_capture(void) {
     char err[256];
     backend *be = stand_in_create();
     model_files mf = {0};
-    mf.config = tiny_config();
+    REQUIRE(model_preset("tiny-llama", &mf.config, err, sizeof err) == 0);
     model *m = model_load(be, &mf, 3, err, sizeof err);
     REQUIRE(m);
     kv_cache *kv = kv_cache_create(be, &m->cfg, BLOCK, model_kv_bytes_per_token(&m->cfg, 4) * BLOCK * NB, err,
@@ -183,7 +163,8 @@ static void test_hook_never_inside_a_capture(void) {
         CHECKF(S.hook_in_capture == in_capture, "decode step %d: the hook ran inside a graph capture", k);
         if (k >= 1)
             CHECKF(S.hook_after_launch == after + 1, "decode step %d: the hook ran before its graph's launch", k);
-        CHECK(out[0] >= 0 && out[0] < 61 && out[1] >= 0 && out[1] < 61);
+        int V = m->cfg.vocab_size;
+        CHECK(out[0] >= 0 && out[0] < V && out[1] >= 0 && out[1] < V);
     }
     long captured, replayed;
     fwd_ctx_graph_counts(f, &captured, &replayed);
