@@ -496,8 +496,35 @@ static void test_step_factor_traces(void) {
     REQUIRE(b);
     for (int i = 0; i < 3; i++) fprintf(b, "%d.0 0.25 0 0.25 0 1000 1000 0 0 2 2 0 70 500@0,500@0\n", 20 + i);
     fclose(b);
+    /* left in place: the same factor, and the files still there */
+    sim_step_factor k = {0};
+    sim_step_factor_from_traces(dir, prefix, &p, &k, "test", false);
+    CHECK(k.measured && k.n_prefill == 2 && near(k.prefill[0], 1.5, 1e-9) && near(k.prefill[1], 2.0, 1e-9) &&
+          near(k.decode, 1.2, 1e-9));
+    CHECK(access(path, F_OK) == 0);
+    /* the CLI's --price-traces prints it (PDSERVE_BIN; skipped without it) */
+    const char *bin = getenv("PDSERVE_BIN");
+    if (bin) {
+        char prof_path[600], cmd[2048], out[2048] = "", err[256];
+        snprintf(prof_path, sizeof prof_path, "%s/%sprofile.json", dir, prefix);
+        REQUIRE(sim_profile_save(&p, prof_path, err, sizeof err) == 0);
+        snprintf(cmd, sizeof cmd, "%s sim --price-traces %s --trace-prefix %s --profile %s 2>/dev/null", bin, dir,
+                 prefix, prof_path);
+        FILE *pp = popen(cmd, "r");
+        REQUIRE(pp);
+        size_t got = fread(out, 1, sizeof out - 1, pp);
+        out[got] = 0;
+        CHECKF(pclose(pp) == 0, "%s", cmd);
+        CHECK_STR_CONTAINS(out, "prefill    100 rows  x1.500");
+        CHECK_STR_CONTAINS(out, "prefill   1000 rows  x2.000");
+        CHECK_STR_CONTAINS(out, "decode            x1.200");
+        snprintf(cmd, sizeof cmd, "%s sim --price-traces %s/no-such-dir --profile %s > /dev/null 2>&1", bin, dir,
+                 prof_path);
+        CHECK(system(cmd) != 0);
+        unlink(prof_path);
+    }
     sim_step_factor f = {0};
-    sim_step_factor_from_traces(dir, prefix, &p, &f, "test");
+    sim_step_factor_from_traces(dir, prefix, &p, &f, "test", true);
     CHECK(f.measured && f.n_prefill == 2);
     CHECKF(f.prefill_tokens[0] == 100 && near(f.prefill[0], 1.5, 1e-9), "%g rows x%g", f.prefill_tokens[0],
            f.prefill[0]);
@@ -512,7 +539,7 @@ static void test_step_factor_traces(void) {
     fprintf(c, "0.0 0.15 0 0.15 0 100 100 0 0 1 1 0 7 100@0\n");
     fclose(c);
     sim_step_factor g = {.measured = true, .n_prefill = 1, .prefill_tokens = {64}, .prefill = {1.1}, .decode = 1.05};
-    sim_step_factor_from_traces(dir, prefix, &p, &g, "test");
+    sim_step_factor_from_traces(dir, prefix, &p, &g, "test", true);
     CHECK(g.n_prefill == 1 && g.prefill[0] == 1.1 && g.decode == 1.05);
     sim_profile_free(&p);
 }

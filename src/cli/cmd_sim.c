@@ -5,6 +5,8 @@
  * exactly the requests `pdserve bench` / `pdserve sweep` would send. Results go to the
  * results database (runs marked simulated) and/or a JSON file of summaries. */
 #include <cjson/cJSON.h>
+#include <dirent.h>
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,12 +20,16 @@
 #include "util/util.h"
 
 static const char USAGE[] =
-    "usage: pdserve sim PLAN.json [--profile PROFILE.json] [--db results.db] [--json out.json]\n\n"
+    "usage: pdserve sim PLAN.json [--profile PROFILE.json] [--db results.db] [--json out.json]\n"
+    "       pdserve sim --price-traces DIR --profile PROFILE.json [--trace-prefix PREFIX]\n\n"
     "Simulates every point of a plan (setups x loads x clocks) with the engine's own scheduler\n"
     "in virtual time, each step priced by a profile from `pdserve profile`. Setups: co-1gpu,\n"
     "co-2gpus, co-N, dis-MEDIUM (1P1D), xPyD[-MEDIUM]; loads: batch (rate inf), Poisson rate,\n"
     "or a trace's timestamps. Plan format: docs/simulator.md. Points are recorded in the\n"
-    "results database marked simulated, and/or as summaries in a JSON file.";
+    "results database marked simulated, and/or as summaries in a JSON file. --price-traces\n"
+    "prices every step of engine step traces (`pdserve serve --step-trace`) by the profile and\n"
+    "prints the step factor they imply: how far the profile's grid is from what that engine\n"
+    "did, by prompt rows, and for decode steps.";
 
 typedef struct sim_point_out {
     char label[160];
@@ -385,9 +391,49 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
     return rc;
 }
 
+/* --price-traces: the step factor that a deployment's step traces imply against a
+ * profile (sim_step_factor_from_traces, the traces left in place), on stdout. */
+static int price_traces(const char *dir, const char *prefix, const char *profile_path, int n_pos) {
+    if (n_pos != 0 || !profile_path) {
+        fprintf(stderr, "pdserve sim: --price-traces takes --profile and no plan (see --help)\n");
+        return 2;
+    }
+    DIR *d = opendir(dir);
+    if (!d) {
+        fprintf(stderr, "pdserve sim: --price-traces %s: %s\n", dir, strerror(errno));
+        return 1;
+    }
+    closedir(d);
+    char err[1024];
+    sim_profile prof;
+    if (sim_profile_load(profile_path, &prof, err, sizeof err) != 0) {
+        fprintf(stderr, "pdserve sim: %s\n", err);
+        return 1;
+    }
+    sim_step_factor sf = {.decode = 1};
+    char what[600];
+    snprintf(what, sizeof what, "traces in %s", dir);
+    sim_step_factor_from_traces(dir, prefix, &prof, &sf, what, false);
+    int rc = 0;
+    if (!sf.measured) {
+        fprintf(stderr, "pdserve sim: %s%s%s: too few steps that price as prefill or decode (or no step "
+                        "trace there; the profile must have prefill and decode grids)\n", dir,
+                prefix[0] ? "/" : "", prefix);
+        rc = 1;
+    } else {
+        printf("step factor of %s%s%s against %s (%s, %s): measured / priced\n", dir, prefix[0] ? "/" : "", prefix,
+               profile_path, prof.model, prof.device);
+        for (int k = 0; k < sf.n_prefill; k++)
+            printf("  prefill %6.0f rows  x%.3f\n", sf.prefill_tokens[k], sf.prefill[k]);
+        printf("  decode            x%.3f\n", sf.decode);
+    }
+    sim_profile_free(&prof);
+    return rc;
+}
+
 int cmd_sim(int argc, char **argv) {
     const char *profile_path = NULL, *db_path = NULL, *json_path = NULL, *router = NULL;
-    const char *vmodel = NULL;
+    const char *vmodel = NULL, *price_dir = NULL, *trace_prefix = NULL;
     int seed = -1, threads = 0, vrepeats = 3;
     bool quiet = false, no_contention = false, no_control = false, no_serving = false, no_serving_cpu = false,
          no_step_factor = false, no_kinds = false, no_power_cap = false, power_cap = false;
@@ -418,6 +464,11 @@ int cmd_sim(int argc, char **argv) {
          "on an H200 it overstated the throttled steps' time, docs/simulator.md)", NULL},
         {"no-power-cap", OPT_FLAG, &no_power_cap, "every step at its nominal clock (the default; overrides "
          "--power-cap)", NULL},
+        {"price-traces", OPT_STRING, &price_dir,
+         "price the steps of the step traces in DIR (serve --step-trace, one file per instance of one "
+         "deployment) by --profile, print the step factor they imply and exit; no plan", "DIR"},
+        {"trace-prefix", OPT_STRING, &trace_prefix, "with --price-traces: only the files whose names start "
+         "so (default: every file in DIR)", "PREFIX"},
         {"validate-model", OPT_STRING, &vmodel,
          "also run each co-1gpu point through the real engine on the CPU with this model (dummy "
          "weights) and print simulated against real", "DIR|preset:NAME"},
@@ -429,6 +480,7 @@ int cmd_sim(int argc, char **argv) {
     bool help;
     if (cli_parse(argc, argv, opts, (int)PD_ARRAY_LEN(opts), USAGE, pos, 1, &n_pos, &help) != 0) return 2;
     if (help) return 0;
+    if (price_dir) return price_traces(price_dir, trace_prefix ? trace_prefix : "", profile_path, n_pos);
     if (n_pos != 1) {
         fprintf(stderr, "pdserve sim: needs a plan file (see --help)\n");
         return 2;

@@ -621,7 +621,7 @@ static void traces_factor(const traces *tr, const sim_profile *p, sim_step_facto
 }
 
 void sim_step_factor_from_traces(const char *dir, const char *prefix, const sim_profile *p, sim_step_factor *sf,
-                                 const char *what) {
+                                 const char *what, bool consume) {
     traces tr = {0};
     DIR *d = opendir(dir);
     if (!d) return;
@@ -632,7 +632,7 @@ void sim_step_factor_from_traces(const char *dir, const char *prefix, const sim_
         char path[1024];
         snprintf(path, sizeof path, "%s/%s", dir, de->d_name);
         traces_read(&tr, path);
-        unlink(path);
+        if (consume) unlink(path);
     }
     closedir(d);
     traces_mark_overlaps(&tr);
@@ -787,7 +787,7 @@ out:
     router_free(rt);
     stop_server(s, e);
     engine_free(e);
-    if (rc == 0) sim_step_factor_from_traces(trace_dir(), prefix, prof, &out->colocated.steps, "colocated");
+    if (rc == 0) sim_step_factor_from_traces(trace_dir(), prefix, prof, &out->colocated.steps, "colocated", true);
     return rc;
 }
 
@@ -853,7 +853,7 @@ out:
     kv_connector_free(dk);
     engine_free(de);
     engine_free(pe);
-    if (rc == 0) sim_step_factor_from_traces(trace_dir(), prefix, prof, &out->disaggregated.steps, "disaggregated");
+    if (rc == 0) sim_step_factor_from_traces(trace_dir(), prefix, prof, &out->disaggregated.steps, "disaggregated", true);
     return rc;
 }
 
@@ -1007,7 +1007,7 @@ int sim_profile_serving_processes(const sim_serving_deploy_opts *o, const tokeni
          measure_cpu(&t, &sv.colocated.cpu, &sv.colocated.steps, err, errlen) ? -1 : 0;
     study_deploy_down(&d);
     if (rc) return -1;
-    sim_step_factor_from_traces(dir, pco, out, &sv.colocated.steps, "colocated");
+    sim_step_factor_from_traces(dir, pco, out, &sv.colocated.steps, "colocated", true);
     /* the router's hop: two instances behind it (`pdserve up --setup co-2gpus`), less
      * the direct path */
     if (deploy(o, "co-2gpus", out->kv_bytes_per_token, sp.bs, NULL, &d, log_path, sizeof log_path, err, errlen))
@@ -1036,7 +1036,7 @@ int sim_profile_serving_processes(const sim_serving_deploy_opts *o, const tokeni
              : 0;
     study_deploy_down(&d);
     if (rc) return -1;
-    sim_step_factor_from_traces(dir, pdis, out, &sv.disaggregated.steps, "disaggregated");
+    sim_step_factor_from_traces(dir, pdis, out, &sv.disaggregated.steps, "disaggregated", true);
     snprintf(sv.source, sizeof sv.source,
              "measured: pdserve profile --serving-processes, `pdserve serve` and `pdserve up --setup co-2gpus / "
              "dis-cpu` children on the CPU, %d prompt lengths up to %d tokens, median of %d requests each, one at "

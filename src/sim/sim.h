@@ -408,14 +408,15 @@ double sim_cost_mixed_excess(const sim_cost *c, double Tp, double cstart, double
  * mixed_overhead_s from a mixed step. */
 void sim_cost_step(const sim_cost *c, const sim_work *w, sim_step_cost *out);
 /* The step factor from engine step traces (engine_config.step_trace): the files in dir
- * whose names start with prefix, one per instance of a deployment, read and removed;
+ * whose names start with prefix, one per instance of a deployment, read (and removed
+ * when consume);
  * every step priced by p and held against its busy seconds, net of what p's contention
  * model makes of the time it shared with another instance's step (docs/simulator.md,
  * "Steps inside a deployment"). Sets sf's prefill points (half-octave bins of prompt
  * rows, 3 steps or more each) and, with them, its decode factor (5 decode steps or
  * more); leaves sf as it is where the traces hold too few. `what` names it in the log. */
 void sim_step_factor_from_traces(const char *dir, const char *prefix, const sim_profile *p, sim_step_factor *sf,
-                                 const char *what);
+                                 const char *what, bool consume);
 /* f's prefill factor at a step of `tokens` prefill rows (1 when not measured). */
 double sim_step_factor_prefill(const sim_step_factor *f, double tokens);
 /* Seconds to move bytes over m (0 for m NULL). */
