@@ -691,7 +691,11 @@ static void test_profile_serving(void) {
     sim_profile p;
     REQUIRE(sim_profile_measure(m, &po, &p, err, sizeof err) == 0);
     p.block_size = 16;
-    int rc = sim_profile_serving(m, NULL, tok, 512, 3, &p, err, sizeof err);
+    /* the decode instance on a backend and weights of its own, as on a GPU (cmd_profile) */
+    backend *be_d = backend_cpu_create(1);
+    model *m_d = model_load(be_d, &mf, 0, err, sizeof err);
+    REQUIRE(m_d);
+    int rc = sim_profile_serving(m, m_d, tok, 512, 3, &p, err, sizeof err);
     CHECKF(rc == 0, "%s", err);
     const sim_serving *s = &p.serving;
     const sim_serving_path *paths[3] = {&s->colocated, &s->router, &s->disaggregated};
@@ -757,6 +761,8 @@ static void test_profile_serving(void) {
            s->colocated.cpu.step_s * 1e6, s->disaggregated.cpu.request_s * 1e6, s->disaggregated.cpu.token_s * 1e6,
            s->disaggregated.cpu.step_s * 1e6);
     sim_profile_free(&p);
+    model_free(m_d);
+    backend_destroy(be_d);
     model_free(m);
     backend_destroy(be);
     model_files_close(&mf);
