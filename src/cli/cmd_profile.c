@@ -226,10 +226,9 @@ int cmd_profile(int argc, char **argv) {
             be_d = backend_cuda_create(dev, err, sizeof err);
             m_d = be_d ? model_load(be_d, &files, (uint64_t)seed, err, sizeof err) : NULL;
         }
-        int src = !tok || (dev >= 0 && !serving_processes && !m_d)
-                      ? -1
-                      : serving_processes ? sim_profile_serving_processes(&so, tok, &prof, err, sizeof err)
-                                          : sim_profile_serving(m, m_d, tok, max_len, repeats, &prof, err, sizeof err);
+        int src = -1; /* err says why when it stays so (tokenizer, backend or weights) */
+        if (tok && serving_processes) src = sim_profile_serving_processes(&so, tok, &prof, err, sizeof err);
+        else if (tok && (dev < 0 || m_d)) src = sim_profile_serving(m, m_d, tok, max_len, repeats, &prof, err, sizeof err);
         if (m_d) model_free(m_d);
         if (be_d) backend_destroy(be_d);
         if (src != 0) {
