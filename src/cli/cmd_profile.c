@@ -228,7 +228,8 @@ int cmd_profile(int argc, char **argv) {
         }
         int src = -1; /* err says why when it stays so (tokenizer, backend or weights) */
         if (tok && serving_processes) src = sim_profile_serving_processes(&so, tok, &prof, err, sizeof err);
-        else if (tok && (dev < 0 || m_d)) src = sim_profile_serving(m, m_d, tok, max_len, repeats, &prof, err, sizeof err);
+        else if (tok && (dev < 0 || m_d))
+            src = sim_profile_serving(m, m_d, tok, max_len, repeats, &prof, err, sizeof err);
         if (m_d) model_free(m_d);
         if (be_d) backend_destroy(be_d);
         if (src != 0) {
