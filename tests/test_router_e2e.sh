@@ -44,7 +44,7 @@ MODEL=preset:tiny-llama SERVE_ARGS_SAVE=("${SERVE_ARGS[@]}")
 SERVE_ARGS=("${SERVE_ARGS[@]}" --tokenizer "$DIR_MODEL")
 start_up preset --setup co-1gpu
 curl -sf "http://127.0.0.1:$UPORT/v1/completions" -H 'Content-Type: application/json' \
-  -d '{"model":"preset:tiny-llama","prompt":"a b c","max_tokens":2}' | grep -q '"completion_tokens":2' ||
+  -d '{"model":"preset:tiny-llama","prompt":"a b c","max_tokens":2,"ignore_eos":true}' | grep -q '"completion_tokens":2' ||
   { tail -20 "$TMP/preset.log"; fail "up with a preset model: no completion"; }
 stop_up preset
 MODEL="$DIR_MODEL" SERVE_ARGS=("${SERVE_ARGS_SAVE[@]}")
