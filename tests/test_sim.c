@@ -623,16 +623,146 @@ static void test_study_plan(void) {
         CHECKF(rc == 0, "%s: %s", names[i], err);
         if (rc == 0) sim_plan_free(&pl);
     }
-    /* a reuse plan converts: its setups with lower KV tiers are named and left out (the
-     * tiers are not simulated), the others keep their own datasets (test_sim_serving) */
+    /* a reuse plan converts, every setup simulated: the lower KV tiers with the sizes
+     * of their options (prefix caching implied), the others keep their own datasets
+     * (test_sim_serving) */
     char path[1024];
     snprintf(path, sizeof path, "%s/plans/reuse.json", test_source_dir());
     REQUIRE(sim_plan_load(path, &pl, err, sizeof err) == 0);
-    int skipped = 0;
-    for (int i = 0; i < pl.n_setups; i++) skipped += pl.setups[i].skip[0] != 0;
+    int skipped = 0, one = 0, two = 0;
+    for (int i = 0; i < pl.n_setups; i++) {
+        const sim_plan_setup *su = &pl.setups[i];
+        skipped += su->skip[0] != 0;
+        if (su->tiers.n_tiers > 0) CHECK_EQ_INT(su->prefix_caching, 1);
+        if (su->tiers.n_tiers == 1) {
+            one++;
+            CHECK(su->tiers.kind[0] == SIM_TIER_CPU && su->tiers.cpu_bytes == 32 << 20);
+        } else if (su->tiers.n_tiers == 2) {
+            two++;
+            CHECK(su->tiers.kind[0] == SIM_TIER_CPU && su->tiers.kind[1] == SIM_TIER_DISK);
+            CHECK(su->tiers.cpu_bytes == 2 << 20 && su->tiers.disk_bytes == 64 << 20);
+        }
+    }
     CHECK_EQ_INT(pl.n_setups, 48);
-    CHECK_EQ_INT(skipped, 32);
+    CHECK_EQ_INT(skipped, 0);
+    CHECK_EQ_INT(one, 16);
+    CHECK_EQ_INT(two, 16);
     sim_plan_free(&pl);
+    /* bad tier options are named */
+    static const char *const bad[] = {"\"kv-offload\": \"tape\"", "\"kv-offload-cpu-bytes\": \"lots\"",
+                                      "\"kv-offload-load\": \"maybe\"", "\"kv-offload\": \"cpu,cpu\""};
+    for (size_t i = 0; i < PD_ARRAY_LEN(bad); i++) {
+        char t[512];
+        snprintf(t, sizeof t,
+                 "{\"name\": \"b\", \"setups\": [{\"name\": \"co-1gpu\", \"options\": {%s}}],"
+                 " \"loads\": {\"batch_sizes\": [1]}}", bad[i]);
+        CHECKF(sim_plan_parse(t, strlen(t), "b.json", &pl, err, sizeof err) != 0 && strstr(err, "kv-offload"),
+               "%s: %s", bad[i], err);
+    }
+}
+
+/* The lower KV tiers (tiers.c) in virtual time, on a profile whose prefill costs ~10 us a
+ * row and whose tiers are priced by hand: a 256-block pool holds one 4,096-token prompt;
+ * A, then B (evicting A's blocks into the cpu tier), then A again. With the tiers A's
+ * second prefill loads 255 blocks instead of computing them; without, it recomputes.
+ * Then: a tier too small (everything dropped down to a disk tier that keeps it), the
+ * "never" policy, a load cost above the recompute cost (the rule recomputes), and
+ * staging slots too few for a burst (dropped). */
+static void test_tiers(void) {
+    sim_profile p;
+    linear_profile(&p);
+    p.kv_bytes_per_token = 1024;
+    p.block_size = 16;
+    sim_tier_costs *tc = &p.tiers;
+    memset(tc, 0, sizeof *tc);
+    tc->measured = true;
+    tc->stage_fixed_s = 1e-3;
+    tc->stage_s_per_block = 1e-5;
+    tc->write_s_per_block[SIM_TIER_CPU] = 1e-5;
+    tc->write_s_per_block[SIM_TIER_DISK] = 1e-4;
+    tc->get_s_per_block[SIM_TIER_DISK] = 1e-4;
+    for (int b = 0; b < REUSE_BATCHES; b++) tc->load_fixed_s[b] = 1e-3, tc->load_s_per_block[b] = 2e-5;
+    sim_config c = colocated(1, 257);
+    c.sched.max_num_batched_tokens = 8192;
+    c.prefix_caching = true;
+    static int32_t a[4096], b[4096];
+    for (int i = 0; i < 4096; i++) a[i] = 10 + i % 1000, b[i] = 5000 + i % 1000;
+    a[0] = 7, b[0] = 8;
+    sim_request r[3] = {{.n_prompt = 4096, .max_tokens = 2, .arrival = 0, .prompt = a},
+                        {.n_prompt = 4096, .max_tokens = 2, .arrival = 100, .prompt = b},
+                        {.n_prompt = 4096, .max_tokens = 2, .arrival = 200, .prompt = a}};
+    bench_config bc;
+    bench_config_default(&bc);
+    bench_result *res;
+    sim_stats st;
+    char err[256];
+    /* no tiers: A's blocks are gone when it comes back */
+    REQUIRE(sim_run(&c, &p, r, 3, &bc, &res, &st, err, sizeof err) == 0);
+    double plain = res->recs[2].ttft_s, first = res->recs[0].ttft_s;
+    CHECKF(near(plain, first, 1e-6), "A again without tiers %g vs the first %g", plain, first);
+    CHECK(st.tiers.n_tiers == 0 && st.prefix_queries > 0);
+    bench_result_free(res);
+    /* a cpu tier: loaded */
+    c.tiers = (sim_tiers_config){0};
+    REQUIRE(sim_tiers_parse("cpu", &c.tiers) == 0);
+    REQUIRE(sim_run(&c, &p, r, 3, &bc, &res, &st, err, sizeof err) == 0);
+    double loaded = res->recs[2].ttft_s;
+    CHECKF(loaded < 0.2 * plain, "A loaded from the cpu tier: ttft %g vs %g recomputed", loaded, plain);
+    CHECK_EQ_INT(st.tiers.n_tiers, 1);
+    CHECK(!strcmp(st.tiers.tier[0].name, "cpu"));
+    CHECK_EQ_INT(st.tiers.decisions_load, 1);
+    CHECK_EQ_INT(st.tiers.tier[0].loaded_blocks, 255);
+    CHECK_EQ_INT(st.tiers.loaded_tokens, 255 * 16);
+    CHECK(st.tiers.tier[0].hit_tokens == 255 * 16 && st.tiers.offload_dropped == 0);
+    CHECK(st.tier_hook_s > 0 && st.tiers.offload_bursts > 0);
+    /* the load's seconds are in its step: fixed + 255 x per block on top of 1 row */
+    CHECKF(loaded > 1e-3 + 255 * 2e-5, "ttft %g holds the load", loaded);
+    bench_result_free(res);
+    /* cpu then disk, the cpu tier holding 16 blocks: the rest went down to the disk and
+     * comes back from both (two batches), costing more than from the cpu alone */
+    REQUIRE(sim_tiers_parse("cpu,disk", &c.tiers) == 0);
+    c.tiers.cpu_bytes = 16.0 * 16 * 1024;
+    REQUIRE(sim_run(&c, &p, r, 3, &bc, &res, &st, err, sizeof err) == 0);
+    CHECK_EQ_INT(st.tiers.n_tiers, 2);
+    CHECKF(st.tiers.tier[0].loaded_blocks + st.tiers.tier[1].loaded_blocks == 255, "%llu + %llu",
+           (unsigned long long)st.tiers.tier[0].loaded_blocks, (unsigned long long)st.tiers.tier[1].loaded_blocks);
+    CHECK(st.tiers.tier[1].loaded_blocks >= 255 - 16 && st.tiers.tier[0].evictions > 0);
+    CHECKF(res->recs[2].ttft_s > loaded && res->recs[2].ttft_s < plain, "cpu,disk ttft %g, cpu %g, none %g",
+           res->recs[2].ttft_s, loaded, plain);
+    bench_result_free(res);
+    /* never: found, counted as a recompute, computed */
+    REQUIRE(sim_tiers_parse("cpu", &c.tiers) == 0);
+    c.tiers.load_policy = SIM_TIERS_LOAD_NEVER;
+    REQUIRE(sim_run(&c, &p, r, 3, &bc, &res, &st, err, sizeof err) == 0);
+    CHECK(st.tiers.decisions_recompute == 1 && st.tiers.decisions_load == 0 && st.tiers.loaded_tokens == 0);
+    CHECK(res->recs[2].ttft_s > 0.9 * plain);
+    bench_result_free(res);
+    /* auto with loads dearer than recomputing (1 s a block): the rule recomputes */
+    c.tiers.load_policy = SIM_TIERS_LOAD_AUTO;
+    for (int k = 0; k < REUSE_BATCHES; k++) tc->load_s_per_block[k] = 1.0;
+    REQUIRE(sim_run(&c, &p, r, 3, &bc, &res, &st, err, sizeof err) == 0);
+    CHECK(st.tiers.decisions_recompute == 1 && st.tiers.loaded_tokens == 0);
+    bench_result_free(res);
+    for (int k = 0; k < REUSE_BATCHES; k++) tc->load_s_per_block[k] = 2e-5;
+    /* 64 staging slots and a worker slower than the burst: most of B's burst of A's
+     * 256 blocks is dropped (kept: the 64 slots' worth) */
+    c.tiers.staging_blocks = 64;
+    tc->write_s_per_block[SIM_TIER_CPU] = 10.0;
+    REQUIRE(sim_run(&c, &p, r, 3, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(st.tiers.offload_dropped >= 256 - 64, "dropped %llu", (unsigned long long)st.tiers.offload_dropped);
+    CHECK(st.tiers.loaded_tokens <= 64 * 16);
+    bench_result_free(res);
+    sim_profile_free(&p);
+    /* defaults derived from the mediums: positive, the disk dearer than the cpu */
+    sim_profile q;
+    linear_profile(&q);
+    q.kv_bytes_per_token = 1 << 17;
+    q.block_size = 16;
+    sim_tier_costs d;
+    sim_tier_costs_default(&q, &d);
+    CHECK(!d.measured && d.stage_s_per_block > 0 && d.load_s_per_block[0] > 0);
+    CHECK(d.get_s_per_block[SIM_TIER_DISK] > d.load_s_per_block[0] && strstr(d.source, "derived"));
+    sim_profile_free(&q);
 }
 
 /* pdserve profile --medium: every CPU-built medium timed through the real connectors,
@@ -658,6 +788,50 @@ static void test_profile_mediums(void) {
     }
     char shm[64];
     snprintf(shm, sizeof shm, "/dev/shm/pdkv-prof%d-kv", (int)getpid());
+    CHECK(access(shm, F_OK) != 0);
+    sim_profile_free(&p);
+    backend_destroy(be);
+}
+
+/* pdserve profile --tiers: the cpu and disk tiers timed through kv_tiers.c, every cost
+ * positive where it must be, the disk's read dearer than nothing; the profile file keeps
+ * them; a bad name is refused; no store is left behind. */
+static void test_profile_tiers(void) {
+    model_config mc;
+    char err[512];
+    REQUIRE(model_preset("tiny-llama", &mc, err, sizeof err) == 0);
+    backend *be = backend_cpu_create(1);
+    sim_profile p;
+    linear_profile(&p); /* grids, so that the file parses */
+    p.block_size = 16;
+    p.kv_bytes_per_token = model_kv_bytes_per_token(&mc, 4);
+    const char *dir = getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
+    int rc = sim_profile_time_tiers(be, &mc, "cpu,disk", dir, 1, &p, err, sizeof err);
+    CHECKF(rc == 0, "%s", err);
+    const sim_tier_costs *t = &p.tiers;
+    CHECK(t->measured && strstr(t->source, "cpu and disk"));
+    CHECKF(t->stage_s_per_block > 0 && t->load_s_per_block[0] > 0 && t->write_s_per_block[SIM_TIER_CPU] > 0 &&
+               t->write_s_per_block[SIM_TIER_DISK] > 0,
+           "stage %g, load %g, write %g / %g", t->stage_s_per_block, t->load_s_per_block[0],
+           t->write_s_per_block[0], t->write_s_per_block[1]);
+    /* the file keeps them */
+    char *json = sim_profile_to_json(&p);
+    sim_profile q;
+    rc = sim_profile_parse(json, strlen(json), "t.json", &q, err, sizeof err);
+    CHECKF(rc == 0, "%s", err);
+    if (rc == 0) {
+        CHECK(q.tiers.measured && near(q.tiers.stage_s_per_block, t->stage_s_per_block, 1e-9) &&
+              near(q.tiers.get_s_per_block[1], t->get_s_per_block[1], 1e-9) &&
+              near(q.tiers.load_fixed_s[1], t->load_fixed_s[1], 1e-9));
+        sim_profile_free(&q);
+    }
+    free(json);
+    CHECK(sim_profile_time_tiers(be, &mc, "tape", dir, 1, &p, err, sizeof err) != 0 && strstr(err, "tape"));
+    /* a bad tiers entry in a file is named */
+    static const char *const bad = "{\"format\": \"pdserve-profile/1\", \"tiers\": {\"stage_s\": [1]}}";
+    CHECK(sim_profile_parse(bad, strlen(bad), "b.json", &q, err, sizeof err) != 0);
+    char shm[64];
+    snprintf(shm, sizeof shm, "/dev/shm/pdkv-store-tier-%d-0", (int)getpid());
     CHECK(access(shm, F_OK) != 0);
     sim_profile_free(&p);
     backend_destroy(be);
@@ -775,8 +949,10 @@ int main(void) {
     TEST_RUN(test_layerwise_transfer);
     TEST_RUN(test_prefix_caching);
     TEST_RUN(test_prefix_affinity);
+    TEST_RUN(test_tiers);
     TEST_RUN(test_study_plan);
     TEST_RUN(test_profile_mediums);
+    TEST_RUN(test_profile_tiers);
     TEST_RUN(test_trivial_timestamps);
     TEST_RUN(test_disaggregated_transfer);
     TEST_RUN(test_cpu_contention);

@@ -42,7 +42,7 @@ int cmd_profile(int argc, char **argv) {
     int threads = 0, repeats = 3, block_size = 16, seed = 0;
     double clock_mhz = 0;
     bool no_power = false, verbose = false, no_power_cap = false;
-    const char *roofline = NULL, *medium_dir = NULL, *sm_clocks = NULL;
+    const char *roofline = NULL, *medium_dir = NULL, *sm_clocks = NULL, *tiers = NULL;
     long long medium_bytes = 0;
     bool allow_clock_control = false, serving = false, serving_processes = false;
     const char *tok_dir = NULL;
@@ -62,6 +62,9 @@ int cmd_profile(int argc, char **argv) {
         {"medium", OPT_STRING, &medium, "KV mediums to time through the connectors: gpu,cpu,disk,tcp", "LIST"},
         {"medium-dir", OPT_STRING, &medium_dir, "directory of the disk medium's files (default $TMPDIR or /tmp)", "DIR"},
         {"medium-bytes", OPT_SIZE, &medium_bytes, "largest KV cache per side while timing mediums (GPU 2GiB, CPU 256MiB)", "BYTES"},
+        {"tiers", OPT_STRING, &tiers,
+         "lower KV tiers of prefix caching to time through kv_tiers.c (staging, writes, loads): cpu,disk; "
+         "their files under --medium-dir", "LIST"},
         {"clock-mhz", OPT_DOUBLE, &clock_mhz, "the SM clock the GPU runs at while profiling (clock model base; default: as sampled)", "MHZ"},
         {"sm-clocks", OPT_STRING, &sm_clocks, "also time reference points with the SM clock locked at each (clock model points, fitted)", "LIST"},
         {"allow-clock-control", OPT_FLAG, &allow_clock_control, "let --sm-clocks lock the GPU's clock (changes shared hardware; restored after)", NULL},
@@ -205,6 +208,14 @@ int cmd_profile(int argc, char **argv) {
         sim_profile_time_mediums(be, &files.config, medium, mdir, mbytes, PD_MIN(repeats, 3), &prof, err,
                                  sizeof err);
         if (prof.mediums_note[0]) log_warn("profile: mediums: %s", prof.mediums_note);
+    }
+    if (tiers) {
+        const char *tdir = medium_dir ? medium_dir : getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
+        if (sim_profile_time_tiers(be, &files.config, tiers, tdir, PD_MIN(repeats, 3), &prof, err, sizeof err) != 0) {
+            fprintf(stderr, "pdserve profile: --tiers: %s\n", err);
+            sim_profile_free(&prof);
+            goto out_model;
+        }
     }
     if (serving || serving_processes) {
         tokenizer *tok = cli_load_tokenizer(model_arg, tok_dir, err, sizeof err);

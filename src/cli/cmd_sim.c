@@ -171,6 +171,27 @@ static cJSON *point_json(const char *setup, const char *load, const double clk[2
     cJSON_AddNumberToObject(o, "serving_cpu_s", st->serving_cpu_s);
     cJSON_AddNumberToObject(o, "kv_bytes", st->kv_bytes);
     cJSON_AddNumberToObject(o, "sim_wall_s", st->wall_s);
+    if (st->prefix_queries > 0) {
+        cJSON *pc = cJSON_AddObjectToObject(o, "prefix_cache");
+        cJSON_AddNumberToObject(pc, "queried_tokens", (double)st->prefix_queries);
+        cJSON_AddNumberToObject(pc, "gpu_hit_tokens", (double)st->prefix_hits);
+        const prefix_tier_stats *t = &st->tiers;
+        for (int k = 0; k < t->n_tiers; k++) {
+            cJSON *tj = cJSON_AddObjectToObject(pc, t->tier[k].name);
+            cJSON_AddNumberToObject(tj, "hit_tokens", (double)t->tier[k].hit_tokens);
+            cJSON_AddNumberToObject(tj, "offloaded_blocks", (double)t->tier[k].offloaded_blocks);
+            cJSON_AddNumberToObject(tj, "loaded_blocks", (double)t->tier[k].loaded_blocks);
+            cJSON_AddNumberToObject(tj, "evictions", (double)t->tier[k].evictions);
+        }
+        if (t->n_tiers > 0) {
+            cJSON_AddNumberToObject(pc, "loads", (double)t->decisions_load);
+            cJSON_AddNumberToObject(pc, "recomputes", (double)t->decisions_recompute);
+            cJSON_AddNumberToObject(pc, "loaded_tokens", (double)t->loaded_tokens);
+            cJSON_AddNumberToObject(pc, "staged_loaded_blocks", (double)t->staged_loaded_blocks);
+            cJSON_AddNumberToObject(pc, "offload_dropped", (double)t->offload_dropped);
+            cJSON_AddNumberToObject(pc, "hook_s", st->tier_hook_s);
+        }
+    }
     if (st->power_capped) {
         cJSON *pc = cJSON_AddObjectToObject(o, "power_cap");
         cJSON_AddNumberToObject(pc, "prefill_mhz", st->mhz_prefill);
@@ -263,6 +284,39 @@ static int validate_point(sim_cli *c, const sim_plan_setup *su, const char *ll, 
     return 0;
 }
 
+/* The series a real deployment's /metrics gives for prefix caching and its lower tiers
+ * (server/metrics.c names), from the simulated counters, so that `pdserve report`'s
+ * reuse table reads simulated points as it reads real ones. */
+static int sim_metrics(const sim_stats *st, study_metric *m, int cap) {
+    int n = 0;
+#define MET(v, ...) \
+    do { \
+        if (n < cap) { \
+            snprintf(m[n].series, sizeof m[n].series, __VA_ARGS__); \
+            m[n++].value = (double)(v); \
+        } \
+    } while (0)
+    if (st->prefix_queries == 0) return 0;
+    MET(st->prefix_queries, "pdserve_prefix_cache_queries_total{sim=\"1\"}");
+    MET(st->prefix_hits, "pdserve_prefix_cache_hits_total{sim=\"1\"}");
+    const prefix_tier_stats *t = &st->tiers;
+    if (t->n_tiers == 0) return n;
+    MET(st->prefix_hits, "pdserve_prefix_cache_tier_hits_total{sim=\"1\",tier=\"gpu\"}");
+    for (int k = 0; k < t->n_tiers; k++) {
+        MET(t->tier[k].hit_tokens, "pdserve_prefix_cache_tier_hits_total{sim=\"1\",tier=\"%s\"}", t->tier[k].name);
+        MET(t->tier[k].offloaded_blocks, "pdserve_kv_offload_blocks_total{sim=\"1\",tier=\"%s\"}", t->tier[k].name);
+        MET(t->tier[k].loaded_blocks, "pdserve_kv_offload_loaded_blocks_total{sim=\"1\",tier=\"%s\"}",
+            t->tier[k].name);
+    }
+    MET(t->decisions_load, "pdserve_kv_offload_decisions_total{sim=\"1\",decision=\"load\"}");
+    MET(t->decisions_recompute, "pdserve_kv_offload_decisions_total{sim=\"1\",decision=\"recompute\"}");
+    MET(t->loaded_tokens, "pdserve_kv_offload_loaded_tokens_total{sim=\"1\"}");
+    MET(t->offload_dropped, "pdserve_kv_offload_dropped_total{sim=\"1\"}");
+    MET(st->tier_hook_s, "pdserve_kv_offload_hook_seconds_total{sim=\"1\"}");
+#undef MET
+    return n;
+}
+
 static int record_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, const double clk[2],
                         const sim_config *cfg, double mean_rate, bench_config *bc, bench_result *r,
                         const sim_stats *st, double t_start, char *err, size_t errlen) {
@@ -306,6 +360,9 @@ static int record_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l,
                                        : ds->kind == BENCH_DATASET_PREFIX_REPETITION ? ds->prefix_output_len
                                                                                        : ds->random_output_len,
                          .range_ratio = ds->random_range_ratio, .seed = c->pl->seed};
+    study_metric met[32];
+    ri.n_metrics = sim_metrics(st, met, (int)PD_ARRAY_LEN(met));
+    ri.metrics = met;
     return study_db_record(c->db, &pt, &ri, bc, r, idle.seconds > 0 ? &idle : NULL, err, errlen) < 0 ? -1 : 0;
 }
 
@@ -331,6 +388,7 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
                       .serving_path = c->serving_path, .serving_cpu = c->serving_cpu,
                       .step_factor = c->step_factor, .contention_kinds = c->contention_kinds,
                       .power_cap = c->power_cap};
+    if (cfg.prefix_caching) cfg.tiers = su->tiers;
     if (su->n_prefill > 0) {
         cfg.medium = sim_medium_find(prof, su->medium, &mstore);
         if (!cfg.medium) {

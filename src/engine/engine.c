@@ -112,10 +112,6 @@ struct engine {
                              * the lower tiers' recompute estimate (engine thread only) */
 };
 
-/* The prefill fit: each step weighs 0.95 of the one after it (the last ~20 steps count),
- * prior a pseudo-step of 0 rows in 0 s of a tenth of a step's weight (docs/reuse.md). */
-#define PREFILL_FIT_DECAY 0.95
-#define PREFILL_FIT_PRIOR_W 0.1
 
 /* ---- small things ------------------------------------------------------------------ */
 
@@ -286,7 +282,7 @@ engine *engine_create(model *m, const engine_config *cfg_in, char *err, size_t e
         cfg.max_num_batched_tokens = e->max_model_len;
     }
     e->cfg = cfg;
-    cost_fit_init(&e->prefill_fit, PREFILL_FIT_DECAY, PREFILL_FIT_PRIOR_W);
+    cost_fit_init(&e->prefill_fit, ENGINE_PREFILL_FIT_DECAY, ENGINE_PREFILL_FIT_PRIOR_W);
     e->fwd = fwd_ctx_create(m, cfg.max_num_batched_tokens, cfg.max_num_seqs);
     if (!e->fwd) {
         pd_errorf(err, errlen, "cannot allocate forward scratch for %d tokens", cfg.max_num_batched_tokens);

@@ -105,6 +105,11 @@ typedef struct cost_fit {
     double w, wx, wy, wxx, wxy;     /* decayed sums over the samples: weights, x, y, x^2, xy */
     uint64_t n;                     /* samples added */
 } cost_fit;
+/* The engine's prefill fit (the lower tiers' recompute estimate; the simulator keeps the
+ * same): each step weighs 0.95 of the one after it (the last ~20 steps count), prior a
+ * pseudo-step of 0 rows in 0 s of a tenth of a step's weight (docs/reuse.md). */
+#define ENGINE_PREFILL_FIT_DECAY 0.95
+#define ENGINE_PREFILL_FIT_PRIOR_W 0.1
 void cost_fit_init(cost_fit *f, double decay, double prior_w);
 void cost_fit_add(cost_fit *f, double x, double seconds);
 /* The line: *a fixed seconds, *b seconds per unit of x (both >= 0; 0, 0 before any sample). */

@@ -219,10 +219,41 @@ static int apply_flag(const study_kv *kv, sim_plan *p, sim_plan_setup *su, const
     } else if (!strcmp(k, "enable-prefix-caching")) {
         if (su) su->prefix_caching = flag_on(v);
         else p->enable_prefix_caching = flag_on(v);
-    } else if (!strcmp(k, "kv-offload") && su) {
-        /* the lower KV tiers (CPU / disk offload of evicted prefix blocks) are not
-         * simulated: such a setup is named and left out, the plan's others run */
-        snprintf(su->skip, sizeof su->skip, "kv-offload %s: the lower KV tiers are not simulated", v ? v : "");
+    } else if (!strncmp(k, "kv-offload", 10)) {
+        /* the lower KV tiers (tiers.c): a plan-wide serve_arg is every setup's default */
+        sim_tiers_config *tc = su ? &su->tiers : &p->tiers;
+        if (!strcmp(k, "kv-offload")) {
+            if (!v || sim_tiers_parse(v, tc) != 0) {
+                pd_errorf(err, errlen, "%s: kv-offload '%s' is not cpu, disk, cpu,disk or disk,cpu", name, v ? v : "");
+                return -1;
+            }
+        } else if (!strcmp(k, "kv-offload-cpu-bytes") || !strcmp(k, "kv-offload-disk-bytes")) {
+            long long b = v ? cli_parse_size(v) : -1;
+            if (b <= 0) {
+                pd_errorf(err, errlen, "%s: %s '%s' is not a size", name, k, v ? v : "");
+                return -1;
+            }
+            if (!strcmp(k, "kv-offload-cpu-bytes")) tc->cpu_bytes = (double)b;
+            else tc->disk_bytes = (double)b;
+        } else if (!strcmp(k, "kv-offload-async")) {
+            tc->async = flag_on(v);
+        } else if (!strcmp(k, "kv-offload-staging-blocks")) {
+            int x = v ? atoi(v) : 0;
+            if (x < 1) {
+                pd_errorf(err, errlen, "%s: kv-offload-staging-blocks must be a positive integer, got '%s'", name,
+                          v ? v : "");
+                return -1;
+            }
+            tc->staging_blocks = x;
+        } else if (!strcmp(k, "kv-offload-load")) {
+            if (v && !strcmp(v, "auto")) tc->load_policy = SIM_TIERS_LOAD_AUTO;
+            else if (v && !strcmp(v, "always")) tc->load_policy = SIM_TIERS_LOAD_ALWAYS;
+            else if (v && !strcmp(v, "never")) tc->load_policy = SIM_TIERS_LOAD_NEVER;
+            else {
+                pd_errorf(err, errlen, "%s: kv-offload-load '%s' is not auto, always or never", name, v ? v : "");
+                return -1;
+            }
+        } /* kv-offload-disk-dir, -disk-buffered, -debug-*: nothing the simulator models */
     } else if (!strcmp(k, "enable-chunked-prefill")) {
         p->enable_chunked_prefill = flag_on(v);
     } else if (!strcmp(k, "no-enable-chunked-prefill")) {
@@ -269,11 +300,8 @@ static int from_study(const char *text, size_t len, const char *name, sim_plan *
     p->goodput_ttft_ms = sp.goodput_ttft_ms;
     p->goodput_tpot_ms = sp.goodput_tpot_ms;
     p->goodput_e2el_ms = sp.goodput_e2el_ms;
-    const char *offload = NULL;
-    for (int i = 0; i < sp.n_serve_args; i++) {
+    for (int i = 0; i < sp.n_serve_args; i++)
         if (apply_flag(&sp.serve_args[i], p, NULL, name, err, errlen)) goto out;
-        if (!strcmp(sp.serve_args[i].key, "kv-offload")) offload = sp.serve_args[i].value ? sp.serve_args[i].value : "";
-    }
     p->n_setups = sp.n_setups;
     p->setups = xcalloc((size_t)p->n_setups, sizeof *p->setups);
     for (int i = 0; i < sp.n_setups; i++) {
@@ -285,10 +313,10 @@ static int from_study(const char *text, size_t len, const char *name, sim_plan *
             goto out;
         }
         snprintf(su->label, sizeof su->label, "%s", ss->label ? ss->label : ss->name);
+        su->tiers = p->tiers;
         for (int k = 0; k < ss->n_opts; k++)
             if (apply_flag(&ss->opts[k], p, su, name, err, errlen)) goto out;
-        if (offload && !su->skip[0])
-            snprintf(su->skip, sizeof su->skip, "kv-offload %s: the lower KV tiers are not simulated", offload);
+        if (su->tiers.n_tiers > 0) su->prefix_caching = 1; /* as serve: --kv-offload implies it */
         /* a "datasets" entry or a reuse ratio gives the setup a workload of its own */
         if (sp.n_datasets > 0 || ss->reuse_ratio >= 0) {
             study_dataset sd;

@@ -504,6 +504,18 @@ char *sim_profile_to_json(const sim_profile *p) {
         }
         cJSON_AddStringToObject(mo, "source", p->mixed_source);
     }
+    if (p->tiers.measured) {
+        const sim_tier_costs *t = &p->tiers;
+        cJSON *to = cJSON_AddObjectToObject(o, "tiers");
+        double st[2] = {t->stage_fixed_s, t->stage_s_per_block};
+        cJSON_AddItemToObject(to, "stage_s", nums(st, 2));
+        cJSON_AddItemToObject(to, "write_s_per_block", nums(t->write_s_per_block, 2));
+        cJSON_AddItemToObject(to, "get_s_per_block", nums(t->get_s_per_block, 2));
+        double ld[2] = {t->load_fixed_s[0], t->load_s_per_block[0]}, lh[2] = {t->load_fixed_s[1], t->load_s_per_block[1]};
+        cJSON_AddItemToObject(to, "load_direct_s", nums(ld, 2));
+        cJSON_AddItemToObject(to, "load_host_s", nums(lh, 2));
+        cJSON_AddStringToObject(to, "source", t->source);
+    }
     char *s = cJSON_Print(o);
     cJSON_Delete(o);
     char *out = xstrdup(s);
@@ -854,6 +866,35 @@ static int read_serving(const cJSON *o, sim_profile *p, const char *name, char *
     return 0;
 }
 
+/* "tiers": {stage_s: [fixed, per block], write_s_per_block: [cpu, disk], get_s_per_block:
+ * [cpu, disk], load_direct_s / load_host_s: [fixed, per block], source}; absent: derived. */
+static int read_tiers(const cJSON *o, sim_profile *p, const char *name, char *err, size_t errlen) {
+    const cJSON *to = cJSON_GetObjectItemCaseSensitive(o, "tiers");
+    if (!to) return 0;
+    static const char *const keys[] = {"stage_s", "write_s_per_block", "get_s_per_block", "load_direct_s",
+                                       "load_host_s"};
+    sim_tier_costs *t = &p->tiers;
+    double *dst[5][2] = {{&t->stage_fixed_s, &t->stage_s_per_block},
+                         {&t->write_s_per_block[0], &t->write_s_per_block[1]},
+                         {&t->get_s_per_block[0], &t->get_s_per_block[1]},
+                         {&t->load_fixed_s[0], &t->load_s_per_block[0]},
+                         {&t->load_fixed_s[1], &t->load_s_per_block[1]}};
+    for (int k = 0; k < 5; k++) {
+        const cJSON *a = cJSON_GetObjectItemCaseSensitive(to, keys[k]);
+        if (!cJSON_IsArray(a) || cJSON_GetArraySize(a) != 2 || !cJSON_IsNumber(cJSON_GetArrayItem(a, 0)) ||
+            !cJSON_IsNumber(cJSON_GetArrayItem(a, 1)) || !(cJSON_GetArrayItem(a, 0)->valuedouble >= 0) ||
+            !(cJSON_GetArrayItem(a, 1)->valuedouble >= 0)) {
+            pd_errorf(err, errlen, "%s: tiers.%s must be two non-negative numbers", name, keys[k]);
+            return -1;
+        }
+        *dst[k][0] = cJSON_GetArrayItem(a, 0)->valuedouble;
+        *dst[k][1] = cJSON_GetArrayItem(a, 1)->valuedouble;
+    }
+    get_str(to, "source", t->source, sizeof t->source);
+    t->measured = true;
+    return 0;
+}
+
 /* "mixed": {points: [[T, C, B, L, seconds]...], source}; absent in older files. */
 static int read_mixed(const cJSON *o, sim_profile *p, const char *name, char *err, size_t errlen) {
     const cJSON *mo = cJSON_GetObjectItemCaseSensitive(o, "mixed");
@@ -928,7 +969,9 @@ int sim_profile_parse(const char *text, size_t len, const char *name, sim_profil
     }
     read_clock(o, p);
     if (read_contention(o, p, name, err, errlen)) goto out;
-    if (read_serving(o, p, name, err, errlen) || read_mixed(o, p, name, err, errlen)) goto out;
+    if (read_serving(o, p, name, err, errlen) || read_mixed(o, p, name, err, errlen) ||
+        read_tiers(o, p, name, err, errlen))
+        goto out;
     rc = 0;
 out:
     cJSON_Delete(o);

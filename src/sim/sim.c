@@ -71,6 +71,11 @@ typedef struct inst {
     /* the power cap (sim_power_cap; cap.on false: off): the average power as of cap_t */
     sim_power_cap cap;
     double cap_avg_w, cap_t;
+    /* lower KV tiers below the prefix cache (sim_config.tiers; NULL: none), and the
+     * engine's prefill fit that gives their load-or-recompute rule its estimate */
+    sim_tiers *tiers;
+    cost_fit prefill_fit;
+    double hook_s;          /* the step in flight: of which tier hooks (not forward) */
 } inst;
 
 enum { EV_STEP_END = 0, EV_KV_ARRIVE = 1, EV_DEADLINE = 2, EV_ENTER = 3, EV_SERVE = 4 };
@@ -333,8 +338,12 @@ static void power_cap_step(sim_state *s, inst *in, const sim_work *w, double now
 static void kick(sim_state *s, int i, double now) {
     inst *in = &s->insts[i];
     if (in->busy || !sched_has_work(&in->sc)) return;
+    if (in->tiers) sim_tiers_set_now(in->tiers, now);
     for (int guard = 0;; guard++) {
         sched_step(&in->sc, now, &in->plan);
+        /* the step's evictions, as engine.c flushes them: before a forward pass, or not */
+        if (in->plan.batch.T > 0) prefix_cache_flush_step(&in->sc.pool);
+        else prefix_cache_flush(&in->sc.pool);
         if (in->plan.n_items > 0) break;
         /* a step that only preempted (as in engine.c): plan again at once */
         PD_ASSERT(in->plan.n_preempted > 0 && guard < 1000);
@@ -345,6 +354,20 @@ static void kick(sim_state *s, int i, double now) {
     plan_work(in, s->p, &w);
     sim_cost_step(&in->cost, &w, &in->step);
     if (in->cap.on) power_cap_step(s, in, &w, now);
+    if (in->tiers) {
+        /* the engine's running prefill fit over its forward passes, then the tiers' hooks
+         * (staging copies, loads) on the engine thread before the pass: step time at the
+         * instance's idle power (copies, not compute) */
+        if (in->plan.n_prefill_tokens > 0) {
+            prefix_cache_hooks *h = &in->sc.pool.pc->hooks;
+            cost_fit_add(&in->prefill_fit, in->plan.batch.T, in->step.seconds);
+            cost_fit_line(&in->prefill_fit, &h->recompute_s_per_step, &h->recompute_s_per_token);
+        }
+        in->hook_s = sim_tiers_take_hook_s(in->tiers);
+        in->step.seconds += in->hook_s;
+        in->step.energy_j += in->hook_s * in->cost.idle_w;
+        s->st->tier_hook_s += in->hook_s;
+    }
     in->busy = true;
     in->step_start = now;
     in->busy_s += in->step.seconds;
@@ -660,7 +683,23 @@ static void inst_init(sim_state *s, inst *in, inst_role role, double mhz, int ma
         sc.max_num_batched_tokens = PD_MAX(sc.max_num_batched_tokens, max_prompt + 1 + sc.max_num_seqs);
     }
     sched_init(&in->sc, &sc);
-    if (s->cfg->prefix_caching && role != ROLE_DECODE) sched_enable_prefix_caching(&in->sc, 0);
+    if (s->cfg->prefix_caching && role != ROLE_DECODE) {
+        sched_enable_prefix_caching(&in->sc, 0);
+        if (s->cfg->tiers.n_tiers > 0) {
+            /* the profile's per-block costs are for its block size: scaled to the plan's */
+            sim_tier_costs tc;
+            if (s->p->tiers.measured) tc = s->p->tiers;
+            else sim_tier_costs_default(s->p, &tc);
+            double r = (double)sc.block_size / (double)PD_MAX(s->p->block_size, 1);
+            tc.stage_s_per_block *= r;
+            for (int k = 0; k < 2; k++) tc.write_s_per_block[k] *= r, tc.get_s_per_block[k] *= r;
+            for (int b = 0; b < REUSE_BATCHES; b++) tc.load_s_per_block[b] *= r;
+            tc.image_bytes = (double)s->p->kv_bytes_per_token * (double)sc.block_size;
+            in->tiers = sim_tiers_create(&s->cfg->tiers, &tc, sc.block_size, strcmp(s->p->backend, "cpu") != 0);
+            sim_tiers_hooks(in->tiers, &in->sc.pool.pc->hooks);
+            cost_fit_init(&in->prefill_fit, ENGINE_PREFILL_FIT_DECAY, ENGINE_PREFILL_FIT_PRIOR_W);
+        }
+    }
     sim_cost_init(&in->cost, s->p, mhz);
     if (s->cfg->step_factor) /* colocated or disaggregated, as measured (sim_step_factor) */
         in->cost.steps = s->cfg->n_colocated > 0 ? &s->p->serving.colocated.steps : &s->p->serving.disaggregated.steps;
@@ -669,6 +708,41 @@ static void inst_init(sim_state *s, inst *in, inst_role role, double mhz, int ma
         in->cap_avg_w = in->cap.idle_w; /* the instance starts idle */
         s->st->power_capped |= in->cap.on;
     }
+}
+
+/* Adds one instance's tier counters to a deployment's (same tiers everywhere). */
+static void tier_stats_add(prefix_tier_stats *a, const prefix_tier_stats *b) {
+    a->n_tiers = b->n_tiers;
+    for (int k = 0; k < b->n_tiers; k++) {
+        memcpy(a->tier[k].name, b->tier[k].name, sizeof a->tier[k].name);
+        a->tier[k].hit_tokens += b->tier[k].hit_tokens;
+        a->tier[k].offloaded_blocks += b->tier[k].offloaded_blocks;
+        a->tier[k].loaded_blocks += b->tier[k].loaded_blocks;
+        a->tier[k].bytes_written += b->tier[k].bytes_written;
+        a->tier[k].bytes_read += b->tier[k].bytes_read;
+        a->tier[k].evictions += b->tier[k].evictions;
+        a->tier[k].entries += b->tier[k].entries;
+        a->tier[k].capacity_entries += b->tier[k].capacity_entries;
+        a->tier[k].load_s_per_block = b->tier[k].load_s_per_block;
+    }
+    a->staged_loaded_blocks += b->staged_loaded_blocks;
+    a->decisions_load += b->decisions_load;
+    a->decisions_recompute += b->decisions_recompute;
+    a->loaded_tokens += b->loaded_tokens;
+    a->offload_dropped += b->offload_dropped;
+    a->offload_staging_full += b->offload_staging_full;
+    a->load_failures += b->load_failures;
+    a->offload_bursts += b->offload_bursts;
+    a->offload_staged_blocks += b->offload_staged_blocks;
+    a->offload_async_bursts += b->offload_async_bursts;
+    a->load_batches += b->load_batches;
+    a->copy_batches += b->copy_batches;
+    a->hook_seconds += b->hook_seconds;
+    a->offload_seconds += b->offload_seconds;
+    a->max_burst_seconds = PD_MAX(a->max_burst_seconds, b->max_burst_seconds);
+    a->recompute_s_per_token = b->recompute_s_per_token;
+    for (int i = 0; i < REUSE_BATCHES; i++) a->load_s_per_batch[i] = b->load_s_per_batch[i];
+    a->queued += b->queued;
 }
 
 static bench_result *make_result(sim_state *s, const bench_config *bc, double makespan, double energy) {
@@ -831,6 +905,17 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
     for (int i = 0; i < s.n_inst; i++) {
         inst *in = &s.insts[i];
         if (rc == 0) sched_check(&in->sc);
+        if (in->sc.pool.pc) {
+            st->prefix_queries += in->sc.pool.pc->queries;
+            st->prefix_hits += in->sc.pool.pc->hits;
+        }
+        if (in->tiers) {
+            if (rc == 0) sim_tiers_check(in->tiers);
+            prefix_tier_stats ts;
+            sim_tiers_get_stats(in->tiers, &ts);
+            tier_stats_add(&st->tiers, &ts);
+            sim_tiers_free(in->tiers);
+        }
         if (has_power) {
             double e = in->energy_j + in->cost.idle_w * PD_MAX(makespan - in->busy_s, 0);
             energy += e;

@@ -189,6 +189,24 @@ typedef struct sim_mixed_point {
     double T, C, B, L, seconds;
 } sim_mixed_point;
 
+/* What the lower KV tiers of prefix caching cost (`serve --kv-offload`, kv_tiers.c), per
+ * block of the profile's block_size: the engine thread's staging copy of an eviction
+ * burst (fixed + per block), the worker's write of one block into a cpu or a disk tier
+ * (SIM_TIER_*), a disk tier's read of one block before its load, and a load's two
+ * batches (kv_tiers.c: 0 direct from the cpu store, 1 from host images: staged and disk
+ * blocks), fixed + per block. Measured by `pdserve profile --tiers` through kv_tiers.c
+ * itself (measured true), else derived from the cpu and disk mediums
+ * (sim_tier_costs_default; docs/simulator.md, "Lower KV tiers"). */
+enum { SIM_TIER_CPU = 0, SIM_TIER_DISK = 1 };
+typedef struct sim_tier_costs {
+    bool measured;
+    double image_bytes;         /* one block's K and V, all layers (set where used) */
+    double stage_fixed_s, stage_s_per_block;
+    double write_s_per_block[2];            /* [SIM_TIER_*] */
+    double get_s_per_block[2];              /* [SIM_TIER_*]: before the host batch (cpu: 0) */
+    double load_fixed_s[REUSE_BATCHES], load_s_per_block[REUSE_BATCHES];
+    char source[192];
+} sim_tier_costs;
 typedef struct sim_profile {
     char model[160], device[160], backend[32], host[128], date[32];
     int block_size;
@@ -219,6 +237,7 @@ typedef struct sim_profile {
                                    the sum of their parts */
     int n_mixed;
     char mixed_source[256];
+    sim_tier_costs tiers;       /* measured false: derived from the mediums when used */
 } sim_profile;
 
 void sim_grid_init(sim_grid *g, int nx, const double *x, int ny, const double *y);
@@ -313,6 +332,12 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
 int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *list, const char *dir,
                              size_t max_bytes, int repeats, sim_profile *out, char *err, size_t errlen);
 
+/* Times the lower KV tiers of `list` ("cpu", "disk", "cpu,disk") through kv_tiers.c on
+ * backend be with model cfg's KV geometry (stores under dir), best of `repeats`; sets
+ * out->tiers (measured), the tiers not in the list derived from out's mediums
+ * (profile_tiers.c). 0, or -1 with err. */
+int sim_profile_time_tiers(backend *be, const model_config *cfg, const char *list, const char *dir, int repeats,
+                           sim_profile *out, char *err, size_t errlen);
 /* Measures the serving path (sim_serving: colocated, router hop, disaggregated) through
  * the real server, router and a cpu-medium connector in this process, on m with
  * tokenizer tok, prompts of 64 to max_len tokens, median of `repeats` (>= 3) requests
@@ -466,6 +491,35 @@ typedef enum sim_router { SIM_ROUTER_ROUND_ROBIN, SIM_ROUTER_LEAST_LOADED, SIM_R
 /* "round-robin", "least-loaded", "prefix-affinity" */
 int sim_router_parse(const char *s, sim_router *out);
 
+/* ---- lower KV tiers in virtual time (tiers.c) ------------------------------------------ */
+typedef enum sim_tiers_load_policy { SIM_TIERS_LOAD_AUTO, SIM_TIERS_LOAD_ALWAYS, SIM_TIERS_LOAD_NEVER } sim_tiers_load_policy;
+typedef struct sim_tiers_config {
+    int n_tiers;                /* 0: none */
+    int kind[PREFIX_TIERS_MAX]; /* SIM_TIER_CPU / SIM_TIER_DISK, top first */
+    double cpu_bytes, disk_bytes; /* capacities (0: serve's defaults, 1 GiB and 4 GiB) */
+    int staging_blocks;         /* 0: serve's automatic count */
+    bool async;                 /* --kv-offload-async (only where the backend copies asynchronously) */
+    sim_tiers_load_policy load_policy;
+} sim_tiers_config;
+typedef struct sim_tiers sim_tiers;
+/* "cpu", "disk", "cpu,disk" or "disk,cpu" into c->kind / n_tiers; -1 otherwise. */
+int sim_tiers_parse(const char *list, sim_tiers_config *c);
+/* p's tier costs derived from its cpu and disk mediums (or their defaults). */
+void sim_tier_costs_default(const sim_profile *p, sim_tier_costs *out);
+/* Tiers for one instance's prefix cache with blocks of block_size tokens; costs must have
+ * image_bytes set. async_copies: the backend queues copies beside its compute (a GPU). */
+sim_tiers *sim_tiers_create(const sim_tiers_config *cfg, const sim_tier_costs *costs, int block_size, bool async_copies);
+/* The hooks to install on the instance's prefix cache (pool.pc->hooks). */
+void sim_tiers_hooks(sim_tiers *t, prefix_cache_hooks *out);
+/* The simulator's clock (before each step is planned): the worker catches up to it. */
+void sim_tiers_set_now(sim_tiers *t, double now);
+/* The engine-thread seconds of the hooks since the last call (staging copies, loads). */
+double sim_tiers_take_hook_s(sim_tiers *t);
+void sim_tiers_get_stats(const sim_tiers *t, prefix_tier_stats *out);
+/* Checks the index, LRU lists, counts and slots (aborts). */
+void sim_tiers_check(const sim_tiers *t);
+void sim_tiers_free(sim_tiers *t);
+
 typedef struct sim_config {
     int n_colocated;            /* > 0: N colocated instances (and n_prefill = n_decode = 0) */
     int n_prefill, n_decode;    /* xPyD */
@@ -505,6 +559,8 @@ typedef struct sim_config {
     bool power_cap;             /* each GPU instance's clock follows its enforced power limit
                                    (sim_power_cap), where the profile has its inputs; never
                                    under CPU contention */
+    sim_tiers_config tiers;     /* prefill / colocated instances: lower KV tiers below their
+                                   prefix cache (n_tiers 0: none; needs prefix_caching) */
 } sim_config;
 
 /* One request: lengths and arrival (prompt ids are used by the replay only). */
@@ -533,6 +589,12 @@ typedef struct sim_stats {
     double capped_s;                        /* instance-seconds of steps below their nominal clock */
     double mhz_prefill, mhz_decode;         /* busy-time weighted mean SM clock of the prefill
                                                (colocated) and decode instances' steps (0: none) */
+    /* prefix caching, summed over the instances: prompt tokens looked up and found in the
+     * GPU tier; the lower tiers' counters (sim_config.tiers) and what their hooks added to
+     * the steps */
+    uint64_t prefix_queries, prefix_hits;
+    prefix_tier_stats tiers;
+    double tier_hook_s;
 } sim_stats;
 
 /* Simulates reqs (sorted by arrival) on cfg priced by profile p. *out gets one record
@@ -568,7 +630,8 @@ typedef struct sim_plan_setup {
                                    own workload in `dataset` (num_prompts set per load) */
     bench_dataset_opts dataset;
     char dataset_name[32];      /* its name for the results database */
-    char skip[160];             /* non-empty: not simulated, and why (e.g. lower KV tiers) */
+    sim_tiers_config tiers;     /* the setup's kv-offload* options (n_tiers 0: none) */
+    char skip[160];             /* non-empty: not simulated, and why */
 } sim_plan_setup;
 
 typedef struct sim_load {
@@ -600,6 +663,7 @@ typedef struct sim_plan {
     double kv_timeout_s;        /* xPyD deadline, s: a study plan's kv-transfer-timeout, else
                                    pdserve's default 30; a sim plan's "kv_transfer_timeout_s"
                                    (default 0: none) */
+    sim_tiers_config tiers;     /* a study plan's serve_args kv-offload*: every setup's default */
     bool from_study;            /* parsed from a study plan (`pdserve sweep` format) */
     char *json;                 /* the text, owned */
 } sim_plan;
