@@ -627,6 +627,7 @@ static void test_plan_datasets(void) {
     CHECK(rep->has_dataset && rep->dataset.kind == BENCH_DATASET_PREFIX_REPETITION);
     CHECK_EQ_INT(rep->dataset.prefix_len, 307); /* 0.6 x 512, rounded */
     CHECK_EQ_INT(rep->dataset.suffix_len, 205);
+    CHECK_EQ_INT(rep->dataset.num_prefixes, 16); /* the plan's, not clamped to a load not yet known */
     CHECK(dis->n_prefill == 1 && dis->n_decode == 1 && dis->dataset.kind == BENCH_DATASET_MOONCAKE_SYNTHETIC);
     CHECK(!off->skip[0] && off->tiers.n_tiers == 1 && off->tiers.kind[0] == SIM_TIER_CPU && off->prefix_caching == 1);
     /* the workloads differ as the sweep's do: more reuse, more shared prompt tokens, and

@@ -83,6 +83,9 @@ static int make_requests(const sim_plan *pl, const sim_plan_setup *su, const sim
     if (su->has_dataset && pl->dataset.random_vocab_size < o.random_vocab_size)
         o.random_vocab_size = pl->dataset.random_vocab_size; /* --validate-model's cap */
     o.num_prompts = l->num_prompts;
+    /* as the sweep builds it (study_dataset_bench_opts): at most one prefix a prompt */
+    if (o.kind == BENCH_DATASET_PREFIX_REPETITION && l->num_prompts > 0)
+        o.num_prefixes = PD_MIN(o.num_prefixes, l->num_prompts);
     o.path = pl->dataset_path[0] ? pl->dataset_path : NULL;
     o.trace_time_scale = l->trace_time_scale;
     if (bench_dataset_load(&o, NULL, d, err, errlen) != 0) return -1;

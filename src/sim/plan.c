@@ -3,6 +3,7 @@
  * dis-gpu, dis-cpu, dis-disk ...) plus "co-N" and "xPyD[-medium]" for what one machine
  * cannot run. Read once; a bad field fails with its name. */
 #include <cjson/cJSON.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -325,7 +326,7 @@ static int from_study(const char *text, size_t len, const char *name, sim_plan *
                 pd_errorf(err, errlen, "%s: setup '%s': unknown dataset '%s'", name, su->label, sd.name);
                 goto out;
             }
-            study_dataset_bench_opts(&sd, 0, &su->dataset);
+            study_dataset_bench_opts(&sd, INT_MAX, &su->dataset); /* num_prompts: per load */
             snprintf(su->dataset_name, sizeof su->dataset_name, "%s", sd.name);
             su->has_dataset = true;
         }
@@ -355,7 +356,7 @@ static int from_study(const char *text, size_t len, const char *name, sim_plan *
         goto out;
     }
     if (!sd.name) sd.name = "random";
-    study_dataset_bench_opts(&sd, 0, &p->dataset);
+    study_dataset_bench_opts(&sd, INT_MAX, &p->dataset); /* num_prompts: per load */
     p->seed = sp.seed;
     rc = 0;
 out:
