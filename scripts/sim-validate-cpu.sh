@@ -7,6 +7,7 @@
 #
 #   scripts/sim-validate-cpu.sh [OUT_DIR]          (default: sim-validate-cpu)
 #   RUNS=3 PLAN=plans/demo.json PRESET=small-llama THREADS=1 scripts/sim-validate-cpu.sh
+#   RUNS=2 PLAN=plans/reuse.json PRESET=tiny-llama scripts/sim-validate-cpu.sh   (the lower KV tiers)
 #
 # Builds with scripts/build.sh first. Takes 6-10 minutes on two cores.
 set -euo pipefail
@@ -24,7 +25,7 @@ if [ ! -f "$out/model/config.json" ]; then
   "$bin" make-model --out "$out/model" --preset "$preset" > "$out/make-model.log" 2>&1
 fi
 log "profile (load average $(cut -d' ' -f1-3 /proc/loadavg))"
-"$bin" profile --model "$out/model" --threads "$threads" --medium gpu,cpu,disk --serving-processes \
+"$bin" profile --model "$out/model" --threads "$threads" --medium gpu,cpu,disk --tiers cpu,disk --serving-processes \
   --serving-max-len 512 -o "$out/prof.json" > "$out/profile.log" 2>&1
 grep -E "engine steps|contention|serving path, " "$out/profile.log" | sed 's/^/  /' || true
 reals=()
