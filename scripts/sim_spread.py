@@ -8,7 +8,12 @@ against the real median.
 A figure counts as within 10% only against the real median. A figure whose real runs
 spread more than 10% cannot be validated at 10% on that machine: it is counted apart.
 
-usage: sim_spread.py REAL_DB [REAL_DB ...] --sim SIM_DB [--markdown]
+With --tiers: instead, the prefix cache's and lower KV tiers' counters per point (the
+servers' /metrics series, which `pdserve sim` writes too): prompt tokens found in the
+gpu / cpu / disk tier over tokens looked up, and admissions that loaded or recomputed
+lower-tier blocks; real: the median over the runs.
+
+usage: sim_spread.py REAL_DB [REAL_DB ...] --sim SIM_DB [--markdown] [--tiers]
 REAL_DB: databases of real runs (`pdserve sweep` / `pdserve demo`), their simulated=0
 points; SIM_DB: a database with the simulated points (`pdserve sim PLAN --db SIM_DB`,
 simulated=1). Standard library only."""
@@ -30,12 +35,56 @@ def points(db, simulated):
     return out
 
 
+TIER_SQL = """select r.setup, r.load_label,
+ sum(case when m.series like '%prefix_cache_queries_total%' then m.value end),
+ coalesce(sum(case when m.series like '%tier_hits_total%tier="gpu"%' then m.value end),
+          sum(case when m.series like '%prefix_cache_hits_total%' then m.value end)),
+ sum(case when m.series like '%tier_hits_total%tier="cpu"%' then m.value end),
+ sum(case when m.series like '%tier_hits_total%tier="disk"%' then m.value end),
+ sum(case when m.series like '%decisions_total%decision="load"%' then m.value end),
+ sum(case when m.series like '%decisions_total%decision="recompute"%' then m.value end)
+ from runs r join server_metrics m using(run_id) where r.simulated = ? and r.status = 'ok'
+ group by r.run_id order by r.run_id"""
+
+
+def tier_points(db, simulated):
+    out = {}
+    for setup, load, q, *v in sqlite3.connect(db).execute(TIER_SQL, (simulated,)):
+        if not q:
+            continue
+        out[(setup, load)] = [100 * x / q if x is not None else None for x in v[:3]] + v[3:]
+    return out
+
+
+def tiers(a):
+    reals = [tier_points(d, 0) for d in a.real]
+    sim = tier_points(a.sim, 1)
+    names = ["gpu %", "cpu %", "disk %", "loads", "recomputes"]
+    print("| point | " + " | ".join(f"{n} real / sim" for n in names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for key in sorted(sim, key=lambda k: list(sim).index(k)):
+        cells = []
+        for k in range(len(names)):
+            vals = [r[key][k] for r in reals if key in r and r[key][k] is not None]
+            s = sim[key][k]
+            if not vals or s is None:
+                cells.append("-")
+                continue
+            dp = 1 if k < 3 else 0
+            cells.append(f"{st.median(vals):.{dp}f} / {s:.{dp}f}")
+        print(f"| {key[0]} {key[1]} | " + " | ".join(cells) + " |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("real", nargs="+")
     ap.add_argument("--sim", required=True)
     ap.add_argument("--markdown", action="store_true", help="one markdown table row per point")
+    ap.add_argument("--tiers", action="store_true", help="the prefix cache and lower tiers' counters instead")
     a = ap.parse_args()
+    if a.tiers:
+        tiers(a)
+        return
     reals = [points(d, 0) for d in a.real]
     sim = points(a.sim, 1)
     n = within = quiet = quiet_within = 0

@@ -220,6 +220,7 @@ typedef struct sim_cli {
     bool serving_cpu;       /* CPU profiles: the serving path's CPU on the cores (--no-serving-cpu) */
     bool step_factor;       /* the profile's measured steps inside a deployment (--no-step-factor) */
     bool contention_kinds;  /* CPU profiles: contention by the kinds of steps (--no-contention-kinds) */
+    bool tier_cpu;          /* CPU profiles: the lower KV tiers' workers on the cores (--no-tier-cpu) */
     bool power_cap;         /* GPU instances' clocks under the enforced power limit (--power-cap) */
 } sim_cli;
 
@@ -389,7 +390,7 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
                       .kv_timeout_s = su->kv_timeout_s > 0 ? su->kv_timeout_s : pl->kv_timeout_s,
                       .cpu_contention = c->contention, .control_path = c->control_path,
                       .serving_path = c->serving_path, .serving_cpu = c->serving_cpu,
-                      .step_factor = c->step_factor, .contention_kinds = c->contention_kinds,
+                      .step_factor = c->step_factor, .contention_kinds = c->contention_kinds, .tier_cpu = c->tier_cpu,
                       .power_cap = c->power_cap};
     if (cfg.prefix_caching) cfg.tiers = su->tiers;
     if (su->n_prefill > 0) {
@@ -497,7 +498,7 @@ int cmd_sim(int argc, char **argv) {
     const char *vmodel = NULL, *price_dir = NULL, *trace_prefix = NULL;
     int seed = -1, threads = 0, vrepeats = 3;
     bool quiet = false, no_contention = false, no_control = false, no_serving = false, no_serving_cpu = false,
-         no_step_factor = false, no_kinds = false, no_power_cap = false, power_cap = false;
+         no_step_factor = false, no_kinds = false, no_tier_cpu = false, no_power_cap = false, power_cap = false;
     cli_opt opts[] = {
         {"profile", OPT_STRING, &profile_path, "cost profile from `pdserve profile` (default: the plan's)", "FILE"},
         {"db", OPT_STRING, &db_path, "results database to record the points in (marked simulated)", "FILE"},
@@ -517,6 +518,8 @@ int cmd_sim(int argc, char **argv) {
         {"no-contention-kinds", OPT_FLAG, &no_kinds,
          "CPU profiles: every step beside others slows by the reference pair's curve, whatever the steps' kinds "
          "(contention.kinds)", NULL},
+        {"no-tier-cpu", OPT_FLAG, &no_tier_cpu,
+         "CPU profiles: leave the lower KV tiers' writer threads out of the contention for the host's cores", NULL},
         {"no-step-factor", OPT_FLAG, &no_step_factor,
          "price every step as the profile's grid does, not by the factor its serving deployment measured "
          "(serving.*.steps)", NULL},
@@ -597,7 +600,8 @@ int cmd_sim(int argc, char **argv) {
     sim_cli c = {.pl = &pl, .prof = &prof, .points = cJSON_CreateArray(), .quiet = quiet,
                  .vrepeats = vrepeats, .contention = !no_contention, .control_path = !no_control,
                  .serving_path = !no_serving, .serving_cpu = !no_serving_cpu, .step_factor = !no_step_factor,
-                 .contention_kinds = !no_kinds, .power_cap = power_cap && !no_power_cap};
+                 .contention_kinds = !no_kinds, .tier_cpu = !no_tier_cpu,
+                 .power_cap = power_cap && !no_power_cap};
     int rc = 0;
     model_files vfiles;
     backend *vbe = NULL;

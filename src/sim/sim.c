@@ -78,7 +78,7 @@ typedef struct inst {
     double hook_s;          /* the step in flight: of which tier hooks (not forward) */
 } inst;
 
-enum { EV_STEP_END = 0, EV_KV_ARRIVE = 1, EV_DEADLINE = 2, EV_ENTER = 3, EV_SERVE = 4 };
+enum { EV_STEP_END = 0, EV_KV_ARRIVE = 1, EV_DEADLINE = 2, EV_ENTER = 3, EV_SERVE = 4, EV_RESHARE = 5 };
 
 typedef struct sim_event {
     double t;
@@ -160,6 +160,8 @@ typedef struct sim_state {
     unsigned serve_gen;
     int serve_head, n_arrived;
     int serve_tok;                  /* tokens streamed since serving work was last added */
+    double reshare_at;              /* under contention with lower KV tiers: the pending
+                                       EV_RESHARE (a tier worker's projected end; -1 none) */
     double cap_mhz_s[2], cap_busy_s[2]; /* power cap: sum of clock x seconds and seconds of
                                        the steps of prefill (colocated) [0] and decode [1] */
     sim_stats *st;
@@ -265,11 +267,30 @@ static sreq *serve_first(sim_state *s) {
  * part the larger), 1 a decode. */
 static int step_kind(const inst *in) { return in->step.prefill_s >= in->step.decode_s ? 0 : 1; }
 
+/* Tier workers (lower KV tiers) with writes queued at now: each one more runnable thread
+ * on the host's cores; an EV_RESHARE is kept pending at the earliest end of them, so that
+ * the steps are re-timed when it goes idle. */
+static int busy_workers(sim_state *s, double now) {
+    int n = 0;
+    double next = INFINITY;
+    for (int i = 0; i < s->n_inst; i++) {
+        if (!s->insts[i].tiers) continue;
+        double until = sim_tiers_busy_until(s->insts[i].tiers);
+        if (until > now) n++, next = PD_MIN(next, until);
+    }
+    if (isfinite(next) && next != s->reshare_at) {
+        heap_push(&s->heap, next, EV_RESHARE, -1);
+        s->reshare_at = next;
+    }
+    return n;
+}
+
 static void reshare(sim_state *s, double now) {
     serve_charge(s, now);
     bool serving = s->serve_left > 1e-12;
     const sim_contention *ct = &s->p->contention;
-    double base = sim_contention_slowdown(ct, s->n_busy + (serving ? 1 : 0)), rate = 1.0 / base;
+    int workers = s->cfg->tiers.n_tiers > 0 && s->cfg->tier_cpu ? busy_workers(s, now) : 0;
+    double base = sim_contention_slowdown(ct, s->n_busy + (serving ? 1 : 0) + workers), rate = 1.0 / base;
     /* by kind: with another instance in a step, a step's slowdown is base x what its kind
      * measured beside the others' (more common) kind over the reference pair's slowdown(2) */
     bool kinds = s->cfg->contention_kinds && ct->kinds_measured && s->n_busy >= 2;
@@ -826,7 +847,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
     memset(st, 0, sizeof *st);
     if (check_config(cfg, p, err, errlen)) return -1;
     double w0 = time_now_s();
-    sim_state s = {.cfg = cfg, .p = p, .st = st, .err = err, .errlen = errlen, .n_reqs = n};
+    sim_state s = {.cfg = cfg, .p = p, .st = st, .err = err, .errlen = errlen, .n_reqs = n, .reshare_at = -1};
     int max_prompt = 1;
     for (int i = 0; i < n; i++) {
         if (in_reqs[i].n_prompt < 1 || in_reqs[i].max_tokens < 1 || (i && in_reqs[i].arrival < in_reqs[i - 1].arrival)) {
@@ -883,6 +904,11 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
             if (e.kind == EV_STEP_END && s.contention && e.gen != s.insts[e.id].gen) continue; /* rescheduled */
             if (e.kind == EV_SERVE) {
                 if (e.gen == s.serve_gen) rc = on_serve(&s, e.t);
+                continue;
+            }
+            if (e.kind == EV_RESHARE) { /* a tier worker's queue ran out: fewer threads */
+                if (e.t == s.reshare_at) s.reshare_at = -1;
+                reshare(&s, e.t);
                 continue;
             }
             if (e.kind == EV_STEP_END) rc = on_step_end(&s, e.id, e.t);

@@ -513,6 +513,10 @@ sim_tiers *sim_tiers_create(const sim_tiers_config *cfg, const sim_tier_costs *c
 void sim_tiers_hooks(sim_tiers *t, prefix_cache_hooks *out);
 /* The simulator's clock (before each step is planned): the worker catches up to it. */
 void sim_tiers_set_now(sim_tiers *t, double now);
+/* When the worker will have written what is queued now (its last write's end; a
+ * projection at today's costs). Under CPU contention it is one more runnable thread
+ * until then. */
+double sim_tiers_busy_until(const sim_tiers *t);
 /* The engine-thread seconds of the hooks since the last call (staging copies, loads). */
 double sim_tiers_take_hook_s(sim_tiers *t);
 void sim_tiers_get_stats(const sim_tiers *t, prefix_tier_stats *out);
@@ -561,6 +565,8 @@ typedef struct sim_config {
                                    under CPU contention */
     sim_tiers_config tiers;     /* prefill / colocated instances: lower KV tiers below their
                                    prefix cache (n_tiers 0: none; needs prefix_caching) */
+    bool tier_cpu;              /* with cpu_contention: each instance's tier worker is one
+                                   more runnable thread while it has writes queued */
 } sim_config;
 
 /* One request: lengths and arrival (prompt ids are used by the replay only). */

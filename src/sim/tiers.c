@@ -398,6 +398,15 @@ void sim_tiers_set_now(sim_tiers *t, double now) {
     advance(t);
 }
 
+double sim_tiers_busy_until(const sim_tiers *t) {
+    if (t->q_len == 0) return t->worker_t;
+    /* the queue's writes in order, each at today's cost (moves included while tier 0 is
+     * full): a projection, the state is not changed */
+    double end = t->worker_t, w = write_cost(t);
+    for (int j = 0; j < t->q_len; j++) end = PD_MAX(end, t->ent[t->queue[(t->q_head + j) % t->n_slots]].ready) + w;
+    return end;
+}
+
 double sim_tiers_take_hook_s(sim_tiers *t) {
     double s = t->hook_s;
     t->hook_s = 0;
