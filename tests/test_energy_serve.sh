@@ -230,7 +230,12 @@ code=$(curl -s -o /dev/null -w '%{http_code}' "$URL/metrics/power-samples")
 [ "$code" = 401 ] || fail "/metrics/power-samples without credentials: $code"
 code=$(curl -s -o /dev/null -w '%{http_code}' -H 'X-PD-Internal-Secret: wrong' "$URL/metrics/power-samples")
 [ "$code" = 401 ] || fail "/metrics/power-samples with a wrong secret: $code"
-sleep 0.5
+# the sampler ticks every 100 ms: wait for five samples past 0.25 s (up to 10 s)
+for _ in $(seq 100); do
+  curl -sf -H 'X-PD-Internal-Secret: s3' "$URL/metrics/power-samples?since=0.25" | python3 -c '
+import json, sys; sys.exit(0 if len(json.load(sys.stdin)["gpus"][0]["samples"]) >= 5 else 1)' && break
+  sleep 0.1
+done
 curl -sf -H 'Authorization: Bearer k9' "$URL/metrics/power-samples" >"$TMP/ps.json" || fail "power-samples with the key"
 curl -sf -H 'X-PD-Internal-Secret: s3' "$URL/metrics/power-samples?since=0.25&max=2" >"$TMP/ps2.json" ||
   fail "power-samples with the secret"

@@ -201,7 +201,8 @@ static void test_tcp_expiry_without_polling(void) {
     kv_ticket a;
     REQUIRE(kv_reserve(f.c, 1, f.tokens, 64, 0.2, &a, err, sizeof err) == KV_OK);
     CHECK_EQ_INT(kv_pool_allocator_used(f.g.pa), 4);
-    usleep(600000);
+    /* the receiver thread looks every 100 ms: gone by 0.3 s, waited for up to 5 s */
+    for (int i = 0; i < 500 && kv_pool_allocator_used(f.g.pa) != 0; i++) usleep(10000);
     CHECK_EQ_INT(kv_pool_allocator_used(f.g.pa), 0);
     CHECK_EQ_INT(kv_ticket_poll(f.c, &a, err, sizeof err), KV_ERR_DEADLINE);
     fixture_close(&f);

@@ -27,7 +27,11 @@ done
 victim="$(instance_pid "$TMP/co-2gpus.log" colocated0)"
 [ -n "$victim" ] || fail "no pid for colocated0"
 kill -KILL "$victim"
-sleep 0.5
+# the router's next health poll (every 100 ms) marks it: wait for that, up to 10 s
+for _ in $(seq 100); do
+  curl -s "http://127.0.0.1:$UPORT/metrics" | grep -q 'pdserve_router_instance_healthy{.*} 0' && break
+  sleep 0.1
+done
 survivor="$(echo "$INSTANCES" | tr , '\n' | while read -r u; do curl -sf "$u/load" >/dev/null && echo "$u"; done)"
 out="$(PDSERVE_URL="http://127.0.0.1:$UPORT" PDSERVE_INSTANCES="$survivor" PDSERVE_N=8 \
   node "$ROOT/tests/node/disagg.mjs" faults plain)" || { tail -30 "$TMP/co-2gpus.log"; fail "failover burst"; }

@@ -86,8 +86,8 @@ metric() { curl -sf "$1/metrics" | awk -v n="$2" '$1 ~ "^"n"({|$)" { print $2; e
 # A reservation ends at its deadline; one whose KV arrived but was never taken (the
 # router died between the prefill's answer and the decode request) 2 s after it
 # (KV_TAKE_GRACE_S): every reservation is gone DEADLINE + 2 s after the kill, plus a tick
-# (and 2 s of slack for a loaded machine).
-LIMIT_MS=$(( (DEADLINE + 4) * 1000 ))
+# (and 5 s of slack for a loaded machine).
+LIMIT_MS=$(( (DEADLINE + 2) * 1000 + 5000 ))
 clean=""
 while [ $(( ($(date +%s%N) - t_kill) / 1000000 )) -le $(( LIMIT_MS + 2000 )) ]; do
   clean=1

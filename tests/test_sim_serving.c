@@ -703,23 +703,24 @@ static void test_profile_serving(void) {
     for (int i = 0; rc == 0 && i < 3; i++) {
         CHECKF(paths[i]->measured && paths[i]->n_points == 4, "path %d: %d points", i, paths[i]->n_points);
         for (int k = 0; k < paths[i]->n_points; k++)
-            CHECKF(paths[i]->seconds[k] >= 0 && paths[i]->seconds[k] < 0.05, "path %d point %d: %g s", i, k,
+            CHECKF(paths[i]->seconds[k] >= 0 && paths[i]->seconds[k] < 0.5, "path %d point %d: %g s", i, k,
                    paths[i]->seconds[k]);
         CHECKF(paths[i]->tokens[0] >= 32 && paths[i]->tokens[3] >= 256, "prompt tokens %g, %g", paths[i]->tokens[0],
                paths[i]->tokens[3]);
     }
     CHECK(rc || strstr(s->source, "measured") != NULL);
     /* the engines' steps inside the deployments against the grid's price (their step
-     * traces): factors that a step slowed by the serving threads or sped up by warm
-     * caches can take (0.3-5 on two shared cores), the router's hop none of its own, and
-     * no trace left behind */
+     * traces): finite factors that a step slowed by the serving threads or sped up by
+     * warm caches can take (0.31-1.9 seen on two shared cores; bounds 0.05-20, a sanity
+     * check: the ratio of two timings on a busy host, under sanitizers too), the
+     * router's hop none of its own, and no trace left behind */
     const sim_step_factor *fs[2] = {&s->colocated.steps, &s->disaggregated.steps};
     for (int i = 0; rc == 0 && i < 2; i++) {
         CHECKF(fs[i]->measured && fs[i]->n_prefill >= 2, "path %d: %d step factor points", i, fs[i]->n_prefill);
         for (int k = 0; k < fs[i]->n_prefill; k++)
-            CHECKF(fs[i]->prefill[k] > 0.3 && fs[i]->prefill[k] < 5, "path %d: prefill x%g at %g tokens", i,
+            CHECKF(fs[i]->prefill[k] > 0.05 && fs[i]->prefill[k] < 20, "path %d: prefill x%g at %g tokens", i,
                    fs[i]->prefill[k], fs[i]->prefill_tokens[k]);
-        CHECKF(fs[i]->decode >= 0.25 && fs[i]->decode <= 4, "path %d: decode x%g", i, fs[i]->decode);
+        CHECKF(fs[i]->decode >= 0.05 && fs[i]->decode <= 20, "path %d: decode x%g", i, fs[i]->decode);
         printf("steps inside the %s deployment: prefill", i ? "disaggregated" : "colocated");
         for (int k = 0; k < fs[i]->n_prefill; k++)
             printf("%s x%.3f at %.0f rows", k ? "," : "", fs[i]->prefill[k], fs[i]->prefill_tokens[k]);
@@ -801,7 +802,7 @@ static void test_profile_serving_processes(void) {
     for (int i = 0; rc == 0 && i < 3; i++) {
         CHECKF(paths[i]->measured && paths[i]->n_points == 4 && paths[i]->cpu.measured, "path %d", i);
         for (int k = 0; k < paths[i]->n_points; k++)
-            CHECKF(paths[i]->seconds[k] >= 0 && paths[i]->seconds[k] < 0.05, "path %d point %d: %g s", i, k,
+            CHECKF(paths[i]->seconds[k] >= 0 && paths[i]->seconds[k] < 0.5, "path %d point %d: %g s", i, k,
                    paths[i]->seconds[k]);
         const sim_serving_cpu *c = &paths[i]->cpu;
         CHECKF(c->points[2][2] > 0 && c->points[2][2] < c->points[2][1] / 2, "path %d: %g steps, %g tokens", i,
