@@ -701,6 +701,7 @@ static void test_tiers(void) {
     double plain = res->recs[2].ttft_s, first = res->recs[0].ttft_s;
     CHECKF(near(plain, first, 1e-6), "A again without tiers %g vs the first %g", plain, first);
     CHECK(st.tiers.n_tiers == 0 && st.prefix_queries > 0);
+    CHECK(res->recs[2].has_cached && res->recs[2].cached_tokens == 0);
     bench_result_free(res);
     /* a cpu tier: loaded */
     c.tiers = (sim_tiers_config){0};
@@ -713,6 +714,8 @@ static void test_tiers(void) {
     CHECK_EQ_INT(st.tiers.decisions_load, 1);
     CHECK_EQ_INT(st.tiers.tier[0].loaded_blocks, 255);
     CHECK_EQ_INT(st.tiers.loaded_tokens, 255 * 16);
+    /* usage's cached_tokens, as the server reports it: the loaded blocks count */
+    CHECK(res->recs[2].has_cached && res->recs[2].cached_tokens == 255 * 16 && res->recs[1].cached_tokens == 0);
     CHECK(st.tiers.tier[0].hit_tokens == 255 * 16 && st.tiers.offload_dropped == 0);
     CHECK(st.tier_hook_s > 0 && st.tiers.offload_bursts > 0);
     /* the load's seconds are in its step: fixed + 255 x per block on top of 1 row */

@@ -36,6 +36,8 @@ typedef struct sreq {
     double arrival, first_token, finished;
     double *token_times;    /* [max_tokens] when recording, else [2]: first, last (owned until the result) */
     int n_out;
+    int cached;             /* prompt tokens its prefill instance took from the prefix cache
+                               (any tier) at its first admission; -1 before */
     int p_inst, d_inst;     /* instance indices (colocated: p_inst) */
     sched_seq *pq;          /* xPyD: its sequence on the prefill instance while there */
     int stage;              /* xPyD: STAGE_* */
@@ -625,6 +627,7 @@ static int on_step_end(sim_state *s, int i, double t) {
         }
         if (!it->logits) continue;
         sched_seq *q = it->seq;
+        if (in->role != ROLE_DECODE && r->cached < 0) r->cached = PD_MAX(q->n_cached, 0);
         if (in->role == ROLE_PREFILL) {
             sched_finish(&in->sc, q);
             in->load--;
@@ -791,6 +794,10 @@ static bench_result *make_result(sim_state *s, const bench_config *bc, double ma
             continue;
         }
         b->success = true;
+        /* as a pdserve server reports usage.prompt_tokens_details.cached_tokens (0 without
+         * prefix caching; through the router, the prefill instance's figure) */
+        b->has_cached = true;
+        b->cached_tokens = PD_MAX(r->cached, 0);
         b->prompt_len = r->n_prompt;
         b->output_len = r->n_out;
         b->expected_output_len = r->max_tokens;
@@ -888,6 +895,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
         r->prompt = in_reqs[i].prompt;
         r->arrival = in_reqs[i].arrival;
         r->first_token = r->finished = -1;
+        r->cached = -1;
         r->p_inst = r->d_inst = -1;
         r->token_times = xmalloc(sizeof(double) * (size_t)(cfg->record_tokens ? r->max_tokens : 2));
     }

@@ -272,7 +272,9 @@ static void print_reuse(FILE *f, const rep_point *pts, int n) {
     for (int i = 0; i < n; i++) {
         const rep_point *p = &pts[i];
         if (isnan(p->cached_frac)) continue;
-        fprintf(f, "  %-22.22s %-10.10s %8s %7s %7s %7s %7s %7s %8s %9s %9s\n", p->setup, p->load_label,
+        char load[64];
+        snprintf(load, sizeof load, "%s%s", p->load_label, p->simulated ? "*" : "");
+        fprintf(f, "  %-22.22s %-10.10s %8s %7s %7s %7s %7s %7s %8s %9s %9s\n", p->setup, load,
                 tfmt(b[0], 32, 100 * p->cached_frac, 1), tfmt(b[1], 32, 100 * p->tier_hit[0], 1),
                 tfmt(b[2], 32, 100 * p->tier_hit[1], 1), tfmt(b[3], 32, 100 * p->tier_hit[2], 1),
                 tfmt(b[4], 32, p->loads, 0), tfmt(b[5], 32, p->recomputes, 0), tfmt(b[6], 32, p->loaded_blocks, 0),
@@ -506,6 +508,7 @@ static void html_reuse(FILE *f, const rep_point *pts, int n) {
         html_esc(f, p->setup);
         fputs("</td><td class=l>", f);
         html_esc(f, p->load_label);
+        if (p->simulated) fputs(" <span class=sim>sim</span>", f);
         fputs("</td>", f);
         td(f, 100 * p->cached_frac, 1);
         for (int k = 0; k < 3; k++) td(f, 100 * p->tier_hit[k], 1);
