@@ -18,7 +18,8 @@
 # SKIP_PROFILE=1, SKIP_SWEEP=1, SKIP_SIM=1, SWEEP_TIMEOUT (s, 420), MEDIA (gpu,cpu,disk),
 # SERVING_MAX_LEN (longest prompt of the profile's serving path, 4096),
 # RESUME_DIR (a folder with a study.db and profile.json of an earlier call: the sweep
-# resumes that database, points already done are skipped, and the profile is reused),
+# resumes that database, points already done are skipped, and the profile is reused
+# unless REPROFILE=1),
 # LAYERWISE_TTFT=1 (first: one long prompt at a time, TTFT colocated against dis-gpu and
 # dis-cpu layer-wise and whole, LW_MEDIA, LW_TTFT_TOKENS), LAYERWISE_CHECK=1 (first: dis-gpu on GPUs 0 and 1 with --kv-transfer-mode layerwise
 # and whole, 8 requests of 4,096 tokens each through the router, greedy texts compared).
@@ -153,7 +154,7 @@ ls "$out"/lw-* >/dev/null 2>&1 && (cd "$out" && tar -czf layerwise-ttft.tgz lw-*
 if [ -n "${RESUME_DIR:-}" ]; then
   [ -f "$RESUME_DIR/results.tgz" ] && tar -C "$out" -xzf "$RESUME_DIR/results.tgz"
   for f in study.db profile.json; do [ -f "$RESUME_DIR/$f" ] && cp "$RESUME_DIR/$f" "$out/$f"; done
-  [ -f "$out/profile.json" ] && SKIP_PROFILE=1
+  [ -f "$out/profile.json" ] && [ -z "${REPROFILE:-}" ] && SKIP_PROFILE=1
   echo "resumed from $RESUME_DIR: $(ls "$RESUME_DIR" | tr '\n' ' ')"
 fi
 df -h /dev/shm . 2>&1 | sed 's/^/df: /'
@@ -163,11 +164,13 @@ if [ -z "${SKIP_PROFILE:-}" ]; then
   # up to 16.6k; KV mediums timed against size.
   # --serving: the serving path through the real server, router and a cpu-medium
   # connector in the profiling process (the plan's tokenizer); mixed steps at serving
-  # shapes are always timed now (docs/simulator.md, "The serving path", "Mixed steps").
+  # shapes are always timed now (docs/simulator.md, "The serving path", "Mixed steps");
+  # --tiers: the lower KV tiers' staging, writes and loads ("Lower KV tiers").
   timeout 300 "$BIN" profile --model "$MODEL" --device 0 -o "$out/profile.json" --repeats 3 \
     --prefill-tokens 256,1024,2048,4096,8192 --prefill-context 0,4096,8192,12288 \
     --decode-batch 1,2,4,8,16,32,64 --decode-context 1024,4096,8192,16640 \
-    --medium "${MEDIA:-gpu,cpu,disk}" --serving --tokenizer "$TOK" --serving-max-len "${SERVING_MAX_LEN:-4096}"
+    --medium "${MEDIA:-gpu,cpu,disk}" --tiers cpu,disk --serving --tokenizer "$TOK" \
+    --serving-max-len "${SERVING_MAX_LEN:-4096}"
   echo "profile: exit $? at $(el) s"
 fi
 
