@@ -64,6 +64,7 @@ typedef struct backend_inst {
     CURL *poll;                 /* the poll in flight, or NULL */
     sbuf poll_buf;
     uint64_t n_failures;
+    int slow_polls;             /* health checks in a row that timed out */
 } backend_inst;
 
 typedef enum rphase { PH_NONE, PH_PROXY, PH_RESERVE, PH_PREFILL, PH_DECODE } rphase;
@@ -813,6 +814,10 @@ static void job_cancel_transfer(rjob *j) {
 }
 
 /* ---- polls: health and load ---------------------------------------------------------------- */
+/* Health checks in a row that may time out (2 s each) before the instance is marked
+ * unhealthy; a refused connection or a bad answer marks it at once. */
+#define POLL_SLOW_LIMIT 2
+
 static void poll_start(router *r, backend_inst *b) {
     if (b->poll) return;
     char url[512];
@@ -839,6 +844,14 @@ static void poll_done(router *r, backend_inst *b, CURLcode rc) {
     curl_multi_remove_handle(r->multi, b->poll);
     curl_easy_cleanup(b->poll);
     b->poll = NULL;
+    if (rc == CURLE_OPERATION_TIMEDOUT && ++b->slow_polls < POLL_SLOW_LIMIT) {
+        /* a busy instance (a long step, a loaded host) may answer late once: only a
+         * second slow answer in a row, or a refused or broken one, marks it */
+        b->n_failures++;
+        log_warn("router: %s instance %s: health check timed out (%d in a row)", ROLE_NAMES[b->role], b->url,
+                 b->slow_polls);
+        return;
+    }
     if (rc != CURLE_OK || code != 200) {
         b->n_failures++;
         char why[128];
@@ -847,6 +860,7 @@ static void poll_done(router *r, backend_inst *b, CURLcode rc) {
         mark_unhealthy(b, why);
         return;
     }
+    b->slow_polls = 0;
     cJSON *root = cJSON_ParseWithLength(b->poll_buf.p ? b->poll_buf.p : "", b->poll_buf.len);
     cJSON *run = root ? cJSON_GetObjectItemCaseSensitive(root, "running") : NULL;
     cJSON *wait = root ? cJSON_GetObjectItemCaseSensitive(root, "waiting") : NULL;
