@@ -488,6 +488,8 @@ static void test_step_factor_traces(void) {
     REQUIRE(a);
     fprintf(a, "# pdserve step trace v1\n# t busy ...\n");
     for (int i = 0; i < 4; i++) fprintf(a, "%d.0 0.15 0 0.15 0 100 100 0 0 1 1 0 7 100@0\n", i);
+    /* and 3 chunks of 100 rows continuing a prompt (after 300 cached tokens), 0.2 s: x2.0 */
+    for (int i = 0; i < 3; i++) fprintf(a, "%d.0 0.2 0 0.2 0 100 100 0 0 1 1 0 7 100@300\n", 5 + i);
     for (int i = 0; i < 6; i++) fprintf(a, "%d.0 0.024 0 0.024 0 2 0 2 300 2 2 0 7 -\n", 10 + i);
     for (int i = 0; i < 3; i++) fprintf(a, "%d.0 0.25 0 0.25 0 2 0 2 300 2 2 0 7 -\n", 20 + i);
     fclose(a);
@@ -499,8 +501,16 @@ static void test_step_factor_traces(void) {
     /* left in place: the same factor, and the files still there */
     sim_step_factor k = {0};
     sim_step_factor_from_traces(dir, prefix, &p, &k, "test", false);
-    CHECK(k.measured && k.n_prefill == 2 && near(k.prefill[0], 1.5, 1e-9) && near(k.prefill[1], 2.0, 1e-9) &&
-          near(k.decode, 1.2, 1e-9));
+    /* 100 rows: the median of 1.5 x4 and 2.0 x3, all of them; continuing a prompt: 2.0 */
+    CHECKF(k.measured && k.n_prefill == 2 && near(k.prefill[0], 1.5, 1e-9) && near(k.prefill[1], 2.0, 1e-9) &&
+               near(k.decode, 1.2, 1e-9),
+           "x%g, x%g, decode x%g", k.prefill[0], k.prefill[1], k.decode);
+    CHECKF(k.n_after == 1 && k.after_tokens[0] == 100 && near(k.after[0], 2.0, 1e-9), "%d after: x%g", k.n_after,
+           k.after[0]);
+    /* the price of such a step takes it, a step from 0 the other */
+    CHECK(near(sim_step_factor_prefill_at(&k, 100, 300), 2.0, 1e-9));
+    CHECK(near(sim_step_factor_prefill_at(&k, 100, 0), 1.5, 1e-9));
+    CHECK(near(sim_step_factor_prefill_at(&k, 100, SIM_STEP_AFTER_START - 1), 1.5, 1e-9));
     CHECK(access(path, F_OK) == 0);
     /* the CLI's --price-traces prints it (PDSERVE_BIN; skipped without it) */
     const char *bin = getenv("PDSERVE_BIN");
@@ -517,7 +527,27 @@ static void test_step_factor_traces(void) {
         CHECKF(pclose(pp) == 0, "%s", cmd);
         CHECK_STR_CONTAINS(out, "prefill    100 rows  x1.500");
         CHECK_STR_CONTAINS(out, "prefill   1000 rows  x2.000");
+        CHECK_STR_CONTAINS(out, "prefill    100 rows  x2.000  (continuing a prompt)");
         CHECK_STR_CONTAINS(out, "decode            x1.200");
+        /* --write-profile: the profile with that factor as the deployment's steps */
+        char cal[700];
+        snprintf(cal, sizeof cal, "%s/%scal.json", dir, prefix);
+        snprintf(cmd, sizeof cmd, "%s sim --price-traces %s --trace-prefix %s --profile %s --write-profile %s "
+                 "--deployment disaggregated > /dev/null 2>&1", bin, dir, prefix, prof_path, cal);
+        CHECK(system(cmd) == 0);
+        sim_profile q;
+        if (sim_profile_load(cal, &q, err, sizeof err) == 0) {
+            const sim_step_factor *qs = &q.serving.disaggregated.steps;
+            CHECK(qs->measured && qs->n_prefill == 2 && qs->n_after == 1 && near(qs->after[0], 2.0, 1e-9));
+            CHECK(!q.serving.colocated.steps.measured && strstr(q.serving.source, "step traces"));
+            sim_profile_free(&q);
+        } else {
+            CHECKF(0, "%s", err);
+        }
+        unlink(cal);
+        snprintf(cmd, sizeof cmd, "%s sim --price-traces %s --trace-prefix %s --profile %s --write-profile %s "
+                 "--deployment sideways > /dev/null 2>&1", bin, dir, prefix, prof_path, cal);
+        CHECK(system(cmd) != 0);
         snprintf(cmd, sizeof cmd, "%s sim --price-traces %s/no-such-dir --profile %s > /dev/null 2>&1", bin, dir,
                  prof_path);
         CHECK(system(cmd) != 0);
@@ -525,7 +555,7 @@ static void test_step_factor_traces(void) {
     }
     sim_step_factor f = {0};
     sim_step_factor_from_traces(dir, prefix, &p, &f, "test", true);
-    CHECK(f.measured && f.n_prefill == 2);
+    CHECK(f.measured && f.n_prefill == 2 && f.n_after == 1);
     CHECKF(f.prefill_tokens[0] == 100 && near(f.prefill[0], 1.5, 1e-9), "%g rows x%g", f.prefill_tokens[0],
            f.prefill[0]);
     CHECKF(f.prefill_tokens[1] == 1000 && near(f.prefill[1], 2.0, 1e-9), "%g rows x%g", f.prefill_tokens[1],
@@ -552,7 +582,8 @@ static void test_profile_sections(void) {
     sim_serving_fit(s);
     set_path(&p.serving.colocated, 0.0003, 1e-7);
     p.serving.colocated.steps = (sim_step_factor){.measured = true, .n_prefill = 2, .prefill_tokens = {64, 512},
-                                                  .prefill = {1.13, 1.05}, .decode = 1.02};
+                                                  .prefill = {1.13, 1.05}, .n_after = 1, .after_tokens = {48},
+                                                  .after = {1.4}, .decode = 1.02};
     snprintf(p.serving.source, sizeof p.serving.source, "hand-made");
     p.mixed[p.n_mixed++] = (sim_mixed_point){2047, 0, 1, 4096, 0.0376};
     snprintf(p.mixed_source, sizeof p.mixed_source, "hand-made");
@@ -565,6 +596,7 @@ static void test_profile_sections(void) {
     const sim_step_factor *qf = &q.serving.colocated.steps;
     CHECK(qf->measured && qf->n_prefill == 2 && qf->prefill_tokens[1] == 512 && qf->prefill[0] == 1.13 &&
           qf->decode == 1.02 && !q.serving.disaggregated.steps.measured);
+    CHECK(qf->n_after == 1 && qf->after_tokens[0] == 48 && qf->after[0] == 1.4);
     CHECK(q.n_mixed == 1 && q.mixed[0].T == 2047 && q.mixed[0].seconds == 0.0376);
     CHECK(!strcmp(q.mixed_source, "hand-made"));
     sim_profile_free(&q);
@@ -581,6 +613,7 @@ static void test_profile_sections(void) {
     CHECK(sim_profile_parse(bad, strlen(bad), "bad", &q, err, sizeof err) == -1);
     CHECK_STR_CONTAINS(err, "mixed.points");
     static const char *const bad_steps[] = {"{\"prefill\": [[512, 1.1], [64, 1.2]]}", "{\"prefill\": [[64, 0]]}",
+                                            "{\"prefill\": [[64, 1]], \"prefill_after\": [[8, -1]]}",
                                             "{\"prefill\": [[64, 1.1]], \"decode\": -1}", "[1]"};
     for (size_t i = 0; i < PD_ARRAY_LEN(bad_steps); i++) {
         char js[512];

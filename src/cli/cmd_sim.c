@@ -455,7 +455,13 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
 
 /* --price-traces: the step factor that a deployment's step traces imply against a
  * profile (sim_step_factor_from_traces, the traces left in place), on stdout. */
-static int price_traces(const char *dir, const char *prefix, const char *profile_path, int n_pos) {
+static int price_traces(const char *dir, const char *prefix, const char *profile_path, int n_pos, const char *write_to,
+                        const char *deployment) {
+    bool dis = deployment && !strcmp(deployment, "disaggregated");
+    if (deployment && !dis && strcmp(deployment, "colocated") != 0) {
+        fprintf(stderr, "pdserve sim: --deployment must be colocated or disaggregated, got '%s'\n", deployment);
+        return 2;
+    }
     if (n_pos != 0 || !profile_path) {
         fprintf(stderr, "pdserve sim: --price-traces takes --profile and no plan (see --help)\n");
         return 2;
@@ -487,7 +493,24 @@ static int price_traces(const char *dir, const char *prefix, const char *profile
                profile_path, prof.model, prof.device);
         for (int k = 0; k < sf.n_prefill; k++)
             printf("  prefill %6.0f rows  x%.3f\n", sf.prefill_tokens[k], sf.prefill[k]);
+        for (int k = 0; k < sf.n_after; k++)
+            printf("  prefill %6.0f rows  x%.3f  (continuing a prompt)\n", sf.after_tokens[k], sf.after[k]);
         printf("  decode            x%.3f\n", sf.decode);
+        if (write_to) {
+            /* the profile with this deployment's steps calibrated on the traces */
+            sim_serving_path *sp = dis ? &prof.serving.disaggregated : &prof.serving.colocated;
+            sp->steps = sf;
+            char src[sizeof prof.serving.source];
+            snprintf(src, sizeof src, "%.200s; %s steps from the step traces in %.120s", prof.serving.source,
+                     dis ? "disaggregated" : "colocated", dir);
+            memcpy(prof.serving.source, src, sizeof src);
+            if (sim_profile_save(&prof, write_to, err, sizeof err) != 0) {
+                fprintf(stderr, "pdserve sim: %s\n", err);
+                rc = 1;
+            } else {
+                printf("written: %s (serving.%s.steps)\n", write_to, dis ? "disaggregated" : "colocated");
+            }
+        }
     }
     sim_profile_free(&prof);
     return rc;
@@ -495,7 +518,7 @@ static int price_traces(const char *dir, const char *prefix, const char *profile
 
 int cmd_sim(int argc, char **argv) {
     const char *profile_path = NULL, *db_path = NULL, *json_path = NULL, *router = NULL;
-    const char *vmodel = NULL, *price_dir = NULL, *trace_prefix = NULL;
+    const char *vmodel = NULL, *price_dir = NULL, *trace_prefix = NULL, *write_profile = NULL, *deployment = NULL;
     int seed = -1, threads = 0, vrepeats = 3;
     bool quiet = false, no_contention = false, no_control = false, no_serving = false, no_serving_cpu = false,
          no_step_factor = false, no_kinds = false, no_tier_cpu = false, no_power_cap = false, power_cap = false;
@@ -531,6 +554,9 @@ int cmd_sim(int argc, char **argv) {
         {"price-traces", OPT_STRING, &price_dir,
          "price the steps of the step traces in DIR (serve --step-trace, one file per instance of one "
          "deployment) by --profile, print the step factor they imply and exit; no plan", "DIR"},
+        {"write-profile", OPT_STRING, &write_profile, "with --price-traces: write the profile with that factor as "
+         "its --deployment's steps (calibration from a real run's traces)", "FILE"},
+        {"deployment", OPT_STRING, &deployment, "with --write-profile: colocated (default) or disaggregated", "D"},
         {"trace-prefix", OPT_STRING, &trace_prefix, "with --price-traces: only the files whose names start "
          "so (default: every file in DIR)", "PREFIX"},
         {"validate-model", OPT_STRING, &vmodel,
@@ -544,7 +570,8 @@ int cmd_sim(int argc, char **argv) {
     bool help;
     if (cli_parse(argc, argv, opts, (int)PD_ARRAY_LEN(opts), USAGE, pos, 1, &n_pos, &help) != 0) return 2;
     if (help) return 0;
-    if (price_dir) return price_traces(price_dir, trace_prefix ? trace_prefix : "", profile_path, n_pos);
+    if (price_dir)
+        return price_traces(price_dir, trace_prefix ? trace_prefix : "", profile_path, n_pos, write_profile, deployment);
     if (n_pos != 1) {
         fprintf(stderr, "pdserve sim: needs a plan file (see --help)\n");
         return 2;

@@ -183,6 +183,12 @@ double sim_step_factor_prefill(const sim_step_factor *f, double tokens) {
     return interp_flat(f->prefill_tokens, f->prefill, f->n_prefill, tokens);
 }
 
+double sim_step_factor_prefill_at(const sim_step_factor *f, double tokens, double start) {
+    if (f->measured && f->n_after > 0 && start >= SIM_STEP_AFTER_START)
+        return interp_flat(f->after_tokens, f->after, f->n_after, tokens);
+    return sim_step_factor_prefill(f, tokens);
+}
+
 void sim_cost_step(const sim_cost *c, const sim_work *w, sim_step_cost *out) {
     const sim_profile *p = c->p;
     double tp, td;
@@ -198,7 +204,11 @@ void sim_cost_step(const sim_cost *c, const sim_work *w, sim_step_cost *out) {
     td *= c->decode_scale;
     if (c->steps && c->steps->measured) {
         const sim_step_factor *f = c->steps;
-        if (tp > 0) tp *= sim_step_factor_prefill(f, (double)w->prefill_tokens);
+        if (tp > 0) {
+            /* the rows-weighted mean chunk start: pairs = sum over rows of (start + i + 1) */
+            double T = w->prefill_tokens, start = T > 0 ? w->prefill_pairs / T - (T + 1) / 2.0 : 0;
+            tp *= sim_step_factor_prefill_at(f, T, start);
+        }
         td *= f->decode;
     }
     double host = p->sample_s_per_row * w->n_logits + p->step_overhead_s;

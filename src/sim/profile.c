@@ -457,20 +457,23 @@ char *sim_profile_to_json(const sim_profile *p) {
         cJSON_AddStringToObject(cto, "source", ct->source);
     }
     const sim_serving *sv = &p->serving;
-    if (sv->colocated.measured || sv->router.measured || sv->disaggregated.measured) {
+    if (sv->colocated.measured || sv->router.measured || sv->disaggregated.measured ||
+        sv->colocated.steps.measured || sv->disaggregated.steps.measured) {
         cJSON *so = cJSON_AddObjectToObject(o, "serving");
         const struct { const char *name; const sim_serving_path *s; } paths[] = {
             {"colocated", &sv->colocated}, {"router", &sv->router}, {"disaggregated", &sv->disaggregated}};
         for (size_t i = 0; i < PD_ARRAY_LEN(paths); i++) {
             const sim_serving_path *sp = paths[i].s;
-            if (!sp->measured) continue;
+            if (!sp->measured && !sp->steps.measured) continue;
             cJSON *po = cJSON_AddObjectToObject(so, paths[i].name);
-            cJSON_AddNumberToObject(po, "fixed_s", sp->fixed_s);
-            cJSON_AddNumberToObject(po, "s_per_token", sp->s_per_token);
-            cJSON *pts = cJSON_AddArrayToObject(po, "points");
-            for (int k = 0; k < sp->n_points; k++) {
-                double pair[2] = {sp->tokens[k], sp->seconds[k]};
-                cJSON_AddItemToArray(pts, nums(pair, 2));
+            if (sp->measured) { /* else steps alone (calibrated from traces, sim --write-profile) */
+                cJSON_AddNumberToObject(po, "fixed_s", sp->fixed_s);
+                cJSON_AddNumberToObject(po, "s_per_token", sp->s_per_token);
+                cJSON *pts = cJSON_AddArrayToObject(po, "points");
+                for (int k = 0; k < sp->n_points; k++) {
+                    double pair[2] = {sp->tokens[k], sp->seconds[k]};
+                    cJSON_AddItemToArray(pts, nums(pair, 2));
+                }
             }
             const sim_serving_cpu *cu = &sp->cpu;
             if (cu->measured) {
@@ -488,6 +491,13 @@ char *sim_profile_to_json(const sim_profile *p) {
                 for (int k = 0; k < sf->n_prefill; k++) {
                     double pair[2] = {sf->prefill_tokens[k], sf->prefill[k]};
                     cJSON_AddItemToArray(fp, nums(pair, 2));
+                }
+                if (sf->n_after > 0) {
+                    cJSON *fa = cJSON_AddArrayToObject(fo, "prefill_after");
+                    for (int k = 0; k < sf->n_after; k++) {
+                        double pair[2] = {sf->after_tokens[k], sf->after[k]};
+                        cJSON_AddItemToArray(fa, nums(pair, 2));
+                    }
                 }
                 cJSON_AddNumberToObject(fo, "decode", sf->decode);
             }
@@ -794,24 +804,34 @@ static int read_serving_cpu(const cJSON *po, sim_serving_cpu *c) {
     return 0;
 }
 
-/* A serving path's "steps": {prefill: [[tokens, factor]...] (tokens increasing), decode:
+/* [[tokens, factor]...], tokens increasing, both > 0; absent: none. 0 or -1. */
+static int read_factor_points(const cJSON *pts, double *tok, double *fac, int *n) {
+    const cJSON *pt;
+    *n = 0;
+    if (pts && !cJSON_IsArray(pts)) return -1;
+    cJSON_ArrayForEach(pt, pts) {
+        if (*n >= SIM_MAX_POINTS || !cJSON_IsArray(pt) || cJSON_GetArraySize(pt) != 2) return -1;
+        double t = cJSON_GetArrayItem(pt, 0)->valuedouble, v = cJSON_GetArrayItem(pt, 1)->valuedouble;
+        if (!(t > 0) || !(v > 0) || !isfinite(t) || !isfinite(v) || (*n > 0 && !(t > tok[*n - 1]))) return -1;
+        tok[*n] = t;
+        fac[(*n)++] = v;
+    }
+    return 0;
+}
+
+/* A serving path's "steps": {prefill: [[tokens, factor]...] (tokens increasing),
+ * prefill_after (the same for steps continuing a prompt; optional), decode:
  * factor}, every factor > 0; absent: not measured (1). 0 or -1. */
 static int read_step_factor(const cJSON *po, sim_step_factor *f) {
     const cJSON *fo = cJSON_GetObjectItemCaseSensitive(po, "steps");
     memset(f, 0, sizeof *f);
     if (!fo) return 0;
     if (!cJSON_IsObject(fo)) return -1;
-    const cJSON *pts = cJSON_GetObjectItemCaseSensitive(fo, "prefill"), *pt;
-    if (pts && !cJSON_IsArray(pts)) return -1;
-    cJSON_ArrayForEach(pt, pts) {
-        if (f->n_prefill >= SIM_MAX_POINTS || !cJSON_IsArray(pt) || cJSON_GetArraySize(pt) != 2) return -1;
-        double t = cJSON_GetArrayItem(pt, 0)->valuedouble, v = cJSON_GetArrayItem(pt, 1)->valuedouble;
-        if (!(t > 0) || !(v > 0) || !isfinite(t) || !isfinite(v) ||
-            (f->n_prefill > 0 && !(t > f->prefill_tokens[f->n_prefill - 1])))
-            return -1;
-        f->prefill_tokens[f->n_prefill] = t;
-        f->prefill[f->n_prefill++] = v;
-    }
+    if (read_factor_points(cJSON_GetObjectItemCaseSensitive(fo, "prefill"), f->prefill_tokens, f->prefill,
+                           &f->n_prefill) != 0 ||
+        read_factor_points(cJSON_GetObjectItemCaseSensitive(fo, "prefill_after"), f->after_tokens, f->after,
+                           &f->n_after) != 0)
+        return -1;
     f->decode = get_num(fo, "decode", 1);
     if (!(f->decode > 0) || !isfinite(f->decode)) return -1;
     f->measured = true;
@@ -849,6 +869,7 @@ static int read_serving(const cJSON *o, sim_profile *p, const char *name, char *
             return -1;
         }
         bool given = cJSON_GetObjectItemCaseSensitive(po, "fixed_s") || cJSON_GetObjectItemCaseSensitive(po, "s_per_token");
+        if (!given && sp->n_points == 0 && sp->steps.measured) continue; /* steps alone: no path priced */
         if (given) {
             sp->fixed_s = get_num(po, "fixed_s", 0);
             sp->s_per_token = get_num(po, "s_per_token", 0);

@@ -555,10 +555,42 @@ static int cmp_pair(const void *a, const void *b) {
  * rows); one whose decode part is four times its prefill part, towards the decode
  * factor (the median); the others are left out (their parts cannot be told apart).
  * Leaves sf as it is where the traces hold too few steps. */
+/* Half-octave bins of (rows, factor) pairs, sorted here: each bin of 3 or more its median
+ * factor at its median rows, into tok / fac (at most SIM_MAX_POINTS). Returns how many. */
+static int bin_factors(double (*pre)[2], int n_pre, double *tok, double *fac) {
+    qsort(pre, (size_t)n_pre, sizeof *pre, cmp_pair);
+    int n = 0;
+    for (int i = 0; i < n_pre && n < SIM_MAX_POINTS;) {
+        int bin = (int)floor(2 * log2(pre[i][0])), j = i;
+        while (j < n_pre && (int)floor(2 * log2(pre[j][0])) == bin) j++;
+        if (j - i >= 3) {
+            double rows[SERVE_MAX_BIN], fs[SERVE_MAX_BIN];
+            int m = PD_MIN(j - i, SERVE_MAX_BIN);
+            for (int k = 0; k < m; k++) rows[k] = pre[i + k][0], fs[k] = pre[i + k][1];
+            double r = median_of(rows, m);
+            if (n == 0 || r > tok[n - 1]) {
+                tok[n] = r;
+                fac[n++] = median_of(fs, m);
+            }
+        }
+        i = j;
+    }
+    return n;
+}
+
+/* "13 rows x1.411, ..." of n points into buf. */
+static void points_text(const double *tok, const double *fac, int n, char *buf, size_t cap) {
+    size_t len = 0;
+    buf[0] = 0;
+    for (int k = 0; k < n && len < cap; k++)
+        len += (size_t)snprintf(buf + len, cap - len, "%s%.0f rows x%.3f", k ? ", " : "", tok[k], fac[k]);
+}
+
 static void traces_factor(const traces *tr, const sim_profile *p, sim_step_factor *sf, const char *what) {
     if (!can_price(p) || tr->n == 0) return;
     double(*pre)[2] = xmalloc(sizeof *pre * (size_t)tr->n), *dec = xmalloc(sizeof *dec * (size_t)tr->n);
-    int n_pre = 0, n_dec = 0, n_over = 0;
+    double(*aft)[2] = xmalloc(sizeof *aft * (size_t)tr->n);
+    int n_pre = 0, n_dec = 0, n_over = 0, n_aft = 0;
     const sim_contention *ct = &p->contention;
     for (int i = 0; i < tr->n; i++) {
         const tstep *q = &tr->s[i];
@@ -576,47 +608,44 @@ static void traces_factor(const traces *tr, const sim_profile *p, sim_step_facto
             n_over++;
         }
         double f = PD_MAX(q->busy - host, 0) / fwd / slow;
-        if (kind == 0) pre[n_pre][0] = q->prefill, pre[n_pre++][1] = f;
-        else dec[n_dec++] = f;
-    }
-    qsort(pre, (size_t)n_pre, sizeof *pre, cmp_pair);
-    sim_step_factor got = {.decode = 1};
-    for (int i = 0; i < n_pre && got.n_prefill < SIM_MAX_POINTS;) {
-        int bin = (int)floor(2 * log2(pre[i][0])), j = i;
-        while (j < n_pre && (int)floor(2 * log2(pre[j][0])) == bin) j++;
-        if (j - i >= 3) {
-            double rows[SERVE_MAX_BIN], fs[SERVE_MAX_BIN];
-            int m = PD_MIN(j - i, SERVE_MAX_BIN);
-            for (int k = 0; k < m; k++) rows[k] = pre[i + k][0], fs[k] = pre[i + k][1];
-            double r = median_of(rows, m);
-            if (got.n_prefill == 0 || r > got.prefill_tokens[got.n_prefill - 1]) {
-                got.prefill_tokens[got.n_prefill] = r;
-                got.prefill[got.n_prefill++] = median_of(fs, m);
-            }
+        if (kind == 0) {
+            pre[n_pre][0] = q->prefill, pre[n_pre++][1] = f;
+            /* chunks that continue a prompt (a cached prefix, an earlier chunk) are also
+             * binned apart: their rows-weighted mean start */
+            const int *ch = tr->chunks + q->chunk0;
+            double rows = 0, st = 0;
+            for (int k = 0; k < q->n_chunks; k++) rows += ch[2 * k], st += (double)ch[2 * k] * ch[2 * k + 1];
+            if (rows > 0 && st / rows >= SIM_STEP_AFTER_START) aft[n_aft][0] = q->prefill, aft[n_aft++][1] = f;
+        } else {
+            dec[n_dec++] = f;
         }
-        i = j;
     }
+    sim_step_factor got = {.decode = 1};
+    got.n_prefill = bin_factors(pre, n_pre, got.prefill_tokens, got.prefill);
+    got.n_after = bin_factors(aft, n_aft, got.after_tokens, got.after);
     if (n_dec >= 5) {
         double d = median_of(dec, PD_MIN(n_dec, SERVE_MAX_BIN));
         if (d >= 0.25 && d <= 4) got.decode = d;
         else n_dec = 0;
     }
-    char pts[256] = "";
-    size_t len = 0;
-    for (int k = 0; k < got.n_prefill && len < sizeof pts; k++)
-        len += (size_t)snprintf(pts + len, sizeof pts - len, "%s%.0f rows x%.3f", k ? ", " : "",
-                                got.prefill_tokens[k], got.prefill[k]);
+    char pts[256], apts[256];
+    points_text(got.prefill_tokens, got.prefill, got.n_prefill, pts, sizeof pts);
+    points_text(got.after_tokens, got.after, got.n_after, apts, sizeof apts);
     log_info("profile: serving, %s engine steps from their traces (%d steps, %d of them partly beside another "
-             "instance's): prefill %s; decode x%.3f over %d steps", what, tr->n, n_over,
-             got.n_prefill ? pts : "(too few)", got.decode, n_dec);
+             "instance's): prefill %s; of which continuing a prompt %s; decode x%.3f over %d steps", what, tr->n,
+             n_over, got.n_prefill ? pts : "(too few)", got.n_after ? apts : "(too few)", got.decode, n_dec);
     if (got.n_prefill > 0) {
         sf->n_prefill = got.n_prefill;
         memcpy(sf->prefill_tokens, got.prefill_tokens, sizeof got.prefill_tokens);
         memcpy(sf->prefill, got.prefill, sizeof got.prefill);
+        sf->n_after = got.n_after;
+        memcpy(sf->after_tokens, got.after_tokens, sizeof got.after_tokens);
+        memcpy(sf->after, got.after, sizeof got.after);
         sf->measured = true;
     }
     if (n_dec >= 5 && sf->measured) sf->decode = got.decode;
     free(pre);
+    free(aft);
     free(dec);
 }
 

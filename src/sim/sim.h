@@ -162,8 +162,14 @@ typedef struct sim_step_factor {
     bool measured;
     int n_prefill;
     double prefill_tokens[SIM_MAX_POINTS], prefill[SIM_MAX_POINTS];
+    /* the same for steps whose chunks continue a prompt (rows-weighted mean chunk start
+     * of SIM_STEP_AFTER_START tokens or more: after a cached prefix or an earlier chunk);
+     * n_after 0: such steps take the factor above */
+    int n_after;
+    double after_tokens[SIM_MAX_POINTS], after[SIM_MAX_POINTS];
     double decode;
 } sim_step_factor;
+#define SIM_STEP_AFTER_START 16.0
 
 typedef struct sim_serving_path {
     bool measured;          /* present in the profile */
@@ -444,6 +450,10 @@ void sim_step_factor_from_traces(const char *dir, const char *prefix, const sim_
                                  const char *what, bool consume);
 /* f's prefill factor at a step of `tokens` prefill rows (1 when not measured). */
 double sim_step_factor_prefill(const sim_step_factor *f, double tokens);
+/* ... whose chunks start at `start` cached tokens on average (rows-weighted): the
+ * factor of steps that continue a prompt where f has it and start is past
+ * SIM_STEP_AFTER_START, else the one above. */
+double sim_step_factor_prefill_at(const sim_step_factor *f, double tokens, double start);
 /* Seconds to move bytes over m (0 for m NULL). */
 double sim_cost_transfer(const sim_medium *m, double bytes);
 /* How much slower each of k instances steps while k of them step at once on p's host:
