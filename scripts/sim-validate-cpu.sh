@@ -8,6 +8,7 @@
 #   scripts/sim-validate-cpu.sh [OUT_DIR]          (default: sim-validate-cpu)
 #   RUNS=3 PLAN=plans/demo.json PRESET=small-llama THREADS=1 scripts/sim-validate-cpu.sh
 #   RUNS=2 PLAN=plans/reuse.json PRESET=tiny-llama scripts/sim-validate-cpu.sh   (the lower KV tiers)
+#   CALIBRATE=1 ...: also a traced run that calibrates the profile's step factors
 #
 # Builds with scripts/build.sh first. Takes 6-10 minutes on two cores.
 set -euo pipefail
@@ -35,11 +36,42 @@ for i in $(seq 1 "$runs"); do
   "$bin" sweep "$plan" --model "$out/model" --db "$out/run$i.db" > "$out/run$i.log" 2>&1
   reals+=("$out/run$i.db")
 done
-for variant in factor no-factor; do
+# CALIBRATE=1: one more real run with step traces, its colocated and disaggregated
+# setups apart, whose factors calibrate a copy of the profile (sim --price-traces
+# --write-profile); the plan is then also simulated on it, against the runs above (not
+# the traced one)
+variants=(factor no-factor)
+if [ -n "${CALIBRATE:-}" ]; then
+  cal="$out/prof.json"
+  for kind in co dis; do
+    rm -rf "$out/traces-$kind" && mkdir -p "$out/traces-$kind"
+    python3 - "$plan" "$kind" "$out/traces-$kind" "$out/plan-$kind.json" <<'PY'
+import json, sys
+plan, kind, tdir, dst = sys.argv[1:5]
+p = json.load(open(plan))
+name = lambda s: s if isinstance(s, str) else s["name"]
+p["setups"] = [s for s in p["setups"] if name(s).startswith(kind + "-")]
+p.setdefault("serve_args", {})["step-trace"] = tdir + "/trace-%p.txt"
+json.dump(p, open(dst, "w"), indent=1)
+PY
+    log "traced run, $kind setups (load average $(cut -d' ' -f1-3 /proc/loadavg))"
+    "$bin" sweep "$out/plan-$kind.json" --model "$out/model" --db "$out/traced-$kind.db" > "$out/traced-$kind.log" 2>&1
+    dep=colocated
+    [ "$kind" = dis ] && dep=disaggregated
+    "$bin" sim --price-traces "$out/traces-$kind" --profile "$cal" --write-profile "$out/prof-cal-$kind.json" \
+      --deployment "$dep" > "$out/calibrate-$kind.log" 2>&1 || { cat "$out/calibrate-$kind.log"; exit 1; }
+    cal="$out/prof-cal-$kind.json"
+  done
+  cp "$cal" "$out/prof-calibrated.json"
+  variants+=(calibrated)
+fi
+for variant in "${variants[@]}"; do
   cp "$out/run1.db" "$out/sim-$variant.db"
   flag=()
+  prof="$out/prof.json"
   [ "$variant" = no-factor ] && flag=(--no-step-factor)
-  "$bin" sim "$plan" --profile "$out/prof.json" --db "$out/sim-$variant.db" "${flag[@]}" \
+  [ "$variant" = calibrated ] && prof="$out/prof-calibrated.json"
+  "$bin" sim "$plan" --profile "$prof" --db "$out/sim-$variant.db" "${flag[@]}" \
     > "$out/sim-$variant.log" 2>&1
   log "simulated, $variant:"
   python3 scripts/sim_spread.py "${reals[@]}" --sim "$out/sim-$variant.db" --markdown | tee "$out/spread-$variant.md"
