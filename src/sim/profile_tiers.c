@@ -27,13 +27,14 @@
 
 #define TIER_PROBE_BLOCKS 128 /* N: the largest burst, twice the largest load */
 
-/* Least-squares a + b x through n points (b >= 0, a >= 0). */
+/* a + b x through n points: the engine's cost_fit (reuse_cost.c) with no decay and a
+ * negligible prior, so the plain least-squares line (through the origin where a line
+ * would go negative), both >= 0. */
 static void line_fit(const double *x, const double *y, int n, double *a, double *b) {
-    double sx = 0, sy = 0, sxx = 0, sxy = 0;
-    for (int i = 0; i < n; i++) sx += x[i], sy += y[i], sxx += x[i] * x[i], sxy += x[i] * y[i];
-    double det = n * sxx - sx * sx;
-    *b = det > 0 ? PD_MAX((n * sxy - sx * sy) / det, 0.0) : 0;
-    *a = PD_MAX((sy - *b * sx) / n, 0.0);
+    cost_fit f;
+    cost_fit_init(&f, 1.0, 1e-9);
+    for (int i = 0; i < n; i++) cost_fit_add(&f, x[i], y[i]);
+    cost_fit_line(&f, a, b);
 }
 
 typedef struct tier_run {
