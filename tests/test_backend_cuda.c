@@ -399,44 +399,6 @@ static void test_gemv(void) {
     backend_cuda_gemv_mode(gpu, old);
 }
 
-/* backend.h prefetch is a hint: with it (long and short gaps, sizes odd, tiny, whole
- * and over the L2 cap) the weights and the matmul that reads them stay bit for bit what
- * they are without it, eagerly and inside a step of the engine's size. */
-static void test_prefetch(void) {
-    CHECKF(gpu->ops->prefetch != NULL, "the CUDA backend has no prefetch op");
-    if (!gpu->ops->prefetch) return;
-    int Kd = 4096, N = 6144, T = 1;
-    size_t wn = (size_t)N * Kd, wbytes = wn * 2;
-    pair w = pair_rand(wn, 0, 1.0f / sqrtf((float)Kd), 1);
-    pair x = pair_rand((size_t)Kd, 0, 1, 0);
-    pair out = pair_new(NULL, (size_t)N, 0);
-    float *w0 = xmalloc(wn * sizeof(float)), *w1 = xmalloc(wn * sizeof(float));
-    float *ref = xmalloc((size_t)N * sizeof(float)), *got = xmalloc((size_t)N * sizeof(float));
-    gpu->ops->download_f32(gpu, w0, w.g, gpu->ops->weight_type, wn);
-    gpu->ops->matmul(gpu, out.g, x.g, w.g, NULL, T, Kd, N);
-    gpu->ops->download_f32(gpu, ref, out.g, gpu->ops->act_type, (size_t)N);
-    size_t sizes[] = {16, 1000003, wbytes - 16, wbytes};
-    int diff = 0;
-    for (size_t i = 0; i < PD_ARRAY_LEN(sizes); i++) {
-        for (int gap = 0; gap < 2; gap++) {
-            poison(&out, 0);
-            gpu->ops->prefetch(gpu, w.g, sizes[i], T, gap == 1);
-            gpu->ops->prefetch(gpu, w.g, sizes[i], 64, gap == 1); /* a large step: no-op */
-            gpu->ops->matmul(gpu, out.g, x.g, w.g, NULL, T, Kd, N);
-            gpu->ops->download_f32(gpu, got, out.g, gpu->ops->act_type, (size_t)N);
-            if (memcmp(got, ref, (size_t)N * sizeof(float)) != 0) diff++;
-        }
-    }
-    gpu->ops->download_f32(gpu, w1, w.g, gpu->ops->weight_type, wn);
-    fprintf(stderr, "  prefetch: %zu sizes x 2 gaps, %d results differ\n", PD_ARRAY_LEN(sizes), diff);
-    CHECKF(diff == 0, "prefetch: %d matmul results differ from the run without it", diff);
-    CHECKF(memcmp(w0, w1, wn * sizeof(float)) == 0, "prefetch: the weights changed");
-    free(w0), free(w1), free(ref), free(got);
-    pair_free(&w);
-    pair_free(&x);
-    pair_free(&out);
-}
-
 /* matmul_swiglu against the CPU twin on both routes (the GEMV's epilogue, and cuBLAS
  * + swiglu), and bit for bit against the GPU's own matmul then swiglu. */
 static void test_matmul_swiglu(void) {
@@ -1031,7 +993,6 @@ int main(void) {
     TEST_RUN(test_gemv);
     TEST_RUN(test_matmul_swiglu);
     TEST_RUN(test_rope_kv_store);
-    TEST_RUN(test_prefetch);
 #endif
     TEST_RUN(test_head_rmsnorm);
     TEST_RUN(test_rope);

@@ -305,18 +305,6 @@ typedef struct backend_ops {
      * only when the environment has PDSERVE_KV_TIMING (benchmarks: three events and
      * four clock reads per call); 0, or -1 when nothing was measured. */
     int (*copy_timing)(backend *b, struct backend_copy_timing *out);
-
-    /* ---- optional: a hint ahead of a weight stream (CUDA: kernels.cu). NULL: no hint.
-     * Kept at the end. -------------------------------------------------------------------
-     *
-     * prefetch: a later op of this step reads w[0, bytes) (weights: nothing writes them),
-     * and the ops queued between now and then are short and read little (a step of T
-     * rows): the backend may start pulling the bytes toward the device's cache once
-     * every op queued so far is done, so that the memory system is busy during those
-     * short ops and the later op finds part of its stream cached. long_gap: the ops in
-     * between are several (a layer's attention), not one. Changes no value anywhere;
-     * may do nothing (and does, where it measured no gain). Graph-capture safe. */
-    void (*prefetch)(backend *b, const void *w, size_t bytes, int T, bool long_gap);
 } backend_ops;
 
 /* One row's parameters for ->sample_rows (host memory). */

@@ -407,11 +407,6 @@ static void fwd_before_wait(fwd_ctx *f) {
 
 /* ---- the forward pass ----------------------------------------------------------------- */
 
-/* Bytes of a weight matrix of n elements. */
-static size_t weight_bytes(const fwd_ctx *f, size_t n) {
-    return n * dtype_size(f->m->be->ops->weight_type);
-}
-
 /* Attention block of layer l on xn: writes this step's K/V into the cache and the
  * block's output (before the residual add) into f->proj. */
 static void attention_block(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt, int l) {
@@ -423,9 +418,6 @@ static void attention_block(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt, int l
     int QKV = (H + 2 * K) * D;
 
     o->matmul(be, f->qkv, f->xn, w->wqkv, w->bqkv, T, C, QKV);
-    /* the output projection's weights stream while rope, the K/V store and the
-     * attention (short at small T) run */
-    if (o->prefetch) o->prefetch(be, w->wo, weight_bytes(f, (size_t)H * D * C), T, true);
     if (w->q_norm) {
         o->head_rmsnorm(be, f->qkv, w->q_norm, T, QKV, 0, H, D, c->norm_eps);
         o->head_rmsnorm(be, f->qkv, w->k_norm, T, QKV, H * D, K, D, c->norm_eps);
@@ -511,18 +503,9 @@ static void run_layers(fwd_ctx *f, kv_cache *kv, const fwd_batch *bt) {
     o->rmsnorm(be, f->xn, f->x, m->layers[0].attn_norm, T, C, c->norm_eps);
     for (int l = 0; l < L; l++) {
         attention_block(f, kv, bt, l);
-        /* backend.h prefetch: the head of the next matmul's weights during each norm */
-        if (o->prefetch)
-            o->prefetch(be, m->layers[l].w_gate_up,
-                        weight_bytes(f, (size_t)2 * c->ffn_dim * C), T, false);
         o->add_rmsnorm(be, f->x, f->xn, f->proj, m->layers[l].mlp_norm, T, C, c->norm_eps);
         mlp_block(f, T, l);
         const void *next_norm = l + 1 < L ? m->layers[l + 1].attn_norm : m->final_norm;
-        if (o->prefetch && l + 1 < L)
-            o->prefetch(be, m->layers[l + 1].wqkv,
-                        weight_bytes(f, (size_t)(c->n_heads + 2 * c->n_kv_heads) *
-                                            c->head_dim * C),
-                        T, false);
         o->add_rmsnorm(be, f->x, f->xn, f->proj, next_norm, T, C, c->norm_eps);
         /* the device has a layer of work queued: the wait hook's host work overlaps it
          * without waiting for every launch of a long op-by-op step */

@@ -327,7 +327,6 @@ static const backend_ops *cuda_ops_with_graphs(void) {
         o.copy_async_wait = cuda_kv_copy_async_wait;
         o.copy_runs = cuda_kv_copy_runs;
         o.copy_timing = cuda_kv_copy_timing;
-        o.prefetch = cuda_prefetch; /* kernels.cu */
         return o;
     }();
     return &table;
@@ -413,7 +412,6 @@ extern "C" backend *backend_cuda_create(int device, char *err, size_t errlen) {
     CUDA_CHECK(cudaEventCreate(&cb->timer_stop));
     CUDA_CHECK(cudaMalloc((void **)&cb->inv_freq, ROPE_MAX_HALF * sizeof(float)));
     cuda_gemv_init();
-    cuda_prefetch_init(cb, prop.major >= 9 ? prop.l2CacheSize : 0);
     /* programmatic dependent launch (cuda_common.h): sm_90 and later, unless
      * PDSERVE_CUDA_PDL=0; one process-wide switch, off once any device lacks it */
     static bool pdl_read;
@@ -435,12 +433,9 @@ extern "C" backend *backend_cuda_create(int device, char *err, size_t errlen) {
     b->ops = fused && strcmp(fused, "0") == 0 ? cuda_ops_unfused() : cuda_ops_with_graphs();
     b->impl = cb;
     b->threads = 0;
-    log_info("cuda backend: device %d %s, %d SMs, %.1f GiB, programmatic launch %s, "
-             "L2 prefetch %s (up to %zu MiB; %zu MiB ahead of a short gap; T <= %d)",
-             device, prop.name, prop.multiProcessorCount,
-             (double)prop.totalGlobalMem / (1 << 30), cuda_pdl_on ? "on" : "off",
-             cb->prefetch_mode == 0 ? "off" : cb->prefetch_mode == 2 ? "early" : "on",
-             cb->prefetch_long_cap >> 20, cb->prefetch_head >> 20, cb->prefetch_max_T);
+    log_info("cuda backend: device %d %s, %d SMs, %.1f GiB, programmatic launch %s", device,
+             prop.name, prop.multiProcessorCount, (double)prop.totalGlobalMem / (1 << 30),
+             cuda_pdl_on ? "on" : "off");
     return b;
 }
 

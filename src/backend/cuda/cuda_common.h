@@ -121,15 +121,6 @@ typedef struct cuda_backend {
     size_t samp_params_cap;
     void *samp_lists;           /* device: two candidate lists of V u64 per row, grown on demand */
     size_t samp_lists_cap;      /* bytes */
-
-    /* ---- L2 prefetch ahead of a weight stream (kernels.cu cuda_prefetch), read at
-     * creation: PDSERVE_CUDA_PREFETCH (0 off; "early": issued before the preceding op
-     * ends; else after it), _MAX_T (largest step it runs for), _HEAD_MB (bytes
-     * for a short gap; 0: none) ---------------------------------------------------- */
-    int prefetch_mode;          /* 0 off, 1 after the preceding op, 2 early */
-    int prefetch_max_T;
-    size_t prefetch_long_cap;   /* bytes for a long gap: a share of the L2 */
-    size_t prefetch_head;       /* bytes for a short gap */
 } cuda_backend;
 
 #define ROPE_MAX_HALF 512
@@ -242,9 +233,6 @@ void cuda_gemv_init(void);
 /* out[T,F] = swiglu(x @ w[2F,Kd]^T) by the GEMV, same conditions */
 void cuda_gemv_swiglu(cuda_backend *cb, __nv_bfloat16 *out, const __nv_bfloat16 *x,
                       const __nv_bfloat16 *w, int T, int Kd, int F);
-/* backend.h prefetch; cuda_prefetch_init reads its settings (backend creation) */
-void cuda_prefetch_init(cuda_backend *cb, int l2_bytes);
-void cuda_prefetch(backend *b, const void *w, size_t bytes, int T, bool long_gap);
 /* rope then kv_store in one kernel (backend.h rope_kv_store) */
 void cuda_rope_kv_store(backend *b, void *qkv, void *kcache, void *vcache, const int32_t *pos,
                         const int32_t *slots, const rope_params *rp, int T, int H, int K, int D);

@@ -808,66 +808,6 @@ void cuda_gemv_swiglu(cuda_backend *cb, bf16 *out, const bf16 *x, const bf16 *w,
     CUDA_CHECK_LAUNCH();
 }
 
-/* ---- L2 prefetch ahead of a weight stream (backend.h prefetch) ------------------------
- * At batch 1 a layer's matmuls stream 436 MB of weights (8B shape) at 70-98% of the
- * copy rate, and between them run short kernels that read almost nothing: rope and the
- * K/V store, the decode attention (0.5 MB at a 128-token context), the norms. DRAM idles
- * there. This kernel asks the L2 for the next matmul's weights before those kernels run:
- * one cp.async.bulk.prefetch.L2 (sm_90) per CHUNK, issued by a few threads of every SM,
- * fire and forget; the kernel ends once they are issued and the short kernels run while
- * the lines arrive. The GEMV that follows then reads them from L2 (its evict_first loads
- * leave them first). No value changes; the bytes read from DRAM stay the same.
- * PDL (cuda_common.h): mode 1 waits for the preceding op before issuing (so the prefetch
- * does not compete with that op's own stream); mode 2 issues first. Either way it waits
- * before it ends, so that the chain of completions stays intact for the op after it. */
-#define PREFETCH_CHUNK ((size_t)16 << 10)
-
-__device__ __forceinline__ void l2_prefetch_range(const char *p, size_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    size_t n = (bytes + PREFETCH_CHUNK - 1) / PREFETCH_CHUNK;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x) {
-        size_t off = i * PREFETCH_CHUNK;
-        unsigned sz = (unsigned)PD_MIN(PREFETCH_CHUNK, bytes - off);
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p + off), "r"(sz)
-                     : "memory");
-    }
-#endif
-}
-
-__global__ void l2_prefetch_kernel(const char *p, size_t bytes, int early) {
-    if (early) l2_prefetch_range(p, bytes);
-    pd_enter();
-    if (!early) l2_prefetch_range(p, bytes);
-}
-
-void cuda_prefetch_init(cuda_backend *cb, int l2_bytes) {
-    const char *e = getenv("PDSERVE_CUDA_PREFETCH");
-    cb->prefetch_mode = l2_bytes <= 0                       ? 0
-                        : e && strcmp(e, "0") == 0          ? 0
-                        : e && strcmp(e, "early") == 0      ? 2
-                                                            : 1;
-    const char *t = getenv("PDSERVE_CUDA_PREFETCH_MAX_T");
-    cb->prefetch_max_T = t && *t ? atoi(t) : 8;
-    /* a long gap (the attention between qkv and o) may fill 5/8 of the L2: the rest
-     * holds what the short kernels touch and the lines in flight */
-    cb->prefetch_long_cap = (size_t)(l2_bytes > 0 ? l2_bytes : 0) / 8 * 5;
-    const char *h = getenv("PDSERVE_CUDA_PREFETCH_HEAD_MB");
-    cb->prefetch_head = (size_t)(h && *h ? atoi(h) : 0) << 20;
-}
-
-void cuda_prefetch(backend *b, const void *w, size_t bytes, int T, bool long_gap) {
-    cuda_backend *cb = cuda_of(b);
-    if (cb->prefetch_mode == 0 || T > cb->prefetch_max_T || !w) return;
-    size_t n = PD_MIN(bytes, long_gap ? cb->prefetch_long_cap : cb->prefetch_head) & ~(size_t)15;
-    if (n == 0 || !aligned16(w)) return;
-    size_t chunks = (n + PREFETCH_CHUNK - 1) / PREFETCH_CHUNK;
-    unsigned blocks = (unsigned)PD_MIN((size_t)cb->sm_count, (chunks + 31) / 32);
-    pd_launch(l2_prefetch_kernel, PD_MAX(blocks, 1u), 32, 0, cb->stream, (const char *)w, n,
-              cb->prefetch_mode == 2 ? 1 : 0);
-    CUDA_CHECK_LAUNCH();
-}
-
 /* ---- RoPE + KV store in one pass (a decode step's two smallest launches) ---------------
  * One thread per (row, head, VEC consecutive i < D/2) over all H + 2K heads of qkv: a q
  * head is rotated in place; a k head is rotated in place and the rotated values also
