@@ -3,14 +3,16 @@
 # each of their switches on and off in the same run (issue #5: 80% of the ceiling), in
 # one device call on a machine with two GPUs: builds with the gathered Debian prefix,
 # runs test_kv_cuda (every medium, every byte compared) and test_kv_nccl under both
-# nccl pipelines (stream, host) and the stream one on a blocking communicator, then bench_kv_cuda over gpu, then over nccl (each run
+# nccl pipelines (stream, host) and the stream one on the non-blocking communicator, then bench_kv_cuda over gpu, then over nccl (each run
 # with its own ceilings), whole then layerwise, one row per variant:
 #   gpu   PDSERVE_KV_GPU_COPY=runs (one copy_runs per call) | items (one copy_batch of
 #         every run x part: the medium before)
 #   nccl  PDSERVE_KV_NCCL_PIPE=stream (device-ordered ring) with DEPTH 2, 3 (default), 4
 #         and WAIT=sleep | host (the halves the host waits for) with WAIT spin | sleep
-#         (host + sleep: the medium before); stream and host with
-#         PDSERVE_KV_NCCL_BLOCKING=1 (a blocking communicator: no background job per send)
+#         (host + sleep: the medium before); the communicator: PDSERVE_KV_NCCL_BLOCKING
+#         =split (default: a blocking child split off the non-blocking one) | 0 (non-
+#         blocking throughout, as before) | init (blocking from its creation); chunks of
+#         PDSERVE_KV_NCCL_CHUNK_MIB 32 (default), 64, 128
 #   and gpu's default once with PDSERVE_KV_TIMING=0: what the breakdown's clocks and
 #   events cost (that row has no breakdown)
 # and each warm request's breakdown (bench clocks, the medium's phases, the backend's
@@ -48,10 +50,10 @@ if [ "${SKIP_TEST:-0}" != 1 ]; then
   echo "test_kv_cuda: exit $rc, $(( $(date +%s) - t0 )) s"
   [ "$rc" -eq 77 ] && exit 77
   [ "$rc" -ne 0 ] && { status=1; grep -E 'FAIL|differs|error' "$out/test_kv_cuda.log" | head -n 20; }
-  for pipe in stream host stream-blocking; do
+  for pipe in stream host stream-nonblocking; do
     t0=$(date +%s)
-    blocking=0; [ "$pipe" = stream-blocking ] && blocking=1
-    PDSERVE_KV_NCCL_PIPE=${pipe%-blocking} PDSERVE_KV_NCCL_BLOCKING=$blocking timeout 200 "$B/test_kv_nccl" \
+    blocking=split; [ "$pipe" = stream-nonblocking ] && blocking=0
+    PDSERVE_KV_NCCL_PIPE=${pipe%-nonblocking} PDSERVE_KV_NCCL_BLOCKING=$blocking timeout 200 "$B/test_kv_nccl" \
       >"$out/test_kv_nccl-$pipe.log" 2>&1
     rc=$?
     echo "test_kv_nccl ($pipe pipeline): exit $rc, $(( $(date +%s) - t0 )) s"
@@ -76,14 +78,15 @@ bench() {
 }
 G=PDSERVE_KV_GPU_COPY N=PDSERVE_KV_NCCL_PIPE D=PDSERVE_KV_NCCL_DEPTH W=PDSERVE_KV_NCCL_WAIT
 bench whole gpu "$G=items" "$G=runs" "$G=runs PDSERVE_KV_TIMING=0"
-bench whole nccl "$N=host $W=sleep" "$N=host $W=spin" "$N=stream $D=2" "$N=stream $D=3" \
-  "$N=stream $D=4" "$N=stream $D=3 $W=sleep" "$N=stream PDSERVE_KV_NCCL_BLOCKING=1" \
-  "$N=host PDSERVE_KV_NCCL_BLOCKING=1"
+B0=PDSERVE_KV_NCCL_BLOCKING C=PDSERVE_KV_NCCL_CHUNK_MIB
+bench whole nccl "$N=stream $B0=0" "$N=host $B0=0" "$N=host" "$N=stream $D=2" "$N=stream $D=3" \
+  "$N=stream $D=4" "$N=stream $D=3 $W=sleep" "$N=stream $B0=init" "$N=stream $C=64" \
+  "$N=stream $C=128"
 if [ "${SKIP_LAYERWISE:-0}" != 1 ] && [ $(( $(date +%s) - t_start )) -gt "${LAYERWISE_BY:-380}" ]; then
   echo "layerwise bench skipped: $(( $(date +%s) - t_start )) s gone (LAYERWISE_BY=${LAYERWISE_BY:-380})"
 elif [ "${SKIP_LAYERWISE:-0}" != 1 ]; then
   bench layerwise gpu "$G=items" "$G=runs"
-  bench layerwise nccl "$N=host $W=sleep" "$N=stream $D=3" "$N=stream PDSERVE_KV_NCCL_BLOCKING=1"
+  bench layerwise nccl "$N=stream $B0=0" "$N=host" "$N=stream $D=3" "$N=stream $B0=init"
 fi
 
 # the summary, longest first (a reader of the output's tail sees the table): each warm
@@ -114,7 +117,7 @@ each_bench breakdown
 echo
 echo "== tests =="
 [ -f "$out/test_kv_cuda.log" ] && grep -E '^(ok  |FAIL)' "$out/test_kv_cuda.log"
-for pipe in stream host stream-blocking; do
+for pipe in stream host stream-nonblocking; do
   [ -f "$out/test_kv_nccl-$pipe.log" ] && { echo "-- test_kv_nccl, $pipe pipeline"; grep -E '^(ok  |FAIL)|^     nccl' "$out/test_kv_nccl-$pipe.log"; }
 done
 each_bench rows

@@ -114,6 +114,7 @@ typedef struct nccl_lib {
     int (*comm_init_rank)(nccl_comm *, int, nccl_id, int);
     int (*comm_init_rank_config)(nccl_comm *, int, nccl_id, int, nccl_config *); /* optional */
     int (*comm_abort)(nccl_comm);
+    int (*comm_split)(nccl_comm, int, int, nccl_comm *, nccl_config *); /* optional (2.18) */
     int (*comm_async_error)(nccl_comm, int *);
     const char *(*error_string)(int);
     int (*send)(const void *, size_t, int, int, nccl_comm, void *);
@@ -156,6 +157,7 @@ static int nccl_load(char *err, size_t errlen) {
             BIND(comm_init_rank, "ncclCommInitRank");
             BIND(comm_init_rank_config, "ncclCommInitRankConfig");
             BIND(comm_abort, "ncclCommAbort");
+            BIND(comm_split, "ncclCommSplit");
             BIND(comm_async_error, "ncclCommGetAsyncError");
             BIND(error_string, "ncclGetErrorString");
             BIND(send, "ncclSend");
@@ -221,7 +223,8 @@ typedef struct nccl_pending {  /* decode, stream pipeline: a layer queued, not y
 
 typedef struct nccl_link {
     int fd;                 /* control socket; -1: none */
-    nccl_comm comm;         /* NULL: none */
+    nccl_comm comm;         /* the communicator the transfers use; NULL: none */
+    nccl_comm parent;       /* the non-blocking one comm was split from; NULL: none */
     bool nonblocking;       /* comm made with blocking = 0: ops may return in-progress */
     bool stream_pipe;       /* the stream pipeline (else host) */
     int depth;              /* staging buffers (host pipeline: 2) */
@@ -324,6 +327,7 @@ static size_t chunk_bytes(const kv_cache *kv) {
  * the link owns. The stream is idle after the abort. Safe on a half-made link. */
 static void link_close(const kv_cache *kv, nccl_link *k) {
     if (k->comm) NCCL_CALL(g_nccl.comm_abort(k->comm));
+    if (k->parent) NCCL_CALL(g_nccl.comm_abort(k->parent));
     if (k->stream || k->cstream || k->ev[0] || k->stage[0]) {
         cuda_kv_nccl_bind(kv->be);
         /* both streams idle (the aborted ops end) before their memory goes */
@@ -474,31 +478,88 @@ static kv_status link_wait(const kv_cache *kv, nccl_link *k, void *ev, const wai
     return link_wait_for(kv, k, ev, w, false, err, errlen);
 }
 
-/* PDSERVE_KV_NCCL_BLOCKING=1: a blocking communicator (A/B). Since NCCL 2.19 a
- * non-blocking communicator enqueues every operation through a background job
- * (ncclGroupEnd returns ncclInProgress, link_op polls until it is done), which may be
- * what costs the stream pipeline ~140 us a send on 2x H200 (docs/results/kv-cuda.md:
- * 28 sends of one layer each, 3.9-4.3 ms of queueing for an 896 MiB put). Blocking
- * communicators enqueue inline; they give up the abort-ability of a dead peer during
- * the communicator's creation and lazy connection (link_init's warm chunk), not after
- * it (link_wait polls events and the asynchronous error either way). */
-static bool want_blocking(void) {
-    static int on = -1;
-    if (on < 0) {
+/* Which communicator carries the transfers (PDSERVE_KV_NCCL_BLOCKING, read once):
+ *   split (default)  a non-blocking one is created and connected (its warm chunk), every
+ *                    step abortable against the deadline; then both sides split it into
+ *                    a blocking child (ncclCommSplit, NCCL 2.18+) and warm that too; the
+ *                    transfers use the child.
+ *   0                the non-blocking one throughout (what this medium did first).
+ *   init             a blocking one from the start (A/B).
+ * Why: since NCCL 2.19 a non-blocking communicator enqueues every operation through a
+ * background job (ncclGroupEnd returns ncclInProgress; link_op polls until it is done).
+ * On 2x H200 (2026-11-28, docs/results/kv-cuda.md) that took ~140 us a send: an 896 MiB
+ * put moved at 194-199 GB/s (53-54% of NCCL send/recv) non-blocking, 247 GB/s (67%)
+ * blocking; layer-wise 131 against 190 GB/s. A blocking communicator enqueues inline, but
+ * its creation and lazy connection cannot be abandoned when the peer dies or never
+ * comes: split keeps those abortable and leaves one blocking window, the split and the
+ * child's warm chunk, right after both sides saw the parent's warm chunk complete.
+ * Waits poll events and NCCL's asynchronous error in every mode, so a peer that dies
+ * mid-transfer fails the request within its deadline either way (test_kv_nccl). */
+enum { NCCL_COMM_NONBLOCKING, NCCL_COMM_SPLIT, NCCL_COMM_BLOCKING };
+static int comm_mode(void) {
+    static int mode = -1;
+    if (mode < 0) {
         const char *e = getenv("PDSERVE_KV_NCCL_BLOCKING");
-        on = e && !strcmp(e, "1");
+        mode = e && !strcmp(e, "0")      ? NCCL_COMM_NONBLOCKING
+               : e && !strcmp(e, "init") ? NCCL_COMM_BLOCKING
+                                         : NCCL_COMM_SPLIT;
     }
-    return on;
+    return mode;
+}
+
+/* One chunk through the link's communicator (rank 1 sends): NCCL connects a pair's
+ * channels at its first transfer. */
+static kv_status link_warm(const kv_cache *kv, nccl_link *k, int rank, const wait_ctx *w,
+                           char *err, size_t errlen) {
+    int rc = rank ? NCCL_CALL(g_nccl.send(k->stage[0], k->chunk, NCCL_UINT8, 0, k->comm, k->stream))
+                  : NCCL_CALL(g_nccl.recv(k->stage[0], k->chunk, NCCL_UINT8, 1, k->comm, k->stream));
+    if (rc != NCCL_OK && rc != NCCL_IN_PROGRESS) {
+        pd_errorf(err, errlen, "kv nccl: %s: first transfer: %s", w->who, nccl_error(rc));
+        return KV_ERR_PEER;
+    }
+    kv_status st = link_wait(kv, k, NULL, w, err, errlen);
+    if (st != KV_OK) return st;
+    cuda_kv_nccl_event_record(kv->be, k->ev[0], k->stream);
+    return link_wait(kv, k, k->ev[0], w, err, errlen);
+}
+
+/* NCCL_COMM_SPLIT: k->comm (non-blocking, warmed) becomes k->parent and its blocking
+ * child k->comm, warmed. A library that cannot split keeps the non-blocking one (logged
+ * once): KV_OK. */
+static kv_status link_split(const kv_cache *kv, nccl_link *k, int rank, const wait_ctx *w,
+                            char *err, size_t errlen) {
+    static atomic_bool warned;
+    nccl_config cfg = {sizeof cfg, NCCL_CONFIG_MAGIC, NCCL_VERSION_CODE(2, 18, 0), 1,
+                       NCCL_UNDEF_INT, NCCL_UNDEF_INT, NCCL_UNDEF_INT, NULL, NCCL_UNDEF_INT};
+    nccl_comm child = NULL;
+    int rc = g_nccl.comm_split && g_nccl.version >= NCCL_VERSION_CODE(2, 18, 0)
+                 ? NCCL_CALL(g_nccl.comm_split(k->comm, 0, rank, &child, &cfg))
+                 : NCCL_INVALID_ARGUMENT;
+    if (rc == NCCL_IN_PROGRESS || (rc == NCCL_OK && !child)) { /* asynchronous after all */
+        kv_status st = link_wait(kv, k, NULL, w, err, errlen);
+        if (st != KV_OK) return st;
+    }
+    if ((rc != NCCL_OK && rc != NCCL_IN_PROGRESS) || !child) {
+        if (!atomic_exchange(&warned, true))
+            log_warn("kv nccl: ncclCommSplit %s (%s): transfers stay on the non-blocking "
+                     "communicator (slower per send)",
+                     g_nccl.comm_split ? "failed" : "missing", nccl_error(rc));
+        return KV_OK;
+    }
+    k->parent = k->comm;
+    k->comm = child;
+    k->nonblocking = false;
+    return link_warm(kv, k, rank, w, err, errlen);
 }
 
 /* Makes the pair's communicator (rank 0 decode, 1 prefill), non-blocking where the
- * library allows it (unless PDSERVE_KV_NCCL_BLOCKING=1), and runs one warm chunk
- * through it (rank 1 sends). */
+ * library allows it (unless PDSERVE_KV_NCCL_BLOCKING=init), runs one warm chunk through
+ * it (rank 1 sends), then splits off the blocking one the transfers use (comm_mode). */
 static kv_status link_init(const kv_cache *kv, nccl_link *k, const nccl_id *id, int rank,
                            const wait_ctx *w, char *err, size_t errlen) {
     cuda_kv_nccl_bind(kv->be);
     int rc = NCCL_INVALID_ARGUMENT;
-    if (!want_blocking() && g_nccl.comm_init_rank_config && g_nccl.version >= NCCL_VERSION_CODE(2, 14, 0)) {
+    if (comm_mode() != NCCL_COMM_BLOCKING && g_nccl.comm_init_rank_config && g_nccl.version >= NCCL_VERSION_CODE(2, 14, 0)) {
         nccl_config cfg = {sizeof cfg, NCCL_CONFIG_MAGIC, NCCL_VERSION_CODE(2, 18, 0), 0,
                            NCCL_UNDEF_INT, NCCL_UNDEF_INT, NCCL_UNDEF_INT, NULL, NCCL_UNDEF_INT};
         rc = NCCL_CALL(g_nccl.comm_init_rank_config(&k->comm, 2, *id, rank, &cfg));
@@ -507,7 +568,7 @@ static kv_status link_init(const kv_cache *kv, nccl_link *k, const nccl_id *id, 
     if (!k->nonblocking && rc == NCCL_INVALID_ARGUMENT) { /* an NCCL without our config */
         if (k->comm) NCCL_CALL(g_nccl.comm_abort(k->comm));
         k->comm = NULL;
-        if (!want_blocking())
+        if (comm_mode() != NCCL_COMM_BLOCKING)
             log_warn("kv nccl: non-blocking communicators refused (%s): a dead peer can hang "
                      "this transfer thread", nccl_error(rc));
         rc = NCCL_CALL(g_nccl.comm_init_rank(&k->comm, 2, *id, rank));
@@ -517,16 +578,10 @@ static kv_status link_init(const kv_cache *kv, nccl_link *k, const nccl_id *id, 
         return KV_ERR_PEER;
     }
     kv_status st = link_wait(kv, k, NULL, w, err, errlen);
-    if (st != KV_OK) return st;
-    rc = rank ? NCCL_CALL(g_nccl.send(k->stage[0], k->chunk, NCCL_UINT8, 0, k->comm, k->stream))
-              : NCCL_CALL(g_nccl.recv(k->stage[0], k->chunk, NCCL_UINT8, 1, k->comm, k->stream));
-    if (rc != NCCL_OK && rc != NCCL_IN_PROGRESS) {
-        pd_errorf(err, errlen, "kv nccl: %s: first transfer: %s", w->who, nccl_error(rc));
-        return KV_ERR_PEER;
-    }
-    if ((st = link_wait(kv, k, NULL, w, err, errlen)) != KV_OK) return st;
-    cuda_kv_nccl_event_record(kv->be, k->ev[0], k->stream);
-    return link_wait(kv, k, k->ev[0], w, err, errlen);
+    if (st == KV_OK) st = link_warm(kv, k, rank, w, err, errlen);
+    if (st == KV_OK && k->nonblocking && comm_mode() == NCCL_COMM_SPLIT)
+        st = link_split(kv, k, rank, w, err, errlen);
+    return st;
 }
 
 /* Queues one NCCL op on staging half h (send to / receive from the other rank) and
