@@ -472,8 +472,8 @@ static void test_step_factor(void) {
 
 /* The step factor from step traces (a file per instance), priced by hand: every
  * prefill step costs 0.1 s and every decode step 0.02 s, no host part; two processes
- * stepping at once slow each other x1.25. Instance A prefills 100 rows four times in
- * 0.15 s alone (x1.5), decodes 2 rows six times in 0.024 s alone (x1.2); instance B
+ * stepping at once slow each other x1.25. Instance A prefills 100 rows three times in
+ * 0.15 s alone (x1.5), four times more continuing a prompt in 0.2 s (x2.0), decodes 2 rows six times in 0.024 s alone (x1.2); instance B
  * prefills 1000 rows three times in 0.25 s while A decodes beside it all along (x2.5,
  * of which x1.25 is the contention the simulator adds itself: x2.0; A's three decode
  * steps there, x12.5 / 1.25, do not move the decode median). */
@@ -487,9 +487,9 @@ static void test_step_factor_traces(void) {
     FILE *a = fopen(path, "w");
     REQUIRE(a);
     fprintf(a, "# pdserve step trace v1\n# t busy ...\n");
-    for (int i = 0; i < 4; i++) fprintf(a, "%d.0 0.15 0 0.15 0 100 100 0 0 1 1 0 7 100@0\n", i);
-    /* and 3 chunks of 100 rows continuing a prompt (after 300 cached tokens), 0.2 s: x2.0 */
-    for (int i = 0; i < 3; i++) fprintf(a, "%d.0 0.2 0 0.2 0 100 100 0 0 1 1 0 7 100@300\n", 5 + i);
+    for (int i = 0; i < 3; i++) fprintf(a, "%d.0 0.15 0 0.15 0 100 100 0 0 1 1 0 7 100@0\n", i);
+    /* and 4 chunks of 100 rows continuing a prompt (after 300 cached tokens), 0.2 s: x2.0 */
+    for (int i = 0; i < 4; i++) fprintf(a, "%d.0 0.2 0 0.2 0 100 100 0 0 1 1 0 7 100@300\n", 5 + i);
     for (int i = 0; i < 6; i++) fprintf(a, "%d.0 0.024 0 0.024 0 2 0 2 300 2 2 0 7 -\n", 10 + i);
     for (int i = 0; i < 3; i++) fprintf(a, "%d.0 0.25 0 0.25 0 2 0 2 300 2 2 0 7 -\n", 20 + i);
     fclose(a);
@@ -501,13 +501,18 @@ static void test_step_factor_traces(void) {
     /* left in place: the same factor, and the files still there */
     sim_step_factor k = {0};
     sim_step_factor_from_traces(dir, prefix, &p, &k, "test", false);
-    /* 100 rows: the median of 1.5 x4 and 2.0 x3, all of them; continuing a prompt: 2.0 */
-    CHECKF(k.measured && k.n_prefill == 2 && near(k.prefill[0], 1.5, 1e-9) && near(k.prefill[1], 2.0, 1e-9) &&
+    /* 100 rows: the median of 1.5 x3 and 2.0 x4, all of them; continuing a prompt: 2.0;
+     * starting one: 1.5 (and B's 1000 rows, all from 0: 2.0) */
+    CHECKF(k.measured && k.n_prefill == 2 && near(k.prefill[0], 2.0, 1e-9) && near(k.prefill[1], 2.0, 1e-9) &&
                near(k.decode, 1.2, 1e-9),
            "x%g, x%g, decode x%g", k.prefill[0], k.prefill[1], k.decode);
     CHECKF(k.n_after == 1 && k.after_tokens[0] == 100 && near(k.after[0], 2.0, 1e-9), "%d after: x%g", k.n_after,
            k.after[0]);
-    /* the price of such a step takes it, a step from 0 the other */
+    CHECKF(k.n_first == 2 && k.first_tokens[0] == 100 && near(k.first[0], 1.5, 1e-9) && k.first_tokens[1] == 1000 &&
+               near(k.first[1], 2.0, 1e-9),
+           "%d first: x%g", k.n_first, k.first[0]);
+    /* the price of such a step takes it, a step from 0 the other (not the main bins,
+     * which mix both kinds) */
     CHECK(near(sim_step_factor_prefill_at(&k, 100, 300), 2.0, 1e-9));
     CHECK(near(sim_step_factor_prefill_at(&k, 100, 0), 1.5, 1e-9));
     CHECK(near(sim_step_factor_prefill_at(&k, 100, SIM_STEP_AFTER_START - 1), 1.5, 1e-9));
@@ -525,9 +530,10 @@ static void test_step_factor_traces(void) {
         size_t got = fread(out, 1, sizeof out - 1, pp);
         out[got] = 0;
         CHECKF(pclose(pp) == 0, "%s", cmd);
-        CHECK_STR_CONTAINS(out, "prefill    100 rows  x1.500");
+        CHECK_STR_CONTAINS(out, "prefill    100 rows  x2.000");
         CHECK_STR_CONTAINS(out, "prefill   1000 rows  x2.000");
         CHECK_STR_CONTAINS(out, "prefill    100 rows  x2.000  (continuing a prompt)");
+        CHECK_STR_CONTAINS(out, "prefill    100 rows  x1.500  (starting a prompt)");
         CHECK_STR_CONTAINS(out, "decode            x1.200");
         /* --write-profile: the profile with that factor as the deployment's steps */
         char cal[700];
@@ -539,6 +545,7 @@ static void test_step_factor_traces(void) {
         if (sim_profile_load(cal, &q, err, sizeof err) == 0) {
             const sim_step_factor *qs = &q.serving.disaggregated.steps;
             CHECK(qs->measured && qs->n_prefill == 2 && qs->n_after == 1 && near(qs->after[0], 2.0, 1e-9));
+            CHECK(qs->n_first == 2 && near(qs->first[0], 1.5, 1e-9));
             CHECK(!q.serving.colocated.steps.measured && strstr(q.serving.source, "step traces"));
             sim_profile_free(&q);
         } else {
@@ -556,7 +563,7 @@ static void test_step_factor_traces(void) {
     sim_step_factor f = {0};
     sim_step_factor_from_traces(dir, prefix, &p, &f, "test", true);
     CHECK(f.measured && f.n_prefill == 2 && f.n_after == 1);
-    CHECKF(f.prefill_tokens[0] == 100 && near(f.prefill[0], 1.5, 1e-9), "%g rows x%g", f.prefill_tokens[0],
+    CHECKF(f.prefill_tokens[0] == 100 && near(f.prefill[0], 2.0, 1e-9), "%g rows x%g", f.prefill_tokens[0],
            f.prefill[0]);
     CHECKF(f.prefill_tokens[1] == 1000 && near(f.prefill[1], 2.0, 1e-9), "%g rows x%g", f.prefill_tokens[1],
            f.prefill[1]);
@@ -583,7 +590,8 @@ static void test_profile_sections(void) {
     set_path(&p.serving.colocated, 0.0003, 1e-7);
     p.serving.colocated.steps = (sim_step_factor){.measured = true, .n_prefill = 2, .prefill_tokens = {64, 512},
                                                   .prefill = {1.13, 1.05}, .n_after = 1, .after_tokens = {48},
-                                                  .after = {1.4}, .decode = 1.02};
+                                                  .after = {1.4}, .n_first = 1, .first_tokens = {32},
+                                                  .first = {0.9}, .decode = 1.02};
     snprintf(p.serving.source, sizeof p.serving.source, "hand-made");
     p.mixed[p.n_mixed++] = (sim_mixed_point){2047, 0, 1, 4096, 0.0376};
     snprintf(p.mixed_source, sizeof p.mixed_source, "hand-made");
@@ -597,6 +605,7 @@ static void test_profile_sections(void) {
     CHECK(qf->measured && qf->n_prefill == 2 && qf->prefill_tokens[1] == 512 && qf->prefill[0] == 1.13 &&
           qf->decode == 1.02 && !q.serving.disaggregated.steps.measured);
     CHECK(qf->n_after == 1 && qf->after_tokens[0] == 48 && qf->after[0] == 1.4);
+    CHECK(qf->n_first == 1 && qf->first_tokens[0] == 32 && qf->first[0] == 0.9);
     CHECK(q.n_mixed == 1 && q.mixed[0].T == 2047 && q.mixed[0].seconds == 0.0376);
     CHECK(!strcmp(q.mixed_source, "hand-made"));
     sim_profile_free(&q);
@@ -614,6 +623,7 @@ static void test_profile_sections(void) {
     CHECK_STR_CONTAINS(err, "mixed.points");
     static const char *const bad_steps[] = {"{\"prefill\": [[512, 1.1], [64, 1.2]]}", "{\"prefill\": [[64, 0]]}",
                                             "{\"prefill\": [[64, 1]], \"prefill_after\": [[8, -1]]}",
+                                            "{\"prefill\": [[64, 1]], \"prefill_first\": [[8, 1], [4, 1]]}",
                                             "{\"prefill\": [[64, 1.1]], \"decode\": -1}", "[1]"};
     for (size_t i = 0; i < PD_ARRAY_LEN(bad_steps); i++) {
         char js[512];

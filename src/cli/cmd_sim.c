@@ -495,6 +495,8 @@ static int price_traces(const char *dir, const char *prefix, const char *profile
             printf("  prefill %6.0f rows  x%.3f\n", sf.prefill_tokens[k], sf.prefill[k]);
         for (int k = 0; k < sf.n_after; k++)
             printf("  prefill %6.0f rows  x%.3f  (continuing a prompt)\n", sf.after_tokens[k], sf.after[k]);
+        for (int k = 0; k < sf.n_first; k++)
+            printf("  prefill %6.0f rows  x%.3f  (starting a prompt)\n", sf.first_tokens[k], sf.first[k]);
         printf("  decode            x%.3f\n", sf.decode);
         if (write_to) {
             /* the profile with this deployment's steps calibrated on the traces */

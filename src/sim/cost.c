@@ -186,6 +186,10 @@ double sim_step_factor_prefill(const sim_step_factor *f, double tokens) {
 double sim_step_factor_prefill_at(const sim_step_factor *f, double tokens, double start) {
     if (f->measured && f->n_after > 0 && start >= SIM_STEP_AFTER_START)
         return interp_flat(f->after_tokens, f->after, f->n_after, tokens);
+    /* a step that starts its prompts, where the continuing ones are priced apart: its
+     * own bins (the main ones mix both kinds) */
+    if (f->measured && f->n_after > 0 && f->n_first > 0)
+        return interp_flat(f->first_tokens, f->first, f->n_first, tokens);
     return sim_step_factor_prefill(f, tokens);
 }
 

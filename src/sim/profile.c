@@ -499,6 +499,13 @@ char *sim_profile_to_json(const sim_profile *p) {
                         cJSON_AddItemToArray(fa, nums(pair, 2));
                     }
                 }
+                if (sf->n_first > 0) {
+                    cJSON *ff = cJSON_AddArrayToObject(fo, "prefill_first");
+                    for (int k = 0; k < sf->n_first; k++) {
+                        double pair[2] = {sf->first_tokens[k], sf->first[k]};
+                        cJSON_AddItemToArray(ff, nums(pair, 2));
+                    }
+                }
                 cJSON_AddNumberToObject(fo, "decode", sf->decode);
             }
         }
@@ -820,8 +827,9 @@ static int read_factor_points(const cJSON *pts, double *tok, double *fac, int *n
 }
 
 /* A serving path's "steps": {prefill: [[tokens, factor]...] (tokens increasing),
- * prefill_after (the same for steps continuing a prompt; optional), decode:
- * factor}, every factor > 0; absent: not measured (1). 0 or -1. */
+ * prefill_after (the same for steps continuing a prompt; optional), prefill_first (for
+ * the others; optional), decode: factor}, every factor > 0; absent: not measured (1).
+ * 0 or -1. */
 static int read_step_factor(const cJSON *po, sim_step_factor *f) {
     const cJSON *fo = cJSON_GetObjectItemCaseSensitive(po, "steps");
     memset(f, 0, sizeof *f);
@@ -830,7 +838,9 @@ static int read_step_factor(const cJSON *po, sim_step_factor *f) {
     if (read_factor_points(cJSON_GetObjectItemCaseSensitive(fo, "prefill"), f->prefill_tokens, f->prefill,
                            &f->n_prefill) != 0 ||
         read_factor_points(cJSON_GetObjectItemCaseSensitive(fo, "prefill_after"), f->after_tokens, f->after,
-                           &f->n_after) != 0)
+                           &f->n_after) != 0 ||
+        read_factor_points(cJSON_GetObjectItemCaseSensitive(fo, "prefill_first"), f->first_tokens, f->first,
+                           &f->n_first) != 0)
         return -1;
     f->decode = get_num(fo, "decode", 1);
     if (!(f->decode > 0) || !isfinite(f->decode)) return -1;

@@ -589,8 +589,8 @@ static void points_text(const double *tok, const double *fac, int n, char *buf, 
 static void traces_factor(const traces *tr, const sim_profile *p, sim_step_factor *sf, const char *what) {
     if (!can_price(p) || tr->n == 0) return;
     double(*pre)[2] = xmalloc(sizeof *pre * (size_t)tr->n), *dec = xmalloc(sizeof *dec * (size_t)tr->n);
-    double(*aft)[2] = xmalloc(sizeof *aft * (size_t)tr->n);
-    int n_pre = 0, n_dec = 0, n_over = 0, n_aft = 0;
+    double(*aft)[2] = xmalloc(sizeof *aft * (size_t)tr->n), (*fst)[2] = xmalloc(sizeof *fst * (size_t)tr->n);
+    int n_pre = 0, n_dec = 0, n_over = 0, n_aft = 0, n_fst = 0;
     const sim_contention *ct = &p->contention;
     for (int i = 0; i < tr->n; i++) {
         const tstep *q = &tr->s[i];
@@ -616,6 +616,7 @@ static void traces_factor(const traces *tr, const sim_profile *p, sim_step_facto
             double rows = 0, st = 0;
             for (int k = 0; k < q->n_chunks; k++) rows += ch[2 * k], st += (double)ch[2 * k] * ch[2 * k + 1];
             if (rows > 0 && st / rows >= SIM_STEP_AFTER_START) aft[n_aft][0] = q->prefill, aft[n_aft++][1] = f;
+            else fst[n_fst][0] = q->prefill, fst[n_fst++][1] = f;
         } else {
             dec[n_dec++] = f;
         }
@@ -623,17 +624,21 @@ static void traces_factor(const traces *tr, const sim_profile *p, sim_step_facto
     sim_step_factor got = {.decode = 1};
     got.n_prefill = bin_factors(pre, n_pre, got.prefill_tokens, got.prefill);
     got.n_after = bin_factors(aft, n_aft, got.after_tokens, got.after);
+    got.n_first = got.n_after > 0 ? bin_factors(fst, n_fst, got.first_tokens, got.first) : 0;
     if (n_dec >= 5) {
         double d = median_of(dec, PD_MIN(n_dec, SERVE_MAX_BIN));
         if (d >= 0.25 && d <= 4) got.decode = d;
         else n_dec = 0;
     }
-    char pts[256], apts[256];
+    char pts[256], apts[256], fpts[256];
     points_text(got.prefill_tokens, got.prefill, got.n_prefill, pts, sizeof pts);
     points_text(got.after_tokens, got.after, got.n_after, apts, sizeof apts);
+    points_text(got.first_tokens, got.first, got.n_first, fpts, sizeof fpts);
     log_info("profile: serving, %s engine steps from their traces (%d steps, %d of them partly beside another "
-             "instance's): prefill %s; of which continuing a prompt %s; decode x%.3f over %d steps", what, tr->n,
-             n_over, got.n_prefill ? pts : "(too few)", got.n_after ? apts : "(too few)", got.decode, n_dec);
+             "instance's): prefill %s; of which continuing a prompt %s, the others %s; decode x%.3f over %d "
+             "steps",
+             what, tr->n, n_over, got.n_prefill ? pts : "(too few)", got.n_after ? apts : "(too few)",
+             got.n_first ? fpts : "(not apart)", got.decode, n_dec);
     if (got.n_prefill > 0) {
         sf->n_prefill = got.n_prefill;
         memcpy(sf->prefill_tokens, got.prefill_tokens, sizeof got.prefill_tokens);
@@ -641,11 +646,15 @@ static void traces_factor(const traces *tr, const sim_profile *p, sim_step_facto
         sf->n_after = got.n_after;
         memcpy(sf->after_tokens, got.after_tokens, sizeof got.after_tokens);
         memcpy(sf->after, got.after, sizeof got.after);
+        sf->n_first = got.n_first;
+        memcpy(sf->first_tokens, got.first_tokens, sizeof got.first_tokens);
+        memcpy(sf->first, got.first, sizeof got.first);
         sf->measured = true;
     }
     if (n_dec >= 5 && sf->measured) sf->decode = got.decode;
     free(pre);
     free(aft);
+    free(fst);
     free(dec);
 }
 

@@ -167,6 +167,11 @@ typedef struct sim_step_factor {
      * n_after 0: such steps take the factor above */
     int n_after;
     double after_tokens[SIM_MAX_POINTS], after[SIM_MAX_POINTS];
+    /* and for the other steps (chunks that start a prompt), measured beside after[]: the
+     * main bins above hold both kinds, so where the continuing ones are priced apart
+     * the rest take these; n_first 0 (profiles before them): the main bins */
+    int n_first;
+    double first_tokens[SIM_MAX_POINTS], first[SIM_MAX_POINTS];
     double decode;
 } sim_step_factor;
 #define SIM_STEP_AFTER_START 16.0
