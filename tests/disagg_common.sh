@@ -140,5 +140,21 @@ run_setup() {
   PDSERVE_URL="http://127.0.0.1:$UPORT" PDSERVE_INSTANCES="$INSTANCES" \
     node "$ROOT/tests/node/disagg.mjs" compare "$TMP/ref.json" ||
     { tail -40 "$TMP/$name.log"; fail "$name: outputs or pools"; }
+  check_kv_metrics "$name"
   stop_up "$name"
+}
+
+# check_kv_metrics NAME: the prefill instances' /metrics counted the requests' KV
+# transfers, their seconds and the seconds after their prefills (tail).
+check_kv_metrics() {
+  local n=0 sec=0 tail=0 u m
+  for u in ${INSTANCES//,/ }; do
+    m="$(curl -sf "$u/metrics")" || fail "$1: no /metrics at $u"
+    n=$(awk -v a="$n" '/^pdserve_kv_transfers_total/ {a += $NF} END {print a}' <<<"$m")
+    sec=$(awk -v a="$sec" '/^pdserve_kv_transfer_seconds_total/ {a += $NF} END {print a}' <<<"$m")
+    tail=$(awk -v a="$tail" '/^pdserve_kv_transfer_tail_seconds_total/ {a += $NF} END {print a}' <<<"$m")
+  done
+  awk -v n="$n" -v s="$sec" -v t="$tail" 'BEGIN {exit !(n >= 8 && s > 0 && t > 0)}' ||
+    fail "$1: KV transfer metrics: $n transfers, $sec s, tail $tail s"
+  echo "ok   $1: the prefill side counted $n KV transfers ($sec s, $tail s from the prefills' ends to the transfers' ends)"
 }

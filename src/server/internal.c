@@ -128,6 +128,7 @@ struct internal_ctx {
     int n_kept;
     pthread_t worker, ticker;
     bool worker_started, ticker_started;
+    internal_kv_totals kv_totals; /* prefill: transfers answered (under mu) */
 };
 
 static int64_t wall_ms(void) { return (int64_t)(time_wall_s() * 1000.0); }
@@ -303,6 +304,11 @@ static int kv_status_http(kv_status st) {
  * blocks back. t0..t1: kv_send_begin called .. kv_send_finish returned. */
 static void pj_succeed(internal_prefill_job *j, double t0, double t1, double busy, int early) {
     internal_ctx *in = j->in;
+    pthread_mutex_lock(&in->mu);
+    in->kv_totals.transfers++;
+    in->kv_totals.transfer_s += t1 - t0;
+    in->kv_totals.tail_s += PD_MAX(t1 - j->t_prefilled, 0);
+    pthread_mutex_unlock(&in->mu);
     engine_kv_release(in->eng, j->blocks, j->n_blocks);
     free(j->blocks);
     j->blocks = NULL;
@@ -897,6 +903,12 @@ int server_role_parse(const char *s, server_role *out) {
 }
 
 /* ---- life cycle ---------------------------------------------------------------------------- */
+void internal_kv_totals_get(internal_ctx *in, internal_kv_totals *out) {
+    pthread_mutex_lock(&in->mu);
+    *out = in->kv_totals;
+    pthread_mutex_unlock(&in->mu);
+}
+
 internal_ctx *internal_create(engine *e, kv_connector *kv, server_role role, double timeout_s,
                               int stall_ms) {
     internal_ctx *in = xcalloc(1, sizeof *in);

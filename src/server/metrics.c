@@ -198,18 +198,36 @@ static void render_tiers(sbuf *out, const engine_stats *st, const char *label) {
           t->offload_wait_seconds);
 }
 
-void metrics_render(server_metrics *m, const engine_stats *st, const char *model_name, sbuf *out) {
-    char label[256];
-    /* Label values: escape backslash, quote and newline (Prometheus text format). */
+/* model_name="..." into label[256]; label values escape backslash, quote and newline
+ * (Prometheus text format). */
+static void model_label(const char *model_name, char *label) {
     size_t k = 0;
-    k += (size_t)snprintf(label, sizeof label, "model_name=\"");
-    for (const char *p = model_name; *p && k + 4 < sizeof label; p++) {
+    k += (size_t)snprintf(label, 256, "model_name=\"");
+    for (const char *p = model_name; *p && k + 4 < 256; p++) {
         if (*p == '\\' || *p == '"') label[k++] = '\\', label[k++] = *p;
         else if (*p == '\n') label[k++] = '\\', label[k++] = 'n';
         else label[k++] = *p;
     }
     label[k++] = '"';
     label[k] = 0;
+}
+
+void metrics_render_kv_sends(const internal_kv_totals *kt, const char *model_name, sbuf *out) {
+    char label[256];
+    model_label(model_name, label);
+    gauge(out, "pdserve_kv_transfers_total", "counter", "KV transfers this prefill instance completed.",
+          label, (double)kt->transfers);
+    gauge(out, "pdserve_kv_transfer_seconds_total", "counter",
+          "Seconds from each transfer's first send call to its end.", label, kt->transfer_s);
+    gauge(out, "pdserve_kv_transfer_tail_seconds_total", "counter",
+          "Seconds from each prompt's prefill end to its transfer's end (a wait for the "
+          "transfer thread included): what the transfers added to their requests' time to "
+          "first token.", label, kt->tail_s);
+}
+
+void metrics_render(server_metrics *m, const engine_stats *st, const char *model_name, sbuf *out) {
+    char label[256];
+    model_label(model_name, label);
 
     gauge(out, "pdserve_num_requests_running", "gauge", "Requests in the running batch.", label,
           st->running);

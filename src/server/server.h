@@ -232,6 +232,10 @@ struct power_session;
  * pdserve_energy_measured{component}); p NULL: every component "not measured". Each
  * NVML energy-counter read costs milliseconds: scrape time only, never per token. */
 void metrics_render_energy(struct power_session *p, sbuf *out);
+/* The prefill side's KV transfer counters (internal_kv_totals_get), labelled as
+ * metrics_render labels. */
+struct internal_kv_totals;
+void metrics_render_kv_sends(const struct internal_kv_totals *k, const char *model_name, sbuf *out);
 
 /* ---- roles of an instance ------------------------------------------------------------------ */
 typedef enum server_role {
@@ -292,6 +296,15 @@ internal_ctx *internal_create(engine *e, struct kv_connector *kv, server_role ro
 void internal_free(internal_ctx *in);
 /* Active reservations and transfers (for /load). */
 int internal_active(internal_ctx *in);
+/* Prefill: the KV transfers answered so far (GET /metrics): their number, their seconds
+ * from the first send call to the transfer's end, and the seconds from each prompt's
+ * prefill end to its transfer's end, a wait for the transfer thread included (what the
+ * transfers added to their requests' TTFT; layer-wise, less than the transfer). */
+typedef struct internal_kv_totals {
+    uint64_t transfers;
+    double transfer_s, tail_s;
+} internal_kv_totals;
+void internal_kv_totals_get(internal_ctx *in, internal_kv_totals *out);
 /* Decode: reserves blocks for the prompt ids[n] and writes {"ticket":...} to out.
  * -1 with e (503 when the pool is full). The ids are kept (copied) with the
  * reservation under body_hash, the hash of the request's body, for

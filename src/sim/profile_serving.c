@@ -182,6 +182,12 @@ typedef struct serve_target {
      * pid (the deployment's top process and its children) */
     const char *busy_urls, *steps_urls;
     int pid;
+    /* disaggregated: the prefill instance's /metrics, whose transfer seconds
+     * (pdserve_kv_transfer_seconds_total: first send call to the end; whole transfers
+     * here, so none overlaps the prefill) are each request's transfer as it ran; NULL:
+     * priced from `medium`'s curve instead. The hand-over to the transfer thread before
+     * it stays in the path. */
+    const char *kv_urls;
     const sim_medium *medium;
     size_t kv_bytes_per_token;
     int max_tokens;
@@ -254,7 +260,8 @@ static double prefill_factor(const sim_profile *p, int n_tok, double engine_s) {
 }
 
 /* Fills path's points: per length, the median over repeats of TTFT - the engine's busy
- * seconds - the transfer; then the fitted line. One untimed request first (the
+ * seconds - the transfer (as the prefill instance measured it, where it says; else as
+ * the medium's curve prices it); then the fitted line. One untimed request first (the
  * deployment's first request opens connections and maps peers). */
 static int measure_path(const serve_target *t, const int *lens, int n_lens, int repeats, sim_serving_path *path,
                         char *err, size_t errlen) {
@@ -272,13 +279,16 @@ static int measure_path(const serve_target *t, const int *lens, int n_lens, int 
         int n_tok = lens[li], n_f = 0;
         for (int r = 0; r < repeats; r++) {
             double b0 = target_busy_s(t);
+            double k0 = t->kv_urls ? metrics_sum(t->kv_urls, "pdserve_kv_transfer_seconds_total") : 0;
             if (stream_once(t->port, text, t->max_tokens, &ttft, &pt, err, errlen)) {
                 free(text);
                 return -1;
             }
             double engine_s = target_busy_s(t) - b0;
             if (pt > 0) n_tok = pt;
-            double transfer = t->medium ? sim_cost_transfer(t->medium, (double)n_tok * (double)t->kv_bytes_per_token) : 0;
+            double transfer = t->kv_urls ? metrics_sum(t->kv_urls, "pdserve_kv_transfer_seconds_total") - k0
+                              : t->medium ? sim_cost_transfer(t->medium, (double)n_tok * (double)t->kv_bytes_per_token)
+                                          : 0;
             v[r] = ttft - engine_s - transfer;
             double fr = prefill_factor(t->prof, n_tok, engine_s);
             if (fr > 0) f[n_f++] = fr;
@@ -876,7 +886,9 @@ static int measure_disaggregated(model *m, model *md, const tokenizer *tok, cons
     rt = router_start(&rc_, err, errlen);
     if (!rt) goto out;
     /* max_tokens 2: a request of one token would end on the prefill side */
-    serve_target t = {.port = router_port(rt), .pe = pe, .de = de, .medium = cpu,
+    char pmetrics[80];
+    snprintf(pmetrics, sizeof pmetrics, "%s/metrics", purl);
+    serve_target t = {.port = router_port(rt), .pe = pe, .de = de, .medium = cpu, .kv_urls = pmetrics,
                       .kv_bytes_per_token = model_kv_bytes_per_token(&m->cfg, dtype_size(m->be->ops->kv_type)),
                       .max_tokens = 2, .tok = tok, .prof = prof};
     if (measure_path(&t, lens, n_lens, repeats, &out->disaggregated, err, errlen)) goto out;
@@ -1065,7 +1077,7 @@ int sim_profile_serving_processes(const sim_serving_deploy_opts *o, const tokeni
     log_instance_url(log_path, "[prefill0]", murl, sizeof murl - 8);
     strcat(murl, "/metrics");
     t = (serve_target){.port = url_port(d.base_url), .max_tokens = 2, .tok = tok, .busy_urls = murl,
-                       .steps_urls = d.metrics_urls, .pid = d.pids[0], .medium = sp.cpu,
+                       .steps_urls = d.metrics_urls, .pid = d.pids[0], .medium = sp.cpu, .kv_urls = murl,
                        .kv_bytes_per_token = out->kv_bytes_per_token, .prof = out};
     rc = murl[0] == '/' ? (pd_errorf(err, errlen, "serving: no prefill instance in %s", log_path), -1)
          : measure_path(&t, sp.lens, sp.n_lens, sp.repeats, &sv.disaggregated, err, errlen) ||
