@@ -618,9 +618,21 @@ int main(int argc, char **argv) {
         printf(" %s=%s%s", knobs[k] + 15, v && *v ? v : knob_default[k], v && *v ? "" : " (default)");
     }
     printf("\n");
-    if (strstr(o.media, "nccl"))
-        printf("NCCL send/recv 1 GiB, GPU 0 -> GPU %d, warm: %.2f GB/s\n", o.gpus > 1 ? 1 : 0,
-               bench_nccl_ceiling((size_t)1 << 30, o.gpus > 1 ? 1 : 0) / 1e9);
+    if (strstr(o.media, "nccl")) {
+        int dst = o.gpus > 1 ? 1 : 0;
+        printf("NCCL send/recv 1 GiB, GPU 0 -> GPU %d, warm: %.2f GB/s\n", dst,
+               bench_nccl_ceiling((size_t)1 << 30, dst) / 1e9);
+        /* lab: NCCL alone at the medium's chunk size (PDSERVE_KV_NCCL_CHUNK_MIB, 32 by
+         * default): the request's bytes as back-to-back ops, alone and 4 or all per group */
+        const char *cm = getenv("PDSERVE_KV_NCCL_CHUNK_MIB");
+        size_t chunk = (size_t)(cm && atoi(cm) > 0 ? atoi(cm) : 32) << 20;
+        int n_ops = (int)((bytes + chunk - 1) / chunk);
+        printf("  NCCL alone, %.0f MiB as %d ops of %zu MiB: %.2f GB/s one op at a time, %.2f GB/s 4 per "
+               "group, %.2f GB/s all in one group\n",
+               (double)bytes / (1 << 20), n_ops, chunk >> 20, bench_nccl_ceiling_chunks(bytes, dst, chunk, 0) / 1e9,
+               bench_nccl_ceiling_chunks(bytes, dst, chunk, 4) / 1e9,
+               bench_nccl_ceiling_chunks(bytes, dst, chunk, n_ops) / 1e9);
+    }
     printf("latency: kv_send_begin -> decode side has every layer; cold = first request to "
            "that peer; warm = best of %d requests after it (gpu, nccl; the others: 1), median "
            "beside it; put = prefill side's share of the best; GB/s and ratio of the best; "

@@ -18,8 +18,11 @@
 typedef struct bench_nccl_id { char internal[128]; } bench_nccl_id;
 
 /* One rank: 0 receives on GPU dst, 1 sends from GPU 0; rank 1 writes the best
- * bytes/s to fd. Runs in a child process; exits 0, or 1 when anything failed. */
-static void bench_nccl_rank(int rank, int dst, size_t bytes, int id_fd, int out_fd) {
+ * bytes/s to fd. The buffer goes as ops of `chunk` bytes (0: one op), queued back to
+ * back on one stream, `group` of them at a time inside ncclGroupStart/End (<= 1: none):
+ * what NCCL itself gives at the medium's chunk size. Runs in a child process; exits 0,
+ * or 1 when anything failed. */
+static void bench_nccl_rank(int rank, int dst, size_t bytes, size_t chunk, int group, int id_fd, int out_fd) {
     void *lib = dlopen("libnccl.so.2", RTLD_NOW | RTLD_LOCAL);
     if (!lib) _exit(1);
     int (*get_id)(bench_nccl_id *);
@@ -27,12 +30,16 @@ static void bench_nccl_rank(int rank, int dst, size_t bytes, int id_fd, int out_
     int (*send)(const void *, size_t, int, int, void *, void *);
     int (*recv)(void *, size_t, int, int, void *, void *);
     int (*destroy)(void *);
+    int (*g_start)(void), (*g_end)(void);
+    *(void **)&g_start = dlsym(lib, "ncclGroupStart");
+    *(void **)&g_end = dlsym(lib, "ncclGroupEnd");
     *(void **)&get_id = dlsym(lib, "ncclGetUniqueId");
     *(void **)&init = dlsym(lib, "ncclCommInitRank");
     *(void **)&send = dlsym(lib, "ncclSend");
     *(void **)&recv = dlsym(lib, "ncclRecv");
     *(void **)&destroy = dlsym(lib, "ncclCommDestroy");
-    if (!get_id || !init || !send || !recv || !destroy) _exit(1);
+    if (!get_id || !init || !send || !recv || !destroy || (group > 1 && (!g_start || !g_end))) _exit(1);
+    if (chunk == 0 || chunk > bytes) chunk = bytes;
     char err[256];
     backend *be = backend_cuda_create(rank ? 0 : dst, err, sizeof err);
     if (!be) _exit(1);
@@ -46,8 +53,15 @@ static void bench_nccl_rank(int rank, int dst, size_t bytes, int id_fd, int out_
     double best = 0;
     for (int r = 0; r < 4; r++) { /* the first connects the channels */
         double t0 = time_now_s();
-        int rc = rank ? send(buf, bytes, 1, 0, comm, stream) : recv(buf, bytes, 1, 1, comm, stream);
-        if (rc != 0) _exit(1);
+        int k = 0;
+        for (size_t off = 0; off < bytes; off += chunk, k++) {
+            size_t n = PD_MIN(chunk, bytes - off);
+            if (group > 1 && k % group == 0 && g_start() != 0) _exit(1);
+            int rc = rank ? send((char *)buf + off, n, 1, 0, comm, stream)
+                          : recv((char *)buf + off, n, 1, 1, comm, stream);
+            if (rc != 0) _exit(1);
+            if (group > 1 && (k % group == group - 1 || off + n >= bytes) && g_end() != 0) _exit(1);
+        }
         cuda_kv_nccl_event_record(be, ev, stream);
         while (!cuda_kv_nccl_event_done(be, ev)) {}
         if (r) best = PD_MAX(best, (double)bytes / (time_now_s() - t0));
@@ -62,9 +76,10 @@ static void bench_nccl_rank(int rank, int dst, size_t bytes, int id_fd, int out_
 }
 #endif
 
-/* Best warm NCCL send/recv throughput of `bytes` from GPU 0 to GPU dst, bytes/s; 0 when
- * it cannot be measured here. */
-static double bench_nccl_ceiling(size_t bytes, int dst) {
+/* Best warm NCCL send/recv throughput of `bytes` from GPU 0 to GPU dst, bytes/s, in ops
+ * of `chunk` bytes (0: one op), `group` per NCCL group (<= 1: none); 0 when it cannot be
+ * measured here. */
+static double bench_nccl_ceiling_chunks(size_t bytes, int dst, size_t chunk, int group) {
 #if PDSERVE_HAVE_CUDA
     int idp[2], outp[2];
     if (pipe(idp) != 0 || pipe(outp) != 0) return 0;
@@ -73,7 +88,7 @@ static double bench_nccl_ceiling(size_t bytes, int dst) {
         if ((p[rank] = fork()) == 0) {
             close(outp[0]);
             alarm(120); /* a rank whose peer failed waits in init: never hang the bench */
-            bench_nccl_rank(rank, dst, bytes, rank ? idp[0] : idp[1], outp[1]);
+            bench_nccl_rank(rank, dst, bytes, chunk, group, rank ? idp[0] : idp[1], outp[1]);
         }
     close(idp[0]), close(idp[1]), close(outp[1]);
     double bw = 0;
@@ -82,9 +97,12 @@ static double bench_nccl_ceiling(size_t bytes, int dst) {
     for (int rank = 0; rank < 2; rank++) waitpid(p[rank], NULL, 0);
     return bw;
 #else
-    (void)bytes, (void)dst;
+    (void)bytes, (void)dst, (void)chunk, (void)group;
     return 0;
 #endif
 }
+
+/* One op of the whole buffer: the ceiling. */
+static double bench_nccl_ceiling(size_t bytes, int dst) { return bench_nccl_ceiling_chunks(bytes, dst, 0, 0); }
 
 #endif
