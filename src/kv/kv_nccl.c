@@ -487,7 +487,7 @@ static kv_status link_wait(const kv_cache *kv, nccl_link *k, void *ev, const wai
  *   init             a blocking one from the start (A/B).
  * Why: since NCCL 2.19 a non-blocking communicator enqueues every operation through a
  * background job (ncclGroupEnd returns ncclInProgress; link_op polls until it is done).
- * On 2x H200 (2026-11-28, docs/results/kv-cuda.md) that took ~140 us a send: an 896 MiB
+ * On 2x H200 (2026-11-27, docs/results/kv-cuda.md) that took ~140 us a send: an 896 MiB
  * put moved at 194-199 GB/s (53-54% of NCCL send/recv) non-blocking, 247 GB/s (67%)
  * blocking; layer-wise 131 against 190 GB/s. A blocking communicator enqueues inline, but
  * its creation and lazy connection cannot be abandoned when the peer dies or never
