@@ -331,6 +331,15 @@ static cJSON *nums(const double *v, int n) {
     return a;
 }
 
+/* [[x0, y0], [x1, y1], ...] of n points, added to o as `name`. */
+static void add_pairs(cJSON *o, const char *name, const double *x, const double *y, int n) {
+    cJSON *a = cJSON_AddArrayToObject(o, name);
+    for (int i = 0; i < n; i++) {
+        double pair[2] = {x[i], y[i]};
+        cJSON_AddItemToArray(a, nums(pair, 2));
+    }
+}
+
 static cJSON *grid_json(const sim_grid *g, const char *xname, const char *yname) {
     cJSON *o = cJSON_CreateObject();
     cJSON_AddItemToObject(o, xname, nums(g->x, g->nx));
@@ -403,11 +412,7 @@ char *sim_profile_to_json(const sim_profile *p) {
         cJSON_AddNumberToObject(mo, "bandwidth_bytes_per_s", m->bandwidth);
         cJSON_AddNumberToObject(mo, "power_w", m->power_w);
         if (m->control_s > 0) cJSON_AddNumberToObject(mo, "control_s", m->control_s);
-        cJSON *pts = cJSON_AddArrayToObject(mo, "points");
-        for (int k = 0; k < m->n_points; k++) {
-            double pair[2] = {m->bytes[k], m->seconds[k]};
-            cJSON_AddItemToArray(pts, nums(pair, 2));
-        }
+        add_pairs(mo, "points", m->bytes, m->seconds, m->n_points);
         cJSON_AddStringToObject(mo, "source", m->source);
         cJSON_AddItemToArray(ms, mo);
     }
@@ -445,11 +450,7 @@ char *sim_profile_to_json(const sim_profile *p) {
         cJSON *cto = cJSON_AddObjectToObject(o, "contention");
         cJSON_AddNumberToObject(cto, "cores", ct->cores);
         cJSON_AddNumberToObject(cto, "threads", ct->threads);
-        cJSON *pts = cJSON_AddArrayToObject(cto, "points");
-        for (int i = 0; i < ct->n_points; i++) {
-            double pair[2] = {ct->procs[i], ct->slowdown[i]};
-            cJSON_AddItemToArray(pts, nums(pair, 2));
-        }
+        add_pairs(cto, "points", ct->procs, ct->slowdown, ct->n_points);
         if (ct->kinds_measured) {
             cJSON *ko = cJSON_AddArrayToObject(cto, "kinds");
             for (int x = 0; x < 2; x++) cJSON_AddItemToArray(ko, nums(ct->kinds[x], 2));
@@ -469,11 +470,7 @@ char *sim_profile_to_json(const sim_profile *p) {
             if (sp->measured) { /* else steps alone (calibrated from traces, sim --write-profile) */
                 cJSON_AddNumberToObject(po, "fixed_s", sp->fixed_s);
                 cJSON_AddNumberToObject(po, "s_per_token", sp->s_per_token);
-                cJSON *pts = cJSON_AddArrayToObject(po, "points");
-                for (int k = 0; k < sp->n_points; k++) {
-                    double pair[2] = {sp->tokens[k], sp->seconds[k]};
-                    cJSON_AddItemToArray(pts, nums(pair, 2));
-                }
+                add_pairs(po, "points", sp->tokens, sp->seconds, sp->n_points);
             }
             const sim_serving_cpu *cu = &sp->cpu;
             if (cu->measured) {
@@ -487,25 +484,9 @@ char *sim_profile_to_json(const sim_profile *p) {
             const sim_step_factor *sf = &sp->steps;
             if (sf->measured) {
                 cJSON *fo = cJSON_AddObjectToObject(po, "steps");
-                cJSON *fp = cJSON_AddArrayToObject(fo, "prefill");
-                for (int k = 0; k < sf->n_prefill; k++) {
-                    double pair[2] = {sf->prefill_tokens[k], sf->prefill[k]};
-                    cJSON_AddItemToArray(fp, nums(pair, 2));
-                }
-                if (sf->n_after > 0) {
-                    cJSON *fa = cJSON_AddArrayToObject(fo, "prefill_after");
-                    for (int k = 0; k < sf->n_after; k++) {
-                        double pair[2] = {sf->after_tokens[k], sf->after[k]};
-                        cJSON_AddItemToArray(fa, nums(pair, 2));
-                    }
-                }
-                if (sf->n_first > 0) {
-                    cJSON *ff = cJSON_AddArrayToObject(fo, "prefill_first");
-                    for (int k = 0; k < sf->n_first; k++) {
-                        double pair[2] = {sf->first_tokens[k], sf->first[k]};
-                        cJSON_AddItemToArray(ff, nums(pair, 2));
-                    }
-                }
+                add_pairs(fo, "prefill", sf->prefill_tokens, sf->prefill, sf->n_prefill);
+                if (sf->n_after > 0) add_pairs(fo, "prefill_after", sf->after_tokens, sf->after, sf->n_after);
+                if (sf->n_first > 0) add_pairs(fo, "prefill_first", sf->first_tokens, sf->first, sf->n_first);
                 cJSON_AddNumberToObject(fo, "decode", sf->decode);
             }
         }
