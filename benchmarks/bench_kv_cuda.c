@@ -6,7 +6,8 @@
  * layers, 8 kv heads, head dim 128, bf16: 112 KiB per token, blocks of 16 tokens =
  * 32 KiB per layer part) from a prefill process on GPU 0 to a decode process on GPU 1
  * (GPU 0 when there is one). The prefill side's blocks are runs of 4 in shuffled
- * order (a cache in use is fragmented); the decode side's are consecutive. Latency:
+ * order (a cache in use is fragmented; --run N: runs of N, 0: one run, a pool not yet
+ * cut up); the decode side's are consecutive. Latency:
  * from the prefill side's kv_send_begin to the decode side's kv_ticket_wait returning
  * OK (one host clock), for a cold request (the first to that peer: IPC handles opened,
  * connection made) and --warm (3) warm ones after it (gpu and nccl; the others 1): the
@@ -75,7 +76,7 @@
 #endif
 
 #define BLOCK 16
-#define RUN 4
+#define RUN 4                  /* default --run */
 #define BENCH_MAX_LAYERS 64
 #define MAX_WARM 8
 #define MAX_VARIANTS 12
@@ -90,6 +91,8 @@ typedef struct opts {
     int gpus;
     char variant[MAX_VARIANTS][160]; /* "NAME=VALUE ...": environment of both sides */
     int n_variants;
+    int run;                   /* the prefill side's blocks: runs of this many, shuffled;
+                                * 0: one run (consecutive ids, a pool not yet cut up) */
 } opts;
 
 static model_config bench_config(void) {
@@ -406,10 +409,11 @@ static int transfer(const opts *o, kv_medium m, const char *copy, const char *va
         }
         be->ops->sync(be);
         int32_t *tok = xmalloc((size_t)n * sizeof(int32_t)), *blocks = xmalloc((size_t)nb * 4);
-        int groups = (nb + RUN - 1) / RUN; /* runs of RUN blocks, groups in shuffled order */
+        int run = o->run > 0 ? o->run : nb;
+        int groups = (nb + run - 1) / run; /* runs of `run` blocks, groups in shuffled order */
         for (int i = 0; i < nb; i++) {
-            int g = i / RUN, sg = (int)(((uint64_t)g * 7919) % (uint64_t)groups);
-            blocks[i] = sg * RUN + i % RUN;
+            int g = i / run, sg = (int)(((uint64_t)g * 7919) % (uint64_t)groups);
+            blocks[i] = sg * run + i % run;
         }
         for (int i = 0; i < nb; i++) /* a permutation only when 7919 and groups are coprime */
             if (blocks[i] >= kv->num_blocks) blocks[i] = i;
@@ -557,7 +561,7 @@ static int count_gpus(void) {
 
 int main(int argc, char **argv) {
     opts o = {.media = "gpu,cpu,disk,tcp,nccl", .copies = "auto", .mode = KV_TRANSFER_WHOLE,
-              .tokens = 8192, .warm = 3, .busy_ms = 50};
+              .tokens = 8192, .warm = 3, .busy_ms = 50, .run = RUN};
     snprintf(o.dir, sizeof o.dir, ".");
     for (int i = 1; i < argc; i++) {
         const char *v = i + 1 < argc ? argv[i + 1] : "";
@@ -568,12 +572,14 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--busy-ms")) o.busy_ms = atof(v), i++;
         else if (!strcmp(argv[i], "--warm")) o.warm = PD_MAX(1, PD_MIN(MAX_WARM, atoi(v))), i++;
         else if (!strcmp(argv[i], "--dir")) snprintf(o.dir, sizeof o.dir, "%s", v), i++;
+        else if (!strcmp(argv[i], "--run")) o.run = PD_MAX(0, atoi(v)), i++;
         else if (!strcmp(argv[i], "--variant") && o.n_variants < MAX_VARIANTS)
             snprintf(o.variant[o.n_variants++], sizeof o.variant[0], "%s", v), i++;
         else {
             fprintf(stderr, "usage: bench_kv_cuda [--media gpu,cpu,disk,tcp,nccl] [--copies "
                             "auto,memcpy,kernel] [--mode whole|layerwise] [--tokens N] [--dir DIR] "
-                            "[--busy-ms MS] [--warm N] [--variant 'NAME=VALUE ...']...\n");
+                            "[--busy-ms MS] [--warm N] [--run BLOCKS] [--variant 'NAME=VALUE "
+                            "...']...\n");
             return 2;
         }
     }
@@ -593,9 +599,11 @@ int main(int argc, char **argv) {
         pd_die("bench: the pinned-copy ceiling failed");
     double d2h = pc[0], h2d = pc[1];
     printf("bench_kv_cuda: %s transfers of %d tokens (%.0f MiB), KV %zu bytes/token "
-           "(Llama-3.2-3B, bf16), blocks of %d tokens in runs of %d, prefill GPU 0 -> decode "
-           "GPU %d; prefill side busy %.0f ms before each request\n", kv_transfer_mode_name(o.mode),
-           n, (double)bytes / (1 << 20), per_token, BLOCK, RUN, o.gpus > 1 ? 1 : 0, o.busy_ms);
+           "(Llama-3.2-3B, bf16), blocks of %d tokens, the prefill side's in %s%d%s, prefill GPU 0 "
+           "-> decode GPU %d; prefill side busy %.0f ms before each request\n",
+           kv_transfer_mode_name(o.mode), n, (double)bytes / (1 << 20), per_token, BLOCK,
+           o.run > 0 ? "shuffled runs of " : "one run of ", o.run > 0 ? o.run : nb, " blocks",
+           o.gpus > 1 ? 1 : 0, o.busy_ms);
     printf("pinned host <-> GPU 0, GB/s          device->host  host->device\n");
     printf("  one copy of %4.0f MiB                  %8.2f  %12.2f\n", (double)bytes / (1 << 20),
            (double)bytes / pc[0] / 1e9, (double)bytes / pc[1] / 1e9);
@@ -632,6 +640,11 @@ int main(int argc, char **argv) {
                (double)bytes / (1 << 20), n_ops, chunk >> 20, bench_nccl_ceiling_chunks(bytes, dst, chunk, 0) / 1e9,
                bench_nccl_ceiling_chunks(bytes, dst, chunk, 4) / 1e9,
                bench_nccl_ceiling_chunks(bytes, dst, chunk, n_ops) / 1e9);
+        /* as the medium cuts a layer now: k and v pieces of up to a chunk, 2 per group */
+        size_t piece = PD_MIN(chunk, bytes / (size_t)cfg.n_layers / 2);
+        printf("  NCCL alone as the medium cuts it: %d ops of %.1f MiB (k and v of a layer's "
+               "blocks), 2 per group: %.2f GB/s\n", (int)((bytes + piece - 1) / piece),
+               (double)piece / (1 << 20), bench_nccl_ceiling_chunks(bytes, dst, piece, 2) / 1e9);
     }
     printf("latency: kv_send_begin -> decode side has every layer; cold = first request to "
            "that peer; warm = best of %d requests after it (gpu, nccl; the others: 1), median "

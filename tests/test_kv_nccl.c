@@ -10,18 +10,21 @@
  * communicator the first one made. D regenerates the values and compares every byte of
  * every block it took, gives the blocks back and checks that its pool holds only what it
  * held before and that no reservation is left. Cases:
- *   whole, layerwise       two requests each, every byte compared; again with chunks
- *                          of 1 MiB, so that a layer takes two staging buffers, and
- *                          whole with 1 MiB chunks through a ring of 2 (the stream
- *                          pipeline wraps its ring 16 times per request)
- * The pipeline is the environment's (PDSERVE_KV_NCCL_PIPE=stream, the default, or host:
- * scripts/gpu/check-kv-bw.sh runs both).
+ *   whole, layerwise       two requests each, every byte compared (one piece of k and
+ *                          one of v a layer, staged on both sides: neither side's 37
+ *                          blocks are one run); again with pieces of 8 blocks (128 KiB),
+ *                          so that some pieces go in place on both sides, some on one,
+ *                          some on neither; whole with 8-block pieces through a ring of
+ *                          2; whole with pieces of 3 blocks through a ring of 2
  *   decode dies            D kills itself once layer 0 has arrived (P ships a layer every
  *                          50 ms): P's kv_send_layer / finish fails (peer or deadline)
  *                          well within the deadline, and its connector closes (no hang:
  *                          the communicator is aborted)
  *   prefill dies           the test kills P after layer 0: D's wait says peer within the
  *                          deadline, its blocks are back, its connector closes
+ * The pipeline is the environment's (PDSERVE_KV_NCCL_PIPE=stream, the default, or host),
+ * and so is PDSERVE_KV_NCCL_DIRECT (0: every piece staged): scripts/gpu/check-kv-bw.sh
+ * runs the combinations.
  * Afterwards no shm segment carrying the run's tag may remain.
  *
  * Exits 77 (skipped) with fewer than two GPUs, without a CUDA build, or without NCCL. */
@@ -58,7 +61,7 @@ typedef enum nccl_scenario { SC_OK, SC_DECODE_DIES, SC_PREFILL_DIES } nccl_scena
 typedef struct nccl_case {
     kv_transfer_mode mode;
     nccl_scenario scenario;
-    int chunk_mib;             /* PDSERVE_KV_NCCL_CHUNK_MIB for both sides; 0: default */
+    int chunk_kib;             /* PDSERVE_KV_NCCL_CHUNK_KIB for both sides; 0: default */
     int depth;                 /* PDSERVE_KV_NCCL_DEPTH for both sides; 0: default */
 } nccl_case;
 
@@ -299,10 +302,10 @@ static void test_case(void) {
     const nccl_case *k = &g_case;
     int pp[2], pt[2];
     REQUIRE(pipe(pp) == 0 && pipe(pt) == 0);
-    char mib[16];
-    snprintf(mib, sizeof mib, "%d", k->chunk_mib);
-    if (k->chunk_mib) setenv("PDSERVE_KV_NCCL_CHUNK_MIB", mib, 1);
-    else unsetenv("PDSERVE_KV_NCCL_CHUNK_MIB");
+    char kib[16];
+    snprintf(kib, sizeof kib, "%d", k->chunk_kib);
+    if (k->chunk_kib) setenv("PDSERVE_KV_NCCL_CHUNK_KIB", kib, 1);
+    else unsetenv("PDSERVE_KV_NCCL_CHUNK_KIB");
     char depth[16];
     snprintf(depth, sizeof depth, "%d", k->depth);
     if (k->depth) setenv("PDSERVE_KV_NCCL_DEPTH", depth, 1);
@@ -337,10 +340,12 @@ static void test_case(void) {
     CHECK(!leftovers());
     static const char *const NAMES[] = {"ok", "decode dies", "prefill dies"};
     const char *pipe = getenv("PDSERVE_KV_NCCL_PIPE");
-    fprintf(stderr, "     nccl %s, %s%s%s, %s pipeline: %d request(s) of %d blocks x %d layers, "
-            "GPU 0 -> GPU 1, %.2f s\n", kv_transfer_mode_name(k->mode), NAMES[k->scenario],
-            k->chunk_mib ? ", chunks of 1 MiB (2 per layer)" : "",
+    const char *direct = getenv("PDSERVE_KV_NCCL_DIRECT");
+    fprintf(stderr, "     nccl %s, %s, pieces of %d KiB%s, %s pipeline%s: %d request(s) of %d "
+            "blocks x %d layers, GPU 0 -> GPU 1, %.2f s\n", kv_transfer_mode_name(k->mode),
+            NAMES[k->scenario], k->chunk_kib ? k->chunk_kib : 32768,
             k->depth == 2 ? ", 2 staging buffers" : "", pipe && *pipe ? pipe : "stream",
+            direct && !strcmp(direct, "0") ? ", every piece staged" : "",
             k->scenario == SC_OK ? N_REQUESTS : 1, (N_TOKENS + BS - 1) / BS,
             test_config().n_layers, time_now_s() - t0);
 }
@@ -369,9 +374,13 @@ int main(void) {
     const nccl_case cases[] = {
         {KV_TRANSFER_WHOLE, SC_OK, 0, 0},
         {KV_TRANSFER_LAYERWISE, SC_OK, 0, 0},
-        {KV_TRANSFER_WHOLE, SC_OK, 1, 0},     /* a layer (1.16 MiB) is 2 chunks */
-        {KV_TRANSFER_LAYERWISE, SC_OK, 1, 0},
-        {KV_TRANSFER_WHOLE, SC_OK, 1, 2},     /* 32 chunks a request through 2 buffers */
+        /* pieces of 8 blocks: a layer is 5 groups of k and v; P's pieces 0, 2, 3 and 4
+         * are runs of its pool (in place), piece 1 is not (staged); D's reservation
+         * interleaves with blocks it holds, so it stages some pieces and not others */
+        {KV_TRANSFER_WHOLE, SC_OK, 128, 0},
+        {KV_TRANSFER_LAYERWISE, SC_OK, 128, 0},
+        {KV_TRANSFER_WHOLE, SC_OK, 128, 2},   /* staged pieces through a ring of 2 */
+        {KV_TRANSFER_WHOLE, SC_OK, 48, 2},    /* pieces of 3 blocks: 13 groups a layer */
         {KV_TRANSFER_LAYERWISE, SC_DECODE_DIES, 0, 0},
         {KV_TRANSFER_LAYERWISE, SC_PREFILL_DIES, 0, 0},
     };

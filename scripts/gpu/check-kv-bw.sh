@@ -3,16 +3,17 @@
 # each of their switches on and off in the same run (issue #5: 80% of the ceiling), in
 # one device call on a machine with two GPUs: builds with the gathered Debian prefix,
 # runs test_kv_cuda (every medium, every byte compared) and test_kv_nccl under both
-# nccl pipelines (stream, host) and the stream one on the non-blocking communicator, then bench_kv_cuda over gpu, then over nccl (each run
-# with its own ceilings), whole then layerwise, one row per variant:
+# nccl pipelines (stream, host), the stream one with every piece staged
+# (PDSERVE_KV_NCCL_DIRECT=0) and on the non-blocking communicator, then bench_kv_cuda
+# over gpu, then over nccl (each run with its own ceilings), whole then layerwise, with
+# the prefill side's blocks in shuffled runs of 4 (the bench's default) and, for whole,
+# in one run (--run 0: every nccl piece in place on both sides), one row per variant:
 #   gpu   PDSERVE_KV_GPU_COPY=runs (one copy_runs per call) | items (one copy_batch of
 #         every run x part: the medium before)
-#   nccl  PDSERVE_KV_NCCL_PIPE=stream (device-ordered ring) with DEPTH 2, 3 (default), 4
-#         and WAIT=sleep | host (the halves the host waits for) with WAIT spin | sleep
-#         (host + sleep: the medium before); the communicator: PDSERVE_KV_NCCL_BLOCKING
-#         =split (default: a blocking child split off the non-blocking one) | 0 (non-
-#         blocking throughout, as before) | init (blocking from its creation); chunks of
-#         PDSERVE_KV_NCCL_CHUNK_MIB 32 (default), 64, 128
+#   nccl  PDSERVE_KV_NCCL_PIPE=stream (device-ordered ring) | host (the halves the host
+#         waits for); PDSERVE_KV_NCCL_DIRECT=1 (default: pieces whose blocks are one run
+#         go in place) | 0 (every piece staged: the medium before); the communicator:
+#         PDSERVE_KV_NCCL_BLOCKING=split (default) | 0 (non-blocking throughout)
 #   and gpu's default once with PDSERVE_KV_TIMING=0: what the breakdown's clocks and
 #   events cost (that row has no breakdown)
 # and each warm request's breakdown (bench clocks, the medium's phases, the backend's
@@ -50,11 +51,12 @@ if [ "${SKIP_TEST:-0}" != 1 ]; then
   echo "test_kv_cuda: exit $rc, $(( $(date +%s) - t0 )) s"
   [ "$rc" -eq 77 ] && exit 77
   [ "$rc" -ne 0 ] && { status=1; grep -E 'FAIL|differs|error' "$out/test_kv_cuda.log" | head -n 20; }
-  for pipe in stream host stream-nonblocking; do
+  for pipe in stream host stream-staged stream-nonblocking; do
     t0=$(date +%s)
     blocking=split; [ "$pipe" = stream-nonblocking ] && blocking=0
-    PDSERVE_KV_NCCL_PIPE=${pipe%-nonblocking} PDSERVE_KV_NCCL_BLOCKING=$blocking timeout 200 "$B/test_kv_nccl" \
-      >"$out/test_kv_nccl-$pipe.log" 2>&1
+    direct=1; [ "$pipe" = stream-staged ] && direct=0
+    PDSERVE_KV_NCCL_PIPE=${pipe%-*} PDSERVE_KV_NCCL_BLOCKING=$blocking PDSERVE_KV_NCCL_DIRECT=$direct \
+      timeout 200 "$B/test_kv_nccl" >"$out/test_kv_nccl-$pipe.log" 2>&1
     rc=$?
     echo "test_kv_nccl ($pipe pipeline): exit $rc, $(( $(date +%s) - t0 )) s"
     [ "$rc" -eq 77 ] && exit 77
@@ -62,31 +64,34 @@ if [ "${SKIP_TEST:-0}" != 1 ]; then
   done
 fi
 
-# one bench run: MODE MEDIA VARIANT... (rows against the ceilings of the same run)
+# one bench run: MODE MEDIA VARIANT... (rows against the ceilings of the same run);
+# RUN=N: the prefill side's blocks in runs of N (the bench's --run; unset: its default)
 bench() {
   local mode=$1 media=$2; shift 2
-  local args=() f=$out/bench_kv_cuda-bw-$mode-$media
+  local args=() tag=$media${RUN:+-run$RUN}
+  local f=$out/bench_kv_cuda-bw-$mode-$tag
   for v in "$@"; do args+=(--variant "$v"); done
+  [ -n "${RUN:-}" ] && args+=(--run "$RUN")
   local t0=$(date +%s)
   timeout "${BENCH_TIMEOUT:-200}" "$B/bench_kv_cuda" --dir "$B" --media "$media" --copies auto \
     --mode "$mode" --tokens "${BENCH_TOKENS:-8192}" --warm "${BENCH_WARM:-3}" "${args[@]}" \
     >"$f.txt" 2>"$f.err"
   local rc=$?
-  echo "bench_kv_cuda $mode $media: exit $rc, $(( $(date +%s) - t0 )) s"
+  echo "bench_kv_cuda $mode $tag: exit $rc, $(( $(date +%s) - t0 )) s"
   tail -n 3 "$f.err"
   { [ "$rc" -ne 0 ] || grep -q ' failed$' "$f.txt"; } && status=1
 }
-G=PDSERVE_KV_GPU_COPY N=PDSERVE_KV_NCCL_PIPE D=PDSERVE_KV_NCCL_DEPTH W=PDSERVE_KV_NCCL_WAIT
-bench whole gpu "$G=items" "$G=runs" "$G=runs PDSERVE_KV_TIMING=0"
-B0=PDSERVE_KV_NCCL_BLOCKING C=PDSERVE_KV_NCCL_CHUNK_MIB
-bench whole nccl "$N=stream $B0=0" "$N=host $B0=0" "$N=host" "$N=stream $D=2" "$N=stream $D=3" \
-  "$N=stream $D=4" "$N=stream $D=3 $W=sleep" "$N=stream $B0=init" "$N=stream $C=64" \
-  "$N=stream $C=128"
+G=PDSERVE_KV_GPU_COPY N=PDSERVE_KV_NCCL_PIPE X=PDSERVE_KV_NCCL_DIRECT B0=PDSERVE_KV_NCCL_BLOCKING
+bench whole gpu "$G=runs"
+bench whole nccl "$N=stream" "$N=stream $X=0" "$N=host" "$N=stream $B0=0"
+RUN=0 bench whole gpu "$G=runs"
+RUN=0 bench whole nccl "$N=stream" "$N=stream $X=0" "$N=host"
 if [ "${SKIP_LAYERWISE:-0}" != 1 ] && [ $(( $(date +%s) - t_start )) -gt "${LAYERWISE_BY:-380}" ]; then
   echo "layerwise bench skipped: $(( $(date +%s) - t_start )) s gone (LAYERWISE_BY=${LAYERWISE_BY:-380})"
 elif [ "${SKIP_LAYERWISE:-0}" != 1 ]; then
-  bench layerwise gpu "$G=items" "$G=runs"
-  bench layerwise nccl "$N=stream $B0=0" "$N=host" "$N=stream $D=3" "$N=stream $B0=init"
+  bench layerwise gpu "$G=runs"
+  bench layerwise nccl "$N=stream" "$N=stream $X=0"
+  RUN=0 bench layerwise nccl "$N=stream" "$N=stream $X=0"
 fi
 
 # the summary, longest first (a reader of the output's tail sees the table): each warm
@@ -95,7 +100,7 @@ fi
 each_bench() {
   local mode media f
   for mode in whole layerwise; do
-    for media in gpu nccl; do
+    for media in gpu nccl gpu-run0 nccl-run0; do
       f=$out/bench_kv_cuda-bw-$mode-$media.txt
       [ -f "$f" ] && "$1" "$mode" "$media" "$f"
     done
@@ -109,7 +114,7 @@ breakdown() {
 rows() {
   echo
   echo "== bench_kv_cuda ($1, $2) =="
-  grep -E '^(GPU 0:|NCCL send)' "$3"
+  grep -E '^(GPU 0:|NCCL send|  NCCL alone|bench_kv_cuda:)' "$3"
   awk '/^medium copies/ && !done { on = 1 } on && /^where/ { on = 0; done = 1 } on' "$3"
   grep -E '^       \(' "$3"
 }
@@ -117,7 +122,7 @@ each_bench breakdown
 echo
 echo "== tests =="
 [ -f "$out/test_kv_cuda.log" ] && grep -E '^(ok  |FAIL)' "$out/test_kv_cuda.log"
-for pipe in stream host stream-nonblocking; do
+for pipe in stream host stream-staged stream-nonblocking; do
   [ -f "$out/test_kv_nccl-$pipe.log" ] && { echo "-- test_kv_nccl, $pipe pipeline"; grep -E '^(ok  |FAIL)|^     nccl' "$out/test_kv_nccl-$pipe.log"; }
 done
 each_bench rows

@@ -18,14 +18,15 @@
  *             The communicator is kept for every later request of the pair.
  *   data      per layer: a DATA frame (layer l, blocks 0..n of the ticket, payload =
  *             2 * n * block bytes, checksum 0: NCCL moves the payload, not the socket),
- *             then that payload as ncclSend / ncclRecv of chunks of at most
- *             NCCL_CHUNK_BYTES: the sender gathers layer l's k then v blocks into a device
- *             staging buffer, sends it; the receiver receives into its own staging
- *             buffer and scatters it into the reserved blocks. A ring of buffers per side
- *             (nccl_link: the stream pipeline, ordered on the device, or the host one):
- *             gathering (scattering) chunk i+1 overlaps the NCCL transfer of chunk i. The
- *             receiver drains every DATA's payload even when its reservation has failed,
- *             so that the pair's NCCL stream never goes out of step.
+ *             then that payload as NCCL groups of two pieces, k and v of the same blocks,
+ *             at most NCCL_CHUNK_BYTES each ("pieces" below). A piece whose blocks are
+ *             consecutive in that side's pool goes straight from (into) the pool; the
+ *             others go through a ring of device staging buffers per side (nccl_link:
+ *             the stream pipeline, ordered on the device, or the host one): the sender
+ *             gathers them, the receiver scatters them, overlapping the NCCL transfer of
+ *             the pieces before. The receiver drains every DATA's payload even when its
+ *             reservation has failed, so that the pair's NCCL stream never goes out of
+ *             step.
  *   threads   decode: a listener thread (accepts, runs kv_connector_tick every 100 ms)
  *             and one thread per prefill peer (setup, then frames and receives), so a
  *             slow peer never delays another; the engine thread never calls NCCL.
@@ -48,7 +49,8 @@
  *             for there. The machine's NCCL_* variables are left as they are.
  *
  * Tuned for: a few prefill peers per decode instance, requests of MiBs to GiBs of KV,
- * layers of tens of MiB; one NCCL operation per chunk (not per block run). */
+ * layers of tens of MiB in a few runs of blocks; two NCCL operations per group (k and v
+ * of up to a chunk of blocks), not one per block run. */
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -119,6 +121,8 @@ typedef struct nccl_lib {
     const char *(*error_string)(int);
     int (*send)(const void *, size_t, int, int, nccl_comm, void *);
     int (*recv)(void *, size_t, int, int, nccl_comm, void *);
+    int (*group_start)(void);
+    int (*group_end)(void);
 } nccl_lib;
 
 static nccl_lib g_nccl;
@@ -162,6 +166,8 @@ static int nccl_load(char *err, size_t errlen) {
             BIND(error_string, "ncclGetErrorString");
             BIND(send, "ncclSend");
             BIND(recv, "ncclRecv");
+            BIND(group_start, "ncclGroupStart");
+            BIND(group_end, "ncclGroupEnd");
 #undef BIND
         }
         if (!lib) {
@@ -171,7 +177,7 @@ static int nccl_load(char *err, size_t errlen) {
                       "hosts)", path, why ? why : "not found");
             rc = -1;
         } else if (!n.get_version || !n.get_unique_id || !n.comm_init_rank || !n.comm_abort ||
-                   !n.comm_async_error || !n.send || !n.recv ||
+                   !n.comm_async_error || !n.send || !n.recv || !n.group_start || !n.group_end ||
                    n.get_version(&n.version) != NCCL_OK) {
             pd_errorf(err, errlen, "kv nccl: %s lacks ncclSend/ncclRecv/ncclCommAbort "
                       "(NCCL older than 2.7?)", path);
@@ -188,30 +194,32 @@ static int nccl_load(char *err, size_t errlen) {
 }
 
 /* ---- one pair's link: control socket + communicator + staging -------------------------
- * Two pipelines move a layer's chunks (PDSERVE_KV_NCCL_PIPE, read once per process; the
+ * Two pipelines move a layer's pieces (PDSERVE_KV_NCCL_PIPE, read once per process; the
  * two sides need not agree):
- *   stream (default)  ordered on the device: a ring of `depth` staging buffers
- *                     (PDSERVE_KV_NCCL_DEPTH, 2..8, default 3), a copy stream for the
- *                     gathers (scatters) and NCCL's stream, each waiting for the other
- *                     through events (cudaStreamWaitEvent): the gather of chunk i waits
- *                     for the send made from its buffer `depth` chunks ago, the send of
- *                     chunk i for its gather; the receiver mirrors it (receive i waits for
- *                     the scatter out of its buffer, scatter i for receive i). The host
+ *   stream (default)  ordered on the device. Pieces in place need nothing more. Staged
+ *                     pieces go through a ring of `depth` staging buffers
+ *                     (PDSERVE_KV_NCCL_DEPTH, 2..8, default 3; a group's two pieces take
+ *                     two), a copy stream for the gathers (scatters) and NCCL's stream,
+ *                     each waiting for the other through events (cudaStreamWaitEvent):
+ *                     the gather of piece i waits for the send made from its buffer
+ *                     `depth` pieces ago, the send of piece i for its gather; the receiver
+ *                     mirrors it (receive i waits for the scatter out of its buffer,
+ *                     scatter i for receive i). The host
  *                     only queues: the sender waits once per send_layers call (for its
  *                     last send), the receiver counts a layer when its last scatter's
  *                     event has passed, looked at between frames, so it keeps receiving
  *                     the next layers meanwhile. Gathers and scatters are one launch of
- *                     cuda_kv_nccl_units per chunk (block ids uploaded once per request).
- *                     On 2x H200 (NV18, 2026-11-27, docs/results/kv-cuda.md) an 8k-token
- *                     request moved at 171-205 GB/s (47-56% of NCCL send/recv) against
- *                     120-135 GB/s (33-37%) on the host pipeline.
- *   host              what this medium did first: two halves, the host waits for each
- *                     half's send (receive) before it gathers (scatters) the next chunk
- *                     through copy_batch, which itself waits for its copy (A/B).
- * Why depth 3: in steady state 2 buffers keep NCCL busy (a chunk's gather or scatter,
+ *                     cuda_kv_nccl_units per piece (block ids uploaded once per request).
+ *                     Everything staged (DIRECT=0), on 2x H200 (NV18, 2026-11-27,
+ *                     docs/results/kv-cuda.md), an 8k-token request moved at 238 GB/s
+ *                     (65% of NCCL send/recv); NCCL alone at the same op size did 86%.
+ *   host              what this medium did first: every piece staged in two halves (k,
+ *                     v); the host gathers (scatters) a group through copy_batch, waited
+ *                     for, between the group's sends (receives) (A/B).
+ * Why depth 3: in steady state 2 buffers keep NCCL busy (a piece's gather or scatter,
  * a device-local copy, takes a fraction of its NVLink transfer); the third absorbs a
  * gather or scatter delayed behind other kernels (a decode step on the receiver's
- * GPU) for one chunk more, for one chunk (32 MiB) more of device memory per side.
+ * GPU) for one piece more, for one chunk (32 MiB) more of device memory per side.
  * Waits (PDSERVE_KV_NCCL_WAIT=spin|sleep): spin (default) polls NCCL_SPIN_WAITS times
  * with sched_yield before it sleeps; sleep backs off from the first poll (nanosleep,
  * whose timer slack makes each sleep ~50 us or more). */
@@ -232,6 +240,7 @@ typedef struct nccl_link {
     void *cstream;          /* stream pipeline: cudaStream_t of the gathers / scatters */
     void *ev[NCCL_MAX_DEPTH];  /* cudaEvent_t after each staging buffer's latest NCCL op */
     void *cev[NCCL_MAX_DEPTH]; /* stream pipeline: after its latest gather / scatter */
+    void *gev;              /* after the latest NCCL group (direct pieces have no buffer) */
     uint8_t *stage[NCCL_MAX_DEPTH]; /* device, chunk bytes each */
     size_t chunk;
     uint64_t seq;           /* stream pipeline: chunks through the ring so far */
@@ -310,14 +319,17 @@ static bool peer_dying(uint64_t key) {
     return (flags & 0x4u) != 0; /* PF_EXITING */
 }
 
-/* Bytes per NCCL op and staging half: whole blocks, about NCCL_CHUNK_BYTES, or
- * PDSERVE_KV_NCCL_CHUNK_MIB (A/B runs; both sides must agree: HELLO checks it). */
+/* Most bytes per piece (NCCL op) and staging buffer: whole blocks, about
+ * NCCL_CHUNK_BYTES, or PDSERVE_KV_NCCL_CHUNK_MIB (A/B runs), or PDSERVE_KV_NCCL_CHUNK_KIB
+ * (tests: pieces of a few blocks); both sides must agree: HELLO checks it. */
 static size_t chunk_bytes(const kv_cache *kv) {
     static size_t want;
     if (!want) {
-        const char *e = getenv("PDSERVE_KV_NCCL_CHUNK_MIB");
-        long mib = e ? atol(e) : 0;
-        want = mib > 0 && mib <= 1024 ? (size_t)mib << 20 : NCCL_CHUNK_BYTES;
+        const char *e = getenv("PDSERVE_KV_NCCL_CHUNK_MIB"), *ek = getenv("PDSERVE_KV_NCCL_CHUNK_KIB");
+        long mib = e ? atol(e) : 0, kib = ek ? atol(ek) : 0;
+        want = kib > 0 && kib <= (1L << 20) ? (size_t)kib << 10
+               : mib > 0 && mib <= 1024     ? (size_t)mib << 20
+                                            : NCCL_CHUNK_BYTES;
     }
     size_t units = want / kv->block_bytes;
     return (units ? units : 1) * kv->block_bytes;
@@ -328,7 +340,7 @@ static size_t chunk_bytes(const kv_cache *kv) {
 static void link_close(const kv_cache *kv, nccl_link *k) {
     if (k->comm) NCCL_CALL(g_nccl.comm_abort(k->comm));
     if (k->parent) NCCL_CALL(g_nccl.comm_abort(k->parent));
-    if (k->stream || k->cstream || k->ev[0] || k->stage[0]) {
+    if (k->stream || k->cstream || k->ev[0] || k->stage[0] || k->gev) {
         cuda_kv_nccl_bind(kv->be);
         /* both streams idle (the aborted ops end) before their memory goes */
         cuda_kv_nccl_stream_destroy(kv->be, k->stream);
@@ -338,6 +350,7 @@ static void link_close(const kv_cache *kv, nccl_link *k) {
             cuda_kv_nccl_event_destroy(kv->be, k->cev[h]);
             cuda_kv_nccl_free(kv->be, k->stage[h]);
         }
+        cuda_kv_nccl_event_destroy(kv->be, k->gev);
         for (int i = 0; i < NCCL_PENDING_MAX; i++) cuda_kv_nccl_event_destroy(kv->be, k->pev[i]);
         cuda_kv_nccl_free(kv->be, k->ids_dev);
         if (k->ids_host) kv->be->ops->host_free(kv->be, k->ids_host);
@@ -356,6 +369,7 @@ static kv_status link_alloc(const kv_cache *kv, nccl_link *k, bool decode, char 
     k->stream_pipe = pipe_stream();
     k->depth = k->stream_pipe ? pipe_depth() : 2;
     k->stream = cuda_kv_nccl_stream_create(kv->be);
+    k->gev = cuda_kv_nccl_event_create(kv->be);
     if (k->stream_pipe) k->cstream = cuda_kv_nccl_stream_create(kv->be);
     for (int h = 0; h < k->depth; h++) {
         k->ev[h] = cuda_kv_nccl_event_create(kv->be);
@@ -486,7 +500,7 @@ static kv_status link_wait(const kv_cache *kv, nccl_link *k, void *ev, const wai
  *   0                the non-blocking one throughout (what this medium did first).
  *   init             a blocking one from the start (A/B).
  * Why: since NCCL 2.19 a non-blocking communicator enqueues every operation through a
- * background job (ncclGroupEnd returns ncclInProgress; link_op polls until it is done).
+ * background job (ncclGroupEnd returns ncclInProgress; link_group polls until it is done).
  * On 2x H200 (2026-11-27, docs/results/kv-cuda.md) that took ~140 us a send: an 896 MiB
  * put moved at 194-199 GB/s (53-54% of NCCL send/recv) non-blocking, 247 GB/s (67%)
  * blocking; layer-wise 131 against 190 GB/s. A blocking communicator enqueues inline, but
@@ -584,12 +598,44 @@ static kv_status link_init(const kv_cache *kv, nccl_link *k, const nccl_id *id, 
     return st;
 }
 
-/* Queues one NCCL op on staging half h (send to / receive from the other rank) and
- * records ev[h] after it. */
-static kv_status link_op(const kv_cache *kv, nccl_link *k, bool send, int h, size_t bytes,
-                         const wait_ctx *w, char *err, size_t errlen) {
-    int rc = send ? NCCL_CALL(g_nccl.send(k->stage[h], bytes, NCCL_UINT8, 0, k->comm, k->stream))
-                  : NCCL_CALL(g_nccl.recv(k->stage[h], bytes, NCCL_UINT8, 1, k->comm, k->stream));
+/* ---- pieces: how a layer's payload is cut into NCCL operations -----------------------
+ * Both sides cut it the same way, from the request's block count alone: group g of a
+ * layer is blocks [g * per, min(nb, (g + 1) * per)) of k, then the same blocks of v (per
+ * = chunk / block bytes), one NCCL group of two operations. NCCL pairs a pair's
+ * operations in order, sizes included, and the groups are kept the same on both sides
+ * (groups that differ between the ranks are undefined: NVIDIA/nccl#1279). Each side then
+ * moves each of its pieces either in place, when the piece's blocks are consecutive ids
+ * of its own KV pool (NCCL reads or writes the pool itself: no gather, no scatter, no
+ * hand-off between streams), or through a staging buffer of the ring, deciding for its
+ * own blocks alone. A pool that has not been cut up keeps a request's blocks in a few
+ * runs, so most pieces go in place; a fragmented one falls back to the ring, piece by
+ * piece. PDSERVE_KV_NCCL_DIRECT=0 stages every piece (A/B; the sides need not agree). */
+static bool direct_on(void) {
+    static int on = -1;
+    if (on < 0) {
+        const char *e = getenv("PDSERVE_KV_NCCL_DIRECT");
+        on = !(e && !strcmp(e, "0"));
+    }
+    return on;
+}
+
+/* Whether blocks[i0..i1) are consecutive ids (one run of the pool). */
+static bool blocks_run(const int32_t *blocks, int i0, int i1) {
+    for (int i = i0 + 1; i < i1; i++)
+        if (blocks[i] != blocks[i0] + (i - i0)) return false;
+    return true;
+}
+
+/* Queues one NCCL group of n operations (send to / receive from the other rank), bytes[i]
+ * at ptr[i], on the link's stream, and records gev after it. */
+static kv_status link_group(const kv_cache *kv, nccl_link *k, bool send, int n, void *const *ptr,
+                            const size_t *bytes, const wait_ctx *w, char *err, size_t errlen) {
+    int rc = NCCL_CALL(g_nccl.group_start());
+    for (int i = 0; i < n && (rc == NCCL_OK || rc == NCCL_IN_PROGRESS); i++)
+        rc = send ? NCCL_CALL(g_nccl.send(ptr[i], bytes[i], NCCL_UINT8, 0, k->comm, k->stream))
+                  : NCCL_CALL(g_nccl.recv(ptr[i], bytes[i], NCCL_UINT8, 1, k->comm, k->stream));
+    int end = NCCL_CALL(g_nccl.group_end()); /* always closes the group */
+    if (rc == NCCL_OK || rc == NCCL_IN_PROGRESS) rc = end;
     if (rc != NCCL_OK && rc != NCCL_IN_PROGRESS) {
         pd_errorf(err, errlen, "kv nccl: %s: %s: %s", w->who, send ? "ncclSend" : "ncclRecv",
                   nccl_error(rc));
@@ -597,7 +643,7 @@ static kv_status link_op(const kv_cache *kv, nccl_link *k, bool send, int h, siz
     }
     /* non-blocking: the kernel is queued once the communicator is idle again */
     kv_status st = k->nonblocking ? link_wait(kv, k, NULL, w, err, errlen) : KV_OK;
-    if (st == KV_OK) cuda_kv_nccl_event_record(kv->be, k->ev[h], k->stream);
+    if (st == KV_OK) cuda_kv_nccl_event_record(kv->be, k->gev, k->stream);
     return st;
 }
 
@@ -841,28 +887,25 @@ static kv_status pend_flush(nccl_conn *k, char *err, size_t errlen) {
     return st;
 }
 
-/* Host pipeline: receives a DATA frame's payload through two halves, scattering each
- * chunk (one copy_batch, waited for) while the next arrives. */
+/* Host pipeline: receives a DATA frame's payload group by group (pieces: k into half 0,
+ * v into half 1), waiting for each group, then scattering it (copy_batch, waited for).
+ * Every piece is staged here. */
 static kv_status data_host(nccl_conn *k, const kv_msg_header *h, bool fits, const wait_ctx *w,
                            char *err, size_t errlen) {
     const kv_cache *kv = k->c->kv;
+    nccl_link *L = &k->link;
     size_t bb = kv->block_bytes;
-    size_t per = k->link.chunk / bb, units = (size_t)(h->payload_bytes / bb);
-    size_t n_chunks = (units + per - 1) / per;
+    int nb = (int)h->n_blocks, per = (int)(L->chunk / bb);
     kv_status st = KV_OK;
-    /* receives of chunks i and i+1 in flight; chunk i scattered while i+1 arrives */
-    for (size_t i = 0; i < n_chunks && i < 2 && st == KV_OK; i++)
-        st = link_op(kv, &k->link, false, (int)(i & 1), PD_MIN(per, units - i * per) * bb, w,
-                     err, errlen);
-    for (size_t i = 0; i < n_chunks && st == KV_OK; i++) {
-        int hh = (int)(i & 1);
-        size_t u0 = i * per, u1 = PD_MIN(units, u0 + per);
-        st = link_wait(kv, &k->link, k->link.ev[hh], w, err, errlen);
-        if (st != KV_OK) break;
-        if (fits) conn_scatter(k, h, hh, u0, u1);
-        if (i + 2 < n_chunks)
-            st = link_op(kv, &k->link, false, hh, PD_MIN(per, units - (i + 2) * per) * bb, w,
-                         err, errlen);
+    for (int i0 = 0; i0 < nb && st == KV_OK; i0 += per) {
+        int i1 = PD_MIN(nb, i0 + per);
+        void *ptr[2] = {L->stage[0], L->stage[1]};
+        size_t bytes[2] = {(size_t)(i1 - i0) * bb, (size_t)(i1 - i0) * bb};
+        st = link_group(kv, L, false, 2, ptr, bytes, w, err, errlen);
+        if (st == KV_OK) st = link_wait(kv, L, L->gev, w, err, errlen);
+        if (st != KV_OK || !fits) continue;
+        conn_scatter(k, h, 0, (size_t)i0, (size_t)i1);
+        conn_scatter(k, h, 1, (size_t)nb + i0, (size_t)nb + i1);
     }
     if (st != KV_OK || !fits) return st;
     kv_connector *c = k->c;
@@ -879,23 +922,25 @@ static kv_status data_host(nccl_conn *k, const kv_msg_header *h, bool fits, cons
     return KV_OK;
 }
 
-/* Stream pipeline: queues a DATA frame's receives and scatters on the ring (nothing
- * waited for but room: a full pending list, or the previous request's ids), holding
- * the reservation's blocks (busy) until its last scatter has run; the layer counts
- * when pend_complete sees that. */
+/* Stream pipeline: queues a DATA frame's receives (and the scatters of its staged pieces)
+ * group by group (nothing waited for but room: a full pending list, or the previous
+ * request's ids), holding the reservation's blocks (busy) until its last receive and
+ * scatter have run; the layer counts when pend_complete sees that. A piece whose blocks
+ * are one run of the pool is received in place; the others through the ring, whose
+ * buffer b is reused once the scatter out of it `depth` pieces ago has run. A
+ * reservation that no longer fits drains every piece through the ring. */
 static kv_status data_stream(nccl_conn *k, const kv_msg_header *h, bool fits, const wait_ctx *w,
                              char *err, size_t errlen) {
     kv_connector *c = k->c;
     const kv_cache *kv = c->kv;
     nccl_link *L = &k->link;
     size_t bb = kv->block_bytes;
-    size_t per = L->chunk / bb, units = (size_t)(h->payload_bytes / bb);
-    size_t n_chunks = (units + per - 1) / per;
+    int nb = (int)h->n_blocks, per = (int)(L->chunk / bb);
     kv_status st = KV_OK;
     if (fits && L->pend_n == NCCL_PENDING_MAX) st = pend_complete(k, false, err, errlen);
     if (st == KV_OK && fits && !(L->ids_set && L->ids_ticket == h->ticket)) {
         st = pend_flush(k, err, errlen); /* the pinned ids are free again */
-        if (st == KV_OK) st = link_ids_room(kv, L, (int)h->n_blocks, err, errlen);
+        if (st == KV_OK) st = link_ids_room(kv, L, nb, err, errlen);
     }
     if (st != KV_OK) return st;
     if (fits) { /* still pending? then hold its blocks and name them to the device */
@@ -912,20 +957,38 @@ static kv_status data_stream(nccl_conn *k, const kv_msg_header *h, bool fits, co
         }
         pthread_mutex_unlock(&c->mu);
     }
-    for (size_t i = 0; i < n_chunks && st == KV_OK; i++, L->seq++) {
-        int b = (int)(L->seq % (uint64_t)L->depth);
-        size_t u0 = i * per, u1 = PD_MIN(units, u0 + per);
-        if (L->seq >= (uint64_t)L->depth) cuda_kv_nccl_stream_wait(kv->be, L->stream, L->cev[b]);
-        st = link_op(kv, L, false, b, (u1 - u0) * bb, w, err, errlen);
-        if (st != KV_OK) break;
-        cuda_kv_nccl_stream_wait(kv->be, L->cstream, L->ev[b]);
-        if (fits)
-            cuda_kv_nccl_units(kv->be, L->cstream, kv->k[h->layer], kv->v[h->layer], L->ids_dev,
-                               (int)h->n_blocks, u0, u1, L->stage[b], bb, 0);
-        cuda_kv_nccl_event_record(kv->be, L->cev[b], L->cstream);
+    bool direct = fits && direct_on();
+    for (int i0 = 0; i0 < nb && st == KV_OK; i0 += per) {
+        int i1 = PD_MIN(nb, i0 + per), bufs[2], parts[2], n_staged = 0;
+        void *ptr[2];
+        size_t bytes[2] = {(size_t)(i1 - i0) * bb, (size_t)(i1 - i0) * bb};
+        for (int part = 0; part < 2; part++) {
+            if (direct && blocks_run(L->ids_host, i0, i1)) {
+                ptr[part] = kv_block_ptr(kv, (int)h->layer, part, L->ids_host[i0]);
+                continue;
+            }
+            int b = (int)(L->seq % (uint64_t)L->depth);
+            if (L->seq >= (uint64_t)L->depth) cuda_kv_nccl_stream_wait(kv->be, L->stream, L->cev[b]);
+            L->seq++;
+            ptr[part] = L->stage[b];
+            bufs[n_staged] = b;
+            parts[n_staged++] = part;
+        }
+        st = link_group(kv, L, false, 2, ptr, bytes, w, err, errlen);
+        for (int j = 0; j < n_staged && st == KV_OK; j++) {
+            int b = bufs[j];
+            size_t u0 = (size_t)parts[j] * nb + i0;
+            cuda_kv_nccl_event_record(kv->be, L->ev[b], L->stream);
+            cuda_kv_nccl_stream_wait(kv->be, L->cstream, L->ev[b]);
+            if (fits)
+                cuda_kv_nccl_units(kv->be, L->cstream, kv->k[h->layer], kv->v[h->layer], L->ids_dev,
+                                   nb, u0, u0 + (i1 - i0), L->stage[b], bb, 0);
+            cuda_kv_nccl_event_record(kv->be, L->cev[b], L->cstream);
+        }
     }
-    if (st == KV_OK && fits) {
+    if (st == KV_OK && fits) { /* the layer is in once its last receive and scatter have run */
         int at = (L->pend_head + L->pend_n - 1) % NCCL_PENDING_MAX;
+        cuda_kv_nccl_stream_wait(kv->be, L->cstream, L->gev);
         cuda_kv_nccl_event_record(kv->be, L->pev[at], L->cstream);
     }
     return st;
@@ -956,9 +1019,9 @@ static kv_status conn_data(nccl_conn *k, const kv_msg_header *h, char *err, size
                          h->layer, h->n_blocks, (unsigned long long)h->payload_bytes, s->n_blocks);
     }
     pthread_mutex_unlock(&c->mu);
-    if (h->payload_bytes % bb) {
-        pd_errorf(err, errlen, "kv nccl: %s: DATA payload of %llu bytes is not whole blocks",
-                  k->who, (unsigned long long)h->payload_bytes);
+    if (h->payload_bytes != 2 * (uint64_t)h->n_blocks * bb) { /* cannot tell its pieces */
+        pd_errorf(err, errlen, "kv nccl: %s: DATA payload of %llu bytes is not k and v of its "
+                  "%u blocks", k->who, (unsigned long long)h->payload_bytes, h->n_blocks);
         return KV_ERR_PROTOCOL;
     }
     wait_ctx w = {deadline, &k->impl->stop, k->who};
@@ -1186,67 +1249,88 @@ static kv_status send_data_frame(kv_send *x, struct nccl_peer *p, int l, size_t 
     return errno == ETIMEDOUT ? KV_ERR_DEADLINE : KV_ERR_PEER;
 }
 
-/* Host pipeline: every layer in layers[n]: a DATA frame, then its payload in chunks,
- * two in flight; the host gathers each chunk (copy_batch, waited for) once the send
- * made from its half two chunks ago is done. *queued: the clock before the last wait. */
+/* Host pipeline: every layer in layers[n]: a DATA frame, then its pieces group by group
+ * (k into half 0, v into half 1), every piece staged: the host gathers a group (one
+ * copy_batch, waited for) once the previous group's sends are done. *queued: the clock
+ * before the last wait. */
 static kv_status send_host(kv_send *x, struct nccl_peer *p, const int *layers, int n,
                            const wait_ctx *w, double *queued, char *err, size_t errlen) {
     const kv_cache *kv = x->c->kv;
     nccl_link *k = &p->link;
     size_t bb = kv->block_bytes;
-    size_t per = k->chunk / bb, units = 2 * (size_t)x->n_blocks, seq = 0;
+    int nb = x->n_blocks, per = (int)(k->chunk / bb);
+    bool any = false;
     kv_status st = KV_OK;
     for (int j = 0; j < n && st == KV_OK; j++) {
         int l = layers[j];
-        st = send_data_frame(x, p, l, units * bb, err, errlen);
-        for (size_t u0 = 0; u0 < units && st == KV_OK; u0 += per, seq++) {
-            int hh = (int)(seq & 1);
-            size_t u1 = PD_MIN(units, u0 + per);
-            /* half hh is free once the send made from it two chunks ago is done */
-            if (seq >= 2 && (st = link_wait(kv, k, k->ev[hh], w, err, errlen)) != KV_OK) break;
+        st = send_data_frame(x, p, l, 2 * (size_t)nb * bb, err, errlen);
+        for (int i0 = 0; i0 < nb && st == KV_OK; i0 += per) {
+            int i1 = PD_MIN(nb, i0 + per);
+            if (any && (st = link_wait(kv, k, k->gev, w, err, errlen)) != KV_OK) break;
             kv_copies q = {0};
-            unit_copies(&q, kv, l, x->blocks, x->n_blocks, u0, u1, k->stage[hh], true);
+            unit_copies(&q, kv, l, x->blocks, nb, (size_t)i0, (size_t)i1, k->stage[0], true);
+            unit_copies(&q, kv, l, x->blocks, nb, (size_t)nb + i0, (size_t)nb + i1, k->stage[1], true);
             kv_copies_run(kv, &q);
             kv_copies_free(&q);
-            st = link_op(kv, k, true, hh, (u1 - u0) * bb, w, err, errlen);
+            void *ptr[2] = {k->stage[0], k->stage[1]};
+            size_t bytes[2] = {(size_t)(i1 - i0) * bb, (size_t)(i1 - i0) * bb};
+            st = link_group(kv, k, true, 2, ptr, bytes, w, err, errlen);
+            any = true;
         }
     }
     *queued = kv_timing_on() ? time_now_s() : 0;
-    if (st == KV_OK && seq > 0) st = link_wait(kv, k, k->ev[(seq - 1) & 1], w, err, errlen);
+    if (st == KV_OK && any) st = link_wait(kv, k, k->gev, w, err, errlen);
     return st;
 }
 
-/* Stream pipeline: every layer in layers[n]: a DATA frame, then per chunk a gather on
- * the copy stream (after the send that last read its buffer) and an ncclSend on NCCL's
- * stream (after that gather), all queued at once; then one wait, for the last send
- * (the streams are in order: every earlier gather and send is done too). */
+/* Stream pipeline: every layer in layers[n]: a DATA frame, then its pieces group by group,
+ * all queued at once: a piece whose blocks are one run of the pool is sent in place; the
+ * others are gathered into a ring buffer on the copy stream (after the send that last
+ * read that buffer) and sent from there once gathered (NCCL's stream waits for it).
+ * Then one wait, for the last group (the streams are in order: every earlier gather and
+ * send is done too). */
 static kv_status send_stream(kv_send *x, struct nccl_peer *p, const int *layers, int n,
                              const wait_ctx *w, double *queued, char *err, size_t errlen) {
     const kv_cache *kv = x->c->kv;
     nccl_link *k = &p->link;
     size_t bb = kv->block_bytes;
-    size_t per = k->chunk / bb, units = 2 * (size_t)x->n_blocks;
+    int nb = x->n_blocks, per = (int)(k->chunk / bb);
+    bool direct = direct_on(), any = false;
     /* the previous call waited for its last send: the ids' pinned copy is free */
-    kv_status st = link_ids_room(kv, k, x->n_blocks, err, errlen);
-    if (st == KV_OK) link_ids_set(kv, k, x->t.id, x->blocks, x->n_blocks);
-    int last = -1;
+    kv_status st = link_ids_room(kv, k, nb, err, errlen);
+    if (st == KV_OK) link_ids_set(kv, k, x->t.id, x->blocks, nb);
     for (int j = 0; j < n && st == KV_OK; j++) {
         int l = layers[j];
-        st = send_data_frame(x, p, l, units * bb, err, errlen);
-        for (size_t u0 = 0; u0 < units && st == KV_OK; u0 += per, k->seq++) {
-            int b = (int)(k->seq % (uint64_t)k->depth);
-            size_t u1 = PD_MIN(units, u0 + per);
-            if (k->seq >= (uint64_t)k->depth) cuda_kv_nccl_stream_wait(kv->be, k->cstream, k->ev[b]);
-            cuda_kv_nccl_units(kv->be, k->cstream, kv->k[l], kv->v[l], k->ids_dev, x->n_blocks, u0,
-                               u1, k->stage[b], bb, 1);
-            cuda_kv_nccl_event_record(kv->be, k->cev[b], k->cstream);
-            cuda_kv_nccl_stream_wait(kv->be, k->stream, k->cev[b]);
-            st = link_op(kv, k, true, b, (u1 - u0) * bb, w, err, errlen);
-            last = b;
+        st = send_data_frame(x, p, l, 2 * (size_t)nb * bb, err, errlen);
+        for (int i0 = 0; i0 < nb && st == KV_OK; i0 += per) {
+            int i1 = PD_MIN(nb, i0 + per), bufs[2], n_staged = 0;
+            bool run = direct && blocks_run(x->blocks, i0, i1);
+            void *ptr[2];
+            size_t bytes[2] = {(size_t)(i1 - i0) * bb, (size_t)(i1 - i0) * bb};
+            for (int part = 0; part < 2; part++) {
+                if (run) {
+                    ptr[part] = kv_block_ptr(kv, l, part, x->blocks[i0]);
+                    continue;
+                }
+                int b = (int)(k->seq % (uint64_t)k->depth);
+                if (k->seq >= (uint64_t)k->depth) cuda_kv_nccl_stream_wait(kv->be, k->cstream, k->ev[b]);
+                k->seq++;
+                size_t u0 = (size_t)part * nb + i0;
+                cuda_kv_nccl_units(kv->be, k->cstream, kv->k[l], kv->v[l], k->ids_dev, nb, u0,
+                                   u0 + (i1 - i0), k->stage[b], bb, 1);
+                cuda_kv_nccl_event_record(kv->be, k->cev[b], k->cstream);
+                cuda_kv_nccl_stream_wait(kv->be, k->stream, k->cev[b]);
+                ptr[part] = k->stage[b];
+                bufs[n_staged++] = b;
+            }
+            st = link_group(kv, k, true, 2, ptr, bytes, w, err, errlen);
+            for (int b = 0; b < n_staged && st == KV_OK; b++)
+                cuda_kv_nccl_event_record(kv->be, k->ev[bufs[b]], k->stream);
+            any = true;
         }
     }
     *queued = kv_timing_on() ? time_now_s() : 0;
-    if (st == KV_OK && last >= 0) st = link_wait(kv, k, k->ev[last], w, err, errlen);
+    if (st == KV_OK && any) st = link_wait(kv, k, k->gev, w, err, errlen);
     return st;
 }
 

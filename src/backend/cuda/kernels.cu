@@ -628,7 +628,7 @@ static size_t gemv_smem_bytes() {
 template <int W, int MT, int STAGES, int KH, bool SWIGLU>
 __global__ void __launch_bounds__(W * 32)
 gemv_kernel(bf16 *out, const bf16 *x, const bf16 *w, const bf16 *bias, int T, int Kd, int N,
-            int F) {
+            int F, int early) {
     uint64_t pol;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
     extern __shared__ uint4 gemv_ring[]; /* [warp][stage][slot][lane] */
@@ -654,8 +654,9 @@ gemv_kernel(bf16 *out, const bf16 *x, const bf16 *w, const bf16 *bias, int T, in
     const int nsteps = (Kd + STEP - 1) / STEP;
     const int mine = warp < nsteps ? (nsteps - warp + W - 1) / W : 0;
 
-    /* queues this warp's i-th step into stage i % STAGES (an empty group past the end) */
-    auto issue = [&](int i) {
+    /* queues this warp's i-th step into stage i % STAGES: its slice of x (xs) and of
+     * the weights (ws); nothing past the end */
+    auto issue_part = [&](int i, bool xs, bool ws) {
         if (i < mine) {
             uint4 *st = ring + (size_t)(i % STAGES) * SL * 32;
 #pragma unroll
@@ -663,17 +664,35 @@ gemv_kernel(bf16 *out, const bf16 *x, const bf16 *w, const bf16 *bias, int T, in
                 int k = (warp + i * W) * STEP + hk * 32 + c * 8;
                 bool kv = k < Kd; /* Kd % 8 == 0: all 8 elements or none */
                 int kk = kv ? k : 0;
-                gemv_cp_ca(st + hk * 32, xr + kk, kv && xv);
+                if (xs) gemv_cp_ca(st + hk * 32, xr + kk, kv && xv);
+                if (ws)
 #pragma unroll
-                for (int j = 0; j < MT; j++)
+                    for (int j = 0; j < MT; j++)
 #pragma unroll
-                    for (int h = 0; h < 2; h++)
-                        gemv_cp_cg(st + (KH + (j * 2 + h) * KH + hk) * 32, wr[j][h] + kk,
-                                   kv && rv[j][h], pol);
+                        for (int h = 0; h < 2; h++)
+                            gemv_cp_cg(st + (KH + (j * 2 + h) * KH + hk) * 32, wr[j][h] + kk,
+                                       kv && rv[j][h], pol);
             }
         }
+    };
+    /* step i whole, as one commit group (an empty group past the end) */
+    auto issue = [&](int i) {
+        issue_part(i, true, true);
         gemv_cp_commit();
     };
+
+    /* The weights never depend on the kernel before this one; x does. With `early`
+     * (programmatic launch: this grid may start while its predecessor still runs) the
+     * first STAGES - 1 steps' weights are queued before the wait, as one group, and
+     * their x after it, a group per step: the loop's wait_group<STAGES - 1> below then
+     * still means "step i has landed" (the weights' group is older than step 0's x).
+     * So each weight stream starts during the short kernel before it instead of after.
+     * Without early: every load after the wait (what this kernel did first). */
+    if (early) {
+#pragma unroll
+        for (int i = 0; i < STAGES - 1; i++) issue_part(i, false, true);
+        gemv_cp_commit();
+    }
 
     pd_enter();
 
@@ -683,7 +702,10 @@ gemv_kernel(bf16 *out, const bf16 *x, const bf16 *w, const bf16 *bias, int T, in
 #pragma unroll
         for (int e = 0; e < 4; e++) acc[j][e] = 0.0f;
 #pragma unroll
-    for (int i = 0; i < STAGES - 1; i++) issue(i);
+    for (int i = 0; i < STAGES - 1; i++) {
+        issue_part(i, true, !early);
+        gemv_cp_commit();
+    }
     for (int i = 0; i < mine; i++) {
         issue(i + STAGES - 1);
         gemv_cp_wait<STAGES - 1>(); /* step i has landed (this thread's own copies) */
@@ -757,6 +779,9 @@ static const gemv_cfg GEMV_CFG[] = {
 /* PDSERVE_CUDA_GEMV_CFG=i (lab only: bench_kernels_cuda) forces GEMV_CFG[i]; -1 picks
  * by shape */
 static int gemv_forced = -1;
+/* PDSERVE_CUDA_GEMV_EARLY=0 (A/B): every load after the wait for the previous kernel;
+ * default 1: the first steps' weights before it (gemv_kernel, `early`) */
+static int gemv_early = 1;
 
 bool cuda_gemv_supports(int T, int Kd, const void *x, const void *w) {
     return T >= 1 && T <= 8 && Kd > 0 && Kd % 8 == 0 && aligned16(x) && aligned16(w);
@@ -777,6 +802,8 @@ void cuda_gemv_init(void) {
     gemv_allow_smem<4, 2, 4, 2, true>();
     const char *e = getenv("PDSERVE_CUDA_GEMV_CFG");
     if (e && *e) gemv_forced = PD_MIN(atoi(e), (int)PD_ARRAY_LEN(GEMV_CFG) - 1);
+    const char *ee = getenv("PDSERVE_CUDA_GEMV_EARLY");
+    gemv_early = !(ee && !strcmp(ee, "0"));
 }
 
 /* Two m-tiles per CTA once that still leaves two CTAs per SM (gate_up, lm_head): x is
@@ -794,7 +821,8 @@ void cuda_gemv(cuda_backend *cb, bf16 *out, const bf16 *x, const bf16 *w, const 
 #define GEMV_LAUNCH(w_, mt, st, kh)                                                                \
     if (c.W == w_ && c.MT == mt && c.STAGES == st && c.KH == kh)                                   \
         pd_launch(gemv_kernel<w_, mt, st, kh, false>, cuda_blocks((size_t)N, 16 * mt), w_ * 32,    \
-                  gemv_smem_bytes<w_, mt, st, kh>(), cb->stream, out, x, w, bias, T, Kd, N, 0);
+                  gemv_smem_bytes<w_, mt, st, kh>(), cb->stream, out, x, w, bias, T, Kd, N, 0, \
+                  gemv_early);
     GEMV_CFGS(GEMV_LAUNCH)
 #undef GEMV_LAUNCH
     CUDA_CHECK_LAUNCH();
@@ -804,7 +832,7 @@ void cuda_gemv_swiglu(cuda_backend *cb, bf16 *out, const bf16 *x, const bf16 *w,
                       int F) {
     PD_ASSERT(cuda_gemv_supports(T, Kd, x, w) && F > 0);
     pd_launch(gemv_kernel<4, 2, 4, 2, true>, cuda_blocks((size_t)F, 16), 4 * 32,
-              gemv_smem_bytes<4, 2, 4, 2>(), cb->stream, out, x, w, NULL, T, Kd, 2 * F, F);
+              gemv_smem_bytes<4, 2, 4, 2>(), cb->stream, out, x, w, NULL, T, Kd, 2 * F, F, gemv_early);
     CUDA_CHECK_LAUNCH();
 }
 
