@@ -73,7 +73,8 @@
 #include "backend/cuda/kv_nccl_cuda.h"
 #endif
 
-#define NCCL_CHUNK_BYTES ((size_t)32 << 20) /* one staging half; a chunk per NCCL op */
+#define NCCL_CHUNK_BYTES ((size_t)16 << 20) /* most bytes per piece (NCCL op) and per
+                                             * staging buffer */
 #define NCCL_MAX_CONNS 32                   /* decode: prefill peers at once */
 #define NCCL_MAX_PEERS 32                   /* prefill: decode peers */
 #define NCCL_SETUP_S 60.0                   /* decode: a peer's setup (HELLO + init) */
@@ -82,7 +83,7 @@
                                              * 32 MiB chunk takes ~90 us over NVLink */
 #define NCCL_LIVENESS_S 0.01                /* how often a wait looks at the peer's process */
 #define NCCL_MAX_DEPTH 8                    /* staging buffers per link, at most */
-#define NCCL_DEPTH 3                        /* their default (stream pipeline) */
+#define NCCL_DEPTH 6                        /* their default (stream pipeline): 3 groups */
 #define NCCL_PENDING_MAX 64                 /* decode: layers queued, not yet counted */
 #define NCCL_SPIN_WAITS 64                  /* polls of a wait before it sleeps (wait=spin) */
 #define NCCL_GONE_GRACE_S 0.5               /* a wait that finds its peer gone still waits
@@ -198,7 +199,7 @@ static int nccl_load(char *err, size_t errlen) {
  * two sides need not agree):
  *   stream (default)  ordered on the device. Pieces in place need nothing more. Staged
  *                     pieces go through a ring of `depth` staging buffers
- *                     (PDSERVE_KV_NCCL_DEPTH, 2..8, default 3; a group's two pieces take
+ *                     (PDSERVE_KV_NCCL_DEPTH, 2..8, default 6; a group's two pieces take
  *                     two), a copy stream for the gathers (scatters) and NCCL's stream,
  *                     each waiting for the other through events (cudaStreamWaitEvent):
  *                     the gather of piece i waits for the send made from its buffer
@@ -216,10 +217,14 @@ static int nccl_load(char *err, size_t errlen) {
  *   host              what this medium did first: every piece staged in two halves (k,
  *                     v); the host gathers (scatters) a group through copy_batch, waited
  *                     for, between the group's sends (receives) (A/B).
- * Why depth 3: in steady state 2 buffers keep NCCL busy (a piece's gather or scatter,
- * a device-local copy, takes a fraction of its NVLink transfer); the third absorbs a
- * gather or scatter delayed behind other kernels (a decode step on the receiver's
- * GPU) for one piece more, for one chunk (32 MiB) more of device memory per side.
+ * Why depth 6 of 16 MiB (96 MiB a side, what 3 of 32 MiB took before the pieces were
+ * cut k and v apart): a group's two staged pieces take two buffers, so 6 keep three
+ * groups in the ring. Two would keep NCCL busy (a piece's gather or scatter, a
+ * device-local copy, takes a fraction of its NVLink transfer); the third absorbs a
+ * gather or scatter delayed behind other kernels (a decode step on the receiver's GPU).
+ * With 3 buffers a group could only be gathered once the one before it had been sent:
+ * on 2x H200 (2026-11-28, docs/results/kv-cuda.md) everything staged fell from 65% to
+ * 55% of NCCL send/recv when the pieces were first split, at depth 3.
  * Waits (PDSERVE_KV_NCCL_WAIT=spin|sleep): spin (default) polls NCCL_SPIN_WAITS times
  * with sched_yield before it sleeps; sleep backs off from the first poll (nanosleep,
  * whose timer slack makes each sleep ~50 us or more). */
@@ -241,6 +246,7 @@ typedef struct nccl_link {
     void *ev[NCCL_MAX_DEPTH];  /* cudaEvent_t after each staging buffer's latest NCCL op */
     void *cev[NCCL_MAX_DEPTH]; /* stream pipeline: after its latest gather / scatter */
     void *gev;              /* after the latest NCCL group (direct pieces have no buffer) */
+    bool queued;            /* prefill: groups queued since the last wait for gev */
     uint8_t *stage[NCCL_MAX_DEPTH]; /* device, chunk bytes each */
     size_t chunk;
     uint64_t seq;           /* stream pipeline: chunks through the ring so far */
@@ -1287,17 +1293,25 @@ static kv_status send_host(kv_send *x, struct nccl_peer *p, const int *layers, i
  * all queued at once: a piece whose blocks are one run of the pool is sent in place; the
  * others are gathered into a ring buffer on the copy stream (after the send that last
  * read that buffer) and sent from there once gathered (NCCL's stream waits for it).
- * Then one wait, for the last group (the streams are in order: every earlier gather and
- * send is done too). */
+ * Returns without waiting: layer-wise calls queue layer after layer while the earlier
+ * ones move, and nccl_send_finish waits once, for the last group (the streams are in
+ * order: every earlier gather and send is done too), before its completion notice. The
+ * request's blocks stay the prefill side's until then. */
 static kv_status send_stream(kv_send *x, struct nccl_peer *p, const int *layers, int n,
                              const wait_ctx *w, double *queued, char *err, size_t errlen) {
     const kv_cache *kv = x->c->kv;
     nccl_link *k = &p->link;
     size_t bb = kv->block_bytes;
     int nb = x->n_blocks, per = (int)(k->chunk / bb);
-    bool direct = direct_on(), any = false;
-    /* the previous call waited for its last send: the ids' pinned copy is free */
-    kv_status st = link_ids_room(kv, k, nb, err, errlen);
+    bool direct = direct_on();
+    kv_status st = KV_OK;
+    /* another request's ids: its queued gathers (and the upload from the pinned copy)
+     * must be done before the copy is rewritten */
+    if (!(k->ids_set && k->ids_ticket == x->t.id) && k->queued) {
+        st = link_wait(kv, k, k->gev, w, err, errlen);
+        k->queued = false;
+    }
+    if (st == KV_OK) st = link_ids_room(kv, k, nb, err, errlen);
     if (st == KV_OK) link_ids_set(kv, k, x->t.id, x->blocks, nb);
     for (int j = 0; j < n && st == KV_OK; j++) {
         int l = layers[j];
@@ -1326,12 +1340,11 @@ static kv_status send_stream(kv_send *x, struct nccl_peer *p, const int *layers,
             st = link_group(kv, k, true, 2, ptr, bytes, w, err, errlen);
             for (int b = 0; b < n_staged && st == KV_OK; b++)
                 cuda_kv_nccl_event_record(kv->be, k->ev[bufs[b]], k->stream);
-            any = true;
+            k->queued = true;
         }
     }
     *queued = kv_timing_on() ? time_now_s() : 0;
-    if (st == KV_OK && any) st = link_wait(kv, k, k->gev, w, err, errlen);
-    return st;
+    return st; /* the sends complete on the device; nccl_send_finish waits for them */
 }
 
 static kv_status nccl_send_layers(kv_send *x, const int *layers, int n, char *err, size_t errlen) {
@@ -1375,8 +1388,25 @@ static kv_status send_control(kv_send *x, kv_msg_type type, char *err, size_t er
     return st;
 }
 
+/* Waits for the sends still queued on x's link (stream pipeline), then sends DONE. */
 static kv_status nccl_send_finish(kv_send *x, char *err, size_t errlen) {
-    return send_control(x, KV_MSG_DONE, err, errlen);
+    kv_status st;
+    struct nccl_peer *p = peer_lock(x, &st, err, errlen);
+    if (!p) return st;
+    nccl_link *k = &p->link;
+    if (k->queued) {
+        bool timing = kv_timing_on();
+        double t0 = timing ? time_now_s() : 0;
+        char who[KV_ADDRESS_MAX + 16];
+        snprintf(who, sizeof who, "decode peer %s", p->address);
+        wait_ctx w = {x->deadline, NULL, who};
+        st = link_wait(x->c->kv, k, k->gev, &w, err, errlen);
+        k->queued = false;
+        if (st != KV_OK) link_close(x->c->kv, k);
+        if (timing) kv_timing_acc.copy_s += time_now_s() - t0;
+    }
+    pthread_mutex_unlock(&p->mu);
+    return st == KV_OK ? send_control(x, KV_MSG_DONE, err, errlen) : st;
 }
 
 /* Tells the decode side where the link is still up; never makes a new link for it. */
