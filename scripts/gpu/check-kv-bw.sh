@@ -128,4 +128,10 @@ done
 each_bench rows
 echo
 echo "check-kv-bw: $(( $(date +%s) - t_start )) s, status $status"
+# every log and bench output in one archive beside env.txt (a device call brings back
+# only a few files)
+tgz=$(mktemp "${TMPDIR:-/tmp}/check-kv-bw.XXXXXX")
+(cd "$out" && tar -czf "$tgz" --exclude=env.txt --exclude='*.tgz' . &&
+  find . -maxdepth 1 -type f ! -name env.txt ! -name '*.tgz' -delete &&
+  mv "$tgz" check-kv-bw.tgz)
 exit "$status"
