@@ -5,10 +5,11 @@
 # test_backend_cuda (every op against its CPU twin) with early on (the default) and off
 # (PDSERVE_CUDA_GEMV_EARLY=0), and test_forward_cuda against transformers bf16 made on
 # this GPU, on and off; then times the 8B decode step (bench_model_cuda --no-prefill) in
-# the order on, off, on, off, and once with the GEMV for every small-batch matmul
-# (PDSERVE_CUDA_GEMV=1: gate_up and down too): A/B runs in one call on one card, the
-# repeated ones showing the card's drift.
-# What to look for: B=1 ctx=128 under 1.2x the floor with early on; no loss at B=64.
+# the order: the defaults (early on, the GEMV for every small-batch matmul), the GEMV
+# only up to 32M weights (PDSERVE_CUDA_GEMV=small: gate_up, down and lm_head on cuBLAS,
+# the route before), early off, the defaults, small: A/B runs in one call on one card,
+# the repeated ones showing the card's drift.
+# What to look for: B=1 ctx=128 under 1.2x the floor with the defaults; no loss at B=64.
 # Logs go under $OUT (or build-gpu/out) as check-gemv-early.tgz beside env.txt and
 # summary.txt; the summary is printed last.
 #
@@ -45,7 +46,7 @@ if [ "${NO_TESTS:-0}" != 1 ]; then
   PDSERVE_GPU_REF=$ref run test_forward_cuda 240 build-gpu/test_forward_cuda
   PDSERVE_GPU_REF=$ref run test_forward_cuda_early0 240 env PDSERVE_CUDA_GEMV_EARLY=0 build-gpu/test_forward_cuda
 fi
-variants=(on1:1:auto off1:0:auto on2:1:auto off2:0:auto gemv_all:1:1)
+variants=(auto1:1:auto small1:1:small early0:0:auto auto2:1:auto small2:1:small)
 for v in "${variants[@]}"; do
   IFS=: read -r tag early gemv <<<"$v"
   if [ "$gemv" = auto ]; then

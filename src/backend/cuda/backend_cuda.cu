@@ -192,21 +192,31 @@ static void cu_sync(backend *b) {
 /* ---- matmul ------------------------------------------------------------------------ */
 
 /* ---- small-T routing: the GEMV (kernels.cu) or cuBLAS ---------------------------------
- * Rules from bench_kernels_cuda's "GEMV vs cuBLAS" table, H200, 2026-11-27 (cuBLAS time
- * / GEMV time; the GEMV costs the same from T = 1 to 8):
+ * Kernel by kernel (bench_kernels_cuda's "GEMV vs cuBLAS" table, H200, 2026-11-27;
+ * cuBLAS time / GEMV time; the GEMV costs the same from T = 1 to 8):
  *   o        4096 x 4096    1.42-1.44x  (GEMV 70% of the copy rate, cuBLAS 50%)
  *   qkv      6144 x 4096    1.14x at T = 1, 1.07x at T = 8  (75%; cuBLAS 65-71%)
  *   down     4096 x 14336   0.95x at T = 1, 0.99x at T = 8  (84-86%; cuBLAS 86-88%)
  *   gate_up  28672 x 4096   0.87x;   lm_head 128256 x 4096  0.93x  (cuBLAS 98-104%)
- * So: the GEMV up to 32M weights (the attention projections: short streams, where
- * cuBLAS's launch and ramp cost most), cuBLAS above (long streams). */
+ * which gave the "small" rule: the GEMV up to 32M weights, cuBLAS above. But in a decode
+ * step the GEMV wins the long streams too, since it starts streaming its weights during
+ * the kernel before it (gemv_kernel `early`, programmatic launch), fuses swiglu into
+ * gate_up, and leaves no gap behind cuBLAS: the whole 8B step on an H100 (2026-11-28,
+ * docs/results/cuda-model.md) took 5.62 ms at B=1 with the GEMV everywhere against
+ * 5.88 ms with "small" (1.12x against 1.18x the floor), 6.57 against 6.84 at B=8. So
+ * auto is every T <= 8 now; "small" stays for A/B. */
 extern "C" bool backend_cuda_gemv_auto_picks(int T, int Kd, int N) {
-    if (T < 1 || T > 8 || Kd % 8 != 0) return false;
-    return (size_t)N * (size_t)Kd <= ((size_t)32 << 20);
+    (void)N;
+    return T >= 1 && T <= 8 && Kd % 8 == 0;
+}
+
+static bool gemv_small_picks(int T, int Kd, int N) {
+    return T >= 1 && T <= 8 && Kd % 8 == 0 && (size_t)N * (size_t)Kd <= ((size_t)32 << 20);
 }
 
 static bool gemv_route(const cuda_backend *cb, int T, int Kd, int N, const void *x, const void *w) {
     if (cb->gemv == BACKEND_CUDA_GEMV_OFF || !cuda_gemv_supports(T, Kd, x, w)) return false;
+    if (cb->gemv == BACKEND_CUDA_GEMV_SMALL) return gemv_small_picks(T, Kd, N);
     return cb->gemv == BACKEND_CUDA_GEMV_ON || backend_cuda_gemv_auto_picks(T, Kd, N);
 }
 
@@ -428,6 +438,7 @@ extern "C" backend *backend_cuda_create(int device, char *err, size_t errlen) {
     cb->gemv = !gemv                   ? BACKEND_CUDA_GEMV_AUTO
                : strcmp(gemv, "0") == 0 ? BACKEND_CUDA_GEMV_OFF
                : strcmp(gemv, "1") == 0 ? BACKEND_CUDA_GEMV_ON
+               : strcmp(gemv, "small") == 0 ? BACKEND_CUDA_GEMV_SMALL
                                         : BACKEND_CUDA_GEMV_AUTO;
     const char *fused = getenv("PDSERVE_CUDA_FUSED");
     b->ops = fused && strcmp(fused, "0") == 0 ? cuda_ops_unfused() : cuda_ops_with_graphs();
@@ -465,7 +476,7 @@ extern "C" void backend_cuda_info_get(backend *b, backend_cuda_info *info) {
 extern "C" int backend_cuda_gemv_mode(backend *b, int mode) {
     cuda_backend *cb = cuda_of(b);
     PD_ASSERT(mode == BACKEND_CUDA_GEMV_OFF || mode == BACKEND_CUDA_GEMV_ON ||
-              mode == BACKEND_CUDA_GEMV_AUTO);
+              mode == BACKEND_CUDA_GEMV_AUTO || mode == BACKEND_CUDA_GEMV_SMALL);
     int old = cb->gemv;
     cb->gemv = mode;
     return old;

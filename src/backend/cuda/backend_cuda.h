@@ -34,9 +34,11 @@ extern "C" {
 /* Fills *info for the backend's device. b must be a CUDA backend. */
 void backend_cuda_info_get(backend *b, backend_cuda_info *info);
 /* The route of small-T matmuls (T <= 8), PDSERVE_CUDA_GEMV at creation: "0" cuBLAS
- * only, "1" the GEMV wherever it applies, "auto" (default, or any other value) the
- * shape rules of backend_cuda.cu (gemv_auto_picks), set from bench_kernels_cuda. */
-enum { BACKEND_CUDA_GEMV_OFF = 0, BACKEND_CUDA_GEMV_ON = 1, BACKEND_CUDA_GEMV_AUTO = 2 };
+ * only, "1" the GEMV wherever it applies, "small" the GEMV up to 32M weights and cuBLAS
+ * above (the default before 2026-11-28), "auto" (default, or any other value) the
+ * shape rules of backend_cuda.cu (gemv_auto_picks). */
+enum { BACKEND_CUDA_GEMV_OFF = 0, BACKEND_CUDA_GEMV_ON = 1, BACKEND_CUDA_GEMV_AUTO = 2,
+       BACKEND_CUDA_GEMV_SMALL = 3 };
 /* Sets the route (BACKEND_CUDA_GEMV_*) and returns the previous one (benchmarks, tests). */
 int backend_cuda_gemv_mode(backend *b, int mode);
 /* Whether the auto rules send a matmul of this shape (bf16, aligned) to the GEMV. */
