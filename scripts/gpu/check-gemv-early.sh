@@ -5,10 +5,11 @@
 # test_backend_cuda (every op against its CPU twin) with early on (the default) and off
 # (PDSERVE_CUDA_GEMV_EARLY=0), and test_forward_cuda against transformers bf16 made on
 # this GPU, on and off; then times the 8B decode step (bench_model_cuda --no-prefill) in
-# the order: the defaults (early on, the GEMV for every small-batch matmul), the GEMV
-# only up to 32M weights (PDSERVE_CUDA_GEMV=small: gate_up, down and lm_head on cuBLAS,
-# the route before), early off, the defaults, small: A/B runs in one call on one card,
-# the repeated ones showing the card's drift.
+# the order: the defaults (early on; auto: the GEMV for every small-batch matmul on a
+# card under 4 TB/s of peak DRAM bandwidth, else only up to 32M weights), the GEMV only
+# up to 32M weights (PDSERVE_CUDA_GEMV=small: gate_up, down and lm_head on cuBLAS), the
+# GEMV everywhere (=1), early off, then the first three again: A/B runs in one call on
+# one card, the repeated ones showing the card's drift.
 # What to look for: B=1 ctx=128 under 1.2x the floor with the defaults; no loss at B=64.
 # Logs go under $OUT (or build-gpu/out) as check-gemv-early.tgz beside env.txt and
 # summary.txt; the summary is printed last.
@@ -46,7 +47,7 @@ if [ "${NO_TESTS:-0}" != 1 ]; then
   PDSERVE_GPU_REF=$ref run test_forward_cuda 240 build-gpu/test_forward_cuda
   PDSERVE_GPU_REF=$ref run test_forward_cuda_early0 240 env PDSERVE_CUDA_GEMV_EARLY=0 build-gpu/test_forward_cuda
 fi
-variants=(auto1:1:auto small1:1:small early0:0:auto auto2:1:auto small2:1:small)
+variants=(auto1:1:auto small1:1:small all1:1:1 early0:0:auto auto2:1:auto small2:1:small all2:1:1)
 for v in "${variants[@]}"; do
   IFS=: read -r tag early gemv <<<"$v"
   if [ "$gemv" = auto ]; then

@@ -198,26 +198,41 @@ static void cu_sync(backend *b) {
  *   qkv      6144 x 4096    1.14x at T = 1, 1.07x at T = 8  (75%; cuBLAS 65-71%)
  *   down     4096 x 14336   0.95x at T = 1, 0.99x at T = 8  (84-86%; cuBLAS 86-88%)
  *   gate_up  28672 x 4096   0.87x;   lm_head 128256 x 4096  0.93x  (cuBLAS 98-104%)
- * which gave the "small" rule: the GEMV up to 32M weights, cuBLAS above. But in a decode
- * step the GEMV wins the long streams too, since it starts streaming its weights during
- * the kernel before it (gemv_kernel `early`, programmatic launch), fuses swiglu into
- * gate_up, and leaves no gap behind cuBLAS: the whole 8B step on an H100 (2026-11-28,
- * docs/results/cuda-model.md) took 5.62 ms at B=1 with the GEMV everywhere against
- * 5.88 ms with "small" (1.12x against 1.18x the floor), 6.57 against 6.84 at B=8. So
- * auto is every T <= 8 now; "small" stays for A/B. */
-extern "C" bool backend_cuda_gemv_auto_picks(int T, int Kd, int N) {
-    (void)N;
-    return T >= 1 && T <= 8 && Kd % 8 == 0;
-}
-
+ * which gave the "small" rule: the GEMV up to 32M weights, cuBLAS above. In a decode step
+ * the GEMV also starts streaming its weights during the kernel before it (gemv_kernel
+ * `early`, programmatic launch), fuses swiglu into gate_up and leaves no gap behind
+ * cuBLAS, and then the card decides (whole 8B steps, 2026-11-28,
+ * docs/results/cuda-model.md):
+ *   H100 (3.35 TB/s peak)  the GEMV everywhere: B=1 5.62 ms (1.12x the floor) against
+ *                          5.88 with "small" (1.18x); B=8 6.57 against 6.84
+ *   H200 (4.9 TB/s peak)   "small": B=1 ctx=128 4.27-4.29 ms (1.20x) against 4.39-4.40
+ *                          with the GEMV everywhere (1.23-1.24x); at ctx=2048 the GEMV
+ *                          everywhere wins (4.83-4.84 against 4.93), at B=8 a draw
+ * (the faster card needs more bytes in flight than the GEMV keeps on a long stream). So
+ * auto is the GEMV for every T <= 8 on a card under 4 TB/s of peak DRAM bandwidth, and
+ * "small" above; PDSERVE_CUDA_GEMV=1 / small force either (A/B). */
 static bool gemv_small_picks(int T, int Kd, int N) {
     return T >= 1 && T <= 8 && Kd % 8 == 0 && (size_t)N * (size_t)Kd <= ((size_t)32 << 20);
+}
+
+#define GEMV_ALL_BELOW_GBS 4000.0 /* peak DRAM GB/s under which auto streams every T <= 8 */
+
+/* auto's pick on a card of the given peak DRAM bandwidth (GB/s; 0: unknown -> small) */
+extern "C" bool backend_cuda_gemv_auto_picks_on(double mem_peak_gbs, int T, int Kd, int N) {
+    if (mem_peak_gbs > 0 && mem_peak_gbs < GEMV_ALL_BELOW_GBS) return T >= 1 && T <= 8 && Kd % 8 == 0;
+    return gemv_small_picks(T, Kd, N);
+}
+
+/* auto's pick on an H200-class card (what the kernel tables above were measured on) */
+extern "C" bool backend_cuda_gemv_auto_picks(int T, int Kd, int N) {
+    return backend_cuda_gemv_auto_picks_on(0, T, Kd, N);
 }
 
 static bool gemv_route(const cuda_backend *cb, int T, int Kd, int N, const void *x, const void *w) {
     if (cb->gemv == BACKEND_CUDA_GEMV_OFF || !cuda_gemv_supports(T, Kd, x, w)) return false;
     if (cb->gemv == BACKEND_CUDA_GEMV_SMALL) return gemv_small_picks(T, Kd, N);
-    return cb->gemv == BACKEND_CUDA_GEMV_ON || backend_cuda_gemv_auto_picks(T, Kd, N);
+    return cb->gemv == BACKEND_CUDA_GEMV_ON ||
+           backend_cuda_gemv_auto_picks_on(cb->mem_peak_gbs, T, Kd, N);
 }
 
 /* out[T,N] = x[T,Kd] @ w[N,Kd]^T (+ bias[N]); bf16 in and out, fp32 accumulation.
@@ -406,6 +421,10 @@ extern "C" backend *backend_cuda_create(int device, char *err, size_t errlen) {
     cuda_backend *cb = (cuda_backend *)xcalloc(1, sizeof *cb);
     cb->device = device;
     cb->sm_count = prop.multiProcessorCount;
+    int mem_khz = 0, bus_bits = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&mem_khz, cudaDevAttrMemoryClockRate, device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, device));
+    cb->mem_peak_gbs = 2.0 * mem_khz * 1e3 * bus_bits / 8 / 1e9; /* double data rate */
     CUDA_CHECK(cudaStreamCreateWithFlags(&cb->stream, cudaStreamNonBlocking));
     CUDA_CHECK(cublasCreate(&cb->cublas));
     CUDA_CHECK(cublasSetStream(cb->cublas, cb->stream));

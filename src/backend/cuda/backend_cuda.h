@@ -35,14 +35,16 @@ extern "C" {
 void backend_cuda_info_get(backend *b, backend_cuda_info *info);
 /* The route of small-T matmuls (T <= 8), PDSERVE_CUDA_GEMV at creation: "0" cuBLAS
  * only, "1" the GEMV wherever it applies, "small" the GEMV up to 32M weights and cuBLAS
- * above (the default before 2026-11-28), "auto" (default, or any other value) the
- * shape rules of backend_cuda.cu (gemv_auto_picks). */
+ * above, "auto" (default, or any other value) the rules of backend_cuda.cu
+ * (gemv_auto_picks_on: "1" on a card under 4 TB/s of peak DRAM bandwidth, else "small"). */
 enum { BACKEND_CUDA_GEMV_OFF = 0, BACKEND_CUDA_GEMV_ON = 1, BACKEND_CUDA_GEMV_AUTO = 2,
        BACKEND_CUDA_GEMV_SMALL = 3 };
 /* Sets the route (BACKEND_CUDA_GEMV_*) and returns the previous one (benchmarks, tests). */
 int backend_cuda_gemv_mode(backend *b, int mode);
-/* Whether the auto rules send a matmul of this shape (bf16, aligned) to the GEMV. */
+/* Whether the auto rules send a matmul of this shape (bf16, aligned) to the GEMV: on an
+ * H200-class card, and on a card of mem_peak_gbs of peak DRAM bandwidth. */
 bool backend_cuda_gemv_auto_picks(int T, int Kd, int N);
+bool backend_cuda_gemv_auto_picks_on(double mem_peak_gbs, int T, int Kd, int N);
 /* The prefill attention variant (1, 2, 3: PDSERVE_CUDA_FA) the last prefill attention
  * call of any CUDA backend in this process ran (v3 falls back to v2 where it cannot
  * run), 0 if none ran since the previous query; resets to 0. For benchmarks. */

@@ -55,6 +55,7 @@ typedef struct cuda_backend {
     void *cublas_ws;            /* device: cuBLAS workspace (fixed: graph-capture safe) */
     size_t cublas_ws_bytes;
     int sm_count;
+    double mem_peak_gbs;        /* DRAM peak from the memory clock and bus width (GB/s) */
 
     uint8_t *stage[CUDA_STAGE_SLOTS];   /* pinned host */
     cudaEvent_t stage_done[CUDA_STAGE_SLOTS];
