@@ -12,10 +12,12 @@
  * held before and that no reservation is left. Cases:
  *   whole, layerwise       two requests each, every byte compared (one piece of k and
  *                          one of v a layer, staged on both sides: neither side's 37
- *                          blocks are one run); again with pieces of 8 blocks (128 KiB),
+ *                          blocks are one run; whole pairs layers, two frames and four
+ *                          pieces per NCCL group); again with pieces of 8 blocks (128
+ *                          KiB, 5 of k and 5 of v a layer, groups of 4 and a last of 2),
  *                          so that some pieces go in place on both sides, some on one,
  *                          some on neither; whole with 8-block pieces through a ring of
- *                          2; whole with pieces of 3 blocks through a ring of 2
+ *                          4 (the least); whole with pieces of 3 blocks through a ring of 4
  *   decode dies            D kills itself once layer 0 has arrived (P ships a layer every
  *                          50 ms): P's kv_send_layer / finish fails (peer or deadline)
  *                          well within the deadline, and its connector closes (no hang:
@@ -344,7 +346,7 @@ static void test_case(void) {
     fprintf(stderr, "     nccl %s, %s, pieces of %d KiB%s, %s pipeline%s: %d request(s) of %d "
             "blocks x %d layers, GPU 0 -> GPU 1, %.2f s\n", kv_transfer_mode_name(k->mode),
             NAMES[k->scenario], k->chunk_kib ? k->chunk_kib : 32768,
-            k->depth == 2 ? ", 2 staging buffers" : "", pipe && *pipe ? pipe : "stream",
+            k->depth == 4 ? ", 4 staging buffers" : "", pipe && *pipe ? pipe : "stream",
             direct && !strcmp(direct, "0") ? ", every piece staged" : "",
             k->scenario == SC_OK ? N_REQUESTS : 1, (N_TOKENS + BS - 1) / BS,
             test_config().n_layers, time_now_s() - t0);
@@ -379,8 +381,8 @@ int main(void) {
          * interleaves with blocks it holds, so it stages some pieces and not others */
         {KV_TRANSFER_WHOLE, SC_OK, 128, 0},
         {KV_TRANSFER_LAYERWISE, SC_OK, 128, 0},
-        {KV_TRANSFER_WHOLE, SC_OK, 128, 2},   /* staged pieces through a ring of 2 */
-        {KV_TRANSFER_WHOLE, SC_OK, 48, 2},    /* pieces of 3 blocks: 13 groups a layer */
+        {KV_TRANSFER_WHOLE, SC_OK, 128, 4},   /* staged pieces through a ring of 4 */
+        {KV_TRANSFER_WHOLE, SC_OK, 48, 4},    /* pieces of 3 blocks: 7 groups a layer */
         {KV_TRANSFER_LAYERWISE, SC_DECODE_DIES, 0, 0},
         {KV_TRANSFER_LAYERWISE, SC_PREFILL_DIES, 0, 0},
     };

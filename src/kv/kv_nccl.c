@@ -17,9 +17,10 @@
  *             send/receive of a chunk (NCCL connects its p2p channels at the first one).
  *             The communicator is kept for every later request of the pair.
  *   data      per layer: a DATA frame (layer l, blocks 0..n of the ticket, payload =
- *             2 * n * block bytes, checksum 0: NCCL moves the payload, not the socket),
- *             then that payload as NCCL groups of two pieces, k and v of the same blocks,
- *             at most NCCL_CHUNK_BYTES each ("pieces" below). A piece whose blocks are
+ *             2 * n * block bytes; NCCL moves the payload, not the socket, so the
+ *             checksum field says instead whether the frame is paired with the next
+ *             one), then that payload as pieces, k or v of up to NCCL_CHUNK_BYTES of
+ *             blocks, in NCCL groups of up to 4 ("pieces" below). A piece whose blocks are
  *             consecutive in that side's pool goes straight from (into) the pool; the
  *             others go through a ring of device staging buffers per side (nccl_link:
  *             the stream pipeline, ordered on the device, or the host one): the sender
@@ -49,8 +50,8 @@
  *             for there. The machine's NCCL_* variables are left as they are.
  *
  * Tuned for: a few prefill peers per decode instance, requests of MiBs to GiBs of KV,
- * layers of tens of MiB in a few runs of blocks; two NCCL operations per group (k and v
- * of up to a chunk of blocks), not one per block run. */
+ * layers of tens of MiB in a few runs of blocks; up to four NCCL operations per group
+ * (k and v of up to a chunk of blocks each), not one per block run. */
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -83,7 +84,9 @@
                                              * 32 MiB chunk takes ~90 us over NVLink */
 #define NCCL_LIVENESS_S 0.01                /* how often a wait looks at the peer's process */
 #define NCCL_MAX_DEPTH 8                    /* staging buffers per link, at most */
-#define NCCL_DEPTH 6                        /* their default (stream pipeline): 3 groups */
+#define NCCL_DEPTH 8                        /* their default (stream pipeline) */
+#define NCCL_GROUP_PIECES 4                 /* pieces per NCCL group at most, so the
+                                             * least number of staging buffers */
 #define NCCL_PENDING_MAX 64                 /* decode: layers queued, not yet counted */
 #define NCCL_SPIN_WAITS 64                  /* polls of a wait before it sleeps (wait=spin) */
 #define NCCL_GONE_GRACE_S 0.5               /* a wait that finds its peer gone still waits
@@ -199,8 +202,8 @@ static int nccl_load(char *err, size_t errlen) {
  * two sides need not agree):
  *   stream (default)  ordered on the device. Pieces in place need nothing more. Staged
  *                     pieces go through a ring of `depth` staging buffers
- *                     (PDSERVE_KV_NCCL_DEPTH, 2..8, default 6; a group's two pieces take
- *                     two), a copy stream for the gathers (scatters) and NCCL's stream,
+ *                     (PDSERVE_KV_NCCL_DEPTH, 4..8, default 8; a group's pieces take up
+ *                     to four), a copy stream for the gathers (scatters) and NCCL's stream,
  *                     each waiting for the other through events (cudaStreamWaitEvent):
  *                     the gather of piece i waits for the send made from its buffer
  *                     `depth` pieces ago, the send of piece i for its gather; the receiver
@@ -217,14 +220,13 @@ static int nccl_load(char *err, size_t errlen) {
  *   host              what this medium did first: every piece staged in two halves (k,
  *                     v); the host gathers (scatters) a group through copy_batch, waited
  *                     for, between the group's sends (receives) (A/B).
- * Why depth 6 of 16 MiB (96 MiB a side, what 3 of 32 MiB took before the pieces were
- * cut k and v apart): a group's two staged pieces take two buffers, so 6 keep three
- * groups in the ring. Two would keep NCCL busy (a piece's gather or scatter, a
- * device-local copy, takes a fraction of its NVLink transfer); the third absorbs a
- * gather or scatter delayed behind other kernels (a decode step on the receiver's GPU).
- * With 3 buffers a group could only be gathered once the one before it had been sent:
- * on 2x H200 (2026-11-28, docs/results/kv-cuda.md) everything staged fell from 65% to
- * 55% of NCCL send/recv when the pieces were first split, at depth 3.
+ * Why depth 8 of 16 MiB (128 MiB a side): a group's staged pieces take up to four
+ * buffers, so 8 keep two groups in the ring: the gathers (scatters) of one group run
+ * while NCCL moves the other (a piece's gather or scatter, a device-local copy, takes a
+ * fraction of its NVLink transfer). With fewer, a group can only be gathered once the one
+ * before it has been sent: on 2x H200 (2026-11-28, docs/results/kv-cuda.md) everything
+ * staged fell from 65% to 55% of NCCL send/recv when the pieces were first cut into
+ * groups of two with 3 buffers of 32 MiB, and came back to 61-64% with 6 of 16 MiB.
  * Waits (PDSERVE_KV_NCCL_WAIT=spin|sleep): spin (default) polls NCCL_SPIN_WAITS times
  * with sched_yield before it sleeps; sleep backs off from the first poll (nanosleep,
  * whose timer slack makes each sleep ~50 us or more). */
@@ -273,7 +275,7 @@ static int pipe_depth(void) {
     if (!d) {
         const char *e = getenv("PDSERVE_KV_NCCL_DEPTH");
         long v = e && *e ? atol(e) : NCCL_DEPTH;
-        d = v >= 2 && v <= NCCL_MAX_DEPTH ? (int)v : NCCL_DEPTH;
+        d = v >= NCCL_GROUP_PIECES && v <= NCCL_MAX_DEPTH ? (int)v : NCCL_DEPTH;
     }
     return d;
 }
@@ -373,7 +375,7 @@ static kv_status link_alloc(const kv_cache *kv, nccl_link *k, bool decode, char 
     cuda_kv_nccl_bind(kv->be);
     k->chunk = chunk_bytes(kv);
     k->stream_pipe = pipe_stream();
-    k->depth = k->stream_pipe ? pipe_depth() : 2;
+    k->depth = k->stream_pipe ? pipe_depth() : NCCL_GROUP_PIECES;
     k->stream = cuda_kv_nccl_stream_create(kv->be);
     k->gev = cuda_kv_nccl_event_create(kv->be);
     if (k->stream_pipe) k->cstream = cuda_kv_nccl_stream_create(kv->be);
@@ -605,9 +607,14 @@ static kv_status link_init(const kv_cache *kv, nccl_link *k, const nccl_id *id, 
 }
 
 /* ---- pieces: how a layer's payload is cut into NCCL operations -----------------------
- * Both sides cut it the same way, from the request's block count alone: group g of a
- * layer is blocks [g * per, min(nb, (g + 1) * per)) of k, then the same blocks of v (per
- * = chunk / block bytes), one NCCL group of two operations. NCCL pairs a pair's
+ * Both sides cut it the same way, from the request's block count and the frames alone
+ * (group_pieces): piece q of a layer is blocks [q * per, min(nb, (q + 1) * per)) of k
+ * or of v (per = chunk / block bytes); a group is k and v of pieces 2g and 2g + 1, four
+ * NCCL operations at most, or, where a layer is one piece of k and one of v and the
+ * sender's call has a next layer, k and v of both (two DATA frames, the first marked
+ * paired): NCCL alone moved four 32 MiB operations per group at 94% of one 1 GiB
+ * operation, and 16 MiB ones two per group at 85% (2x H200 and H100, bench_kv_cuda's lab
+ * lines, 2026-11-27/28). NCCL pairs a pair's
  * operations in order, sizes included, and the groups are kept the same on both sides
  * (groups that differ between the ranks are undefined: NVIDIA/nccl#1279). Each side then
  * moves each of its pieces either in place, when the piece's blocks are consecutive ids
@@ -630,6 +637,35 @@ static bool blocks_run(const int32_t *blocks, int i0, int i1) {
     for (int i = i0 + 1; i < i1; i++)
         if (blocks[i] != blocks[i0] + (i - i0)) return false;
     return true;
+}
+
+/* One piece: part (0 k, 1 v) of blocks [i0, i1) of the request, in the layer of frame f
+ * of its group (0, or 1 for the second of two paired frames). */
+typedef struct nccl_piece {
+    int f, part, i0, i1;
+} nccl_piece;
+
+/* Whether the sender pairs a layer with the next one of the same call into one group:
+ * when each is a single piece of k and one of v (nb <= per). */
+static bool frames_pair(int nb, int per) { return nb <= per; }
+
+/* Group g of a DATA frame, or of two paired frames (n_frames 2): its pieces in out, in
+ * the order both sides queue them; returns how many, 0 past the last group. One frame:
+ * (k, v) of blocks [q * per, ...) for q = 2g and 2g + 1; two: k and v of each. */
+static int group_pieces(int nb, int per, int n_frames, int g, nccl_piece out[NCCL_GROUP_PIECES]) {
+    int n = 0;
+    if (n_frames == 2) {
+        for (int f = 0; f < 2 && g == 0; f++)
+            for (int part = 0; part < 2; part++) out[n++] = (nccl_piece){f, part, 0, nb};
+        return n;
+    }
+    int pairs = (nb + per - 1) / per;
+    for (int q = 2 * g; q < pairs && q < 2 * g + 2; q++) {
+        int i0 = q * per, i1 = PD_MIN(nb, i0 + per);
+        out[n++] = (nccl_piece){0, 0, i0, i1};
+        out[n++] = (nccl_piece){0, 1, i0, i1};
+    }
+    return n;
 }
 
 /* Queues one NCCL group of n operations (send to / receive from the other rank), bytes[i]
@@ -893,130 +929,143 @@ static kv_status pend_flush(nccl_conn *k, char *err, size_t errlen) {
     return st;
 }
 
-/* Host pipeline: receives a DATA frame's payload group by group (pieces: k into half 0,
- * v into half 1), waiting for each group, then scattering it (copy_batch, waited for).
- * Every piece is staged here. */
-static kv_status data_host(nccl_conn *k, const kv_msg_header *h, bool fits, const wait_ctx *w,
-                           char *err, size_t errlen) {
-    const kv_cache *kv = k->c->kv;
-    nccl_link *L = &k->link;
-    size_t bb = kv->block_bytes;
-    int nb = (int)h->n_blocks, per = (int)(L->chunk / bb);
-    kv_status st = KV_OK;
-    for (int i0 = 0; i0 < nb && st == KV_OK; i0 += per) {
-        int i1 = PD_MIN(nb, i0 + per);
-        void *ptr[2] = {L->stage[0], L->stage[1]};
-        size_t bytes[2] = {(size_t)(i1 - i0) * bb, (size_t)(i1 - i0) * bb};
-        st = link_group(kv, L, false, 2, ptr, bytes, w, err, errlen);
-        if (st == KV_OK) st = link_wait(kv, L, L->gev, w, err, errlen);
-        if (st != KV_OK || !fits) continue;
-        conn_scatter(k, h, 0, (size_t)i0, (size_t)i1);
-        conn_scatter(k, h, 1, (size_t)nb + i0, (size_t)nb + i1);
-    }
-    if (st != KV_OK || !fits) return st;
-    kv_connector *c = k->c;
+/* Counts layer `layer` of (ticket, request) as arrived, when still pending. */
+static void layer_arrived(kv_connector *c, uint64_t ticket, uint64_t request_id, uint32_t layer) {
     pthread_mutex_lock(&c->mu);
-    int idx = kv_slot_find(c, h->ticket, h->request_id);
+    int idx = kv_slot_find(c, ticket, request_id);
     if (idx >= 0 && c->slots[idx].state == KV_SLOT_PENDING) {
         kv_slot *s = &c->slots[idx];
-        s->layer_blocks[h->layer] = (uint32_t)s->n_blocks;
+        s->layer_blocks[layer] = (uint32_t)s->n_blocks;
         int ready = 0;
-        while (ready < kv->n_layers && s->layer_blocks[ready] == (uint32_t)s->n_blocks) ready++;
+        while (ready < c->kv->n_layers && s->layer_blocks[ready] == (uint32_t)s->n_blocks) ready++;
         s->layers_ready = ready;
     }
     pthread_mutex_unlock(&c->mu);
-    return KV_OK;
 }
 
-/* Stream pipeline: queues a DATA frame's receives (and the scatters of its staged pieces)
- * group by group (nothing waited for but room: a full pending list, or the previous
- * request's ids), holding the reservation's blocks (busy) until its last receive and
- * scatter have run; the layer counts when pend_complete sees that. A piece whose blocks
- * are one run of the pool is received in place; the others through the ring, whose
- * buffer b is reused once the scatter out of it `depth` pieces ago has run. A
- * reservation that no longer fits drains every piece through the ring. */
-static kv_status data_stream(nccl_conn *k, const kv_msg_header *h, bool fits, const wait_ctx *w,
-                             char *err, size_t errlen) {
+/* Host pipeline: receives the payload of nf DATA frames (1, or 2 paired) group by group,
+ * every piece into its own staging buffer, waiting for each group, then scattering it
+ * (copy_batch, waited for). */
+static kv_status data_host(nccl_conn *k, const kv_msg_header *hs, int nf, const bool *fits,
+                           const wait_ctx *w, char *err, size_t errlen) {
+    const kv_cache *kv = k->c->kv;
+    nccl_link *L = &k->link;
+    size_t bb = kv->block_bytes;
+    int nb = (int)hs[0].n_blocks, per = (int)(L->chunk / bb);
+    nccl_piece pc[NCCL_GROUP_PIECES];
+    kv_status st = KV_OK;
+    for (int g = 0, n; st == KV_OK && (n = group_pieces(nb, per, nf, g, pc)) > 0; g++) {
+        void *ptr[NCCL_GROUP_PIECES];
+        size_t bytes[NCCL_GROUP_PIECES];
+        for (int j = 0; j < n; j++) ptr[j] = L->stage[j], bytes[j] = (size_t)(pc[j].i1 - pc[j].i0) * bb;
+        st = link_group(kv, L, false, n, ptr, bytes, w, err, errlen);
+        if (st == KV_OK) st = link_wait(kv, L, L->gev, w, err, errlen);
+        for (int j = 0; j < n && st == KV_OK; j++)
+            if (fits[pc[j].f]) {
+                size_t u0 = (size_t)pc[j].part * nb + pc[j].i0;
+                conn_scatter(k, &hs[pc[j].f], j, u0, u0 + (size_t)(pc[j].i1 - pc[j].i0));
+            }
+    }
+    for (int f = 0; f < nf && st == KV_OK; f++)
+        if (fits[f]) layer_arrived(k->c, hs[f].ticket, hs[f].request_id, hs[f].layer);
+    return st;
+}
+
+/* Stream pipeline: queues the receives of nf DATA frames (1, or 2 paired; one request)
+ * group by group, and the scatters of their staged pieces (nothing waited for but room:
+ * a full pending list, or the previous request's ids), holding the reservation's blocks
+ * (busy, once per frame) until the last receive and scatter have run; each layer counts
+ * when pend_complete sees that. A piece whose blocks are one run of the pool is received
+ * in place; the others through the ring, whose buffer b is reused once the scatter out
+ * of it `depth` pieces ago has run. A reservation that no longer fits drains every piece
+ * through the ring. */
+static kv_status data_stream(nccl_conn *k, const kv_msg_header *hs, int nf, const bool *fits_in,
+                             const wait_ctx *w, char *err, size_t errlen) {
     kv_connector *c = k->c;
     const kv_cache *kv = c->kv;
     nccl_link *L = &k->link;
     size_t bb = kv->block_bytes;
-    int nb = (int)h->n_blocks, per = (int)(L->chunk / bb);
+    int nb = (int)hs[0].n_blocks, per = (int)(L->chunk / bb), at[2] = {-1, -1};
+    bool fits[2] = {fits_in[0], nf > 1 && fits_in[1]}, any = fits[0] || fits[1];
     kv_status st = KV_OK;
-    if (fits && L->pend_n == NCCL_PENDING_MAX) st = pend_complete(k, false, err, errlen);
-    if (st == KV_OK && fits && !(L->ids_set && L->ids_ticket == h->ticket)) {
+    while (st == KV_OK && any && L->pend_n > NCCL_PENDING_MAX - nf)
+        st = pend_complete(k, false, err, errlen);
+    if (st == KV_OK && any && !(L->ids_set && L->ids_ticket == hs[0].ticket)) {
         st = pend_flush(k, err, errlen); /* the pinned ids are free again */
         if (st == KV_OK) st = link_ids_room(kv, L, nb, err, errlen);
     }
     if (st != KV_OK) return st;
-    if (fits) { /* still pending? then hold its blocks and name them to the device */
-        fits = false;
+    for (int f = 0; f < nf; f++) { /* still pending? then hold its blocks, name them */
+        if (!fits[f]) continue;
+        fits[f] = false;
         pthread_mutex_lock(&c->mu);
-        int idx = kv_slot_find(c, h->ticket, h->request_id);
+        int idx = kv_slot_find(c, hs[f].ticket, hs[f].request_id);
         if (idx >= 0 && c->slots[idx].state == KV_SLOT_PENDING) {
             kv_slot *s = &c->slots[idx];
             s->busy++;
-            fits = true;
-            link_ids_set(kv, L, h->ticket, s->blocks, s->n_blocks);
-            int at = (L->pend_head + L->pend_n++) % NCCL_PENDING_MAX;
-            L->pend[at] = (nccl_pending){h->ticket, h->request_id, h->layer, w->deadline};
+            fits[f] = true;
+            link_ids_set(kv, L, hs[f].ticket, s->blocks, s->n_blocks);
+            at[f] = (L->pend_head + L->pend_n++) % NCCL_PENDING_MAX;
+            L->pend[at[f]] = (nccl_pending){hs[f].ticket, hs[f].request_id, hs[f].layer, w->deadline};
         }
         pthread_mutex_unlock(&c->mu);
     }
-    bool direct = fits && direct_on();
-    for (int i0 = 0; i0 < nb && st == KV_OK; i0 += per) {
-        int i1 = PD_MIN(nb, i0 + per), bufs[2], parts[2], n_staged = 0;
-        void *ptr[2];
-        size_t bytes[2] = {(size_t)(i1 - i0) * bb, (size_t)(i1 - i0) * bb};
-        for (int part = 0; part < 2; part++) {
-            if (direct && blocks_run(L->ids_host, i0, i1)) {
-                ptr[part] = kv_block_ptr(kv, (int)h->layer, part, L->ids_host[i0]);
+    bool direct = direct_on();
+    nccl_piece pc[NCCL_GROUP_PIECES];
+    for (int g = 0, n; st == KV_OK && (n = group_pieces(nb, per, nf, g, pc)) > 0; g++) {
+        void *ptr[NCCL_GROUP_PIECES];
+        size_t bytes[NCCL_GROUP_PIECES];
+        int bufs[NCCL_GROUP_PIECES];
+        for (int j = 0; j < n; j++) {
+            const nccl_piece *q = &pc[j];
+            bytes[j] = (size_t)(q->i1 - q->i0) * bb;
+            bufs[j] = -1;
+            if (direct && fits[q->f] && blocks_run(L->ids_host, q->i0, q->i1)) {
+                ptr[j] = kv_block_ptr(kv, (int)hs[q->f].layer, q->part, L->ids_host[q->i0]);
                 continue;
             }
             int b = (int)(L->seq % (uint64_t)L->depth);
             if (L->seq >= (uint64_t)L->depth) cuda_kv_nccl_stream_wait(kv->be, L->stream, L->cev[b]);
             L->seq++;
-            ptr[part] = L->stage[b];
-            bufs[n_staged] = b;
-            parts[n_staged++] = part;
+            ptr[j] = L->stage[b];
+            bufs[j] = b;
         }
-        st = link_group(kv, L, false, 2, ptr, bytes, w, err, errlen);
-        for (int j = 0; j < n_staged && st == KV_OK; j++) {
+        st = link_group(kv, L, false, n, ptr, bytes, w, err, errlen);
+        for (int j = 0; j < n && st == KV_OK; j++) {
             int b = bufs[j];
-            size_t u0 = (size_t)parts[j] * nb + i0;
+            if (b < 0) continue;
+            const nccl_piece *q = &pc[j];
+            size_t u0 = (size_t)q->part * nb + q->i0;
+            uint32_t l = hs[q->f].layer;
             cuda_kv_nccl_event_record(kv->be, L->ev[b], L->stream);
             cuda_kv_nccl_stream_wait(kv->be, L->cstream, L->ev[b]);
-            if (fits)
-                cuda_kv_nccl_units(kv->be, L->cstream, kv->k[h->layer], kv->v[h->layer], L->ids_dev,
-                                   nb, u0, u0 + (i1 - i0), L->stage[b], bb, 0);
+            if (fits[q->f])
+                cuda_kv_nccl_units(kv->be, L->cstream, kv->k[l], kv->v[l], L->ids_dev, nb, u0,
+                                   u0 + (size_t)(q->i1 - q->i0), L->stage[b], bb, 0);
             cuda_kv_nccl_event_record(kv->be, L->cev[b], L->cstream);
         }
     }
-    if (st == KV_OK && fits) { /* the layer is in once its last receive and scatter have run */
-        int at = (L->pend_head + L->pend_n - 1) % NCCL_PENDING_MAX;
+    if (st == KV_OK && (fits[0] || fits[1])) { /* in once the last receive and scatter ran */
         cuda_kv_nccl_stream_wait(kv->be, L->cstream, L->gev);
-        cuda_kv_nccl_event_record(kv->be, L->pev[at], L->cstream);
+        for (int f = 0; f < nf; f++)
+            if (at[f] >= 0) cuda_kv_nccl_event_record(kv->be, L->pev[at[f]], L->cstream);
     }
     return st;
 }
 
-/* A DATA frame: checks it against its reservation, receives its payload chunk by chunk
- * (always, so that the pair stays in step), scatters it when the reservation is still
- * pending, then counts the layer (stream pipeline: once its scatters have run).
- * Non-OK: the link is broken (err filled). */
-static kv_status conn_data(nccl_conn *k, const kv_msg_header *h, char *err, size_t errlen) {
+/* Whether DATA frame h fits its reservation (which it fails otherwise); *deadline: the
+ * reservation's, plus the drain grace. Under no lock. */
+static bool frame_fits(nccl_conn *k, const kv_msg_header *h, double *deadline) {
     kv_connector *c = k->c;
-    const kv_cache *kv = c->kv;
-    size_t bb = kv->block_bytes;
-    double deadline = time_now_s() + NCCL_DRAIN_GRACE_S;
+    size_t bb = c->kv->block_bytes;
     bool fits = false;
     pthread_mutex_lock(&c->mu);
     int idx = kv_slot_find(c, h->ticket, h->request_id);
     kv_slot *s = idx >= 0 ? &c->slots[idx] : NULL;
     if (s && s->state == KV_SLOT_PENDING) {
         s->conn = k->id;
-        deadline = s->deadline + NCCL_DRAIN_GRACE_S;
-        fits = h->layer < (uint32_t)kv->n_layers && h->first_block == 0 &&
+        *deadline = s->deadline + NCCL_DRAIN_GRACE_S;
+        fits = h->layer < (uint32_t)c->kv->n_layers && h->first_block == 0 &&
                h->n_blocks == (uint32_t)s->n_blocks && h->payload_bytes == 2 * (uint64_t)s->n_blocks * bb;
         if (!fits)
             kv_slot_fail(c, idx, KV_ERR_PROTOCOL,
@@ -1025,14 +1074,47 @@ static kv_status conn_data(nccl_conn *k, const kv_msg_header *h, char *err, size
                          h->layer, h->n_blocks, (unsigned long long)h->payload_bytes, s->n_blocks);
     }
     pthread_mutex_unlock(&c->mu);
-    if (h->payload_bytes != 2 * (uint64_t)h->n_blocks * bb) { /* cannot tell its pieces */
-        pd_errorf(err, errlen, "kv nccl: %s: DATA payload of %llu bytes is not k and v of its "
-                  "%u blocks", k->who, (unsigned long long)h->payload_bytes, h->n_blocks);
-        return KV_ERR_PROTOCOL;
+    return fits;
+}
+
+/* A DATA frame (h; when it says it is paired with the next one, that one is read here
+ * too: their pieces form one NCCL group): checks each against its reservation, receives
+ * the payload piece by piece (always, so that the pair stays in step), writes it into
+ * the blocks where the reservation is still pending, then counts the layers (stream
+ * pipeline: once their receives and scatters have run). Non-OK: the link is broken (err
+ * filled). */
+static kv_status conn_data(nccl_conn *k, const kv_msg_header *h, char *err, size_t errlen) {
+    const kv_cache *kv = k->c->kv;
+    size_t bb = kv->block_bytes;
+    kv_msg_header hs[2] = {*h};
+    int nf = 1;
+    if (h->checksum == 1) { /* paired with the next frame, which the sender wrote already */
+        char why[160];
+        if (read_frame(k->link.fd, &hs[1], time_now_s() + NCCL_DRAIN_GRACE_S, &k->impl->stop,
+                       k->link.peer_key, why, sizeof why) != 0) {
+            pd_errorf(err, errlen, "kv nccl: %s: the frame paired with layer %u: %s", k->who,
+                      h->layer, why);
+            return KV_ERR_PEER;
+        }
+        nf = 2;
     }
+    for (int f = 0; f < nf; f++) /* cannot tell its pieces otherwise */
+        if (hs[f].type != KV_MSG_DATA || hs[f].payload_bytes != 2 * (uint64_t)hs[f].n_blocks * bb ||
+            hs[f].checksum != (uint64_t)(f == 0 && nf == 2) ||
+            (nf == 2 && (hs[1].ticket != hs[0].ticket || hs[1].request_id != hs[0].request_id ||
+                         hs[1].n_blocks != hs[0].n_blocks ||
+                         !frames_pair((int)hs[0].n_blocks, (int)(k->link.chunk / bb))))) {
+            pd_errorf(err, errlen, "kv nccl: %s: DATA frame (layer %u, %u blocks, %llu bytes) out "
+                      "of step", k->who, hs[f].layer, hs[f].n_blocks,
+                      (unsigned long long)hs[f].payload_bytes);
+            return KV_ERR_PROTOCOL;
+        }
+    double deadline = time_now_s() + NCCL_DRAIN_GRACE_S;
+    bool fits[2] = {false, false};
+    for (int f = 0; f < nf; f++) fits[f] = frame_fits(k, &hs[f], &deadline);
     wait_ctx w = {deadline, &k->impl->stop, k->who};
-    return k->link.stream_pipe ? data_stream(k, h, fits, &w, err, errlen)
-                               : data_host(k, h, fits, &w, err, errlen);
+    return k->link.stream_pipe ? data_stream(k, hs, nf, fits, &w, err, errlen)
+                               : data_host(k, hs, nf, fits, &w, err, errlen);
 }
 
 /* DONE or ABORT of a request. */
@@ -1242,12 +1324,14 @@ static kv_status nccl_send_begin(kv_send *x, char *err, size_t errlen) {
     return st;
 }
 
-/* The DATA frame of layer l of x (payload_bytes of payload). KV_OK, or the status. */
+/* The DATA frame of layer l of x (payload_bytes of payload; paired: its pieces and the
+ * next frame's form one NCCL group, said in the checksum field, which NCCL's payload
+ * does not use). KV_OK, or the status. */
 static kv_status send_data_frame(kv_send *x, struct nccl_peer *p, int l, size_t payload_bytes,
-                                 char *err, size_t errlen) {
+                                 bool paired, char *err, size_t errlen) {
     kv_msg_header h = {.type = KV_MSG_DATA, .request_id = x->t.request_id, .ticket = x->t.id,
                        .layer = (uint32_t)l, .n_blocks = (uint32_t)x->n_blocks,
-                       .payload_bytes = payload_bytes};
+                       .payload_bytes = payload_bytes, .checksum = paired ? 1 : 0};
     if (send_frame(p->link.fd, &h, x->deadline) == 0) return KV_OK;
     pd_errorf(err, errlen, "kv nccl: sending request %llu to %s: %s",
               (unsigned long long)x->t.request_id, p->address,
@@ -1255,32 +1339,51 @@ static kv_status send_data_frame(kv_send *x, struct nccl_peer *p, int l, size_t 
     return errno == ETIMEDOUT ? KV_ERR_DEADLINE : KV_ERR_PEER;
 }
 
-/* Host pipeline: every layer in layers[n]: a DATA frame, then its pieces group by group
- * (k into half 0, v into half 1), every piece staged: the host gathers a group (one
- * copy_batch, waited for) once the previous group's sends are done. *queued: the clock
- * before the last wait. */
+/* The DATA frames of the next group of layers of a call (layers[j], and layers[j + 1]
+ * when the two pair up): writes them, fills lay[] with their layers; returns how many
+ * (1 or 2), 0 on failure (*st). */
+static int send_frames(kv_send *x, struct nccl_peer *p, const int *layers, int n, int j,
+                       int lay[2], kv_status *st, char *err, size_t errlen) {
+    const kv_cache *kv = x->c->kv;
+    size_t bb = kv->block_bytes, payload = 2 * (size_t)x->n_blocks * bb;
+    int nf = j + 1 < n && frames_pair(x->n_blocks, (int)(p->link.chunk / bb)) ? 2 : 1;
+    for (int f = 0; f < nf; f++) {
+        lay[f] = layers[j + f];
+        *st = send_data_frame(x, p, lay[f], payload, f == 0 && nf == 2, err, errlen);
+        if (*st != KV_OK) return 0;
+    }
+    return nf;
+}
+
+/* Host pipeline: every layer in layers[n]: DATA frames, then their pieces group by group,
+ * every piece staged: the host gathers a group (one copy_batch, waited for) once the
+ * previous group's sends are done. *queued: the clock before the last wait. */
 static kv_status send_host(kv_send *x, struct nccl_peer *p, const int *layers, int n,
                            const wait_ctx *w, double *queued, char *err, size_t errlen) {
     const kv_cache *kv = x->c->kv;
     nccl_link *k = &p->link;
     size_t bb = kv->block_bytes;
-    int nb = x->n_blocks, per = (int)(k->chunk / bb);
+    int nb = x->n_blocks, per = (int)(k->chunk / bb), lay[2];
     bool any = false;
     kv_status st = KV_OK;
-    for (int j = 0; j < n && st == KV_OK; j++) {
-        int l = layers[j];
-        st = send_data_frame(x, p, l, 2 * (size_t)nb * bb, err, errlen);
-        for (int i0 = 0; i0 < nb && st == KV_OK; i0 += per) {
-            int i1 = PD_MIN(nb, i0 + per);
+    for (int j = 0, nf; j < n && st == KV_OK; j += nf) {
+        if (!(nf = send_frames(x, p, layers, n, j, lay, &st, err, errlen))) break;
+        nccl_piece pc[NCCL_GROUP_PIECES];
+        for (int g = 0, np; st == KV_OK && (np = group_pieces(nb, per, nf, g, pc)) > 0; g++) {
             if (any && (st = link_wait(kv, k, k->gev, w, err, errlen)) != KV_OK) break;
             kv_copies q = {0};
-            unit_copies(&q, kv, l, x->blocks, nb, (size_t)i0, (size_t)i1, k->stage[0], true);
-            unit_copies(&q, kv, l, x->blocks, nb, (size_t)nb + i0, (size_t)nb + i1, k->stage[1], true);
+            void *ptr[NCCL_GROUP_PIECES];
+            size_t bytes[NCCL_GROUP_PIECES];
+            for (int i = 0; i < np; i++) {
+                size_t u0 = (size_t)pc[i].part * nb + pc[i].i0;
+                bytes[i] = (size_t)(pc[i].i1 - pc[i].i0) * bb;
+                ptr[i] = k->stage[i];
+                unit_copies(&q, kv, lay[pc[i].f], x->blocks, nb, u0, u0 + (size_t)(pc[i].i1 - pc[i].i0),
+                            k->stage[i], true);
+            }
             kv_copies_run(kv, &q);
             kv_copies_free(&q);
-            void *ptr[2] = {k->stage[0], k->stage[1]};
-            size_t bytes[2] = {(size_t)(i1 - i0) * bb, (size_t)(i1 - i0) * bb};
-            st = link_group(kv, k, true, 2, ptr, bytes, w, err, errlen);
+            st = link_group(kv, k, true, np, ptr, bytes, w, err, errlen);
             any = true;
         }
     }
@@ -1289,20 +1392,20 @@ static kv_status send_host(kv_send *x, struct nccl_peer *p, const int *layers, i
     return st;
 }
 
-/* Stream pipeline: every layer in layers[n]: a DATA frame, then its pieces group by group,
- * all queued at once: a piece whose blocks are one run of the pool is sent in place; the
- * others are gathered into a ring buffer on the copy stream (after the send that last
- * read that buffer) and sent from there once gathered (NCCL's stream waits for it).
- * Returns without waiting: layer-wise calls queue layer after layer while the earlier
- * ones move, and nccl_send_finish waits once, for the last group (the streams are in
- * order: every earlier gather and send is done too), before its completion notice. The
- * request's blocks stay the prefill side's until then. */
+/* Stream pipeline: every layer in layers[n]: DATA frames, then their pieces group by
+ * group, all queued at once: a piece whose blocks are one run of the pool is sent in
+ * place; the others are gathered into a ring buffer on the copy stream (after the send
+ * that last read that buffer) and sent from there once gathered (NCCL's stream waits for
+ * it). Returns without waiting: layer-wise calls queue layer after layer while the
+ * earlier ones move, and nccl_send_finish waits once, for the last group (the streams
+ * are in order: every earlier gather and send is done too), before its completion
+ * notice. The request's blocks stay the prefill side's until then. */
 static kv_status send_stream(kv_send *x, struct nccl_peer *p, const int *layers, int n,
                              const wait_ctx *w, double *queued, char *err, size_t errlen) {
     const kv_cache *kv = x->c->kv;
     nccl_link *k = &p->link;
     size_t bb = kv->block_bytes;
-    int nb = x->n_blocks, per = (int)(k->chunk / bb);
+    int nb = x->n_blocks, per = (int)(k->chunk / bb), lay[2];
     bool direct = direct_on();
     kv_status st = KV_OK;
     /* another request's ids: its queued gathers (and the upload from the pinned copy)
@@ -1313,31 +1416,33 @@ static kv_status send_stream(kv_send *x, struct nccl_peer *p, const int *layers,
     }
     if (st == KV_OK) st = link_ids_room(kv, k, nb, err, errlen);
     if (st == KV_OK) link_ids_set(kv, k, x->t.id, x->blocks, nb);
-    for (int j = 0; j < n && st == KV_OK; j++) {
-        int l = layers[j];
-        st = send_data_frame(x, p, l, 2 * (size_t)nb * bb, err, errlen);
-        for (int i0 = 0; i0 < nb && st == KV_OK; i0 += per) {
-            int i1 = PD_MIN(nb, i0 + per), bufs[2], n_staged = 0;
-            bool run = direct && blocks_run(x->blocks, i0, i1);
-            void *ptr[2];
-            size_t bytes[2] = {(size_t)(i1 - i0) * bb, (size_t)(i1 - i0) * bb};
-            for (int part = 0; part < 2; part++) {
-                if (run) {
-                    ptr[part] = kv_block_ptr(kv, l, part, x->blocks[i0]);
+    for (int j = 0, nf; j < n && st == KV_OK; j += nf) {
+        if (!(nf = send_frames(x, p, layers, n, j, lay, &st, err, errlen))) break;
+        nccl_piece pc[NCCL_GROUP_PIECES];
+        for (int g = 0, np; st == KV_OK && (np = group_pieces(nb, per, nf, g, pc)) > 0; g++) {
+            void *ptr[NCCL_GROUP_PIECES];
+            size_t bytes[NCCL_GROUP_PIECES];
+            int bufs[NCCL_GROUP_PIECES], n_staged = 0;
+            for (int i = 0; i < np; i++) {
+                const nccl_piece *q = &pc[i];
+                int l = lay[q->f];
+                bytes[i] = (size_t)(q->i1 - q->i0) * bb;
+                if (direct && blocks_run(x->blocks, q->i0, q->i1)) {
+                    ptr[i] = kv_block_ptr(kv, l, q->part, x->blocks[q->i0]);
                     continue;
                 }
                 int b = (int)(k->seq % (uint64_t)k->depth);
                 if (k->seq >= (uint64_t)k->depth) cuda_kv_nccl_stream_wait(kv->be, k->cstream, k->ev[b]);
                 k->seq++;
-                size_t u0 = (size_t)part * nb + i0;
+                size_t u0 = (size_t)q->part * nb + q->i0;
                 cuda_kv_nccl_units(kv->be, k->cstream, kv->k[l], kv->v[l], k->ids_dev, nb, u0,
-                                   u0 + (i1 - i0), k->stage[b], bb, 1);
+                                   u0 + (size_t)(q->i1 - q->i0), k->stage[b], bb, 1);
                 cuda_kv_nccl_event_record(kv->be, k->cev[b], k->cstream);
                 cuda_kv_nccl_stream_wait(kv->be, k->stream, k->cev[b]);
-                ptr[part] = k->stage[b];
+                ptr[i] = k->stage[b];
                 bufs[n_staged++] = b;
             }
-            st = link_group(kv, k, true, 2, ptr, bytes, w, err, errlen);
+            st = link_group(kv, k, true, np, ptr, bytes, w, err, errlen);
             for (int b = 0; b < n_staged && st == KV_OK; b++)
                 cuda_kv_nccl_event_record(kv->be, k->ev[bufs[b]], k->stream);
             k->queued = true;
