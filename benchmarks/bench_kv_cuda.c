@@ -640,9 +640,9 @@ int main(int argc, char **argv) {
                (double)bytes / (1 << 20), n_ops, chunk >> 20, bench_nccl_ceiling_chunks(bytes, dst, chunk, 0) / 1e9,
                bench_nccl_ceiling_chunks(bytes, dst, chunk, 4) / 1e9,
                bench_nccl_ceiling_chunks(bytes, dst, chunk, n_ops) / 1e9);
-        /* as the medium cuts a request: k and v pieces of a layer's blocks (up to 16 MiB),
-         * 4 per group (2 where a layer's pieces could not pair) */
-        size_t piece = PD_MIN((size_t)16 << 20, bytes / (size_t)cfg.n_layers / 2);
+        /* as the medium cuts a request: k and v pieces of a layer's blocks (up to the
+         * chunk), 4 per group (2 where a layer's pieces could not pair) */
+        size_t piece = PD_MIN(chunk, bytes / (size_t)cfg.n_layers / 2);
         printf("  NCCL alone as the medium cuts it: %d ops of %.1f MiB (k and v of a layer's "
                "blocks): %.2f GB/s 4 per group, %.2f GB/s 2 per group\n",
                (int)((bytes + piece - 1) / piece), (double)piece / (1 << 20),

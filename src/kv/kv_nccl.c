@@ -74,7 +74,7 @@
 #include "backend/cuda/kv_nccl_cuda.h"
 #endif
 
-#define NCCL_CHUNK_BYTES ((size_t)16 << 20) /* most bytes per piece (NCCL op) and per
+#define NCCL_CHUNK_BYTES ((size_t)32 << 20) /* most bytes per piece (NCCL op) and per
                                              * staging buffer */
 #define NCCL_MAX_CONNS 32                   /* decode: prefill peers at once */
 #define NCCL_MAX_PEERS 32                   /* prefill: decode peers */
@@ -220,13 +220,17 @@ static int nccl_load(char *err, size_t errlen) {
  *   host              what this medium did first: every piece staged in two halves (k,
  *                     v); the host gathers (scatters) a group through copy_batch, waited
  *                     for, between the group's sends (receives) (A/B).
- * Why depth 8 of 16 MiB (128 MiB a side): a group's staged pieces take up to four
- * buffers, so 8 keep two groups in the ring: the gathers (scatters) of one group run
- * while NCCL moves the other (a piece's gather or scatter, a device-local copy, takes a
- * fraction of its NVLink transfer). With fewer, a group can only be gathered once the one
- * before it has been sent: on 2x H200 (2026-11-28, docs/results/kv-cuda.md) everything
- * staged fell from 65% to 55% of NCCL send/recv when the pieces were first cut into
- * groups of two with 3 buffers of 32 MiB, and came back to 61-64% with 6 of 16 MiB.
+ * Why depth 8 (of 32 MiB: 256 MiB of device memory a side and link, allocated when the
+ * link is made; PDSERVE_KV_NCCL_DEPTH 4 or PDSERVE_KV_NCCL_CHUNK_MIB 16 halve it): a
+ * group's staged pieces take up to four buffers, so 8 keep two groups in the ring: the
+ * gathers (scatters) of one group run while NCCL moves the other (a piece's gather or
+ * scatter, a device-local copy, takes a fraction of its NVLink transfer). With fewer, a
+ * group can only be gathered once the one before it has been sent: on 2x H200
+ * (2026-11-28, docs/results/kv-cuda.md) everything staged fell from 65% to 55% of NCCL
+ * send/recv when the pieces were first cut into groups of two with 3 buffers of 32 MiB,
+ * and came back to 61-64% with 6 of 16 MiB. Why 32 MiB pieces: a 16k-token request of
+ * Llama-3.2-3B (32 MiB of k per layer) moved at 80% (blocks in shuffled runs of 4) and
+ * 86% (one run) of NCCL send/recv with them, 74% and 77% with 16 MiB ones (same call).
  * Waits (PDSERVE_KV_NCCL_WAIT=spin|sleep): spin (default) polls NCCL_SPIN_WAITS times
  * with sched_yield before it sleeps; sleep backs off from the first poll (nanosleep,
  * whose timer slack makes each sleep ~50 us or more). */
