@@ -21,33 +21,24 @@ cd "$(dirname "$0")/../.."
 out=${OUT:-build-gpu/out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-. scripts/gpu/cuda-env.sh   # CUDA's root, gpu_header, gpu_build
+. scripts/gpu/cuda-env.sh   # CUDA's root, gpu_header, gpu_build, gpu_run
 gpu_header | tee "$out/env.txt"
 command -v nvidia-smi >/dev/null 2>&1 || { echo "no GPU"; exit 77; }
 gpu_build "$out/build.log" test_backend_cuda test_forward_cuda bench_model_cuda || exit 2
 export PDSERVE_SOURCE=$PWD PDSERVE_BUILD=$PWD/build-gpu
 status=0
 summary=()
-run() { # NAME TIMEOUT CMD...
-  local name=$1 limit=$2; shift 2
-  local t=$(date +%s)
-  timeout "$limit" "$@" >"$out/$name.log" 2>&1
-  local rc=$?
-  summary+=("$(printf '%-36s exit %3d  %4d s' "$name" "$rc" "$(( $(date +%s) - t ))")")
-  [ "$rc" -ne 0 ] && status=1
-  return "$rc"
-}
 if [ "${NO_TESTS:-0}" != 1 ]; then
-  run test_backend_cuda 240 build-gpu/test_backend_cuda
-  run test_backend_cuda_classes0 240 env PDSERVE_CUDA_GRAPH_CLASSES=0 build-gpu/test_backend_cuda
+  gpu_run test_backend_cuda 240 build-gpu/test_backend_cuda
+  gpu_run test_backend_cuda_classes0 240 env PDSERVE_CUDA_GRAPH_CLASSES=0 build-gpu/test_backend_cuda
   ref=build-gpu/gpu-ref
-  [ -d "$ref" ] || run gpu_reference 300 python3 tests/fixtures/models/gpu_reference.py "$ref"
-  PDSERVE_GPU_REF=$ref run test_forward_cuda 240 build-gpu/test_forward_cuda
-  PDSERVE_GPU_REF=$ref run test_forward_cuda_classes0 240 env PDSERVE_CUDA_GRAPH_CLASSES=0 build-gpu/test_forward_cuda
+  [ -d "$ref" ] || gpu_run gpu_reference 300 python3 tests/fixtures/models/gpu_reference.py "$ref"
+  PDSERVE_GPU_REF=$ref gpu_run test_forward_cuda 240 build-gpu/test_forward_cuda
+  PDSERVE_GPU_REF=$ref gpu_run test_forward_cuda_classes0 240 env PDSERVE_CUDA_GRAPH_CLASSES=0 build-gpu/test_forward_cuda
 fi
 for tag in on1 off on2; do
   c=1; [ "$tag" = off ] && c=0
-  run "bench_classes_$tag" 200 env PDSERVE_CUDA_GRAPH_CLASSES=$c build-gpu/bench_model_cuda --no-prefill
+  gpu_run "bench_classes_$tag" 200 env PDSERVE_CUDA_GRAPH_CLASSES=$c build-gpu/bench_model_cuda --no-prefill
 done
 {
   echo

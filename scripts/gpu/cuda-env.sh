@@ -43,3 +43,17 @@ gpu_build() {
   fi
   echo "build: $(( $(date +%s) - t0 )) s ($*)"
 }
+
+# gpu_run NAME TIMEOUT CMD...: runs CMD under timeout with its output in $out/NAME.log,
+# appends "NAME exit RC SECONDS s" to the caller's summary array and sets the caller's
+# status to 1 when it fails; returns CMD's exit status. The caller defines out, status
+# (0) and summary (an empty array) first.
+gpu_run() {
+  local name=$1 limit=$2; shift 2
+  local t=$(date +%s)
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  summary+=("$(printf '%-36s exit %3d  %4d s' "$name" "$rc" "$(( $(date +%s) - t ))")")
+  [ "$rc" -ne 0 ] && status=1
+  return "$rc"
+}
