@@ -54,6 +54,7 @@ static void on_event(void *user, const engine_event *ev) {
             r->n_top[r->n] = ev->n_top;
         }
         r->n++;
+        pthread_cond_broadcast(&s->c->w.cv); /* test_abort waits for tokens, not sleeps */
     } else {
         r->done = true;
         r->finish = ev->finish;
@@ -251,16 +252,16 @@ static void test_abort(void) {
     static slot sl[NREQ];
     sampling_params sp = greedy(50);
     for (int i = 0; i < 4; i++) submit(e, c, sl, i, &sp);
-    /* wait until every one has produced a few tokens */
+    /* wait until every one has produced a few tokens: woken at each token (a sleep of
+     * 1 ms could let a loaded machine finish requests 1 and 2 before their abort) */
+    pthread_mutex_lock(&c->w.mu);
     for (;;) {
-        pthread_mutex_lock(&c->w.mu);
         int ready = 0;
         for (int i = 0; i < 4; i++) ready += c->res[i].n >= 3;
-        pthread_mutex_unlock(&c->w.mu);
         if (ready == 4) break;
-        struct timespec ts = {0, 1000000};
-        nanosleep(&ts, NULL);
+        pthread_cond_wait(&c->w.cv, &c->w.mu);
     }
+    pthread_mutex_unlock(&c->w.mu);
     engine_abort(e, c->res[1].id);
     engine_abort(e, c->res[2].id);
     engine_abort(e, 987654); /* unknown: ignored */
