@@ -162,9 +162,17 @@ static void bench_matmul(const char *name, int T, int Kd, int N) {
 /* ---- small-T matmul: the GEMV against cuBLAS --------------------------------------------
  * The same shape timed under PDSERVE_CUDA_GEMV=0 (cuBLAS) and =1 (the GEMV), as GB/s of
  * weights streamed against the copy ceiling; "auto" says which one the default rules
- * pick (backend_cuda_gemv_auto_picks). */
+ * pick on this card (backend_cuda_gemv_auto_picks_on). */
 
 static int32_t *dev_ints(const int32_t *h, int n);
+
+/* This card's peak DRAM GB/s (memory clock x bus width, double data rate), as the
+ * backend's auto route reads it. */
+static double card_peak_gbs(void) {
+    backend_cuda_info info;
+    backend_cuda_info_get(g, &info);
+    return 2.0 * info.mem_clock_khz * 1e3 * info.mem_bus_bits / 8 / 1e9;
+}
 
 static double time_mm_mode(mm_ctx *m, int mode) {
     int old = backend_cuda_gemv_mode(g, mode);
@@ -190,7 +198,7 @@ static void bench_gemv(const char *name, int Kd, int N) {
         snprintf(shape, sizeof shape, "%s T=%d %dx%d", name, T, N, Kd);
         printf("| %-24s | %7.1f | %5.0f | %5.1f%% | %7.1f | %5.0f | %5.1f%% | %5.2fx | %-6s |\n", shape,
                cb * 1e3, cbg, 100.0 * cbg / copy_gbs, gv * 1e3, gvg, 100.0 * gvg / copy_gbs, cb / gv,
-               backend_cuda_gemv_auto_picks(T, Kd, N) ? "gemv" : "cublas");
+               backend_cuda_gemv_auto_picks_on(card_peak_gbs(), T, Kd, N) ? "gemv" : "cublas");
     }
     for (int s = 0; s < m.sets; s++) {
         g->ops->free(g, m.x[s]);

@@ -463,9 +463,13 @@ extern "C" backend *backend_cuda_create(int device, char *err, size_t errlen) {
     b->ops = fused && strcmp(fused, "0") == 0 ? cuda_ops_unfused() : cuda_ops_with_graphs();
     b->impl = cb;
     b->threads = 0;
-    log_info("cuda backend: device %d %s, %d SMs, %.1f GiB, programmatic launch %s", device,
-             prop.name, prop.multiProcessorCount, (double)prop.totalGlobalMem / (1 << 30),
-             cuda_pdl_on ? "on" : "off");
+    bool all = cb->gemv == BACKEND_CUDA_GEMV_ON ||
+               (cb->gemv == BACKEND_CUDA_GEMV_AUTO && backend_cuda_gemv_auto_picks_on(cb->mem_peak_gbs, 1, 8, 1 << 30));
+    log_info("cuda backend: device %d %s, %d SMs, %.1f GiB (%.0f GB/s peak DRAM), programmatic "
+             "launch %s; matmuls of 1-8 rows: %s", device, prop.name, prop.multiProcessorCount,
+             (double)prop.totalGlobalMem / (1 << 30), cb->mem_peak_gbs, cuda_pdl_on ? "on" : "off",
+             cb->gemv == BACKEND_CUDA_GEMV_OFF ? "cuBLAS"
+             : all ? "the GEMV" : "the GEMV up to 32M weights, cuBLAS above");
     return b;
 }
 
