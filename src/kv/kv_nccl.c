@@ -266,12 +266,16 @@ typedef struct nccl_link {
     uint64_t peer_key;      /* the peer process (self_key of its side); 0: unknown */
 } nccl_link;
 
+/* Whether environment variable `name` is not set to `off` (the switches below, each read
+ * once per process into its caller's static). */
+static bool env_not(const char *name, const char *off) {
+    const char *e = getenv(name);
+    return !(e && !strcmp(e, off));
+}
+
 static bool pipe_stream(void) {
     static int on = -1;
-    if (on < 0) {
-        const char *e = getenv("PDSERVE_KV_NCCL_PIPE");
-        on = !(e && !strcmp(e, "host"));
-    }
+    if (on < 0) on = env_not("PDSERVE_KV_NCCL_PIPE", "host");
     return on;
 }
 static int pipe_depth(void) {
@@ -285,10 +289,7 @@ static int pipe_depth(void) {
 }
 static bool wait_spins(void) {
     static int on = -1;
-    if (on < 0) {
-        const char *e = getenv("PDSERVE_KV_NCCL_WAIT");
-        on = !(e && !strcmp(e, "sleep"));
-    }
+    if (on < 0) on = env_not("PDSERVE_KV_NCCL_WAIT", "sleep");
     return on;
 }
 
@@ -629,10 +630,7 @@ static kv_status link_init(const kv_cache *kv, nccl_link *k, const nccl_id *id, 
  * piece. PDSERVE_KV_NCCL_DIRECT=0 stages every piece (A/B; the sides need not agree). */
 static bool direct_on(void) {
     static int on = -1;
-    if (on < 0) {
-        const char *e = getenv("PDSERVE_KV_NCCL_DIRECT");
-        on = !(e && !strcmp(e, "0"));
-    }
+    if (on < 0) on = env_not("PDSERVE_KV_NCCL_DIRECT", "0");
     return on;
 }
 
