@@ -4,7 +4,8 @@
  * Any input must give 0 with every field within its documented range, or -1 with a
  * 4xx status and a message; never a crash, a leak or undefined behaviour. Accepted
  * requests are also serialised back (stop filter over the prompt, error JSON) to
- * exercise the writers on hostile strings.
+ * exercise the writers on hostile strings. The same bytes also go to the parser of
+ * X-PD-Timing (the router's timing hand-over).
  * Build: CC=clang cmake -S . -B build-fuzz-api -G Ninja -DPDSERVE_FUZZ=ON -DPDSERVE_CUDA=OFF
  * Run:   ./build-fuzz-api/fuzz_api_request -max_total_time=60 fuzz/corpus/api_request */
 #include <stdint.h>
@@ -14,7 +15,22 @@
 #include "server/server.h"
 #include "util/util.h"
 
+/* X-PD-Timing, a header of /internal/decode (api_dis_timing_parse): the whole input as
+ * one NUL-terminated value; accepted, every field is a number in [0, 1e6]. */
+static void fuzz_dis_timing(const uint8_t *data, size_t size) {
+    char *v = malloc(size + 1);
+    memcpy(v, data, size);
+    v[size] = '\0';
+    api_dis_timing d;
+    if (api_dis_timing_parse(v, &d) == 0)
+        PD_ASSERT(d.reserve_s >= 0 && d.reserve_s <= 1e6 && d.prefill_call_s >= 0 && d.prefill_call_s <= 1e6 &&
+                  d.queue_s >= 0 && d.queue_s <= 1e6 && d.prefill_s >= 0 && d.prefill_s <= 1e6 && d.kv_s >= 0 &&
+                  d.kv_s <= 1e6);
+    free(v);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    fuzz_dis_timing(data, size);
     if (size < 1) return 0;
     api_endpoint ep = (api_endpoint)(data[0] % 4);
     size_t len = size - 1;

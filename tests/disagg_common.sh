@@ -141,7 +141,38 @@ run_setup() {
     node "$ROOT/tests/node/disagg.mjs" compare "$TMP/ref.json" ||
     { tail -40 "$TMP/$name.log"; fail "$name: outputs or pools"; }
   check_kv_metrics "$name"
+  check_phases "$name"
   stop_up "$name"
+}
+
+# check_phases NAME: a streamed request with "pdserve_timing" through the router says
+# where its TTFT went: the router's, the prefill instance's and the decode instance's
+# phases, each a number of seconds >= 0 (prefill_hop, a difference, > -1 ms), their sum
+# within the server-side TTFT (+1 ms), and that TTFT within the client's.
+check_phases() {
+  local body='{"prompt":"the phases of one request through the router, timed by each server","max_tokens":4,"stream":true,"stream_options":{"include_usage":true},"pdserve_timing":true}'
+  curl -sf "http://127.0.0.1:$UPORT/v1/completions" -H 'Content-Type: application/json' \
+    -d "$body" -o "$TMP/$1.phases" -w '%{time_starttransfer}\n' >"$TMP/$1.ttfb" ||
+    fail "$1: the pdserve_timing request failed"
+  python3 - "$TMP/$1.phases" "$(cat "$TMP/$1.ttfb")" <<'PY' || fail "$1: pdserve_timing phases"
+import json, sys
+t = None
+for line in open(sys.argv[1]):
+    if line.startswith("data: {") and '"pdserve_timing"' in line:
+        t = json.loads(line[6:])["pdserve_timing"]
+assert t, "no pdserve_timing in the usage chunk"
+ph = t["phases"]
+want = ["reserve", "prefill_hop", "queue", "prefill", "kv", "decode_wait", "decode"]
+assert list(ph) == want, "phases %s, expected %s" % (list(ph), want)
+for k, v in ph.items():
+    assert v >= (-1e-3 if k == "prefill_hop" else 0) and v < 30, "%s = %r" % (k, v)
+assert ph["prefill"] > 0, "prefill %r" % ph["prefill"]
+assert sum(ph.values()) <= t["ttft_s"] + 1e-3, "phases sum %.6f > ttft_s %.6f" % (sum(ph.values()), t["ttft_s"])
+ttfb = float(sys.argv[2])
+assert 0 < t["ttft_s"] <= ttfb + 1e-3, "server ttft_s %.6f, client's first byte %.6f" % (t["ttft_s"], ttfb)
+print("ok   phases: " + ", ".join("%s %.2f ms" % (k, v * 1e3) for k, v in ph.items()) +
+      "; ttft_s %.2f ms, client's first byte %.2f ms" % (t["ttft_s"] * 1e3, ttfb * 1e3))
+PY
 }
 
 # check_kv_metrics NAME: the prefill instances' /metrics counted the requests' KV

@@ -43,8 +43,19 @@ if command -v curl >/dev/null 2>&1; then
   curl -s "$URL/v1/completions" -H 'Content-Type: application/json' \
     -d '{"prompt":[1,2,3],"max_tokens":4,"ignore_eos":true,"pdserve_timing":true}' >"$TMP/full.json" ||
     fail "curl failed"
-  grep -q '"pdserve_timing":{"ttft_s":[0-9.e-]*,"e2e_s":[0-9.e-]*,"queue_s":[0-9.e-]*,"n_preemptions":0}' \
+  grep -q '"pdserve_timing":{"ttft_s":[0-9.e-]*,"e2e_s":[0-9.e-]*,"queue_s":[0-9.e-]*,"n_preemptions":0,' \
     "$TMP/full.json" || { cat "$TMP/full.json"; fail "non-stream: no pdserve_timing object"; }
+  # where its TTFT went: parse, queue, prefill; queue equal to queue_s, queue + prefill
+  # equal to ttft_s (the same engine timestamps)
+  python3 - "$TMP/full.json" <<'PY' || { cat "$TMP/full.json"; fail "non-stream: pdserve_timing phases"; }
+import json, sys
+t = json.load(open(sys.argv[1]))["pdserve_timing"]
+ph = t["phases"]
+assert list(ph) == ["parse", "queue", "prefill"], list(ph)
+assert all(v >= 0 for v in ph.values()) and ph["prefill"] > 0, ph
+assert abs(ph["queue"] - t["queue_s"]) < 1e-6, (ph, t)
+assert abs(ph["queue"] + ph["prefill"] - t["ttft_s"]) < 1e-6, (ph, t)
+PY
   curl -s "$URL/v1/completions" -H 'Content-Type: application/json' \
     -d '{"prompt":[1,2,3],"max_tokens":4}' >"$TMP/plain.json" || fail "curl failed"
   grep -q '"usage"' "$TMP/plain.json" || { cat "$TMP/plain.json"; fail "plain: no usage"; }
@@ -59,6 +70,8 @@ fi
 grep -q "Successful requests: *32 *$" "$TMP/bench.out" || { cat "$TMP/bench.out"; fail "not 32 successes"; }
 grep -q "Requests with server timing: *32 *$" "$TMP/bench.out" ||
   { cat "$TMP/bench.out"; fail "not every request carried pdserve_timing"; }
+grep -q "TTFT phases (median ms): parse [0-9.]*, queue [0-9.]*, prefill [0-9.]*, other -\?[0-9.]*$" \
+  "$TMP/bench.out" || { sed -n '/Server timing/,$p' "$TMP/bench.out"; fail "no TTFT phases line"; }
 TTFT="$(sed -n 's/.*"server_ttft_diff_ms_median":\([0-9.eE+-]*\).*/\1/p' "$TMP/res/r.json")"
 E2E="$(sed -n 's/.*"server_e2e_diff_ms_median":\([0-9.eE+-]*\).*/\1/p' "$TMP/res/r.json")"
 [ -n "$TTFT" ] && [ -n "$E2E" ] || { cat "$TMP/res/r.json"; fail "no medians in the result JSON"; }

@@ -199,7 +199,7 @@ PDSERVE_NVML_LIB="$FAKE" PDSERVE_POWERCAP_ROOT="$PC" "$BIN" sweep "$TMP/ring.jso
   --model "$TMP/model" 2>"$TMP/sweep3.log" || fail "ring sweep"
 grep -q "1 ok, 0 failed" "$TMP/sweep3.log" || fail "ring sweep: the point failed"
 r() { sqlite3 "$TMP/ring.db" "$1"; }
-[ "$(r "SELECT value FROM meta WHERE key='schema_version'")" = 3 ] || fail "schema version"
+[ "$(r "SELECT value FROM meta WHERE key='schema_version'")" = 4 ] || fail "schema version"
 for dev in "0 prefill 150" "1 decode 90"; do
   set -- $dev
   n=$(r "SELECT count(*) FROM power_samples WHERE source='ring' AND component='gpu' AND device='$1' AND role='$2'

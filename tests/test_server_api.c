@@ -495,6 +495,43 @@ static void test_metrics(void) {
     metrics_free(m);
 }
 
+/* X-PD-Timing (the router's hand-over to the decode instance) and the phases written
+ * into pdserve_timing: every field once, numbers >= 0; anything else is ignored whole. */
+static void test_dis_timing(void) {
+    api_dis_timing d;
+    REQUIRE(api_dis_timing_parse("reserve=0.0002,prefill_call=0.0045,queue=0.0001,prefill=0.004,kv=0.0003", &d) == 0);
+    CHECK(d.reserve_s == 0.0002 && d.prefill_call_s == 0.0045 && d.queue_s == 0.0001 && d.prefill_s == 0.004 &&
+          d.kv_s == 0.0003);
+    REQUIRE(api_dis_timing_parse("kv=1,prefill=2,queue=3,prefill_call=4,reserve=5", &d) == 0); /* any order */
+    CHECK(d.reserve_s == 5 && d.kv_s == 1);
+    const char *bad[] = {NULL, "", "reserve=1", "reserve=1,prefill_call=1,queue=1,prefill=1",
+                         "reserve=1,prefill_call=1,queue=1,prefill=1,kv=1,kv=2",
+                         "reserve=1,prefill_call=1,queue=1,prefill=1,kv=-1",
+                         "reserve=1,prefill_call=1,queue=1,prefill=1,kv=nan",
+                         "reserve=1,prefill_call=1,queue=1,prefill=1,kv=1e300",
+                         "reserve=1,prefill_call=1,queue=1,prefill=1,kv=1,",
+                         "reserve=1,prefill_call=1,queue=1,prefill=1,kv=1x",
+                         "reserve=1,prefill_call=1,queue=1,prefill=1,decode=1",
+                         "reserve=,prefill_call=1,queue=1,prefill=1,kv=1", "reserve"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        CHECKF(api_dis_timing_parse(bad[i], &d) == -1, "accepted %s", bad[i] ? bad[i] : "(null)");
+
+    api_timing t = {.ttft_s = 0.01, .e2e_s = 0.02, .queue_s = 0.001};
+    api_timing_add(&t, "parse", 0.0001);
+    api_timing_add(&t, "queue", 0.001);
+    api_timing_add(&t, "prefill", NAN); /* not finite: left out */
+    for (int i = 0; i < 2 * API_TIMING_PHASES; i++) api_timing_add(&t, "x", 0); /* capped */
+    CHECK_EQ_INT(t.n_phases, API_TIMING_PHASES);
+    t.n_phases = 2;
+    api_usage u = {.prompt_tokens = 3, .completion_tokens = 4, .timing = &t};
+    api_out_ctx c = {.id = "cmpl-1", .model = "m", .created = 1};
+    sbuf out;
+    sbuf_init(&out);
+    api_sse_usage(&out, &c, &u);
+    CHECK_STR_CONTAINS(out.p, "\"n_preemptions\":0,\"phases\":{\"parse\":0.000100000,\"queue\":0.001000000}}");
+    sbuf_free(&out);
+}
+
 int main(void) {
     TEST_RUN(test_parse_completion_defaults);
     TEST_RUN(test_parse_completion_fields);
@@ -507,5 +544,6 @@ int main(void) {
     TEST_RUN(test_full_response);
     TEST_RUN(test_stop_strings);
     TEST_RUN(test_metrics);
+    TEST_RUN(test_dis_timing);
     return TEST_END();
 }

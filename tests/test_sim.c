@@ -109,6 +109,14 @@ static void test_cost_model(void) {
     sim_profile_free(&p);
 }
 
+/* A phase of a simulated request's server_phases (seconds), NAN when absent. */
+static double phase(const bench_record *b, const char *name) {
+    char key[40];
+    snprintf(key, sizeof key, "\"%s\":", name);
+    const char *at = b->server_phases ? strstr(b->server_phases, key) : NULL;
+    return at ? strtod(at + strlen(key), NULL) : NAN;
+}
+
 static void test_trivial_timestamps(void) {
     sim_profile p;
     const_profile(&p, 0.1, 0.02);
@@ -135,6 +143,13 @@ static void test_trivial_timestamps(void) {
     r.n_prompt = 1100;
     REQUIRE(sim_run(&c, &p, &r, 1, &bc, &res, &st, err, sizeof err) == 0);
     CHECK(near(res->recs[0].ttft_s, 0.3, 1e-12));
+    /* where its TTFT went, as a colocated server reports it: no serving path here, no
+     * queue, three chunks of prefill */
+    CHECKF(res->recs[0].server_phases && !strstr(res->recs[0].server_phases, "\"kv\""), "%s",
+           res->recs[0].server_phases ? res->recs[0].server_phases : "(none)");
+    CHECK(near(phase(&res->recs[0], "path"), 0, 1e-9));
+    CHECK(near(phase(&res->recs[0], "queue"), 0, 1e-9));
+    CHECK(near(phase(&res->recs[0], "prefill"), 0.3, 1e-9));
     bench_result_free(res);
 
     /* power: energy = busy power x busy time + idle power x idle time */
@@ -178,6 +193,16 @@ static void test_disaggregated_transfer(void) {
     REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
     CHECK(near(res->recs[0].ttft_s, 0.1 + xfer, 1e-12));
     CHECK(near(res->recs[1].ttft_s, 0.1 + xfer + 0.1, 1e-12));
+    /* the second's phases: queued behind the first's step, prefilled in the next, its
+     * KV on the link as the first's is done, admitted at once (D idle by then); they
+     * add up to its TTFT */
+    const bench_record *b1 = &res->recs[1];
+    CHECKF(near(phase(b1, "queue"), 0.1, 1e-9), "queue %.6f", phase(b1, "queue"));
+    CHECK(near(phase(b1, "prefill"), 0.1, 1e-9));
+    CHECKF(near(phase(b1, "kv"), xfer, 1e-9), "kv %.6f", phase(b1, "kv"));
+    CHECK(near(phase(b1, "decode"), 0, 1e-9));
+    CHECK(near(phase(b1, "path") + phase(b1, "queue") + phase(b1, "prefill") + phase(b1, "kv") +
+                   phase(b1, "decode"), b1->ttft_s, 1e-9));
     bench_result_free(res);
     /* a store (cpu, disk) decouples put and get: half the 0.3 s on each side, and the
      * second put (its prefill ends at 0.2) overlaps the first get: put 0.1-0.25, get

@@ -267,7 +267,7 @@ static void test_db_round_trip(void) {
 }
 
 /* A file of schema 2 (requests and summaries without the cached-token columns) is
- * migrated on open: the columns are added, old rows keep NULL, the version becomes 3,
+ * migrated on open: the columns are added, old rows keep NULL, the version becomes 4,
  * and a new point can be recorded into it. */
 static void test_db_migrate_v2(void) {
     char path[512], err[512];
@@ -315,8 +315,9 @@ static void test_db_migrate_v2(void) {
     study_db_close(db);
     h = open_ro(path);
     REQUIRE(h);
-    CHECK_EQ_INT(q_num(h, "SELECT value FROM meta WHERE key = 'schema_version'"), 3);
+    CHECK_EQ_INT(q_num(h, "SELECT value FROM meta WHERE key = 'schema_version'"), 4);
     CHECK(isnan(q_num(h, "SELECT cached_tokens FROM requests WHERE run_id = 99")));
+    CHECK_EQ_INT(q_num(h, "SELECT count(*) FROM requests WHERE run_id = 99 AND server_phases IS NULL"), 1);
     char sql[256];
     snprintf(sql, sizeof sql, "SELECT sum(cached_tokens) FROM requests WHERE run_id = %lld", id);
     CHECK_EQ_INT(q_num(h, sql), 50);

@@ -16,6 +16,21 @@
 /* n requests, all sent at t = 0: request i has its first token at ttft_s * (1 + i/n)
  * and out_len tokens itl_s apart. Energy counters: two GPUs (prefill, decode) using
  * j0 and j1 joules, unless j0 < 0 (energy not measured). */
+/* Where each request's TTFT went (requests.server_phases), as a colocated server says
+ * it (parse 1 ms, queue 30%, prefill the rest but 10%: other = 10% of the TTFT) or the
+ * simulator (path 0, queue 30%, prefill 70%). */
+static void tsd_phases(bench_result *r, bool sim) {
+    for (int i = 0; i < r->n; i++) {
+        bench_record *x = &r->recs[i];
+        char b[160];
+        double t = x->ttft_s;
+        if (sim) snprintf(b, sizeof b, "{\"path\":0,\"queue\":%.9f,\"prefill\":%.9f}", 0.3 * t, 0.7 * t);
+        else snprintf(b, sizeof b, "{\"parse\":0.001,\"queue\":%.9f,\"prefill\":%.9f}", 0.3 * t, 0.6 * t - 0.001);
+        free(x->server_phases);
+        x->server_phases = xstrdup(b);
+    }
+}
+
 static bench_result *tsd_result(int n, int in_len, int out_len, double ttft_s, double itl_s, double j0, double j1) {
     bench_result *r = xcalloc(1, sizeof *r);
     snprintf(r->model, sizeof r->model, "synthetic");
@@ -125,6 +140,7 @@ static inline int tsd_make_db(const char *path) {
             double itl = (0.004 + 0.0004 * b) * (si == 2 ? 0.8 : 1.0) * clk;
             double j = si == 1 ? -1 : (60 + 25 * b) * (si >= 2 ? 1.5 : 1.0) / clk;
             r = tsd_result(pt->load.num_prompts, 512, 32, ttft, itl, j, j >= 0 ? j * 0.6 : 0);
+            if (si == 0 && pt->load.kind == STUDY_LOAD_BATCH && pt->clock.prefill_mhz == 1260) tsd_phases(r, false);
         }
         if (study_db_record(db, pt, &ri, &bc, r, r ? &idle : NULL, err, sizeof err) < 0) {
             fprintf(stderr, "%s\n", err);
@@ -139,6 +155,7 @@ static inline int tsd_make_db(const char *path) {
             ri.simulated = true;
             r = tsd_result(pt->load.num_prompts, 512, 32, (0.05 + 0.02 * b) * f, 0.004 + 0.0004 * b,
                            60 + 25 * b, (60 + 25 * b) * 0.6);
+            tsd_phases(r, true);
             if (study_db_record(db, &sp, &ri, &bc, r, &idle, err, sizeof err) < 0) {
                 fprintf(stderr, "%s\n", err);
                 rc = -1;

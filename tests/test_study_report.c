@@ -74,6 +74,20 @@ static void test_report(void) {
     CHECK_STR_CONTAINS(table, "simulated against measured");
     CHECK_STR_CONTAINS(table, "+30%");
     CHECK_STR_CONTAINS(table, "of 16 compared figures within 10%");
+    /* where the TTFT went: the measured co-1gpu batch points' phases (parse 1 ms,
+     * other 10% of the TTFT) beside the simulated ones' (path 0, nothing other) */
+    CHECK_STR_CONTAINS(table, "where the TTFT went");
+    const char *wt = table ? strstr(table, "where the TTFT went") : NULL;
+    CHECK(wt && strstr(wt, " parse ") && strstr(wt, " path ") && strstr(wt, " prefill "));
+    const char *row = wt ? strstr(wt, "\nco-1gpu b2 ") : NULL, *srow = row ? strstr(row + 1, "\nco-1gpu b2 ") : NULL;
+    CHECKF(row && srow && strstr(srow, " sim "), "%s", wt ? wt : "(none)");
+    if (row && srow) {
+        char real[256], sim[256];
+        snprintf(real, sizeof real, "%.*s", (int)strcspn(row + 1, "\n"), row + 1);
+        snprintf(sim, sizeof sim, "%.*s", (int)strcspn(srow + 1, "\n"), srow + 1);
+        CHECKF(strstr(real, " 1.00 ") && !strstr(real, " sim "), "%s", real); /* parse */
+        CHECKF(strstr(sim, " 0.00 ") && strstr(sim, " - "), "%s", sim);          /* path; no parse */
+    }
     free(table);
 
     char *html = slurp(out, "index.html", NULL);
@@ -89,6 +103,7 @@ static void test_report(void) {
     CHECK_STR_CONTAINS(html, "on the frontier");
     CHECK_STR_CONTAINS(html, "<h2>Simulated against measured</h2>");
     CHECK_STR_CONTAINS(html, "<b>+30%</b>");
+    CHECK_STR_CONTAINS(html, "<h2>Where the TTFT went</h2>");
     CHECK_STR_CONTAINS(html, "src=\"pareto-ttft.svg\"");
     CHECK_STR_CONTAINS(html, "src=\"latency-co-1gpu-batch.svg\"");
     CHECK_STR_CONTAINS(html, "src=\"energy-vs-batch.svg\"");

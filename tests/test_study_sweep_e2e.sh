@@ -54,7 +54,17 @@ grep -q "0 ok, 2 failed, 0 skipped, 2 done before" "$TMP/sweep3.log" || { cat "$
 
 "$BIN" report "$TMP/results.db" -o "$TMP/report" >"$TMP/table.txt" 2>"$TMP/report.log" || { cat "$TMP/report.log"; fail "report"; }
 cat "$TMP/table.txt"
-[ "$(grep -c '^co-1gpu ' "$TMP/table.txt")" = 2 ] || fail "the table does not have the two co-1gpu points"
+[ "$(sed '/^where the TTFT went/,$d' "$TMP/table.txt" | grep -c '^co-1gpu ')" = 2 ] ||
+  fail "the table does not have the two co-1gpu points"
+# every request of the sweep said where its TTFT went (requests.server_phases), and the
+# report shows both points' phases
+if command -v sqlite3 >/dev/null 2>&1; then
+  n_ok="$(sqlite3 "$TMP/results.db" "SELECT count(*) FROM requests WHERE status = 'ok'")"
+  n_ph="$(sqlite3 "$TMP/results.db" "SELECT count(*) FROM requests WHERE status = 'ok' AND server_phases LIKE '{\"parse\":%,\"queue\":%,\"prefill\":%}'")"
+  [ "$n_ok" -gt 0 ] && [ "$n_ph" = "$n_ok" ] || fail "$n_ph of $n_ok requests with their TTFT phases"
+fi
+[ "$(sed -n '/^where the TTFT went/,$p' "$TMP/table.txt" | grep -c '^co-1gpu ')" = 2 ] ||
+  fail "the report's TTFT phases do not list the two co-1gpu points"
 [ -s "$TMP/report/index.html" ] || fail "no index.html"
 grep -qi "nccl" "$TMP/report/index.html" || fail "the failed point's reason is not in the page"
 [ "$(grep -c ',ok,' "$TMP/report/runs.csv")" = 2 ] || fail "runs.csv: want 2 ok runs"

@@ -143,6 +143,7 @@ struct pd_rng;
 double bench_gamma(struct pd_rng *r, double shape, double scale);
 
 /* ---- SSE parsing (incremental, chunks split anywhere) --------------------------- */
+#define BENCH_PHASES_MAX 1024         /* longest "phases" object kept per request */
 #define BENCH_SSE_MAX_EVENT (1 << 20)  /* larger events are an error, not a realloc storm */
 
 typedef struct bench_sse {
@@ -180,6 +181,8 @@ typedef struct bench_event {
     bool is_error;
     bool has_server_timing;    /* "pdserve_timing" object seen (pdserve extension) */
     double server_ttft_s, server_e2e_s;  /* its ttft_s / e2e_s, -1 if absent */
+    const char *server_phases; /* its "phases" object as sent (points into data), or NULL */
+    size_t server_phases_len;
 } bench_event;
 
 /* Scans one event's data. Always fills ev; returns 0 or -1 on malformed JSON. */
@@ -268,6 +271,8 @@ typedef struct bench_record {
     size_t text_len, text_cap;
     bool has_server_timing;            /* the server's own view (--server-timing) */
     double server_ttft_s, server_e2e_s;
+    char *server_phases;   /* where its TTFT went, the server's "phases" JSON object (owned),
+                              or NULL */
     bool has_cached;       /* the server's usage gave prompt_tokens_details.cached_tokens */
     int cached_tokens;     /* prompt tokens it took from its prefix cache (any KV tier) */
 } bench_record;

@@ -132,6 +132,11 @@ static int on_event(void *ctx, const char *data, size_t len) {
         r->has_server_timing = true;
         r->server_ttft_s = ev.server_ttft_s;
         r->server_e2e_s = ev.server_e2e_s;
+        if (ev.server_phases && ev.server_phases_len <= BENCH_PHASES_MAX && !r->server_phases) {
+            r->server_phases = xmalloc(ev.server_phases_len + 1);
+            memcpy(r->server_phases, ev.server_phases, ev.server_phases_len);
+            r->server_phases[ev.server_phases_len] = '\0';
+        }
     }
     return 0;
 }

@@ -217,6 +217,14 @@ static const char *timing_member(const char *k, size_t kn, const char *v, const 
                                  bench_event *ev, int depth) {
     if (key_is(k, kn, "ttft_s")) return read_num(v, end, &ev->server_ttft_s);
     if (key_is(k, kn, "e2e_s")) return read_num(v, end, &ev->server_e2e_s);
+    if (key_is(k, kn, "phases")) {
+        const char *q = ws(v, end), *r = skip_value(q, end, depth + 1);
+        if (r && q < end && *q == '{') {
+            ev->server_phases = q;
+            ev->server_phases_len = (size_t)(r - q);
+        }
+        return r;
+    }
     return skip_value(v, end, depth + 1);
 }
 

@@ -58,6 +58,58 @@ static int energy_roles(const bench_energy *e, const char **roles, int cap) {
 }
 
 /* Failure messages grouped with their digits masked, most frequent first. */
+static int cmp_ms(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* "TTFT phases (median ms): parse 0.05, queue 0.10, prefill 11.60, other 0.40": the
+ * median of each phase the server reported (pdserve_timing's "phases", in its order),
+ * and of the TTFT less their sum (what no server timed: this client, the hops). */
+#define PHASES_MAX 12
+static void print_phases(FILE *f, const bench_result *r) {
+    char names[PHASES_MAX][24];
+    int n_names = 0, n_req = 0;
+    double *v[PHASES_MAX + 1];
+    int nv[PHASES_MAX + 1] = {0};
+    for (int k = 0; k <= PHASES_MAX; k++) v[k] = xmalloc(sizeof(double) * (size_t)(r->n + 1));
+    for (int i = 0; i < r->n; i++) {
+        const bench_record *q = &r->recs[i];
+        if (!q->success || !q->server_phases || q->ttft_s <= 0) continue;
+        cJSON *o = cJSON_Parse(q->server_phases);
+        double sum = 0;
+        int seen = 0;
+        for (const cJSON *e = cJSON_IsObject(o) ? o->child : NULL; e; e = e->next) {
+            if (!cJSON_IsNumber(e) || !e->string) continue;
+            int k = 0;
+            while (k < n_names && strcmp(names[k], e->string)) k++;
+            if (k == n_names) {
+                if (n_names == PHASES_MAX) continue;
+                snprintf(names[n_names++], sizeof names[0], "%s", e->string);
+            }
+            v[k][nv[k]++] = e->valuedouble * 1e3;
+            sum += e->valuedouble * 1e3;
+            seen++;
+        }
+        cJSON_Delete(o);
+        if (seen) {
+            v[PHASES_MAX][nv[PHASES_MAX]++] = q->ttft_s * 1e3 - sum;
+            n_req++;
+        }
+    }
+    if (n_req > 0) {
+        fprintf(f, "TTFT phases (median ms):");
+        for (int k = 0; k <= n_names; k++) {
+            int m = k == n_names ? PHASES_MAX : k;
+            qsort(v[m], (size_t)nv[m], sizeof(double), cmp_ms);
+            fprintf(f, "%s %s %.2f", k ? "," : "", k == n_names ? "other" : names[k],
+                    bench_percentile(v[m], nv[m], 50));
+        }
+        fputc('\n', f);
+    }
+    for (int k = 0; k <= PHASES_MAX; k++) free(v[k]);
+}
+
 static void print_failures(FILE *f, const bench_result *r) {
     enum { MAXG = 8 };
     char keys[MAXG][96];
@@ -163,6 +215,7 @@ void bench_print_summary(FILE *f, const bench_config *c, const bench_result *r) 
         row_i(f, "Requests with server timing:", s->n_server_timing);
         fprintf(f, "%-40s %-10.3f\n", "Median |client - server| TTFT (ms):", s->server_ttft_diff_ms_median);
         fprintf(f, "%-40s %-10.3f\n", "Median |client - server| E2E (ms):", s->server_e2e_diff_ms_median);
+        print_phases(f, r);
         rule(f, "", '-');
     }
 }

@@ -35,6 +35,7 @@ void bench_result_free(bench_result *r) {
         free(r->recs[i].error);
         free(r->recs[i].token_s);
         free(r->recs[i].text);
+        free(r->recs[i].server_phases);
     }
     free(r->recs);
     free(r);
@@ -261,6 +262,7 @@ int bench_run(const bench_config *c, const bench_dataset *d, bench_result **out,
             free(wr[i].error);
             free(wr[i].token_s);
             free(wr[i].text);
+            free(wr[i].server_phases);
         }
         free(wr);
         free(wj);

@@ -1,6 +1,7 @@
 /* api_response.c: JSON bodies and server-sent events of the OpenAI API, written by
  * hand into a string builder. This is the per-token hot path of streaming (one chunk
  * per token per stream), so no cJSON tree is built here: one buffer, appended to. */
+#include <errno.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -266,8 +267,50 @@ static void timing_json(sbuf *out, const api_usage *u) {
     if (!t) return;
     sbuf_printf(out,
                 ",\"pdserve_timing\":{\"ttft_s\":%.9f,\"e2e_s\":%.9f,\"queue_s\":%.9f,"
-                "\"n_preemptions\":%d}",
+                "\"n_preemptions\":%d",
                 t->ttft_s, t->e2e_s, t->queue_s, t->n_preemptions);
+    if (t->n_phases > 0) {
+        sbuf_puts(out, ",\"phases\":{");
+        for (int i = 0; i < t->n_phases; i++)
+            sbuf_printf(out, "%s\"%s\":%.9f", i ? "," : "", t->phase_name[i], t->phase_s[i]);
+        sbuf_puts(out, "}");
+    }
+    sbuf_puts(out, "}");
+}
+
+void api_timing_add(api_timing *t, const char *name, double s) {
+    if (t->n_phases < API_TIMING_PHASES && isfinite(s)) {
+        t->phase_name[t->n_phases] = name;
+        t->phase_s[t->n_phases++] = s;
+    }
+}
+
+int api_dis_timing_parse(const char *text, api_dis_timing *out) {
+    static const char *const names[] = {"reserve", "prefill_call", "queue", "prefill", "kv"};
+    double v[5];
+    bool seen[5] = {false};
+    const char *p = text;
+    if (!p) return -1;
+    while (*p) {
+        size_t n = strcspn(p, "=");
+        int k = -1;
+        for (int i = 0; i < 5; i++)
+            if (strlen(names[i]) == n && !strncmp(p, names[i], n)) k = i;
+        if (k < 0 || p[n] != '=') return -1;
+        char *end;
+        errno = 0;
+        double x = strtod(p + n + 1, &end);
+        if (end == p + n + 1 || errno || !isfinite(x) || x < 0 || x > 1e6 || seen[k]) return -1;
+        v[k] = x;
+        seen[k] = true;
+        p = end;
+        if (*p == ',' && p[1]) p++;
+        else if (*p) return -1;
+    }
+    for (int i = 0; i < 5; i++)
+        if (!seen[i]) return -1;
+    *out = (api_dis_timing){v[0], v[1], v[2], v[3], v[4]};
+    return 0;
 }
 
 static void finish_json(sbuf *out, const char *finish) {

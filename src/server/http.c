@@ -169,6 +169,12 @@ struct gen_req {
     server *srv;
     uint64_t engine_id;
     gen_req *prev, *next;        /* srv->active (under srv->mu) */
+    /* set before the engine sees the request, read at its FINISHED (pdserve_timing) */
+    double t_in;                 /* the handler's start (monotonic) */
+    bool dis;                    /* /internal/decode: a disaggregated request */
+    bool has_dis_timing;         /* ... whose router sent X-PD-Timing (dis_timing) */
+    api_dis_timing dis_timing;
+    double kv_wait_s;            /* ... and how long it waited here for its KV */
 
     /* ---- HTTP side only ---- */
     api_request req;
@@ -269,6 +275,43 @@ static metrics_reason reason_of(finish_reason f, bool stop_aborted) {
 
 /* Engine thread: copy the event, resume the connection if it waits for it. Never
  * blocks beyond the request's own mutex. */
+/* pdserve_timing of a finished request (engine thread; g's timing fields were set
+ * before the engine saw it). Colocated: parse (the handler's start .. the engine's
+ * arrival: body parse, tokenization), queue, prefill (first scheduled .. first token).
+ * Disaggregated (this is the decode instance): the router's and the prefill instance's
+ * phases from X-PD-Timing, then decode_wait (for the KV here) and decode (the handler's
+ * start .. the first token out, less that wait). */
+static void timing_of(const gen_req *g, const request_times *t, api_timing *o) {
+    memset(o, 0, sizeof *o);
+    o->ttft_s = t->first_token >= 0 ? t->first_token - t->arrival : -1;
+    o->e2e_s = t->finished - t->arrival;
+    o->queue_s = t->first_scheduled >= 0 ? t->first_scheduled - t->arrival : -1;
+    o->n_preemptions = t->n_preemptions;
+    if (!g->dis) {
+        api_timing_add(o, "parse", t->arrival - g->t_in);
+        if (t->first_scheduled >= 0) api_timing_add(o, "queue", t->first_scheduled - t->arrival);
+        if (t->first_token >= 0 && t->first_scheduled >= 0)
+            api_timing_add(o, "prefill", t->first_token - t->first_scheduled);
+        return;
+    }
+    const api_dis_timing *d = &g->dis_timing;
+    if (g->has_dis_timing) {
+        api_timing_add(o, "reserve", d->reserve_s);
+        api_timing_add(o, "prefill_hop", d->prefill_call_s - (d->queue_s + d->prefill_s + d->kv_s));
+        api_timing_add(o, "queue", d->queue_s);
+        api_timing_add(o, "prefill", d->prefill_s);
+        api_timing_add(o, "kv", d->kv_s);
+        o->queue_s = d->queue_s;
+    }
+    api_timing_add(o, "decode_wait", g->kv_wait_s);
+    if (t->first_token >= 0) api_timing_add(o, "decode", t->first_token - g->t_in - g->kv_wait_s);
+    if (g->has_dis_timing) {
+        double before = d->reserve_s + d->prefill_call_s;
+        o->ttft_s = t->first_token >= 0 ? before + t->first_token - g->t_in : -1;
+        o->e2e_s = before + t->finished - g->t_in;
+    }
+}
+
 static void on_engine_event(void *user, const engine_event *ev) {
     gen_req *g = user;
     bool finished = ev->kind == ENGINE_EVENT_FINISHED;
@@ -292,13 +335,7 @@ static void on_engine_event(void *user, const engine_event *ev) {
             q->n_output = ev->n_output;
             q->n_cached = ev->n_cached;
             q->has_timing = ev->times != NULL;
-            if (ev->times) {
-                const request_times *t = ev->times;
-                q->timing.ttft_s = t->first_token >= 0 ? t->first_token - t->arrival : -1;
-                q->timing.e2e_s = t->finished - t->arrival;
-                q->timing.queue_s = t->first_scheduled >= 0 ? t->first_scheduled - t->arrival : -1;
-                q->timing.n_preemptions = t->n_preemptions;
-            }
+            if (ev->times) timing_of(g, ev->times, &q->timing);
             snprintf(q->error, sizeof q->error, "%s", ev->error ? ev->error : "");
         } else {
             q->token = ev->token;
@@ -846,6 +883,7 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *conn, c
     api_endpoint ep = route_endpoint(conn, c);
     api_error e;
     gen_req *g = xcalloc(1, sizeof *g);
+    g->t_in = time_now_s();
     int32_t *ids = NULL;
     int n = 0;
     int32_t *given = NULL;
@@ -880,10 +918,17 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *conn, c
     /* Events may arrive before submit returns: they only queue (nothing reads
      * engine_id before this thread sets it below). */
     bool prefilled = c->rt->id == ROUTE_INT_DECODE;
+    if (prefilled) {
+        g->dis = true;
+        g->has_dis_timing = api_dis_timing_parse(MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
+                                                                             "X-PD-Timing"),
+                                                 &g->dis_timing) == 0;
+    }
     uint64_t id = prefilled
         ? internal_decode_submit(s->in, &er, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Ticket"),
                                  MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-First"),
-                                 MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Cached-Tokens"), &e)
+                                 MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Cached-Tokens"),
+                                 &g->kv_wait_s, &e)
         : engine_submit(s->eng, &er, err, sizeof err);
     pthread_mutex_lock(&g->mu);
     g->engine_id = id;

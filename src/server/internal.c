@@ -81,6 +81,7 @@ struct internal_prefill_job {
     int32_t *blocks;            /* [n_blocks] handed over by the engine (owned ids) */
     int n_blocks;
     double t_start, t_prefilled;
+    double queue_s, compute_s;  /* the engine's: arrival .. first scheduled .. first token */
     internal_prefill_job *next_q;           /* the worker's list (in->mu) */
     internal_prefill_job *prev_a, *next_a;  /* active list (in->mu) */
     /* the engine thread's news for the worker (in->mu) */
@@ -237,6 +238,10 @@ static void pj_on_event(void *user, const engine_event *ev) {
         j->n_blocks = ev->n_kv_blocks;
     }
     j->t_prefilled = time_now_s();
+    if (ev->times && ev->times->first_scheduled >= 0 && ev->times->first_token >= 0) {
+        j->queue_s = ev->times->first_scheduled - ev->times->arrival;
+        j->compute_s = ev->times->first_token - ev->times->first_scheduled;
+    }
     if (j->streaming) {
         /* already on the worker's list, maybe mid-transfer: the worker ends it */
         pthread_mutex_lock(&in->mu);
@@ -321,8 +326,10 @@ static void pj_succeed(internal_prefill_job *j, double t0, double t1, double bus
     /* prefill_s: arrival .. the prefill's end; kv_transfer_s: begin .. finish;
      * kv_busy_s: inside kv_send_* calls; kv_tail_s: the prefill's end .. finish (what
      * the transfer added to the request); kv_layers_overlapped: layers shipped before
-     * the prefill's end */
+     * the prefill's end; queue_s, compute_s: the engine's arrival .. first scheduled ..
+     * first token */
     sbuf_printf(&b, ",\"cached_tokens\":%d", j->first.n_cached);
+    sbuf_printf(&b, ",\"queue_s\":%.6f,\"compute_s\":%.6f", j->queue_s, j->compute_s);
     sbuf_printf(&b, ",\"n_prompt\":%d,\"prefill_s\":%.6f,\"kv_transfer_s\":%.6f,\"kv_busy_s\":%.6f,"
                 "\"kv_tail_s\":%.6f,\"kv_layers_overlapped\":%d,\"kv_mode\":\"%s\",\"medium\":\"%s\"}",
                 j->n_prompt, j->t_prefilled - j->t_start, t1 - t0, busy, t1 - j->t_prefilled, early,
@@ -812,7 +819,8 @@ static int first_parse(const char *s, int logprobs, engine_first_token *f) {
 }
 
 uint64_t internal_decode_submit(internal_ctx *in, const engine_request *r, const char *ticket_text,
-                                const char *first_text, const char *cached_text, api_error *e) {
+                                const char *first_text, const char *cached_text, double *waited_s,
+                                api_error *e) {
     char err[256] = "";
     kv_ticket t;
     engine_first_token first;
@@ -844,8 +852,9 @@ uint64_t internal_decode_submit(internal_ctx *in, const engine_request *r, const
     double left = (double)(t.deadline_ms - wall_ms()) / 1000.0;
     double t0 = time_now_s();
     kv_status st = kv_ticket_wait(in->kv, &t, PD_MAX(left, 0.0) + 0.05, err, sizeof err);
+    *waited_s = time_now_s() - t0;
     log_debug("internal: request %llu: KV waited for %.2f ms (%s)", (unsigned long long)t.request_id,
-              (time_now_s() - t0) * 1e3, kv_status_name(st));
+              *waited_s * 1e3, kv_status_name(st));
     if (st == KV_ERR_CORRUPT) {
         /* a block failed its checksum: never served; this instance recomputes the
          * prompt instead (its blocks are already back in the pool) */

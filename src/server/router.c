@@ -111,6 +111,7 @@ struct rjob {
     size_t pbody_ids;           /* bytes of prompt ids that lead pbody */
     double deadline;            /* monotonic seconds */
     double t_start, t_reserved, t_prefilled, t_first; /* phases' ends (monotonic s; debug log) */
+    char timing[160];       /* X-PD-Timing for the decode call (dis_timing), or empty */
     bool counted_p, counted_d, counted_c;
     int tries;
     rjob *next;                 /* submit queue / active list */
@@ -466,6 +467,10 @@ static void job_start_transfer(rjob *j, backend_inst *b, const char *path, long 
             snprintf(h, sizeof h, "X-PD-Cached-Tokens: %d", j->cached);
             j->hdrs = curl_slist_append(j->hdrs, h);
         }
+        if (j->timing[0]) {
+            snprintf(h, sizeof h, "X-PD-Timing: %s", j->timing);
+            j->hdrs = curl_slist_append(j->hdrs, h);
+        }
     }
     const sbuf *body = &j->body;
     if (j->phase == PH_PREFILL && j->pbody_ids) {
@@ -652,6 +657,25 @@ static int resp_int(const sbuf *b, const char *name) {
     return rc;
 }
 
+/* A non-negative number field of the buffered phase's JSON answer; -1 when absent. */
+static double resp_num(const cJSON *root, const char *name) {
+    const cJSON *v = root ? cJSON_GetObjectItemCaseSensitive(root, name) : NULL;
+    return cJSON_IsNumber(v) && v->valuedouble >= 0 && v->valuedouble < 1e6 ? v->valuedouble : -1;
+}
+
+/* X-PD-Timing for the decode instance (api_dis_timing): this router's reservation and
+ * prefill calls, and the prefill instance's queue, compute and KV tail from its answer;
+ * empty when the answer lacks them (an instance of an older build). */
+static void dis_timing(rjob *j) {
+    j->timing[0] = '\0';
+    cJSON *root = cJSON_ParseWithLength(j->resp.p ? j->resp.p : "", j->resp.len);
+    double q = resp_num(root, "queue_s"), c = resp_num(root, "compute_s"), kv = resp_num(root, "kv_tail_s");
+    cJSON_Delete(root);
+    if (q >= 0 && c >= 0 && kv >= 0)
+        snprintf(j->timing, sizeof j->timing, "reserve=%.6f,prefill_call=%.6f,queue=%.6f,prefill=%.6f,kv=%.6f",
+                 j->t_reserved - j->t_start, j->t_prefilled - j->t_reserved, q, c, kv);
+}
+
 /* The prefill's body: the prompt ids of the reservation's answer (the decode instance
  * tokenized the body; the prefill instance then need not), then the client's body.
  * Without them (an instance of an older build), the client's body alone. */
@@ -737,6 +761,7 @@ static void on_prefill_done(rjob *j, CURLcode rc, long code) {
     }
     j->t_prefilled = time_now_s();
     j->cached = resp_int(&j->resp, "cached_tokens");
+    dis_timing(j);
     log_debug("router: %s: reserve %.2f ms, prefill %.2f ms; prefill instance: %.*s", j->rid,
               (j->t_reserved - j->t_start) * 1e3, (j->t_prefilled - j->t_reserved) * 1e3,
               (int)PD_MIN(j->resp.len, 300), j->resp.p ? j->resp.p : "");

@@ -126,11 +126,32 @@ void api_request_free(api_request *r);
 
 /* ---- responses (api_response.c) ----------------------------------------------------- */
 /* Server-side view of one request (engine clock, seconds from arrival; HTTP parsing
- * before arrival is not included). */
+ * before arrival is not included), and where its time to first token went: phases in
+ * the order they happen, each measured on one process's monotonic clock (names are
+ * static strings; docs/results-database.md, "Where the TTFT went"). A disaggregated
+ * request's phases come from the router, the prefill instance and the decode instance;
+ * its ttft_s / e2e_s are then the router's arrival to the decode instance's first token
+ * (the decode instance's answer to the router and the router's relay excluded). */
+#define API_TIMING_PHASES 8
 typedef struct api_timing {
     double ttft_s, e2e_s, queue_s;
     int n_preemptions;
+    int n_phases;
+    const char *phase_name[API_TIMING_PHASES];
+    double phase_s[API_TIMING_PHASES];
 } api_timing;
+
+/* A disaggregated request's phases before the decode instance, as the router hands them
+ * over in X-PD-Timing ("reserve=S,prefill_call=S,queue=S,prefill=S,kv=S", seconds):
+ * the router's reservation and prefill calls (its clock), and the prefill instance's
+ * engine queue, compute (first scheduled .. first token) and KV tail (the prefill's end
+ * .. the transfer's end). */
+typedef struct api_dis_timing {
+    double reserve_s, prefill_call_s, queue_s, prefill_s, kv_s;
+} api_dis_timing;
+/* 0 and *out filled, or -1 (malformed: the request goes on without it). */
+int api_dis_timing_parse(const char *text, api_dis_timing *out);
+void api_timing_add(api_timing *t, const char *name, double s);
 
 typedef struct api_usage {
     int prompt_tokens, completion_tokens, cached_tokens;
@@ -322,10 +343,12 @@ void internal_release(internal_ctx *in, const char *ticket_text);
 /* Decode: waits (bounded by the ticket's deadline) for the ticket's KV, takes its
  * blocks and submits r as a prefilled request with the given first token. cached_text
  * (X-PD-Cached-Tokens, may be NULL): the prompt tokens the prefill side found cached,
- * reported as the request's cached tokens. Returns the engine id, or 0 with e (the
+ * reported as the request's cached tokens. *waited_s: how long it waited for the KV
+ * (left alone when it never waited). Returns the engine id, or 0 with e (the
  * reservation is given up). */
 uint64_t internal_decode_submit(internal_ctx *in, const engine_request *r, const char *ticket_text,
-                                const char *first_text, const char *cached_text, api_error *e);
+                                const char *first_text, const char *cached_text, double *waited_s,
+                                api_error *e);
 /* Prefill: runs the prompt of r (its callback is replaced), ships the KV per the ticket
  * and answers reply with {"first":...}; or an error answer. Returns a handle for
  * internal_prefill_detach (the HTTP side is done with it) and the engine id in *id, or

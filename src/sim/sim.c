@@ -46,6 +46,10 @@ typedef struct sreq {
     int next_admit;         /* xPyD: the next request whose KV reached the same decode
                                instance during its step (-1: none) */
     double serve_mark;      /* ... and is done once the queue has done this much work */
+    /* where its TTFT went (the phases a pdserve server reports; -1: not yet): entered
+     * its first instance, first in a step there, its prompt's last step ended
+     * (disaggregated), its KV reached the decode instance */
+    double t_enter, t_sched, t_prefilled, t_kv;
 } sreq;
 
 enum { STAGE_PREFILL = 0, STAGE_TRANSFER = 1, STAGE_DECODE = 2 };
@@ -393,6 +397,10 @@ static void kick(sim_state *s, int i, double now) {
     }
     in->busy = true;
     in->step_start = now;
+    for (int k = 0; in->role != ROLE_DECODE && k < in->plan.n_items; k++) {
+        sreq *r = in->plan.items[k].seq->user;
+        if (r->t_sched < 0) r->t_sched = now;
+    }
     in->busy_s += in->step.seconds;
     in->energy_j += in->step.energy_j;
     if (in->role == ROLE_DECODE) s->st->busy_decode_s += in->step.seconds;
@@ -437,6 +445,7 @@ static int admit(sim_state *s, int i, sreq *r, int n_prompt, int max_tokens, dou
 static int on_enter(sim_state *s, sreq *r, double now) {
     const sim_config *c = s->cfg;
     if (r->failed) return 0;
+    r->t_enter = now;
     if (c->n_colocated > 0) {
         r->p_inst = route(s, 0, s->n_route_p, &s->rr_p, r);
         return admit(s, r->p_inst, r, r->n_prompt, r->max_tokens, now);
@@ -636,6 +645,7 @@ static int on_step_end(sim_state *s, int i, double t) {
                 emit_token(s, r, t);
             } else {
                 r->stage = STAGE_TRANSFER;
+                r->t_prefilled = t;
                 start_transfer(s, in, r, t);
             }
             continue;
@@ -663,6 +673,7 @@ static int on_kv_arrive(sim_state *s, sreq *r, double t) {
         return 0;
     }
     r->stage = STAGE_DECODE;
+    r->t_kv = t;
     inst *d = &s->insts[r->d_inst];
     if (d->busy) { /* the engine takes it between steps: its first token waits for this one */
         r->next_admit = -1;
@@ -769,6 +780,25 @@ static void tier_stats_add(prefix_tier_stats *a, const prefix_tier_stats *b) {
     a->queued += b->queued;
 }
 
+/* Where r's TTFT went, as the "phases" a pdserve server reports (requests.server_phases;
+ * docs/results-database.md): path (arrival .. its first instance: the serving path),
+ * queue (.. its first step), prefill (.. its first token, or disaggregated the end of
+ * its prompt's last step), kv (.. the KV at the decode instance), decode (.. its first
+ * token there). */
+static char *phases_json(const sreq *r) {
+    char b[256];
+    int n = 0;
+    if (r->t_enter < 0 || r->t_sched < 0) return NULL;
+    n = snprintf(b, sizeof b, "{\"path\":%.9f,\"queue\":%.9f", r->t_enter - r->arrival,
+                 r->t_sched - r->t_enter);
+    if (r->t_prefilled >= 0 && r->t_kv >= 0)
+        snprintf(b + n, sizeof b - (size_t)n, ",\"prefill\":%.9f,\"kv\":%.9f,\"decode\":%.9f}",
+                 r->t_prefilled - r->t_sched, r->t_kv - r->t_prefilled, r->first_token - r->t_kv);
+    else
+        snprintf(b + n, sizeof b - (size_t)n, ",\"prefill\":%.9f}", r->first_token - r->t_sched);
+    return xstrdup(b);
+}
+
 static bench_result *make_result(sim_state *s, const bench_config *bc, double makespan, double energy) {
     bench_result *res = xcalloc(1, sizeof *res);
     snprintf(res->model, sizeof res->model, "%s", s->p->model);
@@ -804,6 +834,7 @@ static bench_result *make_result(sim_state *s, const bench_config *bc, double ma
         b->start_s = r->arrival;
         b->ttft_s = r->first_token - r->arrival;
         b->e2el_s = r->finished - r->arrival;
+        b->server_phases = phases_json(r);
         if (s->cfg->record_tokens) {
             for (int k = 0; k < r->n_out; k++) r->token_times[k] -= r->arrival;
             b->token_s = r->token_times;
@@ -895,6 +926,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
         r->prompt = in_reqs[i].prompt;
         r->arrival = in_reqs[i].arrival;
         r->first_token = r->finished = -1;
+        r->t_enter = r->t_sched = r->t_prefilled = r->t_kv = -1;
         r->cached = -1;
         r->p_inst = r->d_inst = -1;
         r->token_times = xmalloc(sizeof(double) * (size_t)(cfg->record_tokens ? r->max_tokens : 2));

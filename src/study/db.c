@@ -46,6 +46,7 @@ static const char SCHEMA[] =
     "  arrival_s REAL, sent_s REAL, first_token_s REAL, finished_s REAL,\n"
     "  ttft_ms REAL, e2el_ms REAL, token_times_s TEXT,\n"
     "  cached_tokens INTEGER,\n"
+    "  server_phases TEXT,\n"
     "  PRIMARY KEY(run_id, idx));\n"
     "CREATE TABLE IF NOT EXISTS power_samples(\n"
     "  run_id INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,\n"
@@ -126,17 +127,18 @@ static int add_missing_columns(sqlite3 *h, const char *table, const char *const 
 /* Schema 1 -> 2: the power_samples columns of the sampler rings. Schema 2 -> 3: the
  * prompt tokens each request took from the server's prefix cache (requests), and
  * their sum and fraction per point (summaries; appended last, as ALTER TABLE puts
- * them, so that a migrated file and a new one have the same column order). */
+ * them, so that a migrated file and a new one have the same column order). 3 -> 4:
+ * where each request's TTFT went (requests.server_phases). */
 static int upgrade_old(sqlite3 *h, char *err, size_t errlen) {
     static const char *const power[][2] = {{"util_gpu", "INTEGER"}, {"util_mem", "INTEGER"},
                                            {"temp_c", "INTEGER"}, {"source", "TEXT"}};
-    static const char *const reqs[][2] = {{"cached_tokens", "INTEGER"}};
+    static const char *const reqs[][2] = {{"cached_tokens", "INTEGER"}, {"server_phases", "TEXT"}};
     static const char *const sums[][2] = {{"cached_tokens", "INTEGER"}, {"cached_token_fraction", "REAL"}};
     if (add_missing_columns(h, "power_samples", power, 4, err, errlen) ||
-        add_missing_columns(h, "requests", reqs, 1, err, errlen) ||
+        add_missing_columns(h, "requests", reqs, 2, err, errlen) ||
         add_missing_columns(h, "summaries", sums, 2, err, errlen))
         return -1;
-    return exec(h, "UPDATE meta SET value = '3' WHERE key = 'schema_version' AND value IN ('1', '2')", err,
+    return exec(h, "UPDATE meta SET value = '4' WHERE key = 'schema_version' AND value IN ('1', '2', '3')", err,
                 errlen);
 }
 
@@ -358,7 +360,8 @@ static int insert_requests(sqlite3 *h, long long run_id, const bench_config *bc,
     if (sqlite3_prepare_v2(h,
                            "INSERT INTO requests(run_id, idx, status, error, input_tokens, output_tokens,"
                            " expected_output_tokens, arrival_s, sent_s, first_token_s, finished_s, ttft_ms,"
-                           " e2el_ms, token_times_s, cached_tokens) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                           " e2el_ms, token_times_s, cached_tokens, server_phases)"
+                           " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                            -1, &st, NULL) != SQLITE_OK)
         return -1;
     double *arr = xmalloc(sizeof(double) * (size_t)PD_MAX(r->n, 1));
@@ -384,6 +387,7 @@ static int insert_requests(sqlite3 *h, long long run_id, const bench_config *bc,
         bind_real(st, 13, rec->e2el_s > 0 ? rec->e2el_s * 1e3 : NAN);
         sqlite3_bind_text(st, 14, tt, -1, SQLITE_TRANSIENT);
         bind_int_or_null(st, 15, rec->cached_tokens, !rec->has_cached);
+        bind_text(st, 16, rec->server_phases);
         if (sqlite3_step(st) != SQLITE_DONE) rc = -1;
         free(tt);
     }

@@ -127,6 +127,8 @@ static int load_points(sqlite3 *h, rep_point **out, int *n_out, char *err, size_
     }
     rep_point *pts = NULL;
     acc_counts *acs = NULL;
+    long long *run_ids = NULL;
+    int *of_point = NULL, n_runs = 0;
     int n = 0;
     while (sqlite3_step(st) == SQLITE_ROW) {
         const char *setup = (const char *)sqlite3_column_text(st, 1);
@@ -169,6 +171,10 @@ static int load_points(sqlite3 *h, rep_point **out, int *n_out, char *err, size_
         }
         rep_point *p = &pts[k];
         acc_counts *ac = &acs[k];
+        run_ids = xrealloc(run_ids, sizeof *run_ids * (size_t)(n_runs + 1));
+        of_point = xrealloc(of_point, sizeof *of_point * (size_t)(n_runs + 1));
+        run_ids[n_runs] = sqlite3_column_int64(st, 0);
+        of_point[n_runs++] = k;
         p->n_ok++;
         p->completed += sqlite3_column_int(st, 10);
         p->failed += sqlite3_column_int(st, 11);
@@ -182,6 +188,9 @@ static int load_points(sqlite3 *h, rep_point **out, int *n_out, char *err, size_
     }
     sqlite3_finalize(st);
     free(acs);
+    rep_load_phases(h, pts, n, run_ids, of_point, n_runs);
+    free(run_ids);
+    free(of_point);
     /* Setup order: by first appearance in the plan. */
     for (int i = 0; i < n; i++) {
         pts[i].setup_order = pts[i].order;
@@ -775,6 +784,7 @@ int study_report(const study_report_opts *o, char *err, size_t errlen) {
     if (o->table) {
         print_table(o->table, pts, n, count_bad(h));
         print_validation(o->table, pts, n);
+        rep_print_phases(o->table, pts, n);
     }
     snprintf(path, sizeof path, "%s/summaries.csv", o->out_dir);
     if (write_csv(h,
@@ -797,6 +807,7 @@ int study_report(const study_report_opts *o, char *err, size_t errlen) {
     html_reuse(f, pts, n);
     html_components(f, pts, n);
     html_validation(f, pts, n);
+    rep_html_phases(f, pts, n);
     html_plots(f, pl, pts, n);
     html_bad(f, h);
     fputs("</body></html>\n", f);

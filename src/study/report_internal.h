@@ -3,8 +3,16 @@
 #ifndef PD_STUDY_REPORT_INTERNAL_H
 #define PD_STUDY_REPORT_INTERNAL_H
 
+#include <sqlite3.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdio.h>
+
+/* The phases of requests.server_phases, in the order they happen (a colocated server
+ * reports parse, queue, prefill; a disaggregated one reserve .. decode; the simulator
+ * path, queue, prefill and, disaggregated, kv and decode). */
+#define REP_PHASES 9
+extern const char *const REP_PHASE_NAMES[REP_PHASES];
 
 /* One configuration (setup x load x clocks x simulated), its ok repeats averaged.
  * Every double is NAN when not measured. */
@@ -31,11 +39,24 @@ typedef struct rep_point {
      * that found lower-tier blocks and loaded / recomputed them; blocks loaded; evicted
      * blocks not offloaded */
     double tier_hit[3], loads, recomputes, loaded_blocks, dropped;
+    /* where the TTFT went (requests.server_phases, pooled over repeats): the median ms
+     * of each of REP_PHASE_NAMES (NAN: not reported), and of the TTFT less the sum of a
+     * request's phases (the client's side and hops no server timed) */
+    int phase_n;                /* requests that reported phases */
+    double phase_ms[REP_PHASES], phase_other_ms;
     /* energy by component: J/token (whole, idle-subtracted), averaged */
     int n_comp;
     char comp[16][64];
     double comp_jpt[16], comp_jpt_net[16];
 } rep_point;
+
+/* Fills pts[k].phase_* from the requests of the runs whose point is k: run_ids[i] belongs
+ * to point of_point[i] (i < n_runs). A database without the column leaves them unset. */
+void rep_load_phases(sqlite3 *h, rep_point *pts, int n, const long long *run_ids, const int *of_point,
+                     int n_runs);
+/* "Where the TTFT went": one row per point that reported phases (text, HTML). */
+void rep_print_phases(FILE *f, const rep_point *pts, int n);
+void rep_html_phases(FILE *f, const rep_point *pts, int n);
 
 /* ASCII letters, digits, '-', '_', '.' only (file names). */
 void rep_sanitize(char *out, size_t cap, const char *s);

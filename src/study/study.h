@@ -200,9 +200,9 @@ void study_deploy_kill_all(void);
 /* ---- results database ---------------------------------------------------------------- */
 typedef struct study_db study_db;
 
-#define STUDY_SCHEMA_VERSION 3 /* 2: power_samples gained util_gpu, util_mem, temp_c, source;
+#define STUDY_SCHEMA_VERSION 4 /* 2: power_samples gained util_gpu, util_mem, temp_c, source;
                                 * 3: requests.cached_tokens, summaries.cached_tokens and
-                                * cached_token_fraction */
+                                * cached_token_fraction; 4: requests.server_phases */
 
 typedef enum study_status { STUDY_STATUS_OK, STUDY_STATUS_FAILED, STUDY_STATUS_SKIPPED } study_status;
 const char *study_status_name(study_status s);

@@ -406,6 +406,9 @@ static void make_config(const point_ctx *x, const study_point *pt, const study_d
     c->seed = ds.seed;
     c->ignore_eos = ds.ignore_eos;
     c->stream_usage = true;
+    /* pdserve's own deployments say where each request's TTFT went (requests.
+     * server_phases); an external server is not sent the extension */
+    c->server_timing = strcmp(pt->setup->name, "external") != 0;
     c->temperature = 0;
     c->request_timeout_s = x->plan->request_timeout_s;
     c->goodput_ttft_ms = x->plan->goodput_ttft_ms;
