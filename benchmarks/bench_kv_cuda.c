@@ -584,7 +584,7 @@ int main(int argc, char **argv) {
         }
     }
     if (!o.n_variants) o.n_variants = 1; /* one variant: the environment as it is */
-    log_set_level(LOG_LEVEL_WARN);
+    if (!getenv("PDSERVE_LOG")) log_set_level(LOG_LEVEL_WARN); /* PDSERVE_LOG=info: the mediums' own lines */
     o.gpus = count_gpus();
     if (!o.gpus) {
         printf("bench_kv_cuda: no CUDA GPU here (or a build without CUDA): nothing to measure\n");

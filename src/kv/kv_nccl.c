@@ -264,6 +264,8 @@ typedef struct nccl_link {
     void *pev[NCCL_PENDING_MAX];         /* their events (copy stream, after the last scatter) */
     int pend_head, pend_n;
     uint64_t peer_key;      /* the peer process (self_key of its side); 0: unknown */
+    struct nccl_trace *tr;  /* PDSERVE_KV_NCCL_TRACE: this side's groups of a request */
+    double t_read;          /* ... and when the receiver read the latest DATA frame */
 } nccl_link;
 
 /* Whether environment variable `name` is not set to `off` (the switches below, each read
@@ -271,6 +273,67 @@ typedef struct nccl_link {
 static bool env_not(const char *name, const char *off) {
     const char *e = getenv(name);
     return !(e && !strcmp(e, off));
+}
+
+/* PDSERVE_KV_NCCL_TRACE=1 (stream pipeline; a diagnostic): every request's NCCL groups
+ * on this side, logged (info) when the request ends here: when each group was queued
+ * by the host and when it completed on the device, in us after a reference taken as the
+ * request's first group is queued (its host time, CLOCK_MONOTONIC seconds, is in the
+ * line: both processes of a host share that clock, so the two sides' lines align). It
+ * waits for the stream once per request. */
+#define NCCL_TRACE_MAX 64
+typedef struct nccl_trace {
+    void *ref, *ev[NCCL_TRACE_MAX];
+    double ref_host, queued[NCCL_TRACE_MAX];
+    double t_frames;        /* send: the first DATA frames written; receive: read */
+    uint64_t ticket;
+    int n;
+} nccl_trace;
+
+static bool trace_on(void) {
+    static int on = -1;
+    if (on < 0) on = !env_not("PDSERVE_KV_NCCL_TRACE", "1");
+    return on;
+}
+
+/* A request's first group is about to be queued on this side: the reference. */
+static void trace_begin(const kv_cache *kv, nccl_link *k, uint64_t ticket) {
+    if (!trace_on() || !k->stream_pipe) return;
+    if (!k->tr) {
+        k->tr = xcalloc(1, sizeof *k->tr);
+        k->tr->ref = cuda_kv_nccl_timer_create(kv->be);
+        for (int i = 0; i < NCCL_TRACE_MAX; i++) k->tr->ev[i] = cuda_kv_nccl_timer_create(kv->be);
+    }
+    nccl_trace *t = k->tr;
+    t->ticket = ticket;
+    t->n = 0;
+    cuda_kv_nccl_event_record(kv->be, t->ref, k->stream);
+    cuda_kv_nccl_event_sync(kv->be, t->ref);
+    t->ref_host = time_now_s();
+}
+
+static void trace_group(const kv_cache *kv, nccl_link *k) {
+    nccl_trace *t = k->tr;
+    if (!t || t->n >= NCCL_TRACE_MAX) return;
+    cuda_kv_nccl_event_record(kv->be, t->ev[t->n], k->stream);
+    t->queued[t->n++] = time_now_s();
+}
+
+/* The request ended on this side: its line. */
+static void trace_end(const kv_cache *kv, nccl_link *k, const char *side) {
+    nccl_trace *t = k->tr;
+    if (!t || t->n == 0) return;
+    cuda_kv_nccl_event_sync(kv->be, t->ev[t->n - 1]);
+    char line[24 * NCCL_TRACE_MAX + 160];
+    size_t n = (size_t)snprintf(line, sizeof line, "kv nccl trace: %s, ticket %llu, reference %.6f s; "
+                                "first frames %s at %.0f us; groups (queued us, done us):", side,
+                                (unsigned long long)t->ticket, t->ref_host, *side == 's' ? "written" : "read",
+                                (t->t_frames - t->ref_host) * 1e6);
+    for (int i = 0; i < t->n && n < sizeof line; i++)
+        n += (size_t)snprintf(line + n, sizeof line - n, " %.0f,%.0f", (t->queued[i] - t->ref_host) * 1e6,
+                              cuda_kv_nccl_timer_ms(kv->be, t->ref, t->ev[i]) * 1e3);
+    log_info("%s", line);
+    t->n = 0;
 }
 
 static bool pipe_stream(void) {
@@ -367,6 +430,11 @@ static void link_close(const kv_cache *kv, nccl_link *k) {
         for (int i = 0; i < NCCL_PENDING_MAX; i++) cuda_kv_nccl_event_destroy(kv->be, k->pev[i]);
         cuda_kv_nccl_free(kv->be, k->ids_dev);
         if (k->ids_host) kv->be->ops->host_free(kv->be, k->ids_host);
+        if (k->tr) {
+            cuda_kv_nccl_event_destroy(kv->be, k->tr->ref);
+            for (int i = 0; i < NCCL_TRACE_MAX; i++) cuda_kv_nccl_event_destroy(kv->be, k->tr->ev[i]);
+            free(k->tr);
+        }
     }
     if (k->fd >= 0) close(k->fd);
     memset(k, 0, sizeof *k);
@@ -1013,6 +1081,11 @@ static kv_status data_stream(nccl_conn *k, const kv_msg_header *hs, int nf, cons
         pthread_mutex_unlock(&c->mu);
     }
     bool direct = direct_on();
+    if (trace_on() && !(L->tr && L->tr->ticket == hs[0].ticket && L->tr->n > 0)) {
+        trace_end(kv, L, "receive"); /* an earlier request's, not ended by its DONE */
+        trace_begin(kv, L, hs[0].ticket);
+        if (L->tr) L->tr->t_frames = L->t_read;
+    }
     nccl_piece pc[NCCL_GROUP_PIECES];
     for (int g = 0, n; st == KV_OK && (n = group_pieces(nb, per, nf, g, pc)) > 0; g++) {
         void *ptr[NCCL_GROUP_PIECES];
@@ -1033,6 +1106,7 @@ static kv_status data_stream(nccl_conn *k, const kv_msg_header *hs, int nf, cons
             bufs[j] = b;
         }
         st = link_group(kv, L, false, n, ptr, bytes, w, err, errlen);
+        if (st == KV_OK) trace_group(kv, L);
         for (int j = 0; j < n && st == KV_OK; j++) {
             int b = bufs[j];
             if (b < 0) continue;
@@ -1166,9 +1240,11 @@ static void *conn_main(void *arg) {
             st = KV_ERR_PEER;
             break;
         }
+        if (h.type == KV_MSG_DATA && trace_on()) k->link.t_read = time_now_s();
         if (h.type == KV_MSG_DATA) st = conn_data(k, &h, err, sizeof err);
         else if (h.type == KV_MSG_DONE || h.type == KV_MSG_ABORT) {
             st = pend_flush(k, err, sizeof err); /* every layer before it counted */
+            if (st == KV_OK) trace_end(c->kv, &k->link, "receive");
             if (st == KV_OK) conn_control(k, &h);
             kv_notify(&c->notify); /* done, aborted or failed: wake kv_ticket_wait at once */
         } else {
@@ -1424,8 +1500,11 @@ static kv_status send_stream(kv_send *x, struct nccl_peer *p, const int *layers,
     }
     if (st == KV_OK) st = link_ids_room(kv, k, nb, err, errlen);
     if (st == KV_OK) link_ids_set(kv, k, x->t.id, x->blocks, nb);
+    if (st == KV_OK && trace_on() && !(k->tr && k->tr->ticket == x->t.id && k->tr->n > 0))
+        trace_begin(kv, k, x->t.id);
     for (int j = 0, nf; j < n && st == KV_OK; j += nf) {
         if (!(nf = send_frames(x, p, layers, n, j, lay, &st, err, errlen))) break;
+        if (k->tr && k->tr->n == 0) k->tr->t_frames = time_now_s();
         nccl_piece pc[NCCL_GROUP_PIECES];
         for (int g = 0, np; st == KV_OK && (np = group_pieces(nb, per, nf, g, pc)) > 0; g++) {
             void *ptr[NCCL_GROUP_PIECES];
@@ -1451,6 +1530,7 @@ static kv_status send_stream(kv_send *x, struct nccl_peer *p, const int *layers,
                 bufs[n_staged++] = b;
             }
             st = link_group(kv, k, true, np, ptr, bytes, w, err, errlen);
+            if (st == KV_OK) trace_group(kv, k);
             for (int b = 0; b < n_staged && st == KV_OK; b++)
                 cuda_kv_nccl_event_record(kv->be, k->ev[bufs[b]], k->stream);
             k->queued = true;
@@ -1515,6 +1595,7 @@ static kv_status nccl_send_finish(kv_send *x, char *err, size_t errlen) {
         wait_ctx w = {x->deadline, NULL, who};
         st = link_wait(x->c->kv, k, k->gev, &w, err, errlen);
         k->queued = false;
+        if (st == KV_OK) trace_end(x->c->kv, k, "send");
         if (st != KV_OK) link_close(x->c->kv, k);
         if (timing) kv_timing_acc.copy_s += time_now_s() - t0;
     }

@@ -33,6 +33,28 @@ extern "C" void *cuda_kv_nccl_event_create(backend *b) {
     return (void *)e;
 }
 
+extern "C" void *cuda_kv_nccl_timer_create(backend *b) {
+    (void)cuda_of(b);
+    cudaEvent_t e;
+    CUDA_CHECK(cudaEventCreate(&e));
+    return (void *)e;
+}
+
+extern "C" void cuda_kv_nccl_event_sync(backend *b, void *event) {
+    (void)cuda_of(b);
+    CUDA_CHECK(cudaEventSynchronize((cudaEvent_t)event));
+}
+
+extern "C" double cuda_kv_nccl_timer_ms(backend *b, void *from, void *to) {
+    (void)cuda_of(b);
+    float ms = 0;
+    if (cudaEventElapsedTime(&ms, (cudaEvent_t)from, (cudaEvent_t)to) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return -1;
+    }
+    return ms;
+}
+
 extern "C" void cuda_kv_nccl_event_destroy(backend *b, void *event) {
     if (!event) return;
     (void)cuda_of(b);

@@ -26,6 +26,11 @@ void *cuda_kv_nccl_stream_create(struct backend *b);
 void cuda_kv_nccl_stream_destroy(struct backend *b, void *stream);
 void *cuda_kv_nccl_event_create(struct backend *b);
 void cuda_kv_nccl_event_destroy(struct backend *b, void *event);
+/* An event that keeps time (for PDSERVE_KV_NCCL_TRACE), waiting for one, and the ms
+ * between two completed ones (-1: not both timed and done). */
+void *cuda_kv_nccl_timer_create(struct backend *b);
+void cuda_kv_nccl_event_sync(struct backend *b, void *event);
+double cuda_kv_nccl_timer_ms(struct backend *b, void *from, void *to);
 /* Event marks the work queued so far on stream. */
 void cuda_kv_nccl_event_record(struct backend *b, void *event, void *stream);
 /* 1 when the work before the event's last record is done, 0 when not yet. */
