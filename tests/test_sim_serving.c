@@ -467,6 +467,11 @@ static void test_step_factor(void) {
     REQUIRE((res = simulate(&d, &p, &r, 1, &st)) != NULL);
     CHECKF(near(res->recs[0].ttft_s, 0.11, 1e-6), "dis ttft x1.1 %.6f", res->recs[0].ttft_s);
     bench_result_free(res);
+    /* `pdserve sim` uses it by default on a CPU profile, not on a GPU one */
+    snprintf(p.backend, sizeof p.backend, "cpu");
+    CHECK(sim_step_factor_default(&p));
+    snprintf(p.backend, sizeof p.backend, "cuda");
+    CHECK(!sim_step_factor_default(&p));
     sim_profile_free(&p);
 }
 

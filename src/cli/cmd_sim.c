@@ -523,7 +523,8 @@ int cmd_sim(int argc, char **argv) {
     const char *vmodel = NULL, *price_dir = NULL, *trace_prefix = NULL, *write_profile = NULL, *deployment = NULL;
     int seed = -1, threads = 0, vrepeats = 3;
     bool quiet = false, no_contention = false, no_control = false, no_serving = false, no_serving_cpu = false,
-         no_step_factor = false, no_kinds = false, no_tier_cpu = false, no_power_cap = false, power_cap = false;
+         no_step_factor = false, step_factor = false, no_kinds = false, no_tier_cpu = false, no_power_cap = false,
+         power_cap = false;
     cli_opt opts[] = {
         {"profile", OPT_STRING, &profile_path, "cost profile from `pdserve profile` (default: the plan's)", "FILE"},
         {"db", OPT_STRING, &db_path, "results database to record the points in (marked simulated)", "FILE"},
@@ -547,7 +548,10 @@ int cmd_sim(int argc, char **argv) {
          "CPU profiles: leave the lower KV tiers' writer threads out of the contention for the host's cores", NULL},
         {"no-step-factor", OPT_FLAG, &no_step_factor,
          "price every step as the profile's grid does, not by the factor its serving deployment measured "
-         "(serving.*.steps)", NULL},
+         "(serving.*.steps; the default for GPU profiles)", NULL},
+        {"step-factor", OPT_FLAG, &step_factor,
+         "price steps by that factor on a GPU profile too (off there by default: its lone serving requests ran "
+         "at boost clocks, its grid at the clocks of back-to-back steps; docs/simulator.md)", NULL},
         {"power-cap", OPT_FLAG, &power_cap,
          "run each GPU step at the clock the profile's enforced power limit allows (power.cap; off by default: "
          "on an H200 it overstated the throttled steps' time, docs/simulator.md)", NULL},
@@ -626,9 +630,16 @@ int cmd_sim(int argc, char **argv) {
         if ((pl.clocks[k][0] > 0 || pl.clocks[k][1] > 0) && !(prof.clock.base_mhz > 0))
             log_warn("sim: the profile has no base clock (clock.base_mhz): clocks %g/%g are simulated as profiled",
                      pl.clocks[k][0], pl.clocks[k][1]);
+    /* the step factor: on by default for CPU profiles only (sim_step_factor_default) */
+    bool by_default = sim_step_factor_default(&prof);
+    bool use_step_factor = !no_step_factor && (step_factor || by_default);
+    if (!by_default && !no_step_factor && !step_factor && (prof.serving.colocated.steps.measured ||
+                                                           prof.serving.disaggregated.steps.measured))
+        log_info("sim: a GPU profile: steps priced as its grid measured them, not by its serving deployment's "
+                 "step factor (--step-factor to use it)");
     sim_cli c = {.pl = &pl, .prof = &prof, .points = cJSON_CreateArray(), .quiet = quiet,
                  .vrepeats = vrepeats, .contention = !no_contention, .control_path = !no_control,
-                 .serving_path = !no_serving, .serving_cpu = !no_serving_cpu, .step_factor = !no_step_factor,
+                 .serving_path = !no_serving, .serving_cpu = !no_serving_cpu, .step_factor = use_step_factor,
                  .contention_kinds = !no_kinds, .tier_cpu = !no_tier_cpu,
                  .power_cap = power_cap && !no_power_cap};
     int rc = 0;

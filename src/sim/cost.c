@@ -178,6 +178,8 @@ double sim_cost_mixed_excess(const sim_cost *c, double Tp, double cstart, double
     return interp_flat(c->mix_c, per_c, c->n_mix_c, cstart);
 }
 
+bool sim_step_factor_default(const sim_profile *p) { return strcmp(p->backend, "cuda") != 0; }
+
 double sim_step_factor_prefill(const sim_step_factor *f, double tokens) {
     if (!f->measured || f->n_prefill < 1) return 1;
     return interp_flat(f->prefill_tokens, f->prefill, f->n_prefill, tokens);

@@ -455,6 +455,12 @@ void sim_step_factor_from_traces(const char *dir, const char *prefix, const sim_
                                  const char *what, bool consume);
 /* f's prefill factor at a step of `tokens` prefill rows (1 when not measured). */
 double sim_step_factor_prefill(const sim_step_factor *f, double tokens);
+/* Whether `pdserve sim` prices steps by the serving deployment's step factor when not
+ * told (sim_config.step_factor): yes for a CPU profile, where it is the deployment's
+ * own overhead; no for a GPU one, where the profile's lone serving requests ran at
+ * boost clocks and its grid back to back at throttled ones, so the factor is mostly
+ * that clock difference (docs/simulator.md, "Steps inside a deployment"). */
+bool sim_step_factor_default(const sim_profile *p);
 /* ... whose chunks start at `start` cached tokens on average (rows-weighted): the
  * factor of steps that continue a prompt where f has it and start is past
  * SIM_STEP_AFTER_START, else the one above. */
