@@ -58,11 +58,6 @@ static int energy_roles(const bench_energy *e, const char **roles, int cap) {
 }
 
 /* Failure messages grouped with their digits masked, most frequent first. */
-static int cmp_ms(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 /* "TTFT phases (median ms): parse 0.05, queue 0.10, prefill 11.60, other 0.40": the
  * median of each phase the server reported (pdserve_timing's "phases", in its order),
  * and of the TTFT less their sum (what no server timed: this client, the hops). */
@@ -101,9 +96,9 @@ static void print_phases(FILE *f, const bench_result *r) {
         fprintf(f, "TTFT phases (median ms):");
         for (int k = 0; k <= n_names; k++) {
             int m = k == n_names ? PHASES_MAX : k;
-            qsort(v[m], (size_t)nv[m], sizeof(double), cmp_ms);
-            fprintf(f, "%s %s %.2f", k ? "," : "", k == n_names ? "other" : names[k],
-                    bench_percentile(v[m], nv[m], 50));
+            bench_stat st;
+            bench_stat_compute(&st, v[m], nv[m], NULL, 0);
+            fprintf(f, "%s %s %.2f", k ? "," : "", k == n_names ? "other" : names[k], st.median);
         }
         fputc('\n', f);
     }

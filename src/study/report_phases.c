@@ -12,6 +12,7 @@
 
 #include <cjson/cJSON.h>
 
+#include "bench/bench.h"
 #include "study/report_internal.h"
 #include "util/util.h"
 
@@ -31,15 +32,11 @@ static void dvec_push(dvec *d, double x) {
     d->v[d->n++] = x;
 }
 
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 static double median(dvec *d) {
     if (d->n == 0) return NAN;
-    qsort(d->v, (size_t)d->n, sizeof(double), cmp_double);
-    return d->n % 2 ? d->v[d->n / 2] : (d->v[d->n / 2 - 1] + d->v[d->n / 2]) / 2;
+    bench_stat st;
+    bench_stat_compute(&st, d->v, d->n, NULL, 0);
+    return st.median;
 }
 
 static bool has_phases_column(sqlite3 *h) {
