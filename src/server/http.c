@@ -273,8 +273,6 @@ static metrics_reason reason_of(finish_reason f, bool stop_aborted) {
     }
 }
 
-/* Engine thread: copy the event, resume the connection if it waits for it. Never
- * blocks beyond the request's own mutex. */
 /* pdserve_timing of a finished request (engine thread; g's timing fields were set
  * before the engine saw it). Colocated: parse (the handler's start .. the engine's
  * arrival: body parse, tokenization), queue, prefill (first scheduled .. first token).
@@ -312,6 +310,8 @@ static void timing_of(const gen_req *g, const request_times *t, api_timing *o) {
     }
 }
 
+/* Engine thread: copy the event, resume the connection if it waits for it. Never
+ * blocks beyond the request's own mutex. */
 static void on_engine_event(void *user, const engine_event *ev) {
     gen_req *g = user;
     bool finished = ev->kind == ENGINE_EVENT_FINISHED;
@@ -334,8 +334,8 @@ static void on_engine_event(void *user, const engine_event *ev) {
             q->n_prompt = ev->n_prompt;
             q->n_output = ev->n_output;
             q->n_cached = ev->n_cached;
-            q->has_timing = ev->times != NULL;
-            if (ev->times) timing_of(g, ev->times, &q->timing);
+            q->has_timing = ev->times != NULL && g->req.pdserve_timing; /* asked for (req is fixed by now) */
+            if (q->has_timing) timing_of(g, ev->times, &q->timing);
             snprintf(q->error, sizeof q->error, "%s", ev->error ? ev->error : "");
         } else {
             q->token = ev->token;

@@ -111,7 +111,7 @@ struct rjob {
     size_t pbody_ids;           /* bytes of prompt ids that lead pbody */
     double deadline;            /* monotonic seconds */
     double t_start, t_reserved, t_prefilled, t_first; /* phases' ends (monotonic s; debug log) */
-    char timing[160];       /* X-PD-Timing for the decode call (dis_timing), or empty */
+    char timing[160];       /* X-PD-Timing for the decode call (prefill_answer), or empty */
     bool counted_p, counted_d, counted_c;
     int tries;
     rjob *next;                 /* submit queue / active list */
@@ -648,27 +648,21 @@ static int resp_field(const sbuf *b, const char *name, char *out, size_t cap) {
     return rc;
 }
 
-/* A non-negative integer field of the buffered phase's JSON answer; -1 when absent. */
-static int resp_int(const sbuf *b, const char *name) {
-    cJSON *root = cJSON_ParseWithLength(b->p ? b->p : "", b->len);
-    cJSON *v = root ? cJSON_GetObjectItemCaseSensitive(root, name) : NULL;
-    int rc = cJSON_IsNumber(v) && v->valuedouble >= 0 && v->valuedouble <= INT32_MAX ? (int)v->valuedouble : -1;
-    cJSON_Delete(root);
-    return rc;
-}
-
-/* A non-negative number field of the buffered phase's JSON answer; -1 when absent. */
+/* A non-negative number field of a JSON answer; -1 when absent. */
 static double resp_num(const cJSON *root, const char *name) {
     const cJSON *v = root ? cJSON_GetObjectItemCaseSensitive(root, name) : NULL;
     return cJSON_IsNumber(v) && v->valuedouble >= 0 && v->valuedouble < 1e6 ? v->valuedouble : -1;
 }
 
-/* X-PD-Timing for the decode instance (api_dis_timing): this router's reservation and
- * prefill calls, and the prefill instance's queue, compute and KV tail from its answer;
- * empty when the answer lacks them (an instance of an older build). */
-static void dis_timing(rjob *j) {
+/* The prefill instance's answer, parsed once: its cached tokens (-1 when absent) and
+ * X-PD-Timing for the decode instance (api_dis_timing): this router's reservation and
+ * prefill calls, and the prefill instance's queue, compute and KV tail; empty when the
+ * answer lacks them (an instance of an older build). */
+static void prefill_answer(rjob *j) {
     j->timing[0] = '\0';
     cJSON *root = cJSON_ParseWithLength(j->resp.p ? j->resp.p : "", j->resp.len);
+    double cached = resp_num(root, "cached_tokens");
+    j->cached = cached >= 0 && cached <= INT32_MAX ? (int)cached : -1;
     double q = resp_num(root, "queue_s"), c = resp_num(root, "compute_s"), kv = resp_num(root, "kv_tail_s");
     cJSON_Delete(root);
     if (q >= 0 && c >= 0 && kv >= 0)
@@ -760,8 +754,7 @@ static void on_prefill_done(rjob *j, CURLcode rc, long code) {
         return;
     }
     j->t_prefilled = time_now_s();
-    j->cached = resp_int(&j->resp, "cached_tokens");
-    dis_timing(j);
+    prefill_answer(j);
     log_debug("router: %s: reserve %.2f ms, prefill %.2f ms; prefill instance: %.*s", j->rid,
               (j->t_reserved - j->t_start) * 1e3, (j->t_prefilled - j->t_reserved) * 1e3,
               (int)PD_MIN(j->resp.len, 300), j->resp.p ? j->resp.p : "");
