@@ -628,8 +628,10 @@ int main(int argc, char **argv) {
     printf("\n");
     if (strstr(o.media, "nccl")) {
         int dst = o.gpus > 1 ? 1 : 0;
-        printf("NCCL send/recv 1 GiB, GPU 0 -> GPU %d, warm: %.2f GB/s\n", dst,
-               bench_nccl_ceiling((size_t)1 << 30, dst) / 1e9);
+        printf("NCCL send/recv 1 GiB, GPU 0 -> GPU %d, warm: %.2f GB/s; with the buffers registered "
+               "(ncclCommRegister, zero-copy): %.2f GB/s\n", dst,
+               bench_nccl_ceiling((size_t)1 << 30, dst) / 1e9,
+               bench_nccl_ceiling_reg((size_t)1 << 30, dst, 0, 0, true) / 1e9);
         /* lab: NCCL alone at the medium's chunk size (PDSERVE_KV_NCCL_CHUNK_MIB, 32 by
          * default): the request's bytes as back-to-back ops, alone and 4 or all per group */
         const char *cm = getenv("PDSERVE_KV_NCCL_CHUNK_MIB");
@@ -648,6 +650,9 @@ int main(int argc, char **argv) {
                (int)((bytes + piece - 1) / piece), (double)piece / (1 << 20),
                bench_nccl_ceiling_chunks(bytes, dst, piece, 4) / 1e9,
                bench_nccl_ceiling_chunks(bytes, dst, piece, 2) / 1e9);
+        printf("  the same, buffers registered: %.2f GB/s 4 per group, %.2f GB/s 2 per group\n",
+               bench_nccl_ceiling_reg(bytes, dst, piece, 4, true) / 1e9,
+               bench_nccl_ceiling_reg(bytes, dst, piece, 2, true) / 1e9);
     }
     printf("latency: kv_send_begin -> decode side has every layer; cold = first request to "
            "that peer; warm = best of %d requests after it (gpu, nccl; the others: 1), median "
@@ -689,8 +694,9 @@ int main(int argc, char **argv) {
                 ceil_bw = (double)bytes / (d2h + tcp_ceiling(bytes) + h2d);
                 ceil_name = "D2H + loopback socket + H2D";
             } else if (m == KV_MEDIUM_NCCL) {
-                ceil_bw = bench_nccl_ceiling(bytes, o.gpus > 1 ? 1 : 0);
-                ceil_name = "NCCL send/recv GPU0->GPU1";
+                bool reg_won = false; /* the faster of NCCL's two ways (kv_nccl_ceiling.h) */
+                ceil_bw = bench_nccl_ceiling_best(bytes, o.gpus > 1 ? 1 : 0, &reg_won);
+                ceil_name = reg_won ? "NCCL send/recv, registered" : "NCCL send/recv GPU0->GPU1";
             }
             double bw = (double)bytes / r.lat[bq];
             printf("%-6s %-7s %-26s %6.0f %7.4fs %7.4fs %7.4fs %7.4fs %8.2f %9.2f %-27s %5.0f%%\n",
