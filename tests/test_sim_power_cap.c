@@ -204,6 +204,16 @@ static void test_step_model(void) {
     f = sim_power_cap_step(&m, &c, &w, &nom, 500, &out, &watts);
     CHECKF(near(f, 1000 / sqrt(2.0), 1e-4), "f %.4f", f);
     CHECK(near(out.seconds, 0.1 * sqrt(2.0), 1e-5) && near(watts, 500, 1e-4));
+    /* held at the limit, the step draws the limit: its energy is 500 W over its time,
+     * whatever the grid's mean prefill power (here 700 W, short bursts) would say */
+    p.power.measured = true;
+    p.power.idle_w = 100;
+    p.power.prefill_w = 700;
+    p.power.decode_w = 300;
+    sim_cost_init(&c, &p, 0);
+    sim_cost_step(&c, &w, &nom);
+    f = sim_power_cap_step(&m, &c, &w, &nom, 500, &out, &watts);
+    CHECKF(c.has_power && near(out.energy_j, 500 * 0.1 * sqrt(2.0), 1e-3), "energy %.5f J", out.energy_j);
     /* a plan's lower nominal clock (600 MHz: 100 + 800 x 0.36 = 388 W) is not capped */
     sim_power_cap_init(&m, &p, 600);
     sim_cost_init(&c, &p, 600);
