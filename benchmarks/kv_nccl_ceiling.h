@@ -118,9 +118,9 @@ static double bench_nccl_ceiling_chunks(size_t bytes, int dst, size_t chunk, int
 /* One op of the whole buffer, as NCCL moves it by default and with the buffers
  * registered: the ceiling is the faster of the two (*reg_won says which), so that no
  * way of using NCCL that the medium leaves out flatters its ratio. On 2x H200
- * (2026-11-28) the two were within 1-2% of each other, and so were 18.3 MiB ops four per
- * group (321 GB/s both): registration does not lift NCCL's rate at the medium's op
- * sizes, and the medium does not register. */
+ * (2026-11-28) the two were within 1-2% of each other, and 18.3 MiB ops four per group
+ * moved at 316-322 GB/s either way: registration does not lift NCCL's rate at the
+ * medium's op sizes, and the medium does not register. */
 static double bench_nccl_ceiling_best(size_t bytes, int dst, bool *reg_won) {
     double plain = bench_nccl_ceiling_reg(bytes, dst, 0, 0, false);
     double reg = bench_nccl_ceiling_reg(bytes, dst, 0, 0, true);
