@@ -74,6 +74,46 @@ curl -sf -X POST -H 'X-PD-Internal-Secret: s3cret' -H "X-PD-Ticket: $ticket" "ht
 for _ in $(seq 50); do [ "$(load_field "http://127.0.0.1:$PORT" kv_blocks_used)" = 0 ] && break; sleep 0.05; done
 [ "$(load_field "http://127.0.0.1:$PORT" kv_blocks_used)" = 0 ] || fail "release did not free the reservation"
 echo "ok   router arguments; internal endpoints: 404 on colocated, 401 without the secret, reserve + release"
+kill -TERM "$SPID"
+wait "$SPID"
+
+# A store's /internal/decode waits (reads) off the HTTP threads: a decode instance with
+# one HTTP thread and a disk store whose KV never comes still answers /health and
+# another reservation at once while that request waits out its 3 s deadline, then
+# answers it 504 kv_transfer_timeout with every block back.
+mkdir -p "$TMP/store"
+start_serve decw --role decode --kv-medium disk --kv-store "$TMP/store" --http-threads 1 \
+  --kv-transfer-timeout 3 --internal-secret s3cret
+H=(-H 'X-PD-Internal-Secret: s3cret' -H 'Content-Type: application/json')
+body='{"prompt":"a b c d","max_tokens":2,"ignore_eos":true}'
+curl -sf -o "$TMP/res2.json" -X POST "${H[@]}" "http://127.0.0.1:$PORT/internal/reserve" -d "$body" ||
+  fail "decode-wait: reserve"
+ticket="$(sed -n 's|.*"ticket":"\([^"]*\)".*|\1|p' "$TMP/res2.json")"
+[ -n "$ticket" ] || fail "decode-wait: no ticket in $(cat "$TMP/res2.json")"
+t0=$(date +%s%N)
+ms_since() { echo $(( ($(date +%s%N) - t0) / 1000000 )); }
+curl -s -o "$TMP/dec.json" -w '%{http_code}' -X POST "${H[@]}" -H "X-PD-Ticket: $ticket" -H 'X-PD-First: 1' \
+  "http://127.0.0.1:$PORT/internal/decode" -d "$body" >"$TMP/dec.code" &
+DEC=$!
+sleep 0.3
+code="$(curl -s -o /dev/null -m 2 -w '%{http_code}' "http://127.0.0.1:$PORT/health")"
+t_health=$(ms_since)
+[ "$code" = 200 ] || fail "decode-wait: /health answered $code while a KV wait ran (the HTTP thread held?)"
+code="$(curl -s -o "$TMP/res3.json" -m 2 -w '%{http_code}' -X POST "${H[@]}" \
+  "http://127.0.0.1:$PORT/internal/reserve" -d '{"prompt":"e f","max_tokens":1}')"
+[ "$code" = 200 ] || fail "decode-wait: a second reservation answered $code during the wait"
+t_res=$(ms_since)
+curl -sf -X POST "${H[@]}" -H "X-PD-Ticket: $(sed -n 's|.*"ticket":"\([^"]*\)".*|\1|p' "$TMP/res3.json")" \
+  "http://127.0.0.1:$PORT/internal/release" >/dev/null
+wait "$DEC"
+t_dec=$(ms_since)
+[ "$(cat "$TMP/dec.code")" = 504 ] && grep -q kv_transfer_timeout "$TMP/dec.json" ||
+  fail "decode-wait: /internal/decode answered $(cat "$TMP/dec.code") $(cat "$TMP/dec.json")"
+[ "$t_health" -lt 1500 ] && [ "$t_res" -lt 2000 ] && [ "$t_dec" -gt 2500 ] ||
+  fail "decode-wait: /health after $t_health ms, reserve after $t_res ms, the wait ended after $t_dec ms"
+for _ in $(seq 50); do [ "$(load_field "http://127.0.0.1:$PORT" kv_blocks_used)" = 0 ] && break; sleep 0.05; done
+[ "$(load_field "http://127.0.0.1:$PORT" kv_blocks_used)" = 0 ] || fail "decode-wait: blocks left after the timeout"
+echo "ok   a disk store's KV wait off the HTTP thread: /health after $t_health ms, a reservation after $t_res ms, 504 after $t_dec ms"
 kill -TERM "$SPID" "$REF_PID"
 wait "$SPID" "$REF_PID"
 echo "all router end-to-end tests passed"

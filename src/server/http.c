@@ -207,6 +207,7 @@ typedef struct conn_ctx {
     gen_req *g;
     server_reply *reply;         /* /internal/prefill */
     internal_prefill_job *pjob;
+    struct decode_job *dj;       /* /internal/decode waiting off the HTTP threads */
 } conn_ctx;
 
 /* ---- small helpers -------------------------------------------------------------------- */
@@ -879,9 +880,151 @@ static int gen_prepare(server *s, api_endpoint ep, const char *body, size_t len,
     return 0;
 }
 
+static enum MHD_Result generate_submitted(server *s, struct MHD_Connection *conn, conn_ctx *c, gen_req *g,
+                                          uint64_t id, bool prefilled, api_error *ep, const char *err);
+
+/* /internal/decode for a store's ticket (internal_decode_reads): the store's get copies
+ * or reads the whole prompt's KV inside internal_decode_submit's wait, up to seconds
+ * for a disk store. On an HTTP thread that wait held the thread, and with a few of
+ * them waiting, reservations and health checks queued behind (2x H200, dis-disk at
+ * batch 16: 2.58 s of `reserve`, a health check timed out). So the connection is
+ * suspended and a thread of its own waits and submits; the connection resumes with
+ * the result (decode_resumed). Counted in n_replies until that thread is done, so a
+ * stopping server waits for it (the wait is bounded by the ticket's deadline). */
+typedef struct decode_job {
+    pthread_mutex_t mu;
+    int refs;                    /* the waiting thread's and the connection's */
+    bool done, suspended, gone;
+    server *s;
+    struct MHD_Connection *conn;
+    gen_req *g;
+    engine_request er;
+    int32_t *ids;                /* er.prompt */
+    char *ticket, *first, *cached;
+    uint64_t id;
+    api_error e;
+} decode_job;
+
+static void decode_job_unref(decode_job *j) {
+    pthread_mutex_lock(&j->mu);
+    bool last = --j->refs == 0;
+    pthread_mutex_unlock(&j->mu);
+    if (!last) return;
+    pthread_mutex_destroy(&j->mu);
+    free(j->ids);
+    free(j->ticket);
+    free(j->first);
+    free(j->cached);
+    free(j);
+}
+
+static void *decode_job_main(void *arg) {
+    decode_job *j = arg;
+    server *s = j->s;
+    api_error e;
+    memset(&e, 0, sizeof e);
+    uint64_t id = internal_decode_submit(s->in, &j->er, j->ticket, j->first, j->cached, &j->g->kv_wait_s, &e);
+    pthread_mutex_lock(&j->mu);
+    j->id = id;
+    j->e = e;
+    j->done = true;
+    bool gone = j->gone;
+    if (j->suspended && !gone) {
+        j->suspended = false;
+        MHD_resume_connection(j->conn);
+    }
+    pthread_mutex_unlock(&j->mu);
+    if (gone) { /* the connection ended first (a server stopping): nobody reads g */
+        gen_req *g = j->g;
+        if (id == 0) {
+            gen_free(g);
+        } else {
+            pthread_mutex_lock(&g->mu);
+            g->http_gone = true;
+            bool last = --g->refs == 0;
+            pthread_mutex_unlock(&g->mu);
+            engine_abort(s->eng, id);
+            if (last) gen_free(g);
+        }
+    }
+    decode_job_unref(j);
+    pthread_mutex_lock(&s->mu);
+    if (--s->n_replies == 0 && s->n_active == 0) pthread_cond_broadcast(&s->drained);
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+/* Hands r (prompt ids, owned from here on when this returns 0) to a waiting thread and
+ * suspends the connection; -1 when no thread could be started (the caller waits). */
+static int decode_defer(server *s, struct MHD_Connection *conn, conn_ctx *c, gen_req *g,
+                        const engine_request *r, int32_t *ids) {
+    decode_job *j = xcalloc(1, sizeof *j);
+    pthread_mutex_init(&j->mu, NULL);
+    j->refs = 2;
+    j->s = s;
+    j->conn = conn;
+    j->g = g;
+    j->er = *r;
+    j->ids = ids;
+    const char *t = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Ticket"),
+               *f = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-First"),
+               *k = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Cached-Tokens");
+    j->ticket = t ? xstrdup(t) : NULL;
+    j->first = f ? xstrdup(f) : NULL;
+    j->cached = k ? xstrdup(k) : NULL;
+    pthread_mutex_lock(&s->mu);
+    s->n_replies++;
+    pthread_mutex_unlock(&s->mu);
+    c->dj = j;
+    pthread_mutex_lock(&j->mu); /* suspended before the thread can resume it */
+    j->suspended = true;
+    MHD_suspend_connection(conn);
+    pthread_attr_t at;
+    pthread_attr_init(&at);
+    pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+    pthread_t th;
+    int rc = pthread_create(&th, &at, decode_job_main, j);
+    pthread_attr_destroy(&at);
+    if (rc != 0) {
+        j->suspended = false;
+        MHD_resume_connection(conn);
+    }
+    pthread_mutex_unlock(&j->mu);
+    if (rc == 0) return 0;
+    log_warn("serve: no thread for a KV wait (%s): waiting on the HTTP thread", strerror(rc));
+    c->dj = NULL;
+    j->ids = NULL; /* the caller's again */
+    j->refs = 1;
+    decode_job_unref(j);
+    pthread_mutex_lock(&s->mu);
+    if (--s->n_replies == 0 && s->n_active == 0) pthread_cond_broadcast(&s->drained);
+    pthread_mutex_unlock(&s->mu);
+    return -1;
+}
+
+/* The connection of a deferred /internal/decode, resumed: the submit's result. */
+static enum MHD_Result decode_resumed(server *s, struct MHD_Connection *conn, conn_ctx *c) {
+    decode_job *j = c->dj;
+    pthread_mutex_lock(&j->mu);
+    if (!j->done) { /* resumed early: wait on */
+        j->suspended = true;
+        MHD_suspend_connection(conn);
+        pthread_mutex_unlock(&j->mu);
+        return MHD_YES;
+    }
+    uint64_t id = j->id;
+    api_error e = j->e;
+    gen_req *g = j->g;
+    pthread_mutex_unlock(&j->mu);
+    c->dj = NULL;
+    decode_job_unref(j);
+    return generate_submitted(s, conn, c, g, id, true, &e, "");
+}
+
 static enum MHD_Result handle_generate(server *s, struct MHD_Connection *conn, conn_ctx *c) {
     api_endpoint ep = route_endpoint(conn, c);
     api_error e;
+    memset(&e, 0, sizeof e);
     gen_req *g = xcalloc(1, sizeof *g);
     g->t_in = time_now_s();
     int32_t *ids = NULL;
@@ -924,16 +1067,26 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *conn, c
                                                                              "X-PD-Timing"),
                                                  &g->dis_timing) == 0;
     }
+    const char *ticket = prefilled ? MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Ticket") : NULL;
+    if (prefilled && internal_decode_reads(ticket) && decode_defer(s, conn, c, g, &er, ids) == 0)
+        return MHD_YES; /* suspended until the KV is read */
     uint64_t id = prefilled
-        ? internal_decode_submit(s->in, &er, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Ticket"),
-                                 MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-First"),
+        ? internal_decode_submit(s->in, &er, ticket, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-First"),
                                  MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Cached-Tokens"),
                                  &g->kv_wait_s, &e)
         : engine_submit(s->eng, &er, err, sizeof err);
+    free(ids);
+    return generate_submitted(s, conn, c, g, id, prefilled, &e, err);
+}
+
+/* The rest of handle_generate once the engine has the request (id), or has refused it
+ * (0: e for a prefilled request, err otherwise). */
+static enum MHD_Result generate_submitted(server *s, struct MHD_Connection *conn, conn_ctx *c, gen_req *g,
+                                          uint64_t id, bool prefilled, api_error *ep, const char *err) {
+    api_error e = *ep;
     pthread_mutex_lock(&g->mu);
     g->engine_id = id;
     pthread_mutex_unlock(&g->mu);
-    free(ids);
     if (id == 0 && prefilled) {
         gen_free(g);
         return respond_error_h(conn, &e, e.status == 503 ? "Retry-After" : NULL, "1");
@@ -1206,6 +1359,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         return MHD_YES;
     }
     if (c->rejected) return respond_error_h(conn, &c->reject, c->reject_hname, c->reject_hval);
+    if (c->dj) return decode_resumed(s, conn, c); /* a deferred /internal/decode */
     if (c->g) return full_continue(conn, c->g); /* resumed non-streaming generation */
     if (c->reply) return reply_continue(conn, c->reply);
     if (c->too_big) {
@@ -1248,6 +1402,28 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     server *s = cls;
     conn_ctx *c = *con_cls;
     if (!c) return;
+    if (c->dj) { /* ended while its KV wait runs: that thread disposes of the request */
+        decode_job *j = c->dj;
+        pthread_mutex_lock(&j->mu);
+        j->gone = true;
+        bool done = j->done;
+        gen_req *jg = j->g;
+        uint64_t jid = j->id;
+        pthread_mutex_unlock(&j->mu);
+        if (done) { /* the thread finished but the connection never resumed: ours to end */
+            if (jid == 0) gen_free(jg);
+            else {
+                pthread_mutex_lock(&jg->mu);
+                jg->http_gone = true;
+                bool last = --jg->refs == 0;
+                pthread_mutex_unlock(&jg->mu);
+                engine_abort(s->eng, jid);
+                if (last) gen_free(jg);
+            }
+        }
+        decode_job_unref(j);
+        c->dj = NULL;
+    }
     gen_req *g = c->g;
     if (g) {
         active_remove(s, g);

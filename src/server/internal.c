@@ -818,6 +818,13 @@ static int first_parse(const char *s, int logprobs, engine_first_token *f) {
     return *s ? -1 : 0;
 }
 
+bool internal_decode_reads(const char *ticket_text) {
+    kv_ticket t;
+    char err[128];
+    if (!ticket_text || kv_ticket_parse(ticket_text, &t, err, sizeof err)) return false;
+    return t.medium == KV_MEDIUM_CPU || t.medium == KV_MEDIUM_DISK;
+}
+
 uint64_t internal_decode_submit(internal_ctx *in, const engine_request *r, const char *ticket_text,
                                 const char *first_text, const char *cached_text, double *waited_s,
                                 api_error *e) {

@@ -340,6 +340,10 @@ int internal_decode_prompt(internal_ctx *in, const char *ticket_text, uint64_t b
                            int32_t **ids, int *n);
 /* Decode: gives up a reservation (unknown or ended ones are ignored). */
 void internal_release(internal_ctx *in, const char *ticket_text);
+/* Decode: whether internal_decode_submit may block for long on this ticket: a store's
+ * (cpu, disk), whose get copies or reads the whole prompt's KV inside the wait. A link's
+ * KV (gpu, nccl, tcp) is here by the time the router calls /internal/decode. */
+bool internal_decode_reads(const char *ticket_text);
 /* Decode: waits (bounded by the ticket's deadline) for the ticket's KV, takes its
  * blocks and submits r as a prefilled request with the given first token. cached_text
  * (X-PD-Cached-Tokens, may be NULL): the prompt tokens the prefill side found cached,
