@@ -142,6 +142,7 @@ struct server {
     pthread_cond_t drained;      /* n_active + n_replies reached 0 */
     int n_replies;               /* deferred internal replies not yet sent (their
                                     connections may be suspended in MHD), under mu */
+    int n_djobs;                 /* deferred /internal/decode waits running (decode_defer) */
     gen_req *active;             /* generations whose HTTP side is alive */
     int n_active;
     int epfd, wake_fd;           /* disconnect watcher */
@@ -949,7 +950,9 @@ static void *decode_job_main(void *arg) {
     }
     decode_job_unref(j);
     pthread_mutex_lock(&s->mu);
-    if (--s->n_replies == 0 && s->n_active == 0) pthread_cond_broadcast(&s->drained);
+    s->n_replies--;
+    s->n_djobs--;
+    pthread_cond_broadcast(&s->drained);
     pthread_mutex_unlock(&s->mu);
     return NULL;
 }
@@ -974,6 +977,7 @@ static int decode_defer(server *s, struct MHD_Connection *conn, conn_ctx *c, gen
     j->cached = k ? xstrdup(k) : NULL;
     pthread_mutex_lock(&s->mu);
     s->n_replies++;
+    s->n_djobs++;
     pthread_mutex_unlock(&s->mu);
     c->dj = j;
     pthread_mutex_lock(&j->mu); /* suspended before the thread can resume it */
@@ -997,7 +1001,9 @@ static int decode_defer(server *s, struct MHD_Connection *conn, conn_ctx *c, gen
     j->refs = 1;
     decode_job_unref(j);
     pthread_mutex_lock(&s->mu);
-    if (--s->n_replies == 0 && s->n_active == 0) pthread_cond_broadcast(&s->drained);
+    s->n_replies--;
+    s->n_djobs--;
+    pthread_cond_broadcast(&s->drained);
     pthread_mutex_unlock(&s->mu);
     return -1;
 }
@@ -1624,6 +1630,9 @@ void server_free(server *s) {
         atomic_store(&s->shutting_down, true);
         wait_drained(s, 5.0);
         pthread_mutex_lock(&s->mu);
+        /* a deferred KV wait uses the engine and the connector, which go after this:
+         * wait for it to end (its ticket's deadline bounds it) */
+        while (s->n_djobs > 0) pthread_cond_wait(&s->drained, &s->mu);
         int left = s->n_active + s->n_replies;
         pthread_mutex_unlock(&s->mu);
         /* Stopping MHD with suspended connections is undefined (MHD panics): leave it
