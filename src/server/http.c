@@ -980,20 +980,18 @@ static int decode_defer(server *s, struct MHD_Connection *conn, conn_ctx *c, gen
     s->n_djobs++;
     pthread_mutex_unlock(&s->mu);
     c->dj = j;
-    pthread_mutex_lock(&j->mu); /* suspended before the thread can resume it */
-    j->suspended = true;
-    MHD_suspend_connection(conn);
     pthread_attr_t at;
     pthread_attr_init(&at);
     pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
     pthread_t th;
+    pthread_mutex_lock(&j->mu); /* the thread resumes the connection under it: suspended first */
     int rc = pthread_create(&th, &at, decode_job_main, j);
-    pthread_attr_destroy(&at);
-    if (rc != 0) {
-        j->suspended = false;
-        MHD_resume_connection(conn);
+    if (rc == 0) {
+        j->suspended = true;
+        MHD_suspend_connection(conn);
     }
     pthread_mutex_unlock(&j->mu);
+    pthread_attr_destroy(&at);
     if (rc == 0) return 0;
     log_warn("serve: no thread for a KV wait (%s): waiting on the HTTP thread", strerror(rc));
     c->dj = NULL;
