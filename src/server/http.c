@@ -919,6 +919,29 @@ static void decode_job_unref(decode_job *j) {
     free(j);
 }
 
+/* A deferred request whose connection is gone: ends g (id 0: the engine never had it). */
+static void decode_orphan(server *s, gen_req *g, uint64_t id) {
+    if (id == 0) {
+        gen_free(g);
+        return;
+    }
+    pthread_mutex_lock(&g->mu);
+    g->http_gone = true;
+    bool last = --g->refs == 0;
+    pthread_mutex_unlock(&g->mu);
+    engine_abort(s->eng, id);
+    if (last) gen_free(g);
+}
+
+/* A deferred wait's thread has ended (or never started): the drain counts. */
+static void decode_job_ended(server *s) {
+    pthread_mutex_lock(&s->mu);
+    s->n_replies--;
+    s->n_djobs--;
+    pthread_cond_broadcast(&s->drained);
+    pthread_mutex_unlock(&s->mu);
+}
+
 static void *decode_job_main(void *arg) {
     decode_job *j = arg;
     server *s = j->s;
@@ -935,25 +958,9 @@ static void *decode_job_main(void *arg) {
         MHD_resume_connection(j->conn);
     }
     pthread_mutex_unlock(&j->mu);
-    if (gone) { /* the connection ended first (a server stopping): nobody reads g */
-        gen_req *g = j->g;
-        if (id == 0) {
-            gen_free(g);
-        } else {
-            pthread_mutex_lock(&g->mu);
-            g->http_gone = true;
-            bool last = --g->refs == 0;
-            pthread_mutex_unlock(&g->mu);
-            engine_abort(s->eng, id);
-            if (last) gen_free(g);
-        }
-    }
+    if (gone) decode_orphan(s, j->g, id); /* the connection ended first (a server stopping) */
     decode_job_unref(j);
-    pthread_mutex_lock(&s->mu);
-    s->n_replies--;
-    s->n_djobs--;
-    pthread_cond_broadcast(&s->drained);
-    pthread_mutex_unlock(&s->mu);
+    decode_job_ended(s);
     return NULL;
 }
 
@@ -998,11 +1005,7 @@ static int decode_defer(server *s, struct MHD_Connection *conn, conn_ctx *c, gen
     j->ids = NULL; /* the caller's again */
     j->refs = 1;
     decode_job_unref(j);
-    pthread_mutex_lock(&s->mu);
-    s->n_replies--;
-    s->n_djobs--;
-    pthread_cond_broadcast(&s->drained);
-    pthread_mutex_unlock(&s->mu);
+    decode_job_ended(s);
     return -1;
 }
 
@@ -1414,17 +1417,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         gen_req *jg = j->g;
         uint64_t jid = j->id;
         pthread_mutex_unlock(&j->mu);
-        if (done) { /* the thread finished but the connection never resumed: ours to end */
-            if (jid == 0) gen_free(jg);
-            else {
-                pthread_mutex_lock(&jg->mu);
-                jg->http_gone = true;
-                bool last = --jg->refs == 0;
-                pthread_mutex_unlock(&jg->mu);
-                engine_abort(s->eng, jid);
-                if (last) gen_free(jg);
-            }
-        }
+        if (done) decode_orphan(s, jg, jid); /* its thread finished, the connection never resumed */
         decode_job_unref(j);
         c->dj = NULL;
     }
