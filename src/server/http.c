@@ -967,7 +967,7 @@ static void *decode_job_main(void *arg) {
 /* Hands r (prompt ids, owned from here on when this returns 0) to a waiting thread and
  * suspends the connection; -1 when no thread could be started (the caller waits). */
 static int decode_defer(server *s, struct MHD_Connection *conn, conn_ctx *c, gen_req *g,
-                        const engine_request *r, int32_t *ids) {
+                        const engine_request *r, int32_t *ids, const char *ticket) {
     decode_job *j = xcalloc(1, sizeof *j);
     pthread_mutex_init(&j->mu, NULL);
     j->refs = 2;
@@ -976,10 +976,9 @@ static int decode_defer(server *s, struct MHD_Connection *conn, conn_ctx *c, gen
     j->g = g;
     j->er = *r;
     j->ids = ids;
-    const char *t = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Ticket"),
-               *f = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-First"),
+    const char *f = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-First"),
                *k = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Cached-Tokens");
-    j->ticket = t ? xstrdup(t) : NULL;
+    j->ticket = ticket ? xstrdup(ticket) : NULL;
     j->first = f ? xstrdup(f) : NULL;
     j->cached = k ? xstrdup(k) : NULL;
     pthread_mutex_lock(&s->mu);
@@ -1075,7 +1074,7 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *conn, c
                                                  &g->dis_timing) == 0;
     }
     const char *ticket = prefilled ? MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-Ticket") : NULL;
-    if (prefilled && internal_decode_reads(ticket) && decode_defer(s, conn, c, g, &er, ids) == 0)
+    if (prefilled && internal_decode_reads(ticket) && decode_defer(s, conn, c, g, &er, ids, ticket) == 0)
         return MHD_YES; /* suspended until the KV is read */
     uint64_t id = prefilled
         ? internal_decode_submit(s->in, &er, ticket, MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-PD-First"),
