@@ -162,7 +162,7 @@ for line in open(sys.argv[1]):
         t = json.loads(line[6:])["pdserve_timing"]
 assert t, "no pdserve_timing in the usage chunk"
 ph = t["phases"]
-want = ["reserve", "prefill_hop", "queue", "prefill", "kv", "decode_wait", "decode"]
+want = ["reserve", "prefill_hop", "queue", "prefill", "kv_queue", "kv", "decode_wait", "decode"]
 assert list(ph) == want, "phases %s, expected %s" % (list(ph), want)
 for k, v in ph.items():
     assert v >= (-1e-3 if k == "prefill_hop" else 0) and v < 30, "%s = %r" % (k, v)

@@ -502,8 +502,12 @@ static void test_dis_timing(void) {
     REQUIRE(api_dis_timing_parse("reserve=0.0002,prefill_call=0.0045,queue=0.0001,prefill=0.004,kv=0.0003", &d) == 0);
     CHECK(d.reserve_s == 0.0002 && d.prefill_call_s == 0.0045 && d.queue_s == 0.0001 && d.prefill_s == 0.004 &&
           d.kv_s == 0.0003);
+    CHECK(!d.has_kv_queue && d.kv_queue_s == 0); /* a router that sends the tail whole */
     REQUIRE(api_dis_timing_parse("kv=1,prefill=2,queue=3,prefill_call=4,reserve=5", &d) == 0); /* any order */
     CHECK(d.reserve_s == 5 && d.kv_s == 1);
+    /* the tail split: the blocks' wait for the transfer worker, then the transfer */
+    REQUIRE(api_dis_timing_parse("reserve=1,prefill_call=2,queue=0,prefill=1,kv_queue=0.5,kv=0.25", &d) == 0);
+    CHECK(d.has_kv_queue && d.kv_queue_s == 0.5 && d.kv_s == 0.25);
     const char *bad[] = {NULL, "", "reserve=1", "reserve=1,prefill_call=1,queue=1,prefill=1",
                          "reserve=1,prefill_call=1,queue=1,prefill=1,kv=1,kv=2",
                          "reserve=1,prefill_call=1,queue=1,prefill=1,kv=-1",
@@ -512,7 +516,10 @@ static void test_dis_timing(void) {
                          "reserve=1,prefill_call=1,queue=1,prefill=1,kv=1,",
                          "reserve=1,prefill_call=1,queue=1,prefill=1,kv=1x",
                          "reserve=1,prefill_call=1,queue=1,prefill=1,decode=1",
-                         "reserve=,prefill_call=1,queue=1,prefill=1,kv=1", "reserve"};
+                         "reserve=,prefill_call=1,queue=1,prefill=1,kv=1", "reserve",
+                         "reserve=1,prefill_call=1,queue=1,prefill=1,kv_queue=1",
+                         "reserve=1,prefill_call=1,queue=1,prefill=1,kv=1,kv_queue=1,kv_queue=1",
+                         "reserve=1,prefill_call=1,queue=1,prefill=1,kv=1,kv_queue=-0.5"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
         CHECKF(api_dis_timing_parse(bad[i], &d) == -1, "accepted %s", bad[i] ? bad[i] : "(null)");
 

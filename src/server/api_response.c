@@ -286,15 +286,17 @@ void api_timing_add(api_timing *t, const char *name, double s) {
 }
 
 int api_dis_timing_parse(const char *text, api_dis_timing *out) {
-    static const char *const names[] = {"reserve", "prefill_call", "queue", "prefill", "kv"};
-    double v[5];
-    bool seen[5] = {false};
+    /* kv_queue is optional (a router of an older build sends kv as the whole tail) */
+    static const char *const names[] = {"reserve", "prefill_call", "queue", "prefill", "kv", "kv_queue"};
+    enum { N = 6, REQUIRED = 5 };
+    double v[N] = {0};
+    bool seen[N] = {false};
     const char *p = text;
     if (!p) return -1;
     while (*p) {
         size_t n = strcspn(p, "=");
         int k = -1;
-        for (int i = 0; i < 5; i++)
+        for (int i = 0; i < N; i++)
             if (strlen(names[i]) == n && !strncmp(p, names[i], n)) k = i;
         if (k < 0 || p[n] != '=') return -1;
         char *end;
@@ -307,9 +309,9 @@ int api_dis_timing_parse(const char *text, api_dis_timing *out) {
         if (*p == ',' && p[1]) p++;
         else if (*p) return -1;
     }
-    for (int i = 0; i < 5; i++)
+    for (int i = 0; i < REQUIRED; i++)
         if (!seen[i]) return -1;
-    *out = (api_dis_timing){v[0], v[1], v[2], v[3], v[4]};
+    *out = (api_dis_timing){v[0], v[1], v[2], v[3], v[4], v[5], seen[5]};
     return 0;
 }
 

@@ -297,9 +297,10 @@ static void timing_of(const gen_req *g, const request_times *t, api_timing *o) {
     const api_dis_timing *d = &g->dis_timing;
     if (g->has_dis_timing) {
         api_timing_add(o, "reserve", d->reserve_s);
-        api_timing_add(o, "prefill_hop", d->prefill_call_s - (d->queue_s + d->prefill_s + d->kv_s));
+        api_timing_add(o, "prefill_hop", d->prefill_call_s - (d->queue_s + d->prefill_s + d->kv_queue_s + d->kv_s));
         api_timing_add(o, "queue", d->queue_s);
         api_timing_add(o, "prefill", d->prefill_s);
+        if (d->has_kv_queue) api_timing_add(o, "kv_queue", d->kv_queue_s);
         api_timing_add(o, "kv", d->kv_s);
         o->queue_s = d->queue_s;
     }

@@ -325,14 +325,18 @@ static void pj_succeed(internal_prefill_job *j, double t0, double t1, double bus
     sbuf_json_str(&b, f.p, f.len);
     /* prefill_s: arrival .. the prefill's end; kv_transfer_s: begin .. finish;
      * kv_busy_s: inside kv_send_* calls; kv_tail_s: the prefill's end .. finish (what
-     * the transfer added to the request); kv_layers_overlapped: layers shipped before
-     * the prefill's end; queue_s, compute_s: the engine's arrival .. first scheduled ..
-     * first token */
+     * the transfer added to the request); kv_queue_s: the part of that tail before
+     * begin, the blocks waiting for the transfer worker (behind other requests'
+     * transfers; 0 when streamed, which begins before the prefill's end);
+     * kv_layers_overlapped: layers shipped before the prefill's end; queue_s,
+     * compute_s: the engine's arrival .. first scheduled .. first token */
     sbuf_printf(&b, ",\"cached_tokens\":%d", j->first.n_cached);
     sbuf_printf(&b, ",\"queue_s\":%.6f,\"compute_s\":%.6f", j->queue_s, j->compute_s);
     sbuf_printf(&b, ",\"n_prompt\":%d,\"prefill_s\":%.6f,\"kv_transfer_s\":%.6f,\"kv_busy_s\":%.6f,"
-                "\"kv_tail_s\":%.6f,\"kv_layers_overlapped\":%d,\"kv_mode\":\"%s\",\"medium\":\"%s\"}",
-                j->n_prompt, j->t_prefilled - j->t_start, t1 - t0, busy, t1 - j->t_prefilled, early,
+                "\"kv_tail_s\":%.6f,\"kv_queue_s\":%.6f,\"kv_layers_overlapped\":%d,\"kv_mode\":\"%s\","
+                "\"medium\":\"%s\"}",
+                j->n_prompt, j->t_prefilled - j->t_start, t1 - t0, busy, t1 - j->t_prefilled,
+                PD_MAX(t0 - j->t_prefilled, 0), early,
                 j->streaming ? "layerwise" : kv_transfer_mode_name(kv_connector_config(in->kv)->mode),
                 kv_medium_name(j->ticket.medium));
     pj_answer(j, 200, &b);

@@ -111,7 +111,7 @@ struct rjob {
     size_t pbody_ids;           /* bytes of prompt ids that lead pbody */
     double deadline;            /* monotonic seconds */
     double t_start, t_reserved, t_prefilled, t_first; /* phases' ends (monotonic s; debug log) */
-    char timing[160];       /* X-PD-Timing for the decode call (prefill_answer), or empty */
+    char timing[192];       /* X-PD-Timing for the decode call (prefill_answer), or empty */
     bool counted_p, counted_d, counted_c;
     int tries;
     rjob *next;                 /* submit queue / active list */
@@ -663,11 +663,17 @@ static void prefill_answer(rjob *j) {
     cJSON *root = cJSON_ParseWithLength(j->resp.p ? j->resp.p : "", j->resp.len);
     double cached = resp_num(root, "cached_tokens");
     j->cached = cached >= 0 && cached <= INT32_MAX ? (int)cached : -1;
-    double q = resp_num(root, "queue_s"), c = resp_num(root, "compute_s"), kv = resp_num(root, "kv_tail_s");
+    double q = resp_num(root, "queue_s"), c = resp_num(root, "compute_s"), kv = resp_num(root, "kv_tail_s"),
+           kq = resp_num(root, "kv_queue_s");
     cJSON_Delete(root);
-    if (q >= 0 && c >= 0 && kv >= 0)
-        snprintf(j->timing, sizeof j->timing, "reserve=%.6f,prefill_call=%.6f,queue=%.6f,prefill=%.6f,kv=%.6f",
-                 j->t_reserved - j->t_start, j->t_prefilled - j->t_reserved, q, c, kv);
+    if (q >= 0 && c >= 0 && kv >= 0) {
+        int n = snprintf(j->timing, sizeof j->timing, "reserve=%.6f,prefill_call=%.6f,queue=%.6f,prefill=%.6f",
+                         j->t_reserved - j->t_start, j->t_prefilled - j->t_reserved, q, c);
+        if (kq >= 0 && kq <= kv) /* the tail split: waiting for the transfer worker, then the transfer */
+            snprintf(j->timing + n, sizeof j->timing - (size_t)n, ",kv_queue=%.6f,kv=%.6f", kq, kv - kq);
+        else
+            snprintf(j->timing + n, sizeof j->timing - (size_t)n, ",kv=%.6f", kv);
+    }
 }
 
 /* The prefill's body: the prompt ids of the reservation's answer (the decode instance

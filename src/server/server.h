@@ -132,7 +132,7 @@ void api_request_free(api_request *r);
  * request's phases come from the router, the prefill instance and the decode instance;
  * its ttft_s / e2e_s are then the router's arrival to the decode instance's first token
  * (the decode instance's answer to the router and the router's relay excluded). */
-#define API_TIMING_PHASES 8
+#define API_TIMING_PHASES 10
 typedef struct api_timing {
     double ttft_s, e2e_s, queue_s;
     int n_preemptions;
@@ -148,6 +148,8 @@ typedef struct api_timing {
  * .. the transfer's end). */
 typedef struct api_dis_timing {
     double reserve_s, prefill_call_s, queue_s, prefill_s, kv_s;
+    double kv_queue_s;  /* the prefill side's blocks waiting for its transfer worker (has_kv_queue) */
+    bool has_kv_queue;  /* kv_queue sent (then kv_s is the tail after it), else kv_s is the whole tail */
 } api_dis_timing;
 /* 0 and *out filled, or -1 (malformed: the request goes on without it). */
 int api_dis_timing_parse(const char *text, api_dis_timing *out);

@@ -50,6 +50,7 @@ typedef struct sreq {
      * its first instance, first in a step there, its prompt's last step ended
      * (disaggregated), its KV reached the decode instance */
     double t_enter, t_sched, t_prefilled, t_kv;
+    double kv_queue; /* whole transfers: the KV's wait for its prefill instance's link */
 } sreq;
 
 enum { STAGE_PREFILL = 0, STAGE_TRANSFER = 1, STAGE_DECODE = 2 };
@@ -558,6 +559,7 @@ static void start_transfer(sim_state *s, inst *in, sreq *r, double t) {
         f = in->link_free;
         for (int l = 0; l < L; l++) f = PD_MAX(f, t0 + dt * (l + 1) / L) + send / L;
     } else {
+        r->kv_queue = PD_MAX(in->link_free - t, 0); /* behind earlier requests' transfers */
         f = PD_MAX(t, in->link_free) + send;
     }
     in->link_free = f;
@@ -783,8 +785,9 @@ static void tier_stats_add(prefix_tier_stats *a, const prefix_tier_stats *b) {
 /* Where r's TTFT went, as the "phases" a pdserve server reports (requests.server_phases;
  * docs/results-database.md): path (arrival .. its first instance: the serving path),
  * queue (.. its first step), prefill (.. its first token, or disaggregated the end of
- * its prompt's last step), kv (.. the KV at the decode instance), decode (.. its first
- * token there). */
+ * its prompt's last step), kv_queue (whole transfers: .. its prefill instance's link
+ * is free, as the server's transfer worker takes one transfer at a time), kv (.. the
+ * KV at the decode instance), decode (.. its first token there). */
 static char *phases_json(const sreq *r) {
     char b[256];
     int n = 0;
@@ -792,8 +795,10 @@ static char *phases_json(const sreq *r) {
     n = snprintf(b, sizeof b, "{\"path\":%.9f,\"queue\":%.9f", r->t_enter - r->arrival,
                  r->t_sched - r->t_enter);
     if (r->t_prefilled >= 0 && r->t_kv >= 0)
-        snprintf(b + n, sizeof b - (size_t)n, ",\"prefill\":%.9f,\"kv\":%.9f,\"decode\":%.9f}",
-                 r->t_prefilled - r->t_sched, r->t_kv - r->t_prefilled, r->first_token - r->t_kv);
+        snprintf(b + n, sizeof b - (size_t)n,
+                 ",\"prefill\":%.9f,\"kv_queue\":%.9f,\"kv\":%.9f,\"decode\":%.9f}",
+                 r->t_prefilled - r->t_sched, r->kv_queue, r->t_kv - r->t_prefilled - r->kv_queue,
+                 r->first_token - r->t_kv);
     else
         snprintf(b + n, sizeof b - (size_t)n, ",\"prefill\":%.9f}", r->first_token - r->t_sched);
     return xstrdup(b);
@@ -927,6 +932,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
         r->arrival = in_reqs[i].arrival;
         r->first_token = r->finished = -1;
         r->t_enter = r->t_sched = r->t_prefilled = r->t_kv = -1;
+        r->kv_queue = 0;
         r->cached = -1;
         r->p_inst = r->d_inst = -1;
         r->token_times = xmalloc(sizeof(double) * (size_t)(cfg->record_tokens ? r->max_tokens : 2));

@@ -11,7 +11,7 @@
 /* The phases of requests.server_phases, in the order they happen (a colocated server
  * reports parse, queue, prefill; a disaggregated one reserve .. decode; the simulator
  * path, queue, prefill and, disaggregated, kv and decode). */
-#define REP_PHASES 9
+#define REP_PHASES 10
 extern const char *const REP_PHASE_NAMES[REP_PHASES];
 
 /* One configuration (setup x load x clocks x simulated), its ok repeats averaged.

@@ -16,8 +16,8 @@
 #include "study/report_internal.h"
 #include "util/util.h"
 
-const char *const REP_PHASE_NAMES[REP_PHASES] = {"parse", "path",   "reserve",     "prefill_hop", "queue",
-                                                 "prefill", "kv",   "decode_wait", "decode"};
+const char *const REP_PHASE_NAMES[REP_PHASES] = {"parse",   "path",     "reserve", "prefill_hop", "queue",
+                                                 "prefill", "kv_queue", "kv",      "decode_wait", "decode"};
 
 typedef struct dvec {
     double *v;
