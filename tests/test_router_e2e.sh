@@ -114,6 +114,41 @@ t_dec=$(ms_since)
 for _ in $(seq 50); do [ "$(load_field "http://127.0.0.1:$PORT" kv_blocks_used)" = 0 ] && break; sleep 0.05; done
 [ "$(load_field "http://127.0.0.1:$PORT" kv_blocks_used)" = 0 ] || fail "decode-wait: blocks left after the timeout"
 echo "ok   a disk store's KV wait off the HTTP thread: /health after $t_health ms, a reservation after $t_res ms, 504 after $t_dec ms"
-kill -TERM "$SPID" "$REF_PID"
-wait "$SPID" "$REF_PID"
+kill -TERM "$SPID"
+wait "$SPID"
+
+# kv_queue: the prefill instance's transfer worker runs one whole transfer at a time, so
+# of two requests prefilled together the second's blocks wait for the first's transfer;
+# each phase says so. The worker stalls 400 ms before each transfer (a stand-in for a
+# slow medium, counted before the transfer starts): the first request's kv_queue is
+# about 400 ms, the second's about 800, and neither's transfer (kv) takes long.
+start_serve qdec --role decode --kv-medium cpu --kv-store "rq$$" --kv-create-store; QD=$PORT; QDPID=$SPID
+start_serve qpre --role prefill --kv-medium cpu --kv-store "rq$$" --debug-stall-transfer-ms 400; QP=$PORT; QPPID=$SPID
+start_serve qrt --role router --prefill "http://127.0.0.1:$QP" --decode "http://127.0.0.1:$QD"; QR=$PORT; QRPID=$SPID
+python3 - "$QR" <<'PY' || fail "kv_queue: the phases of two requests sharing the transfer worker"
+import json, sys, threading, urllib.request
+port = sys.argv[1]
+out = {}
+def one(i):
+    body = {"prompt": "request %d waits for the transfer worker" % i, "max_tokens": 2, "stream": True,
+            "stream_options": {"include_usage": True}, "pdserve_timing": True}
+    rq = urllib.request.Request("http://127.0.0.1:%s/v1/completions" % port, json.dumps(body).encode(),
+                                {"Content-Type": "application/json"})
+    for line in urllib.request.urlopen(rq, timeout=30):
+        line = line.decode()
+        if line.startswith("data: {") and '"pdserve_timing"' in line:
+            out[i] = json.loads(line[6:])["pdserve_timing"]["phases"]
+ts = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+for t in ts: t.start()
+for t in ts: t.join()
+assert len(out) == 2, "phases of %d requests" % len(out)
+q = sorted(out.values(), key=lambda p: p["kv_queue"])
+assert 0.35 <= q[0]["kv_queue"] < 0.75, "first kv_queue %r" % q[0]
+assert 0.75 <= q[1]["kv_queue"] < 1.6, "second kv_queue %r" % q[1]
+assert all(p["kv"] < 0.3 for p in q), "kv %r" % q
+print("ok   kv_queue: %.0f and %.0f ms behind the transfer worker (400 ms stall each), transfers %.1f and %.1f ms"
+      % (q[0]["kv_queue"] * 1e3, q[1]["kv_queue"] * 1e3, q[0]["kv"] * 1e3, q[1]["kv"] * 1e3))
+PY
+kill -TERM "$QRPID" "$QPPID" "$QDPID" "$REF_PID"
+wait "$QRPID" "$QPPID" "$QDPID" "$REF_PID"
 echo "all router end-to-end tests passed"
