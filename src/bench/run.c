@@ -138,6 +138,31 @@ static char *build_body(const bench_config *c, const char *model, const bench_re
     return b.p;
 }
 
+/* Warm-up request k: the shape of q (its length, its output) with a prompt of its own,
+ * so that no cache the server keeps (a prefix cache, a KV store that skips blocks it
+ * holds) answers a measured request from the warm-up's work: text prompts get a
+ * prefix, token-id prompts are rotated by k + 1 (the same ids, the same length, other
+ * blocks). */
+static char *warmup_body(const bench_config *c, const char *model, const bench_request *q, int k, size_t *len) {
+    bench_request w = *q;
+    char *text = NULL;
+    int32_t *ids = NULL;
+    if (q->prompt) {
+        size_t n = strlen(q->prompt) + 32;
+        text = xmalloc(n);
+        snprintf(text, n, "Warm-up %d. %s", k + 1, q->prompt);
+        w.prompt = text;
+    } else if (q->prompt_ids && q->prompt_len > 1) {
+        ids = xmalloc(sizeof(int32_t) * (size_t)q->prompt_len);
+        for (int i = 0; i < q->prompt_len; i++) ids[i] = q->prompt_ids[(i + k + 1) % q->prompt_len];
+        w.prompt_ids = ids;
+    }
+    char *body = build_body(c, model, &w, len);
+    free(text);
+    free(ids);
+    return body;
+}
+
 /* ---- model and energy ------------------------------------------------------------------ */
 
 static void join_url(char *out, size_t cap, const char *base, const char *path) {
@@ -249,8 +274,10 @@ int bench_run(const bench_config *c, const bench_dataset *d, bench_result **out,
     if (c->num_warmups > 0) {
         bench_job *wj = xmalloc(sizeof(bench_job) * (size_t)c->num_warmups);
         bench_record *wr = xcalloc((size_t)c->num_warmups, sizeof *wr);
+        char **wbodies = xmalloc(sizeof(char *) * (size_t)c->num_warmups);
         for (int i = 0; i < c->num_warmups; i++) {
-            wj[i] = jobs[i % d->n];
+            wbodies[i] = warmup_body(c, r->model, &d->reqs[i % d->n], i, &wj[i].body_len);
+            wj[i].body = wbodies[i];
             wj[i].send_ns = 0;
             wr[i].prompt_len = -1;
             wr[i].expected_output_len = d->reqs[i % d->n].output_len;
@@ -264,6 +291,8 @@ int bench_run(const bench_config *c, const bench_dataset *d, bench_result **out,
             free(wr[i].text);
             free(wr[i].server_phases);
         }
+        for (int i = 0; i < c->num_warmups; i++) free(wbodies[i]);
+        free(wbodies);
         free(wr);
         free(wj);
     }

@@ -191,7 +191,7 @@ int cmd_bench(int argc, char **argv) {
          "requests/s or inf (default inf; traces: their own timestamps)", "RATE"},
         {"burstiness", OPT_DOUBLE, &a.burstiness, "gamma shape of the gaps: 1 Poisson, <1 burstier (1.0)", "K"},
         {"max-concurrency", OPT_INT, &a.max_concurrency, "requests in flight at most (default: unlimited)", "N"},
-        {"num-warmups", OPT_INT, &a.num_warmups, "warmup requests before the timed run, excluded (0)", "N"},
+        {"num-warmups", OPT_INT, &a.num_warmups, "warmup requests before the timed run, excluded; each the shape of a dataset request with a prompt of its own (0)", "N"},
         {"seed", OPT_INT, &a.seed, "seed of prompts, lengths and arrivals (0)", "N"},
         {"ignore-eos", OPT_FLAG, &a.ignore_eos, "send ignore_eos so outputs have exactly the asked length", NULL},
         {"temperature", OPT_DOUBLE, &a.temperature, "sampling temperature sent (0.0)", "T"},
