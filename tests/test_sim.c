@@ -201,8 +201,9 @@ static void test_disaggregated_transfer(void) {
     CHECK(near(phase(b1, "prefill"), 0.1, 1e-9));
     CHECKF(near(phase(b1, "kv"), xfer, 1e-9), "kv %.6f", phase(b1, "kv"));
     CHECK(near(phase(b1, "decode"), 0, 1e-9));
-    CHECK(near(phase(b1, "path") + phase(b1, "queue") + phase(b1, "prefill") + phase(b1, "kv") +
-                   phase(b1, "decode"), b1->ttft_s, 1e-9));
+    CHECK(near(phase(b1, "kv_queue"), 0, 1e-9)); /* the link was free when its prefill ended */
+    CHECK(near(phase(b1, "path") + phase(b1, "queue") + phase(b1, "prefill") + phase(b1, "kv_queue") +
+                   phase(b1, "kv") + phase(b1, "decode"), b1->ttft_s, 1e-9));
     bench_result_free(res);
     /* a store (cpu, disk) decouples put and get: half the 0.3 s on each side, and the
      * second put (its prefill ends at 0.2) overlaps the first get: put 0.1-0.25, get
@@ -216,6 +217,17 @@ static void test_disaggregated_transfer(void) {
     CHECKF(near(res->recs[0].ttft_s, 0.41, 1e-9), "store ttft %.6f", res->recs[0].ttft_s);
     CHECKF(near(res->recs[1].ttft_s, 0.56, 1e-9), "store ttft %.6f", res->recs[1].ttft_s);
     bench_result_free(res);
+    /* the put's share as measured (put_share 0.8: put 0.24 s, get 0.06 s): put 0.1-0.34,
+     * get 0.34-0.40 (+ 0.01); the second's blocks wait for the first put (kv_queue
+     * 0.34 - 0.2), put 0.34-0.58, get 0.58-0.64 (+ 0.01) */
+    m.put_share = 0.8;
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].ttft_s, 0.41, 1e-9), "store ttft %.6f", res->recs[0].ttft_s);
+    CHECKF(near(res->recs[1].ttft_s, 0.65, 1e-9), "store ttft %.6f", res->recs[1].ttft_s);
+    CHECKF(near(phase(&res->recs[1], "kv_queue"), 0.14, 1e-9), "kv_queue %.6f", phase(&res->recs[1], "kv_queue"));
+    CHECK(near(phase(&res->recs[0], "kv_queue"), 0, 1e-9));
+    bench_result_free(res);
+    m.put_share = 0;
     snprintf(m.name, sizeof m.name, "test");
     m.bandwidth = 1e6;
     /* colocated, the same request has no transfer */
@@ -813,6 +825,10 @@ static void test_profile_mediums(void) {
         CHECK(strstr(m->source, "measured") != NULL);
         /* reserve, ticket and take of one request: measured, and small against a step */
         CHECKF(m->control_s > 0 && m->control_s < 0.5, "%s: control path %g s", m->name, m->control_s);
+        /* the stores' put and get timed apart; the links are the prefill side's throughout */
+        bool store = !strcmp(m->name, "cpu") || !strcmp(m->name, "disk");
+        CHECKF(store ? m->put_share > 0 && m->put_share < 1 : m->put_share == 0, "%s: put share %g", m->name,
+               m->put_share);
     }
     char shm[64];
     snprintf(shm, sizeof shm, "/dev/shm/pdkv-prof%d-kv", (int)getpid());
@@ -957,13 +973,14 @@ static void test_cpu_contention(void) {
     /* the file keeps both */
     p.n_mediums = 1;
     p.mediums[0] = m;
+    p.mediums[0].put_share = 0.7;
     p.contention = (sim_contention){.cores = 2, .threads = 1, .n_points = 2, .procs = {1, 2}, .slowdown = {1, 1.25}};
     snprintf(p.contention.source, sizeof p.contention.source, "measured");
     char *js = sim_profile_to_json(&p);
     sim_profile q;
     REQUIRE(sim_profile_parse(js, strlen(js), "rt", &q, err, sizeof err) == 0);
     CHECK(q.contention.cores == 2 && q.contention.n_points == 2 && q.contention.slowdown[1] == 1.25);
-    CHECK(q.mediums[0].control_s == 0.004);
+    CHECK(q.mediums[0].control_s == 0.004 && q.mediums[0].put_share == 0.7);
     CHECK(near(sim_contention_slowdown(&q.contention, 4), 2.5, 1e-12));
     sim_profile_free(&q);
     free(js);

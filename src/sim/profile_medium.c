@@ -33,10 +33,12 @@ static void note_add(sim_profile *out, const char *fmt, const char *a, const cha
 
 /* One transfer of n tokens: seconds from kv_send_begin to the decode side's ticket,
  * or -1 with err; the whole round trip, kv_reserve to kv_ticket_take, into *round
- * (NULL: not wanted). */
+ * (NULL: not wanted); the prefill side's part, kv_send_begin .. kv_send_finish's
+ * return (a store's put; the rest is the decode side's get), into *put (NULL: not
+ * wanted). */
 static double one_transfer(kv_connector *dec, const kv_block_allocator *al, kv_connector *pre, int n,
                            const int32_t *tokens, const int32_t *src_blocks, int nb, uint64_t req, double *round,
-                           char *err, size_t errlen) {
+                           double *put, char *err, size_t errlen) {
     double r0 = time_now_s();
     kv_ticket t;
     kv_status st = kv_reserve(dec, req, tokens, n, 120, &t, err, errlen);
@@ -56,6 +58,7 @@ static double one_transfer(kv_connector *dec, const kv_block_allocator *al, kv_c
         return -1;
     }
     st = kv_send_finish(s, err, errlen);
+    if (put) *put = time_now_s() - t0;
     if (st == KV_OK) st = kv_ticket_wait(dec, &t, 120, err, errlen);
     double dt = time_now_s() - t0;
     if (st != KV_OK) {
@@ -147,25 +150,28 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
         /* one untimed transfer first: the prefill side maps its peer, opens the store */
         if (ok) {
             int n0 = sizes[0], nb0 = (n0 + bs - 1) / bs;
-            if (one_transfer(dec, &al, pre, n0, tokens, src, nb0, req++, NULL, e, sizeof e) < 0) {
+            if (one_transfer(dec, &al, pre, n0, tokens, src, nb0, req++, NULL, NULL, e, sizeof e) < 0) {
                 note_add(out, "%s: %s", name, e);
                 ok = false;
             }
         }
+        double put_sum = 0, all_sum = 0; /* over the sizes' best runs: the put's share */
         for (int si = 0; ok && si < n_sizes && md.n_points < SIM_MAX_POINTS; si++) {
             int n = sizes[si], nb = (n + bs - 1) / bs;
-            double best = -1;
+            double best = -1, best_put = 0;
             for (int r = 0; r < PD_MAX(repeats, 1); r++) {
                 /* a different prompt each time: the stores must not answer from a hit */
                 for (int i = 0; i < n; i++) tokens[i] = (int32_t)(1 + (i + 7919 * (int)req) % 30000);
-                double dt = one_transfer(dec, &al, pre, n, tokens, src, nb, req++, NULL, e, sizeof e);
+                double put = 0, dt = one_transfer(dec, &al, pre, n, tokens, src, nb, req++, NULL, &put, e, sizeof e);
                 if (dt < 0) {
                     note_add(out, "%s: %s", name, e);
                     ok = false;
                     break;
                 }
-                if (best < 0 || dt < best) best = dt;
+                if (best < 0 || dt < best) best = dt, best_put = put;
             }
+            put_sum += best_put;
+            all_sum += best;
             if (!ok) break;
             md.bytes[md.n_points] = (double)nb * bs * (double)per_token;
             md.seconds[md.n_points] = best;
@@ -179,13 +185,20 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
         double control = -1;
         for (int r = 0; ok && r < PD_MAX(repeats, 1) + 2; r++) {
             for (int i = 0; i < bs; i++) tokens[i] = (int32_t)(1 + (i + 7919 * (int)req) % 30000);
-            double round = 0, dt = one_transfer(dec, &al, pre, bs, tokens, src, 1, req++, &round, e, sizeof e);
+            double round = 0, dt = one_transfer(dec, &al, pre, bs, tokens, src, 1, req++, &round, NULL, e, sizeof e);
             if (dt < 0) break;
             if (control < 0 || round - dt < control) control = PD_MAX(round - dt, 0);
         }
         free(src);
         if (ok && md.n_points >= 2) {
             sim_medium_fit(&md);
+            /* stores: the put and the get run on different sides, each queued on its own
+             * (sim.c start_transfer); the links' time is the prefill side's throughout */
+            if ((m == KV_MEDIUM_CPU || m == KV_MEDIUM_DISK) && all_sum > 0 && put_sum > 0 && put_sum < all_sum) {
+                md.put_share = put_sum / all_sum;
+                log_info("profile: medium %s, the put's share of a transfer (the prefill side's): %.2f", name,
+                         md.put_share);
+            }
             if (control > 0) {
                 md.control_s = control;
                 log_info("profile: medium %s, control path of one request (reserve, ticket, take): %.3f ms", name,

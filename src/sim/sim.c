@@ -540,8 +540,9 @@ static int on_serve(sim_state *s, double t) {
  *
  * Stores (cpu, disk): the medium's curve is a put followed by a get (how `pdserve
  * profile` times it); a store decouples the two, so the prefill side's puts queue on
- * its side, the decode side's gets on its own, and the next request's put overlaps
- * this one's get: half the time on each side. */
+ * its side (the server's transfer worker runs one at a time), the decode side's gets on
+ * its own, and the next request's put overlaps this one's get: the put's share of the
+ * time as the profile measured it apart (put_share; half each when not measured). */
 static bool is_store(const sim_medium *m) { return m && (!strcmp(m->name, "cpu") || !strcmp(m->name, "disk")); }
 
 static void start_transfer(sim_state *s, inst *in, sreq *r, double t) {
@@ -551,7 +552,8 @@ static void start_transfer(sim_state *s, inst *in, sreq *r, double t) {
     double busy = m ? bytes / m->bandwidth : 0;
     double latency = dur - busy; /* the medium's fixed cost, once */
     bool store = is_store(m);
-    double send = store ? busy / 2 : busy; /* the prefill side's share */
+    double share = m && m->put_share > 0 ? m->put_share : 0.5;
+    double send = store ? busy * share : busy; /* the prefill side's share */
     double f;
     if (s->cfg->layerwise && m) {
         int L = s->p->n_layers > 0 ? s->p->n_layers : 32;

@@ -53,6 +53,9 @@ typedef struct sim_medium {
                                medium beyond its transfer: kv_reserve, the ticket as text and
                                back, the send and wait of a one-block request, the take
                                (measured by `pdserve profile --medium`; 0: not measured) */
+    double put_share;       /* stores (cpu, disk): the prefill side's share of a transfer's
+                               time (its put; the rest is the decode side's get), as the
+                               profile timed them apart; 0: not measured (half each) */
 } sim_medium;
 
 /* One serving-shape step run back to back, alone, for the power cap (docs/simulator.md,
