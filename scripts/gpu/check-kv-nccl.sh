@@ -17,7 +17,7 @@ cd "$(dirname "$0")/../.."
 out=${OUT:-build-gpu/out}
 mkdir -p "$out"
 . scripts/gpu/cuda-env.sh
-{ gpu_header; nvidia-smi topo -m 2>&1 | head -n 6; env | grep '^NCCL_' || true; } | tee "$out/env.txt"
+gpu_env_nccl "$out/env.txt"
 B=build-gpu
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   gpu_build "$out/build.log" pdserve test_kv_nccl test_kv_nccl_open bench_kv_cuda || exit 2

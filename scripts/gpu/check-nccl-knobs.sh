@@ -19,10 +19,10 @@
 # Reads the GPU's state and never changes it.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+. scripts/gpu/cuda-env.sh
 out=${OUT:-build-gpu/out}
 mkdir -p "$out"
-. scripts/gpu/cuda-env.sh
-{ gpu_header; nvidia-smi topo -m 2>&1 | head -n 6; env | grep '^NCCL_' || true; } | tee "$out/env.txt"
+gpu_env_nccl "$out/env.txt"
 B=build-gpu
 [ "${SKIP_BUILD:-0}" = 1 ] || gpu_build "$out/build.log" bench_kv_cuda || exit 2
 knobs=${KNOBS:-"-|NCCL_P2P_NVL_CHUNKSIZE=2097152|NCCL_P2P_NVL_CHUNKSIZE=131072|NCCL_MIN_P2P_NCHANNELS=32|NCCL_P2P_READ_ENABLE=0|NCCL_P2P_USE_CUDA_MEMCPY=1"}

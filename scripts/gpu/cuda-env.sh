@@ -24,6 +24,12 @@ gpu_header() {
     --format=csv 2>&1 || echo "nvidia-smi: not available"
 }
 
+# gpu_env_nccl FILE: gpu_header, the first lines of the GPUs' topology and the NCCL_*
+# variables, on stdout and into FILE (the NCCL scripts' env.txt).
+gpu_env_nccl() {
+  { gpu_header; nvidia-smi topo -m 2>&1 | head -n 6; env | grep '^NCCL_' || true; } | tee "$1"
+}
+
 # gpu_build LOG TARGET...: configures build-gpu (CUDA on, the gathered Debian prefix,
 # RelWithDebInfo) and builds TARGETs into it, all output to LOG; on failure prints LOG's
 # tail and returns non-zero. BUILD_TIMEOUT (s, default 300) bounds the build.
