@@ -554,6 +554,47 @@ static void test_dataset_sharegpt(void) {
     bench_dataset_free(&d);
 }
 
+/* Warm-up requests: the measured requests' shape, prompts of their own (synthetic: another
+ * seed; a file: the rows after the measured ones), so no cache answers a measured request
+ * from the warm-up's work. */
+static void test_dataset_warmups(void) {
+    bench_dataset_opts o;
+    bench_dataset_opts_default(&o);
+    o.num_prompts = 4;
+    o.random_input_len = 300;
+    o.random_output_len = 20;
+    o.random_range_ratio = 0;
+    bench_dataset d, w;
+    char err[512];
+    REQUIRE(bench_dataset_load(&o, &TOY, &d, err, sizeof err) == 0);
+    REQUIRE(bench_dataset_load_warmups(&o, &TOY, 2, &w, err, sizeof err) == 0);
+    CHECK_EQ_INT(w.n, 2);
+    for (int i = 0; i < w.n; i++) {
+        CHECK_EQ_INT(w.reqs[i].prompt_len, 300); /* the same shape: a context limit holds for both */
+        CHECK_EQ_INT(toy_count(w.reqs[i].prompt), 300);
+        CHECK_EQ_INT(w.reqs[i].output_len, 20);
+        for (int k = 0; k < d.n; k++) /* differing from the first characters on */
+            CHECKF(strncmp(w.reqs[i].prompt, d.reqs[k].prompt, 16) != 0, "warm-up %d starts as request %d", i, k);
+    }
+    bench_dataset_free(&w);
+    bench_dataset_free(&d);
+    /* a file: the rows after the measured ones, or none */
+    o.kind = BENCH_DATASET_SHAREGPT;
+    o.path = fixture("sharegpt_sample.json");
+    o.num_prompts = 3;
+    REQUIRE(bench_dataset_load(&o, NULL, &d, err, sizeof err) == 0);
+    REQUIRE(bench_dataset_load_warmups(&o, NULL, 2, &w, err, sizeof err) == 0);
+    CHECK_EQ_INT(d.n, 3);
+    CHECK_EQ_INT(w.n, 2); /* the fixture's rows 4 and 5 */
+    for (int i = 0; i < w.n; i++)
+        for (int k = 0; k < d.n; k++) CHECK(strcmp(w.reqs[i].prompt, d.reqs[k].prompt) != 0);
+    bench_dataset_free(&w);
+    bench_dataset_free(&d);
+    o.num_prompts = 5;
+    CHECK(bench_dataset_load_warmups(&o, NULL, 2, &w, err, sizeof err) == -1);
+    CHECK(strstr(err, "no rows beyond") != NULL);
+}
+
 static void test_dataset_azure(void) {
     bench_dataset_opts o;
     bench_dataset_opts_default(&o);
@@ -918,6 +959,7 @@ int main(void) {
     TEST_RUN(test_dataset_random);
     TEST_RUN(test_dataset_prefix_repetition);
     TEST_RUN(test_dataset_sharegpt);
+    TEST_RUN(test_dataset_warmups);
     TEST_RUN(test_dataset_azure);
     TEST_RUN(test_dataset_mooncake);
     TEST_RUN(test_dataset_custom);

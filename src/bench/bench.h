@@ -119,6 +119,13 @@ typedef struct bench_dataset {
  * Returns 0, or -1 with err naming the file and line of the first bad row. */
 int bench_dataset_load(const bench_dataset_opts *o, const bench_tokenizer *tok, bench_dataset *out,
                        char *err, size_t errlen);
+/* Up to n warm-up requests for a run of the dataset o describes, of the same shape
+ * (lengths, outputs) but with prompts of their own, from which no prefix cache or KV
+ * store can then answer a measured request: synthetic datasets under another seed
+ * (o->seed + 1000003), files the rows after the o->num_prompts measured ones (the same seed, the same shuffle). Returns
+ * 0, or -1 with err (a file without rows beyond them). */
+int bench_dataset_load_warmups(const bench_dataset_opts *o, const bench_tokenizer *tok, int n,
+                               bench_dataset *out, char *err, size_t errlen);
 /* Same for file formats, from text in memory; name is used in messages. */
 int bench_dataset_parse(const bench_dataset_opts *o, const char *text, size_t len, const char *name,
                         const bench_tokenizer *tok, bench_dataset *out, char *err, size_t errlen);
@@ -311,6 +318,9 @@ typedef struct bench_config {
     bool use_trace_times;      /* send at the dataset's timestamps (traces) */
     int max_concurrency;       /* 0 = unlimited */
     int num_warmups;
+    const bench_dataset *warmups; /* their requests (bench_dataset_load_warmups), i % n; NULL:
+                                   * the dataset's first requests (prefix caches may then
+                                   * answer those from the warm-up's work) */
     uint64_t seed;
     bool ignore_eos;
     bool stream_usage;         /* ask for stream_options.include_usage */

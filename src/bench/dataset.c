@@ -374,6 +374,42 @@ int bench_dataset_parse(const bench_dataset_opts *o, const char *text, size_t le
     return rc;
 }
 
+int bench_dataset_load_warmups(const bench_dataset_opts *o, const bench_tokenizer *tok, int n,
+                               bench_dataset *out, char *err, size_t errlen) {
+    bench_dataset_opts w = *o;
+    bool synthetic = o->kind == BENCH_DATASET_RANDOM || o->kind == BENCH_DATASET_PREFIX_REPETITION ||
+                     o->kind == BENCH_DATASET_MOONCAKE_SYNTHETIC;
+    if (synthetic) { /* the same generator under another seed */
+        w.seed = o->seed + 1000003;
+        w.num_prompts = n;
+        if (w.kind == BENCH_DATASET_PREFIX_REPETITION && w.num_prefixes > n) w.num_prefixes = n;
+        return bench_dataset_load(&w, tok, out, err, errlen);
+    }
+    /* a file: the rows after the measured ones, in the order the same seed shuffles */
+    int measured = o->num_prompts > 0 ? o->num_prompts : 0;
+    if (!measured) {
+        pd_errorf(err, errlen, "warm-up requests of a whole file: no rows beyond the measured ones");
+        return -1;
+    }
+    w.num_prompts = measured + n;
+    bench_dataset all;
+    if (bench_dataset_load(&w, tok, &all, err, errlen) != 0) return -1;
+    if (all.n <= measured) {
+        bench_dataset_free(&all);
+        pd_errorf(err, errlen, "warm-up requests: the file has no rows beyond the %d measured", measured);
+        return -1;
+    }
+    for (int i = 0; i < measured; i++) { /* keep the rest, in order */
+        free(all.reqs[i].prompt);
+        free(all.reqs[i].prompt_ids);
+        free(all.reqs[i].hash_ids);
+    }
+    memmove(all.reqs, all.reqs + measured, sizeof *all.reqs * (size_t)(all.n - measured));
+    all.n -= measured;
+    *out = all;
+    return 0;
+}
+
 int bench_dataset_load(const bench_dataset_opts *o, const bench_tokenizer *tok, bench_dataset *out,
                        char *err, size_t errlen) {
     memset(out, 0, sizeof *out);

@@ -138,31 +138,6 @@ static char *build_body(const bench_config *c, const char *model, const bench_re
     return b.p;
 }
 
-/* Warm-up request k: the shape of q (its length, its output) with a prompt of its own,
- * so that no cache the server keeps (a prefix cache, a KV store that skips blocks it
- * holds) answers a measured request from the warm-up's work: text prompts get a
- * prefix, token-id prompts are rotated by k + 1 (the same ids, the same length, other
- * blocks). */
-static char *warmup_body(const bench_config *c, const char *model, const bench_request *q, int k, size_t *len) {
-    bench_request w = *q;
-    char *text = NULL;
-    int32_t *ids = NULL;
-    if (q->prompt) {
-        size_t n = strlen(q->prompt) + 32;
-        text = xmalloc(n);
-        snprintf(text, n, "Warm-up %d. %s", k + 1, q->prompt);
-        w.prompt = text;
-    } else if (q->prompt_ids && q->prompt_len > 1) {
-        ids = xmalloc(sizeof(int32_t) * (size_t)q->prompt_len);
-        for (int i = 0; i < q->prompt_len; i++) ids[i] = q->prompt_ids[(i + k + 1) % q->prompt_len];
-        w.prompt_ids = ids;
-    }
-    char *body = build_body(c, model, &w, len);
-    free(text);
-    free(ids);
-    return body;
-}
-
 /* ---- model and energy ------------------------------------------------------------------ */
 
 static void join_url(char *out, size_t cap, const char *base, const char *path) {
@@ -274,13 +249,16 @@ int bench_run(const bench_config *c, const bench_dataset *d, bench_result **out,
     if (c->num_warmups > 0) {
         bench_job *wj = xmalloc(sizeof(bench_job) * (size_t)c->num_warmups);
         bench_record *wr = xcalloc((size_t)c->num_warmups, sizeof *wr);
+        /* their own prompts where the caller made them (bench_dataset_load_warmups), else
+         * the dataset's first requests */
+        const bench_dataset *wd = c->warmups && c->warmups->n > 0 ? c->warmups : d;
         char **wbodies = xmalloc(sizeof(char *) * (size_t)c->num_warmups);
         for (int i = 0; i < c->num_warmups; i++) {
-            wbodies[i] = warmup_body(c, r->model, &d->reqs[i % d->n], i, &wj[i].body_len);
+            wbodies[i] = build_body(c, r->model, &wd->reqs[i % wd->n], &wj[i].body_len);
             wj[i].body = wbodies[i];
             wj[i].send_ns = 0;
             wr[i].prompt_len = -1;
-            wr[i].expected_output_len = d->reqs[i % d->n].output_len;
+            wr[i].expected_output_len = wd->reqs[i % wd->n].output_len;
         }
         bench_client_run(cl, wj, c->num_warmups, wr, c->progress, "warmup ", NULL);
         int failed = 0;

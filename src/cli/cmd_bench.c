@@ -262,7 +262,15 @@ int cmd_bench(int argc, char **argv) {
         log_warn("bench: the dataset gave %d usable requests of the %d asked", d.n, a.num_prompts);
     log_info("bench: %d requests prepared in %.2f s", d.n, time_now_s() - t);
     print_preamble(&c, &d, c.model);
-    if (bench_run(&c, &d, &r, err, sizeof err) != 0) {
+    bench_dataset wd = {0}; /* warm-ups of the dataset's shape with prompts of their own */
+    if (c.num_warmups > 0) {
+        if (bench_dataset_load_warmups(&a.ds, btp, c.num_warmups, &wd, err, sizeof err) == 0) c.warmups = &wd;
+        else log_warn("bench: warm-ups from the dataset's first requests (%s)", err);
+    }
+    int brc = bench_run(&c, &d, &r, err, sizeof err);
+    c.warmups = NULL;
+    bench_dataset_free(&wd);
+    if (brc != 0) {
         fprintf(stderr, "pdserve bench: %s\n", err);
         goto out;
     }

@@ -500,12 +500,22 @@ static study_status run_point(const point_ctx *x, const study_point *pt, bench_c
         clocks_set = true;
     }
     make_config(x, pt, &d, bc);
+    /* warm-ups of the dataset's shape with prompts of their own (bench.h) */
+    bench_dataset wds = {0};
+    if (bc->num_warmups > 0) {
+        if (bench_dataset_load_warmups(&dso, o->tok, bc->num_warmups, &wds, why, sizeof why) == 0)
+            bc->warmups = &wds;
+        else
+            log_warn("sweep: warm-ups from the dataset's first requests (%s)", why);
+    }
     study_metric *before = xcalloc(SWEEP_METRICS_MAX, sizeof *before);
     int n_before = 0;
     read_reuse(&d, before, &n_before);
     power_poll_start(pp, &d);
     int rc = bench_run(bc, &ds, res, why, sizeof why);
     power_poll_stop(pp);
+    bc->warmups = NULL;
+    bench_dataset_free(&wds);
     if (n_before > 0) { /* prefix caching is on: its counters over the run */
         *mets = xcalloc(SWEEP_METRICS_MAX, sizeof **mets);
         read_reuse(&d, *mets, n_mets);
