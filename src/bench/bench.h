@@ -122,8 +122,9 @@ int bench_dataset_load(const bench_dataset_opts *o, const bench_tokenizer *tok, 
 /* Up to n warm-up requests for a run of the dataset o describes, of the same shape
  * (lengths, outputs) but with prompts of their own, from which no prefix cache or KV
  * store can then answer a measured request: synthetic datasets under another seed
- * (o->seed + 1000003), files the rows after the o->num_prompts measured ones (the same seed, the same shuffle). Returns
- * 0, or -1 with err (a file without rows beyond them). */
+ * (o->seed + 1000003), files the rows after the o->num_prompts measured ones (the same
+ * seed, so the same shuffle). Returns 0, or -1 with err (a file without rows beyond
+ * them). */
 int bench_dataset_load_warmups(const bench_dataset_opts *o, const bench_tokenizer *tok, int n,
                                bench_dataset *out, char *err, size_t errlen);
 /* Same for file formats, from text in memory; name is used in messages. */
