@@ -56,6 +56,8 @@ typedef struct timing {
     double itl_err_med, itl_err_max;      /* |ITL - itl_ms| */
     double lag_med, lag_min, lag_p99, lag_max;  /* client timestamp - server send time, every token */
     double send_med;                      /* server read time - client start: request delivery */
+    double sum_med;                       /* request delivery + server + first token's lag, per
+                                             request: the TTFT rebuilt from the server's stamps */
     double server_first_med;              /* server: first token sent - request read */
     int completed, failed, max_concurrent, bad;
     double busy;                          /* share of the run the client and server threads
@@ -93,7 +95,7 @@ static void timing_run(int n, int tok, double first_ms, double itl_ms, double ra
     t->tpot_med = r->sum.tpot.median;
     double *lag = xmalloc(sizeof(double) * (size_t)(n * tok)), *itl_err = xmalloc(sizeof(double) * (size_t)(n * tok));
     double *ttft_err = xmalloc(sizeof(double) * (size_t)n), *send = xmalloc(sizeof(double) * (size_t)n);
-    double *srv = xmalloc(sizeof(double) * (size_t)n);
+    double *srv = xmalloc(sizeof(double) * (size_t)n), *sum = xmalloc(sizeof(double) * (size_t)n);
     int nl = 0, ni = 0, nr = 0;
     for (int i = 0; i < n; i++) {
         const bench_record *q = &r->recs[i];
@@ -114,6 +116,7 @@ static void timing_run(int n, int tok, double first_ms, double itl_ms, double ra
                 double recv = (double)strtoull(end + 1, &end, 10) * 1e-9;
                 send[nr] = (recv - start) * 1e3;
                 srv[nr] = (sent - recv) * 1e3;
+                sum[nr] = send[nr] + srv[nr] + (start + q->token_s[0] - sent) * 1e3;
                 ttft_err[nr] = fabs(q->ttft_s * 1e3 - first_ms);
                 nr++;
             }
@@ -131,6 +134,7 @@ static void timing_run(int n, int tok, double first_ms, double itl_ms, double ra
     t->ttft_err_med = median_of(ttft_err, nr);
     t->send_med = median_of(send, nr);
     t->server_first_med = median_of(srv, nr);
+    t->sum_med = median_of(sum, nr);
     fprintf(stderr,
             "  %d streams, rate %g: TTFT median %.3f ms (schedule %.0f; request delivery %.3f, server %.3f); "
             "ITL median %.3f ms (schedule %.0f), |ITL - schedule| median %.3f max %.3f; token delivery lag "
@@ -143,6 +147,7 @@ static void timing_run(int n, int tok, double first_ms, double itl_ms, double ra
     free(ttft_err);
     free(send);
     free(srv);
+    free(sum);
     bench_result_free(r);
     bench_dataset_free(&d);
     tsrv_stop(&s);
@@ -155,6 +160,19 @@ static void timing_run(int n, int tok, double first_ms, double itl_ms, double ra
  * (the counts are always asserted). */
 #define TIMING_TRIES 3
 #define TIMING_BUSY 0.02  /* starved: waited for a CPU > 2% of the run */
+
+/* Under AddressSanitizer every send and read costs a few times more CPU, so the
+ * burst's queueing tails (not the per-token schedule) get that much more room. */
+#if defined(__SANITIZE_ADDRESS__)
+#define TIMING_TAIL_SCALE 4.0
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define TIMING_TAIL_SCALE 4.0
+#endif
+#endif
+#ifndef TIMING_TAIL_SCALE
+#define TIMING_TAIL_SCALE 1.0
+#endif
 
 static bool staggered_ok(const timing *t) {
     return fabs(t->ttft_med - 50) < 1.0 && t->ttft_err_med < 1.0 && fabs(t->itl_med - 10) < 1.0 &&
@@ -194,10 +212,14 @@ static void test_timing_500_streams(void) {
     CHECKF(t.lag_max < 250.0, "max delivery lag %.3f ms", t.lag_max);
 }
 
+/* The burst: the reported TTFT median is the median of each request's delivery +
+ * server time + first token's lag (the sum of the parts' medians is not, when the
+ * burst spreads them); the delivery lag's tail is bounded by the time it takes the
+ * client to send the burst while tokens already come back. */
 static bool burst_ok(const timing *t) {
-    return fabs(t->server_first_med - 50) < 1.0 && fabs(t->ttft_med - (t->send_med + t->server_first_med + t->lag_med)) < 5.0 &&
+    return fabs(t->server_first_med - 50) < 1.0 && fabs(t->ttft_med - t->sum_med) < 0.5 &&
            fabs(t->itl_med - 10) < 1.0 && t->itl_err_med < 1.0 && t->lag_min >= 0 && t->lag_med < 1.0 &&
-           t->lag_p99 < 20.0;
+           t->lag_p99 < 20.0 * TIMING_TAIL_SCALE;
 }
 
 /* 500 requests at the same instant: the burst itself takes the client and the server
@@ -220,11 +242,11 @@ static void test_timing_500_burst(void) {
         return;
     }
     CHECK(fabs(t.server_first_med - 50) < 1.0);
-    CHECK(fabs(t.ttft_med - (t.send_med + t.server_first_med + t.lag_med)) < 5.0);
+    CHECKF(fabs(t.ttft_med - t.sum_med) < 0.5, "TTFT median %.3f, rebuilt %.3f", t.ttft_med, t.sum_med);
     CHECK(fabs(t.itl_med - 10) < 1.0);
     CHECK(t.itl_err_med < 1.0);
     CHECK(t.lag_min >= 0 && t.lag_med < 1.0);
-    CHECKF(t.lag_p99 < 20.0, "p99 delivery lag %.3f ms", t.lag_p99);
+    CHECKF(t.lag_p99 < 20.0 * TIMING_TAIL_SCALE, "p99 delivery lag %.3f ms", t.lag_p99);
 }
 
 /* Every 5th request gets HTTP 500, every 7th (not also 5th) is dropped after 3 tokens. */
