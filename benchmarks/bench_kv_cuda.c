@@ -653,6 +653,14 @@ int main(int argc, char **argv) {
         printf("  the same, buffers registered: %.2f GB/s 4 per group, %.2f GB/s 2 per group\n",
                bench_nccl_ceiling_reg(bytes, dst, piece, 4, true) / 1e9,
                bench_nccl_ceiling_reg(bytes, dst, piece, 2, true) / 1e9);
+        /* as the medium cuts it packed (PDSERVE_KV_NCCL_PACK=1): k and v of a layer's
+         * blocks in the fewest pieces of up to 64 MiB, 2 per group */
+        size_t layer = bytes / (size_t)cfg.n_layers, pm = (size_t)64 << 20;
+        if (cm && atoi(cm) > 0) pm = (size_t)atoi(cm) << 20;
+        size_t packed = layer / ((layer + pm - 1) / pm);
+        printf("  NCCL alone as the medium cuts it packed: %d ops of %.1f MiB (k and v of a layer's "
+               "blocks): %.2f GB/s 2 per group\n", (int)((bytes + packed - 1) / packed),
+               (double)packed / (1 << 20), bench_nccl_ceiling_chunks(bytes, dst, packed, 2) / 1e9);
     }
     printf("latency: kv_send_begin -> decode side has every layer; cold = first request to "
            "that peer; warm = best of %d requests after it (gpu, nccl; the others: 1), median "

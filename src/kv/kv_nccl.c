@@ -7,8 +7,9 @@
  *             decode side's "host:port", as for tcp). It carries kv_msg frames (kv.h):
  *             HELLO both ways at setup, then DATA / DONE / ABORT per request. Setup:
  *               P -> D  HELLO  layer = L, n_blocks = block size, request_id = block
- *                              bytes, ticket = staging chunk bytes, checksum = the
- *                              prefill process's key (pid + host, self_key)
+ *                              bytes, ticket = staging chunk bytes, first_block = 1
+ *                              when pieces are packed (PDSERVE_KV_NCCL_PACK), checksum =
+ *                              the prefill process's key (pid + host, self_key)
  *               D -> P  HELLO  the same geometry, checksum = kv_checksum of the 136
  *                              bytes that follow it: an ncclUniqueId made for this
  *                              pair and the decode process's key
@@ -20,7 +21,8 @@
  *             2 * n * block bytes; NCCL moves the payload, not the socket, so the
  *             checksum field says instead whether the frame is paired with the next
  *             one), then that payload as pieces, k or v of up to NCCL_CHUNK_BYTES of
- *             blocks, in NCCL groups of up to 4 ("pieces" below). A piece whose blocks are
+ *             blocks (or, packed, k and v together), in NCCL groups of up to 4 ("pieces"
+ *             below). A piece whose blocks are
  *             consecutive in that side's pool goes straight from (into) the pool; the
  *             others go through a ring of device staging buffers per side (nccl_link:
  *             the stream pipeline, ordered on the device, or the host one): the sender
@@ -75,7 +77,8 @@
 #endif
 
 #define NCCL_CHUNK_BYTES ((size_t)32 << 20) /* most bytes per piece (NCCL op) and per
-                                             * staging buffer */
+                                             * staging buffer (pieces of k or of v) */
+#define NCCL_PACK_CHUNK_BYTES ((size_t)64 << 20) /* the same, packed pieces (k and v) */
 #define NCCL_MAX_CONNS 32                   /* decode: prefill peers at once */
 #define NCCL_MAX_PEERS 32                   /* prefill: decode peers */
 #define NCCL_SETUP_S 60.0                   /* decode: a peer's setup (HELLO + init) */
@@ -85,6 +88,8 @@
 #define NCCL_LIVENESS_S 0.01                /* how often a wait looks at the peer's process */
 #define NCCL_MAX_DEPTH 8                    /* staging buffers per link, at most */
 #define NCCL_DEPTH 8                        /* their default (stream pipeline) */
+#define NCCL_PACK_DEPTH 4                   /* ... with packed pieces (same bytes) */
+#define NCCL_PACK_GROUP 2                   /* packed pieces per NCCL group at most */
 #define NCCL_GROUP_PIECES 4                 /* pieces per NCCL group at most, so the
                                              * least number of staging buffers */
 #define NCCL_PENDING_MAX 64                 /* decode: layers queued, not yet counted */
@@ -246,6 +251,7 @@ typedef struct nccl_link {
     nccl_comm parent;       /* the non-blocking one comm was split from; NULL: none */
     bool nonblocking;       /* comm made with blocking = 0: ops may return in-progress */
     bool stream_pipe;       /* the stream pipeline (else host) */
+    bool pack;              /* pieces packed across k and v (both sides agree: HELLO) */
     int depth;              /* staging buffers (host pipeline: 2) */
     void *stream;           /* cudaStream_t of NCCL's kernels */
     void *cstream;          /* stream pipeline: cudaStream_t of the gathers / scatters */
@@ -341,14 +347,19 @@ static bool pipe_stream(void) {
     if (on < 0) on = env_not("PDSERVE_KV_NCCL_PIPE", "host");
     return on;
 }
-static int pipe_depth(void) {
-    static int d;
-    if (!d) {
-        const char *e = getenv("PDSERVE_KV_NCCL_DEPTH");
-        long v = e && *e ? atol(e) : NCCL_DEPTH;
-        d = v >= NCCL_GROUP_PIECES && v <= NCCL_MAX_DEPTH ? (int)v : NCCL_DEPTH;
-    }
-    return d;
+static int pipe_depth(bool pack) {
+    int def = pack ? NCCL_PACK_DEPTH : NCCL_DEPTH;
+    const char *e = getenv("PDSERVE_KV_NCCL_DEPTH");
+    long v = e && *e ? atol(e) : def;
+    return v >= NCCL_GROUP_PIECES && v <= NCCL_MAX_DEPTH ? (int)v : def;
+}
+
+/* PDSERVE_KV_NCCL_PACK=0|1: pieces of k or of v (0), or packed across them (1); both
+ * sides must agree (HELLO checks it). See "pieces" below. */
+static bool pack_on(void) {
+    static int on = -1;
+    if (on < 0) on = env_not("PDSERVE_KV_NCCL_PACK", "0");
+    return on;
 }
 static bool wait_spins(void) {
     static int on = -1;
@@ -398,15 +409,13 @@ static bool peer_dying(uint64_t key) {
 /* Most bytes per piece (NCCL op) and staging buffer: whole blocks, about
  * NCCL_CHUNK_BYTES, or PDSERVE_KV_NCCL_CHUNK_MIB (A/B runs), or PDSERVE_KV_NCCL_CHUNK_KIB
  * (tests: pieces of a few blocks); both sides must agree: HELLO checks it. */
-static size_t chunk_bytes(const kv_cache *kv) {
-    static size_t want;
-    if (!want) {
-        const char *e = getenv("PDSERVE_KV_NCCL_CHUNK_MIB"), *ek = getenv("PDSERVE_KV_NCCL_CHUNK_KIB");
-        long mib = e ? atol(e) : 0, kib = ek ? atol(ek) : 0;
-        want = kib > 0 && kib <= (1L << 20) ? (size_t)kib << 10
-               : mib > 0 && mib <= 1024     ? (size_t)mib << 20
-                                            : NCCL_CHUNK_BYTES;
-    }
+static size_t chunk_bytes(const kv_cache *kv, bool pack) {
+    const char *e = getenv("PDSERVE_KV_NCCL_CHUNK_MIB"), *ek = getenv("PDSERVE_KV_NCCL_CHUNK_KIB");
+    long mib = e ? atol(e) : 0, kib = ek ? atol(ek) : 0;
+    size_t want = kib > 0 && kib <= (1L << 20) ? (size_t)kib << 10
+                  : mib > 0 && mib <= 1024     ? (size_t)mib << 20
+                  : pack                       ? NCCL_PACK_CHUNK_BYTES
+                                               : NCCL_CHUNK_BYTES;
     size_t units = want / kv->block_bytes;
     return (units ? units : 1) * kv->block_bytes;
 }
@@ -446,9 +455,10 @@ static void link_close(const kv_cache *kv, nccl_link *k) {
 static kv_status link_alloc(const kv_cache *kv, nccl_link *k, bool decode, char *err,
                             size_t errlen) {
     cuda_kv_nccl_bind(kv->be);
-    k->chunk = chunk_bytes(kv);
+    k->pack = pack_on();
+    k->chunk = chunk_bytes(kv, k->pack);
     k->stream_pipe = pipe_stream();
-    k->depth = k->stream_pipe ? pipe_depth() : NCCL_GROUP_PIECES;
+    k->depth = k->stream_pipe ? pipe_depth(k->pack) : NCCL_GROUP_PIECES;
     k->stream = cuda_kv_nccl_stream_create(kv->be);
     k->gev = cuda_kv_nccl_event_create(kv->be);
     if (k->stream_pipe) k->cstream = cuda_kv_nccl_stream_create(kv->be);
@@ -680,22 +690,37 @@ static kv_status link_init(const kv_cache *kv, nccl_link *k, const nccl_id *id, 
 }
 
 /* ---- pieces: how a layer's payload is cut into NCCL operations -----------------------
- * Both sides cut it the same way, from the request's block count and the frames alone
- * (group_pieces): piece q of a layer is blocks [q * per, min(nb, (q + 1) * per)) of k
- * or of v (per = chunk / block bytes); a group is k and v of pieces 2g and 2g + 1, four
- * NCCL operations at most, or, where a layer is one piece of k and one of v and the
- * sender's call has a next layer, k and v of both (two DATA frames, the first marked
- * paired): NCCL alone moved four 32 MiB operations per group at 94% of one 1 GiB
- * operation, and 16 MiB ones two per group at 85% (2x H200 and H100, bench_kv_cuda's lab
- * lines, 2026-11-27/28). NCCL pairs a pair's
- * operations in order, sizes included, and the groups are kept the same on both sides
- * (groups that differ between the ranks are undefined: NVIDIA/nccl#1279). Each side then
- * moves each of its pieces either in place, when the piece's blocks are consecutive ids
- * of its own KV pool (NCCL reads or writes the pool itself: no gather, no scatter, no
- * hand-off between streams), or through a staging buffer of the ring, deciding for its
- * own blocks alone. A pool that has not been cut up keeps a request's blocks in a few
- * runs, so most pieces go in place; a fragmented one falls back to the ring, piece by
- * piece. PDSERVE_KV_NCCL_DIRECT=0 stages every piece (A/B; the sides need not agree). */
+ * A layer's payload is 2 * nb units of block bytes: k of the request's blocks 0..nb, then
+ * v of the same blocks. Both sides cut it the same way, from the request's block count,
+ * the frames and the link's packing alone (group_pieces), in one of two ways:
+ *   parts (PACK=0)   piece q of k (of v) is blocks [q * per, min(nb, (q + 1) * per)) (per
+ *                    = chunk / block bytes, chunk 32 MiB); a group is k and v of pieces 2g
+ *                    and 2g + 1, four NCCL operations at most, or, where a layer is one
+ *                    piece of k and one of v and the sender's call has a next layer, k and
+ *                    v of both (two DATA frames, the first marked paired): NCCL alone moved
+ *                    four 32 MiB operations per group at 94% of one 1 GiB operation, and
+ *                    16 MiB ones two per group at 85% (2x H200 and H100, bench_kv_cuda's
+ *                    lab lines, 2026-11-27/28).
+ *   packed (PACK=1)  the 2 * nb units cut into the fewest pieces of at most per units
+ *                    (chunk 64 MiB), as even as whole units allow, two per group; where a
+ *                    layer's k and v fit one piece and the call has a next layer, the two
+ *                    layers' pieces form a group (paired frames). A 1 GiB request of
+ *                    Llama-3.2-3B thus moves as 28 operations of 36.6 MiB (k and v of a
+ *                    layer) where parts cut 56 of 18.3 MiB: NCCL's rate grows with the
+ *                    operation's size, and the pool keeps k and v of a layer in separate
+ *                    allocations, so that no in-place operation can be larger than one of
+ *                    them. A packed piece that spans k and v is staged on both sides; one
+ *                    that lies in k or in v (a layer of more than a chunk: two or more
+ *                    pieces, whose cut falls at nb when they are two) can still go in place.
+ * NCCL pairs a pair's operations in order, sizes included, and the groups are kept the
+ * same on both sides (groups that differ between the ranks are undefined:
+ * NVIDIA/nccl#1279). Each side then moves each of its pieces either in place, when the
+ * piece lies in k or in v and its blocks are consecutive ids of its own KV pool (NCCL
+ * reads or writes the pool itself: no gather, no scatter, no hand-off between streams),
+ * or through a staging buffer of the ring, deciding for its own blocks alone. A pool that
+ * has not been cut up keeps a request's blocks in a few runs, so most pieces of k or v go
+ * in place; a fragmented one falls back to the ring, piece by piece.
+ * PDSERVE_KV_NCCL_DIRECT=0 stages every piece (A/B; the sides need not agree). */
 static bool direct_on(void) {
     static int on = -1;
     if (on < 0) on = env_not("PDSERVE_KV_NCCL_DIRECT", "0");
@@ -709,31 +734,54 @@ static bool blocks_run(const int32_t *blocks, int i0, int i1) {
     return true;
 }
 
-/* One piece: part (0 k, 1 v) of blocks [i0, i1) of the request, in the layer of frame f
- * of its group (0, or 1 for the second of two paired frames). */
+/* One piece: payload units [u0, u1) of the layer of frame f of its group (0, or 1 for
+ * the second of two paired frames); unit u is part u / nb (0 k, 1 v) of block u % nb. */
 typedef struct nccl_piece {
-    int f, part, i0, i1;
+    int f;
+    size_t u0, u1;
 } nccl_piece;
 
+/* Where piece q can go in place on a side whose request blocks are blocks[nb]: true,
+ * with its part (0 k, 1 v) and first block index, when it lies in k or in v and those
+ * blocks are one run of the pool. */
+static bool piece_in_place(const nccl_piece *q, const int32_t *blocks, int nb, int *part, int *i0) {
+    int p = (int)(q->u0 / (size_t)nb);
+    if ((int)((q->u1 - 1) / (size_t)nb) != p) return false;
+    *part = p;
+    *i0 = (int)(q->u0 - (size_t)p * nb);
+    return blocks_run(blocks, *i0, *i0 + (int)(q->u1 - q->u0));
+}
+
 /* Whether the sender pairs a layer with the next one of the same call into one group:
- * when each is a single piece of k and one of v (nb <= per). */
-static bool frames_pair(int nb, int per) { return nb <= per; }
+ * when each is a single piece of k and one of v (nb <= per), or packed, a single piece
+ * of both (2 * nb <= per). */
+static bool frames_pair(int nb, int per, bool pack) { return pack ? 2 * nb <= per : nb <= per; }
 
 /* Group g of a DATA frame, or of two paired frames (n_frames 2): its pieces in out, in
- * the order both sides queue them; returns how many, 0 past the last group. One frame:
- * (k, v) of blocks [q * per, ...) for q = 2g and 2g + 1; two: k and v of each. */
-static int group_pieces(int nb, int per, int n_frames, int g, nccl_piece out[NCCL_GROUP_PIECES]) {
+ * the order both sides queue them; returns how many, 0 past the last group. */
+static int group_pieces(int nb, int per, int n_frames, bool pack, int g, nccl_piece out[NCCL_GROUP_PIECES]) {
     int n = 0;
+    size_t units = 2 * (size_t)nb;
     if (n_frames == 2) {
-        for (int f = 0; f < 2 && g == 0; f++)
-            for (int part = 0; part < 2; part++) out[n++] = (nccl_piece){f, part, 0, nb};
+        for (int f = 0; f < 2 && g == 0; f++) {
+            if (pack) out[n++] = (nccl_piece){f, 0, units};
+            else
+                for (int part = 0; part < 2; part++)
+                    out[n++] = (nccl_piece){f, (size_t)part * nb, (size_t)(part + 1) * nb};
+        }
+        return n;
+    }
+    if (pack) {
+        size_t m = (units + (size_t)per - 1) / (size_t)per; /* the fewest pieces */
+        for (size_t q = (size_t)g * NCCL_PACK_GROUP; q < m && q < (size_t)(g + 1) * NCCL_PACK_GROUP; q++)
+            out[n++] = (nccl_piece){0, q * units / m, (q + 1) * units / m};
         return n;
     }
     int pairs = (nb + per - 1) / per;
     for (int q = 2 * g; q < pairs && q < 2 * g + 2; q++) {
-        int i0 = q * per, i1 = PD_MIN(nb, i0 + per);
-        out[n++] = (nccl_piece){0, 0, i0, i1};
-        out[n++] = (nccl_piece){0, 1, i0, i1};
+        size_t i0 = (size_t)q * per, i1 = (size_t)PD_MIN(nb, (q + 1) * per);
+        out[n++] = (nccl_piece){0, i0, i1};
+        out[n++] = (nccl_piece){0, (size_t)nb + i0, (size_t)nb + i1};
     }
     return n;
 }
@@ -844,7 +892,7 @@ static int read_frame(int fd, kv_msg_header *h, double deadline, atomic_bool *st
 static kv_msg_header hello_of(const kv_cache *kv) {
     return (kv_msg_header){.type = KV_MSG_HELLO, .layer = (uint32_t)kv->n_layers,
                            .n_blocks = (uint32_t)kv->block_size, .request_id = kv->block_bytes,
-                           .ticket = chunk_bytes(kv)};
+                           .ticket = chunk_bytes(kv, pack_on()), .first_block = pack_on()};
 }
 
 /* What follows the decode side's HELLO (its checksum covers these bytes). */
@@ -856,7 +904,7 @@ struct hello_tail {
 static bool hello_matches(const kv_cache *kv, const kv_msg_header *h) {
     kv_msg_header m = hello_of(kv);
     return h->type == KV_MSG_HELLO && h->layer == m.layer && h->n_blocks == m.n_blocks &&
-           h->request_id == m.request_id && h->ticket == m.ticket;
+           h->request_id == m.request_id && h->ticket == m.ticket && h->first_block == m.first_block;
 }
 
 /* ---- decode side ----------------------------------------------------------------------------- */
@@ -909,9 +957,11 @@ static kv_status conn_setup(nccl_conn *k, char *err, size_t errlen) {
     if (!hello_matches(kv, &h)) {
         kv_msg_header a = {.type = KV_MSG_ABORT};
         send_frame(k->link.fd, &a, w.deadline);
-        pd_errorf(err, errlen, "kv nccl: %s has another KV geometry or chunk (%u layers, blocks "
-                  "of %u tokens, %llu bytes)", k->who, h.layer, h.n_blocks,
-                  (unsigned long long)h.request_id);
+        pd_errorf(err, errlen, "kv nccl: %s has another KV geometry, chunk or packing (%u layers, "
+                  "blocks of %u tokens, %llu bytes, chunk %llu, packed %llu; PDSERVE_KV_NCCL_PACK and "
+                  "_CHUNK_* must be the same on both sides)", k->who, h.layer, h.n_blocks,
+                  (unsigned long long)h.request_id, (unsigned long long)h.ticket,
+                  (unsigned long long)h.first_block);
         return KV_ERR_PROTOCOL;
     }
     k->link.peer_key = h.checksum; /* the prefill process (self_key) */
@@ -1024,17 +1074,14 @@ static kv_status data_host(nccl_conn *k, const kv_msg_header *hs, int nf, const 
     int nb = (int)hs[0].n_blocks, per = (int)(L->chunk / bb);
     nccl_piece pc[NCCL_GROUP_PIECES];
     kv_status st = KV_OK;
-    for (int g = 0, n; st == KV_OK && (n = group_pieces(nb, per, nf, g, pc)) > 0; g++) {
+    for (int g = 0, n; st == KV_OK && (n = group_pieces(nb, per, nf, L->pack, g, pc)) > 0; g++) {
         void *ptr[NCCL_GROUP_PIECES];
         size_t bytes[NCCL_GROUP_PIECES];
-        for (int j = 0; j < n; j++) ptr[j] = L->stage[j], bytes[j] = (size_t)(pc[j].i1 - pc[j].i0) * bb;
+        for (int j = 0; j < n; j++) ptr[j] = L->stage[j], bytes[j] = (pc[j].u1 - pc[j].u0) * bb;
         st = link_group(kv, L, false, n, ptr, bytes, w, err, errlen);
         if (st == KV_OK) st = link_wait(kv, L, L->gev, w, err, errlen);
         for (int j = 0; j < n && st == KV_OK; j++)
-            if (fits[pc[j].f]) {
-                size_t u0 = (size_t)pc[j].part * nb + pc[j].i0;
-                conn_scatter(k, &hs[pc[j].f], j, u0, u0 + (size_t)(pc[j].i1 - pc[j].i0));
-            }
+            if (fits[pc[j].f]) conn_scatter(k, &hs[pc[j].f], j, pc[j].u0, pc[j].u1);
     }
     for (int f = 0; f < nf && st == KV_OK; f++)
         if (fits[f]) layer_arrived(k->c, hs[f].ticket, hs[f].request_id, hs[f].layer);
@@ -1087,16 +1134,16 @@ static kv_status data_stream(nccl_conn *k, const kv_msg_header *hs, int nf, cons
         if (L->tr) L->tr->t_frames = L->t_read;
     }
     nccl_piece pc[NCCL_GROUP_PIECES];
-    for (int g = 0, n; st == KV_OK && (n = group_pieces(nb, per, nf, g, pc)) > 0; g++) {
+    for (int g = 0, n; st == KV_OK && (n = group_pieces(nb, per, nf, L->pack, g, pc)) > 0; g++) {
         void *ptr[NCCL_GROUP_PIECES];
         size_t bytes[NCCL_GROUP_PIECES];
-        int bufs[NCCL_GROUP_PIECES];
+        int bufs[NCCL_GROUP_PIECES], part, i0;
         for (int j = 0; j < n; j++) {
             const nccl_piece *q = &pc[j];
-            bytes[j] = (size_t)(q->i1 - q->i0) * bb;
+            bytes[j] = (q->u1 - q->u0) * bb;
             bufs[j] = -1;
-            if (direct && fits[q->f] && blocks_run(L->ids_host, q->i0, q->i1)) {
-                ptr[j] = kv_block_ptr(kv, (int)hs[q->f].layer, q->part, L->ids_host[q->i0]);
+            if (direct && fits[q->f] && piece_in_place(q, L->ids_host, nb, &part, &i0)) {
+                ptr[j] = kv_block_ptr(kv, (int)hs[q->f].layer, part, L->ids_host[i0]);
                 continue;
             }
             int b = (int)(L->seq % (uint64_t)L->depth);
@@ -1111,13 +1158,12 @@ static kv_status data_stream(nccl_conn *k, const kv_msg_header *hs, int nf, cons
             int b = bufs[j];
             if (b < 0) continue;
             const nccl_piece *q = &pc[j];
-            size_t u0 = (size_t)q->part * nb + q->i0;
             uint32_t l = hs[q->f].layer;
             cuda_kv_nccl_event_record(kv->be, L->ev[b], L->stream);
             cuda_kv_nccl_stream_wait(kv->be, L->cstream, L->ev[b]);
             if (fits[q->f])
-                cuda_kv_nccl_units(kv->be, L->cstream, kv->k[l], kv->v[l], L->ids_dev, nb, u0,
-                                   u0 + (size_t)(q->i1 - q->i0), L->stage[b], bb, 0);
+                cuda_kv_nccl_units(kv->be, L->cstream, kv->k[l], kv->v[l], L->ids_dev, nb, q->u0,
+                                   q->u1, L->stage[b], bb, 0);
             cuda_kv_nccl_event_record(kv->be, L->cev[b], L->cstream);
         }
     }
@@ -1180,7 +1226,7 @@ static kv_status conn_data(nccl_conn *k, const kv_msg_header *h, char *err, size
             hs[f].checksum != (uint64_t)(f == 0 && nf == 2) ||
             (nf == 2 && (hs[1].ticket != hs[0].ticket || hs[1].request_id != hs[0].request_id ||
                          hs[1].n_blocks != hs[0].n_blocks ||
-                         !frames_pair((int)hs[0].n_blocks, (int)(k->link.chunk / bb))))) {
+                         !frames_pair((int)hs[0].n_blocks, (int)(k->link.chunk / bb), k->link.pack)))) {
             pd_errorf(err, errlen, "kv nccl: %s: DATA frame (layer %u, %u blocks, %llu bytes) out "
                       "of step", k->who, hs[f].layer, hs[f].n_blocks,
                       (unsigned long long)hs[f].payload_bytes);
@@ -1430,7 +1476,7 @@ static int send_frames(kv_send *x, struct nccl_peer *p, const int *layers, int n
                        int lay[2], kv_status *st, char *err, size_t errlen) {
     const kv_cache *kv = x->c->kv;
     size_t bb = kv->block_bytes, payload = 2 * (size_t)x->n_blocks * bb;
-    int nf = j + 1 < n && frames_pair(x->n_blocks, (int)(p->link.chunk / bb)) ? 2 : 1;
+    int nf = j + 1 < n && frames_pair(x->n_blocks, (int)(p->link.chunk / bb), p->link.pack) ? 2 : 1;
     for (int f = 0; f < nf; f++) {
         lay[f] = layers[j + f];
         *st = send_data_frame(x, p, lay[f], payload, f == 0 && nf == 2, err, errlen);
@@ -1453,17 +1499,15 @@ static kv_status send_host(kv_send *x, struct nccl_peer *p, const int *layers, i
     for (int j = 0, nf; j < n && st == KV_OK; j += nf) {
         if (!(nf = send_frames(x, p, layers, n, j, lay, &st, err, errlen))) break;
         nccl_piece pc[NCCL_GROUP_PIECES];
-        for (int g = 0, np; st == KV_OK && (np = group_pieces(nb, per, nf, g, pc)) > 0; g++) {
+        for (int g = 0, np; st == KV_OK && (np = group_pieces(nb, per, nf, k->pack, g, pc)) > 0; g++) {
             if (any && (st = link_wait(kv, k, k->gev, w, err, errlen)) != KV_OK) break;
             kv_copies q = {0};
             void *ptr[NCCL_GROUP_PIECES];
             size_t bytes[NCCL_GROUP_PIECES];
             for (int i = 0; i < np; i++) {
-                size_t u0 = (size_t)pc[i].part * nb + pc[i].i0;
-                bytes[i] = (size_t)(pc[i].i1 - pc[i].i0) * bb;
+                bytes[i] = (pc[i].u1 - pc[i].u0) * bb;
                 ptr[i] = k->stage[i];
-                unit_copies(&q, kv, lay[pc[i].f], x->blocks, nb, u0, u0 + (size_t)(pc[i].i1 - pc[i].i0),
-                            k->stage[i], true);
+                unit_copies(&q, kv, lay[pc[i].f], x->blocks, nb, pc[i].u0, pc[i].u1, k->stage[i], true);
             }
             kv_copies_run(kv, &q);
             kv_copies_free(&q);
@@ -1506,24 +1550,23 @@ static kv_status send_stream(kv_send *x, struct nccl_peer *p, const int *layers,
         if (!(nf = send_frames(x, p, layers, n, j, lay, &st, err, errlen))) break;
         if (k->tr && k->tr->n == 0) k->tr->t_frames = time_now_s();
         nccl_piece pc[NCCL_GROUP_PIECES];
-        for (int g = 0, np; st == KV_OK && (np = group_pieces(nb, per, nf, g, pc)) > 0; g++) {
+        for (int g = 0, np; st == KV_OK && (np = group_pieces(nb, per, nf, k->pack, g, pc)) > 0; g++) {
             void *ptr[NCCL_GROUP_PIECES];
             size_t bytes[NCCL_GROUP_PIECES];
-            int bufs[NCCL_GROUP_PIECES], n_staged = 0;
+            int bufs[NCCL_GROUP_PIECES], n_staged = 0, part, i0;
             for (int i = 0; i < np; i++) {
                 const nccl_piece *q = &pc[i];
                 int l = lay[q->f];
-                bytes[i] = (size_t)(q->i1 - q->i0) * bb;
-                if (direct && blocks_run(x->blocks, q->i0, q->i1)) {
-                    ptr[i] = kv_block_ptr(kv, l, q->part, x->blocks[q->i0]);
+                bytes[i] = (q->u1 - q->u0) * bb;
+                if (direct && piece_in_place(q, x->blocks, nb, &part, &i0)) {
+                    ptr[i] = kv_block_ptr(kv, l, part, x->blocks[i0]);
                     continue;
                 }
                 int b = (int)(k->seq % (uint64_t)k->depth);
                 if (k->seq >= (uint64_t)k->depth) cuda_kv_nccl_stream_wait(kv->be, k->cstream, k->ev[b]);
                 k->seq++;
-                size_t u0 = (size_t)q->part * nb + q->i0;
-                cuda_kv_nccl_units(kv->be, k->cstream, kv->k[l], kv->v[l], k->ids_dev, nb, u0,
-                                   u0 + (size_t)(q->i1 - q->i0), k->stage[b], bb, 1);
+                cuda_kv_nccl_units(kv->be, k->cstream, kv->k[l], kv->v[l], k->ids_dev, nb, q->u0, q->u1,
+                                   k->stage[b], bb, 1);
                 cuda_kv_nccl_event_record(kv->be, k->cev[b], k->cstream);
                 cuda_kv_nccl_stream_wait(kv->be, k->stream, k->cev[b]);
                 ptr[i] = k->stage[b];
