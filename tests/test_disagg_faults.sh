@@ -8,7 +8,9 @@
 #   2. kill -9 a decode instance mid-stream (`pdserve up --setup 1p2d`): its streams end
 #      with an error event, the others finish; `up` removes the dead one's segments;
 #   3. a transfer stalled past its deadline (--debug-stall-transfer-ms 3000 against
-#      --kv-transfer-timeout 1): 504 within the deadline, both pools empty;
+#      --kv-transfer-timeout 1): 504 within the deadline, both pools empty; and a
+#      request queued behind another's long transfer: 504 at its own deadline, from the
+#      prefill instance, the long one served;
 #   4. a full disk store (--kv-store-capacity 256KiB): a long prompt fails, short ones
 #      are served.
 source "$(dirname "${BASH_SOURCE[0]}")/disagg_common.sh"
@@ -71,6 +73,42 @@ echo "ok   stalled transfer: 504 after $ms ms (deadline 1 s), 4 more failed like
 kill -TERM "$R3PID" "$P3PID" "$D3PID"
 wait "$R3PID" "$P3PID" "$D3PID"
 ls /dev/shm | grep -q "pdkv-faults$$" && fail "stall: shared memory left: $(ls /dev/shm | grep "faults$$")"
+
+# ---- 3b. a request queued behind a long transfer is answered at its own deadline ----------------------
+# The prefill instance's transfer worker runs one transfer at a time. Request X (router
+# rx, 8 s deadline) holds it 2.5 s (the stall stands in for a slow medium's put); request
+# Y (router ry, 1 s deadline) is prefilled meanwhile and waits behind X. Y must be
+# answered 504 at its own deadline by the prefill instance (well before ry's own curl
+# limit, the deadline + 0.5 s, which would count the instance as failed), X must be
+# served, and both pools end empty.
+start_serve dq --role decode --kv-medium tcp; DQ=$PORT; DQPID=$SPID
+start_serve pq --role prefill --kv-medium tcp --debug-stall-transfer-ms 2500; PQ=$PORT; PQPID=$SPID
+start_serve rx --role router --kv-transfer-timeout 8 --prefill "http://127.0.0.1:$PQ" --decode "http://127.0.0.1:$DQ"
+RX=$PORT; RXPID=$SPID
+start_serve ry --role router --kv-transfer-timeout 1 --prefill "http://127.0.0.1:$PQ" --decode "http://127.0.0.1:$DQ"
+RY=$PORT; RYPID=$SPID
+curl -s -o "$TMP/qx.json" -w '%{http_code}' "http://127.0.0.1:$RX/v1/completions" \
+  -d '{"prompt":"1 2 3 4 5 6","max_tokens":4,"temperature":0}' >"$TMP/qx.code" &
+XPID=$!
+sleep 0.3
+t0=$(date +%s%N)
+code="$(curl -s -o "$TMP/qy.json" -w '%{http_code}' "http://127.0.0.1:$RY/v1/completions" \
+  -d '{"prompt":"7 8 9","max_tokens":4,"temperature":0}')"
+ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+[ "$code" = 504 ] || fail "queued: HTTP $code, not 504: $(cat "$TMP/qy.json")"
+grep -q 'transfer worker was busy' "$TMP/qy.json" ||
+  fail "queued: the answer is not the prefill instance's own (its router gave up first?): $(cat "$TMP/qy.json")"
+[ "$ms" -lt 1450 ] || fail "queued: the 504 took $ms ms for a 1 s deadline"
+wait "$XPID"
+[ "$(cat "$TMP/qx.code")" = 200 ] || fail "queued: the long request answered $(cat "$TMP/qx.code"): $(cat "$TMP/qx.json")"
+grep -q "unhealthy\|checking its health" "$TMP/ry.log" && fail "queued: router ry counted the prefill instance as failed"
+for u in "http://127.0.0.1:$DQ" "http://127.0.0.1:$PQ"; do
+  for _ in $(seq 50); do [ "$(load_field "$u" kv_blocks_used)" = 0 ] && break; sleep 0.05; done
+  [ "$(load_field "$u" kv_blocks_used)" = 0 ] || fail "queued: blocks left on $u"
+done
+echo "ok   a request queued behind a 2.5 s transfer: 504 from the prefill instance after $ms ms (deadline 1 s), the long one served, pools empty"
+kill -TERM "$RXPID" "$RYPID" "$PQPID" "$DQPID"
+wait "$RXPID" "$RYPID" "$PQPID" "$DQPID"
 
 # ---- 4. a full disk store ----------------------------------------------------------------------------
 start_up diskfull --setup dis-disk --kv-store-capacity 256KiB

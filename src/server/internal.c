@@ -607,8 +607,32 @@ static kept_prompt *kept_take(internal_ctx *in, const kv_ticket *t) {
     return NULL;
 }
 
+/* Takes off the worker's list every whole transfer that has not started and whose
+ * deadline has passed (under in->mu): returned as a list (next_q), the caller's to fail.
+ * The worker runs one transfer at a time, and a medium's operation in progress (a disk
+ * put of a long prompt takes seconds) does not stop at another request's deadline, so a
+ * job queued behind it would otherwise be answered only when the worker reached it,
+ * late: its router would have given up on it by then. */
+static internal_prefill_job *late_queued(internal_ctx *in, int64_t now) {
+    internal_prefill_job *late = NULL, *prev = NULL;
+    for (internal_prefill_job **pp = &in->q_head; *pp;) {
+        internal_prefill_job *x = *pp;
+        if (!x->streaming && x->finish_ready && now >= x->ticket.deadline_ms) {
+            *pp = x->next_q;
+            if (in->q_tail == x) in->q_tail = prev;
+            x->next_q = late;
+            late = x;
+            continue;
+        }
+        prev = x;
+        pp = &x->next_q;
+    }
+    return late;
+}
+
 /* Ticker: prefills past their deadline are aborted (their FINISHED event answers);
- * the connector expires reservations and reclaims what dead peers left. */
+ * whole transfers still waiting for the worker past it are answered (late_queued); the
+ * connector expires reservations and reclaims what dead peers left. */
 static void *ticker_main(void *arg) {
     internal_ctx *in = arg;
     for (;;) {
@@ -625,9 +649,17 @@ static void *ticker_main(void *arg) {
                 j->aborted_deadline = true;
                 late[n_late++] = j->engine_id;
             }
+        internal_prefill_job *waited = late_queued(in, now);
         kept_prune(in, now);
         pthread_mutex_unlock(&in->mu);
         for (int i = 0; i < n_late; i++) engine_abort(in->eng, late[i]);
+        while (waited) {
+            internal_prefill_job *n = waited->next_q;
+            waited->next_q = NULL;
+            pj_fail(waited, 504, "kv_transfer_timeout", "the KV transfer did not start before the "
+                    "request's deadline (the transfer worker was busy with earlier requests' transfers)");
+            waited = n;
+        }
         if (in->kv) kv_connector_tick(in->kv);
         usleep(INTERNAL_TICK_MS * 1000);
     }

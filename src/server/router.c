@@ -732,6 +732,8 @@ static void on_reserve_done(rjob *j, CURLcode rc, long code) {
     job_start_transfer(j, j->pb, "/internal/prefill", PD_MAX(left, 1L));
 }
 
+static void poll_start(router *r, backend_inst *b);
+
 static void on_prefill_done(rjob *j, CURLcode rc, long code) {
     router *r = j->r;
     job_count(j, j->pb, &j->counted_p, false);
@@ -739,7 +741,13 @@ static void on_prefill_done(rjob *j, CURLcode rc, long code) {
         send_release(r, j->db, j->ticket);
         atomic_fetch_add(&r->n_kv_failures, 1);
         if (rc == CURLE_OPERATION_TIMEDOUT) {
-            mark_unhealthy(j->pb, "a prefill passed its deadline");
+            /* late, not necessarily dead: a saturated instance whose medium is slow
+             * (a disk put in progress runs past other requests' deadlines) answers
+             * late and is otherwise well. A health check now decides (poll_done: two
+             * slow answers in a row, or a refused or bad one, mark it unhealthy). */
+            log_warn("router: prefill instance %s did not answer within the deadline + 0.5 s; "
+                     "checking its health", j->pb->url);
+            poll_start(r, j->pb);
             job_fail(j, 504, "server_error", "kv_transfer_timeout",
                      "the prefill instance did not finish the prompt and its KV transfer within "
                      "the %.0f s deadline", r->kv_timeout_s);
