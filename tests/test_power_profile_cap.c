@@ -5,6 +5,11 @@
  * or a limit. The stand-in draws 100 W until 0.3 s after each nvmlInit (the idle window
  * of 0.3 s), 800 W after; its clock reads 1755 MHz with SW_POWER_CAP from 0.4 s on,
  * i.e. 0.1 s into each run. */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "backend/backend.h"
@@ -103,11 +108,82 @@ static void test_no_limit(void) {
     unsetenv("FAKE_NVML_FAIL");
 }
 
+/* ---- decode_watts: each decode point's own power, through a stand-in RAPL tree ---------
+ * A thread advances package-0's energy counter at 50 W of wall time, so that every phase
+ * of the profile (idle, prefill, decode, each decode point) reads 50 W: what is checked
+ * is that each decode point got a phase of its own and the profile keeps the grid. */
+static char g_pc[256];
+static atomic_bool g_pc_stop;
+
+static void pc_put(const char *rel, const char *text) {
+    char path[512], tmp[520];
+    snprintf(path, sizeof path, "%s/%s", g_pc, rel);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    if (!f) return;
+    fputs(text, f);
+    fclose(f);
+    rename(tmp, path); /* atomic: the sampler never reads half a file */
+}
+
+static void *pc_main(void *arg) {
+    (void)arg;
+    double t0 = time_now_s();
+    while (!atomic_load(&g_pc_stop)) {
+        char v[32];
+        snprintf(v, sizeof v, "%.0f\n", (time_now_s() - t0) * 50e6 + 1000);
+        pc_put("intel-rapl:0/energy_uj", v);
+        usleep(1000);
+    }
+    return NULL;
+}
+
+static void test_decode_watts(void) {
+    snprintf(g_pc, sizeof g_pc, "%s/pc-%d", test_build_dir(), (int)getpid());
+    char path[512];
+    mkdir(g_pc, 0755);
+    snprintf(path, sizeof path, "%s/intel-rapl:0", g_pc);
+    mkdir(path, 0755);
+    pc_put("intel-rapl:0/name", "package-0\n");
+    pc_put("intel-rapl:0/max_energy_range_uj", "262143328850\n");
+    pc_put("intel-rapl:0/energy_uj", "1000\n");
+    atomic_store(&g_pc_stop, false);
+    pthread_t th;
+    REQUIRE(pthread_create(&th, NULL, pc_main, NULL) == 0);
+    setenv("PDSERVE_POWERCAP_ROOT", g_pc, 1);
+    sim_profile_opts o;
+    nvml_rig_grid(&o, 2);
+    o.measure_power = true;
+    o.measure_power_cap = false;
+    sim_profile p;
+    char err[512];
+    int rc = sim_profile_measure(g_rig.m, &o, &p, err, sizeof err);
+    atomic_store(&g_pc_stop, true);
+    pthread_join(th, NULL);
+    unsetenv("PDSERVE_POWERCAP_ROOT");
+    REQUIRE(rc == 0 || (fprintf(stderr, "%s\n", err), 0));
+    CHECKF(p.power.measured, "power: %s", p.power.source);
+    /* (the decode phase of this tiny grid lasts milliseconds: its mean is coarse) */
+    CHECKF(p.power.idle_w > 45 && p.power.idle_w < 55, "idle_w %g", p.power.idle_w);
+    const sim_grid *g = &p.power.decode_grid;
+    REQUIRE(g->nx == p.decode.nx && g->ny == p.decode.ny && g->nx == 2 && g->ny == 1);
+    for (int i = 0; i < 2; i++) CHECKF(g->v[i] > 45 && g->v[i] < 55, "decode point %d: %g W", i, g->v[i]);
+    CHECK_STR_CONTAINS(p.power.source, "decode_watts");
+    char *js = sim_profile_to_json(&p);
+    CHECK_STR_CONTAINS(js, "\"decode_watts\"");
+    free(js);
+    sim_profile_free(&p);
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_pc);
+    CHECK(system(cmd) == 0);
+}
+
 int main(void) {
     log_set_level(LOG_LEVEL_WARN);
     if (setup() != 0) return 1;
     TEST_RUN(test_power_cap_points);
     TEST_RUN(test_no_limit);
+    TEST_RUN(test_decode_watts);
     nvml_rig_close(&g_rig);
     return TEST_END();
 }

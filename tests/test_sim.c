@@ -281,6 +281,24 @@ static void test_deadline(void) {
     /* P ran 6 prefill steps (0-5), not 10: the queued ones were dropped */
     CHECKF(near(st.busy_prefill_s, 0.6, 1e-9), "prefill busy %.6f", st.busy_prefill_s);
     bench_result_free(res);
+    /* a slow link (0.5 s a transfer) and a 1.25 s deadline: 0 and 1 arrive (0.6, 1.1);
+     * 2's transfer starts at 1.1 and runs on past its deadline (the link busy to 1.6);
+     * 3-9 would start at 1.6 or later, past theirs: the prefill side answers them at the
+     * deadline without using the link, so request 10, arriving at 1.3, is prefilled by
+     * 1.4 and ships at 1.6 (not after seven more transfers): its KV arrives at 2.1 */
+    m.bandwidth = 2e5;
+    c.kv_timeout_s = 1.25;
+    sim_request r2[N + 1];
+    for (int i = 0; i < N; i++) r2[i] = r[i];
+    r2[N] = (sim_request){.n_prompt = 100, .max_tokens = 4, .arrival = 1.3};
+    REQUIRE(sim_run(&c, &p, r2, N + 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(st.timed_out == 8, "timed out %d", st.timed_out);
+    for (int i = 0; i <= N; i++)
+        CHECKF(res->recs[i].success == (i < 2 || i == N), "request %d success %d", i, res->recs[i].success);
+    for (int i = 2; i < N; i++) CHECK(near(res->recs[i].e2el_s, 1.25, 1e-9));
+    CHECKF(near(res->recs[N].ttft_s, 0.8, 1e-9), "request 10's ttft %.6f", res->recs[N].ttft_s);
+    CHECKF(near(st.kv_bytes, 4 * 1e5, 1e-6), "KV bytes %.0f: the dropped transfers were booked", st.kv_bytes);
+    bench_result_free(res);
     sim_profile_free(&p);
 }
 
@@ -475,6 +493,75 @@ static void test_profile_roundtrip(void) {
                       " \"seconds\": [[1], [2]]}}";
     CHECK(sim_profile_parse(bad, strlen(bad), "bad", &q, err, sizeof err) == -1);
     CHECK_STR_CONTAINS(err, "prefill.tokens");
+    sim_profile_free(&p);
+}
+
+/* power.decode_watts: a decode step's power at its batch and mean context (clamped to
+ * the measured range), scaled to the clock like decode_w; absent: decode_w. */
+static void test_decode_power_grid(void) {
+    sim_profile p;
+    linear_profile(&p);
+    p.power.measured = true;
+    p.power.idle_w = 40;
+    p.power.prefill_w = 200;
+    p.power.decode_w = 120;
+    sim_step_cost sc;
+    sim_work w;
+    sim_cost c;
+    sim_cost_init(&c, &p, 0);
+    sim_work_begin(&w, &p);
+    for (int i = 0; i < 8; i++) sim_work_add_decode(&w, 256);
+    w.n_logits = 8;
+    sim_cost_step(&c, &w, &sc);
+    double host = sc.seconds - sc.decode_s;
+    CHECKF(near(sc.energy_j, sc.decode_s * 120 + host * 40, 1e-12), "no grid: %.9g J", sc.energy_j);
+    sim_grid *g = &p.power.decode_grid;
+    sim_grid_init(g, p.decode.nx, p.decode.x, p.decode.ny, p.decode.y);
+    for (int i = 0; i < g->nx; i++)
+        for (int j = 0; j < g->ny; j++) g->v[i * g->ny + j] = 100 + 0.1 * g->y[j] + g->x[i];
+    sim_cost_init(&c, &p, 0);
+    sim_cost_step(&c, &w, &sc);
+    CHECKF(near(sc.energy_j, sc.decode_s * (100 + 25.6 + 8) + host * 40, 1e-12), "grid point: %.9g J", sc.energy_j);
+    /* between points: bilinear (ctx 2176 is halfway from 256 to 4096) */
+    sim_work_begin(&w, &p);
+    for (int i = 0; i < 8; i++) sim_work_add_decode(&w, 2176);
+    w.n_logits = 8;
+    sim_cost_step(&c, &w, &sc);
+    host = sc.seconds - sc.decode_s;
+    CHECKF(near(sc.energy_j, sc.decode_s * (100 + 217.6 + 8) + host * 40, 1e-9), "between: %.9g J", sc.energy_j);
+    /* past the grid: the last measured power, not an extrapolation */
+    sim_work_begin(&w, &p);
+    for (int i = 0; i < 8; i++) sim_work_add_decode(&w, 100000);
+    w.n_logits = 8;
+    sim_cost_step(&c, &w, &sc);
+    host = sc.seconds - sc.decode_s;
+    CHECKF(near(sc.energy_j, sc.decode_s * (100 + 409.6 + 8) + host * 40, 1e-9), "beyond: %.9g J", sc.energy_j);
+    /* at half the base clock: the dynamic part scaled as decode_w's is */
+    p.clock.base_mhz = 1400;
+    sim_cost slow;
+    sim_cost_init(&slow, &p, 700);
+    sim_work_begin(&w, &p);
+    for (int i = 0; i < 8; i++) sim_work_add_decode(&w, 256);
+    w.n_logits = 8;
+    sim_cost_step(&slow, &w, &sc);
+    host = sc.seconds - sc.decode_s;
+    double dyn = pow(0.5, p.clock.dyn_exp);
+    CHECKF(near(sc.energy_j, sc.decode_s * (40 + (133.6 - 40) * dyn) + host * 40, 1e-9), "clocked: %.9g J", sc.energy_j);
+    /* the profile file keeps it; a grid of the wrong shape is refused by name */
+    char *js = sim_profile_to_json(&p);
+    char err[256];
+    sim_profile q;
+    REQUIRE(sim_profile_parse(js, strlen(js), "rt", &q, err, sizeof err) == 0);
+    CHECK(q.power.decode_grid.nx == 3 && q.power.decode_grid.ny == 3);
+    for (int i = 0; i < 9; i++) CHECK(near(q.power.decode_grid.v[i], g->v[i], 1e-12));
+    sim_profile_free(&q);
+    const char *bad = "{\"format\": \"pdserve-profile/1\", \"prefill\": {\"tokens\": [1, 8], \"context\": [0],"
+                      " \"seconds\": [[1], [2]]}, \"decode\": {\"batch\": [1, 8], \"context\": [16, 256],"
+                      " \"seconds\": [[1, 2], [3, 4]]}, \"power\": {\"measured\": true, \"idle_w\": 40,"
+                      " \"prefill_w\": 200, \"decode_w\": 120, \"decode_watts\": [[100, 110], [120]]}}";
+    CHECK(sim_profile_parse(bad, strlen(bad), "bad", &q, err, sizeof err) == -1);
+    CHECK_STR_CONTAINS(err, "power.decode_watts[1]");
+    free(js);
     sim_profile_free(&p);
 }
 
@@ -1007,6 +1094,7 @@ int main(void) {
     TEST_RUN(test_preemption_is_the_engines);
     TEST_RUN(test_plan_and_setups);
     TEST_RUN(test_profile_roundtrip);
+    TEST_RUN(test_decode_power_grid);
     TEST_RUN(test_roofline_xpyd);
     return TEST_END();
 }

@@ -40,6 +40,7 @@ void sim_cost_init(sim_cost *c, const sim_profile *p, double mhz) {
     if (p->power.measured) {
         c->has_power = true;
         double dyn = pow(fr, cm->dyn_exp);
+        c->dyn = dyn;
         c->idle_w = p->power.idle_w;
         c->prefill_w = p->power.idle_w + PD_MAX(p->power.prefill_w - p->power.idle_w, 0) * dyn;
         c->decode_w = p->power.idle_w + PD_MAX(p->power.decode_w - p->power.idle_w, 0) * dyn;
@@ -87,6 +88,25 @@ static double decode_part(const sim_profile *p, const sim_work *w) {
     double B = w->decode_seqs, ctx = w->decode_ctx / B;
     if (p->decode_buckets && w->prefill_tokens <= 0) B = fwd_decode_bucket_rows((int)B);
     return PD_MAX(sim_grid_eval(&p->decode, B, ctx), SIM_MIN_PART_S);
+}
+
+/* The decode part's power: the profile's decode_watts at the step's batch (padded as
+ * decode_part prices it) and mean context where measured, scaled to the clock like
+ * decode_w; else decode_w. A decode step's power grows with its context (its KV reads):
+ * on an H200, Llama-3.2-3B, batch 16 at 16k context drew 650-660 W where the decode
+ * grid as a whole averaged 487 W (docs/simulator.md, "Where the J/token bias comes
+ * from"). */
+static double decode_watts(const sim_cost *c, const sim_work *w) {
+    const sim_profile *p = c->p;
+    const sim_grid *g = &p->power.decode_grid;
+    if (g->nx < 1 || w->decode_seqs <= 0) return c->decode_w;
+    double B = w->decode_seqs, ctx = w->decode_ctx / B;
+    if (p->decode_buckets && w->prefill_tokens <= 0) B = fwd_decode_bucket_rows((int)B);
+    /* within the measured range: power is not extrapolated past its points */
+    B = PD_MIN(PD_MAX(B, g->x[0]), g->x[g->nx - 1]);
+    ctx = PD_MIN(PD_MAX(ctx, g->y[0]), g->y[g->ny - 1]);
+    double v = sim_grid_eval(g, B, ctx);
+    return c->idle_w + PD_MAX(v - c->idle_w, 0) * c->dyn;
 }
 
 /* The forward's time split into its prefill and decode shares. */
@@ -221,7 +241,7 @@ void sim_cost_step(const sim_cost *c, const sim_work *w, sim_step_cost *out) {
     out->prefill_s = tp;
     out->decode_s = td;
     out->seconds = tp + td + host;
-    out->energy_j = c->has_power ? tp * c->prefill_w + td * c->decode_w + host * c->idle_w : 0;
+    out->energy_j = c->has_power ? tp * c->prefill_w + td * decode_watts(c, w) + host * c->idle_w : 0;
 }
 
 double sim_cost_transfer(const sim_medium *m, double bytes) {

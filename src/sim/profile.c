@@ -86,6 +86,7 @@ void sim_profile_free(sim_profile *p) {
     sim_grid_free(&p->prefill);
     sim_grid_free(&p->decode);
     sim_grid_free(&p->linear);
+    sim_grid_free(&p->power.decode_grid);
 }
 
 /* ---- mediums -------------------------------------------------------------------------- */
@@ -424,6 +425,11 @@ char *sim_profile_to_json(const sim_profile *p) {
         cJSON_AddNumberToObject(pw, "idle_w", p->power.idle_w);
         cJSON_AddNumberToObject(pw, "prefill_w", p->power.prefill_w);
         cJSON_AddNumberToObject(pw, "decode_w", p->power.decode_w);
+        const sim_grid *g = &p->power.decode_grid;
+        if (g->nx > 0) {
+            cJSON *rows = cJSON_AddArrayToObject(pw, "decode_watts");
+            for (int i = 0; i < g->nx; i++) cJSON_AddItemToArray(rows, nums(g->v + (size_t)i * g->ny, g->ny));
+        }
     }
     cJSON_AddStringToObject(pw, "source", p->power.source);
     if (p->power.cap.limit_w > 0 || p->power.cap.n_points > 0 || p->power.cap.source[0]) write_power_cap(pw, &p->power.cap);
@@ -606,6 +612,38 @@ static int read_grid(const cJSON *o, const char *key, const char *xname, const c
                 return -1;
             }
             g->v[i * ny + j] = v->valuedouble;
+        }
+    }
+    return 0;
+}
+
+/* The optional "power"."decode_watts": one row per decode batch, one number (watts) per
+ * decode context, on the decode grid's axes. */
+static int read_decode_watts(const cJSON *pw, sim_profile *p, const char *name, char *err, size_t errlen) {
+    const cJSON *rows = cJSON_GetObjectItemCaseSensitive(pw, "decode_watts");
+    if (!rows) return 0;
+    const sim_grid *d = &p->decode;
+    if (!cJSON_IsArray(rows) || cJSON_GetArraySize(rows) != d->nx) {
+        pd_errorf(err, errlen, "%s: power.decode_watts must have one row per decode batch (%d)", name, d->nx);
+        return -1;
+    }
+    sim_grid *g = &p->power.decode_grid;
+    sim_grid_init(g, d->nx, d->x, d->ny, d->y);
+    for (int i = 0; i < d->nx; i++) {
+        const cJSON *r = cJSON_GetArrayItem(rows, i);
+        if (!cJSON_IsArray(r) || cJSON_GetArraySize(r) != d->ny) {
+            pd_errorf(err, errlen, "%s: power.decode_watts[%d] must have %d numbers (one per decode context)",
+                      name, i, d->ny);
+            return -1;
+        }
+        for (int j = 0; j < d->ny; j++) {
+            const cJSON *v = cJSON_GetArrayItem(r, j);
+            if (!cJSON_IsNumber(v) || !(v->valuedouble > 0) || !isfinite(v->valuedouble)) {
+                pd_errorf(err, errlen, "%s: power.decode_watts[%d][%d] must be a positive number of watts",
+                          name, i, j);
+                return -1;
+            }
+            g->v[i * d->ny + j] = v->valuedouble;
         }
     }
     return 0;
@@ -979,6 +1017,7 @@ int sim_profile_parse(const char *text, size_t len, const char *name, sim_profil
         p->power.idle_w = get_num(pw, "idle_w", 0);
         p->power.prefill_w = get_num(pw, "prefill_w", 0);
         p->power.decode_w = get_num(pw, "decode_w", 0);
+        if (read_decode_watts(pw, p, name, err, errlen)) goto out;
         get_str(pw, "source", p->power.source, sizeof p->power.source);
         read_power_cap(pw, &p->power.cap);
     }

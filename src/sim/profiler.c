@@ -584,6 +584,36 @@ static double phase_end(power_phase *ph, char *why, size_t cap, double *sm_mhz) 
     return w;
 }
 
+/* Each decode point's own power: the point run back to back for this long (after one
+ * warm run) in a phase of its own. */
+#define DECODE_POWER_WINDOW_S 0.3
+
+/* Power of every decode grid point (dec[n], in the grid's order) into
+ * out->power.decode_grid on the decode grid's axes. A decode step's power grows with its
+ * context (its KV reads), which one mean over the whole grid hides. A point whose phase
+ * reads no power leaves the grid out (the sim then uses decode_w alone). */
+static void measure_decode_watts(prof *P, const sim_profile_opts *o, bool cpu, const ppoint *dec, int n,
+                                 sim_profile *out) {
+    sim_grid *g = &out->power.decode_grid;
+    PD_ASSERT(n == out->decode.nx * out->decode.ny);
+    sim_grid_init(g, out->decode.nx, out->decode.x, out->decode.ny, out->decode.y);
+    for (int k = 0; k < n; k++) {
+        run_point(P, &dec[k]);
+        power_phase ph;
+        phase_begin(&ph, o, cpu, 0);
+        double t0 = time_now_s();
+        do run_point(P, &dec[k]);
+        while (time_now_s() - t0 < DECODE_POWER_WINDOW_S);
+        double w = phase_end(&ph, NULL, 0, NULL);
+        if (!(w > 0)) {
+            log_warn("profile: decode %dx%d: no power read; the profile keeps one decode power", dec[k].a, dec[k].b);
+            sim_grid_free(g);
+            return;
+        }
+        g->v[k] = w;
+    }
+}
+
 /* ---- the power cap's inputs ------------------------------------------------------------- */
 
 /* Sampling period while a shape runs: the resolution of the clock's onset. A tick reads
@@ -927,6 +957,7 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
         phase_begin(&ph, o, cpu, 0);
         run_rounds(&P, pts + n_pre, n_dec, o->repeats);
         decode_w = phase_end(&ph, NULL, 0, &decode_mhz);
+        if (decode_w > 0) measure_decode_watts(&P, o, cpu, pts + n_pre, n_dec, out);
     }
 
     int lin[2 * 256 + 1];
@@ -1021,8 +1052,9 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
         out->power.idle_w = idle_w;
         out->power.prefill_w = prefill_w;
         out->power.decode_w = decode_w;
-        snprintf(out->power.source, sizeof out->power.source, "measured: %s over each phase",
-                 cpu ? "RAPL package + DRAM" : "NVML energy counter");
+        snprintf(out->power.source, sizeof out->power.source, "measured: %s over each phase%s",
+                 cpu ? "RAPL package + DRAM" : "NVML energy counter",
+                 out->power.decode_grid.nx > 0 ? "; decode_watts: each decode point back to back for 0.3 s" : "");
     } else {
         snprintf(out->power.source, sizeof out->power.source, "not measured (%s)",
                  o->measure_power ? (why[0] ? why : "no meter readable") : "--no-power");

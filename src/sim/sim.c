@@ -51,6 +51,8 @@ typedef struct sreq {
      * (disaggregated), its KV reached the decode instance */
     double t_enter, t_sched, t_prefilled, t_kv;
     double kv_queue; /* whole transfers: the KV's wait for its prefill instance's link */
+    bool kv_dropped; /* its whole transfer would have started after its deadline: never
+                        booked on the link, failed at the deadline */
 } sreq;
 
 enum { STAGE_PREFILL = 0, STAGE_TRANSFER = 1, STAGE_DECODE = 2 };
@@ -561,6 +563,13 @@ static void start_transfer(sim_state *s, inst *in, sreq *r, double t) {
         f = in->link_free;
         for (int l = 0; l < L; l++) f = PD_MAX(f, t0 + dt * (l + 1) / L) + send / L;
     } else {
+        /* a whole transfer that would start after the request's deadline never starts:
+         * the prefill side answers it 504 at the deadline and its link goes on with the
+         * next one (internal.c, late_queued) */
+        if (s->cfg->kv_timeout_s > 0 && PD_MAX(t, in->link_free) >= r->arrival + s->cfg->kv_timeout_s) {
+            r->kv_dropped = true;
+            return;
+        }
         r->kv_queue = PD_MAX(in->link_free - t, 0); /* behind earlier requests' transfers */
         f = PD_MAX(t, in->link_free) + send;
     }
@@ -599,14 +608,17 @@ static bool in_flight(const inst *in, const sched_seq *q) {
 /* r's deadline passed at t (EV_DEADLINE): unless its KV has arrived, it fails, as the
  * router answers 504. Still queued or between chunks on P: dropped now; in P's step in
  * flight: dropped when that step ends; in transfer: the transfer runs on (the link
- * stays busy) and its arrival only frees the reservation. */
+ * stays busy) and its arrival only frees the reservation; waiting for the link with a
+ * start past the deadline (kv_dropped): never booked, so only its reservation is freed. */
 static void on_deadline(sim_state *s, sreq *r, double t) {
     if (r->stage == STAGE_DECODE || r->failed) return;
     r->failed = true;
     r->finished = t;
     s->st->timed_out++;
     if (r->p_inst < 0) return; /* still on its serving path: never admitted */
-    if (r->stage == STAGE_PREFILL) {
+    if (r->stage == STAGE_TRANSFER && r->kv_dropped) {
+        s->insts[r->d_inst].load--; /* the reservation: no transfer will come to free it */
+    } else if (r->stage == STAGE_PREFILL) {
         s->insts[r->d_inst].load--; /* the reservation */
         if (!in_flight(&s->insts[r->p_inst], r->pq)) {
             drop_prefill(s, r);

@@ -90,6 +90,9 @@ typedef struct sim_power_cap_data {
 typedef struct sim_power {
     bool measured;
     double idle_w, prefill_w, decode_w;
+    /* watts of each decode grid point run back to back (x batch, y context: the decode
+     * grid's axes; nx 0: not measured, decode_w for every decode step) */
+    sim_grid decode_grid;
     char source[192];       /* how it was measured, or why not */
     sim_power_cap_data cap; /* absent in older files: limit_w 0 */
 } sim_power;
@@ -413,6 +416,7 @@ typedef struct sim_cost {
     double mhz;                 /* 0: as profiled */
     double prefill_scale, decode_scale; /* time multipliers from the clock model */
     double idle_w, prefill_w, decode_w; /* power at this clock (0 when not measured) */
+    double dyn;                 /* the dynamic power's factor at this clock (1: as profiled) */
     bool has_power;
     /* the profile's mixed points as excess seconds of the step over its sum-of-parts
      * price (measured - modelled), on a grid of their distinct chunk starts x decode rows
