@@ -7,20 +7,12 @@
 
 #include "power/power.h"
 #include "test.h"
+#include "test_powercap_tree.h"
 #include "util/util.h"
 
 static char g_root[256];
 
-static void put(const char *rel, const char *text) {
-    char path[512], tmp[520];
-    snprintf(path, sizeof path, "%s/%s", g_root, rel);
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "w");
-    if (!f) return;
-    fputs(text, f);
-    fclose(f);
-    rename(tmp, path); /* atomic: the sampler never reads half a file */
-}
+static void put(const char *rel, const char *text) { powercap_put(g_root, rel, text); }
 
 static void mkd(const char *rel) {
     char path[512];

@@ -19,6 +19,7 @@
 #include "sim/sim.h"
 #include "test.h"
 #include "test_fake_nvml_rig.h"
+#include "test_powercap_tree.h"
 #include "util/util.h"
 
 static nvml_rig g_rig;
@@ -115,16 +116,7 @@ static void test_no_limit(void) {
 static char g_pc[256];
 static atomic_bool g_pc_stop;
 
-static void pc_put(const char *rel, const char *text) {
-    char path[512], tmp[520];
-    snprintf(path, sizeof path, "%s/%s", g_pc, rel);
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "w");
-    if (!f) return;
-    fputs(text, f);
-    fclose(f);
-    rename(tmp, path); /* atomic: the sampler never reads half a file */
-}
+static void pc_put(const char *rel, const char *text) { powercap_put(g_pc, rel, text); }
 
 static void *pc_main(void *arg) {
     (void)arg;

@@ -496,6 +496,18 @@ static void test_profile_roundtrip(void) {
     sim_profile_free(&p);
 }
 
+/* The energy of a step of 8 decodes at context ctx less what it costs with its decode
+ * part at `watts` and its host part at 40 W (the profile's idle). */
+static double decode8_energy_off(const sim_cost *c, const sim_profile *p, int ctx, double watts) {
+    sim_work w;
+    sim_step_cost sc;
+    sim_work_begin(&w, p);
+    for (int i = 0; i < 8; i++) sim_work_add_decode(&w, ctx);
+    w.n_logits = 8;
+    sim_cost_step(c, &w, &sc);
+    return sc.energy_j - (sc.decode_s * watts + (sc.seconds - sc.decode_s) * 40);
+}
+
 /* power.decode_watts: a decode step's power at its batch and mean context (clamped to
  * the measured range), scaled to the clock like decode_w; absent: decode_w. */
 static void test_decode_power_grid(void) {
@@ -505,48 +517,29 @@ static void test_decode_power_grid(void) {
     p.power.idle_w = 40;
     p.power.prefill_w = 200;
     p.power.decode_w = 120;
-    sim_step_cost sc;
-    sim_work w;
     sim_cost c;
     sim_cost_init(&c, &p, 0);
-    sim_work_begin(&w, &p);
-    for (int i = 0; i < 8; i++) sim_work_add_decode(&w, 256);
-    w.n_logits = 8;
-    sim_cost_step(&c, &w, &sc);
-    double host = sc.seconds - sc.decode_s;
-    CHECKF(near(sc.energy_j, sc.decode_s * 120 + host * 40, 1e-12), "no grid: %.9g J", sc.energy_j);
+    double off = decode8_energy_off(&c, &p, 256, 120);
+    CHECKF(fabs(off) < 1e-12, "no grid: %.3g J off", off);
     sim_grid *g = &p.power.decode_grid;
     sim_grid_init(g, p.decode.nx, p.decode.x, p.decode.ny, p.decode.y);
     for (int i = 0; i < g->nx; i++)
         for (int j = 0; j < g->ny; j++) g->v[i * g->ny + j] = 100 + 0.1 * g->y[j] + g->x[i];
     sim_cost_init(&c, &p, 0);
-    sim_cost_step(&c, &w, &sc);
-    CHECKF(near(sc.energy_j, sc.decode_s * (100 + 25.6 + 8) + host * 40, 1e-12), "grid point: %.9g J", sc.energy_j);
+    off = decode8_energy_off(&c, &p, 256, 100 + 25.6 + 8);
+    CHECKF(fabs(off) < 1e-12, "grid point: %.3g J off", off);
     /* between points: bilinear (ctx 2176 is halfway from 256 to 4096) */
-    sim_work_begin(&w, &p);
-    for (int i = 0; i < 8; i++) sim_work_add_decode(&w, 2176);
-    w.n_logits = 8;
-    sim_cost_step(&c, &w, &sc);
-    host = sc.seconds - sc.decode_s;
-    CHECKF(near(sc.energy_j, sc.decode_s * (100 + 217.6 + 8) + host * 40, 1e-9), "between: %.9g J", sc.energy_j);
+    off = decode8_energy_off(&c, &p, 2176, 100 + 217.6 + 8);
+    CHECKF(fabs(off) < 1e-9, "between: %.3g J off", off);
     /* past the grid: the last measured power, not an extrapolation */
-    sim_work_begin(&w, &p);
-    for (int i = 0; i < 8; i++) sim_work_add_decode(&w, 100000);
-    w.n_logits = 8;
-    sim_cost_step(&c, &w, &sc);
-    host = sc.seconds - sc.decode_s;
-    CHECKF(near(sc.energy_j, sc.decode_s * (100 + 409.6 + 8) + host * 40, 1e-9), "beyond: %.9g J", sc.energy_j);
+    off = decode8_energy_off(&c, &p, 100000, 100 + 409.6 + 8);
+    CHECKF(fabs(off) < 1e-9, "beyond: %.3g J off", off);
     /* at half the base clock: the dynamic part scaled as decode_w's is */
     p.clock.base_mhz = 1400;
     sim_cost slow;
     sim_cost_init(&slow, &p, 700);
-    sim_work_begin(&w, &p);
-    for (int i = 0; i < 8; i++) sim_work_add_decode(&w, 256);
-    w.n_logits = 8;
-    sim_cost_step(&slow, &w, &sc);
-    host = sc.seconds - sc.decode_s;
-    double dyn = pow(0.5, p.clock.dyn_exp);
-    CHECKF(near(sc.energy_j, sc.decode_s * (40 + (133.6 - 40) * dyn) + host * 40, 1e-9), "clocked: %.9g J", sc.energy_j);
+    off = decode8_energy_off(&slow, &p, 256, 40 + (133.6 - 40) * pow(0.5, p.clock.dyn_exp));
+    CHECKF(fabs(off) < 1e-9, "clocked: %.3g J off", off);
     /* the profile file keeps it; a grid of the wrong shape is refused by name */
     char *js = sim_profile_to_json(&p);
     char err[256];
