@@ -110,9 +110,10 @@ static void test_no_limit(void) {
 }
 
 /* ---- decode_watts: each decode point's own power, through a stand-in RAPL tree ---------
- * A thread advances package-0's energy counter at 50 W of wall time, so that every phase
- * of the profile (idle, prefill, decode, each decode point) reads 50 W: what is checked
- * is that each decode point got a phase of its own and the profile keeps the grid. */
+ * A thread advances package-0's energy counter at 50 W of wall time (every 0.2 ms), so
+ * that every phase of the profile (idle, prefill, decode, each decode point) reads 50 W:
+ * what is checked is that each decode point got a phase of its own and the profile keeps
+ * the grid. */
 static char g_pc[256];
 static atomic_bool g_pc_stop;
 
@@ -125,7 +126,7 @@ static void *pc_main(void *arg) {
         char v[32];
         snprintf(v, sizeof v, "%.0f\n", (time_now_s() - t0) * 50e6 + 1000);
         pc_put("intel-rapl:0/energy_uj", v);
-        usleep(1000);
+        usleep(200);
     }
     return NULL;
 }
@@ -147,6 +148,7 @@ static void test_decode_watts(void) {
     nvml_rig_grid(&o, 2);
     o.measure_power = true;
     o.measure_power_cap = false;
+    o.repeats = 20; /* the prefill and decode phases long enough for the counter to move */
     sim_profile p;
     char err[512];
     int rc = sim_profile_measure(g_rig.m, &o, &p, err, sizeof err);
