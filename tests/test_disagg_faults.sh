@@ -10,7 +10,8 @@
 #   3. a transfer stalled past its deadline (--debug-stall-transfer-ms 3000 against
 #      --kv-transfer-timeout 1): 504 within the deadline, both pools empty; and a
 #      request queued behind another's long transfer: 504 at its own deadline, from the
-#      prefill instance, the long one served;
+#      prefill instance, the long one served; and a prefill instance stopped past a
+#      deadline: the router checks its health instead of taking it out of rotation;
 #   4. a full disk store (--kv-store-capacity 256KiB): a long prompt fails, short ones
 #      are served.
 source "$(dirname "${BASH_SOURCE[0]}")/disagg_common.sh"
@@ -110,6 +111,35 @@ done
 echo "ok   a request queued behind a 2.5 s transfer: 504 from the prefill instance after $ms ms (deadline 1 s), the long one served, pools empty"
 kill -TERM "$RXPID" "$RYPID" "$PQPID" "$DQPID"
 wait "$RXPID" "$RYPID" "$PQPID" "$DQPID"
+
+# ---- 3c. a prefill instance that answers late once stays in rotation -------------------------------
+# The prefill instance is stopped (SIGSTOP) from before a request with a 1 s deadline
+# until 2 s after it, so it cannot answer by then: the router answers the client 504 at
+# the deadline + 0.5 s and checks the instance's health at once, instead of taking it
+# out of rotation; the instance answers that check once resumed, and the next requests
+# through the same router are served.
+start_serve dl --role decode --kv-medium tcp; DL=$PORT; DLPID=$SPID
+start_serve pl --role prefill --kv-medium tcp; PL=$PORT; PLPID=$SPID
+start_serve rl --role router --kv-transfer-timeout 1 --prefill "http://127.0.0.1:$PL" --decode "http://127.0.0.1:$DL"
+RL=$PORT; RLPID=$SPID
+kill -STOP "$PLPID"
+( sleep 2; kill -CONT "$PLPID" ) &
+RESUMER=$!
+code="$(curl -s -o "$TMP/late.json" -w '%{http_code}' "http://127.0.0.1:$RL/v1/completions" \
+  -d '{"prompt":"1 2 3 4","max_tokens":4,"temperature":0}')"
+wait "$RESUMER"
+[ "$code" = 504 ] && grep -q kv_transfer_timeout "$TMP/late.json" ||
+  fail "late: HTTP $code: $(cat "$TMP/late.json")"
+grep -q "checking its health" "$TMP/rl.log" || fail "late: the router did not check the late instance's health"
+sleep 0.5
+grep -q "is unhealthy" "$TMP/rl.log" &&
+  fail "late: one late answer took the prefill instance out of rotation: $(grep unhealthy "$TMP/rl.log")"
+out="$(PDSERVE_URL="http://127.0.0.1:$RL" PDSERVE_INSTANCES="http://127.0.0.1:$DL,http://127.0.0.1:$PL" PDSERVE_N=4 \
+  PDSERVE_STREAM=0 node "$DISAGG" faults plain)" || fail "late: pools not empty"
+echo "$out" | grep -q '"ok":4,' || fail "late: the next requests were not served: $out"
+echo "ok   a prefill instance stopped past a deadline: 504, a health check instead of 'unhealthy', the next 4 served, pools empty"
+kill -TERM "$RLPID" "$PLPID" "$DLPID"
+wait "$RLPID" "$PLPID" "$DLPID"
 
 # ---- 4. a full disk store ----------------------------------------------------------------------------
 start_up diskfull --setup dis-disk --kv-store-capacity 256KiB
