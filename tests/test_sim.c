@@ -227,7 +227,17 @@ static void test_disaggregated_transfer(void) {
     CHECKF(near(phase(&res->recs[1], "kv_queue"), 0.14, 1e-9), "kv_queue %.6f", phase(&res->recs[1], "kv_queue"));
     CHECK(near(phase(&res->recs[0], "kv_queue"), 0, 1e-9));
     bench_result_free(res);
+    /* a put beside a get twice as slow (put_overlap 2, half each side): the second put
+     * starts at 0.25 while the first get runs to 0.40: 0.15 s of it at half speed move
+     * 0.075 of its 0.15, the rest alone: put 0.25-0.475, get 0.475-0.625 (+ 0.01); the
+     * first request is as before (no get ran beside its put) */
     m.put_share = 0;
+    m.put_overlap = 2;
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].ttft_s, 0.41, 1e-9), "store ttft %.6f", res->recs[0].ttft_s);
+    CHECKF(near(res->recs[1].ttft_s, 0.635, 1e-9), "put beside a get: ttft %.6f", res->recs[1].ttft_s);
+    bench_result_free(res);
+    m.put_overlap = 0;
     snprintf(m.name, sizeof m.name, "test");
     m.bandwidth = 1e6;
     /* colocated, the same request has no transfer */
@@ -909,6 +919,9 @@ static void test_profile_mediums(void) {
         bool store = !strcmp(m->name, "cpu") || !strcmp(m->name, "disk");
         CHECKF(store ? m->put_share > 0 && m->put_share < 1 : m->put_share == 0, "%s: put share %g", m->name,
                m->put_share);
+        /* and a store's put beside a get: measured, never below the put alone */
+        CHECKF(store ? m->put_overlap >= 1 && m->put_overlap < 100 : m->put_overlap == 0, "%s: put beside a get x%g",
+               m->name, m->put_overlap);
     }
     char shm[64];
     snprintf(shm, sizeof shm, "/dev/shm/pdkv-prof%d-kv", (int)getpid());
@@ -1054,13 +1067,14 @@ static void test_cpu_contention(void) {
     p.n_mediums = 1;
     p.mediums[0] = m;
     p.mediums[0].put_share = 0.7;
+    p.mediums[0].put_overlap = 1.4;
     p.contention = (sim_contention){.cores = 2, .threads = 1, .n_points = 2, .procs = {1, 2}, .slowdown = {1, 1.25}};
     snprintf(p.contention.source, sizeof p.contention.source, "measured");
     char *js = sim_profile_to_json(&p);
     sim_profile q;
     REQUIRE(sim_profile_parse(js, strlen(js), "rt", &q, err, sizeof err) == 0);
     CHECK(q.contention.cores == 2 && q.contention.n_points == 2 && q.contention.slowdown[1] == 1.25);
-    CHECK(q.mediums[0].control_s == 0.004 && q.mediums[0].put_share == 0.7);
+    CHECK(q.mediums[0].control_s == 0.004 && q.mediums[0].put_share == 0.7 && q.mediums[0].put_overlap == 1.4);
     CHECK(near(sim_contention_slowdown(&q.contention, 4), 2.5, 1e-12));
     sim_profile_free(&q);
     free(js);

@@ -414,6 +414,7 @@ char *sim_profile_to_json(const sim_profile *p) {
         cJSON_AddNumberToObject(mo, "power_w", m->power_w);
         if (m->control_s > 0) cJSON_AddNumberToObject(mo, "control_s", m->control_s);
         if (m->put_share > 0) cJSON_AddNumberToObject(mo, "put_share", m->put_share);
+        if (m->put_overlap > 0) cJSON_AddNumberToObject(mo, "put_overlap", m->put_overlap);
         add_pairs(mo, "points", m->bytes, m->seconds, m->n_points);
         cJSON_AddStringToObject(mo, "source", m->source);
         cJSON_AddItemToArray(ms, mo);
@@ -695,6 +696,8 @@ static int read_mediums(const cJSON *o, sim_profile *p, const char *name, char *
         m->control_s = PD_MAX(get_num(mo, "control_s", 0), 0);
         m->put_share = get_num(mo, "put_share", 0);
         if (!(m->put_share > 0 && m->put_share < 1)) m->put_share = 0; /* absent or out of range: half */
+        m->put_overlap = get_num(mo, "put_overlap", 0);
+        if (!(m->put_overlap >= 1 && m->put_overlap <= 100)) m->put_overlap = 0; /* absent or out of range */
         const cJSON *pts = cJSON_GetObjectItemCaseSensitive(mo, "points"), *pt;
         cJSON_ArrayForEach(pt, pts) {
             if (m->n_points >= SIM_MAX_POINTS || !cJSON_IsArray(pt) || cJSON_GetArraySize(pt) != 2) break;

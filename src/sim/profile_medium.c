@@ -12,6 +12,7 @@
  * 16,384 tokens of the model's KV geometry, capped so that each cache stays within
  * --medium-bytes. A medium that cannot run here (not built, or a peer copy that needs
  * two processes) is reported in the profile's mediums_note and left to the defaults. */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -74,6 +75,90 @@ static double one_transfer(kv_connector *dec, const kv_block_allocator *al, kv_c
     return dt;
 }
 
+static double med3(const double *v) {
+    double a = v[0], b = v[1], c = v[2];
+    return a > b ? (b > c ? b : a > c ? c : a) : (a > c ? a : b > c ? c : b);
+}
+
+typedef struct get_job {
+    kv_connector *dec;
+    kv_ticket t;
+    kv_status st;
+    double seconds;
+    char err[256];
+} get_job;
+
+static void *get_main(void *arg) {
+    get_job *g = arg;
+    double t0 = time_now_s();
+    g->st = kv_ticket_wait(g->dec, &g->t, 120, g->err, sizeof g->err);
+    g->seconds = time_now_s() - t0;
+    return NULL;
+}
+
+/* A store's put beside a get: request A is put alone, then the decode side reads A (a
+ * thread in kv_ticket_wait) while the prefill side puts B, then the decode side reads B
+ * alone; both of n tokens, fresh keys. Returns B's put over A's (beside a get over
+ * alone), or -1 with err; *get_ratio: A's get over B's. */
+static double overlap_ratio(kv_connector *dec, const kv_block_allocator *al, kv_connector *pre, int n,
+                            int32_t *tokens, const int32_t *src, int nb, uint64_t *req, double *get_ratio,
+                            char *err, size_t errlen) {
+    get_job g = {.dec = dec};
+    kv_ticket tb, pt;
+    char text[KV_TICKET_TEXT_MAX];
+    kv_status st;
+    bool have_a = false, have_b = false;
+    double ratio = -1, put_a = 0, put_b = 0;
+    pthread_t th;
+    bool started = false;
+    for (int i = 0; i < n; i++) tokens[i] = (int32_t)(1 + (i + 7919 * (int)*req) % 30000);
+    if (kv_reserve(dec, (*req)++, tokens, n, 120, &g.t, err, errlen) != KV_OK) goto out;
+    have_a = true;
+    kv_ticket_format(&g.t, text, sizeof text);
+    if (kv_ticket_parse(text, &pt, err, errlen) != 0) goto out;
+    double t0 = time_now_s();
+    kv_send *s = kv_send_begin(pre, &pt, src, nb, tokens, n, &st, err, errlen);
+    if (!s || kv_send_finish(s, err, errlen) != KV_OK) goto out;
+    put_a = time_now_s() - t0;
+    for (int i = 0; i < n; i++) tokens[i] = (int32_t)(1 + (i + 7919 * (int)*req) % 30000);
+    if (kv_reserve(dec, (*req)++, tokens, n, 120, &tb, err, errlen) != KV_OK) goto out;
+    have_b = true;
+    kv_ticket_format(&tb, text, sizeof text);
+    if (kv_ticket_parse(text, &pt, err, errlen) != 0) goto out;
+    if (pthread_create(&th, NULL, get_main, &g) != 0) goto out;
+    started = true;
+    t0 = time_now_s();
+    s = kv_send_begin(pre, &pt, src, nb, tokens, n, &st, err, errlen);
+    if (!s || kv_send_finish(s, err, errlen) != KV_OK) goto out;
+    put_b = time_now_s() - t0;
+    pthread_join(th, NULL);
+    started = false;
+    if (g.st != KV_OK) {
+        pd_errorf(err, errlen, "%s", g.err);
+        goto out;
+    }
+    t0 = time_now_s();
+    if (kv_ticket_wait(dec, &tb, 120, err, errlen) != KV_OK) goto out;
+    double get_b = time_now_s() - t0;
+    ratio = put_a > 0 ? put_b / put_a : -1;
+    *get_ratio = get_b > 0 ? g.seconds / get_b : 0;
+out:
+    if (started) pthread_join(th, NULL);
+    int32_t *got = xmalloc(sizeof(int32_t) * (size_t)nb);
+    for (int k = 0; k < 2; k++) {
+        kv_ticket *t = k ? &tb : &g.t;
+        if (!(k ? have_b : have_a)) continue;
+        if (ratio > 0) {
+            int m = kv_ticket_take(dec, t, got, nb);
+            if (m > 0) al->release(al->user, got, m);
+        } else {
+            kv_ticket_cancel(dec, t);
+        }
+    }
+    free(got);
+    return ratio;
+}
+
 int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *list, const char *dir,
                              size_t max_bytes, int repeats, sim_profile *out, char *err, size_t errlen) {
     (void)err, (void)errlen;
@@ -132,7 +217,7 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
         dc.capacity_bytes = cache_bytes * 2 + ((size_t)64 << 20);
         /* the disk store keeps every transfer's files until it evicts: room for all */
         if (m == KV_MEDIUM_DISK)
-            dc.capacity_bytes = cache_bytes * (size_t)(2 + PD_MAX(repeats, 1) * n_sizes) + ((size_t)64 << 20);
+            dc.capacity_bytes = cache_bytes * (size_t)(4 + PD_MAX(repeats, 1) * n_sizes) + ((size_t)64 << 20);
         dc.create_store = true;
         pc = dc;
         pc.role = KV_ROLE_PREFILL;
@@ -189,7 +274,6 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
             if (dt < 0) break;
             if (control < 0 || round - dt < control) control = PD_MAX(round - dt, 0);
         }
-        free(src);
         if (ok && md.n_points >= 2) {
             sim_medium_fit(&md);
             /* stores: the put and the get run on different sides, each queued on its own
@@ -198,6 +282,25 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
                 md.put_share = put_sum / all_sum;
                 log_info("profile: medium %s, the put's share of a transfer (the prefill side's): %.2f", name,
                          md.put_share);
+            }
+            /* a put beside the previous request's get, at the second largest size (two
+             * reservations of it fit the decode side's cache, sized for one of the
+             * largest) */
+            int so = n_sizes - 2;
+            if ((m == KV_MEDIUM_CPU || m == KV_MEDIUM_DISK) && so >= 0) {
+                int n = sizes[so], nb = (n + bs - 1) / bs, k = 0;
+                double pr[3], gr[3];
+                for (; k < 3; k++)
+                    if ((pr[k] = overlap_ratio(dec, &al, pre, n, tokens, src, nb, &req, &gr[k], e, sizeof e)) < 0)
+                        break;
+                if (k == 3) {
+                    double p = med3(pr), g = med3(gr);
+                    md.put_overlap = PD_MAX(p, 1.0);
+                    log_info("profile: medium %s, a put beside a get of %d tokens: the put x%.2f, the get x%.2f "
+                             "(against each alone; median of 3)", name, n, p, g);
+                } else {
+                    note_add(out, "%s: put beside a get: %s", name, e);
+                }
             }
             if (control > 0) {
                 md.control_s = control;
@@ -208,6 +311,7 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
                      be->ops->name);
             out->mediums[out->n_mediums++] = md;
         }
+        free(src);
         kv_connector_free(pre);
         kv_connector_free(dec);
         kv_pool_allocator_free(pa);

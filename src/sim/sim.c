@@ -544,7 +544,11 @@ static int on_serve(sim_state *s, double t) {
  * profile` times it); a store decouples the two, so the prefill side's puts queue on
  * its side (the server's transfer worker runs one at a time), the decode side's gets on
  * its own, and the next request's put overlaps this one's get: the put's share of the
- * time as the profile measured it apart (put_share; half each when not measured). */
+ * time as the profile measured it apart (put_share; half each when not measured). A put
+ * that runs while the decode side still reads an earlier request from the store is
+ * slower by the profile's put_overlap over that window; the get is priced alone (on the
+ * H200 host of 2026-11-28 the reads beside puts were no slower, the puts were:
+ * docs/simulator.md, "dis-disk's misses, explained"). */
 static bool is_store(const sim_medium *m) { return m && (!strcmp(m->name, "cpu") || !strcmp(m->name, "disk")); }
 
 static void start_transfer(sim_state *s, inst *in, sreq *r, double t) {
@@ -556,6 +560,13 @@ static void start_transfer(sim_state *s, inst *in, sreq *r, double t) {
     bool store = is_store(m);
     double share = m && m->put_share > 0 ? m->put_share : 0.5;
     double send = store ? busy * share : busy; /* the prefill side's share */
+    double get = busy - send;                  /* stores: the decode side's */
+    if (store && m->put_overlap > 1) {
+        /* the put shares the store with the decode side's get of an earlier request
+         * while that runs (until d's link_free): slower by put_overlap over that window */
+        double fp = m->put_overlap, w = PD_MAX(s->insts[r->d_inst].link_free - PD_MAX(t, in->link_free), 0);
+        send = send * fp <= w ? send * fp : w + (send - w / fp);
+    }
     double f;
     if (s->cfg->layerwise && m) {
         int L = s->p->n_layers > 0 ? s->p->n_layers : 32;
@@ -581,7 +592,7 @@ static void start_transfer(sim_state *s, inst *in, sreq *r, double t) {
     double arrive = f + latency;
     if (store) {
         inst *d = &s->insts[r->d_inst];
-        double g = PD_MAX(f, d->link_free) + (busy - send);
+        double g = PD_MAX(f, d->link_free) + get;
         d->link_free = g;
         arrive = g + latency;
     }

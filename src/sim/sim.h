@@ -56,6 +56,9 @@ typedef struct sim_medium {
     double put_share;       /* stores (cpu, disk): the prefill side's share of a transfer's
                                time (its put; the rest is the decode side's get), as the
                                profile timed them apart; 0: not measured (half each) */
+    double put_overlap;     /* stores: how much longer a put takes while the decode side
+                               reads the previous request from the same store (a put
+                               beside a get over the put alone, >= 1; 0: not measured) */
 } sim_medium;
 
 /* One serving-shape step run back to back, alone, for the power cap (docs/simulator.md,
