@@ -20,7 +20,9 @@ long long cli_parse_size(const char *s) {
     else if (!strcasecmp(end, "g") || !strcasecmp(end, "gib")) mul = 1024.0 * 1024 * 1024;
     else if (!strcasecmp(end, "gb")) mul = 1e9;
     else return -1;
-    return (long long)(v * mul);
+    double b = v * mul;
+    if (!(b >= -9.2e18 && b <= 9.2e18)) return -1; /* past long long: refused, as a bad size */
+    return (long long)b;
 }
 
 void cli_print_help(const char *usage, const cli_opt *opts, int n_opts) {

@@ -41,6 +41,15 @@ static double num(const cJSON *o, const char *key, double dflt) {
     return cJSON_IsNumber(v) ? v->valuedouble : dflt;
 }
 
+#define SIM_PLAN_MAX_INSTANCES 65536 /* per role in one setup */
+
+/* A count at key (absent: dflt) as an int; -1 when it is not a number from -1e9 to 1e9,
+ * which every caller refuses (counts are at least 0 or 1). */
+static int inum(const cJSON *o, const char *key, double dflt) {
+    double x = num(o, key, dflt);
+    return x >= -1e9 && x <= 1e9 ? (int)x : -1;
+}
+
 static const char *str(const cJSON *o, const char *key) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
     return cJSON_IsString(v) ? v->valuestring : NULL;
@@ -66,9 +75,15 @@ static int parse_setup(const cJSON *it, int i, sim_plan_setup *s, const char *na
     } else {
         memset(s, 0, sizeof *s);
         s->prefix_caching = -1;
-        s->n_colocated = (int)num(it, "colocated", 0);
-        s->n_prefill = (int)num(it, "prefill", 0);
-        s->n_decode = (int)num(it, "decode", 0);
+        s->n_colocated = inum(it, "colocated", 0);
+        s->n_prefill = inum(it, "prefill", 0);
+        s->n_decode = inum(it, "decode", 0);
+        if (s->n_colocated < 0 || s->n_prefill < 0 || s->n_decode < 0 || s->n_colocated > SIM_PLAN_MAX_INSTANCES ||
+            s->n_prefill > SIM_PLAN_MAX_INSTANCES || s->n_decode > SIM_PLAN_MAX_INSTANCES) {
+            pd_errorf(err, errlen, "%s: setups[%d]: colocated, prefill and decode are counts from 0 to %d", name, i,
+                      SIM_PLAN_MAX_INSTANCES);
+            return -1;
+        }
         if (s->n_colocated > 0) snprintf(s->label, sizeof s->label, "co-%d", s->n_colocated);
         else snprintf(s->label, sizeof s->label, "%dP%dD", s->n_prefill, s->n_decode);
         snprintf(s->medium, sizeof s->medium, "gpu");
@@ -92,14 +107,14 @@ static int parse_load(const cJSON *it, int i, sim_load *l, const char *name, cha
     double batch = num(it, "batch", num(it, "batch_size", 0));
     if (batch > 0 || (kind && !strcmp(kind, "batch"))) {
         l->batch = true;
-        l->num_prompts = (int)batch;
+        l->num_prompts = batch <= 1e9 ? (int)batch : -1;
         l->rate = INFINITY;
     } else if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(it, "trace")) || (kind && !strcmp(kind, "trace"))) {
         l->trace_times = true;
-        l->num_prompts = (int)num(it, "num_prompts", 0);
+        l->num_prompts = inum(it, "num_prompts", 0);
     } else {
         l->rate = num(it, "rate", 0);
-        l->num_prompts = (int)num(it, "num_prompts", 0);
+        l->num_prompts = inum(it, "num_prompts", 0);
         if (!(l->rate > 0) || l->num_prompts < 1) {
             pd_errorf(err, errlen, "%s: loads[%d] needs \"batch\": N, or \"rate\": R with \"num_prompts\": N, "
                                    "or \"trace\": true", name, i);
@@ -120,10 +135,11 @@ static int parse_load(const cJSON *it, int i, sim_load *l, const char *name, cha
 static int parse_engine(const cJSON *o, sim_plan *p, const char *name, char *err, size_t errlen) {
     const cJSON *e = cJSON_GetObjectItemCaseSensitive(o, "engine");
     if (!e) e = o; /* the keys may also sit at the top level */
-    p->max_num_seqs = (int)num(e, "max_num_seqs", 256);
-    p->max_num_batched_tokens = (int)num(e, "max_num_batched_tokens", 2048);
-    p->block_size = (int)num(e, "block_size", 16);
-    p->kv_cache_tokens = (long long)num(e, "kv_cache_tokens", 0);
+    p->max_num_seqs = inum(e, "max_num_seqs", 256);
+    p->max_num_batched_tokens = inum(e, "max_num_batched_tokens", 2048);
+    p->block_size = inum(e, "block_size", 16);
+    double kvt = num(e, "kv_cache_tokens", 0);
+    p->kv_cache_tokens = kvt >= 0 && kvt <= 1e15 ? (long long)kvt : -1;
     const cJSON *ch = cJSON_GetObjectItemCaseSensitive(e, "enable_chunked_prefill");
     p->enable_chunked_prefill = ch ? cJSON_IsTrue(ch) : true;
     if (p->max_num_seqs < 1 || p->max_num_batched_tokens < 1 || p->block_size < 1 || p->kv_cache_tokens < 0) {
@@ -146,17 +162,22 @@ static int parse_dataset(const cJSON *o, sim_plan *p, const char *name, char *er
         return -1;
     }
     d->kind = (bench_dataset_kind)k;
-    d->random_input_len = (int)num(src, "input_len", 1024);
-    d->random_output_len = (int)num(src, "output_len", 128);
+    d->random_input_len = inum(src, "input_len", 1024);
+    d->random_output_len = inum(src, "output_len", 128);
     d->random_range_ratio = num(src, "range_ratio", 0);
-    d->random_vocab_size = (int)num(src, "vocab_size", d->random_vocab_size);
+    d->random_vocab_size = inum(src, "vocab_size", d->random_vocab_size);
     const char *path = str(src, "path");
     if (!path) path = str(o, "dataset_path");
     if (path) snprintf(p->dataset_path, sizeof p->dataset_path, "%s", path);
-    p->seed = (uint64_t)num(o, "seed", num(src, "seed", 0));
+    double seed = num(o, "seed", num(src, "seed", 0));
+    if (!(seed >= 0 && seed < 1.8e19)) {
+        pd_errorf(err, errlen, "%s: seed must be a number from 0 to 2^64", name);
+        return -1;
+    }
+    p->seed = (uint64_t)seed;
     d->seed = p->seed;
-    if (d->random_input_len < 1 || d->random_output_len < 1) {
-        pd_errorf(err, errlen, "%s: input_len and output_len must be at least 1", name);
+    if (d->random_input_len < 1 || d->random_output_len < 1 || d->random_vocab_size < 1) {
+        pd_errorf(err, errlen, "%s: input_len, output_len and vocab_size must be at least 1", name);
         return -1;
     }
     return 0;

@@ -552,6 +552,19 @@ static double get_num(const cJSON *o, const char *key, double dflt) {
     return cJSON_IsNumber(v) ? v->valuedouble : dflt;
 }
 
+/* A whole number from lo to hi at key (absent: dflt) into *out; -1 with the field named. */
+static int get_whole(const cJSON *o, const char *key, double dflt, double lo, double hi, double *out,
+                     const char *name, char *err, size_t errlen) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    double x = v ? (cJSON_IsNumber(v) ? v->valuedouble : NAN) : dflt;
+    if (!(x >= lo && x <= hi) || x != floor(x)) {
+        pd_errorf(err, errlen, "%s: %s must be a whole number from %.0f to %.0f", name, key, lo, hi);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
 /* Reads a strictly increasing number array of 1..4096 entries into *out (malloc'd). */
 static int read_axis(const cJSON *a, double **out, int *n, const char *what, const char *name, char *err,
                      size_t errlen) {
@@ -964,8 +977,10 @@ static int read_mixed(const cJSON *o, sim_profile *p, const char *name, char *er
         }
         double v[5];
         for (int k = 0; k < 5; k++) v[k] = cJSON_GetArrayItem(pt, k)->valuedouble;
-        if (!(v[0] >= 1) || !(v[1] >= 0) || !(v[2] >= 1) || !(v[3] >= 1) || !(v[4] > 0)) {
-            pd_errorf(err, errlen, "%s: mixed.points[%d]: T, B, L >= 1, C >= 0, seconds > 0", name, p->n_mixed);
+        if (!(v[0] >= 1 && v[0] <= 1e8) || !(v[1] >= 0 && v[1] <= 1e8) || !(v[2] >= 1 && v[2] <= 65536) ||
+            !(v[3] >= 1 && v[3] <= 1e8) || !(v[4] > 0 && isfinite(v[4]))) {
+            pd_errorf(err, errlen, "%s: mixed.points[%d]: T, L from 1 to 1e8, B from 1 to 65536, C from 0 to 1e8, "
+                      "seconds > 0", name, p->n_mixed);
             return -1;
         }
         p->mixed[p->n_mixed++] = (sim_mixed_point){v[0], v[1], v[2], v[3], v[4]};
@@ -994,15 +1009,18 @@ int sim_profile_parse(const char *text, size_t len, const char *name, sim_profil
     get_str(o, "backend", p->backend, sizeof p->backend);
     get_str(o, "host", p->host, sizeof p->host);
     get_str(o, "date", p->date, sizeof p->date);
-    p->block_size = (int)get_num(o, "block_size", 16);
-    p->kv_bytes_per_token = (size_t)get_num(o, "kv_bytes_per_token", 0);
-    p->n_layers = (int)get_num(o, "n_layers", 0);
-    p->kv_cache_tokens = (long long)get_num(o, "kv_cache_tokens", 0);
-    p->repeats = (int)get_num(o, "repeats", 1);
-    if (p->block_size < 1) {
-        pd_errorf(err, errlen, "%s: block_size must be at least 1", name);
+    double bs, kvb, nl, kvt, rp;
+    if (get_whole(o, "block_size", 16, 1, 1 << 20, &bs, name, err, errlen) ||
+        get_whole(o, "kv_bytes_per_token", 0, 0, 1e12, &kvb, name, err, errlen) ||
+        get_whole(o, "n_layers", 0, 0, 1e5, &nl, name, err, errlen) ||
+        get_whole(o, "kv_cache_tokens", 0, 0, 1e15, &kvt, name, err, errlen) ||
+        get_whole(o, "repeats", 1, 0, 1e6, &rp, name, err, errlen))
         goto out;
-    }
+    p->block_size = (int)bs;
+    p->kv_bytes_per_token = (size_t)kvb;
+    p->n_layers = (int)nl;
+    p->kv_cache_tokens = (long long)kvt;
+    p->repeats = (int)rp;
     if (read_grid(o, "prefill", "tokens", "context", &p->prefill, name, err, errlen)) goto out;
     if (read_grid(o, "decode", "batch", "context", &p->decode, name, err, errlen)) goto out;
     if (read_linear(o, p, name, err, errlen)) goto out;

@@ -180,8 +180,9 @@ static int parse_loads_obj(const cJSON *o, study_plan *p, char *err, size_t errl
     }
     const cJSON *it;
     cJSON_ArrayForEach(it, b) {
-        if (!cJSON_IsNumber(it) || it->valuedouble < 1 || it->valuedouble != floor(it->valuedouble)) {
-            pd_errorf(err, errlen, "loads: batch sizes must be integers >= 1");
+        if (!cJSON_IsNumber(it) || it->valuedouble < 1 || it->valuedouble > 1e9 ||
+            it->valuedouble != floor(it->valuedouble)) {
+            pd_errorf(err, errlen, "loads: batch sizes must be integers from 1 to 1e9");
             return -1;
         }
         int bs = (int)it->valuedouble;
