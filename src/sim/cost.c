@@ -83,10 +83,18 @@ static double prefill_part_eq(const sim_profile *p, const sim_work *w) {
  * (the padding rows cost as real ones: measured on an H200, 5 to 7 sequences at 16k
  * context stepped in 10.6-10.7 ms, the 8-sequence time, not the 7.2 ms of 4 plus a
  * share), so it is priced at the padded size with the real rows' mean context. */
+/* The decode part's shape as it runs: its rows (padded to the bucket in a decode-only
+ * step on an engine with buckets) and their mean context. w has decode rows. */
+static void decode_shape(const sim_profile *p, const sim_work *w, double *B, double *ctx) {
+    *B = w->decode_seqs;
+    *ctx = w->decode_ctx / *B;
+    if (p->decode_buckets && w->prefill_tokens <= 0) *B = fwd_decode_bucket_rows(w->decode_seqs);
+}
+
 static double decode_part(const sim_profile *p, const sim_work *w) {
     if (w->decode_seqs <= 0) return 0;
-    double B = w->decode_seqs, ctx = w->decode_ctx / B;
-    if (p->decode_buckets && w->prefill_tokens <= 0) B = fwd_decode_bucket_rows((int)B);
+    double B, ctx;
+    decode_shape(p, w, &B, &ctx);
     return PD_MAX(sim_grid_eval(&p->decode, B, ctx), SIM_MIN_PART_S);
 }
 
@@ -100,8 +108,8 @@ static double decode_watts(const sim_cost *c, const sim_work *w) {
     const sim_profile *p = c->p;
     const sim_grid *g = &p->power.decode_grid;
     if (g->nx < 1 || w->decode_seqs <= 0) return c->decode_w;
-    double B = w->decode_seqs, ctx = w->decode_ctx / B;
-    if (p->decode_buckets && w->prefill_tokens <= 0) B = fwd_decode_bucket_rows((int)B);
+    double B, ctx;
+    decode_shape(p, w, &B, &ctx);
     /* within the measured range: power is not extrapolated past its points */
     B = PD_MIN(PD_MAX(B, g->x[0]), g->x[g->nx - 1]);
     ctx = PD_MIN(PD_MAX(ctx, g->y[0]), g->y[g->ny - 1]);
