@@ -66,7 +66,11 @@ finished=0; streaming=0; closed=0; refused=0; other=""
 for i in $(seq $NS); do
   wait "${CURLS[$((i - 1))]}"; rc=$?
   if grep -q 'data: \[DONE\]' "$TMP/s$i.out"; then
-    [ $rc = 0 ] || fail "stream $i has [DONE] but curl failed ($rc)"
+    # [DONE] sent, then the kill came before the router closed the chunked body (curl:
+    # partial transfer): every event arrived, only the terminator was cut (seen once in
+    # CI, 2026-11-28). Any other failure of a finished stream is one.
+    [ $rc = 0 ] || { [ $rc = 18 ] && [ "$(tail -c 64 "$TMP/s$i.out" | grep -c 'data: \[DONE\]')" = 1 ]; } ||
+      fail "stream $i has [DONE] but curl failed ($rc)"
     finished=$((finished + 1)); continue
   fi
   grep -q '^data: {' "$TMP/s$i.out" && streaming=$((streaming + 1))
