@@ -121,6 +121,24 @@ static void batch_begin(prof *P, fwd_batch *b) {
     b->logit_rows = P->logit_rows;
 }
 
+/* The cache holds data, as a serving engine's does, not the zeros it was allocated
+ * with: a step's time does not depend on what its KV reads return, but its power does
+ * (HBM and the datapaths toggle with the data). Decode steps of Llama-3.2-3B at 16k
+ * context on an H200 drew about 430 W reading a zeroed pool, against 600-630 W in a
+ * deployment at the same batch and context (2026-11-28 14:47; docs/simulator.md, "Where
+ * the J/token bias comes from"). PDSERVE_PROFILE_KV_ZERO=1 keeps the zeros, to compare. */
+static void fill_kv(prof *P) {
+    const char *z = getenv("PDSERVE_PROFILE_KV_ZERO");
+    if ((z && *z && strcmp(z, "0") != 0) || !P->be->ops->fill_random) return;
+    kv_cache *kv = P->kv;
+    size_t n = (size_t)kv->num_blocks * kv->block_bytes / dtype_size(kv->type);
+    for (int l = 0; l < kv->n_layers; l++) {
+        P->be->ops->fill_random(P->be, kv->k[l], kv->type, n, 0x6b76ull * 1000 + (uint64_t)l, 1.0f);
+        P->be->ops->fill_random(P->be, kv->v[l], kv->type, n, 0x7676ull * 1000 + (uint64_t)l, 1.0f);
+    }
+    if (P->be->ops->sync) P->be->ops->sync(P->be);
+}
+
 static int blocks_for(int tokens, int bs) { return (tokens + bs - 1) / bs; }
 
 static double measure_prefill(prof *P, int T, int C) {
@@ -584,9 +602,60 @@ static double phase_end(power_phase *ph, char *why, size_t cap, double *sm_mhz) 
     return w;
 }
 
-/* Each decode point's own power: the point run back to back for this long (after one
- * warm run) in a phase of its own. */
-#define DECODE_POWER_WINDOW_S 0.3
+/* Each decode point's own power: the point run back to back for DECODE_POWER_WINDOW_S
+ * (after one warm run) in a session of its own sampling the GPU's instantaneous power
+ * every DECODE_POWER_PERIOD_S; the mean of the samples after DECODE_POWER_SETTLE_S. NVML's
+ * energy counter moves about every 100 ms, so over a window this short it is off by up
+ * to a third (2x H200, 2026-11-28 14:47: two of 28 points read 40% above their
+ * neighbours); it stands in only when the instantaneous field cannot be read. */
+#define DECODE_POWER_WINDOW_S 0.4
+#define DECODE_POWER_SETTLE_S 0.1
+#define DECODE_POWER_PERIOD_S 0.01
+
+/* One decode point's watts as above, or -1 when nothing could be read. */
+static double decode_point_watts(prof *P, const sim_profile_opts *o, bool cpu, const ppoint *q) {
+    run_point(P, q);
+    power_config pc = {0};
+    pc.idle_window_s = -1;
+    pc.no_nvml = cpu;
+    pc.nvml = o->nvml;
+    pc.sample_period_s = DECODE_POWER_PERIOD_S;
+    pc.slow_every = 1000; /* power only */
+    pc.sample_capacity = (size_t)(DECODE_POWER_WINDOW_S / DECODE_POWER_PERIOD_S) * 2 + 64;
+    if (!cpu) {
+        pc.n_gpus = 1;
+        pc.gpus[0] = 0;
+    }
+    char err[256];
+    power_session *s = power_session_open(&pc, err, sizeof err);
+    if (!s || power_session_start(s, err, sizeof err) != 0) {
+        power_session_free(s);
+        return -1;
+    }
+    double t0 = time_now_s();
+    do run_point(P, q);
+    while (time_now_s() - t0 < DECODE_POWER_WINDOW_S);
+    power_result r;
+    memset(&r, 0, sizeof r);
+    power_session_stop(s, 0, 0, 0, &r);
+    double w = -1, sum = 0;
+    int k = 0;
+    size_t n = 0;
+    const power_sample *smp = cpu ? NULL : power_session_samples(s, 0, &n);
+    for (size_t i = 0; smp && i < n; i++)
+        if (smp[i].t_s >= DECODE_POWER_SETTLE_S && (smp[i].valid & POWER_SAMPLE_INSTANT) &&
+            (smp[i].valid & POWER_SAMPLE_POWER))
+            sum += smp[i].power_w, k++;
+    if (k >= 5) w = sum / k;
+    else if (r.gpu_j.measured && r.duration_s > 0) w = r.gpu_j.value / r.duration_s;
+    else if (r.component_j[POWER_COMP_CPU].measured && r.duration_s > 0) {
+        double j = r.component_j[POWER_COMP_CPU].value;
+        if (r.component_j[POWER_COMP_DRAM].measured) j += r.component_j[POWER_COMP_DRAM].value;
+        w = j / r.duration_s;
+    }
+    power_session_free(s);
+    return w;
+}
 
 /* Power of every decode grid point (dec[n], in the grid's order) into
  * out->power.decode_grid on the decode grid's axes. A decode step's power grows with its
@@ -598,13 +667,7 @@ static void measure_decode_watts(prof *P, const sim_profile_opts *o, bool cpu, c
     PD_ASSERT(n == out->decode.nx * out->decode.ny);
     sim_grid_init(g, out->decode.nx, out->decode.x, out->decode.ny, out->decode.y);
     for (int k = 0; k < n; k++) {
-        run_point(P, &dec[k]);
-        power_phase ph;
-        phase_begin(&ph, o, cpu, 0);
-        double t0 = time_now_s();
-        do run_point(P, &dec[k]);
-        while (time_now_s() - t0 < DECODE_POWER_WINDOW_S);
-        double w = phase_end(&ph, NULL, 0, NULL);
+        double w = decode_point_watts(P, o, cpu, &dec[k]);
         if (!(w > 0)) {
             log_warn("profile: decode %dx%d: no power read; the profile keeps one decode power", dec[k].a, dec[k].b);
             sim_grid_free(g);
@@ -897,6 +960,7 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
     if (free_mem > 0 && want > free_mem / 2) want = free_mem / 2;
     P.kv = kv_cache_create(m->be, &m->cfg, P.bs, want, err, errlen);
     if (!P.kv) return -1;
+    fill_kv(&P);
     P.f = fwd_ctx_create(m, P.max_rows, P.max_seqs);
     if (!P.f) {
         pd_errorf(err, errlen, "profile: cannot allocate forward scratch for %d rows", P.max_rows);
