@@ -568,6 +568,69 @@ static void test_decode_power_grid(void) {
     sim_profile_free(&p);
 }
 
+/* A GPU profile's decode power fitted to HBM traffic: the line is recovered from
+ * readings scattered around it, the readings are kept, both survive the file, and a
+ * grid whose power falls as traffic grows is left as measured. */
+static void test_decode_power_fit(void) {
+    sim_profile p;
+    linear_profile(&p);
+    p.power.measured = true;
+    p.power.idle_w = 40;
+    p.power.prefill_w = 200;
+    p.power.decode_w = 120;
+    p.kv_bytes_per_token = 114688;
+    const double wb = 6.4e9, base = 90, slope = 150; /* W, W per TB/s */
+    sim_grid *g = &p.power.decode_grid;
+    sim_grid_init(g, p.decode.nx, p.decode.x, p.decode.ny, p.decode.y);
+    double line[9], rate[9];
+    for (int i = 0; i < g->nx; i++)
+        for (int j = 0; j < g->ny; j++) {
+            int k = i * g->ny + j;
+            rate[k] = (wb + g->x[i] * g->y[j] * 114688.0) / p.decode.v[k] / 1e12;
+            line[k] = base + slope * rate[k];
+            g->v[k] = line[k] + (k % 2 ? 30 : -30) * (k == 8 ? 0 : 1); /* scatter, about zero mean */
+        }
+    double read[9];
+    memcpy(read, g->v, sizeof read);
+    REQUIRE(sim_profile_fit_decode_watts(&p, wb) == 1);
+    CHECKF(fabs(p.power.fit_w_per_tbps - slope) < 0.1 * slope, "slope %.1f want about %.1f", p.power.fit_w_per_tbps,
+           slope);
+    CHECK(p.power.fit_rms_w > 20 && p.power.fit_rms_w < 35);
+    CHECK(p.power.decode_grid_measured.nx == 3 && p.power.decode_grid_measured.ny == 3);
+    for (int k = 0; k < 9; k++) {
+        CHECK(near(p.power.decode_grid_measured.v[k], read[k], 1e-12));
+        double f = p.power.fit_base_w + p.power.fit_w_per_tbps * rate[k];
+        CHECKF(near(g->v[k], PD_MAX(f, 40), 1e-9), "point %d: %.3f, the line says %.3f", k, g->v[k], f);
+        CHECKF(fabs(g->v[k] - line[k]) < 25, "point %d: %.1f W, %.1f W without the scatter", k, g->v[k], line[k]);
+    }
+    /* the file keeps the fitted grid (what the sim prices), the readings and the line */
+    char *js = sim_profile_to_json(&p);
+    char err[256];
+    sim_profile q;
+    REQUIRE(sim_profile_parse(js, strlen(js), "rt", &q, err, sizeof err) == 0);
+    for (int k = 0; k < 9; k++) {
+        CHECK(near(q.power.decode_grid.v[k], g->v[k], 1e-9));
+        CHECK(near(q.power.decode_grid_measured.v[k], read[k], 1e-9));
+    }
+    CHECK(near(q.power.fit_w_per_tbps, p.power.fit_w_per_tbps, 1e-9) && near(q.power.fit_weight_bytes, wb, 1e-9));
+    sim_profile_free(&q);
+    free(js);
+    /* power falling as traffic grows: not physical, kept as read */
+    for (int k = 0; k < 9; k++) g->v[k] = 700 - 50 * rate[k];
+    memcpy(read, g->v, sizeof read);
+    REQUIRE(sim_profile_fit_decode_watts(&p, wb) == 0);
+    for (int k = 0; k < 9; k++) CHECK(g->v[k] == read[k]);
+    sim_profile_free(&p);
+    /* a measured grid of the wrong shape is refused by name */
+    const char *bad = "{\"format\": \"pdserve-profile/1\", \"prefill\": {\"tokens\": [1, 8], \"context\": [0],"
+                      " \"seconds\": [[1], [2]]}, \"decode\": {\"batch\": [1, 8], \"context\": [16, 256],"
+                      " \"seconds\": [[1, 2], [3, 4]]}, \"power\": {\"measured\": true, \"idle_w\": 40,"
+                      " \"prefill_w\": 200, \"decode_w\": 120, \"decode_watts\": [[100, 110], [120, 130]],"
+                      " \"decode_watts_measured\": [[100, 110], [120, -1]]}}";
+    CHECK(sim_profile_parse(bad, strlen(bad), "bad", &q, err, sizeof err) == -1);
+    CHECK_STR_CONTAINS(err, "power.decode_watts_measured[1][1]");
+}
+
 static void test_roofline_xpyd(void) {
     model_config mc;
     char err[256];
@@ -1102,6 +1165,7 @@ int main(void) {
     TEST_RUN(test_plan_and_setups);
     TEST_RUN(test_profile_roundtrip);
     TEST_RUN(test_decode_power_grid);
+    TEST_RUN(test_decode_power_fit);
     TEST_RUN(test_roofline_xpyd);
     return TEST_END();
 }

@@ -36,13 +36,52 @@ static int parse_list(const char *s, int *out, int cap) {
     return n;
 }
 
+/* --refit-decode-power: a profile's decode power fitted to HBM traffic again, as the
+ * profiler fits it (sim_profile_fit_decode_watts), starting from its readings
+ * (decode_watts_measured, else decode_watts as read). The weights' bytes: the model's
+ * parameters at 2 bytes (bf16, the cuda backend's weights). */
+static int refit_decode_power(const char *in, const model_config *cfg, const char *out) {
+    char err[1024];
+    sim_profile p;
+    if (sim_profile_load(in, &p, err, sizeof err) != 0) {
+        fprintf(stderr, "pdserve profile: %s\n", err);
+        return 1;
+    }
+    int rc = 1;
+    sim_grid *g = &p.power.decode_grid, *m = &p.power.decode_grid_measured;
+    if (strcmp(p.backend, "cuda") != 0 || g->nx == 0 || !p.power.measured) {
+        fprintf(stderr, "pdserve profile: %s: power.decode_watts of a cuda profile is needed to refit\n", in);
+        goto out;
+    }
+    if (m->nx == g->nx && m->ny == g->ny) memcpy(g->v, m->v, sizeof(double) * (size_t)g->nx * (size_t)g->ny);
+    double wb = 2.0 * (double)model_param_count(cfg);
+    if (!sim_profile_fit_decode_watts(&p, wb)) {
+        fprintf(stderr, "pdserve profile: %s: decode power does not grow with HBM traffic; nothing written\n", in);
+        goto out;
+    }
+    size_t n = strlen(p.power.source);
+    if (!strstr(p.power.source, "fitted to HBM traffic"))
+        snprintf(p.power.source + n, sizeof p.power.source - n, ", fitted to HBM traffic (decode_watts_fit)");
+    if (sim_profile_save(&p, out, err, sizeof err) != 0) {
+        fprintf(stderr, "pdserve profile: %s\n", err);
+        goto out;
+    }
+    log_info("profile: %s: decode power = %.0f W + %.1f W per TB/s of HBM traffic (rms %.0f W over %d points), "
+             "weights %.2f GB; wrote %s", in, p.power.fit_base_w, p.power.fit_w_per_tbps, p.power.fit_rms_w,
+             g->nx * g->ny, wb / 1e9, out);
+    rc = 0;
+out:
+    sim_profile_free(&p);
+    return rc;
+}
+
 int cmd_profile(int argc, char **argv) {
     const char *model_arg = NULL, *load_format = "auto", *device = "cpu", *out_path = NULL, *medium = NULL;
     const char *pt = NULL, *pc = NULL, *db = NULL, *dc = NULL;
     int threads = 0, repeats = 3, block_size = 16, seed = 0;
     double clock_mhz = 0;
     bool no_power = false, verbose = false, no_power_cap = false;
-    const char *roofline = NULL, *medium_dir = NULL, *sm_clocks = NULL, *tiers = NULL;
+    const char *roofline = NULL, *medium_dir = NULL, *sm_clocks = NULL, *tiers = NULL, *refit = NULL;
     long long medium_bytes = 0;
     bool allow_clock_control = false, serving = false, serving_processes = false;
     const char *tok_dir = NULL;
@@ -84,6 +123,9 @@ int cmd_profile(int argc, char **argv) {
         {"verbose", OPT_FLAG, &verbose, "log every point", NULL},
         {"roofline", OPT_STRING, &roofline,
          "measure nothing: write the roofline profile of the model on this card (h100)", "CARD"},
+        {"refit-decode-power", OPT_STRING, &refit,
+         "measure nothing: fit PROFILE's decode power to HBM traffic again (a GPU profile; from its "
+         "decode_watts_measured when present), the weights' bytes from --model; write it to -o", "PROFILE"},
     };
     /* -o FILE is accepted as --output FILE */
     char **av = xmalloc(sizeof(char *) * (size_t)(argc + 1));
@@ -155,7 +197,7 @@ int cmd_profile(int argc, char **argv) {
 
     char err[1024];
     model_files files;
-    if (model_files_open(model_arg, roofline ? "dummy" : load_format, &files, err, sizeof err) != 0) {
+    if (model_files_open(model_arg, roofline || refit ? "dummy" : load_format, &files, err, sizeof err) != 0) {
         fprintf(stderr, "pdserve profile: %s\n", err);
         return 1;
     }
@@ -176,6 +218,11 @@ int cmd_profile(int argc, char **argv) {
         sim_profile_free(&prof);
         model_files_close(&files);
         return rrc ? 1 : 0;
+    }
+    if (refit) {
+        int rrc = refit_decode_power(refit, &files.config, out_path);
+        model_files_close(&files);
+        return rrc;
     }
     int rc = 1;
     backend *be = dev >= 0 ? backend_cuda_create(dev, err, sizeof err) : backend_cpu_create(threads);

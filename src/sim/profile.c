@@ -87,6 +87,7 @@ void sim_profile_free(sim_profile *p) {
     sim_grid_free(&p->decode);
     sim_grid_free(&p->linear);
     sim_grid_free(&p->power.decode_grid);
+    sim_grid_free(&p->power.decode_grid_measured);
 }
 
 /* ---- mediums -------------------------------------------------------------------------- */
@@ -426,10 +427,19 @@ char *sim_profile_to_json(const sim_profile *p) {
         cJSON_AddNumberToObject(pw, "idle_w", p->power.idle_w);
         cJSON_AddNumberToObject(pw, "prefill_w", p->power.prefill_w);
         cJSON_AddNumberToObject(pw, "decode_w", p->power.decode_w);
-        const sim_grid *g = &p->power.decode_grid;
+        const sim_grid *g = &p->power.decode_grid, *gm = &p->power.decode_grid_measured;
         if (g->nx > 0) {
             cJSON *rows = cJSON_AddArrayToObject(pw, "decode_watts");
             for (int i = 0; i < g->nx; i++) cJSON_AddItemToArray(rows, nums(g->v + (size_t)i * g->ny, g->ny));
+        }
+        if (g->nx > 0 && gm->nx == g->nx && gm->ny == g->ny) {
+            cJSON *rows = cJSON_AddArrayToObject(pw, "decode_watts_measured");
+            for (int i = 0; i < gm->nx; i++) cJSON_AddItemToArray(rows, nums(gm->v + (size_t)i * gm->ny, gm->ny));
+            cJSON *fo = cJSON_AddObjectToObject(pw, "decode_watts_fit");
+            cJSON_AddNumberToObject(fo, "base_w", p->power.fit_base_w);
+            cJSON_AddNumberToObject(fo, "w_per_tb_s", p->power.fit_w_per_tbps);
+            cJSON_AddNumberToObject(fo, "rms_w", p->power.fit_rms_w);
+            cJSON_AddNumberToObject(fo, "weight_bytes", p->power.fit_weight_bytes);
         }
     }
     cJSON_AddStringToObject(pw, "source", p->power.source);
@@ -631,34 +641,94 @@ static int read_grid(const cJSON *o, const char *key, const char *xname, const c
     return 0;
 }
 
-/* The optional "power"."decode_watts": one row per decode batch, one number (watts) per
- * decode context, on the decode grid's axes. */
-static int read_decode_watts(const cJSON *pw, sim_profile *p, const char *name, char *err, size_t errlen) {
-    const cJSON *rows = cJSON_GetObjectItemCaseSensitive(pw, "decode_watts");
+/* A GPU's decode step is bound by HBM traffic, and its power follows that traffic: fits
+ * watts = base + slope x (weight_bytes + batch x context x KV bytes per token) / step
+ * time (TB/s) over the measured grid by least squares and replaces each point by the
+ * line's value (at least the idle power), keeping the readings in decode_grid_measured.
+ * One reading of 0.3 s scatters by about 45 W around the line (2x H200, 2026-11-28 15:10:
+ * 28 points, rms 45 W; batch 4 at 4,096 tokens read 404 W between 484 and 538 W at its
+ * neighbours, and 414 W in another profile that day, while a deployment's decode
+ * instance at that shape drew 490-510 W). Returns 1 when fitted; 0, the grid kept as
+ * measured, when the fit is not physical (slope <= 0) or there are fewer than 4 points. */
+int sim_profile_fit_decode_watts(sim_profile *p, double weight_bytes) {
+    sim_grid *g = &p->power.decode_grid;
+    const sim_grid *d = &p->decode;
+    int n = g->nx * g->ny;
+    if (n < 4 || d->nx != g->nx || d->ny != g->ny || !(weight_bytes >= 0)) return 0;
+    double kvb = (double)p->kv_bytes_per_token, sx = 0, sy = 0, sxx = 0, sxy = 0;
+    double *r = xmalloc(sizeof(double) * (size_t)n);
+    for (int i = 0; i < g->nx; i++)
+        for (int j = 0; j < g->ny; j++) {
+            int k = i * g->ny + j;
+            double t = d->v[k];
+            r[k] = t > 0 ? (weight_bytes + g->x[i] * g->y[j] * kvb) / t / 1e12 : 0;
+            sx += r[k], sy += g->v[k], sxx += r[k] * r[k], sxy += r[k] * g->v[k];
+        }
+    double den = n * sxx - sx * sx, slope = den > 0 ? (n * sxy - sx * sy) / den : 0, base = (sy - slope * sx) / n;
+    if (!(slope > 0) || !isfinite(slope) || !isfinite(base)) {
+        free(r);
+        return 0;
+    }
+    sim_grid *m = &p->power.decode_grid_measured;
+    sim_grid_free(m);
+    sim_grid_init(m, g->nx, g->x, g->ny, g->y);
+    double ss = 0, floor_w = p->power.idle_w > 0 ? p->power.idle_w : 1;
+    for (int k = 0; k < n; k++) {
+        m->v[k] = g->v[k];
+        double f = base + slope * r[k];
+        ss += (f - g->v[k]) * (f - g->v[k]);
+        g->v[k] = PD_MAX(f, floor_w);
+    }
+    free(r);
+    p->power.fit_base_w = base;
+    p->power.fit_w_per_tbps = slope;
+    p->power.fit_rms_w = sqrt(ss / n);
+    p->power.fit_weight_bytes = weight_bytes;
+    return 1;
+}
+
+/* The optional "power"."decode_watts" (and its "decode_watts_measured", key): one row
+ * per decode batch, one number (watts) per decode context, on the decode grid's axes,
+ * into g. */
+static int read_watts_grid(const cJSON *pw, const char *key, sim_grid *g, sim_profile *p, const char *name,
+                           char *err, size_t errlen) {
+    const cJSON *rows = cJSON_GetObjectItemCaseSensitive(pw, key);
     if (!rows) return 0;
     const sim_grid *d = &p->decode;
     if (!cJSON_IsArray(rows) || cJSON_GetArraySize(rows) != d->nx) {
-        pd_errorf(err, errlen, "%s: power.decode_watts must have one row per decode batch (%d)", name, d->nx);
+        pd_errorf(err, errlen, "%s: power.%s must have one row per decode batch (%d)", name, key, d->nx);
         return -1;
     }
-    sim_grid *g = &p->power.decode_grid;
     sim_grid_init(g, d->nx, d->x, d->ny, d->y);
     for (int i = 0; i < d->nx; i++) {
         const cJSON *r = cJSON_GetArrayItem(rows, i);
         if (!cJSON_IsArray(r) || cJSON_GetArraySize(r) != d->ny) {
-            pd_errorf(err, errlen, "%s: power.decode_watts[%d] must have %d numbers (one per decode context)",
-                      name, i, d->ny);
+            pd_errorf(err, errlen, "%s: power.%s[%d] must have %d numbers (one per decode context)", name, key, i,
+                      d->ny);
             return -1;
         }
         for (int j = 0; j < d->ny; j++) {
             const cJSON *v = cJSON_GetArrayItem(r, j);
             if (!cJSON_IsNumber(v) || !(v->valuedouble > 0) || !isfinite(v->valuedouble)) {
-                pd_errorf(err, errlen, "%s: power.decode_watts[%d][%d] must be a positive number of watts",
-                          name, i, j);
+                pd_errorf(err, errlen, "%s: power.%s[%d][%d] must be a positive number of watts", name, key, i, j);
                 return -1;
             }
             g->v[i * d->ny + j] = v->valuedouble;
         }
+    }
+    return 0;
+}
+
+static int read_decode_watts(const cJSON *pw, sim_profile *p, const char *name, char *err, size_t errlen) {
+    if (read_watts_grid(pw, "decode_watts", &p->power.decode_grid, p, name, err, errlen)) return -1;
+    if (p->power.decode_grid.nx == 0) return 0;
+    if (read_watts_grid(pw, "decode_watts_measured", &p->power.decode_grid_measured, p, name, err, errlen)) return -1;
+    const cJSON *fo = cJSON_GetObjectItemCaseSensitive(pw, "decode_watts_fit");
+    if (cJSON_IsObject(fo)) { /* a record of how decode_watts was made; the sim reads decode_watts */
+        p->power.fit_base_w = get_num(fo, "base_w", 0);
+        p->power.fit_w_per_tbps = get_num(fo, "w_per_tb_s", 0);
+        p->power.fit_rms_w = get_num(fo, "rms_w", 0);
+        p->power.fit_weight_bytes = get_num(fo, "weight_bytes", 0);
     }
     return 0;
 }

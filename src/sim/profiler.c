@@ -677,6 +677,16 @@ static void measure_decode_watts(prof *P, const sim_profile_opts *o, bool cpu, c
     }
 }
 
+/* A GPU's decode power, fitted to its HBM traffic (sim_profile_fit_decode_watts). */
+static void fit_decode_watts(prof *P, sim_profile *out) {
+    int n = out->power.decode_grid.nx * out->power.decode_grid.ny;
+    if (sim_profile_fit_decode_watts(out, (double)P->m->weight_bytes))
+        log_info("profile: decode power = %.0f W + %.1f W per TB/s of HBM traffic (rms %.0f W over %d points)",
+                 out->power.fit_base_w, out->power.fit_w_per_tbps, out->power.fit_rms_w, n);
+    else
+        log_info("profile: decode power does not grow with HBM traffic here: kept as measured");
+}
+
 /* ---- the power cap's inputs ------------------------------------------------------------- */
 
 /* Sampling period while a shape runs: the resolution of the clock's onset. A tick reads
@@ -1116,9 +1126,11 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
         out->power.idle_w = idle_w;
         out->power.prefill_w = prefill_w;
         out->power.decode_w = decode_w;
-        snprintf(out->power.source, sizeof out->power.source, "measured: %s over each phase%s",
+        if (!cpu && out->power.decode_grid.nx > 0) fit_decode_watts(&P, out);
+        snprintf(out->power.source, sizeof out->power.source, "measured: %s over each phase%s%s",
                  cpu ? "RAPL package + DRAM" : "NVML energy counter",
-                 out->power.decode_grid.nx > 0 ? "; decode_watts: each decode point back to back for 0.3 s" : "");
+                 out->power.decode_grid.nx > 0 ? "; decode_watts: each decode point back to back, instantaneous power over 0.3 s" : "",
+                 out->power.decode_grid_measured.nx > 0 ? ", fitted to HBM traffic (decode_watts_fit)" : "");
     } else {
         snprintf(out->power.source, sizeof out->power.source, "not measured (%s)",
                  o->measure_power ? (why[0] ? why : "no meter readable") : "--no-power");

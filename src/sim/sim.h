@@ -96,6 +96,12 @@ typedef struct sim_power {
     /* watts of each decode grid point run back to back (x batch, y context: the decode
      * grid's axes; nx 0: not measured, decode_w for every decode step) */
     sim_grid decode_grid;
+    /* On a GPU decode_grid is a fit (profiler.c, fit_decode_watts): watts = base_w +
+     * w_per_tbps x the step's HBM traffic (weights + batch x context x KV bytes per
+     * token, over its time, in TB/s); each point's own reading, too noisy alone at 0.3 s
+     * windows, stays in decode_grid_measured (nx 0 when no fit was made). */
+    sim_grid decode_grid_measured;
+    double fit_base_w, fit_w_per_tbps, fit_rms_w, fit_weight_bytes;
     char source[192];       /* how it was measured, or why not */
     sim_power_cap_data cap; /* absent in older files: limit_w 0 */
 } sim_power;
@@ -264,6 +270,12 @@ void sim_grid_init(sim_grid *g, int nx, const double *x, int ny, const double *y
 void sim_grid_free(sim_grid *g);
 /* Bilinear interpolation, linear extrapolation beyond the edges. */
 double sim_grid_eval(const sim_grid *g, double x, double y);
+
+/* Replaces a GPU profile's decode_watts by its fit to HBM traffic (watts = base +
+ * slope x (weight_bytes + batch x context x kv_bytes_per_token) / step time), the
+ * readings kept in decode_grid_measured; 1 when fitted, 0 when left as measured (fewer
+ * than 4 points, or power not growing with traffic). */
+int sim_profile_fit_decode_watts(sim_profile *p, double weight_bytes);
 
 void sim_profile_init(sim_profile *p);  /* empty, defaults for the clock model */
 void sim_profile_free(sim_profile *p);
