@@ -518,15 +518,20 @@ static double decode8_energy_off(const sim_cost *c, const sim_profile *p, int ct
     return sc.energy_j - (sc.decode_s * watts + (sc.seconds - sc.decode_s) * 40);
 }
 
+/* linear_profile with measured power: idle 40 W, prefill 200 W, decode 120 W */
+static void powered_linear_profile(sim_profile *p) {
+    linear_profile(p);
+    p->power.measured = true;
+    p->power.idle_w = 40;
+    p->power.prefill_w = 200;
+    p->power.decode_w = 120;
+}
+
 /* power.decode_watts: a decode step's power at its batch and mean context (clamped to
  * the measured range), scaled to the clock like decode_w; absent: decode_w. */
 static void test_decode_power_grid(void) {
     sim_profile p;
-    linear_profile(&p);
-    p.power.measured = true;
-    p.power.idle_w = 40;
-    p.power.prefill_w = 200;
-    p.power.decode_w = 120;
+    powered_linear_profile(&p);
     sim_cost c;
     sim_cost_init(&c, &p, 0);
     double off = decode8_energy_off(&c, &p, 256, 120);
@@ -573,11 +578,7 @@ static void test_decode_power_grid(void) {
  * grid whose power falls as traffic grows is left as measured. */
 static void test_decode_power_fit(void) {
     sim_profile p;
-    linear_profile(&p);
-    p.power.measured = true;
-    p.power.idle_w = 40;
-    p.power.prefill_w = 200;
-    p.power.decode_w = 120;
+    powered_linear_profile(&p);
     p.kv_bytes_per_token = 114688;
     const double wb = 6.4e9, base = 90, slope = 150; /* W, W per TB/s */
     sim_grid *g = &p.power.decode_grid;
