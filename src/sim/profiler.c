@@ -125,8 +125,8 @@ static void batch_begin(prof *P, fwd_batch *b) {
  * with: a step's time does not depend on what its KV reads return, but its power does
  * (HBM and the datapaths toggle with the data). Decode steps of Llama-3.2-3B at 16k
  * context on an H200 drew about 430 W reading a zeroed pool, against 600-630 W in a
- * deployment at the same batch and context (2026-11-28 14:47; docs/simulator.md, "Where
- * the J/token bias comes from"). PDSERVE_PROFILE_KV_ZERO=1 keeps the zeros, to compare. */
+ * deployment at the same batch and context (2026-11-28 14:47; docs/simulator.md, "The
+ * decode power, measured again"). PDSERVE_PROFILE_KV_ZERO=1 keeps the zeros, to compare. */
 static void fill_kv(prof *P) {
     const char *z = getenv("PDSERVE_PROFILE_KV_ZERO");
     if ((z && *z && strcmp(z, "0") != 0) || !P->be->ops->fill_random) return;
@@ -540,7 +540,7 @@ typedef struct power_phase {
     bool on;
 } power_phase;
 
-static void phase_begin(power_phase *ph, const sim_profile_opts *o, bool cpu, int device) {
+static void phase_begin(power_phase *ph, const sim_profile_opts *o, bool cpu) {
     memset(ph, 0, sizeof *ph);
     if (!o->measure_power) return;
     power_config pc = {0};
@@ -549,7 +549,7 @@ static void phase_begin(power_phase *ph, const sim_profile_opts *o, bool cpu, in
     pc.nvml = o->nvml; /* --sm-clocks holds NVML open: share it (one per process) */
     if (!cpu) {
         pc.n_gpus = 1;
-        pc.gpus[0] = device;
+        pc.gpus[0] = o->clock_gpu; /* the profiled GPU (NVML index) */
     }
     char err[256];
     ph->s = power_session_open(&pc, err, sizeof err);
@@ -624,7 +624,7 @@ static double decode_point_watts(prof *P, const sim_profile_opts *o, bool cpu, c
     pc.sample_capacity = (size_t)(DECODE_POWER_WINDOW_S / DECODE_POWER_PERIOD_S) * 2 + 64;
     if (!cpu) {
         pc.n_gpus = 1;
-        pc.gpus[0] = 0;
+        pc.gpus[0] = o->clock_gpu;
     }
     char err[256];
     power_session *s = power_session_open(&pc, err, sizeof err);
@@ -908,7 +908,7 @@ static int profile_clocks(prof *P, const sim_profile_opts *o, sim_profile *out, 
             break;
         }
         power_phase ph;
-        phase_begin(&ph, o, cpu, 0);
+        phase_begin(&ph, o, cpu);
         run_rounds(P, ref, 2, o->repeats);
         double w = phase_end(&ph, NULL, 0, NULL);
         out->clock.points[out->clock.n_points++] =
@@ -1005,7 +1005,7 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
     /* idle power first, while nothing runs */
     char why[POWER_REASON_LEN * 2 + 32] = "";
     power_phase ph;
-    phase_begin(&ph, o, cpu, 0);
+    phase_begin(&ph, o, cpu);
     if (ph.on) usleep(1000 * 1000);
     double idle_w = phase_end(&ph, why, sizeof why, NULL);
 
@@ -1025,10 +1025,10 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
     bool metered = idle_w > 0;
     double prefill_w = -1, decode_w = -1, prefill_mhz = 0, decode_mhz = 0;
     if (metered) {
-        phase_begin(&ph, o, cpu, 0);
+        phase_begin(&ph, o, cpu);
         run_rounds(&P, pts, n_pre, o->repeats);
         prefill_w = phase_end(&ph, NULL, 0, &prefill_mhz);
-        phase_begin(&ph, o, cpu, 0);
+        phase_begin(&ph, o, cpu);
         run_rounds(&P, pts + n_pre, n_dec, o->repeats);
         decode_w = phase_end(&ph, NULL, 0, &decode_mhz);
         if (decode_w > 0) measure_decode_watts(&P, o, cpu, pts + n_pre, n_dec, out);
