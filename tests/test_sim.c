@@ -967,10 +967,10 @@ static void test_profile_mediums(void) {
     REQUIRE(model_preset("small-llama", &mc, err, sizeof err) == 0);
     backend *be = backend_cpu_create(1);
     sim_profile p;
-    sim_profile_init(&p);
+    linear_profile(&p); /* grids, so that the file parses */
     p.block_size = 16;
     const char *dir = getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
-    REQUIRE(sim_profile_time_mediums(be, &mc, "gpu,cpu,disk,tcp", dir, (size_t)8 << 20, 1, &p, err,
+    REQUIRE(sim_profile_time_mediums(be, &mc, "gpu,cpu,disk,tcp", dir, (size_t)8 << 20, 1, 0.3, &p, err,
                                      sizeof err) == 0);
     CHECKF(p.n_mediums == 4, "%d mediums timed: %s", p.n_mediums, p.mediums_note);
     for (int i = 0; i < p.n_mediums; i++) {
@@ -986,7 +986,36 @@ static void test_profile_mediums(void) {
         /* and a store's put beside a get: measured, never below the put alone */
         CHECKF(store ? m->put_overlap >= 1 && m->put_overlap < 100 : m->put_overlap == 0, "%s: put beside a get x%g",
                m->name, m->put_overlap);
+        /* the disk's sustained train: at least 3 transfers of the largest size, its
+         * medians now the curve's speed (busy time x scale at that size) and put share */
+        bool disk = !strcmp(m->name, "disk");
+        CHECKF(disk ? m->train_n >= 3 : m->train_n == 0, "%s: %d train transfers", m->name, m->train_n);
+        if (disk && m->train_n >= 3) {
+            double big = m->bytes[m->n_points - 1];
+            CHECKF(m->train_tokens > 0 && m->train_s > 0 && m->train_put_s > 0 && m->train_put_s < m->train_s,
+                   "train: %d tokens, %g s, put %g s", m->train_tokens, m->train_s, m->train_put_s);
+            CHECKF(fabs(sim_cost_transfer(m, big) - m->train_s) < 1e-9 + 1e-6 * m->train_s,
+                   "the curve at %g bytes: %g s, the train's median %g s", big, sim_cost_transfer(m, big),
+                   m->train_s);
+            CHECKF(fabs(m->put_share - m->train_put_s / m->train_s) < 1e-12, "put share %g", m->put_share);
+        }
     }
+    /* the file keeps the train as a record; read back, nothing is scaled twice */
+    char *json = sim_profile_to_json(&p);
+    REQUIRE(json);
+    sim_profile q;
+    REQUIRE(sim_profile_parse(json, strlen(json), "mediums.json", &q, err, sizeof err) == 0);
+    for (int i = 0; i < p.n_mediums; i++) {
+        const sim_medium *a = &p.mediums[i], *b = &q.mediums[i];
+        /* (cJSON prints 15 digits where they read back within an ulp or so) */
+        CHECKF(b->train_n == a->train_n && near(b->train_s, a->train_s, 1e-12) &&
+                   near(b->train_scale, a->train_scale, 1e-12) && near(b->bandwidth, a->bandwidth, 1e-12) &&
+                   near(b->put_share, a->put_share, 1e-12),
+               "%s read back: train %d / %d, bandwidth %.17g / %.17g, put share %.17g / %.17g", a->name, b->train_n,
+               a->train_n, b->bandwidth, a->bandwidth, b->put_share, a->put_share);
+    }
+    sim_profile_free(&q);
+    free(json);
     char shm[64];
     snprintf(shm, sizeof shm, "/dev/shm/pdkv-prof%d-kv", (int)getpid());
     CHECK(access(shm, F_OK) != 0);

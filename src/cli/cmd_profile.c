@@ -83,6 +83,7 @@ int cmd_profile(int argc, char **argv) {
     bool no_power = false, verbose = false, no_power_cap = false;
     const char *roofline = NULL, *medium_dir = NULL, *sm_clocks = NULL, *tiers = NULL, *refit = NULL;
     long long medium_bytes = 0;
+    double medium_train = 20;
     bool allow_clock_control = false, serving = false, serving_processes = false;
     const char *tok_dir = NULL;
     int serving_len = 4096;
@@ -100,6 +101,9 @@ int cmd_profile(int argc, char **argv) {
         {"decode-context", OPT_STRING, &dc, "context per decoding sequence, e.g. 64,256,1024", "LIST"},
         {"medium", OPT_STRING, &medium, "KV mediums to time through the connectors: gpu,cpu,disk,tcp", "LIST"},
         {"medium-dir", OPT_STRING, &medium_dir, "directory of the disk medium's files (default $TMPDIR or /tmp)", "DIR"},
+        {"medium-train", OPT_DOUBLE, &medium_train,
+         "seconds of back-to-back disk transfers after the disk's curve; their medians set its speed "
+         "(default 20; 0: the best-of curve alone)", "S"},
         {"medium-bytes", OPT_SIZE, &medium_bytes, "largest KV cache per side while timing mediums (GPU 2GiB, CPU 256MiB)", "BYTES"},
         {"tiers", OPT_STRING, &tiers,
          "lower KV tiers of prefix caching to time through kv_tiers.c (staging, writes, loads): cpu,disk; "
@@ -190,6 +194,10 @@ int cmd_profile(int argc, char **argv) {
     }
     o.model_name = model_arg;
     o.verbose = verbose;
+    if (!(medium_train >= 0 && medium_train <= 3600)) {
+        fprintf(stderr, "pdserve profile: --medium-train: 0 to 3600 seconds\n");
+        return 2;
+    }
     if (repeats < 1 || block_size < 1) {
         fprintf(stderr, "pdserve profile: --repeats and --block-size must be at least 1\n");
         return 2;
@@ -252,8 +260,8 @@ int cmd_profile(int argc, char **argv) {
     if (medium) {
         const char *mdir = medium_dir ? medium_dir : getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
         size_t mbytes = medium_bytes > 0 ? (size_t)medium_bytes : dev >= 0 ? (size_t)2 << 30 : (size_t)256 << 20;
-        sim_profile_time_mediums(be, &files.config, medium, mdir, mbytes, PD_MIN(repeats, 3), &prof, err,
-                                 sizeof err);
+        sim_profile_time_mediums(be, &files.config, medium, mdir, mbytes, PD_MIN(repeats, 3), medium_train,
+                                 &prof, err, sizeof err);
         if (prof.mediums_note[0]) log_warn("profile: mediums: %s", prof.mediums_note);
     }
     if (tiers) {

@@ -416,6 +416,16 @@ char *sim_profile_to_json(const sim_profile *p) {
         if (m->control_s > 0) cJSON_AddNumberToObject(mo, "control_s", m->control_s);
         if (m->put_share > 0) cJSON_AddNumberToObject(mo, "put_share", m->put_share);
         if (m->put_overlap > 0) cJSON_AddNumberToObject(mo, "put_overlap", m->put_overlap);
+        if (m->train_n > 0) {
+            cJSON *t = cJSON_AddObjectToObject(mo, "sustained");
+            cJSON_AddNumberToObject(t, "transfers", m->train_n);
+            cJSON_AddNumberToObject(t, "tokens", m->train_tokens);
+            cJSON_AddNumberToObject(t, "median_s", m->train_s);
+            cJSON_AddNumberToObject(t, "median_put_s", m->train_put_s);
+            cJSON_AddNumberToObject(t, "first_s", m->train_first_s);
+            cJSON_AddNumberToObject(t, "last_s", m->train_last_s);
+            cJSON_AddNumberToObject(t, "busy_scale", m->train_scale);
+        }
         add_pairs(mo, "points", m->bytes, m->seconds, m->n_points);
         cJSON_AddStringToObject(mo, "source", m->source);
         cJSON_AddItemToArray(ms, mo);
@@ -781,6 +791,16 @@ static int read_mediums(const cJSON *o, sim_profile *p, const char *name, char *
         if (!(m->put_share > 0 && m->put_share < 1)) m->put_share = 0; /* absent or out of range: half */
         m->put_overlap = get_num(mo, "put_overlap", 0);
         if (!(m->put_overlap >= 1 && m->put_overlap <= 100)) m->put_overlap = 0; /* absent or out of range */
+        const cJSON *tr = cJSON_GetObjectItemCaseSensitive(mo, "sustained");
+        if (cJSON_IsObject(tr)) { /* a record: the bandwidth and put_share already carry it */
+            m->train_n = (int)PD_MIN(PD_MAX(get_num(tr, "transfers", 0), 0), 64);
+            m->train_tokens = (int)PD_MIN(PD_MAX(get_num(tr, "tokens", 0), 0), 1 << 24);
+            m->train_s = get_num(tr, "median_s", 0);
+            m->train_put_s = get_num(tr, "median_put_s", 0);
+            m->train_first_s = get_num(tr, "first_s", 0);
+            m->train_last_s = get_num(tr, "last_s", 0);
+            m->train_scale = get_num(tr, "busy_scale", 0);
+        }
         const cJSON *pts = cJSON_GetObjectItemCaseSensitive(mo, "points"), *pt;
         cJSON_ArrayForEach(pt, pts) {
             if (m->n_points >= SIM_MAX_POINTS || !cJSON_IsArray(pt) || cJSON_GetArraySize(pt) != 2) break;

@@ -10,12 +10,14 @@
  * kv_send_begin until the decode side's kv_ticket_wait returns OK, every layer of
  * every block moved; the best of `repeats` runs. Sizes are whole requests of 256 to
  * 16,384 tokens of the model's KV geometry, capped so that each cache stays within
- * --medium-bytes. A medium that cannot run here (not built, or a peer copy that needs
+ * --medium-bytes. The disk medium then runs a sustained train (sustained_train): its
+ * medians, not the best runs, set the disk's speed. A medium that cannot run here (not built, or a peer copy that needs
  * two processes) is reported in the profile's mediums_note and left to the defaults. */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include "engine/engine.h"
@@ -73,6 +75,65 @@ static double one_transfer(kv_connector *dec, const kv_block_allocator *al, kv_c
     if (k > 0) al->release(al->user, got, k);
     free(got);
     return dt;
+}
+
+/* Bytes free for an unprivileged writer on dir's file system; -1 if unknown. */
+static double disk_free_bytes(const char *dir) {
+    struct statvfs v;
+    if (statvfs(dir, &v) != 0) return -1;
+    return (double)v.f_bavail * (double)v.f_frsize;
+}
+
+static int cmp_asc(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median_of(double *v, int n) { /* sorts v */
+    qsort(v, (size_t)n, sizeof *v, cmp_asc);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* The disk's sustained train: back-to-back transfers of n tokens (fresh keys, the
+ * store's files piling up as a deployment's do) for train_s seconds, at least 3 and at
+ * most max_n; fills md's train_* fields and, from the medians of the second half,
+ * scales the fitted curve's bandwidth and sets the put share. A best-of curve times a
+ * disk at its fastest; a serving run writes tens of GB, and on some hosts the same
+ * disk then runs a third slower (docs/simulator.md, "The disk's sustained speed").
+ * 0, or -1 with err (md unchanged then). */
+static int sustained_train(kv_connector *dec, const kv_block_allocator *al, kv_connector *pre, int n,
+                           int32_t *tokens, const int32_t *src, int nb, uint64_t *req, double train_s, int max_n,
+                           sim_medium *md, char *err, size_t errlen) {
+    double all[64], put[64], t0 = time_now_s(), t_end = t0 + train_s;
+    int k = 0;
+    max_n = PD_MIN(max_n, 64);
+    while (k < max_n && (k < 3 || time_now_s() < t_end)) {
+        for (int i = 0; i < n; i++) tokens[i] = (int32_t)(1 + (i + 7919 * (int)*req) % 30000);
+        double p = 0, dt = one_transfer(dec, al, pre, n, tokens, src, nb, (*req)++, NULL, &p, err, errlen);
+        if (dt < 0) return -1;
+        all[k] = dt, put[k] = p, k++;
+    }
+    int h = k / 2, m = k - h; /* the second half: the disk as it runs on */
+    double a2[64], p2[64];
+    memcpy(a2, all + h, sizeof(double) * (size_t)m);
+    memcpy(p2, put + h, sizeof(double) * (size_t)m);
+    double sa = median_of(a2, m), sp = median_of(p2, m);
+    double busy = sim_cost_transfer(md, md->bytes[md->n_points - 1]) - md->latency_s;
+    md->train_n = k;
+    md->train_tokens = n;
+    md->train_s = sa;
+    md->train_put_s = sp;
+    md->train_first_s = all[0];
+    md->train_last_s = all[k - 1];
+    md->train_scale = busy > 0 && sa > md->latency_s ? (sa - md->latency_s) / busy : 1;
+    md->bandwidth /= md->train_scale;
+    if (sp > 0 && sp < sa) md->put_share = sp / sa;
+    log_info("profile: medium %s, sustained: %d transfers of %d tokens back to back in %.1f s (first %.3f s, "
+             "last %.3f s; median of the second half %.3f s, its put %.3f s): the curve's busy time x%.2f "
+             "(%.2f GB/s), the put's share %.2f",
+             md->name, k, n, time_now_s() - t0, all[0], all[k - 1], sa, sp, md->train_scale, md->bandwidth / 1e9,
+             md->put_share);
+    return 0;
 }
 
 static double med3(const double *v) {
@@ -160,7 +221,8 @@ out:
 }
 
 int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *list, const char *dir,
-                             size_t max_bytes, int repeats, sim_profile *out, char *err, size_t errlen) {
+                             size_t max_bytes, int repeats, double train_s, sim_profile *out, char *err,
+                             size_t errlen) {
     (void)err, (void)errlen;
     size_t per_token = model_kv_bytes_per_token(cfg, dtype_size(be->ops->kv_type));
     const int bs = out->block_size > 0 ? out->block_size : 16;
@@ -216,8 +278,24 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
         snprintf(dc.dir, sizeof dc.dir, "%.100s/" KV_SHM_PREFIX "%s", dir, tag);
         dc.capacity_bytes = cache_bytes * 2 + ((size_t)64 << 20);
         /* the disk store keeps every transfer's files until it evicts: room for all */
+        int train_max = 0;
+        if (m == KV_MEDIUM_DISK && train_s > 0) {
+            /* the train's files stay too: at most 12 GiB of them, and a free GiB left */
+            size_t one = per_token * (size_t)bs * (size_t)max_nb;
+            double fb = disk_free_bytes(dir); /* unknown: the 12 GiB alone */
+            double free_b = fb < 0 ? 1e30
+                                   : fb - (double)cache_bytes * (4 + PD_MAX(repeats, 1) * n_sizes) -
+                                         (double)(1ull << 30);
+            train_max = (int)PD_MIN(PD_MIN((double)(12ull << 30), free_b) / (double)one, 64.0);
+            if (train_max < 3) {
+                note_add(out, "disk: no sustained train (%s has room for %s)", dir,
+                         train_max < 0 ? "none" : "fewer than 3 transfers");
+                train_max = 0;
+            }
+        }
         if (m == KV_MEDIUM_DISK)
-            dc.capacity_bytes = cache_bytes * (size_t)(4 + PD_MAX(repeats, 1) * n_sizes) + ((size_t)64 << 20);
+            dc.capacity_bytes = cache_bytes * (size_t)(4 + PD_MAX(repeats, 1) * n_sizes + train_max) +
+                                ((size_t)64 << 20);
         dc.create_store = true;
         pc = dc;
         pc.role = KV_ROLE_PREFILL;
@@ -282,6 +360,14 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
                 md.put_share = put_sum / all_sum;
                 log_info("profile: medium %s, the put's share of a transfer (the prefill side's): %.2f", name,
                          md.put_share);
+            }
+            /* the disk as a serving run leaves it: a train of the largest size; the
+             * overlap below then runs on the disk in that state too */
+            if (m == KV_MEDIUM_DISK && train_max >= 3) {
+                int n = sizes[n_sizes - 1], nb = (n + bs - 1) / bs;
+                if (sustained_train(dec, &al, pre, n, tokens, src, nb, &req, train_s, train_max, &md, e,
+                                    sizeof e) != 0)
+                    note_add(out, "disk: sustained train: %s%s", e, "");
             }
             /* a put beside the previous request's get, at the second largest size (two
              * reservations of it fit the decode side's cache, sized for one of the

@@ -59,6 +59,17 @@ typedef struct sim_medium {
     double put_overlap;     /* stores: how much longer a put takes while the decode side
                                reads the previous request from the same store (a put
                                beside a get over the put alone, >= 1; 0: not measured) */
+    /* disk: the sustained train (`pdserve profile --medium-train S`): back-to-back
+     * transfers of the largest size, the store filling as a deployment's does; the
+     * medians of its second half replace the best-of curve's speed and put share.
+     * train_n 0: no train (the curve as measured). */
+    int train_n;
+    int train_tokens;       /* each transfer's size */
+    double train_s;         /* median put + get of the second half */
+    double train_put_s;     /* median put of the second half */
+    double train_first_s;   /* the first transfer, and the last */
+    double train_last_s;
+    double train_scale;     /* the curve's busy time multiplied by this (bandwidth divided) */
 } sim_medium;
 
 /* One serving-shape step run back to back, alone, for the power cap (docs/simulator.md,
@@ -359,10 +370,13 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
 /* Times each medium of `list` ("gpu,cpu,disk,tcp") through the real connectors on
  * backend be with model cfg's KV geometry (both sides in this process; stores and
  * files under dir), requests of 256 to 16,384 tokens capped at max_bytes per cache,
- * best of `repeats`; appends a fitted medium per success to out->mediums and the
- * reason for each failure to out->mediums_note (profile_medium.c). 0. */
+ * best of `repeats`; the disk medium then runs a sustained train of train_s seconds
+ * (0: none) whose medians set its speed and put share; appends a fitted medium per
+ * success to out->mediums and the reason for each failure to out->mediums_note
+ * (profile_medium.c). 0. */
 int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *list, const char *dir,
-                             size_t max_bytes, int repeats, sim_profile *out, char *err, size_t errlen);
+                             size_t max_bytes, int repeats, double train_s, sim_profile *out, char *err,
+                             size_t errlen);
 
 /* Times the lower KV tiers of `list` ("cpu", "disk", "cpu,disk") through kv_tiers.c on
  * backend be with model cfg's KV geometry (stores under dir), best of `repeats`; sets
