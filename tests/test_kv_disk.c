@@ -147,6 +147,42 @@ static void test_disk_corrupt_block(void) {
     fixture_close(&f);
 }
 
+/* A put's time by part (kv_store_get_put_times, /metrics): counted on the side that
+ * puts, every part non-negative, the layers' write timed, and the parts within the
+ * put's own time; the decode side, which puts nothing, counts none. */
+static void test_disk_put_parts(void) {
+    disk_fixture f;
+    fixture_open(&f, 0, false);
+    char err[512];
+    kv_ticket t;
+    kv_store_stats a;
+    kv_store_get_put_times(f.pc, &a);
+    CHECK(a.sends == 0);
+    double t0 = time_now_s();
+    CHECK_EQ_INT(transfer(&f, &t, false, err, sizeof err), KV_OK);
+    double put = time_now_s() - t0;
+    kv_store_get_put_times(f.pc, &a);
+    CHECK(a.sends == 1);
+    double sum = 0;
+    for (int k = 0; k < KV_PUT_PARTS; k++) {
+        CHECKF(a.put_s[k] >= 0, "%s: %g s", kv_put_part_names[k], a.put_s[k]);
+        sum += a.put_s[k];
+    }
+    CHECKF(a.put_s[KV_PUT_WRITE] > 0 && a.put_s[KV_PUT_OPEN] > 0 && a.put_s[KV_PUT_PUBLISH] > 0,
+           "write %g, open %g, publish %g s", a.put_s[KV_PUT_WRITE], a.put_s[KV_PUT_OPEN], a.put_s[KV_PUT_PUBLISH]);
+    CHECKF(sum <= put, "parts %g s, the whole put and its reservation %g s", sum, put);
+    kv_store_stats b;
+    kv_store_get_stats(f.pc, &b); /* the full stats carry the same counters */
+    CHECK(b.sends == 1 && b.put_s[KV_PUT_WRITE] == a.put_s[KV_PUT_WRITE]);
+    kv_store_get_put_times(f.dc, &b);
+    CHECK(b.sends == 0);
+    CHECK_EQ_INT(kv_ticket_wait(f.dc, &t, 5, err, sizeof err), KV_OK);
+    int32_t blocks[8];
+    int n = kv_ticket_take(f.dc, &t, blocks, 8);
+    if (n > 0) kv_pool_release(&f.g.pool, blocks, n);
+    fixture_close(&f);
+}
+
 static void test_disk_pread_fallback(void) {
     disk_fixture f;
     fixture_open(&f, 0, true);
@@ -158,6 +194,7 @@ static void test_disk_pread_fallback(void) {
 
 int main(void) {
     TEST_RUN(test_disk_full);
+    TEST_RUN(test_disk_put_parts);
     TEST_RUN(test_disk_corrupt_block);
     TEST_RUN(test_disk_pread_fallback);
     TEST_RUN(test_disk_whole);

@@ -176,7 +176,8 @@ static void test_report_reuse(void) {
         "pdserve_prefix_cache_tier_hits_total{model_name=\"m\",tier=\"cpu\"} 0\n"
         "pdserve_kv_offload_decisions_total{model_name=\"m\",decision=\"load\"} 1\n"
         "pdserve_num_requests_running{model_name=\"m\"} 3\n"
-        "pdserve_engine_steps_total{model_name=\"m\"} 10\n";
+        "pdserve_engine_steps_total{model_name=\"m\"} 10\n"
+        "pdserve_kv_store_put_seconds_total{model_name=\"m\",part=\"write\"} 1\n";
     const char *after =
         "pdserve_prefix_cache_queries_total{model_name=\"m\"} 3048\n"
         "pdserve_prefix_cache_tier_hits_total{model_name=\"m\",tier=\"gpu\"} 612\n"
@@ -186,16 +187,19 @@ static void test_report_reuse(void) {
         "pdserve_kv_offload_loaded_blocks_total{model_name=\"m\",tier=\"cpu\"} 64\n"
         "pdserve_kv_offload_entries{model_name=\"m\",tier=\"cpu\"} 80\n"
         "pdserve_engine_steps_total{model_name=\"m\"} 110\n"
-        "pdserve_engine_forward_seconds_total{model_name=\"m\"} 1.5\n";
+        "pdserve_engine_forward_seconds_total{model_name=\"m\"} 1.5\n"
+        "pdserve_kv_store_put_seconds_total{model_name=\"m\",part=\"write\"} 2.5\n";
     study_metric mb[16], ma[16];
     int nb = 0, na = 0;
     study_metrics_parse(before, "", mb, 16, &nb);
     study_metrics_parse(after, "", ma, 16, &na);
-    CHECK_EQ_INT(nb, 5); /* the running gauge and comments are not recorded */
-    CHECK_EQ_INT(na, 9);
+    CHECK_EQ_INT(nb, 6); /* the running gauge and comments are not recorded */
+    CHECK_EQ_INT(na, 10);
     study_metrics_delta(ma, na, mb, nb);
     CHECK(ma[0].value == 2048 && ma[1].value == 512 && ma[4].value == 2 && ma[6].value == 80);
     CHECK(ma[7].value == 100 && ma[8].value == 1.5); /* engine counters: steps and forward s */
+    /* a store's put seconds by part (disk): recorded, as the increase over the run */
+    CHECK(strstr(ma[9].series, "part=\"write\"") && ma[9].value == 1.5);
     for (int i = 0; i < 2; i++) { /* point 0 without tiers' counters, point 1 with */
         bench_result *r = tsd_result(4, 512, 32, 0.05 * (2 - i), 0.005, -1, 0);
         for (int k = 0; k < 4; k++) {

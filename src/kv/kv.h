@@ -234,12 +234,24 @@ void kv_block_keys(const kv_cache *kv, const int32_t *tokens, int n_tokens, uint
 /* How many leading blocks of `tokens` a store holds (cpu, disk; 0 for the links). */
 int kv_store_match(kv_connector *c, const int32_t *tokens, int n_tokens);
 
+/* Where a store's puts spend their time (disk: every whole or layer-wise put through
+ * kv_send_*, summed): opening (the capacity scan, the block files created), staging
+ * (the device or host copies into the staging buffer), checksums, writing the layers,
+ * publishing (headers, renames). */
+enum { KV_PUT_OPEN, KV_PUT_STAGE, KV_PUT_SUM, KV_PUT_WRITE, KV_PUT_PUBLISH, KV_PUT_PARTS };
+extern const char *const kv_put_part_names[KV_PUT_PARTS];
+
 typedef struct kv_store_stats {
     uint64_t entries, capacity_entries, bytes, capacity_bytes;
     uint64_t puts, hits, misses, evictions, corrupt, reclaimed;
+    uint64_t sends;                /* kv_send_* puts completed (disk; 0: not counted) */
+    double put_s[KV_PUT_PARTS];    /* their seconds by part (disk) */
 } kv_store_stats;
 /* Zeroes *out for the links. */
 void kv_store_get_stats(kv_connector *c, kv_store_stats *out);
+/* Only sends and put_s of *out (the rest zero), without walking the store: cheap enough
+ * for every /metrics scrape. */
+void kv_store_get_put_times(kv_connector *c, kv_store_stats *out);
 
 /* ---- framing (kv_msg.c): the tcp medium's messages ---------------------------------------
  * A frame is a 64-byte little-endian header and payload_bytes of payload.

@@ -776,9 +776,16 @@ int kv_store_match(kv_connector *c, const int32_t *tokens, int n_tokens) {
     return n;
 }
 
+const char *const kv_put_part_names[KV_PUT_PARTS] = {"open", "stage", "checksum", "write", "publish"};
+
 void kv_store_get_stats(kv_connector *c, kv_store_stats *out) {
     memset(out, 0, sizeof *out);
     if (c->ops->stats) c->ops->stats(c, out);
+}
+
+void kv_store_get_put_times(kv_connector *c, kv_store_stats *out) {
+    memset(out, 0, sizeof *out);
+    if (c && c->ops->put_times) c->ops->put_times(c, out);
 }
 
 /* ---- control connections of the socket mediums (tcp, nccl) ---------------------------- */

@@ -57,6 +57,7 @@ typedef struct disk_impl {
     pthread_mutex_t ring_mu;         /* one batch at a time on the ring */
     size_t layer_bytes, stride, file_bytes;
     uint64_t puts, hits, misses, corrupt;
+    uint64_t sends, put_ns[KV_PUT_PARTS]; /* kv_send_* puts and their time by part */
     const kv_cache *kv;              /* not owned: whose backend pins the staging */
     size_t staging_bytes;            /* of each staging buffer */
     pthread_mutex_t pool_mu;
@@ -72,6 +73,10 @@ typedef struct disk_op {
     bool write;
     ssize_t res;           /* bytes moved, or -errno */
 } disk_op;
+
+static void put_time(disk_impl *d, int part, double t0) {
+    __atomic_fetch_add(&d->put_ns[part], (uint64_t)((time_now_s() - t0) * 1e9), __ATOMIC_RELAXED);
+}
 
 static size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
@@ -290,6 +295,7 @@ static kv_status disk_send_begin(kv_send *x, char *err, size_t errlen) {
                   x->t.address, d->dir);
         return KV_ERR_ARG;
     }
+    double t0 = time_now_s();
     disk_send *ds = xcalloc(1, sizeof *ds);
     x->priv = ds;
     ds->fds = xmalloc((size_t)x->n_blocks * sizeof(int));
@@ -324,6 +330,7 @@ static kv_status disk_send_begin(kv_send *x, char *err, size_t errlen) {
     ds->chunk = (int)PD_MAX((size_t)1, PD_MIN(d->staging_bytes / d->stride, (size_t)x->n_blocks));
     ds->staging = staging_take(d);
     ds->ops = xmalloc((size_t)ds->chunk * sizeof(disk_op));
+    put_time(d, KV_PUT_OPEN, t0);
     return KV_OK;
 }
 
@@ -346,10 +353,16 @@ static kv_status disk_send_layers(kv_send *x, const int *layers, int n, char *er
                                        (off_t)(DISK_ALIGN + (size_t)l * d->stride), true, 0};
                 which[m++] = i;
             }
+            double t0 = time_now_s();
             kv_copies_run(kv, &ds->q); /* the chunk's blocks, one batch */
+            put_time(d, KV_PUT_STAGE, t0);
+            t0 = time_now_s();
             for (int k = 0; k < m; k++)
                 ds->sums[(size_t)which[k] * L + l] = kv_checksum(ds->ops[k].buf, d->layer_bytes, 0);
+            put_time(d, KV_PUT_SUM, t0);
+            t0 = time_now_s();
             int rc = run_batch(d, ds->ops, m, x->c->cfg.io_depth);
+            put_time(d, KV_PUT_WRITE, t0);
             if (rc != 0) return io_status(rc, "writing KV", d->dir, err, errlen);
         }
     }
@@ -376,6 +389,7 @@ static kv_status disk_send_finish(kv_send *x, char *err, size_t errlen) {
     disk_impl *d = x->c->impl;
     disk_send *ds = x->priv;
     const kv_cache *kv = x->c->kv;
+    double t0 = time_now_s();
     /* headers go through the staging buffer, one page each */
     size_t per = d->stride / DISK_ALIGN * (size_t)ds->chunk;
     for (int i = 0; i < x->n_blocks;) {
@@ -410,6 +424,8 @@ static kv_status disk_send_finish(kv_send *x, char *err, size_t errlen) {
         __atomic_fetch_add(&d->puts, 1, __ATOMIC_RELAXED);
     }
     send_cleanup(x, false);
+    put_time(d, KV_PUT_PUBLISH, t0);
+    __atomic_fetch_add(&d->sends, 1, __ATOMIC_RELAXED);
     return KV_OK;
 }
 
@@ -510,6 +526,13 @@ static int disk_match(kv_connector *c, const uint64_t *keys, int n) {
     return i;
 }
 
+static void disk_put_times(kv_connector *c, kv_store_stats *o) {
+    disk_impl *d = c->impl;
+    o->sends = __atomic_load_n(&d->sends, __ATOMIC_RELAXED);
+    for (int k = 0; k < KV_PUT_PARTS; k++)
+        o->put_s[k] = 1e-9 * (double)__atomic_load_n(&d->put_ns[k], __ATOMIC_RELAXED);
+}
+
 static void disk_stats(kv_connector *c, kv_store_stats *o) {
     disk_impl *d = c->impl;
     o->bytes = scan(d, false, false);
@@ -520,6 +543,7 @@ static void disk_stats(kv_connector *c, kv_store_stats *o) {
     o->hits = d->hits;
     o->misses = d->misses;
     o->corrupt = d->corrupt;
+    disk_put_times(c, o);
 }
 
 const kv_medium_ops kv_disk_ops = {
@@ -528,6 +552,7 @@ const kv_medium_ops kv_disk_ops = {
     .close = disk_close,
     .poll = disk_poll,
     .send_begin = disk_send_begin,
+    .put_times = disk_put_times,
     .send_layers = disk_send_layers,
     .send_finish = disk_send_finish,
     .send_abort = disk_send_abort,

@@ -61,6 +61,8 @@ typedef struct kv_medium_ops {
     /* stores */
     int (*match)(struct kv_connector *c, const uint64_t *keys, int n);
     void (*stats)(struct kv_connector *c, kv_store_stats *out);
+    /* the puts' counters alone (sends, put_s), without the store's walk; NULL: none */
+    void (*put_times)(struct kv_connector *c, kv_store_stats *out);
     /* decode side, under mu: a 32-bit word that whoever moves slot idx forward bumps
      * with kv_notify (gpu: in the slot of the control segment; cpu: the store's header;
      * tcp: the connector's), so that kv_ticket_wait sleeps on it (futex) and wakes at

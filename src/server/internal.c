@@ -959,6 +959,10 @@ void internal_kv_totals_get(internal_ctx *in, internal_kv_totals *out) {
     pthread_mutex_lock(&in->mu);
     *out = in->kv_totals;
     pthread_mutex_unlock(&in->mu);
+    kv_store_stats ps;
+    kv_store_get_put_times(in->kv, &ps);
+    out->store_sends = ps.sends;
+    memcpy(out->put_s, ps.put_s, sizeof out->put_s);
 }
 
 internal_ctx *internal_create(engine *e, kv_connector *kv, server_role role, double timeout_s,

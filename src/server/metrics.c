@@ -223,6 +223,16 @@ void metrics_render_kv_sends(const internal_kv_totals *kt, const char *model_nam
           "Seconds from each prompt's prefill end to its transfer's end (a wait for the "
           "transfer thread included): what the transfers added to their requests' time to "
           "first token.", label, kt->tail_s);
+    if (!kt->store_sends) return;
+    gauge(out, "pdserve_kv_store_puts_total", "counter", "Puts into the KV store this instance completed (disk).",
+          label, (double)kt->store_sends);
+    sbuf_printf(out, "# HELP pdserve_kv_store_put_seconds_total Seconds of those puts by part: open (capacity "
+                     "scan, files created), stage (copies into the staging buffer), checksum, write (the "
+                     "layers' I/O), publish (headers, renames).\n"
+                     "# TYPE pdserve_kv_store_put_seconds_total counter\n");
+    for (int k = 0; k < KV_PUT_PARTS; k++)
+        sbuf_printf(out, "pdserve_kv_store_put_seconds_total{%s,part=\"%s\"} %.6f\n", label, kv_put_part_names[k],
+                    kt->put_s[k]);
 }
 
 void metrics_render(server_metrics *m, const engine_stats *st, const char *model_name, sbuf *out) {

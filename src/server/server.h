@@ -25,6 +25,7 @@
 #include <stdint.h>
 
 #include "engine/engine.h"
+#include "kv/kv.h"
 #include "model/tokenizer.h"
 
 /* ---- string builder (api_response.c) ------------------------------------------------ *
@@ -326,6 +327,8 @@ int internal_active(internal_ctx *in);
 typedef struct internal_kv_totals {
     uint64_t transfers;
     double transfer_s, tail_s;
+    uint64_t store_sends;              /* a store's puts (disk), and where their time went */
+    double put_s[KV_PUT_PARTS];
 } internal_kv_totals;
 void internal_kv_totals_get(internal_ctx *in, internal_kv_totals *out);
 /* Decode: reserves blocks for the prompt ids[n] and writes {"ticket":...} to out.

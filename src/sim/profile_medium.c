@@ -104,6 +104,8 @@ static double median_of(double *v, int n) { /* sorts v */
 static int sustained_train(kv_connector *dec, const kv_block_allocator *al, kv_connector *pre, int n,
                            int32_t *tokens, const int32_t *src, int nb, uint64_t *req, double train_s, int max_n,
                            sim_medium *md, char *err, size_t errlen) {
+    kv_store_stats ps0, ps1;
+    kv_store_get_put_times(pre, &ps0);
     double all[64], put[64], t0 = time_now_s(), t_end = t0 + train_s;
     int k = 0;
     max_n = PD_MIN(max_n, 64);
@@ -113,6 +115,7 @@ static int sustained_train(kv_connector *dec, const kv_block_allocator *al, kv_c
         if (dt < 0) return -1;
         all[k] = dt, put[k] = p, k++;
     }
+    kv_store_get_put_times(pre, &ps1);
     int h = k / 2, m = k - h; /* the second half: the disk as it runs on */
     double a2[64], p2[64];
     memcpy(a2, all + h, sizeof(double) * (size_t)m);
@@ -133,6 +136,16 @@ static int sustained_train(kv_connector *dec, const kv_block_allocator *al, kv_c
              "(%.2f GB/s), the put's share %.2f",
              md->name, k, n, time_now_s() - t0, all[0], all[k - 1], sa, sp, md->train_scale, md->bandwidth / 1e9,
              md->put_share);
+    uint64_t ns = ps1.sends - ps0.sends;
+    if (ns > 0) { /* where a put's time went (the same split as a deployment's /metrics) */
+        char parts[256];
+        int o = 0;
+        for (int p = 0; p < KV_PUT_PARTS && o < (int)sizeof parts; p++)
+            o += snprintf(parts + o, sizeof parts - (size_t)o, "%s%s %.3f s", p ? ", " : "", kv_put_part_names[p],
+                          (ps1.put_s[p] - ps0.put_s[p]) / (double)ns);
+        log_info("profile: medium %s, sustained: a put's time by part (mean of %llu): %s", md->name,
+                 (unsigned long long)ns, parts);
+    }
     return 0;
 }
 

@@ -607,7 +607,8 @@ static int insert_power(sqlite3 *h, long long run_id, const study_run_info *ri) 
 void study_metrics_parse(const char *text, const char *prefix, study_metric *out, int cap, int *n) {
     static const char *const wanted[] = {"pdserve_prefix_cache_", "pdserve_kv_offload_", "pdserve_engine_",
                                          "pdserve_num_preemptions_total", "pdserve_prompt_tokens_total",
-                                         "pdserve_generation_tokens_total"};
+                                         "pdserve_generation_tokens_total", "pdserve_kv_transfer",
+                                         "pdserve_kv_store_put"};
     for (const char *p = text; p && *p;) {
         const char *nl = strchr(p, '\n');
         size_t len = nl ? (size_t)(nl - p) : strlen(p);

@@ -251,7 +251,9 @@ typedef struct study_run_info {
 /* One series of an instance's /metrics over a run (server_metrics table): the prefix
  * cache's and the KV tiers' (pdserve_prefix_cache_*, pdserve_kv_offload_*), and the
  * engine's own (pdserve_engine_*: steps, rows, seconds busy, planning, in forward
- * passes, sampling; preemptions, prompt and generated tokens). Counters
+ * passes, sampling; preemptions, prompt and generated tokens), and a prefill
+ * instance's KV transfers (pdserve_kv_transfer*: count, seconds, tails; a store's puts
+ * by part, pdserve_kv_store_put*). Counters
  * (names ending in _total) as the increase from before the bench (warm-up included)
  * to after it; gauges as read after it. */
 typedef struct study_metric {
