@@ -106,6 +106,20 @@ static void test_cost_model(void) {
     for (int i = 0; i < 3; i++) m.bytes[i] = bytes[i], m.seconds[i] = 1e-4 + bytes[i] / 5e9;
     sim_medium_fit(&m);
     CHECK(near(m.bandwidth, 5e9, 1e-6) && near(m.latency_s, 1e-4, 1e-6));
+    /* a curve with one noisy large point (a CPU host's cpu store, 2026-11-28: 1, 4, 16
+     * MiB at 2.7 ms per MiB, 64 MiB faster than 16): the small sizes keep their own
+     * time, the latency never above the smallest point's (an unweighted fit said 14 ms) */
+    const double mib = 1 << 20, noisy[4][2] = {{1, 2.53e-3}, {4, 11.03e-3}, {16, 43.03e-3}, {64, 34.17e-3}};
+    m.n_points = 4;
+    for (int i = 0; i < 4; i++) m.bytes[i] = noisy[i][0] * mib, m.seconds[i] = noisy[i][1];
+    sim_medium_fit(&m);
+    CHECKF(m.latency_s >= 0 && m.latency_s <= 2.53e-3, "latency %g s", m.latency_s);
+    CHECKF(sim_cost_transfer(&m, 0.5 * mib) < 2.53e-3 * 1.25, "half a MiB: %g s", sim_cost_transfer(&m, 0.5 * mib));
+    CHECKF(fabs(sim_cost_transfer(&m, mib) / 2.53e-3 - 1) < 0.25, "1 MiB: %g s", sim_cost_transfer(&m, mib));
+    /* the sustained train's record: the line through its median at its size */
+    m.train_n = 6, m.train_s = 0.06, m.train_put_s = 0.04;
+    sim_medium_refit(&m);
+    CHECK(near(sim_cost_transfer(&m, 64 * mib), 0.06, 1e-9) && near(m.put_share, 0.04 / 0.06, 1e-12));
     sim_profile_free(&p);
 }
 

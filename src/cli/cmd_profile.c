@@ -75,6 +75,40 @@ out:
     return rc;
 }
 
+/* --refit-mediums: each measured medium's line fitted again through its points
+ * (sim_medium_refit: relative errors, the sustained train's record applied), the rest of
+ * the profile as it was. */
+static int refit_mediums(const char *in, const char *out) {
+    char err[1024];
+    sim_profile p;
+    if (sim_profile_load(in, &p, err, sizeof err) != 0) {
+        fprintf(stderr, "pdserve profile: %s\n", err);
+        return 1;
+    }
+    int n = 0;
+    for (int i = 0; i < p.n_mediums; i++) {
+        sim_medium *m = &p.mediums[i];
+        if (m->n_points < 2) continue;
+        double lat = m->latency_s, bw = m->bandwidth;
+        sim_medium_refit(m);
+        log_info("profile: medium %s: %.3f ms + %.3f GB/s, was %.3f ms + %.3f GB/s (%d points%s)", m->name,
+                 m->latency_s * 1e3, m->bandwidth / 1e9, lat * 1e3, bw / 1e9, m->n_points,
+                 m->train_n > 0 ? ", the sustained train applied" : "");
+        n++;
+    }
+    int rc = 1;
+    if (n == 0) {
+        fprintf(stderr, "pdserve profile: %s: no medium with measured points; nothing written\n", in);
+    } else if (sim_profile_save(&p, out, err, sizeof err) != 0) {
+        fprintf(stderr, "pdserve profile: %s\n", err);
+    } else {
+        log_info("profile: %d medium(s) refitted; wrote %s", n, out);
+        rc = 0;
+    }
+    sim_profile_free(&p);
+    return rc;
+}
+
 int cmd_profile(int argc, char **argv) {
     const char *model_arg = NULL, *load_format = "auto", *device = "cpu", *out_path = NULL, *medium = NULL;
     const char *pt = NULL, *pc = NULL, *db = NULL, *dc = NULL;
@@ -82,6 +116,7 @@ int cmd_profile(int argc, char **argv) {
     double clock_mhz = 0;
     bool no_power = false, verbose = false, no_power_cap = false;
     const char *roofline = NULL, *medium_dir = NULL, *sm_clocks = NULL, *tiers = NULL, *refit = NULL;
+    const char *refit_med = NULL;
     long long medium_bytes = 0;
     double medium_train = 20;
     bool allow_clock_control = false, serving = false, serving_processes = false;
@@ -127,6 +162,9 @@ int cmd_profile(int argc, char **argv) {
         {"verbose", OPT_FLAG, &verbose, "log every point", NULL},
         {"roofline", OPT_STRING, &roofline,
          "measure nothing: write the roofline profile of the model on this card (h100)", "CARD"},
+        {"refit-mediums", OPT_STRING, &refit_med,
+         "measure nothing: fit PROFILE's medium curves again through their points (relative errors, "
+         "the sustained train applied); write it to -o", "PROFILE"},
         {"refit-decode-power", OPT_STRING, &refit,
          "measure nothing: fit PROFILE's decode power to HBM traffic again (a GPU profile; from its "
          "decode_watts_measured when present), the weights' bytes from --model; write it to -o", "PROFILE"},
@@ -142,6 +180,13 @@ int cmd_profile(int argc, char **argv) {
     free(av);
     if (prc != 0) return 2;
     if (help) return 0;
+    if (refit_med) {
+        if (!out_path) {
+            fprintf(stderr, "pdserve profile: --refit-mediums needs -o (see --help)\n");
+            return 2;
+        }
+        return refit_mediums(refit_med, out_path);
+    }
     if (!model_arg || !out_path) {
         fprintf(stderr, "pdserve profile: needs --model and -o (see --help)\n");
         return 2;

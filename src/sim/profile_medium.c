@@ -121,16 +121,13 @@ static int sustained_train(kv_connector *dec, const kv_block_allocator *al, kv_c
     memcpy(a2, all + h, sizeof(double) * (size_t)m);
     memcpy(p2, put + h, sizeof(double) * (size_t)m);
     double sa = median_of(a2, m), sp = median_of(p2, m);
-    double busy = sim_cost_transfer(md, md->bytes[md->n_points - 1]) - md->latency_s;
     md->train_n = k;
     md->train_tokens = n;
     md->train_s = sa;
     md->train_put_s = sp;
     md->train_first_s = all[0];
     md->train_last_s = all[k - 1];
-    md->train_scale = busy > 0 && sa > md->latency_s ? (sa - md->latency_s) / busy : 1;
-    md->bandwidth /= md->train_scale;
-    if (sp > 0 && sp < sa) md->put_share = sp / sa;
+    sim_medium_refit(md); /* the curve's line, scaled to the train */
     log_info("profile: medium %s, sustained: %d transfers of %d tokens back to back in %.1f s (first %.3f s, "
              "last %.3f s; median of the second half %.3f s, its put %.3f s): the curve's busy time x%.2f "
              "(%.2f GB/s), the put's share %.2f",

@@ -322,6 +322,8 @@ int sim_medium_default(const char *name, sim_medium *out);
 const sim_medium *sim_medium_find(const sim_profile *p, const char *name, sim_medium *out);
 /* Least-squares latency and bandwidth from m's points (at least 2). */
 void sim_medium_fit(sim_medium *m);
+/* sim_medium_fit, then the sustained train's record (if any) applied to the line. */
+void sim_medium_refit(sim_medium *m);
 
 /* Non-negative least-squares request_s, token_s and step_s through c's points. */
 void sim_serving_cpu_fit(sim_serving_cpu *c);
