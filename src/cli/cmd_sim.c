@@ -224,16 +224,6 @@ typedef struct sim_cli {
     bool power_cap;         /* GPU instances' clocks under the enforced power limit (--power-cap) */
 } sim_cli;
 
-static int cmp_dbl(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double med(double *v, int n) {
-    qsort(v, (size_t)n, sizeof(double), cmp_dbl);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 static double rel(double sim, double real) { return real != 0 ? 100.0 * (sim / real - 1.0) : NAN; }
 
 /* Replays the point's requests through the real engine (same scheduler config and KV
@@ -268,7 +258,7 @@ static int validate_point(sim_cli *c, const sim_plan_setup *su, const char *ll, 
     log_info("sim: %llu steps, %.3f ms/step", (unsigned long long)st->steps,
              1e3 * (st->busy_prefill_s + st->busy_decode_s) / (double)PD_MAX(st->steps, 1));
     double real[NM];
-    for (int i = 0; i < NM; i++) real[i] = med(v[i], nr);
+    for (int i = 0; i < NM; i++) real[i] = sim_median(v[i], nr);
     const bench_summary *a = &sr->sum;
     printf("  validation %s %s (sim vs real engine, median of %d runs): TTFT med %.2f vs %.2f ms (%+.1f%%), "
            "TPOT med %.3f vs %.3f ms (%+.1f%%), E2EL med %.1f vs %.1f ms (%+.1f%%), output %.1f vs %.1f tok/s "

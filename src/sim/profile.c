@@ -176,7 +176,7 @@ static int cmp_dbl_asc(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-static double median_sorted(double *v, int n) {
+double sim_median(double *v, int n) {
     qsort(v, (size_t)n, sizeof *v, cmp_dbl_asc);
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
@@ -195,9 +195,9 @@ void sim_serving_fit(sim_serving_path *s) {
         for (int j = i + 1; j < n; j++)
             if (s->tokens[j] != s->tokens[i])
                 slopes[k++] = (s->seconds[j] - s->seconds[i]) / (s->tokens[j] - s->tokens[i]);
-    s->s_per_token = k > 0 ? PD_MAX(median_sorted(slopes, k), 0) : 0;
+    s->s_per_token = k > 0 ? PD_MAX(sim_median(slopes, k), 0) : 0;
     for (int i = 0; i < n; i++) icpt[i] = s->seconds[i] - s->s_per_token * s->tokens[i];
-    s->fixed_s = PD_MAX(median_sorted(icpt, n), 0);
+    s->fixed_s = PD_MAX(sim_median(icpt, n), 0);
     s->measured = true;
 }
 

@@ -84,16 +84,6 @@ static double disk_free_bytes(const char *dir) {
     return (double)v.f_bavail * (double)v.f_frsize;
 }
 
-static int cmp_asc(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median_of(double *v, int n) { /* sorts v */
-    qsort(v, (size_t)n, sizeof *v, cmp_asc);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 /* The disk's sustained train: back-to-back transfers of n tokens (fresh keys, the
  * store's files piling up as a deployment's do) for train_s seconds, at least 3 and at
  * most max_n; fills md's train_* fields and, from the medians of the second half,
@@ -120,7 +110,7 @@ static int sustained_train(kv_connector *dec, const kv_block_allocator *al, kv_c
     double a2[64], p2[64];
     memcpy(a2, all + h, sizeof(double) * (size_t)m);
     memcpy(p2, put + h, sizeof(double) * (size_t)m);
-    double sa = median_of(a2, m), sp = median_of(p2, m);
+    double sa = sim_median(a2, m), sp = sim_median(p2, m);
     md->train_n = k;
     md->train_tokens = n;
     md->train_s = sa;

@@ -46,16 +46,6 @@
 #define SERVE_MAX_REPEATS 16
 #define SERVE_MAX_BIN 4096 /* steps a bin's median looks at */
 
-static int cmp_dbl(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median_of(double *v, int n) {
-    qsort(v, (size_t)n, sizeof(double), cmp_dbl);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 /* A prompt of n_words plain words. */
 static char *words_text(int n) {
     static const char *const words[] = {"the", "cat", "sat", "on", "a", "warm", "mat", "and", "looked", "at",
@@ -320,11 +310,11 @@ static int measure_path(const serve_target *t, const int *lens, int n_lens, int 
         }
         free(text);
         path->tokens[path->n_points] = n_tok;
-        path->seconds[path->n_points++] = PD_MAX(median_of(v, repeats), 0);
+        path->seconds[path->n_points++] = PD_MAX(sim_median(v, repeats), 0);
         /* lengths come out increasing; one that tokenized no longer than the last is skipped */
         if (n_f > 0 && (sf->n_prefill == 0 || n_tok > sf->prefill_tokens[sf->n_prefill - 1])) {
             sf->prefill_tokens[sf->n_prefill] = n_tok;
-            sf->prefill[sf->n_prefill++] = median_of(f, n_f);
+            sf->prefill[sf->n_prefill++] = sim_median(f, n_f);
         }
     }
     sim_serving_fit(path);
@@ -600,10 +590,10 @@ static int bin_factors(double (*pre)[2], int n_pre, double *tok, double *fac) {
             double rows[SERVE_MAX_BIN], fs[SERVE_MAX_BIN];
             int m = PD_MIN(j - i, SERVE_MAX_BIN);
             for (int k = 0; k < m; k++) rows[k] = pre[i + k][0], fs[k] = pre[i + k][1];
-            double r = median_of(rows, m);
+            double r = sim_median(rows, m);
             if (n == 0 || r > tok[n - 1]) {
                 tok[n] = r;
-                fac[n++] = median_of(fs, m);
+                fac[n++] = sim_median(fs, m);
             }
         }
         i = j;
@@ -659,7 +649,7 @@ static void traces_factor(const traces *tr, const sim_profile *p, sim_step_facto
     got.n_after = bin_factors(aft, n_aft, got.after_tokens, got.after);
     got.n_first = got.n_after > 0 ? bin_factors(fst, n_fst, got.first_tokens, got.first) : 0;
     if (n_dec >= 5) {
-        double d = median_of(dec, PD_MIN(n_dec, SERVE_MAX_BIN));
+        double d = sim_median(dec, PD_MIN(n_dec, SERVE_MAX_BIN));
         if (d >= 0.25 && d <= 4) got.decode = d;
         else n_dec = 0;
     }

@@ -86,11 +86,6 @@ static double time_batch(prof *P, const fwd_batch *b) {
     return time_now_s() - t0;
 }
 
-static double median(double *t, int n) {
-    qsort(t, (size_t)n, sizeof(double), cmp_double);
-    return n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
-}
-
 /* Appends one sequence computing rows [start, start + n) into a batch under
  * construction; its blocks are `first_block`, first_block + 1, ... */
 static void add_seq(prof *P, fwd_batch *b, int first_block, int start, int n) {
@@ -260,7 +255,7 @@ static void run_rounds(prof *P, ppoint *pts, int n, int repeats) {
             if (r >= 0) pts[i].s[r] = t;
         }
     free(last);
-    for (int i = 0; i < n; i++) *pts[i].out = median(pts[i].s, repeats);
+    for (int i = 0; i < n; i++) *pts[i].out = sim_median(pts[i].s, repeats);
 }
 
 /* Contention only ever slows a run down, and cost never falls as context grows (nor,
@@ -827,9 +822,9 @@ static void measure_power_cap(prof *P, const sim_profile_opts *o, const cap_shap
                  q->reasons);
         d->n_points++;
     }
-    if (d->n_points > 0) d->idle_w = median(idles, d->n_points);
+    if (d->n_points > 0) d->idle_w = sim_median(idles, d->n_points);
     if (n_tau > 0) {
-        d->window_s = median(taus, n_tau);
+        d->window_s = sim_median(taus, n_tau);
         snprintf(d->window_source, sizeof d->window_source,
                  "estimated: median of %d runs' clock onset as an exponential average's, tau = onset / ln((P - "
                  "idle) / (P - limit)), P the highest power before the drop (resolution %.0f ms)",

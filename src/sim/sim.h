@@ -322,6 +322,8 @@ int sim_medium_default(const char *name, sim_medium *out);
 const sim_medium *sim_medium_find(const sim_profile *p, const char *name, sim_medium *out);
 /* Least-squares latency and bandwidth from m's points (at least 2). */
 void sim_medium_fit(sim_medium *m);
+/* The median of v[0..n) (n >= 1), sorting v in place. */
+double sim_median(double *v, int n);
 /* sim_medium_fit, then the sustained train's record (if any) applied to the line. */
 void sim_medium_refit(sim_medium *m);
 
