@@ -10,7 +10,8 @@
  * Latency: from the prefill side's kv_send_begin to the decode side's kv_ticket_wait
  * returning OK (both clocks are this host's CLOCK_MONOTONIC). Ceilings, same sizes:
  *   gpu, cpu   memcpy bandwidth of one thread (the stores copy twice: put and get)
- *   disk       O_DIRECT sequential write then read of one file in the same directory
+ *   disk       O_DIRECT write then read in the same directory, 4 MiB requests, 8 in
+ *              flight over 8 files (kv_ceilings.h)
  *   tcp        raw loopback socket throughput, 4 MiB writes, between two processes
  *
  * Usage: bench_kv [--media gpu,cpu,disk,tcp] [--mode whole|layerwise] [--scale F]
@@ -195,7 +196,7 @@ int main(int argc, char **argv) {
     for (int si = 0; si < 2; si++) {
         int n = sizes[si].tokens;
         size_t bytes = (size_t)((n + BLOCK - 1) / BLOCK) * BLOCK * per_token;
-        double mbw = memcpy_bw(bytes), dw, dr;
+        double mbw = memcpy_bw(bytes), dw = 0, dr = 0;
         for (int m = 0; m < KV_MEDIUM_NCCL; m++) {
             if (!strstr(o.media, kv_medium_name((kv_medium)m))) continue;
             double lat = 0, put = 0, ceil_bw = mbw;
@@ -203,7 +204,7 @@ int main(int argc, char **argv) {
             if (m == KV_MEDIUM_DISK) {
                 disk_ceiling(o.dir, "bench", bytes, &dw, &dr);
                 ceil_bw = (double)bytes / (dw + dr);
-                ceil_name = "O_DIRECT dd write+read";
+                ceil_name = "O_DIRECT w+r, 8 deep";
             } else if (m == KV_MEDIUM_TCP) {
                 ceil_bw = (double)bytes / tcp_ceiling(bytes);
                 ceil_name = "loopback raw socket";
@@ -219,6 +220,9 @@ int main(int argc, char **argv) {
             printf("%-6s %-8s %7d %9.0f %8.3fs %9.2f %10.2f %-22s %5.0f%%\n",
                    kv_medium_name((kv_medium)m), sizes[si].name, n, (double)bytes / (1 << 20),
                    lat, bw / 1e9, ceil_bw / 1e9, ceil_name, 100 * bw / ceil_bw);
+            if (m == KV_MEDIUM_DISK) /* the two halves apart */
+                printf("         put %.3fs against the write's %.3fs, the rest %.3fs against the read's %.3fs\n",
+                       put, dw, lat - put, dr);
             fflush(stdout);
         }
     }

@@ -17,8 +17,10 @@
  *   gpu        one cudaMemcpyAsync of the whole size from GPU 0 into GPU 1's memory
  *              opened through IPC (what cudaMemcpyPeer moves), best of 3
  *   cpu        pinned device->host then host->device, one copy each (put, then get)
- *   disk       that + O_DIRECT sequential write then read of one file in --dir
- *   tcp        that + raw loopback socket throughput between two processes
+ *   disk       O_DIRECT write then read in --dir, 4 MiB requests 8 in flight over 8
+ *              files, each beside its pinned copy (the store double buffers):
+ *              bytes / (max(D2H, write) + max(read, H2D))
+ *   tcp        pinned D2H + raw loopback socket throughput between two processes + H2D
  *   nccl       raw NCCL send/recv of one buffer GPU 0 -> GPU 1 (kv_nccl_ceiling.h)
  * A lab table first: pinned host <-> GPU as one copy, and as 32 KiB blocks in one
  * copy_batch (the batched kernel), the same summing what it moves (copy_batch_sum: the
@@ -696,8 +698,9 @@ int main(int argc, char **argv) {
                 ceil_name = "pinned D2H + H2D";
             } else if (m == KV_MEDIUM_DISK) {
                 if (dw == 0) disk_ceiling(o.dir, "benchc", bytes, &dw, &dr);
-                ceil_bw = (double)bytes / (d2h + dw + dr + h2d);
-                ceil_name = "D2H + O_DIRECT w+r + H2D";
+                /* the store double buffers: its copies run beside the disk's I/O */
+                ceil_bw = (double)bytes / (PD_MAX(d2h, dw) + PD_MAX(dr, h2d));
+                ceil_name = "O_DIRECT w+r, 8 deep";
             } else if (m == KV_MEDIUM_TCP) {
                 ceil_bw = (double)bytes / (d2h + tcp_ceiling(bytes) + h2d);
                 ceil_name = "D2H + loopback socket + H2D";

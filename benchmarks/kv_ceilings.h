@@ -1,6 +1,6 @@
 /* kv_ceilings.h: what bench_kv.c and bench_kv_cuda.c share: the connector
  * configuration of one side of a benchmark transfer, what they measure a KV medium
- * against in the same run (the disk's O_DIRECT sequential write and read, raw loopback
+ * against in the same run (the disk's O_DIRECT write and read at a deep queue, raw loopback
  * TCP between two processes), and the full-length pipe reads and writes they talk over. */
 #ifndef PD_BENCH_KV_CEILINGS_H
 #define PD_BENCH_KV_CEILINGS_H
@@ -8,6 +8,8 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <pthread.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,28 +55,56 @@ static inline int wr(int fd, const void *b, size_t n) {
     return 0;
 }
 
-/* O_DIRECT sequential write then read of `bytes` in dir (file "pdkv-TAG-dd-PID"):
- * seconds of each. */
-static inline void disk_ceiling(const char *dir, const char *tag, size_t bytes, double *w, double *r) {
-    char path[KV_ADDRESS_MAX + 64];
-    snprintf(path, sizeof path, "%s/pdkv-%s-dd-%d", dir, tag, (int)getpid());
-    size_t chunk = (size_t)4 << 20;
+/* The disk's ceiling: O_DIRECT write then read of `bytes` in dir, 4 MiB requests,
+ * DISK_CEIL_DEPTH of them in flight: one thread per file "pdkv-TAG-dd-PID-K", each
+ * with its share of the bytes (one file takes one extending direct write at a time,
+ * which would understate the device, as would one request at a time; the store keeps
+ * io_depth requests in flight over many files). Seconds of each. */
+#define DISK_CEIL_DEPTH 8
+typedef struct disk_ceil_job {
+    int fd;
     void *buf;
-    PD_ASSERT(posix_memalign(&buf, 4096, chunk) == 0);
-    memset(buf, 3, chunk);
-    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_DIRECT, 0600);
-    if (fd < 0) fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    size_t chunk, bytes;
+    bool write;
+} disk_ceil_job;
+static void *disk_ceil_main(void *p) {
+    disk_ceil_job *j = p;
+    for (size_t off = 0; off < j->bytes; off += j->chunk) {
+        ssize_t r = j->write ? pwrite(j->fd, j->buf, j->chunk, (off_t)off) : pread(j->fd, j->buf, j->chunk, (off_t)off);
+        if (r != (ssize_t)j->chunk) break;
+    }
+    return NULL;
+}
+static inline double disk_ceiling_pass(disk_ceil_job *jobs, bool write) {
+    pthread_t th[DISK_CEIL_DEPTH];
     double t0 = time_now_s();
-    for (size_t off = 0; off < bytes; off += chunk)
-        if (pwrite(fd, buf, chunk, (off_t)off) != (ssize_t)chunk) break;
-    *w = time_now_s() - t0;
-    t0 = time_now_s();
-    for (size_t off = 0; off < bytes; off += chunk)
-        if (pread(fd, buf, chunk, (off_t)off) != (ssize_t)chunk) break;
-    *r = time_now_s() - t0;
-    close(fd);
-    unlink(path);
-    free(buf);
+    for (int k = 0; k < DISK_CEIL_DEPTH; k++) {
+        jobs[k].write = write;
+        PD_ASSERT(pthread_create(&th[k], NULL, disk_ceil_main, &jobs[k]) == 0);
+    }
+    for (int k = 0; k < DISK_CEIL_DEPTH; k++) pthread_join(th[k], NULL);
+    return time_now_s() - t0;
+}
+static inline void disk_ceiling(const char *dir, const char *tag, size_t bytes, double *w, double *r) {
+    char path[DISK_CEIL_DEPTH][KV_ADDRESS_MAX + 64];
+    size_t chunk = (size_t)4 << 20, share = (bytes / DISK_CEIL_DEPTH + chunk - 1) / chunk * chunk;
+    disk_ceil_job jobs[DISK_CEIL_DEPTH];
+    for (int k = 0; k < DISK_CEIL_DEPTH; k++) {
+        snprintf(path[k], sizeof path[k], "%s/pdkv-%s-dd-%d-%d", dir, tag, (int)getpid(), k);
+        jobs[k] = (disk_ceil_job){-1, NULL, chunk, share, true};
+        PD_ASSERT(posix_memalign(&jobs[k].buf, 4096, chunk) == 0);
+        memset(jobs[k].buf, 3 + k, chunk);
+        jobs[k].fd = open(path[k], O_RDWR | O_CREAT | O_TRUNC | O_DIRECT, 0600);
+        if (jobs[k].fd < 0) jobs[k].fd = open(path[k], O_RDWR | O_CREAT | O_TRUNC, 0600);
+        PD_ASSERT(jobs[k].fd >= 0);
+    }
+    *w = disk_ceiling_pass(jobs, true);
+    *r = disk_ceiling_pass(jobs, false);
+    for (int k = 0; k < DISK_CEIL_DEPTH; k++) {
+        close(jobs[k].fd);
+        unlink(path[k]);
+        free(jobs[k].buf);
+    }
 }
 
 /* Loopback TCP: one process writes `bytes`, another reads them; seconds. */

@@ -50,6 +50,7 @@ typedef struct rig_opts {
     char tag[32];          /* unique per run: in every shm name */
     char dir[KV_ADDRESS_MAX]; /* disk store directory */
     size_t capacity;       /* store capacity (0: default) */
+    size_t staging;        /* disk: staging buffer bytes (0: default) */
 } rig_opts;
 
 typedef struct rig {
@@ -159,6 +160,7 @@ static void rig_config(const rig_opts *o, kv_role role, kv_config *c) {
     snprintf(c->dir, sizeof c->dir, "%s", o->dir);
     c->create_store = role == KV_ROLE_DECODE;
     if (o->capacity) c->capacity_bytes = o->capacity;
+    c->disk_staging_bytes = o->staging;
     c->port = 0;
 }
 

@@ -125,6 +125,8 @@ typedef struct kv_config {
     bool disk_no_direct;         /* disk: buffered I/O (file systems without O_DIRECT) */
     int max_tickets;             /* decode: concurrent reservations (64) */
     int io_depth;                /* disk: io_uring queue depth (32) */
+    size_t disk_staging_bytes;   /* disk: bytes of each of a transfer's two staging buffers
+                                    (0: 16 MiB; at least one block file) */
 } kv_config;
 
 /* Fills defaults: gpu, decode, layerwise, 127.0.0.1, capacity 1 GiB, 64 tickets. */

@@ -12,13 +12,20 @@
  *                              to stride = round_up(2 * block_bytes, 4096)
  * A file whose header or any layer fails its checksum is never served: the read reports
  * it corrupt and deletes it, so the key is a miss afterwards. The store is capped at
- * capacity_bytes (files of the directory counted when a put begins); a put past it is
- * refused (KV_ERR_FULL) and ENOSPC from the file system is KV_ERR_NOSPACE. No eviction
- * in this version: the creator removes the files when it closes.
+ * capacity_bytes (files of the directory counted when a put begins, at the store's file
+ * size); a put past it is refused (KV_ERR_FULL) and ENOSPC from the file system is
+ * KV_ERR_NOSPACE. No eviction in this version: the creator removes the files when it
+ * closes.
  *
  * Blocks go through staging buffers of DISK_STAGING_BYTES (a pool kept by the
  * connector): pinned when the cache is on a GPU, filled or emptied by one batch of
  * device copies per chunk of blocks (kv_copies); checksums are over the host bytes.
+ * Each transfer holds two and takes turns (double buffering): while one batch is on its
+ * way to or from the disk (an I/O thread runs it), the next is staged and checksummed
+ * (put) or the last is checked and copied into the cache (get). A put of every layer at
+ * once (whole mode) stages each file whole, header included, and writes it with one
+ * request; layer-wise, each layer's pieces go into their files in place and the headers
+ * at the end.
  *
  * Tuned for: NVMe, files of 64 KiB to 4 MiB, a request's blocks written and read in
  * batches of tens. */
@@ -171,8 +178,10 @@ static bool store_file_name(const char *n, bool with_tmp) {
            (with_tmp && len > 21 && strcmp(n + len - 4, ".tmp") == 0 && n[16] == '.');
 }
 
-/* Bytes of the store's files; with remove, deletes them (tmp files of dead writers only,
- * unless all). */
+/* Bytes of the store's files, each counted at this store's file size (all files of one
+ * store have it, and a tmp file is one on its way to it): names only, no stat per file,
+ * as this runs at every put's start over stores of tens of thousands of files. With
+ * remove, deletes them (tmp files of dead writers only, unless all). */
 static uint64_t scan(disk_impl *d, bool remove, bool all) {
     DIR *dir = opendir(d->dir);
     uint64_t total = 0;
@@ -181,14 +190,13 @@ static uint64_t scan(disk_impl *d, bool remove, bool all) {
     char path[KV_ADDRESS_MAX + 300];
     while ((e = readdir(dir))) {
         if (!store_file_name(e->d_name, true)) continue;
-        snprintf(path, sizeof path, "%s/%s", d->dir, e->d_name);
         bool tmp = strcmp(e->d_name + strlen(e->d_name) - 4, ".tmp") == 0;
         if (remove && (all || (tmp && !kv_pid_alive(atoi(e->d_name + 17))))) {
+            snprintf(path, sizeof path, "%s/%s", d->dir, e->d_name);
             unlink(path);
             continue;
         }
-        struct stat st;
-        if (stat(path, &st) == 0) total += (uint64_t)st.st_size;
+        total += d->file_bytes;
     }
     closedir(dir);
     return total;
@@ -219,7 +227,8 @@ static int disk_open(kv_connector *c, char *err, size_t errlen) {
     d->stride = round_up(d->layer_bytes, DISK_ALIGN);
     d->file_bytes = DISK_ALIGN + (size_t)kv->n_layers * d->stride;
     d->kv = kv;
-    d->staging_bytes = round_up(PD_MAX(DISK_STAGING_BYTES, d->file_bytes), DISK_ALIGN);
+    size_t want = c->cfg.disk_staging_bytes ? c->cfg.disk_staging_bytes : DISK_STAGING_BYTES;
+    d->staging_bytes = round_up(PD_MAX(want, d->file_bytes), DISK_ALIGN);
     pthread_mutex_init(&d->ring_mu, NULL);
     pthread_mutex_init(&d->pool_mu, NULL);
     if (!c->cfg.disk_force_pread) {
@@ -252,12 +261,48 @@ static void disk_close(kv_connector *c) {
 }
 
 /* ---- prefill side: put ----------------------------------------------------------------------- */
+/* A batch of I/O run on a thread of its own while the caller fills the other staging
+ * buffer (double buffering: the disk never waits for the copies and checksums of the
+ * next batch, nor they for it). */
+typedef struct disk_io {
+    disk_impl *d;
+    disk_op *ops;
+    int n, depth, rc;
+    bool running;
+    pthread_t th;
+} disk_io;
+
+static void *io_main(void *p) {
+    disk_io *j = p;
+    j->rc = run_batch(j->d, j->ops, j->n, j->depth);
+    return NULL;
+}
+
+/* Starts ops[0, n) (in the caller's thread where no thread can be made). */
+static void io_start(disk_io *j, disk_impl *d, disk_op *ops, int n, int depth) {
+    *j = (disk_io){d, ops, n, depth, 0, false, 0};
+    if (n <= 0) return;
+    if (pthread_create(&j->th, NULL, io_main, j) == 0) j->running = true;
+    else j->rc = run_batch(d, ops, n, depth);
+}
+
+/* Waits for the batch in flight, if any; 0 or its first error (-errno). */
+static int io_wait(disk_io *j) {
+    if (j->running) pthread_join(j->th, NULL), j->running = false;
+    int rc = j->rc;
+    j->rc = 0;
+    return rc;
+}
+
 typedef struct disk_send {
     int *fds;              /* [n_blocks] tmp files being written, -1: block already stored */
     uint64_t *sums;        /* [n_blocks][L] */
-    uint8_t *staging;      /* chunk * stride used of a pool buffer */
-    int chunk;             /* blocks per batch */
-    disk_op *ops;          /* [chunk] */
+    uint8_t *staging[2];   /* two pool buffers: one filled while the other is written */
+    int chunk;             /* layer pieces (stride bytes) per batch */
+    int files;             /* whole files per batch */
+    disk_op *ops[2];       /* [max(chunk, files)] each */
+    bool whole;            /* every file was written whole, header included */
+    disk_io io;            /* the batch in flight */
     kv_copies q;
 } disk_send;
 
@@ -270,6 +315,7 @@ static void send_cleanup(kv_send *x, bool unlink_tmp) {
     disk_impl *d = x->c->impl;
     disk_send *ds = x->priv;
     if (!ds) return;
+    io_wait(&ds->io); /* nothing in flight past here */
     char path[KV_ADDRESS_MAX + 64];
     for (int i = 0; i < x->n_blocks; i++) {
         if (ds->fds[i] < 0) continue;
@@ -281,8 +327,7 @@ static void send_cleanup(kv_send *x, bool unlink_tmp) {
     }
     free(ds->fds);
     free(ds->sums);
-    staging_put(d, ds->staging);
-    free(ds->ops);
+    for (int k = 0; k < 2; k++) staging_put(d, ds->staging[k]), free(ds->ops[k]);
     kv_copies_free(&ds->q);
     free(ds);
     x->priv = NULL;
@@ -328,9 +373,73 @@ static kv_status disk_send_begin(kv_send *x, char *err, size_t errlen) {
         }
     }
     ds->chunk = (int)PD_MAX((size_t)1, PD_MIN(d->staging_bytes / d->stride, (size_t)x->n_blocks));
-    ds->staging = staging_take(d);
-    ds->ops = xmalloc((size_t)ds->chunk * sizeof(disk_op));
+    ds->files = (int)PD_MAX((size_t)1, PD_MIN(d->staging_bytes / d->file_bytes, (size_t)x->n_blocks));
+    for (int k = 0; k < 2; k++) {
+        ds->staging[k] = staging_take(d);
+        ds->ops[k] = xmalloc((size_t)PD_MAX(ds->chunk, ds->files) * sizeof(disk_op));
+    }
     put_time(d, KV_PUT_OPEN, t0);
+    return KV_OK;
+}
+
+static void fill_header(const disk_impl *d, const kv_cache *kv, uint64_t key, const uint64_t *sums,
+                        uint8_t *page);
+
+/* Hands the batch just filled (ops[cur], m ops) to the I/O thread once the one before
+ * it is done; the time waited for that one is the put's "write" part. */
+static int pipe_write(disk_impl *d, disk_send *ds, int cur, int m, int depth) {
+    double t0 = time_now_s();
+    int rc = io_wait(&ds->io);
+    put_time(d, KV_PUT_WRITE, t0);
+    if (rc == 0) io_start(&ds->io, d, ds->ops[cur], m, depth);
+    return rc;
+}
+
+/* Every layer at once (whole mode, or a layer-wise put whose layers all come at the
+ * end): each file is staged whole, header included, and written with one write. */
+static kv_status send_files(kv_send *x, char *err, size_t errlen) {
+    disk_impl *d = x->c->impl;
+    disk_send *ds = x->priv;
+    const kv_cache *kv = x->c->kv;
+    size_t bb = kv->block_bytes;
+    int L = kv->n_layers, cur = 0, rc = 0;
+    for (int i = 0; i < x->n_blocks && rc == 0;) {
+        int m = 0, which[ds->files];
+        for (; i < x->n_blocks && m < ds->files; i++) {
+            if (ds->fds[i] < 0) continue;
+            uint8_t *img = ds->staging[cur] + (size_t)m * d->file_bytes;
+            for (int l = 0; l < L; l++) {
+                uint8_t *b = img + DISK_ALIGN + (size_t)l * d->stride;
+                kv_copies_blocks(&ds->q, kv, l, 0, &x->blocks[i], 1, b, bb, true);
+                kv_copies_blocks(&ds->q, kv, l, 1, &x->blocks[i], 1, b + bb, bb, true);
+                memset(b + d->layer_bytes, 0, d->stride - d->layer_bytes); /* padding */
+            }
+            ds->ops[cur][m] = (disk_op){ds->fds[i], img, d->file_bytes, 0, true, 0};
+            which[m++] = i;
+        }
+        if (m == 0) break;
+        double t0 = time_now_s();
+        kv_copies_run(kv, &ds->q); /* the batch's files, one batch of copies */
+        put_time(d, KV_PUT_STAGE, t0);
+        t0 = time_now_s();
+        for (int k = 0; k < m; k++) {
+            uint8_t *img = ds->ops[cur][k].buf;
+            uint64_t *sums = ds->sums + (size_t)which[k] * L;
+            for (int l = 0; l < L; l++)
+                sums[l] = kv_checksum(img + DISK_ALIGN + (size_t)l * d->stride, d->layer_bytes, 0);
+            fill_header(d, kv, x->keys[which[k]], sums, img);
+        }
+        put_time(d, KV_PUT_SUM, t0);
+        rc = pipe_write(d, ds, cur, m, x->c->cfg.io_depth);
+        cur ^= 1;
+    }
+    if (rc == 0) {
+        double t0 = time_now_s();
+        rc = io_wait(&ds->io);
+        put_time(d, KV_PUT_WRITE, t0);
+    }
+    if (rc != 0) return io_status(rc, "writing KV", d->dir, err, errlen);
+    ds->whole = true;
     return KV_OK;
 }
 
@@ -339,33 +448,43 @@ static kv_status disk_send_layers(kv_send *x, const int *layers, int n, char *er
     disk_send *ds = x->priv;
     const kv_cache *kv = x->c->kv;
     size_t bb = kv->block_bytes;
-    int L = kv->n_layers;
-    for (int j = 0; j < n; j++) {
+    int L = kv->n_layers, cur = 0, rc = 0;
+    bool all = n == L;
+    for (int j = 0; all && j < n; j++) all = layers[j] == j;
+    if (all) return send_files(x, err, errlen);
+    /* layer by layer: each block's piece of the layer into its file, in place */
+    for (int j = 0; j < n && rc == 0; j++) {
         int l = layers[j];
-        for (int i = 0; i < x->n_blocks;) {
+        for (int i = 0; i < x->n_blocks && rc == 0;) {
             int m = 0, which[ds->chunk];
             for (; i < x->n_blocks && m < ds->chunk; i++) {
                 if (ds->fds[i] < 0) continue;
-                uint8_t *b = ds->staging + (size_t)m * d->stride;
+                uint8_t *b = ds->staging[cur] + (size_t)m * d->stride;
                 kv_copies_blocks(&ds->q, kv, l, 0, &x->blocks[i], 1, b, bb, true);
                 kv_copies_blocks(&ds->q, kv, l, 1, &x->blocks[i], 1, b + bb, bb, true);
-                ds->ops[m] = (disk_op){ds->fds[i], b, d->stride,
-                                       (off_t)(DISK_ALIGN + (size_t)l * d->stride), true, 0};
+                memset(b + d->layer_bytes, 0, d->stride - d->layer_bytes);
+                ds->ops[cur][m] = (disk_op){ds->fds[i], b, d->stride,
+                                            (off_t)(DISK_ALIGN + (size_t)l * d->stride), true, 0};
                 which[m++] = i;
             }
+            if (m == 0) break;
             double t0 = time_now_s();
             kv_copies_run(kv, &ds->q); /* the chunk's blocks, one batch */
             put_time(d, KV_PUT_STAGE, t0);
             t0 = time_now_s();
             for (int k = 0; k < m; k++)
-                ds->sums[(size_t)which[k] * L + l] = kv_checksum(ds->ops[k].buf, d->layer_bytes, 0);
+                ds->sums[(size_t)which[k] * L + l] = kv_checksum(ds->ops[cur][k].buf, d->layer_bytes, 0);
             put_time(d, KV_PUT_SUM, t0);
-            t0 = time_now_s();
-            int rc = run_batch(d, ds->ops, m, x->c->cfg.io_depth);
-            put_time(d, KV_PUT_WRITE, t0);
-            if (rc != 0) return io_status(rc, "writing KV", d->dir, err, errlen);
+            rc = pipe_write(d, ds, cur, m, x->c->cfg.io_depth);
+            cur ^= 1;
         }
     }
+    if (rc == 0) { /* this call's layers are on disk when it returns */
+        double t0 = time_now_s();
+        rc = io_wait(&ds->io);
+        put_time(d, KV_PUT_WRITE, t0);
+    }
+    if (rc != 0) return io_status(rc, "writing KV", d->dir, err, errlen);
     return KV_OK;
 }
 
@@ -390,21 +509,18 @@ static kv_status disk_send_finish(kv_send *x, char *err, size_t errlen) {
     disk_send *ds = x->priv;
     const kv_cache *kv = x->c->kv;
     double t0 = time_now_s();
-    /* headers go through the staging buffer, one page each */
-    size_t per = d->stride / DISK_ALIGN * (size_t)ds->chunk;
-    for (int i = 0; i < x->n_blocks;) {
+    /* headers (unless written with their files) go through the staging buffer, one page each */
+    size_t per = d->staging_bytes / DISK_ALIGN;
+    int hd = (int)PD_MIN(per, (size_t)PD_MAX(ds->chunk, ds->files));
+    for (int i = 0; i < x->n_blocks && !ds->whole;) {
         int m = 0;
-        for (; i < x->n_blocks && (size_t)m < per; i++) {
+        for (; i < x->n_blocks && m < hd; i++) {
             if (ds->fds[i] < 0) continue;
-            uint8_t *page = ds->staging + (size_t)m * DISK_ALIGN;
+            uint8_t *page = ds->staging[0] + (size_t)m * DISK_ALIGN;
             fill_header(d, kv, x->keys[i], ds->sums + (size_t)i * kv->n_layers, page);
-            ds->ops[m % ds->chunk] = (disk_op){ds->fds[i], page, DISK_ALIGN, 0, true, 0};
-            if (++m % ds->chunk == 0) {
-                int rc = run_batch(d, ds->ops, ds->chunk, x->c->cfg.io_depth);
-                if (rc != 0) return io_status(rc, "writing a header", d->dir, err, errlen);
-            }
+            ds->ops[0][m++] = (disk_op){ds->fds[i], page, DISK_ALIGN, 0, true, 0};
         }
-        int rc = run_batch(d, ds->ops, m % ds->chunk, x->c->cfg.io_depth);
+        int rc = run_batch(d, ds->ops[0], m, x->c->cfg.io_depth);
         if (rc != 0) return io_status(rc, "writing a header", d->dir, err, errlen);
     }
     char from[KV_ADDRESS_MAX + 64], to[KV_ADDRESS_MAX + 64];
@@ -448,69 +564,109 @@ static bool file_ok(const disk_impl *d, const kv_cache *kv, uint64_t key, uint8_
     return ok;
 }
 
+/* Opens the next files of s from *i on (blocks already got skipped) into ops, at most
+ * chunk; a missing file ends the batch and sets *st to KV_PENDING (blocks arrive in
+ * order). Returns the batch's size. */
+static int poll_collect(disk_impl *d, kv_slot *s, int *i, int chunk, disk_op *ops, int *which,
+                        uint8_t **buf, kv_status *st) {
+    char path[KV_ADDRESS_MAX + 64];
+    int m = 0;
+    for (; *i < s->n_blocks && m < chunk; (*i)++) {
+        if (s->got[*i]) continue;
+        key_path(d, s->keys[*i], path, sizeof path);
+        int fd = open_file(d, path, O_RDONLY);
+        if (fd < 0) {
+            *st = KV_PENDING;
+            break;
+        }
+        if (!*buf) *buf = staging_take(d);
+        ops[m] = (disk_op){fd, *buf + (size_t)m * d->file_bytes, d->file_bytes, 0, false, 0};
+        which[m++] = *i;
+    }
+    return m;
+}
+
+/* A batch read: checks each file, copies the good ones (up to the first bad one) into
+ * the cache in one batch and marks them got. KV_OK, or why a file was refused. */
+static kv_status poll_chunk(disk_impl *d, kv_connector *c, kv_slot *s, disk_op *ops, const int *which,
+                            int m, kv_copies *q, char *err, size_t errlen) {
+    const kv_cache *kv = c->kv;
+    size_t bb = kv->block_bytes;
+    char path[KV_ADDRESS_MAX + 64];
+    kv_status st = KV_OK;
+    for (int j = 0; j < m; j++) close(ops[j].fd);
+    int n_ok = 0; /* files [0, n_ok) of the batch are good and queued */
+    for (int j = 0; j < m && st == KV_OK; j++) {
+        int b = which[j];
+        uint8_t *img = ops[j].buf;
+        if (ops[j].res < 0) {
+            st = io_status((int)ops[j].res, "reading KV", d->dir, err, errlen);
+            break;
+        }
+        if ((size_t)ops[j].res != d->file_bytes || !file_ok(d, kv, s->keys[b], img)) {
+            key_path(d, s->keys[b], path, sizeof path);
+            unlink(path); /* never served; a miss from now on */
+            __atomic_fetch_add(&d->corrupt, 1, __ATOMIC_RELAXED);
+            pd_errorf(err, errlen, "kv disk: block file %s of request %llu is corrupt or "
+                      "truncated (not served, removed)", path, (unsigned long long)s->request_id);
+            st = KV_ERR_CORRUPT;
+            break;
+        }
+        for (int l = 0; l < kv->n_layers; l++) {
+            uint8_t *src = img + DISK_ALIGN + (size_t)l * d->stride;
+            kv_copies_blocks(q, kv, l, 0, &s->blocks[b], 1, src, bb, false);
+            kv_copies_blocks(q, kv, l, 1, &s->blocks[b], 1, src + bb, bb, false);
+        }
+        n_ok = j + 1;
+    }
+    kv_copies_run(kv, q); /* the batch's good files, one batch */
+    for (int j = 0; j < n_ok; j++) {
+        s->got[which[j]] = 1;
+        s->n_got++;
+        __atomic_fetch_add(&d->hits, 1, __ATOMIC_RELAXED);
+    }
+    return st;
+}
+
+/* Reads what has arrived, double buffered: the next batch of files is read (on an I/O
+ * thread) while this one is checked and copied into the cache. */
 static kv_status disk_poll(kv_connector *c, int idx, char *err, size_t errlen) {
     disk_impl *d = c->impl;
     kv_slot *s = &c->slots[idx];
-    const kv_cache *kv = c->kv;
-    size_t bb = kv->block_bytes;
     int chunk = (int)PD_MAX((size_t)1, PD_MIN(d->staging_bytes / d->file_bytes, (size_t)s->n_blocks));
-    uint8_t *buf = NULL;
-    disk_op *ops = xmalloc((size_t)chunk * sizeof *ops);
-    int *which = xmalloc((size_t)chunk * sizeof(int));
-    char path[KV_ADDRESS_MAX + 64];
-    kv_status st = KV_OK;
+    int depth = c->cfg.io_depth, i = 0, cur = 0, m[2];
+    uint8_t *buf[2] = {NULL, NULL};
+    disk_op *ops[2];
+    int *which[2];
+    for (int k = 0; k < 2; k++) {
+        ops[k] = xmalloc((size_t)chunk * sizeof(disk_op));
+        which[k] = xmalloc((size_t)chunk * sizeof(int));
+    }
+    kv_status st = KV_OK; /* KV_PENDING once a file is missing */
     kv_copies q = {0};
-    for (int i = 0; i < s->n_blocks && st == KV_OK;) {
-        int m = 0;
-        for (; i < s->n_blocks && m < chunk; i++) {
-            if (s->got[i]) continue;
-            key_path(d, s->keys[i], path, sizeof path);
-            int fd = open_file(d, path, O_RDONLY);
-            if (fd < 0) {
-                st = KV_PENDING; /* blocks arrive in order: stop at the first missing */
-                break;
-            }
-            if (!buf) buf = staging_take(d);
-            ops[m] = (disk_op){fd, buf + (size_t)m * d->file_bytes, d->file_bytes, 0, false, 0};
-            which[m++] = i;
+    disk_io io;
+    m[cur] = poll_collect(d, s, &i, chunk, ops[cur], which[cur], &buf[cur], &st);
+    io_start(&io, d, ops[cur], m[cur], depth);
+    while (m[cur] > 0) {
+        int nx = cur ^ 1;
+        m[nx] = st == KV_OK ? poll_collect(d, s, &i, chunk, ops[nx], which[nx], &buf[nx], &st) : 0;
+        io_wait(&io); /* per-op results, checked by poll_chunk */
+        io_start(&io, d, ops[nx], m[nx], depth);
+        kv_status r = poll_chunk(d, c, s, ops[cur], which[cur], m[cur], &q, err, errlen);
+        if (r != KV_OK) {
+            st = r;
+            io_wait(&io);
+            for (int j = 0; j < m[nx]; j++) close(ops[nx][j].fd);
+            break;
         }
-        run_batch(d, ops, m, c->cfg.io_depth); /* per-op results below */
-        for (int j = 0; j < m; j++) close(ops[j].fd);
-        int n_ok = 0; /* files [0, n_ok) of the chunk are good and queued */
-        for (int j = 0; j < m && (st == KV_OK || st == KV_PENDING); j++) {
-            int b = which[j];
-            uint8_t *img = ops[j].buf;
-            if (ops[j].res < 0) {
-                st = io_status((int)ops[j].res, "reading KV", d->dir, err, errlen);
-                break;
-            }
-            if ((size_t)ops[j].res != d->file_bytes || !file_ok(d, kv, s->keys[b], img)) {
-                key_path(d, s->keys[b], path, sizeof path);
-                unlink(path); /* never served; a miss from now on */
-                __atomic_fetch_add(&d->corrupt, 1, __ATOMIC_RELAXED);
-                pd_errorf(err, errlen, "kv disk: block file %s of request %llu is corrupt or "
-                          "truncated (not served, removed)", path, (unsigned long long)s->request_id);
-                st = KV_ERR_CORRUPT;
-                break;
-            }
-            for (int l = 0; l < kv->n_layers; l++) {
-                uint8_t *src = img + DISK_ALIGN + (size_t)l * d->stride;
-                kv_copies_blocks(&q, kv, l, 0, &s->blocks[b], 1, src, bb, false);
-                kv_copies_blocks(&q, kv, l, 1, &s->blocks[b], 1, src + bb, bb, false);
-            }
-            n_ok = j + 1;
-        }
-        kv_copies_run(kv, &q); /* the chunk's good files, one batch */
-        for (int j = 0; j < n_ok; j++) {
-            s->got[which[j]] = 1;
-            s->n_got++;
-            __atomic_fetch_add(&d->hits, 1, __ATOMIC_RELAXED);
-        }
+        cur = nx;
     }
     kv_copies_free(&q);
-    staging_put(d, buf);
-    free(ops);
-    free(which);
+    for (int k = 0; k < 2; k++) {
+        staging_put(d, buf[k]);
+        free(ops[k]);
+        free(which[k]);
+    }
     return st;
 }
 
