@@ -251,7 +251,26 @@ static void test_disaggregated_transfer(void) {
     CHECKF(near(res->recs[0].ttft_s, 0.41, 1e-9), "store ttft %.6f", res->recs[0].ttft_s);
     CHECKF(near(res->recs[1].ttft_s, 0.635, 1e-9), "put beside a get: ttft %.6f", res->recs[1].ttft_s);
     bench_result_free(res);
+    /* both slowed (a disk whose reads and writes share its bandwidth: x2 each): the put
+     * 0.25-0.55 and the first get's last 0.15 s of work with it, so the get ends at 0.55
+     * too, and the first request's KV, booked for 0.41, arrives at 0.56; the second get
+     * 0.55-0.70 (+ 0.01) */
+    m.get_overlap = 2;
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].ttft_s, 0.56, 1e-9), "get beside a put: ttft %.6f", res->recs[0].ttft_s);
+    CHECKF(near(res->recs[1].ttft_s, 0.71, 1e-9), "get beside a put: ttft %.6f", res->recs[1].ttft_s);
+    CHECK(res->recs[0].output_len == res->recs[0].expected_output_len &&
+          res->recs[1].output_len == res->recs[1].expected_output_len); /* each KV arrived once */
+    bench_result_free(res);
+    /* only the get slowed: the put 0.25-0.40 at full speed; the get moves 0.075 of its
+     * last 0.15 s meanwhile and the rest alone, to 0.475 (+ 0.01); the second get
+     * 0.475-0.625 (+ 0.01) */
     m.put_overlap = 0;
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].ttft_s, 0.485, 1e-9), "get beside a put: ttft %.6f", res->recs[0].ttft_s);
+    CHECKF(near(res->recs[1].ttft_s, 0.635, 1e-9), "get beside a put: ttft %.6f", res->recs[1].ttft_s);
+    bench_result_free(res);
+    m.get_overlap = 0;
     snprintf(m.name, sizeof m.name, "test");
     m.bandwidth = 1e6;
     /* colocated, the same request has no transfer */
@@ -1000,6 +1019,8 @@ static void test_profile_mediums(void) {
         /* and a store's put beside a get: measured, never below the put alone */
         CHECKF(store ? m->put_overlap >= 1 && m->put_overlap < 100 : m->put_overlap == 0, "%s: put beside a get x%g",
                m->name, m->put_overlap);
+        CHECKF(store ? m->get_overlap >= 1 && m->get_overlap < 100 : m->get_overlap == 0, "%s: get beside a put x%g",
+               m->name, m->get_overlap);
         /* the disk's sustained train: at least 3 transfers of the largest size, its
          * medians now the curve's speed (busy time x scale at that size) and put share */
         bool disk = !strcmp(m->name, "disk");
@@ -1175,13 +1196,15 @@ static void test_cpu_contention(void) {
     p.mediums[0] = m;
     p.mediums[0].put_share = 0.7;
     p.mediums[0].put_overlap = 1.4;
+    p.mediums[0].get_overlap = 1.9;
     p.contention = (sim_contention){.cores = 2, .threads = 1, .n_points = 2, .procs = {1, 2}, .slowdown = {1, 1.25}};
     snprintf(p.contention.source, sizeof p.contention.source, "measured");
     char *js = sim_profile_to_json(&p);
     sim_profile q;
     REQUIRE(sim_profile_parse(js, strlen(js), "rt", &q, err, sizeof err) == 0);
     CHECK(q.contention.cores == 2 && q.contention.n_points == 2 && q.contention.slowdown[1] == 1.25);
-    CHECK(q.mediums[0].control_s == 0.004 && q.mediums[0].put_share == 0.7 && q.mediums[0].put_overlap == 1.4);
+    CHECK(q.mediums[0].control_s == 0.004 && q.mediums[0].put_share == 0.7 && q.mediums[0].put_overlap == 1.4 &&
+          q.mediums[0].get_overlap == 1.9);
     CHECK(near(sim_contention_slowdown(&q.contention, 4), 2.5, 1e-12));
     sim_profile_free(&q);
     free(js);

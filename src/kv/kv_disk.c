@@ -238,6 +238,11 @@ static int disk_open(kv_connector *c, char *err, size_t errlen) {
             log_info("kv disk: io_uring unavailable (%s); pread/pwrite instead", strerror(-rc));
     }
     if (d->creator) scan(d, true, false); /* tmp files of writers that died */
+    /* a transfer's two staging buffers, made now rather than on the first request's
+     * path (pinning them can take long on a busy GPU); a tier store (prefill side that
+     * creates its store) puts and gets through buffers of its own */
+    if (!(c->cfg.role == KV_ROLE_PREFILL && c->cfg.create_store))
+        for (; d->n_pool < 2; d->n_pool++) d->pool[d->n_pool] = kv_host_alloc(kv, d->staging_bytes);
     snprintf(c->address, sizeof c->address, "%s", d->dir);
     c->impl = d;
     log_info("kv disk: store %s, files of %.2f MiB, %s, %s", d->dir,

@@ -382,6 +382,7 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
                 if (k == 3) {
                     double p = med3(pr), g = med3(gr);
                     md.put_overlap = PD_MAX(p, 1.0);
+                    md.get_overlap = PD_MAX(g, 1.0);
                     log_info("profile: medium %s, a put beside a get of %d tokens: the put x%.2f, the get x%.2f "
                              "(against each alone; median of 3)", name, n, p, g);
                 } else {

@@ -51,6 +51,8 @@ typedef struct sreq {
      * (disaggregated), its KV reached the decode instance */
     double t_enter, t_sched, t_prefilled, t_kv;
     double kv_queue; /* whole transfers: the KV's wait for its prefill instance's link */
+    double kv_at;    /* when its KV arrives as booked (a store's get beside a later put moves
+                        it: an EV_KV_ARRIVE at another time is stale) */
     bool kv_dropped; /* its whole transfer would have started after its deadline: never
                         booked on the link, failed at the deadline */
 } sreq;
@@ -68,6 +70,8 @@ typedef struct inst {
     int load;               /* requests assigned and not yet done here */
     double link_free;       /* prefill: when its outgoing KV link (or store puts) is next free;
                                decode over a store: when its next get may start */
+    int last_get;           /* decode over a store: the request whose get ends at link_free
+                               (-1: none yet) */
     double step_start;      /* when the step in flight started */
     int admit_head, admit_tail; /* decode: requests whose KV arrived during the step in
                                flight, in order (-1: none); the engine admits them, and
@@ -545,10 +549,14 @@ static int on_serve(sim_state *s, double t) {
  * its side (the server's transfer worker runs one at a time), the decode side's gets on
  * its own, and the next request's put overlaps this one's get: the put's share of the
  * time as the profile measured it apart (put_share; half each when not measured). A put
- * that runs while the decode side still reads an earlier request from the store is
- * slower by the profile's put_overlap over that window; the get is priced alone (on the
- * H200 host of 2026-11-28 the reads beside puts were no slower, the puts were:
- * docs/simulator.md, "dis-disk's misses, explained"). */
+ * that runs while the decode side still reads an earlier request from the store shares
+ * the store with that get: over their common time the put is slower by the profile's
+ * put_overlap and the get by its get_overlap (each against itself alone), and whichever
+ * ends first leaves the other alone again. The get was booked before this put existed:
+ * its end, and the arrival of the request it reads (the last booked on that decode
+ * instance), move later by what the put cost it (an earlier get still queued there keeps
+ * its time). With get_overlap absent the get is priced alone, as profiles made before it
+ * was recorded. docs/simulator.md, "dis-disk's misses, explained" and "A shared disk". */
 static bool is_store(const sim_medium *m) { return m && (!strcmp(m->name, "cpu") || !strcmp(m->name, "disk")); }
 
 static void start_transfer(sim_state *s, inst *in, sreq *r, double t) {
@@ -561,11 +569,21 @@ static void start_transfer(sim_state *s, inst *in, sreq *r, double t) {
     double share = m && m->put_share > 0 ? m->put_share : 0.5;
     double send = store ? busy * share : busy; /* the prefill side's share */
     double get = busy - send;                  /* stores: the decode side's */
-    if (store && m->put_overlap > 1) {
-        /* the put shares the store with the decode side's get of an earlier request
-         * while that runs (until d's link_free): slower by put_overlap over that window */
-        double fp = m->put_overlap, w = PD_MAX(s->insts[r->d_inst].link_free - PD_MAX(t, in->link_free), 0);
-        send = send * fp <= w ? send * fp : w + (send - w / fp);
+    double get_delay = 0; /* what this put adds to the get it runs beside */
+    if (store && (m->put_overlap > 1 || m->get_overlap > 1)) {
+        /* P, G: the put's and the remaining get's work, in seconds alone; together they
+         * run at 1/fp and 1/fg until the first is done */
+        double fp = PD_MAX(m->put_overlap, 1), fg = PD_MAX(m->get_overlap, 1);
+        double P = send, G = PD_MAX(s->insts[r->d_inst].link_free - PD_MAX(t, in->link_free), 0);
+        if (G > 0) {
+            if (P * fp <= G * fg) { /* the put ends first, the get goes on alone */
+                send = P * fp;
+                get_delay = P * fp - P * fp / fg;
+            } else { /* the get ends first */
+                send = G * fg + (P - G * fg / fp);
+                get_delay = G * fg - G;
+            }
+        }
     }
     double f;
     if (s->cfg->layerwise && m) {
@@ -584,6 +602,15 @@ static void start_transfer(sim_state *s, inst *in, sreq *r, double t) {
         r->kv_queue = PD_MAX(in->link_free - t, 0); /* behind earlier requests' transfers */
         f = PD_MAX(t, in->link_free) + send;
     }
+    if (get_delay > 0) { /* the get beside this put ends later, and so its request's KV */
+        inst *d = &s->insts[r->d_inst];
+        d->link_free += get_delay;
+        if (d->last_get >= 0) {
+            sreq *o = &s->reqs[d->last_get];
+            o->kv_at += get_delay;
+            heap_push(&s->heap, o->kv_at, EV_KV_ARRIVE, d->last_get); /* the booked one goes stale */
+        }
+    }
     in->link_free = f;
     /* the request's control messages (reserve, ticket, completion) ride along: the
      * medium's measured control path, once per request */
@@ -594,8 +621,10 @@ static void start_transfer(sim_state *s, inst *in, sreq *r, double t) {
         inst *d = &s->insts[r->d_inst];
         double g = PD_MAX(f, d->link_free) + get;
         d->link_free = g;
+        d->last_get = (int)(r - s->reqs);
         arrive = g + latency;
     }
+    r->kv_at = arrive;
     s->st->kv_bytes += bytes;
     s->st->kv_transfer_s += dur;
     if (m && m->power_w > 0) s->st->energy_transfer_j += m->power_w * dur;
@@ -739,6 +768,7 @@ static void inst_init(sim_state *s, inst *in, inst_role role, double mhz, int ma
     memset(in, 0, sizeof *in);
     in->role = role;
     in->admit_head = in->admit_tail = -1;
+    in->last_get = -1;
     sched_config sc = s->cfg->sched;
     if (role == ROLE_DECODE) {
         /* D never prefills what came over the medium: admit a whole prompt in one step */
@@ -985,7 +1015,8 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
             if (e.kind == EV_STEP_END) rc = on_step_end(&s, e.id, e.t);
             else if (e.kind == EV_DEADLINE) on_deadline(&s, &s.reqs[e.id], e.t);
             else if (e.kind == EV_ENTER) rc = on_enter(&s, &s.reqs[e.id], e.t);
-            else rc = on_kv_arrive(&s, &s.reqs[e.id], e.t);
+            else if (e.t == s.reqs[e.id].kv_at) rc = on_kv_arrive(&s, &s.reqs[e.id], e.t);
+            else continue; /* an arrival moved later (a get beside a put) */
         }
         st->events++;
     }

@@ -59,6 +59,9 @@ typedef struct sim_medium {
     double put_overlap;     /* stores: how much longer a put takes while the decode side
                                reads the previous request from the same store (a put
                                beside a get over the put alone, >= 1; 0: not measured) */
+    double get_overlap;     /* stores: how much longer that get takes beside the put (the
+                               get beside a put over the get alone, >= 1; 0: not measured,
+                               the get priced alone) */
     /* disk: the sustained train (`pdserve profile --medium-train S`): back-to-back
      * transfers of the largest size, the store filling as a deployment's does; the
      * medians of its second half replace the best-of curve's speed and put share.
