@@ -11,7 +11,8 @@
 #   4. `pdserve profile --medium disk` on each GPU: the profiler's put of the same size,
 #      its train's split logged (the simulator's view of the disk).
 # Read-only on the GPUs. Usage (repository root, GPU machine; carry .deps/prefix and
-# tests/.cache/tokenizers): scripts/gpu/disk-put.sh. Results under $OUT (or
+# tests/.cache/tokenizers): scripts/gpu/disk-put.sh; SKIP_BENCH=1 and PROFILE_DEVICES=""
+# leave steps 2 and 4 out, ORDERS ("1,0 0,1") picks step 3's. Results under $OUT (or
 # build-gpu/out-disk-put): env.txt and log.txt. Exit: 0 done, 77 no GPU, 2 build failed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -33,12 +34,14 @@ rm -f "$out/build.log"
 BIN=build-gpu/pdserve
 echo "build: done at $(el) s"
 
-build-gpu/bench_kv_cuda --media disk --dir /tmp 2>&1 | tail -n 12
-echo "bench_kv_cuda: done at $(el) s"
+if [ -z "${SKIP_BENCH:-}" ]; then
+  build-gpu/bench_kv_cuda --media disk --dir /tmp 2>&1 | tail -n 12
+  echo "bench_kv_cuda: done at $(el) s"
+fi
 
 one_order() { # DEVICES (prefill,decode as `up` takes them)
   local devs=$1 log="$out/up-$1.log" port="" pre=""
-  "$BIN" up --setup dis-disk --model "$MODEL" --device-list "$devs" --port 0 -- \
+  "$BIN" up --setup dis-disk --model "$MODEL" --device-list "$devs" --kv-store-capacity 48GB --port 0 -- \
     --tokenizer "$TOK" --max-model-len $((TOKENS + 256)) >"$log" 2>&1 &
   local up=$!
   for _ in $(seq 600); do
@@ -59,8 +62,8 @@ n = int(sys.argv[1])
 print(json.dumps({"prompt": [random.randrange(1000, 100000) for _ in range(n)], "max_tokens": 2,
                   "temperature": 0, "ignore_eos": True, "pdserve_timing": True}))
 PY
-    curl -sf "http://127.0.0.1:$port/v1/completions" -H 'Content-Type: application/json' \
-      -d @"$out/prompt.json" >"$out/r.json" || echo "request $i failed"
+    curl -s --fail-with-body "http://127.0.0.1:$port/v1/completions" -H 'Content-Type: application/json' \
+      -d @"$out/prompt.json" >"$out/r.json" || { echo "request $i failed: $(head -c 300 "$out/r.json")"; }
     curl -sf "$pre/metrics" >"$out/m1"
     python3 - "$devs" "$i" "$out/r.json" "$out/m0" "$out/m1" <<'PY'
 import json, re, sys
@@ -94,10 +97,9 @@ PY
   rm -f "$out/m0" "$out/r.json"
   echo "up $devs: done at $(el) s"
 }
-one_order 1,0
-one_order 0,1
+for o in ${ORDERS-1,0 0,1}; do one_order "$o"; done
 
-for dev in 0 1; do
+for dev in ${PROFILE_DEVICES-0 1}; do
   timeout 200 "$BIN" profile --model "$MODEL" --device "$dev" -o "$out/profile-$dev.json" --repeats 1 \
     --prefill-tokens 256 --prefill-context 0 --decode-batch 1 --decode-context 1024 --medium disk \
     --medium-train "${TRAIN:-12}" --no-power --no-power-cap 2>&1 | grep -E "medium disk" | sed "s/^/GPU $dev: /"
