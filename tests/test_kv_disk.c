@@ -28,9 +28,9 @@ static void run(kv_transfer_mode mode, rig_scenario sc, kv_status expect, double
 static void test_disk_whole(void) { run(KV_TRANSFER_WHOLE, RIG_OK, KV_OK, 10); }
 static void test_disk_layerwise(void) { run(KV_TRANSFER_LAYERWISE, RIG_OK, KV_OK, 10); }
 /* Staging of one block file: the 13 blocks go in 13 batches (whole: one file each;
- * layer by layer: a few blocks' pieces each), the two buffers taking turns, so the
- * batch filled while another is on its way to the disk, and the reads double
- * buffered the same way, are checked byte for byte. */
+ * layer by layer: a few blocks' pieces each), the put's two buffers taking turns, so
+ * the batch filled while another is on its way to the disk is checked byte for byte,
+ * and the get reads them back one file per batch. */
 static void test_disk_double_buffered(void) {
     run_staging(KV_TRANSFER_WHOLE, RIG_OK, KV_OK, 10, 1);
     run_staging(KV_TRANSFER_LAYERWISE, RIG_OK, KV_OK, 10, 1);
@@ -140,9 +140,8 @@ static void corrupt_one_file(const char *dir) {
     fclose(fp);
 }
 
-/* With staging of one file the bad file's batch fails while the next is being read:
- * that read is waited for and its files closed (ASan and the fd count of the leak
- * checks see the rest). */
+/* With staging of one file the bad file is a batch of its own: the get stops there,
+ * the batches before it served, none after it opened. */
 static void corrupt_block(size_t staging) {
     disk_fixture f;
     fixture_open(&f, 0, false, staging);

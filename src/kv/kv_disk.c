@@ -20,9 +20,9 @@
  * Blocks go through staging buffers of DISK_STAGING_BYTES (a pool kept by the
  * connector): pinned when the cache is on a GPU, filled or emptied by one batch of
  * device copies per chunk of blocks (kv_copies); checksums are over the host bytes.
- * Each transfer holds two and takes turns (double buffering): while one batch is on its
- * way to or from the disk (an I/O thread runs it), the next is staged and checksummed
- * (put) or the last is checked and copied into the cache (get). A put of every layer at
+ * A put holds two and takes turns (double buffering): while one batch is on its way to
+ * the disk (an I/O thread runs it), the next is staged and checksummed. A get reads,
+ * checks and copies one batch after another (disk_poll says why). A put of every layer at
  * once (whole mode) stages each file whole, header included, and writes it with one
  * request; layer-wise, each layer's pieces go into their files in place and the headers
  * at the end.
@@ -238,11 +238,11 @@ static int disk_open(kv_connector *c, char *err, size_t errlen) {
             log_info("kv disk: io_uring unavailable (%s); pread/pwrite instead", strerror(-rc));
     }
     if (d->creator) scan(d, true, false); /* tmp files of writers that died */
-    /* a transfer's two staging buffers, made now rather than on the first request's
-     * path (pinning them can take long on a busy GPU); a tier store (prefill side that
-     * creates its store) puts and gets through buffers of its own */
-    if (!(c->cfg.role == KV_ROLE_PREFILL && c->cfg.create_store))
-        for (; d->n_pool < 2; d->n_pool++) d->pool[d->n_pool] = kv_host_alloc(kv, d->staging_bytes);
+    /* a transfer's staging buffers (a put's two, a get's one), made now rather than on
+     * the first request's path (pinning them can take long on a busy GPU); a tier store
+     * (prefill side that creates its store) puts and gets through buffers of its own */
+    int n_stage = c->cfg.role == KV_ROLE_PREFILL ? (c->cfg.create_store ? 0 : 2) : 1;
+    for (; d->n_pool < n_stage; d->n_pool++) d->pool[d->n_pool] = kv_host_alloc(kv, d->staging_bytes);
     snprintf(c->address, sizeof c->address, "%s", d->dir);
     c->impl = d;
     log_info("kv disk: store %s, files of %.2f MiB, %s, %s", d->dir,
@@ -633,45 +633,30 @@ static kv_status poll_chunk(disk_impl *d, kv_connector *c, kv_slot *s, disk_op *
     return st;
 }
 
-/* Reads what has arrived, double buffered: the next batch of files is read (on an I/O
- * thread) while this one is checked and copied into the cache. */
+/* Reads what has arrived, batch by batch: a batch's files are read, then checked and
+ * copied into the cache, before the next is read. (Reading the next batch while this
+ * one is copied was tried: on the H200 host of 2026-11-28 the decode instance's steps
+ * then stalled for the whole get, a 2.4 s pause in other requests' token streams;
+ * docs/kv-connectors.md.) */
 static kv_status disk_poll(kv_connector *c, int idx, char *err, size_t errlen) {
     disk_impl *d = c->impl;
     kv_slot *s = &c->slots[idx];
     int chunk = (int)PD_MAX((size_t)1, PD_MIN(d->staging_bytes / d->file_bytes, (size_t)s->n_blocks));
-    int depth = c->cfg.io_depth, i = 0, cur = 0, m[2];
-    uint8_t *buf[2] = {NULL, NULL};
-    disk_op *ops[2];
-    int *which[2];
-    for (int k = 0; k < 2; k++) {
-        ops[k] = xmalloc((size_t)chunk * sizeof(disk_op));
-        which[k] = xmalloc((size_t)chunk * sizeof(int));
-    }
+    int i = 0;
+    uint8_t *buf = NULL;
+    disk_op *ops = xmalloc((size_t)chunk * sizeof(disk_op));
+    int *which = xmalloc((size_t)chunk * sizeof(int));
     kv_status st = KV_OK; /* KV_PENDING once a file is missing */
     kv_copies q = {0};
-    disk_io io;
-    m[cur] = poll_collect(d, s, &i, chunk, ops[cur], which[cur], &buf[cur], &st);
-    io_start(&io, d, ops[cur], m[cur], depth);
-    while (m[cur] > 0) {
-        int nx = cur ^ 1;
-        m[nx] = st == KV_OK ? poll_collect(d, s, &i, chunk, ops[nx], which[nx], &buf[nx], &st) : 0;
-        io_wait(&io); /* per-op results, checked by poll_chunk */
-        io_start(&io, d, ops[nx], m[nx], depth);
-        kv_status r = poll_chunk(d, c, s, ops[cur], which[cur], m[cur], &q, err, errlen);
-        if (r != KV_OK) {
-            st = r;
-            io_wait(&io);
-            for (int j = 0; j < m[nx]; j++) close(ops[nx][j].fd);
-            break;
-        }
-        cur = nx;
+    for (int m; st == KV_OK && (m = poll_collect(d, s, &i, chunk, ops, which, &buf, &st)) > 0;) {
+        run_batch(d, ops, m, c->cfg.io_depth); /* per-op results, checked by poll_chunk */
+        kv_status r = poll_chunk(d, c, s, ops, which, m, &q, err, errlen);
+        if (r != KV_OK) st = r;
     }
     kv_copies_free(&q);
-    for (int k = 0; k < 2; k++) {
-        staging_put(d, buf[k]);
-        free(ops[k]);
-        free(which[k]);
-    }
+    staging_put(d, buf);
+    free(ops);
+    free(which);
     return st;
 }
 
