@@ -122,6 +122,30 @@ static void test_disk_full(void) {
     fixture_close(&f);
 }
 
+/* The decode side's reads run for its waiter, outside the connector's lock: the tick
+ * (the instance's ticker, expiring reservations) reads nothing, however much has
+ * arrived; the ticket's own wait then reads it all. */
+static void test_disk_tick_never_reads(void) {
+    disk_fixture f;
+    fixture_open(&f, 0, false, 0);
+    char err[512];
+    kv_ticket t;
+    CHECK_EQ_INT(transfer(&f, &t, false, err, sizeof err), KV_OK); /* all 5 files stored */
+    kv_store_stats a;
+    kv_connector_tick(f.dc);
+    kv_store_get_stats(f.dc, &a);
+    CHECK_EQ_INT(a.hits, 0);
+    CHECK_EQ_INT(kv_connector_active(f.dc), 1);
+    CHECK_EQ_INT(kv_ticket_wait(f.dc, &t, 5, err, sizeof err), KV_OK);
+    kv_store_get_stats(f.dc, &a);
+    CHECK_EQ_INT(a.hits, 5);
+    int32_t blocks[8];
+    int n = kv_ticket_take(f.dc, &t, blocks, 8);
+    CHECK_EQ_INT(n, 5);
+    if (n > 0) kv_pool_release(&f.g.pool, blocks, n);
+    fixture_close(&f);
+}
+
 static void corrupt_one_file(const char *dir) {
     DIR *d = opendir(dir);
     struct dirent *e;
@@ -215,6 +239,7 @@ int main(void) {
     TEST_RUN(test_disk_full);
     TEST_RUN(test_disk_put_parts);
     TEST_RUN(test_disk_corrupt_block);
+    TEST_RUN(test_disk_tick_never_reads);
     TEST_RUN(test_disk_pread_fallback);
     TEST_RUN(test_disk_whole);
     TEST_RUN(test_disk_layerwise);

@@ -367,6 +367,7 @@ static void slot_clear(kv_slot *s) {
     s->got = NULL;
     s->layer_blocks = NULL;
     s->n_blocks = s->n_got = s->layers_ready = s->busy = 0;
+    s->polling = false;
     s->conn = -1;
     s->state = KV_SLOT_FREE;
 }
@@ -429,8 +430,11 @@ const kv_config *kv_connector_config(const kv_connector *c) { return &c->cfg; }
  * answers by the deadline (+0.5 s of the router's slack): 2 s is far past any live one. */
 #define KV_TAKE_GRACE_S 2.0
 
-/* Advances slot idx (under mu): deadline, then the medium. */
-static void slot_advance(kv_connector *c, int idx) {
+/* Advances slot idx (under mu): deadline, then the medium. A poll_unlocked medium is
+ * polled only by a waiter (not from the tick) and without mu: the slot is busy
+ * meanwhile, so a failure from another thread leaves it DRAINING, its blocks held,
+ * until the poll is back. */
+static void slot_advance(kv_connector *c, int idx, bool from_tick) {
     kv_slot *s = &c->slots[idx];
     if (s->state == KV_SLOT_DRAINING) {
         if (s->busy == 0 && (!c->ops->quiesce || c->ops->quiesce(c, idx))) slot_end(c, idx, true);
@@ -445,7 +449,25 @@ static void slot_advance(kv_connector *c, int idx) {
     }
     if (s->state != KV_SLOT_PENDING) return;
     char err[200] = "";
-    kv_status st = c->ops->poll ? c->ops->poll(c, idx, err, sizeof err) : KV_PENDING;
+    kv_status st = KV_PENDING;
+    if (c->ops->poll && c->ops->poll_unlocked) {
+        if (!from_tick && !s->polling) {
+            s->polling = true;
+            s->busy++;
+            pthread_mutex_unlock(&c->mu);
+            st = c->ops->poll(c, idx, err, sizeof err);
+            pthread_mutex_lock(&c->mu);
+            s->busy--;
+            s->polling = false;
+            if (s->state == KV_SLOT_DRAINING) { /* failed meanwhile (deadline, cancel) */
+                if (s->busy == 0 && (!c->ops->quiesce || c->ops->quiesce(c, idx))) slot_end(c, idx, true);
+                return;
+            }
+            if (s->state != KV_SLOT_PENDING) return;
+        }
+    } else if (c->ops->poll) {
+        st = c->ops->poll(c, idx, err, sizeof err);
+    }
     if (st == KV_OK) {
         s->state = KV_SLOT_DONE;
         s->layers_ready = c->kv->n_layers;
@@ -462,7 +484,7 @@ static void slot_advance(kv_connector *c, int idx) {
 void kv_connector_tick(kv_connector *c) {
     if (c->ops->tick) c->ops->tick(c);
     pthread_mutex_lock(&c->mu);
-    for (int i = 0; i < c->n_slots; i++) slot_advance(c, i);
+    for (int i = 0; i < c->n_slots; i++) slot_advance(c, i, true);
     pthread_mutex_unlock(&c->mu);
 }
 
@@ -560,7 +582,7 @@ static kv_status ticket_poll(kv_connector *c, const kv_ticket *t, char *err, siz
     } else {
         if (word && c->ops->notify_word && (*word = c->ops->notify_word(c, idx)))
             *seen = __atomic_load_n(*word, __ATOMIC_SEQ_CST); /* before looking: no lost wake */
-        slot_advance(c, idx);
+        slot_advance(c, idx, false);
         kv_slot *s = &c->slots[idx];
         if (s->state == KV_SLOT_PENDING) st = KV_PENDING;
         else if (s->state == KV_SLOT_DONE) st = KV_OK;

@@ -697,6 +697,7 @@ const kv_medium_ops kv_disk_ops = {
     .open = disk_open,
     .close = disk_close,
     .poll = disk_poll,
+    .poll_unlocked = true,
     .send_begin = disk_send_begin,
     .put_times = disk_put_times,
     .send_layers = disk_send_layers,

@@ -4,7 +4,8 @@
  *
  * Locking: c->mu guards c->slots and every medium hook called "under mu". Hooks
  * never block on a peer while holding it (long copies happen in threads that marked
- * the slot busy, or in stores' polls, which take no other lock than their store's). */
+ * the slot busy, or in the cpu store's poll, which takes no other lock than its
+ * store's; the disk's poll, which reads files, runs outside mu: poll_unlocked). */
 #ifndef PD_KV_INTERNAL_H
 #define PD_KV_INTERNAL_H
 
@@ -33,7 +34,9 @@ typedef struct kv_slot {
     int layers_ready;
     double deadline;         /* time_now_s() clock */
     int64_t deadline_ms;     /* wall clock, as in the ticket */
-    int busy;                /* tcp: frames being written into the blocks right now */
+    int busy;                /* tcp: frames being written into the blocks right now;
+                                disk: 1 while a poll reads into them (outside mu) */
+    bool polling;            /* a poll_unlocked poll of this slot is running */
     int conn;                /* tcp: connection that wrote into it, -1 none */
     kv_status last;          /* outcome of the last reservation (when FREE or DRAINING) */
     char last_err[200];
@@ -49,6 +52,11 @@ typedef struct kv_medium_ops {
     kv_status (*reserve)(struct kv_connector *c, int idx, char *err, size_t errlen);
     /* advances a PENDING slot: KV_PENDING, KV_OK (all arrived) or an error */
     kv_status (*poll)(struct kv_connector *c, int idx, char *err, size_t errlen);
+    /* poll runs without mu (the slot marked busy, one poller at a time), and only for
+     * a waiter of the ticket, never from kv_connector_tick: a disk poll reads files for
+     * seconds, and under mu it held every other request's wait, take and reservation,
+     * and the instance's load report, for as long */
+    bool poll_unlocked;
     /* after a failure: true when no sender can write into the blocks any more */
     bool (*quiesce)(struct kv_connector *c, int idx);
     void (*end)(struct kv_connector *c, int idx); /* the reservation is over (any outcome) */
