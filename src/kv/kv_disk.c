@@ -634,10 +634,11 @@ static kv_status poll_chunk(disk_impl *d, kv_connector *c, kv_slot *s, disk_op *
 }
 
 /* Reads what has arrived, batch by batch: a batch's files are read, then checked and
- * copied into the cache, before the next is read. (Reading the next batch while this
- * one is copied was tried: on the H200 host of 2026-11-28 the decode instance's steps
- * then stalled for the whole get, a 2.4 s pause in other requests' token streams;
- * docs/kv-connectors.md.) */
+ * copied into the cache, before the next is read. Runs outside the connector's lock
+ * (poll_unlocked). Reading the next batch while this one is copied was measured once on
+ * the H200 host (2026-11-28), beside decode stalls that serial reads showed too (their
+ * cause: this poll under the lock, since mended); it is not measured without them, so
+ * reads stay serial (docs/kv-connectors.md). */
 static kv_status disk_poll(kv_connector *c, int idx, char *err, size_t errlen) {
     disk_impl *d = c->impl;
     kv_slot *s = &c->slots[idx];
