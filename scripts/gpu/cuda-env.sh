@@ -63,3 +63,17 @@ gpu_run() {
   [ "$rc" -ne 0 ] && status=1
   return "$rc"
 }
+
+# up_port LOG PID [TRIES]: waits for the ready line of `pdserve up` (PID, writing LOG),
+# 0.2 s a try (TRIES, default 300) while PID lives; prints the router's port, or
+# nothing when it never came.
+up_port() {
+  local port="" _
+  for _ in $(seq "${3:-300}"); do
+    port=$(sed -n 's|.*ready: .* on http://[0-9.]*:\([0-9]*\).*|\1|p' "$1" | head -1)
+    [ -n "$port" ] && break
+    kill -0 "$2" 2>/dev/null || break
+    sleep 0.2
+  done
+  echo "$port"
+}

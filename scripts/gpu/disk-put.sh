@@ -44,12 +44,7 @@ one_order() { # DEVICES (prefill,decode as `up` takes them)
   "$BIN" up --setup dis-disk --model "$MODEL" --device-list "$devs" --kv-store-capacity 48GB --port 0 -- \
     --tokenizer "$TOK" --max-model-len $((TOKENS + 256)) >"$log" 2>&1 &
   local up=$!
-  for _ in $(seq 600); do
-    port=$(sed -n 's|.*ready: .* on http://[0-9.]*:\([0-9]*\).*|\1|p' "$log" | head -1)
-    [ -n "$port" ] && break
-    kill -0 $up 2>/dev/null || break
-    sleep 0.2
-  done
+  port=$(up_port "$log" $up 600)
   pre=$(sed -n 's|^\[prefill0\] pdserve serve: listening on \(http://127.0.0.1:[0-9]*\) (model.*|\1|p' "$log" | head -1)
   if [ -z "$port" ] || [ -z "$pre" ]; then echo "up $devs: not ready"; tail -20 "$log"; kill $up 2>/dev/null; return 1; fi
   grep -E "cuda kv transfers: device|listening on" "$log" | sed 's/: copies auto.*//' 

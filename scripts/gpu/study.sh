@@ -60,12 +60,7 @@ layerwise_run() { # MODE -> greedy texts in $out/lw-MODE.txt
   "$BIN" up --setup dis-gpu --model "$MODEL" "${devs[@]}" --kv-transfer-mode "$mode" --port 0 -- \
     --tokenizer "$TOK" --max-model-len "${LW_MAXLEN:-8400}" >"$log" 2>&1 &
   local up=$!
-  for _ in $(seq 300); do
-    port=$(sed -n 's|.*ready: .* on http://[0-9.]*:\([0-9]*\).*|\1|p' "$log" | head -1)
-    [ -n "$port" ] && break
-    kill -0 $up 2>/dev/null || break
-    sleep 0.2
-  done
+  port=$(up_port "$log" $up)
   if [ -z "$port" ]; then echo "layerwise check ($mode): deployment not ready"; tail -20 "$log"; kill $up 2>/dev/null; return 1; fi
   for i in 1 2 3 4 5 6 7 8; do
     prompt=$(seq 1 $((i * ${LW_WORDS:-400})) | tr '\n' ' ')
@@ -96,12 +91,7 @@ lw_ttft() { # SETUP MODE MEDIUM -> prints "ttft SETUP MODE MEDIUM <median ms>"
   "$BIN" up --setup "$setup" --model "$MODEL" "${devs[@]}" "${extra[@]}" --port 0 -- \
     --tokenizer "$TOK" --max-model-len "${LW_MAXLEN:-8400}" >"$log" 2>&1 &
   local up=$!
-  for _ in $(seq 300); do
-    port=$(sed -n 's|.*ready: .* on http://[0-9.]*:\([0-9]*\).*|\1|p' "$log" | head -1)
-    [ -n "$port" ] && break
-    kill -0 $up 2>/dev/null || break
-    sleep 0.2
-  done
+  port=$(up_port "$log" $up)
   if [ -z "$port" ]; then echo "ttft $setup $mode $medium: deployment not ready"; kill $up 2>/dev/null; return 1; fi
   "$BIN" bench --base-url "http://127.0.0.1:$port" --tokenizer "$TOK" --dataset-name random \
     --random-input-len "${LW_TTFT_TOKENS:-8000}" --random-output-len 2 --ignore-eos --num-prompts 5 \
