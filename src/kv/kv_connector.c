@@ -367,7 +367,6 @@ static void slot_clear(kv_slot *s) {
     s->got = NULL;
     s->layer_blocks = NULL;
     s->n_blocks = s->n_got = s->layers_ready = s->busy = 0;
-    s->polling = false;
     s->conn = -1;
     s->state = KV_SLOT_FREE;
 }
@@ -380,6 +379,12 @@ static void slot_end(kv_connector *c, int idx, bool release) {
     slot_clear(s);
 }
 
+/* A failed slot's blocks may go back: nobody writes into them any more (no copy or
+ * poll in flight, and the medium says no sender can). */
+static bool slot_quiet(kv_connector *c, int idx) {
+    return c->slots[idx].busy == 0 && (!c->ops->quiesce || c->ops->quiesce(c, idx));
+}
+
 void kv_slot_fail(kv_connector *c, int idx, kv_status st, const char *fmt, ...) {
     kv_slot *s = &c->slots[idx];
     if (s->state != KV_SLOT_PENDING && s->state != KV_SLOT_DONE) return;
@@ -390,7 +395,7 @@ void kv_slot_fail(kv_connector *c, int idx, kv_status st, const char *fmt, ...) 
     va_end(ap);
     log_debug("kv %s: request %llu: %s", c->ops->name, (unsigned long long)s->request_id,
               s->last_err);
-    if (s->busy == 0 && (!c->ops->quiesce || c->ops->quiesce(c, idx))) slot_end(c, idx, true);
+    if (slot_quiet(c, idx)) slot_end(c, idx, true);
     else s->state = KV_SLOT_DRAINING;
 }
 
@@ -437,7 +442,7 @@ const kv_config *kv_connector_config(const kv_connector *c) { return &c->cfg; }
 static void slot_advance(kv_connector *c, int idx, bool from_tick) {
     kv_slot *s = &c->slots[idx];
     if (s->state == KV_SLOT_DRAINING) {
-        if (s->busy == 0 && (!c->ops->quiesce || c->ops->quiesce(c, idx))) slot_end(c, idx, true);
+        if (slot_quiet(c, idx)) slot_end(c, idx, true);
         return;
     }
     if (s->state == KV_SLOT_DONE && time_now_s() > s->deadline + KV_TAKE_GRACE_S) {
@@ -451,19 +456,14 @@ static void slot_advance(kv_connector *c, int idx, bool from_tick) {
     char err[200] = "";
     kv_status st = KV_PENDING;
     if (c->ops->poll && c->ops->poll_unlocked) {
-        if (!from_tick && !s->polling) {
-            s->polling = true;
+        if (!from_tick && s->busy == 0) { /* busy: another waiter's poll is reading */
             s->busy++;
             pthread_mutex_unlock(&c->mu);
             st = c->ops->poll(c, idx, err, sizeof err);
             pthread_mutex_lock(&c->mu);
             s->busy--;
-            s->polling = false;
-            if (s->state == KV_SLOT_DRAINING) { /* failed meanwhile (deadline, cancel) */
-                if (s->busy == 0 && (!c->ops->quiesce || c->ops->quiesce(c, idx))) slot_end(c, idx, true);
-                return;
-            }
-            if (s->state != KV_SLOT_PENDING) return;
+            if (s->state == KV_SLOT_DRAINING && slot_quiet(c, idx)) slot_end(c, idx, true);
+            if (s->state != KV_SLOT_PENDING) return; /* failed meanwhile (deadline, cancel) */
         }
     } else if (c->ops->poll) {
         st = c->ops->poll(c, idx, err, sizeof err);

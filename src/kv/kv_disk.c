@@ -388,7 +388,20 @@ static kv_status disk_send_begin(kv_send *x, char *err, size_t errlen) {
 }
 
 static void fill_header(const disk_impl *d, const kv_cache *kv, uint64_t key, const uint64_t *sums,
-                        uint8_t *page);
+                        uint8_t *page) {
+    memset(page, 0, DISK_ALIGN);
+    disk_header *h = (disk_header *)page;
+    h->magic = DISK_MAGIC;
+    h->version = DISK_VERSION;
+    h->n_layers = (uint32_t)kv->n_layers;
+    h->key = key;
+    h->geometry = kv_geometry_hash(kv);
+    h->layer_bytes = d->layer_bytes;
+    h->stride = d->stride;
+    h->file_bytes = d->file_bytes;
+    memcpy(h->layer_sum, sums, (size_t)kv->n_layers * sizeof(uint64_t));
+    h->header_sum = kv_checksum(page, DISK_ALIGN, DISK_MAGIC);
+}
 
 /* Hands the batch just filled (ops[cur], m ops) to the I/O thread once the one before
  * it is done; the time waited for that one is the put's "write" part. */
@@ -398,6 +411,17 @@ static int pipe_write(disk_impl *d, disk_send *ds, int cur, int m, int depth) {
     put_time(d, KV_PUT_WRITE, t0);
     if (rc == 0) io_start(&ds->io, d, ds->ops[cur], m, depth);
     return rc;
+}
+
+/* After the last batch (rc: how the batches went): waits for the one in flight, KV_OK
+ * once every write is on disk. */
+static kv_status pipe_drain(disk_impl *d, disk_send *ds, int rc, char *err, size_t errlen) {
+    if (rc == 0) {
+        double t0 = time_now_s();
+        rc = io_wait(&ds->io);
+        put_time(d, KV_PUT_WRITE, t0);
+    }
+    return rc == 0 ? KV_OK : io_status(rc, "writing KV", d->dir, err, errlen);
 }
 
 /* Every layer at once (whole mode, or a layer-wise put whose layers all come at the
@@ -438,14 +462,9 @@ static kv_status send_files(kv_send *x, char *err, size_t errlen) {
         rc = pipe_write(d, ds, cur, m, x->c->cfg.io_depth);
         cur ^= 1;
     }
-    if (rc == 0) {
-        double t0 = time_now_s();
-        rc = io_wait(&ds->io);
-        put_time(d, KV_PUT_WRITE, t0);
-    }
-    if (rc != 0) return io_status(rc, "writing KV", d->dir, err, errlen);
-    ds->whole = true;
-    return KV_OK;
+    kv_status st = pipe_drain(d, ds, rc, err, errlen);
+    ds->whole = st == KV_OK;
+    return st;
 }
 
 static kv_status disk_send_layers(kv_send *x, const int *layers, int n, char *err, size_t errlen) {
@@ -484,29 +503,7 @@ static kv_status disk_send_layers(kv_send *x, const int *layers, int n, char *er
             cur ^= 1;
         }
     }
-    if (rc == 0) { /* this call's layers are on disk when it returns */
-        double t0 = time_now_s();
-        rc = io_wait(&ds->io);
-        put_time(d, KV_PUT_WRITE, t0);
-    }
-    if (rc != 0) return io_status(rc, "writing KV", d->dir, err, errlen);
-    return KV_OK;
-}
-
-static void fill_header(const disk_impl *d, const kv_cache *kv, uint64_t key, const uint64_t *sums,
-                        uint8_t *page) {
-    memset(page, 0, DISK_ALIGN);
-    disk_header *h = (disk_header *)page;
-    h->magic = DISK_MAGIC;
-    h->version = DISK_VERSION;
-    h->n_layers = (uint32_t)kv->n_layers;
-    h->key = key;
-    h->geometry = kv_geometry_hash(kv);
-    h->layer_bytes = d->layer_bytes;
-    h->stride = d->stride;
-    h->file_bytes = d->file_bytes;
-    memcpy(h->layer_sum, sums, (size_t)kv->n_layers * sizeof(uint64_t));
-    h->header_sum = kv_checksum(page, DISK_ALIGN, DISK_MAGIC);
+    return pipe_drain(d, ds, rc, err, errlen); /* this call's layers on disk when it returns */
 }
 
 static kv_status disk_send_finish(kv_send *x, char *err, size_t errlen) {
@@ -515,8 +512,7 @@ static kv_status disk_send_finish(kv_send *x, char *err, size_t errlen) {
     const kv_cache *kv = x->c->kv;
     double t0 = time_now_s();
     /* headers (unless written with their files) go through the staging buffer, one page each */
-    size_t per = d->staging_bytes / DISK_ALIGN;
-    int hd = (int)PD_MIN(per, (size_t)PD_MAX(ds->chunk, ds->files));
+    int hd = PD_MAX(ds->chunk, ds->files); /* the ops' size; fewer pages than the staging has */
     for (int i = 0; i < x->n_blocks && !ds->whole;) {
         int m = 0;
         for (; i < x->n_blocks && m < hd; i++) {
@@ -569,70 +565,6 @@ static bool file_ok(const disk_impl *d, const kv_cache *kv, uint64_t key, uint8_
     return ok;
 }
 
-/* Opens the next files of s from *i on (blocks already got skipped) into ops, at most
- * chunk; a missing file ends the batch and sets *st to KV_PENDING (blocks arrive in
- * order). Returns the batch's size. */
-static int poll_collect(disk_impl *d, kv_slot *s, int *i, int chunk, disk_op *ops, int *which,
-                        uint8_t **buf, kv_status *st) {
-    char path[KV_ADDRESS_MAX + 64];
-    int m = 0;
-    for (; *i < s->n_blocks && m < chunk; (*i)++) {
-        if (s->got[*i]) continue;
-        key_path(d, s->keys[*i], path, sizeof path);
-        int fd = open_file(d, path, O_RDONLY);
-        if (fd < 0) {
-            *st = KV_PENDING;
-            break;
-        }
-        if (!*buf) *buf = staging_take(d);
-        ops[m] = (disk_op){fd, *buf + (size_t)m * d->file_bytes, d->file_bytes, 0, false, 0};
-        which[m++] = *i;
-    }
-    return m;
-}
-
-/* A batch read: checks each file, copies the good ones (up to the first bad one) into
- * the cache in one batch and marks them got. KV_OK, or why a file was refused. */
-static kv_status poll_chunk(disk_impl *d, kv_connector *c, kv_slot *s, disk_op *ops, const int *which,
-                            int m, kv_copies *q, char *err, size_t errlen) {
-    const kv_cache *kv = c->kv;
-    size_t bb = kv->block_bytes;
-    char path[KV_ADDRESS_MAX + 64];
-    kv_status st = KV_OK;
-    for (int j = 0; j < m; j++) close(ops[j].fd);
-    int n_ok = 0; /* files [0, n_ok) of the batch are good and queued */
-    for (int j = 0; j < m && st == KV_OK; j++) {
-        int b = which[j];
-        uint8_t *img = ops[j].buf;
-        if (ops[j].res < 0) {
-            st = io_status((int)ops[j].res, "reading KV", d->dir, err, errlen);
-            break;
-        }
-        if ((size_t)ops[j].res != d->file_bytes || !file_ok(d, kv, s->keys[b], img)) {
-            key_path(d, s->keys[b], path, sizeof path);
-            unlink(path); /* never served; a miss from now on */
-            __atomic_fetch_add(&d->corrupt, 1, __ATOMIC_RELAXED);
-            pd_errorf(err, errlen, "kv disk: block file %s of request %llu is corrupt or "
-                      "truncated (not served, removed)", path, (unsigned long long)s->request_id);
-            st = KV_ERR_CORRUPT;
-            break;
-        }
-        for (int l = 0; l < kv->n_layers; l++) {
-            uint8_t *src = img + DISK_ALIGN + (size_t)l * d->stride;
-            kv_copies_blocks(q, kv, l, 0, &s->blocks[b], 1, src, bb, false);
-            kv_copies_blocks(q, kv, l, 1, &s->blocks[b], 1, src + bb, bb, false);
-        }
-        n_ok = j + 1;
-    }
-    kv_copies_run(kv, q); /* the batch's good files, one batch */
-    for (int j = 0; j < n_ok; j++) {
-        s->got[which[j]] = 1;
-        s->n_got++;
-        __atomic_fetch_add(&d->hits, 1, __ATOMIC_RELAXED);
-    }
-    return st;
-}
-
 /* Reads what has arrived, batch by batch: a batch's files are read, then checked and
  * copied into the cache, before the next is read. Runs outside the connector's lock
  * (poll_unlocked). Reading the next batch while this one is copied was measured once on
@@ -642,17 +574,61 @@ static kv_status poll_chunk(disk_impl *d, kv_connector *c, kv_slot *s, disk_op *
 static kv_status disk_poll(kv_connector *c, int idx, char *err, size_t errlen) {
     disk_impl *d = c->impl;
     kv_slot *s = &c->slots[idx];
+    const kv_cache *kv = c->kv;
+    size_t bb = kv->block_bytes;
     int chunk = (int)PD_MAX((size_t)1, PD_MIN(d->staging_bytes / d->file_bytes, (size_t)s->n_blocks));
-    int i = 0;
     uint8_t *buf = NULL;
-    disk_op *ops = xmalloc((size_t)chunk * sizeof(disk_op));
+    disk_op *ops = xmalloc((size_t)chunk * sizeof *ops);
     int *which = xmalloc((size_t)chunk * sizeof(int));
-    kv_status st = KV_OK; /* KV_PENDING once a file is missing */
+    char path[KV_ADDRESS_MAX + 64];
+    kv_status st = KV_OK;
     kv_copies q = {0};
-    for (int m; st == KV_OK && (m = poll_collect(d, s, &i, chunk, ops, which, &buf, &st)) > 0;) {
-        run_batch(d, ops, m, c->cfg.io_depth); /* per-op results, checked by poll_chunk */
-        kv_status r = poll_chunk(d, c, s, ops, which, m, &q, err, errlen);
-        if (r != KV_OK) st = r;
+    for (int i = 0; i < s->n_blocks && st == KV_OK;) {
+        int m = 0;
+        for (; i < s->n_blocks && m < chunk; i++) {
+            if (s->got[i]) continue;
+            key_path(d, s->keys[i], path, sizeof path);
+            int fd = open_file(d, path, O_RDONLY);
+            if (fd < 0) {
+                st = KV_PENDING; /* blocks arrive in order: stop at the first missing */
+                break;
+            }
+            if (!buf) buf = staging_take(d);
+            ops[m] = (disk_op){fd, buf + (size_t)m * d->file_bytes, d->file_bytes, 0, false, 0};
+            which[m++] = i;
+        }
+        run_batch(d, ops, m, c->cfg.io_depth); /* per-op results below */
+        for (int j = 0; j < m; j++) close(ops[j].fd);
+        int n_ok = 0; /* files [0, n_ok) of the chunk are good and queued */
+        for (int j = 0; j < m && (st == KV_OK || st == KV_PENDING); j++) {
+            int b = which[j];
+            uint8_t *img = ops[j].buf;
+            if (ops[j].res < 0) {
+                st = io_status((int)ops[j].res, "reading KV", d->dir, err, errlen);
+                break;
+            }
+            if ((size_t)ops[j].res != d->file_bytes || !file_ok(d, kv, s->keys[b], img)) {
+                key_path(d, s->keys[b], path, sizeof path);
+                unlink(path); /* never served; a miss from now on */
+                __atomic_fetch_add(&d->corrupt, 1, __ATOMIC_RELAXED);
+                pd_errorf(err, errlen, "kv disk: block file %s of request %llu is corrupt or "
+                          "truncated (not served, removed)", path, (unsigned long long)s->request_id);
+                st = KV_ERR_CORRUPT;
+                break;
+            }
+            for (int l = 0; l < kv->n_layers; l++) {
+                uint8_t *src = img + DISK_ALIGN + (size_t)l * d->stride;
+                kv_copies_blocks(&q, kv, l, 0, &s->blocks[b], 1, src, bb, false);
+                kv_copies_blocks(&q, kv, l, 1, &s->blocks[b], 1, src + bb, bb, false);
+            }
+            n_ok = j + 1;
+        }
+        kv_copies_run(kv, &q); /* the chunk's good files, one batch */
+        for (int j = 0; j < n_ok; j++) {
+            s->got[which[j]] = 1;
+            s->n_got++;
+            __atomic_fetch_add(&d->hits, 1, __ATOMIC_RELAXED);
+        }
     }
     kv_copies_free(&q);
     staging_put(d, buf);

@@ -35,8 +35,7 @@ typedef struct kv_slot {
     double deadline;         /* time_now_s() clock */
     int64_t deadline_ms;     /* wall clock, as in the ticket */
     int busy;                /* tcp: frames being written into the blocks right now;
-                                disk: 1 while a poll reads into them (outside mu) */
-    bool polling;            /* a poll_unlocked poll of this slot is running */
+                                poll_unlocked mediums: 1 while a poll reads into them */
     int conn;                /* tcp: connection that wrote into it, -1 none */
     kv_status last;          /* outcome of the last reservation (when FREE or DRAINING) */
     char last_err[200];
