@@ -2,8 +2,10 @@
  * Two real processes (tests/test_kv_rig.h): whole and layerwise verified byte for byte, a
  * stalled sender, a killed one and an abort (a store hears nothing from the sender: the
  * reservation ends at its deadline and the half-written files are removed). In one
- * process: the capacity cap refuses a put, a corrupted block file is detected, never
- * served and becomes a miss, the pread fallback moves the same bytes. No file is left. */
+ * process: the capacity cap refuses a put, a file that cannot be created fails it, a
+ * corrupted block file is detected, never served and becomes a miss, the pread fallback
+ * moves the same bytes. No file is left. */
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 #include "test_kv_rig.h"
@@ -122,6 +124,33 @@ static void test_disk_full(void) {
     fixture_close(&f);
 }
 
+/* A tmp file that cannot be created (here: the process's file limit, which holds for
+ * root too) fails the put with a message saying so; the files made before it are removed,
+ * the reservation is cancelled, and the next put, with the limit back, goes through. */
+static void test_disk_create_fails(void) {
+    disk_fixture f;
+    fixture_open(&f, 0, false, 0);
+    char err[512];
+    kv_ticket t;
+    struct rlimit was, low;
+    PD_ASSERT(getrlimit(RLIMIT_NOFILE, &was) == 0);
+    int next = dup(0); /* the lowest free descriptor: two more files fit, not five */
+    PD_ASSERT(next >= 0);
+    close(next);
+    low = was;
+    low.rlim_cur = (rlim_t)next + 2;
+    PD_ASSERT(setrlimit(RLIMIT_NOFILE, &low) == 0);
+    kv_status st = transfer(&f, &t, false, err, sizeof err);
+    PD_ASSERT(setrlimit(RLIMIT_NOFILE, &was) == 0);
+    CHECK_EQ_INT(st, KV_ERR_IO);
+    CHECK_STR_CONTAINS(err, "creating a block file");
+    CHECK_STR_CONTAINS(err, "Too many open files");
+    CHECK_EQ_INT(rig_files_left(f.o.dir), 0);
+    kv_ticket_cancel(f.dc, &t);
+    CHECK_EQ_INT(transfer(&f, &t, true, err, sizeof err), KV_OK);
+    fixture_close(&f);
+}
+
 /* The decode side's reads run for its waiter, outside the connector's lock: the tick
  * (the instance's ticker, expiring reservations) reads nothing, however much has
  * arrived; the ticket's own wait then reads it all. */
@@ -237,6 +266,7 @@ static void test_disk_pread_fallback(void) {
 
 int main(void) {
     TEST_RUN(test_disk_full);
+    TEST_RUN(test_disk_create_fails);
     TEST_RUN(test_disk_put_parts);
     TEST_RUN(test_disk_corrupt_block);
     TEST_RUN(test_disk_tick_never_reads);

@@ -22,7 +22,9 @@
  * device copies per chunk of blocks (kv_copies); checksums are over the host bytes.
  * A put holds two and takes turns (double buffering): while one batch is on its way to
  * the disk (an I/O thread runs it), the next is staged and checksummed. A get reads,
- * checks and copies one batch after another (disk_poll says why). A put of every layer at
+ * checks and copies one batch after another (disk_poll says why). A put's tmp files are
+ * created by a thread of their own (the maker), in block order, while the batches are
+ * staged and written: the put waits only for the files its next batch needs. A put of every layer at
  * once (whole mode) stages each file whole, header included, and writes it with one
  * request; layer-wise, each layer's pieces go into their files in place and the headers
  * at the end.
@@ -300,7 +302,8 @@ static int io_wait(disk_io *j) {
 }
 
 typedef struct disk_send {
-    int *fds;              /* [n_blocks] tmp files being written, -1: block already stored */
+    int *fds;              /* [n_blocks] tmp files being written, -1: block already stored
+                              (or not made); final for [0, made), the maker's beyond */
     uint64_t *sums;        /* [n_blocks][L] */
     uint8_t *staging[2];   /* two pool buffers: one filled while the other is written */
     int chunk;             /* layer pieces (stride bytes) per batch */
@@ -309,6 +312,17 @@ typedef struct disk_send {
     bool whole;            /* every file was written whole, header included */
     disk_io io;            /* the batch in flight */
     kv_copies q;
+    /* the maker: a thread that creates the tmp files in block order while the batches
+     * are staged and written (file creation is metadata work for the file system, slow
+     * on some, e.g. ext4 with `discard` after a large deletion) */
+    pthread_t maker;
+    bool making;           /* the maker runs (joined by make_join) */
+    pthread_mutex_t mk_mu;
+    pthread_cond_t mk_cv;
+    int made;              /* fds[0, made) are final (under mk_mu) */
+    int make_err;          /* -errno of the file fds[made] that could not be made */
+    bool make_stop;        /* the put is ending: make no more */
+    int seen;              /* made as the put's thread last saw it (no lock below it) */
 } disk_send;
 
 static kv_status io_status(int rc, const char *what, const char *dir, char *err, size_t errlen) {
@@ -316,10 +330,67 @@ static kv_status io_status(int rc, const char *what, const char *dir, char *err,
     return rc == -ENOSPC || rc == -EDQUOT ? KV_ERR_NOSPACE : KV_ERR_IO;
 }
 
+/* The maker: creates fds[i] == -2 in order, publishing each (made); on a failure or a
+ * stop, the rest become -1 (not made). Run in the put's thread where no thread can be made. */
+static void *make_main(void *p) {
+    kv_send *x = p;
+    disk_impl *d = x->c->impl;
+    disk_send *ds = x->priv;
+    char path[KV_ADDRESS_MAX + 64];
+    for (int i = 0; i < x->n_blocks; i++) {
+        int fd = -1, e = 0;
+        bool stop = __atomic_load_n(&ds->make_stop, __ATOMIC_ACQUIRE);
+        if (!stop && ds->fds[i] == -2) {
+            tmp_path(d, x->keys[i], x->t.request_id, path, sizeof path);
+            fd = open_file(d, path, O_WRONLY | O_CREAT | O_TRUNC);
+            if (fd < 0) e = errno;
+        }
+        pthread_mutex_lock(&ds->mk_mu);
+        if (stop || e) {
+            for (int j = i; j < x->n_blocks; j++) ds->fds[j] = -1;
+            ds->make_err = e ? -e : 0;
+            pthread_cond_broadcast(&ds->mk_cv);
+            pthread_mutex_unlock(&ds->mk_mu);
+            return NULL;
+        }
+        if (ds->fds[i] == -2) ds->fds[i] = fd;
+        ds->made = i + 1;
+        pthread_cond_broadcast(&ds->mk_cv);
+        pthread_mutex_unlock(&ds->mk_mu);
+    }
+    return NULL;
+}
+
+/* Block i's tmp file (-1: not to write) once the maker has made it; the time waited
+ * for it is the put's "open" part. 0, or -errno when it could not be made. */
+static int file_fd(disk_impl *d, disk_send *ds, int i, int *fd) {
+    if (i >= ds->seen) {
+        double t0 = time_now_s();
+        pthread_mutex_lock(&ds->mk_mu);
+        while (ds->made <= i && !ds->make_err && ds->making) pthread_cond_wait(&ds->mk_cv, &ds->mk_mu);
+        ds->seen = ds->made;
+        int rc = ds->make_err;
+        pthread_mutex_unlock(&ds->mk_mu);
+        put_time(d, KV_PUT_OPEN, t0);
+        if (i >= ds->seen) return rc ? rc : -EIO;
+    }
+    *fd = ds->fds[i];
+    return 0;
+}
+
+/* Waits for the maker to end (stop: make no more first); 0 or its error. */
+static int make_join(disk_send *ds, bool stop) {
+    if (stop) __atomic_store_n(&ds->make_stop, true, __ATOMIC_RELEASE);
+    if (ds->making) pthread_join(ds->maker, NULL), ds->making = false;
+    ds->seen = ds->made;
+    return ds->make_err;
+}
+
 static void send_cleanup(kv_send *x, bool unlink_tmp) {
     disk_impl *d = x->c->impl;
     disk_send *ds = x->priv;
     if (!ds) return;
+    make_join(ds, true);
     io_wait(&ds->io); /* nothing in flight past here */
     char path[KV_ADDRESS_MAX + 64];
     for (int i = 0; i < x->n_blocks; i++) {
@@ -334,6 +405,8 @@ static void send_cleanup(kv_send *x, bool unlink_tmp) {
     free(ds->sums);
     for (int k = 0; k < 2; k++) staging_put(d, ds->staging[k]), free(ds->ops[k]);
     kv_copies_free(&ds->q);
+    pthread_mutex_destroy(&ds->mk_mu);
+    pthread_cond_destroy(&ds->mk_cv);
     free(ds);
     x->priv = NULL;
 }
@@ -349,6 +422,8 @@ static kv_status disk_send_begin(kv_send *x, char *err, size_t errlen) {
     disk_send *ds = xcalloc(1, sizeof *ds);
     x->priv = ds;
     ds->fds = xmalloc((size_t)x->n_blocks * sizeof(int));
+    pthread_mutex_init(&ds->mk_mu, NULL);
+    pthread_cond_init(&ds->mk_cv, NULL);
     ds->sums = xcalloc((size_t)x->n_blocks * (size_t)x->c->kv->n_layers, sizeof(uint64_t));
     char path[KV_ADDRESS_MAX + 64];
     int need = 0;
@@ -366,17 +441,8 @@ static kv_status disk_send_begin(kv_send *x, char *err, size_t errlen) {
                   (unsigned long long)x->t.request_id, (unsigned long long)want);
         return KV_ERR_FULL;
     }
-    for (int i = 0; i < x->n_blocks; i++) {
-        if (ds->fds[i] != -2) continue;
-        tmp_path(d, x->keys[i], x->t.request_id, path, sizeof path);
-        ds->fds[i] = open_file(d, path, O_WRONLY | O_CREAT | O_TRUNC);
-        if (ds->fds[i] < 0) {
-            int e = errno;
-            for (int j = i; j < x->n_blocks; j++) ds->fds[j] = -1;
-            send_cleanup(x, true);
-            return io_status(-e, "creating a block file", d->dir, err, errlen);
-        }
-    }
+    if (pthread_create(&ds->maker, NULL, make_main, x) == 0) ds->making = true;
+    else make_main(x);
     ds->chunk = (int)PD_MAX((size_t)1, PD_MIN(d->staging_bytes / d->stride, (size_t)x->n_blocks));
     ds->files = (int)PD_MAX((size_t)1, PD_MIN(d->staging_bytes / d->file_bytes, (size_t)x->n_blocks));
     for (int k = 0; k < 2; k++) {
@@ -431,11 +497,12 @@ static kv_status send_files(kv_send *x, char *err, size_t errlen) {
     disk_send *ds = x->priv;
     const kv_cache *kv = x->c->kv;
     size_t bb = kv->block_bytes;
-    int L = kv->n_layers, cur = 0, rc = 0;
-    for (int i = 0; i < x->n_blocks && rc == 0;) {
-        int m = 0, which[ds->files];
+    int L = kv->n_layers, cur = 0, rc = 0, mk = 0;
+    for (int i = 0; i < x->n_blocks && rc == 0 && mk == 0;) {
+        int m = 0, which[ds->files], fd;
         for (; i < x->n_blocks && m < ds->files; i++) {
-            if (ds->fds[i] < 0) continue;
+            if ((mk = file_fd(d, ds, i, &fd)) != 0) break;
+            if (fd < 0) continue;
             uint8_t *img = ds->staging[cur] + (size_t)m * d->file_bytes;
             for (int l = 0; l < L; l++) {
                 uint8_t *b = img + DISK_ALIGN + (size_t)l * d->stride;
@@ -443,10 +510,10 @@ static kv_status send_files(kv_send *x, char *err, size_t errlen) {
                 kv_copies_blocks(&ds->q, kv, l, 1, &x->blocks[i], 1, b + bb, bb, true);
                 memset(b + d->layer_bytes, 0, d->stride - d->layer_bytes); /* padding */
             }
-            ds->ops[cur][m] = (disk_op){ds->fds[i], img, d->file_bytes, 0, true, 0};
+            ds->ops[cur][m] = (disk_op){fd, img, d->file_bytes, 0, true, 0};
             which[m++] = i;
         }
-        if (m == 0) break;
+        if (m == 0 || mk) break;
         double t0 = time_now_s();
         kv_copies_run(kv, &ds->q); /* the batch's files, one batch of copies */
         put_time(d, KV_PUT_STAGE, t0);
@@ -463,6 +530,7 @@ static kv_status send_files(kv_send *x, char *err, size_t errlen) {
         cur ^= 1;
     }
     kv_status st = pipe_drain(d, ds, rc, err, errlen);
+    if (st == KV_OK && mk) st = io_status(mk, "creating a block file", d->dir, err, errlen);
     ds->whole = st == KV_OK;
     return st;
 }
@@ -472,26 +540,26 @@ static kv_status disk_send_layers(kv_send *x, const int *layers, int n, char *er
     disk_send *ds = x->priv;
     const kv_cache *kv = x->c->kv;
     size_t bb = kv->block_bytes;
-    int L = kv->n_layers, cur = 0, rc = 0;
+    int L = kv->n_layers, cur = 0, rc = 0, mk = 0;
     bool all = n == L;
     for (int j = 0; all && j < n; j++) all = layers[j] == j;
     if (all) return send_files(x, err, errlen);
     /* layer by layer: each block's piece of the layer into its file, in place */
-    for (int j = 0; j < n && rc == 0; j++) {
+    for (int j = 0; j < n && rc == 0 && mk == 0; j++) {
         int l = layers[j];
-        for (int i = 0; i < x->n_blocks && rc == 0;) {
-            int m = 0, which[ds->chunk];
+        for (int i = 0; i < x->n_blocks && rc == 0 && mk == 0;) {
+            int m = 0, which[ds->chunk], fd;
             for (; i < x->n_blocks && m < ds->chunk; i++) {
-                if (ds->fds[i] < 0) continue;
+                if ((mk = file_fd(d, ds, i, &fd)) != 0) break;
+                if (fd < 0) continue;
                 uint8_t *b = ds->staging[cur] + (size_t)m * d->stride;
                 kv_copies_blocks(&ds->q, kv, l, 0, &x->blocks[i], 1, b, bb, true);
                 kv_copies_blocks(&ds->q, kv, l, 1, &x->blocks[i], 1, b + bb, bb, true);
                 memset(b + d->layer_bytes, 0, d->stride - d->layer_bytes);
-                ds->ops[cur][m] = (disk_op){ds->fds[i], b, d->stride,
-                                            (off_t)(DISK_ALIGN + (size_t)l * d->stride), true, 0};
+                ds->ops[cur][m] = (disk_op){fd, b, d->stride, (off_t)(DISK_ALIGN + (size_t)l * d->stride), true, 0};
                 which[m++] = i;
             }
-            if (m == 0) break;
+            if (m == 0 || mk) break;
             double t0 = time_now_s();
             kv_copies_run(kv, &ds->q); /* the chunk's blocks, one batch */
             put_time(d, KV_PUT_STAGE, t0);
@@ -503,7 +571,8 @@ static kv_status disk_send_layers(kv_send *x, const int *layers, int n, char *er
             cur ^= 1;
         }
     }
-    return pipe_drain(d, ds, rc, err, errlen); /* this call's layers on disk when it returns */
+    kv_status st = pipe_drain(d, ds, rc, err, errlen); /* this call's layers on disk when it returns */
+    return st == KV_OK && mk ? io_status(mk, "creating a block file", d->dir, err, errlen) : st;
 }
 
 static kv_status disk_send_finish(kv_send *x, char *err, size_t errlen) {
@@ -511,6 +580,8 @@ static kv_status disk_send_finish(kv_send *x, char *err, size_t errlen) {
     disk_send *ds = x->priv;
     const kv_cache *kv = x->c->kv;
     double t0 = time_now_s();
+    int mk = make_join(ds, false); /* every file made (the layers waited for each) */
+    if (mk) return io_status(mk, "creating a block file", d->dir, err, errlen);
     /* headers (unless written with their files) go through the staging buffer, one page each */
     int hd = PD_MAX(ds->chunk, ds->files); /* the ops' size; fewer pages than the staging has */
     for (int i = 0; i < x->n_blocks && !ds->whole;) {
