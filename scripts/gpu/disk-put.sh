@@ -12,7 +12,11 @@
 #      its train's split logged (the simulator's view of the disk).
 # Read-only on the GPUs. Usage (repository root, GPU machine; carry .deps/prefix and
 # tests/.cache/tokenizers): scripts/gpu/disk-put.sh; SKIP_BENCH=1 and PROFILE_DEVICES=""
-# leave steps 2 and 4 out, ORDERS ("1,0 0,1") picks step 3's. Results under $OUT (or
+# leave steps 2 and 4 out, ORDERS ("1,0 0,1") picks step 3's ("0,0 0,0" on one GPU: both
+# instances on it, twice). BASE_DIR (a folder of files that replace the tree's, at the
+# same relative paths, e.g. an earlier src/kv/kv_disk.c; carry it too): a baseline
+# pdserve is built from the tree with them, and each of step 3's deployments runs with
+# the baseline first, then with this tree's, in the same call. Results under $OUT (or
 # build-gpu/out-disk-put): env.txt and log.txt. Exit: 0 done, 77 no GPU, 2 build failed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -32,6 +36,17 @@ df -h /tmp | tee -a "$out/env.txt"
 gpu_build "$out/build.log" pdserve bench_kv_cuda || exit 2
 rm -f "$out/build.log"
 BIN=build-gpu/pdserve
+bins=("this:$BIN")
+if [ -n "${BASE_DIR:-}" ]; then
+  base=build-gpu/base-tree
+  rm -rf "$base" && mkdir -p "$base"
+  tar -c --exclude=./build-gpu --exclude=./.deps --exclude=./.git --exclude='./build*' . | tar -x -C "$base"
+  ln -s "$PWD/.deps" "$base/.deps"
+  (cd "$BASE_DIR" && find . -type f) | while read -r f; do cp "$BASE_DIR/$f" "$base/$f"; done
+  echo "baseline: the tree with $(cd "$BASE_DIR" && find . -type f | tr '\n' ' ')"
+  (cd "$base" && gpu_build "$PWD/build.log" pdserve) || exit 2
+  bins=("base:$base/build-gpu/pdserve" "this:$BIN")
+fi
 echo "build: done at $(el) s"
 
 if [ -z "${SKIP_BENCH:-}" ]; then
@@ -39,9 +54,9 @@ if [ -z "${SKIP_BENCH:-}" ]; then
   echo "bench_kv_cuda: done at $(el) s"
 fi
 
-one_order() { # DEVICES (prefill,decode as `up` takes them)
-  local devs=$1 log="$out/up-$1.log" port="" pre=""
-  "$BIN" up --setup dis-disk --model "$MODEL" --device-list "$devs" --kv-store-capacity 48GB --port 0 -- \
+one_order() { # DEVICES (prefill,decode as `up` takes them) LABEL BINARY
+  local devs=$1 tag=$2 bin=$3 log="$out/up-$1-$2-$(el).log" port="" pre=""
+  "$bin" up --setup dis-disk --model "$MODEL" --device-list "$devs" --kv-store-capacity 48GB --port 0 -- \
     --tokenizer "$TOK" --max-model-len $((TOKENS + 256)) >"$log" 2>&1 &
   local up=$!
   port=$(up_port "$log" $up 600)
@@ -60,7 +75,7 @@ PY
     curl -s --fail-with-body "http://127.0.0.1:$port/v1/completions" -H 'Content-Type: application/json' \
       -d @"$out/prompt.json" >"$out/r.json" || { echo "request $i failed: $(head -c 300 "$out/r.json")"; }
     curl -sf "$pre/metrics" >"$out/m1"
-    python3 - "$devs" "$i" "$out/r.json" "$out/m0" "$out/m1" <<'PY'
+    python3 - "$devs ($tag)" "$i" "$out/r.json" "$out/m0" "$out/m1" <<'PY'
 import json, re, sys
 devs, i, rj, m0, m1 = sys.argv[1:]
 def parts(p):
@@ -90,9 +105,11 @@ PY
   done
   kill -TERM $up; wait $up
   rm -f "$out/m0" "$out/r.json"
-  echo "up $devs: done at $(el) s"
+  echo "up $devs ($tag): done at $(el) s"
 }
-for o in ${ORDERS-1,0 0,1}; do one_order "$o"; done
+for o in ${ORDERS-1,0 0,1}; do
+  for b in "${bins[@]}"; do one_order "$o" "${b%%:*}" "${b#*:}"; done
+done
 
 for dev in ${PROFILE_DEVICES-0 1}; do
   timeout 200 "$BIN" profile --model "$MODEL" --device "$dev" -o "$out/profile-$dev.json" --repeats 1 \
