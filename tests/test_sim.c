@@ -703,6 +703,56 @@ static void test_roofline_xpyd(void) {
     sim_profile_free(&p);
 }
 
+/* Instances on one device (`pdserve up --device-list 0,0`) share its static power: 1P1D
+ * on one GPU uses idle_w x makespan less energy than on two, the first started (decode)
+ * counting the device; on two listed devices, as on a device each. Times are the same
+ * (the simulator does not slow steps that share a GPU). */
+static void test_shared_device(void) {
+    model_config mc;
+    char err[256];
+    REQUIRE(model_preset("llama-3.2-3b", &mc, err, sizeof err) == 0);
+    sim_roofline rf;
+    sim_roofline_h100(&rf);
+    sim_profile p;
+    sim_profile_roofline(&mc, &rf, &p);
+    REQUIRE(p.power.measured || p.power.idle_w > 0);
+    bench_dataset d = {0};
+    sim_request *r = poisson_requests(60, 8, 5, &d);
+    sim_medium m;
+    sim_medium_default("nvlink", &m);
+    static const char one[2][16] = {"0", "0"}, two[2][16] = {"0", "1"};
+    const char(*lists[3])[16] = {NULL, one, two};
+    double energy[3], makespan[3], net[3];
+    for (int k = 0; k < 3; k++) {
+        sim_config c = colocated(0, 100000);
+        c.n_colocated = 0;
+        c.n_prefill = c.n_decode = 1;
+        c.medium = &m;
+        c.devices = lists[k];
+        c.n_devices = lists[k] ? 2 : 0;
+        bench_config bc;
+        bench_config_default(&bc);
+        bench_result *res;
+        sim_stats st;
+        REQUIRE(sim_run(&c, &p, r, 60, &bc, &res, &st, err, sizeof err) == 0);
+        CHECK_EQ_INT(res->sum.completed, 60);
+        energy[k] = st.energy_j;
+        makespan[k] = st.makespan_s;
+        net[k] = st.energy_prefill_j;
+        CHECK_EQ_INT(st.gpus_decode, 1);
+        CHECK_EQ_INT(st.gpus_prefill, k == 1 ? 0 : 1);
+        bench_result_free(res);
+    }
+    CHECK(near(makespan[1], makespan[0], 1e-12) && near(makespan[2], makespan[0], 1e-12));
+    CHECK(near(energy[2], energy[0], 1e-12));
+    CHECKF(near(energy[0] - energy[1], p.power.idle_w * makespan[0], 1e-9),
+           "one GPU %.3f J, two %.3f J, idle %.1f W x %.3f s", energy[1], energy[0], p.power.idle_w, makespan[0]);
+    CHECK(net[1] > 0 && near(net[0] - net[1], p.power.idle_w * makespan[0], 1e-9)); /* the prefill's share */
+    free(r);
+    bench_dataset_free(&d);
+    sim_profile_free(&p);
+}
+
 /* Layer-wise: the prompt's 4 layers leave as the 0.1 s step computes them (ready at
  * 0.025, 0.05, 0.075, 0.1 s), each taking a quarter of the 0.1 s link time: the last
  * piece leaves at 0.1 and lands at 0.125 + latency, against 0.1 + 0.1 + latency whole. */
@@ -822,6 +872,8 @@ static void test_study_plan(void) {
     CHECK_EQ_INT(pl.n_setups, 2);
     CHECK_EQ_INT(pl.setups[0].n_colocated, 2);
     CHECK(near(pl.setups[0].kv_cache_bytes, 28e9, 1e-12));
+    CHECK(pl.setups[0].n_devices == 2 && !strcmp(pl.setups[0].devices[0], "0") && !strcmp(pl.setups[0].devices[1], "1"));
+    CHECK_EQ_INT(pl.setups[1].n_devices, 0);
     CHECK(!pl.setups[0].layerwise);
     CHECK(!strcmp(pl.setups[1].label, "dis-cpu-lw") && !strcmp(pl.setups[1].medium, "cpu"));
     CHECK(pl.setups[1].layerwise);
@@ -1234,5 +1286,6 @@ int main(void) {
     TEST_RUN(test_decode_power_grid);
     TEST_RUN(test_decode_power_fit);
     TEST_RUN(test_roofline_xpyd);
+    TEST_RUN(test_shared_device);
     return TEST_END();
 }

@@ -46,10 +46,10 @@ static void fill_energy(bench_result *r, study_idle *idle, const sim_stats *st, 
     memset(idle, 0, sizeof *idle);
     if (st->energy_j < 0) return;
     int n_p = cfg->n_colocated > 0 ? cfg->n_colocated : cfg->n_prefill;
-    struct { const char *role; double j; int n; } parts[3] = {
-        {cfg->n_colocated > 0 ? "colocated" : "prefill", st->energy_prefill_j, n_p},
-        {"decode", st->energy_decode_j, cfg->n_decode},
-        {"transfer", st->energy_transfer_j, 0},
+    struct { const char *role; double j; int n, gpus; } parts[3] = {
+        {cfg->n_colocated > 0 ? "colocated" : "prefill", st->energy_prefill_j, n_p, st->gpus_prefill},
+        {"decode", st->energy_decode_j, cfg->n_decode, st->gpus_decode},
+        {"transfer", st->energy_transfer_j, 0, 0},
     };
     for (int k = 0; k < 3; k++) {
         if (parts[k].j <= 0 && parts[k].n == 0) continue;
@@ -62,7 +62,7 @@ static void fill_energy(bench_result *r, study_idle *idle, const sim_stats *st, 
         s->after = parts[k].j;
         s->has_before = s->has_after = true;
         *is = *s;
-        is->after = p->power.idle_w * parts[k].n; /* over idle->seconds = 1 */
+        is->after = p->power.idle_w * parts[k].gpus; /* over idle->seconds = 1; a shared device once */
         r->energy.n++;
         idle->e.n++;
     }
@@ -381,7 +381,8 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
                       .cpu_contention = c->contention, .control_path = c->control_path,
                       .serving_path = c->serving_path, .serving_cpu = c->serving_cpu,
                       .step_factor = c->step_factor, .contention_kinds = c->contention_kinds, .tier_cpu = c->tier_cpu,
-                      .power_cap = c->power_cap};
+                      .power_cap = c->power_cap, .devices = su->n_devices ? su->devices : NULL,
+                      .n_devices = su->n_devices};
     if (cfg.prefix_caching) cfg.tiers = su->tiers;
     if (su->n_prefill > 0) {
         cfg.medium = sim_medium_find(prof, su->medium, &mstore);

@@ -205,7 +205,7 @@ static int parse_clocks(const cJSON *o, sim_plan *p, const char *name, char *err
 
 static bool flag_on(const char *v) { return !v || !strcmp(v, "true") || !strcmp(v, "1") || !strcmp(v, "on"); }
 
-/* One study flag that changes what the simulator computes; others (device, device-list,
+/* One study flag that changes what the simulator computes; others (device,
  * max-model-len, ...) change nothing it models and are ignored. */
 static int apply_flag(const study_kv *kv, sim_plan *p, sim_plan_setup *su, const char *name, char *err,
                       size_t errlen) {
@@ -227,6 +227,19 @@ static int apply_flag(const study_kv *kv, sim_plan *p, sim_plan_setup *su, const
         }
         if (su) su->kv_timeout_s = x;
         else p->kv_timeout_s = x;
+    } else if (!strcmp(k, "device-list") && su) {
+        /* which instances share a device (its static power counted once) */
+        su->n_devices = 0;
+        const char *q = v ? v : "";
+        while (*q && su->n_devices < (int)PD_ARRAY_LEN(su->devices)) {
+            size_t n = strcspn(q, ",");
+            if (n == 0 || n >= sizeof su->devices[0]) {
+                pd_errorf(err, errlen, "%s: device-list '%s' is not a list like 0,1", name, v);
+                return -1;
+            }
+            snprintf(su->devices[su->n_devices++], sizeof su->devices[0], "%.*s", (int)n, q);
+            q += n + (q[n] == ',');
+        }
     } else if (!strcmp(k, "kv-transfer-mode") && su) {
         su->layerwise = v && !strcmp(v, "layerwise");
     } else if (!strcmp(k, "medium") && su && v && su->n_prefill > 0) {

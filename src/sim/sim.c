@@ -939,6 +939,27 @@ static int check_config(const sim_config *c, const sim_profile *p, char *err, si
     return 0;
 }
 
+/* Instance i's place in start order (`pdserve up`: decode first, then prefill; the sim
+ * keeps prefill or colocated first, then decode) and its device from the device list
+ * (NULL: a device of its own). */
+static int start_index(const sim_config *cfg, const sim_state *s, int i) {
+    if (cfg->n_colocated > 0) return i;
+    return i >= s->first_decode ? i - s->first_decode : cfg->n_decode + i;
+}
+static const char *inst_device(const sim_config *cfg, const sim_state *s, int i) {
+    if (!cfg->devices || cfg->n_devices <= 0) return NULL;
+    return cfg->devices[start_index(cfg, s, i) % cfg->n_devices];
+}
+
+/* Whether instance i is the first in start order on its device (it counts the device's
+ * static power). */
+static bool owns_device(const sim_config *cfg, const sim_state *s, int i) {
+    const char *dev = inst_device(cfg, s, i);
+    for (int j = 0; dev && j < s->n_inst; j++)
+        if (start_index(cfg, s, j) < start_index(cfg, s, i) && !strcmp(inst_device(cfg, s, j), dev)) return false;
+    return true;
+}
+
 int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_reqs, int n,
             const bench_config *bc, bench_result **out, sim_stats *st, char *err, size_t errlen) {
     *out = NULL;
@@ -1044,8 +1065,14 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
             tier_stats_add(&st->tiers, &ts);
             sim_tiers_free(in->tiers);
         }
+        bool own = owns_device(cfg, &s, i);
+        if (own && in->role == ROLE_DECODE) st->gpus_decode++;
+        else if (own) st->gpus_prefill++;
         if (has_power) {
+            /* idle between steps; on a device that an earlier-started instance holds too,
+             * its static power is that one's: only what its steps draw above it counts */
             double e = in->energy_j + in->cost.idle_w * PD_MAX(makespan - in->busy_s, 0);
+            if (!own) e -= in->cost.idle_w * makespan;
             energy += e;
             if (in->role == ROLE_DECODE) st->energy_decode_j += e;
             else st->energy_prefill_j += e;

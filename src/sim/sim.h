@@ -631,6 +631,12 @@ typedef struct sim_config {
                                    prefix cache (n_tiers 0: none; needs prefix_caching) */
     bool tier_cpu;              /* with cpu_contention: each instance's tier worker is one
                                    more runnable thread while it has writes queued */
+    const char (*devices)[16];  /* the deployment's device list (`pdserve up --device-list`:
+                                   instance k in start order, decode first, then prefill or
+                                   colocated, on devices[k % n_devices]); instances on one
+                                   device share its static power (counted once, on the first
+                                   of them). NULL: a device each */
+    int n_devices;
 } sim_config;
 
 /* One request: lengths and arrival (prompt ids are used by the replay only). */
@@ -654,6 +660,8 @@ typedef struct sim_stats {
     double kv_bytes, kv_transfer_s;         /* disaggregated: total moved, summed transfer time */
     double wall_s;                          /* real time the simulation took */
     int n_instances;
+    int gpus_prefill, gpus_decode;          /* devices whose static power each role counts
+                                               (one each, less those shared: sim_config.devices) */
     /* the power cap (sim_config.power_cap with a profile that has its inputs) */
     bool power_capped;                      /* the model ran */
     double capped_s;                        /* instance-seconds of steps below their nominal clock */
@@ -701,6 +709,8 @@ typedef struct sim_plan_setup {
     bench_dataset_opts dataset;
     char dataset_name[32];      /* its name for the results database */
     sim_tiers_config tiers;     /* the setup's kv-offload* options (n_tiers 0: none) */
+    char devices[16][16];       /* the setup's device-list (sim_config.devices) */
+    int n_devices;
     char skip[160];             /* non-empty: not simulated, and why */
 } sim_plan_setup;
 
