@@ -890,7 +890,7 @@ static void test_study_plan(void) {
     CHECK(pl.kv_timeout_s == 30);
     sim_plan_free(&pl);
     /* every shipped study plan converts */
-    static const char *const names[] = {"paper-batch", "paper-batch-quick", "paper-clocks", "steady",
+    static const char *const names[] = {"paper-batch", "paper-batch-quick", "paper-batch-quick-1gpu", "paper-clocks", "steady",
                                          "steady-quick", "demo"};
     for (size_t i = 0; i < PD_ARRAY_LEN(names); i++) {
         char path[1024];
