@@ -120,6 +120,26 @@ static void test_bench_reads_live(void) {
     for (int k = 0; k < e.n; k++) dups += e.s[k].dup;
     CHECK_EQ_INT(dups, 1);
 
+    /* Two instances on one GPU (`pdserve up --device-list 0,0`): the GPU's counter, read
+     * by both with their own role labels, and the host's CPU each count once. */
+    free(pb), free(db), free(pa), free(da);
+    pb = instance_text("h1", 0, POWER_ROLE_PREFILL, 100, 10);
+    db = instance_text("h1", 0, POWER_ROLE_DECODE, 100, 10);
+    pa = instance_text("h1", 0, POWER_ROLE_PREFILL, 160, 40);
+    da = instance_text("h1", 0, POWER_ROLE_DECODE, 160, 40);
+    memset(&e, 0, sizeof e);
+    bench_energy_parse(&e, db, strlen(db), "http://d/metrics", false);
+    bench_energy_parse(&e, pb, strlen(pb), "http://p/metrics", false);
+    bench_energy_parse(&e, da, strlen(da), "http://d/metrics", true);
+    bench_energy_parse(&e, pa, strlen(pa), "http://p/metrics", true);
+    CHECK(fabs(bench_energy_joules(&e, NULL) - (60 + 30)) < 1e-9);
+    CHECK(fabs(bench_energy_gpu_joules(&e, NULL, false, 0) - 60) < 1e-9);
+    CHECK(fabs(bench_energy_gpu_joules(&e, NULL, true, 1.0) - (60 - 80)) < 1e-9); /* one idle baseline */
+    CHECK(fabs(bench_energy_joules(&e, "decode") - 60) < 1e-9); /* the first read's role */
+    dups = 0;
+    for (int k = 0; k < e.n; k++) dups += e.s[k].dup;
+    CHECK_EQ_INT(dups, 2);
+
     /* Derived sums are not meters; a GPU without a baseline makes net "not measured". */
     const char *t0 = "pdserve_gpu_energy_joules{gpu=\"0\"} 10\npdserve_role_energy_joules{role=\"x\"} 10\n"
                      "pdserve_component_energy_joules{component=\"gpu\"} 10\n"

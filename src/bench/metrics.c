@@ -313,6 +313,27 @@ static const char *unprefixed(const char *key) {
     return sp && (!brace || sp < brace) ? sp + 1 : key;
 }
 
+/* A series' meter: the key without its server prefix and without the labels that say
+ * who read it (role, source), so that one GPU read by two instances (a prefill and a
+ * decode instance on one device) is one meter. */
+static void meter_of(const char *key, char *out, size_t cap) {
+    const char *t = unprefixed(key);
+    size_t o = 0, i = 0;
+    while (t[i] && o + 1 < cap) {
+        bool label_start = i > 0 && (t[i - 1] == '{' || t[i - 1] == ',');
+        if (!label_start || (strncmp(t + i, "role=\"", 6) && strncmp(t + i, "source=\"", 8))) {
+            out[o++] = t[i++];
+            continue;
+        }
+        i += strcspn(t + i, "\"") + 1; /* past the opening quote */
+        while (t[i] && t[i] != '"') i += t[i] == '\\' && t[i + 1] ? 2 : 1;
+        if (t[i]) i++;
+        if (t[i] == ',') i++;
+        else if (o > 0 && out[o - 1] == ',') o--; /* the last label: its comma goes too */
+    }
+    out[o] = 0;
+}
+
 /* The same prefix (server) as key, and the same host and gpu labels as those given. */
 static bool same_gpu(const char *key, const char *prefix, const char *host, const char *gpu) {
     size_t pl = prefix ? strlen(prefix) : 0;
@@ -398,8 +419,12 @@ int bench_energy_parse(bench_energy *e, const char *text, size_t len, const char
             memset(&e->s[k], 0, sizeof e->s[k]);
             snprintf(e->s[k].key, sizeof e->s[k].key, "%s", key);
             label_value(labels, ln, "role", e->s[k].role, sizeof e->s[k].role);
-            for (int j = 0; j < k; j++)
-                if (!strcmp(unprefixed(e->s[j].key), unprefixed(key))) e->s[k].dup = true;
+            char mk[192], mj[192];
+            meter_of(key, mk, sizeof mk);
+            for (int j = 0; j < k && !e->s[k].dup; j++) {
+                meter_of(e->s[j].key, mj, sizeof mj);
+                e->s[k].dup = !strcmp(mj, mk);
+            }
             e->n++;
         }
         if (after) {
