@@ -194,7 +194,7 @@ static void corrupt_one_file(const char *dir) {
 }
 
 /* With staging of one file the bad file is a batch of its own: the get stops there,
- * the batches before it served, none after it opened. */
+ * the batches before it served, the one read beside it (double buffering) not. */
 static void corrupt_block(size_t staging) {
     disk_fixture f;
     fixture_open(&f, 0, false, staging);

@@ -21,8 +21,8 @@
  * connector): pinned when the cache is on a GPU, filled or emptied by one batch of
  * device copies per chunk of blocks (kv_copies); checksums are over the host bytes.
  * A put holds two and takes turns (double buffering): while one batch is on its way to
- * the disk (an I/O thread runs it), the next is staged and checksummed. A get reads,
- * checks and copies one batch after another (disk_poll says why). A put's tmp files are
+ * the disk (an I/O thread runs it), the next is staged and checksummed. A get does the
+ * same the other way: one batch is read while the one before is checked and copied. A put's tmp files are
  * created by a thread of their own (the maker), in block order, while the batches are
  * staged and written: the put waits only for the files its next batch needs. A put of every layer at
  * once (whole mode) stages each file whole, header included, and writes it with one
@@ -240,10 +240,10 @@ static int disk_open(kv_connector *c, char *err, size_t errlen) {
             log_info("kv disk: io_uring unavailable (%s); pread/pwrite instead", strerror(-rc));
     }
     if (d->creator) scan(d, true, false); /* tmp files of writers that died */
-    /* a transfer's staging buffers (a put's two, a get's one), made now rather than on
+    /* a transfer's staging buffers (a put's two, a get's two), made now rather than on
      * the first request's path (pinning them can take long on a busy GPU); a tier store
      * (prefill side that creates its store) puts and gets through buffers of its own */
-    int n_stage = c->cfg.role == KV_ROLE_PREFILL ? (c->cfg.create_store ? 0 : 2) : 1;
+    int n_stage = c->cfg.role == KV_ROLE_PREFILL && c->cfg.create_store ? 0 : 2;
     for (; d->n_pool < n_stage; d->n_pool++) d->pool[d->n_pool] = kv_host_alloc(kv, d->staging_bytes);
     snprintf(c->address, sizeof c->address, "%s", d->dir);
     c->impl = d;
@@ -636,75 +636,112 @@ static bool file_ok(const disk_impl *d, const kv_cache *kv, uint64_t key, uint8_
     return ok;
 }
 
-/* Reads what has arrived, batch by batch: a batch's files are read, then checked and
- * copied into the cache, before the next is read. Runs outside the connector's lock
- * (poll_unlocked). Reading the next batch while this one is copied was measured once on
- * the H200 host (2026-11-28), beside decode stalls that serial reads showed too (their
- * cause: this poll under the lock, since mended); it is not measured without them, so
- * reads stay serial (docs/kv-connectors.md). */
+/* Opens the next batch of arrived files from block *i on (at most chunk) into ops, in
+ * *buf (a staging buffer, taken on first use); *st becomes KV_PENDING at the first file
+ * not there yet (blocks arrive in order). Returns the batch's size. */
+static int poll_collect(disk_impl *d, kv_slot *s, int *i, int chunk, disk_op *ops, int *which, uint8_t **buf,
+                        kv_status *st) {
+    char path[KV_ADDRESS_MAX + 64];
+    int m = 0;
+    for (; *i < s->n_blocks && m < chunk; (*i)++) {
+        if (s->got[*i]) continue;
+        key_path(d, s->keys[*i], path, sizeof path);
+        int fd = open_file(d, path, O_RDONLY);
+        if (fd < 0) {
+            *st = KV_PENDING;
+            break;
+        }
+        if (!*buf) *buf = staging_take(d);
+        ops[m] = (disk_op){fd, *buf + (size_t)m * d->file_bytes, d->file_bytes, 0, false, 0};
+        which[m++] = *i;
+    }
+    return m;
+}
+
+/* A batch read: each file checked, the good ones up to the first bad one copied into
+ * the cache (one batch of copies) and counted. KV_OK, or the first file's error. */
+static kv_status poll_chunk(disk_impl *d, kv_connector *c, kv_slot *s, const disk_op *ops, const int *which, int m,
+                            kv_copies *q, char *err, size_t errlen) {
+    const kv_cache *kv = c->kv;
+    size_t bb = kv->block_bytes;
+    char path[KV_ADDRESS_MAX + 64];
+    kv_status st = KV_OK;
+    int n_ok = 0; /* files [0, n_ok) of the batch are good and queued */
+    for (int j = 0; j < m && st == KV_OK; j++) {
+        int b = which[j];
+        uint8_t *img = ops[j].buf;
+        if (ops[j].res < 0) {
+            st = io_status((int)ops[j].res, "reading KV", d->dir, err, errlen);
+            break;
+        }
+        if ((size_t)ops[j].res != d->file_bytes || !file_ok(d, kv, s->keys[b], img)) {
+            key_path(d, s->keys[b], path, sizeof path);
+            unlink(path); /* never served; a miss from now on */
+            __atomic_fetch_add(&d->corrupt, 1, __ATOMIC_RELAXED);
+            pd_errorf(err, errlen, "kv disk: block file %s of request %llu is corrupt or "
+                      "truncated (not served, removed)", path, (unsigned long long)s->request_id);
+            st = KV_ERR_CORRUPT;
+            break;
+        }
+        for (int l = 0; l < kv->n_layers; l++) {
+            uint8_t *src = img + DISK_ALIGN + (size_t)l * d->stride;
+            kv_copies_blocks(q, kv, l, 0, &s->blocks[b], 1, src, bb, false);
+            kv_copies_blocks(q, kv, l, 1, &s->blocks[b], 1, src + bb, bb, false);
+        }
+        n_ok = j + 1;
+    }
+    kv_copies_run(kv, q); /* the batch's good files, one batch (done when it returns) */
+    for (int j = 0; j < n_ok; j++) {
+        s->got[which[j]] = 1;
+        s->n_got++;
+        __atomic_fetch_add(&d->hits, 1, __ATOMIC_RELAXED);
+    }
+    return st;
+}
+
+/* Reads what has arrived, double buffered as the puts are: while one batch's files are
+ * checked and copied into the cache, an I/O thread reads the next batch into the other
+ * staging buffer. A bad file ends the get there: the batches before it are served, the
+ * one read beside it is not. Runs outside the connector's lock (poll_unlocked), so the
+ * gets of several requests run at once. */
 static kv_status disk_poll(kv_connector *c, int idx, char *err, size_t errlen) {
     disk_impl *d = c->impl;
     kv_slot *s = &c->slots[idx];
-    const kv_cache *kv = c->kv;
-    size_t bb = kv->block_bytes;
     int chunk = (int)PD_MAX((size_t)1, PD_MIN(d->staging_bytes / d->file_bytes, (size_t)s->n_blocks));
-    uint8_t *buf = NULL;
-    disk_op *ops = xmalloc((size_t)chunk * sizeof *ops);
-    int *which = xmalloc((size_t)chunk * sizeof(int));
-    char path[KV_ADDRESS_MAX + 64];
-    kv_status st = KV_OK;
+    int depth = c->cfg.io_depth, i = 0, cur = 0, m[2];
+    uint8_t *buf[2] = {NULL, NULL};
+    disk_op *ops[2];
+    int *which[2];
+    for (int k = 0; k < 2; k++) {
+        ops[k] = xmalloc((size_t)chunk * sizeof(disk_op));
+        which[k] = xmalloc((size_t)chunk * sizeof(int));
+    }
+    kv_status st = KV_OK; /* KV_PENDING once a file is missing */
     kv_copies q = {0};
-    for (int i = 0; i < s->n_blocks && st == KV_OK;) {
-        int m = 0;
-        for (; i < s->n_blocks && m < chunk; i++) {
-            if (s->got[i]) continue;
-            key_path(d, s->keys[i], path, sizeof path);
-            int fd = open_file(d, path, O_RDONLY);
-            if (fd < 0) {
-                st = KV_PENDING; /* blocks arrive in order: stop at the first missing */
-                break;
-            }
-            if (!buf) buf = staging_take(d);
-            ops[m] = (disk_op){fd, buf + (size_t)m * d->file_bytes, d->file_bytes, 0, false, 0};
-            which[m++] = i;
+    disk_io io;
+    m[cur] = poll_collect(d, s, &i, chunk, ops[cur], which[cur], &buf[cur], &st);
+    io_start(&io, d, ops[cur], m[cur], depth);
+    while (m[cur] > 0) {
+        int nx = cur ^ 1;
+        m[nx] = st == KV_OK ? poll_collect(d, s, &i, chunk, ops[nx], which[nx], &buf[nx], &st) : 0;
+        io_wait(&io); /* this batch read; per-op results checked by poll_chunk */
+        io_start(&io, d, ops[nx], m[nx], depth);
+        for (int j = 0; j < m[cur]; j++) close(ops[cur][j].fd);
+        kv_status r = poll_chunk(d, c, s, ops[cur], which[cur], m[cur], &q, err, errlen);
+        if (r != KV_OK) {
+            st = r;
+            io_wait(&io);
+            for (int j = 0; j < m[nx]; j++) close(ops[nx][j].fd);
+            break;
         }
-        run_batch(d, ops, m, c->cfg.io_depth); /* per-op results below */
-        for (int j = 0; j < m; j++) close(ops[j].fd);
-        int n_ok = 0; /* files [0, n_ok) of the chunk are good and queued */
-        for (int j = 0; j < m && (st == KV_OK || st == KV_PENDING); j++) {
-            int b = which[j];
-            uint8_t *img = ops[j].buf;
-            if (ops[j].res < 0) {
-                st = io_status((int)ops[j].res, "reading KV", d->dir, err, errlen);
-                break;
-            }
-            if ((size_t)ops[j].res != d->file_bytes || !file_ok(d, kv, s->keys[b], img)) {
-                key_path(d, s->keys[b], path, sizeof path);
-                unlink(path); /* never served; a miss from now on */
-                __atomic_fetch_add(&d->corrupt, 1, __ATOMIC_RELAXED);
-                pd_errorf(err, errlen, "kv disk: block file %s of request %llu is corrupt or "
-                          "truncated (not served, removed)", path, (unsigned long long)s->request_id);
-                st = KV_ERR_CORRUPT;
-                break;
-            }
-            for (int l = 0; l < kv->n_layers; l++) {
-                uint8_t *src = img + DISK_ALIGN + (size_t)l * d->stride;
-                kv_copies_blocks(&q, kv, l, 0, &s->blocks[b], 1, src, bb, false);
-                kv_copies_blocks(&q, kv, l, 1, &s->blocks[b], 1, src + bb, bb, false);
-            }
-            n_ok = j + 1;
-        }
-        kv_copies_run(kv, &q); /* the chunk's good files, one batch */
-        for (int j = 0; j < n_ok; j++) {
-            s->got[which[j]] = 1;
-            s->n_got++;
-            __atomic_fetch_add(&d->hits, 1, __ATOMIC_RELAXED);
-        }
+        cur = nx;
     }
     kv_copies_free(&q);
-    staging_put(d, buf);
-    free(ops);
-    free(which);
+    for (int k = 0; k < 2; k++) {
+        staging_put(d, buf[k]);
+        free(ops[k]);
+        free(which[k]);
+    }
     return st;
 }
 
