@@ -142,7 +142,9 @@ typedef struct kv_connector kv_connector;
 kv_connector *kv_connector_create(const kv_config *cfg, kv_cache *kv,
                                   const kv_block_allocator *alloc, char *err, size_t errlen);
 /* Fails every reservation still held (its blocks released), stops threads, unmaps,
- * removes what it created. NULL is a no-op. */
+ * removes what it created. NULL is a no-op. No other call on c may be running or
+ * start (a kv_ticket_wait on a disk store reads files outside the connector's lock;
+ * servers stop their handlers first). */
 void kv_connector_free(kv_connector *c);
 /* Where a prefill side reaches this decode side (what tickets carry): gpu: its control
  * segment's name; tcp, nccl: "host:port"; cpu: the store's name; disk: the directory. */
