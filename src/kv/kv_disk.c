@@ -652,7 +652,9 @@ static int poll_collect(disk_impl *d, kv_slot *s, int *i, int chunk, disk_op *op
             break;
         }
         if (!*buf) *buf = staging_take(d);
-        ops[m] = (disk_op){fd, *buf + (size_t)m * d->file_bytes, d->file_bytes, 0, false, 0};
+        /* -ECANCELED until read: a read that never ran (a batch cut short) is an I/O
+         * error, never a file taken for corrupt and removed */
+        ops[m] = (disk_op){fd, *buf + (size_t)m * d->file_bytes, d->file_bytes, 0, false, -ECANCELED};
         which[m++] = *i;
     }
     return m;
