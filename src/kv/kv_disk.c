@@ -22,12 +22,12 @@
  * device copies per chunk of blocks (kv_copies); checksums are over the host bytes.
  * A put holds two and takes turns (double buffering): while one batch is on its way to
  * the disk (an I/O thread runs it), the next is staged and checksummed. A get does the
- * same the other way: one batch is read while the one before is checked and copied. A put's tmp files are
- * created by a thread of their own (the maker), in block order, while the batches are
- * staged and written: the put waits only for the files its next batch needs. A put of every layer at
- * once (whole mode) stages each file whole, header included, and writes it with one
- * request; layer-wise, each layer's pieces go into their files in place and the headers
- * at the end.
+ * same the other way: one batch is read while the one before is checked and copied. A
+ * put's tmp files are created by a thread of their own (the maker), in block order,
+ * while the batches are staged and written: the put waits only for the files its next
+ * batch needs. A put of every layer at once (whole mode) stages each file whole, header
+ * included, and writes it with one request; layer-wise, each layer's pieces go into
+ * their files in place and the headers at the end.
  *
  * Tuned for: NVMe, files of 64 KiB to 4 MiB, a request's blocks written and read in
  * batches of tens. */
@@ -479,15 +479,16 @@ static int pipe_write(disk_impl *d, disk_send *ds, int cur, int m, int depth) {
     return rc;
 }
 
-/* After the last batch (rc: how the batches went): waits for the one in flight, KV_OK
- * once every write is on disk. */
-static kv_status pipe_drain(disk_impl *d, disk_send *ds, int rc, char *err, size_t errlen) {
+/* After the last batch (rc: how the batches went, mk: the maker's error that ended
+ * them): waits for the one in flight, KV_OK once every write is on disk. */
+static kv_status pipe_drain(disk_impl *d, disk_send *ds, int rc, int mk, char *err, size_t errlen) {
     if (rc == 0) {
         double t0 = time_now_s();
         rc = io_wait(&ds->io);
         put_time(d, KV_PUT_WRITE, t0);
     }
-    return rc == 0 ? KV_OK : io_status(rc, "writing KV", d->dir, err, errlen);
+    if (rc != 0) return io_status(rc, "writing KV", d->dir, err, errlen);
+    return mk ? io_status(mk, "creating a block file", d->dir, err, errlen) : KV_OK;
 }
 
 /* Every layer at once (whole mode, or a layer-wise put whose layers all come at the
@@ -529,8 +530,7 @@ static kv_status send_files(kv_send *x, char *err, size_t errlen) {
         rc = pipe_write(d, ds, cur, m, x->c->cfg.io_depth);
         cur ^= 1;
     }
-    kv_status st = pipe_drain(d, ds, rc, err, errlen);
-    if (st == KV_OK && mk) st = io_status(mk, "creating a block file", d->dir, err, errlen);
+    kv_status st = pipe_drain(d, ds, rc, mk, err, errlen);
     ds->whole = st == KV_OK;
     return st;
 }
@@ -571,8 +571,7 @@ static kv_status disk_send_layers(kv_send *x, const int *layers, int n, char *er
             cur ^= 1;
         }
     }
-    kv_status st = pipe_drain(d, ds, rc, err, errlen); /* this call's layers on disk when it returns */
-    return st == KV_OK && mk ? io_status(mk, "creating a block file", d->dir, err, errlen) : st;
+    return pipe_drain(d, ds, rc, mk, err, errlen); /* this call's layers on disk when it returns */
 }
 
 static kv_status disk_send_finish(kv_send *x, char *err, size_t errlen) {
