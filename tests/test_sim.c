@@ -271,6 +271,68 @@ static void test_disaggregated_transfer(void) {
     CHECKF(near(res->recs[1].ttft_s, 0.635, 1e-9), "get beside a put: ttft %.6f", res->recs[1].ttft_s);
     bench_result_free(res);
     m.get_overlap = 0;
+    /* gets of one decode instance: put_share 0.2 (put 0.06 s, get 0.24 s). One at a time
+     * (no get_pair): put 0.1-0.16, get 0.16-0.40 (+ 0.01); put 0.2-0.26, and its get
+     * waits for the first: 0.40-0.64 (+ 0.01) */
+    m.put_share = 0.2;
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].ttft_s, 0.41, 1e-9), "gets one at a time: ttft %.6f", res->recs[0].ttft_s);
+    CHECKF(near(res->recs[1].ttft_s, 0.65, 1e-9), "gets one at a time: ttft %.6f", res->recs[1].ttft_s);
+    bench_result_free(res);
+    /* get_pair 1.5: the first get alone 0.16-0.26 (0.10 of its 0.24), then both at 1/1.5:
+     * its last 0.14 end at 0.47; the second has done 0.14 by then, its last 0.10 alone
+     * to 0.57 */
+    m.get_pair = 1.5;
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].ttft_s, 0.48, 1e-9), "two gets at once: ttft %.6f", res->recs[0].ttft_s);
+    CHECKF(near(res->recs[1].ttft_s, 0.58, 1e-9), "two gets at once: ttft %.6f", res->recs[1].ttft_s);
+    bench_result_free(res);
+    /* get_pair 2 (two gets at once move no more than one): the first's 0.14 at half
+     * speed to 0.54, the second's last 0.10 alone to 0.64: the last as one at a time */
+    m.get_pair = 2;
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].ttft_s, 0.55, 1e-9), "get_pair 2: ttft %.6f", res->recs[0].ttft_s);
+    CHECKF(near(res->recs[1].ttft_s, 0.65, 1e-9), "get_pair 2: ttft %.6f", res->recs[1].ttft_s);
+    bench_result_free(res);
+    /* three at once, each pair's slowdown added (get_pair 1.5, put_overlap 2,
+     * get_overlap 1.5), prefills ending at 0.1, 0.2, 0.2 (the first step starts with the
+     * first arrival alone):
+     *   0.10-0.16 put 0; 0.16-0.20 get 0 alone (0.20 left);
+     *   0.20 put 1 beside get 0 (x2, x1.5): put 1 ends at 0.32, get 0 has 0.12 left;
+     *   0.32 put 2 (queued since 0.2), get 0 and get 1: gets x(1 + 0.5 + 0.5), put x3:
+     *        put 2 ends at 0.50; get 0 has 0.03 left, get 1 0.15;
+     *   0.50 get 2 joins the two (each x2): get 0 ends at 0.56 (ttft 0.57);
+     *   0.56 gets 1 (0.12 left) and 2 (0.21) x1.5: get 1 ends at 0.74 (ttft 0.75);
+     *   0.74 get 2's last 0.09 alone: 0.83 (ttft 0.84) */
+    m.get_pair = 1.5;
+    m.put_overlap = 2;
+    m.get_overlap = 1.5;
+    sim_request r3[3] = {{.n_prompt = 100, .max_tokens = 4}, {.n_prompt = 100, .max_tokens = 4},
+                         {.n_prompt = 100, .max_tokens = 4}};
+    REQUIRE(sim_run(&c, &p, r3, 3, &bc, &res, &st, err, sizeof err) == 0);
+    static const double want3[3] = {0.57, 0.75, 0.84};
+    for (int i = 0; i < 3; i++)
+        CHECKF(near(res->recs[i].ttft_s, want3[i], 1e-9), "three ops: request %d ttft %.6f, want %.2f", i,
+               res->recs[i].ttft_s, want3[i]);
+    CHECKF(near(phase(&res->recs[2], "kv_queue"), 0.12, 1e-9), "kv_queue %.6f", phase(&res->recs[2], "kv_queue"));
+    CHECK(near(st.kv_bytes, 3e5, 1e-6));
+    bench_result_free(res);
+    /* many gets at once (put 1% of a 10 s transfer, get_pair 1: none slows another):
+     * request i's put at 0.1 (i + 1) .. + 0.1, its get 9.9 s after: more ops than the
+     * store's first arrays hold, every one on time */
+    enum { NG = 100 };
+    sim_request rg[NG];
+    for (int i = 0; i < NG; i++) rg[i] = (sim_request){.n_prompt = 100, .max_tokens = 2};
+    m.bandwidth = 1e4;
+    m.put_share = 0.01;
+    m.get_pair = 1;
+    m.put_overlap = m.get_overlap = 0;
+    REQUIRE(sim_run(&c, &p, rg, NG, &bc, &res, &st, err, sizeof err) == 0);
+    for (int i = 0; i < NG; i++)
+        CHECKF(near(res->recs[i].ttft_s, 0.1 * (i + 2) + 9.9 + 0.01, 1e-9), "request %d ttft %.6f", i,
+               res->recs[i].ttft_s);
+    bench_result_free(res);
+    m.get_pair = m.put_share = 0;
     snprintf(m.name, sizeof m.name, "test");
     m.bandwidth = 1e6;
     /* colocated, the same request has no transfer */
@@ -341,6 +403,19 @@ static void test_deadline(void) {
     for (int i = 2; i < N; i++) CHECK(near(res->recs[i].e2el_s, 1.25, 1e-9));
     CHECKF(near(res->recs[N].ttft_s, 0.8, 1e-9), "request 10's ttft %.6f", res->recs[N].ttft_s);
     CHECKF(near(st.kv_bytes, 4 * 1e5, 1e-6), "KV bytes %.0f: the dropped transfers were booked", st.kv_bytes);
+    bench_result_free(res);
+    /* the same through a store (put and get 0.25 s each, gets one at a time): puts
+     * 0.1-0.35, 0.35-0.60, 0.60-0.85, 0.85-1.10, 1.10-1.35, gets 0.35-0.60, 0.60-0.85,
+     * 0.85-1.10, 1.10-1.35, 1.35-1.60: 0-2 arrive in time, 3 and 4 run on past their
+     * deadline; 5-9 still wait for the prefill side's worker at 1.25 and never start, so
+     * request 10 (prefilled 1.3-1.4) puts 1.40-1.65 and gets 1.65-1.90: ttft 0.6 */
+    snprintf(m.name, sizeof m.name, "cpu");
+    REQUIRE(sim_run(&c, &p, r2, N + 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(st.timed_out == 7, "store: timed out %d", st.timed_out);
+    for (int i = 0; i <= N; i++)
+        CHECKF(res->recs[i].success == (i < 3 || i == N), "store: request %d success %d", i, res->recs[i].success);
+    CHECKF(near(res->recs[N].ttft_s, 0.6, 1e-9), "store: request 10's ttft %.6f", res->recs[N].ttft_s);
+    CHECKF(near(st.kv_bytes, 6 * 1e5, 1e-6), "store: KV bytes %.0f", st.kv_bytes);
     bench_result_free(res);
     sim_profile_free(&p);
 }
@@ -1073,6 +1148,9 @@ static void test_profile_mediums(void) {
                m->name, m->put_overlap);
         CHECKF(store ? m->get_overlap >= 1 && m->get_overlap < 100 : m->get_overlap == 0, "%s: get beside a put x%g",
                m->name, m->get_overlap);
+        /* and two gets at once */
+        CHECKF(store ? m->get_pair >= 1 && m->get_pair < 100 : m->get_pair == 0, "%s: two gets at once x%g (%s)",
+               m->name, m->get_pair, p.mediums_note);
         /* the disk's sustained train: at least 3 transfers of the largest size, its
          * medians now the curve's speed (busy time x scale at that size) and put share */
         bool disk = !strcmp(m->name, "disk");
@@ -1249,6 +1327,7 @@ static void test_cpu_contention(void) {
     p.mediums[0].put_share = 0.7;
     p.mediums[0].put_overlap = 1.4;
     p.mediums[0].get_overlap = 1.9;
+    p.mediums[0].get_pair = 1.3;
     p.contention = (sim_contention){.cores = 2, .threads = 1, .n_points = 2, .procs = {1, 2}, .slowdown = {1, 1.25}};
     snprintf(p.contention.source, sizeof p.contention.source, "measured");
     char *js = sim_profile_to_json(&p);
@@ -1256,7 +1335,7 @@ static void test_cpu_contention(void) {
     REQUIRE(sim_profile_parse(js, strlen(js), "rt", &q, err, sizeof err) == 0);
     CHECK(q.contention.cores == 2 && q.contention.n_points == 2 && q.contention.slowdown[1] == 1.25);
     CHECK(q.mediums[0].control_s == 0.004 && q.mediums[0].put_share == 0.7 && q.mediums[0].put_overlap == 1.4 &&
-          q.mediums[0].get_overlap == 1.9);
+          q.mediums[0].get_overlap == 1.9 && q.mediums[0].get_pair == 1.3);
     CHECK(near(sim_contention_slowdown(&q.contention, 4), 2.5, 1e-12));
     sim_profile_free(&q);
     free(js);

@@ -158,16 +158,17 @@ static void *get_main(void *arg) {
 }
 
 /* The overlap's transfers of the largest size whose files stay in the disk store (3
- * rounds of two requests): room kept for them. */
-#define DISK_OVERLAP_FILES 6
+ * rounds of four requests: two for a put beside a get, two for two gets at once): room
+ * kept for them. */
+#define DISK_OVERLAP_FILES 12
 
 /* A store's put beside a get: request A is put alone, then the decode side reads A (a
  * thread in kv_ticket_wait) while the prefill side puts B, then the decode side reads B
  * alone; both of n tokens, fresh keys. Returns B's put over A's (beside a get over
- * alone), or -1 with err; *get_ratio: A's get over B's. */
+ * alone), or -1 with err; *get_ratio: A's get over B's; *get_alone: B's get. */
 static double overlap_ratio(kv_connector *dec, const kv_block_allocator *al, kv_connector *pre, int n,
                             int32_t *tokens, const int32_t *src, int nb, uint64_t *req, double *get_ratio,
-                            char *err, size_t errlen) {
+                            double *get_alone, char *err, size_t errlen) {
     get_job g = {.dec = dec};
     kv_ticket tb, pt;
     char text[KV_TICKET_TEXT_MAX];
@@ -207,6 +208,7 @@ static double overlap_ratio(kv_connector *dec, const kv_block_allocator *al, kv_
     double get_b = time_now_s() - t0;
     ratio = put_a > 0 ? put_b / put_a : -1;
     *get_ratio = get_b > 0 ? g.seconds / get_b : 0;
+    *get_alone = get_b;
 out:
     if (started) pthread_join(th, NULL);
     int32_t *got = xmalloc(sizeof(int32_t) * (size_t)nb);
@@ -218,6 +220,62 @@ out:
             if (m > 0) al->release(al->user, got, m);
         } else {
             kv_ticket_cancel(dec, t);
+        }
+    }
+    free(got);
+    return ratio;
+}
+
+/* Two gets at once: requests C and D (n tokens each, fresh keys) are put one after the
+ * other, then the decode side reads both at once (a thread each, as a deployment's
+ * waiters do). Returns their mean get over get_alone (a get of the same size alone, just
+ * before), or -1 with err; *pair_s: that mean. */
+static double pair_ratio(kv_connector *dec, const kv_block_allocator *al, kv_connector *pre, int n, int32_t *tokens,
+                         const int32_t *src, int nb, uint64_t *req, double get_alone, double *pair_s, char *err,
+                         size_t errlen) {
+    get_job g[2] = {{.dec = dec}, {.dec = dec}};
+    bool have[2] = {false, false}, started[2] = {false, false};
+    pthread_t th[2];
+    double ratio = -1;
+    for (int k = 0; k < 2; k++) {
+        for (int i = 0; i < n; i++) tokens[i] = (int32_t)(1 + (i + 7919 * (int)*req) % 30000);
+        if (kv_reserve(dec, (*req)++, tokens, n, 120, &g[k].t, err, errlen) != KV_OK) goto out;
+        have[k] = true;
+        char text[KV_TICKET_TEXT_MAX];
+        kv_ticket pt;
+        kv_status st;
+        kv_ticket_format(&g[k].t, text, sizeof text);
+        if (kv_ticket_parse(text, &pt, err, errlen) != 0) goto out;
+        kv_send *s = kv_send_begin(pre, &pt, src, nb, tokens, n, &st, err, errlen);
+        if (!s || kv_send_finish(s, err, errlen) != KV_OK) goto out;
+    }
+    for (int k = 0; k < 2; k++) {
+        if (pthread_create(&th[k], NULL, get_main, &g[k]) != 0) {
+            pd_errorf(err, errlen, "no thread for a get");
+            goto out;
+        }
+        started[k] = true;
+    }
+    for (int k = 0; k < 2; k++) pthread_join(th[k], NULL), started[k] = false;
+    for (int k = 0; k < 2; k++)
+        if (g[k].st != KV_OK) {
+            pd_errorf(err, errlen, "%s", g[k].err);
+            goto out;
+        }
+    *pair_s = (g[0].seconds + g[1].seconds) / 2;
+    ratio = get_alone > 0 ? *pair_s / get_alone : -1;
+    if (ratio < 0) pd_errorf(err, errlen, "no get alone to compare with");
+out:
+    for (int k = 0; k < 2; k++)
+        if (started[k]) pthread_join(th[k], NULL);
+    int32_t *got = xmalloc(sizeof(int32_t) * (size_t)nb);
+    for (int k = 0; k < 2; k++) {
+        if (!have[k]) continue;
+        if (ratio > 0) {
+            int m = kv_ticket_take(dec, &g[k].t, got, nb);
+            if (m > 0) al->release(al->user, got, m);
+        } else {
+            kv_ticket_cancel(dec, &g[k].t);
         }
     }
     free(got);
@@ -381,11 +439,19 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
              * slower than alone, docs/simulator.md "The overlap at the request's size") */
             int so = n_sizes - 1;
             if ((m == KV_MEDIUM_CPU || m == KV_MEDIUM_DISK) && so >= 0) {
-                int n = sizes[so], nb = (n + bs - 1) / bs, k = 0;
-                double pr[3], gr[3];
-                for (; k < 3; k++)
-                    if ((pr[k] = overlap_ratio(dec, &al, pre, n, tokens, src, nb, &req, &gr[k], e, sizeof e)) < 0)
+                int n = sizes[so], nb = (n + bs - 1) / bs, k = 0, kp = 0;
+                double pr[3], gr[3], ga[3], pp[3], ps[3];
+                for (; k < 3; k++) {
+                    if ((pr[k] = overlap_ratio(dec, &al, pre, n, tokens, src, nb, &req, &gr[k], &ga[k], e,
+                                               sizeof e)) < 0)
                         break;
+                    /* then two gets at once, against this round's get alone */
+                    if (kp == k && (pp[k] = pair_ratio(dec, &al, pre, n, tokens, src, nb, &req, ga[k], &ps[k], e,
+                                                       sizeof e)) > 0)
+                        kp++;
+                    else if (kp == k)
+                        note_add(out, "%s: two gets at once: %s", name, e);
+                }
                 if (k == 3) {
                     double p = med3(pr), g = med3(gr);
                     md.put_overlap = PD_MAX(p, 1.0);
@@ -394,6 +460,13 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
                              "(against each alone; median of 3)", name, n, p, g);
                 } else {
                     note_add(out, "%s: put beside a get: %s", name, e);
+                }
+                if (kp == 3) {
+                    md.get_pair = PD_MAX(med3(pp), 1.0);
+                    log_info("profile: medium %s, two gets of %d tokens at once: each x%.2f against one alone "
+                             "(median of 3: x%.2f, x%.2f, x%.2f; a get alone %.3f, %.3f, %.3f s, two at once "
+                             "%.3f, %.3f, %.3f s)",
+                             name, n, med3(pp), pp[0], pp[1], pp[2], ga[0], ga[1], ga[2], ps[0], ps[1], ps[2]);
                 }
             }
             if (control > 0) {

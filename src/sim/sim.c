@@ -51,10 +51,16 @@ typedef struct sreq {
      * (disaggregated), its KV reached the decode instance */
     double t_enter, t_sched, t_prefilled, t_kv;
     double kv_queue; /* whole transfers: the KV's wait for its prefill instance's link */
-    double kv_at;    /* when its KV arrives as booked (a store's get beside a later put moves
-                        it: an EV_KV_ARRIVE at another time is stale) */
+    double kv_at;    /* when its KV arrives (the one EV_KV_ARRIVE of it) */
     bool kv_dropped; /* its whole transfer would have started after its deadline: never
-                        booked on the link, failed at the deadline */
+                        booked, failed at the deadline */
+    /* stores (cpu, disk): its put's and its get's work in seconds alone, and what the
+     * arrival adds after the get (the medium's fixed cost, the control path); next_q:
+     * the next request in the queue it waits in (-1: last), put_queued while that is its
+     * prefill instance's put queue */
+    double put_work, get_work, kv_lat;
+    int next_q;
+    bool put_queued;
 } sreq;
 
 enum { STAGE_PREFILL = 0, STAGE_TRANSFER = 1, STAGE_DECODE = 2 };
@@ -68,10 +74,21 @@ typedef struct inst {
     sim_step_cost step;
     double busy_s, energy_j;
     int load;               /* requests assigned and not yet done here */
-    double link_free;       /* prefill: when its outgoing KV link (or store puts) is next free;
-                               decode over a store: when its next get may start */
-    int last_get;           /* decode over a store: the request whose get ends at link_free
-                               (-1: none yet) */
+    double link_free;       /* prefill: when its outgoing KV link (or, layer-wise, its store
+                               puts) is next free */
+    /* stores (cpu, disk), docs/simulator.md "The store's ops": a prefill instance's puts
+     * wait in its queue (q_head .. q_tail through sreq.next_q) while put_on, as its
+     * transfer worker runs one at a time; a decode instance's store runs ops (puts into
+     * it and gets out of it, sharing the medium) as of ops_t, their next end an
+     * EV_STORE carrying ops_gen; gets_on of them are gets, and without the profile's
+     * get_pair the gets run one at a time, the others waiting in its queue */
+    int q_head, q_tail;
+    bool put_on;
+    int gets_on;
+    struct store_op *ops;
+    int n_ops, cap_ops;
+    double ops_t;
+    unsigned ops_gen;
     double step_start;      /* when the step in flight started */
     int admit_head, admit_tail; /* decode: requests whose KV arrived during the step in
                                flight, in order (-1: none); the engine admits them, and
@@ -91,14 +108,23 @@ typedef struct inst {
     double hook_s;          /* the step in flight: of which tier hooks (not forward) */
 } inst;
 
-enum { EV_STEP_END = 0, EV_KV_ARRIVE = 1, EV_DEADLINE = 2, EV_ENTER = 3, EV_SERVE = 4, EV_RESHARE = 5 };
+enum { EV_STEP_END = 0, EV_KV_ARRIVE = 1, EV_DEADLINE = 2, EV_ENTER = 3, EV_SERVE = 4, EV_RESHARE = 5, EV_STORE = 6,
+       EV_GET = 7 };
+
+/* One transfer's put into, or get out of, a decode instance's store: left seconds of
+ * its work alone */
+typedef struct store_op {
+    int req;
+    bool get;
+    double left;
+} store_op;
 
 typedef struct sim_event {
     double t;
     uint64_t seq;
     int kind, id;
     unsigned gen;           /* EV_STEP_END under contention: the instance's gen when pushed;
-                               EV_SERVE: the serving work's gen */
+                               EV_SERVE: the serving work's gen; EV_STORE: the store's */
 } sim_event;
 
 typedef struct event_heap {
@@ -545,44 +571,166 @@ static int on_serve(sim_state *s, double t) {
  * pdserve's prefill side ships them.)
  *
  * Stores (cpu, disk): the medium's curve is a put followed by a get (how `pdserve
- * profile` times it); a store decouples the two, so the prefill side's puts queue on
- * its side (the server's transfer worker runs one at a time), the decode side's gets on
- * its own, and the next request's put overlaps this one's get: the put's share of the
- * time as the profile measured it apart (put_share; half each when not measured). A put
- * that runs while the decode side still reads an earlier request from the store shares
- * the store with that get: over their common time the put is slower by the profile's
- * put_overlap and the get by its get_overlap (each against itself alone), and whichever
- * ends first leaves the other alone again. The get was booked before this put existed:
- * its end, and the arrival of the request it reads (the last booked on that decode
- * instance), move later by what the put cost it (an earlier get still queued there keeps
- * its time). With get_overlap absent the get is priced alone, as profiles made before it
- * was recorded. docs/simulator.md, "dis-disk's misses, explained" and "A shared disk". */
+ * profile` times it); a store decouples the two, and each is an op of the decode
+ * instance's store (the put's share of the time as the profile measured it apart,
+ * put_share; half each when not measured). A prefill instance's puts run one at a time
+ * (the server's transfer worker), the others wait in its queue; a request's get starts
+ * when its put is done. Ops in the store at once share the medium (store_slowdown): a
+ * put beside a get runs slower by the profile's put_overlap, a get beside a put by
+ * get_overlap, each of two gets by get_pair; a get without get_pair (profiles made
+ * before it was measured) waits for the one before it, as the decode instance's reads
+ * went one at a time then. Layer-wise, a store's puts follow the layers as a link's
+ * transfer does, unslowed, and the get starts at the last one's end (EV_GET).
+ * docs/simulator.md, "dis-disk's misses, explained", "A shared disk", "The store's ops". */
 static bool is_store(const sim_medium *m) { return m && (!strcmp(m->name, "cpu") || !strcmp(m->name, "disk")); }
+
+/* How much slower than alone op k of d's store runs beside the others there: each one
+ * adds its pair's slowdown less one (exact for two ops, the measured pairs; linear
+ * beyond). A put beside a put is taken as beside a get (not measured). */
+static double store_slowdown(const sim_state *s, const inst *d, int k) {
+    const sim_medium *m = s->cfg->medium;
+    double fp = PD_MAX(m->put_overlap, 1), fg = PD_MAX(m->get_overlap, 1), f2 = PD_MAX(m->get_pair, 1), x = 1;
+    for (int j = 0; j < d->n_ops; j++)
+        if (j != k) x += (d->ops[k].get ? (d->ops[j].get ? f2 : fg) : fp) - 1;
+    return x;
+}
+
+/* Charges d's ops their progress since ops_t. */
+static void store_advance(sim_state *s, inst *d, double t) {
+    double dt = t - d->ops_t;
+    d->ops_t = t;
+    if (dt <= 0 || d->n_ops == 0) return;
+    double slow[64], *sl = d->n_ops <= 64 ? slow : xmalloc(sizeof(double) * (size_t)d->n_ops);
+    for (int k = 0; k < d->n_ops; k++) sl[k] = store_slowdown(s, d, k);
+    for (int k = 0; k < d->n_ops; k++) d->ops[k].left -= dt / sl[k];
+    if (sl != slow) free(sl);
+}
+
+/* The next end among d's ops, as an EV_STORE (any earlier one goes stale). */
+static void store_schedule(sim_state *s, inst *d, double t) {
+    double next = INFINITY;
+    for (int k = 0; k < d->n_ops; k++) next = PD_MIN(next, PD_MAX(d->ops[k].left, 0) * store_slowdown(s, d, k));
+    if (d->n_ops > 0) heap_push_gen(&s->heap, t + next, EV_STORE, (int)(d - s->insts), ++d->ops_gen);
+}
+
+static void store_add(sim_state *s, inst *d, sreq *r, bool get, double work, double t) {
+    store_advance(s, d, t);
+    if (d->n_ops == d->cap_ops) {
+        d->cap_ops = d->cap_ops ? 2 * d->cap_ops : 4;
+        d->ops = xrealloc(d->ops, sizeof(store_op) * (size_t)d->cap_ops);
+    }
+    d->ops[d->n_ops++] = (store_op){(int)(r - s->reqs), get, work};
+    if (get) d->gets_on++;
+    store_schedule(s, d, t);
+}
+
+/* r's transfer alone: its time (dur), the medium's busy part of it, and what is fixed
+ * (the medium's latency, and the control path when priced) */
+static void transfer_parts(const sim_state *s, const sreq *r, double *bytes, double *dur, double *busy,
+                           double *fixed) {
+    const sim_medium *m = s->cfg->medium;
+    *bytes = (double)r->n_prompt * (double)s->p->kv_bytes_per_token;
+    *dur = sim_cost_transfer(m, *bytes);
+    *busy = m ? *bytes / m->bandwidth : 0;
+    *fixed = *dur - *busy; /* the medium's fixed cost, once */
+    /* the request's control messages (reserve, ticket, completion) ride along: the
+     * medium's measured control path, once per request */
+    if (m && s->cfg->control_path && !(s->cfg->serving_path && s->p->serving.disaggregated.measured))
+        *fixed += m->control_s;
+}
+
+/* The transfer of r starts: counted in the run's KV traffic and transfer energy */
+static void book_transfer(sim_state *s, const sreq *r) {
+    double bytes, dur, busy, fixed;
+    transfer_parts(s, r, &bytes, &dur, &busy, &fixed);
+    s->st->kv_bytes += bytes;
+    s->st->kv_transfer_s += dur;
+    if (s->cfg->medium && s->cfg->medium->power_w > 0) s->st->energy_transfer_j += s->cfg->medium->power_w * dur;
+}
+
+static void queue_push(sim_state *s, inst *in, sreq *r) {
+    int id = (int)(r - s->reqs);
+    r->next_q = -1;
+    if (in->q_tail >= 0) s->reqs[in->q_tail].next_q = id;
+    else in->q_head = id;
+    in->q_tail = id;
+}
+
+static sreq *queue_pop(sim_state *s, inst *in) {
+    if (in->q_head < 0) return NULL;
+    sreq *r = &s->reqs[in->q_head];
+    in->q_head = r->next_q;
+    if (in->q_head < 0) in->q_tail = -1;
+    return r;
+}
+
+/* Prefill instance p's transfer worker takes the next put, unless one runs; a request
+ * whose deadline passed while it waited never starts (on_deadline marked it). */
+static void put_next(sim_state *s, inst *p, double t) {
+    for (sreq *r; !p->put_on && (r = queue_pop(s, p));) {
+        r->put_queued = false;
+        if (r->kv_dropped) continue;
+        p->put_on = true;
+        r->kv_queue = t - r->t_prefilled; /* behind earlier requests' puts */
+        book_transfer(s, r);
+        store_add(s, &s->insts[r->d_inst], r, false, r->put_work, t);
+    }
+}
+
+/* r's KV is in the store at t: its get starts, or waits for the one before it (no
+ * get_pair). */
+static void get_start(sim_state *s, sreq *r, double t) {
+    inst *d = &s->insts[r->d_inst];
+    if (s->cfg->medium->get_pair > 0 || d->gets_on == 0) store_add(s, d, r, true, r->get_work, t);
+    else queue_push(s, d, r);
+}
+
+/* EV_STORE: the ops of decode instance d's store that are done at t end: a put's
+ * prefill instance takes its next put and the get starts; a get's KV arrives (after
+ * the fixed part) and the next waiting get starts. */
+static void on_store(sim_state *s, inst *d, double t) {
+    store_advance(s, d, t);
+    for (int k = 0; k < d->n_ops;) {
+        if (d->ops[k].left > 1e-9) {
+            k++;
+            continue;
+        }
+        store_op o = d->ops[k];
+        memmove(d->ops + k, d->ops + k + 1, sizeof(store_op) * (size_t)(d->n_ops - k - 1));
+        d->n_ops--;
+        sreq *r = &s->reqs[o.req];
+        if (!o.get) {
+            s->insts[r->p_inst].put_on = false;
+            put_next(s, &s->insts[r->p_inst], t);
+            get_start(s, r, t);
+        } else {
+            d->gets_on--;
+            r->kv_at = t + r->kv_lat;
+            heap_push(&s->heap, r->kv_at, EV_KV_ARRIVE, o.req);
+            sreq *w = d->gets_on == 0 ? queue_pop(s, d) : NULL;
+            if (w) store_add(s, d, w, true, w->get_work, t);
+        }
+        k = 0; /* the ops moved: look again from the start */
+    }
+    store_schedule(s, d, t);
+}
 
 static void start_transfer(sim_state *s, inst *in, sreq *r, double t) {
     const sim_medium *m = s->cfg->medium;
-    double bytes = (double)r->n_prompt * (double)s->p->kv_bytes_per_token;
-    double dur = sim_cost_transfer(m, bytes);
-    double busy = m ? bytes / m->bandwidth : 0;
-    double latency = dur - busy; /* the medium's fixed cost, once */
+    double bytes, dur, busy, fixed;
+    transfer_parts(s, r, &bytes, &dur, &busy, &fixed);
     bool store = is_store(m);
     double share = m && m->put_share > 0 ? m->put_share : 0.5;
     double send = store ? busy * share : busy; /* the prefill side's share */
-    double get = busy - send;                  /* stores: the decode side's */
-    double get_delay = 0; /* what this put adds to the get it runs beside */
-    if (store && (m->put_overlap > 1 || m->get_overlap > 1)) {
-        /* P, G: the put's and the remaining get's work, in seconds alone; together they
-         * run at 1/fp and 1/fg until the first is done */
-        double fp = PD_MAX(m->put_overlap, 1), fg = PD_MAX(m->get_overlap, 1);
-        double P = send, G = PD_MAX(s->insts[r->d_inst].link_free - PD_MAX(t, in->link_free), 0);
-        if (G > 0) {
-            if (P * fp <= G * fg) { /* the put ends first, the get goes on alone */
-                send = P * fp;
-                get_delay = P * fp - P * fp / fg;
-            } else { /* the get ends first */
-                send = G * fg + (P - G * fg / fp);
-                get_delay = G * fg - G;
-            }
+    if (store) {
+        r->put_work = send;
+        r->get_work = busy - send;
+        r->kv_lat = fixed;
+        if (!s->cfg->layerwise) { /* whole: into the prefill instance's put queue */
+            r->put_queued = true;
+            queue_push(s, in, r);
+            put_next(s, in, t);
+            return;
         }
     }
     double f;
@@ -602,33 +750,14 @@ static void start_transfer(sim_state *s, inst *in, sreq *r, double t) {
         r->kv_queue = PD_MAX(in->link_free - t, 0); /* behind earlier requests' transfers */
         f = PD_MAX(t, in->link_free) + send;
     }
-    if (get_delay > 0) { /* the get beside this put ends later, and so its request's KV */
-        inst *d = &s->insts[r->d_inst];
-        d->link_free += get_delay;
-        if (d->last_get >= 0) {
-            sreq *o = &s->reqs[d->last_get];
-            o->kv_at += get_delay;
-            heap_push(&s->heap, o->kv_at, EV_KV_ARRIVE, d->last_get); /* the booked one goes stale */
-        }
-    }
     in->link_free = f;
-    /* the request's control messages (reserve, ticket, completion) ride along: the
-     * medium's measured control path, once per request */
-    if (m && s->cfg->control_path && !(s->cfg->serving_path && s->p->serving.disaggregated.measured))
-        latency += m->control_s;
-    double arrive = f + latency;
-    if (store) {
-        inst *d = &s->insts[r->d_inst];
-        double g = PD_MAX(f, d->link_free) + get;
-        d->link_free = g;
-        d->last_get = (int)(r - s->reqs);
-        arrive = g + latency;
+    book_transfer(s, r);
+    if (store) { /* layer-wise: the get starts once the last layer is in the store */
+        heap_push(&s->heap, f, EV_GET, (int)(r - s->reqs));
+        return;
     }
-    r->kv_at = arrive;
-    s->st->kv_bytes += bytes;
-    s->st->kv_transfer_s += dur;
-    if (m && m->power_w > 0) s->st->energy_transfer_j += m->power_w * dur;
-    heap_push(&s->heap, arrive, EV_KV_ARRIVE, (int)(r - s->reqs));
+    r->kv_at = f + fixed;
+    heap_push(&s->heap, r->kv_at, EV_KV_ARRIVE, (int)(r - s->reqs));
 }
 
 /* Drops r's sequence from its prefill instance (the router gave up on it). */
@@ -649,13 +778,15 @@ static bool in_flight(const inst *in, const sched_seq *q) {
  * router answers 504. Still queued or between chunks on P: dropped now; in P's step in
  * flight: dropped when that step ends; in transfer: the transfer runs on (the link
  * stays busy) and its arrival only frees the reservation; waiting for the link with a
- * start past the deadline (kv_dropped): never booked, so only its reservation is freed. */
+ * start past the deadline, or a store's put still waiting for its prefill instance's
+ * worker (kv_dropped): never booked, so only its reservation is freed. */
 static void on_deadline(sim_state *s, sreq *r, double t) {
     if (r->stage == STAGE_DECODE || r->failed) return;
     r->failed = true;
     r->finished = t;
     s->st->timed_out++;
     if (r->p_inst < 0) return; /* still on its serving path: never admitted */
+    if (r->put_queued) r->kv_dropped = true; /* a store's put still waiting: it never starts */
     if (r->stage == STAGE_TRANSFER && r->kv_dropped) {
         s->insts[r->d_inst].load--; /* the reservation: no transfer will come to free it */
     } else if (r->stage == STAGE_PREFILL) {
@@ -768,7 +899,7 @@ static void inst_init(sim_state *s, inst *in, inst_role role, double mhz, int ma
     memset(in, 0, sizeof *in);
     in->role = role;
     in->admit_head = in->admit_tail = -1;
-    in->last_get = -1;
+    in->q_head = in->q_tail = -1;
     sched_config sc = s->cfg->sched;
     if (role == ROLE_DECODE) {
         /* D never prefills what came over the medium: admit a whole prompt in one step */
@@ -1036,8 +1167,11 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
             if (e.kind == EV_STEP_END) rc = on_step_end(&s, e.id, e.t);
             else if (e.kind == EV_DEADLINE) on_deadline(&s, &s.reqs[e.id], e.t);
             else if (e.kind == EV_ENTER) rc = on_enter(&s, &s.reqs[e.id], e.t);
-            else if (e.t == s.reqs[e.id].kv_at) rc = on_kv_arrive(&s, &s.reqs[e.id], e.t);
-            else continue; /* an arrival moved later (a get beside a put) */
+            else if (e.kind == EV_STORE) {
+                if (e.gen != s.insts[e.id].ops_gen) continue; /* the store's ops changed since */
+                on_store(&s, &s.insts[e.id], e.t);
+            } else if (e.kind == EV_GET) get_start(&s, &s.reqs[e.id], e.t);
+            else rc = on_kv_arrive(&s, &s.reqs[e.id], e.t);
         }
         st->events++;
     }
@@ -1078,6 +1212,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
             else st->energy_prefill_j += e;
         }
         sched_destroy(&in->sc);
+        free(in->ops);
     }
     st->energy_j = energy;
     if (st->power_capped) {

@@ -62,6 +62,9 @@ typedef struct sim_medium {
     double get_overlap;     /* stores: how much longer that get takes beside the put (the
                                get beside a put over the get alone, >= 1; 0: not measured,
                                the get priced alone) */
+    double get_pair;        /* stores: how much longer each of two gets takes when both run at
+                               once, over one alone (>= 1); 0: not measured, a decode
+                               instance's gets run one at a time */
     /* disk: the sustained train (`pdserve profile --medium-train S`): back-to-back
      * transfers of the largest size, the store filling as a deployment's does; the
      * medians of its second half replace the best-of curve's speed and put share.
