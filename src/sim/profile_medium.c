@@ -162,19 +162,26 @@ static void *get_main(void *arg) {
  * kept for them. */
 #define DISK_OVERLAP_FILES 12
 
+/* One round of a store's ops side by side, at one size: seconds of each. */
+typedef struct overlap_times {
+    double put_alone, put_beside; /* A's put alone; B's beside A's get */
+    double get_beside, get_alone; /* A's get beside B's put; B's get alone */
+    double get_pair;              /* the mean of two gets at once (pair_round) */
+} overlap_times;
+
 /* A store's put beside a get: request A is put alone, then the decode side reads A (a
  * thread in kv_ticket_wait) while the prefill side puts B, then the decode side reads B
- * alone; both of n tokens, fresh keys. Returns B's put over A's (beside a get over
- * alone), or -1 with err; *get_ratio: A's get over B's; *get_alone: B's get. */
-static double overlap_ratio(kv_connector *dec, const kv_block_allocator *al, kv_connector *pre, int n,
-                            int32_t *tokens, const int32_t *src, int nb, uint64_t *req, double *get_ratio,
-                            double *get_alone, char *err, size_t errlen) {
+ * alone; both of n tokens, fresh keys. 0 with the four times in *o, or -1 with err. */
+static int overlap_round(kv_connector *dec, const kv_block_allocator *al, kv_connector *pre, int n,
+                         int32_t *tokens, const int32_t *src, int nb, uint64_t *req, overlap_times *o, char *err,
+                         size_t errlen) {
     get_job g = {.dec = dec};
     kv_ticket tb, pt;
     char text[KV_TICKET_TEXT_MAX];
     kv_status st;
     bool have_a = false, have_b = false;
-    double ratio = -1, put_a = 0, put_b = 0;
+    double put_a = 0, put_b = 0;
+    int rc = -1;
     pthread_t th;
     bool started = false;
     for (int i = 0; i < n; i++) tokens[i] = (int32_t)(1 + (i + 7919 * (int)*req) % 30000);
@@ -205,17 +212,18 @@ static double overlap_ratio(kv_connector *dec, const kv_block_allocator *al, kv_
     }
     t0 = time_now_s();
     if (kv_ticket_wait(dec, &tb, 120, err, errlen) != KV_OK) goto out;
-    double get_b = time_now_s() - t0;
-    ratio = put_a > 0 ? put_b / put_a : -1;
-    *get_ratio = get_b > 0 ? g.seconds / get_b : 0;
-    *get_alone = get_b;
+    o->get_alone = time_now_s() - t0;
+    o->put_alone = put_a;
+    o->put_beside = put_b;
+    o->get_beside = g.seconds;
+    rc = 0;
 out:
     if (started) pthread_join(th, NULL);
     int32_t *got = xmalloc(sizeof(int32_t) * (size_t)nb);
     for (int k = 0; k < 2; k++) {
         kv_ticket *t = k ? &tb : &g.t;
         if (!(k ? have_b : have_a)) continue;
-        if (ratio > 0) {
+        if (rc == 0) {
             int m = kv_ticket_take(dec, t, got, nb);
             if (m > 0) al->release(al->user, got, m);
         } else {
@@ -223,20 +231,18 @@ out:
         }
     }
     free(got);
-    return ratio;
+    return rc;
 }
 
 /* Two gets at once: requests C and D (n tokens each, fresh keys) are put one after the
  * other, then the decode side reads both at once (a thread each, as a deployment's
- * waiters do). Returns their mean get over get_alone (a get of the same size alone, just
- * before), or -1 with err; *pair_s: that mean. */
-static double pair_ratio(kv_connector *dec, const kv_block_allocator *al, kv_connector *pre, int n, int32_t *tokens,
-                         const int32_t *src, int nb, uint64_t *req, double get_alone, double *pair_s, char *err,
-                         size_t errlen) {
+ * waiters do). 0 with the mean of the two gets in *pair_s, or -1 with err. */
+static int pair_round(kv_connector *dec, const kv_block_allocator *al, kv_connector *pre, int n, int32_t *tokens,
+                      const int32_t *src, int nb, uint64_t *req, double *pair_s, char *err, size_t errlen) {
     get_job g[2] = {{.dec = dec}, {.dec = dec}};
     bool have[2] = {false, false}, started[2] = {false, false};
     pthread_t th[2];
-    double ratio = -1;
+    int rc = -1;
     for (int k = 0; k < 2; k++) {
         for (int i = 0; i < n; i++) tokens[i] = (int32_t)(1 + (i + 7919 * (int)*req) % 30000);
         if (kv_reserve(dec, (*req)++, tokens, n, 120, &g[k].t, err, errlen) != KV_OK) goto out;
@@ -263,15 +269,14 @@ static double pair_ratio(kv_connector *dec, const kv_block_allocator *al, kv_con
             goto out;
         }
     *pair_s = (g[0].seconds + g[1].seconds) / 2;
-    ratio = get_alone > 0 ? *pair_s / get_alone : -1;
-    if (ratio < 0) pd_errorf(err, errlen, "no get alone to compare with");
+    rc = 0;
 out:
     for (int k = 0; k < 2; k++)
         if (started[k]) pthread_join(th[k], NULL);
     int32_t *got = xmalloc(sizeof(int32_t) * (size_t)nb);
     for (int k = 0; k < 2; k++) {
         if (!have[k]) continue;
-        if (ratio > 0) {
+        if (rc == 0) {
             int m = kv_ticket_take(dec, &g[k].t, got, nb);
             if (m > 0) al->release(al->user, got, m);
         } else {
@@ -279,7 +284,27 @@ out:
         }
     }
     free(got);
-    return ratio;
+    return rc;
+}
+
+/* A store's put (or get) of `bytes` alone as the simulator prices it: the medium's
+ * busy time at that size (its curve, the sustained train's speed where one ran) split
+ * by put_share. */
+static double priced_alone(const sim_medium *md, double bytes, bool put) {
+    double busy = md->bandwidth > 0 ? bytes / md->bandwidth : 0, share = md->put_share > 0 ? md->put_share : 0.5;
+    return busy * (put ? share : 1 - share);
+}
+
+/* The store's factors from three rounds at `bytes` (docs/simulator.md, "The store's
+ * ops"): the median time beside over the time alone as the simulator prices it, so
+ * that the simulated op beside another takes the time measured; never below 1. */
+static void store_factors(sim_medium *md, double bytes, const overlap_times *ot, bool pair) {
+    double put = priced_alone(md, bytes, true), get = priced_alone(md, bytes, false);
+    double pb[3], gb[3], gp[3];
+    for (int r = 0; r < 3; r++) pb[r] = ot[r].put_beside, gb[r] = ot[r].get_beside, gp[r] = ot[r].get_pair;
+    if (put > 0) md->put_overlap = PD_MAX(med3(pb) / put, 1.0);
+    if (get > 0) md->get_overlap = PD_MAX(med3(gb) / get, 1.0);
+    if (get > 0 && pair) md->get_pair = PD_MAX(med3(gp) / get, 1.0);
 }
 
 int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *list, const char *dir,
@@ -440,33 +465,35 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
             int so = n_sizes - 1;
             if ((m == KV_MEDIUM_CPU || m == KV_MEDIUM_DISK) && so >= 0) {
                 int n = sizes[so], nb = (n + bs - 1) / bs, k = 0, kp = 0;
-                double pr[3], gr[3], ga[3], pp[3], ps[3];
+                overlap_times ot[3];
                 for (; k < 3; k++) {
-                    if ((pr[k] = overlap_ratio(dec, &al, pre, n, tokens, src, nb, &req, &gr[k], &ga[k], e,
-                                               sizeof e)) < 0)
-                        break;
-                    /* then two gets at once, against this round's get alone */
-                    if (kp == k && (pp[k] = pair_ratio(dec, &al, pre, n, tokens, src, nb, &req, ga[k], &ps[k], e,
-                                                       sizeof e)) > 0)
+                    if (overlap_round(dec, &al, pre, n, tokens, src, nb, &req, &ot[k], e, sizeof e) != 0) break;
+                    /* then two gets at once */
+                    if (kp == k && pair_round(dec, &al, pre, n, tokens, src, nb, &req, &ot[k].get_pair, e,
+                                              sizeof e) == 0)
                         kp++;
                     else if (kp == k)
                         note_add(out, "%s: two gets at once: %s", name, e);
                 }
                 if (k == 3) {
-                    double p = med3(pr), g = med3(gr);
-                    md.put_overlap = PD_MAX(p, 1.0);
-                    md.get_overlap = PD_MAX(g, 1.0);
-                    log_info("profile: medium %s, a put beside a get of %d tokens: the put x%.2f, the get x%.2f "
-                             "(against each alone; median of 3)", name, n, p, g);
+                    double bytes = (double)nb * bs * (double)per_token;
+                    store_factors(&md, bytes, ot, kp == 3);
+                    double v[3][5];
+                    for (int r = 0; r < 3; r++)
+                        v[r][0] = ot[r].put_alone, v[r][1] = ot[r].put_beside, v[r][2] = ot[r].get_beside,
+                        v[r][3] = ot[r].get_alone, v[r][4] = kp == 3 ? ot[r].get_pair : 0;
+                    log_info("profile: medium %s, %d tokens, 3 rounds: a put alone %.3f/%.3f/%.3f s, beside a get "
+                             "%.3f/%.3f/%.3f s; that get %.3f/%.3f/%.3f s, a get alone %.3f/%.3f/%.3f s; two gets "
+                             "at once %.3f/%.3f/%.3f s each",
+                             name, n, v[0][0], v[1][0], v[2][0], v[0][1], v[1][1], v[2][1], v[0][2], v[1][2],
+                             v[2][2], v[0][3], v[1][3], v[2][3], v[0][4], v[1][4], v[2][4]);
+                    log_info("profile: medium %s, against the put and get alone as the profile prices them "
+                             "(%.3f, %.3f s): a put beside a get x%.2f, the get x%.2f, two gets at once x%.2f "
+                             "each (medians)",
+                             name, priced_alone(&md, bytes, true), priced_alone(&md, bytes, false), md.put_overlap,
+                             md.get_overlap, md.get_pair);
                 } else {
                     note_add(out, "%s: put beside a get: %s", name, e);
-                }
-                if (kp == 3) {
-                    md.get_pair = PD_MAX(med3(pp), 1.0);
-                    log_info("profile: medium %s, two gets of %d tokens at once: each x%.2f against one alone "
-                             "(median of 3: x%.2f, x%.2f, x%.2f; a get alone %.3f, %.3f, %.3f s, two at once "
-                             "%.3f, %.3f, %.3f s)",
-                             name, n, med3(pp), pp[0], pp[1], pp[2], ga[0], ga[1], ga[2], ps[0], ps[1], ps[2]);
                 }
             }
             if (control > 0) {
