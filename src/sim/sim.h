@@ -56,15 +56,15 @@ typedef struct sim_medium {
     double put_share;       /* stores (cpu, disk): the prefill side's share of a transfer's
                                time (its put; the rest is the decode side's get), as the
                                profile timed them apart; 0: not measured (half each) */
-    double put_overlap;     /* stores: how much longer a put takes while the decode side
-                               reads the previous request from the same store (a put
-                               beside a get over the put alone, >= 1; 0: not measured) */
-    double get_overlap;     /* stores: how much longer that get takes beside the put (the
-                               get beside a put over the get alone, >= 1; 0: not measured,
-                               the get priced alone) */
-    double get_pair;        /* stores: how much longer each of two gets takes when both run at
-                               once, over one alone (>= 1); 0: not measured, a decode
-                               instance's gets run one at a time */
+    /* stores, each the median of three rounds at the largest size over the op alone as
+     * the simulator prices it (the curve's busy time at that size, split by put_share),
+     * so that an op beside another takes the time measured (>= 1; 0: not measured;
+     * older profiles divided by each round's own op alone): */
+    double put_overlap;     /* a put while the decode side reads the previous request from
+                               the same store (0: no slowdown) */
+    double get_overlap;     /* that get beside the put (0: the get priced alone) */
+    double get_pair;        /* each of two gets at once (0: a decode instance's gets run one
+                               at a time) */
     /* disk: the sustained train (`pdserve profile --medium-train S`): back-to-back
      * transfers of the largest size, the store filling as a deployment's does; the
      * medians of its second half replace the best-of curve's speed and put share.
