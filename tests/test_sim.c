@@ -828,6 +828,64 @@ static void test_shared_device(void) {
     sim_profile_free(&p);
 }
 
+/* Two instances on one GPU (device-list 0,0, gpu_share): steps in flight together run
+ * time-sliced, each at half speed, and the device's energy is the steps' energies plus
+ * idle power over the rest of the run. Prefill 0.1 s, decode 0.02 s a step; prefill
+ * 500 W, decode 300 W, idle 100 W. r0 (t 0) is prefilled 0-0.1 alone; from 0.1 the
+ * decode instance steps r0 while the prefill instance runs r1's prompt (arrived at
+ * 0.1): three decode steps of 0.04 s (0.14, 0.18, 0.22) while the prefill does 0.06 of
+ * its 0.1 s, then alone to 0.26, r1's three steps alone to 0.32. Energy: two prefills
+ * (50 J each) and six decode steps (6 J each) fill the 0.32 s: 136 J, no idle time.
+ * Unshared, the same GPU would have done 0.32 s of steps in 0.26 s. */
+static void test_gpu_share(void) {
+    sim_profile p;
+    const_profile(&p, 0.1, 0.02);
+    snprintf(p.backend, sizeof p.backend, "cuda");
+    p.power.measured = true;
+    p.power.idle_w = 100;
+    p.power.prefill_w = 500;
+    p.power.decode_w = 300;
+    sim_medium m = {.latency_s = 0, .bandwidth = 1e15};
+    snprintf(m.name, sizeof m.name, "test");
+    static const char one[2][16] = {"0", "0"}, two[2][16] = {"0", "1"};
+    sim_request r[2] = {{.n_prompt = 100, .max_tokens = 4, .arrival = 0},
+                        {.n_prompt = 100, .max_tokens = 4, .arrival = 0.1}};
+    bench_config bc;
+    bench_config_default(&bc);
+    bench_result *res;
+    sim_stats st;
+    char err[256];
+    sim_config c = colocated(0, 256);
+    c.n_prefill = c.n_decode = 1;
+    c.medium = &m;
+    c.devices = one;
+    c.n_devices = 2;
+    c.gpu_share = true;
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    static const double t0[4] = {0.1, 0.14, 0.18, 0.22}, t1[4] = {0.16, 0.18, 0.20, 0.22};
+    for (int k = 0; k < 4; k++) {
+        CHECKF(near(res->recs[0].token_s[k], t0[k], 1e-6), "r0 token %d at %.6f, want %.2f", k,
+               res->recs[0].token_s[k], t0[k]);
+        CHECKF(near(res->recs[1].token_s[k], t1[k], 1e-6), "r1 token %d at %.6f (from its arrival), want %.2f", k,
+               res->recs[1].token_s[k], t1[k]);
+    }
+    CHECKF(near(st.makespan_s, 0.32, 1e-6), "makespan %.6f", st.makespan_s);
+    CHECKF(near(st.energy_j, 136, 1e-6), "energy %.6f J", st.energy_j);
+    CHECKF(near(st.contention_s, 0.12, 1e-6), "stretch %.6f s", st.contention_s); /* 3 x 0.02 + 0.06 */
+    CHECK(near(st.busy_prefill_s, 0.2, 1e-9) && near(st.busy_decode_s, 0.12, 1e-9)); /* as priced */
+    bench_result_free(res);
+    /* off, or on two GPUs: each as if alone (r1 prefilled 0.1-0.2) */
+    for (int k = 0; k < 2; k++) {
+        c.gpu_share = k == 1;
+        c.devices = k ? two : one;
+        REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+        CHECKF(near(res->recs[1].ttft_s, 0.1, 1e-6), "case %d: r1 ttft %.6f", k, res->recs[1].ttft_s);
+        CHECK(near(st.makespan_s, 0.26, 1e-6) && st.contention_s == 0);
+        bench_result_free(res);
+    }
+    sim_profile_free(&p);
+}
+
 /* Layer-wise: the prompt's 4 layers leave as the 0.1 s step computes them (ready at
  * 0.025, 0.05, 0.075, 0.1 s), each taking a quarter of the 0.1 s link time: the last
  * piece leaves at 0.1 and lands at 0.125 + latency, against 0.1 + 0.1 + latency whole. */
@@ -1346,6 +1404,7 @@ int main(void) {
     log_set_level(LOG_LEVEL_WARN);
     TEST_RUN(test_grid_interpolation);
     TEST_RUN(test_cost_model);
+    TEST_RUN(test_gpu_share);
     TEST_RUN(test_layerwise_transfer);
     TEST_RUN(test_prefix_caching);
     TEST_RUN(test_prefix_affinity);

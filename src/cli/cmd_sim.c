@@ -221,6 +221,7 @@ typedef struct sim_cli {
     bool step_factor;       /* the profile's measured steps inside a deployment (--no-step-factor) */
     bool contention_kinds;  /* CPU profiles: contention by the kinds of steps (--no-contention-kinds) */
     bool tier_cpu;          /* CPU profiles: the lower KV tiers' workers on the cores (--no-tier-cpu) */
+    bool gpu_share;         /* GPU profiles: instances on one GPU share it (--no-gpu-share) */
     bool power_cap;         /* GPU instances' clocks under the enforced power limit (--power-cap) */
 } sim_cli;
 
@@ -381,7 +382,8 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
                       .cpu_contention = c->contention, .control_path = c->control_path,
                       .serving_path = c->serving_path, .serving_cpu = c->serving_cpu,
                       .step_factor = c->step_factor, .contention_kinds = c->contention_kinds, .tier_cpu = c->tier_cpu,
-                      .power_cap = c->power_cap, .devices = su->n_devices ? su->devices : NULL,
+                      .power_cap = c->power_cap, .gpu_share = c->gpu_share,
+                      .devices = su->n_devices ? su->devices : NULL,
                       .n_devices = su->n_devices};
     if (cfg.prefix_caching) cfg.tiers = su->tiers;
     if (su->n_prefill > 0) {
@@ -515,7 +517,7 @@ int cmd_sim(int argc, char **argv) {
     int seed = -1, threads = 0, vrepeats = 3;
     bool quiet = false, no_contention = false, no_control = false, no_serving = false, no_serving_cpu = false,
          no_step_factor = false, step_factor = false, no_kinds = false, no_tier_cpu = false, no_power_cap = false,
-         power_cap = false;
+         power_cap = false, no_gpu_share = false;
     cli_opt opts[] = {
         {"profile", OPT_STRING, &profile_path, "cost profile from `pdserve profile` (default: the plan's)", "FILE"},
         {"db", OPT_STRING, &db_path, "results database to record the points in (marked simulated)", "FILE"},
@@ -537,6 +539,9 @@ int cmd_sim(int argc, char **argv) {
          "(contention.kinds)", NULL},
         {"no-tier-cpu", OPT_FLAG, &no_tier_cpu,
          "CPU profiles: leave the lower KV tiers' writer threads out of the contention for the host's cores", NULL},
+        {"no-gpu-share", OPT_FLAG, &no_gpu_share,
+         "GPU profiles: price the steps of instances that a setup's device-list puts on one GPU as if each had "
+         "it alone (default: time-sliced, each at 1/k of its speed while k of them are in a step)", NULL},
         {"no-step-factor", OPT_FLAG, &no_step_factor,
          "price every step as the profile's grid does, not by the factor its serving deployment measured "
          "(serving.*.steps; the default for GPU profiles)", NULL},
@@ -631,7 +636,7 @@ int cmd_sim(int argc, char **argv) {
     sim_cli c = {.pl = &pl, .prof = &prof, .points = cJSON_CreateArray(), .quiet = quiet,
                  .vrepeats = vrepeats, .contention = !no_contention, .control_path = !no_control,
                  .serving_path = !no_serving, .serving_cpu = !no_serving_cpu, .step_factor = use_step_factor,
-                 .contention_kinds = !no_kinds, .tier_cpu = !no_tier_cpu,
+                 .contention_kinds = !no_kinds, .tier_cpu = !no_tier_cpu, .gpu_share = !no_gpu_share,
                  .power_cap = power_cap && !no_power_cap};
     int rc = 0;
     model_files vfiles;

@@ -98,6 +98,8 @@ typedef struct inst {
      * its end event carries gen, and any older one is stale */
     double work_left, rate, rate_t;
     unsigned gen;
+    int dev;                /* sharing a GPU (sim_state.gpu_share): the first instance on its
+                               device in start order (itself when alone there) */
     /* the power cap (sim_power_cap; cap.on false: off): the average power as of cap_t */
     sim_power_cap cap;
     double cap_avg_w, cap_t;
@@ -186,6 +188,8 @@ typedef struct sim_state {
     int32_t *zeros;                 /* [max_num_seqs]: the tokens the simulator "samples" */
     const int32_t *prompt;          /* [max prompt + 1] of zeros for sched_add */
     bool contention;                /* instances share the host's cores (CPU backend) */
+    bool gpu_share;                 /* instances share a GPU (the setup's device list) */
+    bool stretch;                   /* either: steps in flight are re-timed (reshare) */
     int n_busy;                     /* instances in a step now */
     /* the serving path's CPU on the same cores (cfg->serving_cpu under contention): its
      * per-request, per-token and per-step costs, and its queue: work added in order
@@ -329,10 +333,11 @@ static void reshare(sim_state *s, double now) {
     bool serving = s->serve_left > 1e-12;
     const sim_contention *ct = &s->p->contention;
     int workers = s->cfg->tiers.n_tiers > 0 && s->cfg->tier_cpu ? busy_workers(s, now) : 0;
-    double base = sim_contention_slowdown(ct, s->n_busy + (serving ? 1 : 0) + workers), rate = 1.0 / base;
+    double base = s->contention ? sim_contention_slowdown(ct, s->n_busy + (serving ? 1 : 0) + workers) : 1,
+           rate = 1.0 / base;
     /* by kind: with another instance in a step, a step's slowdown is base x what its kind
      * measured beside the others' (more common) kind over the reference pair's slowdown(2) */
-    bool kinds = s->cfg->contention_kinds && ct->kinds_measured && s->n_busy >= 2;
+    bool kinds = s->contention && s->cfg->contention_kinds && ct->kinds_measured && s->n_busy >= 2;
     int n_kind[2] = {0, 0};
     if (kinds)
         for (int i = 0; i < s->n_inst; i++)
@@ -347,6 +352,11 @@ static void reshare(sim_state *s, double now) {
         if (kinds) {
             int x = step_kind(in), other[2] = {n_kind[0] - (x == 0), n_kind[1] - (x == 1)};
             r = 1.0 / PD_MAX(base * ct->kinds[x][other[1] > other[0]] / ref2, 1.0);
+        }
+        if (s->gpu_share) { /* time-sliced with the other instances in a step on its GPU */
+            int k = 0;
+            for (int j = 0; j < s->n_inst; j++) k += s->insts[j].busy && s->insts[j].dev == in->dev;
+            r /= PD_MAX(k, 1);
         }
         if (in->rate == r) continue;
         in->rate = r;
@@ -439,7 +449,7 @@ static void kick(sim_state *s, int i, double now) {
     if (in->role == ROLE_DECODE) s->st->busy_decode_s += in->step.seconds;
     else s->st->busy_prefill_s += in->step.seconds;
     s->st->steps++;
-    if (s->contention) {
+    if (s->stretch) {
         in->work_left = in->step.seconds;
         in->rate = 0; /* a fresh step: reshare gives it its rate and end event */
         in->rate_t = now;
@@ -803,12 +813,18 @@ static int admit_waiting(sim_state *s, int i, double t);
 static int on_step_end(sim_state *s, int i, double t) {
     inst *in = &s->insts[i];
     sched_plan *pl = &in->plan;
-    if (s->contention) { /* the step ran longer than priced: count the stretch as busy time */
+    if (s->stretch) { /* the step ran longer than priced */
         double extra = PD_MAX(t - in->step_start - in->step.seconds, 0);
-        in->busy_s += extra;
         s->st->contention_s += extra;
-        if (in->role == ROLE_DECODE) s->st->busy_decode_s += extra;
-        else s->st->busy_prefill_s += extra;
+        /* sharing cores: the stretch is busy time (a CPU instance spins or waits in its
+         * step); sharing a GPU: not, the device ran the other instance's kernels then, and
+         * its time, energy and static power are theirs (steps' energies plus idle power
+         * over the rest, docs/simulator.md "A shared GPU") */
+        if (s->contention) {
+            in->busy_s += extra;
+            if (in->role == ROLE_DECODE) s->st->busy_decode_s += extra;
+            else s->st->busy_prefill_s += extra;
+        }
         in->busy = false;
         s->n_busy--;
         reshare(s, t);
@@ -1127,6 +1143,16 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
         inst_role role = co ? ROLE_COLOCATED : i < cfg->n_prefill ? ROLE_PREFILL : ROLE_DECODE;
         inst_init(&s, &s.insts[i], role, role == ROLE_DECODE ? cfg->decode_mhz : cfg->prefill_mhz, max_prompt);
     }
+    /* a GPU profile's instances that the device list puts on one GPU share it */
+    for (int i = 0; i < s.n_inst; i++) {
+        s.insts[i].dev = i;
+        const char *dev = inst_device(cfg, &s, i);
+        for (int j = 0; dev && j < s.n_inst; j++)
+            if (start_index(cfg, &s, j) < start_index(cfg, &s, s.insts[i].dev) && !strcmp(inst_device(cfg, &s, j), dev))
+                s.insts[i].dev = j;
+        if (s.insts[i].dev != i && cfg->gpu_share && strcmp(p->backend, "cpu") != 0) s.gpu_share = true;
+    }
+    s.stretch = s.contention || s.gpu_share;
     s.zeros = xcalloc((size_t)cfg->sched.max_num_seqs + 1, sizeof(int32_t));
     int32_t *prompt = xcalloc((size_t)max_prompt + 2, sizeof(int32_t));
     s.prompt = prompt;
@@ -1154,7 +1180,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
         } else {
             sim_event e = heap_pop(&s.heap);
             now = e.t;
-            if (e.kind == EV_STEP_END && s.contention && e.gen != s.insts[e.id].gen) continue; /* rescheduled */
+            if (e.kind == EV_STEP_END && s.stretch && e.gen != s.insts[e.id].gen) continue; /* rescheduled */
             if (e.kind == EV_SERVE) {
                 if (e.gen == s.serve_gen) rc = on_serve(&s, e.t);
                 continue;

@@ -608,6 +608,9 @@ typedef struct sim_config {
                                    request whose prefill and KV transfer are not done this long
                                    after its arrival fails there (HTTP 504 in pdserve), its
                                    prefill dropped if it has not run; 0: none */
+    bool gpu_share;             /* GPU profiles: instances that the device list puts on one
+                                   GPU share it, time-sliced (docs/simulator.md, "A shared
+                                   GPU"); off: each as if alone */
     bool cpu_contention;        /* the instances share the profiled host's cores: steps in
                                    flight at once slow each other (the profile's contention
                                    curve, only when its backend is "cpu" and it has one) */
@@ -654,7 +657,8 @@ typedef struct sim_stats {
     double serving_s;                       /* summed serving-path delay of the requests */
     double serving_cpu_s;                   /* CPU demand of the serving path put on the host's
                                                cores (CPU contention with serving CPU only) */
-    double contention_s;                    /* instance-seconds steps were stretched by sharing cores */
+    double contention_s;                    /* instance-seconds steps were stretched by sharing cores
+                                               or a GPU */
     int timed_out;                          /* requests failed by the xPyD deadline */
     double makespan_s;
     double busy_prefill_s, busy_decode_s;   /* instance-seconds busy by role (colocated: prefill) */
