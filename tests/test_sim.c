@@ -1177,6 +1177,45 @@ static void test_tiers(void) {
     sim_profile_free(&q);
 }
 
+/* `pdserve profile --medium disk` runs the overlap rounds' decode side in a process of
+ * its own (`--kv-peer`), as a deployment's decode instance; --medium-in-process in
+ * this one. Both record how, with factors of at least 1 (PDSERVE_BIN; skipped without
+ * it). */
+static void test_profile_mediums_peer(void) {
+    const char *bin = getenv("PDSERVE_BIN");
+    if (!bin) {
+        printf("skip: PDSERVE_BIN not set\n");
+        return;
+    }
+    const char *dir = getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
+    for (int k = 0; k < 2; k++) {
+        char path[512], cmd[2048], err[256];
+        snprintf(path, sizeof path, "%s/pd-peer-%d-%d.json", dir, (int)getpid(), k);
+        snprintf(cmd, sizeof cmd,
+                 "%s profile --model preset:small-llama -o %s --medium disk --medium-train 0.3 --medium-bytes 8M "
+                 "--medium-dir %s --prefill-tokens 16 --prefill-context 0 --decode-batch 1 --decode-context 64 "
+                 "--repeats 1 --no-power%s > /dev/null 2>&1",
+                 bin, path, dir, k ? " --medium-in-process" : "");
+        CHECKF(system(cmd) == 0, "%s", cmd);
+        sim_profile p;
+        if (sim_profile_load(path, &p, err, sizeof err) != 0) {
+            CHECKF(0, "%s", err);
+            continue;
+        }
+        CHECKF(p.n_mediums == 1 && !strcmp(p.mediums[0].name, "disk"), "%d mediums: %s", p.n_mediums,
+               p.mediums_note);
+        if (p.n_mediums == 1) {
+            const sim_medium *m = &p.mediums[0];
+            CHECKF(!strcmp(m->overlap_by, k ? "one process" : "two processes"), "rounds by '%s' (%s)", m->overlap_by,
+                   p.mediums_note);
+            CHECKF(m->put_overlap >= 1 && m->get_overlap >= 1 && m->get_pair >= 1, "x%g x%g x%g", m->put_overlap,
+                   m->get_overlap, m->get_pair);
+        }
+        sim_profile_free(&p);
+        unlink(path);
+    }
+}
+
 /* pdserve profile --medium: every CPU-built medium timed through the real connectors,
  * a curve fitted per medium, nothing left behind in /dev/shm. */
 static void test_profile_mediums(void) {
@@ -1411,6 +1450,7 @@ int main(void) {
     TEST_RUN(test_tiers);
     TEST_RUN(test_study_plan);
     TEST_RUN(test_profile_mediums);
+    TEST_RUN(test_profile_mediums_peer);
     TEST_RUN(test_profile_tiers);
     TEST_RUN(test_trivial_timestamps);
     TEST_RUN(test_disaggregated_transfer);

@@ -120,7 +120,8 @@ int cmd_profile(int argc, char **argv) {
     long long medium_bytes = 0;
     double medium_train = 20;
     bool allow_clock_control = false, serving = false, serving_processes = false;
-    const char *tok_dir = NULL;
+    const char *tok_dir = NULL, *kv_peer = NULL;
+    bool medium_in_process = false;
     int serving_len = 4096;
     cli_opt opts[] = {
         {"model", OPT_STRING, &model_arg, "model directory, or preset:NAME (dummy weights)", "DIR"},
@@ -140,6 +141,12 @@ int cmd_profile(int argc, char **argv) {
          "seconds of back-to-back disk transfers after the disk's curve; their medians set its speed "
          "(default 20; 0: the best-of curve alone)", "S"},
         {"medium-bytes", OPT_SIZE, &medium_bytes, "largest KV cache per side while timing mediums (GPU 2GiB, CPU 256MiB)", "BYTES"},
+        {"medium-in-process", OPT_FLAG, &medium_in_process,
+         "disk: run the overlap rounds' decode side in this process, not in a process of its own as a "
+         "deployment's (the profiles before 2026-11-29 did)", NULL},
+        {"kv-peer", OPT_STRING, &kv_peer,
+         "internal: serve the decode side of the disk store at DIR for a profiling process on standard input "
+         "and output (a decode cache of --medium-bytes)", "DIR"},
         {"tiers", OPT_STRING, &tiers,
          "lower KV tiers of prefix caching to time through kv_tiers.c (staging, writes, loads): cpu,disk; "
          "their files under --medium-dir", "LIST"},
@@ -187,7 +194,7 @@ int cmd_profile(int argc, char **argv) {
         }
         return refit_mediums(refit_med, out_path);
     }
-    if (!model_arg || !out_path) {
+    if (!model_arg || (!out_path && !kv_peer)) {
         fprintf(stderr, "pdserve profile: needs --model and -o (see --help)\n");
         return 2;
     }
@@ -284,6 +291,14 @@ int cmd_profile(int argc, char **argv) {
         model_files_close(&files);
         return 1;
     }
+    if (kv_peer) { /* the decode side of the disk overlap rounds (profile_medium.c) */
+        size_t cb = medium_bytes > 0 ? (size_t)medium_bytes : (size_t)256 << 20;
+        rc = sim_profile_kv_peer(be, &files.config, block_size, cb, kv_peer, err, sizeof err) == 0 ? 0 : 1;
+        if (rc) fprintf(stderr, "pdserve profile --kv-peer: %s\n", err);
+        backend_destroy(be);
+        model_files_close(&files);
+        return rc;
+    }
     model *m = model_load(be, &files, (uint64_t)seed, err, sizeof err);
     if (!m) {
         fprintf(stderr, "pdserve profile: %s\n", err);
@@ -305,6 +320,7 @@ int cmd_profile(int argc, char **argv) {
     if (medium) {
         const char *mdir = medium_dir ? medium_dir : getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
         size_t mbytes = medium_bytes > 0 ? (size_t)medium_bytes : dev >= 0 ? (size_t)2 << 30 : (size_t)256 << 20;
+        sim_profile_mediums_peer(medium_in_process ? NULL : model_arg, device);
         sim_profile_time_mediums(be, &files.config, medium, mdir, mbytes, PD_MIN(repeats, 3), medium_train,
                                  &prof, err, sizeof err);
         if (prof.mediums_note[0]) log_warn("profile: mediums: %s", prof.mediums_note);

@@ -441,6 +441,7 @@ char *sim_profile_to_json(const sim_profile *p) {
         if (m->put_overlap > 0) cJSON_AddNumberToObject(mo, "put_overlap", m->put_overlap);
         if (m->get_overlap > 0) cJSON_AddNumberToObject(mo, "get_overlap", m->get_overlap);
         if (m->get_pair > 0) cJSON_AddNumberToObject(mo, "get_pair", m->get_pair);
+        if (m->overlap_by[0]) cJSON_AddStringToObject(mo, "overlap_by", m->overlap_by);
         if (m->train_n > 0) {
             cJSON *t = cJSON_AddObjectToObject(mo, "sustained");
             cJSON_AddNumberToObject(t, "transfers", m->train_n);
@@ -820,6 +821,7 @@ static int read_mediums(const cJSON *o, sim_profile *p, const char *name, char *
         if (!(m->get_overlap >= 1 && m->get_overlap <= 100)) m->get_overlap = 0;
         m->get_pair = get_num(mo, "get_pair", 0);
         if (!(m->get_pair >= 1 && m->get_pair <= 100)) m->get_pair = 0;
+        get_str(mo, "overlap_by", m->overlap_by, sizeof m->overlap_by);
         const cJSON *tr = cJSON_GetObjectItemCaseSensitive(mo, "sustained");
         if (cJSON_IsObject(tr)) { /* a record: the bandwidth and put_share already carry it */
             m->train_n = (int)PD_MIN(PD_MAX(get_num(tr, "transfers", 0), 0), 64);

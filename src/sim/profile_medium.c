@@ -13,11 +13,14 @@
  * --medium-bytes. The disk medium then runs a sustained train (sustained_train): its
  * medians, not the best runs, set the disk's speed. A medium that cannot run here (not built, or a peer copy that needs
  * two processes) is reported in the profile's mediums_note and left to the defaults. */
+#include <errno.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/statvfs.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "engine/engine.h"
@@ -157,6 +160,141 @@ static void *get_main(void *arg) {
     return NULL;
 }
 
+/* Request req's prompt of n tokens: fresh for every req, the same on both sides. */
+static void tokens_for(uint64_t req, int n, int32_t *tokens) {
+    for (int i = 0; i < n; i++) tokens[i] = (int32_t)(1 + (i + 7919 * (int)req) % 30000);
+}
+
+/* The decode side of the overlap rounds: a connector in this process (dec; each get a
+ * thread of it, as a deployment's waiters), or the same in a peer process (`pdserve
+ * profile --kv-peer`, driven through a pipe), whose CUDA context, I/O and threads are
+ * its own as a deployment's decode instance's are. Requests sit in slots 0-3. */
+#define DS_SLOTS 4
+typedef struct dside {
+    kv_connector *dec;               /* in this process, or NULL: the peer */
+    const kv_block_allocator *al;
+    get_job job[DS_SLOTS];
+    pthread_t th[DS_SLOTS];
+    bool held[DS_SLOTS], running[DS_SLOTS];
+    int nb[DS_SLOTS];
+    pid_t pid;                       /* the peer: its process and pipe ends */
+    FILE *to, *from;
+} dside;
+
+/* The peer: one command line, one answer line ("ok ..." or "err ..."); 0 with the
+ * answer's rest in ans, or -1 with err. */
+static int peer_cmd(dside *d, char *ans, size_t n, char *err, size_t errlen, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(d->to, fmt, ap);
+    va_end(ap);
+    fputc('\n', d->to);
+    char line[512];
+    if (fflush(d->to) != 0 || !fgets(line, sizeof line, d->from)) {
+        pd_errorf(err, errlen, "the KV peer process stopped answering");
+        return -1;
+    }
+    line[strcspn(line, "\n")] = 0;
+    if (strncmp(line, "ok", 2) != 0) {
+        pd_errorf(err, errlen, "KV peer: %s", line);
+        return -1;
+    }
+    const char *rest = line[2] == ' ' ? line + 3 : "";
+    size_t len = strlen(rest);
+    if (len >= n) {
+        pd_errorf(err, errlen, "KV peer: an answer longer than %zu bytes", n);
+        return -1;
+    }
+    memcpy(ans, rest, len + 1);
+    return 0;
+}
+
+/* Reserves request req (n tokens, tokens_for) in slot k; its ticket as text. */
+static int ds_reserve(dside *d, int k, uint64_t req, int n, int nb, char text[KV_TICKET_TEXT_MAX], char *err,
+                      size_t errlen) {
+    if (!d->dec)
+        return peer_cmd(d, text, KV_TICKET_TEXT_MAX, err, errlen, "reserve %d %llu %d %d", k,
+                        (unsigned long long)req, n, nb);
+    int32_t *tokens = xmalloc(sizeof(int32_t) * (size_t)n);
+    tokens_for(req, n, tokens);
+    d->job[k] = (get_job){.dec = d->dec};
+    kv_status st = kv_reserve(d->dec, req, tokens, n, 120, &d->job[k].t, err, errlen);
+    free(tokens);
+    if (st != KV_OK) return -1;
+    d->held[k] = true;
+    d->nb[k] = nb;
+    kv_ticket_format(&d->job[k].t, text, KV_TICKET_TEXT_MAX);
+    return 0;
+}
+
+/* Slot k's get starts (a thread waits for its ticket). */
+static int ds_get_start(dside *d, int k, char *err, size_t errlen) {
+    char ans[64];
+    if (!d->dec) return peer_cmd(d, ans, sizeof ans, err, errlen, "get %d", k);
+    if (!d->held[k] || d->running[k] || pthread_create(&d->th[k], NULL, get_main, &d->job[k]) != 0) {
+        pd_errorf(err, errlen, "no get for slot %d", k);
+        return -1;
+    }
+    d->running[k] = true;
+    return 0;
+}
+
+/* Waits for slot k's get: its seconds. */
+static int ds_get_wait(dside *d, int k, double *seconds, char *err, size_t errlen) {
+    if (!d->dec) {
+        char ans[64];
+        if (peer_cmd(d, ans, sizeof ans, err, errlen, "wait %d", k) != 0) return -1;
+        *seconds = atof(ans);
+        return 0;
+    }
+    if (!d->running[k]) {
+        pd_errorf(err, errlen, "no get running in slot %d", k);
+        return -1;
+    }
+    pthread_join(d->th[k], NULL);
+    d->running[k] = false;
+    if (d->job[k].st != KV_OK) {
+        pd_errorf(err, errlen, "%s", d->job[k].err);
+        return -1;
+    }
+    *seconds = d->job[k].seconds;
+    return 0;
+}
+
+/* Slot k done with: its blocks taken back (take) or its reservation cancelled. */
+static void ds_release(dside *d, int k, bool take) {
+    if (!d->dec) {
+        char ans[64], e[64];
+        (void)peer_cmd(d, ans, sizeof ans, e, sizeof e, "%s %d", take ? "take" : "cancel", k);
+        return;
+    }
+    if (d->running[k]) pthread_join(d->th[k], NULL), d->running[k] = false;
+    if (!d->held[k]) return;
+    d->held[k] = false;
+    if (take) {
+        int32_t *got = xmalloc(sizeof(int32_t) * (size_t)d->nb[k]);
+        int m = kv_ticket_take(d->dec, &d->job[k].t, got, d->nb[k]);
+        if (m > 0) d->al->release(d->al->user, got, m);
+        free(got);
+    } else {
+        kv_ticket_cancel(d->dec, &d->job[k].t);
+    }
+}
+
+/* Puts request req (n tokens, the ticket's text from the decode side) from the prefill
+ * side; its seconds, or -1 with err. */
+static double put_one(kv_connector *pre, const char *text, uint64_t req, int n, int32_t *tokens, const int32_t *src,
+                      int nb, char *err, size_t errlen) {
+    kv_ticket pt;
+    kv_status st;
+    if (kv_ticket_parse(text, &pt, err, errlen) != 0) return -1;
+    tokens_for(req, n, tokens);
+    double t0 = time_now_s();
+    kv_send *s = kv_send_begin(pre, &pt, src, nb, tokens, n, &st, err, errlen);
+    if (!s || kv_send_finish(s, err, errlen) != KV_OK) return -1;
+    return time_now_s() - t0;
+}
+
 /* The overlap's transfers of the largest size whose files stay in the disk store (3
  * rounds of four requests: two for a put beside a get, two for two gets at once): room
  * kept for them. */
@@ -169,121 +307,52 @@ typedef struct overlap_times {
     double get_pair;              /* the mean of two gets at once (pair_round) */
 } overlap_times;
 
-/* A store's put beside a get: request A is put alone, then the decode side reads A (a
- * thread in kv_ticket_wait) while the prefill side puts B, then the decode side reads B
- * alone; both of n tokens, fresh keys. 0 with the four times in *o, or -1 with err. */
-static int overlap_round(kv_connector *dec, const kv_block_allocator *al, kv_connector *pre, int n,
-                         int32_t *tokens, const int32_t *src, int nb, uint64_t *req, overlap_times *o, char *err,
-                         size_t errlen) {
-    get_job g = {.dec = dec};
-    kv_ticket tb, pt;
-    char text[KV_TICKET_TEXT_MAX];
-    kv_status st;
-    bool have_a = false, have_b = false;
-    double put_a = 0, put_b = 0;
+/* A store's put beside a get: request A is put alone, then the decode side reads A
+ * while the prefill side puts B, then the decode side reads B alone; both of n tokens,
+ * fresh keys (slots 0 and 1). 0 with the four times in *o, or -1 with err. */
+static int overlap_round(dside *D, kv_connector *pre, int n, int32_t *tokens, const int32_t *src, int nb,
+                         uint64_t *req, overlap_times *o, char *err, size_t errlen) {
+    char ta[KV_TICKET_TEXT_MAX], tb[KV_TICKET_TEXT_MAX];
     int rc = -1;
-    pthread_t th;
-    bool started = false;
-    for (int i = 0; i < n; i++) tokens[i] = (int32_t)(1 + (i + 7919 * (int)*req) % 30000);
-    if (kv_reserve(dec, (*req)++, tokens, n, 120, &g.t, err, errlen) != KV_OK) goto out;
-    have_a = true;
-    kv_ticket_format(&g.t, text, sizeof text);
-    if (kv_ticket_parse(text, &pt, err, errlen) != 0) goto out;
-    double t0 = time_now_s();
-    kv_send *s = kv_send_begin(pre, &pt, src, nb, tokens, n, &st, err, errlen);
-    if (!s || kv_send_finish(s, err, errlen) != KV_OK) goto out;
-    put_a = time_now_s() - t0;
-    for (int i = 0; i < n; i++) tokens[i] = (int32_t)(1 + (i + 7919 * (int)*req) % 30000);
-    if (kv_reserve(dec, (*req)++, tokens, n, 120, &tb, err, errlen) != KV_OK) goto out;
-    have_b = true;
-    kv_ticket_format(&tb, text, sizeof text);
-    if (kv_ticket_parse(text, &pt, err, errlen) != 0) goto out;
-    if (pthread_create(&th, NULL, get_main, &g) != 0) goto out;
-    started = true;
-    t0 = time_now_s();
-    s = kv_send_begin(pre, &pt, src, nb, tokens, n, &st, err, errlen);
-    if (!s || kv_send_finish(s, err, errlen) != KV_OK) goto out;
-    put_b = time_now_s() - t0;
-    pthread_join(th, NULL);
-    started = false;
-    if (g.st != KV_OK) {
-        pd_errorf(err, errlen, "%s", g.err);
-        goto out;
-    }
-    t0 = time_now_s();
-    if (kv_ticket_wait(dec, &tb, 120, err, errlen) != KV_OK) goto out;
-    o->get_alone = time_now_s() - t0;
-    o->put_alone = put_a;
-    o->put_beside = put_b;
-    o->get_beside = g.seconds;
+    uint64_t a = (*req)++, b = (*req)++;
+    if (ds_reserve(D, 0, a, n, nb, ta, err, errlen) != 0) return -1;
+    if ((o->put_alone = put_one(pre, ta, a, n, tokens, src, nb, err, errlen)) < 0) goto out_a;
+    if (ds_reserve(D, 1, b, n, nb, tb, err, errlen) != 0) goto out_a;
+    if (ds_get_start(D, 0, err, errlen) != 0) goto out;
+    o->put_beside = put_one(pre, tb, b, n, tokens, src, nb, err, errlen);
+    if (ds_get_wait(D, 0, &o->get_beside, err, errlen) != 0 || o->put_beside < 0) goto out;
+    if (ds_get_start(D, 1, err, errlen) != 0 || ds_get_wait(D, 1, &o->get_alone, err, errlen) != 0) goto out;
     rc = 0;
 out:
-    if (started) pthread_join(th, NULL);
-    int32_t *got = xmalloc(sizeof(int32_t) * (size_t)nb);
-    for (int k = 0; k < 2; k++) {
-        kv_ticket *t = k ? &tb : &g.t;
-        if (!(k ? have_b : have_a)) continue;
-        if (rc == 0) {
-            int m = kv_ticket_take(dec, t, got, nb);
-            if (m > 0) al->release(al->user, got, m);
-        } else {
-            kv_ticket_cancel(dec, t);
-        }
-    }
-    free(got);
+    ds_release(D, 1, rc == 0);
+out_a:
+    ds_release(D, 0, rc == 0);
     return rc;
 }
 
-/* Two gets at once: requests C and D (n tokens each, fresh keys) are put one after the
- * other, then the decode side reads both at once (a thread each, as a deployment's
- * waiters do). 0 with the mean of the two gets in *pair_s, or -1 with err. */
-static int pair_round(kv_connector *dec, const kv_block_allocator *al, kv_connector *pre, int n, int32_t *tokens,
-                      const int32_t *src, int nb, uint64_t *req, double *pair_s, char *err, size_t errlen) {
-    get_job g[2] = {{.dec = dec}, {.dec = dec}};
-    bool have[2] = {false, false}, started[2] = {false, false};
-    pthread_t th[2];
-    int rc = -1;
-    for (int k = 0; k < 2; k++) {
-        for (int i = 0; i < n; i++) tokens[i] = (int32_t)(1 + (i + 7919 * (int)*req) % 30000);
-        if (kv_reserve(dec, (*req)++, tokens, n, 120, &g[k].t, err, errlen) != KV_OK) goto out;
-        have[k] = true;
-        char text[KV_TICKET_TEXT_MAX];
-        kv_ticket pt;
-        kv_status st;
-        kv_ticket_format(&g[k].t, text, sizeof text);
-        if (kv_ticket_parse(text, &pt, err, errlen) != 0) goto out;
-        kv_send *s = kv_send_begin(pre, &pt, src, nb, tokens, n, &st, err, errlen);
-        if (!s || kv_send_finish(s, err, errlen) != KV_OK) goto out;
-    }
-    for (int k = 0; k < 2; k++) {
-        if (pthread_create(&th[k], NULL, get_main, &g[k]) != 0) {
-            pd_errorf(err, errlen, "no thread for a get");
-            goto out;
-        }
-        started[k] = true;
-    }
-    for (int k = 0; k < 2; k++) pthread_join(th[k], NULL), started[k] = false;
-    for (int k = 0; k < 2; k++)
-        if (g[k].st != KV_OK) {
-            pd_errorf(err, errlen, "%s", g[k].err);
-            goto out;
-        }
-    *pair_s = (g[0].seconds + g[1].seconds) / 2;
-    rc = 0;
-out:
-    for (int k = 0; k < 2; k++)
-        if (started[k]) pthread_join(th[k], NULL);
-    int32_t *got = xmalloc(sizeof(int32_t) * (size_t)nb);
-    for (int k = 0; k < 2; k++) {
-        if (!have[k]) continue;
-        if (rc == 0) {
-            int m = kv_ticket_take(dec, &g[k].t, got, nb);
-            if (m > 0) al->release(al->user, got, m);
-        } else {
-            kv_ticket_cancel(dec, &g[k].t);
+/* Two gets at once: requests C and D (n tokens each, fresh keys; slots 2 and 3) are put
+ * one after the other, then the decode side reads both at once (a thread each, as a
+ * deployment's waiters do). 0 with the mean of the two gets in *pair_s, or -1 with
+ * err. */
+static int pair_round(dside *D, kv_connector *pre, int n, int32_t *tokens, const int32_t *src, int nb,
+                      uint64_t *req, double *pair_s, char *err, size_t errlen) {
+    char t[KV_TICKET_TEXT_MAX];
+    double g[2] = {0, 0};
+    int rc = -1, k = 2;
+    for (; k < 4; k++) {
+        uint64_t r = (*req)++;
+        if (ds_reserve(D, k, r, n, nb, t, err, errlen) != 0) break;
+        if (put_one(pre, t, r, n, tokens, src, nb, err, errlen) < 0) {
+            k++;
+            break;
         }
     }
-    free(got);
+    if (k == 4 && ds_get_start(D, 2, err, errlen) == 0 && ds_get_start(D, 3, err, errlen) == 0 &&
+        ds_get_wait(D, 2, &g[0], err, errlen) == 0 && ds_get_wait(D, 3, &g[1], err, errlen) == 0) {
+        *pair_s = (g[0] + g[1]) / 2;
+        rc = 0;
+    }
+    for (int j = 2; j < k; j++) ds_release(D, j, rc == 0);
     return rc;
 }
 
@@ -305,6 +374,69 @@ static void store_factors(sim_medium *md, double bytes, const overlap_times *ot,
     if (put > 0) md->put_overlap = PD_MAX(med3(pb) / put, 1.0);
     if (get > 0) md->get_overlap = PD_MAX(med3(gb) / get, 1.0);
     if (get > 0 && pair) md->get_pair = PD_MAX(med3(gp) / get, 1.0);
+}
+
+/* The peer process: `pdserve profile --kv-peer DIR` with this profile's model and
+ * device (sim_profile_mediums_peer; empty: none, the rounds in this process). */
+static char peer_model[512], peer_device[32];
+
+void sim_profile_mediums_peer(const char *model_arg, const char *device) {
+    snprintf(peer_model, sizeof peer_model, "%s", model_arg ? model_arg : "");
+    snprintf(peer_device, sizeof peer_device, "%s", device ? device : "cpu");
+}
+
+/* Ends the peer: its input closed (it releases what it holds and exits), then waited
+ * for. */
+static void peer_stop(dside *d) {
+    if (d->to) fclose(d->to);
+    if (d->from) fclose(d->from);
+    d->to = d->from = NULL;
+    if (d->pid > 0) waitpid(d->pid, NULL, 0);
+    d->pid = 0;
+}
+
+/* Starts the peer on store dir (a decode-side cache of cache_bytes, blocks of bs) and
+ * waits for its "ok"; 0, or -1 with err (nothing left running). */
+static int peer_start(dside *d, backend *be, const char *dir, int bs, size_t cache_bytes, char *err,
+                      size_t errlen) {
+    (void)be;
+    int in[2], out[2];
+    if (pipe(in) != 0) return pd_errorf(err, errlen, "pipe: %s", strerror(errno)), -1;
+    if (pipe(out) != 0) {
+        close(in[0]), close(in[1]);
+        return pd_errorf(err, errlen, "pipe: %s", strerror(errno)), -1;
+    }
+    char sbs[16], sbytes[32];
+    snprintf(sbs, sizeof sbs, "%d", bs);
+    snprintf(sbytes, sizeof sbytes, "%zu", cache_bytes);
+    char *argv[] = {"pdserve", "profile", "--model", peer_model, "--load-format", "dummy", "--device", peer_device,
+                    "--block-size", sbs, "--medium-bytes", sbytes, "--kv-peer", (char *)dir, NULL};
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid < 0) {
+        close(in[0]), close(in[1]), close(out[0]), close(out[1]);
+        return pd_errorf(err, errlen, "fork: %s", strerror(errno)), -1;
+    }
+    if (pid == 0) {
+        dup2(in[0], 0);
+        dup2(out[1], 1);
+        close(in[0]), close(in[1]), close(out[0]), close(out[1]);
+        execv("/proc/self/exe", argv);
+        _exit(127);
+    }
+    close(in[0]);
+    close(out[1]);
+    dside p = {.pid = pid, .to = fdopen(in[1], "w"), .from = fdopen(out[0], "r")};
+    char ans[64];
+    if (!p.to || !p.from || peer_cmd(&p, ans, sizeof ans, err, errlen, "hello") != 0) {
+        if (!p.to) close(in[1]);
+        if (!p.from) close(out[0]);
+        peer_stop(&p);
+        return -1;
+    }
+    d->dec = NULL;
+    d->pid = p.pid, d->to = p.to, d->from = p.from;
+    return 0;
 }
 
 int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *list, const char *dir,
@@ -466,11 +598,17 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
             if ((m == KV_MEDIUM_CPU || m == KV_MEDIUM_DISK) && so >= 0) {
                 int n = sizes[so], nb = (n + bs - 1) / bs, k = 0, kp = 0;
                 overlap_times ot[3];
+                /* the disk's decode side in a process of its own when it can be started,
+                 * as a deployment's decode instance is (docs/simulator.md, "The overlap
+                 * in two processes"); the cpu store's in this one */
+                dside D = {.dec = dec, .al = &al};
+                bool two = m == KV_MEDIUM_DISK && peer_model[0] &&
+                           peer_start(&D, be, dc.dir, bs, dcache_bytes, e, sizeof e) == 0;
+                if (m == KV_MEDIUM_DISK && peer_model[0] && !two) note_add(out, "disk: no peer process: %s%s", e, "");
                 for (; k < 3; k++) {
-                    if (overlap_round(dec, &al, pre, n, tokens, src, nb, &req, &ot[k], e, sizeof e) != 0) break;
+                    if (overlap_round(&D, pre, n, tokens, src, nb, &req, &ot[k], e, sizeof e) != 0) break;
                     /* then two gets at once */
-                    if (kp == k && pair_round(dec, &al, pre, n, tokens, src, nb, &req, &ot[k].get_pair, e,
-                                              sizeof e) == 0)
+                    if (kp == k && pair_round(&D, pre, n, tokens, src, nb, &req, &ot[k].get_pair, e, sizeof e) == 0)
                         kp++;
                     else if (kp == k)
                         note_add(out, "%s: two gets at once: %s", name, e);
@@ -482,10 +620,11 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
                     for (int r = 0; r < 3; r++)
                         v[r][0] = ot[r].put_alone, v[r][1] = ot[r].put_beside, v[r][2] = ot[r].get_beside,
                         v[r][3] = ot[r].get_alone, v[r][4] = kp == 3 ? ot[r].get_pair : 0;
-                    log_info("profile: medium %s, %d tokens, 3 rounds: a put alone %.3f/%.3f/%.3f s, beside a get "
+                    log_info("profile: medium %s, %d tokens, 3 rounds, the decode side %s: a put alone %.3f/%.3f/%.3f s, beside a get "
                              "%.3f/%.3f/%.3f s; that get %.3f/%.3f/%.3f s, a get alone %.3f/%.3f/%.3f s; two gets "
                              "at once %.3f/%.3f/%.3f s each",
-                             name, n, v[0][0], v[1][0], v[2][0], v[0][1], v[1][1], v[2][1], v[0][2], v[1][2],
+                             name, n, two ? "in a process of its own" : "in this process", v[0][0], v[1][0],
+                             v[2][0], v[0][1], v[1][1], v[2][1], v[0][2], v[1][2],
                              v[2][2], v[0][3], v[1][3], v[2][3], v[0][4], v[1][4], v[2][4]);
                     log_info("profile: medium %s, against the put and get alone as the profile prices them "
                              "(%.3f, %.3f s): a put beside a get x%.2f, the get x%.2f, two gets at once x%.2f "
@@ -495,6 +634,8 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
                 } else {
                     note_add(out, "%s: put beside a get: %s", name, e);
                 }
+                if (two) peer_stop(&D);
+                snprintf(md.overlap_by, sizeof md.overlap_by, "%s", k == 3 ? (two ? "two processes" : "one process") : "");
             }
             if (control > 0) {
                 md.control_s = control;
@@ -516,4 +657,63 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
     free(copy);
     free(tokens);
     return 0;
+}
+
+/* `pdserve profile --kv-peer DIR`: the decode side of the overlap rounds in a process
+ * of its own. Opens the disk store at dir (made by the profiling process) with a
+ * decode-side cache of cache_bytes on be, answers "ok" to "hello", then serves the
+ * commands of dside (reserve K REQ N NB, get K, wait K, take K, cancel K), one answer
+ * line each, until its input ends. 0, or -1 with err when the store cannot be opened. */
+int sim_profile_kv_peer(backend *be, const model_config *cfg, int bs, size_t cache_bytes, const char *dir, char *err,
+                        size_t errlen) {
+    kv_cache *kv = kv_cache_create(be, cfg, bs, cache_bytes, err, errlen);
+    if (!kv) return -1;
+    kv_pool pool;
+    kv_pool_init(&pool, kv->num_blocks, bs);
+    kv_pool_allocator *pa = kv_pool_allocator_create(&pool);
+    kv_block_allocator al = kv_pool_allocator_get(pa);
+    kv_config dc;
+    kv_config_default(&dc);
+    dc.medium = KV_MEDIUM_DISK;
+    dc.role = KV_ROLE_DECODE;
+    dc.mode = KV_TRANSFER_WHOLE;
+    snprintf(dc.name, sizeof dc.name, "peer%d", (int)getpid());
+    snprintf(dc.dir, sizeof dc.dir, "%s", dir);
+    dc.create_store = false;
+    kv_connector *dec = kv_connector_create(&dc, kv, &al, err, errlen);
+    int rc = dec ? 0 : -1;
+    dside d = {.dec = dec, .al = &al};
+    char line[256];
+    while (dec && fgets(line, sizeof line, stdin)) {
+        char cmd[16], e[256] = "", ans[KV_TICKET_TEXT_MAX] = "";
+        int k = -1, n = 0, nb = 0;
+        unsigned long long req = 0;
+        int f = sscanf(line, "%15s %d %llu %d %d", cmd, &k, &req, &n, &nb);
+        bool slot = f >= 2 && k >= 0 && k < DS_SLOTS, ok = false;
+        if (f >= 1 && !strcmp(cmd, "hello")) {
+            ok = true;
+        } else if (slot && !strcmp(cmd, "reserve") && f == 5 && n > 0 && nb > 0 && !d.held[k]) {
+            ok = ds_reserve(&d, k, req, n, nb, ans, e, sizeof e) == 0;
+        } else if (slot && !strcmp(cmd, "get")) {
+            ok = ds_get_start(&d, k, e, sizeof e) == 0;
+        } else if (slot && !strcmp(cmd, "wait")) {
+            double sec = 0;
+            ok = ds_get_wait(&d, k, &sec, e, sizeof e) == 0;
+            if (ok) snprintf(ans, sizeof ans, "%.9f", sec);
+        } else if (slot && (!strcmp(cmd, "take") || !strcmp(cmd, "cancel"))) {
+            ds_release(&d, k, !strcmp(cmd, "take"));
+            ok = true;
+        } else {
+            snprintf(e, sizeof e, "unknown command");
+        }
+        if (ok) printf("ok%s%s\n", ans[0] ? " " : "", ans);
+        else printf("err %s\n", e);
+        fflush(stdout);
+    }
+    for (int k = 0; dec && k < DS_SLOTS; k++) ds_release(&d, k, false);
+    if (dec) kv_connector_free(dec);
+    kv_pool_allocator_free(pa);
+    kv_pool_destroy(&pool);
+    kv_cache_free(be, kv);
+    return rc;
 }

@@ -65,6 +65,9 @@ typedef struct sim_medium {
     double get_overlap;     /* that get beside the put (0: the get priced alone) */
     double get_pair;        /* each of two gets at once (0: a decode instance's gets run one
                                at a time) */
+    char overlap_by[16];    /* how the rounds ran: "two processes" (the decode side in a
+                               process of its own, as a deployment's), "one process", or
+                               "" (not recorded) */
     /* disk: the sustained train (`pdserve profile --medium-train S`): back-to-back
      * transfers of the largest size, the store filling as a deployment's does; the
      * medians of its second half replace the best-of curve's speed and put share.
@@ -387,6 +390,15 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
 int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *list, const char *dir,
                              size_t max_bytes, int repeats, double train_s, sim_profile *out, char *err,
                              size_t errlen);
+
+/* The disk store's overlap rounds with the decode side in a process of its own:
+ * `pdserve profile --model MODEL_ARG --device DEVICE --kv-peer DIR` of this binary
+ * (sim_profile_kv_peer). NULL model_arg: the rounds in this process (the default). */
+void sim_profile_mediums_peer(const char *model_arg, const char *device);
+/* That peer's side: serves the rounds' decode side on its standard input and output
+ * until the input ends. 0, or -1 with err. */
+int sim_profile_kv_peer(backend *be, const model_config *cfg, int bs, size_t cache_bytes, const char *dir, char *err,
+                        size_t errlen);
 
 /* Times the lower KV tiers of `list` ("cpu", "disk", "cpu,disk") through kv_tiers.c on
  * backend be with model cfg's KV geometry (stores under dir), best of `repeats`; sets
