@@ -15,6 +15,7 @@
  * two processes) is reported in the profile's mediums_note and left to the defaults. */
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -177,8 +178,10 @@ typedef struct dside {
     pthread_t th[DS_SLOTS];
     bool held[DS_SLOTS], running[DS_SLOTS];
     int nb[DS_SLOTS];
-    pid_t pid;                       /* the peer: its process and pipe ends */
-    FILE *to, *from;
+    pid_t pid;                       /* the peer: its process and pipe ends, and the */
+    FILE *to, *from;                 /* SIGPIPE action to restore (ignored meanwhile: a */
+    void (*old_pipe)(int);           /* peer that died is an error, not our death) */
+    bool pipe_saved;
 } dside;
 
 /* The peer: one command line, one answer line ("ok ..." or "err ..."); 0 with the
@@ -393,13 +396,13 @@ static void peer_stop(dside *d) {
     d->to = d->from = NULL;
     if (d->pid > 0) waitpid(d->pid, NULL, 0);
     d->pid = 0;
+    if (d->pipe_saved) signal(SIGPIPE, d->old_pipe);
+    d->pipe_saved = false;
 }
 
 /* Starts the peer on store dir (a decode-side cache of cache_bytes, blocks of bs) and
  * waits for its "ok"; 0, or -1 with err (nothing left running). */
-static int peer_start(dside *d, backend *be, const char *dir, int bs, size_t cache_bytes, char *err,
-                      size_t errlen) {
-    (void)be;
+static int peer_start(dside *d, const char *dir, int bs, size_t cache_bytes, char *err, size_t errlen) {
     int in[2], out[2];
     if (pipe(in) != 0) return pd_errorf(err, errlen, "pipe: %s", strerror(errno)), -1;
     if (pipe(out) != 0) {
@@ -426,7 +429,8 @@ static int peer_start(dside *d, backend *be, const char *dir, int bs, size_t cac
     }
     close(in[0]);
     close(out[1]);
-    dside p = {.pid = pid, .to = fdopen(in[1], "w"), .from = fdopen(out[0], "r")};
+    dside p = {.pid = pid, .to = fdopen(in[1], "w"), .from = fdopen(out[0], "r"), .old_pipe = signal(SIGPIPE, SIG_IGN),
+               .pipe_saved = true};
     char ans[64];
     if (!p.to || !p.from || peer_cmd(&p, ans, sizeof ans, err, errlen, "hello") != 0) {
         if (!p.to) close(in[1]);
@@ -435,7 +439,7 @@ static int peer_start(dside *d, backend *be, const char *dir, int bs, size_t cac
         return -1;
     }
     d->dec = NULL;
-    d->pid = p.pid, d->to = p.to, d->from = p.from;
+    d->pid = p.pid, d->to = p.to, d->from = p.from, d->old_pipe = p.old_pipe, d->pipe_saved = true;
     return 0;
 }
 
@@ -603,7 +607,7 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
                  * in two processes"); the cpu store's in this one */
                 dside D = {.dec = dec, .al = &al};
                 bool two = m == KV_MEDIUM_DISK && peer_model[0] &&
-                           peer_start(&D, be, dc.dir, bs, dcache_bytes, e, sizeof e) == 0;
+                           peer_start(&D, dc.dir, bs, dcache_bytes, e, sizeof e) == 0;
                 if (m == KV_MEDIUM_DISK && peer_model[0] && !two) note_add(out, "disk: no peer process: %s%s", e, "");
                 for (; k < 3; k++) {
                     if (overlap_round(&D, pre, n, tokens, src, nb, &req, &ot[k], e, sizeof e) != 0) break;
