@@ -189,6 +189,8 @@ typedef struct sim_state {
     const int32_t *prompt;          /* [max prompt + 1] of zeros for sched_add */
     bool contention;                /* instances share the host's cores (CPU backend) */
     bool gpu_share;                 /* instances share a GPU (the setup's device list) */
+    int *dev_busy;                  /* gpu_share: per device (its first instance's index), the
+                                       instances in a step there (reshare's scratch) */
     bool stretch;                   /* either: steps in flight are re-timed (reshare) */
     int n_busy;                     /* instances in a step now */
     /* the serving path's CPU on the same cores (cfg->serving_cpu under contention): its
@@ -343,6 +345,10 @@ static void reshare(sim_state *s, double now) {
         for (int i = 0; i < s->n_inst; i++)
             if (s->insts[i].busy) n_kind[step_kind(&s->insts[i])]++;
     double ref2 = kinds ? sim_contention_slowdown(ct, 2) : 1;
+    if (s->gpu_share) {
+        memset(s->dev_busy, 0, sizeof(int) * (size_t)s->n_inst);
+        for (int i = 0; i < s->n_inst; i++) s->dev_busy[s->insts[i].dev] += s->insts[i].busy;
+    }
     for (int i = 0; i < s->n_inst; i++) {
         inst *in = &s->insts[i];
         if (!in->busy) continue;
@@ -353,11 +359,7 @@ static void reshare(sim_state *s, double now) {
             int x = step_kind(in), other[2] = {n_kind[0] - (x == 0), n_kind[1] - (x == 1)};
             r = 1.0 / PD_MAX(base * ct->kinds[x][other[1] > other[0]] / ref2, 1.0);
         }
-        if (s->gpu_share) { /* time-sliced with the other instances in a step on its GPU */
-            int k = 0;
-            for (int j = 0; j < s->n_inst; j++) k += s->insts[j].busy && s->insts[j].dev == in->dev;
-            r /= PD_MAX(k, 1);
-        }
+        if (s->gpu_share) r /= PD_MAX(s->dev_busy[in->dev], 1); /* time-sliced with the others on its GPU */
         if (in->rate == r) continue;
         in->rate = r;
         heap_push_gen(&s->heap, now + in->work_left / r, EV_STEP_END, i, ++in->gen);
@@ -1153,6 +1155,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
         if (s.insts[i].dev != i && cfg->gpu_share && strcmp(p->backend, "cpu") != 0) s.gpu_share = true;
     }
     s.stretch = s.contention || s.gpu_share;
+    if (s.gpu_share) s.dev_busy = xcalloc((size_t)s.n_inst, sizeof(int));
     s.zeros = xcalloc((size_t)cfg->sched.max_num_seqs + 1, sizeof(int32_t));
     int32_t *prompt = xcalloc((size_t)max_prompt + 2, sizeof(int32_t));
     s.prompt = prompt;
@@ -1249,6 +1252,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
     for (int i = 0; i < n; i++) free(s.reqs[i].token_times);
     free(s.reqs);
     free(s.insts);
+    free(s.dev_busy);
     free(s.zeros);
     free(prompt);
     free(s.heap.a);
