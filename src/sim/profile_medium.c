@@ -38,6 +38,11 @@ static void note_add(sim_profile *out, const char *fmt, const char *a, const cha
     snprintf(out->mediums_note + n, sizeof out->mediums_note - n, fmt, a, b);
 }
 
+/* Request req's prompt of n tokens: fresh for every req, the same on both sides. */
+static void tokens_for(uint64_t req, int n, int32_t *tokens) {
+    for (int i = 0; i < n; i++) tokens[i] = (int32_t)(1 + (i + 7919 * (int)req) % 30000);
+}
+
 /* One transfer of n tokens: seconds from kv_send_begin to the decode side's ticket,
  * or -1 with err; the whole round trip, kv_reserve to kv_ticket_take, into *round
  * (NULL: not wanted); the prefill side's part, kv_send_begin .. kv_send_finish's
@@ -104,7 +109,7 @@ static int sustained_train(kv_connector *dec, const kv_block_allocator *al, kv_c
     int k = 0;
     max_n = PD_MIN(max_n, 64);
     while (k < max_n && (k < 3 || time_now_s() < t_end)) {
-        for (int i = 0; i < n; i++) tokens[i] = (int32_t)(1 + (i + 7919 * (int)*req) % 30000);
+        tokens_for(*req, n, tokens);
         double p = 0, dt = one_transfer(dec, al, pre, n, tokens, src, nb, (*req)++, NULL, &p, err, errlen);
         if (dt < 0) return -1;
         all[k] = dt, put[k] = p, k++;
@@ -159,11 +164,6 @@ static void *get_main(void *arg) {
     g->st = kv_ticket_wait(g->dec, &g->t, 120, g->err, sizeof g->err);
     g->seconds = time_now_s() - t0;
     return NULL;
-}
-
-/* Request req's prompt of n tokens: fresh for every req, the same on both sides. */
-static void tokens_for(uint64_t req, int n, int32_t *tokens) {
-    for (int i = 0; i < n; i++) tokens[i] = (int32_t)(1 + (i + 7919 * (int)req) % 30000);
 }
 
 /* The decode side of the overlap rounds: a connector in this process (dec; each get a
@@ -549,7 +549,7 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
             double best = -1, best_put = 0;
             for (int r = 0; r < PD_MAX(repeats, 1); r++) {
                 /* a different prompt each time: the stores must not answer from a hit */
-                for (int i = 0; i < n; i++) tokens[i] = (int32_t)(1 + (i + 7919 * (int)req) % 30000);
+                tokens_for(req, n, tokens);
                 double put = 0, dt = one_transfer(dec, &al, pre, n, tokens, src, nb, req++, NULL, &put, e, sizeof e);
                 if (dt < 0) {
                     note_add(out, "%s: %s", name, e);
@@ -572,7 +572,7 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
          * prices; best of repeats */
         double control = -1;
         for (int r = 0; ok && r < PD_MAX(repeats, 1) + 2; r++) {
-            for (int i = 0; i < bs; i++) tokens[i] = (int32_t)(1 + (i + 7919 * (int)req) % 30000);
+            tokens_for(req, bs, tokens);
             double round = 0, dt = one_transfer(dec, &al, pre, bs, tokens, src, 1, req++, &round, NULL, e, sizeof e);
             if (dt < 0) break;
             if (control < 0 || round - dt < control) control = PD_MAX(round - dt, 0);

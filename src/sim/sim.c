@@ -596,15 +596,15 @@ static int on_serve(sim_state *s, double t) {
  * docs/simulator.md, "dis-disk's misses, explained", "A shared disk", "The store's ops". */
 static bool is_store(const sim_medium *m) { return m && (!strcmp(m->name, "cpu") || !strcmp(m->name, "disk")); }
 
-/* How much slower than alone op k of d's store runs beside the others there: each one
- * adds its pair's slowdown less one (exact for two ops, the measured pairs; linear
+/* How much slower than alone a get (or a put) of d's store runs beside the others there: each
+ * other op adds its pair's slowdown less one (exact for two ops, the measured pairs; linear
  * beyond). A put beside a put is taken as beside a get (not measured). */
-static double store_slowdown(const sim_state *s, const inst *d, int k) {
+static double store_slowdown(const sim_state *s, const inst *d, bool get) {
     const sim_medium *m = s->cfg->medium;
-    double fp = PD_MAX(m->put_overlap, 1), fg = PD_MAX(m->get_overlap, 1), f2 = PD_MAX(m->get_pair, 1), x = 1;
-    for (int j = 0; j < d->n_ops; j++)
-        if (j != k) x += (d->ops[k].get ? (d->ops[j].get ? f2 : fg) : fp) - 1;
-    return x;
+    double fp = PD_MAX(m->put_overlap, 1), fg = PD_MAX(m->get_overlap, 1), f2 = PD_MAX(m->get_pair, 1);
+    int puts = d->n_ops - d->gets_on; /* gets_on: the get ops among them */
+    if (get) return 1 + (d->gets_on - 1) * (f2 - 1) + puts * (fg - 1);
+    return 1 + (d->n_ops - 1) * (fp - 1);
 }
 
 /* Charges d's ops their progress since ops_t. */
@@ -612,16 +612,15 @@ static void store_advance(sim_state *s, inst *d, double t) {
     double dt = t - d->ops_t;
     d->ops_t = t;
     if (dt <= 0 || d->n_ops == 0) return;
-    double slow[64], *sl = d->n_ops <= 64 ? slow : xmalloc(sizeof(double) * (size_t)d->n_ops);
-    for (int k = 0; k < d->n_ops; k++) sl[k] = store_slowdown(s, d, k);
-    for (int k = 0; k < d->n_ops; k++) d->ops[k].left -= dt / sl[k];
-    if (sl != slow) free(sl);
+    double slow[2] = {store_slowdown(s, d, false), store_slowdown(s, d, true)};
+    for (int k = 0; k < d->n_ops; k++) d->ops[k].left -= dt / slow[d->ops[k].get];
 }
 
 /* The next end among d's ops, as an EV_STORE (any earlier one goes stale). */
 static void store_schedule(sim_state *s, inst *d, double t) {
     double next = INFINITY;
-    for (int k = 0; k < d->n_ops; k++) next = PD_MIN(next, PD_MAX(d->ops[k].left, 0) * store_slowdown(s, d, k));
+    double slow[2] = {store_slowdown(s, d, false), store_slowdown(s, d, true)};
+    for (int k = 0; k < d->n_ops; k++) next = PD_MIN(next, PD_MAX(d->ops[k].left, 0) * slow[d->ops[k].get]);
     if (d->n_ops > 0) heap_push_gen(&s->heap, t + next, EV_STORE, (int)(d - s->insts), ++d->ops_gen);
 }
 
