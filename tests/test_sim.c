@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "backend/backend.h"
@@ -874,6 +875,33 @@ static void test_gpu_share(void) {
     CHECKF(near(st.contention_s, 0.12, 1e-6), "stretch %.6f s", st.contention_s); /* 3 x 0.02 + 0.06 */
     CHECK(near(st.busy_prefill_s, 0.2, 1e-9) && near(st.busy_decode_s, 0.12, 1e-9)); /* as priced */
     bench_result_free(res);
+    /* the profile's pairs measured (gpu_share): the decode beside the prefill x1.5, the
+     * prefill beside the decode x2. r0's three decode steps take 0.03 s (0.13, 0.16,
+     * 0.19) while the prefill does 0.09 / 2 = 0.045 of r1's 0.1 s; its rest alone to
+     * 0.245, r1's steps alone to 0.265, 0.285, 0.305. Energy: the steps' dynamic
+     * energies (80 + 24 J) and static power once over the 0.305 s (30.5 J): the priced
+     * 0.32 s of steps overlap by 0.015 s, whose static power is not counted twice. */
+    p.gpu_share.measured = true;
+    static const double kinds[2][2] = {{2, 2}, {1.5, 2}};
+    memcpy(p.gpu_share.kinds, kinds, sizeof kinds);
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    static const double m0[4] = {0.1, 0.13, 0.16, 0.19}, m1[4] = {0.145, 0.165, 0.185, 0.205};
+    for (int k = 0; k < 4; k++) {
+        CHECKF(near(res->recs[0].token_s[k], m0[k], 1e-6), "measured pairs: r0 token %d at %.6f, want %.3f", k,
+               res->recs[0].token_s[k], m0[k]);
+        CHECKF(near(res->recs[1].token_s[k], m1[k], 1e-6), "measured pairs: r1 token %d at %.6f, want %.3f", k,
+               res->recs[1].token_s[k], m1[k]);
+    }
+    CHECKF(near(st.makespan_s, 0.305, 1e-6), "measured pairs: makespan %.6f", st.makespan_s);
+    CHECKF(near(st.energy_j, 134.5, 1e-6), "measured pairs: energy %.6f J", st.energy_j);
+    CHECKF(near(st.contention_s, 0.075, 1e-6), "measured pairs: stretch %.6f s", st.contention_s);
+    bench_result_free(res);
+    /* --gpu-share-equal: equal turns again, the first case's times */
+    c.gpu_share_equal = true;
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    CHECK(near(st.makespan_s, 0.32, 1e-6) && near(res->recs[1].token_s[0], 0.16, 1e-6));
+    bench_result_free(res);
+    c.gpu_share_equal = false;
     /* off, or on two GPUs: each as if alone (r1 prefilled 0.1-0.2) */
     for (int k = 0; k < 2; k++) {
         c.gpu_share = k == 1;
@@ -1434,9 +1462,77 @@ static void test_cpu_contention(void) {
     CHECK(q.mediums[0].control_s == 0.004 && q.mediums[0].put_share == 0.7 && q.mediums[0].put_overlap == 1.4 &&
           q.mediums[0].get_overlap == 1.9 && q.mediums[0].get_pair == 1.3);
     CHECK(near(sim_contention_slowdown(&q.contention, 4), 2.5, 1e-12));
+    CHECK(!q.gpu_share.measured); /* absent: equal turns */
     sim_profile_free(&q);
     free(js);
+    /* the shared-GPU pairs round trip; a factor below 1 is refused, naming the field */
+    p.gpu_share = (sim_gpu_share){.measured = true, .kinds = {{1.9, 2.4}, {1.3, 2.1}}, .shape = {2048, 2048, 16, 16384}};
+    snprintf(p.gpu_share.source, sizeof p.gpu_share.source, "measured");
+    js = sim_profile_to_json(&p);
+    REQUIRE(sim_profile_parse(js, strlen(js), "rt", &q, err, sizeof err) == 0);
+    CHECK(q.gpu_share.measured && q.gpu_share.kinds[0][1] == 2.4 && q.gpu_share.kinds[1][0] == 1.3 &&
+          q.gpu_share.shape[3] == 16384 && !strcmp(q.gpu_share.source, "measured"));
+    sim_profile_free(&q);
+    char *bad = strstr(js, "\"kinds\"");
+    REQUIRE(bad);
+    char *one_nine = strstr(bad, "1.9");
+    REQUIRE(one_nine);
+    one_nine[0] = '0'; /* 0.9 */
+    CHECK(sim_profile_parse(js, strlen(js), "rt", &q, err, sizeof err) != 0 && strstr(err, "gpu_share.kinds"));
+    free(js);
     sim_profile_free(&p);
+}
+
+/* `pdserve profile --device-share on`: a second process (`--step-peer`) steps on the
+ * same device while this one times each kind; the file holds the four pairs, each at
+ * least 1 (on the CPU here, as the GPU does it; PDSERVE_BIN, skipped without it). The
+ * peer answers a command it does not know with an error line, and a bad shape is
+ * refused. */
+static void test_profile_device_share(void) {
+    const char *bin = getenv("PDSERVE_BIN");
+    if (!bin) {
+        printf("skip: PDSERVE_BIN not set\n");
+        return;
+    }
+    const char *dir = getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
+    char path[512], cmd[2048], err[256];
+    snprintf(path, sizeof path, "%s/pd-share-%d.json", dir, (int)getpid());
+    snprintf(cmd, sizeof cmd,
+             "%s profile --model preset:small-llama -o %s --device-share on --threads 1 --prefill-tokens 16,64 "
+             "--prefill-context 0 --decode-batch 1,2 --decode-context 64 --repeats 1 --no-power > /dev/null 2>&1",
+             bin, path);
+    CHECKF(system(cmd) == 0, "%s", cmd);
+    sim_profile p;
+    if (sim_profile_load(path, &p, err, sizeof err) != 0) {
+        CHECKF(0, "%s", err);
+    } else {
+        const sim_gpu_share *g = &p.gpu_share;
+        CHECKF(g->measured, "not measured: %s", g->source);
+        for (int x = 0; x < 4; x++) CHECK(g->kinds[x / 2][x % 2] >= 1 && g->kinds[x / 2][x % 2] < 50);
+        CHECK(g->shape[0] == 64 && g->shape[1] == 64 && g->shape[2] == 2 && g->shape[3] == 64);
+        sim_profile_free(&p);
+    }
+    unlink(path);
+    /* the peer itself: hello, a timing, an unknown command, a run stopped */
+    snprintf(cmd, sizeof cmd,
+             "printf 'hello\\ntime 1\\nfly 0\\nrun 0\\nstop\\n' | %s profile --model preset:small-llama --threads 1 "
+             "--step-peer 16,0,1,32 2>/dev/null",
+             bin);
+    FILE *f = popen(cmd, "r");
+    REQUIRE(f);
+    char lines[5][128] = {{0}};
+    for (int i = 0; i < 5 && fgets(lines[i], sizeof lines[i], f); i++) lines[i][strcspn(lines[i], "\n")] = 0;
+    CHECKF(pclose(f) == 0, "%s", cmd);
+    double t = -1, mean = -1;
+    long n = 0;
+    CHECKF(!strcmp(lines[0], "ok"), "hello: '%s'", lines[0]);
+    CHECKF(sscanf(lines[1], "ok %lf", &t) == 1 && t > 0, "time: '%s'", lines[1]);
+    CHECKF(!strncmp(lines[2], "err ", 4), "unknown: '%s'", lines[2]);
+    CHECKF(!strcmp(lines[3], "ok"), "run: '%s'", lines[3]);
+    CHECKF(sscanf(lines[4], "ok %ld %lf", &n, &mean) == 2 && n >= 1 && mean > 0, "stop: '%s'", lines[4]);
+    snprintf(cmd, sizeof cmd, "%s profile --model preset:small-llama --step-peer 16,0,1 </dev/null >/dev/null 2>&1",
+             bin);
+    CHECK(WEXITSTATUS(system(cmd)) == 2);
 }
 
 int main(void) {
@@ -1451,6 +1547,7 @@ int main(void) {
     TEST_RUN(test_study_plan);
     TEST_RUN(test_profile_mediums);
     TEST_RUN(test_profile_mediums_peer);
+    TEST_RUN(test_profile_device_share);
     TEST_RUN(test_profile_tiers);
     TEST_RUN(test_trivial_timestamps);
     TEST_RUN(test_disaggregated_transfer);

@@ -15,7 +15,8 @@
 # and tests/.cache/tokenizers):
 #   scripts/gpu/study.sh                         PLAN=plans/paper-batch.json to change it
 # Environment: PLAN, SETUPS (a comma-separated subset of the plan's setup labels),
-# SKIP_PROFILE=1, SKIP_SWEEP=1, SKIP_SIM=1, SWEEP_TIMEOUT (s, 420), MEDIA (gpu,cpu,disk),
+# SKIP_PROFILE=1, SKIP_SWEEP=1, SKIP_SIM=1, SIM_COMPARE (sim options for a second
+# simulation into study-cmp.db, e.g. --gpu-share-equal), SWEEP_TIMEOUT (s, 420), MEDIA (gpu,cpu,disk),
 # SERVING_MAX_LEN (longest prompt of the profile's serving path, 4096),
 # RESUME_DIR (a folder with a study.db and profile.json of an earlier call: the sweep
 # resumes that database, points already done are skipped, and the profile is reused
@@ -173,6 +174,11 @@ if [ -z "${SKIP_SWEEP:-}" ]; then
 fi
 
 if [ -z "${SKIP_SIM:-}" ] && [ -f "$out/profile.json" ]; then
+  # SIM_COMPARE (sim options): the same points also simulated with them into a copy of
+  # the sweep's database, study-cmp.db, whose table follows the main one's
+  [ -n "${SIM_COMPARE:-}" ] && [ -f "$out/study.db" ] && cp "$out/study.db" "$out/study-cmp.db" &&
+    timeout 120 "$BIN" sim "$PLAN" --profile "$out/profile.json" --db "$out/study-cmp.db" --quiet $SIM_COMPARE &&
+    echo "sim $PLAN $SIM_COMPARE: into study-cmp.db at $(el) s"
   # the same points simulated into the same database: report puts them side by side
   timeout 120 "$BIN" sim "$PLAN" --profile "$out/profile.json" --db "$out/study.db" --quiet
   echo "sim $PLAN: exit $? at $(el) s"
@@ -187,8 +193,11 @@ rm -rf build-gpu/report build-gpu/report-clocks
 [ -f "$out/study.db" ] && "$BIN" report "$out/study.db" -o build-gpu/report 2>&1 |
   sed -n '/simulated against measured/,/compared figures within/p'
 [ -f "$out/clocks.db" ] && "$BIN" report "$out/clocks.db" -o build-gpu/report-clocks >/dev/null 2>&1
+[ -f "$out/study-cmp.db" ] && echo "with $SIM_COMPARE:" && "$BIN" report "$out/study-cmp.db" -o build-gpu/report-cmp \
+  --no-plots 2>&1 | sed -n '/simulated against measured/,/compared figures within/p'
+rm -rf build-gpu/report-cmp
 tar -C build-gpu -czf "$out/report.tgz" $(cd build-gpu && ls -d report report-clocks 2>/dev/null)
 echo "report: done at $(el) s"
 # the databases and every deployment's log in one file (the device tool returns 8 files)
-(cd "$out" && tar -czf results.tgz $(ls -d study.db* clocks.db* 2>/dev/null) && rm -rf study.db* clocks.db*)
+(cd "$out" && tar -czf results.tgz $(ls -d study.db* study-cmp.db clocks.db* 2>/dev/null) && rm -rf study.db* study-cmp.db clocks.db*)
 echo "study: finished at $(el) s"

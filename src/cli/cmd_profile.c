@@ -120,7 +120,7 @@ int cmd_profile(int argc, char **argv) {
     long long medium_bytes = 0;
     double medium_train = 20;
     bool allow_clock_control = false, serving = false, serving_processes = false;
-    const char *tok_dir = NULL, *kv_peer = NULL;
+    const char *tok_dir = NULL, *kv_peer = NULL, *step_peer = NULL, *device_share = "auto";
     bool medium_in_process = false;
     int serving_len = 4096;
     cli_opt opts[] = {
@@ -147,6 +147,12 @@ int cmd_profile(int argc, char **argv) {
         {"kv-peer", OPT_STRING, &kv_peer,
          "internal: serve the decode side of the disk store at DIR for a profiling process on standard input "
          "and output (a decode cache of --medium-bytes)", "DIR"},
+        {"device-share", OPT_STRING, &device_share,
+         "time each kind of step (prefill chunk, decode batch) alone and beside a second process stepping on the "
+         "same device, for the simulator's instances that share a GPU: auto (default: on a GPU), on, off", "MODE"},
+        {"step-peer", OPT_STRING, &step_peer,
+         "internal: the second process of --device-share, stepping on standard input's commands (T,C,B,L: the "
+         "prefill chunk after C and the decode batch timed)", "T,C,B,L"},
         {"tiers", OPT_STRING, &tiers,
          "lower KV tiers of prefix caching to time through kv_tiers.c (staging, writes, loads): cpu,disk; "
          "their files under --medium-dir", "LIST"},
@@ -194,7 +200,7 @@ int cmd_profile(int argc, char **argv) {
         }
         return refit_mediums(refit_med, out_path);
     }
-    if (!model_arg || (!out_path && !kv_peer)) {
+    if (!model_arg || (!out_path && !kv_peer && !step_peer)) {
         fprintf(stderr, "pdserve profile: needs --model and -o (see --help)\n");
         return 2;
     }
@@ -246,6 +252,18 @@ int cmd_profile(int argc, char **argv) {
     }
     o.model_name = model_arg;
     o.verbose = verbose;
+    o.device = dev;
+    if (!strcmp(device_share, "auto") || !strcmp(device_share, "on") || !strcmp(device_share, "off")) {
+        o.measure_share = !strcmp(device_share, "on") || (dev >= 0 && !strcmp(device_share, "auto"));
+    } else {
+        fprintf(stderr, "pdserve profile: --device-share: auto, on or off\n");
+        return 2;
+    }
+    int peer_shape[4] = {0, 0, 0, 0};
+    if (step_peer && parse_list(step_peer, peer_shape, 4) != 4) {
+        fprintf(stderr, "pdserve profile: --step-peer: T,C,B,L\n");
+        return 2;
+    }
     if (!(medium_train >= 0 && medium_train <= 3600)) {
         fprintf(stderr, "pdserve profile: --medium-train: 0 to 3600 seconds\n");
         return 2;
@@ -303,6 +321,11 @@ int cmd_profile(int argc, char **argv) {
     if (!m) {
         fprintf(stderr, "pdserve profile: %s\n", err);
         goto out_backend;
+    }
+    if (step_peer) { /* the second process of the shared-device pairs (profiler.c) */
+        rc = sim_profile_step_peer(m, block_size, peer_shape, err, sizeof err) == 0 ? 0 : 1;
+        if (rc) fprintf(stderr, "pdserve profile --step-peer: %s\n", err);
+        goto out_model;
     }
     if (o.n_clocks > 0) {
         o.nvml = power_nvml_open(err, sizeof err);

@@ -511,6 +511,14 @@ char *sim_profile_to_json(const sim_profile *p) {
         }
         cJSON_AddStringToObject(cto, "source", ct->source);
     }
+    const sim_gpu_share *gs = &p->gpu_share;
+    if (gs->measured) {
+        cJSON *go = cJSON_AddObjectToObject(o, "gpu_share");
+        cJSON *ko = cJSON_AddArrayToObject(go, "kinds");
+        for (int x = 0; x < 2; x++) cJSON_AddItemToArray(ko, nums(gs->kinds[x], 2));
+        cJSON_AddItemToObject(go, "shape", cJSON_CreateIntArray(gs->shape, 4));
+        cJSON_AddStringToObject(go, "source", gs->source);
+    }
     const sim_serving *sv = &p->serving;
     if (sv->colocated.measured || sv->router.measured || sv->disaggregated.measured ||
         sv->colocated.steps.measured || sv->disaggregated.steps.measured) {
@@ -896,6 +904,21 @@ static void read_clock(const cJSON *o, sim_profile *p) {
     if (c->n_points >= 2 && c->base_mhz > 0) sim_clock_fit(c, p->power.measured ? p->power.idle_w : 0);
 }
 
+/* [[pp, pd], [dp, dd]], each a finite number >= 1, into k; false when not so. */
+static bool read_kinds(const cJSON *ko, double k[2][2]) {
+    bool ok = cJSON_IsArray(ko) && cJSON_GetArraySize(ko) == 2;
+    for (int x = 0; ok && x < 2; x++) {
+        const cJSON *row = cJSON_GetArrayItem(ko, x);
+        ok = cJSON_IsArray(row) && cJSON_GetArraySize(row) == 2;
+        for (int y = 0; ok && y < 2; y++) {
+            const cJSON *v = cJSON_GetArrayItem(row, y);
+            ok = cJSON_IsNumber(v) && v->valuedouble >= 1 && isfinite(v->valuedouble);
+            if (ok) k[x][y] = v->valuedouble;
+        }
+    }
+    return ok;
+}
+
 /* "contention": {cores, threads, points: [[procs, slowdown]...], kinds: [[prefill beside
  * prefill, prefill beside decode], [decode beside prefill, decode beside decode]],
  * source}; absent in older files and on GPU profiles (then cores 0: not modelled).
@@ -924,22 +947,33 @@ static int read_contention(const cJSON *o, sim_profile *p, const char *name, cha
     }
     const cJSON *ko = cJSON_GetObjectItemCaseSensitive(co, "kinds");
     if (ko) {
-        bool ok = cJSON_IsArray(ko) && cJSON_GetArraySize(ko) == 2;
-        for (int x = 0; ok && x < 2; x++) {
-            const cJSON *row = cJSON_GetArrayItem(ko, x);
-            ok = cJSON_IsArray(row) && cJSON_GetArraySize(row) == 2;
-            for (int y = 0; ok && y < 2; y++) {
-                const cJSON *v = cJSON_GetArrayItem(row, y);
-                ok = cJSON_IsNumber(v) && v->valuedouble >= 1 && isfinite(v->valuedouble);
-                if (ok) c->kinds[x][y] = v->valuedouble;
-            }
-        }
-        if (!ok) {
+        if (!read_kinds(ko, c->kinds)) {
             pd_errorf(err, errlen, "%s: contention.kinds must be [[pp, pd], [dp, dd]], each >= 1", name);
             return -1;
         }
         c->kinds_measured = true;
     }
+    return 0;
+}
+
+/* "gpu_share": {kinds: [[prefill beside prefill, beside decode], [decode beside prefill,
+ * beside decode]], shape: [T, C, B, L], source}; absent: not measured (equal turns). */
+static int read_gpu_share(const cJSON *o, sim_profile *p, const char *name, char *err, size_t errlen) {
+    const cJSON *go = cJSON_GetObjectItemCaseSensitive(o, "gpu_share");
+    if (!go) return 0;
+    sim_gpu_share *g = &p->gpu_share;
+    if (!cJSON_IsObject(go) || !read_kinds(cJSON_GetObjectItemCaseSensitive(go, "kinds"), g->kinds)) {
+        pd_errorf(err, errlen, "%s: gpu_share.kinds must be [[pp, pd], [dp, dd]], each >= 1", name);
+        return -1;
+    }
+    const cJSON *sh = cJSON_GetObjectItemCaseSensitive(go, "shape"), *v;
+    int i = 0;
+    cJSON_ArrayForEach(v, sh) {
+        if (i < 4 && cJSON_IsNumber(v)) g->shape[i] = (int)v->valuedouble;
+        i++;
+    }
+    get_str(go, "source", g->source, sizeof g->source);
+    g->measured = true;
     return 0;
 }
 
@@ -1164,7 +1198,7 @@ int sim_profile_parse(const char *text, size_t len, const char *name, sim_profil
         read_power_cap(pw, &p->power.cap);
     }
     read_clock(o, p);
-    if (read_contention(o, p, name, err, errlen)) goto out;
+    if (read_contention(o, p, name, err, errlen) || read_gpu_share(o, p, name, err, errlen)) goto out;
     if (read_serving(o, p, name, err, errlen) || read_mixed(o, p, name, err, errlen) ||
         read_tiers(o, p, name, err, errlen))
         goto out;

@@ -15,13 +15,10 @@
  * two processes) is reported in the profile's mediums_note and left to the defaults. */
 #include <errno.h>
 #include <pthread.h>
-#include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/statvfs.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "engine/engine.h"
@@ -178,45 +175,14 @@ typedef struct dside {
     pthread_t th[DS_SLOTS];
     bool held[DS_SLOTS], running[DS_SLOTS];
     int nb[DS_SLOTS];
-    pid_t pid;                       /* the peer: its process and pipe ends, and the */
-    FILE *to, *from;                 /* SIGPIPE action to restore (ignored meanwhile: a */
-    void (*old_pipe)(int);           /* peer that died is an error, not our death) */
-    bool pipe_saved;
+    sim_peer peer;                   /* the peer (sim_peer) when dec is NULL */
 } dside;
-
-/* The peer: one command line, one answer line ("ok ..." or "err ..."); 0 with the
- * answer's rest in ans, or -1 with err. */
-static int peer_cmd(dside *d, char *ans, size_t n, char *err, size_t errlen, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vfprintf(d->to, fmt, ap);
-    va_end(ap);
-    fputc('\n', d->to);
-    char line[512];
-    if (fflush(d->to) != 0 || !fgets(line, sizeof line, d->from)) {
-        pd_errorf(err, errlen, "the KV peer process stopped answering");
-        return -1;
-    }
-    line[strcspn(line, "\n")] = 0;
-    if (strncmp(line, "ok", 2) != 0) {
-        pd_errorf(err, errlen, "KV peer: %s", line);
-        return -1;
-    }
-    const char *rest = line[2] == ' ' ? line + 3 : "";
-    size_t len = strlen(rest);
-    if (len >= n) {
-        pd_errorf(err, errlen, "KV peer: an answer longer than %zu bytes", n);
-        return -1;
-    }
-    memcpy(ans, rest, len + 1);
-    return 0;
-}
 
 /* Reserves request req (n tokens, tokens_for) in slot k; its ticket as text. */
 static int ds_reserve(dside *d, int k, uint64_t req, int n, int nb, char text[KV_TICKET_TEXT_MAX], char *err,
                       size_t errlen) {
     if (!d->dec)
-        return peer_cmd(d, text, KV_TICKET_TEXT_MAX, err, errlen, "reserve %d %llu %d %d", k,
+        return sim_peer_cmd(&d->peer, text, KV_TICKET_TEXT_MAX, err, errlen, "reserve %d %llu %d %d", k,
                         (unsigned long long)req, n, nb);
     int32_t *tokens = xmalloc(sizeof(int32_t) * (size_t)n);
     tokens_for(req, n, tokens);
@@ -233,7 +199,7 @@ static int ds_reserve(dside *d, int k, uint64_t req, int n, int nb, char text[KV
 /* Slot k's get starts (a thread waits for its ticket). */
 static int ds_get_start(dside *d, int k, char *err, size_t errlen) {
     char ans[64];
-    if (!d->dec) return peer_cmd(d, ans, sizeof ans, err, errlen, "get %d", k);
+    if (!d->dec) return sim_peer_cmd(&d->peer, ans, sizeof ans, err, errlen, "get %d", k);
     if (!d->held[k] || d->running[k] || pthread_create(&d->th[k], NULL, get_main, &d->job[k]) != 0) {
         pd_errorf(err, errlen, "no get for slot %d", k);
         return -1;
@@ -246,7 +212,7 @@ static int ds_get_start(dside *d, int k, char *err, size_t errlen) {
 static int ds_get_wait(dside *d, int k, double *seconds, char *err, size_t errlen) {
     if (!d->dec) {
         char ans[64];
-        if (peer_cmd(d, ans, sizeof ans, err, errlen, "wait %d", k) != 0) return -1;
+        if (sim_peer_cmd(&d->peer, ans, sizeof ans, err, errlen, "wait %d", k) != 0) return -1;
         *seconds = atof(ans);
         return 0;
     }
@@ -268,7 +234,7 @@ static int ds_get_wait(dside *d, int k, double *seconds, char *err, size_t errle
 static void ds_release(dside *d, int k, bool take) {
     if (!d->dec) {
         char ans[64], e[64];
-        (void)peer_cmd(d, ans, sizeof ans, e, sizeof e, "%s %d", take ? "take" : "cancel", k);
+        (void)sim_peer_cmd(&d->peer, ans, sizeof ans, e, sizeof e, "%s %d", take ? "take" : "cancel", k);
         return;
     }
     if (d->running[k]) pthread_join(d->th[k], NULL), d->running[k] = false;
@@ -388,58 +354,16 @@ void sim_profile_mediums_peer(const char *model_arg, const char *device) {
     snprintf(peer_device, sizeof peer_device, "%s", device ? device : "cpu");
 }
 
-/* Ends the peer: its input closed (it releases what it holds and exits), then waited
- * for. */
-static void peer_stop(dside *d) {
-    if (d->to) fclose(d->to);
-    if (d->from) fclose(d->from);
-    d->to = d->from = NULL;
-    if (d->pid > 0) waitpid(d->pid, NULL, 0);
-    d->pid = 0;
-    if (d->pipe_saved) signal(SIGPIPE, d->old_pipe);
-    d->pipe_saved = false;
-}
-
 /* Starts the peer on store dir (a decode-side cache of cache_bytes, blocks of bs) and
  * waits for its "ok"; 0, or -1 with err (nothing left running). */
 static int peer_start(dside *d, const char *dir, int bs, size_t cache_bytes, char *err, size_t errlen) {
-    int in[2], out[2];
-    if (pipe(in) != 0) return pd_errorf(err, errlen, "pipe: %s", strerror(errno)), -1;
-    if (pipe(out) != 0) {
-        close(in[0]), close(in[1]);
-        return pd_errorf(err, errlen, "pipe: %s", strerror(errno)), -1;
-    }
     char sbs[16], sbytes[32];
     snprintf(sbs, sizeof sbs, "%d", bs);
     snprintf(sbytes, sizeof sbytes, "%zu", cache_bytes);
     char *argv[] = {"pdserve", "profile", "--model", peer_model, "--load-format", "dummy", "--device", peer_device,
                     "--block-size", sbs, "--medium-bytes", sbytes, "--kv-peer", (char *)dir, NULL};
-    fflush(NULL);
-    pid_t pid = fork();
-    if (pid < 0) {
-        close(in[0]), close(in[1]), close(out[0]), close(out[1]);
-        return pd_errorf(err, errlen, "fork: %s", strerror(errno)), -1;
-    }
-    if (pid == 0) {
-        dup2(in[0], 0);
-        dup2(out[1], 1);
-        close(in[0]), close(in[1]), close(out[0]), close(out[1]);
-        execv("/proc/self/exe", argv);
-        _exit(127);
-    }
-    close(in[0]);
-    close(out[1]);
-    dside p = {.pid = pid, .to = fdopen(in[1], "w"), .from = fdopen(out[0], "r"), .old_pipe = signal(SIGPIPE, SIG_IGN),
-               .pipe_saved = true};
-    char ans[64];
-    if (!p.to || !p.from || peer_cmd(&p, ans, sizeof ans, err, errlen, "hello") != 0) {
-        if (!p.to) close(in[1]);
-        if (!p.from) close(out[0]);
-        peer_stop(&p);
-        return -1;
-    }
+    if (sim_peer_start(&d->peer, "KV peer", argv, err, errlen) != 0) return -1;
     d->dec = NULL;
-    d->pid = p.pid, d->to = p.to, d->from = p.from, d->old_pipe = p.old_pipe, d->pipe_saved = true;
     return 0;
 }
 
@@ -638,7 +562,7 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
                 } else {
                     note_add(out, "%s: put beside a get: %s", name, e);
                 }
-                if (two) peer_stop(&D);
+                if (two) sim_peer_stop(&D.peer);
                 snprintf(md.overlap_by, sizeof md.overlap_by, "%s", k == 3 ? (two ? "two processes" : "one process") : "");
             }
             if (control > 0) {

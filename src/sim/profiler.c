@@ -13,7 +13,9 @@
  *
  * Tuned for: the CPU grid of small-llama in well under a minute on two cores; the GPU
  * grid in a few minutes. Allocates the KV cache and scratch once for the largest point. */
+#include <errno.h>
 #include <math.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -135,6 +137,55 @@ static void fill_kv(prof *P) {
 }
 
 static int blocks_for(int tokens, int bs) { return (tokens + bs - 1) / bs; }
+
+/* Allocates P's cache (`blocks` logical blocks, at most half the backend's free memory:
+ * logical blocks beyond what fits share physical ones, block i is i modulo the pool,
+ * which times the same reads), filled as a serving engine's, its forward scratch for
+ * max_rows rows of max_seqs sequences and logits for logit_rows; P's model, backend
+ * and block size set. 0, or -1 with err and nothing held. */
+static int prof_open(prof *P, int max_rows, int max_seqs, int logit_rows, int blocks, char *err, size_t errlen) {
+    model *m = P->m;
+    P->max_rows = max_rows;
+    P->max_seqs = max_seqs;
+    size_t bpt = model_kv_bytes_per_token(&m->cfg, dtype_size(m->be->ops->kv_type));
+    size_t want = (size_t)blocks * P->bs * bpt, free_mem = m->be->ops->mem_free ? m->be->ops->mem_free(m->be) : 0;
+    if (free_mem > 0 && want > free_mem / 2) want = free_mem / 2;
+    P->kv = kv_cache_create(m->be, &m->cfg, P->bs, want, err, errlen);
+    if (!P->kv) return -1;
+    fill_kv(P);
+    P->f = fwd_ctx_create(m, P->max_rows, P->max_seqs);
+    if (!P->f) {
+        pd_errorf(err, errlen, "profile: cannot allocate forward scratch for %d rows", P->max_rows);
+        kv_cache_free(m->be, P->kv);
+        return -1;
+    }
+    P->tokens = xmalloc(sizeof(int32_t) * (size_t)P->max_rows);
+    P->positions = xmalloc(sizeof(int32_t) * (size_t)P->max_rows);
+    P->slots = xmalloc(sizeof(int32_t) * (size_t)P->max_rows);
+    P->logit_rows = xmalloc(sizeof(int32_t) * (size_t)P->max_seqs);
+    P->out_tokens = xmalloc(sizeof(int32_t) * (size_t)P->max_seqs);
+    P->seqs = xcalloc((size_t)P->max_seqs, sizeof(attn_seq));
+    P->logits = xmalloc(sizeof(float) * (size_t)logit_rows * (size_t)m->cfg.vocab_size);
+    P->blocks = xmalloc(sizeof(int32_t) * (size_t)blocks);
+    for (int i = 0; i < blocks; i++) P->blocks[i] = i % P->kv->num_blocks;
+    if (P->kv->num_blocks < blocks)
+        log_warn("profile: KV pool of %d blocks for %d logical ones: the largest points share blocks",
+                 P->kv->num_blocks, blocks);
+    return 0;
+}
+
+static void prof_close(prof *P) {
+    free(P->tokens);
+    free(P->positions);
+    free(P->slots);
+    free(P->logit_rows);
+    free(P->out_tokens);
+    free(P->seqs);
+    free(P->logits);
+    free(P->blocks);
+    fwd_ctx_free(P->f);
+    kv_cache_free(P->m->be, P->kv);
+}
 
 static double measure_prefill(prof *P, int T, int C) {
     fwd_batch b;
@@ -526,6 +577,160 @@ static void measure_contention(prof *P, const sim_profile_opts *o, sim_contentio
     snprintf(c->source, sizeof c->source,
              "measured: 1 to %d forked processes each timing prefill %d + decode %dx%d for %.1f s at once%s",
              c->n_points, T, B, L, CONTENTION_WINDOW_S, kinds);
+}
+
+/* ---- a GPU shared by two processes ------------------------------------------------------ */
+
+/* A kind's step at the pairs' shape (T rows after C cached tokens; B decodes at L). */
+static void share_step(prof *P, int kind, const int shape[4]) {
+    if (kind == 0) measure_prefill(P, shape[0], shape[1]);
+    else measure_decode(P, shape[2], shape[3], 0);
+}
+
+/* Seconds a pair's step is timed over: long enough for tens of steps of either kind
+ * and many of the driver's time slices, short enough for six windows in seconds. */
+static double share_window_s(const prof *P) { return strcmp(P->be->ops->name, "cpu") ? 1.0 : 0.3; }
+
+/* The mean time of kind's steps back to back over the window, after one warm-up. */
+static double share_time(prof *P, int kind, const int shape[4]) {
+    share_step(P, kind, shape);
+    double t0 = time_now_s(), t = t0, w = share_window_s(P);
+    long n = 0;
+    for (; t - t0 < w; n++) {
+        share_step(P, kind, shape);
+        t = time_now_s();
+    }
+    return (t - t0) / (double)n;
+}
+
+/* One line from standard input (unbuffered: the peer polls it between steps), its
+ * newline dropped; false at the end of input. */
+static bool peer_line(char *buf, size_t cap) {
+    size_t n = 0;
+    for (;;) {
+        char c;
+        ssize_t r = read(0, &c, 1);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) {
+            buf[n] = 0;
+            return n > 0;
+        }
+        if (c == '\n') break;
+        if (n + 1 < cap) buf[n++] = c;
+    }
+    buf[n] = 0;
+    return true;
+}
+
+int sim_profile_step_peer(model *m, int block_size, const int shape[4], char *err, size_t errlen) {
+    prof P = {.m = m, .be = m->be, .bs = block_size > 0 ? block_size : 16};
+    rng_seed(&P.rng, 54321);
+    int T = shape[0], C = shape[1], B = shape[2], L = shape[3];
+    if (T < 1 || C < 0 || B < 1 || L < 1)
+        return pd_errorf(err, errlen, "--step-peer: T,C,B,L with T, B, L >= 1 and C >= 0"), -1;
+    int blocks = PD_MAX(blocks_for(T + C, P.bs), B * blocks_for(L, P.bs));
+    if (prof_open(&P, PD_MAX(T, B), B + 1, B + 1, blocks, err, errlen) != 0) return -1;
+    for (int k = 0; k < 2; k++) share_step(&P, k, shape); /* warm-up: graphs captured, kernels loaded */
+    char line[128];
+    while (peer_line(line, sizeof line)) {
+        int k = -1;
+        char cmd[16];
+        int f = sscanf(line, "%15s %d", cmd, &k);
+        bool kind = f == 2 && (k == 0 || k == 1);
+        if (f >= 1 && !strcmp(cmd, "hello")) {
+            printf("ok\n");
+        } else if (kind && !strcmp(cmd, "time")) {
+            printf("ok %.9f\n", share_time(&P, k, shape));
+        } else if (kind && !strcmp(cmd, "run")) {
+            share_step(&P, k, shape);
+            printf("ok\n");
+            fflush(stdout);
+            double t0 = time_now_s();
+            long n = 0;
+            struct pollfd pfd = {.fd = 0, .events = POLLIN};
+            do {
+                share_step(&P, k, shape);
+                n++;
+            } while (poll(&pfd, 1, 0) == 0);
+            double t = time_now_s() - t0;
+            if (!peer_line(line, sizeof line) || strcmp(line, "stop") != 0) break;
+            printf("ok %ld %.9f\n", n, t / (double)n);
+        } else {
+            printf("err unknown command\n");
+        }
+        fflush(stdout);
+    }
+    prof_close(&P);
+    return 0;
+}
+
+/* The shared-GPU pairs (sim_gpu_share): with a peer process on the same device (its
+ * own context, as a second instance has), each kind timed alone here and while the
+ * peer runs each kind back to back; kinds[x][y] = x beside y over x alone. The peer's
+ * own times (alone, and while this process ran the other kind) are logged as the check
+ * from its side. Leaves g->measured false, with the reason in its source, when the
+ * peer cannot run. */
+static void measure_gpu_share(prof *P, const sim_profile_opts *o, sim_gpu_share *g, const int shape[4]) {
+    char dev[16], bs[16], sh[64], err[512] = "", ans[64];
+    snprintf(dev, sizeof dev, "%d", o->device);
+    if (o->device < 0) snprintf(dev, sizeof dev, "cpu");
+    snprintf(bs, sizeof bs, "%d", P->bs);
+    snprintf(sh, sizeof sh, "%d,%d,%d,%d", shape[0], shape[1], shape[2], shape[3]);
+    char *argv[] = {"pdserve", "profile", "--model", (char *)(o->model_name ? o->model_name : ""), "--load-format",
+                    "dummy", "--device", dev, "--block-size", bs, "--step-peer", sh, NULL};
+    memcpy(g->shape, shape, sizeof g->shape);
+    sim_peer pr;
+    double alone[2], peer_alone[2], beside[2][2], peer_beside[2][2];
+    if (!o->model_name || sim_peer_start(&pr, "step peer", argv, err, sizeof err) != 0) {
+        if (!o->model_name) snprintf(err, sizeof err, "no model argument for the peer");
+        goto fail;
+    }
+    for (int x = 0; x < 2; x++) {
+        alone[x] = share_time(P, x, shape);
+        if (sim_peer_cmd(&pr, ans, sizeof ans, err, sizeof err, "time %d", x) != 0) goto fail_peer;
+        peer_alone[x] = atof(ans);
+    }
+    for (int x = 0; x < 2; x++)
+        for (int y = 0; y < 2; y++) {
+            if (sim_peer_cmd(&pr, ans, sizeof ans, err, sizeof err, "run %d", y) != 0) goto fail_peer;
+            beside[x][y] = share_time(P, x, shape);
+            long n = 0;
+            double mean = 0;
+            if (sim_peer_cmd(&pr, ans, sizeof ans, err, sizeof err, "stop") != 0) goto fail_peer;
+            if (sscanf(ans, "%ld %lf", &n, &mean) != 2 || n < 1) {
+                snprintf(err, sizeof err, "the step peer answered \"%s\" to stop", ans);
+                goto fail_peer;
+            }
+            peer_beside[y][x] = mean;
+        }
+    sim_peer_stop(&pr);
+    for (int x = 0; x < 2; x++)
+        for (int y = 0; y < 2; y++) {
+            if (!(alone[x] > 0) || !(beside[x][y] > 0)) {
+                snprintf(err, sizeof err, "a step timed at zero");
+                goto fail;
+            }
+            g->kinds[x][y] = PD_MAX(beside[x][y] / alone[x], 1.0);
+        }
+    g->measured = true;
+    snprintf(g->source, sizeof g->source,
+             "measured: pdserve profile, a peer process on the same device, each pair %.1f s; prefill %d after %d, "
+             "decode %dx%d", share_window_s(P), shape[0], shape[1], shape[2], shape[3]);
+    log_info("profile: shared device (prefill %d after %d: %.2f ms alone, decode %dx%d: %.2f ms alone): prefill beside "
+             "prefill x%.2f, beside decode x%.2f; decode beside prefill x%.2f, beside decode x%.2f",
+             shape[0], shape[1], alone[0] * 1e3, shape[2], shape[3], alone[1] * 1e3, g->kinds[0][0], g->kinds[0][1],
+             g->kinds[1][0], g->kinds[1][1]);
+    log_info("profile: shared device, from the peer's side (%.2f / %.2f ms alone): prefill beside prefill x%.2f, "
+             "beside decode x%.2f; decode beside prefill x%.2f, beside decode x%.2f",
+             peer_alone[0] * 1e3, peer_alone[1] * 1e3, peer_beside[0][0] / peer_alone[0],
+             peer_beside[0][1] / peer_alone[0], peer_beside[1][0] / peer_alone[1], peer_beside[1][1] / peer_alone[1]);
+    return;
+fail_peer:
+    sim_peer_stop(&pr);
+fail:
+    g->measured = false;
+    snprintf(g->source, sizeof g->source, "not measured: %.170s", err);
+    log_warn("profile: shared device: %s", err);
 }
 
 /* ---- power ------------------------------------------------------------------------------ */
@@ -955,35 +1160,9 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
      * current engine") */
     int n_starts = cpu ? 2 : 3;
     blocks = PD_MAX(blocks, 16 * blocks_for(sL, P.bs) + blocks_for(2 * sT + DEEP_T, P.bs));
-    P.max_rows = PD_MAX(PD_MAX(maxT, maxB + mixT), sT);
-    P.max_seqs = PD_MAX(maxB + 1, (maxT + LIN_CHUNK - 1) / LIN_CHUNK);
-    size_t bpt = model_kv_bytes_per_token(&m->cfg, dtype_size(m->be->ops->kv_type));
-    /* The largest decode points (256 sequences of 16k tokens) need more KV than any card
-     * holds: logical blocks beyond what fits share physical ones (block i is i modulo the
-     * pool), which times the same reads while keeping the pool at half the free memory. */
-    size_t want = (size_t)blocks * P.bs * bpt, free_mem = m->be->ops->mem_free ? m->be->ops->mem_free(m->be) : 0;
-    if (free_mem > 0 && want > free_mem / 2) want = free_mem / 2;
-    P.kv = kv_cache_create(m->be, &m->cfg, P.bs, want, err, errlen);
-    if (!P.kv) return -1;
-    fill_kv(&P);
-    P.f = fwd_ctx_create(m, P.max_rows, P.max_seqs);
-    if (!P.f) {
-        pd_errorf(err, errlen, "profile: cannot allocate forward scratch for %d rows", P.max_rows);
-        kv_cache_free(m->be, P.kv);
+    if (prof_open(&P, PD_MAX(PD_MAX(maxT, maxB + mixT), sT), PD_MAX(maxB + 1, (maxT + LIN_CHUNK - 1) / LIN_CHUNK),
+                  maxB + 1, blocks, err, errlen) != 0)
         return -1;
-    }
-    P.tokens = xmalloc(sizeof(int32_t) * (size_t)P.max_rows);
-    P.positions = xmalloc(sizeof(int32_t) * (size_t)P.max_rows);
-    P.slots = xmalloc(sizeof(int32_t) * (size_t)P.max_rows);
-    P.logit_rows = xmalloc(sizeof(int32_t) * (size_t)P.max_seqs);
-    P.out_tokens = xmalloc(sizeof(int32_t) * (size_t)P.max_seqs);
-    P.seqs = xcalloc((size_t)P.max_seqs, sizeof(attn_seq));
-    P.logits = xmalloc(sizeof(float) * (size_t)(maxB + 1) * (size_t)m->cfg.vocab_size);
-    P.blocks = xmalloc(sizeof(int32_t) * (size_t)blocks);
-    for (int i = 0; i < blocks; i++) P.blocks[i] = i % P.kv->num_blocks;
-    if (P.kv->num_blocks < blocks)
-        log_warn("profile: KV pool of %d blocks for %d logical ones: the largest points share blocks",
-                 P.kv->num_blocks, blocks);
     meta(o, m, &P, out);
     double t_start = time_now_s();
 
@@ -1115,6 +1294,13 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
     out->sample_s_per_row = P.be->ops->argmax_rows ? 0 : measure_sample_row(m->cfg.vocab_size);
     out->step_overhead_s = measure_step_overhead(m, P.bs, out->sample_s_per_row);
     if (cpu) measure_contention(&P, o, &out->contention);
+    if (o->measure_share) {
+        /* the serving budget's chunk after one budget (a long prompt's second chunk) and
+         * 16 decodes at the largest context profiled (the peer's cache, as this one's, at
+         * most half the free memory) */
+        int shape[4] = {sT, sT, PD_MIN(16, maxB), maxL};
+        measure_gpu_share(&P, o, &out->gpu_share, shape);
+    }
 
     if (idle_w > 0 && prefill_w > 0 && decode_w > 0) {
         out->power.measured = true;
@@ -1160,18 +1346,9 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
     log_info("profile: %d prefill + %d decode points in %.1f s", o->n_prefill_tokens * o->n_prefill_context,
              o->n_decode_batch * o->n_decode_context, time_now_s() - t_start);
 
-    free(P.tokens);
-    free(P.positions);
-    free(P.slots);
-    free(P.logit_rows);
-    free(P.out_tokens);
-    free(P.seqs);
-    free(P.logits);
-    free(P.blocks);
     long captured = 0, replayed = 0;
     fwd_ctx_graph_counts(P.f, &captured, &replayed);
     out->decode_buckets = captured > 0; /* the decode points ran as graphs, padded to buckets */
-    fwd_ctx_free(P.f);
-    kv_cache_free(m->be, P.kv);
+    prof_close(&P);
     return rc;
 }

@@ -189,8 +189,9 @@ typedef struct sim_state {
     const int32_t *prompt;          /* [max prompt + 1] of zeros for sched_add */
     bool contention;                /* instances share the host's cores (CPU backend) */
     bool gpu_share;                 /* instances share a GPU (the setup's device list) */
-    int *dev_busy;                  /* gpu_share: per device (its first instance's index), the
-                                       instances in a step there (reshare's scratch) */
+    int *dev_busy;                  /* gpu_share: per device (its first instance's index) and
+                                       kind (2 x index + step_kind), the instances in a step
+                                       there (reshare's scratch) */
     bool stretch;                   /* either: steps in flight are re-timed (reshare) */
     int n_busy;                     /* instances in a step now */
     /* the serving path's CPU on the same cores (cfg->serving_cpu under contention): its
@@ -330,6 +331,20 @@ static int busy_workers(sim_state *s, double now) {
     return n;
 }
 
+/* A step's slowdown on a shared GPU (docs/simulator.md, "A shared GPU"): 1 + the sum
+ * over the others in a step on its device of (the pair's factor - 1), the factor of
+ * its kind beside theirs as the profile's pairs measured, else 2 (equal turns: k
+ * instances, each at 1/k). */
+static double gpu_slowdown(const sim_state *s, const inst *in) {
+    const int *n = s->dev_busy + 2 * in->dev;
+    const sim_gpu_share *g = &s->p->gpu_share;
+    bool measured = g->measured && !s->cfg->gpu_share_equal;
+    int x = step_kind(in);
+    double f = 1;
+    for (int y = 0; y < 2; y++) f += (n[y] - (y == x)) * ((measured ? g->kinds[x][y] : 2) - 1);
+    return PD_MAX(f, 1);
+}
+
 static void reshare(sim_state *s, double now) {
     serve_charge(s, now);
     bool serving = s->serve_left > 1e-12;
@@ -346,8 +361,9 @@ static void reshare(sim_state *s, double now) {
             if (s->insts[i].busy) n_kind[step_kind(&s->insts[i])]++;
     double ref2 = kinds ? sim_contention_slowdown(ct, 2) : 1;
     if (s->gpu_share) {
-        memset(s->dev_busy, 0, sizeof(int) * (size_t)s->n_inst);
-        for (int i = 0; i < s->n_inst; i++) s->dev_busy[s->insts[i].dev] += s->insts[i].busy;
+        memset(s->dev_busy, 0, sizeof(int) * 2 * (size_t)s->n_inst);
+        for (int i = 0; i < s->n_inst; i++)
+            if (s->insts[i].busy) s->dev_busy[2 * s->insts[i].dev + step_kind(&s->insts[i])]++;
     }
     for (int i = 0; i < s->n_inst; i++) {
         inst *in = &s->insts[i];
@@ -359,7 +375,7 @@ static void reshare(sim_state *s, double now) {
             int x = step_kind(in), other[2] = {n_kind[0] - (x == 0), n_kind[1] - (x == 1)};
             r = 1.0 / PD_MAX(base * ct->kinds[x][other[1] > other[0]] / ref2, 1.0);
         }
-        if (s->gpu_share) r /= PD_MAX(s->dev_busy[in->dev], 1); /* time-sliced with the others on its GPU */
+        if (s->gpu_share) r /= gpu_slowdown(s, in); /* time-sliced with the others on its GPU */
         if (in->rate == r) continue;
         in->rate = r;
         heap_push_gen(&s->heap, now + in->work_left / r, EV_STEP_END, i, ++in->gen);
@@ -1154,7 +1170,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
         if (s.insts[i].dev != i && cfg->gpu_share && strcmp(p->backend, "cpu") != 0) s.gpu_share = true;
     }
     s.stretch = s.contention || s.gpu_share;
-    if (s.gpu_share) s.dev_busy = xcalloc((size_t)s.n_inst, sizeof(int));
+    if (s.gpu_share) s.dev_busy = xcalloc(2 * (size_t)s.n_inst, sizeof(int));
     s.zeros = xcalloc((size_t)cfg->sched.max_num_seqs + 1, sizeof(int32_t));
     int32_t *prompt = xcalloc((size_t)max_prompt + 2, sizeof(int32_t));
     s.prompt = prompt;

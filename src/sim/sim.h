@@ -22,6 +22,7 @@
 #define PD_SIM_H
 
 #include <stdbool.h>
+#include <stdio.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -166,6 +167,19 @@ typedef struct sim_contention {
     char source[192];
 } sim_contention;
 
+/* Instances on one GPU (docs/simulator.md, "A shared GPU"): kinds[x][y], a step of
+ * kind x (0: a prefill chunk, 1: a decode batch) while another process on the same GPU
+ * runs steps of kind y back to back, over x alone (>= 1). With k instances in a step
+ * on a GPU, a step of kind x advances at 1 / (1 + the sum over the others of
+ * (kinds[x][their kind] - 1)). measured false (older profiles, or not measured): equal
+ * turns, every pairing 2, i.e. 1 / k. */
+typedef struct sim_gpu_share {
+    bool measured;
+    double kinds[2][2];
+    int shape[4];           /* the steps timed: a chunk of T rows after C, B decodes at L */
+    char source[192];
+} sim_gpu_share;
+
 /* The serving path of a request around the engine (docs/simulator.md, "The serving
  * path"): the time a request spends outside the engine's steps between the client's
  * send and its first token: HTTP in and out, the body parsed, the prompt tokenized,
@@ -278,6 +292,7 @@ typedef struct sim_profile {
     sim_power power;
     sim_clock_model clock;
     sim_contention contention;  /* CPU backend only; cores 0 elsewhere */
+    sim_gpu_share gpu_share;    /* GPU backends; absent in older files (not measured) */
     sim_serving serving;        /* absent in older files: every path 0 (not modelled) */
     sim_mixed_point mixed[SIM_MAX_MIXED]; /* absent in older files: mixed steps priced as
                                    the sum of their parts */
@@ -372,6 +387,11 @@ typedef struct sim_profile_opts {
      * power_cap_run_s after power_cap_idle_s idle, its power and SM clock sampled. */
     bool measure_power_cap;
     double power_cap_run_s, power_cap_idle_s; /* 0: 2.0 and 1.5 */
+    /* The shared-GPU pairs (sim_gpu_share): a peer process of this binary (`pdserve
+     * profile --model model_name --device device --step-peer`, sim_profile_step_peer)
+     * steps on the same device while this one times its steps. */
+    bool measure_share;
+    int device;                 /* the backend's device index (-1: the CPU) */
 } sim_profile_opts;
 
 /* The default grid for a backend ("cpu": small, under a minute for small-llama on two
@@ -399,6 +419,34 @@ void sim_profile_mediums_peer(const char *model_arg, const char *device);
  * until the input ends. 0, or -1 with err. */
 int sim_profile_kv_peer(backend *be, const model_config *cfg, int bs, size_t cache_bytes, const char *dir, char *err,
                         size_t errlen);
+
+/* A profiler's peer process (peer.c): this binary again with argv (argv[0] a name),
+ * standard input and output on pipes; one command line, one answer line ("ok REST" or
+ * "err WHY"). Start sends "hello" and waits for its "ok"; 0, or -1 with err and nothing
+ * left running. SIGPIPE is ignored from start to stop. */
+typedef struct sim_peer {
+    int pid;
+    FILE *to, *from;
+    void (*old_pipe)(int);
+    bool pipe_saved;
+    const char *what;       /* its name in errors */
+} sim_peer;
+int sim_peer_start(sim_peer *p, const char *what, char *const argv[], char *err, size_t errlen);
+/* Sends one command (printf format) and reads its answer: REST into ans; 0, or -1 with
+ * err (the peer's "err" line, or it stopped answering). */
+int sim_peer_cmd(sim_peer *p, char *ans, size_t n, char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 6, 7)));
+/* Closes its input (a peer then ends) and waits for it; SIGPIPE as before the start. */
+void sim_peer_stop(sim_peer *p);
+
+/* The second instance of the shared-GPU pairs (sim_gpu_share): `pdserve profile
+ * --step-peer T,C,B,L` of this binary. On m's backend, after answering "ok" to
+ * "hello", serves on its standard input and output: "time K" (K 0: a prefill chunk of
+ * T rows after C cached tokens, 1: a decode batch of B sequences of context L) times
+ * K alone over the share window: "ok MEAN_S"; "run K" starts K's steps back to back
+ * ("ok" after the first) until a line "stop": "ok STEPS MEAN_S". Until its input ends.
+ * 0, or -1 with err. */
+int sim_profile_step_peer(model *m, int block_size, const int shape[4], char *err, size_t errlen);
 
 /* Times the lower KV tiers of `list` ("cpu", "disk", "cpu,disk") through kv_tiers.c on
  * backend be with model cfg's KV geometry (stores under dir), best of `repeats`; sets
@@ -623,6 +671,8 @@ typedef struct sim_config {
     bool gpu_share;             /* GPU profiles: instances that the device list puts on one
                                    GPU share it, time-sliced (docs/simulator.md, "A shared
                                    GPU"); off: each as if alone */
+    bool gpu_share_equal;       /* with gpu_share: equal turns (1/k each) even where the
+                                   profile measured the pairs (sim_gpu_share) */
     bool cpu_contention;        /* the instances share the profiled host's cores: steps in
                                    flight at once slow each other (the profile's contention
                                    curve, only when its backend is "cpu" and it has one) */

@@ -1,0 +1,93 @@
+/* peer.c: a profiler's peer process: this binary again (/proc/self/exe with the
+ * arguments given), driven by one command line and one answer line at a time over a
+ * pipe. The disk store's overlap rounds run their decode side in one (profile_medium.c,
+ * `--kv-peer`), and the shared-GPU pairs their second instance (profiler.c,
+ * `--step-peer`): each, as in a deployment, a process of its own with its own CUDA
+ * context, I/O and threads. SIGPIPE is ignored while a peer runs (a peer that died is
+ * an error, not the profiler's death) and restored when it is stopped. */
+#include <errno.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "sim/sim.h"
+#include "util/util.h"
+
+int sim_peer_cmd(sim_peer *p, char *ans, size_t n, char *err, size_t errlen, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(p->to, fmt, ap);
+    va_end(ap);
+    fputc('\n', p->to);
+    char line[512];
+    if (fflush(p->to) != 0 || !fgets(line, sizeof line, p->from)) {
+        pd_errorf(err, errlen, "the %s process stopped answering", p->what);
+        return -1;
+    }
+    line[strcspn(line, "\n")] = 0;
+    if (strncmp(line, "ok", 2) != 0) {
+        pd_errorf(err, errlen, "%s: %s", p->what, line);
+        return -1;
+    }
+    const char *rest = line[2] == ' ' ? line + 3 : "";
+    size_t len = strlen(rest);
+    if (len >= n) {
+        pd_errorf(err, errlen, "%s: an answer longer than %zu bytes", p->what, n);
+        return -1;
+    }
+    memcpy(ans, rest, len + 1);
+    return 0;
+}
+
+void sim_peer_stop(sim_peer *p) {
+    if (p->to) fclose(p->to);
+    if (p->from) fclose(p->from);
+    p->to = p->from = NULL;
+    if (p->pid > 0) waitpid(p->pid, NULL, 0);
+    p->pid = 0;
+    if (p->pipe_saved) signal(SIGPIPE, p->old_pipe);
+    p->pipe_saved = false;
+}
+
+int sim_peer_start(sim_peer *p, const char *what, char *const argv[], char *err, size_t errlen) {
+    memset(p, 0, sizeof *p);
+    p->what = what;
+    int in[2], out[2];
+    if (pipe(in) != 0) return pd_errorf(err, errlen, "pipe: %s", strerror(errno)), -1;
+    if (pipe(out) != 0) {
+        close(in[0]), close(in[1]);
+        return pd_errorf(err, errlen, "pipe: %s", strerror(errno)), -1;
+    }
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid < 0) {
+        close(in[0]), close(in[1]), close(out[0]), close(out[1]);
+        return pd_errorf(err, errlen, "fork: %s", strerror(errno)), -1;
+    }
+    if (pid == 0) {
+        dup2(in[0], 0);
+        dup2(out[1], 1);
+        close(in[0]), close(in[1]), close(out[0]), close(out[1]);
+        execv("/proc/self/exe", argv);
+        _exit(127);
+    }
+    close(in[0]);
+    close(out[1]);
+    p->pid = pid;
+    p->old_pipe = signal(SIGPIPE, SIG_IGN);
+    p->pipe_saved = true;
+    p->to = fdopen(in[1], "w");
+    p->from = fdopen(out[0], "r");
+    char ans[64];
+    if (!p->to || !p->from || sim_peer_cmd(p, ans, sizeof ans, err, errlen, "hello") != 0) {
+        if (!p->to) close(in[1]);
+        if (!p->from) close(out[0]);
+        if (!p->to || !p->from) pd_errorf(err, errlen, "fdopen: %s", strerror(errno));
+        sim_peer_stop(p);
+        return -1;
+    }
+    return 0;
+}
