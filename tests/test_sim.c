@@ -902,6 +902,41 @@ static void test_gpu_share(void) {
     CHECK(near(st.makespan_s, 0.32, 1e-6) && near(res->recs[1].token_s[0], 0.16, 1e-6));
     bench_result_free(res);
     c.gpu_share_equal = false;
+    /* a cpu medium (a store: put 0.02 s, device to host in the prefill instance; get
+     * 0.02 s, host to device in the decode instance) with the profile's copies: a copy
+     * beside another instance's step x2, a step beside another's copy x1.5, steps in
+     * equal turns (x2). r0's put 0.1-0.12 beside only its own instance's prefill of r1
+     * (full speed); its get 0.12-0.16 at half speed beside that prefill, which runs at
+     * 1/1.5 meanwhile (0.02 + 0.0267 done by 0.16); r0's KV at 0.16, its decode steps
+     * 0.16-0.20, 0.20-0.24 beside the prefill (x2), which ends at 0.2667; the third step's
+     * last 0.0067 s beside r1's put (x1.5) to 0.2767; the put's 0.02 s half there, then
+     * alone to 0.2917; r1's get alone to 0.3117 (its first token, 0.2117 from arrival),
+     * its steps alone to 0.3717. */
+    static const double equal[2][2] = {{2, 2}, {2, 2}}, copies[2][2] = {{2, 2}, {2, 2}},
+                        beside[2][2] = {{1.5, 1.5}, {1.5, 1.5}};
+    memcpy(p.gpu_share.kinds, equal, sizeof equal);
+    memcpy(p.gpu_share.copies, copies, sizeof copies);
+    memcpy(p.gpu_share.beside_copy, beside, sizeof beside);
+    p.gpu_share.copies_measured = true;
+    sim_medium cpu = {.latency_s = 0, .bandwidth = 1e5 / 0.04, .put_share = 0.5};
+    snprintf(cpu.name, sizeof cpu.name, "cpu");
+    c.medium = &cpu;
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    static const double c0[4] = {0.16, 0.20, 0.24, 0.276667}, c1[4] = {0.211667, 0.231667, 0.251667, 0.271667};
+    for (int k = 0; k < 4; k++) {
+        CHECKF(near(res->recs[0].token_s[k], c0[k], 1e-6), "copies: r0 token %d at %.6f, want %.6f", k,
+               res->recs[0].token_s[k], c0[k]);
+        CHECKF(near(res->recs[1].token_s[k], c1[k], 1e-6), "copies: r1 token %d at %.6f, want %.6f", k,
+               res->recs[1].token_s[k], c1[k]);
+    }
+    CHECKF(near(st.makespan_s, 0.371667, 1e-6), "copies: makespan %.6f", st.makespan_s);
+    bench_result_free(res);
+    /* without the copies measured: the ops at full speed, the steps as before */
+    p.gpu_share.copies_measured = false;
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].token_s[0], 0.14, 1e-6), "no copies: r0's KV at %.6f", res->recs[0].token_s[0]);
+    bench_result_free(res);
+    c.medium = &m;
     /* off, or on two GPUs: each as if alone (r1 prefilled 0.1-0.2) */
     for (int k = 0; k < 2; k++) {
         c.gpu_share = k == 1;
@@ -1466,12 +1501,16 @@ static void test_cpu_contention(void) {
     sim_profile_free(&q);
     free(js);
     /* the shared-GPU pairs round trip; a factor below 1 is refused, naming the field */
-    p.gpu_share = (sim_gpu_share){.measured = true, .kinds = {{1.9, 2.4}, {1.3, 2.1}}, .shape = {2048, 2048, 16, 16384}};
+    p.gpu_share = (sim_gpu_share){.measured = true, .kinds = {{1.9, 2.4}, {1.3, 2.1}}, .shape = {2048, 2048, 16, 16384},
+                                  .copies_measured = true, .copies = {{2.5, 2.2}, {1.8, 1.7}},
+                                  .beside_copy = {{1.2, 1.1}, {1.4, 1.6}}, .copy_bytes = 1 << 28};
     snprintf(p.gpu_share.source, sizeof p.gpu_share.source, "measured");
     js = sim_profile_to_json(&p);
     REQUIRE(sim_profile_parse(js, strlen(js), "rt", &q, err, sizeof err) == 0);
     CHECK(q.gpu_share.measured && q.gpu_share.kinds[0][1] == 2.4 && q.gpu_share.kinds[1][0] == 1.3 &&
           q.gpu_share.shape[3] == 16384 && !strcmp(q.gpu_share.source, "measured"));
+    CHECK(q.gpu_share.copies_measured && q.gpu_share.copies[0][1] == 2.2 && q.gpu_share.copies[1][0] == 1.8 &&
+          q.gpu_share.beside_copy[1][1] == 1.6 && q.gpu_share.copy_bytes == 1 << 28);
     sim_profile_free(&q);
     char *bad = strstr(js, "\"kinds\"");
     REQUIRE(bad);

@@ -517,6 +517,13 @@ char *sim_profile_to_json(const sim_profile *p) {
         cJSON *ko = cJSON_AddArrayToObject(go, "kinds");
         for (int x = 0; x < 2; x++) cJSON_AddItemToArray(ko, nums(gs->kinds[x], 2));
         cJSON_AddItemToObject(go, "shape", cJSON_CreateIntArray(gs->shape, 4));
+        if (gs->copies_measured) {
+            cJSON *co = cJSON_AddArrayToObject(go, "copies");
+            for (int d = 0; d < 2; d++) cJSON_AddItemToArray(co, nums(gs->copies[d], 2));
+            cJSON *bo = cJSON_AddArrayToObject(go, "beside_copy");
+            for (int x = 0; x < 2; x++) cJSON_AddItemToArray(bo, nums(gs->beside_copy[x], 2));
+            cJSON_AddNumberToObject(go, "copy_bytes", gs->copy_bytes);
+        }
         cJSON_AddStringToObject(go, "source", gs->source);
     }
     const sim_serving *sv = &p->serving;
@@ -957,7 +964,10 @@ static int read_contention(const cJSON *o, sim_profile *p, const char *name, cha
 }
 
 /* "gpu_share": {kinds: [[prefill beside prefill, beside decode], [decode beside prefill,
- * beside decode]], shape: [T, C, B, L], source}; absent: not measured (equal turns). */
+ * beside decode]], shape: [T, C, B, L], source, and where timed copies: [[device to host
+ * beside prefill, beside decode], [host to device ...]], beside_copy: [[prefill beside
+ * device to host, beside host to device], [decode ...]], copy_bytes}; absent: not
+ * measured (equal turns). */
 static int read_gpu_share(const cJSON *o, sim_profile *p, const char *name, char *err, size_t errlen) {
     const cJSON *go = cJSON_GetObjectItemCaseSensitive(o, "gpu_share");
     if (!go) return 0;
@@ -974,6 +984,15 @@ static int read_gpu_share(const cJSON *o, sim_profile *p, const char *name, char
     }
     get_str(go, "source", g->source, sizeof g->source);
     g->measured = true;
+    const cJSON *co = cJSON_GetObjectItemCaseSensitive(go, "copies"), *bo = cJSON_GetObjectItemCaseSensitive(go, "beside_copy");
+    if (co || bo) {
+        if (!read_kinds(co, g->copies) || !read_kinds(bo, g->beside_copy)) {
+            pd_errorf(err, errlen, "%s: gpu_share.copies and beside_copy must be [[a, b], [c, d]], each >= 1", name);
+            return -1;
+        }
+        g->copies_measured = true;
+        g->copy_bytes = get_num(go, "copy_bytes", 0);
+    }
     return 0;
 }
 

@@ -664,6 +664,69 @@ int sim_profile_step_peer(model *m, int block_size, const int shape[4], char *er
     return 0;
 }
 
+/* A copy between device memory and pinned host memory, as a cpu-medium put (dir 0:
+ * device to host) or get (1: host to device) moves its bytes; the mean seconds of
+ * one over the share window, after one warm-up. */
+static double share_copy_time(prof *P, void *dev, void *host, size_t bytes, int dir) {
+    backend_copy c = {.dst = dir ? dev : host, .src = dir ? host : dev, .bytes = bytes};
+    P->be->ops->copy_batch(P->be, &c, 1);
+    double t0 = time_now_s(), t = t0, w = share_window_s(P);
+    long n = 0;
+    for (; t - t0 < w; n++) {
+        P->be->ops->copy_batch(P->be, &c, 1);
+        t = time_now_s();
+    }
+    return (t - t0) / (double)n;
+}
+
+/* The copies' half of the pairs (sim_gpu_share.copies, beside_copy): each direction
+ * timed alone, then while the peer steps each kind, whose mean step over its own alone
+ * gives the step beside the copies. Needs the backend's copy_batch and pinned host
+ * memory; 0, or -1 with err (nothing measured). */
+static int measure_share_copies(prof *P, sim_peer *pr, sim_gpu_share *g, const double peer_alone[2], char *err,
+                                size_t errlen) {
+    const backend_ops *ops = P->be->ops;
+    if (!ops->copy_batch || !ops->host_alloc || !ops->alloc) return pd_errorf(err, errlen, "no device copies"), -1;
+    size_t bytes = (size_t)256 << 20;
+    void *host = ops->host_alloc(P->be, bytes);
+    if (!host) return pd_errorf(err, errlen, "no pinned host memory for the copies"), -1;
+    void *dev = ops->alloc(P->be, bytes);
+    int rc = 0;
+    double alone[2];
+    for (int d = 0; d < 2; d++) alone[d] = share_copy_time(P, dev, host, bytes, d);
+    for (int d = 0; d < 2 && rc == 0; d++)
+        for (int y = 0; y < 2 && rc == 0; y++) {
+            char ans[64];
+            long n = 0;
+            double mean = 0;
+            if (sim_peer_cmd(pr, ans, sizeof ans, err, errlen, "run %d", y) != 0) {
+                rc = -1;
+                break;
+            }
+            double t = share_copy_time(P, dev, host, bytes, d);
+            if (sim_peer_cmd(pr, ans, sizeof ans, err, errlen, "stop") != 0 ||
+                sscanf(ans, "%ld %lf", &n, &mean) != 2 || n < 1 || !(alone[d] > 0) || !(peer_alone[y] > 0)) {
+                if (!err[0]) pd_errorf(err, errlen, "the step peer answered \"%s\" to stop", ans);
+                rc = -1;
+                break;
+            }
+            g->copies[d][y] = PD_MAX(t / alone[d], 1.0);
+            g->beside_copy[y][d] = PD_MAX(mean / peer_alone[y], 1.0);
+        }
+    ops->free(P->be, dev);
+    if (ops->host_free) ops->host_free(P->be, host);
+    if (rc != 0) return -1;
+    g->copies_measured = true;
+    g->copy_bytes = (double)bytes;
+    log_info("profile: shared device, copies of %zu MiB (%.2f GB/s device to host, %.2f GB/s host to device alone): "
+             "device to host beside prefill x%.2f, beside decode x%.2f; host to device beside prefill x%.2f, beside "
+             "decode x%.2f; prefill beside them x%.2f / x%.2f, decode x%.2f / x%.2f",
+             bytes >> 20, bytes / alone[0] / 1e9, bytes / alone[1] / 1e9, g->copies[0][0], g->copies[0][1],
+             g->copies[1][0], g->copies[1][1], g->beside_copy[0][0], g->beside_copy[0][1], g->beside_copy[1][0],
+             g->beside_copy[1][1]);
+    return 0;
+}
+
 /* The shared-GPU pairs (sim_gpu_share): with a peer process on the same device (its
  * own context, as a second instance has), each kind timed alone here and while the
  * peer runs each kind back to back; kinds[x][y] = x beside y over x alone. The peer's
@@ -703,6 +766,9 @@ static void measure_gpu_share(prof *P, const sim_profile_opts *o, sim_gpu_share 
             }
             peer_beside[y][x] = mean;
         }
+    char cerr[256] = "";
+    if (measure_share_copies(P, &pr, g, peer_alone, cerr, sizeof cerr) != 0)
+        log_info("profile: shared device: copies not timed (%s)", cerr);
     sim_peer_stop(&pr);
     for (int x = 0; x < 2; x++)
         for (int y = 0; y < 2; y++) {
@@ -715,7 +781,8 @@ static void measure_gpu_share(prof *P, const sim_profile_opts *o, sim_gpu_share 
     g->measured = true;
     snprintf(g->source, sizeof g->source,
              "measured: pdserve profile, a peer process on the same device, each pair %.1f s; prefill %d after %d, "
-             "decode %dx%d", share_window_s(P), shape[0], shape[1], shape[2], shape[3]);
+             "decode %dx%d%s", share_window_s(P), shape[0], shape[1], shape[2], shape[3],
+             g->copies_measured ? "; copies of 256 MiB between the device and pinned host memory" : "");
     log_info("profile: shared device (prefill %d after %d: %.2f ms alone, decode %dx%d: %.2f ms alone): prefill beside "
              "prefill x%.2f, beside decode x%.2f; decode beside prefill x%.2f, beside decode x%.2f",
              shape[0], shape[1], alone[0] * 1e3, shape[2], shape[3], alone[1] * 1e3, g->kinds[0][0], g->kinds[0][1],

@@ -192,6 +192,12 @@ typedef struct sim_state {
     int *dev_busy;                  /* gpu_share: per device (its first instance's index) and
                                        kind (2 x index + step_kind), the instances in a step
                                        there (reshare's scratch) */
+    bool copy_share;                /* gpu_share with the profile's copies (cpu medium): a
+                                       store op's copy and other instances' steps on its GPU
+                                       slow each other (docs/simulator.md, "A shared GPU") */
+    int *dev_copy;                  /* copy_share: per device and direction (2 x index + 0:
+                                       a put, device to host; 1: a get, host to device), the
+                                       instances with such a copy in flight there */
     bool stretch;                   /* either: steps in flight are re-timed (reshare) */
     int n_busy;                     /* instances in a step now */
     /* the serving path's CPU on the same cores (cfg->serving_cpu under contention): its
@@ -331,6 +337,13 @@ static int busy_workers(sim_state *s, double now) {
     return n;
 }
 
+/* Whether instance in has a store copy of direction d in flight: a prefill instance's
+ * put (device to host), a decode instance's gets (host to device). */
+static int copy_on(const inst *in, int d) { return d == 0 ? in->put_on : in->gets_on > 0; }
+
+static void store_advance(sim_state *s, inst *d, double t);
+static void store_schedule(sim_state *s, inst *d, double t);
+
 /* A step's slowdown on a shared GPU (docs/simulator.md, "A shared GPU"): 1 + the sum
  * over the others in a step on its device of (the pair's factor - 1), the factor of
  * its kind beside theirs as the profile's pairs measured, else 2 (equal turns: k
@@ -342,6 +355,21 @@ static double gpu_slowdown(const sim_state *s, const inst *in) {
     int x = step_kind(in);
     double f = 1;
     for (int y = 0; y < 2; y++) f += (n[y] - (y == x)) * ((measured ? g->kinds[x][y] : 2) - 1);
+    if (s->copy_share) /* the other instances' copies there (its own run beside its steps) */
+        for (int d = 0; d < 2; d++) f += (s->dev_copy[2 * in->dev + d] - copy_on(in, d)) * (g->beside_copy[x][d] - 1);
+    return PD_MAX(f, 1);
+}
+
+/* A store op's copy on its instance's GPU (the put's prefill instance, the get's decode
+ * instance) beside the other instances' steps there: 1 + the sum over them of the
+ * profile's copies[direction][their kind] - 1; 1 without copy_share. */
+static double copy_slowdown(const sim_state *s, const inst *d, const store_op *o) {
+    if (!s->copy_share) return 1;
+    const inst *own = o->get ? d : &s->insts[s->reqs[o->req].p_inst];
+    const int *n = s->dev_busy + 2 * own->dev;
+    const sim_gpu_share *g = &s->p->gpu_share;
+    double f = 1;
+    for (int y = 0; y < 2; y++) f += (n[y] - (own->busy && step_kind(own) == y)) * (g->copies[o->get][y] - 1);
     return PD_MAX(f, 1);
 }
 
@@ -360,10 +388,20 @@ static void reshare(sim_state *s, double now) {
         for (int i = 0; i < s->n_inst; i++)
             if (s->insts[i].busy) n_kind[step_kind(&s->insts[i])]++;
     double ref2 = kinds ? sim_contention_slowdown(ct, 2) : 1;
+    if (s->copy_share) /* the stores' ops progressed at the rates of the steps until now */
+        for (int i = s->first_decode; i < s->n_inst; i++)
+            if (s->insts[i].n_ops > 0) store_advance(s, &s->insts[i], now);
     if (s->gpu_share) {
         memset(s->dev_busy, 0, sizeof(int) * 2 * (size_t)s->n_inst);
         for (int i = 0; i < s->n_inst; i++)
             if (s->insts[i].busy) s->dev_busy[2 * s->insts[i].dev + step_kind(&s->insts[i])]++;
+    }
+    if (s->copy_share) {
+        memset(s->dev_copy, 0, sizeof(int) * 2 * (size_t)s->n_inst);
+        for (int i = 0; i < s->n_inst; i++)
+            for (int d = 0; d < 2; d++) s->dev_copy[2 * s->insts[i].dev + d] += copy_on(&s->insts[i], d);
+        for (int i = s->first_decode; i < s->n_inst; i++)
+            if (s->insts[i].n_ops > 0) store_schedule(s, &s->insts[i], now);
     }
     for (int i = 0; i < s->n_inst; i++) {
         inst *in = &s->insts[i];
@@ -629,14 +667,16 @@ static void store_advance(sim_state *s, inst *d, double t) {
     d->ops_t = t;
     if (dt <= 0 || d->n_ops == 0) return;
     double slow[2] = {store_slowdown(s, d, false), store_slowdown(s, d, true)};
-    for (int k = 0; k < d->n_ops; k++) d->ops[k].left -= dt / slow[d->ops[k].get];
+    for (int k = 0; k < d->n_ops; k++)
+        d->ops[k].left -= dt / (slow[d->ops[k].get] * copy_slowdown(s, d, &d->ops[k]));
 }
 
 /* The next end among d's ops, as an EV_STORE (any earlier one goes stale). */
 static void store_schedule(sim_state *s, inst *d, double t) {
     double next = INFINITY;
     double slow[2] = {store_slowdown(s, d, false), store_slowdown(s, d, true)};
-    for (int k = 0; k < d->n_ops; k++) next = PD_MIN(next, PD_MAX(d->ops[k].left, 0) * slow[d->ops[k].get]);
+    for (int k = 0; k < d->n_ops; k++)
+        next = PD_MIN(next, PD_MAX(d->ops[k].left, 0) * slow[d->ops[k].get] * copy_slowdown(s, d, &d->ops[k]));
     if (d->n_ops > 0) heap_push_gen(&s->heap, t + next, EV_STORE, (int)(d - s->insts), ++d->ops_gen);
 }
 
@@ -649,6 +689,7 @@ static void store_add(sim_state *s, inst *d, sreq *r, bool get, double work, dou
     d->ops[d->n_ops++] = (store_op){(int)(r - s->reqs), get, work};
     if (get) d->gets_on++;
     store_schedule(s, d, t);
+    if (s->copy_share) reshare(s, t); /* a copy began: the steps on its GPU re-timed */
 }
 
 /* r's transfer alone: its time (dur), the medium's busy part of it, and what is fixed
@@ -740,6 +781,7 @@ static void on_store(sim_state *s, inst *d, double t) {
         k = 0; /* the ops moved: look again from the start */
     }
     store_schedule(s, d, t);
+    if (s->copy_share) reshare(s, t); /* copies ended: the steps on their GPU re-timed */
 }
 
 static void start_transfer(sim_state *s, inst *in, sreq *r, double t) {
@@ -1171,6 +1213,12 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
     }
     s.stretch = s.contention || s.gpu_share;
     if (s.gpu_share) s.dev_busy = xcalloc(2 * (size_t)s.n_inst, sizeof(int));
+    /* a cpu medium's ops are copies between each GPU and host memory: on a shared GPU
+     * they take turns with the other instances' steps as the profile's copies measured */
+    const sim_gpu_share *gsh = &p->gpu_share;
+    s.copy_share = s.gpu_share && gsh->measured && gsh->copies_measured && !cfg->gpu_share_equal && cfg->medium &&
+                   !strcmp(cfg->medium->name, "cpu") && !cfg->layerwise;
+    if (s.copy_share) s.dev_copy = xcalloc(2 * (size_t)s.n_inst, sizeof(int));
     s.zeros = xcalloc((size_t)cfg->sched.max_num_seqs + 1, sizeof(int32_t));
     int32_t *prompt = xcalloc((size_t)max_prompt + 2, sizeof(int32_t));
     s.prompt = prompt;
@@ -1268,6 +1316,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
     free(s.reqs);
     free(s.insts);
     free(s.dev_busy);
+    free(s.dev_copy);
     free(s.zeros);
     free(prompt);
     free(s.heap.a);

@@ -177,7 +177,16 @@ typedef struct sim_gpu_share {
     bool measured;
     double kinds[2][2];
     int shape[4];           /* the steps timed: a chunk of T rows after C, B decodes at L */
-    char source[192];
+    /* copies between the GPU and pinned host memory (a cpu-medium put is one device to
+     * host, its get one host to device) in one process while the other steps:
+     * copies[d][y], a copy of direction d (0: device to host, 1: host to device) beside
+     * steps of kind y, over the copy alone; beside_copy[x][d], a step of kind x beside
+     * the other's copies of direction d, over the step alone. copies_measured false:
+     * neither modelled (a copy and another instance's step do not slow each other) */
+    bool copies_measured;
+    double copies[2][2], beside_copy[2][2];
+    double copy_bytes;
+    char source[256];
 } sim_gpu_share;
 
 /* The serving path of a request around the engine (docs/simulator.md, "The serving
