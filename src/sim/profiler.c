@@ -664,16 +664,19 @@ int sim_profile_step_peer(model *m, int block_size, const int shape[4], char *er
     return 0;
 }
 
-/* A copy between device memory and pinned host memory, as a cpu-medium put (dir 0:
- * device to host) or get (1: host to device) moves its bytes; the mean seconds of
- * one over the share window, after one warm-up. */
-static double share_copy_time(prof *P, void *dev, void *host, size_t bytes, int dir) {
-    backend_copy c = {.dst = dir ? dev : host, .src = dir ? host : dev, .bytes = bytes};
-    P->be->ops->copy_batch(P->be, &c, 1);
+/* A copy between device memory and pinned host memory as a cpu-medium put (dir 0:
+ * device to host) or get (1: host to device) moves a request: one batch of items of
+ * one layer's block each (`item` bytes), which the CUDA backend's batched copy kernel
+ * moves (the SMs over PCIe into mapped host memory, time-sliced with the other
+ * context's kernels as any kernel; one large item would go to the copy engines, which
+ * are not). The mean seconds of one batch over the share window, after one warm-up. */
+static double share_copy_time(prof *P, const backend_copy *items, int n_items, int dir) {
+    const backend_copy *c = items + (dir ? n_items : 0); /* items: n_items each way */
+    P->be->ops->copy_batch(P->be, c, n_items);
     double t0 = time_now_s(), t = t0, w = share_window_s(P);
     long n = 0;
     for (; t - t0 < w; n++) {
-        P->be->ops->copy_batch(P->be, &c, 1);
+        P->be->ops->copy_batch(P->be, c, n_items);
         t = time_now_s();
     }
     return (t - t0) / (double)n;
@@ -691,9 +694,18 @@ static int measure_share_copies(prof *P, sim_peer *pr, sim_gpu_share *g, const d
     void *host = ops->host_alloc(P->be, bytes);
     if (!host) return pd_errorf(err, errlen, "no pinned host memory for the copies"), -1;
     void *dev = ops->alloc(P->be, bytes);
+    size_t item = P->kv->block_bytes >= 4096 && P->kv->block_bytes <= ((size_t)1 << 20) ? P->kv->block_bytes
+                                                                                         : (size_t)64 << 10;
+    int n_items = (int)(bytes / item);
+    backend_copy *items = xmalloc(sizeof(backend_copy) * 2 * (size_t)n_items);
+    for (int i = 0; i < n_items; i++) {
+        uint8_t *h = (uint8_t *)host + (size_t)i * item, *g = (uint8_t *)dev + (size_t)i * item;
+        items[i] = (backend_copy){.dst = h, .src = g, .bytes = item};
+        items[n_items + i] = (backend_copy){.dst = g, .src = h, .bytes = item};
+    }
     int rc = 0;
     double alone[2];
-    for (int d = 0; d < 2; d++) alone[d] = share_copy_time(P, dev, host, bytes, d);
+    for (int d = 0; d < 2; d++) alone[d] = share_copy_time(P, items, n_items, d);
     for (int d = 0; d < 2 && rc == 0; d++)
         for (int y = 0; y < 2 && rc == 0; y++) {
             char ans[64];
@@ -703,7 +715,7 @@ static int measure_share_copies(prof *P, sim_peer *pr, sim_gpu_share *g, const d
                 rc = -1;
                 break;
             }
-            double t = share_copy_time(P, dev, host, bytes, d);
+            double t = share_copy_time(P, items, n_items, d);
             if (sim_peer_cmd(pr, ans, sizeof ans, err, errlen, "stop") != 0 ||
                 sscanf(ans, "%ld %lf", &n, &mean) != 2 || n < 1 || !(alone[d] > 0) || !(peer_alone[y] > 0)) {
                 if (!err[0]) pd_errorf(err, errlen, "the step peer answered \"%s\" to stop", ans);
@@ -713,15 +725,16 @@ static int measure_share_copies(prof *P, sim_peer *pr, sim_gpu_share *g, const d
             g->copies[d][y] = PD_MAX(t / alone[d], 1.0);
             g->beside_copy[y][d] = PD_MAX(mean / peer_alone[y], 1.0);
         }
+    free(items);
     ops->free(P->be, dev);
     if (ops->host_free) ops->host_free(P->be, host);
     if (rc != 0) return -1;
     g->copies_measured = true;
     g->copy_bytes = (double)bytes;
-    log_info("profile: shared device, copies of %zu MiB (%.2f GB/s device to host, %.2f GB/s host to device alone): "
+    log_info("profile: shared device, copies of %zu MiB in %d items (%.2f GB/s device to host, %.2f GB/s host to device alone): "
              "device to host beside prefill x%.2f, beside decode x%.2f; host to device beside prefill x%.2f, beside "
              "decode x%.2f; prefill beside them x%.2f / x%.2f, decode x%.2f / x%.2f",
-             bytes >> 20, bytes / alone[0] / 1e9, bytes / alone[1] / 1e9, g->copies[0][0], g->copies[0][1],
+             bytes >> 20, n_items, bytes / alone[0] / 1e9, bytes / alone[1] / 1e9, g->copies[0][0], g->copies[0][1],
              g->copies[1][0], g->copies[1][1], g->beside_copy[0][0], g->beside_copy[0][1], g->beside_copy[1][0],
              g->beside_copy[1][1]);
     return 0;
@@ -782,7 +795,7 @@ static void measure_gpu_share(prof *P, const sim_profile_opts *o, sim_gpu_share 
     snprintf(g->source, sizeof g->source,
              "measured: pdserve profile, a peer process on the same device, each pair %.1f s; prefill %d after %d, "
              "decode %dx%d%s", share_window_s(P), shape[0], shape[1], shape[2], shape[3],
-             g->copies_measured ? "; copies of 256 MiB between the device and pinned host memory" : "");
+             g->copies_measured ? "; copies of 256 MiB between the device and pinned host memory, a layer's block an item" : "");
     log_info("profile: shared device (prefill %d after %d: %.2f ms alone, decode %dx%d: %.2f ms alone): prefill beside "
              "prefill x%.2f, beside decode x%.2f; decode beside prefill x%.2f, beside decode x%.2f",
              shape[0], shape[1], alone[0] * 1e3, shape[2], shape[3], alone[1] * 1e3, g->kinds[0][0], g->kinds[0][1],
