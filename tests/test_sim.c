@@ -931,6 +931,16 @@ static void test_gpu_share(void) {
     }
     CHECKF(near(st.makespan_s, 0.371667, 1e-6), "copies: makespan %.6f", st.makespan_s);
     bench_result_free(res);
+    /* a put that outlasts its own instance's prefill beside it (put 0.18 s, get 0.02 s):
+     * r0's put 0.1-0.28 unslowed, r1's prefill (0.1-0.2) being its own instance's, also
+     * after that step ended (the counts as of the step, not its end); its get 0.28-0.30 */
+    cpu.bandwidth = 1e5 / 0.2;
+    cpu.put_share = 0.9;
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].token_s[0], 0.30, 1e-6), "copies: r0's KV at %.6f, want 0.30", res->recs[0].token_s[0]);
+    bench_result_free(res);
+    cpu.bandwidth = 1e5 / 0.04;
+    cpu.put_share = 0.5;
     /* without the copies measured: the ops at full speed, the steps as before */
     p.gpu_share.copies_measured = false;
     REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);

@@ -100,6 +100,8 @@ typedef struct inst {
     unsigned gen;
     int dev;                /* sharing a GPU (sim_state.gpu_share): the first instance on its
                                device in start order (itself when alone there) */
+    int dev_kind;           /* the kind of step dev_busy counts it in as of the last reshare
+                               (-1: none) */
     /* the power cap (sim_power_cap; cap.on false: off): the average power as of cap_t */
     sim_power_cap cap;
     double cap_avg_w, cap_t;
@@ -369,7 +371,7 @@ static double copy_slowdown(const sim_state *s, const inst *d, const store_op *o
     const int *n = s->dev_busy + 2 * own->dev;
     const sim_gpu_share *g = &s->p->gpu_share;
     double f = 1;
-    for (int y = 0; y < 2; y++) f += (n[y] - (own->busy && step_kind(own) == y)) * (g->copies[o->get][y] - 1);
+    for (int y = 0; y < 2; y++) f += (n[y] - (own->dev_kind == y)) * (g->copies[o->get][y] - 1);
     return PD_MAX(f, 1);
 }
 
@@ -393,8 +395,11 @@ static void reshare(sim_state *s, double now) {
             if (s->insts[i].n_ops > 0) store_advance(s, &s->insts[i], now);
     if (s->gpu_share) {
         memset(s->dev_busy, 0, sizeof(int) * 2 * (size_t)s->n_inst);
-        for (int i = 0; i < s->n_inst; i++)
-            if (s->insts[i].busy) s->dev_busy[2 * s->insts[i].dev + step_kind(&s->insts[i])]++;
+        for (int i = 0; i < s->n_inst; i++) {
+            inst *x = &s->insts[i];
+            x->dev_kind = x->busy ? step_kind(x) : -1; /* as counted until the next reshare */
+            if (x->busy) s->dev_busy[2 * x->dev + x->dev_kind]++;
+        }
     }
     if (s->copy_share) {
         memset(s->dev_copy, 0, sizeof(int) * 2 * (size_t)s->n_inst);
@@ -1205,6 +1210,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
     /* a GPU profile's instances that the device list puts on one GPU share it */
     for (int i = 0; i < s.n_inst; i++) {
         s.insts[i].dev = i;
+        s.insts[i].dev_kind = -1;
         const char *dev = inst_device(cfg, &s, i);
         for (int j = 0; dev && j < s.n_inst; j++)
             if (start_index(cfg, &s, j) < start_index(cfg, &s, s.insts[i].dev) && !strcmp(inst_device(cfg, &s, j), dev))
