@@ -199,5 +199,5 @@ rm -rf build-gpu/report-cmp
 tar -C build-gpu -czf "$out/report.tgz" $(cd build-gpu && ls -d report report-clocks 2>/dev/null)
 echo "report: done at $(el) s"
 # the databases and every deployment's log in one file (the device tool returns 8 files)
-(cd "$out" && tar -czf results.tgz $(ls -d study.db* study-cmp.db clocks.db* 2>/dev/null) && rm -rf study.db* study-cmp.db clocks.db*)
+(cd "$out" && tar -czf results.tgz $(ls -d study.db* study-cmp.db* clocks.db* 2>/dev/null) && rm -rf study.db* study-cmp.db* clocks.db*)
 echo "study: finished at $(el) s"
