@@ -747,13 +747,14 @@ static int measure_share_copies(prof *P, sim_peer *pr, sim_gpu_share *g, const d
  * from its side. Leaves g->measured false, with the reason in its source, when the
  * peer cannot run. */
 static void measure_gpu_share(prof *P, const sim_profile_opts *o, sim_gpu_share *g, const int shape[4]) {
-    char dev[16], bs[16], sh[64], err[512] = "", ans[64];
+    char dev[16], bs[16], sh[64], th[16], err[512] = "", ans[64];
     snprintf(dev, sizeof dev, "%d", o->device);
     if (o->device < 0) snprintf(dev, sizeof dev, "cpu");
     snprintf(bs, sizeof bs, "%d", P->bs);
     snprintf(sh, sizeof sh, "%d,%d,%d,%d", shape[0], shape[1], shape[2], shape[3]);
+    snprintf(th, sizeof th, "%d", PD_MAX(P->be->threads, 0)); /* the CPU's threads, as this one's (0: all) */
     char *argv[] = {"pdserve", "profile", "--model", (char *)(o->model_name ? o->model_name : ""), "--load-format",
-                    "dummy", "--device", dev, "--block-size", bs, "--step-peer", sh, NULL};
+                    "dummy", "--device", dev, "--block-size", bs, "--threads", th, "--step-peer", sh, NULL};
     memcpy(g->shape, shape, sizeof g->shape);
     sim_peer pr;
     double alone[2], peer_alone[2], beside[2][2], peer_beside[2][2];
