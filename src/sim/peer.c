@@ -6,6 +6,7 @@
  * context, I/O and threads. SIGPIPE is ignored while a peer runs (a peer that died is
  * an error, not the profiler's death) and restored when it is stopped. */
 #include <errno.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -17,13 +18,28 @@
 #include "util/util.h"
 
 int sim_peer_cmd(sim_peer *p, char *ans, size_t n, char *err, size_t errlen, const char *fmt, ...) {
+    char cmd[256];
     va_list ap;
     va_start(ap, fmt);
-    vfprintf(p->to, fmt, ap);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
     va_end(ap);
-    fputc('\n', p->to);
+    fprintf(p->to, "%s\n", cmd);
     char line[512];
-    if (fflush(p->to) != 0 || !fgets(line, sizeof line, p->from)) {
+    if (fflush(p->to) != 0) {
+        pd_errorf(err, errlen, "the %s process stopped answering", p->what);
+        return -1;
+    }
+    /* the answer within the limit (the input is unbuffered, so that poll sees all of it) */
+    struct pollfd pfd = {.fd = fileno(p->from), .events = POLLIN};
+    int r;
+    do r = poll(&pfd, 1, SIM_PEER_ANSWER_S * 1000);
+    while (r < 0 && errno == EINTR);
+    if (r == 0) {
+        kill(p->pid, SIGKILL); /* a peer stuck in a step or a transfer: ended, reaped by stop */
+        pd_errorf(err, errlen, "the %s process did not answer \"%s\" within %d s", p->what, cmd, SIM_PEER_ANSWER_S);
+        return -1;
+    }
+    if (r < 0 || !fgets(line, sizeof line, p->from)) {
         pd_errorf(err, errlen, "the %s process stopped answering", p->what);
         return -1;
     }
@@ -81,6 +97,7 @@ int sim_peer_start(sim_peer *p, const char *what, char *const argv[], char *err,
     p->pipe_saved = true;
     p->to = fdopen(in[1], "w");
     p->from = fdopen(out[0], "r");
+    if (p->from) setvbuf(p->from, NULL, _IONBF, 0);
     char ans[64];
     if (!p->to || !p->from || sim_peer_cmd(p, ans, sizeof ans, err, errlen, "hello") != 0) {
         if (!p->to) close(in[1]);

@@ -431,8 +431,10 @@ int sim_profile_kv_peer(backend *be, const model_config *cfg, int bs, size_t cac
 
 /* A profiler's peer process (peer.c): this binary again with argv (argv[0] a name),
  * standard input and output on pipes; one command line, one answer line ("ok REST" or
- * "err WHY"). Start sends "hello" and waits for its "ok"; 0, or -1 with err and nothing
- * left running. SIGPIPE is ignored from start to stop. */
+ * "err WHY"), within SIM_PEER_ANSWER_S (else it is killed: an error). Start sends
+ * "hello" and waits for its "ok"; 0, or -1 with err and nothing left running. SIGPIPE
+ * is ignored from start to stop. */
+#define SIM_PEER_ANSWER_S 300 /* a peer that answers no command within it is killed */
 typedef struct sim_peer {
     int pid;
     FILE *to, *from;
