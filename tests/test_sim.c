@@ -1532,6 +1532,53 @@ static void test_cpu_contention(void) {
     sim_profile_free(&p);
 }
 
+/* `pdserve profile --mediums-into BASE`: the base profile with the named mediums timed
+ * now in place of its own, its grids and other mediums kept; a base of another KV
+ * geometry refused (PDSERVE_BIN; skipped without it). */
+static void test_profile_mediums_into(void) {
+    const char *bin = getenv("PDSERVE_BIN");
+    if (!bin) {
+        printf("skip: PDSERVE_BIN not set\n");
+        return;
+    }
+    const char *dir = getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
+    char base[512], out[512], cmd[2048], err[256];
+    snprintf(base, sizeof base, "%s/pd-base-%d.json", dir, (int)getpid());
+    snprintf(out, sizeof out, "%s/pd-probe-%d.json", dir, (int)getpid());
+    model_config mc;
+    REQUIRE(model_preset("small-llama", &mc, err, sizeof err) == 0);
+    sim_profile p;
+    linear_profile(&p);
+    p.block_size = 16;
+    p.kv_bytes_per_token = model_kv_bytes_per_token(&mc, 4);
+    p.n_mediums = 2;
+    sim_medium_default("disk", &p.mediums[0]);
+    sim_medium_default("nvlink", &p.mediums[1]);
+    snprintf(p.mediums[0].source, sizeof p.mediums[0].source, "the base's");
+    REQUIRE(sim_profile_save(&p, base, err, sizeof err) == 0);
+    snprintf(cmd, sizeof cmd,
+             "%s profile --model preset:small-llama --threads 1 --medium disk --medium-train 0.3 --medium-bytes 8M "
+             "--medium-dir %s --mediums-into %s -o %s > /dev/null 2>&1",
+             bin, dir, base, out);
+    CHECKF(system(cmd) == 0, "%s", cmd);
+    sim_profile q;
+    if (sim_profile_load(out, &q, err, sizeof err) != 0) {
+        CHECKF(0, "%s", err);
+    } else {
+        CHECKF(q.n_mediums == 2 && !strcmp(q.mediums[0].name, "nvlink") && !strcmp(q.mediums[1].name, "disk"),
+               "%d mediums", q.n_mediums);
+        CHECKF(strstr(q.mediums[1].source, "measured") != NULL, "disk: %s", q.mediums[1].source);
+        CHECK(q.prefill.v[3] == p.prefill.v[3] && q.decode.v[2] == p.decode.v[2]);
+        sim_profile_free(&q);
+    }
+    p.kv_bytes_per_token = 1; /* another model's */
+    REQUIRE(sim_profile_save(&p, base, err, sizeof err) == 0);
+    CHECK(system(cmd) != 0);
+    sim_profile_free(&p);
+    unlink(base);
+    unlink(out);
+}
+
 /* `pdserve profile --device-share on`: a second process (`--step-peer`) steps on the
  * same device while this one times each kind; the file holds the four pairs, each at
  * least 1 (on the CPU here, as the GPU does it; PDSERVE_BIN, skipped without it). The
@@ -1597,6 +1644,7 @@ int main(void) {
     TEST_RUN(test_profile_mediums);
     TEST_RUN(test_profile_mediums_peer);
     TEST_RUN(test_profile_device_share);
+    TEST_RUN(test_profile_mediums_into);
     TEST_RUN(test_profile_tiers);
     TEST_RUN(test_trivial_timestamps);
     TEST_RUN(test_disaggregated_transfer);

@@ -16,7 +16,10 @@
 #   scripts/gpu/study.sh                         PLAN=plans/paper-batch.json to change it
 # Environment: PLAN, SETUPS (a comma-separated subset of the plan's setup labels),
 # SKIP_PROFILE=1, SKIP_SWEEP=1, SKIP_SIM=1, SIM_COMPARE (sim options for a second
-# simulation into study-cmp.db, e.g. --gpu-share-equal), SWEEP_TIMEOUT (s, 420), MEDIA (gpu,cpu,disk),
+# simulation into study-cmp.db, e.g. --gpu-share-equal; a blank " " for the whole plan
+# on profile.json alone beside PROBE_MEDIUM's), PROBE_MEDIUM (disk: its setups' points
+# one at a time, each after a probe of the medium, simulated with it), PROBE_TRAIN,
+# SWEEP_TIMEOUT (s, 420), MEDIA (gpu,cpu,disk),
 # SERVING_MAX_LEN (longest prompt of the profile's serving path, 4096),
 # RESUME_DIR (a folder with a study.db and profile.json of an earlier call: the sweep
 # resumes that database, points already done are skipped, and the profile is reused
@@ -165,12 +168,50 @@ if [ -z "${SKIP_PROFILE:-}" ]; then
   echo "profile: exit $? at $(el) s"
 fi
 
+# PROBE_MEDIUM (e.g. disk): the setups over that medium (dis-MEDIUM) run one point at
+# a time, each after a probe of the medium (`pdserve profile --mediums-into`: the
+# profile with that medium timed again, PROBE_TRAIN s of sustained train, default 6),
+# and each is simulated with its own probe: a medium that drifts between minutes is
+# priced as it ran around the point. The other setups run and simulate as usual.
+main_plan=$PLAN
+probe_points=""
+if [ -n "${PROBE_MEDIUM:-}" ] && [ -z "${SKIP_SWEEP:-}" ]; then
+  mkdir -p "$out/probe"
+  probe_points=$(python3 - "$PLAN" "$PROBE_MEDIUM" "${SETUPS:-}" "$out/probe" <<'PY'
+import json, sys
+plan, med, only, d = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3], sys.argv[4]
+chosen = [s for s in plan["setups"] if not only or s["name"] in only.split(",")]
+probed = [s for s in chosen if s["name"] == "dis-" + med]
+rest = dict(plan, setups=[s for s in chosen if s not in probed])
+json.dump(rest, open(d + "/main-plan.json", "w"), indent=1)
+loads = plan.get("loads", {})
+key = next((k for k, v in loads.items() if isinstance(v, list)), None)
+for s in probed:
+    for v in (loads[key] if key else [None]):
+        one = dict(plan, setups=[s], loads=dict(loads, **({key: [v]} if key else {})))
+        name = f"{s['name']}-{v}"
+        json.dump(one, open(f"{d}/{name}.json", "w"), indent=1)
+        print(name)
+PY
+)
+  main_plan=$out/probe/main-plan.json
+  echo "probe $PROBE_MEDIUM: points $(echo $probe_points | tr '\n' ' ')"
+fi
+
 if [ -z "${SKIP_SWEEP:-}" ]; then
   [ -z "${RESUME_DIR:-}" ] && rm -f "$out/study.db"
   sel=()
-  [ -n "${SETUPS:-}" ] && sel=(--setups "$SETUPS")
-  timeout "${SWEEP_TIMEOUT:-420}" "$BIN" sweep "$PLAN" --db "$out/study.db" --model "$MODEL" --tokenizer "$TOK" "${sel[@]}"
-  echo "sweep: exit $? at $(el) s"
+  [ -n "${SETUPS:-}" ] && [ -z "$probe_points" ] && sel=(--setups "$SETUPS")
+  if [ "$(python3 -c "import json,sys; print(len(json.load(open(sys.argv[1]))['setups']))" "$main_plan")" != 0 ]; then
+    timeout "${SWEEP_TIMEOUT:-420}" "$BIN" sweep "$main_plan" --db "$out/study.db" --model "$MODEL" --tokenizer "$TOK" "${sel[@]}"
+    echo "sweep: exit $? at $(el) s"
+  fi
+  for pt in $probe_points; do
+    timeout 300 "$BIN" profile --model "$MODEL" --device 0 --medium "$PROBE_MEDIUM" --medium-train "${PROBE_TRAIN:-6}" \
+      --mediums-into "$out/profile.json" -o "$out/probe/$pt-profile.json" 2>&1 | grep -E "medium $PROBE_MEDIUM|error"
+    timeout "${SWEEP_TIMEOUT:-420}" "$BIN" sweep "$out/probe/$pt.json" --db "$out/study.db" --model "$MODEL" --tokenizer "$TOK"
+    echo "probe and sweep $pt: exit $? at $(el) s"
+  done
 fi
 
 if [ -z "${SKIP_SIM:-}" ] && [ -f "$out/profile.json" ]; then
@@ -180,8 +221,14 @@ if [ -z "${SKIP_SIM:-}" ] && [ -f "$out/profile.json" ]; then
     timeout 120 "$BIN" sim "$PLAN" --profile "$out/profile.json" --db "$out/study-cmp.db" --quiet $SIM_COMPARE &&
     echo "sim $PLAN $SIM_COMPARE: into study-cmp.db at $(el) s"
   # the same points simulated into the same database: report puts them side by side
-  timeout 120 "$BIN" sim "$PLAN" --profile "$out/profile.json" --db "$out/study.db" --quiet
-  echo "sim $PLAN: exit $? at $(el) s"
+  # (the probed points each with its own probe's profile)
+  timeout 120 "$BIN" sim "$main_plan" --profile "$out/profile.json" --db "$out/study.db" --quiet
+  echo "sim $main_plan: exit $? at $(el) s"
+  for pt in $probe_points; do
+    [ -f "$out/probe/$pt-profile.json" ] &&
+      timeout 60 "$BIN" sim "$out/probe/$pt.json" --profile "$out/probe/$pt-profile.json" --db "$out/study.db" --quiet
+    echo "sim $pt with its probe: exit $? at $(el) s"
+  done
   rm -f "$out/clocks.db"
   timeout 120 "$BIN" sim plans/paper-clocks.json --profile "$out/profile.json" --db "$out/clocks.db" \
     --json "$out/clocks-sim.json" --quiet
@@ -199,5 +246,5 @@ rm -rf build-gpu/report-cmp
 tar -C build-gpu -czf "$out/report.tgz" $(cd build-gpu && ls -d report report-clocks 2>/dev/null)
 echo "report: done at $(el) s"
 # the databases and every deployment's log in one file (the device tool returns 8 files)
-(cd "$out" && tar -czf results.tgz $(ls -d study.db* study-cmp.db* clocks.db* 2>/dev/null) && rm -rf study.db* study-cmp.db* clocks.db*)
+(cd "$out" && tar -czf results.tgz $(ls -d study.db* study-cmp.db* clocks.db* probe 2>/dev/null) && rm -rf study.db* study-cmp.db* clocks.db* probe)
 echo "study: finished at $(el) s"

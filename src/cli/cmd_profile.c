@@ -109,6 +109,52 @@ static int refit_mediums(const char *in, const char *out) {
     return rc;
 }
 
+/* --mediums-into BASE: BASE's profile with the mediums of `list` timed now on be (model
+ * cfg's KV geometry) in place of its own of those names, written to out_path. The
+ * base must be of the same KV geometry. 0, 1 on failure (a message on stderr). */
+static int probe_mediums(const char *base, backend *be, const model_config *cfg, const char *model_arg,
+                         const char *device, const char *list, const char *dir, long long bytes, bool gpu,
+                         bool in_process, int repeats, double train_s, const char *out_path) {
+    char err[1024];
+    if (!list) {
+        fprintf(stderr, "pdserve profile: --mediums-into needs --medium\n");
+        return 1;
+    }
+    sim_profile p;
+    if (sim_profile_load(base, &p, err, sizeof err) != 0) {
+        fprintf(stderr, "pdserve profile: --mediums-into: %s\n", err);
+        return 1;
+    }
+    size_t per_token = model_kv_bytes_per_token(cfg, dtype_size(be->ops->kv_type));
+    if (p.kv_bytes_per_token != per_token) {
+        fprintf(stderr, "pdserve profile: --mediums-into %s: kv_bytes_per_token %zu, this model's %zu\n", base,
+                p.kv_bytes_per_token, per_token);
+        sim_profile_free(&p);
+        return 1;
+    }
+    /* the base's mediums named in the list go: the probe's take their places */
+    int kept = 0;
+    for (int i = 0; i < p.n_mediums; i++) {
+        char want[64];
+        snprintf(want, sizeof want, ",%s,", p.mediums[i].name);
+        char padded[256];
+        snprintf(padded, sizeof padded, ",%s,", list);
+        if (!strstr(padded, want)) p.mediums[kept++] = p.mediums[i];
+    }
+    p.n_mediums = kept;
+    p.mediums_note[0] = 0;
+    const char *mdir = dir ? dir : getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
+    size_t mbytes = bytes > 0 ? (size_t)bytes : gpu ? (size_t)2 << 30 : (size_t)256 << 20;
+    sim_profile_mediums_peer(in_process ? NULL : model_arg, device);
+    sim_profile_time_mediums(be, cfg, list, mdir, mbytes, repeats, train_s, &p, err, sizeof err);
+    if (p.mediums_note[0]) log_warn("profile: mediums: %s", p.mediums_note);
+    int rc = sim_profile_save(&p, out_path, err, sizeof err) != 0;
+    if (rc) fprintf(stderr, "pdserve profile: %s\n", err);
+    else log_info("profile: wrote %s (%s, its mediums %s timed now)", out_path, base, list);
+    sim_profile_free(&p);
+    return rc;
+}
+
 int cmd_profile(int argc, char **argv) {
     const char *model_arg = NULL, *load_format = "auto", *device = "cpu", *out_path = NULL, *medium = NULL;
     const char *pt = NULL, *pc = NULL, *db = NULL, *dc = NULL;
@@ -116,7 +162,7 @@ int cmd_profile(int argc, char **argv) {
     double clock_mhz = 0;
     bool no_power = false, verbose = false, no_power_cap = false;
     const char *roofline = NULL, *medium_dir = NULL, *sm_clocks = NULL, *tiers = NULL, *refit = NULL;
-    const char *refit_med = NULL;
+    const char *refit_med = NULL, *mediums_into = NULL;
     long long medium_bytes = 0;
     double medium_train = 20;
     bool allow_clock_control = false, serving = false, serving_processes = false;
@@ -141,6 +187,9 @@ int cmd_profile(int argc, char **argv) {
          "seconds of back-to-back disk transfers after the disk's curve; their medians set its speed "
          "(default 20; 0: the best-of curve alone)", "S"},
         {"medium-bytes", OPT_SIZE, &medium_bytes, "largest KV cache per side while timing mediums (GPU 2GiB, CPU 256MiB)", "BYTES"},
+        {"mediums-into", OPT_STRING, &mediums_into,
+         "time only the mediums of --medium (no steps, no weights loaded) and write PROFILE with them in place of "
+         "its own to -o: a probe of a medium between sweep points (scripts/gpu/study.sh PROBE_MEDIUM)", "PROFILE"},
         {"medium-in-process", OPT_FLAG, &medium_in_process,
          "disk: run the overlap rounds' decode side in this process, not in a process of its own as a "
          "deployment's (the profiles before 2026-11-29 did)", NULL},
@@ -313,6 +362,13 @@ int cmd_profile(int argc, char **argv) {
         size_t cb = medium_bytes > 0 ? (size_t)medium_bytes : (size_t)256 << 20;
         rc = sim_profile_kv_peer(be, &files.config, block_size, cb, kv_peer, err, sizeof err) == 0 ? 0 : 1;
         if (rc) fprintf(stderr, "pdserve profile --kv-peer: %s\n", err);
+        backend_destroy(be);
+        model_files_close(&files);
+        return rc;
+    }
+    if (mediums_into) { /* a medium probe: the base profile with the mediums timed now */
+        rc = probe_mediums(mediums_into, be, &files.config, model_arg, device, medium, medium_dir, medium_bytes,
+                           dev >= 0, medium_in_process, PD_MIN(repeats, 3), medium_train, out_path);
         backend_destroy(be);
         model_files_close(&files);
         return rc;
