@@ -180,18 +180,19 @@ if [ -n "${PROBE_MEDIUM:-}" ] && [ -z "${SKIP_SWEEP:-}" ]; then
   probe_points=$(python3 - "$PLAN" "$PROBE_MEDIUM" "${SETUPS:-}" "$out/probe" <<'PY'
 import json, sys
 plan, med, only, d = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3], sys.argv[4]
-chosen = [s for s in plan["setups"] if not only or s["name"] in only.split(",")]
-probed = [s for s in chosen if s["name"] == "dis-" + med]
-rest = dict(plan, setups=[s for s in chosen if s not in probed])
-json.dump(rest, open(d + "/main-plan.json", "w"), indent=1)
-loads = plan.get("loads", {})
-key = next((k for k, v in loads.items() if isinstance(v, list)), None)
+name = lambda s: s if isinstance(s, str) else s["name"]
+chosen = [s for s in plan["setups"] if not only or name(s) in only.split(",")]
+probed = [s for s in chosen if name(s) == "dis-" + med]
+json.dump(dict(plan, setups=[s for s in chosen if s not in probed]), open(d + "/main-plan.json", "w"), indent=1)
+groups = plan.get("loads", {})
 for s in probed:
-    for v in (loads[key] if key else [None]):
-        one = dict(plan, setups=[s], loads=dict(loads, **({key: [v]} if key else {})))
-        name = f"{s['name']}-{v}"
-        json.dump(one, open(f"{d}/{name}.json", "w"), indent=1)
-        print(name)
+    for g in groups if isinstance(groups, list) else [groups]:
+        key = next((k for k, v in g.items() if isinstance(v, list)), None)
+        for v in g[key] if key else [None]:
+            one = dict(plan, setups=[s], loads=[dict(g, **({key: [v]} if key else {}))])
+            pt = f"{name(s)}-{key}-{v}"
+            json.dump(one, open(f"{d}/{pt}.json", "w"), indent=1)
+            print(pt)
 PY
 )
   main_plan=$out/probe/main-plan.json
