@@ -579,241 +579,6 @@ static void measure_contention(prof *P, const sim_profile_opts *o, sim_contentio
              c->n_points, T, B, L, CONTENTION_WINDOW_S, kinds);
 }
 
-/* ---- a GPU shared by two processes ------------------------------------------------------ */
-
-/* A kind's step at the pairs' shape (T rows after C cached tokens; B decodes at L). */
-static void share_step(prof *P, int kind, const int shape[4]) {
-    if (kind == 0) measure_prefill(P, shape[0], shape[1]);
-    else measure_decode(P, shape[2], shape[3], 0);
-}
-
-/* Seconds a pair's step is timed over: long enough for tens of steps of either kind
- * and many of the driver's time slices, short enough for six windows in seconds. */
-static double share_window_s(const prof *P) { return strcmp(P->be->ops->name, "cpu") ? 1.0 : 0.3; }
-
-/* The mean time of kind's steps back to back over the window, after one warm-up. */
-static double share_time(prof *P, int kind, const int shape[4]) {
-    share_step(P, kind, shape);
-    double t0 = time_now_s(), t = t0, w = share_window_s(P);
-    long n = 0;
-    for (; t - t0 < w; n++) {
-        share_step(P, kind, shape);
-        t = time_now_s();
-    }
-    return (t - t0) / (double)n;
-}
-
-/* One line from standard input (unbuffered: the peer polls it between steps), its
- * newline dropped; false at the end of input. */
-static bool peer_line(char *buf, size_t cap) {
-    size_t n = 0;
-    for (;;) {
-        char c;
-        ssize_t r = read(0, &c, 1);
-        if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) {
-            buf[n] = 0;
-            return n > 0;
-        }
-        if (c == '\n') break;
-        if (n + 1 < cap) buf[n++] = c;
-    }
-    buf[n] = 0;
-    return true;
-}
-
-int sim_profile_step_peer(model *m, int block_size, const int shape[4], char *err, size_t errlen) {
-    prof P = {.m = m, .be = m->be, .bs = block_size > 0 ? block_size : 16};
-    rng_seed(&P.rng, 54321);
-    int T = shape[0], C = shape[1], B = shape[2], L = shape[3];
-    if (T < 1 || C < 0 || B < 1 || L < 1)
-        return pd_errorf(err, errlen, "--step-peer: T,C,B,L with T, B, L >= 1 and C >= 0"), -1;
-    int blocks = PD_MAX(blocks_for(T + C, P.bs), B * blocks_for(L, P.bs));
-    if (prof_open(&P, PD_MAX(T, B), B + 1, B + 1, blocks, err, errlen) != 0) return -1;
-    for (int k = 0; k < 2; k++) share_step(&P, k, shape); /* warm-up: graphs captured, kernels loaded */
-    char line[128];
-    while (peer_line(line, sizeof line)) {
-        int k = -1;
-        char cmd[16];
-        int f = sscanf(line, "%15s %d", cmd, &k);
-        bool kind = f == 2 && (k == 0 || k == 1);
-        if (f >= 1 && !strcmp(cmd, "hello")) {
-            printf("ok\n");
-        } else if (kind && !strcmp(cmd, "time")) {
-            printf("ok %.9f\n", share_time(&P, k, shape));
-        } else if (kind && !strcmp(cmd, "run")) {
-            share_step(&P, k, shape);
-            printf("ok\n");
-            fflush(stdout);
-            double t0 = time_now_s();
-            long n = 0;
-            struct pollfd pfd = {.fd = 0, .events = POLLIN};
-            do {
-                share_step(&P, k, shape);
-                n++;
-            } while (poll(&pfd, 1, 0) == 0);
-            double t = time_now_s() - t0;
-            if (!peer_line(line, sizeof line) || strcmp(line, "stop") != 0) break;
-            printf("ok %ld %.9f\n", n, t / (double)n);
-        } else {
-            printf("err unknown command\n");
-        }
-        fflush(stdout);
-    }
-    prof_close(&P);
-    return 0;
-}
-
-/* A copy between device memory and pinned host memory as a cpu-medium put (dir 0:
- * device to host) or get (1: host to device) moves a request: one batch of items of
- * one layer's block each (`item` bytes), which the CUDA backend's batched copy kernel
- * moves (the SMs over PCIe into mapped host memory, time-sliced with the other
- * context's kernels as any kernel; one large item would go to the copy engines, which
- * are not). The mean seconds of one batch over the share window, after one warm-up. */
-static double share_copy_time(prof *P, const backend_copy *items, int n_items, int dir) {
-    const backend_copy *c = items + (dir ? n_items : 0); /* items: n_items each way */
-    P->be->ops->copy_batch(P->be, c, n_items);
-    double t0 = time_now_s(), t = t0, w = share_window_s(P);
-    long n = 0;
-    for (; t - t0 < w; n++) {
-        P->be->ops->copy_batch(P->be, c, n_items);
-        t = time_now_s();
-    }
-    return (t - t0) / (double)n;
-}
-
-/* The copies' half of the pairs (sim_gpu_share.copies, beside_copy): each direction
- * timed alone, then while the peer steps each kind, whose mean step over its own alone
- * gives the step beside the copies. Needs the backend's copy_batch and pinned host
- * memory; 0, or -1 with err (nothing measured). */
-static int measure_share_copies(prof *P, sim_peer *pr, sim_gpu_share *g, const double peer_alone[2], char *err,
-                                size_t errlen) {
-    const backend_ops *ops = P->be->ops;
-    if (!ops->copy_batch || !ops->host_alloc || !ops->alloc) return pd_errorf(err, errlen, "no device copies"), -1;
-    size_t bytes = (size_t)256 << 20;
-    void *host = ops->host_alloc(P->be, bytes);
-    if (!host) return pd_errorf(err, errlen, "no pinned host memory for the copies"), -1;
-    void *dev = ops->alloc(P->be, bytes);
-    size_t item = P->kv->block_bytes >= 4096 && P->kv->block_bytes <= ((size_t)1 << 20) ? P->kv->block_bytes
-                                                                                         : (size_t)64 << 10;
-    int n_items = (int)(bytes / item);
-    backend_copy *items = xmalloc(sizeof(backend_copy) * 2 * (size_t)n_items);
-    for (int i = 0; i < n_items; i++) {
-        uint8_t *h = (uint8_t *)host + (size_t)i * item, *g = (uint8_t *)dev + (size_t)i * item;
-        items[i] = (backend_copy){.dst = h, .src = g, .bytes = item};
-        items[n_items + i] = (backend_copy){.dst = g, .src = h, .bytes = item};
-    }
-    int rc = 0;
-    double alone[2];
-    for (int d = 0; d < 2; d++) alone[d] = share_copy_time(P, items, n_items, d);
-    for (int d = 0; d < 2 && rc == 0; d++)
-        for (int y = 0; y < 2 && rc == 0; y++) {
-            char ans[64];
-            long n = 0;
-            double mean = 0;
-            if (sim_peer_cmd(pr, ans, sizeof ans, err, errlen, "run %d", y) != 0) {
-                rc = -1;
-                break;
-            }
-            double t = share_copy_time(P, items, n_items, d);
-            if (sim_peer_cmd(pr, ans, sizeof ans, err, errlen, "stop") != 0 ||
-                sscanf(ans, "%ld %lf", &n, &mean) != 2 || n < 1 || !(alone[d] > 0) || !(peer_alone[y] > 0)) {
-                if (!err[0]) pd_errorf(err, errlen, "the step peer answered \"%s\" to stop", ans);
-                rc = -1;
-                break;
-            }
-            g->copies[d][y] = PD_MAX(t / alone[d], 1.0);
-            g->beside_copy[y][d] = PD_MAX(mean / peer_alone[y], 1.0);
-        }
-    free(items);
-    ops->free(P->be, dev);
-    if (ops->host_free) ops->host_free(P->be, host);
-    if (rc != 0) return -1;
-    g->copies_measured = true;
-    g->copy_bytes = (double)bytes;
-    log_info("profile: shared device, copies of %zu MiB in %d items (%.2f GB/s device to host, %.2f GB/s host to device alone): "
-             "device to host beside prefill x%.2f, beside decode x%.2f; host to device beside prefill x%.2f, beside "
-             "decode x%.2f; prefill beside them x%.2f / x%.2f, decode x%.2f / x%.2f",
-             bytes >> 20, n_items, bytes / alone[0] / 1e9, bytes / alone[1] / 1e9, g->copies[0][0], g->copies[0][1],
-             g->copies[1][0], g->copies[1][1], g->beside_copy[0][0], g->beside_copy[0][1], g->beside_copy[1][0],
-             g->beside_copy[1][1]);
-    return 0;
-}
-
-/* The shared-GPU pairs (sim_gpu_share): with a peer process on the same device (its
- * own context, as a second instance has), each kind timed alone here and while the
- * peer runs each kind back to back; kinds[x][y] = x beside y over x alone. The peer's
- * own times (alone, and while this process ran the other kind) are logged as the check
- * from its side. Leaves g->measured false, with the reason in its source, when the
- * peer cannot run. */
-static void measure_gpu_share(prof *P, const sim_profile_opts *o, sim_gpu_share *g, const int shape[4]) {
-    char dev[16], bs[16], sh[64], th[16], err[512] = "", ans[64];
-    snprintf(dev, sizeof dev, "%d", o->device);
-    if (o->device < 0) snprintf(dev, sizeof dev, "cpu");
-    snprintf(bs, sizeof bs, "%d", P->bs);
-    snprintf(sh, sizeof sh, "%d,%d,%d,%d", shape[0], shape[1], shape[2], shape[3]);
-    snprintf(th, sizeof th, "%d", PD_MAX(P->be->threads, 0)); /* the CPU's threads, as this one's (0: all) */
-    char *argv[] = {"pdserve", "profile", "--model", (char *)(o->model_name ? o->model_name : ""), "--load-format",
-                    "dummy", "--device", dev, "--block-size", bs, "--threads", th, "--step-peer", sh, NULL};
-    memcpy(g->shape, shape, sizeof g->shape);
-    sim_peer pr;
-    double alone[2], peer_alone[2], beside[2][2], peer_beside[2][2];
-    if (!o->model_name || sim_peer_start(&pr, "step peer", argv, err, sizeof err) != 0) {
-        if (!o->model_name) snprintf(err, sizeof err, "no model argument for the peer");
-        goto fail;
-    }
-    for (int x = 0; x < 2; x++) {
-        alone[x] = share_time(P, x, shape);
-        if (sim_peer_cmd(&pr, ans, sizeof ans, err, sizeof err, "time %d", x) != 0) goto fail_peer;
-        peer_alone[x] = atof(ans);
-    }
-    for (int x = 0; x < 2; x++)
-        for (int y = 0; y < 2; y++) {
-            if (sim_peer_cmd(&pr, ans, sizeof ans, err, sizeof err, "run %d", y) != 0) goto fail_peer;
-            beside[x][y] = share_time(P, x, shape);
-            long n = 0;
-            double mean = 0;
-            if (sim_peer_cmd(&pr, ans, sizeof ans, err, sizeof err, "stop") != 0) goto fail_peer;
-            if (sscanf(ans, "%ld %lf", &n, &mean) != 2 || n < 1) {
-                snprintf(err, sizeof err, "the step peer answered \"%s\" to stop", ans);
-                goto fail_peer;
-            }
-            peer_beside[y][x] = mean;
-        }
-    char cerr[256] = "";
-    if (measure_share_copies(P, &pr, g, peer_alone, cerr, sizeof cerr) != 0)
-        log_info("profile: shared device: copies not timed (%s)", cerr);
-    sim_peer_stop(&pr);
-    for (int x = 0; x < 2; x++)
-        for (int y = 0; y < 2; y++) {
-            if (!(alone[x] > 0) || !(beside[x][y] > 0)) {
-                snprintf(err, sizeof err, "a step timed at zero");
-                goto fail;
-            }
-            g->kinds[x][y] = PD_MAX(beside[x][y] / alone[x], 1.0);
-        }
-    g->measured = true;
-    snprintf(g->source, sizeof g->source,
-             "measured: pdserve profile, a peer process on the same device, each pair %.1f s; prefill %d after %d, "
-             "decode %dx%d%s", share_window_s(P), shape[0], shape[1], shape[2], shape[3],
-             g->copies_measured ? "; copies of 256 MiB between the device and pinned host memory, a layer's block an item" : "");
-    log_info("profile: shared device (prefill %d after %d: %.2f ms alone, decode %dx%d: %.2f ms alone): prefill beside "
-             "prefill x%.2f, beside decode x%.2f; decode beside prefill x%.2f, beside decode x%.2f",
-             shape[0], shape[1], alone[0] * 1e3, shape[2], shape[3], alone[1] * 1e3, g->kinds[0][0], g->kinds[0][1],
-             g->kinds[1][0], g->kinds[1][1]);
-    log_info("profile: shared device, from the peer's side (%.2f / %.2f ms alone): prefill beside prefill x%.2f, "
-             "beside decode x%.2f; decode beside prefill x%.2f, beside decode x%.2f",
-             peer_alone[0] * 1e3, peer_alone[1] * 1e3, peer_beside[0][0] / peer_alone[0],
-             peer_beside[0][1] / peer_alone[0], peer_beside[1][0] / peer_alone[1], peer_beside[1][1] / peer_alone[1]);
-    return;
-fail_peer:
-    sim_peer_stop(&pr);
-fail:
-    g->measured = false;
-    snprintf(g->source, sizeof g->source, "not measured: %.170s", err);
-    log_warn("profile: shared device: %s", err);
-}
-
 /* ---- power ------------------------------------------------------------------------------ */
 
 typedef struct power_phase {
@@ -1124,6 +889,264 @@ static void measure_power_cap(prof *P, const sim_profile_opts *o, const cap_shap
              d->window_s > 0 ? "" : "; window not estimated (no clock drop above the limit)");
 }
 
+/* ---- a GPU shared by two processes ------------------------------------------------------ */
+
+/* A kind's step at the pairs' shape (T rows after C cached tokens; B decodes at L). */
+static void share_step(prof *P, int kind, const int shape[4]) {
+    if (kind == 0) measure_prefill(P, shape[0], shape[1]);
+    else measure_decode(P, shape[2], shape[3], 0);
+}
+
+/* Seconds a pair's step is timed over: long enough for tens of steps of either kind
+ * and many of the driver's time slices, short enough for six windows in seconds. */
+static double share_window_s(const prof *P) { return strcmp(P->be->ops->name, "cpu") ? 1.0 : 0.3; }
+
+/* The mean time of kind's steps back to back over the window, after one warm-up. */
+static double share_time(prof *P, int kind, const int shape[4]) {
+    share_step(P, kind, shape);
+    double t0 = time_now_s(), t = t0, w = share_window_s(P);
+    long n = 0;
+    for (; t - t0 < w; n++) {
+        share_step(P, kind, shape);
+        t = time_now_s();
+    }
+    return (t - t0) / (double)n;
+}
+
+/* One line from standard input (unbuffered: the peer polls it between steps), its
+ * newline dropped; false at the end of input. */
+static bool peer_line(char *buf, size_t cap) {
+    size_t n = 0;
+    for (;;) {
+        char c;
+        ssize_t r = read(0, &c, 1);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) {
+            buf[n] = 0;
+            return n > 0;
+        }
+        if (c == '\n') break;
+        if (n + 1 < cap) buf[n++] = c;
+    }
+    buf[n] = 0;
+    return true;
+}
+
+int sim_profile_step_peer(model *m, int block_size, const int shape[4], char *err, size_t errlen) {
+    prof P = {.m = m, .be = m->be, .bs = block_size > 0 ? block_size : 16};
+    rng_seed(&P.rng, 54321);
+    int T = shape[0], C = shape[1], B = shape[2], L = shape[3];
+    if (T < 1 || C < 0 || B < 1 || L < 1)
+        return pd_errorf(err, errlen, "--step-peer: T,C,B,L with T, B, L >= 1 and C >= 0"), -1;
+    int blocks = PD_MAX(blocks_for(T + C, P.bs), B * blocks_for(L, P.bs));
+    if (prof_open(&P, PD_MAX(T, B), B + 1, B + 1, blocks, err, errlen) != 0) return -1;
+    for (int k = 0; k < 2; k++) share_step(&P, k, shape); /* warm-up: graphs captured, kernels loaded */
+    char line[128];
+    while (peer_line(line, sizeof line)) {
+        int k = -1;
+        char cmd[16];
+        int f = sscanf(line, "%15s %d", cmd, &k);
+        bool kind = f == 2 && (k == 0 || k == 1);
+        if (f >= 1 && !strcmp(cmd, "hello")) {
+            printf("ok\n");
+        } else if (kind && !strcmp(cmd, "time")) {
+            printf("ok %.9f\n", share_time(&P, k, shape));
+        } else if (kind && !strcmp(cmd, "run")) {
+            share_step(&P, k, shape);
+            printf("ok\n");
+            fflush(stdout);
+            double t0 = time_now_s();
+            long n = 0;
+            struct pollfd pfd = {.fd = 0, .events = POLLIN};
+            do {
+                share_step(&P, k, shape);
+                n++;
+            } while (poll(&pfd, 1, 0) == 0);
+            double t = time_now_s() - t0;
+            if (!peer_line(line, sizeof line) || strcmp(line, "stop") != 0) break;
+            printf("ok %ld %.9f\n", n, t / (double)n);
+        } else {
+            printf("err unknown command\n");
+        }
+        fflush(stdout);
+    }
+    prof_close(&P);
+    return 0;
+}
+
+/* A copy between device memory and pinned host memory as a cpu-medium put (dir 0:
+ * device to host) or get (1: host to device) moves a request: one batch of items of
+ * one layer's block each (`item` bytes), which the CUDA backend's batched copy kernel
+ * moves (the SMs over PCIe into mapped host memory, time-sliced with the other
+ * context's kernels as any kernel; one large item would go to the copy engines, which
+ * are not). The mean seconds of one batch over the share window, after one warm-up. */
+static double share_copy_time(prof *P, const backend_copy *items, int n_items, int dir) {
+    const backend_copy *c = items + (dir ? n_items : 0); /* items: n_items each way */
+    P->be->ops->copy_batch(P->be, c, n_items);
+    double t0 = time_now_s(), t = t0, w = share_window_s(P);
+    long n = 0;
+    for (; t - t0 < w; n++) {
+        P->be->ops->copy_batch(P->be, c, n_items);
+        t = time_now_s();
+    }
+    return (t - t0) / (double)n;
+}
+
+/* The copies' half of the pairs (sim_gpu_share.copies, beside_copy): each direction
+ * timed alone, then while the peer steps each kind, whose mean step over its own alone
+ * gives the step beside the copies. Needs the backend's copy_batch and pinned host
+ * memory; 0, or -1 with err (nothing measured). */
+static int measure_share_copies(prof *P, sim_peer *pr, sim_gpu_share *g, const double peer_alone[2], char *err,
+                                size_t errlen) {
+    const backend_ops *ops = P->be->ops;
+    if (!ops->copy_batch || !ops->host_alloc || !ops->alloc) return pd_errorf(err, errlen, "no device copies"), -1;
+    size_t bytes = (size_t)256 << 20;
+    void *host = ops->host_alloc(P->be, bytes);
+    if (!host) return pd_errorf(err, errlen, "no pinned host memory for the copies"), -1;
+    void *dev = ops->alloc(P->be, bytes);
+    size_t item = P->kv->block_bytes >= 4096 && P->kv->block_bytes <= ((size_t)1 << 20) ? P->kv->block_bytes
+                                                                                         : (size_t)64 << 10;
+    int n_items = (int)(bytes / item);
+    backend_copy *items = xmalloc(sizeof(backend_copy) * 2 * (size_t)n_items);
+    for (int i = 0; i < n_items; i++) {
+        uint8_t *h = (uint8_t *)host + (size_t)i * item, *g = (uint8_t *)dev + (size_t)i * item;
+        items[i] = (backend_copy){.dst = h, .src = g, .bytes = item};
+        items[n_items + i] = (backend_copy){.dst = g, .src = h, .bytes = item};
+    }
+    int rc = 0;
+    double alone[2];
+    for (int d = 0; d < 2; d++) alone[d] = share_copy_time(P, items, n_items, d);
+    for (int d = 0; d < 2 && rc == 0; d++)
+        for (int y = 0; y < 2 && rc == 0; y++) {
+            char ans[64];
+            long n = 0;
+            double mean = 0;
+            if (sim_peer_cmd(pr, ans, sizeof ans, err, errlen, "run %d", y) != 0) {
+                rc = -1;
+                break;
+            }
+            double t = share_copy_time(P, items, n_items, d);
+            if (sim_peer_cmd(pr, ans, sizeof ans, err, errlen, "stop") != 0 ||
+                sscanf(ans, "%ld %lf", &n, &mean) != 2 || n < 1 || !(alone[d] > 0) || !(peer_alone[y] > 0)) {
+                if (!err[0]) pd_errorf(err, errlen, "the step peer answered \"%s\" to stop", ans);
+                rc = -1;
+                break;
+            }
+            g->copies[d][y] = PD_MAX(t / alone[d], 1.0);
+            g->beside_copy[y][d] = PD_MAX(mean / peer_alone[y], 1.0);
+        }
+    free(items);
+    ops->free(P->be, dev);
+    if (ops->host_free) ops->host_free(P->be, host);
+    if (rc != 0) return -1;
+    g->copies_measured = true;
+    g->copy_bytes = (double)bytes;
+    log_info("profile: shared device, copies of %zu MiB in %d items (%.2f GB/s device to host, %.2f GB/s host to device alone): "
+             "device to host beside prefill x%.2f, beside decode x%.2f; host to device beside prefill x%.2f, beside "
+             "decode x%.2f; prefill beside them x%.2f / x%.2f, decode x%.2f / x%.2f",
+             bytes >> 20, n_items, bytes / alone[0] / 1e9, bytes / alone[1] / 1e9, g->copies[0][0], g->copies[0][1],
+             g->copies[1][0], g->copies[1][1], g->beside_copy[0][0], g->beside_copy[0][1], g->beside_copy[1][0],
+             g->beside_copy[1][1]);
+    return 0;
+}
+
+/* The shared-GPU pairs (sim_gpu_share): with a peer process on the same device (its
+ * own context, as a second instance has), each kind timed alone here and while the
+ * peer runs each kind back to back; kinds[x][y] = x beside y over x alone. The peer's
+ * own times (alone, and while this process ran the other kind) are logged as the check
+ * from its side. Leaves g->measured false, with the reason in its source, when the
+ * peer cannot run. */
+/* Kind x timed over the share window with the device's mean power over it (a
+ * phase, where a meter exists; *watts -1 where none). */
+static double share_time_w(prof *P, const sim_profile_opts *o, int kind, const int shape[4], double *watts) {
+    power_phase ph;
+    phase_begin(&ph, o, !strcmp(P->be->ops->name, "cpu"));
+    double t = share_time(P, kind, shape);
+    *watts = phase_end(&ph, NULL, 0, NULL);
+    return t;
+}
+
+static void measure_gpu_share(prof *P, const sim_profile_opts *o, sim_gpu_share *g, const int shape[4],
+                              double idle_w) {
+    char dev[16], bs[16], sh[64], th[16], err[512] = "", ans[64];
+    snprintf(dev, sizeof dev, "%d", o->device);
+    if (o->device < 0) snprintf(dev, sizeof dev, "cpu");
+    snprintf(bs, sizeof bs, "%d", P->bs);
+    snprintf(sh, sizeof sh, "%d,%d,%d,%d", shape[0], shape[1], shape[2], shape[3]);
+    snprintf(th, sizeof th, "%d", PD_MAX(P->be->threads, 0)); /* the CPU's threads, as this one's (0: all) */
+    char *argv[] = {"pdserve", "profile", "--model", (char *)(o->model_name ? o->model_name : ""), "--load-format",
+                    "dummy", "--device", dev, "--block-size", bs, "--threads", th, "--step-peer", sh, NULL};
+    memcpy(g->shape, shape, sizeof g->shape);
+    sim_peer pr;
+    double alone[2], peer_alone[2], beside[2][2], peer_beside[2][2], alone_w[2], pair_w[2][2];
+    if (!o->model_name || sim_peer_start(&pr, "step peer", argv, err, sizeof err) != 0) {
+        if (!o->model_name) snprintf(err, sizeof err, "no model argument for the peer");
+        goto fail;
+    }
+    for (int x = 0; x < 2; x++) {
+        alone[x] = share_time_w(P, o, x, shape, &alone_w[x]);
+        if (sim_peer_cmd(&pr, ans, sizeof ans, err, sizeof err, "time %d", x) != 0) goto fail_peer;
+        peer_alone[x] = atof(ans);
+    }
+    for (int x = 0; x < 2; x++)
+        for (int y = 0; y < 2; y++) {
+            if (sim_peer_cmd(&pr, ans, sizeof ans, err, sizeof err, "run %d", y) != 0) goto fail_peer;
+            beside[x][y] = share_time_w(P, o, x, shape, &pair_w[x][y]);
+            long n = 0;
+            double mean = 0;
+            if (sim_peer_cmd(&pr, ans, sizeof ans, err, sizeof err, "stop") != 0) goto fail_peer;
+            if (sscanf(ans, "%ld %lf", &n, &mean) != 2 || n < 1) {
+                snprintf(err, sizeof err, "the step peer answered \"%s\" to stop", ans);
+                goto fail_peer;
+            }
+            peer_beside[y][x] = mean;
+        }
+    char cerr[256] = "";
+    if (measure_share_copies(P, &pr, g, peer_alone, cerr, sizeof cerr) != 0)
+        log_info("profile: shared device: copies not timed (%s)", cerr);
+    sim_peer_stop(&pr);
+    for (int x = 0; x < 2; x++)
+        for (int y = 0; y < 2; y++) {
+            if (!(alone[x] > 0) || !(beside[x][y] > 0)) {
+                snprintf(err, sizeof err, "a step timed at zero");
+                goto fail;
+            }
+            g->kinds[x][y] = PD_MAX(beside[x][y] / alone[x], 1.0);
+        }
+    g->measured = true;
+    snprintf(g->source, sizeof g->source,
+             "measured: pdserve profile, a peer process on the same device, each pair %.1f s; prefill %d after %d, "
+             "decode %dx%d%s", share_window_s(P), shape[0], shape[1], shape[2], shape[3],
+             g->copies_measured ? "; copies of 256 MiB between the device and pinned host memory, a layer's block an item" : "");
+    log_info("profile: shared device (prefill %d after %d: %.2f ms alone, decode %dx%d: %.2f ms alone): prefill beside "
+             "prefill x%.2f, beside decode x%.2f; decode beside prefill x%.2f, beside decode x%.2f",
+             shape[0], shape[1], alone[0] * 1e3, shape[2], shape[3], alone[1] * 1e3, g->kinds[0][0], g->kinds[0][1],
+             g->kinds[1][0], g->kinds[1][1]);
+    /* the pairs' power against what the simulator prices for them: each step's power
+     * alone over its share of the time, idle power over the rest (not used in the
+     * simulator: a record of what its energy leaves out) */
+    for (int x = 0; x < 2 && idle_w > 0; x++)
+        for (int y = 0; y < 2; y++) {
+            if (!(pair_w[x][y] > 0) || !(alone_w[x] > 0) || !(alone_w[y] > 0)) continue;
+            double fx = beside[x][y] / alone[x], fy = peer_beside[y][x] / peer_alone[y];
+            double priced = alone_w[x] / fx + alone_w[y] / fy - idle_w * (1 / fx + 1 / fy - 1);
+            log_info("profile: shared device, %s beside %s: %.0f W measured, %.0f W as priced (%.0f W and %.0f W "
+                     "alone, idle %.0f W; %+.1f%%)", x ? "decode" : "prefill", y ? "decode" : "prefill", pair_w[x][y],
+                     priced, alone_w[x], alone_w[y], idle_w, 100 * (priced / pair_w[x][y] - 1));
+        }
+    log_info("profile: shared device, from the peer's side (%.2f / %.2f ms alone): prefill beside prefill x%.2f, "
+             "beside decode x%.2f; decode beside prefill x%.2f, beside decode x%.2f",
+             peer_alone[0] * 1e3, peer_alone[1] * 1e3, peer_beside[0][0] / peer_alone[0],
+             peer_beside[0][1] / peer_alone[0], peer_beside[1][0] / peer_alone[1], peer_beside[1][1] / peer_alone[1]);
+    return;
+fail_peer:
+    sim_peer_stop(&pr);
+fail:
+    g->measured = false;
+    snprintf(g->source, sizeof g->source, "not measured: %.170s", err);
+    log_warn("profile: shared device: %s", err);
+}
+
 /* ---- the profile --------------------------------------------------------------------------- */
 
 static int max_of(const int *v, int n) {
@@ -1380,7 +1403,7 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
          * 16 decodes at the largest context profiled (the peer's cache, as this one's, at
          * most half the free memory) */
         int shape[4] = {sT, sT, PD_MIN(16, maxB), maxL};
-        measure_gpu_share(&P, o, &out->gpu_share, shape);
+        measure_gpu_share(&P, o, &out->gpu_share, shape, idle_w);
     }
 
     if (idle_w > 0 && prefill_w > 0 && decode_w > 0) {
