@@ -543,7 +543,8 @@ int cmd_sim(int argc, char **argv) {
          "CPU profiles: leave the lower KV tiers' writer threads out of the contention for the host's cores", NULL},
         {"no-gpu-share", OPT_FLAG, &no_gpu_share,
          "GPU profiles: price the steps of instances that a setup's device-list puts on one GPU as if each had "
-         "it alone (default: time-sliced, each at 1/k of its speed while k of them are in a step)", NULL},
+         "it alone (default: time-sliced, as the profile's shared-device pairs measured each kind of step and the cpu "
+         "store's copies beside the others, or each at 1/k of its speed while k of them are in a step)", NULL},
         {"gpu-share-equal", OPT_FLAG, &gpu_share_equal,
          "GPU profiles: instances on one GPU in equal turns (1/k each), not as the profile's shared-device pairs "
          "measured each kind beside the other (gpu_share)", NULL},
