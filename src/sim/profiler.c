@@ -974,6 +974,22 @@ int sim_profile_step_peer(model *m, int block_size, const int shape[4], char *er
     return 0;
 }
 
+/* The peer's steps of kind y back to back from now (peer_run) until peer_stop, which
+ * gives their mean seconds. 0, or -1 with err. */
+static int peer_run(sim_peer *pr, int y, char *err, size_t errlen) {
+    char ans[64];
+    return sim_peer_cmd(pr, ans, sizeof ans, err, errlen, "run %d", y);
+}
+
+static int peer_stop(sim_peer *pr, double *mean, char *err, size_t errlen) {
+    char ans[64];
+    long n = 0;
+    if (sim_peer_cmd(pr, ans, sizeof ans, err, errlen, "stop") != 0) return -1;
+    if (sscanf(ans, "%ld %lf", &n, mean) != 2 || n < 1 || !(*mean > 0))
+        return pd_errorf(err, errlen, "the step peer answered \"%s\" to stop", ans), -1;
+    return 0;
+}
+
 /* A copy between device memory and pinned host memory as a cpu-medium put (dir 0:
  * device to host) or get (1: host to device) moves a request: one batch of items of
  * one layer's block each (`item` bytes), which the CUDA backend's batched copy kernel
@@ -1018,20 +1034,15 @@ static int measure_share_copies(prof *P, sim_peer *pr, sim_gpu_share *g, const d
     for (int d = 0; d < 2; d++) alone[d] = share_copy_time(P, items, n_items, d);
     for (int d = 0; d < 2 && rc == 0; d++)
         for (int y = 0; y < 2 && rc == 0; y++) {
-            char ans[64];
-            long n = 0;
-            double mean = 0;
-            if (sim_peer_cmd(pr, ans, sizeof ans, err, errlen, "run %d", y) != 0) {
+            double mean = 0, t = 0;
+            rc = peer_run(pr, y, err, errlen);
+            if (rc == 0) t = share_copy_time(P, items, n_items, d);
+            if (rc == 0) rc = peer_stop(pr, &mean, err, errlen);
+            if (rc == 0 && (!(alone[d] > 0) || !(peer_alone[y] > 0))) {
+                pd_errorf(err, errlen, "a copy or a step timed at zero");
                 rc = -1;
-                break;
             }
-            double t = share_copy_time(P, items, n_items, d);
-            if (sim_peer_cmd(pr, ans, sizeof ans, err, errlen, "stop") != 0 ||
-                sscanf(ans, "%ld %lf", &n, &mean) != 2 || n < 1 || !(alone[d] > 0) || !(peer_alone[y] > 0)) {
-                if (!err[0]) pd_errorf(err, errlen, "the step peer answered \"%s\" to stop", ans);
-                rc = -1;
-                break;
-            }
+            if (rc != 0) break;
             g->copies[d][y] = PD_MAX(t / alone[d], 1.0);
             g->beside_copy[y][d] = PD_MAX(mean / peer_alone[y], 1.0);
         }
@@ -1090,16 +1101,9 @@ static void measure_gpu_share(prof *P, const sim_profile_opts *o, sim_gpu_share 
     }
     for (int x = 0; x < 2; x++)
         for (int y = 0; y < 2; y++) {
-            if (sim_peer_cmd(&pr, ans, sizeof ans, err, sizeof err, "run %d", y) != 0) goto fail_peer;
+            if (peer_run(&pr, y, err, sizeof err) != 0) goto fail_peer;
             beside[x][y] = share_time_w(P, o, x, shape, &pair_w[x][y]);
-            long n = 0;
-            double mean = 0;
-            if (sim_peer_cmd(&pr, ans, sizeof ans, err, sizeof err, "stop") != 0) goto fail_peer;
-            if (sscanf(ans, "%ld %lf", &n, &mean) != 2 || n < 1) {
-                snprintf(err, sizeof err, "the step peer answered \"%s\" to stop", ans);
-                goto fail_peer;
-            }
-            peer_beside[y][x] = mean;
+            if (peer_stop(&pr, &peer_beside[y][x], err, sizeof err) != 0) goto fail_peer;
         }
     char cerr[256] = "";
     if (measure_share_copies(P, &pr, g, peer_alone, cerr, sizeof cerr) != 0)
