@@ -109,13 +109,33 @@ static int refit_mediums(const char *in, const char *out) {
     return rc;
 }
 
-/* --mediums-into BASE: BASE's profile with the mediums of `list` timed now on be (model
- * cfg's KV geometry) in place of its own of those names, written to out_path. The
- * base must be of the same KV geometry. 0, 1 on failure (a message on stderr). */
-static int probe_mediums(const char *base, backend *be, const model_config *cfg, const char *model_arg,
-                         const char *device, const char *list, const char *dir, long long bytes, bool gpu,
-                         bool in_process, int repeats, double train_s, const char *out_path) {
+/* How --medium's mediums are timed (the options that say so). */
+typedef struct medium_run {
+    const char *list, *dir, *model_arg, *device; /* dir NULL: $TMPDIR or /tmp */
+    long long bytes;                             /* 0: 2 GiB on a GPU, else 256 MiB */
+    bool gpu, in_process;
+    int repeats;
+    double train_s;
+} medium_run;
+
+/* Times mr's mediums on be (model cfg's KV geometry) into p (sim_profile_time_mediums),
+ * what could not run logged. */
+static void time_mediums(backend *be, const model_config *cfg, const medium_run *mr, sim_profile *p) {
     char err[1024];
+    const char *dir = mr->dir ? mr->dir : getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
+    size_t bytes = mr->bytes > 0 ? (size_t)mr->bytes : mr->gpu ? (size_t)2 << 30 : (size_t)256 << 20;
+    sim_profile_mediums_peer(mr->in_process ? NULL : mr->model_arg, mr->device);
+    sim_profile_time_mediums(be, cfg, mr->list, dir, bytes, mr->repeats, mr->train_s, p, err, sizeof err);
+    if (p->mediums_note[0]) log_warn("profile: mediums: %s", p->mediums_note);
+}
+
+/* --mediums-into BASE: BASE's profile with mr's mediums timed now on be (model cfg's KV
+ * geometry) in place of its own of those names, written to out_path. The base must be
+ * of the same KV geometry. 0, 1 on failure (a message on stderr). */
+static int probe_mediums(const char *base, backend *be, const model_config *cfg, const medium_run *mr,
+                         const char *out_path) {
+    char err[1024];
+    const char *list = mr->list;
     if (!list) {
         fprintf(stderr, "pdserve profile: --mediums-into needs --medium\n");
         return 1;
@@ -134,20 +154,16 @@ static int probe_mediums(const char *base, backend *be, const model_config *cfg,
     }
     /* the base's mediums named in the list go: the probe's take their places */
     int kept = 0;
+    char padded[256];
+    snprintf(padded, sizeof padded, ",%s,", list);
     for (int i = 0; i < p.n_mediums; i++) {
         char want[64];
         snprintf(want, sizeof want, ",%s,", p.mediums[i].name);
-        char padded[256];
-        snprintf(padded, sizeof padded, ",%s,", list);
         if (!strstr(padded, want)) p.mediums[kept++] = p.mediums[i];
     }
     p.n_mediums = kept;
     p.mediums_note[0] = 0;
-    const char *mdir = dir ? dir : getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
-    size_t mbytes = bytes > 0 ? (size_t)bytes : gpu ? (size_t)2 << 30 : (size_t)256 << 20;
-    sim_profile_mediums_peer(in_process ? NULL : model_arg, device);
-    sim_profile_time_mediums(be, cfg, list, mdir, mbytes, repeats, train_s, &p, err, sizeof err);
-    if (p.mediums_note[0]) log_warn("profile: mediums: %s", p.mediums_note);
+    time_mediums(be, cfg, mr, &p);
     int rc = sim_profile_save(&p, out_path, err, sizeof err) != 0;
     if (rc) fprintf(stderr, "pdserve profile: %s\n", err);
     else log_info("profile: wrote %s (%s, its mediums %s timed now)", out_path, base, list);
@@ -366,9 +382,11 @@ int cmd_profile(int argc, char **argv) {
         model_files_close(&files);
         return rc;
     }
+    const medium_run mr = {.list = medium, .dir = medium_dir, .model_arg = model_arg, .device = device,
+                           .bytes = medium_bytes, .gpu = dev >= 0, .in_process = medium_in_process,
+                           .repeats = PD_MIN(repeats, 3), .train_s = medium_train};
     if (mediums_into) { /* a medium probe: the base profile with the mediums timed now */
-        rc = probe_mediums(mediums_into, be, &files.config, model_arg, device, medium, medium_dir, medium_bytes,
-                           dev >= 0, medium_in_process, PD_MIN(repeats, 3), medium_train, out_path);
+        rc = probe_mediums(mediums_into, be, &files.config, &mr, out_path);
         backend_destroy(be);
         model_files_close(&files);
         return rc;
@@ -396,14 +414,7 @@ int cmd_profile(int argc, char **argv) {
         fprintf(stderr, "pdserve profile: %s\n", err);
         goto out_model;
     }
-    if (medium) {
-        const char *mdir = medium_dir ? medium_dir : getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
-        size_t mbytes = medium_bytes > 0 ? (size_t)medium_bytes : dev >= 0 ? (size_t)2 << 30 : (size_t)256 << 20;
-        sim_profile_mediums_peer(medium_in_process ? NULL : model_arg, device);
-        sim_profile_time_mediums(be, &files.config, medium, mdir, mbytes, PD_MIN(repeats, 3), medium_train,
-                                 &prof, err, sizeof err);
-        if (prof.mediums_note[0]) log_warn("profile: mediums: %s", prof.mediums_note);
-    }
+    if (medium) time_mediums(be, &files.config, &mr, &prof);
     if (tiers) {
         const char *tdir = medium_dir ? medium_dir : getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
         if (sim_profile_time_tiers(be, &files.config, tiers, tdir, PD_MIN(repeats, 3), &prof, err, sizeof err) != 0) {
