@@ -91,6 +91,14 @@ static inline const char *test_build_dir(void) {
     return s ? s : "build";
 }
 
+/* The pdserve binary for a case that runs the CLI (PDSERVE_BIN, which ctest sets), or
+ * NULL with "skip" printed: the case then returns, run outside ctest. */
+static inline const char *test_pdserve_bin(void) {
+    const char *s = getenv("PDSERVE_BIN");
+    if (!s) printf("skip: PDSERVE_BIN not set\n");
+    return s;
+}
+
 /* Relative error |a-b| / max(|b|, floor). */
 static inline double test_rel_err(double a, double b, double floor_) {
     double d = fabs(a - b), m = fabs(b) > floor_ ? fabs(b) : floor_;

@@ -1255,11 +1255,8 @@ static void test_tiers(void) {
  * this one. Both record how, with factors of at least 1 (PDSERVE_BIN; skipped without
  * it). */
 static void test_profile_mediums_peer(void) {
-    const char *bin = getenv("PDSERVE_BIN");
-    if (!bin) {
-        printf("skip: PDSERVE_BIN not set\n");
-        return;
-    }
+    const char *bin = test_pdserve_bin();
+    if (!bin) return;
     const char *dir = getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
     for (int k = 0; k < 2; k++) {
         char path[512], cmd[2048], err[256];
@@ -1536,11 +1533,8 @@ static void test_cpu_contention(void) {
  * now in place of its own, its grids and other mediums kept; a base of another KV
  * geometry refused (PDSERVE_BIN; skipped without it). */
 static void test_profile_mediums_into(void) {
-    const char *bin = getenv("PDSERVE_BIN");
-    if (!bin) {
-        printf("skip: PDSERVE_BIN not set\n");
-        return;
-    }
+    const char *bin = test_pdserve_bin();
+    if (!bin) return;
     const char *dir = getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
     char base[512], out[512], cmd[2048], err[256];
     snprintf(base, sizeof base, "%s/pd-base-%d.json", dir, (int)getpid());
@@ -1585,11 +1579,8 @@ static void test_profile_mediums_into(void) {
  * peer answers a command it does not know with an error line, and a bad shape is
  * refused. */
 static void test_profile_device_share(void) {
-    const char *bin = getenv("PDSERVE_BIN");
-    if (!bin) {
-        printf("skip: PDSERVE_BIN not set\n");
-        return;
-    }
+    const char *bin = test_pdserve_bin();
+    if (!bin) return;
     const char *dir = getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
     char path[512], cmd[2048], err[256];
     snprintf(path, sizeof path, "%s/pd-share-%d.json", dir, (int)getpid());

@@ -826,11 +826,8 @@ static void test_profile_serving(void) {
  * up` children on the CPU. Every path measured with points and a CPU fit; the router as
  * a process of its own costs CPU per token. */
 static void test_profile_serving_processes(void) {
-    const char *bin = getenv("PDSERVE_BIN");
-    if (!bin) {
-        printf("skip: PDSERVE_BIN not set\n");
-        return;
-    }
+    const char *bin = test_pdserve_bin();
+    if (!bin) return;
     char dir[256], cmd[1024], err[512];
     snprintf(dir, sizeof dir, "%s/pdserve-sp-%d", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp", (int)getpid());
     snprintf(cmd, sizeof cmd, "%s make-model --out %s --preset tiny-llama > /dev/null 2>&1", bin, dir);
