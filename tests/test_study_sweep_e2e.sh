@@ -42,6 +42,11 @@ cat "$TMP/sweep1.log"
 grep -q "sweep \[2/2\] co-1gpu b3: ok" "$TMP/sweep1.log" || fail "no progress line for the second point"
 grep -q "2 ok, 0 failed" "$TMP/sweep1.log" || fail "first sweep: not 2 ok"
 
+# Each deployment's log is named by point, setup and load
+for f in 000-co-1gpu-b1.log 001-co-1gpu-b3.log; do
+  [ -s "$TMP/results.db.logs/$f" ] || { ls "$TMP/results.db.logs"; fail "no deployment log $f"; }
+done
+
 # Resumption: both points are done.
 "$BIN" sweep "$TMP/plan.json" --db "$TMP/results.db" --model "$TMP/model" 2>"$TMP/sweep2.log" || fail "second sweep"
 grep -q "2 done already, 0 to run" "$TMP/sweep2.log" || { cat "$TMP/sweep2.log"; fail "second sweep did not skip done points"; }
@@ -76,4 +81,13 @@ if command -v sqlite3 >/dev/null 2>&1; then
   N=$(sqlite3 "$TMP/results.db" "SELECT count(*) FROM requests WHERE status='ok' AND output_tokens=6 AND json_array_length(token_times_s) BETWEEN 1 AND 6 AND first_token_s >= sent_s AND finished_s >= first_token_s")
   [ "$N" = 4 ] || fail "requests table: $N complete requests, want 4"
 fi
-echo "ok: sweep, resume, failed point and report on co-1gpu"
+# A failed point tried again (as every sweep into the same database does): its new log
+# goes beside the first, not over it.
+"$BIN" sweep "$TMP/plan2.json" --db "$TMP/results.db" --model "$TMP/model" 2>"$TMP/sweep4.log" || fail "fourth sweep"
+grep -q "0 ok, 2 failed, 0 skipped, 2 done before" "$TMP/sweep4.log" || { cat "$TMP/sweep4.log"; fail "fourth sweep"; }
+for f in 002-dis-nccl-b1 003-dis-nccl-b3; do
+  [ -s "$TMP/results.db.logs/$f.log" ] && [ -s "$TMP/results.db.logs/$f-2.log" ] ||
+    { ls "$TMP/results.db.logs"; fail "the failed point's second log is not beside its first ($f)"; }
+done
+
+echo "ok: sweep, resume, failed point, report and the deployments' logs on co-1gpu"

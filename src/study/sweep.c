@@ -472,8 +472,17 @@ static study_status run_point(const point_ctx *x, const study_point *pt, bench_c
             args[n_args++] = (study_kv){.key = "decode-args", .value = clk_b};
         }
     }
-    char log_path[1024];
-    snprintf(log_path, sizeof log_path, "%.900s/%03d-%.60s.log", x->log_dir, pt->index, pt->setup->label);
+    /* The deployment's log: point index, setup and load; never over an earlier log (a
+     * database that several sweeps fill, e.g. one point per sweep, reuses indices). */
+    char log_path[1024], load_label[64];
+    study_load_label(&pt->load, load_label, sizeof load_label);
+    for (char *c = load_label; *c; c++)
+        if (*c == ' ' || *c == '/') *c = '_';
+    snprintf(log_path, sizeof log_path, "%.900s/%03d-%.60s-%.40s.log", x->log_dir, pt->index, pt->setup->label,
+             load_label);
+    for (int k = 2; access(log_path, F_OK) == 0 && k < 1000; k++)
+        snprintf(log_path, sizeof log_path, "%.900s/%03d-%.60s-%.40s-%d.log", x->log_dir, pt->index,
+                 pt->setup->label, load_label, k);
     study_deploy_opts dop = {.model = x->model, .tokenizer = x->tokenizer, .pdserve_bin = o->pdserve_bin,
                              .base_url = o->base_url, .log_path = log_path, .args = args, .n_args = n_args,
                              .start_timeout_s = x->plan->start_timeout_s};
