@@ -895,13 +895,32 @@ static void test_gpu_share(void) {
     CHECKF(near(st.makespan_s, 0.305, 1e-6), "measured pairs: makespan %.6f", st.makespan_s);
     CHECKF(near(st.energy_j, 134.5, 1e-6), "measured pairs: energy %.6f J", st.energy_j);
     CHECKF(near(st.contention_s, 0.075, 1e-6), "measured pairs: stretch %.6f s", st.contention_s);
+    CHECK(st.energy_share_j == 0);
+    bench_result_free(res);
+    /* the pairs' power measured too: prefill beside decode 700 W against 600 W as priced,
+     * decode beside prefill 650 against 610, so the pair draws (100 + 40) / 2 = 70 W more;
+     * the prefill and the decode steps overlap 0.1-0.19 s: 6.3 J on top, the times as
+     * before. Two of a kind never overlap here (their figures do not count). */
+    p.gpu_share.power_measured = true;
+    static const double pw[2][2] = {{900, 700}, {650, 1}}, qw[2][2] = {{1, 600}, {610, 900}};
+    memcpy(p.gpu_share.power_w, pw, sizeof pw);
+    memcpy(p.gpu_share.priced_w, qw, sizeof qw);
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(st.makespan_s, 0.305, 1e-6), "pairs' power: makespan %.6f", st.makespan_s);
+    CHECKF(near(st.energy_share_j, 6.3, 1e-6), "pairs' power: %.6f J beyond the pricing, want 6.3", st.energy_share_j);
+    CHECKF(near(st.energy_j, 140.8, 1e-6), "pairs' power: energy %.6f J, want 140.8", st.energy_j);
+    CHECKF(near(st.energy_prefill_j + st.energy_decode_j, 140.8, 1e-6), "pairs' power: by role %.6f + %.6f J",
+           st.energy_prefill_j, st.energy_decode_j);
     bench_result_free(res);
     /* --gpu-share-equal: equal turns again, the first case's times */
     c.gpu_share_equal = true;
     REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
     CHECK(near(st.makespan_s, 0.32, 1e-6) && near(res->recs[1].token_s[0], 0.16, 1e-6));
+    CHECKF(near(st.energy_j, 136, 1e-6) && st.energy_share_j == 0, "equal turns: energy %.6f J, %.6f J of pairs",
+           st.energy_j, st.energy_share_j);
     bench_result_free(res);
     c.gpu_share_equal = false;
+    p.gpu_share.power_measured = false;
     /* a cpu medium (a store: put 0.02 s, device to host in the prefill instance; get
      * 0.02 s, host to device in the decode instance) with the profile's copies: a copy
      * beside another instance's step x2, a step beside another's copy x1.5, steps in
@@ -1510,7 +1529,9 @@ static void test_cpu_contention(void) {
     /* the shared-GPU pairs round trip; a factor below 1 is refused, naming the field */
     p.gpu_share = (sim_gpu_share){.measured = true, .kinds = {{1.9, 2.4}, {1.3, 2.1}}, .shape = {2048, 2048, 16, 16384},
                                   .copies_measured = true, .copies = {{2.5, 2.2}, {1.8, 1.7}},
-                                  .beside_copy = {{1.2, 1.1}, {1.4, 1.6}}, .copy_bytes = 1 << 28};
+                                  .beside_copy = {{1.2, 1.1}, {1.4, 1.6}}, .copy_bytes = 1 << 28,
+                                  .power_measured = true, .power_w = {{697, 677}, {656, 559}},
+                                  .priced_w = {{636, 612}, {617, 562}}};
     snprintf(p.gpu_share.source, sizeof p.gpu_share.source, "measured");
     js = sim_profile_to_json(&p);
     REQUIRE(sim_profile_parse(js, strlen(js), "rt", &q, err, sizeof err) == 0);
@@ -1518,7 +1539,22 @@ static void test_cpu_contention(void) {
           q.gpu_share.shape[3] == 16384 && !strcmp(q.gpu_share.source, "measured"));
     CHECK(q.gpu_share.copies_measured && q.gpu_share.copies[0][1] == 2.2 && q.gpu_share.copies[1][0] == 1.8 &&
           q.gpu_share.beside_copy[1][1] == 1.6 && q.gpu_share.copy_bytes == 1 << 28);
+    CHECK(q.gpu_share.power_measured && q.gpu_share.power_w[0][1] == 677 && q.gpu_share.priced_w[1][0] == 617);
+    /* the pair of both kinds: (677 - 612 + 656 - 617) / 2 = 52 W; two prefills 61 W;
+     * one instance in a step: nothing */
+    CHECK(near(sim_gpu_share_extra_w(&q.gpu_share, (int[2]){1, 1}), 52, 1e-9));
+    CHECK(near(sim_gpu_share_extra_w(&q.gpu_share, (int[2]){2, 0}), 61, 1e-9));
+    CHECK(near(sim_gpu_share_extra_w(&q.gpu_share, (int[2]){0, 2}), -3, 1e-9));
+    CHECK(sim_gpu_share_extra_w(&q.gpu_share, (int[2]){0, 1}) == 0);
     sim_profile_free(&q);
+    /* a power of 0 W is refused, naming the field */
+    char *pz = strstr(js, "\"power_w\"");
+    REQUIRE(pz);
+    char *w697 = strstr(pz, "697");
+    REQUIRE(w697);
+    memcpy(w697, "0  ", 3);
+    CHECK(sim_profile_parse(js, strlen(js), "rt", &q, err, sizeof err) != 0 && strstr(err, "gpu_share.power_w"));
+    memcpy(w697, "697", 3);
     char *bad = strstr(js, "\"kinds\"");
     REQUIRE(bad);
     char *one_nine = strstr(bad, "1.9");

@@ -161,6 +161,7 @@ static cJSON *point_json(const char *setup, const char *load, const double clk[2
         cJSON_AddNumberToObject(o, "energy_prefill_j", st->energy_prefill_j);
         cJSON_AddNumberToObject(o, "energy_decode_j", st->energy_decode_j);
         cJSON_AddNumberToObject(o, "energy_transfer_j", st->energy_transfer_j);
+        cJSON_AddNumberToObject(o, "energy_share_j", st->energy_share_j);
         double tok = (double)(s->total_input + s->total_output);
         cJSON_AddNumberToObject(o, "j_per_token", tok > 0 ? st->energy_j / tok : 0);
     } else {
@@ -547,7 +548,7 @@ int cmd_sim(int argc, char **argv) {
          "store's copies beside the others, or each at 1/k of its speed while k of them are in a step)", NULL},
         {"gpu-share-equal", OPT_FLAG, &gpu_share_equal,
          "GPU profiles: instances on one GPU in equal turns (1/k each), not as the profile's shared-device pairs "
-         "measured each kind beside the other (gpu_share)", NULL},
+         "measured each kind beside the other, nor their copies and power (gpu_share)", NULL},
         {"no-step-factor", OPT_FLAG, &no_step_factor,
          "price every step as the profile's grid does, not by the factor its serving deployment measured "
          "(serving.*.steps; the default for GPU profiles)", NULL},

@@ -315,6 +315,17 @@ double sim_contention_slowdown(const sim_contention *c, int k) {
     return PD_MAX(s, 1.0);
 }
 
+/* A shared GPU's pairs' power (sim.h): what the device drew beyond the pricing with
+ * steps of both kinds, or two of one kind, in flight. More than two instances: the pair
+ * of the kinds present (measured for two; a device draws no more than its limit). */
+double sim_gpu_share_extra_w(const sim_gpu_share *g, const int n[2]) {
+    if (!g->power_measured || n[0] + n[1] < 2) return 0;
+    if (n[0] > 0 && n[1] > 0)
+        return (g->power_w[0][1] - g->priced_w[0][1] + g->power_w[1][0] - g->priced_w[1][0]) / 2;
+    int x = n[0] > 0 ? 0 : 1;
+    return g->power_w[x][x] - g->priced_w[x][x];
+}
+
 /* ---- the power cap (docs/simulator.md, "Clock under a power cap") ------------------- */
 
 /* Inserts (x, y) into the sorted arrays of n points; a point at the same x is averaged

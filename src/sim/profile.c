@@ -524,6 +524,13 @@ char *sim_profile_to_json(const sim_profile *p) {
             for (int x = 0; x < 2; x++) cJSON_AddItemToArray(bo, nums(gs->beside_copy[x], 2));
             cJSON_AddNumberToObject(go, "copy_bytes", gs->copy_bytes);
         }
+        if (gs->power_measured) {
+            cJSON *po = cJSON_AddArrayToObject(go, "power_w"), *qo = cJSON_AddArrayToObject(go, "priced_w");
+            for (int x = 0; x < 2; x++) {
+                cJSON_AddItemToArray(po, nums(gs->power_w[x], 2));
+                cJSON_AddItemToArray(qo, nums(gs->priced_w[x], 2));
+            }
+        }
         cJSON_AddStringToObject(go, "source", gs->source);
     }
     const sim_serving *sv = &p->serving;
@@ -912,19 +919,26 @@ static void read_clock(const cJSON *o, sim_profile *p) {
 }
 
 /* [[pp, pd], [dp, dd]], each a finite number >= 1, into k; false when not so. */
-static bool read_kinds(const cJSON *ko, double k[2][2]) {
+/* [[a, b], [c, d]] of finite numbers, each at least lo (above it where open) */
+static bool read_2x2(const cJSON *ko, double k[2][2], double lo, bool open) {
     bool ok = cJSON_IsArray(ko) && cJSON_GetArraySize(ko) == 2;
     for (int x = 0; ok && x < 2; x++) {
         const cJSON *row = cJSON_GetArrayItem(ko, x);
         ok = cJSON_IsArray(row) && cJSON_GetArraySize(row) == 2;
         for (int y = 0; ok && y < 2; y++) {
             const cJSON *v = cJSON_GetArrayItem(row, y);
-            ok = cJSON_IsNumber(v) && v->valuedouble >= 1 && isfinite(v->valuedouble);
+            ok = cJSON_IsNumber(v) && isfinite(v->valuedouble) && (open ? v->valuedouble > lo : v->valuedouble >= lo);
             if (ok) k[x][y] = v->valuedouble;
         }
     }
     return ok;
 }
+
+/* slowdown factors, >= 1 */
+static bool read_kinds(const cJSON *ko, double k[2][2]) { return read_2x2(ko, k, 1, false); }
+
+/* watts, > 0 */
+static bool read_watts(const cJSON *ko, double w[2][2]) { return read_2x2(ko, w, 0, true); }
 
 /* "contention": {cores, threads, points: [[procs, slowdown]...], kinds: [[prefill beside
  * prefill, prefill beside decode], [decode beside prefill, decode beside decode]],
@@ -966,8 +980,8 @@ static int read_contention(const cJSON *o, sim_profile *p, const char *name, cha
 /* "gpu_share": {kinds: [[prefill beside prefill, beside decode], [decode beside prefill,
  * beside decode]], shape: [T, C, B, L], source, and where timed copies: [[device to host
  * beside prefill, beside decode], [host to device ...]], beside_copy: [[prefill beside
- * device to host, beside host to device], [decode ...]], copy_bytes}; absent: not
- * measured (equal turns). */
+ * device to host, beside host to device], [decode ...]], copy_bytes; where metered
+ * power_w and priced_w, of the same shape as kinds}; absent: not measured (equal turns). */
 static int read_gpu_share(const cJSON *o, sim_profile *p, const char *name, char *err, size_t errlen) {
     const cJSON *go = cJSON_GetObjectItemCaseSensitive(o, "gpu_share");
     if (!go) return 0;
@@ -992,6 +1006,14 @@ static int read_gpu_share(const cJSON *o, sim_profile *p, const char *name, char
         }
         g->copies_measured = true;
         g->copy_bytes = get_num(go, "copy_bytes", 0);
+    }
+    const cJSON *po = cJSON_GetObjectItemCaseSensitive(go, "power_w"), *qo = cJSON_GetObjectItemCaseSensitive(go, "priced_w");
+    if (po || qo) {
+        if (!read_watts(po, g->power_w) || !read_watts(qo, g->priced_w)) {
+            pd_errorf(err, errlen, "%s: gpu_share.power_w and priced_w must be [[pp, pd], [dp, dd]] in W, each > 0", name);
+            return -1;
+        }
+        g->power_measured = true;
     }
     return 0;
 }

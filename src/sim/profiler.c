@@ -1127,17 +1127,25 @@ static void measure_gpu_share(prof *P, const sim_profile_opts *o, sim_gpu_share 
              shape[0], shape[1], alone[0] * 1e3, shape[2], shape[3], alone[1] * 1e3, g->kinds[0][0], g->kinds[0][1],
              g->kinds[1][0], g->kinds[1][1]);
     /* the pairs' power against what the simulator prices for them: each step's power
-     * alone over its share of the time, idle power over the rest (not used in the
-     * simulator: a record of what its energy leaves out) */
+     * alone over its share of the time, idle power over the rest; the simulator adds the
+     * difference while steps overlap on a shared GPU (sim_gpu_share_extra_w). All four
+     * or none. */
+    g->power_measured = false;
     for (int x = 0; x < 2 && idle_w > 0; x++)
         for (int y = 0; y < 2; y++) {
             if (!(pair_w[x][y] > 0) || !(alone_w[x] > 0) || !(alone_w[y] > 0)) continue;
             double fx = beside[x][y] / alone[x], fy = peer_beside[y][x] / peer_alone[y];
             double priced = alone_w[x] / fx + alone_w[y] / fy - idle_w * (1 / fx + 1 / fy - 1);
+            g->power_w[x][y] = pair_w[x][y];
+            g->priced_w[x][y] = priced;
+            g->power_measured = true;
             log_info("profile: shared device, %s beside %s: %.0f W measured, %.0f W as priced (%.0f W and %.0f W "
                      "alone, idle %.0f W; %+.1f%%)", x ? "decode" : "prefill", y ? "decode" : "prefill", pair_w[x][y],
                      priced, alone_w[x], alone_w[y], idle_w, 100 * (priced / pair_w[x][y] - 1));
         }
+    for (int x = 0; x < 2; x++)
+        for (int y = 0; y < 2; y++)
+            if (!(g->power_w[x][y] > 0) || !(g->priced_w[x][y] > 0)) g->power_measured = false;
     log_info("profile: shared device, from the peer's side (%.2f / %.2f ms alone): prefill beside prefill x%.2f, "
              "beside decode x%.2f; decode beside prefill x%.2f, beside decode x%.2f",
              peer_alone[0] * 1e3, peer_alone[1] * 1e3, peer_beside[0][0] / peer_alone[0],

@@ -200,6 +200,10 @@ typedef struct sim_state {
     int *dev_copy;                  /* copy_share: per device and direction (2 x index + 0:
                                        a put, device to host; 1: a get, host to device), the
                                        instances with such a copy in flight there */
+    bool share_power;               /* gpu_share with the profile's pairs' power: while
+                                       steps overlap on a GPU it draws what the pair drew
+                                       beyond the pricing (sim_gpu_share_extra_w) */
+    double share_power_t;           /* share_power: counted up to here */
     bool stretch;                   /* either: steps in flight are re-timed (reshare) */
     int n_busy;                     /* instances in a step now */
     /* the serving path's CPU on the same cores (cfg->serving_cpu under contention): its
@@ -393,6 +397,19 @@ static void reshare(sim_state *s, double now) {
     if (s->copy_share) /* the stores' ops progressed at the rates of the steps until now */
         for (int i = s->first_decode; i < s->n_inst; i++)
             if (s->insts[i].n_ops > 0) store_advance(s, &s->insts[i], now);
+    if (s->share_power) { /* the overlaps since the last reshare, as counted then */
+        double dt = now - s->share_power_t;
+        for (int i = 0; i < s->n_inst && dt > 0; i++) {
+            inst *x = &s->insts[i];
+            const int *n = s->dev_busy + 2 * x->dev;
+            if (x->dev_kind < 0 || n[0] + n[1] < 2) continue;
+            /* a share each, dynamic power: scaled with the instance's clock as its steps' */
+            double e = sim_gpu_share_extra_w(&s->p->gpu_share, n) * x->cost.dyn * dt / (n[0] + n[1]);
+            x->energy_j += e;
+            s->st->energy_share_j += e;
+        }
+        s->share_power_t = now;
+    }
     if (s->gpu_share) {
         memset(s->dev_busy, 0, sizeof(int) * 2 * (size_t)s->n_inst);
         for (int i = 0; i < s->n_inst; i++) {
@@ -1225,6 +1242,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
     s.copy_share = s.gpu_share && gsh->measured && gsh->copies_measured && !cfg->gpu_share_equal && cfg->medium &&
                    !strcmp(cfg->medium->name, "cpu") && !cfg->layerwise;
     if (s.copy_share) s.dev_copy = xcalloc(2 * (size_t)s.n_inst, sizeof(int));
+    s.share_power = s.gpu_share && gsh->measured && gsh->power_measured && !cfg->gpu_share_equal && p->power.measured;
     s.zeros = xcalloc((size_t)cfg->sched.max_num_seqs + 1, sizeof(int32_t));
     int32_t *prompt = xcalloc((size_t)max_prompt + 2, sizeof(int32_t));
     s.prompt = prompt;

@@ -186,8 +186,22 @@ typedef struct sim_gpu_share {
     bool copies_measured;
     double copies[2][2], beside_copy[2][2];
     double copy_bytes;
+    /* the pairs' power (where the device has a meter): power_w[x][y], the device's mean
+     * power while kind x ran here beside the peer's kind y; priced_w[x][y], what the
+     * simulator's pricing gives for the same window (each step's power alone over its
+     * share of the time, idle power over the rest). While instances' steps overlap on a
+     * GPU the simulator adds the difference (sim_gpu_share_extra_w); power_measured
+     * false: nothing added */
+    bool power_measured;
+    double power_w[2][2], priced_w[2][2];
     char source[256];
 } sim_gpu_share;
+
+/* The power a shared GPU draws beyond the pricing while steps of n[0] prefill and n[1]
+ * decode instances (n[0] + n[1] >= 2) are in flight on it, in W: the measured pair of
+ * those kinds less its pricing (prefill and decode together: the mean of the two ways it
+ * was measured); 0 for fewer than two, or where not measured. */
+double sim_gpu_share_extra_w(const sim_gpu_share *g, const int n[2]);
 
 /* The serving path of a request around the engine (docs/simulator.md, "The serving
  * path"): the time a request spends outside the engine's steps between the client's
@@ -737,6 +751,8 @@ typedef struct sim_stats {
     double busy_prefill_s, busy_decode_s;   /* instance-seconds busy by role (colocated: prefill) */
     double energy_j;                        /* all instances, static included; -1 not modelled */
     double energy_prefill_j, energy_decode_j, energy_transfer_j;
+    double energy_share_j;                  /* of energy_j: shared GPUs' pairs' power beyond the
+                                               pricing (sim_gpu_share_extra_w) */
     double kv_bytes, kv_transfer_s;         /* disaggregated: total moved, summed transfer time */
     double wall_s;                          /* real time the simulation took */
     int n_instances;
