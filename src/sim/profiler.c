@@ -658,16 +658,16 @@ static double phase_end(power_phase *ph, char *why, size_t cap, double *sm_mhz) 
 #define DECODE_POWER_SETTLE_S 0.1
 #define DECODE_POWER_PERIOD_S 0.01
 
-/* One decode point's watts as above, or -1 when nothing could be read. */
-static double decode_point_watts(prof *P, const sim_profile_opts *o, bool cpu, const ppoint *q) {
-    run_point(P, q);
+/* A window's power as above: a session sampling the GPU's instantaneous power every
+ * DECODE_POWER_PERIOD_S over about window_s (NULL where none opens) ... */
+static power_session *instant_open(const sim_profile_opts *o, bool cpu, double window_s) {
     power_config pc = {0};
     pc.idle_window_s = -1;
     pc.no_nvml = cpu;
     pc.nvml = o->nvml;
     pc.sample_period_s = DECODE_POWER_PERIOD_S;
     pc.slow_every = 1000; /* power only */
-    pc.sample_capacity = (size_t)(DECODE_POWER_WINDOW_S / DECODE_POWER_PERIOD_S) * 2 + 64;
+    pc.sample_capacity = (size_t)(window_s / DECODE_POWER_PERIOD_S) * 2 + 64;
     if (!cpu) {
         pc.n_gpus = 1;
         pc.gpus[0] = o->clock_gpu;
@@ -676,11 +676,16 @@ static double decode_point_watts(prof *P, const sim_profile_opts *o, bool cpu, c
     power_session *s = power_session_open(&pc, err, sizeof err);
     if (!s || power_session_start(s, err, sizeof err) != 0) {
         power_session_free(s);
-        return -1;
+        return NULL;
     }
-    double t0 = time_now_s();
-    do run_point(P, q);
-    while (time_now_s() - t0 < DECODE_POWER_WINDOW_S);
+    return s;
+}
+
+/* ... stopped and freed: the mean of its instantaneous samples after settle_s; where
+ * fewer than 5, its energy over its time (the GPU's, else the CPU's and DRAM's); -1
+ * when nothing could be read. */
+static double instant_watts(power_session *s, bool cpu, double settle_s) {
+    if (!s) return -1;
     power_result r;
     memset(&r, 0, sizeof r);
     power_session_stop(s, 0, 0, 0, &r);
@@ -689,8 +694,7 @@ static double decode_point_watts(prof *P, const sim_profile_opts *o, bool cpu, c
     size_t n = 0;
     const power_sample *smp = cpu ? NULL : power_session_samples(s, 0, &n);
     for (size_t i = 0; smp && i < n; i++)
-        if (smp[i].t_s >= DECODE_POWER_SETTLE_S && (smp[i].valid & POWER_SAMPLE_INSTANT) &&
-            (smp[i].valid & POWER_SAMPLE_POWER))
+        if (smp[i].t_s >= settle_s && (smp[i].valid & POWER_SAMPLE_INSTANT) && (smp[i].valid & POWER_SAMPLE_POWER))
             sum += smp[i].power_w, k++;
     if (k >= 5) w = sum / k;
     else if (r.gpu_j.measured && r.duration_s > 0) w = r.gpu_j.value / r.duration_s;
@@ -701,6 +705,17 @@ static double decode_point_watts(prof *P, const sim_profile_opts *o, bool cpu, c
     }
     power_session_free(s);
     return w;
+}
+
+/* One decode point's watts as above, or -1 when nothing could be read. */
+static double decode_point_watts(prof *P, const sim_profile_opts *o, bool cpu, const ppoint *q) {
+    run_point(P, q);
+    power_session *s = instant_open(o, cpu, DECODE_POWER_WINDOW_S);
+    if (!s) return -1;
+    double t0 = time_now_s();
+    do run_point(P, q);
+    while (time_now_s() - t0 < DECODE_POWER_WINDOW_S);
+    return instant_watts(s, cpu, DECODE_POWER_SETTLE_S);
 }
 
 /* Power of every decode grid point (dec[n], in the grid's order) into
@@ -1067,13 +1082,17 @@ static int measure_share_copies(prof *P, sim_peer *pr, sim_gpu_share *g, const d
  * own times (alone, and while this process ran the other kind) are logged as the check
  * from its side. Leaves g->measured false, with the reason in its source, when the
  * peer cannot run. */
-/* Kind x timed over the share window with the device's mean power over it (a
- * phase, where a meter exists; *watts -1 where none). */
+/* Kind x timed over the share window with the device's mean power over it (*watts,
+ * -1 where no meter): its instantaneous samples after the first SHARE_POWER_SETTLE_S (the
+ * warm-up step, the peer's first steps), as a decode point's. The energy counter over a
+ * 1 s window moves in steps of about 100 ms: two profiles 25 minutes apart (H200,
+ * 2026-11-29) read the pairs' excess over the pricing at -3..65 W and 57..123 W. */
+#define SHARE_POWER_SETTLE_S 0.2
 static double share_time_w(prof *P, const sim_profile_opts *o, int kind, const int shape[4], double *watts) {
-    power_phase ph;
-    phase_begin(&ph, o, !strcmp(P->be->ops->name, "cpu"));
+    bool cpu = !strcmp(P->be->ops->name, "cpu");
+    power_session *s = o->measure_power ? instant_open(o, cpu, share_window_s(P) + 0.5) : NULL;
     double t = share_time(P, kind, shape);
-    *watts = phase_end(&ph, NULL, 0, NULL);
+    *watts = instant_watts(s, cpu, SHARE_POWER_SETTLE_S);
     return t;
 }
 
@@ -1292,12 +1311,22 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
     free(ax);
     free(ay);
 
-    /* idle power first, while nothing runs */
+    /* idle power first, while nothing runs: the instantaneous samples of 1 s after the
+     * first 0.2 (the energy counter's 100 ms steps are a tenth of such a window), else
+     * the energy over it, where a meter says why it cannot */
     char why[POWER_REASON_LEN * 2 + 32] = "";
     power_phase ph;
-    phase_begin(&ph, o, cpu);
-    if (ph.on) usleep(1000 * 1000);
-    double idle_w = phase_end(&ph, why, sizeof why, NULL);
+    double idle_w = -1;
+    power_session *is = o->measure_power ? instant_open(o, cpu, 1.2) : NULL;
+    if (is) {
+        usleep(1200 * 1000);
+        idle_w = instant_watts(is, cpu, 0.2);
+    }
+    if (!(idle_w > 0)) {
+        phase_begin(&ph, o, cpu);
+        if (ph.on) usleep(1000 * 1000);
+        idle_w = phase_end(&ph, why, sizeof why, NULL);
+    }
 
     int n_pre = o->n_prefill_tokens * o->n_prefill_context, n_dec = o->n_decode_batch * o->n_decode_context;
     ppoint *pts = xcalloc((size_t)(n_pre + n_dec + 2 * 256 + 1 + 4 + 9), sizeof(ppoint));
