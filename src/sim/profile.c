@@ -918,8 +918,8 @@ static void read_clock(const cJSON *o, sim_profile *p) {
     if (c->n_points >= 2 && c->base_mhz > 0) sim_clock_fit(c, p->power.measured ? p->power.idle_w : 0);
 }
 
-/* [[pp, pd], [dp, dd]], each a finite number >= 1, into k; false when not so. */
-/* [[a, b], [c, d]] of finite numbers, each at least lo (above it where open) */
+/* [[a, b], [c, d]] of finite numbers, each at least lo (above it where open), into k;
+ * false when not so */
 static bool read_2x2(const cJSON *ko, double k[2][2], double lo, bool open) {
     bool ok = cJSON_IsArray(ko) && cJSON_GetArraySize(ko) == 2;
     for (int x = 0; ok && x < 2; x++) {
