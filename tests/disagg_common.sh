@@ -189,15 +189,21 @@ check_kv_metrics() {
     fail "$1: KV transfer metrics: $n transfers, $sec s, tail $tail s"
   echo "ok   $1: the prefill side counted $n KV transfers ($sec s, $tail s from the prefills' ends to the transfers' ends)"
   # a store's puts by part (disk): as many puts as transfers, their parts within the transfers' time
-  local puts=0 parts=0
+  # and its gets on the decode side: one per transfer, their polls' time by part
+  local puts=0 parts=0 gets=0 gparts=0
   for u in ${INSTANCES//,/ }; do
     m="$(curl -sf "$u/metrics")" || fail "$1: no /metrics at $u"
     puts=$(awk -v a="$puts" '/^pdserve_kv_store_puts_total/ {a += $NF} END {print a}' <<<"$m")
     parts=$(awk -v a="$parts" '/^pdserve_kv_store_put_seconds_total/ {a += $NF} END {print a}' <<<"$m")
+    gets=$(awk -v a="$gets" '/^pdserve_kv_store_gets_total/ {a += $NF} END {print a}' <<<"$m")
+    gparts=$(awk -v a="$gparts" '/^pdserve_kv_store_get_seconds_total/ {a += $NF} END {print a}' <<<"$m")
   done
   if [ "$puts" != 0 ]; then
     awk -v p="$puts" -v n="$n" -v x="$parts" -v s="$sec" 'BEGIN {exit !(p == n && x > 0 && x <= s)}' ||
       fail "$1: store puts $puts of $n transfers, their parts $parts s of $sec s"
     echo "ok   $1: $puts store puts, $parts s by part within the transfers' $sec s"
+    awk -v g="$gets" -v n="$n" -v x="$gparts" 'BEGIN {exit !(g == n && x > 0)}' ||
+      fail "$1: store gets $gets of $n transfers, their parts $gparts s"
+    echo "ok   $1: $gets store gets, $gparts s by part"
   fi
 }

@@ -221,7 +221,8 @@ static void test_disk_corrupt_block(void) {
 
 /* A put's time by part (kv_store_get_put_times, /metrics): counted on the side that
  * puts, every part non-negative, the layers' write timed, and the parts within the
- * put's own time; the decode side, which puts nothing, counts none. */
+ * put's own time; the decode side, which puts nothing, counts none; and the get's
+ * likewise on the decode side. */
 static void test_disk_put_parts(void) {
     disk_fixture f;
     fixture_open(&f, 0, false, 0);
@@ -247,8 +248,17 @@ static void test_disk_put_parts(void) {
     kv_store_get_stats(f.pc, &b); /* the full stats carry the same counters */
     CHECK(b.sends == 1 && b.put_s[KV_PUT_WRITE] == a.put_s[KV_PUT_WRITE]);
     kv_store_get_put_times(f.dc, &b);
-    CHECK(b.sends == 0);
+    CHECK(b.sends == 0 && b.gets == 0);
     CHECK_EQ_INT(kv_ticket_wait(f.dc, &t, 5, err, sizeof err), KV_OK);
+    /* the get's polls by part on the decode side: one get, its reads, checks and copies
+     * timed; the prefill side, which gets nothing, counts none */
+    kv_store_get_put_times(f.dc, &b);
+    CHECK(b.gets == 1);
+    for (int k = 0; k < KV_GET_PARTS; k++) CHECKF(b.get_s[k] >= 0, "%s: %g s", kv_get_part_names[k], b.get_s[k]);
+    CHECKF(b.get_s[KV_GET_OPEN] > 0 && b.get_s[KV_GET_CHECK] > 0 && b.get_s[KV_GET_COPY] > 0,
+           "open %g, check %g, copy %g s", b.get_s[KV_GET_OPEN], b.get_s[KV_GET_CHECK], b.get_s[KV_GET_COPY]);
+    kv_store_get_put_times(f.pc, &a);
+    CHECK(a.gets == 0);
     int32_t blocks[8];
     int n = kv_ticket_take(f.dc, &t, blocks, 8);
     if (n > 0) kv_pool_release(&f.g.pool, blocks, n);

@@ -244,17 +244,25 @@ int kv_store_match(kv_connector *c, const int32_t *tokens, int n_tokens);
  * publishing (headers, renames). */
 enum { KV_PUT_OPEN, KV_PUT_STAGE, KV_PUT_SUM, KV_PUT_WRITE, KV_PUT_PUBLISH, KV_PUT_PARTS };
 extern const char *const kv_put_part_names[KV_PUT_PARTS];
+/* Where a store's gets spend their time (disk: every poll of a decode side's request,
+ * summed): opening the arrived block files, waiting for their reads (the I/O not hidden
+ * behind the previous batch's checks and copies), checking them (header, checksums),
+ * copying them into the cache. */
+enum { KV_GET_OPEN, KV_GET_READ, KV_GET_CHECK, KV_GET_COPY, KV_GET_PARTS };
+extern const char *const kv_get_part_names[KV_GET_PARTS];
 
 typedef struct kv_store_stats {
     uint64_t entries, capacity_entries, bytes, capacity_bytes;
     uint64_t puts, hits, misses, evictions, corrupt, reclaimed;
     uint64_t sends;                /* kv_send_* puts completed (disk; 0: not counted) */
     double put_s[KV_PUT_PARTS];    /* their seconds by part (disk) */
+    uint64_t gets;                 /* requests' gets completed (disk; 0: not counted) */
+    double get_s[KV_GET_PARTS];    /* the seconds of their polls by part (disk) */
 } kv_store_stats;
 /* Zeroes *out for the links. */
 void kv_store_get_stats(kv_connector *c, kv_store_stats *out);
-/* Only sends and put_s of *out (the rest zero), without walking the store: cheap enough
- * for every /metrics scrape. */
+/* Only sends, put_s, gets and get_s of *out (the rest zero), without walking the store:
+ * cheap enough for every /metrics scrape. */
 void kv_store_get_put_times(kv_connector *c, kv_store_stats *out);
 
 /* ---- framing (kv_msg.c): the tcp medium's messages ---------------------------------------

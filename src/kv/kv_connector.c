@@ -799,6 +799,7 @@ int kv_store_match(kv_connector *c, const int32_t *tokens, int n_tokens) {
 }
 
 const char *const kv_put_part_names[KV_PUT_PARTS] = {"open", "stage", "checksum", "write", "publish"};
+const char *const kv_get_part_names[KV_GET_PARTS] = {"open", "read", "check", "copy"};
 
 void kv_store_get_stats(kv_connector *c, kv_store_stats *out) {
     memset(out, 0, sizeof *out);

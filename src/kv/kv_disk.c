@@ -67,6 +67,7 @@ typedef struct disk_impl {
     size_t layer_bytes, stride, file_bytes;
     uint64_t puts, hits, misses, corrupt;
     uint64_t sends, put_ns[KV_PUT_PARTS]; /* kv_send_* puts and their time by part */
+    uint64_t gets, get_ns[KV_GET_PARTS];  /* gets completed, and their polls' time by part */
     const kv_cache *kv;              /* not owned: whose backend pins the staging */
     size_t staging_bytes;            /* of each staging buffer */
     pthread_mutex_t pool_mu;
@@ -85,6 +86,13 @@ typedef struct disk_op {
 
 static void put_time(disk_impl *d, int part, double t0) {
     __atomic_fetch_add(&d->put_ns[part], (uint64_t)((time_now_s() - t0) * 1e9), __ATOMIC_RELAXED);
+}
+
+/* adds the time since *t to a get's part, and moves *t to now */
+static void get_time(disk_impl *d, int part, double *t) {
+    double now = time_now_s();
+    __atomic_fetch_add(&d->get_ns[part], (uint64_t)((now - *t) * 1e9), __ATOMIC_RELAXED);
+    *t = now;
 }
 
 static size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
@@ -668,6 +676,7 @@ static kv_status poll_chunk(disk_impl *d, kv_connector *c, kv_slot *s, const dis
     char path[KV_ADDRESS_MAX + 64];
     kv_status st = KV_OK;
     int n_ok = 0; /* files [0, n_ok) of the batch are good and queued */
+    double t = time_now_s();
     for (int j = 0; j < m && st == KV_OK; j++) {
         int b = which[j];
         uint8_t *img = ops[j].buf;
@@ -691,7 +700,9 @@ static kv_status poll_chunk(disk_impl *d, kv_connector *c, kv_slot *s, const dis
         }
         n_ok = j + 1;
     }
+    get_time(d, KV_GET_CHECK, &t); /* the checks, and the copies queued */
     kv_copies_run(kv, q); /* the batch's good files, one batch (done when it returns) */
+    get_time(d, KV_GET_COPY, &t);
     for (int j = 0; j < n_ok; j++) {
         s->got[which[j]] = 1;
         s->n_got++;
@@ -720,15 +731,22 @@ static kv_status disk_poll(kv_connector *c, int idx, char *err, size_t errlen) {
     kv_status st = KV_OK; /* KV_PENDING once a file is missing */
     kv_copies q = {0};
     disk_io io;
+    bool done_before = s->n_got == s->n_blocks;
+    double t = time_now_s();
     m[cur] = poll_collect(d, s, &i, chunk, ops[cur], which[cur], &buf[cur], &st);
     io_start(&io, d, ops[cur], m[cur], depth);
+    get_time(d, KV_GET_OPEN, &t);
     while (m[cur] > 0) {
         int nx = cur ^ 1;
         m[nx] = st == KV_OK ? poll_collect(d, s, &i, chunk, ops[nx], which[nx], &buf[nx], &st) : 0;
+        get_time(d, KV_GET_OPEN, &t);
         io_wait(&io); /* this batch read; per-op results checked by poll_chunk */
+        get_time(d, KV_GET_READ, &t);
         io_start(&io, d, ops[nx], m[nx], depth);
         for (int j = 0; j < m[cur]; j++) close(ops[cur][j].fd);
+        get_time(d, KV_GET_OPEN, &t); /* the next reads submitted, these files closed */
         kv_status r = poll_chunk(d, c, s, ops[cur], which[cur], m[cur], &q, err, errlen);
+        t = time_now_s(); /* poll_chunk counted its checks and copies */
         if (r != KV_OK) {
             st = r;
             io_wait(&io);
@@ -737,6 +755,7 @@ static kv_status disk_poll(kv_connector *c, int idx, char *err, size_t errlen) {
         }
         cur = nx;
     }
+    if (!done_before && s->n_got == s->n_blocks) __atomic_fetch_add(&d->gets, 1, __ATOMIC_RELAXED);
     kv_copies_free(&q);
     for (int k = 0; k < 2; k++) {
         staging_put(d, buf[k]);
@@ -763,6 +782,9 @@ static void disk_put_times(kv_connector *c, kv_store_stats *o) {
     o->sends = __atomic_load_n(&d->sends, __ATOMIC_RELAXED);
     for (int k = 0; k < KV_PUT_PARTS; k++)
         o->put_s[k] = 1e-9 * (double)__atomic_load_n(&d->put_ns[k], __ATOMIC_RELAXED);
+    o->gets = __atomic_load_n(&d->gets, __ATOMIC_RELAXED);
+    for (int k = 0; k < KV_GET_PARTS; k++)
+        o->get_s[k] = 1e-9 * (double)__atomic_load_n(&d->get_ns[k], __ATOMIC_RELAXED);
 }
 
 static void disk_stats(kv_connector *c, kv_store_stats *o) {

@@ -730,10 +730,11 @@ static enum MHD_Result handle_metrics(server *s, struct MHD_Connection *conn) {
     sbuf b;
     sbuf_init(&b);
     metrics_render(s->metrics, &st, s->served_name, &b);
-    if (s->in && s->role == SERVER_ROLE_PREFILL) {
+    if (s->in && (s->role == SERVER_ROLE_PREFILL || s->role == SERVER_ROLE_DECODE)) {
         internal_kv_totals kt;
         internal_kv_totals_get(s->in, &kt);
-        metrics_render_kv_sends(&kt, s->served_name, &b);
+        if (s->role == SERVER_ROLE_PREFILL) metrics_render_kv_sends(&kt, s->served_name, &b);
+        else metrics_render_kv_gets(&kt, s->served_name, &b);
     }
     metrics_render_energy(s->power, &b);
     enum MHD_Result ret = respond(conn, 200, "text/plain; version=0.0.4; charset=utf-8", b.p, b.len,

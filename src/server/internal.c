@@ -963,6 +963,8 @@ void internal_kv_totals_get(internal_ctx *in, internal_kv_totals *out) {
     kv_store_get_put_times(in->kv, &ps);
     out->store_sends = ps.sends;
     memcpy(out->put_s, ps.put_s, sizeof out->put_s);
+    out->store_gets = ps.gets;
+    memcpy(out->get_s, ps.get_s, sizeof out->get_s);
 }
 
 internal_ctx *internal_create(engine *e, kv_connector *kv, server_role role, double timeout_s,

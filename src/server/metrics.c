@@ -235,6 +235,21 @@ void metrics_render_kv_sends(const internal_kv_totals *kt, const char *model_nam
                     kt->put_s[k]);
 }
 
+void metrics_render_kv_gets(const internal_kv_totals *kt, const char *model_name, sbuf *out) {
+    if (!kt->store_gets) return;
+    char label[256];
+    model_label(model_name, label);
+    gauge(out, "pdserve_kv_store_gets_total", "counter", "Gets out of the KV store this decode instance completed (disk).",
+          label, (double)kt->store_gets);
+    sbuf_printf(out, "# HELP pdserve_kv_store_get_seconds_total Seconds of those gets' polls by part: open (the "
+                     "arrived files opened, reads submitted), read (waiting for reads not hidden behind the "
+                     "previous batch), check (headers, checksums), copy (into the KV cache).\n"
+                     "# TYPE pdserve_kv_store_get_seconds_total counter\n");
+    for (int k = 0; k < KV_GET_PARTS; k++)
+        sbuf_printf(out, "pdserve_kv_store_get_seconds_total{%s,part=\"%s\"} %.6f\n", label, kv_get_part_names[k],
+                    kt->get_s[k]);
+}
+
 void metrics_render(server_metrics *m, const engine_stats *st, const char *model_name, sbuf *out) {
     char label[256];
     model_label(model_name, label);

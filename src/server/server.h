@@ -260,6 +260,8 @@ void metrics_render_energy(struct power_session *p, sbuf *out);
  * metrics_render labels. */
 struct internal_kv_totals;
 void metrics_render_kv_sends(const struct internal_kv_totals *k, const char *model_name, sbuf *out);
+/* Decode: the store's gets and their time by part (nothing where the medium counts none). */
+void metrics_render_kv_gets(const struct internal_kv_totals *k, const char *model_name, sbuf *out);
 
 /* ---- roles of an instance ------------------------------------------------------------------ */
 typedef enum server_role {
@@ -329,6 +331,9 @@ typedef struct internal_kv_totals {
     double transfer_s, tail_s;
     uint64_t store_sends;              /* a store's puts (disk), and where their time went */
     double put_s[KV_PUT_PARTS];
+    uint64_t store_gets;               /* decode: a store's gets (disk), and where their polls'
+                                          time went */
+    double get_s[KV_GET_PARTS];
 } internal_kv_totals;
 void internal_kv_totals_get(internal_ctx *in, internal_kv_totals *out);
 /* Decode: reserves blocks for the prompt ids[n] and writes {"ticket":...} to out.

@@ -100,8 +100,9 @@ static double disk_free_bytes(const char *dir) {
 static int sustained_train(kv_connector *dec, const kv_block_allocator *al, kv_connector *pre, int n,
                            int32_t *tokens, const int32_t *src, int nb, uint64_t *req, double train_s, int max_n,
                            sim_medium *md, char *err, size_t errlen) {
-    kv_store_stats ps0, ps1;
+    kv_store_stats ps0, ps1, gs0, gs1;
     kv_store_get_put_times(pre, &ps0);
+    kv_store_get_put_times(dec, &gs0);
     double all[64], put[64], t0 = time_now_s(), t_end = t0 + train_s;
     int k = 0;
     max_n = PD_MIN(max_n, 64);
@@ -112,6 +113,7 @@ static int sustained_train(kv_connector *dec, const kv_block_allocator *al, kv_c
         all[k] = dt, put[k] = p, k++;
     }
     kv_store_get_put_times(pre, &ps1);
+    kv_store_get_put_times(dec, &gs1);
     int h = k / 2, m = k - h; /* the second half: the disk as it runs on */
     double a2[64], p2[64];
     memcpy(a2, all + h, sizeof(double) * (size_t)m);
@@ -138,6 +140,16 @@ static int sustained_train(kv_connector *dec, const kv_block_allocator *al, kv_c
                           (ps1.put_s[p] - ps0.put_s[p]) / (double)ns);
         log_info("profile: medium %s, sustained: a put's time by part (mean of %llu): %s", md->name,
                  (unsigned long long)ns, parts);
+    }
+    uint64_t ng = gs1.gets - gs0.gets;
+    if (ng > 0) { /* and a get's (a deployment's decode side: pdserve_kv_store_get_seconds_total) */
+        char parts[256];
+        int o = 0;
+        for (int p = 0; p < KV_GET_PARTS && o < (int)sizeof parts; p++)
+            o += snprintf(parts + o, sizeof parts - (size_t)o, "%s%s %.3f s", p ? ", " : "", kv_get_part_names[p],
+                          (gs1.get_s[p] - gs0.get_s[p]) / (double)ng);
+        log_info("profile: medium %s, sustained: a get's time by part (mean of %llu): %s", md->name,
+                 (unsigned long long)ng, parts);
     }
     return 0;
 }

@@ -608,7 +608,7 @@ void study_metrics_parse(const char *text, const char *prefix, study_metric *out
     static const char *const wanted[] = {"pdserve_prefix_cache_", "pdserve_kv_offload_", "pdserve_engine_",
                                          "pdserve_num_preemptions_total", "pdserve_prompt_tokens_total",
                                          "pdserve_generation_tokens_total", "pdserve_kv_transfer",
-                                         "pdserve_kv_store_put"};
+                                         "pdserve_kv_store_put", "pdserve_kv_store_get"};
     for (const char *p = text; p && *p;) {
         const char *nl = strchr(p, '\n');
         size_t len = nl ? (size_t)(nl - p) : strlen(p);
