@@ -9,6 +9,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cjson/cJSON.h>
+
 #include "backend/backend.h"
 #include "model/model.h"
 #include "sim/sim.h"
@@ -1269,10 +1271,64 @@ static void test_tiers(void) {
     sim_profile_free(&q);
 }
 
+/* The median TTFT (ms) of the one point that `pdserve sim` wrote as JSON to path, or -1. */
+static double sim_json_ttft(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return -1;
+    char buf[65536];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    cJSON *a = cJSON_Parse(buf);
+    const cJSON *p = cJSON_GetArrayItem(a, 0), *v = cJSON_GetObjectItemCaseSensitive(p, "median_ttft_ms");
+    double ms = cJSON_IsNumber(v) ? v->valuedouble : -1;
+    cJSON_Delete(a);
+    return ms;
+}
+
+/* `pdserve sim --store-overlap pipelined` takes the pipelined train's factors: a profile
+ * whose rounds say a put beside a get is not slowed and whose train says x8, on a disk
+ * point of 8 requests, slows the queued puts and gets only with the option; an unknown
+ * value is refused. */
+static void check_store_overlap_option(const char *bin, const char *dir, sim_profile *p) {
+    char prof[512], plan[512], js[2][512], cmd[2048];
+    snprintf(prof, sizeof prof, "%s/pd-pipe-prof-%d.json", dir, (int)getpid());
+    snprintf(plan, sizeof plan, "%s/pd-pipe-plan-%d.json", dir, (int)getpid());
+    sim_medium *m = &p->mediums[0];
+    m->put_overlap = m->get_overlap = 1;
+    m->put_overlap_pipe = m->get_overlap_pipe = 8;
+    char *text = sim_profile_to_json(p);
+    FILE *f = fopen(prof, "w"), *g = fopen(plan, "w");
+    REQUIRE(f && g && text);
+    fputs(text, f);
+    fclose(f);
+    free(text);
+    fputs("{\"name\": \"pipe\", \"setups\": [\"dis-disk\"], \"dataset\": {\"name\": \"random\", \"input_len\": 1024,"
+          " \"output_len\": 8, \"ignore_eos\": true}, \"loads\": {\"batch_sizes\": [8]}}",
+          g);
+    fclose(g);
+    for (int k = 0; k < 2; k++) {
+        snprintf(js[k], sizeof js[k], "%s/pd-pipe-%d-%d.json", dir, (int)getpid(), k);
+        snprintf(cmd, sizeof cmd, "%s sim %s --profile %s --json %s --quiet%s > /dev/null 2>&1", bin, plan, prof, js[k],
+                 k ? " --store-overlap pipelined" : "");
+        CHECKF(system(cmd) == 0, "%s", cmd);
+    }
+    double rounds = sim_json_ttft(js[0]), pipelined = sim_json_ttft(js[1]);
+    CHECKF(rounds > 0 && pipelined > 1.05 * rounds, "TTFT p50 %.3f ms with the rounds' factors, %.3f with the train's",
+           rounds, pipelined);
+    snprintf(cmd, sizeof cmd, "%s sim %s --profile %s --store-overlap sometimes > /dev/null 2>&1", bin, plan, prof);
+    int rc = system(cmd);
+    CHECKF(WIFEXITED(rc) && WEXITSTATUS(rc) == 2, "an unknown --store-overlap: status %d", rc);
+    unlink(prof);
+    unlink(plan);
+    unlink(js[0]);
+    unlink(js[1]);
+}
+
 /* `pdserve profile --medium disk` runs the overlap rounds' decode side in a process of
  * its own (`--kv-peer`), as a deployment's decode instance; --medium-in-process in
- * this one. Both record how, with factors of at least 1 (PDSERVE_BIN; skipped without
- * it). */
+ * this one. Both record how, with factors of at least 1, and the pipelined train's
+ * (PDSERVE_BIN; skipped without it). */
 static void test_profile_mediums_peer(void) {
     const char *bin = test_pdserve_bin();
     if (!bin) return;
@@ -1299,6 +1355,9 @@ static void test_profile_mediums_peer(void) {
                    p.mediums_note);
             CHECKF(m->put_overlap >= 1 && m->get_overlap >= 1 && m->get_pair >= 1, "x%g x%g x%g", m->put_overlap,
                    m->get_overlap, m->get_pair);
+            CHECKF(m->pipe_n == 5 && m->put_overlap_pipe >= 1 && m->get_overlap_pipe >= 1, "pipelined: %d, x%g x%g",
+                   m->pipe_n, m->put_overlap_pipe, m->get_overlap_pipe);
+            if (k == 0) check_store_overlap_option(bin, dir, &p);
         }
         sim_profile_free(&p);
         unlink(path);
@@ -1514,6 +1573,9 @@ static void test_cpu_contention(void) {
     p.mediums[0].put_overlap = 1.4;
     p.mediums[0].get_overlap = 1.9;
     p.mediums[0].get_pair = 1.3;
+    p.mediums[0].put_overlap_pipe = 2.2;
+    p.mediums[0].get_overlap_pipe = 1.6;
+    p.mediums[0].pipe_n = 5;
     p.contention = (sim_contention){.cores = 2, .threads = 1, .n_points = 2, .procs = {1, 2}, .slowdown = {1, 1.25}};
     snprintf(p.contention.source, sizeof p.contention.source, "measured");
     char *js = sim_profile_to_json(&p);
@@ -1522,6 +1584,7 @@ static void test_cpu_contention(void) {
     CHECK(q.contention.cores == 2 && q.contention.n_points == 2 && q.contention.slowdown[1] == 1.25);
     CHECK(q.mediums[0].control_s == 0.004 && q.mediums[0].put_share == 0.7 && q.mediums[0].put_overlap == 1.4 &&
           q.mediums[0].get_overlap == 1.9 && q.mediums[0].get_pair == 1.3);
+    CHECK(q.mediums[0].put_overlap_pipe == 2.2 && q.mediums[0].get_overlap_pipe == 1.6 && q.mediums[0].pipe_n == 5);
     CHECK(near(sim_contention_slowdown(&q.contention, 4), 2.5, 1e-12));
     CHECK(!q.gpu_share.measured); /* absent: equal turns */
     sim_profile_free(&q);

@@ -16,7 +16,7 @@
 #   scripts/gpu/study.sh                         PLAN=plans/paper-batch.json to change it
 # Environment: PLAN, SETUPS (a comma-separated subset of the plan's setup labels),
 # SKIP_PROFILE=1, SKIP_SWEEP=1, SKIP_SIM=1, SIM_COMPARE (sim options for a second
-# simulation into study-cmp.db, e.g. --gpu-share-equal; a blank " " for the whole plan
+# simulation into study-cmp.db, e.g. --gpu-share-equal or "--store-overlap pipelined"; a blank " " for the whole plan
 # on profile.json alone beside PROBE_MEDIUM's), PROBE_MEDIUM (disk: its setups' points
 # one at a time, each after a probe of the medium, simulated with it), PROBE_TRAIN,
 # SWEEP_TIMEOUT (s, 420), MEDIA (gpu,cpu,disk),

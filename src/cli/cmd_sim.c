@@ -225,6 +225,7 @@ typedef struct sim_cli {
     bool gpu_share;         /* GPU profiles: instances on one GPU share it (--no-gpu-share) */
     bool gpu_share_equal;   /* ... in equal turns, not as the profile's pairs (--gpu-share-equal) */
     bool power_cap;         /* GPU instances' clocks under the enforced power limit (--power-cap) */
+    bool store_pipelined;   /* stores: the pipelined train's overlap factors (--store-overlap) */
 } sim_cli;
 
 static double rel(double sim, double real) { return real != 0 ? 100.0 * (sim / real - 1.0) : NAN; }
@@ -375,7 +376,7 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
         bench_dataset_free(&d);
         return -1;
     }
-    sim_medium mstore;
+    sim_medium mstore, mpipe;
     sim_config cfg = {.n_colocated = su->n_colocated, .n_prefill = su->n_prefill, .n_decode = su->n_decode,
                       .router = su->has_router ? su->router : pl->router, .prefill_mhz = clk[0], .decode_mhz = clk[1],
                       .record_tokens = pl->record_tokens, .layerwise = su->layerwise,
@@ -397,6 +398,12 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
             free(reqs);
             bench_dataset_free(&d);
             return -1;
+        }
+        if (c->store_pipelined && cfg.medium->pipe_n > 0) { /* the pipelined train's factors */
+            mpipe = *cfg.medium;
+            mpipe.put_overlap = mpipe.put_overlap_pipe;
+            mpipe.get_overlap = mpipe.get_overlap_pipe;
+            cfg.medium = &mpipe;
         }
     }
     /* the setup's kv-cache-memory, else the plan's, else the profile's pool */
@@ -516,7 +523,8 @@ static int price_traces(const char *dir, const char *prefix, const char *profile
 
 int cmd_sim(int argc, char **argv) {
     const char *profile_path = NULL, *db_path = NULL, *json_path = NULL, *router = NULL;
-    const char *vmodel = NULL, *price_dir = NULL, *trace_prefix = NULL, *write_profile = NULL, *deployment = NULL;
+    const char *vmodel = NULL, *price_dir = NULL, *trace_prefix = NULL, *write_profile = NULL, *deployment = NULL,
+               *store_overlap = "rounds";
     int seed = -1, threads = 0, vrepeats = 3;
     bool quiet = false, no_contention = false, no_control = false, no_serving = false, no_serving_cpu = false,
          no_step_factor = false, step_factor = false, no_kinds = false, no_tier_cpu = false, no_power_cap = false,
@@ -555,6 +563,10 @@ int cmd_sim(int argc, char **argv) {
         {"step-factor", OPT_FLAG, &step_factor,
          "price steps by that factor on a GPU profile too (off there by default: its lone serving requests ran "
          "at boost clocks, its grid at the clocks of back-to-back steps; docs/simulator.md)", NULL},
+        {"store-overlap", OPT_STRING, &store_overlap,
+         "stores (cpu, disk): a put beside a get, and the get beside it, slowed as the profile's rounds measured "
+         "them (rounds, the default: one overlap at a time) or its pipelined train (pipelined: each put beside the "
+         "previous request's get, back to back; where the profile has none, the rounds)", "rounds|pipelined"},
         {"power-cap", OPT_FLAG, &power_cap,
          "run each GPU step at the clock the profile's enforced power limit allows (power.cap; off by default: "
          "on an H200 it overstated the throttled steps' time, docs/simulator.md)", NULL},
@@ -583,6 +595,10 @@ int cmd_sim(int argc, char **argv) {
         return price_traces(price_dir, trace_prefix ? trace_prefix : "", profile_path, n_pos, write_profile, deployment);
     if (n_pos != 1) {
         fprintf(stderr, "pdserve sim: needs a plan file (see --help)\n");
+        return 2;
+    }
+    if (strcmp(store_overlap, "rounds") != 0 && strcmp(store_overlap, "pipelined") != 0) {
+        fprintf(stderr, "pdserve sim: --store-overlap must be rounds or pipelined\n");
         return 2;
     }
     char err[1024];
@@ -644,7 +660,8 @@ int cmd_sim(int argc, char **argv) {
                  .vrepeats = vrepeats, .contention = !no_contention, .control_path = !no_control,
                  .serving_path = !no_serving, .serving_cpu = !no_serving_cpu, .step_factor = use_step_factor,
                  .contention_kinds = !no_kinds, .tier_cpu = !no_tier_cpu, .gpu_share = !no_gpu_share,
-                 .gpu_share_equal = gpu_share_equal, .power_cap = power_cap && !no_power_cap};
+                 .gpu_share_equal = gpu_share_equal, .power_cap = power_cap && !no_power_cap,
+                 .store_pipelined = !strcmp(store_overlap, "pipelined")};
     int rc = 0;
     model_files vfiles;
     backend *vbe = NULL;

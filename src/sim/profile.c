@@ -442,6 +442,11 @@ char *sim_profile_to_json(const sim_profile *p) {
         if (m->get_overlap > 0) cJSON_AddNumberToObject(mo, "get_overlap", m->get_overlap);
         if (m->get_pair > 0) cJSON_AddNumberToObject(mo, "get_pair", m->get_pair);
         if (m->overlap_by[0]) cJSON_AddStringToObject(mo, "overlap_by", m->overlap_by);
+        if (m->pipe_n > 0) {
+            cJSON_AddNumberToObject(mo, "put_overlap_pipelined", m->put_overlap_pipe);
+            cJSON_AddNumberToObject(mo, "get_overlap_pipelined", m->get_overlap_pipe);
+            cJSON_AddNumberToObject(mo, "pipelined_transfers", m->pipe_n);
+        }
         if (m->train_n > 0) {
             cJSON *t = cJSON_AddObjectToObject(mo, "sustained");
             cJSON_AddNumberToObject(t, "transfers", m->train_n);
@@ -844,6 +849,12 @@ static int read_mediums(const cJSON *o, sim_profile *p, const char *name, char *
         m->get_pair = get_num(mo, "get_pair", 0);
         if (!(m->get_pair >= 1 && m->get_pair <= 100)) m->get_pair = 0;
         get_str(mo, "overlap_by", m->overlap_by, sizeof m->overlap_by);
+        m->put_overlap_pipe = get_num(mo, "put_overlap_pipelined", 0);
+        m->get_overlap_pipe = get_num(mo, "get_overlap_pipelined", 0);
+        m->pipe_n = (int)get_num(mo, "pipelined_transfers", 0);
+        if (!(m->put_overlap_pipe >= 1 && m->put_overlap_pipe <= 100 && m->get_overlap_pipe >= 1 &&
+              m->get_overlap_pipe <= 100 && m->pipe_n >= 2 && m->pipe_n <= 1000)) /* absent or out of range */
+            m->put_overlap_pipe = m->get_overlap_pipe = 0, m->pipe_n = 0;
         const cJSON *tr = cJSON_GetObjectItemCaseSensitive(mo, "sustained");
         if (cJSON_IsObject(tr)) { /* a record: the bandwidth and put_share already carry it */
             m->train_n = (int)PD_MIN(PD_MAX(get_num(tr, "transfers", 0), 0), 64);

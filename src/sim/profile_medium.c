@@ -276,10 +276,14 @@ static double put_one(kv_connector *pre, const char *text, uint64_t req, int n, 
     return time_now_s() - t0;
 }
 
+/* The pipelined train's transfers (pipelined_train). */
+#define PIPE_N 5
+_Static_assert(PIPE_N == 5, "the pipelined train's log line names five transfers");
+
 /* The overlap's transfers of the largest size whose files stay in the disk store (3
- * rounds of four requests: two for a put beside a get, two for two gets at once): room
- * kept for them. */
-#define DISK_OVERLAP_FILES 12
+ * rounds of four requests: two for a put beside a get, two for two gets at once; then
+ * the pipelined train's): room kept for them. */
+#define DISK_OVERLAP_FILES (12 + PIPE_N)
 
 /* One round of a store's ops side by side, at one size: seconds of each. */
 typedef struct overlap_times {
@@ -335,6 +339,40 @@ static int pair_round(dside *D, kv_connector *pre, int n, int32_t *tokens, const
     }
     for (int j = 2; j < k; j++) ds_release(D, j, rc == 0);
     return rc;
+}
+
+/* The pipelined train: PIPE_N transfers of n tokens, each put beside the previous
+ * request's get as a deployment runs them when requests queue (its transfer worker puts
+ * back to back; each get starts as its put ends), in lockstep here: request i's put and
+ * request i-1's get start together, and the next pair once both are done. The first put
+ * and the last get run alone. Fills put[1..PIPE_N-1] (beside a get) and get[0..PIPE_N-2]
+ * (beside a put); 0, or -1 with err. Slots 0..3 in turn, at most two held. */
+static int pipelined_train(dside *D, kv_connector *pre, int n, int32_t *tokens, const int32_t *src, int nb,
+                           uint64_t *req, double put[PIPE_N], double get[PIPE_N], char *err, size_t errlen) {
+    char t[KV_TICKET_TEXT_MAX];
+    int held = -1; /* the slot whose get comes next */
+    for (int i = 0; i <= PIPE_N; i++) {
+        int k = i % DS_SLOTS;
+        if (i < PIPE_N) {
+            uint64_t r = (*req)++;
+            if (ds_reserve(D, k, r, n, nb, t, err, errlen) != 0) goto fail;
+        }
+        if (held >= 0 && ds_get_start(D, held, err, errlen) != 0) goto fail;
+        if (i < PIPE_N) {
+            double p = put_one(pre, t, *req - 1, n, tokens, src, nb, err, errlen);
+            if (p < 0) goto fail;
+            put[i] = p;
+        }
+        if (held >= 0) {
+            if (ds_get_wait(D, held, &get[i - 1], err, errlen) != 0) goto fail;
+            ds_release(D, held, true);
+        }
+        held = i < PIPE_N ? k : -1;
+    }
+    return 0;
+fail:
+    for (int k = 0; k < DS_SLOTS; k++) ds_release(D, k, false);
+    return -1;
 }
 
 /* A store's put (or get) of `bytes` alone as the simulator prices it: the medium's
@@ -573,6 +611,27 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
                              md.get_overlap, md.get_pair);
                 } else {
                     note_add(out, "%s: put beside a get: %s", name, e);
+                }
+                double pp[PIPE_N], pg[PIPE_N];
+                if (k == 3 && pipelined_train(&D, pre, n, tokens, src, nb, &req, pp, pg, e, sizeof e) == 0) {
+                    double bytes = (double)nb * bs * (double)per_token;
+                    double put = priced_alone(&md, bytes, true), get = priced_alone(&md, bytes, false);
+                    double sp[PIPE_N], sg[PIPE_N]; /* sim_median sorts: copies, the log keeps the order */
+                    memcpy(sp, pp, sizeof sp);
+                    memcpy(sg, pg, sizeof sg);
+                    double mp = sim_median(sp + 1, PIPE_N - 1), mg = sim_median(sg, PIPE_N - 1);
+                    if (put > 0 && get > 0) {
+                        md.put_overlap_pipe = PD_MAX(mp / put, 1.0);
+                        md.get_overlap_pipe = PD_MAX(mg / get, 1.0);
+                        md.pipe_n = PIPE_N;
+                    }
+                    log_info("profile: medium %s, %d tokens, pipelined (each put beside the previous get): puts %.3f (alone), "
+                             "%.3f/%.3f/%.3f/%.3f s; gets %.3f/%.3f/%.3f/%.3f s, %.3f (alone): a put beside a get x%.2f, a "
+                             "get beside a put x%.2f of the ops alone as priced (medians; the rounds: x%.2f, x%.2f)",
+                             name, n, pp[0], pp[1], pp[2], pp[3], pp[4], pg[0], pg[1], pg[2], pg[3], pg[4],
+                             md.put_overlap_pipe, md.get_overlap_pipe, md.put_overlap, md.get_overlap);
+                } else if (k == 3) {
+                    note_add(out, "%s: pipelined train: %s", name, e);
                 }
                 if (two) sim_peer_stop(&D.peer);
                 snprintf(md.overlap_by, sizeof md.overlap_by, "%s", k == 3 ? (two ? "two processes" : "one process") : "");

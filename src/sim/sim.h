@@ -69,6 +69,13 @@ typedef struct sim_medium {
     char overlap_by[16];    /* how the rounds ran: "two processes" (the decode side in a
                                process of its own, as a deployment's), "one process", or
                                "" (not recorded) */
+    /* stores: the same two factors from a pipelined train (pipe_n transfers, each put
+     * beside the previous request's get, as a deployment's transfer worker and decode
+     * side run them back to back): the medians of the overlapped puts and gets over the
+     * ops alone as priced; 0: not measured. `pdserve sim --store-overlap pipelined`
+     * uses them in place of put_overlap and get_overlap. */
+    double put_overlap_pipe, get_overlap_pipe;
+    int pipe_n;
     /* disk: the sustained train (`pdserve profile --medium-train S`): back-to-back
      * transfers of the largest size, the store filling as a deployment's does; the
      * medians of its second half replace the best-of curve's speed and put share.
