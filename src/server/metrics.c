@@ -212,6 +212,13 @@ static void model_label(const char *model_name, char *label) {
     label[k] = 0;
 }
 
+/* A counter of seconds by part: its HELP and TYPE, then one series per part. */
+static void counter_parts(sbuf *out, const char *name, const char *help, const char *label,
+                          const char *const *parts, const double *v, int n) {
+    sbuf_printf(out, "# HELP %s %s\n# TYPE %s counter\n", name, help, name);
+    for (int k = 0; k < n; k++) sbuf_printf(out, "%s{%s,part=\"%s\"} %.6f\n", name, label, parts[k], v[k]);
+}
+
 void metrics_render_kv_sends(const internal_kv_totals *kt, const char *model_name, sbuf *out) {
     char label[256];
     model_label(model_name, label);
@@ -226,13 +233,10 @@ void metrics_render_kv_sends(const internal_kv_totals *kt, const char *model_nam
     if (!kt->store_sends) return;
     gauge(out, "pdserve_kv_store_puts_total", "counter", "Puts into the KV store this instance completed (disk).",
           label, (double)kt->store_sends);
-    sbuf_printf(out, "# HELP pdserve_kv_store_put_seconds_total Seconds of those puts by part: open (capacity "
-                     "scan, files created), stage (copies into the staging buffer), checksum, write (the "
-                     "layers' I/O), publish (headers, renames).\n"
-                     "# TYPE pdserve_kv_store_put_seconds_total counter\n");
-    for (int k = 0; k < KV_PUT_PARTS; k++)
-        sbuf_printf(out, "pdserve_kv_store_put_seconds_total{%s,part=\"%s\"} %.6f\n", label, kv_put_part_names[k],
-                    kt->put_s[k]);
+    counter_parts(out, "pdserve_kv_store_put_seconds_total",
+                  "Seconds of those puts by part: open (capacity scan, files created), stage (copies into the staging "
+                  "buffer), checksum, write (the layers' I/O), publish (headers, renames).",
+                  label, kv_put_part_names, kt->put_s, KV_PUT_PARTS);
 }
 
 void metrics_render_kv_gets(const internal_kv_totals *kt, const char *model_name, sbuf *out) {
@@ -241,13 +245,11 @@ void metrics_render_kv_gets(const internal_kv_totals *kt, const char *model_name
     model_label(model_name, label);
     gauge(out, "pdserve_kv_store_gets_total", "counter", "Gets out of the KV store this decode instance completed (disk).",
           label, (double)kt->store_gets);
-    sbuf_printf(out, "# HELP pdserve_kv_store_get_seconds_total Seconds of those gets' polls by part: open (the "
-                     "arrived files opened, reads submitted), read (waiting for reads not hidden behind the "
-                     "previous batch), check (headers, checksums), copy (into the KV cache).\n"
-                     "# TYPE pdserve_kv_store_get_seconds_total counter\n");
-    for (int k = 0; k < KV_GET_PARTS; k++)
-        sbuf_printf(out, "pdserve_kv_store_get_seconds_total{%s,part=\"%s\"} %.6f\n", label, kv_get_part_names[k],
-                    kt->get_s[k]);
+    counter_parts(out, "pdserve_kv_store_get_seconds_total",
+                  "Seconds of those gets' polls by part: open (the arrived files opened, reads submitted), read "
+                  "(waiting for reads not hidden behind the previous batch), check (headers, checksums), copy (into "
+                  "the KV cache).",
+                  label, kv_get_part_names, kt->get_s, KV_GET_PARTS);
 }
 
 void metrics_render(server_metrics *m, const engine_stats *st, const char *model_name, sbuf *out) {

@@ -90,6 +90,20 @@ static double disk_free_bytes(const char *dir) {
     return (double)v.f_bavail * (double)v.f_frsize;
 }
 
+/* Logs an op's mean time by part over n ops (nothing for none): the counters' growth
+ * from a to b. */
+static void log_parts(const char *medium, const char *op, const char *const *names, int n_parts, const double *a,
+                      const double *b, uint64_t n) {
+    if (n == 0) return;
+    char parts[256];
+    int o = 0;
+    for (int p = 0; p < n_parts && o < (int)sizeof parts; p++)
+        o += snprintf(parts + o, sizeof parts - (size_t)o, "%s%s %.3f s", p ? ", " : "", names[p],
+                      (b[p] - a[p]) / (double)n);
+    log_info("profile: medium %s, sustained: a %s's time by part (mean of %llu): %s", medium, op,
+             (unsigned long long)n, parts);
+}
+
 /* The disk's sustained train: back-to-back transfers of n tokens (fresh keys, the
  * store's files piling up as a deployment's do) for train_s seconds, at least 3 and at
  * most max_n; fills md's train_* fields and, from the medians of the second half,
@@ -131,26 +145,9 @@ static int sustained_train(kv_connector *dec, const kv_block_allocator *al, kv_c
              "(%.2f GB/s), the put's share %.2f",
              md->name, k, n, time_now_s() - t0, all[0], all[k - 1], sa, sp, md->train_scale, md->bandwidth / 1e9,
              md->put_share);
-    uint64_t ns = ps1.sends - ps0.sends;
-    if (ns > 0) { /* where a put's time went (the same split as a deployment's /metrics) */
-        char parts[256];
-        int o = 0;
-        for (int p = 0; p < KV_PUT_PARTS && o < (int)sizeof parts; p++)
-            o += snprintf(parts + o, sizeof parts - (size_t)o, "%s%s %.3f s", p ? ", " : "", kv_put_part_names[p],
-                          (ps1.put_s[p] - ps0.put_s[p]) / (double)ns);
-        log_info("profile: medium %s, sustained: a put's time by part (mean of %llu): %s", md->name,
-                 (unsigned long long)ns, parts);
-    }
-    uint64_t ng = gs1.gets - gs0.gets;
-    if (ng > 0) { /* and a get's (a deployment's decode side: pdserve_kv_store_get_seconds_total) */
-        char parts[256];
-        int o = 0;
-        for (int p = 0; p < KV_GET_PARTS && o < (int)sizeof parts; p++)
-            o += snprintf(parts + o, sizeof parts - (size_t)o, "%s%s %.3f s", p ? ", " : "", kv_get_part_names[p],
-                          (gs1.get_s[p] - gs0.get_s[p]) / (double)ng);
-        log_info("profile: medium %s, sustained: a get's time by part (mean of %llu): %s", md->name,
-                 (unsigned long long)ng, parts);
-    }
+    /* where a put's and a get's time went (the same splits as a deployment's /metrics) */
+    log_parts(md->name, "put", kv_put_part_names, KV_PUT_PARTS, ps0.put_s, ps1.put_s, ps1.sends - ps0.sends);
+    log_parts(md->name, "get", kv_get_part_names, KV_GET_PARTS, gs0.get_s, gs1.get_s, gs1.gets - gs0.gets);
     return 0;
 }
 
