@@ -1149,7 +1149,8 @@ static void measure_gpu_share(prof *P, const sim_profile_opts *o, sim_gpu_share 
      * alone over its share of the time, idle power over the rest; the simulator adds the
      * difference while steps overlap on a shared GPU (sim_gpu_share_extra_w). All four
      * or none. */
-    g->power_measured = false;
+    memset(g->power_w, 0, sizeof g->power_w);
+    memset(g->priced_w, 0, sizeof g->priced_w);
     for (int x = 0; x < 2 && idle_w > 0; x++)
         for (int y = 0; y < 2; y++) {
             if (!(pair_w[x][y] > 0) || !(alone_w[x] > 0) || !(alone_w[y] > 0)) continue;
@@ -1157,11 +1158,11 @@ static void measure_gpu_share(prof *P, const sim_profile_opts *o, sim_gpu_share 
             double priced = alone_w[x] / fx + alone_w[y] / fy - idle_w * (1 / fx + 1 / fy - 1);
             g->power_w[x][y] = pair_w[x][y];
             g->priced_w[x][y] = priced;
-            g->power_measured = true;
             log_info("profile: shared device, %s beside %s: %.0f W measured, %.0f W as priced (%.0f W and %.0f W "
                      "alone, idle %.0f W; %+.1f%%)", x ? "decode" : "prefill", y ? "decode" : "prefill", pair_w[x][y],
                      priced, alone_w[x], alone_w[y], idle_w, 100 * (priced / pair_w[x][y] - 1));
         }
+    g->power_measured = true;
     for (int x = 0; x < 2; x++)
         for (int y = 0; y < 2; y++)
             if (!(g->power_w[x][y] > 0) || !(g->priced_w[x][y] > 0)) g->power_measured = false;

@@ -358,7 +358,8 @@ static double gpu_slowdown(const sim_state *s, const inst *in) {
     const int *n = s->dev_busy + 2 * in->dev;
     const sim_gpu_share *g = &s->p->gpu_share;
     bool measured = g->measured && !s->cfg->gpu_share_equal;
-    int x = in->dev_kind >= 0 ? in->dev_kind : step_kind(in); /* as dev_busy counts it */
+    int x = in->dev_kind; /* as dev_busy counts it (reshare set it: in is in a step) */
+    PD_ASSERT(x >= 0);
     double f = 1;
     for (int y = 0; y < 2; y++) f += (n[y] - (y == x)) * ((measured ? g->kinds[x][y] : 2) - 1);
     if (s->copy_share) /* the other instances' copies there (its own run beside its steps) */
