@@ -1724,6 +1724,30 @@ static void test_profile_device_share(void) {
     CHECK(WEXITSTATUS(system(cmd)) == 2);
 }
 
+/* The disk's sustained train needs room beside the other phases' files: on the GPU
+ * machine's 64 GiB free (Llama-3.2-3B's KV, 114,688 bytes a token; sizes to 16,384
+ * tokens, best of 3) it must run, at 12 GiB's worth; it did not when every curve size
+ * was counted as the largest. */
+static void test_disk_train_room(void) {
+    const int sizes[] = {256, 1024, 4096, 16384};
+    const double gib = 1073741824.0, one = 114688.0 * 16384;
+    double others = 0;
+    int n = sim_disk_train_room(sizes, 4, 3, 16, 114688, 64 * gib, &others);
+    CHECKF(n == (int)(12 * gib / one), "64 GiB free: %d train transfers of %.2f GiB", n, one / gib);
+    /* the curve: 3 x (256 + 1024 + 4096 + 16384) tokens; the overlap: 17 of the
+     * largest (its cache, two blocks over); a first of 256 tokens; 5 one-block
+     * control transfers */
+    double want = 3 * 21760 * 114688.0 + 17 * 1026 * 16 * 114688.0 + 256 * 114688.0 + 5 * 16 * 114688.0;
+    CHECKF(fabs(others - want) < 1, "the other phases' files: %.0f bytes, want %.0f", others, want);
+    /* just room for 3: the others, 3 of the largest and a GiB spare */
+    CHECK(sim_disk_train_room(sizes, 4, 3, 16, 114688, want + 3 * one + gib + 1, NULL) == 3);
+    CHECK(sim_disk_train_room(sizes, 4, 3, 16, 114688, want + 3 * one + gib - 1e6, NULL) < 3);
+    CHECK(sim_disk_train_room(sizes, 4, 3, 16, 114688, 30 * gib, NULL) < 0);
+    /* free space unknown: 12 GiB's worth; a small KV: at most 64 */
+    CHECK(sim_disk_train_room(sizes, 4, 3, 16, 114688, -1, NULL) == (int)(12 * gib / one));
+    CHECK(sim_disk_train_room(sizes, 4, 1, 16, 64, 64 * gib, NULL) == 64);
+}
+
 int main(void) {
     log_set_level(LOG_LEVEL_WARN);
     TEST_RUN(test_grid_interpolation);
@@ -1734,6 +1758,7 @@ int main(void) {
     TEST_RUN(test_prefix_affinity);
     TEST_RUN(test_tiers);
     TEST_RUN(test_study_plan);
+    TEST_RUN(test_disk_train_room);
     TEST_RUN(test_profile_mediums);
     TEST_RUN(test_profile_mediums_peer);
     TEST_RUN(test_profile_device_share);

@@ -209,7 +209,7 @@ if [ -z "${SKIP_SWEEP:-}" ]; then
   fi
   for pt in $probe_points; do
     timeout 300 "$BIN" profile --model "$MODEL" --device 0 --medium "$PROBE_MEDIUM" --medium-train "${PROBE_TRAIN:-6}" \
-      --mediums-into "$out/profile.json" -o "$out/probe/$pt-profile.json" 2>&1 | grep -E "medium $PROBE_MEDIUM|error"
+      --mediums-into "$out/profile.json" -o "$out/probe/$pt-profile.json" 2>&1 | grep -E "medium $PROBE_MEDIUM|mediums:|error"
     timeout "${SWEEP_TIMEOUT:-420}" "$BIN" sweep "$out/probe/$pt.json" --db "$out/study.db" --model "$MODEL" --tokenizer "$TOK"
     echo "probe and sweep $pt: exit $? at $(el) s"
   done

@@ -645,6 +645,21 @@ int cmd_sim(int argc, char **argv) {
                      cap->window_s > 0 ? "estimated by the profile" : "default",
                      power_cap && !no_power_cap ? "" : " (left out: pass --power-cap to model it)");
     }
+    /* a measured disk without its sustained train is priced at its best-of curve: a
+     * serving run's disk is slower on most hosts (docs/simulator.md, "The disk's
+     * sustained speed") */
+    for (int i = 0; i < pl.n_setups; i++) {
+        if (strcmp(pl.setups[i].medium, "disk") || pl.setups[i].skip[0]) continue;
+        for (int j = 0; j < prof.n_mediums; j++) {
+            const sim_medium *m = &prof.mediums[j];
+            if (!strcmp(m->name, "disk") && m->n_points >= 2 && m->train_n <= 0 && !strncmp(m->source, "measured", 8))
+                log_warn("sim: the profile's disk was timed without its sustained train (the profile's note: "
+                         "\"%s\"): its transfers are priced at the curve's best, faster than a serving run's disk "
+                         "on most hosts",
+                         prof.mediums_note[0] ? prof.mediums_note : "none");
+        }
+        break;
+    }
     for (int k = 0; k < pl.n_clocks; k++)
         if ((pl.clocks[k][0] > 0 || pl.clocks[k][1] > 0) && !(prof.clock.base_mhz > 0))
             log_warn("sim: the profile has no base clock (clock.base_mhz): clocks %g/%g are simulated as profiled",

@@ -414,6 +414,24 @@ static int peer_start(dside *d, const char *dir, int bs, size_t cache_bytes, cha
     return 0;
 }
 
+int sim_disk_train_room(const int *sizes, int n_sizes, int repeats, int bs, size_t per_token, double free_bytes,
+                        double *others) {
+    size_t max_nb = (size_t)(sizes[n_sizes - 1] + bs - 1) / (size_t)bs;
+    double one = (double)per_token * bs * (double)max_nb, cache = (double)per_token * bs * (double)(max_nb + 2);
+    /* what the other phases leave there, each at its own size: the curve's repeats of
+     * every size (together 1.33 of the largest per repeat, not one each), the untimed
+     * first and the control path's one-block transfers, and the overlap's files of the
+     * largest size */
+    double o = 0;
+    for (int si = 0; si < n_sizes; si++)
+        o += (double)PD_MAX(repeats, 1) * (double)((sizes[si] + bs - 1) / bs) * bs * (double)per_token;
+    o += (double)((sizes[0] + bs - 1) / bs) * bs * (double)per_token + (double)(PD_MAX(repeats, 1) + 2) * bs * (double)per_token +
+         cache * DISK_OVERLAP_FILES;
+    if (others) *others = o;
+    double free_b = free_bytes < 0 ? 1e30 : free_bytes - o - (double)(1ull << 30);
+    return (int)PD_MIN(PD_MIN((double)(12ull << 30), free_b) / one, 64.0);
+}
+
 int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *list, const char *dir,
                              size_t max_bytes, int repeats, double train_s, sim_profile *out, char *err,
                              size_t errlen) {
@@ -479,13 +497,14 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
             /* the train's files stay too: at most 12 GiB of them, and a free GiB left */
             size_t one = per_token * (size_t)bs * (size_t)max_nb;
             double fb = disk_free_bytes(dir); /* unknown: the 12 GiB alone */
-            double free_b = fb < 0 ? 1e30
-                                   : fb - (double)cache_bytes * (4 + DISK_OVERLAP_FILES + PD_MAX(repeats, 1) * n_sizes) -
-                                         (double)(1ull << 30);
-            train_max = (int)PD_MIN(PD_MIN((double)(12ull << 30), free_b) / (double)one, 64.0);
+            double others = 0;
+            train_max = sim_disk_train_room(sizes, n_sizes, repeats, bs, per_token, fb, &others);
             if (train_max < 3) {
-                note_add(out, "disk: no sustained train (%s has room for %s)", dir,
-                         train_max < 0 ? "none" : "fewer than 3 transfers");
+                char room[160];
+                snprintf(room, sizeof room,
+                         "%.1f GiB free; the other phases' files take %.1f GiB, the train 3 x %.2f GiB and 1 spare",
+                         fb / (1u << 30), others / (1u << 30), (double)one / (1u << 30));
+                note_add(out, "disk: no sustained train (%s: %s); priced at its best-of curve", dir, room);
                 train_max = 0;
             }
         }

@@ -430,6 +430,13 @@ void sim_profile_opts_default(sim_profile_opts *o, bool cpu);
 /* Measures m on its backend into out (initialised here). 0, or -1 with err. */
 int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, char *err, size_t errlen);
 
+/* How many transfers of the largest of sizes[0..n_sizes) the disk's sustained train may
+ * leave on a file system with free_bytes free (< 0: unknown, then 12 GiB's worth), after
+ * the files the curve's repeats, the control path and the overlap keep there (bytes into
+ * *others when not NULL) and a GiB spare; at most 64. Under 3: no train. */
+int sim_disk_train_room(const int *sizes, int n_sizes, int repeats, int bs, size_t per_token, double free_bytes,
+                        double *others);
+
 /* Times each medium of `list` ("gpu,cpu,disk,tcp") through the real connectors on
  * backend be with model cfg's KV geometry (both sides in this process; stores and
  * files under dir), requests of 256 to 16,384 tokens capped at max_bytes per cache,
