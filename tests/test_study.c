@@ -495,10 +495,29 @@ static void test_sweep_unreachable(void) {
     study_plan_free(&p);
 }
 
+/* The runs' gpu_driver: the version in either NVIDIA kernel module's wording (the open
+ * module's "... Kernel Module for x86_64  580.159.04 ..." once gave "for"). */
+static void test_driver_version(void) {
+    char v[64];
+    study_driver_version("NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024", v, sizeof v);
+    CHECKF(!strcmp(v, "550.54.15"), "proprietary module: \"%s\"", v);
+    study_driver_version("NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release Build  (dvs-builder@U22)  Thu "
+                         "Oct  2 2025", v, sizeof v);
+    CHECKF(!strcmp(v, "580.159.04"), "open module: \"%s\"", v);
+    study_driver_version("", v, sizeof v);
+    CHECK(v[0] == 0);
+    study_driver_version("NVIDIA UNIX Kernel Module for x86_64 .. 12 x", v, sizeof v);
+    CHECKF(v[0] == 0, "no version: \"%s\"", v);
+    char small[4];
+    study_driver_version("Module 580.159.04", small, sizeof small);
+    CHECK(!strcmp(small, "580"));
+}
+
 int main(void) {
     snprintf(tmpdir, sizeof tmpdir, "/tmp/test_study_XXXXXX");
     if (!mkdtemp(tmpdir)) return 1;
     TEST_RUN(test_plan_expand);
+    TEST_RUN(test_driver_version);
     TEST_RUN(test_db_migrate_v2);
     TEST_RUN(test_plan_errors);
     TEST_RUN(test_shipped_plans);

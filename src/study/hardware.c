@@ -49,6 +49,22 @@ static void json_append(char *out, size_t cap, const char *s) {
     out[n] = 0;
 }
 
+void study_driver_version(const char *nvrm, char *out, size_t cap) {
+    /* the first word of digits and dots with a dot in it: the proprietary module's
+     * "NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar ..." and the open one's
+     * "NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release Build ..." */
+    out[0] = 0;
+    for (const char *p = nvrm; *p;) {
+        p += strspn(p, " \t");
+        size_t l = strcspn(p, " \t");
+        if (l > 0 && strspn(p, "0123456789.") == l && memchr(p, '.', l) && p[0] != '.') {
+            snprintf(out, cap, "%.*s", (int)PD_MIN(l, cap - 1), p);
+            return;
+        }
+        p += l;
+    }
+}
+
 void study_hw_probe(study_hw *hw) {
     memset(hw, 0, sizeof *hw);
     if (gethostname(hw->hostname, sizeof hw->hostname - 1) != 0) hw->hostname[0] = 0;
@@ -86,14 +102,7 @@ void study_hw_probe(study_hw *hw) {
     }
     size_t gl = strlen(hw->gpus);
     snprintf(hw->gpus + gl, sizeof hw->gpus - gl, "]");
-    /* "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar ..." */
     char v[256];
     proc_field("/proc/driver/nvidia/version", "NVRM version", v, sizeof v);
-    const char *m = strstr(v, "Module");
-    if (m) {
-        m += 6;
-        m += strspn(m, " ");
-        size_t l = strcspn(m, " ");
-        snprintf(hw->driver, sizeof hw->driver, "%.*s", (int)PD_MIN(l, sizeof hw->driver - 1), m);
-    }
+    study_driver_version(v, hw->driver, sizeof hw->driver);
 }

@@ -162,6 +162,9 @@ typedef struct study_hw {
 } study_hw;
 
 void study_hw_probe(study_hw *hw);
+/* The driver version in the text after "NVRM version:" of /proc/driver/nvidia/version
+ * (either kernel module's wording) into out, or "" when it names none. */
+void study_driver_version(const char *nvrm, char *out, size_t cap);
 
 /* ---- deployments -----------------------------------------------------------------
  * A deployment is whatever serves the OpenAI API for one point: an external endpoint,
