@@ -1118,7 +1118,7 @@ static void test_study_plan(void) {
     sim_plan_free(&pl);
     /* every shipped study plan converts */
     static const char *const names[] = {"paper-batch", "paper-batch-quick", "paper-batch-quick-1gpu", "paper-clocks", "steady",
-                                         "steady-quick", "demo"};
+                                         "steady-quick", "steady-quick-1gpu", "demo"};
     for (size_t i = 0; i < PD_ARRAY_LEN(names); i++) {
         char path[1024];
         snprintf(path, sizeof path, "%s/plans/%s.json", test_source_dir(), names[i]);
