@@ -983,6 +983,100 @@ static void test_gpu_share(void) {
 /* Layer-wise: the prompt's 4 layers leave as the 0.1 s step computes them (ready at
  * 0.025, 0.05, 0.075, 0.1 s), each taking a quarter of the 0.1 s link time: the last
  * piece leaves at 0.1 and lands at 0.125 + latency, against 0.1 + 0.1 + latency whole. */
+/* The pairs' factors with a decode in them, by that decode step's time alone
+ * (sim_gpu_share_kind): at the measured shapes their own factors, between them linear in
+ * the time's logarithm, flat beyond; two prefills as measured. In a run, a lighter
+ * decode's lower factor lets a prefill beside it finish sooner. */
+static void test_gpu_share_kind(void) {
+    sim_profile p;
+    const_profile(&p, 0.1, 0.02);
+    snprintf(p.backend, sizeof p.backend, "cuda");
+    sim_grid_free(&p.decode);
+    static const double b[] = {1, 16}, l[] = {1024, 4096};
+    sim_grid_init(&p.decode, 2, b, 2, l);
+    for (int i = 0; i < 4; i++) p.decode.v[i] = l[i % 2] * 1e-6; /* 1.024 and 4.096 ms at any batch */
+    sim_gpu_share *g = &p.gpu_share;
+    g->measured = true;
+    static const double kinds[2][2] = {{2.1, 2.0}, {2.2, 2.3}}, light[2][2] = {{9, 1.6}, {2.6, 2.1}};
+    memcpy(g->kinds, kinds, sizeof kinds);
+    static const int shape[4] = {64, 64, 16, 4096}, lshape[4] = {64, 64, 16, 1024};
+    memcpy(g->shape, shape, sizeof shape);
+    CHECK(near(sim_gpu_share_kind(g, &p, 0, 1, 1e-3), 2.0, 1e-12)); /* no lighter shape: kinds */
+    memcpy(g->lighter_shape[0], lshape, sizeof lshape);
+    memcpy(g->lighter_kinds[0], light, sizeof light);
+    g->n_lighter = 1;
+    CHECK(near(sim_gpu_share_kind(g, &p, 0, 1, 4.096e-3), 2.0, 1e-12));
+    CHECK(near(sim_gpu_share_kind(g, &p, 0, 1, 1.024e-3), 1.6, 1e-12));
+    CHECKF(near(sim_gpu_share_kind(g, &p, 0, 1, 2.048e-3), 1.8, 1e-12), "halfway in log: %.6f",
+           sim_gpu_share_kind(g, &p, 0, 1, 2.048e-3));
+    CHECK(near(sim_gpu_share_kind(g, &p, 1, 0, 2.048e-3), 2.4, 1e-12));
+    CHECK(near(sim_gpu_share_kind(g, &p, 1, 1, 2.048e-3), 2.2, 1e-12));
+    CHECK(near(sim_gpu_share_kind(g, &p, 0, 1, 0.1), 2.0, 1e-12) && near(sim_gpu_share_kind(g, &p, 1, 0, 1e-5), 2.6, 1e-12));
+    CHECK(near(sim_gpu_share_kind(g, &p, 0, 0, 1.024e-3), 2.1, 1e-12)); /* two prefills: as measured */
+    CHECK(near(sim_gpu_share_kind(g, &p, 0, 1, 0), 2.0, 1e-12));       /* no decode step: kinds */
+    /* the file keeps them; a bad entry is refused naming the field */
+    char path[256], err[256];
+    snprintf(path, sizeof path, "%s/pd-share-kind-%d.json", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp", (int)getpid());
+    snprintf(g->source, sizeof g->source, "hand-made");
+    REQUIRE(sim_profile_save(&p, path, err, sizeof err) == 0);
+    sim_profile q;
+    REQUIRE(sim_profile_load(path, &q, err, sizeof err) == 0);
+    CHECK(q.gpu_share.n_lighter == 1 && !memcmp(q.gpu_share.lighter_shape[0], lshape, sizeof lshape) &&
+          q.gpu_share.lighter_kinds[0][1][0] == 2.6 && q.gpu_share.lighter_kinds[0][0][1] == 1.6);
+    sim_profile_free(&q);
+    FILE *f = fopen(path, "r");
+    REQUIRE(f);
+    char *text = xmalloc(1 << 20);
+    size_t n = fread(text, 1, (1 << 20) - 1, f);
+    fclose(f);
+    text[n] = 0;
+    char *k = strstr(text, "\"lighter\"");
+    REQUIRE(k);
+    char *sh = strstr(k, "16,");
+    REQUIRE(sh);
+    sh[0] = '-'; /* a batch of -6 */
+    f = fopen(path, "w");
+    REQUIRE(f);
+    fputs(text, f);
+    fclose(f);
+    free(text);
+    CHECK(sim_profile_load(path, &q, err, sizeof err) != 0 && strstr(err, "gpu_share.lighter[0]"));
+    unlink(path);
+    /* a run: prefill and decode instances on one GPU, r1's prefill beside r0's decode,
+     * whose steps are about as light as the lighter shape's: x1.6 or so instead of x2,
+     * so r1's first token comes sooner */
+    const_profile(&q, 0.1, 0.02);
+    snprintf(q.backend, sizeof q.backend, "cuda");
+    q.decode.v[1] = q.decode.v[3] = 0.05; /* 0.05 s at context 4096, the measured shape's */
+    q.gpu_share = *g;
+    q.gpu_share.lighter_shape[0][3] = 1;  /* 0.02 s: about r0's steps (context 100) */
+    q.gpu_share.n_lighter = 0;
+    sim_medium m = {.latency_s = 0, .bandwidth = 1e15};
+    snprintf(m.name, sizeof m.name, "test");
+    static const char one[2][16] = {"0", "0"};
+    sim_request r[2] = {{.n_prompt = 100, .max_tokens = 4, .arrival = 0},
+                        {.n_prompt = 100, .max_tokens = 4, .arrival = 0.1}};
+    sim_config c = colocated(0, 256);
+    c.n_prefill = c.n_decode = 1;
+    c.medium = &m;
+    c.devices = one;
+    c.n_devices = 2;
+    c.gpu_share = true;
+    sim_stats st;
+    bench_result *res = simulate(&c, &q, r, 2, &st);
+    REQUIRE(res);
+    double first = res->recs[1].token_s[0];
+    bench_result_free(res);
+    q.gpu_share.n_lighter = 1;
+    res = simulate(&c, &q, r, 2, &st);
+    REQUIRE(res);
+    CHECKF(res->recs[1].token_s[0] < first - 1e-3, "r1's first token at %.6f with a lighter decode's x1.6, %.6f at x2",
+           res->recs[1].token_s[0], first);
+    bench_result_free(res);
+    sim_profile_free(&q);
+    sim_profile_free(&p);
+}
+
 static void test_layerwise_transfer(void) {
     sim_profile p;
     const_profile(&p, 0.1, 0.02);
@@ -1699,6 +1793,12 @@ static void test_profile_device_share(void) {
         CHECKF(g->measured, "not measured: %s", g->source);
         for (int x = 0; x < 4; x++) CHECK(g->kinds[x / 2][x % 2] >= 1 && g->kinds[x / 2][x % 2] < 50);
         CHECK(g->shape[0] == 64 && g->shape[1] == 64 && g->shape[2] == 2 && g->shape[3] == 64);
+        /* and again with a decode a quarter as long in context */
+        CHECKF(g->n_lighter == 1, "%d lighter shapes: %s", g->n_lighter, g->source);
+        const int *ls = g->lighter_shape[0];
+        CHECK(ls[0] == 64 && ls[1] == 64 && ls[2] == 2 && ls[3] == 16);
+        for (int x = 0; x < 4; x++)
+            CHECK(g->lighter_kinds[0][x / 2][x % 2] >= 1 && g->lighter_kinds[0][x / 2][x % 2] < 50);
         sim_profile_free(&p);
     }
     unlink(path);
@@ -1753,6 +1853,7 @@ int main(void) {
     TEST_RUN(test_grid_interpolation);
     TEST_RUN(test_cost_model);
     TEST_RUN(test_gpu_share);
+    TEST_RUN(test_gpu_share_kind);
     TEST_RUN(test_layerwise_transfer);
     TEST_RUN(test_prefix_caching);
     TEST_RUN(test_prefix_affinity);

@@ -326,6 +326,31 @@ double sim_gpu_share_extra_w(const sim_gpu_share *g, const int n[2]) {
     return g->power_w[x][x] - g->priced_w[x][x];
 }
 
+double sim_gpu_share_kind(const sim_gpu_share *g, const sim_profile *p, int x, int y, double dec_s) {
+    double k = g->kinds[x][y];
+    if ((x == 0 && y == 0) || g->n_lighter <= 0 || !(dec_s > 0) || p->decode.nx < 1) return k;
+    /* the measured shapes by their decode step's time alone, sorted */
+    double ts[1 + SIM_SHARE_LIGHTER], ks[1 + SIM_SHARE_LIGHTER];
+    int n = 0;
+    for (int i = -1; i < g->n_lighter && i < SIM_SHARE_LIGHTER; i++) {
+        const int *sh = i < 0 ? g->shape : g->lighter_shape[i];
+        double t = sim_grid_eval(&p->decode, sh[2], sh[3]);
+        if (!(t > 0) || sh[2] <= 0 || sh[3] <= 0) continue;
+        double v = i < 0 ? g->kinds[x][y] : g->lighter_kinds[i][x][y];
+        int j = n++;
+        while (j > 0 && ts[j - 1] > t) ts[j] = ts[j - 1], ks[j] = ks[j - 1], j--;
+        ts[j] = t, ks[j] = v;
+    }
+    if (n < 2) return k;
+    if (dec_s <= ts[0]) return ks[0];
+    if (dec_s >= ts[n - 1]) return ks[n - 1];
+    int i = 1;
+    while (ts[i] < dec_s) i++;
+    if (!(ts[i] > ts[i - 1])) return ks[i];
+    double a = log(dec_s / ts[i - 1]) / log(ts[i] / ts[i - 1]);
+    return PD_MAX(ks[i - 1] + a * (ks[i] - ks[i - 1]), 1.0);
+}
+
 /* ---- the power cap (docs/simulator.md, "Clock under a power cap") ------------------- */
 
 /* Inserts (x, y) into the sorted arrays of n points; a point at the same x is averaged

@@ -536,6 +536,16 @@ char *sim_profile_to_json(const sim_profile *p) {
                 cJSON_AddItemToArray(qo, nums(gs->priced_w[x], 2));
             }
         }
+        if (gs->n_lighter > 0) {
+            cJSON *lo = cJSON_AddArrayToObject(go, "lighter");
+            for (int i = 0; i < gs->n_lighter; i++) {
+                cJSON *e = cJSON_CreateObject();
+                cJSON_AddItemToObject(e, "shape", cJSON_CreateIntArray(gs->lighter_shape[i], 4));
+                cJSON *ke = cJSON_AddArrayToObject(e, "kinds");
+                for (int x = 0; x < 2; x++) cJSON_AddItemToArray(ke, nums(gs->lighter_kinds[i][x], 2));
+                cJSON_AddItemToArray(lo, e);
+            }
+        }
         cJSON_AddStringToObject(go, "source", gs->source);
     }
     const sim_serving *sv = &p->serving;
@@ -992,7 +1002,8 @@ static int read_contention(const cJSON *o, sim_profile *p, const char *name, cha
  * beside decode]], shape: [T, C, B, L], source, and where timed copies: [[device to host
  * beside prefill, beside decode], [host to device ...]], beside_copy: [[prefill beside
  * device to host, beside host to device], [decode ...]], copy_bytes; where metered
- * power_w and priced_w, of the same shape as kinds}; absent: not measured (equal turns). */
+ * power_w and priced_w, of the same shape as kinds; where timed with lighter decodes
+ * lighter: [{shape, kinds}...]}; absent: not measured (equal turns). */
 static int read_gpu_share(const cJSON *o, sim_profile *p, const char *name, char *err, size_t errlen) {
     const cJSON *go = cJSON_GetObjectItemCaseSensitive(o, "gpu_share");
     if (!go) return 0;
@@ -1025,6 +1036,29 @@ static int read_gpu_share(const cJSON *o, sim_profile *p, const char *name, char
             return -1;
         }
         g->power_measured = true;
+    }
+    const cJSON *lo = cJSON_GetObjectItemCaseSensitive(go, "lighter"), *e;
+    if (lo && !cJSON_IsArray(lo)) {
+        pd_errorf(err, errlen, "%s: gpu_share.lighter must be a list of {shape, kinds}", name);
+        return -1;
+    }
+    cJSON_ArrayForEach(e, lo) {
+        int i = g->n_lighter;
+        const cJSON *es = cJSON_GetObjectItemCaseSensitive(e, "shape");
+        bool ok = i < SIM_SHARE_LIGHTER && cJSON_IsArray(es) && cJSON_GetArraySize(es) == 4 &&
+                  read_kinds(cJSON_GetObjectItemCaseSensitive(e, "kinds"), g->lighter_kinds[i]);
+        for (int j = 0; ok && j < 4; j++) {
+            const cJSON *v = cJSON_GetArrayItem(es, j);
+            ok = cJSON_IsNumber(v) && v->valuedouble >= (j == 1 ? 0 : 1) && v->valuedouble <= 1e7;
+            if (ok) g->lighter_shape[i][j] = (int)v->valuedouble;
+        }
+        if (!ok) {
+            pd_errorf(err, errlen,
+                      "%s: gpu_share.lighter[%d] must be {shape: [T, C, B, L], kinds: [[pp, pd], [dp, dd]] each >= 1}"
+                      " (at most %d)", name, i, SIM_SHARE_LIGHTER);
+            return -1;
+        }
+        g->n_lighter++;
     }
     return 0;
 }

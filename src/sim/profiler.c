@@ -1096,8 +1096,9 @@ static double share_time_w(prof *P, const sim_profile_opts *o, int kind, const i
     return t;
 }
 
+/* kinds_only: the pairs' factors alone (a lighter shape's): no copies, no power. */
 static void measure_gpu_share(prof *P, const sim_profile_opts *o, sim_gpu_share *g, const int shape[4],
-                              double idle_w) {
+                              double idle_w, bool kinds_only) {
     char dev[16], bs[16], sh[64], th[16], err[512] = "", ans[64];
     snprintf(dev, sizeof dev, "%d", o->device);
     if (o->device < 0) snprintf(dev, sizeof dev, "cpu");
@@ -1125,7 +1126,7 @@ static void measure_gpu_share(prof *P, const sim_profile_opts *o, sim_gpu_share 
             if (peer_stop(&pr, &peer_beside[y][x], err, sizeof err) != 0) goto fail_peer;
         }
     char cerr[256] = "";
-    if (measure_share_copies(P, &pr, g, peer_alone, cerr, sizeof cerr) != 0)
+    if (!kinds_only && measure_share_copies(P, &pr, g, peer_alone, cerr, sizeof cerr) != 0)
         log_info("profile: shared device: copies not timed (%s)", cerr);
     sim_peer_stop(&pr);
     for (int x = 0; x < 2; x++)
@@ -1445,7 +1446,23 @@ int sim_profile_measure(model *m, const sim_profile_opts *o, sim_profile *out, c
          * 16 decodes at the largest context profiled (the peer's cache, as this one's, at
          * most half the free memory) */
         int shape[4] = {sT, sT, PD_MIN(16, maxB), maxL};
-        measure_gpu_share(&P, o, &out->gpu_share, shape, idle_w);
+        sim_gpu_share *g = &out->gpu_share;
+        measure_gpu_share(&P, o, g, shape, idle_w, false);
+        /* and with a decode a quarter as long in context: the factors with a decode in
+         * them move with its step's weight (sim_gpu_share_kind) */
+        int light[4] = {sT, sT, shape[2], maxL / 4};
+        if (g->measured && light[3] >= 16) {
+            sim_gpu_share t;
+            memset(&t, 0, sizeof t);
+            measure_gpu_share(&P, o, &t, light, 0, true);
+            if (t.measured) {
+                memcpy(g->lighter_shape[0], light, sizeof light);
+                memcpy(g->lighter_kinds[0], t.kinds, sizeof t.kinds);
+                g->n_lighter = 1;
+                size_t n = strlen(g->source);
+                snprintf(g->source + n, sizeof g->source - n, "; again with decode %dx%d", light[2], light[3]);
+            }
+        }
     }
 
     if (idle_w > 0 && prefill_w > 0 && decode_w > 0) {

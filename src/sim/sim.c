@@ -194,6 +194,9 @@ typedef struct sim_state {
     int *dev_busy;                  /* gpu_share: per device (its first instance's index) and
                                        kind (2 x index + step_kind), the instances in a step
                                        there (reshare's scratch) */
+    double *dev_dec_s;              /* gpu_share: per device, the decode-kind steps in flight
+                                       there: the sum of their decode parts' time alone
+                                       (sim_gpu_share_kind's key) */
     bool copy_share;                /* gpu_share with the profile's copies (cpu medium): a
                                        store op's copy and other instances' steps on its GPU
                                        slow each other (docs/simulator.md, "A shared GPU") */
@@ -360,8 +363,16 @@ static double gpu_slowdown(const sim_state *s, const inst *in) {
     bool measured = g->measured && !s->cfg->gpu_share_equal;
     int x = in->dev_kind; /* as dev_busy counts it (reshare set it: in is in a step) */
     PD_ASSERT(x >= 0);
+    /* the factors with a decode in them by that decode's step (sim_gpu_share_kind): a
+     * prefill's by the mean of the decodes beside it, a decode's by its own */
+    double k[2] = {2, 2};
+    if (measured) {
+        int others = n[1] - (x == 1);
+        double dec_s = x == 1 ? in->step.decode_s : others > 0 ? s->dev_dec_s[in->dev] / others : 0;
+        for (int y = 0; y < 2; y++) k[y] = sim_gpu_share_kind(g, s->p, x, y, dec_s);
+    }
     double f = 1;
-    for (int y = 0; y < 2; y++) f += (n[y] - (y == x)) * ((measured ? g->kinds[x][y] : 2) - 1);
+    for (int y = 0; y < 2; y++) f += (n[y] - (y == x)) * (k[y] - 1);
     if (s->copy_share) /* the other instances' copies there (its own run beside its steps) */
         for (int d = 0; d < 2; d++) f += (s->dev_copy[2 * in->dev + d] - copy_on(in, d)) * (g->beside_copy[x][d] - 1);
     return PD_MAX(f, 1);
@@ -413,10 +424,12 @@ static void reshare(sim_state *s, double now) {
     }
     if (s->gpu_share) {
         memset(s->dev_busy, 0, sizeof(int) * 2 * (size_t)s->n_inst);
+        memset(s->dev_dec_s, 0, sizeof(double) * (size_t)s->n_inst);
         for (int i = 0; i < s->n_inst; i++) {
             inst *x = &s->insts[i];
             x->dev_kind = x->busy ? step_kind(x) : -1; /* as counted until the next reshare */
             if (x->busy) s->dev_busy[2 * x->dev + x->dev_kind]++;
+            if (x->busy && x->dev_kind == 1) s->dev_dec_s[x->dev] += x->step.decode_s;
         }
     }
     if (s->copy_share) {
@@ -1236,7 +1249,10 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
         if (s.insts[i].dev != i && cfg->gpu_share && strcmp(p->backend, "cpu") != 0) s.gpu_share = true;
     }
     s.stretch = s.contention || s.gpu_share;
-    if (s.gpu_share) s.dev_busy = xcalloc(2 * (size_t)s.n_inst, sizeof(int));
+    if (s.gpu_share) {
+        s.dev_busy = xcalloc(2 * (size_t)s.n_inst, sizeof(int));
+        s.dev_dec_s = xcalloc((size_t)s.n_inst, sizeof(double));
+    }
     /* a cpu medium's ops are copies between each GPU and host memory: on a shared GPU
      * they take turns with the other instances' steps as the profile's copies measured */
     const sim_gpu_share *gsh = &p->gpu_share;
@@ -1341,6 +1357,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
     free(s.reqs);
     free(s.insts);
     free(s.dev_busy);
+    free(s.dev_dec_s);
     free(s.dev_copy);
     free(s.zeros);
     free(prompt);

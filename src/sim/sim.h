@@ -180,6 +180,8 @@ typedef struct sim_contention {
  * on a GPU, a step of kind x advances at 1 / (1 + the sum over the others of
  * (kinds[x][their kind] - 1)). measured false (older profiles, or not measured): equal
  * turns, every pairing 2, i.e. 1 / k. */
+#define SIM_SHARE_LIGHTER 3
+
 typedef struct sim_gpu_share {
     bool measured;
     double kinds[2][2];
@@ -201,6 +203,15 @@ typedef struct sim_gpu_share {
      * false: nothing added */
     bool power_measured;
     double power_w[2][2], priced_w[2][2];
+    /* the pairs again with a lighter decode (shape's T, C and B, a shorter context): a
+     * prefill beside a decode is slowed less, and the decode more, the lighter the
+     * decode's step (H200, Llama-3.2-3B, 2026-11-29: x2.13 / x2.15 at 16x16640, 9.7 ms
+     * alone; x1.92 / x2.37 at 16x4096, 4.2 ms; x1.82 / x2.52 at 16x1024, 2.9 ms). The
+     * simulator interpolates the factors with a decode in them by that decode step's
+     * time alone (sim_gpu_share_kind); none: kinds throughout */
+    int n_lighter;
+    int lighter_shape[SIM_SHARE_LIGHTER][4];
+    double lighter_kinds[SIM_SHARE_LIGHTER][2][2];
     char source[256];
 } sim_gpu_share;
 
@@ -330,6 +341,13 @@ typedef struct sim_profile {
     char mixed_source[256];
     sim_tier_costs tiers;       /* measured false: derived from the mediums when used */
 } sim_profile;
+
+/* The pair factor g->kinds[x][y] (x or y a decode: 1) with the decode step in it taking
+ * dec_s seconds alone: interpolated over the measured shapes (kinds at g->shape, and the
+ * lighter ones) by their decode step's time alone in profile p's decode grid, linearly
+ * in its logarithm, held flat beyond them; kinds[x][y] itself for two prefills, without
+ * lighter shapes or dec_s <= 0. */
+double sim_gpu_share_kind(const sim_gpu_share *g, const sim_profile *p, int x, int y, double dec_s);
 
 void sim_grid_init(sim_grid *g, int nx, const double *x, int ny, const double *y);
 void sim_grid_free(sim_grid *g);
