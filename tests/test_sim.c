@@ -1068,6 +1068,12 @@ static void test_gpu_share_kind(void) {
     double first = res->recs[1].token_s[0];
     bench_result_free(res);
     q.gpu_share.n_lighter = 1;
+    res = simulate(&c, &q, r, 2, &st); /* not asked for (--gpu-share-lighter): the pairs as measured */
+    REQUIRE(res);
+    CHECKF(res->recs[1].token_s[0] == first, "r1's first token at %.6f without the option, %.6f before",
+           res->recs[1].token_s[0], first);
+    bench_result_free(res);
+    c.gpu_share_lighter = true;
     res = simulate(&c, &q, r, 2, &st);
     REQUIRE(res);
     CHECKF(res->recs[1].token_s[0] < first - 1e-3, "r1's first token at %.6f with a lighter decode's x1.6, %.6f at x2",

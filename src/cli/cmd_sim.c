@@ -224,6 +224,7 @@ typedef struct sim_cli {
     bool tier_cpu;          /* CPU profiles: the lower KV tiers' workers on the cores (--no-tier-cpu) */
     bool gpu_share;         /* GPU profiles: instances on one GPU share it (--no-gpu-share) */
     bool gpu_share_equal;   /* ... in equal turns, not as the profile's pairs (--gpu-share-equal) */
+    bool gpu_share_lighter; /* ... the pairs by the decode step's weight (--gpu-share-lighter) */
     bool power_cap;         /* GPU instances' clocks under the enforced power limit (--power-cap) */
     bool store_pipelined;   /* stores: the pipelined train's overlap factors (--store-overlap) */
 } sim_cli;
@@ -386,7 +387,7 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
                       .serving_path = c->serving_path, .serving_cpu = c->serving_cpu,
                       .step_factor = c->step_factor, .contention_kinds = c->contention_kinds, .tier_cpu = c->tier_cpu,
                       .power_cap = c->power_cap, .gpu_share = c->gpu_share,
-                      .gpu_share_equal = c->gpu_share_equal,
+                      .gpu_share_equal = c->gpu_share_equal, .gpu_share_lighter = c->gpu_share_lighter,
                       .devices = su->n_devices ? su->devices : NULL,
                       .n_devices = su->n_devices};
     if (cfg.prefix_caching) cfg.tiers = su->tiers;
@@ -528,7 +529,8 @@ int cmd_sim(int argc, char **argv) {
     int seed = -1, threads = 0, vrepeats = 3;
     bool quiet = false, no_contention = false, no_control = false, no_serving = false, no_serving_cpu = false,
          no_step_factor = false, step_factor = false, no_kinds = false, no_tier_cpu = false, no_power_cap = false,
-         power_cap = false, no_gpu_share = false, gpu_share_equal = false;
+         power_cap = false, no_gpu_share = false, gpu_share_equal = false,
+         gpu_share_lighter = false;
     cli_opt opts[] = {
         {"profile", OPT_STRING, &profile_path, "cost profile from `pdserve profile` (default: the plan's)", "FILE"},
         {"db", OPT_STRING, &db_path, "results database to record the points in (marked simulated)", "FILE"},
@@ -557,6 +559,10 @@ int cmd_sim(int argc, char **argv) {
         {"gpu-share-equal", OPT_FLAG, &gpu_share_equal,
          "GPU profiles: instances on one GPU in equal turns (1/k each), not as the profile's shared-device pairs "
          "measured each kind beside the other, nor their copies and power (gpu_share)", NULL},
+        {"gpu-share-lighter", OPT_FLAG, &gpu_share_lighter,
+         "GPU profiles: a shared GPU's pairs with a decode in them by the decode step's weight, interpolated between "
+         "the profile's pairs and its lighter decode's (gpu_share.lighter; docs/simulator.md, \"A shared GPU\"); "
+         "default: the pairs as measured at the profile's shape", NULL},
         {"no-step-factor", OPT_FLAG, &no_step_factor,
          "price every step as the profile's grid does, not by the factor its serving deployment measured "
          "(serving.*.steps; the default for GPU profiles)", NULL},
@@ -675,7 +681,7 @@ int cmd_sim(int argc, char **argv) {
                  .vrepeats = vrepeats, .contention = !no_contention, .control_path = !no_control,
                  .serving_path = !no_serving, .serving_cpu = !no_serving_cpu, .step_factor = use_step_factor,
                  .contention_kinds = !no_kinds, .tier_cpu = !no_tier_cpu, .gpu_share = !no_gpu_share,
-                 .gpu_share_equal = gpu_share_equal, .power_cap = power_cap && !no_power_cap,
+                 .gpu_share_equal = gpu_share_equal, .gpu_share_lighter = gpu_share_lighter, .power_cap = power_cap && !no_power_cap,
                  .store_pipelined = !strcmp(store_overlap, "pipelined")};
     int rc = 0;
     model_files vfiles;

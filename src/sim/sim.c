@@ -369,7 +369,8 @@ static double gpu_slowdown(const sim_state *s, const inst *in) {
     if (measured) {
         int others = n[1] - (x == 1);
         double dec_s = x == 1 ? in->step.decode_s : others > 0 ? s->dev_dec_s[in->dev] / others : 0;
-        for (int y = 0; y < 2; y++) k[y] = sim_gpu_share_kind(g, s->p, x, y, dec_s);
+        for (int y = 0; y < 2; y++)
+            k[y] = s->cfg->gpu_share_lighter ? sim_gpu_share_kind(g, s->p, x, y, dec_s) : g->kinds[x][y];
     }
     double f = 1;
     for (int y = 0; y < 2; y++) f += (n[y] - (y == x)) * (k[y] - 1);

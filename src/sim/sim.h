@@ -730,6 +730,9 @@ typedef struct sim_config {
                                    GPU"); off: each as if alone */
     bool gpu_share_equal;       /* with gpu_share: equal turns (1/k each) even where the
                                    profile measured the pairs (sim_gpu_share) */
+    bool gpu_share_lighter;     /* with gpu_share: the pairs with a decode in them by the
+                                   decode step's weight where the profile timed a lighter
+                                   decode too (sim_gpu_share_kind); off: its kinds */
     bool cpu_contention;        /* the instances share the profiled host's cores: steps in
                                    flight at once slow each other (the profile's contention
                                    curve, only when its backend is "cpu" and it has one) */
