@@ -840,6 +840,19 @@ static void test_shared_device(void) {
  * its 0.1 s, then alone to 0.26, r1's three steps alone to 0.32. Energy: two prefills
  * (50 J each) and six decode steps (6 J each) fill the 0.32 s: 136 J, no idle time.
  * Unshared, the same GPU would have done 0.32 s of steps in 0.26 s. */
+/* One prefill and one decode instance on GPU 0 (device-list 0,0: a shared GPU), their KV
+ * over medium m. */
+static sim_config shared_pair(const sim_medium *m) {
+    static const char one[2][16] = {"0", "0"};
+    sim_config c = colocated(0, 256);
+    c.n_prefill = c.n_decode = 1;
+    c.medium = m;
+    c.devices = one;
+    c.n_devices = 2;
+    c.gpu_share = true;
+    return c;
+}
+
 static void test_gpu_share(void) {
     sim_profile p;
     const_profile(&p, 0.1, 0.02);
@@ -858,12 +871,7 @@ static void test_gpu_share(void) {
     bench_result *res;
     sim_stats st;
     char err[256];
-    sim_config c = colocated(0, 256);
-    c.n_prefill = c.n_decode = 1;
-    c.medium = &m;
-    c.devices = one;
-    c.n_devices = 2;
-    c.gpu_share = true;
+    sim_config c = shared_pair(&m);
     REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
     static const double t0[4] = {0.1, 0.14, 0.18, 0.22}, t1[4] = {0.16, 0.18, 0.20, 0.22};
     for (int k = 0; k < 4; k++) {
@@ -1053,15 +1061,9 @@ static void test_gpu_share_kind(void) {
     q.gpu_share.n_lighter = 0;
     sim_medium m = {.latency_s = 0, .bandwidth = 1e15};
     snprintf(m.name, sizeof m.name, "test");
-    static const char one[2][16] = {"0", "0"};
     sim_request r[2] = {{.n_prompt = 100, .max_tokens = 4, .arrival = 0},
                         {.n_prompt = 100, .max_tokens = 4, .arrival = 0.1}};
-    sim_config c = colocated(0, 256);
-    c.n_prefill = c.n_decode = 1;
-    c.medium = &m;
-    c.devices = one;
-    c.n_devices = 2;
-    c.gpu_share = true;
+    sim_config c = shared_pair(&m);
     sim_stats st;
     bench_result *res = simulate(&c, &q, r, 2, &st);
     REQUIRE(res);
