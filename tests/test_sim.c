@@ -1488,6 +1488,56 @@ static void test_profile_mediums_peer(void) {
     }
 }
 
+/* `pdserve profile --medium gpu` runs the medium's decode side in a process of its own
+ * (`--kv-peer gpu:NAME`), as a deployment's; CUDA opens no IPC handle in the process
+ * that made it, so on a GPU that is the only way it times. --medium-in-process keeps
+ * both sides here; each says which in its source; the peer's segments gone after
+ * (PDSERVE_BIN; skipped without it). */
+static void test_profile_gpu_medium_peer(void) {
+    const char *bin = test_pdserve_bin();
+    if (!bin) return;
+    const char *dir = getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
+    for (int k = 0; k < 2; k++) {
+        char path[512], cmd[2048], err[256];
+        snprintf(path, sizeof path, "%s/pd-gpu-peer-%d-%d.json", dir, (int)getpid(), k);
+        /* the profiler's pid (the shell's, exec'd): the peer's segments are named by it */
+        snprintf(cmd, sizeof cmd,
+                 "echo $$; exec %s profile --model preset:small-llama -o %s --medium gpu --medium-bytes 8M --threads 1 "
+                 "--prefill-tokens 16 --prefill-context 0 --decode-batch 1 --decode-context 64 --repeats 1 --no-power%s "
+                 "> /dev/null 2>&1",
+                 bin, path, k ? " --medium-in-process" : "");
+        FILE *f = popen(cmd, "r");
+        REQUIRE(f);
+        int pid = 0;
+        if (fscanf(f, "%d", &pid) != 1) pid = 0;
+        CHECKF(pclose(f) == 0 && pid > 0, "%s", cmd);
+        for (int seg = 0; seg < 2; seg++) {
+            char shm[128];
+            snprintf(shm, sizeof shm, "/dev/shm/pdkv-prof%dg-%s", pid, seg ? "kv" : "ctl");
+            CHECKF(access(shm, F_OK) != 0, "%s left behind", shm);
+        }
+        sim_profile p;
+        if (sim_profile_load(path, &p, err, sizeof err) != 0) {
+            CHECKF(0, "%s", err);
+            continue;
+        }
+        CHECKF(p.n_mediums == 1 && !strcmp(p.mediums[0].name, "gpu"), "%d mediums: %s", p.n_mediums, p.mediums_note);
+        if (p.n_mediums == 1) {
+            const sim_medium *m = &p.mediums[0];
+            CHECKF(m->n_points >= 2 && m->bandwidth > 0, "%d points, %g B/s", m->n_points, m->bandwidth);
+            CHECKF(strstr(m->source, k ? "both sides in one process" : "the decode side in a process of its own"),
+                   "source: %s", m->source);
+        }
+        sim_profile_free(&p);
+        unlink(path);
+    }
+    /* the peer refuses a name that is not one */
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "echo hello | %s profile --model preset:small-llama --threads 1 --kv-peer 'gpu:a/b' "
+             ">/dev/null 2>&1", bin);
+    CHECK(WEXITSTATUS(system(cmd)) == 1);
+}
+
 /* pdserve profile --medium: every CPU-built medium timed through the real connectors,
  * a curve fitted per medium, nothing left behind in /dev/shm. */
 static void test_profile_mediums(void) {
@@ -1889,6 +1939,7 @@ int main(void) {
     TEST_RUN(test_disk_train_room);
     TEST_RUN(test_profile_mediums);
     TEST_RUN(test_profile_mediums_peer);
+    TEST_RUN(test_profile_gpu_medium_peer);
     TEST_RUN(test_profile_device_share);
     TEST_RUN(test_profile_mediums_into);
     TEST_RUN(test_profile_tiers);

@@ -112,6 +112,7 @@ static int refit_mediums(const char *in, const char *out) {
 /* How --medium's mediums are timed (the options that say so). */
 typedef struct medium_run {
     const char *list, *dir, *model_arg, *device; /* dir NULL: $TMPDIR or /tmp */
+    const char *peer_device;                     /* the gpu medium's decode side (NULL: device) */
     long long bytes;                             /* 0: 2 GiB on a GPU, else 256 MiB */
     bool gpu, in_process;
     int repeats;
@@ -124,7 +125,7 @@ static void time_mediums(backend *be, const model_config *cfg, const medium_run 
     char err[1024];
     const char *dir = mr->dir ? mr->dir : getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
     size_t bytes = mr->bytes > 0 ? (size_t)mr->bytes : mr->gpu ? (size_t)2 << 30 : (size_t)256 << 20;
-    sim_profile_mediums_peer(mr->in_process ? NULL : mr->model_arg, mr->device);
+    sim_profile_mediums_peer(mr->in_process ? NULL : mr->model_arg, mr->device, mr->peer_device);
     sim_profile_time_mediums(be, cfg, mr->list, dir, bytes, mr->repeats, mr->train_s, p, err, sizeof err);
     if (p->mediums_note[0]) log_warn("profile: mediums: %s", p->mediums_note);
 }
@@ -184,6 +185,7 @@ int cmd_profile(int argc, char **argv) {
     bool allow_clock_control = false, serving = false, serving_processes = false;
     const char *tok_dir = NULL, *kv_peer = NULL, *step_peer = NULL, *device_share = "auto";
     bool medium_in_process = false;
+    const char *medium_peer_device = NULL;
     int serving_len = 4096;
     cli_opt opts[] = {
         {"model", OPT_STRING, &model_arg, "model directory, or preset:NAME (dummy weights)", "DIR"},
@@ -208,10 +210,14 @@ int cmd_profile(int argc, char **argv) {
          "its own to -o: a probe of a medium between sweep points (scripts/gpu/study.sh PROBE_MEDIUM)", "PROFILE"},
         {"medium-in-process", OPT_FLAG, &medium_in_process,
          "disk: run the overlap rounds' decode side in this process, not in a process of its own as a "
-         "deployment's (the profiles before 2026-11-29 did)", NULL},
+         "deployment's (the profiles before 2026-11-29 did); gpu: both sides in this process (not on a GPU: "
+         "CUDA opens no IPC handle in the process that made it)", NULL},
+        {"medium-peer-device", OPT_STRING, &medium_peer_device,
+         "gpu medium: the device of its decode side's process (default --device: a copy within one GPU; another "
+         "GPU's index times the link between them)", "N"},
         {"kv-peer", OPT_STRING, &kv_peer,
-         "internal: serve the decode side of the disk store at DIR for a profiling process on standard input "
-         "and output (a decode cache of --medium-bytes)", "DIR"},
+         "internal: serve the decode side of the disk store at DIR (or, gpu:NAME, of the gpu medium) for a "
+         "profiling process on standard input and output (a decode cache of --medium-bytes)", "DIR"},
         {"device-share", OPT_STRING, &device_share,
          "time each kind of step (prefill chunk, decode batch) alone and beside a second process stepping on the "
          "same device, for the simulator's instances that share a GPU: auto (default: on a GPU), on, off", "MODE"},
@@ -383,6 +389,7 @@ int cmd_profile(int argc, char **argv) {
         return rc;
     }
     const medium_run mr = {.list = medium, .dir = medium_dir, .model_arg = model_arg, .device = device,
+                           .peer_device = medium_peer_device,
                            .bytes = medium_bytes, .gpu = dev >= 0, .in_process = medium_in_process,
                            .repeats = PD_MIN(repeats, 3), .train_s = medium_train};
     if (mediums_into) { /* a medium probe: the base profile with the mediums timed now */

@@ -394,24 +394,116 @@ static void store_factors(sim_medium *md, double bytes, const overlap_times *ot,
 
 /* The peer process: `pdserve profile --kv-peer DIR` with this profile's model and
  * device (sim_profile_mediums_peer; empty: none, the rounds in this process). */
-static char peer_model[512], peer_device[32];
+static char peer_model[512], peer_device[32], gpu_peer_device[32];
 
-void sim_profile_mediums_peer(const char *model_arg, const char *device) {
+void sim_profile_mediums_peer(const char *model_arg, const char *device, const char *gpu_device) {
     snprintf(peer_model, sizeof peer_model, "%s", model_arg ? model_arg : "");
     snprintf(peer_device, sizeof peer_device, "%s", device ? device : "cpu");
+    snprintf(gpu_peer_device, sizeof gpu_peer_device, "%s", gpu_device ? gpu_device : peer_device);
 }
 
-/* Starts the peer on store dir (a decode-side cache of cache_bytes, blocks of bs) and
- * waits for its "ok"; 0, or -1 with err (nothing left running). */
-static int peer_start(dside *d, const char *dir, int bs, size_t cache_bytes, char *err, size_t errlen) {
-    char sbs[16], sbytes[32];
+/* Starts the peer on device for store dir, or for "gpu:NAME" the gpu medium's decode side
+ * named NAME (a decode-side cache of cache_bytes, blocks of bs), and waits for its "ok";
+ * 0, or -1 with err (nothing left running). */
+static int peer_start(dside *d, const char *dir, const char *device, int bs, size_t cache_bytes, char *err,
+                      size_t errlen) {
+    char sbs[16], sbytes[32], dev[32];
     snprintf(sbs, sizeof sbs, "%d", bs);
     snprintf(sbytes, sizeof sbytes, "%zu", cache_bytes);
-    char *argv[] = {"pdserve", "profile", "--model", peer_model, "--load-format", "dummy", "--device", peer_device,
+    snprintf(dev, sizeof dev, "%s", device);
+    char *argv[] = {"pdserve", "profile", "--model", peer_model, "--load-format", "dummy", "--device", dev,
                     "--block-size", sbs, "--medium-bytes", sbytes, "--kv-peer", (char *)dir, NULL};
     if (sim_peer_start(&d->peer, "KV peer", argv, err, errlen) != 0) return -1;
     d->dec = NULL;
     return 0;
+}
+
+/* One transfer through the peer's decode side (slot 0): the prefill side's send, which
+ * for a link is the transfer (its copies done, the decode side told); then the peer's
+ * ticket waited for and taken. Seconds, or -1 with err. */
+static double peer_transfer(dside *D, kv_connector *pre, int n, int32_t *tokens, const int32_t *src, int nb,
+                            uint64_t req, char *err, size_t errlen) {
+    char text[KV_TICKET_TEXT_MAX];
+    double get = 0;
+    if (ds_reserve(D, 0, req, n, nb, text, err, errlen) != 0) return -1;
+    double t = put_one(pre, text, req, n, tokens, src, nb, err, errlen);
+    if (t < 0 || ds_get_start(D, 0, err, errlen) != 0 || ds_get_wait(D, 0, &get, err, errlen) != 0) {
+        ds_release(D, 0, false);
+        return -1;
+    }
+    ds_release(D, 0, true);
+    return t;
+}
+
+/* The gpu medium with its decode side in a process of its own (`pdserve profile --kv-peer
+ * gpu:NAME` on gpu_peer_device), as a deployment's decode instance: CUDA does not open
+ * its own IPC handles in the process that made them, so on a GPU the medium cannot be
+ * timed in one process at all. The curve as sim_profile_time_mediums times it (an untimed
+ * first, best of repeats per size); no control path (the pipe's round trip is not a
+ * deployment's). Appends the medium to out and returns 0, or -1 with err. */
+static int gpu_by_peer(backend *be, const model_config *cfg, int bs, size_t per_token, const int *sizes, int n_sizes,
+                       int repeats, size_t cache_bytes, size_t dcache_bytes, int32_t *tokens, sim_profile *out,
+                       char *err, size_t errlen) {
+    int max_nb = (sizes[n_sizes - 1] + bs - 1) / bs;
+    kv_cache *pkv = kv_cache_create(be, cfg, bs, cache_bytes, err, errlen);
+    if (!pkv) return -1;
+    for (int l = 0; l < pkv->n_layers; l++) { /* blocks with contents */
+        size_t part = (size_t)pkv->num_blocks * pkv->block_bytes / dtype_size(pkv->type);
+        be->ops->fill(be, pkv->k[l], pkv->type, part, 0.5f);
+        be->ops->fill(be, pkv->v[l], pkv->type, part, -0.5f);
+    }
+    be->ops->sync(be);
+    kv_config pc;
+    kv_config_default(&pc);
+    pc.medium = KV_MEDIUM_GPU;
+    pc.role = KV_ROLE_PREFILL;
+    pc.mode = KV_TRANSFER_WHOLE;
+    snprintf(pc.name, sizeof pc.name, "prof%dp", (int)getpid());
+    kv_connector *pre = kv_connector_create(&pc, pkv, NULL, err, errlen);
+    char addr[64];
+    snprintf(addr, sizeof addr, "gpu:prof%dg", (int)getpid());
+    dside D = {0};
+    int rc = -1;
+    if (!pre || peer_start(&D, addr, gpu_peer_device, bs, dcache_bytes, err, errlen) != 0) goto out;
+    int32_t *src = xmalloc(sizeof(int32_t) * (size_t)max_nb);
+    for (int i = 0; i < max_nb; i++) src[i] = max_nb - i; /* out of order, not block 0 */
+    sim_medium md;
+    memset(&md, 0, sizeof md);
+    snprintf(md.name, sizeof md.name, "gpu");
+    uint64_t req = 1;
+    int nb0 = (sizes[0] + bs - 1) / bs;
+    bool ok = peer_transfer(&D, pre, sizes[0], tokens, src, nb0, req++, err, errlen) >= 0;
+    for (int si = 0; ok && si < n_sizes && md.n_points < SIM_MAX_POINTS; si++) {
+        int n = sizes[si], nb = (n + bs - 1) / bs;
+        double best = -1;
+        for (int r = 0; ok && r < PD_MAX(repeats, 1); r++) {
+            double dt = peer_transfer(&D, pre, n, tokens, src, nb, req++, err, errlen);
+            ok = dt >= 0;
+            if (ok && (best < 0 || dt < best)) best = dt;
+        }
+        if (!ok) break;
+        md.bytes[md.n_points] = (double)nb * bs * (double)per_token;
+        md.seconds[md.n_points++] = best;
+        log_info("profile: medium gpu, %d tokens (%.1f MiB), the decode side in a process of its own on device %s: "
+                 "%.3f ms, %.2f GB/s", n, md.bytes[md.n_points - 1] / (1 << 20), gpu_peer_device, best * 1e3,
+                 md.bytes[md.n_points - 1] / best / 1e9);
+    }
+    free(src);
+    sim_peer_stop(&D.peer);
+    if (ok && md.n_points >= 2) {
+        sim_medium_fit(&md);
+        snprintf(md.source, sizeof md.source,
+                 "measured: pdserve profile, %s backend, the decode side in a process of its own on device %s",
+                 be->ops->name, gpu_peer_device);
+        out->mediums[out->n_mediums++] = md;
+        rc = 0;
+    } else if (ok) {
+        pd_errorf(err, errlen, "fewer than two sizes timed");
+    }
+out:
+    kv_connector_free(pre);
+    kv_cache_free(be, pkv);
+    return rc;
 }
 
 int sim_disk_train_room(const int *sizes, int n_sizes, int repeats, int bs, size_t per_token, double free_bytes,
@@ -459,6 +551,12 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
             continue;
         }
         if (out->n_mediums >= SIM_MAX_MEDIUMS) break;
+        if (m == KV_MEDIUM_GPU && peer_model[0]) { /* two processes, as a deployment's */
+            if (gpu_by_peer(be, cfg, bs, per_token, sizes, n_sizes, repeats, cache_bytes, dcache_bytes, tokens, out, e,
+                            sizeof e) != 0)
+                note_add(out, "gpu: %s%s", e, "");
+            continue;
+        }
         char shm[64], tag[32];
         snprintf(tag, sizeof tag, "prof%d", (int)getpid());
         snprintf(shm, sizeof shm, "/" KV_SHM_PREFIX "%s-kv", tag);
@@ -597,7 +695,7 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
                  * in two processes"); the cpu store's in this one */
                 dside D = {.dec = dec, .al = &al};
                 bool two = m == KV_MEDIUM_DISK && peer_model[0] &&
-                           peer_start(&D, dc.dir, bs, dcache_bytes, e, sizeof e) == 0;
+                           peer_start(&D, dc.dir, peer_device, bs, dcache_bytes, e, sizeof e) == 0;
                 if (m == KV_MEDIUM_DISK && peer_model[0] && !two) note_add(out, "disk: no peer process: %s%s", e, "");
                 for (; k < 3; k++) {
                     if (overlap_round(&D, pre, n, tokens, src, nb, &req, &ot[k], e, sizeof e) != 0) break;
@@ -676,12 +774,24 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
 
 /* `pdserve profile --kv-peer DIR`: the decode side of the overlap rounds in a process
  * of its own. Opens the disk store at dir (made by the profiling process) with a
- * decode-side cache of cache_bytes on be, answers "ok" to "hello", then serves the
+ * decode-side cache of cache_bytes on be (or, dir "gpu:NAME", the gpu medium's decode
+ * side NAME, its cache shared for the prefill side's copies), answers "ok" to "hello", then serves the
  * commands of dside (reserve K REQ N NB, get K, wait K, take K, cancel K), one answer
  * line each, until its input ends. 0, or -1 with err when the store cannot be opened. */
 int sim_profile_kv_peer(backend *be, const model_config *cfg, int bs, size_t cache_bytes, const char *dir, char *err,
                         size_t errlen) {
-    kv_cache *kv = kv_cache_create(be, cfg, bs, cache_bytes, err, errlen);
+    /* "gpu:NAME": the gpu medium's decode side named NAME, its cache shared (IPC on a GPU) */
+    bool gpu = !strncmp(dir, "gpu:", 4);
+    char shm[KV_NAME_MAX + 16];
+    static const char name_chars[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-";
+    size_t nl = gpu ? strlen(dir + 4) : 0;
+    if (gpu && (nl == 0 || nl >= KV_NAME_MAX || strspn(dir + 4, name_chars) != nl)) {
+        pd_errorf(err, errlen, "--kv-peer %s: the name must be [A-Za-z0-9_.-]+", dir);
+        return -1;
+    }
+    snprintf(shm, sizeof shm, "/" KV_SHM_PREFIX "%.*s-kv", KV_NAME_MAX - 1, gpu ? dir + 4 : "");
+    kv_cache *kv = gpu ? kv_cache_create_shared(be, cfg, bs, cache_bytes, shm, err, errlen)
+                       : kv_cache_create(be, cfg, bs, cache_bytes, err, errlen);
     if (!kv) return -1;
     kv_pool pool;
     kv_pool_init(&pool, kv->num_blocks, bs);
@@ -689,11 +799,12 @@ int sim_profile_kv_peer(backend *be, const model_config *cfg, int bs, size_t cac
     kv_block_allocator al = kv_pool_allocator_get(pa);
     kv_config dc;
     kv_config_default(&dc);
-    dc.medium = KV_MEDIUM_DISK;
+    dc.medium = gpu ? KV_MEDIUM_GPU : KV_MEDIUM_DISK;
     dc.role = KV_ROLE_DECODE;
     dc.mode = KV_TRANSFER_WHOLE;
-    snprintf(dc.name, sizeof dc.name, "peer%d", (int)getpid());
-    snprintf(dc.dir, sizeof dc.dir, "%s", dir);
+    if (gpu) snprintf(dc.name, sizeof dc.name, "%s", dir + 4);
+    else snprintf(dc.name, sizeof dc.name, "peer%d", (int)getpid());
+    snprintf(dc.dir, sizeof dc.dir, "%s", gpu ? "" : dir);
     dc.create_store = false;
     kv_connector *dec = kv_connector_create(&dc, kv, &al, err, errlen);
     int rc = dec ? 0 : -1;

@@ -466,10 +466,12 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
                              size_t max_bytes, int repeats, double train_s, sim_profile *out, char *err,
                              size_t errlen);
 
-/* The disk store's overlap rounds with the decode side in a process of its own:
- * `pdserve profile --model MODEL_ARG --device DEVICE --kv-peer DIR` of this binary
- * (sim_profile_kv_peer). NULL model_arg: the rounds in this process (the default). */
-void sim_profile_mediums_peer(const char *model_arg, const char *device);
+/* The disk store's overlap rounds, and the gpu medium, with the decode side in a process
+ * of its own: `pdserve profile --model MODEL_ARG --device DEVICE --kv-peer DIR` of this
+ * binary (sim_profile_kv_peer), the gpu medium's on gpu_device (NULL: device). NULL
+ * model_arg: both sides in this process (the default; a GPU's gpu medium then fails:
+ * CUDA opens no IPC handle in the process that made it). */
+void sim_profile_mediums_peer(const char *model_arg, const char *device, const char *gpu_device);
 /* That peer's side: serves the rounds' decode side on its standard input and output
  * until the input ends. 0, or -1 with err. */
 int sim_profile_kv_peer(backend *be, const model_config *cfg, int bs, size_t cache_bytes, const char *dir, char *err,
