@@ -19,7 +19,8 @@
 # simulation into study-cmp.db, e.g. --gpu-share-equal or "--store-overlap pipelined"; a blank " " for the whole plan
 # on profile.json alone beside PROBE_MEDIUM's), PROBE_MEDIUM (disk: its setups' points
 # one at a time, each after a probe of the medium, simulated with it), PROBE_TRAIN,
-# SWEEP_TIMEOUT (s, 420), MEDIA (gpu,cpu,disk),
+# SWEEP_TIMEOUT (s, 420), MEDIA (gpu,cpu,disk), MEDIUM_PEER_DEVICE (the gpu medium's decode
+# side: 1 where there are two GPUs, else 0),
 # SERVING_MAX_LEN (longest prompt of the profile's serving path, 4096),
 # RESUME_DIR (a folder with a study.db and profile.json of an earlier call: the sweep
 # resumes that database, points already done are skipped, and the profile is reused
@@ -160,7 +161,11 @@ if [ -z "${SKIP_PROFILE:-}" ]; then
   # connector in the profiling process (the plan's tokenizer); mixed steps at serving
   # shapes are always timed now (docs/simulator.md, "The serving path", "Mixed steps");
   # --tiers: the lower KV tiers' staging, writes and loads ("Lower KV tiers").
+  # the gpu medium's decode side on GPU 1 where there is one (the link between them, as
+  # dis-gpu's device-list 0,1), else within GPU 0 (MEDIUM_PEER_DEVICE to choose)
+  peer_dev=${MEDIUM_PEER_DEVICE:-$([ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ] && echo 1 || echo 0)}
   timeout 300 "$BIN" profile --model "$MODEL" --device 0 -o "$out/profile.json" --repeats 3 \
+    --medium-peer-device "$peer_dev" \
     --prefill-tokens 256,1024,2048,4096,8192 --prefill-context 0,4096,8192,12288 \
     --decode-batch 1,2,4,8,16,32,64 --decode-context 1024,4096,8192,16640 \
     --medium "${MEDIA:-gpu,cpu,disk}" --tiers cpu,disk --serving --tokenizer "$TOK" \
