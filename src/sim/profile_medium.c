@@ -514,10 +514,9 @@ int sim_disk_train_room(const int *sizes, int n_sizes, int repeats, int bs, size
      * every size (together 1.33 of the largest per repeat, not one each), the untimed
      * first and the control path's one-block transfers, and the overlap's files of the
      * largest size */
-    double o = 0;
-    for (int si = 0; si < n_sizes; si++)
-        o += (double)PD_MAX(repeats, 1) * (double)((sizes[si] + bs - 1) / bs) * bs * (double)per_token;
-    o += (double)((sizes[0] + bs - 1) / bs) * bs * (double)per_token + (double)(PD_MAX(repeats, 1) + 2) * bs * (double)per_token +
+    double block = (double)per_token * bs, o = 0;
+    for (int si = 0; si < n_sizes; si++) o += (double)PD_MAX(repeats, 1) * (double)((sizes[si] + bs - 1) / bs) * block;
+    o += (double)((sizes[0] + bs - 1) / bs) * block + (double)(PD_MAX(repeats, 1) + 2) * block +
          cache * DISK_OVERLAP_FILES;
     if (others) *others = o;
     double free_b = free_bytes < 0 ? 1e30 : free_bytes - o - (double)(1ull << 30);
