@@ -1424,6 +1424,20 @@ static void check_store_overlap_option(const char *bin, const char *dir, sim_pro
     snprintf(cmd, sizeof cmd, "%s sim %s --profile %s --store-overlap sometimes > /dev/null 2>&1", bin, plan, prof);
     int rc = system(cmd);
     CHECKF(WIFEXITED(rc) && WEXITSTATUS(rc) == 2, "an unknown --store-overlap: status %d", rc);
+    /* --setups: the plan's labels only (as sweep --setups), a typo refused naming it */
+    snprintf(cmd, sizeof cmd, "%s sim %s --profile %s --setups dis-disk --json %s --quiet > /dev/null 2>&1", bin, plan,
+             prof, js[1]);
+    CHECKF(system(cmd) == 0 && sim_json_ttft(js[1]) > 0, "%s", cmd);
+    snprintf(cmd, sizeof cmd, "%s sim %s --profile %s --setups dis-dsk 2>&1 >/dev/null | grep -c 'labelled \"dis-dsk\"'",
+             bin, plan, prof);
+    FILE *lp = popen(cmd, "r");
+    REQUIRE(lp);
+    int said = 0;
+    if (fscanf(lp, "%d", &said) != 1) said = 0;
+    CHECKF(pclose(lp) == 0 && said == 1, "an unknown --setups label: %d lines naming it", said);
+    snprintf(cmd, sizeof cmd, "%s sim %s --profile %s --setups dis-dsk > /dev/null 2>&1", bin, plan, prof);
+    rc = system(cmd);
+    CHECKF(WIFEXITED(rc) && WEXITSTATUS(rc) == 2, "an unknown --setups label: status %d", rc);
     /* a measured disk without its sustained train: the run says so, once */
     for (int t = 0; t < 2; t++) {
         int had = m->train_n;
@@ -1449,6 +1463,16 @@ static void check_store_overlap_option(const char *bin, const char *dir, sim_pro
     unlink(js[1]);
 }
 
+/* A `pdserve profile` command line (after prefix) timing mediums (their options) on a
+ * tiny grid into path, its output dropped; in_process: --medium-in-process. */
+static void medium_profile_cmd(char *cmd, size_t cap, const char *prefix, const char *bin, const char *path,
+                               const char *mediums, bool in_process) {
+    snprintf(cmd, cap,
+             "%s%s profile --model preset:small-llama -o %s %s --medium-bytes 8M --threads 1 --prefill-tokens 16 "
+             "--prefill-context 0 --decode-batch 1 --decode-context 64 --repeats 1 --no-power%s > /dev/null 2>&1",
+             prefix, bin, path, mediums, in_process ? " --medium-in-process" : "");
+}
+
 /* `pdserve profile --medium disk` runs the overlap rounds' decode side in a process of
  * its own (`--kv-peer`), as a deployment's decode instance; --medium-in-process in
  * this one. Both record how, with factors of at least 1, and the pipelined train's
@@ -1460,11 +1484,9 @@ static void test_profile_mediums_peer(void) {
     for (int k = 0; k < 2; k++) {
         char path[512], cmd[2048], err[256];
         snprintf(path, sizeof path, "%s/pd-peer-%d-%d.json", dir, (int)getpid(), k);
-        snprintf(cmd, sizeof cmd,
-                 "%s profile --model preset:small-llama -o %s --medium disk --medium-train 0.3 --medium-bytes 8M "
-                 "--medium-dir %s --prefill-tokens 16 --prefill-context 0 --decode-batch 1 --decode-context 64 "
-                 "--repeats 1 --no-power%s > /dev/null 2>&1",
-                 bin, path, dir, k ? " --medium-in-process" : "");
+        char mediums[600];
+        snprintf(mediums, sizeof mediums, "--medium disk --medium-train 0.3 --medium-dir %s", dir);
+        medium_profile_cmd(cmd, sizeof cmd, "", bin, path, mediums, k);
         CHECKF(system(cmd) == 0, "%s", cmd);
         sim_profile p;
         if (sim_profile_load(path, &p, err, sizeof err) != 0) {
@@ -1501,11 +1523,7 @@ static void test_profile_gpu_medium_peer(void) {
         char path[512], cmd[2048], err[256];
         snprintf(path, sizeof path, "%s/pd-gpu-peer-%d-%d.json", dir, (int)getpid(), k);
         /* the profiler's pid (the shell's, exec'd): the peer's segments are named by it */
-        snprintf(cmd, sizeof cmd,
-                 "echo $$; exec %s profile --model preset:small-llama -o %s --medium gpu --medium-bytes 8M --threads 1 "
-                 "--prefill-tokens 16 --prefill-context 0 --decode-batch 1 --decode-context 64 --repeats 1 --no-power%s "
-                 "> /dev/null 2>&1",
-                 bin, path, k ? " --medium-in-process" : "");
+        medium_profile_cmd(cmd, sizeof cmd, "echo $$; exec ", bin, path, "--medium gpu", k);
         FILE *f = popen(cmd, "r");
         REQUIRE(f);
         int pid = 0;

@@ -414,6 +414,11 @@ static void test_sweep_resume(void) {
     REQUIRE(study_sweep_run(&p, &o2, &st, err, sizeof err) == 0);
     CHECK_EQ_INT(st.points, 2);
     CHECK_EQ_INT(st.done_before, 2);
+    /* a label the plan does not have: refused, naming it and the plan's (a typo ran
+     * nothing and said nothing before) */
+    o2.only_setups = "fake,fak";
+    CHECK(study_sweep_run(&p, &o2, &st, err, sizeof err) != 0);
+    CHECKF(strstr(err, "\"fak\"") && strstr(err, "its setups: fake"), "%s", err);
     study_plan_free(&p);
     tsrv_stop(&s);
 }
@@ -513,11 +518,25 @@ static void test_driver_version(void) {
     CHECK(!strcmp(small, "580"));
 }
 
+/* The --setups lists: membership, and the first item a list of names lacks. */
+static void test_list_helpers(void) {
+    CHECK(util_list_has(NULL, "x") && util_list_has("a,bb,c", "bb") && util_list_has("a,bb,c", "c"));
+    CHECK(!util_list_has("a,bb,c", "b") && !util_list_has("a,bb,c", "") && !util_list_has("", "a"));
+    const char *names[] = {"co-1gpu", "dis-gpu"};
+    char bad[16];
+    CHECK(util_list_unknown("co-1gpu,dis-gpu", names, 2, bad, sizeof bad) == 0 && bad[0] == 0);
+    CHECK(util_list_unknown("co-1gpu,dis-cpu", names, 2, bad, sizeof bad) == -1 && !strcmp(bad, "dis-cpu"));
+    CHECK(util_list_unknown("co-1gpu,,dis-gpu", names, 2, bad, sizeof bad) == -1 && bad[0] == 0); /* empty item */
+    CHECK(util_list_unknown("", names, 2, bad, sizeof bad) == -1);
+    CHECK(util_list_unknown("dis-gpu-and-a-long-name", names, 2, bad, 8) == -1 && !strcmp(bad, "dis-gpu"));
+}
+
 int main(void) {
     snprintf(tmpdir, sizeof tmpdir, "/tmp/test_study_XXXXXX");
     if (!mkdtemp(tmpdir)) return 1;
     TEST_RUN(test_plan_expand);
     TEST_RUN(test_driver_version);
+    TEST_RUN(test_list_helpers);
     TEST_RUN(test_db_migrate_v2);
     TEST_RUN(test_plan_errors);
     TEST_RUN(test_shipped_plans);

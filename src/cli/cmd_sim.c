@@ -525,7 +525,7 @@ static int price_traces(const char *dir, const char *prefix, const char *profile
 int cmd_sim(int argc, char **argv) {
     const char *profile_path = NULL, *db_path = NULL, *json_path = NULL, *router = NULL;
     const char *vmodel = NULL, *price_dir = NULL, *trace_prefix = NULL, *write_profile = NULL, *deployment = NULL,
-               *store_overlap = "rounds";
+               *store_overlap = "rounds", *only_setups = NULL;
     int seed = -1, threads = 0, vrepeats = 3;
     bool quiet = false, no_contention = false, no_control = false, no_serving = false, no_serving_cpu = false,
          no_step_factor = false, step_factor = false, no_kinds = false, no_tier_cpu = false, no_power_cap = false,
@@ -536,6 +536,8 @@ int cmd_sim(int argc, char **argv) {
         {"db", OPT_STRING, &db_path, "results database to record the points in (marked simulated)", "FILE"},
         {"json", OPT_STRING, &json_path, "write the points' summaries as a JSON array", "FILE"},
         {"router", OPT_STRING, &router, "round-robin, least-loaded or prefix-affinity (default: the plan's)", "POLICY"},
+        {"setups", OPT_STRING, &only_setups, "simulate only these setup labels (comma-separated), as sweep --setups",
+         "LIST"},
         {"seed", OPT_INT, &seed, "override the plan's seed", "S"},
         {"quiet", OPT_FLAG, &quiet, "no log lines", NULL},
         {"no-cpu-contention", OPT_FLAG, &no_contention,
@@ -613,6 +615,23 @@ int cmd_sim(int argc, char **argv) {
         fprintf(stderr, "pdserve sim: %s\n", err);
         return 1;
     }
+    if (only_setups) { /* as the sweep's: every label the plan's */
+        const char **names = xcalloc((size_t)PD_MAX(pl.n_setups, 1), sizeof *names);
+        char bad[128], known[512] = "";
+        for (int i = 0; i < pl.n_setups; i++) {
+            names[i] = pl.setups[i].label;
+            size_t l = strlen(known);
+            snprintf(known + l, sizeof known - l, "%s%s", i ? ", " : "", names[i]);
+        }
+        int bad_rc = util_list_unknown(only_setups, names, pl.n_setups, bad, sizeof bad);
+        free(names);
+        if (bad_rc != 0) {
+            fprintf(stderr, "pdserve sim: --setups: no setup labelled \"%s\" in plan %s (its setups: %s)\n", bad,
+                    pl.name, known);
+            sim_plan_free(&pl);
+            return 2;
+        }
+    }
     if (seed >= 0) pl.seed = pl.dataset.seed = (uint64_t)seed;
     if (router && sim_router_parse(router, &pl.router) != 0) {
         fprintf(stderr, "pdserve sim: --router must be round-robin, least-loaded or prefix-affinity\n");
@@ -655,7 +674,9 @@ int cmd_sim(int argc, char **argv) {
      * serving run's disk is slower on most hosts (docs/simulator.md, "The disk's
      * sustained speed") */
     for (int i = 0; i < pl.n_setups; i++) {
-        if (strcmp(pl.setups[i].medium, "disk") || pl.setups[i].skip[0]) continue;
+        if (strcmp(pl.setups[i].medium, "disk") || pl.setups[i].skip[0] ||
+            !util_list_has(only_setups, pl.setups[i].label))
+            continue;
         for (int j = 0; j < prof.n_mediums; j++) {
             const sim_medium *m = &prof.mediums[j];
             if (!strcmp(m->name, "disk") && m->n_points >= 2 && m->train_n <= 0 && !strncmp(m->source, "measured", 8))
@@ -715,6 +736,7 @@ int cmd_sim(int argc, char **argv) {
     }
     print_header();
     for (int s = 0; s < pl.n_setups && rc == 0; s++) {
+        if (!util_list_has(only_setups, pl.setups[s].label)) continue;
         if (pl.setups[s].skip[0]) {
             printf("| %-22s | not simulated: %s\n", pl.setups[s].label, pl.setups[s].skip);
             continue;

@@ -45,17 +45,6 @@ static void on_signal(int sig) {
     raise(sig);
 }
 
-static bool setup_selected(const char *only, const char *label) {
-    if (!only) return true;
-    size_t n = strlen(label);
-    for (const char *p = only; *p;) {
-        size_t k = strcspn(p, ",");
-        if (k == n && !strncmp(p, label, n)) return true;
-        p += k + (p[k] == ',');
-    }
-    return false;
-}
-
 static void fmt_duration(double s, char *out, size_t cap) {
     if (s < 90) snprintf(out, cap, "%.0f s", s);
     else if (s < 5400) snprintf(out, cap, "%.0f min", s / 60);
@@ -589,9 +578,28 @@ static void ensure_secret(void) {
     setenv("PDSERVE_INTERNAL_SECRET", hex, 1);
 }
 
+/* o->only_setups' labels all in plan: 0, or -1 with err naming the first that is not and
+ * the plan's labels. */
+static int check_only_setups(const study_plan *plan, const char *only, char *err, size_t errlen) {
+    if (!only) return 0;
+    const char **names = xcalloc((size_t)PD_MAX(plan->n_setups, 1), sizeof *names);
+    char bad[128], known[512] = "";
+    for (int i = 0; i < plan->n_setups; i++) {
+        names[i] = plan->setups[i].label;
+        size_t l = strlen(known);
+        snprintf(known + l, sizeof known - l, "%s%s", i ? ", " : "", names[i]);
+    }
+    int rc = util_list_unknown(only, names, plan->n_setups, bad, sizeof bad);
+    free(names);
+    if (rc != 0) pd_errorf(err, errlen, "--setups: no setup labelled \"%s\" in plan %s (its setups: %s)", bad,
+                           plan->name, known);
+    return rc;
+}
+
 int study_sweep_run(const study_plan *plan, const study_sweep_opts *o, study_sweep_stats *stats, char *err,
                     size_t errlen) {
     memset(stats, 0, sizeof *stats);
+    if (check_only_setups(plan, o->only_setups, err, errlen) != 0) return -1;
     point_ctx x = {.plan = plan, .o = o, .model = o->model ? o->model : plan->model,
                    .tokenizer = o->tokenizer ? o->tokenizer : plan->tokenizer};
     study_point *pts = NULL;
@@ -621,7 +629,7 @@ int study_sweep_run(const study_plan *plan, const study_sweep_opts *o, study_swe
     bool *todo = xcalloc((size_t)PD_MAX(n, 1), sizeof *todo);
     int n_todo = 0;
     for (int i = 0; i < n; i++) {
-        if (!setup_selected(o->only_setups, pts[i].setup->label)) continue;
+        if (!util_list_has(o->only_setups, pts[i].setup->label)) continue;
         stats->points++;
         study_status s;
         int found = db ? study_db_point_status(db, pts[i].key, &s) : 0;

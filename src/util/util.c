@@ -324,6 +324,32 @@ bool util_file_exists(const char *path) {
     return stat(path, &st) == 0 && S_ISREG(st.st_mode);
 }
 
+bool util_list_has(const char *list, const char *name) {
+    if (!list) return true;
+    size_t n = strlen(name);
+    for (const char *p = list;;) {
+        size_t k = strcspn(p, ",");
+        if (k == n && !strncmp(p, name, n)) return true;
+        if (!p[k]) return false;
+        p += k + 1;
+    }
+}
+
+int util_list_unknown(const char *list, const char *const *names, int n, char *out, size_t cap) {
+    if (cap) out[0] = 0;
+    for (const char *p = list; p;) {
+        size_t k = strcspn(p, ",");
+        bool known = false;
+        for (int i = 0; i < n && !known; i++) known = k > 0 && strlen(names[i]) == k && !strncmp(p, names[i], k);
+        if (!known) {
+            if (cap) snprintf(out, cap, "%.*s", (int)k, p);
+            return -1;
+        }
+        p = p[k] ? p + k + 1 : NULL;
+    }
+    return 0;
+}
+
 bool util_is_dir(const char *path) {
     struct stat st;
     return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
