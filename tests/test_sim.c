@@ -1545,6 +1545,29 @@ static void test_profile_gpu_medium_peer(void) {
             CHECKF(m->n_points >= 2 && m->bandwidth > 0, "%d points, %g B/s", m->n_points, m->bandwidth);
             CHECKF(strstr(m->source, k ? "both sides in one process" : "the decode side in a process of its own"),
                    "source: %s", m->source);
+            /* where its sides were (the peer on the profiled device: one); a plan whose
+             * dis-gpu is on two devices is warned that the curve is a copy within one */
+            CHECKF(!strcmp(m->between, k ? "" : "one device"), "between '%s'", m->between);
+            if (k == 0) {
+                char plan[600];
+                snprintf(plan, sizeof plan, "%s/pd-gpu-peer-plan-%d.json", dir, (int)getpid());
+                FILE *pf = fopen(plan, "w");
+                REQUIRE(pf);
+                fputs("{\"name\": \"g\", \"setups\": [{\"name\": \"dis-gpu\", \"options\": {\"device-list\": "
+                      "\"0,1\"}}], \"dataset\": {\"name\": \"random\", \"input_len\": 64, \"output_len\": 4}, "
+                      "\"loads\": {\"batch_sizes\": [1]}}",
+                      pf);
+                fclose(pf);
+                snprintf(cmd, sizeof cmd, "%s sim %s --profile %s --quiet 2>&1 >/dev/null | grep -c 'on two devices, the "
+                         "profile.s gpu medium was timed with its two sides on one device'", bin, plan, path);
+                FILE *wp = popen(cmd, "r");
+                REQUIRE(wp);
+                int said = 0;
+                if (fscanf(wp, "%d", &said) != 1) said = 0;
+                pclose(wp);
+                CHECKF(said == 1, "%d warnings of the gpu medium's devices: %s", said, cmd);
+                unlink(plan);
+            }
         }
         sim_profile_free(&p);
         unlink(path);

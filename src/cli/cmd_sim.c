@@ -687,6 +687,20 @@ int cmd_sim(int argc, char **argv) {
         }
         break;
     }
+    /* a gpu medium timed within one GPU prices a link between two as that copy, and the
+     * other way round */
+    for (int i = 0; i < pl.n_setups; i++) {
+        const sim_plan_setup *su = &pl.setups[i];
+        if (strcmp(su->medium, "gpu") || su->skip[0] || su->n_devices < 2 || !util_list_has(only_setups, su->label))
+            continue;
+        const char *want = strcmp(su->devices[0], su->devices[1]) ? "two devices" : "one device";
+        for (int j = 0; j < prof.n_mediums; j++)
+            if (!strcmp(prof.mediums[j].name, "gpu") && prof.mediums[j].between[0] &&
+                strcmp(prof.mediums[j].between, want))
+                log_warn("sim: %s's instances are on %s, the profile's gpu medium was timed with its two sides "
+                         "on %s: its transfers are priced as that (pdserve profile --medium-peer-device)",
+                         su->label, want, prof.mediums[j].between);
+    }
     for (int k = 0; k < pl.n_clocks; k++)
         if ((pl.clocks[k][0] > 0 || pl.clocks[k][1] > 0) && !(prof.clock.base_mhz > 0))
             log_warn("sim: the profile has no base clock (clock.base_mhz): clocks %g/%g are simulated as profiled",

@@ -442,6 +442,7 @@ char *sim_profile_to_json(const sim_profile *p) {
         if (m->get_overlap > 0) cJSON_AddNumberToObject(mo, "get_overlap", m->get_overlap);
         if (m->get_pair > 0) cJSON_AddNumberToObject(mo, "get_pair", m->get_pair);
         if (m->overlap_by[0]) cJSON_AddStringToObject(mo, "overlap_by", m->overlap_by);
+        if (m->between[0]) cJSON_AddStringToObject(mo, "between", m->between);
         if (m->pipe_n > 0) {
             cJSON_AddNumberToObject(mo, "put_overlap_pipelined", m->put_overlap_pipe);
             cJSON_AddNumberToObject(mo, "get_overlap_pipelined", m->get_overlap_pipe);
@@ -859,6 +860,8 @@ static int read_mediums(const cJSON *o, sim_profile *p, const char *name, char *
         m->get_pair = get_num(mo, "get_pair", 0);
         if (!(m->get_pair >= 1 && m->get_pair <= 100)) m->get_pair = 0;
         get_str(mo, "overlap_by", m->overlap_by, sizeof m->overlap_by);
+        get_str(mo, "between", m->between, sizeof m->between);
+        if (strcmp(m->between, "one device") && strcmp(m->between, "two devices")) m->between[0] = 0;
         m->put_overlap_pipe = get_num(mo, "put_overlap_pipelined", 0);
         m->get_overlap_pipe = get_num(mo, "get_overlap_pipelined", 0);
         m->pipe_n = (int)get_num(mo, "pipelined_transfers", 0);

@@ -495,6 +495,7 @@ static int gpu_by_peer(backend *be, const model_config *cfg, int bs, size_t per_
         snprintf(md.source, sizeof md.source,
                  "measured: pdserve profile, %s backend, the decode side in a process of its own on device %s",
                  be->ops->name, gpu_peer_device);
+        snprintf(md.between, sizeof md.between, "%s", strcmp(gpu_peer_device, peer_device) ? "two devices" : "one device");
         out->mediums[out->n_mediums++] = md;
         rc = 0;
     } else if (ok) {

@@ -69,6 +69,9 @@ typedef struct sim_medium {
     char overlap_by[16];    /* how the rounds ran: "two processes" (the decode side in a
                                process of its own, as a deployment's), "one process", or
                                "" (not recorded) */
+    char between[16];       /* gpu: where its two sides were, "one device" (a copy within
+                               a GPU) or "two devices" (the link between them); "": not
+                               recorded */
     /* stores: the same two factors from a pipelined train (pipe_n transfers, each put
      * beside the previous request's get, as a deployment's transfer worker and decode
      * side run them back to back): the medians of the overlapped puts and gets over the
