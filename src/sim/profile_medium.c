@@ -418,6 +418,17 @@ static int peer_start(dside *d, const char *dir, const char *device, int bs, siz
     return 0;
 }
 
+/* The prefill side's cache with contents, every page touched (a zeroed pool is not what
+ * a deployment sends). */
+static void fill_cache(backend *be, kv_cache *kv) {
+    size_t part = (size_t)kv->num_blocks * kv->block_bytes / dtype_size(kv->type);
+    for (int l = 0; l < kv->n_layers; l++) {
+        be->ops->fill(be, kv->k[l], kv->type, part, 0.5f);
+        be->ops->fill(be, kv->v[l], kv->type, part, -0.5f);
+    }
+    be->ops->sync(be);
+}
+
 /* One transfer through the peer's decode side (slot 0): the prefill side's send, which
  * for a link is the transfer (its copies done, the decode side told); then the peer's
  * ticket waited for and taken. Seconds, or -1 with err. */
@@ -447,12 +458,7 @@ static int gpu_by_peer(backend *be, const model_config *cfg, int bs, size_t per_
     int max_nb = (sizes[n_sizes - 1] + bs - 1) / bs;
     kv_cache *pkv = kv_cache_create(be, cfg, bs, cache_bytes, err, errlen);
     if (!pkv) return -1;
-    for (int l = 0; l < pkv->n_layers; l++) { /* blocks with contents */
-        size_t part = (size_t)pkv->num_blocks * pkv->block_bytes / dtype_size(pkv->type);
-        be->ops->fill(be, pkv->k[l], pkv->type, part, 0.5f);
-        be->ops->fill(be, pkv->v[l], pkv->type, part, -0.5f);
-    }
-    be->ops->sync(be);
+    fill_cache(be, pkv);
     kv_config pc;
     kv_config_default(&pc);
     pc.medium = KV_MEDIUM_GPU;
@@ -571,12 +577,7 @@ int sim_profile_time_mediums(backend *be, const model_config *cfg, const char *l
             if (dkv) kv_cache_free(be, dkv);
             continue;
         }
-        for (int l = 0; l < pkv->n_layers; l++) { /* blocks with contents, every page touched */
-            size_t part = (size_t)pkv->num_blocks * pkv->block_bytes / dtype_size(pkv->type);
-            be->ops->fill(be, pkv->k[l], pkv->type, part, 0.5f);
-            be->ops->fill(be, pkv->v[l], pkv->type, part, -0.5f);
-        }
-        be->ops->sync(be);
+        fill_cache(be, pkv);
         kv_pool pool;
         kv_pool_init(&pool, dkv->num_blocks, bs);
         kv_pool_allocator *pa = kv_pool_allocator_create(&pool);
