@@ -524,11 +524,14 @@ static void test_list_helpers(void) {
     CHECK(!util_list_has("a,bb,c", "b") && !util_list_has("a,bb,c", "") && !util_list_has("", "a"));
     const char *names[] = {"co-1gpu", "dis-gpu"};
     char bad[16];
-    CHECK(util_list_unknown("co-1gpu,dis-gpu", names, 2, bad, sizeof bad) == 0 && bad[0] == 0);
-    CHECK(util_list_unknown("co-1gpu,dis-cpu", names, 2, bad, sizeof bad) == -1 && !strcmp(bad, "dis-cpu"));
-    CHECK(util_list_unknown("co-1gpu,,dis-gpu", names, 2, bad, sizeof bad) == -1 && bad[0] == 0); /* empty item */
-    CHECK(util_list_unknown("", names, 2, bad, sizeof bad) == -1);
-    CHECK(util_list_unknown("dis-gpu-and-a-long-name", names, 2, bad, 8) == -1 && !strcmp(bad, "dis-gpu"));
+    char known[32];
+    CHECK(util_list_unknown("co-1gpu,dis-gpu", names, 2, bad, sizeof bad, known, sizeof known) == 0 && bad[0] == 0);
+    CHECKF(!strcmp(known, "co-1gpu, dis-gpu"), "known: '%s'", known);
+    CHECK(util_list_unknown("x", names, 2, bad, sizeof bad, known, 10) == -1 && !strcmp(known, "co-1gpu, ")); /* cut */
+    CHECK(util_list_unknown("co-1gpu,dis-cpu", names, 2, bad, sizeof bad, NULL, 0) == -1 && !strcmp(bad, "dis-cpu"));
+    CHECK(util_list_unknown("co-1gpu,,dis-gpu", names, 2, bad, sizeof bad, NULL, 0) == -1 && bad[0] == 0); /* empty item */
+    CHECK(util_list_unknown("", names, 2, bad, sizeof bad, NULL, 0) == -1);
+    CHECK(util_list_unknown("dis-gpu-and-a-long-name", names, 2, bad, 8, NULL, 0) == -1 && !strcmp(bad, "dis-gpu"));
 }
 
 int main(void) {

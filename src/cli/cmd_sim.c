@@ -617,13 +617,9 @@ int cmd_sim(int argc, char **argv) {
     }
     if (only_setups) { /* as the sweep's: every label the plan's */
         const char **names = xcalloc((size_t)PD_MAX(pl.n_setups, 1), sizeof *names);
-        char bad[128], known[512] = "";
-        for (int i = 0; i < pl.n_setups; i++) {
-            names[i] = pl.setups[i].label;
-            size_t l = strlen(known);
-            snprintf(known + l, sizeof known - l, "%s%s", i ? ", " : "", names[i]);
-        }
-        int bad_rc = util_list_unknown(only_setups, names, pl.n_setups, bad, sizeof bad);
+        char bad[128], known[512];
+        for (int i = 0; i < pl.n_setups; i++) names[i] = pl.setups[i].label;
+        int bad_rc = util_list_unknown(only_setups, names, pl.n_setups, bad, sizeof bad, known, sizeof known);
         free(names);
         if (bad_rc != 0) {
             fprintf(stderr, "pdserve sim: --setups: no setup labelled \"%s\" in plan %s (its setups: %s)\n", bad,

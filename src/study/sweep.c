@@ -583,13 +583,9 @@ static void ensure_secret(void) {
 static int check_only_setups(const study_plan *plan, const char *only, char *err, size_t errlen) {
     if (!only) return 0;
     const char **names = xcalloc((size_t)PD_MAX(plan->n_setups, 1), sizeof *names);
-    char bad[128], known[512] = "";
-    for (int i = 0; i < plan->n_setups; i++) {
-        names[i] = plan->setups[i].label;
-        size_t l = strlen(known);
-        snprintf(known + l, sizeof known - l, "%s%s", i ? ", " : "", names[i]);
-    }
-    int rc = util_list_unknown(only, names, plan->n_setups, bad, sizeof bad);
+    char bad[128], known[512];
+    for (int i = 0; i < plan->n_setups; i++) names[i] = plan->setups[i].label;
+    int rc = util_list_unknown(only, names, plan->n_setups, bad, sizeof bad, known, sizeof known);
     free(names);
     if (rc != 0) pd_errorf(err, errlen, "--setups: no setup labelled \"%s\" in plan %s (its setups: %s)", bad,
                            plan->name, known);

@@ -335,8 +335,14 @@ bool util_list_has(const char *list, const char *name) {
     }
 }
 
-int util_list_unknown(const char *list, const char *const *names, int n, char *out, size_t cap) {
+int util_list_unknown(const char *list, const char *const *names, int n, char *out, size_t cap, char *known,
+                      size_t known_cap) {
     if (cap) out[0] = 0;
+    if (known && known_cap) {
+        known[0] = 0;
+        for (int i = 0, o = 0; i < n && o < (int)known_cap; i++)
+            o += snprintf(known + o, known_cap - (size_t)o, "%s%s", i ? ", " : "", names[i]);
+    }
     for (const char *p = list; p;) {
         size_t k = strcspn(p, ",");
         bool known = false;

@@ -79,8 +79,10 @@ bool util_file_exists(const char *path);
 /* Whether name is one of list's comma-separated items (NULL list: every name is). */
 bool util_list_has(const char *list, const char *name);
 /* list's first item that is none of names[0..n), into out (cap); 0 when every item is
- * one of them (out ""), -1 otherwise. An empty item counts as unknown. */
-int util_list_unknown(const char *list, const char *const *names, int n, char *out, size_t cap);
+ * one of them (out ""), -1 otherwise. An empty item counts as unknown. The names joined
+ * by ", " into known (known_cap; NULL: not wanted), for the message. */
+int util_list_unknown(const char *list, const char *const *names, int n, char *out, size_t cap, char *known,
+                      size_t known_cap);
 bool util_is_dir(const char *path);
 /* path_join(out, cap, a, b): "a/b" into out; returns out. */
 char *path_join(char *out, size_t cap, const char *a, const char *b);
