@@ -1373,6 +1373,19 @@ static void test_tiers(void) {
     sim_profile_free(&q);
 }
 
+/* The first integer cmd prints on its standard output, or -1; its pclose status into
+ * *status when not NULL. */
+static int cmd_int(const char *cmd, int *status) {
+    FILE *f = popen(cmd, "r");
+    int v = -1, st = -1;
+    if (f) {
+        if (fscanf(f, "%d", &v) != 1) v = -1;
+        st = pclose(f);
+    }
+    if (status) *status = st;
+    return v;
+}
+
 /* The median TTFT (ms) of the one point that `pdserve sim` wrote as JSON to path, or -1. */
 static double sim_json_ttft(const char *path) {
     FILE *f = fopen(path, "rb");
@@ -1430,11 +1443,8 @@ static void check_store_overlap_option(const char *bin, const char *dir, sim_pro
     CHECKF(system(cmd) == 0 && sim_json_ttft(js[1]) > 0, "%s", cmd);
     snprintf(cmd, sizeof cmd, "%s sim %s --profile %s --setups dis-dsk 2>&1 >/dev/null | grep -c 'labelled \"dis-dsk\"'",
              bin, plan, prof);
-    FILE *lp = popen(cmd, "r");
-    REQUIRE(lp);
-    int said = 0;
-    if (fscanf(lp, "%d", &said) != 1) said = 0;
-    CHECKF(pclose(lp) == 0 && said == 1, "an unknown --setups label: %d lines naming it", said);
+    int st = -1, said = cmd_int(cmd, &st);
+    CHECKF(st == 0 && said == 1, "an unknown --setups label: %d lines naming it", said);
     snprintf(cmd, sizeof cmd, "%s sim %s --profile %s --setups dis-dsk > /dev/null 2>&1", bin, plan, prof);
     rc = system(cmd);
     CHECKF(WIFEXITED(rc) && WEXITSTATUS(rc) == 2, "an unknown --setups label: status %d", rc);
@@ -1449,11 +1459,7 @@ static void check_store_overlap_option(const char *bin, const char *dir, sim_pro
         free(text);
         snprintf(cmd, sizeof cmd, "%s sim %s --profile %s --quiet 2>&1 >/dev/null | grep -c 'without its sustained train'",
                  bin, plan, prof);
-        FILE *pp = popen(cmd, "r");
-        REQUIRE(pp);
-        int n = -1;
-        if (fscanf(pp, "%d", &n) != 1) n = -1;
-        pclose(pp);
+        int n = cmd_int(cmd, NULL);
         CHECKF(n == (m->train_n > 0 ? 0 : 1), "%d warnings with %d train transfers", n, m->train_n);
         if (t == 1) m->train_n = had;
     }
@@ -1524,11 +1530,8 @@ static void test_profile_gpu_medium_peer(void) {
         snprintf(path, sizeof path, "%s/pd-gpu-peer-%d-%d.json", dir, (int)getpid(), k);
         /* the profiler's pid (the shell's, exec'd): the peer's segments are named by it */
         medium_profile_cmd(cmd, sizeof cmd, "echo $$; exec ", bin, path, "--medium gpu", k);
-        FILE *f = popen(cmd, "r");
-        REQUIRE(f);
-        int pid = 0;
-        if (fscanf(f, "%d", &pid) != 1) pid = 0;
-        CHECKF(pclose(f) == 0 && pid > 0, "%s", cmd);
+        int st = -1, pid = cmd_int(cmd, &st);
+        CHECKF(st == 0 && pid > 0, "%s", cmd);
         for (int seg = 0; seg < 2; seg++) {
             char shm[128];
             snprintf(shm, sizeof shm, "/dev/shm/pdkv-prof%dg-%s", pid, seg ? "kv" : "ctl");
@@ -1560,11 +1563,7 @@ static void test_profile_gpu_medium_peer(void) {
                 fclose(pf);
                 snprintf(cmd, sizeof cmd, "%s sim %s --profile %s --quiet 2>&1 >/dev/null | grep -c 'on two devices, the "
                          "profile.s gpu medium was timed with its two sides on one device'", bin, plan, path);
-                FILE *wp = popen(cmd, "r");
-                REQUIRE(wp);
-                int said = 0;
-                if (fscanf(wp, "%d", &said) != 1) said = 0;
-                pclose(wp);
+                int said = cmd_int(cmd, NULL);
                 CHECKF(said == 1, "%d warnings of the gpu medium's devices: %s", said, cmd);
                 unlink(plan);
             }

@@ -180,6 +180,7 @@ fi
 # priced as it ran around the point. The other setups run and simulate as usual.
 main_plan=$PLAN
 probe_points=""
+n_setups() { python3 -c "import json,sys; print(len(json.load(open(sys.argv[1]))['setups']))" "$1"; }
 if [ -n "${PROBE_MEDIUM:-}" ] && [ -z "${SKIP_SWEEP:-}" ]; then
   mkdir -p "$out/probe"
   probe_points=$(python3 - "$PLAN" "$PROBE_MEDIUM" "${SETUPS:-}" "$out/probe" <<'PY'
@@ -208,7 +209,7 @@ if [ -z "${SKIP_SWEEP:-}" ]; then
   [ -z "${RESUME_DIR:-}" ] && rm -f "$out/study.db"
   sel=()
   [ -n "${SETUPS:-}" ] && [ -z "$probe_points" ] && sel=(--setups "$SETUPS")
-  if [ "$(python3 -c "import json,sys; print(len(json.load(open(sys.argv[1]))['setups']))" "$main_plan")" != 0 ]; then
+  if [ "$(n_setups "$main_plan")" != 0 ]; then
     timeout "${SWEEP_TIMEOUT:-420}" "$BIN" sweep "$main_plan" --db "$out/study.db" --model "$MODEL" --tokenizer "$TOK" "${sel[@]}"
     echo "sweep: exit $? at $(el) s"
   fi
@@ -228,7 +229,7 @@ if [ -z "${SKIP_SIM:-}" ] && [ -f "$out/profile.json" ]; then
     echo "sim $PLAN $SIM_COMPARE: into study-cmp.db at $(el) s"
   # the same points simulated into the same database: report puts them side by side
   # (the probed points each with its own probe's profile)
-  if [ "$(python3 -c "import json,sys; print(len(json.load(open(sys.argv[1]))['setups']))" "$main_plan")" != 0 ]; then
+  if [ "$(n_setups "$main_plan")" != 0 ]; then
     timeout 120 "$BIN" sim "$main_plan" --profile "$out/profile.json" --db "$out/study.db" --quiet
     echo "sim $main_plan: exit $? at $(el) s"
   fi
