@@ -23,10 +23,12 @@ typedef struct bench_nccl_id { char internal[128]; } bench_nccl_id;
  * what NCCL itself gives at the medium's chunk size. reg: both ranks register the buffer
  * with ncclCommRegister first (NCCL_LEGACY_CUDA_REGISTER=1 unless set: the buffer is a
  * cudaMalloc one, as the KV pool's are), so that NCCL may move it zero-copy, without its
- * own FIFO buffers in between. Runs in a child process; exits 0, or 1 when anything
- * failed (2: registration refused). */
-static void bench_nccl_rank(int rank, int dst, size_t bytes, size_t chunk, int group, bool reg, int id_fd,
-                            int out_fd) {
+ * own FIFO buffers in between. lanes 2: two communicators, each on a stream of its own,
+ * the groups (or ops) taking turns on them, so that one's start and end overlap the
+ * other's transfer (the medium's PDSERVE_KV_NCCL_LANES). Runs in a child process; exits
+ * 0, or 1 when anything failed (2: registration refused). */
+static void bench_nccl_rank(int rank, int dst, size_t bytes, size_t chunk, int group, bool reg, int lanes,
+                            int id_fd, int out_fd) {
     if (reg) setenv("NCCL_LEGACY_CUDA_REGISTER", "1", 0);
     void *lib = dlopen("libnccl.so.2", RTLD_NOW | RTLD_LOCAL);
     if (!lib) _exit(1);
@@ -50,35 +52,47 @@ static void bench_nccl_rank(int rank, int dst, size_t bytes, size_t chunk, int g
     char err[256];
     backend *be = backend_cuda_create(rank ? 0 : dst, err, sizeof err);
     if (!be) _exit(1);
-    bench_nccl_id id;
-    if (rank == 0 && (get_id(&id) != 0 || wr(id_fd, &id, sizeof id) != 0)) _exit(1);
-    if (rank == 1 && rd(id_fd, &id, sizeof id) != 0) _exit(1);
+    if (lanes < 1 || lanes > 2) lanes = 1;
+    bench_nccl_id id[2];
+    for (int i = 0; i < lanes; i++) {
+        if (rank == 0 && (get_id(&id[i]) != 0 || wr(id_fd, &id[i], sizeof id[i]) != 0)) _exit(1);
+        if (rank == 1 && rd(id_fd, &id[i], sizeof id[i]) != 0) _exit(1);
+    }
     cuda_kv_nccl_bind(be);
-    void *comm = NULL, *buf = cuda_kv_nccl_alloc(be, bytes);
-    void *stream = cuda_kv_nccl_stream_create(be), *ev = cuda_kv_nccl_event_create(be);
-    if (!buf || init(&comm, 2, id, rank) != 0) _exit(1);
+    void *comm[2] = {NULL, NULL}, *stream[2] = {NULL, NULL}, *ev[2] = {NULL, NULL};
+    void *buf = cuda_kv_nccl_alloc(be, bytes);
+    if (!buf) _exit(1);
+    for (int i = 0; i < lanes; i++) {
+        stream[i] = cuda_kv_nccl_stream_create(be);
+        ev[i] = cuda_kv_nccl_event_create(be);
+        if (init(&comm[i], 2, id[i], rank) != 0) _exit(1);
+    }
     void *handle = NULL;
-    if (reg && (!comm_register || comm_register(comm, buf, bytes, &handle) != 0)) _exit(2);
+    if (reg && (!comm_register || comm_register(comm[0], buf, bytes, &handle) != 0)) _exit(2);
     double best = 0;
     for (int r = 0; r < 4; r++) { /* the first connects the channels */
         double t0 = time_now_s();
-        int k = 0;
+        int k = 0, per = group > 1 ? group : 1;
         for (size_t off = 0; off < bytes; off += chunk, k++) {
             size_t n = PD_MIN(chunk, bytes - off);
+            int lane = (k / per) % lanes; /* groups take turns on the lanes */
             if (group > 1 && k % group == 0 && g_start() != 0) _exit(1);
-            int rc = rank ? send((char *)buf + off, n, 1, 0, comm, stream)
-                          : recv((char *)buf + off, n, 1, 1, comm, stream);
+            int rc = rank ? send((char *)buf + off, n, 1, 0, comm[lane], stream[lane])
+                          : recv((char *)buf + off, n, 1, 1, comm[lane], stream[lane]);
             if (rc != 0) _exit(1);
             if (group > 1 && (k % group == group - 1 || off + n >= bytes) && g_end() != 0) _exit(1);
         }
-        cuda_kv_nccl_event_record(be, ev, stream);
-        while (!cuda_kv_nccl_event_done(be, ev)) {}
+        for (int i = 0; i < lanes; i++) cuda_kv_nccl_event_record(be, ev[i], stream[i]);
+        for (int i = 0; i < lanes; i++)
+            while (!cuda_kv_nccl_event_done(be, ev[i])) {}
         if (r) best = PD_MAX(best, (double)bytes / (time_now_s() - t0));
     }
     if (rank == 1) wr(out_fd, &best, sizeof best);
-    destroy(comm);
-    cuda_kv_nccl_event_destroy(be, ev);
-    cuda_kv_nccl_stream_destroy(be, stream);
+    for (int i = 0; i < lanes; i++) {
+        destroy(comm[i]);
+        cuda_kv_nccl_event_destroy(be, ev[i]);
+        cuda_kv_nccl_stream_destroy(be, stream[i]);
+    }
     cuda_kv_nccl_free(be, buf);
     backend_destroy(be);
     _exit(0);
@@ -88,7 +102,7 @@ static void bench_nccl_rank(int rank, int dst, size_t bytes, size_t chunk, int g
 /* Best warm NCCL send/recv throughput of `bytes` from GPU 0 to GPU dst, bytes/s, in ops
  * of `chunk` bytes (0: one op), `group` per NCCL group (<= 1: none), the buffers
  * registered with NCCL when reg; 0 when it cannot be measured here. */
-static double bench_nccl_ceiling_reg(size_t bytes, int dst, size_t chunk, int group, bool reg) {
+static double bench_nccl_ceiling_lanes(size_t bytes, int dst, size_t chunk, int group, bool reg, int lanes) {
 #if PDSERVE_HAVE_CUDA
     int idp[2], outp[2];
     if (pipe(idp) != 0 || pipe(outp) != 0) return 0;
@@ -97,7 +111,7 @@ static double bench_nccl_ceiling_reg(size_t bytes, int dst, size_t chunk, int gr
         if ((p[rank] = fork()) == 0) {
             close(outp[0]);
             alarm(120); /* a rank whose peer failed waits in init: never hang the bench */
-            bench_nccl_rank(rank, dst, bytes, chunk, group, reg, rank ? idp[0] : idp[1], outp[1]);
+            bench_nccl_rank(rank, dst, bytes, chunk, group, reg, lanes, rank ? idp[0] : idp[1], outp[1]);
         }
     close(idp[0]), close(idp[1]), close(outp[1]);
     double bw = 0;
@@ -106,9 +120,13 @@ static double bench_nccl_ceiling_reg(size_t bytes, int dst, size_t chunk, int gr
     for (int rank = 0; rank < 2; rank++) waitpid(p[rank], NULL, 0);
     return bw;
 #else
-    (void)bytes, (void)dst, (void)chunk, (void)group, (void)reg;
+    (void)bytes, (void)dst, (void)chunk, (void)group, (void)reg, (void)lanes;
     return 0;
 #endif
+}
+
+static double bench_nccl_ceiling_reg(size_t bytes, int dst, size_t chunk, int group, bool reg) {
+    return bench_nccl_ceiling_lanes(bytes, dst, chunk, group, reg, 1);
 }
 
 static double bench_nccl_ceiling_chunks(size_t bytes, int dst, size_t chunk, int group) {

@@ -19,13 +19,16 @@
  *                          some on neither; whole with 8-block pieces through a ring of
  *                          4 (the least); whole with pieces of 3 blocks through a ring of 4;
  *                          packed (PDSERVE_KV_NCCL_PACK=1): k and v of a layer as one
- *                          piece, and as pieces of at most 7 blocks, some in place
+ *                          piece, and as pieces of at most 7 blocks, some in place;
+ *                          two lanes (PDSERVE_KV_NCCL_LANES=2), whole and layer-wise,
+ *                          plain and packed
  *   decode dies            D kills itself once layer 0 has arrived (P ships a layer every
  *                          50 ms): P's kv_send_layer / finish fails (peer or deadline)
  *                          well within the deadline, and its connector closes (no hang:
  *                          the communicator is aborted)
  *   prefill dies           the test kills P after layer 0: D's wait says peer within the
- *                          deadline, its blocks are back, its connector closes
+ *                          deadline, its blocks are back, its connector closes (one
+ *                          lane and two)
  * The pipeline is the environment's (PDSERVE_KV_NCCL_PIPE=stream, the default, or host),
  * and so is PDSERVE_KV_NCCL_DIRECT (0: every piece staged): scripts/gpu/check-kv-bw.sh
  * runs the combinations.
@@ -68,6 +71,7 @@ typedef struct nccl_case {
     int chunk_kib;             /* PDSERVE_KV_NCCL_CHUNK_KIB for both sides; 0: default */
     int depth;                 /* PDSERVE_KV_NCCL_DEPTH for both sides; 0: default */
     int pack;                  /* PDSERVE_KV_NCCL_PACK for both sides */
+    int lanes;                 /* PDSERVE_KV_NCCL_LANES for both sides; 0: default */
 } nccl_case;
 
 static char g_tag[32];
@@ -316,6 +320,10 @@ static void test_case(void) {
     if (k->depth) setenv("PDSERVE_KV_NCCL_DEPTH", depth, 1);
     else unsetenv("PDSERVE_KV_NCCL_DEPTH");
     setenv("PDSERVE_KV_NCCL_PACK", k->pack ? "1" : "0", 1);
+    char lanes[16];
+    snprintf(lanes, sizeof lanes, "%d", k->lanes);
+    if (k->lanes) setenv("PDSERVE_KV_NCCL_LANES", lanes, 1);
+    else unsetenv("PDSERVE_KV_NCCL_LANES");
     double t0 = time_now_s();
     pid_t d = fork();
     if (d == 0) {
@@ -347,10 +355,11 @@ static void test_case(void) {
     static const char *const NAMES[] = {"ok", "decode dies", "prefill dies"};
     const char *pipe = getenv("PDSERVE_KV_NCCL_PIPE");
     const char *direct = getenv("PDSERVE_KV_NCCL_DIRECT");
-    fprintf(stderr, "     nccl %s, %s, %spieces of %d KiB%s, %s pipeline%s: %d request(s) of %d "
+    fprintf(stderr, "     nccl %s, %s, %spieces of %d KiB%s%s, %s pipeline%s: %d request(s) of %d "
             "blocks x %d layers, GPU 0 -> GPU 1, %.2f s\n", kv_transfer_mode_name(k->mode),
             NAMES[k->scenario], k->pack ? "packed " : "", k->chunk_kib ? k->chunk_kib : k->pack ? 65536 : 32768,
-            k->depth == 4 ? ", 4 staging buffers" : "", pipe && *pipe ? pipe : "stream",
+            k->depth == 4 ? ", 4 staging buffers" : "", k->lanes == 2 ? ", two lanes" : "",
+            pipe && *pipe ? pipe : "stream",
             direct && !strcmp(direct, "0") ? ", every piece staged" : "",
             k->scenario == SC_OK ? N_REQUESTS : 1, (N_TOKENS + BS - 1) / BS,
             test_config().n_layers, time_now_s() - t0);
@@ -378,26 +387,34 @@ int main(void) {
     log_set_level(LOG_LEVEL_WARN);
     snprintf(g_tag, sizeof g_tag, "kvnccl%d", (int)getpid());
     const nccl_case cases[] = {
-        {KV_TRANSFER_WHOLE, SC_OK, 0, 0, 0},
-        {KV_TRANSFER_LAYERWISE, SC_OK, 0, 0, 0},
+        {KV_TRANSFER_WHOLE, SC_OK, 0, 0, 0, 0},
+        {KV_TRANSFER_LAYERWISE, SC_OK, 0, 0, 0, 0},
         /* pieces of 8 blocks: a layer is 5 groups of k and v; P's pieces 0, 2, 3 and 4
          * are runs of its pool (in place), piece 1 is not (staged); D's reservation
          * interleaves with blocks it holds, so it stages some pieces and not others */
-        {KV_TRANSFER_WHOLE, SC_OK, 128, 0, 0},
-        {KV_TRANSFER_LAYERWISE, SC_OK, 128, 0, 0},
-        {KV_TRANSFER_WHOLE, SC_OK, 128, 4, 0},   /* staged pieces through a ring of 4 */
-        {KV_TRANSFER_WHOLE, SC_OK, 48, 4, 0},    /* pieces of 3 blocks: 7 groups a layer */
+        {KV_TRANSFER_WHOLE, SC_OK, 128, 0, 0, 0},
+        {KV_TRANSFER_LAYERWISE, SC_OK, 128, 0, 0, 0},
+        {KV_TRANSFER_WHOLE, SC_OK, 128, 4, 0, 0},   /* staged pieces through a ring of 4 */
+        {KV_TRANSFER_WHOLE, SC_OK, 48, 4, 0, 0},    /* pieces of 3 blocks: 7 groups a layer */
         /* packed: a layer's k and v as one staged piece (whole: two layers a group) */
-        {KV_TRANSFER_WHOLE, SC_OK, 0, 0, 1},
-        {KV_TRANSFER_LAYERWISE, SC_OK, 0, 0, 1},
+        {KV_TRANSFER_WHOLE, SC_OK, 0, 0, 1, 0},
+        {KV_TRANSFER_LAYERWISE, SC_OK, 0, 0, 1, 0},
         /* packed pieces of at most 7 blocks: a layer's 74 units (37 of k, then 37 of v)
          * as 11 pieces of 6 or 7, two a group: [33, 40) spans k and v (staged on both
          * sides); [0, 6), [13, 20), [20, 26), [26, 33) and [40, 47) are runs of P's
          * pool (in place there); the others cross a break of P's blocks (staged) */
-        {KV_TRANSFER_WHOLE, SC_OK, 112, 4, 1},
-        {KV_TRANSFER_LAYERWISE, SC_OK, 112, 0, 1},
-        {KV_TRANSFER_LAYERWISE, SC_DECODE_DIES, 0, 0, 0},
-        {KV_TRANSFER_LAYERWISE, SC_PREFILL_DIES, 0, 0, 0},
+        {KV_TRANSFER_WHOLE, SC_OK, 112, 4, 1, 0},
+        {KV_TRANSFER_LAYERWISE, SC_OK, 112, 0, 1, 0},
+        /* two lanes (PDSERVE_KV_NCCL_LANES=2): the groups take turns on two
+         * communicators and streams; with 8-block pieces a layer's five groups alternate,
+         * some in place, some staged, so ring buffers pass between the lanes */
+        {KV_TRANSFER_WHOLE, SC_OK, 0, 0, 0, 2},
+        {KV_TRANSFER_WHOLE, SC_OK, 128, 0, 0, 2},
+        {KV_TRANSFER_LAYERWISE, SC_OK, 128, 4, 0, 2},
+        {KV_TRANSFER_LAYERWISE, SC_OK, 112, 0, 1, 2},
+        {KV_TRANSFER_LAYERWISE, SC_DECODE_DIES, 0, 0, 0, 0},
+        {KV_TRANSFER_LAYERWISE, SC_PREFILL_DIES, 0, 0, 0, 0},
+        {KV_TRANSFER_LAYERWISE, SC_PREFILL_DIES, 128, 0, 0, 2},
     };
     for (size_t i = 0; i < PD_ARRAY_LEN(cases); i++) {
         g_case = cases[i];

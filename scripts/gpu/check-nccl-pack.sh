@@ -17,6 +17,9 @@
 #                                             default: the five above)
 #   PIPES=stream (default "stream host")   the pipelines test_kv_nccl runs under
 #   DEPTH8=0                                  no PACK=1 row with a ring of 8
+#   VARIANTS="PDSERVE_KV_NCCL_LANES=1;PDSERVE_KV_NCCL_LANES=2"  the bench's rows instead
+#                                             (';'-separated, each "NAME=VALUE ...")
+#   E2E_ENV="PDSERVE_KV_NCCL_LANES=2"         the end-to-end part's setting instead of PACK=1
 # Logs under $OUT (or build-gpu/out); the rows last. Reads the GPU's state and never
 # changes it; NCCL_* variables are left as they are.
 set -uo pipefail
@@ -44,8 +47,13 @@ fi
 P=PDSERVE_KV_NCCL_PACK
 bench() { # MODE TOKENS TAG [bench args...]
   local mode=$1 tokens=$2 tag=$3; shift 3
-  local f=$out/bench-$mode-$tokens-$tag t0 v=(--variant "$P=0" --variant "$P=1")
+  local f=$out/bench-$mode-$tokens-$tag t0 v=(--variant "$P=0" --variant "$P=1") x
   [ "${DEPTH8:-1}" = 1 ] && v+=(--variant "$P=1 PDSERVE_KV_NCCL_DEPTH=8")
+  if [ -n "${VARIANTS:-}" ]; then
+    v=()
+    IFS=';' read -ra xs <<<"$VARIANTS"
+    for x in "${xs[@]}"; do v+=(--variant "$x"); done
+  fi
   t0=$(date +%s)
   timeout "${BENCH_TIMEOUT:-150}" "$B/bench_kv_cuda" --dir "$B" --media nccl --copies auto --mode "$mode" \
     --tokens "$tokens" --warm 5 "${v[@]}" "$@" >"$f.txt" 2>"$f.err"
@@ -59,10 +67,11 @@ for b in ${BENCHES:-whole:9360:runs4 whole:9360:run0 whole:16384:runs4 whole:163
 done
 if [ "${SKIP_E2E:-0}" != 1 ]; then
   mkdir -p "$out/e2e"
-  PDSERVE_KV_NCCL_PACK=1 OUT=$out/e2e SKIP_BUILD=1 SKIP_TEST=1 SKIP_BENCH=1 timeout 300 \
+  e2e_env=${E2E_ENV:-PDSERVE_KV_NCCL_PACK=1}
+  env $e2e_env OUT=$out/e2e SKIP_BUILD=1 SKIP_TEST=1 SKIP_BENCH=1 timeout 300 \
     scripts/gpu/check-kv-nccl.sh >"$out/e2e.log" 2>&1
   rc=$?
-  echo "check-kv-nccl.sh e2e with PACK=1: exit $rc"
+  echo "check-kv-nccl.sh e2e with $e2e_env: exit $rc"
   tail -n 12 "$out/e2e.log"
   [ "$rc" -ne 0 ] && status=1
 fi

@@ -8,15 +8,18 @@
  *             HELLO both ways at setup, then DATA / DONE / ABORT per request. Setup:
  *               P -> D  HELLO  layer = L, n_blocks = block size, request_id = block
  *                              bytes, ticket = staging chunk bytes, first_block = 1
- *                              when pieces are packed (PDSERVE_KV_NCCL_PACK), checksum =
+ *                              when pieces are packed (PDSERVE_KV_NCCL_PACK), | 2 with
+ *                              two lanes (PDSERVE_KV_NCCL_LANES), checksum =
  *                              the prefill process's key (pid + host, self_key)
  *               D -> P  HELLO  the same geometry, checksum = kv_checksum of the 136
  *                              bytes that follow it: an ncclUniqueId made for this
  *                              pair and the decode process's key
  *                       (ABORT instead, then close: the geometries differ)
  *             then both run ncclCommInitRank(2 ranks; decode 0, prefill 1) and one warm
- *             send/receive of a chunk (NCCL connects its p2p channels at the first one).
- *             The communicator is kept for every later request of the pair.
+ *             send/receive of a chunk (NCCL connects its p2p channels at the first one),
+ *             then split a blocking communicator off it per lane (one, or two with
+ *             PDSERVE_KV_NCCL_LANES=2: the NCCL groups take turns on them, each lane on a
+ *             stream of its own). They are kept for every later request of the pair.
  *   data      per layer: a DATA frame (layer l, blocks 0..n of the ticket, payload =
  *             2 * n * block bytes; NCCL moves the payload, not the socket, so the
  *             checksum field says instead whether the frame is paired with the next
@@ -94,6 +97,8 @@
                                              * least number of staging buffers */
 #define NCCL_PENDING_MAX 64                 /* decode: layers queued, not yet counted */
 #define NCCL_SPIN_WAITS 64                  /* polls of a wait before it sleeps (wait=spin) */
+#define NCCL_MAX_LANES 2                    /* communicators per link, at most */
+#define NCCL_LANES 1                        /* their default (PDSERVE_KV_NCCL_LANES) */
 #define NCCL_GONE_GRACE_S 0.5               /* a wait that finds its peer gone still waits
                                              * this long for work already in flight */
 
@@ -247,17 +252,22 @@ typedef struct nccl_pending {  /* decode, stream pipeline: a layer queued, not y
 
 typedef struct nccl_link {
     int fd;                 /* control socket; -1: none */
-    nccl_comm comm;         /* the communicator the transfers use; NULL: none */
-    nccl_comm parent;       /* the non-blocking one comm was split from; NULL: none */
+    nccl_comm comm[NCCL_MAX_LANES]; /* the communicators the transfers use (lanes); NULL:
+                                     * none */
+    nccl_comm parent;       /* the non-blocking one they were split from; NULL: none */
+    int lanes;              /* communicators in use (PDSERVE_KV_NCCL_LANES) */
+    uint64_t groups;        /* NCCL groups queued so far: group g goes on lane g % lanes,
+                             * the same on both sides (they queue the same groups) */
     bool nonblocking;       /* comm made with blocking = 0: ops may return in-progress */
     bool stream_pipe;       /* the stream pipeline (else host) */
     bool pack;              /* pieces packed across k and v (both sides agree: HELLO) */
     int depth;              /* staging buffers (host pipeline: 2) */
-    void *stream;           /* cudaStream_t of NCCL's kernels */
+    void *stream[NCCL_MAX_LANES]; /* cudaStream_t of each lane's NCCL kernels */
     void *cstream;          /* stream pipeline: cudaStream_t of the gathers / scatters */
     void *ev[NCCL_MAX_DEPTH];  /* cudaEvent_t after each staging buffer's latest NCCL op */
     void *cev[NCCL_MAX_DEPTH]; /* stream pipeline: after its latest gather / scatter */
-    void *gev;              /* after the latest NCCL group (direct pieces have no buffer) */
+    void *gev[NCCL_MAX_LANES]; /* after each lane's latest NCCL group (direct pieces have
+                                * no buffer) */
     bool queued;            /* prefill: groups queued since the last wait for gev */
     uint8_t *stage[NCCL_MAX_DEPTH]; /* device, chunk bytes each */
     size_t chunk;
@@ -313,15 +323,15 @@ static void trace_begin(const kv_cache *kv, nccl_link *k, uint64_t ticket) {
     nccl_trace *t = k->tr;
     t->ticket = ticket;
     t->n = 0;
-    cuda_kv_nccl_event_record(kv->be, t->ref, k->stream);
+    cuda_kv_nccl_event_record(kv->be, t->ref, k->stream[0]);
     cuda_kv_nccl_event_sync(kv->be, t->ref);
     t->ref_host = time_now_s();
 }
 
-static void trace_group(const kv_cache *kv, nccl_link *k) {
+static void trace_group(const kv_cache *kv, nccl_link *k, int lane) {
     nccl_trace *t = k->tr;
     if (!t || t->n >= NCCL_TRACE_MAX) return;
-    cuda_kv_nccl_event_record(kv->be, t->ev[t->n], k->stream);
+    cuda_kv_nccl_event_record(kv->be, t->ev[t->n], k->stream[lane]);
     t->queued[t->n++] = time_now_s();
 }
 
@@ -360,6 +370,22 @@ static bool pack_on(void) {
     static int on = -1;
     if (on < 0) on = env_not("PDSERVE_KV_NCCL_PACK", "0");
     return on;
+}
+enum { NCCL_COMM_NONBLOCKING, NCCL_COMM_SPLIT, NCCL_COMM_BLOCKING }; /* comm_mode below */
+static int comm_mode(void);
+/* PDSERVE_KV_NCCL_LANES=1|2: communicators per link, each with a stream of its own, the
+ * NCCL groups taking turns on them, so that one group's start and end overlap another's
+ * transfer. Both sides must agree (HELLO checks it). Needs the split communicators
+ * (comm_mode): 1 otherwise. */
+static int lanes_on(void) {
+    static int n = 0;
+    if (!n) {
+        const char *e = getenv("PDSERVE_KV_NCCL_LANES");
+        long v = e && *e ? atol(e) : NCCL_LANES;
+        n = v >= 1 && v <= NCCL_MAX_LANES ? (int)v : NCCL_LANES;
+        if (comm_mode() != NCCL_COMM_SPLIT) n = 1;
+    }
+    return n;
 }
 static bool wait_spins(void) {
     static int on = -1;
@@ -423,19 +449,20 @@ static size_t chunk_bytes(const kv_cache *kv, bool pack) {
 /* Drops the link: aborts the communicator (never waits for the peer), then frees what
  * the link owns. The stream is idle after the abort. Safe on a half-made link. */
 static void link_close(const kv_cache *kv, nccl_link *k) {
-    if (k->comm) NCCL_CALL(g_nccl.comm_abort(k->comm));
+    for (int i = 0; i < NCCL_MAX_LANES; i++)
+        if (k->comm[i]) NCCL_CALL(g_nccl.comm_abort(k->comm[i]));
     if (k->parent) NCCL_CALL(g_nccl.comm_abort(k->parent));
-    if (k->stream || k->cstream || k->ev[0] || k->stage[0] || k->gev) {
+    if (k->stream[0] || k->cstream || k->ev[0] || k->stage[0] || k->gev[0]) {
         cuda_kv_nccl_bind(kv->be);
-        /* both streams idle (the aborted ops end) before their memory goes */
-        cuda_kv_nccl_stream_destroy(kv->be, k->stream);
+        /* every stream idle (the aborted ops end) before their memory goes */
+        for (int i = 0; i < NCCL_MAX_LANES; i++) cuda_kv_nccl_stream_destroy(kv->be, k->stream[i]);
         cuda_kv_nccl_stream_destroy(kv->be, k->cstream);
         for (int h = 0; h < NCCL_MAX_DEPTH; h++) {
             cuda_kv_nccl_event_destroy(kv->be, k->ev[h]);
             cuda_kv_nccl_event_destroy(kv->be, k->cev[h]);
             cuda_kv_nccl_free(kv->be, k->stage[h]);
         }
-        cuda_kv_nccl_event_destroy(kv->be, k->gev);
+        for (int i = 0; i < NCCL_MAX_LANES; i++) cuda_kv_nccl_event_destroy(kv->be, k->gev[i]);
         for (int i = 0; i < NCCL_PENDING_MAX; i++) cuda_kv_nccl_event_destroy(kv->be, k->pev[i]);
         cuda_kv_nccl_free(kv->be, k->ids_dev);
         if (k->ids_host) kv->be->ops->host_free(kv->be, k->ids_host);
@@ -459,8 +486,11 @@ static kv_status link_alloc(const kv_cache *kv, nccl_link *k, bool decode, char 
     k->chunk = chunk_bytes(kv, k->pack);
     k->stream_pipe = pipe_stream();
     k->depth = k->stream_pipe ? pipe_depth(k->pack) : NCCL_GROUP_PIECES;
-    k->stream = cuda_kv_nccl_stream_create(kv->be);
-    k->gev = cuda_kv_nccl_event_create(kv->be);
+    k->lanes = lanes_on();
+    for (int i = 0; i < k->lanes; i++) {
+        k->stream[i] = cuda_kv_nccl_stream_create(kv->be);
+        k->gev[i] = cuda_kv_nccl_event_create(kv->be);
+    }
     if (k->stream_pipe) k->cstream = cuda_kv_nccl_stream_create(kv->be);
     for (int h = 0; h < k->depth; h++) {
         k->ev[h] = cuda_kv_nccl_event_create(kv->be);
@@ -531,8 +561,13 @@ static kv_status link_wait_for(const kv_cache *kv, nccl_link *k, void *ev, const
     double next_look = time_now_s() + NCCL_LIVENESS_S, gone = 0;
     const char *why = "";
     for (;;) {
-        int async = NCCL_OK;
-        NCCL_CALL(g_nccl.comm_async_error(k->comm, &async));
+        int async = NCCL_OK; /* the worst of the link's communicators */
+        for (int i = -1; i < NCCL_MAX_LANES && (async == NCCL_OK || async == NCCL_IN_PROGRESS); i++) {
+            nccl_comm cm = i < 0 ? k->parent : k->comm[i];
+            int a = NCCL_OK;
+            if (cm) NCCL_CALL(g_nccl.comm_async_error(cm, &a));
+            if (a != NCCL_OK) async = a;
+        }
         if (async != NCCL_OK && async != NCCL_IN_PROGRESS) {
             pd_errorf(err, errlen, "kv nccl: %s: NCCL: %s", w->who, nccl_error(async));
             return KV_ERR_PEER;
@@ -583,6 +618,18 @@ static kv_status link_wait(const kv_cache *kv, nccl_link *k, void *ev, const wai
     return link_wait_for(kv, k, ev, w, false, err, errlen);
 }
 
+/* Waits for the latest NCCL group of every lane (and, the streams being in order, for
+ * everything queued on them before). */
+static kv_status link_wait_groups(const kv_cache *kv, nccl_link *k, const wait_ctx *w, char *err,
+                                  size_t errlen) {
+    kv_status st = KV_OK;
+    for (int i = 0; i < k->lanes && st == KV_OK; i++) st = link_wait(kv, k, k->gev[i], w, err, errlen);
+    return st;
+}
+
+/* The lane of the link's next NCCL group. */
+static int link_lane(const nccl_link *k) { return (int)(k->groups % (uint64_t)k->lanes); }
+
 /* Which communicator carries the transfers (PDSERVE_KV_NCCL_BLOCKING, read once):
  *   split (default)  a non-blocking one is created and connected (its warm chunk), every
  *                    step abortable against the deadline; then both sides split it into
@@ -600,7 +647,6 @@ static kv_status link_wait(const kv_cache *kv, nccl_link *k, void *ev, const wai
  * child's warm chunk, right after both sides saw the parent's warm chunk complete.
  * Waits poll events and NCCL's asynchronous error in every mode, so a peer that dies
  * mid-transfer fails the request within its deadline either way (test_kv_nccl). */
-enum { NCCL_COMM_NONBLOCKING, NCCL_COMM_SPLIT, NCCL_COMM_BLOCKING };
 static int comm_mode(void) {
     static int mode = -1;
     if (mode < 0) {
@@ -612,49 +658,64 @@ static int comm_mode(void) {
     return mode;
 }
 
-/* One chunk through the link's communicator (rank 1 sends): NCCL connects a pair's
+/* One chunk through lane `lane`'s communicator (rank 1 sends): NCCL connects a pair's
  * channels at its first transfer. */
-static kv_status link_warm(const kv_cache *kv, nccl_link *k, int rank, const wait_ctx *w,
+static kv_status link_warm(const kv_cache *kv, nccl_link *k, int lane, int rank, const wait_ctx *w,
                            char *err, size_t errlen) {
-    int rc = rank ? NCCL_CALL(g_nccl.send(k->stage[0], k->chunk, NCCL_UINT8, 0, k->comm, k->stream))
-                  : NCCL_CALL(g_nccl.recv(k->stage[0], k->chunk, NCCL_UINT8, 1, k->comm, k->stream));
+    nccl_comm cm = k->comm[lane];
+    void *sm = k->stream[lane];
+    int rc = rank ? NCCL_CALL(g_nccl.send(k->stage[0], k->chunk, NCCL_UINT8, 0, cm, sm))
+                  : NCCL_CALL(g_nccl.recv(k->stage[0], k->chunk, NCCL_UINT8, 1, cm, sm));
     if (rc != NCCL_OK && rc != NCCL_IN_PROGRESS) {
         pd_errorf(err, errlen, "kv nccl: %s: first transfer: %s", w->who, nccl_error(rc));
         return KV_ERR_PEER;
     }
     kv_status st = link_wait(kv, k, NULL, w, err, errlen);
     if (st != KV_OK) return st;
-    cuda_kv_nccl_event_record(kv->be, k->ev[0], k->stream);
+    cuda_kv_nccl_event_record(kv->be, k->ev[0], sm);
     return link_wait(kv, k, k->ev[0], w, err, errlen);
 }
 
-/* NCCL_COMM_SPLIT: k->comm (non-blocking, warmed) becomes k->parent and its blocking
- * child k->comm, warmed. A library that cannot split keeps the non-blocking one (logged
- * once): KV_OK. */
+/* NCCL_COMM_SPLIT: k->comm[0] (non-blocking, warmed) becomes k->parent, and each lane a
+ * blocking child of it, warmed (both sides split and warm in the same order). A library
+ * that cannot split keeps the non-blocking one on one lane (logged once): KV_OK. A later
+ * lane that cannot be split fails the link (the peer's lanes would go out of step). */
 static kv_status link_split(const kv_cache *kv, nccl_link *k, int rank, const wait_ctx *w,
                             char *err, size_t errlen) {
     static atomic_bool warned;
-    nccl_config cfg = {sizeof cfg, NCCL_CONFIG_MAGIC, NCCL_VERSION_CODE(2, 18, 0), 1,
-                       NCCL_UNDEF_INT, NCCL_UNDEF_INT, NCCL_UNDEF_INT, NULL, NCCL_UNDEF_INT};
-    nccl_comm child = NULL;
-    int rc = g_nccl.comm_split && g_nccl.version >= NCCL_VERSION_CODE(2, 18, 0)
-                 ? NCCL_CALL(g_nccl.comm_split(k->comm, 0, rank, &child, &cfg))
-                 : NCCL_INVALID_ARGUMENT;
-    if (rc == NCCL_IN_PROGRESS || (rc == NCCL_OK && !child)) { /* asynchronous after all */
-        kv_status st = link_wait(kv, k, NULL, w, err, errlen);
+    for (int lane = 0; lane < k->lanes; lane++) {
+        nccl_config cfg = {sizeof cfg, NCCL_CONFIG_MAGIC, NCCL_VERSION_CODE(2, 18, 0), 1,
+                           NCCL_UNDEF_INT, NCCL_UNDEF_INT, NCCL_UNDEF_INT, NULL, NCCL_UNDEF_INT};
+        nccl_comm child = NULL, from = lane ? k->parent : k->comm[0];
+        int rc = g_nccl.comm_split && g_nccl.version >= NCCL_VERSION_CODE(2, 18, 0)
+                     ? NCCL_CALL(g_nccl.comm_split(from, 0, rank, &child, &cfg))
+                     : NCCL_INVALID_ARGUMENT;
+        if (rc == NCCL_IN_PROGRESS || (rc == NCCL_OK && !child)) { /* asynchronous after all */
+            kv_status st = link_wait(kv, k, NULL, w, err, errlen);
+            if (st != KV_OK) return st;
+        }
+        if (((rc != NCCL_OK && rc != NCCL_IN_PROGRESS) || !child) && lane > 0) {
+            pd_errorf(err, errlen, "kv nccl: %s: ncclCommSplit for lane %d: %s", w->who, lane,
+                      nccl_error(rc));
+            return KV_ERR_PEER;
+        }
+        if ((rc != NCCL_OK && rc != NCCL_IN_PROGRESS) || !child) {
+            if (!atomic_exchange(&warned, true))
+                log_warn("kv nccl: ncclCommSplit %s (%s): transfers stay on the non-blocking "
+                         "communicator (slower per send), one lane",
+                         g_nccl.comm_split ? "failed" : "missing", nccl_error(rc));
+            k->lanes = 1;
+            return KV_OK;
+        }
+        if (lane == 0) {
+            k->parent = k->comm[0];
+            k->nonblocking = false;
+        }
+        k->comm[lane] = child;
+        kv_status st = link_warm(kv, k, lane, rank, w, err, errlen);
         if (st != KV_OK) return st;
     }
-    if ((rc != NCCL_OK && rc != NCCL_IN_PROGRESS) || !child) {
-        if (!atomic_exchange(&warned, true))
-            log_warn("kv nccl: ncclCommSplit %s (%s): transfers stay on the non-blocking "
-                     "communicator (slower per send)",
-                     g_nccl.comm_split ? "failed" : "missing", nccl_error(rc));
-        return KV_OK;
-    }
-    k->parent = k->comm;
-    k->comm = child;
-    k->nonblocking = false;
-    return link_warm(kv, k, rank, w, err, errlen);
+    return KV_OK;
 }
 
 /* Makes the pair's communicator (rank 0 decode, 1 prefill), non-blocking where the
@@ -667,25 +728,26 @@ static kv_status link_init(const kv_cache *kv, nccl_link *k, const nccl_id *id, 
     if (comm_mode() != NCCL_COMM_BLOCKING && g_nccl.comm_init_rank_config && g_nccl.version >= NCCL_VERSION_CODE(2, 14, 0)) {
         nccl_config cfg = {sizeof cfg, NCCL_CONFIG_MAGIC, NCCL_VERSION_CODE(2, 18, 0), 0,
                            NCCL_UNDEF_INT, NCCL_UNDEF_INT, NCCL_UNDEF_INT, NULL, NCCL_UNDEF_INT};
-        rc = NCCL_CALL(g_nccl.comm_init_rank_config(&k->comm, 2, *id, rank, &cfg));
+        rc = NCCL_CALL(g_nccl.comm_init_rank_config(&k->comm[0], 2, *id, rank, &cfg));
         k->nonblocking = rc == NCCL_OK || rc == NCCL_IN_PROGRESS;
     }
     if (!k->nonblocking && rc == NCCL_INVALID_ARGUMENT) { /* an NCCL without our config */
-        if (k->comm) NCCL_CALL(g_nccl.comm_abort(k->comm));
-        k->comm = NULL;
+        if (k->comm[0]) NCCL_CALL(g_nccl.comm_abort(k->comm[0]));
+        k->comm[0] = NULL;
         if (comm_mode() != NCCL_COMM_BLOCKING)
             log_warn("kv nccl: non-blocking communicators refused (%s): a dead peer can hang "
                      "this transfer thread", nccl_error(rc));
-        rc = NCCL_CALL(g_nccl.comm_init_rank(&k->comm, 2, *id, rank));
+        rc = NCCL_CALL(g_nccl.comm_init_rank(&k->comm[0], 2, *id, rank));
     }
     if (rc != NCCL_OK && rc != NCCL_IN_PROGRESS) {
         pd_errorf(err, errlen, "kv nccl: %s: ncclCommInitRank: %s", w->who, nccl_error(rc));
         return KV_ERR_PEER;
     }
     kv_status st = link_wait(kv, k, NULL, w, err, errlen);
-    if (st == KV_OK) st = link_warm(kv, k, rank, w, err, errlen);
+    if (st == KV_OK) st = link_warm(kv, k, 0, rank, w, err, errlen);
     if (st == KV_OK && k->nonblocking && comm_mode() == NCCL_COMM_SPLIT)
         st = link_split(kv, k, rank, w, err, errlen);
+    if (!k->parent) k->lanes = 1; /* no split: one communicator (the peer's library says the same) */
     return st;
 }
 
@@ -787,13 +849,18 @@ static int group_pieces(int nb, int per, int n_frames, bool pack, int g, nccl_pi
 }
 
 /* Queues one NCCL group of n operations (send to / receive from the other rank), bytes[i]
- * at ptr[i], on the link's stream, and records gev after it. */
+ * at ptr[i], on the lane whose turn it is (link_lane, which the caller read to order its
+ * copies against this group), and records that lane's gev after it. */
 static kv_status link_group(const kv_cache *kv, nccl_link *k, bool send, int n, void *const *ptr,
                             const size_t *bytes, const wait_ctx *w, char *err, size_t errlen) {
+    int lane = link_lane(k);
+    nccl_comm cm = k->comm[lane];
+    void *sm = k->stream[lane];
+    k->groups++;
     int rc = NCCL_CALL(g_nccl.group_start());
     for (int i = 0; i < n && (rc == NCCL_OK || rc == NCCL_IN_PROGRESS); i++)
-        rc = send ? NCCL_CALL(g_nccl.send(ptr[i], bytes[i], NCCL_UINT8, 0, k->comm, k->stream))
-                  : NCCL_CALL(g_nccl.recv(ptr[i], bytes[i], NCCL_UINT8, 1, k->comm, k->stream));
+        rc = send ? NCCL_CALL(g_nccl.send(ptr[i], bytes[i], NCCL_UINT8, 0, cm, sm))
+                  : NCCL_CALL(g_nccl.recv(ptr[i], bytes[i], NCCL_UINT8, 1, cm, sm));
     int end = NCCL_CALL(g_nccl.group_end()); /* always closes the group */
     if (rc == NCCL_OK || rc == NCCL_IN_PROGRESS) rc = end;
     if (rc != NCCL_OK && rc != NCCL_IN_PROGRESS) {
@@ -803,7 +870,7 @@ static kv_status link_group(const kv_cache *kv, nccl_link *k, bool send, int n, 
     }
     /* non-blocking: the kernel is queued once the communicator is idle again */
     kv_status st = k->nonblocking ? link_wait(kv, k, NULL, w, err, errlen) : KV_OK;
-    if (st == KV_OK) cuda_kv_nccl_event_record(kv->be, k->gev, k->stream);
+    if (st == KV_OK) cuda_kv_nccl_event_record(kv->be, k->gev[lane], sm);
     return st;
 }
 
@@ -892,7 +959,8 @@ static int read_frame(int fd, kv_msg_header *h, double deadline, atomic_bool *st
 static kv_msg_header hello_of(const kv_cache *kv) {
     return (kv_msg_header){.type = KV_MSG_HELLO, .layer = (uint32_t)kv->n_layers,
                            .n_blocks = (uint32_t)kv->block_size, .request_id = kv->block_bytes,
-                           .ticket = chunk_bytes(kv, pack_on()), .first_block = pack_on()};
+                           .ticket = chunk_bytes(kv, pack_on()),
+                           .first_block = (uint32_t)pack_on() | (uint32_t)(lanes_on() - 1) << 1};
 }
 
 /* What follows the decode side's HELLO (its checksum covers these bytes). */
@@ -957,11 +1025,11 @@ static kv_status conn_setup(nccl_conn *k, char *err, size_t errlen) {
     if (!hello_matches(kv, &h)) {
         kv_msg_header a = {.type = KV_MSG_ABORT};
         send_frame(k->link.fd, &a, w.deadline);
-        pd_errorf(err, errlen, "kv nccl: %s has another KV geometry, chunk or packing (%u layers, "
-                  "blocks of %u tokens, %llu bytes, chunk %llu, packed %llu; PDSERVE_KV_NCCL_PACK and "
-                  "_CHUNK_* must be the same on both sides)", k->who, h.layer, h.n_blocks,
-                  (unsigned long long)h.request_id, (unsigned long long)h.ticket,
-                  (unsigned long long)h.first_block);
+        pd_errorf(err, errlen, "kv nccl: %s has another KV geometry, chunk, packing or lanes (%u "
+                  "layers, blocks of %u tokens, %llu bytes, chunk %llu, packed %u, lanes %u; "
+                  "PDSERVE_KV_NCCL_PACK, _LANES and _CHUNK_* must be the same on both sides)", k->who,
+                  h.layer, h.n_blocks, (unsigned long long)h.request_id, (unsigned long long)h.ticket,
+                  (unsigned)(h.first_block & 1u), (unsigned)(h.first_block >> 1) + 1);
         return KV_ERR_PROTOCOL;
     }
     k->link.peer_key = h.checksum; /* the prefill process (self_key) */
@@ -1079,7 +1147,7 @@ static kv_status data_host(nccl_conn *k, const kv_msg_header *hs, int nf, const 
         size_t bytes[NCCL_GROUP_PIECES];
         for (int j = 0; j < n; j++) ptr[j] = L->stage[j], bytes[j] = (pc[j].u1 - pc[j].u0) * bb;
         st = link_group(kv, L, false, n, ptr, bytes, w, err, errlen);
-        if (st == KV_OK) st = link_wait(kv, L, L->gev, w, err, errlen);
+        if (st == KV_OK) st = link_wait_groups(kv, L, w, err, errlen);
         for (int j = 0; j < n && st == KV_OK; j++)
             if (fits[pc[j].f]) conn_scatter(k, &hs[pc[j].f], j, pc[j].u0, pc[j].u1);
     }
@@ -1137,7 +1205,7 @@ static kv_status data_stream(nccl_conn *k, const kv_msg_header *hs, int nf, cons
     for (int g = 0, n; st == KV_OK && (n = group_pieces(nb, per, nf, L->pack, g, pc)) > 0; g++) {
         void *ptr[NCCL_GROUP_PIECES];
         size_t bytes[NCCL_GROUP_PIECES];
-        int bufs[NCCL_GROUP_PIECES], part, i0;
+        int bufs[NCCL_GROUP_PIECES], part, i0, lane = link_lane(L);
         for (int j = 0; j < n; j++) {
             const nccl_piece *q = &pc[j];
             bytes[j] = (q->u1 - q->u0) * bb;
@@ -1147,19 +1215,19 @@ static kv_status data_stream(nccl_conn *k, const kv_msg_header *hs, int nf, cons
                 continue;
             }
             int b = (int)(L->seq % (uint64_t)L->depth);
-            if (L->seq >= (uint64_t)L->depth) cuda_kv_nccl_stream_wait(kv->be, L->stream, L->cev[b]);
+            if (L->seq >= (uint64_t)L->depth) cuda_kv_nccl_stream_wait(kv->be, L->stream[lane], L->cev[b]);
             L->seq++;
             ptr[j] = L->stage[b];
             bufs[j] = b;
         }
         st = link_group(kv, L, false, n, ptr, bytes, w, err, errlen);
-        if (st == KV_OK) trace_group(kv, L);
+        if (st == KV_OK) trace_group(kv, L, lane);
         for (int j = 0; j < n && st == KV_OK; j++) {
             int b = bufs[j];
             if (b < 0) continue;
             const nccl_piece *q = &pc[j];
             uint32_t l = hs[q->f].layer;
-            cuda_kv_nccl_event_record(kv->be, L->ev[b], L->stream);
+            cuda_kv_nccl_event_record(kv->be, L->ev[b], L->stream[lane]);
             cuda_kv_nccl_stream_wait(kv->be, L->cstream, L->ev[b]);
             if (fits[q->f])
                 cuda_kv_nccl_units(kv->be, L->cstream, kv->k[l], kv->v[l], L->ids_dev, nb, q->u0,
@@ -1168,7 +1236,7 @@ static kv_status data_stream(nccl_conn *k, const kv_msg_header *hs, int nf, cons
         }
     }
     if (st == KV_OK && (fits[0] || fits[1])) { /* in once the last receive and scatter ran */
-        cuda_kv_nccl_stream_wait(kv->be, L->cstream, L->gev);
+        for (int i = 0; i < L->lanes; i++) cuda_kv_nccl_stream_wait(kv->be, L->cstream, L->gev[i]);
         for (int f = 0; f < nf; f++)
             if (at[f] >= 0) cuda_kv_nccl_event_record(kv->be, L->pev[at[f]], L->cstream);
     }
@@ -1500,7 +1568,7 @@ static kv_status send_host(kv_send *x, struct nccl_peer *p, const int *layers, i
         if (!(nf = send_frames(x, p, layers, n, j, lay, &st, err, errlen))) break;
         nccl_piece pc[NCCL_GROUP_PIECES];
         for (int g = 0, np; st == KV_OK && (np = group_pieces(nb, per, nf, k->pack, g, pc)) > 0; g++) {
-            if (any && (st = link_wait(kv, k, k->gev, w, err, errlen)) != KV_OK) break;
+            if (any && (st = link_wait_groups(kv, k, w, err, errlen)) != KV_OK) break;
             kv_copies q = {0};
             void *ptr[NCCL_GROUP_PIECES];
             size_t bytes[NCCL_GROUP_PIECES];
@@ -1516,7 +1584,7 @@ static kv_status send_host(kv_send *x, struct nccl_peer *p, const int *layers, i
         }
     }
     *queued = kv_timing_on() ? time_now_s() : 0;
-    if (st == KV_OK && any) st = link_wait(kv, k, k->gev, w, err, errlen);
+    if (st == KV_OK && any) st = link_wait_groups(kv, k, w, err, errlen);
     return st;
 }
 
@@ -1539,7 +1607,7 @@ static kv_status send_stream(kv_send *x, struct nccl_peer *p, const int *layers,
     /* another request's ids: its queued gathers (and the upload from the pinned copy)
      * must be done before the copy is rewritten */
     if (!(k->ids_set && k->ids_ticket == x->t.id) && k->queued) {
-        st = link_wait(kv, k, k->gev, w, err, errlen);
+        st = link_wait_groups(kv, k, w, err, errlen);
         k->queued = false;
     }
     if (st == KV_OK) st = link_ids_room(kv, k, nb, err, errlen);
@@ -1553,7 +1621,7 @@ static kv_status send_stream(kv_send *x, struct nccl_peer *p, const int *layers,
         for (int g = 0, np; st == KV_OK && (np = group_pieces(nb, per, nf, k->pack, g, pc)) > 0; g++) {
             void *ptr[NCCL_GROUP_PIECES];
             size_t bytes[NCCL_GROUP_PIECES];
-            int bufs[NCCL_GROUP_PIECES], n_staged = 0, part, i0;
+            int bufs[NCCL_GROUP_PIECES], n_staged = 0, part, i0, lane = link_lane(k);
             for (int i = 0; i < np; i++) {
                 const nccl_piece *q = &pc[i];
                 int l = lay[q->f];
@@ -1568,14 +1636,14 @@ static kv_status send_stream(kv_send *x, struct nccl_peer *p, const int *layers,
                 cuda_kv_nccl_units(kv->be, k->cstream, kv->k[l], kv->v[l], k->ids_dev, nb, q->u0, q->u1,
                                    k->stage[b], bb, 1);
                 cuda_kv_nccl_event_record(kv->be, k->cev[b], k->cstream);
-                cuda_kv_nccl_stream_wait(kv->be, k->stream, k->cev[b]);
+                cuda_kv_nccl_stream_wait(kv->be, k->stream[lane], k->cev[b]);
                 ptr[i] = k->stage[b];
                 bufs[n_staged++] = b;
             }
             st = link_group(kv, k, true, np, ptr, bytes, w, err, errlen);
-            if (st == KV_OK) trace_group(kv, k);
+            if (st == KV_OK) trace_group(kv, k, lane);
             for (int b = 0; b < n_staged && st == KV_OK; b++)
-                cuda_kv_nccl_event_record(kv->be, k->ev[bufs[b]], k->stream);
+                cuda_kv_nccl_event_record(kv->be, k->ev[bufs[b]], k->stream[lane]);
             k->queued = true;
         }
     }
@@ -1636,7 +1704,7 @@ static kv_status nccl_send_finish(kv_send *x, char *err, size_t errlen) {
         char who[KV_ADDRESS_MAX + 16];
         snprintf(who, sizeof who, "decode peer %s", p->address);
         wait_ctx w = {x->deadline, NULL, who};
-        st = link_wait(x->c->kv, k, k->gev, &w, err, errlen);
+        st = link_wait_groups(x->c->kv, k, &w, err, errlen);
         k->queued = false;
         if (st == KV_OK) trace_end(x->c->kv, k, "send");
         if (st != KV_OK) link_close(x->c->kv, k);

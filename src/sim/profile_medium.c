@@ -791,8 +791,10 @@ int sim_profile_kv_peer(backend *be, const model_config *cfg, int bs, size_t cac
         return -1;
     }
     snprintf(shm, sizeof shm, "/" KV_SHM_PREFIX "%.*s-kv", KV_NAME_MAX - 1, gpu ? dir + 4 : "");
-    kv_cache *kv = gpu ? kv_cache_create_shared(be, cfg, bs, cache_bytes, shm, err, errlen)
-                       : kv_cache_create(be, cfg, bs, cache_bytes, err, errlen);
+    /* shared memory where the backend has it (CPU); a GPU's cache is exported through
+     * CUDA IPC handles by the gpu medium itself */
+    kv_cache *kv = gpu && be->ops->alloc_shared ? kv_cache_create_shared(be, cfg, bs, cache_bytes, shm, err, errlen)
+                                                : kv_cache_create(be, cfg, bs, cache_bytes, err, errlen);
     if (!kv) return -1;
     kv_pool pool;
     kv_pool_init(&pool, kv->num_blocks, bs);
