@@ -656,9 +656,11 @@ int main(int argc, char **argv) {
          * PDSERVE_KV_NCCL_LANES=2 gives the medium at best. (Registering the buffers,
          * ncclCommRegister, gained nothing at these sizes on 2x H200, 2026-11-28.) */
         printf("  the same on two lanes (communicators, one stream each, groups taking turns): "
-               "%.2f GB/s 4 per group, %.2f GB/s 2 per group\n",
-               bench_nccl_ceiling_lanes(bytes, dst, piece, 4, false, 2) / 1e9,
-               bench_nccl_ceiling_lanes(bytes, dst, piece, 2, false, 2) / 1e9);
+               "%.2f GB/s 4 per group, %.2f GB/s 2 per group; the two lanes split off one "
+               "communicator: %.2f GB/s 4 per group\n",
+               bench_nccl_ceiling_lanes(bytes, dst, piece, 4, false, 2, false) / 1e9,
+               bench_nccl_ceiling_lanes(bytes, dst, piece, 2, false, 2, false) / 1e9,
+               bench_nccl_ceiling_lanes(bytes, dst, piece, 4, false, 2, true) / 1e9);
         /* as the medium cuts it packed (PDSERVE_KV_NCCL_PACK=1): k and v of a layer's
          * blocks in the fewest pieces of up to 64 MiB, 2 per group */
         size_t layer = bytes / (size_t)cfg.n_layers, pm = (size_t)64 << 20;

@@ -25,10 +25,11 @@ typedef struct bench_nccl_id { char internal[128]; } bench_nccl_id;
  * cudaMalloc one, as the KV pool's are), so that NCCL may move it zero-copy, without its
  * own FIFO buffers in between. lanes 2: two communicators, each on a stream of its own,
  * the groups (or ops) taking turns on them, so that one's start and end overlap the
- * other's transfer (the medium's PDSERVE_KV_NCCL_LANES). Runs in a child process; exits
+ * other's transfer (the medium's PDSERVE_KV_NCCL_LANES); split: the two split off one
+ * communicator (ncclCommSplit) instead of each made from its own id. Runs in a child process; exits
  * 0, or 1 when anything failed (2: registration refused). */
 static void bench_nccl_rank(int rank, int dst, size_t bytes, size_t chunk, int group, bool reg, int lanes,
-                            int id_fd, int out_fd) {
+                            bool split, int id_fd, int out_fd) {
     if (reg) setenv("NCCL_LEGACY_CUDA_REGISTER", "1", 0);
     void *lib = dlopen("libnccl.so.2", RTLD_NOW | RTLD_LOCAL);
     if (!lib) _exit(1);
@@ -39,6 +40,8 @@ static void bench_nccl_rank(int rank, int dst, size_t bytes, size_t chunk, int g
     int (*destroy)(void *);
     int (*g_start)(void), (*g_end)(void);
     int (*comm_register)(void *, void *, size_t, void **);
+    int (*comm_split)(void *, int, int, void **, void *);
+    *(void **)&comm_split = dlsym(lib, "ncclCommSplit");
     *(void **)&comm_register = dlsym(lib, "ncclCommRegister");
     *(void **)&g_start = dlsym(lib, "ncclGroupStart");
     *(void **)&g_end = dlsym(lib, "ncclGroupEnd");
@@ -62,10 +65,12 @@ static void bench_nccl_rank(int rank, int dst, size_t bytes, size_t chunk, int g
     void *comm[2] = {NULL, NULL}, *stream[2] = {NULL, NULL}, *ev[2] = {NULL, NULL};
     void *buf = cuda_kv_nccl_alloc(be, bytes);
     if (!buf) _exit(1);
+    void *parent = NULL;
+    if (split && (!comm_split || init(&parent, 2, id[0], rank) != 0)) _exit(1);
     for (int i = 0; i < lanes; i++) {
         stream[i] = cuda_kv_nccl_stream_create(be);
         ev[i] = cuda_kv_nccl_event_create(be);
-        if (init(&comm[i], 2, id[i], rank) != 0) _exit(1);
+        if (split ? comm_split(parent, 0, rank, &comm[i], NULL) != 0 : init(&comm[i], 2, id[i], rank) != 0) _exit(1);
     }
     void *handle = NULL;
     if (reg && (!comm_register || comm_register(comm[0], buf, bytes, &handle) != 0)) _exit(2);
@@ -88,6 +93,7 @@ static void bench_nccl_rank(int rank, int dst, size_t bytes, size_t chunk, int g
         if (r) best = PD_MAX(best, (double)bytes / (time_now_s() - t0));
     }
     if (rank == 1) wr(out_fd, &best, sizeof best);
+    if (parent) destroy(parent);
     for (int i = 0; i < lanes; i++) {
         destroy(comm[i]);
         cuda_kv_nccl_event_destroy(be, ev[i]);
@@ -102,7 +108,8 @@ static void bench_nccl_rank(int rank, int dst, size_t bytes, size_t chunk, int g
 /* Best warm NCCL send/recv throughput of `bytes` from GPU 0 to GPU dst, bytes/s, in ops
  * of `chunk` bytes (0: one op), `group` per NCCL group (<= 1: none), the buffers
  * registered with NCCL when reg; 0 when it cannot be measured here. */
-static double bench_nccl_ceiling_lanes(size_t bytes, int dst, size_t chunk, int group, bool reg, int lanes) {
+static double bench_nccl_ceiling_lanes(size_t bytes, int dst, size_t chunk, int group, bool reg, int lanes,
+                                       bool split) {
 #if PDSERVE_HAVE_CUDA
     int idp[2], outp[2];
     if (pipe(idp) != 0 || pipe(outp) != 0) return 0;
@@ -111,7 +118,7 @@ static double bench_nccl_ceiling_lanes(size_t bytes, int dst, size_t chunk, int 
         if ((p[rank] = fork()) == 0) {
             close(outp[0]);
             alarm(120); /* a rank whose peer failed waits in init: never hang the bench */
-            bench_nccl_rank(rank, dst, bytes, chunk, group, reg, lanes, rank ? idp[0] : idp[1], outp[1]);
+            bench_nccl_rank(rank, dst, bytes, chunk, group, reg, lanes, split, rank ? idp[0] : idp[1], outp[1]);
         }
     close(idp[0]), close(idp[1]), close(outp[1]);
     double bw = 0;
@@ -120,13 +127,13 @@ static double bench_nccl_ceiling_lanes(size_t bytes, int dst, size_t chunk, int 
     for (int rank = 0; rank < 2; rank++) waitpid(p[rank], NULL, 0);
     return bw;
 #else
-    (void)bytes, (void)dst, (void)chunk, (void)group, (void)reg, (void)lanes;
+    (void)bytes, (void)dst, (void)chunk, (void)group, (void)reg, (void)lanes, (void)split;
     return 0;
 #endif
 }
 
 static double bench_nccl_ceiling_reg(size_t bytes, int dst, size_t chunk, int group, bool reg) {
-    return bench_nccl_ceiling_lanes(bytes, dst, chunk, group, reg, 1);
+    return bench_nccl_ceiling_lanes(bytes, dst, chunk, group, reg, 1, false);
 }
 
 static double bench_nccl_ceiling_chunks(size_t bytes, int dst, size_t chunk, int group) {
