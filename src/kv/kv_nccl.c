@@ -11,16 +11,15 @@
  *                              when pieces are packed (PDSERVE_KV_NCCL_PACK), | 2 with
  *                              two lanes (PDSERVE_KV_NCCL_LANES), checksum =
  *                              the prefill process's key (pid + host, self_key)
- *               D -> P  HELLO  the same geometry, checksum = kv_checksum of the 264
- *                              bytes that follow it: an ncclUniqueId made for each lane
- *                              of this pair (two slots, the second zero with one
- *                              lane) and the decode process's key
+ *               D -> P  HELLO  the same geometry, checksum = kv_checksum of the 136
+ *                              bytes that follow it: an ncclUniqueId made for this
+ *                              pair and the decode process's key
  *                       (ABORT instead, then close: the geometries differ)
- *             then, per lane (one, or two with PDSERVE_KV_NCCL_LANES=2: the NCCL groups
- *             take turns on them, each lane on a stream of its own), both run
- *             ncclCommInitRank(2 ranks; decode 0, prefill 1) and one warm send/receive of
- *             a chunk (NCCL connects its p2p channels at the first one), then split a
- *             blocking communicator off it. They are kept for every later request.
+ *             then both run ncclCommInitRank(2 ranks; decode 0, prefill 1) and one warm
+ *             send/receive of a chunk (NCCL connects its p2p channels at the first one),
+ *             then split a blocking communicator off it per lane (one, or two with
+ *             PDSERVE_KV_NCCL_LANES=2: the NCCL groups take turns on them, each lane on a
+ *             stream of its own). They are kept for every later request of the pair.
  *   data      per layer: a DATA frame (layer l, blocks 0..n of the ticket, payload =
  *             2 * n * block bytes; NCCL moves the payload, not the socket, so the
  *             checksum field says instead whether the frame is paired with the next
@@ -255,13 +254,11 @@ typedef struct nccl_link {
     int fd;                 /* control socket; -1: none */
     nccl_comm comm[NCCL_MAX_LANES]; /* the communicators the transfers use (lanes); NULL:
                                      * none */
-    nccl_comm parent[NCCL_MAX_LANES]; /* the non-blocking one each was split from; NULL:
-                                       * none */
-    bool nb[NCCL_MAX_LANES]; /* lane's communicator non-blocking: ops may return
-                              * in-progress */
+    nccl_comm parent;       /* the non-blocking one they were split from; NULL: none */
     int lanes;              /* communicators in use (PDSERVE_KV_NCCL_LANES) */
     uint64_t groups;        /* NCCL groups queued so far: group g goes on lane g % lanes,
                              * the same on both sides (they queue the same groups) */
+    bool nonblocking;       /* comm made with blocking = 0: ops may return in-progress */
     bool stream_pipe;       /* the stream pipeline (else host) */
     bool pack;              /* pieces packed across k and v (both sides agree: HELLO) */
     int depth;              /* staging buffers (host pipeline: 2) */
@@ -374,15 +371,19 @@ static bool pack_on(void) {
     if (on < 0) on = env_not("PDSERVE_KV_NCCL_PACK", "0");
     return on;
 }
+enum { NCCL_COMM_NONBLOCKING, NCCL_COMM_SPLIT, NCCL_COMM_BLOCKING }; /* comm_mode below */
+static int comm_mode(void);
 /* PDSERVE_KV_NCCL_LANES=1|2: communicators per link, each with a stream of its own, the
  * NCCL groups taking turns on them, so that one group's start and end overlap another's
- * transfer. Both sides must agree (HELLO checks it). */
+ * transfer. Both sides must agree (HELLO checks it). Needs the split communicators
+ * (comm_mode): 1 otherwise. */
 static int lanes_on(void) {
     static int n = 0;
     if (!n) {
         const char *e = getenv("PDSERVE_KV_NCCL_LANES");
         long v = e && *e ? atol(e) : NCCL_LANES;
         n = v >= 1 && v <= NCCL_MAX_LANES ? (int)v : NCCL_LANES;
+        if (comm_mode() != NCCL_COMM_SPLIT) n = 1;
     }
     return n;
 }
@@ -448,10 +449,9 @@ static size_t chunk_bytes(const kv_cache *kv, bool pack) {
 /* Drops the link: aborts the communicator (never waits for the peer), then frees what
  * the link owns. The stream is idle after the abort. Safe on a half-made link. */
 static void link_close(const kv_cache *kv, nccl_link *k) {
-    for (int i = 0; i < NCCL_MAX_LANES; i++) {
+    for (int i = 0; i < NCCL_MAX_LANES; i++)
         if (k->comm[i]) NCCL_CALL(g_nccl.comm_abort(k->comm[i]));
-        if (k->parent[i]) NCCL_CALL(g_nccl.comm_abort(k->parent[i]));
-    }
+    if (k->parent) NCCL_CALL(g_nccl.comm_abort(k->parent));
     if (k->stream[0] || k->cstream || k->ev[0] || k->stage[0] || k->gev[0]) {
         cuda_kv_nccl_bind(kv->be);
         /* every stream idle (the aborted ops end) before their memory goes */
@@ -562,8 +562,8 @@ static kv_status link_wait_for(const kv_cache *kv, nccl_link *k, void *ev, const
     const char *why = "";
     for (;;) {
         int async = NCCL_OK; /* the worst of the link's communicators */
-        for (int i = 0; i < 2 * NCCL_MAX_LANES && (async == NCCL_OK || async == NCCL_IN_PROGRESS); i++) {
-            nccl_comm cm = i < NCCL_MAX_LANES ? k->comm[i] : k->parent[i - NCCL_MAX_LANES];
+        for (int i = -1; i < NCCL_MAX_LANES && (async == NCCL_OK || async == NCCL_IN_PROGRESS); i++) {
+            nccl_comm cm = i < 0 ? k->parent : k->comm[i];
             int a = NCCL_OK;
             if (cm) NCCL_CALL(g_nccl.comm_async_error(cm, &a));
             if (a != NCCL_OK) async = a;
@@ -647,7 +647,6 @@ static int link_lane(const nccl_link *k) { return (int)(k->groups % (uint64_t)k-
  * child's warm chunk, right after both sides saw the parent's warm chunk complete.
  * Waits poll events and NCCL's asynchronous error in every mode, so a peer that dies
  * mid-transfer fails the request within its deadline either way (test_kv_nccl). */
-enum { NCCL_COMM_NONBLOCKING, NCCL_COMM_SPLIT, NCCL_COMM_BLOCKING };
 static int comm_mode(void) {
     static int mode = -1;
     if (mode < 0) {
@@ -677,75 +676,81 @@ static kv_status link_warm(const kv_cache *kv, nccl_link *k, int lane, int rank,
     return link_wait(kv, k, k->ev[0], w, err, errlen);
 }
 
-/* NCCL_COMM_SPLIT: lane `lane`'s communicator (non-blocking, warmed) becomes its parent,
- * and a blocking child of it, warmed, the lane's communicator. A library that cannot
- * split keeps the non-blocking one (logged once): KV_OK. */
-static kv_status lane_split(const kv_cache *kv, nccl_link *k, int lane, int rank, const wait_ctx *w,
+/* NCCL_COMM_SPLIT: k->comm[0] (non-blocking, warmed) becomes k->parent, and each lane a
+ * blocking child of it, warmed (both sides split and warm in the same order). A library
+ * that cannot split keeps the non-blocking one on one lane (logged once): KV_OK. A later
+ * lane that cannot be split fails the link (the peer's lanes would go out of step).
+ * Children of one parent move as fast together as communicators made each from its own
+ * id (bench_kv_cuda's lab, 2x H200, 2026-11-29: 349-361 GB/s either way), and close
+ * faster: one parent fewer to abort (each abort ~0.5 s). */
+static kv_status link_split(const kv_cache *kv, nccl_link *k, int rank, const wait_ctx *w,
                             char *err, size_t errlen) {
     static atomic_bool warned;
-    nccl_config cfg = {sizeof cfg, NCCL_CONFIG_MAGIC, NCCL_VERSION_CODE(2, 18, 0), 1,
-                       NCCL_UNDEF_INT, NCCL_UNDEF_INT, NCCL_UNDEF_INT, NULL, NCCL_UNDEF_INT};
-    nccl_comm child = NULL;
-    int rc = g_nccl.comm_split && g_nccl.version >= NCCL_VERSION_CODE(2, 18, 0)
-                 ? NCCL_CALL(g_nccl.comm_split(k->comm[lane], 0, rank, &child, &cfg))
-                 : NCCL_INVALID_ARGUMENT;
-    if (rc == NCCL_IN_PROGRESS || (rc == NCCL_OK && !child)) { /* asynchronous after all */
-        kv_status st = link_wait(kv, k, NULL, w, err, errlen);
+    for (int lane = 0; lane < k->lanes; lane++) {
+        nccl_config cfg = {sizeof cfg, NCCL_CONFIG_MAGIC, NCCL_VERSION_CODE(2, 18, 0), 1,
+                           NCCL_UNDEF_INT, NCCL_UNDEF_INT, NCCL_UNDEF_INT, NULL, NCCL_UNDEF_INT};
+        nccl_comm child = NULL, from = lane ? k->parent : k->comm[0];
+        int rc = g_nccl.comm_split && g_nccl.version >= NCCL_VERSION_CODE(2, 18, 0)
+                     ? NCCL_CALL(g_nccl.comm_split(from, 0, rank, &child, &cfg))
+                     : NCCL_INVALID_ARGUMENT;
+        if (rc == NCCL_IN_PROGRESS || (rc == NCCL_OK && !child)) { /* asynchronous after all */
+            kv_status st = link_wait(kv, k, NULL, w, err, errlen);
+            if (st != KV_OK) return st;
+        }
+        if (((rc != NCCL_OK && rc != NCCL_IN_PROGRESS) || !child) && lane > 0) {
+            pd_errorf(err, errlen, "kv nccl: %s: ncclCommSplit for lane %d: %s", w->who, lane,
+                      nccl_error(rc));
+            return KV_ERR_PEER;
+        }
+        if ((rc != NCCL_OK && rc != NCCL_IN_PROGRESS) || !child) {
+            if (!atomic_exchange(&warned, true))
+                log_warn("kv nccl: ncclCommSplit %s (%s): transfers stay on the non-blocking "
+                         "communicator (slower per send), one lane",
+                         g_nccl.comm_split ? "failed" : "missing", nccl_error(rc));
+            k->lanes = 1;
+            return KV_OK;
+        }
+        if (lane == 0) {
+            k->parent = k->comm[0];
+            k->nonblocking = false;
+        }
+        k->comm[lane] = child;
+        kv_status st = link_warm(kv, k, lane, rank, w, err, errlen);
         if (st != KV_OK) return st;
     }
-    if ((rc != NCCL_OK && rc != NCCL_IN_PROGRESS) || !child) {
-        if (!atomic_exchange(&warned, true))
-            log_warn("kv nccl: ncclCommSplit %s (%s): transfers stay on the non-blocking "
-                     "communicator (slower per send)",
-                     g_nccl.comm_split ? "failed" : "missing", nccl_error(rc));
-        return KV_OK;
-    }
-    k->parent[lane] = k->comm[lane];
-    k->comm[lane] = child;
-    k->nb[lane] = false;
-    return link_warm(kv, k, lane, rank, w, err, errlen);
+    return KV_OK;
 }
 
-/* Makes lane `lane`'s communicator from id (rank 0 decode, 1 prefill), non-blocking where
- * the library allows it (unless PDSERVE_KV_NCCL_BLOCKING=init), runs one warm chunk
- * through it (rank 1 sends), then splits off the blocking one the transfers use
- * (comm_mode). Each lane has its own id and parent: children split off one parent moved
- * no faster together than one communicator alone (2x H200, 2026-11-29). */
-static kv_status lane_init(const kv_cache *kv, nccl_link *k, int lane, const nccl_id *id, int rank,
+/* Makes the pair's communicator (rank 0 decode, 1 prefill), non-blocking where the
+ * library allows it (unless PDSERVE_KV_NCCL_BLOCKING=init), runs one warm chunk through
+ * it (rank 1 sends), then splits off the blocking one the transfers use (comm_mode). */
+static kv_status link_init(const kv_cache *kv, nccl_link *k, const nccl_id *id, int rank,
                            const wait_ctx *w, char *err, size_t errlen) {
+    cuda_kv_nccl_bind(kv->be);
     int rc = NCCL_INVALID_ARGUMENT;
     if (comm_mode() != NCCL_COMM_BLOCKING && g_nccl.comm_init_rank_config && g_nccl.version >= NCCL_VERSION_CODE(2, 14, 0)) {
         nccl_config cfg = {sizeof cfg, NCCL_CONFIG_MAGIC, NCCL_VERSION_CODE(2, 18, 0), 0,
                            NCCL_UNDEF_INT, NCCL_UNDEF_INT, NCCL_UNDEF_INT, NULL, NCCL_UNDEF_INT};
-        rc = NCCL_CALL(g_nccl.comm_init_rank_config(&k->comm[lane], 2, *id, rank, &cfg));
-        k->nb[lane] = rc == NCCL_OK || rc == NCCL_IN_PROGRESS;
+        rc = NCCL_CALL(g_nccl.comm_init_rank_config(&k->comm[0], 2, *id, rank, &cfg));
+        k->nonblocking = rc == NCCL_OK || rc == NCCL_IN_PROGRESS;
     }
-    if (!k->nb[lane] && rc == NCCL_INVALID_ARGUMENT) { /* an NCCL without our config */
-        if (k->comm[lane]) NCCL_CALL(g_nccl.comm_abort(k->comm[lane]));
-        k->comm[lane] = NULL;
+    if (!k->nonblocking && rc == NCCL_INVALID_ARGUMENT) { /* an NCCL without our config */
+        if (k->comm[0]) NCCL_CALL(g_nccl.comm_abort(k->comm[0]));
+        k->comm[0] = NULL;
         if (comm_mode() != NCCL_COMM_BLOCKING)
             log_warn("kv nccl: non-blocking communicators refused (%s): a dead peer can hang "
                      "this transfer thread", nccl_error(rc));
-        rc = NCCL_CALL(g_nccl.comm_init_rank(&k->comm[lane], 2, *id, rank));
+        rc = NCCL_CALL(g_nccl.comm_init_rank(&k->comm[0], 2, *id, rank));
     }
     if (rc != NCCL_OK && rc != NCCL_IN_PROGRESS) {
-        pd_errorf(err, errlen, "kv nccl: %s: ncclCommInitRank (lane %d): %s", w->who, lane, nccl_error(rc));
+        pd_errorf(err, errlen, "kv nccl: %s: ncclCommInitRank: %s", w->who, nccl_error(rc));
         return KV_ERR_PEER;
     }
     kv_status st = link_wait(kv, k, NULL, w, err, errlen);
-    if (st == KV_OK) st = link_warm(kv, k, lane, rank, w, err, errlen);
-    if (st == KV_OK && k->nb[lane] && comm_mode() == NCCL_COMM_SPLIT)
-        st = lane_split(kv, k, lane, rank, w, err, errlen);
-    return st;
-}
-
-/* Every lane's communicator, one after the other (both sides in the same order). */
-static kv_status link_init(const kv_cache *kv, nccl_link *k, const nccl_id *ids, int rank,
-                           const wait_ctx *w, char *err, size_t errlen) {
-    cuda_kv_nccl_bind(kv->be);
-    kv_status st = KV_OK;
-    for (int lane = 0; lane < k->lanes && st == KV_OK; lane++)
-        st = lane_init(kv, k, lane, &ids[lane], rank, w, err, errlen);
+    if (st == KV_OK) st = link_warm(kv, k, 0, rank, w, err, errlen);
+    if (st == KV_OK && k->nonblocking && comm_mode() == NCCL_COMM_SPLIT)
+        st = link_split(kv, k, rank, w, err, errlen);
+    if (!k->parent) k->lanes = 1; /* no split: one communicator (the peer's library says the same) */
     return st;
 }
 
@@ -867,7 +872,7 @@ static kv_status link_group(const kv_cache *kv, nccl_link *k, bool send, int n, 
         return KV_ERR_PEER;
     }
     /* non-blocking: the kernel is queued once the communicator is idle again */
-    kv_status st = k->nb[lane] ? link_wait(kv, k, NULL, w, err, errlen) : KV_OK;
+    kv_status st = k->nonblocking ? link_wait(kv, k, NULL, w, err, errlen) : KV_OK;
     if (st == KV_OK) cuda_kv_nccl_event_record(kv->be, k->gev[lane], sm);
     return st;
 }
@@ -963,7 +968,7 @@ static kv_msg_header hello_of(const kv_cache *kv) {
 
 /* What follows the decode side's HELLO (its checksum covers these bytes). */
 struct hello_tail {
-    nccl_id id[NCCL_MAX_LANES]; /* one per lane (unused ones zero) */
+    nccl_id id;
     uint64_t key;             /* the decode process (self_key) */
 };
 
@@ -1031,18 +1036,15 @@ static kv_status conn_setup(nccl_conn *k, char *err, size_t errlen) {
         return KV_ERR_PROTOCOL;
     }
     k->link.peer_key = h.checksum; /* the prefill process (self_key) */
+    nccl_id id;
+    int rc = NCCL_CALL(g_nccl.get_unique_id(&id));
+    if (rc != NCCL_OK) {
+        pd_errorf(err, errlen, "kv nccl: ncclGetUniqueId: %s", nccl_error(rc));
+        return KV_ERR_IO;
+    }
     kv_status st = link_alloc(kv, &k->link, true, err, errlen);
     if (st != KV_OK) return st;
-    struct hello_tail tail;
-    memset(&tail, 0, sizeof tail);
-    tail.key = self_key();
-    for (int i = 0; i < k->link.lanes; i++) {
-        int rc = NCCL_CALL(g_nccl.get_unique_id(&tail.id[i]));
-        if (rc != NCCL_OK) {
-            pd_errorf(err, errlen, "kv nccl: ncclGetUniqueId: %s", nccl_error(rc));
-            return KV_ERR_IO;
-        }
-    }
+    struct hello_tail tail = {id, self_key()};
     kv_msg_header r = hello_of(kv);
     r.checksum = kv_checksum(&tail, sizeof tail, 0);
     if (send_frame(k->link.fd, &r, w.deadline) != 0 ||
@@ -1050,7 +1052,7 @@ static kv_status conn_setup(nccl_conn *k, char *err, size_t errlen) {
         pd_errorf(err, errlen, "kv nccl: %s: hello: %s", k->who, strerror(errno));
         return KV_ERR_PEER;
     }
-    return link_init(kv, &k->link, tail.id, 0, &w, err, errlen);
+    return link_init(kv, &k->link, &id, 0, &w, err, errlen);
 }
 
 /* Scatters staging half h (payload units [u0, u1) of layer l) into slot idx's blocks, if
@@ -1478,7 +1480,7 @@ static kv_status peer_connect(kv_send *x, struct nccl_peer *p, char *err, size_t
         return pd_errorf(err, errlen, "kv nccl: %s: bad or missing NCCL id", p->address), KV_ERR_PROTOCOL;
     k->peer_key = tail.key;
     st = link_alloc(kv, k, false, err, errlen);
-    if (st == KV_OK) st = link_init(kv, k, tail.id, 1, &w, err, errlen);
+    if (st == KV_OK) st = link_init(kv, k, &tail.id, 1, &w, err, errlen);
     if (st == KV_OK) log_info("kv nccl: communicator with %s ready", p->address);
     return st;
 }
