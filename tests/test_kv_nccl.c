@@ -20,8 +20,8 @@
  *                          4 (the least); whole with pieces of 3 blocks through a ring of 4;
  *                          packed (PDSERVE_KV_NCCL_PACK=1): k and v of a layer as one
  *                          piece, and as pieces of at most 7 blocks, some in place;
- *                          two lanes (PDSERVE_KV_NCCL_LANES=2), whole and layer-wise,
- *                          plain and packed
+ *                          every case on two lanes (the default), and four of them
+ *                          again on one (PDSERVE_KV_NCCL_LANES=1)
  *   decode dies            D kills itself once layer 0 has arrived (P ships a layer every
  *                          50 ms): P's kv_send_layer / finish fails (peer or deadline)
  *                          well within the deadline, and its connector closes (no hang:
@@ -71,7 +71,7 @@ typedef struct nccl_case {
     int chunk_kib;             /* PDSERVE_KV_NCCL_CHUNK_KIB for both sides; 0: default */
     int depth;                 /* PDSERVE_KV_NCCL_DEPTH for both sides; 0: default */
     int pack;                  /* PDSERVE_KV_NCCL_PACK for both sides */
-    int lanes;                 /* PDSERVE_KV_NCCL_LANES for both sides; 0: default */
+    int lanes;                 /* PDSERVE_KV_NCCL_LANES for both sides; 0: default (2) */
 } nccl_case;
 
 static char g_tag[32];
@@ -358,7 +358,7 @@ static void test_case(void) {
     fprintf(stderr, "     nccl %s, %s, %spieces of %d KiB%s%s, %s pipeline%s: %d request(s) of %d "
             "blocks x %d layers, GPU 0 -> GPU 1, %.2f s\n", kv_transfer_mode_name(k->mode),
             NAMES[k->scenario], k->pack ? "packed " : "", k->chunk_kib ? k->chunk_kib : k->pack ? 65536 : 32768,
-            k->depth == 4 ? ", 4 staging buffers" : "", k->lanes == 2 ? ", two lanes" : "",
+            k->depth == 4 ? ", 4 staging buffers" : "", k->lanes == 1 ? ", one lane" : ", two lanes",
             pipe && *pipe ? pipe : "stream",
             direct && !strcmp(direct, "0") ? ", every piece staged" : "",
             k->scenario == SC_OK ? N_REQUESTS : 1, (N_TOKENS + BS - 1) / BS,
@@ -405,16 +405,17 @@ int main(void) {
          * pool (in place there); the others cross a break of P's blocks (staged) */
         {KV_TRANSFER_WHOLE, SC_OK, 112, 4, 1, 0},
         {KV_TRANSFER_LAYERWISE, SC_OK, 112, 0, 1, 0},
-        /* two lanes (PDSERVE_KV_NCCL_LANES=2): the groups take turns on two
-         * communicators and streams; with 8-block pieces a layer's five groups alternate,
-         * some in place, some staged, so ring buffers pass between the lanes */
-        {KV_TRANSFER_WHOLE, SC_OK, 0, 0, 0, 2},
-        {KV_TRANSFER_WHOLE, SC_OK, 128, 0, 0, 2},
-        {KV_TRANSFER_LAYERWISE, SC_OK, 128, 4, 0, 2},
-        {KV_TRANSFER_LAYERWISE, SC_OK, 112, 0, 1, 2},
+        /* the cases above run on two lanes (the default): the groups take turns on two
+         * communicators and streams, so with 8-block pieces a layer's five groups
+         * alternate, some in place, some staged, and ring buffers pass between the
+         * lanes; these on one (PDSERVE_KV_NCCL_LANES=1) */
+        {KV_TRANSFER_WHOLE, SC_OK, 0, 0, 0, 1},
+        {KV_TRANSFER_WHOLE, SC_OK, 128, 0, 0, 1},
+        {KV_TRANSFER_LAYERWISE, SC_OK, 128, 4, 0, 1},
+        {KV_TRANSFER_LAYERWISE, SC_OK, 112, 0, 1, 1},
         {KV_TRANSFER_LAYERWISE, SC_DECODE_DIES, 0, 0, 0, 0},
         {KV_TRANSFER_LAYERWISE, SC_PREFILL_DIES, 0, 0, 0, 0},
-        {KV_TRANSFER_LAYERWISE, SC_PREFILL_DIES, 128, 0, 0, 2},
+        {KV_TRANSFER_LAYERWISE, SC_PREFILL_DIES, 128, 0, 0, 1},
     };
     for (size_t i = 0; i < PD_ARRAY_LEN(cases); i++) {
         g_case = cases[i];

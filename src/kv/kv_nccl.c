@@ -98,7 +98,7 @@
 #define NCCL_PENDING_MAX 64                 /* decode: layers queued, not yet counted */
 #define NCCL_SPIN_WAITS 64                  /* polls of a wait before it sleeps (wait=spin) */
 #define NCCL_MAX_LANES 2                    /* communicators per link, at most */
-#define NCCL_LANES 1                        /* their default (PDSERVE_KV_NCCL_LANES) */
+#define NCCL_LANES 2                        /* their default (PDSERVE_KV_NCCL_LANES) */
 #define NCCL_GONE_GRACE_S 0.5               /* a wait that finds its peer gone still waits
                                              * this long for work already in flight */
 
@@ -373,10 +373,16 @@ static bool pack_on(void) {
 }
 enum { NCCL_COMM_NONBLOCKING, NCCL_COMM_SPLIT, NCCL_COMM_BLOCKING }; /* comm_mode below */
 static int comm_mode(void);
-/* PDSERVE_KV_NCCL_LANES=1|2: communicators per link, each with a stream of its own, the
- * NCCL groups taking turns on them, so that one group's start and end overlap another's
- * transfer. Both sides must agree (HELLO checks it). Needs the split communicators
- * (comm_mode): 1 otherwise. */
+/* PDSERVE_KV_NCCL_LANES=1|2 (default 2): communicators per link, each with a stream of
+ * its own, the NCCL groups taking turns on them, so that one group's start and end
+ * overlap another's transfer. Both sides must agree (HELLO checks it). Needs the split
+ * communicators (comm_mode): 1 otherwise. Why two, on 2x H200 (NV18, 2026-11-29,
+ * docs/results/kv-cuda.md): NCCL alone moved the medium's 18.3 MiB operations four per
+ * group at 317-321 GB/s on one communicator and 349-361 GB/s on two; the medium's 1 GiB
+ * request went from 79% to 84% of NCCL's own 1 GiB send/recv on an idle GPU and from
+ * 74-76% to 75-77% right after a 50 ms pass on the prefill GPU (16,384 tokens: 81-82%
+ * either way). The price: a second communicator per pair (~0.1 s more at its first
+ * request, ~0.5 s more to abort at close) and its kernels' SMs while a transfer runs. */
 static int lanes_on(void) {
     static int n = 0;
     if (!n) {
