@@ -1576,6 +1576,31 @@ static void test_profile_gpu_medium_peer(void) {
     snprintf(cmd, sizeof cmd, "echo hello | %s profile --model preset:small-llama --threads 1 --kv-peer 'gpu:a/b' "
              ">/dev/null 2>&1", bin);
     CHECK(WEXITSTATUS(system(cmd)) == 1);
+    /* ... and says why on its answer line, which the profiler's note then names: here
+     * the peer's segment name is taken (on a GPU, 2026-11-29, the peer asked for a
+     * shared-memory cache the CUDA backend has not, and the note said only that it had
+     * stopped answering) */
+    snprintf(cmd, sizeof cmd, "echo hello | %s profile --model preset:small-llama --threads 1 --kv-peer 'gpu:a/b' "
+             "2>/dev/null | grep -c '^err --kv-peer gpu:a/b: the name must be'", bin);
+    CHECKF(cmd_int(cmd, NULL) == 1, "%s", cmd);
+    char path[512], taken[128];
+    snprintf(path, sizeof path, "%s/pd-gpu-peer-taken-%d.json", dir, (int)getpid());
+    medium_profile_cmd(cmd, sizeof cmd, "echo $$; : > /dev/shm/pdkv-prof$$g-kv; exec ", bin, path, "--medium gpu", false);
+    int st = -1, pid = cmd_int(cmd, &st);
+    CHECKF(st == 0 && pid > 0, "%s", cmd);
+    snprintf(taken, sizeof taken, "/dev/shm/pdkv-prof%dg-kv", pid);
+    unlink(taken);
+    sim_profile p;
+    char err[256];
+    if (sim_profile_load(path, &p, err, sizeof err) != 0) {
+        CHECKF(0, "%s", err);
+    } else {
+        CHECKF(p.n_mediums == 0 && strstr(p.mediums_note, "gpu: KV peer: shared memory /pdkv-prof") &&
+                   strstr(p.mediums_note, "exists"),
+               "note: %s", p.mediums_note);
+        sim_profile_free(&p);
+    }
+    unlink(path);
 }
 
 /* pdserve profile --medium: every CPU-built medium timed through the real connectors,

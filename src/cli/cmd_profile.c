@@ -172,6 +172,15 @@ static int probe_mediums(const char *base, backend *be, const model_config *cfg,
     return rc;
 }
 
+/* A peer process (--kv-peer, --step-peer) that cannot start says why on its answer line
+ * too (the peer protocol's "err" line), so that the profiler's note names the cause
+ * instead of a peer that stopped answering. */
+static void peer_failed(bool peer, const char *why) {
+    if (!peer) return;
+    printf("err %s\n", why);
+    fflush(stdout);
+}
+
 int cmd_profile(int argc, char **argv) {
     const char *model_arg = NULL, *load_format = "auto", *device = "cpu", *out_path = NULL, *medium = NULL;
     const char *pt = NULL, *pc = NULL, *db = NULL, *dc = NULL;
@@ -377,6 +386,7 @@ int cmd_profile(int argc, char **argv) {
     backend *be = dev >= 0 ? backend_cuda_create(dev, err, sizeof err) : backend_cpu_create(threads);
     if (!be) {
         fprintf(stderr, "pdserve profile: --device %s: %s\n", device, err);
+        peer_failed(kv_peer || step_peer, err);
         model_files_close(&files);
         return 1;
     }
@@ -384,6 +394,7 @@ int cmd_profile(int argc, char **argv) {
         size_t cb = medium_bytes > 0 ? (size_t)medium_bytes : (size_t)256 << 20;
         rc = sim_profile_kv_peer(be, &files.config, block_size, cb, kv_peer, err, sizeof err) == 0 ? 0 : 1;
         if (rc) fprintf(stderr, "pdserve profile --kv-peer: %s\n", err);
+        peer_failed(rc != 0, err);
         backend_destroy(be);
         model_files_close(&files);
         return rc;
@@ -401,11 +412,13 @@ int cmd_profile(int argc, char **argv) {
     model *m = model_load(be, &files, (uint64_t)seed, err, sizeof err);
     if (!m) {
         fprintf(stderr, "pdserve profile: %s\n", err);
+        peer_failed(step_peer != NULL, err);
         goto out_backend;
     }
     if (step_peer) { /* the second process of the shared-device pairs (profiler.c) */
         rc = sim_profile_step_peer(m, block_size, peer_shape, err, sizeof err) == 0 ? 0 : 1;
         if (rc) fprintf(stderr, "pdserve profile --step-peer: %s\n", err);
+        peer_failed(rc != 0, err);
         goto out_model;
     }
     if (o.n_clocks > 0) {

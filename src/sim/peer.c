@@ -25,15 +25,17 @@ int sim_peer_cmd(sim_peer *p, char *ans, size_t n, char *err, size_t errlen, con
     va_end(ap);
     fprintf(p->to, "%s\n", cmd);
     char line[512];
-    if (fflush(p->to) != 0) {
-        pd_errorf(err, errlen, "the %s process stopped answering", p->what);
-        return -1;
-    }
+    /* a peer gone already may have left its reason ("err ...") in the pipe: read it */
+    bool gone = fflush(p->to) != 0;
     /* the answer within the limit (the input is unbuffered, so that poll sees all of it) */
     struct pollfd pfd = {.fd = fileno(p->from), .events = POLLIN};
     int r;
-    do r = poll(&pfd, 1, SIM_PEER_ANSWER_S * 1000);
+    do r = poll(&pfd, 1, gone ? 1000 : SIM_PEER_ANSWER_S * 1000);
     while (r < 0 && errno == EINTR);
+    if (r == 0 && gone) {
+        pd_errorf(err, errlen, "the %s process stopped answering", p->what);
+        return -1;
+    }
     if (r == 0) {
         kill(p->pid, SIGKILL); /* a peer stuck in a step or a transfer: ended, reaped by stop */
         pd_errorf(err, errlen, "the %s process did not answer \"%s\" within %d s", p->what, cmd, SIM_PEER_ANSWER_S);
@@ -44,8 +46,8 @@ int sim_peer_cmd(sim_peer *p, char *ans, size_t n, char *err, size_t errlen, con
         return -1;
     }
     line[strcspn(line, "\n")] = 0;
-    if (strncmp(line, "ok", 2) != 0) {
-        pd_errorf(err, errlen, "%s: %s", p->what, line);
+    if (gone || strncmp(line, "ok", 2) != 0) {
+        pd_errorf(err, errlen, "%s: %s", p->what, strncmp(line, "err ", 4) ? line : line + 4);
         return -1;
     }
     const char *rest = line[2] == ' ' ? line + 3 : "";
