@@ -658,9 +658,19 @@ int main(int argc, char **argv) {
         printf("  the same on two lanes (communicators, one stream each, groups taking turns): "
                "%.2f GB/s 4 per group, %.2f GB/s 2 per group; the two lanes split off one "
                "communicator: %.2f GB/s 4 per group\n",
-               bench_nccl_ceiling_lanes(bytes, dst, piece, 4, false, 2, false) / 1e9,
-               bench_nccl_ceiling_lanes(bytes, dst, piece, 2, false, 2, false) / 1e9,
-               bench_nccl_ceiling_lanes(bytes, dst, piece, 4, false, 2, true) / 1e9);
+               bench_nccl_ceiling_lanes(bytes, dst, piece, 4, false, 2, false, 0) / 1e9,
+               bench_nccl_ceiling_lanes(bytes, dst, piece, 2, false, 2, false, 0) / 1e9,
+               bench_nccl_ceiling_lanes(bytes, dst, piece, 4, false, 2, true, 0) / 1e9);
+        /* the same conditions as the medium's requests: each round right after the
+         * stand-in pass on the sending GPU (on 2x H200, 2026-11-29, the medium's 1 GiB
+         * request moved at 84% of the ceiling without the pass and 75-77% after it) */
+        if (o.busy_ms > 0)
+            printf("  right after %.0f ms of a stand-in pass on the sending GPU, as the medium's requests: "
+                   "NCCL 1 GiB as one op %.2f GB/s; as the medium cuts it on two lanes %.2f GB/s, on one "
+                   "%.2f GB/s (4 per group)\n", o.busy_ms,
+                   bench_nccl_ceiling_lanes((size_t)1 << 30, dst, 0, 0, false, 1, false, o.busy_ms) / 1e9,
+                   bench_nccl_ceiling_lanes(bytes, dst, piece, 4, false, 2, true, o.busy_ms) / 1e9,
+                   bench_nccl_ceiling_lanes(bytes, dst, piece, 4, false, 1, false, o.busy_ms) / 1e9);
         /* as the medium cuts it packed (PDSERVE_KV_NCCL_PACK=1): k and v of a layer's
          * blocks in the fewest pieces of up to 64 MiB, 2 per group */
         size_t layer = bytes / (size_t)cfg.n_layers, pm = (size_t)64 << 20;

@@ -26,10 +26,12 @@ typedef struct bench_nccl_id { char internal[128]; } bench_nccl_id;
  * own FIFO buffers in between. lanes 2: two communicators, each on a stream of its own,
  * the groups (or ops) taking turns on them, so that one's start and end overlap the
  * other's transfer (the medium's PDSERVE_KV_NCCL_LANES); split: the two split off one
- * communicator (ncclCommSplit) instead of each made from its own id. Runs in a child process; exits
+ * communicator (ncclCommSplit) instead of each made from its own id. busy_ms: before each
+ * round the sender rewrites its buffer for that long (the medium's requests in
+ * bench_kv_cuda follow such a pass), its clock starting when the pass has drained. Runs in a child process; exits
  * 0, or 1 when anything failed (2: registration refused). */
 static void bench_nccl_rank(int rank, int dst, size_t bytes, size_t chunk, int group, bool reg, int lanes,
-                            bool split, int id_fd, int out_fd) {
+                            bool split, double busy_ms, int id_fd, int out_fd) {
     if (reg) setenv("NCCL_LEGACY_CUDA_REGISTER", "1", 0);
     void *lib = dlopen("libnccl.so.2", RTLD_NOW | RTLD_LOCAL);
     if (!lib) _exit(1);
@@ -76,6 +78,12 @@ static void bench_nccl_rank(int rank, int dst, size_t bytes, size_t chunk, int g
     if (reg && (!comm_register || comm_register(comm[0], buf, bytes, &handle) != 0)) _exit(2);
     double best = 0;
     for (int r = 0; r < 4; r++) { /* the first connects the channels */
+        /* the sender's stand-in pass (as bench_kv_cuda's busy_pass: the GPU busy, then
+         * drained), its receiver waiting on its posted receives meanwhile */
+        for (double w0 = time_now_s(); rank == 1 && time_now_s() - w0 < busy_ms / 1e3;) {
+            be->ops->fill_random(be, buf, DTYPE_BF16, bytes / 2, 7 + r, 1.0f);
+            be->ops->sync(be);
+        }
         double t0 = time_now_s();
         int k = 0, per = group > 1 ? group : 1;
         for (size_t off = 0; off < bytes; off += chunk, k++) {
@@ -109,7 +117,7 @@ static void bench_nccl_rank(int rank, int dst, size_t bytes, size_t chunk, int g
  * of `chunk` bytes (0: one op), `group` per NCCL group (<= 1: none), the buffers
  * registered with NCCL when reg; 0 when it cannot be measured here. */
 static double bench_nccl_ceiling_lanes(size_t bytes, int dst, size_t chunk, int group, bool reg, int lanes,
-                                       bool split) {
+                                       bool split, double busy_ms) {
 #if PDSERVE_HAVE_CUDA
     int idp[2], outp[2];
     if (pipe(idp) != 0 || pipe(outp) != 0) return 0;
@@ -118,7 +126,8 @@ static double bench_nccl_ceiling_lanes(size_t bytes, int dst, size_t chunk, int 
         if ((p[rank] = fork()) == 0) {
             close(outp[0]);
             alarm(120); /* a rank whose peer failed waits in init: never hang the bench */
-            bench_nccl_rank(rank, dst, bytes, chunk, group, reg, lanes, split, rank ? idp[0] : idp[1], outp[1]);
+            bench_nccl_rank(rank, dst, bytes, chunk, group, reg, lanes, split, busy_ms, rank ? idp[0] : idp[1],
+                            outp[1]);
         }
     close(idp[0]), close(idp[1]), close(outp[1]);
     double bw = 0;
@@ -127,13 +136,13 @@ static double bench_nccl_ceiling_lanes(size_t bytes, int dst, size_t chunk, int 
     for (int rank = 0; rank < 2; rank++) waitpid(p[rank], NULL, 0);
     return bw;
 #else
-    (void)bytes, (void)dst, (void)chunk, (void)group, (void)reg, (void)lanes, (void)split;
+    (void)bytes, (void)dst, (void)chunk, (void)group, (void)reg, (void)lanes, (void)split, (void)busy_ms;
     return 0;
 #endif
 }
 
 static double bench_nccl_ceiling_reg(size_t bytes, int dst, size_t chunk, int group, bool reg) {
-    return bench_nccl_ceiling_lanes(bytes, dst, chunk, group, reg, 1, false);
+    return bench_nccl_ceiling_lanes(bytes, dst, chunk, group, reg, 1, false, 0);
 }
 
 static double bench_nccl_ceiling_chunks(size_t bytes, int dst, size_t chunk, int group) {

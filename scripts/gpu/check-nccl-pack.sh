@@ -78,7 +78,7 @@ fi
 for f in "$out"/bench-*.txt; do
   echo
   echo "== $(basename "$f" .txt)"
-  grep -E '^bench_kv_cuda:|^NCCL send|^  NCCL alone' "$f"
+  grep -E '^bench_kv_cuda:|^NCCL send|^  NCCL alone|^  the same on two lanes|^  right after' "$f"
   awk '/^medium copies/ && !done { on = 1 } on && /^where/ { on = 0; done = 1 } on' "$f"
 done
 echo "check-nccl-pack: $(( $(date +%s) - t_start )) s, status $status"
