@@ -103,7 +103,9 @@ static const medium_default MEDIUM_DEFAULTS[] = {
     {"gpu", 9e-6, 396e9, "peer copy over NVLink, 396 GB/s for 1 GiB, 9 us per copy (shared/GPU.md, H200 NV18)"},
     {"gpu-pcie3", 30e-6, 10e9, "peer copy over PCIe Gen3 x16, ~10 GB/s of 15.75 nominal (the paper's 2x A100 node)"},
     {"nvlink", 9e-6, 396e9, "as gpu: NVLink peer copy (shared/GPU.md)"},
-    {"nccl", 30e-6, 362e9, "NCCL send/recv GPU0 to GPU1, 1 GiB warm: 362 GB/s (shared/GPU.md)"},
+    {"nccl", 0.6e-3, 340e9, "pdserve's nccl medium, two lanes, 2x H200 NV18: whole requests of 1 GiB and 1.75 GiB "
+                             "right after a prefill pass in 3.8 and 6.1 ms (docs/results/kv-cuda.md, 2026-11-29; "
+                             "NCCL's own send/recv: 362-371 GB/s)"},
     {"cpu", 20e-6, 27e9, "through pinned host memory: device-to-host then host-to-device at 54-55 GB/s each, in series "
                          "(shared/GPU.md)"},
     {"disk", 100e-6, 0.6e9, "O_DIRECT write 1.3 GB/s then read 1.1 GB/s in series (shared/GPU.md)"},
