@@ -20,6 +20,7 @@
 #   VARIANTS="PDSERVE_KV_NCCL_LANES=1;PDSERVE_KV_NCCL_LANES=2"  the bench's rows instead
 #                                             (';'-separated, each "NAME=VALUE ...")
 #   E2E_ENV="PDSERVE_KV_NCCL_LANES=2"         the end-to-end part's setting instead of PACK=1
+#   BENCH_ARGS="--busy-ms 0"                  more arguments for every bench run
 # Logs under $OUT (or build-gpu/out); the rows last. Reads the GPU's state and never
 # changes it; NCCL_* variables are left as they are.
 set -uo pipefail
@@ -56,7 +57,7 @@ bench() { # MODE TOKENS TAG [bench args...]
   fi
   t0=$(date +%s)
   timeout "${BENCH_TIMEOUT:-150}" "$B/bench_kv_cuda" --dir "$B" --media nccl --copies auto --mode "$mode" \
-    --tokens "$tokens" --warm 5 "${v[@]}" "$@" >"$f.txt" 2>"$f.err"
+    --tokens "$tokens" --warm 5 "${v[@]}" ${BENCH_ARGS:-} "$@" >"$f.txt" 2>"$f.err"
   local rc=$?
   echo "bench $mode $tokens $tag: exit $rc, $(( $(date +%s) - t0 )) s"
   [ "$rc" -ne 0 ] && { status=1; tail -n 3 "$f.err"; }
