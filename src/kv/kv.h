@@ -16,8 +16,9 @@
  *   tcp   kv_tcp.c   point-to-point over a socket stream of framed messages (kv_msg_*);
  *                    the decode side's receiver thread writes blocks into reserved blocks.
  *   nccl  kv_nccl.c  point-to-point GPU to GPU through NCCL send/receive (one host or
- *                    several): one communicator per (prefill, decode) pair, set up over a
- *                    TCP control connection to the ticket's host:port (CUDA builds;
+ *                    several): two communicators (lanes) per (prefill, decode)
+ *                    pair, set up over a TCP control connection to the ticket's
+ *                    host:port (CUDA builds;
  *                    NCCL loaded with dlopen, a clear error where it is absent).
  * On device caches (kv_cache.on_device: the CUDA backend) every medium moves block
  * contents through the backend's batched copies (backend.h copy_batch, one launch for

@@ -56,7 +56,8 @@
  *
  * Tuned for: a few prefill peers per decode instance, requests of MiBs to GiBs of KV,
  * layers of tens of MiB in a few runs of blocks; up to four NCCL operations per group
- * (k and v of up to a chunk of blocks each), not one per block run. */
+ * (k and v of up to a chunk of blocks each), not one per block run, the groups taking
+ * turns on two communicators. */
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
