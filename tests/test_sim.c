@@ -985,6 +985,39 @@ static void test_gpu_share(void) {
         CHECK(near(st.makespan_s, 0.26, 1e-6) && st.contention_s == 0);
         bench_result_free(res);
     }
+    /* two GPUs, the cpu medium, and its copies beside their own instance's steps
+     * measured (own_steps x1.5, own_copies x2): r0's put 0.1-0.14 at half speed beside
+     * its own prefill instance's step (r1's prefill), which runs at 1/1.5 meanwhile
+     * (0.0267 of 0.1 done) and alone after to 0.2133; r0's get 0.14-0.16 (its decode
+     * instance idle) and steps to 0.22; r1's put 0.2133-0.2333 and get to 0.2533 alone
+     * (r0's steps over), its steps to 0.3133. Without them (--no-own-copies, or a
+     * profile without them): r0's KV at 0.14, r1's at 0.24. */
+    c.medium = &cpu;
+    c.devices = two;
+    c.own_copies = true;
+    p.gpu_share.own_measured = true;
+    static const double own_steps[2][2] = {{1.5, 1.5}, {1.5, 1.5}}, own_copies[2][2] = {{2, 2}, {2, 2}};
+    memcpy(p.gpu_share.own_steps, own_steps, sizeof own_steps);
+    memcpy(p.gpu_share.own_copies, own_copies, sizeof own_copies);
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    static const double o0[4] = {0.16, 0.18, 0.20, 0.22}, o1[4] = {0.153333, 0.173333, 0.193333, 0.213333};
+    for (int k = 0; k < 4; k++) {
+        CHECKF(near(res->recs[0].token_s[k], o0[k], 1e-6), "own copies: r0 token %d at %.6f, want %.6f", k,
+               res->recs[0].token_s[k], o0[k]);
+        CHECKF(near(res->recs[1].token_s[k], o1[k], 1e-6), "own copies: r1 token %d at %.6f, want %.6f", k,
+               res->recs[1].token_s[k], o1[k]);
+    }
+    CHECKF(near(st.makespan_s, 0.313333, 1e-6), "own copies: makespan %.6f", st.makespan_s);
+    bench_result_free(res);
+    for (int k = 0; k < 2; k++) {
+        c.own_copies = k == 1;
+        p.gpu_share.own_measured = k == 0;
+        REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+        CHECKF(near(res->recs[0].token_s[0], 0.14, 1e-6) && near(res->recs[1].token_s[0], 0.14, 1e-6),
+               "no own copies (%d): KV at %.6f and %.6f after arrival", k, res->recs[0].token_s[0],
+               res->recs[1].token_s[0]);
+        bench_result_free(res);
+    }
     sim_profile_free(&p);
 }
 
@@ -1832,6 +1865,8 @@ static void test_cpu_contention(void) {
     p.gpu_share = (sim_gpu_share){.measured = true, .kinds = {{1.9, 2.4}, {1.3, 2.1}}, .shape = {2048, 2048, 16, 16384},
                                   .copies_measured = true, .copies = {{2.5, 2.2}, {1.8, 1.7}},
                                   .beside_copy = {{1.2, 1.1}, {1.4, 1.6}}, .copy_bytes = 1 << 28,
+                                  .own_measured = true, .own_steps = {{1.05, 1.08}, {1.12, 1.15}},
+                                  .own_copies = {{1.3, 1.4}, {1.5, 1.6}},
                                   .power_measured = true, .power_w = {{697, 677}, {656, 559}},
                                   .priced_w = {{636, 612}, {617, 562}}};
     snprintf(p.gpu_share.source, sizeof p.gpu_share.source, "measured");
@@ -1842,6 +1877,7 @@ static void test_cpu_contention(void) {
     CHECK(q.gpu_share.copies_measured && q.gpu_share.copies[0][1] == 2.2 && q.gpu_share.copies[1][0] == 1.8 &&
           q.gpu_share.beside_copy[1][1] == 1.6 && q.gpu_share.copy_bytes == 1 << 28);
     CHECK(q.gpu_share.power_measured && q.gpu_share.power_w[0][1] == 677 && q.gpu_share.priced_w[1][0] == 617);
+    CHECK(q.gpu_share.own_measured && q.gpu_share.own_steps[1][0] == 1.12 && q.gpu_share.own_copies[0][1] == 1.4);
     /* the pair of both kinds: (677 - 612 + 656 - 617) / 2 = 52 W; two prefills 61 W;
      * one instance in a step: nothing */
     CHECK(near(sim_gpu_share_extra_w(&q.gpu_share, (int[2]){1, 1}), 52, 1e-9));
@@ -1857,6 +1893,14 @@ static void test_cpu_contention(void) {
     memcpy(w697, "0  ", 3);
     CHECK(sim_profile_parse(js, strlen(js), "rt", &q, err, sizeof err) != 0 && strstr(err, "gpu_share.power_w"));
     memcpy(w697, "697", 3);
+    /* an own copy's factor below 1 too */
+    char *os = strstr(js, "\"own_steps\"");
+    REQUIRE(os);
+    char *f108 = strstr(os, "1.08");
+    REQUIRE(f108);
+    f108[0] = '0';
+    CHECK(sim_profile_parse(js, strlen(js), "rt", &q, err, sizeof err) != 0 && strstr(err, "gpu_share.own_steps"));
+    f108[0] = '1';
     char *bad = strstr(js, "\"kinds\"");
     REQUIRE(bad);
     char *one_nine = strstr(bad, "1.9");

@@ -532,6 +532,13 @@ char *sim_profile_to_json(const sim_profile *p) {
             for (int x = 0; x < 2; x++) cJSON_AddItemToArray(bo, nums(gs->beside_copy[x], 2));
             cJSON_AddNumberToObject(go, "copy_bytes", gs->copy_bytes);
         }
+        if (gs->own_measured) {
+            cJSON *so = cJSON_AddArrayToObject(go, "own_steps"), *oc = cJSON_AddArrayToObject(go, "own_copies");
+            for (int x = 0; x < 2; x++) {
+                cJSON_AddItemToArray(so, nums(gs->own_steps[x], 2));
+                cJSON_AddItemToArray(oc, nums(gs->own_copies[x], 2));
+            }
+        }
         if (gs->power_measured) {
             cJSON *po = cJSON_AddArrayToObject(go, "power_w"), *qo = cJSON_AddArrayToObject(go, "priced_w");
             for (int x = 0; x < 2; x++) {
@@ -1006,7 +1013,8 @@ static int read_contention(const cJSON *o, sim_profile *p, const char *name, cha
 /* "gpu_share": {kinds: [[prefill beside prefill, beside decode], [decode beside prefill,
  * beside decode]], shape: [T, C, B, L], source, and where timed copies: [[device to host
  * beside prefill, beside decode], [host to device ...]], beside_copy: [[prefill beside
- * device to host, beside host to device], [decode ...]], copy_bytes; where metered
+ * device to host, beside host to device], [decode ...]], copy_bytes, and where timed in
+ * this process too own_steps (as beside_copy) and own_copies (as copies); where metered
  * power_w and priced_w, of the same shape as kinds; where timed with lighter decodes
  * lighter: [{shape, kinds}...]}; absent: not measured (equal turns). */
 static int read_gpu_share(const cJSON *o, sim_profile *p, const char *name, char *err, size_t errlen) {
@@ -1033,6 +1041,14 @@ static int read_gpu_share(const cJSON *o, sim_profile *p, const char *name, char
         }
         g->copies_measured = true;
         g->copy_bytes = get_num(go, "copy_bytes", 0);
+    }
+    const cJSON *so = cJSON_GetObjectItemCaseSensitive(go, "own_steps"), *oc = cJSON_GetObjectItemCaseSensitive(go, "own_copies");
+    if (so || oc) {
+        if (!read_kinds(so, g->own_steps) || !read_kinds(oc, g->own_copies)) {
+            pd_errorf(err, errlen, "%s: gpu_share.own_steps and own_copies must be [[a, b], [c, d]], each >= 1", name);
+            return -1;
+        }
+        g->own_measured = true;
     }
     const cJSON *po = cJSON_GetObjectItemCaseSensitive(go, "power_w"), *qo = cJSON_GetObjectItemCaseSensitive(go, "priced_w");
     if (po || qo) {

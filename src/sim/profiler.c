@@ -17,6 +17,7 @@
 #include <math.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1023,12 +1024,65 @@ static double share_copy_time(prof *P, const backend_copy *items, int n_items, i
     return (t - t0) / (double)n;
 }
 
+/* A thread of this process copying batches back to back until stop, as a deployment's
+ * connector thread moves a store's KV beside its engine thread's steps. */
+typedef struct copy_loop {
+    prof *P;
+    const backend_copy *items;
+    int n_items;
+    atomic_bool stop;
+    long n;
+    double t0, t1;
+} copy_loop;
+
+static void *copy_loop_main(void *arg) {
+    copy_loop *c = arg;
+    c->t0 = time_now_s();
+    do {
+        c->P->be->ops->copy_batch(c->P->be, c->items, c->n_items);
+        c->n++;
+    } while (!atomic_load(&c->stop));
+    c->t1 = time_now_s();
+    return NULL;
+}
+
+/* The copies beside this process's own steps (sim_gpu_share.own_steps, own_copies): for
+ * each direction and kind, a thread copies back to back while this one times the kind's
+ * steps over the share window; each over its own alone (alone[x], copy_alone[d]). 0, or
+ * -1 with err. */
+static int measure_own_copies(prof *P, sim_gpu_share *g, const backend_copy *items, int n_items, const double alone[2],
+                              const double copy_alone[2], const int shape[4], char *err, size_t errlen) {
+    for (int d = 0; d < 2; d++)
+        for (int x = 0; x < 2; x++) {
+            copy_loop c = {.P = P, .items = items + (d ? n_items : 0), .n_items = n_items};
+            atomic_init(&c.stop, false);
+            pthread_t th;
+            if (pthread_create(&th, NULL, copy_loop_main, &c) != 0)
+                return pd_errorf(err, errlen, "no thread for the copies"), -1;
+            double t = share_time(P, x, shape);
+            atomic_store(&c.stop, true);
+            pthread_join(th, NULL);
+            if (!(alone[x] > 0) || !(copy_alone[d] > 0) || c.n < 1 || !(t > 0))
+                return pd_errorf(err, errlen, "a copy or a step timed at zero beside the other"), -1;
+            g->own_steps[x][d] = PD_MAX(t / alone[x], 1.0);
+            g->own_copies[d][x] = PD_MAX((c.t1 - c.t0) / (double)c.n / copy_alone[d], 1.0);
+        }
+    g->own_measured = true;
+    log_info("profile: copies beside this process's own steps (another thread): prefill beside device to host "
+             "x%.2f, beside host to device x%.2f; decode x%.2f / x%.2f; device to host beside prefill x%.2f, beside "
+             "decode x%.2f; host to device x%.2f / x%.2f",
+             g->own_steps[0][0], g->own_steps[0][1], g->own_steps[1][0], g->own_steps[1][1], g->own_copies[0][0],
+             g->own_copies[0][1], g->own_copies[1][0], g->own_copies[1][1]);
+    return 0;
+}
+
 /* The copies' half of the pairs (sim_gpu_share.copies, beside_copy): each direction
- * timed alone, then while the peer steps each kind, whose mean step over its own alone
- * gives the step beside the copies. Needs the backend's copy_batch and pinned host
- * memory; 0, or -1 with err (nothing measured). */
-static int measure_share_copies(prof *P, sim_peer *pr, sim_gpu_share *g, const double peer_alone[2], char *err,
-                                size_t errlen) {
+ * timed alone, then beside this process's own steps (measure_own_copies), then while
+ * the peer steps each kind, whose mean step over its own alone gives the step beside
+ * the copies. Needs the backend's copy_batch and pinned host memory; 0, or -1 with err
+ * (nothing measured). */
+static int measure_share_copies(prof *P, sim_peer *pr, sim_gpu_share *g, const double alone_here[2],
+                                const double peer_alone[2], const int shape[4], char *err, size_t errlen) {
     const backend_ops *ops = P->be->ops;
     if (!ops->copy_batch || !ops->host_alloc || !ops->alloc) return pd_errorf(err, errlen, "no device copies"), -1;
     size_t bytes = (size_t)256 << 20;
@@ -1047,6 +1101,9 @@ static int measure_share_copies(prof *P, sim_peer *pr, sim_gpu_share *g, const d
     int rc = 0;
     double alone[2];
     for (int d = 0; d < 2; d++) alone[d] = share_copy_time(P, items, n_items, d);
+    char oerr[160] = "";
+    if (measure_own_copies(P, g, items, n_items, alone_here, alone, shape, oerr, sizeof oerr) != 0)
+        log_info("profile: copies beside this process's own steps not timed (%s)", oerr);
     for (int d = 0; d < 2 && rc == 0; d++)
         for (int y = 0; y < 2 && rc == 0; y++) {
             double mean = 0, t = 0;
@@ -1126,7 +1183,7 @@ static void measure_gpu_share(prof *P, const sim_profile_opts *o, sim_gpu_share 
             if (peer_stop(&pr, &peer_beside[y][x], err, sizeof err) != 0) goto fail_peer;
         }
     char cerr[256] = "";
-    if (!kinds_only && measure_share_copies(P, &pr, g, peer_alone, cerr, sizeof cerr) != 0)
+    if (!kinds_only && measure_share_copies(P, &pr, g, alone, peer_alone, shape, cerr, sizeof cerr) != 0)
         log_info("profile: shared device: copies not timed (%s)", cerr);
     sim_peer_stop(&pr);
     for (int x = 0; x < 2; x++)
@@ -1140,8 +1197,9 @@ static void measure_gpu_share(prof *P, const sim_profile_opts *o, sim_gpu_share 
     g->measured = true;
     snprintf(g->source, sizeof g->source,
              "measured: pdserve profile, a peer process on the same device, each pair %.1f s; prefill %d after %d, "
-             "decode %dx%d%s", share_window_s(P), shape[0], shape[1], shape[2], shape[3],
-             g->copies_measured ? "; copies of 256 MiB between the device and pinned host memory, a layer's block an item" : "");
+             "decode %dx%d%s%s", share_window_s(P), shape[0], shape[1], shape[2], shape[3],
+             g->copies_measured ? "; copies of 256 MiB between the device and pinned host memory, a layer's block an item" : "",
+             g->own_measured ? ", beside own steps too" : "");
     log_info("profile: shared device (prefill %d after %d: %.2f ms alone, decode %dx%d: %.2f ms alone): prefill beside "
              "prefill x%.2f, beside decode x%.2f; decode beside prefill x%.2f, beside decode x%.2f",
              shape[0], shape[1], alone[0] * 1e3, shape[2], shape[3], alone[1] * 1e3, g->kinds[0][0], g->kinds[0][1],

@@ -102,6 +102,9 @@ typedef struct inst {
                                device in start order (itself when alone there) */
     int dev_kind;           /* the kind of step dev_busy counts it in as of the last reshare
                                (-1: none) */
+    int own_kind;           /* own_copy: the kind of its step in flight as of the last
+                               reshare (-1: none), what its own store ops' copies are
+                               beside until the next */
     /* the power cap (sim_power_cap; cap.on false: off): the average power as of cap_t */
     sim_power_cap cap;
     double cap_avg_w, cap_t;
@@ -203,6 +206,12 @@ typedef struct sim_state {
     int *dev_copy;                  /* copy_share: per device and direction (2 x index + 0:
                                        a put, device to host; 1: a get, host to device), the
                                        instances with such a copy in flight there */
+    bool own_copy;                  /* the profile's own_steps and own_copies (cpu medium,
+                                       whole transfers, a GPU profile): a put's copy and its
+                                       prefill instance's steps, a get's copy and its
+                                       decode instance's steps, slow each other, on one GPU
+                                       or two (docs/simulator.md, "Copies beside their own
+                                       instance's steps") */
     bool share_power;               /* gpu_share with the profile's pairs' power: while
                                        steps overlap on a GPU it draws what the pair drew
                                        beyond the pricing (sim_gpu_share_extra_w) */
@@ -383,13 +392,26 @@ static double gpu_slowdown(const sim_state *s, const inst *in) {
  * instance) beside the other instances' steps there: 1 + the sum over them of the
  * profile's copies[direction][their kind] - 1; 1 without copy_share. */
 static double copy_slowdown(const sim_state *s, const inst *d, const store_op *o) {
-    if (!s->copy_share) return 1;
+    if (!s->copy_share && !s->own_copy) return 1;
     const inst *own = o->get ? d : &s->insts[s->reqs[o->req].p_inst];
-    const int *n = s->dev_busy + 2 * own->dev;
     const sim_gpu_share *g = &s->p->gpu_share;
     double f = 1;
-    for (int y = 0; y < 2; y++) f += (n[y] - (own->dev_kind == y)) * (g->copies[o->get][y] - 1);
+    if (s->copy_share) {
+        const int *n = s->dev_busy + 2 * own->dev;
+        for (int y = 0; y < 2; y++) f += (n[y] - (own->dev_kind == y)) * (g->copies[o->get][y] - 1);
+    }
+    if (s->own_copy && own->own_kind >= 0) f += g->own_copies[o->get][own->own_kind] - 1; /* beside its own step */
     return PD_MAX(f, 1);
+}
+
+/* A step beside its own instance's copies (own_copy): 1 + the profile's own_steps - 1
+ * for each direction with a copy of its own in flight (a put on a prefill instance, a
+ * get on a decode instance). */
+static double own_slowdown(const sim_state *s, const inst *in) {
+    const sim_gpu_share *g = &s->p->gpu_share;
+    double f = 1;
+    for (int d = 0; d < 2; d++) f += copy_on(in, d) * (g->own_steps[step_kind(in)][d] - 1);
+    return f;
 }
 
 static void reshare(sim_state *s, double now) {
@@ -407,9 +429,11 @@ static void reshare(sim_state *s, double now) {
         for (int i = 0; i < s->n_inst; i++)
             if (s->insts[i].busy) n_kind[step_kind(&s->insts[i])]++;
     double ref2 = kinds ? sim_contention_slowdown(ct, 2) : 1;
-    if (s->copy_share) /* the stores' ops progressed at the rates of the steps until now */
+    if (s->copy_share || s->own_copy) /* the stores' ops progressed at the rates of the steps until now */
         for (int i = s->first_decode; i < s->n_inst; i++)
             if (s->insts[i].n_ops > 0) store_advance(s, &s->insts[i], now);
+    if (s->own_copy) /* as counted until the next reshare */
+        for (int i = 0; i < s->n_inst; i++) s->insts[i].own_kind = s->insts[i].busy ? step_kind(&s->insts[i]) : -1;
     if (s->share_power) { /* the overlaps since the last reshare, as counted then */
         double dt = now - s->share_power_t;
         for (int i = 0; i < s->n_inst && dt > 0; i++) {
@@ -437,9 +461,10 @@ static void reshare(sim_state *s, double now) {
         memset(s->dev_copy, 0, sizeof(int) * 2 * (size_t)s->n_inst);
         for (int i = 0; i < s->n_inst; i++)
             for (int d = 0; d < 2; d++) s->dev_copy[2 * s->insts[i].dev + d] += copy_on(&s->insts[i], d);
+    }
+    if (s->copy_share || s->own_copy)
         for (int i = s->first_decode; i < s->n_inst; i++)
             if (s->insts[i].n_ops > 0) store_schedule(s, &s->insts[i], now);
-    }
     for (int i = 0; i < s->n_inst; i++) {
         inst *in = &s->insts[i];
         if (!in->busy) continue;
@@ -451,6 +476,7 @@ static void reshare(sim_state *s, double now) {
             r = 1.0 / PD_MAX(base * ct->kinds[x][other[1] > other[0]] / ref2, 1.0);
         }
         if (s->gpu_share) r /= gpu_slowdown(s, in); /* time-sliced with the others on its GPU */
+        if (s->own_copy) r /= own_slowdown(s, in);  /* beside its own store ops' copies */
         if (in->rate == r) continue;
         in->rate = r;
         heap_push_gen(&s->heap, now + in->work_left / r, EV_STEP_END, i, ++in->gen);
@@ -726,7 +752,7 @@ static void store_add(sim_state *s, inst *d, sreq *r, bool get, double work, dou
     d->ops[d->n_ops++] = (store_op){(int)(r - s->reqs), get, work};
     if (get) d->gets_on++;
     store_schedule(s, d, t);
-    if (s->copy_share) reshare(s, t); /* a copy began: the steps on its GPU re-timed */
+    if (s->copy_share || s->own_copy) reshare(s, t); /* a copy began: the steps on its GPU re-timed */
 }
 
 /* r's transfer alone: its time (dur), the medium's busy part of it, and what is fixed
@@ -818,7 +844,7 @@ static void on_store(sim_state *s, inst *d, double t) {
         k = 0; /* the ops moved: look again from the start */
     }
     store_schedule(s, d, t);
-    if (s->copy_share) reshare(s, t); /* copies ended: the steps on their GPU re-timed */
+    if (s->copy_share || s->own_copy) reshare(s, t); /* copies ended: the steps on their GPU re-timed */
 }
 
 static void start_transfer(sim_state *s, inst *in, sreq *r, double t) {
@@ -1242,14 +1268,17 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
     /* a GPU profile's instances that the device list puts on one GPU share it */
     for (int i = 0; i < s.n_inst; i++) {
         s.insts[i].dev = i;
-        s.insts[i].dev_kind = -1;
+        s.insts[i].dev_kind = s.insts[i].own_kind = -1;
         const char *dev = inst_device(cfg, &s, i);
         for (int j = 0; dev && j < s.n_inst; j++)
             if (start_index(cfg, &s, j) < start_index(cfg, &s, s.insts[i].dev) && !strcmp(inst_device(cfg, &s, j), dev))
                 s.insts[i].dev = j;
         if (s.insts[i].dev != i && cfg->gpu_share && strcmp(p->backend, "cpu") != 0) s.gpu_share = true;
     }
-    s.stretch = s.contention || s.gpu_share;
+    /* a cpu medium's copies beside their own instance's steps, one GPU or two */
+    s.own_copy = cfg->own_copies && p->gpu_share.own_measured && cfg->medium && !strcmp(cfg->medium->name, "cpu") &&
+                 !cfg->layerwise && strcmp(p->backend, "cpu") != 0;
+    s.stretch = s.contention || s.gpu_share || s.own_copy;
     if (s.gpu_share) {
         s.dev_busy = xcalloc(2 * (size_t)s.n_inst, sizeof(int));
         s.dev_dec_s = xcalloc((size_t)s.n_inst, sizeof(double));

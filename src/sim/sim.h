@@ -198,6 +198,14 @@ typedef struct sim_gpu_share {
     bool copies_measured;
     double copies[2][2], beside_copy[2][2];
     double copy_bytes;
+    /* the same copies in this process, on a thread of its own, beside this process's own
+     * steps (a deployment's connector thread beside its engine thread: one context, the
+     * kernels side by side rather than time-sliced): own_steps[x][d], a step of kind x
+     * beside a copy of direction d, over the step alone; own_copies[d][y], the copy beside
+     * steps of kind y, over the copy alone. Measured on every GPU that times the copies;
+     * own_measured false: an instance's own store ops and steps do not slow each other */
+    bool own_measured;
+    double own_steps[2][2], own_copies[2][2];
     /* the pairs' power (where the device has a meter): power_w[x][y], the device's mean
      * power while kind x ran here beside the peer's kind y; priced_w[x][y], what the
      * simulator's pricing gives for the same window (each step's power alone over its
@@ -735,6 +743,9 @@ typedef struct sim_config {
                                    GPU"); off: each as if alone */
     bool gpu_share_equal;       /* with gpu_share: equal turns (1/k each) even where the
                                    profile measured the pairs (sim_gpu_share) */
+    bool own_copies;            /* a cpu medium's puts and gets slow their own instance's
+                                   steps, and the steps them, as the profile's own_steps and
+                                   own_copies say (where measured), on one GPU or two */
     bool gpu_share_lighter;     /* with gpu_share: the pairs with a decode in them by the
                                    decode step's weight where the profile timed a lighter
                                    decode too (sim_gpu_share_kind); off: its kinds */
