@@ -853,6 +853,17 @@ static sim_config shared_pair(const sim_medium *m) {
     return c;
 }
 
+/* The four tokens of test_gpu_share's two requests, each from its arrival, against
+ * want0 and want1 (to a microsecond). */
+static void check_tokens(const bench_result *res, const double want0[4], const double want1[4], const char *what) {
+    for (int k = 0; k < 4; k++) {
+        CHECKF(near(res->recs[0].token_s[k], want0[k], 1e-6), "%s: r0 token %d at %.6f, want %.6f", what, k,
+               res->recs[0].token_s[k], want0[k]);
+        CHECKF(near(res->recs[1].token_s[k], want1[k], 1e-6), "%s: r1 token %d at %.6f (from its arrival), want %.6f",
+               what, k, res->recs[1].token_s[k], want1[k]);
+    }
+}
+
 static void test_gpu_share(void) {
     sim_profile p;
     const_profile(&p, 0.1, 0.02);
@@ -874,12 +885,7 @@ static void test_gpu_share(void) {
     sim_config c = shared_pair(&m);
     REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
     static const double t0[4] = {0.1, 0.14, 0.18, 0.22}, t1[4] = {0.16, 0.18, 0.20, 0.22};
-    for (int k = 0; k < 4; k++) {
-        CHECKF(near(res->recs[0].token_s[k], t0[k], 1e-6), "r0 token %d at %.6f, want %.2f", k,
-               res->recs[0].token_s[k], t0[k]);
-        CHECKF(near(res->recs[1].token_s[k], t1[k], 1e-6), "r1 token %d at %.6f (from its arrival), want %.2f", k,
-               res->recs[1].token_s[k], t1[k]);
-    }
+    check_tokens(res, t0, t1, "equal turns");
     CHECKF(near(st.makespan_s, 0.32, 1e-6), "makespan %.6f", st.makespan_s);
     CHECKF(near(st.energy_j, 136, 1e-6), "energy %.6f J", st.energy_j);
     CHECKF(near(st.contention_s, 0.12, 1e-6), "stretch %.6f s", st.contention_s); /* 3 x 0.02 + 0.06 */
@@ -896,12 +902,7 @@ static void test_gpu_share(void) {
     memcpy(p.gpu_share.kinds, kinds, sizeof kinds);
     REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
     static const double m0[4] = {0.1, 0.13, 0.16, 0.19}, m1[4] = {0.145, 0.165, 0.185, 0.205};
-    for (int k = 0; k < 4; k++) {
-        CHECKF(near(res->recs[0].token_s[k], m0[k], 1e-6), "measured pairs: r0 token %d at %.6f, want %.3f", k,
-               res->recs[0].token_s[k], m0[k]);
-        CHECKF(near(res->recs[1].token_s[k], m1[k], 1e-6), "measured pairs: r1 token %d at %.6f, want %.3f", k,
-               res->recs[1].token_s[k], m1[k]);
-    }
+    check_tokens(res, m0, m1, "measured pairs");
     CHECKF(near(st.makespan_s, 0.305, 1e-6), "measured pairs: makespan %.6f", st.makespan_s);
     CHECKF(near(st.energy_j, 134.5, 1e-6), "measured pairs: energy %.6f J", st.energy_j);
     CHECKF(near(st.contention_s, 0.075, 1e-6), "measured pairs: stretch %.6f s", st.contention_s);
@@ -952,12 +953,7 @@ static void test_gpu_share(void) {
     c.medium = &cpu;
     REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
     static const double c0[4] = {0.16, 0.20, 0.24, 0.276667}, c1[4] = {0.211667, 0.231667, 0.251667, 0.271667};
-    for (int k = 0; k < 4; k++) {
-        CHECKF(near(res->recs[0].token_s[k], c0[k], 1e-6), "copies: r0 token %d at %.6f, want %.6f", k,
-               res->recs[0].token_s[k], c0[k]);
-        CHECKF(near(res->recs[1].token_s[k], c1[k], 1e-6), "copies: r1 token %d at %.6f, want %.6f", k,
-               res->recs[1].token_s[k], c1[k]);
-    }
+    check_tokens(res, c0, c1, "copies");
     CHECKF(near(st.makespan_s, 0.371667, 1e-6), "copies: makespan %.6f", st.makespan_s);
     bench_result_free(res);
     /* a put that outlasts its own instance's prefill beside it (put 0.18 s, get 0.02 s):
@@ -1001,12 +997,7 @@ static void test_gpu_share(void) {
     memcpy(p.gpu_share.own_copies, own_copies, sizeof own_copies);
     REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
     static const double o0[4] = {0.16, 0.18, 0.20, 0.22}, o1[4] = {0.153333, 0.173333, 0.193333, 0.213333};
-    for (int k = 0; k < 4; k++) {
-        CHECKF(near(res->recs[0].token_s[k], o0[k], 1e-6), "own copies: r0 token %d at %.6f, want %.6f", k,
-               res->recs[0].token_s[k], o0[k]);
-        CHECKF(near(res->recs[1].token_s[k], o1[k], 1e-6), "own copies: r1 token %d at %.6f, want %.6f", k,
-               res->recs[1].token_s[k], o1[k]);
-    }
+    check_tokens(res, o0, o1, "own copies");
     CHECKF(near(st.makespan_s, 0.313333, 1e-6), "own copies: makespan %.6f", st.makespan_s);
     bench_result_free(res);
     for (int k = 0; k < 2; k++) {

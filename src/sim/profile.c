@@ -1017,6 +1017,22 @@ static int read_contention(const cJSON *o, sim_profile *p, const char *name, cha
  * this process too own_steps (as beside_copy) and own_copies (as copies); where metered
  * power_w and priced_w, of the same shape as kinds; where timed with lighter decodes
  * lighter: [{shape, kinds}...]}; absent: not measured (equal turns). */
+/* Two 2x2 tables of gpu_share that come together (a and b): both or neither; factors
+ * >= 1, or watts > 0. *present: both were there. 0, or -1 with err naming them. */
+static int read_share_tables(const cJSON *go, const char *a, const char *b, double x[2][2], double y[2][2], bool watts,
+                             bool *present, const char *name, char *err, size_t errlen) {
+    const cJSON *xa = cJSON_GetObjectItemCaseSensitive(go, a), *yb = cJSON_GetObjectItemCaseSensitive(go, b);
+    if (!xa && !yb) return 0;
+    bool ok = watts ? read_watts(xa, x) && read_watts(yb, y) : read_kinds(xa, x) && read_kinds(yb, y);
+    if (!ok) {
+        pd_errorf(err, errlen, "%s: gpu_share.%s and %s must be %s", name, a, b,
+                  watts ? "[[pp, pd], [dp, dd]] in W, each > 0" : "[[a, b], [c, d]], each >= 1");
+        return -1;
+    }
+    *present = true;
+    return 0;
+}
+
 static int read_gpu_share(const cJSON *o, sim_profile *p, const char *name, char *err, size_t errlen) {
     const cJSON *go = cJSON_GetObjectItemCaseSensitive(o, "gpu_share");
     if (!go) return 0;
@@ -1033,31 +1049,14 @@ static int read_gpu_share(const cJSON *o, sim_profile *p, const char *name, char
     }
     get_str(go, "source", g->source, sizeof g->source);
     g->measured = true;
-    const cJSON *co = cJSON_GetObjectItemCaseSensitive(go, "copies"), *bo = cJSON_GetObjectItemCaseSensitive(go, "beside_copy");
-    if (co || bo) {
-        if (!read_kinds(co, g->copies) || !read_kinds(bo, g->beside_copy)) {
-            pd_errorf(err, errlen, "%s: gpu_share.copies and beside_copy must be [[a, b], [c, d]], each >= 1", name);
-            return -1;
-        }
-        g->copies_measured = true;
-        g->copy_bytes = get_num(go, "copy_bytes", 0);
-    }
-    const cJSON *so = cJSON_GetObjectItemCaseSensitive(go, "own_steps"), *oc = cJSON_GetObjectItemCaseSensitive(go, "own_copies");
-    if (so || oc) {
-        if (!read_kinds(so, g->own_steps) || !read_kinds(oc, g->own_copies)) {
-            pd_errorf(err, errlen, "%s: gpu_share.own_steps and own_copies must be [[a, b], [c, d]], each >= 1", name);
-            return -1;
-        }
-        g->own_measured = true;
-    }
-    const cJSON *po = cJSON_GetObjectItemCaseSensitive(go, "power_w"), *qo = cJSON_GetObjectItemCaseSensitive(go, "priced_w");
-    if (po || qo) {
-        if (!read_watts(po, g->power_w) || !read_watts(qo, g->priced_w)) {
-            pd_errorf(err, errlen, "%s: gpu_share.power_w and priced_w must be [[pp, pd], [dp, dd]] in W, each > 0", name);
-            return -1;
-        }
-        g->power_measured = true;
-    }
+    if (read_share_tables(go, "copies", "beside_copy", g->copies, g->beside_copy, false, &g->copies_measured, name,
+                          err, errlen) != 0 ||
+        read_share_tables(go, "own_steps", "own_copies", g->own_steps, g->own_copies, false, &g->own_measured, name,
+                          err, errlen) != 0 ||
+        read_share_tables(go, "power_w", "priced_w", g->power_w, g->priced_w, true, &g->power_measured, name, err,
+                          errlen) != 0)
+        return -1;
+    if (g->copies_measured) g->copy_bytes = get_num(go, "copy_bytes", 0);
     const cJSON *lo = cJSON_GetObjectItemCaseSensitive(go, "lighter"), *e;
     if (lo && !cJSON_IsArray(lo)) {
         pd_errorf(err, errlen, "%s: gpu_share.lighter must be a list of {shape, kinds}", name);
