@@ -20,8 +20,8 @@
  *                          4 (the least); whole with pieces of 3 blocks through a ring of 4;
  *                          packed (PDSERVE_KV_NCCL_PACK=1): k and v of a layer as one
  *                          piece, and as pieces of at most 7 blocks, some in place;
- *                          every case on two lanes (the default), and four of them
- *                          again on one (PDSERVE_KV_NCCL_LANES=1)
+ *                          twelve cases on two lanes (the default), five on one
+ *                          (PDSERVE_KV_NCCL_LANES=1)
  *   decode dies            D kills itself once layer 0 has arrived (P ships a layer every
  *                          50 ms): P's kv_send_layer / finish fails (peer or deadline)
  *                          well within the deadline, and its connector closes (no hang:
