@@ -956,6 +956,25 @@ static void test_gpu_share(void) {
     check_tokens(res, c0, c1, "copies");
     CHECKF(near(st.makespan_s, 0.371667, 1e-6), "copies: makespan %.6f", st.makespan_s);
     bench_result_free(res);
+    /* one process's step and copy share its turn: a third request (arriving at 0.2,
+     * queued behind r1's prefill) makes the prefill instance step (r2's prefill) and put
+     * (r1's KV) at once from 0.2667, beside r0's third decode step, 0.0067 s of which is
+     * left then. Counted once, by the heavier (the step: x2), the step ends at 0.28;
+     * summed (--gpu-share-sum: x2 + x1.5 - 1 = x2.5), at 0.2833. The steps before are
+     * the same as above. */
+    sim_request r3[3] = {r[0], r[1], {.n_prompt = 100, .max_tokens = 4, .arrival = 0.2}};
+    for (int k = 0; k < 2; k++) {
+        c.gpu_share_sum = k == 1;
+        REQUIRE(sim_run(&c, &p, r3, 3, &bc, &res, &st, err, sizeof err) == 0);
+        double want = k ? 0.283333 : 0.28;
+        for (int t = 0; t < 3; t++)
+            CHECKF(near(res->recs[0].token_s[t], c0[t], 1e-6), "turns (%d): r0 token %d at %.6f, want %.6f", k, t,
+                   res->recs[0].token_s[t], c0[t]);
+        CHECKF(near(res->recs[0].token_s[3], want, 1e-6), "turns (%d): r0's last token at %.6f, want %.6f", k,
+               res->recs[0].token_s[3], want);
+        bench_result_free(res);
+    }
+    c.gpu_share_sum = false;
     /* a put that outlasts its own instance's prefill beside it (put 0.18 s, get 0.02 s):
      * r0's put 0.1-0.28 unslowed, r1's prefill (0.1-0.2) being its own instance's, also
      * after that step ended (the counts as of the step, not its end); its get 0.28-0.30 */

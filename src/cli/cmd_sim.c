@@ -225,6 +225,7 @@ typedef struct sim_cli {
     bool gpu_share;         /* GPU profiles: instances on one GPU share it (--no-gpu-share) */
     bool gpu_share_equal;   /* ... in equal turns, not as the profile's pairs (--gpu-share-equal) */
     bool gpu_share_lighter; /* ... the pairs by the decode step's weight (--gpu-share-lighter) */
+    bool gpu_share_sum;     /* ... another instance's step and copy summed (--gpu-share-sum) */
     bool own_copies;        /* GPU profiles: a cpu store's copies beside their own instance's steps (--no-own-copies) */
     bool power_cap;         /* GPU instances' clocks under the enforced power limit (--power-cap) */
     bool store_pipelined;   /* stores: the pipelined train's overlap factors (--store-overlap) */
@@ -389,7 +390,7 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
                       .step_factor = c->step_factor, .contention_kinds = c->contention_kinds, .tier_cpu = c->tier_cpu,
                       .power_cap = c->power_cap, .gpu_share = c->gpu_share,
                       .gpu_share_equal = c->gpu_share_equal, .gpu_share_lighter = c->gpu_share_lighter,
-                      .own_copies = c->own_copies, .devices = su->n_devices ? su->devices : NULL,
+                      .gpu_share_sum = c->gpu_share_sum, .own_copies = c->own_copies, .devices = su->n_devices ? su->devices : NULL,
                       .n_devices = su->n_devices};
     if (cfg.prefix_caching) cfg.tiers = su->tiers;
     if (su->n_prefill > 0) {
@@ -531,7 +532,7 @@ int cmd_sim(int argc, char **argv) {
     bool quiet = false, no_contention = false, no_control = false, no_serving = false, no_serving_cpu = false,
          no_step_factor = false, step_factor = false, no_kinds = false, no_tier_cpu = false, no_power_cap = false,
          power_cap = false, no_gpu_share = false, gpu_share_equal = false,
-         gpu_share_lighter = false, no_own_copies = false;
+         gpu_share_lighter = false, gpu_share_sum = false, no_own_copies = false;
     cli_opt opts[] = {
         {"profile", OPT_STRING, &profile_path, "cost profile from `pdserve profile` (default: the plan's)", "FILE"},
         {"db", OPT_STRING, &db_path, "results database to record the points in (marked simulated)", "FILE"},
@@ -566,6 +567,10 @@ int cmd_sim(int argc, char **argv) {
          "GPU profiles: a shared GPU's pairs with a decode in them by the decode step's weight, interpolated between "
          "the profile's pairs and its lighter decode's (gpu_share.lighter; docs/simulator.md, \"A shared GPU\"); "
          "default: the pairs as measured at the profile's shape", NULL},
+        {"gpu-share-sum", OPT_FLAG, &gpu_share_sum,
+         "GPU profiles: on a shared GPU, another instance's step and its cpu store copy each slow a step, summed "
+         "(default: that instance's heavier one alone, as the GPU time-slices processes and one process's step and "
+         "copy share its turn; docs/simulator.md, \"A shared GPU\")", NULL},
         {"no-own-copies", OPT_FLAG, &no_own_copies,
          "GPU profiles: a cpu store's puts and gets (whole transfers) do not slow their own instance's steps, nor "
          "the steps them (default: as the profile's gpu_share.own_steps and own_copies measured a copy on another "
@@ -718,7 +723,7 @@ int cmd_sim(int argc, char **argv) {
                  .serving_path = !no_serving, .serving_cpu = !no_serving_cpu, .step_factor = use_step_factor,
                  .contention_kinds = !no_kinds, .tier_cpu = !no_tier_cpu, .gpu_share = !no_gpu_share,
                  .gpu_share_equal = gpu_share_equal, .gpu_share_lighter = gpu_share_lighter,
-                 .own_copies = !no_own_copies, .power_cap = power_cap && !no_power_cap,
+                 .gpu_share_sum = gpu_share_sum, .own_copies = !no_own_copies, .power_cap = power_cap && !no_power_cap,
                  .store_pipelined = !strcmp(store_overlap, "pipelined")};
     int rc = 0;
     model_files vfiles;

@@ -363,9 +363,12 @@ static void store_advance(sim_state *s, inst *d, double t);
 static void store_schedule(sim_state *s, inst *d, double t);
 
 /* A step's slowdown on a shared GPU (docs/simulator.md, "A shared GPU"): 1 + the sum
- * over the others in a step on its device of (the pair's factor - 1), the factor of
- * its kind beside theirs as the profile's pairs measured, else 2 (equal turns: k
- * instances, each at 1/k). */
+ * over the other instances on its device of (the pair's factor - 1), the factor of its
+ * kind beside their step's kind as the profile's pairs measured, else 2 (equal turns: k
+ * instances, each at 1/k). With the profile's copies, an instance with a store copy in
+ * flight counts its copy's factor (beside_copy) where that is the heavier: the GPU
+ * time-slices processes, and one process's step and copy share its turn
+ * (--gpu-share-sum: both, summed). */
 static double gpu_slowdown(const sim_state *s, const inst *in) {
     const int *n = s->dev_busy + 2 * in->dev;
     const sim_gpu_share *g = &s->p->gpu_share;
@@ -382,9 +385,21 @@ static double gpu_slowdown(const sim_state *s, const inst *in) {
             k[y] = s->cfg->gpu_share_lighter ? sim_gpu_share_kind(g, s->p, x, y, dec_s) : g->kinds[x][y];
     }
     double f = 1;
-    for (int y = 0; y < 2; y++) f += (n[y] - (y == x)) * (k[y] - 1);
-    if (s->copy_share) /* the other instances' copies there (its own run beside its steps) */
-        for (int d = 0; d < 2; d++) f += (s->dev_copy[2 * in->dev + d] - copy_on(in, d)) * (g->beside_copy[x][d] - 1);
+    if (!s->copy_share || s->cfg->gpu_share_sum) {
+        for (int y = 0; y < 2; y++) f += (n[y] - (y == x)) * (k[y] - 1);
+        if (s->copy_share) /* the other instances' copies there (its own run beside its steps) */
+            for (int d = 0; d < 2; d++)
+                f += (s->dev_copy[2 * in->dev + d] - copy_on(in, d)) * (g->beside_copy[x][d] - 1);
+        return PD_MAX(f, 1);
+    }
+    for (int j = 0; j < s->n_inst; j++) { /* per other process on the device: its heavier work */
+        const inst *o = &s->insts[j];
+        if (o == in || o->dev != in->dev) continue;
+        double c = o->dev_kind >= 0 ? k[o->dev_kind] - 1 : 0;
+        for (int d = 0; d < 2; d++)
+            if (copy_on(o, d)) c = PD_MAX(c, g->beside_copy[x][d] - 1);
+        f += c;
+    }
     return PD_MAX(f, 1);
 }
 

@@ -743,6 +743,10 @@ typedef struct sim_config {
                                    GPU"); off: each as if alone */
     bool gpu_share_equal;       /* with gpu_share: equal turns (1/k each) even where the
                                    profile measured the pairs (sim_gpu_share) */
+    bool gpu_share_sum;         /* with gpu_share and the profile's copies: another instance's
+                                   step and copy on the GPU each slow a step, summed (the
+                                   model before 2026-11-29); off: that instance's heavier one
+                                   alone (its process's turn holds both) */
     bool own_copies;            /* a cpu medium's puts and gets slow their own instance's
                                    steps, and the steps them, as the profile's own_steps and
                                    own_copies say (where measured), on one GPU or two */

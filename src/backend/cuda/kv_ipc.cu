@@ -40,6 +40,8 @@
  *       copy engines through one cudaMemcpyBatchAsync of the whole batch
  *   PDSERVE_KV_XFER_CHUNK_KIB (128)   bytes per chunk, 16 KiB .. 16 MiB
  *   PDSERVE_KV_XFER_CTAS_PER_SM (8)   grid = SMs x this (at most one CTA per chunk)
+ *   PDSERVE_KV_XFER_HOST_CTAS (32)    at most this many CTAs when either side of the
+ *       batch is host memory (0: SMs x CTAS_PER_SM as any batch; below)
  *   PDSERVE_KV_XFER_THREADS (256)     threads per CTA, 64 .. 1024, a multiple of 32
  *   PDSERVE_KV_XFER_UNROLL (4)        16-byte loads in flight per thread: 1, 2, 4, 8
  *   PDSERVE_KV_XFER_STORES=cs|plain   cs (default): streaming stores (st.global.cs)
@@ -59,6 +61,27 @@
  * in one sweep (now the defaults); CTAs/SM, threads, unroll and the walks moved it
  * within the noise (16 CTAs/SM: -45%); cudaMemcpyBatchAsync (batch): 31 GB/s.
  *
+ * To and from pinned host memory the link, not the SMs, sets the rate: on an H200
+ * (132 SMs, PCIe) 256 MiB batches of 8,192 items moved at 50-51 GB/s to the host and
+ * 49-50 from it with 16 CTAs as with the full grid of 1,056. The full grid holds every
+ * SM for the whole copy, and a forward pass of the same process beside it (a cpu
+ * store's put beside its prefill instance's next chunk, a get beside its decode
+ * instance's steps) all but stops. Each kind of step while another thread copies back
+ * to back, over the step alone, and the copy beside it (pdserve profile's own_steps and
+ * own_copies; scripts/gpu/check-host-ctas.sh, 2026-11-29, driver 580.159.04):
+ *
+ *   CTAs        prefill beside d2h / h2d   decode beside d2h / h2d   copies beside steps
+ *   1,056 (all)        x17.1 / x12.4              x16.3 / x16.7          x1.00-1.01
+ *   264                 x7.5 / x4.0                x8.5 / x6.9           x1.00-1.02
+ *   132                 x6.0 / x2.0                x6.1 / x3.8           x1.02-1.05
+ *   64                  x3.5 / x1.5                x4.0 / x1.8           x1.02-1.07
+ *   32 (default)        x2.4 / x1.3                x2.5 / x1.3           x1.03-1.17
+ *   16                  x1.5 / x1.2                x1.5 / x1.1           x1.08-1.76
+ *
+ * dis-cpu with both instances on that GPU (paper-batch-quick-1gpu), 32 against the
+ * full grid: TPOT p50 5.75 -> 5.43 ms at batch 4, 9.29 -> 8.48 at batch 16, TTFT 1-2%
+ * lower, output throughput 2% higher (one run each; docs/kv-connectors.md).
+ *
  * Tuned for: batches of 1 to a few thousand items of 16 KiB to 4 MiB, one to a few
  * threads of one process copying at once (serialised per device). */
 #include <dlfcn.h>
@@ -72,6 +95,7 @@
 #include "kv/kv_sum.h"
 
 #define XFER_MAX_DEVICES 64
+#define XFER_HOST_CTAS 32 /* PDSERVE_KV_XFER_HOST_CTAS's default (the header's table) */
 
 enum { XFER_AUTO, XFER_MEMCPY, XFER_KERNEL, XFER_BATCH };
 static const char *const XFER_MODE_NAMES[] = {"auto", "memcpy", "kernel", "batch"};
@@ -95,6 +119,7 @@ typedef struct xfer_params {
     int mode;                  /* XFER_AUTO | MEMCPY | KERNEL | BATCH */
     uint64_t chunk;            /* bytes, a multiple of 16 */
     int ctas_per_sm, threads, unroll;
+    int host_ctas;             /* most CTAs of a batch to or from host memory (0: no cap) */
     bool stream_stores;
     int walk;                  /* XFER_WALK_* */
     size_t big;
@@ -319,6 +344,7 @@ static xfer_params xfer_params_from_env(void) {
     p.ctas_per_sm = (int)env_long("PDSERVE_KV_XFER_CTAS_PER_SM", 8, 1, 64);
     p.threads = (int)env_long("PDSERVE_KV_XFER_THREADS", 256, 64, 1024) / 32 * 32;
     p.unroll = (int)env_long("PDSERVE_KV_XFER_UNROLL", 4, 1, 8);
+    p.host_ctas = (int)env_long("PDSERVE_KV_XFER_HOST_CTAS", XFER_HOST_CTAS, 0, 1 << 20);
     if (p.unroll != 1 && p.unroll != 2 && p.unroll != 8) p.unroll = 4;
     const char *st = getenv("PDSERVE_KV_XFER_STORES");
     p.stream_stores = !(st && !strcmp(st, "plain"));
@@ -346,10 +372,13 @@ static xfer_state *xfer_get(cuda_backend *cb) {
         x->host_mapped = v != 0;
         for (int i = 0; i < 3 && x->p.timing; i++) CUDA_CHECK(cudaEventCreate(&x->ev[i]));
         x->ready = true;
+        char host_cap[48] = "no cap";
+        if (x->p.host_ctas > 0) snprintf(host_cap, sizeof host_cap, "at most %d", x->p.host_ctas);
         log_info("cuda kv transfers: device %d, copies %s, chunk %llu KiB, %d CTAs/SM of %d "
-                 "threads, unroll %d, %s stores, %s walk, copy engines from %zu KiB; pinned host "
-                 "memory %s by kernels", cb->device, XFER_MODE_NAMES[x->p.mode],
-                 (unsigned long long)(x->p.chunk >> 10), x->p.ctas_per_sm, x->p.threads,
+                 "threads (to or from host memory: %s CTAs), unroll %d, %s stores, %s walk, copy "
+                 "engines from %zu KiB; pinned host memory %s by kernels", cb->device,
+                 XFER_MODE_NAMES[x->p.mode], (unsigned long long)(x->p.chunk >> 10),
+                 x->p.ctas_per_sm, x->p.threads, host_cap,
                  x->p.unroll, x->p.stream_stores ? "streaming" : "plain",
                  XFER_WALK_NAMES[x->p.walk], x->p.big >> 10,
                  x->host_mapped ? "reachable" : "not reachable");
@@ -410,6 +439,16 @@ static bool kernel_reaches(const xfer_state *x, int device, const void *p) {
         return cudaDeviceCanAccessPeer(&ok, device, a.device) == cudaSuccess && ok;
     }
     return false; /* pageable host memory */
+}
+
+/* Whether p is host memory (pinned; pageable memory never reaches the kernel). */
+static bool host_memory(const void *p) {
+    cudaPointerAttributes a;
+    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return true;
+    }
+    return a.type == cudaMemoryTypeHost || a.type == cudaMemoryTypeUnregistered;
 }
 
 /* ---- timing (PDSERVE_KV_TIMING; copy_timing) -------------------------------------------
@@ -531,6 +570,10 @@ static void xfer_kernel_launch(cuda_backend *cb, xfer_state *x, const backend_co
     }
     clock_kernel(x, clk);
     uint64_t most = (uint64_t)cb->sm_count * (uint64_t)x->p.ctas_per_sm;
+    /* over PCIe a few CTAs fill the link; a full grid would hold every SM for the whole
+     * copy and stall the process's own forward pass beside it (the header) */
+    if (x->p.host_ctas > 0 && (host_memory(x->host_desc[0].dst) || host_memory(x->host_desc[0].src)))
+        most = PD_MIN(most, (uint64_t)x->p.host_ctas);
     unsigned grid = (unsigned)(chunks < most ? chunks : most);
     xfer_kernel_fn k = xfer_pick(x->p.unroll, sum_slot != NULL, x->p.stream_stores);
     k<<<grid, x->p.threads, 0, x->stream>>>(x->dev_desc, m, chunks, chunk, x->dev_sums, x->p.walk,
