@@ -322,8 +322,10 @@ static void test_disaggregated_transfer(void) {
     bench_result_free(res);
     /* many gets at once (put 1% of a 10 s transfer, get_pair 1: none slows another):
      * request i's put at 0.1 (i + 1) .. + 0.1, its get 9.9 s after: more ops than the
-     * store's first arrays hold, every one on time */
+     * store's first arrays hold, every one on time (a decode pool of 1,024 blocks: each
+     * holds its 7 reserved until its get lands) */
     enum { NG = 100 };
+    c.sched.num_blocks = 1024;
     sim_request rg[NG];
     for (int i = 0; i < NG; i++) rg[i] = (sim_request){.n_prompt = 100, .max_tokens = 2};
     m.bandwidth = 1e4;
@@ -334,6 +336,19 @@ static void test_disaggregated_transfer(void) {
     for (int i = 0; i < NG; i++)
         CHECKF(near(res->recs[i].ttft_s, 0.1 * (i + 2) + 9.9 + 0.01, 1e-9), "request %d ttft %.6f", i,
                res->recs[i].ttft_s);
+    CHECK(st.kv_full == 0);
+    bench_result_free(res);
+    /* the same in the pool of 256 blocks: the router's reservations hold 7 blocks each
+     * from a request's arrival until its get lands 10 s later; all arrive at 0, so
+     * requests 0-35 take 252 and the other 64 find 4 free: refused at once, as pdserve's
+     * decode instance answers 503 kv_cache_full, their blocks never taken */
+    c.sched.num_blocks = 256;
+    REQUIRE(sim_run(&c, &p, rg, NG, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(st.kv_full == NG - 36, "refused %d", st.kv_full);
+    for (int i = 0; i < NG; i++) {
+        CHECKF(res->recs[i].success == (i < 36), "request %d %s", i, res->recs[i].success ? "served" : "refused");
+        if (i >= 36) CHECK(res->recs[i].error && strstr(res->recs[i].error, "503 kv_cache_full"));
+    }
     bench_result_free(res);
     m.get_pair = m.put_share = 0;
     snprintf(m.name, sizeof m.name, "test");

@@ -61,6 +61,11 @@ typedef struct sreq {
     double put_work, get_work, kv_lat;
     int next_q;
     bool put_queued;
+    /* xPyD: the decode instance's blocks reserved for its prompt at the router's
+     * reservation, held until the decode instance takes the request (owned; NULL: none) */
+    int32_t *resv;
+    int n_resv;
+    bool refused;           /* failed at that reservation: no room (503 kv_cache_full) */
 } sreq;
 
 enum { STAGE_PREFILL = 0, STAGE_TRANSFER = 1, STAGE_DECODE = 2 };
@@ -616,9 +621,39 @@ static int admit(sim_state *s, int i, sreq *r, int n_prompt, int max_tokens, dou
 }
 
 
+/* r's reservation on its decode instance goes back to that instance's pool (its KV
+ * pool: the blocks it held since the router reserved them). */
+static void resv_release(sim_state *s, sreq *r) {
+    if (!r->resv) return;
+    kv_pool_release(&s->insts[r->d_inst].sc.pool, r->resv, r->n_resv);
+    free(r->resv);
+    r->resv = NULL;
+    r->n_resv = 0;
+}
+
+/* The router's reservation of r's prompt KV on its decode instance, as kv_reserve takes
+ * them from the engine's pool before the prefill starts; false when the pool has no
+ * room: the request fails there (HTTP 503 kv_cache_full in pdserve), at now. */
+static bool resv_take(sim_state *s, sreq *r, double now) {
+    inst *d = &s->insts[r->d_inst];
+    int bs = d->sc.pool.block_size, nb = (r->n_prompt + bs - 1) / bs;
+    r->resv = xmalloc(sizeof(int32_t) * (size_t)PD_MAX(nb, 1));
+    if (nb > kv_pool_available(&d->sc.pool) || kv_pool_alloc(&d->sc.pool, nb, r->resv) != 0) {
+        free(r->resv);
+        r->resv = NULL;
+        r->failed = r->refused = true;
+        r->finished = now;
+        s->st->kv_full++;
+        return false;
+    }
+    r->n_resv = nb;
+    return true;
+}
+
 /* r reaches its first instance at now: routed and admitted (disaggregated: the decode
  * side reserved, the prefill side given the prompt with max_tokens 1). A request whose
- * deadline passed on its serving path is not admitted. */
+ * deadline passed on its serving path is not admitted, nor one whose decode instance has
+ * no room for its KV. */
 static int on_enter(sim_state *s, sreq *r, double now) {
     const sim_config *c = s->cfg;
     if (r->failed) return 0;
@@ -629,7 +664,10 @@ static int on_enter(sim_state *s, sreq *r, double now) {
     }
     r->p_inst = route(s, 0, s->n_route_p, &s->rr_p, r);
     r->d_inst = route(s, s->first_decode, s->n_route_d, &s->rr_d, NULL);
-    if (r->max_tokens > 1) s->insts[r->d_inst].load++; /* reserved at the router, as DESIGN.md says */
+    if (r->max_tokens > 1) {
+        if (!resv_take(s, r, now)) return 0;
+        s->insts[r->d_inst].load++; /* reserved at the router, as DESIGN.md says */
+    }
     return admit(s, r->p_inst, r, r->n_prompt, 1, now);
 }
 
@@ -936,8 +974,10 @@ static void on_deadline(sim_state *s, sreq *r, double t) {
     if (r->put_queued) r->kv_dropped = true; /* a store's put still waiting: it never starts */
     if (r->stage == STAGE_TRANSFER && r->kv_dropped) {
         s->insts[r->d_inst].load--; /* the reservation: no transfer will come to free it */
+        resv_release(s, r);
     } else if (r->stage == STAGE_PREFILL) {
         s->insts[r->d_inst].load--; /* the reservation */
+        resv_release(s, r);
         if (!in_flight(&s->insts[r->p_inst], r->pq)) {
             drop_prefill(s, r);
             kick(s, r->p_inst, t);
@@ -1010,6 +1050,7 @@ static int on_step_end(sim_state *s, int i, double t) {
 static int on_kv_arrive(sim_state *s, sreq *r, double t) {
     if (r->failed) { /* too late: the router has answered 504 and freed the reservation */
         s->insts[r->d_inst].load--;
+        resv_release(s, r);
         return 0;
     }
     r->stage = STAGE_DECODE;
@@ -1026,6 +1067,7 @@ static int on_kv_arrive(sim_state *s, sreq *r, double t) {
     serve_add(s, t, s->serve_cost.token_s * s->serve_tok);
     s->serve_tok = 0;
     d->load--; /* admit counts it again */
+    resv_release(s, r); /* the sequence takes its blocks as it joins (the same count) */
     return admit(s, r->d_inst, r, r->n_prompt + 1, r->max_tokens - 1, t);
 }
 
@@ -1041,6 +1083,7 @@ static int admit_waiting(sim_state *s, int i, double t) {
         if (d->admit_head < 0) d->admit_tail = -1;
         emit_token(s, r, t); /* (its stage is decode: the deadline no longer applies) */
         d->load--;
+        resv_release(s, r);
         rc = admit_to(s, i, r, r->n_prompt + 1, r->max_tokens - 1, t, false);
     }
     return rc;
@@ -1157,8 +1200,10 @@ static bench_result *make_result(sim_state *s, const bench_config *bc, double ma
         bench_record *b = &res->recs[i];
         if (r->failed) {
             b->success = false;
-            b->error = xstrdup("simulated HTTP 504: the prefill and its KV transfer did not finish within the "
-                               "kv-transfer-timeout deadline");
+            b->error = xstrdup(r->refused ? "simulated HTTP 503 kv_cache_full: the decode instance had no room for "
+                                            "the prompt's KV at the router's reservation"
+                                          : "simulated HTTP 504: the prefill and its KV transfer did not finish "
+                                            "within the kv-transfer-timeout deadline");
             b->prompt_len = r->n_prompt;
             b->expected_output_len = r->max_tokens;
             b->start_s = r->arrival;
@@ -1398,7 +1443,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
         st->mhz_decode = s.cap_busy_s[1] > 0 ? s.cap_mhz_s[1] / s.cap_busy_s[1] : 0;
     }
     if (rc == 0) *out = make_result(&s, bc, makespan, energy);
-    for (int i = 0; i < n; i++) free(s.reqs[i].token_times);
+    for (int i = 0; i < n; i++) free(s.reqs[i].token_times), free(s.reqs[i].resv);
     free(s.reqs);
     free(s.insts);
     free(s.dev_busy);

@@ -802,6 +802,8 @@ typedef struct sim_stats {
     double contention_s;                    /* instance-seconds steps were stretched by sharing cores
                                                or a GPU */
     int timed_out;                          /* requests failed by the xPyD deadline */
+    int kv_full;                            /* xPyD: requests refused at their decode instance's
+                                               reservation, its KV pool full (HTTP 503) */
     double makespan_s;
     double busy_prefill_s, busy_decode_s;   /* instance-seconds busy by role (colocated: prefill) */
     double energy_j;                        /* all instances, static included; -1 not modelled */
