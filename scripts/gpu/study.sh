@@ -156,7 +156,10 @@ df -h /dev/shm . 2>&1 | sed 's/^/df: /'
 
 if [ -z "${SKIP_PROFILE:-}" ]; then
   # The grid spans the plan's shapes: 16k prompts in chunks, batch up to 64, contexts
-  # up to 16.6k; KV mediums timed against size.
+  # up to 16.6k; KV mediums timed against size. Chunks of 64 and 512 rows too: a prefix
+  # cache hit leaves a short chunk after a long cached prefix (the reuse plans'
+  # Mooncake-style points), which 256 and 1,024 alone priced at half the deployment's
+  # time (docs/simulator.md, "What is left").
   # --serving: the serving path through the real server, router and a cpu-medium
   # connector in the profiling process (the plan's tokenizer); mixed steps at serving
   # shapes are always timed now (docs/simulator.md, "The serving path", "Mixed steps");
@@ -166,7 +169,7 @@ if [ -z "${SKIP_PROFILE:-}" ]; then
   peer_dev=${MEDIUM_PEER_DEVICE:-$([ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ] && echo 1 || echo 0)}
   timeout 300 "$BIN" profile --model "$MODEL" --device 0 -o "$out/profile.json" --repeats 3 \
     --medium-peer-device "$peer_dev" \
-    --prefill-tokens 256,1024,2048,4096,8192 --prefill-context 0,4096,8192,12288 \
+    --prefill-tokens 64,256,512,1024,2048,4096,8192 --prefill-context 0,4096,8192,12288 \
     --decode-batch 1,2,4,8,16,32,64 --decode-context 1024,4096,8192,16640 \
     --medium "${MEDIA:-gpu,cpu,disk}" --tiers cpu,disk --serving --tokenizer "$TOK" \
     --serving-max-len "${SERVING_MAX_LEN:-4096}"
