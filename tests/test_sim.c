@@ -1891,7 +1891,7 @@ static void test_cpu_contention(void) {
                                   .copies_measured = true, .copies = {{2.5, 2.2}, {1.8, 1.7}},
                                   .beside_copy = {{1.2, 1.1}, {1.4, 1.6}}, .copy_bytes = 1 << 28,
                                   .own_measured = true, .own_steps = {{1.05, 1.08}, {1.12, 1.15}},
-                                  .own_copies = {{1.3, 1.4}, {1.5, 1.6}},
+                                  .own_copies = {{1.3, 1.4}, {1.5, 1.6}}, .own_host_ctas = 32,
                                   .power_measured = true, .power_w = {{697, 677}, {656, 559}},
                                   .priced_w = {{636, 612}, {617, 562}}};
     snprintf(p.gpu_share.source, sizeof p.gpu_share.source, "measured");
@@ -1902,7 +1902,8 @@ static void test_cpu_contention(void) {
     CHECK(q.gpu_share.copies_measured && q.gpu_share.copies[0][1] == 2.2 && q.gpu_share.copies[1][0] == 1.8 &&
           q.gpu_share.beside_copy[1][1] == 1.6 && q.gpu_share.copy_bytes == 1 << 28);
     CHECK(q.gpu_share.power_measured && q.gpu_share.power_w[0][1] == 677 && q.gpu_share.priced_w[1][0] == 617);
-    CHECK(q.gpu_share.own_measured && q.gpu_share.own_steps[1][0] == 1.12 && q.gpu_share.own_copies[0][1] == 1.4);
+    CHECK(q.gpu_share.own_measured && q.gpu_share.own_steps[1][0] == 1.12 && q.gpu_share.own_copies[0][1] == 1.4 &&
+          q.gpu_share.own_host_ctas == 32);
     /* the pair of both kinds: (677 - 612 + 656 - 617) / 2 = 52 W; two prefills 61 W;
      * one instance in a step: nothing */
     CHECK(near(sim_gpu_share_extra_w(&q.gpu_share, (int[2]){1, 1}), 52, 1e-9));
@@ -1926,6 +1927,14 @@ static void test_cpu_contention(void) {
     f108[0] = '0';
     CHECK(sim_profile_parse(js, strlen(js), "rt", &q, err, sizeof err) != 0 && strstr(err, "gpu_share.own_steps"));
     f108[0] = '1';
+    /* the host copies' cap recorded with them: not below 0 */
+    char *hc = strstr(js, "\"own_host_ctas\"");
+    REQUIRE(hc);
+    char *c32 = strstr(hc, "32");
+    REQUIRE(c32);
+    memcpy(c32, "-1", 2);
+    CHECK(sim_profile_parse(js, strlen(js), "rt", &q, err, sizeof err) != 0 && strstr(err, "gpu_share.own_host_ctas"));
+    memcpy(c32, "32", 2);
     char *bad = strstr(js, "\"kinds\"");
     REQUIRE(bad);
     char *one_nine = strstr(bad, "1.9");

@@ -305,6 +305,11 @@ typedef struct backend_ops {
      * only when the environment has PDSERVE_KV_TIMING (benchmarks: three events and
      * four clock reads per call); 0, or -1 when nothing was measured. */
     int (*copy_timing)(backend *b, struct backend_copy_timing *out);
+    /* copy_host_ctas: the most CTAs a copy_batch to or from host memory takes on b's
+     * device (PDSERVE_KV_XFER_HOST_CTAS; 0: no cap), what the profiler records beside the
+     * copies it times beside its own steps (their slowdown depends on it). NULL: no
+     * such cap (the CPU backend). */
+    int (*copy_host_ctas)(backend *b);
 } backend_ops;
 
 /* One row's parameters for ->sample_rows (host memory). */

@@ -538,6 +538,7 @@ char *sim_profile_to_json(const sim_profile *p) {
                 cJSON_AddItemToArray(so, nums(gs->own_steps[x], 2));
                 cJSON_AddItemToArray(oc, nums(gs->own_copies[x], 2));
             }
+            if (gs->own_host_ctas >= 0) cJSON_AddNumberToObject(go, "own_host_ctas", gs->own_host_ctas);
         }
         if (gs->power_measured) {
             cJSON *po = cJSON_AddArrayToObject(go, "power_w"), *qo = cJSON_AddArrayToObject(go, "priced_w");
@@ -1057,6 +1058,14 @@ static int read_gpu_share(const cJSON *o, sim_profile *p, const char *name, char
                           errlen) != 0)
         return -1;
     if (g->copies_measured) g->copy_bytes = get_num(go, "copy_bytes", 0);
+    g->own_host_ctas = -1;
+    const cJSON *hc = cJSON_GetObjectItemCaseSensitive(go, "own_host_ctas");
+    if (hc && (!g->own_measured || !cJSON_IsNumber(hc) || hc->valuedouble < 0 || hc->valuedouble > 1e6 ||
+               hc->valuedouble != (int)hc->valuedouble)) {
+        pd_errorf(err, errlen, "%s: gpu_share.own_host_ctas must be a whole number >= 0, beside own_steps", name);
+        return -1;
+    }
+    if (hc) g->own_host_ctas = (int)hc->valuedouble;
     const cJSON *lo = cJSON_GetObjectItemCaseSensitive(go, "lighter"), *e;
     if (lo && !cJSON_IsArray(lo)) {
         pd_errorf(err, errlen, "%s: gpu_share.lighter must be a list of {shape, kinds}", name);

@@ -206,6 +206,10 @@ typedef struct sim_gpu_share {
      * own_measured false: an instance's own store ops and steps do not slow each other */
     bool own_measured;
     double own_steps[2][2], own_copies[2][2];
+    int own_host_ctas;      /* with own_measured: the CUDA backend's cap on a host copy's
+                               CTAs then (PDSERVE_KV_XFER_HOST_CTAS; 0: the whole grid,
+                               -1: not recorded, profiles before 2026-11-29 16:00); the
+                               tables hold for deployments copying the same way */
     /* the pairs' power (where the device has a meter): power_w[x][y], the device's mean
      * power while kind x ran here beside the peer's kind y; priced_w[x][y], what the
      * simulator's pricing gives for the same window (each step's power alone over its

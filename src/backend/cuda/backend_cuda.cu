@@ -352,6 +352,7 @@ static const backend_ops *cuda_ops_with_graphs(void) {
         o.copy_async_wait = cuda_kv_copy_async_wait;
         o.copy_runs = cuda_kv_copy_runs;
         o.copy_timing = cuda_kv_copy_timing;
+        o.copy_host_ctas = cuda_kv_copy_host_ctas;
         return o;
     }();
     return &table;

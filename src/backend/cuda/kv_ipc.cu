@@ -710,6 +710,8 @@ extern "C" void cuda_kv_copy_runs(backend *b, const backend_run *runs, int n_run
     pthread_mutex_unlock(&x->mu);
 }
 
+extern "C" int cuda_kv_copy_host_ctas(backend *b) { return xfer_get(cuda_of(b))->p.host_ctas; }
+
 extern "C" int cuda_kv_copy_timing(backend *b, backend_copy_timing *out) {
     cuda_backend *cb = cuda_of(b);
     xfer_state *x = xfer_get(cb);

@@ -25,6 +25,7 @@ void cuda_kv_copy_async_wait(backend *b, uint64_t ticket);
 void cuda_kv_copy_runs(backend *b, const backend_run *runs, int n_runs, void *const *dst,
                        const void *const *src, int n_parts);
 int cuda_kv_copy_timing(backend *b, backend_copy_timing *out);
+int cuda_kv_copy_host_ctas(backend *b); /* backend.h copy_host_ctas */
 /* Frees what copy_layers_async made (cu_destroy; waits for its copies first). */
 void cuda_kv_async_release(backend *b);
 }
