@@ -1046,6 +1046,41 @@ static void test_gpu_share(void) {
     sim_profile_free(&p);
 }
 
+/* The router's reservation holds a request's prompt blocks on its decode instance
+ * until its KV lands there (kv_reserve). Pools of 14 blocks, prompts of 112 tokens (7
+ * blocks; 8 with the first token), prefill 0.1 s, decode 0.02 s a step, KV at once. r0
+ * (t 0) and r1 (t 0.05) both reserve: the decode pool is full. r0's KV lands at 0.1 and
+ * its 7 come back, one short of its 8: it waits (an idle instance, not a stuck one)
+ * until r1's KV lands at 0.2 and frees 7 more; r0 steps 0.2-0.26, then r1 0.26-0.32. */
+static void test_decode_reservation(void) {
+    sim_profile p;
+    const_profile(&p, 0.1, 0.02);
+    sim_medium m = {.latency_s = 0, .bandwidth = 1e15};
+    snprintf(m.name, sizeof m.name, "test");
+    sim_config c = colocated(0, 14);
+    c.n_prefill = c.n_decode = 1;
+    c.medium = &m;
+    sim_request r[2] = {{.n_prompt = 112, .max_tokens = 4, .arrival = 0},
+                        {.n_prompt = 112, .max_tokens = 4, .arrival = 0.05}};
+    bench_config bc;
+    bench_config_default(&bc);
+    bench_result *res;
+    sim_stats st;
+    char err[256];
+    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    static const double t0[4] = {0.1, 0.22, 0.24, 0.26}, t1[4] = {0.15, 0.23, 0.25, 0.27};
+    check_tokens(res, t0, t1, "reservations");
+    CHECK(st.kv_full == 0 && st.timed_out == 0);
+    bench_result_free(res);
+    /* a third request (t 0.07) finds the pool full at its reservation: refused at once */
+    sim_request r3[3] = {r[0], r[1], {.n_prompt = 112, .max_tokens = 4, .arrival = 0.07}};
+    REQUIRE(sim_run(&c, &p, r3, 3, &bc, &res, &st, err, sizeof err) == 0);
+    CHECK(st.kv_full == 1 && res->recs[0].success && res->recs[1].success && !res->recs[2].success);
+    CHECK(res->recs[2].error && strstr(res->recs[2].error, "503 kv_cache_full"));
+    bench_result_free(res);
+    sim_profile_free(&p);
+}
+
 /* Layer-wise: the prompt's 4 layers leave as the 0.1 s step computes them (ready at
  * 0.025, 0.05, 0.075, 0.1 s), each taking a quarter of the 0.1 s link time: the last
  * piece leaves at 0.1 and lands at 0.125 + latency, against 0.1 + 0.1 + latency whole. */
@@ -2073,6 +2108,7 @@ int main(void) {
     TEST_RUN(test_grid_interpolation);
     TEST_RUN(test_cost_model);
     TEST_RUN(test_gpu_share);
+    TEST_RUN(test_decode_reservation);
     TEST_RUN(test_gpu_share_kind);
     TEST_RUN(test_layerwise_transfer);
     TEST_RUN(test_prefix_caching);

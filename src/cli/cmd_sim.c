@@ -170,6 +170,8 @@ static cJSON *point_json(const char *setup, const char *load, const double clk[2
     }
     cJSON_AddNumberToObject(o, "steps", (double)st->steps);
     cJSON_AddNumberToObject(o, "preemptions", (double)st->preemptions);
+    cJSON_AddNumberToObject(o, "timed_out", st->timed_out); /* 504 at the router's deadline */
+    cJSON_AddNumberToObject(o, "kv_full", st->kv_full);     /* 503 at the decode side's reservation */
     cJSON_AddNumberToObject(o, "contention_s", st->contention_s);
     cJSON_AddNumberToObject(o, "serving_s", st->serving_s);
     cJSON_AddNumberToObject(o, "serving_cpu_s", st->serving_cpu_s);
@@ -441,6 +443,10 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
         printf("| %-22s | %-8s | %-11s | %9.2f | %9.2f | %8.3f | %8.3f | %8.3f | %10.1f | %9s | %7llu | %6.2f |\n",
                su->label, ll, ck, s->ttft.median, pct(&s->ttft, &bc, 99), s->tpot.median, pct(&s->tpot, &bc, 99),
                s->itl.median, s->output_throughput, jt, (unsigned long long)st.preemptions, st.wall_s);
+        if (st.timed_out > 0 || st.kv_full > 0)
+            log_warn("sim: %s %s: %d of %d requests failed: %d at the router's deadline (HTTP 504), %d at the decode "
+                     "instance's reservation, its KV pool full (HTTP 503 kv_cache_full)", su->label, ll,
+                     st.timed_out + st.kv_full, d.n, st.timed_out, st.kv_full);
         if (st.power_capped && !c->quiet)
             log_info("sim: %s %s: power cap: busy-weighted SM clock %.0f MHz (%s), %.0f MHz (decode); %.2f "
                      "instance-s of steps below the nominal clock", su->label, ll, st.mhz_prefill,

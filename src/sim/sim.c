@@ -79,6 +79,7 @@ typedef struct inst {
     sim_step_cost step;
     double busy_s, energy_j;
     int load;               /* requests assigned and not yet done here */
+    int resv_blocks;        /* decode: blocks of its pool the router's reservations hold */
     double link_free;       /* prefill: when its outgoing KV link (or, layer-wise, its store
                                puts) is next free */
     /* stores (cpu, disk), docs/simulator.md "The store's ops": a prefill instance's puts
@@ -554,6 +555,9 @@ static void kick(sim_state *s, int i, double now) {
         if (in->plan.batch.T > 0) prefix_cache_flush_step(&in->sc.pool);
         else prefix_cache_flush(&in->sc.pool);
         if (in->plan.n_items > 0) break;
+        /* a decode instance whose waiting request needs blocks that reservations hold:
+         * idle until one is released or its request joins (each kicks it again) */
+        if (in->plan.n_preempted == 0 && in->resv_blocks > 0) return;
         /* a step that only preempted (as in engine.c): plan again at once */
         PD_ASSERT(in->plan.n_preempted > 0 && guard < 1000);
         s->st->preemptions += (uint64_t)in->plan.n_preempted;
@@ -626,6 +630,7 @@ static int admit(sim_state *s, int i, sreq *r, int n_prompt, int max_tokens, dou
 static void resv_release(sim_state *s, sreq *r) {
     if (!r->resv) return;
     kv_pool_release(&s->insts[r->d_inst].sc.pool, r->resv, r->n_resv);
+    s->insts[r->d_inst].resv_blocks -= r->n_resv;
     free(r->resv);
     r->resv = NULL;
     r->n_resv = 0;
@@ -647,6 +652,7 @@ static bool resv_take(sim_state *s, sreq *r, double now) {
         return false;
     }
     r->n_resv = nb;
+    d->resv_blocks += nb;
     return true;
 }
 
@@ -975,9 +981,11 @@ static void on_deadline(sim_state *s, sreq *r, double t) {
     if (r->stage == STAGE_TRANSFER && r->kv_dropped) {
         s->insts[r->d_inst].load--; /* the reservation: no transfer will come to free it */
         resv_release(s, r);
+        kick(s, r->d_inst, t); /* a request there may have waited for those blocks */
     } else if (r->stage == STAGE_PREFILL) {
         s->insts[r->d_inst].load--; /* the reservation */
         resv_release(s, r);
+        kick(s, r->d_inst, t);
         if (!in_flight(&s->insts[r->p_inst], r->pq)) {
             drop_prefill(s, r);
             kick(s, r->p_inst, t);
@@ -1051,6 +1059,7 @@ static int on_kv_arrive(sim_state *s, sreq *r, double t) {
     if (r->failed) { /* too late: the router has answered 504 and freed the reservation */
         s->insts[r->d_inst].load--;
         resv_release(s, r);
+        kick(s, r->d_inst, t);
         return 0;
     }
     r->stage = STAGE_DECODE;
