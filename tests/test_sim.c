@@ -25,6 +25,21 @@ static sim_config colocated(int n, int blocks) {
     return c;
 }
 
+/* A medium named "test": latency_s, then bandwidth (bytes/s). */
+static sim_medium test_medium(double latency_s, double bandwidth) {
+    sim_medium m = {.latency_s = latency_s, .bandwidth = bandwidth};
+    snprintf(m.name, sizeof m.name, "test");
+    return m;
+}
+
+/* One prefill and one decode instance, pools of `blocks`, their KV over medium m. */
+static sim_config pd_pair(const sim_medium *m, int blocks) {
+    sim_config c = colocated(0, blocks);
+    c.n_prefill = c.n_decode = 1;
+    c.medium = m;
+    return c;
+}
+
 static void test_grid_interpolation(void) {
     sim_grid g;
     static const double x[] = {0, 10, 30}, y[] = {0, 100};
@@ -185,12 +200,8 @@ static void test_trivial_timestamps(void) {
 static void test_disaggregated_transfer(void) {
     sim_profile p;
     const_profile(&p, 0.1, 0.02);
-    sim_medium m = {.latency_s = 0.01, .bandwidth = 1e6};
-    snprintf(m.name, sizeof m.name, "test");
-    sim_config c = colocated(0, 256);
-    c.n_colocated = 0;
-    c.n_prefill = c.n_decode = 1;
-    c.medium = &m;
+    sim_medium m = test_medium(0.01, 1e6);
+    sim_config c = pd_pair(&m, 256);
     sim_request r[2] = {{.n_prompt = 100, .max_tokens = 4, .arrival = 0}, {.n_prompt = 100, .max_tokens = 4, .arrival = 0}};
     bench_config bc;
     bench_config_default(&bc);
@@ -367,8 +378,7 @@ static void test_disaggregated_transfer(void) {
 static void test_deadline(void) {
     sim_profile p;
     const_profile(&p, 0.1, 0.02);
-    sim_medium m = {.latency_s = 0, .bandwidth = 1e6}; /* 100 tokens x 1000 B: 0.1 s per transfer */
-    snprintf(m.name, sizeof m.name, "test");
+    sim_medium m = test_medium(0, 1e6); /* 100 tokens x 1000 B: 0.1 s per transfer */
     sim_config c = colocated(0, 4096);
     c.n_colocated = 0;
     c.n_prefill = c.n_decode = 1;
@@ -859,9 +869,7 @@ static void test_shared_device(void) {
  * over medium m. */
 static sim_config shared_pair(const sim_medium *m) {
     static const char one[2][16] = {"0", "0"};
-    sim_config c = colocated(0, 256);
-    c.n_prefill = c.n_decode = 1;
-    c.medium = m;
+    sim_config c = pd_pair(m, 256);
     c.devices = one;
     c.n_devices = 2;
     c.gpu_share = true;
@@ -887,8 +895,7 @@ static void test_gpu_share(void) {
     p.power.idle_w = 100;
     p.power.prefill_w = 500;
     p.power.decode_w = 300;
-    sim_medium m = {.latency_s = 0, .bandwidth = 1e15};
-    snprintf(m.name, sizeof m.name, "test");
+    sim_medium m = test_medium(0, 1e15);
     static const char one[2][16] = {"0", "0"}, two[2][16] = {"0", "1"};
     sim_request r[2] = {{.n_prompt = 100, .max_tokens = 4, .arrival = 0},
                         {.n_prompt = 100, .max_tokens = 4, .arrival = 0.1}};
@@ -1055,11 +1062,8 @@ static void test_gpu_share(void) {
 static void test_decode_reservation(void) {
     sim_profile p;
     const_profile(&p, 0.1, 0.02);
-    sim_medium m = {.latency_s = 0, .bandwidth = 1e15};
-    snprintf(m.name, sizeof m.name, "test");
-    sim_config c = colocated(0, 14);
-    c.n_prefill = c.n_decode = 1;
-    c.medium = &m;
+    sim_medium m = test_medium(0, 1e15);
+    sim_config c = pd_pair(&m, 14);
     sim_request r[2] = {{.n_prompt = 112, .max_tokens = 4, .arrival = 0},
                         {.n_prompt = 112, .max_tokens = 4, .arrival = 0.05}};
     bench_config bc;
@@ -1152,8 +1156,7 @@ static void test_gpu_share_kind(void) {
     q.gpu_share = *g;
     q.gpu_share.lighter_shape[0][3] = 1;  /* 0.02 s: about r0's steps (context 100) */
     q.gpu_share.n_lighter = 0;
-    sim_medium m = {.latency_s = 0, .bandwidth = 1e15};
-    snprintf(m.name, sizeof m.name, "test");
+    sim_medium m = test_medium(0, 1e15);
     sim_request r[2] = {{.n_prompt = 100, .max_tokens = 4, .arrival = 0},
                         {.n_prompt = 100, .max_tokens = 4, .arrival = 0.1}};
     sim_config c = shared_pair(&m);
@@ -1182,8 +1185,7 @@ static void test_layerwise_transfer(void) {
     sim_profile p;
     const_profile(&p, 0.1, 0.02);
     p.n_layers = 4;
-    sim_medium m = {.latency_s = 0.01, .bandwidth = 1e6};
-    snprintf(m.name, sizeof m.name, "test");
+    sim_medium m = test_medium(0.01, 1e6);
     sim_config c = colocated(0, 256);
     c.n_prefill = c.n_decode = 1;
     c.medium = &m;
@@ -1812,6 +1814,21 @@ static void test_profile_tiers(void) {
 /* CPU contention (processor sharing, docs/simulator.md): the slowdown curve, then two
  * colocated instances on a host of one core, by hand. Each instance alone: prefill
  * 0.1 s, decode 0.02 s a step. */
+/* The profile text js with `was`, the first after field's key, overwritten by `bad` (as
+ * long) is refused, the error naming want; js is restored after. */
+static void check_refused(char *js, const char *field, const char *was, const char *bad, const char *want) {
+    char key[64], err[256];
+    snprintf(key, sizeof key, "\"%s\"", field);
+    char *k = strstr(js, key), *at = k ? strstr(k, was) : NULL;
+    REQUIRE(at && strlen(bad) == strlen(was));
+    memcpy(at, bad, strlen(bad));
+    sim_profile q;
+    bool refused = sim_profile_parse(js, strlen(js), "rt", &q, err, sizeof err) != 0;
+    if (!refused) sim_profile_free(&q);
+    CHECKF(refused && strstr(err, want), "%s = %s: %s", field, bad, refused ? err : "accepted");
+    memcpy(at, was, strlen(was));
+}
+
 static void test_cpu_contention(void) {
     sim_contention ct = {.cores = 1, .threads = 1};
     CHECK(near(sim_contention_slowdown(&ct, 1), 1.0, 1e-12));
@@ -1946,36 +1963,12 @@ static void test_cpu_contention(void) {
     CHECK(near(sim_gpu_share_extra_w(&q.gpu_share, (int[2]){0, 2}), -3, 1e-9));
     CHECK(sim_gpu_share_extra_w(&q.gpu_share, (int[2]){0, 1}) == 0);
     sim_profile_free(&q);
-    /* a power of 0 W is refused, naming the field */
-    char *pz = strstr(js, "\"power_w\"");
-    REQUIRE(pz);
-    char *w697 = strstr(pz, "697");
-    REQUIRE(w697);
-    memcpy(w697, "0  ", 3);
-    CHECK(sim_profile_parse(js, strlen(js), "rt", &q, err, sizeof err) != 0 && strstr(err, "gpu_share.power_w"));
-    memcpy(w697, "697", 3);
-    /* an own copy's factor below 1 too */
-    char *os = strstr(js, "\"own_steps\"");
-    REQUIRE(os);
-    char *f108 = strstr(os, "1.08");
-    REQUIRE(f108);
-    f108[0] = '0';
-    CHECK(sim_profile_parse(js, strlen(js), "rt", &q, err, sizeof err) != 0 && strstr(err, "gpu_share.own_steps"));
-    f108[0] = '1';
-    /* the host copies' cap recorded with them: not below 0 */
-    char *hc = strstr(js, "\"own_host_ctas\"");
-    REQUIRE(hc);
-    char *c32 = strstr(hc, "32");
-    REQUIRE(c32);
-    memcpy(c32, "-1", 2);
-    CHECK(sim_profile_parse(js, strlen(js), "rt", &q, err, sizeof err) != 0 && strstr(err, "gpu_share.own_host_ctas"));
-    memcpy(c32, "32", 2);
-    char *bad = strstr(js, "\"kinds\"");
-    REQUIRE(bad);
-    char *one_nine = strstr(bad, "1.9");
-    REQUIRE(one_nine);
-    one_nine[0] = '0'; /* 0.9 */
-    CHECK(sim_profile_parse(js, strlen(js), "rt", &q, err, sizeof err) != 0 && strstr(err, "gpu_share.kinds"));
+    /* a power of 0 W, an own copy's factor below 1, a negative cap on the host copies'
+     * CTAs and a pair's factor below 1 are each refused, naming the field */
+    check_refused(js, "power_w", "697", "0  ", "gpu_share.power_w");
+    check_refused(js, "own_steps", "1.08", "0.08", "gpu_share.own_steps");
+    check_refused(js, "own_host_ctas", "32", "-1", "gpu_share.own_host_ctas");
+    check_refused(js, "kinds", "1.9", "0.9", "gpu_share.kinds");
     free(js);
     sim_profile_free(&p);
 }
