@@ -106,6 +106,8 @@ typedef struct inst {
     unsigned gen;
     int dev;                /* sharing a GPU (sim_state.gpu_share): the first instance on its
                                device in start order (itself when alone there) */
+    int dev_next;           /* the next instance on its device after it, from insts[dev]
+                               (-1: the last) */
     int dev_kind;           /* the kind of step dev_busy counts it in as of the last reshare
                                (-1: none) */
     int own_kind;           /* own_copy: the kind of its step in flight as of the last
@@ -398,9 +400,9 @@ static double gpu_slowdown(const sim_state *s, const inst *in) {
                 f += (s->dev_copy[2 * in->dev + d] - copy_on(in, d)) * (g->beside_copy[x][d] - 1);
         return PD_MAX(f, 1);
     }
-    for (int j = 0; j < s->n_inst; j++) { /* per other process on the device: its heavier work */
+    for (int j = in->dev; j >= 0; j = s->insts[j].dev_next) { /* per other process there: its heavier work */
         const inst *o = &s->insts[j];
-        if (o == in || o->dev != in->dev) continue;
+        if (o == in) continue;
         double c = o->dev_kind >= 0 ? k[o->dev_kind] - 1 : 0;
         for (int d = 0; d < 2; d++)
             if (copy_on(o, d)) c = PD_MAX(c, g->beside_copy[x][d] - 1);
@@ -1343,6 +1345,13 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
             if (start_index(cfg, &s, j) < start_index(cfg, &s, s.insts[i].dev) && !strcmp(inst_device(cfg, &s, j), dev))
                 s.insts[i].dev = j;
         if (s.insts[i].dev != i && cfg->gpu_share && strcmp(p->backend, "cpu") != 0) s.gpu_share = true;
+    }
+    for (int i = 0; i < s.n_inst; i++) s.insts[i].dev_next = -1;
+    for (int i = s.n_inst - 1; i >= 0; i--) { /* each device's instances, listed from its first */
+        inst *h = &s.insts[s.insts[i].dev];
+        if (h == &s.insts[i]) continue;
+        s.insts[i].dev_next = h->dev_next;
+        h->dev_next = i;
     }
     /* a cpu medium's copies beside their own instance's steps, one GPU or two */
     s.own_copy = cfg->own_copies && p->gpu_share.own_measured && cfg->medium && !strcmp(cfg->medium->name, "cpu") &&
