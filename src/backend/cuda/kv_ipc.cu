@@ -425,30 +425,25 @@ static void xfer_reserve_map(xfer_state *x, size_t n) {
 }
 
 /* Whether a kernel on `device` can read and write memory at p (the batch's kind of
- * memory is that of its first item: backend.h's contract). */
-static bool kernel_reaches(const xfer_state *x, int device, const void *p) {
+ * memory is that of its first item: backend.h's contract); *host (when given) is set
+ * where p is pinned host memory that it reaches. */
+static bool kernel_reaches(const xfer_state *x, int device, const void *p, bool *host = NULL) {
     cudaPointerAttributes a;
     if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
         (void)cudaGetLastError();
         return false;
     }
-    if (a.type == cudaMemoryTypeHost) return x->host_mapped && a.devicePointer == p;
+    if (a.type == cudaMemoryTypeHost) {
+        bool ok = x->host_mapped && a.devicePointer == p;
+        if (host && ok) *host = true;
+        return ok;
+    }
     if (a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged) {
         if (a.device == device) return true;
         int ok = 0;
         return cudaDeviceCanAccessPeer(&ok, device, a.device) == cudaSuccess && ok;
     }
     return false; /* pageable host memory */
-}
-
-/* Whether p is host memory (pinned; pageable memory never reaches the kernel). */
-static bool host_memory(const void *p) {
-    cudaPointerAttributes a;
-    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
-        (void)cudaGetLastError();
-        return true;
-    }
-    return a.type == cudaMemoryTypeHost || a.type == cudaMemoryTypeUnregistered;
 }
 
 /* ---- timing (PDSERVE_KV_TIMING; copy_timing) -------------------------------------------
@@ -528,10 +523,11 @@ static bool xfer_batch_engines(xfer_state *x, const backend_copy *items, int n) 
 
 /* Queues the kernel over the items that take it (under x->mu): every item when
  * `all`, else those under `big`. sum_slot != NULL: sums accumulate in x->dev_sums
- * (reserved and zeroed by the caller). */
+ * (reserved and zeroed by the caller). host: either side is pinned host memory (as
+ * kernel_reaches found it), which caps the grid at host_ctas. */
 static void xfer_kernel_launch(cuda_backend *cb, xfer_state *x, const backend_copy *items, int n,
                                bool all, const int32_t *sum_slot, const uint64_t *sum_at,
-                               xfer_clock *clk) {
+                               xfer_clock *clk, bool host) {
     xfer_reserve(x, (size_t)n);
     uint64_t chunks = 0, chunk = x->p.chunk, total = 0;
     bool vec16 = true;
@@ -572,7 +568,7 @@ static void xfer_kernel_launch(cuda_backend *cb, xfer_state *x, const backend_co
     uint64_t most = (uint64_t)cb->sm_count * (uint64_t)x->p.ctas_per_sm;
     /* over PCIe a few CTAs fill the link; a full grid would hold every SM for the whole
      * copy and stall the process's own forward pass beside it (the header) */
-    if (x->p.host_ctas > 0 && (host_memory(x->host_desc[0].dst) || host_memory(x->host_desc[0].src)))
+    if (x->p.host_ctas > 0 && host)
         most = PD_MIN(most, (uint64_t)x->p.host_ctas);
     unsigned grid = (unsigned)(chunks < most ? chunks : most);
     xfer_kernel_fn k = xfer_pick(x->p.unroll, sum_slot != NULL, x->p.stream_stores);
@@ -594,15 +590,16 @@ extern "C" void cuda_kv_copy_batch(backend *b, const backend_copy *items, int n)
     int mode = x->p.mode;
     if (mode == XFER_BATCH && !xfer_batch_engines(x, items, n)) mode = XFER_MEMCPY;
     if (mode != XFER_BATCH) {
-        bool kernel = mode != XFER_MEMCPY && kernel_reaches(x, cb->device, items[0].dst) &&
-                      kernel_reaches(x, cb->device, items[0].src);
+        bool host = false;
+        bool kernel = mode != XFER_MEMCPY && kernel_reaches(x, cb->device, items[0].dst, &host) &&
+                      kernel_reaches(x, cb->device, items[0].src, &host);
         bool all = mode == XFER_KERNEL;
         for (int i = 0; i < n; i++) {
             const backend_copy *it = &items[i];
             if (!it->bytes || (kernel && (all || it->bytes < x->p.big))) continue;
             CUDA_CHECK(cudaMemcpyAsync(it->dst, it->src, it->bytes, cudaMemcpyDefault, x->stream));
         }
-        if (kernel) xfer_kernel_launch(cb, x, items, n, all, NULL, NULL, &clk);
+        if (kernel) xfer_kernel_launch(cb, x, items, n, all, NULL, NULL, &clk, host);
     }
     clock_launched(x, &clk);
     /* every byte landed, and host_desc may be rewritten by the next batch */
@@ -624,13 +621,14 @@ extern "C" int cuda_kv_copy_batch_sum(backend *b, const backend_copy *items, int
     }
     cuda_backend *cb = cuda_of(b);
     xfer_state *x = xfer_get(cb);
-    if (!kernel_reaches(x, cb->device, items[0].dst) || !kernel_reaches(x, cb->device, items[0].src))
+    bool host = false;
+    if (!kernel_reaches(x, cb->device, items[0].dst, &host) || !kernel_reaches(x, cb->device, items[0].src, &host))
         return -1;
     pthread_mutex_lock(&x->mu);
     xfer_reserve_sums(x, (size_t)n_sums);
     CUDA_CHECK(cudaMemsetAsync(x->dev_sums, 0, (size_t)n_sums * sizeof(unsigned long long),
                                x->stream));
-    xfer_kernel_launch(cb, x, items, n, true, sum_slot, sum_at, NULL);
+    xfer_kernel_launch(cb, x, items, n, true, sum_slot, sum_at, NULL, host);
     CUDA_CHECK(cudaMemcpyAsync(x->host_sums, x->dev_sums, (size_t)n_sums * sizeof(unsigned long long),
                                cudaMemcpyDeviceToHost, x->stream));
     CUDA_CHECK(cudaStreamSynchronize(x->stream));
