@@ -718,12 +718,10 @@ int cmd_sim(int argc, char **argv) {
             log_warn("sim: the profile has no base clock (clock.base_mhz): clocks %g/%g are simulated as profiled",
                      pl.clocks[k][0], pl.clocks[k][1]);
     if (prof.gpu_share.own_measured && !no_own_copies) {
-        const int hc = prof.gpu_share.own_host_ctas;
-        char cap[64] = "not recorded in the profile";
-        if (hc > 0) snprintf(cap, sizeof cap, "at most %d CTAs", hc);
-        else if (hc == 0) snprintf(cap, sizeof cap, "the whole grid");
+        char cap[48];
         log_info("sim: a cpu store's copies slow their own instance's steps as the profile measured them (host "
-                 "copies on %s): they hold for deployments copying the same way (PDSERVE_KV_XFER_HOST_CTAS)", cap);
+                 "copies' CTAs: %s): they hold for deployments copying the same way (PDSERVE_KV_XFER_HOST_CTAS)",
+                 sim_host_ctas_text(prof.gpu_share.own_host_ctas, cap, sizeof cap));
     }
     /* the step factor: on by default for CPU profiles only (sim_step_factor_default) */
     bool by_default = sim_step_factor_default(&prof);

@@ -318,6 +318,12 @@ double sim_contention_slowdown(const sim_contention *c, int k) {
 /* A shared GPU's pairs' power (sim.h): what the device drew beyond the pricing with
  * steps of both kinds, or two of one kind, in flight. More than two instances: the pair
  * of the kinds present (measured for two; a device draws no more than its limit). */
+const char *sim_host_ctas_text(int host_ctas, char *buf, size_t n) {
+    if (host_ctas > 0) snprintf(buf, n, "at most %d", host_ctas);
+    else snprintf(buf, n, host_ctas == 0 ? "the whole grid" : "not recorded");
+    return buf;
+}
+
 double sim_gpu_share_extra_w(const sim_gpu_share *g, const int n[2]) {
     if (!g->power_measured || n[0] + n[1] < 2) return 0;
     if (n[0] > 0 && n[1] > 0)

@@ -1069,10 +1069,11 @@ static int measure_own_copies(prof *P, sim_gpu_share *g, const backend_copy *ite
         }
     g->own_measured = true;
     g->own_host_ctas = P->be->ops->copy_host_ctas ? P->be->ops->copy_host_ctas(P->be) : -1;
-    log_info("profile: copies beside this process's own steps (another thread; host copies on %s%d CTAs): prefill "
-             "beside device to host x%.2f, beside host to device x%.2f; decode x%.2f / x%.2f; device to host beside "
-             "prefill x%.2f, beside decode x%.2f; host to device x%.2f / x%.2f",
-             g->own_host_ctas > 0 ? "at most " : "all ", g->own_host_ctas > 0 ? g->own_host_ctas : 0,
+    char cap[48];
+    log_info("profile: copies beside this process's own steps (another thread; host copies' CTAs: %s): prefill beside "
+             "device to host x%.2f, beside host to device x%.2f; decode x%.2f / x%.2f; device to host beside prefill "
+             "x%.2f, beside decode x%.2f; host to device x%.2f / x%.2f",
+             sim_host_ctas_text(g->own_host_ctas, cap, sizeof cap),
              g->own_steps[0][0], g->own_steps[0][1], g->own_steps[1][0], g->own_steps[1][1], g->own_copies[0][0],
              g->own_copies[0][1], g->own_copies[1][0], g->own_copies[1][1]);
     return 0;

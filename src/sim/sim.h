@@ -235,6 +235,8 @@ typedef struct sim_gpu_share {
  * those kinds less its pricing (prefill and decode together: the mean of the two ways it
  * was measured); 0 for fewer than two, or where not measured. */
 double sim_gpu_share_extra_w(const sim_gpu_share *g, const int n[2]);
+/* own_host_ctas in words, for logs: "at most N", "the whole grid" or "not recorded". */
+const char *sim_host_ctas_text(int host_ctas, char *buf, size_t n);
 
 /* The serving path of a request around the engine (docs/simulator.md, "The serving
  * path"): the time a request spends outside the engine's steps between the client's
