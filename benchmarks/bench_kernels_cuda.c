@@ -12,7 +12,8 @@
  * copy would fit in L2; each figure is the median of 5 timed batches of back-to-back
  * calls (events on the backend's stream), after a warm-up call. A program, never a
  * test (STYLE.md 9). Exits 77 when there is no GPU. --gemv: only the small-T matmul and
- * fused-op tables (GEMV vs cuBLAS at T = 1..8, fused vs separate decode ops). */
+ * fused-op tables (GEMV vs cuBLAS at T = 1..8, fused vs separate decode ops).
+ * --first-call ex|lt: a new row count's first matmul on each route (first_call below). */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -488,6 +489,72 @@ static void bench_attention(int B, int ctx, int q_len) {
     free(pool);
 }
 
+/* ---- --first-call ROUTE: what a matmul of a row count never seen before costs --------
+ * At Llama-3.2-3B's shapes (C 3072, F 8192, 24 q / 8 kv heads of 128, V 128256), in a
+ * process that has run no matmul yet: ROUTE "ex" sends every matmul to cublasGemmEx
+ * (PDSERVE_CUDA_GEMM=ex), "lt" to cuBLASLt by row bucket after the start-up warm-up
+ * (backend.h matmul_warm up to 2,048 rows, timed). For each shape and row count: the
+ * first call's wall time (host, synchronised before and after), the same again, and the
+ * steady time (median of timed batches, events). The two routes' steady columns side by
+ * side are what one algorithm per bucket costs against cuBLAS's own pick for each T. */
+static int first_call(const char *route) {
+    bool lt = strcmp(route, "lt") == 0;
+    if (!lt && strcmp(route, "ex") != 0) {
+        fprintf(stderr, "bench_kernels_cuda: --first-call takes ex or lt\n");
+        return 2;
+    }
+    backend_cuda_gemm_lt(g, lt);
+    enum { C3 = 3072, F3 = 8192, V3 = 128256, TMAX = 2048 };
+    static const struct {
+        const char *name;
+        int N, Kd, tmax;
+    } mm[] = {{"qkv", 5120, C3, TMAX}, {"o", C3, C3, TMAX}, {"gate_up", 2 * F3, C3, TMAX},
+              {"down", C3, F3, TMAX}, {"lm_head", V3, C3, 256}};
+    size_t xmax = (size_t)TMAX * F3, omax = (size_t)256 * V3;
+    void *x = rand_buf(xmax, 1, 1), *out = g->ops->alloc(g, omax * 2), *w[5];
+    for (int k = 0; k < 5; k++) w[k] = rand_buf((size_t)mm[k].N * mm[k].Kd, 0.02f, 2 + k);
+    g->ops->sync(g);
+    if (lt) {
+        double t0 = time_now_s();
+        for (int k = 0; k < 5; k++)
+            g->ops->matmul_warm(g, out, x, w[k], mm[k].tmax, mm[k].Kd, mm[k].N);
+        g->ops->sync(g);
+        printf("warm-up (matmul_warm, 5 shapes up to 2,048 rows; lm_head to 256): %.3f s\n\n",
+               time_now_s() - t0);
+    }
+    static const int Ts[] = {62, 63, 97, 129, 193, 234, 319, 320, 433, 513, 640, 641, 769, 1000, 1001, 1025, 1537, 2047};
+    static const int Tl[] = {1, 3, 5, 8, 13, 62, 200};
+    printf("route %s: | shape | T | first call ms | second call ms | steady ms |\n", route);
+    for (int k = 0; k < 5; k++) {
+        const int *ts = k == 4 ? Tl : Ts;
+        int nt = k == 4 ? (int)PD_ARRAY_LEN(Tl) : (int)PD_ARRAY_LEN(Ts);
+        for (int i = 0; i < nt; i++) {
+            int T = ts[i];
+            double first[2];
+            for (int r = 0; r < 2; r++) {
+                double t0 = time_now_s();
+                g->ops->matmul(g, out, x, w[k], NULL, T, mm[k].Kd, mm[k].N);
+                g->ops->sync(g);
+                first[r] = (time_now_s() - t0) * 1e3;
+            }
+            mm_ctx m = {{x}, {w[k]}, out, 1, T, mm[k].Kd, mm[k].N};
+            double ms = time_op(run_mm, &m);
+            printf("| %s %dx%d | %d | %.3f | %.3f | %.4f |\n", mm[k].name, mm[k].N, mm[k].Kd, T, first[0],
+                   first[1], ms);
+        }
+    }
+    long n_lt, n_ex;
+    int n_entries, n_tuned;
+    backend_cuda_gemm_counts(g, &n_lt, &n_ex, &n_entries, &n_tuned);
+    printf("\nmatmul calls: %ld through cuBLASLt, %ld on cublasGemmEx; %d bucket entries, %d tuned\n",
+           n_lt, n_ex, n_entries, n_tuned);
+    for (int k = 0; k < 5; k++) g->ops->free(g, w[k]);
+    g->ops->free(g, x);
+    g->ops->free(g, out);
+    backend_destroy(g);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     char err[256] = "";
     log_set_level(LOG_LEVEL_WARN);
@@ -510,6 +577,7 @@ int main(int argc, char **argv) {
            info.runtime_version % 1000 / 10, date);
     printf("model shapes: Llama-3.1-8B (C=%d F=%d H=%d K=%d D=%d V=%d), bf16\n\n", C_, F_, H_, K_,
            D_, V_);
+    if (argc > 2 && strcmp(argv[1], "--first-call") == 0) return first_call(argv[2]);
     measure_ceilings();
     bench_gemv_all();
     bench_fused();

@@ -357,6 +357,72 @@ static uint16_t *gpu_bits(const void *p, size_t n) {
     return h;
 }
 
+/* Matmuls through cuBLASLt by row bucket (gemm_lt.cu): after matmul_warm, every T of a
+ * bucket runs on the algorithm chosen for the bucket's top; each must match the CPU,
+ * the bottom and top of buckets, with bias, and with an x one element off alignment
+ * (its own entry, or cublasGemmEx). Then the same T on cublasGemmEx alone
+ * (backend_cuda_gemm_lt off) for the two routes side by side, and the route restored. */
+static void test_matmul_buckets(void) {
+    CHECK(cuda_gemm_bucket(1) == 1 && cuda_gemm_bucket(8) == 8 && cuda_gemm_bucket(9) == 16);
+    CHECK(cuda_gemm_bucket(62) == 64 && cuda_gemm_bucket(65) == 72 && cuda_gemm_bucket(128) == 128);
+    CHECK(cuda_gemm_bucket(129) == 144 && cuda_gemm_bucket(513) == 576 && cuda_gemm_bucket(2047) == 2048);
+    CHECK(cuda_gemm_bucket(2049) == 2304 && cuda_gemm_bucket(8193) == 9216);
+    for (int T = 1; T <= 20000; T++) { /* every T in a bucket at most 1/8 above it */
+        int b = cuda_gemm_bucket(T);
+        if (b < T || (T > 64 && 8 * (b - T) > T) || (T <= 64 && b - T >= 8) ||
+            cuda_gemm_bucket(b) != b) {
+            CHECK(!"bucket out of range");
+            break;
+        }
+    }
+    int Kd = 512, N = 768, tmax = 1100;
+    static const int Ts[] = {9, 12, 13, 17, 24, 25, 33, 49, 65, 97, 100, 129, 200, 257, 385, 513, 769, 1025, 1100};
+    pair w = pair_rand((size_t)N * Kd, 0, 1.0f / sqrtf((float)Kd), 1);
+    pair bias = pair_rand(N, 0, 0.5f, 1);
+    pair x = pair_rand((size_t)(tmax + 1) * Kd, 0, 1, 0), out = pair_new(NULL, (size_t)tmax * N, 0);
+    bool was = backend_cuda_gemm_lt(gpu, true);
+    long lt0, ex0, lt1, ex1;
+    int entries, tuned;
+    backend_cuda_gemm_counts(gpu, &lt0, &ex0, &entries, &tuned);
+    gpu->ops->matmul_warm(gpu, out.g, x.g, w.g, tmax, Kd, N);
+    backend_cuda_gemm_counts(gpu, &lt1, &ex1, &entries, &tuned);
+    printf("  matmul_warm 1..%d rows of %dx%d: %d entries, %d tuned\n", tmax, N, Kd, entries, tuned);
+    int n_buckets = 0; /* above 8 rows (1..8 may go to the GEMV): 40 */
+    for (int T = 9; T <= tmax; T++) n_buckets += cuda_gemm_bucket(T) == T || T == tmax;
+    CHECK(n_buckets == 40);
+    CHECK(lt1 - lt0 >= n_buckets && entries >= n_buckets);
+    for (int route = 0; route < 2; route++) {
+        backend_cuda_gemm_lt(gpu, route == 0);
+        for (size_t i = 0; i < PD_ARRAY_LEN(Ts); i++) {
+            int T = Ts[i];
+            for (int v = 0; v < 3; v++) {
+                if (v == 2 && T != 100) continue;
+                size_t off = v == 2 ? 1 : 0; /* v 2: x one element off */
+                const void *xg = (const uint16_t *)x.g + off;
+                const void *xc = (const float *)x.c + off;
+                poison(&out, 0);
+                gpu->ops->matmul(gpu, out.g, xg, w.g, v == 1 ? bias.g : NULL, T, Kd, N);
+                cpu->ops->matmul(cpu, out.c, xc, w.c, v == 1 ? bias.c : NULL, T, Kd, N);
+                out.n = (size_t)T * N;
+                char name[96];
+                snprintf(name, sizeof name, "matmul %s T=%d (bucket %d) %dx%d%s%s",
+                         route ? "cublasGemmEx" : "cuBLASLt", T, cuda_gemm_bucket(T), N, Kd,
+                         v == 1 ? " +bias" : "", v == 2 ? " unaligned x" : "");
+                compare(name, &out, 0);
+                out.n = (size_t)tmax * N;
+            }
+        }
+    }
+    backend_cuda_gemm_lt(gpu, true);
+    backend_cuda_gemm_counts(gpu, &lt1, &ex1, &entries, &tuned);
+    CHECK(entries == 0 && tuned == 0); /* turned on again: an empty table */
+    backend_cuda_gemm_lt(gpu, was);
+    pair_free(&w);
+    pair_free(&bias);
+    pair_free(&x);
+    pair_free(&out);
+}
+
 /* The small-T GEMV, forced on (PDSERVE_CUDA_GEMV=1) and under the auto rules, against
  * the CPU: T 1..8, N odd or below one 16-row tile, Kd not a multiple of 64 (the
  * predicated tail), with and without bias. Kd % 8 != 0 and an unaligned x must fall
@@ -990,6 +1056,7 @@ int main(void) {
     TEST_RUN(test_add_rmsnorm);
     TEST_RUN(test_matmul);
 #if PDSERVE_HAVE_CUDA
+    TEST_RUN(test_matmul_buckets);
     TEST_RUN(test_gemv);
     TEST_RUN(test_matmul_swiglu);
     TEST_RUN(test_rope_kv_store);

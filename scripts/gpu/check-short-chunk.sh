@@ -45,7 +45,7 @@ series() {
   env $vars "$BIN" serve --device 0 --model "$MODEL" --load-format dummy --tokenizer "$TOK" \
     --enable-prefix-caching --max-model-len 8192 --host 127.0.0.1 --port 0 \
     --step-trace "$trace" >"$out/serve-$k.log" 2>&1 &
-  local spid=$! url=""
+  local spid=$! url="" t0=$(date +%s.%N)
   for _ in $(seq 1800); do
     url=$(grep -o 'listening on http://[0-9.]*:[0-9]*' "$out/serve-$k.log" | head -1 | sed 's/listening on //')
     [ -n "$url" ] && break
@@ -56,6 +56,7 @@ series() {
     tail -n 20 "$out/serve-$k.log"; echo "check-short-chunk: variant $k's server did not start"
     kill "$spid" 2>/dev/null; wait "$spid" 2>/dev/null; status=1; return
   fi
+  echo "variant $k: listening after $(awk "BEGIN { printf \"%.1f\", $(date +%s.%N) - $t0 }") s; GPU memory used: $(nvidia-smi --query-gpu=memory.used --format=csv,noheader -i 0)"
   nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw --format=csv,noheader -i 0 -lms 100 \
     >"$out/clocks-$k.csv" 2>/dev/null &
   local cpid=$!

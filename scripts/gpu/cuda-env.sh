@@ -7,7 +7,7 @@ if [ ! -x /usr/local/cuda/bin/nvcc ]; then
     if [ -x "$root/bin/nvcc" ]; then
       export CUDA_HOME=$root
       lib=$root/targets/x86_64-linux/lib
-      cuda_args=(-DCUDA_INC="$root/targets/x86_64-linux/include" -DCUBLAS_LIB="$lib/libcublas.so"
+      cuda_args=(-DCUDA_INC="$root/targets/x86_64-linux/include" -DCUBLAS_LIB="$lib/libcublas.so" -DCUBLASLT_LIB="$lib/libcublasLt.so"
                  -DCUDART_LIB="$lib/libcudart.so")
       break
     fi

@@ -310,6 +310,16 @@ typedef struct backend_ops {
      * copies it times beside its own steps (their slowdown depends on it). NULL: no
      * such cap (the CPU backend). */
     int (*copy_host_ctas)(backend *b);
+
+    /* ---- optional: matmuls made ready before the first request (CUDA: gemm_lt.cu;
+     * owner: engine/forward.c) ---------------------------------------------------------
+     * matmul_warm: runs matmul(out, x, w, NULL, T, Kd, N) once for each row count T up
+     * to t_max at which the backend would otherwise choose or load a kernel on first
+     * use (CUDA: one T per row bucket), so that no step pays for that later. out and x
+     * have room for t_max rows; what they hold is overwritten. NULL: nothing to warm
+     * (the CPU backend). */
+    void (*matmul_warm)(backend *b, void *out, const void *x, const void *w, int t_max, int Kd,
+                        int N);
 } backend_ops;
 
 /* One row's parameters for ->sample_rows (host memory). */

@@ -328,6 +328,27 @@ static void *ctx_alloc(fwd_ctx *f, size_t bytes) {
     return f->m->be->ops->alloc(f->m->be, bytes);
 }
 
+/* The backend's matmul_warm over every matmul shape of a step (one layer's four and
+ * lm_head's), up to the rows this context takes: on the CUDA backend the first matmul
+ * of a row count would otherwise choose and load its kernel in the middle of a
+ * request (6-19 ms on an H200; gemm_lt.cu). */
+static void fwd_warm_matmuls(fwd_ctx *f) {
+    const backend_ops *o = f->m->be->ops;
+    backend *be = f->m->be;
+    const model_config *c = &f->m->cfg;
+    if (!o->matmul_warm || c->n_layers < 1) return;
+    double t0 = time_now_s();
+    const layer_weights *w = &f->m->layers[0];
+    int T = f->max_tokens, C = c->dim, QKV = (c->n_heads + 2 * c->n_kv_heads) * c->head_dim;
+    o->matmul_warm(be, f->qkv, f->xn, w->wqkv, T, C, QKV);
+    o->matmul_warm(be, f->proj, f->attn, w->wo, T, c->n_heads * c->head_dim, C);
+    o->matmul_warm(be, f->gu, f->xn, w->w_gate_up, T, C, 2 * c->ffn_dim);
+    o->matmul_warm(be, f->proj, f->act, w->w_down, T, c->ffn_dim, C);
+    o->matmul_warm(be, f->lg, f->xl, f->m->lm_head, f->logit_chunk, C, c->vocab_size);
+    o->sync(be);
+    log_info("forward: matmuls warmed for 1-%d rows in %.2f s", T, time_now_s() - t0);
+}
+
 fwd_ctx *fwd_ctx_create(model *m, int max_tokens, int max_seqs) {
     PD_ASSERT(max_tokens > 0 && max_seqs > 0);
     const model_config *c = &m->cfg;
@@ -360,6 +381,7 @@ fwd_ctx *fwd_ctx_create(model *m, int max_tokens, int max_seqs) {
     f->graph_warm = xcalloc((size_t)f->n_graphs, sizeof *f->graph_warm);
     /* one event per layer for fwd_ctx_set_layer_hook (device backends; start-up) */
     if (m->be->ops->layer_events_reserve) m->be->ops->layer_events_reserve(m->be, c->n_layers);
+    fwd_warm_matmuls(f);
     log_info("forward scratch: %.1f MiB for %d rows, %d sequences (qkv %.1f, mlp %.1f, "
              "logits %.1f MiB)",
              (double)f->bytes / (1 << 20), max_tokens, max_seqs,

@@ -254,9 +254,28 @@ static void cu_matmul(backend *b, void *out, const void *x, const void *w, const
         cuda_bias_rows(cb, (__nv_bfloat16 *)out, (const __nv_bfloat16 *)bias, T, N);
         beta = 1.0f;
     }
+    if (cuda_gemm_lt(cb, out, x, w, T, Kd, N, beta)) return;
     CUDA_CHECK(cublasGemmEx(cb->cublas, CUBLAS_OP_T, CUBLAS_OP_N, N, T, Kd, &alpha, w, CUDA_R_16BF,
                             Kd, x, CUDA_R_16BF, Kd, &beta, out, CUDA_R_16BF, N,
                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+/* backend.h matmul_warm: for each row bucket up to t_max (gemm_lt.cu), the algorithm
+ * chosen by timing the heuristic's candidates at the bucket's two ends, then one matmul
+ * at its top, so that no request pays for choosing or loading a kernel. */
+static void cu_matmul_warm(backend *b, void *out, const void *x, const void *w, int t_max, int Kd,
+                           int N) {
+    cuda_backend *cb = cuda_of(b);
+    if (!cb->gemm) return;
+    for (int T = 1; T <= t_max;) {
+        int top = cuda_gemm_bucket(T);
+        int hi = PD_MIN(top, t_max);
+        if (!gemv_route(cb, hi, Kd, N, x, w)) {
+            cuda_gemm_tune(cb, out, x, w, T, hi, Kd, N);
+            cu_matmul(b, out, x, w, NULL, hi, Kd, N);
+        }
+        T = top + 1;
+    }
 }
 
 /* backend.h matmul_swiglu: the GEMV with swiglu in its epilogue where the gate_up
@@ -353,6 +372,7 @@ static const backend_ops *cuda_ops_with_graphs(void) {
         o.copy_runs = cuda_kv_copy_runs;
         o.copy_timing = cuda_kv_copy_timing;
         o.copy_host_ctas = cuda_kv_copy_host_ctas;
+        o.matmul_warm = cu_matmul_warm;
         return o;
     }();
     return &table;
@@ -383,6 +403,7 @@ static void cu_destroy(backend *b) {
     }
     CUDA_CHECK(cudaEventDestroy(cb->timer_start));
     CUDA_CHECK(cudaEventDestroy(cb->timer_stop));
+    cuda_gemm_destroy(cb);
     CUDA_CHECK(cublasDestroy(cb->cublas));
     CUDA_CHECK(cudaFree(cb->cublas_ws));
     if (cb->attn_meta) CUDA_CHECK(cudaFree(cb->attn_meta));
@@ -433,6 +454,7 @@ extern "C" backend *backend_cuda_create(int device, char *err, size_t errlen) {
     CUDA_CHECK(cudaMalloc(&cb->cublas_ws, cb->cublas_ws_bytes));
     CUDA_CHECK(cublasSetWorkspace(cb->cublas, cb->cublas_ws, cb->cublas_ws_bytes));
     CUDA_CHECK(cublasSetMathMode(cb->cublas, CUBLAS_DEFAULT_MATH));
+    cuda_gemm_init(cb, true);
     for (int i = 0; i < CUDA_STAGE_SLOTS; i++) {
         CUDA_CHECK(cudaHostAlloc((void **)&cb->stage[i], CUDA_STAGE_SLOT_BYTES, cudaHostAllocDefault));
         CUDA_CHECK(cudaEventCreateWithFlags(&cb->stage_done[i], cudaEventDisableTiming));
@@ -467,8 +489,9 @@ extern "C" backend *backend_cuda_create(int device, char *err, size_t errlen) {
     bool all = cb->gemv == BACKEND_CUDA_GEMV_ON ||
                (cb->gemv == BACKEND_CUDA_GEMV_AUTO && backend_cuda_gemv_auto_picks_on(cb->mem_peak_gbs, 1, 8, 1 << 30));
     log_info("cuda backend: device %d %s, %d SMs, %.1f GiB (%.0f GB/s peak DRAM), programmatic "
-             "launch %s; matmuls of 1-8 rows: %s", device, prop.name, prop.multiProcessorCount,
+             "launch %s; matmuls: %s; of 1-8 rows: %s", device, prop.name, prop.multiProcessorCount,
              (double)prop.totalGlobalMem / (1 << 30), cb->mem_peak_gbs, cuda_pdl_on ? "on" : "off",
+             cb->gemm ? "cuBLASLt, one algorithm per row bucket" : "cublasGemmEx (PDSERVE_CUDA_GEMM=ex)",
              cb->gemv == BACKEND_CUDA_GEMV_OFF ? "cuBLAS"
              : all ? "the GEMV" : "the GEMV up to 32M weights, cuBLAS above");
     return b;
@@ -504,6 +527,20 @@ extern "C" int backend_cuda_gemv_mode(backend *b, int mode) {
     int old = cb->gemv;
     cb->gemv = mode;
     return old;
+}
+
+extern "C" bool backend_cuda_gemm_lt(backend *b, bool on) {
+    cuda_backend *cb = cuda_of(b);
+    bool old = cb->gemm != NULL;
+    CUDA_CHECK(cudaStreamSynchronize(cb->stream));
+    if (on) cuda_gemm_init(cb, false);
+    else cuda_gemm_destroy(cb);
+    return old;
+}
+
+extern "C" void backend_cuda_gemm_counts(backend *b, long *n_lt, long *n_ex, int *n_entries,
+                                         int *n_tuned) {
+    cuda_gemm_counts(cuda_of(b), n_lt, n_ex, n_entries, n_tuned);
 }
 
 extern "C" void backend_cuda_timer_start(backend *b) {

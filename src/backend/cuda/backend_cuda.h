@@ -45,6 +45,16 @@ int backend_cuda_gemv_mode(backend *b, int mode);
  * H200-class card, and on a card of mem_peak_gbs of peak DRAM bandwidth. */
 bool backend_cuda_gemv_auto_picks(int T, int Kd, int N);
 bool backend_cuda_gemv_auto_picks_on(double mem_peak_gbs, int T, int Kd, int N);
+/* The row bucket whose cuBLASLt algorithm serves a matmul of T rows (gemm_lt.cu): T
+ * itself up to 8, then 12, 16, 24, 32, 48, 64, ... */
+int cuda_gemm_bucket(int T);
+/* Matmuls through cuBLASLt by bucket (on: the default) or all on cublasGemmEx (off:
+ * PDSERVE_CUDA_GEMM=ex); returns the previous setting (benchmarks). Turning it on
+ * starts an empty table. */
+bool backend_cuda_gemm_lt(backend *b, bool on);
+/* Matmul calls since creation that cuBLASLt ran and that went to cublasGemmEx, the
+ * table's entries (shape x bucket x alignment) and how many of them were tuned. */
+void backend_cuda_gemm_counts(backend *b, long *n_lt, long *n_ex, int *n_entries, int *n_tuned);
 /* The prefill attention variant (1, 2, 3: PDSERVE_CUDA_FA) the last prefill attention
  * call of any CUDA backend in this process ran (v3 falls back to v2 where it cannot
  * run), 0 if none ran since the previous query; resets to 0. For benchmarks. */

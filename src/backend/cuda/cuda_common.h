@@ -47,6 +47,9 @@ static inline void cuda_check(cublasStatus_t e, const char *stmt, const char *fi
 #define CUDA_STAGE_SLOTS 4
 #define CUDA_STAGE_SLOT_BYTES ((size_t)8 << 20)
 
+typedef struct cuda_gemm cuda_gemm;   /* gemm_lt.cu */
+typedef struct gemm_entry gemm_entry;
+
 /* Private state of one CUDA backend (backend.impl). Owns every pointer here. */
 typedef struct cuda_backend {
     int device;
@@ -54,6 +57,8 @@ typedef struct cuda_backend {
     cublasHandle_t cublas;
     void *cublas_ws;            /* device: cuBLAS workspace (fixed: graph-capture safe) */
     size_t cublas_ws_bytes;
+    cuda_gemm *gemm;            /* cuBLASLt algorithms per row bucket (gemm_lt.cu); NULL:
+                                 * every matmul on cublasGemmEx (PDSERVE_CUDA_GEMM=ex) */
     int sm_count;
     double mem_peak_gbs;        /* DRAM peak from the memory clock and bus width (GB/s) */
 
@@ -133,6 +138,21 @@ static inline cuda_backend *cuda_of(backend *b) {
     CUDA_CHECK(cudaSetDevice(cb->device));
     return cb;
 }
+
+/* gemm_lt.cu: cuBLASLt matmuls with one algorithm per row bucket. cuda_gemm_lt queues
+ * out[T,N] = x[T,Kd] @ w[N,Kd]^T + beta * out (bf16, fp32 accumulation) and returns
+ * true, or false when the caller must run it on cublasGemmEx (PDSERVE_CUDA_GEMM=ex, or
+ * no algorithm for that bucket). */
+void cuda_gemm_init(cuda_backend *cb, bool from_env); /* from_env: PDSERVE_CUDA_GEMM=ex wins */
+void cuda_gemm_destroy(cuda_backend *cb);
+bool cuda_gemm_lt(cuda_backend *cb, void *out, const void *x, const void *w, int T, int Kd, int N,
+                  float beta);
+void cuda_gemm_counts(cuda_backend *cb, long *n_lt, long *n_ex, int *n_entries, int *n_tuned);
+/* Times the heuristic's candidates for the bucket of t_lo..t_hi (one bucket) at both
+ * ends on out, x and w (room for t_hi rows; overwritten) and keeps the one whose worse
+ * end is nearest its best; once per entry. Start-up (matmul_warm), never in a capture. */
+void cuda_gemm_tune(cuda_backend *cb, void *out, const void *x, const void *w, int t_lo, int t_hi,
+                    int Kd, int N);
 
 /* Copies `bytes` host bytes to device `dst` through the staging ring, in stream order. */
 void cuda_stage_h2d(cuda_backend *cb, void *dst, const void *src, size_t bytes);
