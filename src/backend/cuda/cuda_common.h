@@ -149,8 +149,8 @@ bool cuda_gemm_lt(cuda_backend *cb, void *out, const void *x, const void *w, int
                   float beta);
 void cuda_gemm_counts(cuda_backend *cb, long *n_lt, long *n_ex, int *n_entries, int *n_tuned);
 /* Times the heuristic's candidates for the bucket of t_lo..t_hi (one bucket) at both
- * ends on out, x and w (room for t_hi rows; overwritten) and keeps the one whose worse
- * end is nearest its best; once per entry. Start-up (matmul_warm), never in a capture. */
+ * ends on out, x and w (room for t_hi rows; overwritten) and keeps the fastest at each
+ * end, for that end's half of the bucket; once per entry. Start-up (matmul_warm), never in a capture. */
 void cuda_gemm_tune(cuda_backend *cb, void *out, const void *x, const void *w, int t_lo, int t_hi,
                     int Kd, int N);
 

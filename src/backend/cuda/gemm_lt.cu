@@ -16,9 +16,9 @@
  * (no padding: nothing extra is computed). At start-up the backend's matmul_warm
  * (backend.h, called by engine/forward.c for each of a step's shapes) chooses it:
  * cuda_gemm_tune times the heuristic's first four candidates for the bucket's top
- * and its first four for the bucket's bottom, at both ends, and keeps the one whose
- * worse end is nearest the best seen there; then the kernels are loaded before the
- * first request. An entry made later (another alignment, rows beyond the warm-up) takes
+ * and its first four for the bucket's bottom, at both ends, and keeps the fastest at
+ * each end: the bottom's for the lower half of the bucket, the top's for the upper;
+ * their kernels are loaded before the first request. An entry made later (another alignment, rows beyond the warm-up) takes
  * the heuristic's first pick for its top. Why tuned: the heuristic's pick for a
  * bucket's top can be slow at its bottom (1.2-1.6x cuBLAS's own pick for that T at
  * some shapes with untuned buckets of 1/8; 1.4-2.1x with buckets of a half-doubling:
@@ -39,7 +39,8 @@ struct gemm_entry {
     int Kd, N, bucket, align; /* the key; Kd == 0: a free slot */
     bool ok;                  /* the heuristic found an algorithm */
     bool tuned;               /* cuda_gemm_tune has timed its candidates */
-    cublasLtMatmulAlgo_t algo;
+    int split;                /* T <= split runs algo_lo, else algo (0: algo for all) */
+    cublasLtMatmulAlgo_t algo, algo_lo;
     cublasLtMatrixLayout_t a, b, c; /* w [Kd,N], x [Kd,T], out [N,T] (column-major) */
 };
 
@@ -52,6 +53,7 @@ struct cuda_gemm {
     int n_used;
     long n_lt, n_ex;          /* calls each way (bench_kernels_cuda --first-call) */
     int n_tuned;              /* entries whose algorithm cuda_gemm_tune chose by timing */
+    double spun;              /* seconds of matmuls run to ramp the clocks before the first */
 };
 
 extern "C" int cuda_gemm_bucket(int T) {
@@ -155,16 +157,16 @@ static gemm_entry *gemm_find(cuda_backend *cb, int Kd, int N, int T, int align) 
     return NULL;
 }
 
-/* Mean seconds of one matmul of T rows on algo (3 back to back after one untimed call,
- * which loads its kernel); -1 when cuBLASLt refuses it. */
+/* Mean seconds of one matmul of T rows on algo over `reps` back-to-back calls; -1 when
+ * cuBLASLt refuses it. */
 static double time_algo(cuda_backend *cb, gemm_entry *s, const cublasLtMatmulAlgo_t *algo, void *out,
-                        const void *x, const void *w, int T, cudaEvent_t e0, cudaEvent_t e1) {
+                        const void *x, const void *w, int T, int reps, cudaEvent_t e0, cudaEvent_t e1) {
     cuda_gemm *g = cb->gemm;
     float alpha = 1.0f, beta = 0.0f;
     set_cols(s->b, T);
     set_cols(s->c, T);
-    for (int i = 0; i < 4; i++) {
-        if (i == 1) CUDA_CHECK(cudaEventRecord(e0, cb->stream));
+    CUDA_CHECK(cudaEventRecord(e0, cb->stream));
+    for (int i = 0; i < reps; i++) {
         cublasStatus_t st = cublasLtMatmul(g->lt, g->desc, &alpha, w, s->a, x, s->b, &beta, out, s->c,
                                            out, s->c, algo, cb->cublas_ws, cb->cublas_ws_bytes, cb->stream);
         if (st != CUBLAS_STATUS_SUCCESS) return -1;
@@ -173,10 +175,11 @@ static double time_algo(cuda_backend *cb, gemm_entry *s, const cublasLtMatmulAlg
     CUDA_CHECK(cudaEventSynchronize(e1));
     float ms = 0;
     CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-    return ms * 1e-3 / 3;
+    return ms * 1e-3 / reps;
 }
 
 #define TUNE_PER_END 4 /* candidates from the heuristic at each end of a bucket */
+#define TUNE_ROUNDS 3  /* timings of each candidate at each end, interleaved; the least kept */
 
 void cuda_gemm_tune(cuda_backend *cb, void *out, const void *x, const void *w, int t_lo, int t_hi,
                     int Kd, int N) {
@@ -202,20 +205,36 @@ void cuda_gemm_tune(cuda_backend *cb, void *out, const void *x, const void *w, i
     cudaEvent_t e0, e1;
     CUDA_CHECK(cudaEventCreate(&e0));
     CUDA_CHECK(cudaEventCreate(&e1));
-    double t[2 * TUNE_PER_END][2], best[2] = {1e30, 1e30};
-    for (int i = 0; i < n; i++)
-        for (int k = 0; k < 2; k++) {
-            t[i][k] = time_algo(cb, s, &res[i].algo, out, x, w, k ? t_hi : t_lo, e0, e1);
-            if (t[i][k] > 0 && t[i][k] < best[k]) best[k] = t[i][k];
-        }
-    int pick = -1;
-    double pick_worst = 1e30;
-    for (int i = 0; i < n; i++) { /* the least worst ratio to the best at either end */
-        if (t[i][0] <= 0 || t[i][1] <= 0) continue;
-        double worst = PD_MAX(t[i][0] / best[0], t[i][1] / best[1]);
-        if (worst < pick_worst) pick = i, pick_worst = worst;
+    /* the first tuning of this backend: ~50 ms of matmuls first, so that an idle GPU's
+     * clocks have ramped before anything is compared */
+    for (int i = 0; i < 4000 && g->spun < 0.05; i++) {
+        double t = time_algo(cb, s, &res[0].algo, out, x, w, t_hi, 8, e0, e1);
+        g->spun += t > 0 ? 8 * t : 1;
     }
-    if (pick >= 0) s->algo = res[pick].algo, s->ok = true;
+    double t[2 * TUNE_PER_END][2], best[2] = {1e30, 1e30};
+    for (int i = 0; i < n; i++) /* one untimed call each loads the candidate's kernels */
+        for (int k = 0; k < 2; k++) t[i][k] = time_algo(cb, s, &res[i].algo, out, x, w, k ? t_hi : t_lo, 1, e0, e1) > 0 ? 1e30 : -1;
+    for (int r = 0; r < TUNE_ROUNDS; r++)
+        for (int i = 0; i < n; i++)
+            for (int k = 0; k < 2; k++) {
+                if (t[i][k] < 0) continue;
+                double v = time_algo(cb, s, &res[i].algo, out, x, w, k ? t_hi : t_lo, 2, e0, e1);
+                t[i][k] = v < 0 ? -1 : PD_MIN(t[i][k], v);
+            }
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k < 2; k++)
+            if (t[i][k] > 0 && t[i][k] < best[k]) best[k] = t[i][k];
+    int lo = -1, hi = -1; /* the fastest at each end */
+    for (int i = 0; i < n; i++) {
+        if (t[i][0] > 0 && t[i][0] == best[0] && lo < 0) lo = i;
+        if (t[i][1] > 0 && t[i][1] == best[1] && hi < 0) hi = i;
+    }
+    if (lo >= 0 && hi >= 0) {
+        s->algo_lo = res[lo].algo;
+        s->algo = res[hi].algo;
+        s->split = (t_lo + t_hi) / 2;
+        s->ok = true;
+    }
     g->n_tuned++;
     CUDA_CHECK(cudaEventDestroy(e0));
     CUDA_CHECK(cudaEventDestroy(e1));
@@ -234,8 +253,9 @@ bool cuda_gemm_lt(cuda_backend *cb, void *out, const void *x, const void *w, int
     set_cols(s->b, T);
     set_cols(s->c, T);
     float alpha = 1.0f;
+    const cublasLtMatmulAlgo_t *algo = T <= s->split ? &s->algo_lo : &s->algo;
     cublasStatus_t st = cublasLtMatmul(g->lt, g->desc, &alpha, w, s->a, x, s->b, &beta, out, s->c, out,
-                                       s->c, &s->algo, cb->cublas_ws, cb->cublas_ws_bytes, cb->stream);
+                                       s->c, algo, cb->cublas_ws, cb->cublas_ws_bytes, cb->stream);
     if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE) {
         g->n_ex++;
         return false; /* refused before any launch: cublasGemmEx runs it */
