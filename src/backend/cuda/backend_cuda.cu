@@ -260,9 +260,13 @@ static void cu_matmul(backend *b, void *out, const void *x, const void *w, const
                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-/* backend.h matmul_warm: for each row bucket up to t_max (gemm_lt.cu), the algorithm
- * chosen by timing the heuristic's candidates at the bucket's two ends, then one matmul
- * at its top, so that no request pays for choosing or loading a kernel. */
+/* backend.h matmul_warm: for each row bucket up to t_max (gemm_lt.cu), the algorithms
+ * chosen by timing the heuristic's candidates at the bucket's two ends (up to
+ * GEMM_TUNE_MAX_ROWS; above, the heuristic's pick for the top), then one matmul at its
+ * top, so that no request pays for choosing or loading a kernel. */
+#define GEMM_TUNE_MAX_ROWS 4096 /* above, a candidate's matmul runs milliseconds and 64
+                                 * of them per bucket would add seconds to start-up, for
+                                 * compute-bound shapes the heuristic picks well */
 static void cu_matmul_warm(backend *b, void *out, const void *x, const void *w, int t_max, int Kd,
                            int N) {
     cuda_backend *cb = cuda_of(b);
@@ -271,7 +275,7 @@ static void cu_matmul_warm(backend *b, void *out, const void *x, const void *w, 
         int top = cuda_gemm_bucket(T);
         int hi = PD_MIN(top, t_max);
         if (!gemv_route(cb, hi, Kd, N, x, w)) {
-            cuda_gemm_tune(cb, out, x, w, T, hi, Kd, N);
+            if (hi <= GEMM_TUNE_MAX_ROWS) cuda_gemm_tune(cb, out, x, w, T, hi, Kd, N);
             cu_matmul(b, out, x, w, NULL, hi, Kd, N);
         }
         T = top + 1;
