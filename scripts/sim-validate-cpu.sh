@@ -71,7 +71,7 @@ for variant in "${variants[@]}"; do
   prof="$out/prof.json"
   [ "$variant" = no-factor ] && flag=(--no-step-factor)
   [ "$variant" = calibrated ] && prof="$out/prof-calibrated.json"
-  "$bin" sim "$plan" --profile "$prof" --db "$out/sim-$variant.db" "${flag[@]}" \
+  "$bin" sim "$plan" --profile "$prof" --db "$out/sim-$variant.db" --tokenizer "$out/model" "${flag[@]}" \
     > "$out/sim-$variant.log" 2>&1
   log "simulated, $variant:"
   python3 scripts/sim_spread.py "${reals[@]}" --sim "$out/sim-$variant.db" --markdown | tee "$out/spread-$variant.md"

@@ -1564,6 +1564,77 @@ static void check_store_overlap_option(const char *bin, const char *dir, sim_pro
     unlink(js[1]);
 }
 
+/* `pdserve sim --tokenizer DIR`: prompts as the sweep's client makes them and the server
+ * encodes them. A tiny-llama model (pdserve make-model) whose completions add a BOS; a
+ * dis-cpu point of 4 prompts of 32 tokens and a decode pool of 8 blocks of 16. As
+ * token ids each prompt holds 2 blocks at the router's reservation and all 4 fit; as
+ * the server counts them (at least 33 tokens, 3 blocks) 2 fit and 2 are refused (503
+ * kv_cache_full), as a real deployment refuses them. The results' input_tokens stay
+ * the client's count, at most one token more than asked (the random prompt's
+ * re-encoding). A tokenizer that is not there is refused naming it. (PDSERVE_BIN;
+ * skipped without it.) */
+static void test_sim_tokenizer_option(void) {
+    const char *bin = test_pdserve_bin();
+    if (!bin) return;
+    const char *dir = getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
+    char model[512], prof[512], plan[512], js[512], db[512], cmd[3072];
+    int pid = (int)getpid();
+    snprintf(model, sizeof model, "%s/pd-tok-model-%d", dir, pid);
+    snprintf(prof, sizeof prof, "%s/pd-tok-prof-%d.json", dir, pid);
+    snprintf(plan, sizeof plan, "%s/pd-tok-plan-%d.json", dir, pid);
+    snprintf(js, sizeof js, "%s/pd-tok-%d.json", dir, pid);
+    snprintf(db, sizeof db, "%s/pd-tok-%d.db", dir, pid);
+    snprintf(cmd, sizeof cmd, "%s make-model --out %s --preset tiny-llama --force > /dev/null 2>&1", bin, model);
+    REQUIRE(system(cmd) == 0);
+    sim_profile p;
+    const_profile(&p, 0.01, 0.002); /* kv_bytes_per_token 1000 */
+    char *text = sim_profile_to_json(&p);
+    FILE *f = fopen(prof, "w"), *g = fopen(plan, "w");
+    REQUIRE(f && g && text);
+    fputs(text, f);
+    fclose(f);
+    free(text);
+    sim_profile_free(&p);
+    fputs("{\"name\": \"tok\", \"setups\": [\"dis-cpu\"], \"serve_args\": {\"kv-cache-memory\": \"128000\"},"
+          " \"dataset\": {\"name\": \"random\", \"input_len\": 32, \"output_len\": 4, \"ignore_eos\": true},"
+          " \"loads\": {\"batch_sizes\": [4]}}",
+          g);
+    fclose(g);
+    int refused[2] = {-1, -1};
+    for (int k = 0; k < 2; k++) {
+        unlink(db);
+        snprintf(cmd, sizeof cmd, "%s sim %s --profile %s --json %s --db %s --quiet%s%s > /dev/null 2>&1", bin, plan,
+                 prof, js, db, k ? " --tokenizer " : "", k ? model : "");
+        CHECKF(system(cmd) == 0, "%s", cmd);
+        char *buf = NULL;
+        size_t n = 0;
+        char err[256];
+        buf = util_read_file(js, &n, err, sizeof err);
+        cJSON *a = buf ? cJSON_Parse(buf) : NULL;
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(a, 0), "kv_full");
+        refused[k] = cJSON_IsNumber(v) ? v->valueint : -1;
+        cJSON_Delete(a);
+        free(buf);
+        snprintf(cmd, sizeof cmd, "sqlite3 %s 'select min(input_tokens) * 1000 + max(input_tokens) from requests' 2>/dev/null",
+                 db);
+        int st = -1, mm = cmd_int(cmd, &st);
+        if (st == 0 && mm >= 0) /* sqlite3 is there: the client's counts, 32 or 33 */
+            CHECKF(mm / 1000 >= 32 && mm % 1000 <= 33, "input_tokens %d..%d", mm / 1000, mm % 1000);
+    }
+    CHECKF(refused[0] == 0 && refused[1] == 2, "refused at the reservation: %d as ids, %d as the server counts",
+           refused[0], refused[1]);
+    snprintf(cmd, sizeof cmd, "%s sim %s --profile %s --tokenizer %s/none --quiet 2>&1 >/dev/null | grep -c -- '--tokenizer'",
+             bin, plan, prof, dir);
+    int st = -1, said = cmd_int(cmd, &st);
+    CHECKF(said == 1, "a missing tokenizer: %d lines naming it", said);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", model);
+    CHECK(system(cmd) == 0);
+    unlink(prof);
+    unlink(plan);
+    unlink(js);
+    unlink(db);
+}
+
 /* A `pdserve profile` command line (after prefix) timing mediums (their options) on a
  * tiny grid into path, its output dropped; in_process: --medium-in-process. */
 static void medium_profile_cmd(char *cmd, size_t cap, const char *prefix, const char *bin, const char *path,
@@ -2111,6 +2182,7 @@ int main(void) {
     TEST_RUN(test_disk_train_room);
     TEST_RUN(test_profile_mediums);
     TEST_RUN(test_profile_mediums_peer);
+    TEST_RUN(test_sim_tokenizer_option);
     TEST_RUN(test_profile_gpu_medium_peer);
     TEST_RUN(test_profile_device_share);
     TEST_RUN(test_profile_mediums_into);

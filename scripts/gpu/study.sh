@@ -228,17 +228,18 @@ if [ -z "${SKIP_SIM:-}" ] && [ -f "$out/profile.json" ]; then
   # SIM_COMPARE (sim options): the same points also simulated with them into a copy of
   # the sweep's database, study-cmp.db, whose table follows the main one's
   [ -n "${SIM_COMPARE:-}" ] && [ -f "$out/study.db" ] && cp "$out/study.db" "$out/study-cmp.db" &&
-    timeout 120 "$BIN" sim "$PLAN" --profile "$out/profile.json" --db "$out/study-cmp.db" --quiet $SIM_COMPARE &&
+    timeout 120 "$BIN" sim "$PLAN" --profile "$out/profile.json" --db "$out/study-cmp.db" --tokenizer "$TOK" --quiet $SIM_COMPARE &&
     echo "sim $PLAN $SIM_COMPARE: into study-cmp.db at $(el) s"
   # the same points simulated into the same database: report puts them side by side
   # (the probed points each with its own probe's profile)
   if [ "$(n_setups "$main_plan")" != 0 ]; then
-    timeout 120 "$BIN" sim "$main_plan" --profile "$out/profile.json" --db "$out/study.db" --quiet
+    timeout 120 "$BIN" sim "$main_plan" --profile "$out/profile.json" --db "$out/study.db" --tokenizer "$TOK" --quiet
     echo "sim $main_plan: exit $? at $(el) s"
   fi
   for pt in $probe_points; do
     [ -f "$out/probe/$pt-profile.json" ] &&
-      timeout 60 "$BIN" sim "$out/probe/$pt.json" --profile "$out/probe/$pt-profile.json" --db "$out/study.db" --quiet
+      timeout 60 "$BIN" sim "$out/probe/$pt.json" --profile "$out/probe/$pt-profile.json" --db "$out/study.db" \
+        --tokenizer "$TOK" --quiet
     echo "sim $pt with its probe: exit $? at $(el) s"
   done
   rm -f "$out/clocks.db"

@@ -15,6 +15,7 @@
 #include "backend/backend.h"
 #include "bench/bench.h"
 #include "cli/cli.h"
+#include "model/tokenizer.h"
 #include "sim/sim.h"
 #include "study/study.h"
 #include "util/util.h"
@@ -75,9 +76,32 @@ static void load_label(const sim_load *l, char *out, size_t cap) {
     else snprintf(out, cap, "r%g", l->rate);
 }
 
+/* With --tokenizer, each text prompt as the server encodes it for /v1/completions
+ * (special tokens added: a Llama 3 BOS), so that its length and ids are what a real
+ * deployment counts, blocks and prefix-matches (a 128-token random prompt is 129
+ * there, 9 blocks of 16 and not 8). */
+static int encode_as_server(bench_dataset *d, const tokenizer *tk, int *client, char *err, size_t errlen) {
+    for (int i = 0; i < d->n; i++) {
+        client[i] = 0;
+        bench_request *q = &d->reqs[i];
+        if (!q->prompt) continue; /* token ids: the server takes them as they are */
+        int32_t *ids = NULL;
+        int n = 0;
+        if (tokenizer_encode(tk, q->prompt, strlen(q->prompt), true, &ids, &n, err, errlen) != 0) return -1;
+        free(q->prompt_ids);
+        q->prompt_ids = ids;
+        client[i] = q->prompt_len; /* the client's count: what a real run's input_tokens holds */
+        q->prompt_len = n;
+    }
+    return 0;
+}
+
 /* Builds the requests of one load: the setup's dataset (a study plan's "datasets" entry
- * or reuse ratio) or else the plan's, with the plan's seed, and the arrivals. */
-static int make_requests(const sim_plan *pl, const sim_plan_setup *su, const sim_load *l, bench_dataset *d,
+ * or reuse ratio) or else the plan's, with the plan's seed, and the arrivals. With a
+ * tokenizer (tk, bt its bench wrapper) the prompts are the sweep's client's, token-exact
+ * text in the model's tokens, as the server encodes them; without, token ids. */
+static int make_requests(const sim_plan *pl, const sim_plan_setup *su, const sim_load *l,
+                         const tokenizer *tk, const bench_tokenizer *bt, bench_dataset *d,
                          sim_request **reqs, double *mean_rate, char *err, size_t errlen) {
     bench_dataset_opts o = su->has_dataset ? su->dataset : pl->dataset;
     if (su->has_dataset && pl->dataset.random_vocab_size < o.random_vocab_size)
@@ -88,7 +112,7 @@ static int make_requests(const sim_plan *pl, const sim_plan_setup *su, const sim
         o.num_prefixes = PD_MIN(o.num_prefixes, l->num_prompts);
     o.path = pl->dataset_path[0] ? pl->dataset_path : NULL;
     o.trace_time_scale = l->trace_time_scale;
-    if (bench_dataset_load(&o, NULL, d, err, errlen) != 0) return -1;
+    if (bench_dataset_load(&o, tk ? bt : NULL, d, err, errlen) != 0) return -1;
     if (d->n == 0) {
         pd_errorf(err, errlen, "the dataset has no requests");
         return -1;
@@ -106,8 +130,16 @@ static int make_requests(const sim_plan *pl, const sim_plan_setup *su, const sim
         bench_arrivals(l->batch ? INFINITY : l->rate, l->burstiness, d->n, pl->seed, arr);
         *mean_rate = l->batch ? INFINITY : l->rate;
     }
+    int *client = xcalloc((size_t)d->n, sizeof *client);
+    if (tk && encode_as_server(d, tk, client, err, errlen) != 0) {
+        free(client);
+        free(arr);
+        return -1;
+    }
     *reqs = xmalloc(sizeof(sim_request) * (size_t)d->n);
     sim_requests_from_dataset(d, arr, *reqs);
+    for (int i = 0; i < d->n; i++) (*reqs)[i].n_prompt_client = client[i];
+    free(client);
     free(arr);
     return 0;
 }
@@ -231,6 +263,8 @@ typedef struct sim_cli {
     bool own_copies;        /* GPU profiles: a cpu store's copies beside their own instance's steps (--no-own-copies) */
     bool power_cap;         /* GPU instances' clocks under the enforced power limit (--power-cap) */
     bool store_pipelined;   /* stores: the pipelined train's overlap factors (--store-overlap) */
+    const tokenizer *tok;   /* --tokenizer: prompts as the sweep's client and the server make them */
+    bench_tokenizer btok;   /* tok behind the bench's callbacks */
 } sim_cli;
 
 static double rel(double sim, double real) { return real != 0 ? 100.0 * (sim / real - 1.0) : NAN; }
@@ -377,7 +411,7 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
     sim_request *reqs = NULL;
     double mean_rate;
     double t_start = time_wall_s();
-    if (make_requests(pl, su, l, &d, &reqs, &mean_rate, err, errlen) != 0) {
+    if (make_requests(pl, su, l, c->tok, &c->btok, &d, &reqs, &mean_rate, err, errlen) != 0) {
         bench_dataset_free(&d);
         return -1;
     }
@@ -533,7 +567,7 @@ static int price_traces(const char *dir, const char *prefix, const char *profile
 int cmd_sim(int argc, char **argv) {
     const char *profile_path = NULL, *db_path = NULL, *json_path = NULL, *router = NULL;
     const char *vmodel = NULL, *price_dir = NULL, *trace_prefix = NULL, *write_profile = NULL, *deployment = NULL,
-               *store_overlap = "rounds", *only_setups = NULL;
+               *store_overlap = "rounds", *only_setups = NULL, *tok_dir = NULL;
     int seed = -1, threads = 0, vrepeats = 3;
     bool quiet = false, no_contention = false, no_control = false, no_serving = false, no_serving_cpu = false,
          no_step_factor = false, step_factor = false, no_kinds = false, no_tier_cpu = false, no_power_cap = false,
@@ -547,6 +581,9 @@ int cmd_sim(int argc, char **argv) {
         {"setups", OPT_STRING, &only_setups, "simulate only these setup labels (comma-separated), as sweep --setups",
          "LIST"},
         {"seed", OPT_INT, &seed, "override the plan's seed", "S"},
+        {"tokenizer", OPT_STRING, &tok_dir,
+         "the prompts as `pdserve sweep --tokenizer DIR` sends them and the server encodes them (text in the "
+         "model's tokens, special tokens added): their real lengths, blocks and ids (default: token ids)", "DIR"},
         {"quiet", OPT_FLAG, &quiet, "no log lines", NULL},
         {"no-cpu-contention", OPT_FLAG, &no_contention,
          "CPU profiles: price each instance's steps as if it had the host to itself", NULL},
@@ -741,6 +778,16 @@ int cmd_sim(int argc, char **argv) {
     model_files vfiles;
     backend *vbe = NULL;
     bool vopen = false;
+    tokenizer *tk = NULL;
+    if (tok_dir) {
+        if (!(tk = cli_load_tokenizer(NULL, tok_dir, err, sizeof err))) {
+            fprintf(stderr, "pdserve sim: --tokenizer: %s\n", err);
+            rc = 1;
+            goto out;
+        }
+        c.tok = tk;
+        bench_tokenizer_wrap(&c.btok, tk);
+    }
     if (vmodel) {
         if (model_files_open(vmodel, "dummy", &vfiles, err, sizeof err) != 0) {
             fprintf(stderr, "pdserve sim: --validate-model: %s\n", err);
@@ -794,6 +841,7 @@ int cmd_sim(int argc, char **argv) {
         cJSON_free(txt);
     }
 out:
+    if (tk) tokenizer_free(tk);
     model_free(c.vmodel);
     if (vbe) backend_destroy(vbe);
     if (vopen) model_files_close(&vfiles);

@@ -32,6 +32,7 @@ typedef enum inst_role { ROLE_COLOCATED, ROLE_PREFILL, ROLE_DECODE } inst_role;
 
 typedef struct sreq {
     int n_prompt, max_tokens;
+    int n_prompt_client;    /* sim_request's: what the result records */
     const int32_t *prompt;  /* the request's ids (prefix caching), else NULL */
     double arrival, first_token, finished;
     double *token_times;    /* [max_tokens] when recording, else [2]: first, last (owned until the result) */
@@ -1215,7 +1216,7 @@ static bench_result *make_result(sim_state *s, const bench_config *bc, double ma
                                             "the prompt's KV at the router's reservation"
                                           : "simulated HTTP 504: the prefill and its KV transfer did not finish "
                                             "within the kv-transfer-timeout deadline");
-            b->prompt_len = r->n_prompt;
+            b->prompt_len = r->n_prompt_client;
             b->expected_output_len = r->max_tokens;
             b->start_s = r->arrival;
             b->e2el_s = r->finished - r->arrival;
@@ -1228,7 +1229,7 @@ static bench_result *make_result(sim_state *s, const bench_config *bc, double ma
          * prefix caching; through the router, the prefill instance's figure) */
         b->has_cached = true;
         b->cached_tokens = PD_MAX(r->cached, 0);
-        b->prompt_len = r->n_prompt;
+        b->prompt_len = r->n_prompt_client;
         b->output_len = r->n_out;
         b->expected_output_len = r->max_tokens;
         b->start_s = r->arrival;
@@ -1256,6 +1257,7 @@ void sim_requests_from_dataset(const bench_dataset *d, const double *arrival, si
         out[i].max_tokens = q->output_len > 0 ? q->output_len : 1;
         out[i].arrival = arrival ? arrival[i] : PD_MAX(q->arrival_s, 0);
         out[i].prompt = q->prompt_ids;
+        out[i].n_prompt_client = 0;
     }
 }
 
@@ -1375,6 +1377,7 @@ int sim_run(const sim_config *cfg, const sim_profile *p, const sim_request *in_r
     for (int i = 0; i < n; i++) {
         sreq *r = &s.reqs[i];
         r->n_prompt = in_reqs[i].n_prompt;
+        r->n_prompt_client = in_reqs[i].n_prompt_client > 0 ? in_reqs[i].n_prompt_client : r->n_prompt;
         r->max_tokens = in_reqs[i].max_tokens;
         r->prompt = in_reqs[i].prompt;
         r->arrival = in_reqs[i].arrival;

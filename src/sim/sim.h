@@ -798,6 +798,9 @@ typedef struct sim_request {
     int n_prompt, max_tokens;
     double arrival;             /* seconds from the start */
     const int32_t *prompt;      /* may be NULL for the simulator */
+    int n_prompt_client;        /* the prompt's tokens as the client counts them, what a
+                                 * result's input_tokens holds where the server adds its own
+                                 * (a BOS: pdserve sim --tokenizer); 0: n_prompt */
 } sim_request;
 
 typedef struct sim_stats {
