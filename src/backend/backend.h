@@ -316,10 +316,11 @@ typedef struct backend_ops {
      * matmul_warm: runs matmul(out, x, w, NULL, T, Kd, N) once for each row count T up
      * to t_max at which the backend would otherwise choose or load a kernel on first
      * use (CUDA: one T per row bucket), so that no step pays for that later. out and x
-     * have room for t_max rows; what they hold is overwritten. NULL: nothing to warm
+     * have room for t_max rows; what they hold is overwritten. Returns how many row
+     * counts it ran (0: nothing to warm on this backend's route). NULL: nothing to warm
      * (the CPU backend). */
-    void (*matmul_warm)(backend *b, void *out, const void *x, const void *w, int t_max, int Kd,
-                        int N);
+    int (*matmul_warm)(backend *b, void *out, const void *x, const void *w, int t_max, int Kd,
+                       int N);
 } backend_ops;
 
 /* One row's parameters for ->sample_rows (host memory). */

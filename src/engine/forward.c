@@ -340,13 +340,15 @@ static void fwd_warm_matmuls(fwd_ctx *f) {
     double t0 = time_now_s();
     const layer_weights *w = &f->m->layers[0];
     int T = f->max_tokens, C = c->dim, QKV = (c->n_heads + 2 * c->n_kv_heads) * c->head_dim;
-    o->matmul_warm(be, f->qkv, f->xn, w->wqkv, T, C, QKV);
-    o->matmul_warm(be, f->proj, f->attn, w->wo, T, c->n_heads * c->head_dim, C);
-    o->matmul_warm(be, f->gu, f->xn, w->w_gate_up, T, C, 2 * c->ffn_dim);
-    o->matmul_warm(be, f->proj, f->act, w->w_down, T, c->ffn_dim, C);
-    o->matmul_warm(be, f->lg, f->xl, f->m->lm_head, f->logit_chunk, C, c->vocab_size);
+    int ran = o->matmul_warm(be, f->qkv, f->xn, w->wqkv, T, C, QKV);
+    ran += o->matmul_warm(be, f->proj, f->attn, w->wo, T, c->n_heads * c->head_dim, C);
+    ran += o->matmul_warm(be, f->gu, f->xn, w->w_gate_up, T, C, 2 * c->ffn_dim);
+    ran += o->matmul_warm(be, f->proj, f->act, w->w_down, T, c->ffn_dim, C);
+    ran += o->matmul_warm(be, f->lg, f->xl, f->m->lm_head, f->logit_chunk, C, c->vocab_size);
+    if (!ran) return; /* nothing to warm on this route (PDSERVE_CUDA_GEMM=ex) */
     o->sync(be);
-    log_info("forward: matmuls warmed for 1-%d rows in %.2f s", T, time_now_s() - t0);
+    log_info("forward: matmuls warmed for 1-%d rows (%d row counts over 5 shapes) in %.2f s", T, ran,
+             time_now_s() - t0);
 }
 
 fwd_ctx *fwd_ctx_create(model *m, int max_tokens, int max_seqs) {

@@ -267,19 +267,22 @@ static void cu_matmul(backend *b, void *out, const void *x, const void *w, const
 #define GEMM_TUNE_MAX_ROWS 4096 /* above, a candidate's matmul runs milliseconds and 64
                                  * of them per bucket would add seconds to start-up, for
                                  * compute-bound shapes the heuristic picks well */
-static void cu_matmul_warm(backend *b, void *out, const void *x, const void *w, int t_max, int Kd,
-                           int N) {
+static int cu_matmul_warm(backend *b, void *out, const void *x, const void *w, int t_max, int Kd,
+                          int N) {
     cuda_backend *cb = cuda_of(b);
-    if (!cb->gemm) return;
+    if (!cb->gemm) return 0;
+    int ran = 0;
     for (int T = 1; T <= t_max;) {
         int top = cuda_gemm_bucket(T);
         int hi = PD_MIN(top, t_max);
         if (!gemv_route(cb, hi, Kd, N, x, w)) {
             if (hi <= GEMM_TUNE_MAX_ROWS) cuda_gemm_tune(cb, out, x, w, T, hi, Kd, N);
             cu_matmul(b, out, x, w, NULL, hi, Kd, N);
+            ran++;
         }
         T = top + 1;
     }
+    return ran;
 }
 
 /* backend.h matmul_swiglu: the GEMV with swiglu in its epilogue where the gate_up
