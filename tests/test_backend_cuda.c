@@ -778,11 +778,25 @@ static void test_attention(void) {
     static const int long_decode[][2] = {{1, 8192}};
     static const int two_decode[][2] = {{1, 5000}, {1, 3}};
     attn_case fa_cases[] = {{32, 8, 128, 16}, {8, 2, 64, 16}, {24, 8, 128, 7}};
+    /* short chunks after long cached prefixes: fewer (tile, head) blocks than SMs, so v3
+     * splits each one's key tiles over several blocks and merges them (a chunk ending
+     * inside a key tile, one of two tiles whose second warpgroup reads a tile more, two
+     * sequences of unequal contexts in one launch, a decode row beside them) */
+    static const int short_long[][2] = {{40, 4000}, {130, 3000}, {16, 700}, {1, 2500}};
     for (size_t k = 0; k < PD_ARRAY_LEN(fa_cases); k++) {
         attention_step(&fa_cases[k], long_prefill, PD_ARRAY_LEN(long_prefill));
         attention_step(&fa_cases[k], long_decode, 1);
         attention_step(&fa_cases[k], two_decode, 2);
+        attention_step(&fa_cases[k], short_long, PD_ARRAY_LEN(short_long));
     }
+    /* the same with the split fixed: 1 (off), 3, 16 (more splits than some tiles have) */
+    static const char *fixed[] = {"1", "3", "16"};
+    for (size_t f = 0; f < PD_ARRAY_LEN(fixed); f++) {
+        setenv("PDSERVE_CUDA_FA3_SPLIT", fixed[f], 1);
+        attention_step(&fa_cases[0], short_long, PD_ARRAY_LEN(short_long));
+        attention_step(&fa_cases[2], long_prefill, PD_ARRAY_LEN(long_prefill));
+    }
+    unsetenv("PDSERVE_CUDA_FA3_SPLIT");
 }
 
 /* One transformer-layer's worth of ops chained on both backends: kv_store then

@@ -799,6 +799,7 @@ typedef struct attn_plan {
     int n_rmap;         /* rows left to the decode kernel when a step has prefill tiles:
                          * its grid covers these alone, not every row of the step */
     int max_block;      /* the largest block id of the sequences with prefill tiles */
+    int max_fa_keys;    /* the longest context among them */
 } attn_plan;
 
 /* Flattens seqs into the metadata layout above (host), in cb->attn_meta_tmp, with the
@@ -856,6 +857,7 @@ static attn_plan attn_meta_build(cuda_backend *cb, const attn_seq *seqs, int B, 
         if (fa && s->q_len >= ATT_FA_MIN_Q) {
             for (int i = 0; i < s->n_blocks; i++)
                 pl.max_block = PD_MAX(pl.max_block, s->block_table[i]);
+            pl.max_fa_keys = PD_MAX(pl.max_fa_keys, s->ctx_len);
             for (int i = 0; i < s->q_len; i++) rows[2 * (s->q_start + i)] = -2;
             for (int i = 0; i < s->q_len; i += ATT_FA_M) {
                 int32_t *t = tiles + 4 * pl.n_tiles++;
@@ -1212,7 +1214,7 @@ void cuda_attention(backend *b, void *out, const void *qkv, const void *kcache, 
     const int32_t *tiles = cb->attn_meta + pl.tiles_off;
     if (pl.n_tiles > 0)
         cuda_attention_prefill(cb, o, q, kc, vc, tiles, pl.n_tiles, sq, tab, T, H, K, D, block_size,
-                               ((int64_t)pl.max_block + 1) * block_size, scale);
+                               ((int64_t)pl.max_block + 1) * block_size, pl.max_fa_keys, scale);
     if (pl.n_basic_rows == 0 && pl.n_claimed == T) return; /* every row was a prefill row */
     if (at2_on(cb, D)) {
         at2_decode(cb, o, q, kc, vc, rows, sq, tab, T, H, K, D, block_size, scale,

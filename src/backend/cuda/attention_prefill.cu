@@ -583,14 +583,14 @@ bool cuda_attention_prefill_supports(int D) { return D == 64 || D == 128; }
 void cuda_attention_prefill(cuda_backend *cb, __nv_bfloat16 *out, const __nv_bfloat16 *qkv,
                             const __nv_bfloat16 *kc, const __nv_bfloat16 *vc, const int32_t *tiles,
                             int n_tiles, const int32_t *seqs, const int32_t *tables, int T, int H,
-                            int K, int D, int bs, int64_t n_slots, float scale) {
+                            int K, int D, int bs, int64_t n_slots, int max_keys, float scale) {
     PD_ASSERT(cuda_attention_prefill_supports(D) && n_tiles > 0 && H % K == 0 && bs > 0);
     PD_ASSERT((int64_t)n_tiles * H < (int64_t)1 << 31);
     /* v2 and v3 keep row maxima of raw scores: right for a positive scale only */
     int variant = scale > 0.0f ? fa_variant() : 1;
     if (variant == 3) {
         if (cuda_attention_prefill_v3(cb, out, qkv, kc, vc, tiles, n_tiles, seqs, tables, T, H, K,
-                                      D, bs, n_slots, scale)) {
+                                      D, bs, n_slots, max_keys, scale)) {
             fa_ran = 3;
             return;
         }

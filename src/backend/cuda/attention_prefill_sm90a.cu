@@ -237,6 +237,8 @@ struct fa3_args {
     const int32_t *tables;  /* block ids */
     int n_tiles, H, K, bs, box_rows, manual;
     float scale_log2;
+    int nsplit;             /* blocks over each (tile, head)'s key tiles (gridDim.y) */
+    float *ws;              /* nsplit > 1: partial [split][block][128 rows][D + 2] (O, m, l) */
 };
 
 #if FA3_DEVICE_OK
@@ -304,6 +306,10 @@ fa3_prefill_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
     const int kvh = h / (H / a.K);
     const int n_keys = pos0 + n_rows; /* keys 0 .. the last row's position */
     const int nt = (n_keys + FA3_N - 1) / FA3_N;
+    /* split z of the key tiles: [t_begin, t_end) (empty where the tile has fewer) */
+    const int per = (nt + a.nsplit - 1) / a.nsplit;
+    const int t_begin = min((int)blockIdx.y * per, nt), t_end = min(nt, t_begin + per);
+    const int n_u = t_end - t_begin;
     const int n_live = n_rows > 64 ? 2 : 1; /* consumer warpgroups with a real row */
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
@@ -348,20 +354,20 @@ fa3_prefill_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
         if (lane == 0) mbar_arrive(q_full);
         /* K runs a tile ahead of V, as the consumers use them (S_t, then P_{t-1} V_{t-1}):
          * K_{t+1} waits only for S_{t-1} to be done, not for the PV behind it */
-        for (int t = 0; t <= nt; t++) {
-            if (t < nt) {
-                const int s = t % FA3_ST;
-                const uint32_t reuse = (uint32_t)(t / FA3_ST); /* earlier tiles in stage s */
+        for (int u = 0; u <= n_u; u++) { /* u: the split's tiles from 0, t = t_begin + u */
+            if (u < n_u) {
+                const int s = u % FA3_ST;
+                const uint32_t reuse = (uint32_t)(u / FA3_ST); /* earlier tiles in stage s */
                 if (reuse > 0) mbar_wait(k_empty(s), (reuse - 1) & 1);
-                fa3_load_kv<D>(a, &tm_k, a.kc, sK + s * TILE_B, k_full(s), table, t, n_keys, kvh,
-                               lane);
+                fa3_load_kv<D>(a, &tm_k, a.kc, sK + s * TILE_B, k_full(s), table, t_begin + u, n_keys,
+                               kvh, lane);
             }
-            if (t > 0) {
-                const int tv = t - 1, s = tv % FA3_ST;
-                const uint32_t reuse = (uint32_t)(tv / FA3_ST);
+            if (u > 0) {
+                const int uv = u - 1, s = uv % FA3_ST;
+                const uint32_t reuse = (uint32_t)(uv / FA3_ST);
                 if (reuse > 0) mbar_wait(v_empty(s), (reuse - 1) & 1);
-                fa3_load_kv<D>(a, &tm_v, a.vc, sV + s * TILE_B, v_full(s), table, tv, n_keys, kvh,
-                               lane);
+                fa3_load_kv<D>(a, &tm_v, a.vc, sV + s * TILE_B, v_full(s), table, t_begin + uv, n_keys,
+                               kvh, lane);
             }
         }
         return;
@@ -374,7 +380,7 @@ fa3_prefill_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
     if (r_wg >= n_rows) return; /* padding rows only: takes no part (n_live excludes it) */
     /* tiles this warpgroup reads: keys 0 .. its last real row's position (the other
      * warpgroup may read one tile more; that tile's stage is never refilled) */
-    const int nt_w = (pos0 + min(r_wg + 63, n_rows - 1)) / FA3_N + 1;
+    const int nt_w = min((pos0 + min(r_wg + 63, n_rows - 1)) / FA3_N + 1, t_end) - t_begin;
     const int rr = r_wg + 16 * wq + lane / 4;     /* this thread's rows: rr and rr + 8 */
     const int pos_r0 = pos0 + rr, pos_r1 = pos_r0 + 8;
     const int pos_w = pos0 + r_wg + 16 * wq;      /* the warp's first row's position */
@@ -395,6 +401,16 @@ fa3_prefill_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
     float corr0 = 1.0f, corr1 = 1.0f;
 
     mbar_wait(q_full, 0);
+    float *part = a.nsplit > 1 ? a.ws + ((size_t)blockIdx.y * gridDim.x + blockIdx.x) * FA3_M * (D + 2) : NULL;
+    if (nt_w <= 0) { /* no key of this split for the warpgroup's rows: an empty partial */
+        for (int i = 0; i < 2 && part; i++) {
+            const int r = rr + 8 * i;
+            if (r >= n_rows || lane % 4) continue;
+            part[(size_t)r * (D + 2) + D] = -INFINITY;
+            part[(size_t)r * (D + 2) + D + 1] = 0.0f;
+        }
+        return;
+    }
 
     /* S = Q K^T of stage st into s (issue only) */
 #define FA3_QK(st)                                                                                 \
@@ -490,7 +506,7 @@ fa3_prefill_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
         if (lane == 0) mbar_arrive(bar);
     };
 
-    /* tile 0 */
+    /* the split's first tile (u counts its tiles from 0; the key tile is t_begin + u) */
     mbar_wait(k_full(0), 0);
     wg_fence();
     FA3_QK(0);
@@ -498,7 +514,7 @@ fa3_prefill_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
     wg_wait<0>();
     reg_fence(s);
     release(k_empty(0));
-    softmax(0);
+    softmax(t_begin);
     pack_p();
 
     for (int t = 1; t < nt_w; t++) {
@@ -514,7 +530,7 @@ fa3_prefill_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
         wg_wait<1>(); /* S_t is in */
         reg_fence(s);
         release(k_empty(st));
-        softmax(t);
+        softmax(t_begin + t);
         wg_wait<0>(); /* O += P_{t-1} V_{t-1} is done */
         reg_fence(o);
         reg_fence(s);
@@ -535,7 +551,8 @@ fa3_prefill_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
 #undef FA3_QK
 #undef FA3_PV
 
-    /* normalise by the row sums (added across the quad) and store the real rows */
+    /* normalise by the row sums (added across the quad) and store the real rows; a split
+     * stores its O, maximum and sum as they are, for fa3_merge_kernel */
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         float l = i == 0 ? l_run0 : l_run1;
@@ -544,6 +561,17 @@ fa3_prefill_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
         const float inv = l > 0.0f ? 1.0f / l : 0.0f;
         const int r = rr + 8 * i;
         if (r >= n_rows) continue;
+        if (part) {
+            float *pr = part + (size_t)r * (D + 2) + 2 * (lane % 4);
+#pragma unroll
+            for (int c = 0; c < D / 8; c++)
+                *(float2 *)(pr + 8 * c) = make_float2(o[4 * c + 2 * i], o[4 * c + 2 * i + 1]);
+            if (lane % 4 == 0) {
+                part[(size_t)r * (D + 2) + D] = i == 0 ? m_run0 : m_run1;
+                part[(size_t)r * (D + 2) + D + 1] = l;
+            }
+            continue;
+        }
         bf16 *orow = a.out + (size_t)(row0 + r) * H * D + (size_t)h * D + 2 * (lane % 4);
 #pragma unroll
         for (int c = 0; c < D / 8; c++)
@@ -553,6 +581,32 @@ fa3_prefill_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
 #else
     __trap(); /* built without sm_90a: the host never launches this */
 #endif
+}
+
+/* The splits' partials of one (tile, head) block of fa3_prefill_kernel merged into its
+ * rows of out: O = sum_z 2^((m_z - M) c) O_z / sum_z 2^((m_z - M) c) l_z, M the largest
+ * m_z, c the scale in log2 units; splits with no key for a row (m_z = -inf) weigh 0. One
+ * block of D threads per (tile, head), a thread per column. Plain sm_90 code. */
+template <int D>
+__global__ void fa3_merge_kernel(bf16 *out, const float *ws, const int32_t *tiles, int n_tiles, int H,
+                                 int nsplit, float scale_log2) {
+    const int b = (int)blockIdx.x, tile = n_tiles - 1 - b / H, h = b % H, d = (int)threadIdx.x;
+    const int row0 = tiles[4 * tile], n_rows = tiles[4 * tile + 1];
+    const size_t zs = (size_t)gridDim.x * FA3_M * (D + 2); /* one split's partials */
+    for (int r = 0; r < n_rows; r++) {
+        const float *p = ws + ((size_t)b * FA3_M + r) * (D + 2);
+        float M = -INFINITY;
+        for (int z = 0; z < nsplit; z++) M = fmaxf(M, p[z * zs + D]);
+        float L = 0.0f, acc = 0.0f;
+        for (int z = 0; z < nsplit; z++) {
+            const float mz = p[z * zs + D];
+            if (mz == -INFINITY) continue;
+            const float f = exp2f((mz - M) * scale_log2);
+            L += f * p[z * zs + D + 1];
+            acc += f * p[z * zs + d];
+        }
+        out[((size_t)(row0 + r) * H + h) * D + d] = __float2bfloat16_rn(L > 0.0f ? acc / L : 0.0f);
+    }
 }
 
 /* ---- host side ------------------------------------------------------------------------ */
@@ -634,11 +688,28 @@ template <int D> static bool fa3_device_ready(int device) {
     return st == 1;
 }
 
+/* How many blocks share each (tile, head)'s key tiles: 1 where the tiles and heads fill
+ * the SMs, else enough for about one block per SM, each at least 2 key tiles of the
+ * longest context, at most FA3_MAX_SPLIT; PDSERVE_CUDA_FA3_SPLIT (read per call) fixes
+ * it (1: off; A/B runs). Why: a chunk of 62 rows after 4,096 cached tokens is one tile
+ * per head, 24 blocks on 132 SMs for Llama-3.2-3B, each walking 33 key tiles (H200:
+ * 2.2-2.5 ms a step for any chunk up to ~640 rows after 4,096 cached). */
+#define FA3_MAX_SPLIT 16
+static int fa3_nsplit(const cuda_backend *cb, int n_tiles, int H, int max_keys) {
+    const char *e = getenv("PDSERVE_CUDA_FA3_SPLIT");
+    int key_tiles = (max_keys + FA3_N - 1) / FA3_N;
+    if (e && *e) return PD_MAX(1, PD_MIN(atoi(e), PD_MIN(key_tiles, FA3_MAX_SPLIT)));
+    long blocks = (long)n_tiles * H;
+    if (blocks >= cb->sm_count || key_tiles < 4) return 1;
+    int n = (int)((cb->sm_count + blocks - 1) / blocks);
+    return PD_MAX(1, PD_MIN(PD_MIN(n, key_tiles / 2), FA3_MAX_SPLIT));
+}
+
 template <int D>
 static bool fa3_launch(cuda_backend *cb, bf16 *out, const bf16 *qkv, const bf16 *kc, const bf16 *vc,
                        const int32_t *tiles, int n_tiles, const int32_t *seqs,
                        const int32_t *tables, int T, int H, int K, int bs, int64_t n_slots,
-                       float scale, bool manual) {
+                       int max_keys, float scale, bool manual) {
     if (!fa3_device_ready<D>(cb->device)) return false;
     const int box_rows = bs < FA3_N ? bs : FA3_N;
     CUtensorMap tq, tk, tv;
@@ -670,9 +741,26 @@ static bool fa3_launch(cuda_backend *cb, bf16 *out, const bf16 *qkv, const bf16 
     a.box_rows = box_rows;
     a.manual = manual ? 1 : 0;
     a.scale_log2 = scale * 1.4426950408889634f;
-    fa3_prefill_kernel<D><<<(unsigned)n_tiles * (unsigned)H, FA3_THREADS, fa3_smem_bytes<D>(),
-                            cb->stream>>>(tq, tk, tv, a);
+    a.nsplit = fa3_nsplit(cb, n_tiles, H, max_keys);
+    a.ws = NULL;
+    const unsigned blocks = (unsigned)n_tiles * (unsigned)H;
+    if (a.nsplit > 1) {
+        size_t want = (size_t)a.nsplit * blocks * FA3_M * (D + 2);
+        if (want > cb->fa_ws_cap) { /* grows rarely; no decode graph reads it */
+            CUDA_CHECK(cudaStreamSynchronize(cb->stream));
+            if (cb->fa_ws) CUDA_CHECK(cudaFree(cb->fa_ws));
+            cb->fa_ws_cap = PD_MAX(want, 2 * cb->fa_ws_cap);
+            CUDA_CHECK(cudaMalloc((void **)&cb->fa_ws, cb->fa_ws_cap * sizeof(float)));
+        }
+        a.ws = cb->fa_ws;
+    }
+    fa3_prefill_kernel<D><<<dim3(blocks, (unsigned)a.nsplit), FA3_THREADS, fa3_smem_bytes<D>(), cb->stream>>>(
+        tq, tk, tv, a);
     CUDA_CHECK_LAUNCH();
+    if (a.nsplit > 1) {
+        fa3_merge_kernel<D><<<blocks, D, 0, cb->stream>>>(out, a.ws, tiles, n_tiles, H, a.nsplit, a.scale_log2);
+        CUDA_CHECK_LAUNCH();
+    }
     return true;
 }
 
@@ -685,14 +773,14 @@ bool cuda_attention_prefill_v3(cuda_backend *cb, __nv_bfloat16 *out, const __nv_
                                const __nv_bfloat16 *kc, const __nv_bfloat16 *vc,
                                const int32_t *tiles, int n_tiles, const int32_t *seqs,
                                const int32_t *tables, int T, int H, int K, int D, int bs,
-                               int64_t n_slots, float scale) {
+                               int64_t n_slots, int max_keys, float scale) {
     if (!cuda_attention_prefill_v3_fits(D, bs, scale)) return false;
     PD_ASSERT(T > 0 && n_slots > 0 && n_slots < ((int64_t)1 << 31));
     const char *e = getenv("PDSERVE_CUDA_FA3_MANUAL");
     bool manual = e && strcmp(e, "1") == 0;
     if (D == 128)
         return fa3_launch<128>(cb, out, qkv, kc, vc, tiles, n_tiles, seqs, tables, T, H, K, bs,
-                               n_slots, scale, manual);
+                               n_slots, max_keys, scale, manual);
     return fa3_launch<64>(cb, out, qkv, kc, vc, tiles, n_tiles, seqs, tables, T, H, K, bs, n_slots,
-                          scale, manual);
+                          max_keys, scale, manual);
 }

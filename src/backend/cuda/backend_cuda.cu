@@ -416,6 +416,7 @@ static void cu_destroy(backend *b) {
     if (cb->attn_meta) CUDA_CHECK(cudaFree(cb->attn_meta));
     if (cb->rows) CUDA_CHECK(cudaFree(cb->rows));
     if (cb->attn_ws) CUDA_CHECK(cudaFree(cb->attn_ws));
+    if (cb->fa_ws) CUDA_CHECK(cudaFree(cb->fa_ws));
     CUDA_CHECK(cudaFree(cb->inv_freq));
     CUDA_CHECK(cudaStreamDestroy(cb->stream));
     free(cb->attn_meta_host);

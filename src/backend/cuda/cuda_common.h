@@ -87,6 +87,8 @@ typedef struct cuda_backend {
     /* split-K decode attention: partial (acc [D], m, l) per (row, q head, split), fp32;
      * device scratch grown on demand (floats) */
     float *attn_ws;
+    float *fa_ws;               /* v3 prefill's split partials (attention_prefill_sm90a.cu) */
+    size_t fa_ws_cap;           /* floats */
     size_t attn_ws_cap;
     bool attn_basic;            /* PDSERVE_CUDA_ATTN=basic: first kernel only (A/B runs) */
     /* decode attention kernel choice (attention.cu), read from the environment at the
@@ -259,12 +261,13 @@ void cuda_rope_kv_store(backend *b, void *qkv, void *kcache, void *vcache, const
                         const int32_t *slots, const rope_params *rp, int T, int H, int K, int D);
 /* attention_prefill.cu: tensor-core causal attention for prefill chunks (D 64, 128).
  * T: rows of the step (qkv's rows); n_slots: cache slots the step's block tables reach
- * (largest block id + 1, times bs): the extent of v3's tensor maps. */
+ * (largest block id + 1, times bs): the extent of v3's tensor maps; max_keys: the longest
+ * context among the tiles' sequences (v3 splits its key tiles over blocks by it). */
 bool cuda_attention_prefill_supports(int D);
 void cuda_attention_prefill(cuda_backend *cb, __nv_bfloat16 *out, const __nv_bfloat16 *qkv,
                             const __nv_bfloat16 *kc, const __nv_bfloat16 *vc, const int32_t *tiles,
                             int n_tiles, const int32_t *seqs, const int32_t *tables, int T, int H,
-                            int K, int D, int bs, int64_t n_slots, float scale);
+                            int K, int D, int bs, int64_t n_slots, int max_keys, float scale);
 /* attention_prefill_sm90a.cu: v3 (wgmma + TMA). _fits: whether the shape allows it
  * (D 64 or 128, bs a power of two >= 8 or a multiple of 128, scale > 0). The launcher
  * returns false, having launched nothing, where v3 cannot run (shape, or a device
@@ -274,7 +277,7 @@ bool cuda_attention_prefill_v3(cuda_backend *cb, __nv_bfloat16 *out, const __nv_
                                const __nv_bfloat16 *kc, const __nv_bfloat16 *vc,
                                const int32_t *tiles, int n_tiles, const int32_t *seqs,
                                const int32_t *tables, int T, int H, int K, int D, int bs,
-                               int64_t n_slots, float scale);
+                               int64_t n_slots, int max_keys, float scale);
 void cuda_attention(backend *b, void *out, const void *qkv, const void *kcache, const void *vcache,
                     const attn_seq *seqs, int B, int T, int H, int K, int D, int block_size,
                     float scale);
