@@ -583,17 +583,19 @@ fa3_prefill_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
 #endif
 }
 
-/* The splits' partials of one (tile, head) block of fa3_prefill_kernel merged into its
- * rows of out: O = sum_z 2^((m_z - M) c) O_z / sum_z 2^((m_z - M) c) l_z, M the largest
- * m_z, c the scale in log2 units; splits with no key for a row (m_z = -inf) weigh 0. One
- * block of D threads per (tile, head), a thread per column. Plain sm_90 code. */
+/* The splits' partials of one row of one (tile, head) block of fa3_prefill_kernel merged
+ * into out: O = sum_z 2^((m_z - M) c) O_z / sum_z 2^((m_z - M) c) l_z, M the largest m_z,
+ * c the scale in log2 units; splits with no key for the row (m_z = -inf) weigh 0. One
+ * block of D threads per (tile, head) x row (blockIdx.y), a thread per column: every
+ * row at once (a block looping over its tile's rows ran 0.3 ms a layer, H200). Plain
+ * sm_90 code. */
 template <int D>
 __global__ void fa3_merge_kernel(bf16 *out, const float *ws, const int32_t *tiles, int n_tiles, int H,
                                  int nsplit, float scale_log2) {
     const int b = (int)blockIdx.x, tile = n_tiles - 1 - b / H, h = b % H, d = (int)threadIdx.x;
-    const int row0 = tiles[4 * tile], n_rows = tiles[4 * tile + 1];
+    const int row0 = tiles[4 * tile], n_rows = tiles[4 * tile + 1], r = (int)blockIdx.y;
     const size_t zs = (size_t)gridDim.x * FA3_M * (D + 2); /* one split's partials */
-    for (int r = 0; r < n_rows; r++) {
+    if (r < n_rows) {
         const float *p = ws + ((size_t)b * FA3_M + r) * (D + 2);
         float M = -INFINITY;
         for (int z = 0; z < nsplit; z++) M = fmaxf(M, p[z * zs + D]);
@@ -688,10 +690,11 @@ template <int D> static bool fa3_device_ready(int device) {
     return st == 1;
 }
 
-/* How many blocks share each (tile, head)'s key tiles: 1 where the tiles and heads fill
- * the SMs, else enough for about one block per SM, each at least 2 key tiles of the
- * longest context, at most FA3_MAX_SPLIT; PDSERVE_CUDA_FA3_SPLIT (read per call) fixes
- * it (1: off; A/B runs). Why: a chunk of 62 rows after 4,096 cached tokens is one tile
+/* How many blocks share each (tile, head)'s key tiles: as many as keep the grid in one
+ * wave (the kernel runs one block per SM: a second, partial wave cost more than the
+ * split saved), each at least 2 key tiles of the longest context, at most
+ * FA3_MAX_SPLIT; 1 where the tiles and heads alone take half the SMs or more.
+ * PDSERVE_CUDA_FA3_SPLIT (read per call) fixes it (1: off; A/B runs). Why: a chunk of 62 rows after 4,096 cached tokens is one tile
  * per head, 24 blocks on 132 SMs for Llama-3.2-3B, each walking 33 key tiles (H200:
  * 2.2-2.5 ms a step for any chunk up to ~640 rows after 4,096 cached). */
 #define FA3_MAX_SPLIT 16
@@ -700,8 +703,8 @@ static int fa3_nsplit(const cuda_backend *cb, int n_tiles, int H, int max_keys) 
     int key_tiles = (max_keys + FA3_N - 1) / FA3_N;
     if (e && *e) return PD_MAX(1, PD_MIN(atoi(e), PD_MIN(key_tiles, FA3_MAX_SPLIT)));
     long blocks = (long)n_tiles * H;
-    if (blocks >= cb->sm_count || key_tiles < 4) return 1;
-    int n = (int)((cb->sm_count + blocks - 1) / blocks);
+    if (2 * blocks > cb->sm_count || key_tiles < 4) return 1;
+    int n = (int)(cb->sm_count / blocks);
     return PD_MAX(1, PD_MIN(PD_MIN(n, key_tiles / 2), FA3_MAX_SPLIT));
 }
 
@@ -758,7 +761,8 @@ static bool fa3_launch(cuda_backend *cb, bf16 *out, const bf16 *qkv, const bf16 
         tq, tk, tv, a);
     CUDA_CHECK_LAUNCH();
     if (a.nsplit > 1) {
-        fa3_merge_kernel<D><<<blocks, D, 0, cb->stream>>>(out, a.ws, tiles, n_tiles, H, a.nsplit, a.scale_log2);
+        fa3_merge_kernel<D><<<dim3(blocks, FA3_M), D, 0, cb->stream>>>(out, a.ws, tiles, n_tiles, H, a.nsplit,
+                                                                       a.scale_log2);
         CUDA_CHECK_LAUNCH();
     }
     return true;
