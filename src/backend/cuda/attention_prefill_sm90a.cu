@@ -10,8 +10,11 @@
  * -gencode arch=compute_90a,code=sm_90a): wgmma and setmaxnreg exist only in the
  * architecture-specific target, so the rest of the backend keeps its sm_90 build.
  *
- * One block of 288 threads per (tile of <= 128 q rows of one sequence, q head), 1 per
- * SM (164 KB of shared memory):
+ * One block of 288 threads per (tile of <= 128 q rows of one sequence, q head, split of
+ * its key tiles), 1 per SM (164 KB of shared memory). Where the tiles and heads leave
+ * SMs idle (short chunks after long prefixes) the key tiles are split over gridDim.y
+ * blocks (fa3_nsplit), each storing its unnormalised O, row maxima and sums, and
+ * fa3_merge_kernel combines them; otherwise one block walks them all. Each block:
  *   warps 0-3, 4-7   two consumer warpgroups, 64 q rows each (rows 64w .. 64w + 63);
  *   warp 8           the producer: one lane issues the TMA copies, the warp fills by
  *                    hand what TMA cannot copy (see below).
