@@ -1066,19 +1066,16 @@ static void test_decode_reservation(void) {
     sim_config c = pd_pair(&m, 14);
     sim_request r[2] = {{.n_prompt = 112, .max_tokens = 4, .arrival = 0},
                         {.n_prompt = 112, .max_tokens = 4, .arrival = 0.05}};
-    bench_config bc;
-    bench_config_default(&bc);
-    bench_result *res;
     sim_stats st;
-    char err[256];
-    REQUIRE(sim_run(&c, &p, r, 2, &bc, &res, &st, err, sizeof err) == 0);
+    bench_result *res = simulate(&c, &p, r, 2, &st);
+    REQUIRE(res);
     static const double t0[4] = {0.1, 0.22, 0.24, 0.26}, t1[4] = {0.15, 0.23, 0.25, 0.27};
     check_tokens(res, t0, t1, "reservations");
     CHECK(st.kv_full == 0 && st.timed_out == 0);
     bench_result_free(res);
     /* a third request (t 0.07) finds the pool full at its reservation: refused at once */
     sim_request r3[3] = {r[0], r[1], {.n_prompt = 112, .max_tokens = 4, .arrival = 0.07}};
-    REQUIRE(sim_run(&c, &p, r3, 3, &bc, &res, &st, err, sizeof err) == 0);
+    REQUIRE((res = simulate(&c, &p, r3, 3, &st)));
     CHECK(st.kv_full == 1 && res->recs[0].success && res->recs[1].success && !res->recs[2].success);
     CHECK(res->recs[2].error && strstr(res->recs[2].error, "503 kv_cache_full"));
     bench_result_free(res);
