@@ -17,7 +17,7 @@ cd "$(dirname "$0")/../.."
 out=${OUT:-build-gpu/out-fa3-split}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-. scripts/gpu/cuda-env.sh   # CUDA's root, gpu_header, gpu_build, gpu_run
+. scripts/gpu/cuda-env.sh   # CUDA's root, gpu_header, gpu_build, gpu_run, gpu_test_forward, ...
 gpu_header | tee "$out/env.txt"
 command -v nvidia-smi >/dev/null 2>&1 || { echo "no GPU"; exit 77; }
 gpu_build "$out/build.log" pdserve test_backend_cuda test_forward_cuda || exit 2
@@ -29,15 +29,8 @@ gpu_run test_backend_cuda 240 build-gpu/test_backend_cuda
 if command -v compute-sanitizer >/dev/null 2>&1; then
   gpu_run memcheck 300 compute-sanitizer --tool memcheck --print-limit 20 build-gpu/test_backend_cuda
 fi
-VARIANTS=";PDSERVE_CUDA_FA3_SPLIT=1" GAPS=${GAPS:-0} scripts/gpu/check-short-chunk.sh > /dev/null 2>&1 || status=1
-rm -f "$out"/trace-*.txt "$out"/steps-*.txt "$out"/clocks-*.csv "$out"/serve-1.log
-ref=build-gpu/gpu-ref
-[ -d "$ref" ] || gpu_run gpu_reference 300 python3 tests/fixtures/models/gpu_reference.py "$ref"
-PDSERVE_GPU_REF=$ref gpu_run test_forward_cuda 240 build-gpu/test_forward_cuda
-{ printf '%s\n' "${summary[@]}"
-  grep -h "ERROR SUMMARY" "$out/memcheck.log" 2>/dev/null
-  for t in test_backend_cuda test_forward_cuda; do echo "== $t (last lines)"; tail -n 6 "$out/$t.log"; done
-  grep -h "FAIL\|failed" "$out"/test_*.log | head -n 40; } > "$out/tests.txt"
-rm -f "$out"/test_*.log "$out"/gpu_reference.log "$out"/memcheck.log
+gpu_short_chunk "PDSERVE_CUDA_FA3_SPLIT=1"
+gpu_test_forward
+gpu_tests_summary "ERROR SUMMARY|FAIL|failed"
 printf '%s\n' "${summary[@]}"
 exit "$status"

@@ -17,7 +17,7 @@ cd "$(dirname "$0")/../.."
 out=${OUT:-build-gpu/out-gemm-lt}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-. scripts/gpu/cuda-env.sh   # CUDA's root, gpu_header, gpu_build, gpu_run
+. scripts/gpu/cuda-env.sh   # CUDA's root, gpu_header, gpu_build, gpu_run, gpu_test_forward, ...
 gpu_header | tee "$out/env.txt"
 command -v nvidia-smi >/dev/null 2>&1 || { echo "no GPU"; exit 77; }
 gpu_build "$out/build.log" pdserve test_backend_cuda test_forward_cuda bench_kernels_cuda || exit 2
@@ -28,17 +28,11 @@ summary=()
 for r in ex lt; do
   timeout 300 build-gpu/bench_kernels_cuda --first-call "$r" > "$out/first-$r.txt" 2>&1 || status=1
 done
-VARIANTS=";PDSERVE_CUDA_GEMM=ex" GAPS=${GAPS:-0} scripts/gpu/check-short-chunk.sh > /dev/null 2>&1 || status=1
-rm -f "$out"/trace-*.txt "$out"/steps-*.txt "$out"/clocks-*.csv "$out"/serve-1.log
+gpu_short_chunk "PDSERVE_CUDA_GEMM=ex"
 if [ "${NO_TESTS:-0}" != 1 ]; then
   gpu_run test_backend_cuda 240 build-gpu/test_backend_cuda
-  ref=build-gpu/gpu-ref
-  [ -d "$ref" ] || gpu_run gpu_reference 300 python3 tests/fixtures/models/gpu_reference.py "$ref"
-  PDSERVE_GPU_REF=$ref gpu_run test_forward_cuda 240 build-gpu/test_forward_cuda
-  { printf '%s\n' "${summary[@]}"; for t in test_backend_cuda test_forward_cuda; do
-      echo "== $t (last lines)"; tail -n 8 "$out/$t.log"; done; } > "$out/tests.txt"
-  grep -h "matmul.*cuBLASLt\|matmul.*cublasGemmEx\|FAIL" "$out/test_backend_cuda.log" | head -n 60 >> "$out/tests.txt"
-  rm -f "$out"/test_*.log "$out"/gpu_reference.log
+  gpu_test_forward
+  gpu_tests_summary "matmul.*(cuBLASLt|cublasGemmEx)|matmul_warm|FAIL"
 fi
 printf '%s\n' "${summary[@]}"
 exit "$status"

@@ -77,3 +77,33 @@ up_port() {
   done
   echo "$port"
 }
+
+# gpu_test_forward: test_forward_cuda against transformers' logits on this GPU
+# (tests/fixtures/models/gpu_reference.py writes them into build-gpu/gpu-ref once), both
+# through gpu_run (the caller's out, status and summary).
+gpu_test_forward() {
+  local ref=build-gpu/gpu-ref
+  [ -d "$ref" ] || gpu_run gpu_reference 300 python3 tests/fixtures/models/gpu_reference.py "$ref"
+  PDSERVE_GPU_REF=$ref gpu_run test_forward_cuda 240 build-gpu/test_forward_cuda
+}
+
+# gpu_tests_summary PATTERN: the caller's summary, the last lines of test_backend_cuda's and
+# test_forward_cuda's logs and every line of those and memcheck's that matches PATTERN
+# (grep -E) into $out/tests.txt; the logs removed.
+gpu_tests_summary() {
+  { printf '%s\n' "${summary[@]}"
+    for t in test_backend_cuda test_forward_cuda; do
+      [ -f "$out/$t.log" ] && { echo "== $t (last lines)"; tail -n 8 "$out/$t.log"; }
+    done
+    cat "$out"/test_backend_cuda.log "$out"/test_forward_cuda.log "$out"/memcheck.log 2>/dev/null |
+      grep -E "$1" | head -n 60; } > "$out/tests.txt"
+  rm -f "$out"/test_*.log "$out"/gpu_reference.log "$out"/memcheck.log
+}
+
+# gpu_short_chunk VARIANTS: scripts/gpu/check-short-chunk.sh into the caller's out on the
+# default and those variants (GAPS 0 unless set), keeping its requests and log only;
+# sets the caller's status to 1 when it fails.
+gpu_short_chunk() {
+  VARIANTS=";$1" GAPS=${GAPS:-0} scripts/gpu/check-short-chunk.sh > /dev/null 2>&1 || status=1
+  rm -f "$out"/trace-*.txt "$out"/steps-*.txt "$out"/clocks-*.csv "$out"/serve-1.log
+}
