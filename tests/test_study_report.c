@@ -8,6 +8,7 @@
 
 #include "test.h"
 #include "test_study_data.h"
+#include "study/report_internal.h"
 
 static char tmpdir[256];
 
@@ -74,6 +75,11 @@ static void test_report(void) {
     CHECK_STR_CONTAINS(table, "simulated against measured");
     CHECK_STR_CONTAINS(table, "+30%");
     CHECK_STR_CONTAINS(table, "of 16 compared figures within 10%");
+    /* b16's +30% (and its throughput's -17%, which has no interval) is outside the
+     * measured median's own interval (its 16 requests spread evenly over [t, 2t):
+     * interval [x4, x13], -19% to +19% of the median) */
+    CHECK_STR_CONTAINS(table, "of the 2 outside, 0 inside the measured median's 95% confidence interval");
+    CHECK(table && !strstr(table, "%~"));
     /* where the TTFT went: the measured co-1gpu batch points' phases (parse 1 ms,
      * other 10% of the TTFT) beside the simulated ones' (path 0, nothing other) */
     CHECK_STR_CONTAINS(table, "where the TTFT went");
@@ -152,6 +158,57 @@ static void test_report(void) {
     char p[1024];
     snprintf(p, sizeof p, "%s/energy-vs-batch.png", out);
     CHECK(stat(p, &sb) == 0 && sb.st_size > 2000);
+}
+
+/* The median's confidence interval from order statistics: the bounds against the
+ * binomial tables (n = 6: the extremes, 96.9%; n = 16: x4..x13; n = 32: x10..x23,
+ * cdf(9) = 0.0100, cdf(10) = 0.0251; n = 64: x24..x41), none below 6 values, any order
+ * of input. */
+static void test_median_ci(void) {
+    double x[64], lo, hi;
+    for (int i = 0; i < 5; i++) x[i] = i;
+    CHECK(!rep_median_ci(x, 5, &lo, &hi) && isnan(lo) && isnan(hi));
+    const int ns[] = {6, 16, 32, 64}, k[] = {1, 4, 10, 24};
+    for (int c = 0; c < 4; c++) {
+        int n = ns[c];
+        for (int i = 0; i < n; i++) x[i] = n - i; /* n .. 1, reversed */
+        CHECKF(rep_median_ci(x, n, &lo, &hi) && lo == k[c] && hi == n + 1 - k[c], "n %d: [%g, %g]", n, lo, hi);
+    }
+}
+
+/* A simulated median outside 10% of the measured one but inside the measured median's
+ * interval is marked (~) and counted apart, in the text and the HTML. */
+static void test_report_noise(void) {
+    char db[512], out[512], err[512], table_path[512];
+    snprintf(db, sizeof db, "%s/noise.db", tmpdir);
+    snprintf(out, sizeof out, "%s/noise-report", tmpdir);
+    snprintf(table_path, sizeof table_path, "%s/noise-table.txt", tmpdir);
+    REQUIRE(tsd_make_db(db) == 0);
+    sqlite3 *h;
+    REQUIRE(sqlite3_open(db, &h) == SQLITE_OK);
+    /* the simulated b16 at +15% of the measured median: inside [x4, x13] = +19% */
+    CHECK(sqlite3_exec(h,
+                       "UPDATE summaries SET ttft_median_ms = 1.15 * (SELECT s.ttft_median_ms FROM summaries s"
+                       " JOIN runs r USING(run_id) WHERE r.simulated = 0 AND r.setup = 'co-1gpu' AND r.batch_size = 16"
+                       " AND r.prefill_sm_mhz = 1260) WHERE run_id IN (SELECT run_id FROM runs WHERE simulated = 1"
+                       " AND batch_size = 16)",
+                       NULL, NULL, NULL) == SQLITE_OK);
+    CHECK(sqlite3_changes(h) == 1);
+    sqlite3_close(h);
+    FILE *tf = fopen(table_path, "w");
+    REQUIRE(tf);
+    study_report_opts o = {.db_path = db, .out_dir = out, .table = tf, .no_plots = true};
+    int rc = study_report(&o, err, sizeof err);
+    fclose(tf);
+    CHECKF(rc == 0, "%s", err);
+    char *table = slurp(tmpdir, "noise-table.txt", NULL);
+    CHECK_STR_CONTAINS(table, "+15%~");
+    CHECK_STR_CONTAINS(table, "14 of 16 compared figures within 10%; of the 2 outside, 1 inside");
+    free(table);
+    char *html = slurp(out, "index.html", NULL);
+    CHECK_STR_CONTAINS(html, "<b>+15%</b>~</td>");
+    CHECK_STR_CONTAINS(html, "measured median's 95% interval");
+    free(html);
 }
 
 /* A database with nothing measured: the report still comes out, saying so. */
@@ -265,7 +322,9 @@ int main(int argc, char **argv) {
     if (system("gnuplot --version >/dev/null 2>&1") != 0) TEST_SKIP("gnuplot is not installed (scripts/deps.sh)");
     snprintf(tmpdir, sizeof tmpdir, "/tmp/test_study_report_XXXXXX");
     if (!mkdtemp(tmpdir)) return 1;
+    TEST_RUN(test_median_ci);
     TEST_RUN(test_report);
+    TEST_RUN(test_report_noise);
     TEST_RUN(test_report_empty);
     TEST_RUN(test_report_reuse);
     char cmd[512];

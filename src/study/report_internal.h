@@ -44,6 +44,10 @@ typedef struct rep_point {
      * request's phases (the client's side and hops no server timed) */
     int phase_n;                /* requests that reported phases */
     double phase_ms[REP_PHASES], phase_other_ms;
+    /* the medians' own sampling noise: a distribution-free 95% confidence interval of the
+     * median TTFT and TPOT (ms) over the point's completed requests, pooled over repeats
+     * (rep_median_ci); NAN where too few requests to have one */
+    double ttft_ci[2], tpot_ci[2];
     /* energy by component: J/token (whole, idle-subtracted), averaged */
     int n_comp;
     char comp[16][64];
@@ -54,6 +58,18 @@ typedef struct rep_point {
  * to point of_point[i] (i < n_runs). A database without the column leaves them unset. */
 void rep_load_phases(sqlite3 *h, rep_point *pts, int n, const long long *run_ids, const int *of_point,
                      int n_runs);
+/* The distribution-free confidence interval of a median at confidence >= 95%: for the n
+ * values (sorted in place), [x_(k), x_(n+1-k)] with the largest k such that a
+ * Binomial(n, 1/2) count falls below k with probability <= 2.5% (order statistics; no
+ * assumption about the distribution's shape, so a bimodal one, whose median can jump
+ * between its modes with one request, gets the wide interval it deserves). false (and
+ * NAN bounds) when n < 6: fewer values cannot give 95%. */
+bool rep_median_ci(double *x, int n, double *lo, double *hi);
+/* Fills pts[k].ttft_ci and tpot_ci from the requests of the runs whose point is k (as
+ * rep_load_phases; TPOT of a request: (e2el - ttft) / (output tokens - 1)). */
+void rep_load_median_cis(sqlite3 *h, rep_point *pts, int n, const long long *run_ids, const int *of_point,
+                         int n_runs);
+
 /* "Where the TTFT went": one row per point that reported phases (text, HTML). */
 void rep_print_phases(FILE *f, const rep_point *pts, int n);
 void rep_html_phases(FILE *f, const rep_point *pts, int n);

@@ -5,7 +5,9 @@
  * less the sum of the request's phases: its own side, the hops between processes, the
  * router's relay). Medians of parts do not add up to the median TTFT; each is shown for
  * what it is. Real and simulated points sit side by side, so a simulator miss can be
- * put on one phase. */
+ * put on one phase.
+ * Also from the same requests: the confidence intervals of each point's median TTFT and
+ * TPOT, which the "simulated against measured" table sets beside a difference. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,6 +39,61 @@ static double median(dvec *d) {
     bench_stat st;
     bench_stat_compute(&st, d->v, d->n, NULL, 0);
     return st.median;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+bool rep_median_ci(double *x, int n, double *lo, double *hi) {
+    *lo = *hi = NAN;
+    if (n < 6) return false; /* P(all on one side) = 2 / 2^n > 5% below 6 */
+    qsort(x, (size_t)n, sizeof *x, cmp_double);
+    /* cdf(j) = P(Binomial(n, 1/2) <= j); k = the largest with cdf(k - 1) <= 0.025 */
+    double ln2n = n * log(2.0), lgn = lgamma(n + 1.0), cdf = 0;
+    int k = 0;
+    for (int j = 0; j < n / 2; j++) {
+        cdf += exp(lgn - lgamma(j + 1.0) - lgamma(n - j + 1.0) - ln2n);
+        if (cdf > 0.025) break;
+        k = j + 1;
+    }
+    if (k < 1) return false;
+    *lo = x[k - 1];
+    *hi = x[n - k];
+    return true;
+}
+
+void rep_load_median_cis(sqlite3 *h, rep_point *pts, int n, const long long *run_ids, const int *of_point,
+                         int n_runs) {
+    for (int k = 0; k < n; k++) pts[k].ttft_ci[0] = pts[k].ttft_ci[1] = pts[k].tpot_ci[0] = pts[k].tpot_ci[1] = NAN;
+    sqlite3_stmt *st = NULL;
+    if (sqlite3_prepare_v2(h,
+                           "SELECT ttft_ms, e2el_ms, output_tokens FROM requests WHERE run_id = ? AND status = 'ok'"
+                           " AND ttft_ms IS NOT NULL",
+                           -1, &st, NULL) != SQLITE_OK)
+        return;
+    dvec tt = {0}, tp = {0};
+    for (int k = 0; k < n; k++) {
+        tt.n = tp.n = 0;
+        for (int r = 0; r < n_runs; r++) {
+            if (of_point[r] != k) continue;
+            sqlite3_reset(st);
+            sqlite3_bind_int64(st, 1, run_ids[r]);
+            while (sqlite3_step(st) == SQLITE_ROW) {
+                double ttft = sqlite3_column_double(st, 0);
+                dvec_push(&tt, ttft);
+                int out = sqlite3_column_int(st, 2);
+                if (out > 1 && sqlite3_column_type(st, 1) != SQLITE_NULL)
+                    dvec_push(&tp, (sqlite3_column_double(st, 1) - ttft) / (out - 1));
+            }
+        }
+        rep_median_ci(tt.v, tt.n, &pts[k].ttft_ci[0], &pts[k].ttft_ci[1]);
+        rep_median_ci(tp.v, tp.n, &pts[k].tpot_ci[0], &pts[k].tpot_ci[1]);
+    }
+    free(tt.v);
+    free(tp.v);
+    sqlite3_finalize(st);
 }
 
 static bool has_phases_column(sqlite3 *h) {
