@@ -5,8 +5,12 @@
  * evicted, a put that cannot fit is refused before anything is evicted, prefix match;
  * two writers of the same keys in one process (every order of finish and abort, and
  * two threads at once) never leave a key unwritten or an entry behind; the store's
- * checksum (kv_sum) against known vectors and as a sum of parts. */
+ * checksum (kv_sum) against known vectors and as a sum of parts; the segment's pages
+ * backed by several threads (util_populate) without changing what another process wrote. */
+#include <fcntl.h>
 #include <pthread.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "kv/kv_sum.h"
 #include "test_kv_rig.h"
@@ -249,7 +253,53 @@ static void test_cpu_same_key_writers(void) {
     CHECK_EQ_INT(rig_shm_left(o.tag), 0);
 }
 
+/* util_populate, as the store backs its segment: a new 768 MiB shm segment taken by one
+ * thread and by three (slices of 256 MiB) is resident in every page and reads zero; a
+ * second mapping of the same segment, populated as an attaching process does (not
+ * fresh), sees every page another mapping wrote, unchanged, and is resident too. */
+static bool all_resident(void *p, size_t bytes, size_t page) {
+    size_t n = (bytes + page - 1) / page;
+    unsigned char *v = malloc(n);
+    bool ok = v && mincore(p, bytes, v) == 0;
+    for (size_t i = 0; ok && i < n; i++) ok = v[i] & 1;
+    free(v);
+    return ok;
+}
+
+static void test_cpu_populate(void) {
+    size_t page = (size_t)sysconf(_SC_PAGESIZE), bytes = (size_t)768 << 20;
+    char name[64];
+    snprintf(name, sizeof name, "/pdkv-test-populate-%d", (int)getpid());
+    for (int threads = 1; threads <= 3; threads += 2) {
+        int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600);
+        REQUIRE(fd >= 0);
+        CHECK(ftruncate(fd, (off_t)bytes) == 0);
+        char *a = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        char *b = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        close(fd);
+        shm_unlink(name);
+        REQUIRE(a != MAP_FAILED && b != MAP_FAILED);
+        double t0 = time_now_s();
+        CHECKF(util_populate(a, bytes, true, threads) == 0, "%s", strerror(errno));
+        double t = time_now_s() - t0;
+        CHECKF(all_resident(a, bytes, page), "threads %d: a page not resident", threads);
+        bool zero = true;
+        for (size_t i = 0; i < bytes; i += page) zero = zero && a[i] == 0 && a[i + page - 1] == 0;
+        CHECK(zero);
+        for (size_t i = 0; i < bytes; i += page) a[i] = (char)(1 + (i / page) % 251);
+        CHECK(util_populate(b, bytes, false, threads) == 0);
+        CHECK(all_resident(b, bytes, page));
+        bool same = true;
+        for (size_t i = 0; i < bytes; i += page) same = same && b[i] == (char)(1 + (i / page) % 251);
+        CHECKF(same, "threads %d: the attaching populate changed the segment", threads);
+        fprintf(stderr, "populate: %zu MiB on %d thread(s) in %.3f s\n", bytes >> 20, threads, t);
+        munmap(a, bytes);
+        munmap(b, bytes);
+    }
+}
+
 int main(void) {
+    TEST_RUN(test_cpu_populate);
     TEST_RUN(test_cpu_sum_vectors);
     TEST_RUN(test_cpu_same_key_writers);
     TEST_RUN(test_cpu_lru);

@@ -265,10 +265,18 @@ static int store_create(kv_connector *c, cpu_impl *s, char *err, size_t errlen) 
         return -1;
     }
     void *p = MAP_FAILED;
+    double t0 = time_now_s();
     if (ftruncate(fd, (off_t)s->bytes) == 0)
-        p = mmap(NULL, s->bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
-    int e = errno; /* populated: the store's memory is taken at start-up, not mid-transfer */
+        p = mmap(NULL, s->bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    int e = errno;
     close(fd);
+    /* populated: the store's memory is taken at start-up, not mid-transfer; by several
+     * threads, since zeroing tens of GiB of new pages on one takes half a minute */
+    if (p != MAP_FAILED && util_populate(p, s->bytes, true, 0) != 0) {
+        e = errno;
+        munmap(p, s->bytes);
+        p = MAP_FAILED;
+    }
     if (p == MAP_FAILED) {
         shm_unlink(s->shm_name);
         pd_errorf(err, errlen, "kv cpu store: %s (%zu bytes): %s", s->shm_name, s->bytes,
@@ -304,8 +312,8 @@ static int store_create(kv_connector *c, cpu_impl *s, char *err, size_t errlen) 
     }
     h->free_head = 0;
     __atomic_store_n(&h->magic, STORE_MAGIC, __ATOMIC_RELEASE);
-    log_info("kv cpu store %s: %d entries of %.2f MiB (%.1f MiB)", s->shm_name, (int)n,
-             (double)entry_bytes / (1 << 20), (double)s->bytes / (1 << 20));
+    log_info("kv cpu store %s: %d entries of %.2f MiB (%.1f MiB, backed in %.2f s)", s->shm_name, (int)n,
+             (double)entry_bytes / (1 << 20), (double)s->bytes / (1 << 20), time_now_s() - t0);
     return 0;
 }
 
@@ -319,10 +327,16 @@ static int store_attach(kv_connector *c, cpu_impl *s, char *err, size_t errlen) 
         return -1;
     }
     s->bytes = (size_t)st.st_size;
-    void *p = mmap(NULL, s->bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+    void *p = mmap(NULL, s->bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    int e = errno;
     close(fd);
+    if (p != MAP_FAILED && util_populate(p, s->bytes, false, 0) != 0) { /* its pages mapped now */
+        e = errno;
+        munmap(p, s->bytes);
+        p = MAP_FAILED;
+    }
     if (p == MAP_FAILED) {
-        pd_errorf(err, errlen, "kv cpu store: %s: %s", s->shm_name, strerror(errno));
+        pd_errorf(err, errlen, "kv cpu store: %s: %s", s->shm_name, strerror(e));
         return -1;
     }
     s->base = p;

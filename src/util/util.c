@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -423,4 +424,66 @@ const char *util_prom_skip_labels(const char *q, const char *le) {
         q++;
     }
     return q < le ? q + 1 : NULL;
+}
+
+/* ---- memory ------------------------------------------------------------------- */
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+typedef struct populate_job {
+    char *p;
+    size_t len, page;
+    bool fresh;
+    int err;
+} populate_job;
+
+static void *populate_one(void *arg) {
+    populate_job *j = arg;
+    if (madvise(j->p, j->len, MADV_POPULATE_WRITE) == 0) return NULL;
+    if (errno != EINVAL) { /* the kernel has the advice and could not back the memory */
+        j->err = errno;
+        return NULL;
+    }
+    volatile char *q = j->p; /* a kernel without it: one byte per page */
+    for (size_t i = 0; i < j->len; i += j->page) {
+        if (j->fresh) q[i] = 0;
+        else (void)q[i];
+    }
+    return NULL;
+}
+
+int util_populate(void *p, size_t bytes, bool fresh, int threads) {
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    if (page == 0 || page == (size_t)-1) page = 4096;
+    if (threads <= 0) {
+        long c = sysconf(_SC_NPROCESSORS_ONLN);
+        threads = c < 1 ? 1 : c > 16 ? 16 : (int)c;
+    }
+    size_t min_slice = (size_t)256 << 20;
+    if ((size_t)threads > bytes / min_slice) threads = (int)PD_MAX(bytes / min_slice, 1);
+    size_t slice = ((bytes + (size_t)threads - 1) / (size_t)threads + page - 1) / page * page;
+    populate_job jobs[64];
+    pthread_t tid[64];
+    bool started[64] = {0};
+    if (threads > 64) threads = 64;
+    int n = 0;
+    for (size_t off = 0; off < bytes && n < threads; off += slice, n++) {
+        jobs[n] = (populate_job){.p = (char *)p + off, .len = PD_MIN(slice, bytes - off), .page = page,
+                                 .fresh = fresh};
+        /* the first slice in this thread; a thread that cannot start leaves its slice here */
+        started[n] = n > 0 && pthread_create(&tid[n], NULL, populate_one, &jobs[n]) == 0;
+    }
+    for (int i = 0; i < n; i++)
+        if (!started[i]) populate_one(&jobs[i]);
+    int err = 0;
+    for (int i = 0; i < n; i++) {
+        if (started[i]) pthread_join(tid[i], NULL);
+        if (!err) err = jobs[i].err;
+    }
+    if (err) {
+        errno = err;
+        return -1;
+    }
+    return 0;
 }
