@@ -1,12 +1,12 @@
 /* bench_populate.c: how fast a KV store's shared-memory segment is backed at start-up.
  * The cpu medium's store (src/kv/kv_cpu.c) is one tmpfs segment of tens of GiB, every
- * page taken before the first transfer. The kernel zeroes each new page; MAP_POPULATE
- * does it in the calling thread alone, util_populate (src/util/util.c) in slices on
- * several threads. For each: a fresh segment of --gib GiB (default 4, at most half of
- * /dev/shm's free space), backed, timed, removed. The ceiling: the same threads writing
- * zeros over a segment already backed (what the kernel's zeroing costs at most, without
- * its page allocation). A program, not a test: it prints each figure, the ceiling and
- * the ratios.
+ * page taken before the first transfer. The kernel allocates, zeroes, charges and
+ * maps each new page; MAP_POPULATE has that done in the calling thread alone,
+ * util_populate (src/util/util.c) in slices on several threads. For each: a fresh
+ * segment of --gib GiB (default 4, at most half of /dev/shm's free space), backed,
+ * timed, removed. The ceiling: the same threads writing zeros over a segment already
+ * backed (the zeroing alone, at the memory's speed; what the page work adds is the
+ * rest). A program, not a test: it prints each figure, the ceiling and the ratios.
  *
  *   bench_populate [--gib G] [--threads N (0: as the store, the online CPUs to 16)]
  *                  [--rounds R (3; the best of them)] */

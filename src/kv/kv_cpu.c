@@ -271,7 +271,7 @@ static int store_create(kv_connector *c, cpu_impl *s, char *err, size_t errlen) 
     int e = errno;
     close(fd);
     /* populated: the store's memory is taken at start-up, not mid-transfer; by several
-     * threads, since zeroing tens of GiB of new pages on one takes half a minute */
+     * threads, since taking tens of GiB of new pages on one takes half a minute */
     if (p != MAP_FAILED && util_populate(p, s->bytes, true, 0) != 0) {
         e = errno;
         munmap(p, s->bytes);
