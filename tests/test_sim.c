@@ -1496,9 +1496,10 @@ static double sim_json_ttft(const char *path) {
 /* `pdserve sim --store-overlap pipelined` takes the pipelined train's factors: a profile
  * whose rounds say a put beside a get is not slowed and whose train says x4, on a disk
  * point of 8 requests whose transfers (1 s each, set here) outweigh their steps, slows
- * the queued puts and gets only with the option; an unknown value is refused. */
+ * the queued puts and gets only with the option; `fair` (x2 each, whatever was
+ * measured) slows them, less than the train's x4; an unknown value is refused. */
 static void check_store_overlap_option(const char *bin, const char *dir, sim_profile *p) {
-    char prof[512], plan[512], js[2][512], cmd[2048];
+    char prof[512], plan[512], js[3][512], cmd[2048];
     snprintf(prof, sizeof prof, "%s/pd-pipe-prof-%d.json", dir, (int)getpid());
     snprintf(plan, sizeof plan, "%s/pd-pipe-plan-%d.json", dir, (int)getpid());
     sim_medium *m = &p->mediums[0];
@@ -1517,14 +1518,17 @@ static void check_store_overlap_option(const char *bin, const char *dir, sim_pro
           " \"output_len\": 8, \"ignore_eos\": true}, \"loads\": {\"batch_sizes\": [8]}}",
           g);
     fclose(g);
-    for (int k = 0; k < 2; k++) {
+    const char *mode[3] = {"", " --store-overlap pipelined", " --store-overlap fair"};
+    for (int k = 0; k < 3; k++) {
         snprintf(js[k], sizeof js[k], "%s/pd-pipe-%d-%d.json", dir, (int)getpid(), k);
         snprintf(cmd, sizeof cmd, "%s sim %s --profile %s --json %s --quiet%s > /dev/null 2>&1", bin, plan, prof, js[k],
-                 k ? " --store-overlap pipelined" : "");
+                 mode[k]);
         CHECKF(system(cmd) == 0, "%s", cmd);
     }
-    double rounds = sim_json_ttft(js[0]), pipelined = sim_json_ttft(js[1]);
+    double rounds = sim_json_ttft(js[0]), pipelined = sim_json_ttft(js[1]), fair = sim_json_ttft(js[2]);
     CHECKF(rounds > 0 && pipelined > 1.5 * rounds, "TTFT p50 %.3f ms with the rounds' factors, %.3f with the train's",
+           rounds, pipelined);
+    CHECKF(fair > 1.2 * rounds && fair < pipelined, "TTFT p50 %.3f ms with equal shares (rounds %.3f, train %.3f)", fair,
            rounds, pipelined);
     snprintf(cmd, sizeof cmd, "%s sim %s --profile %s --store-overlap sometimes > /dev/null 2>&1", bin, plan, prof);
     int rc = system(cmd);
@@ -1559,6 +1563,7 @@ static void check_store_overlap_option(const char *bin, const char *dir, sim_pro
     unlink(plan);
     unlink(js[0]);
     unlink(js[1]);
+    unlink(js[2]);
 }
 
 /* `pdserve sim --tokenizer DIR`: prompts as the sweep's client makes them and the server

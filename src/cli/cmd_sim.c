@@ -262,7 +262,8 @@ typedef struct sim_cli {
     bool gpu_share_sum;     /* ... another instance's step and copy summed (--gpu-share-sum) */
     bool own_copies;        /* GPU profiles: a cpu store's copies beside their own instance's steps (--no-own-copies) */
     bool power_cap;         /* GPU instances' clocks under the enforced power limit (--power-cap) */
-    bool store_pipelined;   /* stores: the pipelined train's overlap factors (--store-overlap) */
+    int store_overlap;      /* stores: 0 the rounds' overlap factors, 1 the pipelined train's, 2 equal
+                               shares of the device (--store-overlap) */
     const tokenizer *tok;   /* --tokenizer: prompts as the sweep's client and the server make them */
     bench_tokenizer btok;   /* tok behind the bench's callbacks */
 } sim_cli;
@@ -438,10 +439,15 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
             bench_dataset_free(&d);
             return -1;
         }
-        if (c->store_pipelined && cfg.medium->pipe_n > 0) { /* the pipelined train's factors */
+        bool store = !strcmp(cfg.medium->name, "cpu") || !strcmp(cfg.medium->name, "disk");
+        if (c->store_overlap == 1 && cfg.medium->pipe_n > 0) { /* the pipelined train's factors */
             mpipe = *cfg.medium;
             mpipe.put_overlap = mpipe.put_overlap_pipe;
             mpipe.get_overlap = mpipe.get_overlap_pipe;
+            cfg.medium = &mpipe;
+        } else if (c->store_overlap == 2 && store) { /* a put and a get share the device equally */
+            mpipe = *cfg.medium;
+            mpipe.put_overlap = mpipe.get_overlap = 2;
             cfg.medium = &mpipe;
         }
     }
@@ -627,7 +633,9 @@ int cmd_sim(int argc, char **argv) {
         {"store-overlap", OPT_STRING, &store_overlap,
          "stores (cpu, disk): a put beside a get, and the get beside it, slowed as the profile's rounds measured "
          "them (rounds, the default: one overlap at a time) or its pipelined train (pipelined: each put beside the "
-         "previous request's get, back to back; where the profile has none, the rounds)", "rounds|pipelined"},
+         "previous request's get, back to back; where the profile has none, the rounds), or each at half its speed "
+         "alone (fair: equal shares of the device, whatever the profile measured; two gets at once still as "
+         "measured; docs/simulator.md, \"The store's ops\")", "rounds|pipelined|fair"},
         {"power-cap", OPT_FLAG, &power_cap,
          "run each GPU step at the clock the profile's enforced power limit allows (power.cap; off by default: "
          "on an H200 it overstated the throttled steps' time, docs/simulator.md)", NULL},
@@ -658,8 +666,11 @@ int cmd_sim(int argc, char **argv) {
         fprintf(stderr, "pdserve sim: needs a plan file (see --help)\n");
         return 2;
     }
-    if (strcmp(store_overlap, "rounds") != 0 && strcmp(store_overlap, "pipelined") != 0) {
-        fprintf(stderr, "pdserve sim: --store-overlap must be rounds or pipelined\n");
+    int overlap_mode = !strcmp(store_overlap, "rounds") ? 0 : !strcmp(store_overlap, "pipelined") ? 1
+                       : !strcmp(store_overlap, "fair")    ? 2
+                                                           : -1;
+    if (overlap_mode < 0) {
+        fprintf(stderr, "pdserve sim: --store-overlap must be rounds, pipelined or fair, not '%s'\n", store_overlap);
         return 2;
     }
     char err[1024];
@@ -773,7 +784,7 @@ int cmd_sim(int argc, char **argv) {
                  .contention_kinds = !no_kinds, .tier_cpu = !no_tier_cpu, .gpu_share = !no_gpu_share,
                  .gpu_share_equal = gpu_share_equal, .gpu_share_lighter = gpu_share_lighter,
                  .gpu_share_sum = gpu_share_sum, .own_copies = !no_own_copies, .power_cap = power_cap && !no_power_cap,
-                 .store_pipelined = !strcmp(store_overlap, "pipelined")};
+                 .store_overlap = overlap_mode};
     int rc = 0;
     model_files vfiles;
     backend *vbe = NULL;
