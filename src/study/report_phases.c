@@ -41,6 +41,30 @@ static double median(dvec *d) {
     return st.median;
 }
 
+/* The rows of a statement over requests (its ?1 a run_id) for every run of point k, run
+ * after run: `req_iter it = {st, run_ids, of_point, n_runs, k, -1, false};` then
+ * `while (req_next(&it))` reads sqlite3_column_* of it.st. */
+typedef struct req_iter {
+    sqlite3_stmt *st;
+    const long long *run_ids;
+    const int *of_point;
+    int n_runs, k, r;
+    bool open;
+} req_iter;
+
+static bool req_next(req_iter *it) {
+    for (;;) {
+        if (it->open && sqlite3_step(it->st) == SQLITE_ROW) return true;
+        it->open = false;
+        while (++it->r < it->n_runs && it->of_point[it->r] != it->k) {
+        }
+        if (it->r >= it->n_runs) return false;
+        sqlite3_reset(it->st);
+        sqlite3_bind_int64(it->st, 1, it->run_ids[it->r]);
+        it->open = true;
+    }
+}
+
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return x < y ? -1 : x > y;
@@ -76,17 +100,13 @@ void rep_load_median_cis(sqlite3 *h, rep_point *pts, int n, const long long *run
     dvec tt = {0}, tp = {0};
     for (int k = 0; k < n; k++) {
         tt.n = tp.n = 0;
-        for (int r = 0; r < n_runs; r++) {
-            if (of_point[r] != k) continue;
-            sqlite3_reset(st);
-            sqlite3_bind_int64(st, 1, run_ids[r]);
-            while (sqlite3_step(st) == SQLITE_ROW) {
-                double ttft = sqlite3_column_double(st, 0);
-                dvec_push(&tt, ttft);
-                int out = sqlite3_column_int(st, 2);
-                if (out > 1 && sqlite3_column_type(st, 1) != SQLITE_NULL)
-                    dvec_push(&tp, (sqlite3_column_double(st, 1) - ttft) / (out - 1));
-            }
+        req_iter it = {st, run_ids, of_point, n_runs, k, -1, false};
+        while (req_next(&it)) {
+            double ttft = sqlite3_column_double(st, 0);
+            dvec_push(&tt, ttft);
+            int out = sqlite3_column_int(st, 2);
+            if (out > 1 && sqlite3_column_type(st, 1) != SQLITE_NULL)
+                dvec_push(&tp, (sqlite3_column_double(st, 1) - ttft) / (out - 1));
         }
         rep_median_ci(tt.v, tt.n, &pts[k].ttft_ci[0], &pts[k].ttft_ci[1]);
         rep_median_ci(tp.v, tp.n, &pts[k].tpot_ci[0], &pts[k].tpot_ci[1]);
@@ -127,32 +147,28 @@ void rep_load_phases(sqlite3 *h, rep_point *pts, int n, const long long *run_ids
     for (int k = 0; k < n; k++) {
         for (int i = 0; i <= REP_PHASES; i++) ph[i].n = 0;
         int reported = 0;
-        for (int r = 0; r < n_runs; r++) {
-            if (of_point[r] != k) continue;
-            sqlite3_reset(st);
-            sqlite3_bind_int64(st, 1, run_ids[r]);
-            while (sqlite3_step(st) == SQLITE_ROW) {
-                double ttft = sqlite3_column_double(st, 0);
-                const char *text = (const char *)sqlite3_column_text(st, 1);
-                cJSON *o = text ? cJSON_Parse(text) : NULL;
-                if (!cJSON_IsObject(o)) {
-                    cJSON_Delete(o);
-                    continue;
-                }
-                double sum = 0;
-                int seen = 0;
-                for (int i = 0; i < REP_PHASES; i++) {
-                    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, REP_PHASE_NAMES[i]);
-                    if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble)) continue;
-                    dvec_push(&ph[i], v->valuedouble * 1e3);
-                    sum += v->valuedouble * 1e3;
-                    seen++;
-                }
+        req_iter it = {st, run_ids, of_point, n_runs, k, -1, false};
+        while (req_next(&it)) {
+            double ttft = sqlite3_column_double(st, 0);
+            const char *text = (const char *)sqlite3_column_text(st, 1);
+            cJSON *o = text ? cJSON_Parse(text) : NULL;
+            if (!cJSON_IsObject(o)) {
                 cJSON_Delete(o);
-                if (seen == 0) continue;
-                dvec_push(&ph[REP_PHASES], ttft - sum);
-                reported++;
+                continue;
             }
+            double sum = 0;
+            int seen = 0;
+            for (int i = 0; i < REP_PHASES; i++) {
+                const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, REP_PHASE_NAMES[i]);
+                if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble)) continue;
+                dvec_push(&ph[i], v->valuedouble * 1e3);
+                sum += v->valuedouble * 1e3;
+                seen++;
+            }
+            cJSON_Delete(o);
+            if (seen == 0) continue;
+            dvec_push(&ph[REP_PHASES], ttft - sum);
+            reported++;
         }
         pts[k].phase_n = reported;
         if (reported == 0) continue;
