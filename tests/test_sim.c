@@ -620,8 +620,9 @@ static void test_profile_roundtrip(void) {
     p.power.idle_w = 40;
     p.power.prefill_w = 200;
     p.power.decode_w = 120;
-    p.n_mediums = 1;
+    p.n_mediums = 2;
     sim_medium_default("nvlink", &p.mediums[0]);
+    sim_medium_default("nccl", &p.mediums[1]);
     char *s = sim_profile_to_json(&p);
     char err[256];
     REQUIRE(sim_profile_parse(s, strlen(s), "rt", &q, err, sizeof err) == 0);
@@ -631,7 +632,8 @@ static void test_profile_roundtrip(void) {
     for (int i = 0; i < 12; i++) CHECK(near(q.prefill.v[i], p.prefill.v[i], 1e-14));
     CHECK(near(q.linear.v[3], p.linear.v[3], 1e-14));
     CHECK(q.power.measured && q.power.decode_w == 120);
-    CHECK(q.n_mediums == 1 && q.mediums[0].bandwidth == p.mediums[0].bandwidth);
+    CHECK(q.n_mediums == 2 && q.mediums[0].bandwidth == p.mediums[0].bandwidth);
+    CHECK(q.mediums[0].layer_latency_s == 0 && q.mediums[1].layer_latency_s == 35e-6);
     CHECK(q.sample_s_per_row == p.sample_s_per_row);
     sim_profile_free(&q);
     free(s);
@@ -1196,6 +1198,22 @@ static void test_layerwise_transfer(void) {
     REQUIRE(sim_run(&c, &p, &r, 1, &bc, &res, &st, err, sizeof err) == 0);
     CHECKF(near(res->recs[0].ttft_s, 0.1 + 0.025 + 0.01, 1e-12), "ttft %.6f", res->recs[0].ttft_s);
     bench_result_free(res);
+    /* a medium whose layers have a fixed cost of their own (the nccl default's 35 us: its
+     * request set-up runs beside the first layers): only that after the last layer;
+     * whole transfers keep the medium's latency */
+    m.layer_latency_s = 0.002;
+    REQUIRE(sim_run(&c, &p, &r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].ttft_s, 0.1 + 0.025 + 0.002, 1e-12), "ttft %.6f", res->recs[0].ttft_s);
+    bench_result_free(res);
+    c.layerwise = false;
+    REQUIRE(sim_run(&c, &p, &r, 1, &bc, &res, &st, err, sizeof err) == 0);
+    CHECKF(near(res->recs[0].ttft_s, 0.1 + 0.1 + 0.01, 1e-12), "ttft %.6f", res->recs[0].ttft_s);
+    bench_result_free(res);
+    c.layerwise = true;
+    m.layer_latency_s = 0;
+    sim_medium nccl;
+    REQUIRE(sim_medium_default("nccl", &nccl) == 0);
+    CHECK(nccl.latency_s == 0.6e-3 && nccl.layer_latency_s == 35e-6);
     /* a link slower than the step: pieces queue, and the overlap saves the step's time */
     m.bandwidth = 1e5; /* 1 s for the whole prompt */
     REQUIRE(sim_run(&c, &p, &r, 1, &bc, &res, &st, err, sizeof err) == 0);

@@ -96,21 +96,23 @@ typedef struct medium_default {
     const char *name;
     double latency_s, bandwidth;
     const char *source;
+    double layer_latency_s; /* 0: latency_s */
 } medium_default;
 
 /* Effective (not nominal) figures; where each comes from is in docs/simulator.md. */
 static const medium_default MEDIUM_DEFAULTS[] = {
-    {"gpu", 9e-6, 396e9, "peer copy over NVLink, 396 GB/s for 1 GiB, 9 us per copy (shared/GPU.md, H200 NV18)"},
-    {"gpu-pcie3", 30e-6, 10e9, "peer copy over PCIe Gen3 x16, ~10 GB/s of 15.75 nominal (the paper's 2x A100 node)"},
-    {"nvlink", 9e-6, 396e9, "as gpu: NVLink peer copy (shared/GPU.md)"},
+    {"gpu", 9e-6, 396e9, "peer copy over NVLink, 396 GB/s for 1 GiB, 9 us per copy (shared/GPU.md, H200 NV18)", 0},
+    {"gpu-pcie3", 30e-6, 10e9, "peer copy over PCIe Gen3 x16, ~10 GB/s of 15.75 nominal (the paper's 2x A100 node)", 0},
+    {"nvlink", 9e-6, 396e9, "as gpu: NVLink peer copy (shared/GPU.md)", 0},
     {"nccl", 0.6e-3, 340e9, "pdserve's nccl medium, two lanes, 2x H200 NV18: whole requests of 1 GiB and 1.75 GiB "
                              "right after a prefill pass in 3.8 and 6.1 ms (docs/results/kv-cuda.md, 2026-11-29; "
-                             "NCCL's own send/recv: 362-371 GB/s)"},
+                             "NCCL's own send/recv: 362-371 GB/s); layer-wise, a group after the request's first "
+                             "queues in 20-35 us (its trace)", 35e-6},
     {"cpu", 20e-6, 27e9, "through pinned host memory: device-to-host then host-to-device at 54-55 GB/s each, in series "
-                         "(shared/GPU.md)"},
-    {"disk", 100e-6, 0.6e9, "O_DIRECT write 1.3 GB/s then read 1.1 GB/s in series (shared/GPU.md)"},
-    {"tcp", 100e-6, 1.1e9, "10 GbE TCP, ~1.1 GB/s of payload (assumed link; loopback on one host is faster)"},
-    {"rdma", 20e-6, 142e9, "Mooncake's 142 GB/s peak KV transfer over RDMA (shared/PAPER.md)"},
+                         "(shared/GPU.md)", 0},
+    {"disk", 100e-6, 0.6e9, "O_DIRECT write 1.3 GB/s then read 1.1 GB/s in series (shared/GPU.md)", 0},
+    {"tcp", 100e-6, 1.1e9, "10 GbE TCP, ~1.1 GB/s of payload (assumed link; loopback on one host is faster)", 0},
+    {"rdma", 20e-6, 142e9, "Mooncake's 142 GB/s peak KV transfer over RDMA (shared/PAPER.md)", 0},
 };
 
 int sim_medium_default(const char *name, sim_medium *out) {
@@ -121,6 +123,7 @@ int sim_medium_default(const char *name, sim_medium *out) {
         snprintf(out->name, sizeof out->name, "%s", d->name);
         out->latency_s = d->latency_s;
         out->bandwidth = d->bandwidth;
+        out->layer_latency_s = d->layer_latency_s;
         snprintf(out->source, sizeof out->source, "default: %s", d->source);
         return 0;
     }
@@ -436,6 +439,7 @@ char *sim_profile_to_json(const sim_profile *p) {
         cJSON *mo = cJSON_CreateObject();
         cJSON_AddStringToObject(mo, "name", m->name);
         cJSON_AddNumberToObject(mo, "latency_s", m->latency_s);
+        if (m->layer_latency_s > 0) cJSON_AddNumberToObject(mo, "layer_latency_s", m->layer_latency_s);
         cJSON_AddNumberToObject(mo, "bandwidth_bytes_per_s", m->bandwidth);
         cJSON_AddNumberToObject(mo, "power_w", m->power_w);
         if (m->control_s > 0) cJSON_AddNumberToObject(mo, "control_s", m->control_s);
@@ -858,6 +862,7 @@ static int read_mediums(const cJSON *o, sim_profile *p, const char *name, char *
         get_str(mo, "name", m->name, sizeof m->name);
         get_str(mo, "source", m->source, sizeof m->source);
         m->latency_s = get_num(mo, "latency_s", 0);
+        m->layer_latency_s = get_num(mo, "layer_latency_s", 0);
         m->bandwidth = get_num(mo, "bandwidth_bytes_per_s", 0);
         m->power_w = get_num(mo, "power_w", 0);
         m->control_s = PD_MAX(get_num(mo, "control_s", 0), 0);

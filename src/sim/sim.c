@@ -950,6 +950,9 @@ static void start_transfer(sim_state *s, inst *in, sreq *r, double t) {
         heap_push(&s->heap, f, EV_GET, (int)(r - s->reqs));
         return;
     }
+    /* layer-wise over a link: the request's set-up ran beside its first layers; after the
+     * last layer's bytes only that layer's own fixed cost, where the medium has one */
+    if (s->cfg->layerwise && m && m->layer_latency_s > 0) fixed += m->layer_latency_s - (dur - busy);
     r->kv_at = f + fixed;
     heap_push(&s->heap, r->kv_at, EV_KV_ARRIVE, (int)(r - s->reqs));
 }

@@ -46,6 +46,9 @@ typedef struct sim_medium {
     char name[32];          /* "gpu", "cpu", "disk", "nccl", "tcp", "nvlink" ... */
     double latency_s;
     double bandwidth;       /* bytes per second */
+    double layer_latency_s; /* layer-wise over a link: the fixed cost after the last layer's
+                               bytes, in place of latency_s, which a line through whole
+                               requests makes a request's whole set-up (0: latency_s) */
     double power_w;         /* extra power while a transfer runs (0: not modelled) */
     int n_points;
     double bytes[SIM_MAX_POINTS], seconds[SIM_MAX_POINTS]; /* measured (n_points may be 0) */
