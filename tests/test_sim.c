@@ -275,6 +275,11 @@ static void test_disaggregated_transfer(void) {
     CHECKF(near(res->recs[1].ttft_s, 0.71, 1e-9), "get beside a put: ttft %.6f", res->recs[1].ttft_s);
     CHECK(res->recs[0].output_len == res->recs[0].expected_output_len &&
           res->recs[1].output_len == res->recs[1].expected_output_len); /* each KV arrived once */
+    /* the ops as a deployment counts them (pdserve_kv_store_*): puts 0.15 + 0.30 s, gets
+     * 0.30 + 0.15 s, start to end */
+    CHECK(st.store_puts == 2 && st.store_gets == 2);
+    CHECKF(near(st.store_put_s, 0.45, 1e-9) && near(st.store_get_s, 0.45, 1e-9), "puts %.6f s, gets %.6f s",
+           st.store_put_s, st.store_get_s);
     bench_result_free(res);
     /* only the get slowed: the put 0.25-0.40 at full speed; the get moves 0.075 of its
      * last 0.15 s meanwhile and the rest alone, to 0.475 (+ 0.01); the second get

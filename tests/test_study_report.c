@@ -234,7 +234,8 @@ static void test_report_reuse(void) {
         "pdserve_kv_offload_decisions_total{model_name=\"m\",decision=\"load\"} 1\n"
         "pdserve_num_requests_running{model_name=\"m\"} 3\n"
         "pdserve_engine_steps_total{model_name=\"m\"} 10\n"
-        "pdserve_kv_store_put_seconds_total{model_name=\"m\",part=\"write\"} 1\n";
+        "pdserve_kv_store_put_seconds_total{model_name=\"m\",part=\"write\"} 1\n"
+        "pdserve_kv_store_puts_total{model_name=\"m\"} 2\n";
     const char *after =
         "pdserve_prefix_cache_queries_total{model_name=\"m\"} 3048\n"
         "pdserve_prefix_cache_tier_hits_total{model_name=\"m\",tier=\"gpu\"} 612\n"
@@ -245,13 +246,14 @@ static void test_report_reuse(void) {
         "pdserve_kv_offload_entries{model_name=\"m\",tier=\"cpu\"} 80\n"
         "pdserve_engine_steps_total{model_name=\"m\"} 110\n"
         "pdserve_engine_forward_seconds_total{model_name=\"m\"} 1.5\n"
-        "pdserve_kv_store_put_seconds_total{model_name=\"m\",part=\"write\"} 2.5\n";
+        "pdserve_kv_store_put_seconds_total{model_name=\"m\",part=\"write\"} 2.5\n"
+        "pdserve_kv_store_puts_total{model_name=\"m\"} 5\n";
     study_metric mb[16], ma[16];
     int nb = 0, na = 0;
     study_metrics_parse(before, "", mb, 16, &nb);
     study_metrics_parse(after, "", ma, 16, &na);
-    CHECK_EQ_INT(nb, 6); /* the running gauge and comments are not recorded */
-    CHECK_EQ_INT(na, 10);
+    CHECK_EQ_INT(nb, 7); /* the running gauge and comments are not recorded */
+    CHECK_EQ_INT(na, 11);
     study_metrics_delta(ma, na, mb, nb);
     CHECK(ma[0].value == 2048 && ma[1].value == 512 && ma[4].value == 2 && ma[6].value == 80);
     CHECK(ma[7].value == 100 && ma[8].value == 1.5); /* engine counters: steps and forward s */
@@ -289,9 +291,13 @@ static void test_report_reuse(void) {
         CHECKF(strstr(sec, "50.0") && strstr(sec, "25.0") && strstr(sec, "   4 ") && strstr(sec, "   2 "), "%s", sec);
         CHECKF(strstr(sec, "0.0") && strstr(sec, "n/m"), "%s", sec); /* point 0: nothing cached, no counters */
     }
+    /* the store's ops: 3 puts over the run in 1.5 s of their parts, 0.5 s each; no gets */
+    const char *ops = strstr(table, "KV store ops (disk)\n");
+    CHECKF(ops && strstr(ops, "     3     0.500    n/m       n/m"), "%s", ops ? ops : table);
     free(table);
     char *html = slurp(out, "index.html", NULL);
     CHECK(html && strstr(html, "<h2>KV reuse</h2>") && strstr(html, "prompt tokens cached"));
+    CHECK(html && strstr(html, "<h2>KV store ops (disk)</h2>") && strstr(html, "<td>0.500</td>"));
     free(html);
     check_svg(out, "ttft-vs-cached", 2);
     free(pts);

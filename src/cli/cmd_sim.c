@@ -322,10 +322,12 @@ static int validate_point(sim_cli *c, const sim_plan_setup *su, const char *ll, 
     return 0;
 }
 
-/* The series a real deployment's /metrics gives for prefix caching and its lower tiers
- * (server/metrics.c names), from the simulated counters, so that `pdserve report`'s
- * reuse table reads simulated points as it reads real ones. */
-static int sim_metrics(const sim_stats *st, study_metric *m, int cap) {
+/* The series a real deployment's /metrics gives for prefix caching and its lower tiers,
+ * and for a disk store's puts and gets (server/metrics.c names), from the simulated
+ * counters, so that `pdserve report`'s tables read simulated points as they read real
+ * ones. disk: the setup's medium is the disk (the only store whose instances count
+ * their ops). */
+static int sim_metrics(const sim_stats *st, bool disk, study_metric *m, int cap) {
     int n = 0;
 #define MET(v, ...) \
     do { \
@@ -334,7 +336,15 @@ static int sim_metrics(const sim_stats *st, study_metric *m, int cap) {
             m[n++].value = (double)(v); \
         } \
     } while (0)
-    if (st->prefix_queries == 0) return 0;
+    if (disk && st->store_puts > 0) { /* the store's ops, as a disk deployment's instances count them */
+        MET(st->store_puts, "pdserve_kv_store_puts_total{sim=\"1\"}");
+        MET(st->store_put_s, "pdserve_kv_store_put_seconds_total{sim=\"1\"}");
+    }
+    if (disk && st->store_gets > 0) {
+        MET(st->store_gets, "pdserve_kv_store_gets_total{sim=\"1\"}");
+        MET(st->store_get_s, "pdserve_kv_store_get_seconds_total{sim=\"1\"}");
+    }
+    if (st->prefix_queries == 0) return n;
     MET(st->prefix_queries, "pdserve_prefix_cache_queries_total{sim=\"1\"}");
     MET(st->prefix_hits, "pdserve_prefix_cache_hits_total{sim=\"1\"}");
     const prefix_tier_stats *t = &st->tiers;
@@ -399,7 +409,7 @@ static int record_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l,
                                                                                        : ds->random_output_len,
                          .range_ratio = ds->random_range_ratio, .seed = c->pl->seed};
     study_metric met[32];
-    ri.n_metrics = sim_metrics(st, met, (int)PD_ARRAY_LEN(met));
+    ri.n_metrics = sim_metrics(st, cfg->medium && !strcmp(cfg->medium->name, "disk"), met, (int)PD_ARRAY_LEN(met));
     ri.metrics = met;
     return study_db_record(c->db, &pt, &ri, bc, r, idle.seconds > 0 ? &idle : NULL, err, errlen) < 0 ? -1 : 0;
 }

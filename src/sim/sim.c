@@ -133,6 +133,7 @@ typedef struct store_op {
     int req;
     bool get;
     double left;
+    double t0; /* when it started */
 } store_op;
 
 typedef struct sim_event {
@@ -811,7 +812,7 @@ static void store_add(sim_state *s, inst *d, sreq *r, bool get, double work, dou
         d->cap_ops = d->cap_ops ? 2 * d->cap_ops : 4;
         d->ops = xrealloc(d->ops, sizeof(store_op) * (size_t)d->cap_ops);
     }
-    d->ops[d->n_ops++] = (store_op){(int)(r - s->reqs), get, work};
+    d->ops[d->n_ops++] = (store_op){(int)(r - s->reqs), get, work, t};
     if (get) d->gets_on++;
     store_schedule(s, d, t);
     if (s->copy_share || s->own_copy) reshare(s, t); /* a copy began: the steps on its GPU re-timed */
@@ -892,6 +893,8 @@ static void on_store(sim_state *s, inst *d, double t) {
         memmove(d->ops + k, d->ops + k + 1, sizeof(store_op) * (size_t)(d->n_ops - k - 1));
         d->n_ops--;
         sreq *r = &s->reqs[o.req];
+        if (o.get) s->st->store_gets++, s->st->store_get_s += t - o.t0;
+        else s->st->store_puts++, s->st->store_put_s += t - o.t0;
         if (!o.get) {
             s->insts[r->p_inst].put_on = false;
             put_next(s, &s->insts[r->p_inst], t);

@@ -823,6 +823,9 @@ typedef struct sim_stats {
     double energy_share_j;                  /* of energy_j: shared GPUs' pairs' power beyond the
                                                pricing (sim_gpu_share_extra_w) */
     double kv_bytes, kv_transfer_s;         /* disaggregated: total moved, summed transfer time */
+    int store_puts, store_gets;             /* stores (whole transfers): ops done, and their */
+    double store_put_s, store_get_s;        /* summed time from start to end, overlaps included
+                                               (as a deployment's pdserve_kv_store_* counters) */
     double wall_s;                          /* real time the simulation took */
     int n_instances;
     int gpus_prefill, gpus_decode;          /* devices whose static power each role counts

@@ -43,7 +43,7 @@ static void acc(double *mean, int *cnt, double v) {
 }
 
 typedef struct acc_counts {
-    int c[16], cached, reuse[8];
+    int c[16], cached, reuse[8], store[4];
     int comp[16], comp_net[16];
 } acc_counts;
 
@@ -115,6 +115,32 @@ static void add_reuse(sqlite3 *h, long long run_id, rep_point *p, acc_counts *ac
     sqlite3_finalize(st);
 }
 
+/* A disk store's ops of one run (server_metrics, summed over the instances: put seconds
+ * over their parts) into p's running means; nothing when the run has none. */
+static void add_store(sqlite3 *h, long long run_id, rep_point *p, acc_counts *ac) {
+    static const char SQL[] =
+        "SELECT sum(CASE WHEN series LIKE '%pdserve_kv_store_puts_total%' THEN value END),"
+        " sum(CASE WHEN series LIKE '%pdserve_kv_store_put_seconds_total%' THEN value END),"
+        " sum(CASE WHEN series LIKE '%pdserve_kv_store_gets_total%' THEN value END),"
+        " sum(CASE WHEN series LIKE '%pdserve_kv_store_get_seconds_total%' THEN value END)"
+        " FROM server_metrics WHERE run_id = ?";
+    sqlite3_stmt *st = NULL;
+    if (sqlite3_prepare_v2(h, SQL, -1, &st, NULL) != SQLITE_OK) return;
+    sqlite3_bind_int64(st, 1, run_id);
+    if (sqlite3_step(st) == SQLITE_ROW) {
+        double puts = col(st, 0), put_s = col(st, 1), gets = col(st, 2), get_s = col(st, 3);
+        if (puts > 0) {
+            acc(&p->store_puts, &ac->store[0], puts);
+            acc(&p->store_put_s, &ac->store[1], put_s / puts);
+        }
+        if (gets > 0) {
+            acc(&p->store_gets, &ac->store[2], gets);
+            acc(&p->store_get_s, &ac->store[3], get_s / gets);
+        }
+    }
+    sqlite3_finalize(st);
+}
+
 static int load_points(sqlite3 *h, rep_point **out, int *n_out, char *err, size_t errlen) {
     bool has_metrics = has_column(h, "server_metrics", "series");
     sqlite3_stmt *st = NULL;
@@ -165,7 +191,8 @@ static int load_points(sqlite3 *h, rep_point **out, int *n_out, char *err, size_
             for (size_t i = 0; i < PD_ARRAY_LEN(f); i++) *f[i] = NAN;
             p->cached_frac = NAN;
             double *g[] = {&p->tier_hit[0], &p->tier_hit[1], &p->tier_hit[2], &p->loads, &p->recomputes,
-                           &p->loaded_blocks, &p->dropped};
+                           &p->loaded_blocks, &p->dropped, &p->store_puts, &p->store_put_s, &p->store_gets,
+                           &p->store_get_s};
             for (size_t i = 0; i < PD_ARRAY_LEN(g); i++) *g[i] = NAN;
             n++;
         }
@@ -183,7 +210,10 @@ static int load_points(sqlite3 *h, rep_point **out, int *n_out, char *err, size_
                        &p->jpt, &p->jpt_net, &p->jpot, &p->jpot_net};
         for (size_t i = 0; i < PD_ARRAY_LEN(f); i++) acc(f[i], &ac->c[i], col(st, 12 + (int)i));
         acc(&p->cached_frac, &ac->cached, col(st, 29));
-        if (has_metrics) add_reuse(h, sqlite3_column_int64(st, 0), p, ac);
+        if (has_metrics) {
+            add_reuse(h, sqlite3_column_int64(st, 0), p, ac);
+            add_store(h, sqlite3_column_int64(st, 0), p, ac);
+        }
         add_components(h, sqlite3_column_int64(st, 0), col(st, 28), p, ac);
     }
     sqlite3_finalize(st);
@@ -297,6 +327,32 @@ static void print_reuse(FILE *f, const rep_point *pts, int n) {
                "  blocks and loaded / recomputed them; blk load = blocks loaded\n");
 }
 
+/* Disaggregated over a disk store: its puts and gets as the instances counted them, and
+ * as simulated, side by side (nothing when no point has them). */
+static bool any_store(const rep_point *pts, int n) {
+    for (int i = 0; i < n; i++)
+        if (!isnan(pts[i].store_puts) || !isnan(pts[i].store_gets)) return true;
+    return false;
+}
+
+static void print_store(FILE *f, const rep_point *pts, int n) {
+    if (!any_store(pts, n)) return;
+    fprintf(f, "\nKV store ops (disk)\n  %-22s %-10s %6s %9s %6s %9s %9s\n", "setup", "load", "puts", "s / put", "gets",
+            "s / get", "TTFT p50");
+    char b[5][32];
+    for (int i = 0; i < n; i++) {
+        const rep_point *p = &pts[i];
+        if (isnan(p->store_puts) && isnan(p->store_gets)) continue;
+        char load[64];
+        snprintf(load, sizeof load, "%s%s", p->load_label, p->simulated ? "*" : "");
+        fprintf(f, "  %-22.22s %-10.10s %6s %9s %6s %9s %9s\n", p->setup, load, tfmt(b[0], 32, p->store_puts, 0),
+                tfmt(b[1], 32, p->store_put_s, 3), tfmt(b[2], 32, p->store_gets, 0), tfmt(b[3], 32, p->store_get_s, 3),
+                tfmt(b[4], 32, p->ttft_med, 1));
+    }
+    fprintf(f, "s / put, s / get = each op's time from its start to its end, beside others included (measured:\n"
+               "  the instances' pdserve_kv_store_* counters over the run, warm-up included; * simulated)\n");
+}
+
 static void print_table(FILE *f, const rep_point *pts, int n, int n_bad) {
     fprintf(f, "%-14s %-10s %-9s %9s %9s %8s %8s %8s %10s %10s %9s %10s %s\n", "setup", "load", "clock", "TTFT p50",
             "TTFT p99", "TPOT p50", "TPOT p99", "req/s", "out tok/s", "goodput", "J/token", "J/tok net", "front");
@@ -342,6 +398,7 @@ static void print_table(FILE *f, const rep_point *pts, int n, int n_bad) {
         }
     if (n_bad) fprintf(f, "%d point(s) failed or skipped: see index.html or runs.csv for the reasons\n", n_bad);
     print_reuse(f, pts, n);
+    print_store(f, pts, n);
 }
 
 static void html_esc(FILE *f, const char *s) {
@@ -532,6 +589,33 @@ static void html_reuse(FILE *f, const rep_point *pts, int n) {
         fputs("</tr>\n", f);
     }
     fputs("</table>\n<p>Percentages; TTFT and TPOT in ms.</p>\n", f);
+}
+
+static void html_store(FILE *f, const rep_point *pts, int n) {
+    if (!any_store(pts, n)) return;
+    fputs("<h2>KV store ops (disk)</h2>\n<p>A disk store's puts (the prefill side) and gets (the decode side): how "
+          "many, and each one's time from its start to its end, beside the others included. Measured: the "
+          "instances' <code>pdserve_kv_store_*</code> counters over the run, warm-up included; simulated: the "
+          "simulated ops.</p>\n<table><tr><th class=l>setup</th><th class=l>load</th><th>puts</th><th>s / put</th>"
+          "<th>gets</th><th>s / get</th><th>TTFT p50</th></tr>\n",
+          f);
+    for (int i = 0; i < n; i++) {
+        const rep_point *p = &pts[i];
+        if (isnan(p->store_puts) && isnan(p->store_gets)) continue;
+        fputs("<tr><td class=l>", f);
+        html_esc(f, p->setup);
+        fputs("</td><td class=l>", f);
+        html_esc(f, p->load_label);
+        if (p->simulated) fputs(" <span class=sim>sim</span>", f);
+        fputs("</td>", f);
+        td(f, p->store_puts, 0);
+        td(f, p->store_put_s, 3);
+        td(f, p->store_gets, 0);
+        td(f, p->store_get_s, 3);
+        td(f, p->ttft_med, 1);
+        fputs("</tr>\n", f);
+    }
+    fputs("</table>\n", f);
 }
 
 static void html_components(FILE *f, const rep_point *pts, int n) {
@@ -846,6 +930,7 @@ int study_report(const study_report_opts *o, char *err, size_t errlen) {
     html_header(f, h, o->db_path);
     html_tables(f, pts, n);
     html_reuse(f, pts, n);
+    html_store(f, pts, n);
     html_components(f, pts, n);
     html_validation(f, pts, n);
     rep_html_phases(f, pts, n);

@@ -39,6 +39,10 @@ typedef struct rep_point {
      * that found lower-tier blocks and loaded / recomputed them; blocks loaded; evicted
      * blocks not offloaded */
     double tier_hit[3], loads, recomputes, loaded_blocks, dropped;
+    /* a disk store's ops over the run (server_metrics: the instances' pdserve_kv_store_*
+     * counters, warm-up included; simulated: the simulated ops): puts and gets done and
+     * their mean seconds each, start to end (NAN: not reported) */
+    double store_puts, store_put_s, store_gets, store_get_s;
     /* where the TTFT went (requests.server_phases, pooled over repeats): the median ms
      * of each of REP_PHASE_NAMES (NAN: not reported), and of the TTFT less the sum of a
      * request's phases (the client's side and hops no server timed) */
