@@ -555,6 +555,16 @@ static void html_tables(FILE *f, const rep_point *pts, int n) {
     }
 }
 
+/* A table row's first two cells: the point's setup and load, marked when simulated. */
+static void html_point_row(FILE *f, const rep_point *p) {
+    fputs("<tr><td class=l>", f);
+    html_esc(f, p->setup);
+    fputs("</td><td class=l>", f);
+    html_esc(f, p->load_label);
+    if (p->simulated) fputs(" <span class=sim>sim</span>", f);
+    fputs("</td>", f);
+}
+
 /* Reuse sweeps: hit rates per tier and loads beside TTFT (nothing when no point
  * reported cached tokens). */
 static void html_reuse(FILE *f, const rep_point *pts, int n) {
@@ -571,12 +581,7 @@ static void html_reuse(FILE *f, const rep_point *pts, int n) {
     for (int i = 0; i < n; i++) {
         const rep_point *p = &pts[i];
         if (isnan(p->cached_frac)) continue;
-        fputs("<tr><td class=l>", f);
-        html_esc(f, p->setup);
-        fputs("</td><td class=l>", f);
-        html_esc(f, p->load_label);
-        if (p->simulated) fputs(" <span class=sim>sim</span>", f);
-        fputs("</td>", f);
+        html_point_row(f, p);
         td(f, 100 * p->cached_frac, 1);
         for (int k = 0; k < 3; k++) td(f, 100 * p->tier_hit[k], 1);
         td(f, p->loads, 0);
@@ -602,12 +607,7 @@ static void html_store(FILE *f, const rep_point *pts, int n) {
     for (int i = 0; i < n; i++) {
         const rep_point *p = &pts[i];
         if (isnan(p->store_puts) && isnan(p->store_gets)) continue;
-        fputs("<tr><td class=l>", f);
-        html_esc(f, p->setup);
-        fputs("</td><td class=l>", f);
-        html_esc(f, p->load_label);
-        if (p->simulated) fputs(" <span class=sim>sim</span>", f);
-        fputs("</td>", f);
+        html_point_row(f, p);
         td(f, p->store_puts, 0);
         td(f, p->store_put_s, 3);
         td(f, p->store_gets, 0);
