@@ -1520,7 +1520,8 @@ static double sim_json_ttft(const char *path) {
  * whose rounds say a put beside a get is not slowed and whose train says x4, on a disk
  * point of 8 requests whose transfers (1 s each, set here) outweigh their steps, slows
  * the queued puts and gets only with the option; `fair` (x2 each, whatever was
- * measured) slows them, less than the train's x4; an unknown value is refused. */
+ * measured) slows them, less than the train's x4; an unknown value is refused;
+ * `--medium-scale disk=2` doubles every transfer. */
 static void check_store_overlap_option(const char *bin, const char *dir, sim_profile *p) {
     char prof[512], plan[512], js[3][512], cmd[2048];
     snprintf(prof, sizeof prof, "%s/pd-pipe-prof-%d.json", dir, (int)getpid());
@@ -1553,6 +1554,19 @@ static void check_store_overlap_option(const char *bin, const char *dir, sim_pro
            rounds, pipelined);
     CHECKF(fair > 1.2 * rounds && fair < pipelined, "TTFT p50 %.3f ms with equal shares (rounds %.3f, train %.3f)", fair,
            rounds, pipelined);
+    /* --medium-scale disk=2: each transfer twice the profile's, the queued ones with it;
+     * a scale of nothing, or of 0, is refused */
+    snprintf(cmd, sizeof cmd, "%s sim %s --profile %s --json %s --quiet --medium-scale disk=2 > /dev/null 2>&1", bin,
+             plan, prof, js[2]);
+    CHECKF(system(cmd) == 0, "%s", cmd);
+    double scaled = sim_json_ttft(js[2]);
+    CHECKF(scaled > 1.7 * rounds, "TTFT p50 %.3f ms with the disk at 2x, %.3f as profiled", scaled, rounds);
+    const char *badk[2] = {"disk", "disk=0"};
+    for (int b = 0; b < 2; b++) {
+        snprintf(cmd, sizeof cmd, "%s sim %s --profile %s --medium-scale %s > /dev/null 2>&1", bin, plan, prof, badk[b]);
+        int brc = system(cmd);
+        CHECKF(WIFEXITED(brc) && WEXITSTATUS(brc) == 2, "--medium-scale %s: status %d", badk[b], brc);
+    }
     snprintf(cmd, sizeof cmd, "%s sim %s --profile %s --store-overlap sometimes > /dev/null 2>&1", bin, plan, prof);
     int rc = system(cmd);
     CHECKF(WIFEXITED(rc) && WEXITSTATUS(rc) == 2, "an unknown --store-overlap: status %d", rc);

@@ -273,6 +273,21 @@ static void test_report_reuse(void) {
         CHECKF(study_db_record(db, &pts[i], &ri, &bc, r, NULL, err, sizeof err) > 0, "%s", err);
         bench_result_free(r);
     }
+    { /* point 1 simulated too, its 3 puts 0.25 s each (pdserve sim's series) */
+        study_metric sm[2] = {{.value = 3}, {.value = 0.75}};
+        snprintf(sm[0].series, sizeof sm[0].series, "pdserve_kv_store_puts_total{sim=\"1\"}");
+        snprintf(sm[1].series, sizeof sm[1].series, "pdserve_kv_store_put_seconds_total{sim=\"1\"}");
+        study_point sp = pts[1];
+        snprintf(sp.key, sizeof sp.key, "sim|%.200s", pts[1].key);
+        bench_result *r = tsd_result(4, 512, 32, 0.05, 0.005, -1, 0);
+        study_run_info ri = {.plan_name = "reuse", .model = "m", .status = STUDY_STATUS_OK, .dataset = "prefix-repetition",
+                             .started_unix = 1.7e9 + 2, .ended_unix = 1.7e9 + 3, .metrics = sm, .n_metrics = 2,
+                             .simulated = true};
+        bench_config bc;
+        bench_config_default(&bc);
+        CHECKF(study_db_record(db, &sp, &ri, &bc, r, NULL, err, sizeof err) > 0, "%s", err);
+        bench_result_free(r);
+    }
     study_db_close(db);
     char table_path[512];
     snprintf(table_path, sizeof table_path, "%s/reuse-table.txt", tmpdir);
@@ -291,9 +306,13 @@ static void test_report_reuse(void) {
         CHECKF(strstr(sec, "50.0") && strstr(sec, "25.0") && strstr(sec, "   4 ") && strstr(sec, "   2 "), "%s", sec);
         CHECKF(strstr(sec, "0.0") && strstr(sec, "n/m"), "%s", sec); /* point 0: nothing cached, no counters */
     }
-    /* the store's ops: 3 puts over the run in 1.5 s of their parts, 0.5 s each; no gets */
+    /* the store's ops: 3 puts over the run in 1.5 s of their parts, 0.5 s each; no gets;
+     * its simulated twin's 0.25 s each: real/sim 2.00 on the simulated row only */
     const char *ops = strstr(table, "KV store ops (disk)\n");
     CHECKF(ops && strstr(ops, "     3     0.500    n/m       n/m"), "%s", ops ? ops : table);
+    const char *srow = ops ? strstr(ops, "*") : NULL;
+    CHECKF(srow && strstr(srow, "     3     0.250    n/m       n/m") && strstr(srow, "      2.00\n"), "%s",
+           ops ? ops : table);
     free(table);
     char *html = slurp(out, "index.html", NULL);
     CHECK(html && strstr(html, "<h2>KV reuse</h2>") && strstr(html, "prompt tokens cached"));

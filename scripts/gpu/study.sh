@@ -252,7 +252,7 @@ rm -rf build-gpu/report build-gpu/report-clocks
 # the "simulated against measured" table into the log (its last line: N of M within 10%),
 # and a disk store's ops, real beside simulated, where the plan has them
 [ -f "$out/study.db" ] && "$BIN" report "$out/study.db" -o build-gpu/report 2>&1 |
-  sed -n -e '/simulated against measured/,/compared figures within/p' -e '/^KV store ops/,/simulated)$/p'
+  sed -n -e '/simulated against measured/,/compared figures within/p' -e '/^KV store ops/,/ran)$/p'
 [ -f "$out/clocks.db" ] && "$BIN" report "$out/clocks.db" -o build-gpu/report-clocks >/dev/null 2>&1
 [ -f "$out/study-cmp.db" ] && echo "with $SIM_COMPARE:" && "$BIN" report "$out/study-cmp.db" -o build-gpu/report-cmp \
   --no-plots 2>&1 | sed -n '/simulated against measured/,/compared figures within/p'

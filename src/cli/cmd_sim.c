@@ -264,6 +264,9 @@ typedef struct sim_cli {
     bool power_cap;         /* GPU instances' clocks under the enforced power limit (--power-cap) */
     int store_overlap;      /* stores: 0 the rounds' overlap factors, 1 the pipelined train's, 2 equal
                                shares of the device (--store-overlap) */
+    char scale_medium[32];  /* --medium-scale NAME=K: that medium's transfers take K times the */
+    double scale_k;         /* profile's time (scale_medium "": none) */
+    bool scale_used;        /* some setup's medium was scale_medium */
     const tokenizer *tok;   /* --tokenizer: prompts as the sweep's client and the server make them */
     bench_tokenizer btok;   /* tok behind the bench's callbacks */
 } sim_cli;
@@ -460,6 +463,13 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
             mpipe.put_overlap = mpipe.get_overlap = 2;
             cfg.medium = &mpipe;
         }
+        if (c->scale_medium[0] && !strcmp(c->scale_medium, cfg.medium->name)) { /* --medium-scale */
+            if (cfg.medium != &mpipe) mpipe = *cfg.medium;
+            mpipe.latency_s *= c->scale_k;
+            mpipe.bandwidth /= c->scale_k;
+            cfg.medium = &mpipe;
+            c->scale_used = true;
+        }
     }
     /* the setup's kv-cache-memory, else the plan's, else the profile's pool */
     double kv_bytes = su->kv_cache_bytes > 0 ? su->kv_cache_bytes : pl->kv_cache_bytes;
@@ -583,7 +593,7 @@ static int price_traces(const char *dir, const char *prefix, const char *profile
 int cmd_sim(int argc, char **argv) {
     const char *profile_path = NULL, *db_path = NULL, *json_path = NULL, *router = NULL;
     const char *vmodel = NULL, *price_dir = NULL, *trace_prefix = NULL, *write_profile = NULL, *deployment = NULL,
-               *store_overlap = "rounds", *only_setups = NULL, *tok_dir = NULL;
+               *store_overlap = "rounds", *only_setups = NULL, *tok_dir = NULL, *medium_scale = NULL;
     int seed = -1, threads = 0, vrepeats = 3;
     bool quiet = false, no_contention = false, no_control = false, no_serving = false, no_serving_cpu = false,
          no_step_factor = false, step_factor = false, no_kinds = false, no_tier_cpu = false, no_power_cap = false,
@@ -646,6 +656,11 @@ int cmd_sim(int argc, char **argv) {
          "previous request's get, back to back; where the profile has none, the rounds), or each at half its speed "
          "alone (fair: equal shares of the device, whatever the profile measured; two gets at once still as "
          "measured; docs/simulator.md, \"The store's ops\")", "rounds|pipelined|fair"},
+        {"medium-scale", OPT_STRING, &medium_scale,
+         "that medium's transfers (its latency and bandwidth; its overlap factors are relative) take K times "
+         "the profile's time, e.g. disk=1.4 where a deployment's disk ran 1.4x slower than the profiler's: "
+         "`pdserve report`'s KV store ops table gives the ratio of a real point (docs/simulator.md, \"The "
+         "store's ops\")", "NAME=K"},
         {"power-cap", OPT_FLAG, &power_cap,
          "run each GPU step at the clock the profile's enforced power limit allows (power.cap; off by default: "
          "on an H200 it overstated the throttled steps' time, docs/simulator.md)", NULL},
@@ -682,6 +697,20 @@ int cmd_sim(int argc, char **argv) {
     if (overlap_mode < 0) {
         fprintf(stderr, "pdserve sim: --store-overlap must be rounds, pipelined or fair, not '%s'\n", store_overlap);
         return 2;
+    }
+    char scale_name[32] = "";
+    double scale_k = 1;
+    if (medium_scale) {
+        const char *eq = strchr(medium_scale, '=');
+        char *end = NULL;
+        if (eq) scale_k = strtod(eq + 1, &end);
+        if (!eq || eq == medium_scale || (size_t)(eq - medium_scale) >= sizeof scale_name || !end || *end ||
+            end == eq + 1 || !(scale_k > 0) || !isfinite(scale_k)) {
+            fprintf(stderr, "pdserve sim: --medium-scale must be NAME=K with K > 0 (e.g. disk=1.4), not '%s'\n",
+                    medium_scale);
+            return 2;
+        }
+        snprintf(scale_name, sizeof scale_name, "%.*s", (int)(eq - medium_scale), medium_scale);
     }
     char err[1024];
     sim_plan pl;
@@ -794,7 +823,8 @@ int cmd_sim(int argc, char **argv) {
                  .contention_kinds = !no_kinds, .tier_cpu = !no_tier_cpu, .gpu_share = !no_gpu_share,
                  .gpu_share_equal = gpu_share_equal, .gpu_share_lighter = gpu_share_lighter,
                  .gpu_share_sum = gpu_share_sum, .own_copies = !no_own_copies, .power_cap = power_cap && !no_power_cap,
-                 .store_overlap = overlap_mode};
+                 .store_overlap = overlap_mode, .scale_k = scale_k};
+    snprintf(c.scale_medium, sizeof c.scale_medium, "%s", scale_name);
     int rc = 0;
     model_files vfiles;
     backend *vbe = NULL;
@@ -853,6 +883,9 @@ int cmd_sim(int argc, char **argv) {
                 }
             }
     }
+    if (rc == 0 && c.scale_medium[0] && !c.scale_used)
+        log_warn("sim: --medium-scale %s=%g: no simulated setup transfers over medium '%s'", c.scale_medium, c.scale_k,
+                 c.scale_medium);
     if (rc == 0 && json_path) {
         char *txt = cJSON_Print(c.points);
         if (util_write_file(json_path, txt, strlen(txt), err, sizeof err) != 0) {

@@ -335,22 +335,42 @@ static bool any_store(const rep_point *pts, int n) {
     return false;
 }
 
+/* A simulated point's measured twin's store ops over its own: (put + get) per op where
+ * both have gets, else per put; NAN without a twin or ops. The factor `pdserve sim
+ * --medium-scale disk=K` takes to price the disk as this deployment's ran. */
+static double store_ratio(const rep_point *pts, int n, const rep_point *m) {
+    if (!m->simulated) return NAN;
+    for (int j = 0; j < n; j++) {
+        const rep_point *r = &pts[j];
+        if (r->simulated || strcmp(r->setup, m->setup) || strcmp(r->load_label, m->load_label) ||
+            r->prefill_mhz != m->prefill_mhz || r->decode_mhz != m->decode_mhz)
+            continue;
+        if (!isnan(r->store_get_s) && !isnan(m->store_get_s) && !isnan(r->store_put_s) && !isnan(m->store_put_s))
+            return (r->store_put_s + r->store_get_s) / (m->store_put_s + m->store_get_s);
+        return r->store_put_s / m->store_put_s; /* NAN where either has no puts */
+    }
+    return NAN;
+}
+
 static void print_store(FILE *f, const rep_point *pts, int n) {
     if (!any_store(pts, n)) return;
-    fprintf(f, "\nKV store ops (disk)\n  %-22s %-10s %6s %9s %6s %9s %9s\n", "setup", "load", "puts", "s / put", "gets",
-            "s / get", "TTFT p50");
-    char b[5][32];
+    fprintf(f, "\nKV store ops (disk)\n  %-22s %-10s %6s %9s %6s %9s %9s %9s\n", "setup", "load", "puts", "s / put",
+            "gets", "s / get", "TTFT p50", "real/sim");
+    char b[6][32];
     for (int i = 0; i < n; i++) {
         const rep_point *p = &pts[i];
         if (isnan(p->store_puts) && isnan(p->store_gets)) continue;
         char load[64];
         snprintf(load, sizeof load, "%s%s", p->load_label, p->simulated ? "*" : "");
-        fprintf(f, "  %-22.22s %-10.10s %6s %9s %6s %9s %9s\n", p->setup, load, tfmt(b[0], 32, p->store_puts, 0),
+        double k = store_ratio(pts, n, p);
+        fprintf(f, "  %-22.22s %-10.10s %6s %9s %6s %9s %9s %9s\n", p->setup, load, tfmt(b[0], 32, p->store_puts, 0),
                 tfmt(b[1], 32, p->store_put_s, 3), tfmt(b[2], 32, p->store_gets, 0), tfmt(b[3], 32, p->store_get_s, 3),
-                tfmt(b[4], 32, p->ttft_med, 1));
+                tfmt(b[4], 32, p->ttft_med, 1), isnan(k) ? "" : tfmt(b[5], 32, k, 2));
     }
     fprintf(f, "s / put, s / get = each op's time from its start to its end, beside others included (measured:\n"
-               "  the instances' pdserve_kv_store_* counters over the run, warm-up included; * simulated)\n");
+               "  the instances' pdserve_kv_store_* counters over the run, warm-up included; * simulated);\n"
+               "  real/sim = the measured twin's time per op over the simulated one's (`pdserve sim\n"
+               "  --medium-scale disk=K` prices the disk as that deployment's ran)\n");
 }
 
 static void print_table(FILE *f, const rep_point *pts, int n, int n_bad) {
@@ -601,8 +621,10 @@ static void html_store(FILE *f, const rep_point *pts, int n) {
     fputs("<h2>KV store ops (disk)</h2>\n<p>A disk store's puts (the prefill side) and gets (the decode side): how "
           "many, and each one's time from its start to its end, beside the others included. Measured: the "
           "instances' <code>pdserve_kv_store_*</code> counters over the run, warm-up included; simulated: the "
-          "simulated ops.</p>\n<table><tr><th class=l>setup</th><th class=l>load</th><th>puts</th><th>s / put</th>"
-          "<th>gets</th><th>s / get</th><th>TTFT p50</th></tr>\n",
+          "simulated ops. <em>real / sim</em>: the measured twin's time per op over the simulated one's, the "
+          "factor <code>pdserve sim --medium-scale disk=K</code> takes to price the disk as that deployment's "
+          "ran.</p>\n<table><tr><th class=l>setup</th><th class=l>load</th><th>puts</th><th>s / put</th>"
+          "<th>gets</th><th>s / get</th><th>TTFT p50</th><th>real / sim</th></tr>\n",
           f);
     for (int i = 0; i < n; i++) {
         const rep_point *p = &pts[i];
@@ -613,6 +635,9 @@ static void html_store(FILE *f, const rep_point *pts, int n) {
         td(f, p->store_gets, 0);
         td(f, p->store_get_s, 3);
         td(f, p->ttft_med, 1);
+        double k = store_ratio(pts, n, p);
+        if (isnan(k)) fputs("<td></td>", f);
+        else td(f, k, 2);
         fputs("</tr>\n", f);
     }
     fputs("</table>\n", f);
