@@ -18,22 +18,7 @@ mkdir -p "$W"
 [ -x "$BIN" ] || { echo "sim-store-overlap: no $BIN (build first)"; exit 1; }
 tok=()
 [ -f "$TOK/tokenizer.json" ] && tok=(--tokenizer "$TOK")
-# folder:profile:database:plan, two GPUs (2026-11-28/29) then both instances on one
-cases="gpu-2026-11-28f/paper-batch-quick-1447:profile-h200-1447.json:real-and-sim-own-profile.db.gz:paper-batch-quick
-gpu-2026-11-28g/paper-batch-quick-1715:profile.json:real-and-sim-own-profile.db.gz:paper-batch-quick
-gpu-2026-11-28g/paper-batch-quick-1753:profile.json:real-and-sim-own-profile.db.gz:paper-batch-quick
-gpu-2026-11-28h/paper-batch-quick-2027:profile.json:real-and-sim-own-profile.db.gz:paper-batch-quick
-gpu-2026-11-28h/paper-batch-quick-2047:profile.json:real-and-sim-own-profile.db.gz:paper-batch-quick
-gpu-2026-11-29f/paper-batch-quick-1318:profile.json:real-and-sim.db.gz:paper-batch-quick
-gpu-2026-11-29i/paper-batch-quick-x2-1958:profile.json:real-and-sim.db.gz:paper-batch-quick
-gpu-2026-11-29/study-1gpu-0046:profile.json:real-and-sim.db.gz:paper-batch-quick-1gpu
-gpu-2026-11-29b/study-1gpu-0310:profile.json:real-and-sim.db.gz:paper-batch-quick-1gpu
-gpu-2026-11-29b/study-1gpu-0321:profile.json:real-and-sim.db.gz:paper-batch-quick-1gpu
-gpu-2026-11-29b/study-1gpu-0336:profile.json:real-and-sim.db.gz:paper-batch-quick-1gpu
-gpu-2026-11-29c/whole-0607:profile.json:real-and-sim.db.gz:paper-batch-quick-1gpu
-gpu-2026-11-29d/probe-0825:profile.json:real-and-sim.db.gz:paper-batch-quick-1gpu
-gpu-2026-11-29e/disk-1041:profile.json:real-and-sim.db.gz:paper-batch-quick-1gpu
-gpu-2026-11-29e/disk-1051:profile.json:real-and-sim.db.gz:paper-batch-quick-1gpu"
+cases=$(grep -v '^#' scripts/dis-disk-sweeps.txt)
 : >"$W/rows.txt"
 for c in $cases; do
   IFS=: read -r d prof db plan <<<"$c"

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """sim_disk_fit.py: how far the disk's own speed explains dis-disk's misses.
 
-For every committed GPU sweep whose real dis-disk points carry the deployment's store
-counters (pdserve_kv_store_*), re-simulates its dis-disk points on the sweep's own
-profile, fits K = the real ops' time over the simulated ones at one batch size (what
+For every committed GPU sweep (scripts/dis-disk-sweeps.txt) whose real dis-disk points
+carry the deployment's store counters (pdserve_kv_store_*), re-simulates its dis-disk
+points on the sweep's own profile, fits K = the real ops' time over the simulated ones at one batch size (what
 `pdserve report`'s KV store ops table prints as real/sim), re-simulates with
 `pdserve sim --medium-scale disk=K`, and compares the OTHER batch size (held out) with
 its real run: figures within 10% with the profile as measured and with the fitted disk.
@@ -16,18 +16,6 @@ import os, re, sqlite3, subprocess, sys, tempfile
 B = os.environ.get("PDSERVE_BIN", "build/pdserve")
 TOK = "tests/.cache/tokenizers/llama3"
 R = "docs/results"
-CASES = """gpu-2026-11-28h/paper-batch-quick-2027:profile.json:real-and-sim-own-profile.db.gz:paper-batch-quick
-gpu-2026-11-28h/paper-batch-quick-2047:profile.json:real-and-sim-own-profile.db.gz:paper-batch-quick
-gpu-2026-11-29f/paper-batch-quick-1318:profile.json:real-and-sim.db.gz:paper-batch-quick
-gpu-2026-11-29i/paper-batch-quick-x2-1958:profile.json:real-and-sim.db.gz:paper-batch-quick
-gpu-2026-11-29/study-1gpu-0046:profile.json:real-and-sim.db.gz:paper-batch-quick-1gpu
-gpu-2026-11-29b/study-1gpu-0310:profile.json:real-and-sim.db.gz:paper-batch-quick-1gpu
-gpu-2026-11-29b/study-1gpu-0321:profile.json:real-and-sim.db.gz:paper-batch-quick-1gpu
-gpu-2026-11-29b/study-1gpu-0336:profile.json:real-and-sim.db.gz:paper-batch-quick-1gpu
-gpu-2026-11-29c/whole-0607:profile.json:real-and-sim.db.gz:paper-batch-quick-1gpu
-gpu-2026-11-29d/probe-0825:profile.json:real-and-sim.db.gz:paper-batch-quick-1gpu
-gpu-2026-11-29e/disk-1041:profile.json:real-and-sim.db.gz:paper-batch-quick-1gpu
-gpu-2026-11-29e/disk-1051:profile.json:real-and-sim.db.gz:paper-batch-quick-1gpu"""
 
 
 def ops(db, sim, bs):
@@ -68,7 +56,8 @@ def main():
     os.makedirs(work, exist_ok=True)
     tot = {"profile": [0, 0], "fitted": [0, 0]}
     print("sweep | fitted on | K | held out | TTFT, TPOT, throughput, J/token: as profiled -> disk fitted")
-    for c in CASES.split("\n"):
+    cases = [l.strip() for l in open("scripts/dis-disk-sweeps.txt") if l.strip() and not l.startswith("#")]
+    for c in cases:
         case, prof, db0, plan = c.split(":")
         n = case.replace("/", "_")
         base = os.path.join(work, n + "-base.db")
