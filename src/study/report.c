@@ -88,9 +88,10 @@ static bool has_column(sqlite3 *h, const char *table, const char *column) {
     return found;
 }
 
-/* The prefix cache / KV tier counters of one run (server_metrics, summed over the
- * deployment's instances) into p's running means; nothing when the run has none. */
-static void add_reuse(sqlite3 *h, long long run_id, rep_point *p, acc_counts *ac) {
+/* The prefix cache / KV tier counters of one run and a disk store's ops (server_metrics,
+ * summed over the deployment's instances; a store's seconds over their parts) into p's
+ * running means; nothing of either when the run has none. */
+static void add_server_counters(sqlite3 *h, long long run_id, rep_point *p, acc_counts *ac) {
     static const char SQL[] =
         "SELECT sum(CASE WHEN series LIKE '%pdserve_prefix_cache_queries_total%' THEN value END),"
         " coalesce(sum(CASE WHEN series LIKE '%pdserve_prefix_cache_tier_hits_total%tier=\"gpu\"%' THEN value END),"
@@ -100,26 +101,8 @@ static void add_reuse(sqlite3 *h, long long run_id, rep_point *p, acc_counts *ac
         " sum(CASE WHEN series LIKE '%pdserve_kv_offload_decisions_total%decision=\"load\"%' THEN value END),"
         " sum(CASE WHEN series LIKE '%pdserve_kv_offload_decisions_total%decision=\"recompute\"%' THEN value END),"
         " sum(CASE WHEN series LIKE '%pdserve_kv_offload_loaded_blocks_total%' THEN value END),"
-        " sum(CASE WHEN series LIKE '%pdserve_kv_offload_dropped_total%' THEN value END)"
-        " FROM server_metrics WHERE run_id = ?";
-    sqlite3_stmt *st = NULL;
-    if (sqlite3_prepare_v2(h, SQL, -1, &st, NULL) != SQLITE_OK) return;
-    sqlite3_bind_int64(st, 1, run_id);
-    if (sqlite3_step(st) == SQLITE_ROW && sqlite3_column_type(st, 0) != SQLITE_NULL) {
-        double q = sqlite3_column_double(st, 0);
-        for (int k = 0; k < 3; k++)
-            acc(&p->tier_hit[k], &ac->reuse[k], q > 0 ? col(st, 1 + k) / q : NAN);
-        double *f[] = {&p->loads, &p->recomputes, &p->loaded_blocks, &p->dropped};
-        for (int k = 0; k < 4; k++) acc(f[k], &ac->reuse[3 + k], col(st, 4 + k));
-    }
-    sqlite3_finalize(st);
-}
-
-/* A disk store's ops of one run (server_metrics, summed over the instances: put seconds
- * over their parts) into p's running means; nothing when the run has none. */
-static void add_store(sqlite3 *h, long long run_id, rep_point *p, acc_counts *ac) {
-    static const char SQL[] =
-        "SELECT sum(CASE WHEN series LIKE '%pdserve_kv_store_puts_total%' THEN value END),"
+        " sum(CASE WHEN series LIKE '%pdserve_kv_offload_dropped_total%' THEN value END),"
+        " sum(CASE WHEN series LIKE '%pdserve_kv_store_puts_total%' THEN value END),"
         " sum(CASE WHEN series LIKE '%pdserve_kv_store_put_seconds_total%' THEN value END),"
         " sum(CASE WHEN series LIKE '%pdserve_kv_store_gets_total%' THEN value END),"
         " sum(CASE WHEN series LIKE '%pdserve_kv_store_get_seconds_total%' THEN value END)"
@@ -128,7 +111,14 @@ static void add_store(sqlite3 *h, long long run_id, rep_point *p, acc_counts *ac
     if (sqlite3_prepare_v2(h, SQL, -1, &st, NULL) != SQLITE_OK) return;
     sqlite3_bind_int64(st, 1, run_id);
     if (sqlite3_step(st) == SQLITE_ROW) {
-        double puts = col(st, 0), put_s = col(st, 1), gets = col(st, 2), get_s = col(st, 3);
+        if (sqlite3_column_type(st, 0) != SQLITE_NULL) {
+            double q = sqlite3_column_double(st, 0);
+            for (int k = 0; k < 3; k++)
+                acc(&p->tier_hit[k], &ac->reuse[k], q > 0 ? col(st, 1 + k) / q : NAN);
+            double *f[] = {&p->loads, &p->recomputes, &p->loaded_blocks, &p->dropped};
+            for (int k = 0; k < 4; k++) acc(f[k], &ac->reuse[3 + k], col(st, 4 + k));
+        }
+        double puts = col(st, 8), put_s = col(st, 9), gets = col(st, 10), get_s = col(st, 11);
         if (puts > 0) {
             acc(&p->store_puts, &ac->store[0], puts);
             acc(&p->store_put_s, &ac->store[1], put_s / puts);
@@ -210,10 +200,7 @@ static int load_points(sqlite3 *h, rep_point **out, int *n_out, char *err, size_
                        &p->jpt, &p->jpt_net, &p->jpot, &p->jpot_net};
         for (size_t i = 0; i < PD_ARRAY_LEN(f); i++) acc(f[i], &ac->c[i], col(st, 12 + (int)i));
         acc(&p->cached_frac, &ac->cached, col(st, 29));
-        if (has_metrics) {
-            add_reuse(h, sqlite3_column_int64(st, 0), p, ac);
-            add_store(h, sqlite3_column_int64(st, 0), p, ac);
-        }
+        if (has_metrics) add_server_counters(h, sqlite3_column_int64(st, 0), p, ac);
         add_components(h, sqlite3_column_int64(st, 0), col(st, 28), p, ac);
     }
     sqlite3_finalize(st);
