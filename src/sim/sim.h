@@ -823,7 +823,8 @@ typedef struct sim_stats {
     double energy_share_j;                  /* of energy_j: shared GPUs' pairs' power beyond the
                                                pricing (sim_gpu_share_extra_w) */
     double kv_bytes, kv_transfer_s;         /* disaggregated: total moved, summed transfer time */
-    int store_puts, store_gets;             /* stores (whole transfers): ops done, and their */
+    int store_puts, store_gets;             /* stores: ops done (layer-wise: gets only, its puts
+                                               follow the layers), and their */
     double store_put_s, store_get_s;        /* summed time from start to end, overlaps included
                                                (as a deployment's pdserve_kv_store_* counters) */
     double wall_s;                          /* real time the simulation took */

@@ -460,13 +460,13 @@ int util_populate(void *p, size_t bytes, bool fresh, int threads) {
         long c = sysconf(_SC_NPROCESSORS_ONLN);
         threads = c < 1 ? 1 : c > 16 ? 16 : (int)c;
     }
+    if (threads > 64) threads = 64;
     size_t min_slice = (size_t)256 << 20;
     if ((size_t)threads > bytes / min_slice) threads = (int)PD_MAX(bytes / min_slice, 1);
     size_t slice = ((bytes + (size_t)threads - 1) / (size_t)threads + page - 1) / page * page;
     populate_job jobs[64];
     pthread_t tid[64];
     bool started[64] = {0};
-    if (threads > 64) threads = 64;
     int n = 0;
     for (size_t off = 0; off < bytes && n < threads; off += slice, n++) {
         jobs[n] = (populate_job){.p = (char *)p + off, .len = PD_MIN(slice, bytes - off), .page = page,

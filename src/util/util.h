@@ -89,16 +89,16 @@ char *path_join(char *out, size_t cap, const char *a, const char *b);
 
 /* ---- memory ------------------------------------------------------------------- */
 /* Faults in every page of the writable shared mapping [p, p + bytes) (p page-aligned)
- * with up to `threads` threads (0: the online CPUs, at most 16; at least 256 MiB a
- * thread), so that a large shared-memory segment is backed at start-up rather than
- * mid-transfer. MAP_POPULATE does the same in the calling thread alone, and on a tmpfs
- * the kernel's work per new page (allocating, zeroing, charging and mapping it) is what
- * takes the time (a 45 GiB KV store: 27 s, 1.7 GB/s, on one thread of a 32-core host).
- * Uses MADV_POPULATE_WRITE (Linux 5.14+),
- * which maps each page writable without writing it; on an older kernel, touches one
- * byte per page: a write of 0 where the segment is `fresh` (new, all zero), else a read
- * (a segment another process filled: nothing in it changes). 0, or -1 with the errno of
- * the first failure (ENOMEM, EFAULT: the memory could not be backed). */
+ * with up to `threads` threads (0: the online CPUs, at most 16; never more than 64, nor
+ * less than 256 MiB a thread), so that a large shared-memory segment is backed at
+ * start-up rather than mid-transfer. MAP_POPULATE does the same in the calling thread
+ * alone, and on a tmpfs the kernel's work per new page (allocating, zeroing, charging
+ * and mapping it) is what takes the time (a 45 GiB KV store: 27 s, 1.7 GB/s, on one
+ * thread of a 32-core host). Uses MADV_POPULATE_WRITE (Linux 5.14+), which maps each
+ * page writable without writing it; on an older kernel, touches one byte per page: a
+ * write of 0 where the segment is `fresh` (new, all zero), else a read (a segment
+ * another process filled: nothing in it changes). 0, or -1 with the errno of the first
+ * failure (ENOMEM, EFAULT: the memory could not be backed). */
 int util_populate(void *p, size_t bytes, bool fresh, int threads);
 
 /* ---- UTF-8 -------------------------------------------------------------------- */
