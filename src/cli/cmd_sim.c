@@ -452,7 +452,7 @@ static int run_point(sim_cli *c, const sim_plan_setup *su, const sim_load *l, co
             bench_dataset_free(&d);
             return -1;
         }
-        bool store = !strcmp(cfg.medium->name, "cpu") || !strcmp(cfg.medium->name, "disk");
+        bool store = sim_medium_is_store(cfg.medium);
         if (c->store_overlap == 1 && cfg.medium->pipe_n > 0) { /* the pipelined train's factors */
             mpipe = *cfg.medium;
             mpipe.put_overlap = mpipe.put_overlap_pipe;

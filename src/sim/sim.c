@@ -774,7 +774,7 @@ static int on_serve(sim_state *s, double t) {
  * went one at a time then. Layer-wise, a store's puts follow the layers as a link's
  * transfer does, unslowed, and the get starts at the last one's end (EV_GET).
  * docs/simulator.md, "dis-disk's misses, explained", "A shared disk", "The store's ops". */
-static bool is_store(const sim_medium *m) { return m && (!strcmp(m->name, "cpu") || !strcmp(m->name, "disk")); }
+bool sim_medium_is_store(const sim_medium *m) { return m && (!strcmp(m->name, "cpu") || !strcmp(m->name, "disk")); }
 
 /* How much slower than alone a get (or a put) of d's store runs beside the others there: each
  * other op adds its pair's slowdown less one (exact for two ops, the measured pairs; linear
@@ -916,7 +916,7 @@ static void start_transfer(sim_state *s, inst *in, sreq *r, double t) {
     const sim_medium *m = s->cfg->medium;
     double bytes, dur, busy, fixed;
     transfer_parts(s, r, &bytes, &dur, &busy, &fixed);
-    bool store = is_store(m);
+    bool store = sim_medium_is_store(m);
     double share = m && m->put_share > 0 ? m->put_share : 0.5;
     double send = store ? busy * share : busy; /* the prefill side's share */
     if (store) {

@@ -406,6 +406,8 @@ typedef struct sim_roofline {
 void sim_roofline_h100(sim_roofline *r);  /* published H100 SXM figures, see the docs */
 void sim_profile_roofline(const model_config *c, const sim_roofline *r, sim_profile *out);
 
+/* Whether m is a store (cpu, disk: puts and gets decoupled) rather than a link. */
+bool sim_medium_is_store(const sim_medium *m);
 /* The default curve of a medium name ("gpu", "nvlink", "cpu", "disk", "tcp", "nccl",
  * "rdma"), with its source; -1 when unknown. */
 int sim_medium_default(const char *name, sim_medium *out);
