@@ -9,6 +9,9 @@
 #   RUNS=3 PLAN=plans/demo.json PRESET=small-llama THREADS=1 scripts/sim-validate-cpu.sh
 #   RUNS=2 PLAN=plans/reuse.json PRESET=tiny-llama scripts/sim-validate-cpu.sh   (the lower KV tiers)
 #   CALIBRATE=1 ...: also a traced run that calibrates the profile's step factors
+#   PIN=1 ...: every instance, and the profiler, on physical cores of its own (the plan's
+#              serve_args "cpu-list": "auto", `pdserve profile --cpus auto`): a host with
+#              at least 2 x THREADS + 1 cores
 #
 # Builds with scripts/build.sh first. Takes 6-10 minutes on two cores.
 set -euo pipefail
@@ -21,13 +24,24 @@ threads=${THREADS:-1}
 scripts/build.sh > /dev/null
 bin=$PWD/build/pdserve
 mkdir -p "$out"
+pin=()
+if [ -n "${PIN:-}" ]; then
+  pin=(--cpus auto)
+  python3 - "$plan" "$out/plan-pinned.json" <<'PY'
+import json, sys
+p = json.load(open(sys.argv[1]))
+p.setdefault("serve_args", {})["cpu-list"] = "auto"
+json.dump(p, open(sys.argv[2], "w"), indent=1)
+PY
+  plan="$out/plan-pinned.json"
+fi
 log() { printf '[%s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 if [ ! -f "$out/model/config.json" ]; then
   "$bin" make-model --out "$out/model" --preset "$preset" > "$out/make-model.log" 2>&1
 fi
 log "profile (load average $(cut -d' ' -f1-3 /proc/loadavg))"
 "$bin" profile --model "$out/model" --threads "$threads" --medium gpu,cpu,disk --tiers cpu,disk --serving-processes \
-  --serving-max-len 512 -o "$out/prof.json" > "$out/profile.log" 2>&1
+  --serving-max-len 512 "${pin[@]}" -o "$out/prof.json" > "$out/profile.log" 2>&1
 grep -E "engine steps|contention|serving path, " "$out/profile.log" | sed 's/^/  /' || true
 reals=()
 for i in $(seq 1 "$runs"); do

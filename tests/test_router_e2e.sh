@@ -4,7 +4,8 @@
 # greedy outputs equal a single instance's (official OpenAI client, tests/node/disagg.mjs),
 # load spread over both instances, then failover: kill -9 one instance, the router marks
 # it unhealthy and every later request goes to the other; SIGTERM leaves nothing behind.
-# Also `pdserve serve --role router` errors and the internal endpoints' secret.
+# Also `pdserve serve --role router` errors and the internal endpoints' secret, and
+# instances pinned to CPUs of their own (--cpu-list).
 source "$(dirname "${BASH_SOURCE[0]}")/disagg_common.sh"
 make_model
 
@@ -14,14 +15,28 @@ REF_PID=$SPID
 PDSERVE_URL="http://127.0.0.1:$REF_PORT" node "$ROOT/tests/node/disagg.mjs" reference "$TMP/ref.json" ||
   { tail -20 "$TMP/reference.log"; fail "references"; }
 
+# co-2gpus with each instance pinned (--cpu-list A:B): the first two CPUs this test may use
+cpus=($(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0))[:2])'))
+[ ${#cpus[@]} = 2 ] || cpus=("${cpus[0]}" "${cpus[0]}")
 for setup in co-1gpu co-2gpus; do
-  start_up "$setup" --setup "$setup"
+  pin=()
+  [ "$setup" = co-2gpus ] && pin=(--cpu-list "${cpus[0]}:${cpus[1]}")
+  start_up "$setup" --setup "$setup" "${pin[@]}"
   echo "$setup: router on port $UPORT, instances $INSTANCES"
   PDSERVE_URL="http://127.0.0.1:$UPORT" PDSERVE_INSTANCES="$INSTANCES" \
     node "$ROOT/tests/node/disagg.mjs" compare "$TMP/ref.json" ||
     { tail -40 "$TMP/$setup.log"; fail "$setup: outputs or pools"; }
   [ "$setup" = co-1gpu ] && stop_up "$setup"
 done
+
+# every thread of each instance on its own CPU (decode, prefill, colocated: start order)
+for i in 0 1; do
+  ipid="$(instance_pid "$TMP/co-2gpus.log" colocated$i)"
+  [ -n "$ipid" ] || fail "no pid for colocated$i"
+  got="$(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' /proc/"$ipid"/task/*/status | sort -u | tr '\n' ' ')"
+  [ "$got" = "${cpus[$i]} " ] || fail "colocated$i: threads on CPUs '$got', not ${cpus[$i]} (--cpu-list)"
+done
+echo "ok   co-2gpus --cpu-list ${cpus[0]}:${cpus[1]}: every thread of each instance on its CPU"
 
 # co-2gpus is still up: kill -9 one instance; after the next health check, all succeed
 victim="$(instance_pid "$TMP/co-2gpus.log" colocated0)"

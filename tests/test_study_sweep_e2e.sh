@@ -3,7 +3,8 @@
 # (pdserve make-model --preset tiny-llama), a 2-point plan on setup co-1gpu (each point
 # starts its own `pdserve serve` child on a free loopback port), then the database rows,
 # resumption (a second run skips both points), a failed point for a setup that does not
-# exist yet, and `pdserve report` on the result. Seconds, not minutes.
+# exist yet, and `pdserve report` on the result; the instance pinned through serve_args
+# "cpu-list". Seconds, not minutes.
 # Exit 77 only when `pdserve serve --help` fails (the server is not in this build).
 set -uo pipefail
 ROOT="${PDSERVE_SOURCE:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
@@ -17,11 +18,15 @@ fail() { echo "FAIL: $*"; for f in "$TMP"/*.log "$TMP"/results.db.logs/*.log; do
 
 "$BIN" make-model --out "$TMP/model" --preset tiny-llama >"$TMP/make-model.log" 2>&1 || fail "make-model"
 
-cat >"$TMP/plan.json" <<'JSON'
+# the instance pinned to the last CPU this test may use (serve_args "cpu-list": a lone
+# instance gets `pdserve serve --cpus` with its first list)
+CPU="$(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' /proc/self/status | tr ',' '\n' | tail -1 | sed 's/.*-//')"
+cat >"$TMP/plan.json" <<JSON
 {
   "name": "e2e",
   "setups": ["co-1gpu"],
-  "serve_args": {"device": "cpu", "threads": 1, "max-model-len": 256, "kv-cache-memory": "16MiB"},
+  "serve_args": {"device": "cpu", "threads": 1, "max-model-len": 256, "kv-cache-memory": "16MiB",
+                 "cpu-list": "$CPU"},
   "dataset": {"input_len": 24, "output_len": 6},
   "loads": {"batch_sizes": [1, 3]},
   "warmup_requests": 1,
@@ -46,6 +51,9 @@ grep -q "2 ok, 0 failed" "$TMP/sweep1.log" || fail "first sweep: not 2 ok"
 for f in 000-co-1gpu-b1.log 001-co-1gpu-b3.log; do
   [ -s "$TMP/results.db.logs/$f" ] || { ls "$TMP/results.db.logs"; fail "no deployment log $f"; }
 done
+
+grep -q "serve: pinned to CPU $CPU\$" "$TMP/results.db.logs/000-co-1gpu-b1.log" ||
+  fail "serve_args cpu-list $CPU: the instance did not say it was pinned to it"
 
 # Resumption: both points are done.
 "$BIN" sweep "$TMP/plan.json" --db "$TMP/results.db" --model "$TMP/model" 2>"$TMP/sweep2.log" || fail "second sweep"

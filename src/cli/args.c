@@ -1,10 +1,12 @@
-/* args.c: the long-option parser every subcommand uses. */
+/* args.c: the long-option parser every subcommand uses, and the options several share
+ * (--device, sizes, --cpus). */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cli/cli.h"
+#include "util/util.h"
 
 long long cli_parse_size(const char *s) {
     char *end;
@@ -126,6 +128,27 @@ int cli_parse(int argc, char **argv, const cli_opt *opts, int n_opts, const char
             return -1;
         }
     }
+    return 0;
+}
+
+int cli_pin_cpus(const char *spec, int threads, const char *who, char *err, size_t errlen) {
+    char list[64];
+    const char *use = spec;
+    if (!strcmp(spec, "auto")) {
+        if (threads <= 0) {
+            pd_errorf(err, errlen, "auto needs --threads N (the cores to pin to)");
+            return -1;
+        }
+        char g[1][64];
+        if (util_cpus_auto(1, threads, g, err, errlen)) return -1;
+        snprintf(list, sizeof list, "%s", g[0]);
+        use = list;
+    }
+    cpu_set_t set;
+    if (util_cpulist_parse(use, &set, err, errlen) || util_pin_process(&set, err, errlen)) return -1;
+    char shown[256];
+    int n = util_cpulist_format(&set, shown, sizeof shown);
+    log_info("%s: pinned to CPU%s %s", who, n == 1 ? "" : "s", shown);
     return 0;
 }
 

@@ -172,6 +172,36 @@ static int probe_mediums(const char *base, backend *be, const model_config *cfg,
     return rc;
 }
 
+/* --cpus: this process pinned (before the backend starts its threads); with auto, its
+ * peer processes on cores of their own too. 0, or -1 after saying why. */
+static int pin_profiler(const char *spec, int threads) {
+    char err[512];
+    if (!strcmp(spec, "auto")) {
+        char g[2][64];
+        cpu_set_t self, peer;
+        if (threads <= 0) {
+            fprintf(stderr, "pdserve profile: --cpus auto needs --threads N (the cores to pin to)\n");
+            return -1;
+        }
+        if (util_cpus_auto(2, threads, g, err, sizeof err) || util_cpulist_parse(g[0], &self, err, sizeof err) ||
+            util_cpulist_parse(g[1], &peer, err, sizeof err) || util_pin_process(&self, err, sizeof err)) {
+            fprintf(stderr, "pdserve profile: --cpus auto (this process and its peers): %s\n", err);
+            return -1;
+        }
+        sim_peer_set_cpus(&peer);
+        log_info("profile: pinned to CPUs %s, its peer processes to %s", g[0], g[1]);
+        return 0;
+    }
+    cpu_set_t before;
+    sched_getaffinity(0, sizeof before, &before);
+    if (cli_pin_cpus(spec, threads, "profile", err, sizeof err)) {
+        fprintf(stderr, "pdserve profile: --cpus %s: %s\n", spec, err);
+        return -1;
+    }
+    sim_peer_set_cpus(&before); /* a given list is this process's alone */
+    return 0;
+}
+
 /* A peer process (--kv-peer, --step-peer) that cannot start says why on its answer line
  * too (the peer protocol's "err" line), so that the profiler's note names the cause
  * instead of a peer that stopped answering. */
@@ -194,13 +224,17 @@ int cmd_profile(int argc, char **argv) {
     bool allow_clock_control = false, serving = false, serving_processes = false;
     const char *tok_dir = NULL, *kv_peer = NULL, *step_peer = NULL, *device_share = "auto";
     bool medium_in_process = false;
-    const char *medium_peer_device = NULL;
+    const char *medium_peer_device = NULL, *cpus = NULL;
     int serving_len = 4096;
     cli_opt opts[] = {
         {"model", OPT_STRING, &model_arg, "model directory, or preset:NAME (dummy weights)", "DIR"},
         {"load-format", OPT_STRING, &load_format, "auto (default), safetensors or dummy", "F"},
         {"device", OPT_STRING, &device, "cpu (default) or a CUDA GPU index", "cpu|N"},
         {"threads", OPT_INT, &threads, "CPU threads (default: all cores, as the engine)", "N"},
+        {"cpus", OPT_STRING, &cpus,
+         "pin the profiler to these CPUs, as `pdserve serve --cpus` pins an instance; auto: --threads physical "
+         "cores of its own, its peer processes on as many others, and --serving-processes' deployments with "
+         "cpu-list auto, as a sweep's serve_args \"cpu-list\": \"auto\" (docs/simulator.md)", "LIST"},
         {"output", OPT_STRING, &out_path, "where to write the profile (also -o)", "FILE"},
         {"repeats", OPT_INT, &repeats, "timed runs per point, median kept (default 3)", "N"},
         {"block-size", OPT_INT, &block_size, "KV block size (default 16, as the engine)", "N"},
@@ -383,6 +417,12 @@ int cmd_profile(int argc, char **argv) {
         return rrc;
     }
     int rc = 1;
+    cpu_set_t cpus_before;
+    sched_getaffinity(0, sizeof cpus_before, &cpus_before);
+    if (cpus && !kv_peer && !step_peer && pin_profiler(cpus, threads) != 0) {
+        model_files_close(&files);
+        return 2;
+    }
     backend *be = dev >= 0 ? backend_cuda_create(dev, err, sizeof err) : backend_cpu_create(threads);
     if (!be) {
         fprintf(stderr, "pdserve profile: --device %s: %s\n", device, err);
@@ -448,7 +488,11 @@ int cmd_profile(int argc, char **argv) {
         int max_len = PD_MIN(serving_len, m->cfg.max_position_embeddings - 128);
         const char *tmp = getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
         sim_serving_deploy_opts so = {.model = model_arg, .tokenizer = tok_dir, .log_dir = tmp,
-                                      .threads = be->threads, .max_len = max_len, .repeats = repeats};
+                                      .threads = be->threads, .max_len = max_len, .repeats = repeats,
+                                      .cpu_list = cpus ? "auto" : NULL};
+        /* the deployments' instances pin themselves; this process, their client, runs
+         * where the sweep's client does (it is not pinned) */
+        if (cpus && serving_processes) sched_setaffinity(0, sizeof cpus_before, &cpus_before);
         if (serving_processes && dev >= 0) {
             fprintf(stderr, "pdserve profile: --serving-processes runs on the CPU backend only\n");
             if (tok) tokenizer_free(tok);

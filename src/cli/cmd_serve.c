@@ -35,6 +35,7 @@ static const char *USAGE =
 
 typedef struct serve_opts {
     const char *model, *tokenizer, *host, *served_name, *api_key, *load_format, *device;
+    const char *cpus; /* --cpus: this instance's CPUs (cli_pin_cpus) */
     int port, max_model_len, max_num_seqs, max_num_batched_tokens, block_size, seed, threads;
     int max_waiting, http_threads, http_timeout, max_stream_backlog;
     bool enable_prefix_caching;
@@ -408,6 +409,8 @@ int cmd_serve(int argc, char **argv) {
         {"load-format", OPT_STRING, &o.load_format, "auto, safetensors or dummy (random weights)", "FMT"},
         {"device", OPT_STRING, &o.device, "cpu (default), cuda, cuda:N or N: the GPU to serve on", "DEV"},
         {"threads", OPT_INT, &o.threads, "CPU backend threads (default: all cores)", NULL},
+        {"cpus", OPT_STRING, &o.cpus, "pin the instance to these CPUs, e.g. 2-3 (auto: --threads physical cores "
+         "of its own, the first core left for the rest)", "LIST"},
         {"seed", OPT_INT, &o.seed, "seed of dummy weights (default 0)", NULL},
         {"max-model-len", OPT_INT, &o.max_model_len, "context length (default: the model's)", NULL},
         {"max-num-seqs", OPT_INT, &o.max_num_seqs, "sequences per step (default 256)", NULL},
@@ -493,6 +496,11 @@ int cmd_serve(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
 
     char err[512] = "";
+    /* before the backend starts its threads (they inherit the mask) */
+    if (o.cpus && cli_pin_cpus(o.cpus, o.threads, "serve", err, sizeof err)) {
+        fprintf(stderr, "pdserve serve: --cpus %s: %s\n", o.cpus, err);
+        return 2;
+    }
     if (serve_setup(&o, &st, err, sizeof err)) {
         fprintf(stderr, "pdserve serve: %s\n", err);
         serve_teardown(&st);

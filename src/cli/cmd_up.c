@@ -72,6 +72,7 @@ typedef struct child {
 
 typedef struct up_opts {
     const char *setup, *model, *host, *medium, *device_list, *deployment, *only_host;
+    const char *cpu_list;       /* --cpu-list: each instance's CPUs (plan_cpus) */
     const char *policy, *kv_mode, *store_dir, *prefill_args, *decode_args, *secret;
     int port, n_prefill, n_decode;
     double kv_timeout, ready_timeout;
@@ -374,6 +375,7 @@ typedef struct inst_spec {
     char host[64];
     int port;                   /* 0: any free one */
     char device[32];            /* "" : cpu */
+    char cpus[64];              /* its --cpus ("": not pinned) */
     int kv_port;
 } inst_spec;
 
@@ -430,6 +432,10 @@ static void instance_argv(const up_opts *o, const plan *pl, up_state *u, const i
     if (s->device[0]) {
         arg(a, "--device");
         arg(a, s->device);
+    }
+    if (s->cpus[0]) {
+        arg(a, "--cpus");
+        arg(a, s->cpus);
     }
     if (pl->disaggregated) {
         arg(a, "--kv-medium");
@@ -615,6 +621,7 @@ static int plan_file(const up_opts *o, plan *pl, char **model_out, char *err, si
         cJSON *role = cJSON_GetObjectItemCaseSensitive(it, "role");
         cJSON *port = cJSON_GetObjectItemCaseSensitive(it, "port");
         cJSON *gpus = cJSON_GetObjectItemCaseSensitive(it, "gpus");
+        cJSON *cpus = cJSON_GetObjectItemCaseSensitive(it, "cpus");
         cJSON *kvp = cJSON_GetObjectItemCaseSensitive(it, "kv_port");
         cJSON *name = cJSON_GetObjectItemCaseSensitive(it, "name");
         server_role r;
@@ -635,6 +642,18 @@ static int plan_file(const up_opts *o, plan *pl, char **model_out, char *err, si
         is->kv_port = cJSON_IsNumber(kvp) ? kvp->valueint : 0;
         if (cJSON_IsArray(gpus) && cJSON_GetArraySize(gpus) > 0 && cJSON_IsNumber(cJSON_GetArrayItem(gpus, 0)))
             snprintf(is->device, sizeof is->device, "%d", cJSON_GetArrayItem(gpus, 0)->valueint);
+        if (cpus && !cJSON_IsNull(cpus)) {
+            cpu_set_t set;
+            char why[256];
+            if (!cJSON_IsString(cpus) || util_cpulist_parse(cpus->valuestring, &set, why, sizeof why) ||
+                strlen(cpus->valuestring) >= sizeof is->cpus) {
+                pd_errorf(err, errlen, "%s: instance %d: \"cpus\" must be a CPU list like \"2-3\"%s%s",
+                          o->deployment, pl->n - 1, cJSON_IsString(cpus) ? ": " : "",
+                          cJSON_IsString(cpus) ? why : "");
+                goto done;
+            }
+            snprintf(is->cpus, sizeof is->cpus, "%s", cpus->valuestring);
+        }
     }
     if ((np || nd) && (nc || !np || !nd)) {
         pd_errorf(err, errlen, "%s: either colocated instances, or prefill and decode ones", o->deployment);
@@ -657,6 +676,66 @@ static int plan_file(const up_opts *o, plan *pl, char **model_out, char *err, si
 done:
     cJSON_Delete(root);
     return rc;
+}
+
+/* The instances' --threads among the arguments every instance gets (0: not given). */
+static int extra_threads(const plan *pl) {
+    int t = 0;
+    for (int i = 0; i < pl->n_extra; i++) {
+        if (!strcmp(pl->extra[i], "--threads") && i + 1 < pl->n_extra) t = atoi(pl->extra[i + 1]);
+        else if (!strncmp(pl->extra[i], "--threads=", 10)) t = atoi(pl->extra[i] + 10);
+    }
+    return t;
+}
+
+/* --cpu-list: "auto" (each instance --threads physical cores of its own, util_cpus_auto)
+ * or CPU lists separated by ':', one per instance in start order (decode, prefill,
+ * colocated; reused in turn when fewer). */
+static int plan_cpus(const up_opts *o, plan *pl, char *err, size_t errlen) {
+    if (!o->cpu_list) return 0;
+    char groups[UP_MAX_CHILDREN][64];
+    int ng = 0;
+    if (!strcmp(o->cpu_list, "auto")) {
+        int t = extra_threads(pl);
+        if (t <= 0) {
+            pd_errorf(err, errlen, "--cpu-list auto needs the instances' --threads N (after --): the cores each gets");
+            return -1;
+        }
+        char why[256];
+        if (util_cpus_auto(pl->n, t, groups, why, sizeof why)) {
+            pd_errorf(err, errlen, "--cpu-list auto: %s", why);
+            return -1;
+        }
+        ng = pl->n;
+    } else {
+        cpu_set_t allowed;
+        char have[256];
+        if (sched_getaffinity(0, sizeof allowed, &allowed) != 0) CPU_ZERO(&allowed);
+        util_cpulist_format(&allowed, have, sizeof have);
+        for (const char *t = o->cpu_list;; t++) {
+            size_t len = strcspn(t, ":");
+            cpu_set_t set;
+            char why[256], g[64];
+            snprintf(g, sizeof g, "%.*s", (int)PD_MIN(len, sizeof g - 1), t);
+            if (ng == UP_MAX_CHILDREN) pd_errorf(why, sizeof why, "more than %d lists", UP_MAX_CHILDREN);
+            else if (len >= sizeof g) pd_errorf(why, sizeof why, "a list longer than %zu characters", sizeof g - 1);
+            else if (util_cpulist_parse(g, &set, why, sizeof why) == 0) {
+                why[0] = 0;
+                for (int c = 0; c < CPU_SETSIZE && !why[0]; c++)
+                    if (CPU_ISSET(c, &set) && CPU_COUNT(&allowed) && !CPU_ISSET(c, &allowed))
+                        pd_errorf(why, sizeof why, "CPU %d is not one this process may run on (%s)", c, have);
+            }
+            if (why[0]) {
+                pd_errorf(err, errlen, "--cpu-list %s: %s", o->cpu_list, why);
+                return -1;
+            }
+            snprintf(groups[ng++], sizeof groups[0], "%s", g);
+            t += len;
+            if (!*t) break;
+        }
+    }
+    for (int i = 0; i < pl->n; i++) snprintf(pl->inst[i].cpus, sizeof pl->inst[i].cpus, "%s", groups[i % ng]);
+    return 0;
 }
 
 static void random_secret(char *out, size_t cap) {
@@ -683,6 +762,9 @@ int cmd_up(int argc, char **argv) {
         {"prefill", OPT_INT, &o.n_prefill, "xPyD: prefill instances", "N"},
         {"decode", OPT_INT, &o.n_decode, "xPyD: decode instances", "M"},
         {"device-list", OPT_STRING, &o.device_list, "GPUs for the instances in start order (decode, prefill, colocated), e.g. 0,1", "LIST"},
+        {"cpu-list", OPT_STRING, &o.cpu_list, "CPU backend: pin the instances, in start order, to these CPU lists "
+         "separated by ':' (e.g. 1:2), or auto: --threads physical cores each, the first core left for the router "
+         "and the rest", "LISTS"},
         {"policy", OPT_STRING, &o.policy, "router: least-loaded (default), round-robin or prefix-affinity", "P"},
         {"kv-transfer-timeout", OPT_DOUBLE, &o.kv_timeout, "deadline of a disaggregated request's KV, s (default 30)", NULL},
         {"kv-transfer-mode", OPT_STRING, &o.kv_mode, "whole (default) or layerwise", "MODE"},
@@ -728,7 +810,8 @@ int cmd_up(int argc, char **argv) {
         free(pl);
         return 2;
     }
-    if (o.deployment ? plan_file(&o, pl, &model, err, sizeof err) : plan_setup(&o, pl, err, sizeof err)) {
+    if ((o.deployment ? plan_file(&o, pl, &model, err, sizeof err) : plan_setup(&o, pl, err, sizeof err)) ||
+        plan_cpus(&o, pl, err, sizeof err)) {
         fprintf(stderr, "pdserve up: %s\n", err);
         free(model);
         free(pl);

@@ -70,6 +70,14 @@ void sim_peer_stop(sim_peer *p) {
     p->pipe_saved = false;
 }
 
+static cpu_set_t peer_cpus;
+static bool peer_pinned;
+
+void sim_peer_set_cpus(const cpu_set_t *set) {
+    peer_pinned = set != NULL;
+    if (set) peer_cpus = *set;
+}
+
 int sim_peer_start(sim_peer *p, const char *what, char *const argv[], char *err, size_t errlen) {
     memset(p, 0, sizeof *p);
     p->what = what;
@@ -89,6 +97,8 @@ int sim_peer_start(sim_peer *p, const char *what, char *const argv[], char *err,
         dup2(in[0], 0);
         dup2(out[1], 1);
         close(in[0]), close(in[1]), close(out[0]), close(out[1]);
+        /* kept across exec, and by every thread the peer starts */
+        if (peer_pinned) sched_setaffinity(0, sizeof peer_cpus, &peer_cpus);
         execv("/proc/self/exe", argv);
         _exit(127);
     }

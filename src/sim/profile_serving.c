@@ -1024,9 +1024,10 @@ static int deploy(const sim_serving_deploy_opts *o, const char *name, size_t kv_
     snprintf(mml, sizeof mml, "%d", max_model_len);
     size_t kv = (size_t)(4 * (max_model_len + bs)) * kv_bytes_per_token;
     snprintf(kvm, sizeof kvm, "%zuMiB", PD_MAX(kv >> 20, (size_t)1) + 1);
-    study_kv args[] = {{"device", "cpu"},         {"threads", threads},          {"max-model-len", mml},
-                       {"kv-cache-memory", kvm}, {"step-trace", (char *)trace}};
-    int n_args = (int)PD_ARRAY_LEN(args) - (trace ? 0 : 1);
+    study_kv args[6] = {{"device", "cpu"}, {"threads", threads}, {"max-model-len", mml}, {"kv-cache-memory", kvm}};
+    int n_args = 4;
+    if (trace) args[n_args++] = (study_kv){"step-trace", (char *)trace};
+    if (o->cpu_list) args[n_args++] = (study_kv){"cpu-list", (char *)o->cpu_list};
     study_setup s = {.label = (char *)name, .name = (char *)name};
     snprintf(log_path, cap, "%s/serving-%s-%d.log", o->log_dir ? o->log_dir : "/tmp", name, (int)getpid());
     study_deploy_opts so = {.model = o->model, .tokenizer = o->tokenizer, .pdserve_bin = o->pdserve_bin,

@@ -519,6 +519,9 @@ int sim_peer_cmd(sim_peer *p, char *ans, size_t n, char *err, size_t errlen, con
     __attribute__((format(printf, 6, 7)));
 /* Closes its input (a peer then ends) and waits for it; SIGPIPE as before the start. */
 void sim_peer_stop(sim_peer *p);
+/* The CPUs every peer started from now on runs on (`pdserve profile --cpus`: a core of
+ * its own, as a deployment's other instance has); NULL: those of this process. */
+void sim_peer_set_cpus(const cpu_set_t *set);
 
 /* The second instance of the shared-GPU pairs (sim_gpu_share): `pdserve profile
  * --step-peer T,C,B,L` of this binary. On m's backend, after answering "ok" to
@@ -561,6 +564,7 @@ typedef struct sim_serving_deploy_opts {
     const char *pdserve_bin;        /* NULL: this program */
     const char *log_dir;            /* the children's logs (NULL: /tmp) */
     int threads;                    /* CPU threads of each instance */
+    const char *cpu_list;           /* the deployments' cpu-list (NULL: not pinned) */
     int max_len, repeats;
 } sim_serving_deploy_opts;
 int sim_profile_serving_processes(const sim_serving_deploy_opts *o, const struct tokenizer *tok, sim_profile *out,

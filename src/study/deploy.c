@@ -188,7 +188,7 @@ static void instance_metrics_urls(const char *log_path, char *out, size_t cap) {
 
 /* Options of `pdserve up` itself; every other option goes to the instances (after --). */
 static bool is_up_flag(const char *k) {
-    static const char *const UP_FLAGS[] = {"medium", "prefill", "decode", "device-list", "policy",
+    static const char *const UP_FLAGS[] = {"medium", "prefill", "decode", "device-list", "cpu-list", "policy",
                                            "kv-transfer-timeout", "kv-transfer-mode", "kv-store-dir",
                                            "kv-store-capacity", "prefill-args", "decode-args", NULL};
     for (int i = 0; UP_FLAGS[i]; i++)
@@ -233,7 +233,7 @@ static int up_child(const study_setup *s, const study_deploy_opts *o, study_depl
     argv_push(&argv, &n, "127.0.0.1");
     argv_push(&argv, &n, "--port");
     argv_push(&argv, &n, "0");
-    char flags[64][96];
+    char flags[64][96], cpus[96];
     int nf = 0;
     /* up's own options first, then (after --) what every instance gets */
     for (int pass = 0; pass < 2; pass++) {
@@ -244,9 +244,17 @@ static int up_child(const study_setup *s, const study_deploy_opts *o, study_depl
         }
         for (int i = 0; i < o->n_args && nf < 64; i++) {
             if ((up && is_up_flag(o->args[i].key)) != (pass == 0)) continue;
-            snprintf(flags[nf], sizeof flags[nf], "--%s", o->args[i].key);
+            const char *key = o->args[i].key, *value = o->args[i].value;
+            if (!up && !strcmp(key, "cpu-list") && value) {
+                /* one instance: `pdserve serve --cpus` with the first list (auto: the
+                 * cores `pdserve up` would give its first instance) */
+                snprintf(cpus, sizeof cpus, "%.*s", (int)strcspn(value, ":"), value);
+                key = "cpus";
+                value = cpus;
+            }
+            snprintf(flags[nf], sizeof flags[nf], "--%s", key);
             argv_push(&argv, &n, flags[nf++]);
-            if (o->args[i].value) argv_push(&argv, &n, o->args[i].value);
+            if (value) argv_push(&argv, &n, value);
         }
     }
     int fd = open(o->log_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);

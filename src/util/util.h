@@ -6,6 +6,7 @@
 #ifndef PD_UTIL_H
 #define PD_UTIL_H
 
+#include <sched.h> /* cpu_set_t */
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -100,6 +101,21 @@ char *path_join(char *out, size_t cap, const char *a, const char *b);
  * another process filled: nothing in it changes). 0, or -1 with the errno of the first
  * failure (ENOMEM, EFAULT: the memory could not be backed). */
 int util_populate(void *p, size_t bytes, bool fresh, int threads);
+
+/* ---- CPUs (cpus.c) ------------------------------------------------------------ */
+/* A CPU list as Linux writes one ("0-3,6"): 0, or -1 with the reason. */
+int util_cpulist_parse(const char *s, cpu_set_t *set, char *err, size_t errlen);
+/* The set as a CPU list into out (ranges merged); returns the number of CPUs. */
+int util_cpulist_format(const cpu_set_t *set, char *out, size_t cap);
+/* n_groups disjoint CPU lists of per_group CPUs each, from the CPUs this process may
+ * run on: one logical CPU per physical core (no two hyperthreads of one core), the
+ * first core left out (for the router, the load generator and the rest); in order, so
+ * the same call on the same host gives the same groups. 0, or -1 when there are not
+ * enough cores. */
+int util_cpus_auto(int n_groups, int per_group, char groups[][64], char *err, size_t errlen);
+/* Pins every thread of this process, and those it starts later, to `set`; every CPU of
+ * it must be one the process may run on. */
+int util_pin_process(const cpu_set_t *set, char *err, size_t errlen);
 
 /* ---- UTF-8 -------------------------------------------------------------------- */
 /* Length of the longest prefix of s[0..n) that ends on a complete UTF-8 character
