@@ -13,7 +13,7 @@
 #              serve_args "cpu-list": "auto", `pdserve profile --cpus auto`): a host with
 #              at least 2 x THREADS + 1 cores
 #
-# Builds with scripts/build.sh first. Takes 6-10 minutes on two cores.
+# Builds with scripts/build.sh first (PDSERVE_BIN=PATH: that binary instead). Takes 6-10 minutes on two cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-sim-validate-cpu}
@@ -21,8 +21,12 @@ runs=${RUNS:-3}
 plan=${PLAN:-plans/demo.json}
 preset=${PRESET:-small-llama}
 threads=${THREADS:-1}
-scripts/build.sh > /dev/null
-bin=$PWD/build/pdserve
+if [ -n "${PDSERVE_BIN:-}" ]; then
+  bin=$PDSERVE_BIN
+else
+  scripts/build.sh > /dev/null
+  bin=$PWD/build/pdserve
+fi
 mkdir -p "$out"
 pin=()
 if [ -n "${PIN:-}" ]; then
