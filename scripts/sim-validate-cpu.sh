@@ -12,6 +12,8 @@
 #   PIN=1 ...: every instance, and the profiler, on physical cores of its own (the plan's
 #              serve_args "cpu-list": "auto", `pdserve profile --cpus auto`): a host with
 #              at least 2 x THREADS + 1 cores
+#   REPEATS=N ...: each point of the plan run N times in each real run (the plan's
+#              "repeats"); sim_spread.py takes the median of a point's repeats
 #
 # Builds with scripts/build.sh first (PDSERVE_BIN=PATH: that binary instead). Takes 6-10 minutes on two cores.
 set -euo pipefail
@@ -29,15 +31,19 @@ else
 fi
 mkdir -p "$out"
 pin=()
-if [ -n "${PIN:-}" ]; then
-  pin=(--cpus auto)
-  python3 - "$plan" "$out/plan-pinned.json" <<'PY'
+[ -n "${PIN:-}" ] && pin=(--cpus auto)
+if [ -n "${PIN:-}" ] || [ -n "${REPEATS:-}" ]; then
+  python3 - "$plan" "$out/plan-run.json" "${PIN:-}" "${REPEATS:-}" <<'PY'
 import json, sys
-p = json.load(open(sys.argv[1]))
-p.setdefault("serve_args", {})["cpu-list"] = "auto"
-json.dump(p, open(sys.argv[2], "w"), indent=1)
+src, dst, pin, repeats = sys.argv[1:5]
+p = json.load(open(src))
+if pin:
+    p.setdefault("serve_args", {})["cpu-list"] = "auto"
+if repeats:
+    p["repeats"] = int(repeats)
+json.dump(p, open(dst, "w"), indent=1)
 PY
-  plan="$out/plan-pinned.json"
+  plan="$out/plan-run.json"
 fi
 log() { printf '[%s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 if [ ! -f "$out/model/config.json" ]; then

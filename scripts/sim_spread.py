@@ -3,7 +3,8 @@
 (docs/simulator.md, "The demo plan, real and simulated"): for each point (setup, load)
 and figure (TTFT p50, TPOT p50, output throughput) the real value of every run, their
 median, their spread ((max - min) / median) and the simulated value with its error
-against the real median.
+against the real median. A run database whose plan repeats each point (its "repeats")
+gives each point the median of its repeats.
 
 A figure counts as within 10% only against the real median. A figure whose real runs
 spread more than 10% cannot be validated at 10% on that machine: it is counted apart.
@@ -26,12 +27,18 @@ FIGURES = [("ttft_median_ms", "TTFT p50 ms", 2), ("tpot_median_ms", "TPOT p50 ms
 
 
 def points(db, simulated):
+    """(setup, load) -> figures; a point run several times in one database (the plan's
+    "repeats") gives the median of its repeats' figures."""
     c = sqlite3.connect(db)
     q = ("select setup, load_label, " + ", ".join(f for f, _, _ in FIGURES) +
          " from runs join summaries using(run_id) where simulated = ? and status = 'ok' order by run_id")
-    out = {}
+    rep = {}
     for setup, load, *vals in c.execute(q, (simulated,)):
-        out[(setup, load)] = vals
+        rep.setdefault((setup, load), []).append(vals)
+    out = {}
+    for key, runs in rep.items():
+        out[key] = [st.median(v) if v else None
+                    for v in ([r[k] for r in runs if r[k] is not None] for k in range(len(FIGURES)))]
     return out
 
 

@@ -176,6 +176,8 @@ static int probe_mediums(const char *base, backend *be, const model_config *cfg,
  * peer processes on cores of their own too. 0, or -1 after saying why. */
 static int pin_profiler(const char *spec, int threads) {
     char err[512];
+    cpu_set_t before;
+    sched_getaffinity(0, sizeof before, &before);
     if (!strcmp(spec, "auto")) {
         char g[2][64];
         cpu_set_t self, peer;
@@ -189,16 +191,16 @@ static int pin_profiler(const char *spec, int threads) {
             return -1;
         }
         sim_peer_set_cpus(&peer);
+        sim_profile_set_home_cpus(&before);
         log_info("profile: pinned to CPUs %s, its peer processes to %s", g[0], g[1]);
         return 0;
     }
-    cpu_set_t before;
-    sched_getaffinity(0, sizeof before, &before);
     if (cli_pin_cpus(spec, threads, "profile", err, sizeof err)) {
         fprintf(stderr, "pdserve profile: --cpus %s: %s\n", spec, err);
         return -1;
     }
     sim_peer_set_cpus(&before); /* a given list is this process's alone */
+    sim_profile_set_home_cpus(&before);
     return 0;
 }
 

@@ -70,8 +70,17 @@ void sim_peer_stop(sim_peer *p) {
     p->pipe_saved = false;
 }
 
-static cpu_set_t peer_cpus;
-static bool peer_pinned;
+static cpu_set_t peer_cpus, home_cpus;
+static bool peer_pinned, home_set;
+
+void sim_profile_set_home_cpus(const cpu_set_t *set) {
+    home_set = set != NULL;
+    if (set) home_cpus = *set;
+}
+
+void sim_profile_unpin_fork(void) {
+    if (home_set) sched_setaffinity(0, sizeof home_cpus, &home_cpus);
+}
 
 void sim_peer_set_cpus(const cpu_set_t *set) {
     peer_pinned = set != NULL;

@@ -476,6 +476,7 @@ static double concurrent_steps_s(prof *P, int k, const int *kinds, int T, int B,
         if (pid < 0) break;
         if (pid == 0) { /* the child: warm up, wait for the start, time, report, leave */
             int kind = kinds ? kinds[started] : STEPS_PAIR;
+            sim_profile_unpin_fork();
             unshare_weights(P->m);
             child_steps(P, kind, T, B, L);
             char c = 1;

@@ -522,6 +522,11 @@ void sim_peer_stop(sim_peer *p);
 /* The CPUs every peer started from now on runs on (`pdserve profile --cpus`: a core of
  * its own, as a deployment's other instance has); NULL: those of this process. */
 void sim_peer_set_cpus(const cpu_set_t *set);
+/* A pinned profiler's CPUs before it was pinned (NULL: not pinned). The forks of the
+ * contention curve go back to them (sim_profile_unpin_fork): pinned instances each have
+ * cores of their own, which one core shared by every fork would not show. */
+void sim_profile_set_home_cpus(const cpu_set_t *set);
+void sim_profile_unpin_fork(void);
 
 /* The second instance of the shared-GPU pairs (sim_gpu_share): `pdserve profile
  * --step-peer T,C,B,L` of this binary. On m's backend, after answering "ok" to
