@@ -29,14 +29,21 @@ for setup in co-1gpu co-2gpus; do
   [ "$setup" = co-1gpu ] && stop_up "$setup"
 done
 
-# every thread of each instance on its own CPU (decode, prefill, colocated: start order)
+# each instance's engine thread on its own CPU (decode, prefill, colocated: start
+# order); its HTTP threads where the instance started (all the test's CPUs)
+home="$(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' /proc/self/status)"
 for i in 0 1; do
   ipid="$(instance_pid "$TMP/co-2gpus.log" colocated$i)"
   [ -n "$ipid" ] || fail "no pid for colocated$i"
-  got="$(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' /proc/"$ipid"/task/*/status | sort -u | tr '\n' ' ')"
-  [ "$got" = "${cpus[$i]} " ] || fail "colocated$i: threads on CPUs '$got', not ${cpus[$i]} (--cpu-list)"
+  eng="" other=""
+  for t in /proc/"$ipid"/task/*; do
+    l="$(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' "$t/status")"
+    if [ "$(cat "$t/comm")" = pd-engine ]; then eng="$l"; else other="$other $l"; fi
+  done
+  [ "$eng" = "${cpus[$i]}" ] || fail "colocated$i: the engine thread on CPUs '$eng', not ${cpus[$i]} (--cpu-list)"
+  echo "$other" | grep -qw -- "$home" || fail "colocated$i: no thread left on $home (threads on:$other)"
 done
-echo "ok   co-2gpus --cpu-list ${cpus[0]}:${cpus[1]}: every thread of each instance on its CPU"
+echo "ok   co-2gpus --cpu-list ${cpus[0]}:${cpus[1]}: each instance's engine on its CPU, its other threads on $home"
 
 # co-2gpus is still up: kill -9 one instance; after the next health check, all succeed
 victim="$(instance_pid "$TMP/co-2gpus.log" colocated0)"

@@ -52,7 +52,7 @@ for f in 000-co-1gpu-b1.log 001-co-1gpu-b3.log; do
   [ -s "$TMP/results.db.logs/$f" ] || { ls "$TMP/results.db.logs"; fail "no deployment log $f"; }
 done
 
-grep -q "serve: pinned to CPU $CPU\$" "$TMP/results.db.logs/000-co-1gpu-b1.log" ||
+grep -q "serve: compute pinned to CPU $CPU " "$TMP/results.db.logs/000-co-1gpu-b1.log" ||
   fail "serve_args cpu-list $CPU: the instance did not say it was pinned to it"
 
 # Resumption: both points are done.

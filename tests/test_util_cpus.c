@@ -4,7 +4,8 @@
  *   - auto groups are disjoint, of the size asked, on distinct physical cores, never on
  *     the first core; more than the host has is an error, not a silent overlap;
  *   - pinning reaches a thread started before it (as a BLAS library's are) and one
- *     started after, and a CPU the process may not use is refused. */
+ *     started after, and a CPU the process may not use is refused;
+ *   - pinning an instance's compute leaves its other threads where they were. */
 #include <pthread.h>
 #include <sched.h>
 #include <stdio.h>
@@ -191,9 +192,52 @@ static void test_pin(void) {
     CHECK(util_pin_process(&before, err, sizeof err) == 0);
 }
 
+static void *plain(void *arg) {
+    sched_getaffinity(0, sizeof(cpu_set_t), (cpu_set_t *)arg);
+    return NULL;
+}
+
+static void *compute(void *arg) {
+    util_compute_thread();
+    sched_getaffinity(0, sizeof(cpu_set_t), (cpu_set_t *)arg);
+    return NULL;
+}
+
+/* util_pin_compute: threads running at the pin and those that call util_compute_thread
+ * on the set; the caller, and the threads it starts (HTTP, transfers), where they were */
+static void test_pin_compute(void) {
+    cpu_set_t home, one, got;
+    char err[256];
+    REQUIRE(sched_getaffinity(0, sizeof home, &home) == 0);
+    int last = -1;
+    for (int c = 0; c < CPU_SETSIZE; c++)
+        if (CPU_ISSET(c, &home)) last = c;
+    CPU_ZERO(&one);
+    CPU_SET(last, &one);
+    phase = 0;
+    pthread_t t1, t2, t3;
+    REQUIRE(pthread_create(&t1, NULL, early, NULL) == 0);
+    REQUIRE(util_pin_compute(&one, err, sizeof err) == 0);
+    pthread_mutex_lock(&mu);
+    phase = 1;
+    pthread_cond_broadcast(&cv);
+    pthread_mutex_unlock(&mu);
+    pthread_join(t1, NULL);
+    CHECK(CPU_EQUAL(&early_seen, &one));
+    sched_getaffinity(0, sizeof got, &got);
+    CHECK(CPU_EQUAL(&got, &home));
+    REQUIRE(pthread_create(&t2, NULL, plain, &got) == 0);
+    pthread_join(t2, NULL);
+    CHECK(CPU_EQUAL(&got, &home));
+    REQUIRE(pthread_create(&t3, NULL, compute, &got) == 0);
+    pthread_join(t3, NULL);
+    CHECK(CPU_EQUAL(&got, &one));
+}
+
 int main(void) {
     TEST_RUN(test_parse_format);
     TEST_RUN(test_auto);
     TEST_RUN(test_pin);
+    TEST_RUN(test_pin_compute);
     return TEST_END();
 }

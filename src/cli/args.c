@@ -131,7 +131,7 @@ int cli_parse(int argc, char **argv, const cli_opt *opts, int n_opts, const char
     return 0;
 }
 
-int cli_pin_cpus(const char *spec, int threads, const char *who, char *err, size_t errlen) {
+int cli_pin_cpus(const char *spec, int threads, bool compute_only, const char *who, char *err, size_t errlen) {
     char list[64];
     const char *use = spec;
     if (!strcmp(spec, "auto")) {
@@ -145,10 +145,19 @@ int cli_pin_cpus(const char *spec, int threads, const char *who, char *err, size
         use = list;
     }
     cpu_set_t set;
-    if (util_cpulist_parse(use, &set, err, errlen) || util_pin_process(&set, err, errlen)) return -1;
-    char shown[256];
+    cpu_set_t home;
+    sched_getaffinity(0, sizeof home, &home);
+    if (util_cpulist_parse(use, &set, err, errlen) ||
+        (compute_only ? util_pin_compute(&set, err, errlen) : util_pin_process(&set, err, errlen)))
+        return -1;
+    char shown[256], rest[256];
     int n = util_cpulist_format(&set, shown, sizeof shown);
-    log_info("%s: pinned to CPU%s %s", who, n == 1 ? "" : "s", shown);
+    util_cpulist_format(&home, rest, sizeof rest);
+    if (compute_only)
+        log_info("%s: compute pinned to CPU%s %s (the engine's and the backend's threads; the others on %s)", who,
+                 n == 1 ? "" : "s", shown, rest);
+    else
+        log_info("%s: pinned to CPU%s %s", who, n == 1 ? "" : "s", shown);
     return 0;
 }
 

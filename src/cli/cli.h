@@ -27,10 +27,11 @@ void cli_print_help(const char *usage, const cli_opt *opts, int n_opts);
 /* --device: "cpu" or "-1" (the CPU: *gpu = -1), "cuda" (GPU 0), "cuda:N" or "N" (GPU
  * N). 0, or -1 when the text is none of these. */
 int cli_parse_device(const char *s, int *gpu);
-/* --cpus: pins this process to a CPU list ("2-3,6") or, for "auto", to `threads` CPUs
- * of their own (util_cpus_auto: distinct physical cores, the first core left out);
- * logs the CPUs as `who: pinned to CPUs ...`. 0, or -1 with the reason. */
-int cli_pin_cpus(const char *spec, int threads, const char *who, char *err, size_t errlen);
+/* --cpus: pins this process (compute_only: its compute threads, util_pin_compute) to a
+ * CPU list ("2-3,6") or, for "auto", to `threads` CPUs of their own (util_cpus_auto:
+ * distinct physical cores, the first core left out); logs the CPUs as `who: ... pinned
+ * to CPUs ...`. 0, or -1 with the reason. */
+int cli_pin_cpus(const char *spec, int threads, bool compute_only, const char *who, char *err, size_t errlen);
 /* Parses "512MiB", "4GiB", "1e9", "100000" into bytes; -1 on error. */
 long long cli_parse_size(const char *s);
 

@@ -195,7 +195,7 @@ static int pin_profiler(const char *spec, int threads) {
         log_info("profile: pinned to CPUs %s, its peer processes to %s", g[0], g[1]);
         return 0;
     }
-    if (cli_pin_cpus(spec, threads, "profile", err, sizeof err)) {
+    if (cli_pin_cpus(spec, threads, false, "profile", err, sizeof err)) {
         fprintf(stderr, "pdserve profile: --cpus %s: %s\n", spec, err);
         return -1;
     }

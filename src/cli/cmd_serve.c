@@ -409,8 +409,9 @@ int cmd_serve(int argc, char **argv) {
         {"load-format", OPT_STRING, &o.load_format, "auto, safetensors or dummy (random weights)", "FMT"},
         {"device", OPT_STRING, &o.device, "cpu (default), cuda, cuda:N or N: the GPU to serve on", "DEV"},
         {"threads", OPT_INT, &o.threads, "CPU backend threads (default: all cores)", NULL},
-        {"cpus", OPT_STRING, &o.cpus, "pin the instance to these CPUs, e.g. 2-3 (auto: --threads physical cores "
-         "of its own, the first core left for the rest)", "LIST"},
+        {"cpus", OPT_STRING, &o.cpus, "run the instance's compute (engine, CPU backend threads) on these CPUs, "
+         "e.g. 2-3, as a GPU is its own device; HTTP and KV transfer threads stay on the rest (auto: --threads "
+         "physical cores of its own, the first core left out)", "LIST"},
         {"seed", OPT_INT, &o.seed, "seed of dummy weights (default 0)", NULL},
         {"max-model-len", OPT_INT, &o.max_model_len, "context length (default: the model's)", NULL},
         {"max-num-seqs", OPT_INT, &o.max_num_seqs, "sequences per step (default 256)", NULL},
@@ -497,7 +498,7 @@ int cmd_serve(int argc, char **argv) {
 
     char err[512] = "";
     /* before the backend starts its threads (they inherit the mask) */
-    if (o.cpus && cli_pin_cpus(o.cpus, o.threads, "serve", err, sizeof err)) {
+    if (o.cpus && cli_pin_cpus(o.cpus, o.threads, true, "serve", err, sizeof err)) {
         fprintf(stderr, "pdserve serve: --cpus %s: %s\n", o.cpus, err);
         return 2;
     }

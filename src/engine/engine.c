@@ -823,6 +823,7 @@ static void *engine_main(void *arg) {
     /* named so that its CPU can be told from the serving threads' (top -H, /proc, the
      * profiler's serving-path CPU: profile_serving.c) */
     pthread_setname_np(pthread_self(), "pd-engine");
+    util_compute_thread(); /* `pdserve serve --cpus`: the steps on the instance's CPUs */
     for (;;) {
         /* the last step's events, held back for the next step's pass, go out before the
          * thread may sleep */

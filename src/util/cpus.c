@@ -1,4 +1,4 @@
-/* cpus.c: CPU lists ("0-3,6") and pinning a process to them.
+/* cpus.c: CPU lists ("0-3,6") and pinning a process, or its compute threads, to them.
  *
  * On the CPU backend an instance stands in for a GPU, and a GPU is its own device: two
  * instances never share one, nor with the router or the load generator. Pinning each
@@ -173,4 +173,24 @@ int util_pin_process(const cpu_set_t *set, char *err, size_t errlen) {
         closedir(d);
     }
     return 0;
+}
+
+static cpu_set_t compute_cpus;
+static bool compute_pinned;
+
+int util_pin_compute(const cpu_set_t *set, char *err, size_t errlen) {
+    cpu_set_t home;
+    if (sched_getaffinity(0, sizeof home, &home) != 0) {
+        pd_errorf(err, errlen, "sched_getaffinity: %s", strerror(errno));
+        return -1;
+    }
+    if (util_pin_process(set, err, errlen)) return -1;
+    compute_cpus = *set;
+    compute_pinned = true;
+    sched_setaffinity(0, sizeof home, &home);
+    return 0;
+}
+
+void util_compute_thread(void) {
+    if (compute_pinned) sched_setaffinity(0, sizeof compute_cpus, &compute_cpus);
 }

@@ -116,6 +116,15 @@ int util_cpus_auto(int n_groups, int per_group, char groups[][64], char *err, si
 /* Pins every thread of this process, and those it starts later, to `set`; every CPU of
  * it must be one the process may run on. */
 int util_pin_process(const cpu_set_t *set, char *err, size_t errlen);
+/* An instance's compute on `set`, its host work where it ran before: every thread
+ * running now (a BLAS library's own among them) is pinned to `set`, then the calling
+ * thread goes back to the CPUs it had, so that the threads it starts later (HTTP, KV
+ * transfers, meters) run there; a compute thread calls util_compute_thread() when it
+ * starts (the engine's, the CPU backend's pool). As a GPU is the device's and the host's
+ * threads are not: `pdserve serve --cpus`. */
+int util_pin_compute(const cpu_set_t *set, char *err, size_t errlen);
+/* The calling thread onto the compute CPUs of util_pin_compute (nothing without one). */
+void util_compute_thread(void);
 
 /* ---- UTF-8 -------------------------------------------------------------------- */
 /* Length of the longest prefix of s[0..n) that ends on a complete UTF-8 character

@@ -40,6 +40,7 @@ static void pool_work(cpu_pool *p) {
 static void *pool_worker(void *arg) {
     cpu_pool *p = arg;
     uint64_t seen = 0;
+    util_compute_thread();
     pthread_mutex_lock(&p->mu);
     for (;;) {
         while (!p->shutdown && p->generation == seen) pthread_cond_wait(&p->wake, &p->mu);
