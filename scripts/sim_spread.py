@@ -14,7 +14,10 @@ servers' /metrics series, which `pdserve sim` writes too): prompt tokens found i
 gpu / cpu / disk tier over tokens looked up, and admissions that loaded or recomputed
 lower-tier blocks; real: the median over the runs.
 
-usage: sim_spread.py REAL_DB [REAL_DB ...] --sim SIM_DB [--markdown] [--tiers]
+With --repeats: every run and every repeat of a point pooled (a plan with "repeats"):
+the real figures' range and spread, and whether the simulated one lies inside it.
+
+usage: sim_spread.py REAL_DB [REAL_DB ...] --sim SIM_DB [--markdown] [--tiers | --repeats]
 REAL_DB: databases of real runs (`pdserve sweep` / `pdserve demo`), their simulated=0
 points; SIM_DB: a database with the simulated points (`pdserve sim PLAN --db SIM_DB`,
 simulated=1). Standard library only."""
@@ -82,15 +85,63 @@ def tiers(a):
         print(f"| {key[0]} {key[1]} | " + " | ".join(cells) + " |")
 
 
+def repeats(a):
+    """Every repeat of every real run pooled, point by point: the range of the real
+    figures, their spread, and whether the simulated figure lies inside that range and
+    within 10% of the pooled median."""
+    q = ("select setup, load_label, " + ", ".join(f for f, _, _ in FIGURES) +
+         " from runs join summaries using(run_id) where simulated = ? and status = 'ok' order by run_id")
+    rep = {}
+    for d in a.real:
+        for setup, load, *vals in sqlite3.connect(d).execute(q, (0,)):
+            rep.setdefault((setup, load), []).append(vals)
+    sim = {}
+    for setup, load, *vals in sqlite3.connect(a.sim).execute(q, (1,)):
+        sim[(setup, load)] = vals
+    n = inside = within = 0
+    spreads = []
+    print("| point | runs | " + " | ".join(f"{name}: real min-max (spread) | sim" for _, name, _ in FIGURES) + " |")
+    print("|---|---|" + "---|---|" * len(FIGURES))
+    for key, runs in rep.items():
+        if key not in sim:
+            continue
+        cells = []
+        for k, (_, name, dp) in enumerate(FIGURES):
+            vals = sorted(r[k] for r in runs if r[k] is not None)
+            s = sim[key][k]
+            if not vals or s is None:
+                cells.append("- | -")
+                continue
+            med = st.median(vals)
+            sp = (vals[-1] - vals[0]) / med if med else 0
+            spreads.append(sp)
+            ins = vals[0] <= s <= vals[-1]
+            ok = med and abs(s / med - 1) <= 0.10
+            n += 1
+            inside += ins
+            within += bool(ok)
+            mark = "" if ins else "**"
+            cells.append(f"{vals[0]:.{dp}f}-{vals[-1]:.{dp}f} ({sp * 100:.0f}%) | {mark}{s:.{dp}f}{mark}")
+        print(f"| {key[0]} {key[1]} | {len(runs)} | " + " | ".join(cells) + " |")
+    print(f"{n} figures: the simulated one inside the range of the real runs' at {inside}, within 10% of their "
+          f"median at {within}; the real runs of a point spread {st.median(spreads) * 100:.0f}% (median over "
+          f"figures; (max - min) / median)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("real", nargs="+")
     ap.add_argument("--sim", required=True)
     ap.add_argument("--markdown", action="store_true", help="one markdown table row per point")
     ap.add_argument("--tiers", action="store_true", help="the prefix cache and lower tiers' counters instead")
+    ap.add_argument("--repeats", action="store_true",
+                    help="every run and repeat of a point pooled: their range, and the simulated figure inside it")
     a = ap.parse_args()
     if a.tiers:
         tiers(a)
+        return
+    if a.repeats:
+        repeats(a)
         return
     reals = [points(d, 0) for d in a.real]
     sim = points(a.sim, 1)

@@ -45,6 +45,17 @@ for i in 0 1; do
 done
 echo "ok   co-2gpus --cpu-list ${cpus[0]}:${cpus[1]}: each instance's engine on its CPU, its other threads on $home"
 
+# --cpu-list and a deployment file's "cpus": bad lists are refused before anything starts
+"$BIN" up --setup co-2gpus --model "$MODEL" --port 0 --cpu-list "0::1" >"$TMP/cl1.out" 2>&1
+[ $? = 2 ] && grep -q "cpu-list 0::1: empty CPU list" "$TMP/cl1.out" || { cat "$TMP/cl1.out"; fail "--cpu-list 0::1"; }
+"$BIN" up --setup co-2gpus --model "$MODEL" --port 0 --cpu-list auto >"$TMP/cl2.out" 2>&1
+[ $? = 2 ] && grep -q "needs the instances' --threads" "$TMP/cl2.out" || { cat "$TMP/cl2.out"; fail "--cpu-list auto without --threads"; }
+printf '{"model":"%s","instances":[{"host":"127.0.0.1","role":"colocated","port":18999,"cpus":"1-"}]}' "$MODEL" >"$TMP/dep-cpus.json"
+"$BIN" up --deployment "$TMP/dep-cpus.json" --only-host 127.0.0.1 >"$TMP/cl3.out" 2>&1
+[ $? = 2 ] && grep -q 'dep-cpus.json: instance 0: "cpus" must be a CPU list' "$TMP/cl3.out" ||
+  { cat "$TMP/cl3.out"; fail "deployment file with a bad cpus"; }
+echo "ok   bad --cpu-list and deployment \"cpus\": exit 2 with the reason, nothing started"
+
 # co-2gpus is still up: kill -9 one instance; after the next health check, all succeed
 victim="$(instance_pid "$TMP/co-2gpus.log" colocated0)"
 [ -n "$victim" ] || fail "no pid for colocated0"
