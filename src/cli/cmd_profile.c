@@ -173,11 +173,10 @@ static int probe_mediums(const char *base, backend *be, const model_config *cfg,
 }
 
 /* --cpus: this process pinned (before the backend starts its threads); with auto, its
- * peer processes on cores of their own too. 0, or -1 after saying why. */
-static int pin_profiler(const char *spec, int threads) {
+ * peer processes on cores of their own too; `before`: its CPUs until now. 0, or -1
+ * after saying why. */
+static int pin_profiler(const char *spec, int threads, const cpu_set_t *before) {
     char err[512];
-    cpu_set_t before;
-    sched_getaffinity(0, sizeof before, &before);
     if (!strcmp(spec, "auto")) {
         char g[2][64];
         cpu_set_t self, peer;
@@ -191,7 +190,7 @@ static int pin_profiler(const char *spec, int threads) {
             return -1;
         }
         sim_peer_set_cpus(&peer);
-        sim_profile_set_home_cpus(&before);
+        sim_profile_set_home_cpus(before);
         log_info("profile: pinned to CPUs %s, its peer processes to %s", g[0], g[1]);
         return 0;
     }
@@ -199,8 +198,8 @@ static int pin_profiler(const char *spec, int threads) {
         fprintf(stderr, "pdserve profile: --cpus %s: %s\n", spec, err);
         return -1;
     }
-    sim_peer_set_cpus(&before); /* a given list is this process's alone */
-    sim_profile_set_home_cpus(&before);
+    sim_peer_set_cpus(before); /* a given list is this process's alone */
+    sim_profile_set_home_cpus(before);
     return 0;
 }
 
@@ -421,7 +420,7 @@ int cmd_profile(int argc, char **argv) {
     int rc = 1;
     cpu_set_t cpus_before;
     sched_getaffinity(0, sizeof cpus_before, &cpus_before);
-    if (cpus && !kv_peer && !step_peer && pin_profiler(cpus, threads) != 0) {
+    if (cpus && !kv_peer && !step_peer && pin_profiler(cpus, threads, &cpus_before) != 0) {
         model_files_close(&files);
         return 2;
     }
