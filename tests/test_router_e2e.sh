@@ -18,6 +18,13 @@ PDSERVE_URL="http://127.0.0.1:$REF_PORT" node "$ROOT/tests/node/disagg.mjs" refe
 # co-2gpus with each instance pinned (--cpu-list A:B): the first two CPUs this test may use
 cpus=($(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0))[:2])'))
 [ ${#cpus[@]} = 2 ] || cpus=("${cpus[0]}" "${cpus[0]}")
+# segments an earlier `up` left when it was killed -9 (a pid that is gone): the next
+# `up` removes them at its start; one of a live pid and one not named by `up` stay
+bash -c 'exit 0' & gone=$!
+wait "$gone"
+stale=(/dev/shm/pdkv-store-up$gone-store /dev/shm/pdkv-up$gone-decode0-kv)
+kept=(/dev/shm/pdkv-store-up$$-store /dev/shm/pdkv-mine-up$gone-kv)
+for f in "${stale[@]}" "${kept[@]}"; do head -c 4096 /dev/zero >"$f"; done
 for setup in co-1gpu co-2gpus; do
   pin=()
   [ "$setup" = co-2gpus ] && pin=(--cpu-list "${cpus[0]}:${cpus[1]}")
@@ -26,7 +33,16 @@ for setup in co-1gpu co-2gpus; do
   PDSERVE_URL="http://127.0.0.1:$UPORT" PDSERVE_INSTANCES="$INSTANCES" \
     node "$ROOT/tests/node/disagg.mjs" compare "$TMP/ref.json" ||
     { tail -40 "$TMP/$setup.log"; fail "$setup: outputs or pools"; }
-  [ "$setup" = co-1gpu ] && stop_up "$setup"
+  if [ "$setup" = co-1gpu ]; then
+    for f in "${stale[@]}"; do
+      [ ! -e "$f" ] && grep -q "up: removed $f (left by pdserve up $gone, which is gone)" "$TMP/co-1gpu.log" ||
+        fail "a stale segment of a dead up was not removed: $f"
+    done
+    for f in "${kept[@]}"; do [ -e "$f" ] || fail "up removed $f, which is not a dead up's"; done
+    rm -f "${kept[@]}"
+    echo "ok   up removes the segments of an earlier up that is gone, and only those"
+    stop_up "$setup"
+  fi
 done
 
 # each instance's engine thread on its own CPU (decode, prefill, colocated: start

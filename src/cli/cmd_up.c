@@ -15,7 +15,8 @@
  * terminal's Ctrl-C reaches only `up`, which stops them in order: router, prefill,
  * decode), die with `up` (PR_SET_PDEATHSIG), and are SIGKILLed after a grace period.
  * Then `up` removes every shm segment (/dev/shm/pdkv-<tag>*) and the disk store it made,
- * even when an instance was killed before it could. Instance logs are copied to
+ * even when an instance was killed before it could; and at its start, the segments of an
+ * earlier `up` that was itself killed (remove_stale_segments). Instance logs are copied to
  * standard error, each line prefixed with the instance's name. */
 #include <dirent.h>
 #include <errno.h>
@@ -318,6 +319,31 @@ static void cleanup_files(up_state *u) {
         }
         rmdir(u->store_dir);
     }
+}
+
+/* Segments that an earlier `pdserve up` left when it was itself killed (SIGKILL: its
+ * children die with it, PR_SET_PDEATHSIG, and nobody unlinks their /dev/shm segments,
+ * a cpu store among them, whose memory stays taken): names of this folder's prefix
+ * with an "up<pid>-" tag whose process is gone. Assumes the deployments that made them
+ * ran in this pid namespace (a container shares /dev/shm with no other by default). */
+static void remove_stale_segments(void) {
+    DIR *d = opendir("/dev/shm");
+    if (!d) return;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        /* the names `up` gives: pdkv-up<pid>-<instance>-..., pdkv-store-up<pid>-store */
+        const char *t = de->d_name;
+        if (strncmp(t, KV_SHM_PREFIX, strlen(KV_SHM_PREFIX))) continue;
+        t += strlen(KV_SHM_PREFIX);
+        if (!strncmp(t, "store-", 6)) t += 6;
+        int pid = 0, n = 0;
+        if (sscanf(t, "up%d-%n", &pid, &n) != 1 || n == 0 || pid <= 0 || pid == (int)getpid()) continue;
+        if (kill(pid, 0) == 0 || errno != ESRCH) continue;
+        char path[512];
+        snprintf(path, sizeof path, "/dev/shm/%s", de->d_name);
+        if (unlink(path) == 0) log_info("up: removed %s (left by pdserve up %d, which is gone)", path, pid);
+    }
+    closedir(d);
 }
 
 static void teardown(up_state *u) {
@@ -840,6 +866,7 @@ int cmd_up(int argc, char **argv) {
     up_state *u = xcalloc(1, sizeof *u);
     u->sfd = -1;
     snprintf(u->tag, sizeof u->tag, "up%d-", (int)getpid());
+    remove_stale_segments();
     if (pl->disaggregated && pl->medium == KV_MEDIUM_DISK) {
         if (o.store_dir) {
             snprintf(u->store_dir, sizeof u->store_dir, "%s", o.store_dir);
