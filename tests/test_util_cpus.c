@@ -136,6 +136,15 @@ static void *early(void *arg) {
     return NULL;
 }
 
+/* the highest CPU in `set` (-1: none) */
+static int last_cpu(const cpu_set_t *set) {
+    int last = -1;
+    for (int c = 0; c < CPU_SETSIZE; c++)
+        if (CPU_ISSET(c, set)) last = c;
+    return last;
+}
+
+/* a thread started after the pin: reads its own mask into arg */
 static void *late(void *arg) {
     sched_getaffinity(0, sizeof(cpu_set_t), (cpu_set_t *)arg);
     return NULL;
@@ -145,9 +154,7 @@ static void test_pin(void) {
     cpu_set_t before, one, got;
     char err[256];
     REQUIRE(sched_getaffinity(0, sizeof before, &before) == 0);
-    int last = -1;
-    for (int c = 0; c < CPU_SETSIZE; c++)
-        if (CPU_ISSET(c, &before)) last = c;
+    int last = last_cpu(&before);
     REQUIRE(last >= 0);
     pthread_t t1, t2;
     REQUIRE(pthread_create(&t1, NULL, early, NULL) == 0);
@@ -192,11 +199,6 @@ static void test_pin(void) {
     CHECK(util_pin_process(&before, err, sizeof err) == 0);
 }
 
-static void *plain(void *arg) {
-    sched_getaffinity(0, sizeof(cpu_set_t), (cpu_set_t *)arg);
-    return NULL;
-}
-
 static void *compute(void *arg) {
     util_compute_thread();
     sched_getaffinity(0, sizeof(cpu_set_t), (cpu_set_t *)arg);
@@ -209,9 +211,8 @@ static void test_pin_compute(void) {
     cpu_set_t home, one, got;
     char err[256];
     REQUIRE(sched_getaffinity(0, sizeof home, &home) == 0);
-    int last = -1;
-    for (int c = 0; c < CPU_SETSIZE; c++)
-        if (CPU_ISSET(c, &home)) last = c;
+    int last = last_cpu(&home);
+    REQUIRE(last >= 0);
     CPU_ZERO(&one);
     CPU_SET(last, &one);
     phase = 0;
@@ -226,7 +227,7 @@ static void test_pin_compute(void) {
     CHECK(CPU_EQUAL(&early_seen, &one));
     sched_getaffinity(0, sizeof got, &got);
     CHECK(CPU_EQUAL(&got, &home));
-    REQUIRE(pthread_create(&t2, NULL, plain, &got) == 0);
+    REQUIRE(pthread_create(&t2, NULL, late, &got) == 0);
     pthread_join(t2, NULL);
     CHECK(CPU_EQUAL(&got, &home));
     REQUIRE(pthread_create(&t3, NULL, compute, &got) == 0);
